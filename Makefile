@@ -1,0 +1,47 @@
+# vmrepl developer entry points. Every target works on a fresh clone.
+PY        ?= python3
+VENV      := .venv
+BIN       := $(VENV)/bin
+STAMP     := $(VENV)/.installed
+PROTO_SRC := $(wildcard protos/vmrepl/v1/*.proto)
+
+.PHONY: install proto test test-unit test-integration lint bench demo certs clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+# Generated modules are committed; CI checks this target reproduces them exactly.
+proto: $(STAMP)
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m grpc_tools.protoc -I . \
+	  --python_out=. --grpc_python_out=. --mypy_out=. --mypy_grpc_out=. $(PROTO_SRC)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+test-unit: $(STAMP)
+	$(BIN)/python -m pytest -q tests/unit
+
+test-integration: $(STAMP)
+	$(BIN)/python -m pytest -q tests/integration
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy vmrepl controller proxy_agent target_agent tests
+
+bench: $(STAMP)
+	$(BIN)/python -m tests.bench.stream_bench
+
+demo: $(STAMP)
+	$(BIN)/python -m controller.demo
+
+certs: $(STAMP)
+	$(BIN)/vmrepl-certs init --dir certs
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache
