@@ -1,0 +1,91 @@
+"""One disk task: prepare the replica disk, sign a ticket, start the transfer on a proxy, follow it.
+
+The session engine runs one of these per VM disk; the demo and the
+integration tests run it directly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from cryptography.hazmat.primitives.asymmetric import ed25519
+
+from protos.vmrepl.v1 import common_pb2, proxy_pb2, target_pb2
+from vmrepl.errors import TransferError
+from vmrepl.security.ticket import sign_ticket
+
+from controller.agents import AgentClient
+
+TICKET_TTL = 24 * 3600.0
+
+
+@dataclass(frozen=True, kw_only=True)
+class DiskTaskSpec:
+    session_id: str
+    disk_id: str
+    source_locator: str
+    source_format: int = common_pb2.DISK_FORMAT_RAW
+    disk_size: int
+    replica_path: str
+    block_size: int = 1 << 20
+    change_source: proxy_pb2.ChangeSource = field(
+        default_factory=lambda: proxy_pb2.ChangeSource(full=proxy_pb2.FullRead())
+    )
+    exclusions: proxy_pb2.ExclusionSettings = field(default_factory=proxy_pb2.ExclusionSettings)
+    compression: int = proxy_pb2.COMPRESSION_LEVEL_DEFAULT
+    bandwidth_limit_mbps: float = 0.0
+    resume_timeout_seconds: int = 0
+    target_name: str = "target"
+
+
+async def prepare(target: AgentClient, spec: DiskTaskSpec) -> target_pb2.ReplicaDisk:
+    disk: target_pb2.ReplicaDisk = await target.stub.PrepareReplicaDisk(
+        target_pb2.PrepareReplicaDiskRequest(
+            replica_path=spec.replica_path, disk_id=spec.disk_id, disk_size=spec.disk_size,
+            block_size=spec.block_size, session_id=spec.session_id,
+        )
+    )
+    return disk
+
+
+def start_request(
+    spec: DiskTaskSpec, *, target_address: str, signing_key: ed25519.Ed25519PrivateKey
+) -> proxy_pb2.StartDiskTransferRequest:
+    ticket = sign_ticket(
+        signing_key, session_id=spec.session_id, disk_id=spec.disk_id, replica_path=spec.replica_path,
+        ttl_seconds=TICKET_TTL, audience=spec.target_name,
+    )
+    return proxy_pb2.StartDiskTransferRequest(
+        session_id=spec.session_id, disk_id=spec.disk_id,
+        source=proxy_pb2.SourceDisk(locator=spec.source_locator, format=spec.source_format, size=spec.disk_size),
+        block_size=spec.block_size, change_source=spec.change_source, exclusions=spec.exclusions,
+        compression=spec.compression, bandwidth_limit_mbps=spec.bandwidth_limit_mbps,
+        target=proxy_pb2.TargetEndpoint(address=target_address), ticket=ticket,
+        resume_timeout_seconds=spec.resume_timeout_seconds, replica_path=spec.replica_path,
+    )
+
+
+async def run_disk_task(
+    *,
+    proxy: AgentClient,
+    target: AgentClient,
+    spec: DiskTaskSpec,
+    signing_key: ed25519.Ed25519PrivateKey,
+    on_progress: Callable[[proxy_pb2.TransferProgress], None] | None = None,
+) -> proxy_pb2.TransferProgress:
+    """Replicate one disk; returns the final progress. Raises TransferError unless it completed."""
+    await prepare(target, spec)
+    started = await proxy.stub.StartDiskTransfer(
+        start_request(spec, target_address=target.address, signing_key=signing_key)
+    )
+    last: proxy_pb2.TransferProgress | None = None
+    async for progress in proxy.stub.WatchTransfer(proxy_pb2.WatchTransferRequest(transfer_id=started.transfer_id)):
+        last = progress
+        if on_progress is not None:
+            on_progress(progress)
+    if last is None or last.state != proxy_pb2.TRANSFER_STATE_COMPLETED:
+        state = proxy_pb2.TransferState.Name(last.state) if last else "unknown"
+        detail = f"{last.error_code}: {last.error_message}" if last and last.error_message else ""
+        raise TransferError(f"disk {spec.disk_id} ended {state} {detail}".strip())
+    return last

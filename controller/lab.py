@@ -1,0 +1,204 @@
+"""Lab helpers: sample disk images, agent configs and agent processes on loopback.
+
+Used by `make demo`, the integration tests and `make bench`; the controller
+issue grows this into `vmrepl lab`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import sysconfig
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from vmrepl.extent import MiB
+from vmrepl.security import certs
+
+
+def _text_corpus(limit: int = 8 * MiB) -> bytes:
+    """Python's own standard library source: realistic, compressible text (as in perf-notes.md)."""
+    out = bytearray()
+    for path in sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py")):
+        out += path.read_bytes()
+        if len(out) >= limit:
+            break
+    return bytes(out)
+
+
+def make_mixed_image(path: Path, size: int, *, seed: int = 1, block: int = MiB) -> dict[str, int]:
+    """A raw image of `size` bytes: 30% zero blocks (half written, half holes), 40% text, 30% random.
+
+    Returns the count of blocks of each kind.
+    """
+    rng = random.Random(seed)
+    blocks = size // block
+    kinds = ["zero"] * (blocks * 3 // 10) + ["text"] * (blocks * 4 // 10)
+    kinds += ["random"] * (blocks - len(kinds))
+    rng.shuffle(kinds)
+    corpus = _text_corpus()
+    counts = {"zero": 0, "hole": 0, "text": 0, "random": 0}
+    with open(path, "wb") as f:
+        f.truncate(size)
+        for i, kind in enumerate(kinds):
+            if kind == "zero":
+                if rng.random() < 0.5:
+                    counts["hole"] += 1
+                    continue
+                data = bytes(block)
+            elif kind == "text":
+                start = rng.randrange(0, len(corpus) - block)
+                data = corpus[start : start + block]
+            else:
+                data = rng.randbytes(block)
+            counts[kind] += 1
+            f.seek(i * block)
+            f.write(data)
+    return counts
+
+
+def change_blocks(path: Path, *, fraction: float, seed: int = 2, block: int = MiB) -> list[int]:
+    """Overwrite `fraction` of the image's blocks with new random bytes; returns their offsets."""
+    rng = random.Random(seed)
+    size = path.stat().st_size
+    picked = sorted(rng.sample(range(size // block), max(1, int(size // block * fraction))))
+    with open(path, "r+b") as f:
+        for i in picked:
+            f.seek(i * block)
+            f.write(rng.randbytes(block))
+    return [i * block for i in picked]
+
+
+@dataclass
+class LabCerts:
+    directory: Path
+
+    @classmethod
+    def create(cls, directory: Path) -> LabCerts:
+        if not (directory / "ca.pem").exists():
+            certs.init(directory, list(certs.DEFAULT_HOSTS))
+        return cls(directory)
+
+    def tls(self, name: str) -> dict[str, str]:
+        d = self.directory
+        return {"ca_file": str(d / "ca.pem"), "cert_file": str(d / f"{name}.pem"), "key_file": str(d / f"{name}.key")}
+
+    @property
+    def signing_key(self) -> Path:
+        return self.directory / "controller-signing.key"
+
+    @property
+    def signing_pub(self) -> Path:
+        return self.directory / "controller-signing.pub"
+
+
+def _toml(value: object) -> str:
+    if isinstance(value, dict):
+        raise TypeError("nested tables are written by write_toml")
+    return json.dumps(value)  # JSON strings, numbers, booleans and lists are valid TOML
+
+
+def write_toml(path: Path, data: dict[str, object]) -> Path:
+    lines = [f"{k} = {_toml(v)}" for k, v in data.items() if not isinstance(v, dict)]
+    for k, v in data.items():
+        if isinstance(v, dict):
+            lines += ["", f"[{k}]", *(f"{kk} = {_toml(vv)}" for kk, vv in v.items())]
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def target_config(work: Path, lab: LabCerts, *, listen: str = "127.0.0.1:0", level: str = "info") -> Path:
+    return write_toml(
+        work / "target.toml",
+        {
+            "listen": listen,
+            "name": "target",
+            "datastore_root": str(work / "datastore"),
+            "controller_public_keys": [str(lab.signing_pub)],
+            "tls": lab.tls("target"),
+            "log": {"level": level, "format": "json"},
+        },
+    )
+
+
+def proxy_config(work: Path, lab: LabCerts, *, sources: Path, listen: str = "127.0.0.1:0", **extra: object) -> Path:
+    return write_toml(
+        work / "proxy.toml",
+        {
+            "listen": listen,
+            "name": "proxy",
+            "source_roots": [str(sources)],
+            **extra,
+            "tls": lab.tls("proxy"),
+            "log": {"level": "info", "format": "json"},
+        },
+    )
+
+
+@dataclass
+class AgentProcess:
+    """An agent daemon as a child process, its JSON log in a file."""
+
+    module: str
+    config: Path
+    log_path: Path
+    env: dict[str, str] = field(default_factory=dict)
+    proc: subprocess.Popen[bytes] | None = None
+    port: int = 0
+
+    def start(self, timeout: float = 30.0) -> int:
+        env = {**os.environ, **self.env}
+        log = open(self.log_path, "ab")  # noqa: SIM115 - the child owns it
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", self.module, "--config", str(self.config)],
+            stdout=log, stderr=subprocess.STDOUT, env=env,
+        )
+        log.close()
+        seen = self.log_path.stat().st_size if self.log_path.exists() else 0
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for event in self.events(since=seen):
+                if event.get("event") == "listening":
+                    self.port = int(event["port"])
+                    return self.port
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{self.module} exited with {self.proc.returncode}: {self.log_path.read_text()[-2000:]}")
+            time.sleep(0.05)
+        raise TimeoutError(f"{self.module} did not start listening within {timeout}s")
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def events(self, since: int = 0) -> list[dict[str, object]]:
+        if not self.log_path.exists():
+            return []
+        out = []
+        with open(self.log_path, "rb") as f:
+            f.seek(since)
+            for line in f:
+                try:
+                    out.append(json.loads(line))
+                except ValueError:
+                    continue
+        return out
+
+    def stop(self, timeout: float = 20.0) -> int | None:
+        if self.proc is None or self.proc.poll() is not None:
+            return self.proc.returncode if self.proc else None
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            return self.proc.wait()
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()

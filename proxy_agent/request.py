@@ -1,0 +1,114 @@
+"""Checking a StartDiskTransfer request and turning it into a transfer spec and plan (pure but for the source)."""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+from protos.vmrepl.v1 import common_pb2, proxy_pb2
+from vmrepl.block import Compression
+from vmrepl.errors import FailedPrecondition, InvalidArgument, PathError
+from vmrepl.extent import DEFAULT_BLOCK_SIZE, Extent, valid_block_size
+from vmrepl.names import check_name, check_relative
+from vmrepl.security.ticket import MAX_TICKET_BYTES
+
+from proxy_agent.config import ProxySettings
+from proxy_agent.plan import Plan, make_plan
+
+MAX_RANGES = 1_000_000
+_FORMATS = {common_pb2.DISK_FORMAT_RAW: "raw", common_pb2.DISK_FORMAT_VHDX: "vhdx", common_pb2.DISK_FORMAT_VHD: "vhd"}
+_COMPRESSION = {
+    proxy_pb2.COMPRESSION_LEVEL_UNSPECIFIED: Compression.DEFAULT,
+    proxy_pb2.COMPRESSION_LEVEL_DEFAULT: Compression.DEFAULT,
+    proxy_pb2.COMPRESSION_LEVEL_FAST: Compression.FAST,
+    proxy_pb2.COMPRESSION_LEVEL_NONE: Compression.NONE,
+}
+
+
+def source_path(locator: str, roots: list[Path]) -> Path:
+    """The locator as a real path inside one of the proxy's source roots."""
+    if not locator:
+        raise InvalidArgument("source.locator", "is required")
+    path = Path(locator)
+    if not path.is_absolute():
+        raise PathError("source.locator", "must be an absolute path")
+    real = Path(os.path.realpath(path))
+    for root in roots:
+        r = Path(os.path.realpath(root))
+        if r in real.parents:
+            return real
+    raise PathError("source.locator", "is outside the proxy's source roots")
+
+
+def disk_format(req: proxy_pb2.StartDiskTransferRequest) -> str:
+    fmt = _FORMATS.get(req.source.format)
+    if fmt is None:
+        raise InvalidArgument("source.format", "is required")
+    return fmt
+
+
+def block_size(req: proxy_pb2.StartDiskTransferRequest) -> int:
+    bs = req.block_size or DEFAULT_BLOCK_SIZE
+    if not valid_block_size(bs):
+        raise InvalidArgument("block_size", "must be a power of two from 64 KiB to 16 MiB")
+    return bs
+
+
+def compression(req: proxy_pb2.StartDiskTransferRequest) -> Compression:
+    level = _COMPRESSION.get(req.compression)
+    if level is None:
+        raise InvalidArgument("compression", f"unknown level {req.compression}")
+    return level
+
+
+def bandwidth(req: proxy_pb2.StartDiskTransferRequest) -> float:
+    mbps = req.bandwidth_limit_mbps
+    if not math.isfinite(mbps) or mbps < 0:
+        raise InvalidArgument("bandwidth_limit_mbps", "must be a non-negative number")
+    return mbps * 1e6
+
+
+def _ranges(field: str, ranges: list[common_pb2.ByteRange], disk_size: int) -> list[Extent]:
+    if len(ranges) > MAX_RANGES:
+        raise InvalidArgument(field, f"more than {MAX_RANGES} ranges")
+    out = []
+    for i, r in enumerate(ranges):
+        if r.length == 0 or r.offset + r.length > disk_size:
+            raise InvalidArgument(f"{field}[{i}]", f"[{r.offset}, +{r.length}) is empty or past the disk end")
+        out.append(Extent(r.offset, r.length))
+    return out
+
+
+def check_exclusions(ex: proxy_pb2.ExclusionSettings) -> None:
+    guest = ex.skip_swap or ex.skip_pagefile or ex.skip_hibernation or ex.skip_deleted or len(ex.guest_paths)
+    if guest:
+        raise FailedPrecondition(
+            "guest file-system exclusions need the guest file-system reader, which this proxy does not have yet; "
+            "pass byte ranges in exclusions.ranges"
+        )
+
+
+def plan_for(req: proxy_pb2.StartDiskTransferRequest, *, disk_size: int, allocated: list[Extent]) -> Plan:
+    mode = req.change_source.WhichOneof("mode")
+    if mode == "compare_digests":
+        raise FailedPrecondition("change_source.compare_digests is not supported by this proxy version yet")
+    changed = _ranges("change_source.changed_ranges.ranges", list(req.change_source.changed_ranges.ranges),
+                      disk_size) if mode == "changed_ranges" else None
+    check_exclusions(req.exclusions)
+    excluded = _ranges("exclusions.ranges", list(req.exclusions.ranges), disk_size)
+    return make_plan(
+        disk_size=disk_size, block_size=block_size(req), allocated=allocated, changed=changed, excluded=excluded
+    )
+
+
+def check_identity(req: proxy_pb2.StartDiskTransferRequest, settings: ProxySettings) -> None:
+    for field in ("session_id", "disk_id"):
+        check_name(field, getattr(req, field))
+    check_relative("replica_path", req.replica_path)
+    if not req.target.address:
+        raise InvalidArgument("target.address", "is required")
+    if not req.ticket or len(req.ticket) > MAX_TICKET_BYTES:
+        raise InvalidArgument("ticket", f"is required and at most {MAX_TICKET_BYTES} bytes")
+    if req.source.size == 0:
+        raise InvalidArgument("source.size", "is required")

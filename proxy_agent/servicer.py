@@ -1,0 +1,137 @@
+"""The ProxyAgent gRPC service: start, watch and cancel disk transfers."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections import OrderedDict
+from collections.abc import AsyncIterator
+from typing import Any
+
+from protos.vmrepl.v1 import proxy_pb2, proxy_pb2_grpc
+from vmrepl.batch import MAX_MESSAGE_BYTES
+from vmrepl.disk import open_reader
+from vmrepl.errors import AlreadyExists, FailedPrecondition, NotFound, ResourceExhausted
+from vmrepl.logs import get_logger
+from vmrepl.rpc import handle_errors, secure_channel
+from vmrepl.security.tls import require_role
+
+from proxy_agent import request as rq
+from proxy_agent import stats as st
+from proxy_agent.config import ProxySettings
+from proxy_agent.transfer import DiskTransfer, TransferSpec
+
+log = get_logger("vmrepl.proxy")
+WATCH_INTERVAL = 0.25
+KEEP_FINISHED = 1000
+DEFAULT_RESUME_TIMEOUT = 1800
+
+
+class ProxyAgentServicer(proxy_pb2_grpc.ProxyAgentServicer):
+    def __init__(self, settings: ProxySettings) -> None:
+        self.settings = settings
+        # Finished transfers stay readable until KEEP_FINISHED newer ones push them out.
+        self.transfers: OrderedDict[str, DiskTransfer] = OrderedDict()
+
+    def _running(self) -> list[DiskTransfer]:
+        return [t for t in self.transfers.values() if t.stats.state not in st.TERMINAL]
+
+    def _get(self, transfer_id: str) -> DiskTransfer:
+        t = self.transfers.get(transfer_id)
+        if t is None:
+            raise NotFound(f"transfer {transfer_id!r} does not exist on this proxy")
+        return t
+
+    async def _open(self, req: proxy_pb2.StartDiskTransferRequest) -> DiskTransfer:
+        rq.check_identity(req, self.settings)
+        path = rq.source_path(req.source.locator, self.settings.source_roots)
+        reader = await asyncio.to_thread(open_reader, rq.disk_format(req), path)
+        try:
+            if reader.size != req.source.size:
+                raise FailedPrecondition(f"source disk is {reader.size} bytes, the request says {req.source.size}")
+            allocated = await asyncio.to_thread(reader.allocated_extents)
+            plan = rq.plan_for(req, disk_size=reader.size, allocated=allocated)
+            spec = TransferSpec(
+                transfer_id=uuid.uuid4().hex, session_id=req.session_id, disk_id=req.disk_id,
+                replica_path=req.replica_path, ticket=req.ticket, block_size=rq.block_size(req),
+                compression=rq.compression(req), bandwidth_bytes_per_s=rq.bandwidth(req),
+                resume_timeout=float(req.resume_timeout_seconds or DEFAULT_RESUME_TIMEOUT),
+                batch_bytes=self.settings.batch_bytes, window=self.settings.window_batches,
+                threads=self.settings.compress_threads,
+            )
+        except BaseException:
+            reader.close()
+            raise
+        target = req.target
+
+        def channel() -> Any:
+            return secure_channel(
+                target.address, self.settings.tls, max_message_bytes=MAX_MESSAGE_BYTES,
+                server_name=target.tls_server_name,
+            )
+
+        return DiskTransfer(spec=spec, plan=plan, reader=reader, channel_factory=channel)
+
+    @handle_errors
+    async def StartDiskTransfer(self, request: proxy_pb2.StartDiskTransferRequest, context: Any) -> Any:
+        require_role(context, "controller")
+        for t in self._running():
+            if (t.spec.session_id, t.spec.disk_id) == (request.session_id, request.disk_id):
+                raise AlreadyExists(f"disk {request.disk_id} of session {request.session_id} is already streaming")
+        if len(self._running()) >= self.settings.max_tasks:
+            raise ResourceExhausted(f"this proxy already runs its {self.settings.max_tasks} transfers")
+        transfer = await self._open(request)
+        self.transfers[transfer.spec.transfer_id] = transfer
+        while len(self.transfers) > KEEP_FINISHED + self.settings.max_tasks:
+            oldest = next(iter(self.transfers))
+            if self.transfers[oldest].stats.state not in st.TERMINAL:
+                break
+            del self.transfers[oldest]
+        transfer.start()
+        log.info("transfer_started", transfer_id=transfer.spec.transfer_id, session_id=request.session_id,
+                 disk_id=request.disk_id, source=request.source.locator, target=request.target.address)
+        return proxy_pb2.StartDiskTransferResponse(transfer_id=transfer.spec.transfer_id)
+
+    @handle_errors
+    async def WatchTransfer(
+        self, request: proxy_pb2.WatchTransferRequest, context: Any
+    ) -> AsyncIterator[proxy_pb2.TransferProgress]:
+        require_role(context, "controller", "operator", "reader")
+        transfer = self._get(request.transfer_id)
+        last: bytes | None = None
+        while True:
+            msg = transfer.stats.to_proto()
+            terminal = msg.state in st.TERMINAL
+            msg_cmp = msg.SerializeToString()
+            # elapsed_seconds always moves: compare without it so idle transfers stay quiet.
+            key = msg_cmp if terminal else _without_elapsed(msg)
+            if key != last:
+                yield msg
+                last = key
+            if terminal:
+                return
+            await asyncio.sleep(WATCH_INTERVAL)
+
+    @handle_errors
+    async def CancelTransfer(self, request: proxy_pb2.CancelTransferRequest, context: Any) -> Any:
+        require_role(context, "controller")
+        self._get(request.transfer_id).stop()
+        return proxy_pb2.CancelTransferResponse()
+
+    async def stop_all(self) -> None:
+        """On shutdown: stop every transfer cleanly so the disks stay resumable."""
+        running = self._running()
+        for t in running:
+            t.stop()
+        tasks = [t.task for t in running if t.task is not None]
+        if tasks:
+            _, pending = await asyncio.wait(tasks, timeout=20)
+            for task in pending:
+                task.cancel()
+
+
+def _without_elapsed(msg: proxy_pb2.TransferProgress) -> bytes:
+    copy = proxy_pb2.TransferProgress()
+    copy.CopyFrom(msg)
+    copy.elapsed_seconds = 0
+    return copy.SerializeToString()

@@ -1,0 +1,59 @@
+"""A transfer's counters, updated on the event loop and read by WatchTransfer."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from protos.vmrepl.v1 import proxy_pb2
+
+RUNNING = proxy_pb2.TRANSFER_STATE_RUNNING
+RECONNECTING = proxy_pb2.TRANSFER_STATE_RECONNECTING
+COMPLETED = proxy_pb2.TRANSFER_STATE_COMPLETED
+FAILED = proxy_pb2.TRANSFER_STATE_FAILED
+CANCELLED = proxy_pb2.TRANSFER_STATE_CANCELLED
+TERMINAL = frozenset({COMPLETED, FAILED, CANCELLED})
+
+
+@dataclass
+class TransferStats:
+    transfer_id: str
+    session_id: str
+    disk_id: str
+    disk_size: int
+    state: int = RUNNING
+    bytes_read: int = 0
+    bytes_data: int = 0
+    bytes_sent: int = 0
+    zero: int = 0
+    unallocated: int = 0
+    unchanged: int = 0
+    excluded: int = 0
+    source_read: float = 0.0
+    compress: float = 0.0
+    network_wait: float = 0.0
+    target_write_done: float = 0.0  # from streams that ended
+    target_write_stream: float = 0.0  # the current stream, as its last ack said
+    committed_offset: int = 0
+    resumes: int = 0
+    error_code: str = ""
+    error_message: str = ""
+    started: float = field(default_factory=time.monotonic)
+    ended: float | None = None
+
+    def to_proto(self) -> proxy_pb2.TransferProgress:
+        end = self.ended if self.ended is not None else time.monotonic()
+        return proxy_pb2.TransferProgress(
+            transfer_id=self.transfer_id, session_id=self.session_id, disk_id=self.disk_id, state=self.state,
+            disk_size=self.disk_size, bytes_read=self.bytes_read, bytes_data=self.bytes_data,
+            bytes_sent=self.bytes_sent,
+            skipped=proxy_pb2.SkippedBytes(
+                zero=self.zero, unallocated=self.unallocated, unchanged=self.unchanged, excluded=self.excluded
+            ),
+            busy=proxy_pb2.StageBusy(
+                source_read=self.source_read, compress=self.compress, network_wait=self.network_wait,
+                target_write=self.target_write_done + self.target_write_stream,
+            ),
+            committed_offset=self.committed_offset, resumes=self.resumes, elapsed_seconds=end - self.started,
+            error_code=self.error_code, error_message=self.error_message,
+        )

@@ -1,0 +1,34 @@
+"""Where replicas live inside the datastore root, and the checks that keep them there.
+
+Every path a caller names is relative, made of plain name components, and
+resolves (symlinks followed) inside the root. See docs/target-agent.md for
+the layout.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from vmrepl.errors import PathError
+from vmrepl.names import check_name, check_relative
+
+class Datastore:
+    def __init__(self, root: Path) -> None:
+        root.mkdir(parents=True, exist_ok=True)
+        self.root = Path(os.path.realpath(root))
+
+    def _inside(self, field: str, path: Path) -> Path:
+        real = Path(os.path.realpath(path))
+        if real != self.root and self.root not in real.parents:
+            raise PathError(field, "resolves outside the datastore root")
+        return real
+
+    def vm_dir(self, replica_path: str) -> Path:
+        parts = check_relative("replica_path", replica_path)
+        return self._inside("replica_path", self.root.joinpath(*parts))
+
+    def disk_dir(self, replica_path: str, disk_id: str) -> Path:
+        vm = self.vm_dir(replica_path)
+        check_name("disk_id", disk_id)
+        return self._inside("disk_id", vm / "disks" / disk_id)

@@ -1,0 +1,186 @@
+"""The receiving end of one Transfer stream.
+
+Two coroutines per stream, joined by a bounded queue: the reader parses and
+validates each frame on the event loop (cheap: headers only) and queues it;
+the writer decodes, verifies and writes each batch in a worker thread,
+commits every `ack_every` batches (flush data, then persist the offset) and
+sends the ack. The queue bounds memory to about one window of batches.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import structlog
+from cryptography.hazmat.primitives.asymmetric import ed25519
+
+from protos.vmrepl.v1 import target_pb2
+from vmrepl.batch import DATA, MAX_MESSAGE_BYTES, CheckedExtent, Expectation, check_batch, decode_frame
+from vmrepl.errors import BatchError, InvalidArgument
+from vmrepl.extent import valid_block_size
+from vmrepl.logs import get_logger
+from vmrepl.names import check_name
+from vmrepl.security.ticket import verify_ticket
+
+from target_agent.datastore import Datastore
+from target_agent.replica import DiskGuard, ReplicaStream
+
+log = get_logger("vmrepl.target.transfer")
+OPEN_TIMEOUT = 30.0
+MAX_DISK_SIZE = 1 << 50  # 1 PiB: far beyond any VHDX (64 TB), small enough that offsets stay sane
+
+Queued = tuple[target_pb2.BatchHeader, list[CheckedExtent]] | None
+
+
+def check_open(o: target_pb2.TransferOpen, max_window: int) -> None:
+    for field in ("session_id", "disk_id"):
+        check_name(f"open.{field}", getattr(o, field))
+    if not 0 < o.disk_size <= MAX_DISK_SIZE:
+        raise InvalidArgument("open.disk_size", f"must be between 1 and {MAX_DISK_SIZE}")
+    if not valid_block_size(o.block_size):
+        raise InvalidArgument("open.block_size", "must be a power of two from 64 KiB to 16 MiB")
+    if not 2 <= o.window_batches <= max_window:
+        raise InvalidArgument("open.window_batches", f"must be between 2 and {max_window}")
+
+
+class Receiver:
+    def __init__(
+        self,
+        *,
+        datastore: Datastore,
+        keys: dict[str, ed25519.Ed25519PublicKey],
+        name: str,
+        max_window: int,
+        guards: dict[str, DiskGuard],
+    ) -> None:
+        self._datastore = datastore
+        self._keys = keys
+        self._name = name
+        self._max_window = max_window
+        self._guards = guards
+
+    async def run(self, requests: AsyncIterator[bytes], context: Any) -> None:
+        try:
+            first = await asyncio.wait_for(anext(requests), OPEN_TIMEOUT)
+        except StopAsyncIteration as e:
+            raise BatchError("open", "the stream ended before its open message") from e
+        frame = decode_frame(first)
+        if frame.open is None:
+            raise BatchError("open", "the first message of a stream must be open")
+        o = frame.open
+        check_open(o, self._max_window)
+        verify_ticket(
+            o.ticket, self._keys, session_id=o.session_id, disk_id=o.disk_id,
+            replica_path=o.replica_path, audience=self._name,
+        )
+        disk_dir = self._datastore.disk_dir(o.replica_path, o.disk_id)
+        guard = self._guards.setdefault(str(disk_dir), DiskGuard())
+        stream = await asyncio.to_thread(
+            ReplicaStream, disk_dir, guard, session_id=o.session_id, disk_size=o.disk_size, block_size=o.block_size
+        )
+        with structlog.contextvars.bound_contextvars(session_id=o.session_id, disk_id=o.disk_id):
+            try:
+                await self._stream(stream, o, requests, context)
+            finally:
+                await asyncio.to_thread(stream.close)
+
+    async def _stream(
+        self, stream: ReplicaStream, o: target_pb2.TransferOpen, requests: AsyncIterator[bytes], context: Any
+    ) -> None:
+        ack_every = max(1, o.window_batches // 2)
+        resume = stream.resume_offset
+        log.info("stream_opened", resume_offset=resume, disk_size=o.disk_size, replica=o.replica_path)
+        await context.write(
+            target_pb2.TransferResponse(
+                accept=target_pb2.TransferAccept(
+                    resume_offset=resume, ack_every_batches=ack_every, max_message_bytes=MAX_MESSAGE_BYTES
+                )
+            )
+        )
+        queue: asyncio.Queue[Queued] = asyncio.Queue(maxsize=o.window_batches)
+        writer = asyncio.create_task(self._write_loop(stream, queue, context, ack_every))
+        try:
+            await self._read_loop(stream, o, requests, queue, writer)
+            await writer
+        finally:
+            if not writer.done():
+                writer.cancel()
+                await asyncio.gather(writer, return_exceptions=True)
+
+    async def _read_loop(
+        self,
+        stream: ReplicaStream,
+        o: target_pb2.TransferOpen,
+        requests: AsyncIterator[bytes],
+        queue: asyncio.Queue[Queued],
+        writer: asyncio.Task[None],
+    ) -> None:
+        exp = Expectation(disk_size=o.disk_size, block_size=o.block_size, seq=0, start=stream.resume_offset)
+        async for raw in requests:
+            if writer.done():
+                writer.result()  # the writer failed: raise its error
+                return
+            frame = decode_frame(raw)
+            if frame.batch is None:
+                raise BatchError("open", "open sent twice on one stream")
+            hdr = frame.batch
+            extents = check_batch(hdr, frame.payload, exp)
+            log.debug(
+                "batch_received", seq=hdr.seq, start=hdr.start_offset, end=hdr.end_offset,
+                data_bytes=sum(e.length for e in extents if e.kind == DATA), wire_bytes=len(raw),
+            )
+            await _put(queue, (hdr, extents), writer)
+            exp = Expectation(o.disk_size, o.block_size, hdr.seq + 1, hdr.end_offset)
+            if hdr.final:
+                return
+        # The proxy half-closed without a final batch (it was cancelled): keep what arrived.
+        await _put(queue, None, writer)
+
+    async def _write_loop(
+        self, stream: ReplicaStream, queue: asyncio.Queue[Queued], context: Any, ack_every: int
+    ) -> None:
+        pending = 0
+        busy = 0.0
+        received = 0
+        last: target_pb2.BatchHeader | None = None
+        while True:
+            item = await queue.get()
+            if item is not None:
+                last, extents = item
+                t0 = time.perf_counter()
+                await asyncio.to_thread(stream.apply, extents)
+                busy += time.perf_counter() - t0
+                received += sum(e.length for e in extents if e.kind == DATA)
+                pending += 1
+            final = last is not None and last.final
+            if last is not None and pending and (final or item is None or pending >= ack_every):
+                t0 = time.perf_counter()
+                st = await asyncio.to_thread(stream.commit, last.end_offset, final=final)
+                busy += time.perf_counter() - t0
+                pending = 0
+                ack = target_pb2.TransferAck(
+                    seq=last.seq, committed_offset=st.committed_offset, complete=final,
+                    write_busy_seconds=busy, bytes_received=received,
+                )
+                await context.write(target_pb2.TransferResponse(ack=ack))
+                log.debug("committed", offset=st.committed_offset, seq=last.seq, complete=final)
+            if final or item is None:
+                if final:
+                    log.info("transfer_complete", bytes_written=stream.state.bytes_written)
+                return
+
+
+async def _put(queue: asyncio.Queue[Queued], item: Queued, writer: asyncio.Task[None]) -> None:
+    """Queue an item, or raise the writer's error if it dies while the queue is full."""
+    if not queue.full():
+        queue.put_nowait(item)
+        return
+    put = asyncio.ensure_future(queue.put(item))
+    await asyncio.wait({put, writer}, return_when=asyncio.FIRST_COMPLETED)
+    if not put.done():
+        put.cancel()
+        writer.result()  # raises the writer's exception
+        raise BatchError("stream", "the writer stopped")

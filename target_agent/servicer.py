@@ -1,0 +1,120 @@
+"""The TargetAgent gRPC service."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from protos.vmrepl.v1 import target_pb2, target_pb2_grpc
+from vmrepl.errors import InvalidArgument
+from vmrepl.extent import valid_block_size
+from vmrepl.names import check_name
+from vmrepl.rpc import handle_errors
+from vmrepl.security.tls import require_role
+from vmrepl.security.ticket import load_public_keys
+
+from target_agent import replica, restore_points
+from target_agent.config import TargetSettings
+from target_agent.datastore import Datastore
+from target_agent.receiver import MAX_DISK_SIZE, Receiver
+
+_STATES = {
+    replica.PREPARED: target_pb2.REPLICA_DISK_STATE_PREPARED,
+    replica.RECEIVING: target_pb2.REPLICA_DISK_STATE_RECEIVING,
+    replica.COMPLETE: target_pb2.REPLICA_DISK_STATE_COMPLETE,
+}
+CONTROLLER = ("controller",)
+
+
+def _ts(seconds: float) -> Timestamp:
+    ts = Timestamp()
+    ts.FromNanoseconds(int(seconds * 1e9))
+    return ts
+
+
+def _disk_message(replica_path: str, disk_id: str, st: replica.DiskState) -> target_pb2.ReplicaDisk:
+    return target_pb2.ReplicaDisk(
+        replica_path=replica_path, disk_id=disk_id, disk_size=st.disk_size, block_size=st.block_size,
+        state=_STATES[st.state], session_id=st.session_id, committed_offset=st.committed_offset,
+        bytes_written=st.bytes_written, updated_at=_ts(st.updated_at),
+    )
+
+
+def _point_message(replica_path: str, p: restore_points.Point) -> target_pb2.RestorePoint:
+    return target_pb2.RestorePoint(
+        id=p.id, replica_path=replica_path, session_id=p.session_id, created_at=_ts(p.created_at),
+        disks=[target_pb2.RestorePointDisk(disk_id=d.disk_id, disk_size=d.disk_size) for d in p.disks],
+    )
+
+
+class TargetAgentServicer(target_pb2_grpc.TargetAgentServicer):
+    def __init__(self, settings: TargetSettings) -> None:
+        self.datastore = Datastore(settings.datastore_root)
+        self.receiver = Receiver(
+            datastore=self.datastore,
+            keys=load_public_keys(settings.controller_public_keys),
+            name=settings.name,
+            max_window=settings.max_window_batches,
+            guards={},
+        )
+
+    @handle_errors
+    async def PrepareReplicaDisk(self, request: target_pb2.PrepareReplicaDiskRequest, context: Any) -> Any:
+        require_role(context, *CONTROLLER)
+        check_name("session_id", request.session_id)
+        if not 0 < request.disk_size <= MAX_DISK_SIZE:
+            raise InvalidArgument("disk_size", f"must be between 1 and {MAX_DISK_SIZE}")
+        if not valid_block_size(request.block_size):
+            raise InvalidArgument("block_size", "must be a power of two from 64 KiB to 16 MiB")
+        disk_dir = self.datastore.disk_dir(request.replica_path, request.disk_id)
+        st = await asyncio.to_thread(
+            replica.prepare, disk_dir, disk_size=request.disk_size, block_size=request.block_size,
+            session_id=request.session_id,
+        )
+        return _disk_message(request.replica_path, request.disk_id, st)
+
+    @handle_errors
+    async def GetReplicaDisk(self, request: target_pb2.GetReplicaDiskRequest, context: Any) -> Any:
+        require_role(context, *CONTROLLER)
+        disk_dir = self.datastore.disk_dir(request.replica_path, request.disk_id)
+        st = await asyncio.to_thread(replica.load_state, disk_dir)
+        return _disk_message(request.replica_path, request.disk_id, st)
+
+    @handle_errors
+    async def CommitRestorePoint(self, request: target_pb2.CommitRestorePointRequest, context: Any) -> Any:
+        require_role(context, *CONTROLLER)
+        check_name("session_id", request.session_id)
+        if not request.disk_ids:
+            raise InvalidArgument("disk_ids", "name at least one disk")
+        for d in request.disk_ids:
+            check_name("disk_ids", d)
+        vm_dir = self.datastore.vm_dir(request.replica_path)
+        p = await asyncio.to_thread(
+            restore_points.commit, vm_dir, session_id=request.session_id, disk_ids=list(request.disk_ids)
+        )
+        return _point_message(request.replica_path, p)
+
+    @handle_errors
+    async def ListRestorePoints(self, request: target_pb2.ListRestorePointsRequest, context: Any) -> Any:
+        require_role(context, *CONTROLLER)
+        vm_dir = self.datastore.vm_dir(request.replica_path)
+        points = await asyncio.to_thread(restore_points.list_points, vm_dir)
+        return target_pb2.ListRestorePointsResponse(
+            restore_points=[_point_message(request.replica_path, p) for p in points]
+        )
+
+    @handle_errors
+    async def DeleteRestorePoint(self, request: target_pb2.DeleteRestorePointRequest, context: Any) -> Any:
+        require_role(context, *CONTROLLER)
+        check_name("restore_point_id", request.restore_point_id)
+        vm_dir = self.datastore.vm_dir(request.replica_path)
+        await asyncio.to_thread(restore_points.delete, vm_dir, request.restore_point_id)
+        return target_pb2.DeleteRestorePointResponse()
+
+    @handle_errors
+    async def Transfer(self, request_iterator: AsyncIterator[bytes], context: Any) -> None:
+        require_role(context, "proxy")
+        await self.receiver.run(request_iterator, context)

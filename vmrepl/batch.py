@@ -1,0 +1,216 @@
+"""The Transfer stream's frames: encode, decode and validate batches.
+
+A frame on the wire is a serialised `vmrepl.v1.TransferRequest`. Batches are
+framed by hand rather than through protobuf so the payload is copied once
+when sent (one join) and never when received (a memoryview into the gRPC
+message): fields 2 (BatchHeader) and 15 (payload) are written as
+length-delimited fields exactly as protobuf would, so any protobuf
+implementation can parse them. See docs/protocol.md.
+
+Validation is pure: `check_batch` takes the header and what the receiver
+expects and returns the extents with their payload slices, or raises
+`BatchError` naming the bad field. Nothing is decompressed before every
+size in the header has been checked against the disk and the limits.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from protos.vmrepl.v1 import common_pb2, target_pb2
+from vmrepl.block import DIGEST_SIZE
+from vmrepl.errors import BatchError
+from vmrepl.extent import MAX_BLOCK_SIZE, MiB
+
+# A batch carries at most this many raw data bytes (and at least one block).
+MAX_BATCH_DATA = 16 * MiB
+MAX_EXTENTS = 4096
+# An Extent message is at most ~60 bytes (5 varints, 16-byte digest, tags).
+MAX_HEADER_BYTES = MAX_EXTENTS * 64 + 256
+# The largest valid Transfer message: both ends set gRPC's limits to this.
+MAX_MESSAGE_BYTES = max(MAX_BATCH_DATA, MAX_BLOCK_SIZE) + MAX_HEADER_BYTES + 64
+
+_TAG_OPEN = (1 << 3) | 2
+_TAG_BATCH = (2 << 3) | 2
+_TAG_PAYLOAD = (15 << 3) | 2
+
+DATA = common_pb2.EXTENT_KIND_DATA
+ZERO = common_pb2.EXTENT_KIND_ZERO
+RAW = common_pb2.ENCODING_RAW
+LZ4 = common_pb2.ENCODING_LZ4
+
+
+def varint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte = value & 0x7F
+        value >>= 7
+        if value:
+            out.append(byte | 0x80)
+        else:
+            out.append(byte)
+            return bytes(out)
+
+
+def _read_varint(data: memoryview, pos: int) -> tuple[int, int]:
+    result = shift = 0
+    while pos < len(data) and shift < 64:
+        byte = data[pos]
+        pos += 1
+        result |= (byte & 0x7F) << shift
+        if not byte & 0x80:
+            return result, pos
+        shift += 7
+    raise BatchError("frame", "truncated or overlong varint")
+
+
+def encode_batch(header: target_pb2.BatchHeader, payload_parts: list[bytes]) -> bytes:
+    """Frame a batch: one join of the header and the payload parts."""
+    hdr = header.SerializeToString()
+    plen = sum(len(p) for p in payload_parts)
+    head = [bytes((_TAG_BATCH,)), varint(len(hdr)), hdr]
+    if plen:
+        head += [bytes((_TAG_PAYLOAD,)), varint(plen)]
+    return b"".join(head + payload_parts)
+
+
+def encode_open(open_msg: target_pb2.TransferOpen) -> bytes:
+    return target_pb2.TransferRequest(open=open_msg).SerializeToString()
+
+
+@dataclass(slots=True)
+class Frame:
+    open: target_pb2.TransferOpen | None
+    batch: target_pb2.BatchHeader | None
+    payload: memoryview
+
+
+def decode_frame(data: bytes) -> Frame:
+    """Parse one TransferRequest without copying its payload."""
+    view = memoryview(data)
+    pos = 0
+    fields: dict[int, memoryview] = {}
+    while pos < len(view):
+        tag, pos = _read_varint(view, pos)
+        field, wire = tag >> 3, tag & 7
+        if wire == 0:
+            _, pos = _read_varint(view, pos)
+            continue
+        if wire == 1 or wire == 5:
+            pos += 8 if wire == 1 else 4
+            continue
+        if wire != 2:
+            raise BatchError("frame", f"unsupported wire type {wire} for field {field}")
+        length, pos = _read_varint(view, pos)
+        if pos + length > len(view):
+            raise BatchError("frame", f"field {field} runs past the end of the message")
+        if field in fields:
+            raise BatchError("frame", f"field {field} appears twice")
+        fields[field] = view[pos : pos + length]
+        pos += length
+    if pos != len(view):
+        raise BatchError("frame", "message ends inside a field")
+    if (1 in fields) == (2 in fields):
+        raise BatchError("frame", "a frame carries exactly one of open and batch")
+    payload = fields.get(15, memoryview(b""))
+    try:
+        if 1 in fields:
+            return Frame(target_pb2.TransferOpen.FromString(fields[1].tobytes()), None, payload)
+        if len(fields[2]) > MAX_HEADER_BYTES:
+            raise BatchError("batch", f"header of {len(fields[2])} bytes exceeds {MAX_HEADER_BYTES}")
+        return Frame(None, target_pb2.BatchHeader.FromString(fields[2].tobytes()), payload)
+    except BatchError:
+        raise
+    except Exception as e:  # protobuf's DecodeError and friends
+        raise BatchError("frame", f"header does not parse: {e}") from e
+
+
+@dataclass(frozen=True, slots=True)
+class Expectation:
+    """What the receiver knows before a batch arrives."""
+
+    disk_size: int
+    block_size: int
+    seq: int
+    start: int
+
+
+@dataclass(frozen=True, slots=True)
+class CheckedExtent:
+    offset: int
+    length: int
+    kind: int
+    encoding: int
+    digest: bytes
+    payload: memoryview
+
+
+def _aligned(offset: int, end: int, exp: Expectation) -> bool:
+    return offset % exp.block_size == 0 and (end % exp.block_size == 0 or end == exp.disk_size)
+
+
+def _check_extent(i: int, ext: target_pb2.Extent, hdr: target_pb2.BatchHeader, exp: Expectation) -> None:
+    where = f"batch.extents[{i}]"
+    end = ext.offset + ext.length
+    if ext.length == 0:
+        raise BatchError(where, "length is zero")
+    if ext.offset < hdr.start_offset or end > hdr.end_offset:
+        raise BatchError(where, f"[{ext.offset}, {end}) lies outside the batch range")
+    if not _aligned(ext.offset, end, exp):
+        raise BatchError(where, f"[{ext.offset}, {end}) is not aligned to the {exp.block_size}-byte blocks")
+    if ext.kind == ZERO:
+        if ext.stored_size or ext.digest or ext.encoding:
+            raise BatchError(where, "a zero extent carries no encoding, stored size or digest")
+        return
+    if ext.kind != DATA:
+        raise BatchError(where, f"unknown kind {ext.kind}")
+    if ext.length > exp.block_size:
+        raise BatchError(where, f"data extent of {ext.length} bytes exceeds the block size")
+    if len(ext.digest) != DIGEST_SIZE:
+        raise BatchError(where, f"digest must be {DIGEST_SIZE} bytes")
+    if ext.encoding == RAW:
+        if ext.stored_size != ext.length:
+            raise BatchError(where, "a raw extent's stored size must equal its length")
+    elif ext.encoding == LZ4:
+        if not 0 < ext.stored_size <= ext.length:
+            raise BatchError(where, "an lz4 extent's stored size must be between 1 and its length")
+    else:
+        raise BatchError(where, f"unknown encoding {ext.encoding}")
+
+
+def check_batch(hdr: target_pb2.BatchHeader, payload: memoryview, exp: Expectation) -> list[CheckedExtent]:
+    """Validate a batch against the disk and the stream; return its extents with payload slices."""
+    if hdr.seq != exp.seq:
+        raise BatchError("batch.seq", f"expected {exp.seq}, got {hdr.seq}")
+    if hdr.start_offset != exp.start:
+        raise BatchError("batch.start_offset", f"expected {exp.start}, got {hdr.start_offset}")
+    if hdr.end_offset > exp.disk_size or hdr.end_offset < hdr.start_offset:
+        raise BatchError("batch.end_offset", f"{hdr.end_offset} is outside [{hdr.start_offset}, disk size]")
+    if hdr.final != (hdr.end_offset == exp.disk_size):
+        raise BatchError("batch.final", "the final batch, and only it, ends at the disk size")
+    if hdr.end_offset == hdr.start_offset and not hdr.final:
+        raise BatchError("batch.end_offset", "an empty batch must be the final one")
+    if len(hdr.extents) > MAX_EXTENTS:
+        raise BatchError("batch.extents", f"{len(hdr.extents)} extents exceed the limit of {MAX_EXTENTS}")
+    if hdr.payload_size != len(payload):
+        raise BatchError("batch.payload_size", f"header says {hdr.payload_size}, payload has {len(payload)}")
+    out: list[CheckedExtent] = []
+    prev_end = hdr.start_offset
+    pos = data_bytes = 0
+    for i, ext in enumerate(hdr.extents):
+        _check_extent(i, ext, hdr, exp)
+        if ext.offset < prev_end:
+            raise BatchError(f"batch.extents[{i}]", "extents overlap or are out of order")
+        prev_end = ext.offset + ext.length
+        size = ext.stored_size
+        if pos + size > len(payload):
+            raise BatchError(f"batch.extents[{i}]", "stored sizes exceed the payload")
+        if ext.kind == DATA:
+            data_bytes += ext.length
+            if data_bytes > MAX_BATCH_DATA:
+                raise BatchError("batch.extents", f"data extents exceed {MAX_BATCH_DATA} bytes in one batch")
+        out.append(CheckedExtent(ext.offset, ext.length, ext.kind, ext.encoding, ext.digest, payload[pos : pos + size]))
+        pos += size
+    if pos != len(payload):
+        raise BatchError("batch.payload_size", f"stored sizes add up to {pos}, payload has {len(payload)}")
+    return out

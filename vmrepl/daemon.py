@@ -1,0 +1,41 @@
+"""The common start of every vmrepl daemon: parse --config, validate settings, log, serve."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from collections.abc import Callable, Coroutine
+from pathlib import Path
+from typing import Any, TypeVar
+
+from vmrepl.config import LogSettings, ProgramSettings, load_settings
+from vmrepl.errors import ConfigError
+from vmrepl.logs import configure_logging, get_logger
+
+S = TypeVar("S", bound=ProgramSettings)
+
+
+def run_daemon(
+    *,
+    prog: str,
+    description: str,
+    settings_cls: type[S],
+    serve: Callable[[S], Coroutine[Any, Any, None]],
+    argv: list[str] | None = None,
+) -> None:
+    p = argparse.ArgumentParser(prog=prog, description=description)
+    p.add_argument("--config", type=Path, help="TOML settings file (examples in deploy/config/)")
+    args = p.parse_args(argv)
+    try:
+        settings = load_settings(settings_cls, args.config)
+    except ConfigError as e:
+        print(f"{prog}: {e}", file=sys.stderr)
+        raise SystemExit(2) from e
+    log_settings: LogSettings = getattr(settings, "log", LogSettings())
+    configure_logging(fmt=log_settings.format, level=log_settings.level)
+    try:
+        asyncio.run(serve(settings))
+    except (ConfigError, OSError) as e:
+        get_logger(prog).error("start_failed", error=str(e))
+        raise SystemExit(1) from e

@@ -1,0 +1,8 @@
+"""Disk images: positional file I/O, the reader/writer interfaces and their formats."""
+
+from vmrepl.disk.base import DiskReader, DiskWriter, open_reader, register_reader
+
+__all__ = ["DiskReader", "DiskWriter", "open_reader", "register_reader"]
+
+# Formats register themselves on import.
+from vmrepl.disk import raw as _raw  # noqa: E402,F401

@@ -1,0 +1,60 @@
+"""Raw (flat) disk images: the file's bytes are the disk's bytes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from vmrepl.disk.base import DiskReader, DiskWriter, register_reader
+from vmrepl.disk.fileio import PositionalFile
+from vmrepl.errors import DiskError
+from vmrepl.extent import Extent
+
+
+class RawReader(DiskReader):
+    def __init__(self, path: Path) -> None:
+        self._file = PositionalFile(path)
+        self._size = self._file.size()
+
+    @property
+    def size(self) -> int:
+        return self._size
+
+    def allocated_extents(self) -> list[Extent]:
+        return self._file.allocated_extents()
+
+    def read_into(self, buf: memoryview, offset: int) -> None:
+        n = self._file.read_into(buf, offset)
+        if n != len(buf):
+            raise DiskError(f"{self._file.path}: short read at {offset} ({n} of {len(buf)} bytes)")
+
+    def close(self) -> None:
+        self._file.close()
+
+
+class RawWriter(DiskWriter):
+    """A sparse raw file: zero extents become holes."""
+
+    def __init__(self, path: Path, *, create: bool = False) -> None:
+        self._file = PositionalFile(path, writable=True, create=create)
+
+    @property
+    def size(self) -> int:
+        return self._file.size()
+
+    def write(self, data: bytes | bytearray | memoryview, offset: int) -> None:
+        self._file.write(data, offset)
+
+    def write_zeros(self, offset: int, length: int) -> None:
+        self._file.punch_hole(offset, length)
+
+    def resize(self, size: int) -> None:
+        self._file.truncate(size)
+
+    def flush(self) -> None:
+        self._file.sync()
+
+    def close(self) -> None:
+        self._file.close()
+
+
+register_reader("raw", RawReader)

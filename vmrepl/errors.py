@@ -1,0 +1,95 @@
+"""One exception root for vmrepl, with a subclass per area.
+
+Each class names the gRPC status it maps to; `vmrepl.rpc` is the one place
+that turns these into gRPC errors.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+
+class VmreplError(Exception):
+    """Root of every error vmrepl raises on purpose."""
+
+    grpc_code: ClassVar[str] = "INTERNAL"
+
+
+class ConfigError(VmreplError):
+    """A configuration file or environment override is invalid."""
+
+    grpc_code = "FAILED_PRECONDITION"
+
+
+class InvalidArgument(VmreplError):
+    """A request field is missing or out of range."""
+
+    grpc_code = "INVALID_ARGUMENT"
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+
+
+class NotFound(VmreplError):
+    grpc_code = "NOT_FOUND"
+
+
+class AlreadyExists(VmreplError):
+    grpc_code = "ALREADY_EXISTS"
+
+
+class ResourceExhausted(VmreplError):
+    grpc_code = "RESOURCE_EXHAUSTED"
+
+
+class FailedPrecondition(VmreplError):
+    grpc_code = "FAILED_PRECONDITION"
+
+
+class PathError(InvalidArgument):
+    """A path would leave the datastore or source roots."""
+
+
+class BatchError(InvalidArgument):
+    """A Transfer frame or batch header is malformed or out of sequence."""
+
+
+class ChecksumMismatch(VmreplError):
+    """A data extent's bytes do not match the digest sent with them."""
+
+    grpc_code = "DATA_LOSS"
+
+
+class DiskError(VmreplError):
+    """Reading or writing a disk image failed."""
+
+    grpc_code = "INTERNAL"
+
+
+class UnsupportedDisk(DiskError):
+    """The disk image is of a kind or in a state vmrepl refuses to read."""
+
+    grpc_code = "FAILED_PRECONDITION"
+
+
+class SecurityError(VmreplError):
+    grpc_code = "PERMISSION_DENIED"
+
+
+class TicketError(SecurityError):
+    """A transfer ticket is forged, expired or for something else."""
+
+
+class PeerNotAllowed(SecurityError):
+    """The caller's certificate does not carry a role allowed for the call."""
+
+
+class TransferError(VmreplError):
+    """A disk transfer failed for good (not a break it can resume from)."""
+
+    grpc_code = "ABORTED"
+
+
+class TransferCancelled(TransferError):
+    grpc_code = "CANCELLED"

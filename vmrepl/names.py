@@ -1,0 +1,36 @@
+"""Rules for the names and relative paths callers send (ids, replica paths).
+
+A name is letters, digits, '.', '_' and '-', starting with a letter or digit;
+a relative path is up to eight names joined by '/'. Anything else, notably
+'..', absolute paths, drive letters and backslashes, is refused.
+"""
+
+from __future__ import annotations
+
+import re
+
+from vmrepl.errors import PathError
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+MAX_DEPTH = 8
+
+
+def check_name(field: str, value: str) -> str:
+    if not _NAME.fullmatch(value) or value in (".", ".."):
+        raise PathError(field, f"{value!r} is not a plain name (letters, digits, '.', '_', '-'; up to 128)")
+    return value
+
+
+def check_relative(field: str, value: str) -> list[str]:
+    if not value:
+        raise PathError(field, "is required")
+    if value.startswith(("/", "\\")) or "\\" in value or re.match(r"^[A-Za-z]:", value):
+        raise PathError(field, f"{value!r} must be a relative path with '/' separators")
+    parts = value.split("/")
+    if len(parts) > MAX_DEPTH:
+        raise PathError(field, f"{value!r} is deeper than {MAX_DEPTH} components")
+    for part in parts:
+        if part in ("", ".", ".."):
+            raise PathError(field, f"{value!r} has an empty, '.' or '..' component")
+        check_name(field, part)
+    return parts

@@ -1,0 +1,114 @@
+"""Transfer tickets: the controller's Ed25519-signed permission for one disk stream.
+
+The signature covers a domain-separation prefix and the serialised ticket,
+so a signature made for anything else never verifies as a ticket.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+from collections.abc import Iterable
+from pathlib import Path
+
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ed25519
+
+from protos.vmrepl.v1 import ticket_pb2
+from vmrepl.errors import ConfigError, TicketError
+
+_DOMAIN = b"vmrepl.v1.TransferTicket\x00"
+MAX_TICKET_BYTES = 4096
+
+
+def key_id(public_key: ed25519.Ed25519PublicKey) -> str:
+    raw = public_key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    return hashlib.sha256(raw).hexdigest()
+
+
+def load_signing_key(path: Path) -> ed25519.Ed25519PrivateKey:
+    try:
+        key = serialization.load_pem_private_key(path.read_bytes(), None)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"cannot load the ticket-signing key {path}: {e}") from e
+    if not isinstance(key, ed25519.Ed25519PrivateKey):
+        raise ConfigError(f"{path} is not an Ed25519 private key")
+    return key
+
+
+def load_public_keys(paths: Iterable[Path]) -> dict[str, ed25519.Ed25519PublicKey]:
+    keys: dict[str, ed25519.Ed25519PublicKey] = {}
+    for path in paths:
+        try:
+            key = serialization.load_pem_public_key(path.read_bytes())
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"cannot load the controller public key {path}: {e}") from e
+        if not isinstance(key, ed25519.Ed25519PublicKey):
+            raise ConfigError(f"{path} is not an Ed25519 public key")
+        keys[key_id(key)] = key
+    if not keys:
+        raise ConfigError("no controller public key configured: targets accept no transfer without one")
+    return keys
+
+
+def sign_ticket(
+    key: ed25519.Ed25519PrivateKey,
+    *,
+    session_id: str,
+    disk_id: str,
+    replica_path: str,
+    ttl_seconds: float,
+    audience: str = "",
+    now: float | None = None,
+) -> bytes:
+    ticket = ticket_pb2.TransferTicket(
+        session_id=session_id,
+        disk_id=disk_id,
+        replica_path=replica_path,
+        expires_unix=int((time.time() if now is None else now) + ttl_seconds),
+        audience=audience,
+        nonce=os.urandom(16),
+    ).SerializeToString()
+    signed = ticket_pb2.SignedTicket(
+        ticket=ticket, signature=key.sign(_DOMAIN + ticket), key_id=key_id(key.public_key())
+    )
+    return signed.SerializeToString()
+
+
+def verify_ticket(
+    blob: bytes,
+    keys: dict[str, ed25519.Ed25519PublicKey],
+    *,
+    session_id: str,
+    disk_id: str,
+    replica_path: str,
+    audience: str,
+    now: float | None = None,
+) -> ticket_pb2.TransferTicket:
+    """The ticket, if it is signed by a known controller key and names exactly this transfer."""
+    if len(blob) > MAX_TICKET_BYTES:
+        raise TicketError("ticket is too large")
+    try:
+        signed = ticket_pb2.SignedTicket.FromString(blob)
+        key = keys.get(signed.key_id)
+        if key is None:
+            raise TicketError("ticket is signed by an unknown key")
+        key.verify(signed.signature, _DOMAIN + signed.ticket)
+        ticket = ticket_pb2.TransferTicket.FromString(signed.ticket)
+    except InvalidSignature as e:
+        raise TicketError("ticket signature does not verify") from e
+    except TicketError:
+        raise
+    except Exception as e:  # protobuf DecodeError
+        raise TicketError("ticket does not parse") from e
+    if ticket.expires_unix < (time.time() if now is None else now):
+        raise TicketError("ticket has expired")
+    wanted = {"session_id": session_id, "disk_id": disk_id, "replica_path": replica_path}
+    for field, value in wanted.items():
+        if getattr(ticket, field) != value:
+            raise TicketError(f"ticket is for another {field.replace('_', ' ')}")
+    if ticket.audience and ticket.audience != audience:
+        raise TicketError("ticket is for another target")
+    return ticket
