@@ -1,0 +1,170 @@
+import os
+
+import lz4.block
+import pytest
+
+from protos.vmrepl.v1 import target_pb2
+from vmrepl.batch import (
+    DATA, LZ4, MAX_EXTENTS, RAW, ZERO, Expectation, check_batch, decode_frame, encode_batch, encode_open, varint,
+)
+from vmrepl.block import Compression, compress, decompress, digest, verify
+from vmrepl.errors import BatchError, ChecksumMismatch, InvalidArgument
+
+BS = 64 * 1024
+DISK = 10 * BS
+TEXT = (b"the quick brown fox jumps over the lazy dog " * 2000)[:BS]
+RANDOM = os.urandom(BS)
+
+
+def sample() -> tuple[target_pb2.BatchHeader, list[bytes]]:
+    packed = compress(TEXT, Compression.DEFAULT)
+    assert packed is not None
+    extents = [
+        target_pb2.Extent(offset=0, length=BS, kind=DATA, encoding=LZ4, stored_size=len(packed), digest=digest(TEXT)),
+        target_pb2.Extent(offset=BS, length=2 * BS, kind=ZERO),
+        target_pb2.Extent(offset=3 * BS, length=BS, kind=DATA, encoding=RAW, stored_size=BS, digest=digest(RANDOM)),
+    ]
+    hdr = target_pb2.BatchHeader(seq=0, start_offset=0, end_offset=4 * BS, extents=extents,
+                                 payload_size=len(packed) + BS)
+    return hdr, [packed, RANDOM]
+
+
+EXP = Expectation(disk_size=DISK, block_size=BS, seq=0, start=0)
+
+
+def frame_of(hdr: target_pb2.BatchHeader, parts: list[bytes]) -> tuple[target_pb2.BatchHeader, memoryview]:
+    f = decode_frame(encode_batch(hdr, parts))
+    assert f.batch is not None
+    return f.batch, f.payload
+
+
+def test_round_trip_and_wire_compatibility_with_protobuf() -> None:
+    hdr, parts = sample()
+    raw = encode_batch(hdr, parts)
+    parsed = target_pb2.TransferRequest.FromString(raw)  # any protobuf parser reads our frames
+    assert parsed.batch == hdr and parsed.payload == b"".join(parts)
+    f = decode_frame(raw)
+    assert f.batch == hdr and bytes(f.payload) == b"".join(parts)
+    out = check_batch(f.batch, f.payload, EXP)
+    assert decompress(out[0].payload, BS) == TEXT
+    assert bytes(out[2].payload) == RANDOM
+    verify(bytes(out[2].payload), out[2].digest, offset=out[2].offset)
+
+
+def test_decode_frame_also_reads_protobuf_serialised_frames() -> None:
+    hdr, parts = sample()
+    raw = target_pb2.TransferRequest(batch=hdr, payload=b"".join(parts)).SerializeToString()
+    f = decode_frame(raw)
+    assert f.batch == hdr and bytes(f.payload) == b"".join(parts)
+    o = target_pb2.TransferOpen(session_id="s", disk_id="d")
+    assert decode_frame(encode_open(o)).open == o
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b"",  # neither open nor batch
+        bytes([0x12]) + varint(50) + b"x",  # length past the end
+        bytes([0x12, 0x80]),  # truncated varint
+        bytes([0x0A, 0]) + bytes([0x12, 0]),  # both open and batch
+        bytes([0x12, 0]) + bytes([0x12, 0]),  # batch twice
+        bytes([0x13]),  # wire type 3
+        bytes([0x12, 2, 0xFF, 0xFF]),  # header does not parse
+    ],
+)
+def test_malformed_frames_are_rejected(raw: bytes) -> None:
+    with pytest.raises(BatchError):
+        decode_frame(raw)
+
+
+def mutate(change: str) -> tuple[target_pb2.BatchHeader, list[bytes], Expectation]:
+    hdr, parts = sample()
+    exp = EXP
+    e0, e1, e2 = hdr.extents
+    match change:
+        case "seq":
+            hdr.seq = 5
+        case "start":
+            hdr.start_offset = BS
+        case "end_past_disk":
+            hdr.end_offset = DISK + BS
+        case "end_before_start":
+            exp = Expectation(DISK, BS, 0, 5 * BS)
+            hdr.start_offset = 5 * BS
+        case "final_not_at_end":
+            hdr.final = True
+        case "end_without_final":
+            hdr.end_offset = DISK
+        case "payload_size":
+            hdr.payload_size += 1
+        case "zero_length":
+            e1.length = 0
+        case "outside_batch":
+            e2.offset = 4 * BS
+        case "unaligned":
+            e1.offset = BS + 512
+            e1.length = BS
+        case "overlap":
+            e1.offset = 0
+        case "huge_length":
+            e1.length = 2**63
+        case "data_longer_than_block":
+            e2.length = 2 * BS
+            hdr.end_offset = 5 * BS
+        case "short_digest":
+            e2.digest = b"abc"
+        case "raw_size_mismatch":
+            e2.stored_size = BS - 1
+            hdr.payload_size -= 1
+            parts[1] = parts[1][:-1]
+        case "lz4_bigger_than_raw":
+            e0.stored_size = BS + 1
+        case "unknown_kind":
+            e1.kind = 9
+        case "unknown_encoding":
+            e2.encoding = 7
+        case "zero_with_payload":
+            e1.stored_size = 5
+        case "too_many_extents":
+            del hdr.extents[:]
+            hdr.extents.extend(target_pb2.Extent(offset=0, length=0) for _ in range(MAX_EXTENTS + 1))
+            hdr.payload_size = 0
+            parts.clear()
+        case _:
+            raise AssertionError(change)
+    return hdr, parts, exp
+
+
+CASES = [
+    "seq", "start", "end_past_disk", "end_before_start", "final_not_at_end", "end_without_final", "payload_size",
+    "zero_length", "outside_batch", "unaligned", "overlap", "huge_length", "data_longer_than_block", "short_digest",
+    "raw_size_mismatch", "lz4_bigger_than_raw", "unknown_kind", "unknown_encoding", "zero_with_payload",
+    "too_many_extents",
+]
+
+
+@pytest.mark.parametrize("change", CASES)
+def test_every_malformed_field_is_rejected(change: str) -> None:
+    hdr, parts, exp = mutate(change)
+    h, payload = frame_of(hdr, parts)
+    with pytest.raises(BatchError) as err:
+        check_batch(h, payload, exp)
+    assert err.value.field.startswith("batch")
+
+
+def test_decompression_bomb_is_bounded() -> None:
+    bomb = lz4.block.compress(bytes(64 * 1024 * 1024), store_size=False)  # 64 MiB of zeros in ~250 KiB
+    with pytest.raises(InvalidArgument):
+        decompress(bomb, BS)
+
+
+def test_bad_checksum_is_detected() -> None:
+    with pytest.raises(ChecksumMismatch):
+        verify(TEXT, digest(RANDOM), offset=0)
+
+
+def test_incompressible_block_travels_raw() -> None:
+    assert compress(RANDOM, Compression.DEFAULT) is None
+    assert compress(TEXT, Compression.NONE) is None
+    fast = compress(TEXT, Compression.FAST)
+    assert fast is not None and decompress(fast, BS) == TEXT
