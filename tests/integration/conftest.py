@@ -1,0 +1,137 @@
+"""Real agent processes on loopback with mTLS, and the images they replicate."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+from cryptography.hazmat.primitives.asymmetric import ed25519
+
+from protos.vmrepl.v1 import proxy_pb2
+from vmrepl.config import TlsSettings
+from vmrepl.extent import MiB
+from vmrepl.security.ticket import load_signing_key
+
+from controller import lab
+from controller.agents import AgentClient, proxy_client, target_client
+from controller.disk_task import DiskTaskSpec, run_disk_task
+
+IMAGE_SIZE = 256 * MiB
+
+
+def need_tool(name: str) -> str:
+    """A tool the tests need: missing is a failure in CI, a skip on a developer's machine."""
+    path = shutil.which(name)
+    if path is None:
+        if os.environ.get("CI"):
+            pytest.fail(f"{name} is not installed; .ci/run must install it")
+        pytest.skip(f"{name} is not installed")
+    return path
+
+
+def qemu_identical(a: Path, b: Path) -> bool:
+    need_tool("qemu-img")
+    out = subprocess.run(["qemu-img", "compare", "-q", "-f", "raw", "-F", "raw", str(a), str(b)], check=False)
+    return out.returncode == 0
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(4 * MiB):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+@pytest.fixture(scope="session")
+def lab_certs(tmp_path_factory: pytest.TempPathFactory) -> lab.LabCerts:
+    return lab.LabCerts.create(tmp_path_factory.mktemp("certs"))
+
+
+@pytest.fixture(scope="session")
+def base_image(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, int]]:
+    path = tmp_path_factory.mktemp("images") / "base.raw"
+    counts = lab.make_mixed_image(path, IMAGE_SIZE)
+    return path, counts
+
+
+@dataclass
+class Lab:
+    work: Path
+    certs: lab.LabCerts
+    image: Path
+    counts: dict[str, int]
+    target: lab.AgentProcess
+    proxy: lab.AgentProcess
+    clients: list[AgentClient] = field(default_factory=list)
+
+    @property
+    def signing_key(self) -> ed25519.Ed25519PrivateKey:
+        return load_signing_key(self.certs.signing_key)
+
+    def tls(self, name: str = "controller") -> TlsSettings:
+        return TlsSettings(**self.certs.tls(name))  # type: ignore[arg-type]
+
+    def proxy_client(self) -> AgentClient:
+        c = proxy_client(self.proxy.address, self.tls())
+        self.clients.append(c)
+        return c
+
+    def target_client(self, name: str = "controller", address: str | None = None) -> AgentClient:
+        c = target_client(address or self.target.address, self.tls(name))
+        self.clients.append(c)
+        return c
+
+    def replica(self, replica_path: str = "jobs/vm1", disk_id: str = "disk0") -> Path:
+        return self.work / "datastore" / replica_path / "disks" / disk_id / "data.raw"
+
+    def spec(self, session_id: str, **over: object) -> DiskTaskSpec:
+        args: dict[str, object] = {
+            "session_id": session_id, "disk_id": "disk0", "source_locator": str(self.image),
+            "disk_size": self.image.stat().st_size, "replica_path": "jobs/vm1",
+        }
+        args.update(over)
+        return DiskTaskSpec(**args)  # type: ignore[arg-type]
+
+    async def replicate(self, spec: DiskTaskSpec, target_address: str | None = None) -> proxy_pb2.TransferProgress:
+        return await run_disk_task(
+            proxy=self.proxy_client(), target=self.target_client(address=target_address), spec=spec,
+            signing_key=self.signing_key,
+        )
+
+    def target_events(self, event: str) -> list[dict[str, object]]:
+        return [e for e in self.target.events() if e.get("event") == event]
+
+
+@pytest.fixture
+async def lab_env(tmp_path: Path, lab_certs: lab.LabCerts, base_image: tuple[Path, dict[str, int]]) -> AsyncIterator[Lab]:
+    sources = tmp_path / "sources"
+    sources.mkdir()
+    image = sources / "vm1-disk0.raw"
+    subprocess.run(["cp", "--sparse=always", str(base_image[0]), str(image)], check=True)
+    target = lab.AgentProcess("target_agent", lab.target_config(tmp_path, lab_certs, level="debug"),
+                              tmp_path / "target.log")
+    proxy = lab.AgentProcess("proxy_agent", lab.proxy_config(tmp_path, lab_certs, sources=sources),
+                             tmp_path / "proxy.log")
+    target.start()
+    proxy.start()
+    env = Lab(tmp_path, lab_certs, image, base_image[1], target, proxy)
+    try:
+        yield env
+    finally:
+        for c in env.clients:
+            await c.close()
+        proxy.stop()
+        target.stop()
+
+
+@pytest.fixture
+def data_bytes(base_image: tuple[Path, dict[str, int]]) -> Iterator[int]:
+    counts = base_image[1]
+    yield (counts["text"] + counts["random"]) * MiB

@@ -1,0 +1,85 @@
+"""Full and changed-range replication through real agent processes."""
+
+from __future__ import annotations
+
+import grpc
+import pytest
+
+from protos.vmrepl.v1 import common_pb2, proxy_pb2, target_pb2
+from vmrepl.extent import MiB
+
+from controller import lab
+from tests.integration.conftest import Lab, qemu_identical
+
+
+async def test_full_replication_is_identical(lab_env: Lab, data_bytes: int) -> None:
+    result = await lab_env.replicate(lab_env.spec("s-full"))
+    replica = lab_env.replica()
+    assert qemu_identical(lab_env.image, replica)
+    counts = lab_env.counts
+    assert result.bytes_data == data_bytes
+    assert result.skipped.zero + result.skipped.unallocated == (counts["zero"] + counts["hole"]) * MiB
+    assert result.skipped.unallocated >= counts["hole"] * MiB // 2  # the file system reports holes
+    assert 0 < result.bytes_sent < data_bytes  # text compressed
+    assert result.committed_offset == lab_env.image.stat().st_size
+    # Zero blocks became holes on the target.
+    assert replica.stat().st_blocks * 512 <= data_bytes + 8 * MiB
+    disk = await lab_env.target_client().stub.GetReplicaDisk(
+        target_pb2.GetReplicaDiskRequest(replica_path="jobs/vm1", disk_id="disk0")
+    )
+    assert disk.state == target_pb2.REPLICA_DISK_STATE_COMPLETE and disk.bytes_written == data_bytes
+
+
+async def test_changed_ranges_send_only_those_blocks_and_restore_points(lab_env: Lab) -> None:
+    await lab_env.replicate(lab_env.spec("s1"))
+    changed = lab.change_blocks(lab_env.image, fraction=0.05, seed=7)
+    ranges = [common_pb2.ByteRange(offset=o, length=MiB) for o in changed]
+    spec = lab_env.spec("s2", change_source=proxy_pb2.ChangeSource(
+        changed_ranges=proxy_pb2.ChangedRanges(ranges=ranges, reference_id="rct-1")))
+    result = await lab_env.replicate(spec)
+    assert qemu_identical(lab_env.image, lab_env.replica())
+    assert result.bytes_read == len(changed) * MiB
+    assert result.bytes_data == len(changed) * MiB
+    assert result.skipped.unchanged == lab_env.image.stat().st_size - len(changed) * MiB
+
+    target = lab_env.target_client().stub
+    p1 = await target.CommitRestorePoint(
+        target_pb2.CommitRestorePointRequest(replica_path="jobs/vm1", session_id="s2", disk_ids=["disk0"]))
+    again = await target.CommitRestorePoint(
+        target_pb2.CommitRestorePointRequest(replica_path="jobs/vm1", session_id="s2", disk_ids=["disk0"]))
+    assert again.id == p1.id  # idempotent per session
+    with pytest.raises(grpc.aio.AioRpcError) as err:  # s1's transfer was superseded by s2
+        await target.CommitRestorePoint(
+            target_pb2.CommitRestorePointRequest(replica_path="jobs/vm1", session_id="s1", disk_ids=["disk0"]))
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    listed = await target.ListRestorePoints(target_pb2.ListRestorePointsRequest(replica_path="jobs/vm1"))
+    assert [p.id for p in listed.restore_points] == [p1.id]
+    await target.DeleteRestorePoint(target_pb2.DeleteRestorePointRequest(replica_path="jobs/vm1",
+                                                                         restore_point_id=p1.id))
+    listed = await target.ListRestorePoints(target_pb2.ListRestorePointsRequest(replica_path="jobs/vm1"))
+    assert list(listed.restore_points) == []
+
+
+async def test_cancel_leaves_a_resumable_disk(lab_env: Lab) -> None:
+    from controller.disk_task import prepare, start_request
+
+    spec = lab_env.spec("s-cancel", bandwidth_limit_mbps=40)
+    proxy, target = lab_env.proxy_client().stub, lab_env.target_client()
+    await prepare(target, spec)
+    started = await proxy.StartDiskTransfer(
+        start_request(spec, target_address=target.address, signing_key=lab_env.signing_key))
+    async for p in proxy.WatchTransfer(proxy_pb2.WatchTransferRequest(transfer_id=started.transfer_id)):
+        if p.committed_offset > 0 and p.state == proxy_pb2.TRANSFER_STATE_RUNNING:
+            await proxy.CancelTransfer(proxy_pb2.CancelTransferRequest(transfer_id=started.transfer_id))
+        last = p
+    assert last.state == proxy_pb2.TRANSFER_STATE_CANCELLED
+    disk = await target.stub.GetReplicaDisk(target_pb2.GetReplicaDiskRequest(replica_path="jobs/vm1",
+                                                                            disk_id="disk0"))
+    assert disk.state == target_pb2.REPLICA_DISK_STATE_RECEIVING
+    assert 0 < disk.committed_offset < spec.disk_size
+    # The same session again resumes from the committed offset.
+    result = await lab_env.replicate(lab_env.spec("s-cancel"))
+    accepts = lab_env.target_events("stream_opened")
+    assert accepts[-1]["resume_offset"] == disk.committed_offset
+    assert result.state == proxy_pb2.TRANSFER_STATE_COMPLETED
+    assert qemu_identical(lab_env.image, lab_env.replica())
