@@ -16,15 +16,14 @@ import time
 import uuid
 from pathlib import Path
 
+from controller import lab
+from controller.agents import proxy_client, target_client
+from controller.disk_task import DiskTaskSpec, run_disk_task
 from protos.vmrepl.v1 import proxy_pb2
 from vmrepl.config import TlsSettings
 from vmrepl.extent import MiB
 from vmrepl.logs import configure_logging
 from vmrepl.security.ticket import load_signing_key
-
-from controller import lab
-from controller.agents import proxy_client, target_client
-from controller.disk_task import DiskTaskSpec, run_disk_task
 
 SIZE = 256 * MiB
 
@@ -37,24 +36,37 @@ def _bar(p: proxy_pb2.TransferProgress) -> None:
     sys.stdout.flush()
 
 
-async def _replicate(proxy: lab.AgentProcess, target: lab.AgentProcess, certs: lab.LabCerts, image: Path,
-                     label: str) -> proxy_pb2.TransferProgress:
+async def _replicate(
+    proxy: lab.AgentProcess,
+    target: lab.AgentProcess,
+    certs: lab.LabCerts,
+    *,
+    image: Path,
+    size: int,
+    label: str,
+) -> proxy_pb2.TransferProgress:
     tls = TlsSettings(**certs.tls("controller"))  # type: ignore[arg-type]
     p, t = proxy_client(proxy.address, tls), target_client(target.address, tls)
     try:
         spec = DiskTaskSpec(
-            session_id=f"demo-{uuid.uuid4().hex[:8]}", disk_id="disk0", source_locator=str(image),
-            disk_size=image.stat().st_size, replica_path="demo/vm1",
+            session_id=f"demo-{uuid.uuid4().hex[:8]}",
+            disk_id="disk0",
+            source_locator=str(image),
+            disk_size=size,
+            replica_path="demo/vm1",
         )
         print(f"{label}:")
         t0 = time.perf_counter()
-        result = await run_disk_task(proxy=p, target=t, spec=spec, signing_key=load_signing_key(certs.signing_key),
-                                     on_progress=_bar)
+        result = await run_disk_task(
+            proxy=p, target=t, spec=spec, signing_key=load_signing_key(certs.signing_key), on_progress=_bar
+        )
         dt = time.perf_counter() - t0
         s = result.skipped
-        print(f"\n  {spec.disk_size / MiB:.0f} MiB disk in {dt:.2f} s: read {result.bytes_read / MiB:.0f} MiB, "
-              f"sent {result.bytes_sent / MiB:.1f} MiB; skipped zero {s.zero / MiB:.0f} MiB, "
-              f"unallocated {s.unallocated / MiB:.0f} MiB")
+        print(
+            f"\n  {spec.disk_size / MiB:.0f} MiB disk in {dt:.2f} s: read {result.bytes_read / MiB:.0f} MiB, "
+            f"sent {result.bytes_sent / MiB:.1f} MiB; skipped zero {s.zero / MiB:.0f} MiB, "
+            f"unallocated {s.unallocated / MiB:.0f} MiB"
+        )
         return result
     finally:
         await p.close()
@@ -62,8 +74,12 @@ async def _replicate(proxy: lab.AgentProcess, target: lab.AgentProcess, certs: l
 
 
 def _compare(image: Path, replica: Path) -> None:
-    out = subprocess.run(["qemu-img", "compare", "-f", "raw", "-F", "raw", str(image), str(replica)],
-                         capture_output=True, text=True, check=False)
+    out = subprocess.run(
+        ["qemu-img", "compare", "-f", "raw", "-F", "raw", str(image), str(replica)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     print(f"  qemu-img compare: {out.stdout.strip() or out.stderr.strip()}")
     if out.returncode != 0:
         raise SystemExit("demo failed: the replica differs from the source")
@@ -81,17 +97,28 @@ def main() -> None:
     counts = lab.make_mixed_image(image, SIZE)
     print(f"sample disk {image} ({SIZE // MiB} MiB; blocks: {counts})")
     target = lab.AgentProcess("target_agent", lab.target_config(work, certs), work / "target.log")
-    proxy = lab.AgentProcess("proxy_agent", lab.proxy_config(work, certs, sources=work / "sources"), work / "proxy.log")
+    proxy = lab.AgentProcess(
+        "proxy_agent", lab.proxy_config(work, certs, sources=work / "sources"), work / "proxy.log"
+    )
     try:
         target.start()
         proxy.start()
         print(f"target on {target.address}, proxy on {proxy.address} (mTLS)")
         replica = work / "datastore" / "demo" / "vm1" / "disks" / "disk0" / "data.raw"
-        asyncio.run(_replicate(proxy, target, certs, image, "full replication"))
+        asyncio.run(_replicate(proxy, target, certs, image=image, size=SIZE, label="full replication"))
         _compare(image, replica)
         changed = lab.change_blocks(image, fraction=0.05)
         print(f"changed {len(changed)} blocks of the source")
-        asyncio.run(_replicate(proxy, target, certs, image, "second run (full read; digest incrementals come next)"))
+        asyncio.run(
+            _replicate(
+                proxy,
+                target,
+                certs,
+                image=image,
+                size=SIZE,
+                label="second run (full read; digest incrementals come next)",
+            )
+        )
         _compare(image, replica)
         print("replica is identical to the source")
     finally:

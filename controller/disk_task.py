@@ -11,11 +11,10 @@ from dataclasses import dataclass, field
 
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
+from controller.agents import AgentClient
 from protos.vmrepl.v1 import common_pb2, proxy_pb2, target_pb2
 from vmrepl.errors import TransferError
 from vmrepl.security.ticket import sign_ticket
-
-from controller.agents import AgentClient
 
 TICKET_TTL = 24 * 3600.0
 
@@ -25,7 +24,7 @@ class DiskTaskSpec:
     session_id: str
     disk_id: str
     source_locator: str
-    source_format: int = common_pb2.DISK_FORMAT_RAW
+    source_format: common_pb2.DiskFormat.ValueType = common_pb2.DISK_FORMAT_RAW
     disk_size: int
     replica_path: str
     block_size: int = 1 << 20
@@ -33,7 +32,7 @@ class DiskTaskSpec:
         default_factory=lambda: proxy_pb2.ChangeSource(full=proxy_pb2.FullRead())
     )
     exclusions: proxy_pb2.ExclusionSettings = field(default_factory=proxy_pb2.ExclusionSettings)
-    compression: int = proxy_pb2.COMPRESSION_LEVEL_DEFAULT
+    compression: proxy_pb2.CompressionLevel.ValueType = proxy_pb2.COMPRESSION_LEVEL_DEFAULT
     bandwidth_limit_mbps: float = 0.0
     resume_timeout_seconds: int = 0
     target_name: str = "target"
@@ -42,8 +41,11 @@ class DiskTaskSpec:
 async def prepare(target: AgentClient, spec: DiskTaskSpec) -> target_pb2.ReplicaDisk:
     disk: target_pb2.ReplicaDisk = await target.stub.PrepareReplicaDisk(
         target_pb2.PrepareReplicaDiskRequest(
-            replica_path=spec.replica_path, disk_id=spec.disk_id, disk_size=spec.disk_size,
-            block_size=spec.block_size, session_id=spec.session_id,
+            replica_path=spec.replica_path,
+            disk_id=spec.disk_id,
+            disk_size=spec.disk_size,
+            block_size=spec.block_size,
+            session_id=spec.session_id,
         )
     )
     return disk
@@ -53,16 +55,28 @@ def start_request(
     spec: DiskTaskSpec, *, target_address: str, signing_key: ed25519.Ed25519PrivateKey
 ) -> proxy_pb2.StartDiskTransferRequest:
     ticket = sign_ticket(
-        signing_key, session_id=spec.session_id, disk_id=spec.disk_id, replica_path=spec.replica_path,
-        ttl_seconds=TICKET_TTL, audience=spec.target_name,
+        signing_key,
+        session_id=spec.session_id,
+        disk_id=spec.disk_id,
+        replica_path=spec.replica_path,
+        ttl_seconds=TICKET_TTL,
+        audience=spec.target_name,
     )
     return proxy_pb2.StartDiskTransferRequest(
-        session_id=spec.session_id, disk_id=spec.disk_id,
-        source=proxy_pb2.SourceDisk(locator=spec.source_locator, format=spec.source_format, size=spec.disk_size),
-        block_size=spec.block_size, change_source=spec.change_source, exclusions=spec.exclusions,
-        compression=spec.compression, bandwidth_limit_mbps=spec.bandwidth_limit_mbps,
-        target=proxy_pb2.TargetEndpoint(address=target_address), ticket=ticket,
-        resume_timeout_seconds=spec.resume_timeout_seconds, replica_path=spec.replica_path,
+        session_id=spec.session_id,
+        disk_id=spec.disk_id,
+        source=proxy_pb2.SourceDisk(
+            locator=spec.source_locator, format=spec.source_format, size=spec.disk_size
+        ),
+        block_size=spec.block_size,
+        change_source=spec.change_source,
+        exclusions=spec.exclusions,
+        compression=spec.compression,
+        bandwidth_limit_mbps=spec.bandwidth_limit_mbps,
+        target=proxy_pb2.TargetEndpoint(address=target_address),
+        ticket=ticket,
+        resume_timeout_seconds=spec.resume_timeout_seconds,
+        replica_path=spec.replica_path,
     )
 
 
@@ -80,7 +94,9 @@ async def run_disk_task(
         start_request(spec, target_address=target.address, signing_key=signing_key)
     )
     last: proxy_pb2.TransferProgress | None = None
-    async for progress in proxy.stub.WatchTransfer(proxy_pb2.WatchTransferRequest(transfer_id=started.transfer_id)):
+    async for progress in proxy.stub.WatchTransfer(
+        proxy_pb2.WatchTransferRequest(transfer_id=started.transfer_id)
+    ):
         last = progress
         if on_progress is not None:
             on_progress(progress)

@@ -86,7 +86,11 @@ class LabCerts:
 
     def tls(self, name: str) -> dict[str, str]:
         d = self.directory
-        return {"ca_file": str(d / "ca.pem"), "cert_file": str(d / f"{name}.pem"), "key_file": str(d / f"{name}.key")}
+        return {
+            "ca_file": str(d / "ca.pem"),
+            "cert_file": str(d / f"{name}.pem"),
+            "key_file": str(d / f"{name}.key"),
+        }
 
     @property
     def signing_key(self) -> Path:
@@ -126,7 +130,9 @@ def target_config(work: Path, lab: LabCerts, *, listen: str = "127.0.0.1:0", lev
     )
 
 
-def proxy_config(work: Path, lab: LabCerts, *, sources: Path, listen: str = "127.0.0.1:0", **extra: object) -> Path:
+def proxy_config(
+    work: Path, lab: LabCerts, *, sources: Path, listen: str = "127.0.0.1:0", **extra: object
+) -> Path:
     return write_toml(
         work / "proxy.toml",
         {
@@ -156,7 +162,9 @@ class AgentProcess:
         log = open(self.log_path, "ab")  # noqa: SIM115 - the child owns it
         self.proc = subprocess.Popen(
             [sys.executable, "-m", self.module, "--config", str(self.config)],
-            stdout=log, stderr=subprocess.STDOUT, env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
         )
         log.close()
         seen = self.log_path.stat().st_size if self.log_path.exists() else 0
@@ -164,10 +172,12 @@ class AgentProcess:
         while time.monotonic() < deadline:
             for event in self.events(since=seen):
                 if event.get("event") == "listening":
-                    self.port = int(event["port"])
+                    self.port = int(str(event["port"]))
                     return self.port
             if self.proc.poll() is not None:
-                raise RuntimeError(f"{self.module} exited with {self.proc.returncode}: {self.log_path.read_text()[-2000:]}")
+                raise RuntimeError(
+                    f"{self.module} exited with {self.proc.returncode}: {self.log_path.read_text()[-2000:]}"
+                )
             time.sleep(0.05)
         raise TimeoutError(f"{self.module} did not start listening within {timeout}s")
 

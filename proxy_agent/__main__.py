@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 from protos.vmrepl.v1 import proxy_pb2
+from proxy_agent.config import ProxySettings
+from proxy_agent.servicer import ProxyAgentServicer
 from vmrepl.daemon import run_daemon
 from vmrepl.logs import get_logger
 from vmrepl.rpc import Service, serve_until_signalled, start_server
-
-from proxy_agent.config import ProxySettings
-from proxy_agent.servicer import ProxyAgentServicer
 
 
 async def serve(settings: ProxySettings) -> None:
@@ -23,7 +22,13 @@ async def serve(settings: ProxySettings) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    run_daemon(prog="vmrepl-proxy", description="vmrepl source proxy agent", settings_cls=ProxySettings, serve=serve, argv=argv)
+    run_daemon(
+        prog="vmrepl-proxy",
+        description="vmrepl source proxy agent",
+        settings_cls=ProxySettings,
+        serve=serve,
+        argv=argv,
+    )
 
 
 if __name__ == "__main__":

@@ -12,16 +12,15 @@ import asyncio
 import threading
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncGenerator, Iterator
 from concurrent.futures import Executor
 from dataclasses import dataclass
 
 from protos.vmrepl.v1 import target_pb2
+from proxy_agent.plan import PlannedBatch
 from vmrepl.batch import DATA, LZ4, RAW, ZERO, encode_batch
 from vmrepl.block import Compression, compress, digest, is_zero
 from vmrepl.disk.base import DiskReader
-
-from proxy_agent.plan import PlannedBatch
 
 
 @dataclass(slots=True)
@@ -84,17 +83,24 @@ class BatchBuilder:
                 stored = packed if packed is not None else bytes(buf)
                 extents.append(
                     target_pb2.Extent(
-                        offset=item.offset, length=item.length, kind=DATA,
+                        offset=item.offset,
+                        length=item.length,
+                        kind=DATA,
                         encoding=LZ4 if packed is not None else RAW,
-                        stored_size=len(stored), digest=digest(buf),
+                        stored_size=len(stored),
+                        digest=digest(buf),
                     )
                 )
                 parts.append(stored)
                 out.data_bytes += item.length
             out.compress_seconds += time.perf_counter() - t1
         header = target_pb2.BatchHeader(
-            seq=seq, start_offset=planned.start, end_offset=planned.end, extents=extents,
-            payload_size=sum(len(p) for p in parts), final=planned.final,
+            seq=seq,
+            start_offset=planned.start,
+            end_offset=planned.end,
+            extents=extents,
+            payload_size=sum(len(p) for p in parts),
+            final=planned.final,
         )
         out.frame = encode_batch(header, parts)
         return out
@@ -102,7 +108,7 @@ class BatchBuilder:
 
 async def built_batches(
     builder: BatchBuilder, planned: Iterator[PlannedBatch], *, executor: Executor, depth: int
-) -> AsyncIterator[BuiltBatch]:
+) -> AsyncGenerator[BuiltBatch, None]:
     """Build batches `depth` ahead in the executor and yield them in order."""
     loop = asyncio.get_running_loop()
     inflight: deque[asyncio.Future[BuiltBatch]] = deque()

@@ -1,4 +1,4 @@
-"""Checking a StartDiskTransfer request and turning it into a transfer spec and plan (pure but for the source)."""
+"""Checking a StartDiskTransfer request and turning it into a transfer plan."""
 
 from __future__ import annotations
 
@@ -7,17 +7,20 @@ import os
 from pathlib import Path
 
 from protos.vmrepl.v1 import common_pb2, proxy_pb2
+from proxy_agent.config import ProxySettings
+from proxy_agent.plan import Plan, make_plan
 from vmrepl.block import Compression
 from vmrepl.errors import FailedPrecondition, InvalidArgument, PathError
 from vmrepl.extent import DEFAULT_BLOCK_SIZE, Extent, valid_block_size
 from vmrepl.names import check_name, check_relative
 from vmrepl.security.ticket import MAX_TICKET_BYTES
 
-from proxy_agent.config import ProxySettings
-from proxy_agent.plan import Plan, make_plan
-
 MAX_RANGES = 1_000_000
-_FORMATS = {common_pb2.DISK_FORMAT_RAW: "raw", common_pb2.DISK_FORMAT_VHDX: "vhdx", common_pb2.DISK_FORMAT_VHD: "vhd"}
+_FORMATS = {
+    common_pb2.DISK_FORMAT_RAW: "raw",
+    common_pb2.DISK_FORMAT_VHDX: "vhdx",
+    common_pb2.DISK_FORMAT_VHD: "vhd",
+}
 _COMPRESSION = {
     proxy_pb2.COMPRESSION_LEVEL_UNSPECIFIED: Compression.DEFAULT,
     proxy_pb2.COMPRESSION_LEVEL_DEFAULT: Compression.DEFAULT,
@@ -84,7 +87,8 @@ def check_exclusions(ex: proxy_pb2.ExclusionSettings) -> None:
     guest = ex.skip_swap or ex.skip_pagefile or ex.skip_hibernation or ex.skip_deleted or len(ex.guest_paths)
     if guest:
         raise FailedPrecondition(
-            "guest file-system exclusions need the guest file-system reader, which this proxy does not have yet; "
+            "guest file-system exclusions need the guest file-system reader, "
+            "which this proxy does not have yet; "
             "pass byte ranges in exclusions.ranges"
         )
 
@@ -93,12 +97,21 @@ def plan_for(req: proxy_pb2.StartDiskTransferRequest, *, disk_size: int, allocat
     mode = req.change_source.WhichOneof("mode")
     if mode == "compare_digests":
         raise FailedPrecondition("change_source.compare_digests is not supported by this proxy version yet")
-    changed = _ranges("change_source.changed_ranges.ranges", list(req.change_source.changed_ranges.ranges),
-                      disk_size) if mode == "changed_ranges" else None
+    changed = (
+        _ranges(
+            "change_source.changed_ranges.ranges", list(req.change_source.changed_ranges.ranges), disk_size
+        )
+        if mode == "changed_ranges"
+        else None
+    )
     check_exclusions(req.exclusions)
     excluded = _ranges("exclusions.ranges", list(req.exclusions.ranges), disk_size)
     return make_plan(
-        disk_size=disk_size, block_size=block_size(req), allocated=allocated, changed=changed, excluded=excluded
+        disk_size=disk_size,
+        block_size=block_size(req),
+        allocated=allocated,
+        changed=changed,
+        excluded=excluded,
     )
 
 

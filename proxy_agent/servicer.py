@@ -9,17 +9,16 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from protos.vmrepl.v1 import proxy_pb2, proxy_pb2_grpc
+from proxy_agent import request as rq
+from proxy_agent import stats as st
+from proxy_agent.config import ProxySettings
+from proxy_agent.transfer import DiskTransfer, TransferSpec
 from vmrepl.batch import MAX_MESSAGE_BYTES
 from vmrepl.disk import open_reader
 from vmrepl.errors import AlreadyExists, FailedPrecondition, NotFound, ResourceExhausted
 from vmrepl.logs import get_logger
 from vmrepl.rpc import handle_errors, secure_channel
 from vmrepl.security.tls import require_role
-
-from proxy_agent import request as rq
-from proxy_agent import stats as st
-from proxy_agent.config import ProxySettings
-from proxy_agent.transfer import DiskTransfer, TransferSpec
 
 log = get_logger("vmrepl.proxy")
 WATCH_INTERVAL = 0.25
@@ -48,15 +47,23 @@ class ProxyAgentServicer(proxy_pb2_grpc.ProxyAgentServicer):
         reader = await asyncio.to_thread(open_reader, rq.disk_format(req), path)
         try:
             if reader.size != req.source.size:
-                raise FailedPrecondition(f"source disk is {reader.size} bytes, the request says {req.source.size}")
+                raise FailedPrecondition(
+                    f"source disk is {reader.size} bytes, the request says {req.source.size}"
+                )
             allocated = await asyncio.to_thread(reader.allocated_extents)
             plan = rq.plan_for(req, disk_size=reader.size, allocated=allocated)
             spec = TransferSpec(
-                transfer_id=uuid.uuid4().hex, session_id=req.session_id, disk_id=req.disk_id,
-                replica_path=req.replica_path, ticket=req.ticket, block_size=rq.block_size(req),
-                compression=rq.compression(req), bandwidth_bytes_per_s=rq.bandwidth(req),
+                transfer_id=uuid.uuid4().hex,
+                session_id=req.session_id,
+                disk_id=req.disk_id,
+                replica_path=req.replica_path,
+                ticket=req.ticket,
+                block_size=rq.block_size(req),
+                compression=rq.compression(req),
+                bandwidth_bytes_per_s=rq.bandwidth(req),
                 resume_timeout=float(req.resume_timeout_seconds or DEFAULT_RESUME_TIMEOUT),
-                batch_bytes=self.settings.batch_bytes, window=self.settings.window_batches,
+                batch_bytes=self.settings.batch_bytes,
+                window=self.settings.window_batches,
                 threads=self.settings.compress_threads,
             )
         except BaseException:
@@ -66,7 +73,9 @@ class ProxyAgentServicer(proxy_pb2_grpc.ProxyAgentServicer):
 
         def channel() -> Any:
             return secure_channel(
-                target.address, self.settings.tls, max_message_bytes=MAX_MESSAGE_BYTES,
+                target.address,
+                self.settings.tls,
+                max_message_bytes=MAX_MESSAGE_BYTES,
                 server_name=target.tls_server_name,
             )
 
@@ -77,7 +86,9 @@ class ProxyAgentServicer(proxy_pb2_grpc.ProxyAgentServicer):
         require_role(context, "controller")
         for t in self._running():
             if (t.spec.session_id, t.spec.disk_id) == (request.session_id, request.disk_id):
-                raise AlreadyExists(f"disk {request.disk_id} of session {request.session_id} is already streaming")
+                raise AlreadyExists(
+                    f"disk {request.disk_id} of session {request.session_id} is already streaming"
+                )
         if len(self._running()) >= self.settings.max_tasks:
             raise ResourceExhausted(f"this proxy already runs its {self.settings.max_tasks} transfers")
         transfer = await self._open(request)
@@ -88,8 +99,14 @@ class ProxyAgentServicer(proxy_pb2_grpc.ProxyAgentServicer):
                 break
             del self.transfers[oldest]
         transfer.start()
-        log.info("transfer_started", transfer_id=transfer.spec.transfer_id, session_id=request.session_id,
-                 disk_id=request.disk_id, source=request.source.locator, target=request.target.address)
+        log.info(
+            "transfer_started",
+            transfer_id=transfer.spec.transfer_id,
+            session_id=request.session_id,
+            disk_id=request.disk_id,
+            source=request.source.locator,
+            target=request.target.address,
+        )
         return proxy_pb2.StartDiskTransferResponse(transfer_id=transfer.spec.transfer_id)
 
     @handle_errors

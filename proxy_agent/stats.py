@@ -21,7 +21,7 @@ class TransferStats:
     session_id: str
     disk_id: str
     disk_size: int
-    state: int = RUNNING
+    state: proxy_pb2.TransferState.ValueType = RUNNING
     bytes_read: int = 0
     bytes_data: int = 0
     bytes_sent: int = 0
@@ -44,16 +44,26 @@ class TransferStats:
     def to_proto(self) -> proxy_pb2.TransferProgress:
         end = self.ended if self.ended is not None else time.monotonic()
         return proxy_pb2.TransferProgress(
-            transfer_id=self.transfer_id, session_id=self.session_id, disk_id=self.disk_id, state=self.state,
-            disk_size=self.disk_size, bytes_read=self.bytes_read, bytes_data=self.bytes_data,
+            transfer_id=self.transfer_id,
+            session_id=self.session_id,
+            disk_id=self.disk_id,
+            state=self.state,
+            disk_size=self.disk_size,
+            bytes_read=self.bytes_read,
+            bytes_data=self.bytes_data,
             bytes_sent=self.bytes_sent,
             skipped=proxy_pb2.SkippedBytes(
                 zero=self.zero, unallocated=self.unallocated, unchanged=self.unchanged, excluded=self.excluded
             ),
             busy=proxy_pb2.StageBusy(
-                source_read=self.source_read, compress=self.compress, network_wait=self.network_wait,
+                source_read=self.source_read,
+                compress=self.compress,
+                network_wait=self.network_wait,
                 target_write=self.target_write_done + self.target_write_stream,
             ),
-            committed_offset=self.committed_offset, resumes=self.resumes, elapsed_seconds=end - self.started,
-            error_code=self.error_code, error_message=self.error_message,
+            committed_offset=self.committed_offset,
+            resumes=self.resumes,
+            elapsed_seconds=end - self.started,
+            error_code=self.error_code,
+            error_message=self.error_message,
         )

@@ -20,17 +20,16 @@ import grpc
 import structlog
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, wait_exponential_jitter
 
-from protos.vmrepl.v1 import target_pb2
+from protos.vmrepl.v1 import proxy_pb2, target_pb2
+from proxy_agent import stats as st
+from proxy_agent.pipeline import BatchBuilder, BuiltBatch, built_batches
+from proxy_agent.plan import Plan, plan_batches
+from proxy_agent.throttle import TokenBucket
 from vmrepl.batch import MAX_EXTENTS, MAX_MESSAGE_BYTES, encode_open
 from vmrepl.block import Compression
 from vmrepl.disk.base import DiskReader
 from vmrepl.errors import TransferCancelled, TransferError, VmreplError
 from vmrepl.logs import get_logger
-
-from proxy_agent import stats as st
-from proxy_agent.pipeline import BatchBuilder, BuiltBatch, built_batches
-from proxy_agent.plan import Plan, plan_batches
-from proxy_agent.throttle import TokenBucket
 
 log = get_logger("vmrepl.proxy.transfer")
 TRANSFER_METHOD = "/vmrepl.v1.TargetAgent/Transfer"
@@ -39,9 +38,15 @@ STOP_GRACE = 15.0
 # Statuses after which another attempt cannot succeed.
 _PERMANENT = frozenset(
     {
-        grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.UNAUTHENTICATED,
-        grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.NOT_FOUND, grpc.StatusCode.DATA_LOSS,
-        grpc.StatusCode.OUT_OF_RANGE, grpc.StatusCode.UNIMPLEMENTED, grpc.StatusCode.ALREADY_EXISTS,
+        grpc.StatusCode.INVALID_ARGUMENT,
+        grpc.StatusCode.PERMISSION_DENIED,
+        grpc.StatusCode.UNAUTHENTICATED,
+        grpc.StatusCode.FAILED_PRECONDITION,
+        grpc.StatusCode.NOT_FOUND,
+        grpc.StatusCode.DATA_LOSS,
+        grpc.StatusCode.OUT_OF_RANGE,
+        grpc.StatusCode.UNIMPLEMENTED,
+        grpc.StatusCode.ALREADY_EXISTS,
     }
 )
 
@@ -99,14 +104,18 @@ class DiskTransfer:
         self.plan = plan
         self.stats = st.TransferStats(spec.transfer_id, spec.session_id, spec.disk_id, plan.disk_size)
         self.stats.unallocated, self.stats.excluded, self.stats.unchanged = (
-            plan.unallocated, plan.excluded, plan.unchanged,
+            plan.unallocated,
+            plan.excluded,
+            plan.unchanged,
         )
         self._reader = reader
         self._channel_factory = channel_factory
         self._stopping = asyncio.Event()
         self._progress = _Progress(spec.resume_timeout)
         self._bucket = (
-            TokenBucket(rate=spec.bandwidth_bytes_per_s, burst=max(spec.bandwidth_bytes_per_s / 10, MAX_MESSAGE_BYTES))
+            TokenBucket(
+                rate=spec.bandwidth_bytes_per_s, burst=max(spec.bandwidth_bytes_per_s / 10, MAX_MESSAGE_BYTES)
+            )
             if spec.bandwidth_bytes_per_s > 0
             else None
         )
@@ -158,15 +167,25 @@ class DiskTransfer:
         self.stats.state = st.RECONNECTING
         self.stats.resumes += 1
         exc = state.outcome.exception() if state.outcome else None
-        log.warning("stream_broken", error=str(exc), committed_offset=self.stats.committed_offset,
-                    attempt=state.attempt_number)
+        log.warning(
+            "stream_broken",
+            error=str(exc),
+            committed_offset=self.stats.committed_offset,
+            attempt=state.attempt_number,
+        )
 
-    def _finish(self, state: int, code: str = "", message: str = "") -> None:
+    def _finish(self, state: proxy_pb2.TransferState.ValueType, code: str = "", message: str = "") -> None:
         self.stats.state, self.stats.error_code, self.stats.error_message = state, code, message
         self.stats.ended = time.monotonic()
-        log.info("transfer_ended", state=st.proxy_pb2.TransferState.Name(state), error=message or None,
-                 bytes_sent=self.stats.bytes_sent, bytes_data=self.stats.bytes_data,
-                 resumes=self.stats.resumes, elapsed=round(self.stats.ended - self.stats.started, 3))
+        log.info(
+            "transfer_ended",
+            state=proxy_pb2.TransferState.Name(state),
+            error=message or None,
+            bytes_sent=self.stats.bytes_sent,
+            bytes_data=self.stats.bytes_data,
+            resumes=self.stats.resumes,
+            elapsed=round(self.stats.ended - self.stats.started, 3),
+        )
 
     def _fail(self, e: Exception) -> None:
         if isinstance(e, StreamBroken):
@@ -184,7 +203,9 @@ class DiskTransfer:
         self.stats.target_write_done += self.stats.target_write_stream
         self.stats.target_write_stream = 0.0
         call = channel.stream_stream(
-            TRANSFER_METHOD, request_serializer=None, response_deserializer=target_pb2.TransferResponse.FromString
+            TRANSFER_METHOD,
+            request_serializer=None,
+            response_deserializer=target_pb2.TransferResponse.FromString,
         )()
         try:
             resume = await self._open(call)
@@ -206,8 +227,12 @@ class DiskTransfer:
 
     async def _open(self, call: Any) -> int:
         open_msg = target_pb2.TransferOpen(
-            ticket=self.spec.ticket, session_id=self.spec.session_id, disk_id=self.spec.disk_id,
-            replica_path=self.spec.replica_path, disk_size=self.plan.disk_size, block_size=self.spec.block_size,
+            ticket=self.spec.ticket,
+            session_id=self.spec.session_id,
+            disk_id=self.spec.disk_id,
+            replica_path=self.spec.replica_path,
+            disk_size=self.plan.disk_size,
+            block_size=self.spec.block_size,
             window_batches=self.spec.window,
         )
         await call.write(encode_open(open_msg))
@@ -224,10 +249,14 @@ class DiskTransfer:
             log.warning("target_went_back", committed=self.stats.committed_offset, resume_offset=resume)
         self.stats.committed_offset = resume
         log.info("stream_accepted", resume_offset=resume)
-        return resume
+        return int(resume)
 
-    async def _send(self, call: Any, executor: ThreadPoolExecutor, resume: int, window: asyncio.Semaphore) -> None:
-        planned = plan_batches(self.plan, start=resume, batch_bytes=self.spec.batch_bytes, max_items=MAX_EXTENTS)
+    async def _send(
+        self, call: Any, executor: ThreadPoolExecutor, resume: int, window: asyncio.Semaphore
+    ) -> None:
+        planned = plan_batches(
+            self.plan, start=resume, batch_bytes=self.spec.batch_bytes, max_items=MAX_EXTENTS
+        )
         batches = built_batches(self._builder, planned, executor=executor, depth=self.spec.threads + 1)
         try:
             async for b in batches:

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 from protos.vmrepl.v1 import target_pb2
+from target_agent.config import TargetSettings
+from target_agent.servicer import TargetAgentServicer
 from vmrepl.batch import MAX_MESSAGE_BYTES
 from vmrepl.daemon import run_daemon
 from vmrepl.logs import get_logger
 from vmrepl.rpc import Service, serve_until_signalled, start_server
-
-from target_agent.config import TargetSettings
-from target_agent.servicer import TargetAgentServicer
 
 
 async def serve(settings: TargetSettings) -> None:
@@ -26,7 +25,13 @@ async def serve(settings: TargetSettings) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    run_daemon(prog="vmrepl-target", description="vmrepl target agent", settings_cls=TargetSettings, serve=serve, argv=argv)
+    run_daemon(
+        prog="vmrepl-target",
+        description="vmrepl target agent",
+        settings_cls=TargetSettings,
+        serve=serve,
+        argv=argv,
+    )
 
 
 if __name__ == "__main__":

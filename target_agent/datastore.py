@@ -13,6 +13,7 @@ from pathlib import Path
 from vmrepl.errors import PathError
 from vmrepl.names import check_name, check_relative
 
+
 class Datastore:
     def __init__(self, root: Path) -> None:
         root.mkdir(parents=True, exist_ok=True)

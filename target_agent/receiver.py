@@ -18,15 +18,14 @@ import structlog
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from protos.vmrepl.v1 import target_pb2
+from target_agent.datastore import Datastore
+from target_agent.replica import DiskGuard, ReplicaStream
 from vmrepl.batch import DATA, MAX_MESSAGE_BYTES, CheckedExtent, Expectation, check_batch, decode_frame
 from vmrepl.errors import BatchError, InvalidArgument
 from vmrepl.extent import valid_block_size
 from vmrepl.logs import get_logger
 from vmrepl.names import check_name
 from vmrepl.security.ticket import verify_ticket
-
-from target_agent.datastore import Datastore
-from target_agent.replica import DiskGuard, ReplicaStream
 
 log = get_logger("vmrepl.target.transfer")
 OPEN_TIMEOUT = 30.0
@@ -73,13 +72,22 @@ class Receiver:
         o = frame.open
         check_open(o, self._max_window)
         verify_ticket(
-            o.ticket, self._keys, session_id=o.session_id, disk_id=o.disk_id,
-            replica_path=o.replica_path, audience=self._name,
+            o.ticket,
+            self._keys,
+            session_id=o.session_id,
+            disk_id=o.disk_id,
+            replica_path=o.replica_path,
+            audience=self._name,
         )
         disk_dir = self._datastore.disk_dir(o.replica_path, o.disk_id)
         guard = self._guards.setdefault(str(disk_dir), DiskGuard())
         stream = await asyncio.to_thread(
-            ReplicaStream, disk_dir, guard, session_id=o.session_id, disk_size=o.disk_size, block_size=o.block_size
+            ReplicaStream,
+            disk_dir,
+            guard,
+            session_id=o.session_id,
+            disk_size=o.disk_size,
+            block_size=o.block_size,
         )
         with structlog.contextvars.bound_contextvars(session_id=o.session_id, disk_id=o.disk_id):
             try:
@@ -129,8 +137,12 @@ class Receiver:
             hdr = frame.batch
             extents = check_batch(hdr, frame.payload, exp)
             log.debug(
-                "batch_received", seq=hdr.seq, start=hdr.start_offset, end=hdr.end_offset,
-                data_bytes=sum(e.length for e in extents if e.kind == DATA), wire_bytes=len(raw),
+                "batch_received",
+                seq=hdr.seq,
+                start=hdr.start_offset,
+                end=hdr.end_offset,
+                data_bytes=sum(e.length for e in extents if e.kind == DATA),
+                wire_bytes=len(raw),
             )
             await _put(queue, (hdr, extents), writer)
             exp = Expectation(o.disk_size, o.block_size, hdr.seq + 1, hdr.end_offset)
@@ -162,8 +174,11 @@ class Receiver:
                 busy += time.perf_counter() - t0
                 pending = 0
                 ack = target_pb2.TransferAck(
-                    seq=last.seq, committed_offset=st.committed_offset, complete=final,
-                    write_busy_seconds=busy, bytes_received=received,
+                    seq=last.seq,
+                    committed_offset=st.committed_offset,
+                    complete=final,
+                    write_busy_seconds=busy,
+                    bytes_received=received,
                 )
                 await context.write(target_pb2.TransferResponse(ack=ack))
                 log.debug("committed", offset=st.committed_offset, seq=last.seq, complete=final)

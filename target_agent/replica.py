@@ -96,11 +96,14 @@ class DiskGuard:
 class ReplicaStream:
     """The writes of one Transfer stream into one replica disk."""
 
-    def __init__(self, disk_dir: Path, guard: DiskGuard, *, session_id: str, disk_size: int, block_size: int) -> None:
+    def __init__(
+        self, disk_dir: Path, guard: DiskGuard, *, session_id: str, disk_size: int, block_size: int
+    ) -> None:
         st = load_state(disk_dir)
         if st.session_id != session_id:
             raise FailedPrecondition(
-                f"replica disk {disk_dir.name} is not prepared for session {session_id} (it is for {st.session_id})"
+                f"replica disk {disk_dir.name} is not prepared for session {session_id} "
+                f"(it is for {st.session_id})"
             )
         if st.disk_size != disk_size or st.block_size != block_size:
             raise FailedPrecondition(
@@ -126,7 +129,7 @@ class ReplicaStream:
         decoded: list[tuple[CheckedExtent, bytes | memoryview | None]] = []
         for e in extents:
             if e.kind == DATA:
-                data = decompress(e.payload, e.length) if e.encoding == LZ4 else e.payload
+                data: bytes | memoryview = decompress(e.payload, e.length) if e.encoding == LZ4 else e.payload
                 verify(data, e.digest, offset=e.offset)
                 decoded.append((e, data))
             else:
@@ -134,11 +137,11 @@ class ReplicaStream:
         written = 0
         with self._guard.lock:
             self._check_current()
-            for e, data in decoded:
-                if data is None:
+            for e, payload in decoded:
+                if payload is None:
                     self._writer.write_zeros(e.offset, e.length)
                 else:
-                    self._writer.write(data, e.offset)
+                    self._writer.write(payload, e.offset)
                     written += e.length
         self.state.bytes_written += written
         return written

@@ -14,10 +14,9 @@ import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from target_agent.replica import COMPLETE, load_state
 from vmrepl.disk.fileio import atomic_write
 from vmrepl.errors import FailedPrecondition, NotFound
-
-from target_agent.replica import COMPLETE, load_state
 
 POINTS_FILE = "restore-points.json"
 
@@ -41,7 +40,9 @@ def list_points(vm_dir: Path) -> list[Point]:
         raw = json.loads((vm_dir / POINTS_FILE).read_text(encoding="utf-8"))
     except FileNotFoundError:
         return []
-    return [Point(p["id"], p["session_id"], p["created_at"], [PointDisk(**d) for d in p["disks"]]) for p in raw]
+    return [
+        Point(p["id"], p["session_id"], p["created_at"], [PointDisk(**d) for d in p["disks"]]) for p in raw
+    ]
 
 
 def _save(vm_dir: Path, points: list[Point]) -> None:

@@ -6,20 +6,20 @@ import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
 
+import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from protos.vmrepl.v1 import target_pb2, target_pb2_grpc
-from vmrepl.errors import InvalidArgument
-from vmrepl.extent import valid_block_size
-from vmrepl.names import check_name
-from vmrepl.rpc import handle_errors
-from vmrepl.security.tls import require_role
-from vmrepl.security.ticket import load_public_keys
-
 from target_agent import replica, restore_points
 from target_agent.config import TargetSettings
 from target_agent.datastore import Datastore
 from target_agent.receiver import MAX_DISK_SIZE, Receiver
+from vmrepl.errors import InvalidArgument
+from vmrepl.extent import valid_block_size
+from vmrepl.names import check_name
+from vmrepl.rpc import handle_errors
+from vmrepl.security.ticket import load_public_keys
+from vmrepl.security.tls import require_role
 
 _STATES = {
     replica.PREPARED: target_pb2.REPLICA_DISK_STATE_PREPARED,
@@ -37,15 +37,24 @@ def _ts(seconds: float) -> Timestamp:
 
 def _disk_message(replica_path: str, disk_id: str, st: replica.DiskState) -> target_pb2.ReplicaDisk:
     return target_pb2.ReplicaDisk(
-        replica_path=replica_path, disk_id=disk_id, disk_size=st.disk_size, block_size=st.block_size,
-        state=_STATES[st.state], session_id=st.session_id, committed_offset=st.committed_offset,
-        bytes_written=st.bytes_written, updated_at=_ts(st.updated_at),
+        replica_path=replica_path,
+        disk_id=disk_id,
+        disk_size=st.disk_size,
+        block_size=st.block_size,
+        state=_STATES[st.state],
+        session_id=st.session_id,
+        committed_offset=st.committed_offset,
+        bytes_written=st.bytes_written,
+        updated_at=_ts(st.updated_at),
     )
 
 
 def _point_message(replica_path: str, p: restore_points.Point) -> target_pb2.RestorePoint:
     return target_pb2.RestorePoint(
-        id=p.id, replica_path=replica_path, session_id=p.session_id, created_at=_ts(p.created_at),
+        id=p.id,
+        replica_path=replica_path,
+        session_id=p.session_id,
+        created_at=_ts(p.created_at),
         disks=[target_pb2.RestorePointDisk(disk_id=d.disk_id, disk_size=d.disk_size) for d in p.disks],
     )
 
@@ -71,7 +80,10 @@ class TargetAgentServicer(target_pb2_grpc.TargetAgentServicer):
             raise InvalidArgument("block_size", "must be a power of two from 64 KiB to 16 MiB")
         disk_dir = self.datastore.disk_dir(request.replica_path, request.disk_id)
         st = await asyncio.to_thread(
-            replica.prepare, disk_dir, disk_size=request.disk_size, block_size=request.block_size,
+            replica.prepare,
+            disk_dir,
+            disk_size=request.disk_size,
+            block_size=request.block_size,
             session_id=request.session_id,
         )
         return _disk_message(request.replica_path, request.disk_id, st)
@@ -114,7 +126,17 @@ class TargetAgentServicer(target_pb2_grpc.TargetAgentServicer):
         await asyncio.to_thread(restore_points.delete, vm_dir, request.restore_point_id)
         return target_pb2.DeleteRestorePointResponse()
 
+    async def ReadDigests(  # type: ignore[override]
+        self, request: target_pb2.ReadDigestsRequest, context: Any
+    ) -> AsyncIterator[target_pb2.DigestChunk]:
+        # The per-block digest store arrives with digest-comparison incrementals (docs/protocol.md).
+        await context.abort(
+            grpc.StatusCode.UNIMPLEMENTED, "ReadDigests is not available on this target version"
+        )
+        yield target_pb2.DigestChunk()  # never reached: abort raises; the yield makes this a server stream
+
+    # Registered with raw-bytes requests (see vmrepl.batch), hence the signature differs from the stub's.
     @handle_errors
-    async def Transfer(self, request_iterator: AsyncIterator[bytes], context: Any) -> None:
+    async def Transfer(self, request_iterator: AsyncIterator[bytes], context: Any) -> None:  # type: ignore[override]
         require_role(context, "proxy")
         await self.receiver.run(request_iterator, context)

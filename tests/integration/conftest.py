@@ -13,14 +13,13 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
+from controller import lab
+from controller.agents import AgentClient, proxy_client, target_client
+from controller.disk_task import DiskTaskSpec, run_disk_task
 from protos.vmrepl.v1 import proxy_pb2
 from vmrepl.config import TlsSettings
 from vmrepl.extent import MiB
 from vmrepl.security.ticket import load_signing_key
-
-from controller import lab
-from controller.agents import AgentClient, proxy_client, target_client
-from controller.disk_task import DiskTaskSpec, run_disk_task
 
 IMAGE_SIZE = 256 * MiB
 
@@ -93,15 +92,22 @@ class Lab:
 
     def spec(self, session_id: str, **over: object) -> DiskTaskSpec:
         args: dict[str, object] = {
-            "session_id": session_id, "disk_id": "disk0", "source_locator": str(self.image),
-            "disk_size": self.image.stat().st_size, "replica_path": "jobs/vm1",
+            "session_id": session_id,
+            "disk_id": "disk0",
+            "source_locator": str(self.image),
+            "disk_size": self.image.stat().st_size,
+            "replica_path": "jobs/vm1",
         }
         args.update(over)
         return DiskTaskSpec(**args)  # type: ignore[arg-type]
 
-    async def replicate(self, spec: DiskTaskSpec, target_address: str | None = None) -> proxy_pb2.TransferProgress:
+    async def replicate(
+        self, spec: DiskTaskSpec, target_address: str | None = None
+    ) -> proxy_pb2.TransferProgress:
         return await run_disk_task(
-            proxy=self.proxy_client(), target=self.target_client(address=target_address), spec=spec,
+            proxy=self.proxy_client(),
+            target=self.target_client(address=target_address),
+            spec=spec,
             signing_key=self.signing_key,
         )
 
@@ -110,15 +116,19 @@ class Lab:
 
 
 @pytest.fixture
-async def lab_env(tmp_path: Path, lab_certs: lab.LabCerts, base_image: tuple[Path, dict[str, int]]) -> AsyncIterator[Lab]:
+async def lab_env(
+    tmp_path: Path, lab_certs: lab.LabCerts, base_image: tuple[Path, dict[str, int]]
+) -> AsyncIterator[Lab]:
     sources = tmp_path / "sources"
     sources.mkdir()
     image = sources / "vm1-disk0.raw"
     subprocess.run(["cp", "--sparse=always", str(base_image[0]), str(image)], check=True)
-    target = lab.AgentProcess("target_agent", lab.target_config(tmp_path, lab_certs, level="debug"),
-                              tmp_path / "target.log")
-    proxy = lab.AgentProcess("proxy_agent", lab.proxy_config(tmp_path, lab_certs, sources=sources),
-                             tmp_path / "proxy.log")
+    target = lab.AgentProcess(
+        "target_agent", lab.target_config(tmp_path, lab_certs, level="debug"), tmp_path / "target.log"
+    )
+    proxy = lab.AgentProcess(
+        "proxy_agent", lab.proxy_config(tmp_path, lab_certs, sources=sources), tmp_path / "proxy.log"
+    )
     target.start()
     proxy.start()
     env = Lab(tmp_path, lab_certs, image, base_image[1], target, proxy)

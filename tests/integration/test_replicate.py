@@ -5,11 +5,10 @@ from __future__ import annotations
 import grpc
 import pytest
 
-from protos.vmrepl.v1 import common_pb2, proxy_pb2, target_pb2
-from vmrepl.extent import MiB
-
 from controller import lab
+from protos.vmrepl.v1 import common_pb2, proxy_pb2, target_pb2
 from tests.integration.conftest import Lab, qemu_identical
+from vmrepl.extent import MiB
 
 
 async def test_full_replication_is_identical(lab_env: Lab, data_bytes: int) -> None:
@@ -34,8 +33,12 @@ async def test_changed_ranges_send_only_those_blocks_and_restore_points(lab_env:
     await lab_env.replicate(lab_env.spec("s1"))
     changed = lab.change_blocks(lab_env.image, fraction=0.05, seed=7)
     ranges = [common_pb2.ByteRange(offset=o, length=MiB) for o in changed]
-    spec = lab_env.spec("s2", change_source=proxy_pb2.ChangeSource(
-        changed_ranges=proxy_pb2.ChangedRanges(ranges=ranges, reference_id="rct-1")))
+    spec = lab_env.spec(
+        "s2",
+        change_source=proxy_pb2.ChangeSource(
+            changed_ranges=proxy_pb2.ChangedRanges(ranges=ranges, reference_id="rct-1")
+        ),
+    )
     result = await lab_env.replicate(spec)
     assert qemu_identical(lab_env.image, lab_env.replica())
     assert result.bytes_read == len(changed) * MiB
@@ -44,18 +47,22 @@ async def test_changed_ranges_send_only_those_blocks_and_restore_points(lab_env:
 
     target = lab_env.target_client().stub
     p1 = await target.CommitRestorePoint(
-        target_pb2.CommitRestorePointRequest(replica_path="jobs/vm1", session_id="s2", disk_ids=["disk0"]))
+        target_pb2.CommitRestorePointRequest(replica_path="jobs/vm1", session_id="s2", disk_ids=["disk0"])
+    )
     again = await target.CommitRestorePoint(
-        target_pb2.CommitRestorePointRequest(replica_path="jobs/vm1", session_id="s2", disk_ids=["disk0"]))
+        target_pb2.CommitRestorePointRequest(replica_path="jobs/vm1", session_id="s2", disk_ids=["disk0"])
+    )
     assert again.id == p1.id  # idempotent per session
     with pytest.raises(grpc.aio.AioRpcError) as err:  # s1's transfer was superseded by s2
         await target.CommitRestorePoint(
-            target_pb2.CommitRestorePointRequest(replica_path="jobs/vm1", session_id="s1", disk_ids=["disk0"]))
+            target_pb2.CommitRestorePointRequest(replica_path="jobs/vm1", session_id="s1", disk_ids=["disk0"])
+        )
     assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
     listed = await target.ListRestorePoints(target_pb2.ListRestorePointsRequest(replica_path="jobs/vm1"))
     assert [p.id for p in listed.restore_points] == [p1.id]
-    await target.DeleteRestorePoint(target_pb2.DeleteRestorePointRequest(replica_path="jobs/vm1",
-                                                                         restore_point_id=p1.id))
+    await target.DeleteRestorePoint(
+        target_pb2.DeleteRestorePointRequest(replica_path="jobs/vm1", restore_point_id=p1.id)
+    )
     listed = await target.ListRestorePoints(target_pb2.ListRestorePointsRequest(replica_path="jobs/vm1"))
     assert list(listed.restore_points) == []
 
@@ -67,14 +74,16 @@ async def test_cancel_leaves_a_resumable_disk(lab_env: Lab) -> None:
     proxy, target = lab_env.proxy_client().stub, lab_env.target_client()
     await prepare(target, spec)
     started = await proxy.StartDiskTransfer(
-        start_request(spec, target_address=target.address, signing_key=lab_env.signing_key))
+        start_request(spec, target_address=target.address, signing_key=lab_env.signing_key)
+    )
     async for p in proxy.WatchTransfer(proxy_pb2.WatchTransferRequest(transfer_id=started.transfer_id)):
         if p.committed_offset > 0 and p.state == proxy_pb2.TRANSFER_STATE_RUNNING:
             await proxy.CancelTransfer(proxy_pb2.CancelTransferRequest(transfer_id=started.transfer_id))
         last = p
     assert last.state == proxy_pb2.TRANSFER_STATE_CANCELLED
-    disk = await target.stub.GetReplicaDisk(target_pb2.GetReplicaDiskRequest(replica_path="jobs/vm1",
-                                                                            disk_id="disk0"))
+    disk = await target.stub.GetReplicaDisk(
+        target_pb2.GetReplicaDiskRequest(replica_path="jobs/vm1", disk_id="disk0")
+    )
     assert disk.state == target_pb2.REPLICA_DISK_STATE_RECEIVING
     assert 0 < disk.committed_offset < spec.disk_size
     # The same session again resumes from the committed offset.

@@ -5,7 +5,17 @@ import pytest
 
 from protos.vmrepl.v1 import target_pb2
 from vmrepl.batch import (
-    DATA, LZ4, MAX_EXTENTS, RAW, ZERO, Expectation, check_batch, decode_frame, encode_batch, encode_open, varint,
+    DATA,
+    LZ4,
+    MAX_EXTENTS,
+    RAW,
+    ZERO,
+    Expectation,
+    check_batch,
+    decode_frame,
+    encode_batch,
+    encode_open,
+    varint,
 )
 from vmrepl.block import Compression, compress, decompress, digest, verify
 from vmrepl.errors import BatchError, ChecksumMismatch, InvalidArgument
@@ -20,12 +30,17 @@ def sample() -> tuple[target_pb2.BatchHeader, list[bytes]]:
     packed = compress(TEXT, Compression.DEFAULT)
     assert packed is not None
     extents = [
-        target_pb2.Extent(offset=0, length=BS, kind=DATA, encoding=LZ4, stored_size=len(packed), digest=digest(TEXT)),
+        target_pb2.Extent(
+            offset=0, length=BS, kind=DATA, encoding=LZ4, stored_size=len(packed), digest=digest(TEXT)
+        ),
         target_pb2.Extent(offset=BS, length=2 * BS, kind=ZERO),
-        target_pb2.Extent(offset=3 * BS, length=BS, kind=DATA, encoding=RAW, stored_size=BS, digest=digest(RANDOM)),
+        target_pb2.Extent(
+            offset=3 * BS, length=BS, kind=DATA, encoding=RAW, stored_size=BS, digest=digest(RANDOM)
+        ),
     ]
-    hdr = target_pb2.BatchHeader(seq=0, start_offset=0, end_offset=4 * BS, extents=extents,
-                                 payload_size=len(packed) + BS)
+    hdr = target_pb2.BatchHeader(
+        seq=0, start_offset=0, end_offset=4 * BS, extents=extents, payload_size=len(packed) + BS
+    )
     return hdr, [packed, RANDOM]
 
 
@@ -120,9 +135,9 @@ def mutate(change: str) -> tuple[target_pb2.BatchHeader, list[bytes], Expectatio
         case "lz4_bigger_than_raw":
             e0.stored_size = BS + 1
         case "unknown_kind":
-            e1.kind = 9
+            e1.kind = 9  # type: ignore[assignment]
         case "unknown_encoding":
-            e2.encoding = 7
+            e2.encoding = 7  # type: ignore[assignment]
         case "zero_with_payload":
             e1.stored_size = 5
         case "too_many_extents":
@@ -136,9 +151,25 @@ def mutate(change: str) -> tuple[target_pb2.BatchHeader, list[bytes], Expectatio
 
 
 CASES = [
-    "seq", "start", "end_past_disk", "end_before_start", "final_not_at_end", "end_without_final", "payload_size",
-    "zero_length", "outside_batch", "unaligned", "overlap", "huge_length", "data_longer_than_block", "short_digest",
-    "raw_size_mismatch", "lz4_bigger_than_raw", "unknown_kind", "unknown_encoding", "zero_with_payload",
+    "seq",
+    "start",
+    "end_past_disk",
+    "end_before_start",
+    "final_not_at_end",
+    "end_without_final",
+    "payload_size",
+    "zero_length",
+    "outside_batch",
+    "unaligned",
+    "overlap",
+    "huge_length",
+    "data_longer_than_block",
+    "short_digest",
+    "raw_size_mismatch",
+    "lz4_bigger_than_raw",
+    "unknown_kind",
+    "unknown_encoding",
+    "zero_with_payload",
     "too_many_extents",
 ]
 

@@ -3,13 +3,12 @@ from pathlib import Path
 
 import pytest
 
+from target_agent.config import TargetSettings
 from vmrepl.config import load_settings
 from vmrepl.disk.fileio import PositionalFile, atomic_write
 from vmrepl.disk.raw import RawReader, RawWriter
 from vmrepl.errors import ConfigError
 from vmrepl.extent import Extent
-
-from target_agent.config import TargetSettings
 
 BASE = """
 datastore_root = "/tmp/ds"
@@ -32,7 +31,11 @@ def test_config_file_and_env_override(tmp_path: Path, monkeypatch: pytest.Monkey
 
 @pytest.mark.parametrize(
     ("extra", "key"),
-    [('bogus = 1\n', "bogus"), ('max_window_batches = 1\n', "max_window_batches"), ('[log]\nlevel = "loud"\n', "log.level")],
+    [
+        ("bogus = 1\n", "bogus"),
+        ("max_window_batches = 1\n", "max_window_batches"),
+        ('[log]\nlevel = "loud"\n', "log.level"),
+    ],
 )
 def test_bad_keys_are_named(tmp_path: Path, extra: str, key: str) -> None:
     p = tmp_path / "t.toml"
@@ -62,7 +65,11 @@ def test_raw_writer_punches_holes_and_reader_sees_allocation(tmp_path: Path) -> 
     r = RawReader(path)
     buf = bytearray(4 * mib)
     r.read_into(memoryview(buf), 0)
-    assert buf[:mib] == b"\x01" * mib and buf[mib : 3 * mib] == bytes(2 * mib) and buf[3 * mib :] == b"\x01" * mib
+    assert (
+        buf[:mib] == b"\x01" * mib
+        and buf[mib : 3 * mib] == bytes(2 * mib)
+        and buf[3 * mib :] == b"\x01" * mib
+    )
     # Where the file system reports holes (ext4, xfs, tmpfs), the punched range is one.
     alloc = r.allocated_extents()
     assert Extent(mib, 2 * mib) not in alloc

@@ -1,3 +1,5 @@
+import itertools
+
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -11,7 +13,7 @@ def as_set(extents: list[Extent]) -> set[int]:
 
 
 def is_normal(extents: list[Extent]) -> bool:
-    return all(a.end < b.offset for a, b in zip(extents, extents[1:], strict=False)) and all(
+    return all(a.end < b.offset for a, b in itertools.pairwise(extents)) and all(
         e.length > 0 for e in extents
     )
 

@@ -1,13 +1,16 @@
-from vmrepl.extent import Extent, total
+import itertools
 
 from proxy_agent.plan import make_plan, plan_batches
+from vmrepl.extent import Extent, total
 
 BS = 16
 DISK = 160  # ten blocks
 
 
 def test_full_plan_reads_allocated_blocks_and_zeroes_the_rest() -> None:
-    plan = make_plan(disk_size=DISK, block_size=BS, allocated=[Extent(3, 2), Extent(40, 30)], changed=None, excluded=[])
+    plan = make_plan(
+        disk_size=DISK, block_size=BS, allocated=[Extent(3, 2), Extent(40, 30)], changed=None, excluded=[]
+    )
     assert plan.read == [Extent(0, 16), Extent(32, 48)]
     assert plan.zero == [Extent(16, 16), Extent(80, 80)]
     assert plan.unallocated == 96 and plan.unchanged == 0 and plan.excluded == 0
@@ -15,7 +18,11 @@ def test_full_plan_reads_allocated_blocks_and_zeroes_the_rest() -> None:
 
 def test_changed_ranges_are_aligned_and_limited_to_allocated() -> None:
     plan = make_plan(
-        disk_size=DISK, block_size=BS, allocated=[Extent(0, 64)], changed=[Extent(20, 1), Extent(70, 5)], excluded=[]
+        disk_size=DISK,
+        block_size=BS,
+        allocated=[Extent(0, 64)],
+        changed=[Extent(20, 1), Extent(70, 5)],
+        excluded=[],
     )
     assert plan.read == [Extent(16, 16)]
     assert plan.zero == [Extent(64, 16)]  # changed but unallocated now: zero it on the target
@@ -23,8 +30,9 @@ def test_changed_ranges_are_aligned_and_limited_to_allocated() -> None:
 
 
 def test_exclusions_take_only_whole_blocks() -> None:
-    plan = make_plan(disk_size=DISK, block_size=BS, allocated=[Extent(0, DISK)], changed=None,
-                     excluded=[Extent(10, 40)])
+    plan = make_plan(
+        disk_size=DISK, block_size=BS, allocated=[Extent(0, DISK)], changed=None, excluded=[Extent(10, 40)]
+    )
     # Block 0 is only partly excluded: it is still read. Blocks 1 and 2 are wholly excluded.
     assert plan.read == [Extent(0, 16), Extent(48, 112)]
     assert plan.excluded == 32
@@ -35,7 +43,7 @@ def test_batches_are_contiguous_bounded_and_final() -> None:
     batches = list(plan_batches(plan, start=0, batch_bytes=32, max_items=100))
     assert batches[0].start == 0 and batches[-1].end == DISK and batches[-1].final
     assert sum(b.final for b in batches) == 1
-    for a, b in zip(batches, batches[1:], strict=False):
+    for a, b in itertools.pairwise(batches):
         assert a.end == b.start
     for b in batches:
         assert sum(i.length for i in b.items if i.read) <= 32

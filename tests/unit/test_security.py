@@ -1,5 +1,6 @@
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ed25519
@@ -10,12 +11,17 @@ from vmrepl.security.ticket import key_id, sign_ticket, verify_ticket
 
 KEY = ed25519.Ed25519PrivateKey.generate()
 KEYS = {key_id(KEY.public_key()): KEY.public_key()}
-WANT = {"session_id": "s1", "disk_id": "d1", "replica_path": "jobs/vm1", "audience": "target"}
+WANT: dict[str, Any] = {"session_id": "s1", "disk_id": "d1", "replica_path": "jobs/vm1", "audience": "target"}
 
 
 def ticket(**over: object) -> bytes:
-    args: dict[str, object] = {"session_id": "s1", "disk_id": "d1", "replica_path": "jobs/vm1",
-                               "ttl_seconds": 60.0, "audience": "target"}
+    args: dict[str, object] = {
+        "session_id": "s1",
+        "disk_id": "d1",
+        "replica_path": "jobs/vm1",
+        "ttl_seconds": 60.0,
+        "audience": "target",
+    }
     args.update(over)
     key = args.pop("key", KEY)
     return sign_ticket(key, **args)  # type: ignore[arg-type]

@@ -5,4 +5,4 @@ from vmrepl.disk.base import DiskReader, DiskWriter, open_reader, register_reade
 __all__ = ["DiskReader", "DiskWriter", "open_reader", "register_reader"]
 
 # Formats register themselves on import.
-from vmrepl.disk import raw as _raw  # noqa: E402,F401
+from vmrepl.disk import raw as _raw  # noqa: F401

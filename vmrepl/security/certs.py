@@ -23,7 +23,12 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 ROLES = ("controller", "proxy", "target", "operator", "reader")
 DEFAULT_HOSTS = ("localhost", "127.0.0.1", "::1")
 # What `init` issues: one certificate per component, and an operator.
-DEFAULT_COMPONENTS = (("controller", "controller"), ("proxy", "proxy"), ("target", "target"), ("operator", "operator"))
+DEFAULT_COMPONENTS = (
+    ("controller", "controller"),
+    ("proxy", "proxy"),
+    ("target", "target"),
+    ("operator", "operator"),
+)
 
 
 def _write(path: Path, data: bytes, *, private: bool) -> None:
@@ -34,7 +39,9 @@ def _write(path: Path, data: bytes, *, private: bool) -> None:
 
 
 def _pem_key(key: ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey) -> bytes:
-    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    return key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
 
 
 def _san(hosts: list[str]) -> x509.SubjectAlternativeName:
@@ -97,7 +104,8 @@ def issue(directory: Path, *, name: str, role: str, hosts: list[str], days: int 
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(_san(hosts), critical=False)
         .add_extension(
-            x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False
+            x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]),
+            critical=False,
         )
         .sign(ca_key, hashes.SHA256())
     )
@@ -108,7 +116,9 @@ def issue(directory: Path, *, name: str, role: str, hosts: list[str], days: int 
 def create_signing_key(directory: Path, name: str = "controller-signing") -> None:
     """The controller's Ed25519 ticket-signing key pair."""
     key = ed25519.Ed25519PrivateKey.generate()
-    pub = key.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    pub = key.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
     _write(directory / f"{name}.key", _pem_key(key), private=True)
     _write(directory / f"{name}.pub", pub, private=False)
 
