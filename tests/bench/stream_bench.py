@@ -1,0 +1,183 @@
+"""`make bench`: the block stream against the tools a user would reach for, on the same data, in one run.
+
+Builds a mixed image (30% zero blocks, 40% text, 30% random), replicates it
+through a proxy and a target on loopback with mTLS (fsync on commit), then a
+changed-range incremental of 5% of the blocks; times cp + sync, rsync (whole
+file and --inplace delta) and qemu-img convert on the same files. The last
+line is one JSON object with every figure. Size: BENCH_SIZE_MIB (default 2048).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+
+from protos.vmrepl.v1 import common_pb2, proxy_pb2
+from vmrepl.config import TlsSettings
+from vmrepl.extent import MiB
+from vmrepl.logs import configure_logging
+from vmrepl.security.ticket import load_signing_key
+
+from controller import lab
+from controller.agents import proxy_client, target_client
+from controller.disk_task import DiskTaskSpec, run_disk_task
+
+
+def drop_caches_hint() -> None:
+    # Reads come from the page cache for every tool alike; we cannot drop caches without root on every machine.
+    subprocess.run(["sync"], check=False)
+
+
+def timed(cmd: list[str], *, sync_path: Path | None = None) -> float:
+    t0 = time.perf_counter()
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+    if sync_path is not None:
+        fd = os.open(sync_path, os.O_RDONLY)
+        os.fsync(fd)
+        os.close(fd)
+    return time.perf_counter() - t0
+
+
+class RssSampler:
+    def __init__(self, pids: list[int]) -> None:
+        self.procs = [psutil.Process(p) for p in pids]
+        self.peak = 0
+        self._task: asyncio.Task[None] | None = None
+
+    async def _run(self) -> None:
+        while True:
+            for p in self.procs:
+                self.peak = max(self.peak, p.memory_info().rss)
+            await asyncio.sleep(0.05)
+
+    def __enter__(self) -> RssSampler:
+        self._task = asyncio.create_task(self._run())
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._task is not None:
+            self._task.cancel()
+
+
+async def replicate(env: dict[str, object], spec: DiskTaskSpec) -> tuple[float, proxy_pb2.TransferProgress]:
+    tls: TlsSettings = env["tls"]  # type: ignore[assignment]
+    p = proxy_client(str(env["proxy"]), tls)
+    t = target_client(str(env["target"]), tls)
+    try:
+        t0 = time.perf_counter()
+        result = await run_disk_task(proxy=p, target=t, spec=spec, signing_key=env["key"])  # type: ignore[arg-type]
+        return time.perf_counter() - t0, result
+    finally:
+        await p.close()
+        await t.close()
+
+
+def stage_summary(r: proxy_pb2.TransferProgress) -> dict[str, float]:
+    b = r.busy
+    return {
+        "source_read_s": round(b.source_read, 2),
+        "compress_s": round(b.compress, 2),
+        "network_wait_s": round(b.network_wait, 2),
+        "target_write_s": round(b.target_write, 2),
+    }
+
+
+async def run_agents(work: Path, certs: lab.LabCerts, image: Path, size: int, out: dict[str, object]) -> None:
+    target = lab.AgentProcess("target_agent", lab.target_config(work, certs), work / "target.log")
+    threads = int(os.environ.get("BENCH_THREADS", "2"))
+    proxy = lab.AgentProcess(
+        "proxy_agent",
+        lab.proxy_config(work, certs, sources=image.parent, compress_threads=threads),
+        work / "proxy.log",
+    )
+    target.start()
+    proxy.start()
+    assert target.proc is not None and proxy.proc is not None
+    env: dict[str, object] = {
+        "tls": TlsSettings(**certs.tls("controller")),  # type: ignore[arg-type]
+        "proxy": proxy.address,
+        "target": target.address,
+        "key": load_signing_key(certs.signing_key),
+    }
+    base = {"disk_id": "disk0", "source_locator": str(image), "disk_size": size, "replica_path": "bench/vm1"}
+    try:
+        with RssSampler([target.proc.pid, proxy.proc.pid]) as rss:
+            dt, full = await replicate(env, DiskTaskSpec(session_id="full", **base))  # type: ignore[arg-type]
+            out["full_s"] = round(dt, 3)
+            out["full_mbps"] = round(size / dt / 1e6, 1)
+            out["full_wire_mib"] = round(full.bytes_sent / MiB, 1)
+            out["full_stages"] = stage_summary(full)
+            changed = lab.change_blocks(image, fraction=0.05, seed=11)
+            out["changed_blocks"] = len(changed)
+            ranges = [common_pb2.ByteRange(offset=o, length=MiB) for o in changed]
+            cs = proxy_pb2.ChangeSource(changed_ranges=proxy_pb2.ChangedRanges(ranges=ranges))
+            dt, _ = await replicate(env, DiskTaskSpec(session_id="ranges", change_source=cs, **base))  # type: ignore[arg-type]
+            out["ranges_incr_s"] = round(dt, 3)
+        out["peak_rss_mib"] = round(rss.peak / MiB, 1)
+    finally:
+        proxy.stop()
+        target.stop()
+    replica = work / "datastore" / "bench" / "vm1" / "disks" / "disk0" / "data.raw"
+    same = subprocess.run(["qemu-img", "compare", "-q", "-f", "raw", "-F", "raw", str(image), str(replica)], check=False)
+    out["replica_identical"] = same.returncode == 0
+
+
+def ensure_tools() -> None:
+    missing = [t for t in ("qemu-img", "rsync") if shutil.which(t) is None]
+    if missing:
+        print(f"installing {missing} (Debian packages qemu-utils, rsync)", file=sys.stderr)
+        pkgs = ["qemu-utils" if t == "qemu-img" else t for t in missing]
+        subprocess.run(["apt-get", "install", "-y", "-qq", *pkgs], check=True)
+
+
+def main() -> None:
+    configure_logging(fmt="console", level="warning")
+    ensure_tools()
+    size = int(os.environ.get("BENCH_SIZE_MIB", "2048")) * MiB
+    work = Path("bench-run").resolve()
+    shutil.rmtree(work, ignore_errors=True)
+    (work / "src").mkdir(parents=True)
+    certs = lab.LabCerts.create(work / "certs")
+    image = work / "src" / "disk.raw"
+    lab.make_mixed_image(image, size, seed=5)
+    pristine = work / "pristine.raw"
+    subprocess.run(["cp", "--sparse=always", str(image), str(pristine)], check=True)
+    out: dict[str, object] = {"size_mib": size // MiB, "cpus": os.cpu_count(), "machine": platform.processor() or platform.machine()}
+
+    # Peers first, on the pristine image, then vmrepl on its copy.
+    drop_caches_hint()
+    dt = timed(["cp", str(pristine), str(work / "cp.raw")], sync_path=work / "cp.raw")
+    out["cp_mbps"] = round(size / dt / 1e6, 1)
+    dt = timed(["rsync", "--whole-file", str(pristine), str(work / "rsync.raw")], sync_path=work / "rsync.raw")
+    out["rsync_full_mbps"] = round(size / dt / 1e6, 1)
+    dt = timed(["qemu-img", "convert", "-O", "raw", str(pristine), str(work / "qemu.raw")], sync_path=work / "qemu.raw")
+    out["qemu_img_mbps"] = round(size / dt / 1e6, 1)
+    for f in ("cp.raw", "qemu.raw"):
+        (work / f).unlink()
+
+    asyncio.run(run_agents(work, certs, image, size, out))
+
+    # rsync's delta on the same 5% change (the changed image vs the pristine copy at the destination).
+    dt = timed(["rsync", "--inplace", "--no-whole-file", str(image), str(work / "rsync.raw")],
+               sync_path=work / "rsync.raw")
+    out["rsync_delta_s"] = round(dt, 3)
+    out["full_vs_rsync"] = round(float(out["full_mbps"]) / float(out["rsync_full_mbps"]), 2)  # type: ignore[arg-type]
+    out["full_vs_qemu_img"] = round(float(out["full_mbps"]) / float(out["qemu_img_mbps"]), 2)  # type: ignore[arg-type]
+    out["ranges_vs_full"] = round(float(out["ranges_incr_s"]) / float(out["full_s"]), 3)  # type: ignore[arg-type]
+    for k, v in out.items():
+        print(f"{k:>20}: {v}")
+    print(json.dumps(out))
+    shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
