@@ -21,19 +21,18 @@ from pathlib import Path
 
 import psutil
 
+from controller import lab
+from controller.agents import proxy_client, target_client
+from controller.disk_task import DiskTaskSpec, run_disk_task
 from protos.vmrepl.v1 import common_pb2, proxy_pb2
 from vmrepl.config import TlsSettings
 from vmrepl.extent import MiB
 from vmrepl.logs import configure_logging
 from vmrepl.security.ticket import load_signing_key
 
-from controller import lab
-from controller.agents import proxy_client, target_client
-from controller.disk_task import DiskTaskSpec, run_disk_task
-
 
 def drop_caches_hint() -> None:
-    # Reads come from the page cache for every tool alike; we cannot drop caches without root on every machine.
+    # Reads come from the page cache for every tool alike; dropping caches needs root everywhere.
     subprocess.run(["sync"], check=False)
 
 
@@ -127,7 +126,9 @@ async def run_agents(work: Path, certs: lab.LabCerts, image: Path, size: int, ou
         proxy.stop()
         target.stop()
     replica = work / "datastore" / "bench" / "vm1" / "disks" / "disk0" / "data.raw"
-    same = subprocess.run(["qemu-img", "compare", "-q", "-f", "raw", "-F", "raw", str(image), str(replica)], check=False)
+    same = subprocess.run(
+        ["qemu-img", "compare", "-q", "-f", "raw", "-F", "raw", str(image), str(replica)], check=False
+    )
     out["replica_identical"] = same.returncode == 0
 
 
@@ -151,15 +152,24 @@ def main() -> None:
     lab.make_mixed_image(image, size, seed=5)
     pristine = work / "pristine.raw"
     subprocess.run(["cp", "--sparse=always", str(image), str(pristine)], check=True)
-    out: dict[str, object] = {"size_mib": size // MiB, "cpus": os.cpu_count(), "machine": platform.processor() or platform.machine()}
+    out: dict[str, object] = {
+        "size_mib": size // MiB,
+        "cpus": os.cpu_count(),
+        "machine": platform.processor() or platform.machine(),
+    }
 
     # Peers first, on the pristine image, then vmrepl on its copy.
     drop_caches_hint()
     dt = timed(["cp", str(pristine), str(work / "cp.raw")], sync_path=work / "cp.raw")
     out["cp_mbps"] = round(size / dt / 1e6, 1)
-    dt = timed(["rsync", "--whole-file", str(pristine), str(work / "rsync.raw")], sync_path=work / "rsync.raw")
+    dt = timed(
+        ["rsync", "--whole-file", str(pristine), str(work / "rsync.raw")], sync_path=work / "rsync.raw"
+    )
     out["rsync_full_mbps"] = round(size / dt / 1e6, 1)
-    dt = timed(["qemu-img", "convert", "-O", "raw", str(pristine), str(work / "qemu.raw")], sync_path=work / "qemu.raw")
+    dt = timed(
+        ["qemu-img", "convert", "-O", "raw", str(pristine), str(work / "qemu.raw")],
+        sync_path=work / "qemu.raw",
+    )
     out["qemu_img_mbps"] = round(size / dt / 1e6, 1)
     for f in ("cp.raw", "qemu.raw"):
         (work / f).unlink()
@@ -167,8 +177,10 @@ def main() -> None:
     asyncio.run(run_agents(work, certs, image, size, out))
 
     # rsync's delta on the same 5% change (the changed image vs the pristine copy at the destination).
-    dt = timed(["rsync", "--inplace", "--no-whole-file", str(image), str(work / "rsync.raw")],
-               sync_path=work / "rsync.raw")
+    dt = timed(
+        ["rsync", "--inplace", "--no-whole-file", str(image), str(work / "rsync.raw")],
+        sync_path=work / "rsync.raw",
+    )
     out["rsync_delta_s"] = round(dt, 3)
     out["full_vs_rsync"] = round(float(out["full_mbps"]) / float(out["rsync_full_mbps"]), 2)  # type: ignore[arg-type]
     out["full_vs_qemu_img"] = round(float(out["full_mbps"]) / float(out["qemu_img_mbps"]), 2)  # type: ignore[arg-type]
