@@ -2,8 +2,8 @@
 
 Starts a target and a proxy as real processes, creates a 256 MiB sample image
 (30% zero blocks, 40% text, 30% random), replicates it, changes 5% of its
-blocks and replicates it again, then checks the replica with `qemu-img
-compare`. Everything lives in ./demo-run and is stopped at the end.
+blocks and replicates only those (as a change tracker reports them), then
+checks the replica with `qemu-img compare`. Everything lives in ./demo-run and is stopped at the end.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from pathlib import Path
 from controller import lab
 from controller.agents import proxy_client, target_client
 from controller.disk_task import DiskTaskSpec, run_disk_task
-from protos.vmrepl.v1 import proxy_pb2
+from protos.vmrepl.v1 import common_pb2, proxy_pb2
 from vmrepl.config import TlsSettings
 from vmrepl.extent import MiB
 from vmrepl.logs import configure_logging
@@ -44,6 +44,7 @@ async def _replicate(
     image: Path,
     size: int,
     label: str,
+    changed: list[int] | None = None,
 ) -> proxy_pb2.TransferProgress:
     tls = TlsSettings(**certs.tls("controller"))  # type: ignore[arg-type]
     p, t = proxy_client(proxy.address, tls), target_client(target.address, tls)
@@ -54,6 +55,7 @@ async def _replicate(
             source_locator=str(image),
             disk_size=size,
             replica_path="demo/vm1",
+            change_source=_change_source(changed),
         )
         print(f"{label}:")
         t0 = time.perf_counter()
@@ -65,12 +67,19 @@ async def _replicate(
         print(
             f"\n  {spec.disk_size / MiB:.0f} MiB disk in {dt:.2f} s: read {result.bytes_read / MiB:.0f} MiB, "
             f"sent {result.bytes_sent / MiB:.1f} MiB; skipped zero {s.zero / MiB:.0f} MiB, "
-            f"unallocated {s.unallocated / MiB:.0f} MiB"
+            f"unallocated {s.unallocated / MiB:.0f} MiB, unchanged {s.unchanged / MiB:.0f} MiB"
         )
         return result
     finally:
         await p.close()
         await t.close()
+
+
+def _change_source(changed: list[int] | None) -> proxy_pb2.ChangeSource:
+    if changed is None:
+        return proxy_pb2.ChangeSource(full=proxy_pb2.FullRead())
+    ranges = [common_pb2.ByteRange(offset=o, length=MiB) for o in changed]
+    return proxy_pb2.ChangeSource(changed_ranges=proxy_pb2.ChangedRanges(ranges=ranges, reference_id="demo"))
 
 
 def _compare(image: Path, replica: Path) -> None:
@@ -108,7 +117,7 @@ def main() -> None:
         asyncio.run(_replicate(proxy, target, certs, image=image, size=SIZE, label="full replication"))
         _compare(image, replica)
         changed = lab.change_blocks(image, fraction=0.05)
-        print(f"changed {len(changed)} blocks of the source")
+        print(f"changed {len(changed)} blocks of the source, replicating only those")
         asyncio.run(
             _replicate(
                 proxy,
@@ -116,7 +125,8 @@ def main() -> None:
                 certs,
                 image=image,
                 size=SIZE,
-                label="second run (full read; digest incrementals come next)",
+                label="incremental from changed ranges",
+                changed=changed,
             )
         )
         _compare(image, replica)

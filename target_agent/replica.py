@@ -157,4 +157,7 @@ class ReplicaStream:
         return self.state
 
     def close(self) -> None:
-        self._writer.close()
+        # Under the lock: a cancelled stream's write thread may still be inside apply(), and closing the
+        # descriptor under it could let a reused descriptor number receive its bytes.
+        with self._guard.lock:
+            self._writer.close()
