@@ -1,24 +1,24 @@
-"""`vmrepl-proxy`: the source proxy daemon (foreground; systemd or a Windows service runs it)."""
+"""`vmrepl-proxy`: the source proxy daemon (foreground; systemd or a service host runs it)."""
 
 from __future__ import annotations
 
 from protos.vmrepl.v1 import proxy_pb2
 from proxy_agent.config import ProxySettings
 from proxy_agent.servicer import ProxyAgentServicer
-from vmrepl.daemon import run_daemon
-from vmrepl.logs import get_logger
-from vmrepl.rpc import Service, serve_until_signalled, start_server
+from vmrepl.daemon import run_daemon, serve_services
+from vmrepl.rpc import Service
 
 
 async def serve(settings: ProxySettings) -> None:
-    log = get_logger("vmrepl.proxy")
     servicer = ProxyAgentServicer(settings)
-    service = Service(proxy_pb2.DESCRIPTOR.services_by_name["ProxyAgent"], servicer)
-    server, port, _ = await start_server(
-        listen=settings.listen, tls=settings.tls, services=[service], max_message_bytes=4 << 20
+    await serve_services(
+        listen=settings.listen,
+        tls=settings.tls,
+        services=[Service(proxy_pb2.DESCRIPTOR.services_by_name["ProxyAgent"], servicer)],
+        max_message_bytes=4 << 20,
+        on_stop=servicer.stop_all,
+        agent="proxy",
     )
-    log.info("listening", address=settings.listen, port=port)
-    await serve_until_signalled(server, on_stop=servicer.stop_all)
 
 
 def main(argv: list[str] | None = None) -> None:

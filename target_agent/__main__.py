@@ -1,4 +1,4 @@
-"""`vmrepl-target`: the target agent daemon (foreground; systemd or a Windows service runs it)."""
+"""`vmrepl-target`: the target agent daemon (foreground; systemd or a service host runs it)."""
 
 from __future__ import annotations
 
@@ -6,22 +6,24 @@ from protos.vmrepl.v1 import target_pb2
 from target_agent.config import TargetSettings
 from target_agent.servicer import TargetAgentServicer
 from vmrepl.batch import MAX_MESSAGE_BYTES
-from vmrepl.daemon import run_daemon
-from vmrepl.logs import get_logger
-from vmrepl.rpc import Service, serve_until_signalled, start_server
+from vmrepl.daemon import run_daemon, serve_services
+from vmrepl.rpc import Service
 
 
 async def serve(settings: TargetSettings) -> None:
-    log = get_logger("vmrepl.target")
     servicer = TargetAgentServicer(settings)
+    # Transfer takes raw bytes: vmrepl.batch parses frames without copying their payload.
     service = Service(
         target_pb2.DESCRIPTOR.services_by_name["TargetAgent"], servicer, raw_requests=frozenset({"Transfer"})
     )
-    server, port, _ = await start_server(
-        listen=settings.listen, tls=settings.tls, services=[service], max_message_bytes=MAX_MESSAGE_BYTES
+    await serve_services(
+        listen=settings.listen,
+        tls=settings.tls,
+        services=[service],
+        max_message_bytes=MAX_MESSAGE_BYTES,
+        agent="target",
+        datastore=str(servicer.datastore.root),
     )
-    log.info("listening", address=settings.listen, port=port, datastore=str(servicer.datastore.root))
-    await serve_until_signalled(server)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -5,13 +5,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
-from collections.abc import Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
-from vmrepl.config import LogSettings, ProgramSettings, load_settings
+from vmrepl.config import LogSettings, ProgramSettings, TlsSettings, load_settings
 from vmrepl.errors import ConfigError
 from vmrepl.logs import configure_logging, get_logger
+from vmrepl.rpc import Service, serve_until_signalled, start_server
 
 S = TypeVar("S", bound=ProgramSettings)
 
@@ -39,3 +40,20 @@ def run_daemon(
     except (ConfigError, OSError) as e:
         get_logger(prog).error("start_failed", error=str(e))
         raise SystemExit(1) from e
+
+
+async def serve_services(
+    *,
+    listen: str,
+    tls: TlsSettings,
+    services: Sequence[Service],
+    max_message_bytes: int,
+    on_stop: Callable[[], Awaitable[None]] | None = None,
+    **log_fields: object,
+) -> None:
+    """Start the server, log `listening` (tools read the port from it), run until signalled."""
+    server, port, _ = await start_server(
+        listen=listen, tls=tls, services=services, max_message_bytes=max_message_bytes
+    )
+    get_logger("vmrepl.daemon").info("listening", address=listen, port=port, **log_fields)
+    await serve_until_signalled(server, on_stop)
