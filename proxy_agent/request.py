@@ -7,7 +7,6 @@ import os
 from pathlib import Path
 
 from protos.vmrepl.v1 import common_pb2, proxy_pb2
-from proxy_agent.config import ProxySettings
 from proxy_agent.plan import Plan, make_plan
 from vmrepl.block import Compression
 from vmrepl.errors import FailedPrecondition, InvalidArgument, PathError
@@ -115,7 +114,7 @@ def plan_for(req: proxy_pb2.StartDiskTransferRequest, *, disk_size: int, allocat
     )
 
 
-def check_identity(req: proxy_pb2.StartDiskTransferRequest, settings: ProxySettings) -> None:
+def check_identity(req: proxy_pb2.StartDiskTransferRequest) -> None:
     for field in ("session_id", "disk_id"):
         check_name(field, getattr(req, field))
     check_relative("replica_path", req.replica_path)

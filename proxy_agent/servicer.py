@@ -42,7 +42,7 @@ class ProxyAgentServicer(proxy_pb2_grpc.ProxyAgentServicer):
         return t
 
     async def _open(self, req: proxy_pb2.StartDiskTransferRequest) -> DiskTransfer:
-        rq.check_identity(req, self.settings)
+        rq.check_identity(req)
         path = rq.source_path(req.source.locator, self.settings.source_roots)
         reader = await asyncio.to_thread(open_reader, rq.disk_format(req), path)
         try:

@@ -55,7 +55,7 @@ def handle_errors(fn: F) -> F:
             try:
                 async for item in fn(self, request, context):
                     yield item
-            except asyncio.CancelledError:
+            except (asyncio.CancelledError, grpc.aio.AbortError):
                 raise
             except Exception as e:
                 await _abort(context, e, name)
@@ -66,9 +66,7 @@ def handle_errors(fn: F) -> F:
     async def wrapper(self: Any, request: Any, context: Any) -> Any:
         try:
             return await fn(self, request, context)
-        except asyncio.CancelledError:
-            raise
-        except grpc.aio.AbortError:
+        except (asyncio.CancelledError, grpc.aio.AbortError):
             raise
         except Exception as e:
             await _abort(context, e, name)
