@@ -92,3 +92,19 @@ async def test_cancel_leaves_a_resumable_disk(lab_env: Lab) -> None:
     assert accepts[-1]["resume_offset"] == disk.committed_offset
     assert result.state == proxy_pb2.TRANSFER_STATE_COMPLETED
     assert qemu_identical(lab_env.image, lab_env.replica())
+
+
+async def test_agents_serve_health_and_reflection(lab_env: Lab) -> None:
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+    for client in (lab_env.proxy_client(), lab_env.target_client()):
+        ch = client.channel
+        health = await health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service=""))
+        assert health.status == health_pb2.HealthCheckResponse.SERVING
+        call = reflection_pb2_grpc.ServerReflectionStub(ch).ServerReflectionInfo(
+            iter([reflection_pb2.ServerReflectionRequest(list_services="")])
+        )
+        names = {s.name async for r in call for s in r.list_services_response.service}
+        assert "grpc.health.v1.Health" in names
+        assert names & {"vmrepl.v1.ProxyAgent", "vmrepl.v1.TargetAgent"}
