@@ -106,9 +106,7 @@ def main() -> None:
     counts = lab.make_mixed_image(image, SIZE)
     print(f"sample disk {image} ({SIZE // MiB} MiB; blocks: {counts})")
     target = lab.AgentProcess("target_agent", lab.target_config(work, certs), work / "target.log")
-    proxy = lab.AgentProcess(
-        "proxy_agent", lab.proxy_config(work, certs, sources=work / "sources"), work / "proxy.log"
-    )
+    proxy = lab.AgentProcess("proxy_agent", lab.proxy_config(work, certs, sources=work / "sources"), work / "proxy.log")
     try:
         target.start()
         proxy.start()

@@ -65,9 +65,7 @@ def start_request(
     return proxy_pb2.StartDiskTransferRequest(
         session_id=spec.session_id,
         disk_id=spec.disk_id,
-        source=proxy_pb2.SourceDisk(
-            locator=spec.source_locator, format=spec.source_format, size=spec.disk_size
-        ),
+        source=proxy_pb2.SourceDisk(locator=spec.source_locator, format=spec.source_format, size=spec.disk_size),
         block_size=spec.block_size,
         change_source=spec.change_source,
         exclusions=spec.exclusions,
@@ -94,9 +92,7 @@ async def run_disk_task(
         start_request(spec, target_address=target.address, signing_key=signing_key)
     )
     last: proxy_pb2.TransferProgress | None = None
-    async for progress in proxy.stub.WatchTransfer(
-        proxy_pb2.WatchTransferRequest(transfer_id=started.transfer_id)
-    ):
+    async for progress in proxy.stub.WatchTransfer(proxy_pb2.WatchTransferRequest(transfer_id=started.transfer_id)):
         last = progress
         if on_progress is not None:
             on_progress(progress)

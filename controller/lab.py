@@ -130,9 +130,7 @@ def target_config(work: Path, lab: LabCerts, *, listen: str = "127.0.0.1:0", lev
     )
 
 
-def proxy_config(
-    work: Path, lab: LabCerts, *, sources: Path, listen: str = "127.0.0.1:0", **extra: object
-) -> Path:
+def proxy_config(work: Path, lab: LabCerts, *, sources: Path, listen: str = "127.0.0.1:0", **extra: object) -> Path:
     return write_toml(
         work / "proxy.toml",
         {

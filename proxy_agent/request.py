@@ -97,9 +97,7 @@ def plan_for(req: proxy_pb2.StartDiskTransferRequest, *, disk_size: int, allocat
     if mode == "compare_digests":
         raise FailedPrecondition("change_source.compare_digests is not supported by this proxy version yet")
     changed = (
-        _ranges(
-            "change_source.changed_ranges.ranges", list(req.change_source.changed_ranges.ranges), disk_size
-        )
+        _ranges("change_source.changed_ranges.ranges", list(req.change_source.changed_ranges.ranges), disk_size)
         if mode == "changed_ranges"
         else None
     )

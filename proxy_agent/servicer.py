@@ -47,9 +47,7 @@ class ProxyAgentServicer(proxy_pb2_grpc.ProxyAgentServicer):
         reader = await asyncio.to_thread(open_reader, rq.disk_format(req), path)
         try:
             if reader.size != req.source.size:
-                raise FailedPrecondition(
-                    f"source disk is {reader.size} bytes, the request says {req.source.size}"
-                )
+                raise FailedPrecondition(f"source disk is {reader.size} bytes, the request says {req.source.size}")
             allocated = await asyncio.to_thread(reader.allocated_extents)
             plan = rq.plan_for(req, disk_size=reader.size, allocated=allocated)
             spec = TransferSpec(
@@ -86,9 +84,7 @@ class ProxyAgentServicer(proxy_pb2_grpc.ProxyAgentServicer):
         require_role(context, "controller")
         for t in self._running():
             if (t.spec.session_id, t.spec.disk_id) == (request.session_id, request.disk_id):
-                raise AlreadyExists(
-                    f"disk {request.disk_id} of session {request.session_id} is already streaming"
-                )
+                raise AlreadyExists(f"disk {request.disk_id} of session {request.session_id} is already streaming")
         if len(self._running()) >= self.settings.max_tasks:
             raise ResourceExhausted(f"this proxy already runs its {self.settings.max_tasks} transfers")
         transfer = await self._open(request)

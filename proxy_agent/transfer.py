@@ -113,9 +113,7 @@ class DiskTransfer:
         self._stopping = asyncio.Event()
         self._progress = _Progress(spec.resume_timeout)
         self._bucket = (
-            TokenBucket(
-                rate=spec.bandwidth_bytes_per_s, burst=max(spec.bandwidth_bytes_per_s / 10, MAX_MESSAGE_BYTES)
-            )
+            TokenBucket(rate=spec.bandwidth_bytes_per_s, burst=max(spec.bandwidth_bytes_per_s / 10, MAX_MESSAGE_BYTES))
             if spec.bandwidth_bytes_per_s > 0
             else None
         )
@@ -251,12 +249,8 @@ class DiskTransfer:
         log.info("stream_accepted", resume_offset=resume)
         return int(resume)
 
-    async def _send(
-        self, call: Any, executor: ThreadPoolExecutor, resume: int, window: asyncio.Semaphore
-    ) -> None:
-        planned = plan_batches(
-            self.plan, start=resume, batch_bytes=self.spec.batch_bytes, max_items=MAX_EXTENTS
-        )
+    async def _send(self, call: Any, executor: ThreadPoolExecutor, resume: int, window: asyncio.Semaphore) -> None:
+        planned = plan_batches(self.plan, start=resume, batch_bytes=self.spec.batch_bytes, max_items=MAX_EXTENTS)
         batches = built_batches(self._builder, planned, executor=executor, depth=self.spec.threads + 1)
         try:
             async for b in batches:

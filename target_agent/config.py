@@ -15,9 +15,7 @@ class TargetSettings(ProgramSettings):
 
     listen: str = Field("127.0.0.1:7402", description="host:port of the gRPC server")
     name: str = Field("target", description="this target's name; tickets with another audience are refused")
-    datastore_root: Path = Field(
-        description="directory that holds every replica; nothing is written outside it"
-    )
+    datastore_root: Path = Field(description="directory that holds every replica; nothing is written outside it")
     controller_public_keys: list[Path] = Field(description="PEM Ed25519 keys whose tickets are accepted")
     tls: TlsSettings
     log: LogSettings = LogSettings()

@@ -62,10 +62,7 @@ def prepare(disk_dir: Path, *, disk_size: int, block_size: int, session_id: str)
     except NotFound:
         st = None
     resumable = (
-        st is not None
-        and st.session_id == session_id
-        and st.disk_size == disk_size
-        and st.block_size == block_size
+        st is not None and st.session_id == session_id and st.disk_size == disk_size and st.block_size == block_size
     )
     if st is None or not resumable:
         st = DiskState(disk_size=disk_size, block_size=block_size, session_id=session_id, state=PREPARED)
@@ -96,14 +93,11 @@ class DiskGuard:
 class ReplicaStream:
     """The writes of one Transfer stream into one replica disk."""
 
-    def __init__(
-        self, disk_dir: Path, guard: DiskGuard, *, session_id: str, disk_size: int, block_size: int
-    ) -> None:
+    def __init__(self, disk_dir: Path, guard: DiskGuard, *, session_id: str, disk_size: int, block_size: int) -> None:
         st = load_state(disk_dir)
         if st.session_id != session_id:
             raise FailedPrecondition(
-                f"replica disk {disk_dir.name} is not prepared for session {session_id} "
-                f"(it is for {st.session_id})"
+                f"replica disk {disk_dir.name} is not prepared for session {session_id} (it is for {st.session_id})"
             )
         if st.disk_size != disk_size or st.block_size != block_size:
             raise FailedPrecondition(

@@ -40,9 +40,7 @@ def list_points(vm_dir: Path) -> list[Point]:
         raw = json.loads((vm_dir / POINTS_FILE).read_text(encoding="utf-8"))
     except FileNotFoundError:
         return []
-    return [
-        Point(p["id"], p["session_id"], p["created_at"], [PointDisk(**d) for d in p["disks"]]) for p in raw
-    ]
+    return [Point(p["id"], p["session_id"], p["created_at"], [PointDisk(**d) for d in p["disks"]]) for p in raw]
 
 
 def _save(vm_dir: Path, points: list[Point]) -> None:

@@ -130,9 +130,7 @@ class TargetAgentServicer(target_pb2_grpc.TargetAgentServicer):
         self, request: target_pb2.ReadDigestsRequest, context: Any
     ) -> AsyncIterator[target_pb2.DigestChunk]:
         # The per-block digest store arrives with digest-comparison incrementals (docs/protocol.md).
-        await context.abort(
-            grpc.StatusCode.UNIMPLEMENTED, "ReadDigests is not available on this target version"
-        )
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "ReadDigests is not available on this target version")
         yield target_pb2.DigestChunk()  # never reached: abort raises; the yield makes this a server stream
 
     # Registered with raw-bytes requests (see vmrepl.batch), hence the signature differs from the stub's.

@@ -209,11 +209,7 @@ def check_batch(hdr: target_pb2.BatchHeader, payload: memoryview, exp: Expectati
             data_bytes += ext.length
             if data_bytes > MAX_BATCH_DATA:
                 raise BatchError("batch.extents", f"data extents exceed {MAX_BATCH_DATA} bytes in one batch")
-        out.append(
-            CheckedExtent(
-                ext.offset, ext.length, ext.kind, ext.encoding, ext.digest, payload[pos : pos + size]
-            )
-        )
+        out.append(CheckedExtent(ext.offset, ext.length, ext.kind, ext.encoding, ext.digest, payload[pos : pos + size]))
         pos += size
     if pos != len(payload):
         raise BatchError("batch.payload_size", f"stored sizes add up to {pos}, payload has {len(payload)}")

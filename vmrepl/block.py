@@ -33,6 +33,17 @@ def zero_block(length: int) -> bytes:
     return bytes(length)
 
 
+_ZERO_CHUNK = bytes(1 << 20)
+
+
+def fill_zero(view: memoryview) -> None:
+    """Zero a caller's buffer without allocating a buffer of its size."""
+    chunk = len(_ZERO_CHUNK)
+    for pos in range(0, len(view), chunk):
+        end = min(pos + chunk, len(view))
+        view[pos:end] = _ZERO_CHUNK[: end - pos]
+
+
 def is_zero(buf: bytes | bytearray) -> bool:
     # Both operands must be bytes-like objects, not memoryviews (see the module docstring).
     return buf == zero_block(len(buf))

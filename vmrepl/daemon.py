@@ -52,8 +52,6 @@ async def serve_services(
     **log_fields: object,
 ) -> None:
     """Start the server, log `listening` (tools read the port from it), run until signalled."""
-    server, port, _ = await start_server(
-        listen=listen, tls=tls, services=services, max_message_bytes=max_message_bytes
-    )
+    server, port, _ = await start_server(listen=listen, tls=tls, services=services, max_message_bytes=max_message_bytes)
     get_logger("vmrepl.daemon").info("listening", address=listen, port=port, **log_fields)
     await serve_until_signalled(server, on_stop)

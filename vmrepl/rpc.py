@@ -143,9 +143,7 @@ def _add_service(server: grpc.aio.Server, svc: Service) -> None:
             request_deserializer=None if m.name in svc.raw_requests else request_cls.FromString,
             response_serializer=response_cls.SerializeToString,
         )
-    server.add_generic_rpc_handlers(
-        (grpc.method_handlers_generic_handler(svc.descriptor.full_name, handlers),)
-    )
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(svc.descriptor.full_name, handlers),))
 
 
 async def start_server(
@@ -174,9 +172,7 @@ async def start_server(
     return server, port, health_servicer
 
 
-async def serve_until_signalled(
-    server: grpc.aio.Server, on_stop: Callable[[], Awaitable[None]] | None = None
-) -> None:
+async def serve_until_signalled(server: grpc.aio.Server, on_stop: Callable[[], Awaitable[None]] | None = None) -> None:
     """Run until SIGTERM/SIGINT, then stop gracefully (in-flight calls get a few seconds)."""
     import signal
 

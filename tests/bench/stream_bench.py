@@ -162,9 +162,7 @@ def main() -> None:
     drop_caches_hint()
     dt = timed(["cp", str(pristine), str(work / "cp.raw")], sync_path=work / "cp.raw")
     out["cp_mbps"] = round(size / dt / 1e6, 1)
-    dt = timed(
-        ["rsync", "--whole-file", str(pristine), str(work / "rsync.raw")], sync_path=work / "rsync.raw"
-    )
+    dt = timed(["rsync", "--whole-file", str(pristine), str(work / "rsync.raw")], sync_path=work / "rsync.raw")
     out["rsync_full_mbps"] = round(size / dt / 1e6, 1)
     dt = timed(
         ["qemu-img", "convert", "-O", "raw", str(pristine), str(work / "qemu.raw")],

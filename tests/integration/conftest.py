@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import os
-import shutil
 import subprocess
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
@@ -17,21 +15,12 @@ from controller import lab
 from controller.agents import AgentClient, proxy_client, target_client
 from controller.disk_task import DiskTaskSpec, run_disk_task
 from protos.vmrepl.v1 import proxy_pb2
+from tests.conftest import need_tool
 from vmrepl.config import TlsSettings
 from vmrepl.extent import MiB
 from vmrepl.security.ticket import load_signing_key
 
 IMAGE_SIZE = 256 * MiB
-
-
-def need_tool(name: str) -> str:
-    """A tool the tests need: missing is a failure in CI, a skip on a developer's machine."""
-    path = shutil.which(name)
-    if path is None:
-        if os.environ.get("CI"):
-            pytest.fail(f"{name} is not installed; .ci/run must install it")
-        pytest.skip(f"{name} is not installed")
-    return path
 
 
 def qemu_identical(a: Path, b: Path) -> bool:
@@ -101,9 +90,7 @@ class Lab:
         args.update(over)
         return DiskTaskSpec(**args)  # type: ignore[arg-type]
 
-    async def replicate(
-        self, spec: DiskTaskSpec, target_address: str | None = None
-    ) -> proxy_pb2.TransferProgress:
+    async def replicate(self, spec: DiskTaskSpec, target_address: str | None = None) -> proxy_pb2.TransferProgress:
         return await run_disk_task(
             proxy=self.proxy_client(),
             target=self.target_client(address=target_address),

@@ -30,9 +30,7 @@ SESSION = "s-bad"
 
 def tree_state(root: Path, skip: Path) -> dict[str, str]:
     """Every file under root but the replica disk's directory, with its content hash."""
-    return {
-        str(p.relative_to(root)): sha256(p) for p in root.rglob("*") if p.is_file() and skip not in p.parents
-    }
+    return {str(p.relative_to(root)): sha256(p) for p in root.rglob("*") if p.is_file() and skip not in p.parents}
 
 
 async def transfer(
@@ -142,9 +140,7 @@ BATCH_CASES: dict[str, tuple[Callable[[], bytes], grpc.StatusCode]] = {
         lambda: batch(
             [
                 good_extent(0),
-                target_pb2.Extent(
-                    offset=BS, length=BS, kind=DATA, encoding=RAW, stored_size=BS, digest=digest(b"x")
-                ),
+                target_pb2.Extent(offset=BS, length=BS, kind=DATA, encoding=RAW, stored_size=BS, digest=digest(b"x")),
             ],
             [GOOD, GOOD],
         ),
@@ -152,9 +148,7 @@ BATCH_CASES: dict[str, tuple[Callable[[], bytes], grpc.StatusCode]] = {
     ),
     "payload shorter than the header says": (
         lambda: encode_batch(
-            target_pb2.BatchHeader(
-                seq=0, start_offset=0, end_offset=BS, extents=[good_extent()], payload_size=BS
-            ),
+            target_pb2.BatchHeader(seq=0, start_offset=0, end_offset=BS, extents=[good_extent()], payload_size=BS),
             [GOOD[:100]],
         ),
         grpc.StatusCode.INVALID_ARGUMENT,
@@ -182,9 +176,7 @@ async def prepared(lab_env: Lab) -> Lab:
     await prepare(target, spec)
     # Some committed data, so "nothing changes" is checked against real content.
     first = encode_batch(
-        target_pb2.BatchHeader(
-            seq=0, start_offset=0, end_offset=BS, extents=[good_extent()], payload_size=BS
-        ),
+        target_pb2.BatchHeader(seq=0, start_offset=0, end_offset=BS, extents=[good_extent()], payload_size=BS),
         [GOOD],
     )
     _, code, details = await transfer(lab_env, [open_frame(lab_env), first])
@@ -195,9 +187,7 @@ async def prepared(lab_env: Lab) -> Lab:
 async def assert_still_serving(lab_env: Lab) -> None:
     ch = secure_channel(lab_env.target.address, lab_env.tls())
     try:
-        resp = await health_pb2_grpc.HealthStub(ch).Check(
-            health_pb2.HealthCheckRequest(service=""), timeout=5
-        )
+        resp = await health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service=""), timeout=5)
         assert resp.status == health_pb2.HealthCheckResponse.SERVING
     finally:
         await ch.close()
@@ -337,9 +327,7 @@ async def test_proxy_refuses_bad_start_requests(lab_env: Lab, tmp_path: Path) ->
         req = start_request(spec, target_address=lab_env.target.address, signing_key=lab_env.signing_key)
         with pytest.raises(grpc.aio.AioRpcError) as err:
             await stub.StartDiskTransfer(req)
-        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and field in (
-            err.value.details() or ""
-        ), field
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and field in (err.value.details() or ""), field
     req = start_request(lab_env.spec("p4", disk_size=BS), target_address="x", signing_key=lab_env.signing_key)
     with pytest.raises(grpc.aio.AioRpcError) as err:
         await stub.StartDiskTransfer(req)

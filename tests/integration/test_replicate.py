@@ -81,9 +81,7 @@ async def test_cancel_leaves_a_resumable_disk(lab_env: Lab) -> None:
             await proxy.CancelTransfer(proxy_pb2.CancelTransferRequest(transfer_id=started.transfer_id))
         last = p
     assert last.state == proxy_pb2.TRANSFER_STATE_CANCELLED
-    disk = await target.stub.GetReplicaDisk(
-        target_pb2.GetReplicaDiskRequest(replica_path="jobs/vm1", disk_id="disk0")
-    )
+    disk = await target.stub.GetReplicaDisk(target_pb2.GetReplicaDiskRequest(replica_path="jobs/vm1", disk_id="disk0"))
     assert disk.state == target_pb2.REPLICA_DISK_STATE_RECEIVING
     assert 0 < disk.committed_offset < spec.disk_size
     # The same session again resumes from the committed offset.

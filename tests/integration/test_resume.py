@@ -72,9 +72,7 @@ class Relay:
     async def _handle(self, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
         ur, uw = await asyncio.open_connection("127.0.0.1", self.upstream_port)
         self._writers += [w, uw]
-        await asyncio.gather(
-            self._pump(r, uw, count=True), self._pump(ur, w, count=False), return_exceptions=True
-        )
+        await asyncio.gather(self._pump(r, uw, count=True), self._pump(ur, w, count=False), return_exceptions=True)
 
     async def _pump(self, r: asyncio.StreamReader, w: asyncio.StreamWriter, *, count: bool) -> None:
         try:

@@ -30,13 +30,9 @@ def sample() -> tuple[target_pb2.BatchHeader, list[bytes]]:
     packed = compress(TEXT, Compression.DEFAULT)
     assert packed is not None
     extents = [
-        target_pb2.Extent(
-            offset=0, length=BS, kind=DATA, encoding=LZ4, stored_size=len(packed), digest=digest(TEXT)
-        ),
+        target_pb2.Extent(offset=0, length=BS, kind=DATA, encoding=LZ4, stored_size=len(packed), digest=digest(TEXT)),
         target_pb2.Extent(offset=BS, length=2 * BS, kind=ZERO),
-        target_pb2.Extent(
-            offset=3 * BS, length=BS, kind=DATA, encoding=RAW, stored_size=BS, digest=digest(RANDOM)
-        ),
+        target_pb2.Extent(offset=3 * BS, length=BS, kind=DATA, encoding=RAW, stored_size=BS, digest=digest(RANDOM)),
     ]
     hdr = target_pb2.BatchHeader(
         seq=0, start_offset=0, end_offset=4 * BS, extents=extents, payload_size=len(packed) + BS

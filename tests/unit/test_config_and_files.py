@@ -65,11 +65,7 @@ def test_raw_writer_punches_holes_and_reader_sees_allocation(tmp_path: Path) -> 
     r = RawReader(path)
     buf = bytearray(4 * mib)
     r.read_into(memoryview(buf), 0)
-    assert (
-        buf[:mib] == b"\x01" * mib
-        and buf[mib : 3 * mib] == bytes(2 * mib)
-        and buf[3 * mib :] == b"\x01" * mib
-    )
+    assert buf[:mib] == b"\x01" * mib and buf[mib : 3 * mib] == bytes(2 * mib) and buf[3 * mib :] == b"\x01" * mib
     # Where the file system reports holes (ext4, xfs, tmpfs), the punched range is one.
     alloc = r.allocated_extents()
     assert Extent(mib, 2 * mib) not in alloc

@@ -13,9 +13,7 @@ def as_set(extents: list[Extent]) -> set[int]:
 
 
 def is_normal(extents: list[Extent]) -> bool:
-    return all(a.end < b.offset for a, b in itertools.pairwise(extents)) and all(
-        e.length > 0 for e in extents
-    )
+    return all(a.end < b.offset for a, b in itertools.pairwise(extents)) and all(e.length > 0 for e in extents)
 
 
 extent_lists = st.lists(

@@ -8,9 +8,7 @@ DISK = 160  # ten blocks
 
 
 def test_full_plan_reads_allocated_blocks_and_zeroes_the_rest() -> None:
-    plan = make_plan(
-        disk_size=DISK, block_size=BS, allocated=[Extent(3, 2), Extent(40, 30)], changed=None, excluded=[]
-    )
+    plan = make_plan(disk_size=DISK, block_size=BS, allocated=[Extent(3, 2), Extent(40, 30)], changed=None, excluded=[])
     assert plan.read == [Extent(0, 16), Extent(32, 48)]
     assert plan.zero == [Extent(16, 16), Extent(80, 80)]
     assert plan.unallocated == 96 and plan.unchanged == 0 and plan.excluded == 0

@@ -67,9 +67,7 @@ def create_ca(directory: Path, *, days: int = 3650) -> None:
         .not_valid_before(now - dt.timedelta(minutes=5))
         .not_valid_after(now + dt.timedelta(days=days))
         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(
-            x509.KeyUsage(False, False, False, False, False, True, True, False, False), critical=True
-        )
+        .add_extension(x509.KeyUsage(False, False, False, False, False, True, True, False, False), critical=True)
         .sign(key, hashes.SHA256())
     )
     _write(directory / "ca.key", _pem_key(key), private=True)
@@ -116,9 +114,7 @@ def issue(directory: Path, *, name: str, role: str, hosts: list[str], days: int 
 def create_signing_key(directory: Path, name: str = "controller-signing") -> None:
     """The controller's Ed25519 ticket-signing key pair."""
     key = ed25519.Ed25519PrivateKey.generate()
-    pub = key.public_key().public_bytes(
-        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
-    )
+    pub = key.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
     _write(directory / f"{name}.key", _pem_key(key), private=True)
     _write(directory / f"{name}.pub", pub, private=False)
 
