@@ -1,9 +1,13 @@
-"""Turning planned batches into frames: read, zero check, digest, compress, frame.
+"""Turning planned batches into frames: read, zero check, digest, compare, compress, frame.
 
 One planned batch is built entirely in one worker thread (positional reads,
 xxhash and lz4 release the GIL), and several batches are built at once,
 `depth` ahead of the sender, in order. Each thread reuses one block buffer;
 a frame is joined once and let go as soon as it is sent.
+
+With the replica's digest table (digest-comparison incrementals), a block
+whose digest equals the replica's is not sent; unknown digests (all zero
+bytes) never match.
 """
 
 from __future__ import annotations
@@ -18,9 +22,10 @@ from dataclasses import dataclass
 
 from protos.vmrepl.v1 import target_pb2
 from proxy_agent.plan import PlannedBatch
-from vmrepl.batch import DATA, LZ4, RAW, ZERO, encode_batch
-from vmrepl.block import Compression, compress, digest, is_zero
+from vmrepl.batch import DATA, LZ4, RAW, ZERO, SessionDigest, encode_batch
+from vmrepl.block import DIGEST_SIZE, Compression, compress, digest, is_zero, zero_digest
 from vmrepl.disk.base import DiskReader
+from vmrepl.extent import Extent, split_blocks
 
 
 @dataclass(slots=True)
@@ -30,18 +35,29 @@ class BuiltBatch:
     end: int
     final: bool
     frame: bytes
+    # Sum of the session-digest tokens of this batch's extents (see vmrepl.batch.SessionDigest).
+    token_sum: int = 0
     read_bytes: int = 0
     data_bytes: int = 0
     zero_bytes: int = 0
+    unchanged_bytes: int = 0
     read_seconds: float = 0.0
     compress_seconds: float = 0.0
 
 
 class BatchBuilder:
-    def __init__(self, reader: DiskReader, *, block_size: int, compression: Compression) -> None:
+    def __init__(
+        self,
+        reader: DiskReader,
+        *,
+        block_size: int,
+        compression: Compression,
+        replica_digests: bytes | None = None,
+    ) -> None:
         self._reader = reader
         self._block_size = block_size
         self._compression = compression
+        self._replica = replica_digests
         self._local = threading.local()
 
     def _buffer(self, length: int) -> bytearray:
@@ -53,47 +69,26 @@ class BatchBuilder:
             buf = self._local.buf = bytearray(self._block_size)
         return buf
 
+    def replica_has(self, offset: int, block_digest: bytes) -> bool:
+        if self._replica is None:
+            return False
+        at = offset // self._block_size * DIGEST_SIZE
+        return self._replica[at : at + DIGEST_SIZE] == block_digest
+
     def build(self, planned: PlannedBatch, seq: int) -> BuiltBatch:
         out = BuiltBatch(seq=seq, start=planned.start, end=planned.end, final=planned.final, frame=b"")
         extents: list[target_pb2.Extent] = []
         parts: list[bytes] = []
-
-        def add_zero(offset: int, length: int) -> None:
-            last = extents[-1] if extents else None
-            if last is not None and last.kind == ZERO and last.offset + last.length == offset:
-                last.length += length
-            else:
-                extents.append(target_pb2.Extent(offset=offset, length=length, kind=ZERO))
-
         for item in planned.items:
-            if not item.read:
-                add_zero(item.offset, item.length)
-                continue
-            buf = self._buffer(item.length)
-            t0 = time.perf_counter()
-            self._reader.read_into(memoryview(buf), item.offset)
-            t1 = time.perf_counter()
-            out.read_seconds += t1 - t0
-            out.read_bytes += item.length
-            if is_zero(buf):
-                out.zero_bytes += item.length
-                add_zero(item.offset, item.length)
+            if item.read:
+                self._read_block(item.offset, item.length, out, extents, parts)
+            elif self._replica is None:
+                _add_zero(extents, item.offset, item.length)
             else:
-                packed = compress(buf, self._compression)
-                stored = packed if packed is not None else bytes(buf)
-                extents.append(
-                    target_pb2.Extent(
-                        offset=item.offset,
-                        length=item.length,
-                        kind=DATA,
-                        encoding=LZ4 if packed is not None else RAW,
-                        stored_size=len(stored),
-                        digest=digest(buf),
-                    )
-                )
-                parts.append(stored)
-                out.data_bytes += item.length
-            out.compress_seconds += time.perf_counter() - t1
+                # Unallocated at the source (counted as such): zero it only where the replica is not zero.
+                for b in split_blocks([Extent(item.offset, item.length)], self._block_size):
+                    if not self.replica_has(b.offset, zero_digest(b.length)):
+                        _add_zero(extents, b.offset, b.length)
         header = target_pb2.BatchHeader(
             seq=seq,
             start_offset=planned.start,
@@ -102,8 +97,50 @@ class BatchBuilder:
             payload_size=sum(len(p) for p in parts),
             final=planned.final,
         )
+        tokens = SessionDigest()
+        for e in extents:
+            tokens.add(e.offset, e.length, e.kind, e.digest)
+        out.token_sum = tokens.value
         out.frame = encode_batch(header, parts)
         return out
+
+    def _read_block(
+        self, offset: int, length: int, out: BuiltBatch, extents: list[target_pb2.Extent], parts: list[bytes]
+    ) -> None:
+        buf = self._buffer(length)
+        t0 = time.perf_counter()
+        self._reader.read_into(memoryview(buf), offset)
+        t1 = time.perf_counter()
+        out.read_seconds += t1 - t0
+        out.read_bytes += length
+        if is_zero(buf):
+            out.zero_bytes += length
+            if not self.replica_has(offset, zero_digest(length)):
+                _add_zero(extents, offset, length)
+        else:
+            d = digest(buf)
+            if self.replica_has(offset, d):
+                out.unchanged_bytes += length
+            else:
+                packed = compress(buf, self._compression)
+                stored = packed if packed is not None else bytes(buf)
+                encoding = LZ4 if packed is not None else RAW
+                extents.append(
+                    target_pb2.Extent(
+                        offset=offset, length=length, kind=DATA, encoding=encoding, stored_size=len(stored), digest=d
+                    )
+                )
+                parts.append(stored)
+                out.data_bytes += length
+        out.compress_seconds += time.perf_counter() - t1
+
+
+def _add_zero(extents: list[target_pb2.Extent], offset: int, length: int) -> None:
+    last = extents[-1] if extents else None
+    if last is not None and last.kind == ZERO and last.offset + last.length == offset:
+        last.length += length
+    else:
+        extents.append(target_pb2.Extent(offset=offset, length=length, kind=ZERO))
 
 
 async def built_batches(

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from protos.vmrepl.v1 import common_pb2, proxy_pb2
 from proxy_agent.plan import Plan, make_plan
+from proxy_agent.transfer import COMPARE, FULL, RANGES
 from vmrepl.block import Compression
 from vmrepl.errors import FailedPrecondition, InvalidArgument, PathError
 from vmrepl.extent import DEFAULT_BLOCK_SIZE, Extent, valid_block_size
@@ -92,24 +95,30 @@ def check_exclusions(ex: proxy_pb2.ExclusionSettings) -> None:
         )
 
 
-def plan_for(req: proxy_pb2.StartDiskTransferRequest, *, disk_size: int, allocated: list[Extent]) -> Plan:
-    mode = req.change_source.WhichOneof("mode")
-    if mode == "compare_digests":
-        raise FailedPrecondition("change_source.compare_digests is not supported by this proxy version yet")
-    changed = (
-        _ranges("change_source.changed_ranges.ranges", list(req.change_source.changed_ranges.ranges), disk_size)
-        if mode == "changed_ranges"
-        else None
-    )
+@dataclass(frozen=True, slots=True)
+class Plans:
+    mode: str
+    first: Plan
+    # Every allocated block, for a digest-comparison re-run after a failed sampled verification.
+    full: Callable[[], Plan]
+
+
+def plans_for(req: proxy_pb2.StartDiskTransferRequest, *, disk_size: int, allocated: list[Extent]) -> Plans:
+    mode = req.change_source.WhichOneof("mode") or "full"
+    changed = None
+    if mode == "changed_ranges":
+        changed = _ranges(
+            "change_source.changed_ranges.ranges", list(req.change_source.changed_ranges.ranges), disk_size
+        )
     check_exclusions(req.exclusions)
     excluded = _ranges("exclusions.ranges", list(req.exclusions.ranges), disk_size)
-    return make_plan(
-        disk_size=disk_size,
-        block_size=block_size(req),
-        allocated=allocated,
-        changed=changed,
-        excluded=excluded,
-    )
+    bs = block_size(req)
+
+    def plan(ranges: list[Extent] | None) -> Plan:
+        return make_plan(disk_size=disk_size, block_size=bs, allocated=allocated, changed=ranges, excluded=excluded)
+
+    kind = {"full": FULL, "changed_ranges": RANGES, "compare_digests": COMPARE}[mode]
+    return Plans(mode=kind, first=plan(changed), full=lambda: plan(None))
 
 
 def check_identity(req: proxy_pb2.StartDiskTransferRequest) -> None:

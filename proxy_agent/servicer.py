@@ -49,7 +49,7 @@ class ProxyAgentServicer(proxy_pb2_grpc.ProxyAgentServicer):
             if reader.size != req.source.size:
                 raise FailedPrecondition(f"source disk is {reader.size} bytes, the request says {req.source.size}")
             allocated = await asyncio.to_thread(reader.allocated_extents)
-            plan = rq.plan_for(req, disk_size=reader.size, allocated=allocated)
+            plans = rq.plans_for(req, disk_size=reader.size, allocated=allocated)
             spec = TransferSpec(
                 transfer_id=uuid.uuid4().hex,
                 session_id=req.session_id,
@@ -57,6 +57,7 @@ class ProxyAgentServicer(proxy_pb2_grpc.ProxyAgentServicer):
                 replica_path=req.replica_path,
                 ticket=req.ticket,
                 block_size=rq.block_size(req),
+                mode=plans.mode,
                 compression=rq.compression(req),
                 bandwidth_bytes_per_s=rq.bandwidth(req),
                 resume_timeout=float(req.resume_timeout_seconds or DEFAULT_RESUME_TIMEOUT),
@@ -77,7 +78,7 @@ class ProxyAgentServicer(proxy_pb2_grpc.ProxyAgentServicer):
                 server_name=target.tls_server_name,
             )
 
-        return DiskTransfer(spec=spec, plan=plan, reader=reader, channel_factory=channel)
+        return DiskTransfer(spec=spec, plan=plans.first, full_plan=plans.full, reader=reader, channel_factory=channel)
 
     @handle_errors
     async def StartDiskTransfer(self, request: proxy_pb2.StartDiskTransferRequest, context: Any) -> Any:

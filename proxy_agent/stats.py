@@ -38,6 +38,8 @@ class TransferStats:
     resumes: int = 0
     error_code: str = ""
     error_message: str = ""
+    passes: int = 1
+    verification: str = ""
     started: float = field(default_factory=time.monotonic)
     ended: float | None = None
 
@@ -66,4 +68,6 @@ class TransferStats:
             elapsed_seconds=end - self.started,
             error_code=self.error_code,
             error_message=self.error_message,
+            passes=self.passes,
+            verification=self.verification,
         )

@@ -10,6 +10,7 @@ sends the ack. The queue bounds memory to about one window of batches.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -25,10 +26,13 @@ from vmrepl.errors import BatchError, InvalidArgument
 from vmrepl.extent import valid_block_size
 from vmrepl.logs import get_logger
 from vmrepl.names import check_name
+from vmrepl.rpc import status_for
 from vmrepl.security.ticket import verify_ticket
+from vmrepl.security.tls import require_role
 
 log = get_logger("vmrepl.target.transfer")
 OPEN_TIMEOUT = 30.0
+DRAIN_TIMEOUT = 10.0
 MAX_DISK_SIZE = 1 << 50  # 1 PiB: far beyond any VHDX (64 TB), small enough that offsets stay sane
 
 Queued = tuple[target_pb2.BatchHeader, list[CheckedExtent]] | None
@@ -61,24 +65,38 @@ class Receiver:
         self._max_window = max_window
         self._guards = guards
 
+    def check_ticket(self, ticket: bytes, *, session_id: str, disk_id: str, replica_path: str) -> None:
+        verify_ticket(
+            ticket, self._keys, session_id=session_id, disk_id=disk_id, replica_path=replica_path, audience=self._name
+        )
+
     async def run(self, requests: AsyncIterator[bytes], context: Any) -> None:
+        """Serve one stream; on failure tell the proxy in-band, drain, and re-raise for the status."""
+        try:
+            await self._run(requests, context)
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:
+            code, message = status_for(e)
+            failure = target_pb2.TransferFailure(code=code.name, message=message)
+            with contextlib.suppress(Exception):
+                await context.write(target_pb2.TransferResponse(error=failure))
+            await _drain(requests)
+            raise
+
+    async def _run(self, requests: AsyncIterator[bytes], context: Any) -> None:
         try:
             first = await asyncio.wait_for(anext(requests), OPEN_TIMEOUT)
         except StopAsyncIteration as e:
             raise BatchError("open", "the stream ended before its open message") from e
+        # Checked after the first read, so the refusal reaches the proxy before it writes again.
+        require_role(context, "proxy")
         frame = decode_frame(first)
         if frame.open is None:
             raise BatchError("open", "the first message of a stream must be open")
         o = frame.open
         check_open(o, self._max_window)
-        verify_ticket(
-            o.ticket,
-            self._keys,
-            session_id=o.session_id,
-            disk_id=o.disk_id,
-            replica_path=o.replica_path,
-            audience=self._name,
-        )
+        self.check_ticket(o.ticket, session_id=o.session_id, disk_id=o.disk_id, replica_path=o.replica_path)
         disk_dir = self._datastore.disk_dir(o.replica_path, o.disk_id)
         guard = self._guards.setdefault(str(disk_dir), DiskGuard())
         stream = await asyncio.to_thread(
@@ -88,6 +106,7 @@ class Receiver:
             session_id=o.session_id,
             disk_size=o.disk_size,
             block_size=o.block_size,
+            pass_number=o.pass_number,
         )
         with structlog.contextvars.bound_contextvars(session_id=o.session_id, disk_id=o.disk_id):
             try:
@@ -100,14 +119,20 @@ class Receiver:
     ) -> None:
         ack_every = max(1, o.window_batches // 2)
         resume = stream.resume_offset
-        log.info("stream_opened", resume_offset=resume, disk_size=o.disk_size, replica=o.replica_path)
-        await context.write(
-            target_pb2.TransferResponse(
-                accept=target_pb2.TransferAccept(
-                    resume_offset=resume, ack_every_batches=ack_every, max_message_bytes=MAX_MESSAGE_BYTES
-                )
-            )
+        log.info(
+            "stream_opened",
+            resume_offset=resume,
+            disk_size=o.disk_size,
+            replica=o.replica_path,
+            pass_number=o.pass_number,
         )
+        accept = target_pb2.TransferAccept(
+            resume_offset=resume,
+            ack_every_batches=ack_every,
+            max_message_bytes=MAX_MESSAGE_BYTES,
+            session_digest=stream.session_digest.digest(),
+        )
+        await context.write(target_pb2.TransferResponse(accept=accept))
         queue: asyncio.Queue[Queued] = asyncio.Queue(maxsize=o.window_batches)
         writer = asyncio.create_task(self._write_loop(stream, queue, context, ack_every))
         try:
@@ -179,6 +204,7 @@ class Receiver:
                     complete=final,
                     write_busy_seconds=busy,
                     bytes_received=received,
+                    session_digest=bytes.fromhex(st.session_digest),
                 )
                 await context.write(target_pb2.TransferResponse(ack=ack))
                 log.debug("committed", offset=st.committed_offset, seq=last.seq, complete=final)
@@ -186,6 +212,14 @@ class Receiver:
                 if final:
                     log.info("transfer_complete", bytes_written=stream.state.bytes_written)
                 return
+
+
+async def _drain(requests: AsyncIterator[bytes]) -> None:
+    """Discard what the proxy still sends until it half-closes (it stops once it reads the failure)."""
+    with contextlib.suppress(Exception):
+        async with asyncio.timeout(DRAIN_TIMEOUT):
+            async for _ in requests:
+                pass
 
 
 async def _put(queue: asyncio.Queue[Queued], item: Queued, writer: asyncio.Task[None]) -> None:

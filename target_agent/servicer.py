@@ -6,7 +6,6 @@ import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
 
-import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from protos.vmrepl.v1 import target_pb2, target_pb2_grpc
@@ -14,12 +13,13 @@ from target_agent import replica, restore_points
 from target_agent.config import TargetSettings
 from target_agent.datastore import Datastore
 from target_agent.receiver import MAX_DISK_SIZE, Receiver
+from vmrepl.block import DIGEST_SIZE
 from vmrepl.errors import InvalidArgument
 from vmrepl.extent import valid_block_size
 from vmrepl.names import check_name
 from vmrepl.rpc import handle_errors
 from vmrepl.security.ticket import load_public_keys
-from vmrepl.security.tls import require_role
+from vmrepl.security.tls import peer_identity, require_role
 
 _STATES = {
     replica.PREPARED: target_pb2.REPLICA_DISK_STATE_PREPARED,
@@ -27,6 +27,7 @@ _STATES = {
     replica.COMPLETE: target_pb2.REPLICA_DISK_STATE_COMPLETE,
 }
 CONTROLLER = ("controller",)
+DIGESTS_PER_CHUNK = 65536  # 1 MiB of digests per message
 
 
 def _ts(seconds: float) -> Timestamp:
@@ -126,15 +127,35 @@ class TargetAgentServicer(target_pb2_grpc.TargetAgentServicer):
         await asyncio.to_thread(restore_points.delete, vm_dir, request.restore_point_id)
         return target_pb2.DeleteRestorePointResponse()
 
+    @handle_errors
     async def ReadDigests(  # type: ignore[override]
         self, request: target_pb2.ReadDigestsRequest, context: Any
     ) -> AsyncIterator[target_pb2.DigestChunk]:
-        # The per-block digest store arrives with digest-comparison incrementals (docs/protocol.md).
-        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "ReadDigests is not available on this target version")
-        yield target_pb2.DigestChunk()  # never reached: abort raises; the yield makes this a server stream
+        _, role = peer_identity(context)
+        if role == "proxy":  # a proxy reads only the disk its ticket names
+            self.receiver.check_ticket(
+                request.ticket,
+                session_id=request.session_id,
+                disk_id=request.disk_id,
+                replica_path=request.replica_path,
+            )
+        else:
+            require_role(context, *CONTROLLER)
+        disk_dir = self.datastore.disk_dir(request.replica_path, request.disk_id)
+        first, remaining = request.first_block, request.block_count
+        while True:
+            count = DIGESTS_PER_CHUNK if remaining == 0 else min(DIGESTS_PER_CHUNK, remaining)
+            block_size, digests = await asyncio.to_thread(replica.read_digests, disk_dir, first, count)
+            if digests:
+                yield target_pb2.DigestChunk(first_block=first, block_size=block_size, digests=digests)
+            n = len(digests) // DIGEST_SIZE
+            first += n
+            if remaining:
+                remaining -= n
+            if n < count or (request.block_count and remaining == 0):
+                return
 
     # Registered with raw-bytes requests (see vmrepl.batch), hence the signature differs from the stub's.
     @handle_errors
     async def Transfer(self, request_iterator: AsyncIterator[bytes], context: Any) -> None:  # type: ignore[override]
-        require_role(context, "proxy")
         await self.receiver.run(request_iterator, context)

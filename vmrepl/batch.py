@@ -15,7 +15,10 @@ size in the header has been checked against the disk and the limits.
 
 from __future__ import annotations
 
+import struct
 from dataclasses import dataclass
+
+import xxhash
 
 from protos.vmrepl.v1 import common_pb2, target_pb2
 from vmrepl.block import DIGEST_SIZE
@@ -214,3 +217,27 @@ def check_batch(hdr: target_pb2.BatchHeader, payload: memoryview, exp: Expectati
     if pos != len(payload):
         raise BatchError("batch.payload_size", f"stored sizes add up to {pos}, payload has {len(payload)}")
     return out
+
+
+_TOKEN = struct.Struct("<QQB")
+_MOD = 1 << 128
+
+
+class SessionDigest:
+    """Order-free digest of a pass: the sum mod 2^128 of one token per extent sent.
+
+    Both ends keep it; because it is a sum, the value at any committed offset
+    is well defined and a resumed stream continues from it.
+    """
+
+    __slots__ = ("value",)
+
+    def __init__(self, value: bytes = b"") -> None:
+        self.value = int.from_bytes(value, "big") if value else 0
+
+    def add(self, offset: int, length: int, kind: int, digest: bytes) -> None:
+        token = xxhash.xxh3_128_intdigest(_TOKEN.pack(offset, length, kind) + digest)
+        self.value = (self.value + token) % _MOD
+
+    def digest(self) -> bytes:
+        return self.value.to_bytes(16, "big")

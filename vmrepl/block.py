@@ -16,6 +16,8 @@ import xxhash
 from vmrepl.errors import ChecksumMismatch, InvalidArgument
 
 DIGEST_SIZE = 16
+# A digest slot that was never written, or whose block an interrupted session left uncertain.
+UNKNOWN_DIGEST = bytes(DIGEST_SIZE)
 
 
 class Compression(enum.Enum):
@@ -51,6 +53,11 @@ def is_zero(buf: bytes | bytearray) -> bool:
 
 def digest(buf: bytes | bytearray | memoryview) -> bytes:
     return xxhash.xxh3_128_digest(buf)  # type: ignore[no-any-return]
+
+
+@lru_cache(maxsize=8)
+def zero_digest(length: int) -> bytes:
+    return digest(zero_block(length))
 
 
 def compress(buf: bytes | bytearray, level: Compression) -> bytes | None:

@@ -56,7 +56,13 @@ async def transfer(
                 responses.append(msg)
         except grpc.aio.AioRpcError:
             pass  # the status is read below
-        return responses, await call.code(), await call.details() or ""
+        code, details = await call.code(), await call.details() or ""
+        # The target says why in-band too, before the status (see TransferFailure in target.proto).
+        failures = [r.error for r in responses if r.HasField("error")]
+        assert len(failures) == 1 if code != grpc.StatusCode.OK else not failures
+        if failures:
+            assert (failures[0].code, failures[0].message) == (code.name, details)
+        return responses, code, details
     finally:
         await ch.close()
 
@@ -278,7 +284,7 @@ async def test_bad_opens_are_refused(prepared: Lab, case: str) -> None:
 
 async def test_a_controller_certificate_cannot_open_a_stream(prepared: Lab) -> None:
     _, code, details = await transfer(prepared, [open_frame(prepared)], tls_name="controller")
-    assert code == grpc.StatusCode.PERMISSION_DENIED and "needs proxy" in details
+    assert code == grpc.StatusCode.PERMISSION_DENIED and "needs proxy" in details, (code, details)
 
 
 async def test_a_proxy_certificate_cannot_prepare_disks(prepared: Lab) -> None:

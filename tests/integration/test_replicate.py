@@ -41,8 +41,10 @@ async def test_changed_ranges_send_only_those_blocks_and_restore_points(lab_env:
     )
     result = await lab_env.replicate(spec)
     assert qemu_identical(lab_env.image, lab_env.replica())
-    assert result.bytes_read == len(changed) * MiB
+    # The changed blocks, then 16 unsent blocks read for the sampled verification.
+    assert result.bytes_read == (len(changed) + 16) * MiB
     assert result.bytes_data == len(changed) * MiB
+    assert result.passes == 1 and result.verification.startswith("passed: 16")
     assert result.skipped.unchanged == lab_env.image.stat().st_size - len(changed) * MiB
 
     target = lab_env.target_client().stub

@@ -436,6 +436,8 @@ class TransferProgress(_message.Message):
     ELAPSED_SECONDS_FIELD_NUMBER: _builtins.int
     ERROR_CODE_FIELD_NUMBER: _builtins.int
     ERROR_MESSAGE_FIELD_NUMBER: _builtins.int
+    PASSES_FIELD_NUMBER: _builtins.int
+    VERIFICATION_FIELD_NUMBER: _builtins.int
     transfer_id: _builtins.str
     session_id: _builtins.str
     disk_id: _builtins.str
@@ -454,6 +456,14 @@ class TransferProgress(_message.Message):
     error_code: _builtins.str
     """Set when state is FAILED: a gRPC status code name and a message."""
     error_message: _builtins.str
+    passes: _builtins.int
+    """Passes over the disk: 1, or 2 when sampled verification failed and the disk was
+    re-run as a full digest comparison.
+    """
+    verification: _builtins.str
+    """Outcome of the sampled verification after a changed-range pass, in words
+    ("passed: 16 blocks sampled", "failed: …"); empty when none ran.
+    """
     @_builtins.property
     def skipped(self) -> Global___SkippedBytes: ...
     @_builtins.property
@@ -476,10 +486,12 @@ class TransferProgress(_message.Message):
         elapsed_seconds: _builtins.float = ...,
         error_code: _builtins.str = ...,
         error_message: _builtins.str = ...,
+        passes: _builtins.int = ...,
+        verification: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["busy", b"busy", "skipped", b"skipped"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["busy", b"busy", "bytes_data", b"bytes_data", "bytes_read", b"bytes_read", "bytes_sent", b"bytes_sent", "committed_offset", b"committed_offset", "disk_id", b"disk_id", "disk_size", b"disk_size", "elapsed_seconds", b"elapsed_seconds", "error_code", b"error_code", "error_message", b"error_message", "resumes", b"resumes", "session_id", b"session_id", "skipped", b"skipped", "state", b"state", "transfer_id", b"transfer_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["busy", b"busy", "bytes_data", b"bytes_data", "bytes_read", b"bytes_read", "bytes_sent", b"bytes_sent", "committed_offset", b"committed_offset", "disk_id", b"disk_id", "disk_size", b"disk_size", "elapsed_seconds", b"elapsed_seconds", "error_code", b"error_code", "error_message", b"error_message", "passes", b"passes", "resumes", b"resumes", "session_id", b"session_id", "skipped", b"skipped", "state", b"state", "transfer_id", b"transfer_id", "verification", b"verification"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

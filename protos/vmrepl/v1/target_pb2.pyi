@@ -317,6 +317,7 @@ class TransferOpen(_message.Message):
     DISK_SIZE_FIELD_NUMBER: _builtins.int
     BLOCK_SIZE_FIELD_NUMBER: _builtins.int
     WINDOW_BATCHES_FIELD_NUMBER: _builtins.int
+    PASS_NUMBER_FIELD_NUMBER: _builtins.int
     ticket: _builtins.bytes
     """A serialised SignedTicket."""
     session_id: _builtins.str
@@ -326,6 +327,11 @@ class TransferOpen(_message.Message):
     block_size: _builtins.int
     window_batches: _builtins.int
     """Batches the proxy keeps in flight without an ack."""
+    pass_number: _builtins.int
+    """Passes over the disk within one session count from 0. A higher pass than
+    the replica disk's restarts the session's transfer at offset 0 (the proxy
+    re-runs a disk whose change tracking failed verification); a lower one is refused.
+    """
     def __init__(
         self,
         *,
@@ -336,10 +342,11 @@ class TransferOpen(_message.Message):
         disk_size: _builtins.int = ...,
         block_size: _builtins.int = ...,
         window_batches: _builtins.int = ...,
+        pass_number: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["block_size", b"block_size", "disk_id", b"disk_id", "disk_size", b"disk_size", "replica_path", b"replica_path", "session_id", b"session_id", "ticket", b"ticket", "window_batches", b"window_batches"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["block_size", b"block_size", "disk_id", b"disk_id", "disk_size", b"disk_size", "pass_number", b"pass_number", "replica_path", b"replica_path", "session_id", b"session_id", "ticket", b"ticket", "window_batches", b"window_batches"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -463,9 +470,12 @@ class TransferAccept(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     RESUME_OFFSET_FIELD_NUMBER: _builtins.int
+    SESSION_DIGEST_FIELD_NUMBER: _builtins.int
     ACK_EVERY_BATCHES_FIELD_NUMBER: _builtins.int
     MAX_MESSAGE_BYTES_FIELD_NUMBER: _builtins.int
     resume_offset: _builtins.int
+    session_digest: _builtins.bytes
+    """The session digest (see TransferAck) over everything below resume_offset."""
     ack_every_batches: _builtins.int
     """The target acknowledges at least this often (in batches)."""
     max_message_bytes: _builtins.int
@@ -474,12 +484,13 @@ class TransferAccept(_message.Message):
         self,
         *,
         resume_offset: _builtins.int = ...,
+        session_digest: _builtins.bytes = ...,
         ack_every_batches: _builtins.int = ...,
         max_message_bytes: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["ack_every_batches", b"ack_every_batches", "max_message_bytes", b"max_message_bytes", "resume_offset", b"resume_offset"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ack_every_batches", b"ack_every_batches", "max_message_bytes", b"max_message_bytes", "resume_offset", b"resume_offset", "session_digest", b"session_digest"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -494,6 +505,7 @@ class TransferAck(_message.Message):
     COMPLETE_FIELD_NUMBER: _builtins.int
     WRITE_BUSY_SECONDS_FIELD_NUMBER: _builtins.int
     BYTES_RECEIVED_FIELD_NUMBER: _builtins.int
+    SESSION_DIGEST_FIELD_NUMBER: _builtins.int
     seq: _builtins.int
     """Last batch made durable."""
     committed_offset: _builtins.int
@@ -503,6 +515,11 @@ class TransferAck(_message.Message):
     """Seconds the target spent decompressing, verifying, writing and flushing on this stream."""
     bytes_received: _builtins.int
     """Bytes received on this stream (for the statistics)."""
+    session_digest: _builtins.bytes
+    """Over every extent of this pass below committed_offset: the sum modulo 2^128
+    of xxh3-128(offset, length, kind, digest) of each extent, 16 bytes big-endian.
+    The proxy keeps the same sum and compares at the end of the disk.
+    """
     def __init__(
         self,
         *,
@@ -511,14 +528,46 @@ class TransferAck(_message.Message):
         complete: _builtins.bool = ...,
         write_busy_seconds: _builtins.float = ...,
         bytes_received: _builtins.int = ...,
+        session_digest: _builtins.bytes = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["bytes_received", b"bytes_received", "committed_offset", b"committed_offset", "complete", b"complete", "seq", b"seq", "write_busy_seconds", b"write_busy_seconds"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bytes_received", b"bytes_received", "committed_offset", b"committed_offset", "complete", b"complete", "seq", b"seq", "session_digest", b"session_digest", "write_busy_seconds", b"write_busy_seconds"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___TransferAck: _TypeAlias = TransferAck  # noqa: Y015
+
+@_typing.final
+class TransferFailure(_message.Message):
+    """Why the target ends a stream. Sent in-band before the call's status so the
+    proxy learns the reason even when its own writes race the end of the call
+    (grpc.aio can then report INTERNAL instead of the server's status, see
+    grpc/grpc#36066). After it the target reads and discards what the proxy
+    still sends, until the proxy half-closes or a few seconds pass, then ends
+    the call with the same code.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CODE_FIELD_NUMBER: _builtins.int
+    MESSAGE_FIELD_NUMBER: _builtins.int
+    code: _builtins.str
+    """A gRPC status code name, e.g. "INVALID_ARGUMENT"."""
+    message: _builtins.str
+    def __init__(
+        self,
+        *,
+        code: _builtins.str = ...,
+        message: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["code", b"code", "message", b"message"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TransferFailure: _TypeAlias = TransferFailure  # noqa: Y015
 
 @_typing.final
 class TransferResponse(_message.Message):
@@ -526,21 +575,25 @@ class TransferResponse(_message.Message):
 
     ACCEPT_FIELD_NUMBER: _builtins.int
     ACK_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def accept(self) -> Global___TransferAccept: ...
     @_builtins.property
     def ack(self) -> Global___TransferAck: ...
+    @_builtins.property
+    def error(self) -> Global___TransferFailure: ...
     def __init__(
         self,
         *,
         accept: Global___TransferAccept | None = ...,
         ack: Global___TransferAck | None = ...,
+        error: Global___TransferFailure | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["accept", b"accept", "ack", b"ack", "kind", b"kind"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["accept", b"accept", "ack", b"ack", "error", b"error", "kind", b"kind"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["accept", b"accept", "ack", b"ack", "kind", b"kind"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["accept", b"accept", "ack", b"ack", "error", b"error", "kind", b"kind"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["accept", "ack"]  # noqa: Y015
+    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["accept", "ack", "error"]  # noqa: Y015
     _WhichOneofArgType_kind: _TypeAlias = _typing.Literal["kind", b"kind"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_kind) -> _WhichOneofReturnType_kind | None: ...
 
@@ -548,21 +601,37 @@ Global___TransferResponse: _TypeAlias = TransferResponse  # noqa: Y015
 
 @_typing.final
 class ReadDigestsRequest(_message.Message):
+    """Called by the proxy with the transfer's ticket, or by the controller."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     REPLICA_PATH_FIELD_NUMBER: _builtins.int
     DISK_ID_FIELD_NUMBER: _builtins.int
+    SESSION_ID_FIELD_NUMBER: _builtins.int
+    TICKET_FIELD_NUMBER: _builtins.int
+    FIRST_BLOCK_FIELD_NUMBER: _builtins.int
+    BLOCK_COUNT_FIELD_NUMBER: _builtins.int
     replica_path: _builtins.str
     disk_id: _builtins.str
+    session_id: _builtins.str
+    ticket: _builtins.bytes
+    """The serialised SignedTicket for this session and disk (required from a proxy)."""
+    first_block: _builtins.int
+    """First block and number of blocks; block_count 0 means to the end of the disk."""
+    block_count: _builtins.int
     def __init__(
         self,
         *,
         replica_path: _builtins.str = ...,
         disk_id: _builtins.str = ...,
+        session_id: _builtins.str = ...,
+        ticket: _builtins.bytes = ...,
+        first_block: _builtins.int = ...,
+        block_count: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["disk_id", b"disk_id", "replica_path", b"replica_path"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["block_count", b"block_count", "disk_id", b"disk_id", "first_block", b"first_block", "replica_path", b"replica_path", "session_id", b"session_id", "ticket", b"ticket"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -579,7 +648,9 @@ class DigestChunk(_message.Message):
     """Index of the first block in this chunk."""
     block_size: _builtins.int
     digests: _builtins.bytes
-    """16 bytes each, one per block in order."""
+    """16 bytes each, one per block in order. All zero bytes: unknown (never
+    written, or left uncertain by an interrupted session); never equal to a real digest.
+    """
     def __init__(
         self,
         *,

@@ -129,7 +129,8 @@ class TargetAgentServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ReadDigests(self, request, context):
-        """The replica's per-block digests (xxh3-128 of each block's bytes).
+        """The replica's per-block digests (xxh3-128 of each block's bytes), for
+        digest-comparison incrementals and sampled verification.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -57,7 +57,9 @@ class TargetAgentStub:
     final batch).
     """
     ReadDigests: _grpc.UnaryStreamMultiCallable[_target_pb2.ReadDigestsRequest, _target_pb2.DigestChunk]
-    """The replica's per-block digests (xxh3-128 of each block's bytes)."""
+    """The replica's per-block digests (xxh3-128 of each block's bytes), for
+    digest-comparison incrementals and sampled verification.
+    """
 
 @_typing.type_check_only
 class TargetAgentAsyncStub(TargetAgentStub):
@@ -88,7 +90,9 @@ class TargetAgentAsyncStub(TargetAgentStub):
     final batch).
     """
     ReadDigests: _aio.UnaryStreamMultiCallable[_target_pb2.ReadDigestsRequest, _target_pb2.DigestChunk]  # type: ignore[assignment]
-    """The replica's per-block digests (xxh3-128 of each block's bytes)."""
+    """The replica's per-block digests (xxh3-128 of each block's bytes), for
+    digest-comparison incrementals and sampled verification.
+    """
 
 class TargetAgentServicer(metaclass=_abc_1.ABCMeta):
     """The target agent: receives disk streams from proxies, writes the replica
@@ -158,6 +162,8 @@ class TargetAgentServicer(metaclass=_abc_1.ABCMeta):
         request: _target_pb2.ReadDigestsRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_target_pb2.DigestChunk], _abc.AsyncIterator[_target_pb2.DigestChunk]]:
-        """The replica's per-block digests (xxh3-128 of each block's bytes)."""
+        """The replica's per-block digests (xxh3-128 of each block's bytes), for
+        digest-comparison incrementals and sampled verification.
+        """
 
 def add_TargetAgentServicer_to_server(servicer: TargetAgentServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
