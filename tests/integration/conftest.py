@@ -98,6 +98,14 @@ class Lab:
             signing_key=self.signing_key,
         )
 
+    def restart_proxy(self, **settings: object) -> None:
+        """Run the proxy again with other settings (batch size, window, threads)."""
+        self.proxy.stop()
+        sources = Path(self.image).parent
+        config = lab.proxy_config(self.work, self.certs, sources=sources, **settings)
+        self.proxy = lab.AgentProcess("proxy_agent", config, self.work / "proxy.log")
+        self.proxy.start()
+
     def target_events(self, event: str) -> list[dict[str, object]]:
         return [e for e in self.target.events() if e.get("event") == event]
 
