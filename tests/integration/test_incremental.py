@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import subprocess
 
-from protos.vmrepl.v1 import common_pb2, proxy_pb2, target_pb2
-from vmrepl.extent import MiB
-
 from controller import lab
+from protos.vmrepl.v1 import common_pb2, proxy_pb2, target_pb2
 from tests.conftest import need_tool
 from tests.integration.conftest import Lab, qemu_identical
+from vmrepl.extent import MiB
 
 COMPARE = proxy_pb2.ChangeSource(compare_digests=proxy_pb2.CompareDigests())
 
