@@ -7,6 +7,7 @@ import subprocess
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ed25519
@@ -98,7 +99,7 @@ class Lab:
             signing_key=self.signing_key,
         )
 
-    def restart_proxy(self, **settings: object) -> None:
+    def restart_proxy(self, **settings: Any) -> None:
         """Run the proxy again with other settings (batch size, window, threads)."""
         self.proxy.stop()
         sources = Path(self.image).parent
