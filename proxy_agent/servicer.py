@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import uuid
 from collections import OrderedDict
 from collections.abc import AsyncIterator
@@ -124,7 +125,8 @@ class ProxyAgentServicer(proxy_pb2_grpc.ProxyAgentServicer):
                 last = key
             if terminal:
                 return
-            await asyncio.sleep(WATCH_INTERVAL)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(transfer.ended.wait(), WATCH_INTERVAL)
 
     @handle_errors
     async def CancelTransfer(self, request: proxy_pb2.CancelTransferRequest, context: Any) -> Any:

@@ -142,6 +142,8 @@ class DiskTransfer:
         # A small burst (0.1 s) keeps the rate exact; tokens may go negative, so any frame size passes.
         self._bucket = TokenBucket(rate=rate, burst=rate / 10) if rate > 0 else None
         self.task: asyncio.Task[None] | None = None
+        # Set when the transfer ends, so watchers report the end at once rather than at their next poll.
+        self.ended = asyncio.Event()
 
     def start(self) -> None:
         self.task = asyncio.create_task(self._run(), name=f"transfer-{self.spec.transfer_id}")
@@ -277,6 +279,7 @@ class DiskTransfer:
         s = self.stats
         s.state, s.error_code, s.error_message = state, code, message
         s.ended = time.monotonic()
+        self.ended.set()
         log.info(
             "transfer_ended",
             state=proxy_pb2.TransferState.Name(state),

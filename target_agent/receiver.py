@@ -20,7 +20,7 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from protos.vmrepl.v1 import target_pb2
 from target_agent.datastore import Datastore
-from target_agent.replica import DiskGuard, ReplicaStream
+from target_agent.replica import COMPLETE, DiskGuard, DiskState, ReplicaStream
 from vmrepl.batch import DATA, MAX_MESSAGE_BYTES, CheckedExtent, Expectation, check_batch, decode_frame
 from vmrepl.errors import BatchError, InvalidArgument
 from vmrepl.extent import valid_block_size
@@ -179,39 +179,57 @@ class Receiver:
     async def _write_loop(
         self, stream: ReplicaStream, queue: asyncio.Queue[Queued], context: Any, ack_every: int
     ) -> None:
-        pending = 0
+        """Apply batches in order; every `ack_every` batches start a commit, with at most one in flight so
+        the disk keeps writing while the previous commit flushes, and ack each commit when it is durable."""
         busy = 0.0
-        received = 0
+        received = pending = 0
         last: target_pb2.BatchHeader | None = None
-        while True:
-            item = await queue.get()
-            if item is not None:
-                last, extents = item
-                t0 = time.perf_counter()
-                await asyncio.to_thread(stream.apply, extents)
-                busy += time.perf_counter() - t0
-                received += sum(e.length for e in extents if e.kind == DATA)
-                pending += 1
-            final = last is not None and last.final
-            if last is not None and pending and (final or item is None or pending >= ack_every):
-                t0 = time.perf_counter()
-                st = await asyncio.to_thread(stream.commit, last.end_offset, final=final)
-                busy += time.perf_counter() - t0
-                pending = 0
-                ack = target_pb2.TransferAck(
-                    seq=last.seq,
-                    committed_offset=st.committed_offset,
-                    complete=final,
-                    write_busy_seconds=busy,
-                    bytes_received=received,
-                    session_digest=bytes.fromhex(st.session_digest),
-                )
-                await context.write(target_pb2.TransferResponse(ack=ack))
-                log.debug("committed", offset=st.committed_offset, seq=last.seq, complete=final)
-            if final or item is None:
-                if final:
-                    log.info("transfer_complete", bytes_written=stream.state.bytes_written)
-                return
+        inflight: tuple[asyncio.Task[DiskState], int] | None = None
+
+        async def settle(task: asyncio.Task[DiskState], seq: int) -> None:
+            nonlocal busy
+            t0 = time.perf_counter()
+            st = await task
+            busy += time.perf_counter() - t0
+            ack = target_pb2.TransferAck(
+                seq=seq,
+                committed_offset=st.committed_offset,
+                complete=st.state == COMPLETE,
+                write_busy_seconds=busy,
+                bytes_received=received,
+                session_digest=bytes.fromhex(st.session_digest),
+            )
+            await context.write(target_pb2.TransferResponse(ack=ack))
+            log.debug("committed", offset=st.committed_offset, seq=seq, complete=ack.complete)
+
+        try:
+            while True:
+                item = await queue.get()
+                if item is not None:
+                    last, extents = item
+                    t0 = time.perf_counter()
+                    await asyncio.to_thread(stream.apply, extents)
+                    busy += time.perf_counter() - t0
+                    received += sum(e.length for e in extents if e.kind == DATA)
+                    pending += 1
+                final = last is not None and last.final
+                if last is not None and pending and (final or item is None or pending >= ack_every):
+                    if inflight is not None:
+                        await settle(*inflight)
+                    point = stream.mark(last.end_offset, final=final)
+                    inflight = (asyncio.create_task(asyncio.to_thread(stream.commit, point)), last.seq)
+                    pending = 0
+                if final or item is None:
+                    if inflight is not None:
+                        await settle(*inflight)
+                        inflight = None
+                    if final:
+                        log.info("transfer_complete", bytes_written=stream.state.bytes_written)
+                    return
+        finally:
+            if inflight is not None and not inflight[0].done():
+                inflight[0].cancel()
+                await asyncio.gather(inflight[0], return_exceptions=True)
 
 
 async def _drain(requests: AsyncIterator[bytes]) -> None:

@@ -153,6 +153,14 @@ def read_digests(disk_dir: Path, first: int, count: int) -> tuple[int, bytes]:
         store.close()
 
 
+@dataclass(frozen=True, slots=True)
+class CommitPoint:
+    offset: int
+    final: bool
+    digest: str
+    written: int
+
+
 class DiskGuard:
     """One per replica disk in the process: the newest stream wins, older ones stop touching the disk."""
 
@@ -195,6 +203,8 @@ class ReplicaStream:
             st.pass_number, st.committed_offset, st.session_digest, st.state = pass_number, 0, "", RECEIVING
             save_state(disk_dir, st)
         self.session_digest = SessionDigest(bytes.fromhex(st.session_digest))
+        self._written = st.bytes_written
+        self._closed = False
 
     @property
     def resume_offset(self) -> int:
@@ -226,24 +236,35 @@ class ReplicaStream:
                     self._digests.put(e.offset, e.digest)
                     written += e.length
                 self.session_digest.add(e.offset, e.length, e.kind, e.digest)
-        self.state.bytes_written += written
+        self._written += written
         return written
 
-    def commit(self, offset: int, *, final: bool) -> DiskState:
-        """Flush the data, then durably move the committed offset to `offset`."""
+    def mark(self, offset: int, *, final: bool) -> CommitPoint:
+        """What a commit made now would record: call after applying the batch that ends at `offset`."""
+        return CommitPoint(offset, final, self.session_digest.digest().hex(), self._written)
+
+    def commit(self, point: CommitPoint) -> DiskState:
+        """Flush, then durably record `point`. Later batches may be written while this flushes."""
         with self._guard.lock:
             self._check_current()
-            self._writer.flush()
-            self._digests.flush()
-            self.state.committed_offset = offset
-            self.state.session_digest = self.session_digest.digest().hex()
-            self.state.state = COMPLETE if final else RECEIVING
-            save_state(self.disk_dir, self.state)
-        return self.state
+        # Outside the lock, so writing goes on: the flush covers everything written before it began,
+        # which includes every batch up to the point.
+        self._writer.flush()
+        self._digests.flush()
+        with self._guard.lock:
+            self._check_current()
+            if self._closed:  # the descriptors were closed (and maybe reused) under the flush
+                raise TransferCancelled("the stream closed before its commit finished")
+            st = self.state
+            st.committed_offset, st.session_digest, st.bytes_written = point.offset, point.digest, point.written
+            st.state = COMPLETE if point.final else RECEIVING
+            save_state(self.disk_dir, st)
+        return st
 
     def close(self) -> None:
         # Under the lock: a cancelled stream's write thread may still be inside apply(), and closing the
         # descriptor under it could let a reused descriptor number receive its bytes.
         with self._guard.lock:
+            self._closed = True
             self._writer.close()
             self._digests.close()

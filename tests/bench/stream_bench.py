@@ -2,7 +2,8 @@
 
 Builds a mixed image (30% zero blocks, 40% text, 30% random), replicates it
 through a proxy and a target on loopback with mTLS (fsync on commit), then a
-changed-range incremental of 5% of the blocks; times cp + sync, rsync (whole
+digest-comparison incremental over a 5% change (rsync's delta timed on the same
+change) and a changed-range incremental over another 5%; times cp + sync, rsync (whole
 file and --inplace delta) and qemu-img convert on the same files. The last
 line is one JSON object with every figure. Size: BENCH_SIZE_MIB (default 2048).
 """
@@ -90,7 +91,9 @@ def stage_summary(r: proxy_pb2.TransferProgress) -> dict[str, float]:
     }
 
 
-async def run_agents(work: Path, certs: lab.LabCerts, image: Path, size: int, out: dict[str, object]) -> None:
+async def run_agents(
+    work: Path, certs: lab.LabCerts, image: Path, size: int, out: dict[str, object], *, rsync_dest: Path
+) -> None:
     target = lab.AgentProcess("target_agent", lab.target_config(work, certs), work / "target.log")
     threads = int(os.environ.get("BENCH_THREADS", "2"))
     proxy = lab.AgentProcess(
@@ -101,6 +104,7 @@ async def run_agents(work: Path, certs: lab.LabCerts, image: Path, size: int, ou
     target.start()
     proxy.start()
     assert target.proc is not None and proxy.proc is not None
+    profiler = start_profiler(work, {"target": target.proc.pid, "proxy": proxy.proc.pid})
     env: dict[str, object] = {
         "tls": TlsSettings(**certs.tls("controller")),  # type: ignore[arg-type]
         "proxy": proxy.address,
@@ -115,13 +119,27 @@ async def run_agents(work: Path, certs: lab.LabCerts, image: Path, size: int, ou
             out["full_mbps"] = round(size / dt / 1e6, 1)
             out["full_wire_mib"] = round(full.bytes_sent / MiB, 1)
             out["full_stages"] = stage_summary(full)
+            # 5% changed, found by comparing digests; rsync's delta is timed on the same change.
             changed = lab.change_blocks(image, fraction=0.05, seed=11)
             out["changed_blocks"] = len(changed)
+            out["rsync_delta_s"] = round(
+                timed(["rsync", "--inplace", "--no-whole-file", str(image), str(rsync_dest)], sync_path=rsync_dest), 3
+            )
+            compare = proxy_pb2.ChangeSource(compare_digests=proxy_pb2.CompareDigests())
+            dt, incr = await replicate(env, DiskTaskSpec(session_id="digest", change_source=compare, **base))  # type: ignore[arg-type]
+            out["incr_s"] = round(dt, 3)
+            out["incr_data_mib"] = round(incr.bytes_data / MiB, 1)
+            out["incr_stages"] = stage_summary(incr)
+            # Another 5%, handed over as changed ranges (as RCT reports them).
+            changed = lab.change_blocks(image, fraction=0.05, seed=12)
             ranges = [common_pb2.ByteRange(offset=o, length=MiB) for o in changed]
             cs = proxy_pb2.ChangeSource(changed_ranges=proxy_pb2.ChangedRanges(ranges=ranges))
-            dt, _ = await replicate(env, DiskTaskSpec(session_id="ranges", change_source=cs, **base))  # type: ignore[arg-type]
+            dt, rr = await replicate(env, DiskTaskSpec(session_id="ranges", change_source=cs, **base))  # type: ignore[arg-type]
             out["ranges_incr_s"] = round(dt, 3)
+            out["ranges_verification"] = rr.verification
         out["peak_rss_mib"] = round(rss.peak / MiB, 1)
+        if profiler is not None:
+            out["profile"] = stop_profiler(*profiler)
     finally:
         proxy.stop()
         target.stop()
@@ -130,6 +148,49 @@ async def run_agents(work: Path, certs: lab.LabCerts, image: Path, size: int, ou
         ["qemu-img", "compare", "-q", "-f", "raw", "-F", "raw", str(image), str(replica)], check=False
     )
     out["replica_identical"] = same.returncode == 0
+
+
+def start_profiler(work: Path, pids: dict[str, int]) -> tuple[subprocess.Popen[bytes], Path] | None:
+    """BENCH_PROFILE=target|proxy samples that agent with py-spy for the whole run (collapsed stacks)."""
+    which = os.environ.get("BENCH_PROFILE")
+    if not which:
+        return None
+    out = work / f"{which}.folded"
+    proc = subprocess.Popen(
+        [
+            shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy"),
+            "record",
+            "--format",
+            "raw",
+            "--rate",
+            "200",
+            "--threads",
+            "-o",
+            str(out),
+            "-p",
+            str(pids[which]),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    time.sleep(1.0)  # let py-spy attach before the run starts
+    return proc, out
+
+
+def stop_profiler(proc: subprocess.Popen[bytes], out: Path) -> dict[str, float]:
+    """Top functions by share of samples in which they were on top of a stack (self time)."""
+    proc.send_signal(2)
+    proc.wait(30)
+    counts: dict[str, int] = {}
+    total = 0
+    for line in out.read_text().splitlines():
+        stack, _, n = line.rpartition(" ")
+        leaf = stack.split(";")[-1]
+        counts[leaf] = counts.get(leaf, 0) + int(n)
+        total += int(n)
+    top = sorted(counts.items(), key=lambda kv: -kv[1])[:12]
+    shutil.copy(out, Path.cwd() / out.name)
+    return {name: round(100 * n / total, 1) for name, n in top}
 
 
 def ensure_tools() -> None:
@@ -172,17 +233,12 @@ def main() -> None:
     for f in ("cp.raw", "qemu.raw"):
         (work / f).unlink()
 
-    asyncio.run(run_agents(work, certs, image, size, out))
+    asyncio.run(run_agents(work, certs, image, size, out, rsync_dest=work / "rsync.raw"))
 
-    # rsync's delta on the same 5% change (the changed image vs the pristine copy at the destination).
-    dt = timed(
-        ["rsync", "--inplace", "--no-whole-file", str(image), str(work / "rsync.raw")],
-        sync_path=work / "rsync.raw",
-    )
-    out["rsync_delta_s"] = round(dt, 3)
     out["full_vs_rsync"] = round(float(out["full_mbps"]) / float(out["rsync_full_mbps"]), 2)  # type: ignore[arg-type]
     out["full_vs_qemu_img"] = round(float(out["full_mbps"]) / float(out["qemu_img_mbps"]), 2)  # type: ignore[arg-type]
     out["ranges_vs_full"] = round(float(out["ranges_incr_s"]) / float(out["full_s"]), 3)  # type: ignore[arg-type]
+    out["rsync_delta_vs_incr"] = round(float(out["rsync_delta_s"]) / float(out["incr_s"]), 2)  # type: ignore[arg-type]
     for k, v in out.items():
         print(f"{k:>20}: {v}")
     print(json.dumps(out))
