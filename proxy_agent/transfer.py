@@ -251,6 +251,7 @@ class DiskTransfer:
         table = await self._read_digests(channel)
         loop = asyncio.get_running_loop()
         mine = await loop.run_in_executor(executor, self._hash_blocks, sample)
+        self.stats.bytes_read += sum(b.length for b in sample)  # counters change on the event loop only
         mismatched = 0
         for block, d in zip(sample, mine, strict=True):
             at = block.offset // bs * DIGEST_SIZE
@@ -264,7 +265,6 @@ class DiskTransfer:
             buf = bytearray(b.length)
             self._reader.read_into(memoryview(buf), b.offset)
             out.append(zero_digest(b.length) if buf == bytes(b.length) else digest(buf))
-            self.stats.bytes_read += b.length
         return out
 
     def _before_retry(self, state: RetryCallState) -> None:
