@@ -9,11 +9,13 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
 import sysconfig
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -210,3 +212,90 @@ class AgentProcess:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait()
+
+
+GPT_BASIC_DATA = "EBD0A0A2-B9E5-4433-87C0-68B6B72699C7"
+GPT_LINUX_SWAP = "0657FD6D-A4AB-43C4-84E5-0933C84B4F4F"
+SECTOR = 512
+
+
+def _run(*cmd: str, stdin: str | None = None) -> str:
+    out = subprocess.run(cmd, input=stdin, capture_output=True, text=True, check=False)
+    if out.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed: {out.stderr.strip() or out.stdout.strip()}")
+    return out.stdout
+
+
+def _copy_sparse(src: Path, dst: Path, offset: int) -> None:
+    """Copy `src` into `dst` at `offset`, leaving all-zero MiB chunks as holes."""
+    zero = bytes(MiB)
+    with open(src, "rb") as f, open(dst, "r+b") as g:
+        pos = 0
+        while chunk := f.read(MiB):
+            if chunk != zero[: len(chunk)]:
+                g.seek(offset + pos)
+                g.write(chunk)
+            pos += len(chunk)
+
+
+def partitions(image: Path) -> list[dict[str, object]]:
+    """The image's partition table as sfdisk reports it (start and size in sectors)."""
+    table = json.loads(_run("sfdisk", "--json", str(image)))["partitiontable"]
+    parts: list[dict[str, object]] = table["partitions"]
+    return parts
+
+
+def create_sample_vm(host_root: Path, name: str, *, size: int = 256 * MiB, seed: int = 1) -> Path:
+    """A VM folder with one GPT disk: an NTFS data partition with files (text, binaries, a pagefile)
+    made by mkntfs and ntfscp, and a swap partition made by mkswap with used pages. Returns the folder."""
+    from vmrepl.providers.filehost import DiskManifest, VmManifest, write_manifest
+
+    vm_dir = host_root / name
+    vm_dir.mkdir(parents=True)
+    disk = vm_dir / "disk0.raw"
+    with open(disk, "wb") as f:
+        f.truncate(size)
+    swap_bytes = 32 * MiB
+    data_sectors = (size - swap_bytes - 2 * MiB) // SECTOR
+    _run(
+        "sfdisk", "--no-reread", "--no-tell-kernel", "--quiet", str(disk),
+        stdin=f"label: gpt\nstart=2048, size={data_sectors}, type={GPT_BASIC_DATA}, name=data\n"
+        f"type={GPT_LINUX_SWAP}, name=swap\n",
+    )  # fmt: skip
+    data, swap = partitions(disk)
+    rng = random.Random(seed)
+    work = vm_dir / ".build"
+    work.mkdir()
+    try:
+        ntfs = work / "ntfs.img"
+        with open(ntfs, "wb") as f:
+            f.truncate(int(str(data["size"])) * SECTOR)
+        _run("mkntfs", "-F", "-Q", "-q", "-L", "data", "-p", str(data["start"]), "-H", "255", "-S", "63", str(ntfs))
+        files = {"pagefile.sys": rng.randbytes(16 * MiB), "data.bin": rng.randbytes(8 * MiB)}
+        corpus = _text_corpus(4 * MiB)
+        for i in range(8):
+            files[f"notes{i}.txt"] = corpus[i * 256 * 1024 : (i + 1) * 256 * 1024]
+        for fname, content in files.items():
+            src = work / fname
+            src.write_bytes(content)
+            _run("ntfscp", "-f", "-q", str(ntfs), str(src), f"/{fname}")
+        _copy_sparse(ntfs, disk, int(str(data["start"])) * SECTOR)
+        swap_img = work / "swap.img"
+        with open(swap_img, "wb") as f:
+            f.truncate(int(str(swap["size"])) * SECTOR)
+        _run("mkswap", "-q", "-L", "swap", str(swap_img))
+        with open(swap_img, "r+b") as f:  # pages the guest swapped out
+            f.seek(MiB)
+            f.write(rng.randbytes(4 * MiB))
+        _copy_sparse(swap_img, disk, int(str(swap["start"])) * SECTOR)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    write_manifest(
+        vm_dir,
+        VmManifest(
+            name=name,
+            id=str(uuid.UUID(int=rng.getrandbits(128), version=4)),
+            disks=[DiskManifest(id="disk0", path="disk0.raw")],
+        ),
+    )
+    return vm_dir
