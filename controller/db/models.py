@@ -1,0 +1,157 @@
+"""Tables of the configuration database. Every change of state is written here before it is acted on."""
+
+from __future__ import annotations
+
+import datetime as dt
+import uuid
+from typing import Any
+
+from sqlalchemy import JSON, BigInteger, DateTime, ForeignKey, Integer, LargeBinary, String, Text, UniqueConstraint
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+
+def new_id() -> str:
+    return uuid.uuid4().hex
+
+
+def now() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+class Base(DeclarativeBase):
+    type_annotation_map = {dict[str, Any]: JSON, list[Any]: JSON, dt.datetime: DateTime(timezone=True)}
+
+
+class Credential(Base):
+    """A user name and a secret, the secret encrypted at rest (controller.db.secrets)."""
+
+    __tablename__ = "credentials"
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
+    name: Mapped[str] = mapped_column(String(128), unique=True)
+    username: Mapped[str] = mapped_column(String(256))
+    secret: Mapped[bytes] = mapped_column(LargeBinary)
+    created_at: Mapped[dt.datetime] = mapped_column(default=now)
+
+
+class Host(Base):
+    """A hypervisor host: provider "file" (address is a folder) or "hyperv" (address is a host name)."""
+
+    __tablename__ = "hosts"
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
+    name: Mapped[str] = mapped_column(String(128), unique=True)
+    provider: Mapped[str] = mapped_column(String(32))
+    address: Mapped[str] = mapped_column(String(1024))
+    credential_id: Mapped[str | None] = mapped_column(ForeignKey("credentials.id", ondelete="RESTRICT"))
+    created_at: Mapped[dt.datetime] = mapped_column(default=now)
+
+
+class Proxy(Base):
+    __tablename__ = "proxies"
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
+    name: Mapped[str] = mapped_column(String(128), unique=True)
+    address: Mapped[str] = mapped_column(String(256))
+    # The name in the agent's certificate, when it differs from the host in address.
+    tls_server_name: Mapped[str] = mapped_column(String(256), default="")
+    max_tasks: Mapped[int] = mapped_column(Integer, default=4)
+    # Host ids this proxy reads from directly (preferred for their VMs); empty: any host.
+    host_ids: Mapped[list[Any]] = mapped_column(default=list)
+
+
+class Target(Base):
+    __tablename__ = "targets"
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
+    name: Mapped[str] = mapped_column(String(128), unique=True)
+    address: Mapped[str] = mapped_column(String(256))
+    tls_server_name: Mapped[str] = mapped_column(String(256), default="")
+    max_tasks: Mapped[int] = mapped_column(Integer, default=4)
+
+
+class Job(Base):
+    __tablename__ = "jobs"
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
+    name: Mapped[str] = mapped_column(String(128), unique=True)
+    host_id: Mapped[str] = mapped_column(ForeignKey("hosts.id", ondelete="RESTRICT"))
+    target_id: Mapped[str] = mapped_column(ForeignKey("targets.id", ondelete="RESTRICT"))
+    # Replica folder on the target, relative to its datastore; each VM gets a subfolder.
+    replica_root: Mapped[str] = mapped_column(String(512))
+    restore_points_to_keep: Mapped[int] = mapped_column(Integer, default=7)
+    compression: Mapped[str] = mapped_column(String(16), default="default")
+    block_size: Mapped[int] = mapped_column(Integer, default=1 << 20)
+    bandwidth_limit_mbps: Mapped[float] = mapped_column(default=0.0)
+    change_tracking: Mapped[str] = mapped_column(String(8), default="auto")  # on, off, auto
+    # Stored now, used by later work: guest processing, guest-level exclusions, the schedule.
+    guest_processing: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    exclusions: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    schedule: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    checkpoint_deadline_seconds: Mapped[int] = mapped_column(Integer, default=24 * 3600)
+    enabled: Mapped[bool] = mapped_column(default=True)
+    created_at: Mapped[dt.datetime] = mapped_column(default=now)
+    vms: Mapped[list[JobVm]] = relationship(back_populates="job", cascade="all, delete-orphan", lazy="selectin")
+
+
+class JobVm(Base):
+    __tablename__ = "job_vms"
+    __table_args__ = (UniqueConstraint("job_id", "vm_ref"),)
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"))
+    vm_ref: Mapped[str] = mapped_column(String(256))  # VM id or name
+    excluded_disks: Mapped[list[Any]] = mapped_column(default=list)
+    job: Mapped[Job] = relationship(back_populates="vms")
+
+
+class Session(Base):
+    __tablename__ = "sessions"
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
+    state: Mapped[str] = mapped_column(String(16), index=True)
+    started_at: Mapped[dt.datetime] = mapped_column(default=now)
+    ended_at: Mapped[dt.datetime | None]
+    error: Mapped[str] = mapped_column(Text, default="")
+    stats: Mapped[dict[str, Any]] = mapped_column(default=dict)
+
+
+class Task(Base):
+    """One disk of one VM in one session."""
+
+    __tablename__ = "tasks"
+    __table_args__ = (UniqueConstraint("session_id", "vm_id", "disk_id"),)
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
+    session_id: Mapped[str] = mapped_column(ForeignKey("sessions.id", ondelete="CASCADE"), index=True)
+    vm_id: Mapped[str] = mapped_column(String(256))
+    vm_name: Mapped[str] = mapped_column(String(256))
+    disk_id: Mapped[str] = mapped_column(String(128))
+    state: Mapped[str] = mapped_column(String(16))
+    proxy_id: Mapped[str | None] = mapped_column(ForeignKey("proxies.id", ondelete="SET NULL"))
+    transfer_id: Mapped[str] = mapped_column(String(64), default="")
+    checkpoint_id: Mapped[str] = mapped_column(String(128), default="")
+    committed_offset: Mapped[int] = mapped_column(BigInteger, default=0)
+    disk_size: Mapped[int] = mapped_column(BigInteger, default=0)
+    stats: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    error: Mapped[str] = mapped_column(Text, default="")
+    started_at: Mapped[dt.datetime | None]
+    ended_at: Mapped[dt.datetime | None]
+
+
+class HeldCheckpoint(Base):
+    """A checkpoint kept after its session for disks left to resume, until resumed or past its deadline."""
+
+    __tablename__ = "held_checkpoints"
+    __table_args__ = (UniqueConstraint("job_id", "vm_id"),)
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"))
+    vm_id: Mapped[str] = mapped_column(String(256))
+    checkpoint_id: Mapped[str] = mapped_column(String(128))
+    reference: Mapped[str] = mapped_column(String(256))
+    session_id: Mapped[str] = mapped_column(ForeignKey("sessions.id", ondelete="CASCADE"))
+    deadline: Mapped[dt.datetime]
+
+
+class RestorePoint(Base):
+    __tablename__ = "restore_points"
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)  # the target's id
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
+    vm_id: Mapped[str] = mapped_column(String(256))
+    session_id: Mapped[str] = mapped_column(ForeignKey("sessions.id", ondelete="CASCADE"))
+    created_at: Mapped[dt.datetime] = mapped_column(default=now)
+    # The change-tracking reference of the checkpoint this point was taken from: the next incremental's "since".
+    reference: Mapped[str] = mapped_column(String(256), default="")
