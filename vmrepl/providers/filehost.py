@@ -228,6 +228,7 @@ class FileVm:
             if raw is not None and raw["state"] == "merging":
                 self._merge()
                 raw = None
+            self._log_change(disk_id, offset, len(data))
             if raw is not None:
                 overlay = self.state / "overlay" / f"{disk_id}.raw"
                 f = PositionalFile(overlay, writable=True, create=True)
@@ -247,9 +248,15 @@ class FileVm:
                     f.sync()
                 finally:
                     f.close()
-            entry = {"seq": self._last_seq() + 1, "disk": disk_id, "offset": offset, "length": len(data)}
-            with open(self.state / "changes.log", "a") as log:
-                log.write(json.dumps(entry) + "\n")
+
+    def _log_change(self, disk_id: str, offset: int, length: int) -> None:
+        # Logged, durably, before the data changes: a crash in between makes the tracker report a range
+        # that did not change (harmless, it is sent again), never miss one that did.
+        entry = {"seq": self._last_seq() + 1, "disk": disk_id, "offset": offset, "length": length}
+        with open(self.state / "changes.log", "a") as log:
+            log.write(json.dumps(entry) + "\n")
+            log.flush()
+            os.fsync(log.fileno())
 
     def read_current(self, disk_id: str, offset: int, length: int) -> bytes:
         """The disk as the guest sees it now: the base, with the overlay on top."""
