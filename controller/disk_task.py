@@ -36,6 +36,7 @@ class DiskTaskSpec:
     bandwidth_limit_mbps: float = 0.0
     resume_timeout_seconds: int = 0
     target_name: str = "target"
+    transfer_id: str = ""
 
 
 async def prepare(target: AgentClient, spec: DiskTaskSpec) -> target_pb2.ReplicaDisk:
@@ -75,6 +76,7 @@ def start_request(
         ticket=ticket,
         resume_timeout_seconds=spec.resume_timeout_seconds,
         replica_path=spec.replica_path,
+        transfer_id=spec.transfer_id,
     )
 
 

@@ -18,6 +18,7 @@ from vmrepl.batch import MAX_MESSAGE_BYTES
 from vmrepl.disk import open_reader
 from vmrepl.errors import AlreadyExists, FailedPrecondition, NotFound, ResourceExhausted
 from vmrepl.logs import get_logger
+from vmrepl.names import check_name
 from vmrepl.rpc import handle_errors, secure_channel
 from vmrepl.security.tls import require_role
 
@@ -52,7 +53,7 @@ class ProxyAgentServicer(proxy_pb2_grpc.ProxyAgentServicer):
             allocated = await asyncio.to_thread(reader.allocated_extents)
             plans = rq.plans_for(req, disk_size=reader.size, allocated=allocated)
             spec = TransferSpec(
-                transfer_id=uuid.uuid4().hex,
+                transfer_id=req.transfer_id or uuid.uuid4().hex,
                 session_id=req.session_id,
                 disk_id=req.disk_id,
                 replica_path=req.replica_path,
@@ -84,6 +85,13 @@ class ProxyAgentServicer(proxy_pb2_grpc.ProxyAgentServicer):
     @handle_errors
     async def StartDiskTransfer(self, request: proxy_pb2.StartDiskTransferRequest, context: Any) -> Any:
         require_role(context, "controller")
+        if request.transfer_id:
+            check_name("transfer_id", request.transfer_id)
+            known = self.transfers.get(request.transfer_id)
+            if known is not None:
+                if (known.spec.session_id, known.spec.disk_id) != (request.session_id, request.disk_id):
+                    raise AlreadyExists(f"transfer {request.transfer_id} is for another session or disk")
+                return proxy_pb2.StartDiskTransferResponse(transfer_id=request.transfer_id)  # a retried start
         for t in self._running():
             if (t.spec.session_id, t.spec.disk_id) == (request.session_id, request.disk_id):
                 raise AlreadyExists(f"disk {request.disk_id} of session {request.session_id} is already streaming")

@@ -108,3 +108,24 @@ async def test_agents_serve_health_and_reflection(lab_env: Lab) -> None:
         names = {s.name async for r in call for s in r.list_services_response.service}
         assert "grpc.health.v1.Health" in names
         assert names & {"vmrepl.v1.ProxyAgent", "vmrepl.v1.TargetAgent"}
+
+
+async def test_a_retried_start_with_the_same_transfer_id_is_idempotent(lab_env: Lab) -> None:
+    from controller.disk_task import prepare, start_request
+
+    spec = lab_env.spec("s-idem", transfer_id="t-0001", bandwidth_limit_mbps=50)
+    proxy, target = lab_env.proxy_client().stub, lab_env.target_client()
+    await prepare(target, spec)
+    req = start_request(spec, target_address=target.address, signing_key=lab_env.signing_key)
+    first = await proxy.StartDiskTransfer(req)
+    again = await proxy.StartDiskTransfer(req)  # as a controller that crashed mid-call would
+    assert first.transfer_id == again.transfer_id == "t-0001"
+    other = start_request(lab_env.spec("s-other", transfer_id="t-0001"), target_address=target.address,
+                          signing_key=lab_env.signing_key)  # fmt: skip
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await proxy.StartDiskTransfer(other)
+    assert err.value.code() == grpc.StatusCode.ALREADY_EXISTS
+    async for p in proxy.WatchTransfer(proxy_pb2.WatchTransferRequest(transfer_id="t-0001")):
+        last = p
+    assert last.state == proxy_pb2.TRANSFER_STATE_COMPLETED
+    assert len([e for e in lab_env.proxy.events() if e.get("event") == "transfer_started"]) == 1

@@ -272,6 +272,7 @@ class StartDiskTransferRequest(_message.Message):
     TICKET_FIELD_NUMBER: _builtins.int
     RESUME_TIMEOUT_SECONDS_FIELD_NUMBER: _builtins.int
     REPLICA_PATH_FIELD_NUMBER: _builtins.int
+    TRANSFER_ID_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
     disk_id: _builtins.str
     block_size: _builtins.int
@@ -285,6 +286,11 @@ class StartDiskTransferRequest(_message.Message):
     """How long the proxy keeps reconnecting after the stream breaks. 0: 1800 s."""
     replica_path: _builtins.str
     """VM replica directory on the target (relative to its datastore); must match the ticket."""
+    transfer_id: _builtins.str
+    """Chosen by the controller and recorded before it calls, so a controller that crashed mid-call can
+    ask again: a start with the id of a transfer this proxy has for the same session and disk returns
+    it unchanged. Empty: the proxy picks an id.
+    """
     @_builtins.property
     def source(self) -> Global___SourceDisk: ...
     @_builtins.property
@@ -308,10 +314,11 @@ class StartDiskTransferRequest(_message.Message):
         ticket: _builtins.bytes = ...,
         resume_timeout_seconds: _builtins.int = ...,
         replica_path: _builtins.str = ...,
+        transfer_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["change_source", b"change_source", "exclusions", b"exclusions", "source", b"source", "target", b"target"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["bandwidth_limit_mbps", b"bandwidth_limit_mbps", "block_size", b"block_size", "change_source", b"change_source", "compression", b"compression", "disk_id", b"disk_id", "exclusions", b"exclusions", "replica_path", b"replica_path", "resume_timeout_seconds", b"resume_timeout_seconds", "session_id", b"session_id", "source", b"source", "target", b"target", "ticket", b"ticket"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bandwidth_limit_mbps", b"bandwidth_limit_mbps", "block_size", b"block_size", "change_source", b"change_source", "compression", b"compression", "disk_id", b"disk_id", "exclusions", b"exclusions", "replica_path", b"replica_path", "resume_timeout_seconds", b"resume_timeout_seconds", "session_id", b"session_id", "source", b"source", "target", b"target", "ticket", b"ticket", "transfer_id", b"transfer_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

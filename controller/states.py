@@ -1,0 +1,127 @@
+"""Session and task states, their legal transitions, and the decisions taken from them. Pure.
+
+The engine records every transition in the database *before* acting on it;
+after a crash it reads these states back and `reconcile_task` says what to
+do with each task.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import enum
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+
+class TaskState(enum.StrEnum):
+    PENDING = "pending"  # planned, no proxy yet
+    STARTING = "starting"  # a StartDiskTransfer is being sent (the proxy may or may not have it)
+    RUNNING = "running"  # the proxy is streaming (transfer_id recorded)
+    SUCCEEDED = "succeeded"
+    RESUMABLE = "resumable"  # stopped with a committed offset, checkpoint held: the next run resumes it
+    FAILED = "failed"
+
+
+class SessionState(enum.StrEnum):
+    RUNNING = "running"
+    STOPPING = "stopping"
+    SUCCEEDED = "succeeded"
+    INCOMPLETE = "incomplete"  # some disks left resumable (stopped, window closed)
+    FAILED = "failed"
+
+
+TASK_TRANSITIONS: dict[TaskState, frozenset[TaskState]] = {
+    TaskState.PENDING: frozenset({TaskState.STARTING, TaskState.FAILED, TaskState.RESUMABLE}),
+    TaskState.STARTING: frozenset({TaskState.RUNNING, TaskState.FAILED, TaskState.RESUMABLE, TaskState.PENDING}),
+    TaskState.RUNNING: frozenset({TaskState.SUCCEEDED, TaskState.FAILED, TaskState.RESUMABLE}),
+    TaskState.SUCCEEDED: frozenset(),
+    TaskState.RESUMABLE: frozenset(),
+    TaskState.FAILED: frozenset(),
+}
+TERMINAL_TASK = frozenset({TaskState.SUCCEEDED, TaskState.RESUMABLE, TaskState.FAILED})
+
+
+class IllegalTransition(ValueError):
+    pass
+
+
+def check_task_transition(old: TaskState, new: TaskState) -> TaskState:
+    if new not in TASK_TRANSITIONS[old]:
+        raise IllegalTransition(f"a task cannot go from {old} to {new}")
+    return new
+
+
+def session_outcome(tasks: Iterable[TaskState], *, stopped: bool) -> SessionState:
+    """The session's end state once every task is terminal."""
+    states = list(tasks)
+    if any(t not in TERMINAL_TASK for t in states):
+        raise IllegalTransition("a session ends only when every task has")
+    if any(t is TaskState.FAILED for t in states):
+        return SessionState.FAILED
+    if any(t is TaskState.RESUMABLE for t in states) or stopped:
+        return SessionState.INCOMPLETE
+    return SessionState.SUCCEEDED
+
+
+def vm_restore_point_due(tasks: Iterable[TaskState]) -> bool:
+    """A VM gets a restore point only when every one of its disks succeeded."""
+    states = list(tasks)
+    return bool(states) and all(t is TaskState.SUCCEEDED for t in states)
+
+
+class DiskStart(enum.StrEnum):
+    RESUME = "resume"  # same checkpoint, the target resumes from its committed offset
+    FRESH = "fresh"  # new checkpoint; changed ranges or digest comparison as the job says
+    COMPARE = "compare"  # new checkpoint, digest comparison: the replica may hold a torn transfer
+
+
+@dataclass(frozen=True, slots=True)
+class HeldCheckpointView:
+    checkpoint_id: str
+    deadline: dt.datetime
+    resumable_disks: frozenset[str]
+
+
+@dataclass(frozen=True, slots=True)
+class VmPlan:
+    reuse_checkpoint: str | None  # keep using this checkpoint for the resumed disks
+    release_checkpoint: str | None  # remove this held checkpoint before taking a new one
+    disks: dict[str, DiskStart]
+
+
+def plan_vm(disk_ids: Iterable[str], held: HeldCheckpointView | None, *, now: dt.datetime) -> VmPlan:
+    """How the next session starts each disk of a VM, given a checkpoint held from an earlier one.
+
+    Before the deadline the held checkpoint is reused: its unfinished disks resume, the others start
+    afresh from it. After the deadline it is released and the unfinished disks are re-run against a
+    new checkpoint by digest comparison, never by appending to a torn replica.
+    """
+    disks = list(disk_ids)
+    if held is None:
+        return VmPlan(None, None, dict.fromkeys(disks, DiskStart.FRESH))
+    if now < held.deadline:
+        plan = {d: DiskStart.RESUME if d in held.resumable_disks else DiskStart.FRESH for d in disks}
+        return VmPlan(held.checkpoint_id, None, plan)
+    plan = {d: DiskStart.COMPARE if d in held.resumable_disks else DiskStart.FRESH for d in disks}
+    return VmPlan(None, held.checkpoint_id, plan)
+
+
+class Recovery(enum.StrEnum):
+    REATTACH = "reattach"  # the proxy still runs it: watch it again
+    RESUME = "resume"  # start it again; the target resumes from its committed offset
+    KEEP = "keep"  # terminal already: nothing to do
+
+
+def reconcile_task(state: TaskState, *, proxy_knows_transfer: bool | None) -> Recovery:
+    """After a controller restart: what to do with a task found in `state`.
+
+    `proxy_knows_transfer` is whether the recorded proxy still reports the transfer (by its
+    controller-chosen id) as running; None: the proxy cannot be asked."""
+    if state in TERMINAL_TASK:
+        return Recovery.KEEP
+    if state in (TaskState.STARTING, TaskState.RUNNING) and proxy_knows_transfer:
+        return Recovery.REATTACH
+    # PENDING, STARTING that never reached the proxy, or RUNNING on a proxy that lost it (restarted):
+    # starting again is safe because the target resumes from what it made durable, and a start that
+    # did arrive is recognised by its controller-chosen transfer id.
+    return Recovery.RESUME

@@ -1,0 +1,96 @@
+"""The controller's pure decisions: placement, retention, states, resume planning, recovery."""
+
+import datetime as dt
+
+import pytest
+
+from controller.placement import ProxySlot, choose_proxy
+from controller.retention import points_to_delete
+from controller.states import (
+    DiskStart,
+    HeldCheckpointView,
+    IllegalTransition,
+    Recovery,
+    SessionState,
+    TaskState,
+    check_task_transition,
+    plan_vm,
+    reconcile_task,
+    session_outcome,
+    vm_restore_point_due,
+)
+
+T0 = dt.datetime(2026, 11, 25, 12, tzinfo=dt.UTC)
+
+
+def slot(
+    name: str, *, running: int = 0, max_tasks: int = 2, hosts: set[str] | None = None, healthy: bool = True
+) -> ProxySlot:
+    return ProxySlot(name, name, healthy, max_tasks, running, frozenset(hosts or set()))
+
+
+def test_proxy_serving_the_host_comes_first_then_the_least_loaded() -> None:
+    local = slot("local", running=1, hosts={"hv1"})
+    idle = slot("idle")
+    assert choose_proxy([idle, local], host_id="hv1") is local
+    assert choose_proxy([idle, local], host_id="hv2") is idle
+    full = slot("local", running=2, hosts={"hv1"})
+    assert choose_proxy([full, idle], host_id="hv1") is idle
+    assert choose_proxy([slot("down", healthy=False), full], host_id="hv1") is None
+    picked = choose_proxy([slot("b"), slot("a")], host_id="x")
+    assert picked is not None and picked.name == "a"  # stable among equals
+
+
+def test_retention_keeps_the_newest() -> None:
+    pts = [("p3", T0 + dt.timedelta(hours=3)), ("p1", T0), ("p2", T0 + dt.timedelta(hours=1))]
+    assert points_to_delete(pts, 2) == ["p1"]
+    assert points_to_delete(pts, 5) == []
+    assert points_to_delete(pts, 1) == ["p1", "p2"]
+    with pytest.raises(ValueError):
+        points_to_delete(pts, 0)
+
+
+def test_task_transitions() -> None:
+    assert check_task_transition(TaskState.PENDING, TaskState.STARTING) is TaskState.STARTING
+    for old, new in [(TaskState.SUCCEEDED, TaskState.RUNNING), (TaskState.PENDING, TaskState.SUCCEEDED)]:
+        with pytest.raises(IllegalTransition):
+            check_task_transition(old, new)
+
+
+def test_session_outcomes_and_restore_points() -> None:
+    s, r, f = TaskState.SUCCEEDED, TaskState.RESUMABLE, TaskState.FAILED
+    assert session_outcome([s, s], stopped=False) is SessionState.SUCCEEDED
+    assert session_outcome([s, r], stopped=True) is SessionState.INCOMPLETE
+    assert session_outcome([s, s], stopped=True) is SessionState.INCOMPLETE
+    assert session_outcome([s, r, f], stopped=False) is SessionState.FAILED
+    with pytest.raises(IllegalTransition):
+        session_outcome([s, TaskState.RUNNING], stopped=False)
+    assert vm_restore_point_due([s, s]) and not vm_restore_point_due([s, r]) and not vm_restore_point_due([])
+
+
+def test_resume_before_the_deadline_and_compare_after() -> None:
+    held = HeldCheckpointView("cp1", T0 + dt.timedelta(hours=24), frozenset({"d1"}))
+    early = plan_vm(["d0", "d1"], held, now=T0)
+    assert early.reuse_checkpoint == "cp1" and early.release_checkpoint is None
+    assert early.disks == {"d0": DiskStart.FRESH, "d1": DiskStart.RESUME}
+    late = plan_vm(["d0", "d1"], held, now=T0 + dt.timedelta(hours=25))
+    assert late.reuse_checkpoint is None and late.release_checkpoint == "cp1"
+    assert late.disks == {"d0": DiskStart.FRESH, "d1": DiskStart.COMPARE}  # never append to a torn replica
+    assert plan_vm(["d0"], None, now=T0).disks == {"d0": DiskStart.FRESH}
+
+
+@pytest.mark.parametrize(
+    ("state", "knows", "want"),
+    [
+        (TaskState.SUCCEEDED, None, Recovery.KEEP),
+        (TaskState.RESUMABLE, False, Recovery.KEEP),
+        (TaskState.RUNNING, True, Recovery.REATTACH),
+        (TaskState.STARTING, True, Recovery.REATTACH),
+        (TaskState.RUNNING, False, Recovery.RESUME),
+        (TaskState.RUNNING, None, Recovery.RESUME),
+        (TaskState.STARTING, False, Recovery.RESUME),
+        (TaskState.PENDING, None, Recovery.RESUME),
+    ],
+)
+def test_recovery_after_a_controller_restart(state: TaskState, knows: bool | None, want: Recovery) -> None:
+    assert reconcile_task(state, proxy_knows_transfer=knows) is want
