@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-from vmrepl.extent import Extent, align_out, complement, intersect, merge, split_blocks, subtract, total
+from vmrepl.extent import Extent, align_in, align_out, complement, intersect, merge, split_blocks, subtract, total
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,17 +36,6 @@ class Plan:
     unchanged: int
 
 
-def _inward(extents: list[Extent], block_size: int, disk_size: int) -> list[Extent]:
-    """Only the whole blocks inside the extents (a partly excluded block must still travel)."""
-    out = []
-    for e in merge(extents):
-        lo = -(-e.offset // block_size) * block_size
-        hi = e.end if e.end == disk_size else e.end - e.end % block_size
-        if lo < hi:
-            out.append(Extent(lo, hi - lo))
-    return out
-
-
 def make_plan(
     *,
     disk_size: int,
@@ -58,7 +47,7 @@ def make_plan(
     """Blocks to read and ranges to zero; `changed` None means every block is a candidate."""
     whole = [Extent(0, disk_size)]
     candidates = whole if changed is None else align_out(merge(changed), block_size, disk_size)
-    excl = _inward(excluded, block_size, disk_size)
+    excl = align_in(excluded, block_size, disk_size)  # a partly excluded block must still travel
     kept = subtract(candidates, excl)
     read = intersect(align_out(merge(allocated), block_size, disk_size), kept)
     zero = subtract(kept, read)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import random
 from collections.abc import Iterator
 
-from vmrepl.extent import Extent, complement, merge, split_blocks
+from vmrepl.extent import Extent, align_in, complement, merge, split_blocks
 
 SAMPLE_FRACTION = 0.001
 MIN_SAMPLE = 16
@@ -20,11 +20,7 @@ MIN_SAMPLE = 16
 
 def unsent_blocks(sent: list[Extent], *, disk_size: int, block_size: int) -> Iterator[Extent]:
     """Whole blocks (the last may be short) that no sent extent touched."""
-    for gap in complement(merge(sent), 0, disk_size):
-        lo = -(-gap.offset // block_size) * block_size
-        hi = gap.end if gap.end == disk_size else gap.end - gap.end % block_size
-        if lo < hi:
-            yield from split_blocks([Extent(lo, hi - lo)], block_size)
+    yield from split_blocks(align_in(complement(merge(sent), 0, disk_size), block_size, disk_size), block_size)
 
 
 def choose_sample(candidates: list[Extent], *, disk_blocks: int, seed: str) -> list[Extent]:

@@ -108,6 +108,17 @@ def align_out(extents: list[Extent], block_size: int, disk_size: int) -> list[Ex
     return merge(grown)
 
 
+def align_in(extents: list[Extent], block_size: int, disk_size: int) -> list[Extent]:
+    """Shrink each extent to the whole blocks inside it (the disk's short last block counts as whole)."""
+    out = []
+    for e in merge(extents):
+        lo = -(-e.offset // block_size) * block_size
+        hi = e.end if e.end == disk_size else e.end - e.end % block_size
+        if lo < hi:
+            out.append(Extent(lo, hi - lo))
+    return out
+
+
 def split_blocks(extents: Iterable[Extent], block_size: int) -> Iterator[Extent]:
     """Cut extents at block boundaries: every piece lies inside one block."""
     for e in extents:

@@ -3,7 +3,7 @@ import itertools
 from hypothesis import given
 from hypothesis import strategies as st
 
-from vmrepl.extent import Extent, align_out, clip, complement, intersect, merge, split_blocks, subtract, total
+from vmrepl.extent import Extent, align_in, align_out, clip, complement, intersect, merge, split_blocks, subtract, total
 
 SPAN = 200
 
@@ -57,6 +57,15 @@ def test_align_out_covers_whole_blocks(a: list[Extent], bs: int, disk: int) -> N
     # No block is added that the input did not touch.
     touched = {b // bs for b in as_set(ma)}
     assert {b // bs for b in as_set(aligned)} == touched
+
+
+@given(extent_lists, st.sampled_from([4, 8, 16]), st.integers(1, SPAN + 50))
+def test_align_in_keeps_only_whole_blocks(a: list[Extent], bs: int, disk: int) -> None:
+    ma = clip(merge(a), 0, disk)
+    inner = align_in(ma, bs, disk)
+    assert as_set(inner) <= as_set(ma)
+    whole = {b for b in range(0, disk, bs) if set(range(b, min(b + bs, disk))) <= as_set(ma)}
+    assert {b // bs * bs for b in as_set(inner)} == whole
 
 
 @given(extent_lists, st.sampled_from([4, 8, 16]))
