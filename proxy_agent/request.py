@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,7 +13,7 @@ from proxy_agent.transfer import COMPARE, FULL, RANGES
 from vmrepl.block import Compression
 from vmrepl.errors import FailedPrecondition, InvalidArgument, PathError
 from vmrepl.extent import DEFAULT_BLOCK_SIZE, Extent, valid_block_size
-from vmrepl.names import check_name, check_relative
+from vmrepl.names import check_name, check_relative, resolve_inside
 from vmrepl.security.ticket import MAX_TICKET_BYTES
 
 MAX_RANGES = 1_000_000
@@ -38,12 +37,7 @@ def source_path(locator: str, roots: list[Path]) -> Path:
     path = Path(locator)
     if not path.is_absolute():
         raise PathError("source.locator", "must be an absolute path")
-    real = Path(os.path.realpath(path))
-    for root in roots:
-        r = Path(os.path.realpath(root))
-        if r in real.parents:
-            return real
-    raise PathError("source.locator", "is outside the proxy's source roots")
+    return resolve_inside("source.locator", path, roots, what="the proxy's source roots")
 
 
 def disk_format(req: proxy_pb2.StartDiskTransferRequest) -> str:

@@ -10,8 +10,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from vmrepl.errors import PathError
-from vmrepl.names import check_name, check_relative
+from vmrepl.names import check_name, check_relative, resolve_inside
 
 
 class Datastore:
@@ -19,17 +18,11 @@ class Datastore:
         root.mkdir(parents=True, exist_ok=True)
         self.root = Path(os.path.realpath(root))
 
-    def _inside(self, field: str, path: Path) -> Path:
-        real = Path(os.path.realpath(path))
-        if real != self.root and self.root not in real.parents:
-            raise PathError(field, "resolves outside the datastore root")
-        return real
-
     def vm_dir(self, replica_path: str) -> Path:
         parts = check_relative("replica_path", replica_path)
-        return self._inside("replica_path", self.root.joinpath(*parts))
+        return resolve_inside("replica_path", self.root.joinpath(*parts), [self.root], what="the datastore root")
 
     def disk_dir(self, replica_path: str, disk_id: str) -> Path:
         vm = self.vm_dir(replica_path)
         check_name("disk_id", disk_id)
-        return self._inside("disk_id", vm / "disks" / disk_id)
+        return resolve_inside("disk_id", vm / "disks" / disk_id, [self.root], what="the datastore root")

@@ -7,7 +7,10 @@ a relative path is up to eight names joined by '/'. Anything else, notably
 
 from __future__ import annotations
 
+import os
 import re
+from collections.abc import Iterable
+from pathlib import Path
 
 from vmrepl.errors import PathError
 
@@ -34,3 +37,12 @@ def check_relative(field: str, value: str) -> list[str]:
             raise PathError(field, f"{value!r} has an empty, '.' or '..' component")
         check_name(field, part)
     return parts
+
+
+def resolve_inside(field: str, path: Path, roots: Iterable[Path], *, what: str) -> Path:
+    """`path` with every symlink resolved, if that lies strictly inside one of `roots` (resolved too)."""
+    real = Path(os.path.realpath(path))
+    for root in roots:
+        if Path(os.path.realpath(root)) in real.parents:
+            return real
+    raise PathError(field, f"resolves outside {what}")

@@ -39,7 +39,7 @@ from vmrepl.disk import open_reader
 from vmrepl.disk.fileio import PositionalFile, atomic_write, exclusive_lock
 from vmrepl.errors import FailedPrecondition, InvalidArgument, NotFound
 from vmrepl.extent import Extent, merge
-from vmrepl.names import check_name, check_relative
+from vmrepl.names import check_name, check_relative, resolve_inside
 from vmrepl.providers.base import Checkpoint, DiskInCheckpoint, DiskInfo, Provider, VmInfo
 
 MANIFEST = "vm.toml"
@@ -109,10 +109,9 @@ class FileVm:
         raise NotFound(f"VM {self.manifest.name} has no disk {disk_id!r}")
 
     def image(self, disk_id: str) -> Path:
-        path = (self.dir / self._disk(disk_id).path).resolve()
-        if self.dir.resolve() not in path.parents:
-            raise InvalidArgument("path", f"disk {disk_id} lies outside the VM folder")
-        return path
+        return resolve_inside(
+            f"disks.{disk_id}.path", self.dir / self._disk(disk_id).path, [self.dir], what="the VM folder"
+        )
 
     def size(self, disk_id: str) -> int:
         with open_reader(self._disk(disk_id).format, self.image(disk_id)) as r:
