@@ -19,6 +19,7 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from vmrepl.block import is_zero
 from vmrepl.extent import MiB
 from vmrepl.security import certs
 
@@ -228,11 +229,10 @@ def _run(*cmd: str, stdin: str | None = None) -> str:
 
 def _copy_sparse(src: Path, dst: Path, offset: int) -> None:
     """Copy `src` into `dst` at `offset`, leaving all-zero MiB chunks as holes."""
-    zero = bytes(MiB)
     with open(src, "rb") as f, open(dst, "r+b") as g:
         pos = 0
         while chunk := f.read(MiB):
-            if chunk != zero[: len(chunk)]:
+            if not is_zero(chunk):
                 g.seek(offset + pos)
                 g.write(chunk)
             pos += len(chunk)

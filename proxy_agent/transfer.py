@@ -32,7 +32,7 @@ from proxy_agent.plan import Plan, plan_batches
 from proxy_agent.throttle import TokenBucket
 from proxy_agent.verify import choose_sample, unsent_blocks
 from vmrepl.batch import MAX_EXTENTS, encode_open
-from vmrepl.block import DIGEST_SIZE, UNKNOWN_DIGEST, Compression, digest, zero_digest
+from vmrepl.block import DIGEST_SIZE, UNKNOWN_DIGEST, Compression, digest, is_zero, zero_digest
 from vmrepl.disk.base import DiskReader
 from vmrepl.errors import ChecksumMismatch, TransferError, VmreplError
 from vmrepl.extent import Extent
@@ -264,7 +264,7 @@ class DiskTransfer:
         for b in blocks:
             buf = bytearray(b.length)
             self._reader.read_into(memoryview(buf), b.offset)
-            out.append(zero_digest(b.length) if buf == bytes(b.length) else digest(buf))
+            out.append(zero_digest(b.length) if is_zero(buf) else digest(buf))
         return out
 
     def _before_retry(self, state: RetryCallState) -> None:

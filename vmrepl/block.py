@@ -35,15 +35,16 @@ def zero_block(length: int) -> bytes:
     return bytes(length)
 
 
-_ZERO_CHUNK = bytes(1 << 20)
+# Zeros to copy from, for code that must not allocate a buffer of the size it zeroes.
+ZERO_CHUNK = bytes(1 << 20)
 
 
 def fill_zero(view: memoryview) -> None:
     """Zero a caller's buffer without allocating a buffer of its size."""
-    chunk = len(_ZERO_CHUNK)
+    chunk = len(ZERO_CHUNK)
     for pos in range(0, len(view), chunk):
         end = min(pos + chunk, len(view))
-        view[pos:end] = _ZERO_CHUNK[: end - pos]
+        view[pos:end] = ZERO_CHUNK[: end - pos]
 
 
 def is_zero(buf: bytes | bytearray) -> bool:

@@ -28,13 +28,13 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 
+from vmrepl.block import ZERO_CHUNK
 from vmrepl.errors import DiskError
 from vmrepl.extent import Extent, merge
 
 IS_WINDOWS = sys.platform == "win32"
 _O_BINARY = getattr(os, "O_BINARY", 0)
 _HAS_PREADV = hasattr(os, "preadv")
-_ZERO_CHUNK = bytes(1 << 20)
 
 # Linux fallocate(2) modes.
 _FALLOC_FL_KEEP_SIZE = 0x01
@@ -132,8 +132,8 @@ class PositionalFile:
 
     def _write_zeros(self, offset: int, end: int) -> None:
         while offset < end:
-            n = min(len(_ZERO_CHUNK), end - offset)
-            self.write(memoryview(_ZERO_CHUNK)[:n], offset)
+            n = min(len(ZERO_CHUNK), end - offset)
+            self.write(memoryview(ZERO_CHUNK)[:n], offset)
             offset += n
 
     def allocated_extents(self) -> list[Extent]:

@@ -220,7 +220,8 @@ class FileVm:
         d = self._disk(disk_id)
         if d.format != "raw":
             raise FailedPrecondition(f"disk {disk_id} is {d.format}; the lab writes raw disks only")
-        if offset < 0 or offset + len(data) > self.size(disk_id):
+        size = self.size(disk_id)
+        if offset < 0 or offset + len(data) > size:
             raise InvalidArgument("offset", f"[{offset}, +{len(data)}) is outside disk {disk_id}")
         with exclusive_lock(self.state / "lock"):
             raw = self._checkpoint_state()
@@ -228,25 +229,19 @@ class FileVm:
                 self._merge()
                 raw = None
             self._log_change(disk_id, offset, len(data))
-            if raw is not None:
-                overlay = self.state / "overlay" / f"{disk_id}.raw"
-                f = PositionalFile(overlay, writable=True, create=True)
-                try:
-                    if f.size() < self.size(disk_id):
-                        f.truncate(self.size(disk_id))
-                    f.write(data, offset)
-                    f.sync()
-                finally:
-                    f.close()
+            # Under a checkpoint the write goes to the overlay; the base stays as the checkpoint froze it.
+            path = self.state / "overlay" / f"{disk_id}.raw" if raw is not None else self.image(disk_id)
+            f = PositionalFile(path, writable=True, create=raw is not None)
+            try:
+                if f.size() < size:
+                    f.truncate(size)
+                f.write(data, offset)
+                f.sync()
+            finally:
+                f.close()
+            if raw is not None:  # recorded after the data: the merge must never copy bytes not written
                 with open(self.state / "overlay" / f"{disk_id}.map", "a") as m:
                     m.write(json.dumps([offset, len(data)]) + "\n")
-            else:
-                f = PositionalFile(self.image(disk_id), writable=True)
-                try:
-                    f.write(data, offset)
-                    f.sync()
-                finally:
-                    f.close()
 
     def _log_change(self, disk_id: str, offset: int, length: int) -> None:
         # Logged, durably, before the data changes: a crash in between makes the tracker report a range
