@@ -38,6 +38,8 @@ def configure_logging(*, fmt: LogFormat = "json", level: str = "info", stream: T
     )
     structlog.configure(
         processors=[
+            # Drop events below the level first, so per-batch debug lines cost nothing at info.
+            structlog.stdlib.filter_by_level,
             *_SHARED,
             structlog.processors.format_exc_info,
             structlog.stdlib.ProcessorFormatter.wrap_for_formatter,
