@@ -110,17 +110,21 @@ def save_state(disk_dir: Path, st: DiskState) -> None:
     atomic_write(disk_dir / STATE_FILE, json.dumps(asdict(st), sort_keys=True).encode())
 
 
-def prepare(disk_dir: Path, *, disk_size: int, block_size: int, session_id: str) -> DiskState:
-    """Create the disk or ready it for `session_id`; same session and geometry keeps the committed offset."""
+def prepare(
+    disk_dir: Path, *, disk_size: int, block_size: int, session_id: str, resume_session_id: str = ""
+) -> DiskState:
+    """Create the disk or ready it for `session_id`. The same session and geometry keeps the committed
+    offset; so does an unfinished transfer of `resume_session_id`, which `session_id` continues."""
     disk_dir.mkdir(parents=True, exist_ok=True)
     try:
         old: DiskState | None = load_state(disk_dir)
     except NotFound:
         old = None
-    resumable = (
-        old is not None and old.session_id == session_id and old.disk_size == disk_size and old.block_size == block_size
-    )
+    same = old is not None and old.disk_size == disk_size and old.block_size == block_size
+    continued = same and old is not None and bool(resume_session_id) and old.session_id == resume_session_id
+    resumable = same and old is not None and (old.session_id == session_id or continued)
     st = old if resumable and old is not None else DiskState(disk_size, block_size, session_id, PREPARED)
+    st.session_id = session_id  # a continued transfer now belongs to this session
     writer = RawWriter(disk_dir / DATA_FILE, create=True)
     digests = DigestStore(disk_dir / DIGESTS_FILE, block_size=block_size, disk_size=disk_size)
     try:

@@ -75,6 +75,8 @@ class TargetAgentServicer(target_pb2_grpc.TargetAgentServicer):
     async def PrepareReplicaDisk(self, request: target_pb2.PrepareReplicaDiskRequest, context: Any) -> Any:
         require_role(context, *CONTROLLER)
         check_name("session_id", request.session_id)
+        if request.resume_session_id:
+            check_name("resume_session_id", request.resume_session_id)
         if not 0 < request.disk_size <= MAX_DISK_SIZE:
             raise InvalidArgument("disk_size", f"must be between 1 and {MAX_DISK_SIZE}")
         if not valid_block_size(request.block_size):
@@ -86,6 +88,7 @@ class TargetAgentServicer(target_pb2_grpc.TargetAgentServicer):
             disk_size=request.disk_size,
             block_size=request.block_size,
             session_id=request.session_id,
+            resume_session_id=request.resume_session_id,
         )
         return _disk_message(request.replica_path, request.disk_id, st)
 

@@ -100,12 +100,18 @@ class PrepareReplicaDiskRequest(_message.Message):
     DISK_SIZE_FIELD_NUMBER: _builtins.int
     BLOCK_SIZE_FIELD_NUMBER: _builtins.int
     SESSION_ID_FIELD_NUMBER: _builtins.int
+    RESUME_SESSION_ID_FIELD_NUMBER: _builtins.int
     replica_path: _builtins.str
     """VM replica directory, relative to the datastore root."""
     disk_id: _builtins.str
     disk_size: _builtins.int
     block_size: _builtins.int
     session_id: _builtins.str
+    resume_session_id: _builtins.str
+    """An earlier session whose interrupted transfer of this disk this session
+    continues (same checkpoint, same change source): its committed offset,
+    pass and session digest carry over to session_id. Empty: none.
+    """
     def __init__(
         self,
         *,
@@ -114,10 +120,11 @@ class PrepareReplicaDiskRequest(_message.Message):
         disk_size: _builtins.int = ...,
         block_size: _builtins.int = ...,
         session_id: _builtins.str = ...,
+        resume_session_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["block_size", b"block_size", "disk_id", b"disk_id", "disk_size", b"disk_size", "replica_path", b"replica_path", "session_id", b"session_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["block_size", b"block_size", "disk_id", b"disk_id", "disk_size", b"disk_size", "replica_path", b"replica_path", "resume_session_id", b"resume_session_id", "session_id", b"session_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

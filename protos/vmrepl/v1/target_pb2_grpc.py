@@ -84,8 +84,9 @@ class TargetAgentServicer:
 
     def PrepareReplicaDisk(self, request, context):
         """Creates a replica disk, or readies an existing one for a session. A disk
-        prepared again for the session it is receiving keeps its committed offset
-        (the transfer resumes); for another session it starts at offset 0.
+        prepared again for the session it is receiving (or for a session that
+        continues it, see resume_session_id) keeps its committed offset (the
+        transfer resumes); for another session it starts at offset 0.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -39,8 +39,9 @@ class TargetAgentStub:
     def __new__(cls, channel: _aio.Channel) -> TargetAgentAsyncStub: ...
     PrepareReplicaDisk: _grpc.UnaryUnaryMultiCallable[_target_pb2.PrepareReplicaDiskRequest, _target_pb2.ReplicaDisk]
     """Creates a replica disk, or readies an existing one for a session. A disk
-    prepared again for the session it is receiving keeps its committed offset
-    (the transfer resumes); for another session it starts at offset 0.
+    prepared again for the session it is receiving (or for a session that
+    continues it, see resume_session_id) keeps its committed offset (the
+    transfer resumes); for another session it starts at offset 0.
     """
     GetReplicaDisk: _grpc.UnaryUnaryMultiCallable[_target_pb2.GetReplicaDiskRequest, _target_pb2.ReplicaDisk]
     CommitRestorePoint: _grpc.UnaryUnaryMultiCallable[_target_pb2.CommitRestorePointRequest, _target_pb2.RestorePoint]
@@ -72,8 +73,9 @@ class TargetAgentAsyncStub(TargetAgentStub):
     def __init__(self, channel: _aio.Channel) -> None: ...
     PrepareReplicaDisk: _aio.UnaryUnaryMultiCallable[_target_pb2.PrepareReplicaDiskRequest, _target_pb2.ReplicaDisk]  # type: ignore[assignment]
     """Creates a replica disk, or readies an existing one for a session. A disk
-    prepared again for the session it is receiving keeps its committed offset
-    (the transfer resumes); for another session it starts at offset 0.
+    prepared again for the session it is receiving (or for a session that
+    continues it, see resume_session_id) keeps its committed offset (the
+    transfer resumes); for another session it starts at offset 0.
     """
     GetReplicaDisk: _aio.UnaryUnaryMultiCallable[_target_pb2.GetReplicaDiskRequest, _target_pb2.ReplicaDisk]  # type: ignore[assignment]
     CommitRestorePoint: _aio.UnaryUnaryMultiCallable[_target_pb2.CommitRestorePointRequest, _target_pb2.RestorePoint]  # type: ignore[assignment]
@@ -108,8 +110,9 @@ class TargetAgentServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_target_pb2.ReplicaDisk, _abc.Awaitable[_target_pb2.ReplicaDisk]]:
         """Creates a replica disk, or readies an existing one for a session. A disk
-        prepared again for the session it is receiving keeps its committed offset
-        (the transfer resumes); for another session it starts at offset 0.
+        prepared again for the session it is receiving (or for a session that
+        continues it, see resume_session_id) keeps its committed offset (the
+        transfer resumes); for another session it starts at offset 0.
         """
 
     @_abc_1.abstractmethod
