@@ -5,6 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
 from protos.vmrepl.v1 import proxy_pb2_grpc, target_pb2_grpc
 from vmrepl.config import TlsSettings
 from vmrepl.rpc import secure_channel
@@ -28,3 +31,37 @@ def proxy_client(address: str, tls: TlsSettings, *, server_name: str = "") -> Ag
 def target_client(address: str, tls: TlsSettings, *, server_name: str = "") -> AgentClient:
     ch = secure_channel(address, tls, server_name=server_name)
     return AgentClient(address, ch, target_pb2_grpc.TargetAgentStub(ch))
+
+
+class AgentPool:
+    """One channel per agent address, kept for the controller's lifetime, and health checks."""
+
+    def __init__(self, tls: TlsSettings) -> None:
+        self._tls = tls
+        self._clients: dict[tuple[str, str, str], AgentClient] = {}
+
+    def proxy(self, address: str, server_name: str = "") -> AgentClient:
+        key = ("proxy", address, server_name)
+        if key not in self._clients:
+            self._clients[key] = proxy_client(address, self._tls, server_name=server_name)
+        return self._clients[key]
+
+    def target(self, address: str, server_name: str = "") -> AgentClient:
+        key = ("target", address, server_name)
+        if key not in self._clients:
+            self._clients[key] = target_client(address, self._tls, server_name=server_name)
+        return self._clients[key]
+
+    async def healthy(self, client: AgentClient, *, within: float = 5.0) -> bool:
+        """Whether the agent answers its gRPC health check as SERVING within `within` seconds."""
+        stub = health_pb2_grpc.HealthStub(client.channel)
+        try:
+            reply = await stub.Check(health_pb2.HealthCheckRequest(), timeout=within)
+        except grpc.aio.AioRpcError:
+            return False
+        return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)
+
+    async def close(self) -> None:
+        for c in self._clients.values():
+            await c.close()
+        self._clients.clear()

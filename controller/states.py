@@ -32,8 +32,11 @@ class SessionState(enum.StrEnum):
 
 TASK_TRANSITIONS: dict[TaskState, frozenset[TaskState]] = {
     TaskState.PENDING: frozenset({TaskState.STARTING, TaskState.FAILED, TaskState.RESUMABLE}),
-    TaskState.STARTING: frozenset({TaskState.RUNNING, TaskState.FAILED, TaskState.RESUMABLE, TaskState.PENDING}),
-    TaskState.RUNNING: frozenset({TaskState.SUCCEEDED, TaskState.FAILED, TaskState.RESUMABLE}),
+    # STARTING again: the start is re-sent after a restart found the proxy without the transfer.
+    TaskState.STARTING: frozenset(
+        {TaskState.STARTING, TaskState.RUNNING, TaskState.FAILED, TaskState.RESUMABLE, TaskState.PENDING}
+    ),
+    TaskState.RUNNING: frozenset({TaskState.STARTING, TaskState.SUCCEEDED, TaskState.FAILED, TaskState.RESUMABLE}),
     TaskState.SUCCEEDED: frozenset(),
     TaskState.RESUMABLE: frozenset(),
     TaskState.FAILED: frozenset(),
@@ -73,6 +76,9 @@ class DiskStart(enum.StrEnum):
     RESUME = "resume"  # same checkpoint, the target resumes from its committed offset
     FRESH = "fresh"  # new checkpoint; changed ranges or digest comparison as the job says
     COMPARE = "compare"  # new checkpoint, digest comparison: the replica may hold a torn transfer
+    # Completed from this same (held) checkpoint in the earlier session: it must complete again for this
+    # session's restore point, and only blocks changed since the checkpoint itself travel, which is none.
+    DONE = "done"
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,6 +86,7 @@ class HeldCheckpointView:
     checkpoint_id: str
     deadline: dt.datetime
     resumable_disks: frozenset[str]
+    done_disks: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,10 +107,76 @@ def plan_vm(disk_ids: Iterable[str], held: HeldCheckpointView | None, *, now: dt
     if held is None:
         return VmPlan(None, None, dict.fromkeys(disks, DiskStart.FRESH))
     if now < held.deadline:
-        plan = {d: DiskStart.RESUME if d in held.resumable_disks else DiskStart.FRESH for d in disks}
+        plan = {d: _reuse_start(d, held) for d in disks}
         return VmPlan(held.checkpoint_id, None, plan)
     plan = {d: DiskStart.COMPARE if d in held.resumable_disks else DiskStart.FRESH for d in disks}
     return VmPlan(None, held.checkpoint_id, plan)
+
+
+def _reuse_start(disk_id: str, held: HeldCheckpointView) -> DiskStart:
+    if disk_id in held.resumable_disks:
+        return DiskStart.RESUME
+    return DiskStart.DONE if disk_id in held.done_disks else DiskStart.FRESH
+
+
+class VmState(enum.StrEnum):
+    """One VM in one session; each state names the next action, taken after the state is written."""
+
+    PLANNED = "planned"  # next: release a held checkpoint past its deadline, then take a checkpoint
+    CHECKPOINTING = "checkpointing"  # next: remove orphans of a crash, create the checkpoint
+    TRANSFERRING = "transferring"  # next: run the disk tasks
+    COMMITTING = "committing"  # next: commit the restore point on the target, apply retention
+    RELEASING = "releasing"  # next: remove the checkpoint
+    HOLDING = "holding"  # next: keep the checkpoint for the disks left to resume
+    DONE = "done"  # restore point committed, checkpoint removed
+    HELD = "held"  # disks left to resume, checkpoint kept
+    STOPPED = "stopped"  # stopped before a checkpoint existed: nothing to keep
+    FAILED = "failed"
+
+
+FINAL_VM = frozenset({VmState.DONE, VmState.HELD, VmState.STOPPED, VmState.FAILED})
+
+
+def vm_after_transfers(tasks: Iterable[TaskState]) -> VmState:
+    """Where a VM goes once all its disk tasks ended: a restore point only if every disk succeeded; the
+    checkpoint kept if any disk can resume; otherwise released (the VM failed)."""
+    states = list(tasks)
+    if vm_restore_point_due(states):
+        return VmState.COMMITTING
+    if any(t is TaskState.RESUMABLE for t in states):
+        return VmState.HOLDING
+    return VmState.RELEASING
+
+
+class ChangeMode(enum.StrEnum):
+    FULL = "full"
+    RANGES = "ranges"  # changed ranges since a reference, from the provider's change tracking
+    COMPARE = "compare"  # digest comparison with the replica
+
+
+@dataclass(frozen=True, slots=True)
+class ChangeChoice:
+    mode: ChangeMode
+    since: str = ""
+
+
+def choose_change(
+    start: DiskStart, *, tracking: str, last_point_reference: str | None, checkpoint_reference: str
+) -> ChangeChoice:
+    """The change source of a disk starting afresh (a resumed one reuses its earlier choice).
+
+    `tracking` is the job's setting (on, off, auto); `last_point_reference` the change-tracking
+    reference of the VM's newest restore point, None without one. A RANGES choice can still fall
+    back to COMPARE when the provider cannot report changes since that reference."""
+    if start is DiskStart.COMPARE or (tracking == "off" and last_point_reference is not None):
+        return ChangeChoice(ChangeMode.COMPARE)
+    if start is DiskStart.DONE:
+        return ChangeChoice(ChangeMode.RANGES, checkpoint_reference)
+    if last_point_reference is None:
+        return ChangeChoice(ChangeMode.FULL)
+    if not last_point_reference:
+        return ChangeChoice(ChangeMode.COMPARE)
+    return ChangeChoice(ChangeMode.RANGES, last_point_reference)
 
 
 class Recovery(enum.StrEnum):

@@ -110,6 +110,24 @@ class Session(Base):
     stats: Mapped[dict[str, Any]] = mapped_column(default=dict)
 
 
+class SessionVm(Base):
+    """One VM in one session: its checkpoint and how far the session got with it."""
+
+    __tablename__ = "session_vms"
+    __table_args__ = (UniqueConstraint("session_id", "vm_id"),)
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
+    session_id: Mapped[str] = mapped_column(ForeignKey("sessions.id", ondelete="CASCADE"), index=True)
+    vm_id: Mapped[str] = mapped_column(String(256))
+    vm_name: Mapped[str] = mapped_column(String(256))
+    state: Mapped[str] = mapped_column(String(16))
+    checkpoint_id: Mapped[str] = mapped_column(String(128), default="")
+    checkpoint_reference: Mapped[str] = mapped_column(String(256), default="")
+    # The checkpoint came from an earlier session (held for resume): remove its held record with it.
+    checkpoint_reused: Mapped[bool] = mapped_column(default=False)
+    restore_point_id: Mapped[str] = mapped_column(String(64), default="")
+    error: Mapped[str] = mapped_column(Text, default="")
+
+
 class Task(Base):
     """One disk of one VM in one session."""
 
@@ -130,6 +148,13 @@ class Task(Base):
     error: Mapped[str] = mapped_column(Text, default="")
     started_at: Mapped[dt.datetime | None]
     ended_at: Mapped[dt.datetime | None]
+    # How this disk starts (states.DiskStart) and, once decided, its change source: a resumed transfer
+    # must recompute exactly the same one, so the mode and the reference are kept, not the ranges.
+    start: Mapped[str] = mapped_column(String(16), default="fresh")
+    change_mode: Mapped[str] = mapped_column(String(16), default="")  # full, ranges, compare; "" undecided
+    since_reference: Mapped[str] = mapped_column(String(256), default="")
+    # The earlier session whose transfer of this disk this task continues (DiskStart.RESUME).
+    resume_session_id: Mapped[str] = mapped_column(String(32), default="")
 
 
 class HeldCheckpoint(Base):

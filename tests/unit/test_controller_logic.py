@@ -7,16 +7,21 @@ import pytest
 from controller.placement import ProxySlot, choose_proxy
 from controller.retention import points_to_delete
 from controller.states import (
+    ChangeChoice,
+    ChangeMode,
     DiskStart,
     HeldCheckpointView,
     IllegalTransition,
     Recovery,
     SessionState,
     TaskState,
+    VmState,
     check_task_transition,
+    choose_change,
     plan_vm,
     reconcile_task,
     session_outcome,
+    vm_after_transfers,
     vm_restore_point_due,
 )
 
@@ -77,6 +82,46 @@ def test_resume_before_the_deadline_and_compare_after() -> None:
     assert late.reuse_checkpoint is None and late.release_checkpoint == "cp1"
     assert late.disks == {"d0": DiskStart.FRESH, "d1": DiskStart.COMPARE}  # never append to a torn replica
     assert plan_vm(["d0"], None, now=T0).disks == {"d0": DiskStart.FRESH}
+
+
+def test_disks_done_under_the_held_checkpoint_are_marked_done_until_its_deadline() -> None:
+    held = HeldCheckpointView("cp1", T0 + dt.timedelta(hours=1), frozenset({"d1"}), frozenset({"d0"}))
+    assert plan_vm(["d0", "d1", "d2"], held, now=T0).disks == {
+        "d0": DiskStart.DONE,
+        "d1": DiskStart.RESUME,
+        "d2": DiskStart.FRESH,
+    }
+    late = plan_vm(["d0", "d1"], held, now=T0 + dt.timedelta(hours=2))
+    assert late.disks == {"d0": DiskStart.FRESH, "d1": DiskStart.COMPARE}
+
+
+def test_vm_after_transfers() -> None:
+    s, r, f = TaskState.SUCCEEDED, TaskState.RESUMABLE, TaskState.FAILED
+    assert vm_after_transfers([s, s]) is VmState.COMMITTING
+    assert vm_after_transfers([s, r]) is VmState.HOLDING
+    assert vm_after_transfers([f, r]) is VmState.HOLDING  # the resumable disk keeps the checkpoint
+    assert vm_after_transfers([s, f]) is VmState.RELEASING
+
+
+@pytest.mark.parametrize(
+    ("start", "tracking", "last", "expected"),
+    [
+        (DiskStart.FRESH, "auto", None, ChangeChoice(ChangeMode.FULL)),
+        (DiskStart.FRESH, "off", None, ChangeChoice(ChangeMode.FULL)),
+        (DiskStart.FRESH, "auto", "seq:4", ChangeChoice(ChangeMode.RANGES, "seq:4")),
+        (DiskStart.FRESH, "on", "seq:4", ChangeChoice(ChangeMode.RANGES, "seq:4")),
+        (DiskStart.FRESH, "off", "seq:4", ChangeChoice(ChangeMode.COMPARE)),
+        (DiskStart.FRESH, "auto", "", ChangeChoice(ChangeMode.COMPARE)),  # a point without a reference
+        (DiskStart.COMPARE, "auto", "seq:4", ChangeChoice(ChangeMode.COMPARE)),
+        (DiskStart.COMPARE, "auto", None, ChangeChoice(ChangeMode.COMPARE)),
+        (DiskStart.DONE, "auto", "seq:4", ChangeChoice(ChangeMode.RANGES, "seq:9")),
+        (DiskStart.DONE, "auto", None, ChangeChoice(ChangeMode.RANGES, "seq:9")),
+        (DiskStart.DONE, "off", "seq:4", ChangeChoice(ChangeMode.COMPARE)),
+    ],
+)
+def test_choose_change(start: DiskStart, tracking: str, last: str | None, expected: ChangeChoice) -> None:
+    got = choose_change(start, tracking=tracking, last_point_reference=last, checkpoint_reference="seq:9")
+    assert got == expected
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,36 @@
+"""Controller settings (`vmrepl-controller --config controller.toml`, env prefix VMREPL_CONTROLLER_)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import SettingsConfigDict
+
+from controller.db.engine import sqlite_url
+from vmrepl.config import LogSettings, ProgramSettings, TlsSettings
+
+
+class ControllerSettings(ProgramSettings):
+    model_config = SettingsConfigDict(env_prefix="VMREPL_CONTROLLER_", env_nested_delimiter="__", extra="forbid")
+
+    listen: str = Field("127.0.0.1:7400", description="host:port of the ControllerService gRPC API")
+    data_dir: Path = Field(description="the controller's own files: the SQLite database, the secret key file")
+    database_url: str = Field(
+        "", description="SQLAlchemy URL; empty: SQLite in data_dir (postgresql+asyncpg://user:pw@host/db also works)"
+    )
+    secret_key_file: Path | None = Field(
+        None, description="Fernet keys for credentials at rest, newest first; default data_dir/secret.key (made once)"
+    )
+    signing_key: Path = Field(description="Ed25519 key (PEM) that signs transfer tickets; targets hold its public half")
+    tls: TlsSettings
+    log: LogSettings = LogSettings()
+    stop_timeout_seconds: float = Field(30.0, gt=0, description="how long SIGTERM waits for transfers to stop")
+    # Test hook: exit right after the Nth committed state change (0: never). Used to prove crash recovery.
+    test_crash_at_transition: int = Field(0, ge=0, description="test only: exit after this many state changes")
+
+    def db_url(self) -> str:
+        return self.database_url or sqlite_url(self.data_dir / "controller.db")
+
+    def key_file(self) -> Path:
+        return self.secret_key_file or self.data_dir / "secret.key"

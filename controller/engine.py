@@ -1,0 +1,149 @@
+"""The session engine: starts and stops sessions of jobs, and continues those a crash interrupted.
+
+One controller process owns the database. At start it continues every
+session left running or stopping (SessionRun carries on from the recorded
+states); StartJob refuses a job that already has one; StopJob and SIGTERM
+record STOPPING and cancel the transfers, which leaves the disks resumable.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+from sqlalchemy import select
+
+from controller.db.models import Host, Job, Session, Target, now
+from controller.providers import provider_for
+from controller.runtime import EngineParts, JobView, SessionContext, TargetView
+from controller.session import SessionRun, describe
+from controller.states import SessionState
+from vmrepl.errors import FailedPrecondition, NotFound, VmreplError
+from vmrepl.logs import get_logger
+
+log = get_logger("vmrepl.controller.engine")
+ACTIVE = (SessionState.RUNNING.value, SessionState.STOPPING.value)
+
+
+def job_view(job: Job) -> JobView:
+    return JobView(
+        job_id=job.id,
+        name=job.name,
+        host_id=job.host_id,
+        replica_root=job.replica_root,
+        keep=job.restore_points_to_keep,
+        compression=job.compression,
+        block_size=job.block_size,
+        bandwidth_limit_mbps=job.bandwidth_limit_mbps,
+        change_tracking=job.change_tracking,
+        guest_processing=dict(job.guest_processing),
+        checkpoint_deadline_seconds=job.checkpoint_deadline_seconds,
+    )
+
+
+class Engine:
+    def __init__(self, parts: EngineParts) -> None:
+        self.parts = parts
+        self._runs: dict[str, tuple[SessionContext, asyncio.Task[SessionState]]] = {}
+
+    async def recover(self) -> None:
+        """Continue every session a previous run of the controller left running or stopping."""
+        async with self.parts.journal.read() as db:
+            left = list(await db.scalars(select(Session).where(Session.state.in_(ACTIVE)).order_by(Session.started_at)))
+        for s in left:
+            log.info("session_continued", session_id=s.id, state=s.state)
+            await self._launch(s.id, stopping=s.state == SessionState.STOPPING)
+
+    async def start_job(self, job_id: str) -> Session:
+        async with self.parts.journal.change("session created", job_id=job_id) as db:
+            job = await db.get(Job, job_id)
+            if job is None:
+                raise NotFound(f"job {job_id} does not exist")
+            if not job.enabled:
+                raise FailedPrecondition(f"job {job.name} is disabled")
+            running = await db.scalar(select(Session).where(Session.job_id == job_id, Session.state.in_(ACTIVE)))
+            if running is not None:
+                raise FailedPrecondition(f"job {job.name} is already running (session {running.id})")
+            session = Session(job_id=job_id, state=SessionState.RUNNING.value, started_at=now())
+            db.add(session)
+        await self._launch(session.id, stopping=False)
+        return session
+
+    async def stop_job(self, job_id: str) -> Session:
+        async with self.parts.journal.read() as db:
+            session = await db.scalar(select(Session).where(Session.job_id == job_id, Session.state.in_(ACTIVE)))
+        if session is None:
+            raise FailedPrecondition(f"job {job_id} has no running session")
+        await self._stop(session.id)
+        return session
+
+    async def _stop(self, session_id: str) -> None:
+        async with self.parts.journal.change("session stopping", session_id=session_id) as db:
+            row = await db.get(Session, session_id)
+            if row is not None and row.state == SessionState.RUNNING:
+                row.state = SessionState.STOPPING.value
+        run = self._runs.get(session_id)
+        if run is not None:
+            run[0].stopping.set()
+        log.info("session_stopping", session_id=session_id)
+
+    async def _context(self, session_id: str) -> SessionContext:
+        async with self.parts.journal.read() as db:
+            session = await db.get(Session, session_id)
+            job = await db.get(Job, session.job_id) if session else None
+            if session is None or job is None:
+                raise NotFound(f"session {session_id} or its job no longer exists")
+            target = await db.get(Target, job.target_id)
+            host = await db.get(Host, job.host_id)
+            if target is None or host is None:
+                raise NotFound(f"job {job.name}: its target or host no longer exists")
+        return SessionContext(
+            session_id=session_id,
+            job=job_view(job),
+            target=TargetView(
+                target_id=target.id,
+                name=target.name,
+                address=target.address,
+                tls_server_name=target.tls_server_name,
+                max_tasks=target.max_tasks,
+            ),
+            provider=provider_for(host),
+        )
+
+    async def _launch(self, session_id: str, *, stopping: bool) -> None:
+        try:
+            sc = await self._context(session_id)
+        except VmreplError as e:
+            async with self.parts.journal.change("session ended", session_id=session_id) as db:
+                row = await db.get(Session, session_id)
+                if row is not None:
+                    row.state, row.error, row.ended_at = SessionState.FAILED.value, describe(e), now()
+            return
+        if stopping:
+            sc.stopping.set()
+        task = asyncio.create_task(SessionRun(self.parts, sc).run(), name=f"session-{session_id}")
+        self._runs[session_id] = (sc, task)
+        task.add_done_callback(lambda _t: self._runs.pop(session_id, None))
+
+    def running(self) -> list[str]:
+        return list(self._runs)
+
+    async def wait(self, session_id: str) -> None:
+        run = self._runs.get(session_id)
+        if run is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.shield(run[1])
+
+    async def shutdown(self, grace: float) -> None:
+        """SIGTERM: stop every session cleanly (disks stay resumable), waiting at most `grace` seconds."""
+        for session_id in list(self._runs):
+            await self._stop(session_id)
+        tasks = [t for _, t in self._runs.values()]
+        if not tasks:
+            return
+        _, pending = await asyncio.wait(tasks, timeout=grace)
+        for t in pending:
+            t.cancel()
+        for t in pending:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await t

@@ -1,0 +1,112 @@
+"""What the session engine's parts share while a session runs: clients, slots, live progress, the guest hook."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from cryptography.hazmat.primitives.asymmetric import ed25519
+
+from controller.agents import AgentPool
+from controller.journal import Journal
+from controller.slots import SlotBoard
+from protos.vmrepl.v1 import proxy_pb2
+from vmrepl.providers.base import Provider, VmInfo
+
+
+class GuestProcessing(Protocol):
+    """Application-aware processing around the checkpoint (the Hyper-V work fills it: WinRM to the guest,
+    runtime components, VSS). Called with the job's guest_processing settings."""
+
+    async def before_checkpoint(self, vm: VmInfo, settings: dict[str, object]) -> None: ...
+
+    async def after_checkpoint(self, vm: VmInfo, settings: dict[str, object]) -> None: ...
+
+
+class NoGuestProcessing:
+    """Crash-consistent checkpoints only: what the file-backed provider offers."""
+
+    async def before_checkpoint(self, vm: VmInfo, settings: dict[str, object]) -> None:
+        return None
+
+    async def after_checkpoint(self, vm: VmInfo, settings: dict[str, object]) -> None:
+        return None
+
+
+class LiveProgress:
+    """The newest TransferProgress of each running task, for WatchSession; never persisted as state."""
+
+    def __init__(self) -> None:
+        self._tasks: dict[str, dict[str, proxy_pb2.TransferProgress]] = {}
+        self._changed: dict[str, asyncio.Event] = {}
+
+    def update(self, session_id: str, task_id: str, progress: proxy_pb2.TransferProgress) -> None:
+        self._tasks.setdefault(session_id, {})[task_id] = progress
+        self.poke(session_id)
+
+    def poke(self, session_id: str) -> None:
+        event = self._changed.pop(session_id, None)
+        if event is not None:
+            event.set()
+
+    def get(self, session_id: str) -> dict[str, proxy_pb2.TransferProgress]:
+        return dict(self._tasks.get(session_id, {}))
+
+    async def wait(self, session_id: str, seconds: float) -> None:
+        event = self._changed.setdefault(session_id, asyncio.Event())
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(event.wait(), seconds)
+
+    def forget(self, session_id: str) -> None:
+        self._tasks.pop(session_id, None)
+        self.poke(session_id)
+
+
+@dataclass(kw_only=True)
+class EngineParts:
+    journal: Journal
+    agents: AgentPool
+    slots: SlotBoard
+    signing_key: ed25519.Ed25519PrivateKey
+    live: LiveProgress = field(default_factory=LiveProgress)
+    guest: GuestProcessing = field(default_factory=NoGuestProcessing)
+
+
+@dataclass(frozen=True, kw_only=True)
+class TargetView:
+    target_id: str
+    name: str  # the target agent's configured name: the audience of its tickets
+    address: str
+    tls_server_name: str
+    max_tasks: int
+
+
+@dataclass(frozen=True, kw_only=True)
+class JobView:
+    """The job's settings as the session read them when it started."""
+
+    job_id: str
+    name: str
+    host_id: str
+    replica_root: str
+    keep: int
+    compression: str
+    block_size: int
+    bandwidth_limit_mbps: float
+    change_tracking: str
+    guest_processing: dict[str, object]
+    checkpoint_deadline_seconds: int
+
+
+@dataclass(kw_only=True)
+class SessionContext:
+    session_id: str
+    job: JobView
+    target: TargetView
+    provider: Provider
+    stopping: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def replica_path(self, vm_id: str) -> str:
+        return f"{self.job.replica_root}/{vm_id}"

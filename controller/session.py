@@ -1,0 +1,406 @@
+"""One session of a job: plan it, run each VM through its states, close it. Safe to run again after a crash.
+
+The states of the session, of each VM (states.VmState) and of each task
+(states.TaskState) are in the database, each written before the action it
+names. `SessionRun.run` reads them and carries on from there, so continuing
+a session after a controller restart is the same call as starting one:
+planning is skipped when it was committed, each VM resumes at its state
+(a checkpoint being created is cleaned up and taken again, a restore point
+being committed is committed again, which the target makes idempotent per
+session), and each task reattaches to its transfer or restarts it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+from collections.abc import Awaitable, Callable
+
+import grpc
+from sqlalchemy import delete, select
+
+from controller.db.models import HeldCheckpoint, JobVm, RestorePoint, Session, SessionVm, Task, now
+from controller.retention import points_to_delete
+from controller.runtime import EngineParts, SessionContext
+from controller.states import (
+    FINAL_VM,
+    DiskStart,
+    HeldCheckpointView,
+    SessionState,
+    TaskState,
+    VmState,
+    plan_vm,
+    session_outcome,
+    vm_after_transfers,
+)
+from controller.task import TaskRunner
+from protos.vmrepl.v1 import target_pb2
+from vmrepl.errors import FailedPrecondition, NotFound, VmreplError
+from vmrepl.logs import get_logger
+from vmrepl.providers.base import Checkpoint, VmInfo
+
+log = get_logger("vmrepl.controller.session")
+ERRORS = (VmreplError, grpc.aio.AioRpcError)
+
+
+def describe(e: BaseException) -> str:
+    return e.details() or e.code().name if isinstance(e, grpc.aio.AioRpcError) else str(e)
+
+
+class SessionRun:
+    def __init__(self, parts: EngineParts, sc: SessionContext) -> None:
+        self.parts = parts
+        self.sc = sc
+        self.log = log.bind(session_id=sc.session_id, job=sc.job.name)
+
+    async def run(self) -> SessionState:
+        try:
+            await self._plan()
+        except ERRORS as e:
+            self.log.warning("session_not_started", error=describe(e))
+            return await self._close(error=describe(e))
+        async with self.parts.journal.read() as db:
+            vm_ids = list(await db.scalars(select(SessionVm.id).where(SessionVm.session_id == self.sc.session_id)))
+        await asyncio.gather(*(VmRun(self.parts, self.sc, vm_id).run() for vm_id in vm_ids))
+        return await self._close()
+
+    async def _plan(self) -> None:
+        async with self.parts.journal.read() as db:
+            planned = await db.scalar(select(SessionVm.id).where(SessionVm.session_id == self.sc.session_id).limit(1))
+            job_vms = list(await db.scalars(select(JobVm).where(JobVm.job_id == self.sc.job.job_id)))
+        if planned is not None:
+            return
+        target = self.parts.agents.target(self.sc.target.address, self.sc.target.tls_server_name)
+        if not await self.parts.agents.healthy(target):
+            raise FailedPrecondition(f"target {self.sc.target.name} does not answer its health check")
+        entries: list[SessionVm | Task] = []
+        for jv in job_vms:
+            try:
+                vm = await self.sc.provider.get_vm(jv.vm_ref)
+            except ERRORS as e:
+                entries.append(
+                    SessionVm(
+                        session_id=self.sc.session_id,
+                        vm_id=jv.vm_ref,
+                        vm_name=jv.vm_ref,
+                        state=VmState.FAILED,
+                        error=describe(e),
+                    )
+                )
+                continue
+            entries += await self._plan_vm(vm, frozenset(str(d) for d in jv.excluded_disks))
+        async with self.parts.journal.change("session planned", session_id=self.sc.session_id) as db:
+            db.add_all(entries)
+        self.log.info("session_planned", vms=len(job_vms))
+
+    async def _plan_vm(self, vm: VmInfo, excluded: frozenset[str]) -> list[SessionVm | Task]:
+        disks = [d for d in vm.disks if d.disk_id not in excluded]
+        async with self.parts.journal.read() as db:
+            held = await db.scalar(
+                select(HeldCheckpoint).where(
+                    HeldCheckpoint.job_id == self.sc.job.job_id, HeldCheckpoint.vm_id == vm.vm_id
+                )
+            )
+            earlier = (
+                list(await db.scalars(select(Task).where(Task.session_id == held.session_id, Task.vm_id == vm.vm_id)))
+                if held is not None
+                else []
+            )
+        view = None
+        if held is not None:
+            deadline = held.deadline if held.deadline.tzinfo else held.deadline.replace(tzinfo=dt.UTC)
+            view = HeldCheckpointView(
+                held.checkpoint_id,
+                deadline,
+                frozenset(t.disk_id for t in earlier if t.state == TaskState.RESUMABLE),
+                frozenset(t.disk_id for t in earlier if t.state == TaskState.SUCCEEDED),
+            )
+        plan = plan_vm([d.disk_id for d in disks], view, now=now())
+        row = SessionVm(session_id=self.sc.session_id, vm_id=vm.vm_id, vm_name=vm.name, state=VmState.PLANNED)
+        if plan.reuse_checkpoint is not None and held is not None:
+            row.state, row.checkpoint_id = VmState.TRANSFERRING, held.checkpoint_id
+            row.checkpoint_reference, row.checkpoint_reused = held.reference, True
+        tasks: list[SessionVm | Task] = [row]
+        for d in disks:
+            start = plan.disks[d.disk_id]
+            tasks.append(
+                Task(
+                    session_id=self.sc.session_id,
+                    vm_id=vm.vm_id,
+                    vm_name=vm.name,
+                    disk_id=d.disk_id,
+                    disk_size=d.size,
+                    state=TaskState.PENDING,
+                    start=start.value,
+                    resume_session_id=held.session_id if start is DiskStart.RESUME and held is not None else "",
+                )
+            )
+        return tasks
+
+    async def _close(self, *, error: str = "") -> SessionState:
+        async with self.parts.journal.read() as db:
+            tasks = list(await db.scalars(select(Task).where(Task.session_id == self.sc.session_id)))
+            vms = list(await db.scalars(select(SessionVm).where(SessionVm.session_id == self.sc.session_id)))
+        stopped = self.sc.stopping.is_set()
+        if error or any(v.state == VmState.FAILED for v in vms):
+            state = SessionState.FAILED
+        else:
+            state = session_outcome((TaskState(t.state) for t in tasks), stopped=stopped)
+            if any(v.state in (VmState.HELD, VmState.STOPPED) for v in vms):
+                state = SessionState.INCOMPLETE
+        errors = [f"{v.vm_name}: {v.error}" for v in vms if v.error]
+        stats = session_stats(tasks, vms)
+        async with self.parts.journal.change("session ended", session_id=self.sc.session_id) as db:
+            row = await db.get(Session, self.sc.session_id)
+            if row is not None:
+                row.state, row.ended_at, row.stats = state.value, now(), stats
+                row.error = error or "; ".join(errors)
+        self.parts.live.forget(self.sc.session_id)
+        self.log.info("session_ended", state=state.value, **stats)
+        return state
+
+
+def session_stats(tasks: list[Task], vms: list[SessionVm]) -> dict[str, object]:
+    totals: dict[str, int] = {"bytes_read": 0, "bytes_data": 0, "bytes_sent": 0, "disk_bytes": 0}
+    skipped: dict[str, int] = {"zero": 0, "unallocated": 0, "unchanged": 0, "excluded": 0}
+    for t in tasks:
+        totals["disk_bytes"] += t.disk_size
+        for k in ("bytes_read", "bytes_data", "bytes_sent"):
+            totals[k] += int(t.stats.get(k, 0) or 0)
+        for k, v in (t.stats.get("skipped") or {}).items():
+            skipped[k] = skipped.get(k, 0) + int(v)
+    return {
+        **totals,
+        "skipped": skipped,
+        "vms": len(vms),
+        "disks": len(tasks),
+        "tasks": {s.value: sum(1 for t in tasks if t.state == s) for s in TaskState},
+        "restore_points": sum(1 for v in vms if v.restore_point_id),
+    }
+
+
+class VmRun:
+    """One VM of the session, driven state by state (see states.VmState)."""
+
+    def __init__(self, parts: EngineParts, sc: SessionContext, row_id: str) -> None:
+        self.parts = parts
+        self.sc = sc
+        self.row_id = row_id
+        self.checkpoint: Checkpoint | None = None
+        self.log = log.bind(session_id=sc.session_id)
+
+    async def _row(self) -> SessionVm:
+        async with self.parts.journal.read() as db:
+            row = await db.get(SessionVm, self.row_id)
+        if row is None:
+            raise FailedPrecondition(f"session VM {self.row_id} vanished from the database")
+        return row
+
+    async def _tasks(self, row: SessionVm) -> list[Task]:
+        async with self.parts.journal.read() as db:
+            q = select(Task).where(Task.session_id == self.sc.session_id, Task.vm_id == row.vm_id)
+            return list(await db.scalars(q.order_by(Task.disk_id)))
+
+    async def _set(self, new: VmState, **values: object) -> None:
+        async with self.parts.journal.change(f"vm {new}", session_id=self.sc.session_id, vm=self.row_id) as db:
+            row = await db.get(SessionVm, self.row_id)
+            if row is not None:
+                row.state = new.value
+                for k, v in values.items():
+                    setattr(row, k, v)
+
+    async def run(self) -> VmState:
+        handlers: dict[VmState, Callable[[SessionVm], Awaitable[None]]] = {
+            VmState.PLANNED: self._release_expired,
+            VmState.CHECKPOINTING: self._take_checkpoint,
+            VmState.TRANSFERRING: self._transfer,
+            VmState.COMMITTING: self._commit,
+            VmState.RELEASING: self._release,
+            VmState.HOLDING: self._hold,
+        }
+        row = await self._row()
+        self.log = self.log.bind(vm_id=row.vm_id, vm=row.vm_name)
+        while (state := VmState(row.state)) not in FINAL_VM:
+            try:
+                await handlers[state](row)
+            except asyncio.CancelledError:
+                raise
+            except ERRORS as e:
+                await self._failed(row, state, describe(e))
+            row = await self._row()
+        return VmState(row.state)
+
+    async def _failed(self, row: SessionVm, state: VmState, error: str) -> None:
+        self.log.warning("vm_step_failed", step=state.value, error=error)
+        if state in (VmState.PLANNED, VmState.CHECKPOINTING, VmState.RELEASING):
+            await self._end_tasks(row, TaskState.FAILED, error)
+            await self._set(VmState.FAILED, error=error)
+        elif state is VmState.HOLDING:
+            raise FailedPrecondition(f"cannot record the held checkpoint: {error}")
+        else:  # no restore point this time; the checkpoint still goes
+            await self._set(VmState.RELEASING, error=error)
+
+    async def _end_tasks(self, row: SessionVm, state: TaskState, error: str) -> None:
+        open_tasks = [t for t in await self._tasks(row) if t.state in (TaskState.PENDING, TaskState.STARTING)]
+        if not open_tasks:
+            return
+        async with self.parts.journal.change(f"tasks {state}", session_id=self.sc.session_id, vm=row.vm_id) as db:
+            for t in open_tasks:
+                task = await db.get(Task, t.id)
+                if task is not None:
+                    task.state, task.error, task.ended_at = state.value, error, now()
+
+    async def _release_expired(self, row: SessionVm) -> None:
+        """A checkpoint held by an earlier session past its deadline goes before a new one is taken."""
+        if self.sc.stopping.is_set():
+            await self._end_tasks(row, TaskState.RESUMABLE, "stopped before a checkpoint was taken")
+            await self._set(VmState.STOPPED)
+            return
+        async with self.parts.journal.read() as db:
+            held = await db.scalar(
+                select(HeldCheckpoint).where(
+                    HeldCheckpoint.job_id == self.sc.job.job_id, HeldCheckpoint.vm_id == row.vm_id
+                )
+            )
+        if held is not None:
+            await self.sc.provider.remove_checkpoint(row.vm_id, held.checkpoint_id)
+            async with self.parts.journal.change("held checkpoint released", vm=row.vm_id) as db:
+                await db.execute(delete(HeldCheckpoint).where(HeldCheckpoint.id == held.id))
+            self.log.info("held_checkpoint_released", checkpoint_id=held.checkpoint_id, reason="deadline")
+        await self._set(VmState.CHECKPOINTING)
+
+    async def _take_checkpoint(self, row: SessionVm) -> None:
+        # A crash between creating a checkpoint and recording it leaves an orphan: ours (providers list only
+        # checkpoints vmrepl made) and held by no one, so it goes before the new one is taken.
+        async with self.parts.journal.read() as db:
+            held = set(await db.scalars(select(HeldCheckpoint.checkpoint_id).where(HeldCheckpoint.vm_id == row.vm_id)))
+        for orphan in await self.sc.provider.list_checkpoints(row.vm_id):
+            if orphan.checkpoint_id not in held:
+                self.log.info("orphan_checkpoint_removed", checkpoint_id=orphan.checkpoint_id)
+                await self.sc.provider.remove_checkpoint(row.vm_id, orphan.checkpoint_id)
+        vm = await self.sc.provider.get_vm(row.vm_id)
+        await self.parts.guest.before_checkpoint(vm, self.sc.job.guest_processing)
+        cp = await self.sc.provider.create_checkpoint(row.vm_id)
+        await self.parts.guest.after_checkpoint(vm, self.sc.job.guest_processing)
+        self.checkpoint = cp
+        await self._set(VmState.TRANSFERRING, checkpoint_id=cp.checkpoint_id, checkpoint_reference=cp.reference)
+        self.log.info("checkpoint_created", checkpoint_id=cp.checkpoint_id, reference=cp.reference)
+
+    async def _find_checkpoint(self, row: SessionVm) -> Checkpoint:
+        if self.checkpoint is not None and self.checkpoint.checkpoint_id == row.checkpoint_id:
+            return self.checkpoint
+        for cp in await self.sc.provider.list_checkpoints(row.vm_id):
+            if cp.checkpoint_id == row.checkpoint_id:
+                self.checkpoint = cp
+                return cp
+        raise NotFound(f"checkpoint {row.checkpoint_id} of VM {row.vm_name} no longer exists")
+
+    async def _transfer(self, row: SessionVm) -> None:
+        try:
+            cp = await self._find_checkpoint(row)
+        except NotFound as e:
+            await self._end_tasks(row, TaskState.FAILED, str(e))
+            raise
+        tasks = await self._tasks(row)
+        ends = await asyncio.gather(*(TaskRunner(self.parts, self.sc, cp, t.id).run() for t in tasks))
+        await self._set(vm_after_transfers(ends))
+
+    async def _commit(self, row: SessionVm) -> None:
+        target = self.parts.agents.target(self.sc.target.address, self.sc.target.tls_server_name)
+        replica_path = self.sc.replica_path(row.vm_id)
+        disk_ids = [t.disk_id for t in await self._tasks(row)]
+        point = await target.stub.CommitRestorePoint(
+            target_pb2.CommitRestorePointRequest(
+                replica_path=replica_path, session_id=self.sc.session_id, disk_ids=disk_ids
+            )
+        )
+        async with self.parts.journal.change("restore point committed", vm=row.vm_id, point=point.id) as db:
+            if await db.get(RestorePoint, point.id) is None:  # a retried commit returns the same point
+                db.add(
+                    RestorePoint(
+                        id=point.id,
+                        job_id=self.sc.job.job_id,
+                        vm_id=row.vm_id,
+                        session_id=self.sc.session_id,
+                        created_at=point.created_at.ToDatetime(dt.UTC),
+                        reference=row.checkpoint_reference,
+                    )
+                )
+            vm = await db.get(SessionVm, row.id)
+            if vm is not None:
+                vm.restore_point_id = point.id
+        self.log.info("restore_point_committed", restore_point_id=point.id)
+        await self._apply_retention(row, replica_path)
+        await self._set(VmState.RELEASING)
+
+    async def _apply_retention(self, row: SessionVm, replica_path: str) -> None:
+        async with self.parts.journal.read() as db:
+            points = list(
+                await db.scalars(
+                    select(RestorePoint).where(
+                        RestorePoint.job_id == self.sc.job.job_id, RestorePoint.vm_id == row.vm_id
+                    )
+                )
+            )
+        target = self.parts.agents.target(self.sc.target.address, self.sc.target.tls_server_name)
+        for point_id in points_to_delete([(p.id, p.created_at) for p in points], self.sc.job.keep):
+            try:
+                await target.stub.DeleteRestorePoint(
+                    target_pb2.DeleteRestorePointRequest(replica_path=replica_path, restore_point_id=point_id)
+                )
+            except grpc.aio.AioRpcError as e:
+                if e.code() is not grpc.StatusCode.NOT_FOUND:  # NOT_FOUND: deleted before a crash
+                    raise
+            async with self.parts.journal.change("restore point deleted", vm=row.vm_id, point=point_id) as db:
+                await db.execute(delete(RestorePoint).where(RestorePoint.id == point_id))
+            self.log.info("restore_point_deleted", restore_point_id=point_id, reason="retention")
+
+    async def _release(self, row: SessionVm) -> None:
+        if row.checkpoint_id:
+            await self.sc.provider.remove_checkpoint(row.vm_id, row.checkpoint_id)
+            self.log.info("checkpoint_removed", checkpoint_id=row.checkpoint_id)
+        final = VmState.DONE if row.restore_point_id else VmState.FAILED
+        error = row.error
+        if final is VmState.FAILED and not error:
+            failed = [t for t in await self._tasks(row) if t.state == TaskState.FAILED]
+            error = "; ".join(f"disk {t.disk_id}: {t.error}" for t in failed) or "no restore point"
+        async with self.parts.journal.change(f"vm {final}", vm=row.vm_id) as db:
+            await db.execute(
+                delete(HeldCheckpoint).where(
+                    HeldCheckpoint.job_id == self.sc.job.job_id,
+                    HeldCheckpoint.vm_id == row.vm_id,
+                    HeldCheckpoint.checkpoint_id == row.checkpoint_id,
+                )
+            )
+            vm = await db.get(SessionVm, row.id)
+            if vm is not None:
+                vm.state, vm.error = final.value, error
+
+    async def _hold(self, row: SessionVm) -> None:
+        deadline = now() + dt.timedelta(seconds=self.sc.job.checkpoint_deadline_seconds)
+        async with self.parts.journal.change("vm held", vm=row.vm_id) as db:
+            held = await db.scalar(
+                select(HeldCheckpoint).where(
+                    HeldCheckpoint.job_id == self.sc.job.job_id, HeldCheckpoint.vm_id == row.vm_id
+                )
+            )
+            if held is None:
+                db.add(
+                    HeldCheckpoint(
+                        job_id=self.sc.job.job_id,
+                        vm_id=row.vm_id,
+                        checkpoint_id=row.checkpoint_id,
+                        reference=row.checkpoint_reference,
+                        session_id=self.sc.session_id,
+                        deadline=deadline,
+                    )
+                )
+            elif held.checkpoint_id != row.checkpoint_id:
+                held.checkpoint_id, held.reference = row.checkpoint_id, row.checkpoint_reference
+                held.session_id, held.deadline = self.sc.session_id, deadline
+            else:  # the same checkpoint held again: the deadline runs from when it was first held
+                held.session_id = self.sc.session_id
+            vm = await db.get(SessionVm, row.id)
+            if vm is not None:
+                vm.state = VmState.HELD.value
+        self.log.info("checkpoint_held", checkpoint_id=row.checkpoint_id)

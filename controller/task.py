@@ -1,0 +1,361 @@
+"""One disk task inside a session: decide its change source, take slots, start and follow the transfer.
+
+Every state is written before the call it announces: STARTING (with the
+proxy, the transfer id and the change source) before StartDiskTransfer,
+RUNNING once the proxy has it. After a controller crash `run_task` is simply
+called again: a transfer the proxy still knows (by its controller-chosen
+id, the task's id) is watched again; otherwise it is started again and the
+target resumes it from what it made durable.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Sequence
+
+import grpc
+from sqlalchemy import select
+from tenacity import AsyncRetrying, retry_if_exception, stop_after_delay, wait_exponential
+
+from controller.agents import AgentClient
+from controller.db.models import Proxy, RestorePoint, Task, now
+from controller.disk_task import DiskTaskSpec, start_request
+from controller.placement import ProxySlot
+from controller.runtime import EngineParts, SessionContext
+from controller.slots import NoProxy
+from controller.states import (
+    TERMINAL_TASK,
+    ChangeChoice,
+    ChangeMode,
+    DiskStart,
+    Recovery,
+    TaskState,
+    check_task_transition,
+    choose_change,
+    reconcile_task,
+)
+from protos.vmrepl.v1 import common_pb2, proxy_pb2, target_pb2
+from vmrepl.errors import FailedPrecondition, VmreplError
+from vmrepl.logs import get_logger
+from vmrepl.providers.base import Checkpoint
+
+log = get_logger("vmrepl.controller.task")
+
+FORMATS = {
+    "raw": common_pb2.DISK_FORMAT_RAW,
+    "vhdx": common_pb2.DISK_FORMAT_VHDX,
+    "vhd": common_pb2.DISK_FORMAT_VHD,
+}
+COMPRESSION = {
+    "none": proxy_pb2.COMPRESSION_LEVEL_NONE,
+    "fast": proxy_pb2.COMPRESSION_LEVEL_FAST,
+    "default": proxy_pb2.COMPRESSION_LEVEL_DEFAULT,
+}
+# How long a broken watch is retried before the task is left to resume in a later session.
+WATCH_RETRY_SECONDS = 60.0
+
+
+class ProxyLost(Exception):
+    """The proxy no longer knows the transfer (it restarted): start it again."""
+
+
+def _transient(e: BaseException) -> bool:
+    return isinstance(e, grpc.aio.AioRpcError) and e.code() in (
+        grpc.StatusCode.UNAVAILABLE,
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+    )
+
+
+def progress_stats(p: proxy_pb2.TransferProgress) -> dict[str, object]:
+    s = p.skipped
+    return {
+        "bytes_read": p.bytes_read,
+        "bytes_data": p.bytes_data,
+        "bytes_sent": p.bytes_sent,
+        "skipped": {"zero": s.zero, "unallocated": s.unallocated, "unchanged": s.unchanged, "excluded": s.excluded},
+        "resumes": p.resumes,
+        "passes": p.passes,
+        "elapsed_seconds": round(p.elapsed_seconds, 3),
+        "verification": p.verification,
+    }
+
+
+class TaskRunner:
+    def __init__(self, parts: EngineParts, sc: SessionContext, checkpoint: Checkpoint, task_id: str) -> None:
+        self.parts = parts
+        self.sc = sc
+        self.checkpoint = checkpoint
+        self.task_id = task_id
+        self.log = log.bind(session_id=sc.session_id, task_id=task_id)
+
+    async def _task(self) -> Task:
+        async with self.parts.journal.read() as db:
+            task = await db.get(Task, self.task_id)
+        if task is None:
+            raise FailedPrecondition(f"task {self.task_id} vanished from the database")
+        return task
+
+    async def _set(self, new: TaskState, what: str, **values: object) -> Task:
+        async with self.parts.journal.change(what, session_id=self.sc.session_id, task_id=self.task_id) as db:
+            task = await db.get(Task, self.task_id)
+            if task is None:
+                raise FailedPrecondition(f"task {self.task_id} vanished from the database")
+            task.state = check_task_transition(TaskState(task.state), new)
+            for k, v in values.items():
+                setattr(task, k, v)
+            if new in TERMINAL_TASK:
+                task.ended_at = now()
+        return task
+
+    async def run(self) -> TaskState:
+        task = await self._task()
+        if TaskState(task.state) in TERMINAL_TASK:
+            return TaskState(task.state)
+        self.log = self.log.bind(vm_id=task.vm_id, disk_id=task.disk_id)
+        try:
+            final = await self._drive(task)
+        except asyncio.CancelledError:
+            raise
+        except (VmreplError, grpc.aio.AioRpcError) as e:
+            message = e.details() if isinstance(e, grpc.aio.AioRpcError) else str(e)
+            self.log.warning("task_failed", error=message)
+            task = await self._task()
+            started = TaskState(task.state) in (TaskState.STARTING, TaskState.RUNNING)
+            # A disk already streaming stays resumable when its proxy is gone; one never started failed.
+            end = TaskState.RESUMABLE if isinstance(e, NoProxy) and started else TaskState.FAILED
+            await self._set(end, f"task {end}", error=message)
+            return end
+        return await self._finish(final)
+
+    async def _drive(self, task: Task) -> proxy_pb2.TransferProgress:
+        state = TaskState(task.state)
+        if state in (TaskState.STARTING, TaskState.RUNNING) and task.proxy_id:
+            proxy = await self._proxy_row(task.proxy_id)
+            knows = await self._proxy_knows(proxy, task.transfer_id) if proxy else None
+            if proxy and reconcile_task(state, proxy_knows_transfer=knows) is Recovery.REATTACH:
+                self.parts.slots.claim(proxy.id, self.sc.target.target_id)
+                self.log.info("task_reattached", proxy=proxy.name, transfer_id=task.transfer_id)
+                try:
+                    return await self._follow(proxy, task.transfer_id)
+                except ProxyLost:
+                    pass
+                finally:
+                    await self.parts.slots.release(proxy.id, self.sc.target.target_id)
+        while True:
+            if self.sc.stopping.is_set():
+                return proxy_pb2.TransferProgress(state=proxy_pb2.TRANSFER_STATE_CANCELLED)
+            slot = await self.parts.slots.acquire(
+                self._proxy_slots,
+                host_id=self.sc.job.host_id,
+                target_id=self.sc.target.target_id,
+                target_max=self.sc.target.max_tasks,
+            )
+            try:
+                proxy = await self._proxy_row(slot.proxy_id)
+                if proxy is None:
+                    continue
+                return await self._start(proxy)
+            except ProxyLost:
+                continue
+            finally:
+                await self.parts.slots.release(slot.proxy_id, self.sc.target.target_id)
+
+    async def _start(self, proxy: Proxy) -> proxy_pb2.TransferProgress:
+        task = await self._task()
+        choice = await self._change_choice(task)
+        change = await self._change_source(task, choice)
+        if change is None:  # the tracker cannot say: compare digests, and record it
+            choice = ChangeChoice(ChangeMode.COMPARE)
+            change = proxy_pb2.ChangeSource(compare_digests=proxy_pb2.CompareDigests())
+        task = await self._set(
+            TaskState.STARTING,
+            "task starting",
+            proxy_id=proxy.id,
+            transfer_id=task.id,
+            change_mode=choice.mode.value,
+            since_reference=choice.since,
+            started_at=task.started_at or now(),
+        )
+        spec = self._spec(task, change)
+        target = self.parts.agents.target(self.sc.target.address, self.sc.target.tls_server_name)
+        disk = await target.stub.PrepareReplicaDisk(
+            target_pb2.PrepareReplicaDiskRequest(
+                replica_path=spec.replica_path,
+                disk_id=spec.disk_id,
+                disk_size=spec.disk_size,
+                block_size=spec.block_size,
+                session_id=spec.session_id,
+                resume_session_id=task.resume_session_id,
+            )
+        )
+        self.log.info(
+            "task_starting",
+            proxy=proxy.name,
+            change=choice.mode.value,
+            since=choice.since,
+            resume_offset=disk.committed_offset,
+        )
+        client = self.parts.agents.proxy(proxy.address, proxy.tls_server_name)
+        request = start_request(spec, target_address=self.sc.target.address, signing_key=self.parts.signing_key)
+        request.target.tls_server_name = self.sc.target.tls_server_name
+        await client.stub.StartDiskTransfer(request)
+        await self._set(TaskState.RUNNING, "task running")
+        return await self._follow(proxy, task.id)
+
+    def _spec(self, task: Task, change: proxy_pb2.ChangeSource) -> DiskTaskSpec:
+        disk = self.checkpoint.disk(task.disk_id)
+        job = self.sc.job
+        return DiskTaskSpec(
+            session_id=self.sc.session_id,
+            disk_id=task.disk_id,
+            source_locator=disk.locator,
+            source_format=FORMATS[disk.format],
+            disk_size=disk.size,
+            replica_path=self.sc.replica_path(task.vm_id),
+            block_size=job.block_size,
+            change_source=change,
+            compression=COMPRESSION.get(job.compression, proxy_pb2.COMPRESSION_LEVEL_DEFAULT),
+            bandwidth_limit_mbps=job.bandwidth_limit_mbps,
+            target_name=self.sc.target.name,
+            transfer_id=task.id,
+        )
+
+    async def _change_choice(self, task: Task) -> ChangeChoice:
+        if task.change_mode:  # decided before a crash or a lost proxy: the very same source again
+            return ChangeChoice(ChangeMode(task.change_mode), task.since_reference)
+        if task.start == DiskStart.RESUME and task.resume_session_id:
+            async with self.parts.journal.read() as db:
+                earlier = await db.scalar(
+                    select(Task).where(
+                        Task.session_id == task.resume_session_id,
+                        Task.vm_id == task.vm_id,
+                        Task.disk_id == task.disk_id,
+                    )
+                )
+            if earlier is not None and earlier.change_mode:
+                return ChangeChoice(ChangeMode(earlier.change_mode), earlier.since_reference)
+        return choose_change(
+            DiskStart(task.start),
+            tracking=self.sc.job.change_tracking,
+            last_point_reference=await self._last_point_reference(task.vm_id),
+            checkpoint_reference=self.checkpoint.reference,
+        )
+
+    async def _last_point_reference(self, vm_id: str) -> str | None:
+        """The change-tracking reference of the VM's newest restore point in this job; None without one."""
+        async with self.parts.journal.read() as db:
+            point = await db.scalar(
+                select(RestorePoint)
+                .where(RestorePoint.job_id == self.sc.job.job_id, RestorePoint.vm_id == vm_id)
+                .order_by(RestorePoint.created_at.desc(), RestorePoint.id.desc())
+                .limit(1)
+            )
+        return None if point is None else point.reference
+
+    async def _change_source(self, task: Task, choice: ChangeChoice) -> proxy_pb2.ChangeSource | None:
+        if choice.mode is ChangeMode.FULL:
+            return proxy_pb2.ChangeSource(full=proxy_pb2.FullRead())
+        if choice.mode is ChangeMode.COMPARE:
+            return proxy_pb2.ChangeSource(compare_digests=proxy_pb2.CompareDigests())
+        ranges = await self.sc.provider.changed_ranges(self.checkpoint, task.disk_id, choice.since)
+        if ranges is None:
+            if self.sc.job.change_tracking == "on":
+                raise FailedPrecondition(
+                    f"change tracking is required by the job but the host cannot report changes of disk "
+                    f"{task.disk_id} since {choice.since}"
+                )
+            self.log.info("change_tracking_unavailable", since=choice.since, fallback="compare")
+            return None
+        byte_ranges = [common_pb2.ByteRange(offset=e.offset, length=e.length) for e in ranges]
+        return proxy_pb2.ChangeSource(
+            changed_ranges=proxy_pb2.ChangedRanges(ranges=byte_ranges, reference_id=choice.since)
+        )
+
+    async def _follow(self, proxy: Proxy, transfer_id: str) -> proxy_pb2.TransferProgress:
+        """Watch the transfer to its end, cancelling it if the session stops; retries a broken watch."""
+        client = self.parts.agents.proxy(proxy.address, proxy.tls_server_name)
+        canceller = asyncio.create_task(self._cancel_on_stop(client, transfer_id))
+        try:
+            async for attempt in AsyncRetrying(
+                retry=retry_if_exception(_transient),
+                wait=wait_exponential(multiplier=0.5, max=5),
+                stop=stop_after_delay(WATCH_RETRY_SECONDS),
+                reraise=True,
+            ):
+                with attempt:
+                    return await self._watch(client, transfer_id)
+        finally:
+            canceller.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await canceller
+        raise AssertionError("unreachable: AsyncRetrying returns or raises")
+
+    async def _watch(self, client: AgentClient, transfer_id: str) -> proxy_pb2.TransferProgress:
+        last: proxy_pb2.TransferProgress | None = None
+        seen_progress = 0.0
+        try:
+            async for p in client.stub.WatchTransfer(proxy_pb2.WatchTransferRequest(transfer_id=transfer_id)):
+                last = p
+                self.parts.live.update(self.sc.session_id, self.task_id, p)
+                if p.elapsed_seconds - seen_progress >= 2.0:  # progress figures, not a state change
+                    seen_progress = p.elapsed_seconds
+                    await self.parts.journal.note(
+                        Task, self.task_id, committed_offset=p.committed_offset, stats=progress_stats(p)
+                    )
+        except grpc.aio.AioRpcError as e:
+            if e.code() is grpc.StatusCode.NOT_FOUND:
+                raise ProxyLost(transfer_id) from e
+            raise
+        if last is None or last.state not in (
+            proxy_pb2.TRANSFER_STATE_COMPLETED,
+            proxy_pb2.TRANSFER_STATE_FAILED,
+            proxy_pb2.TRANSFER_STATE_CANCELLED,
+        ):
+            raise ProxyLost(transfer_id)  # the stream ended without a final state: the proxy went away
+        return last
+
+    async def _cancel_on_stop(self, client: AgentClient, transfer_id: str) -> None:
+        await self.sc.stopping.wait()
+        self.log.info("task_cancelling", transfer_id=transfer_id)
+        with contextlib.suppress(grpc.aio.AioRpcError):
+            await client.stub.CancelTransfer(proxy_pb2.CancelTransferRequest(transfer_id=transfer_id))
+
+    async def _finish(self, final: proxy_pb2.TransferProgress) -> TaskState:
+        stats = progress_stats(final)
+        if final.state == proxy_pb2.TRANSFER_STATE_COMPLETED:
+            end, error = TaskState.SUCCEEDED, ""
+        elif final.state == proxy_pb2.TRANSFER_STATE_CANCELLED:
+            end, error = TaskState.RESUMABLE, "stopped"
+        else:
+            end, error = TaskState.FAILED, f"{final.error_code}: {final.error_message}".strip(": ")
+        await self._set(end, f"task {end}", committed_offset=final.committed_offset, stats=stats, error=error)
+        self.log.info("task_ended", state=end.value, committed_offset=final.committed_offset, error=error)
+        return end
+
+    async def _proxy_row(self, proxy_id: str) -> Proxy | None:
+        async with self.parts.journal.read() as db:
+            return await db.get(Proxy, proxy_id)
+
+    async def _proxy_knows(self, proxy: Proxy, transfer_id: str) -> bool | None:
+        client = self.parts.agents.proxy(proxy.address, proxy.tls_server_name)
+        call = client.stub.WatchTransfer(proxy_pb2.WatchTransferRequest(transfer_id=transfer_id), timeout=10)
+        try:
+            async for _ in call:
+                return True
+            return True
+        except grpc.aio.AioRpcError as e:
+            return False if e.code() is grpc.StatusCode.NOT_FOUND else None
+        finally:
+            call.cancel()
+
+    async def _proxy_slots(self) -> Sequence[ProxySlot]:
+        async with self.parts.journal.read() as db:
+            proxies = list(await db.scalars(select(Proxy).order_by(Proxy.name)))
+        health = await asyncio.gather(
+            *(self.parts.agents.healthy(self.parts.agents.proxy(p.address, p.tls_server_name)) for p in proxies)
+        )
+        return [
+            ProxySlot(p.id, p.name, ok, p.max_tasks, 0, frozenset(str(h) for h in p.host_ids))
+            for p, ok in zip(proxies, health, strict=True)
+        ]
