@@ -49,6 +49,12 @@ class Journal:
                 os._exit(CRASH_EXIT_CODE)
 
     @asynccontextmanager
+    async def write(self) -> AsyncIterator[AsyncSession]:
+        """A transaction changing configuration (not a session's state): serialised, not counted."""
+        async with self._lock, self._sessions() as db, db.begin():
+            yield db
+
+    @asynccontextmanager
     async def read(self) -> AsyncIterator[AsyncSession]:
         """A session for reads (and for progress figures, which are not state changes)."""
         async with self._sessions() as db:

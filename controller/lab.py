@@ -147,6 +147,22 @@ def proxy_config(work: Path, lab: LabCerts, *, sources: Path, listen: str = "127
     )
 
 
+def controller_config(
+    work: Path, lab: LabCerts, *, listen: str = "127.0.0.1:0", level: str = "info", **extra: object
+) -> Path:
+    return write_toml(
+        work / "controller.toml",
+        {
+            "listen": listen,
+            "data_dir": str(work / "controller"),
+            "signing_key": str(lab.signing_key),
+            **extra,
+            "tls": lab.tls("controller"),
+            "log": {"level": level, "format": "json"},
+        },
+    )
+
+
 @dataclass
 class AgentProcess:
     """An agent daemon as a child process, its JSON log in a file."""

@@ -89,11 +89,12 @@ class ProxyAgentServicer(proxy_pb2_grpc.ProxyAgentServicer):
             check_name("transfer_id", request.transfer_id)
             known = self.transfers.get(request.transfer_id)
             if known is not None:
-                if (known.spec.session_id, known.spec.disk_id) != (request.session_id, request.disk_id):
+                if _key(known.spec) != (request.session_id, request.replica_path, request.disk_id):
                     raise AlreadyExists(f"transfer {request.transfer_id} is for another session or disk")
                 return proxy_pb2.StartDiskTransferResponse(transfer_id=request.transfer_id)  # a retried start
         for t in self._running():
-            if (t.spec.session_id, t.spec.disk_id) == (request.session_id, request.disk_id):
+            # Disk ids are unique per VM only: the replica path tells two VMs' disk0 apart.
+            if _key(t.spec) == (request.session_id, request.replica_path, request.disk_id):
                 raise AlreadyExists(f"disk {request.disk_id} of session {request.session_id} is already streaming")
         if len(self._running()) >= self.settings.max_tasks:
             raise ResourceExhausted(f"this proxy already runs its {self.settings.max_tasks} transfers")
@@ -152,6 +153,10 @@ class ProxyAgentServicer(proxy_pb2_grpc.ProxyAgentServicer):
             _, pending = await asyncio.wait(tasks, timeout=20)
             for task in pending:
                 task.cancel()
+
+
+def _key(spec: TransferSpec) -> tuple[str, str, str]:
+    return (spec.session_id, spec.replica_path, spec.disk_id)
 
 
 def _without_elapsed(msg: proxy_pb2.TransferProgress) -> bytes:

@@ -1,0 +1,67 @@
+"""`vmrepl-controller`: the controller daemon (foreground; systemd runs it, SIGTERM stops it cleanly)."""
+
+from __future__ import annotations
+
+from controller.agents import AgentPool
+from controller.api import ControllerServicer
+from controller.config import ControllerSettings
+from controller.db.engine import open_database
+from controller.db.secrets import SecretBox, create_key_file
+from controller.engine import Engine
+from controller.journal import Journal
+from controller.runtime import EngineParts
+from controller.slots import SlotBoard
+from protos.vmrepl.v1 import controller_pb2
+from vmrepl.daemon import run_daemon, serve_services
+from vmrepl.logs import get_logger
+from vmrepl.rpc import Service
+from vmrepl.security.ticket import load_signing_key
+
+log = get_logger("vmrepl.controller")
+
+
+async def serve(settings: ControllerSettings) -> None:
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    key_file = settings.key_file()
+    if not key_file.exists():
+        create_key_file(key_file)
+        log.info("secret_key_created", path=str(key_file))
+    secrets = SecretBox.from_file(key_file)
+    engine_db, sessions = await open_database(settings.db_url())
+    journal = Journal(sessions, crash_at=settings.test_crash_at_transition)
+    agents = AgentPool(settings.tls)
+    parts = EngineParts(
+        journal=journal, agents=agents, slots=SlotBoard(), signing_key=load_signing_key(settings.signing_key)
+    )
+    engine = Engine(parts)
+    servicer = ControllerServicer(journal=journal, engine=engine, secrets=secrets, live=parts.live)
+
+    async def stop() -> None:
+        await engine.shutdown(settings.stop_timeout_seconds)
+        await agents.close()
+        await engine_db.dispose()
+
+    await engine.recover()
+    await serve_services(
+        listen=settings.listen,
+        tls=settings.tls,
+        services=[Service(controller_pb2.DESCRIPTOR.services_by_name["ControllerService"], servicer)],
+        max_message_bytes=4 << 20,
+        on_stop=stop,
+        agent="controller",
+        database=engine_db.dialect.name,
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    run_daemon(
+        prog="vmrepl-controller",
+        description="vmrepl controller daemon",
+        settings_cls=ControllerSettings,
+        serve=serve,
+        argv=argv,
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,316 @@
+"""API resources: names, validation of incoming messages, and conversion between rows and messages.
+
+Pure of I/O except the lookups each function receives a database session for.
+Every error names the request field it is about (`host.address`, `update_mask`).
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import re
+from collections.abc import Iterable
+from typing import Any, TypeVar
+
+from google.protobuf import json_format, struct_pb2
+from google.protobuf.timestamp_pb2 import Timestamp
+from sqlalchemy import select
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from controller.db.models import Credential, Host, Job, JobVm, Proxy, Target
+from controller.providers import PROVIDERS
+from protos.vmrepl.v1 import controller_pb2 as api
+from vmrepl.errors import InvalidArgument, NotFound
+from vmrepl.extent import valid_block_size
+from vmrepl.names import check_relative
+
+_ID = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
+_ADDRESS = re.compile(r"^[A-Za-z0-9._\-\[\]:]+:\d{1,5}$")
+MAX_PAGE = 1000
+DEFAULT_PAGE = 100
+COMPRESSIONS = ("none", "fast", "default")
+TRACKING = ("auto", "on", "off")
+
+M = TypeVar("M")
+
+
+def check_id(field: str, value: str) -> str:
+    if not _ID.fullmatch(value):
+        raise InvalidArgument(field, f"{value!r} is not a valid id (lower-case letters, digits, '-'; up to 63)")
+    return value
+
+
+def parse_name(field: str, value: str, collection: str) -> str:
+    """The id in `{collection}/{id}`."""
+    prefix = f"{collection}/"
+    if not value:
+        raise InvalidArgument(field, f"is required (a name like {prefix}ID)")
+    if not value.startswith(prefix):
+        raise InvalidArgument(field, f"{value!r} is not a {collection} name ({prefix}ID)")
+    return check_id(field, value[len(prefix) :])
+
+
+def check_address(field: str, value: str) -> str:
+    if not _ADDRESS.fullmatch(value) or not 0 < int(value.rsplit(":", 1)[1]) < 65536:
+        raise InvalidArgument(field, f"{value!r} is not host:port")
+    return value
+
+
+def timestamp(value: dt.datetime | None) -> Timestamp | None:
+    if value is None:
+        return None
+    ts = Timestamp()
+    ts.FromDatetime(value if value.tzinfo else value.replace(tzinfo=dt.UTC))
+    return ts
+
+
+def page_bounds(size: int, token: str) -> tuple[int, int]:
+    """(limit, offset) from a page size and an opaque page token."""
+    if size < 0:
+        raise InvalidArgument("page_size", "must not be negative")
+    limit = min(size or DEFAULT_PAGE, MAX_PAGE)
+    if not token:
+        return limit, 0
+    try:
+        kind, _, offset = base64.urlsafe_b64decode(token.encode()).decode().partition(":")
+        if kind != "o" or not offset.isdigit():
+            raise ValueError(token)
+    except ValueError as e:
+        raise InvalidArgument("page_token", "is not a token from an earlier reply") from e
+    return limit, int(offset)
+
+
+def next_token(limit: int, offset: int, got: int) -> str:
+    return base64.urlsafe_b64encode(f"o:{offset + limit}".encode()).decode() if got > limit else ""
+
+
+def mask_paths(field: str, paths: Iterable[str], allowed: Iterable[str]) -> list[str]:
+    """The update mask's paths, each one a field that may change; an empty mask means all of them."""
+    allowed = list(allowed)
+    out = list(paths) or allowed
+    for p in out:
+        if p not in allowed:
+            raise InvalidArgument(field, f"{p!r} cannot be updated (updatable: {', '.join(allowed)})")
+    return out
+
+
+async def by_name(db: AsyncSession, model: type[M], field: str, name: str, collection: str) -> M:
+    rid = parse_name(field, name, collection)
+    row: M | None = await db.scalar(select(model).where(model.name == rid))  # type: ignore[attr-defined,arg-type]
+    if row is None:
+        raise NotFound(f"{collection}/{rid} does not exist")
+    return row
+
+
+# ---- credentials ------------------------------------------------------------------------------------
+
+
+def credential_msg(row: Credential) -> api.Credential:
+    return api.Credential(name=f"credentials/{row.name}", username=row.username, create_time=timestamp(row.created_at))
+
+
+def check_username(field: str, value: str) -> str:
+    if not value or len(value) > 256:
+        raise InvalidArgument(field, "is required, up to 256 characters")
+    return value
+
+
+def check_secret(field: str, value: str) -> str:
+    if not value or len(value) > 4096:
+        raise InvalidArgument(field, "is required, up to 4096 characters")
+    return value
+
+
+# ---- hosts --------------------------------------------------------------------------------------------
+
+HOST_FIELDS = ("provider", "address", "credential")
+
+
+async def host_msg(db: AsyncSession, row: Host) -> api.Host:
+    cred = await db.get(Credential, row.credential_id) if row.credential_id else None
+    return api.Host(
+        name=f"hosts/{row.name}",
+        provider=row.provider,
+        address=row.address,
+        credential=f"credentials/{cred.name}" if cred else "",
+        create_time=timestamp(row.created_at),
+    )
+
+
+async def apply_host(db: AsyncSession, msg: api.Host, row: Host, paths: Iterable[str]) -> None:
+    for path in paths:
+        if path == "provider":
+            if msg.provider not in PROVIDERS:
+                raise InvalidArgument("host.provider", f"must be one of {', '.join(PROVIDERS)}")
+            row.provider = msg.provider
+        elif path == "address":
+            if not msg.address or len(msg.address) > 1024:
+                raise InvalidArgument("host.address", "is required, up to 1024 characters")
+            row.address = msg.address
+        elif path == "credential":
+            cred = (
+                await by_name(db, Credential, "host.credential", msg.credential, "credentials")
+                if msg.credential
+                else None
+            )
+            row.credential_id = cred.id if cred else None
+    if row.provider == "file" and not row.address.startswith("/") and not re.match(r"^[A-Za-z]:\\", row.address):
+        raise InvalidArgument("host.address", "a file host's address is an absolute folder path")
+
+
+# ---- proxies and targets ------------------------------------------------------------------------------
+
+PROXY_FIELDS = ("address", "tls_server_name", "max_tasks", "hosts")
+TARGET_FIELDS = ("address", "tls_server_name", "max_tasks")
+
+
+async def proxy_msg(db: AsyncSession, row: Proxy) -> api.Proxy:
+    hosts = []
+    for hid in row.host_ids:
+        h = await db.get(Host, str(hid))
+        if h is not None:
+            hosts.append(f"hosts/{h.name}")
+    return api.Proxy(
+        name=f"proxies/{row.name}",
+        address=row.address,
+        tls_server_name=row.tls_server_name,
+        max_tasks=row.max_tasks,
+        hosts=hosts,
+    )
+
+
+def target_msg(row: Target) -> api.Target:
+    return api.Target(
+        name=f"targets/{row.name}", address=row.address, tls_server_name=row.tls_server_name, max_tasks=row.max_tasks
+    )
+
+
+async def apply_agent(
+    db: AsyncSession, kind: str, msg: api.Proxy | api.Target, row: Proxy | Target, paths: Iterable[str]
+) -> None:
+    for path in paths:
+        if path == "address":
+            row.address = check_address(f"{kind}.address", msg.address)
+        elif path == "tls_server_name":
+            if len(msg.tls_server_name) > 256:
+                raise InvalidArgument(f"{kind}.tls_server_name", "is longer than 256 characters")
+            row.tls_server_name = msg.tls_server_name
+        elif path == "max_tasks":
+            if not 1 <= (msg.max_tasks or 4) <= 64:
+                raise InvalidArgument(f"{kind}.max_tasks", "must be from 1 to 64")
+            row.max_tasks = msg.max_tasks or 4
+        elif path == "hosts" and isinstance(msg, api.Proxy) and isinstance(row, Proxy):
+            ids = []
+            for i, h in enumerate(msg.hosts):
+                ids.append((await by_name(db, Host, f"proxy.hosts[{i}]", h, "hosts")).id)
+            row.host_ids = ids
+
+
+# ---- jobs ----------------------------------------------------------------------------------------------
+
+JOB_FIELDS = (
+    "host",
+    "target",
+    "replica_root",
+    "vms",
+    "restore_points_to_keep",
+    "compression",
+    "block_size",
+    "bandwidth_limit_mbps",
+    "change_tracking",
+    "guest_processing",
+    "exclusions",
+    "schedule",
+    "checkpoint_hold_seconds",
+    "disabled",
+)
+
+
+def _struct(value: dict[str, Any]) -> struct_pb2.Struct:
+    s = struct_pb2.Struct()
+    s.update(value)
+    return s
+
+
+async def job_msg(db: AsyncSession, row: Job) -> api.Job:
+    host, target = await db.get(Host, row.host_id), await db.get(Target, row.target_id)
+    return api.Job(
+        name=f"jobs/{row.name}",
+        host=f"hosts/{host.name}" if host else "",
+        target=f"targets/{target.name}" if target else "",
+        replica_root=row.replica_root,
+        vms=[api.JobVm(vm=v.vm_ref, excluded_disks=[str(d) for d in v.excluded_disks]) for v in row.vms],
+        restore_points_to_keep=row.restore_points_to_keep,
+        compression=row.compression,
+        block_size=row.block_size,
+        bandwidth_limit_mbps=row.bandwidth_limit_mbps,
+        change_tracking=row.change_tracking,
+        guest_processing=_struct(row.guest_processing),
+        exclusions=_struct(row.exclusions),
+        schedule=_struct(row.schedule),
+        checkpoint_hold_seconds=row.checkpoint_deadline_seconds,
+        disabled=not row.enabled,
+        create_time=timestamp(row.created_at),
+    )
+
+
+def _vms(msg: api.Job) -> list[JobVm]:
+    if not msg.vms:
+        raise InvalidArgument("job.vms", "lists no VM")
+    seen: set[str] = set()
+    out = []
+    for i, v in enumerate(msg.vms):
+        if not v.vm or len(v.vm) > 256:
+            raise InvalidArgument(f"job.vms[{i}].vm", "is required: a VM id or name, up to 256 characters")
+        if v.vm in seen:
+            raise InvalidArgument(f"job.vms[{i}].vm", f"{v.vm!r} is listed twice")
+        seen.add(v.vm)
+        out.append(JobVm(vm_ref=v.vm, excluded_disks=list(v.excluded_disks)))
+    return out
+
+
+async def apply_job(db: AsyncSession, msg: api.Job, row: Job, paths: Iterable[str]) -> None:
+    for path in paths:
+        await _apply_job_field(db, msg, row, path)
+
+
+async def _apply_job_field(db: AsyncSession, msg: api.Job, row: Job, path: str) -> None:  # noqa: PLR0912
+    if path == "host":
+        row.host_id = (await by_name(db, Host, "job.host", msg.host, "hosts")).id
+    elif path == "target":
+        row.target_id = (await by_name(db, Target, "job.target", msg.target, "targets")).id
+    elif path == "replica_root":
+        check_relative("job.replica_root", msg.replica_root)
+        row.replica_root = msg.replica_root
+    elif path == "vms":
+        row.vms = _vms(msg)
+    elif path == "restore_points_to_keep":
+        keep = msg.restore_points_to_keep or 7
+        if not 1 <= keep <= 1000:
+            raise InvalidArgument("job.restore_points_to_keep", "must be from 1 to 1000")
+        row.restore_points_to_keep = keep
+    elif path == "compression":
+        if (msg.compression or "default") not in COMPRESSIONS:
+            raise InvalidArgument("job.compression", f"must be one of {', '.join(COMPRESSIONS)}")
+        row.compression = msg.compression or "default"
+    elif path == "block_size":
+        if msg.block_size and not valid_block_size(msg.block_size):
+            raise InvalidArgument("job.block_size", "must be a power of two from 64 KiB to 16 MiB")
+        row.block_size = msg.block_size or 1 << 20
+    elif path == "bandwidth_limit_mbps":
+        if not 0 <= msg.bandwidth_limit_mbps <= 1e6:
+            raise InvalidArgument("job.bandwidth_limit_mbps", "must be from 0 (unlimited) to 1000000")
+        row.bandwidth_limit_mbps = msg.bandwidth_limit_mbps
+    elif path == "change_tracking":
+        if (msg.change_tracking or "auto") not in TRACKING:
+            raise InvalidArgument("job.change_tracking", f"must be one of {', '.join(TRACKING)}")
+        row.change_tracking = msg.change_tracking or "auto"
+    elif path in ("guest_processing", "exclusions", "schedule"):
+        setattr(row, path, json_format.MessageToDict(getattr(msg, path)))
+    elif path == "checkpoint_hold_seconds":
+        hold = msg.checkpoint_hold_seconds or 24 * 3600
+        if not 60 <= hold <= 30 * 24 * 3600:
+            raise InvalidArgument("job.checkpoint_hold_seconds", "must be from 60 to 2592000 (30 days)")
+        row.checkpoint_deadline_seconds = hold
+    elif path == "disabled":
+        row.enabled = not msg.disabled
