@@ -94,6 +94,7 @@ class ControllerServicer(controller_pb2_grpc.ControllerServiceServicer):
     @handle_errors
     async def CreateCredential(self, request: api.CreateCredentialRequest, context: Any) -> Any:
         require_role(context, *WRITE)
+        res.check_id("credential_id", request.credential_id)
         res.check_username("credential.username", request.credential.username)
         res.check_secret("secret", request.secret)
 

@@ -72,8 +72,9 @@ class Engine:
     async def stop_job(self, job_id: str) -> Session:
         async with self.parts.journal.read() as db:
             session = await db.scalar(select(Session).where(Session.job_id == job_id, Session.state.in_(ACTIVE)))
+            job = await db.get(Job, job_id)
         if session is None:
-            raise FailedPrecondition(f"job {job_id} has no running session")
+            raise FailedPrecondition(f"job {job.name if job else job_id} has no running session")
         await self._stop(session.id)
         return session
 

@@ -85,6 +85,8 @@ class LabCerts:
     def create(cls, directory: Path) -> LabCerts:
         if not (directory / "ca.pem").exists():
             certs.init(directory, list(certs.DEFAULT_HOSTS))
+            # A read-only API client, for trying (and testing) the reader role.
+            certs.issue(directory, name="reader", role="reader", hosts=list(certs.DEFAULT_HOSTS))
         return cls(directory)
 
     def tls(self, name: str) -> dict[str, str]:
@@ -259,6 +261,30 @@ def partitions(image: Path) -> list[dict[str, object]]:
     table = json.loads(_run("sfdisk", "--json", str(image)))["partitiontable"]
     parts: list[dict[str, object]] = table["partitions"]
     return parts
+
+
+def add_raw_disk(vm_dir: Path, disk_id: str, size: int, *, seed: int = 1) -> Path:
+    """Add a raw disk of mixed content (zero, text, random blocks) to a VM folder's manifest."""
+    from vmrepl.providers.filehost import DiskManifest, load_manifest, write_manifest
+
+    path = vm_dir / f"{disk_id}.raw"
+    make_mixed_image(path, size, seed=seed)
+    manifest = load_manifest(vm_dir)
+    manifest.disks.append(DiskManifest(id=disk_id, path=path.name))
+    write_manifest(vm_dir, manifest)
+    return path
+
+
+def create_raw_vm(host_root: Path, name: str, *, size: int, seed: int = 1) -> Path:
+    """A VM folder with one raw disk of mixed content (no partitions): quick to make, for tests."""
+    from vmrepl.providers.filehost import DiskManifest, VmManifest, write_manifest
+
+    vm_dir = host_root / name
+    vm_dir.mkdir(parents=True)
+    make_mixed_image(vm_dir / "disk0.raw", size, seed=seed)
+    vm_id = str(uuid.UUID(int=random.Random(seed).getrandbits(128), version=4))
+    write_manifest(vm_dir, VmManifest(name=name, id=vm_id, disks=[DiskManifest(id="disk0", path="disk0.raw")]))
+    return vm_dir
 
 
 def create_sample_vm(host_root: Path, name: str, *, size: int = 256 * MiB, seed: int = 1) -> Path:

@@ -17,6 +17,7 @@ from controller.agents import AgentClient, proxy_client, target_client
 from controller.disk_task import DiskTaskSpec, run_disk_task
 from protos.vmrepl.v1 import proxy_pb2
 from tests.conftest import need_tool
+from tests.integration.controller_env import ControllerEnv, make_env
 from vmrepl.config import TlsSettings
 from vmrepl.extent import MiB
 from vmrepl.security.ticket import load_signing_key
@@ -141,3 +142,23 @@ async def lab_env(
 def data_bytes(base_image: tuple[Path, dict[str, int]]) -> Iterator[int]:
     counts = base_image[1]
     yield (counts["text"] + counts["random"]) * MiB
+
+
+@pytest.fixture
+def ctl(tmp_path: Path, lab_certs: lab.LabCerts) -> Iterator[ControllerEnv]:
+    need_tool("mkntfs")
+    env = make_env(tmp_path, lab_certs, sample_vm=True)
+    try:
+        yield env
+    finally:
+        env.stop()
+
+
+@pytest.fixture
+def ctl_raw(tmp_path: Path, lab_certs: lab.LabCerts) -> Iterator[ControllerEnv]:
+    """Small raw disks only: for tests that run many sessions."""
+    env = make_env(tmp_path, lab_certs, disk_mib=8)
+    try:
+        yield env
+    finally:
+        env.stop()

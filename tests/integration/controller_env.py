@@ -1,0 +1,156 @@
+"""A controller, a proxy and a target as real processes, a file host with VMs, and API clients."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+from google.protobuf import json_format
+
+from controller import lab
+from protos.vmrepl.v1 import controller_pb2 as api
+from protos.vmrepl.v1 import controller_pb2_grpc, target_pb2_grpc
+from vmrepl.config import TlsSettings
+from vmrepl.extent import MiB
+from vmrepl.providers.filehost import FileHostProvider
+from vmrepl.security.tls import channel_credentials
+
+FINAL = (api.SESSION_STATE_SUCCEEDED, api.SESSION_STATE_INCOMPLETE, api.SESSION_STATE_FAILED)
+
+
+@dataclass
+class ControllerEnv:
+    work: Path
+    certs: lab.LabCerts
+    host: Path
+    target: lab.AgentProcess
+    proxy: lab.AgentProcess
+    controller: lab.AgentProcess
+
+    # ---- processes ---------------------------------------------------------------------------------
+
+    def restart_controller(self, **settings: object) -> None:
+        """Run the controller again (same database), with other settings such as the crash hook."""
+        if self.controller.proc is not None and self.controller.proc.poll() is None:
+            self.controller.stop()
+        config = lab.controller_config(self.work, self.certs, **settings)
+        self.controller = lab.AgentProcess("controller", config, self.work / "controller.log")
+        self.controller.start()
+
+    def stop(self) -> None:
+        for p in (self.controller, self.proxy, self.target):
+            p.stop()
+
+    # ---- API -----------------------------------------------------------------------------------------
+
+    def api(self, identity: str = "operator") -> Any:
+        d = self.certs.directory
+        tls = TlsSettings(ca_file=d / "ca.pem", cert_file=d / f"{identity}.pem", key_file=d / f"{identity}.key")
+        return controller_pb2_grpc.ControllerServiceStub(
+            grpc.secure_channel(self.controller.address, channel_credentials(tls))
+        )
+
+    def cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        cmd = [sys.executable, "-m", "controller.cli", "--controller", self.controller.address]
+        cmd += ["--certs-dir", str(self.certs.directory), *args]
+        out = subprocess.run(cmd, capture_output=True, text=True, check=False, env={**os.environ, "COLUMNS": "200"})
+        if check and out.returncode != 0:
+            raise AssertionError(f"vmrepl {' '.join(args)} exited {out.returncode}: {out.stdout}{out.stderr}")
+        return out
+
+    def configure(self, *, job: str = "job1", vms: tuple[str, ...] = ("vm1", "vm2"), **job_settings: Any) -> None:
+        stub = self.api()
+        if not list(stub.ListTargets(api.ListTargetsRequest()).targets):
+            stub.CreateTarget(
+                api.CreateTargetRequest(target_id="target", target=api.Target(address=self.target.address))
+            )
+            stub.CreateProxy(api.CreateProxyRequest(proxy_id="proxy1", proxy=api.Proxy(address=self.proxy.address)))
+            stub.CreateHost(
+                api.CreateHostRequest(host_id="lab", host=api.Host(provider="file", address=str(self.host)))
+            )
+        spec = api.Job(
+            host="hosts/lab",
+            target="targets/target",
+            replica_root=f"replicas/{job}",
+            vms=[api.JobVm(vm=v) for v in vms],
+            **job_settings,
+        )
+        stub.CreateJob(api.CreateJobRequest(job_id=job, job=spec))
+
+    def session(self, name: str) -> api.Session:
+        return self.api().GetSession(api.GetSessionRequest(name=name))
+
+    def wait_session(self, name: str, timeout: float = 120) -> api.Session:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                s = self.session(name)
+                if s.state in FINAL:
+                    return s
+            except grpc.RpcError:
+                pass  # the controller is restarting
+            time.sleep(0.2)
+        raise TimeoutError(f"{name} did not end within {timeout}s")
+
+    def wait_until(self, name: str, ok: Callable[[api.Session], bool], timeout: float = 60) -> api.Session:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            s = self.session(name)
+            if ok(s):
+                return s
+            if s.state in FINAL:
+                raise AssertionError(f"{name} ended before the condition: {json_format.MessageToJson(s)}")
+            time.sleep(0.05)
+        raise TimeoutError(f"condition on {name} not met within {timeout}s")
+
+    def run_job(self, job: str = "job1") -> api.Session:
+        s = self.api().StartJob(api.StartJobRequest(name=f"jobs/{job}"))
+        return self.wait_session(s.name)
+
+    def target_stub(self) -> Any:
+        d = self.certs.directory
+        tls = TlsSettings(ca_file=d / "ca.pem", cert_file=d / "controller.pem", key_file=d / "controller.key")
+        return target_pb2_grpc.TargetAgentStub(grpc.secure_channel(self.target.address, channel_credentials(tls)))
+
+    def points(self, job: str = "job1") -> list[api.JobRestorePoint]:
+        return list(self.api().ListRestorePoints(api.ListJobRestorePointsRequest(parent=f"jobs/{job}")).restore_points)
+
+    # ---- VMs and replicas -------------------------------------------------------------------------------
+
+    def vm(self, name: str) -> Any:
+        return FileHostProvider(self.host).vm(name)
+
+    def replica(self, vm: str, disk: str = "disk0", job: str = "job1") -> Path:
+        vm_id = self.vm(vm).manifest.id
+        return self.work / "datastore" / "replicas" / job / vm_id / "disks" / disk / "data.raw"
+
+    def disks(self) -> Iterator[tuple[str, str]]:
+        for vm_dir in sorted(self.host.iterdir()):
+            for d in self.vm(vm_dir.name).manifest.disks:
+                yield vm_dir.name, d.id
+
+
+def make_env(work: Path, certs: lab.LabCerts, *, sample_vm: bool = False, disk_mib: int = 16) -> ControllerEnv:
+    """Two VMs with three disks: vm1 (disk0, disk1) and vm2 (disk0)."""
+    host = work / "host"
+    host.mkdir()
+    if sample_vm:
+        vm1 = lab.create_sample_vm(host, "vm1", size=64 * MiB)
+    else:
+        vm1 = lab.create_raw_vm(host, "vm1", size=disk_mib * MiB, seed=11)
+    lab.add_raw_disk(vm1, "disk1", disk_mib * MiB, seed=12)
+    lab.create_raw_vm(host, "vm2", size=disk_mib * MiB, seed=13)
+    target = lab.AgentProcess("target_agent", lab.target_config(work, certs, level="debug"), work / "target.log")
+    proxy = lab.AgentProcess("proxy_agent", lab.proxy_config(work, certs, sources=host), work / "proxy.log")
+    controller = lab.AgentProcess("controller", lab.controller_config(work, certs), work / "controller.log")
+    target.start()
+    proxy.start()
+    controller.start()
+    return ControllerEnv(work, certs, host, target, proxy, controller)

@@ -1,0 +1,245 @@
+"""The controller with real proxy and target processes: CLI, API, retention, roles, secrets."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from typing import Any
+
+import grpc
+import pytest
+from google.protobuf import field_mask_pb2
+
+from protos.vmrepl.v1 import controller_pb2 as api
+from protos.vmrepl.v1 import target_pb2
+from tests.integration.conftest import qemu_identical
+from tests.integration.controller_env import ControllerEnv
+
+pytestmark = pytest.mark.integration
+
+
+def _all_replicas_identical(ctl: ControllerEnv) -> None:
+    for vm, disk in ctl.disks():
+        assert qemu_identical(ctl.vm(vm).image(disk), ctl.replica(vm, disk)), f"{vm}/{disk} differs"
+
+
+def test_full_then_incremental_through_the_cli(ctl: ControllerEnv) -> None:
+    t, p = ctl.target.address, ctl.proxy.address
+    ctl.cli("infra", "target-add", "target", "--address", t)
+    ctl.cli("infra", "proxy-add", "proxy1", "--address", p)
+    ctl.cli("infra", "host-add", "lab", "--address", str(ctl.host))
+    ctl.cli("job", "create", "job1", "--host", "lab", "--target", "target", "--vm", "vm1", "--vm", "vm2")
+    full = ctl.cli("job", "start", "job1", "--wait")
+    assert "succeeded" in full.stdout
+    _all_replicas_identical(ctl)
+
+    ctl.cli("lab", "write", str(ctl.host), "vm1", "--blocks", "6", "--seed", "3")
+    incr = ctl.cli("job", "start", "job1", "--wait", "--json")
+    session = json.loads(incr.stdout)
+    assert session["state"] == "SESSION_STATE_SUCCEEDED"
+    _all_replicas_identical(ctl)
+    modes = {(v["vm_name"], d["disk_id"]): d["change_mode"] for v in session["vms"] for d in v["disks"]}
+    assert set(modes.values()) == {"ranges"}, modes  # the file host's change tracking, since the last point
+    sent = int(session["stats"]["bytes_sent"])
+    assert sent < 8 << 20, "an incremental of 6 small writes sends a few MiB at most"
+
+    sessions = json.loads(ctl.cli("session", "list", "--json").stdout)["sessions"]
+    assert [s["state"] for s in sessions] == ["SESSION_STATE_SUCCEEDED"] * 2
+    shown = ctl.cli("session", "show", sessions[0]["name"].removeprefix("sessions/")).stdout
+    assert "disk1" in shown and "ranges" in shown
+    points = json.loads(ctl.cli("restore-points", "list", "job1", "--json").stdout)["restore_points"]
+    assert len(points) == 4  # two VMs, two sessions
+    assert "job1" in ctl.cli("job", "list").stdout
+
+
+def test_retention_keeps_exactly_n_points_in_the_database_and_on_the_target(ctl_raw: ControllerEnv) -> None:
+    ctl_raw.configure(restore_points_to_keep=2)
+    for _ in range(4):
+        assert ctl_raw.run_job().state == api.SESSION_STATE_SUCCEEDED
+    points = ctl_raw.points()
+    assert len(points) == 4  # 2 per VM
+    target = ctl_raw.target_stub()
+    for vm in ("vm1", "vm2"):
+        vm_id = ctl_raw.vm(vm).manifest.id
+        on_target = target.ListRestorePoints(target_pb2.ListRestorePointsRequest(replica_path=f"replicas/job1/{vm_id}"))
+        kept = {p.id for p in on_target.restore_points}
+        assert kept == {p.name.rsplit("/", 1)[1] for p in points if p.vm_id == vm_id}
+        assert len(kept) == 2
+
+
+def _bad_calls(stub: Any) -> list[tuple[str, Callable[[], Any]]]:
+    job = api.Job(host="hosts/lab", target="targets/target", replica_root="r/j", vms=[api.JobVm(vm="vm1")])
+
+    def job_with(**over: Any) -> Callable[[], Any]:
+        j = api.Job()
+        j.CopyFrom(job)
+        for k, v in over.items():
+            if k == "vms":
+                del j.vms[:]
+                j.vms.extend(v)
+            else:
+                setattr(j, k, v)
+        return lambda: stub.CreateJob(api.CreateJobRequest(job_id="jx", job=j))
+
+    return [
+        ("credential_id", lambda: stub.CreateCredential(api.CreateCredentialRequest(credential_id="Bad Id"))),
+        (
+            "secret",
+            lambda: stub.CreateCredential(
+                api.CreateCredentialRequest(credential_id="c1", credential=api.Credential(username="u"))
+            ),
+        ),
+        (
+            "credential.username",
+            lambda: stub.CreateCredential(api.CreateCredentialRequest(credential_id="c1", secret="x")),
+        ),
+        ("host_id", lambda: stub.CreateHost(api.CreateHostRequest(host_id="", host=api.Host(provider="file")))),
+        (
+            "host.provider",
+            lambda: stub.CreateHost(api.CreateHostRequest(host_id="h2", host=api.Host(provider="vmware"))),
+        ),
+        (
+            "host.address",
+            lambda: stub.CreateHost(
+                api.CreateHostRequest(host_id="h2", host=api.Host(provider="file", address="rel/x"))
+            ),
+        ),
+        (
+            "proxy.address",
+            lambda: stub.CreateProxy(api.CreateProxyRequest(proxy_id="p2", proxy=api.Proxy(address="nope"))),
+        ),
+        (
+            "proxy.max_tasks",
+            lambda: stub.CreateProxy(
+                api.CreateProxyRequest(proxy_id="p2", proxy=api.Proxy(address="h:1", max_tasks=1000))
+            ),
+        ),
+        (
+            "proxy.hosts[0]",
+            lambda: stub.CreateProxy(
+                api.CreateProxyRequest(proxy_id="p2", proxy=api.Proxy(address="h:1", hosts=["x"]))
+            ),
+        ),
+        ("target.address", lambda: stub.CreateTarget(api.CreateTargetRequest(target_id="t2", target=api.Target()))),
+        ("job.host", job_with(host="lab")),
+        ("job.target", job_with(target="nope/target")),
+        ("job.replica_root", job_with(replica_root="../escape")),
+        ("job.vms", job_with(vms=[])),
+        ("job.vms[1].vm", job_with(vms=[api.JobVm(vm="vm1"), api.JobVm(vm="vm1")])),
+        ("job.restore_points_to_keep", job_with(restore_points_to_keep=-1)),
+        ("job.compression", job_with(compression="zstd")),
+        ("job.block_size", job_with(block_size=12345)),
+        ("job.bandwidth_limit_mbps", job_with(bandwidth_limit_mbps=-5)),
+        ("job.change_tracking", job_with(change_tracking="sometimes")),
+        ("job.checkpoint_hold_seconds", job_with(checkpoint_hold_seconds=5)),
+        (
+            "update_mask",
+            lambda: stub.UpdateJob(
+                api.UpdateJobRequest(
+                    job=api.Job(name="jobs/job1"), update_mask=field_mask_pb2.FieldMask(paths=["name"])
+                )
+            ),
+        ),
+        ("name", lambda: stub.GetJob(api.GetJobRequest(name="job1"))),
+        ("name", lambda: stub.GetHost(api.GetHostRequest(name=""))),
+        ("name", lambda: stub.StartJob(api.StartJobRequest(name="jobs/UPPER"))),
+        ("name", lambda: stub.StopJob(api.StopJobRequest(name="job1"))),
+        ("name", lambda: stub.DeleteTarget(api.DeleteTargetRequest(name="target"))),
+        ("name", lambda: stub.GetSession(api.GetSessionRequest(name="sessions/../x"))),
+        ("name", lambda: next(iter(stub.WatchSession(api.WatchSessionRequest(name="x"))))),
+        ("job", lambda: stub.ListSessions(api.ListSessionsRequest(job="job1"))),
+        ("page_size", lambda: stub.ListJobs(api.ListJobsRequest(page_size=-1))),
+        ("page_token", lambda: stub.ListHosts(api.ListHostsRequest(page_token="garbage"))),
+        ("parent", lambda: stub.ListRestorePoints(api.ListJobRestorePointsRequest(parent="job1"))),
+    ]
+
+
+def test_every_bad_argument_is_invalid_argument_naming_the_field(ctl_raw: ControllerEnv) -> None:
+    ctl_raw.configure()
+    stub = ctl_raw.api()
+    for field, call in _bad_calls(stub):
+        with pytest.raises(grpc.RpcError) as err:
+            call()
+        assert err.value.code() is grpc.StatusCode.INVALID_ARGUMENT, (field, err.value.details())
+        assert err.value.details().startswith(f"{field}:"), (field, err.value.details())
+    assert [j.name for j in stub.ListJobs(api.ListJobsRequest()).jobs] == ["jobs/job1"]  # nothing was created
+
+
+def test_pages_and_updates(ctl_raw: ControllerEnv) -> None:
+    ctl_raw.configure()
+    stub = ctl_raw.api()
+    for i in range(5):
+        stub.CreateTarget(api.CreateTargetRequest(target_id=f"t{i}", target=api.Target(address=f"h{i}:7402")))
+    first = stub.ListTargets(api.ListTargetsRequest(page_size=4))
+    second = stub.ListTargets(api.ListTargetsRequest(page_size=4, page_token=first.next_page_token))
+    names = [t.name for t in [*first.targets, *second.targets]]
+    assert len(names) == 6 and len(set(names)) == 6 and not second.next_page_token
+    mask = field_mask_pb2.FieldMask(paths=["restore_points_to_keep"])
+    updated = stub.UpdateJob(
+        api.UpdateJobRequest(job=api.Job(name="jobs/job1", restore_points_to_keep=3), update_mask=mask)
+    )
+    assert updated.restore_points_to_keep == 3 and updated.vms[0].vm == "vm1"  # the rest untouched
+    with pytest.raises(grpc.RpcError) as err:
+        stub.DeleteHost(api.DeleteHostRequest(name="hosts/lab"))
+    assert err.value.code() is grpc.StatusCode.FAILED_PRECONDITION and "jobs/job1" in err.value.details()
+    with pytest.raises(grpc.RpcError) as err:
+        stub.CreateTarget(api.CreateTargetRequest(target_id="t1", target=api.Target(address="h:1")))
+    assert err.value.code() is grpc.StatusCode.ALREADY_EXISTS
+
+
+def test_a_reader_certificate_reads_but_cannot_start_a_job(ctl_raw: ControllerEnv) -> None:
+    ctl_raw.configure()
+    reader = ctl_raw.api("reader")
+    assert [j.name for j in reader.ListJobs(api.ListJobsRequest()).jobs] == ["jobs/job1"]
+    for call in (
+        lambda: reader.StartJob(api.StartJobRequest(name="jobs/job1")),
+        lambda: reader.DeleteJob(api.DeleteJobRequest(name="jobs/job1")),
+        lambda: reader.CreateCredential(api.CreateCredentialRequest(credential_id="c", secret="s")),
+    ):
+        with pytest.raises(grpc.RpcError) as err:
+            call()
+        assert err.value.code() is grpc.StatusCode.PERMISSION_DENIED
+    assert not list(reader.ListSessions(api.ListSessionsRequest()).sessions)
+    denied = ctl_raw.cli("--identity", "reader", "job", "start", "job1", check=False)
+    assert denied.returncode == 1 and "PERMISSION_DENIED" in denied.stderr
+    proxy_cert = ctl_raw.api("proxy")  # an agent's certificate is no API client either
+    with pytest.raises(grpc.RpcError) as err:
+        proxy_cert.ListJobs(api.ListJobsRequest())
+    assert err.value.code() is grpc.StatusCode.PERMISSION_DENIED
+
+
+def test_credentials_never_appear_in_replies_logs_or_the_database(ctl_raw: ControllerEnv) -> None:
+    secret = "pa55-Wörd-that-must-not-leak-7c1e"
+    stub = ctl_raw.api()
+    created = stub.CreateCredential(
+        api.CreateCredentialRequest(
+            credential_id="hv-admin", credential=api.Credential(username="CORP\\svc"), secret=secret
+        )
+    )
+    stub.UpdateCredential(
+        api.UpdateCredentialRequest(
+            credential=api.Credential(name="credentials/hv-admin"),
+            update_mask=field_mask_pb2.FieldMask(paths=["secret"]),
+            secret=secret + "-rotated",
+        )
+    )
+    replies = [
+        created,
+        stub.GetCredential(api.GetCredentialRequest(name="credentials/hv-admin")),
+        stub.ListCredentials(api.ListCredentialsRequest()),
+    ]
+    stub.CreateHost(
+        api.CreateHostRequest(
+            host_id="hv1", host=api.Host(provider="hyperv", address="hv1.corp", credential="credentials/hv-admin")
+        )
+    )
+    replies.append(stub.GetHost(api.GetHostRequest(name="hosts/hv1")))
+    for r in replies:
+        assert secret.encode() not in r.SerializeToString()
+    cli_out = ctl_raw.cli("infra", "list", "--json").stdout
+    assert "CORP" in cli_out and secret not in cli_out
+    ctl_raw.restart_controller()  # the key file is read again: secrets still decrypt (checked by no error)
+    for f in ctl_raw.work.rglob("*"):
+        if f.is_file():
+            data = f.read_bytes()
+            assert secret.encode() not in data and secret.encode("utf-16-le") not in data, f
