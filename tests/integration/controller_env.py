@@ -36,7 +36,7 @@ class ControllerEnv:
 
     # ---- processes ---------------------------------------------------------------------------------
 
-    def restart_controller(self, **settings: object) -> None:
+    def restart_controller(self, **settings: Any) -> None:
         """Run the controller again (same database), with other settings such as the crash hook."""
         if self.controller.proc is not None and self.controller.proc.poll() is None:
             self.controller.stop()
@@ -50,7 +50,7 @@ class ControllerEnv:
 
     # ---- API -----------------------------------------------------------------------------------------
 
-    def api(self, identity: str = "operator") -> Any:
+    def client(self, identity: str = "operator") -> Any:
         d = self.certs.directory
         tls = TlsSettings(ca_file=d / "ca.pem", cert_file=d / f"{identity}.pem", key_file=d / f"{identity}.key")
         return controller_pb2_grpc.ControllerServiceStub(
@@ -66,7 +66,7 @@ class ControllerEnv:
         return out
 
     def configure(self, *, job: str = "job1", vms: tuple[str, ...] = ("vm1", "vm2"), **job_settings: Any) -> None:
-        stub = self.api()
+        stub = self.client()
         if not list(stub.ListTargets(api.ListTargetsRequest()).targets):
             stub.CreateTarget(
                 api.CreateTargetRequest(target_id="target", target=api.Target(address=self.target.address))
@@ -85,7 +85,8 @@ class ControllerEnv:
         stub.CreateJob(api.CreateJobRequest(job_id=job, job=spec))
 
     def session(self, name: str) -> api.Session:
-        return self.api().GetSession(api.GetSessionRequest(name=name))
+        session: api.Session = self.client().GetSession(api.GetSessionRequest(name=name))
+        return session
 
     def wait_session(self, name: str, timeout: float = 120) -> api.Session:
         deadline = time.monotonic() + timeout
@@ -111,7 +112,7 @@ class ControllerEnv:
         raise TimeoutError(f"condition on {name} not met within {timeout}s")
 
     def run_job(self, job: str = "job1") -> api.Session:
-        s = self.api().StartJob(api.StartJobRequest(name=f"jobs/{job}"))
+        s = self.client().StartJob(api.StartJobRequest(name=f"jobs/{job}"))
         return self.wait_session(s.name)
 
     def target_stub(self) -> Any:
@@ -120,7 +121,9 @@ class ControllerEnv:
         return target_pb2_grpc.TargetAgentStub(grpc.secure_channel(self.target.address, channel_credentials(tls)))
 
     def points(self, job: str = "job1") -> list[api.JobRestorePoint]:
-        return list(self.api().ListRestorePoints(api.ListJobRestorePointsRequest(parent=f"jobs/{job}")).restore_points)
+        return list(
+            self.client().ListRestorePoints(api.ListJobRestorePointsRequest(parent=f"jobs/{job}")).restore_points
+        )
 
     # ---- VMs and replicas -------------------------------------------------------------------------------
 
@@ -128,7 +131,7 @@ class ControllerEnv:
         return FileHostProvider(self.host).vm(name)
 
     def replica(self, vm: str, disk: str = "disk0", job: str = "job1") -> Path:
-        vm_id = self.vm(vm).manifest.id
+        vm_id = str(self.vm(vm).manifest.id)
         return self.work / "datastore" / "replicas" / job / vm_id / "disks" / disk / "data.raw"
 
     def disks(self) -> Iterator[tuple[str, str]]:

@@ -156,7 +156,7 @@ def _bad_calls(stub: Any) -> list[tuple[str, Callable[[], Any]]]:
 
 def test_every_bad_argument_is_invalid_argument_naming_the_field(ctl_raw: ControllerEnv) -> None:
     ctl_raw.configure()
-    stub = ctl_raw.api()
+    stub = ctl_raw.client()
     for field, call in _bad_calls(stub):
         with pytest.raises(grpc.RpcError) as err:
             call()
@@ -167,7 +167,7 @@ def test_every_bad_argument_is_invalid_argument_naming_the_field(ctl_raw: Contro
 
 def test_pages_and_updates(ctl_raw: ControllerEnv) -> None:
     ctl_raw.configure()
-    stub = ctl_raw.api()
+    stub = ctl_raw.client()
     for i in range(5):
         stub.CreateTarget(api.CreateTargetRequest(target_id=f"t{i}", target=api.Target(address=f"h{i}:7402")))
     first = stub.ListTargets(api.ListTargetsRequest(page_size=4))
@@ -189,20 +189,21 @@ def test_pages_and_updates(ctl_raw: ControllerEnv) -> None:
 
 def test_a_reader_certificate_reads_but_cannot_start_a_job(ctl_raw: ControllerEnv) -> None:
     ctl_raw.configure()
-    reader = ctl_raw.api("reader")
+    reader = ctl_raw.client("reader")
     assert [j.name for j in reader.ListJobs(api.ListJobsRequest()).jobs] == ["jobs/job1"]
-    for call in (
+    calls: list[Callable[[], Any]] = [
         lambda: reader.StartJob(api.StartJobRequest(name="jobs/job1")),
         lambda: reader.DeleteJob(api.DeleteJobRequest(name="jobs/job1")),
         lambda: reader.CreateCredential(api.CreateCredentialRequest(credential_id="c", secret="s")),
-    ):
+    ]
+    for call in calls:
         with pytest.raises(grpc.RpcError) as err:
             call()
         assert err.value.code() is grpc.StatusCode.PERMISSION_DENIED
     assert not list(reader.ListSessions(api.ListSessionsRequest()).sessions)
     denied = ctl_raw.cli("--identity", "reader", "job", "start", "job1", check=False)
     assert denied.returncode == 1 and "PERMISSION_DENIED" in denied.stderr
-    proxy_cert = ctl_raw.api("proxy")  # an agent's certificate is no API client either
+    proxy_cert = ctl_raw.client("proxy")  # an agent's certificate is no API client either
     with pytest.raises(grpc.RpcError) as err:
         proxy_cert.ListJobs(api.ListJobsRequest())
     assert err.value.code() is grpc.StatusCode.PERMISSION_DENIED
@@ -210,7 +211,7 @@ def test_a_reader_certificate_reads_but_cannot_start_a_job(ctl_raw: ControllerEn
 
 def test_credentials_never_appear_in_replies_logs_or_the_database(ctl_raw: ControllerEnv) -> None:
     secret = "pa55-Wörd-that-must-not-leak-7c1e"
-    stub = ctl_raw.api()
+    stub = ctl_raw.client()
     created = stub.CreateCredential(
         api.CreateCredentialRequest(
             credential_id="hv-admin", credential=api.Credential(username="CORP\\svc"), secret=secret
