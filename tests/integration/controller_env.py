@@ -151,7 +151,9 @@ def make_env(work: Path, certs: lab.LabCerts, *, sample_vm: bool = False, disk_m
     lab.add_raw_disk(vm1, "disk1", disk_mib * MiB, seed=12)
     lab.create_raw_vm(host, "vm2", size=disk_mib * MiB, seed=13)
     target = lab.AgentProcess("target_agent", lab.target_config(work, certs, level="debug"), work / "target.log")
-    proxy = lab.AgentProcess("proxy_agent", lab.proxy_config(work, certs, sources=host), work / "proxy.log")
+    # Small batches and window: acks every 2 MiB, so stops and crashes land between commits.
+    proxy_config = lab.proxy_config(work, certs, sources=host, batch_bytes=MiB, window_batches=4)
+    proxy = lab.AgentProcess("proxy_agent", proxy_config, work / "proxy.log")
     controller = lab.AgentProcess("controller", lab.controller_config(work, certs), work / "controller.log")
     target.start()
     proxy.start()

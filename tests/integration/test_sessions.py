@@ -1,0 +1,176 @@
+"""Sessions through the controller: checkpoints hold, stop and SIGTERM leave disks resumable, crashes at
+every state transition are recovered without losing or doubling a restore point."""
+
+from __future__ import annotations
+
+import signal
+import time
+
+import grpc
+import pytest
+from google.protobuf import field_mask_pb2
+
+from controller.journal import CRASH_EXIT_CODE
+from protos.vmrepl.v1 import controller_pb2 as api
+from protos.vmrepl.v1 import target_pb2
+from tests.integration.conftest import qemu_identical
+from tests.integration.controller_env import ControllerEnv
+from vmrepl.extent import MiB
+
+pytestmark = pytest.mark.integration
+
+
+def _identical(ctl: ControllerEnv, vms: tuple[str, ...] = ("vm1", "vm2")) -> None:
+    for vm, disk in ctl.disks():
+        if vm in vms:
+            assert qemu_identical(ctl.vm(vm).image(disk), ctl.replica(vm, disk)), f"{vm}/{disk} differs"
+
+
+def _disks(s: api.Session) -> dict[str, api.DiskTask]:
+    return {f"{v.vm_name}/{d.disk_id}": d for v in s.vms for d in v.disks}
+
+
+def _unlimit(ctl: ControllerEnv) -> None:
+    mask = field_mask_pb2.FieldMask(paths=["bandwidth_limit_mbps"])
+    ctl.client().UpdateJob(api.UpdateJobRequest(job=api.Job(name="jobs/job1"), update_mask=mask))
+
+
+def _received_below(ctl: ControllerEnv, session: str, disk: str, offset: int) -> int:
+    """Data bytes the target received for `disk` in `session` at offsets below `offset`."""
+    sid = session.removeprefix("sessions/")
+    events = [
+        e
+        for e in ctl.target.events()
+        if e.get("event") == "batch_received" and e.get("session_id") == sid and e.get("disk_id") == disk
+    ]
+    return sum(int(str(e["data_bytes"])) for e in events if int(str(e["start"])) < offset)
+
+
+def test_writes_during_a_session_wait_for_the_next(ctl_raw: ControllerEnv) -> None:
+    ctl_raw.configure(vms=("vm1",), bandwidth_limit_mbps=4)
+    stub = ctl_raw.client()
+    s = stub.StartJob(api.StartJobRequest(name="jobs/job1"))
+    ctl_raw.wait_until(s.name, lambda x: any(v.state == "transferring" for v in x.vms))
+    vm = ctl_raw.vm("vm1")
+    before = vm.read_current("disk0", 7 * MiB, MiB)
+    vm.write("disk0", 7 * MiB, b"\xa5" * MiB)  # after the checkpoint: goes to the overlay
+    assert ctl_raw.wait_session(s.name).state == api.SESSION_STATE_SUCCEEDED
+    with open(ctl_raw.replica("vm1"), "rb") as f:
+        f.seek(7 * MiB)
+        assert f.read(MiB) == before, "the session replicated the checkpoint, not the later write"
+    assert not (vm.state / "checkpoint.json").exists()  # removed, the overlay merged
+    _unlimit(ctl_raw)
+    second = ctl_raw.run_job()
+    assert second.state == api.SESSION_STATE_SUCCEEDED
+    assert _disks(second)["vm1/disk0"].change_mode == "ranges"
+    _identical(ctl_raw, ("vm1",))
+
+
+def test_stop_then_start_resumes_from_the_committed_offsets(ctl_raw: ControllerEnv) -> None:
+    ctl_raw.configure(vms=("vm1",), bandwidth_limit_mbps=2)
+    stub = ctl_raw.client()
+    s = stub.StartJob(api.StartJobRequest(name="jobs/job1"))
+    ctl_raw.wait_until(
+        s.name, lambda x: bool(_disks(x)) and all(d.committed_offset >= 2 * MiB for d in _disks(x).values())
+    )
+    stub.StopJob(api.StopJobRequest(name="jobs/job1"))
+    stopped = ctl_raw.wait_session(s.name)
+    assert stopped.state == api.SESSION_STATE_INCOMPLETE
+    assert [v.state for v in stopped.vms] == ["held"]
+    offsets = {k: d.committed_offset for k, d in _disks(stopped).items()}
+    assert all(d.state == "resumable" for d in _disks(stopped).values())
+    assert all(0 < o < 8 * MiB for o in offsets.values()), offsets
+    assert (ctl_raw.vm("vm1").state / "checkpoint.json").exists(), "the checkpoint is held for the resume"
+    assert not ctl_raw.points()
+
+    _unlimit(ctl_raw)
+    resumed = ctl_raw.run_job()
+    assert resumed.state == api.SESSION_STATE_SUCCEEDED, resumed.error
+    for key, d in _disks(resumed).items():
+        assert d.start == "resume", key
+        # Nothing below the committed offset travels again except the sampled verification's blocks.
+        assert _received_below(ctl_raw, resumed.name, d.disk_id, offsets[key]) <= 16 * MiB
+    opened = [
+        e
+        for e in ctl_raw.target.events()
+        if e.get("event") == "stream_opened" and e.get("session_id") == resumed.name.removeprefix("sessions/")
+    ]
+    assert {str(e["disk_id"]): int(str(e["resume_offset"])) for e in opened} == {
+        k.split("/")[1]: v for k, v in offsets.items()
+    }
+    assert len(ctl_raw.points()) == 1
+    assert not (ctl_raw.vm("vm1").state / "checkpoint.json").exists()
+    _identical(ctl_raw, ("vm1",))
+
+
+def test_sigterm_stops_cleanly_and_the_next_run_resumes(ctl_raw: ControllerEnv) -> None:
+    ctl_raw.configure(vms=("vm1",), bandwidth_limit_mbps=2)
+    s = ctl_raw.client().StartJob(api.StartJobRequest(name="jobs/job1"))
+    ctl_raw.wait_until(s.name, lambda x: any(d.committed_offset >= 2 * MiB for d in _disks(x).values()))
+    proc = ctl_raw.controller.proc
+    assert proc is not None
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(30) == 0
+    ctl_raw.restart_controller()
+    stopped = ctl_raw.session(s.name)
+    assert stopped.state == api.SESSION_STATE_INCOMPLETE
+    assert {d.state for d in _disks(stopped).values()} <= {"resumable", "succeeded"}
+    _unlimit(ctl_raw)
+    resumed = ctl_raw.run_job()
+    assert resumed.state == api.SESSION_STATE_SUCCEEDED, resumed.error
+    assert "resume" in {d.start for d in _disks(resumed).values()}
+    _identical(ctl_raw, ("vm1",))
+
+
+def _crash_and_recover(ctl: ControllerEnv, n: int) -> bool:
+    """Run a session with the controller set to exit after state change `n`, then restart it and let it
+    recover. Returns whether the hook fired (False: the session has fewer than n changes)."""
+    ctl.restart_controller(test_crash_at_transition=n)
+    proc = ctl.controller.proc
+    assert proc is not None
+    try:
+        ctl.client().StartJob(api.StartJobRequest(name="jobs/job1"), timeout=10)
+    except grpc.RpcError as e:
+        assert e.code() is grpc.StatusCode.UNAVAILABLE, e  # the hook fired inside StartJob itself
+    deadline = time.monotonic() + 60
+    while proc.poll() is None and time.monotonic() < deadline:
+        newest = ctl.client().ListSessions(api.ListSessionsRequest(page_size=1)).sessions
+        if newest and newest[0].state not in (api.SESSION_STATE_RUNNING, api.SESSION_STATE_STOPPING):
+            break
+        time.sleep(0.05)
+    crashed = proc.poll() is not None
+    if crashed:
+        assert proc.returncode == CRASH_EXIT_CODE
+    ctl.restart_controller()
+    newest = ctl.client().ListSessions(api.ListSessionsRequest(page_size=1)).sessions[0]
+    final = ctl.wait_session(newest.name)
+    assert final.state == api.SESSION_STATE_SUCCEEDED, (n, final.error)
+    return crashed
+
+
+def _check_points(ctl: ControllerEnv, sessions: int) -> None:
+    points = ctl.points()
+    target = ctl.target_stub()
+    for vm in ("vm1", "vm2"):
+        vm_id = ctl.vm(vm).manifest.id
+        mine = {p.name.rsplit("/", 1)[1] for p in points if p.vm_id == vm_id}
+        assert len(mine) == sessions, (vm, len(mine), sessions)  # none lost, none counted twice
+        listed = target.ListRestorePoints(target_pb2.ListRestorePointsRequest(replica_path=f"replicas/job1/{vm_id}"))
+        assert {p.id for p in listed.restore_points} == mine
+        assert not (ctl.vm(vm).state / "checkpoint.json").exists(), "no checkpoint left behind"
+
+
+def test_controller_killed_at_every_state_transition_recovers(ctl_raw: ControllerEnv) -> None:
+    ctl_raw.configure(restore_points_to_keep=1000)
+    n, sessions = 1, 0
+    while True:
+        crashed = _crash_and_recover(ctl_raw, n)
+        sessions += 1
+        _check_points(ctl_raw, sessions)
+        _identical(ctl_raw)
+        if not crashed:
+            break
+        for i, (vm, disk) in enumerate(ctl_raw.disks()):  # something for the next incremental to carry
+            ctl_raw.vm(vm).write(disk, ((n + i) % 8) * MiB, bytes([n % 251 + 1]) * 4096)
+        n += 1
+    assert n > 20, f"a two-VM, three-disk session should have more than 20 state changes, saw {n - 1}"
