@@ -115,16 +115,30 @@ class Engine:
         try:
             sc = await self._context(session_id)
         except VmreplError as e:
-            async with self.parts.journal.change("session ended", session_id=session_id) as db:
-                row = await db.get(Session, session_id)
-                if row is not None:
-                    row.state, row.error, row.ended_at = SessionState.FAILED.value, describe(e), now()
+            await self._fail(session_id, describe(e))
             return
         if stopping:
             sc.stopping.set()
-        task = asyncio.create_task(SessionRun(self.parts, sc).run(), name=f"session-{session_id}")
+        task = asyncio.create_task(self._run(sc), name=f"session-{session_id}")
         self._runs[session_id] = (sc, task)
         task.add_done_callback(lambda _t: self._runs.pop(session_id, None))
+
+    async def _run(self, sc: SessionContext) -> SessionState:
+        try:
+            return await SessionRun(self.parts, sc).run()
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:
+            # A bug, not an outside failure: the session must not be left "running" for ever.
+            log.exception("session_crashed", session_id=sc.session_id)
+            await self._fail(sc.session_id, f"internal error: {type(e).__name__}; see the controller's log")
+            return SessionState.FAILED
+
+    async def _fail(self, session_id: str, error: str) -> None:
+        async with self.parts.journal.change("session ended", session_id=session_id) as db:
+            row = await db.get(Session, session_id)
+            if row is not None:
+                row.state, row.error, row.ended_at = SessionState.FAILED.value, error, now()
 
     def running(self) -> list[str]:
         return list(self._runs)

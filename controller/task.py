@@ -137,6 +137,8 @@ class TaskRunner:
                 self.parts.slots.claim(proxy.id, self.sc.target.target_id)
                 self.log.info("task_reattached", proxy=proxy.name, transfer_id=task.transfer_id)
                 try:
+                    if state is TaskState.STARTING:  # the start reached the proxy before the crash
+                        await self._set(TaskState.RUNNING, "task running")
                     return await self._follow(proxy, task.transfer_id)
                 except ProxyLost:
                     pass

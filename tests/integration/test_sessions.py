@@ -133,11 +133,16 @@ def _crash_and_recover(ctl: ControllerEnv, n: int) -> bool:
     except grpc.RpcError as e:
         assert e.code() is grpc.StatusCode.UNAVAILABLE, e  # the hook fired inside StartJob itself
     deadline = time.monotonic() + 60
+    newest: list[api.Session] | None = None
     while proc.poll() is None and time.monotonic() < deadline:
-        newest = ctl.client().ListSessions(api.ListSessionsRequest(page_size=1)).sessions
+        try:
+            newest = ctl.client().ListSessions(api.ListSessionsRequest(page_size=1)).sessions
+        except grpc.RpcError:
+            newest = []  # the controller is exiting
         if newest and newest[0].state not in (api.SESSION_STATE_RUNNING, api.SESSION_STATE_STOPPING):
             break
         time.sleep(0.05)
+    time.sleep(0.3)  # the hook may fire at the session's last change, right after it shows as ended
     crashed = proc.poll() is not None
     if crashed:
         assert proc.returncode == CRASH_EXIT_CODE
