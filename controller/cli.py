@@ -22,7 +22,7 @@ import typer
 from google.protobuf import field_mask_pb2, json_format
 from google.protobuf.message import Message
 from rich.console import Console
-from rich.progress import BarColumn, DownloadColumn, Progress, TaskID, TextColumn, TransferSpeedColumn
+from rich.progress import BarColumn, DownloadColumn, Progress, TaskID, TextColumn
 from rich.table import Table
 
 from protos.vmrepl.v1 import controller_pb2 as api
@@ -355,7 +355,7 @@ def _watch(name: str) -> Iterator[api.Session]:
 def follow(name: str, *, quiet: bool = False) -> api.Session:
     """Follow a session to its end with a progress bar per disk; returns the final state."""
     last = api.Session()
-    columns = (TextColumn("{task.description}"), BarColumn(), DownloadColumn(binary_units=True), TransferSpeedColumn())
+    columns = (TextColumn("{task.description}"), BarColumn(), DownloadColumn(binary_units=True))
     with Progress(*columns, console=err, disable=quiet, transient=False) as bars:
         ids: dict[str, TaskID] = {}
         for s in _watch(name):
@@ -376,8 +376,9 @@ def summary(s: api.Session) -> None:
     colour = {"succeeded": "green", "incomplete": "yellow"}.get(state, "red")
     st = s.stats
     out.print(
-        f"{s.name} [{colour}]{state}[/{colour}]: {st.restore_points} restore point(s); read {mib(st.bytes_read)}, "
-        f"sent {mib(st.bytes_sent)}; skipped zero {mib(st.skipped.zero)}, unchanged {mib(st.skipped.unchanged)}"
+        f"{s.name} [{colour}]{state}[/{colour}]: {st.restore_points} restore point(s), {_duration(s)}; "
+        f"disks {mib(st.disk_bytes)}, read {mib(st.bytes_read)}, sent {mib(st.bytes_sent)}; skipped: "
+        f"unallocated {mib(st.skipped.unallocated)}, zero {mib(st.skipped.zero)}, unchanged {mib(st.skipped.unchanged)}"
     )
     if s.error:
         out.print(f"  error: {s.error}")

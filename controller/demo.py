@@ -1,137 +1,85 @@
-"""`make demo`: replicate a sample disk end to end on loopback with mTLS, and prove the replica identical.
+"""`make demo`: replicate a sample VM end to end through the controller, on loopback with mTLS.
 
-Starts a target and a proxy as real processes, creates a 256 MiB sample image
-(30% zero blocks, 40% text, 30% random), replicates it, changes 5% of its
-blocks and replicates only those (as a change tracker reports them), then
-checks the replica with `qemu-img compare`. Everything lives in ./demo-run and is stopped at the end.
+Creates the CA and certificates, starts a target, a proxy and the controller
+(SQLite) as real processes, creates a sample VM on a file-backed host (GPT
+disk: NTFS with files, and swap), configures them with the `vmrepl` CLI,
+runs a full replication, writes to the VM, runs an incremental, shows the
+sessions and restore points, and checks the replica with `qemu-img compare`.
+Everything lives in ./demo-run and is stopped at the end.
 """
 
 from __future__ import annotations
 
-import asyncio
+import os
 import shutil
 import subprocess
 import sys
-import time
-import uuid
 from pathlib import Path
 
 from controller import lab
-from controller.agents import proxy_client, target_client
-from controller.disk_task import DiskTaskSpec, run_disk_task
-from protos.vmrepl.v1 import common_pb2, proxy_pb2
-from vmrepl.config import TlsSettings
 from vmrepl.extent import MiB
-from vmrepl.logs import configure_logging
-from vmrepl.security.ticket import load_signing_key
+from vmrepl.providers.filehost import FileHostProvider
 
 SIZE = 256 * MiB
 
 
-def _bar(p: proxy_pb2.TransferProgress) -> None:
-    done = p.committed_offset / p.disk_size if p.disk_size else 0
-    filled = int(done * 30)
-    mb = p.bytes_sent / 1e6
-    sys.stdout.write(f"\r  [{'#' * filled}{'.' * (30 - filled)}] {done:6.1%}  {mb:8.1f} MB sent ")
-    sys.stdout.flush()
+def _vmrepl(controller: str, certs: Path, *args: str) -> None:
+    cmd = [sys.executable, "-m", "controller.cli", "--controller", controller, "--certs-dir", str(certs), *args]
+    print(f"\n$ vmrepl {' '.join(args)}", flush=True)
+    out = subprocess.run(cmd, check=False, env={**os.environ, "COLUMNS": os.environ.get("COLUMNS", "120")})
+    if out.returncode != 0:
+        raise SystemExit(f"demo failed: vmrepl {' '.join(args)} exited {out.returncode}")
 
 
-async def _replicate(
-    proxy: lab.AgentProcess,
-    target: lab.AgentProcess,
-    certs: lab.LabCerts,
-    *,
-    image: Path,
-    size: int,
-    label: str,
-    changed: list[int] | None = None,
-) -> proxy_pb2.TransferProgress:
-    tls = TlsSettings(**certs.tls("controller"))  # type: ignore[arg-type]
-    p, t = proxy_client(proxy.address, tls), target_client(target.address, tls)
-    try:
-        spec = DiskTaskSpec(
-            session_id=f"demo-{uuid.uuid4().hex[:8]}",
-            disk_id="disk0",
-            source_locator=str(image),
-            disk_size=size,
-            replica_path="demo/vm1",
-            change_source=_change_source(changed),
-        )
-        print(f"{label}:")
-        t0 = time.perf_counter()
-        result = await run_disk_task(
-            proxy=p, target=t, spec=spec, signing_key=load_signing_key(certs.signing_key), on_progress=_bar
-        )
-        dt = time.perf_counter() - t0
-        s = result.skipped
-        print(
-            f"\n  {spec.disk_size / MiB:.0f} MiB disk in {dt:.2f} s: read {result.bytes_read / MiB:.0f} MiB, "
-            f"sent {result.bytes_sent / MiB:.1f} MiB; skipped zero {s.zero / MiB:.0f} MiB, "
-            f"unallocated {s.unallocated / MiB:.0f} MiB, unchanged {s.unchanged / MiB:.0f} MiB"
-        )
-        return result
-    finally:
-        await p.close()
-        await t.close()
-
-
-def _change_source(changed: list[int] | None) -> proxy_pb2.ChangeSource:
-    if changed is None:
-        return proxy_pb2.ChangeSource(full=proxy_pb2.FullRead())
-    ranges = [common_pb2.ByteRange(offset=o, length=MiB) for o in changed]
-    return proxy_pb2.ChangeSource(changed_ranges=proxy_pb2.ChangedRanges(ranges=ranges, reference_id="demo"))
-
-
-def _compare(image: Path, replica: Path) -> None:
+def _compare(source: Path, replica: Path) -> None:
     out = subprocess.run(
-        ["qemu-img", "compare", "-f", "raw", "-F", "raw", str(image), str(replica)],
+        ["qemu-img", "compare", "-f", "raw", "-F", "raw", str(source), str(replica)],
         capture_output=True,
         text=True,
         check=False,
     )
-    print(f"  qemu-img compare: {out.stdout.strip() or out.stderr.strip()}")
+    print(f"qemu-img compare: {out.stdout.strip() or out.stderr.strip()}")
     if out.returncode != 0:
         raise SystemExit("demo failed: the replica differs from the source")
 
 
 def main() -> None:
-    configure_logging(fmt="console", level="warning")
-    if shutil.which("qemu-img") is None:
-        raise SystemExit("qemu-img is needed for the demo (Debian: apt-get install qemu-utils)")
+    for tool in ("qemu-img", "mkntfs", "ntfscp", "mkswap", "sfdisk"):
+        if shutil.which(tool) is None:
+            raise SystemExit(f"{tool} is needed for the demo (Debian: apt-get install qemu-utils ntfs-3g fdisk)")
     work = Path("demo-run").resolve()
     shutil.rmtree(work, ignore_errors=True)
-    (work / "sources").mkdir(parents=True)
+    host = work / "host"
+    host.mkdir(parents=True)
     certs = lab.LabCerts.create(work / "certs")
-    image = work / "sources" / "vm1-disk0.raw"
-    counts = lab.make_mixed_image(image, SIZE)
-    print(f"sample disk {image} ({SIZE // MiB} MiB; blocks: {counts})")
+    print(f"CA and certificates in {certs.directory}")
+    vm_dir = lab.create_sample_vm(host, "demo-vm", size=SIZE)
+    print(f"sample VM {vm_dir} ({SIZE // MiB} MiB GPT disk: NTFS with files and a pagefile, swap)")
     target = lab.AgentProcess("target_agent", lab.target_config(work, certs), work / "target.log")
-    proxy = lab.AgentProcess("proxy_agent", lab.proxy_config(work, certs, sources=work / "sources"), work / "proxy.log")
+    proxy = lab.AgentProcess("proxy_agent", lab.proxy_config(work, certs, sources=host), work / "proxy.log")
+    controller = lab.AgentProcess("controller", lab.controller_config(work, certs), work / "controller.log")
     try:
-        target.start()
-        proxy.start()
-        print(f"target on {target.address}, proxy on {proxy.address} (mTLS)")
-        replica = work / "datastore" / "demo" / "vm1" / "disks" / "disk0" / "data.raw"
-        asyncio.run(_replicate(proxy, target, certs, image=image, size=SIZE, label="full replication"))
-        _compare(image, replica)
-        changed = lab.change_blocks(image, fraction=0.05)
-        print(f"changed {len(changed)} blocks of the source, replicating only those")
-        asyncio.run(
-            _replicate(
-                proxy,
-                target,
-                certs,
-                image=image,
-                size=SIZE,
-                label="incremental from changed ranges",
-                changed=changed,
-            )
-        )
-        _compare(image, replica)
+        for p in (target, proxy, controller):
+            p.start()
+        print(f"target {target.address}, proxy {proxy.address}, controller {controller.address} (mTLS, SQLite)")
+        run = lambda *a: _vmrepl(controller.address, certs.directory, *a)  # noqa: E731
+        run("infra", "target-add", "target", "--address", target.address)
+        run("infra", "proxy-add", "proxy1", "--address", proxy.address)
+        run("infra", "host-add", "lab", "--address", str(host))
+        run("job", "create", "demo", "--host", "lab", "--target", "target", "--vm", "demo-vm", "--keep", "3")
+        run("job", "start", "demo", "--wait")
+        run("lab", "write", str(host), "demo-vm", "--blocks", "12", "--seed", "7")
+        run("job", "start", "demo", "--wait")
+        run("session", "list")
+        run("restore-points", "list", "demo")
+        vm = FileHostProvider(host).vm("demo-vm")
+        replica = work / "datastore" / "replicas" / "demo" / vm.manifest.id / "disks" / "disk0" / "data.raw"
+        print()
+        _compare(vm.image("disk0"), replica)
         print("replica is identical to the source")
     finally:
-        proxy.stop()
-        target.stop()
+        for p in (controller, proxy, target):
+            p.stop()
 
 
 if __name__ == "__main__":

@@ -4,7 +4,7 @@ from pathlib import Path
 import pytest
 
 from target_agent.config import TargetSettings
-from vmrepl.config import load_settings
+from vmrepl.config import ProgramSettings, load_settings
 from vmrepl.disk.fileio import PositionalFile, atomic_write
 from vmrepl.disk.raw import RawReader, RawWriter
 from vmrepl.errors import ConfigError
@@ -92,3 +92,19 @@ def test_atomic_write_replaces_whole(tmp_path: Path) -> None:
     assert f.size() == 3
     f.close()
     assert os.listdir(tmp_path) == ["state.json"]
+
+
+@pytest.mark.parametrize("program", ["controller", "proxy", "target"])
+def test_example_configs_in_deploy_are_valid(program: str) -> None:
+    from controller.config import ControllerSettings
+    from proxy_agent.config import ProxySettings
+    from target_agent.config import TargetSettings
+
+    classes: dict[str, type[ProgramSettings]] = {
+        "controller": ControllerSettings,
+        "proxy": ProxySettings,
+        "target": TargetSettings,
+    }
+    path = Path(__file__).parents[2] / "deploy" / "config" / f"{program}.toml"
+    settings = load_settings(classes[program], path)
+    assert str(settings.tls.cert_file).endswith(f"{program}.pem")  # type: ignore[attr-defined]
