@@ -62,7 +62,10 @@ def main() -> None:
         for p in (target, proxy, controller):
             p.start()
         print(f"target {target.address}, proxy {proxy.address}, controller {controller.address} (mTLS, SQLite)")
-        run = lambda *a: _vmrepl(controller.address, certs.directory, *a)  # noqa: E731
+
+        def run(*args: str) -> None:
+            _vmrepl(controller.address, certs.directory, *args)
+
         run("infra", "target-add", "target", "--address", target.address)
         run("infra", "proxy-add", "proxy1", "--address", proxy.address)
         run("infra", "host-add", "lab", "--address", str(host))

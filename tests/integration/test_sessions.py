@@ -147,8 +147,8 @@ def _crash_and_recover(ctl: ControllerEnv, n: int) -> bool:
     if crashed:
         assert proc.returncode == CRASH_EXIT_CODE
     ctl.restart_controller()
-    newest = ctl.client().ListSessions(api.ListSessionsRequest(page_size=1)).sessions[0]
-    final = ctl.wait_session(newest.name)
+    last: api.Session = ctl.client().ListSessions(api.ListSessionsRequest(page_size=1)).sessions[0]
+    final = ctl.wait_session(last.name)
     assert final.state == api.SESSION_STATE_SUCCEEDED, (n, final.error)
     return crashed
 
