@@ -15,9 +15,10 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 import grpc
-from sqlalchemy import delete, select
+from sqlalchemy import Select, delete, select
 
 from controller.db.models import HeldCheckpoint, JobVm, RestorePoint, Session, SessionVm, Task, now
 from controller.retention import points_to_delete
@@ -96,11 +97,7 @@ class SessionRun:
     async def _plan_vm(self, vm: VmInfo, excluded: frozenset[str]) -> list[SessionVm | Task]:
         disks = [d for d in vm.disks if d.disk_id not in excluded]
         async with self.parts.journal.read() as db:
-            held = await db.scalar(
-                select(HeldCheckpoint).where(
-                    HeldCheckpoint.job_id == self.sc.job.job_id, HeldCheckpoint.vm_id == vm.vm_id
-                )
-            )
+            held: HeldCheckpoint | None = await db.scalar(held_checkpoint(self.sc.job.job_id, vm.vm_id))
             earlier = (
                 list(await db.scalars(select(Task).where(Task.session_id == held.session_id, Task.vm_id == vm.vm_id)))
                 if held is not None
@@ -158,6 +155,11 @@ class SessionRun:
         self.parts.live.forget(self.sc.session_id)
         self.log.info("session_ended", state=state.value, **stats)
         return state
+
+
+def held_checkpoint(job_id: str, vm_id: str) -> Select[Any]:
+    """The checkpoint of a VM the job holds for disks left to resume (at most one: unique per job and VM)."""
+    return select(HeldCheckpoint).where(HeldCheckpoint.job_id == job_id, HeldCheckpoint.vm_id == vm_id)
 
 
 def session_stats(tasks: list[Task], vms: list[SessionVm]) -> dict[str, object]:
@@ -257,11 +259,7 @@ class VmRun:
             await self._set(VmState.STOPPED)
             return
         async with self.parts.journal.read() as db:
-            held = await db.scalar(
-                select(HeldCheckpoint).where(
-                    HeldCheckpoint.job_id == self.sc.job.job_id, HeldCheckpoint.vm_id == row.vm_id
-                )
-            )
+            held: HeldCheckpoint | None = await db.scalar(held_checkpoint(self.sc.job.job_id, row.vm_id))
         if held is not None:
             await self.sc.provider.remove_checkpoint(row.vm_id, held.checkpoint_id)
             async with self.parts.journal.change("held checkpoint released", vm=row.vm_id) as db:
@@ -379,11 +377,7 @@ class VmRun:
     async def _hold(self, row: SessionVm) -> None:
         deadline = now() + dt.timedelta(seconds=self.sc.job.checkpoint_deadline_seconds)
         async with self.parts.journal.change("vm held", vm=row.vm_id) as db:
-            held = await db.scalar(
-                select(HeldCheckpoint).where(
-                    HeldCheckpoint.job_id == self.sc.job.job_id, HeldCheckpoint.vm_id == row.vm_id
-                )
-            )
+            held: HeldCheckpoint | None = await db.scalar(held_checkpoint(self.sc.job.job_id, row.vm_id))
             if held is None:
                 db.add(
                     HeldCheckpoint(
