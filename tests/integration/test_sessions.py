@@ -4,6 +4,7 @@ every state transition are recovered without losing or doubling a restore point.
 from __future__ import annotations
 
 import signal
+import sqlite3
 import time
 
 import grpc
@@ -179,3 +180,30 @@ def test_controller_killed_at_every_state_transition_recovers(ctl_raw: Controlle
             ctl_raw.vm(vm).write(disk, ((n + i) % 8) * MiB, bytes([n % 251 + 1]) * 4096)
         n += 1
     assert n > 20, f"a two-VM, three-disk session should have more than 20 state changes, saw {n - 1}"
+
+
+def test_a_held_checkpoint_past_its_deadline_is_released_and_the_disks_compared(ctl_raw: ControllerEnv) -> None:
+    ctl_raw.configure(vms=("vm1",), bandwidth_limit_mbps=2)
+    stub = ctl_raw.client()
+    s = stub.StartJob(api.StartJobRequest(name="jobs/job1"))
+    ctl_raw.wait_until(s.name, lambda x: any(d.committed_offset >= 2 * MiB for d in _disks(x).values()))
+    stub.StopJob(api.StopJobRequest(name="jobs/job1"))
+    held = ctl_raw.wait_session(s.name)
+    assert held.state == api.SESSION_STATE_INCOMPLETE
+    old_checkpoint = held.vms[0].checkpoint_id
+    ctl_raw.controller.stop()
+    db = sqlite3.connect(ctl_raw.work / "controller" / "controller.db")
+    with db:  # as if the job's hold time (24 h by default) had passed
+        db.execute("UPDATE held_checkpoints SET deadline = '2000-01-01 00:00:00.000000+00:00'")
+    db.close()
+    ctl_raw.restart_controller()
+    ctl_raw.vm("vm1").write("disk0", 5 * MiB, b"\x5a" * 8192)  # a change the old checkpoint never saw
+    _unlimit(ctl_raw)
+    after = ctl_raw.run_job()
+    assert after.state == api.SESSION_STATE_SUCCEEDED, after.error
+    assert after.vms[0].checkpoint_id != old_checkpoint
+    resumable = {k for k, d in _disks(held).items() if d.state == "resumable"}
+    for key, d in _disks(after).items():
+        assert (d.start, d.change_mode) == (("compare", "compare") if key in resumable else ("fresh", "full")), key
+    assert not (ctl_raw.vm("vm1").state / "checkpoint.json").exists()
+    _identical(ctl_raw, ("vm1",))
