@@ -122,8 +122,10 @@ class TaskRunner:
             self.log.warning("task_failed", error=message)
             task = await self._task()
             started = TaskState(task.state) in (TaskState.STARTING, TaskState.RUNNING)
-            # A disk already streaming stays resumable when its proxy is gone; one never started failed.
-            end = TaskState.RESUMABLE if isinstance(e, NoProxy) and started else TaskState.FAILED
+            # A disk already streaming stays resumable when its proxy is gone (none answers, or the watch
+            # kept failing to connect): the target keeps what it made durable. One never started failed.
+            gone = isinstance(e, NoProxy) or _transient(e)
+            end = TaskState.RESUMABLE if gone and started else TaskState.FAILED
             await self._set(end, f"task {end}", error=message)
             return end
         return await self._finish(final)
