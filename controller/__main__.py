@@ -31,7 +31,11 @@ async def serve(settings: ControllerSettings) -> None:
     journal = Journal(sessions, crash_at=settings.test_crash_at_transition)
     agents = AgentPool(settings.tls)
     parts = EngineParts(
-        journal=journal, agents=agents, slots=SlotBoard(), signing_key=load_signing_key(settings.signing_key)
+        journal=journal,
+        agents=agents,
+        slots=SlotBoard(),
+        signing_key=load_signing_key(settings.signing_key),
+        proxy_lost_after=settings.proxy_lost_seconds,
     )
     engine = Engine(parts)
     servicer = ControllerServicer(journal=journal, engine=engine, secrets=secrets, live=parts.live)

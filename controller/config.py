@@ -25,6 +25,11 @@ class ControllerSettings(ProgramSettings):
     signing_key: Path = Field(description="Ed25519 key (PEM) that signs transfer tickets; targets hold its public half")
     tls: TlsSettings
     log: LogSettings = LogSettings()
+    proxy_lost_seconds: float = Field(
+        60.0,
+        gt=0,
+        description="how long a running transfer's unreachable proxy is retried before the disk is left resumable",
+    )
     stop_timeout_seconds: float = Field(30.0, gt=0, description="how long SIGTERM waits for transfers to stop")
     # Test hook: exit right after the Nth committed state change (0: never). Used to prove crash recovery.
     test_crash_at_transition: int = Field(0, ge=0, description="test only: exit after this many state changes")

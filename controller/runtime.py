@@ -71,6 +71,8 @@ class EngineParts:
     slots: SlotBoard
     signing_key: ed25519.Ed25519PrivateKey
     live: LiveProgress = field(default_factory=LiveProgress)
+    # How long an unreachable proxy's transfer is waited for before the task is left resumable.
+    proxy_lost_after: float = 60.0
     guest: GuestProcessing = field(default_factory=NoGuestProcessing)
 
 

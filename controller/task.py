@@ -52,8 +52,6 @@ COMPRESSION = {
     "fast": proxy_pb2.COMPRESSION_LEVEL_FAST,
     "default": proxy_pb2.COMPRESSION_LEVEL_DEFAULT,
 }
-# How long a broken watch is retried before the task is left to resume in a later session.
-WATCH_RETRY_SECONDS = 60.0
 
 
 class ProxyLost(Exception):
@@ -284,7 +282,7 @@ class TaskRunner:
             async for attempt in AsyncRetrying(
                 retry=retry_if_exception(_transient),
                 wait=wait_exponential(multiplier=0.5, max=5),
-                stop=stop_after_delay(WATCH_RETRY_SECONDS),
+                stop=stop_after_delay(self.parts.proxy_lost_after),
                 reraise=True,
             ):
                 with attempt:

@@ -207,3 +207,24 @@ def test_a_held_checkpoint_past_its_deadline_is_released_and_the_disks_compared(
         assert (d.start, d.change_mode) == (("compare", "compare") if key in resumable else ("fresh", "full")), key
     assert not (ctl_raw.vm("vm1").state / "checkpoint.json").exists()
     _identical(ctl_raw, ("vm1",))
+
+
+def test_a_proxy_killed_mid_transfer_leaves_the_disks_resumable(ctl_raw: ControllerEnv) -> None:
+    ctl_raw.restart_controller(proxy_lost_seconds=3)
+    ctl_raw.configure(vms=("vm1",), bandwidth_limit_mbps=2)
+    s = ctl_raw.client().StartJob(api.StartJobRequest(name="jobs/job1"))
+    ctl_raw.wait_until(s.name, lambda x: any(d.committed_offset >= 2 * MiB for d in _disks(x).values()))
+    ctl_raw.proxy.kill()
+    lost = ctl_raw.wait_session(s.name, timeout=60)
+    assert lost.state == api.SESSION_STATE_INCOMPLETE, lost.error
+    assert {d.state for d in _disks(lost).values()} == {"resumable"}
+    ctl_raw.proxy.start()  # on a new port: tell the controller
+    mask = field_mask_pb2.FieldMask(paths=["address"])
+    ctl_raw.client().UpdateProxy(
+        api.UpdateProxyRequest(proxy=api.Proxy(name="proxies/proxy1", address=ctl_raw.proxy.address), update_mask=mask)
+    )
+    _unlimit(ctl_raw)
+    resumed = ctl_raw.run_job()
+    assert resumed.state == api.SESSION_STATE_SUCCEEDED, resumed.error
+    assert {d.start for d in _disks(resumed).values()} == {"resume"}
+    _identical(ctl_raw, ("vm1",))
