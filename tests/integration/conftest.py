@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import subprocess
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
@@ -17,7 +18,7 @@ from controller.agents import AgentClient, proxy_client, target_client
 from controller.disk_task import DiskTaskSpec, run_disk_task
 from protos.vmrepl.v1 import proxy_pb2
 from tests.conftest import need_tool
-from tests.integration.controller_env import ControllerEnv, make_env
+from tests.integration.controller_env import ControllerEnv, create_pg_database, drop_pg_database, make_env
 from vmrepl.config import TlsSettings
 from vmrepl.extent import MiB
 from vmrepl.security.ticket import load_signing_key
@@ -162,3 +163,21 @@ def ctl_raw(tmp_path: Path, lab_certs: lab.LabCerts) -> Iterator[ControllerEnv]:
         yield env
     finally:
         env.stop()
+
+
+# The controller's own database: SQLite always, PostgreSQL too when a URL is given (CI gives one).
+BACKENDS = ["sqlite"] + (["postgresql"] if os.environ.get("VMREPL_TEST_DATABASE_URL") else [])
+
+
+@pytest.fixture(params=BACKENDS)
+def ctl_db(request: pytest.FixtureRequest, tmp_path: Path, lab_certs: lab.LabCerts) -> Iterator[ControllerEnv]:
+    """As ctl_raw, on each database backend."""
+    base = os.environ.get("VMREPL_TEST_DATABASE_URL", "")
+    url, name = create_pg_database(base) if request.param == "postgresql" else ("", "")
+    env = make_env(tmp_path, lab_certs, disk_mib=8, database_url=url)
+    try:
+        yield env
+    finally:
+        env.stop()
+        if name:
+            drop_pg_database(base, name)

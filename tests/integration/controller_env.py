@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,6 +15,7 @@ from typing import Any
 
 import grpc
 from google.protobuf import json_format
+from sqlalchemy import make_url
 
 from controller import lab
 from protos.vmrepl.v1 import controller_pb2 as api
@@ -33,6 +36,7 @@ class ControllerEnv:
     target: lab.AgentProcess
     proxy: lab.AgentProcess
     controller: lab.AgentProcess
+    database_url: str = ""
 
     # ---- processes ---------------------------------------------------------------------------------
 
@@ -40,7 +44,7 @@ class ControllerEnv:
         """Run the controller again (same database), with other settings such as the crash hook."""
         if self.controller.proc is not None and self.controller.proc.poll() is None:
             self.controller.stop()
-        config = lab.controller_config(self.work, self.certs, **settings)
+        config = lab.controller_config(self.work, self.certs, database_url=self.database_url, **settings)
         self.controller = lab.AgentProcess("controller", config, self.work / "controller.log")
         self.controller.start()
 
@@ -140,7 +144,31 @@ class ControllerEnv:
                 yield vm_dir.name, d.id
 
 
-def make_env(work: Path, certs: lab.LabCerts, *, sample_vm: bool = False, disk_mib: int = 16) -> ControllerEnv:
+async def _pg(base_url: str, sql: str) -> None:
+    import asyncpg
+
+    url = make_url(base_url).set(drivername="postgresql")
+    conn = await asyncpg.connect(url.render_as_string(hide_password=False))
+    try:
+        await conn.execute(sql)
+    finally:
+        await conn.close()
+
+
+def create_pg_database(base_url: str) -> tuple[str, str]:
+    """A new, empty PostgreSQL database next to the one in `base_url`: (its URL, its name)."""
+    name = f"vmrepl_t_{uuid.uuid4().hex[:12]}"
+    asyncio.run(_pg(base_url, f'CREATE DATABASE "{name}"'))
+    return make_url(base_url).set(database=name).render_as_string(hide_password=False), name
+
+
+def drop_pg_database(base_url: str, name: str) -> None:
+    asyncio.run(_pg(base_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+
+
+def make_env(
+    work: Path, certs: lab.LabCerts, *, sample_vm: bool = False, disk_mib: int = 16, database_url: str = ""
+) -> ControllerEnv:
     """Two VMs with three disks: vm1 (disk0, disk1) and vm2 (disk0)."""
     host = work / "host"
     host.mkdir()
@@ -154,8 +182,9 @@ def make_env(work: Path, certs: lab.LabCerts, *, sample_vm: bool = False, disk_m
     # Small batches and window: acks every 2 MiB, so stops and crashes land between commits.
     proxy_config = lab.proxy_config(work, certs, sources=host, batch_bytes=MiB, window_batches=4)
     proxy = lab.AgentProcess("proxy_agent", proxy_config, work / "proxy.log")
-    controller = lab.AgentProcess("controller", lab.controller_config(work, certs), work / "controller.log")
+    controller_config = lab.controller_config(work, certs, database_url=database_url)
+    controller = lab.AgentProcess("controller", controller_config, work / "controller.log")
     target.start()
     proxy.start()
     controller.start()
-    return ControllerEnv(work, certs, host, target, proxy, controller)
+    return ControllerEnv(work, certs, host, target, proxy, controller, database_url)

@@ -52,15 +52,15 @@ def test_full_then_incremental_through_the_cli(ctl: ControllerEnv) -> None:
     assert "job1" in ctl.cli("job", "list").stdout
 
 
-def test_retention_keeps_exactly_n_points_in_the_database_and_on_the_target(ctl_raw: ControllerEnv) -> None:
-    ctl_raw.configure(restore_points_to_keep=2)
+def test_retention_keeps_exactly_n_points_in_the_database_and_on_the_target(ctl_db: ControllerEnv) -> None:
+    ctl_db.configure(restore_points_to_keep=2)
     for _ in range(4):
-        assert ctl_raw.run_job().state == api.SESSION_STATE_SUCCEEDED
-    points = ctl_raw.points()
+        assert ctl_db.run_job().state == api.SESSION_STATE_SUCCEEDED
+    points = ctl_db.points()
     assert len(points) == 4  # 2 per VM
-    target = ctl_raw.target_stub()
+    target = ctl_db.target_stub()
     for vm in ("vm1", "vm2"):
-        vm_id = ctl_raw.vm(vm).manifest.id
+        vm_id = ctl_db.vm(vm).manifest.id
         on_target = target.ListRestorePoints(target_pb2.ListRestorePointsRequest(replica_path=f"replicas/job1/{vm_id}"))
         kept = {p.id for p in on_target.restore_points}
         assert kept == {p.name.rsplit("/", 1)[1] for p in points if p.vm_id == vm_id}

@@ -67,41 +67,41 @@ def test_writes_during_a_session_wait_for_the_next(ctl_raw: ControllerEnv) -> No
     _identical(ctl_raw, ("vm1",))
 
 
-def test_stop_then_start_resumes_from_the_committed_offsets(ctl_raw: ControllerEnv) -> None:
-    ctl_raw.configure(vms=("vm1",), bandwidth_limit_mbps=2)
-    stub = ctl_raw.client()
+def test_stop_then_start_resumes_from_the_committed_offsets(ctl_db: ControllerEnv) -> None:
+    ctl_db.configure(vms=("vm1",), bandwidth_limit_mbps=2)
+    stub = ctl_db.client()
     s = stub.StartJob(api.StartJobRequest(name="jobs/job1"))
-    ctl_raw.wait_until(
+    ctl_db.wait_until(
         s.name, lambda x: bool(_disks(x)) and all(d.committed_offset >= 2 * MiB for d in _disks(x).values())
     )
     stub.StopJob(api.StopJobRequest(name="jobs/job1"))
-    stopped = ctl_raw.wait_session(s.name)
+    stopped = ctl_db.wait_session(s.name)
     assert stopped.state == api.SESSION_STATE_INCOMPLETE
     assert [v.state for v in stopped.vms] == ["held"]
     offsets = {k: d.committed_offset for k, d in _disks(stopped).items()}
     assert all(d.state == "resumable" for d in _disks(stopped).values())
     assert all(0 < o < 8 * MiB for o in offsets.values()), offsets
-    assert (ctl_raw.vm("vm1").state / "checkpoint.json").exists(), "the checkpoint is held for the resume"
-    assert not ctl_raw.points()
+    assert (ctl_db.vm("vm1").state / "checkpoint.json").exists(), "the checkpoint is held for the resume"
+    assert not ctl_db.points()
 
-    _unlimit(ctl_raw)
-    resumed = ctl_raw.run_job()
+    _unlimit(ctl_db)
+    resumed = ctl_db.run_job()
     assert resumed.state == api.SESSION_STATE_SUCCEEDED, resumed.error
     for key, d in _disks(resumed).items():
         assert d.start == "resume", key
         # Nothing below the committed offset travels again except the sampled verification's blocks.
-        assert _received_below(ctl_raw, resumed.name, d.disk_id, offsets[key]) <= 16 * MiB
+        assert _received_below(ctl_db, resumed.name, d.disk_id, offsets[key]) <= 16 * MiB
     opened = [
         e
-        for e in ctl_raw.target.events()
+        for e in ctl_db.target.events()
         if e.get("event") == "stream_opened" and e.get("session_id") == resumed.name.removeprefix("sessions/")
     ]
     assert {str(e["disk_id"]): int(str(e["resume_offset"])) for e in opened} == {
         k.split("/")[1]: v for k, v in offsets.items()
     }
-    assert len(ctl_raw.points()) == 1
-    assert not (ctl_raw.vm("vm1").state / "checkpoint.json").exists()
-    _identical(ctl_raw, ("vm1",))
+    assert len(ctl_db.points()) == 1
+    assert not (ctl_db.vm("vm1").state / "checkpoint.json").exists()
+    _identical(ctl_db, ("vm1",))
 
 
 def test_sigterm_stops_cleanly_and_the_next_run_resumes(ctl_raw: ControllerEnv) -> None:
