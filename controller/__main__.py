@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+
 from controller.agents import AgentPool
 from controller.api import ControllerServicer
 from controller.config import ControllerSettings
@@ -10,6 +13,7 @@ from controller.db.secrets import SecretBox, create_key_file
 from controller.engine import Engine
 from controller.journal import Journal
 from controller.runtime import EngineParts
+from controller.scheduler import Scheduler
 from controller.slots import SlotBoard
 from protos.vmrepl.v1 import controller_pb2
 from vmrepl.daemon import run_daemon, serve_services
@@ -38,14 +42,19 @@ async def serve(settings: ControllerSettings) -> None:
         proxy_lost_after=settings.proxy_lost_seconds,
     )
     engine = Engine(parts)
+    await engine.recover()  # sessions a previous run left: continued before anything new starts
     servicer = ControllerServicer(journal=journal, engine=engine, secrets=secrets, live=parts.live)
 
+    scheduler = asyncio.create_task(Scheduler(journal=journal, engine=engine).run(), name="scheduler")
+
     async def stop() -> None:
+        scheduler.cancel()  # no new session may start while the running ones stop
+        with contextlib.suppress(asyncio.CancelledError):
+            await scheduler
         await engine.shutdown(settings.stop_timeout_seconds)
         await agents.close()
         await engine_db.dispose()
 
-    await engine.recover()
     await serve_services(
         listen=settings.listen,
         tls=settings.tls,

@@ -19,6 +19,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from controller.db.models import Credential, Host, Job, JobVm, Proxy, Target
 from controller.providers import PROVIDERS
+from controller.schedule import parse_schedule
 from protos.vmrepl.v1 import controller_pb2 as api
 from vmrepl.errors import InvalidArgument, NotFound
 from vmrepl.extent import valid_block_size
@@ -305,7 +306,15 @@ async def _apply_job_field(db: AsyncSession, msg: api.Job, row: Job, path: str) 
         if (msg.change_tracking or "auto") not in TRACKING:
             raise InvalidArgument("job.change_tracking", f"must be one of {', '.join(TRACKING)}")
         row.change_tracking = msg.change_tracking or "auto"
-    elif path in ("guest_processing", "exclusions", "schedule"):
+    elif path == "schedule":
+        raw = json_format.MessageToDict(msg.schedule)
+        schedule = parse_schedule(raw)
+        if schedule.kind == "after":
+            upstream = await by_name(db, Job, "job.schedule.after_job", schedule.after_job, "jobs")
+            if upstream.id == row.id:
+                raise InvalidArgument("job.schedule.after_job", "a job cannot follow itself")
+        row.schedule = raw
+    elif path in ("guest_processing", "exclusions"):
         setattr(row, path, json_format.MessageToDict(getattr(msg, path)))
     elif path == "checkpoint_hold_seconds":
         hold = msg.checkpoint_hold_seconds or 24 * 3600

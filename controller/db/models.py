@@ -84,6 +84,8 @@ class Job(Base):
     exclusions: Mapped[dict[str, Any]] = mapped_column(default=dict)
     schedule: Mapped[dict[str, Any]] = mapped_column(default=dict)
     checkpoint_deadline_seconds: Mapped[int] = mapped_column(Integer, default=24 * 3600)
+    # The scheduler's bookmark: slots (or upstream runs) up to here are handled; later ones are due.
+    schedule_handled_until: Mapped[dt.datetime | None]
     enabled: Mapped[bool] = mapped_column(default=True)
     created_at: Mapped[dt.datetime] = mapped_column(default=now)
     vms: Mapped[list[JobVm]] = relationship(back_populates="job", cascade="all, delete-orphan", lazy="selectin")

@@ -1,0 +1,211 @@
+"""Job schedules: when a job is due, and whether its backup window is open. Pure; the clock is an argument.
+
+A schedule (the job's `schedule` field, JSON):
+
+    {"kind": "cron", "cron": "30 22 * * 1-5", "timezone": "Europe/Berlin",
+     "permitted": {"mon": [[0, 6], [20, 24]], "sat": [[0, 24]]}}
+
+kinds: "" (manual only), "cron" (a cron expression in `timezone`), "interval" (`every_minutes`, slots
+at whole multiples since the Unix epoch, so "every 60" runs on the hour), "continuous" (again as soon
+as the last run ended, after `pause_seconds`), "after" (when `after_job`'s session ends).
+`permitted` lists, per weekday, the local hours [start, end) a session may run; no `permitted`: always.
+When the permitted hours end, running sessions are stopped (resumable) unless `enforce_window` is false.
+
+Cron times are wall-clock times in the schedule's zone, as cron itself treats them: a time that does not
+exist (the spring-forward gap) runs when the clock jumps past it, a time that exists twice (fall-back)
+runs once, at its first occurrence. A run is never skipped or doubled by a DST change.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass, field
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from croniter import croniter
+
+from vmrepl.errors import InvalidArgument
+
+KINDS = ("", "cron", "interval", "continuous", "after")
+DAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
+_MAX_STEPS = 100_000  # slots looked at when searching (a year of every-5-minutes is 105 120)
+FIELD = "job.schedule"
+
+
+@dataclass(frozen=True)
+class Schedule:
+    kind: str = ""
+    cron: str = ""
+    every_minutes: int = 0
+    pause_seconds: int = 10
+    after_job: str = ""
+    timezone: str = "UTC"
+    # weekday index (0 = Monday) -> [(start hour, end hour)], local time; None: always permitted
+    permitted: dict[int, tuple[tuple[int, int], ...]] | None = None
+    enforce_window: bool = True
+    zone: ZoneInfo = field(default=ZoneInfo("UTC"), compare=False)
+
+    def permitted_at(self, at: dt.datetime) -> bool:
+        if self.permitted is None:
+            return True
+        local = at.astimezone(self.zone)
+        return any(start <= local.hour < end for start, end in self.permitted.get(local.weekday(), ()))
+
+    def window_closed(self, at: dt.datetime) -> bool:
+        """Whether running sessions must stop now (the permitted hours ended)."""
+        return self.enforce_window and not self.permitted_at(at)
+
+
+def _hours(where: str, spans: object) -> tuple[tuple[int, int], ...]:
+    if not isinstance(spans, list):
+        raise InvalidArgument(where, "must be a list of [start hour, end hour] pairs")
+    out = []
+    for i, span in enumerate(spans):
+        if not (isinstance(span, list) and len(span) == 2 and all(isinstance(h, int | float) for h in span)):
+            raise InvalidArgument(f"{where}[{i}]", "must be [start hour, end hour]")
+        start, end = int(span[0]), int(span[1])
+        if not 0 <= start < end <= 24:
+            raise InvalidArgument(f"{where}[{i}]", "hours must satisfy 0 <= start < end <= 24")
+        out.append((start, end))
+    return tuple(out)
+
+
+def _permitted(raw: object) -> dict[int, tuple[tuple[int, int], ...]] | None:
+    if raw is None:
+        return None
+    if not isinstance(raw, dict):
+        raise InvalidArgument(f"{FIELD}.permitted", "must map weekdays (mon..sun) to hour spans")
+    out = {}
+    for day, spans in raw.items():
+        if day not in DAYS:
+            raise InvalidArgument(f"{FIELD}.permitted", f"{day!r} is not a weekday (mon..sun)")
+        out[DAYS.index(day)] = _hours(f"{FIELD}.permitted.{day}", spans)
+    return out
+
+
+def parse_schedule(raw: dict[str, object]) -> Schedule:
+    """Validate a job's schedule; errors name the field (job.schedule.cron …)."""
+    unknown = set(raw) - {
+        "kind",
+        "cron",
+        "every_minutes",
+        "pause_seconds",
+        "after_job",
+        "timezone",
+        "permitted",
+        "enforce_window",
+    }
+    if unknown:
+        raise InvalidArgument(FIELD, f"unknown keys: {', '.join(sorted(unknown))}")
+    kind = str(raw.get("kind", ""))
+    if kind not in KINDS:
+        raise InvalidArgument(f"{FIELD}.kind", f"must be one of {', '.join(k or '(empty)' for k in KINDS)}")
+    tz_name = str(raw.get("timezone", "UTC"))
+    try:
+        zone = ZoneInfo(tz_name)
+    except (ZoneInfoNotFoundError, ValueError) as e:
+        raise InvalidArgument(f"{FIELD}.timezone", f"{tz_name!r} is not an IANA time zone") from e
+    s = Schedule(
+        kind=kind,
+        cron=str(raw.get("cron", "")),
+        every_minutes=_int(raw, "every_minutes", 0),
+        pause_seconds=_int(raw, "pause_seconds", 10),
+        after_job=str(raw.get("after_job", "")),
+        timezone=tz_name,
+        permitted=_permitted(raw.get("permitted")),
+        enforce_window=bool(raw.get("enforce_window", True)),
+        zone=zone,
+    )
+    if kind == "cron" and not croniter.is_valid(s.cron):
+        raise InvalidArgument(f"{FIELD}.cron", f"{s.cron!r} is not a cron expression")
+    if kind == "interval" and not 1 <= s.every_minutes <= 31 * 24 * 60:
+        raise InvalidArgument(f"{FIELD}.every_minutes", "must be from 1 to 44640 (31 days)")
+    if not 0 <= s.pause_seconds <= 86400:
+        raise InvalidArgument(f"{FIELD}.pause_seconds", "must be from 0 to 86400")
+    if kind == "after" and not s.after_job:
+        raise InvalidArgument(f"{FIELD}.after_job", "names the job this one follows (jobs/ID)")
+    return s
+
+
+def _int(raw: dict[str, object], key: str, default: int) -> int:
+    value = raw.get(key, default)
+    if not isinstance(value, int | float) or value != int(value):
+        raise InvalidArgument(f"{FIELD}.{key}", "must be a whole number")
+    return int(value)
+
+
+def _slots(s: Schedule, after: dt.datetime) -> croniter | None:
+    if s.kind != "cron":
+        return None
+    return croniter(s.cron, after.astimezone(s.zone).replace(tzinfo=None))
+
+
+def next_slot(s: Schedule, after: dt.datetime) -> dt.datetime | None:
+    """The first permitted slot strictly after `after` (UTC), or None (manual, continuous, after-job, or
+    none within the search horizon)."""
+    if s.kind == "interval":
+        step = s.every_minutes * 60
+        t = (int(after.timestamp()) // step + 1) * step
+        for _ in range(_MAX_STEPS):
+            at = dt.datetime.fromtimestamp(t, dt.UTC)
+            if s.permitted_at(at):
+                return at
+            t += step
+        return None
+    it = _slots(s, after)
+    if it is None:
+        return None
+    for _ in range(_MAX_STEPS):
+        wall: dt.datetime = it.get_next(dt.datetime)
+        # fold=0: a repeated wall time is its first occurrence; a missing one maps past the gap.
+        at = wall.replace(tzinfo=s.zone).astimezone(dt.UTC)
+        if at > after and s.permitted_at(at):
+            return at
+    return None
+
+
+@dataclass(frozen=True)
+class Decision:
+    start: bool
+    # The newest slot now handled (run or skipped): the next decision only looks at later ones.
+    handled_until: dt.datetime | None
+    reason: str = ""
+
+
+def decide_timed(s: Schedule, *, now: dt.datetime, handled_until: dt.datetime, running: bool) -> Decision:
+    """Cron and interval jobs. Slots that came due since `handled_until` (missed while the controller was
+    down, or just now) start one run, not one per slot, and only inside the permitted hours; a job
+    already running lets them pass."""
+    due: dt.datetime | None = None
+    probe = handled_until
+    for _ in range(_MAX_STEPS):
+        nxt = next_slot(s, probe)
+        if nxt is None or nxt > now:
+            break
+        due = probe = nxt
+    if due is None:
+        return Decision(False, handled_until)
+    if running:
+        return Decision(False, due, "already running")
+    if not s.permitted_at(now):
+        return Decision(False, due, "outside the permitted hours")
+    return Decision(True, due, "scheduled")
+
+
+def decide_continuous(s: Schedule, *, now: dt.datetime, running: bool, last_end: dt.datetime | None) -> Decision:
+    if running or not s.permitted_at(now):
+        return Decision(False, None)
+    if last_end is not None and (now - last_end).total_seconds() < s.pause_seconds:
+        return Decision(False, None)
+    return Decision(True, None, "continuous")
+
+
+def decide_after(
+    s: Schedule, *, now: dt.datetime, running: bool, handled_until: dt.datetime, upstream_end: dt.datetime | None
+) -> Decision:
+    """Run once each time the upstream job's session ends (after the last one handled)."""
+    if upstream_end is None or upstream_end <= handled_until:
+        return Decision(False, handled_until)
+    if running or not s.permitted_at(now):
+        return Decision(False, upstream_end, "already running" if running else "outside the permitted hours")
+    return Decision(True, upstream_end, "after job")
