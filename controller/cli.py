@@ -380,6 +380,13 @@ def summary(s: api.Session) -> None:
         f"disks {mib(st.disk_bytes)}, read {mib(st.bytes_read)}, sent {mib(st.bytes_sent)}; skipped: "
         f"unallocated {mib(st.skipped.unallocated)}, zero {mib(st.skipped.zero)}, unchanged {mib(st.skipped.unchanged)}"
     )
+    if st.bottleneck:
+        b = st.busy
+        out.print(
+            f"  processed {mib(st.bytes_processed)} at {mib(int(st.rate_bytes_per_second))}/s, "
+            f"compression {st.compression_ratio:.2f}x; busy: source {b.source:.0%}, proxy {b.proxy:.0%}, "
+            f"network {b.network:.0%}, target {b.target:.0%}; bottleneck: [bold]{st.bottleneck}[/bold]"
+        )
     if s.error:
         out.print(f"  error: {s.error}")
 
@@ -429,12 +436,16 @@ def session_show(session_id: str, as_json_: JsonOpt = False) -> None:
             mib(d.bytes_sent),
             mib(d.skipped.zero),
             mib(d.skipped.unchanged),
+            f"{mib(int(d.rate_bytes_per_second))}/s",
+            f"{d.compression_ratio:.2f}x",
+            d.bottleneck,
             d.error or v.error,
         ]
         for v in s.vms
         for d in v.disks
     ]
-    cols = ["vm", "disk", "state", "change", "size", "read", "sent", "zero", "unchanged", "error"]
+    cols = ["vm", "disk", "state", "change", "size", "read", "sent", "zero", "unchanged", "rate", "ratio", "bottleneck"]
+    cols.append("error")
     table(f"{s.name} ({s.job})", cols, rows)
 
 

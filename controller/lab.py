@@ -121,7 +121,9 @@ def write_toml(path: Path, data: dict[str, object]) -> Path:
     return path
 
 
-def target_config(work: Path, lab: LabCerts, *, listen: str = "127.0.0.1:0", level: str = "info") -> Path:
+def target_config(
+    work: Path, lab: LabCerts, *, listen: str = "127.0.0.1:0", level: str = "info", **extra: object
+) -> Path:
     return write_toml(
         work / "target.toml",
         {
@@ -129,6 +131,7 @@ def target_config(work: Path, lab: LabCerts, *, listen: str = "127.0.0.1:0", lev
             "name": "target",
             "datastore_root": str(work / "datastore"),
             "controller_public_keys": [str(lab.signing_pub)],
+            **extra,
             "tls": lab.tls("target"),
             "log": {"level": level, "format": "json"},
         },

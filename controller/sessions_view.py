@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import datetime as dt
+
 from controller.db.models import Session, SessionVm, Task
 from controller.resources import timestamp
+from controller.statistics import Shares, compression_ratio, rate, shares
 from protos.vmrepl.v1 import controller_pb2 as api
 from protos.vmrepl.v1 import proxy_pb2
 
@@ -23,6 +26,31 @@ def _skipped(raw: object) -> proxy_pb2.SkippedBytes:
     )
 
 
+def _busy_of(p: proxy_pb2.TransferProgress) -> dict[str, object]:
+    b = p.busy
+    return {
+        "source_read": b.source_read,
+        "compress": b.compress,
+        "network_wait": b.network_wait,
+        "target_write": b.target_write,
+        "threads": b.threads,
+    }
+
+
+def _shares_msg(s: Shares) -> api.StageShares:
+    return api.StageShares(source=s.source, proxy=s.proxy, network=s.network, target=s.target)
+
+
+def _figures(msg: api.DiskTask, busy: dict[str, object], elapsed: float) -> None:
+    """Rate, ratio, stage shares and bottleneck of one disk, from its counters."""
+    msg.duration_seconds = elapsed
+    msg.rate_bytes_per_second = rate(msg.committed_offset, elapsed)
+    msg.compression_ratio = compression_ratio(msg.bytes_data, msg.bytes_sent)
+    s = shares([(busy, elapsed)])
+    msg.busy.CopyFrom(_shares_msg(s))
+    msg.bottleneck = s.bottleneck()
+
+
 def disk_msg(t: Task, proxies: dict[str, str], live: proxy_pb2.TransferProgress | None) -> api.DiskTask:
     msg = api.DiskTask(
         disk_id=t.disk_id,
@@ -33,15 +61,21 @@ def disk_msg(t: Task, proxies: dict[str, str], live: proxy_pb2.TransferProgress 
         committed_offset=t.committed_offset,
         bytes_read=int(t.stats.get("bytes_read", 0) or 0),
         bytes_sent=int(t.stats.get("bytes_sent", 0) or 0),
+        bytes_data=int(t.stats.get("bytes_data", 0) or 0),
         skipped=_skipped(t.stats.get("skipped")),
         resumes=int(t.stats.get("resumes", 0) or 0),
         error=t.error,
         proxy=f"proxies/{proxies[t.proxy_id]}" if t.proxy_id in proxies else "",
     )
+    busy = t.stats.get("busy")
+    elapsed = float(t.stats.get("elapsed_seconds", 0) or 0)
     if live is not None and t.state in ("starting", "running"):  # fresher than the last figures written
         msg.committed_offset, msg.bytes_read, msg.bytes_sent = live.committed_offset, live.bytes_read, live.bytes_sent
+        msg.bytes_data = live.bytes_data
         msg.skipped.CopyFrom(live.skipped)
         msg.resumes = live.resumes
+        busy, elapsed = _busy_of(live), live.elapsed_seconds
+    _figures(msg, busy if isinstance(busy, dict) else {}, elapsed)
     return msg
 
 
@@ -68,16 +102,11 @@ def session_msg(
                 disks=disks,
             )
         )
-    all_disks = [d for v in out_vms for d in v.disks]
-    stats = api.SessionStats(
-        disk_bytes=sum(d.disk_size for d in all_disks),
-        bytes_read=sum(d.bytes_read for d in all_disks),
-        bytes_sent=sum(d.bytes_sent for d in all_disks),
-        restore_points=sum(1 for v in vms if v.restore_point_id),
+    stats = session_stats(
+        [d for v in out_vms for d in v.disks], restore_points=sum(1 for v in vms if v.restore_point_id)
     )
-    for d in all_disks:
-        for k in ("zero", "unallocated", "unchanged", "excluded"):
-            setattr(stats.skipped, k, getattr(stats.skipped, k) + getattr(d.skipped, k))
+    stats.duration_seconds = _duration(row)
+    stats.rate_bytes_per_second = rate(stats.bytes_processed, stats.duration_seconds)
     return api.Session(
         name=f"sessions/{row.id}",
         job=f"jobs/{job_name}",
@@ -88,3 +117,39 @@ def session_msg(
         vms=out_vms,
         stats=stats,
     )
+
+
+def _duration(row: Session) -> float:
+    if row.started_at is None:
+        return 0.0
+    end = row.ended_at or dt.datetime.now(dt.UTC)
+    start = row.started_at if row.started_at.tzinfo else row.started_at.replace(tzinfo=dt.UTC)
+    end = end if end.tzinfo else end.replace(tzinfo=dt.UTC)
+    return max(0.0, (end - start).total_seconds())
+
+
+def session_stats(disks: list[api.DiskTask], *, restore_points: int) -> api.SessionStats:
+    """Totals over the session's disks; the bottleneck over all their busy time."""
+    stats = api.SessionStats(
+        disk_bytes=sum(d.disk_size for d in disks),
+        bytes_read=sum(d.bytes_read for d in disks),
+        bytes_sent=sum(d.bytes_sent for d in disks),
+        bytes_data=sum(d.bytes_data for d in disks),
+        bytes_processed=sum(d.committed_offset for d in disks),
+        restore_points=restore_points,
+    )
+    for d in disks:
+        for k in ("zero", "unallocated", "unchanged", "excluded"):
+            setattr(stats.skipped, k, getattr(stats.skipped, k) + getattr(d.skipped, k))
+    # Each disk's shares weighted by its duration: the stage that was busy longest overall.
+    weighted = [
+        ({"source_read": d.busy.source * d.duration_seconds, "compress": d.busy.proxy * d.duration_seconds,
+          "network_wait": d.busy.network * d.duration_seconds, "target_write": d.busy.target * d.duration_seconds},
+         d.duration_seconds)
+        for d in disks
+    ]  # fmt: skip
+    s = shares(weighted)
+    stats.busy.CopyFrom(_shares_msg(s))
+    stats.bottleneck = s.bottleneck()
+    stats.compression_ratio = compression_ratio(stats.bytes_data, stats.bytes_sent)
+    return stats

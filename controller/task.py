@@ -75,6 +75,13 @@ def progress_stats(p: proxy_pb2.TransferProgress) -> dict[str, object]:
         "resumes": p.resumes,
         "passes": p.passes,
         "elapsed_seconds": round(p.elapsed_seconds, 3),
+        "busy": {
+            "source_read": p.busy.source_read,
+            "compress": p.busy.compress,
+            "network_wait": p.busy.network_wait,
+            "target_write": p.busy.target_write,
+            "threads": p.busy.threads,
+        },
         "verification": p.verification,
     }
 

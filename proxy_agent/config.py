@@ -25,3 +25,5 @@ class ProxySettings(ProgramSettings):
     batch_bytes: int = Field(4 * MiB, ge=MiB, le=16 * MiB, description="raw data bytes per batch")
     window_batches: int = Field(16, ge=2, le=64, description="batches in flight without an ack")
     compress_threads: int = Field(2, ge=1, le=32, description="threads reading and compressing batches")
+    # Test only: slows every block read, so tests can check the bottleneck is named.
+    test_read_delay_ms: float = Field(0.0, ge=0, le=1000, description="test only: added to each block read")

@@ -53,8 +53,10 @@ class BatchBuilder:
         block_size: int,
         compression: Compression,
         replica_digests: bytes | None = None,
+        read_delay: float = 0.0,
     ) -> None:
         self._reader = reader
+        self._read_delay = read_delay
         self._block_size = block_size
         self._compression = compression
         self._replica = replica_digests
@@ -110,6 +112,8 @@ class BatchBuilder:
         buf = self._buffer(length)
         t0 = time.perf_counter()
         self._reader.read_into(memoryview(buf), offset)
+        if self._read_delay:
+            time.sleep(self._read_delay)
         t1 = time.perf_counter()
         out.read_seconds += t1 - t0
         out.read_bytes += length

@@ -66,6 +66,7 @@ class ProxyAgentServicer(proxy_pb2_grpc.ProxyAgentServicer):
                 batch_bytes=self.settings.batch_bytes,
                 window=self.settings.window_batches,
                 threads=self.settings.compress_threads,
+                read_delay=self.settings.test_read_delay_ms / 1000,
             )
         except BaseException:
             reader.close()

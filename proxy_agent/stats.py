@@ -40,6 +40,7 @@ class TransferStats:
     error_message: str = ""
     passes: int = 1
     verification: str = ""
+    threads: int = 1
     started: float = field(default_factory=time.monotonic)
     ended: float | None = None
 
@@ -62,6 +63,7 @@ class TransferStats:
                 compress=self.compress,
                 network_wait=self.network_wait,
                 target_write=self.target_write_done + self.target_write_stream,
+                threads=self.threads,
             ),
             committed_offset=self.committed_offset,
             resumes=self.resumes,

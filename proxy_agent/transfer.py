@@ -93,6 +93,7 @@ class TransferSpec:
     batch_bytes: int
     window: int
     threads: int
+    read_delay: float = 0.0  # test only: seconds added to each block read (to make the source the bottleneck)
 
 
 class _Progress:
@@ -134,6 +135,7 @@ class DiskTransfer:
         self.plan = plan
         self._full_plan = full_plan
         self.stats = st.TransferStats(spec.transfer_id, spec.session_id, spec.disk_id, plan.disk_size)
+        self.stats.threads = spec.threads
         self._reader = reader
         self._channel_factory = channel_factory
         self._stopping = asyncio.Event()
@@ -211,7 +213,11 @@ class DiskTransfer:
                 with attempt:
                     table = await self._read_digests(channel)
         builder = BatchBuilder(
-            self._reader, block_size=self.spec.block_size, compression=self.spec.compression, replica_digests=table
+            self._reader,
+            block_size=self.spec.block_size,
+            compression=self.spec.compression,
+            replica_digests=table,
+            read_delay=self.spec.read_delay,
         )
         p = _Pass(number, plan, builder)
         async for attempt in self._retrying():

@@ -20,3 +20,5 @@ class TargetSettings(ProgramSettings):
     tls: TlsSettings
     log: LogSettings = LogSettings()
     max_window_batches: int = Field(64, ge=2, le=256, description="largest window a proxy may ask for")
+    # Test only: slows every batch write, so tests can check the bottleneck is named.
+    test_write_delay_ms: float = Field(0.0, ge=0, le=1000, description="test only: added to each batch write")

@@ -58,7 +58,9 @@ class Receiver:
         name: str,
         max_window: int,
         guards: dict[str, DiskGuard],
+        write_delay: float = 0.0,
     ) -> None:
+        self._write_delay = write_delay  # test only
         self._datastore = datastore
         self._keys = keys
         self._name = name
@@ -209,6 +211,8 @@ class Receiver:
                     last, extents = item
                     t0 = time.perf_counter()
                     await asyncio.to_thread(stream.apply, extents)
+                    if self._write_delay:
+                        await asyncio.sleep(self._write_delay)
                     busy += time.perf_counter() - t0
                     received += sum(e.length for e in extents if e.kind == DATA)
                     pending += 1

@@ -69,6 +69,7 @@ class TargetAgentServicer(target_pb2_grpc.TargetAgentServicer):
             name=settings.name,
             max_window=settings.max_window_batches,
             guards={},
+            write_delay=settings.test_write_delay_ms / 1000,
         )
 
     @handle_errors

@@ -167,7 +167,14 @@ def drop_pg_database(base_url: str, name: str) -> None:
 
 
 def make_env(
-    work: Path, certs: lab.LabCerts, *, sample_vm: bool = False, disk_mib: int = 16, database_url: str = ""
+    work: Path,
+    certs: lab.LabCerts,
+    *,
+    sample_vm: bool = False,
+    disk_mib: int = 16,
+    database_url: str = "",
+    proxy_settings: dict[str, Any] | None = None,
+    target_settings: dict[str, Any] | None = None,
 ) -> ControllerEnv:
     """Two VMs with three disks: vm1 (disk0, disk1) and vm2 (disk0)."""
     host = work / "host"
@@ -178,9 +185,12 @@ def make_env(
         vm1 = lab.create_raw_vm(host, "vm1", size=disk_mib * MiB, seed=11)
     lab.add_raw_disk(vm1, "disk1", disk_mib * MiB, seed=12)
     lab.create_raw_vm(host, "vm2", size=disk_mib * MiB, seed=13)
-    target = lab.AgentProcess("target_agent", lab.target_config(work, certs, level="debug"), work / "target.log")
+    target_config = lab.target_config(work, certs, level="debug", **(target_settings or {}))
+    target = lab.AgentProcess("target_agent", target_config, work / "target.log")
     # Small batches and window: acks every 2 MiB, so stops and crashes land between commits.
-    proxy_config = lab.proxy_config(work, certs, sources=host, batch_bytes=MiB, window_batches=4)
+    proxy_config = lab.proxy_config(
+        work, certs, sources=host, batch_bytes=MiB, window_batches=4, **(proxy_settings or {})
+    )
     proxy = lab.AgentProcess("proxy_agent", proxy_config, work / "proxy.log")
     controller_config = lab.controller_config(work, certs, database_url=database_url)
     controller = lab.AgentProcess("controller", controller_config, work / "controller.log")

@@ -4,16 +4,18 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import grpc
 import pytest
 from google.protobuf import field_mask_pb2
 
+from controller import lab
 from protos.vmrepl.v1 import controller_pb2 as api
 from protos.vmrepl.v1 import target_pb2
 from tests.integration.conftest import qemu_identical
-from tests.integration.controller_env import ControllerEnv
+from tests.integration.controller_env import ControllerEnv, make_env
 
 pytestmark = pytest.mark.integration
 
@@ -249,3 +251,32 @@ def test_credentials_never_appear_in_replies_logs_or_the_database(ctl_raw: Contr
         if f.is_file():
             data = f.read_bytes()
             assert secret.encode() not in data and secret.encode("utf-16-le") not in data, f
+
+
+@pytest.mark.parametrize(
+    ("proxy_settings", "target_settings", "expected"),
+    [({"test_read_delay_ms": 40.0}, {}, "source"), ({}, {"test_write_delay_ms": 150.0}, "target")],
+    ids=["slow-source", "slow-target"],
+)
+def test_the_slowed_stage_is_named_the_bottleneck(
+    tmp_path: Path,
+    lab_certs: lab.LabCerts,
+    proxy_settings: dict[str, object],
+    target_settings: dict[str, object],
+    expected: str,
+) -> None:
+    env = make_env(tmp_path, lab_certs, disk_mib=8, proxy_settings=proxy_settings, target_settings=target_settings)
+    try:
+        env.configure(vms=("vm1",))
+        session = env.run_job()
+        assert session.state == api.SESSION_STATE_SUCCEEDED, session.error
+        for d in (d for v in session.vms for d in v.disks):
+            assert d.bottleneck == expected, (d.disk_id, d.busy)
+            assert d.duration_seconds > 0 and d.rate_bytes_per_second > 0 and d.compression_ratio > 1
+        st = session.stats
+        assert st.bottleneck == expected
+        assert st.bytes_processed == st.disk_bytes and st.bytes_data >= st.bytes_sent > 0
+        shown = env.cli("session", "show", session.name).stdout
+        assert f"bottleneck: {expected}" in shown
+    finally:
+        env.stop()

@@ -996,6 +996,40 @@ class StopJobRequest(_message.Message):
 Global___StopJobRequest: _TypeAlias = StopJobRequest  # noqa: Y015
 
 @_typing.final
+class StageShares(_message.Message):
+    """Share of the elapsed time each stage was busy (0..1); the largest is the bottleneck."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SOURCE_FIELD_NUMBER: _builtins.int
+    PROXY_FIELD_NUMBER: _builtins.int
+    NETWORK_FIELD_NUMBER: _builtins.int
+    TARGET_FIELD_NUMBER: _builtins.int
+    source: _builtins.float
+    """Reading the source disk."""
+    proxy: _builtins.float
+    """The proxy: compressing and building batches."""
+    network: _builtins.float
+    """Waiting on the network or the target's window."""
+    target: _builtins.float
+    """The target: decompress, verify, write, flush."""
+    def __init__(
+        self,
+        *,
+        source: _builtins.float = ...,
+        proxy: _builtins.float = ...,
+        network: _builtins.float = ...,
+        target: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["network", b"network", "proxy", b"proxy", "source", b"source", "target", b"target"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StageShares: _TypeAlias = StageShares  # noqa: Y015
+
+@_typing.final
 class DiskTask(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -1011,6 +1045,12 @@ class DiskTask(_message.Message):
     RESUMES_FIELD_NUMBER: _builtins.int
     ERROR_FIELD_NUMBER: _builtins.int
     PROXY_FIELD_NUMBER: _builtins.int
+    BYTES_DATA_FIELD_NUMBER: _builtins.int
+    DURATION_SECONDS_FIELD_NUMBER: _builtins.int
+    RATE_BYTES_PER_SECOND_FIELD_NUMBER: _builtins.int
+    COMPRESSION_RATIO_FIELD_NUMBER: _builtins.int
+    BUSY_FIELD_NUMBER: _builtins.int
+    BOTTLENECK_FIELD_NUMBER: _builtins.int
     disk_id: _builtins.str
     state: _builtins.str
     """pending, starting, running, succeeded, resumable, failed."""
@@ -1026,8 +1066,19 @@ class DiskTask(_message.Message):
     error: _builtins.str
     proxy: _builtins.str
     """`proxies/{id}` running it."""
+    bytes_data: _builtins.int
+    """Raw bytes of data sent (before compression)."""
+    duration_seconds: _builtins.float
+    rate_bytes_per_second: _builtins.float
+    """Bytes of the disk processed (committed_offset) per second."""
+    compression_ratio: _builtins.float
+    """bytes_data / bytes_sent."""
+    bottleneck: _builtins.str
+    """source, proxy, network or target: the stage with the largest busy share."""
     @_builtins.property
     def skipped(self) -> _proxy_pb2.SkippedBytes: ...
+    @_builtins.property
+    def busy(self) -> Global___StageShares: ...
     def __init__(
         self,
         *,
@@ -1043,10 +1094,16 @@ class DiskTask(_message.Message):
         resumes: _builtins.int = ...,
         error: _builtins.str = ...,
         proxy: _builtins.str = ...,
+        bytes_data: _builtins.int = ...,
+        duration_seconds: _builtins.float = ...,
+        rate_bytes_per_second: _builtins.float = ...,
+        compression_ratio: _builtins.float = ...,
+        busy: Global___StageShares | None = ...,
+        bottleneck: _builtins.str = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["skipped", b"skipped"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["busy", b"busy", "skipped", b"skipped"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["bytes_read", b"bytes_read", "bytes_sent", b"bytes_sent", "change_mode", b"change_mode", "committed_offset", b"committed_offset", "disk_id", b"disk_id", "disk_size", b"disk_size", "error", b"error", "proxy", b"proxy", "resumes", b"resumes", "skipped", b"skipped", "start", b"start", "state", b"state"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bottleneck", b"bottleneck", "busy", b"busy", "bytes_data", b"bytes_data", "bytes_read", b"bytes_read", "bytes_sent", b"bytes_sent", "change_mode", b"change_mode", "committed_offset", b"committed_offset", "compression_ratio", b"compression_ratio", "disk_id", b"disk_id", "disk_size", b"disk_size", "duration_seconds", b"duration_seconds", "error", b"error", "proxy", b"proxy", "rate_bytes_per_second", b"rate_bytes_per_second", "resumes", b"resumes", "skipped", b"skipped", "start", b"start", "state", b"state"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1101,12 +1158,28 @@ class SessionStats(_message.Message):
     BYTES_SENT_FIELD_NUMBER: _builtins.int
     SKIPPED_FIELD_NUMBER: _builtins.int
     RESTORE_POINTS_FIELD_NUMBER: _builtins.int
+    BYTES_PROCESSED_FIELD_NUMBER: _builtins.int
+    BYTES_DATA_FIELD_NUMBER: _builtins.int
+    DURATION_SECONDS_FIELD_NUMBER: _builtins.int
+    RATE_BYTES_PER_SECOND_FIELD_NUMBER: _builtins.int
+    COMPRESSION_RATIO_FIELD_NUMBER: _builtins.int
+    BUSY_FIELD_NUMBER: _builtins.int
+    BOTTLENECK_FIELD_NUMBER: _builtins.int
     disk_bytes: _builtins.int
     bytes_read: _builtins.int
     bytes_sent: _builtins.int
     restore_points: _builtins.int
+    bytes_processed: _builtins.int
+    """Bytes of the disks processed (committed) in this session."""
+    bytes_data: _builtins.int
+    duration_seconds: _builtins.float
+    rate_bytes_per_second: _builtins.float
+    compression_ratio: _builtins.float
+    bottleneck: _builtins.str
     @_builtins.property
     def skipped(self) -> _proxy_pb2.SkippedBytes: ...
+    @_builtins.property
+    def busy(self) -> Global___StageShares: ...
     def __init__(
         self,
         *,
@@ -1115,10 +1188,17 @@ class SessionStats(_message.Message):
         bytes_sent: _builtins.int = ...,
         skipped: _proxy_pb2.SkippedBytes | None = ...,
         restore_points: _builtins.int = ...,
+        bytes_processed: _builtins.int = ...,
+        bytes_data: _builtins.int = ...,
+        duration_seconds: _builtins.float = ...,
+        rate_bytes_per_second: _builtins.float = ...,
+        compression_ratio: _builtins.float = ...,
+        busy: Global___StageShares | None = ...,
+        bottleneck: _builtins.str = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["skipped", b"skipped"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["busy", b"busy", "skipped", b"skipped"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["bytes_read", b"bytes_read", "bytes_sent", b"bytes_sent", "disk_bytes", b"disk_bytes", "restore_points", b"restore_points", "skipped", b"skipped"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bottleneck", b"bottleneck", "busy", b"busy", "bytes_data", b"bytes_data", "bytes_processed", b"bytes_processed", "bytes_read", b"bytes_read", "bytes_sent", b"bytes_sent", "compression_ratio", b"compression_ratio", "disk_bytes", b"disk_bytes", "duration_seconds", b"duration_seconds", "rate_bytes_per_second", b"rate_bytes_per_second", "restore_points", b"restore_points", "skipped", b"skipped"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -402,12 +402,18 @@ class StageBusy(_message.Message):
     COMPRESS_FIELD_NUMBER: _builtins.int
     NETWORK_WAIT_FIELD_NUMBER: _builtins.int
     TARGET_WRITE_FIELD_NUMBER: _builtins.int
+    THREADS_FIELD_NUMBER: _builtins.int
     source_read: _builtins.float
     compress: _builtins.float
     network_wait: _builtins.float
     """Waiting for the network or the target's window."""
     target_write: _builtins.float
     """Reported by the target: decompress, verify, write and flush."""
+    threads: _builtins.int
+    """Worker threads that source_read and compress are summed over: a stage's
+    busy share is its seconds / (elapsed * threads) for those two, and
+    seconds / elapsed for the others.
+    """
     def __init__(
         self,
         *,
@@ -415,10 +421,11 @@ class StageBusy(_message.Message):
         compress: _builtins.float = ...,
         network_wait: _builtins.float = ...,
         target_write: _builtins.float = ...,
+        threads: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["compress", b"compress", "network_wait", b"network_wait", "source_read", b"source_read", "target_write", b"target_write"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["compress", b"compress", "network_wait", b"network_wait", "source_read", b"source_read", "target_write", b"target_write", "threads", b"threads"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
