@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 
+from controller import metrics
 from controller.agents import AgentPool
 from controller.api import ControllerServicer
 from controller.config import ControllerSettings
@@ -18,6 +19,7 @@ from controller.slots import SlotBoard
 from protos.vmrepl.v1 import controller_pb2
 from vmrepl.daemon import run_daemon, serve_services
 from vmrepl.logs import get_logger
+from vmrepl.metrics import serve_metrics
 from vmrepl.rpc import Service
 from vmrepl.security.ticket import load_signing_key
 
@@ -45,12 +47,15 @@ async def serve(settings: ControllerSettings) -> None:
     await engine.recover()  # sessions a previous run left: continued before anything new starts
     servicer = ControllerServicer(journal=journal, engine=engine, secrets=secrets, live=parts.live)
 
+    serve_metrics(settings.metrics_listen, settings.tls, plain_http=settings.metrics_plain_http)
     scheduler = asyncio.create_task(Scheduler(journal=journal, engine=engine).run(), name="scheduler")
+    gauges = asyncio.create_task(metrics.keep_fresh(journal), name="metrics")
 
     async def stop() -> None:
-        scheduler.cancel()  # no new session may start while the running ones stop
-        with contextlib.suppress(asyncio.CancelledError):
-            await scheduler
+        for background in (scheduler, gauges):  # no new session may start while the running ones stop
+            background.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await background
         await engine.shutdown(settings.stop_timeout_seconds)
         await agents.close()
         await engine_db.dispose()

@@ -25,6 +25,8 @@ class ControllerSettings(ProgramSettings):
     signing_key: Path = Field(description="Ed25519 key (PEM) that signs transfer tickets; targets hold its public half")
     tls: TlsSettings
     log: LogSettings = LogSettings()
+    metrics_listen: str = Field("", description="host:port of the Prometheus /metrics endpoint (mTLS); empty: off")
+    metrics_plain_http: bool = Field(False, description="serve /metrics over plain HTTP instead of mTLS")
     proxy_lost_seconds: float = Field(
         60.0,
         gt=0,

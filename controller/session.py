@@ -20,6 +20,7 @@ from typing import Any
 import grpc
 from sqlalchemy import Select, delete, select
 
+from controller import metrics
 from controller.db.models import HeldCheckpoint, JobVm, RestorePoint, Session, SessionVm, Task, now
 from controller.retention import points_to_delete
 from controller.runtime import EngineParts, SessionContext
@@ -153,6 +154,7 @@ class SessionRun:
                 row.state, row.ended_at, row.stats = state.value, now(), stats
                 row.error = error or "; ".join(errors)
         self.parts.live.forget(self.sc.session_id)
+        metrics.session_ended(state)
         self.log.info("session_ended", state=state.value, **stats)
         return state
 

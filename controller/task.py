@@ -18,6 +18,7 @@ import grpc
 from sqlalchemy import select
 from tenacity import AsyncRetrying, retry_if_exception, stop_after_delay, wait_exponential
 
+from controller import metrics
 from controller.agents import AgentClient
 from controller.db.models import Proxy, RestorePoint, Task, now
 from controller.disk_task import DiskTaskSpec, start_request
@@ -339,6 +340,7 @@ class TaskRunner:
         else:
             end, error = TaskState.FAILED, f"{final.error_code}: {final.error_message}".strip(": ")
         await self._set(end, f"task {end}", committed_offset=final.committed_offset, stats=stats, error=error)
+        metrics.task_ended(end, final)
         self.log.info("task_ended", state=end.value, committed_offset=final.committed_offset, error=error)
         return end
 

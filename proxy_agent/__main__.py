@@ -6,10 +6,12 @@ from protos.vmrepl.v1 import proxy_pb2
 from proxy_agent.config import ProxySettings
 from proxy_agent.servicer import ProxyAgentServicer
 from vmrepl.daemon import run_daemon, serve_services
+from vmrepl.metrics import serve_metrics
 from vmrepl.rpc import Service
 
 
 async def serve(settings: ProxySettings) -> None:
+    serve_metrics(settings.metrics_listen, settings.tls, plain_http=settings.metrics_plain_http)
     servicer = ProxyAgentServicer(settings)
     await serve_services(
         listen=settings.listen,

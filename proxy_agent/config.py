@@ -21,6 +21,8 @@ class ProxySettings(ProgramSettings):
     )
     tls: TlsSettings
     log: LogSettings = LogSettings()
+    metrics_listen: str = Field("", description="host:port of the Prometheus /metrics endpoint (mTLS); empty: off")
+    metrics_plain_http: bool = Field(False, description="serve /metrics over plain HTTP instead of mTLS")
     max_tasks: int = Field(4, ge=1, le=64, description="disk transfers run at once")
     batch_bytes: int = Field(4 * MiB, ge=MiB, le=16 * MiB, description="raw data bytes per batch")
     window_batches: int = Field(16, ge=2, le=64, description="batches in flight without an ack")

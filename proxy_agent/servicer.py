@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from protos.vmrepl.v1 import proxy_pb2, proxy_pb2_grpc
+from proxy_agent import metrics
 from proxy_agent import request as rq
 from proxy_agent import stats as st
 from proxy_agent.config import ProxySettings
@@ -107,6 +108,9 @@ class ProxyAgentServicer(proxy_pb2_grpc.ProxyAgentServicer):
                 break
             del self.transfers[oldest]
         transfer.start()
+        metrics.TRANSFERS_RUNNING.inc()
+        if transfer.task is not None:
+            transfer.task.add_done_callback(lambda _t: _ended(transfer))
         log.info(
             "transfer_started",
             transfer_id=transfer.spec.transfer_id,
@@ -154,6 +158,11 @@ class ProxyAgentServicer(proxy_pb2_grpc.ProxyAgentServicer):
             _, pending = await asyncio.wait(tasks, timeout=20)
             for task in pending:
                 task.cancel()
+
+
+def _ended(transfer: DiskTransfer) -> None:
+    metrics.TRANSFERS_RUNNING.dec()
+    metrics.transfer_ended(transfer.stats.to_proto())
 
 
 def _key(spec: TransferSpec) -> tuple[str, str, str]:

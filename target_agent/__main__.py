@@ -7,10 +7,12 @@ from target_agent.config import TargetSettings
 from target_agent.servicer import TargetAgentServicer
 from vmrepl.batch import MAX_MESSAGE_BYTES
 from vmrepl.daemon import run_daemon, serve_services
+from vmrepl.metrics import serve_metrics
 from vmrepl.rpc import Service
 
 
 async def serve(settings: TargetSettings) -> None:
+    serve_metrics(settings.metrics_listen, settings.tls, plain_http=settings.metrics_plain_http)
     servicer = TargetAgentServicer(settings)
     # Transfer takes raw bytes: vmrepl.batch parses frames without copying their payload.
     service = Service(

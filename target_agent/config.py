@@ -19,6 +19,8 @@ class TargetSettings(ProgramSettings):
     controller_public_keys: list[Path] = Field(description="PEM Ed25519 keys whose tickets are accepted")
     tls: TlsSettings
     log: LogSettings = LogSettings()
+    metrics_listen: str = Field("", description="host:port of the Prometheus /metrics endpoint (mTLS); empty: off")
+    metrics_plain_http: bool = Field(False, description="serve /metrics over plain HTTP instead of mTLS")
     max_window_batches: int = Field(64, ge=2, le=256, description="largest window a proxy may ask for")
     # Test only: slows every batch write, so tests can check the bottleneck is named.
     test_write_delay_ms: float = Field(0.0, ge=0, le=1000, description="test only: added to each batch write")

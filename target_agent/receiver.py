@@ -19,6 +19,7 @@ import structlog
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from protos.vmrepl.v1 import target_pb2
+from target_agent import metrics
 from target_agent.datastore import Datastore
 from target_agent.replica import COMPLETE, DiskGuard, DiskState, ReplicaStream
 from vmrepl.batch import DATA, MAX_MESSAGE_BYTES, CheckedExtent, Expectation, check_batch, decode_frame
@@ -80,6 +81,7 @@ class Receiver:
             raise
         except Exception as e:
             code, message = status_for(e)
+            metrics.ERRORS.labels(code.name).inc()
             failure = target_pb2.TransferFailure(code=code.name, message=message)
             with contextlib.suppress(Exception):
                 await context.write(target_pb2.TransferResponse(error=failure))
@@ -111,9 +113,12 @@ class Receiver:
             pass_number=o.pass_number,
         )
         with structlog.contextvars.bound_contextvars(session_id=o.session_id, disk_id=o.disk_id):
+            metrics.STREAMS.inc()
+            metrics.STREAMS_OPEN.inc()
             try:
                 await self._stream(stream, o, requests, context)
             finally:
+                metrics.STREAMS_OPEN.dec()
                 await asyncio.to_thread(stream.close)
 
     async def _stream(
@@ -171,6 +176,8 @@ class Receiver:
                 data_bytes=sum(e.length for e in extents if e.kind == DATA),
                 wire_bytes=len(raw),
             )
+            metrics.BATCHES.inc()
+            metrics.BYTES.labels("wire").inc(len(raw))
             await _put(queue, (hdr, extents), writer)
             exp = Expectation(o.disk_size, o.block_size, hdr.seq + 1, hdr.end_offset)
             if hdr.final:
@@ -213,8 +220,12 @@ class Receiver:
                     await asyncio.to_thread(stream.apply, extents)
                     if self._write_delay:
                         await asyncio.sleep(self._write_delay)
-                    busy += time.perf_counter() - t0
-                    received += sum(e.length for e in extents if e.kind == DATA)
+                    spent = time.perf_counter() - t0
+                    busy += spent
+                    metrics.WRITE_BUSY.inc(spent)
+                    data = sum(e.length for e in extents if e.kind == DATA)
+                    metrics.BYTES.labels("data").inc(data)
+                    received += data
                     pending += 1
                 final = last is not None and last.final
                 if last is not None and pending and (final or item is None or pending >= ack_every):
