@@ -13,6 +13,7 @@ from controller.db.engine import open_database
 from controller.db.secrets import SecretBox, create_key_file
 from controller.engine import Engine
 from controller.journal import Journal
+from controller.notify import Notifier
 from controller.runtime import EngineParts
 from controller.scheduler import Scheduler
 from controller.slots import SlotBoard
@@ -50,9 +51,11 @@ async def serve(settings: ControllerSettings) -> None:
     serve_metrics(settings.metrics_listen, settings.tls, plain_http=settings.metrics_plain_http)
     scheduler = asyncio.create_task(Scheduler(journal=journal, engine=engine).run(), name="scheduler")
     gauges = asyncio.create_task(metrics.keep_fresh(journal), name="metrics")
+    notifier = Notifier(journal=journal, render=servicer.session, backoff_seconds=settings.webhook_backoff_seconds)
+    webhooks = asyncio.create_task(notifier.run(), name="webhooks")
 
     async def stop() -> None:
-        for background in (scheduler, gauges):  # no new session may start while the running ones stop
+        for background in (scheduler, gauges, webhooks):  # no new session may start while the running ones stop
             background.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await background

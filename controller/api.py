@@ -340,6 +340,10 @@ class ControllerServicer(controller_pb2_grpc.ControllerServiceServicer):
         session = await self.engine.stop_job(await self._job_id("name", request.name))
         return await self._session(session.id)
 
+    async def session(self, session_id: str) -> api.Session:
+        """A session as the API shows it (the webhook's body uses it too)."""
+        return await self._session(session_id)
+
     async def _session(self, session_id: str) -> api.Session:
         async with self.journal.read() as db:
             row = await db.get(Session, session_id)

@@ -32,6 +32,9 @@ class ControllerSettings(ProgramSettings):
         gt=0,
         description="how long a running transfer's unreachable proxy is retried before the disk is left resumable",
     )
+    webhook_backoff_seconds: float = Field(
+        2.0, gt=0, le=300, description="first wait between webhook attempts; doubles up to 5 min, 8 attempts"
+    )
     stop_timeout_seconds: float = Field(30.0, gt=0, description="how long SIGTERM waits for transfers to stop")
     # Test hook: exit right after the Nth committed state change (0: never). Used to prove crash recovery.
     test_crash_at_transition: int = Field(0, ge=0, description="test only: exit after this many state changes")

@@ -11,6 +11,7 @@ import datetime as dt
 import re
 from collections.abc import Iterable
 from typing import Any, TypeVar
+from urllib.parse import urlsplit
 
 from google.protobuf import json_format, struct_pb2
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -224,7 +225,14 @@ JOB_FIELDS = (
     "schedule",
     "checkpoint_hold_seconds",
     "disabled",
+    "webhook",
 )
+
+
+def redact_url(url: str) -> str:
+    """Scheme and host only: a webhook's path or query often carries its token."""
+    parts = urlsplit(url)
+    return f"{parts.scheme}://{parts.netloc}/…" if parts.path.strip("/") or parts.query else url
 
 
 def _struct(value: dict[str, Any]) -> struct_pb2.Struct:
@@ -252,6 +260,11 @@ async def job_msg(db: AsyncSession, row: Job) -> api.Job:
         checkpoint_hold_seconds=row.checkpoint_deadline_seconds,
         disabled=not row.enabled,
         create_time=timestamp(row.created_at),
+        webhook=api.Webhook(
+            url=redact_url(str(row.webhook.get("url", ""))), failures_only=bool(row.webhook.get("failures_only"))
+        )
+        if row.webhook
+        else None,
     )
 
 
@@ -323,3 +336,14 @@ async def _apply_job_field(db: AsyncSession, msg: api.Job, row: Job, path: str) 
         row.checkpoint_deadline_seconds = hold
     elif path == "disabled":
         row.enabled = not msg.disabled
+    elif path == "webhook":
+        row.webhook = _webhook(msg.webhook)
+
+
+def _webhook(w: api.Webhook) -> dict[str, Any]:
+    if not w.url:
+        return {}
+    parts = urlsplit(w.url)
+    if parts.scheme not in ("http", "https") or not parts.hostname or len(w.url) > 2048:
+        raise InvalidArgument("job.webhook.url", "must be an http or https URL, up to 2048 characters")
+    return {"url": w.url, "failures_only": w.failures_only}

@@ -21,7 +21,7 @@ import grpc
 from sqlalchemy import Select, delete, select
 
 from controller import metrics
-from controller.db.models import HeldCheckpoint, JobVm, RestorePoint, Session, SessionVm, Task, now
+from controller.db.models import HeldCheckpoint, Job, JobVm, RestorePoint, Session, SessionVm, Task, now
 from controller.retention import points_to_delete
 from controller.runtime import EngineParts, SessionContext
 from controller.states import (
@@ -150,9 +150,12 @@ class SessionRun:
         stats = session_stats(tasks, vms)
         async with self.parts.journal.change("session ended", session_id=self.sc.session_id) as db:
             row = await db.get(Session, self.sc.session_id)
+            job = await db.get(Job, self.sc.job.job_id)
             if row is not None:
                 row.state, row.ended_at, row.stats = state.value, now(), stats
                 row.error = error or "; ".join(errors)
+                # Recorded with the end state, so a crash before delivery still delivers it after restart.
+                row.notification = "pending" if job is not None and job.webhook.get("url") else ""
         self.parts.live.forget(self.sc.session_id)
         metrics.session_ended(state)
         self.log.info("session_ended", state=state.value, **stats)

@@ -60,6 +60,9 @@ def configure_logging(*, fmt: LogFormat = "json", level: str = "info", stream: T
     root.setLevel(numeric)
     # grpc's C core logs through absl, not here; its Python side is chatty at debug.
     logging.getLogger("grpc").setLevel(max(numeric, logging.INFO))
+    # httpx logs every request's full URL at info; a webhook's URL carries its token.
+    for name in ("httpx", "httpcore"):
+        logging.getLogger(name).setLevel(max(numeric, logging.WARNING))
 
 
 def get_logger(name: str) -> Any:

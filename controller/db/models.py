@@ -86,6 +86,8 @@ class Job(Base):
     checkpoint_deadline_seconds: Mapped[int] = mapped_column(Integer, default=24 * 3600)
     # The scheduler's bookmark: slots (or upstream runs) up to here are handled; later ones are due.
     schedule_handled_until: Mapped[dt.datetime | None]
+    # {"url": ..., "failures_only": bool}: POSTed a JSON summary when a session ends.
+    webhook: Mapped[dict[str, Any]] = mapped_column(default=dict)
     enabled: Mapped[bool] = mapped_column(default=True)
     created_at: Mapped[dt.datetime] = mapped_column(default=now)
     vms: Mapped[list[JobVm]] = relationship(back_populates="job", cascade="all, delete-orphan", lazy="selectin")
@@ -110,6 +112,8 @@ class Session(Base):
     ended_at: Mapped[dt.datetime | None]
     error: Mapped[str] = mapped_column(Text, default="")
     stats: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    # The job's webhook for this session: "" none, "pending" (set with the end state), "sent", "failed".
+    notification: Mapped[str] = mapped_column(String(16), default="")
 
 
 class SessionVm(Base):

@@ -81,6 +81,8 @@ def _bad_calls(stub: Any) -> list[tuple[str, Callable[[], Any]]]:
                 j.vms.extend(v)
             elif k == "schedule":
                 j.schedule.update(v)
+            elif k == "webhook":
+                j.webhook.CopyFrom(v)
             else:
                 setattr(j, k, v)
         return lambda: stub.CreateJob(api.CreateJobRequest(job_id="jx", job=j))
@@ -136,6 +138,7 @@ def _bad_calls(stub: Any) -> list[tuple[str, Callable[[], Any]]]:
         ("job.bandwidth_limit_mbps", job_with(bandwidth_limit_mbps=-5)),
         ("job.change_tracking", job_with(change_tracking="sometimes")),
         ("job.checkpoint_hold_seconds", job_with(checkpoint_hold_seconds=5)),
+        ("job.webhook.url", job_with(webhook=api.Webhook(url="ftp://hooks.example/x"))),
         ("job.schedule.cron", job_with(schedule={"kind": "cron", "cron": "every night"})),
         ("job.schedule.timezone", job_with(schedule={"kind": "interval", "every_minutes": 5, "timezone": "CET+1"})),
         ("job.schedule.after_job", job_with(schedule={"kind": "after", "after_job": "job1"})),

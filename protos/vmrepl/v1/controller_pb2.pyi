@@ -763,6 +763,7 @@ class Job(_message.Message):
     CHECKPOINT_HOLD_SECONDS_FIELD_NUMBER: _builtins.int
     DISABLED_FIELD_NUMBER: _builtins.int
     CREATE_TIME_FIELD_NUMBER: _builtins.int
+    WEBHOOK_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """`jobs/{id}`."""
     host: _builtins.str
@@ -798,6 +799,10 @@ class Job(_message.Message):
     def schedule(self) -> _struct_pb2.Struct: ...
     @_builtins.property
     def create_time(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def webhook(self) -> Global___Webhook:
+        """POSTed a JSON summary when a session of the job ends."""
+
     def __init__(
         self,
         *,
@@ -817,14 +822,39 @@ class Job(_message.Message):
         checkpoint_hold_seconds: _builtins.int = ...,
         disabled: _builtins.bool = ...,
         create_time: _timestamp_pb2.Timestamp | None = ...,
+        webhook: Global___Webhook | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "exclusions", b"exclusions", "guest_processing", b"guest_processing", "schedule", b"schedule"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "exclusions", b"exclusions", "guest_processing", b"guest_processing", "schedule", b"schedule", "webhook", b"webhook"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["bandwidth_limit_mbps", b"bandwidth_limit_mbps", "block_size", b"block_size", "change_tracking", b"change_tracking", "checkpoint_hold_seconds", b"checkpoint_hold_seconds", "compression", b"compression", "create_time", b"create_time", "disabled", b"disabled", "exclusions", b"exclusions", "guest_processing", b"guest_processing", "host", b"host", "name", b"name", "replica_root", b"replica_root", "restore_points_to_keep", b"restore_points_to_keep", "schedule", b"schedule", "target", b"target", "vms", b"vms"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bandwidth_limit_mbps", b"bandwidth_limit_mbps", "block_size", b"block_size", "change_tracking", b"change_tracking", "checkpoint_hold_seconds", b"checkpoint_hold_seconds", "compression", b"compression", "create_time", b"create_time", "disabled", b"disabled", "exclusions", b"exclusions", "guest_processing", b"guest_processing", "host", b"host", "name", b"name", "replica_root", b"replica_root", "restore_points_to_keep", b"restore_points_to_keep", "schedule", b"schedule", "target", b"target", "vms", b"vms", "webhook", b"webhook"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Job: _TypeAlias = Job  # noqa: Y015
+
+@_typing.final
+class Webhook(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    URL_FIELD_NUMBER: _builtins.int
+    FAILURES_ONLY_FIELD_NUMBER: _builtins.int
+    url: _builtins.str
+    """http(s) URL. Write-only past its host: replies show `https://host/…`, as the path often holds a token."""
+    failures_only: _builtins.bool
+    """Only failed sessions are notified."""
+    def __init__(
+        self,
+        *,
+        url: _builtins.str = ...,
+        failures_only: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["failures_only", b"failures_only", "url", b"url"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Webhook: _TypeAlias = Webhook  # noqa: Y015
 
 @_typing.final
 class CreateJobRequest(_message.Message):

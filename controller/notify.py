@@ -1,0 +1,108 @@
+"""Webhooks: a JSON summary POSTed when a session ends, retried with backoff, delivered once.
+
+A session that ends with its job's webhook set is marked `pending` in the same transaction as its end
+state. This loop delivers pending notifications and marks them `sent` (or `failed` after the retries
+are spent), so a crash between the end and the delivery delays it rather than losing it.
+Only the webhook's host is ever logged: its path often carries a token.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from typing import Any
+from urllib.parse import urlsplit
+
+import httpx
+from google.protobuf import json_format
+from sqlalchemy import select
+from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt, wait_exponential
+
+from controller.db.models import Job, Session
+from controller.journal import Journal
+from controller.states import SessionState
+from vmrepl.logs import get_logger
+
+log = get_logger("vmrepl.controller.notify")
+POLL_SECONDS = 1.0
+
+
+class DeliveryFailed(Exception):
+    pass
+
+
+class Notifier:
+    def __init__(
+        self,
+        *,
+        journal: Journal,
+        render: Callable[[str], Any],
+        attempts: int = 8,
+        backoff_seconds: float = 2.0,
+        timeout: float = 10.0,
+    ) -> None:
+        self.journal = journal
+        self.render = render  # session id -> api.Session (for the statistics)
+        self.attempts = attempts
+        self.backoff = backoff_seconds
+        self.timeout = timeout
+
+    async def run(self) -> None:
+        async with httpx.AsyncClient(timeout=self.timeout, follow_redirects=False) as client:
+            while True:
+                try:
+                    await self.deliver_pending(client)
+                except asyncio.CancelledError:
+                    raise
+                except Exception:
+                    log.exception("notifier_failed")
+                await asyncio.sleep(POLL_SECONDS)
+
+    async def deliver_pending(self, client: httpx.AsyncClient) -> None:
+        async with self.journal.read() as db:
+            rows = (
+                await db.execute(
+                    select(Session, Job).join(Job, Job.id == Session.job_id).where(Session.notification == "pending")
+                )
+            ).all()
+        for session, job in rows:
+            url = str(job.webhook.get("url", ""))
+            skip = not url or (job.webhook.get("failures_only") and session.state != SessionState.FAILED)
+            outcome = "skipped" if skip else await self._deliver(client, url, await self._body(session, job))
+            async with self.journal.write() as db:
+                row = await db.get(Session, session.id)
+                if row is not None:
+                    row.notification = outcome
+
+    async def _body(self, session: Session, job: Job) -> dict[str, Any]:
+        msg = await self.render(session.id)
+        return {
+            "job": f"jobs/{job.name}",
+            "session": f"sessions/{session.id}",
+            "state": session.state,
+            "error": session.error,
+            "start_time": json_format.MessageToDict(msg).get("startTime"),
+            "end_time": json_format.MessageToDict(msg).get("endTime"),
+            "statistics": json_format.MessageToDict(msg.stats, preserving_proto_field_name=True),
+        }
+
+    async def _deliver(self, client: httpx.AsyncClient, url: str, body: dict[str, Any]) -> str:
+        host = urlsplit(url).netloc
+        try:
+            async for attempt in AsyncRetrying(
+                retry=retry_if_exception_type((DeliveryFailed, httpx.HTTPError)),
+                wait=wait_exponential(multiplier=self.backoff, max=300),
+                stop=stop_after_attempt(self.attempts),
+                reraise=True,
+            ):
+                with attempt:
+                    n = attempt.retry_state.attempt_number
+                    reply = await client.post(url, json=body, headers={"User-Agent": "vmrepl-controller"})
+                    if reply.status_code >= 300:
+                        log.warning("webhook_refused", host=host, status=reply.status_code, attempt=n)
+                        raise DeliveryFailed(f"HTTP {reply.status_code}")
+        except (DeliveryFailed, httpx.HTTPError) as e:
+            log.error("webhook_failed", host=host, session=body["session"], error=type(e).__name__)
+            return "failed"
+        log.info("webhook_sent", host=host, session=body["session"], state=body["state"])
+        return "sent"
