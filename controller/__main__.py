@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 
 from controller import metrics
 from controller.agents import AgentPool
@@ -16,6 +17,7 @@ from controller.journal import Journal
 from controller.notify import Notifier
 from controller.runtime import EngineParts
 from controller.scheduler import Scheduler
+from controller.session_log import SessionLogHandler
 from controller.slots import SlotBoard
 from protos.vmrepl.v1 import controller_pb2
 from vmrepl.daemon import run_daemon, serve_services
@@ -46,7 +48,11 @@ async def serve(settings: ControllerSettings) -> None:
     )
     engine = Engine(parts)
     await engine.recover()  # sessions a previous run left: continued before anything new starts
-    servicer = ControllerServicer(journal=journal, engine=engine, secrets=secrets, live=parts.live)
+    session_logs = settings.data_dir / "sessions"
+    logging.getLogger().addHandler(SessionLogHandler(session_logs))
+    servicer = ControllerServicer(
+        journal=journal, engine=engine, secrets=secrets, live=parts.live, session_logs=session_logs
+    )
 
     serve_metrics(settings.metrics_listen, settings.tls, plain_http=settings.metrics_plain_http)
     scheduler = asyncio.create_task(Scheduler(journal=journal, engine=engine).run(), name="scheduler")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 from typing import Any, TypeVar
 
 from google.protobuf import empty_pb2
@@ -31,7 +32,8 @@ from controller.db.secrets import SecretBox
 from controller.engine import ACTIVE, Engine
 from controller.journal import Journal
 from controller.runtime import LiveProgress
-from controller.sessions_view import session_msg
+from controller.session_log import read_session_log
+from controller.sessions_view import log_entry, session_msg
 from protos.vmrepl.v1 import controller_pb2 as api
 from protos.vmrepl.v1 import controller_pb2_grpc
 from vmrepl.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
@@ -45,7 +47,10 @@ M = TypeVar("M")
 
 
 class ControllerServicer(controller_pb2_grpc.ControllerServiceServicer):
-    def __init__(self, *, journal: Journal, engine: Engine, secrets: SecretBox, live: LiveProgress) -> None:
+    def __init__(
+        self, *, journal: Journal, engine: Engine, secrets: SecretBox, live: LiveProgress, session_logs: Path
+    ) -> None:
+        self.session_logs = session_logs
         self.journal = journal
         self.engine = engine
         self.secrets = secrets
@@ -396,6 +401,18 @@ class ControllerServicer(controller_pb2_grpc.ControllerServiceServicer):
                 return
             await self.live.wait(session_id, WATCH_INTERVAL * 4)
             await asyncio.sleep(WATCH_INTERVAL)  # at most two updates a second
+
+    @handle_errors
+    async def GetSessionLog(self, request: api.GetSessionLogRequest, context: Any) -> Any:
+        require_role(context, *READ)
+        session_id = self._session_id("name", request.name)
+        await self._session(session_id)  # NOT_FOUND for an unknown session
+        limit, offset = res.page_bounds(request.page_size, request.page_token)
+        lines, more = await asyncio.to_thread(
+            read_session_log, self.session_logs, session_id, offset=offset, limit=limit
+        )
+        entries = [log_entry(line) for line in lines]
+        return api.SessionLog(entries=entries, next_page_token=res.next_token(limit, offset, limit + 1 if more else 0))
 
     # ---- restore points -------------------------------------------------------------------------------
 

@@ -449,6 +449,23 @@ def session_show(session_id: str, as_json_: JsonOpt = False) -> None:
     table(f"{s.name} ({s.job})", cols, rows)
 
 
+@session_app.command("log")
+def session_log(session_id: str, as_json_: JsonOpt = False) -> None:
+    """The controller's log of one session."""
+    name, token = _session_name(session_id), ""
+    while True:
+        page = call(conn.stub().GetSessionLog, api.GetSessionLogRequest(name=name, page_size=1000, page_token=token))
+        for e in page.entries:
+            if as_json_:
+                print(json.dumps(json_format.MessageToDict(e, preserving_proto_field_name=True)))
+                continue
+            fields = " ".join(f"{k}={v}" for k, v in json_format.MessageToDict(e.fields).items())
+            out.print(f"{e.time.ToJsonString()} {e.level:7} {e.event} {fields}", highlight=False, markup=False)
+        token = page.next_page_token
+        if not token:
+            return
+
+
 @session_app.command("watch")
 def session_watch(session_id: str) -> None:
     raise typer.Exit(exit_code(follow(_session_name(session_id))))

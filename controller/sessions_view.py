@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
+import json
+from typing import Any
 
 from controller.db.models import Session, SessionVm, Task
 from controller.resources import timestamp
@@ -117,6 +120,15 @@ def session_msg(
         vms=out_vms,
         stats=stats,
     )
+
+
+def log_entry(line: dict[str, Any]) -> api.SessionLogEntry:
+    fields = {k: v for k, v in line.items() if k not in ("timestamp", "level", "event", "session_id", "logger")}
+    entry = api.SessionLogEntry(level=str(line.get("level", "")), event=str(line.get("event", "")))
+    entry.fields.update(json.loads(json.dumps(fields, default=str)))
+    with contextlib.suppress(ValueError, TypeError):
+        entry.time.FromJsonString(str(line.get("timestamp", "")))
+    return entry
 
 
 def _duration(row: Session) -> float:

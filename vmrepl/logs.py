@@ -65,5 +65,18 @@ def configure_logging(*, fmt: LogFormat = "json", level: str = "info", stream: T
         logging.getLogger(name).setLevel(max(numeric, logging.WARNING))
 
 
+def json_formatter() -> logging.Formatter:
+    """Renders a record as the JSON line the daemons write (for extra handlers, e.g. per-session logs)."""
+    return structlog.stdlib.ProcessorFormatter(
+        foreign_pre_chain=_SHARED,
+        processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, structlog.processors.JSONRenderer()],
+    )
+
+
+def event_of(record: logging.LogRecord) -> dict[str, Any]:
+    """The structlog event dict a record carries ({} for a plain stdlib record)."""
+    return record.msg if isinstance(record.msg, dict) else {}
+
+
 def get_logger(name: str) -> Any:
     return structlog.stdlib.get_logger(name)

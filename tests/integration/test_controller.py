@@ -283,3 +283,28 @@ def test_the_slowed_stage_is_named_the_bottleneck(
         assert f"bottleneck: {expected}" in shown
     finally:
         env.stop()
+
+
+def test_a_sessions_log_is_read_through_the_api(ctl_raw: ControllerEnv) -> None:
+    ctl_raw.configure()
+    session = ctl_raw.run_job()
+    log = ctl_raw.client("reader").GetSessionLog(api.GetSessionLogRequest(name=session.name))
+    events = [e.event for e in log.entries]
+    for expected in (
+        "session_planned",
+        "checkpoint_created",
+        "task_starting",
+        "restore_point_committed",
+        "session_ended",
+    ):
+        assert expected in events, events
+    assert events[-1] == "session_ended" and log.entries[-1].fields["state"] == "succeeded"
+    starting = [e for e in log.entries if e.event == "task_starting"]
+    assert {e.fields["disk_id"] for e in starting} == {"disk0", "disk1"} and len(starting) == 3
+    first = ctl_raw.client().GetSessionLog(api.GetSessionLogRequest(name=session.name, page_size=2))
+    rest = ctl_raw.client().GetSessionLog(
+        api.GetSessionLogRequest(name=session.name, page_size=1000, page_token=first.next_page_token)
+    )
+    assert [e.event for e in [*first.entries, *rest.entries]] == events
+    shown = ctl_raw.cli("session", "log", session.name).stdout
+    assert "restore_point_committed" in shown and "session_ended" in shown

@@ -199,6 +199,11 @@ class ControllerServiceStub:
                 request_serializer=protos_dot_vmrepl_dot_v1_dot_controller__pb2.WatchSessionRequest.SerializeToString,
                 response_deserializer=protos_dot_vmrepl_dot_v1_dot_controller__pb2.Session.FromString,
                 _registered_method=True)
+        self.GetSessionLog = channel.unary_unary(
+                '/vmrepl.v1.ControllerService/GetSessionLog',
+                request_serializer=protos_dot_vmrepl_dot_v1_dot_controller__pb2.GetSessionLogRequest.SerializeToString,
+                response_deserializer=protos_dot_vmrepl_dot_v1_dot_controller__pb2.SessionLog.FromString,
+                _registered_method=True)
         self.ListRestorePoints = channel.unary_unary(
                 '/vmrepl.v1.ControllerService/ListRestorePoints',
                 request_serializer=protos_dot_vmrepl_dot_v1_dot_controller__pb2.ListJobRestorePointsRequest.SerializeToString,
@@ -407,6 +412,13 @@ class ControllerServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetSessionLog(self, request, context):
+        """The controller's log lines of one session, oldest first.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def ListRestorePoints(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -565,6 +577,11 @@ def add_ControllerServiceServicer_to_server(servicer, server):
                     servicer.WatchSession,
                     request_deserializer=protos_dot_vmrepl_dot_v1_dot_controller__pb2.WatchSessionRequest.FromString,
                     response_serializer=protos_dot_vmrepl_dot_v1_dot_controller__pb2.Session.SerializeToString,
+            ),
+            'GetSessionLog': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetSessionLog,
+                    request_deserializer=protos_dot_vmrepl_dot_v1_dot_controller__pb2.GetSessionLogRequest.FromString,
+                    response_serializer=protos_dot_vmrepl_dot_v1_dot_controller__pb2.SessionLog.SerializeToString,
             ),
             'ListRestorePoints': grpc.unary_unary_rpc_method_handler(
                     servicer.ListRestorePoints,
@@ -1396,6 +1413,33 @@ class ControllerService:
             '/vmrepl.v1.ControllerService/WatchSession',
             protos_dot_vmrepl_dot_v1_dot_controller__pb2.WatchSessionRequest.SerializeToString,
             protos_dot_vmrepl_dot_v1_dot_controller__pb2.Session.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetSessionLog(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/vmrepl.v1.ControllerService/GetSessionLog',
+            protos_dot_vmrepl_dot_v1_dot_controller__pb2.GetSessionLogRequest.SerializeToString,
+            protos_dot_vmrepl_dot_v1_dot_controller__pb2.SessionLog.FromString,
             options,
             channel_credentials,
             insecure,

@@ -82,6 +82,8 @@ class ControllerServiceStub:
     GetSession: _grpc.UnaryUnaryMultiCallable[_controller_pb2.GetSessionRequest, _controller_pb2.Session]
     WatchSession: _grpc.UnaryStreamMultiCallable[_controller_pb2.WatchSessionRequest, _controller_pb2.Session]
     """The session now, then again on every change (at most twice a second) until it ends."""
+    GetSessionLog: _grpc.UnaryUnaryMultiCallable[_controller_pb2.GetSessionLogRequest, _controller_pb2.SessionLog]
+    """The controller's log lines of one session, oldest first."""
     ListRestorePoints: _grpc.UnaryUnaryMultiCallable[_controller_pb2.ListJobRestorePointsRequest, _controller_pb2.ListJobRestorePointsResponse]
 
 @_typing.type_check_only
@@ -137,6 +139,8 @@ class ControllerServiceAsyncStub(ControllerServiceStub):
     GetSession: _aio.UnaryUnaryMultiCallable[_controller_pb2.GetSessionRequest, _controller_pb2.Session]  # type: ignore[assignment]
     WatchSession: _aio.UnaryStreamMultiCallable[_controller_pb2.WatchSessionRequest, _controller_pb2.Session]  # type: ignore[assignment]
     """The session now, then again on every change (at most twice a second) until it ends."""
+    GetSessionLog: _aio.UnaryUnaryMultiCallable[_controller_pb2.GetSessionLogRequest, _controller_pb2.SessionLog]  # type: ignore[assignment]
+    """The controller's log lines of one session, oldest first."""
     ListRestorePoints: _aio.UnaryUnaryMultiCallable[_controller_pb2.ListJobRestorePointsRequest, _controller_pb2.ListJobRestorePointsResponse]  # type: ignore[assignment]
 
 class ControllerServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -369,6 +373,14 @@ class ControllerServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_controller_pb2.Session], _abc.AsyncIterator[_controller_pb2.Session]]:
         """The session now, then again on every change (at most twice a second) until it ends."""
+
+    @_abc_1.abstractmethod
+    def GetSessionLog(
+        self,
+        request: _controller_pb2.GetSessionLogRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_controller_pb2.SessionLog, _abc.Awaitable[_controller_pb2.SessionLog]]:
+        """The controller's log lines of one session, oldest first."""
 
     @_abc_1.abstractmethod
     def ListRestorePoints(
