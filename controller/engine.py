@@ -38,6 +38,8 @@ def job_view(job: Job) -> JobView:
         change_tracking=job.change_tracking,
         guest_processing=dict(job.guest_processing),
         checkpoint_deadline_seconds=job.checkpoint_deadline_seconds,
+        retries=job.retries,
+        retry_wait_seconds=job.retry_wait_seconds,
     )
 
 

@@ -226,6 +226,8 @@ JOB_FIELDS = (
     "checkpoint_hold_seconds",
     "disabled",
     "webhook",
+    "retries",
+    "retry_wait_seconds",
 )
 
 
@@ -265,6 +267,8 @@ async def job_msg(db: AsyncSession, row: Job) -> api.Job:
         )
         if row.webhook
         else None,
+        retries=row.retries,
+        retry_wait_seconds=row.retry_wait_seconds,
     )
 
 
@@ -319,7 +323,15 @@ async def _apply_job_field(db: AsyncSession, msg: api.Job, row: Job, path: str) 
         if (msg.change_tracking or "auto") not in TRACKING:
             raise InvalidArgument("job.change_tracking", f"must be one of {', '.join(TRACKING)}")
         row.change_tracking = msg.change_tracking or "auto"
-    elif path == "schedule":
+    elif path == "disabled":
+        row.enabled = not msg.disabled
+    else:
+        await _apply_job_policy(db, msg, row, path)
+
+
+async def _apply_job_policy(db: AsyncSession, msg: api.Job, row: Job, path: str) -> None:
+    """Schedule, notification and retry settings."""
+    if path == "schedule":
         raw = json_format.MessageToDict(msg.schedule)
         schedule = parse_schedule(raw)
         if schedule.kind == "after":
@@ -334,10 +346,16 @@ async def _apply_job_field(db: AsyncSession, msg: api.Job, row: Job, path: str) 
         if not 60 <= hold <= 30 * 24 * 3600:
             raise InvalidArgument("job.checkpoint_hold_seconds", "must be from 60 to 2592000 (30 days)")
         row.checkpoint_deadline_seconds = hold
-    elif path == "disabled":
-        row.enabled = not msg.disabled
     elif path == "webhook":
         row.webhook = _webhook(msg.webhook)
+    elif path == "retries":
+        row.retries = msg.retries if msg.HasField("retries") else 2
+        if row.retries > 10:
+            raise InvalidArgument("job.retries", "must be from 0 to 10")
+    elif path == "retry_wait_seconds":
+        row.retry_wait_seconds = msg.retry_wait_seconds if msg.HasField("retry_wait_seconds") else 60
+        if row.retry_wait_seconds > 24 * 3600:
+            raise InvalidArgument("job.retry_wait_seconds", "must be from 0 to 86400")
 
 
 def _webhook(w: api.Webhook) -> dict[str, Any]:

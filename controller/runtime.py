@@ -100,6 +100,8 @@ class JobView:
     change_tracking: str
     guest_processing: dict[str, object]
     checkpoint_deadline_seconds: int
+    retries: int = 0
+    retry_wait_seconds: int = 0
 
 
 @dataclass(kw_only=True)

@@ -13,6 +13,7 @@ session), and each task reattaches to its transfer or restarts it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -227,15 +228,45 @@ class VmRun:
         }
         row = await self._row()
         self.log = self.log.bind(vm_id=row.vm_id, vm=row.vm_name)
-        while (state := VmState(row.state)) not in FINAL_VM:
-            try:
-                await handlers[state](row)
-            except asyncio.CancelledError:
-                raise
-            except ERRORS as e:
-                await self._failed(row, state, describe(e))
+        while True:
+            while (state := VmState(row.state)) not in FINAL_VM:
+                try:
+                    await handlers[state](row)
+                except asyncio.CancelledError:
+                    raise
+                except ERRORS as e:
+                    await self._failed(row, state, describe(e))
+                row = await self._row()
+            if not await self._retry(row):
+                return VmState(row.state)
             row = await self._row()
-        return VmState(row.state)
+
+    async def _retry(self, row: SessionVm) -> bool:
+        """A failed VM is tried again, after the job's wait, while retries are left and the session runs.
+        The other VMs go on meanwhile. The retry takes a new checkpoint and runs every disk again, so
+        the restore point is consistent; tasks get new transfer ids (see TaskRunner)."""
+        if row.state != VmState.FAILED or row.attempt > self.sc.job.retries or self.sc.stopping.is_set():
+            return False
+        if not await self._tasks(row):  # not found when planned: nothing to run again
+            return False
+        self.log.info("vm_retry_waiting", attempt=row.attempt + 1, wait=self.sc.job.retry_wait_seconds, error=row.error)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.sc.stopping.wait(), self.sc.job.retry_wait_seconds)
+        if self.sc.stopping.is_set():
+            return False
+        async with self.parts.journal.change("vm retry", session_id=self.sc.session_id, vm=row.vm_id) as db:
+            for t in await db.scalars(
+                select(Task).where(Task.session_id == self.sc.session_id, Task.vm_id == row.vm_id)
+            ):
+                t.state, t.proxy_id, t.transfer_id, t.error = TaskState.PENDING.value, None, "", ""
+                t.change_mode, t.since_reference, t.committed_offset, t.stats = "", "", 0, {}
+                t.start, t.resume_session_id, t.ended_at = DiskStart.FRESH.value, "", None
+            vm = await db.get(SessionVm, row.id)
+            if vm is not None:
+                vm.state, vm.attempt = VmState.PLANNED.value, row.attempt + 1
+                vm.checkpoint_id, vm.checkpoint_reference, vm.checkpoint_reused = "", "", False
+                vm.error = f"attempt {row.attempt}: {row.error}"
+        return True
 
     async def _failed(self, row: SessionVm, state: VmState, error: str) -> None:
         self.log.warning("vm_step_failed", step=state.value, error=error)
@@ -305,7 +336,8 @@ class VmRun:
             await self._end_tasks(row, TaskState.FAILED, str(e))
             raise
         tasks = await self._tasks(row)
-        ends = await asyncio.gather(*(TaskRunner(self.parts, self.sc, cp, t.id).run() for t in tasks))
+        runners = (TaskRunner(self.parts, self.sc, cp, t.id, attempt=row.attempt).run() for t in tasks)
+        ends = await asyncio.gather(*runners)
         await self._set(vm_after_transfers(ends))
 
     async def _commit(self, row: SessionVm) -> None:

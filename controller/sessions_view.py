@@ -103,6 +103,7 @@ def session_msg(
                 restore_point=f"jobs/{job_name}/restorePoints/{v.restore_point_id}" if v.restore_point_id else "",
                 error=v.error,
                 disks=disks,
+                attempt=v.attempt,
             )
         )
     stats = session_stats(

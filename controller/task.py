@@ -88,8 +88,12 @@ def progress_stats(p: proxy_pb2.TransferProgress) -> dict[str, object]:
 
 
 class TaskRunner:
-    def __init__(self, parts: EngineParts, sc: SessionContext, checkpoint: Checkpoint, task_id: str) -> None:
+    def __init__(
+        self, parts: EngineParts, sc: SessionContext, checkpoint: Checkpoint, task_id: str, *, attempt: int = 1
+    ) -> None:
         self.parts = parts
+        # A VM's retry runs its tasks again: a new transfer id, as the proxy remembers the failed one.
+        self.transfer_id = task_id if attempt == 1 else f"{task_id}-{attempt}"
         self.sc = sc
         self.checkpoint = checkpoint
         self.task_id = task_id
@@ -182,7 +186,7 @@ class TaskRunner:
             TaskState.STARTING,
             "task starting",
             proxy_id=proxy.id,
-            transfer_id=task.id,
+            transfer_id=self.transfer_id,
             change_mode=choice.mode.value,
             since_reference=choice.since,
             started_at=task.started_at or now(),
@@ -211,7 +215,7 @@ class TaskRunner:
         request.target.tls_server_name = self.sc.target.tls_server_name
         await client.stub.StartDiskTransfer(request)
         await self._set(TaskState.RUNNING, "task running")
-        return await self._follow(proxy, task.id)
+        return await self._follow(proxy, self.transfer_id)
 
     def _spec(self, task: Task, change: proxy_pb2.ChangeSource) -> DiskTaskSpec:
         disk = self.checkpoint.disk(task.disk_id)
@@ -228,7 +232,7 @@ class TaskRunner:
             compression=COMPRESSION.get(job.compression, proxy_pb2.COMPRESSION_LEVEL_DEFAULT),
             bandwidth_limit_mbps=job.bandwidth_limit_mbps,
             target_name=self.sc.target.name,
-            transfer_id=task.id,
+            transfer_id=self.transfer_id,
         )
 
     async def _change_choice(self, task: Task) -> ChangeChoice:

@@ -84,6 +84,9 @@ class Job(Base):
     exclusions: Mapped[dict[str, Any]] = mapped_column(default=dict)
     schedule: Mapped[dict[str, Any]] = mapped_column(default=dict)
     checkpoint_deadline_seconds: Mapped[int] = mapped_column(Integer, default=24 * 3600)
+    # A VM that fails is tried again this many times in the same session, after a wait.
+    retries: Mapped[int] = mapped_column(Integer, default=2)
+    retry_wait_seconds: Mapped[int] = mapped_column(Integer, default=60)
     # The scheduler's bookmark: slots (or upstream runs) up to here are handled; later ones are due.
     schedule_handled_until: Mapped[dt.datetime | None]
     # {"url": ..., "failures_only": bool}: POSTed a JSON summary when a session ends.
@@ -132,6 +135,8 @@ class SessionVm(Base):
     checkpoint_reused: Mapped[bool] = mapped_column(default=False)
     restore_point_id: Mapped[str] = mapped_column(String(64), default="")
     error: Mapped[str] = mapped_column(Text, default="")
+    # 1 for the first try; a retry after a failure takes a new checkpoint and runs every disk again.
+    attempt: Mapped[int] = mapped_column(Integer, default=1)
 
 
 class Task(Base):

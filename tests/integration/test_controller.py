@@ -138,6 +138,8 @@ def _bad_calls(stub: Any) -> list[tuple[str, Callable[[], Any]]]:
         ("job.bandwidth_limit_mbps", job_with(bandwidth_limit_mbps=-5)),
         ("job.change_tracking", job_with(change_tracking="sometimes")),
         ("job.checkpoint_hold_seconds", job_with(checkpoint_hold_seconds=5)),
+        ("job.retries", job_with(retries=11)),
+        ("job.retry_wait_seconds", job_with(retry_wait_seconds=100000)),
         ("job.webhook.url", job_with(webhook=api.Webhook(url="ftp://hooks.example/x"))),
         ("job.schedule.cron", job_with(schedule={"kind": "cron", "cron": "every night"})),
         ("job.schedule.timezone", job_with(schedule={"kind": "interval", "every_minutes": 5, "timezone": "CET+1"})),

@@ -228,3 +228,37 @@ def test_a_proxy_killed_mid_transfer_leaves_the_disks_resumable(ctl_raw: Control
     assert resumed.state == api.SESSION_STATE_SUCCEEDED, resumed.error
     assert {d.start for d in _disks(resumed).values()} == {"resume"}
     _identical(ctl_raw, ("vm1",))
+
+
+def test_a_failing_vm_is_retried_without_holding_up_the_others(ctl_raw: ControllerEnv) -> None:
+    ctl_raw.configure(retries=2, retry_wait_seconds=2)
+    # A file where vm1's replica folder must go: the target cannot prepare its disks, so vm1 fails.
+    blocker = ctl_raw.work / "datastore" / "replicas" / "job1" / ctl_raw.vm("vm1").manifest.id
+    blocker.parent.mkdir(parents=True)
+    blocker.write_text("in the way")
+    s = ctl_raw.client().StartJob(api.StartJobRequest(name="jobs/job1"))
+    ctl_raw.wait_until(s.name, lambda x: any(v.vm_name == "vm1" and v.attempt == 2 for v in x.vms), timeout=30)
+    now = ctl_raw.session(s.name)
+    vm2 = next(v for v in now.vms if v.vm_name == "vm2")
+    assert vm2.state == "done" and vm2.restore_point, "vm2 finished while vm1 waited to retry"
+    blocker.unlink()  # the cause goes away: the next attempt succeeds
+    final = ctl_raw.wait_session(s.name, timeout=60)
+    assert final.state == api.SESSION_STATE_SUCCEEDED, final.error
+    vm1 = next(v for v in final.vms if v.vm_name == "vm1")
+    assert vm1.state == "done" and vm1.attempt >= 2 and "attempt 1:" in vm1.error
+    assert len(ctl_raw.points()) == 2
+    _identical(ctl_raw)
+
+
+def test_a_vm_that_keeps_failing_fails_the_session_after_its_retries(ctl_raw: ControllerEnv) -> None:
+    ctl_raw.configure(retries=1, retry_wait_seconds=1)
+    blocker = ctl_raw.work / "datastore" / "replicas" / "job1" / ctl_raw.vm("vm2").manifest.id
+    blocker.parent.mkdir(parents=True)
+    blocker.write_text("in the way")
+    final = ctl_raw.run_job()
+    assert final.state == api.SESSION_STATE_FAILED
+    by_name = {v.vm_name: v for v in final.vms}
+    assert by_name["vm2"].state == "failed" and by_name["vm2"].attempt == 2
+    assert by_name["vm1"].state == "done"  # the healthy VM got its restore point
+    assert [p.vm_id for p in ctl_raw.points()] == [ctl_raw.vm("vm1").manifest.id]
+    assert not (ctl_raw.vm("vm2").state / "checkpoint.json").exists()

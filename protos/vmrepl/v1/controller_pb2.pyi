@@ -764,6 +764,8 @@ class Job(_message.Message):
     DISABLED_FIELD_NUMBER: _builtins.int
     CREATE_TIME_FIELD_NUMBER: _builtins.int
     WEBHOOK_FIELD_NUMBER: _builtins.int
+    RETRIES_FIELD_NUMBER: _builtins.int
+    RETRY_WAIT_SECONDS_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """`jobs/{id}`."""
     host: _builtins.str
@@ -787,6 +789,11 @@ class Job(_message.Message):
     checkpoint_hold_seconds: _builtins.int
     """How long a checkpoint is held for disks left to resume. Default 86400."""
     disabled: _builtins.bool
+    retries: _builtins.int
+    """A VM that fails is tried again (new checkpoint, every disk) this many times in the same
+    session, after retry_wait_seconds; other VMs go on meanwhile. Defaults 2 and 60.
+    """
+    retry_wait_seconds: _builtins.int
     @_builtins.property
     def vms(self) -> _containers.RepeatedCompositeFieldContainer[Global___JobVm]: ...
     @_builtins.property
@@ -823,12 +830,21 @@ class Job(_message.Message):
         disabled: _builtins.bool = ...,
         create_time: _timestamp_pb2.Timestamp | None = ...,
         webhook: Global___Webhook | None = ...,
+        retries: _builtins.int | None = ...,
+        retry_wait_seconds: _builtins.int | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "exclusions", b"exclusions", "guest_processing", b"guest_processing", "schedule", b"schedule", "webhook", b"webhook"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_retries", b"_retries", "_retry_wait_seconds", b"_retry_wait_seconds", "create_time", b"create_time", "exclusions", b"exclusions", "guest_processing", b"guest_processing", "retries", b"retries", "retry_wait_seconds", b"retry_wait_seconds", "schedule", b"schedule", "webhook", b"webhook"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["bandwidth_limit_mbps", b"bandwidth_limit_mbps", "block_size", b"block_size", "change_tracking", b"change_tracking", "checkpoint_hold_seconds", b"checkpoint_hold_seconds", "compression", b"compression", "create_time", b"create_time", "disabled", b"disabled", "exclusions", b"exclusions", "guest_processing", b"guest_processing", "host", b"host", "name", b"name", "replica_root", b"replica_root", "restore_points_to_keep", b"restore_points_to_keep", "schedule", b"schedule", "target", b"target", "vms", b"vms", "webhook", b"webhook"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_retries", b"_retries", "_retry_wait_seconds", b"_retry_wait_seconds", "bandwidth_limit_mbps", b"bandwidth_limit_mbps", "block_size", b"block_size", "change_tracking", b"change_tracking", "checkpoint_hold_seconds", b"checkpoint_hold_seconds", "compression", b"compression", "create_time", b"create_time", "disabled", b"disabled", "exclusions", b"exclusions", "guest_processing", b"guest_processing", "host", b"host", "name", b"name", "replica_root", b"replica_root", "restore_points_to_keep", b"restore_points_to_keep", "retries", b"retries", "retry_wait_seconds", b"retry_wait_seconds", "schedule", b"schedule", "target", b"target", "vms", b"vms", "webhook", b"webhook"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__retries: _TypeAlias = _typing.Literal["retries"]  # noqa: Y015
+    _WhichOneofArgType__retries: _TypeAlias = _typing.Literal["_retries", b"_retries"]  # noqa: Y015
+    _WhichOneofReturnType__retry_wait_seconds: _TypeAlias = _typing.Literal["retry_wait_seconds"]  # noqa: Y015
+    _WhichOneofArgType__retry_wait_seconds: _TypeAlias = _typing.Literal["_retry_wait_seconds", b"_retry_wait_seconds"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__retries) -> _WhichOneofReturnType__retries | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__retry_wait_seconds) -> _WhichOneofReturnType__retry_wait_seconds | None: ...
 
 Global___Job: _TypeAlias = Job  # noqa: Y015
 
@@ -1150,6 +1166,7 @@ class SessionVm(_message.Message):
     RESTORE_POINT_FIELD_NUMBER: _builtins.int
     ERROR_FIELD_NUMBER: _builtins.int
     DISKS_FIELD_NUMBER: _builtins.int
+    ATTEMPT_FIELD_NUMBER: _builtins.int
     vm_id: _builtins.str
     vm_name: _builtins.str
     state: _builtins.str
@@ -1158,6 +1175,8 @@ class SessionVm(_message.Message):
     restore_point: _builtins.str
     """`jobs/{id}/restorePoints/{id}` once committed."""
     error: _builtins.str
+    attempt: _builtins.int
+    """1, or more after retries."""
     @_builtins.property
     def disks(self) -> _containers.RepeatedCompositeFieldContainer[Global___DiskTask]: ...
     def __init__(
@@ -1170,10 +1189,11 @@ class SessionVm(_message.Message):
         restore_point: _builtins.str = ...,
         error: _builtins.str = ...,
         disks: _abc.Iterable[Global___DiskTask] | None = ...,
+        attempt: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["checkpoint_id", b"checkpoint_id", "disks", b"disks", "error", b"error", "restore_point", b"restore_point", "state", b"state", "vm_id", b"vm_id", "vm_name", b"vm_name"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "checkpoint_id", b"checkpoint_id", "disks", b"disks", "error", b"error", "restore_point", b"restore_point", "state", b"state", "vm_id", b"vm_id", "vm_name", b"vm_name"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
