@@ -164,6 +164,7 @@ class TaskRunner:
                 host_id=self.sc.job.host_id,
                 target_id=self.sc.target.target_id,
                 target_max=self.sc.target.max_tasks,
+                session_id=self.sc.session_id,
             )
             try:
                 proxy = await self._proxy_row(slot.proxy_id)

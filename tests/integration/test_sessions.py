@@ -11,6 +11,7 @@ import grpc
 import pytest
 from google.protobuf import field_mask_pb2
 
+from controller import lab
 from controller.journal import CRASH_EXIT_CODE
 from protos.vmrepl.v1 import controller_pb2 as api
 from protos.vmrepl.v1 import target_pb2
@@ -262,3 +263,21 @@ def test_a_vm_that_keeps_failing_fails_the_session_after_its_retries(ctl_raw: Co
     assert by_name["vm1"].state == "done"  # the healthy VM got its restore point
     assert [p.vm_id for p in ctl_raw.points()] == [ctl_raw.vm("vm1").manifest.id]
     assert not (ctl_raw.vm("vm2").state / "checkpoint.json").exists()
+
+
+def test_two_jobs_sharing_one_proxy_slot_take_turns(ctl_raw: ControllerEnv) -> None:
+    vm3 = lab.create_raw_vm(ctl_raw.host, "vm3", size=8 * MiB, seed=14)
+    lab.add_raw_disk(vm3, "disk1", 8 * MiB, seed=15)
+    ctl_raw.configure(job="big", vms=("vm1", "vm2"), bandwidth_limit_mbps=4)
+    ctl_raw.configure(job="small", vms=("vm3",), bandwidth_limit_mbps=4)
+    stub = ctl_raw.client()
+    mask = field_mask_pb2.FieldMask(paths=["max_tasks"])
+    stub.UpdateProxy(api.UpdateProxyRequest(proxy=api.Proxy(name="proxies/proxy1", max_tasks=1), update_mask=mask))
+    big = stub.StartJob(api.StartJobRequest(name="jobs/big"))
+    ctl_raw.wait_until(big.name, lambda x: any(d.state == "running" for d in _disks(x).values()))
+    small = stub.StartJob(api.StartJobRequest(name="jobs/small"))
+    assert ctl_raw.wait_session(big.name).state == api.SESSION_STATE_SUCCEEDED
+    assert ctl_raw.wait_session(small.name).state == api.SESSION_STATE_SUCCEEDED
+    job_of = {big.name.removeprefix("sessions/"): "big", small.name.removeprefix("sessions/"): "small"}
+    order = [job_of[str(e["session_id"])] for e in ctl_raw.controller.events() if e.get("event") == "task_starting"]
+    assert order == ["big", "small", "big", "small", "big"], order  # not big, big, big, small, small

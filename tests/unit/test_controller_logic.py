@@ -155,3 +155,22 @@ def test_bottleneck_is_the_stage_with_the_largest_share() -> None:
     assert shares([]).bottleneck() == "" and Shares().bottleneck() == ""
     assert rate(100, 4.0) == 25.0 and rate(1, 0) == 0.0
     assert compression_ratio(300, 100) == 3.0 and compression_ratio(5, 0) == 0.0
+
+
+def test_a_free_slot_goes_to_the_session_served_least_then_the_longest_waiting() -> None:
+    from collections import Counter
+
+    from controller.slots import Waiter, yields_to
+
+    big1 = Waiter("big", "t", since=1, usable=frozenset({"p"}))
+    big2 = Waiter("big", "t", since=2, usable=frozenset({"p"}))
+    small = Waiter("small", "t", since=3, usable=frozenset({"p"}))
+    waiters = [big1, big2, small]
+    served = Counter({"big": 1})
+    assert yields_to(big1, waiters, served, "p") and not yields_to(small, waiters, served, "p")
+    served["small"] = 1
+    assert not yields_to(big1, waiters, served, "p") and yields_to(small, waiters, served, "p")  # tie: oldest
+    # Only waiters that could use the same proxy and target count.
+    other_target = Waiter("small", "t2", since=0, usable=frozenset({"p"}))
+    other_proxy = Waiter("small", "t", since=0, usable=frozenset({"q"}))
+    assert not yields_to(big1, [big1, other_target, other_proxy], Counter(), "p")
