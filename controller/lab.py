@@ -138,12 +138,14 @@ def target_config(
     )
 
 
-def proxy_config(work: Path, lab: LabCerts, *, sources: Path, listen: str = "127.0.0.1:0", **extra: object) -> Path:
+def proxy_config(
+    work: Path, lab: LabCerts, *, sources: Path, listen: str = "127.0.0.1:0", name: str = "proxy", **extra: object
+) -> Path:
     return write_toml(
-        work / "proxy.toml",
+        work / f"{name}.toml",
         {
             "listen": listen,
-            "name": "proxy",
+            "name": name,
             "source_roots": [str(sources)],
             **extra,
             "tls": lab.tls("proxy"),

@@ -300,6 +300,13 @@ class TaskRunner:
             ):
                 with attempt:
                     return await self._watch(client, transfer_id)
+        except grpc.aio.AioRpcError as e:
+            if not _transient(e):
+                raise
+            # The proxy stayed unreachable: start the disk again on a proxy that answers (the target keeps
+            # what it made durable, so it resumes); with none, the disk is left resumable.
+            self.log.warning("proxy_lost", proxy=proxy.name, transfer_id=transfer_id, error=e.code().name)
+            raise ProxyLost(transfer_id) from e
         finally:
             canceller.cancel()
             with contextlib.suppress(asyncio.CancelledError):

@@ -281,3 +281,39 @@ def test_two_jobs_sharing_one_proxy_slot_take_turns(ctl_raw: ControllerEnv) -> N
     job_of = {big.name.removeprefix("sessions/"): "big", small.name.removeprefix("sessions/"): "small"}
     order = [job_of[str(e["session_id"])] for e in ctl_raw.controller.events() if e.get("event") == "task_starting"]
     assert order == ["big", "small", "big", "small", "big"], order  # not big, big, big, small, small
+
+
+def test_tasks_move_off_a_dead_proxy_to_another_and_resume(ctl_raw: ControllerEnv) -> None:
+    ctl_raw.restart_controller(proxy_lost_seconds=2)
+    ctl_raw.configure(vms=("vm1",), bandwidth_limit_mbps=2)
+    config = lab.proxy_config(
+        ctl_raw.work, ctl_raw.certs, sources=ctl_raw.host, name="proxy2", batch_bytes=MiB, window_batches=4
+    )
+    proxy2 = lab.AgentProcess("proxy_agent", config, ctl_raw.work / "proxy2.log")
+    proxy2.start()
+    try:
+        stub = ctl_raw.client()
+        stub.CreateProxy(api.CreateProxyRequest(proxy_id="proxy2", proxy=api.Proxy(address=proxy2.address)))
+        s = stub.StartJob(api.StartJobRequest(name="jobs/job1"))
+        on_first = ctl_raw.wait_until(
+            s.name,
+            lambda x: any(d.proxy == "proxies/proxy1" and d.committed_offset >= 2 * MiB for d in _disks(x).values()),
+        )
+        moved = {k for k, d in _disks(on_first).items() if d.proxy == "proxies/proxy1"}
+        ctl_raw.proxy.kill()
+        final = ctl_raw.wait_session(s.name, timeout=90)
+        assert final.state == api.SESSION_STATE_SUCCEEDED, final.error
+        for key in moved:
+            assert _disks(final)[key].proxy == "proxies/proxy2", key
+        sid = s.name.removeprefix("sessions/")
+        for key in moved:
+            disk = key.split("/")[1]
+            opens = [
+                int(str(e["resume_offset"]))
+                for e in ctl_raw.target.events()
+                if e.get("event") == "stream_opened" and e.get("session_id") == sid and e.get("disk_id") == disk
+            ]
+            assert opens[0] == 0 and opens[-1] >= 2 * MiB, (disk, opens)  # resumed, not started over
+        _identical(ctl_raw, ("vm1",))
+    finally:
+        proxy2.stop()
