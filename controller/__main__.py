@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime as dt
 import logging
 
 from controller import metrics
@@ -16,7 +17,7 @@ from controller.engine import Engine
 from controller.journal import Journal
 from controller.notify import Notifier
 from controller.runtime import EngineParts
-from controller.scheduler import Scheduler
+from controller.scheduler import Scheduler, utc_now
 from controller.session_log import SessionLogHandler
 from controller.slots import SlotBoard
 from protos.vmrepl.v1 import controller_pb2
@@ -55,7 +56,9 @@ async def serve(settings: ControllerSettings) -> None:
     )
 
     serve_metrics(settings.metrics_listen, settings.tls, plain_http=settings.metrics_plain_http)
-    scheduler = asyncio.create_task(Scheduler(journal=journal, engine=engine).run(), name="scheduler")
+    offset = dt.timedelta(seconds=settings.test_clock_offset_seconds)
+    clock = (lambda: utc_now() + offset) if offset else utc_now
+    scheduler = asyncio.create_task(Scheduler(journal=journal, engine=engine, clock=clock).run(), name="scheduler")
     gauges = asyncio.create_task(metrics.keep_fresh(journal), name="metrics")
     notifier = Notifier(journal=journal, render=servicer.session, backoff_seconds=settings.webhook_backoff_seconds)
     webhooks = asyncio.create_task(notifier.run(), name="webhooks")

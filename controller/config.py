@@ -36,6 +36,8 @@ class ControllerSettings(ProgramSettings):
         2.0, gt=0, le=300, description="first wait between webhook attempts; doubles up to 5 min, 8 attempts"
     )
     stop_timeout_seconds: float = Field(30.0, gt=0, description="how long SIGTERM waits for transfers to stop")
+    # Test hook: the scheduler's clock runs this many seconds ahead, to reach a window's end on demand.
+    test_clock_offset_seconds: float = Field(0.0, description="test only: shifts the scheduler's clock")
     # Test hook: exit right after the Nth committed state change (0: never). Used to prove crash recovery.
     test_crash_at_transition: int = Field(0, ge=0, description="test only: exit after this many state changes")
 

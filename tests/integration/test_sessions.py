@@ -3,6 +3,7 @@ every state transition are recovered without losing or doubling a restore point.
 
 from __future__ import annotations
 
+import datetime as dt
 import signal
 import sqlite3
 import time
@@ -317,3 +318,25 @@ def test_tasks_move_off_a_dead_proxy_to_another_and_resume(ctl_raw: ControllerEn
         _identical(ctl_raw, ("vm1",))
     finally:
         proxy2.stop()
+
+
+def test_the_backup_window_closing_stops_the_session_resumably(ctl_raw: ControllerEnv) -> None:
+    # The scheduler's clock is set to 4 s before the end of an hour; the job may run in that hour only.
+    now = dt.datetime.now(dt.UTC)
+    fake = now.replace(minute=59, second=56, microsecond=0)
+    ctl_raw.restart_controller(test_clock_offset_seconds=(fake - now).total_seconds())
+    day = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")[fake.weekday()]
+    window = {"permitted": {day: [[fake.hour, fake.hour + 1]]}}
+    ctl_raw.configure(vms=("vm1",), bandwidth_limit_mbps=1, schedule=window)  # manual start, inside the window
+    s = ctl_raw.client().StartJob(api.StartJobRequest(name="jobs/job1"))
+    cut = ctl_raw.wait_session(s.name, timeout=30)
+    assert cut.state == api.SESSION_STATE_INCOMPLETE, "the window's end stops it: incomplete, not failed"
+    assert {d.state for d in _disks(cut).values()} == {"resumable"}
+    assert any(e.get("event") == "backup_window_closed" for e in ctl_raw.controller.events())
+    ctl_raw.restart_controller()
+    mask = field_mask_pb2.FieldMask(paths=["schedule", "bandwidth_limit_mbps"])
+    ctl_raw.client().UpdateJob(api.UpdateJobRequest(job=api.Job(name="jobs/job1"), update_mask=mask))
+    resumed = ctl_raw.run_job()
+    assert resumed.state == api.SESSION_STATE_SUCCEEDED, resumed.error
+    assert {d.start for d in _disks(resumed).values()} == {"resume"}
+    _identical(ctl_raw, ("vm1",))
