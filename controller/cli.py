@@ -241,6 +241,11 @@ def job_create(
     bandwidth_mbps: Annotated[float, typer.Option(help="0: unlimited")] = 0.0,
     change_tracking: Annotated[str, typer.Option(help="auto, on, off")] = "auto",
     exclude_disk: Annotated[list[str] | None, typer.Option(help="VM:DISK not replicated (repeat)")] = None,
+    schedule: Annotated[str, typer.Option(help='JSON, e.g. {"kind": "cron", "cron": "0 22 * * *"} (docs/cli.md)')] = "",
+    webhook: Annotated[str, typer.Option(help="URL POSTed a JSON summary when a session ends")] = "",
+    webhook_failures_only: Annotated[bool, typer.Option(help="notify failed sessions only")] = False,
+    retries: Annotated[int, typer.Option(help="times a failed VM is tried again in the session")] = 2,
+    retry_wait: Annotated[int, typer.Option(help="seconds before a retry")] = 60,
     as_json_: JsonOpt = False,
 ) -> None:
     job = api.Job(
@@ -253,12 +258,30 @@ def job_create(
         block_size=block_size,
         bandwidth_limit_mbps=bandwidth_mbps,
         change_tracking=change_tracking,
+        retries=retries,
+        retry_wait_seconds=retry_wait,
     )
+    if schedule:
+        job.schedule.update(_json_option("--schedule", schedule))
+    if webhook:
+        job.webhook.CopyFrom(api.Webhook(url=webhook, failures_only=webhook_failures_only))
     j = call(conn.stub().CreateJob, api.CreateJobRequest(job_id=job_id, job=job))
     if as_json_:
         as_json(j)
     else:
         out.print(f"created {j.name}")
+
+
+def _json_option(name: str, text: str) -> dict[str, Any]:
+    try:
+        value = json.loads(text)
+    except ValueError as e:
+        err.print(f"[red]error[/red]: {name} is not JSON: {e}")
+        raise typer.Exit(2) from None
+    if not isinstance(value, dict):
+        err.print(f"[red]error[/red]: {name} must be a JSON object")
+        raise typer.Exit(2)
+    return value
 
 
 @job_app.command("list")
@@ -290,6 +313,7 @@ def job_update(
     change_tracking: Annotated[str | None, typer.Option(help="auto, on, off")] = None,
     bandwidth_mbps: Annotated[float | None, typer.Option(help="0: unlimited")] = None,
     disabled: Annotated[bool | None, typer.Option("--disabled/--enabled")] = None,
+    schedule: Annotated[str | None, typer.Option(help='JSON schedule; "{}" for manual only')] = None,
 ) -> None:
     job, paths = api.Job(name=f"jobs/{job_id}"), list[str]()
     if keep is not None:
@@ -300,6 +324,9 @@ def job_update(
         job.bandwidth_limit_mbps, paths = bandwidth_mbps, [*paths, "bandwidth_limit_mbps"]
     if disabled is not None:
         job.disabled, paths = disabled, [*paths, "disabled"]
+    if schedule is not None:
+        job.schedule.update(_json_option("--schedule", schedule))
+        paths.append("schedule")
     if not paths:
         err.print("nothing to update")
         raise typer.Exit(2)

@@ -310,3 +310,17 @@ def test_a_sessions_log_is_read_through_the_api(ctl_raw: ControllerEnv) -> None:
     assert [e.event for e in [*first.entries, *rest.entries]] == events
     shown = ctl_raw.cli("session", "log", session.name).stdout
     assert "restore_point_committed" in shown and "session_ended" in shown
+
+
+def test_cli_sets_schedule_webhook_and_retries(ctl_raw: ControllerEnv) -> None:
+    ctl_raw.configure()
+    sched = '{"kind": "cron", "cron": "30 22 * * 1-5", "timezone": "Europe/Berlin"}'
+    args = ["job", "create", "nightly", "--host", "lab", "--target", "target", "--vm", "vm2", "--schedule", sched]
+    ctl_raw.cli(*args, "--webhook", "https://hooks.example/T/abc", "--retries", "4", "--retry-wait", "30")
+    shown = json.loads(ctl_raw.cli("job", "show", "nightly", "--json").stdout)
+    assert shown["schedule"] == {"kind": "cron", "cron": "30 22 * * 1-5", "timezone": "Europe/Berlin"}
+    assert shown["webhook"] == {"url": "https://hooks.example/…"} and shown["retries"] == 4
+    bad = ctl_raw.cli("job", "update", "nightly", "--schedule", '{"kind": "cron", "cron": "nope"}', check=False)
+    assert bad.returncode == 1 and "INVALID_ARGUMENT: job.schedule.cron" in bad.stderr
+    ctl_raw.cli("job", "update", "nightly", "--schedule", "{}")
+    assert json.loads(ctl_raw.cli("job", "show", "nightly", "--json").stdout).get("schedule", {}) == {}  # manual
