@@ -11,6 +11,7 @@ from controller.db.models import Session, Task
 from controller.journal import Journal
 from controller.states import SessionState, TaskState
 from protos.vmrepl.v1 import proxy_pb2
+from vmrepl.progress import busy, byte_counts
 
 SESSIONS = Gauge("vmrepl_sessions", "Sessions in the database, by state", ["state"])
 TASKS = Gauge(
@@ -29,23 +30,11 @@ def task_ended(state: TaskState, p: proxy_pb2.TransferProgress) -> None:
     TASKS_ENDED.labels(state.value).inc()
     if state is TaskState.FAILED:
         ERRORS.labels("task").inc()
-    for kind, value in (
-        ("read", p.bytes_read),
-        ("data", p.bytes_data),
-        ("sent", p.bytes_sent),
-        ("zero", p.skipped.zero),
-        ("unallocated", p.skipped.unallocated),
-        ("unchanged", p.skipped.unchanged),
-        ("excluded", p.skipped.excluded),
-    ):
+    for kind, value in byte_counts(p):
         BYTES.labels(kind).inc(value)
-    for stage, seconds in (
-        ("source", p.busy.source_read),
-        ("proxy", p.busy.compress),
-        ("network", p.busy.network_wait),
-        ("target", p.busy.target_write),
-    ):
-        STAGE_BUSY.labels(stage).inc(seconds)
+    for stage, seconds in busy(p).items():
+        if stage != "threads":
+            STAGE_BUSY.labels(stage).inc(seconds)
     RESUMES.inc(p.resumes)
 
 

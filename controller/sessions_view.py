@@ -12,6 +12,7 @@ from controller.resources import timestamp
 from controller.statistics import Shares, compression_ratio, rate, shares
 from protos.vmrepl.v1 import controller_pb2 as api
 from protos.vmrepl.v1 import proxy_pb2
+from vmrepl.progress import busy as progress_busy
 
 SESSION_STATES = {
     "running": api.SESSION_STATE_RUNNING,
@@ -27,17 +28,6 @@ def _skipped(raw: object) -> proxy_pb2.SkippedBytes:
     return proxy_pb2.SkippedBytes(
         **{k: int(d.get(k, 0) or 0) for k in ("zero", "unallocated", "unchanged", "excluded")}
     )
-
-
-def _busy_of(p: proxy_pb2.TransferProgress) -> dict[str, object]:
-    b = p.busy
-    return {
-        "source_read": b.source_read,
-        "compress": b.compress,
-        "network_wait": b.network_wait,
-        "target_write": b.target_write,
-        "threads": b.threads,
-    }
 
 
 def _shares_msg(s: Shares) -> api.StageShares:
@@ -77,7 +67,7 @@ def disk_msg(t: Task, proxies: dict[str, str], live: proxy_pb2.TransferProgress 
         msg.bytes_data = live.bytes_data
         msg.skipped.CopyFrom(live.skipped)
         msg.resumes = live.resumes
-        busy, elapsed = _busy_of(live), live.elapsed_seconds
+        busy, elapsed = dict(progress_busy(live)), live.elapsed_seconds
     _figures(msg, busy if isinstance(busy, dict) else {}, elapsed)
     return msg
 

@@ -39,6 +39,7 @@ from controller.states import (
 from protos.vmrepl.v1 import common_pb2, proxy_pb2, target_pb2
 from vmrepl.errors import FailedPrecondition, VmreplError
 from vmrepl.logs import get_logger
+from vmrepl.progress import busy
 from vmrepl.providers.base import Checkpoint
 
 log = get_logger("vmrepl.controller.task")
@@ -76,13 +77,7 @@ def progress_stats(p: proxy_pb2.TransferProgress) -> dict[str, object]:
         "resumes": p.resumes,
         "passes": p.passes,
         "elapsed_seconds": round(p.elapsed_seconds, 3),
-        "busy": {
-            "source_read": p.busy.source_read,
-            "compress": p.busy.compress,
-            "network_wait": p.busy.network_wait,
-            "target_write": p.busy.target_write,
-            "threads": p.busy.threads,
-        },
+        "busy": busy(p),
         "verification": p.verification,
     }
 

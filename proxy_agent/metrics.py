@@ -5,6 +5,7 @@ from __future__ import annotations
 from prometheus_client import Counter, Gauge
 
 from protos.vmrepl.v1 import proxy_pb2
+from vmrepl.progress import busy, byte_counts
 
 TRANSFERS_RUNNING = Gauge("vmrepl_proxy_transfers_running", "Disk transfers streaming now")
 TRANSFERS_ENDED = Counter("vmrepl_proxy_transfers_ended_total", "Disk transfers ended, by final state", ["state"])
@@ -23,23 +24,11 @@ STATE_NAMES = {v: k.removeprefix("TRANSFER_STATE_").lower() for k, v in proxy_pb
 def transfer_ended(p: proxy_pb2.TransferProgress) -> None:
     """Count a transfer's final figures once, when it ends."""
     TRANSFERS_ENDED.labels(STATE_NAMES.get(p.state, "unknown")).inc()
-    for kind, value in (
-        ("read", p.bytes_read),
-        ("data", p.bytes_data),
-        ("sent", p.bytes_sent),
-        ("zero", p.skipped.zero),
-        ("unallocated", p.skipped.unallocated),
-        ("unchanged", p.skipped.unchanged),
-        ("excluded", p.skipped.excluded),
-    ):
+    for kind, value in byte_counts(p):
         BYTES.labels(kind).inc(value)
-    for stage, seconds in (
-        ("source_read", p.busy.source_read),
-        ("compress", p.busy.compress),
-        ("network_wait", p.busy.network_wait),
-        ("target_write", p.busy.target_write),
-    ):
-        STAGE_BUSY.labels(stage).inc(seconds)
+    for stage, seconds in busy(p).items():
+        if stage != "threads":
+            STAGE_BUSY.labels(stage).inc(seconds)
     RESUMES.inc(p.resumes)
     if p.state == proxy_pb2.TRANSFER_STATE_FAILED:
         ERRORS.labels(p.error_code or "UNKNOWN").inc()
