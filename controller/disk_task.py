@@ -37,6 +37,8 @@ class DiskTaskSpec:
     resume_timeout_seconds: int = 0
     target_name: str = "target"
     transfer_id: str = ""
+    # An earlier session whose interrupted transfer of this disk this one continues (same checkpoint).
+    resume_session_id: str = ""
 
 
 async def prepare(target: AgentClient, spec: DiskTaskSpec) -> target_pb2.ReplicaDisk:
@@ -47,6 +49,7 @@ async def prepare(target: AgentClient, spec: DiskTaskSpec) -> target_pb2.Replica
             disk_size=spec.disk_size,
             block_size=spec.block_size,
             session_id=spec.session_id,
+            resume_session_id=spec.resume_session_id,
         )
     )
     return disk

@@ -142,15 +142,6 @@ class Engine:
             if row is not None:
                 row.state, row.error, row.ended_at = SessionState.FAILED.value, error, now()
 
-    def running(self) -> list[str]:
-        return list(self._runs)
-
-    async def wait(self, session_id: str) -> None:
-        run = self._runs.get(session_id)
-        if run is not None:
-            with contextlib.suppress(Exception):
-                await asyncio.shield(run[1])
-
     async def shutdown(self, grace: float) -> None:
         """SIGTERM: stop every session cleanly (disks stay resumable), waiting at most `grace` seconds."""
         for session_id in list(self._runs):

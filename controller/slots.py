@@ -57,9 +57,6 @@ class SlotBoard:
         self._served: Counter[str] = Counter()  # tasks started per session
         self._order = count()
 
-    def running(self, proxy_id: str) -> int:
-        return self._proxies[proxy_id]
-
     async def acquire(
         self,
         proxies: Callable[[], Awaitable[Sequence[ProxySlot]]],

@@ -21,7 +21,7 @@ from tenacity import AsyncRetrying, retry_if_exception, stop_after_delay, wait_e
 from controller import metrics
 from controller.agents import AgentClient
 from controller.db.models import Proxy, RestorePoint, Task, now
-from controller.disk_task import DiskTaskSpec, start_request
+from controller.disk_task import DiskTaskSpec, prepare, start_request
 from controller.placement import ProxySlot
 from controller.runtime import EngineParts, SessionContext
 from controller.slots import NoProxy
@@ -36,7 +36,7 @@ from controller.states import (
     choose_change,
     reconcile_task,
 )
-from protos.vmrepl.v1 import common_pb2, proxy_pb2, target_pb2
+from protos.vmrepl.v1 import common_pb2, proxy_pb2
 from vmrepl.errors import FailedPrecondition, VmreplError
 from vmrepl.logs import get_logger
 from vmrepl.progress import busy
@@ -188,17 +188,7 @@ class TaskRunner:
             started_at=task.started_at or now(),
         )
         spec = self._spec(task, change)
-        target = self.parts.agents.target(self.sc.target.address, self.sc.target.tls_server_name)
-        disk = await target.stub.PrepareReplicaDisk(
-            target_pb2.PrepareReplicaDiskRequest(
-                replica_path=spec.replica_path,
-                disk_id=spec.disk_id,
-                disk_size=spec.disk_size,
-                block_size=spec.block_size,
-                session_id=spec.session_id,
-                resume_session_id=task.resume_session_id,
-            )
-        )
+        disk = await prepare(self.parts.agents.target(self.sc.target.address, self.sc.target.tls_server_name), spec)
         self.log.info(
             "task_starting",
             proxy=proxy.name,
@@ -229,6 +219,7 @@ class TaskRunner:
             bandwidth_limit_mbps=job.bandwidth_limit_mbps,
             target_name=self.sc.target.name,
             transfer_id=self.transfer_id,
+            resume_session_id=task.resume_session_id,
         )
 
     async def _change_choice(self, task: Task) -> ChangeChoice:
