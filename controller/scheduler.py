@@ -19,6 +19,7 @@ from controller.db.models import Job, Session
 from controller.engine import ACTIVE
 from controller.journal import Journal
 from controller.schedule import Decision, Schedule, decide_after, decide_continuous, decide_timed, parse_schedule
+from controller.states import SessionState
 from vmrepl.errors import VmreplError
 from vmrepl.logs import get_logger
 
@@ -71,8 +72,10 @@ class Scheduler:
                 continue
             active = await self._active_session(job.id)
             if active is not None and schedule.window_closed(now):
-                log.info("backup_window_closed", job=job.name, session_id=active)
-                await self.engine.stop_job(job.id)
+                session_id, state = active
+                if state == SessionState.RUNNING:  # once: a stopping session is already on its way out
+                    log.info("backup_window_closed", job=job.name, session_id=session_id)
+                    await self.engine.stop_job(job.id)
                 continue
             decision = await self._decide(job, schedule, now=now, running=active is not None)
             await self._act(job, decision)
@@ -88,9 +91,14 @@ class Scheduler:
                 self._invalid.add(job.id)
             return None
 
-    async def _active_session(self, job_id: str) -> str | None:
+    async def _active_session(self, job_id: str) -> tuple[str, str] | None:
         async with self.journal.read() as db:
-            return await db.scalar(select(Session.id).where(Session.job_id == job_id, Session.state.in_(ACTIVE)))
+            row = (
+                await db.execute(
+                    select(Session.id, Session.state).where(Session.job_id == job_id, Session.state.in_(ACTIVE))
+                )
+            ).first()
+        return None if row is None else (row[0], row[1])
 
     async def _last_end(self, job_id: str) -> dt.datetime | None:
         async with self.journal.read() as db:
