@@ -17,14 +17,16 @@ import os
 import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from vmrepl.errors import FailedPrecondition
 from vmrepl.logs import get_logger
 
 log = get_logger("vmrepl.controller.journal")
 CRASH_EXIT_CODE = 70
+M = TypeVar("M")
 
 
 class Journal:
@@ -59,6 +61,14 @@ class Journal:
         """A session for reads (and for progress figures, which are not state changes)."""
         async with self._sessions() as db:
             yield db
+
+    async def load(self, model: type[M], key: str) -> M:
+        """A row by primary key, read outside any transaction; FailedPrecondition if it is gone."""
+        async with self._sessions() as db:
+            row = await db.get(model, key)
+        if row is None:
+            raise FailedPrecondition(f"{model.__tablename__} row {key} vanished from the database")  # type: ignore[attr-defined]
+        return row
 
     async def note(self, obj: type[Any], key: str, **values: Any) -> None:
         """Update figures that are not a state (progress counters): no hook, no ordering guarantee needed."""

@@ -11,7 +11,7 @@ from controller.db.models import Session, Task
 from controller.journal import Journal
 from controller.states import SessionState, TaskState
 from protos.vmrepl.v1 import proxy_pb2
-from vmrepl.progress import busy, byte_counts
+from vmrepl.metrics import count_transfer
 
 SESSIONS = Gauge("vmrepl_sessions", "Sessions in the database, by state", ["state"])
 TASKS = Gauge(
@@ -30,12 +30,7 @@ def task_ended(state: TaskState, p: proxy_pb2.TransferProgress) -> None:
     TASKS_ENDED.labels(state.value).inc()
     if state is TaskState.FAILED:
         ERRORS.labels("task").inc()
-    for kind, value in byte_counts(p):
-        BYTES.labels(kind).inc(value)
-    for stage, seconds in busy(p).items():
-        if stage != "threads":
-            STAGE_BUSY.labels(stage).inc(seconds)
-    RESUMES.inc(p.resumes)
+    count_transfer(p, bytes_total=BYTES, stage_busy=STAGE_BUSY, resumes=RESUMES)
 
 
 def session_ended(state: SessionState) -> None:

@@ -198,11 +198,7 @@ class VmRun:
         self.log = log.bind(session_id=sc.session_id)
 
     async def _row(self) -> SessionVm:
-        async with self.parts.journal.read() as db:
-            row = await db.get(SessionVm, self.row_id)
-        if row is None:
-            raise FailedPrecondition(f"session VM {self.row_id} vanished from the database")
-        return row
+        return await self.parts.journal.load(SessionVm, self.row_id)
 
     async def _tasks(self, row: SessionVm) -> list[Task]:
         async with self.parts.journal.read() as db:

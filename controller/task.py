@@ -95,11 +95,7 @@ class TaskRunner:
         self.log = log.bind(session_id=sc.session_id, task_id=task_id)
 
     async def _task(self) -> Task:
-        async with self.parts.journal.read() as db:
-            task = await db.get(Task, self.task_id)
-        if task is None:
-            raise FailedPrecondition(f"task {self.task_id} vanished from the database")
-        return task
+        return await self.parts.journal.load(Task, self.task_id)
 
     async def _set(self, new: TaskState, what: str, **values: object) -> Task:
         async with self.parts.journal.change(what, session_id=self.sc.session_id, task_id=self.task_id) as db:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from prometheus_client import Counter, Gauge
 
 from protos.vmrepl.v1 import proxy_pb2
-from vmrepl.progress import busy, byte_counts
+from vmrepl.metrics import count_transfer
 
 TRANSFERS_RUNNING = Gauge("vmrepl_proxy_transfers_running", "Disk transfers streaming now")
 TRANSFERS_ENDED = Counter("vmrepl_proxy_transfers_ended_total", "Disk transfers ended, by final state", ["state"])
@@ -24,11 +24,6 @@ STATE_NAMES = {v: k.removeprefix("TRANSFER_STATE_").lower() for k, v in proxy_pb
 def transfer_ended(p: proxy_pb2.TransferProgress) -> None:
     """Count a transfer's final figures once, when it ends."""
     TRANSFERS_ENDED.labels(STATE_NAMES.get(p.state, "unknown")).inc()
-    for kind, value in byte_counts(p):
-        BYTES.labels(kind).inc(value)
-    for stage, seconds in busy(p).items():
-        if stage != "threads":
-            STAGE_BUSY.labels(stage).inc(seconds)
-    RESUMES.inc(p.resumes)
+    count_transfer(p, bytes_total=BYTES, stage_busy=STAGE_BUSY, resumes=RESUMES)
     if p.state == proxy_pb2.TRANSFER_STATE_FAILED:
         ERRORS.labels(p.error_code or "UNKNOWN").inc()

@@ -8,13 +8,26 @@ trusted management network. Metrics never carry secrets.
 
 from __future__ import annotations
 
-from prometheus_client import start_http_server
+from prometheus_client import Counter, start_http_server
 
+from protos.vmrepl.v1 import proxy_pb2
 from vmrepl.config import TlsSettings
 from vmrepl.errors import ConfigError
 from vmrepl.logs import get_logger
+from vmrepl.progress import byte_counts, stage_seconds
 
 log = get_logger("vmrepl.metrics")
+
+
+def count_transfer(
+    p: proxy_pb2.TransferProgress, *, bytes_total: Counter, stage_busy: Counter, resumes: Counter
+) -> None:
+    """Add an ended transfer's figures to a program's counters (labels `kind` and `stage`)."""
+    for kind, value in byte_counts(p):
+        bytes_total.labels(kind).inc(value)
+    for stage, seconds in stage_seconds(p).items():
+        stage_busy.labels(stage).inc(seconds)
+    resumes.inc(p.resumes)
 
 
 def serve_metrics(listen: str, tls: TlsSettings, *, plain_http: bool = False) -> int | None:

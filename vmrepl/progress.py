@@ -19,13 +19,17 @@ def byte_counts(p: proxy_pb2.TransferProgress) -> list[tuple[str, int]]:
     ]
 
 
-def busy(p: proxy_pb2.TransferProgress) -> dict[str, float]:
-    """Busy seconds per pipeline stage, and the worker threads the first two are summed over."""
+def stage_seconds(p: proxy_pb2.TransferProgress) -> dict[str, float]:
+    """Busy seconds per pipeline stage."""
     b = p.busy
     return {
         "source_read": b.source_read,
         "compress": b.compress,
         "network_wait": b.network_wait,
         "target_write": b.target_write,
-        "threads": float(b.threads),
     }
+
+
+def busy(p: proxy_pb2.TransferProgress) -> dict[str, float]:
+    """Busy seconds per stage, and the worker threads source_read and compress are summed over."""
+    return {**stage_seconds(p), "threads": float(p.busy.threads)}
