@@ -18,6 +18,8 @@ class AgentClient:
     address: str
     channel: Any
     stub: Any
+    # The agent's certificate name, once asked (controller.disk_task.proxy_identity).
+    identity: str = ""
 
     async def close(self) -> None:
         await self.channel.close()

@@ -6,6 +6,7 @@ integration tests run it directly.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -13,15 +14,17 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from controller.agents import AgentClient
 from protos.vmrepl.v1 import common_pb2, proxy_pb2, target_pb2
-from vmrepl.errors import TransferError
+from vmrepl.errors import FailedPrecondition, TransferError
 from vmrepl.security.ticket import sign_ticket
 
-TICKET_TTL = 24 * 3600.0
+TICKET_TTL = 24 * 3600.0  # the longest a ticket lives; a checkpoint's hold deadline cuts it shorter
 
 
 @dataclass(frozen=True, kw_only=True)
 class DiskTaskSpec:
     session_id: str
+    # The checkpoint the source is read from: the target resumes a transfer only from the same one.
+    checkpoint_id: str
     disk_id: str
     source_locator: str
     source_format: common_pb2.DiskFormat.ValueType = common_pb2.DISK_FORMAT_RAW
@@ -39,6 +42,21 @@ class DiskTaskSpec:
     transfer_id: str = ""
     # An earlier session whose interrupted transfer of this disk this one continues (same checkpoint).
     resume_session_id: str = ""
+    # When the ticket expires (Unix seconds): the checkpoint's hold deadline. 0: TICKET_TTL from signing.
+    ticket_expires: float = 0.0
+
+
+async def proxy_identity(proxy: AgentClient) -> str:
+    """The proxy's certificate name, which its tickets are bound to (asked once per client)."""
+    if not proxy.identity:
+        info = await proxy.stub.GetAgentInfo(proxy_pb2.GetAgentInfoRequest(), timeout=10)
+        if info.role != "proxy" or not info.certificate_name:
+            raise FailedPrecondition(
+                f"the agent at {proxy.address} presents certificate {info.certificate_name!r} with role "
+                f"{info.role!r}, not a proxy's"
+            )
+        proxy.identity = info.certificate_name
+    return proxy.identity
 
 
 async def prepare(target: AgentClient, spec: DiskTaskSpec) -> target_pb2.ReplicaDisk:
@@ -49,6 +67,7 @@ async def prepare(target: AgentClient, spec: DiskTaskSpec) -> target_pb2.Replica
             disk_size=spec.disk_size,
             block_size=spec.block_size,
             session_id=spec.session_id,
+            checkpoint_id=spec.checkpoint_id,
             resume_session_id=spec.resume_session_id,
         )
     )
@@ -56,14 +75,18 @@ async def prepare(target: AgentClient, spec: DiskTaskSpec) -> target_pb2.Replica
 
 
 def start_request(
-    spec: DiskTaskSpec, *, target_address: str, signing_key: ed25519.Ed25519PrivateKey
+    spec: DiskTaskSpec, *, target_address: str, signing_key: ed25519.Ed25519PrivateKey, proxy: str
 ) -> proxy_pb2.StartDiskTransferRequest:
+    """The request that starts the transfer on `proxy` (its certificate name), with a ticket for it alone."""
+    latest = time.time() + TICKET_TTL
     ticket = sign_ticket(
         signing_key,
         session_id=spec.session_id,
         disk_id=spec.disk_id,
         replica_path=spec.replica_path,
-        ttl_seconds=TICKET_TTL,
+        checkpoint_id=spec.checkpoint_id,
+        proxy=proxy,
+        expires_unix=min(latest, spec.ticket_expires) if spec.ticket_expires else latest,
         audience=spec.target_name,
     )
     return proxy_pb2.StartDiskTransferRequest(
@@ -80,6 +103,7 @@ def start_request(
         resume_timeout_seconds=spec.resume_timeout_seconds,
         replica_path=spec.replica_path,
         transfer_id=spec.transfer_id,
+        checkpoint_id=spec.checkpoint_id,
     )
 
 
@@ -93,9 +117,10 @@ async def run_disk_task(
 ) -> proxy_pb2.TransferProgress:
     """Replicate one disk; returns the final progress. Raises TransferError unless it completed."""
     await prepare(target, spec)
-    started = await proxy.stub.StartDiskTransfer(
-        start_request(spec, target_address=target.address, signing_key=signing_key)
+    request = start_request(
+        spec, target_address=target.address, signing_key=signing_key, proxy=await proxy_identity(proxy)
     )
+    started = await proxy.stub.StartDiskTransfer(request)
     last: proxy_pb2.TransferProgress | None = None
     async for progress in proxy.stub.WatchTransfer(proxy_pb2.WatchTransferRequest(transfer_id=started.transfer_id)):
         last = progress

@@ -342,7 +342,10 @@ class VmRun:
         disk_ids = [t.disk_id for t in await self._tasks(row)]
         point = await target.stub.CommitRestorePoint(
             target_pb2.CommitRestorePointRequest(
-                replica_path=replica_path, session_id=self.sc.session_id, disk_ids=disk_ids
+                replica_path=replica_path,
+                session_id=self.sc.session_id,
+                checkpoint_id=row.checkpoint_id,
+                disk_ids=disk_ids,
             )
         )
         async with self.parts.journal.change("restore point committed", vm=row.vm_id, point=point.id) as db:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime as dt
 from collections.abc import Sequence
 
 import grpc
@@ -20,8 +21,8 @@ from tenacity import AsyncRetrying, retry_if_exception, stop_after_delay, wait_e
 
 from controller import metrics
 from controller.agents import AgentClient
-from controller.db.models import Proxy, RestorePoint, Task, now
-from controller.disk_task import DiskTaskSpec, prepare, start_request
+from controller.db.models import HeldCheckpoint, Proxy, RestorePoint, Task, now
+from controller.disk_task import DiskTaskSpec, prepare, proxy_identity, start_request
 from controller.placement import ProxySlot
 from controller.runtime import EngineParts, SessionContext
 from controller.slots import NoProxy
@@ -183,7 +184,7 @@ class TaskRunner:
             since_reference=choice.since,
             started_at=task.started_at or now(),
         )
-        spec = self._spec(task, change)
+        spec = self._spec(task, change, ticket_expires=await self._checkpoint_deadline(task.vm_id))
         disk = await prepare(self.parts.agents.target(self.sc.target.address, self.sc.target.tls_server_name), spec)
         self.log.info(
             "task_starting",
@@ -193,17 +194,39 @@ class TaskRunner:
             resume_offset=disk.committed_offset,
         )
         client = self.parts.agents.proxy(proxy.address, proxy.tls_server_name)
-        request = start_request(spec, target_address=self.sc.target.address, signing_key=self.parts.signing_key)
+        request = start_request(
+            spec,
+            target_address=self.sc.target.address,
+            signing_key=self.parts.signing_key,
+            proxy=await proxy_identity(client),
+        )
         request.target.tls_server_name = self.sc.target.tls_server_name
         await client.stub.StartDiskTransfer(request)
         await self._set(TaskState.RUNNING, "task running")
         return await self._follow(proxy, self.transfer_id)
 
-    def _spec(self, task: Task, change: proxy_pb2.ChangeSource) -> DiskTaskSpec:
+    async def _checkpoint_deadline(self, vm_id: str) -> float:
+        """When the checkpoint stops being held, so tickets for reading it expire then at the latest."""
+        async with self.parts.journal.read() as db:
+            held = await db.scalar(
+                select(HeldCheckpoint).where(
+                    HeldCheckpoint.job_id == self.sc.job.job_id,
+                    HeldCheckpoint.vm_id == vm_id,
+                    HeldCheckpoint.checkpoint_id == self.checkpoint.checkpoint_id,
+                )
+            )
+        if held is not None:
+            deadline = held.deadline if held.deadline.tzinfo else held.deadline.replace(tzinfo=dt.UTC)
+            return deadline.timestamp()
+        return self.checkpoint.created_at + self.sc.job.checkpoint_deadline_seconds
+
+    def _spec(self, task: Task, change: proxy_pb2.ChangeSource, *, ticket_expires: float) -> DiskTaskSpec:
         disk = self.checkpoint.disk(task.disk_id)
         job = self.sc.job
         return DiskTaskSpec(
             session_id=self.sc.session_id,
+            checkpoint_id=self.checkpoint.checkpoint_id,
+            ticket_expires=ticket_expires,
             disk_id=task.disk_id,
             source_locator=disk.locator,
             source_format=FORMATS[disk.format],

@@ -116,7 +116,7 @@ def plans_for(req: proxy_pb2.StartDiskTransferRequest, *, disk_size: int, alloca
 
 
 def check_identity(req: proxy_pb2.StartDiskTransferRequest) -> None:
-    for field in ("session_id", "disk_id"):
+    for field in ("session_id", "disk_id", "checkpoint_id"):
         check_name(field, getattr(req, field))
     check_relative("replica_path", req.replica_path)
     if not req.target.address:

@@ -15,13 +15,14 @@ from proxy_agent import request as rq
 from proxy_agent import stats as st
 from proxy_agent.config import ProxySettings
 from proxy_agent.transfer import DiskTransfer, TransferSpec
+from vmrepl import __version__
 from vmrepl.batch import MAX_MESSAGE_BYTES
 from vmrepl.disk import open_reader
 from vmrepl.errors import AlreadyExists, FailedPrecondition, NotFound, ResourceExhausted
 from vmrepl.logs import get_logger
 from vmrepl.names import check_name
 from vmrepl.rpc import handle_errors, secure_channel
-from vmrepl.security.tls import require_role
+from vmrepl.security.tls import certificate_identity, require_role
 
 log = get_logger("vmrepl.proxy")
 WATCH_INTERVAL = 0.25
@@ -56,6 +57,7 @@ class ProxyAgentServicer(proxy_pb2_grpc.ProxyAgentServicer):
             spec = TransferSpec(
                 transfer_id=req.transfer_id or uuid.uuid4().hex,
                 session_id=req.session_id,
+                checkpoint_id=req.checkpoint_id,
                 disk_id=req.disk_id,
                 replica_path=req.replica_path,
                 ticket=req.ticket,
@@ -91,12 +93,12 @@ class ProxyAgentServicer(proxy_pb2_grpc.ProxyAgentServicer):
             check_name("transfer_id", request.transfer_id)
             known = self.transfers.get(request.transfer_id)
             if known is not None:
-                if _key(known.spec) != (request.session_id, request.replica_path, request.disk_id):
-                    raise AlreadyExists(f"transfer {request.transfer_id} is for another session or disk")
+                if _key(known.spec) != _key(request) or known.spec.checkpoint_id != request.checkpoint_id:
+                    raise AlreadyExists(f"transfer {request.transfer_id} is for another session, disk or checkpoint")
                 return proxy_pb2.StartDiskTransferResponse(transfer_id=request.transfer_id)  # a retried start
         for t in self._running():
             # Disk ids are unique per VM only: the replica path tells two VMs' disk0 apart.
-            if _key(t.spec) == (request.session_id, request.replica_path, request.disk_id):
+            if _key(t.spec) == _key(request):
                 raise AlreadyExists(f"disk {request.disk_id} of session {request.session_id} is already streaming")
         if len(self._running()) >= self.settings.max_tasks:
             raise ResourceExhausted(f"this proxy already runs its {self.settings.max_tasks} transfers")
@@ -143,6 +145,12 @@ class ProxyAgentServicer(proxy_pb2_grpc.ProxyAgentServicer):
                 await asyncio.wait_for(transfer.ended.wait(), WATCH_INTERVAL)
 
     @handle_errors
+    async def GetAgentInfo(self, request: proxy_pb2.GetAgentInfoRequest, context: Any) -> Any:
+        require_role(context, "controller", "operator", "reader")
+        name, role = await asyncio.to_thread(certificate_identity, self.settings.tls.cert_file)
+        return proxy_pb2.AgentInfo(certificate_name=name, role=role, version=__version__)
+
+    @handle_errors
     async def CancelTransfer(self, request: proxy_pb2.CancelTransferRequest, context: Any) -> Any:
         require_role(context, "controller")
         self._get(request.transfer_id).stop()
@@ -165,8 +173,8 @@ def _ended(transfer: DiskTransfer) -> None:
     metrics.transfer_ended(transfer.stats.to_proto())
 
 
-def _key(spec: TransferSpec) -> tuple[str, str, str]:
-    return (spec.session_id, spec.replica_path, spec.disk_id)
+def _key(x: TransferSpec | proxy_pb2.StartDiskTransferRequest) -> tuple[str, str, str]:
+    return (x.session_id, x.replica_path, x.disk_id)
 
 
 def _without_elapsed(msg: proxy_pb2.TransferProgress) -> bytes:

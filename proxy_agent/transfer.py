@@ -31,7 +31,7 @@ from proxy_agent.pipeline import BatchBuilder, BuiltBatch, built_batches
 from proxy_agent.plan import Plan, plan_batches
 from proxy_agent.throttle import TokenBucket
 from proxy_agent.verify import choose_sample, unsent_blocks
-from vmrepl.batch import MAX_EXTENTS, encode_open
+from vmrepl.batch import MAX_EXTENTS, MAX_PASS, encode_open
 from vmrepl.block import DIGEST_SIZE, UNKNOWN_DIGEST, Compression, digest, is_zero, zero_digest
 from vmrepl.disk.base import DiskReader
 from vmrepl.errors import ChecksumMismatch, TransferError, VmreplError
@@ -82,6 +82,7 @@ def _transient(exc: BaseException) -> bool:
 class TransferSpec:
     transfer_id: str
     session_id: str
+    checkpoint_id: str
     disk_id: str
     replica_path: str
     ticket: bytes
@@ -190,7 +191,7 @@ class DiskTransfer:
             "tracking cannot be trusted; the disk was re-run as a full digest comparison"
         )
         log.warning("sampled_verification_failed", mismatched=mismatched, sampled=sampled)
-        return await self._pass(executor, channel, 1, self._full_plan(), compare=True)
+        return await self._pass(executor, channel, MAX_PASS, self._full_plan(), compare=True)
 
     def _retrying(self) -> AsyncRetrying:
         return AsyncRetrying(
@@ -346,6 +347,7 @@ class DiskTransfer:
             block_size=self.spec.block_size,
             window_batches=self.spec.window,
             pass_number=p.number,
+            checkpoint_id=self.spec.checkpoint_id,
         )
         await call.write(encode_open(open_msg))
         msg = await asyncio.wait_for(call.read(), ACCEPT_TIMEOUT)

@@ -13,12 +13,13 @@ import asyncio
 import contextlib
 import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import structlog
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
-from protos.vmrepl.v1 import target_pb2
+from protos.vmrepl.v1 import target_pb2, ticket_pb2
 from target_agent import metrics
 from target_agent.datastore import Datastore
 from target_agent.replica import COMPLETE, DiskGuard, DiskState, ReplicaStream
@@ -40,7 +41,7 @@ Queued = tuple[target_pb2.BatchHeader, list[CheckedExtent]] | None
 
 
 def check_open(o: target_pb2.TransferOpen, max_window: int) -> None:
-    for field in ("session_id", "disk_id"):
+    for field in ("session_id", "disk_id", "checkpoint_id"):
         check_name(f"open.{field}", getattr(o, field))
     if not 0 < o.disk_size <= MAX_DISK_SIZE:
         raise InvalidArgument("open.disk_size", f"must be between 1 and {MAX_DISK_SIZE}")
@@ -68,10 +69,30 @@ class Receiver:
         self._max_window = max_window
         self._guards = guards
 
-    def check_ticket(self, ticket: bytes, *, session_id: str, disk_id: str, replica_path: str) -> None:
-        verify_ticket(
-            ticket, self._keys, session_id=session_id, disk_id=disk_id, replica_path=replica_path, audience=self._name
+    def check_ticket(
+        self,
+        ticket: bytes,
+        *,
+        peer: str,
+        session_id: str,
+        disk_id: str,
+        replica_path: str,
+        checkpoint_id: str | None = None,
+    ) -> ticket_pb2.TransferTicket:
+        return verify_ticket(
+            ticket,
+            self._keys,
+            session_id=session_id,
+            disk_id=disk_id,
+            replica_path=replica_path,
+            checkpoint_id=checkpoint_id,
+            audience=self._name,
+            peer=peer,
         )
+
+    def guard(self, disk_dir: Path) -> DiskGuard:
+        """The one guard of a replica disk in this process (streams and restore point commits share it)."""
+        return self._guards.setdefault(str(disk_dir), DiskGuard())
 
     async def run(self, requests: AsyncIterator[bytes], context: Any) -> None:
         """Serve one stream; on failure tell the proxy in-band, drain, and re-raise for the status."""
@@ -94,20 +115,27 @@ class Receiver:
         except StopAsyncIteration as e:
             raise BatchError("open", "the stream ended before its open message") from e
         # Checked after the first read, so the refusal reaches the proxy before it writes again.
-        require_role(context, "proxy")
+        peer = require_role(context, "proxy")
         frame = decode_frame(first)
         if frame.open is None:
             raise BatchError("open", "the first message of a stream must be open")
         o = frame.open
         check_open(o, self._max_window)
-        self.check_ticket(o.ticket, session_id=o.session_id, disk_id=o.disk_id, replica_path=o.replica_path)
+        self.check_ticket(
+            o.ticket,
+            peer=peer,
+            session_id=o.session_id,
+            disk_id=o.disk_id,
+            replica_path=o.replica_path,
+            checkpoint_id=o.checkpoint_id,
+        )
         disk_dir = self._datastore.disk_dir(o.replica_path, o.disk_id)
-        guard = self._guards.setdefault(str(disk_dir), DiskGuard())
         stream = await asyncio.to_thread(
             ReplicaStream,
             disk_dir,
-            guard,
+            self.guard(disk_dir),
             session_id=o.session_id,
+            checkpoint_id=o.checkpoint_id,
             disk_size=o.disk_size,
             block_size=o.block_size,
             pass_number=o.pass_number,
@@ -132,6 +160,7 @@ class Receiver:
             disk_size=o.disk_size,
             replica=o.replica_path,
             pass_number=o.pass_number,
+            checkpoint_id=o.checkpoint_id,
         )
         accept = target_pb2.TransferAccept(
             resume_offset=resume,

@@ -3,14 +3,22 @@
 Layout of a disk directory (see docs/target-agent.md):
     data.raw     the replica, sparse
     digests.bin  xxh3-128 of every block, 16 bytes each; all-zero bytes: unknown
-    state.json   session, pass, committed offset, session digest, state; replaced atomically
+    state.json   session, checkpoint, pass, committed offset, frontier, session digest, state; replaced
+                 atomically
 
-The committed offset only moves after the data and the digests below it are
-flushed, and the state file is replaced with write-temp, fsync, rename,
-fsync-dir: a crash at any point leaves a state whose offset is durable.
-Digests beyond the committed offset of an interrupted session are marked
-unknown when the next session prepares the disk, so a digest never vouches
-for bytes that may not have reached the disk.
+The rules that keep a replica equal to its source (docs/target-agent.md, "Integrity"):
+
+* A transfer belongs to one session and one checkpoint. It resumes only for the same checkpoint (the
+  same session, or a session that continues it); another checkpoint starts a new pass at offset 0.
+* The committed offset only moves after the data and the digests below it are flushed, and the state
+  file is replaced with write-temp, fsync, rename, fsync-dir: a crash at any point leaves a state whose
+  offset is durable.
+* The frontier bounds where a stream may have written past the committed offset: it is made durable
+  before any write beyond it. After a crash nothing in [committed offset, frontier) can be trusted (the
+  digest file's pages may have reached the disk while the data's did not), so the next prepare or
+  stream of a new process marks those digests unknown before anything reads them.
+* Once a restore point holds a session's transfer the disk is `committed`: no stream of that session
+  and checkpoint writes it again, whatever ticket it shows.
 
 All methods block; the servicer calls them with `asyncio.to_thread`.
 """
@@ -20,20 +28,25 @@ from __future__ import annotations
 import json
 import threading
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
-from vmrepl.batch import DATA, LZ4, CheckedExtent, SessionDigest
+from vmrepl.batch import DATA, LZ4, MAX_PASS, CheckedExtent, SessionDigest
 from vmrepl.block import DIGEST_SIZE, decompress, verify, zero_digest
 from vmrepl.disk.fileio import PositionalFile, atomic_write
 from vmrepl.disk.raw import RawWriter
 from vmrepl.errors import FailedPrecondition, NotFound, TransferCancelled
+from vmrepl.extent import MiB
 
-PREPARED, RECEIVING, COMPLETE = "prepared", "receiving", "complete"
+PREPARED, RECEIVING, COMPLETE, COMMITTED = "prepared", "receiving", "complete", "committed"
+DURABLE_STATES = frozenset({COMPLETE, COMMITTED})  # every byte of the pass was flushed
 DATA_FILE = "data.raw"
 STATE_FILE = "state.json"
 DIGESTS_FILE = "digests.bin"
 _DIGEST_CHUNK = 65536  # digests per write when a zero extent covers many blocks
+# How far past the committed offset a commit lets the stream write before the next state save: the most
+# a crash makes the next run send again, and how rarely the writer stops to move the frontier itself.
+FRONTIER_STEP = 256 * MiB
 
 
 @dataclass
@@ -47,6 +60,16 @@ class DiskState:
     updated_at: float = 0.0
     pass_number: int = 0
     session_digest: str = ""  # hex, over this pass below committed_offset
+    checkpoint_id: str = ""
+    # Nothing past this offset was written by this pass; -1 (a state from before frontiers): unknown.
+    frontier: int = -1
+
+    def uncertain(self) -> tuple[int, int]:
+        """[lo, hi): where a crash may have left data that differs from its digests."""
+        if self.state in DURABLE_STATES:
+            return self.committed_offset, self.committed_offset
+        hi = self.disk_size if self.frontier < 0 else max(self.frontier, self.committed_offset)
+        return self.committed_offset, hi
 
 
 class DigestStore:
@@ -75,11 +98,11 @@ class DigestStore:
         if end > full_end:
             self._file.write(zero_digest(self.disk_size - full_end * bs), full_end * DIGEST_SIZE)
 
-    def forget_from(self, offset: int) -> None:
-        """Mark every block from `offset` on as unknown."""
-        first = offset // self.block_size
-        if first < self.blocks:
-            self._file.punch_hole(first * DIGEST_SIZE, (self.blocks - first) * DIGEST_SIZE)
+    def forget(self, lo: int, hi: int) -> None:
+        """Mark every block that overlaps [lo, hi) as unknown."""
+        first, end = lo // self.block_size, min(self.blocks, -(-hi // self.block_size))
+        if first < end:
+            self._file.punch_hole(first * DIGEST_SIZE, (end - first) * DIGEST_SIZE)
 
     def forget_all(self) -> None:
         self._file.truncate(0)
@@ -102,7 +125,13 @@ def load_state(disk_dir: Path) -> DiskState:
         raw = json.loads((disk_dir / STATE_FILE).read_text(encoding="utf-8"))
     except FileNotFoundError as e:
         raise NotFound(f"replica disk {disk_dir.name} does not exist") from e
-    return DiskState(**raw)
+    except (OSError, ValueError) as e:
+        raise FailedPrecondition(f"replica disk {disk_dir.name}: {STATE_FILE} cannot be read: {e}") from e
+    known = {f.name for f in fields(DiskState)}
+    try:
+        return DiskState(**{k: v for k, v in raw.items() if k in known})
+    except (TypeError, AttributeError) as e:
+        raise FailedPrecondition(f"replica disk {disk_dir.name}: {STATE_FILE} is not a disk state") from e
 
 
 def save_state(disk_dir: Path, st: DiskState) -> None:
@@ -110,21 +139,65 @@ def save_state(disk_dir: Path, st: DiskState) -> None:
     atomic_write(disk_dir / STATE_FILE, json.dumps(asdict(st), sort_keys=True).encode())
 
 
+def _resumable(
+    old: DiskState | None,
+    *,
+    disk_size: int,
+    block_size: int,
+    session_id: str,
+    checkpoint_id: str,
+    resume_session_id: str,
+) -> bool:
+    """An earlier transfer this prepare continues: same geometry, same checkpoint, first pass, and the same
+    session or the one it continues. A second pass (a failed verification) is never continued: its
+    change source is not the one a new proxy transfer would use."""
+    if old is None or old.state == COMMITTED or old.pass_number != 0:
+        return False
+    if (old.disk_size, old.block_size, old.checkpoint_id) != (disk_size, block_size, checkpoint_id):
+        return False
+    return old.session_id == session_id or (bool(resume_session_id) and old.session_id == resume_session_id)
+
+
 def prepare(
-    disk_dir: Path, *, disk_size: int, block_size: int, session_id: str, resume_session_id: str = ""
+    disk_dir: Path,
+    *,
+    disk_size: int,
+    block_size: int,
+    session_id: str,
+    checkpoint_id: str,
+    resume_session_id: str = "",
 ) -> DiskState:
-    """Create the disk or ready it for `session_id`. The same session and geometry keeps the committed
-    offset; so does an unfinished transfer of `resume_session_id`, which `session_id` continues."""
+    """Create the disk or ready it for `session_id` reading `checkpoint_id`. The same session and
+    checkpoint keeps the committed offset; so does an unfinished transfer of `resume_session_id` from the
+    same checkpoint, which `session_id` continues. Anything else starts a new pass at offset 0."""
     disk_dir.mkdir(parents=True, exist_ok=True)
     try:
         old: DiskState | None = load_state(disk_dir)
     except NotFound:
         old = None
-    same = old is not None and old.disk_size == disk_size and old.block_size == block_size
-    continued = same and old is not None and bool(resume_session_id) and old.session_id == resume_session_id
-    resumable = same and old is not None and (old.session_id == session_id or continued)
+    if (
+        old is not None
+        and old.state == COMMITTED
+        and (old.session_id, old.checkpoint_id)
+        == (
+            session_id,
+            checkpoint_id,
+        )
+    ):
+        raise FailedPrecondition(
+            f"replica disk {disk_dir.name}: a restore point already holds session {session_id}'s transfer; "
+            "it is never written again"
+        )
+    resumable = _resumable(
+        old,
+        disk_size=disk_size,
+        block_size=block_size,
+        session_id=session_id,
+        checkpoint_id=checkpoint_id,
+        resume_session_id=resume_session_id,
+    )
     st = old if resumable and old is not None else DiskState(disk_size, block_size, session_id, PREPARED)
-    st.session_id = session_id  # a continued transfer now belongs to this session
+    st.session_id, st.checkpoint_id = session_id, checkpoint_id  # a continued transfer now belongs to this one
     writer = RawWriter(disk_dir / DATA_FILE, create=True)
     digests = DigestStore(disk_dir / DIGESTS_FILE, block_size=block_size, disk_size=disk_size)
     try:
@@ -132,14 +205,15 @@ def prepare(
             writer.resize(disk_size)
         if old is not None and old.block_size != block_size:
             digests.forget_all()
-        elif old is not None and not resumable and old.state != COMPLETE:
-            digests.forget_from(old.committed_offset)  # the interrupted session's tail is uncertain
+        elif old is not None:
+            digests.forget(*old.uncertain())  # what an interrupted pass may have torn
         digests.resize()
         writer.flush()
         digests.flush()
     finally:
         writer.close()
         digests.close()
+    st.frontier = st.committed_offset
     save_state(disk_dir, st)
     return st
 
@@ -166,49 +240,115 @@ class CommitPoint:
 
 
 class DiskGuard:
-    """One per replica disk in the process: the newest stream wins, older ones stop touching the disk."""
+    """One per replica disk in the process: the newest stream wins, older ones stop touching the disk.
+
+    `fresh` until the first stream of this process: the disk's state then came from an earlier process,
+    which may have died with writes past the committed offset unflushed."""
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
         self.generation = 0
 
+    @property
+    def fresh(self) -> bool:
+        return self.generation == 0
+
+    def claim_locked(self) -> int:
+        """Take the disk over (call with `lock` held): older streams' writes and commits now fail."""
+        self.generation += 1
+        return self.generation
+
     def claim(self) -> int:
         with self.lock:
-            self.generation += 1
-            return self.generation
+            return self.claim_locked()
+
+
+def check_stream(
+    st: DiskState, name: str, *, session_id: str, checkpoint_id: str, disk_size: int, block_size: int, pass_number: int
+) -> None:
+    """May a stream of this session, checkpoint, geometry and pass write the disk in state `st`?"""
+    if st.session_id != session_id:
+        raise FailedPrecondition(
+            f"replica disk {name} is not prepared for session {session_id} (it is for {st.session_id})"
+        )
+    if st.checkpoint_id != checkpoint_id:
+        raise FailedPrecondition(
+            f"replica disk {name} was prepared for checkpoint {st.checkpoint_id or '(none)'}, the stream reads "
+            f"checkpoint {checkpoint_id}: a transfer resumes only from its own checkpoint"
+        )
+    if st.disk_size != disk_size or st.block_size != block_size:
+        raise FailedPrecondition(
+            f"replica disk {name} was prepared with size {st.disk_size} and block size "
+            f"{st.block_size}, the stream says {disk_size} and {block_size}"
+        )
+    if st.state == COMMITTED:
+        raise FailedPrecondition(f"replica disk {name}: a restore point holds session {session_id}'s transfer")
+    if pass_number > MAX_PASS:
+        raise FailedPrecondition(f"pass {pass_number} is past the last pass ({MAX_PASS})")
+    if pass_number < st.pass_number:
+        raise FailedPrecondition(f"pass {pass_number} is older than the replica disk's pass {st.pass_number}")
+    if pass_number > st.pass_number and (pass_number != st.pass_number + 1 or st.state != COMPLETE):
+        raise FailedPrecondition(
+            f"pass {pass_number} may follow only a complete pass {pass_number - 1}; the replica disk is in "
+            f"pass {st.pass_number}, {st.state}"
+        )
 
 
 class ReplicaStream:
     """The writes of one Transfer stream into one replica disk."""
 
     def __init__(
-        self, disk_dir: Path, guard: DiskGuard, *, session_id: str, disk_size: int, block_size: int, pass_number: int
+        self,
+        disk_dir: Path,
+        guard: DiskGuard,
+        *,
+        session_id: str,
+        checkpoint_id: str,
+        disk_size: int,
+        block_size: int,
+        pass_number: int,
     ) -> None:
-        st = load_state(disk_dir)
-        if st.session_id != session_id:
-            raise FailedPrecondition(
-                f"replica disk {disk_dir.name} is not prepared for session {session_id} (it is for {st.session_id})"
-            )
-        if st.disk_size != disk_size or st.block_size != block_size:
-            raise FailedPrecondition(
-                f"replica disk {disk_dir.name} was prepared with size {st.disk_size} and block size "
-                f"{st.block_size}, the stream says {disk_size} and {block_size}"
-            )
-        if pass_number < st.pass_number:
-            raise FailedPrecondition(f"pass {pass_number} is older than the replica disk's pass {st.pass_number}")
         self.disk_dir = disk_dir
-        self.state = st
         self._guard = guard
-        self._generation = guard.claim()
         self._writer = RawWriter(disk_dir / DATA_FILE)
         self._digests = DigestStore(disk_dir / DIGESTS_FILE, block_size=block_size, disk_size=disk_size)
-        if pass_number > st.pass_number:
-            # A new pass of the same session re-runs the disk from the start.
-            st.pass_number, st.committed_offset, st.session_digest, st.state = pass_number, 0, "", RECEIVING
-            save_state(disk_dir, st)
+        try:
+            with guard.lock:  # checked and claimed at once, so a restore point commit cannot slip between
+                st = load_state(disk_dir)
+                check_stream(
+                    st,
+                    disk_dir.name,
+                    session_id=session_id,
+                    checkpoint_id=checkpoint_id,
+                    disk_size=disk_size,
+                    block_size=block_size,
+                    pass_number=pass_number,
+                )
+                self._open_pass(st, pass_number, fresh=guard.fresh)
+                self._generation = guard.claim_locked()
+        except BaseException:
+            self._writer.close()
+            self._digests.close()
+            raise
+        self.state = st
         self.session_digest = SessionDigest(bytes.fromhex(st.session_digest))
         self._written = st.bytes_written
         self._closed = False
+
+    def _open_pass(self, st: DiskState, pass_number: int, *, fresh: bool) -> None:
+        if pass_number > st.pass_number:
+            # The next pass of the same session re-runs the disk from the start; the last one was complete.
+            st.pass_number, st.committed_offset, st.session_digest, st.state = pass_number, 0, "", RECEIVING
+            st.frontier = 0
+            save_state(self.disk_dir, st)
+            return
+        lo, hi = st.uncertain()
+        if fresh and hi > lo:
+            # An earlier process may have died with writes past the committed offset unflushed.
+            self._digests.forget(lo, hi)
+            self._digests.flush()
+            st.frontier = lo
+            save_state(self.disk_dir, st)
 
     @property
     def resume_offset(self) -> int:
@@ -231,6 +371,8 @@ class ReplicaStream:
         written = 0
         with self._guard.lock:
             self._check_current()
+            if extents:
+                self._cover(max(e.offset + e.length for e in extents))
             for e, payload in decoded:
                 if payload is None:
                     self._writer.write_zeros(e.offset, e.length)
@@ -242,6 +384,13 @@ class ReplicaStream:
                 self.session_digest.add(e.offset, e.length, e.kind, e.digest)
         self._written += written
         return written
+
+    def _cover(self, end: int) -> None:
+        """Make the frontier cover `end` durably before anything is written below it (call under the lock)."""
+        st = self.state
+        if end > st.frontier:
+            st.frontier = min(st.disk_size, max(end, st.committed_offset + FRONTIER_STEP))
+            save_state(self.disk_dir, st)
 
     def mark(self, offset: int, *, final: bool) -> CommitPoint:
         """What a commit made now would record: call after applying the batch that ends at `offset`."""
@@ -262,6 +411,8 @@ class ReplicaStream:
             st = self.state
             st.committed_offset, st.session_digest, st.bytes_written = point.offset, point.digest, point.written
             st.state = COMPLETE if point.final else RECEIVING
+            if st.frontier < point.offset + FRONTIER_STEP // 2:  # moved with the commit: no extra save
+                st.frontier = min(st.disk_size, max(st.frontier, point.offset + FRONTIER_STEP))
             save_state(self.disk_dir, st)
         return st
 

@@ -1,9 +1,12 @@
 """Restore points of a VM replica: a durable list in `restore-points.json` of the VM directory.
 
-A point records which session's disks it holds. Committing is idempotent per
-session so a controller that retries after a crash never counts a point
-twice. The rollback data behind each point comes with VHDX replica disks;
-until then a point marks the state the replica reached.
+A point records which session's disks it holds, and from which checkpoint.
+Committing is idempotent per session and checkpoint so a controller that
+retries after a crash never counts a point twice. Committing marks each disk
+`committed` first (under the disk's guard, so no stream can be writing it):
+from then on no stream of that session and checkpoint writes the disk again.
+The rollback data behind each point comes with VHDX replica disks; until
+then a point marks the state the replica reached.
 """
 
 from __future__ import annotations
@@ -11,10 +14,11 @@ from __future__ import annotations
 import json
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from target_agent.replica import COMPLETE, load_state
+from target_agent.replica import COMMITTED, COMPLETE, DiskGuard, load_state, save_state
 from vmrepl.disk.fileio import atomic_write
 from vmrepl.errors import FailedPrecondition, NotFound
 
@@ -33,6 +37,7 @@ class Point:
     session_id: str
     created_at: float
     disks: list[PointDisk] = field(default_factory=list)
+    checkpoint_id: str = ""
 
 
 def list_points(vm_dir: Path) -> list[Point]:
@@ -40,27 +45,52 @@ def list_points(vm_dir: Path) -> list[Point]:
         raw = json.loads((vm_dir / POINTS_FILE).read_text(encoding="utf-8"))
     except FileNotFoundError:
         return []
-    return [Point(p["id"], p["session_id"], p["created_at"], [PointDisk(**d) for d in p["disks"]]) for p in raw]
+    return [
+        Point(
+            p["id"],
+            p["session_id"],
+            p["created_at"],
+            [PointDisk(**d) for d in p["disks"]],
+            p.get("checkpoint_id", ""),
+        )
+        for p in raw
+    ]
 
 
 def _save(vm_dir: Path, points: list[Point]) -> None:
     atomic_write(vm_dir / POINTS_FILE, json.dumps([asdict(p) for p in points], indent=1).encode())
 
 
-def commit(vm_dir: Path, *, session_id: str, disk_ids: list[str]) -> Point:
+def commit(
+    vm_dir: Path, *, session_id: str, checkpoint_id: str, disk_ids: list[str], guard: Callable[[Path], DiskGuard]
+) -> Point:
     points = list_points(vm_dir)
     for p in points:
-        if p.session_id == session_id:
+        if (p.session_id, p.checkpoint_id) == (session_id, checkpoint_id):
             return p
-    disks = []
-    for disk_id in disk_ids:
-        st = load_state(vm_dir / "disks" / disk_id)
-        if st.session_id != session_id or st.state != COMPLETE:
-            raise FailedPrecondition(f"disk {disk_id} has not completed a transfer for session {session_id}")
-        disks.append(PointDisk(disk_id, st.disk_size))
-    point = Point(id=uuid.uuid4().hex, session_id=session_id, created_at=time.time(), disks=disks)
+    disks = [_seal(vm_dir / "disks" / disk_id, guard, session_id, checkpoint_id) for disk_id in disk_ids]
+    point = Point(
+        id=uuid.uuid4().hex, session_id=session_id, created_at=time.time(), disks=disks, checkpoint_id=checkpoint_id
+    )
     _save(vm_dir, [*points, point])
     return point
+
+
+def _seal(disk_dir: Path, guard: Callable[[Path], DiskGuard], session_id: str, checkpoint_id: str) -> PointDisk:
+    """Check the disk completed this session's transfer from this checkpoint, and close it to streams."""
+    g = guard(disk_dir)
+    with g.lock:
+        st = load_state(disk_dir)
+        if (st.session_id, st.checkpoint_id) != (session_id, checkpoint_id) or st.state not in (COMPLETE, COMMITTED):
+            raise FailedPrecondition(
+                f"disk {disk_dir.name} has not completed a transfer for session {session_id} "
+                f"from checkpoint {checkpoint_id}"
+            )
+        if st.state == COMPLETE:
+            g.claim_locked()  # a stream still open on the disk stops touching it
+            st.state = COMMITTED
+            save_state(disk_dir, st)
+    return PointDisk(disk_dir.name, st.disk_size)
 
 
 def delete(vm_dir: Path, point_id: str) -> None:

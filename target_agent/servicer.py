@@ -14,7 +14,7 @@ from target_agent.config import TargetSettings
 from target_agent.datastore import Datastore
 from target_agent.receiver import MAX_DISK_SIZE, Receiver
 from vmrepl.block import DIGEST_SIZE
-from vmrepl.errors import InvalidArgument
+from vmrepl.errors import InvalidArgument, TicketError
 from vmrepl.extent import valid_block_size
 from vmrepl.names import check_name
 from vmrepl.rpc import handle_errors
@@ -25,6 +25,7 @@ _STATES = {
     replica.PREPARED: target_pb2.REPLICA_DISK_STATE_PREPARED,
     replica.RECEIVING: target_pb2.REPLICA_DISK_STATE_RECEIVING,
     replica.COMPLETE: target_pb2.REPLICA_DISK_STATE_COMPLETE,
+    replica.COMMITTED: target_pb2.REPLICA_DISK_STATE_COMMITTED,
 }
 CONTROLLER = ("controller",)
 DIGESTS_PER_CHUNK = 65536  # 1 MiB of digests per message
@@ -47,6 +48,8 @@ def _disk_message(replica_path: str, disk_id: str, st: replica.DiskState) -> tar
         committed_offset=st.committed_offset,
         bytes_written=st.bytes_written,
         updated_at=_ts(st.updated_at),
+        checkpoint_id=st.checkpoint_id,
+        pass_number=st.pass_number,
     )
 
 
@@ -57,6 +60,7 @@ def _point_message(replica_path: str, p: restore_points.Point) -> target_pb2.Res
         session_id=p.session_id,
         created_at=_ts(p.created_at),
         disks=[target_pb2.RestorePointDisk(disk_id=d.disk_id, disk_size=d.disk_size) for d in p.disks],
+        checkpoint_id=p.checkpoint_id,
     )
 
 
@@ -76,6 +80,7 @@ class TargetAgentServicer(target_pb2_grpc.TargetAgentServicer):
     async def PrepareReplicaDisk(self, request: target_pb2.PrepareReplicaDiskRequest, context: Any) -> Any:
         require_role(context, *CONTROLLER)
         check_name("session_id", request.session_id)
+        check_name("checkpoint_id", request.checkpoint_id)
         if request.resume_session_id:
             check_name("resume_session_id", request.resume_session_id)
         if not 0 < request.disk_size <= MAX_DISK_SIZE:
@@ -89,6 +94,7 @@ class TargetAgentServicer(target_pb2_grpc.TargetAgentServicer):
             disk_size=request.disk_size,
             block_size=request.block_size,
             session_id=request.session_id,
+            checkpoint_id=request.checkpoint_id,
             resume_session_id=request.resume_session_id,
         )
         return _disk_message(request.replica_path, request.disk_id, st)
@@ -104,13 +110,19 @@ class TargetAgentServicer(target_pb2_grpc.TargetAgentServicer):
     async def CommitRestorePoint(self, request: target_pb2.CommitRestorePointRequest, context: Any) -> Any:
         require_role(context, *CONTROLLER)
         check_name("session_id", request.session_id)
+        check_name("checkpoint_id", request.checkpoint_id)
         if not request.disk_ids:
             raise InvalidArgument("disk_ids", "name at least one disk")
         for d in request.disk_ids:
             check_name("disk_ids", d)
         vm_dir = self.datastore.vm_dir(request.replica_path)
         p = await asyncio.to_thread(
-            restore_points.commit, vm_dir, session_id=request.session_id, disk_ids=list(request.disk_ids)
+            restore_points.commit,
+            vm_dir,
+            session_id=request.session_id,
+            checkpoint_id=request.checkpoint_id,
+            disk_ids=list(request.disk_ids),
+            guard=self.receiver.guard,
         )
         return _point_message(request.replica_path, p)
 
@@ -135,17 +147,21 @@ class TargetAgentServicer(target_pb2_grpc.TargetAgentServicer):
     async def ReadDigests(  # type: ignore[override]
         self, request: target_pb2.ReadDigestsRequest, context: Any
     ) -> AsyncIterator[target_pb2.DigestChunk]:
-        _, role = peer_identity(context)
-        if role == "proxy":  # a proxy reads only the disk its ticket names
-            self.receiver.check_ticket(
+        peer, role = peer_identity(context)
+        disk_dir = self.datastore.disk_dir(request.replica_path, request.disk_id)
+        if role == "proxy":  # a proxy reads only the disk its ticket names, as prepared for its checkpoint
+            ticket = self.receiver.check_ticket(
                 request.ticket,
+                peer=peer,
                 session_id=request.session_id,
                 disk_id=request.disk_id,
                 replica_path=request.replica_path,
             )
+            st = await asyncio.to_thread(replica.load_state, disk_dir)
+            if st.checkpoint_id != ticket.checkpoint_id:
+                raise TicketError("ticket is for another checkpoint than the replica disk is prepared for")
         else:
             require_role(context, *CONTROLLER)
-        disk_dir = self.datastore.disk_dir(request.replica_path, request.disk_id)
         first, remaining = request.first_block, request.block_count
         while True:
             count = DIGESTS_PER_CHUNK if remaining == 0 else min(DIGESTS_PER_CHUNK, remaining)

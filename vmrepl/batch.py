@@ -32,6 +32,8 @@ MAX_EXTENTS = 4096
 MAX_HEADER_BYTES = MAX_EXTENTS * 64 + 256
 # The largest valid Transfer message: both ends set gRPC's limits to this.
 MAX_MESSAGE_BYTES = max(MAX_BATCH_DATA, MAX_BLOCK_SIZE) + MAX_HEADER_BYTES + 64
+# Passes over a disk in one transfer: 0, and 1 when sampled verification re-runs it as a comparison.
+MAX_PASS = 1
 
 _TAG_OPEN = (1 << 3) | 2
 _TAG_BATCH = (2 << 3) | 2

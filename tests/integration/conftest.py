@@ -85,6 +85,7 @@ class Lab:
     def spec(self, session_id: str, **over: object) -> DiskTaskSpec:
         args: dict[str, object] = {
             "session_id": session_id,
+            "checkpoint_id": f"cp-{session_id}",
             "disk_id": "disk0",
             "source_locator": str(self.image),
             "disk_size": self.image.stat().st_size,

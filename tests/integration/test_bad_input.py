@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,7 @@ from vmrepl.security.ticket import sign_ticket
 
 BS = MiB
 SESSION = "s-bad"
+CHECKPOINT = "cp-bad"
 
 
 def tree_state(root: Path, skip: Path) -> dict[str, str]:
@@ -81,7 +83,9 @@ def open_frame(
         session_id=SESSION,
         disk_id=ticket_disk,
         replica_path=replica_path,
-        ttl_seconds=ttl,
+        checkpoint_id=CHECKPOINT,
+        proxy="proxy",
+        expires_unix=time.time() + ttl,
         audience="target",
     )
     return encode_open(
@@ -93,6 +97,7 @@ def open_frame(
             disk_size=disk_size,
             block_size=BS,
             window_batches=4,
+            checkpoint_id=CHECKPOINT,
         )
     )
 
@@ -174,6 +179,7 @@ async def prepared(lab_env: Lab) -> Lab:
     target = lab_env.target_client()
     spec = DiskTaskSpec(
         session_id=SESSION,
+        checkpoint_id=CHECKPOINT,
         disk_id="disk0",
         source_locator="/unused",
         disk_size=8 * BS,
@@ -330,15 +336,17 @@ async def test_proxy_refuses_bad_start_requests(lab_env: Lab, tmp_path: Path) ->
         "replica_path": lab_env.spec("p3", replica_path="/abs"),
     }
     for field, spec in cases.items():
-        req = start_request(spec, target_address=lab_env.target.address, signing_key=lab_env.signing_key)
+        req = start_request(spec, target_address=lab_env.target.address, signing_key=lab_env.signing_key, proxy="proxy")
         with pytest.raises(grpc.aio.AioRpcError) as err:
             await stub.StartDiskTransfer(req)
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and field in (err.value.details() or ""), field
-    req = start_request(lab_env.spec("p4", disk_size=BS), target_address="x", signing_key=lab_env.signing_key)
+    req = start_request(
+        lab_env.spec("p4", disk_size=BS), target_address="x", signing_key=lab_env.signing_key, proxy="proxy"
+    )
     with pytest.raises(grpc.aio.AioRpcError) as err:
         await stub.StartDiskTransfer(req)
     assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION  # size differs from the source
-    req = start_request(lab_env.spec("p5"), target_address="x", signing_key=lab_env.signing_key)
+    req = start_request(lab_env.spec("p5"), target_address="x", signing_key=lab_env.signing_key, proxy="proxy")
     req.exclusions.skip_pagefile = True
     with pytest.raises(grpc.aio.AioRpcError) as err:
         await stub.StartDiskTransfer(req)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import subprocess
 
 from controller import lab
-from protos.vmrepl.v1 import common_pb2, proxy_pb2, target_pb2
+from protos.vmrepl.v1 import common_pb2, proxy_pb2
 from tests.conftest import need_tool
 from tests.integration.conftest import Lab, qemu_identical
 from vmrepl.extent import MiB
@@ -32,21 +32,6 @@ async def test_digest_incremental_sends_the_changed_blocks_and_no_others(lab_env
     # Nothing changed: a third run sends no data at all.
     again = await lab_env.replicate(lab_env.spec("s3", change_source=COMPARE))
     assert again.bytes_data == 0
-
-
-async def test_digests_survive_an_interrupted_session_safely(lab_env: Lab) -> None:
-    """Blocks past an interrupted session's committed offset are re-sent by the next digest comparison."""
-    from controller.disk_task import prepare
-
-    await lab_env.replicate(lab_env.spec("s1"))
-    target = lab_env.target_client()
-    await prepare(target, lab_env.spec("s-torn"))  # a session that never sends anything
-    disk = await target.stub.GetReplicaDisk(target_pb2.GetReplicaDiskRequest(replica_path="jobs/vm1", disk_id="disk0"))
-    assert disk.committed_offset == 0 and disk.state == target_pb2.REPLICA_DISK_STATE_PREPARED
-    # The next session prepares again: the torn session's whole range is now unknown, so all of it is sent.
-    result = await lab_env.replicate(lab_env.spec("s2", change_source=COMPARE))
-    assert result.bytes_data == (lab_env.counts["text"] + lab_env.counts["random"]) * MiB
-    assert qemu_identical(lab_env.image, lab_env.replica())
 
 
 async def test_incomplete_changed_ranges_are_caught_and_repaired(lab_env: Lab) -> None:
@@ -82,7 +67,7 @@ async def test_bandwidth_limit_holds_within_5_percent(lab_env: Lab) -> None:
     proxy, target = lab_env.proxy_client().stub, lab_env.target_client()
     await prepare(target, spec)
     started = await proxy.StartDiskTransfer(
-        start_request(spec, target_address=target.address, signing_key=lab_env.signing_key)
+        start_request(spec, target_address=target.address, signing_key=lab_env.signing_key, proxy="proxy")
     )
     samples = []
     async for p in proxy.WatchTransfer(proxy_pb2.WatchTransferRequest(transfer_id=started.transfer_id)):

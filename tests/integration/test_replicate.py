@@ -49,15 +49,21 @@ async def test_changed_ranges_send_only_those_blocks_and_restore_points(lab_env:
 
     target = lab_env.target_client().stub
     p1 = await target.CommitRestorePoint(
-        target_pb2.CommitRestorePointRequest(replica_path="jobs/vm1", session_id="s2", disk_ids=["disk0"])
+        target_pb2.CommitRestorePointRequest(
+            replica_path="jobs/vm1", session_id="s2", checkpoint_id="cp-s2", disk_ids=["disk0"]
+        )
     )
     again = await target.CommitRestorePoint(
-        target_pb2.CommitRestorePointRequest(replica_path="jobs/vm1", session_id="s2", disk_ids=["disk0"])
+        target_pb2.CommitRestorePointRequest(
+            replica_path="jobs/vm1", session_id="s2", checkpoint_id="cp-s2", disk_ids=["disk0"]
+        )
     )
     assert again.id == p1.id  # idempotent per session
     with pytest.raises(grpc.aio.AioRpcError) as err:  # s1's transfer was superseded by s2
         await target.CommitRestorePoint(
-            target_pb2.CommitRestorePointRequest(replica_path="jobs/vm1", session_id="s1", disk_ids=["disk0"])
+            target_pb2.CommitRestorePointRequest(
+                replica_path="jobs/vm1", session_id="s1", checkpoint_id="cp-s1", disk_ids=["disk0"]
+            )
         )
     assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
     listed = await target.ListRestorePoints(target_pb2.ListRestorePointsRequest(replica_path="jobs/vm1"))
@@ -76,7 +82,7 @@ async def test_cancel_leaves_a_resumable_disk(lab_env: Lab) -> None:
     proxy, target = lab_env.proxy_client().stub, lab_env.target_client()
     await prepare(target, spec)
     started = await proxy.StartDiskTransfer(
-        start_request(spec, target_address=target.address, signing_key=lab_env.signing_key)
+        start_request(spec, target_address=target.address, signing_key=lab_env.signing_key, proxy="proxy")
     )
     async for p in proxy.WatchTransfer(proxy_pb2.WatchTransferRequest(transfer_id=started.transfer_id)):
         if p.committed_offset > 0 and p.state == proxy_pb2.TRANSFER_STATE_RUNNING:
@@ -116,12 +122,12 @@ async def test_a_retried_start_with_the_same_transfer_id_is_idempotent(lab_env: 
     spec = lab_env.spec("s-idem", transfer_id="t-0001", bandwidth_limit_mbps=50)
     proxy, target = lab_env.proxy_client().stub, lab_env.target_client()
     await prepare(target, spec)
-    req = start_request(spec, target_address=target.address, signing_key=lab_env.signing_key)
+    req = start_request(spec, target_address=target.address, signing_key=lab_env.signing_key, proxy="proxy")
     first = await proxy.StartDiskTransfer(req)
     again = await proxy.StartDiskTransfer(req)  # as a controller that crashed mid-call would
     assert first.transfer_id == again.transfer_id == "t-0001"
     other = start_request(lab_env.spec("s-other", transfer_id="t-0001"), target_address=target.address,
-                          signing_key=lab_env.signing_key)  # fmt: skip
+                          signing_key=lab_env.signing_key, proxy="proxy")  # fmt: skip
     with pytest.raises(grpc.aio.AioRpcError) as err:
         await proxy.StartDiskTransfer(other)
     assert err.value.code() == grpc.StatusCode.ALREADY_EXISTS

@@ -11,7 +11,14 @@ from vmrepl.security.ticket import key_id, sign_ticket, verify_ticket
 
 KEY = ed25519.Ed25519PrivateKey.generate()
 KEYS = {key_id(KEY.public_key()): KEY.public_key()}
-WANT: dict[str, Any] = {"session_id": "s1", "disk_id": "d1", "replica_path": "jobs/vm1", "audience": "target"}
+WANT: dict[str, Any] = {
+    "session_id": "s1",
+    "disk_id": "d1",
+    "replica_path": "jobs/vm1",
+    "audience": "target",
+    "peer": "proxy-a",
+    "checkpoint_id": "cp1",
+}
 
 
 def ticket(**over: object) -> bytes:
@@ -19,7 +26,9 @@ def ticket(**over: object) -> bytes:
         "session_id": "s1",
         "disk_id": "d1",
         "replica_path": "jobs/vm1",
-        "ttl_seconds": 60.0,
+        "checkpoint_id": "cp1",
+        "proxy": "proxy-a",
+        "expires_unix": time.time() + 60,
         "audience": "target",
     }
     args.update(over)
@@ -36,7 +45,9 @@ def test_valid_ticket_verifies() -> None:
     ("blob", "message"),
     [
         (lambda: ticket(key=ed25519.Ed25519PrivateKey.generate()), "unknown key"),
-        (lambda: ticket(ttl_seconds=-1.0), "expired"),
+        (lambda: ticket(expires_unix=time.time() - 1), "expired"),
+        (lambda: ticket(proxy="proxy-b"), "not for certificate 'proxy-a'"),
+        (lambda: ticket(checkpoint_id="cp2"), "another checkpoint id"),
         (lambda: ticket(disk_id="d2"), "another disk id"),
         (lambda: ticket(session_id="s2"), "another session id"),
         (lambda: ticket(replica_path="jobs/vm2"), "another replica path"),
@@ -48,6 +59,13 @@ def test_valid_ticket_verifies() -> None:
 def test_bad_tickets_are_refused(blob, message: str) -> None:  # type: ignore[no-untyped-def]
     with pytest.raises(TicketError, match=message):
         verify_ticket(blob(), KEYS, **WANT)
+
+
+def test_a_ticket_names_its_proxy_and_checkpoint() -> None:
+    with pytest.raises(TicketError, match="checkpoint and the proxy"):
+        ticket(proxy="")
+    with pytest.raises(TicketError, match="checkpoint and the proxy"):
+        ticket(checkpoint_id="")
 
 
 def test_tampered_ticket_fails_the_signature() -> None:

@@ -59,15 +59,21 @@ def sign_ticket(
     session_id: str,
     disk_id: str,
     replica_path: str,
-    ttl_seconds: float,
+    checkpoint_id: str,
+    proxy: str,
+    expires_unix: float,
     audience: str = "",
-    now: float | None = None,
 ) -> bytes:
+    """A ticket for `proxy` (its certificate name) to stream one disk of one session from one checkpoint."""
+    if not checkpoint_id or not proxy:
+        raise TicketError("a ticket must name the checkpoint and the proxy")
     ticket = ticket_pb2.TransferTicket(
         session_id=session_id,
         disk_id=disk_id,
         replica_path=replica_path,
-        expires_unix=int((time.time() if now is None else now) + ttl_seconds),
+        checkpoint_id=checkpoint_id,
+        proxy=proxy,
+        expires_unix=int(expires_unix),
         audience=audience,
         nonce=os.urandom(16),
     ).SerializeToString()
@@ -85,9 +91,33 @@ def verify_ticket(
     disk_id: str,
     replica_path: str,
     audience: str,
+    peer: str,
+    checkpoint_id: str | None = None,
     now: float | None = None,
 ) -> ticket_pb2.TransferTicket:
-    """The ticket, if it is signed by a known controller key and names exactly this transfer."""
+    """The ticket, if it is signed by a known controller key, names exactly this transfer and `peer` (the
+    caller's certificate name) is the proxy it is for. `checkpoint_id` None: any checkpoint (the caller
+    checks it against what it holds)."""
+    ticket = _open_signed(blob, keys)
+    if ticket.expires_unix < (time.time() if now is None else now):
+        raise TicketError("ticket has expired")
+    wanted = {"session_id": session_id, "disk_id": disk_id, "replica_path": replica_path}
+    if checkpoint_id is not None:
+        wanted["checkpoint_id"] = checkpoint_id
+    for field, value in wanted.items():
+        if getattr(ticket, field) != value:
+            raise TicketError(f"ticket is for another {field.replace('_', ' ')}")
+    if not ticket.proxy or ticket.proxy != peer:
+        # A ticket copied from a log or another proxy is worthless to anyone but the proxy it names.
+        raise TicketError(f"ticket is not for certificate {peer!r}")
+    if not ticket.checkpoint_id:
+        raise TicketError("ticket names no checkpoint")
+    if ticket.audience and ticket.audience != audience:
+        raise TicketError("ticket is for another target")
+    return ticket
+
+
+def _open_signed(blob: bytes, keys: dict[str, ed25519.Ed25519PublicKey]) -> ticket_pb2.TransferTicket:
     if len(blob) > MAX_TICKET_BYTES:
         raise TicketError("ticket is too large")
     try:
@@ -96,19 +126,10 @@ def verify_ticket(
         if key is None:
             raise TicketError("ticket is signed by an unknown key")
         key.verify(signed.signature, _DOMAIN + signed.ticket)
-        ticket = ticket_pb2.TransferTicket.FromString(signed.ticket)
+        return ticket_pb2.TransferTicket.FromString(signed.ticket)
     except InvalidSignature as e:
         raise TicketError("ticket signature does not verify") from e
     except TicketError:
         raise
     except Exception as e:  # protobuf DecodeError
         raise TicketError("ticket does not parse") from e
-    if ticket.expires_unix < (time.time() if now is None else now):
-        raise TicketError("ticket has expired")
-    wanted = {"session_id": session_id, "disk_id": disk_id, "replica_path": replica_path}
-    for field, value in wanted.items():
-        if getattr(ticket, field) != value:
-            raise TicketError(f"ticket is for another {field.replace('_', ' ')}")
-    if ticket.audience and ticket.audience != audience:
-        raise TicketError("ticket is for another target")
-    return ticket

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from functools import lru_cache
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -44,6 +45,11 @@ def _identity(pem: bytes) -> tuple[str, str]:
     cn = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
     ou = cert.subject.get_attributes_for_oid(NameOID.ORGANIZATIONAL_UNIT_NAME)
     return (str(cn[0].value) if cn else "", str(ou[0].value) if ou else "")
+
+
+def certificate_identity(path: Path) -> tuple[str, str]:
+    """(name, role) of a certificate file: this program's own identity, as its peers see it."""
+    return _identity(_read(path, "tls.cert_file"))
 
 
 def peer_identity(context: Any) -> tuple[str, str]:

@@ -69,6 +69,48 @@ TRANSFER_STATE_CANCELLED: TransferState.ValueType  # 5
 Global___TransferState: _TypeAlias = TransferState  # noqa: Y015
 
 @_typing.final
+class GetAgentInfoRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetAgentInfoRequest: _TypeAlias = GetAgentInfoRequest  # noqa: Y015
+
+@_typing.final
+class AgentInfo(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CERTIFICATE_NAME_FIELD_NUMBER: _builtins.int
+    ROLE_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
+    certificate_name: _builtins.str
+    """Subject CN of the agent's certificate."""
+    role: _builtins.str
+    """Role in the agent's certificate (OU), e.g. "proxy"."""
+    version: _builtins.str
+    def __init__(
+        self,
+        *,
+        certificate_name: _builtins.str = ...,
+        role: _builtins.str = ...,
+        version: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["certificate_name", b"certificate_name", "role", b"role", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AgentInfo: _TypeAlias = AgentInfo  # noqa: Y015
+
+@_typing.final
 class SourceDisk(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -273,6 +315,7 @@ class StartDiskTransferRequest(_message.Message):
     RESUME_TIMEOUT_SECONDS_FIELD_NUMBER: _builtins.int
     REPLICA_PATH_FIELD_NUMBER: _builtins.int
     TRANSFER_ID_FIELD_NUMBER: _builtins.int
+    CHECKPOINT_ID_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
     disk_id: _builtins.str
     block_size: _builtins.int
@@ -291,6 +334,8 @@ class StartDiskTransferRequest(_message.Message):
     ask again: a start with the id of a transfer this proxy has for the same session and disk returns
     it unchanged. Empty: the proxy picks an id.
     """
+    checkpoint_id: _builtins.str
+    """The checkpoint the source is read from (named in the ticket too); sent to the target in the open."""
     @_builtins.property
     def source(self) -> Global___SourceDisk: ...
     @_builtins.property
@@ -315,10 +360,11 @@ class StartDiskTransferRequest(_message.Message):
         resume_timeout_seconds: _builtins.int = ...,
         replica_path: _builtins.str = ...,
         transfer_id: _builtins.str = ...,
+        checkpoint_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["change_source", b"change_source", "exclusions", b"exclusions", "source", b"source", "target", b"target"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["bandwidth_limit_mbps", b"bandwidth_limit_mbps", "block_size", b"block_size", "change_source", b"change_source", "compression", b"compression", "disk_id", b"disk_id", "exclusions", b"exclusions", "replica_path", b"replica_path", "resume_timeout_seconds", b"resume_timeout_seconds", "session_id", b"session_id", "source", b"source", "target", b"target", "ticket", b"ticket", "transfer_id", b"transfer_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bandwidth_limit_mbps", b"bandwidth_limit_mbps", "block_size", b"block_size", "change_source", b"change_source", "checkpoint_id", b"checkpoint_id", "compression", b"compression", "disk_id", b"disk_id", "exclusions", b"exclusions", "replica_path", b"replica_path", "resume_timeout_seconds", b"resume_timeout_seconds", "session_id", b"session_id", "source", b"source", "target", b"target", "ticket", b"ticket", "transfer_id", b"transfer_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

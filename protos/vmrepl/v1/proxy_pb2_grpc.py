@@ -52,6 +52,11 @@ class ProxyAgentStub:
                 request_serializer=protos_dot_vmrepl_dot_v1_dot_proxy__pb2.CancelTransferRequest.SerializeToString,
                 response_deserializer=protos_dot_vmrepl_dot_v1_dot_proxy__pb2.CancelTransferResponse.FromString,
                 _registered_method=True)
+        self.GetAgentInfo = channel.unary_unary(
+                '/vmrepl.v1.ProxyAgent/GetAgentInfo',
+                request_serializer=protos_dot_vmrepl_dot_v1_dot_proxy__pb2.GetAgentInfoRequest.SerializeToString,
+                response_deserializer=protos_dot_vmrepl_dot_v1_dot_proxy__pb2.AgentInfo.FromString,
+                _registered_method=True)
 
 
 class ProxyAgentServicer:
@@ -82,6 +87,14 @@ class ProxyAgentServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetAgentInfo(self, request, context):
+        """Who this proxy is: the name in its certificate, which the controller
+        binds its transfer tickets to.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ProxyAgentServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -99,6 +112,11 @@ def add_ProxyAgentServicer_to_server(servicer, server):
                     servicer.CancelTransfer,
                     request_deserializer=protos_dot_vmrepl_dot_v1_dot_proxy__pb2.CancelTransferRequest.FromString,
                     response_serializer=protos_dot_vmrepl_dot_v1_dot_proxy__pb2.CancelTransferResponse.SerializeToString,
+            ),
+            'GetAgentInfo': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetAgentInfo,
+                    request_deserializer=protos_dot_vmrepl_dot_v1_dot_proxy__pb2.GetAgentInfoRequest.FromString,
+                    response_serializer=protos_dot_vmrepl_dot_v1_dot_proxy__pb2.AgentInfo.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -185,6 +203,33 @@ class ProxyAgent:
             '/vmrepl.v1.ProxyAgent/CancelTransfer',
             protos_dot_vmrepl_dot_v1_dot_proxy__pb2.CancelTransferRequest.SerializeToString,
             protos_dot_vmrepl_dot_v1_dot_proxy__pb2.CancelTransferResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetAgentInfo(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/vmrepl.v1.ProxyAgent/GetAgentInfo',
+            protos_dot_vmrepl_dot_v1_dot_proxy__pb2.GetAgentInfoRequest.SerializeToString,
+            protos_dot_vmrepl_dot_v1_dot_proxy__pb2.AgentInfo.FromString,
             options,
             channel_credentials,
             insecure,

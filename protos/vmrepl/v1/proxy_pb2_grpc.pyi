@@ -44,6 +44,10 @@ class ProxyAgentStub:
     """
     CancelTransfer: _grpc.UnaryUnaryMultiCallable[_proxy_pb2.CancelTransferRequest, _proxy_pb2.CancelTransferResponse]
     """Stops a transfer cleanly; what the target made durable stays resumable."""
+    GetAgentInfo: _grpc.UnaryUnaryMultiCallable[_proxy_pb2.GetAgentInfoRequest, _proxy_pb2.AgentInfo]
+    """Who this proxy is: the name in its certificate, which the controller
+    binds its transfer tickets to.
+    """
 
 @_typing.type_check_only
 class ProxyAgentAsyncStub(ProxyAgentStub):
@@ -61,6 +65,10 @@ class ProxyAgentAsyncStub(ProxyAgentStub):
     """
     CancelTransfer: _aio.UnaryUnaryMultiCallable[_proxy_pb2.CancelTransferRequest, _proxy_pb2.CancelTransferResponse]  # type: ignore[assignment]
     """Stops a transfer cleanly; what the target made durable stays resumable."""
+    GetAgentInfo: _aio.UnaryUnaryMultiCallable[_proxy_pb2.GetAgentInfoRequest, _proxy_pb2.AgentInfo]  # type: ignore[assignment]
+    """Who this proxy is: the name in its certificate, which the controller
+    binds its transfer tickets to.
+    """
 
 class ProxyAgentServicer(metaclass=_abc_1.ABCMeta):
     """The source proxy: reads a disk from a consistent point in time, keeps what
@@ -93,5 +101,15 @@ class ProxyAgentServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_proxy_pb2.CancelTransferResponse, _abc.Awaitable[_proxy_pb2.CancelTransferResponse]]:
         """Stops a transfer cleanly; what the target made durable stays resumable."""
+
+    @_abc_1.abstractmethod
+    def GetAgentInfo(
+        self,
+        request: _proxy_pb2.GetAgentInfoRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_proxy_pb2.AgentInfo, _abc.Awaitable[_proxy_pb2.AgentInfo]]:
+        """Who this proxy is: the name in its certificate, which the controller
+        binds its transfer tickets to.
+        """
 
 def add_ProxyAgentServicer_to_server(servicer: ProxyAgentServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -34,6 +34,10 @@ class _ReplicaDiskStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Repl
     """Part of the session's transfer is durable, up to committed_offset."""
     REPLICA_DISK_STATE_COMPLETE: _ReplicaDiskState.ValueType  # 3
     """The session's transfer reached the end of the disk."""
+    REPLICA_DISK_STATE_COMMITTED: _ReplicaDiskState.ValueType  # 4
+    """A restore point holds the session's transfer: no stream of that session
+    and checkpoint may write the disk again.
+    """
 
 class ReplicaDiskState(_ReplicaDiskState, metaclass=_ReplicaDiskStateEnumTypeWrapper): ...
 
@@ -44,6 +48,10 @@ REPLICA_DISK_STATE_RECEIVING: ReplicaDiskState.ValueType  # 2
 """Part of the session's transfer is durable, up to committed_offset."""
 REPLICA_DISK_STATE_COMPLETE: ReplicaDiskState.ValueType  # 3
 """The session's transfer reached the end of the disk."""
+REPLICA_DISK_STATE_COMMITTED: ReplicaDiskState.ValueType  # 4
+"""A restore point holds the session's transfer: no stream of that session
+and checkpoint may write the disk again.
+"""
 Global___ReplicaDiskState: _TypeAlias = ReplicaDiskState  # noqa: Y015
 
 @_typing.final
@@ -59,6 +67,8 @@ class ReplicaDisk(_message.Message):
     COMMITTED_OFFSET_FIELD_NUMBER: _builtins.int
     BYTES_WRITTEN_FIELD_NUMBER: _builtins.int
     UPDATED_AT_FIELD_NUMBER: _builtins.int
+    CHECKPOINT_ID_FIELD_NUMBER: _builtins.int
+    PASS_NUMBER_FIELD_NUMBER: _builtins.int
     replica_path: _builtins.str
     disk_id: _builtins.str
     disk_size: _builtins.int
@@ -68,6 +78,10 @@ class ReplicaDisk(_message.Message):
     committed_offset: _builtins.int
     bytes_written: _builtins.int
     """Raw bytes written for the session so far (data extents)."""
+    checkpoint_id: _builtins.str
+    """The checkpoint the session's transfer reads from."""
+    pass_number: _builtins.int
+    """Pass over the disk within the session (see TransferOpen.pass_number)."""
     @_builtins.property
     def updated_at(self) -> _timestamp_pb2.Timestamp: ...
     def __init__(
@@ -82,10 +96,12 @@ class ReplicaDisk(_message.Message):
         committed_offset: _builtins.int = ...,
         bytes_written: _builtins.int = ...,
         updated_at: _timestamp_pb2.Timestamp | None = ...,
+        checkpoint_id: _builtins.str = ...,
+        pass_number: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["updated_at", b"updated_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["block_size", b"block_size", "bytes_written", b"bytes_written", "committed_offset", b"committed_offset", "disk_id", b"disk_id", "disk_size", b"disk_size", "replica_path", b"replica_path", "session_id", b"session_id", "state", b"state", "updated_at", b"updated_at"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["block_size", b"block_size", "bytes_written", b"bytes_written", "checkpoint_id", b"checkpoint_id", "committed_offset", b"committed_offset", "disk_id", b"disk_id", "disk_size", b"disk_size", "pass_number", b"pass_number", "replica_path", b"replica_path", "session_id", b"session_id", "state", b"state", "updated_at", b"updated_at"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -101,6 +117,7 @@ class PrepareReplicaDiskRequest(_message.Message):
     BLOCK_SIZE_FIELD_NUMBER: _builtins.int
     SESSION_ID_FIELD_NUMBER: _builtins.int
     RESUME_SESSION_ID_FIELD_NUMBER: _builtins.int
+    CHECKPOINT_ID_FIELD_NUMBER: _builtins.int
     replica_path: _builtins.str
     """VM replica directory, relative to the datastore root."""
     disk_id: _builtins.str
@@ -112,6 +129,10 @@ class PrepareReplicaDiskRequest(_message.Message):
     continues (same checkpoint, same change source): its committed offset,
     pass and session digest carry over to session_id. Empty: none.
     """
+    checkpoint_id: _builtins.str
+    """The checkpoint this session's transfer of the disk reads from. Required.
+    A transfer resumes only from the checkpoint it started from.
+    """
     def __init__(
         self,
         *,
@@ -121,10 +142,11 @@ class PrepareReplicaDiskRequest(_message.Message):
         block_size: _builtins.int = ...,
         session_id: _builtins.str = ...,
         resume_session_id: _builtins.str = ...,
+        checkpoint_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["block_size", b"block_size", "disk_id", b"disk_id", "disk_size", b"disk_size", "replica_path", b"replica_path", "resume_session_id", b"resume_session_id", "session_id", b"session_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["block_size", b"block_size", "checkpoint_id", b"checkpoint_id", "disk_id", b"disk_id", "disk_size", b"disk_size", "replica_path", b"replica_path", "resume_session_id", b"resume_session_id", "session_id", b"session_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -183,9 +205,11 @@ class RestorePoint(_message.Message):
     SESSION_ID_FIELD_NUMBER: _builtins.int
     CREATED_AT_FIELD_NUMBER: _builtins.int
     DISKS_FIELD_NUMBER: _builtins.int
+    CHECKPOINT_ID_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     replica_path: _builtins.str
     session_id: _builtins.str
+    checkpoint_id: _builtins.str
     @_builtins.property
     def created_at(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
@@ -198,10 +222,11 @@ class RestorePoint(_message.Message):
         session_id: _builtins.str = ...,
         created_at: _timestamp_pb2.Timestamp | None = ...,
         disks: _abc.Iterable[Global___RestorePointDisk] | None = ...,
+        checkpoint_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "disks", b"disks", "id", b"id", "replica_path", b"replica_path", "session_id", b"session_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["checkpoint_id", b"checkpoint_id", "created_at", b"created_at", "disks", b"disks", "id", b"id", "replica_path", b"replica_path", "session_id", b"session_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -214,8 +239,11 @@ class CommitRestorePointRequest(_message.Message):
     REPLICA_PATH_FIELD_NUMBER: _builtins.int
     SESSION_ID_FIELD_NUMBER: _builtins.int
     DISK_IDS_FIELD_NUMBER: _builtins.int
+    CHECKPOINT_ID_FIELD_NUMBER: _builtins.int
     replica_path: _builtins.str
     session_id: _builtins.str
+    checkpoint_id: _builtins.str
+    """Every disk must have completed its transfer from this checkpoint. Required."""
     @_builtins.property
     def disk_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     def __init__(
@@ -224,10 +252,11 @@ class CommitRestorePointRequest(_message.Message):
         replica_path: _builtins.str = ...,
         session_id: _builtins.str = ...,
         disk_ids: _abc.Iterable[_builtins.str] | None = ...,
+        checkpoint_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["disk_ids", b"disk_ids", "replica_path", b"replica_path", "session_id", b"session_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["checkpoint_id", b"checkpoint_id", "disk_ids", b"disk_ids", "replica_path", b"replica_path", "session_id", b"session_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -325,6 +354,7 @@ class TransferOpen(_message.Message):
     BLOCK_SIZE_FIELD_NUMBER: _builtins.int
     WINDOW_BATCHES_FIELD_NUMBER: _builtins.int
     PASS_NUMBER_FIELD_NUMBER: _builtins.int
+    CHECKPOINT_ID_FIELD_NUMBER: _builtins.int
     ticket: _builtins.bytes
     """A serialised SignedTicket."""
     session_id: _builtins.str
@@ -335,9 +365,14 @@ class TransferOpen(_message.Message):
     window_batches: _builtins.int
     """Batches the proxy keeps in flight without an ack."""
     pass_number: _builtins.int
-    """Passes over the disk within one session count from 0. A higher pass than
-    the replica disk's restarts the session's transfer at offset 0 (the proxy
-    re-runs a disk whose change tracking failed verification); a lower one is refused.
+    """Passes over the disk within one session count from 0 and are at most 1.
+    The next pass (the disk's pass + 1), once the disk's pass is complete,
+    restarts the session's transfer at offset 0 (the proxy re-runs a disk
+    whose change tracking failed verification); any other pass is refused.
+    """
+    checkpoint_id: _builtins.str
+    """The checkpoint the disk is read from: must be the one the replica disk
+    was prepared for, and the one the ticket names.
     """
     def __init__(
         self,
@@ -350,10 +385,11 @@ class TransferOpen(_message.Message):
         block_size: _builtins.int = ...,
         window_batches: _builtins.int = ...,
         pass_number: _builtins.int = ...,
+        checkpoint_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["block_size", b"block_size", "disk_id", b"disk_id", "disk_size", b"disk_size", "pass_number", b"pass_number", "replica_path", b"replica_path", "session_id", b"session_id", "ticket", b"ticket", "window_batches", b"window_batches"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["block_size", b"block_size", "checkpoint_id", b"checkpoint_id", "disk_id", b"disk_id", "disk_size", b"disk_size", "pass_number", b"pass_number", "replica_path", b"replica_path", "session_id", b"session_id", "ticket", b"ticket", "window_batches", b"window_batches"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -83,10 +83,13 @@ class TargetAgentServicer:
     """
 
     def PrepareReplicaDisk(self, request, context):
-        """Creates a replica disk, or readies an existing one for a session. A disk
-        prepared again for the session it is receiving (or for a session that
-        continues it, see resume_session_id) keeps its committed offset (the
-        transfer resumes); for another session it starts at offset 0.
+        """Creates a replica disk, or readies an existing one for a session and one
+        checkpoint. A disk prepared again for the session and checkpoint it is
+        receiving (or for a session that continues it from the same checkpoint,
+        see resume_session_id) keeps its committed offset (the transfer
+        resumes); for another session or another checkpoint it starts at offset
+        0. A disk whose restore point was committed for that session and
+        checkpoint refuses (FAILED_PRECONDITION).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -100,7 +103,9 @@ class TargetAgentServicer:
 
     def CommitRestorePoint(self, request, context):
         """Records a restore point of a VM replica once every listed disk has
-        completed its transfer for the session. Idempotent per session.
+        completed its transfer for the session and checkpoint; the disks then
+        refuse further streams of that session and checkpoint. Idempotent per
+        session and checkpoint.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -38,15 +38,20 @@ class TargetAgentStub:
     @_typing.overload
     def __new__(cls, channel: _aio.Channel) -> TargetAgentAsyncStub: ...
     PrepareReplicaDisk: _grpc.UnaryUnaryMultiCallable[_target_pb2.PrepareReplicaDiskRequest, _target_pb2.ReplicaDisk]
-    """Creates a replica disk, or readies an existing one for a session. A disk
-    prepared again for the session it is receiving (or for a session that
-    continues it, see resume_session_id) keeps its committed offset (the
-    transfer resumes); for another session it starts at offset 0.
+    """Creates a replica disk, or readies an existing one for a session and one
+    checkpoint. A disk prepared again for the session and checkpoint it is
+    receiving (or for a session that continues it from the same checkpoint,
+    see resume_session_id) keeps its committed offset (the transfer
+    resumes); for another session or another checkpoint it starts at offset
+    0. A disk whose restore point was committed for that session and
+    checkpoint refuses (FAILED_PRECONDITION).
     """
     GetReplicaDisk: _grpc.UnaryUnaryMultiCallable[_target_pb2.GetReplicaDiskRequest, _target_pb2.ReplicaDisk]
     CommitRestorePoint: _grpc.UnaryUnaryMultiCallable[_target_pb2.CommitRestorePointRequest, _target_pb2.RestorePoint]
     """Records a restore point of a VM replica once every listed disk has
-    completed its transfer for the session. Idempotent per session.
+    completed its transfer for the session and checkpoint; the disks then
+    refuse further streams of that session and checkpoint. Idempotent per
+    session and checkpoint.
     """
     ListRestorePoints: _grpc.UnaryUnaryMultiCallable[_target_pb2.ListRestorePointsRequest, _target_pb2.ListRestorePointsResponse]
     DeleteRestorePoint: _grpc.UnaryUnaryMultiCallable[_target_pb2.DeleteRestorePointRequest, _target_pb2.DeleteRestorePointResponse]
@@ -72,15 +77,20 @@ class TargetAgentAsyncStub(TargetAgentStub):
 
     def __init__(self, channel: _aio.Channel) -> None: ...
     PrepareReplicaDisk: _aio.UnaryUnaryMultiCallable[_target_pb2.PrepareReplicaDiskRequest, _target_pb2.ReplicaDisk]  # type: ignore[assignment]
-    """Creates a replica disk, or readies an existing one for a session. A disk
-    prepared again for the session it is receiving (or for a session that
-    continues it, see resume_session_id) keeps its committed offset (the
-    transfer resumes); for another session it starts at offset 0.
+    """Creates a replica disk, or readies an existing one for a session and one
+    checkpoint. A disk prepared again for the session and checkpoint it is
+    receiving (or for a session that continues it from the same checkpoint,
+    see resume_session_id) keeps its committed offset (the transfer
+    resumes); for another session or another checkpoint it starts at offset
+    0. A disk whose restore point was committed for that session and
+    checkpoint refuses (FAILED_PRECONDITION).
     """
     GetReplicaDisk: _aio.UnaryUnaryMultiCallable[_target_pb2.GetReplicaDiskRequest, _target_pb2.ReplicaDisk]  # type: ignore[assignment]
     CommitRestorePoint: _aio.UnaryUnaryMultiCallable[_target_pb2.CommitRestorePointRequest, _target_pb2.RestorePoint]  # type: ignore[assignment]
     """Records a restore point of a VM replica once every listed disk has
-    completed its transfer for the session. Idempotent per session.
+    completed its transfer for the session and checkpoint; the disks then
+    refuse further streams of that session and checkpoint. Idempotent per
+    session and checkpoint.
     """
     ListRestorePoints: _aio.UnaryUnaryMultiCallable[_target_pb2.ListRestorePointsRequest, _target_pb2.ListRestorePointsResponse]  # type: ignore[assignment]
     DeleteRestorePoint: _aio.UnaryUnaryMultiCallable[_target_pb2.DeleteRestorePointRequest, _target_pb2.DeleteRestorePointResponse]  # type: ignore[assignment]
@@ -109,10 +119,13 @@ class TargetAgentServicer(metaclass=_abc_1.ABCMeta):
         request: _target_pb2.PrepareReplicaDiskRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_target_pb2.ReplicaDisk, _abc.Awaitable[_target_pb2.ReplicaDisk]]:
-        """Creates a replica disk, or readies an existing one for a session. A disk
-        prepared again for the session it is receiving (or for a session that
-        continues it, see resume_session_id) keeps its committed offset (the
-        transfer resumes); for another session it starts at offset 0.
+        """Creates a replica disk, or readies an existing one for a session and one
+        checkpoint. A disk prepared again for the session and checkpoint it is
+        receiving (or for a session that continues it from the same checkpoint,
+        see resume_session_id) keeps its committed offset (the transfer
+        resumes); for another session or another checkpoint it starts at offset
+        0. A disk whose restore point was committed for that session and
+        checkpoint refuses (FAILED_PRECONDITION).
         """
 
     @_abc_1.abstractmethod
@@ -129,7 +142,9 @@ class TargetAgentServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_target_pb2.RestorePoint, _abc.Awaitable[_target_pb2.RestorePoint]]:
         """Records a restore point of a VM replica once every listed disk has
-        completed its transfer for the session. Idempotent per session.
+        completed its transfer for the session and checkpoint; the disks then
+        refuse further streams of that session and checkpoint. Idempotent per
+        session and checkpoint.
         """
 
     @_abc_1.abstractmethod

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dprotos/vmrepl/v1/ticket.proto\x12\tvmrepl.v1\"\x82\x01\n\x0eTransferTicket\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0f\n\x07\x64isk_id\x18\x02 \x01(\t\x12\x14\n\x0creplica_path\x18\x03 \x01(\t\x12\x14\n\x0c\x65xpires_unix\x18\x04 \x01(\x03\x12\x10\n\x08\x61udience\x18\x05 \x01(\t\x12\r\n\x05nonce\x18\x06 \x01(\x0c\"A\n\x0cSignedTicket\x12\x0e\n\x06ticket\x18\x01 \x01(\x0c\x12\x11\n\tsignature\x18\x02 \x01(\x0c\x12\x0e\n\x06key_id\x18\x03 \x01(\tb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dprotos/vmrepl/v1/ticket.proto\x12\tvmrepl.v1\"\xa8\x01\n\x0eTransferTicket\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0f\n\x07\x64isk_id\x18\x02 \x01(\t\x12\x14\n\x0creplica_path\x18\x03 \x01(\t\x12\x14\n\x0c\x65xpires_unix\x18\x04 \x01(\x03\x12\x10\n\x08\x61udience\x18\x05 \x01(\t\x12\r\n\x05nonce\x18\x06 \x01(\x0c\x12\x15\n\rcheckpoint_id\x18\x07 \x01(\t\x12\r\n\x05proxy\x18\x08 \x01(\t\"A\n\x0cSignedTicket\x12\x0e\n\x06ticket\x18\x01 \x01(\x0c\x12\x11\n\tsignature\x18\x02 \x01(\x0c\x12\x0e\n\x06key_id\x18\x03 \x01(\tb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -32,7 +32,7 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'protos.vmrepl.v1.ticket_pb2
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_TRANSFERTICKET']._serialized_start=45
-  _globals['_TRANSFERTICKET']._serialized_end=175
-  _globals['_SIGNEDTICKET']._serialized_start=177
-  _globals['_SIGNEDTICKET']._serialized_end=242
+  _globals['_TRANSFERTICKET']._serialized_end=213
+  _globals['_SIGNEDTICKET']._serialized_start=215
+  _globals['_SIGNEDTICKET']._serialized_end=280
 # @@protoc_insertion_point(module_scope)

@@ -18,8 +18,9 @@ DESCRIPTOR: _descriptor.FileDescriptor
 
 @_typing.final
 class TransferTicket(_message.Message):
-    """What the controller authorises: one proxy may stream one disk of one session
-    into one replica path on one target, until the expiry.
+    """What the controller authorises: one proxy may stream one disk of one session,
+    read from one checkpoint, into one replica path on one target, until the
+    expiry (at the latest the checkpoint's hold deadline).
     """
 
     DESCRIPTOR: _descriptor.Descriptor
@@ -30,6 +31,8 @@ class TransferTicket(_message.Message):
     EXPIRES_UNIX_FIELD_NUMBER: _builtins.int
     AUDIENCE_FIELD_NUMBER: _builtins.int
     NONCE_FIELD_NUMBER: _builtins.int
+    CHECKPOINT_ID_FIELD_NUMBER: _builtins.int
+    PROXY_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
     disk_id: _builtins.str
     replica_path: _builtins.str
@@ -40,6 +43,10 @@ class TransferTicket(_message.Message):
     """Target name the ticket is for (its certificate's common name); empty: any target."""
     nonce: _builtins.bytes
     """Random bytes so two tickets for the same disk never serialise alike."""
+    checkpoint_id: _builtins.str
+    """The checkpoint the disk is read from."""
+    proxy: _builtins.str
+    """The proxy's certificate name (subject CN): the only peer that may use the ticket."""
     def __init__(
         self,
         *,
@@ -49,10 +56,12 @@ class TransferTicket(_message.Message):
         expires_unix: _builtins.int = ...,
         audience: _builtins.str = ...,
         nonce: _builtins.bytes = ...,
+        checkpoint_id: _builtins.str = ...,
+        proxy: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["audience", b"audience", "disk_id", b"disk_id", "expires_unix", b"expires_unix", "nonce", b"nonce", "replica_path", b"replica_path", "session_id", b"session_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["audience", b"audience", "checkpoint_id", b"checkpoint_id", "disk_id", b"disk_id", "expires_unix", b"expires_unix", "nonce", b"nonce", "proxy", b"proxy", "replica_path", b"replica_path", "session_id", b"session_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
