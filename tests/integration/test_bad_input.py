@@ -77,14 +77,17 @@ def open_frame(
     ticket_disk: str = "disk0",
     replica_path: str = "jobs/vm1",
     disk_size: int = 8 * BS,
+    proxy: str = "proxy",
+    checkpoint: str = CHECKPOINT,
+    pass_number: int = 0,
 ) -> bytes:
     ticket = sign_ticket(
         key or lab_env.signing_key,
         session_id=SESSION,
         disk_id=ticket_disk,
         replica_path=replica_path,
-        checkpoint_id=CHECKPOINT,
-        proxy="proxy",
+        checkpoint_id=checkpoint,
+        proxy=proxy,
         expires_unix=time.time() + ttl,
         audience="target",
     )
@@ -97,7 +100,8 @@ def open_frame(
             disk_size=disk_size,
             block_size=BS,
             window_batches=4,
-            checkpoint_id=CHECKPOINT,
+            checkpoint_id=checkpoint,
+            pass_number=pass_number,
         )
     )
 
@@ -172,8 +176,8 @@ BATCH_CASES: dict[str, tuple[Callable[[], bytes], grpc.StatusCode]] = {
 }
 
 
-@pytest.fixture
-async def prepared(lab_env: Lab) -> Lab:
+async def prepare_with_data(lab_env: Lab) -> Lab:
+    """The replica disk prepared for SESSION with its first block committed."""
     from controller.disk_task import DiskTaskSpec
 
     target = lab_env.target_client()
@@ -194,6 +198,11 @@ async def prepared(lab_env: Lab) -> Lab:
     _, code, details = await transfer(lab_env, [open_frame(lab_env), first])
     assert code == grpc.StatusCode.OK, details
     return lab_env
+
+
+@pytest.fixture
+async def prepared(lab_env: Lab) -> Lab:
+    return await prepare_with_data(lab_env)
 
 
 async def assert_still_serving(lab_env: Lab) -> None:

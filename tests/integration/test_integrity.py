@@ -1,0 +1,44 @@
+"""Sessions that must never say `succeeded` for a replica that differs from its source (issue 9)."""
+
+from __future__ import annotations
+
+import pytest
+
+from protos.vmrepl.v1 import controller_pb2 as api
+from tests.integration.conftest import qemu_identical
+from tests.integration.controller_env import ControllerEnv
+from vmrepl.extent import MiB
+
+pytestmark = pytest.mark.integration
+
+
+def _identical(ctl: ControllerEnv, vm: str) -> None:
+    for name, disk in ctl.disks():
+        if name == vm:
+            assert qemu_identical(ctl.vm(vm).image(disk), ctl.replica(vm, disk)), f"{vm}/{disk} differs"
+
+
+def test_a_vm_retried_in_its_session_replicates_its_new_checkpoint(ctl_raw: ControllerEnv) -> None:
+    """Item 1: attempt 2 takes a new checkpoint, so its disks start a new pass; the first attempt's
+    completed offsets must not make the target skip what was written while the VM waited."""
+    ctl_raw.configure(vms=("vm1",), retries=1, retry_wait_seconds=3)
+    assert ctl_raw.run_job().state == api.SESSION_STATE_SUCCEEDED
+    vm = ctl_raw.vm("vm1")
+    vm.write("disk0", 1 * MiB, b"\x11" * MiB)  # something for the incremental to send
+    # A directory where the restore point list's temporary file goes: every disk completes, then the
+    # commit fails and the VM waits for its retry.
+    replica_dir = ctl_raw.replica("vm1").parents[2]
+    blocker = replica_dir / "restore-points.json.tmp"
+    blocker.mkdir()
+    s = ctl_raw.client().StartJob(api.StartJobRequest(name="jobs/job1"))
+    ctl_raw.wait_until(s.name, lambda x: any(v.state == "failed" for v in x.vms), timeout=60)
+    vm.write("disk0", 5 * MiB, b"\x5a" * MiB)  # while it waits: no checkpoint, straight to the disk
+    blocker.rmdir()
+    final = ctl_raw.wait_session(s.name, timeout=90)
+    assert final.state == api.SESSION_STATE_SUCCEEDED, final.error
+    assert final.vms[0].attempt == 2
+    _identical(ctl_raw, "vm1")
+    # And the next changed-range incremental has nothing it missed.
+    nxt = ctl_raw.run_job()
+    assert nxt.state == api.SESSION_STATE_SUCCEEDED
+    _identical(ctl_raw, "vm1")
