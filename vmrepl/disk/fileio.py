@@ -29,6 +29,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from vmrepl.block import ZERO_CHUNK
+from vmrepl.disk import powercut
 from vmrepl.errors import DiskError
 from vmrepl.extent import Extent, merge
 
@@ -74,6 +75,9 @@ class PositionalFile:
             raise DiskError(f"cannot open {path}: {e.strerror}") from e
         self.path = path
         self._lock = threading.Lock()  # only for the seek-based fallback
+        # Test only (vmrepl.disk.powercut): None unless a simulated power cut is being prepared for.
+        self._journal = powercut.journal() if writable else None
+        self._name = os.path.realpath(path) if self._journal is not None else ""
         if writable and IS_WINDOWS:
             _win_ioctl(self.fd, _FSCTL_SET_SPARSE, b"")
 
@@ -100,6 +104,8 @@ class PositionalFile:
 
     def write(self, data: bytes | bytearray | memoryview, offset: int) -> None:
         view = memoryview(data)
+        if self._journal is not None:
+            self._journal.before_write(self.fd, self._name, offset, len(view))
         done = 0
         while done < len(view):
             if hasattr(os, "pwrite"):
@@ -111,6 +117,8 @@ class PositionalFile:
             done += n
 
     def truncate(self, size: int) -> None:
+        if self._journal is not None:
+            self._journal.before_write(self.fd, self._name, size, max(0, self.size() - size))
         os.ftruncate(self.fd, size)
 
     def punch_hole(self, offset: int, length: int) -> None:
@@ -118,6 +126,8 @@ class PositionalFile:
         end = min(offset + length, self.size())
         if end <= offset:
             return
+        if self._journal is not None:
+            self._journal.before_write(self.fd, self._name, offset, end - offset)
         if _fallocate is not None:
             rc = _fallocate(self.fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, offset, end - offset)  # type: ignore[operator]
             if rc == 0:
@@ -161,6 +171,8 @@ class PositionalFile:
 
     def sync(self) -> None:
         (os.fdatasync if hasattr(os, "fdatasync") else os.fsync)(self.fd)
+        if self._journal is not None:
+            self._journal.synced(self._name)
 
     def close(self) -> None:
         if self.fd >= 0:
