@@ -121,13 +121,16 @@ class Receiver:
             raise BatchError("open", "the first message of a stream must be open")
         o = frame.open
         check_open(o, self._max_window)
-        self.check_ticket(
+        ticket = self.check_ticket(
             o.ticket,
             peer=peer,
             session_id=o.session_id,
             disk_id=o.disk_id,
             replica_path=o.replica_path,
             checkpoint_id=o.checkpoint_id,
+        )
+        log.info(
+            "ticket_accepted", session_id=o.session_id, disk_id=o.disk_id, proxy=peer, expires_unix=ticket.expires_unix
         )
         disk_dir = self._datastore.disk_dir(o.replica_path, o.disk_id)
         stream = await asyncio.to_thread(

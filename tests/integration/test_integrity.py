@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from protos.vmrepl.v1 import controller_pb2 as api
@@ -42,3 +44,14 @@ def test_a_vm_retried_in_its_session_replicates_its_new_checkpoint(ctl_raw: Cont
     nxt = ctl_raw.run_job()
     assert nxt.state == api.SESSION_STATE_SUCCEEDED
     _identical(ctl_raw, "vm1")
+
+
+def test_tickets_expire_with_the_checkpoint_hold(ctl_raw: ControllerEnv) -> None:
+    """Item 7: a ticket lives no longer than its checkpoint may be held, not a fixed 24 hours."""
+    ctl_raw.configure(vms=("vm1",), checkpoint_hold_seconds=60)
+    started = time.time()
+    assert ctl_raw.run_job().state == api.SESSION_STATE_SUCCEEDED
+    accepted = [e for e in ctl_raw.target.events() if e.get("event") == "ticket_accepted"]
+    assert accepted and {e["proxy"] for e in accepted} == {"proxy"}
+    for e in accepted:
+        assert started + 50 <= int(str(e["expires_unix"])) <= time.time() + 61, e
