@@ -111,10 +111,21 @@ async def run_agents(
         "target": target.address,
         "key": load_signing_key(certs.signing_key),
     }
-    base = {"disk_id": "disk0", "source_locator": str(image), "disk_size": size, "replica_path": "bench/vm1"}
+
+    def spec(session: str, change: proxy_pb2.ChangeSource | None = None) -> DiskTaskSpec:
+        return DiskTaskSpec(
+            session_id=session,
+            checkpoint_id=f"cp-{session}",
+            disk_id="disk0",
+            source_locator=str(image),
+            disk_size=size,
+            replica_path="bench/vm1",
+            change_source=change or proxy_pb2.ChangeSource(full=proxy_pb2.FullRead()),
+        )
+
     try:
         with RssSampler([target.proc.pid, proxy.proc.pid]) as rss:
-            dt, full = await replicate(env, DiskTaskSpec(session_id="full", checkpoint_id="cp-full", **base))  # type: ignore[arg-type]
+            dt, full = await replicate(env, spec("full"))
             out["full_s"] = round(dt, 3)
             out["full_mbps"] = round(size / dt / 1e6, 1)
             out["full_wire_mib"] = round(full.bytes_sent / MiB, 1)
@@ -126,9 +137,7 @@ async def run_agents(
                 timed(["rsync", "--inplace", "--no-whole-file", str(image), str(rsync_dest)], sync_path=rsync_dest), 3
             )
             compare = proxy_pb2.ChangeSource(compare_digests=proxy_pb2.CompareDigests())
-            dt, incr = await replicate(
-                env, DiskTaskSpec(session_id="digest", checkpoint_id="cp-digest", change_source=compare, **base)
-            )  # type: ignore[arg-type]
+            dt, incr = await replicate(env, spec("digest", compare))
             out["incr_s"] = round(dt, 3)
             out["incr_data_mib"] = round(incr.bytes_data / MiB, 1)
             out["incr_stages"] = stage_summary(incr)
@@ -136,9 +145,7 @@ async def run_agents(
             changed = lab.change_blocks(image, fraction=0.05, seed=12)
             ranges = [common_pb2.ByteRange(offset=o, length=MiB) for o in changed]
             cs = proxy_pb2.ChangeSource(changed_ranges=proxy_pb2.ChangedRanges(ranges=ranges))
-            dt, rr = await replicate(
-                env, DiskTaskSpec(session_id="ranges", checkpoint_id="cp-ranges", change_source=cs, **base)
-            )  # type: ignore[arg-type]
+            dt, rr = await replicate(env, spec("ranges", cs))
             out["ranges_incr_s"] = round(dt, 3)
             out["ranges_verification"] = rr.verification
         out["peak_rss_mib"] = round(rss.peak / MiB, 1)
