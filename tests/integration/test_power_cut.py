@@ -119,18 +119,29 @@ async def test_a_session_that_never_wrote_leaves_nothing_to_send_again(lab_env: 
     assert result.bytes_data == 0 and qemu_identical(lab_env.image, lab_env.replica())
 
 
+async def _until_committed(lab_env: Lab, offset: float, task: asyncio.Task[object]) -> None:
+    for _ in range(1200):
+        if task.done():
+            return
+        with contextlib.suppress(Exception):
+            if await _committed(lab_env) >= offset:
+                return
+        await asyncio.sleep(0.05)
+
+
 def _seed() -> int:
     return int(os.environ.get("VMREPL_POWERCUT_SEED", "0")) or random.randrange(1, 1 << 31)
 
 
 async def _run_and_cut(lab_env: Lab, spec: DiskTaskSpec, rng: random.Random, journal: Path, step: str) -> str:
-    """Run the transfer for a random moment, then cut the target's power (and, half the time, kill the
-    proxy too, so the next attempt is a new transfer that prepares the disk again)."""
+    """Run the transfer to a random offset, then cut the target's power (and, most times, kill the proxy
+    too, so the next attempt is a new transfer that prepares the disk and reads its digests again)."""
     port = lab_env.target.port
     task = asyncio.create_task(lab_env.replicate(spec))
-    await asyncio.sleep(rng.uniform(0.3, 2.0))
+    await _until_committed(lab_env, rng.uniform(0.05, 0.9) * spec.disk_size, task)
+    await asyncio.sleep(rng.uniform(0.05, 0.3))  # and a few batches past it, not yet flushed
     lab_env.target.kill()
-    both = rng.random() < 0.5
+    both = rng.random() < 0.7
     if both:
         lab_env.proxy.kill()
     report = powercut.cut(journal, rng)
@@ -154,12 +165,12 @@ async def test_random_power_cuts_of_the_target_never_leave_a_wrong_replica(lab_e
     rng = random.Random(seed)
     journal = lab_env.work / "powercut"
     lab_env.target.env[powercut.ENV] = str(journal)
-    restart_target(lab_env, write_delay_ms=15)
+    restart_target(lab_env, write_delay_ms=40)
     if mode == "compare":
         await lab_env.replicate(lab_env.spec("s0"))
         lab.change_blocks(lab_env.image, fraction=0.5, seed=seed)
     spec = lab_env.spec("s1", **({"change_source": COMPARE} if mode == "compare" else {}))
-    steps = [await _run_and_cut(lab_env, spec, rng, journal, f"cut {i + 1}") for i in range(3)]
+    steps = [await _run_and_cut(lab_env, spec, rng, journal, f"cut {i + 1}") for i in range(4)]
     result = await asyncio.wait_for(lab_env.replicate(spec), 180)
     assert result.state == proxy_pb2.TRANSFER_STATE_COMPLETED, (seed, steps)
     assert qemu_identical(lab_env.image, lab_env.replica()), f"seed {seed} (VMREPL_POWERCUT_SEED): {steps}"
