@@ -37,7 +37,7 @@ async def serve(settings: ControllerSettings) -> None:
         create_key_file(key_file)
         log.info("secret_key_created", path=str(key_file))
     secrets = SecretBox.from_file(key_file)
-    engine_db, sessions = await open_database(settings.db_url())
+    engine_db, sessions = await open_database(settings.db_url(), secrets=secrets)
     journal = Journal(sessions, crash_at=settings.test_crash_at_transition)
     agents = AgentPool(settings.tls)
     parts = EngineParts(
@@ -60,7 +60,9 @@ async def serve(settings: ControllerSettings) -> None:
     clock = (lambda: utc_now() + offset) if offset else utc_now
     scheduler = asyncio.create_task(Scheduler(journal=journal, engine=engine, clock=clock).run(), name="scheduler")
     gauges = asyncio.create_task(metrics.keep_fresh(journal), name="metrics")
-    notifier = Notifier(journal=journal, render=servicer.session, backoff_seconds=settings.webhook_backoff_seconds)
+    notifier = Notifier(
+        journal=journal, secrets=secrets, render=servicer.session, backoff_seconds=settings.webhook_backoff_seconds
+    )
     webhooks = asyncio.create_task(notifier.run(), name="webhooks")
 
     async def stop() -> None:

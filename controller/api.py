@@ -281,7 +281,7 @@ class ControllerServicer(controller_pb2_grpc.ControllerServiceServicer):
         require_role(context, *WRITE)
 
         async def fill(db: AsyncSession, row: Job) -> None:
-            await res.apply_job(db, request.job, row, res.JOB_FIELDS)
+            await res.apply_job(db, request.job, row, res.JOB_FIELDS, secrets=self.secrets)
 
         row = await self._create(Job, "job_id", request.job_id, "jobs", fill)
         async with self.journal.read() as db:
@@ -309,7 +309,7 @@ class ControllerServicer(controller_pb2_grpc.ControllerServiceServicer):
         paths = res.mask_paths("update_mask", request.update_mask.paths, res.JOB_FIELDS)
         async with self.journal.write() as db:
             row = await res.by_name(db, Job, "job.name", request.job.name, "jobs")
-            await res.apply_job(db, request.job, row, paths)
+            await res.apply_job(db, request.job, row, paths, secrets=self.secrets)
         async with self.journal.read() as db:
             job = await db.get(Job, row.id)
             if job is None:

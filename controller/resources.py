@@ -19,6 +19,7 @@ from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from controller.db.models import Credential, Host, Job, JobVm, Proxy, Target
+from controller.db.secrets import SecretBox
 from controller.providers import PROVIDERS
 from controller.schedule import parse_schedule
 from protos.vmrepl.v1 import controller_pb2 as api
@@ -232,9 +233,19 @@ JOB_FIELDS = (
 
 
 def redact_url(url: str) -> str:
-    """Scheme and host only: a webhook's path or query often carries its token."""
-    parts = urlsplit(url)
-    return f"{parts.scheme}://{parts.netloc}/…" if parts.path.strip("/") or parts.query else url
+    """Scheme, host and port only: a webhook's userinfo, path, query or fragment often carries a credential.
+    "/…" marks that something was left out."""
+    try:
+        parts = urlsplit(url)
+        host, port = parts.hostname or "", parts.port
+    except ValueError:  # never stored (the API refuses it), but never echoed either
+        return "(unreadable URL)"
+    netloc = f"[{host}]" if ":" in host else host
+    if port is not None:
+        netloc += f":{port}"
+    hidden = parts.username is not None or parts.password is not None
+    hidden = hidden or bool(parts.path.strip("/") or parts.query or parts.fragment)
+    return f"{parts.scheme}://{netloc}" + ("/…" if hidden else "")
 
 
 def _struct(value: dict[str, Any]) -> struct_pb2.Struct:
@@ -263,9 +274,9 @@ async def job_msg(db: AsyncSession, row: Job) -> api.Job:
         disabled=not row.enabled,
         create_time=timestamp(row.created_at),
         webhook=api.Webhook(
-            url=redact_url(str(row.webhook.get("url", ""))), failures_only=bool(row.webhook.get("failures_only"))
+            url=str(row.webhook.get("shown_url", "")), failures_only=bool(row.webhook.get("failures_only"))
         )
-        if row.webhook
+        if row.has_webhook
         else None,
         retries=row.retries,
         retry_wait_seconds=row.retry_wait_seconds,
@@ -287,9 +298,12 @@ def _vms(msg: api.Job) -> list[JobVm]:
     return out
 
 
-async def apply_job(db: AsyncSession, msg: api.Job, row: Job, paths: Iterable[str]) -> None:
+async def apply_job(db: AsyncSession, msg: api.Job, row: Job, paths: Iterable[str], *, secrets: SecretBox) -> None:
     for path in paths:
-        await _apply_job_field(db, msg, row, path)
+        if path == "webhook":
+            row.webhook = _webhook(msg.webhook, secrets, current=row.webhook)
+        else:
+            await _apply_job_field(db, msg, row, path)
 
 
 async def _apply_job_field(db: AsyncSession, msg: api.Job, row: Job, path: str) -> None:  # noqa: PLR0912
@@ -346,8 +360,6 @@ async def _apply_job_policy(db: AsyncSession, msg: api.Job, row: Job, path: str)
         if not 60 <= hold <= 30 * 24 * 3600:
             raise InvalidArgument("job.checkpoint_hold_seconds", "must be from 60 to 2592000 (30 days)")
         row.checkpoint_deadline_seconds = hold
-    elif path == "webhook":
-        row.webhook = _webhook(msg.webhook)
     elif path == "retries":
         row.retries = msg.retries if msg.HasField("retries") else 2
         if row.retries > 10:
@@ -358,10 +370,23 @@ async def _apply_job_policy(db: AsyncSession, msg: api.Job, row: Job, path: str)
             raise InvalidArgument("job.retry_wait_seconds", "must be from 0 to 86400")
 
 
-def _webhook(w: api.Webhook) -> dict[str, Any]:
+def _webhook(w: api.Webhook, secrets: SecretBox, *, current: dict[str, Any] | None) -> dict[str, Any]:
+    """The stored form: the URL sealed like a credential's secret, and the redacted form replies show."""
     if not w.url:
         return {}
-    parts = urlsplit(w.url)
-    if parts.scheme not in ("http", "https") or not parts.hostname or len(w.url) > 2048:
+    if current and current.get("sealed_url") and w.url == current.get("shown_url"):
+        # What a reply showed, sent back (a read-modify-write): the stored URL stays.
+        return {**current, "failures_only": w.failures_only}
+    try:
+        parts = urlsplit(w.url)
+        valid = parts.scheme in ("http", "https") and bool(parts.hostname) and len(w.url) <= 2048
+        parts.port  # noqa: B018 - raises ValueError for a port that is not a number up to 65535
+    except ValueError:
+        valid = False
+    if not valid or any(ord(c) < 32 or ord(c) == 127 for c in w.url):
         raise InvalidArgument("job.webhook.url", "must be an http or https URL, up to 2048 characters")
-    return {"url": w.url, "failures_only": w.failures_only}
+    return {
+        "sealed_url": secrets.seal(w.url).decode("ascii"),
+        "shown_url": redact_url(w.url),
+        "failures_only": w.failures_only,
+    }

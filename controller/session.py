@@ -156,7 +156,7 @@ class SessionRun:
                 row.state, row.ended_at, row.stats = state.value, now(), stats
                 row.error = error or "; ".join(errors)
                 # Recorded with the end state, so a crash before delivery still delivers it after restart.
-                row.notification = "pending" if job is not None and job.webhook.get("url") else ""
+                row.notification = "pending" if job is not None and job.has_webhook else ""
         self.parts.live.forget(self.sc.session_id)
         metrics.session_ended(state)
         self.log.info("session_ended", state=state.value, **stats)

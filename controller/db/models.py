@@ -89,11 +89,16 @@ class Job(Base):
     retry_wait_seconds: Mapped[int] = mapped_column(Integer, default=60)
     # The scheduler's bookmark: slots (or upstream runs) up to here are handled; later ones are due.
     schedule_handled_until: Mapped[dt.datetime | None]
-    # {"url": ..., "failures_only": bool}: POSTed a JSON summary when a session ends.
+    # POSTed a JSON summary when a session ends: {"sealed_url": the URL sealed like a credential's secret
+    # (controller.db.secrets), "shown_url": its redacted form for replies, "failures_only": bool}; {} none.
     webhook: Mapped[dict[str, Any]] = mapped_column(default=dict)
     enabled: Mapped[bool] = mapped_column(default=True)
     created_at: Mapped[dt.datetime] = mapped_column(default=now)
     vms: Mapped[list[JobVm]] = relationship(back_populates="job", cascade="all, delete-orphan", lazy="selectin")
+
+    @property
+    def has_webhook(self) -> bool:
+        return bool(self.webhook and self.webhook.get("sealed_url"))
 
 
 class JobVm(Base):

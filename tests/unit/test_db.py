@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import os
 from pathlib import Path
 
@@ -9,10 +10,11 @@ import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from cryptography.fernet import Fernet
-from sqlalchemy import inspect, select, text
+from sqlalchemy import JSON, column, insert, inspect, select, table, text
 from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncEngine
 
-from controller.db.engine import make_engine, open_database, sqlite_url
+from controller.db.engine import downgrade, make_engine, migrate, open_database, sqlite_url
 from controller.db.models import Base, Credential, Host, Job, JobVm, Target
 from controller.db.secrets import SecretBox, create_key_file
 from vmrepl.errors import ConfigError, SecurityError
@@ -93,3 +95,58 @@ def test_secret_keys_rotate_and_wrong_keys_fail(tmp_path: Path) -> None:
         SecretBox([b"not-a-key"])
     with pytest.raises(ConfigError):
         SecretBox.from_file(tmp_path / "missing.key")
+
+
+HOOK_URL = "https://hookuser:hook-pw-1d7c@hooks.example:8443/notify/T0K-path?token=tok-q-5e2a"
+
+
+async def _job_with_clear_webhook(engine: AsyncEngine) -> None:
+    """A job as revision 0005 stored it: the webhook URL in clear (only that revision's columns named)."""
+    columns = ["id", "name", "host_id", "target_id", "replica_root", "restore_points_to_keep", "compression"]
+    columns += ["block_size", "bandwidth_limit_mbps", "change_tracking", "checkpoint_deadline_seconds", "enabled"]
+    dicts = ("guest_processing", "exclusions", "schedule", "webhook")
+    jobs = table("jobs", *(column(c) for c in columns), *(column(c, JSON) for c in dicts), column("created_at"))
+    async with engine.begin() as conn:
+        now = {"t": dt.datetime.now(dt.UTC)}
+        await conn.execute(
+            text("INSERT INTO hosts (id, name, provider, address, created_at) VALUES ('h', 'h', 'file', '/x', :t)"), now
+        )
+        await conn.execute(
+            text("INSERT INTO targets (id, name, address, tls_server_name, max_tasks) VALUES ('t', 't', 'a:1', '', 4)")
+        )
+        values = ("j", "j", "h", "t", "r/j", 7, "default", 1 << 20, 0.0, "auto", 86400, True)
+        await conn.execute(
+            insert(jobs).values(
+                **dict(zip(columns, values, strict=True)),
+                **{key: {} for key in dicts[:3]},
+                webhook={"url": HOOK_URL, "failures_only": True},
+                created_at=now["t"],
+            )
+        )
+
+
+async def test_migration_seals_stored_webhook_urls_and_needs_the_key(tmp_path: Path, db_url: str) -> None:
+    box = SecretBox([Fernet.generate_key()])
+    engine = make_engine(db_url)
+    try:
+        await migrate(engine, "0005")
+        await _job_with_clear_webhook(engine)
+        with pytest.raises(ConfigError, match="needs the secret key"):
+            await migrate(engine)  # rows to seal and no key: refused, nothing changed
+        await migrate(engine, secrets=box)
+        async with engine.connect() as conn:
+            stored = (await conn.execute(select(column("webhook", JSON)).select_from(table("jobs")))).scalar_one()
+        assert set(stored) == {"sealed_url", "shown_url", "failures_only"} and stored["failures_only"] is True
+        assert box.open(stored["sealed_url"].encode()) == HOOK_URL
+        assert stored["shown_url"] == "https://hooks.example:8443/…"
+        await downgrade(engine, "0005", secrets=box)  # and back, for an operator who must downgrade
+        async with engine.connect() as conn:
+            assert (await conn.execute(select(column("webhook", JSON)).select_from(table("jobs")))).scalar_one()[
+                "url"
+            ] == HOOK_URL
+        await migrate(engine, secrets=box)
+    finally:
+        await engine.dispose()
+    for f in tmp_path.glob("c.db*"):  # SQLite: the clear URL's old bytes were overwritten, not left free
+        data = f.read_bytes()
+        assert b"hook-pw-1d7c" not in data and b"tok-q-5e2a" not in data, f
