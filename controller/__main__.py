@@ -7,11 +7,13 @@ import contextlib
 import datetime as dt
 import logging
 
+from sqlalchemy.ext.asyncio import async_sessionmaker
+
 from controller import metrics
 from controller.agents import AgentPool
 from controller.api import ControllerServicer
 from controller.config import ControllerSettings
-from controller.db.engine import open_database
+from controller.db.engine import make_engine, open_database
 from controller.db.secrets import SecretBox, create_key_file
 from controller.engine import Engine
 from controller.journal import Journal
@@ -21,6 +23,7 @@ from controller.scheduler import Scheduler, utc_now
 from controller.session_log import SessionLogHandler
 from controller.slots import SlotBoard
 from protos.vmrepl.v1 import controller_pb2
+from vmrepl.call_limits import CallLimits, Limits
 from vmrepl.daemon import run_daemon, serve_services
 from vmrepl.logs import get_logger
 from vmrepl.metrics import serve_metrics
@@ -38,6 +41,8 @@ async def serve(settings: ControllerSettings) -> None:
         log.info("secret_key_created", path=str(key_file))
     secrets = SecretBox.from_file(key_file)
     engine_db, sessions = await open_database(settings.db_url(), secrets=secrets)
+    # API reads get a pool of their own, so a flood of them never makes the engine wait for a connection.
+    api_db = make_engine(settings.db_url(), connections=settings.api_database_connections)
     journal = Journal(sessions, crash_at=settings.test_crash_at_transition)
     agents = AgentPool(settings.tls)
     parts = EngineParts(
@@ -52,7 +57,12 @@ async def serve(settings: ControllerSettings) -> None:
     session_logs = settings.data_dir / "sessions"
     logging.getLogger().addHandler(SessionLogHandler(session_logs))
     servicer = ControllerServicer(
-        journal=journal, engine=engine, secrets=secrets, live=parts.live, session_logs=session_logs
+        journal=journal,
+        reads=async_sessionmaker(api_db, expire_on_commit=False),
+        engine=engine,
+        secrets=secrets,
+        live=parts.live,
+        session_logs=session_logs,
     )
 
     serve_metrics(settings.metrics_listen, settings.tls, plain_http=settings.metrics_plain_http)
@@ -72,6 +82,7 @@ async def serve(settings: ControllerSettings) -> None:
                 await background
         await engine.shutdown(settings.stop_timeout_seconds)
         await agents.close()
+        await api_db.dispose()
         await engine_db.dispose()
 
     await serve_services(
@@ -81,6 +92,15 @@ async def serve(settings: ControllerSettings) -> None:
         max_message_bytes=4 << 20,
         on_stop=stop,
         agent="controller",
+        interceptors=[
+            CallLimits(
+                Limits(
+                    per_client=settings.api_calls_per_client,
+                    total=settings.api_calls_total,
+                    retry_after_seconds=settings.api_retry_after_seconds,
+                )
+            )
+        ],
         database=engine_db.dialect.name,
     )
 

@@ -6,7 +6,6 @@ Every error names the request field it is about (`host.address`, `update_mask`).
 
 from __future__ import annotations
 
-import base64
 import datetime as dt
 import re
 from collections.abc import Iterable
@@ -29,8 +28,6 @@ from vmrepl.names import check_relative
 
 _ID = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
 _ADDRESS = re.compile(r"^[A-Za-z0-9._\-\[\]:]+:\d{1,5}$")
-MAX_PAGE = 1000
-DEFAULT_PAGE = 100
 COMPRESSIONS = ("none", "fast", "default")
 TRACKING = ("auto", "on", "off")
 
@@ -65,26 +62,6 @@ def timestamp(value: dt.datetime | None) -> Timestamp | None:
     ts = Timestamp()
     ts.FromDatetime(value if value.tzinfo else value.replace(tzinfo=dt.UTC))
     return ts
-
-
-def page_bounds(size: int, token: str) -> tuple[int, int]:
-    """(limit, offset) from a page size and an opaque page token."""
-    if size < 0:
-        raise InvalidArgument("page_size", "must not be negative")
-    limit = min(size or DEFAULT_PAGE, MAX_PAGE)
-    if not token:
-        return limit, 0
-    try:
-        kind, _, offset = base64.urlsafe_b64decode(token.encode()).decode().partition(":")
-        if kind != "o" or not offset.isdigit():
-            raise ValueError(token)
-    except ValueError as e:
-        raise InvalidArgument("page_token", "is not a token from an earlier reply") from e
-    return limit, int(offset)
-
-
-def next_token(limit: int, offset: int, got: int) -> str:
-    return base64.urlsafe_b64encode(f"o:{offset + limit}".encode()).decode() if got > limit else ""
 
 
 def mask_paths(field: str, paths: Iterable[str], allowed: Iterable[str]) -> list[str]:

@@ -30,10 +30,13 @@ def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
     cur.close()
 
 
-def make_engine(url: str) -> AsyncEngine:
+def make_engine(url: str, *, connections: int | None = None) -> AsyncEngine:
+    """An engine with its own connection pool: `connections` at most when given (no overflow), else
+    SQLAlchemy's default pool."""
+    sizing: dict[str, Any] = {} if connections is None else {"pool_size": connections, "max_overflow": 0}
     # hide_parameters: no log line or error message of SQLAlchemy's carries a statement's values (a
     # sealed secret today, whatever a column holds tomorrow).
-    engine = create_async_engine(url, pool_pre_ping=True, hide_parameters=True)
+    engine = create_async_engine(url, pool_pre_ping=True, hide_parameters=True, **sizing)
     if engine.dialect.name == "sqlite":
         event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
     return engine

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -67,6 +68,10 @@ def test_retention_keeps_exactly_n_points_in_the_database_and_on_the_target(ctl_
         kept = {p.id for p in on_target.restore_points}
         assert kept == {p.name.rsplit("/", 1)[1] for p in points if p.vm_id == vm_id}
         assert len(kept) == 2
+
+
+# An offset past any integer the database takes (it used to end as INTERNAL: OverflowError).
+HUGE_OFFSET = base64.urlsafe_b64encode(b"o:" + b"9" * 40).decode()
 
 
 def _bad_calls(stub: Any) -> list[tuple[str, Callable[[], Any]]]:
@@ -162,6 +167,12 @@ def _bad_calls(stub: Any) -> list[tuple[str, Callable[[], Any]]]:
         ("job", lambda: stub.ListSessions(api.ListSessionsRequest(job="job1"))),
         ("page_size", lambda: stub.ListJobs(api.ListJobsRequest(page_size=-1))),
         ("page_token", lambda: stub.ListHosts(api.ListHostsRequest(page_token="garbage"))),
+        ("page_token", lambda: stub.ListSessions(api.ListSessionsRequest(page_token=HUGE_OFFSET))),
+        ("page_token", lambda: stub.ListTargets(api.ListTargetsRequest(page_token=HUGE_OFFSET))),
+        (
+            "page_token",
+            lambda: stub.ListJobs(api.ListJobsRequest(page_token=base64.urlsafe_b64encode(b"\xff").decode())),
+        ),
         ("parent", lambda: stub.ListRestorePoints(api.ListJobRestorePointsRequest(parent="job1"))),
     ]
 
@@ -324,3 +335,16 @@ def test_cli_sets_schedule_webhook_and_retries(ctl_raw: ControllerEnv) -> None:
     assert bad.returncode == 1 and "INVALID_ARGUMENT: job.schedule.cron" in bad.stderr
     ctl_raw.cli("job", "update", "nightly", "--schedule", "{}")
     assert json.loads(ctl_raw.cli("job", "show", "nightly", "--json").stdout).get("schedule", {}) == {}  # manual
+
+
+def test_an_internal_error_names_the_controllers_log(ctl_raw: ControllerEnv) -> None:
+    ctl_raw.configure(vms=("vm2",))
+    session = ctl_raw.run_job()
+    log_file = ctl_raw.work / "controller" / "sessions" / f"{session.name.removeprefix('sessions/')}.log"
+    log_file.unlink()
+    log_file.mkdir()  # a session log the controller cannot read: an error no rule of the API describes
+    with pytest.raises(grpc.RpcError) as err:
+        ctl_raw.client("reader").GetSessionLog(api.GetSessionLogRequest(name=session.name))
+    assert err.value.code() is grpc.StatusCode.INTERNAL
+    assert err.value.details() == "internal error; see the controller's log"
+    assert any(e.get("event") == "rpc_internal_error" for e in ctl_raw.controller.events())

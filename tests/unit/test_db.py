@@ -5,17 +5,20 @@ from __future__ import annotations
 import datetime as dt
 import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from cryptography.fernet import Fernet
-from sqlalchemy import JSON, column, insert, inspect, select, table, text
+from sqlalchemy import JSON, DateTime, column, insert, inspect, select, table, text
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from controller import paging
+from controller.api import BY_NAME, RESTORE_POINTS, SESSIONS
 from controller.db.engine import downgrade, make_engine, migrate, open_database, sqlite_url
-from controller.db.models import Base, Credential, Host, Job, JobVm, Target
+from controller.db.models import Base, Credential, Host, Job, JobVm, RestorePoint, Session, Target
 from controller.db.secrets import SecretBox, create_key_file
 from vmrepl.errors import ConfigError, SecurityError
 
@@ -150,3 +153,38 @@ async def test_migration_seals_stored_webhook_urls_and_needs_the_key(tmp_path: P
     for f in tmp_path.glob("c.db*"):  # SQLite: the clear URL's old bytes were overwritten, not left free
         data = f.read_bytes()
         assert b"hook-pw-1d7c" not in data and b"tok-q-5e2a" not in data, f
+
+
+@pytest.mark.parametrize(
+    ("keyset", "where", "index"),
+    [
+        (SESSIONS, None, "ix_sessions_started_at_id"),
+        (SESSIONS, Session.job_id == "j", "ix_sessions_job_id_started_at_id"),
+        (RESTORE_POINTS, RestorePoint.job_id == "j", "ix_restore_points_job_id_created_at_id"),
+        (BY_NAME[Job], None, "sqlite_autoindex_jobs"),
+    ],
+)
+async def test_a_page_deep_in_a_list_is_an_index_range_read(
+    tmp_path: Path, keyset: paging.Keyset, where: Any, index: str
+) -> None:
+    """SQLite's plan for the page after a token: a search in the index, no scan, no sort."""
+    engine, _ = await open_database(sqlite_url(tmp_path / "c.db"))
+    try:
+        row = keyset.model(**{c.key: "x" for c in keyset.columns})
+        for c in keyset.columns:
+            if isinstance(c.type, DateTime):
+                setattr(row, c.key, dt.datetime(2026, 11, 30, tzinfo=dt.UTC))
+        q = paging.page_query(keyset, limit=100, token=keyset.token(row), where=where)
+        compiled = q.compile(dialect=engine.dialect)
+        params = tuple(
+            v.strftime("%Y-%m-%d %H:%M:%S.%f") if isinstance(v, dt.datetime) else v
+            for v in (compiled.params[k] for k in compiled.positiontup or ())
+        )
+        async with engine.connect() as conn:
+            plan = " ".join(
+                str(list(r)[3]) for r in await conn.exec_driver_sql(f"EXPLAIN QUERY PLAN {compiled}", params)
+            )
+        assert plan.startswith(f"SEARCH {keyset.model.__tablename__} USING") and index in plan, plan
+        assert "TEMP B-TREE" not in plan, plan
+    finally:
+        await engine.dispose()

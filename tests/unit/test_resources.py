@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import base64
+import datetime as dt
+import json
+
 import pytest
 from cryptography.fernet import Fernet
 
+from controller import paging
 from controller import resources as res
 from controller.db.secrets import SecretBox
 from protos.vmrepl.v1 import controller_pb2 as api
@@ -39,3 +44,38 @@ def test_a_webhook_is_stored_sealed_and_a_shown_url_sent_back_keeps_it() -> None
     for bad in ("ftp://h/x", "https://h:99999/", "https://h/\x00", "http:///nohost", "https://h/" + "x" * 2048):
         with pytest.raises(InvalidArgument, match=r"^job\.webhook\.url:"):
             res._webhook(api.Webhook(url=bad), box, current=None)
+
+
+def b64(raw: bytes) -> str:
+    return base64.urlsafe_b64encode(raw).decode()
+
+
+def test_page_tokens_round_trip_and_anything_else_is_invalid_argument() -> None:
+    from controller.api import BY_NAME, SESSIONS
+    from controller.db.models import Job, Session
+
+    t = dt.datetime(2026, 11, 30, 17, 1, 2, 345678)
+    token = SESSIONS.token(Session(started_at=t, id="ab12"))  # naive, as SQLite returns it: UTC
+    assert SESSIONS.parse(token) == [t.replace(tzinfo=dt.UTC), "ab12"]
+    assert BY_NAME[Job].parse(BY_NAME[Job].token(Job(name="web"))) == ["web"]
+    assert paging.line_offset(paging.line_token(42)) == 42 and paging.line_offset("") == 0
+    bad = [
+        "garbage",
+        b64(b"o:" + b"9" * 40),  # an old offset token, past every integer type
+        b64(b"\xff"),
+        b64(json.dumps(["sessions", "not a time", "x"]).encode()),
+        b64(json.dumps(["sessions", t.isoformat()]).encode()),
+        b64(json.dumps(["jobs", "web"]).encode()),  # another list's token
+        b64(json.dumps(["sessions", 5, "x"]).encode()),
+        "A" * 2000,
+    ]
+    for token in bad:
+        with pytest.raises(InvalidArgument, match=r"^page_token:"):
+            SESSIONS.parse(token)
+    for token in (b64(json.dumps(["line", 10**40]).encode()), b64(json.dumps(["line", -1]).encode()), bad[0]):
+        with pytest.raises(InvalidArgument, match=r"^page_token:"):
+            paging.line_offset(token)
+    with pytest.raises(InvalidArgument, match=r"^page_size:"):
+        paging.page_size(-1)
+    assert paging.page_size(0) == paging.DEFAULT_PAGE and paging.page_size(10**9) == paging.MAX_PAGE
+    assert paging.page_size(10**9, paging.MAX_SESSION_PAGE) == 100
