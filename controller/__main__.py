@@ -23,7 +23,7 @@ from controller.scheduler import Scheduler, utc_now
 from controller.session_log import SessionLogHandler
 from controller.slots import SlotBoard
 from protos.vmrepl.v1 import controller_pb2
-from vmrepl.call_limits import CallLimits, Limits
+from vmrepl.call_limits import CallLimits
 from vmrepl.daemon import run_daemon, serve_services
 from vmrepl.logs import get_logger
 from vmrepl.metrics import serve_metrics
@@ -33,13 +33,18 @@ from vmrepl.security.ticket import load_signing_key
 log = get_logger("vmrepl.controller")
 
 
-async def serve(settings: ControllerSettings) -> None:
-    settings.data_dir.mkdir(parents=True, exist_ok=True)
+def secret_box(settings: ControllerSettings) -> SecretBox:
+    """The keys of secrets at rest; a first start makes the key file."""
     key_file = settings.key_file()
     if not key_file.exists():
         create_key_file(key_file)
         log.info("secret_key_created", path=str(key_file))
-    secrets = SecretBox.from_file(key_file)
+    return SecretBox.from_file(key_file)
+
+
+async def serve(settings: ControllerSettings) -> None:
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    secrets = secret_box(settings)
     engine_db, sessions = await open_database(settings.db_url(), secrets=secrets)
     # API reads get a pool of their own, so a flood of them never makes the engine wait for a connection.
     api_db = make_engine(settings.db_url(), connections=settings.api_database_connections)
@@ -92,15 +97,7 @@ async def serve(settings: ControllerSettings) -> None:
         max_message_bytes=4 << 20,
         on_stop=stop,
         agent="controller",
-        interceptors=[
-            CallLimits(
-                Limits(
-                    per_client=settings.api_calls_per_client,
-                    total=settings.api_calls_total,
-                    retry_after_seconds=settings.api_retry_after_seconds,
-                )
-            )
-        ],
+        interceptors=[CallLimits(settings.api_limits())],
         database=engine_db.dialect.name,
     )
 

@@ -8,6 +8,7 @@ from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
 from controller.db.engine import sqlite_url
+from vmrepl.call_limits import Limits
 from vmrepl.config import LogSettings, ProgramSettings, TlsSettings
 
 
@@ -54,6 +55,13 @@ class ControllerSettings(ProgramSettings):
 
     def db_url(self) -> str:
         return self.database_url or sqlite_url(self.data_dir / "controller.db")
+
+    def api_limits(self) -> Limits:
+        return Limits(
+            per_client=self.api_calls_per_client,
+            total=self.api_calls_total,
+            retry_after_seconds=self.api_retry_after_seconds,
+        )
 
     def key_file(self) -> Path:
         return self.secret_key_file or self.data_dir / "secret.key"
