@@ -74,7 +74,7 @@ class SessionRun:
         if planned is not None:
             return
         target = self.parts.agents.target(self.sc.target.address, self.sc.target.tls_server_name)
-        if not await self.parts.agents.healthy(target):
+        if not await self.parts.agents.ready(target):
             raise FailedPrecondition(f"target {self.sc.target.name} does not answer its health check")
         entries: list[SessionVm | Task] = []
         for jv in job_vms:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -348,3 +349,27 @@ def test_an_internal_error_names_the_controllers_log(ctl_raw: ControllerEnv) -> 
     assert err.value.code() is grpc.StatusCode.INTERNAL
     assert err.value.details() == "internal error; see the controller's log"
     assert any(e.get("event") == "rpc_internal_error" for e in ctl_raw.controller.events())
+
+
+def _restart_target_on_its_port(ctl: ControllerEnv) -> None:
+    port = ctl.target.port
+    config = lab.target_config(ctl.work, ctl.certs, listen=f"127.0.0.1:{port}", level="debug")
+    ctl.target = lab.AgentProcess("target_agent", config, ctl.work / "target.log")  # stopped by the fixture
+    ctl.target.start()
+    assert ctl.target.port == port
+
+
+def test_a_session_started_while_its_target_restarts_waits_for_it(ctl_raw: ControllerEnv) -> None:
+    ctl_raw.configure(vms=("vm2",))
+    assert ctl_raw.run_job().state == api.SESSION_STATE_SUCCEEDED  # the controller's channel is connected
+    ctl_raw.target.stop()
+    session = ctl_raw.client().StartJob(api.StartJobRequest(name="jobs/job1"))  # planning finds it down
+    time.sleep(1)
+    _restart_target_on_its_port(ctl_raw)
+    final = ctl_raw.wait_session(session.name, timeout=60)
+    assert final.state == api.SESSION_STATE_SUCCEEDED, final.error
+    # And a session started right after a restart (the channel may still be waiting to reconnect).
+    ctl_raw.target.stop()
+    _restart_target_on_its_port(ctl_raw)
+    again = ctl_raw.run_job()
+    assert again.state == api.SESSION_STATE_SUCCEEDED, again.error
