@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+import sqlite3
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -14,6 +15,7 @@ import pytest
 from google.protobuf import field_mask_pb2
 
 from controller import lab
+from controller.journal import CRASH_EXIT_CODE
 from protos.vmrepl.v1 import controller_pb2 as api
 from protos.vmrepl.v1 import target_pb2
 from tests.integration.conftest import qemu_identical
@@ -373,3 +375,29 @@ def test_a_session_started_while_its_target_restarts_waits_for_it(ctl_raw: Contr
     _restart_target_on_its_port(ctl_raw)
     again = ctl_raw.run_job()
     assert again.state == api.SESSION_STATE_SUCCEEDED, again.error
+
+
+def test_a_stop_recorded_after_every_disk_and_restore_point_is_done_leaves_the_session_succeeded(
+    ctl_raw: ControllerEnv,
+) -> None:
+    ctl_raw.configure(vms=("vm2",))
+    ctl_raw.restart_controller(level="debug")
+    assert ctl_raw.run_job().state == api.SESSION_STATE_SUCCEEDED
+    changes = [e for e in ctl_raw.controller.events() if e.get("event") == "state_changed"]
+    assert changes[-1]["change"] == "session ended" and changes[-2]["change"] == "vm done", changes
+    # The next session stops right after its last VM is done, before the session is closed: the
+    # controller exits there (test hook), and a stop is recorded meanwhile as StopJob records it.
+    ctl_raw.restart_controller(test_crash_at_transition=len(changes) - 1)
+    proc = ctl_raw.controller.proc
+    assert proc is not None
+    session = ctl_raw.client().StartJob(api.StartJobRequest(name="jobs/job1"))
+    assert proc.wait(60) == CRASH_EXIT_CODE
+    crash = [e for e in ctl_raw.controller.events() if e.get("event") == "crash_hook_exit"]
+    assert crash[-1]["change"] == "vm done", crash
+    sid = session.name.removeprefix("sessions/")
+    with sqlite3.connect(ctl_raw.work / "controller" / "controller.db") as db:
+        assert db.execute("UPDATE sessions SET state = 'stopping' WHERE id = ?", (sid,)).rowcount == 1
+    ctl_raw.restart_controller()  # continues the stopping session: nothing is left to do but close it
+    final = ctl_raw.wait_session(session.name)
+    assert final.state == api.SESSION_STATE_SUCCEEDED, (final.state, final.error)
+    assert len(ctl_raw.points()) == 2 and [v.state for v in final.vms] == ["done"]
