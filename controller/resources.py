@@ -6,9 +6,12 @@ Every error names the request field it is about (`host.address`, `update_mask`).
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
+import os
 import re
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
@@ -126,7 +129,7 @@ async def apply_host(db: AsyncSession, msg: api.Host, row: Host, paths: Iterable
         elif path == "address":
             if not msg.address or len(msg.address) > 1024:
                 raise InvalidArgument("host.address", "is required, up to 1024 characters")
-            row.address = msg.address
+            row.address = check_printable("host.address", msg.address)
         elif path == "credential":
             cred = (
                 await by_name(db, Credential, "host.credential", msg.credential, "credentials")
@@ -134,8 +137,44 @@ async def apply_host(db: AsyncSession, msg: api.Host, row: Host, paths: Iterable
                 else None
             )
             row.credential_id = cred.id if cred else None
-    if row.provider == "file" and not row.address.startswith("/") and not re.match(r"^[A-Za-z]:\\", row.address):
-        raise InvalidArgument("host.address", "a file host's address is an absolute folder path")
+    if row.provider == "file":
+        await asyncio.to_thread(check_host_folder, "host.address", row.address)
+
+
+def check_printable(field: str, value: str) -> str:
+    """No NUL or other control character: such a value is never a name or a path anything can use."""
+    if any(ord(c) < 32 or ord(c) == 127 for c in value):
+        raise InvalidArgument(field, "contains a NUL or another control character")
+    return value
+
+
+# A file host's folder holds VM folders; the controller reads it and writes its state under it, and the
+# proxies read it: never the system's own folders. SYSTEM_TREES are refused with everything inside them;
+# SYSTEM_FOLDERS themselves only (a host folder may lie inside /var, /srv or /tmp).
+SYSTEM_TREES = frozenset(
+    ["/bin", "/boot", "/dev", "/etc", "/lib", "/lib32", "/lib64", "/libx32", "/proc", "/run", "/sbin", "/sys", "/usr"]
+)
+SYSTEM_FOLDERS = frozenset(["/home", "/media", "/mnt", "/opt", "/root", "/srv", "/tmp", "/var"])
+
+
+def check_host_folder(field: str, address: str) -> str:
+    """A file host's address: an absolute path to an existing folder the controller sees (the proxies see
+    it under the same path), not the file system's root nor a system folder. Symlinks are followed
+    before the checks."""
+    check_printable(field, address)
+    if not os.path.isabs(address):
+        raise InvalidArgument(field, f"{address!r}: a file host's address is an absolute folder path")
+    real = Path(os.path.realpath(address))
+    if not real.is_dir():
+        raise InvalidArgument(field, f"{address!r} is not a folder the controller can see")
+    if real == Path(real.anchor):
+        raise InvalidArgument(field, f"{address!r} is the root of the file system: give the folder of the VM folders")
+    if str(real) in SYSTEM_FOLDERS:
+        raise InvalidArgument(field, f"{address!r} is a system folder: give the folder of the VM folders")
+    for tree in sorted(SYSTEM_TREES):
+        if real == Path(tree) or Path(tree) in real.parents:
+            raise InvalidArgument(field, f"{address!r} lies in the system folder {tree}")
+    return address
 
 
 # ---- proxies and targets ------------------------------------------------------------------------------
@@ -268,6 +307,7 @@ def _vms(msg: api.Job) -> list[JobVm]:
     for i, v in enumerate(msg.vms):
         if not v.vm or len(v.vm) > 256:
             raise InvalidArgument(f"job.vms[{i}].vm", "is required: a VM id or name, up to 256 characters")
+        check_printable(f"job.vms[{i}].vm", v.vm)
         if v.vm in seen:
             raise InvalidArgument(f"job.vms[{i}].vm", f"{v.vm!r} is listed twice")
         seen.add(v.vm)
@@ -276,11 +316,31 @@ def _vms(msg: api.Job) -> list[JobVm]:
 
 
 async def apply_job(db: AsyncSession, msg: api.Job, row: Job, paths: Iterable[str], *, secrets: SecretBox) -> None:
+    paths = list(paths)
     for path in paths:
         if path == "webhook":
             row.webhook = _webhook(msg.webhook, secrets, current=row.webhook)
         else:
             await _apply_job_field(db, msg, row, path)
+    if "replica_root" in paths or "target" in paths:
+        others = await db.execute(
+            select(Job.name, Job.replica_root).where(Job.target_id == row.target_id, Job.id != row.id)
+        )
+        for name, root in others.tuples():
+            if roots_overlap(row.replica_root, root):
+                raise InvalidArgument(
+                    "job.replica_root",
+                    f"{row.replica_root!r} overlaps {root!r} of jobs/{name} on the same target: each job "
+                    "needs a folder of its own, neither inside the other",
+                )
+
+
+def roots_overlap(a: str, b: str) -> bool:
+    """Whether one replica root is the other or inside it, component by component and ignoring case (a
+    Windows target's folders do)."""
+    pa, pb = a.casefold().split("/"), b.casefold().split("/")
+    n = min(len(pa), len(pb))
+    return pa[:n] == pb[:n]
 
 
 async def _apply_job_field(db: AsyncSession, msg: api.Job, row: Job, path: str) -> None:  # noqa: PLR0912

@@ -80,6 +80,7 @@ class SessionRun:
         for jv in job_vms:
             try:
                 vm = await self.sc.provider.get_vm(jv.vm_ref)
+                self.sc.replica_path(vm.vm_id)  # a VM whose id cannot name its replica folder fails here, alone
             except ERRORS as e:
                 entries.append(
                     SessionVm(

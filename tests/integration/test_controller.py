@@ -20,6 +20,7 @@ from protos.vmrepl.v1 import controller_pb2 as api
 from protos.vmrepl.v1 import target_pb2
 from tests.integration.conftest import qemu_identical
 from tests.integration.controller_env import ControllerEnv, make_env
+from vmrepl.extent import MiB
 
 pytestmark = pytest.mark.integration
 
@@ -77,7 +78,7 @@ def test_retention_keeps_exactly_n_points_in_the_database_and_on_the_target(ctl_
 HUGE_OFFSET = base64.urlsafe_b64encode(b"o:" + b"9" * 40).decode()
 
 
-def _bad_calls(stub: Any) -> list[tuple[str, Callable[[], Any]]]:
+def _bad_calls(stub: Any, work: Path) -> list[tuple[str, Callable[[], Any]]]:
     job = api.Job(host="hosts/lab", target="targets/target", replica_root="r/j", vms=[api.JobVm(vm="vm1")])
 
     def job_with(**over: Any) -> Callable[[], Any]:
@@ -94,6 +95,11 @@ def _bad_calls(stub: Any) -> list[tuple[str, Callable[[], Any]]]:
             else:
                 setattr(j, k, v)
         return lambda: stub.CreateJob(api.CreateJobRequest(job_id="jx", job=j))
+
+    def file_host(address: str) -> Callable[[], Any]:
+        return lambda: stub.CreateHost(
+            api.CreateHostRequest(host_id="h2", host=api.Host(provider="file", address=address))
+        )
 
     return [
         ("credential_id", lambda: stub.CreateCredential(api.CreateCredentialRequest(credential_id="Bad Id"))),
@@ -118,6 +124,20 @@ def _bad_calls(stub: Any) -> list[tuple[str, Callable[[], Any]]]:
                 api.CreateHostRequest(host_id="h2", host=api.Host(provider="file", address="rel/x"))
             ),
         ),
+        ("host.address", file_host("/")),
+        ("host.address", file_host("/etc")),
+        ("host.address", file_host("/usr/lib")),
+        ("host.address", file_host("/dev/null")),
+        ("host.address", file_host(str(work / "controller.toml"))),  # a file, not a folder
+        ("host.address", file_host(str(work / "no-such-folder"))),
+        ("host.address", file_host(f"{work}/host\x00/x")),
+        ("host.address", file_host("/tmp")),
+        (
+            "host.address",
+            lambda: stub.CreateHost(
+                api.CreateHostRequest(host_id="h3", host=api.Host(provider="hyperv", address="hv\x00"))
+            ),
+        ),
         (
             "proxy.address",
             lambda: stub.CreateProxy(api.CreateProxyRequest(proxy_id="p2", proxy=api.Proxy(address="nope"))),
@@ -138,6 +158,12 @@ def _bad_calls(stub: Any) -> list[tuple[str, Callable[[], Any]]]:
         ("job.host", job_with(host="lab")),
         ("job.target", job_with(target="nope/target")),
         ("job.replica_root", job_with(replica_root="../escape")),
+        # job1's is replicas/job1 on the same target: neither the same, nor around it, nor inside it
+        ("job.replica_root", job_with(replica_root="replicas/job1")),
+        ("job.replica_root", job_with(replica_root="Replicas/JOB1")),
+        ("job.replica_root", job_with(replica_root="replicas")),
+        ("job.replica_root", job_with(replica_root="replicas/job1/more")),
+        ("job.vms[0].vm", job_with(vms=[api.JobVm(vm="vm1\x00")])),
         ("job.vms", job_with(vms=[])),
         ("job.vms[1].vm", job_with(vms=[api.JobVm(vm="vm1"), api.JobVm(vm="vm1")])),
         ("job.restore_points_to_keep", job_with(restore_points_to_keep=-1)),
@@ -183,12 +209,23 @@ def _bad_calls(stub: Any) -> list[tuple[str, Callable[[], Any]]]:
 def test_every_bad_argument_is_invalid_argument_naming_the_field(ctl_raw: ControllerEnv) -> None:
     ctl_raw.configure()
     stub = ctl_raw.client()
-    for field, call in _bad_calls(stub):
+    for field, call in _bad_calls(stub, ctl_raw.work):
         with pytest.raises(grpc.RpcError) as err:
             call()
         assert err.value.code() is grpc.StatusCode.INVALID_ARGUMENT, (field, err.value.details())
         assert err.value.details().startswith(f"{field}:"), (field, err.value.details())
     assert [j.name for j in stub.ListJobs(api.ListJobsRequest()).jobs] == ["jobs/job1"]  # nothing was created
+    assert [h.name for h in stub.ListHosts(api.ListHostsRequest()).hosts] == ["hosts/lab"]
+    # A root beside job1's is fine, as is the same root on another target.
+    ok = api.Job(host="hosts/lab", target="targets/target", replica_root="replicas/job10", vms=[api.JobVm(vm="vm1")])
+    stub.CreateJob(api.CreateJobRequest(job_id="job10", job=ok))
+    stub.CreateTarget(api.CreateTargetRequest(target_id="t2", target=api.Target(address="h:1")))
+    ok.replica_root, ok.target = "replicas/job1", "targets/t2"
+    stub.CreateJob(api.CreateJobRequest(job_id="job11", job=ok))
+    mask = field_mask_pb2.FieldMask(paths=["target"])  # moving it to job1's target makes them overlap
+    with pytest.raises(grpc.RpcError) as err:
+        stub.UpdateJob(api.UpdateJobRequest(job=api.Job(name="jobs/job11", target="targets/target"), update_mask=mask))
+    assert err.value.code() is grpc.StatusCode.INVALID_ARGUMENT and "jobs/job1 " in err.value.details()
 
 
 def test_pages_and_updates(ctl_raw: ControllerEnv) -> None:
@@ -401,3 +438,20 @@ def test_a_stop_recorded_after_every_disk_and_restore_point_is_done_leaves_the_s
     final = ctl_raw.wait_session(session.name)
     assert final.state == api.SESSION_STATE_SUCCEEDED, (final.state, final.error)
     assert len(ctl_raw.points()) == 2 and [v.state for v in final.vms] == ["done"]
+
+
+def test_a_vm_whose_id_is_no_plain_name_fails_alone_and_nests_no_replica(ctl_raw: ControllerEnv) -> None:
+    from vmrepl.providers.filehost import load_manifest, write_manifest
+
+    vm_dir = lab.create_raw_vm(ctl_raw.host, "odd", size=MiB, seed=21)
+    manifest = load_manifest(vm_dir)
+    manifest.id = "evil/nested"  # a folder copied and edited by hand, or another provider's id
+    write_manifest(vm_dir, manifest)
+    ctl_raw.configure(vms=("vm2", "odd"), retries=0)
+    session = ctl_raw.run_job()
+    assert session.state == api.SESSION_STATE_FAILED
+    vms = {v.vm_name: v for v in session.vms}
+    assert vms["vm2"].state == "done", vms["vm2"]
+    assert vms["odd"].state == "failed" and "cannot name a replica folder" in vms["odd"].error, vms["odd"]
+    assert not (ctl_raw.work / "datastore" / "replicas" / "job1" / "evil").exists()
+    assert len(ctl_raw.points()) == 1

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import datetime as dt
 import json
+from pathlib import Path
 
 import pytest
 from cryptography.fernet import Fernet
@@ -12,8 +13,9 @@ from cryptography.fernet import Fernet
 from controller import paging
 from controller import resources as res
 from controller.db.secrets import SecretBox
+from controller.runtime import replica_folder
 from protos.vmrepl.v1 import controller_pb2 as api
-from vmrepl.errors import InvalidArgument
+from vmrepl.errors import FailedPrecondition, InvalidArgument
 
 HOOK_URL = "https://hookuser:hook-pw-1d7c@hooks.example:8443/notify/T0K-path?token=tok-q-5e2a"
 
@@ -79,3 +81,42 @@ def test_page_tokens_round_trip_and_anything_else_is_invalid_argument() -> None:
         paging.page_size(-1)
     assert paging.page_size(0) == paging.DEFAULT_PAGE and paging.page_size(10**9) == paging.MAX_PAGE
     assert paging.page_size(10**9, paging.MAX_SESSION_PAGE) == 100
+
+
+def test_replica_roots_overlap_when_one_is_the_other_or_inside_it() -> None:
+    assert res.roots_overlap("replicas/web", "replicas/web")
+    assert res.roots_overlap("replicas/web", "Replicas/WEB")  # a Windows target ignores case
+    assert res.roots_overlap("replicas", "replicas/web")
+    assert res.roots_overlap("replicas/web/sql", "replicas/web")
+    assert not res.roots_overlap("replicas/web", "replicas/web2")
+    assert not res.roots_overlap("replicas/web", "archive/web")
+
+
+def test_a_file_hosts_folder_is_an_existing_folder_outside_the_systems(tmp_path: Path) -> None:
+    (tmp_path / "hosts").mkdir()
+    (tmp_path / "file").write_text("x")
+    (tmp_path / "to-etc").symlink_to("/etc")
+    assert res.check_host_folder("host.address", str(tmp_path / "hosts")) == str(tmp_path / "hosts")
+    bad = {
+        "/": "root of the file system",
+        "/etc": "system folder /etc",
+        "/usr/share": "system folder /usr",
+        "/dev/null": "not a folder",
+        "/tmp": "a system folder",
+        str(tmp_path / "file"): "not a folder",
+        str(tmp_path / "missing"): "not a folder",
+        str(tmp_path / "to-etc"): "system folder /etc",  # followed
+        "relative/hosts": "absolute",
+        f"{tmp_path}/hosts\x00": "NUL",
+    }
+    for address, why in bad.items():
+        with pytest.raises(InvalidArgument, match=r"^host\.address: ") as err:
+            res.check_host_folder("host.address", address)
+        assert why in str(err.value), (address, str(err.value))
+
+
+def test_a_replica_folder_is_the_vm_id_as_one_plain_name() -> None:
+    assert replica_folder("5f0c1c1e-3b7e-4e55-9d0e-0c3e4f1a2b3c") == "5f0c1c1e-3b7e-4e55-9d0e-0c3e4f1a2b3c"
+    for vm_id in ("evil/nested", "..", ".", "", "a\\b", "/abs", "x" * 129):
+        with pytest.raises(FailedPrecondition, match="cannot name a replica folder"):
+            replica_folder(vm_id)
