@@ -455,3 +455,22 @@ def test_a_vm_whose_id_is_no_plain_name_fails_alone_and_nests_no_replica(ctl_raw
     assert vms["odd"].state == "failed" and "cannot name a replica folder" in vms["odd"].error, vms["odd"]
     assert not (ctl_raw.work / "datastore" / "replicas" / "job1" / "evil").exists()
     assert len(ctl_raw.points()) == 1
+
+
+def test_sessions_and_restore_points_page_by_key_newest_first(ctl_db: ControllerEnv) -> None:
+    ctl_db.configure(vms=("vm2",))
+    ran = [ctl_db.run_job().name for _ in range(3)]
+    stub = ctl_db.client("reader")
+    first = stub.ListSessions(api.ListSessionsRequest(page_size=2))
+    rest = stub.ListSessions(api.ListSessionsRequest(page_size=2, page_token=first.next_page_token))
+    assert [s.name for s in [*first.sessions, *rest.sessions]] == ran[::-1] and not rest.next_page_token
+    one = stub.ListSessions(api.ListSessionsRequest(job="jobs/job1", page_size=1, page_token=first.next_page_token))
+    assert [s.name for s in one.sessions] == ran[:1]
+    points = stub.ListRestorePoints(api.ListJobRestorePointsRequest(parent="jobs/job1", page_size=2))
+    more = stub.ListRestorePoints(
+        api.ListJobRestorePointsRequest(parent="jobs/job1", page_size=2, page_token=points.next_page_token)
+    )
+    assert [p.session for p in [*points.restore_points, *more.restore_points]] == ran  # oldest first
+    with pytest.raises(grpc.RpcError) as err:  # a token of another list
+        stub.ListRestorePoints(api.ListJobRestorePointsRequest(parent="jobs/job1", page_token=first.next_page_token))
+    assert err.value.code() is grpc.StatusCode.INVALID_ARGUMENT
