@@ -110,7 +110,8 @@ class Notifier:
                     if reply.status_code >= 300:
                         log.warning("webhook_refused", webhook=host, status=reply.status_code, attempt=n)
                         raise DeliveryFailed(f"HTTP {reply.status_code}")
-        except (DeliveryFailed, httpx.HTTPError) as e:
+        except (DeliveryFailed, httpx.HTTPError, httpx.InvalidURL, ValueError) as e:
+            # The exception's type only: httpx's messages may quote the URL.
             log.error("webhook_failed", webhook=host, session=body["session"], error=type(e).__name__)
             return "failed"
         log.info("webhook_sent", webhook=host, session=body["session"], state=body["state"])
