@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import datetime as dt
 import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -188,3 +190,39 @@ async def test_a_page_deep_in_a_list_is_an_index_range_read(
         assert "TEMP B-TREE" not in plan, plan
     finally:
         await engine.dispose()
+
+
+_LOG_PROBE = """
+import asyncio, logging, sys
+from sqlalchemy import text
+from controller.db.engine import make_engine
+from vmrepl.logs import configure_logging
+
+configure_logging(level="debug")
+logging.getLogger("sqlalchemy.engine").setLevel(logging.INFO)  # SQL echo turned on: statements, never values
+
+
+async def main() -> None:
+    engine = make_engine(sys.argv[1])
+    async with engine.begin() as conn:
+        await conn.execute(text("CREATE TABLE probe_t (v TEXT)"))
+        await conn.execute(text("INSERT INTO probe_t VALUES (:v)"), {"v": "param-5ecret-41"})
+        try:
+            await conn.execute(text("INSERT INTO probe_none VALUES (:v)"), {"v": "param-5ecret-41"})
+        except Exception:
+            logging.getLogger("probe").exception("statement_failed")
+        await conn.rollback()
+    await engine.dispose()
+
+
+asyncio.run(main())
+"""
+
+
+def test_no_library_logs_statement_parameters_at_debug_level(db_url: str) -> None:
+    out = subprocess.run(
+        [sys.executable, "-c", _LOG_PROBE, db_url], capture_output=True, text=True, timeout=60, check=True
+    )
+    logged = out.stdout + out.stderr
+    assert "INSERT INTO probe_t" in logged and "statement_failed" in logged, logged  # it did log, at debug
+    assert "param-5ecret-41" not in logged, logged
