@@ -78,6 +78,10 @@ async def test_per_client_limit_refuses_the_excess_with_a_retry_hint(ctl_raw: Co
         with pytest.raises(grpc.aio.AioRpcError) as err:
             await reader.GetJob(api.GetJobRequest(name="jobs/job1"), timeout=10)
         assert "retry in 1 s" in (err.value.details() or "")
+        one_more = reader.WatchSession(api.WatchSessionRequest(name=session.name), timeout=10)
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await one_more.read()
+        assert err.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
         # Another certificate is not held up by the reader's, nor is the health check.
         assert (await operator.GetJob(api.GetJobRequest(name="jobs/job1"), timeout=10)).name == "jobs/job1"
         for w in watches:
