@@ -7,11 +7,13 @@ import contextlib
 import datetime as dt
 import logging
 
+from sqlalchemy.ext.asyncio import async_sessionmaker
+
 from controller import metrics
 from controller.agents import AgentPool
 from controller.api import ControllerServicer
 from controller.config import ControllerSettings
-from controller.db.engine import open_database
+from controller.db.engine import make_engine, open_database
 from controller.db.secrets import SecretBox, create_key_file
 from controller.engine import Engine
 from controller.journal import Journal
@@ -21,6 +23,7 @@ from controller.scheduler import Scheduler, utc_now
 from controller.session_log import SessionLogHandler
 from controller.slots import SlotBoard
 from protos.vmrepl.v1 import controller_pb2
+from vmrepl.call_limits import CallLimits
 from vmrepl.daemon import run_daemon, serve_services
 from vmrepl.logs import get_logger
 from vmrepl.metrics import serve_metrics
@@ -30,14 +33,21 @@ from vmrepl.security.ticket import load_signing_key
 log = get_logger("vmrepl.controller")
 
 
-async def serve(settings: ControllerSettings) -> None:
-    settings.data_dir.mkdir(parents=True, exist_ok=True)
+def secret_box(settings: ControllerSettings) -> SecretBox:
+    """The keys of secrets at rest; a first start makes the key file."""
     key_file = settings.key_file()
     if not key_file.exists():
         create_key_file(key_file)
         log.info("secret_key_created", path=str(key_file))
-    secrets = SecretBox.from_file(key_file)
-    engine_db, sessions = await open_database(settings.db_url())
+    return SecretBox.from_file(key_file)
+
+
+async def serve(settings: ControllerSettings) -> None:
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    secrets = secret_box(settings)
+    engine_db, sessions = await open_database(settings.db_url(), secrets=secrets)
+    # API reads get a pool of their own, so a flood of them never makes the engine wait for a connection.
+    api_db = make_engine(settings.db_url(), connections=settings.api_database_connections)
     journal = Journal(sessions, crash_at=settings.test_crash_at_transition)
     agents = AgentPool(settings.tls)
     parts = EngineParts(
@@ -52,7 +62,12 @@ async def serve(settings: ControllerSettings) -> None:
     session_logs = settings.data_dir / "sessions"
     logging.getLogger().addHandler(SessionLogHandler(session_logs))
     servicer = ControllerServicer(
-        journal=journal, engine=engine, secrets=secrets, live=parts.live, session_logs=session_logs
+        journal=journal,
+        reads=async_sessionmaker(api_db, expire_on_commit=False),
+        engine=engine,
+        secrets=secrets,
+        live=parts.live,
+        session_logs=session_logs,
     )
 
     serve_metrics(settings.metrics_listen, settings.tls, plain_http=settings.metrics_plain_http)
@@ -60,7 +75,9 @@ async def serve(settings: ControllerSettings) -> None:
     clock = (lambda: utc_now() + offset) if offset else utc_now
     scheduler = asyncio.create_task(Scheduler(journal=journal, engine=engine, clock=clock).run(), name="scheduler")
     gauges = asyncio.create_task(metrics.keep_fresh(journal), name="metrics")
-    notifier = Notifier(journal=journal, render=servicer.session, backoff_seconds=settings.webhook_backoff_seconds)
+    notifier = Notifier(
+        journal=journal, secrets=secrets, render=servicer.session, backoff_seconds=settings.webhook_backoff_seconds
+    )
     webhooks = asyncio.create_task(notifier.run(), name="webhooks")
 
     async def stop() -> None:
@@ -70,6 +87,7 @@ async def serve(settings: ControllerSettings) -> None:
                 await background
         await engine.shutdown(settings.stop_timeout_seconds)
         await agents.close()
+        await api_db.dispose()
         await engine_db.dispose()
 
     await serve_services(
@@ -79,6 +97,7 @@ async def serve(settings: ControllerSettings) -> None:
         max_message_bytes=4 << 20,
         on_stop=stop,
         agent="controller",
+        interceptors=[CallLimits(settings.api_limits())],
         database=engine_db.dialect.name,
     )
 

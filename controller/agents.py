@@ -7,10 +7,14 @@ from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from tenacity import AsyncRetrying, retry_if_result, stop_after_delay, wait_exponential
 
 from protos.vmrepl.v1 import proxy_pb2_grpc, target_pb2_grpc
 from vmrepl.config import TlsSettings
 from vmrepl.rpc import secure_channel
+
+# How long a session start waits for its target to answer (a target restarted a second ago is still starting).
+READY_WITHIN_SECONDS = 20.0
 
 
 @dataclass
@@ -54,14 +58,28 @@ class AgentPool:
             self._clients[key] = target_client(address, self._tls, server_name=server_name)
         return self._clients[key]
 
-    async def healthy(self, client: AgentClient, *, within: float = 5.0) -> bool:
-        """Whether the agent answers its gRPC health check as SERVING within `within` seconds."""
+    async def healthy(self, client: AgentClient, *, within: float = 5.0, wait_for_ready: bool = False) -> bool:
+        """Whether the agent answers its gRPC health check as SERVING within `within` seconds
+        (`wait_for_ready`: waiting meanwhile for the channel to connect, instead of failing at once)."""
         stub = health_pb2_grpc.HealthStub(client.channel)
         try:
-            reply = await stub.Check(health_pb2.HealthCheckRequest(), timeout=within)
+            reply = await stub.Check(health_pb2.HealthCheckRequest(), timeout=within, wait_for_ready=wait_for_ready)
         except grpc.aio.AioRpcError:
             return False
         return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)
+
+    async def ready(self, client: AgentClient, *, within: float = READY_WITHIN_SECONDS) -> bool:
+        """Whether the agent answers SERVING within `within` seconds, asking again after short waits.
+        An agent restarted a moment ago is still starting, and the channel to its address may be waiting
+        to reconnect: one failed check is no reason to give up on it."""
+        retrying = AsyncRetrying(
+            stop=stop_after_delay(within),
+            wait=wait_exponential(multiplier=0.2, max=2.0),
+            retry=retry_if_result(lambda ok: not ok),
+            retry_error_callback=lambda _state: False,
+        )
+        ok: bool = await retrying(self.healthy, client, within=min(5.0, within), wait_for_ready=True)
+        return ok
 
     async def close(self) -> None:
         for c in self._clients.values():

@@ -14,8 +14,9 @@ from typing import Any, TypeVar
 
 from google.protobuf import empty_pb2
 from sqlalchemy import select
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from controller import paging
 from controller import resources as res
 from controller.db.models import (
     Credential,
@@ -44,14 +45,30 @@ READ = ("operator", "reader")
 WRITE = ("operator",)
 WATCH_INTERVAL = 0.5
 M = TypeVar("M")
+R = TypeVar("R")
+# The sort key of each list (unique, indexed): configuration by id, sessions newest first, points oldest first.
+BY_NAME: dict[Any, paging.Keyset] = {
+    m: paging.Keyset(m.__tablename__, [m.name]) for m in (Credential, Host, Proxy, Target, Job)
+}
+SESSIONS = paging.Keyset("sessions", [Session.started_at, Session.id], descending=True)
+RESTORE_POINTS = paging.Keyset("restorePoints", [RestorePoint.created_at, RestorePoint.id])
 
 
 class ControllerServicer(controller_pb2_grpc.ControllerServiceServicer):
     def __init__(
-        self, *, journal: Journal, engine: Engine, secrets: SecretBox, live: LiveProgress, session_logs: Path
+        self,
+        *,
+        journal: Journal,
+        reads: async_sessionmaker[AsyncSession],
+        engine: Engine,
+        secrets: SecretBox,
+        live: LiveProgress,
+        session_logs: Path,
     ) -> None:
         self.session_logs = session_logs
-        self.journal = journal
+        self.journal = journal  # writes, serialised with the session engine's
+        # Reads on a pool of their own: however many calls wait for a connection, the engine never does.
+        self.reads = reads
         self.engine = engine
         self.secrets = secrets
         self.live = live
@@ -76,14 +93,21 @@ class ControllerServicer(controller_pb2_grpc.ControllerServiceServicer):
             db.add(row)
         return row
 
-    async def _list(self, model: type[M], size: int, token: str, order: Any, where: Any = None) -> tuple[list[M], str]:
-        limit, offset = res.page_bounds(size, token)
-        q = select(model)
-        if where is not None:
-            q = q.where(where)
-        async with self.journal.read() as db:
-            rows = list(await db.scalars(q.order_by(*order).offset(offset).limit(limit + 1)))
-        return rows[:limit], res.next_token(limit, offset, len(rows))
+    async def _list(
+        self,
+        request: Any,
+        keyset: paging.Keyset,
+        convert: Callable[[AsyncSession, list[M]], Awaitable[list[R]]],
+        *,
+        where: Any = None,
+        maximum: int = paging.MAX_PAGE,
+    ) -> tuple[list[R], str]:
+        """One page of a list, by key: an indexed range read however deep the page (controller.paging)."""
+        limit = paging.page_size(request.page_size, maximum)
+        q = paging.page_query(keyset, limit=limit, token=request.page_token, where=where)
+        async with self.reads() as db:
+            rows = list(await db.scalars(q))
+            return await convert(db, rows[:limit]), paging.next_key_token(keyset, rows, limit)
 
     async def _delete(self, model: type[M], field: str, name: str, collection: str, *, in_use: Any = None) -> None:
         async with self.journal.write() as db:
@@ -113,14 +137,18 @@ class ControllerServicer(controller_pb2_grpc.ControllerServiceServicer):
     @handle_errors
     async def GetCredential(self, request: api.GetCredentialRequest, context: Any) -> Any:
         require_role(context, *READ)
-        async with self.journal.read() as db:
+        async with self.reads() as db:
             return res.credential_msg(await res.by_name(db, Credential, "name", request.name, "credentials"))
 
     @handle_errors
     async def ListCredentials(self, request: api.ListCredentialsRequest, context: Any) -> Any:
         require_role(context, *READ)
-        rows, token = await self._list(Credential, request.page_size, request.page_token, [Credential.name])
-        return api.ListCredentialsResponse(credentials=[res.credential_msg(r) for r in rows], next_page_token=token)
+
+        async def convert(_db: AsyncSession, rows: list[Credential]) -> list[api.Credential]:
+            return [res.credential_msg(r) for r in rows]
+
+        out, token = await self._list(request, BY_NAME[Credential], convert)
+        return api.ListCredentialsResponse(credentials=out, next_page_token=token)
 
     @handle_errors
     async def UpdateCredential(self, request: api.UpdateCredentialRequest, context: Any) -> Any:
@@ -154,21 +182,24 @@ class ControllerServicer(controller_pb2_grpc.ControllerServiceServicer):
             await res.apply_host(db, request.host, row, res.HOST_FIELDS)
 
         row = await self._create(Host, "host_id", request.host_id, "hosts", fill)
-        async with self.journal.read() as db:
+        async with self.reads() as db:
             return await res.host_msg(db, row)
 
     @handle_errors
     async def GetHost(self, request: api.GetHostRequest, context: Any) -> Any:
         require_role(context, *READ)
-        async with self.journal.read() as db:
+        async with self.reads() as db:
             return await res.host_msg(db, await res.by_name(db, Host, "name", request.name, "hosts"))
 
     @handle_errors
     async def ListHosts(self, request: api.ListHostsRequest, context: Any) -> Any:
         require_role(context, *READ)
-        rows, token = await self._list(Host, request.page_size, request.page_token, [Host.name])
-        async with self.journal.read() as db:
-            return api.ListHostsResponse(hosts=[await res.host_msg(db, r) for r in rows], next_page_token=token)
+
+        async def convert(db: AsyncSession, rows: list[Host]) -> list[api.Host]:
+            return [await res.host_msg(db, r) for r in rows]
+
+        out, token = await self._list(request, BY_NAME[Host], convert)
+        return api.ListHostsResponse(hosts=out, next_page_token=token)
 
     @handle_errors
     async def UpdateHost(self, request: api.UpdateHostRequest, context: Any) -> Any:
@@ -177,7 +208,7 @@ class ControllerServicer(controller_pb2_grpc.ControllerServiceServicer):
         async with self.journal.write() as db:
             row = await res.by_name(db, Host, "host.name", request.host.name, "hosts")
             await res.apply_host(db, request.host, row, paths)
-        async with self.journal.read() as db:
+        async with self.reads() as db:
             return await res.host_msg(db, row)
 
     @handle_errors
@@ -200,21 +231,24 @@ class ControllerServicer(controller_pb2_grpc.ControllerServiceServicer):
             await res.apply_agent(db, "proxy", request.proxy, row, res.PROXY_FIELDS)
 
         row = await self._create(Proxy, "proxy_id", request.proxy_id, "proxies", fill)
-        async with self.journal.read() as db:
+        async with self.reads() as db:
             return await res.proxy_msg(db, row)
 
     @handle_errors
     async def GetProxy(self, request: api.GetProxyRequest, context: Any) -> Any:
         require_role(context, *READ)
-        async with self.journal.read() as db:
+        async with self.reads() as db:
             return await res.proxy_msg(db, await res.by_name(db, Proxy, "name", request.name, "proxies"))
 
     @handle_errors
     async def ListProxies(self, request: api.ListProxiesRequest, context: Any) -> Any:
         require_role(context, *READ)
-        rows, token = await self._list(Proxy, request.page_size, request.page_token, [Proxy.name])
-        async with self.journal.read() as db:
-            return api.ListProxiesResponse(proxies=[await res.proxy_msg(db, r) for r in rows], next_page_token=token)
+
+        async def convert(db: AsyncSession, rows: list[Proxy]) -> list[api.Proxy]:
+            return [await res.proxy_msg(db, r) for r in rows]
+
+        out, token = await self._list(request, BY_NAME[Proxy], convert)
+        return api.ListProxiesResponse(proxies=out, next_page_token=token)
 
     @handle_errors
     async def UpdateProxy(self, request: api.UpdateProxyRequest, context: Any) -> Any:
@@ -223,7 +257,7 @@ class ControllerServicer(controller_pb2_grpc.ControllerServiceServicer):
         async with self.journal.write() as db:
             row = await res.by_name(db, Proxy, "proxy.name", request.proxy.name, "proxies")
             await res.apply_agent(db, "proxy", request.proxy, row, paths)
-        async with self.journal.read() as db:
+        async with self.reads() as db:
             return await res.proxy_msg(db, row)
 
     @handle_errors
@@ -246,14 +280,18 @@ class ControllerServicer(controller_pb2_grpc.ControllerServiceServicer):
     @handle_errors
     async def GetTarget(self, request: api.GetTargetRequest, context: Any) -> Any:
         require_role(context, *READ)
-        async with self.journal.read() as db:
+        async with self.reads() as db:
             return res.target_msg(await res.by_name(db, Target, "name", request.name, "targets"))
 
     @handle_errors
     async def ListTargets(self, request: api.ListTargetsRequest, context: Any) -> Any:
         require_role(context, *READ)
-        rows, token = await self._list(Target, request.page_size, request.page_token, [Target.name])
-        return api.ListTargetsResponse(targets=[res.target_msg(r) for r in rows], next_page_token=token)
+
+        async def convert(_db: AsyncSession, rows: list[Target]) -> list[api.Target]:
+            return [res.target_msg(r) for r in rows]
+
+        out, token = await self._list(request, BY_NAME[Target], convert)
+        return api.ListTargetsResponse(targets=out, next_page_token=token)
 
     @handle_errors
     async def UpdateTarget(self, request: api.UpdateTargetRequest, context: Any) -> Any:
@@ -281,10 +319,10 @@ class ControllerServicer(controller_pb2_grpc.ControllerServiceServicer):
         require_role(context, *WRITE)
 
         async def fill(db: AsyncSession, row: Job) -> None:
-            await res.apply_job(db, request.job, row, res.JOB_FIELDS)
+            await res.apply_job(db, request.job, row, res.JOB_FIELDS, secrets=self.secrets)
 
         row = await self._create(Job, "job_id", request.job_id, "jobs", fill)
-        async with self.journal.read() as db:
+        async with self.reads() as db:
             job = await db.get(Job, row.id)
             if job is None:
                 raise NotFound(f"jobs/{request.job_id} was deleted meanwhile")
@@ -293,15 +331,18 @@ class ControllerServicer(controller_pb2_grpc.ControllerServiceServicer):
     @handle_errors
     async def GetJob(self, request: api.GetJobRequest, context: Any) -> Any:
         require_role(context, *READ)
-        async with self.journal.read() as db:
+        async with self.reads() as db:
             return await res.job_msg(db, await res.by_name(db, Job, "name", request.name, "jobs"))
 
     @handle_errors
     async def ListJobs(self, request: api.ListJobsRequest, context: Any) -> Any:
         require_role(context, *READ)
-        rows, token = await self._list(Job, request.page_size, request.page_token, [Job.name])
-        async with self.journal.read() as db:
-            return api.ListJobsResponse(jobs=[await res.job_msg(db, r) for r in rows], next_page_token=token)
+
+        async def convert(db: AsyncSession, rows: list[Job]) -> list[api.Job]:
+            return [await res.job_msg(db, r) for r in rows]
+
+        out, token = await self._list(request, BY_NAME[Job], convert)
+        return api.ListJobsResponse(jobs=out, next_page_token=token)
 
     @handle_errors
     async def UpdateJob(self, request: api.UpdateJobRequest, context: Any) -> Any:
@@ -309,8 +350,8 @@ class ControllerServicer(controller_pb2_grpc.ControllerServiceServicer):
         paths = res.mask_paths("update_mask", request.update_mask.paths, res.JOB_FIELDS)
         async with self.journal.write() as db:
             row = await res.by_name(db, Job, "job.name", request.job.name, "jobs")
-            await res.apply_job(db, request.job, row, paths)
-        async with self.journal.read() as db:
+            await res.apply_job(db, request.job, row, paths, secrets=self.secrets)
+        async with self.reads() as db:
             job = await db.get(Job, row.id)
             if job is None:
                 raise NotFound(f"{request.job.name} was deleted meanwhile")
@@ -330,7 +371,7 @@ class ControllerServicer(controller_pb2_grpc.ControllerServiceServicer):
     # ---- sessions -------------------------------------------------------------------------------------
 
     async def _job_id(self, field: str, name: str) -> str:
-        async with self.journal.read() as db:
+        async with self.reads() as db:
             return (await res.by_name(db, Job, field, name, "jobs")).id
 
     @handle_errors
@@ -350,20 +391,36 @@ class ControllerServicer(controller_pb2_grpc.ControllerServiceServicer):
         return await self._session(session_id)
 
     async def _session(self, session_id: str) -> api.Session:
-        async with self.journal.read() as db:
+        async with self.reads() as db:
             row = await db.get(Session, session_id)
             if row is None:
                 raise NotFound(f"sessions/{session_id} does not exist")
-            return await self._session_msg(db, row)
+            return (await self._session_msgs(db, [row]))[0]
 
-    async def _session_msg(self, db: AsyncSession, row: Session) -> api.Session:
-        job = await db.get(Job, row.job_id)
-        vms = list(
-            await db.scalars(select(SessionVm).where(SessionVm.session_id == row.id).order_by(SessionVm.vm_name))
-        )
-        tasks = list(await db.scalars(select(Task).where(Task.session_id == row.id).order_by(Task.disk_id)))
-        proxies = {p.id: p.name for p in await db.scalars(select(Proxy))}
-        return session_msg(row, job.name if job else "", vms, tasks, proxies=proxies, live=self.live.get(row.id))
+    async def _session_msgs(self, db: AsyncSession, rows: list[Session]) -> list[api.Session]:
+        """Sessions as the API shows them: four queries for a whole page, not four per session."""
+        if not rows:
+            return []
+        ids = [r.id for r in rows]
+        vms: dict[str, list[SessionVm]] = {i: [] for i in ids}
+        for v in await db.scalars(select(SessionVm).where(SessionVm.session_id.in_(ids)).order_by(SessionVm.vm_name)):
+            vms[v.session_id].append(v)
+        tasks: dict[str, list[Task]] = {i: [] for i in ids}
+        for t in await db.scalars(select(Task).where(Task.session_id.in_(ids)).order_by(Task.disk_id)):
+            tasks[t.session_id].append(t)
+        job_ids = {r.job_id for r in rows}
+        jobs = {j: n for j, n in (await db.execute(select(Job.id, Job.name).where(Job.id.in_(job_ids)))).tuples()}
+        proxies = {p: n for p, n in (await db.execute(select(Proxy.id, Proxy.name))).tuples()}
+        out = []
+        for i, r in enumerate(rows, 1):
+            out.append(
+                session_msg(
+                    r, jobs.get(r.job_id, ""), vms[r.id], tasks[r.id], proxies=proxies, live=self.live.get(r.id)
+                )
+            )
+            if i % 10 == 0:  # a large page gives the event loop (the engine, other callers) a turn now and then
+                await asyncio.sleep(0)
+        return out
 
     def _session_id(self, field: str, name: str) -> str:
         prefix = "sessions/"
@@ -380,10 +437,9 @@ class ControllerServicer(controller_pb2_grpc.ControllerServiceServicer):
     async def ListSessions(self, request: api.ListSessionsRequest, context: Any) -> Any:
         require_role(context, *READ)
         where = Session.job_id == await self._job_id("job", request.job) if request.job else None
-        order = [Session.started_at.desc(), Session.id]
-        rows, token = await self._list(Session, request.page_size, request.page_token, order, where)
-        async with self.journal.read() as db:
-            out = [await self._session_msg(db, r) for r in rows]
+        out, token = await self._list(
+            request, SESSIONS, self._session_msgs, where=where, maximum=paging.MAX_SESSION_PAGE
+        )
         return api.ListSessionsResponse(sessions=out, next_page_token=token)
 
     @handle_errors
@@ -406,13 +462,15 @@ class ControllerServicer(controller_pb2_grpc.ControllerServiceServicer):
     async def GetSessionLog(self, request: api.GetSessionLogRequest, context: Any) -> Any:
         require_role(context, *READ)
         session_id = self._session_id("name", request.name)
-        await self._session(session_id)  # NOT_FOUND for an unknown session
-        limit, offset = res.page_bounds(request.page_size, request.page_token)
+        async with self.reads() as db:
+            if await db.scalar(select(Session.id).where(Session.id == session_id)) is None:
+                raise NotFound(f"sessions/{session_id} does not exist")
+        limit, offset = paging.page_size(request.page_size), paging.line_offset(request.page_token)
         lines, more = await asyncio.to_thread(
             read_session_log, self.session_logs, session_id, offset=offset, limit=limit
         )
         entries = [log_entry(line) for line in lines]
-        return api.SessionLog(entries=entries, next_page_token=res.next_token(limit, offset, limit + 1 if more else 0))
+        return api.SessionLog(entries=entries, next_page_token=paging.line_token(offset + limit) if more else "")
 
     # ---- restore points -------------------------------------------------------------------------------
 
@@ -420,18 +478,18 @@ class ControllerServicer(controller_pb2_grpc.ControllerServiceServicer):
     async def ListRestorePoints(self, request: api.ListJobRestorePointsRequest, context: Any) -> Any:
         require_role(context, *READ)
         job_id = await self._job_id("parent", request.parent)
-        order = [RestorePoint.created_at, RestorePoint.id]
-        rows, token = await self._list(
-            RestorePoint, request.page_size, request.page_token, order, RestorePoint.job_id == job_id
-        )
         job_name = request.parent.removeprefix("jobs/")
-        points = [
-            api.JobRestorePoint(
-                name=f"jobs/{job_name}/restorePoints/{p.id}",
-                vm_id=p.vm_id,
-                session=f"sessions/{p.session_id}",
-                create_time=res.timestamp(p.created_at),
-            )
-            for p in rows
-        ]
+
+        async def convert(_db: AsyncSession, rows: list[RestorePoint]) -> list[api.JobRestorePoint]:
+            return [
+                api.JobRestorePoint(
+                    name=f"jobs/{job_name}/restorePoints/{p.id}",
+                    vm_id=p.vm_id,
+                    session=f"sessions/{p.session_id}",
+                    create_time=res.timestamp(p.created_at),
+                )
+                for p in rows
+            ]
+
+        points, token = await self._list(request, RESTORE_POINTS, convert, where=RestorePoint.job_id == job_id)
         return api.ListJobRestorePointsResponse(restore_points=points, next_page_token=token)

@@ -8,6 +8,7 @@ from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
 from controller.db.engine import sqlite_url
+from vmrepl.call_limits import Limits
 from vmrepl.config import LogSettings, ProgramSettings, TlsSettings
 
 
@@ -36,6 +37,17 @@ class ControllerSettings(ProgramSettings):
         2.0, gt=0, le=300, description="first wait between webhook attempts; doubles up to 5 min, 8 attempts"
     )
     stop_timeout_seconds: float = Field(30.0, gt=0, description="how long SIGTERM waits for transfers to stop")
+    # API load must not starve the session engine: these bound it (docs/controller.md, "Limits").
+    api_calls_per_client: int = Field(
+        8, ge=1, le=1000, description="API calls (streams included) one client certificate may have open at once"
+    )
+    api_calls_total: int = Field(32, ge=1, le=10000, description="API calls open at once over all clients")
+    api_retry_after_seconds: float = Field(
+        1.0, gt=0, le=60, description="the wait a refused call is told to take before trying again"
+    )
+    api_database_connections: int = Field(
+        4, ge=1, le=100, description="database connections of API reads (a pool apart from the engine's)"
+    )
     # Test hook: the scheduler's clock runs this many seconds ahead, to reach a window's end on demand.
     test_clock_offset_seconds: float = Field(0.0, description="test only: shifts the scheduler's clock")
     # Test hook: exit right after the Nth committed state change (0: never). Used to prove crash recovery.
@@ -43,6 +55,13 @@ class ControllerSettings(ProgramSettings):
 
     def db_url(self) -> str:
         return self.database_url or sqlite_url(self.data_dir / "controller.db")
+
+    def api_limits(self) -> Limits:
+        return Limits(
+            per_client=self.api_calls_per_client,
+            total=self.api_calls_total,
+            retry_after_seconds=self.api_retry_after_seconds,
+        )
 
     def key_file(self) -> Path:
         return self.secret_key_file or self.data_dir / "secret.key"

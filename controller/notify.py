@@ -3,7 +3,8 @@
 A session that ends with its job's webhook set is marked `pending` in the same transaction as its end
 state. This loop delivers pending notifications and marks them `sent` (or `failed` after the retries
 are spent), so a crash between the end and the delivery delays it rather than losing it.
-Only the webhook's host is ever logged: its path often carries a token.
+The URL is stored sealed (controller.db.secrets) and opened only to be requested; only its redacted form
+(scheme, host, port) is ever logged: userinfo, path and query often carry a credential.
 """
 
 from __future__ import annotations
@@ -11,7 +12,6 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 from typing import Any
-from urllib.parse import urlsplit
 
 import httpx
 from google.protobuf import json_format
@@ -19,8 +19,11 @@ from sqlalchemy import select
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt, wait_exponential
 
 from controller.db.models import Job, Session
+from controller.db.secrets import SecretBox
 from controller.journal import Journal
+from controller.resources import redact_url
 from controller.states import SessionState
+from vmrepl.errors import SecurityError
 from vmrepl.logs import get_logger
 
 log = get_logger("vmrepl.controller.notify")
@@ -36,12 +39,14 @@ class Notifier:
         self,
         *,
         journal: Journal,
+        secrets: SecretBox,
         render: Callable[[str], Any],
         attempts: int = 8,
         backoff_seconds: float = 2.0,
         timeout: float = 10.0,
     ) -> None:
         self.journal = journal
+        self.secrets = secrets
         self.render = render  # session id -> api.Session (for the statistics)
         self.attempts = attempts
         self.backoff = backoff_seconds
@@ -66,9 +71,8 @@ class Notifier:
                 )
             ).all()
         for session, job in rows:
-            url = str(job.webhook.get("url", ""))
-            skip = not url or (job.webhook.get("failures_only") and session.state != SessionState.FAILED)
-            outcome = "skipped" if skip else await self._deliver(client, url, await self._body(session, job))
+            skip = not job.has_webhook or (job.webhook.get("failures_only") and session.state != SessionState.FAILED)
+            outcome = "skipped" if skip else await self._deliver(client, job, await self._body(session, job))
             async with self.journal.write() as db:
                 row = await db.get(Session, session.id)
                 if row is not None:
@@ -86,8 +90,13 @@ class Notifier:
             "statistics": json_format.MessageToDict(msg.stats, preserving_proto_field_name=True),
         }
 
-    async def _deliver(self, client: httpx.AsyncClient, url: str, body: dict[str, Any]) -> str:
-        host = urlsplit(url).netloc
+    async def _deliver(self, client: httpx.AsyncClient, job: Job, body: dict[str, Any]) -> str:
+        try:
+            url = self.secrets.open(str(job.webhook["sealed_url"]).encode("ascii"))
+        except SecurityError as e:  # the key that sealed it is no longer configured
+            log.error("webhook_failed", job=job.name, session=body["session"], error=str(e))
+            return "failed"
+        host = redact_url(url)
         try:
             async for attempt in AsyncRetrying(
                 retry=retry_if_exception_type((DeliveryFailed, httpx.HTTPError)),
@@ -99,10 +108,11 @@ class Notifier:
                     n = attempt.retry_state.attempt_number
                     reply = await client.post(url, json=body, headers={"User-Agent": "vmrepl-controller"})
                     if reply.status_code >= 300:
-                        log.warning("webhook_refused", host=host, status=reply.status_code, attempt=n)
+                        log.warning("webhook_refused", webhook=host, status=reply.status_code, attempt=n)
                         raise DeliveryFailed(f"HTTP {reply.status_code}")
-        except (DeliveryFailed, httpx.HTTPError) as e:
-            log.error("webhook_failed", host=host, session=body["session"], error=type(e).__name__)
+        except (DeliveryFailed, httpx.HTTPError, httpx.InvalidURL, ValueError) as e:
+            # The exception's type only: httpx's messages may quote the URL.
+            log.error("webhook_failed", webhook=host, session=body["session"], error=type(e).__name__)
             return "failed"
-        log.info("webhook_sent", host=host, session=body["session"], state=body["state"])
+        log.info("webhook_sent", webhook=host, session=body["session"], state=body["state"])
         return "sent"

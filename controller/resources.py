@@ -6,10 +6,12 @@ Every error names the request field it is about (`host.address`, `update_mask`).
 
 from __future__ import annotations
 
-import base64
+import asyncio
 import datetime as dt
+import os
 import re
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
@@ -19,6 +21,7 @@ from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from controller.db.models import Credential, Host, Job, JobVm, Proxy, Target
+from controller.db.secrets import SecretBox
 from controller.providers import PROVIDERS
 from controller.schedule import parse_schedule
 from protos.vmrepl.v1 import controller_pb2 as api
@@ -28,8 +31,6 @@ from vmrepl.names import check_relative
 
 _ID = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
 _ADDRESS = re.compile(r"^[A-Za-z0-9._\-\[\]:]+:\d{1,5}$")
-MAX_PAGE = 1000
-DEFAULT_PAGE = 100
 COMPRESSIONS = ("none", "fast", "default")
 TRACKING = ("auto", "on", "off")
 
@@ -64,26 +65,6 @@ def timestamp(value: dt.datetime | None) -> Timestamp | None:
     ts = Timestamp()
     ts.FromDatetime(value if value.tzinfo else value.replace(tzinfo=dt.UTC))
     return ts
-
-
-def page_bounds(size: int, token: str) -> tuple[int, int]:
-    """(limit, offset) from a page size and an opaque page token."""
-    if size < 0:
-        raise InvalidArgument("page_size", "must not be negative")
-    limit = min(size or DEFAULT_PAGE, MAX_PAGE)
-    if not token:
-        return limit, 0
-    try:
-        kind, _, offset = base64.urlsafe_b64decode(token.encode()).decode().partition(":")
-        if kind != "o" or not offset.isdigit():
-            raise ValueError(token)
-    except ValueError as e:
-        raise InvalidArgument("page_token", "is not a token from an earlier reply") from e
-    return limit, int(offset)
-
-
-def next_token(limit: int, offset: int, got: int) -> str:
-    return base64.urlsafe_b64encode(f"o:{offset + limit}".encode()).decode() if got > limit else ""
 
 
 def mask_paths(field: str, paths: Iterable[str], allowed: Iterable[str]) -> list[str]:
@@ -148,7 +129,7 @@ async def apply_host(db: AsyncSession, msg: api.Host, row: Host, paths: Iterable
         elif path == "address":
             if not msg.address or len(msg.address) > 1024:
                 raise InvalidArgument("host.address", "is required, up to 1024 characters")
-            row.address = msg.address
+            row.address = check_printable("host.address", msg.address)
         elif path == "credential":
             cred = (
                 await by_name(db, Credential, "host.credential", msg.credential, "credentials")
@@ -156,8 +137,44 @@ async def apply_host(db: AsyncSession, msg: api.Host, row: Host, paths: Iterable
                 else None
             )
             row.credential_id = cred.id if cred else None
-    if row.provider == "file" and not row.address.startswith("/") and not re.match(r"^[A-Za-z]:\\", row.address):
-        raise InvalidArgument("host.address", "a file host's address is an absolute folder path")
+    if row.provider == "file":
+        await asyncio.to_thread(check_host_folder, "host.address", row.address)
+
+
+def check_printable(field: str, value: str) -> str:
+    """No NUL or other control character: such a value is never a name or a path anything can use."""
+    if any(ord(c) < 32 or ord(c) == 127 for c in value):
+        raise InvalidArgument(field, "contains a NUL or another control character")
+    return value
+
+
+# A file host's folder holds VM folders; the controller reads it and writes its state under it, and the
+# proxies read it: never the system's own folders. SYSTEM_TREES are refused with everything inside them;
+# SYSTEM_FOLDERS themselves only (a host folder may lie inside /var, /srv or /tmp).
+SYSTEM_TREES = frozenset(
+    ["/bin", "/boot", "/dev", "/etc", "/lib", "/lib32", "/lib64", "/libx32", "/proc", "/run", "/sbin", "/sys", "/usr"]
+)
+SYSTEM_FOLDERS = frozenset(["/home", "/media", "/mnt", "/opt", "/root", "/srv", "/tmp", "/var"])
+
+
+def check_host_folder(field: str, address: str) -> str:
+    """A file host's address: an absolute path to an existing folder the controller sees (the proxies see
+    it under the same path), not the file system's root nor a system folder. Symlinks are followed
+    before the checks."""
+    check_printable(field, address)
+    if not os.path.isabs(address):
+        raise InvalidArgument(field, f"{address!r}: a file host's address is an absolute folder path")
+    real = Path(os.path.realpath(address))
+    if not real.is_dir():
+        raise InvalidArgument(field, f"{address!r} is not a folder the controller can see")
+    if real == Path(real.anchor):
+        raise InvalidArgument(field, f"{address!r} is the root of the file system: give the folder of the VM folders")
+    if str(real) in SYSTEM_FOLDERS:
+        raise InvalidArgument(field, f"{address!r} is a system folder: give the folder of the VM folders")
+    for tree in sorted(SYSTEM_TREES):
+        if real == Path(tree) or Path(tree) in real.parents:
+            raise InvalidArgument(field, f"{address!r} lies in the system folder {tree}")
+    return address
 
 
 # ---- proxies and targets ------------------------------------------------------------------------------
@@ -232,9 +249,19 @@ JOB_FIELDS = (
 
 
 def redact_url(url: str) -> str:
-    """Scheme and host only: a webhook's path or query often carries its token."""
-    parts = urlsplit(url)
-    return f"{parts.scheme}://{parts.netloc}/…" if parts.path.strip("/") or parts.query else url
+    """Scheme, host and port only: a webhook's userinfo, path, query or fragment often carries a credential.
+    "/…" marks that something was left out."""
+    try:
+        parts = urlsplit(url)
+        host, port = parts.hostname or "", parts.port
+    except ValueError:  # never stored (the API refuses it), but never echoed either
+        return "(unreadable URL)"
+    netloc = f"[{host}]" if ":" in host else host
+    if port is not None:
+        netloc += f":{port}"
+    hidden = parts.username is not None or parts.password is not None
+    hidden = hidden or bool(parts.path.strip("/") or parts.query or parts.fragment)
+    return f"{parts.scheme}://{netloc}" + ("/…" if hidden else "")
 
 
 def _struct(value: dict[str, Any]) -> struct_pb2.Struct:
@@ -263,9 +290,9 @@ async def job_msg(db: AsyncSession, row: Job) -> api.Job:
         disabled=not row.enabled,
         create_time=timestamp(row.created_at),
         webhook=api.Webhook(
-            url=redact_url(str(row.webhook.get("url", ""))), failures_only=bool(row.webhook.get("failures_only"))
+            url=str(row.webhook.get("shown_url", "")), failures_only=bool(row.webhook.get("failures_only"))
         )
-        if row.webhook
+        if row.has_webhook
         else None,
         retries=row.retries,
         retry_wait_seconds=row.retry_wait_seconds,
@@ -280,6 +307,7 @@ def _vms(msg: api.Job) -> list[JobVm]:
     for i, v in enumerate(msg.vms):
         if not v.vm or len(v.vm) > 256:
             raise InvalidArgument(f"job.vms[{i}].vm", "is required: a VM id or name, up to 256 characters")
+        check_printable(f"job.vms[{i}].vm", v.vm)
         if v.vm in seen:
             raise InvalidArgument(f"job.vms[{i}].vm", f"{v.vm!r} is listed twice")
         seen.add(v.vm)
@@ -287,9 +315,32 @@ def _vms(msg: api.Job) -> list[JobVm]:
     return out
 
 
-async def apply_job(db: AsyncSession, msg: api.Job, row: Job, paths: Iterable[str]) -> None:
+async def apply_job(db: AsyncSession, msg: api.Job, row: Job, paths: Iterable[str], *, secrets: SecretBox) -> None:
+    paths = list(paths)
     for path in paths:
-        await _apply_job_field(db, msg, row, path)
+        if path == "webhook":
+            row.webhook = _webhook(msg.webhook, secrets, current=row.webhook)
+        else:
+            await _apply_job_field(db, msg, row, path)
+    if "replica_root" in paths or "target" in paths:
+        others = await db.execute(
+            select(Job.name, Job.replica_root).where(Job.target_id == row.target_id, Job.id != row.id)
+        )
+        for name, root in others.tuples():
+            if roots_overlap(row.replica_root, root):
+                raise InvalidArgument(
+                    "job.replica_root",
+                    f"{row.replica_root!r} overlaps {root!r} of jobs/{name} on the same target: each job "
+                    "needs a folder of its own, neither inside the other",
+                )
+
+
+def roots_overlap(a: str, b: str) -> bool:
+    """Whether one replica root is the other or inside it, component by component and ignoring case (a
+    Windows target's folders do)."""
+    pa, pb = a.casefold().split("/"), b.casefold().split("/")
+    n = min(len(pa), len(pb))
+    return pa[:n] == pb[:n]
 
 
 async def _apply_job_field(db: AsyncSession, msg: api.Job, row: Job, path: str) -> None:  # noqa: PLR0912
@@ -346,8 +397,6 @@ async def _apply_job_policy(db: AsyncSession, msg: api.Job, row: Job, path: str)
         if not 60 <= hold <= 30 * 24 * 3600:
             raise InvalidArgument("job.checkpoint_hold_seconds", "must be from 60 to 2592000 (30 days)")
         row.checkpoint_deadline_seconds = hold
-    elif path == "webhook":
-        row.webhook = _webhook(msg.webhook)
     elif path == "retries":
         row.retries = msg.retries if msg.HasField("retries") else 2
         if row.retries > 10:
@@ -358,10 +407,23 @@ async def _apply_job_policy(db: AsyncSession, msg: api.Job, row: Job, path: str)
             raise InvalidArgument("job.retry_wait_seconds", "must be from 0 to 86400")
 
 
-def _webhook(w: api.Webhook) -> dict[str, Any]:
+def _webhook(w: api.Webhook, secrets: SecretBox, *, current: dict[str, Any] | None) -> dict[str, Any]:
+    """The stored form: the URL sealed like a credential's secret, and the redacted form replies show."""
     if not w.url:
         return {}
-    parts = urlsplit(w.url)
-    if parts.scheme not in ("http", "https") or not parts.hostname or len(w.url) > 2048:
+    if current and current.get("sealed_url") and w.url == current.get("shown_url"):
+        # What a reply showed, sent back (a read-modify-write): the stored URL stays.
+        return {**current, "failures_only": w.failures_only}
+    try:
+        parts = urlsplit(w.url)
+        valid = parts.scheme in ("http", "https") and bool(parts.hostname) and len(w.url) <= 2048
+        parts.port  # noqa: B018 - raises ValueError for a port that is not a number up to 65535
+    except ValueError:
+        valid = False
+    if not valid or any(ord(c) < 32 or ord(c) == 127 for c in w.url):
         raise InvalidArgument("job.webhook.url", "must be an http or https URL, up to 2048 characters")
-    return {"url": w.url, "failures_only": w.failures_only}
+    return {
+        "sealed_url": secrets.seal(w.url).decode("ascii"),
+        "shown_url": redact_url(w.url),
+        "failures_only": w.failures_only,
+    }

@@ -13,6 +13,8 @@ from controller.agents import AgentPool
 from controller.journal import Journal
 from controller.slots import SlotBoard
 from protos.vmrepl.v1 import proxy_pb2
+from vmrepl.errors import FailedPrecondition, PathError
+from vmrepl.names import check_name
 from vmrepl.providers.base import Provider, VmInfo
 
 
@@ -113,4 +115,15 @@ class SessionContext:
     stopping: asyncio.Event = field(default_factory=asyncio.Event)
 
     def replica_path(self, vm_id: str) -> str:
-        return f"{self.job.replica_root}/{vm_id}"
+        return f"{self.job.replica_root}/{replica_folder(vm_id)}"
+
+
+def replica_folder(vm_id: str) -> str:
+    """A VM's folder under its job's replica root: its id, as one plain name. An id with a '/' would nest
+    one VM's replica inside another's folder (or another job's), and '.' or '..' would leave the root."""
+    try:
+        return check_name("vm_id", vm_id)
+    except PathError as e:
+        raise FailedPrecondition(
+            f"VM id {vm_id!r} cannot name a replica folder (one name of letters, digits, '.', '_', '-'; up to 128)"
+        ) from e

@@ -74,12 +74,13 @@ class SessionRun:
         if planned is not None:
             return
         target = self.parts.agents.target(self.sc.target.address, self.sc.target.tls_server_name)
-        if not await self.parts.agents.healthy(target):
+        if not await self.parts.agents.ready(target):
             raise FailedPrecondition(f"target {self.sc.target.name} does not answer its health check")
         entries: list[SessionVm | Task] = []
         for jv in job_vms:
             try:
                 vm = await self.sc.provider.get_vm(jv.vm_ref)
+                self.sc.replica_path(vm.vm_id)  # a VM whose id cannot name its replica folder fails here, alone
             except ERRORS as e:
                 entries.append(
                     SessionVm(
@@ -156,7 +157,7 @@ class SessionRun:
                 row.state, row.ended_at, row.stats = state.value, now(), stats
                 row.error = error or "; ".join(errors)
                 # Recorded with the end state, so a crash before delivery still delivers it after restart.
-                row.notification = "pending" if job is not None and job.webhook.get("url") else ""
+                row.notification = "pending" if job is not None and job.has_webhook else ""
         self.parts.live.forget(self.sc.session_id)
         metrics.session_ended(state)
         self.log.info("session_ended", state=state.value, **stats)

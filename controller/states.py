@@ -55,13 +55,18 @@ def check_task_transition(old: TaskState, new: TaskState) -> TaskState:
 
 
 def session_outcome(tasks: Iterable[TaskState], *, stopped: bool) -> SessionState:
-    """The session's end state once every task is terminal."""
+    """The session's end state once every task is terminal.
+
+    A stop makes a session incomplete only by what it left undone (disks left resumable, or nothing
+    planned at all): a stop that came after every disk succeeded found the work done, and the session
+    succeeded. (A VM stopped before its checkpoint ends its tasks resumable; the caller also checks the
+    VMs, whose restore points come after their disks.)"""
     states = list(tasks)
     if any(t not in TERMINAL_TASK for t in states):
         raise IllegalTransition("a session ends only when every task has")
     if any(t is TaskState.FAILED for t in states):
         return SessionState.FAILED
-    if any(t is TaskState.RESUMABLE for t in states) or stopped:
+    if any(t is TaskState.RESUMABLE for t in states) or (stopped and not states):
         return SessionState.INCOMPLETE
     return SessionState.SUCCEEDED
 

@@ -9,6 +9,8 @@ from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
+import grpc
+
 from vmrepl.config import LogSettings, ProgramSettings, TlsSettings, load_settings
 from vmrepl.errors import ConfigError
 from vmrepl.logs import configure_logging, get_logger
@@ -48,10 +50,20 @@ async def serve_services(
     tls: TlsSettings,
     services: Sequence[Service],
     max_message_bytes: int,
+    agent: str,
     on_stop: Callable[[], Awaitable[None]] | None = None,
+    interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
     **log_fields: object,
 ) -> None:
-    """Start the server, log `listening` (tools read the port from it), run until signalled."""
-    server, port, _ = await start_server(listen=listen, tls=tls, services=services, max_message_bytes=max_message_bytes)
-    get_logger("vmrepl.daemon").info("listening", address=listen, port=port, **log_fields)
+    """Start the server, log `listening` (tools read the port from it), run until signalled.
+    `agent` is the program's name ("controller", "proxy", "target"), which internal errors name."""
+    server, port, _ = await start_server(
+        listen=listen,
+        tls=tls,
+        services=services,
+        max_message_bytes=max_message_bytes,
+        program=agent,
+        interceptors=interceptors,
+    )
+    get_logger("vmrepl.daemon").info("listening", address=listen, port=port, agent=agent, **log_fields)
     await serve_until_signalled(server, on_stop)

@@ -63,6 +63,9 @@ def configure_logging(*, fmt: LogFormat = "json", level: str = "info", stream: T
     # httpx logs every request's full URL at info; a webhook's URL carries its token.
     for name in ("httpx", "httpcore"):
         logging.getLogger(name).setLevel(max(numeric, logging.WARNING))
+    # aiosqlite logs every statement with its parameters at debug. (SQLAlchemy's own engine logger stays at
+    # its WARNING default, and the controller's engine hides parameters in any case.)
+    logging.getLogger("aiosqlite").setLevel(max(numeric, logging.INFO))
 
 
 def json_formatter() -> logging.Formatter:

@@ -30,10 +30,15 @@ log = get_logger("vmrepl.rpc")
 F = TypeVar("F", bound=Callable[..., Any])
 
 
+# The program an internal error's message sends the caller to ("see the controller's log"); start_server
+# sets it. One program per process, so one name.
+_PROGRAM = {"name": "agent"}
+
+
 def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     if isinstance(exc, VmreplError):
         return grpc.StatusCode[exc.grpc_code], str(exc)
-    return grpc.StatusCode.INTERNAL, "internal error; see the agent's log"
+    return grpc.StatusCode.INTERNAL, f"internal error; see the {_PROGRAM['name']}'s log"
 
 
 async def _abort(context: Any, exc: Exception, method: str) -> None:
@@ -152,9 +157,15 @@ async def start_server(
     tls: TlsSettings,
     services: Sequence[Service],
     max_message_bytes: int,
+    program: str,
+    interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
 ) -> tuple[grpc.aio.Server, int, health.aio.HealthServicer]:
-    """Start an mTLS server with the given services, health and reflection; returns the bound port."""
-    server = grpc.aio.server(options=message_options(max_message_bytes) + _KEEPALIVE_SERVER)
+    """Start an mTLS server with the given services, health and reflection; returns the bound port.
+    `program` ("controller", "proxy", "target") is named by internal errors' messages."""
+    _PROGRAM["name"] = program
+    server = grpc.aio.server(
+        options=message_options(max_message_bytes) + _KEEPALIVE_SERVER, interceptors=list(interceptors)
+    )
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     names = [health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME]

@@ -6,7 +6,18 @@ import datetime as dt
 import uuid
 from typing import Any
 
-from sqlalchemy import JSON, BigInteger, DateTime, ForeignKey, Integer, LargeBinary, String, Text, UniqueConstraint
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    DateTime,
+    ForeignKey,
+    Index,
+    Integer,
+    LargeBinary,
+    String,
+    Text,
+    UniqueConstraint,
+)
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 
@@ -89,11 +100,16 @@ class Job(Base):
     retry_wait_seconds: Mapped[int] = mapped_column(Integer, default=60)
     # The scheduler's bookmark: slots (or upstream runs) up to here are handled; later ones are due.
     schedule_handled_until: Mapped[dt.datetime | None]
-    # {"url": ..., "failures_only": bool}: POSTed a JSON summary when a session ends.
+    # POSTed a JSON summary when a session ends: {"sealed_url": the URL sealed like a credential's secret
+    # (controller.db.secrets), "shown_url": its redacted form for replies, "failures_only": bool}; {} none.
     webhook: Mapped[dict[str, Any]] = mapped_column(default=dict)
     enabled: Mapped[bool] = mapped_column(default=True)
     created_at: Mapped[dt.datetime] = mapped_column(default=now)
     vms: Mapped[list[JobVm]] = relationship(back_populates="job", cascade="all, delete-orphan", lazy="selectin")
+
+    @property
+    def has_webhook(self) -> bool:
+        return bool(self.webhook and self.webhook.get("sealed_url"))
 
 
 class JobVm(Base):
@@ -108,6 +124,11 @@ class JobVm(Base):
 
 class Session(Base):
     __tablename__ = "sessions"
+    # ListSessions pages by (started_at, id), newest first, over all jobs or one (controller.paging).
+    __table_args__ = (
+        Index("ix_sessions_started_at_id", "started_at", "id"),
+        Index("ix_sessions_job_id_started_at_id", "job_id", "started_at", "id"),
+    )
     id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
     job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
     state: Mapped[str] = mapped_column(String(16), index=True)
@@ -184,6 +205,7 @@ class HeldCheckpoint(Base):
 
 class RestorePoint(Base):
     __tablename__ = "restore_points"
+    __table_args__ = (Index("ix_restore_points_job_id_created_at_id", "job_id", "created_at", "id"),)
     id: Mapped[str] = mapped_column(String(64), primary_key=True)  # the target's id
     job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
     vm_id: Mapped[str] = mapped_column(String(256))

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import base64
 import json
+import sqlite3
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -12,10 +15,12 @@ import pytest
 from google.protobuf import field_mask_pb2
 
 from controller import lab
+from controller.journal import CRASH_EXIT_CODE
 from protos.vmrepl.v1 import controller_pb2 as api
 from protos.vmrepl.v1 import target_pb2
 from tests.integration.conftest import qemu_identical
 from tests.integration.controller_env import ControllerEnv, make_env
+from vmrepl.extent import MiB
 
 pytestmark = pytest.mark.integration
 
@@ -69,7 +74,11 @@ def test_retention_keeps_exactly_n_points_in_the_database_and_on_the_target(ctl_
         assert len(kept) == 2
 
 
-def _bad_calls(stub: Any) -> list[tuple[str, Callable[[], Any]]]:
+# An offset past any integer the database takes (it used to end as INTERNAL: OverflowError).
+HUGE_OFFSET = base64.urlsafe_b64encode(b"o:" + b"9" * 40).decode()
+
+
+def _bad_calls(stub: Any, work: Path) -> list[tuple[str, Callable[[], Any]]]:
     job = api.Job(host="hosts/lab", target="targets/target", replica_root="r/j", vms=[api.JobVm(vm="vm1")])
 
     def job_with(**over: Any) -> Callable[[], Any]:
@@ -86,6 +95,11 @@ def _bad_calls(stub: Any) -> list[tuple[str, Callable[[], Any]]]:
             else:
                 setattr(j, k, v)
         return lambda: stub.CreateJob(api.CreateJobRequest(job_id="jx", job=j))
+
+    def file_host(address: str) -> Callable[[], Any]:
+        return lambda: stub.CreateHost(
+            api.CreateHostRequest(host_id="h2", host=api.Host(provider="file", address=address))
+        )
 
     return [
         ("credential_id", lambda: stub.CreateCredential(api.CreateCredentialRequest(credential_id="Bad Id"))),
@@ -110,6 +124,20 @@ def _bad_calls(stub: Any) -> list[tuple[str, Callable[[], Any]]]:
                 api.CreateHostRequest(host_id="h2", host=api.Host(provider="file", address="rel/x"))
             ),
         ),
+        ("host.address", file_host("/")),
+        ("host.address", file_host("/etc")),
+        ("host.address", file_host("/usr/lib")),
+        ("host.address", file_host("/dev/null")),
+        ("host.address", file_host(str(work / "controller.toml"))),  # a file, not a folder
+        ("host.address", file_host(str(work / "no-such-folder"))),
+        ("host.address", file_host(f"{work}/host\x00/x")),
+        ("host.address", file_host("/tmp")),
+        (
+            "host.address",
+            lambda: stub.CreateHost(
+                api.CreateHostRequest(host_id="h3", host=api.Host(provider="hyperv", address="hv\x00"))
+            ),
+        ),
         (
             "proxy.address",
             lambda: stub.CreateProxy(api.CreateProxyRequest(proxy_id="p2", proxy=api.Proxy(address="nope"))),
@@ -130,6 +158,12 @@ def _bad_calls(stub: Any) -> list[tuple[str, Callable[[], Any]]]:
         ("job.host", job_with(host="lab")),
         ("job.target", job_with(target="nope/target")),
         ("job.replica_root", job_with(replica_root="../escape")),
+        # job1's is replicas/job1 on the same target: neither the same, nor around it, nor inside it
+        ("job.replica_root", job_with(replica_root="replicas/job1")),
+        ("job.replica_root", job_with(replica_root="Replicas/JOB1")),
+        ("job.replica_root", job_with(replica_root="replicas")),
+        ("job.replica_root", job_with(replica_root="replicas/job1/more")),
+        ("job.vms[0].vm", job_with(vms=[api.JobVm(vm="vm1\x00")])),
         ("job.vms", job_with(vms=[])),
         ("job.vms[1].vm", job_with(vms=[api.JobVm(vm="vm1"), api.JobVm(vm="vm1")])),
         ("job.restore_points_to_keep", job_with(restore_points_to_keep=-1)),
@@ -162,6 +196,12 @@ def _bad_calls(stub: Any) -> list[tuple[str, Callable[[], Any]]]:
         ("job", lambda: stub.ListSessions(api.ListSessionsRequest(job="job1"))),
         ("page_size", lambda: stub.ListJobs(api.ListJobsRequest(page_size=-1))),
         ("page_token", lambda: stub.ListHosts(api.ListHostsRequest(page_token="garbage"))),
+        ("page_token", lambda: stub.ListSessions(api.ListSessionsRequest(page_token=HUGE_OFFSET))),
+        ("page_token", lambda: stub.ListTargets(api.ListTargetsRequest(page_token=HUGE_OFFSET))),
+        (
+            "page_token",
+            lambda: stub.ListJobs(api.ListJobsRequest(page_token=base64.urlsafe_b64encode(b"\xff").decode())),
+        ),
         ("parent", lambda: stub.ListRestorePoints(api.ListJobRestorePointsRequest(parent="job1"))),
     ]
 
@@ -169,12 +209,23 @@ def _bad_calls(stub: Any) -> list[tuple[str, Callable[[], Any]]]:
 def test_every_bad_argument_is_invalid_argument_naming_the_field(ctl_raw: ControllerEnv) -> None:
     ctl_raw.configure()
     stub = ctl_raw.client()
-    for field, call in _bad_calls(stub):
+    for field, call in _bad_calls(stub, ctl_raw.work):
         with pytest.raises(grpc.RpcError) as err:
             call()
         assert err.value.code() is grpc.StatusCode.INVALID_ARGUMENT, (field, err.value.details())
         assert err.value.details().startswith(f"{field}:"), (field, err.value.details())
     assert [j.name for j in stub.ListJobs(api.ListJobsRequest()).jobs] == ["jobs/job1"]  # nothing was created
+    assert [h.name for h in stub.ListHosts(api.ListHostsRequest()).hosts] == ["hosts/lab"]
+    # A root beside job1's is fine, as is the same root on another target.
+    ok = api.Job(host="hosts/lab", target="targets/target", replica_root="replicas/job10", vms=[api.JobVm(vm="vm1")])
+    stub.CreateJob(api.CreateJobRequest(job_id="job10", job=ok))
+    stub.CreateTarget(api.CreateTargetRequest(target_id="t2", target=api.Target(address="h:1")))
+    ok.replica_root, ok.target = "replicas/job1", "targets/t2"
+    stub.CreateJob(api.CreateJobRequest(job_id="job11", job=ok))
+    mask = field_mask_pb2.FieldMask(paths=["target"])  # moving it to job1's target makes them overlap
+    with pytest.raises(grpc.RpcError) as err:
+        stub.UpdateJob(api.UpdateJobRequest(job=api.Job(name="jobs/job11", target="targets/target"), update_mask=mask))
+    assert err.value.code() is grpc.StatusCode.INVALID_ARGUMENT and "jobs/job1 " in err.value.details()
 
 
 def test_pages_and_updates(ctl_raw: ControllerEnv) -> None:
@@ -324,3 +375,102 @@ def test_cli_sets_schedule_webhook_and_retries(ctl_raw: ControllerEnv) -> None:
     assert bad.returncode == 1 and "INVALID_ARGUMENT: job.schedule.cron" in bad.stderr
     ctl_raw.cli("job", "update", "nightly", "--schedule", "{}")
     assert json.loads(ctl_raw.cli("job", "show", "nightly", "--json").stdout).get("schedule", {}) == {}  # manual
+
+
+def test_an_internal_error_names_the_controllers_log(ctl_raw: ControllerEnv) -> None:
+    ctl_raw.configure(vms=("vm2",))
+    session = ctl_raw.run_job()
+    log_file = ctl_raw.work / "controller" / "sessions" / f"{session.name.removeprefix('sessions/')}.log"
+    log_file.unlink()
+    log_file.mkdir()  # a session log the controller cannot read: an error no rule of the API describes
+    with pytest.raises(grpc.RpcError) as err:
+        ctl_raw.client("reader").GetSessionLog(api.GetSessionLogRequest(name=session.name))
+    assert err.value.code() is grpc.StatusCode.INTERNAL
+    assert err.value.details() == "internal error; see the controller's log"
+    assert any(e.get("event") == "rpc_internal_error" for e in ctl_raw.controller.events())
+
+
+def _restart_target_on_its_port(ctl: ControllerEnv) -> None:
+    port = ctl.target.port
+    config = lab.target_config(ctl.work, ctl.certs, listen=f"127.0.0.1:{port}", level="debug")
+    ctl.target = lab.AgentProcess("target_agent", config, ctl.work / "target.log")  # stopped by the fixture
+    ctl.target.start()
+    assert ctl.target.port == port
+
+
+def test_a_session_started_while_its_target_restarts_waits_for_it(ctl_raw: ControllerEnv) -> None:
+    ctl_raw.configure(vms=("vm2",))
+    assert ctl_raw.run_job().state == api.SESSION_STATE_SUCCEEDED  # the controller's channel is connected
+    ctl_raw.target.stop()
+    session = ctl_raw.client().StartJob(api.StartJobRequest(name="jobs/job1"))  # planning finds it down
+    time.sleep(1)
+    _restart_target_on_its_port(ctl_raw)
+    final = ctl_raw.wait_session(session.name, timeout=60)
+    assert final.state == api.SESSION_STATE_SUCCEEDED, final.error
+    # And a session started right after a restart (the channel may still be waiting to reconnect).
+    ctl_raw.target.stop()
+    _restart_target_on_its_port(ctl_raw)
+    again = ctl_raw.run_job()
+    assert again.state == api.SESSION_STATE_SUCCEEDED, again.error
+
+
+def test_a_stop_recorded_after_every_disk_and_restore_point_is_done_leaves_the_session_succeeded(
+    ctl_raw: ControllerEnv,
+) -> None:
+    ctl_raw.configure(vms=("vm2",))
+    ctl_raw.restart_controller(level="debug")
+    assert ctl_raw.run_job().state == api.SESSION_STATE_SUCCEEDED
+    changes = [e for e in ctl_raw.controller.events() if e.get("event") == "state_changed"]
+    assert changes[-1]["change"] == "session ended" and changes[-2]["change"] == "vm done", changes
+    # The next session stops right after its last VM is done, before the session is closed: the
+    # controller exits there (test hook), and a stop is recorded meanwhile as StopJob records it.
+    ctl_raw.restart_controller(test_crash_at_transition=len(changes) - 1)
+    proc = ctl_raw.controller.proc
+    assert proc is not None
+    session = ctl_raw.client().StartJob(api.StartJobRequest(name="jobs/job1"))
+    assert proc.wait(60) == CRASH_EXIT_CODE
+    crash = [e for e in ctl_raw.controller.events() if e.get("event") == "crash_hook_exit"]
+    assert crash[-1]["change"] == "vm done", crash
+    sid = session.name.removeprefix("sessions/")
+    with sqlite3.connect(ctl_raw.work / "controller" / "controller.db") as db:
+        assert db.execute("UPDATE sessions SET state = 'stopping' WHERE id = ?", (sid,)).rowcount == 1
+    ctl_raw.restart_controller()  # continues the stopping session: nothing is left to do but close it
+    final = ctl_raw.wait_session(session.name)
+    assert final.state == api.SESSION_STATE_SUCCEEDED, (final.state, final.error)
+    assert len(ctl_raw.points()) == 2 and [v.state for v in final.vms] == ["done"]
+
+
+def test_a_vm_whose_id_is_no_plain_name_fails_alone_and_nests_no_replica(ctl_raw: ControllerEnv) -> None:
+    from vmrepl.providers.filehost import load_manifest, write_manifest
+
+    vm_dir = lab.create_raw_vm(ctl_raw.host, "odd", size=MiB, seed=21)
+    manifest = load_manifest(vm_dir)
+    manifest.id = "evil/nested"  # a folder copied and edited by hand, or another provider's id
+    write_manifest(vm_dir, manifest)
+    ctl_raw.configure(vms=("vm2", "odd"), retries=0)
+    session = ctl_raw.run_job()
+    assert session.state == api.SESSION_STATE_FAILED
+    vms = {v.vm_name: v for v in session.vms}
+    assert vms["vm2"].state == "done", vms["vm2"]
+    assert vms["odd"].state == "failed" and "cannot name a replica folder" in vms["odd"].error, vms["odd"]
+    assert not (ctl_raw.work / "datastore" / "replicas" / "job1" / "evil").exists()
+    assert len(ctl_raw.points()) == 1
+
+
+def test_sessions_and_restore_points_page_by_key_newest_first(ctl_db: ControllerEnv) -> None:
+    ctl_db.configure(vms=("vm2",))
+    ran = [ctl_db.run_job().name for _ in range(3)]
+    stub = ctl_db.client("reader")
+    first = stub.ListSessions(api.ListSessionsRequest(page_size=2))
+    rest = stub.ListSessions(api.ListSessionsRequest(page_size=2, page_token=first.next_page_token))
+    assert [s.name for s in [*first.sessions, *rest.sessions]] == ran[::-1] and not rest.next_page_token
+    one = stub.ListSessions(api.ListSessionsRequest(job="jobs/job1", page_size=1, page_token=first.next_page_token))
+    assert [s.name for s in one.sessions] == ran[:1]
+    points = stub.ListRestorePoints(api.ListJobRestorePointsRequest(parent="jobs/job1", page_size=2))
+    more = stub.ListRestorePoints(
+        api.ListJobRestorePointsRequest(parent="jobs/job1", page_size=2, page_token=points.next_page_token)
+    )
+    assert [p.session for p in [*points.restore_points, *more.restore_points]] == ran  # oldest first
+    with pytest.raises(grpc.RpcError) as err:  # a token of another list
+        stub.ListRestorePoints(api.ListJobRestorePointsRequest(parent="jobs/job1", page_token=first.next_page_token))
+    assert err.value.code() is grpc.StatusCode.INVALID_ARGUMENT

@@ -66,7 +66,10 @@ def test_session_outcomes_and_restore_points() -> None:
     s, r, f = TaskState.SUCCEEDED, TaskState.RESUMABLE, TaskState.FAILED
     assert session_outcome([s, s], stopped=False) is SessionState.SUCCEEDED
     assert session_outcome([s, r], stopped=True) is SessionState.INCOMPLETE
-    assert session_outcome([s, s], stopped=True) is SessionState.INCOMPLETE
+    # A stop that came after every disk succeeded left nothing undone; one that came before anything was
+    # planned left everything.
+    assert session_outcome([s, s], stopped=True) is SessionState.SUCCEEDED
+    assert session_outcome([], stopped=True) is SessionState.INCOMPLETE
     assert session_outcome([s, r, f], stopped=False) is SessionState.FAILED
     with pytest.raises(IllegalTransition):
         session_outcome([s, TaskState.RUNNING], stopped=False)

@@ -1,0 +1,122 @@
+"""The API's validation and conversions that need no database: webhook URLs, page tokens, paths."""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import json
+from pathlib import Path
+
+import pytest
+from cryptography.fernet import Fernet
+
+from controller import paging
+from controller import resources as res
+from controller.db.secrets import SecretBox
+from controller.runtime import replica_folder
+from protos.vmrepl.v1 import controller_pb2 as api
+from vmrepl.errors import FailedPrecondition, InvalidArgument
+
+HOOK_URL = "https://hookuser:hook-pw-1d7c@hooks.example:8443/notify/T0K-path?token=tok-q-5e2a"
+
+
+def test_redacted_webhook_urls_show_scheme_host_and_port_only() -> None:
+    cases = {
+        HOOK_URL: "https://hooks.example:8443/…",
+        "http://user@[::1]:81": "http://[::1]:81/…",
+        "https://hooks.example": "https://hooks.example",
+        "https://hooks.example/": "https://hooks.example",
+        "https://hooks.example/?k=v": "https://hooks.example/…",
+        "https://hooks.example#frag": "https://hooks.example/…",
+        "https://h:99999/": "(unreadable URL)",
+    }
+    for url, shown in cases.items():
+        assert res.redact_url(url) == shown, url
+
+
+def test_a_webhook_is_stored_sealed_and_a_shown_url_sent_back_keeps_it() -> None:
+    box = SecretBox([Fernet.generate_key()])
+    stored = res._webhook(api.Webhook(url=HOOK_URL), box, current=None)
+    assert box.open(stored["sealed_url"].encode()) == HOOK_URL and "tok-q" not in str(stored)
+    again = res._webhook(api.Webhook(url=stored["shown_url"], failures_only=True), box, current=stored)
+    assert again == {**stored, "failures_only": True}
+    other = res._webhook(api.Webhook(url="http://other.example/x"), box, current=stored)
+    assert box.open(other["sealed_url"].encode()) == "http://other.example/x"
+    assert res._webhook(api.Webhook(), box, current=stored) == {}
+    for bad in ("ftp://h/x", "https://h:99999/", "https://h/\x00", "http:///nohost", "https://h/" + "x" * 2048):
+        with pytest.raises(InvalidArgument, match=r"^job\.webhook\.url:"):
+            res._webhook(api.Webhook(url=bad), box, current=None)
+
+
+def b64(raw: bytes) -> str:
+    return base64.urlsafe_b64encode(raw).decode()
+
+
+def test_page_tokens_round_trip_and_anything_else_is_invalid_argument() -> None:
+    from controller.api import BY_NAME, SESSIONS
+    from controller.db.models import Job, Session
+
+    t = dt.datetime(2026, 11, 30, 17, 1, 2, 345678)
+    token = SESSIONS.token(Session(started_at=t, id="ab12"))  # naive, as SQLite returns it: UTC
+    assert SESSIONS.parse(token) == [t.replace(tzinfo=dt.UTC), "ab12"]
+    assert BY_NAME[Job].parse(BY_NAME[Job].token(Job(name="web"))) == ["web"]
+    assert paging.line_offset(paging.line_token(42)) == 42 and paging.line_offset("") == 0
+    bad = [
+        "garbage",
+        b64(b"o:" + b"9" * 40),  # an old offset token, past every integer type
+        b64(b"\xff"),
+        b64(json.dumps(["sessions", "not a time", "x"]).encode()),
+        b64(json.dumps(["sessions", t.isoformat()]).encode()),
+        b64(json.dumps(["jobs", "web"]).encode()),  # another list's token
+        b64(json.dumps(["sessions", 5, "x"]).encode()),
+        "A" * 2000,
+    ]
+    for token in bad:
+        with pytest.raises(InvalidArgument, match=r"^page_token:"):
+            SESSIONS.parse(token)
+    for token in (b64(json.dumps(["line", 10**40]).encode()), b64(json.dumps(["line", -1]).encode()), bad[0]):
+        with pytest.raises(InvalidArgument, match=r"^page_token:"):
+            paging.line_offset(token)
+    with pytest.raises(InvalidArgument, match=r"^page_size:"):
+        paging.page_size(-1)
+    assert paging.page_size(0) == paging.DEFAULT_PAGE and paging.page_size(10**9) == paging.MAX_PAGE
+    assert paging.page_size(10**9, paging.MAX_SESSION_PAGE) == 100
+
+
+def test_replica_roots_overlap_when_one_is_the_other_or_inside_it() -> None:
+    assert res.roots_overlap("replicas/web", "replicas/web")
+    assert res.roots_overlap("replicas/web", "Replicas/WEB")  # a Windows target ignores case
+    assert res.roots_overlap("replicas", "replicas/web")
+    assert res.roots_overlap("replicas/web/sql", "replicas/web")
+    assert not res.roots_overlap("replicas/web", "replicas/web2")
+    assert not res.roots_overlap("replicas/web", "archive/web")
+
+
+def test_a_file_hosts_folder_is_an_existing_folder_outside_the_systems(tmp_path: Path) -> None:
+    (tmp_path / "hosts").mkdir()
+    (tmp_path / "file").write_text("x")
+    (tmp_path / "to-etc").symlink_to("/etc")
+    assert res.check_host_folder("host.address", str(tmp_path / "hosts")) == str(tmp_path / "hosts")
+    bad = {
+        "/": "root of the file system",
+        "/etc": "system folder /etc",
+        "/usr/share": "system folder /usr",
+        "/dev/null": "not a folder",
+        "/tmp": "a system folder",
+        str(tmp_path / "file"): "not a folder",
+        str(tmp_path / "missing"): "not a folder",
+        str(tmp_path / "to-etc"): "system folder /etc",  # followed
+        "relative/hosts": "absolute",
+        f"{tmp_path}/hosts\x00": "NUL",
+    }
+    for address, why in bad.items():
+        with pytest.raises(InvalidArgument, match=r"^host\.address: ") as err:
+            res.check_host_folder("host.address", address)
+        assert why in str(err.value), (address, str(err.value))
+
+
+def test_a_replica_folder_is_the_vm_id_as_one_plain_name() -> None:
+    assert replica_folder("5f0c1c1e-3b7e-4e55-9d0e-0c3e4f1a2b3c") == "5f0c1c1e-3b7e-4e55-9d0e-0c3e4f1a2b3c"
+    for vm_id in ("evil/nested", "..", ".", "", "a\\b", "/abs", "x" * 129):
+        with pytest.raises(FailedPrecondition, match="cannot name a replica folder"):
+            replica_folder(vm_id)

@@ -1,0 +1,148 @@
+"""Bounds on the calls a server runs at once, per client certificate and in total.
+
+A call past either bound is refused at once with RESOURCE_EXHAUSTED, a message saying when to try again
+and the same hint as trailing metadata (`retry-after-ms`), before any of the service's own work: one
+client cannot take the server (and what it shares with its own background work) from the others. A
+stream holds its place until it ends. Health and reflection calls are not counted, so a server under
+load still answers whether it is alive.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+
+from vmrepl.errors import PeerNotAllowed
+from vmrepl.logs import get_logger
+from vmrepl.security.tls import peer_identity
+
+log = get_logger("vmrepl.call_limits")
+RETRY_AFTER_KEY = "retry-after-ms"
+UNCOUNTED_PREFIXES = ("/grpc.health.", "/grpc.reflection.")
+_LOG_EVERY_SECONDS = 10.0
+
+
+@dataclass(frozen=True, kw_only=True)
+class Limits:
+    per_client: int
+    total: int
+    retry_after_seconds: float = 1.0
+
+
+class Refused(Exception):
+    """A call past a bound; its message is the one the caller gets."""
+
+
+class CallCounter:
+    """Calls open now, per client and in total. Pure of gRPC; one event loop, so no lock is needed:
+    nothing awaits between the check and the count."""
+
+    def __init__(self, limits: Limits) -> None:
+        self.limits = limits
+        self.total = 0
+        self.per_client: dict[str, int] = {}
+
+    def acquire(self, client: str) -> None:
+        mine = self.per_client.get(client, 0)
+        if mine >= self.limits.per_client:
+            raise Refused(f"certificate {client!r} has {mine} calls open, its limit")
+        if self.total >= self.limits.total:
+            raise Refused(f"the server has {self.total} calls open, its limit")
+        self.per_client[client] = mine + 1
+        self.total += 1
+
+    def release(self, client: str) -> None:
+        self.total -= 1
+        left = self.per_client[client] - 1
+        if left:
+            self.per_client[client] = left
+        else:
+            del self.per_client[client]
+
+
+def _client(context: Any) -> str:
+    """The certificate's name; the peer address if the call carries none (it is refused later anyway)."""
+    try:
+        return peer_identity(context)[0]
+    except PeerNotAllowed:
+        return str(context.peer())
+
+
+class CallLimits(grpc.aio.ServerInterceptor):  # type: ignore[misc]
+    def __init__(self, limits: Limits) -> None:
+        self.counter = CallCounter(limits)
+        self._logged: dict[str, float] = {}
+
+    async def intercept_service(
+        self, continuation: Callable[[Any], Awaitable[Any]], details: grpc.HandlerCallDetails
+    ) -> Any:
+        handler = await continuation(details)
+        if handler is None or str(details.method).startswith(UNCOUNTED_PREFIXES):
+            return handler
+        if handler.unary_unary is not None:
+            return grpc.unary_unary_rpc_method_handler(
+                self._unary(handler.unary_unary, details.method),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        if handler.stream_unary is not None:
+            return grpc.stream_unary_rpc_method_handler(
+                self._unary(handler.stream_unary, details.method),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        make = grpc.unary_stream_rpc_method_handler if handler.unary_stream else grpc.stream_stream_rpc_method_handler
+        return make(
+            self._streaming(handler.unary_stream or handler.stream_stream, details.method),
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
+
+    def _unary(self, behavior: Callable[..., Any], method: str) -> Callable[..., Awaitable[Any]]:
+        async def limited(request: Any, context: Any) -> Any:
+            async with self._slot(context, method):
+                return await behavior(request, context)
+
+        return limited
+
+    def _streaming(self, behavior: Callable[..., Any], method: str) -> Callable[..., AsyncIterator[Any]]:
+        async def limited(request: Any, context: Any) -> AsyncIterator[Any]:
+            async with self._slot(context, method):
+                result = behavior(request, context)
+                if inspect.isasyncgen(result):
+                    async for item in result:
+                        yield item
+                else:  # a handler that writes with context.write and returns nothing
+                    await result
+
+        return limited
+
+    @contextlib.asynccontextmanager
+    async def _slot(self, context: Any, method: str) -> AsyncIterator[None]:
+        client = _client(context)
+        try:
+            self.counter.acquire(client)
+        except Refused as e:
+            await self._refuse(context, client, method, str(e))
+        try:
+            yield
+        finally:
+            self.counter.release(client)
+
+    async def _refuse(self, context: Any, client: str, method: str, why: str) -> None:
+        wait = self.counter.limits.retry_after_seconds
+        now = time.monotonic()
+        if now - self._logged.get(client, -_LOG_EVERY_SECONDS) >= _LOG_EVERY_SECONDS:  # one line, not a flood
+            self._logged[client] = now
+            log.warning("calls_refused", client=client, method=method, reason=why)
+        await context.abort(
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            f"too many calls at once: {why}; retry in {wait:g} s",
+            trailing_metadata=((RETRY_AFTER_KEY, str(round(wait * 1000))),),
+        )
