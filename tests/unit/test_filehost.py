@@ -15,7 +15,7 @@ import pytest
 from controller import lab
 from tests.conftest import need_tool
 from tests.powercut import Recorder
-from vmrepl.errors import FailedPrecondition, InvalidArgument, NotFound
+from vmrepl.errors import DiskError, FailedPrecondition, InvalidArgument, NotFound
 from vmrepl.extent import Extent, MiB
 from vmrepl.providers.filehost import DiskManifest, FileHostProvider, VmManifest, load_manifest, write_manifest
 
@@ -418,3 +418,15 @@ def test_a_damaged_map_line_is_refused(small: Path) -> None:
     overlay_map.write_bytes(b"[0, 99999999999]\n")
     with pytest.raises(FailedPrecondition, match="outside disk disk0"):
         asyncio.run(p.remove_checkpoint("a", cp.checkpoint_id))
+
+
+def test_a_folder_planted_where_a_state_file_goes_fails_the_vm_clearly(small: Path) -> None:
+    p = FileHostProvider(small)
+    (small / "a" / ".vmrepl" / "checkpoint.json").mkdir(parents=True)
+    with pytest.raises(FailedPrecondition, match=r"checkpoint\.json is not a regular file"):
+        asyncio.run(p.list_checkpoints("a"))
+    (small / "a" / ".vmrepl" / "checkpoint.json").rmdir()
+    (small / "a" / ".vmrepl" / "checkpoint.json.tmp").mkdir()  # where the record is written first
+    with pytest.raises(DiskError, match=r"checkpoint\.json\.tmp"):
+        asyncio.run(p.create_checkpoint("a"))
+    assert asyncio.run(p.create_checkpoint("b")).vm_id == load_manifest(small / "b").id

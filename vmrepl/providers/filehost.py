@@ -34,11 +34,12 @@ import json
 import os
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TypeVar
 
 from vmrepl.disk import open_reader
-from vmrepl.errors import FailedPrecondition, InvalidArgument, NotFound, VmreplError
+from vmrepl.errors import DiskError, FailedPrecondition, InvalidArgument, NotFound, VmreplError
 from vmrepl.extent import Extent, merge
 from vmrepl.providers.base import Checkpoint, DiskInCheckpoint, DiskInfo, Provider, VmInfo
 from vmrepl.providers.filejournal import CheckpointRecord, HostKey
@@ -72,6 +73,7 @@ LOCK = "lock"
 _COPY_CHUNK = 4 << 20
 _RECORD_LIMIT = 64 << 10
 _LOG_LIMIT = 1 << 30
+T = TypeVar("T")
 
 
 def _datasync(fd: int) -> None:
@@ -436,23 +438,35 @@ class FileHostProvider(Provider):
                 continue  # its id shared or a disk unusable: get_vm says why
         return out
 
+    async def _run(self, fn: Callable[[], T]) -> T:
+        """`fn` in a thread; an OS error in a VM folder (a folder where a file should be, a full disk) fails
+        the call with a DiskError naming it, so it fails that VM only, not the session."""
+
+        def guarded() -> T:
+            try:
+                return fn()
+            except OSError as e:
+                raise DiskError(f"file host {self.root}: {e}") from e
+
+        return await asyncio.to_thread(guarded)
+
     async def list_vms(self) -> list[VmInfo]:
-        return await asyncio.to_thread(self._list)
+        return await self._run(self._list)
 
     async def get_vm(self, ref: str) -> VmInfo:
-        return await asyncio.to_thread(lambda: self.vm(ref).info())
+        return await self._run(lambda: self.vm(ref).info())
 
     async def vm_configuration(self, vm_id: str) -> bytes:
-        return await asyncio.to_thread(lambda: self.vm(vm_id).configuration())
+        return await self._run(lambda: self.vm(vm_id).configuration())
 
     async def create_checkpoint(self, vm_id: str) -> Checkpoint:
-        return await asyncio.to_thread(lambda: self.vm(vm_id).create_checkpoint())
+        return await self._run(lambda: self.vm(vm_id).create_checkpoint())
 
     async def list_checkpoints(self, vm_id: str) -> list[Checkpoint]:
-        return await asyncio.to_thread(lambda: self.vm(vm_id).list_checkpoints())
+        return await self._run(lambda: self.vm(vm_id).list_checkpoints())
 
     async def changed_ranges(self, checkpoint: Checkpoint, disk_id: str, since: str) -> list[Extent] | None:
-        return await asyncio.to_thread(lambda: self.vm(checkpoint.vm_id).changed_ranges(checkpoint, disk_id, since))
+        return await self._run(lambda: self.vm(checkpoint.vm_id).changed_ranges(checkpoint, disk_id, since))
 
     async def remove_checkpoint(self, vm_id: str, checkpoint_id: str) -> None:
-        await asyncio.to_thread(lambda: self.vm(vm_id).remove_checkpoint(checkpoint_id))
+        await self._run(lambda: self.vm(vm_id).remove_checkpoint(checkpoint_id))
