@@ -99,11 +99,13 @@ def test_references_resolve_by_id_then_by_a_unique_name(ctl_raw: ControllerEnv) 
     shutil.copytree(twin, ctl_raw.host / "vm3b", ignore=shutil.ignore_patterns(".vmrepl"))
     manifest = load_manifest(ctl_raw.host / "vm3b")  # the same name, its own id
     write_manifest(ctl_raw.host / "vm3b", manifest.model_copy(update={"id": "3b3b3b3b-0000-4000-8000-000000000001"}))
-    vm1_id = ctl_raw.vm("vm1").manifest.id
-    ctl_raw.configure(vms=(vm1_id, "vm3", "3b3b3b3b-0000-4000-8000-000000000001"), retries=0)
+    vm1_id, vm2_id = ctl_raw.vm("vm1").manifest.id, ctl_raw.vm("vm2").manifest.id
+    twice = ("vm2", vm2_id)  # one VM named by its name and by its id: planned once, not an IntegrityError
+    ctl_raw.configure(vms=(vm1_id, "vm3", "3b3b3b3b-0000-4000-8000-000000000001", *twice), retries=0)
     s = ctl_raw.run_job()
+    assert [v.vm_id for v in s.vms].count(vm2_id) == 1 and "internal" not in s.error, s.error
     by_id = {v.vm_id: v for v in s.vms}
-    assert by_id[vm1_id].state == "done", s.error  # by id
+    assert by_id[vm1_id].state == "done" and by_id[vm2_id].state == "done", s.error  # by id
     assert by_id["3b3b3b3b-0000-4000-8000-000000000001"].state == "done", s.error  # by id, though its name is shared
     ambiguous = by_id["vm3"]  # by a name two folders carry
     assert ambiguous.state == "failed" and "ambiguous" in ambiguous.error, ambiguous.error
