@@ -32,6 +32,7 @@ from controller.db.models import (
 from controller.db.secrets import SecretBox
 from controller.engine import ACTIVE, Engine
 from controller.journal import Journal
+from controller.providers import check_host
 from controller.runtime import LiveProgress
 from controller.session_log import read_session_log
 from controller.sessions_view import log_entry, session_msg
@@ -180,6 +181,7 @@ class ControllerServicer(controller_pb2_grpc.ControllerServiceServicer):
 
         async def fill(db: AsyncSession, row: Host) -> None:
             await res.apply_host(db, request.host, row, res.HOST_FIELDS)
+            await check_host(row)
 
         row = await self._create(Host, "host_id", request.host_id, "hosts", fill)
         async with self.reads() as db:
@@ -208,6 +210,7 @@ class ControllerServicer(controller_pb2_grpc.ControllerServiceServicer):
         async with self.journal.write() as db:
             row = await res.by_name(db, Host, "host.name", request.host.name, "hosts")
             await res.apply_host(db, request.host, row, paths)
+            await check_host(row)
         async with self.reads() as db:
             return await res.host_msg(db, row)
 

@@ -522,13 +522,14 @@ def lab_create_vm(
     host_dir: Annotated[Path, typer.Argument(help="the file host's folder")],
     name: str,
     size_mib: Annotated[int, typer.Option(help="disk size")] = 256,
-    seed: Annotated[int, typer.Option(help="content seed")] = 1,
+    seed: Annotated[int, typer.Option(help="content seed (the VM's id is random whatever the seed)")] = 1,
 ) -> None:
     """A sample VM: a GPT disk with an NTFS partition (mkntfs, ntfscp) and a swap partition (mkswap)."""
     from controller.lab import create_sample_vm
+    from vmrepl.providers.filehost import load_manifest
 
     vm_dir = create_sample_vm(host_dir, name, size=size_mib << 20, seed=seed)
-    out.print(f"created VM {name} in {vm_dir}")
+    out.print(f"created VM {name} (id {load_manifest(vm_dir).id}) in {vm_dir}")
 
 
 @lab_app.command("write")

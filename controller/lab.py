@@ -287,7 +287,9 @@ def create_raw_vm(host_root: Path, name: str, *, size: int, seed: int = 1) -> Pa
     vm_dir = host_root / name
     vm_dir.mkdir(parents=True)
     make_mixed_image(vm_dir / "disk0.raw", size, seed=seed)
-    vm_id = str(uuid.UUID(int=random.Random(seed).getrandbits(128), version=4))
+    # The seed makes the content, never the id: two VMs made alike must not share an id (checkpoints and
+    # replicas are keyed by it).
+    vm_id = str(uuid.uuid4())
     write_manifest(vm_dir, VmManifest(name=name, id=vm_id, disks=[DiskManifest(id="disk0", path="disk0.raw")]))
     return vm_dir
 
@@ -341,7 +343,7 @@ def create_sample_vm(host_root: Path, name: str, *, size: int = 256 * MiB, seed:
         vm_dir,
         VmManifest(
             name=name,
-            id=str(uuid.UUID(int=rng.getrandbits(128), version=4)),
+            id=str(uuid.uuid4()),  # random whatever the seed: ids are unique on a host
             disks=[DiskManifest(id="disk0", path="disk0.raw")],
         ),
     )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 from controller.db.models import Host
@@ -18,3 +19,10 @@ def provider_for(host: Host) -> Provider:
     if host.provider == "file":
         return FileHostProvider(Path(host.address), host=host.name)
     raise FailedPrecondition(f"host {host.name}: provider {host.provider!r} is not available in this version")
+
+
+async def check_host(host: Host) -> None:
+    """Refuse a host sessions could not replicate correctly: a file host where two VM folders carry one id
+    (checkpoints and replicas are keyed by it). A folder not there yet is not refused here."""
+    if host.provider == "file" and await asyncio.to_thread(Path(host.address).is_dir):
+        await asyncio.to_thread(FileHostProvider(Path(host.address), host=host.name).check_unique_ids)

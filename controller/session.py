@@ -77,6 +77,7 @@ class SessionRun:
         if not await self.parts.agents.ready(target):
             raise FailedPrecondition(f"target {self.sc.target.name} does not answer its health check")
         entries: list[SessionVm | Task] = []
+        named: dict[str, str] = {}  # VM id -> the reference that planned it
         for jv in job_vms:
             try:
                 vm = await self.sc.provider.get_vm(jv.vm_ref)
@@ -92,6 +93,10 @@ class SessionRun:
                     )
                 )
                 continue
+            if vm.vm_id in named:  # the job names it twice (by id and by name): one VM, replicated once
+                self.log.warning("vm_named_twice", vm_id=vm.vm_id, refs=[named[vm.vm_id], jv.vm_ref])
+                continue
+            named[vm.vm_id] = jv.vm_ref
             entries += await self._plan_vm(vm, frozenset(str(d) for d in jv.excluded_disks))
         async with self.parts.journal.change("session planned", session_id=self.sc.session_id) as db:
             db.add_all(entries)

@@ -37,7 +37,7 @@ from controller.states import (
     choose_change,
     reconcile_task,
 )
-from protos.vmrepl.v1 import common_pb2, proxy_pb2
+from protos.vmrepl.v1 import common_pb2, proxy_pb2, target_pb2
 from vmrepl.errors import FailedPrecondition, VmreplError
 from vmrepl.logs import get_logger
 from vmrepl.progress import busy
@@ -117,6 +117,8 @@ class TaskRunner:
         self.log = self.log.bind(vm_id=task.vm_id, disk_id=task.disk_id)
         try:
             final = await self._drive(task)
+            if final.state == proxy_pb2.TRANSFER_STATE_COMPLETED:
+                await self._check_committed_size(task)
         except asyncio.CancelledError:
             raise
         except (VmreplError, grpc.aio.AioRpcError) as e:
@@ -131,6 +133,19 @@ class TaskRunner:
             await self._set(end, f"task {end}", error=message)
             return end
         return await self._finish(final)
+
+    async def _check_committed_size(self, task: Task) -> None:
+        """A disk is done only if the replica the target committed has the size planned: another size means
+        the checkpoint showed another disk than the one planned (resized since, or another VM's)."""
+        target = self.parts.agents.target(self.sc.target.address, self.sc.target.tls_server_name)
+        replica = await target.stub.GetReplicaDisk(
+            target_pb2.GetReplicaDiskRequest(replica_path=self.sc.replica_path(task.vm_id), disk_id=task.disk_id)
+        )
+        if replica.disk_size != task.disk_size:
+            raise FailedPrecondition(
+                f"disk {task.disk_id}: the replica's committed size {replica.disk_size} differs from the size "
+                f"planned, {task.disk_size}"
+            )
 
     async def _drive(self, task: Task) -> proxy_pb2.TransferProgress:
         state = TaskState(task.state)

@@ -140,6 +140,8 @@ class ControllerEnv:
 
     def disks(self) -> Iterator[tuple[str, str]]:
         for vm_dir in sorted(self.host.iterdir()):
+            if vm_dir.name.startswith("."):  # the provider's own folder (.vmrepl-host), not a VM
+                continue
             for d in self.vm(vm_dir.name).manifest.disks:
                 yield vm_dir.name, d.id
 

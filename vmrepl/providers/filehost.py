@@ -13,94 +13,125 @@ It behaves like Hyper-V where replication can see it:
   `GetVirtualDiskChanges`. Writes made to the images by other means are not
   tracked — the situation sampled verification exists for.
 
+VM folders may be written by others than the operator, so every file in one is opened without following
+symbolic links, inside the host folder (safefs), a checkpoint record is used only with the provider's
+seal (filejournal), and looking VMs up creates nothing.
+
 Layout of a VM folder (docs/file-provider.md):
     vm.toml                  name, id, disks (paths relative to the folder)
     <disk images>
     .vmrepl/lock             serialises writers across processes
     .vmrepl/changes.log      one JSON line per write: seq, disk, offset, length
-    .vmrepl/checkpoint.json  the checkpoint: id, created_at, reference, state (active | merging)
+    .vmrepl/checkpoint.json  the sealed checkpoint record: id, created_at, reference, state (active | merging)
     .vmrepl/overlay/<disk>.raw and .map   bytes written under the checkpoint, and where
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import time
-import tomllib
 import uuid
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Literal
-
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from typing import TypeVar
 
 from vmrepl.disk import open_reader
-from vmrepl.disk.fileio import PositionalFile, atomic_write, exclusive_lock
-from vmrepl.errors import FailedPrecondition, InvalidArgument, NotFound
+from vmrepl.errors import DiskError, FailedPrecondition, InvalidArgument, NotFound, VmreplError
 from vmrepl.extent import Extent, merge
-from vmrepl.names import check_name, check_relative, resolve_inside
 from vmrepl.providers.base import Checkpoint, DiskInCheckpoint, DiskInfo, Provider, VmInfo
+from vmrepl.providers.filejournal import CheckpointRecord, HostKey
+from vmrepl.providers.filevms import (
+    MANIFEST,
+    MANIFEST_LIMIT,
+    DiskManifest,
+    VmIndex,
+    VmManifest,
+    load_manifest,
+    parse_manifest,
+    write_manifest,
+)
+from vmrepl.providers.safefs import Folder
 
-MANIFEST = "vm.toml"
+__all__ = [
+    "DiskManifest",
+    "FileHostProvider",
+    "FileVm",
+    "VmManifest",
+    "load_manifest",
+    "parse_manifest",
+    "write_manifest",
+]
+
 STATE_DIR = ".vmrepl"
+OVERLAY_DIR = "overlay"
+CHECKPOINT = "checkpoint.json"
+CHANGES = "changes.log"
+LOCK = "lock"
 _COPY_CHUNK = 4 << 20
+_RECORD_LIMIT = 64 << 10
+_LOG_LIMIT = 1 << 30
+T = TypeVar("T")
 
 
-class DiskManifest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    id: str
-    path: str = Field(description="image path relative to the VM folder")
-    format: Literal["raw", "vhdx", "vhd"] = "raw"
-
-    @field_validator("id")
-    @classmethod
-    def _id(cls, v: str) -> str:
-        return check_name("id", v)
-
-    @field_validator("path")
-    @classmethod
-    def _path(cls, v: str) -> str:
-        check_relative("path", v)
-        return v
+def _datasync(fd: int) -> None:
+    getattr(os, "fdatasync", os.fsync)(fd)
 
 
-class VmManifest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    name: str
-    id: str
-    disks: list[DiskManifest] = Field(min_length=1)
-
-
-def load_manifest(vm_dir: Path) -> VmManifest:
-    try:
-        data = tomllib.loads((vm_dir / MANIFEST).read_text(encoding="utf-8"))
-        return VmManifest(**data)
-    except FileNotFoundError as e:
-        raise NotFound(f"{vm_dir} has no {MANIFEST}") from e
-    except (tomllib.TOMLDecodeError, ValidationError) as e:
-        raise InvalidArgument(str(vm_dir / MANIFEST), str(e)) from e
+def _pread_exact(fd: int, buf: memoryview, offset: int, where: str) -> None:
+    done = 0
+    while done < len(buf):
+        n = os.preadv(fd, [buf[done:]], offset + done)
+        if n == 0:
+            raise FailedPrecondition(f"{where} is shorter than its map says: refused")
+        done += n
 
 
-def write_manifest(vm_dir: Path, manifest: VmManifest) -> None:
-    lines = [f"name = {json.dumps(manifest.name)}", f"id = {json.dumps(manifest.id)}"]
-    for d in manifest.disks:
-        lines += ["", "[[disks]]", f"id = {json.dumps(d.id)}", f"path = {json.dumps(d.path)}"]
-        lines.append(f"format = {json.dumps(d.format)}")
-    atomic_write(vm_dir / MANIFEST, ("\n".join(lines) + "\n").encode())
+def _pwrite_all(fd: int, data: bytes | memoryview, offset: int) -> None:
+    view = memoryview(data)
+    while view:
+        n = os.pwrite(fd, view, offset)
+        view, offset = view[n:], offset + n
 
 
 class FileVm:
     """One VM folder; every method blocks (the provider runs them in threads)."""
 
-    def __init__(self, vm_dir: Path, host: str) -> None:
-        self.dir = vm_dir
+    def __init__(self, *, root: Path, folder: str, manifest: VmManifest, host: str, key: HostKey) -> None:
+        self.root = root
+        self.folder = folder
+        self.dir = root / folder
+        self.state = self.dir / STATE_DIR
+        self.manifest = manifest
         self.host = host
-        self.manifest = load_manifest(vm_dir)
-        self.state = vm_dir / STATE_DIR
-        (self.state / "overlay").mkdir(parents=True, exist_ok=True)
+        self._key = key
+
+    # -- folders, opened without following symbolic links ---------------------------------------
+
+    @contextlib.contextmanager
+    def _vm_dir(self) -> Iterator[Folder]:
+        with Folder.open(self.root) as top, top.child(self.folder) as d:
+            yield d
+
+    @contextlib.contextmanager
+    def _state(self) -> Iterator[Folder]:
+        """The state folder, made if missing: only for actions that change state, never for lookups."""
+        with self._vm_dir() as d, d.child(STATE_DIR, create=True) as s:
+            yield s
+
+    @contextlib.contextmanager
+    def _state_if_any(self) -> Iterator[Folder | None]:
+        with self._vm_dir() as d:
+            s = d.maybe_child(STATE_DIR)
+            if s is None:
+                yield None
+                return
+            with s:
+                yield s
+
+    # -- disks ---------------------------------------------------------------------------------------
 
     def _disk(self, disk_id: str) -> DiskManifest:
         for d in self.manifest.disks:
@@ -108,166 +139,251 @@ class FileVm:
                 return d
         raise NotFound(f"VM {self.manifest.name} has no disk {disk_id!r}")
 
+    def _open_image(self, d: Folder, disk_id: str, *, writable: bool = False) -> int:
+        parts = self._disk(disk_id).path.split("/")
+        with d.descend(parts[:-1]) as where:
+            try:
+                return where.open_file(parts[-1], writable=writable)
+            except FileNotFoundError as e:
+                raise FailedPrecondition(f"disk {disk_id}: {where.path / parts[-1]} does not exist") from e
+
     def image(self, disk_id: str) -> Path:
-        return resolve_inside(
-            f"disks.{disk_id}.path", self.dir / self._disk(disk_id).path, [self.dir], what="the VM folder"
-        )
+        """The disk's image, checked: a regular file reached through real folders inside the VM folder."""
+        with self._vm_dir() as d:
+            os.close(self._open_image(d, disk_id))
+        return self.dir / self._disk(disk_id).path
+
+    def _size(self, d: Folder, disk_id: str) -> int:
+        fd = self._open_image(d, disk_id)
+        try:
+            fmt = self._disk(disk_id).format
+            if fmt == "raw":
+                return os.fstat(fd).st_size
+            with open_reader(fmt, Path(f"/dev/fd/{fd}")) as r:  # the very file checked, opened again
+                return r.size
+        finally:
+            os.close(fd)
 
     def size(self, disk_id: str) -> int:
-        with open_reader(self._disk(disk_id).format, self.image(disk_id)) as r:
-            return r.size
+        with self._vm_dir() as d:
+            return self._size(d, disk_id)
 
     def info(self) -> VmInfo:
-        disks = tuple(DiskInfo(d.id, str(self.image(d.id)), d.format, self.size(d.id)) for d in self.manifest.disks)
+        with self._vm_dir() as d:
+            disks = tuple(
+                DiskInfo(d_.id, str(self.dir / d_.path), d_.format, self._size(d, d_.id)) for d_ in self.manifest.disks
+            )
         return VmInfo(self.manifest.id, self.manifest.name, self.host, disks)
+
+    def configuration(self) -> bytes:
+        with self._vm_dir() as d:
+            data = d.read(MANIFEST, limit=MANIFEST_LIMIT)
+        if data is None:
+            raise NotFound(f"{self.dir} has no {MANIFEST}")
+        return data
 
     # -- checkpoints ---------------------------------------------------------------------------
 
-    def _checkpoint_state(self) -> dict[str, object] | None:
-        try:
-            data: dict[str, object] = json.loads((self.state / "checkpoint.json").read_text())
-            return data
-        except FileNotFoundError:
-            return None
+    def _record(self, s: Folder | None) -> CheckpointRecord | None:
+        data = s.read(CHECKPOINT, limit=_RECORD_LIMIT, own=True) if s is not None else None
+        return None if data is None else self._key.open(data, where=self.state / CHECKPOINT, vm_id=self.manifest.id)
 
-    def _as_checkpoint(self, raw: dict[str, object]) -> Checkpoint:
-        disks = tuple(
-            DiskInCheckpoint(d.id, str(self.image(d.id)), d.format, self.size(d.id)) for d in self.manifest.disks
-        )
-        return Checkpoint(
-            str(raw["id"]), self.manifest.id, float(str(raw["created_at"])), f"seq:{raw['reference']}", disks
-        )
+    def _save(self, s: Folder, record: CheckpointRecord) -> None:
+        s.replace(CHECKPOINT, self._key.seal(record))
+
+    def _as_checkpoint(self, record: CheckpointRecord) -> Checkpoint:
+        with self._vm_dir() as d:
+            disks = tuple(
+                DiskInCheckpoint(x.id, str(self.dir / x.path), x.format, self._size(d, x.id))
+                for x in self.manifest.disks
+            )
+        return Checkpoint(record.id, self.manifest.id, record.created_at, f"seq:{record.reference}", disks)
 
     def create_checkpoint(self) -> Checkpoint:
-        with exclusive_lock(self.state / "lock"):
-            current = self._checkpoint_state()
-            if current is not None and current["state"] == "merging":
-                self._merge()
+        with self._state() as s, s.lock(LOCK):
+            current = self._record(s)
+            if current is not None and current.state == "merging":
+                self._merge(s)
             elif current is not None:
                 raise FailedPrecondition(
-                    f"VM {self.manifest.name} already has checkpoint {current['id']}; remove it first"
+                    f"VM {self.manifest.name} already has checkpoint {current.id}; remove it first"
                 )
-            raw: dict[str, object] = {
-                "id": uuid.uuid4().hex,
-                "created_at": time.time(),
-                "reference": self._last_seq(),
-                "state": "active",
-            }
-            atomic_write(self.state / "checkpoint.json", json.dumps(raw).encode())
-            return self._as_checkpoint(raw)
+            with s.child(OVERLAY_DIR, create=True) as overlay:
+                self._drop_overlays(overlay)  # left by no checkpoint of ours: never part of this one
+            record = CheckpointRecord(
+                vm_id=self.manifest.id,
+                id=uuid.uuid4().hex,
+                created_at=time.time(),
+                reference=self._last_seq(s),
+                state="active",
+            )
+            self._save(s, record)
+        return self._as_checkpoint(record)
 
     def list_checkpoints(self) -> list[Checkpoint]:
-        raw = self._checkpoint_state()
-        return [self._as_checkpoint(raw)] if raw is not None and raw["state"] == "active" else []
+        with self._state_if_any() as s:
+            record = self._record(s)
+        return [self._as_checkpoint(record)] if record is not None and record.state == "active" else []
 
     def remove_checkpoint(self, checkpoint_id: str) -> None:
-        with exclusive_lock(self.state / "lock"):
-            raw = self._checkpoint_state()
-            if raw is None:
-                return  # already removed: idempotent
-            if raw["id"] != checkpoint_id:
-                raise NotFound(f"VM {self.manifest.name} has no checkpoint {checkpoint_id}")
-            raw["state"] = "merging"
-            atomic_write(self.state / "checkpoint.json", json.dumps(raw).encode())
-            self._merge()
+        with self._state_if_any() as s:
+            if s is None:
+                return  # never had one: nothing to remove, and nothing is created to say so
+            with s.lock(LOCK):
+                record = self._record(s)
+                if record is None:
+                    return  # already removed: idempotent
+                if record.id != checkpoint_id:
+                    raise NotFound(f"VM {self.manifest.name} has no checkpoint {checkpoint_id}")
+                if record.state != "merging":
+                    self._save(s, record.model_copy(update={"state": "merging"}))
+                self._merge(s)
 
-    def _merge(self) -> None:
-        """Copy every overlay into its base, make it durable, then drop overlays and the checkpoint."""
-        for d in self.manifest.disks:
-            overlay, extents = self._overlay(d.id)
-            if not extents:
-                continue
-            src = PositionalFile(overlay)
-            dst = PositionalFile(self.image(d.id), writable=True)
+    def _merge(self, s: Folder) -> None:
+        """Copy every overlay into its base and make it durable, then drop the overlays (durably), then the
+        record: a crash at any point leaves the record `merging`, and merging again gives the same disks."""
+        overlay = s.maybe_child(OVERLAY_DIR)
+        if overlay is not None:
+            with overlay, self._vm_dir() as d:
+                for disk in self.manifest.disks:
+                    self._merge_disk(d, overlay, disk.id)
+                self._drop_overlays(overlay)
+        s.unlink(CHECKPOINT)
+        s.sync()
+
+    def _merge_disk(self, d: Folder, overlay: Folder, disk_id: str) -> None:
+        extents = self._overlay_extents(overlay, disk_id, self._size(d, disk_id))
+        if not extents:
+            return
+        src = overlay.open_file(f"{disk_id}.raw", own=True)
+        try:
+            dst = self._open_image(d, disk_id, writable=True)
             try:
+                buf = bytearray(_COPY_CHUNK)
                 for e in extents:
                     for pos in range(e.offset, e.end, _COPY_CHUNK):
-                        buf = bytearray(min(_COPY_CHUNK, e.end - pos))
-                        src.read_into(memoryview(buf), pos)
-                        dst.write(buf, pos)
-                dst.sync()
+                        view = memoryview(buf)[: min(_COPY_CHUNK, e.end - pos)]
+                        _pread_exact(src, view, pos, str(overlay.path / f"{disk_id}.raw"))
+                        _pwrite_all(dst, view, pos)
+                _datasync(dst)
             finally:
-                src.close()
-                dst.close()
-        for d in self.manifest.disks:
-            for suffix in (".raw", ".map"):
-                (self.state / "overlay" / f"{d.id}{suffix}").unlink(missing_ok=True)
-        (self.state / "checkpoint.json").unlink(missing_ok=True)
+                os.close(dst)
+        finally:
+            os.close(src)
 
-    def _overlay(self, disk_id: str) -> tuple[Path, list[Extent]]:
-        base = self.state / "overlay" / disk_id
-        try:
-            lines = (base.with_suffix(".map")).read_text().splitlines()
-        except FileNotFoundError:
-            return base.with_suffix(".raw"), []
-        return base.with_suffix(".raw"), merge(Extent(*json.loads(line)) for line in lines if line)
+    def _drop_overlays(self, overlay: Folder) -> None:
+        for disk in self.manifest.disks:
+            for suffix in (".raw", ".map"):
+                overlay.unlink(f"{disk.id}{suffix}")
+        overlay.sync()
+
+    def _overlay_extents(self, overlay: Folder, disk_id: str, size: int) -> list[Extent]:
+        """The ranges the overlay holds: its map's complete lines (a line torn by a crash in the middle of
+        an append was never acknowledged, and is left out); any other damage is refused."""
+        name = f"{disk_id}.map"
+        lines = overlay.lines(name, limit=_LOG_LIMIT)
+        out = []
+        for n, line in enumerate(lines or [], 1):
+            try:
+                offset, length = json.loads(line)
+                if not (isinstance(offset, int) and isinstance(length, int)):
+                    raise ValueError(line)
+            except ValueError as e:
+                raise FailedPrecondition(f"{overlay.path / name} line {n} is damaged: refused") from e
+            if offset < 0 or length <= 0 or offset + length > size:
+                raise FailedPrecondition(f"{overlay.path / name} line {n} lies outside disk {disk_id}: refused")
+            out.append(Extent(offset, length))
+        return merge(out)
 
     # -- writes and change tracking ------------------------------------------------------------
 
-    def _last_seq(self) -> int:
-        try:
-            with open(self.state / "changes.log", "rb") as f:
-                f.seek(0, os.SEEK_END)
-                if f.tell() == 0:
-                    return 0
-                f.seek(max(0, f.tell() - 4096))
-                return int(json.loads(f.read().splitlines()[-1])["seq"])
-        except FileNotFoundError:
+    def _last_seq(self, s: Folder) -> int:
+        line = s.last_line(CHANGES)
+        if line is None:
             return 0
+        try:
+            return int(json.loads(line)["seq"])
+        except (ValueError, KeyError, TypeError) as e:
+            raise FailedPrecondition(f"the last entry of {self.state / CHANGES} is damaged") from e
 
     def write(self, disk_id: str, offset: int, data: bytes) -> None:
-        """Write as the guest would: into the overlay while a checkpoint exists, else into the disk."""
-        d = self._disk(disk_id)
-        if d.format != "raw":
-            raise FailedPrecondition(f"disk {disk_id} is {d.format}; the lab writes raw disks only")
+        """Write as the guest would: into the overlay while a checkpoint exists, else into the disk. Durable
+        when it returns, as a guest's flushed write is."""
+        if self._disk(disk_id).format != "raw":
+            raise FailedPrecondition(f"disk {disk_id} is {self._disk(disk_id).format}; the lab writes raw disks only")
         size = self.size(disk_id)
         if offset < 0 or offset + len(data) > size:
             raise InvalidArgument("offset", f"[{offset}, +{len(data)}) is outside disk {disk_id}")
-        with exclusive_lock(self.state / "lock"):
-            raw = self._checkpoint_state()
-            if raw is not None and raw["state"] == "merging":
-                self._merge()
-                raw = None
-            self._log_change(disk_id, offset, len(data))
-            # Under a checkpoint the write goes to the overlay; the base stays as the checkpoint froze it.
-            path = self.state / "overlay" / f"{disk_id}.raw" if raw is not None else self.image(disk_id)
-            f = PositionalFile(path, writable=True, create=raw is not None)
-            try:
-                if f.size() < size:
-                    f.truncate(size)
-                f.write(data, offset)
-                f.sync()
-            finally:
-                f.close()
-            if raw is not None:  # recorded after the data: the merge must never copy bytes not written
-                with open(self.state / "overlay" / f"{disk_id}.map", "a") as m:
-                    m.write(json.dumps([offset, len(data)]) + "\n")
+        with self._state() as s, s.lock(LOCK):
+            record = self._record(s)
+            if record is not None and record.state == "merging":
+                self._merge(s)
+                record = None
+            # Logged, durably, before the data changes: a crash in between makes the tracker report a range
+            # that did not change (harmless, it is sent again), never miss one that did.
+            entry = {"seq": self._last_seq(s) + 1, "disk": disk_id, "offset": offset, "length": len(data)}
+            s.append_line(CHANGES, json.dumps(entry).encode())
+            if record is None:
+                with self._vm_dir() as d:
+                    fd = self._open_image(d, disk_id, writable=True)
+                    try:
+                        _pwrite_all(fd, data, offset)
+                        _datasync(fd)
+                    finally:
+                        os.close(fd)
+                return
+            with s.child(OVERLAY_DIR, create=True) as overlay:
+                self._write_overlay(overlay, disk_id, offset, data, size)
 
-    def _log_change(self, disk_id: str, offset: int, length: int) -> None:
-        # Logged, durably, before the data changes: a crash in between makes the tracker report a range
-        # that did not change (harmless, it is sent again), never miss one that did.
-        entry = {"seq": self._last_seq() + 1, "disk": disk_id, "offset": offset, "length": length}
-        with open(self.state / "changes.log", "a") as log:
-            log.write(json.dumps(entry) + "\n")
-            log.flush()
-            os.fsync(log.fileno())
+    def _write_overlay(self, overlay: Folder, disk_id: str, offset: int, data: bytes, size: int) -> None:
+        # Under a checkpoint the write goes to the overlay; the base stays as the checkpoint froze it.
+        # Order: the data (and the file's name) durable first, then the map entry, appended and fsynced.
+        # The merge copies only what the map lists, so it never copies bytes that were not written, and
+        # a write that returned is in the map, so the merge never loses it.
+        name = f"{disk_id}.raw"
+        created = not overlay.exists(name)
+        fd = overlay.open_file(name, writable=True, create=True, own=True)
+        try:
+            if os.fstat(fd).st_size < size:
+                os.ftruncate(fd, size)
+            _pwrite_all(fd, data, offset)
+            _datasync(fd)
+        finally:
+            os.close(fd)
+        if created:
+            overlay.sync()
+        overlay.append_line(f"{disk_id}.map", json.dumps([offset, len(data)]).encode())
 
     def read_current(self, disk_id: str, offset: int, length: int) -> bytes:
         """The disk as the guest sees it now: the base, with the overlay on top."""
         buf = bytearray(length)
-        with open_reader(self._disk(disk_id).format, self.image(disk_id)) as r:
-            r.read_into(memoryview(buf), offset)
-        overlay, extents = self._overlay(disk_id)
-        if extents:
-            f = PositionalFile(overlay)
+        with self._vm_dir() as d:
+            size = self._size(d, disk_id)
+            fd = self._open_image(d, disk_id)
             try:
-                for e in extents:
-                    lo, hi = max(e.offset, offset), min(e.end, offset + length)
-                    if lo < hi:
-                        f.read_into(memoryview(buf)[lo - offset : hi - offset], lo)
+                with open_reader(self._disk(disk_id).format, Path(f"/dev/fd/{fd}")) as r:
+                    r.read_into(memoryview(buf), offset)
             finally:
-                f.close()
+                os.close(fd)
+        with self._state_if_any() as s:
+            overlay = s.maybe_child(OVERLAY_DIR) if s is not None else None
+            if overlay is not None:
+                with overlay:
+                    self._read_overlay(overlay, disk_id, size, buf, offset)
         return bytes(buf)
+
+    def _read_overlay(self, overlay: Folder, disk_id: str, size: int, buf: bytearray, offset: int) -> None:
+        extents = self._overlay_extents(overlay, disk_id, size)
+        if not extents:
+            return
+        fd = overlay.open_file(f"{disk_id}.raw", own=True)
+        try:
+            for e in extents:
+                lo, hi = max(e.offset, offset), min(e.end, offset + len(buf))
+                if lo < hi:
+                    _pread_exact(fd, memoryview(buf)[lo - offset : hi - offset], lo, str(overlay.path))
+        finally:
+            os.close(fd)
 
     def changed_ranges(self, checkpoint: Checkpoint, disk_id: str, since: str) -> list[Extent] | None:
         try:
@@ -277,15 +393,17 @@ class FileVm:
             return None
         if not since.startswith("seq:") or lo > hi:
             return None
+        with self._state_if_any() as s:
+            lines = s.lines(CHANGES, limit=_LOG_LIMIT) if s is not None else None
         out = []
-        try:
-            with open(self.state / "changes.log") as log:
-                for line in log:
-                    e = json.loads(line)
-                    if lo < e["seq"] <= hi and e["disk"] == disk_id:
-                        out.append(Extent(e["offset"], e["length"]))
-        except FileNotFoundError:
-            pass
+        for line in lines or []:
+            try:
+                e = json.loads(line)
+                seq, disk, start, length = int(e["seq"]), e["disk"], int(e["offset"]), int(e["length"])
+            except (ValueError, KeyError, TypeError):
+                return None  # a damaged log cannot say what changed: the caller compares digests
+            if lo < seq <= hi and disk == disk_id:
+                out.append(Extent(start, length))
         return merge(out)
 
 
@@ -295,36 +413,60 @@ class FileHostProvider(Provider):
     def __init__(self, root: Path, *, host: str = "localhost") -> None:
         self.root = root
         self.host = host
-
-    def _vms(self) -> list[FileVm]:
-        return [FileVm(p.parent, self.host) for p in sorted(self.root.glob(f"*/{MANIFEST}"))]
+        self.index = VmIndex(root)
+        self._key = HostKey(root)
 
     def vm(self, ref: str) -> FileVm:
-        for vm in self._vms():
-            if ref in (vm.manifest.id, vm.manifest.name):
-                return vm
-        raise NotFound(f"no VM with id or name {ref!r} on file host {self.root}")
+        f = self.index.find(ref)
+        return FileVm(root=self.root, folder=f.name, manifest=f.vm, host=self.host, key=self._key)
+
+    def problems(self) -> dict[str, str]:
+        """Folders that hold no usable VM, and why."""
+        return {f.name: str(f.error) for f in self.index.folders() if f.error is not None}
+
+    def check_unique_ids(self) -> None:
+        self.index.check_unique_ids()
+
+    def _list(self) -> list[VmInfo]:
+        out = []
+        for f in self.index.folders():
+            if f.manifest is None:
+                continue  # see problems()
+            try:
+                out.append(self.vm(f.vm.id).info())
+            except VmreplError:
+                continue  # its id shared or a disk unusable: get_vm says why
+        return out
+
+    async def _run(self, fn: Callable[[], T]) -> T:
+        """`fn` in a thread; an OS error in a VM folder (a folder where a file should be, a full disk) fails
+        the call with a DiskError naming it, so it fails that VM only, not the session."""
+
+        def guarded() -> T:
+            try:
+                return fn()
+            except OSError as e:
+                raise DiskError(f"file host {self.root}: {e}") from e
+
+        return await asyncio.to_thread(guarded)
 
     async def list_vms(self) -> list[VmInfo]:
-        return await asyncio.to_thread(lambda: [vm.info() for vm in self._vms()])
+        return await self._run(self._list)
 
     async def get_vm(self, ref: str) -> VmInfo:
-        return await asyncio.to_thread(lambda: self.vm(ref).info())
-
-    def _configuration(self, vm_id: str) -> bytes:
-        return (self.vm(vm_id).dir / MANIFEST).read_bytes()
+        return await self._run(lambda: self.vm(ref).info())
 
     async def vm_configuration(self, vm_id: str) -> bytes:
-        return await asyncio.to_thread(self._configuration, vm_id)
+        return await self._run(lambda: self.vm(vm_id).configuration())
 
     async def create_checkpoint(self, vm_id: str) -> Checkpoint:
-        return await asyncio.to_thread(lambda: self.vm(vm_id).create_checkpoint())
+        return await self._run(lambda: self.vm(vm_id).create_checkpoint())
 
     async def list_checkpoints(self, vm_id: str) -> list[Checkpoint]:
-        return await asyncio.to_thread(lambda: self.vm(vm_id).list_checkpoints())
+        return await self._run(lambda: self.vm(vm_id).list_checkpoints())
 
     async def changed_ranges(self, checkpoint: Checkpoint, disk_id: str, since: str) -> list[Extent] | None:
-        return await asyncio.to_thread(lambda: self.vm(checkpoint.vm_id).changed_ranges(checkpoint, disk_id, since))
+        return await self._run(lambda: self.vm(checkpoint.vm_id).changed_ranges(checkpoint, disk_id, since))
 
     async def remove_checkpoint(self, vm_id: str, checkpoint_id: str) -> None:
-        await asyncio.to_thread(lambda: self.vm(vm_id).remove_checkpoint(checkpoint_id))
+        await self._run(lambda: self.vm(vm_id).remove_checkpoint(checkpoint_id))
