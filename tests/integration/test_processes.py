@@ -93,7 +93,8 @@ def test_every_agent_a_test_started_is_stopped_when_it_ends(tmp_path: Path) -> N
     (tmp_path / "test_nested.py").write_text(NESTED_TESTS)
     pids = tmp_path / "pids"
     env = {**os.environ, "PYTHONPATH": str(REPO), "VMREPL_TEST_PID_FILE": str(pids)}
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--rootdir", str(tmp_path), "test_nested.py"]
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--rootdir", str(tmp_path)]
+    cmd += ["--basetemp", str(tmp_path / "nested-tmp"), "test_nested.py"]
     try:
         out = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240, check=False)
         report = out.stdout[-4000:] + out.stderr[-2000:]
