@@ -124,9 +124,14 @@ class ControllerEnv:
         return target_pb2_grpc.TargetAgentStub(grpc.secure_channel(self.target.address, channel_credentials(tls)))
 
     def points(self, job: str = "job1") -> list[api.JobRestorePoint]:
-        return list(
-            self.client().ListRestorePoints(api.ListJobRestorePointsRequest(parent=f"jobs/{job}")).restore_points
-        )
+        """Every restore point of the job, all pages."""
+        stub, out, token = self.client(), [], ""
+        while True:
+            request = api.ListJobRestorePointsRequest(parent=f"jobs/{job}", page_size=1000, page_token=token)
+            page = stub.ListRestorePoints(request)
+            out += page.restore_points
+            if not (token := page.next_page_token):
+                return out
 
     # ---- VMs and replicas -------------------------------------------------------------------------------
 

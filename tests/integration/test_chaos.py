@@ -174,7 +174,11 @@ def check_restore_points(env: ControllerEnv) -> None:
             if e.code() is not grpc.StatusCode.NOT_FOUND:
                 raise
             theirs = set()
-        assert mine == theirs, f"{vm_dir.name}: restore points in the database {mine}, on the target {theirs}"
+        if mine != theirs:
+            raise AssertionError(
+                f"{vm_dir.name}: restore points only in the database: {sorted(mine - theirs)}, "
+                f"only on the target: {sorted(theirs - mine)}"
+            )
 
 
 def check_checkpoints(env: ControllerEnv, session: api.Session) -> None:
@@ -188,8 +192,8 @@ def check_checkpoints(env: ControllerEnv, session: api.Session) -> None:
             assert not (env.vm(v.vm_name).state / "checkpoint.json").exists(), f"{v.vm_name}: checkpoint left"
 
 
-def check_succeeded(env: ControllerEnv, session: api.Session, expected: Expected) -> int:
-    """Every replica equals its source at the session's checkpoint; returns how many VMs used a held one."""
+def check_succeeded(env: ControllerEnv, session: api.Session, expected: Expected) -> None:
+    """Every replica equals its source at the session's checkpoint."""
     assert {v.vm_name for v in session.vms} == set(expected.held), "every VM of the job is in the session"
     for v in session.vms:
         assert v.state == "done" and v.restore_point, f"{v.vm_name}: {v.state} {v.error}"
@@ -201,7 +205,6 @@ def check_succeeded(env: ControllerEnv, session: api.Session, expected: Expected
                 f"({'held from before' if source == expected.frozen[v.vm_name, d.disk_id] else 'new'}); "
                 f"task start={d.start} mode={d.change_mode} resumes={d.resumes}"
             )
-    return sum(v.checkpoint_id == expected.held[v.vm_name] for v in session.vms)
 
 
 def run_step(env: ControllerEnv, step: Step, scratch: Path) -> api.Session:
@@ -216,9 +219,7 @@ def run_step(env: ControllerEnv, step: Step, scratch: Path) -> api.Session:
         FAULTS[step.fault](env, step.fault_rng)
     session = env.wait_session(name, timeout=max(1.0, SESSION_BOUND - (time.monotonic() - started)))
     took = time.monotonic() - started
-    check_restore_points(env)
-    check_checkpoints(env, session)
-    held = check_succeeded(env, session, expected) if session.state == api.SESSION_STATE_SUCCEEDED else 0
+    held = sum(v.checkpoint_id == expected.held[v.vm_name] for v in session.vms)
     during = struck and struck < session.end_time.ToDatetime(tzinfo=dt.UTC).timestamp()
     print(
         f"step {step.number}: fault {step.fault or 'none'}{' during the session' if during else ''}, "
@@ -227,6 +228,10 @@ def run_step(env: ControllerEnv, step: Step, scratch: Path) -> api.Session:
         + (f", {held} VMs on a held checkpoint" if held else "")
         + (f": {session.error}" if session.error else "")
     )
+    check_restore_points(env)
+    check_checkpoints(env, session)
+    if session.state == api.SESSION_STATE_SUCCEEDED:
+        check_succeeded(env, session, expected)
     return session
 
 
