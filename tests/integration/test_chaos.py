@@ -40,7 +40,7 @@ pytestmark = pytest.mark.integration
 
 CHAOS_SECONDS = float(os.environ.get("VMREPL_CHAOS_SECONDS", "80"))
 SESSION_BOUND = 90.0  # seconds from StartJob to the session's end, fault and recovery included
-MAX_FAULT_DELAY = 1.5  # the fault strikes this long after StartJob at most (sessions take 0.5-3 s here)
+FIRST_PACE = 1.5  # seconds: a session's length here before one has been measured (0.5-3 s, with the load)
 BLOCK = 64 * 1024  # the job's block size: 128 blocks per 8 MiB disk, so verification samples a subset
 
 # A fault strikes the running system and leaves it running again. It gets its own random stream, so what
@@ -75,12 +75,33 @@ class Step:
     number: int
     writes: list[Write]
     fault: str | None
-    delay: float
+    moment: float  # when the fault strikes, as a fraction of a session's usual length (Pace)
     fault_rng: random.Random
     skipped: list[Write] = field(default_factory=list)  # untracked writes not made: a checkpoint existed
+    delay: float = 0.0  # seconds after StartJob the fault struck
+    during: bool = False  # whether it struck before the session ended
 
     def label(self, seed: int) -> str:
         return f"chaos seed {seed} step {self.number} fault {self.fault or 'none'} after {self.delay:.2f}s"
+
+    def outcome(self, session: api.Session) -> str:
+        state = api.SessionState.Name(session.state).removeprefix("SESSION_STATE_").lower()
+        return f"{self.fault or 'none'}{' during the session' if self.during else ''}: {state}"
+
+
+@dataclass
+class Pace:
+    """A session's usual length on this machine now (the median of the last sessions no fault hit), so that
+    the seed's moments land inside sessions whether the machine is idle or loaded."""
+
+    lengths: list[float] = field(default_factory=lambda: [FIRST_PACE])
+
+    def seconds(self, moment: float) -> float:
+        recent = sorted(self.lengths[-5:])
+        return moment * recent[len(recent) // 2]
+
+    def measured(self, seconds: float) -> None:
+        self.lengths.append(seconds)
 
 
 def _writes(rng: random.Random, vm: str, disk: str, size: int) -> list[Write]:
@@ -105,8 +126,8 @@ def plan_step(seed: int, number: int, disks: list[tuple[str, str, int]], *, faul
     rng = random.Random(f"{seed}:{number}")
     writes = [w for vm, disk, size in disks for w in _writes(rng, vm, disk, size)]
     fault = rng.choice([*sorted(FAULTS), *sorted(FAULTS), None]) if faults else None
-    delay = rng.uniform(0, MAX_FAULT_DELAY)
-    return Step(number, writes, fault, delay, random.Random(f"{seed}:{number}:fault"))
+    moment = rng.uniform(0, 1.2)  # now and then just after the session's end
+    return Step(number, writes, fault, moment, random.Random(f"{seed}:{number}:fault"))
 
 
 def _held_checkpoint(env: ControllerEnv, vm: str) -> str | None:
@@ -207,24 +228,25 @@ def check_succeeded(env: ControllerEnv, session: api.Session, expected: Expected
             )
 
 
-def run_step(env: ControllerEnv, step: Step, scratch: Path) -> api.Session:
+def run_step(env: ControllerEnv, step: Step, scratch: Path, pace: Pace) -> api.Session:
     apply_writes(env, step)
     expected = snapshot(env, scratch)
     started = time.monotonic()
     name = env.client().StartJob(api.StartJobRequest(name="jobs/job1"), timeout=30).name
     struck = 0.0
     if step.fault is not None:
-        time.sleep(max(0.0, step.delay - (time.monotonic() - started)))
-        struck = time.time()
+        time.sleep(max(0.0, pace.seconds(step.moment) - (time.monotonic() - started)))
+        struck, step.delay = time.time(), time.monotonic() - started
         FAULTS[step.fault](env, step.fault_rng)
     session = env.wait_session(name, timeout=max(1.0, SESSION_BOUND - (time.monotonic() - started)))
     took = time.monotonic() - started
     held = sum(v.checkpoint_id == expected.held[v.vm_name] for v in session.vms)
-    during = struck and struck < session.end_time.ToDatetime(tzinfo=dt.UTC).timestamp()
+    step.during = bool(struck) and struck < session.end_time.ToDatetime(tzinfo=dt.UTC).timestamp()
+    if not step.during:
+        pace.measured((session.end_time.ToDatetime() - session.start_time.ToDatetime()).total_seconds())
     print(
-        f"step {step.number}: fault {step.fault or 'none'}{' during the session' if during else ''}, "
-        f"{len(step.writes)} writes ({len(step.skipped)} skipped), "
-        f"{api.SessionState.Name(session.state).removeprefix('SESSION_STATE_').lower()} in {took:.1f}s"
+        f"step {step.number}: {step.outcome(session)} in {took:.1f}s, "
+        f"{len(step.writes)} writes ({len(step.skipped)} skipped)"
         + (f", {held} VMs on a held checkpoint" if held else "")
         + (f": {session.error}" if session.error else "")
     )
@@ -268,15 +290,16 @@ def test_random_kills_during_sessions_never_yield_a_wrong_replica(ctl_raw: Contr
     print(f"chaos seed {seed} (replay: VMREPL_CHAOS_SEED={seed})")
     disks = _setup(ctl_raw)
     ends: Counter[str] = Counter()
+    pace = Pace()
     deadline, number = time.monotonic() + CHAOS_SECONDS, 0
     while time.monotonic() < deadline:
         number += 1
         step = plan_step(seed, number, disks)
         with labelled(seed, step, ctl_raw):
-            session = run_step(ctl_raw, step, ctl_raw.work / "expected")
-        ends[f"{step.fault or 'none'}:{api.SessionState.Name(session.state).removeprefix('SESSION_STATE_')}"] += 1
+            session = run_step(ctl_raw, step, ctl_raw.work / "expected", pace)
+        ends[step.outcome(session)] += 1
     final = plan_step(seed, number + 1, disks, faults=False)
     with labelled(seed, final, ctl_raw):
-        session = run_step(ctl_raw, final, ctl_raw.work / "expected")
+        session = run_step(ctl_raw, final, ctl_raw.work / "expected", pace)
         assert session.state == api.SESSION_STATE_SUCCEEDED, f"after the chaos: {session.error}"
     print(f"chaos seed {seed}: {number} steps, {dict(sorted(ends.items()))}")
