@@ -137,3 +137,36 @@ def test_stopping_an_agent_stops_what_it_started(tmp_path: Path, how: str) -> No
     finally:
         if alive(child):
             os.kill(child, signal.SIGKILL)
+
+
+def test_a_test_run_ended_by_sigterm_stops_its_agents(tmp_path: Path) -> None:
+    (tmp_path / "fake_agent.py").write_text(FAKE_AGENT)
+    (tmp_path / "conftest.py").write_text('pytest_plugins = ["tests.conftest"]\n')
+    (tmp_path / "test_nested.py").write_text(
+        "import os, time\n"
+        "from pathlib import Path\n"
+        "from controller import lab\n\n"
+        "def test_runs_an_agent(tmp_path):\n"
+        "    agent = lab.AgentProcess('fake_agent', tmp_path / 'fake.toml', tmp_path / 'fake.log')\n"
+        "    agent.start()\n"
+        f"    Path({str(tmp_path / 'pid')!r}).write_text(str(agent.pid))\n"
+        "    time.sleep(120)\n"
+    )
+    env = {**os.environ, "PYTHONPATH": f"{REPO}:{tmp_path}"}
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--rootdir", str(tmp_path)]
+    cmd += ["--basetemp", str(tmp_path / "nested-tmp"), "test_nested.py"]
+    run = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    pid_file, agent = tmp_path / "pid", 0
+    try:
+        deadline = time.monotonic() + 60
+        while not pid_file.exists() and run.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        agent = int(pid_file.read_text())
+        run.send_signal(signal.SIGTERM)
+        assert run.wait(30) == -signal.SIGTERM
+        assert not alive(agent), "the agent outlived the test run that SIGTERM ended"
+    finally:
+        run.kill()
+        run.wait()
+        if agent and alive(agent):
+            os.kill(agent, signal.SIGKILL)
