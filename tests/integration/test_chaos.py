@@ -1,10 +1,10 @@
 """Chaos: sessions of a real controller, proxy and target, each hit at a random moment by a fault (kill -9
 of one of the three, then a restart); random writes to the VMs between sessions.
 
-After every session, whatever its end: the restore points in the controller's database are the target's.
-After every session that `succeeded`: each VM's replica equals its source at that session's checkpoint
-and no checkpoint is left. No session may take longer than SESSION_BOUND. After the loop, a session
-without a fault must succeed.
+After every session, whatever its end: the restore points in the controller's database are the target's,
+and a VM has a checkpoint exactly when the session holds it for a resume. After every session that
+`succeeded`: each VM's replica equals its source at that session's checkpoint and no checkpoint is left.
+No session may take longer than SESSION_BOUND. After the loop, a session without a fault must succeed.
 
 The seed decides every choice (writes, fault, moment); processes' timing does not repeat, so a failure
 replays as the same sequence of choices, not necessarily the same interleaving. Settings:
@@ -66,7 +66,7 @@ class Write:
     vm: str
     disk: str
     offset: int
-    data: bytes
+    data: bytes = field(repr=False)
     tracked: bool  # through the provider (change tracking sees it), or behind its back into the image
 
 
