@@ -6,6 +6,8 @@ issue grows this into `vmrepl lab`.
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import json
 import os
 import random
@@ -170,9 +172,35 @@ def controller_config(
     )
 
 
-@dataclass
+# Every AgentProcess running in this program, so that nothing it started outlives it: a test harness stops
+# what a test left (tests/conftest.py), and the atexit hook below stops the rest when the program exits.
+_RUNNING: set[AgentProcess] = set()
+
+
+def running_agents() -> list[AgentProcess]:
+    """The agent processes this program started that are still running."""
+    return [p for p in list(_RUNNING) if p.running]
+
+
+def stop_all(timeout: float = 10.0) -> list[AgentProcess]:
+    """Stop every agent process this program started and has not stopped yet; returns those it stopped."""
+    left = running_agents()
+    for p in left:
+        p.stop(timeout)
+    _RUNNING.clear()
+    return left
+
+
+atexit.register(stop_all)
+
+
+@dataclass(eq=False)  # identity, not field equality: the registry holds each process object once
 class AgentProcess:
-    """An agent daemon as a child process, its JSON log in a file."""
+    """An agent daemon as a child process, its JSON log in a file.
+
+    It runs in its own process group, so stopping or killing it reaches anything it started; while it
+    runs it is in the registry that `stop_all` (and the atexit hook) stops.
+    """
 
     module: str
     config: Path
@@ -182,28 +210,53 @@ class AgentProcess:
     port: int = 0
 
     def start(self, timeout: float = 30.0) -> int:
+        if self.running:
+            raise RuntimeError(f"{self.module} is already running (pid {self.pid}); stop or kill it first")
         env = {**os.environ, **self.env}
-        log = open(self.log_path, "ab")  # noqa: SIM115 - the child owns it
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", self.module, "--config", str(self.config)],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env=env,
-        )
-        log.close()
         seen = self.log_path.stat().st_size if self.log_path.exists() else 0
+        with open(self.log_path, "ab") as log:  # the child keeps its own descriptor
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", self.module, "--config", str(self.config)],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=env,
+                start_new_session=True,
+            )
+        _RUNNING.add(self)
+        try:
+            self.port = self._wait_listening(seen, timeout)
+        except BaseException:
+            self.kill()  # never leave a process that failed to start behind
+            raise
+        return self.port
+
+    def _wait_listening(self, seen: int, timeout: float) -> int:
+        assert self.proc is not None
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             for event in self.events(since=seen):
                 if event.get("event") == "listening":
-                    self.port = int(str(event["port"]))
-                    return self.port
-            if self.proc.poll() is not None:
-                raise RuntimeError(
-                    f"{self.module} exited with {self.proc.returncode}: {self.log_path.read_text()[-2000:]}"
-                )
+                    return int(str(event["port"]))
+            if not self.running:
+                code = self.proc.wait()
+                raise RuntimeError(f"{self.module} exited with {code}: {self.log_path.read_text()[-2000:]}")
             time.sleep(0.05)
         raise TimeoutError(f"{self.module} did not start listening within {timeout}s")
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc is not None else None
+
+    @property
+    def running(self) -> bool:
+        """Whether the agent has not exited. Unlike Popen.poll this does not reap it: a zombie keeps its pid,
+        and so its process group's id, reserved until `_end` has signalled the group."""
+        if self.proc is None or self.proc.returncode is not None:
+            return False
+        try:
+            return os.waitid(os.P_PID, self.proc.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is None
+        except ChildProcessError:
+            return False  # reaped already (someone called Popen.wait or poll)
 
     @property
     def address(self) -> str:
@@ -223,19 +276,27 @@ class AgentProcess:
         return out
 
     def stop(self, timeout: float = 20.0) -> int | None:
-        if self.proc is None or self.proc.poll() is not None:
-            return self.proc.returncode if self.proc else None
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            return self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            return self.proc.wait()
+        """SIGTERM, then SIGKILL to the whole group after `timeout`; returns the exit status."""
+        if self.proc is None:
+            return None
+        if self.running:
+            self.proc.send_signal(signal.SIGTERM)
+            deadline = time.monotonic() + timeout
+            while self.running and time.monotonic() < deadline:
+                time.sleep(0.02)
+        return self._end()
 
     def kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
+        """kill -9 of the agent and everything it started."""
+        if self.proc is not None:
+            self._end()
+
+    def _end(self) -> int:
+        assert self.proc is not None
+        with contextlib.suppress(ProcessLookupError):  # the group is gone already
+            os.killpg(self.proc.pid, signal.SIGKILL)  # what is left of the group: the agent, its children
+        _RUNNING.discard(self)
+        return self.proc.wait()
 
 
 GPT_BASIC_DATA = "EBD0A0A2-B9E5-4433-87C0-68B6B72699C7"

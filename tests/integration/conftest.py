@@ -110,6 +110,10 @@ class Lab:
         self.proxy = lab.AgentProcess("proxy_agent", config, self.work / "proxy.log")
         self.proxy.start()
 
+    def stop(self) -> None:
+        self.proxy.stop()
+        self.target.stop()
+
     def target_events(self, event: str) -> list[dict[str, object]]:
         return [e for e in self.target.events() if e.get("event") == event]
 
@@ -128,16 +132,15 @@ async def lab_env(
     proxy = lab.AgentProcess(
         "proxy_agent", lab.proxy_config(tmp_path, lab_certs, sources=sources), tmp_path / "proxy.log"
     )
-    target.start()
-    proxy.start()
     env = Lab(tmp_path, lab_certs, image, base_image[1], target, proxy)
     try:
+        target.start()
+        proxy.start()
         yield env
     finally:
         for c in env.clients:
             await c.close()
-        proxy.stop()
-        target.stop()
+        env.stop()  # the agents running now: restart_proxy replaces env.proxy
 
 
 @pytest.fixture

@@ -42,8 +42,7 @@ class ControllerEnv:
 
     def restart_controller(self, **settings: Any) -> None:
         """Run the controller again (same database), with other settings such as the crash hook."""
-        if self.controller.proc is not None and self.controller.proc.poll() is None:
-            self.controller.stop()
+        self.controller.stop()
         config = lab.controller_config(self.work, self.certs, database_url=self.database_url, **settings)
         self.controller = lab.AgentProcess("controller", config, self.work / "controller.log")
         self.controller.start()
@@ -125,9 +124,14 @@ class ControllerEnv:
         return target_pb2_grpc.TargetAgentStub(grpc.secure_channel(self.target.address, channel_credentials(tls)))
 
     def points(self, job: str = "job1") -> list[api.JobRestorePoint]:
-        return list(
-            self.client().ListRestorePoints(api.ListJobRestorePointsRequest(parent=f"jobs/{job}")).restore_points
-        )
+        """Every restore point of the job, all pages."""
+        stub, out, token = self.client(), [], ""
+        while True:
+            request = api.ListJobRestorePointsRequest(parent=f"jobs/{job}", page_size=1000, page_token=token)
+            page = stub.ListRestorePoints(request)
+            out += page.restore_points
+            if not (token := page.next_page_token):
+                return out
 
     # ---- VMs and replicas -------------------------------------------------------------------------------
 
@@ -196,7 +200,11 @@ def make_env(
     proxy = lab.AgentProcess("proxy_agent", proxy_config, work / "proxy.log")
     controller_config = lab.controller_config(work, certs, database_url=database_url)
     controller = lab.AgentProcess("controller", controller_config, work / "controller.log")
-    target.start()
-    proxy.start()
-    controller.start()
-    return ControllerEnv(work, certs, host, target, proxy, controller, database_url)
+    env = ControllerEnv(work, certs, host, target, proxy, controller, database_url)
+    try:
+        for p in (target, proxy, controller):
+            p.start()
+    except BaseException:
+        env.stop()
+        raise
+    return env
