@@ -10,7 +10,7 @@ import logging
 from sqlalchemy.ext.asyncio import async_sessionmaker
 
 from controller import metrics
-from controller.agents import AgentPool
+from controller.agents import READY_WITHIN_SECONDS, AgentPool
 from controller.api import ControllerServicer
 from controller.config import ControllerSettings
 from controller.db.engine import make_engine, open_database
@@ -53,7 +53,8 @@ async def serve(settings: ControllerSettings) -> None:
     parts = EngineParts(
         journal=journal,
         agents=agents,
-        slots=SlotBoard(),
+        # A proxy not answering is waited for as long as a lost one is, and no longer than the target.
+        slots=SlotBoard(no_proxy_grace=min(settings.proxy_lost_seconds, READY_WITHIN_SECONDS)),
         signing_key=load_signing_key(settings.signing_key),
         proxy_lost_after=settings.proxy_lost_seconds,
     )

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -28,6 +29,7 @@ class NoProxy(FailedPrecondition):
 # A slot frees on release (which wakes waiters); the periodic re-check only catches proxies coming back up.
 RECHECK_SECONDS = 5.0
 YIELD_SECONDS = 0.2
+NO_PROXY_RECHECK_SECONDS = 1.0  # how soon the proxies are asked again while none answers
 
 
 @dataclass
@@ -48,7 +50,10 @@ def yields_to(me: Waiter, others: Iterable[Waiter], served: Counter[str], proxy_
 
 
 class SlotBoard:
-    def __init__(self) -> None:
+    def __init__(self, *, no_proxy_grace: float = 20.0) -> None:
+        # How long no proxy may answer before a task gives up: one restarting a moment ago is still
+        # starting, and failing every waiting disk on one missed health check would fail whole sessions.
+        self._no_proxy_grace = no_proxy_grace
         self._proxies: Counter[str] = Counter()
         self._targets: Counter[str] = Counter()
         self._changed = asyncio.Condition()
@@ -84,17 +89,21 @@ class SlotBoard:
         target_max: int,
     ) -> ProxySlot:
         target_id = me.target_id
+        none_since: float | None = None
         while True:
             seen = self._releases
             # Listed outside the lock: health checks take time and must not hold up releases.
             listed = await proxies()
+            if not any(p.healthy for p in listed):
+                none_since = self._no_proxy(none_since)
+                await asyncio.sleep(min(NO_PROXY_RECHECK_SECONDS, self._no_proxy_grace))
+                continue
+            none_since = None
             async with self._changed:
                 slots = [
                     ProxySlot(p.proxy_id, p.name, p.healthy, p.max_tasks, self._proxies[p.proxy_id], p.host_ids)
                     for p in listed
                 ]
-                if not any(s.healthy for s in slots):
-                    raise NoProxy("no proxy answers its health check")
                 me.usable = frozenset(s.proxy_id for s in slots if s.healthy)
                 chosen = choose_proxy(slots, host_id=host_id)
                 free = chosen is not None and self._targets[target_id] < target_max
@@ -109,6 +118,14 @@ class SlotBoard:
                 if seen == self._releases or free:  # nothing freed meanwhile: wait for a release (or re-check)
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(self._changed.wait(), wait)
+
+    def _no_proxy(self, since: float | None) -> float:
+        """When the proxies started not answering; NoProxy once that is longer ago than the grace."""
+        now = time.monotonic()
+        since = now if since is None else since
+        if now - since >= self._no_proxy_grace:
+            raise NoProxy(f"no proxy answered its health check for {self._no_proxy_grace:g} s")
+        return since
 
     def claim(self, proxy_id: str, target_id: str) -> None:
         self._proxies[proxy_id] += 1

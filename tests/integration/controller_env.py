@@ -142,12 +142,14 @@ class ControllerEnv:
         vm_id = str(self.vm(vm).manifest.id)
         return self.work / "datastore" / "replicas" / job / vm_id / "disks" / disk / "data.raw"
 
+    def vm_names(self) -> list[str]:
+        """The VM folders of the file host (not the provider's own `.vmrepl-host`)."""
+        return [p.name for p in sorted(self.host.iterdir()) if not p.name.startswith(".")]
+
     def disks(self) -> Iterator[tuple[str, str]]:
-        for vm_dir in sorted(self.host.iterdir()):
-            if vm_dir.name.startswith("."):  # the provider's own folder (.vmrepl-host), not a VM
-                continue
-            for d in self.vm(vm_dir.name).manifest.disks:
-                yield vm_dir.name, d.id
+        for name in self.vm_names():
+            for d in self.vm(name).manifest.disks:
+                yield name, d.id
 
 
 async def _pg(base_url: str, sql: str) -> None:

@@ -14,7 +14,6 @@ VMREPL_CHAOS_SECONDS (how long to start new steps, default 80) and VMREPL_CHAOS_
 from __future__ import annotations
 
 import datetime as dt
-import json
 import os
 import random
 import shutil
@@ -131,11 +130,9 @@ def plan_step(seed: int, number: int, disks: list[tuple[str, str, int]], *, faul
 
 
 def _held_checkpoint(env: ControllerEnv, vm: str) -> str | None:
-    try:
-        raw = json.loads((env.vm(vm).state / "checkpoint.json").read_text())
-    except FileNotFoundError:
-        return None
-    return str(raw["id"]) if raw.get("state") == "active" else None
+    """The VM's checkpoint as the provider reads it (its sealed record), or None."""
+    checkpoints = env.vm(vm).list_checkpoints()
+    return checkpoints[0].checkpoint_id if checkpoints else None
 
 
 def apply_writes(env: ControllerEnv, step: Step) -> None:
@@ -185,8 +182,8 @@ def check_restore_points(env: ControllerEnv) -> None:
     """The controller's restore points are the target's, per VM: none lost, none made twice."""
     points = env.points()
     target = env.target_stub()
-    for vm_dir in sorted(env.host.iterdir()):
-        vm_id = env.vm(vm_dir.name).manifest.id
+    for name in env.vm_names():
+        vm_id = env.vm(name).manifest.id
         mine = {p.name.rsplit("/", 1)[1] for p in points if p.vm_id == vm_id}
         request = target_pb2.ListRestorePointsRequest(replica_path=f"replicas/job1/{vm_id}")
         try:
@@ -197,7 +194,7 @@ def check_restore_points(env: ControllerEnv) -> None:
             theirs = set()
         if mine != theirs:
             raise AssertionError(
-                f"{vm_dir.name}: restore points only in the database: {sorted(mine - theirs)}, "
+                f"{name}: restore points only in the database: {sorted(mine - theirs)}, "
                 f"only on the target: {sorted(theirs - mine)}"
             )
 
