@@ -32,6 +32,9 @@ MAX_EXTENTS = 4096
 MAX_HEADER_BYTES = MAX_EXTENTS * 64 + 256
 # The largest valid Transfer message: both ends set gRPC's limits to this.
 MAX_MESSAGE_BYTES = max(MAX_BATCH_DATA, MAX_BLOCK_SIZE) + MAX_HEADER_BYTES + 64
+# The largest valid open message (a ticket and a few names: well under 1 KiB). gRPC's limit is per message,
+# so the target checks the open's own length before it parses it.
+MAX_OPEN_BYTES = 64 * 1024
 
 _TAG_OPEN = (1 << 3) | 2
 _TAG_BATCH = (2 << 3) | 2

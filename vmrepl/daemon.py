@@ -49,9 +49,16 @@ async def serve_services(
     services: Sequence[Service],
     max_message_bytes: int,
     on_stop: Callable[[], Awaitable[None]] | None = None,
+    release_memory_when_idle: bool = False,
     **log_fields: object,
 ) -> None:
     """Start the server, log `listening` (tools read the port from it), run until signalled."""
-    server, port, _ = await start_server(listen=listen, tls=tls, services=services, max_message_bytes=max_message_bytes)
+    server, port, _ = await start_server(
+        listen=listen,
+        tls=tls,
+        services=services,
+        max_message_bytes=max_message_bytes,
+        release_memory_when_idle=release_memory_when_idle,
+    )
     get_logger("vmrepl.daemon").info("listening", address=listen, port=port, **log_fields)
     await serve_until_signalled(server, on_stop)
