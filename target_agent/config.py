@@ -22,5 +22,15 @@ class TargetSettings(ProgramSettings):
     metrics_listen: str = Field("", description="host:port of the Prometheus /metrics endpoint (mTLS); empty: off")
     metrics_plain_http: bool = Field(False, description="serve /metrics over plain HTTP instead of mTLS")
     max_window_batches: int = Field(64, ge=2, le=256, description="largest window a proxy may ask for")
+    max_streams_per_peer: int = Field(
+        16, ge=1, le=1024, description="Transfer streams one proxy certificate may hold open at once"
+    )
+    max_streams: int = Field(64, ge=1, le=4096, description="Transfer streams open at once, from all proxies")
+    open_timeout_seconds: float = Field(
+        30.0, gt=0, le=3600, description="a stream that sends no open message within this is ended"
+    )
+    idle_timeout_seconds: float = Field(
+        120.0, gt=0, le=86400, description="an opened stream silent this long (target idle too) is ended"
+    )
     # Test only: slows every batch write, so tests can check the bottleneck is named.
     test_write_delay_ms: float = Field(0.0, ge=0, le=1000, description="test only: added to each batch write")

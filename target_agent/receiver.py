@@ -5,6 +5,11 @@ validates each frame on the event loop (cheap: headers only) and queues it;
 the writer decodes, verifies and writes each batch in a worker thread,
 commits every `ack_every` batches (flush data, then persist the offset) and
 sends the ack. The queue bounds memory to about one window of batches.
+
+Before anything is read, a stream takes a slot (bounded per proxy certificate
+and in total); the open message has its own small size limit, and a stream
+that stays silent (no open, or no batch while the target has nothing left to
+do) is ended with DEADLINE_EXCEEDED.
 """
 
 from __future__ import annotations
@@ -23,17 +28,25 @@ from protos.vmrepl.v1 import target_pb2, ticket_pb2
 from target_agent import metrics
 from target_agent.datastore import Datastore
 from target_agent.replica import COMPLETE, DiskGuard, DiskState, ReplicaStream
-from vmrepl.batch import DATA, MAX_MESSAGE_BYTES, CheckedExtent, Expectation, check_batch, decode_frame
-from vmrepl.errors import BatchError, InvalidArgument
+from vmrepl.batch import (
+    DATA,
+    MAX_MESSAGE_BYTES,
+    MAX_OPEN_BYTES,
+    CheckedExtent,
+    Expectation,
+    check_batch,
+    decode_frame,
+)
+from vmrepl.errors import BatchError, DeadlineExceeded, InvalidArgument
 from vmrepl.extent import valid_block_size
 from vmrepl.logs import get_logger
 from vmrepl.names import check_name
 from vmrepl.rpc import status_for
 from vmrepl.security.ticket import verify_ticket
-from vmrepl.security.tls import require_role
+from vmrepl.security.tls import peer_identity
+from vmrepl.slots import Slots
 
 log = get_logger("vmrepl.target.transfer")
-OPEN_TIMEOUT = 30.0
 DRAIN_TIMEOUT = 10.0
 MAX_DISK_SIZE = 1 << 50  # 1 PiB: far beyond any VHDX (64 TB), small enough that offsets stay sane
 
@@ -51,6 +64,43 @@ def check_open(o: target_pb2.TransferOpen, max_window: int) -> None:
         raise InvalidArgument("open.window_batches", f"must be between 2 and {max_window}")
 
 
+class Silence:
+    """A stream's last sign of life: a message from the proxy, or a step of the target's own work.
+
+    A proxy whose window is full waits for acks, so while the target is still writing or committing
+    what it received the stream is not silent; it is when neither side did anything for `limit` s.
+    """
+
+    def __init__(self, limit: float, message: str) -> None:
+        self.limit = limit
+        self.message = message
+        self.last = time.monotonic()
+
+    def touch(self) -> None:
+        self.last = time.monotonic()
+
+    async def receive(self, requests: AsyncIterator[bytes]) -> bytes | None:
+        """The next message, None at the end of the stream; DeadlineExceeded once silent for too long."""
+        nxt = asyncio.ensure_future(_next(requests))
+        try:
+            while not nxt.done():
+                left = self.last + self.limit - time.monotonic()
+                if left <= 0:
+                    raise DeadlineExceeded(self.message)
+                # Not wait_for: cancelling a pending read would close the request iterator.
+                await asyncio.wait({nxt}, timeout=left)
+            self.touch()
+            return nxt.result()
+        finally:
+            if not nxt.done():
+                nxt.cancel()
+                await asyncio.gather(nxt, return_exceptions=True)
+
+
+async def _next(requests: AsyncIterator[bytes]) -> bytes | None:
+    return await anext(requests, None)
+
+
 class Receiver:
     def __init__(
         self,
@@ -60,6 +110,9 @@ class Receiver:
         name: str,
         max_window: int,
         guards: dict[str, DiskGuard],
+        slots: Slots,
+        open_timeout: float,
+        idle_timeout: float,
         write_delay: float = 0.0,
     ) -> None:
         self._write_delay = write_delay  # test only
@@ -68,6 +121,9 @@ class Receiver:
         self._name = name
         self._max_window = max_window
         self._guards = guards
+        self._slots = slots
+        self._open_timeout = open_timeout
+        self._idle_timeout = idle_timeout
 
     def check_ticket(
         self,
@@ -95,27 +151,48 @@ class Receiver:
         return self._guards.setdefault(str(disk_dir), DiskGuard())
 
     async def run(self, requests: AsyncIterator[bytes], context: Any) -> None:
-        """Serve one stream; on failure tell the proxy in-band, drain, and re-raise for the status."""
+        """Serve one stream if the proxy has a slot left (checked before anything is read)."""
+        peer, _ = peer_identity(context)
         try:
-            await self._run(requests, context)
+            self._slots.take(peer)
+        except Exception as e:
+            await _refuse(context, e)
+            raise
+        try:
+            await self._serve(requests, context)
+        finally:
+            self._slots.give(peer)
+            await _close(requests)
+
+    async def _serve(self, requests: AsyncIterator[bytes], context: Any) -> None:
+        """On failure tell the proxy in-band, drain what it still sends, and re-raise for the status."""
+        try:
+            first = await self._read_open(requests)
+        except Exception as e:  # nothing to drain: the peer is silent, or sent what no proxy sends
+            await _refuse(context, e)
+            raise
+        try:
+            await self._run(first, requests, context)
         except asyncio.CancelledError:
             raise
         except Exception as e:
-            code, message = status_for(e)
-            metrics.ERRORS.labels(code.name).inc()
-            failure = target_pb2.TransferFailure(code=code.name, message=message)
-            with contextlib.suppress(Exception):
-                await context.write(target_pb2.TransferResponse(error=failure))
-            await _drain(requests)
+            await _refuse(context, e)
+            if not isinstance(e, DeadlineExceeded):  # a silent proxy sends nothing more
+                await _drain(requests)
             raise
 
-    async def _run(self, requests: AsyncIterator[bytes], context: Any) -> None:
-        try:
-            first = await asyncio.wait_for(anext(requests), OPEN_TIMEOUT)
-        except StopAsyncIteration as e:
-            raise BatchError("open", "the stream ended before its open message") from e
-        # Checked after the first read, so the refusal reaches the proxy before it writes again.
-        peer = require_role(context, "proxy")
+    async def _read_open(self, requests: AsyncIterator[bytes]) -> bytes:
+        """The first message, within the open timeout, checked against its own limit before it is parsed."""
+        waiting = Silence(self._open_timeout, f"no open message within {self._open_timeout:g} s")
+        first = await waiting.receive(requests)
+        if first is None:
+            raise BatchError("open", "the stream ended before its open message")
+        if len(first) > MAX_OPEN_BYTES:
+            raise BatchError("open", f"the open message has {len(first)} bytes, more than {MAX_OPEN_BYTES}")
+        return first
+
+    async def _run(self, first: bytes, requests: AsyncIterator[bytes], context: Any) -> None:
+        peer, _ = peer_identity(context)  # its role was checked (the roles table) before anything was read
         frame = decode_frame(first)
         if frame.open is None:
             raise BatchError("open", "the first message of a stream must be open")
@@ -173,9 +250,10 @@ class Receiver:
         )
         await context.write(target_pb2.TransferResponse(accept=accept))
         queue: asyncio.Queue[Queued] = asyncio.Queue(maxsize=o.window_batches)
-        writer = asyncio.create_task(self._write_loop(stream, queue, context, ack_every))
+        silence = Silence(self._idle_timeout, f"the stream was silent for {self._idle_timeout:g} s")
+        writer = asyncio.create_task(self._write_loop(stream, queue, context, ack_every, silence))
         try:
-            await self._read_loop(stream, o, requests, queue, writer)
+            await self._read_loop(stream, o, requests, queue=queue, writer=writer, silence=silence)
             await writer
         finally:
             if not writer.done():
@@ -187,11 +265,13 @@ class Receiver:
         stream: ReplicaStream,
         o: target_pb2.TransferOpen,
         requests: AsyncIterator[bytes],
+        *,
         queue: asyncio.Queue[Queued],
         writer: asyncio.Task[None],
+        silence: Silence,
     ) -> None:
         exp = Expectation(disk_size=o.disk_size, block_size=o.block_size, seq=0, start=stream.resume_offset)
-        async for raw in requests:
+        while (raw := await silence.receive(requests)) is not None:
             if writer.done():
                 writer.result()  # the writer failed: raise its error
                 return
@@ -218,7 +298,7 @@ class Receiver:
         await _put(queue, None, writer)
 
     async def _write_loop(
-        self, stream: ReplicaStream, queue: asyncio.Queue[Queued], context: Any, ack_every: int
+        self, stream: ReplicaStream, queue: asyncio.Queue[Queued], context: Any, ack_every: int, silence: Silence
     ) -> None:
         """Apply batches in order; every `ack_every` batches start a commit, with at most one in flight so
         the disk keeps writing while the previous commit flushes, and ack each commit when it is durable."""
@@ -231,6 +311,7 @@ class Receiver:
             nonlocal busy
             t0 = time.perf_counter()
             st = await task
+            silence.touch()
             busy += time.perf_counter() - t0
             ack = target_pb2.TransferAck(
                 seq=seq,
@@ -252,6 +333,7 @@ class Receiver:
                     await asyncio.to_thread(stream.apply, extents)
                     if self._write_delay:
                         await asyncio.sleep(self._write_delay)
+                    silence.touch()
                     spent = time.perf_counter() - t0
                     busy += spent
                     metrics.WRITE_BUSY.inc(spent)
@@ -277,6 +359,27 @@ class Receiver:
             if inflight is not None and not inflight[0].done():
                 inflight[0].cancel()
                 await asyncio.gather(inflight[0], return_exceptions=True)
+
+
+def failure_response(code: str, message: str) -> target_pb2.TransferResponse:
+    """Why a stream ends, sent before its status (see TransferFailure in target.proto)."""
+    return target_pb2.TransferResponse(error=target_pb2.TransferFailure(code=code, message=message))
+
+
+async def _refuse(context: Any, e: Exception) -> None:
+    """Tell the proxy in-band why its stream ends."""
+    code, message = status_for(e)
+    metrics.ERRORS.labels(code.name).inc()
+    with contextlib.suppress(Exception):
+        await context.write(failure_response(code.name, message))
+
+
+async def _close(requests: AsyncIterator[bytes]) -> None:
+    """Close gRPC's request generator: suspended, it holds the last message (up to 16 MiB) until collected."""
+    close = getattr(requests.__aiter__(), "aclose", None)
+    if close is not None:
+        with contextlib.suppress(Exception):  # e.g. a read still pending when the stream failed
+            await close()
 
 
 async def _drain(requests: AsyncIterator[bytes]) -> None:

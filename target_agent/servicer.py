@@ -19,7 +19,8 @@ from vmrepl.extent import valid_block_size
 from vmrepl.names import check_name
 from vmrepl.rpc import handle_errors
 from vmrepl.security.ticket import load_public_keys
-from vmrepl.security.tls import peer_identity, require_role
+from vmrepl.security.tls import peer_identity
+from vmrepl.slots import Slots
 
 _STATES = {
     replica.PREPARED: target_pb2.REPLICA_DISK_STATE_PREPARED,
@@ -28,6 +29,16 @@ _STATES = {
     replica.COMMITTED: target_pb2.REPLICA_DISK_STATE_COMMITTED,
 }
 CONTROLLER = ("controller",)
+# Who may call what: the role in the caller's certificate, checked by vmrepl.rpc before a request is read.
+ROLES: dict[str, tuple[str, ...]] = {
+    "PrepareReplicaDisk": CONTROLLER,
+    "GetReplicaDisk": CONTROLLER,
+    "CommitRestorePoint": CONTROLLER,
+    "ListRestorePoints": CONTROLLER,
+    "DeleteRestorePoint": CONTROLLER,
+    "ReadDigests": ("controller", "proxy"),  # a proxy only for the disk its ticket names (checked in the call)
+    "Transfer": ("proxy",),
+}
 DIGESTS_PER_CHUNK = 65536  # 1 MiB of digests per message
 
 
@@ -73,12 +84,14 @@ class TargetAgentServicer(target_pb2_grpc.TargetAgentServicer):
             name=settings.name,
             max_window=settings.max_window_batches,
             guards={},
+            slots=Slots(per_peer=settings.max_streams_per_peer, total=settings.max_streams, what="Transfer streams"),
+            open_timeout=settings.open_timeout_seconds,
+            idle_timeout=settings.idle_timeout_seconds,
             write_delay=settings.test_write_delay_ms / 1000,
         )
 
     @handle_errors
     async def PrepareReplicaDisk(self, request: target_pb2.PrepareReplicaDiskRequest, context: Any) -> Any:
-        require_role(context, *CONTROLLER)
         check_name("session_id", request.session_id)
         check_name("checkpoint_id", request.checkpoint_id)
         if request.resume_session_id:
@@ -101,14 +114,12 @@ class TargetAgentServicer(target_pb2_grpc.TargetAgentServicer):
 
     @handle_errors
     async def GetReplicaDisk(self, request: target_pb2.GetReplicaDiskRequest, context: Any) -> Any:
-        require_role(context, *CONTROLLER)
         disk_dir = self.datastore.disk_dir(request.replica_path, request.disk_id)
         st = await asyncio.to_thread(replica.load_state, disk_dir)
         return _disk_message(request.replica_path, request.disk_id, st)
 
     @handle_errors
     async def CommitRestorePoint(self, request: target_pb2.CommitRestorePointRequest, context: Any) -> Any:
-        require_role(context, *CONTROLLER)
         check_name("session_id", request.session_id)
         check_name("checkpoint_id", request.checkpoint_id)
         if not request.disk_ids:
@@ -128,7 +139,6 @@ class TargetAgentServicer(target_pb2_grpc.TargetAgentServicer):
 
     @handle_errors
     async def ListRestorePoints(self, request: target_pb2.ListRestorePointsRequest, context: Any) -> Any:
-        require_role(context, *CONTROLLER)
         vm_dir = self.datastore.vm_dir(request.replica_path)
         points = await asyncio.to_thread(restore_points.list_points, vm_dir)
         return target_pb2.ListRestorePointsResponse(
@@ -137,7 +147,6 @@ class TargetAgentServicer(target_pb2_grpc.TargetAgentServicer):
 
     @handle_errors
     async def DeleteRestorePoint(self, request: target_pb2.DeleteRestorePointRequest, context: Any) -> Any:
-        require_role(context, *CONTROLLER)
         check_name("restore_point_id", request.restore_point_id)
         vm_dir = self.datastore.vm_dir(request.replica_path)
         await asyncio.to_thread(restore_points.delete, vm_dir, request.restore_point_id)
@@ -160,8 +169,6 @@ class TargetAgentServicer(target_pb2_grpc.TargetAgentServicer):
             st = await asyncio.to_thread(replica.load_state, disk_dir)
             if st.checkpoint_id != ticket.checkpoint_id:
                 raise TicketError("ticket is for another checkpoint than the replica disk is prepared for")
-        else:
-            require_role(context, *CONTROLLER)
         first, remaining = request.first_block, request.block_count
         while True:
             count = DIGESTS_PER_CHUNK if remaining == 0 else min(DIGESTS_PER_CHUNK, remaining)

@@ -34,6 +34,9 @@ MAX_HEADER_BYTES = MAX_EXTENTS * 64 + 256
 MAX_MESSAGE_BYTES = max(MAX_BATCH_DATA, MAX_BLOCK_SIZE) + MAX_HEADER_BYTES + 64
 # Passes over a disk in one transfer: 0, and 1 when sampled verification re-runs it as a comparison.
 MAX_PASS = 1
+# The largest valid open message (a ticket and a few names: well under 1 KiB). gRPC's limit is per message,
+# so the target checks the open's own length before it parses it.
+MAX_OPEN_BYTES = 64 * 1024
 
 _TAG_OPEN = (1 << 3) | 2
 _TAG_BATCH = (2 << 3) | 2

@@ -53,6 +53,7 @@ async def serve_services(
     agent: str,
     on_stop: Callable[[], Awaitable[None]] | None = None,
     interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
+    release_memory_when_idle: bool = False,
     **log_fields: object,
 ) -> None:
     """Start the server, log `listening` (tools read the port from it), run until signalled.
@@ -64,6 +65,7 @@ async def serve_services(
         max_message_bytes=max_message_bytes,
         program=agent,
         interceptors=interceptors,
+        release_memory_when_idle=release_memory_when_idle,
     )
     get_logger("vmrepl.daemon").info("listening", address=listen, port=port, agent=agent, **log_fields)
     await serve_until_signalled(server, on_stop)

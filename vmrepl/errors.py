@@ -47,6 +47,12 @@ class FailedPrecondition(VmreplError):
     grpc_code = "FAILED_PRECONDITION"
 
 
+class DeadlineExceeded(VmreplError):
+    """A peer stayed silent for longer than it may (a stream that never opens, or stops sending)."""
+
+    grpc_code = "DEADLINE_EXCEEDED"
+
+
 class PathError(InvalidArgument):
     """A path would leave the datastore or source roots."""
 

@@ -8,22 +8,25 @@ generic message (details go to the log, never to the caller).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import inspect
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import grpc
 from google.protobuf import message_factory
-from google.protobuf.descriptor import ServiceDescriptor
+from google.protobuf.descriptor import MethodDescriptor, ServiceDescriptor
+from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from vmrepl.config import TlsSettings
-from vmrepl.errors import VmreplError
+from vmrepl.errors import InvalidArgument, VmreplError
 from vmrepl.logs import get_logger
-from vmrepl.security.tls import channel_credentials, server_credentials
+from vmrepl.memory import ReleaseWhenIdle
+from vmrepl.security.tls import channel_credentials, require_role, server_credentials
 
 log = get_logger("vmrepl.rpc")
 
@@ -122,11 +125,23 @@ class Service:
     Methods named in `raw_requests` get their request as the raw bytes of the
     message (the servicer parses it, see vmrepl.batch); all others are parsed
     by protobuf as usual.
+
+    `roles`, when given, is the service's access policy: for every method, the
+    certificate roles that may call it. The caller's role is checked before
+    any request message is read (a refused caller cannot make the server
+    receive a 16 MiB message first), so every method must be listed.
+
+    `in_band_failures` names the streaming methods whose callers expect the
+    reason for a failure as a response message before the status (see
+    TransferFailure in target.proto): the function makes that message from the
+    status code's name and the reason, and a refused call is sent it too.
     """
 
     descriptor: ServiceDescriptor
     servicer: Any
     raw_requests: frozenset[str] = frozenset()
+    roles: Mapping[str, tuple[str, ...]] | None = None
+    in_band_failures: Mapping[str, Callable[[str, str], Any]] = field(default_factory=dict)
 
 
 _HANDLER_KINDS = {
@@ -137,16 +152,93 @@ _HANDLER_KINDS = {
 }
 
 
-def _add_service(server: grpc.aio.Server, svc: Service) -> None:
+async def _admit(context: Any, roles: tuple[str, ...], method: str, failure: Callable[[str, str], Any] | None) -> None:
+    """Abort the call unless the caller's certificate carries one of `roles`."""
+    try:
+        require_role(context, *roles)
+    except VmreplError as e:
+        if failure is not None:
+            code, message = status_for(e)
+            with contextlib.suppress(Exception):  # the caller may be gone already
+                await context.write(failure(code.name, message))
+        await _abort(context, e, method)
+
+
+async def _single(requests: AsyncIterator[bytes], parse: Callable[[bytes], Any] | None) -> Any:
+    """The one request message of a call declared unary, read only after the caller was admitted."""
+    raw = await anext(requests, None)
+    if raw is None:
+        raise InvalidArgument("request", "the call ended before its request message")
+    if parse is None:  # a raw-bytes method: the servicer parses it
+        return raw
+    try:
+        return parse(raw)
+    except DecodeError as e:
+        raise InvalidArgument("request", f"does not parse: {e}") from e
+
+
+def _guard(
+    behaviour: Callable[..., Any],
+    m: MethodDescriptor,
+    *,
+    roles: tuple[str, ...],
+    parse: Any,
+    calls: ReleaseWhenIdle | None,
+    failure: Callable[[str, str], Any] | None,
+) -> Any:
+    """Wrap a method's behaviour so the role check runs before the request is read.
+
+    gRPC reads a unary request before it calls the behaviour, so methods declared
+    unary are registered as client-streaming (the same bytes on the wire) and
+    their single message is read and parsed here, after the check. Every call,
+    refused or not, is counted in `calls`.
+    """
+    name = f"{m.containing_service.name}.{m.name}"
+    counted = calls.counting if calls is not None else contextlib.nullcontext
+
+    async def request(requests: Any, context: Any) -> Any:
+        await _admit(context, roles, name, failure)
+        if m.client_streaming:
+            return requests
+        try:
+            return await _single(requests, parse)
+        except VmreplError as e:
+            await _abort(context, e, name)
+
+    if inspect.isasyncgenfunction(behaviour):
+
+        async def streaming(requests: Any, context: Any) -> AsyncIterator[Any]:
+            with counted():
+                async for item in behaviour(await request(requests, context), context):
+                    yield item
+
+        return streaming
+
+    async def single(requests: Any, context: Any) -> Any:
+        with counted():
+            return await behaviour(await request(requests, context), context)
+
+    return single
+
+
+def _add_service(server: grpc.aio.Server, svc: Service, calls: ReleaseWhenIdle | None) -> None:
+    methods = list(svc.descriptor.methods)
+    if svc.roles is not None and set(svc.roles) != {m.name for m in methods}:
+        raise ValueError(f"{svc.descriptor.full_name}: the roles table must name exactly the service's methods")
     handlers = {}
-    for m in svc.descriptor.methods:
+    for m in methods:
         request_cls = message_factory.GetMessageClass(m.input_type)
         response_cls = message_factory.GetMessageClass(m.output_type)
-        make = _HANDLER_KINDS[(m.client_streaming, m.server_streaming)]
+        behaviour = getattr(svc.servicer, m.name)
+        parse = None if m.name in svc.raw_requests else request_cls.FromString
+        streaming_request = m.client_streaming
+        if svc.roles is not None:
+            failure = svc.in_band_failures.get(m.name)
+            behaviour = _guard(behaviour, m, roles=svc.roles[m.name], parse=parse, calls=calls, failure=failure)
+            parse, streaming_request = None, True
+        make = _HANDLER_KINDS[(streaming_request, m.server_streaming)]
         handlers[m.name] = make(
-            getattr(svc.servicer, m.name),
-            request_deserializer=None if m.name in svc.raw_requests else request_cls.FromString,
-            response_serializer=response_cls.SerializeToString,
+            behaviour, request_deserializer=parse, response_serializer=response_cls.SerializeToString
         )
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(svc.descriptor.full_name, handlers),))
 
@@ -159,18 +251,25 @@ async def start_server(
     max_message_bytes: int,
     program: str,
     interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
+    release_memory_when_idle: bool = False,
 ) -> tuple[grpc.aio.Server, int, health.aio.HealthServicer]:
     """Start an mTLS server with the given services, health and reflection; returns the bound port.
-    `program` ("controller", "proxy", "target") is named by internal errors' messages."""
+
+    `program` ("controller", "proxy", "target") is named by internal errors' messages. With
+    `release_memory_when_idle`, free heap memory is given back to the OS once no call of a service with a
+    roles table is in progress (see vmrepl.memory): a burst of large messages, even refused ones, leaves
+    glibc holding the buffers otherwise.
+    """
     _PROGRAM["name"] = program
     server = grpc.aio.server(
         options=message_options(max_message_bytes) + _KEEPALIVE_SERVER, interceptors=list(interceptors)
     )
+    calls = ReleaseWhenIdle() if release_memory_when_idle else None
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     names = [health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME]
     for svc in services:
-        _add_service(server, svc)
+        _add_service(server, svc, calls)
         names.append(svc.descriptor.full_name)
     reflection.enable_server_reflection(names, server)
     port = server.add_secure_port(listen, server_credentials(tls))

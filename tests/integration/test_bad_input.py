@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import time
 from collections.abc import Callable
@@ -298,8 +299,23 @@ async def test_bad_opens_are_refused(prepared: Lab, case: str) -> None:
 
 
 async def test_a_controller_certificate_cannot_open_a_stream(prepared: Lab) -> None:
-    _, code, details = await transfer(prepared, [open_frame(prepared)], tls_name="controller")
+    # The role is checked before the target reads anything, so the refusal needs no message from the caller
+    # (one written while the refusal arrives can make grpc.aio report INTERNAL instead, grpc/grpc#36066).
+    ch = secure_channel(prepared.target.address, prepared.tls("controller"), max_message_bytes=MAX_MESSAGE_BYTES)
+    try:
+        call = ch.stream_stream(
+            "/vmrepl.v1.TargetAgent/Transfer",
+            request_serializer=None,
+            response_deserializer=target_pb2.TransferResponse.FromString,
+        )()
+        await call.wait_for_connection()
+        answer = await asyncio.wait_for(call.read(), 10)
+        code, details = await call.code(), await call.details() or ""
+    finally:
+        await ch.close()
     assert code == grpc.StatusCode.PERMISSION_DENIED and "needs proxy" in details, (code, details)
+    # ... and told in-band, as every refused stream is, so a proxy with the wrong certificate stops retrying.
+    assert (answer.error.code, answer.error.message) == (code.name, details)
 
 
 async def test_a_proxy_certificate_cannot_prepare_disks(prepared: Lab) -> None:
