@@ -37,6 +37,7 @@ from vmrepl.batch import (
     check_batch,
     decode_frame,
 )
+from vmrepl.call_limits import Slots
 from vmrepl.errors import BatchError, DeadlineExceeded, InvalidArgument
 from vmrepl.extent import valid_block_size
 from vmrepl.logs import get_logger
@@ -44,7 +45,6 @@ from vmrepl.names import check_name
 from vmrepl.rpc import status_for
 from vmrepl.security.ticket import verify_ticket
 from vmrepl.security.tls import peer_identity
-from vmrepl.slots import Slots
 
 log = get_logger("vmrepl.target.transfer")
 DRAIN_TIMEOUT = 10.0

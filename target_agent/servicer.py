@@ -14,13 +14,13 @@ from target_agent.config import TargetSettings
 from target_agent.datastore import Datastore
 from target_agent.receiver import MAX_DISK_SIZE, Receiver
 from vmrepl.block import DIGEST_SIZE
+from vmrepl.call_limits import Slots
 from vmrepl.errors import InvalidArgument, TicketError
 from vmrepl.extent import valid_block_size
 from vmrepl.names import check_name
 from vmrepl.rpc import handle_errors
 from vmrepl.security.ticket import load_public_keys
 from vmrepl.security.tls import peer_identity
-from vmrepl.slots import Slots
 
 _STATES = {
     replica.PREPARED: target_pb2.REPLICA_DISK_STATE_PREPARED,

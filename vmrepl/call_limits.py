@@ -1,5 +1,8 @@
 """Bounds on the calls a server runs at once, per client certificate and in total.
 
+`Slots` is the one counter (the target's Transfer streams use it directly); `CallLimits` is the server
+interceptor that applies it to every call of a server.
+
 A call past either bound is refused at once with RESOURCE_EXHAUSTED, a message saying when to try again
 and the same hint as trailing metadata (`retry-after-ms`), before any of the service's own work: one
 client cannot take the server (and what it shares with its own background work) from the others. A
@@ -12,13 +15,14 @@ from __future__ import annotations
 import contextlib
 import inspect
 import time
+from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
 import grpc
 
-from vmrepl.errors import PeerNotAllowed
+from vmrepl.errors import PeerNotAllowed, ResourceExhausted
 from vmrepl.logs import get_logger
 from vmrepl.security.tls import peer_identity
 
@@ -35,35 +39,39 @@ class Limits:
     retry_after_seconds: float = 1.0
 
 
-class Refused(Exception):
-    """A call past a bound; its message is the one the caller gets."""
+class Slots:
+    """At most `per_peer` holders per peer and `total` in all. Not thread-safe: use from the event loop."""
 
+    def __init__(self, *, per_peer: int, total: int, what: str) -> None:
+        if per_peer < 1 or total < 1:
+            raise ValueError("slot limits must be at least 1")
+        self.per_peer = per_peer
+        self.total = total
+        self.what = what
+        self._held: Counter[str] = Counter()
+        self.in_use = 0
 
-class CallCounter:
-    """Calls open now, per client and in total. Pure of gRPC; one event loop, so no lock is needed:
-    nothing awaits between the check and the count."""
+    def take(self, peer: str) -> None:
+        """Hold a slot for `peer`, or raise ResourceExhausted naming the bound it would pass."""
+        if self._held[peer] >= self.per_peer:
+            raise ResourceExhausted(f"{peer!r} already has {self.per_peer} {self.what} open (the limit per peer)")
+        if self.in_use >= self.total:
+            raise ResourceExhausted(f"{self.total} {self.what} are open (the limit)")
+        self._held[peer] += 1
+        self.in_use += 1
 
-    def __init__(self, limits: Limits) -> None:
-        self.limits = limits
-        self.total = 0
-        self.per_client: dict[str, int] = {}
+    def give(self, peer: str) -> bool:
+        """Give back a slot `peer` holds; True when that was the last slot held by anyone."""
+        if self._held[peer] <= 0:
+            raise ValueError(f"{peer!r} holds no slot")
+        self._held[peer] -= 1
+        if not self._held[peer]:
+            del self._held[peer]
+        self.in_use -= 1
+        return self.in_use == 0
 
-    def acquire(self, client: str) -> None:
-        mine = self.per_client.get(client, 0)
-        if mine >= self.limits.per_client:
-            raise Refused(f"certificate {client!r} has {mine} calls open, its limit")
-        if self.total >= self.limits.total:
-            raise Refused(f"the server has {self.total} calls open, its limit")
-        self.per_client[client] = mine + 1
-        self.total += 1
-
-    def release(self, client: str) -> None:
-        self.total -= 1
-        left = self.per_client[client] - 1
-        if left:
-            self.per_client[client] = left
-        else:
-            del self.per_client[client]
+    def held_by(self, peer: str) -> int:
+        return self._held[peer]
 
 
 def _client(context: Any) -> str:
@@ -76,7 +84,8 @@ def _client(context: Any) -> str:
 
 class CallLimits(grpc.aio.ServerInterceptor):  # type: ignore[misc]
     def __init__(self, limits: Limits) -> None:
-        self.counter = CallCounter(limits)
+        self.limits = limits
+        self.slots = Slots(per_peer=limits.per_client, total=limits.total, what="calls")
         self._logged: dict[str, float] = {}
 
     async def intercept_service(
@@ -127,16 +136,16 @@ class CallLimits(grpc.aio.ServerInterceptor):  # type: ignore[misc]
     async def _slot(self, context: Any, method: str) -> AsyncIterator[None]:
         client = _client(context)
         try:
-            self.counter.acquire(client)
-        except Refused as e:
+            self.slots.take(client)
+        except ResourceExhausted as e:
             await self._refuse(context, client, method, str(e))
         try:
             yield
         finally:
-            self.counter.release(client)
+            self.slots.give(client)
 
     async def _refuse(self, context: Any, client: str, method: str, why: str) -> None:
-        wait = self.counter.limits.retry_after_seconds
+        wait = self.limits.retry_after_seconds
         now = time.monotonic()
         if now - self._logged.get(client, -_LOG_EVERY_SECONDS) >= _LOG_EVERY_SECONDS:  # one line, not a flood
             self._logged[client] = now

@@ -16,8 +16,8 @@ from proxy_agent.transfer import StreamBroken, _transient
 from target_agent.receiver import Silence
 from target_agent.servicer import ROLES
 from vmrepl import memory, rpc
+from vmrepl.call_limits import Slots
 from vmrepl.errors import DeadlineExceeded, ResourceExhausted
-from vmrepl.slots import Slots
 
 # -- Slots ----------------------------------------------------------------------------------------------------
 

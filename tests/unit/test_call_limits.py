@@ -1,25 +1,27 @@
 """The per-client and total bounds on calls a server runs at once (the counting; the interceptor is tested
-through a real controller in tests/integration/test_api_load.py)."""
+through a real controller in tests/integration/test_api_load.py, the Transfer streams' use in
+tests/unit/test_admission.py)."""
 
 from __future__ import annotations
 
 import pytest
 
-from vmrepl.call_limits import CallCounter, Limits, Refused
+from vmrepl.call_limits import Slots
+from vmrepl.errors import ResourceExhausted
 
 
 def test_each_client_gets_its_own_places_within_the_total() -> None:
-    c = CallCounter(Limits(per_client=2, total=3))
-    c.acquire("reader")
-    c.acquire("reader")
-    with pytest.raises(Refused, match="'reader' has 2 calls open"):
-        c.acquire("reader")
-    c.acquire("operator")  # another certificate is not held up by the reader's
-    with pytest.raises(Refused, match="server has 3 calls open"):
-        c.acquire("operator")
-    c.release("reader")
-    c.acquire("operator")
-    assert (c.total, c.per_client) == (3, {"reader": 1, "operator": 2})
+    c = Slots(per_peer=2, total=3, what="calls")
+    c.take("reader")
+    c.take("reader")
+    with pytest.raises(ResourceExhausted, match="'reader' already has 2 calls open"):
+        c.take("reader")
+    c.take("operator")  # another certificate is not held up by the reader's
+    with pytest.raises(ResourceExhausted, match="3 calls are open"):
+        c.take("operator")
+    c.give("reader")
+    c.take("operator")
+    assert (c.in_use, c.held_by("reader"), c.held_by("operator")) == (3, 1, 2)
     for who in ("reader", "operator", "operator"):
-        c.release(who)
-    assert (c.total, c.per_client) == (0, {})  # nothing kept for clients that left
+        c.give(who)
+    assert c.in_use == 0 and not c._held  # nothing kept for clients that left
