@@ -310,6 +310,7 @@ class ReplicaStream:
     ) -> None:
         self.disk_dir = disk_dir
         self._guard = guard
+        load_state(disk_dir)  # NotFound for a disk never prepared, before any file is opened
         self._writer = RawWriter(disk_dir / DATA_FILE)
         self._digests = DigestStore(disk_dir / DIGESTS_FILE, block_size=block_size, disk_size=disk_size)
         try:

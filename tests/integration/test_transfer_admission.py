@@ -106,15 +106,17 @@ async def prepare_disks(target: lab.AgentProcess, lab_certs: lab.LabCerts, paths
         await client.close()
 
 
-def open_frame(lab_certs: lab.LabCerts, replica_path: str, *, disk_size: int, window: int = 4) -> bytes:
-    """A valid open for disk0 of `replica_path`, with the ticket the controller would sign."""
+def open_frame(
+    lab_certs: lab.LabCerts, replica_path: str, *, disk_size: int, window: int = 4, proxy: str = "proxy"
+) -> bytes:
+    """A valid open for disk0 of `replica_path`, with the ticket the controller would sign for `proxy`."""
     ticket = sign_ticket(
         load_signing_key(lab_certs.signing_key),
         session_id=SESSION,
         disk_id="disk0",
         replica_path=replica_path,
         checkpoint_id=CHECKPOINT,
-        proxy="proxy",
+        proxy=proxy,
         expires_unix=time.time() + 300,
         audience="target",
     )
@@ -336,7 +338,7 @@ async def test_streams_over_the_per_peer_and_total_limits_are_refused_at_once(
         code, details = await refused_at_once(ch1)
         assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and "per peer" in details, (code, details)
         # Another proxy still gets the last slot in total, and then no one gets one.
-        call, answer = await open_stream(ch2, frames[2])
+        call, answer = await open_stream(ch2, open_frame(lab_certs, paths[2], disk_size=disk_size, proxy="proxy2"))
         assert answer.HasField("accept"), answer
         code, details = await refused_at_once(ch2)
         assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and "are open (the limit)" in details, (code, details)
