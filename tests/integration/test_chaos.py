@@ -1,5 +1,6 @@
 """Chaos: sessions of a real controller, proxy and target, each hit at a random moment by a fault (kill -9
-of one of the three, then a restart); random writes to the VMs between sessions.
+of one of the three, or a simulated power cut of the target, then a restart); random writes to the VMs
+between sessions.
 
 After every session, whatever its end: the restore points in the controller's database are the target's,
 and a VM has a checkpoint exactly when the session holds it for a resume. After every session that
@@ -33,6 +34,7 @@ from protos.vmrepl.v1 import controller_pb2 as api
 from protos.vmrepl.v1 import target_pb2
 from tests.integration.conftest import qemu_identical
 from tests.integration.controller_env import ControllerEnv
+from vmrepl.disk import powercut
 from vmrepl.extent import MiB
 
 pytestmark = pytest.mark.integration
@@ -43,7 +45,7 @@ FIRST_PACE = 1.5  # seconds: a session's length here before one has been measure
 BLOCK = 64 * 1024  # the job's block size: 128 blocks per 8 MiB disk, so verification samples a subset
 
 # A fault strikes the running system and leaves it running again. It gets its own random stream, so what
-# it draws does not shift the loop's choices (a simulated power cut of the target can join these).
+# it draws does not shift the loop's choices.
 Fault = Callable[[ControllerEnv, random.Random], None]
 
 
@@ -57,7 +59,17 @@ def kill_and_restart(which: str) -> Fault:
     return fault
 
 
+def power_cut_target(env: ControllerEnv, rng: random.Random) -> None:
+    """kill -9 keeps the page cache; a power cut also loses a random subset of what the target wrote since
+    each file's last flush (vmrepl.disk.powercut)."""
+    env.target.kill()
+    powercut.cut(env.work / "powercut", rng)
+    time.sleep(rng.uniform(0, 0.5))
+    env.target.start()
+
+
 FAULTS: dict[str, Fault] = {name: kill_and_restart(name) for name in ("controller", "proxy", "target")}
+FAULTS["target power cut"] = power_cut_target
 
 
 @dataclass
@@ -275,6 +287,9 @@ def _pin_port(agent: lab.AgentProcess) -> None:
 
 def _setup(env: ControllerEnv) -> list[tuple[str, str, int]]:
     env.restart_controller(proxy_lost_seconds=5)  # a killed proxy is noticed within seconds, not a minute
+    env.target.stop()
+    env.target.env[powercut.ENV] = str(env.work / "powercut")  # the target journals for power cuts
+    env.target.start()
     for agent in (env.controller, env.proxy, env.target):
         _pin_port(agent)
     env.configure(block_size=BLOCK, retries=1, retry_wait_seconds=1, restore_points_to_keep=1000)

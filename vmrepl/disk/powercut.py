@@ -57,6 +57,8 @@ class Journal:
         with self._lock:
             if self._pending.pop(path, None):
                 self._record(_SYNC, path, 0, b"")
+            if not self._pending:  # every page it holds is durable now: it only needs to grow from here
+                os.ftruncate(self._fd, 0)
 
     def _record(self, kind: bytes, path: str, offset: int, data: bytes) -> None:
         raw = path.encode()
