@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -17,14 +16,13 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from controller.disk_task import prepare
 from protos.vmrepl.v1 import proxy_pb2, target_pb2
-from tests.integration.conftest import Lab, sha256
-from vmrepl.batch import DATA, LZ4, MAX_MESSAGE_BYTES, RAW, encode_batch, encode_open
+from tests.integration.conftest import Lab, sha256, signed_open
+from vmrepl.batch import DATA, LZ4, MAX_MESSAGE_BYTES, RAW, encode_batch
 from vmrepl.block import digest
 from vmrepl.config import TlsSettings
 from vmrepl.extent import MiB
 from vmrepl.rpc import secure_channel
 from vmrepl.security import certs
-from vmrepl.security.ticket import sign_ticket
 
 BS = MiB
 SESSION = "s-bad"
@@ -82,28 +80,17 @@ def open_frame(
     checkpoint: str = CHECKPOINT,
     pass_number: int = 0,
 ) -> bytes:
-    ticket = sign_ticket(
+    return signed_open(
         key or lab_env.signing_key,
         session_id=SESSION,
-        disk_id=ticket_disk,
-        replica_path=replica_path,
         checkpoint_id=checkpoint,
+        replica_path=replica_path,
+        disk_size=disk_size,
+        block_size=BS,
         proxy=proxy,
-        expires_unix=time.time() + ttl,
-        audience="target",
-    )
-    return encode_open(
-        target_pb2.TransferOpen(
-            ticket=ticket,
-            session_id=SESSION,
-            disk_id="disk0",
-            replica_path=replica_path,
-            disk_size=disk_size,
-            block_size=BS,
-            window_batches=4,
-            checkpoint_id=checkpoint,
-            pass_number=pass_number,
-        )
+        ticket_disk=ticket_disk,
+        ttl=ttl,
+        pass_number=pass_number,
     )
 
 

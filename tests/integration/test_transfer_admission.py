@@ -23,13 +23,14 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from controller import lab
 from controller.agents import target_client
 from protos.vmrepl.v1 import target_pb2
+from tests.integration.conftest import signed_open
 from vmrepl.batch import DATA, MAX_MESSAGE_BYTES, MAX_OPEN_BYTES, RAW, encode_batch, encode_open
 from vmrepl.block import digest
 from vmrepl.config import TlsSettings
 from vmrepl.extent import MiB
 from vmrepl.rpc import message_options, secure_channel
 from vmrepl.security import certs
-from vmrepl.security.ticket import load_signing_key, sign_ticket
+from vmrepl.security.ticket import load_signing_key
 from vmrepl.security.tls import channel_credentials
 
 TRANSFER = "/vmrepl.v1.TargetAgent/Transfer"
@@ -110,27 +111,16 @@ def open_frame(
     lab_certs: lab.LabCerts, replica_path: str, *, disk_size: int, window: int = 4, proxy: str = "proxy"
 ) -> bytes:
     """A valid open for disk0 of `replica_path`, with the ticket the controller would sign for `proxy`."""
-    ticket = sign_ticket(
+    return signed_open(
         load_signing_key(lab_certs.signing_key),
         session_id=SESSION,
-        disk_id="disk0",
-        replica_path=replica_path,
         checkpoint_id=CHECKPOINT,
+        replica_path=replica_path,
+        disk_size=disk_size,
+        block_size=BS,
+        window=window,
         proxy=proxy,
-        expires_unix=time.time() + 300,
-        audience="target",
-    )
-    return encode_open(
-        target_pb2.TransferOpen(
-            ticket=ticket,
-            session_id=SESSION,
-            disk_id="disk0",
-            replica_path=replica_path,
-            disk_size=disk_size,
-            block_size=BS,
-            window_batches=window,
-            checkpoint_id=CHECKPOINT,
-        )
+        ttl=300,
     )
 
 
