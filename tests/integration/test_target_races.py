@@ -80,7 +80,8 @@ def vouching(disk: Path) -> list[int]:
 
 
 async def test_a_prepare_while_an_older_stream_still_writes_leaves_no_digest_to_vouch_after_a_power_cut(
-    start_target: StartTarget, lab_certs: lab.LabCerts
+    start_target: StartTarget,  # noqa: F811  (the fixture imported above)
+    lab_certs: lab.LabCerts,
 ) -> None:
     """The controller prepares the disk again (a retry, another proxy) while the earlier proxy's stream is
     still alive on the target. Whatever that stream writes after the prepare must stay inside the frontier

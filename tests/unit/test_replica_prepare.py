@@ -17,9 +17,10 @@ SIZE = 8 * MiB
 
 
 def _prepare(disk_dir: Path, session_id: str, checkpoint_id: str = "cp1", **kw: object) -> replica.DiskState:
+    guard = kw.pop("guard", None) or replica.DiskGuard()
     return replica.prepare(
-        disk_dir, guard=kw.pop("guard", None) or replica.DiskGuard(), disk_size=kw.pop("disk_size", SIZE), block_size=MiB, session_id=session_id,  # type: ignore[arg-type]
-        checkpoint_id=checkpoint_id, **kw,  # type: ignore[arg-type]
+        disk_dir, guard=guard, disk_size=kw.pop("disk_size", SIZE), block_size=MiB,  # type: ignore[arg-type]
+        session_id=session_id, checkpoint_id=checkpoint_id, **kw,  # type: ignore[arg-type]
     )  # fmt: skip
 
 
