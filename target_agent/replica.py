@@ -161,6 +161,7 @@ def _resumable(
 def prepare(
     disk_dir: Path,
     *,
+    guard: DiskGuard,
     disk_size: int,
     block_size: int,
     session_id: str,
@@ -169,35 +170,49 @@ def prepare(
 ) -> DiskState:
     """Create the disk or ready it for `session_id` reading `checkpoint_id`. The same session and
     checkpoint keeps the committed offset; so does an unfinished transfer of `resume_session_id` from the
-    same checkpoint, which `session_id` continues. Anything else starts a new pass at offset 0."""
+    same checkpoint, which `session_id` continues. Anything else starts a new pass at offset 0.
+
+    Under the disk's guard, which it takes over: a stream still open on the disk (an earlier attempt's,
+    whose proxy the controller gave up on) writes nothing after this. Its writes past the frontier this
+    records would otherwise outlive a power cut in the digest file only, vouching for lost data."""
     disk_dir.mkdir(parents=True, exist_ok=True)
-    try:
-        old: DiskState | None = load_state(disk_dir)
-    except NotFound:
-        old = None
-    if (
-        old is not None
-        and old.state == COMMITTED
-        and (old.session_id, old.checkpoint_id)
-        == (
-            session_id,
-            checkpoint_id,
+    with guard.lock:
+        guard.claim_locked()
+        try:
+            old: DiskState | None = load_state(disk_dir)
+        except NotFound:
+            old = None
+        if (
+            old is not None
+            and old.state == COMMITTED
+            and (old.session_id, old.checkpoint_id)
+            == (
+                session_id,
+                checkpoint_id,
+            )
+        ):
+            raise FailedPrecondition(
+                f"replica disk {disk_dir.name}: a restore point already holds session {session_id}'s "
+                "transfer; it is never written again"
+            )
+        resumable = _resumable(
+            old,
+            disk_size=disk_size,
+            block_size=block_size,
+            session_id=session_id,
+            checkpoint_id=checkpoint_id,
+            resume_session_id=resume_session_id,
         )
-    ):
-        raise FailedPrecondition(
-            f"replica disk {disk_dir.name}: a restore point already holds session {session_id}'s transfer; "
-            "it is never written again"
-        )
-    resumable = _resumable(
-        old,
-        disk_size=disk_size,
-        block_size=block_size,
-        session_id=session_id,
-        checkpoint_id=checkpoint_id,
-        resume_session_id=resume_session_id,
-    )
-    st = old if resumable and old is not None else DiskState(disk_size, block_size, session_id, PREPARED)
-    st.session_id, st.checkpoint_id = session_id, checkpoint_id  # a continued transfer now belongs to this one
+        st = old if resumable and old is not None else DiskState(disk_size, block_size, session_id, PREPARED)
+        st.session_id, st.checkpoint_id = session_id, checkpoint_id  # a continued transfer now belongs to this one
+        _ready_files(disk_dir, old, disk_size=disk_size, block_size=block_size)
+        st.frontier = st.committed_offset
+        save_state(disk_dir, st)
+    return st
+
+
+def _ready_files(disk_dir: Path, old: DiskState | None, *, disk_size: int, block_size: int) -> None:
+    """Size the data and digest files, forget what an interrupted pass may have torn, and flush both."""
     writer = RawWriter(disk_dir / DATA_FILE, create=True)
     digests = DigestStore(disk_dir / DIGESTS_FILE, block_size=block_size, disk_size=disk_size)
     try:
@@ -206,16 +221,13 @@ def prepare(
         if old is not None and old.block_size != block_size:
             digests.forget_all()
         elif old is not None:
-            digests.forget(*old.uncertain())  # what an interrupted pass may have torn
+            digests.forget(*old.uncertain())
         digests.resize()
         writer.flush()
         digests.flush()
     finally:
         writer.close()
         digests.close()
-    st.frontier = st.committed_offset
-    save_state(disk_dir, st)
-    return st
 
 
 def read_digests(disk_dir: Path, first: int, count: int) -> tuple[int, bytes]:

@@ -104,6 +104,7 @@ class TargetAgentServicer(target_pb2_grpc.TargetAgentServicer):
         st = await asyncio.to_thread(
             replica.prepare,
             disk_dir,
+            guard=self.receiver.guard(disk_dir),
             disk_size=request.disk_size,
             block_size=request.block_size,
             session_id=request.session_id,

@@ -8,17 +8,19 @@ from pathlib import Path
 import pytest
 
 from target_agent import replica
-from vmrepl.block import DIGEST_SIZE, UNKNOWN_DIGEST
-from vmrepl.errors import FailedPrecondition
+from vmrepl.batch import DATA, RAW, CheckedExtent
+from vmrepl.block import DIGEST_SIZE, UNKNOWN_DIGEST, digest
+from vmrepl.errors import FailedPrecondition, TransferCancelled
 from vmrepl.extent import MiB
 
 SIZE = 8 * MiB
 
 
 def _prepare(disk_dir: Path, session_id: str, checkpoint_id: str = "cp1", **kw: object) -> replica.DiskState:
+    guard = kw.pop("guard", None) or replica.DiskGuard()
     return replica.prepare(
-        disk_dir, disk_size=kw.pop("disk_size", SIZE), block_size=MiB, session_id=session_id,  # type: ignore[arg-type]
-        checkpoint_id=checkpoint_id, **kw,  # type: ignore[arg-type]
+        disk_dir, guard=guard, disk_size=kw.pop("disk_size", SIZE), block_size=MiB,  # type: ignore[arg-type]
+        session_id=session_id, checkpoint_id=checkpoint_id, **kw,  # type: ignore[arg-type]
     )  # fmt: skip
 
 
@@ -166,3 +168,22 @@ def test_streams_the_disk_refuses(state: str, pass_number: int, over: dict[str, 
 def test_the_next_pass_follows_a_complete_one() -> None:
     _check(replica.DiskState(SIZE, MiB, "s1", replica.COMPLETE, checkpoint_id="cp1"), pass_number=1)
     _check(replica.DiskState(SIZE, MiB, "s1", replica.RECEIVING, checkpoint_id="cp1", pass_number=1), pass_number=1)
+
+
+def test_a_prepare_stops_a_stream_still_open_on_the_disk(tmp_path: Path) -> None:
+    """An earlier attempt's stream writes nothing once the disk is prepared again: its writes would lie past
+    the frontier the prepare recorded."""
+    guard = replica.DiskGuard()
+    _prepare(tmp_path, "s1", guard=guard)
+    stream = replica.ReplicaStream(
+        tmp_path, guard, session_id="s1", checkpoint_id="cp1", disk_size=SIZE, block_size=MiB, pass_number=0
+    )
+    block = b"\x01" * MiB
+    try:
+        stream.apply([CheckedExtent(0, MiB, DATA, RAW, digest(block), memoryview(block))])
+        _prepare(tmp_path, "s1", guard=guard)
+        with pytest.raises(TransferCancelled):
+            stream.apply([CheckedExtent(MiB, MiB, DATA, RAW, digest(block), memoryview(block))])
+    finally:
+        stream.close()
+    assert _digests(tmp_path)[1] == UNKNOWN_DIGEST
