@@ -6,6 +6,7 @@ integration tests run it directly.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -57,6 +58,17 @@ async def proxy_identity(proxy: AgentClient) -> str:
             )
         proxy.identity = info.certificate_name
     return proxy.identity
+
+
+COMPARE = proxy_pb2.ChangeSource(compare_digests=proxy_pb2.CompareDigests())
+
+
+def trusted_change(change: proxy_pb2.ChangeSource, disk: target_pb2.ReplicaDisk) -> proxy_pb2.ChangeSource:
+    """The change source to use on a prepared disk: changed ranges only while no transfer from this
+    checkpoint has failed sampled verification (the target remembers, see ReplicaDisk)."""
+    if disk.change_tracking_failed and change.WhichOneof("mode") == "changed_ranges":
+        return COMPARE
+    return change
 
 
 async def prepare(target: AgentClient, spec: DiskTaskSpec) -> target_pb2.ReplicaDisk:
@@ -116,7 +128,8 @@ async def run_disk_task(
     on_progress: Callable[[proxy_pb2.TransferProgress], None] | None = None,
 ) -> proxy_pb2.TransferProgress:
     """Replicate one disk; returns the final progress. Raises TransferError unless it completed."""
-    await prepare(target, spec)
+    disk = await prepare(target, spec)
+    spec = dataclasses.replace(spec, change_source=trusted_change(spec.change_source, disk))
     request = start_request(
         spec, target_address=target.address, signing_key=signing_key, proxy=await proxy_identity(proxy)
     )

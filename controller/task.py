@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import datetime as dt
 from collections.abc import Sequence
 
@@ -22,7 +23,7 @@ from tenacity import AsyncRetrying, retry_if_exception, stop_after_delay, wait_e
 from controller import metrics
 from controller.agents import AgentClient
 from controller.db.models import HeldCheckpoint, Proxy, RestorePoint, Task, now
-from controller.disk_task import DiskTaskSpec, prepare, proxy_identity, start_request
+from controller.disk_task import COMPARE, DiskTaskSpec, prepare, proxy_identity, start_request, trusted_change
 from controller.placement import ProxySlot
 from controller.runtime import EngineParts, SessionContext
 from controller.slots import NoProxy
@@ -201,6 +202,12 @@ class TaskRunner:
         )
         spec = self._spec(task, change, ticket_expires=await self._checkpoint_deadline(task.vm_id))
         disk = await prepare(self.parts.agents.target(self.sc.target.address, self.sc.target.tls_server_name), spec)
+        if trusted_change(change, disk) is not change:
+            # A transfer from this checkpoint failed sampled verification: its changed ranges lost writes.
+            self.log.warning("change_tracking_failed_before", since=choice.since, fallback="compare")
+            choice = ChangeChoice(ChangeMode.COMPARE)
+            spec = dataclasses.replace(spec, change_source=COMPARE)
+            await self.parts.journal.note(Task, self.task_id, change_mode=choice.mode.value, since_reference="")
         self.log.info(
             "task_starting",
             proxy=proxy.name,

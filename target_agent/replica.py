@@ -63,6 +63,8 @@ class DiskState:
     checkpoint_id: str = ""
     # Nothing past this offset was written by this pass; -1 (a state from before frontiers): unknown.
     frontier: int = -1
+    # A transfer from this checkpoint failed sampled verification: its changed ranges are not to be trusted.
+    tracking_failed: bool = False
 
     def uncertain(self) -> tuple[int, int]:
         """[lo, hi): where a crash may have left data that differs from its digests."""
@@ -182,19 +184,7 @@ def prepare(
             old: DiskState | None = load_state(disk_dir)
         except NotFound:
             old = None
-        if (
-            old is not None
-            and old.state == COMMITTED
-            and (old.session_id, old.checkpoint_id)
-            == (
-                session_id,
-                checkpoint_id,
-            )
-        ):
-            raise FailedPrecondition(
-                f"replica disk {disk_dir.name}: a restore point already holds session {session_id}'s "
-                "transfer; it is never written again"
-            )
+        _refuse_committed(old, disk_dir.name, session_id=session_id, checkpoint_id=checkpoint_id)
         resumable = _resumable(
             old,
             disk_size=disk_size,
@@ -204,11 +194,26 @@ def prepare(
             resume_session_id=resume_session_id,
         )
         st = old if resumable and old is not None else DiskState(disk_size, block_size, session_id, PREPARED)
+        # A failed verification condemns the checkpoint's change tracking, not one pass: a new pass from the
+        # same checkpoint must compare digests (the controller reads it from the prepare's answer).
+        st.tracking_failed = old is not None and old.checkpoint_id == checkpoint_id and old.tracking_failed
         st.session_id, st.checkpoint_id = session_id, checkpoint_id  # a continued transfer now belongs to this one
         _ready_files(disk_dir, old, disk_size=disk_size, block_size=block_size)
         st.frontier = st.committed_offset
         save_state(disk_dir, st)
     return st
+
+
+def _refuse_committed(old: DiskState | None, name: str, *, session_id: str, checkpoint_id: str) -> None:
+    if (
+        old is not None
+        and old.state == COMMITTED
+        and (old.session_id, old.checkpoint_id) == (session_id, checkpoint_id)
+    ):
+        raise FailedPrecondition(
+            f"replica disk {name}: a restore point already holds session {session_id}'s transfer; it is never "
+            "written again"
+        )
 
 
 def _ready_files(disk_dir: Path, old: DiskState | None, *, disk_size: int, block_size: int) -> None:
@@ -352,7 +357,7 @@ class ReplicaStream:
         if pass_number > st.pass_number:
             # The next pass of the same session re-runs the disk from the start; the last one was complete.
             st.pass_number, st.committed_offset, st.session_digest, st.state = pass_number, 0, "", RECEIVING
-            st.frontier = 0
+            st.frontier, st.tracking_failed = 0, True  # only a failed sampled verification starts pass 1
             save_state(self.disk_dir, st)
             return
         lo, hi = st.uncertain()

@@ -61,6 +61,7 @@ def _disk_message(replica_path: str, disk_id: str, st: replica.DiskState) -> tar
         updated_at=_ts(st.updated_at),
         checkpoint_id=st.checkpoint_id,
         pass_number=st.pass_number,
+        change_tracking_failed=st.tracking_failed,
     )
 
 

@@ -13,8 +13,6 @@ import dataclasses
 import os
 import subprocess
 
-import pytest
-
 from controller.agents import AgentClient
 from protos.vmrepl.v1 import proxy_pb2, target_pb2
 from proxy_agent.verify import choose_sample, unsent_blocks
@@ -47,11 +45,6 @@ def _retry_seed() -> tuple[str, int]:
     raise AssertionError("no such transfer id")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="open defect (issue 9 review): a new transfer of the same session and checkpoint runs the same "
-    "changed ranges again after the comparison pass a failed verification started; fix spans controller and target",
-)
 async def test_a_retry_after_a_failed_verification_does_not_trust_the_change_tracking_again(lab_env: Lab) -> None:
     image = lab_env.image.with_name("big.raw")
     subprocess.run(["cp", "--sparse=always", str(lab_env.image), str(image)], check=True)

@@ -187,3 +187,14 @@ def test_a_prepare_stops_a_stream_still_open_on_the_disk(tmp_path: Path) -> None
     finally:
         stream.close()
     assert _digests(tmp_path)[1] == UNKNOWN_DIGEST
+
+
+def test_a_failed_verification_condemns_the_checkpoints_change_tracking(tmp_path: Path) -> None:
+    _interrupted(tmp_path, "s1", 3 * MiB, pass_number=1)
+    st = replica.load_state(tmp_path)
+    st.tracking_failed = True  # pass 1 was opened: sampled verification failed
+    replica.save_state(tmp_path, st)
+    again = _prepare(tmp_path, "s1")  # a new transfer of the same checkpoint starts over ...
+    assert (again.pass_number, again.committed_offset, again.tracking_failed) == (0, 0, True)  # ... distrusting
+    assert _prepare(tmp_path, "s2", resume_session_id="s1").tracking_failed  # a continuing session too
+    assert not _prepare(tmp_path, "s3", "cp2").tracking_failed  # another checkpoint: tracking is trusted again

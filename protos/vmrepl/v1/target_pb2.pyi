@@ -69,6 +69,7 @@ class ReplicaDisk(_message.Message):
     UPDATED_AT_FIELD_NUMBER: _builtins.int
     CHECKPOINT_ID_FIELD_NUMBER: _builtins.int
     PASS_NUMBER_FIELD_NUMBER: _builtins.int
+    CHANGE_TRACKING_FAILED_FIELD_NUMBER: _builtins.int
     replica_path: _builtins.str
     disk_id: _builtins.str
     disk_size: _builtins.int
@@ -82,6 +83,12 @@ class ReplicaDisk(_message.Message):
     """The checkpoint the session's transfer reads from."""
     pass_number: _builtins.int
     """Pass over the disk within the session (see TransferOpen.pass_number)."""
+    change_tracking_failed: _builtins.bool
+    """A transfer from this checkpoint failed sampled verification (it reached
+    pass 1): the host's change tracking lost writes, so every later transfer
+    from the checkpoint must compare digests instead of trusting changed
+    ranges. Kept until the disk is prepared for another checkpoint.
+    """
     @_builtins.property
     def updated_at(self) -> _timestamp_pb2.Timestamp: ...
     def __init__(
@@ -98,10 +105,11 @@ class ReplicaDisk(_message.Message):
         updated_at: _timestamp_pb2.Timestamp | None = ...,
         checkpoint_id: _builtins.str = ...,
         pass_number: _builtins.int = ...,
+        change_tracking_failed: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["updated_at", b"updated_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["block_size", b"block_size", "bytes_written", b"bytes_written", "checkpoint_id", b"checkpoint_id", "committed_offset", b"committed_offset", "disk_id", b"disk_id", "disk_size", b"disk_size", "pass_number", b"pass_number", "replica_path", b"replica_path", "session_id", b"session_id", "state", b"state", "updated_at", b"updated_at"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["block_size", b"block_size", "bytes_written", b"bytes_written", "change_tracking_failed", b"change_tracking_failed", "checkpoint_id", b"checkpoint_id", "committed_offset", b"committed_offset", "disk_id", b"disk_id", "disk_size", b"disk_size", "pass_number", b"pass_number", "replica_path", b"replica_path", "session_id", b"session_id", "state", b"state", "updated_at", b"updated_at"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
