@@ -20,8 +20,10 @@ from typing import Any
 
 import grpc
 from sqlalchemy import Select, delete, select
+from tenacity import AsyncRetrying, retry_if_exception, stop_after_delay, wait_exponential
 
 from controller import metrics
+from controller.agents import READY_WITHIN_SECONDS, AgentClient
 from controller.db.models import HeldCheckpoint, Job, JobVm, RestorePoint, Session, SessionVm, Task, now
 from controller.retention import points_to_delete
 from controller.runtime import EngineParts, SessionContext
@@ -36,7 +38,7 @@ from controller.states import (
     session_outcome,
     vm_after_transfers,
 )
-from controller.task import TaskRunner
+from controller.task import TaskRunner, transient
 from protos.vmrepl.v1 import target_pb2
 from vmrepl.errors import FailedPrecondition, NotFound, VmreplError
 from vmrepl.logs import get_logger
@@ -346,14 +348,23 @@ class VmRun:
         target = self.parts.agents.target(self.sc.target.address, self.sc.target.tls_server_name)
         replica_path = self.sc.replica_path(row.vm_id)
         disk_ids = [t.disk_id for t in await self._tasks(row)]
-        point = await target.stub.CommitRestorePoint(
-            target_pb2.CommitRestorePointRequest(
-                replica_path=replica_path,
-                session_id=self.sc.session_id,
-                checkpoint_id=row.checkpoint_id,
-                disk_ids=disk_ids,
-            )
+        request = target_pb2.CommitRestorePointRequest(
+            replica_path=replica_path, session_id=self.sc.session_id, checkpoint_id=row.checkpoint_id, disk_ids=disk_ids
         )
+        # A target restarting under the call may have committed the point before it went: asked again, it
+        # answers with the same point (idempotent per session and checkpoint), so none is left unrecorded.
+        retrying = AsyncRetrying(
+            retry=retry_if_exception(transient),
+            stop=stop_after_delay(READY_WITHIN_SECONDS),
+            wait=wait_exponential(multiplier=0.2, max=2.0),
+            reraise=True,
+        )
+
+        async def commit() -> target_pb2.RestorePoint:
+            answer: target_pb2.RestorePoint = await target.stub.CommitRestorePoint(request, timeout=30)
+            return answer
+
+        point: target_pb2.RestorePoint = await retrying(commit)
         async with self.parts.journal.change("restore point committed", vm=row.vm_id, point=point.id) as db:
             if await db.get(RestorePoint, point.id) is None:  # a retried commit returns the same point
                 db.add(
@@ -383,6 +394,7 @@ class VmRun:
                 )
             )
         target = self.parts.agents.target(self.sc.target.address, self.sc.target.tls_server_name)
+        await self._delete_orphans(target, replica_path, {p.id for p in points})
         for point_id in points_to_delete([(p.id, p.created_at) for p in points], self.sc.job.keep):
             try:
                 await target.stub.DeleteRestorePoint(
@@ -394,6 +406,22 @@ class VmRun:
             async with self.parts.journal.change("restore point deleted", vm=row.vm_id, point=point_id) as db:
                 await db.execute(delete(RestorePoint).where(RestorePoint.id == point_id))
             self.log.info("restore_point_deleted", restore_point_id=point_id, reason="retention")
+
+    async def _delete_orphans(self, target: AgentClient, replica_path: str, known: set[str]) -> None:
+        """Points on the target the database does not know: committed by a call whose answer was lost
+        (the target went down under it) before the VM failed. The replica path is this job's alone."""
+        listed = await target.stub.ListRestorePoints(target_pb2.ListRestorePointsRequest(replica_path=replica_path))
+        for p in listed.restore_points:
+            if p.id in known:
+                continue
+            try:
+                await target.stub.DeleteRestorePoint(
+                    target_pb2.DeleteRestorePointRequest(replica_path=replica_path, restore_point_id=p.id)
+                )
+            except grpc.aio.AioRpcError as e:
+                if e.code() is not grpc.StatusCode.NOT_FOUND:
+                    raise
+            self.log.info("restore_point_deleted", restore_point_id=p.id, session=p.session_id, reason="orphan")
 
     async def _release(self, row: SessionVm) -> None:
         if row.checkpoint_id:

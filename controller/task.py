@@ -62,7 +62,8 @@ class ProxyLost(Exception):
     """The proxy no longer knows the transfer (it restarted): start it again."""
 
 
-def _transient(e: BaseException) -> bool:
+def transient(e: BaseException) -> bool:
+    """An agent call that failed because the agent is (for now) out of reach: worth asking again."""
     return isinstance(e, grpc.aio.AioRpcError) and e.code() in (
         grpc.StatusCode.UNAVAILABLE,
         grpc.StatusCode.DEADLINE_EXCEEDED,
@@ -129,7 +130,7 @@ class TaskRunner:
             started = TaskState(task.state) in (TaskState.STARTING, TaskState.RUNNING)
             # A disk already streaming stays resumable when its proxy is gone (none answers, or the watch
             # kept failing to connect): the target keeps what it made durable. One never started failed.
-            gone = isinstance(e, NoProxy) or _transient(e)
+            gone = isinstance(e, NoProxy) or transient(e)
             end = TaskState.RESUMABLE if gone and started else TaskState.FAILED
             await self._set(end, f"task {end}", error=message)
             return end
@@ -320,7 +321,7 @@ class TaskRunner:
         canceller = asyncio.create_task(self._cancel_on_stop(client, transfer_id))
         try:
             async for attempt in AsyncRetrying(
-                retry=retry_if_exception(_transient),
+                retry=retry_if_exception(transient),
                 wait=wait_exponential(multiplier=0.5, max=5),
                 stop=stop_after_delay(self.parts.proxy_lost_after),
                 reraise=True,
@@ -328,7 +329,7 @@ class TaskRunner:
                 with attempt:
                     return await self._watch(client, transfer_id)
         except grpc.aio.AioRpcError as e:
-            if not _transient(e):
+            if not transient(e):
                 raise
             # The proxy stayed unreachable: start the disk again on a proxy that answers (the target keeps
             # what it made durable, so it resumes); with none, the disk is left resumable.

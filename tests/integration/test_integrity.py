@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import sqlite3
 import time
 
 import pytest
 
 from protos.vmrepl.v1 import controller_pb2 as api
+from protos.vmrepl.v1 import target_pb2
 from tests.integration.conftest import qemu_identical
 from tests.integration.controller_env import ControllerEnv
 from vmrepl.extent import MiB
@@ -55,3 +57,23 @@ def test_tickets_expire_with_the_checkpoint_hold(ctl_raw: ControllerEnv) -> None
     assert accepted and {e["proxy"] for e in accepted} == {"proxy"}
     for e in accepted:
         assert started + 50 <= int(str(e["expires_unix"])) <= time.time() + 61, e
+
+
+def test_a_restore_point_only_the_target_has_is_deleted_by_the_next_commit(ctl_raw: ControllerEnv) -> None:
+    """Found by the chaos loop with power cuts: the target committed a point and went down before it
+    answered; the VM failed, so the database never recorded the point. The controller now asks again on a
+    transient error (same point back), and the next commit deletes any point the database does not know."""
+    ctl_raw.configure(vms=("vm1",))
+    assert ctl_raw.run_job().state == api.SESSION_STATE_SUCCEEDED
+    (orphan,) = ctl_raw.points()
+    db = sqlite3.connect(ctl_raw.work / "controller" / "controller.db")
+    with db:
+        db.execute("DELETE FROM restore_points")  # as if the answer to the commit had been lost
+    db.close()
+    assert ctl_raw.run_job().state == api.SESSION_STATE_SUCCEEDED
+    (point,) = ctl_raw.points()
+    vm_id = ctl_raw.vm("vm1").manifest.id
+    listed = ctl_raw.target_stub().ListRestorePoints(
+        target_pb2.ListRestorePointsRequest(replica_path=f"replicas/job1/{vm_id}")
+    )
+    assert [p.id for p in listed.restore_points] == [point.name.rsplit("/", 1)[1]] != [orphan.name]
