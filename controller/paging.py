@@ -95,10 +95,11 @@ def _value(column: InstrumentedAttribute[Any], raw: object) -> Any:
         return raw
     try:
         t = dt.datetime.fromisoformat(raw)
-    except ValueError as e:
+        # Stored as UTC (naive on SQLite, aware on PostgreSQL): compared as UTC either way. A time at the
+        # ends of the calendar with an offset has no UTC form (OverflowError): no reply made that token.
+        return t.astimezone(dt.UTC) if t.tzinfo else t.replace(tzinfo=dt.UTC)
+    except (ValueError, OverflowError) as e:
         raise InvalidArgument("page_token", _BAD_TOKEN) from e
-    # Stored as UTC (naive on SQLite, aware on PostgreSQL): compared as UTC either way.
-    return t.astimezone(dt.UTC) if t.tzinfo else t.replace(tzinfo=dt.UTC)
 
 
 def page_query(keyset: Keyset, *, limit: int, token: str, where: Any = None) -> Select[Any]:

@@ -76,6 +76,11 @@ class EngineParts:
     # How long an unreachable proxy's transfer is waited for before the task is left resumable.
     proxy_lost_after: float = 60.0
     guest: GuestProcessing = field(default_factory=NoGuestProcessing)
+    _checkpoint_locks: dict[str, asyncio.Lock] = field(default_factory=dict)
+
+    def checkpoint_lock(self, vm_id: str) -> asyncio.Lock:
+        """Orders checkpoint scans and creations of one VM across the sessions of this controller."""
+        return self._checkpoint_locks.setdefault(vm_id, asyncio.Lock())
 
 
 @dataclass(frozen=True, kw_only=True)

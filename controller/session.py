@@ -309,20 +309,49 @@ class VmRun:
 
     async def _take_checkpoint(self, row: SessionVm) -> None:
         # A crash between creating a checkpoint and recording it leaves an orphan: ours (providers list only
-        # checkpoints vmrepl made) and held by no one, so it goes before the new one is taken.
-        async with self.parts.journal.read() as db:
-            held = set(await db.scalars(select(HeldCheckpoint.checkpoint_id).where(HeldCheckpoint.vm_id == row.vm_id)))
-        for orphan in await self.sc.provider.list_checkpoints(row.vm_id):
-            if orphan.checkpoint_id not in held:
+        # checkpoints vmrepl made) and used by no one, so it goes before the new one is taken. A checkpoint
+        # another session (another job on this VM) is reading is no orphan: removing it would merge writes
+        # made after it into the disk under that session's transfer. One lock per VM id orders the scan,
+        # the creation and its record against other sessions of this controller.
+        async with self.parts.checkpoint_lock(row.vm_id):
+            in_use = await self._checkpoints_in_use(row)
+            for orphan in await self.sc.provider.list_checkpoints(row.vm_id):
+                if orphan.checkpoint_id in in_use:
+                    raise FailedPrecondition(
+                        f"VM {row.vm_name} has checkpoint {orphan.checkpoint_id} of {in_use[orphan.checkpoint_id]}:"
+                        " one job at a time replicates a VM, try again when it has ended"
+                    )
                 self.log.info("orphan_checkpoint_removed", checkpoint_id=orphan.checkpoint_id)
                 await self.sc.provider.remove_checkpoint(row.vm_id, orphan.checkpoint_id)
-        vm = await self.sc.provider.get_vm(row.vm_id)
-        await self.parts.guest.before_checkpoint(vm, self.sc.job.guest_processing)
-        cp = await self.sc.provider.create_checkpoint(row.vm_id)
-        await self.parts.guest.after_checkpoint(vm, self.sc.job.guest_processing)
-        self.checkpoint = cp
-        await self._set(VmState.TRANSFERRING, checkpoint_id=cp.checkpoint_id, checkpoint_reference=cp.reference)
+            vm = await self.sc.provider.get_vm(row.vm_id)
+            await self.parts.guest.before_checkpoint(vm, self.sc.job.guest_processing)
+            cp = await self.sc.provider.create_checkpoint(row.vm_id)
+            await self.parts.guest.after_checkpoint(vm, self.sc.job.guest_processing)
+            self.checkpoint = cp
+            await self._set(VmState.TRANSFERRING, checkpoint_id=cp.checkpoint_id, checkpoint_reference=cp.reference)
         self.log.info("checkpoint_created", checkpoint_id=cp.checkpoint_id, reference=cp.reference)
+
+    async def _checkpoints_in_use(self, row: SessionVm) -> dict[str, str]:
+        """The VM's checkpoints held for a resume or being read by a session that runs: id -> by whom."""
+        active = (SessionState.RUNNING.value, SessionState.STOPPING.value)
+        reading = (
+            select(SessionVm.checkpoint_id, Job.name)
+            .join(Session, Session.id == SessionVm.session_id)
+            .join(Job, Job.id == Session.job_id)
+            .where(
+                SessionVm.vm_id == row.vm_id,
+                SessionVm.id != row.id,
+                SessionVm.checkpoint_id != "",
+                SessionVm.state.not_in([s.value for s in FINAL_VM]),
+                Session.state.in_(active),
+            )
+        )
+        held = select(HeldCheckpoint.checkpoint_id, Job.name).join(Job, Job.id == HeldCheckpoint.job_id)
+        async with self.parts.journal.read() as db:
+            out = {cp: f"a running session of job {name}" for cp, name in (await db.execute(reading)).tuples()}
+            rows = (await db.execute(held.where(HeldCheckpoint.vm_id == row.vm_id))).tuples()
+            out.update({cp: f"job {name} (held for a resume)" for cp, name in rows})
+        return out
 
     async def _find_checkpoint(self, row: SessionVm) -> Checkpoint:
         if self.checkpoint is not None and self.checkpoint.checkpoint_id == row.checkpoint_id:
@@ -348,6 +377,7 @@ class VmRun:
         target = self.parts.agents.target(self.sc.target.address, self.sc.target.tls_server_name)
         replica_path = self.sc.replica_path(row.vm_id)
         disk_ids = [t.disk_id for t in await self._tasks(row)]
+        await self._check_checkpoint_kept(row)
         request = target_pb2.CommitRestorePointRequest(
             replica_path=replica_path, session_id=self.sc.session_id, checkpoint_id=row.checkpoint_id, disk_ids=disk_ids
         )
@@ -383,6 +413,15 @@ class VmRun:
         self.log.info("restore_point_committed", restore_point_id=point.id)
         await self._apply_retention(row, replica_path)
         await self._set(VmState.RELEASING)
+
+    async def _check_checkpoint_kept(self, row: SessionVm) -> None:
+        # The disks were read from the checkpoint: if it is gone (removed by someone else meanwhile, its
+        # overlay merged into the disks under the transfer), what was read is no consistent image.
+        if row.checkpoint_id not in {cp.checkpoint_id for cp in await self.sc.provider.list_checkpoints(row.vm_id)}:
+            raise FailedPrecondition(
+                f"checkpoint {row.checkpoint_id} of VM {row.vm_name} was removed while its disks were read: "
+                "no restore point is made from them"
+            )
 
     async def _apply_retention(self, row: SessionVm, replica_path: str) -> None:
         async with self.parts.journal.read() as db:

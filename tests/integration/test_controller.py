@@ -76,6 +76,9 @@ def test_retention_keeps_exactly_n_points_in_the_database_and_on_the_target(ctl_
 
 # An offset past any integer the database takes (it used to end as INTERNAL: OverflowError).
 HUGE_OFFSET = base64.urlsafe_b64encode(b"o:" + b"9" * 40).decode()
+# Well-formed keyset tokens whose time is a valid ISO date that no UTC time can hold (OverflowError).
+EARLIEST_IN_UTC = base64.urlsafe_b64encode(b'["sessions","0001-01-01T00:00:00+14:00","x"]').decode()
+LATEST_IN_UTC = base64.urlsafe_b64encode(b'["restorePoints","9999-12-31T23:59:59-14:00","x"]').decode()
 
 
 def _bad_calls(stub: Any, work: Path) -> list[tuple[str, Callable[[], Any]]]:
@@ -198,6 +201,13 @@ def _bad_calls(stub: Any, work: Path) -> list[tuple[str, Callable[[], Any]]]:
         ("page_token", lambda: stub.ListHosts(api.ListHostsRequest(page_token="garbage"))),
         ("page_token", lambda: stub.ListSessions(api.ListSessionsRequest(page_token=HUGE_OFFSET))),
         ("page_token", lambda: stub.ListTargets(api.ListTargetsRequest(page_token=HUGE_OFFSET))),
+        ("page_token", lambda: stub.ListSessions(api.ListSessionsRequest(page_token=EARLIEST_IN_UTC))),
+        (
+            "page_token",
+            lambda: stub.ListRestorePoints(
+                api.ListJobRestorePointsRequest(parent="jobs/job1", page_token=LATEST_IN_UTC)
+            ),
+        ),
         (
             "page_token",
             lambda: stub.ListJobs(api.ListJobsRequest(page_token=base64.urlsafe_b64encode(b"\xff").decode())),

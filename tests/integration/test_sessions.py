@@ -340,3 +340,29 @@ def test_the_backup_window_closing_stops_the_session_resumably(ctl_raw: Controll
     assert resumed.state == api.SESSION_STATE_SUCCEEDED, resumed.error
     assert {d.start for d in _disks(resumed).values()} == {"resume"}
     _identical(ctl_raw, ("vm1",))
+
+
+def test_a_second_job_on_a_vm_never_removes_the_checkpoint_a_running_session_reads(ctl_raw: ControllerEnv) -> None:
+    # Two jobs may replicate one VM (to different roots). job1 reads vm2 slowly; a guest write lands under
+    # its checkpoint (in the overlay), far ahead of what it has read; job2 starts on the VM meanwhile. It
+    # must not take job1's checkpoint for a crash's orphan and remove it: that merges the write into the
+    # disk under job1's transfer, and job1 "succeeds" with a replica that is no state the VM ever had.
+    ctl_raw.configure(job="job1", vms=("vm2",), bandwidth_limit_mbps=0.5, retries=0)
+    ctl_raw.configure(job="job2", vms=("vm2",), retries=0)
+    stub, vm = ctl_raw.client(), ctl_raw.vm("vm2")
+    before = ctl_raw.work / "before.raw"
+    before.write_bytes(vm.read_current("disk0", 0, vm.size("disk0")))
+    data = before.read_bytes()
+    last_data = max(o for o in range(0, len(data), MiB) if data[o : o + MiB].count(0) < MiB // 2)  # read, not a hole
+    first = stub.StartJob(api.StartJobRequest(name="jobs/job1"))
+    ctl_raw.wait_until(first.name, lambda s: bool(s.vms) and s.vms[0].state == "transferring")
+    vm.write("disk0", last_data, b"\xee" * 4096)
+    second = ctl_raw.wait_session(stub.StartJob(api.StartJobRequest(name="jobs/job2")).name)
+    assert second.state == api.SESSION_STATE_FAILED and "job job1" in second.vms[0].error, second.vms[0].error
+    done = ctl_raw.wait_session(first.name)
+    assert done.state == api.SESSION_STATE_SUCCEEDED, done.error
+    assert qemu_identical(before, ctl_raw.replica("vm2", job="job1")), "job1's replica is not its checkpoint"
+    assert not [e for e in ctl_raw.controller.events() if e.get("event") == "orphan_checkpoint_removed"]
+    assert vm.read_current("disk0", last_data, 4096) == b"\xee" * 4096  # the guest's write is kept
+    assert ctl_raw.run_job("job2").state == api.SESSION_STATE_SUCCEEDED  # once job1 has ended
+    assert qemu_identical(vm.image("disk0"), ctl_raw.replica("vm2", job="job2"))

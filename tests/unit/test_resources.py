@@ -69,6 +69,8 @@ def test_page_tokens_round_trip_and_anything_else_is_invalid_argument() -> None:
         b64(json.dumps(["sessions", t.isoformat()]).encode()),
         b64(json.dumps(["jobs", "web"]).encode()),  # another list's token
         b64(json.dumps(["sessions", 5, "x"]).encode()),
+        b64(json.dumps(["sessions", "0001-01-01T00:00:00+14:00", "x"]).encode()),  # no UTC time: OverflowError
+        b64(json.dumps(["sessions", "9999-12-31T23:59:59-14:00", "x"]).encode()),
         "A" * 2000,
     ]
     for token in bad:
