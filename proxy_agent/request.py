@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import os
+import stat
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,7 +15,7 @@ from proxy_agent.transfer import COMPARE, FULL, RANGES
 from vmrepl.block import Compression
 from vmrepl.errors import FailedPrecondition, InvalidArgument, PathError
 from vmrepl.extent import DEFAULT_BLOCK_SIZE, Extent, valid_block_size
-from vmrepl.names import check_name, check_relative, resolve_inside
+from vmrepl.names import check_name, check_relative
 from vmrepl.security.ticket import MAX_TICKET_BYTES
 
 MAX_RANGES = 1_000_000
@@ -31,13 +33,36 @@ _COMPRESSION = {
 
 
 def source_path(locator: str, roots: list[Path]) -> Path:
-    """The locator as a real path inside one of the proxy's source roots."""
+    """The locator, if it names a regular file inside one of the proxy's source roots through no symbolic
+    link. A link below a root is refused even when it points inside one: whoever can write a VM folder could
+    otherwise swap a disk image for a link to another VM's disk, or to the file provider's sealing key,
+    after the provider checked it and before the proxy reads it (a held checkpoint is read hours later)."""
     if not locator:
         raise InvalidArgument("source.locator", "is required")
     path = Path(locator)
     if not path.is_absolute():
         raise PathError("source.locator", "must be an absolute path")
-    return resolve_inside("source.locator", path, roots, what="the proxy's source roots")
+    path = Path(os.path.normpath(path))
+    for root in roots:
+        for base in dict.fromkeys((Path(os.path.normpath(root)), Path(os.path.realpath(root)))):
+            if base in path.parents:
+                _no_links_below(base, path)
+                return path
+    raise PathError("source.locator", "is outside the proxy's source roots")
+
+
+def _no_links_below(base: Path, path: Path) -> None:
+    at = base
+    for part in path.relative_to(base).parts:
+        at = at / part
+        try:
+            mode = os.lstat(at).st_mode
+        except OSError as e:
+            raise FailedPrecondition(f"source disk {path} cannot be read: {e.strerror}") from e
+        if stat.S_ISLNK(mode):
+            raise PathError("source.locator", f"passes through a symbolic link ({at}); links are not followed")
+    if not stat.S_ISREG(mode):
+        raise PathError("source.locator", f"{path} is not a regular file")
 
 
 def disk_format(req: proxy_pb2.StartDiskTransferRequest) -> str:

@@ -371,3 +371,22 @@ async def test_proxy_refuses_bad_start_requests(lab_env: Lab, tmp_path: Path) ->
     with pytest.raises(grpc.aio.AioRpcError) as err:
         await op.stub.StartDiskTransfer(proxy_pb2.StartDiskTransferRequest())
     assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
+
+
+async def test_proxy_follows_no_symbolic_link_in_its_source_roots(lab_env: Lab) -> None:
+    """Found in review: a disk image swapped for a link (to another VM's disk, or to the file provider's
+    sealing key, both inside the root) after the provider checked it was read through the link."""
+    from controller.disk_task import start_request
+
+    link = lab_env.image.parent / "swapped.raw"
+    link.symlink_to(lab_env.image)  # points inside the source root: still refused
+    linked_dir = lab_env.image.parent / "vmdir"
+    linked_dir.symlink_to(lab_env.image.parent, target_is_directory=True)
+    stub = lab_env.proxy_client().stub
+    for locator in (link, linked_dir / lab_env.image.name):
+        spec = lab_env.spec(f"p-{locator.parent.name}", source_locator=str(locator))
+        req = start_request(spec, target_address=lab_env.target.address, signing_key=lab_env.signing_key, proxy="proxy")
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await stub.StartDiskTransfer(req)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, locator
+        assert "symbolic link" in (err.value.details() or ""), err.value.details()
