@@ -291,6 +291,26 @@ def test_records_are_sealed_per_host_and_per_vm(small: Path, secret: Path) -> No
     assert key.stat().st_mode & 0o077 == 0 and len(key.read_bytes()) == 32
 
 
+def test_a_deleted_host_key_is_written_back_and_a_replaced_one_refused(small: Path) -> None:
+    """Found in review: with the key deleted under a running controller, new records were sealed with a key
+    no file held, and after a restart every VM with a checkpoint was refused, its overlay's acknowledged
+    guest writes stranded."""
+    p = FileHostProvider(small)
+    asyncio.run(p.create_checkpoint("a"))
+    key_dir = small / ".vmrepl-host"
+    shutil.rmtree(key_dir)
+    cp_b = asyncio.run(p.create_checkpoint("b"))  # sealing checks the file: the key is written back
+    fresh = FileHostProvider(small)  # as after a restart
+    assert len(asyncio.run(fresh.list_checkpoints("a"))) == 1
+    assert [c.checkpoint_id for c in asyncio.run(fresh.list_checkpoints("b"))] == [cp_b.checkpoint_id]
+    (key_dir / "checkpoint.key").write_bytes(os.urandom(32))
+    with pytest.raises(FailedPrecondition, match="changed while vmrepl was running"):
+        asyncio.run(p.remove_checkpoint("b", cp_b.checkpoint_id))
+    shutil.rmtree(key_dir)
+    with pytest.raises(FailedPrecondition, match=r"or its key was deleted.*put it back from a backup"):
+        asyncio.run(FileHostProvider(small).list_checkpoints("a"))
+
+
 def test_an_overlay_swapped_for_a_link_is_refused_at_merge(small: Path, secret: Path, tmp_path: Path) -> None:
     p = FileHostProvider(small)
     vm = p.vm("a")

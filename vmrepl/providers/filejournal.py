@@ -77,15 +77,33 @@ class HostKey:
                 self._key = self._load(create=create)
             return self._key
 
-    def _load(self, *, create: bool) -> bytes | None:
+    def _current(self) -> bytes:
+        """The key to seal with, checked against the file: one deleted while vmrepl runs is written back
+        (every record sealed so far needs it, and a guest's acknowledged writes live in their overlays);
+        one replaced is refused."""
+        with self._lock:
+            if self._key is None:
+                self._key = self._load(create=True)
+            elif (on_disk := self._load(create=False, restore=self._key)) != self._key:
+                raise FailedPrecondition(
+                    f"{self.root / HOST_DIR / KEY_FILE} changed while vmrepl was running: refused (put back the "
+                    "key vmrepl made; records sealed with another key cannot be checked)"
+                    if on_disk is not None
+                    else f"cannot write back {self.root / HOST_DIR / KEY_FILE}"
+                )
+            if self._key is None:  # _load(create=True) makes one or raises
+                raise FailedPrecondition(f"no checkpoint key in {self.root / HOST_DIR}")
+            return self._key
+
+    def _load(self, *, create: bool, restore: bytes | None = None) -> bytes | None:
         with Folder.open(self.root) as top:
-            d = top.child(HOST_DIR, create=True) if create else top.maybe_child(HOST_DIR)
+            d = top.child(HOST_DIR, create=True) if create or restore else top.maybe_child(HOST_DIR)
             if d is None:
                 return None
             with d:
                 _check_private(d.fd, d.path, mode_mask=0o022)
-                if create and not d.exists(KEY_FILE):
-                    _make_key(d)
+                if (create or restore) and not d.exists(KEY_FILE):
+                    _make_key(d, restore)
                 try:
                     fd = d.open_file(KEY_FILE, own=True)
                 except FileNotFoundError:
@@ -100,9 +118,7 @@ class HostKey:
         return key
 
     def seal(self, record: CheckpointRecord) -> bytes:
-        key = self.get(create=True)
-        if key is None:  # get(create=True) makes one or raises
-            raise FailedPrecondition(f"no checkpoint key in {self.root / HOST_DIR}")
+        key = self._current()
         return json.dumps({"record": record.model_dump(), "seal": _mac(key, record)}).encode()
 
     def open(self, data: bytes, *, where: Path, vm_id: str) -> CheckpointRecord:
@@ -116,7 +132,11 @@ class HostKey:
 
         key = self.get(create=False)
         if key is None:
-            raise refuse(f"vmrepl has sealed no checkpoint on this host: no {HOST_DIR}/{KEY_FILE}")
+            raise FailedPrecondition(
+                f"{where} was not written by vmrepl, or its key was deleted: there is no host checkpoint key "
+                f"{self.root / HOST_DIR / KEY_FILE}. If it was deleted, put it back from a backup; removing "
+                f"{where.parent} takes checkpoints again but discards the guest writes its overlays hold"
+            )
         try:
             sealed = _Sealed.model_validate_json(data)
         except ValidationError as e:
@@ -128,13 +148,13 @@ class HostKey:
         return sealed.record
 
 
-def _make_key(d: Folder) -> None:
-    """Write a new key under a temporary name and link it into place: of two processes making one at once,
-    one wins and both use its key."""
+def _make_key(d: Folder, key: bytes | None = None) -> None:
+    """Write a new key (or `key` back) under a temporary name and link it into place: of two processes
+    making one at once, one wins and both use its key."""
     tmp = f"{KEY_FILE}.{os.getpid()}.{secrets.token_hex(4)}"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600, dir_fd=d.fd)
     try:
-        os.write(fd, secrets.token_bytes(_KEY_BYTES))
+        os.write(fd, key or secrets.token_bytes(_KEY_BYTES))
         os.fsync(fd)
     finally:
         os.close(fd)
