@@ -422,6 +422,9 @@ def _webhook(w: api.Webhook, secrets: SecretBox, *, current: dict[str, Any] | No
         valid = False
     if not valid or any(ord(c) < 32 or ord(c) == 127 for c in w.url):
         raise InvalidArgument("job.webhook.url", "must be an http or https URL, up to 2048 characters")
+    if w.url.endswith("/…"):
+        # A shown (redacted) URL copied from another job: storing it would drop the credentials silently.
+        raise InvalidArgument("job.webhook.url", "is a redacted URL as replies show it; give the full URL")
     return {
         "sealed_url": secrets.seal(w.url).decode("ascii"),
         "shown_url": redact_url(w.url),

@@ -46,6 +46,9 @@ def test_a_webhook_is_stored_sealed_and_a_shown_url_sent_back_keeps_it() -> None
     for bad in ("ftp://h/x", "https://h:99999/", "https://h/\x00", "http:///nohost", "https://h/" + "x" * 2048):
         with pytest.raises(InvalidArgument, match=r"^job\.webhook\.url:"):
             res._webhook(api.Webhook(url=bad), box, current=None)
+    # A shown URL copied into another job (found in review): it would lose the credentials silently.
+    with pytest.raises(InvalidArgument, match="redacted URL"):
+        res._webhook(api.Webhook(url=stored["shown_url"]), box, current=None)
 
 
 def b64(raw: bytes) -> str:
