@@ -297,6 +297,19 @@ class Receiver:
         # The proxy half-closed without a final batch (it was cancelled): keep what arrived.
         await _put(queue, None, writer)
 
+    async def _apply(self, stream: ReplicaStream, extents: list[CheckedExtent], silence: Silence) -> tuple[float, int]:
+        """Write one batch; (seconds it took, data bytes)."""
+        t0 = time.perf_counter()
+        await asyncio.to_thread(stream.apply, extents)
+        if self._write_delay:
+            await asyncio.sleep(self._write_delay)
+        silence.touch()
+        spent = time.perf_counter() - t0
+        metrics.WRITE_BUSY.inc(spent)
+        data = sum(e.length for e in extents if e.kind == DATA)
+        metrics.BYTES.labels("data").inc(data)
+        return spent, data
+
     async def _write_loop(
         self, stream: ReplicaStream, queue: asyncio.Queue[Queued], context: Any, ack_every: int, silence: Silence
     ) -> None:
@@ -329,18 +342,8 @@ class Receiver:
                 item = await queue.get()
                 if item is not None:
                     last, extents = item
-                    t0 = time.perf_counter()
-                    await asyncio.to_thread(stream.apply, extents)
-                    if self._write_delay:
-                        await asyncio.sleep(self._write_delay)
-                    silence.touch()
-                    spent = time.perf_counter() - t0
-                    busy += spent
-                    metrics.WRITE_BUSY.inc(spent)
-                    data = sum(e.length for e in extents if e.kind == DATA)
-                    metrics.BYTES.labels("data").inc(data)
-                    received += data
-                    pending += 1
+                    spent, data = await self._apply(stream, extents, silence)
+                    busy, received, pending = busy + spent, received + data, pending + 1
                 final = last is not None and last.final
                 if last is not None and pending and (final or item is None or pending >= ack_every):
                     if inflight is not None:

@@ -91,6 +91,18 @@ def stage_summary(r: proxy_pb2.TransferProgress) -> dict[str, float]:
     }
 
 
+def bench_spec(session: str, image: Path, size: int, change: proxy_pb2.ChangeSource | None) -> DiskTaskSpec:
+    return DiskTaskSpec(
+        session_id=session,
+        checkpoint_id=f"cp-{session}",
+        disk_id="disk0",
+        source_locator=str(image),
+        disk_size=size,
+        replica_path="bench/vm1",
+        change_source=change or proxy_pb2.ChangeSource(full=proxy_pb2.FullRead()),
+    )
+
+
 async def run_agents(
     work: Path, certs: lab.LabCerts, image: Path, size: int, out: dict[str, object], *, rsync_dest: Path
 ) -> None:
@@ -113,15 +125,7 @@ async def run_agents(
     }
 
     def spec(session: str, change: proxy_pb2.ChangeSource | None = None) -> DiskTaskSpec:
-        return DiskTaskSpec(
-            session_id=session,
-            checkpoint_id=f"cp-{session}",
-            disk_id="disk0",
-            source_locator=str(image),
-            disk_size=size,
-            replica_path="bench/vm1",
-            change_source=change or proxy_pb2.ChangeSource(full=proxy_pb2.FullRead()),
-        )
+        return bench_spec(session, image, size, change)
 
     try:
         with RssSampler([target.proc.pid, proxy.proc.pid]) as rss:

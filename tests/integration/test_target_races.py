@@ -79,6 +79,27 @@ def vouching(disk: Path) -> list[int]:
     return out
 
 
+async def next_session_digests(target: lab.AgentProcess, lab_certs: lab.LabCerts, *, disk_size: int) -> bytes:
+    """Prepare the disk for a next session and read its digests, as a digest comparison does."""
+    client = target_client(target.address, tls(lab_certs, "controller"))
+    try:
+        await client.stub.PrepareReplicaDisk(
+            target_pb2.PrepareReplicaDiskRequest(
+                replica_path=PATH,
+                disk_id="disk0",
+                disk_size=disk_size,
+                block_size=BS,
+                session_id=SESSION + "-next",
+                checkpoint_id=CHECKPOINT + "-next",
+            ),
+            timeout=10,
+        )
+        request = target_pb2.ReadDigestsRequest(replica_path=PATH, disk_id="disk0")
+        return b"".join([c.digests async for c in client.stub.ReadDigests(request, timeout=10)])
+    finally:
+        await client.close()
+
+
 async def test_a_prepare_while_an_older_stream_still_writes_leaves_no_digest_to_vouch_after_a_power_cut(
     start_target: StartTarget,  # noqa: F811  (the fixture imported above)
     lab_certs: lab.LabCerts,
@@ -118,28 +139,6 @@ async def test_a_prepare_while_an_older_stream_still_writes_leaves_no_digest_to_
             f.write(bytes(BS))
     target.start()
     # The next session prepares the disk and reads its digests, as a digest comparison does.
-    client = target_client(target.address, tls(lab_certs, "controller"))
-    try:
-        await client.stub.PrepareReplicaDisk(
-            target_pb2.PrepareReplicaDiskRequest(
-                replica_path=PATH,
-                disk_id="disk0",
-                disk_size=disk_size,
-                block_size=BS,
-                session_id=SESSION + "-next",
-                checkpoint_id=CHECKPOINT + "-next",
-            ),
-            timeout=10,
-        )
-        table = b"".join(
-            [
-                c.digests
-                async for c in client.stub.ReadDigests(
-                    target_pb2.ReadDigestsRequest(replica_path=PATH, disk_id="disk0"), timeout=10
-                )
-            ]
-        )
-    finally:
-        await client.close()
+    table = await next_session_digests(target, lab_certs, disk_size=disk_size)
     assert table == (disk / "digests.bin").read_bytes()
     assert vouching(disk) == [], f"digests vouch for blocks the power cut lost (late writes: {late})"
