@@ -16,6 +16,7 @@ import grpc
 from controller import lab
 from controller.agents import target_client
 from protos.vmrepl.v1 import target_pb2
+from tests.integration import test_transfer_admission as admission
 from tests.integration.test_transfer_admission import (  # noqa: F401  (start_target is a fixture)
     BS,
     CHECKPOINT,
@@ -28,7 +29,6 @@ from tests.integration.test_transfer_admission import (  # noqa: F401  (start_ta
     start_target,
     tls,
 )
-from vmrepl.batch import DATA, RAW, encode_batch
 from vmrepl.block import DIGEST_SIZE, digest, is_zero, zero_digest
 
 PATH = "jobs/race"
@@ -37,16 +37,7 @@ BLOCKS = 16
 
 def block_frame(seq: int, data: bytes) -> bytes:
     """Batch `seq` of a one-block-per-batch stream: block `seq` holds `data`."""
-    ext = target_pb2.Extent(offset=seq * BS, length=BS, kind=DATA, encoding=RAW, stored_size=BS, digest=digest(data))
-    hdr = target_pb2.BatchHeader(
-        seq=seq,
-        start_offset=seq * BS,
-        end_offset=(seq + 1) * BS,
-        extents=[ext],
-        payload_size=BS,
-        final=seq == BLOCKS - 1,
-    )
-    return encode_batch(hdr, [data])
+    return admission.block_frame(seq, data, blocks=BLOCKS)
 
 
 def disk_dir(target: lab.AgentProcess) -> Path:

@@ -124,6 +124,20 @@ def open_frame(
     )
 
 
+def block_frame(seq: int, data: bytes, *, blocks: int) -> bytes:
+    """Batch `seq` of a one-block-per-batch stream over `blocks` blocks: block `seq` holds `data`."""
+    ext = target_pb2.Extent(offset=seq * BS, length=BS, kind=DATA, encoding=RAW, stored_size=BS, digest=digest(data))
+    hdr = target_pb2.BatchHeader(
+        seq=seq,
+        start_offset=seq * BS,
+        end_offset=(seq + 1) * BS,
+        extents=[ext],
+        payload_size=BS,
+        final=seq == blocks - 1,
+    )
+    return encode_batch(hdr, [data])
+
+
 async def open_stream(ch: grpc.aio.Channel, first: bytes) -> tuple[Any, target_pb2.TransferResponse]:
     """Open a stream and return it with the target's first answer (an accept, or the reason it refused)."""
     call = open_call(ch)
@@ -506,21 +520,9 @@ async def test_a_proxy_waiting_for_a_slow_target_is_not_silent(
     disk_size = blocks * BS
     await prepare_disks(target, lab_certs, ["jobs/slow"], disk_size=disk_size)
     data = os.urandom(BS)
-    extent_digest = digest(data)
 
     def frame(seq: int) -> bytes:
-        ext = target_pb2.Extent(
-            offset=seq * BS, length=BS, kind=DATA, encoding=RAW, stored_size=BS, digest=extent_digest
-        )
-        hdr = target_pb2.BatchHeader(
-            seq=seq,
-            start_offset=seq * BS,
-            end_offset=(seq + 1) * BS,
-            extents=[ext],
-            payload_size=BS,
-            final=seq == blocks - 1,
-        )
-        return encode_batch(hdr, [data])
+        return block_frame(seq, data, blocks=blocks)
 
     window = 8
     async with channel(target.address, tls(lab_certs, "proxy")) as ch:
