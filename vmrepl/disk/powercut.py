@@ -39,6 +39,7 @@ class Journal:
         self._fd = os.open(directory / name, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
         self._lock = threading.Lock()
         self._pending: dict[str, set[int]] = {}
+        self._synced: set[str] = set()
 
     def before_write(self, fd: int, path: str, offset: int, length: int) -> None:
         """Record the pre-images of the pages [offset, offset+length) touches that are not yet recorded."""
@@ -54,11 +55,19 @@ class Journal:
                     self._record(_WRITE, path, page * PAGE, old)
 
     def synced(self, path: str) -> None:
+        """`path` was flushed: every unflushed write to it is durable now, this process's and those of
+        earlier processes (killed with the writes still in the page cache) alike."""
         with self._lock:
-            if self._pending.pop(path, None):
+            self._synced.add(path)
+            self._pending.pop(path, None)
+            if self._pending:
                 self._record(_SYNC, path, 0, b"")
-            if not self._pending:  # every page it holds is durable now: it only needs to grow from here
-                os.ftruncate(self._fd, 0)
+                return
+            # Nothing of this process is pending: start the journal afresh, keeping only what later
+            # journals must still say to earlier ones (which files this process has flushed).
+            os.ftruncate(self._fd, 0)
+            for name in sorted(self._synced):
+                self._record(_SYNC, name, 0, b"")
 
     def _record(self, kind: bytes, path: str, offset: int, data: bytes) -> None:
         raw = path.encode()
