@@ -171,6 +171,16 @@ class SessionRun:
         return state
 
 
+async def _delete_point(target: AgentClient, replica_path: str, point_id: str) -> None:
+    try:
+        await target.stub.DeleteRestorePoint(
+            target_pb2.DeleteRestorePointRequest(replica_path=replica_path, restore_point_id=point_id)
+        )
+    except grpc.aio.AioRpcError as e:
+        if e.code() is not grpc.StatusCode.NOT_FOUND:  # NOT_FOUND: deleted before a crash
+            raise
+
+
 def held_checkpoint(job_id: str, vm_id: str) -> Select[Any]:
     """The checkpoint of a VM the job holds for disks left to resume (at most one: unique per job and VM)."""
     return select(HeldCheckpoint).where(HeldCheckpoint.job_id == job_id, HeldCheckpoint.vm_id == vm_id)
@@ -435,13 +445,7 @@ class VmRun:
         target = self.parts.agents.target(self.sc.target.address, self.sc.target.tls_server_name)
         await self._delete_orphans(target, replica_path, {p.id for p in points})
         for point_id in points_to_delete([(p.id, p.created_at) for p in points], self.sc.job.keep):
-            try:
-                await target.stub.DeleteRestorePoint(
-                    target_pb2.DeleteRestorePointRequest(replica_path=replica_path, restore_point_id=point_id)
-                )
-            except grpc.aio.AioRpcError as e:
-                if e.code() is not grpc.StatusCode.NOT_FOUND:  # NOT_FOUND: deleted before a crash
-                    raise
+            await _delete_point(target, replica_path, point_id)
             async with self.parts.journal.change("restore point deleted", vm=row.vm_id, point=point_id) as db:
                 await db.execute(delete(RestorePoint).where(RestorePoint.id == point_id))
             self.log.info("restore_point_deleted", restore_point_id=point_id, reason="retention")
@@ -453,13 +457,7 @@ class VmRun:
         for p in listed.restore_points:
             if p.id in known:
                 continue
-            try:
-                await target.stub.DeleteRestorePoint(
-                    target_pb2.DeleteRestorePointRequest(replica_path=replica_path, restore_point_id=p.id)
-                )
-            except grpc.aio.AioRpcError as e:
-                if e.code() is not grpc.StatusCode.NOT_FOUND:
-                    raise
+            await _delete_point(target, replica_path, p.id)
             self.log.info("restore_point_deleted", restore_point_id=p.id, session=p.session_id, reason="orphan")
 
     async def _release(self, row: SessionVm) -> None:

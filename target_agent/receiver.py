@@ -159,12 +159,12 @@ class Receiver:
             await _refuse(context, e)
             raise
         try:
-            await self._serve(requests, context)
+            await self._serve(peer, requests, context)
         finally:
             self._slots.give(peer)
             await _close(requests)
 
-    async def _serve(self, requests: AsyncIterator[bytes], context: Any) -> None:
+    async def _serve(self, peer: str, requests: AsyncIterator[bytes], context: Any) -> None:
         """On failure tell the proxy in-band, drain what it still sends, and re-raise for the status."""
         try:
             first = await self._read_open(requests)
@@ -172,7 +172,7 @@ class Receiver:
             await _refuse(context, e)
             raise
         try:
-            await self._run(first, requests, context)
+            await self._run(peer, first, requests, context)
         except asyncio.CancelledError:
             raise
         except Exception as e:
@@ -191,8 +191,8 @@ class Receiver:
             raise BatchError("open", f"the open message has {len(first)} bytes, more than {MAX_OPEN_BYTES}")
         return first
 
-    async def _run(self, first: bytes, requests: AsyncIterator[bytes], context: Any) -> None:
-        peer, _ = peer_identity(context)  # its role was checked (the roles table) before anything was read
+    async def _run(self, peer: str, first: bytes, requests: AsyncIterator[bytes], context: Any) -> None:
+        """`peer`: the caller's certificate name (its role was checked by the roles table before any read)."""
         frame = decode_frame(first)
         if frame.open is None:
             raise BatchError("open", "the first message of a stream must be open")

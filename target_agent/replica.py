@@ -66,6 +66,14 @@ class DiskState:
     # A transfer from this checkpoint failed sampled verification: its changed ranges are not to be trusted.
     tracking_failed: bool = False
 
+    def cover(self, end: int) -> bool:
+        """Move the frontier to cover writes up to `end`, a step past the committed offset so few writes
+        need a move of their own; True if it moved (the caller saves the state before writing)."""
+        if end <= self.frontier:
+            return False
+        self.frontier = min(self.disk_size, max(end, self.committed_offset + FRONTIER_STEP))
+        return True
+
     def uncertain(self) -> tuple[int, int]:
         """[lo, hi): where a crash may have left data that differs from its digests."""
         if self.state in DURABLE_STATES:
@@ -211,8 +219,7 @@ def _refuse_committed(old: DiskState | None, name: str, *, session_id: str, chec
         and (old.session_id, old.checkpoint_id) == (session_id, checkpoint_id)
     ):
         raise FailedPrecondition(
-            f"replica disk {name}: a restore point already holds session {session_id}'s transfer; it is never "
-            "written again"
+            f"replica disk {name}: a restore point holds session {session_id}'s transfer; it is never written again"
         )
 
 
@@ -298,8 +305,7 @@ def check_stream(
             f"replica disk {name} was prepared with size {st.disk_size} and block size "
             f"{st.block_size}, the stream says {disk_size} and {block_size}"
         )
-    if st.state == COMMITTED:
-        raise FailedPrecondition(f"replica disk {name}: a restore point holds session {session_id}'s transfer")
+    _refuse_committed(st, name, session_id=session_id, checkpoint_id=checkpoint_id)
     if pass_number > MAX_PASS:
         raise FailedPrecondition(f"pass {pass_number} is past the last pass ({MAX_PASS})")
     if pass_number < st.pass_number:
@@ -327,27 +333,26 @@ class ReplicaStream:
     ) -> None:
         self.disk_dir = disk_dir
         self._guard = guard
-        load_state(disk_dir)  # NotFound for a disk never prepared, before any file is opened
-        self._writer = RawWriter(disk_dir / DATA_FILE)
-        self._digests = DigestStore(disk_dir / DIGESTS_FILE, block_size=block_size, disk_size=disk_size)
-        try:
-            with guard.lock:  # checked and claimed at once, so a restore point commit cannot slip between
-                st = load_state(disk_dir)
-                check_stream(
-                    st,
-                    disk_dir.name,
-                    session_id=session_id,
-                    checkpoint_id=checkpoint_id,
-                    disk_size=disk_size,
-                    block_size=block_size,
-                    pass_number=pass_number,
-                )
+        with guard.lock:  # checked and claimed at once, so a restore point commit cannot slip between
+            st = load_state(disk_dir)  # NotFound for a disk never prepared, before any file is opened
+            check_stream(
+                st,
+                disk_dir.name,
+                session_id=session_id,
+                checkpoint_id=checkpoint_id,
+                disk_size=disk_size,
+                block_size=block_size,
+                pass_number=pass_number,
+            )
+            self._writer = RawWriter(disk_dir / DATA_FILE)
+            self._digests = DigestStore(disk_dir / DIGESTS_FILE, block_size=block_size, disk_size=disk_size)
+            try:
                 self._open_pass(st, pass_number, fresh=guard.fresh)
-                self._generation = guard.claim_locked()
-        except BaseException:
-            self._writer.close()
-            self._digests.close()
-            raise
+            except BaseException:
+                self._writer.close()
+                self._digests.close()
+                raise
+            self._generation = guard.claim_locked()
         self.state = st
         self.session_digest = SessionDigest(bytes.fromhex(st.session_digest))
         self._written = st.bytes_written
@@ -405,10 +410,8 @@ class ReplicaStream:
 
     def _cover(self, end: int) -> None:
         """Make the frontier cover `end` durably before anything is written below it (call under the lock)."""
-        st = self.state
-        if end > st.frontier:
-            st.frontier = min(st.disk_size, max(end, st.committed_offset + FRONTIER_STEP))
-            save_state(self.disk_dir, st)
+        if self.state.cover(end):
+            save_state(self.disk_dir, self.state)
 
     def mark(self, offset: int, *, final: bool) -> CommitPoint:
         """What a commit made now would record: call after applying the batch that ends at `offset`."""
@@ -429,8 +432,7 @@ class ReplicaStream:
             st = self.state
             st.committed_offset, st.session_digest, st.bytes_written = point.offset, point.digest, point.written
             st.state = COMPLETE if point.final else RECEIVING
-            if st.frontier < point.offset + FRONTIER_STEP // 2:  # moved with the commit: no extra save
-                st.frontier = min(st.disk_size, max(st.frontier, point.offset + FRONTIER_STEP))
+            st.cover(point.offset + FRONTIER_STEP // 2)  # moved with the commit: no extra save while streaming
             save_state(self.disk_dir, st)
         return st
 
