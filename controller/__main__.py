@@ -22,13 +22,13 @@ from controller.runtime import EngineParts
 from controller.scheduler import Scheduler, utc_now
 from controller.session_log import SessionLogHandler
 from controller.slots import SlotBoard
-from protos.vmrepl.v1 import controller_pb2
 from vmrepl.call_limits import CallLimits
 from vmrepl.daemon import run_daemon, serve_services
 from vmrepl.logs import get_logger
 from vmrepl.metrics import serve_metrics
 from vmrepl.rpc import Service
 from vmrepl.security.ticket import load_signing_key
+from vmrepl.v1 import controller_pb2
 
 log = get_logger("vmrepl.controller")
 

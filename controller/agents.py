@@ -9,9 +9,9 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from tenacity import AsyncRetrying, retry_if_result, stop_after_delay, wait_exponential
 
-from protos.vmrepl.v1 import proxy_pb2_grpc, target_pb2_grpc
 from vmrepl.config import TlsSettings
 from vmrepl.rpc import secure_channel
+from vmrepl.v1 import proxy_pb2_grpc, target_pb2_grpc
 
 # How long a session start waits for its target to answer (a target restarted a second ago is still starting).
 READY_WITHIN_SECONDS = 20.0

@@ -36,11 +36,11 @@ from controller.providers import check_host
 from controller.runtime import LiveProgress
 from controller.session_log import read_session_log
 from controller.sessions_view import log_entry, session_msg
-from protos.vmrepl.v1 import controller_pb2 as api
-from protos.vmrepl.v1 import controller_pb2_grpc
 from vmrepl.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from vmrepl.rpc import handle_errors
 from vmrepl.security.tls import require_role
+from vmrepl.v1 import controller_pb2 as api
+from vmrepl.v1 import controller_pb2_grpc
 
 READ = ("operator", "reader")
 WRITE = ("operator",)

@@ -25,10 +25,10 @@ from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TaskID, TextColumn
 from rich.table import Table
 
-from protos.vmrepl.v1 import controller_pb2 as api
-from protos.vmrepl.v1 import controller_pb2_grpc
 from vmrepl.config import TlsSettings
 from vmrepl.security.tls import channel_credentials
+from vmrepl.v1 import controller_pb2 as api
+from vmrepl.v1 import controller_pb2_grpc
 
 app = typer.Typer(help="vmrepl: VM replication. Talks to vmrepl-controller over mTLS.", no_args_is_help=True)
 infra = typer.Typer(help="Credentials, hosts, proxies and targets.", no_args_is_help=True)

@@ -14,9 +14,9 @@ from dataclasses import dataclass, field
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from controller.agents import AgentClient
-from protos.vmrepl.v1 import common_pb2, proxy_pb2, target_pb2
 from vmrepl.errors import FailedPrecondition, TransferError
 from vmrepl.security.ticket import sign_ticket
+from vmrepl.v1 import common_pb2, proxy_pb2, target_pb2
 
 TICKET_TTL = 24 * 3600.0  # the longest a ticket lives; a checkpoint's hold deadline cuts it shorter
 

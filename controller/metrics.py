@@ -10,8 +10,8 @@ from sqlalchemy import func, select
 from controller.db.models import Session, Task
 from controller.journal import Journal
 from controller.states import SessionState, TaskState
-from protos.vmrepl.v1 import proxy_pb2
 from vmrepl.metrics import count_transfer
+from vmrepl.v1 import proxy_pb2
 
 SESSIONS = Gauge("vmrepl_sessions", "Sessions in the database, by state", ["state"])
 TASKS = Gauge(

@@ -24,10 +24,10 @@ from controller.db.models import Credential, Host, Job, JobVm, Proxy, Target
 from controller.db.secrets import SecretBox
 from controller.providers import PROVIDERS
 from controller.schedule import parse_schedule
-from protos.vmrepl.v1 import controller_pb2 as api
 from vmrepl.errors import InvalidArgument, NotFound
 from vmrepl.extent import valid_block_size
 from vmrepl.names import check_relative
+from vmrepl.v1 import controller_pb2 as api
 
 _ID = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
 _ADDRESS = re.compile(r"^[A-Za-z0-9._\-\[\]:]+:\d{1,5}$")

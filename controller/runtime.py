@@ -12,10 +12,10 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 from controller.agents import AgentPool
 from controller.journal import Journal
 from controller.slots import SlotBoard
-from protos.vmrepl.v1 import proxy_pb2
 from vmrepl.errors import FailedPrecondition, PathError
 from vmrepl.names import check_name
 from vmrepl.providers.base import Provider, VmInfo
+from vmrepl.v1 import proxy_pb2
 
 
 class GuestProcessing(Protocol):

@@ -39,10 +39,10 @@ from controller.states import (
     vm_after_transfers,
 )
 from controller.task import TaskRunner, transient
-from protos.vmrepl.v1 import target_pb2
 from vmrepl.errors import FailedPrecondition, NotFound, VmreplError
 from vmrepl.logs import get_logger
 from vmrepl.providers.base import Checkpoint, VmInfo
+from vmrepl.v1 import target_pb2
 
 log = get_logger("vmrepl.controller.session")
 ERRORS = (VmreplError, grpc.aio.AioRpcError)

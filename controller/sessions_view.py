@@ -10,9 +10,9 @@ from typing import Any
 from controller.db.models import Session, SessionVm, Task
 from controller.resources import timestamp
 from controller.statistics import Shares, compression_ratio, rate, shares
-from protos.vmrepl.v1 import controller_pb2 as api
-from protos.vmrepl.v1 import proxy_pb2
 from vmrepl.progress import busy as progress_busy
+from vmrepl.v1 import controller_pb2 as api
+from vmrepl.v1 import proxy_pb2
 
 SESSION_STATES = {
     "running": api.SESSION_STATE_RUNNING,

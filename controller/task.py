@@ -38,11 +38,11 @@ from controller.states import (
     choose_change,
     reconcile_task,
 )
-from protos.vmrepl.v1 import common_pb2, proxy_pb2, target_pb2
 from vmrepl.errors import FailedPrecondition, VmreplError
 from vmrepl.logs import get_logger
 from vmrepl.progress import busy
 from vmrepl.providers.base import Checkpoint
+from vmrepl.v1 import common_pb2, proxy_pb2, target_pb2
 
 log = get_logger("vmrepl.controller.task")
 

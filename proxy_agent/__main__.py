@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from protos.vmrepl.v1 import proxy_pb2
 from proxy_agent.config import ProxySettings
 from proxy_agent.servicer import ProxyAgentServicer
 from vmrepl.daemon import run_daemon, serve_services
 from vmrepl.metrics import serve_metrics
 from vmrepl.rpc import Service
+from vmrepl.v1 import proxy_pb2
 
 
 async def serve(settings: ProxySettings) -> None:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from prometheus_client import Counter, Gauge
 
-from protos.vmrepl.v1 import proxy_pb2
 from vmrepl.metrics import count_transfer
+from vmrepl.v1 import proxy_pb2
 
 TRANSFERS_RUNNING = Gauge("vmrepl_proxy_transfers_running", "Disk transfers streaming now")
 TRANSFERS_ENDED = Counter("vmrepl_proxy_transfers_ended_total", "Disk transfers ended, by final state", ["state"])

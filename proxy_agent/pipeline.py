@@ -20,12 +20,12 @@ from collections.abc import AsyncGenerator, Iterator
 from concurrent.futures import Executor
 from dataclasses import dataclass
 
-from protos.vmrepl.v1 import target_pb2
 from proxy_agent.plan import PlannedBatch
 from vmrepl.batch import DATA, LZ4, RAW, ZERO, SessionDigest, encode_batch
 from vmrepl.block import DIGEST_SIZE, Compression, compress, digest, is_zero, zero_digest
 from vmrepl.disk.base import DiskReader
 from vmrepl.extent import Extent, split_blocks
+from vmrepl.v1 import target_pb2
 
 
 @dataclass(slots=True)

@@ -9,7 +9,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from protos.vmrepl.v1 import common_pb2, proxy_pb2
 from proxy_agent.plan import Plan, make_plan
 from proxy_agent.transfer import COMPARE, FULL, RANGES
 from vmrepl.block import Compression
@@ -17,6 +16,7 @@ from vmrepl.errors import FailedPrecondition, InvalidArgument, PathError
 from vmrepl.extent import DEFAULT_BLOCK_SIZE, Extent, valid_block_size
 from vmrepl.names import check_name, check_relative
 from vmrepl.security.ticket import MAX_TICKET_BYTES
+from vmrepl.v1 import common_pb2, proxy_pb2
 
 MAX_RANGES = 1_000_000
 _FORMATS = {

@@ -9,7 +9,6 @@ from collections import OrderedDict
 from collections.abc import AsyncIterator
 from typing import Any
 
-from protos.vmrepl.v1 import proxy_pb2, proxy_pb2_grpc
 from proxy_agent import metrics
 from proxy_agent import request as rq
 from proxy_agent import stats as st
@@ -23,6 +22,7 @@ from vmrepl.logs import get_logger
 from vmrepl.names import check_name
 from vmrepl.rpc import handle_errors, secure_channel
 from vmrepl.security.tls import certificate_identity, require_role
+from vmrepl.v1 import proxy_pb2, proxy_pb2_grpc
 
 log = get_logger("vmrepl.proxy")
 WATCH_INTERVAL = 0.25

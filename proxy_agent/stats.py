@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-from protos.vmrepl.v1 import proxy_pb2
+from vmrepl.v1 import proxy_pb2
 
 RUNNING = proxy_pb2.TRANSFER_STATE_RUNNING
 RECONNECTING = proxy_pb2.TRANSFER_STATE_RECONNECTING

@@ -25,7 +25,6 @@ import grpc
 import structlog
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, wait_exponential_jitter
 
-from protos.vmrepl.v1 import proxy_pb2, target_pb2
 from proxy_agent import stats as st
 from proxy_agent.pipeline import BatchBuilder, BuiltBatch, built_batches
 from proxy_agent.plan import Plan, plan_batches
@@ -37,6 +36,7 @@ from vmrepl.disk.base import DiskReader
 from vmrepl.errors import ChecksumMismatch, TransferError, VmreplError
 from vmrepl.extent import Extent
 from vmrepl.logs import get_logger
+from vmrepl.v1 import proxy_pb2, target_pb2
 
 log = get_logger("vmrepl.proxy.transfer")
 TRANSFER_METHOD = "/vmrepl.v1.TargetAgent/Transfer"

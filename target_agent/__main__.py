@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from protos.vmrepl.v1 import target_pb2
 from target_agent.config import TargetSettings
 from target_agent.receiver import failure_response
 from target_agent.servicer import ROLES, TargetAgentServicer
@@ -11,6 +10,7 @@ from vmrepl.daemon import run_daemon, serve_services
 from vmrepl.memory import share_one_arena
 from vmrepl.metrics import serve_metrics
 from vmrepl.rpc import Service
+from vmrepl.v1 import target_pb2
 
 
 async def serve(settings: TargetSettings) -> None:

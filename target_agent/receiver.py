@@ -24,7 +24,6 @@ from typing import Any
 import structlog
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
-from protos.vmrepl.v1 import target_pb2, ticket_pb2
 from target_agent import metrics
 from target_agent.datastore import Datastore
 from target_agent.replica import COMPLETE, DiskGuard, DiskState, ReplicaStream
@@ -45,6 +44,7 @@ from vmrepl.names import check_name
 from vmrepl.rpc import status_for
 from vmrepl.security.ticket import verify_ticket
 from vmrepl.security.tls import peer_identity
+from vmrepl.v1 import target_pb2, ticket_pb2
 
 log = get_logger("vmrepl.target.transfer")
 DRAIN_TIMEOUT = 10.0

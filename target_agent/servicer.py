@@ -8,7 +8,6 @@ from typing import Any
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from protos.vmrepl.v1 import target_pb2, target_pb2_grpc
 from target_agent import replica, restore_points
 from target_agent.config import TargetSettings
 from target_agent.datastore import Datastore
@@ -21,6 +20,7 @@ from vmrepl.names import check_name
 from vmrepl.rpc import handle_errors
 from vmrepl.security.ticket import load_public_keys
 from vmrepl.security.tls import peer_identity
+from vmrepl.v1 import target_pb2, target_pb2_grpc
 
 _STATES = {
     replica.PREPARED: target_pb2.REPLICA_DISK_STATE_PREPARED,

@@ -10,11 +10,11 @@ from __future__ import annotations
 
 from prometheus_client import Counter, start_http_server
 
-from protos.vmrepl.v1 import proxy_pb2
 from vmrepl.config import TlsSettings
 from vmrepl.errors import ConfigError
 from vmrepl.logs import get_logger
 from vmrepl.progress import byte_counts, stage_seconds
+from vmrepl.v1 import proxy_pb2
 
 log = get_logger("vmrepl.metrics")
 

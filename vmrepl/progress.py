@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from protos.vmrepl.v1 import proxy_pb2
+from vmrepl.v1 import proxy_pb2
 
 
 def byte_counts(p: proxy_pb2.TransferProgress) -> list[tuple[str, int]]:

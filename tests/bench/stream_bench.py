@@ -25,11 +25,11 @@ import psutil
 from controller import lab
 from controller.agents import proxy_client, target_client
 from controller.disk_task import DiskTaskSpec, run_disk_task
-from protos.vmrepl.v1 import common_pb2, proxy_pb2
 from vmrepl.config import TlsSettings
 from vmrepl.extent import MiB
 from vmrepl.logs import configure_logging
 from vmrepl.security.ticket import load_signing_key
+from vmrepl.v1 import common_pb2, proxy_pb2
 
 
 def drop_caches_hint() -> None:

@@ -17,13 +17,13 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 from controller import lab
 from controller.agents import AgentClient, proxy_client, target_client
 from controller.disk_task import DiskTaskSpec, run_disk_task
-from protos.vmrepl.v1 import proxy_pb2, target_pb2
 from tests.conftest import need_tool
 from tests.integration.controller_env import ControllerEnv, create_pg_database, drop_pg_database, make_env
 from vmrepl.batch import encode_open
 from vmrepl.config import TlsSettings
 from vmrepl.extent import MiB
 from vmrepl.security.ticket import load_signing_key, sign_ticket
+from vmrepl.v1 import proxy_pb2, target_pb2
 
 IMAGE_SIZE = 256 * MiB
 

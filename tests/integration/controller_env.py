@@ -18,12 +18,12 @@ from google.protobuf import json_format
 from sqlalchemy import make_url
 
 from controller import lab
-from protos.vmrepl.v1 import controller_pb2 as api
-from protos.vmrepl.v1 import controller_pb2_grpc, target_pb2_grpc
 from vmrepl.config import TlsSettings
 from vmrepl.extent import MiB
 from vmrepl.providers.filehost import FileHostProvider
 from vmrepl.security.tls import channel_credentials
+from vmrepl.v1 import controller_pb2 as api
+from vmrepl.v1 import controller_pb2_grpc, target_pb2_grpc
 
 FINAL = (api.SESSION_STATE_SUCCEEDED, api.SESSION_STATE_INCOMPLETE, api.SESSION_STATE_FAILED)
 

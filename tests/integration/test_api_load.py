@@ -18,12 +18,12 @@ from sqlalchemy import create_engine, select
 from sqlalchemy.orm import Session as OrmSession
 
 from controller.db.models import Job, Session, SessionVm, Task, now
-from protos.vmrepl.v1 import controller_pb2 as api
-from protos.vmrepl.v1 import controller_pb2_grpc
 from tests.integration.controller_env import ControllerEnv
 from vmrepl.call_limits import RETRY_AFTER_KEY
 from vmrepl.config import TlsSettings
 from vmrepl.rpc import secure_channel
+from vmrepl.v1 import controller_pb2 as api
+from vmrepl.v1 import controller_pb2_grpc
 
 pytestmark = pytest.mark.integration
 PER_CLIENT = 4

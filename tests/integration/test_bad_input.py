@@ -15,7 +15,6 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from controller.disk_task import prepare
-from protos.vmrepl.v1 import proxy_pb2, target_pb2
 from tests.integration.conftest import Lab, sha256, signed_open
 from vmrepl.batch import DATA, LZ4, MAX_MESSAGE_BYTES, RAW, encode_batch
 from vmrepl.block import digest
@@ -23,6 +22,7 @@ from vmrepl.config import TlsSettings
 from vmrepl.extent import MiB
 from vmrepl.rpc import secure_channel
 from vmrepl.security import certs
+from vmrepl.v1 import proxy_pb2, target_pb2
 
 BS = MiB
 SESSION = "s-bad"

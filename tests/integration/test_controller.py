@@ -16,11 +16,11 @@ from google.protobuf import field_mask_pb2
 
 from controller import lab
 from controller.journal import CRASH_EXIT_CODE
-from protos.vmrepl.v1 import controller_pb2 as api
-from protos.vmrepl.v1 import target_pb2
 from tests.integration.conftest import qemu_identical
 from tests.integration.controller_env import ControllerEnv, make_env
 from vmrepl.extent import MiB
+from vmrepl.v1 import controller_pb2 as api
+from vmrepl.v1 import target_pb2
 
 pytestmark = pytest.mark.integration
 

@@ -16,13 +16,13 @@ import pytest
 from google.protobuf import field_mask_pb2
 
 from controller import lab
-from protos.vmrepl.v1 import controller_pb2 as api
 from tests.conftest import need_tool
 from tests.integration.conftest import qemu_identical
 from tests.integration.controller_env import ControllerEnv
 from tests.powercut import Recorder
 from vmrepl.extent import MiB
 from vmrepl.providers.filehost import load_manifest, write_manifest
+from vmrepl.v1 import controller_pb2 as api
 
 pytestmark = pytest.mark.integration
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 import subprocess
 
 from controller import lab
-from protos.vmrepl.v1 import common_pb2, proxy_pb2
 from tests.conftest import need_tool
 from tests.integration.conftest import Lab, qemu_identical
 from vmrepl.extent import MiB
+from vmrepl.v1 import common_pb2, proxy_pb2
 
 COMPARE = proxy_pb2.ChangeSource(compare_digests=proxy_pb2.CompareDigests())
 

@@ -7,11 +7,11 @@ import time
 
 import pytest
 
-from protos.vmrepl.v1 import controller_pb2 as api
-from protos.vmrepl.v1 import target_pb2
 from tests.integration.conftest import qemu_identical
 from tests.integration.controller_env import ControllerEnv
 from vmrepl.extent import MiB
+from vmrepl.v1 import controller_pb2 as api
+from vmrepl.v1 import target_pb2
 
 pytestmark = pytest.mark.integration
 

@@ -11,8 +11,8 @@ import httpx
 import pytest
 
 from controller import lab
-from protos.vmrepl.v1 import controller_pb2 as api
 from tests.integration.controller_env import ControllerEnv, make_env
+from vmrepl.v1 import controller_pb2 as api
 
 pytestmark = pytest.mark.integration
 

@@ -21,11 +21,11 @@ import pytest
 
 from controller import lab
 from controller.disk_task import DiskTaskSpec, prepare
-from protos.vmrepl.v1 import proxy_pb2, target_pb2
 from tests.integration.conftest import Lab, qemu_identical
 from vmrepl.block import DIGEST_SIZE, digest, is_zero, zero_digest
 from vmrepl.disk import powercut
 from vmrepl.extent import MiB
+from vmrepl.v1 import proxy_pb2, target_pb2
 
 COMPARE = proxy_pb2.ChangeSource(compare_digests=proxy_pb2.CompareDigests())
 

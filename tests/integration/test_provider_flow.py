@@ -6,11 +6,11 @@ import asyncio
 import hashlib
 
 from controller import lab
-from protos.vmrepl.v1 import common_pb2, proxy_pb2
 from tests.conftest import need_tool
 from tests.integration.conftest import Lab, qemu_identical
 from vmrepl.extent import MiB
 from vmrepl.providers.filehost import FileHostProvider
+from vmrepl.v1 import common_pb2, proxy_pb2
 
 
 async def test_checkpoint_holds_during_a_session_and_changes_reach_the_next(lab_env: Lab) -> None:

@@ -6,9 +6,9 @@ import grpc
 import pytest
 
 from controller import lab
-from protos.vmrepl.v1 import common_pb2, proxy_pb2, target_pb2
 from tests.integration.conftest import Lab, qemu_identical
 from vmrepl.extent import MiB
+from vmrepl.v1 import common_pb2, proxy_pb2, target_pb2
 
 
 async def test_full_replication_is_identical(lab_env: Lab, data_bytes: int) -> None:

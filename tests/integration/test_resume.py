@@ -5,9 +5,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 
-from protos.vmrepl.v1 import proxy_pb2, target_pb2
 from tests.integration.conftest import Lab, qemu_identical
 from vmrepl.extent import MiB
+from vmrepl.v1 import proxy_pb2, target_pb2
 
 WINDOW_BATCHES = 16  # the proxy's default
 BATCH_DATA = 4 * MiB  # the proxy's default batch size

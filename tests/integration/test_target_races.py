@@ -15,7 +15,6 @@ import grpc
 
 from controller import lab
 from controller.agents import target_client
-from protos.vmrepl.v1 import target_pb2
 from tests.integration import test_transfer_admission as admission
 from tests.integration.test_transfer_admission import (  # noqa: F401  (start_target is a fixture)
     BS,
@@ -30,6 +29,7 @@ from tests.integration.test_transfer_admission import (  # noqa: F401  (start_ta
     tls,
 )
 from vmrepl.block import DIGEST_SIZE, digest, is_zero, zero_digest
+from vmrepl.v1 import target_pb2
 
 PATH = "jobs/race"
 BLOCKS = 16

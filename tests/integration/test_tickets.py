@@ -12,7 +12,6 @@ from collections.abc import Callable
 import grpc
 import pytest
 
-from protos.vmrepl.v1 import proxy_pb2, target_pb2
 from tests.integration.conftest import Lab, sha256
 from tests.integration.test_bad_input import (
     BS,
@@ -27,6 +26,7 @@ from tests.integration.test_bad_input import (
 )
 from vmrepl.batch import encode_batch
 from vmrepl.security import certs
+from vmrepl.v1 import proxy_pb2, target_pb2
 
 
 @pytest.fixture

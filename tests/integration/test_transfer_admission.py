@@ -22,7 +22,6 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from controller import lab
 from controller.agents import target_client
-from protos.vmrepl.v1 import target_pb2
 from tests.integration.conftest import signed_open
 from vmrepl.batch import DATA, MAX_MESSAGE_BYTES, MAX_OPEN_BYTES, RAW, encode_batch, encode_open
 from vmrepl.block import digest
@@ -32,6 +31,7 @@ from vmrepl.rpc import message_options, secure_channel
 from vmrepl.security import certs
 from vmrepl.security.ticket import load_signing_key
 from vmrepl.security.tls import channel_credentials
+from vmrepl.v1 import target_pb2
 
 TRANSFER = "/vmrepl.v1.TargetAgent/Transfer"
 BS = MiB

@@ -14,12 +14,12 @@ import os
 import subprocess
 
 from controller.agents import AgentClient
-from protos.vmrepl.v1 import proxy_pb2, target_pb2
 from proxy_agent.verify import choose_sample, unsent_blocks
 from tests.integration.conftest import Lab, qemu_identical
 from tests.integration.test_incremental import ranges_source
 from tests.integration.test_power_cut import restart_target
 from vmrepl.extent import Extent, MiB
+from vmrepl.v1 import proxy_pb2, target_pb2
 
 GiB = 1024 * MiB
 SIZE = 4 * GiB  # sparse: a disk larger than what a crash leaves uncertain (FRONTIER_STEP and a half)

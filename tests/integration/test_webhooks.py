@@ -12,8 +12,8 @@ from typing import Any
 import pytest
 from google.protobuf import field_mask_pb2
 
-from protos.vmrepl.v1 import controller_pb2 as api
 from tests.integration.controller_env import ControllerEnv
+from vmrepl.v1 import controller_pb2 as api
 
 pytestmark = pytest.mark.integration
 TOKEN = "T0KEN-5ecret-in-the-path"

@@ -11,13 +11,13 @@ import grpc
 import pytest
 
 from controller import lab
-from protos.vmrepl.v1 import target_pb2
 from proxy_agent.transfer import StreamBroken, _transient
 from target_agent.receiver import Silence
 from target_agent.servicer import ROLES
 from vmrepl import memory, rpc
 from vmrepl.call_limits import Slots
 from vmrepl.errors import DeadlineExceeded, ResourceExhausted
+from vmrepl.v1 import target_pb2
 
 # -- Slots ----------------------------------------------------------------------------------------------------
 

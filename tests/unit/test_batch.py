@@ -3,7 +3,6 @@ import os
 import lz4.block
 import pytest
 
-from protos.vmrepl.v1 import target_pb2
 from vmrepl.batch import (
     DATA,
     LZ4,
@@ -19,6 +18,7 @@ from vmrepl.batch import (
 )
 from vmrepl.block import Compression, compress, decompress, digest, verify
 from vmrepl.errors import BatchError, ChecksumMismatch, InvalidArgument
+from vmrepl.v1 import target_pb2
 
 BS = 64 * 1024
 DISK = 10 * BS

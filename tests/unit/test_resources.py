@@ -14,8 +14,8 @@ from controller import paging
 from controller import resources as res
 from controller.db.secrets import SecretBox
 from controller.runtime import replica_folder
-from protos.vmrepl.v1 import controller_pb2 as api
 from vmrepl.errors import FailedPrecondition, InvalidArgument
+from vmrepl.v1 import controller_pb2 as api
 
 HOOK_URL = "https://hookuser:hook-pw-1d7c@hooks.example:8443/notify/T0K-path?token=tok-q-5e2a"
 

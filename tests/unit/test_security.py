@@ -69,7 +69,7 @@ def test_a_ticket_names_its_proxy_and_checkpoint() -> None:
 
 
 def test_tampered_ticket_fails_the_signature() -> None:
-    from protos.vmrepl.v1 import ticket_pb2
+    from vmrepl.v1 import ticket_pb2
 
     signed = ticket_pb2.SignedTicket.FromString(ticket())
     inner = ticket_pb2.TransferTicket.FromString(signed.ticket)

@@ -16,8 +16,8 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
-from protos.vmrepl.v1 import ticket_pb2
 from vmrepl.errors import ConfigError, TicketError
+from vmrepl.v1 import ticket_pb2
 
 _DOMAIN = b"vmrepl.v1.TransferTicket\x00"
 MAX_TICKET_BYTES = 4096

@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from protos.vmrepl.v1 import proxy_pb2 as protos_dot_vmrepl_dot_v1_dot_proxy__pb2
+from vmrepl.v1 import proxy_pb2 as vmrepl_dot_v1_dot_proxy__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -18,7 +18,7 @@ except ImportError:
 if _version_not_supported:
     raise RuntimeError(
         f'The grpc package installed is at version {GRPC_VERSION},'
-        + ' but the generated code in protos/vmrepl/v1/proxy_pb2_grpc.py depends on'
+        + ' but the generated code in vmrepl/v1/proxy_pb2_grpc.py depends on'
         + f' grpcio>={GRPC_GENERATED_VERSION}.'
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
@@ -39,23 +39,23 @@ class ProxyAgentStub:
         """
         self.StartDiskTransfer = channel.unary_unary(
                 '/vmrepl.v1.ProxyAgent/StartDiskTransfer',
-                request_serializer=protos_dot_vmrepl_dot_v1_dot_proxy__pb2.StartDiskTransferRequest.SerializeToString,
-                response_deserializer=protos_dot_vmrepl_dot_v1_dot_proxy__pb2.StartDiskTransferResponse.FromString,
+                request_serializer=vmrepl_dot_v1_dot_proxy__pb2.StartDiskTransferRequest.SerializeToString,
+                response_deserializer=vmrepl_dot_v1_dot_proxy__pb2.StartDiskTransferResponse.FromString,
                 _registered_method=True)
         self.WatchTransfer = channel.unary_stream(
                 '/vmrepl.v1.ProxyAgent/WatchTransfer',
-                request_serializer=protos_dot_vmrepl_dot_v1_dot_proxy__pb2.WatchTransferRequest.SerializeToString,
-                response_deserializer=protos_dot_vmrepl_dot_v1_dot_proxy__pb2.TransferProgress.FromString,
+                request_serializer=vmrepl_dot_v1_dot_proxy__pb2.WatchTransferRequest.SerializeToString,
+                response_deserializer=vmrepl_dot_v1_dot_proxy__pb2.TransferProgress.FromString,
                 _registered_method=True)
         self.CancelTransfer = channel.unary_unary(
                 '/vmrepl.v1.ProxyAgent/CancelTransfer',
-                request_serializer=protos_dot_vmrepl_dot_v1_dot_proxy__pb2.CancelTransferRequest.SerializeToString,
-                response_deserializer=protos_dot_vmrepl_dot_v1_dot_proxy__pb2.CancelTransferResponse.FromString,
+                request_serializer=vmrepl_dot_v1_dot_proxy__pb2.CancelTransferRequest.SerializeToString,
+                response_deserializer=vmrepl_dot_v1_dot_proxy__pb2.CancelTransferResponse.FromString,
                 _registered_method=True)
         self.GetAgentInfo = channel.unary_unary(
                 '/vmrepl.v1.ProxyAgent/GetAgentInfo',
-                request_serializer=protos_dot_vmrepl_dot_v1_dot_proxy__pb2.GetAgentInfoRequest.SerializeToString,
-                response_deserializer=protos_dot_vmrepl_dot_v1_dot_proxy__pb2.AgentInfo.FromString,
+                request_serializer=vmrepl_dot_v1_dot_proxy__pb2.GetAgentInfoRequest.SerializeToString,
+                response_deserializer=vmrepl_dot_v1_dot_proxy__pb2.AgentInfo.FromString,
                 _registered_method=True)
 
 
@@ -100,23 +100,23 @@ def add_ProxyAgentServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'StartDiskTransfer': grpc.unary_unary_rpc_method_handler(
                     servicer.StartDiskTransfer,
-                    request_deserializer=protos_dot_vmrepl_dot_v1_dot_proxy__pb2.StartDiskTransferRequest.FromString,
-                    response_serializer=protos_dot_vmrepl_dot_v1_dot_proxy__pb2.StartDiskTransferResponse.SerializeToString,
+                    request_deserializer=vmrepl_dot_v1_dot_proxy__pb2.StartDiskTransferRequest.FromString,
+                    response_serializer=vmrepl_dot_v1_dot_proxy__pb2.StartDiskTransferResponse.SerializeToString,
             ),
             'WatchTransfer': grpc.unary_stream_rpc_method_handler(
                     servicer.WatchTransfer,
-                    request_deserializer=protos_dot_vmrepl_dot_v1_dot_proxy__pb2.WatchTransferRequest.FromString,
-                    response_serializer=protos_dot_vmrepl_dot_v1_dot_proxy__pb2.TransferProgress.SerializeToString,
+                    request_deserializer=vmrepl_dot_v1_dot_proxy__pb2.WatchTransferRequest.FromString,
+                    response_serializer=vmrepl_dot_v1_dot_proxy__pb2.TransferProgress.SerializeToString,
             ),
             'CancelTransfer': grpc.unary_unary_rpc_method_handler(
                     servicer.CancelTransfer,
-                    request_deserializer=protos_dot_vmrepl_dot_v1_dot_proxy__pb2.CancelTransferRequest.FromString,
-                    response_serializer=protos_dot_vmrepl_dot_v1_dot_proxy__pb2.CancelTransferResponse.SerializeToString,
+                    request_deserializer=vmrepl_dot_v1_dot_proxy__pb2.CancelTransferRequest.FromString,
+                    response_serializer=vmrepl_dot_v1_dot_proxy__pb2.CancelTransferResponse.SerializeToString,
             ),
             'GetAgentInfo': grpc.unary_unary_rpc_method_handler(
                     servicer.GetAgentInfo,
-                    request_deserializer=protos_dot_vmrepl_dot_v1_dot_proxy__pb2.GetAgentInfoRequest.FromString,
-                    response_serializer=protos_dot_vmrepl_dot_v1_dot_proxy__pb2.AgentInfo.SerializeToString,
+                    request_deserializer=vmrepl_dot_v1_dot_proxy__pb2.GetAgentInfoRequest.FromString,
+                    response_serializer=vmrepl_dot_v1_dot_proxy__pb2.AgentInfo.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -147,8 +147,8 @@ class ProxyAgent:
             request,
             target,
             '/vmrepl.v1.ProxyAgent/StartDiskTransfer',
-            protos_dot_vmrepl_dot_v1_dot_proxy__pb2.StartDiskTransferRequest.SerializeToString,
-            protos_dot_vmrepl_dot_v1_dot_proxy__pb2.StartDiskTransferResponse.FromString,
+            vmrepl_dot_v1_dot_proxy__pb2.StartDiskTransferRequest.SerializeToString,
+            vmrepl_dot_v1_dot_proxy__pb2.StartDiskTransferResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -174,8 +174,8 @@ class ProxyAgent:
             request,
             target,
             '/vmrepl.v1.ProxyAgent/WatchTransfer',
-            protos_dot_vmrepl_dot_v1_dot_proxy__pb2.WatchTransferRequest.SerializeToString,
-            protos_dot_vmrepl_dot_v1_dot_proxy__pb2.TransferProgress.FromString,
+            vmrepl_dot_v1_dot_proxy__pb2.WatchTransferRequest.SerializeToString,
+            vmrepl_dot_v1_dot_proxy__pb2.TransferProgress.FromString,
             options,
             channel_credentials,
             insecure,
@@ -201,8 +201,8 @@ class ProxyAgent:
             request,
             target,
             '/vmrepl.v1.ProxyAgent/CancelTransfer',
-            protos_dot_vmrepl_dot_v1_dot_proxy__pb2.CancelTransferRequest.SerializeToString,
-            protos_dot_vmrepl_dot_v1_dot_proxy__pb2.CancelTransferResponse.FromString,
+            vmrepl_dot_v1_dot_proxy__pb2.CancelTransferRequest.SerializeToString,
+            vmrepl_dot_v1_dot_proxy__pb2.CancelTransferResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -228,8 +228,8 @@ class ProxyAgent:
             request,
             target,
             '/vmrepl.v1.ProxyAgent/GetAgentInfo',
-            protos_dot_vmrepl_dot_v1_dot_proxy__pb2.GetAgentInfoRequest.SerializeToString,
-            protos_dot_vmrepl_dot_v1_dot_proxy__pb2.AgentInfo.FromString,
+            vmrepl_dot_v1_dot_proxy__pb2.GetAgentInfoRequest.SerializeToString,
+            vmrepl_dot_v1_dot_proxy__pb2.AgentInfo.FromString,
             options,
             channel_credentials,
             insecure,

@@ -6,7 +6,7 @@ isort:skip_file
 from collections import abc as _abc
 from google.protobuf import empty_pb2 as _empty_pb2
 from grpc import aio as _aio
-from protos.vmrepl.v1 import controller_pb2 as _controller_pb2
+from vmrepl.v1 import controller_pb2 as _controller_pb2
 import abc as _abc_1
 import grpc as _grpc
 import sys

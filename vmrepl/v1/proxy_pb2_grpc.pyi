@@ -5,7 +5,7 @@ isort:skip_file
 
 from collections import abc as _abc
 from grpc import aio as _aio
-from protos.vmrepl.v1 import proxy_pb2 as _proxy_pb2
+from vmrepl.v1 import proxy_pb2 as _proxy_pb2
 import abc as _abc_1
 import grpc as _grpc
 import sys

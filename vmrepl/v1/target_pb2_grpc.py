@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from protos.vmrepl.v1 import target_pb2 as protos_dot_vmrepl_dot_v1_dot_target__pb2
+from vmrepl.v1 import target_pb2 as vmrepl_dot_v1_dot_target__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -18,7 +18,7 @@ except ImportError:
 if _version_not_supported:
     raise RuntimeError(
         f'The grpc package installed is at version {GRPC_VERSION},'
-        + ' but the generated code in protos/vmrepl/v1/target_pb2_grpc.py depends on'
+        + ' but the generated code in vmrepl/v1/target_pb2_grpc.py depends on'
         + f' grpcio>={GRPC_GENERATED_VERSION}.'
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
@@ -40,38 +40,38 @@ class TargetAgentStub:
         """
         self.PrepareReplicaDisk = channel.unary_unary(
                 '/vmrepl.v1.TargetAgent/PrepareReplicaDisk',
-                request_serializer=protos_dot_vmrepl_dot_v1_dot_target__pb2.PrepareReplicaDiskRequest.SerializeToString,
-                response_deserializer=protos_dot_vmrepl_dot_v1_dot_target__pb2.ReplicaDisk.FromString,
+                request_serializer=vmrepl_dot_v1_dot_target__pb2.PrepareReplicaDiskRequest.SerializeToString,
+                response_deserializer=vmrepl_dot_v1_dot_target__pb2.ReplicaDisk.FromString,
                 _registered_method=True)
         self.GetReplicaDisk = channel.unary_unary(
                 '/vmrepl.v1.TargetAgent/GetReplicaDisk',
-                request_serializer=protos_dot_vmrepl_dot_v1_dot_target__pb2.GetReplicaDiskRequest.SerializeToString,
-                response_deserializer=protos_dot_vmrepl_dot_v1_dot_target__pb2.ReplicaDisk.FromString,
+                request_serializer=vmrepl_dot_v1_dot_target__pb2.GetReplicaDiskRequest.SerializeToString,
+                response_deserializer=vmrepl_dot_v1_dot_target__pb2.ReplicaDisk.FromString,
                 _registered_method=True)
         self.CommitRestorePoint = channel.unary_unary(
                 '/vmrepl.v1.TargetAgent/CommitRestorePoint',
-                request_serializer=protos_dot_vmrepl_dot_v1_dot_target__pb2.CommitRestorePointRequest.SerializeToString,
-                response_deserializer=protos_dot_vmrepl_dot_v1_dot_target__pb2.RestorePoint.FromString,
+                request_serializer=vmrepl_dot_v1_dot_target__pb2.CommitRestorePointRequest.SerializeToString,
+                response_deserializer=vmrepl_dot_v1_dot_target__pb2.RestorePoint.FromString,
                 _registered_method=True)
         self.ListRestorePoints = channel.unary_unary(
                 '/vmrepl.v1.TargetAgent/ListRestorePoints',
-                request_serializer=protos_dot_vmrepl_dot_v1_dot_target__pb2.ListRestorePointsRequest.SerializeToString,
-                response_deserializer=protos_dot_vmrepl_dot_v1_dot_target__pb2.ListRestorePointsResponse.FromString,
+                request_serializer=vmrepl_dot_v1_dot_target__pb2.ListRestorePointsRequest.SerializeToString,
+                response_deserializer=vmrepl_dot_v1_dot_target__pb2.ListRestorePointsResponse.FromString,
                 _registered_method=True)
         self.DeleteRestorePoint = channel.unary_unary(
                 '/vmrepl.v1.TargetAgent/DeleteRestorePoint',
-                request_serializer=protos_dot_vmrepl_dot_v1_dot_target__pb2.DeleteRestorePointRequest.SerializeToString,
-                response_deserializer=protos_dot_vmrepl_dot_v1_dot_target__pb2.DeleteRestorePointResponse.FromString,
+                request_serializer=vmrepl_dot_v1_dot_target__pb2.DeleteRestorePointRequest.SerializeToString,
+                response_deserializer=vmrepl_dot_v1_dot_target__pb2.DeleteRestorePointResponse.FromString,
                 _registered_method=True)
         self.Transfer = channel.stream_stream(
                 '/vmrepl.v1.TargetAgent/Transfer',
-                request_serializer=protos_dot_vmrepl_dot_v1_dot_target__pb2.TransferRequest.SerializeToString,
-                response_deserializer=protos_dot_vmrepl_dot_v1_dot_target__pb2.TransferResponse.FromString,
+                request_serializer=vmrepl_dot_v1_dot_target__pb2.TransferRequest.SerializeToString,
+                response_deserializer=vmrepl_dot_v1_dot_target__pb2.TransferResponse.FromString,
                 _registered_method=True)
         self.ReadDigests = channel.unary_stream(
                 '/vmrepl.v1.TargetAgent/ReadDigests',
-                request_serializer=protos_dot_vmrepl_dot_v1_dot_target__pb2.ReadDigestsRequest.SerializeToString,
-                response_deserializer=protos_dot_vmrepl_dot_v1_dot_target__pb2.DigestChunk.FromString,
+                request_serializer=vmrepl_dot_v1_dot_target__pb2.ReadDigestsRequest.SerializeToString,
+                response_deserializer=vmrepl_dot_v1_dot_target__pb2.DigestChunk.FromString,
                 _registered_method=True)
 
 
@@ -147,38 +147,38 @@ def add_TargetAgentServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'PrepareReplicaDisk': grpc.unary_unary_rpc_method_handler(
                     servicer.PrepareReplicaDisk,
-                    request_deserializer=protos_dot_vmrepl_dot_v1_dot_target__pb2.PrepareReplicaDiskRequest.FromString,
-                    response_serializer=protos_dot_vmrepl_dot_v1_dot_target__pb2.ReplicaDisk.SerializeToString,
+                    request_deserializer=vmrepl_dot_v1_dot_target__pb2.PrepareReplicaDiskRequest.FromString,
+                    response_serializer=vmrepl_dot_v1_dot_target__pb2.ReplicaDisk.SerializeToString,
             ),
             'GetReplicaDisk': grpc.unary_unary_rpc_method_handler(
                     servicer.GetReplicaDisk,
-                    request_deserializer=protos_dot_vmrepl_dot_v1_dot_target__pb2.GetReplicaDiskRequest.FromString,
-                    response_serializer=protos_dot_vmrepl_dot_v1_dot_target__pb2.ReplicaDisk.SerializeToString,
+                    request_deserializer=vmrepl_dot_v1_dot_target__pb2.GetReplicaDiskRequest.FromString,
+                    response_serializer=vmrepl_dot_v1_dot_target__pb2.ReplicaDisk.SerializeToString,
             ),
             'CommitRestorePoint': grpc.unary_unary_rpc_method_handler(
                     servicer.CommitRestorePoint,
-                    request_deserializer=protos_dot_vmrepl_dot_v1_dot_target__pb2.CommitRestorePointRequest.FromString,
-                    response_serializer=protos_dot_vmrepl_dot_v1_dot_target__pb2.RestorePoint.SerializeToString,
+                    request_deserializer=vmrepl_dot_v1_dot_target__pb2.CommitRestorePointRequest.FromString,
+                    response_serializer=vmrepl_dot_v1_dot_target__pb2.RestorePoint.SerializeToString,
             ),
             'ListRestorePoints': grpc.unary_unary_rpc_method_handler(
                     servicer.ListRestorePoints,
-                    request_deserializer=protos_dot_vmrepl_dot_v1_dot_target__pb2.ListRestorePointsRequest.FromString,
-                    response_serializer=protos_dot_vmrepl_dot_v1_dot_target__pb2.ListRestorePointsResponse.SerializeToString,
+                    request_deserializer=vmrepl_dot_v1_dot_target__pb2.ListRestorePointsRequest.FromString,
+                    response_serializer=vmrepl_dot_v1_dot_target__pb2.ListRestorePointsResponse.SerializeToString,
             ),
             'DeleteRestorePoint': grpc.unary_unary_rpc_method_handler(
                     servicer.DeleteRestorePoint,
-                    request_deserializer=protos_dot_vmrepl_dot_v1_dot_target__pb2.DeleteRestorePointRequest.FromString,
-                    response_serializer=protos_dot_vmrepl_dot_v1_dot_target__pb2.DeleteRestorePointResponse.SerializeToString,
+                    request_deserializer=vmrepl_dot_v1_dot_target__pb2.DeleteRestorePointRequest.FromString,
+                    response_serializer=vmrepl_dot_v1_dot_target__pb2.DeleteRestorePointResponse.SerializeToString,
             ),
             'Transfer': grpc.stream_stream_rpc_method_handler(
                     servicer.Transfer,
-                    request_deserializer=protos_dot_vmrepl_dot_v1_dot_target__pb2.TransferRequest.FromString,
-                    response_serializer=protos_dot_vmrepl_dot_v1_dot_target__pb2.TransferResponse.SerializeToString,
+                    request_deserializer=vmrepl_dot_v1_dot_target__pb2.TransferRequest.FromString,
+                    response_serializer=vmrepl_dot_v1_dot_target__pb2.TransferResponse.SerializeToString,
             ),
             'ReadDigests': grpc.unary_stream_rpc_method_handler(
                     servicer.ReadDigests,
-                    request_deserializer=protos_dot_vmrepl_dot_v1_dot_target__pb2.ReadDigestsRequest.FromString,
-                    response_serializer=protos_dot_vmrepl_dot_v1_dot_target__pb2.DigestChunk.SerializeToString,
+                    request_deserializer=vmrepl_dot_v1_dot_target__pb2.ReadDigestsRequest.FromString,
+                    response_serializer=vmrepl_dot_v1_dot_target__pb2.DigestChunk.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -210,8 +210,8 @@ class TargetAgent:
             request,
             target,
             '/vmrepl.v1.TargetAgent/PrepareReplicaDisk',
-            protos_dot_vmrepl_dot_v1_dot_target__pb2.PrepareReplicaDiskRequest.SerializeToString,
-            protos_dot_vmrepl_dot_v1_dot_target__pb2.ReplicaDisk.FromString,
+            vmrepl_dot_v1_dot_target__pb2.PrepareReplicaDiskRequest.SerializeToString,
+            vmrepl_dot_v1_dot_target__pb2.ReplicaDisk.FromString,
             options,
             channel_credentials,
             insecure,
@@ -237,8 +237,8 @@ class TargetAgent:
             request,
             target,
             '/vmrepl.v1.TargetAgent/GetReplicaDisk',
-            protos_dot_vmrepl_dot_v1_dot_target__pb2.GetReplicaDiskRequest.SerializeToString,
-            protos_dot_vmrepl_dot_v1_dot_target__pb2.ReplicaDisk.FromString,
+            vmrepl_dot_v1_dot_target__pb2.GetReplicaDiskRequest.SerializeToString,
+            vmrepl_dot_v1_dot_target__pb2.ReplicaDisk.FromString,
             options,
             channel_credentials,
             insecure,
@@ -264,8 +264,8 @@ class TargetAgent:
             request,
             target,
             '/vmrepl.v1.TargetAgent/CommitRestorePoint',
-            protos_dot_vmrepl_dot_v1_dot_target__pb2.CommitRestorePointRequest.SerializeToString,
-            protos_dot_vmrepl_dot_v1_dot_target__pb2.RestorePoint.FromString,
+            vmrepl_dot_v1_dot_target__pb2.CommitRestorePointRequest.SerializeToString,
+            vmrepl_dot_v1_dot_target__pb2.RestorePoint.FromString,
             options,
             channel_credentials,
             insecure,
@@ -291,8 +291,8 @@ class TargetAgent:
             request,
             target,
             '/vmrepl.v1.TargetAgent/ListRestorePoints',
-            protos_dot_vmrepl_dot_v1_dot_target__pb2.ListRestorePointsRequest.SerializeToString,
-            protos_dot_vmrepl_dot_v1_dot_target__pb2.ListRestorePointsResponse.FromString,
+            vmrepl_dot_v1_dot_target__pb2.ListRestorePointsRequest.SerializeToString,
+            vmrepl_dot_v1_dot_target__pb2.ListRestorePointsResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -318,8 +318,8 @@ class TargetAgent:
             request,
             target,
             '/vmrepl.v1.TargetAgent/DeleteRestorePoint',
-            protos_dot_vmrepl_dot_v1_dot_target__pb2.DeleteRestorePointRequest.SerializeToString,
-            protos_dot_vmrepl_dot_v1_dot_target__pb2.DeleteRestorePointResponse.FromString,
+            vmrepl_dot_v1_dot_target__pb2.DeleteRestorePointRequest.SerializeToString,
+            vmrepl_dot_v1_dot_target__pb2.DeleteRestorePointResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -345,8 +345,8 @@ class TargetAgent:
             request_iterator,
             target,
             '/vmrepl.v1.TargetAgent/Transfer',
-            protos_dot_vmrepl_dot_v1_dot_target__pb2.TransferRequest.SerializeToString,
-            protos_dot_vmrepl_dot_v1_dot_target__pb2.TransferResponse.FromString,
+            vmrepl_dot_v1_dot_target__pb2.TransferRequest.SerializeToString,
+            vmrepl_dot_v1_dot_target__pb2.TransferResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -372,8 +372,8 @@ class TargetAgent:
             request,
             target,
             '/vmrepl.v1.TargetAgent/ReadDigests',
-            protos_dot_vmrepl_dot_v1_dot_target__pb2.ReadDigestsRequest.SerializeToString,
-            protos_dot_vmrepl_dot_v1_dot_target__pb2.DigestChunk.FromString,
+            vmrepl_dot_v1_dot_target__pb2.ReadDigestsRequest.SerializeToString,
+            vmrepl_dot_v1_dot_target__pb2.DigestChunk.FromString,
             options,
             channel_credentials,
             insecure,
