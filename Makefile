@@ -38,7 +38,7 @@ bench: $(STAMP)
 	$(BIN)/python -m tests.bench.stream_bench
 
 demo: $(STAMP)
-	$(BIN)/python -m controller.demo
+	$(BIN)/python -m controller.lab.demo
 
 certs: $(STAMP)
 	$(BIN)/vmrepl-certs init --dir certs

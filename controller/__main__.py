@@ -9,19 +9,19 @@ import logging
 
 from sqlalchemy.ext.asyncio import async_sessionmaker
 
-from controller import metrics
-from controller.agents import READY_WITHIN_SECONDS, AgentPool
-from controller.api import ControllerServicer
+from controller.api.service import ControllerServicer
 from controller.config import ControllerSettings
-from controller.db.engine import make_engine, open_database
+from controller.db.connect import make_engine, open_database
 from controller.db.secrets import SecretBox, create_key_file
-from controller.engine import Engine
-from controller.journal import Journal
-from controller.notify import Notifier
-from controller.runtime import EngineParts
-from controller.scheduler import Scheduler, utc_now
-from controller.session_log import SessionLogHandler
-from controller.slots import SlotBoard
+from controller.engine.agents import READY_WITHIN_SECONDS, AgentPool
+from controller.engine.journal import Journal
+from controller.engine.runtime import EngineParts
+from controller.engine.sessions import Engine
+from controller.engine.slots import SlotBoard
+from controller.observability import metrics
+from controller.observability.session_log import SessionLogHandler
+from controller.observability.webhooks import Notifier
+from controller.scheduling.scheduler import Scheduler, utc_now
 from vmrepl.call_limits import CallLimits
 from vmrepl.daemon import run_daemon, serve_services
 from vmrepl.logs import get_logger

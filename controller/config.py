@@ -7,7 +7,7 @@ from pathlib import Path
 from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
-from controller.db.engine import sqlite_url
+from controller.db.connect import sqlite_url
 from vmrepl.call_limits import Limits
 from vmrepl.config import LogSettings, ProgramSettings, TlsSettings
 

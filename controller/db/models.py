@@ -124,7 +124,7 @@ class JobVm(Base):
 
 class Session(Base):
     __tablename__ = "sessions"
-    # ListSessions pages by (started_at, id), newest first, over all jobs or one (controller.paging).
+    # ListSessions pages by (started_at, id), newest first, over all jobs or one (controller.api.paging).
     __table_args__ = (
         Index("ix_sessions_started_at_id", "started_at", "id"),
         Index("ix_sessions_job_id_started_at_id", "job_id", "started_at", "id"),

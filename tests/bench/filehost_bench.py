@@ -1,7 +1,7 @@
 """The file provider's cost per session: the provider calls one session makes, on a host of N VMs.
 
 For each VM a session asks for it by reference at planning, lists its checkpoints, asks for it again,
-creates a checkpoint, asks for each disk's changed ranges and removes the checkpoint (controller/session.py
+creates a checkpoint, asks for each disk's changed ranges and removes the checkpoint (controller/engine/session.py
 and task.py). This runs those calls for every VM of a host of BENCH_VMS VMs (default 100), one disk of
 1 MiB each (the data path is not what is measured), and prints the CPU and wall time they took, as one
 JSON line. Run: `.venv/bin/python -m tests.bench.filehost_bench`.

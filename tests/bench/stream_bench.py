@@ -23,8 +23,8 @@ from pathlib import Path
 import psutil
 
 from controller import lab
-from controller.agents import proxy_client, target_client
-from controller.disk_task import DiskTaskSpec, run_disk_task
+from controller.engine.agents import proxy_client, target_client
+from controller.engine.transfer import DiskTaskSpec, run_disk_task
 from vmrepl.config import TlsSettings
 from vmrepl.extent import MiB
 from vmrepl.logs import configure_logging

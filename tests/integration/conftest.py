@@ -15,8 +15,8 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from controller import lab
-from controller.agents import AgentClient, proxy_client, target_client
-from controller.disk_task import DiskTaskSpec, run_disk_task
+from controller.engine.agents import AgentClient, proxy_client, target_client
+from controller.engine.transfer import DiskTaskSpec, run_disk_task
 from tests.conftest import need_tool
 from tests.integration.controller_env import ControllerEnv, create_pg_database, drop_pg_database, make_env
 from vmrepl.batch import encode_open

@@ -14,7 +14,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric import ed25519
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from controller.disk_task import prepare
+from controller.engine.transfer import prepare
 from tests.integration.conftest import Lab, sha256, signed_open
 from vmrepl.batch import DATA, LZ4, MAX_MESSAGE_BYTES, RAW, encode_batch
 from vmrepl.block import digest
@@ -166,7 +166,7 @@ BATCH_CASES: dict[str, tuple[Callable[[], bytes], grpc.StatusCode]] = {
 
 async def prepare_with_data(lab_env: Lab) -> Lab:
     """The replica disk prepared for SESSION with its first block committed."""
-    from controller.disk_task import DiskTaskSpec
+    from controller.engine.transfer import DiskTaskSpec
 
     target = lab_env.target_client()
     spec = DiskTaskSpec(
@@ -336,7 +336,7 @@ async def test_a_certificate_from_another_ca_is_refused(prepared: Lab, tmp_path:
 
 
 async def test_proxy_refuses_bad_start_requests(lab_env: Lab, tmp_path: Path) -> None:
-    from controller.disk_task import start_request
+    from controller.engine.transfer import start_request
 
     stub = lab_env.proxy_client().stub
     outside = tmp_path / "outside.raw"
@@ -364,7 +364,7 @@ async def test_proxy_refuses_bad_start_requests(lab_env: Lab, tmp_path: Path) ->
         await stub.StartDiskTransfer(req)
     assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
     # An operator certificate may watch but not start transfers.
-    from controller.agents import proxy_client
+    from controller.engine.agents import proxy_client
 
     op = proxy_client(lab_env.proxy.address, lab_env.tls("operator"))
     lab_env.clients.append(op)
@@ -376,7 +376,7 @@ async def test_proxy_refuses_bad_start_requests(lab_env: Lab, tmp_path: Path) ->
 async def test_proxy_follows_no_symbolic_link_in_its_source_roots(lab_env: Lab) -> None:
     """Found in review: a disk image swapped for a link (to another VM's disk, or to the file provider's
     sealing key, both inside the root) after the provider checked it was read through the link."""
-    from controller.disk_task import start_request
+    from controller.engine.transfer import start_request
 
     link = lab_env.image.parent / "swapped.raw"
     link.symlink_to(lab_env.image)  # points inside the source root: still refused

@@ -56,7 +56,7 @@ async def test_incomplete_changed_ranges_are_caught_and_repaired(lab_env: Lab) -
 
 
 async def test_bandwidth_limit_holds_within_5_percent(lab_env: Lab) -> None:
-    from controller.disk_task import prepare, start_request
+    from controller.engine.transfer import prepare, start_request
 
     # 1 MiB batches: bytes_sent moves in frames of at most 1 MiB, under 1% of what 10 s carry. A 64-batch
     # window (~3.6 s of data here) keeps a slow target commit from stalling the sender: the test measures

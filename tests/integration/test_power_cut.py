@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from controller import lab
-from controller.disk_task import DiskTaskSpec, prepare
+from controller.engine.transfer import DiskTaskSpec, prepare
 from tests.integration.conftest import Lab, qemu_identical
 from vmrepl.block import DIGEST_SIZE, digest, is_zero, zero_digest
 from vmrepl.disk import powercut

@@ -76,7 +76,7 @@ async def test_changed_ranges_send_only_those_blocks_and_restore_points(lab_env:
 
 
 async def test_cancel_leaves_a_resumable_disk(lab_env: Lab) -> None:
-    from controller.disk_task import prepare, start_request
+    from controller.engine.transfer import prepare, start_request
 
     spec = lab_env.spec("s-cancel", bandwidth_limit_mbps=40)
     proxy, target = lab_env.proxy_client().stub, lab_env.target_client()
@@ -117,7 +117,7 @@ async def test_agents_serve_health_and_reflection(lab_env: Lab) -> None:
 
 
 async def test_a_retried_start_with_the_same_transfer_id_is_idempotent(lab_env: Lab) -> None:
-    from controller.disk_task import prepare, start_request
+    from controller.engine.transfer import prepare, start_request
 
     spec = lab_env.spec("s-idem", transfer_id="t-0001", bandwidth_limit_mbps=50)
     proxy, target = lab_env.proxy_client().stub, lab_env.target_client()

@@ -13,7 +13,7 @@ import pytest
 from google.protobuf import field_mask_pb2
 
 from controller import lab
-from controller.journal import CRASH_EXIT_CODE
+from controller.engine.journal import CRASH_EXIT_CODE
 from tests.integration.conftest import qemu_identical
 from tests.integration.controller_env import ControllerEnv
 from vmrepl.extent import MiB

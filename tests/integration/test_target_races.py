@@ -14,7 +14,7 @@ from pathlib import Path
 import grpc
 
 from controller import lab
-from controller.agents import target_client
+from controller.engine.agents import target_client
 from tests.integration import test_transfer_admission as admission
 from tests.integration.test_transfer_admission import (  # noqa: F401  (start_target is a fixture)
     BS,

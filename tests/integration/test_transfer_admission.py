@@ -21,7 +21,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from controller import lab
-from controller.agents import target_client
+from controller.engine.agents import target_client
 from tests.integration.conftest import signed_open
 from vmrepl.batch import DATA, MAX_MESSAGE_BYTES, MAX_OPEN_BYTES, RAW, encode_batch, encode_open
 from vmrepl.block import digest

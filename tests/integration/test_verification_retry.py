@@ -13,7 +13,7 @@ import dataclasses
 import os
 import subprocess
 
-from controller.agents import AgentClient
+from controller.engine.agents import AgentClient
 from proxy_agent.verify import choose_sample, unsent_blocks
 from tests.integration.conftest import Lab, qemu_identical
 from tests.integration.test_incremental import ranges_source

@@ -6,7 +6,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from controller.agents import AgentClient, AgentPool
+from controller.engine.agents import AgentClient, AgentPool
 from vmrepl.config import TlsSettings
 
 

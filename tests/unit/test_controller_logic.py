@@ -4,9 +4,9 @@ import datetime as dt
 
 import pytest
 
-from controller.placement import ProxySlot, choose_proxy
-from controller.retention import points_to_delete
-from controller.states import (
+from controller.engine.placement import ProxySlot, choose_proxy
+from controller.engine.retention import points_to_delete
+from controller.engine.states import (
     ChangeChoice,
     ChangeMode,
     DiskStart,
@@ -145,7 +145,7 @@ def test_recovery_after_a_controller_restart(state: TaskState, knows: bool | Non
 
 
 def test_bottleneck_is_the_stage_with_the_largest_share() -> None:
-    from controller.statistics import Shares, compression_ratio, rate, shares
+    from controller.observability.statistics import Shares, compression_ratio, rate, shares
 
     # 10 s transfer, 2 threads: source 12 s summed = 0.6 per thread; target 8 s = 0.8.
     s = shares([({"source_read": 12.0, "compress": 4.0, "network_wait": 1.0, "target_write": 8.0, "threads": 2}, 10.0)])
@@ -163,7 +163,7 @@ def test_bottleneck_is_the_stage_with_the_largest_share() -> None:
 def test_a_free_slot_goes_to_the_session_served_least_then_the_longest_waiting() -> None:
     from collections import Counter
 
-    from controller.slots import Waiter, yields_to
+    from controller.engine.slots import Waiter, yields_to
 
     big1 = Waiter("big", "t", since=1, usable=frozenset({"p"}))
     big2 = Waiter("big", "t", since=2, usable=frozenset({"p"}))

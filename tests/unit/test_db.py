@@ -17,9 +17,9 @@ from sqlalchemy import JSON, DateTime, column, insert, inspect, select, table, t
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from controller import paging
-from controller.api import BY_NAME, RESTORE_POINTS, SESSIONS
-from controller.db.engine import downgrade, make_engine, migrate, open_database, sqlite_url
+from controller.api import paging
+from controller.api.service import BY_NAME, RESTORE_POINTS, SESSIONS
+from controller.db.connect import downgrade, make_engine, migrate, open_database, sqlite_url
 from controller.db.models import Base, Credential, Host, Job, JobVm, RestorePoint, Session, Target
 from controller.db.secrets import SecretBox, create_key_file
 from vmrepl.errors import ConfigError, SecurityError
@@ -195,7 +195,7 @@ async def test_a_page_deep_in_a_list_is_an_index_range_read(
 _LOG_PROBE = """
 import asyncio, logging, sys
 from sqlalchemy import text
-from controller.db.engine import make_engine
+from controller.db.connect import make_engine
 from vmrepl.logs import configure_logging
 
 configure_logging(level="debug")

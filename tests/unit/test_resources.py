@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 from cryptography.fernet import Fernet
 
-from controller import paging
-from controller import resources as res
+from controller.api import paging
+from controller.api import resources as res
 from controller.db.secrets import SecretBox
-from controller.runtime import replica_folder
+from controller.engine.runtime import replica_folder
 from vmrepl.errors import FailedPrecondition, InvalidArgument
 from vmrepl.v1 import controller_pb2 as api
 
@@ -56,7 +56,7 @@ def b64(raw: bytes) -> str:
 
 
 def test_page_tokens_round_trip_and_anything_else_is_invalid_argument() -> None:
-    from controller.api import BY_NAME, SESSIONS
+    from controller.api.service import BY_NAME, SESSIONS
     from controller.db.models import Job, Session
 
     t = dt.datetime(2026, 11, 30, 17, 1, 2, 345678)

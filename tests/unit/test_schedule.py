@@ -8,7 +8,7 @@ from collections.abc import Mapping
 
 import pytest
 
-from controller.schedule import decide_after, decide_continuous, decide_timed, next_slot, parse_schedule
+from controller.scheduling.schedule import decide_after, decide_continuous, decide_timed, next_slot, parse_schedule
 from vmrepl.errors import InvalidArgument
 
 UTC = dt.UTC

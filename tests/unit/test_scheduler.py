@@ -7,11 +7,11 @@ from pathlib import Path
 
 from sqlalchemy import select
 
-from controller.db.engine import open_database, sqlite_url
+from controller.db.connect import open_database, sqlite_url
 from controller.db.models import Host, Job, JobVm, Session, Target
-from controller.journal import Journal
-from controller.scheduler import Scheduler
-from controller.states import SessionState
+from controller.engine.journal import Journal
+from controller.engine.states import SessionState
+from controller.scheduling.scheduler import Scheduler
 
 T0 = dt.datetime(2026, 11, 23, 21, 0, tzinfo=dt.UTC)  # a Monday
 

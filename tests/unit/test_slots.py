@@ -7,8 +7,8 @@ from collections.abc import Awaitable, Callable
 
 import pytest
 
-from controller.placement import ProxySlot
-from controller.slots import NoProxy, SlotBoard
+from controller.engine.placement import ProxySlot
+from controller.engine.slots import NoProxy, SlotBoard
 
 
 def _lister(answers: list[bool]) -> tuple[list[int], Callable[[], Awaitable[list[ProxySlot]]]]:

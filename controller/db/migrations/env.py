@@ -1,4 +1,4 @@
-"""Alembic environment: runs on the connection the controller hands over (controller.db.engine.migrate)."""
+"""Alembic environment: runs on the connection the controller hands over (controller.db.connect.migrate)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from controller.db.models import Base
 
 connection = context.config.attributes.get("connection")
 if connection is None:
-    raise RuntimeError("run migrations through controller.db.engine.migrate, which passes a connection")
+    raise RuntimeError("run migrations through controller.db.connect.migrate, which passes a connection")
 context.configure(
     connection=connection,
     target_metadata=Base.metadata,

@@ -7,7 +7,7 @@ Create Date: 2026-11-30 17:00:00.000000
 A job's webhook was stored as {"url": ..., "failures_only": ...}, the URL in clear although its userinfo,
 path or query often carries a credential. It becomes {"sealed_url", "shown_url", "failures_only"}: the
 URL sealed with the controller's secret key, as credentials' secrets are, and the redacted form replies
-show. Converting needs the key: controller.db.engine.migrate passes it.
+show. Converting needs the key: controller.db.connect.migrate passes it.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ _jobs = sa.table("jobs", sa.column("id", sa.String), sa.column("webhook", sa.JSO
 
 
 def _shown(url: str) -> str:
-    """The redaction of controller.resources.redact_url as of this revision (a migration does not follow
+    """The redaction of controller.api.resources.redact_url as of this revision (a migration does not follow
     later changes of the code)."""
     try:
         parts = urlsplit(url)

@@ -22,7 +22,7 @@ class AgentClient:
     address: str
     channel: Any
     stub: Any
-    # The agent's certificate name, once asked (controller.disk_task.proxy_identity).
+    # The agent's certificate name, once asked (controller.engine.transfer.proxy_identity).
     identity: str = ""
 
     async def close(self) -> None:

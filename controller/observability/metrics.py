@@ -8,8 +8,8 @@ from prometheus_client import Counter, Gauge
 from sqlalchemy import func, select
 
 from controller.db.models import Session, Task
-from controller.journal import Journal
-from controller.states import SessionState, TaskState
+from controller.engine.journal import Journal
+from controller.engine.states import SessionState, TaskState
 from vmrepl.metrics import count_transfer
 from vmrepl.v1 import proxy_pb2
 

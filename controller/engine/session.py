@@ -22,12 +22,11 @@ import grpc
 from sqlalchemy import Select, delete, select
 from tenacity import AsyncRetrying, retry_if_exception, stop_after_delay, wait_exponential
 
-from controller import metrics
-from controller.agents import READY_WITHIN_SECONDS, AgentClient
 from controller.db.models import HeldCheckpoint, Job, JobVm, RestorePoint, Session, SessionVm, Task, now
-from controller.retention import points_to_delete
-from controller.runtime import EngineParts, SessionContext
-from controller.states import (
+from controller.engine.agents import READY_WITHIN_SECONDS, AgentClient
+from controller.engine.retention import points_to_delete
+from controller.engine.runtime import EngineParts, SessionContext
+from controller.engine.states import (
     FINAL_VM,
     DiskStart,
     HeldCheckpointView,
@@ -38,13 +37,14 @@ from controller.states import (
     session_outcome,
     vm_after_transfers,
 )
-from controller.task import TaskRunner, transient
+from controller.engine.task import TaskRunner, transient
+from controller.observability import metrics
 from vmrepl.errors import FailedPrecondition, NotFound, VmreplError
 from vmrepl.logs import get_logger
 from vmrepl.providers.base import Checkpoint, VmInfo
 from vmrepl.v1 import target_pb2
 
-log = get_logger("vmrepl.controller.session")
+log = get_logger("vmrepl.controller.engine.session")
 ERRORS = (VmreplError, grpc.aio.AioRpcError)
 
 

@@ -14,14 +14,14 @@ import contextlib
 from sqlalchemy import select
 
 from controller.db.models import Host, Job, Session, Target, now
-from controller.providers import provider_for
-from controller.runtime import EngineParts, JobView, SessionContext, TargetView
-from controller.session import SessionRun, describe
-from controller.states import SessionState
+from controller.engine.providers import provider_for
+from controller.engine.runtime import EngineParts, JobView, SessionContext, TargetView
+from controller.engine.session import SessionRun, describe
+from controller.engine.states import SessionState
 from vmrepl.errors import FailedPrecondition, NotFound, VmreplError
 from vmrepl.logs import get_logger
 
-log = get_logger("vmrepl.controller.engine")
+log = get_logger("vmrepl.controller.engine.sessions")
 ACTIVE = (SessionState.RUNNING.value, SessionState.STOPPING.value)
 
 

@@ -2,7 +2,7 @@
 
 The engine never keeps a decision only in memory: it writes the new state,
 commits, then calls the agent or the provider. After a crash it reads the
-states back and continues (see controller/session.py). Writes are serialised
+states back and continues (see controller/engine/session.py). Writes are serialised
 (one controller process owns the database), which also keeps SQLite from
 returning "database is locked" under concurrent tasks.
 
@@ -24,7 +24,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from vmrepl.errors import FailedPrecondition
 from vmrepl.logs import get_logger
 
-log = get_logger("vmrepl.controller.journal")
+log = get_logger("vmrepl.controller.engine.journal")
 CRASH_EXIT_CODE = 70
 M = TypeVar("M")
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
-from controller.agents import AgentClient
+from controller.engine.agents import AgentClient
 from vmrepl.errors import FailedPrecondition, TransferError
 from vmrepl.security.ticket import sign_ticket
 from vmrepl.v1 import common_pb2, proxy_pb2, target_pb2

@@ -20,14 +20,12 @@ import grpc
 from sqlalchemy import select
 from tenacity import AsyncRetrying, retry_if_exception, stop_after_delay, wait_exponential
 
-from controller import metrics
-from controller.agents import AgentClient
 from controller.db.models import HeldCheckpoint, Proxy, RestorePoint, Task, now
-from controller.disk_task import COMPARE, DiskTaskSpec, prepare, proxy_identity, start_request, trusted_change
-from controller.placement import ProxySlot
-from controller.runtime import EngineParts, SessionContext
-from controller.slots import NoProxy
-from controller.states import (
+from controller.engine.agents import AgentClient
+from controller.engine.placement import ProxySlot
+from controller.engine.runtime import EngineParts, SessionContext
+from controller.engine.slots import NoProxy
+from controller.engine.states import (
     TERMINAL_TASK,
     ChangeChoice,
     ChangeMode,
@@ -38,13 +36,15 @@ from controller.states import (
     choose_change,
     reconcile_task,
 )
+from controller.engine.transfer import COMPARE, DiskTaskSpec, prepare, proxy_identity, start_request, trusted_change
+from controller.observability import metrics
 from vmrepl.errors import FailedPrecondition, VmreplError
 from vmrepl.logs import get_logger
 from vmrepl.progress import busy
 from vmrepl.providers.base import Checkpoint
 from vmrepl.v1 import common_pb2, proxy_pb2, target_pb2
 
-log = get_logger("vmrepl.controller.task")
+log = get_logger("vmrepl.controller.engine.task")
 
 FORMATS = {
     "raw": common_pb2.DISK_FORMAT_RAW,

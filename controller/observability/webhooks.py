@@ -18,15 +18,15 @@ from google.protobuf import json_format
 from sqlalchemy import select
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt, wait_exponential
 
+from controller.api.resources import redact_url
 from controller.db.models import Job, Session
 from controller.db.secrets import SecretBox
-from controller.journal import Journal
-from controller.resources import redact_url
-from controller.states import SessionState
+from controller.engine.journal import Journal
+from controller.engine.states import SessionState
 from vmrepl.errors import SecurityError
 from vmrepl.logs import get_logger
 
-log = get_logger("vmrepl.controller.notify")
+log = get_logger("vmrepl.controller.observability.webhooks")
 POLL_SECONDS = 1.0
 
 

@@ -22,8 +22,8 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from controller.db.models import Credential, Host, Job, JobVm, Proxy, Target
 from controller.db.secrets import SecretBox
-from controller.providers import PROVIDERS
-from controller.schedule import parse_schedule
+from controller.engine.providers import PROVIDERS
+from controller.scheduling.schedule import parse_schedule
 from vmrepl.errors import InvalidArgument, NotFound
 from vmrepl.extent import valid_block_size
 from vmrepl.names import check_relative

@@ -18,7 +18,7 @@ from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from itertools import count
 
-from controller.placement import ProxySlot, choose_proxy
+from controller.engine.placement import ProxySlot, choose_proxy
 from vmrepl.errors import FailedPrecondition
 
 

@@ -16,8 +16,9 @@ from google.protobuf import empty_pb2
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from controller import paging
-from controller import resources as res
+from controller.api import paging
+from controller.api import resources as res
+from controller.api.sessions_view import log_entry, session_msg
 from controller.db.models import (
     Credential,
     Host,
@@ -30,12 +31,11 @@ from controller.db.models import (
     Task,
 )
 from controller.db.secrets import SecretBox
-from controller.engine import ACTIVE, Engine
-from controller.journal import Journal
-from controller.providers import check_host
-from controller.runtime import LiveProgress
-from controller.session_log import read_session_log
-from controller.sessions_view import log_entry, session_msg
+from controller.engine.journal import Journal
+from controller.engine.providers import check_host
+from controller.engine.runtime import LiveProgress
+from controller.engine.sessions import ACTIVE, Engine
+from controller.observability.session_log import read_session_log
 from vmrepl.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from vmrepl.rpc import handle_errors
 from vmrepl.security.tls import require_role
@@ -103,7 +103,7 @@ class ControllerServicer(controller_pb2_grpc.ControllerServiceServicer):
         where: Any = None,
         maximum: int = paging.MAX_PAGE,
     ) -> tuple[list[R], str]:
-        """One page of a list, by key: an indexed range read however deep the page (controller.paging)."""
+        """One page of a list, by key: an indexed range read however deep the page (controller.api.paging)."""
         limit = paging.page_size(request.page_size, maximum)
         q = paging.page_query(keyset, limit=limit, token=request.page_token, where=where)
         async with self.reads() as db:

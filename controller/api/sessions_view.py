@@ -7,9 +7,9 @@ import datetime as dt
 import json
 from typing import Any
 
+from controller.api.resources import timestamp
 from controller.db.models import Session, SessionVm, Task
-from controller.resources import timestamp
-from controller.statistics import Shares, compression_ratio, rate, shares
+from controller.observability.statistics import Shares, compression_ratio, rate, shares
 from vmrepl.progress import busy as progress_busy
 from vmrepl.v1 import controller_pb2 as api
 from vmrepl.v1 import proxy_pb2

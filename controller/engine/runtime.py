@@ -9,9 +9,9 @@ from typing import Protocol
 
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
-from controller.agents import AgentPool
-from controller.journal import Journal
-from controller.slots import SlotBoard
+from controller.engine.agents import AgentPool
+from controller.engine.journal import Journal
+from controller.engine.slots import SlotBoard
 from vmrepl.errors import FailedPrecondition, PathError
 from vmrepl.names import check_name
 from vmrepl.providers.base import Provider, VmInfo

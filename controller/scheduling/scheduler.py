@@ -1,6 +1,6 @@
 """The scheduler: each tick, starts the jobs that are due and stops sessions whose backup window closed.
 
-Decisions are controller.schedule's (pure); this loop reads the jobs and their sessions, asks, and acts
+Decisions are controller.scheduling.schedule's (pure); this loop reads the jobs and their sessions, asks, and acts
 through the engine. Its bookmark per job (`jobs.schedule_handled_until`) is written with each decision,
 so slots missed while the controller was down start one run when it is back (if inside the permitted
 hours), not one per missed slot. The clock is injected: tests drive it.
@@ -16,14 +16,21 @@ from typing import Protocol
 from sqlalchemy import func, select
 
 from controller.db.models import Job, Session
-from controller.engine import ACTIVE
-from controller.journal import Journal
-from controller.schedule import Decision, Schedule, decide_after, decide_continuous, decide_timed, parse_schedule
-from controller.states import SessionState
+from controller.engine.journal import Journal
+from controller.engine.sessions import ACTIVE
+from controller.engine.states import SessionState
+from controller.scheduling.schedule import (
+    Decision,
+    Schedule,
+    decide_after,
+    decide_continuous,
+    decide_timed,
+    parse_schedule,
+)
 from vmrepl.errors import VmreplError
 from vmrepl.logs import get_logger
 
-log = get_logger("vmrepl.controller.scheduler")
+log = get_logger("vmrepl.controller.scheduling.scheduler")
 
 
 class Sessions(Protocol):

@@ -1,0 +1,5 @@
+"""`python -m controller.cli`: the operator CLI."""
+
+from controller.cli.main import main
+
+main()
