@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import datetime as dt
 import logging
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, Protocol
 
 from sqlalchemy.ext.asyncio import async_sessionmaker
 
@@ -28,6 +29,7 @@ from vmrepl.logs import get_logger
 from vmrepl.metrics import serve_metrics
 from vmrepl.rpc import Service
 from vmrepl.security.ticket import load_signing_key
+from vmrepl.supervise import stop_all
 from vmrepl.v1 import controller_pb2
 
 log = get_logger("vmrepl.controller")
@@ -40,6 +42,26 @@ def secret_box(settings: ControllerSettings) -> SecretBox:
         create_key_file(key_file)
         log.info("secret_key_created", path=str(key_file))
     return SecretBox.from_file(key_file)
+
+
+class Stoppable(Protocol):
+    async def shutdown(self, grace: float) -> None: ...
+
+
+async def shut_down(
+    background: Sequence[asyncio.Task[Any]],
+    engine: Stoppable,
+    *,
+    grace: float,
+    then: Sequence[Callable[[], Awaitable[None]]],
+) -> None:
+    """The daemon's stop: the background loops first (no new session may start while the running ones
+    stop), then the engine's sessions, then the closers in order. A background task that died or kept
+    failing is logged by stop_all, never raised here: the engine still shuts down."""
+    await stop_all(background)
+    await engine.shutdown(grace)
+    for close in then:
+        await close()
 
 
 async def serve(settings: ControllerSettings) -> None:
@@ -74,22 +96,19 @@ async def serve(settings: ControllerSettings) -> None:
     serve_metrics(settings.metrics_listen, settings.tls, plain_http=settings.metrics_plain_http)
     offset = dt.timedelta(seconds=settings.test_clock_offset_seconds)
     clock = (lambda: utc_now() + offset) if offset else utc_now
-    scheduler = asyncio.create_task(Scheduler(journal=journal, engine=engine, clock=clock).run(), name="scheduler")
-    gauges = asyncio.create_task(metrics.keep_fresh(journal), name="metrics")
     notifier = Notifier(
         journal=journal, secrets=secrets, render=servicer.session, backoff_seconds=settings.webhook_backoff_seconds
     )
-    webhooks = asyncio.create_task(notifier.run(), name="webhooks")
+    # Each supervised (vmrepl.supervise): a failure is logged and retried, never the end of the loop.
+    background = [
+        asyncio.create_task(Scheduler(journal=journal, engine=engine, clock=clock).run(), name="scheduler"),
+        asyncio.create_task(metrics.keep_fresh(journal), name="metrics"),
+        asyncio.create_task(notifier.run(), name="webhooks"),
+    ]
 
     async def stop() -> None:
-        for background in (scheduler, gauges, webhooks):  # no new session may start while the running ones stop
-            background.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await background
-        await engine.shutdown(settings.stop_timeout_seconds)
-        await agents.close()
-        await api_db.dispose()
-        await engine_db.dispose()
+        closers = (agents.close, api_db.dispose, engine_db.dispose)
+        await shut_down(background, engine, grace=settings.stop_timeout_seconds, then=closers)
 
     await serve_services(
         listen=settings.listen,

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-import asyncio
+import functools
+from typing import NoReturn
 
 from prometheus_client import Counter, Gauge
 from sqlalchemy import func, select
@@ -11,6 +12,7 @@ from controller.db.models import Session, Task
 from controller.engine.journal import Journal
 from controller.engine.states import SessionState, TaskState
 from vmrepl.metrics import count_transfer
+from vmrepl.supervise import every
 from vmrepl.v1 import proxy_pb2
 
 SESSIONS = Gauge("vmrepl_sessions", "Sessions in the database, by state", ["state"])
@@ -57,7 +59,6 @@ async def refresh(journal: Journal) -> None:
     TASKS.labels("waiting").set(tasks.get(TaskState.PENDING, 0))
 
 
-async def keep_fresh(journal: Journal) -> None:
-    while True:
-        await refresh(journal)
-        await asyncio.sleep(REFRESH_SECONDS)
+async def keep_fresh(journal: Journal) -> NoReturn:
+    """The gauges refreshed every few seconds; a failed refresh (the database away) is logged and retried."""
+    await every(REFRESH_SECONDS, functools.partial(refresh, journal), name="metrics")

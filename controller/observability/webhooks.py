@@ -9,9 +9,9 @@ The URL is stored sealed (controller.db.secrets) and opened only to be requested
 
 from __future__ import annotations
 
-import asyncio
+import functools
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NoReturn
 
 import httpx
 from google.protobuf import json_format
@@ -25,6 +25,7 @@ from controller.engine.journal import Journal
 from controller.engine.states import SessionState
 from vmrepl.errors import SecurityError
 from vmrepl.logs import get_logger
+from vmrepl.supervise import every
 
 log = get_logger("vmrepl.controller.observability.webhooks")
 POLL_SECONDS = 1.0
@@ -52,16 +53,9 @@ class Notifier:
         self.backoff = backoff_seconds
         self.timeout = timeout
 
-    async def run(self) -> None:
+    async def run(self) -> NoReturn:
         async with httpx.AsyncClient(timeout=self.timeout, follow_redirects=False) as client:
-            while True:
-                try:
-                    await self.deliver_pending(client)
-                except asyncio.CancelledError:
-                    raise
-                except Exception:
-                    log.exception("notifier_failed")
-                await asyncio.sleep(POLL_SECONDS)
+            await every(POLL_SECONDS, functools.partial(self.deliver_pending, client), name="webhooks")
 
     async def deliver_pending(self, client: httpx.AsyncClient) -> None:
         async with self.journal.read() as db:

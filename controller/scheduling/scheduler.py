@@ -8,10 +8,9 @@ hours), not one per missed slot. The clock is injected: tests drive it.
 
 from __future__ import annotations
 
-import asyncio
 import datetime as dt
 from collections.abc import Callable
-from typing import Protocol
+from typing import NoReturn, Protocol
 
 from sqlalchemy import func, select
 
@@ -29,6 +28,7 @@ from controller.scheduling.schedule import (
 )
 from vmrepl.errors import VmreplError
 from vmrepl.logs import get_logger
+from vmrepl.supervise import every
 
 log = get_logger("vmrepl.controller.scheduling.scheduler")
 
@@ -59,15 +59,8 @@ class Scheduler:
         self.tick = tick
         self._invalid: set[str] = set()  # jobs whose bad schedule was logged once
 
-    async def run(self) -> None:
-        while True:
-            try:
-                await self.tick_once()
-            except asyncio.CancelledError:
-                raise
-            except Exception:  # one bad tick must not end scheduling for good
-                log.exception("scheduler_tick_failed")
-            await asyncio.sleep(self.tick)
+    async def run(self) -> NoReturn:
+        await every(self.tick, self.tick_once, name="scheduler")  # a failed tick is logged and tried again
 
     async def tick_once(self) -> None:
         now = self.clock()
