@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +13,7 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker, create_async_engine
 
 from controller.db.secrets import SecretBox
+from vmrepl.errors import ConfigError
 
 MIGRATIONS = Path(__file__).with_name("migrations")
 
@@ -52,14 +54,32 @@ def alembic_config(connection: Connection | None = None, secrets: SecretBox | No
 
 async def migrate(engine: AsyncEngine, revision: str = "head", *, secrets: SecretBox | None = None) -> None:
     """Apply every pending migration (run at controller start)."""
-    async with engine.begin() as conn:
-        await conn.run_sync(lambda sync_conn: command.upgrade(alembic_config(sync_conn, secrets), revision))
+    await _run_alembic(engine, lambda cfg: command.upgrade(cfg, revision), secrets)
 
 
 async def downgrade(engine: AsyncEngine, revision: str, *, secrets: SecretBox | None = None) -> None:
     """Go back to an earlier migration (tests of the migrations; an operator's downgrade)."""
-    async with engine.begin() as conn:
-        await conn.run_sync(lambda sync_conn: command.downgrade(alembic_config(sync_conn, secrets), revision))
+    await _run_alembic(engine, lambda cfg: command.downgrade(cfg, revision), secrets)
+
+
+async def _run_alembic(engine: AsyncEngine, run: Callable[[Config], None], secrets: SecretBox | None) -> None:
+    """One Alembic command in one transaction. On SQLite with foreign keys off meanwhile: Alembic alters a
+    table there by copying it and dropping the old one, and that drop would delete the rows of every table
+    whose foreign key cascades. The keys are checked before the commit instead, and on again after it."""
+    async with engine.connect() as conn:
+        sqlite = conn.dialect.name == "sqlite"
+        if sqlite:
+            await conn.exec_driver_sql("PRAGMA foreign_keys=OFF")  # ignored inside a transaction: before it
+            await conn.commit()
+        try:
+            async with conn.begin():
+                await conn.run_sync(lambda sync_conn: run(alembic_config(sync_conn, secrets)))
+                if sqlite and (await conn.exec_driver_sql("PRAGMA foreign_key_check")).first() is not None:
+                    raise ConfigError("the database has rows whose foreign keys point nowhere: migration rolled back")
+        finally:
+            if sqlite:
+                await conn.exec_driver_sql("PRAGMA foreign_keys=ON")
+                await conn.commit()
 
 
 async def open_database(url: str, *, secrets: SecretBox | None = None) -> tuple[AsyncEngine, async_sessionmaker[Any]]:

@@ -9,7 +9,6 @@ from typing import Any
 from sqlalchemy import (
     JSON,
     BigInteger,
-    DateTime,
     ForeignKey,
     Index,
     Integer,
@@ -19,6 +18,9 @@ from sqlalchemy import (
     UniqueConstraint,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+from controller.db.enums import Notification, SessionState, TaskState, VmState
+from controller.db.types import UtcDateTime, state_type
 
 
 def new_id() -> str:
@@ -30,7 +32,7 @@ def now() -> dt.datetime:
 
 
 class Base(DeclarativeBase):
-    type_annotation_map = {dict[str, Any]: JSON, list[Any]: JSON, dt.datetime: DateTime(timezone=True)}
+    type_annotation_map = {dict[str, Any]: JSON, list[Any]: JSON, dt.datetime: UtcDateTime()}
 
 
 class Credential(Base):
@@ -131,13 +133,15 @@ class Session(Base):
     )
     id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
     job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
-    state: Mapped[str] = mapped_column(String(16), index=True)
+    state: Mapped[SessionState] = mapped_column(state_type(SessionState, constraint="ck_sessions_state"), index=True)
     started_at: Mapped[dt.datetime] = mapped_column(default=now)
     ended_at: Mapped[dt.datetime | None]
     error: Mapped[str] = mapped_column(Text, default="")
     stats: Mapped[dict[str, Any]] = mapped_column(default=dict)
-    # The job's webhook for this session: "" none, "pending" (set with the end state), "sent", "failed".
-    notification: Mapped[str] = mapped_column(String(16), default="")
+    # The job's webhook for this session (NONE when the job has none).
+    notification: Mapped[Notification] = mapped_column(
+        state_type(Notification, constraint="ck_sessions_notification"), default=Notification.NONE
+    )
 
 
 class SessionVm(Base):
@@ -149,7 +153,7 @@ class SessionVm(Base):
     session_id: Mapped[str] = mapped_column(ForeignKey("sessions.id", ondelete="CASCADE"), index=True)
     vm_id: Mapped[str] = mapped_column(String(256))
     vm_name: Mapped[str] = mapped_column(String(256))
-    state: Mapped[str] = mapped_column(String(16))
+    state: Mapped[VmState] = mapped_column(state_type(VmState, constraint="ck_session_vms_state"))
     checkpoint_id: Mapped[str] = mapped_column(String(128), default="")
     checkpoint_reference: Mapped[str] = mapped_column(String(256), default="")
     # The checkpoint came from an earlier session (held for resume): remove its held record with it.
@@ -170,7 +174,7 @@ class Task(Base):
     vm_id: Mapped[str] = mapped_column(String(256))
     vm_name: Mapped[str] = mapped_column(String(256))
     disk_id: Mapped[str] = mapped_column(String(128))
-    state: Mapped[str] = mapped_column(String(16))
+    state: Mapped[TaskState] = mapped_column(state_type(TaskState, constraint="ck_tasks_state"))
     proxy_id: Mapped[str | None] = mapped_column(ForeignKey("proxies.id", ondelete="SET NULL"))
     transfer_id: Mapped[str] = mapped_column(String(64), default="")
     checkpoint_id: Mapped[str] = mapped_column(String(128), default="")

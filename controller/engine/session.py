@@ -22,17 +22,16 @@ import grpc
 from sqlalchemy import Select, delete, select
 from tenacity import AsyncRetrying, retry_if_exception, stop_after_delay, wait_exponential
 
+from controller.db.enums import Notification, SessionState, TaskState, VmState
 from controller.db.models import HeldCheckpoint, Job, JobVm, RestorePoint, Session, SessionVm, Task, now
 from controller.engine.agents import READY_WITHIN_SECONDS, AgentClient
 from controller.engine.retention import points_to_delete
 from controller.engine.runtime import EngineParts, SessionContext
 from controller.engine.states import (
+    ACTIVE_SESSION,
     FINAL_VM,
     DiskStart,
     HeldCheckpointView,
-    SessionState,
-    TaskState,
-    VmState,
     plan_vm,
     session_outcome,
     vm_after_transfers,
@@ -115,12 +114,11 @@ class SessionRun:
             )
         view = None
         if held is not None:
-            deadline = held.deadline if held.deadline.tzinfo else held.deadline.replace(tzinfo=dt.UTC)
             view = HeldCheckpointView(
                 held.checkpoint_id,
-                deadline,
-                frozenset(t.disk_id for t in earlier if t.state == TaskState.RESUMABLE),
-                frozenset(t.disk_id for t in earlier if t.state == TaskState.SUCCEEDED),
+                held.deadline,
+                frozenset(t.disk_id for t in earlier if t.state is TaskState.RESUMABLE),
+                frozenset(t.disk_id for t in earlier if t.state is TaskState.SUCCEEDED),
             )
         plan = plan_vm([d.disk_id for d in disks], view, now=now())
         row = SessionVm(session_id=self.sc.session_id, vm_id=vm.vm_id, vm_name=vm.name, state=VmState.PLANNED)
@@ -149,10 +147,10 @@ class SessionRun:
             tasks = list(await db.scalars(select(Task).where(Task.session_id == self.sc.session_id)))
             vms = list(await db.scalars(select(SessionVm).where(SessionVm.session_id == self.sc.session_id)))
         stopped = self.sc.stopping.is_set()
-        if error or any(v.state == VmState.FAILED for v in vms):
+        if error or any(v.state is VmState.FAILED for v in vms):
             state = SessionState.FAILED
         else:
-            state = session_outcome((TaskState(t.state) for t in tasks), stopped=stopped)
+            state = session_outcome((t.state for t in tasks), stopped=stopped)
             if any(v.state in (VmState.HELD, VmState.STOPPED) for v in vms):
                 state = SessionState.INCOMPLETE
         errors = [f"{v.vm_name}: {v.error}" for v in vms if v.error]
@@ -161,10 +159,11 @@ class SessionRun:
             row = await db.get(Session, self.sc.session_id)
             job = await db.get(Job, self.sc.job.job_id)
             if row is not None:
-                row.state, row.ended_at, row.stats = state.value, now(), stats
+                row.state, row.ended_at, row.stats = state, now(), stats
                 row.error = error or "; ".join(errors)
                 # Recorded with the end state, so a crash before delivery still delivers it after restart.
-                row.notification = "pending" if job is not None and job.has_webhook else ""
+                webhook = job is not None and job.has_webhook
+                row.notification = Notification.PENDING if webhook else Notification.NONE
         self.parts.live.forget(self.sc.session_id)
         metrics.session_ended(state)
         self.log.info("session_ended", state=state.value, **stats)
@@ -200,7 +199,7 @@ def session_stats(tasks: list[Task], vms: list[SessionVm]) -> dict[str, object]:
         "skipped": skipped,
         "vms": len(vms),
         "disks": len(tasks),
-        "tasks": {s.value: sum(1 for t in tasks if t.state == s) for s in TaskState},
+        "tasks": {s.value: sum(1 for t in tasks if t.state is s) for s in TaskState},
         "restore_points": sum(1 for v in vms if v.restore_point_id),
     }
 
@@ -227,7 +226,7 @@ class VmRun:
         async with self.parts.journal.change(f"vm {new}", session_id=self.sc.session_id, vm=self.row_id) as db:
             row = await db.get(SessionVm, self.row_id)
             if row is not None:
-                row.state = new.value
+                row.state = new
                 for k, v in values.items():
                     setattr(row, k, v)
 
@@ -243,7 +242,7 @@ class VmRun:
         row = await self._row()
         self.log = self.log.bind(vm_id=row.vm_id, vm=row.vm_name)
         while True:
-            while (state := VmState(row.state)) not in FINAL_VM:
+            while (state := row.state) not in FINAL_VM:
                 try:
                     await handlers[state](row)
                 except asyncio.CancelledError:
@@ -252,14 +251,14 @@ class VmRun:
                     await self._failed(row, state, describe(e))
                 row = await self._row()
             if not await self._retry(row):
-                return VmState(row.state)
+                return row.state
             row = await self._row()
 
     async def _retry(self, row: SessionVm) -> bool:
         """A failed VM is tried again, after the job's wait, while retries are left and the session runs.
         The other VMs go on meanwhile. The retry takes a new checkpoint and runs every disk again, so
         the restore point is consistent; tasks get new transfer ids (see TaskRunner)."""
-        if row.state != VmState.FAILED or row.attempt > self.sc.job.retries or self.sc.stopping.is_set():
+        if row.state is not VmState.FAILED or row.attempt > self.sc.job.retries or self.sc.stopping.is_set():
             return False
         if not await self._tasks(row):  # not found when planned: nothing to run again
             return False
@@ -272,12 +271,12 @@ class VmRun:
             for t in await db.scalars(
                 select(Task).where(Task.session_id == self.sc.session_id, Task.vm_id == row.vm_id)
             ):
-                t.state, t.proxy_id, t.transfer_id, t.error = TaskState.PENDING.value, None, "", ""
+                t.state, t.proxy_id, t.transfer_id, t.error = TaskState.PENDING, None, "", ""
                 t.change_mode, t.since_reference, t.committed_offset, t.stats = "", "", 0, {}
                 t.start, t.resume_session_id, t.ended_at = DiskStart.FRESH.value, "", None
             vm = await db.get(SessionVm, row.id)
             if vm is not None:
-                vm.state, vm.attempt = VmState.PLANNED.value, row.attempt + 1
+                vm.state, vm.attempt = VmState.PLANNED, row.attempt + 1
                 vm.checkpoint_id, vm.checkpoint_reference, vm.checkpoint_reused = "", "", False
                 vm.error = f"attempt {row.attempt}: {row.error}"
         return True
@@ -300,7 +299,7 @@ class VmRun:
             for t in open_tasks:
                 task = await db.get(Task, t.id)
                 if task is not None:
-                    task.state, task.error, task.ended_at = state.value, error, now()
+                    task.state, task.error, task.ended_at = state, error, now()
 
     async def _release_expired(self, row: SessionVm) -> None:
         """A checkpoint held by an earlier session past its deadline goes before a new one is taken."""
@@ -343,7 +342,6 @@ class VmRun:
 
     async def _checkpoints_in_use(self, row: SessionVm) -> dict[str, str]:
         """The VM's checkpoints held for a resume or being read by a session that runs: id -> by whom."""
-        active = (SessionState.RUNNING.value, SessionState.STOPPING.value)
         reading = (
             select(SessionVm.checkpoint_id, Job.name)
             .join(Session, Session.id == SessionVm.session_id)
@@ -352,8 +350,8 @@ class VmRun:
                 SessionVm.vm_id == row.vm_id,
                 SessionVm.id != row.id,
                 SessionVm.checkpoint_id != "",
-                SessionVm.state.not_in([s.value for s in FINAL_VM]),
-                Session.state.in_(active),
+                SessionVm.state.not_in(FINAL_VM),
+                Session.state.in_(ACTIVE_SESSION),
             )
         )
         held = select(HeldCheckpoint.checkpoint_id, Job.name).join(Job, Job.id == HeldCheckpoint.job_id)
@@ -467,7 +465,7 @@ class VmRun:
         final = VmState.DONE if row.restore_point_id else VmState.FAILED
         error = row.error
         if final is VmState.FAILED and not error:
-            failed = [t for t in await self._tasks(row) if t.state == TaskState.FAILED]
+            failed = [t for t in await self._tasks(row) if t.state is TaskState.FAILED]
             error = "; ".join(f"disk {t.disk_id}: {t.error}" for t in failed) or "no restore point"
         async with self.parts.journal.change(f"vm {final}", vm=row.vm_id) as db:
             await db.execute(
@@ -479,7 +477,7 @@ class VmRun:
             )
             vm = await db.get(SessionVm, row.id)
             if vm is not None:
-                vm.state, vm.error = final.value, error
+                vm.state, vm.error = final, error
 
     async def _hold(self, row: SessionVm) -> None:
         deadline = now() + dt.timedelta(seconds=self.sc.job.checkpoint_deadline_seconds)
@@ -503,5 +501,5 @@ class VmRun:
                 held.session_id = self.sc.session_id
             vm = await db.get(SessionVm, row.id)
             if vm is not None:
-                vm.state = VmState.HELD.value
+                vm.state = VmState.HELD
         self.log.info("checkpoint_held", checkpoint_id=row.checkpoint_id)

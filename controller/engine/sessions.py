@@ -13,16 +13,17 @@ import contextlib
 
 from sqlalchemy import select
 
+from controller.db.enums import SessionState
 from controller.db.models import Host, Job, Session, Target, now
 from controller.engine.providers import provider_for
 from controller.engine.runtime import EngineParts, JobView, SessionContext, TargetView
 from controller.engine.session import SessionRun, describe
-from controller.engine.states import SessionState
+from controller.engine.states import ACTIVE_SESSION
 from vmrepl.errors import FailedPrecondition, NotFound, VmreplError
 from vmrepl.logs import get_logger
 
 log = get_logger("vmrepl.controller.engine.sessions")
-ACTIVE = (SessionState.RUNNING.value, SessionState.STOPPING.value)
+ACTIVE = ACTIVE_SESSION  # until the API imports ACTIVE_SESSION itself
 
 
 def job_view(job: Job) -> JobView:
@@ -66,7 +67,7 @@ class Engine:
             running = await db.scalar(select(Session).where(Session.job_id == job_id, Session.state.in_(ACTIVE)))
             if running is not None:
                 raise FailedPrecondition(f"job {job.name} is already running (session {running.id})")
-            session = Session(job_id=job_id, state=SessionState.RUNNING.value, started_at=now())
+            session = Session(job_id=job_id, state=SessionState.RUNNING, started_at=now())
             db.add(session)
         await self._launch(session.id, stopping=False)
         return session
@@ -84,7 +85,7 @@ class Engine:
         async with self.parts.journal.change("session stopping", session_id=session_id) as db:
             row = await db.get(Session, session_id)
             if row is not None and row.state == SessionState.RUNNING:
-                row.state = SessionState.STOPPING.value
+                row.state = SessionState.STOPPING
         run = self._runs.get(session_id)
         if run is not None:
             run[0].stopping.set()
@@ -140,7 +141,7 @@ class Engine:
         async with self.parts.journal.change("session ended", session_id=session_id) as db:
             row = await db.get(Session, session_id)
             if row is not None:
-                row.state, row.error, row.ended_at = SessionState.FAILED.value, error, now()
+                row.state, row.error, row.ended_at = SessionState.FAILED, error, now()
 
     async def shutdown(self, grace: float) -> None:
         """SIGTERM: stop every session cleanly (disks stay resumable), waiting at most `grace` seconds."""

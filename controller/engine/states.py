@@ -1,5 +1,6 @@
 """Session and task states, their legal transitions, and the decisions taken from them. Pure.
 
+The states themselves are the values the database stores (controller.db.enums).
 The engine records every transition in the database *before* acting on it;
 after a crash it reads these states back and `reconcile_task` says what to
 do with each task.
@@ -12,23 +13,7 @@ import enum
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-
-class TaskState(enum.StrEnum):
-    PENDING = "pending"  # planned, no proxy yet
-    STARTING = "starting"  # a StartDiskTransfer is being sent (the proxy may or may not have it)
-    RUNNING = "running"  # the proxy is streaming (transfer_id recorded)
-    SUCCEEDED = "succeeded"
-    RESUMABLE = "resumable"  # stopped with a committed offset, checkpoint held: the next run resumes it
-    FAILED = "failed"
-
-
-class SessionState(enum.StrEnum):
-    RUNNING = "running"
-    STOPPING = "stopping"
-    SUCCEEDED = "succeeded"
-    INCOMPLETE = "incomplete"  # some disks left resumable (stopped, window closed)
-    FAILED = "failed"
-
+from controller.db.enums import SessionState, TaskState, VmState
 
 TASK_TRANSITIONS: dict[TaskState, frozenset[TaskState]] = {
     TaskState.PENDING: frozenset({TaskState.STARTING, TaskState.FAILED, TaskState.RESUMABLE}),
@@ -42,6 +27,8 @@ TASK_TRANSITIONS: dict[TaskState, frozenset[TaskState]] = {
     TaskState.FAILED: frozenset(),
 }
 TERMINAL_TASK = frozenset({TaskState.SUCCEEDED, TaskState.RESUMABLE, TaskState.FAILED})
+# A session in these states has work left (a job has at most one); a tuple, for SQL's IN.
+ACTIVE_SESSION = (SessionState.RUNNING, SessionState.STOPPING)
 
 
 class IllegalTransition(ValueError):
@@ -122,21 +109,6 @@ def _reuse_start(disk_id: str, held: HeldCheckpointView) -> DiskStart:
     if disk_id in held.resumable_disks:
         return DiskStart.RESUME
     return DiskStart.DONE if disk_id in held.done_disks else DiskStart.FRESH
-
-
-class VmState(enum.StrEnum):
-    """One VM in one session; each state names the next action, taken after the state is written."""
-
-    PLANNED = "planned"  # next: release a held checkpoint past its deadline, then take a checkpoint
-    CHECKPOINTING = "checkpointing"  # next: remove orphans of a crash, create the checkpoint
-    TRANSFERRING = "transferring"  # next: run the disk tasks
-    COMMITTING = "committing"  # next: commit the restore point on the target, apply retention
-    RELEASING = "releasing"  # next: remove the checkpoint
-    HOLDING = "holding"  # next: keep the checkpoint for the disks left to resume
-    DONE = "done"  # restore point committed, checkpoint removed
-    HELD = "held"  # disks left to resume, checkpoint kept
-    STOPPED = "stopped"  # stopped before a checkpoint existed: nothing to keep
-    FAILED = "failed"
 
 
 FINAL_VM = frozenset({VmState.DONE, VmState.HELD, VmState.STOPPED, VmState.FAILED})

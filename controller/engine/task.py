@@ -13,13 +13,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import datetime as dt
 from collections.abc import Sequence
 
 import grpc
 from sqlalchemy import select
 from tenacity import AsyncRetrying, retry_if_exception, stop_after_delay, wait_exponential
 
+from controller.db.enums import TaskState
 from controller.db.models import HeldCheckpoint, Proxy, RestorePoint, Task, now
 from controller.engine.agents import AgentClient
 from controller.engine.placement import ProxySlot
@@ -31,7 +31,6 @@ from controller.engine.states import (
     ChangeMode,
     DiskStart,
     Recovery,
-    TaskState,
     check_task_transition,
     choose_change,
     reconcile_task,
@@ -105,7 +104,7 @@ class TaskRunner:
             task = await db.get(Task, self.task_id)
             if task is None:
                 raise FailedPrecondition(f"task {self.task_id} vanished from the database")
-            task.state = check_task_transition(TaskState(task.state), new)
+            task.state = check_task_transition(task.state, new)
             for k, v in values.items():
                 setattr(task, k, v)
             if new in TERMINAL_TASK:
@@ -114,8 +113,8 @@ class TaskRunner:
 
     async def run(self) -> TaskState:
         task = await self._task()
-        if TaskState(task.state) in TERMINAL_TASK:
-            return TaskState(task.state)
+        if task.state in TERMINAL_TASK:
+            return task.state
         self.log = self.log.bind(vm_id=task.vm_id, disk_id=task.disk_id)
         try:
             final = await self._drive(task)
@@ -127,7 +126,7 @@ class TaskRunner:
             message = e.details() if isinstance(e, grpc.aio.AioRpcError) else str(e)
             self.log.warning("task_failed", error=message)
             task = await self._task()
-            started = TaskState(task.state) in (TaskState.STARTING, TaskState.RUNNING)
+            started = task.state in (TaskState.STARTING, TaskState.RUNNING)
             # A disk already streaming stays resumable when its proxy is gone (none answers, or the watch
             # kept failing to connect): the target keeps what it made durable. One never started failed.
             gone = isinstance(e, NoProxy) or transient(e)
@@ -150,7 +149,7 @@ class TaskRunner:
             )
 
     async def _drive(self, task: Task) -> proxy_pb2.TransferProgress:
-        state = TaskState(task.state)
+        state = task.state
         if state in (TaskState.STARTING, TaskState.RUNNING) and task.proxy_id:
             proxy = await self._proxy_row(task.proxy_id)
             knows = await self._proxy_knows(proxy, task.transfer_id) if proxy else None
@@ -239,8 +238,7 @@ class TaskRunner:
                 )
             )
         if held is not None:
-            deadline = held.deadline if held.deadline.tzinfo else held.deadline.replace(tzinfo=dt.UTC)
-            return deadline.timestamp()
+            return held.deadline.timestamp()
         return self.checkpoint.created_at + self.sc.job.checkpoint_deadline_seconds
 
     def _spec(self, task: Task, change: proxy_pb2.ChangeSource, *, ticket_expires: float) -> DiskTaskSpec:

@@ -8,9 +8,10 @@ from typing import NoReturn
 from prometheus_client import Counter, Gauge
 from sqlalchemy import func, select
 
+from controller.db.enums import SessionState, TaskState
 from controller.db.models import Session, Task
 from controller.engine.journal import Journal
-from controller.engine.states import SessionState, TaskState
+from controller.engine.states import ACTIVE_SESSION
 from vmrepl.metrics import count_transfer
 from vmrepl.supervise import every
 from vmrepl.v1 import proxy_pb2
@@ -45,7 +46,7 @@ async def refresh(journal: Journal) -> None:
     """Gauges from the database (sessions by state, tasks running and waiting)."""
     async with journal.read() as db:
         by_state = dict((await db.execute(select(Session.state, func.count()).group_by(Session.state))).all())
-        active = select(Session.id).where(Session.state.in_([SessionState.RUNNING, SessionState.STOPPING]))
+        active = select(Session.id).where(Session.state.in_(ACTIVE_SESSION))
         tasks = dict(
             (
                 await db.execute(
@@ -54,7 +55,7 @@ async def refresh(journal: Journal) -> None:
             ).all()
         )
     for s in SessionState:
-        SESSIONS.labels(s.value).set(by_state.get(s.value, 0))
+        SESSIONS.labels(s.value).set(by_state.get(s, 0))
     TASKS.labels("running").set(tasks.get(TaskState.STARTING, 0) + tasks.get(TaskState.RUNNING, 0))
     TASKS.labels("waiting").set(tasks.get(TaskState.PENDING, 0))
 

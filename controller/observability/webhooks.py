@@ -19,10 +19,10 @@ from sqlalchemy import select
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt, wait_exponential
 
 from controller.api.resources import redact_url
+from controller.db.enums import Notification, SessionState
 from controller.db.models import Job, Session
 from controller.db.secrets import SecretBox
 from controller.engine.journal import Journal
-from controller.engine.states import SessionState
 from vmrepl.errors import SecurityError
 from vmrepl.logs import get_logger
 from vmrepl.supervise import every
@@ -61,12 +61,16 @@ class Notifier:
         async with self.journal.read() as db:
             rows = (
                 await db.execute(
-                    select(Session, Job).join(Job, Job.id == Session.job_id).where(Session.notification == "pending")
+                    select(Session, Job)
+                    .join(Job, Job.id == Session.job_id)
+                    .where(Session.notification == Notification.PENDING)
                 )
             ).all()
         for session, job in rows:
-            skip = not job.has_webhook or (job.webhook.get("failures_only") and session.state != SessionState.FAILED)
-            outcome = "skipped" if skip else await self._deliver(client, job, await self._body(session, job))
+            skip = not job.has_webhook or (
+                job.webhook.get("failures_only") and session.state is not SessionState.FAILED
+            )
+            outcome = Notification.SKIPPED if skip else await self._deliver(client, job, await self._body(session, job))
             async with self.journal.write() as db:
                 row = await db.get(Session, session.id)
                 if row is not None:
@@ -84,12 +88,12 @@ class Notifier:
             "statistics": json_format.MessageToDict(msg.stats, preserving_proto_field_name=True),
         }
 
-    async def _deliver(self, client: httpx.AsyncClient, job: Job, body: dict[str, Any]) -> str:
+    async def _deliver(self, client: httpx.AsyncClient, job: Job, body: dict[str, Any]) -> Notification:
         try:
             url = self.secrets.open(str(job.webhook["sealed_url"]).encode("ascii"))
         except SecurityError as e:  # the key that sealed it is no longer configured
             log.error("webhook_failed", job=job.name, session=body["session"], error=str(e))
-            return "failed"
+            return Notification.FAILED
         host = redact_url(url)
         try:
             async for attempt in AsyncRetrying(
@@ -107,6 +111,6 @@ class Notifier:
         except (DeliveryFailed, httpx.HTTPError, httpx.InvalidURL, ValueError) as e:
             # The exception's type only: httpx's messages may quote the URL.
             log.error("webhook_failed", webhook=host, session=body["session"], error=type(e).__name__)
-            return "failed"
+            return Notification.FAILED
         log.info("webhook_sent", webhook=host, session=body["session"], state=body["state"])
-        return "sent"
+        return Notification.SENT

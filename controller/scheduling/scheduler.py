@@ -14,10 +14,10 @@ from typing import NoReturn, Protocol
 
 from sqlalchemy import func, select
 
+from controller.db.enums import SessionState
 from controller.db.models import Job, Session
 from controller.engine.journal import Journal
-from controller.engine.sessions import ACTIVE
-from controller.engine.states import SessionState
+from controller.engine.states import ACTIVE_SESSION
 from controller.scheduling.schedule import (
     Decision,
     Schedule,
@@ -45,10 +45,6 @@ def utc_now() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
 
 
-def _aware(t: dt.datetime | None) -> dt.datetime | None:
-    return t.replace(tzinfo=dt.UTC) if t is not None and t.tzinfo is None else t
-
-
 class Scheduler:
     def __init__(
         self, *, journal: Journal, engine: Sessions, clock: Callable[[], dt.datetime] = utc_now, tick: float = 1.0
@@ -73,7 +69,7 @@ class Scheduler:
             active = await self._active_session(job.id)
             if active is not None and schedule.window_closed(now):
                 session_id, state = active
-                if state == SessionState.RUNNING:  # once: a stopping session is already on its way out
+                if state is SessionState.RUNNING:  # once: a stopping session is already on its way out
                     log.info("backup_window_closed", job=job.name, session_id=session_id)
                     await self.engine.stop_job(job.id)
                 continue
@@ -91,21 +87,21 @@ class Scheduler:
                 self._invalid.add(job.id)
             return None
 
-    async def _active_session(self, job_id: str) -> tuple[str, str] | None:
+    async def _active_session(self, job_id: str) -> tuple[str, SessionState] | None:
         async with self.journal.read() as db:
             row = (
                 await db.execute(
-                    select(Session.id, Session.state).where(Session.job_id == job_id, Session.state.in_(ACTIVE))
+                    select(Session.id, Session.state).where(Session.job_id == job_id, Session.state.in_(ACTIVE_SESSION))
                 )
             ).first()
         return None if row is None else (row[0], row[1])
 
     async def _last_end(self, job_id: str) -> dt.datetime | None:
         async with self.journal.read() as db:
-            return _aware(await db.scalar(select(func.max(Session.ended_at)).where(Session.job_id == job_id)))
+            return await db.scalar(select(func.max(Session.ended_at)).where(Session.job_id == job_id))
 
     async def _decide(self, job: Job, s: Schedule, *, now: dt.datetime, running: bool) -> Decision:
-        handled = _aware(job.schedule_handled_until) or _aware(job.created_at) or now
+        handled = job.schedule_handled_until or job.created_at or now
         if s.kind in ("cron", "interval"):
             return decide_timed(s, now=now, handled_until=handled, running=running)
         if s.kind == "continuous":
@@ -118,7 +114,7 @@ class Scheduler:
         return Decision(False, None)
 
     async def _act(self, job: Job, decision: Decision) -> None:
-        if decision.handled_until is not None and decision.handled_until != _aware(job.schedule_handled_until):
+        if decision.handled_until is not None and decision.handled_until != job.schedule_handled_until:
             async with self.journal.write() as db:
                 row = await db.get(Job, job.id)
                 if row is not None:

@@ -4,6 +4,7 @@ import datetime as dt
 
 import pytest
 
+from controller.db.enums import SessionState, TaskState, VmState
 from controller.engine.placement import ProxySlot, choose_proxy
 from controller.engine.retention import points_to_delete
 from controller.engine.states import (
@@ -13,9 +14,6 @@ from controller.engine.states import (
     HeldCheckpointView,
     IllegalTransition,
     Recovery,
-    SessionState,
-    TaskState,
-    VmState,
     check_task_transition,
     choose_change,
     plan_vm,

@@ -13,14 +13,27 @@ import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from cryptography.fernet import Fernet
-from sqlalchemy import JSON, DateTime, column, insert, inspect, select, table, text
-from sqlalchemy.exc import IntegrityError
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy import JSON, column, func, insert, inspect, select, table, text
+from sqlalchemy.exc import IntegrityError, StatementError
+from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker
 
 from controller.api import paging
 from controller.api.service import BY_NAME, RESTORE_POINTS, SESSIONS
 from controller.db.connect import downgrade, make_engine, migrate, open_database, sqlite_url
-from controller.db.models import Base, Credential, Host, Job, JobVm, RestorePoint, Session, Target
+from controller.db.enums import Notification, SessionState, TaskState, VmState
+from controller.db.models import (
+    Base,
+    Credential,
+    HeldCheckpoint,
+    Host,
+    Job,
+    JobVm,
+    RestorePoint,
+    Session,
+    SessionVm,
+    Target,
+    Task,
+)
 from controller.db.secrets import SecretBox, create_key_file
 from vmrepl.errors import ConfigError, SecurityError
 
@@ -174,7 +187,7 @@ async def test_a_page_deep_in_a_list_is_an_index_range_read(
     try:
         row = keyset.model(**{c.key: "x" for c in keyset.columns})
         for c in keyset.columns:
-            if isinstance(c.type, DateTime):
+            if c.type.python_type is dt.datetime:
                 setattr(row, c.key, dt.datetime(2026, 11, 30, tzinfo=dt.UTC))
         q = paging.page_query(keyset, limit=100, token=keyset.token(row), where=where)
         compiled = q.compile(dialect=engine.dialect)
@@ -226,3 +239,135 @@ def test_no_library_logs_statement_parameters_at_debug_level(db_url: str) -> Non
     logged = out.stdout + out.stderr
     assert "INSERT INTO probe_t" in logged and "statement_failed" in logged, logged  # it did log, at debug
     assert "param-5ecret-41" not in logged, logged
+
+
+async def _job(sessions: Any) -> str:
+    async with sessions() as s, s.begin():
+        host, target = Host(name="h", provider="file", address="/x"), Target(name="t", address="a:1")
+        s.add_all([host, target])
+        await s.flush()
+        job = Job(name="j", host_id=host.id, target_id=target.id, replica_root="r/j")
+        s.add(job)
+        await s.flush()
+        return job.id
+
+
+async def test_times_come_back_aware_utc_and_naive_ones_are_refused(db_url: str) -> None:
+    engine, sessions = await open_database(db_url)
+    try:
+        job_id = await _job(sessions)
+        berlin = dt.timezone(dt.timedelta(hours=1))
+        started = dt.datetime(2026, 11, 30, 21, 15, 30, 123456, tzinfo=berlin)
+        async with sessions() as s, s.begin():
+            s.add(Session(id="s1", job_id=job_id, state=SessionState.SUCCEEDED, started_at=started, ended_at=started))
+        async with sessions() as s:
+            row = await s.get(Session, "s1")
+            assert row is not None and row.started_at == started and row.started_at.tzinfo is dt.UTC
+            assert row.started_at.hour == 20  # the same instant, in UTC
+            latest = await s.scalar(select(func.max(Session.ended_at)))  # an aggregate keeps the column's type
+            assert latest == started and latest.tzinfo is dt.UTC
+            # Compared in SQL with an aware value in another zone: the same instant matches.
+            assert await s.scalar(select(Session.id).where(Session.started_at == started.astimezone(dt.UTC))) == "s1"
+        if db_url.startswith("sqlite"):  # stored as earlier versions did: the UTC wall time, no zone
+            async with engine.connect() as conn:
+                stored = (await conn.exec_driver_sql("SELECT started_at FROM sessions")).scalar_one()
+            assert stored == "2026-11-30 20:15:30.123456"
+        with pytest.raises(StatementError, match="naive datetime"):
+            async with sessions() as s, s.begin():
+                s.add(Session(job_id=job_id, state=SessionState.RUNNING, started_at=dt.datetime(2026, 11, 30)))
+    finally:
+        await engine.dispose()
+
+
+async def test_states_come_back_as_enums_and_the_database_refuses_others(db_url: str) -> None:
+    engine, sessions = await open_database(db_url)
+    try:
+        job_id = await _job(sessions)
+        async with sessions() as s, s.begin():
+            s.add(Session(id="s1", job_id=job_id, state=SessionState.RUNNING, notification=Notification.PENDING))
+            s.add(SessionVm(session_id="s1", vm_id="v", vm_name="v", state=VmState.CHECKPOINTING))
+            s.add(Task(session_id="s1", vm_id="v", vm_name="v", disk_id="d", state=TaskState.RESUMABLE))
+        async with sessions() as s:
+            session = await s.get(Session, "s1")
+            vm = await s.scalar(select(SessionVm))
+            task = await s.scalar(select(Task))
+        assert session is not None and vm is not None and task is not None
+        assert session.state is SessionState.RUNNING and session.notification is Notification.PENDING
+        assert vm.state is VmState.CHECKPOINTING and task.state is TaskState.RESUMABLE
+        with pytest.raises(StatementError):  # refused before SQL: not a value of the enum
+            async with sessions() as s, s.begin():
+                row = await s.get(Session, "s1")
+                assert row is not None
+                row.state = "paused"  # type: ignore[assignment]
+        for statement in (  # and by the database, for a writer that is not this code
+            "UPDATE sessions SET state = 'paused'",
+            "UPDATE sessions SET notification = 'maybe'",
+            "UPDATE session_vms SET state = 'Running'",
+            "UPDATE tasks SET state = ''",
+        ):
+            with pytest.raises(IntegrityError):
+                async with engine.begin() as conn:
+                    await conn.execute(text(statement))
+    finally:
+        await engine.dispose()
+
+
+_PREVIOUS_HEAD_ROWS = """
+INSERT INTO hosts (id, name, provider, address, created_at) VALUES ('h', 'h', 'file', '/x', :t);
+INSERT INTO targets (id, name, address, tls_server_name, max_tasks) VALUES ('t', 't', 'a:1', '', 4);
+INSERT INTO jobs (id, name, host_id, target_id, replica_root, restore_points_to_keep, compression, block_size,
+    bandwidth_limit_mbps, change_tracking, guest_processing, exclusions, schedule, checkpoint_deadline_seconds,
+    retries, retry_wait_seconds, webhook, enabled, created_at)
+    VALUES ('j', 'j', 'h', 't', 'r/j', 7, 'default', 1048576, 0, 'auto', '{}', '{}', '{}', 86400, 2, 60, '{}',
+    true, :t);
+INSERT INTO sessions (id, job_id, state, started_at, ended_at, error, stats, notification)
+    VALUES ('s1', 'j', 'incomplete', :t, :t, '', '{}', 'pending');
+INSERT INTO sessions (id, job_id, state, started_at, error, stats, notification)
+    VALUES ('s2', 'j', 'running', :t, '', '{}', '');
+INSERT INTO session_vms (id, session_id, vm_id, vm_name, state, checkpoint_id, checkpoint_reference,
+    checkpoint_reused, restore_point_id, error, attempt)
+    VALUES ('v1', 's1', 'vm', 'vm', 'held', 'c1', 'ref', false, '', '', 1);
+INSERT INTO tasks (id, session_id, vm_id, vm_name, disk_id, state, transfer_id, checkpoint_id, committed_offset,
+    disk_size, stats, error, start, change_mode, since_reference, resume_session_id)
+    VALUES ('k1', 's1', 'vm', 'vm', 'd0', 'resumable', 'x', 'c1', 4096, 8192, '{}', '', 'fresh', 'full', '', '');
+INSERT INTO held_checkpoints (id, job_id, vm_id, checkpoint_id, reference, session_id, deadline)
+    VALUES ('hc', 'j', 'vm', 'c1', 'ref', 's1', :t);
+INSERT INTO restore_points (id, job_id, vm_id, session_id, created_at, reference) VALUES ('p1', 'j', 'vm', 's1', :t, '')
+"""
+_CHILD_TABLES = ("sessions", "session_vms", "tasks", "held_checkpoints", "restore_points")
+
+
+async def _counts(engine: AsyncEngine) -> dict[str, int]:
+    async with engine.connect() as conn:
+        return {t: (await conn.execute(text(f"SELECT count(*) FROM {t}"))).scalar_one() for t in _CHILD_TABLES}
+
+
+async def test_the_state_checks_migration_keeps_the_rows_the_previous_head_wrote(db_url: str) -> None:
+    engine = make_engine(db_url)
+    try:
+        await migrate(engine, "0007")
+        written = dt.datetime(2026, 11, 30, 19, 0, tzinfo=dt.UTC)
+        async with engine.begin() as conn:
+            for statement in _PREVIOUS_HEAD_ROWS.strip().split(";\n"):
+                await conn.execute(text(statement), {"t": written})
+        before = await _counts(engine)
+        assert before == {"sessions": 2, "session_vms": 1, "tasks": 1, "held_checkpoints": 1, "restore_points": 1}
+        await migrate(engine)  # the tables are copied on SQLite: no cascade may delete a child row
+        assert await _counts(engine) == before
+        sessions = async_sessionmaker(engine, expire_on_commit=False)
+        async with sessions() as s:
+            s1 = await s.get(Session, "s1")
+            held = await s.scalar(select(HeldCheckpoint))
+            task = await s.get(Task, "k1")
+        assert s1 is not None and s1.state is SessionState.INCOMPLETE and s1.notification is Notification.PENDING
+        assert s1.ended_at == written and held is not None and held.deadline == written
+        assert task is not None and task.state is TaskState.RESUMABLE and task.committed_offset == 4096
+        with pytest.raises(IntegrityError):
+            async with engine.begin() as conn:
+                await conn.execute(text("UPDATE tasks SET state = 'lost'"))
+        await downgrade(engine, "0007")  # and back, with the rows
+        assert await _counts(engine) == before
+        async with engine.begin() as conn:
+            await conn.execute(text("UPDATE tasks SET state = 'lost'"))  # unchecked again
+    finally:
+        await engine.dispose()

@@ -59,9 +59,9 @@ def test_page_tokens_round_trip_and_anything_else_is_invalid_argument() -> None:
     from controller.api.service import BY_NAME, SESSIONS
     from controller.db.models import Job, Session
 
-    t = dt.datetime(2026, 11, 30, 17, 1, 2, 345678)
-    token = SESSIONS.token(Session(started_at=t, id="ab12"))  # naive, as SQLite returns it: UTC
-    assert SESSIONS.parse(token) == [t.replace(tzinfo=dt.UTC), "ab12"]
+    t = dt.datetime(2026, 11, 30, 17, 1, 2, 345678, tzinfo=dt.UTC)  # as the database returns it: aware UTC
+    token = SESSIONS.token(Session(started_at=t, id="ab12"))
+    assert SESSIONS.parse(token) == [t, "ab12"]
     assert BY_NAME[Job].parse(BY_NAME[Job].token(Job(name="web"))) == ["web"]
     assert paging.line_offset(paging.line_token(42)) == 42 and paging.line_offset("") == 0
     bad = [
@@ -70,6 +70,7 @@ def test_page_tokens_round_trip_and_anything_else_is_invalid_argument() -> None:
         b64(b"\xff"),
         b64(json.dumps(["sessions", "not a time", "x"]).encode()),
         b64(json.dumps(["sessions", t.isoformat()]).encode()),
+        b64(json.dumps(["sessions", t.replace(tzinfo=None).isoformat(), "x"]).encode()),  # no offset: no reply's
         b64(json.dumps(["jobs", "web"]).encode()),  # another list's token
         b64(json.dumps(["sessions", 5, "x"]).encode()),
         b64(json.dumps(["sessions", "0001-01-01T00:00:00+14:00", "x"]).encode()),  # no UTC time: OverflowError

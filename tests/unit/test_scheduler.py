@@ -8,9 +8,10 @@ from pathlib import Path
 from sqlalchemy import select
 
 from controller.db.connect import open_database, sqlite_url
+from controller.db.enums import SessionState
 from controller.db.models import Host, Job, JobVm, Session, Target
 from controller.engine.journal import Journal
-from controller.engine.states import SessionState
+from controller.engine.states import ACTIVE_SESSION
 from controller.scheduling.scheduler import Scheduler
 
 T0 = dt.datetime(2026, 11, 23, 21, 0, tzinfo=dt.UTC)  # a Monday
@@ -40,7 +41,7 @@ class RecordingEngine:
         async with self.journal.write() as db:
             job = await db.get(Job, job_id)
             assert job is not None
-            s = Session(job_id=job_id, state=SessionState.RUNNING.value, started_at=self.clock())
+            s = Session(job_id=job_id, state=SessionState.RUNNING, started_at=self.clock())
             db.add(s)
         self.started.append((job.name, self.clock()))
         return s
@@ -48,9 +49,9 @@ class RecordingEngine:
     async def stop_job(self, job_id: str) -> Session:
         """Marks the session stopping (the real engine then takes a while to end it)."""
         async with self.journal.write() as db:
-            s = await db.scalar(select(Session).where(Session.job_id == job_id, Session.state == "running"))
+            s = await db.scalar(select(Session).where(Session.job_id == job_id, Session.state == SessionState.RUNNING))
             assert s is not None, "stop_job called for a session that is not running"
-            s.state = SessionState.STOPPING.value
+            s.state = SessionState.STOPPING
             job = await db.get(Job, job_id)
         assert job is not None
         self.stopped.append((job.name, self.clock()))
@@ -58,10 +59,10 @@ class RecordingEngine:
 
     async def end(self, job_id: str, state: SessionState) -> Session:
         async with self.journal.write() as db:
-            q = select(Session).where(Session.job_id == job_id, Session.state.in_(["running", "stopping"]))
+            q = select(Session).where(Session.job_id == job_id, Session.state.in_(ACTIVE_SESSION))
             s = await db.scalar(q)
             assert s is not None
-            s.state, s.ended_at = state.value, self.clock()
+            s.state, s.ended_at = state, self.clock()
         return s
 
 

@@ -1,0 +1,50 @@
+"""The states the database stores, as enums: the columns hold their values (controller.db.types.state_type)
+and hand back members, so code compares members, never strings. Pure: the rules over them (legal
+transitions, outcomes) are in controller.engine.states.
+"""
+
+from __future__ import annotations
+
+import enum
+
+
+class TaskState(enum.StrEnum):
+    PENDING = "pending"  # planned, no proxy yet
+    STARTING = "starting"  # a StartDiskTransfer is being sent (the proxy may or may not have it)
+    RUNNING = "running"  # the proxy is streaming (transfer_id recorded)
+    SUCCEEDED = "succeeded"
+    RESUMABLE = "resumable"  # stopped with a committed offset, checkpoint held: the next run resumes it
+    FAILED = "failed"
+
+
+class SessionState(enum.StrEnum):
+    RUNNING = "running"
+    STOPPING = "stopping"
+    SUCCEEDED = "succeeded"
+    INCOMPLETE = "incomplete"  # some disks left resumable (stopped, window closed)
+    FAILED = "failed"
+
+
+class VmState(enum.StrEnum):
+    """One VM in one session; each state names the next action, taken after the state is written."""
+
+    PLANNED = "planned"  # next: release a held checkpoint past its deadline, then take a checkpoint
+    CHECKPOINTING = "checkpointing"  # next: remove orphans of a crash, create the checkpoint
+    TRANSFERRING = "transferring"  # next: run the disk tasks
+    COMMITTING = "committing"  # next: commit the restore point on the target, apply retention
+    RELEASING = "releasing"  # next: remove the checkpoint
+    HOLDING = "holding"  # next: keep the checkpoint for the disks left to resume
+    DONE = "done"  # restore point committed, checkpoint removed
+    HELD = "held"  # disks left to resume, checkpoint kept
+    STOPPED = "stopped"  # stopped before a checkpoint existed: nothing to keep
+    FAILED = "failed"
+
+
+class Notification(enum.StrEnum):
+    """A session's webhook delivery (controller.observability.webhooks)."""
+
+    NONE = ""  # the job has no webhook
+    PENDING = "pending"  # set with the session's end state, in the same transaction: delivered after a crash too
+    SENT = "sent"
+    FAILED = "failed"  # the retries were spent, or the URL could not be opened
+    SKIPPED = "skipped"  # failures only, and the session did not fail
