@@ -32,8 +32,6 @@ from controller.engine.sessions import Engine
 from vmrepl.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from vmrepl.v1 import controller_pb2 as api
 
-READ = ("operator", "reader")
-WRITE = ("operator",)
 WATCH_INTERVAL = 0.5
 M = TypeVar("M")
 R = TypeVar("R")

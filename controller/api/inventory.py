@@ -9,7 +9,7 @@ from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from controller.api import resources as res
-from controller.api.base import BY_NAME, READ, WRITE, ApiBase
+from controller.api.base import BY_NAME, ApiBase
 from controller.db.models import (
     Credential,
     Host,
@@ -19,14 +19,12 @@ from controller.db.models import (
 )
 from controller.engine.providers import check_host
 from vmrepl.rpc import handle_errors
-from vmrepl.security.tls import require_role
 from vmrepl.v1 import controller_pb2 as api
 
 
 class InventoryApi(ApiBase):
     @handle_errors
     async def CreateCredential(self, request: api.CreateCredentialRequest, context: Any) -> Any:
-        require_role(context, *WRITE)
         res.check_id("credential_id", request.credential_id)
         res.check_username("credential.username", request.credential.username)
         res.check_secret("secret", request.secret)
@@ -40,14 +38,11 @@ class InventoryApi(ApiBase):
 
     @handle_errors
     async def GetCredential(self, request: api.GetCredentialRequest, context: Any) -> Any:
-        require_role(context, *READ)
         async with self.reads() as db:
             return res.credential_msg(await res.by_name(db, Credential, "name", request.name, "credentials"))
 
     @handle_errors
     async def ListCredentials(self, request: api.ListCredentialsRequest, context: Any) -> Any:
-        require_role(context, *READ)
-
         async def convert(_db: AsyncSession, rows: list[Credential]) -> list[api.Credential]:
             return [res.credential_msg(r) for r in rows]
 
@@ -56,7 +51,6 @@ class InventoryApi(ApiBase):
 
     @handle_errors
     async def UpdateCredential(self, request: api.UpdateCredentialRequest, context: Any) -> Any:
-        require_role(context, *WRITE)
         paths = res.mask_paths("update_mask", request.update_mask.paths, ("username", "secret"))
         async with self.journal.write() as db:
             row = await res.by_name(db, Credential, "credential.name", request.credential.name, "credentials")
@@ -68,8 +62,6 @@ class InventoryApi(ApiBase):
 
     @handle_errors
     async def DeleteCredential(self, request: api.DeleteCredentialRequest, context: Any) -> Any:
-        require_role(context, *WRITE)
-
         async def users(db: AsyncSession, row: Credential) -> list[str]:
             return [f"hosts/{h}" for h in await db.scalars(select(Host.name).where(Host.credential_id == row.id))]
 
@@ -80,8 +72,6 @@ class InventoryApi(ApiBase):
 
     @handle_errors
     async def CreateHost(self, request: api.CreateHostRequest, context: Any) -> Any:
-        require_role(context, *WRITE)
-
         async def fill(db: AsyncSession, row: Host) -> None:
             await res.apply_host(db, request.host, row, res.HOST_FIELDS)
             await check_host(row)
@@ -92,14 +82,11 @@ class InventoryApi(ApiBase):
 
     @handle_errors
     async def GetHost(self, request: api.GetHostRequest, context: Any) -> Any:
-        require_role(context, *READ)
         async with self.reads() as db:
             return await res.host_msg(db, await res.by_name(db, Host, "name", request.name, "hosts"))
 
     @handle_errors
     async def ListHosts(self, request: api.ListHostsRequest, context: Any) -> Any:
-        require_role(context, *READ)
-
         async def convert(db: AsyncSession, rows: list[Host]) -> list[api.Host]:
             return [await res.host_msg(db, r) for r in rows]
 
@@ -108,7 +95,6 @@ class InventoryApi(ApiBase):
 
     @handle_errors
     async def UpdateHost(self, request: api.UpdateHostRequest, context: Any) -> Any:
-        require_role(context, *WRITE)
         paths = res.mask_paths("update_mask", request.update_mask.paths, res.HOST_FIELDS)
         async with self.journal.write() as db:
             row = await res.by_name(db, Host, "host.name", request.host.name, "hosts")
@@ -119,8 +105,6 @@ class InventoryApi(ApiBase):
 
     @handle_errors
     async def DeleteHost(self, request: api.DeleteHostRequest, context: Any) -> Any:
-        require_role(context, *WRITE)
-
         async def users(db: AsyncSession, row: Host) -> list[str]:
             return [f"jobs/{j}" for j in await db.scalars(select(Job.name).where(Job.host_id == row.id))]
 
@@ -131,8 +115,6 @@ class InventoryApi(ApiBase):
 
     @handle_errors
     async def CreateProxy(self, request: api.CreateProxyRequest, context: Any) -> Any:
-        require_role(context, *WRITE)
-
         async def fill(db: AsyncSession, row: Proxy) -> None:
             await res.apply_agent(db, "proxy", request.proxy, row, res.PROXY_FIELDS)
 
@@ -142,14 +124,11 @@ class InventoryApi(ApiBase):
 
     @handle_errors
     async def GetProxy(self, request: api.GetProxyRequest, context: Any) -> Any:
-        require_role(context, *READ)
         async with self.reads() as db:
             return await res.proxy_msg(db, await res.by_name(db, Proxy, "name", request.name, "proxies"))
 
     @handle_errors
     async def ListProxies(self, request: api.ListProxiesRequest, context: Any) -> Any:
-        require_role(context, *READ)
-
         async def convert(db: AsyncSession, rows: list[Proxy]) -> list[api.Proxy]:
             return [await res.proxy_msg(db, r) for r in rows]
 
@@ -158,7 +137,6 @@ class InventoryApi(ApiBase):
 
     @handle_errors
     async def UpdateProxy(self, request: api.UpdateProxyRequest, context: Any) -> Any:
-        require_role(context, *WRITE)
         paths = res.mask_paths("update_mask", request.update_mask.paths, res.PROXY_FIELDS)
         async with self.journal.write() as db:
             row = await res.by_name(db, Proxy, "proxy.name", request.proxy.name, "proxies")
@@ -168,7 +146,6 @@ class InventoryApi(ApiBase):
 
     @handle_errors
     async def DeleteProxy(self, request: api.DeleteProxyRequest, context: Any) -> Any:
-        require_role(context, *WRITE)
         await self._delete(Proxy, "name", request.name, "proxies")
         return empty_pb2.Empty()
 
@@ -176,8 +153,6 @@ class InventoryApi(ApiBase):
 
     @handle_errors
     async def CreateTarget(self, request: api.CreateTargetRequest, context: Any) -> Any:
-        require_role(context, *WRITE)
-
         async def fill(db: AsyncSession, row: Target) -> None:
             await res.apply_agent(db, "target", request.target, row, res.TARGET_FIELDS)
 
@@ -185,14 +160,11 @@ class InventoryApi(ApiBase):
 
     @handle_errors
     async def GetTarget(self, request: api.GetTargetRequest, context: Any) -> Any:
-        require_role(context, *READ)
         async with self.reads() as db:
             return res.target_msg(await res.by_name(db, Target, "name", request.name, "targets"))
 
     @handle_errors
     async def ListTargets(self, request: api.ListTargetsRequest, context: Any) -> Any:
-        require_role(context, *READ)
-
         async def convert(_db: AsyncSession, rows: list[Target]) -> list[api.Target]:
             return [res.target_msg(r) for r in rows]
 
@@ -201,7 +173,6 @@ class InventoryApi(ApiBase):
 
     @handle_errors
     async def UpdateTarget(self, request: api.UpdateTargetRequest, context: Any) -> Any:
-        require_role(context, *WRITE)
         paths = res.mask_paths("update_mask", request.update_mask.paths, res.TARGET_FIELDS)
         async with self.journal.write() as db:
             row = await res.by_name(db, Target, "target.name", request.target.name, "targets")
@@ -210,8 +181,6 @@ class InventoryApi(ApiBase):
 
     @handle_errors
     async def DeleteTarget(self, request: api.DeleteTargetRequest, context: Any) -> Any:
-        require_role(context, *WRITE)
-
         async def users(db: AsyncSession, row: Target) -> list[str]:
             return [f"jobs/{j}" for j in await db.scalars(select(Job.name).where(Job.target_id == row.id))]
 

@@ -11,7 +11,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from controller.api import paging
 from controller.api import resources as res
-from controller.api.base import READ, RESTORE_POINTS, SESSIONS, WATCH_INTERVAL, ApiBase
+from controller.api.base import RESTORE_POINTS, SESSIONS, WATCH_INTERVAL, ApiBase
 from controller.api.sessions_view import log_entry
 from controller.db.models import (
     RestorePoint,
@@ -20,19 +20,16 @@ from controller.db.models import (
 from controller.observability.session_log import read_session_log
 from vmrepl.errors import NotFound
 from vmrepl.rpc import handle_errors
-from vmrepl.security.tls import require_role
 from vmrepl.v1 import controller_pb2 as api
 
 
 class SessionsApi(ApiBase):
     @handle_errors
     async def GetSession(self, request: api.GetSessionRequest, context: Any) -> Any:
-        require_role(context, *READ)
         return await self._session(self._session_id("name", request.name))
 
     @handle_errors
     async def ListSessions(self, request: api.ListSessionsRequest, context: Any) -> Any:
-        require_role(context, *READ)
         where = Session.job_id == await self._job_id("job", request.job) if request.job else None
         out, token = await self._list(
             request, SESSIONS, self._session_msgs, where=where, maximum=paging.MAX_SESSION_PAGE
@@ -41,7 +38,6 @@ class SessionsApi(ApiBase):
 
     @handle_errors
     async def WatchSession(self, request: api.WatchSessionRequest, context: Any) -> AsyncIterator[api.Session]:
-        require_role(context, *READ)
         session_id = self._session_id("name", request.name)
         last = b""
         while True:
@@ -57,7 +53,6 @@ class SessionsApi(ApiBase):
 
     @handle_errors
     async def GetSessionLog(self, request: api.GetSessionLogRequest, context: Any) -> Any:
-        require_role(context, *READ)
         session_id = self._session_id("name", request.name)
         async with self.reads() as db:
             if await db.scalar(select(Session.id).where(Session.id == session_id)) is None:
@@ -71,7 +66,6 @@ class SessionsApi(ApiBase):
 
     @handle_errors
     async def ListRestorePoints(self, request: api.ListJobRestorePointsRequest, context: Any) -> Any:
-        require_role(context, *READ)
         job_id = await self._job_id("parent", request.parent)
         job_name = request.parent.removeprefix("jobs/")
 

@@ -106,6 +106,7 @@ class FakeContext:
         self.pem = pem
         self.written: list[Any] = []
         self.status: tuple[grpc.StatusCode, str] | None = None
+        self.trailing_metadata: tuple[tuple[str, bytes], ...] = ()
 
     def auth_context(self) -> dict[str, list[bytes]]:
         return {"x509_pem_cert": [self.pem]}
@@ -113,8 +114,11 @@ class FakeContext:
     async def write(self, message: Any) -> None:
         self.written.append(message)
 
-    async def abort(self, code: grpc.StatusCode, details: str) -> None:
+    async def abort(
+        self, code: grpc.StatusCode, details: str, trailing_metadata: tuple[tuple[str, bytes], ...] = ()
+    ) -> None:
         self.status = (code, details)
+        self.trailing_metadata = trailing_metadata
         raise Aborted
 
 
