@@ -23,6 +23,7 @@ from sqlalchemy import Select, delete, select
 from tenacity import AsyncRetrying, retry_if_exception, stop_after_delay, wait_exponential
 
 from controller.db.models import HeldCheckpoint, Job, JobVm, RestorePoint, Session, SessionVm, Task, now
+from controller.engine import counters
 from controller.engine.agents import READY_WITHIN_SECONDS, AgentClient
 from controller.engine.retention import points_to_delete
 from controller.engine.runtime import EngineParts, SessionContext
@@ -38,7 +39,6 @@ from controller.engine.states import (
     vm_after_transfers,
 )
 from controller.engine.task import TaskRunner, transient
-from controller.observability import metrics
 from vmrepl.errors import FailedPrecondition, NotFound, VmreplError
 from vmrepl.logs import get_logger
 from vmrepl.providers.base import Checkpoint, VmInfo
@@ -166,7 +166,7 @@ class SessionRun:
                 # Recorded with the end state, so a crash before delivery still delivers it after restart.
                 row.notification = "pending" if job is not None and job.has_webhook else ""
         self.parts.live.forget(self.sc.session_id)
-        metrics.session_ended(state)
+        counters.session_ended(state)
         self.log.info("session_ended", state=state.value, **stats)
         return state
 

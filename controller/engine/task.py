@@ -21,6 +21,7 @@ from sqlalchemy import select
 from tenacity import AsyncRetrying, retry_if_exception, stop_after_delay, wait_exponential
 
 from controller.db.models import HeldCheckpoint, Proxy, RestorePoint, Task, now
+from controller.engine import counters
 from controller.engine.agents import AgentClient
 from controller.engine.placement import ProxySlot
 from controller.engine.runtime import EngineParts, SessionContext
@@ -37,7 +38,6 @@ from controller.engine.states import (
     reconcile_task,
 )
 from controller.engine.transfer import COMPARE, DiskTaskSpec, prepare, proxy_identity, start_request, trusted_change
-from controller.observability import metrics
 from vmrepl.errors import FailedPrecondition, VmreplError
 from vmrepl.logs import get_logger
 from vmrepl.progress import busy
@@ -380,7 +380,7 @@ class TaskRunner:
         else:
             end, error = TaskState.FAILED, f"{final.error_code}: {final.error_message}".strip(": ")
         await self._set(end, f"task {end}", committed_offset=final.committed_offset, stats=stats, error=error)
-        metrics.task_ended(end, final)
+        counters.task_ended(end, final)
         self.log.info("task_ended", state=end.value, committed_offset=final.committed_offset, error=error)
         return end
 

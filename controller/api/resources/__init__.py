@@ -25,7 +25,7 @@ from controller.api.resources.hosts import (
     check_host_folder,
     host_msg,
 )
-from controller.api.resources.jobs import JOB_FIELDS, apply_job, job_msg, redact_url, roots_overlap
+from controller.api.resources.jobs import JOB_FIELDS, apply_job, job_msg, roots_overlap
 
 __all__ = [
     "COMPRESSIONS",
@@ -52,7 +52,6 @@ __all__ = [
     "mask_paths",
     "parse_name",
     "proxy_msg",
-    "redact_url",
     "roots_overlap",
     "target_msg",
     "timestamp",

@@ -13,6 +13,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from controller.api.resources.common import COMPRESSIONS, TRACKING, by_name, check_printable, timestamp
 from controller.db.models import Host, Job, JobVm, Target
 from controller.db.secrets import SecretBox
+from controller.observability.webhooks import redact_url
 from controller.scheduling.schedule import parse_schedule
 from vmrepl.errors import InvalidArgument
 from vmrepl.extent import valid_block_size
@@ -38,22 +39,6 @@ JOB_FIELDS = (
     "retries",
     "retry_wait_seconds",
 )
-
-
-def redact_url(url: str) -> str:
-    """Scheme, host and port only: a webhook's userinfo, path, query or fragment often carries a credential.
-    "/…" marks that something was left out."""
-    try:
-        parts = urlsplit(url)
-        host, port = parts.hostname or "", parts.port
-    except ValueError:  # never stored (the API refuses it), but never echoed either
-        return "(unreadable URL)"
-    netloc = f"[{host}]" if ":" in host else host
-    if port is not None:
-        netloc += f":{port}"
-    hidden = parts.username is not None or parts.password is not None
-    hidden = hidden or bool(parts.path.strip("/") or parts.query or parts.fragment)
-    return f"{parts.scheme}://{netloc}" + ("/…" if hidden else "")
 
 
 def _struct(value: dict[str, Any]) -> struct_pb2.Struct:
