@@ -58,14 +58,14 @@ class Served:
     certs: lab.LabCerts
 
     def channel(self, identity: str) -> grpc.aio.Channel:
-        return secure_channel(self.address, TlsSettings(**self.certs.tls(identity)))  # type: ignore[arg-type]
+        return secure_channel(self.address, TlsSettings.model_validate(self.certs.tls(identity)))
 
 
 @pytest.fixture
 async def controller(tmp_path: Path) -> AsyncIterator[Served]:
     """The ControllerService as the daemon serves it (controller_service: the servicer and its roles)."""
     certs = lab.LabCerts.create(tmp_path / "certs")
-    tls = TlsSettings(**certs.tls("controller"))  # type: ignore[arg-type]
+    tls = TlsSettings.model_validate(certs.tls("controller"))
     db, sessions = await open_database(sqlite_url(tmp_path / "controller.db"))
     create_key_file(tmp_path / "secret.key")
     journal = Journal(sessions)
@@ -144,7 +144,7 @@ async def test_only_invalid_argument_carries_details(controller: Served) -> None
 
 async def test_the_proxy_refuses_a_caller_without_the_controller_role(tmp_path: Path) -> None:
     certs = lab.LabCerts.create(tmp_path / "certs")
-    settings = ProxySettings(source_roots=[tmp_path], tls=TlsSettings(**certs.tls("proxy")))  # type: ignore[arg-type]
+    settings = ProxySettings.model_validate({"source_roots": [tmp_path], "tls": certs.tls("proxy")})
     servicer = ProxyAgentServicer(settings)
     service = Service(proxy_pb2.DESCRIPTOR.services_by_name["ProxyAgent"], servicer, roles=PROXY_ROLES)
     server, port, _ = await start_server(
