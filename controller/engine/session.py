@@ -126,7 +126,7 @@ class SessionRun:
         row = SessionVm(session_id=self.sc.session_id, vm_id=vm.vm_id, vm_name=vm.name, state=VmState.PLANNED)
         if plan.reuse_checkpoint is not None and held is not None:
             row.state, row.checkpoint_id = VmState.TRANSFERRING, held.checkpoint_id
-            row.checkpoint_reference, row.checkpoint_reused = held.reference, True
+            row.checkpoint_reference = held.reference
         tasks: list[SessionVm | Task] = [row]
         for d in disks:
             start = plan.disks[d.disk_id]
@@ -278,7 +278,7 @@ class VmRun:
             vm = await db.get(SessionVm, row.id)
             if vm is not None:
                 vm.state, vm.attempt = VmState.PLANNED.value, row.attempt + 1
-                vm.checkpoint_id, vm.checkpoint_reference, vm.checkpoint_reused = "", "", False
+                vm.checkpoint_id, vm.checkpoint_reference = "", ""
                 vm.error = f"attempt {row.attempt}: {row.error}"
         return True
 
@@ -482,7 +482,7 @@ class VmRun:
                 vm.state, vm.error = final.value, error
 
     async def _hold(self, row: SessionVm) -> None:
-        deadline = now() + dt.timedelta(seconds=self.sc.job.checkpoint_deadline_seconds)
+        deadline = now() + dt.timedelta(seconds=self.sc.job.checkpoint_hold_seconds)
         async with self.parts.journal.change("vm held", vm=row.vm_id) as db:
             held: HeldCheckpoint | None = await db.scalar(held_checkpoint(self.sc.job.job_id, row.vm_id))
             if held is None:

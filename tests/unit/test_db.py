@@ -144,6 +144,9 @@ async def test_migration_seals_stored_webhook_urls_and_needs_the_key(tmp_path: P
         assert set(stored) == {"sealed_url", "shown_url", "failures_only"} and stored["failures_only"] is True
         assert box.open(stored["sealed_url"].encode()) == HOOK_URL
         assert stored["shown_url"] == "https://hooks.example:8443/…"
+        async with engine.connect() as conn:  # 0008 renamed the hold's column and kept its value
+            hold = select(column("checkpoint_hold_seconds")).select_from(table("jobs"))
+            assert (await conn.execute(hold)).scalar_one() == 86400
         await downgrade(engine, "0005", secrets=box)  # and back, for an operator who must downgrade
         async with engine.connect() as conn:
             assert (await conn.execute(select(column("webhook", JSON)).select_from(table("jobs")))).scalar_one()[

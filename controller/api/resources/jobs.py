@@ -63,7 +63,7 @@ async def job_msg(db: AsyncSession, row: Job) -> api.Job:
         guest_processing=_struct(row.guest_processing),
         exclusions=_struct(row.exclusions),
         schedule=_struct(row.schedule),
-        checkpoint_hold_seconds=row.checkpoint_deadline_seconds,
+        checkpoint_hold_seconds=row.checkpoint_hold_seconds,
         disabled=not row.enabled,
         create_time=timestamp(row.created_at),
         webhook=api.Webhook(
@@ -173,7 +173,7 @@ async def _apply_job_policy(db: AsyncSession, msg: api.Job, row: Job, path: str)
         hold = msg.checkpoint_hold_seconds or 24 * 3600
         if not 60 <= hold <= 30 * 24 * 3600:
             raise InvalidArgument("job.checkpoint_hold_seconds", "must be from 60 to 2592000 (30 days)")
-        row.checkpoint_deadline_seconds = hold
+        row.checkpoint_hold_seconds = hold
     elif path == "retries":
         row.retries = msg.retries if msg.HasField("retries") else 2
         if row.retries > 10:
