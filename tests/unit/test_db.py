@@ -13,7 +13,7 @@ import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from cryptography.fernet import Fernet
-from sqlalchemy import JSON, DateTime, column, insert, inspect, select, table, text
+from sqlalchemy import JSON, DateTime, Integer, column, insert, inspect, select, table, text
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -145,7 +145,7 @@ async def test_migration_seals_stored_webhook_urls_and_needs_the_key(tmp_path: P
         assert box.open(stored["sealed_url"].encode()) == HOOK_URL
         assert stored["shown_url"] == "https://hooks.example:8443/…"
         async with engine.connect() as conn:  # 0008 renamed the hold's column and kept its value
-            hold = select(column("checkpoint_hold_seconds")).select_from(table("jobs"))
+            hold = select(column("checkpoint_hold_seconds", Integer)).select_from(table("jobs"))
             assert (await conn.execute(hold)).scalar_one() == 86400
         await downgrade(engine, "0005", secrets=box)  # and back, for an operator who must downgrade
         async with engine.connect() as conn:
