@@ -29,7 +29,6 @@ from target_agent.datastore import Datastore
 from target_agent.replica import COMPLETE, DiskGuard, DiskState, ReplicaStream
 from vmrepl.batch import (
     DATA,
-    MAX_MESSAGE_BYTES,
     MAX_OPEN_BYTES,
     CheckedExtent,
     Expectation,
@@ -244,8 +243,6 @@ class Receiver:
         )
         accept = target_pb2.TransferAccept(
             resume_offset=resume,
-            ack_every_batches=ack_every,
-            max_message_bytes=MAX_MESSAGE_BYTES,
             session_digest=stream.session_digest.digest(),
         )
         await context.write(target_pb2.TransferResponse(accept=accept))
@@ -297,8 +294,8 @@ class Receiver:
         # The proxy half-closed without a final batch (it was cancelled): keep what arrived.
         await _put(queue, None, writer)
 
-    async def _apply(self, stream: ReplicaStream, extents: list[CheckedExtent], silence: Silence) -> tuple[float, int]:
-        """Write one batch; (seconds it took, data bytes)."""
+    async def _apply(self, stream: ReplicaStream, extents: list[CheckedExtent], silence: Silence) -> float:
+        """Write one batch; the seconds it took."""
         t0 = time.perf_counter()
         await asyncio.to_thread(stream.apply, extents)
         if self._write_delay:
@@ -306,9 +303,8 @@ class Receiver:
         silence.touch()
         spent = time.perf_counter() - t0
         metrics.WRITE_BUSY.inc(spent)
-        data = sum(e.length for e in extents if e.kind == DATA)
-        metrics.BYTES.labels("data").inc(data)
-        return spent, data
+        metrics.BYTES.labels("data").inc(sum(e.length for e in extents if e.kind == DATA))
+        return spent
 
     async def _write_loop(
         self, stream: ReplicaStream, queue: asyncio.Queue[Queued], context: Any, ack_every: int, silence: Silence
@@ -316,7 +312,7 @@ class Receiver:
         """Apply batches in order; every `ack_every` batches start a commit, with at most one in flight so
         the disk keeps writing while the previous commit flushes, and ack each commit when it is durable."""
         busy = 0.0
-        received = pending = 0
+        pending = 0
         last: target_pb2.BatchHeader | None = None
         inflight: tuple[asyncio.Task[DiskState], int] | None = None
 
@@ -331,7 +327,6 @@ class Receiver:
                 committed_offset=st.committed_offset,
                 complete=st.state == COMPLETE,
                 write_busy_seconds=busy,
-                bytes_received=received,
                 session_digest=bytes.fromhex(st.session_digest),
             )
             await context.write(target_pb2.TransferResponse(ack=ack))
@@ -342,8 +337,8 @@ class Receiver:
                 item = await queue.get()
                 if item is not None:
                     last, extents = item
-                    spent, data = await self._apply(stream, extents, silence)
-                    busy, received, pending = busy + spent, received + data, pending + 1
+                    spent = await self._apply(stream, extents, silence)
+                    busy, pending = busy + spent, pending + 1
                 final = last is not None and last.final
                 if last is not None and pending and (final or item is None or pending >= ack_every):
                     if inflight is not None:

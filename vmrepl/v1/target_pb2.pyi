@@ -522,26 +522,18 @@ class TransferAccept(_message.Message):
 
     RESUME_OFFSET_FIELD_NUMBER: _builtins.int
     SESSION_DIGEST_FIELD_NUMBER: _builtins.int
-    ACK_EVERY_BATCHES_FIELD_NUMBER: _builtins.int
-    MAX_MESSAGE_BYTES_FIELD_NUMBER: _builtins.int
     resume_offset: _builtins.int
     session_digest: _builtins.bytes
     """The session digest (see TransferAck) over everything below resume_offset."""
-    ack_every_batches: _builtins.int
-    """The target acknowledges at least this often (in batches)."""
-    max_message_bytes: _builtins.int
-    """Largest message the target takes on this stream."""
     def __init__(
         self,
         *,
         resume_offset: _builtins.int = ...,
         session_digest: _builtins.bytes = ...,
-        ack_every_batches: _builtins.int = ...,
-        max_message_bytes: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["ack_every_batches", b"ack_every_batches", "max_message_bytes", b"max_message_bytes", "resume_offset", b"resume_offset", "session_digest", b"session_digest"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["resume_offset", b"resume_offset", "session_digest", b"session_digest"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -555,7 +547,6 @@ class TransferAck(_message.Message):
     COMMITTED_OFFSET_FIELD_NUMBER: _builtins.int
     COMPLETE_FIELD_NUMBER: _builtins.int
     WRITE_BUSY_SECONDS_FIELD_NUMBER: _builtins.int
-    BYTES_RECEIVED_FIELD_NUMBER: _builtins.int
     SESSION_DIGEST_FIELD_NUMBER: _builtins.int
     seq: _builtins.int
     """Last batch made durable."""
@@ -564,8 +555,6 @@ class TransferAck(_message.Message):
     """The final batch is durable; the disk's transfer is complete."""
     write_busy_seconds: _builtins.float
     """Seconds the target spent decompressing, verifying, writing and flushing on this stream."""
-    bytes_received: _builtins.int
-    """Bytes received on this stream (for the statistics)."""
     session_digest: _builtins.bytes
     """Over every extent of this pass below committed_offset: the sum modulo 2^128
     of xxh3-128(offset, length, kind, digest) of each extent, 16 bytes big-endian.
@@ -578,12 +567,11 @@ class TransferAck(_message.Message):
         committed_offset: _builtins.int = ...,
         complete: _builtins.bool = ...,
         write_busy_seconds: _builtins.float = ...,
-        bytes_received: _builtins.int = ...,
         session_digest: _builtins.bytes = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["bytes_received", b"bytes_received", "committed_offset", b"committed_offset", "complete", b"complete", "seq", b"seq", "session_digest", b"session_digest", "write_busy_seconds", b"write_busy_seconds"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["committed_offset", b"committed_offset", "complete", b"complete", "seq", b"seq", "session_digest", b"session_digest", "write_busy_seconds", b"write_busy_seconds"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
