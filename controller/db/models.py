@@ -90,7 +90,8 @@ class Job(Base):
     block_size: Mapped[int] = mapped_column(Integer, default=1 << 20)
     bandwidth_limit_mbps: Mapped[float] = mapped_column(default=0.0)
     change_tracking: Mapped[str] = mapped_column(String(8), default="auto")  # on, off, auto
-    # Stored now, used by later work: guest processing and guest-level exclusions (the schedule is used).
+    # guest_processing goes to the guest hook (engine/runtime.py); exclusions are stored and shown but not
+    # applied until the guest file-system reader exists (protocol.md); schedule drives the scheduler.
     guest_processing: Mapped[dict[str, Any]] = mapped_column(default=dict)
     exclusions: Mapped[dict[str, Any]] = mapped_column(default=dict)
     schedule: Mapped[dict[str, Any]] = mapped_column(default=dict)
