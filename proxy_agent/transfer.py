@@ -26,14 +26,15 @@ import structlog
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, wait_exponential_jitter
 
 from proxy_agent import stats as st
+from proxy_agent.pass_digest import PassDigestTracker
 from proxy_agent.pipeline import BatchBuilder, BuiltBatch, built_batches
 from proxy_agent.plan import Plan, plan_batches
 from proxy_agent.throttle import TokenBucket
 from proxy_agent.verify import choose_sample, unsent_blocks
-from vmrepl.batch import MAX_EXTENTS, MAX_PASS, encode_open
+from vmrepl.batch import MAX_EXTENTS, MAX_PASS, PassDigest, encode_open
 from vmrepl.block import DIGEST_SIZE, UNKNOWN_DIGEST, Compression, digest, is_zero, zero_digest
 from vmrepl.disk.base import DiskReader
-from vmrepl.errors import ChecksumMismatch, TransferError, VmreplError
+from vmrepl.errors import TransferError, VmreplError
 from vmrepl.extent import Extent
 from vmrepl.logs import get_logger
 from vmrepl.v1 import proxy_pb2, target_pb2
@@ -42,7 +43,6 @@ log = get_logger("vmrepl.proxy.transfer")
 TRANSFER_METHOD = "/vmrepl.v1.TargetAgent/Transfer"
 READ_DIGESTS_METHOD = "/vmrepl.v1.TargetAgent/ReadDigests"
 ACCEPT_TIMEOUT = 30.0
-_MOD = 1 << 128
 # Statuses after which another attempt cannot succeed.
 _PERMANENT = frozenset(
     {
@@ -113,13 +113,12 @@ class _Progress:
 
 @dataclass(slots=True)
 class _Pass:
-    """What one pass over the disk sends, and its session digest at each batch end not yet acknowledged."""
+    """What one pass over the disk sends, and its digest."""
 
     number: int
     plan: Plan
     builder: BatchBuilder
-    digest: int = 0
-    snapshots: dict[int, int] | None = None
+    digest: PassDigestTracker
 
 
 class DiskTransfer:
@@ -220,7 +219,7 @@ class DiskTransfer:
             replica_digests=table,
             read_delay=self.spec.read_delay,
         )
-        p = _Pass(number, plan, builder)
+        p = _Pass(number, plan, builder, PassDigestTracker(number=number, disk_size=plan.disk_size))
         async for attempt in self._retrying():
             with attempt:
                 done = await self._attempt(executor, channel, p)
@@ -361,22 +360,10 @@ class DiskTransfer:
         size, bs = self.plan.disk_size, self.spec.block_size
         if resume > size or (resume % bs and resume != size):
             raise TransferError(f"the target asks to resume at {resume}, not a block boundary of this disk")
-        self._adopt_digest(p, resume, int.from_bytes(msg.accept.session_digest or b"", "big"))
+        p.digest.resume(resume, PassDigest.from_wire(msg.accept.session_digest, field="accept.session_digest"))
         self.stats.committed_offset = resume
         log.info("stream_accepted", resume_offset=resume, pass_number=p.number)
         return resume
-
-    @staticmethod
-    def _adopt_digest(p: _Pass, resume: int, target_value: int) -> None:
-        """Continue the pass's session digest from the resume offset, checking the target agrees."""
-        if p.snapshots is not None and resume in p.snapshots:
-            if p.snapshots[resume] != target_value:
-                raise ChecksumMismatch(f"the target's session digest at offset {resume} differs from the proxy's")
-            p.digest = p.snapshots[resume]
-        else:
-            # A fresh pass, or a prefix another proxy process sent: start from the target's value.
-            p.digest = target_value
-        p.snapshots = {resume: p.digest}
 
     async def _send(
         self, call: Any, executor: ThreadPoolExecutor, p: _Pass, resume: int, window: asyncio.Semaphore
@@ -393,9 +380,7 @@ class DiskTransfer:
                     await self._bucket.consume(len(b.frame))
                 await call.write(b.frame)
                 self.stats.network_wait += time.perf_counter() - t0
-                p.digest = (p.digest + b.token_sum) % _MOD
-                if p.snapshots is not None:
-                    p.snapshots[b.end] = p.digest
+                p.digest.sent(b.end, b.digest)
                 self._count(b)
                 if b.final:
                     break
@@ -436,20 +421,10 @@ class DiskTransfer:
                 self._progress.touch()
             self.stats.committed_offset = ack.committed_offset
             self.stats.target_write_stream = ack.write_busy_seconds
-            if p.snapshots is not None:
-                p.snapshots = {k: v for k, v in p.snapshots.items() if k >= ack.committed_offset}
+            p.digest.committed(ack.committed_offset)
             if ack.complete:
-                self._check_end_digest(p, int.from_bytes(ack.session_digest or b"", "big"))
+                p.digest.check_end(PassDigest.from_wire(ack.session_digest, field="ack.session_digest"))
                 return True
-
-    def _check_end_digest(self, p: _Pass, target_value: int) -> None:
-        mine = p.snapshots.get(self.plan.disk_size) if p.snapshots is not None else None
-        if mine is None or mine != target_value:
-            raise ChecksumMismatch(
-                f"end of disk, pass {p.number + 1}: the target's digest over everything it received differs "
-                "from the proxy's over everything it sent"
-            )
-        log.info("session_digest_matches", pass_number=p.number, digest=f"{target_value:032x}")
 
 
 def _refused(failure: target_pb2.TransferFailure) -> StreamBroken:

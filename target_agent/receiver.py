@@ -28,13 +28,11 @@ from target_agent import metrics
 from target_agent.datastore import Datastore
 from target_agent.replica import COMPLETE, DiskGuard, DiskState, ReplicaStream
 from vmrepl.batch import (
-    DATA,
     MAX_MESSAGE_BYTES,
     MAX_OPEN_BYTES,
-    CheckedExtent,
-    Expectation,
-    check_batch,
-    decode_frame,
+    BatchDecoder,
+    ReceivedBatch,
+    decode_open,
 )
 from vmrepl.call_limits import Slots
 from vmrepl.errors import BatchError, DeadlineExceeded, InvalidArgument
@@ -50,7 +48,7 @@ log = get_logger("vmrepl.target.transfer")
 DRAIN_TIMEOUT = 10.0
 MAX_DISK_SIZE = 1 << 50  # 1 PiB: far beyond any VHDX (64 TB), small enough that offsets stay sane
 
-Queued = tuple[target_pb2.BatchHeader, list[CheckedExtent]] | None
+Queued = ReceivedBatch | None
 
 
 def check_open(o: target_pb2.TransferOpen, max_window: int) -> None:
@@ -193,10 +191,7 @@ class Receiver:
 
     async def _run(self, peer: str, first: bytes, requests: AsyncIterator[bytes], context: Any) -> None:
         """`peer`: the caller's certificate name (its role was checked by the roles table before any read)."""
-        frame = decode_frame(first)
-        if frame.open is None:
-            raise BatchError("open", "the first message of a stream must be open")
-        o = frame.open
+        o = decode_open(first)
         check_open(o, self._max_window)
         ticket = self.check_ticket(
             o.ticket,
@@ -246,7 +241,7 @@ class Receiver:
             resume_offset=resume,
             ack_every_batches=ack_every,
             max_message_bytes=MAX_MESSAGE_BYTES,
-            session_digest=stream.session_digest.digest(),
+            session_digest=stream.pass_digest.to_wire(),
         )
         await context.write(target_pb2.TransferResponse(accept=accept))
         queue: asyncio.Queue[Queued] = asyncio.Queue(maxsize=o.window_batches)
@@ -270,43 +265,37 @@ class Receiver:
         writer: asyncio.Task[None],
         silence: Silence,
     ) -> None:
-        exp = Expectation(disk_size=o.disk_size, block_size=o.block_size, seq=0, start=stream.resume_offset)
+        decoder = BatchDecoder(disk_size=o.disk_size, block_size=o.block_size, start=stream.resume_offset)
         while (raw := await silence.receive(requests)) is not None:
             if writer.done():
                 writer.result()  # the writer failed: raise its error
                 return
-            frame = decode_frame(raw)
-            if frame.batch is None:
-                raise BatchError("open", "open sent twice on one stream")
-            hdr = frame.batch
-            extents = check_batch(hdr, frame.payload, exp)
+            batch = decoder.receive(raw)
             log.debug(
                 "batch_received",
-                seq=hdr.seq,
-                start=hdr.start_offset,
-                end=hdr.end_offset,
-                data_bytes=sum(e.length for e in extents if e.kind == DATA),
-                wire_bytes=len(raw),
+                seq=batch.seq,
+                start=batch.start,
+                end=batch.end,
+                data_bytes=batch.data_bytes,
+                wire_bytes=batch.wire_bytes,
             )
             metrics.BATCHES.inc()
-            metrics.BYTES.labels("wire").inc(len(raw))
-            await _put(queue, (hdr, extents), writer)
-            exp = Expectation(o.disk_size, o.block_size, hdr.seq + 1, hdr.end_offset)
-            if hdr.final:
+            metrics.BYTES.labels("wire").inc(batch.wire_bytes)
+            await _put(queue, batch, writer)
+            if batch.final:
                 return
         # The proxy half-closed without a final batch (it was cancelled): keep what arrived.
         await _put(queue, None, writer)
 
-    async def _apply(self, stream: ReplicaStream, extents: list[CheckedExtent], silence: Silence) -> tuple[float, int]:
-        """Write one batch; (seconds it took, data bytes)."""
+    async def _apply(self, stream: ReplicaStream, batch: ReceivedBatch, silence: Silence) -> tuple[float, int]:
+        """Decode, verify and write one batch; (seconds it took, data bytes)."""
         t0 = time.perf_counter()
-        await asyncio.to_thread(stream.apply, extents)
+        data = await asyncio.to_thread(lambda: stream.apply(batch.decode()))
         if self._write_delay:
             await asyncio.sleep(self._write_delay)
         silence.touch()
         spent = time.perf_counter() - t0
         metrics.WRITE_BUSY.inc(spent)
-        data = sum(e.length for e in extents if e.kind == DATA)
         metrics.BYTES.labels("data").inc(data)
         return spent, data
 
@@ -317,7 +306,7 @@ class Receiver:
         the disk keeps writing while the previous commit flushes, and ack each commit when it is durable."""
         busy = 0.0
         received = pending = 0
-        last: target_pb2.BatchHeader | None = None
+        last: ReceivedBatch | None = None
         inflight: tuple[asyncio.Task[DiskState], int] | None = None
 
         async def settle(task: asyncio.Task[DiskState], seq: int) -> None:
@@ -332,7 +321,7 @@ class Receiver:
                 complete=st.state == COMPLETE,
                 write_busy_seconds=busy,
                 bytes_received=received,
-                session_digest=bytes.fromhex(st.session_digest),
+                session_digest=st.session_digest.to_wire(),
             )
             await context.write(target_pb2.TransferResponse(ack=ack))
             log.debug("committed", offset=st.committed_offset, seq=seq, complete=ack.complete)
@@ -341,14 +330,14 @@ class Receiver:
             while True:
                 item = await queue.get()
                 if item is not None:
-                    last, extents = item
-                    spent, data = await self._apply(stream, extents, silence)
+                    last = item
+                    spent, data = await self._apply(stream, item, silence)
                     busy, received, pending = busy + spent, received + data, pending + 1
                 final = last is not None and last.final
                 if last is not None and pending and (final or item is None or pending >= ack_every):
                     if inflight is not None:
                         await settle(*inflight)
-                    point = stream.mark(last.end_offset, final=final)
+                    point = stream.mark(last.end, final=final)
                     inflight = (asyncio.create_task(asyncio.to_thread(stream.commit, point)), last.seq)
                     pending = 0
                 if final or item is None:

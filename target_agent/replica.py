@@ -28,11 +28,11 @@ from __future__ import annotations
 import json
 import threading
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
-from vmrepl.batch import DATA, LZ4, MAX_PASS, CheckedExtent, SessionDigest
-from vmrepl.block import DIGEST_SIZE, decompress, verify, zero_digest
+from vmrepl.batch import MAX_PASS, DecodedBatch, PassDigest
+from vmrepl.block import DIGEST_SIZE, zero_digest
 from vmrepl.disk.fileio import PositionalFile, atomic_write
 from vmrepl.disk.raw import RawWriter
 from vmrepl.errors import FailedPrecondition, NotFound, TransferCancelled
@@ -59,7 +59,7 @@ class DiskState:
     bytes_written: int = 0
     updated_at: float = 0.0
     pass_number: int = 0
-    session_digest: str = ""  # hex, over this pass below committed_offset
+    session_digest: PassDigest = field(default_factory=PassDigest)  # over this pass below committed_offset
     checkpoint_id: str = ""
     # Nothing past this offset was written by this pass; -1 (a state from before frontiers): unknown.
     frontier: int = -1
@@ -139,14 +139,17 @@ def load_state(disk_dir: Path) -> DiskState:
         raise FailedPrecondition(f"replica disk {disk_dir.name}: {STATE_FILE} cannot be read: {e}") from e
     known = {f.name for f in fields(DiskState)}
     try:
-        return DiskState(**{k: v for k, v in raw.items() if k in known})
-    except (TypeError, AttributeError) as e:
+        values = {k: v for k, v in raw.items() if k in known}
+        values["session_digest"] = PassDigest.from_state(values.get("session_digest", ""))
+        return DiskState(**values)
+    except (TypeError, AttributeError, ValueError) as e:
         raise FailedPrecondition(f"replica disk {disk_dir.name}: {STATE_FILE} is not a disk state") from e
 
 
 def save_state(disk_dir: Path, st: DiskState) -> None:
     st.updated_at = time.time()
-    atomic_write(disk_dir / STATE_FILE, json.dumps(asdict(st), sort_keys=True).encode())
+    raw = asdict(st) | {"session_digest": st.session_digest.to_state()}
+    atomic_write(disk_dir / STATE_FILE, json.dumps(raw, sort_keys=True).encode())
 
 
 def _resumable(
@@ -259,7 +262,7 @@ def read_digests(disk_dir: Path, first: int, count: int) -> tuple[int, bytes]:
 class CommitPoint:
     offset: int
     final: bool
-    digest: str
+    digest: PassDigest
     written: int
 
 
@@ -354,14 +357,14 @@ class ReplicaStream:
                 raise
             self._generation = guard.claim_locked()
         self.state = st
-        self.session_digest = SessionDigest(bytes.fromhex(st.session_digest))
+        self.pass_digest = st.session_digest
         self._written = st.bytes_written
         self._closed = False
 
     def _open_pass(self, st: DiskState, pass_number: int, *, fresh: bool) -> None:
         if pass_number > st.pass_number:
             # The next pass of the same session re-runs the disk from the start; the last one was complete.
-            st.pass_number, st.committed_offset, st.session_digest, st.state = pass_number, 0, "", RECEIVING
+            st.pass_number, st.committed_offset, st.session_digest, st.state = pass_number, 0, PassDigest(), RECEIVING
             st.frontier, st.tracking_failed = 0, True  # only a failed sampled verification starts pass 1
             save_state(self.disk_dir, st)
             return
@@ -381,32 +384,22 @@ class ReplicaStream:
         if self._guard.generation != self._generation:
             raise TransferCancelled("a newer stream for this replica disk took over")
 
-    def apply(self, extents: list[CheckedExtent]) -> int:
-        """Decode and verify every data extent, then write the batch. Returns raw data bytes written."""
-        decoded: list[tuple[CheckedExtent, bytes | memoryview | None]] = []
-        for e in extents:
-            if e.kind == DATA:
-                data: bytes | memoryview = decompress(e.payload, e.length) if e.encoding == LZ4 else e.payload
-                verify(data, e.digest, offset=e.offset)
-                decoded.append((e, data))
-            else:
-                decoded.append((e, None))
-        written = 0
+    def apply(self, batch: DecodedBatch) -> int:
+        """Write a decoded (decompressed and verified) batch. Returns raw data bytes written."""
         with self._guard.lock:
             self._check_current()
-            if extents:
-                self._cover(max(e.offset + e.length for e in extents))
-            for e, payload in decoded:
-                if payload is None:
+            if batch.extents:
+                self._cover(max(e.offset + e.length for e in batch.extents))
+            for e in batch.extents:
+                if e.data is None:
                     self._writer.write_zeros(e.offset, e.length)
                     self._digests.put_zero(e.offset, e.length)
                 else:
-                    self._writer.write(payload, e.offset)
+                    self._writer.write(e.data, e.offset)
                     self._digests.put(e.offset, e.digest)
-                    written += e.length
-                self.session_digest.add(e.offset, e.length, e.kind, e.digest)
-        self._written += written
-        return written
+            self.pass_digest = self.pass_digest.merge(batch.digest)
+        self._written += batch.data_bytes
+        return batch.data_bytes
 
     def _cover(self, end: int) -> None:
         """Make the frontier cover `end` durably before anything is written below it (call under the lock)."""
@@ -415,7 +408,7 @@ class ReplicaStream:
 
     def mark(self, offset: int, *, final: bool) -> CommitPoint:
         """What a commit made now would record: call after applying the batch that ends at `offset`."""
-        return CommitPoint(offset, final, self.session_digest.digest().hex(), self._written)
+        return CommitPoint(offset, final, self.pass_digest, self._written)
 
     def commit(self, point: CommitPoint) -> DiskState:
         """Flush, then durably record `point`. Later batches may be written while this flushes."""
