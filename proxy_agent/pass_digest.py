@@ -24,9 +24,9 @@ class PassDigestTracker:
 
     def resume(self, offset: int, target: PassDigest) -> None:
         """A stream was accepted at `offset` with the target's digest below it: continue from there."""
-        if self._snapshots is not None and offset in self._snapshots:
-            if self._snapshots[offset] != target:
-                raise ChecksumMismatch(f"the target's session digest at offset {offset} differs from the proxy's")
+        mine = self._snapshots.get(offset) if self._snapshots is not None else None
+        if mine is not None and mine != target:
+            raise ChecksumMismatch(f"the target's session digest at offset {offset} differs from the proxy's")
         # Otherwise a fresh pass, or a prefix another proxy process sent: start from the target's value.
         self.digest = target
         self._snapshots = {offset: target}

@@ -18,7 +18,7 @@ import time
 from collections import deque
 from collections.abc import AsyncGenerator, Iterator
 from concurrent.futures import Executor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from proxy_agent.plan import PlannedBatch
 from vmrepl.batch import BatchEncoder, PassDigest
@@ -35,7 +35,7 @@ class BuiltBatch:
     final: bool
     frame: bytes
     # The pass digest of this batch's extents (see vmrepl.batch.PassDigest).
-    digest: PassDigest = PassDigest()
+    digest: PassDigest = field(default_factory=PassDigest)
     read_bytes: int = 0
     data_bytes: int = 0
     zero_bytes: int = 0

@@ -31,7 +31,7 @@ from proxy_agent.pipeline import BatchBuilder, BuiltBatch, built_batches
 from proxy_agent.plan import Plan, plan_batches
 from proxy_agent.throttle import TokenBucket
 from proxy_agent.verify import choose_sample, unsent_blocks
-from vmrepl.batch import MAX_EXTENTS, MAX_PASS, PassDigest, encode_open
+from vmrepl.batch import MAX_EXTENTS, MAX_PASS, PROTOCOL_VERSIONS, PassDigest, check_chosen_version, encode_open
 from vmrepl.block import DIGEST_SIZE, UNKNOWN_DIGEST, Compression, digest, is_zero, zero_digest
 from vmrepl.disk.base import DiskReader
 from vmrepl.errors import TransferError, VmreplError
@@ -347,6 +347,7 @@ class DiskTransfer:
             window_batches=self.spec.window,
             pass_number=p.number,
             checkpoint_id=self.spec.checkpoint_id,
+            protocol_versions=PROTOCOL_VERSIONS,
         )
         await call.write(encode_open(open_msg))
         msg = await asyncio.wait_for(call.read(), ACCEPT_TIMEOUT)
@@ -356,6 +357,7 @@ class DiskTransfer:
             raise _refused(msg.error)
         if not msg.HasField("accept"):
             raise TransferError("the target's first answer is not an accept")
+        check_chosen_version(msg.accept.protocol_version)
         resume = int(msg.accept.resume_offset)
         size, bs = self.plan.disk_size, self.spec.block_size
         if resume > size or (resume % bs and resume != size):

@@ -32,6 +32,7 @@ from vmrepl.batch import (
     MAX_OPEN_BYTES,
     BatchDecoder,
     ReceivedBatch,
+    choose_version,
     decode_open,
 )
 from vmrepl.call_limits import Slots
@@ -192,6 +193,7 @@ class Receiver:
     async def _run(self, peer: str, first: bytes, requests: AsyncIterator[bytes], context: Any) -> None:
         """`peer`: the caller's certificate name (its role was checked by the roles table before any read)."""
         o = decode_open(first)
+        version = choose_version(o.protocol_versions)  # before the ticket: a stream we cannot read is refused as such
         check_open(o, self._max_window)
         ticket = self.check_ticket(
             o.ticket,
@@ -219,13 +221,18 @@ class Receiver:
             metrics.STREAMS.inc()
             metrics.STREAMS_OPEN.inc()
             try:
-                await self._stream(stream, o, requests, context)
+                await self._stream(stream, o, version, requests, context)
             finally:
                 metrics.STREAMS_OPEN.dec()
                 await asyncio.to_thread(stream.close)
 
     async def _stream(
-        self, stream: ReplicaStream, o: target_pb2.TransferOpen, requests: AsyncIterator[bytes], context: Any
+        self,
+        stream: ReplicaStream,
+        o: target_pb2.TransferOpen,
+        version: int,
+        requests: AsyncIterator[bytes],
+        context: Any,
     ) -> None:
         ack_every = max(1, o.window_batches // 2)
         resume = stream.resume_offset
@@ -242,6 +249,7 @@ class Receiver:
             ack_every_batches=ack_every,
             max_message_bytes=MAX_MESSAGE_BYTES,
             session_digest=stream.pass_digest.to_wire(),
+            protocol_version=version,
         )
         await context.write(target_pb2.TransferResponse(accept=accept))
         queue: asyncio.Queue[Queued] = asyncio.Queue(maxsize=o.window_batches)

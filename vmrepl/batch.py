@@ -23,12 +23,13 @@ against the disk and the limits.
 from __future__ import annotations
 
 import struct
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import xxhash
 
 from vmrepl.block import DIGEST_SIZE, Compression, compress, decompress, verify
-from vmrepl.errors import BatchError, InvalidArgument
+from vmrepl.errors import BatchError, FailedPrecondition, InvalidArgument
 from vmrepl.extent import MAX_BLOCK_SIZE, MiB
 from vmrepl.v1 import common_pb2, target_pb2
 
@@ -44,6 +45,39 @@ MAX_PASS = 1
 # The largest valid open message (a ticket and a few names: well under 1 KiB). gRPC's limit is per message,
 # so the target checks the open's own length before it parses it.
 MAX_OPEN_BYTES = 64 * 1024
+
+# Versions of the Transfer protocol (frames, batches, pass digests) this code speaks, oldest first. A change
+# an older peer would misread gets a new version, and both ends keep the old one for as long as they can.
+PROTOCOL_VERSIONS: tuple[int, ...] = (1,)
+# What a peer from before versions were negotiated speaks (it sends no versions, or answers 0).
+UNVERSIONED = 1
+
+
+def _names(versions: Sequence[int]) -> str:
+    return ", ".join(str(v) for v in versions)
+
+
+def choose_version(offered: Sequence[int], *, speaks: Sequence[int] = PROTOCOL_VERSIONS) -> int:
+    """The target's choice among the versions the proxy offered: the highest both speak."""
+    theirs = list(offered) or [UNVERSIONED]
+    common = set(theirs) & set(speaks)
+    if not common:
+        raise FailedPrecondition(
+            f"the proxy speaks Transfer protocol version(s) {_names(sorted(theirs))}, this target speaks "
+            f"{_names(speaks)}: upgrade the older of the two agents"
+        )
+    return max(common)
+
+
+def check_chosen_version(chosen: int, *, speaks: Sequence[int] = PROTOCOL_VERSIONS) -> int:
+    """The proxy's check of the target's answer."""
+    version = chosen or UNVERSIONED
+    if version not in speaks:
+        raise FailedPrecondition(
+            f"the target chose Transfer protocol version {version}, this proxy speaks {_names(speaks)}"
+        )
+    return version
+
 
 _TAG_OPEN = (1 << 3) | 2
 _TAG_BATCH = (2 << 3) | 2
