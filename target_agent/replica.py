@@ -31,6 +31,7 @@ import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
+from target_agent.file_format import UNVERSIONED, check_format
 from vmrepl.batch import MAX_PASS, DecodedBatch, PassDigest
 from vmrepl.block import DIGEST_SIZE, zero_digest
 from vmrepl.disk.fileio import PositionalFile, atomic_write
@@ -43,6 +44,11 @@ DURABLE_STATES = frozenset({COMPLETE, COMMITTED})  # every byte of the pass was 
 DATA_FILE = "data.raw"
 STATE_FILE = "state.json"
 DIGESTS_FILE = "digests.bin"
+# state.json's format: 1 had no "format" key (and "" as the digest of a pass that committed nothing);
+# 2 records "format" and "digests_format".
+STATE_FORMAT = 2
+# digests.bin's format, recorded in state.json: 1 = one xxh3-128 per block, 16 bytes, all zero = unknown.
+DIGESTS_FORMAT = 1
 _DIGEST_CHUNK = 65536  # digests per write when a zero extent covers many blocks
 # How far past the committed offset a commit lets the stream write before the next state save: the most
 # a crash makes the next run send again, and how rarely the writer stops to move the frontier itself.
@@ -65,6 +71,8 @@ class DiskState:
     frontier: int = -1
     # A transfer from this checkpoint failed sampled verification: its changed ranges are not to be trusted.
     tracking_failed: bool = False
+    # The format of the disk's digests.bin (see DIGESTS_FORMAT).
+    digests_format: int = UNVERSIONED
 
     def cover(self, end: int) -> bool:
         """Move the frontier to cover writes up to `end`, a step past the committed offset so few writes
@@ -85,7 +93,8 @@ class DiskState:
 class DigestStore:
     """One 16-byte xxh3-128 digest per block, at index offset // block_size."""
 
-    def __init__(self, path: Path, *, block_size: int, disk_size: int) -> None:
+    def __init__(self, path: Path, *, block_size: int, disk_size: int, digests_format: int = DIGESTS_FORMAT) -> None:
+        check_format(f"replica disk {path.parent.name}: {path.name}", digests_format, reads=DIGESTS_FORMAT)
         self._file = PositionalFile(path, writable=True, create=True)
         self.block_size = block_size
         self.disk_size = disk_size
@@ -137,6 +146,12 @@ def load_state(disk_dir: Path) -> DiskState:
         raise NotFound(f"replica disk {disk_dir.name} does not exist") from e
     except (OSError, ValueError) as e:
         raise FailedPrecondition(f"replica disk {disk_dir.name}: {STATE_FILE} cannot be read: {e}") from e
+    if not isinstance(raw, dict):
+        raise FailedPrecondition(f"replica disk {disk_dir.name}: {STATE_FILE} is not a disk state")
+    name = disk_dir.name
+    check_format(f"replica disk {name}: {STATE_FILE}", raw.get("format", UNVERSIONED), reads=STATE_FORMAT)
+    # Checked here too, so nothing opens a digest file it cannot read.
+    check_format(f"replica disk {name}: {DIGESTS_FILE}", raw.get("digests_format", UNVERSIONED), reads=DIGESTS_FORMAT)
     known = {f.name for f in fields(DiskState)}
     try:
         values = {k: v for k, v in raw.items() if k in known}
@@ -148,7 +163,7 @@ def load_state(disk_dir: Path) -> DiskState:
 
 def save_state(disk_dir: Path, st: DiskState) -> None:
     st.updated_at = time.time()
-    raw = asdict(st) | {"session_digest": st.session_digest.to_state()}
+    raw = asdict(st) | {"format": STATE_FORMAT, "session_digest": st.session_digest.to_state()}
     atomic_write(disk_dir / STATE_FILE, json.dumps(raw, sort_keys=True).encode())
 
 
@@ -229,7 +244,12 @@ def _refuse_committed(old: DiskState | None, name: str, *, session_id: str, chec
 def _ready_files(disk_dir: Path, old: DiskState | None, *, disk_size: int, block_size: int) -> None:
     """Size the data and digest files, forget what an interrupted pass may have torn, and flush both."""
     writer = RawWriter(disk_dir / DATA_FILE, create=True)
-    digests = DigestStore(disk_dir / DIGESTS_FILE, block_size=block_size, disk_size=disk_size)
+    digests = DigestStore(
+        disk_dir / DIGESTS_FILE,
+        block_size=block_size,
+        disk_size=disk_size,
+        digests_format=old.digests_format if old is not None else DIGESTS_FORMAT,
+    )
     try:
         if writer.size != disk_size:
             writer.resize(disk_size)
@@ -248,7 +268,9 @@ def _ready_files(disk_dir: Path, old: DiskState | None, *, disk_size: int, block
 def read_digests(disk_dir: Path, first: int, count: int) -> tuple[int, bytes]:
     """(block size, digests of blocks [first, first+count)), count 0 meaning to the end."""
     st = load_state(disk_dir)
-    store = DigestStore(disk_dir / DIGESTS_FILE, block_size=st.block_size, disk_size=st.disk_size)
+    store = DigestStore(
+        disk_dir / DIGESTS_FILE, block_size=st.block_size, disk_size=st.disk_size, digests_format=st.digests_format
+    )
     try:
         if first > store.blocks:
             raise FailedPrecondition(f"block {first} is past the disk's {store.blocks} blocks")
@@ -348,7 +370,9 @@ class ReplicaStream:
                 pass_number=pass_number,
             )
             self._writer = RawWriter(disk_dir / DATA_FILE)
-            self._digests = DigestStore(disk_dir / DIGESTS_FILE, block_size=block_size, disk_size=disk_size)
+            self._digests = DigestStore(
+                disk_dir / DIGESTS_FILE, block_size=block_size, disk_size=disk_size, digests_format=st.digests_format
+            )
             try:
                 self._open_pass(st, pass_number, fresh=guard.fresh)
             except BaseException:

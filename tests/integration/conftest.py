@@ -19,7 +19,7 @@ from controller.agents import AgentClient, proxy_client, target_client
 from controller.disk_task import DiskTaskSpec, run_disk_task
 from tests.conftest import need_tool
 from tests.integration.controller_env import ControllerEnv, create_pg_database, drop_pg_database, make_env
-from vmrepl.batch import encode_open
+from vmrepl.batch import PROTOCOL_VERSIONS, encode_open
 from vmrepl.config import TlsSettings
 from vmrepl.extent import MiB
 from vmrepl.security.ticket import load_signing_key, sign_ticket
@@ -55,6 +55,7 @@ def signed_open(
     ticket_disk: str = "disk0",
     ttl: float = 60.0,
     pass_number: int = 0,
+    protocol_versions: tuple[int, ...] = PROTOCOL_VERSIONS,
 ) -> bytes:
     """A Transfer open for disk0 with the ticket a controller would sign for `proxy` (`ticket_disk` to
     make it name another disk)."""
@@ -78,6 +79,7 @@ def signed_open(
         window_batches=window,
         checkpoint_id=checkpoint_id,
         pass_number=pass_number,
+        protocol_versions=protocol_versions,
     )
     return encode_open(opening)
 

@@ -17,7 +17,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from controller.disk_task import prepare
 from tests import frames
 from tests.integration.conftest import Lab, sha256, signed_open
-from vmrepl.batch import LZ4, MAX_MESSAGE_BYTES
+from vmrepl.batch import LZ4, MAX_MESSAGE_BYTES, PROTOCOL_VERSIONS
 from vmrepl.block import digest
 from vmrepl.config import TlsSettings
 from vmrepl.extent import MiB
@@ -80,6 +80,7 @@ def open_frame(
     proxy: str = "proxy",
     checkpoint: str = CHECKPOINT,
     pass_number: int = 0,
+    protocol_versions: tuple[int, ...] = PROTOCOL_VERSIONS,
 ) -> bytes:
     return signed_open(
         key or lab_env.signing_key,
@@ -92,6 +93,7 @@ def open_frame(
         ticket_disk=ticket_disk,
         ttl=ttl,
         pass_number=pass_number,
+        protocol_versions=protocol_versions,
     )
 
 
@@ -223,6 +225,16 @@ OPEN_CASES: dict[str, tuple[Callable[[Lab], bytes], grpc.StatusCode, str]] = {
         lambda e: open_frame(e, replica_path="jobs/vm2"),
         grpc.StatusCode.NOT_FOUND,
         "does not exist",
+    ),
+    "a proxy of another protocol version": (
+        lambda e: open_frame(e, protocol_versions=(7, 8)),
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "the proxy speaks Transfer protocol version(s) 7, 8, this target speaks 1",
+    ),
+    "an open without versions is version 1 (an older proxy), here refused for its size": (
+        lambda e: open_frame(e, protocol_versions=(), disk_size=4 * BS),
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "prepared with size",
     ),
     "size differs from the prepared disk": (
         lambda e: open_frame(e, disk_size=4 * BS),

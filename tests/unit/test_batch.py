@@ -233,3 +233,18 @@ def test_decode_refuses_data_that_does_not_match_its_digest() -> None:
     got = BatchDecoder(disk_size=DISK, block_size=BS, start=0).receive(frame)  # headers are fine
     with pytest.raises(ChecksumMismatch):
         got.decode()
+
+
+def test_protocol_version_negotiation() -> None:
+    from vmrepl.batch import check_chosen_version, choose_version
+    from vmrepl.errors import FailedPrecondition
+
+    assert choose_version([]) == 1  # a proxy from before versions
+    assert choose_version([1, 2], speaks=(1, 2, 3)) == 2
+    with pytest.raises(
+        FailedPrecondition, match=r"proxy speaks Transfer protocol version\(s\) 2, 3, this target speaks 1"
+    ):
+        choose_version([3, 2], speaks=(1,))
+    assert check_chosen_version(0) == 1  # a target from before versions answers nothing
+    with pytest.raises(FailedPrecondition, match="the target chose Transfer protocol version 4, this proxy speaks 1"):
+        check_chosen_version(4)
