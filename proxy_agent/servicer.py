@@ -7,12 +7,14 @@ import contextlib
 import uuid
 from collections import OrderedDict
 from collections.abc import AsyncIterator
-from typing import Any
+
+import grpc
 
 from proxy_agent import metrics
 from proxy_agent import request as rq
 from proxy_agent import stats as st
 from proxy_agent.config import ProxySettings
+from proxy_agent.target_link import GrpcTargetLink, TargetLink
 from proxy_agent.transfer import DiskTransfer, TransferSpec
 from vmrepl import __version__
 from vmrepl.batch import MAX_MESSAGE_BYTES
@@ -76,18 +78,23 @@ class ProxyAgentServicer(proxy_pb2_grpc.ProxyAgentServicer):
             raise
         target = req.target
 
-        def channel() -> Any:
-            return secure_channel(
+        def link() -> TargetLink:
+            channel = secure_channel(
                 target.address,
                 self.settings.tls,
                 max_message_bytes=MAX_MESSAGE_BYTES,
                 server_name=target.tls_server_name,
             )
+            return GrpcTargetLink(channel)
 
-        return DiskTransfer(spec=spec, plan=plans.first, full_plan=plans.full, reader=reader, channel_factory=channel)
+        return DiskTransfer(spec=spec, plan=plans.first, full_plan=plans.full, reader=reader, link_factory=link)
 
     @handle_errors
-    async def StartDiskTransfer(self, request: proxy_pb2.StartDiskTransferRequest, context: Any) -> Any:
+    async def StartDiskTransfer(
+        self,
+        request: proxy_pb2.StartDiskTransferRequest,
+        context: grpc.aio.ServicerContext[proxy_pb2.StartDiskTransferRequest, proxy_pb2.StartDiskTransferResponse],
+    ) -> proxy_pb2.StartDiskTransferResponse:
         require_role(context, "controller")
         if request.transfer_id:
             check_name("transfer_id", request.transfer_id)
@@ -125,7 +132,9 @@ class ProxyAgentServicer(proxy_pb2_grpc.ProxyAgentServicer):
 
     @handle_errors
     async def WatchTransfer(
-        self, request: proxy_pb2.WatchTransferRequest, context: Any
+        self,
+        request: proxy_pb2.WatchTransferRequest,
+        context: grpc.aio.ServicerContext[proxy_pb2.WatchTransferRequest, proxy_pb2.TransferProgress],
     ) -> AsyncIterator[proxy_pb2.TransferProgress]:
         require_role(context, "controller", "operator", "reader")
         transfer = self._get(request.transfer_id)
@@ -145,13 +154,21 @@ class ProxyAgentServicer(proxy_pb2_grpc.ProxyAgentServicer):
                 await asyncio.wait_for(transfer.ended.wait(), WATCH_INTERVAL)
 
     @handle_errors
-    async def GetAgentInfo(self, request: proxy_pb2.GetAgentInfoRequest, context: Any) -> Any:
+    async def GetAgentInfo(
+        self,
+        request: proxy_pb2.GetAgentInfoRequest,
+        context: grpc.aio.ServicerContext[proxy_pb2.GetAgentInfoRequest, proxy_pb2.AgentInfo],
+    ) -> proxy_pb2.AgentInfo:
         require_role(context, "controller", "operator", "reader")
         name, role = await asyncio.to_thread(certificate_identity, self.settings.tls.cert_file)
         return proxy_pb2.AgentInfo(certificate_name=name, role=role, version=__version__)
 
     @handle_errors
-    async def CancelTransfer(self, request: proxy_pb2.CancelTransferRequest, context: Any) -> Any:
+    async def CancelTransfer(
+        self,
+        request: proxy_pb2.CancelTransferRequest,
+        context: grpc.aio.ServicerContext[proxy_pb2.CancelTransferRequest, proxy_pb2.CancelTransferResponse],
+    ) -> proxy_pb2.CancelTransferResponse:
         require_role(context, "controller")
         self._get(request.transfer_id).stop()
         return proxy_pb2.CancelTransferResponse()
