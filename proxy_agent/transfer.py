@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import grpc
 import structlog
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, wait_exponential_jitter
+from tenacity.wait import wait_base
 
 from proxy_agent import stats as st
 from proxy_agent.attempt import PassRun, StreamAttempt, StreamSettings
@@ -60,6 +61,8 @@ _PERMANENT = frozenset(
 )
 
 FULL, RANGES, COMPARE = "full", "ranges", "compare"
+# Between stream attempts: 0.2 s doubling to 10 s, with jitter so proxies that lost one target spread out.
+RETRY_WAIT: wait_base = wait_exponential_jitter(initial=0.2, max=10)
 
 
 def _transient(exc: BaseException) -> bool:
@@ -112,8 +115,10 @@ class DiskTransfer:
         full_plan: Callable[[], Plan],
         reader: DiskReader,
         link_factory: Callable[[], TargetLink],
+        retry_wait: wait_base = RETRY_WAIT,
     ) -> None:
         self.spec = spec
+        self._retry_wait = retry_wait
         self.plan = plan
         self._full_plan = full_plan
         self.stats = st.TransferStats(spec.transfer_id, spec.session_id, spec.disk_id, plan.disk_size)
@@ -180,7 +185,7 @@ class DiskTransfer:
     def _retrying(self) -> AsyncRetrying:
         return AsyncRetrying(
             retry=retry_if_exception(_transient),
-            wait=wait_exponential_jitter(initial=0.2, max=10),
+            wait=self._retry_wait,
             stop=self._progress,
             before_sleep=self._before_retry,
             reraise=True,
