@@ -6,8 +6,13 @@ format changes vmrepl/batch.py, this module and tests/unit/test_batch.py (which 
 
 from __future__ import annotations
 
+import time
+
+from cryptography.hazmat.primitives.asymmetric import ed25519
+
 from vmrepl.batch import (
     DATA,
+    PROTOCOL_VERSIONS,
     RAW,
     BatchDecoder,
     BatchEncoder,
@@ -15,9 +20,12 @@ from vmrepl.batch import (
     EncodedBatch,
     decode_frame,
     encode_batch,
+    encode_open,
 )
 from vmrepl.block import Compression, digest, is_zero
 from vmrepl.errors import BatchError
+from vmrepl.extent import MiB
+from vmrepl.security.ticket import sign_ticket
 from vmrepl.v1 import common_pb2, target_pb2
 
 
@@ -115,3 +123,45 @@ def shifted(frame: bytes, by: int) -> bytes:
     for e in hdr.extents:
         e.offset += by
     return encode_batch(hdr, [bytes(f.payload)] if len(f.payload) else [])
+
+
+def signed_open(
+    key: ed25519.Ed25519PrivateKey,
+    *,
+    session_id: str,
+    checkpoint_id: str,
+    replica_path: str,
+    disk_size: int,
+    block_size: int = MiB,
+    window: int = 4,
+    proxy: str = "proxy",
+    ticket_disk: str = "disk0",
+    ttl: float = 60.0,
+    pass_number: int = 0,
+    protocol_versions: tuple[int, ...] = PROTOCOL_VERSIONS,
+) -> bytes:
+    """A Transfer open for disk0 with the ticket a controller would sign for `proxy` (`ticket_disk` to
+    make it name another disk)."""
+    ticket = sign_ticket(
+        key,
+        session_id=session_id,
+        disk_id=ticket_disk,
+        replica_path=replica_path,
+        checkpoint_id=checkpoint_id,
+        proxy=proxy,
+        expires_unix=time.time() + ttl,
+        audience="target",
+    )
+    opening = target_pb2.TransferOpen(
+        ticket=ticket,
+        session_id=session_id,
+        disk_id="disk0",
+        replica_path=replica_path,
+        disk_size=disk_size,
+        block_size=block_size,
+        window_batches=window,
+        checkpoint_id=checkpoint_id,
+        pass_number=pass_number,
+        protocol_versions=protocol_versions,
+    )
+    return encode_open(opening)

@@ -16,7 +16,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from controller.disk_task import prepare
 from tests import frames
-from tests.integration.conftest import Lab, sha256, signed_open
+from tests.frames import signed_open
+from tests.integration.conftest import Lab, sha256
 from vmrepl.batch import LZ4, MAX_MESSAGE_BYTES, PROTOCOL_VERSIONS
 from vmrepl.block import digest
 from vmrepl.config import TlsSettings

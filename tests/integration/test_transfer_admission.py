@@ -23,7 +23,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from controller import lab
 from controller.agents import target_client
 from tests import frames
-from tests.integration.conftest import signed_open
+from tests.frames import signed_open
 from vmrepl.batch import MAX_MESSAGE_BYTES, MAX_OPEN_BYTES, encode_open
 from vmrepl.config import TlsSettings
 from vmrepl.extent import MiB

@@ -5,7 +5,6 @@ that fails, each in milliseconds."""
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import AsyncIterator, Mapping, Sequence
 from pathlib import Path
 
@@ -18,11 +17,11 @@ from target_agent.datastore import Datastore
 from target_agent.receiver import Receiver
 from target_agent.replica import COMPLETE, RECEIVING, CommitPoint, DiskState
 from tests import frames
-from vmrepl.batch import BatchDecoder, DecodedBatch, PassDigest, encode_open
+from vmrepl.batch import BatchDecoder, DecodedBatch, PassDigest
 from vmrepl.call_limits import Slots
 from vmrepl.errors import DiskError, FailedPrecondition, TicketError
 from vmrepl.security import certs
-from vmrepl.security.ticket import key_id, sign_ticket
+from vmrepl.security.ticket import key_id
 from vmrepl.v1 import target_pb2
 
 BS = 64 * 1024
@@ -67,28 +66,16 @@ def receiver(root: Path) -> Receiver:
 
 
 def opening(*, versions: tuple[int, ...] = (1,), proxy: str = "proxy") -> bytes:
-    ticket = sign_ticket(
+    return frames.signed_open(
         KEY,
         session_id="s1",
-        disk_id="disk0",
-        replica_path="jobs/vm1",
         checkpoint_id="cp1",
-        proxy=proxy,
-        expires_unix=time.time() + 60,
-        audience="target",
-    )
-    o = target_pb2.TransferOpen(
-        ticket=ticket,
-        session_id="s1",
-        disk_id="disk0",
         replica_path="jobs/vm1",
         disk_size=SIZE,
         block_size=BS,
-        window_batches=4,
-        checkpoint_id="cp1",
+        proxy=proxy,
         protocol_versions=versions,
     )
-    return encode_open(o)
 
 
 def prepared(root: Path, r: Receiver) -> Path:
