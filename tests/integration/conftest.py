@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import os
 import subprocess
-import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,11 +18,10 @@ from controller.engine.agents import AgentClient, proxy_client, target_client
 from controller.engine.transfer import DiskTaskSpec, run_disk_task
 from tests.conftest import need_tool
 from tests.integration.controller_env import ControllerEnv, create_pg_database, drop_pg_database, make_env
-from vmrepl.batch import encode_open
 from vmrepl.config import TlsSettings
 from vmrepl.extent import MiB
-from vmrepl.security.ticket import load_signing_key, sign_ticket
-from vmrepl.v1 import proxy_pb2, target_pb2
+from vmrepl.security.ticket import load_signing_key
+from vmrepl.v1 import proxy_pb2
 
 IMAGE_SIZE = 256 * MiB
 
@@ -40,46 +38,6 @@ def sha256(path: Path) -> str:
         while chunk := f.read(4 * MiB):
             h.update(chunk)
     return h.hexdigest()
-
-
-def signed_open(
-    key: ed25519.Ed25519PrivateKey,
-    *,
-    session_id: str,
-    checkpoint_id: str,
-    replica_path: str,
-    disk_size: int,
-    block_size: int = MiB,
-    window: int = 4,
-    proxy: str = "proxy",
-    ticket_disk: str = "disk0",
-    ttl: float = 60.0,
-    pass_number: int = 0,
-) -> bytes:
-    """A Transfer open for disk0 with the ticket a controller would sign for `proxy` (`ticket_disk` to
-    make it name another disk)."""
-    ticket = sign_ticket(
-        key,
-        session_id=session_id,
-        disk_id=ticket_disk,
-        replica_path=replica_path,
-        checkpoint_id=checkpoint_id,
-        proxy=proxy,
-        expires_unix=time.time() + ttl,
-        audience="target",
-    )
-    opening = target_pb2.TransferOpen(
-        ticket=ticket,
-        session_id=session_id,
-        disk_id="disk0",
-        replica_path=replica_path,
-        disk_size=disk_size,
-        block_size=block_size,
-        window_batches=window,
-        checkpoint_id=checkpoint_id,
-        pass_number=pass_number,
-    )
-    return encode_open(opening)
 
 
 @pytest.fixture(scope="session")

@@ -22,9 +22,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from controller import lab
 from controller.engine.agents import target_client
-from tests.integration.conftest import signed_open
-from vmrepl.batch import DATA, MAX_MESSAGE_BYTES, MAX_OPEN_BYTES, RAW, encode_batch, encode_open
-from vmrepl.block import digest
+from tests import frames
+from tests.frames import signed_open
+from vmrepl.batch import MAX_MESSAGE_BYTES, MAX_OPEN_BYTES, encode_open
 from vmrepl.config import TlsSettings
 from vmrepl.extent import MiB
 from vmrepl.rpc import message_options, secure_channel
@@ -126,16 +126,7 @@ def open_frame(
 
 def block_frame(seq: int, data: bytes, *, blocks: int) -> bytes:
     """Batch `seq` of a one-block-per-batch stream over `blocks` blocks: block `seq` holds `data`."""
-    ext = target_pb2.Extent(offset=seq * BS, length=BS, kind=DATA, encoding=RAW, stored_size=BS, digest=digest(data))
-    hdr = target_pb2.BatchHeader(
-        seq=seq,
-        start_offset=seq * BS,
-        end_offset=(seq + 1) * BS,
-        extents=[ext],
-        payload_size=BS,
-        final=seq == blocks - 1,
-    )
-    return encode_batch(hdr, [data])
+    return frames.block_frame(seq, data, blocks=blocks)
 
 
 async def open_stream(ch: grpc.aio.Channel, first: bytes) -> tuple[Any, target_pb2.TransferResponse]:
@@ -383,23 +374,9 @@ def burst_batches() -> Iterator[bytes]:
     """A disk of BURST_BATCHES x 16 MiB of random data, in the largest batches a proxy may send."""
     data = os.urandom(BATCH_BLOCKS * BS)
     blocks = [data[i * BS : (i + 1) * BS] for i in range(BATCH_BLOCKS)]
-    digests = [digest(b) for b in blocks]
     size = BATCH_BLOCKS * BS
     for seq in range(BURST_BATCHES):
-        start = seq * size
-        extents = [
-            target_pb2.Extent(offset=start + i * BS, length=BS, kind=DATA, encoding=RAW, stored_size=BS, digest=d)
-            for i, d in enumerate(digests)
-        ]
-        hdr = target_pb2.BatchHeader(
-            seq=seq,
-            start_offset=start,
-            end_offset=start + size,
-            extents=extents,
-            payload_size=size,
-            final=seq == BURST_BATCHES - 1,
-        )
-        yield encode_batch(hdr, blocks)
+        yield frames.data_batch(seq, seq * size, blocks, final=seq == BURST_BATCHES - 1)
 
 
 async def replicate_burst_disk(ch: grpc.aio.Channel, first: bytes) -> bool:
