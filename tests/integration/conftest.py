@@ -15,7 +15,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from controller import lab
-from controller.engine.agents import AgentClient, proxy_client, target_client
+from controller.engine.agents import GrpcProxyClient, GrpcTargetClient, proxy_client, target_client
 from controller.engine.transfer import DiskTaskSpec, run_disk_task
 from tests.conftest import need_tool
 from tests.integration.controller_env import ControllerEnv, create_pg_database, drop_pg_database, make_env
@@ -102,7 +102,7 @@ class Lab:
     counts: dict[str, int]
     target: lab.AgentProcess
     proxy: lab.AgentProcess
-    clients: list[AgentClient] = field(default_factory=list)
+    clients: list[GrpcProxyClient | GrpcTargetClient] = field(default_factory=list)
 
     @property
     def signing_key(self) -> ed25519.Ed25519PrivateKey:
@@ -111,12 +111,12 @@ class Lab:
     def tls(self, name: str = "controller") -> TlsSettings:
         return TlsSettings(**self.certs.tls(name))  # type: ignore[arg-type]
 
-    def proxy_client(self) -> AgentClient:
+    def proxy_client(self) -> GrpcProxyClient:
         c = proxy_client(self.proxy.address, self.tls())
         self.clients.append(c)
         return c
 
-    def target_client(self, name: str = "controller", address: str | None = None) -> AgentClient:
+    def target_client(self, name: str = "controller", address: str | None = None) -> GrpcTargetClient:
         c = target_client(address or self.target.address, self.tls(name))
         self.clients.append(c)
         return c

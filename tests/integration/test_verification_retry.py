@@ -13,7 +13,7 @@ import dataclasses
 import os
 import subprocess
 
-from controller.engine.agents import AgentClient
+from controller.engine.agents import GrpcTargetClient
 from proxy_agent.verify import choose_sample, unsent_blocks
 from tests.integration.conftest import Lab, qemu_identical
 from tests.integration.test_incremental import ranges_source
@@ -26,7 +26,7 @@ SIZE = 4 * GiB  # sparse: a disk larger than what a crash leaves uncertain (FRON
 REPORTED = [100 * MiB]
 
 
-async def _replica_disk(target: AgentClient) -> target_pb2.ReplicaDisk:
+async def _replica_disk(target: GrpcTargetClient) -> target_pb2.ReplicaDisk:
     disk: target_pb2.ReplicaDisk = await target.stub.GetReplicaDisk(
         target_pb2.GetReplicaDiskRequest(replica_path="jobs/vm1", disk_id="disk0"), timeout=2
     )
