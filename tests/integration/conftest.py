@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 import subprocess
 import time
@@ -19,6 +18,7 @@ from controller.engine.agents import GrpcProxyClient, GrpcTargetClient, proxy_cl
 from controller.engine.transfer import DiskTaskSpec, run_disk_task
 from tests.conftest import need_tool
 from tests.integration.controller_env import ControllerEnv, create_pg_database, drop_pg_database, make_env
+from tests.support.certs import tls_settings
 from vmrepl.batch import encode_open
 from vmrepl.config import TlsSettings
 from vmrepl.extent import MiB
@@ -26,20 +26,6 @@ from vmrepl.security.ticket import load_signing_key, sign_ticket
 from vmrepl.v1 import proxy_pb2, target_pb2
 
 IMAGE_SIZE = 256 * MiB
-
-
-def qemu_identical(a: Path, b: Path) -> bool:
-    need_tool("qemu-img")
-    out = subprocess.run(["qemu-img", "compare", "-q", "-f", "raw", "-F", "raw", str(a), str(b)], check=False)
-    return out.returncode == 0
-
-
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(4 * MiB):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def signed_open(
@@ -83,11 +69,6 @@ def signed_open(
 
 
 @pytest.fixture(scope="session")
-def lab_certs(tmp_path_factory: pytest.TempPathFactory) -> lab.LabCerts:
-    return lab.LabCerts.create(tmp_path_factory.mktemp("certs"))
-
-
-@pytest.fixture(scope="session")
 def base_image(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, int]]:
     path = tmp_path_factory.mktemp("images") / "base.raw"
     counts = lab.make_mixed_image(path, IMAGE_SIZE)
@@ -109,7 +90,7 @@ class Lab:
         return load_signing_key(self.certs.signing_key)
 
     def tls(self, name: str = "controller") -> TlsSettings:
-        return TlsSettings(**self.certs.tls(name))  # type: ignore[arg-type]
+        return tls_settings(self.certs, name)
 
     def proxy_client(self) -> GrpcProxyClient:
         c = proxy_client(self.proxy.address, self.tls())

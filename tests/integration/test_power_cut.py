@@ -21,7 +21,8 @@ import pytest
 
 from controller import lab
 from controller.engine.transfer import DiskTaskSpec, prepare
-from tests.integration.conftest import Lab, qemu_identical
+from tests.integration.conftest import Lab
+from tests.support.replicas import qemu_identical
 from vmrepl.block import DIGEST_SIZE, digest, is_zero, zero_digest
 from vmrepl.disk import powercut
 from vmrepl.extent import MiB

@@ -5,7 +5,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 
-from tests.integration.conftest import Lab, qemu_identical
+from tests.integration.conftest import Lab
+from tests.support.replicas import qemu_identical
 from vmrepl.extent import MiB
 from vmrepl.v1 import proxy_pb2, target_pb2
 

@@ -15,9 +15,10 @@ import subprocess
 
 from controller.engine.agents import GrpcTargetClient
 from proxy_agent.verify import choose_sample, unsent_blocks
-from tests.integration.conftest import Lab, qemu_identical
+from tests.integration.conftest import Lab
 from tests.integration.test_incremental import ranges_source
 from tests.integration.test_power_cut import restart_target
+from tests.support.replicas import qemu_identical
 from vmrepl.extent import Extent, MiB
 from vmrepl.v1 import proxy_pb2, target_pb2
 

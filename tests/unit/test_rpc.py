@@ -2,20 +2,17 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import grpc
 
 from controller import lab
-from vmrepl.config import TlsSettings
+from tests.support.certs import tls_settings
 from vmrepl.errors import NotFound
 from vmrepl.rpc import start_server, status_for
 
 
-async def test_internal_errors_name_the_program_that_serves(tmp_path: Path) -> None:
-    certs = lab.LabCerts.create(tmp_path)
+async def test_internal_errors_name_the_program_that_serves(lab_certs: lab.LabCerts) -> None:
     for program in ("proxy", "target", "controller"):
-        tls = TlsSettings(**certs.tls(program))  # type: ignore[arg-type]
+        tls = tls_settings(lab_certs, program)
         server, _, _ = await start_server(
             listen="127.0.0.1:0", tls=tls, services=[], max_message_bytes=1 << 20, program=program
         )
