@@ -52,9 +52,11 @@ async def test_a_vm_whose_disks_replicate_gets_a_restore_point_and_its_checkpoin
     assert world.provider.removed == ["cp1"] and not world.provider.checkpoints["vm1"]
 
 
-async def test_a_commit_whose_answer_was_lost_is_asked_again_and_recorded_once(world: World) -> None:
-    # The target committed, then went away before answering: asked again, it answers with the same point.
-    world.target.commit_faults.append(CommitFault(unavailable(), committed=True))
+@pytest.mark.parametrize("committed", [False, True], ids=["refused-for-a-moment", "answer-lost"])
+async def test_a_commit_failing_for_a_moment_is_asked_again_and_recorded_once(world: World, committed: bool) -> None:
+    # Out of reach for a moment; or the target committed, then went away before answering: asked
+    # again, it answers with the same point.
+    world.target.commit_faults.append(CommitFault(unavailable(), committed=committed))
     row = await _run(world)
     assert row.state == VmState.DONE and len(world.target.commits) == 2
     (point,) = await _points(world)
