@@ -18,7 +18,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from controller.api import paging
-from controller.api.service import BY_NAME, RESTORE_POINTS, SESSIONS
+from controller.api.base import BY_NAME, RESTORE_POINTS, SESSIONS
 from controller.db.connect import downgrade, make_engine, migrate, open_database, sqlite_url
 from controller.db.models import Base, Credential, Host, Job, JobVm, RestorePoint, Session, Target
 from controller.db.secrets import SecretBox, create_key_file

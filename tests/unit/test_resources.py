@@ -12,6 +12,7 @@ from cryptography.fernet import Fernet
 
 from controller.api import paging
 from controller.api import resources as res
+from controller.api.resources import jobs as jobs_res
 from controller.db.secrets import SecretBox
 from controller.engine.runtime import replica_folder
 from vmrepl.errors import FailedPrecondition, InvalidArgument
@@ -36,19 +37,19 @@ def test_redacted_webhook_urls_show_scheme_host_and_port_only() -> None:
 
 def test_a_webhook_is_stored_sealed_and_a_shown_url_sent_back_keeps_it() -> None:
     box = SecretBox([Fernet.generate_key()])
-    stored = res._webhook(api.Webhook(url=HOOK_URL), box, current=None)
+    stored = jobs_res._webhook(api.Webhook(url=HOOK_URL), box, current=None)
     assert box.open(stored["sealed_url"].encode()) == HOOK_URL and "tok-q" not in str(stored)
-    again = res._webhook(api.Webhook(url=stored["shown_url"], failures_only=True), box, current=stored)
+    again = jobs_res._webhook(api.Webhook(url=stored["shown_url"], failures_only=True), box, current=stored)
     assert again == {**stored, "failures_only": True}
-    other = res._webhook(api.Webhook(url="http://other.example/x"), box, current=stored)
+    other = jobs_res._webhook(api.Webhook(url="http://other.example/x"), box, current=stored)
     assert box.open(other["sealed_url"].encode()) == "http://other.example/x"
-    assert res._webhook(api.Webhook(), box, current=stored) == {}
+    assert jobs_res._webhook(api.Webhook(), box, current=stored) == {}
     for bad in ("ftp://h/x", "https://h:99999/", "https://h/\x00", "http:///nohost", "https://h/" + "x" * 2048):
         with pytest.raises(InvalidArgument, match=r"^job\.webhook\.url:"):
-            res._webhook(api.Webhook(url=bad), box, current=None)
+            jobs_res._webhook(api.Webhook(url=bad), box, current=None)
     # A shown URL copied into another job (found in review): it would lose the credentials silently.
     with pytest.raises(InvalidArgument, match="redacted URL"):
-        res._webhook(api.Webhook(url=stored["shown_url"]), box, current=None)
+        jobs_res._webhook(api.Webhook(url=stored["shown_url"]), box, current=None)
 
 
 def b64(raw: bytes) -> str:
@@ -56,7 +57,7 @@ def b64(raw: bytes) -> str:
 
 
 def test_page_tokens_round_trip_and_anything_else_is_invalid_argument() -> None:
-    from controller.api.service import BY_NAME, SESSIONS
+    from controller.api.base import BY_NAME, SESSIONS
     from controller.db.models import Job, Session
 
     t = dt.datetime(2026, 11, 30, 17, 1, 2, 345678)

@@ -1,231 +1,23 @@
-"""API resources: names, validation of incoming messages, and conversion between rows and messages.
-
-Pure of I/O except the lookups each function receives a database session for.
-Every error names the request field it is about (`host.address`, `update_mask`).
-"""
+"""Jobs: their messages, checks and changes (schedule, VMs, policy, webhook)."""
 
 from __future__ import annotations
 
-import asyncio
-import datetime as dt
-import os
-import re
 from collections.abc import Iterable
-from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 from urllib.parse import urlsplit
 
 from google.protobuf import json_format, struct_pb2
-from google.protobuf.timestamp_pb2 import Timestamp
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from controller.db.models import Credential, Host, Job, JobVm, Proxy, Target
+from controller.api.resources.common import COMPRESSIONS, TRACKING, by_name, check_printable, timestamp
+from controller.db.models import Host, Job, JobVm, Target
 from controller.db.secrets import SecretBox
-from controller.engine.providers import PROVIDERS
 from controller.scheduling.schedule import parse_schedule
-from vmrepl.errors import InvalidArgument, NotFound
+from vmrepl.errors import InvalidArgument
 from vmrepl.extent import valid_block_size
 from vmrepl.names import check_relative
 from vmrepl.v1 import controller_pb2 as api
-
-_ID = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
-_ADDRESS = re.compile(r"^[A-Za-z0-9._\-\[\]:]+:\d{1,5}$")
-COMPRESSIONS = ("none", "fast", "default")
-TRACKING = ("auto", "on", "off")
-
-M = TypeVar("M")
-
-
-def check_id(field: str, value: str) -> str:
-    if not _ID.fullmatch(value):
-        raise InvalidArgument(field, f"{value!r} is not a valid id (lower-case letters, digits, '-'; up to 63)")
-    return value
-
-
-def parse_name(field: str, value: str, collection: str) -> str:
-    """The id in `{collection}/{id}`."""
-    prefix = f"{collection}/"
-    if not value:
-        raise InvalidArgument(field, f"is required (a name like {prefix}ID)")
-    if not value.startswith(prefix):
-        raise InvalidArgument(field, f"{value!r} is not a {collection} name ({prefix}ID)")
-    return check_id(field, value[len(prefix) :])
-
-
-def check_address(field: str, value: str) -> str:
-    if not _ADDRESS.fullmatch(value) or not 0 < int(value.rsplit(":", 1)[1]) < 65536:
-        raise InvalidArgument(field, f"{value!r} is not host:port")
-    return value
-
-
-def timestamp(value: dt.datetime | None) -> Timestamp | None:
-    if value is None:
-        return None
-    ts = Timestamp()
-    ts.FromDatetime(value if value.tzinfo else value.replace(tzinfo=dt.UTC))
-    return ts
-
-
-def mask_paths(field: str, paths: Iterable[str], allowed: Iterable[str]) -> list[str]:
-    """The update mask's paths, each one a field that may change; an empty mask means all of them."""
-    allowed = list(allowed)
-    out = list(paths) or allowed
-    for p in out:
-        if p not in allowed:
-            raise InvalidArgument(field, f"{p!r} cannot be updated (updatable: {', '.join(allowed)})")
-    return out
-
-
-async def by_name(db: AsyncSession, model: type[M], field: str, name: str, collection: str) -> M:
-    rid = parse_name(field, name, collection)
-    row: M | None = await db.scalar(select(model).where(model.name == rid))  # type: ignore[attr-defined,arg-type]
-    if row is None:
-        raise NotFound(f"{collection}/{rid} does not exist")
-    return row
-
-
-# ---- credentials ------------------------------------------------------------------------------------
-
-
-def credential_msg(row: Credential) -> api.Credential:
-    return api.Credential(name=f"credentials/{row.name}", username=row.username, create_time=timestamp(row.created_at))
-
-
-def check_username(field: str, value: str) -> str:
-    if not value or len(value) > 256:
-        raise InvalidArgument(field, "is required, up to 256 characters")
-    return value
-
-
-def check_secret(field: str, value: str) -> str:
-    if not value or len(value) > 4096:
-        raise InvalidArgument(field, "is required, up to 4096 characters")
-    return value
-
-
-# ---- hosts --------------------------------------------------------------------------------------------
-
-HOST_FIELDS = ("provider", "address", "credential")
-
-
-async def host_msg(db: AsyncSession, row: Host) -> api.Host:
-    cred = await db.get(Credential, row.credential_id) if row.credential_id else None
-    return api.Host(
-        name=f"hosts/{row.name}",
-        provider=row.provider,
-        address=row.address,
-        credential=f"credentials/{cred.name}" if cred else "",
-        create_time=timestamp(row.created_at),
-    )
-
-
-async def apply_host(db: AsyncSession, msg: api.Host, row: Host, paths: Iterable[str]) -> None:
-    for path in paths:
-        if path == "provider":
-            if msg.provider not in PROVIDERS:
-                raise InvalidArgument("host.provider", f"must be one of {', '.join(PROVIDERS)}")
-            row.provider = msg.provider
-        elif path == "address":
-            if not msg.address or len(msg.address) > 1024:
-                raise InvalidArgument("host.address", "is required, up to 1024 characters")
-            row.address = check_printable("host.address", msg.address)
-        elif path == "credential":
-            cred = (
-                await by_name(db, Credential, "host.credential", msg.credential, "credentials")
-                if msg.credential
-                else None
-            )
-            row.credential_id = cred.id if cred else None
-    if row.provider == "file":
-        await asyncio.to_thread(check_host_folder, "host.address", row.address)
-
-
-def check_printable(field: str, value: str) -> str:
-    """No NUL or other control character: such a value is never a name or a path anything can use."""
-    if any(ord(c) < 32 or ord(c) == 127 for c in value):
-        raise InvalidArgument(field, "contains a NUL or another control character")
-    return value
-
-
-# A file host's folder holds VM folders; the controller reads it and writes its state under it, and the
-# proxies read it: never the system's own folders. SYSTEM_TREES are refused with everything inside them;
-# SYSTEM_FOLDERS themselves only (a host folder may lie inside /var, /srv or /tmp).
-SYSTEM_TREES = frozenset(
-    ["/bin", "/boot", "/dev", "/etc", "/lib", "/lib32", "/lib64", "/libx32", "/proc", "/run", "/sbin", "/sys", "/usr"]
-)
-SYSTEM_FOLDERS = frozenset(["/home", "/media", "/mnt", "/opt", "/root", "/srv", "/tmp", "/var"])
-
-
-def check_host_folder(field: str, address: str) -> str:
-    """A file host's address: an absolute path to an existing folder the controller sees (the proxies see
-    it under the same path), not the file system's root nor a system folder. Symlinks are followed
-    before the checks."""
-    check_printable(field, address)
-    if not os.path.isabs(address):
-        raise InvalidArgument(field, f"{address!r}: a file host's address is an absolute folder path")
-    real = Path(os.path.realpath(address))
-    if not real.is_dir():
-        raise InvalidArgument(field, f"{address!r} is not a folder the controller can see")
-    if real == Path(real.anchor):
-        raise InvalidArgument(field, f"{address!r} is the root of the file system: give the folder of the VM folders")
-    if str(real) in SYSTEM_FOLDERS:
-        raise InvalidArgument(field, f"{address!r} is a system folder: give the folder of the VM folders")
-    for tree in sorted(SYSTEM_TREES):
-        if real == Path(tree) or Path(tree) in real.parents:
-            raise InvalidArgument(field, f"{address!r} lies in the system folder {tree}")
-    return address
-
-
-# ---- proxies and targets ------------------------------------------------------------------------------
-
-PROXY_FIELDS = ("address", "tls_server_name", "max_tasks", "hosts")
-TARGET_FIELDS = ("address", "tls_server_name", "max_tasks")
-
-
-async def proxy_msg(db: AsyncSession, row: Proxy) -> api.Proxy:
-    hosts = []
-    for hid in row.host_ids:
-        h = await db.get(Host, str(hid))
-        if h is not None:
-            hosts.append(f"hosts/{h.name}")
-    return api.Proxy(
-        name=f"proxies/{row.name}",
-        address=row.address,
-        tls_server_name=row.tls_server_name,
-        max_tasks=row.max_tasks,
-        hosts=hosts,
-    )
-
-
-def target_msg(row: Target) -> api.Target:
-    return api.Target(
-        name=f"targets/{row.name}", address=row.address, tls_server_name=row.tls_server_name, max_tasks=row.max_tasks
-    )
-
-
-async def apply_agent(
-    db: AsyncSession, kind: str, msg: api.Proxy | api.Target, row: Proxy | Target, paths: Iterable[str]
-) -> None:
-    for path in paths:
-        if path == "address":
-            row.address = check_address(f"{kind}.address", msg.address)
-        elif path == "tls_server_name":
-            if len(msg.tls_server_name) > 256:
-                raise InvalidArgument(f"{kind}.tls_server_name", "is longer than 256 characters")
-            row.tls_server_name = msg.tls_server_name
-        elif path == "max_tasks":
-            if not 1 <= (msg.max_tasks or 4) <= 64:
-                raise InvalidArgument(f"{kind}.max_tasks", "must be from 1 to 64")
-            row.max_tasks = msg.max_tasks or 4
-        elif path == "hosts" and isinstance(msg, api.Proxy) and isinstance(row, Proxy):
-            ids = []
-            for i, h in enumerate(msg.hosts):
-                ids.append((await by_name(db, Host, f"proxy.hosts[{i}]", h, "hosts")).id)
-            row.host_ids = ids
-
-
-# ---- jobs ----------------------------------------------------------------------------------------------
 
 JOB_FIELDS = (
     "host",
