@@ -60,7 +60,9 @@ class TargetClient(AgentHealth, Protocol):
 
     async def prepare(self, request: target_pb2.PrepareReplicaDiskRequest) -> target_pb2.ReplicaDisk: ...
 
-    async def get_disk(self, replica_path: str, disk_id: str) -> target_pb2.ReplicaDisk: ...
+    async def get_disk(
+        self, replica_path: str, disk_id: str, *, within: float | None = None
+    ) -> target_pb2.ReplicaDisk: ...
 
     async def commit(
         self, request: target_pb2.CommitRestorePointRequest, *, within: float | None = None
@@ -164,9 +166,9 @@ class GrpcTargetClient(_GrpcAgent):
         disk: target_pb2.ReplicaDisk = await self.stub.PrepareReplicaDisk(request)
         return disk
 
-    async def get_disk(self, replica_path: str, disk_id: str) -> target_pb2.ReplicaDisk:
+    async def get_disk(self, replica_path: str, disk_id: str, *, within: float | None = None) -> target_pb2.ReplicaDisk:
         request = target_pb2.GetReplicaDiskRequest(replica_path=replica_path, disk_id=disk_id)
-        disk: target_pb2.ReplicaDisk = await self.stub.GetReplicaDisk(request)
+        disk: target_pb2.ReplicaDisk = await self.stub.GetReplicaDisk(request, timeout=within)
         return disk
 
     async def commit(

@@ -19,6 +19,7 @@ from controller.engine.transfer import DiskTaskSpec, run_disk_task
 from tests.conftest import need_tool
 from tests.integration.controller_env import ControllerEnv, create_pg_database, drop_pg_database, make_env
 from tests.support.certs import tls_settings
+from tests.support.database import BACKENDS
 from vmrepl.batch import encode_open
 from vmrepl.config import TlsSettings
 from vmrepl.extent import MiB
@@ -101,6 +102,10 @@ class Lab:
         c = target_client(address or self.target.address, self.tls(name))
         self.clients.append(c)
         return c
+
+    async def replica_disk(self, replica_path: str = "jobs/vm1", disk_id: str = "disk0") -> target_pb2.ReplicaDisk:
+        """The target's view of a replica disk, asked on a new channel (the target may have restarted)."""
+        return await self.target_client().get_disk(replica_path, disk_id, within=2)
 
     def replica(self, replica_path: str = "jobs/vm1", disk_id: str = "disk0") -> Path:
         return self.work / "datastore" / replica_path / "disks" / disk_id / "data.raw"
@@ -190,10 +195,6 @@ def ctl_raw(tmp_path: Path, lab_certs: lab.LabCerts) -> Iterator[ControllerEnv]:
         yield env
     finally:
         env.stop()
-
-
-# The controller's own database: SQLite always, PostgreSQL too when a URL is given (CI gives one).
-BACKENDS = ["sqlite"] + (["postgresql"] if os.environ.get("VMREPL_TEST_DATABASE_URL") else [])
 
 
 @pytest.fixture(params=BACKENDS)

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-from google.protobuf import json_format
+from google.protobuf import field_mask_pb2, json_format
 from sqlalchemy import make_url
 
 from controller import lab
@@ -112,6 +112,11 @@ class ControllerEnv:
                 raise AssertionError(f"{name} ended before the condition: {json_format.MessageToJson(s)}")
             time.sleep(0.05)
         raise TimeoutError(f"condition on {name} not met within {timeout}s")
+
+    def unlimit(self, job: str = "job1") -> None:
+        """Lifts the job's bandwidth limit (set by tests that act while a session runs)."""
+        mask = field_mask_pb2.FieldMask(paths=["bandwidth_limit_mbps"])
+        self.client().UpdateJob(api.UpdateJobRequest(job=api.Job(name=f"jobs/{job}"), update_mask=mask))
 
     def run_job(self, job: str = "job1") -> api.Session:
         s = self.client().StartJob(api.StartJobRequest(name=f"jobs/{job}"))

@@ -211,11 +211,6 @@ def test_scans_create_nothing_and_symlinked_folders_are_refused(ctl_raw: Control
 # ---- item 16: guest writes under a checkpoint are durable ------------------------------------------------
 
 
-def _unlimit(ctl: ControllerEnv) -> None:
-    mask = field_mask_pb2.FieldMask(paths=["bandwidth_limit_mbps"])
-    ctl.client().UpdateJob(api.UpdateJobRequest(job=api.Job(name="jobs/job1"), update_mask=mask))
-
-
 def _start_under_checkpoint(ctl: ControllerEnv) -> str:
     ctl.configure(vms=("vm1",), bandwidth_limit_mbps=1, retries=0)
     s = ctl.client().StartJob(api.StartJobRequest(name="jobs/job1"))
@@ -231,7 +226,7 @@ def _recover(ctl: ControllerEnv, name: str) -> None:
     ctl.client().UpdateProxy(
         api.UpdateProxyRequest(proxy=api.Proxy(name="proxies/proxy1", address=ctl.proxy.address), update_mask=mask)
     )
-    _unlimit(ctl)
+    ctl.unlimit()
     final = ctl.wait_session(name)
     assert final.state in (api.SESSION_STATE_SUCCEEDED, api.SESSION_STATE_INCOMPLETE), final.error
     if final.state == api.SESSION_STATE_INCOMPLETE:  # the checkpoint was held: the next session releases it

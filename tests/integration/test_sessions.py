@@ -27,11 +27,6 @@ def _disks(s: api.Session) -> dict[str, api.DiskTask]:
     return {f"{v.vm_name}/{d.disk_id}": d for v in s.vms for d in v.disks}
 
 
-def _unlimit(ctl: ControllerEnv) -> None:
-    mask = field_mask_pb2.FieldMask(paths=["bandwidth_limit_mbps"])
-    ctl.client().UpdateJob(api.UpdateJobRequest(job=api.Job(name="jobs/job1"), update_mask=mask))
-
-
 def _received_below(ctl: ControllerEnv, session: str, disk: str, offset: int) -> int:
     """Data bytes the target received for `disk` in `session` at offsets below `offset`."""
     sid = session.removeprefix("sessions/")
@@ -56,7 +51,7 @@ def test_writes_during_a_session_wait_for_the_next(ctl_raw: ControllerEnv) -> No
         f.seek(7 * MiB)
         assert f.read(MiB) == before, "the session replicated the checkpoint, not the later write"
     assert not (vm.state / "checkpoint.json").exists()  # removed, the overlay merged
-    _unlimit(ctl_raw)
+    ctl_raw.unlimit()
     second = ctl_raw.run_job()
     assert second.state == api.SESSION_STATE_SUCCEEDED
     assert _disks(second)["vm1/disk0"].change_mode == "ranges"
@@ -80,7 +75,7 @@ def test_stop_then_start_resumes_from_the_committed_offsets(ctl_db: ControllerEn
     assert (ctl_db.vm("vm1").state / "checkpoint.json").exists(), "the checkpoint is held for the resume"
     assert not ctl_db.points()
 
-    _unlimit(ctl_db)
+    ctl_db.unlimit()
     resumed = ctl_db.run_job()
     assert resumed.state == api.SESSION_STATE_SUCCEEDED, resumed.error
     for key, d in _disks(resumed).items():
@@ -112,7 +107,7 @@ def test_sigterm_stops_cleanly_and_the_next_run_resumes(ctl_raw: ControllerEnv) 
     stopped = ctl_raw.session(s.name)
     assert stopped.state == api.SESSION_STATE_INCOMPLETE
     assert {d.state for d in _disks(stopped).values()} <= {"resumable", "succeeded"}
-    _unlimit(ctl_raw)
+    ctl_raw.unlimit()
     resumed = ctl_raw.run_job()
     assert resumed.state == api.SESSION_STATE_SUCCEEDED, resumed.error
     assert "resume" in {d.start for d in _disks(resumed).values()}
@@ -194,7 +189,7 @@ def test_a_held_checkpoint_past_its_deadline_is_released_and_the_disks_compared(
     db.close()
     ctl_raw.restart_controller()
     ctl_raw.vm("vm1").write("disk0", 5 * MiB, b"\x5a" * 8192)  # a change the old checkpoint never saw
-    _unlimit(ctl_raw)
+    ctl_raw.unlimit()
     after = ctl_raw.run_job()
     assert after.state == api.SESSION_STATE_SUCCEEDED, after.error
     assert after.vms[0].checkpoint_id != old_checkpoint
@@ -219,7 +214,7 @@ def test_a_proxy_killed_mid_transfer_leaves_the_disks_resumable(ctl_raw: Control
     ctl_raw.client().UpdateProxy(
         api.UpdateProxyRequest(proxy=api.Proxy(name="proxies/proxy1", address=ctl_raw.proxy.address), update_mask=mask)
     )
-    _unlimit(ctl_raw)
+    ctl_raw.unlimit()
     resumed = ctl_raw.run_job()
     assert resumed.state == api.SESSION_STATE_SUCCEEDED, resumed.error
     assert {d.start for d in _disks(resumed).values()} == {"resume"}

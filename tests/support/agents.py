@@ -192,7 +192,7 @@ class FakeTarget:
         self.disks[key] = disk
         return disk
 
-    async def get_disk(self, replica_path: str, disk_id: str) -> target_pb2.ReplicaDisk:
+    async def get_disk(self, replica_path: str, disk_id: str, *, within: float | None = None) -> target_pb2.ReplicaDisk:
         self._check_up()
         key = (replica_path, disk_id)
         if key not in self.disks:
