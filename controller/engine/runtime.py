@@ -9,7 +9,7 @@ from typing import Protocol
 
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
-from controller.engine.agents import AgentPool
+from controller.engine.agents import Agents
 from controller.engine.journal import Journal
 from controller.engine.slots import SlotBoard
 from vmrepl.errors import FailedPrecondition, PathError
@@ -69,7 +69,7 @@ class LiveProgress:
 @dataclass(kw_only=True)
 class EngineParts:
     journal: Journal
-    agents: AgentPool
+    agents: Agents
     slots: SlotBoard
     signing_key: ed25519.Ed25519PrivateKey
     live: LiveProgress = field(default_factory=LiveProgress)

@@ -24,7 +24,7 @@ from tenacity import AsyncRetrying, retry_if_exception, stop_after_delay, wait_e
 
 from controller.db.models import HeldCheckpoint, Job, JobVm, RestorePoint, Session, SessionVm, Task, now
 from controller.engine import counters
-from controller.engine.agents import READY_WITHIN_SECONDS, AgentClient
+from controller.engine.agents import READY_WITHIN_SECONDS, TargetClient, ready
 from controller.engine.retention import points_to_delete
 from controller.engine.runtime import EngineParts, SessionContext
 from controller.engine.states import (
@@ -76,7 +76,7 @@ class SessionRun:
         if planned is not None:
             return
         target = self.parts.agents.target(self.sc.target.address, self.sc.target.tls_server_name)
-        if not await self.parts.agents.ready(target):
+        if not await ready(target):
             raise FailedPrecondition(f"target {self.sc.target.name} does not answer its health check")
         entries: list[SessionVm | Task] = []
         named: dict[str, str] = {}  # VM id -> the reference that planned it
@@ -171,11 +171,9 @@ class SessionRun:
         return state
 
 
-async def _delete_point(target: AgentClient, replica_path: str, point_id: str) -> None:
+async def _delete_point(target: TargetClient, replica_path: str, point_id: str) -> None:
     try:
-        await target.stub.DeleteRestorePoint(
-            target_pb2.DeleteRestorePointRequest(replica_path=replica_path, restore_point_id=point_id)
-        )
+        await target.delete_point(replica_path, point_id)
     except grpc.aio.AioRpcError as e:
         if e.code() is not grpc.StatusCode.NOT_FOUND:  # NOT_FOUND: deleted before a crash
             raise
@@ -400,11 +398,7 @@ class VmRun:
             reraise=True,
         )
 
-        async def commit() -> target_pb2.RestorePoint:
-            answer: target_pb2.RestorePoint = await target.stub.CommitRestorePoint(request, timeout=30)
-            return answer
-
-        point: target_pb2.RestorePoint = await retrying(commit)
+        point: target_pb2.RestorePoint = await retrying(target.commit, request, within=30)
         async with self.parts.journal.change("restore point committed", vm=row.vm_id, point=point.id) as db:
             if await db.get(RestorePoint, point.id) is None:  # a retried commit returns the same point
                 db.add(
@@ -450,11 +444,10 @@ class VmRun:
                 await db.execute(delete(RestorePoint).where(RestorePoint.id == point_id))
             self.log.info("restore_point_deleted", restore_point_id=point_id, reason="retention")
 
-    async def _delete_orphans(self, target: AgentClient, replica_path: str, known: set[str]) -> None:
+    async def _delete_orphans(self, target: TargetClient, replica_path: str, known: set[str]) -> None:
         """Points on the target the database does not know: committed by a call whose answer was lost
         (the target went down under it) before the VM failed. The replica path is this job's alone."""
-        listed = await target.stub.ListRestorePoints(target_pb2.ListRestorePointsRequest(replica_path=replica_path))
-        for p in listed.restore_points:
+        for p in await target.list_points(replica_path):
             if p.id in known:
                 continue
             await _delete_point(target, replica_path, p.id)

@@ -19,8 +19,8 @@ from sqlalchemy.orm import Session as OrmSession
 
 from controller.db.models import Job, Session, SessionVm, Task, now
 from tests.integration.controller_env import ControllerEnv
+from tests.support.certs import tls_settings
 from vmrepl.call_limits import RETRY_AFTER_KEY
-from vmrepl.config import TlsSettings
 from vmrepl.rpc import secure_channel
 from vmrepl.v1 import controller_pb2 as api
 from vmrepl.v1 import controller_pb2_grpc
@@ -47,9 +47,7 @@ def _seed_sessions(db: Path, job: str, n: int) -> None:
 
 
 def _stub(ctl: ControllerEnv, identity: str) -> tuple[grpc.aio.Channel, Any]:
-    d = ctl.certs.directory
-    tls = TlsSettings(ca_file=d / "ca.pem", cert_file=d / f"{identity}.pem", key_file=d / f"{identity}.key")
-    channel = secure_channel(ctl.controller.address, tls)
+    channel = secure_channel(ctl.controller.address, tls_settings(ctl.certs, identity))
     return channel, controller_pb2_grpc.ControllerServiceStub(channel)
 
 
@@ -99,9 +97,7 @@ async def test_per_client_limit_refuses_the_excess_with_a_retry_hint(ctl_raw: Co
 
 
 async def _flood(address: str, certs: str, n: int) -> dict[str, int]:
-    d = Path(certs)
-    tls = TlsSettings(ca_file=d / "ca.pem", cert_file=d / "reader.pem", key_file=d / "reader.key")
-    channel = secure_channel(address, tls, max_message_bytes=64 << 20)
+    channel = secure_channel(address, tls_settings(Path(certs), "reader"), max_message_bytes=64 << 20)
     stub = controller_pb2_grpc.ControllerServiceStub(channel)
     calls = [_outcome(stub.ListSessions(api.ListSessionsRequest(page_size=1000), timeout=60)) for _ in range(n)]
     outcomes = await asyncio.gather(*calls)

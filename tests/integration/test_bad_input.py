@@ -17,7 +17,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from controller.engine.transfer import prepare
 from tests import frames
 from tests.frames import signed_open
-from tests.integration.conftest import Lab, sha256
+from tests.integration.conftest import Lab
+from tests.support.certs import tls_settings
+from tests.support.replicas import sha256
 from vmrepl.batch import LZ4, MAX_MESSAGE_BYTES, PROTOCOL_VERSIONS
 from vmrepl.block import digest
 from vmrepl.config import TlsSettings
@@ -39,7 +41,7 @@ def tree_state(root: Path, skip: Path) -> dict[str, str]:
 async def transfer(
     lab_env: Lab, frames: list[bytes], tls_name: str = "proxy"
 ) -> tuple[list[Any], grpc.StatusCode, str]:
-    tls = TlsSettings(**lab_env.certs.tls(tls_name))  # type: ignore[arg-type]
+    tls = tls_settings(lab_env.certs, tls_name)
     ch = secure_channel(lab_env.target.address, tls, max_message_bytes=MAX_MESSAGE_BYTES)
     try:
         call = ch.stream_stream(

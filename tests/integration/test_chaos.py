@@ -30,8 +30,8 @@ import grpc
 import pytest
 
 from controller import lab
-from tests.integration.conftest import qemu_identical
 from tests.integration.controller_env import ControllerEnv
+from tests.support.replicas import qemu_identical
 from vmrepl.disk import powercut
 from vmrepl.extent import MiB
 from vmrepl.v1 import controller_pb2 as api

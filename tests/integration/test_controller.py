@@ -16,18 +16,13 @@ from google.protobuf import field_mask_pb2
 
 from controller import lab
 from controller.engine.journal import CRASH_EXIT_CODE
-from tests.integration.conftest import qemu_identical
 from tests.integration.controller_env import ControllerEnv, make_env
+from tests.support.replicas import assert_replicas_identical
 from vmrepl.extent import MiB
 from vmrepl.v1 import controller_pb2 as api
 from vmrepl.v1 import target_pb2
 
 pytestmark = pytest.mark.integration
-
-
-def _all_replicas_identical(ctl: ControllerEnv) -> None:
-    for vm, disk in ctl.disks():
-        assert qemu_identical(ctl.vm(vm).image(disk), ctl.replica(vm, disk)), f"{vm}/{disk} differs"
 
 
 def test_full_then_incremental_through_the_cli(ctl: ControllerEnv) -> None:
@@ -38,13 +33,13 @@ def test_full_then_incremental_through_the_cli(ctl: ControllerEnv) -> None:
     ctl.cli("job", "create", "job1", "--host", "lab", "--target", "target", "--vm", "vm1", "--vm", "vm2")
     full = ctl.cli("job", "start", "job1", "--wait")
     assert "succeeded" in full.stdout
-    _all_replicas_identical(ctl)
+    assert_replicas_identical(ctl)
 
     ctl.cli("lab", "write", str(ctl.host), "vm1", "--blocks", "6", "--seed", "3")
     incr = ctl.cli("job", "start", "job1", "--wait", "--json")
     session = json.loads(incr.stdout)
     assert session["state"] == "SESSION_STATE_SUCCEEDED"
-    _all_replicas_identical(ctl)
+    assert_replicas_identical(ctl)
     modes = {(v["vm_name"], d["disk_id"]): d["change_mode"] for v in session["vms"] for d in v["disks"]}
     assert set(modes.values()) == {"ranges"}, modes  # the file host's change tracking, since the last point
     sent = int(session["stats"]["bytes_sent"])

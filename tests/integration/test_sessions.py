@@ -14,8 +14,8 @@ from google.protobuf import field_mask_pb2
 
 from controller import lab
 from controller.engine.journal import CRASH_EXIT_CODE
-from tests.integration.conftest import qemu_identical
 from tests.integration.controller_env import ControllerEnv
+from tests.support.replicas import assert_replicas_identical, qemu_identical
 from vmrepl.extent import MiB
 from vmrepl.v1 import controller_pb2 as api
 from vmrepl.v1 import target_pb2
@@ -23,19 +23,8 @@ from vmrepl.v1 import target_pb2
 pytestmark = pytest.mark.integration
 
 
-def _identical(ctl: ControllerEnv, vms: tuple[str, ...] = ("vm1", "vm2")) -> None:
-    for vm, disk in ctl.disks():
-        if vm in vms:
-            assert qemu_identical(ctl.vm(vm).image(disk), ctl.replica(vm, disk)), f"{vm}/{disk} differs"
-
-
 def _disks(s: api.Session) -> dict[str, api.DiskTask]:
     return {f"{v.vm_name}/{d.disk_id}": d for v in s.vms for d in v.disks}
-
-
-def _unlimit(ctl: ControllerEnv) -> None:
-    mask = field_mask_pb2.FieldMask(paths=["bandwidth_limit_mbps"])
-    ctl.client().UpdateJob(api.UpdateJobRequest(job=api.Job(name="jobs/job1"), update_mask=mask))
 
 
 def _received_below(ctl: ControllerEnv, session: str, disk: str, offset: int) -> int:
@@ -62,11 +51,11 @@ def test_writes_during_a_session_wait_for_the_next(ctl_raw: ControllerEnv) -> No
         f.seek(7 * MiB)
         assert f.read(MiB) == before, "the session replicated the checkpoint, not the later write"
     assert not (vm.state / "checkpoint.json").exists()  # removed, the overlay merged
-    _unlimit(ctl_raw)
+    ctl_raw.unlimit()
     second = ctl_raw.run_job()
     assert second.state == api.SESSION_STATE_SUCCEEDED
     assert _disks(second)["vm1/disk0"].change_mode == "ranges"
-    _identical(ctl_raw, ("vm1",))
+    assert_replicas_identical(ctl_raw, ["vm1"])
 
 
 def test_stop_then_start_resumes_from_the_committed_offsets(ctl_db: ControllerEnv) -> None:
@@ -86,7 +75,7 @@ def test_stop_then_start_resumes_from_the_committed_offsets(ctl_db: ControllerEn
     assert (ctl_db.vm("vm1").state / "checkpoint.json").exists(), "the checkpoint is held for the resume"
     assert not ctl_db.points()
 
-    _unlimit(ctl_db)
+    ctl_db.unlimit()
     resumed = ctl_db.run_job()
     assert resumed.state == api.SESSION_STATE_SUCCEEDED, resumed.error
     for key, d in _disks(resumed).items():
@@ -103,7 +92,7 @@ def test_stop_then_start_resumes_from_the_committed_offsets(ctl_db: ControllerEn
     }
     assert len(ctl_db.points()) == 1
     assert not (ctl_db.vm("vm1").state / "checkpoint.json").exists()
-    _identical(ctl_db, ("vm1",))
+    assert_replicas_identical(ctl_db, ["vm1"])
 
 
 def test_sigterm_stops_cleanly_and_the_next_run_resumes(ctl_raw: ControllerEnv) -> None:
@@ -118,11 +107,11 @@ def test_sigterm_stops_cleanly_and_the_next_run_resumes(ctl_raw: ControllerEnv) 
     stopped = ctl_raw.session(s.name)
     assert stopped.state == api.SESSION_STATE_INCOMPLETE
     assert {d.state for d in _disks(stopped).values()} <= {"resumable", "succeeded"}
-    _unlimit(ctl_raw)
+    ctl_raw.unlimit()
     resumed = ctl_raw.run_job()
     assert resumed.state == api.SESSION_STATE_SUCCEEDED, resumed.error
     assert "resume" in {d.start for d in _disks(resumed).values()}
-    _identical(ctl_raw, ("vm1",))
+    assert_replicas_identical(ctl_raw, ["vm1"])
 
 
 def _crash_and_recover(ctl: ControllerEnv, n: int) -> bool:
@@ -175,7 +164,7 @@ def test_controller_killed_at_every_state_transition_recovers(ctl_raw: Controlle
         crashed = _crash_and_recover(ctl_raw, n)
         sessions += 1
         _check_points(ctl_raw, sessions)
-        _identical(ctl_raw)
+        assert_replicas_identical(ctl_raw, ["vm1", "vm2"])
         if not crashed:
             break
         for i, (vm, disk) in enumerate(ctl_raw.disks()):  # something for the next incremental to carry
@@ -200,7 +189,7 @@ def test_a_held_checkpoint_past_its_deadline_is_released_and_the_disks_compared(
     db.close()
     ctl_raw.restart_controller()
     ctl_raw.vm("vm1").write("disk0", 5 * MiB, b"\x5a" * 8192)  # a change the old checkpoint never saw
-    _unlimit(ctl_raw)
+    ctl_raw.unlimit()
     after = ctl_raw.run_job()
     assert after.state == api.SESSION_STATE_SUCCEEDED, after.error
     assert after.vms[0].checkpoint_id != old_checkpoint
@@ -208,7 +197,7 @@ def test_a_held_checkpoint_past_its_deadline_is_released_and_the_disks_compared(
     for key, d in _disks(after).items():
         assert (d.start, d.change_mode) == (("compare", "compare") if key in resumable else ("fresh", "full")), key
     assert not (ctl_raw.vm("vm1").state / "checkpoint.json").exists()
-    _identical(ctl_raw, ("vm1",))
+    assert_replicas_identical(ctl_raw, ["vm1"])
 
 
 def test_a_proxy_killed_mid_transfer_leaves_the_disks_resumable(ctl_raw: ControllerEnv) -> None:
@@ -225,11 +214,11 @@ def test_a_proxy_killed_mid_transfer_leaves_the_disks_resumable(ctl_raw: Control
     ctl_raw.client().UpdateProxy(
         api.UpdateProxyRequest(proxy=api.Proxy(name="proxies/proxy1", address=ctl_raw.proxy.address), update_mask=mask)
     )
-    _unlimit(ctl_raw)
+    ctl_raw.unlimit()
     resumed = ctl_raw.run_job()
     assert resumed.state == api.SESSION_STATE_SUCCEEDED, resumed.error
     assert {d.start for d in _disks(resumed).values()} == {"resume"}
-    _identical(ctl_raw, ("vm1",))
+    assert_replicas_identical(ctl_raw, ["vm1"])
 
 
 def test_a_failing_vm_is_retried_without_holding_up_the_others(ctl_raw: ControllerEnv) -> None:
@@ -249,7 +238,7 @@ def test_a_failing_vm_is_retried_without_holding_up_the_others(ctl_raw: Controll
     vm1 = next(v for v in final.vms if v.vm_name == "vm1")
     assert vm1.state == "done" and vm1.attempt >= 2 and "attempt 1:" in vm1.error
     assert len(ctl_raw.points()) == 2
-    _identical(ctl_raw)
+    assert_replicas_identical(ctl_raw, ["vm1", "vm2"])
 
 
 def test_a_vm_that_keeps_failing_fails_the_session_after_its_retries(ctl_raw: ControllerEnv) -> None:
@@ -315,7 +304,7 @@ def test_tasks_move_off_a_dead_proxy_to_another_and_resume(ctl_raw: ControllerEn
                 if e.get("event") == "stream_opened" and e.get("session_id") == sid and e.get("disk_id") == disk
             ]
             assert opens[0] == 0 and opens[-1] >= 2 * MiB, (disk, opens)  # resumed, not started over
-        _identical(ctl_raw, ("vm1",))
+        assert_replicas_identical(ctl_raw, ["vm1"])
     finally:
         proxy2.stop()
 
@@ -339,7 +328,7 @@ def test_the_backup_window_closing_stops_the_session_resumably(ctl_raw: Controll
     resumed = ctl_raw.run_job()
     assert resumed.state == api.SESSION_STATE_SUCCEEDED, resumed.error
     assert {d.start for d in _disks(resumed).values()} == {"resume"}
-    _identical(ctl_raw, ("vm1",))
+    assert_replicas_identical(ctl_raw, ["vm1"])
 
 
 def test_a_second_job_on_a_vm_never_removes_the_checkpoint_a_running_session_reads(ctl_raw: ControllerEnv) -> None:

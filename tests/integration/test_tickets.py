@@ -13,7 +13,7 @@ import grpc
 import pytest
 
 from tests import frames
-from tests.integration.conftest import Lab, sha256
+from tests.integration.conftest import Lab
 from tests.integration.test_bad_input import (
     BS,
     CHECKPOINT,
@@ -24,6 +24,7 @@ from tests.integration.test_bad_input import (
     prepare_with_data,
     transfer,
 )
+from tests.support.replicas import sha256
 from vmrepl.security import certs
 from vmrepl.v1 import proxy_pb2, target_pb2
 

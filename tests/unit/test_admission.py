@@ -123,9 +123,8 @@ class FakeContext:
 
 
 @pytest.fixture(scope="module")
-def pems(tmp_path_factory: pytest.TempPathFactory) -> dict[str, bytes]:
-    certs = lab.LabCerts.create(tmp_path_factory.mktemp("certs"))
-    return {name: (certs.directory / f"{name}.pem").read_bytes() for name in ("controller", "proxy", "reader")}
+def pems(lab_certs: lab.LabCerts) -> dict[str, bytes]:
+    return {name: (lab_certs.directory / f"{name}.pem").read_bytes() for name in ("controller", "proxy", "reader")}
 
 
 def method(name: str) -> Any:

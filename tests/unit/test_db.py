@@ -22,10 +22,8 @@ from controller.api.base import BY_NAME, RESTORE_POINTS, SESSIONS
 from controller.db.connect import downgrade, make_engine, migrate, open_database, sqlite_url
 from controller.db.models import Base, Credential, Host, Job, JobVm, RestorePoint, Session, Target
 from controller.db.secrets import SecretBox, create_key_file
+from tests.support.database import BACKENDS
 from vmrepl.errors import ConfigError, SecurityError
-
-# PostgreSQL joins when a URL is given (the scheduling issue runs it in CI); SQLite always runs.
-BACKENDS = ["sqlite"] + (["postgresql"] if os.environ.get("VMREPL_TEST_DATABASE_URL") else [])
 
 
 @pytest.fixture(params=BACKENDS)

@@ -27,6 +27,7 @@ from controller.engine.slots import SlotBoard
 from proxy_agent.config import ProxySettings
 from proxy_agent.servicer import ROLES as PROXY_ROLES
 from proxy_agent.servicer import ProxyAgentServicer
+from tests.support.certs import tls_settings
 from vmrepl.config import TlsSettings
 from vmrepl.errors import InvalidArgument, NotFound
 from vmrepl.rpc import Service, secure_channel, start_server, status_for
@@ -35,10 +36,9 @@ from vmrepl.v1 import controller_pb2 as api
 from vmrepl.v1 import controller_pb2_grpc, proxy_pb2, proxy_pb2_grpc
 
 
-async def test_internal_errors_name_the_program_that_serves(tmp_path: Path) -> None:
-    certs = lab.LabCerts.create(tmp_path)
+async def test_internal_errors_name_the_program_that_serves(lab_certs: lab.LabCerts) -> None:
     for program in ("proxy", "target", "controller"):
-        tls = TlsSettings(**certs.tls(program))  # type: ignore[arg-type]
+        tls = tls_settings(lab_certs, program)
         server, _, _ = await start_server(
             listen="127.0.0.1:0", tls=tls, services=[], max_message_bytes=1 << 20, program=program
         )
@@ -69,8 +69,9 @@ async def controller(tmp_path: Path) -> AsyncIterator[Served]:
     db, sessions = await open_database(sqlite_url(tmp_path / "controller.db"))
     create_key_file(tmp_path / "secret.key")
     journal = Journal(sessions)
+    pool = AgentPool(tls)
     parts = EngineParts(
-        journal=journal, agents=AgentPool(tls), slots=SlotBoard(), signing_key=load_signing_key(certs.signing_key)
+        journal=journal, agents=pool, slots=SlotBoard(), signing_key=load_signing_key(certs.signing_key)
     )
     servicer = ControllerServicer(
         journal=journal,
@@ -87,7 +88,7 @@ async def controller(tmp_path: Path) -> AsyncIterator[Served]:
         yield Served(f"127.0.0.1:{port}", certs)
     finally:
         await server.stop(None)
-        await parts.agents.close()
+        await pool.close()
         await db.dispose()
 
 
