@@ -19,8 +19,8 @@ from controller.engine.journal import CRASH_EXIT_CODE
 from tests.integration.conftest import qemu_identical
 from tests.integration.controller_env import ControllerEnv, make_env
 from vmrepl.extent import MiB
+from vmrepl.v1 import common_pb2, target_pb2
 from vmrepl.v1 import controller_pb2 as api
-from vmrepl.v1 import target_pb2
 
 pytestmark = pytest.mark.integration
 
@@ -81,6 +81,13 @@ EARLIEST_IN_UTC = base64.urlsafe_b64encode(b'["sessions","0001-01-01T00:00:00+14
 LATEST_IN_UTC = base64.urlsafe_b64encode(b'["restorePoints","9999-12-31T23:59:59-14:00","x"]').decode()
 
 
+def _hours(**days: list[tuple[int, int]]) -> api.PermittedHours:
+    hours = api.PermittedHours()
+    for day, spans in days.items():
+        getattr(hours, day).extend(api.HourSpan(start_hour=a, end_hour=b) for a, b in spans)
+    return hours
+
+
 def _bad_calls(stub: Any, work: Path) -> list[tuple[str, Callable[[], Any]]]:
     job = api.Job(host="hosts/lab", target="targets/target", replica_root="r/j", vms=[api.JobVm(vm="vm1")])
 
@@ -91,10 +98,8 @@ def _bad_calls(stub: Any, work: Path) -> list[tuple[str, Callable[[], Any]]]:
             if k == "vms":
                 del j.vms[:]
                 j.vms.extend(v)
-            elif k == "schedule":
-                j.schedule.update(v)
-            elif k == "webhook":
-                j.webhook.CopyFrom(v)
+            elif k in ("schedule", "webhook", "guest_processing", "exclusions"):
+                getattr(j, k).CopyFrom(v)
             else:
                 setattr(j, k, v)
         return lambda: stub.CreateJob(api.CreateJobRequest(job_id="jx", job=j))
@@ -178,9 +183,17 @@ def _bad_calls(stub: Any, work: Path) -> list[tuple[str, Callable[[], Any]]]:
         ("job.retries", job_with(retries=11)),
         ("job.retry_wait_seconds", job_with(retry_wait_seconds=100000)),
         ("job.webhook.url", job_with(webhook=api.Webhook(url="ftp://hooks.example/x"))),
-        ("job.schedule.cron", job_with(schedule={"kind": "cron", "cron": "every night"})),
-        ("job.schedule.timezone", job_with(schedule={"kind": "interval", "every_minutes": 5, "timezone": "CET+1"})),
-        ("job.schedule.after_job", job_with(schedule={"kind": "after", "after_job": "job1"})),
+        ("job.schedule.cron", job_with(schedule=api.Schedule(kind=api.SCHEDULE_KIND_CRON, cron="every night"))),
+        (
+            "job.schedule.timezone",
+            job_with(schedule=api.Schedule(kind=api.SCHEDULE_KIND_INTERVAL, every_minutes=5, timezone="CET+1")),
+        ),
+        ("job.schedule.after_job", job_with(schedule=api.Schedule(kind=api.SCHEDULE_KIND_AFTER_JOB, after_job="job1"))),
+        # A cron expression with no kind (a client's misspelt kind arrives so): not a silently manual job.
+        ("job.schedule.kind", job_with(schedule=api.Schedule(cron="0 22 * * *"))),
+        ("job.schedule.permitted.sat[0]", job_with(schedule=api.Schedule(permitted=_hours(sat=[(6, 30)])))),
+        ("job.guest_processing.credential", job_with(guest_processing=api.GuestProcessing(credential="guest"))),
+        ("job.exclusions.guest_paths[1]", job_with(exclusions=common_pb2.GuestExclusions(guest_paths=["/a", ""]))),
         (
             "update_mask",
             lambda: stub.UpdateJob(
@@ -379,7 +392,8 @@ def test_cli_sets_schedule_webhook_and_retries(ctl_raw: ControllerEnv) -> None:
     args = ["job", "create", "nightly", "--host", "lab", "--target", "target", "--vm", "vm2", "--schedule", sched]
     ctl_raw.cli(*args, "--webhook", "https://hooks.example/T/abc", "--retries", "4", "--retry-wait", "30")
     shown = json.loads(ctl_raw.cli("job", "show", "nightly", "--json").stdout)
-    assert shown["schedule"] == {"kind": "cron", "cron": "30 22 * * 1-5", "timezone": "Europe/Berlin"}
+    assert shown["schedule"] == {"kind": "SCHEDULE_KIND_CRON", "cron": "30 22 * * 1-5", "timezone": "Europe/Berlin"}
+    assert '"timezone": "Europe/Berlin"' in ctl_raw.cli("job", "show", "nightly").stdout  # as --schedule takes it
     assert shown["webhook"] == {"url": "https://hooks.example/…"} and shown["retries"] == 4
     bad = ctl_raw.cli("job", "update", "nightly", "--schedule", '{"kind": "cron", "cron": "nope"}', check=False)
     assert bad.returncode == 1 and "INVALID_ARGUMENT: job.schedule.cron" in bad.stderr
@@ -447,7 +461,7 @@ def test_a_stop_recorded_after_every_disk_and_restore_point_is_done_leaves_the_s
     ctl_raw.restart_controller()  # continues the stopping session: nothing is left to do but close it
     final = ctl_raw.wait_session(session.name)
     assert final.state == api.SESSION_STATE_SUCCEEDED, (final.state, final.error)
-    assert len(ctl_raw.points()) == 2 and [v.state for v in final.vms] == ["done"]
+    assert len(ctl_raw.points()) == 2 and [v.state for v in final.vms] == [api.VM_STATE_DONE]
 
 
 def test_a_vm_whose_id_is_no_plain_name_fails_alone_and_nests_no_replica(ctl_raw: ControllerEnv) -> None:
@@ -461,8 +475,8 @@ def test_a_vm_whose_id_is_no_plain_name_fails_alone_and_nests_no_replica(ctl_raw
     session = ctl_raw.run_job()
     assert session.state == api.SESSION_STATE_FAILED
     vms = {v.vm_name: v for v in session.vms}
-    assert vms["vm2"].state == "done", vms["vm2"]
-    assert vms["odd"].state == "failed" and "cannot name a replica folder" in vms["odd"].error, vms["odd"]
+    assert vms["vm2"].state == api.VM_STATE_DONE, vms["vm2"]
+    assert vms["odd"].state == api.VM_STATE_FAILED and "cannot name a replica folder" in vms["odd"].error, vms["odd"]
     assert not (ctl_raw.work / "datastore" / "replicas" / "job1" / "evil").exists()
     assert len(ctl_raw.points()) == 1
 
