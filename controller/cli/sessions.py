@@ -168,7 +168,7 @@ def _session_name(session_id: str) -> str:
 
 @points_app.command("list")
 def points_list(job: str, as_json_: JsonOpt = False) -> None:
-    r = call(conn.stub().ListRestorePoints, api.ListJobRestorePointsRequest(parent=f"jobs/{job}"))
+    r = call(conn.stub().ListJobRestorePoints, api.ListJobRestorePointsRequest(parent=f"jobs/{job}"))
     if as_json_:
         as_json(r)
         return

@@ -217,7 +217,7 @@ def _bad_calls(stub: Any, work: Path) -> list[tuple[str, Callable[[], Any]]]:
         ("page_token", lambda: stub.ListSessions(api.ListSessionsRequest(page_token=EARLIEST_IN_UTC))),
         (
             "page_token",
-            lambda: stub.ListRestorePoints(
+            lambda: stub.ListJobRestorePoints(
                 api.ListJobRestorePointsRequest(parent="jobs/job1", page_token=LATEST_IN_UTC)
             ),
         ),
@@ -225,7 +225,7 @@ def _bad_calls(stub: Any, work: Path) -> list[tuple[str, Callable[[], Any]]]:
             "page_token",
             lambda: stub.ListJobs(api.ListJobsRequest(page_token=base64.urlsafe_b64encode(b"\xff").decode())),
         ),
-        ("parent", lambda: stub.ListRestorePoints(api.ListJobRestorePointsRequest(parent="job1"))),
+        ("parent", lambda: stub.ListJobRestorePoints(api.ListJobRestorePointsRequest(parent="job1"))),
     ]
 
 
@@ -490,11 +490,11 @@ def test_sessions_and_restore_points_page_by_key_newest_first(ctl_db: Controller
     assert [s.name for s in [*first.sessions, *rest.sessions]] == ran[::-1] and not rest.next_page_token
     one = stub.ListSessions(api.ListSessionsRequest(job="jobs/job1", page_size=1, page_token=first.next_page_token))
     assert [s.name for s in one.sessions] == ran[:1]
-    points = stub.ListRestorePoints(api.ListJobRestorePointsRequest(parent="jobs/job1", page_size=2))
-    more = stub.ListRestorePoints(
+    points = stub.ListJobRestorePoints(api.ListJobRestorePointsRequest(parent="jobs/job1", page_size=2))
+    more = stub.ListJobRestorePoints(
         api.ListJobRestorePointsRequest(parent="jobs/job1", page_size=2, page_token=points.next_page_token)
     )
     assert [p.session for p in [*points.restore_points, *more.restore_points]] == ran  # oldest first
     with pytest.raises(grpc.RpcError) as err:  # a token of another list
-        stub.ListRestorePoints(api.ListJobRestorePointsRequest(parent="jobs/job1", page_token=first.next_page_token))
+        stub.ListJobRestorePoints(api.ListJobRestorePointsRequest(parent="jobs/job1", page_token=first.next_page_token))
     assert err.value.code() is grpc.StatusCode.INVALID_ARGUMENT
