@@ -139,8 +139,8 @@ Global___SkippedBytes: _TypeAlias = SkippedBytes  # noqa: Y015
 
 @_typing.final
 class GuestExclusions(_message.Message):
-    """What of a guest's file systems is not replicated: a job's setting in the controller's API, passed on
-    to the proxy, which resolves it to blocks by reading the guest's file systems.
+    """What of a guest's file systems is not replicated: a job's setting in the controller's API, and what a
+    proxy takes to resolve to blocks by reading the guest's file systems.
     """
 
     DESCRIPTOR: _descriptor.Descriptor
