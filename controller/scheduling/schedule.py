@@ -130,8 +130,9 @@ def parse_schedule(raw: dict[str, object]) -> Schedule:
     )
     if kind == "cron" and not croniter.is_valid(s.cron):
         raise InvalidArgument(f"{FIELD}.cron", f"{s.cron!r} is not a cron expression")
-    if not (1 if kind == "interval" else 0) <= s.every_minutes <= 31 * 24 * 60:
-        raise InvalidArgument(f"{FIELD}.every_minutes", "must be from 1 to 44640 (31 days)")
+    lowest = 1 if kind == "interval" else 0
+    if not lowest <= s.every_minutes <= 31 * 24 * 60:
+        raise InvalidArgument(f"{FIELD}.every_minutes", f"must be from {lowest} to 44640 (31 days)")
     if not 0 <= s.pause_seconds <= 86400:
         raise InvalidArgument(f"{FIELD}.pause_seconds", "must be from 0 to 86400")
     if kind == "after" and not s.after_job:

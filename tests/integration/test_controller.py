@@ -88,7 +88,7 @@ def _hours(**days: list[tuple[int, int]]) -> api.PermittedHours:
     return hours
 
 
-def _bad_calls(stub: Any, work: Path) -> list[tuple[str, Callable[[], Any]]]:
+def _bad_job_calls(stub: Any) -> list[tuple[str, Callable[[], Any]]]:
     job = api.Job(host="hosts/lab", target="targets/target", replica_root="r/j", vms=[api.JobVm(vm="vm1")])
 
     def job_with(**over: Any) -> Callable[[], Any]:
@@ -104,65 +104,7 @@ def _bad_calls(stub: Any, work: Path) -> list[tuple[str, Callable[[], Any]]]:
                 setattr(j, k, v)
         return lambda: stub.CreateJob(api.CreateJobRequest(job_id="jx", job=j))
 
-    def file_host(address: str) -> Callable[[], Any]:
-        return lambda: stub.CreateHost(
-            api.CreateHostRequest(host_id="h2", host=api.Host(provider="file", address=address))
-        )
-
     return [
-        ("credential_id", lambda: stub.CreateCredential(api.CreateCredentialRequest(credential_id="Bad Id"))),
-        (
-            "secret",
-            lambda: stub.CreateCredential(
-                api.CreateCredentialRequest(credential_id="c1", credential=api.Credential(username="u"))
-            ),
-        ),
-        (
-            "credential.username",
-            lambda: stub.CreateCredential(api.CreateCredentialRequest(credential_id="c1", secret="x")),
-        ),
-        ("host_id", lambda: stub.CreateHost(api.CreateHostRequest(host_id="", host=api.Host(provider="file")))),
-        (
-            "host.provider",
-            lambda: stub.CreateHost(api.CreateHostRequest(host_id="h2", host=api.Host(provider="vmware"))),
-        ),
-        (
-            "host.address",
-            lambda: stub.CreateHost(
-                api.CreateHostRequest(host_id="h2", host=api.Host(provider="file", address="rel/x"))
-            ),
-        ),
-        ("host.address", file_host("/")),
-        ("host.address", file_host("/etc")),
-        ("host.address", file_host("/usr/lib")),
-        ("host.address", file_host("/dev/null")),
-        ("host.address", file_host(str(work / "controller.toml"))),  # a file, not a folder
-        ("host.address", file_host(str(work / "no-such-folder"))),
-        ("host.address", file_host(f"{work}/host\x00/x")),
-        ("host.address", file_host("/tmp")),
-        (
-            "host.address",
-            lambda: stub.CreateHost(
-                api.CreateHostRequest(host_id="h3", host=api.Host(provider="hyperv", address="hv\x00"))
-            ),
-        ),
-        (
-            "proxy.address",
-            lambda: stub.CreateProxy(api.CreateProxyRequest(proxy_id="p2", proxy=api.Proxy(address="nope"))),
-        ),
-        (
-            "proxy.max_tasks",
-            lambda: stub.CreateProxy(
-                api.CreateProxyRequest(proxy_id="p2", proxy=api.Proxy(address="h:1", max_tasks=1000))
-            ),
-        ),
-        (
-            "proxy.hosts[0]",
-            lambda: stub.CreateProxy(
-                api.CreateProxyRequest(proxy_id="p2", proxy=api.Proxy(address="h:1", hosts=["x"]))
-            ),
-        ),
-        ("target.address", lambda: stub.CreateTarget(api.CreateTargetRequest(target_id="t2", target=api.Target()))),
         ("job.host", job_with(host="lab")),
         ("job.target", job_with(target="nope/target")),
         ("job.replica_root", job_with(replica_root="../escape")),
@@ -194,14 +136,11 @@ def _bad_calls(stub: Any, work: Path) -> list[tuple[str, Callable[[], Any]]]:
         ("job.schedule.permitted.sat[0]", job_with(schedule=api.Schedule(permitted=_hours(sat=[(6, 30)])))),
         ("job.guest_processing.credential", job_with(guest_processing=api.GuestProcessing(credential="guest"))),
         ("job.exclusions.guest_paths[1]", job_with(exclusions=common_pb2.GuestExclusions(guest_paths=["/a", ""]))),
-        (
-            "update_mask",
-            lambda: stub.UpdateJob(
-                api.UpdateJobRequest(
-                    job=api.Job(name="jobs/job1"), update_mask=field_mask_pb2.FieldMask(paths=["name"])
-                )
-            ),
-        ),
+    ]
+
+
+def _bad_name_and_page_calls(stub: Any) -> list[tuple[str, Callable[[], Any]]]:
+    return [
         ("name", lambda: stub.GetJob(api.GetJobRequest(name="job1"))),
         ("name", lambda: stub.GetHost(api.GetHostRequest(name=""))),
         ("name", lambda: stub.StartJob(api.StartJobRequest(name="jobs/UPPER"))),
@@ -226,6 +165,85 @@ def _bad_calls(stub: Any, work: Path) -> list[tuple[str, Callable[[], Any]]]:
             lambda: stub.ListJobs(api.ListJobsRequest(page_token=base64.urlsafe_b64encode(b"\xff").decode())),
         ),
         ("parent", lambda: stub.ListJobRestorePoints(api.ListJobRestorePointsRequest(parent="job1"))),
+    ]
+
+
+def _bad_host_calls(stub: Any, work: Path) -> list[tuple[str, Callable[[], Any]]]:
+    def file_host(address: str) -> Callable[[], Any]:
+        return lambda: stub.CreateHost(
+            api.CreateHostRequest(host_id="h2", host=api.Host(provider="file", address=address))
+        )
+
+    return [
+        ("host_id", lambda: stub.CreateHost(api.CreateHostRequest(host_id="", host=api.Host(provider="file")))),
+        (
+            "host.provider",
+            lambda: stub.CreateHost(api.CreateHostRequest(host_id="h2", host=api.Host(provider="vmware"))),
+        ),
+        (
+            "host.address",
+            lambda: stub.CreateHost(
+                api.CreateHostRequest(host_id="h2", host=api.Host(provider="file", address="rel/x"))
+            ),
+        ),
+        ("host.address", file_host("/")),
+        ("host.address", file_host("/etc")),
+        ("host.address", file_host("/usr/lib")),
+        ("host.address", file_host("/dev/null")),
+        ("host.address", file_host(str(work / "controller.toml"))),  # a file, not a folder
+        ("host.address", file_host(str(work / "no-such-folder"))),
+        ("host.address", file_host(f"{work}/host\x00/x")),
+        ("host.address", file_host("/tmp")),
+        (
+            "host.address",
+            lambda: stub.CreateHost(
+                api.CreateHostRequest(host_id="h3", host=api.Host(provider="hyperv", address="hv\x00"))
+            ),
+        ),
+    ]
+
+
+def _bad_calls(stub: Any, work: Path) -> list[tuple[str, Callable[[], Any]]]:
+    return [
+        ("credential_id", lambda: stub.CreateCredential(api.CreateCredentialRequest(credential_id="Bad Id"))),
+        (
+            "secret",
+            lambda: stub.CreateCredential(
+                api.CreateCredentialRequest(credential_id="c1", credential=api.Credential(username="u"))
+            ),
+        ),
+        (
+            "credential.username",
+            lambda: stub.CreateCredential(api.CreateCredentialRequest(credential_id="c1", secret="x")),
+        ),
+        *_bad_host_calls(stub, work),
+        (
+            "proxy.address",
+            lambda: stub.CreateProxy(api.CreateProxyRequest(proxy_id="p2", proxy=api.Proxy(address="nope"))),
+        ),
+        (
+            "proxy.max_tasks",
+            lambda: stub.CreateProxy(
+                api.CreateProxyRequest(proxy_id="p2", proxy=api.Proxy(address="h:1", max_tasks=1000))
+            ),
+        ),
+        (
+            "proxy.hosts[0]",
+            lambda: stub.CreateProxy(
+                api.CreateProxyRequest(proxy_id="p2", proxy=api.Proxy(address="h:1", hosts=["x"]))
+            ),
+        ),
+        ("target.address", lambda: stub.CreateTarget(api.CreateTargetRequest(target_id="t2", target=api.Target()))),
+        *_bad_job_calls(stub),
+        (
+            "update_mask",
+            lambda: stub.UpdateJob(
+                api.UpdateJobRequest(
+                    job=api.Job(name="jobs/job1"), update_mask=field_mask_pb2.FieldMask(paths=["name"])
+                )
+            ),
+        ),
+        *_bad_name_and_page_calls(stub),
     ]
 
 

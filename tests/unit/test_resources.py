@@ -149,3 +149,4 @@ def test_guest_processing_and_exclusions_are_stored_as_json_and_read_back_typed(
     # A row from when any JSON object was taken: what the message lacks was never read, and is left out.
     old = jobs_res.settings_message(api.GuestProcessing, {"enabled": True, "vss_mode": "full"})
     assert old == api.GuestProcessing(enabled=True)
+    assert jobs_res.settings_message(api.GuestProcessing, {"enabled": "sometimes"}) == api.GuestProcessing()

@@ -68,9 +68,13 @@ def settings_json(msg: Message) -> dict[str, Any]:
 
 
 def settings_message(kind: type[M], raw: dict[str, Any]) -> M:
-    """A stored guest_processing or exclusions object as its message. Keys the message lacks (a row from
-    before the settings were typed, when any JSON object was taken) are left out: nothing read them."""
-    return json_format.ParseDict(raw, kind(), ignore_unknown_fields=True)
+    """A stored guest_processing or exclusions object as its message. A row from before the settings were
+    typed, when any JSON object was taken, may hold keys the message lacks or values of another type:
+    those are left out of the reply (the row keeps them; nothing ever read them)."""
+    try:
+        return json_format.ParseDict(raw, kind(), ignore_unknown_fields=True)
+    except json_format.ParseError:
+        return kind()
 
 
 async def job_msg(db: AsyncSession, row: Job) -> api.Job:
