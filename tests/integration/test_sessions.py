@@ -326,7 +326,9 @@ def test_the_backup_window_closing_stops_the_session_resumably(ctl_raw: Controll
     fake = now.replace(minute=59, second=56, microsecond=0)
     ctl_raw.restart_controller(test_clock_offset_seconds=(fake - now).total_seconds())
     day = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")[fake.weekday()]
-    window = {"permitted": {day: [[fake.hour, fake.hour + 1]]}}
+    window = api.Schedule(
+        permitted=api.PermittedHours(**{day: [api.HourSpan(start_hour=fake.hour, end_hour=fake.hour + 1)]})
+    )
     ctl_raw.configure(vms=("vm1",), bandwidth_limit_mbps=1, schedule=window)  # manual start, inside the window
     s = ctl_raw.client().StartJob(api.StartJobRequest(name="jobs/job1"))
     cut = ctl_raw.wait_session(s.name, timeout=30)
