@@ -313,6 +313,24 @@ def test_a_reader_certificate_reads_but_cannot_start_a_job(ctl_raw: ControllerEn
     assert err.value.code() is grpc.StatusCode.PERMISSION_DENIED
 
 
+def test_a_credential_a_jobs_guest_processing_names_is_not_deleted_under_it(ctl_raw: ControllerEnv) -> None:
+    ctl_raw.configure()
+    stub = ctl_raw.client()
+    stub.CreateCredential(
+        api.CreateCredentialRequest(credential_id="guest", credential=api.Credential(username="u"), secret="s")
+    )
+    guest = api.GuestProcessing(enabled=True, credential="credentials/guest")
+    job = api.Job(name="jobs/job1", guest_processing=guest)
+    mask = field_mask_pb2.FieldMask(paths=["guest_processing"])
+    assert stub.UpdateJob(api.UpdateJobRequest(job=job, update_mask=mask)).guest_processing == guest
+    with pytest.raises(grpc.RpcError) as refused:
+        stub.DeleteCredential(api.DeleteCredentialRequest(name="credentials/guest"))
+    assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "jobs/job1" in refused.value.details()
+    job.guest_processing.credential = ""
+    stub.UpdateJob(api.UpdateJobRequest(job=job, update_mask=mask))
+    stub.DeleteCredential(api.DeleteCredentialRequest(name="credentials/guest"))
+
+
 def test_credentials_never_appear_in_replies_logs_or_the_database(ctl_raw: ControllerEnv) -> None:
     secret = "pa55-Wörd-that-must-not-leak-7c1e"
     stub = ctl_raw.client()
