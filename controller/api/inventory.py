@@ -63,7 +63,11 @@ class InventoryApi(ApiBase):
     @handle_errors
     async def DeleteCredential(self, request: api.DeleteCredentialRequest, context: Any) -> Any:
         async def users(db: AsyncSession, row: Credential) -> list[str]:
-            return [f"hosts/{h}" for h in await db.scalars(select(Host.name).where(Host.credential_id == row.id))]
+            hosts = [f"hosts/{h}" for h in await db.scalars(select(Host.name).where(Host.credential_id == row.id))]
+            # A job's guest processing names its credential inside the job's JSON settings: read in Python.
+            settings = (await db.execute(select(Job.name, Job.guest_processing))).tuples()
+            jobs = [f"jobs/{j}" for j, g in settings if g.get("credential") == f"credentials/{row.name}"]
+            return hosts + jobs
 
         await self._delete(Credential, "name", request.name, "credentials", in_use=users)
         return empty_pb2.Empty()

@@ -47,7 +47,7 @@ ROLES: dict[str, tuple[str, ...]] = {
     "GetSession": READ,
     "WatchSession": READ,
     "GetSessionLog": READ,
-    "ListRestorePoints": READ,
+    "ListJobRestorePoints": READ,
 }
 
 

@@ -65,7 +65,7 @@ class SessionsApi(ApiBase):
         return api.SessionLog(entries=entries, next_page_token=paging.line_token(offset + limit) if more else "")
 
     @handle_errors
-    async def ListRestorePoints(self, request: api.ListJobRestorePointsRequest, context: Any) -> Any:
+    async def ListJobRestorePoints(self, request: api.ListJobRestorePointsRequest, context: Any) -> Any:
         job_id = await self._job_id("parent", request.parent)
         job_name = request.parent.removeprefix("jobs/")
 

@@ -9,10 +9,11 @@ from typing import Any
 
 from controller.api.resources import timestamp
 from controller.db.models import Session, SessionVm, Task
+from controller.engine.states import TaskState, VmState
 from controller.observability.statistics import Shares, compression_ratio, rate, shares
 from vmrepl.progress import busy as progress_busy
+from vmrepl.v1 import common_pb2, proxy_pb2
 from vmrepl.v1 import controller_pb2 as api
-from vmrepl.v1 import proxy_pb2
 
 SESSION_STATES = {
     "running": api.SESSION_STATE_RUNNING,
@@ -21,11 +22,16 @@ SESSION_STATES = {
     "incomplete": api.SESSION_STATE_INCOMPLETE,
     "failed": api.SESSION_STATE_FAILED,
 }
+# The engine's VM and task states as the API's enums, value for value (a test checks none is left out).
+VM_STATES: dict[str, api.VmState.ValueType] = {s.value: api.VmState.Value(f"VM_STATE_{s.name}") for s in VmState}
+TASK_STATES: dict[str, api.DiskTaskState.ValueType] = {
+    s.value: api.DiskTaskState.Value(f"DISK_TASK_STATE_{s.name}") for s in TaskState
+}
 
 
-def _skipped(raw: object) -> proxy_pb2.SkippedBytes:
+def _skipped(raw: object) -> common_pb2.SkippedBytes:
     d = raw if isinstance(raw, dict) else {}
-    return proxy_pb2.SkippedBytes(
+    return common_pb2.SkippedBytes(
         **{k: int(d.get(k, 0) or 0) for k in ("zero", "unallocated", "unchanged", "excluded")}
     )
 
@@ -47,7 +53,7 @@ def _figures(msg: api.DiskTask, busy: dict[str, object], elapsed: float) -> None
 def disk_msg(t: Task, proxies: dict[str, str], live: proxy_pb2.TransferProgress | None) -> api.DiskTask:
     msg = api.DiskTask(
         disk_id=t.disk_id,
-        state=t.state,
+        state=TASK_STATES.get(t.state, api.DISK_TASK_STATE_UNSPECIFIED),
         start=t.start,
         change_mode=t.change_mode,
         disk_size=t.disk_size,
@@ -88,7 +94,7 @@ def session_msg(
             api.SessionVm(
                 vm_id=v.vm_id,
                 vm_name=v.vm_name,
-                state=v.state,
+                state=VM_STATES.get(v.state, api.VM_STATE_UNSPECIFIED),
                 checkpoint_id=v.checkpoint_id,
                 restore_point=f"jobs/{job_name}/restorePoints/{v.restore_point_id}" if v.restore_point_id else "",
                 error=v.error,

@@ -23,6 +23,7 @@ out = Console()
 err = Console(stderr=True)
 T = TypeVar("T")
 STATE_NAMES = {v: k.removeprefix("SESSION_STATE_").lower() for k, v in api.SessionState.items()}
+DISK_STATE_NAMES = {v: k.removeprefix("DISK_TASK_STATE_").lower() for k, v in api.DiskTaskState.items()}
 EXIT_FAILED, EXIT_INCOMPLETE = 1, 3
 
 

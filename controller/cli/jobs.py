@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import json
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 from google.protobuf import field_mask_pb2, json_format
 
-from controller.cli.common import JsonOpt, as_json, call, conn, err, out, table
+from controller.cli.common import EXIT_FAILED, JsonOpt, as_json, call, conn, err, out, table
 from controller.cli.sessions import exit_code, follow
+from controller.scheduling.schedule import schedule_json, schedule_message
+from vmrepl.errors import InvalidArgument
 from vmrepl.v1 import controller_pb2 as api
 
 job_app = typer.Typer(help="Replication jobs.", no_args_is_help=True)
@@ -57,7 +59,7 @@ def job_create(
         retry_wait_seconds=retry_wait,
     )
     if schedule:
-        job.schedule.update(_json_option("--schedule", schedule))
+        job.schedule.CopyFrom(_schedule_option(schedule))
     if webhook:
         job.webhook.CopyFrom(api.Webhook(url=webhook, failures_only=webhook_failures_only))
     j = call(conn.stub().CreateJob, api.CreateJobRequest(job_id=job_id, job=job))
@@ -67,16 +69,21 @@ def job_create(
         out.print(f"created {j.name}")
 
 
-def _json_option(name: str, text: str) -> dict[str, Any]:
+def _schedule_option(text: str) -> api.Schedule:
+    """--schedule: the JSON grammar of docs/controller.md ("Scheduling"), as the API's typed Schedule."""
     try:
         value = json.loads(text)
     except ValueError as e:
-        err.print(f"[red]error[/red]: {name} is not JSON: {e}")
+        err.print(f"[red]error[/red]: --schedule is not JSON: {e}")
         raise typer.Exit(2) from None
     if not isinstance(value, dict):
-        err.print(f"[red]error[/red]: {name} must be a JSON object")
+        err.print("[red]error[/red]: --schedule must be a JSON object")
         raise typer.Exit(2)
-    return value
+    try:
+        return schedule_message(value)
+    except InvalidArgument as e:
+        err.print(f"[red]error[/red]: INVALID_ARGUMENT: {e}")  # as the API would answer
+        raise typer.Exit(EXIT_FAILED) from None
 
 
 @job_app.command("list")
@@ -96,6 +103,8 @@ def job_show(job_id: str, as_json_: JsonOpt = False) -> None:
         as_json(j)
         return
     d = json_format.MessageToDict(j, preserving_proto_field_name=True)
+    if j.HasField("schedule"):
+        d["schedule"] = schedule_json(j.schedule)  # as --schedule takes it
     table(
         j.name, ["setting", "value"], [[k, json.dumps(v) if isinstance(v, (list, dict)) else v] for k, v in d.items()]
     )
@@ -120,7 +129,7 @@ def job_update(
     if disabled is not None:
         job.disabled, paths = disabled, [*paths, "disabled"]
     if schedule is not None:
-        job.schedule.update(_json_option("--schedule", schedule))
+        job.schedule.CopyFrom(_schedule_option(schedule))
         paths.append("schedule")
     if not paths:
         err.print("nothing to update")

@@ -12,6 +12,7 @@ from google.protobuf import json_format
 from rich.progress import BarColumn, DownloadColumn, Progress, TaskID, TextColumn
 
 from controller.cli.common import (
+    DISK_STATE_NAMES,
     EXIT_FAILED,
     EXIT_INCOMPLETE,
     STATE_NAMES,
@@ -51,7 +52,11 @@ def follow(name: str, *, quiet: bool = False) -> api.Session:
                     key = f"{vm.vm_name}/{d.disk_id}"
                     if key not in ids:
                         ids[key] = bars.add_task(key, total=d.disk_size or 1)
-                    bars.update(ids[key], completed=d.committed_offset, description=f"{key} {d.state}")
+                    bars.update(
+                        ids[key],
+                        completed=d.committed_offset,
+                        description=f"{key} {DISK_STATE_NAMES.get(d.state, '?')}",
+                    )
     if not quiet:
         summary(last)
     return last
@@ -115,7 +120,7 @@ def session_show(session_id: str, as_json_: JsonOpt = False) -> None:
         [
             v.vm_name,
             d.disk_id,
-            d.state,
+            DISK_STATE_NAMES.get(d.state, "?"),
             d.change_mode or d.start,
             mib(d.disk_size),
             mib(d.bytes_read),
@@ -163,7 +168,7 @@ def _session_name(session_id: str) -> str:
 
 @points_app.command("list")
 def points_list(job: str, as_json_: JsonOpt = False) -> None:
-    r = call(conn.stub().ListRestorePoints, api.ListJobRestorePointsRequest(parent=f"jobs/{job}"))
+    r = call(conn.stub().ListJobRestorePoints, api.ListJobRestorePointsRequest(parent=f"jobs/{job}"))
     if as_json_:
         as_json(r)
         return

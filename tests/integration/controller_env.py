@@ -131,7 +131,7 @@ class ControllerEnv:
         stub, out, token = self.client(), [], ""
         while True:
             request = api.ListJobRestorePointsRequest(parent=f"jobs/{job}", page_size=1000, page_token=token)
-            page = stub.ListRestorePoints(request)
+            page = stub.ListJobRestorePoints(request)
             out += page.restore_points
             if not (token := page.next_page_token):
                 return out

@@ -161,3 +161,29 @@ async def test_a_flood_of_reads_does_not_starve_the_session_engine(ctl_raw: Cont
             flood.kill()
             await flood.wait()
         await op_ch.close()
+
+
+def test_a_session_started_between_two_pages_is_neither_repeated_nor_makes_one_skipped(
+    ctl_raw: ControllerEnv,
+) -> None:
+    """Sessions list newest first, paged by key: the page after a token starts after that token's session,
+    so one started meanwhile (newer than all) shifts nothing. Paged by offset, it would push the first
+    page's last session onto the second page."""
+    ctl_raw.configure(vms=("vm2",))
+    ctl_raw.controller.stop()
+    _seed_sessions(ctl_raw.work / "controller" / "controller.db", "job1", 7)
+    ctl_raw.restart_controller()
+    stub = ctl_raw.client()
+    everything = [s.name for s in stub.ListSessions(api.ListSessionsRequest(page_size=100)).sessions]
+    assert len(everything) == 7
+    first = stub.ListSessions(api.ListSessionsRequest(page_size=3))
+    started = stub.StartJob(api.StartJobRequest(name="jobs/job1"))
+    seen, token = [s.name for s in first.sessions], first.next_page_token
+    while token:
+        page = stub.ListSessions(api.ListSessionsRequest(page_size=3, page_token=token))
+        seen, token = seen + [s.name for s in page.sessions], page.next_page_token
+    assert seen == everything, "each session once, in order, none left out"
+    assert started.name not in seen  # newer than the first page: the next listing's first
+    assert ctl_raw.wait_session(started.name).state == api.SESSION_STATE_SUCCEEDED
+    newest = stub.ListSessions(api.ListSessionsRequest(page_size=3)).sessions
+    assert [s.name for s in newest] == [started.name, *everything[:2]]

@@ -333,7 +333,7 @@ async def test_proxy_refuses_bad_start_requests(lab_env: Lab, tmp_path: Path) ->
         await stub.StartDiskTransfer(req)
     assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION  # size differs from the source
     req = start_request(lab_env.spec("p5"), target_address="x", signing_key=lab_env.signing_key, proxy="proxy")
-    req.exclusions.skip_pagefile = True
+    req.exclusions.guest.skip_pagefile = True
     with pytest.raises(grpc.aio.AioRpcError) as err:
         await stub.StartDiskTransfer(req)
     assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION

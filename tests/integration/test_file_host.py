@@ -76,9 +76,9 @@ def test_a_shared_vm_id_is_refused_and_fails_only_the_vms_sharing_it(ctl_raw: Co
 
     both = ctl_raw.run_job()
     vms = _by_name(both)
-    assert vms["vm1"].state == "done" and vms["vm1"].restore_point, both.error
+    assert vms["vm1"].state == api.VM_STATE_DONE and vms["vm1"].restore_point, both.error
     for name in ("vm0", "vm2"):
-        assert vms[name].state == "failed", (name, vms[name].state)
+        assert vms[name].state == api.VM_STATE_FAILED, (name, vms[name].state)
         assert "vm0" in vms[name].error and "vm2" in vms[name].error, vms[name].error
         assert "IntegrityError" not in vms[name].error and "internal" not in vms[name].error
     assert_replicas_identical(ctl_raw, ["vm1"])
@@ -100,10 +100,12 @@ def test_references_resolve_by_id_then_by_a_unique_name(ctl_raw: ControllerEnv) 
     s = ctl_raw.run_job()
     assert [v.vm_id for v in s.vms].count(vm2_id) == 1 and "internal" not in s.error, s.error
     by_id = {v.vm_id: v for v in s.vms}
-    assert by_id[vm1_id].state == "done" and by_id[vm2_id].state == "done", s.error  # by id
-    assert by_id["3b3b3b3b-0000-4000-8000-000000000001"].state == "done", s.error  # by id, though its name is shared
+    assert by_id[vm1_id].state == api.VM_STATE_DONE and by_id[vm2_id].state == api.VM_STATE_DONE, s.error  # by id
+    assert by_id["3b3b3b3b-0000-4000-8000-000000000001"].state == api.VM_STATE_DONE, (
+        s.error
+    )  # by id, though its name is shared
     ambiguous = by_id["vm3"]  # by a name two folders carry
-    assert ambiguous.state == "failed" and "ambiguous" in ambiguous.error, ambiguous.error
+    assert ambiguous.state == api.VM_STATE_FAILED and "ambiguous" in ambiguous.error, ambiguous.error
     assert "vm3b" in ambiguous.error and load_manifest(twin).id in ambiguous.error
 
 
@@ -123,8 +125,8 @@ def test_a_disk_whose_size_changed_after_planning_fails(ctl_raw: ControllerEnv) 
     last = ctl_raw.client().ListSessions(api.ListSessionsRequest(page_size=1)).sessions[0]
     s = ctl_raw.wait_session(last.name)
     vms = _by_name(s)
-    assert vms["vm1"].state == "done", s.error
-    assert vms["vm2"].state == "failed" and "size" in vms["vm2"].error, vms["vm2"].error
+    assert vms["vm1"].state == api.VM_STATE_DONE, s.error
+    assert vms["vm2"].state == api.VM_STATE_FAILED and "size" in vms["vm2"].error, vms["vm2"].error
     assert str(8 * MiB) in vms["vm2"].error and str(9 * MiB) in vms["vm2"].error
     assert ctl_raw.run_job().state == api.SESSION_STATE_SUCCEEDED  # planned again with the new size
     assert_replicas_identical(ctl_raw, ["vm2"])
@@ -148,11 +150,11 @@ def test_a_bad_manifest_fails_only_its_own_vm(ctl_raw: ControllerEnv) -> None:
     ctl_raw.configure(vms=("vm1", "vm2", "bad1", "bad2", "bad3"), retries=0)
     s = ctl_raw.run_job()
     vms = _by_name(s)
-    assert vms["vm1"].state == "done" and vms["vm2"].state == "done", s.error
+    assert vms["vm1"].state == api.VM_STATE_DONE and vms["vm2"].state == api.VM_STATE_DONE, s.error
     assert "vm.toml" in vms["bad1"].error and "TOML" in vms["bad1"].error, vms["bad1"].error
     assert "colour" in vms["bad2"].error, vms["bad2"].error
     assert "disk0.raw" in vms["bad3"].error and "symbolic link" in vms["bad3"].error, vms["bad3"].error
-    assert all(vms[b].state == "failed" for b in ("bad1", "bad2", "bad3"))
+    assert all(vms[b].state == api.VM_STATE_FAILED for b in ("bad1", "bad2", "bad3"))
     assert_replicas_identical(ctl_raw, ["vm1", "vm2"])
 
 
@@ -178,8 +180,8 @@ def test_a_planted_merge_record_is_refused_not_merged(ctl_raw: ControllerEnv) ->
     ctl_raw.configure(vms=("vm1", "vm2"), retries=0)
     s = ctl_raw.run_job()
     vms = _by_name(s)
-    assert vms["vm2"].state == "done", s.error
-    assert vms["vm1"].state == "failed", "a checkpoint record vmrepl did not write must not be merged"
+    assert vms["vm2"].state == api.VM_STATE_DONE, s.error
+    assert vms["vm1"].state == api.VM_STATE_FAILED, "a checkpoint record vmrepl did not write must not be merged"
     assert "checkpoint.json" in vms["vm1"].error and "not written by vmrepl" in vms["vm1"].error
     assert SECRET not in ctl_raw.vm("vm1").image("disk0").read_bytes()[: 2 * len(SECRET)]
     replica = ctl_raw.replica("vm1")
@@ -198,10 +200,10 @@ def test_scans_create_nothing_and_symlinked_folders_are_refused(ctl_raw: Control
     ctl_raw.configure(vms=("vm1", "vm2", "vm3"), retries=0)
     s = ctl_raw.run_job()
     vms = _by_name(s)
-    assert vms["vm1"].state == "done", s.error
-    assert vms["vm2"].state == "failed" and ".vmrepl" in vms["vm2"].error, vms["vm2"].error
+    assert vms["vm1"].state == api.VM_STATE_DONE, s.error
+    assert vms["vm2"].state == api.VM_STATE_FAILED and ".vmrepl" in vms["vm2"].error, vms["vm2"].error
     assert "symbolic link" in vms["vm2"].error
-    assert vms["vm3"].state == "failed" and "symbolic link" in vms["vm3"].error, vms["vm3"].error
+    assert vms["vm3"].state == api.VM_STATE_FAILED and "symbolic link" in vms["vm3"].error, vms["vm3"].error
     assert list(outside_state.iterdir()) == [], "nothing is written through a symlinked .vmrepl"
     assert not (elsewhere / "vm3" / ".vmrepl").exists(), "nothing is written through a symlinked VM folder"
     assert not (ctl_raw.host / "vm4" / ".vmrepl").exists(), "a scan creates nothing"
@@ -214,7 +216,7 @@ def test_scans_create_nothing_and_symlinked_folders_are_refused(ctl_raw: Control
 def _start_under_checkpoint(ctl: ControllerEnv) -> str:
     ctl.configure(vms=("vm1",), bandwidth_limit_mbps=1, retries=0)
     s = ctl.client().StartJob(api.StartJobRequest(name="jobs/job1"))
-    ctl.wait_until(s.name, lambda x: any(v.state == "transferring" for v in x.vms))
+    ctl.wait_until(s.name, lambda x: any(v.state == api.VM_STATE_TRANSFERRING for v in x.vms))
     return str(s.name)
 
 

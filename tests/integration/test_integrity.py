@@ -29,7 +29,7 @@ def test_a_vm_retried_in_its_session_replicates_its_new_checkpoint(ctl_raw: Cont
     blocker = replica_dir / "restore-points.json.tmp"
     blocker.mkdir()
     s = ctl_raw.client().StartJob(api.StartJobRequest(name="jobs/job1"))
-    ctl_raw.wait_until(s.name, lambda x: any(v.state == "failed" for v in x.vms), timeout=60)
+    ctl_raw.wait_until(s.name, lambda x: any(v.state == api.VM_STATE_FAILED for v in x.vms), timeout=60)
     vm.write("disk0", 5 * MiB, b"\x5a" * MiB)  # while it waits: no checkpoint, straight to the disk
     blocker.rmdir()
     final = ctl_raw.wait_session(s.name, timeout=90)

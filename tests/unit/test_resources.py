@@ -10,13 +10,15 @@ from pathlib import Path
 import pytest
 from cryptography.fernet import Fernet
 
-from controller.api import paging
+from controller.api import paging, sessions_view
 from controller.api import resources as res
 from controller.api.resources import jobs as jobs_res
 from controller.db.secrets import SecretBox
 from controller.engine.runtime import replica_folder
+from controller.engine.states import TaskState, VmState
 from controller.observability.webhooks import redact_url
 from vmrepl.errors import FailedPrecondition, InvalidArgument
+from vmrepl.v1 import common_pb2
 from vmrepl.v1 import controller_pb2 as api
 
 HOOK_URL = "https://hookuser:hook-pw-1d7c@hooks.example:8443/notify/T0K-path?token=tok-q-5e2a"
@@ -127,3 +129,25 @@ def test_a_replica_folder_is_the_vm_id_as_one_plain_name() -> None:
     for vm_id in ("evil/nested", "..", ".", "", "a\\b", "/abs", "x" * 129):
         with pytest.raises(FailedPrecondition, match="cannot name a replica folder"):
             replica_folder(vm_id)
+
+
+def test_every_vm_and_disk_state_of_the_engine_is_one_api_enum_value_and_back() -> None:
+    assert set(sessions_view.VM_STATES) == {s.value for s in VmState}
+    assert set(sessions_view.VM_STATES.values()) == set(api.VmState.values()) - {api.VM_STATE_UNSPECIFIED}
+    assert set(sessions_view.TASK_STATES) == {s.value for s in TaskState}
+    all_tasks = set(api.DiskTaskState.values()) - {api.DISK_TASK_STATE_UNSPECIFIED}
+    assert set(sessions_view.TASK_STATES.values()) == all_tasks
+
+
+def test_guest_processing_and_exclusions_are_stored_as_json_and_read_back_typed() -> None:
+    guest = api.GuestProcessing(enabled=True, credential="credentials/guest", ignore_failures=True)
+    exclusions = common_pb2.GuestExclusions(skip_swap=True, skip_deleted=True, guest_paths=["/tmp", "C:\\temp"])
+    for msg in (guest, exclusions):
+        stored = jobs_res.settings_json(msg)
+        assert json.loads(json.dumps(stored)) == stored  # a plain JSON object, by the proto field names
+        assert jobs_res.settings_message(type(msg), stored) == msg
+    assert jobs_res.settings_json(api.GuestProcessing()) == {}
+    # A row from when any JSON object was taken: what the message lacks was never read, and is left out.
+    old = jobs_res.settings_message(api.GuestProcessing, {"enabled": True, "vss_mode": "full"})
+    assert old == api.GuestProcessing(enabled=True)
+    assert jobs_res.settings_message(api.GuestProcessing, {"enabled": "sometimes"}) == api.GuestProcessing()

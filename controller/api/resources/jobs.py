@@ -3,21 +3,23 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
-from google.protobuf import json_format, struct_pb2
+from google.protobuf import json_format
+from google.protobuf.message import Message
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from controller.api.resources.common import COMPRESSIONS, TRACKING, by_name, check_printable, timestamp
-from controller.db.models import Host, Job, JobVm, Target
+from controller.db.models import Credential, Host, Job, JobVm, Target
 from controller.db.secrets import SecretBox
 from controller.observability.webhooks import redact_url
-from controller.scheduling.schedule import parse_schedule
+from controller.scheduling.schedule import parse_schedule, schedule_json, schedule_message
 from vmrepl.errors import InvalidArgument
 from vmrepl.extent import valid_block_size
 from vmrepl.names import check_relative
+from vmrepl.v1 import common_pb2
 from vmrepl.v1 import controller_pb2 as api
 
 JOB_FIELDS = (
@@ -41,10 +43,23 @@ JOB_FIELDS = (
 )
 
 
-def _struct(value: dict[str, Any]) -> struct_pb2.Struct:
-    s = struct_pb2.Struct()
-    s.update(value)
-    return s
+M = TypeVar("M", bound=Message)
+
+
+def settings_json(msg: Message) -> dict[str, Any]:
+    """The stored JSON of guest_processing or exclusions (the database keeps typed settings as JSON objects;
+    the schedule's conversions are scheduling.schedule's): the message's fields by their proto names."""
+    return json_format.MessageToDict(msg, preserving_proto_field_name=True)
+
+
+def settings_message(kind: type[M], raw: dict[str, Any]) -> M:
+    """A stored guest_processing or exclusions object as its message. A row from before the settings were
+    typed, when any JSON object was taken, may hold keys the message lacks or values of another type:
+    those are left out of the reply (the row keeps them; nothing ever read them)."""
+    try:
+        return json_format.ParseDict(raw, kind(), ignore_unknown_fields=True)
+    except json_format.ParseError:
+        return kind()
 
 
 async def job_msg(db: AsyncSession, row: Job) -> api.Job:
@@ -60,9 +75,9 @@ async def job_msg(db: AsyncSession, row: Job) -> api.Job:
         block_size=row.block_size,
         bandwidth_limit_mbps=row.bandwidth_limit_mbps,
         change_tracking=row.change_tracking,
-        guest_processing=_struct(row.guest_processing),
-        exclusions=_struct(row.exclusions),
-        schedule=_struct(row.schedule),
+        guest_processing=settings_message(api.GuestProcessing, row.guest_processing),
+        exclusions=settings_message(common_pb2.GuestExclusions, row.exclusions),
+        schedule=schedule_message(row.schedule) if row.schedule else None,
         checkpoint_hold_seconds=row.checkpoint_hold_seconds,
         disabled=not row.enabled,
         create_time=timestamp(row.created_at),
@@ -160,15 +175,19 @@ async def _apply_job_field(db: AsyncSession, msg: api.Job, row: Job, path: str) 
 async def _apply_job_policy(db: AsyncSession, msg: api.Job, row: Job, path: str) -> None:
     """Schedule, notification and retry settings."""
     if path == "schedule":
-        raw = json_format.MessageToDict(msg.schedule)
+        raw = schedule_json(msg.schedule)
         schedule = parse_schedule(raw)
         if schedule.kind == "after":
             upstream = await by_name(db, Job, "job.schedule.after_job", schedule.after_job, "jobs")
             if upstream.id == row.id:
                 raise InvalidArgument("job.schedule.after_job", "a job cannot follow itself")
         row.schedule = raw
-    elif path in ("guest_processing", "exclusions"):
-        setattr(row, path, json_format.MessageToDict(getattr(msg, path)))
+    elif path == "guest_processing":
+        await _check_guest_processing(db, msg.guest_processing)
+        row.guest_processing = settings_json(msg.guest_processing)
+    elif path == "exclusions":
+        _check_exclusions(msg.exclusions)
+        row.exclusions = settings_json(msg.exclusions)
     elif path == "checkpoint_hold_seconds":
         hold = msg.checkpoint_hold_seconds or 24 * 3600
         if not 60 <= hold <= 30 * 24 * 3600:
@@ -182,6 +201,20 @@ async def _apply_job_policy(db: AsyncSession, msg: api.Job, row: Job, path: str)
         row.retry_wait_seconds = msg.retry_wait_seconds if msg.HasField("retry_wait_seconds") else 60
         if row.retry_wait_seconds > 24 * 3600:
             raise InvalidArgument("job.retry_wait_seconds", "must be from 0 to 86400")
+
+
+async def _check_guest_processing(db: AsyncSession, g: api.GuestProcessing) -> None:
+    if g.credential:
+        await by_name(db, Credential, "job.guest_processing.credential", g.credential, "credentials")
+
+
+def _check_exclusions(ex: common_pb2.GuestExclusions) -> None:
+    if len(ex.guest_paths) > 256:
+        raise InvalidArgument("job.exclusions.guest_paths", "lists more than 256 paths")
+    for i, path in enumerate(ex.guest_paths):
+        if not path or len(path) > 1024:
+            raise InvalidArgument(f"job.exclusions.guest_paths[{i}]", "must be a path of 1 to 1024 characters")
+        check_printable(f"job.exclusions.guest_paths[{i}]", path)
 
 
 def _webhook(w: api.Webhook, secrets: SecretBox, *, current: dict[str, Any] | None) -> dict[str, Any]:
