@@ -4,8 +4,10 @@ VENV      := .venv
 BIN       := $(VENV)/bin
 STAMP     := $(VENV)/.installed
 PROTO_SRC := $(wildcard protos/vmrepl/v1/*.proto)
+NODE_DIR  := tests/node
+NODE_STAMP := $(NODE_DIR)/node_modules/.package-lock.json
 
-.PHONY: install proto test test-unit test-integration lint bench demo certs clean
+.PHONY: install proto test test-unit test-integration lint buf-lint node bench demo certs clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -33,6 +35,17 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy vmrepl controller proxy_agent target_agent tests
+	$(BIN)/lint-imports
+
+# The Node.js packages: the non-Python API client of tests/integration/test_node_client.py, and buf.
+$(NODE_STAMP): $(NODE_DIR)/package.json $(NODE_DIR)/package-lock.json
+	cd $(NODE_DIR) && npm ci --no-audit --no-fund
+
+node: $(NODE_STAMP)
+
+# The API contract's lint (buf.yaml says which rules are left out, and why).
+buf-lint: $(NODE_STAMP)
+	$(NODE_DIR)/node_modules/.bin/buf lint
 
 bench: $(STAMP)
 	$(BIN)/python -m tests.bench.stream_bench
@@ -44,4 +57,4 @@ certs: $(STAMP)
 	$(BIN)/vmrepl-certs init --dir certs
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache .import_linter_cache $(NODE_DIR)/node_modules

@@ -10,7 +10,7 @@ from typing import Any, Protocol
 
 from sqlalchemy.ext.asyncio import async_sessionmaker
 
-from controller.api.service import ControllerServicer
+from controller.api.service import ControllerServicer, controller_service
 from controller.config import ControllerSettings
 from controller.db.connect import make_engine, open_database
 from controller.db.secrets import SecretBox, create_key_file
@@ -27,10 +27,8 @@ from vmrepl.call_limits import CallLimits
 from vmrepl.daemon import run_daemon, serve_services
 from vmrepl.logs import get_logger
 from vmrepl.metrics import serve_metrics
-from vmrepl.rpc import Service
 from vmrepl.security.ticket import load_signing_key
 from vmrepl.supervise import stop_all
-from vmrepl.v1 import controller_pb2
 
 log = get_logger("vmrepl.controller")
 
@@ -113,7 +111,7 @@ async def serve(settings: ControllerSettings) -> None:
     await serve_services(
         listen=settings.listen,
         tls=settings.tls,
-        services=[Service(controller_pb2.DESCRIPTOR.services_by_name["ControllerService"], servicer)],
+        services=[controller_service(servicer)],
         max_message_bytes=4 << 20,
         on_stop=stop,
         agent="controller",

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from proxy_agent.config import ProxySettings
-from proxy_agent.servicer import ProxyAgentServicer
+from proxy_agent.servicer import ROLES, ProxyAgentServicer
 from vmrepl.daemon import run_daemon, serve_services
 from vmrepl.metrics import serve_metrics
 from vmrepl.rpc import Service
@@ -16,7 +16,7 @@ async def serve(settings: ProxySettings) -> None:
     await serve_services(
         listen=settings.listen,
         tls=settings.tls,
-        services=[Service(proxy_pb2.DESCRIPTOR.services_by_name["ProxyAgent"], servicer)],
+        services=[Service(proxy_pb2.DESCRIPTOR.services_by_name["ProxyAgent"], servicer, roles=ROLES)],
         max_message_bytes=4 << 20,
         on_stop=servicer.stop_all,
         agent="proxy",

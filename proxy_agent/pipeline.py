@@ -18,14 +18,13 @@ import time
 from collections import deque
 from collections.abc import AsyncGenerator, Iterator
 from concurrent.futures import Executor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from proxy_agent.plan import PlannedBatch
-from vmrepl.batch import DATA, LZ4, RAW, ZERO, SessionDigest, encode_batch
-from vmrepl.block import DIGEST_SIZE, Compression, compress, digest, is_zero, zero_digest
+from vmrepl.batch import BatchEncoder, PassDigest
+from vmrepl.block import DIGEST_SIZE, Compression, digest, is_zero, zero_digest
 from vmrepl.disk.base import DiskReader
 from vmrepl.extent import Extent, split_blocks
-from vmrepl.v1 import target_pb2
 
 
 @dataclass(slots=True)
@@ -35,8 +34,8 @@ class BuiltBatch:
     end: int
     final: bool
     frame: bytes
-    # Sum of the session-digest tokens of this batch's extents (see vmrepl.batch.SessionDigest).
-    token_sum: int = 0
+    # The pass digest of this batch's extents (see vmrepl.batch.PassDigest).
+    digest: PassDigest = field(default_factory=PassDigest)
     read_bytes: int = 0
     data_bytes: int = 0
     zero_bytes: int = 0
@@ -79,36 +78,24 @@ class BatchBuilder:
 
     def build(self, planned: PlannedBatch, seq: int) -> BuiltBatch:
         out = BuiltBatch(seq=seq, start=planned.start, end=planned.end, final=planned.final, frame=b"")
-        extents: list[target_pb2.Extent] = []
-        parts: list[bytes] = []
+        enc = BatchEncoder(
+            seq=seq, start=planned.start, end=planned.end, final=planned.final, compression=self._compression
+        )
         for item in planned.items:
             if item.read:
-                self._read_block(item.offset, item.length, out, extents, parts)
+                self._read_block(item.offset, item.length, out, enc)
             elif self._replica is None:
-                _add_zero(extents, item.offset, item.length)
+                enc.add_zero(item.offset, item.length)
             else:
                 # Unallocated at the source (counted as such): zero it only where the replica is not zero.
                 for b in split_blocks([Extent(item.offset, item.length)], self._block_size):
                     if not self.replica_has(b.offset, zero_digest(b.length)):
-                        _add_zero(extents, b.offset, b.length)
-        header = target_pb2.BatchHeader(
-            seq=seq,
-            start_offset=planned.start,
-            end_offset=planned.end,
-            extents=extents,
-            payload_size=sum(len(p) for p in parts),
-            final=planned.final,
-        )
-        tokens = SessionDigest()
-        for e in extents:
-            tokens.add(e.offset, e.length, e.kind, e.digest)
-        out.token_sum = tokens.value
-        out.frame = encode_batch(header, parts)
+                        enc.add_zero(b.offset, b.length)
+        encoded = enc.finish()
+        out.frame, out.digest = encoded.frame, encoded.digest
         return out
 
-    def _read_block(
-        self, offset: int, length: int, out: BuiltBatch, extents: list[target_pb2.Extent], parts: list[bytes]
-    ) -> None:
+    def _read_block(self, offset: int, length: int, out: BuiltBatch, enc: BatchEncoder) -> None:
         buf = self._buffer(length)
         t0 = time.perf_counter()
         self._reader.read_into(memoryview(buf), offset)
@@ -120,31 +107,15 @@ class BatchBuilder:
         if is_zero(buf):
             out.zero_bytes += length
             if not self.replica_has(offset, zero_digest(length)):
-                _add_zero(extents, offset, length)
+                enc.add_zero(offset, length)
         else:
             d = digest(buf)
             if self.replica_has(offset, d):
                 out.unchanged_bytes += length
             else:
-                packed = compress(buf, self._compression)
-                stored = packed if packed is not None else bytes(buf)
-                encoding = LZ4 if packed is not None else RAW
-                extents.append(
-                    target_pb2.Extent(
-                        offset=offset, length=length, kind=DATA, encoding=encoding, stored_size=len(stored), digest=d
-                    )
-                )
-                parts.append(stored)
+                enc.add_data(offset, buf, d)
                 out.data_bytes += length
         out.compress_seconds += time.perf_counter() - t1
-
-
-def _add_zero(extents: list[target_pb2.Extent], offset: int, length: int) -> None:
-    last = extents[-1] if extents else None
-    if last is not None and last.kind == ZERO and last.offset + last.length == offset:
-        last.length += length
-    else:
-        extents.append(target_pb2.Extent(offset=offset, length=length, kind=ZERO))
 
 
 async def built_batches(

@@ -105,8 +105,8 @@ def _ranges(field: str, ranges: list[common_pb2.ByteRange], disk_size: int) -> l
 
 
 def check_exclusions(ex: proxy_pb2.ExclusionSettings) -> None:
-    guest = ex.skip_swap or ex.skip_pagefile or ex.skip_hibernation or ex.skip_deleted or len(ex.guest_paths)
-    if guest:
+    g = ex.guest
+    if g.skip_swap or g.skip_pagefile or g.skip_hibernation or g.skip_deleted or g.guest_paths:
         raise FailedPrecondition(
             "guest file-system exclusions need the guest file-system reader, "
             "which this proxy does not have yet; "

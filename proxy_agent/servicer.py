@@ -7,12 +7,14 @@ import contextlib
 import uuid
 from collections import OrderedDict
 from collections.abc import AsyncIterator
-from typing import Any
+
+import grpc
 
 from proxy_agent import metrics
 from proxy_agent import request as rq
 from proxy_agent import stats as st
 from proxy_agent.config import ProxySettings
+from proxy_agent.target_link import GrpcTargetLink, TargetLink
 from proxy_agent.transfer import DiskTransfer, TransferSpec
 from vmrepl import __version__
 from vmrepl.batch import MAX_MESSAGE_BYTES
@@ -21,13 +23,22 @@ from vmrepl.errors import AlreadyExists, FailedPrecondition, NotFound, ResourceE
 from vmrepl.logs import get_logger
 from vmrepl.names import check_name
 from vmrepl.rpc import handle_errors, secure_channel
-from vmrepl.security.tls import certificate_identity, require_role
+from vmrepl.security.tls import certificate_identity
 from vmrepl.v1 import proxy_pb2, proxy_pb2_grpc
 
 log = get_logger("vmrepl.proxy")
 WATCH_INTERVAL = 0.25
 KEEP_FINISHED = 1000
 DEFAULT_RESUME_TIMEOUT = 1800
+WATCHERS = ("controller", "operator", "reader")
+# Who may call what: the role in the caller's certificate, checked by vmrepl.rpc before a request is read.
+# Only the controller starts and cancels transfers (it signs their tickets); people may watch them.
+ROLES: dict[str, tuple[str, ...]] = {
+    "StartDiskTransfer": ("controller",),
+    "WatchTransfer": WATCHERS,
+    "CancelTransfer": ("controller",),
+    "GetAgentInfo": WATCHERS,
+}
 
 
 class ProxyAgentServicer(proxy_pb2_grpc.ProxyAgentServicer):
@@ -76,19 +87,23 @@ class ProxyAgentServicer(proxy_pb2_grpc.ProxyAgentServicer):
             raise
         target = req.target
 
-        def channel() -> Any:
-            return secure_channel(
+        def link() -> TargetLink:
+            channel = secure_channel(
                 target.address,
                 self.settings.tls,
                 max_message_bytes=MAX_MESSAGE_BYTES,
                 server_name=target.tls_server_name,
             )
+            return GrpcTargetLink(channel)
 
-        return DiskTransfer(spec=spec, plan=plans.first, full_plan=plans.full, reader=reader, channel_factory=channel)
+        return DiskTransfer(spec=spec, plan=plans.first, full_plan=plans.full, reader=reader, link_factory=link)
 
     @handle_errors
-    async def StartDiskTransfer(self, request: proxy_pb2.StartDiskTransferRequest, context: Any) -> Any:
-        require_role(context, "controller")
+    async def StartDiskTransfer(
+        self,
+        request: proxy_pb2.StartDiskTransferRequest,
+        context: grpc.aio.ServicerContext[proxy_pb2.StartDiskTransferRequest, proxy_pb2.StartDiskTransferResponse],
+    ) -> proxy_pb2.StartDiskTransferResponse:
         if request.transfer_id:
             check_name("transfer_id", request.transfer_id)
             known = self.transfers.get(request.transfer_id)
@@ -125,9 +140,10 @@ class ProxyAgentServicer(proxy_pb2_grpc.ProxyAgentServicer):
 
     @handle_errors
     async def WatchTransfer(
-        self, request: proxy_pb2.WatchTransferRequest, context: Any
+        self,
+        request: proxy_pb2.WatchTransferRequest,
+        context: grpc.aio.ServicerContext[proxy_pb2.WatchTransferRequest, proxy_pb2.TransferProgress],
     ) -> AsyncIterator[proxy_pb2.TransferProgress]:
-        require_role(context, "controller", "operator", "reader")
         transfer = self._get(request.transfer_id)
         last: bytes | None = None
         while True:
@@ -145,14 +161,20 @@ class ProxyAgentServicer(proxy_pb2_grpc.ProxyAgentServicer):
                 await asyncio.wait_for(transfer.ended.wait(), WATCH_INTERVAL)
 
     @handle_errors
-    async def GetAgentInfo(self, request: proxy_pb2.GetAgentInfoRequest, context: Any) -> Any:
-        require_role(context, "controller", "operator", "reader")
+    async def GetAgentInfo(
+        self,
+        request: proxy_pb2.GetAgentInfoRequest,
+        context: grpc.aio.ServicerContext[proxy_pb2.GetAgentInfoRequest, proxy_pb2.AgentInfo],
+    ) -> proxy_pb2.AgentInfo:
         name, role = await asyncio.to_thread(certificate_identity, self.settings.tls.cert_file)
         return proxy_pb2.AgentInfo(certificate_name=name, role=role, version=__version__)
 
     @handle_errors
-    async def CancelTransfer(self, request: proxy_pb2.CancelTransferRequest, context: Any) -> Any:
-        require_role(context, "controller")
+    async def CancelTransfer(
+        self,
+        request: proxy_pb2.CancelTransferRequest,
+        context: grpc.aio.ServicerContext[proxy_pb2.CancelTransferRequest, proxy_pb2.CancelTransferResponse],
+    ) -> proxy_pb2.CancelTransferResponse:
         self._get(request.transfer_id).stop()
         return proxy_pb2.CancelTransferResponse()
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-from vmrepl.v1 import proxy_pb2
+from vmrepl.v1 import common_pb2, proxy_pb2
 
 RUNNING = proxy_pb2.TRANSFER_STATE_RUNNING
 RECONNECTING = proxy_pb2.TRANSFER_STATE_RECONNECTING
@@ -55,7 +55,7 @@ class TransferStats:
             bytes_read=self.bytes_read,
             bytes_data=self.bytes_data,
             bytes_sent=self.bytes_sent,
-            skipped=proxy_pb2.SkippedBytes(
+            skipped=common_pb2.SkippedBytes(
                 zero=self.zero, unallocated=self.unallocated, unchanged=self.unchanged, excluded=self.excluded
             ),
             busy=proxy_pb2.StageBusy(

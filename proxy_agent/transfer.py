@@ -1,15 +1,17 @@
-"""One disk transfer: stream batches to the target, resume after breaks, verify, stop cleanly.
+"""One disk transfer: its passes, resumes and sampled verification, and a clean stop.
 
 A transfer makes one pass over the disk, or two: after a changed-range pass,
 a sample of the blocks it did not send is checked against the replica's
-digests, and a mismatch re-runs the disk as a full digest comparison.
+digests (proxy_agent/sampled.py), and a mismatch re-runs the disk as a full
+digest comparison.
 
-An attempt opens the Transfer stream, learns the offset to resume from,
-plans batches from there and sends them with at most `window` batches
-unacknowledged. A break the stream can recover from (target restarted,
+Each pass runs stream attempts (proxy_agent/attempt.py: open, send, acks)
+until one completes. A break the stream can recover from (target restarted,
 network cut) starts another attempt after a backoff; the proxy gives up only
-after `resume_timeout` seconds without progress. Both ends keep a session
-digest over every extent of the pass and compare it at the end of the disk.
+after `resume_timeout` seconds without progress. Both ends keep a pass digest
+over every extent of the pass (proxy_agent/pass_digest.py) and compare it at
+every resume and at the end of the disk. The target is reached through a
+`TargetLink` (proxy_agent/target_link.py), which the in-process tests fake.
 """
 
 from __future__ import annotations
@@ -19,30 +21,30 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
 
 import grpc
 import structlog
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, wait_exponential_jitter
+from tenacity.wait import wait_base
 
 from proxy_agent import stats as st
-from proxy_agent.pipeline import BatchBuilder, BuiltBatch, built_batches
-from proxy_agent.plan import Plan, plan_batches
+from proxy_agent.attempt import PassRun, StreamAttempt, StreamSettings
+from proxy_agent.pass_digest import PassDigestTracker
+from proxy_agent.pipeline import BatchBuilder
+from proxy_agent.plan import Plan
+from proxy_agent.sampled import SampledVerification
+from proxy_agent.target_link import StreamBroken, TargetLink, read_digest_table
 from proxy_agent.throttle import TokenBucket
-from proxy_agent.verify import choose_sample, unsent_blocks
-from vmrepl.batch import MAX_EXTENTS, MAX_PASS, encode_open
-from vmrepl.block import DIGEST_SIZE, UNKNOWN_DIGEST, Compression, digest, is_zero, zero_digest
+from vmrepl.batch import MAX_PASS
+from vmrepl.block import Compression
 from vmrepl.disk.base import DiskReader
-from vmrepl.errors import ChecksumMismatch, TransferError, VmreplError
-from vmrepl.extent import Extent
+from vmrepl.errors import VmreplError
 from vmrepl.logs import get_logger
 from vmrepl.v1 import proxy_pb2, target_pb2
 
+__all__ = ["COMPARE", "FULL", "RANGES", "DiskTransfer", "StreamBroken", "TransferSpec"]
+
 log = get_logger("vmrepl.proxy.transfer")
-TRANSFER_METHOD = "/vmrepl.v1.TargetAgent/Transfer"
-READ_DIGESTS_METHOD = "/vmrepl.v1.TargetAgent/ReadDigests"
-ACCEPT_TIMEOUT = 30.0
-_MOD = 1 << 128
 # Statuses after which another attempt cannot succeed.
 _PERMANENT = frozenset(
     {
@@ -59,21 +61,14 @@ _PERMANENT = frozenset(
 )
 
 FULL, RANGES, COMPARE = "full", "ranges", "compare"
-
-
-class StreamBroken(Exception):
-    """The Transfer stream ended before the transfer did."""
-
-    def __init__(self, code: grpc.StatusCode, details: str) -> None:
-        super().__init__(f"{code.name}: {details}")
-        self.code = code
-        self.details = details
+# Between stream attempts: 0.2 s doubling to 10 s, with jitter so proxies that lost one target spread out.
+RETRY_WAIT: wait_base = wait_exponential_jitter(initial=0.2, max=10)
 
 
 def _transient(exc: BaseException) -> bool:
     if isinstance(exc, StreamBroken):
         return exc.code not in _PERMANENT
-    if isinstance(exc, grpc.aio.AioRpcError):
+    if isinstance(exc, grpc.aio.AioRpcError):  # ReadDigests
         return exc.code() not in _PERMANENT
     return isinstance(exc, (TimeoutError, ConnectionError))
 
@@ -111,17 +106,6 @@ class _Progress:
         return time.monotonic() - self.stamp > self.timeout
 
 
-@dataclass(slots=True)
-class _Pass:
-    """What one pass over the disk sends, and its session digest at each batch end not yet acknowledged."""
-
-    number: int
-    plan: Plan
-    builder: BatchBuilder
-    digest: int = 0
-    snapshots: dict[int, int] | None = None
-
-
 class DiskTransfer:
     def __init__(
         self,
@@ -130,15 +114,17 @@ class DiskTransfer:
         plan: Plan,
         full_plan: Callable[[], Plan],
         reader: DiskReader,
-        channel_factory: Callable[[], Any],
+        link_factory: Callable[[], TargetLink],
+        retry_wait: wait_base = RETRY_WAIT,
     ) -> None:
         self.spec = spec
+        self._retry_wait = retry_wait
         self.plan = plan
         self._full_plan = full_plan
         self.stats = st.TransferStats(spec.transfer_id, spec.session_id, spec.disk_id, plan.disk_size)
         self.stats.threads = spec.threads
         self._reader = reader
-        self._channel_factory = channel_factory
+        self._link_factory = link_factory
         self._stopping = asyncio.Event()
         self._progress = _Progress(spec.resume_timeout)
         rate = spec.bandwidth_bytes_per_s
@@ -160,9 +146,9 @@ class DiskTransfer:
             session_id=self.spec.session_id, disk_id=self.spec.disk_id, transfer_id=self.spec.transfer_id
         ):
             executor = ThreadPoolExecutor(self.spec.threads, thread_name_prefix="vmrepl-batch")
-            channel = self._channel_factory()
+            link = self._link_factory()
             try:
-                done = await self._passes(executor, channel)
+                done = await self._passes(executor, link)
                 if done:
                     self._finish(st.COMPLETED)
                 else:
@@ -173,37 +159,40 @@ class DiskTransfer:
             except Exception as e:  # every failure ends as a state the controller can read
                 self._fail(e)
             finally:
-                await channel.close()
+                await link.close()
                 await asyncio.to_thread(executor.shutdown, wait=True, cancel_futures=True)
                 await asyncio.to_thread(self._reader.close)
 
-    async def _passes(self, executor: ThreadPoolExecutor, channel: Any) -> bool:
-        done = await self._pass(executor, channel, 0, self.plan, compare=self.spec.mode == COMPARE)
+    async def _passes(self, executor: ThreadPoolExecutor, link: TargetLink) -> bool:
+        done = await self._pass(executor, link, 0, self.plan, compare=self.spec.mode == COMPARE)
         if not done or self.spec.mode != RANGES:
             return done
-        mismatched, sampled = await self._verify_sample(executor, channel)
-        if not mismatched:
-            self.stats.verification = f"passed: {sampled} unsent blocks sampled, all match the replica"
-            log.info("sampled_verification_passed", sampled=sampled)
+        outcome = await SampledVerification(
+            reader=self._reader,
+            plan=self.plan,
+            block_size=self.spec.block_size,
+            seed=self.spec.transfer_id,
+            replica_digests=lambda: self._replica_digests(link),
+        ).run(executor)
+        self.stats.bytes_read += outcome.read_bytes  # counters change on the event loop only
+        self.stats.verification = outcome.describe()
+        if outcome.passed:
+            log.info("sampled_verification_passed", sampled=outcome.sampled)
             return True
-        self.stats.verification = (
-            f"failed: {mismatched} of {sampled} sampled unsent blocks differ from the replica, so the change "
-            "tracking cannot be trusted; the disk was re-run as a full digest comparison"
-        )
-        log.warning("sampled_verification_failed", mismatched=mismatched, sampled=sampled)
-        return await self._pass(executor, channel, MAX_PASS, self._full_plan(), compare=True)
+        log.warning("sampled_verification_failed", mismatched=outcome.mismatched, sampled=outcome.sampled)
+        return await self._pass(executor, link, MAX_PASS, self._full_plan(), compare=True)
 
     def _retrying(self) -> AsyncRetrying:
         return AsyncRetrying(
             retry=retry_if_exception(_transient),
-            wait=wait_exponential_jitter(initial=0.2, max=10),
+            wait=self._retry_wait,
             stop=self._progress,
             before_sleep=self._before_retry,
             reraise=True,
         )
 
     async def _pass(
-        self, executor: ThreadPoolExecutor, channel: Any, number: int, plan: Plan, *, compare: bool
+        self, executor: ThreadPoolExecutor, link: TargetLink, number: int, plan: Plan, *, compare: bool
     ) -> bool:
         s = self.stats
         s.passes = number + 1
@@ -212,7 +201,7 @@ class DiskTransfer:
         if compare:
             async for attempt in self._retrying():
                 with attempt:
-                    table = await self._read_digests(channel)
+                    table = await self._replica_digests(link)
         builder = BatchBuilder(
             self._reader,
             block_size=self.spec.block_size,
@@ -220,59 +209,53 @@ class DiskTransfer:
             replica_digests=table,
             read_delay=self.spec.read_delay,
         )
-        p = _Pass(number, plan, builder)
+        p = PassRun(number, plan, builder, PassDigestTracker(number=number, disk_size=plan.disk_size))
         async for attempt in self._retrying():
             with attempt:
-                done = await self._attempt(executor, channel, p)
+                done = await self._attempt(executor, link, p)
         return done
 
-    async def _read_digests(self, channel: Any, first: int = 0, count: int = 0) -> bytes:
-        call = channel.unary_stream(
-            READ_DIGESTS_METHOD,
-            request_serializer=target_pb2.ReadDigestsRequest.SerializeToString,
-            response_deserializer=target_pb2.DigestChunk.FromString,
-        )
-        req = target_pb2.ReadDigestsRequest(
+    async def _replica_digests(self, link: TargetLink) -> bytes:
+        request = target_pb2.ReadDigestsRequest(
             replica_path=self.spec.replica_path,
             disk_id=self.spec.disk_id,
             session_id=self.spec.session_id,
             ticket=self.spec.ticket,
-            first_block=first,
-            block_count=count,
         )
-        parts = []
-        async for chunk in call(req):
-            if chunk.block_size != self.spec.block_size:
-                # The replica keeps digests at another block size: none of them can vouch for a block here.
-                return UNKNOWN_DIGEST * (count or -(-self.plan.disk_size // self.spec.block_size))
-            parts.append(chunk.digests)
-        return b"".join(parts)
+        blocks = -(-self.plan.disk_size // self.spec.block_size)
+        return await read_digest_table(link, request, block_size=self.spec.block_size, blocks=blocks)
 
-    async def _verify_sample(self, executor: ThreadPoolExecutor, channel: Any) -> tuple[int, int]:
-        """(mismatched, sampled) over a sample of the blocks the changed-range pass did not send."""
-        bs, size = self.spec.block_size, self.plan.disk_size
-        candidates = list(unsent_blocks(self.plan.read + self.plan.zero, disk_size=size, block_size=bs))
-        sample = choose_sample(candidates, disk_blocks=-(-size // bs), seed=self.spec.transfer_id)
-        if not sample:
-            return 0, 0
-        table = await self._read_digests(channel)
-        loop = asyncio.get_running_loop()
-        mine = await loop.run_in_executor(executor, self._hash_blocks, sample)
-        self.stats.bytes_read += sum(b.length for b in sample)  # counters change on the event loop only
-        mismatched = 0
-        for block, d in zip(sample, mine, strict=True):
-            at = block.offset // bs * DIGEST_SIZE
-            if table[at : at + DIGEST_SIZE] != d:
-                mismatched += 1
-        return mismatched, len(sample)
+    async def _attempt(self, executor: ThreadPoolExecutor, link: TargetLink, p: PassRun) -> bool:
+        """One stream. True when the pass completed, False when it stopped on request."""
+        if self._stopping.is_set():
+            return False
+        self.stats.target_write_done += self.stats.target_write_stream
+        self.stats.target_write_stream = 0.0
+        attempt = StreamAttempt(
+            link.open_transfer(),
+            opening=self._opening(),
+            settings=StreamSettings(
+                batch_bytes=self.spec.batch_bytes, window=self.spec.window, threads=self.spec.threads
+            ),
+            stats=self.stats,
+            stopping=self._stopping,
+            on_progress=self._progress.touch,
+            bucket=self._bucket,
+        )
+        return await attempt.run(executor, p)
 
-    def _hash_blocks(self, blocks: list[Extent]) -> list[bytes]:
-        out = []
-        for b in blocks:
-            buf = bytearray(b.length)
-            self._reader.read_into(memoryview(buf), b.offset)
-            out.append(zero_digest(b.length) if is_zero(buf) else digest(buf))
-        return out
+    def _opening(self) -> target_pb2.TransferOpen:
+        """The open of every stream of this transfer (the attempt sets the pass)."""
+        return target_pb2.TransferOpen(
+            ticket=self.spec.ticket,
+            session_id=self.spec.session_id,
+            disk_id=self.spec.disk_id,
+            replica_path=self.spec.replica_path,
+            disk_size=self.plan.disk_size,
+            block_size=self.spec.block_size,
+            window_batches=self.spec.window,
+            checkpoint_id=self.spec.checkpoint_id,
+        )
 
     def _before_retry(self, state: RetryCallState) -> None:
         self.stats.state = st.RECONNECTING
@@ -309,176 +292,3 @@ class DiskTransfer:
         else:
             log.exception("transfer_internal_error")
             self._finish(st.FAILED, "INTERNAL", f"{type(e).__name__}: {e}")
-
-    async def _attempt(self, executor: ThreadPoolExecutor, channel: Any, p: _Pass) -> bool:
-        """One stream. True when the pass completed, False when it stopped on request."""
-        if self._stopping.is_set():
-            return False
-        self.stats.target_write_done += self.stats.target_write_stream
-        self.stats.target_write_stream = 0.0
-        call = channel.stream_stream(
-            TRANSFER_METHOD, request_serializer=None, response_deserializer=target_pb2.TransferResponse.FromString
-        )()
-        try:
-            resume = await self._open(call, p)
-            self.stats.state = st.RUNNING
-            window = asyncio.Semaphore(self.spec.window)
-            sender = asyncio.create_task(self._send(call, executor, p, resume, window))
-            acks = asyncio.create_task(self._read_acks(call, p, window))
-            return await _first_result(sender, acks)
-        except asyncio.CancelledError:
-            call.cancel()
-            raise
-        except grpc.aio.AioRpcError as e:
-            raise StreamBroken(e.code(), e.details() or "") from e
-        except asyncio.InvalidStateError:  # the call ended while we wrote
-            raise await _broken(call) from None
-        finally:
-            if not call.done():
-                call.cancel()
-
-    async def _open(self, call: Any, p: _Pass) -> int:
-        open_msg = target_pb2.TransferOpen(
-            ticket=self.spec.ticket,
-            session_id=self.spec.session_id,
-            disk_id=self.spec.disk_id,
-            replica_path=self.spec.replica_path,
-            disk_size=self.plan.disk_size,
-            block_size=self.spec.block_size,
-            window_batches=self.spec.window,
-            pass_number=p.number,
-            checkpoint_id=self.spec.checkpoint_id,
-        )
-        await call.write(encode_open(open_msg))
-        msg = await asyncio.wait_for(call.read(), ACCEPT_TIMEOUT)
-        if msg is grpc.aio.EOF:
-            raise await _broken(call)
-        if msg.HasField("error"):
-            raise _refused(msg.error)
-        if not msg.HasField("accept"):
-            raise TransferError("the target's first answer is not an accept")
-        resume = int(msg.accept.resume_offset)
-        size, bs = self.plan.disk_size, self.spec.block_size
-        if resume > size or (resume % bs and resume != size):
-            raise TransferError(f"the target asks to resume at {resume}, not a block boundary of this disk")
-        self._adopt_digest(p, resume, int.from_bytes(msg.accept.session_digest or b"", "big"))
-        self.stats.committed_offset = resume
-        log.info("stream_accepted", resume_offset=resume, pass_number=p.number)
-        return resume
-
-    @staticmethod
-    def _adopt_digest(p: _Pass, resume: int, target_value: int) -> None:
-        """Continue the pass's session digest from the resume offset, checking the target agrees."""
-        if p.snapshots is not None and resume in p.snapshots:
-            if p.snapshots[resume] != target_value:
-                raise ChecksumMismatch(f"the target's session digest at offset {resume} differs from the proxy's")
-            p.digest = p.snapshots[resume]
-        else:
-            # A fresh pass, or a prefix another proxy process sent: start from the target's value.
-            p.digest = target_value
-        p.snapshots = {resume: p.digest}
-
-    async def _send(
-        self, call: Any, executor: ThreadPoolExecutor, p: _Pass, resume: int, window: asyncio.Semaphore
-    ) -> None:
-        planned = plan_batches(p.plan, start=resume, batch_bytes=self.spec.batch_bytes, max_items=MAX_EXTENTS)
-        batches = built_batches(p.builder, planned, executor=executor, depth=self.spec.threads + 1)
-        try:
-            async for b in batches:
-                if self._stopping.is_set():
-                    break
-                t0 = time.perf_counter()
-                await window.acquire()
-                if self._bucket is not None:
-                    await self._bucket.consume(len(b.frame))
-                await call.write(b.frame)
-                self.stats.network_wait += time.perf_counter() - t0
-                p.digest = (p.digest + b.token_sum) % _MOD
-                if p.snapshots is not None:
-                    p.snapshots[b.end] = p.digest
-                self._count(b)
-                if b.final:
-                    break
-        finally:
-            await batches.aclose()
-        await call.done_writing()
-
-    def _count(self, b: BuiltBatch) -> None:
-        s = self.stats
-        s.bytes_sent += len(b.frame)
-        s.bytes_read += b.read_bytes
-        s.bytes_data += b.data_bytes
-        s.source_read += b.read_seconds
-        s.compress += b.compress_seconds
-        s.zero += b.zero_bytes
-        s.unchanged += b.unchanged_bytes
-
-    async def _read_acks(self, call: Any, p: _Pass, window: asyncio.Semaphore) -> bool:
-        last_seq = -1
-        while True:
-            msg = await call.read()
-            if msg is grpc.aio.EOF:
-                code = await call.code()
-                if code == grpc.StatusCode.OK and self._stopping.is_set():
-                    return False
-                raise await _broken(call)
-            if msg.HasField("error"):
-                raise _refused(msg.error)
-            if not msg.HasField("ack"):
-                raise TransferError("the target sent something other than an ack")
-            ack = msg.ack
-            if ack.seq <= last_seq and last_seq >= 0:
-                raise TransferError(f"the target acknowledged batch {ack.seq} after {last_seq}")
-            for _ in range(ack.seq - last_seq):
-                window.release()
-            last_seq = ack.seq
-            if ack.committed_offset > self.stats.committed_offset:
-                self._progress.touch()
-            self.stats.committed_offset = ack.committed_offset
-            self.stats.target_write_stream = ack.write_busy_seconds
-            if p.snapshots is not None:
-                p.snapshots = {k: v for k, v in p.snapshots.items() if k >= ack.committed_offset}
-            if ack.complete:
-                self._check_end_digest(p, int.from_bytes(ack.session_digest or b"", "big"))
-                return True
-
-    def _check_end_digest(self, p: _Pass, target_value: int) -> None:
-        mine = p.snapshots.get(self.plan.disk_size) if p.snapshots is not None else None
-        if mine is None or mine != target_value:
-            raise ChecksumMismatch(
-                f"end of disk, pass {p.number + 1}: the target's digest over everything it received differs "
-                "from the proxy's over everything it sent"
-            )
-        log.info("session_digest_matches", pass_number=p.number, digest=f"{target_value:032x}")
-
-
-def _refused(failure: target_pb2.TransferFailure) -> StreamBroken:
-    """The target's in-band reason for ending the stream (trusted over the call status, see grpc#36066)."""
-    code = grpc.StatusCode.__members__.get(failure.code, grpc.StatusCode.UNKNOWN)
-    return StreamBroken(code, failure.message)
-
-
-async def _broken(call: Any) -> StreamBroken:
-    code = await call.code()
-    details = await call.details()
-    if code == grpc.StatusCode.OK:
-        return StreamBroken(grpc.StatusCode.UNAVAILABLE, "the target ended the stream early")
-    return StreamBroken(code, details or "")
-
-
-async def _first_result(sender: asyncio.Task[None], acks: asyncio.Task[bool]) -> bool:
-    """Wait for the ack reader's verdict; a failing sender fails the attempt at once."""
-    try:
-        done, _ = await asyncio.wait({sender, acks}, return_when=asyncio.FIRST_EXCEPTION)
-        for t in done:
-            exc = t.exception()
-            if exc is not None:
-                raise exc
-        result = await acks
-        await sender
-        return result
-    finally:
-        for t in (sender, acks):
-            if not t.done():
-                t.cancel()
-        await asyncio.gather(sender, acks, return_exceptions=True)

@@ -17,24 +17,22 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Protocol
 
 import structlog
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from target_agent import metrics
+from target_agent.commit_pipeline import CommitPipeline, Queued
 from target_agent.datastore import Datastore
-from target_agent.replica import COMPLETE, DiskGuard, DiskState, ReplicaStream
+from target_agent.replica import DiskGuard, ReplicaStream
 from vmrepl.batch import (
-    DATA,
-    MAX_MESSAGE_BYTES,
     MAX_OPEN_BYTES,
-    CheckedExtent,
-    Expectation,
-    check_batch,
-    decode_frame,
+    BatchDecoder,
+    choose_version,
+    decode_open,
 )
 from vmrepl.call_limits import Slots
 from vmrepl.errors import BatchError, DeadlineExceeded, InvalidArgument
@@ -50,7 +48,13 @@ log = get_logger("vmrepl.target.transfer")
 DRAIN_TIMEOUT = 10.0
 MAX_DISK_SIZE = 1 << 50  # 1 PiB: far beyond any VHDX (64 TB), small enough that offsets stay sane
 
-Queued = tuple[target_pb2.BatchHeader, list[CheckedExtent]] | None
+
+class TransferContext(Protocol):
+    """What a Transfer stream needs of its gRPC servicer context (grpc.aio.ServicerContext has it)."""
+
+    async def write(self, message: target_pb2.TransferResponse) -> None: ...
+
+    def auth_context(self) -> Mapping[str, Sequence[bytes]]: ...
 
 
 def check_open(o: target_pb2.TransferOpen, max_window: int) -> None:
@@ -150,7 +154,7 @@ class Receiver:
         """The one guard of a replica disk in this process (streams and restore point commits share it)."""
         return self._guards.setdefault(str(disk_dir), DiskGuard())
 
-    async def run(self, requests: AsyncIterator[bytes], context: Any) -> None:
+    async def run(self, requests: AsyncIterator[bytes], context: TransferContext) -> None:
         """Serve one stream if the proxy has a slot left (checked before anything is read)."""
         peer, _ = peer_identity(context)
         try:
@@ -164,7 +168,7 @@ class Receiver:
             self._slots.give(peer)
             await _close(requests)
 
-    async def _serve(self, peer: str, requests: AsyncIterator[bytes], context: Any) -> None:
+    async def _serve(self, peer: str, requests: AsyncIterator[bytes], context: TransferContext) -> None:
         """On failure tell the proxy in-band, drain what it still sends, and re-raise for the status."""
         try:
             first = await self._read_open(requests)
@@ -191,12 +195,10 @@ class Receiver:
             raise BatchError("open", f"the open message has {len(first)} bytes, more than {MAX_OPEN_BYTES}")
         return first
 
-    async def _run(self, peer: str, first: bytes, requests: AsyncIterator[bytes], context: Any) -> None:
+    async def _run(self, peer: str, first: bytes, requests: AsyncIterator[bytes], context: TransferContext) -> None:
         """`peer`: the caller's certificate name (its role was checked by the roles table before any read)."""
-        frame = decode_frame(first)
-        if frame.open is None:
-            raise BatchError("open", "the first message of a stream must be open")
-        o = frame.open
+        o = decode_open(first)
+        version = choose_version(o.protocol_versions)  # before the ticket: a stream we cannot read is refused as such
         check_open(o, self._max_window)
         ticket = self.check_ticket(
             o.ticket,
@@ -224,13 +226,18 @@ class Receiver:
             metrics.STREAMS.inc()
             metrics.STREAMS_OPEN.inc()
             try:
-                await self._stream(stream, o, requests, context)
+                await self._stream(stream, o, version, requests, context)
             finally:
                 metrics.STREAMS_OPEN.dec()
                 await asyncio.to_thread(stream.close)
 
     async def _stream(
-        self, stream: ReplicaStream, o: target_pb2.TransferOpen, requests: AsyncIterator[bytes], context: Any
+        self,
+        stream: ReplicaStream,
+        o: target_pb2.TransferOpen,
+        version: int,
+        requests: AsyncIterator[bytes],
+        context: TransferContext,
     ) -> None:
         ack_every = max(1, o.window_batches // 2)
         resume = stream.resume_offset
@@ -244,14 +251,20 @@ class Receiver:
         )
         accept = target_pb2.TransferAccept(
             resume_offset=resume,
-            ack_every_batches=ack_every,
-            max_message_bytes=MAX_MESSAGE_BYTES,
-            session_digest=stream.session_digest.digest(),
+            session_digest=stream.pass_digest.to_wire(),
+            protocol_version=version,
         )
         await context.write(target_pb2.TransferResponse(accept=accept))
         queue: asyncio.Queue[Queued] = asyncio.Queue(maxsize=o.window_batches)
         silence = Silence(self._idle_timeout, f"the stream was silent for {self._idle_timeout:g} s")
-        writer = asyncio.create_task(self._write_loop(stream, queue, context, ack_every, silence))
+
+        async def send_ack(ack: target_pb2.TransferAck) -> None:
+            await context.write(target_pb2.TransferResponse(ack=ack))
+
+        pipeline = CommitPipeline(
+            stream, ack_every=ack_every, send_ack=send_ack, touch=silence.touch, write_delay=self._write_delay
+        )
+        writer = asyncio.create_task(pipeline.run(queue))
         try:
             await self._read_loop(stream, o, requests, queue=queue, writer=writer, silence=silence)
             await writer
@@ -270,98 +283,27 @@ class Receiver:
         writer: asyncio.Task[None],
         silence: Silence,
     ) -> None:
-        exp = Expectation(disk_size=o.disk_size, block_size=o.block_size, seq=0, start=stream.resume_offset)
+        decoder = BatchDecoder(disk_size=o.disk_size, block_size=o.block_size, start=stream.resume_offset)
         while (raw := await silence.receive(requests)) is not None:
             if writer.done():
                 writer.result()  # the writer failed: raise its error
                 return
-            frame = decode_frame(raw)
-            if frame.batch is None:
-                raise BatchError("open", "open sent twice on one stream")
-            hdr = frame.batch
-            extents = check_batch(hdr, frame.payload, exp)
+            batch = decoder.receive(raw)
             log.debug(
                 "batch_received",
-                seq=hdr.seq,
-                start=hdr.start_offset,
-                end=hdr.end_offset,
-                data_bytes=sum(e.length for e in extents if e.kind == DATA),
-                wire_bytes=len(raw),
+                seq=batch.seq,
+                start=batch.start,
+                end=batch.end,
+                data_bytes=batch.data_bytes,
+                wire_bytes=batch.wire_bytes,
             )
             metrics.BATCHES.inc()
-            metrics.BYTES.labels("wire").inc(len(raw))
-            await _put(queue, (hdr, extents), writer)
-            exp = Expectation(o.disk_size, o.block_size, hdr.seq + 1, hdr.end_offset)
-            if hdr.final:
+            metrics.BYTES.labels("wire").inc(batch.wire_bytes)
+            await _put(queue, batch, writer)
+            if batch.final:
                 return
         # The proxy half-closed without a final batch (it was cancelled): keep what arrived.
         await _put(queue, None, writer)
-
-    async def _apply(self, stream: ReplicaStream, extents: list[CheckedExtent], silence: Silence) -> tuple[float, int]:
-        """Write one batch; (seconds it took, data bytes)."""
-        t0 = time.perf_counter()
-        await asyncio.to_thread(stream.apply, extents)
-        if self._write_delay:
-            await asyncio.sleep(self._write_delay)
-        silence.touch()
-        spent = time.perf_counter() - t0
-        metrics.WRITE_BUSY.inc(spent)
-        data = sum(e.length for e in extents if e.kind == DATA)
-        metrics.BYTES.labels("data").inc(data)
-        return spent, data
-
-    async def _write_loop(
-        self, stream: ReplicaStream, queue: asyncio.Queue[Queued], context: Any, ack_every: int, silence: Silence
-    ) -> None:
-        """Apply batches in order; every `ack_every` batches start a commit, with at most one in flight so
-        the disk keeps writing while the previous commit flushes, and ack each commit when it is durable."""
-        busy = 0.0
-        received = pending = 0
-        last: target_pb2.BatchHeader | None = None
-        inflight: tuple[asyncio.Task[DiskState], int] | None = None
-
-        async def settle(task: asyncio.Task[DiskState], seq: int) -> None:
-            nonlocal busy
-            t0 = time.perf_counter()
-            st = await task
-            silence.touch()
-            busy += time.perf_counter() - t0
-            ack = target_pb2.TransferAck(
-                seq=seq,
-                committed_offset=st.committed_offset,
-                complete=st.state == COMPLETE,
-                write_busy_seconds=busy,
-                bytes_received=received,
-                session_digest=bytes.fromhex(st.session_digest),
-            )
-            await context.write(target_pb2.TransferResponse(ack=ack))
-            log.debug("committed", offset=st.committed_offset, seq=seq, complete=ack.complete)
-
-        try:
-            while True:
-                item = await queue.get()
-                if item is not None:
-                    last, extents = item
-                    spent, data = await self._apply(stream, extents, silence)
-                    busy, received, pending = busy + spent, received + data, pending + 1
-                final = last is not None and last.final
-                if last is not None and pending and (final or item is None or pending >= ack_every):
-                    if inflight is not None:
-                        await settle(*inflight)
-                    point = stream.mark(last.end_offset, final=final)
-                    inflight = (asyncio.create_task(asyncio.to_thread(stream.commit, point)), last.seq)
-                    pending = 0
-                if final or item is None:
-                    if inflight is not None:
-                        await settle(*inflight)
-                        inflight = None
-                    if final:
-                        log.info("transfer_complete", bytes_written=stream.state.bytes_written)
-                    return
-        finally:
-            if inflight is not None and not inflight[0].done():
-                inflight[0].cancel()
-                await asyncio.gather(inflight[0], return_exceptions=True)
 
 
 def failure_response(code: str, message: str) -> target_pb2.TransferResponse:
@@ -369,7 +311,7 @@ def failure_response(code: str, message: str) -> target_pb2.TransferResponse:
     return target_pb2.TransferResponse(error=target_pb2.TransferFailure(code=code, message=message))
 
 
-async def _refuse(context: Any, e: Exception) -> None:
+async def _refuse(context: TransferContext, e: Exception) -> None:
     """Tell the proxy in-band why its stream ends."""
     code, message = status_for(e)
     metrics.ERRORS.labels(code.name).inc()

@@ -28,11 +28,12 @@ from __future__ import annotations
 import json
 import threading
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
-from vmrepl.batch import DATA, LZ4, MAX_PASS, CheckedExtent, SessionDigest
-from vmrepl.block import DIGEST_SIZE, decompress, verify, zero_digest
+from target_agent.file_format import UNVERSIONED, check_format
+from vmrepl.batch import MAX_PASS, DecodedBatch, PassDigest
+from vmrepl.block import DIGEST_SIZE, zero_digest
 from vmrepl.disk.fileio import PositionalFile, atomic_write
 from vmrepl.disk.raw import RawWriter
 from vmrepl.errors import FailedPrecondition, NotFound, TransferCancelled
@@ -43,6 +44,11 @@ DURABLE_STATES = frozenset({COMPLETE, COMMITTED})  # every byte of the pass was 
 DATA_FILE = "data.raw"
 STATE_FILE = "state.json"
 DIGESTS_FILE = "digests.bin"
+# state.json's format: 1 had no "format" key (and "" as the digest of a pass that committed nothing);
+# 2 records "format" and "digests_format".
+STATE_FORMAT = 2
+# digests.bin's format, recorded in state.json: 1 = one xxh3-128 per block, 16 bytes, all zero = unknown.
+DIGESTS_FORMAT = 1
 _DIGEST_CHUNK = 65536  # digests per write when a zero extent covers many blocks
 # How far past the committed offset a commit lets the stream write before the next state save: the most
 # a crash makes the next run send again, and how rarely the writer stops to move the frontier itself.
@@ -59,12 +65,14 @@ class DiskState:
     bytes_written: int = 0
     updated_at: float = 0.0
     pass_number: int = 0
-    session_digest: str = ""  # hex, over this pass below committed_offset
+    session_digest: PassDigest = field(default_factory=PassDigest)  # over this pass below committed_offset
     checkpoint_id: str = ""
     # Nothing past this offset was written by this pass; -1 (a state from before frontiers): unknown.
     frontier: int = -1
     # A transfer from this checkpoint failed sampled verification: its changed ranges are not to be trusted.
     tracking_failed: bool = False
+    # The format of the disk's digests.bin (see DIGESTS_FORMAT).
+    digests_format: int = UNVERSIONED
 
     def cover(self, end: int) -> bool:
         """Move the frontier to cover writes up to `end`, a step past the committed offset so few writes
@@ -85,7 +93,8 @@ class DiskState:
 class DigestStore:
     """One 16-byte xxh3-128 digest per block, at index offset // block_size."""
 
-    def __init__(self, path: Path, *, block_size: int, disk_size: int) -> None:
+    def __init__(self, path: Path, *, block_size: int, disk_size: int, digests_format: int = DIGESTS_FORMAT) -> None:
+        check_format(f"replica disk {path.parent.name}: {path.name}", digests_format, reads=DIGESTS_FORMAT)
         self._file = PositionalFile(path, writable=True, create=True)
         self.block_size = block_size
         self.disk_size = disk_size
@@ -137,16 +146,25 @@ def load_state(disk_dir: Path) -> DiskState:
         raise NotFound(f"replica disk {disk_dir.name} does not exist") from e
     except (OSError, ValueError) as e:
         raise FailedPrecondition(f"replica disk {disk_dir.name}: {STATE_FILE} cannot be read: {e}") from e
+    if not isinstance(raw, dict):
+        raise FailedPrecondition(f"replica disk {disk_dir.name}: {STATE_FILE} is not a disk state")
+    name = disk_dir.name
+    check_format(f"replica disk {name}: {STATE_FILE}", raw.get("format", UNVERSIONED), reads=STATE_FORMAT)
+    # Checked here too, so nothing opens a digest file it cannot read.
+    check_format(f"replica disk {name}: {DIGESTS_FILE}", raw.get("digests_format", UNVERSIONED), reads=DIGESTS_FORMAT)
     known = {f.name for f in fields(DiskState)}
     try:
-        return DiskState(**{k: v for k, v in raw.items() if k in known})
-    except (TypeError, AttributeError) as e:
+        values = {k: v for k, v in raw.items() if k in known}
+        values["session_digest"] = PassDigest.from_state(values.get("session_digest", ""))
+        return DiskState(**values)
+    except (TypeError, AttributeError, ValueError) as e:
         raise FailedPrecondition(f"replica disk {disk_dir.name}: {STATE_FILE} is not a disk state") from e
 
 
 def save_state(disk_dir: Path, st: DiskState) -> None:
     st.updated_at = time.time()
-    atomic_write(disk_dir / STATE_FILE, json.dumps(asdict(st), sort_keys=True).encode())
+    raw = asdict(st) | {"format": STATE_FORMAT, "session_digest": st.session_digest.to_state()}
+    atomic_write(disk_dir / STATE_FILE, json.dumps(raw, sort_keys=True).encode())
 
 
 def _resumable(
@@ -226,7 +244,12 @@ def _refuse_committed(old: DiskState | None, name: str, *, session_id: str, chec
 def _ready_files(disk_dir: Path, old: DiskState | None, *, disk_size: int, block_size: int) -> None:
     """Size the data and digest files, forget what an interrupted pass may have torn, and flush both."""
     writer = RawWriter(disk_dir / DATA_FILE, create=True)
-    digests = DigestStore(disk_dir / DIGESTS_FILE, block_size=block_size, disk_size=disk_size)
+    digests = DigestStore(
+        disk_dir / DIGESTS_FILE,
+        block_size=block_size,
+        disk_size=disk_size,
+        digests_format=old.digests_format if old is not None else DIGESTS_FORMAT,
+    )
     try:
         if writer.size != disk_size:
             writer.resize(disk_size)
@@ -245,7 +268,9 @@ def _ready_files(disk_dir: Path, old: DiskState | None, *, disk_size: int, block
 def read_digests(disk_dir: Path, first: int, count: int) -> tuple[int, bytes]:
     """(block size, digests of blocks [first, first+count)), count 0 meaning to the end."""
     st = load_state(disk_dir)
-    store = DigestStore(disk_dir / DIGESTS_FILE, block_size=st.block_size, disk_size=st.disk_size)
+    store = DigestStore(
+        disk_dir / DIGESTS_FILE, block_size=st.block_size, disk_size=st.disk_size, digests_format=st.digests_format
+    )
     try:
         if first > store.blocks:
             raise FailedPrecondition(f"block {first} is past the disk's {store.blocks} blocks")
@@ -259,7 +284,7 @@ def read_digests(disk_dir: Path, first: int, count: int) -> tuple[int, bytes]:
 class CommitPoint:
     offset: int
     final: bool
-    digest: str
+    digest: PassDigest
     written: int
 
 
@@ -345,7 +370,9 @@ class ReplicaStream:
                 pass_number=pass_number,
             )
             self._writer = RawWriter(disk_dir / DATA_FILE)
-            self._digests = DigestStore(disk_dir / DIGESTS_FILE, block_size=block_size, disk_size=disk_size)
+            self._digests = DigestStore(
+                disk_dir / DIGESTS_FILE, block_size=block_size, disk_size=disk_size, digests_format=st.digests_format
+            )
             try:
                 self._open_pass(st, pass_number, fresh=guard.fresh)
             except BaseException:
@@ -354,14 +381,14 @@ class ReplicaStream:
                 raise
             self._generation = guard.claim_locked()
         self.state = st
-        self.session_digest = SessionDigest(bytes.fromhex(st.session_digest))
+        self.pass_digest = st.session_digest
         self._written = st.bytes_written
         self._closed = False
 
     def _open_pass(self, st: DiskState, pass_number: int, *, fresh: bool) -> None:
         if pass_number > st.pass_number:
             # The next pass of the same session re-runs the disk from the start; the last one was complete.
-            st.pass_number, st.committed_offset, st.session_digest, st.state = pass_number, 0, "", RECEIVING
+            st.pass_number, st.committed_offset, st.session_digest, st.state = pass_number, 0, PassDigest(), RECEIVING
             st.frontier, st.tracking_failed = 0, True  # only a failed sampled verification starts pass 1
             save_state(self.disk_dir, st)
             return
@@ -381,32 +408,22 @@ class ReplicaStream:
         if self._guard.generation != self._generation:
             raise TransferCancelled("a newer stream for this replica disk took over")
 
-    def apply(self, extents: list[CheckedExtent]) -> int:
-        """Decode and verify every data extent, then write the batch. Returns raw data bytes written."""
-        decoded: list[tuple[CheckedExtent, bytes | memoryview | None]] = []
-        for e in extents:
-            if e.kind == DATA:
-                data: bytes | memoryview = decompress(e.payload, e.length) if e.encoding == LZ4 else e.payload
-                verify(data, e.digest, offset=e.offset)
-                decoded.append((e, data))
-            else:
-                decoded.append((e, None))
-        written = 0
+    def apply(self, batch: DecodedBatch) -> int:
+        """Write a decoded (decompressed and verified) batch. Returns raw data bytes written."""
         with self._guard.lock:
             self._check_current()
-            if extents:
-                self._cover(max(e.offset + e.length for e in extents))
-            for e, payload in decoded:
-                if payload is None:
+            if batch.extents:
+                self._cover(max(e.offset + e.length for e in batch.extents))
+            for e in batch.extents:
+                if e.data is None:
                     self._writer.write_zeros(e.offset, e.length)
                     self._digests.put_zero(e.offset, e.length)
                 else:
-                    self._writer.write(payload, e.offset)
+                    self._writer.write(e.data, e.offset)
                     self._digests.put(e.offset, e.digest)
-                    written += e.length
-                self.session_digest.add(e.offset, e.length, e.kind, e.digest)
-        self._written += written
-        return written
+            self.pass_digest = self.pass_digest.merge(batch.digest)
+        self._written += batch.data_bytes
+        return batch.data_bytes
 
     def _cover(self, end: int) -> None:
         """Make the frontier cover `end` durably before anything is written below it (call under the lock)."""
@@ -415,7 +432,7 @@ class ReplicaStream:
 
     def mark(self, offset: int, *, final: bool) -> CommitPoint:
         """What a commit made now would record: call after applying the batch that ends at `offset`."""
-        return CommitPoint(offset, final, self.session_digest.digest().hex(), self._written)
+        return CommitPoint(offset, final, self.pass_digest, self._written)
 
     def commit(self, point: CommitPoint) -> DiskState:
         """Flush, then durably record `point`. Later batches may be written while this flushes."""

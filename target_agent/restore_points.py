@@ -17,12 +17,16 @@ import uuid
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
+from target_agent.file_format import check_format
 from target_agent.replica import COMMITTED, COMPLETE, DiskGuard, load_state, save_state
 from vmrepl.disk.fileio import atomic_write
 from vmrepl.errors import FailedPrecondition, NotFound
 
 POINTS_FILE = "restore-points.json"
+# 1: a bare JSON list of points; 2: {"format": 2, "restore_points": [...]}.
+POINTS_FORMAT = 2
 
 
 @dataclass
@@ -45,20 +49,36 @@ def list_points(vm_dir: Path) -> list[Point]:
         raw = json.loads((vm_dir / POINTS_FILE).read_text(encoding="utf-8"))
     except FileNotFoundError:
         return []
-    return [
-        Point(
-            p["id"],
-            p["session_id"],
-            p["created_at"],
-            [PointDisk(**d) for d in p["disks"]],
-            p.get("checkpoint_id", ""),
-        )
-        for p in raw
-    ]
+    except (OSError, ValueError) as e:
+        raise FailedPrecondition(f"{POINTS_FILE} of {vm_dir.name} cannot be read: {e}") from e
+    what = f"{POINTS_FILE} of {vm_dir.name}"
+    if isinstance(raw, dict):  # format 2 on: {"format": n, "restore_points": [...]}
+        check_format(what, raw.get("format"), reads=POINTS_FORMAT)
+        raw = raw.get("restore_points")
+    if not isinstance(raw, list):  # format 1 was the bare list
+        raise FailedPrecondition(f"{what} is not a list of restore points")
+    try:
+        return [_point(p) for p in raw]
+    except (KeyError, TypeError, ValueError) as e:
+        raise FailedPrecondition(f"{what} holds something that is not a restore point: {e!r}") from e
+
+
+def _point(p: dict[str, Any]) -> Point:
+    point = Point(
+        str(p["id"]),
+        p["session_id"],
+        float(p["created_at"]),
+        [PointDisk(**d) for d in p["disks"]],
+        p.get("checkpoint_id", ""),
+    )
+    if not all(isinstance(v, str) for v in (p["id"], point.session_id, point.checkpoint_id)):
+        raise ValueError("id, session_id and checkpoint_id are strings")
+    return point
 
 
 def _save(vm_dir: Path, points: list[Point]) -> None:
-    atomic_write(vm_dir / POINTS_FILE, json.dumps([asdict(p) for p in points], indent=1).encode())
+    doc = {"format": POINTS_FORMAT, "restore_points": [asdict(p) for p in points]}
+    atomic_write(vm_dir / POINTS_FILE, json.dumps(doc, indent=1).encode())
 
 
 def commit(

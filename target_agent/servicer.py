@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
-from typing import Any
 
+import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from target_agent import replica, restore_points
@@ -92,7 +92,11 @@ class TargetAgentServicer(target_pb2_grpc.TargetAgentServicer):
         )
 
     @handle_errors
-    async def PrepareReplicaDisk(self, request: target_pb2.PrepareReplicaDiskRequest, context: Any) -> Any:
+    async def PrepareReplicaDisk(
+        self,
+        request: target_pb2.PrepareReplicaDiskRequest,
+        context: grpc.aio.ServicerContext[target_pb2.PrepareReplicaDiskRequest, target_pb2.ReplicaDisk],
+    ) -> target_pb2.ReplicaDisk:
         check_name("session_id", request.session_id)
         check_name("checkpoint_id", request.checkpoint_id)
         if request.resume_session_id:
@@ -115,13 +119,21 @@ class TargetAgentServicer(target_pb2_grpc.TargetAgentServicer):
         return _disk_message(request.replica_path, request.disk_id, st)
 
     @handle_errors
-    async def GetReplicaDisk(self, request: target_pb2.GetReplicaDiskRequest, context: Any) -> Any:
+    async def GetReplicaDisk(
+        self,
+        request: target_pb2.GetReplicaDiskRequest,
+        context: grpc.aio.ServicerContext[target_pb2.GetReplicaDiskRequest, target_pb2.ReplicaDisk],
+    ) -> target_pb2.ReplicaDisk:
         disk_dir = self.datastore.disk_dir(request.replica_path, request.disk_id)
         st = await asyncio.to_thread(replica.load_state, disk_dir)
         return _disk_message(request.replica_path, request.disk_id, st)
 
     @handle_errors
-    async def CommitRestorePoint(self, request: target_pb2.CommitRestorePointRequest, context: Any) -> Any:
+    async def CommitRestorePoint(
+        self,
+        request: target_pb2.CommitRestorePointRequest,
+        context: grpc.aio.ServicerContext[target_pb2.CommitRestorePointRequest, target_pb2.RestorePoint],
+    ) -> target_pb2.RestorePoint:
         check_name("session_id", request.session_id)
         check_name("checkpoint_id", request.checkpoint_id)
         if not request.disk_ids:
@@ -140,7 +152,11 @@ class TargetAgentServicer(target_pb2_grpc.TargetAgentServicer):
         return _point_message(request.replica_path, p)
 
     @handle_errors
-    async def ListRestorePoints(self, request: target_pb2.ListRestorePointsRequest, context: Any) -> Any:
+    async def ListRestorePoints(
+        self,
+        request: target_pb2.ListRestorePointsRequest,
+        context: grpc.aio.ServicerContext[target_pb2.ListRestorePointsRequest, target_pb2.ListRestorePointsResponse],
+    ) -> target_pb2.ListRestorePointsResponse:
         vm_dir = self.datastore.vm_dir(request.replica_path)
         points = await asyncio.to_thread(restore_points.list_points, vm_dir)
         return target_pb2.ListRestorePointsResponse(
@@ -148,7 +164,11 @@ class TargetAgentServicer(target_pb2_grpc.TargetAgentServicer):
         )
 
     @handle_errors
-    async def DeleteRestorePoint(self, request: target_pb2.DeleteRestorePointRequest, context: Any) -> Any:
+    async def DeleteRestorePoint(
+        self,
+        request: target_pb2.DeleteRestorePointRequest,
+        context: grpc.aio.ServicerContext[target_pb2.DeleteRestorePointRequest, target_pb2.DeleteRestorePointResponse],
+    ) -> target_pb2.DeleteRestorePointResponse:
         check_name("restore_point_id", request.restore_point_id)
         vm_dir = self.datastore.vm_dir(request.replica_path)
         await asyncio.to_thread(restore_points.delete, vm_dir, request.restore_point_id)
@@ -156,7 +176,9 @@ class TargetAgentServicer(target_pb2_grpc.TargetAgentServicer):
 
     @handle_errors
     async def ReadDigests(  # type: ignore[override]
-        self, request: target_pb2.ReadDigestsRequest, context: Any
+        self,
+        request: target_pb2.ReadDigestsRequest,
+        context: grpc.aio.ServicerContext[target_pb2.ReadDigestsRequest, target_pb2.DigestChunk],
     ) -> AsyncIterator[target_pb2.DigestChunk]:
         peer, role = peer_identity(context)
         disk_dir = self.datastore.disk_dir(request.replica_path, request.disk_id)
@@ -186,5 +208,9 @@ class TargetAgentServicer(target_pb2_grpc.TargetAgentServicer):
 
     # Registered with raw-bytes requests (see vmrepl.batch), hence the signature differs from the stub's.
     @handle_errors
-    async def Transfer(self, request_iterator: AsyncIterator[bytes], context: Any) -> None:  # type: ignore[override]
+    async def Transfer(  # type: ignore[override]
+        self,
+        request_iterator: AsyncIterator[bytes],
+        context: grpc.aio.ServicerContext[bytes, target_pb2.TransferResponse],
+    ) -> None:
         await self.receiver.run(request_iterator, context)

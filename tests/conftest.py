@@ -11,6 +11,7 @@ from types import FrameType
 import pytest
 
 from controller import lab
+from tests.support.certs import lab_certs  # noqa: F401  (the fixture, for every test)
 
 
 def need_tool(name: str) -> str:

@@ -1,4 +1,12 @@
-"""The Transfer stream's frames: encode, decode and validate batches.
+"""The Transfer stream's batch format, owned here for both ends.
+
+The proxy builds a batch with a `BatchEncoder` (`add_data`, `add_zero`, then
+`finish` into a frame and the batch's `PassDigest`); the target reads a stream
+with a `BatchDecoder`, which checks each frame against the disk and the stream
+so far (`ReceivedBatch`, on the event loop: headers only) and, in a worker
+thread, decompresses and verifies its data (`ReceivedBatch.decode` ->
+`DecodedBatch`). Nothing outside this module reads or writes a `BatchHeader`
+or an `Extent` message.
 
 A frame on the wire is a serialised `vmrepl.v1.TransferRequest`. Batches are
 framed by hand rather than through protobuf so the payload is copied once
@@ -7,21 +15,21 @@ message): fields 2 (BatchHeader) and 15 (payload) are written as
 length-delimited fields exactly as protobuf would, so any protobuf
 implementation can parse them. See docs/protocol.md.
 
-Validation is pure: `check_batch` takes the header and what the receiver
-expects and returns the extents with their payload slices, or raises
-`BatchError` naming the bad field. Nothing is decompressed before every
-size in the header has been checked against the disk and the limits.
+Validation is pure: `check_batch` raises `BatchError` naming the bad field,
+and nothing is decompressed before every size in the header has been checked
+against the disk and the limits.
 """
 
 from __future__ import annotations
 
 import struct
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import xxhash
 
-from vmrepl.block import DIGEST_SIZE
-from vmrepl.errors import BatchError
+from vmrepl.block import DIGEST_SIZE, Compression, compress, decompress, verify
+from vmrepl.errors import BatchError, FailedPrecondition, InvalidArgument
 from vmrepl.extent import MAX_BLOCK_SIZE, MiB
 from vmrepl.v1 import common_pb2, target_pb2
 
@@ -37,6 +45,39 @@ MAX_PASS = 1
 # The largest valid open message (a ticket and a few names: well under 1 KiB). gRPC's limit is per message,
 # so the target checks the open's own length before it parses it.
 MAX_OPEN_BYTES = 64 * 1024
+
+# Versions of the Transfer protocol (frames, batches, pass digests) this code speaks, oldest first. A change
+# an older peer would misread gets a new version, and both ends keep the old one for as long as they can.
+PROTOCOL_VERSIONS: tuple[int, ...] = (1,)
+# What a peer from before versions were negotiated speaks (it sends no versions, or answers 0).
+UNVERSIONED = 1
+
+
+def _names(versions: Sequence[int]) -> str:
+    return ", ".join(str(v) for v in versions)
+
+
+def choose_version(offered: Sequence[int], *, speaks: Sequence[int] = PROTOCOL_VERSIONS) -> int:
+    """The target's choice among the versions the proxy offered: the highest both speak."""
+    theirs = list(offered) or [UNVERSIONED]
+    common = set(theirs) & set(speaks)
+    if not common:
+        raise FailedPrecondition(
+            f"the proxy speaks Transfer protocol version(s) {_names(sorted(theirs))}, this target speaks "
+            f"{_names(speaks)}: upgrade the older of the two agents"
+        )
+    return max(common)
+
+
+def check_chosen_version(chosen: int, *, speaks: Sequence[int] = PROTOCOL_VERSIONS) -> int:
+    """The proxy's check of the target's answer."""
+    version = chosen or UNVERSIONED
+    if version not in speaks:
+        raise FailedPrecondition(
+            f"the target chose Transfer protocol version {version}, this proxy speaks {_names(speaks)}"
+        )
+    return version
+
 
 _TAG_OPEN = (1 << 3) | 2
 _TAG_BATCH = (2 << 3) | 2
@@ -73,7 +114,7 @@ def _read_varint(data: memoryview, pos: int) -> tuple[int, int]:
 
 
 def encode_batch(header: target_pb2.BatchHeader, payload_parts: list[bytes]) -> bytes:
-    """Frame a batch: one join of the header and the payload parts."""
+    """Frame a batch: one join of the header and the payload parts (tests frame hand-made headers with it)."""
     hdr = header.SerializeToString()
     plen = sum(len(p) for p in payload_parts)
     head = [bytes((_TAG_BATCH,)), varint(len(hdr)), hdr]
@@ -226,23 +267,199 @@ def check_batch(hdr: target_pb2.BatchHeader, payload: memoryview, exp: Expectati
 
 _TOKEN = struct.Struct("<QQB")
 _MOD = 1 << 128
+PASS_DIGEST_SIZE = 16
 
 
-class SessionDigest:
+@dataclass(frozen=True, slots=True)
+class PassDigest:
     """Order-free digest of a pass: the sum mod 2^128 of one token per extent sent.
 
-    Both ends keep it; because it is a sum, the value at any committed offset
-    is well defined and a resumed stream continues from it.
+    Both ends keep it; because it is a sum, the value at any committed offset is well defined, a resumed
+    stream continues from it, and a batch's digest merges into the pass's in any order. The one value type
+    for the proxy, the wire (`to_wire`: 16 bytes big-endian) and the target's state.json (`to_state`: hex).
     """
 
-    __slots__ = ("value",)
+    value: int = 0
 
-    def __init__(self, value: bytes = b"") -> None:
-        self.value = int.from_bytes(value, "big") if value else 0
+    def __post_init__(self) -> None:
+        if not 0 <= self.value < _MOD:
+            raise ValueError(f"a pass digest is below 2^128, not {self.value}")
 
-    def add(self, offset: int, length: int, kind: int, digest: bytes) -> None:
-        token = xxhash.xxh3_128_intdigest(_TOKEN.pack(offset, length, kind) + digest)
-        self.value = (self.value + token) % _MOD
+    @classmethod
+    def of_extent(cls, offset: int, length: int, kind: int, digest: bytes) -> PassDigest:
+        return cls(xxhash.xxh3_128_intdigest(_TOKEN.pack(offset, length, kind) + digest))
 
-    def digest(self) -> bytes:
-        return self.value.to_bytes(16, "big")
+    def add(self, offset: int, length: int, kind: int, digest: bytes) -> PassDigest:
+        return self.merge(PassDigest.of_extent(offset, length, kind, digest))
+
+    def merge(self, other: PassDigest) -> PassDigest:
+        return PassDigest((self.value + other.value) % _MOD)
+
+    def to_wire(self) -> bytes:
+        return self.value.to_bytes(PASS_DIGEST_SIZE, "big")
+
+    @classmethod
+    def from_wire(cls, raw: bytes, *, field: str = "session_digest") -> PassDigest:
+        """Empty bytes: the digest of nothing (an older peer, or a fresh pass)."""
+        if not raw:
+            return cls()
+        if len(raw) != PASS_DIGEST_SIZE:
+            raise InvalidArgument(field, f"a pass digest has {PASS_DIGEST_SIZE} bytes, not {len(raw)}")
+        return cls(int.from_bytes(raw, "big"))
+
+    def to_state(self) -> str:
+        return f"{self.value:032x}"
+
+    @classmethod
+    def from_state(cls, text: str) -> PassDigest:
+        """The state.json form; "" (a pass that committed nothing yet, as format 1 wrote it) is zero."""
+        if not text:
+            return cls()
+        if len(text) != 2 * PASS_DIGEST_SIZE:
+            raise ValueError(f"a pass digest is {2 * PASS_DIGEST_SIZE} hex digits, not {text!r}")
+        return cls(int(text, 16))
+
+    def __str__(self) -> str:
+        return self.to_state()
+
+
+# ---- the proxy's end: building a batch
+
+
+@dataclass(frozen=True, slots=True)
+class EncodedBatch:
+    frame: bytes
+    # The pass digest of this batch's extents alone (merged into the pass's as it is sent).
+    digest: PassDigest
+    data_bytes: int
+
+
+class BatchEncoder:
+    """One batch of [start, end): add its extents in offset order, then `finish` into a frame.
+
+    Data blocks are compressed here when that shrinks them; adjacent zero extents merge into one.
+    """
+
+    def __init__(self, *, seq: int, start: int, end: int, final: bool, compression: Compression) -> None:
+        self._header = target_pb2.BatchHeader(seq=seq, start_offset=start, end_offset=end, final=final)
+        self._compression = compression
+        self._parts: list[bytes] = []
+        self._payload = 0
+        self._data = 0
+
+    def add_data(self, offset: int, data: bytes | bytearray, block_digest: bytes) -> None:
+        """A block whose raw bytes are `data` and whose xxh3-128 is `block_digest` (the caller computed it)."""
+        packed = compress(data, self._compression)
+        stored = packed if packed is not None else bytes(data)
+        self._header.extents.append(
+            target_pb2.Extent(
+                offset=offset,
+                length=len(data),
+                kind=DATA,
+                encoding=LZ4 if packed is not None else RAW,
+                stored_size=len(stored),
+                digest=block_digest,
+            )
+        )
+        self._parts.append(stored)
+        self._payload += len(stored)
+        self._data += len(data)
+
+    def add_zero(self, offset: int, length: int) -> None:
+        extents = self._header.extents
+        last = extents[-1] if extents else None
+        if last is not None and last.kind == ZERO and last.offset + last.length == offset:
+            last.length += length
+        else:
+            extents.add(offset=offset, length=length, kind=ZERO)
+
+    def finish(self) -> EncodedBatch:
+        hdr = self._header
+        hdr.payload_size = self._payload
+        token = PassDigest()
+        for e in hdr.extents:
+            token = token.add(e.offset, e.length, e.kind, e.digest)
+        return EncodedBatch(frame=encode_batch(hdr, self._parts), digest=token, data_bytes=self._data)
+
+
+# ---- the target's end: checking and decoding a stream of batches
+
+
+@dataclass(frozen=True, slots=True)
+class DecodedExtent:
+    offset: int
+    length: int
+    # The block's verified xxh3-128 (empty for zeros).
+    digest: bytes
+    # The raw bytes, None for a zero extent.
+    data: bytes | memoryview | None
+
+
+@dataclass(frozen=True, slots=True)
+class DecodedBatch:
+    seq: int
+    end: int
+    final: bool
+    extents: list[DecodedExtent]
+    digest: PassDigest
+    data_bytes: int
+
+
+@dataclass(frozen=True, slots=True)
+class ReceivedBatch:
+    """A batch whose header was checked against the disk and the stream; its payload is not decoded yet."""
+
+    seq: int
+    start: int
+    end: int
+    final: bool
+    extents: list[CheckedExtent]
+    wire_bytes: int
+
+    @property
+    def data_bytes(self) -> int:
+        return sum(e.length for e in self.extents if e.kind == DATA)
+
+    def decode(self) -> DecodedBatch:
+        """Decompress and verify every data extent (blocking: call it in a worker thread).
+
+        Raises InvalidArgument for lz4 data that does not decompress to its length and ChecksumMismatch
+        for bytes that do not match their digest; nothing of the batch is to be written then."""
+        out: list[DecodedExtent] = []
+        token = PassDigest()
+        data_bytes = 0
+        for e in self.extents:
+            if e.kind == DATA:
+                data: bytes | memoryview = decompress(e.payload, e.length) if e.encoding == LZ4 else e.payload
+                verify(data, e.digest, offset=e.offset)
+                out.append(DecodedExtent(e.offset, e.length, e.digest, data))
+                data_bytes += e.length
+            else:
+                out.append(DecodedExtent(e.offset, e.length, b"", None))
+            token = token.add(e.offset, e.length, e.kind, e.digest)
+        return DecodedBatch(self.seq, self.end, self.final, out, token, data_bytes)
+
+
+def decode_open(raw: bytes) -> target_pb2.TransferOpen:
+    """The first message of a stream, which must be the open."""
+    frame = decode_frame(raw)
+    if frame.open is None:
+        raise BatchError("open", "the first message of a stream must be open")
+    return frame.open
+
+
+class BatchDecoder:
+    """The batches of one stream after its open: each must follow the previous one (seq and offset)."""
+
+    def __init__(self, *, disk_size: int, block_size: int, start: int) -> None:
+        self._exp = Expectation(disk_size=disk_size, block_size=block_size, seq=0, start=start)
+
+    def receive(self, raw: bytes) -> ReceivedBatch:
+        frame = decode_frame(raw)
+        if frame.batch is None:
+            raise BatchError("open", "open sent twice on one stream")
+        hdr = frame.batch
+        extents = check_batch(hdr, frame.payload, self._exp)
+        exp = self._exp
+        self._exp = Expectation(exp.disk_size, exp.block_size, hdr.seq + 1, hdr.end_offset)
+        return ReceivedBatch(hdr.seq, hdr.start_offset, hdr.end_offset, hdr.final, extents, len(raw))

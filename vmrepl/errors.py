@@ -29,6 +29,7 @@ class InvalidArgument(VmreplError):
     def __init__(self, field: str, message: str) -> None:
         super().__init__(f"{field}: {message}")
         self.field = field
+        self.description = message  # what is wrong with it, without the field's name
 
 
 class NotFound(VmreplError):

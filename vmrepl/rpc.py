@@ -2,7 +2,13 @@
 
 `handle_errors` is the one place where exceptions become gRPC statuses: a
 `VmreplError` maps to its class's status, anything else to INTERNAL with a
-generic message (details go to the log, never to the caller).
+generic message (details go to the log, never to the caller). An
+INVALID_ARGUMENT also carries a `google.rpc.BadRequest` naming the field in
+the status details (the `grpc-status-details-bin` trailer), so a client in any
+language can point at the field without parsing the message.
+
+Every service declares its access policy once, as a roles table (`Service.roles`),
+enforced here for every method before the request is read.
 """
 
 from __future__ import annotations
@@ -16,11 +22,14 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import grpc
-from google.protobuf import message_factory
+from google.protobuf import any_pb2, message_factory
 from google.protobuf.descriptor import MethodDescriptor, ServiceDescriptor
 from google.protobuf.message import DecodeError
+from google.rpc.error_details_pb2 import BadRequest
+from google.rpc.status_pb2 import Status
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+from grpc_status import rpc_status
 
 from vmrepl.config import TlsSettings
 from vmrepl.errors import InvalidArgument, VmreplError
@@ -44,13 +53,26 @@ def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     return grpc.StatusCode.INTERNAL, f"internal error; see the {_PROGRAM['name']}'s log"
 
 
+def status_details(exc: BaseException) -> tuple[tuple[str, bytes], ...]:
+    """The trailing metadata that carries a `google.rpc.Status` with the error's details, if it has any:
+    a `BadRequest` field violation for an InvalidArgument, nothing for other errors."""
+    code, message = status_for(exc)
+    if not isinstance(exc, InvalidArgument) or code is not grpc.StatusCode.INVALID_ARGUMENT:
+        return ()
+    violation = BadRequest.FieldViolation(field=exc.field, description=exc.description)
+    detail = any_pb2.Any()
+    detail.Pack(BadRequest(field_violations=[violation]))
+    status = Status(code=code.value[0], message=message, details=[detail])
+    return tuple(rpc_status.to_status(status).trailing_metadata)
+
+
 async def _abort(context: Any, exc: Exception, method: str) -> None:
     code, message = status_for(exc)
     if isinstance(exc, VmreplError):
         log.warning("rpc_failed", method=method, code=code.name, error=message)
     else:
         log.exception("rpc_internal_error", method=method)
-    await context.abort(code, message)
+    await context.abort(code, message, trailing_metadata=status_details(exc))
 
 
 def handle_errors(fn: F) -> F:
@@ -126,10 +148,11 @@ class Service:
     message (the servicer parses it, see vmrepl.batch); all others are parsed
     by protobuf as usual.
 
-    `roles`, when given, is the service's access policy: for every method, the
-    certificate roles that may call it. The caller's role is checked before
-    any request message is read (a refused caller cannot make the server
-    receive a 16 MiB message first), so every method must be listed.
+    `roles` is the service's access policy, declared once next to its servicer:
+    for every method, the certificate roles that may call it. The caller's role
+    is checked before any request message is read (a refused caller cannot make
+    the server receive a 16 MiB message first); a table that does not name
+    exactly the service's methods is refused when the server starts.
 
     `in_band_failures` names the streaming methods whose callers expect the
     reason for a failure as a response message before the status (see
@@ -139,17 +162,13 @@ class Service:
 
     descriptor: ServiceDescriptor
     servicer: Any
+    roles: Mapping[str, tuple[str, ...]]
     raw_requests: frozenset[str] = frozenset()
-    roles: Mapping[str, tuple[str, ...]] | None = None
     in_band_failures: Mapping[str, Callable[[str, str], Any]] = field(default_factory=dict)
 
 
-_HANDLER_KINDS = {
-    (False, False): grpc.unary_unary_rpc_method_handler,
-    (False, True): grpc.unary_stream_rpc_method_handler,
-    (True, False): grpc.stream_unary_rpc_method_handler,
-    (True, True): grpc.stream_stream_rpc_method_handler,
-}
+# By whether the method streams its responses; every request side is a stream, see _guard.
+_HANDLER_KINDS = {False: grpc.stream_unary_rpc_method_handler, True: grpc.stream_stream_rpc_method_handler}
 
 
 async def _admit(context: Any, roles: tuple[str, ...], method: str, failure: Callable[[str, str], Any] | None) -> None:
@@ -223,22 +242,22 @@ def _guard(
 
 def _add_service(server: grpc.aio.Server, svc: Service, calls: ReleaseWhenIdle | None) -> None:
     methods = list(svc.descriptor.methods)
-    if svc.roles is not None and set(svc.roles) != {m.name for m in methods}:
-        raise ValueError(f"{svc.descriptor.full_name}: the roles table must name exactly the service's methods")
+    if set(svc.roles) != {m.name for m in methods} or not all(svc.roles.values()):
+        raise ValueError(
+            f"{svc.descriptor.full_name}: the roles table must name exactly the service's methods, each with a role"
+        )
     handlers = {}
     for m in methods:
         request_cls = message_factory.GetMessageClass(m.input_type)
         response_cls = message_factory.GetMessageClass(m.output_type)
         behaviour = getattr(svc.servicer, m.name)
         parse = None if m.name in svc.raw_requests else request_cls.FromString
-        streaming_request = m.client_streaming
-        if svc.roles is not None:
-            failure = svc.in_band_failures.get(m.name)
-            behaviour = _guard(behaviour, m, roles=svc.roles[m.name], parse=parse, calls=calls, failure=failure)
-            parse, streaming_request = None, True
-        make = _HANDLER_KINDS[(streaming_request, m.server_streaming)]
+        failure = svc.in_band_failures.get(m.name)
+        behaviour = _guard(behaviour, m, roles=svc.roles[m.name], parse=parse, calls=calls, failure=failure)
+        # Registered as client-streaming whatever the declaration: _guard reads the request after the check.
+        make = _HANDLER_KINDS[m.server_streaming]
         handlers[m.name] = make(
-            behaviour, request_deserializer=parse, response_serializer=response_cls.SerializeToString
+            behaviour, request_deserializer=None, response_serializer=response_cls.SerializeToString
         )
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(svc.descriptor.full_name, handlers),))
 
@@ -256,8 +275,8 @@ async def start_server(
     """Start an mTLS server with the given services, health and reflection; returns the bound port.
 
     `program` ("controller", "proxy", "target") is named by internal errors' messages. With
-    `release_memory_when_idle`, free heap memory is given back to the OS once no call of a service with a
-    roles table is in progress (see vmrepl.memory): a burst of large messages, even refused ones, leaves
+    `release_memory_when_idle`, free heap memory is given back to the OS once no call of the services
+    is in progress (see vmrepl.memory): a burst of large messages, even refused ones, leaves
     glibc holding the buffers otherwise.
     """
     _PROGRAM["name"] = program

@@ -16,9 +16,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import DateTime, Select, select, tuple_
+from sqlalchemy import Select, select, tuple_
 from sqlalchemy.orm import InstrumentedAttribute
 
+from controller.db.types import UtcDateTime
 from vmrepl.errors import InvalidArgument
 
 MAX_PAGE = 1000  # configuration resources, restore points, session log lines
@@ -82,8 +83,8 @@ class Keyset:
         values: list[Any] = [self.kind]
         for c in self.columns:
             v = getattr(row, c.key)
-            if isinstance(v, dt.datetime):
-                v = (v if v.tzinfo else v.replace(tzinfo=dt.UTC)).isoformat()
+            if isinstance(v, dt.datetime):  # aware UTC (controller.db.types.UtcDateTime)
+                v = v.isoformat()
             values.append(v)
         return _encode(values)
 
@@ -91,13 +92,15 @@ class Keyset:
 def _value(column: InstrumentedAttribute[Any], raw: object) -> Any:
     if not isinstance(raw, str) or len(raw) > 256:
         raise InvalidArgument("page_token", _BAD_TOKEN)
-    if not isinstance(column.type, DateTime):
+    if not isinstance(column.type, UtcDateTime):
         return raw
     try:
         t = dt.datetime.fromisoformat(raw)
-        # Stored as UTC (naive on SQLite, aware on PostgreSQL): compared as UTC either way. A time at the
-        # ends of the calendar with an offset has no UTC form (OverflowError): no reply made that token.
-        return t.astimezone(dt.UTC) if t.tzinfo else t.replace(tzinfo=dt.UTC)
+        if t.tzinfo is None:  # every token a reply made carries its offset
+            raise ValueError("a time without offset")
+        # Converted here, not when bound: a time at the ends of the calendar with an offset has no UTC
+        # form (OverflowError), and no reply made that token.
+        return t.astimezone(dt.UTC)
     except (ValueError, OverflowError) as e:
         raise InvalidArgument("page_token", _BAD_TOKEN) from e
 

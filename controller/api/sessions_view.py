@@ -8,24 +8,26 @@ import json
 from typing import Any
 
 from controller.api.resources import timestamp
+from controller.db.enums import SessionState, TaskState, VmState
 from controller.db.models import Session, SessionVm, Task
 from controller.observability.statistics import Shares, compression_ratio, rate, shares
 from vmrepl.progress import busy as progress_busy
+from vmrepl.v1 import common_pb2, proxy_pb2
 from vmrepl.v1 import controller_pb2 as api
-from vmrepl.v1 import proxy_pb2
 
-SESSION_STATES = {
-    "running": api.SESSION_STATE_RUNNING,
-    "stopping": api.SESSION_STATE_STOPPING,
-    "succeeded": api.SESSION_STATE_SUCCEEDED,
-    "incomplete": api.SESSION_STATE_INCOMPLETE,
-    "failed": api.SESSION_STATE_FAILED,
+# The database's session, VM and task states as the API's enums, name for name (a test checks none is left out).
+SESSION_STATES: dict[SessionState, api.SessionState.ValueType] = {
+    s: api.SessionState.Value(f"SESSION_STATE_{s.name}") for s in SessionState
+}
+VM_STATES: dict[VmState, api.VmState.ValueType] = {s: api.VmState.Value(f"VM_STATE_{s.name}") for s in VmState}
+TASK_STATES: dict[TaskState, api.DiskTaskState.ValueType] = {
+    s: api.DiskTaskState.Value(f"DISK_TASK_STATE_{s.name}") for s in TaskState
 }
 
 
-def _skipped(raw: object) -> proxy_pb2.SkippedBytes:
+def _skipped(raw: object) -> common_pb2.SkippedBytes:
     d = raw if isinstance(raw, dict) else {}
-    return proxy_pb2.SkippedBytes(
+    return common_pb2.SkippedBytes(
         **{k: int(d.get(k, 0) or 0) for k in ("zero", "unallocated", "unchanged", "excluded")}
     )
 
@@ -47,7 +49,7 @@ def _figures(msg: api.DiskTask, busy: dict[str, object], elapsed: float) -> None
 def disk_msg(t: Task, proxies: dict[str, str], live: proxy_pb2.TransferProgress | None) -> api.DiskTask:
     msg = api.DiskTask(
         disk_id=t.disk_id,
-        state=t.state,
+        state=TASK_STATES[t.state],
         start=t.start,
         change_mode=t.change_mode,
         disk_size=t.disk_size,
@@ -62,7 +64,7 @@ def disk_msg(t: Task, proxies: dict[str, str], live: proxy_pb2.TransferProgress 
     )
     busy = t.stats.get("busy")
     elapsed = float(t.stats.get("elapsed_seconds", 0) or 0)
-    if live is not None and t.state in ("starting", "running"):  # fresher than the last figures written
+    if live is not None and t.state in (TaskState.STARTING, TaskState.RUNNING):  # fresher than the last figures written
         msg.committed_offset, msg.bytes_read, msg.bytes_sent = live.committed_offset, live.bytes_read, live.bytes_sent
         msg.bytes_data = live.bytes_data
         msg.skipped.CopyFrom(live.skipped)
@@ -88,7 +90,7 @@ def session_msg(
             api.SessionVm(
                 vm_id=v.vm_id,
                 vm_name=v.vm_name,
-                state=v.state,
+                state=VM_STATES[v.state],
                 checkpoint_id=v.checkpoint_id,
                 restore_point=f"jobs/{job_name}/restorePoints/{v.restore_point_id}" if v.restore_point_id else "",
                 error=v.error,
@@ -104,7 +106,7 @@ def session_msg(
     return api.Session(
         name=f"sessions/{row.id}",
         job=f"jobs/{job_name}",
-        state=SESSION_STATES.get(row.state, api.SESSION_STATE_UNSPECIFIED),
+        state=SESSION_STATES[row.state],
         start_time=timestamp(row.started_at),
         end_time=timestamp(row.ended_at),
         error=row.error,
@@ -126,9 +128,7 @@ def _duration(row: Session) -> float:
     if row.started_at is None:
         return 0.0
     end = row.ended_at or dt.datetime.now(dt.UTC)
-    start = row.started_at if row.started_at.tzinfo else row.started_at.replace(tzinfo=dt.UTC)
-    end = end if end.tzinfo else end.replace(tzinfo=dt.UTC)
-    return max(0.0, (end - start).total_seconds())
+    return max(0.0, (end - row.started_at).total_seconds())
 
 
 def session_stats(disks: list[api.DiskTask], *, restore_points: int) -> api.SessionStats:

@@ -92,11 +92,13 @@ class Job(Base):
     block_size: Mapped[int] = mapped_column(Integer, default=1 << 20)
     bandwidth_limit_mbps: Mapped[float] = mapped_column(default=0.0)
     change_tracking: Mapped[str] = mapped_column(String(8), default="auto")  # on, off, auto
-    # Stored now, used by later work: guest processing, guest-level exclusions, the schedule.
+    # guest_processing goes to the guest hook (engine/runtime.py); exclusions are stored and shown but not
+    # applied until the guest file-system reader exists (protocol.md); schedule drives the scheduler.
     guest_processing: Mapped[dict[str, Any]] = mapped_column(default=dict)
     exclusions: Mapped[dict[str, Any]] = mapped_column(default=dict)
     schedule: Mapped[dict[str, Any]] = mapped_column(default=dict)
-    checkpoint_deadline_seconds: Mapped[int] = mapped_column(Integer, default=24 * 3600)
+    # How long a checkpoint is held for disks left to resume (HeldCheckpoint.deadline is when that ends).
+    checkpoint_hold_seconds: Mapped[int] = mapped_column(Integer, default=24 * 3600)
     # A VM that fails is tried again this many times in the same session, after a wait.
     retries: Mapped[int] = mapped_column(Integer, default=2)
     retry_wait_seconds: Mapped[int] = mapped_column(Integer, default=60)
@@ -156,8 +158,6 @@ class SessionVm(Base):
     state: Mapped[VmState] = mapped_column(state_type(VmState, constraint="ck_session_vms_state"))
     checkpoint_id: Mapped[str] = mapped_column(String(128), default="")
     checkpoint_reference: Mapped[str] = mapped_column(String(256), default="")
-    # The checkpoint came from an earlier session (held for resume): remove its held record with it.
-    checkpoint_reused: Mapped[bool] = mapped_column(default=False)
     restore_point_id: Mapped[str] = mapped_column(String(64), default="")
     error: Mapped[str] = mapped_column(Text, default="")
     # 1 for the first try; a retry after a failure takes a new checkpoint and runs every disk again.

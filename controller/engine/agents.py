@@ -1,9 +1,16 @@
-"""Clients of the agents, as the controller (or a tool holding a controller certificate) uses them."""
+"""Clients of the agents, as the controller (or a tool holding a controller certificate) uses them.
+
+The session engine calls the agents only through the small interfaces here (`ProxyClient`,
+`TargetClient`, `Agents`), so its tests put in-process fakes in their place. The gRPC
+implementations behind them keep one mTLS channel per agent address. A call that fails raises
+`grpc.aio.AioRpcError` as the agent (or the channel) answered: the engine decides by its status code
+(see controller.engine.task.transient), and fakes raise the same.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import AsyncGenerator
+from typing import TYPE_CHECKING, Protocol, cast
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -11,77 +18,205 @@ from tenacity import AsyncRetrying, retry_if_result, stop_after_delay, wait_expo
 
 from vmrepl.config import TlsSettings
 from vmrepl.rpc import secure_channel
-from vmrepl.v1 import proxy_pb2_grpc, target_pb2_grpc
+from vmrepl.v1 import proxy_pb2, proxy_pb2_grpc, target_pb2, target_pb2_grpc
+
+if TYPE_CHECKING:  # the async stubs' types exist only in the generated .pyi files
+    from vmrepl.v1.proxy_pb2_grpc import ProxyAgentAsyncStub
+    from vmrepl.v1.target_pb2_grpc import TargetAgentAsyncStub
 
 # How long a session start waits for its target to answer (a target restarted a second ago is still starting).
 READY_WITHIN_SECONDS = 20.0
 
 
-@dataclass
-class AgentClient:
-    address: str
-    channel: Any
-    stub: Any
-    # The agent's certificate name, once asked (controller.engine.transfer.proxy_identity).
-    identity: str = ""
+class AgentHealth(Protocol):
+    @property
+    def address(self) -> str: ...
 
-    async def close(self) -> None:
-        await self.channel.close()
-
-
-def proxy_client(address: str, tls: TlsSettings, *, server_name: str = "") -> AgentClient:
-    ch = secure_channel(address, tls, server_name=server_name)
-    return AgentClient(address, ch, proxy_pb2_grpc.ProxyAgentStub(ch))
-
-
-def target_client(address: str, tls: TlsSettings, *, server_name: str = "") -> AgentClient:
-    ch = secure_channel(address, tls, server_name=server_name)
-    return AgentClient(address, ch, target_pb2_grpc.TargetAgentStub(ch))
-
-
-class AgentPool:
-    """One channel per agent address, kept for the controller's lifetime, and health checks."""
-
-    def __init__(self, tls: TlsSettings) -> None:
-        self._tls = tls
-        self._clients: dict[tuple[str, str, str], AgentClient] = {}
-
-    def proxy(self, address: str, server_name: str = "") -> AgentClient:
-        key = ("proxy", address, server_name)
-        if key not in self._clients:
-            self._clients[key] = proxy_client(address, self._tls, server_name=server_name)
-        return self._clients[key]
-
-    def target(self, address: str, server_name: str = "") -> AgentClient:
-        key = ("target", address, server_name)
-        if key not in self._clients:
-            self._clients[key] = target_client(address, self._tls, server_name=server_name)
-        return self._clients[key]
-
-    async def healthy(self, client: AgentClient, *, within: float = 5.0, wait_for_ready: bool = False) -> bool:
+    async def healthy(self, *, within: float = 5.0, wait_for_ready: bool = False) -> bool:
         """Whether the agent answers its gRPC health check as SERVING within `within` seconds
         (`wait_for_ready`: waiting meanwhile for the channel to connect, instead of failing at once)."""
-        stub = health_pb2_grpc.HealthStub(client.channel)
+        ...
+
+
+class ProxyClient(AgentHealth, Protocol):
+    """What the engine asks of a source proxy."""
+
+    async def start(self, request: proxy_pb2.StartDiskTransferRequest) -> proxy_pb2.StartDiskTransferResponse: ...
+
+    def watch(
+        self, transfer_id: str, *, within: float | None = None
+    ) -> AsyncGenerator[proxy_pb2.TransferProgress, None]:
+        """The transfer's progress, first its current state, until it ends (close it to stop watching);
+        `within`: the seconds the whole call may take (a gRPC deadline, which the agent sees too)."""
+        ...
+
+    async def cancel(self, transfer_id: str) -> None: ...
+
+    async def info(self) -> proxy_pb2.AgentInfo: ...
+
+
+class TargetClient(AgentHealth, Protocol):
+    """What the engine asks of a target agent."""
+
+    async def prepare(self, request: target_pb2.PrepareReplicaDiskRequest) -> target_pb2.ReplicaDisk: ...
+
+    async def get_disk(
+        self, replica_path: str, disk_id: str, *, within: float | None = None
+    ) -> target_pb2.ReplicaDisk: ...
+
+    async def commit(
+        self, request: target_pb2.CommitRestorePointRequest, *, within: float | None = None
+    ) -> target_pb2.RestorePoint: ...
+
+    async def list_points(self, replica_path: str) -> list[target_pb2.RestorePoint]: ...
+
+    async def delete_point(self, replica_path: str, point_id: str) -> None: ...
+
+
+class Agents(Protocol):
+    """The clients of the agents the engine talks to, one per address."""
+
+    def proxy(self, address: str, server_name: str = "") -> ProxyClient: ...
+
+    def target(self, address: str, server_name: str = "") -> TargetClient: ...
+
+
+async def ready(client: AgentHealth, *, within: float = READY_WITHIN_SECONDS) -> bool:
+    """Whether the agent answers SERVING within `within` seconds, asking again after short waits.
+    An agent restarted a moment ago is still starting, and the channel to its address may be waiting
+    to reconnect: one failed check is no reason to give up on it."""
+    retrying = AsyncRetrying(
+        stop=stop_after_delay(within),
+        wait=wait_exponential(multiplier=0.2, max=2.0),
+        retry=retry_if_result(lambda ok: not ok),
+        retry_error_callback=lambda _state: False,
+    )
+
+    async def check() -> bool:
+        return await client.healthy(within=min(5.0, within), wait_for_ready=True)
+
+    ok: bool = await retrying(check)
+    return ok
+
+
+class _GrpcAgent:
+    """One mTLS channel to an agent and its health check."""
+
+    def __init__(self, address: str, channel: grpc.aio.Channel) -> None:
+        self._address = address
+        # Public for the tests that speak to an agent at the wire level (bad input, races).
+        self.channel = channel
+
+    @property
+    def address(self) -> str:
+        return self._address
+
+    async def healthy(self, *, within: float = 5.0, wait_for_ready: bool = False) -> bool:
+        stub = health_pb2_grpc.HealthStub(self.channel)
         try:
             reply = await stub.Check(health_pb2.HealthCheckRequest(), timeout=within, wait_for_ready=wait_for_ready)
         except grpc.aio.AioRpcError:
             return False
         return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)
 
-    async def ready(self, client: AgentClient, *, within: float = READY_WITHIN_SECONDS) -> bool:
-        """Whether the agent answers SERVING within `within` seconds, asking again after short waits.
-        An agent restarted a moment ago is still starting, and the channel to its address may be waiting
-        to reconnect: one failed check is no reason to give up on it."""
-        retrying = AsyncRetrying(
-            stop=stop_after_delay(within),
-            wait=wait_exponential(multiplier=0.2, max=2.0),
-            retry=retry_if_result(lambda ok: not ok),
-            retry_error_callback=lambda _state: False,
+    async def close(self) -> None:
+        await self.channel.close()
+
+
+class GrpcProxyClient(_GrpcAgent):
+    def __init__(self, address: str, channel: grpc.aio.Channel) -> None:
+        super().__init__(address, channel)
+        # grpc ships no types, so mypy cannot pick the stub's aio overload by the channel's type.
+        self.stub = cast("ProxyAgentAsyncStub", proxy_pb2_grpc.ProxyAgentStub(channel))
+        self._info: proxy_pb2.AgentInfo | None = None
+
+    async def start(self, request: proxy_pb2.StartDiskTransferRequest) -> proxy_pb2.StartDiskTransferResponse:
+        reply: proxy_pb2.StartDiskTransferResponse = await self.stub.StartDiskTransfer(request)
+        return reply
+
+    async def watch(
+        self, transfer_id: str, *, within: float | None = None
+    ) -> AsyncGenerator[proxy_pb2.TransferProgress, None]:
+        call = self.stub.WatchTransfer(proxy_pb2.WatchTransferRequest(transfer_id=transfer_id), timeout=within)
+        try:
+            async for progress in call:
+                yield progress
+        finally:
+            call.cancel()
+
+    async def cancel(self, transfer_id: str) -> None:
+        await self.stub.CancelTransfer(proxy_pb2.CancelTransferRequest(transfer_id=transfer_id))
+
+    async def info(self) -> proxy_pb2.AgentInfo:
+        """Asked once per client while the answer names a proxy (its tickets are bound to that name)."""
+        if self._info is None:
+            info: proxy_pb2.AgentInfo = await self.stub.GetAgentInfo(proxy_pb2.GetAgentInfoRequest(), timeout=10)
+            if info.role != "proxy" or not info.certificate_name:
+                return info
+            self._info = info
+        return self._info
+
+
+class GrpcTargetClient(_GrpcAgent):
+    def __init__(self, address: str, channel: grpc.aio.Channel) -> None:
+        super().__init__(address, channel)
+        self.stub = cast("TargetAgentAsyncStub", target_pb2_grpc.TargetAgentStub(channel))
+
+    async def prepare(self, request: target_pb2.PrepareReplicaDiskRequest) -> target_pb2.ReplicaDisk:
+        disk: target_pb2.ReplicaDisk = await self.stub.PrepareReplicaDisk(request)
+        return disk
+
+    async def get_disk(self, replica_path: str, disk_id: str, *, within: float | None = None) -> target_pb2.ReplicaDisk:
+        request = target_pb2.GetReplicaDiskRequest(replica_path=replica_path, disk_id=disk_id)
+        disk: target_pb2.ReplicaDisk = await self.stub.GetReplicaDisk(request, timeout=within)
+        return disk
+
+    async def commit(
+        self, request: target_pb2.CommitRestorePointRequest, *, within: float | None = None
+    ) -> target_pb2.RestorePoint:
+        point: target_pb2.RestorePoint = await self.stub.CommitRestorePoint(request, timeout=within)
+        return point
+
+    async def list_points(self, replica_path: str) -> list[target_pb2.RestorePoint]:
+        listed = await self.stub.ListRestorePoints(target_pb2.ListRestorePointsRequest(replica_path=replica_path))
+        return list(listed.restore_points)
+
+    async def delete_point(self, replica_path: str, point_id: str) -> None:
+        await self.stub.DeleteRestorePoint(
+            target_pb2.DeleteRestorePointRequest(replica_path=replica_path, restore_point_id=point_id)
         )
-        ok: bool = await retrying(self.healthy, client, within=min(5.0, within), wait_for_ready=True)
-        return ok
+
+
+def proxy_client(address: str, tls: TlsSettings, *, server_name: str = "") -> GrpcProxyClient:
+    return GrpcProxyClient(address, secure_channel(address, tls, server_name=server_name))
+
+
+def target_client(address: str, tls: TlsSettings, *, server_name: str = "") -> GrpcTargetClient:
+    return GrpcTargetClient(address, secure_channel(address, tls, server_name=server_name))
+
+
+class AgentPool:
+    """One channel per agent address, kept for the controller's lifetime."""
+
+    def __init__(self, tls: TlsSettings) -> None:
+        self._tls = tls
+        self._proxies: dict[tuple[str, str], GrpcProxyClient] = {}
+        self._targets: dict[tuple[str, str], GrpcTargetClient] = {}
+
+    def proxy(self, address: str, server_name: str = "") -> GrpcProxyClient:
+        key = (address, server_name)
+        if key not in self._proxies:
+            self._proxies[key] = proxy_client(address, self._tls, server_name=server_name)
+        return self._proxies[key]
+
+    def target(self, address: str, server_name: str = "") -> GrpcTargetClient:
+        key = (address, server_name)
+        if key not in self._targets:
+            self._targets[key] = target_client(address, self._tls, server_name=server_name)
+        return self._targets[key]
 
     async def close(self) -> None:
-        for c in self._clients.values():
+        for c in [*self._proxies.values(), *self._targets.values()]:
             await c.close()
-        self._clients.clear()
+        self._proxies.clear()
+        self._targets.clear()

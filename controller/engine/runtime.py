@@ -9,7 +9,7 @@ from typing import Protocol
 
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
-from controller.engine.agents import AgentPool
+from controller.engine.agents import Agents
 from controller.engine.journal import Journal
 from controller.engine.slots import SlotBoard
 from vmrepl.errors import FailedPrecondition, PathError
@@ -69,7 +69,7 @@ class LiveProgress:
 @dataclass(kw_only=True)
 class EngineParts:
     journal: Journal
-    agents: AgentPool
+    agents: Agents
     slots: SlotBoard
     signing_key: ed25519.Ed25519PrivateKey
     live: LiveProgress = field(default_factory=LiveProgress)
@@ -106,7 +106,7 @@ class JobView:
     bandwidth_limit_mbps: float
     change_tracking: str
     guest_processing: dict[str, object]
-    checkpoint_deadline_seconds: int
+    checkpoint_hold_seconds: int
     retries: int = 0
     retry_wait_seconds: int = 0
 

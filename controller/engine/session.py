@@ -24,7 +24,8 @@ from tenacity import AsyncRetrying, retry_if_exception, stop_after_delay, wait_e
 
 from controller.db.enums import Notification, SessionState, TaskState, VmState
 from controller.db.models import HeldCheckpoint, Job, JobVm, RestorePoint, Session, SessionVm, Task, now
-from controller.engine.agents import READY_WITHIN_SECONDS, AgentClient
+from controller.engine import counters
+from controller.engine.agents import READY_WITHIN_SECONDS, TargetClient, ready
 from controller.engine.retention import points_to_delete
 from controller.engine.runtime import EngineParts, SessionContext
 from controller.engine.states import (
@@ -37,7 +38,6 @@ from controller.engine.states import (
     vm_after_transfers,
 )
 from controller.engine.task import TaskRunner, transient
-from controller.observability import metrics
 from vmrepl.errors import FailedPrecondition, NotFound, VmreplError
 from vmrepl.logs import get_logger
 from vmrepl.providers.base import Checkpoint, VmInfo
@@ -75,7 +75,7 @@ class SessionRun:
         if planned is not None:
             return
         target = self.parts.agents.target(self.sc.target.address, self.sc.target.tls_server_name)
-        if not await self.parts.agents.ready(target):
+        if not await ready(target):
             raise FailedPrecondition(f"target {self.sc.target.name} does not answer its health check")
         entries: list[SessionVm | Task] = []
         named: dict[str, str] = {}  # VM id -> the reference that planned it
@@ -124,7 +124,7 @@ class SessionRun:
         row = SessionVm(session_id=self.sc.session_id, vm_id=vm.vm_id, vm_name=vm.name, state=VmState.PLANNED)
         if plan.reuse_checkpoint is not None and held is not None:
             row.state, row.checkpoint_id = VmState.TRANSFERRING, held.checkpoint_id
-            row.checkpoint_reference, row.checkpoint_reused = held.reference, True
+            row.checkpoint_reference = held.reference
         tasks: list[SessionVm | Task] = [row]
         for d in disks:
             start = plan.disks[d.disk_id]
@@ -165,16 +165,14 @@ class SessionRun:
                 webhook = job is not None and job.has_webhook
                 row.notification = Notification.PENDING if webhook else Notification.NONE
         self.parts.live.forget(self.sc.session_id)
-        metrics.session_ended(state)
+        counters.session_ended(state)
         self.log.info("session_ended", state=state.value, **stats)
         return state
 
 
-async def _delete_point(target: AgentClient, replica_path: str, point_id: str) -> None:
+async def _delete_point(target: TargetClient, replica_path: str, point_id: str) -> None:
     try:
-        await target.stub.DeleteRestorePoint(
-            target_pb2.DeleteRestorePointRequest(replica_path=replica_path, restore_point_id=point_id)
-        )
+        await target.delete_point(replica_path, point_id)
     except grpc.aio.AioRpcError as e:
         if e.code() is not grpc.StatusCode.NOT_FOUND:  # NOT_FOUND: deleted before a crash
             raise
@@ -277,7 +275,7 @@ class VmRun:
             vm = await db.get(SessionVm, row.id)
             if vm is not None:
                 vm.state, vm.attempt = VmState.PLANNED, row.attempt + 1
-                vm.checkpoint_id, vm.checkpoint_reference, vm.checkpoint_reused = "", "", False
+                vm.checkpoint_id, vm.checkpoint_reference = "", ""
                 vm.error = f"attempt {row.attempt}: {row.error}"
         return True
 
@@ -398,11 +396,7 @@ class VmRun:
             reraise=True,
         )
 
-        async def commit() -> target_pb2.RestorePoint:
-            answer: target_pb2.RestorePoint = await target.stub.CommitRestorePoint(request, timeout=30)
-            return answer
-
-        point: target_pb2.RestorePoint = await retrying(commit)
+        point: target_pb2.RestorePoint = await retrying(target.commit, request, within=30)
         async with self.parts.journal.change("restore point committed", vm=row.vm_id, point=point.id) as db:
             if await db.get(RestorePoint, point.id) is None:  # a retried commit returns the same point
                 db.add(
@@ -448,11 +442,10 @@ class VmRun:
                 await db.execute(delete(RestorePoint).where(RestorePoint.id == point_id))
             self.log.info("restore_point_deleted", restore_point_id=point_id, reason="retention")
 
-    async def _delete_orphans(self, target: AgentClient, replica_path: str, known: set[str]) -> None:
+    async def _delete_orphans(self, target: TargetClient, replica_path: str, known: set[str]) -> None:
         """Points on the target the database does not know: committed by a call whose answer was lost
         (the target went down under it) before the VM failed. The replica path is this job's alone."""
-        listed = await target.stub.ListRestorePoints(target_pb2.ListRestorePointsRequest(replica_path=replica_path))
-        for p in listed.restore_points:
+        for p in await target.list_points(replica_path):
             if p.id in known:
                 continue
             await _delete_point(target, replica_path, p.id)
@@ -480,7 +473,7 @@ class VmRun:
                 vm.state, vm.error = final, error
 
     async def _hold(self, row: SessionVm) -> None:
-        deadline = now() + dt.timedelta(seconds=self.sc.job.checkpoint_deadline_seconds)
+        deadline = now() + dt.timedelta(seconds=self.sc.job.checkpoint_hold_seconds)
         async with self.parts.journal.change("vm held", vm=row.vm_id) as db:
             held: HeldCheckpoint | None = await db.scalar(held_checkpoint(self.sc.job.job_id, row.vm_id))
             if held is None:

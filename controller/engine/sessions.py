@@ -23,7 +23,6 @@ from vmrepl.errors import FailedPrecondition, NotFound, VmreplError
 from vmrepl.logs import get_logger
 
 log = get_logger("vmrepl.controller.engine.sessions")
-ACTIVE = ACTIVE_SESSION  # until the API imports ACTIVE_SESSION itself
 
 
 def job_view(job: Job) -> JobView:
@@ -38,7 +37,7 @@ def job_view(job: Job) -> JobView:
         bandwidth_limit_mbps=job.bandwidth_limit_mbps,
         change_tracking=job.change_tracking,
         guest_processing=dict(job.guest_processing),
-        checkpoint_deadline_seconds=job.checkpoint_deadline_seconds,
+        checkpoint_hold_seconds=job.checkpoint_hold_seconds,
         retries=job.retries,
         retry_wait_seconds=job.retry_wait_seconds,
     )
@@ -52,10 +51,12 @@ class Engine:
     async def recover(self) -> None:
         """Continue every session a previous run of the controller left running or stopping."""
         async with self.parts.journal.read() as db:
-            left = list(await db.scalars(select(Session).where(Session.state.in_(ACTIVE)).order_by(Session.started_at)))
+            left = list(
+                await db.scalars(select(Session).where(Session.state.in_(ACTIVE_SESSION)).order_by(Session.started_at))
+            )
         for s in left:
             log.info("session_continued", session_id=s.id, state=s.state)
-            await self._launch(s.id, stopping=s.state == SessionState.STOPPING)
+            await self._launch(s.id, stopping=s.state is SessionState.STOPPING)
 
     async def start_job(self, job_id: str) -> Session:
         async with self.parts.journal.change("session created", job_id=job_id) as db:
@@ -64,7 +65,9 @@ class Engine:
                 raise NotFound(f"job {job_id} does not exist")
             if not job.enabled:
                 raise FailedPrecondition(f"job {job.name} is disabled")
-            running = await db.scalar(select(Session).where(Session.job_id == job_id, Session.state.in_(ACTIVE)))
+            running = await db.scalar(
+                select(Session).where(Session.job_id == job_id, Session.state.in_(ACTIVE_SESSION))
+            )
             if running is not None:
                 raise FailedPrecondition(f"job {job.name} is already running (session {running.id})")
             session = Session(job_id=job_id, state=SessionState.RUNNING, started_at=now())
@@ -74,7 +77,9 @@ class Engine:
 
     async def stop_job(self, job_id: str) -> Session:
         async with self.parts.journal.read() as db:
-            session = await db.scalar(select(Session).where(Session.job_id == job_id, Session.state.in_(ACTIVE)))
+            session = await db.scalar(
+                select(Session).where(Session.job_id == job_id, Session.state.in_(ACTIVE_SESSION))
+            )
             job = await db.get(Job, job_id)
         if session is None:
             raise FailedPrecondition(f"job {job.name if job else job_id} has no running session")
@@ -84,7 +89,7 @@ class Engine:
     async def _stop(self, session_id: str) -> None:
         async with self.parts.journal.change("session stopping", session_id=session_id) as db:
             row = await db.get(Session, session_id)
-            if row is not None and row.state == SessionState.RUNNING:
+            if row is not None and row.state is SessionState.RUNNING:
                 row.state = SessionState.STOPPING
         run = self._runs.get(session_id)
         if run is not None:

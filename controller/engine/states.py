@@ -83,8 +83,9 @@ class HeldCheckpointView:
 
 @dataclass(frozen=True, slots=True)
 class VmPlan:
-    reuse_checkpoint: str | None  # keep using this checkpoint for the resumed disks
-    release_checkpoint: str | None  # remove this held checkpoint before taking a new one
+    # Keep using this checkpoint for the resumed disks; None: a new one is taken, after the held one (past
+    # its deadline) is released (the VM's PLANNED step reads the held record again, see session.py).
+    reuse_checkpoint: str | None
     disks: dict[str, DiskStart]
 
 
@@ -97,12 +98,12 @@ def plan_vm(disk_ids: Iterable[str], held: HeldCheckpointView | None, *, now: dt
     """
     disks = list(disk_ids)
     if held is None:
-        return VmPlan(None, None, dict.fromkeys(disks, DiskStart.FRESH))
+        return VmPlan(None, dict.fromkeys(disks, DiskStart.FRESH))
     if now < held.deadline:
         plan = {d: _reuse_start(d, held) for d in disks}
-        return VmPlan(held.checkpoint_id, None, plan)
+        return VmPlan(held.checkpoint_id, plan)
     plan = {d: DiskStart.COMPARE if d in held.resumable_disks else DiskStart.FRESH for d in disks}
-    return VmPlan(None, held.checkpoint_id, plan)
+    return VmPlan(None, plan)
 
 
 def _reuse_start(disk_id: str, held: HeldCheckpointView) -> DiskStart:

@@ -21,7 +21,8 @@ from tenacity import AsyncRetrying, retry_if_exception, stop_after_delay, wait_e
 
 from controller.db.enums import TaskState
 from controller.db.models import HeldCheckpoint, Proxy, RestorePoint, Task, now
-from controller.engine.agents import AgentClient
+from controller.engine import counters
+from controller.engine.agents import ProxyClient
 from controller.engine.placement import ProxySlot
 from controller.engine.runtime import EngineParts, SessionContext
 from controller.engine.slots import NoProxy
@@ -36,12 +37,11 @@ from controller.engine.states import (
     reconcile_task,
 )
 from controller.engine.transfer import COMPARE, DiskTaskSpec, prepare, proxy_identity, start_request, trusted_change
-from controller.observability import metrics
 from vmrepl.errors import FailedPrecondition, VmreplError
 from vmrepl.logs import get_logger
 from vmrepl.progress import busy
 from vmrepl.providers.base import Checkpoint
-from vmrepl.v1 import common_pb2, proxy_pb2, target_pb2
+from vmrepl.v1 import common_pb2, proxy_pb2
 
 log = get_logger("vmrepl.controller.engine.task")
 
@@ -139,9 +139,7 @@ class TaskRunner:
         """A disk is done only if the replica the target committed has the size planned: another size means
         the checkpoint showed another disk than the one planned (resized since, or another VM's)."""
         target = self.parts.agents.target(self.sc.target.address, self.sc.target.tls_server_name)
-        replica = await target.stub.GetReplicaDisk(
-            target_pb2.GetReplicaDiskRequest(replica_path=self.sc.replica_path(task.vm_id), disk_id=task.disk_id)
-        )
+        replica = await target.get_disk(self.sc.replica_path(task.vm_id), task.disk_id)
         if replica.disk_size != task.disk_size:
             raise FailedPrecondition(
                 f"disk {task.disk_id}: the replica's committed size {replica.disk_size} differs from the size "
@@ -223,7 +221,7 @@ class TaskRunner:
             proxy=await proxy_identity(client),
         )
         request.target.tls_server_name = self.sc.target.tls_server_name
-        await client.stub.StartDiskTransfer(request)
+        await client.start(request)
         await self._set(TaskState.RUNNING, "task running")
         return await self._follow(proxy, self.transfer_id)
 
@@ -239,7 +237,7 @@ class TaskRunner:
             )
         if held is not None:
             return held.deadline.timestamp()
-        return self.checkpoint.created_at + self.sc.job.checkpoint_deadline_seconds
+        return self.checkpoint.created_at + self.sc.job.checkpoint_hold_seconds
 
     def _spec(self, task: Task, change: proxy_pb2.ChangeSource, *, ticket_expires: float) -> DiskTaskSpec:
         disk = self.checkpoint.disk(task.disk_id)
@@ -339,18 +337,19 @@ class TaskRunner:
                 await canceller
         raise AssertionError("unreachable: AsyncRetrying returns or raises")
 
-    async def _watch(self, client: AgentClient, transfer_id: str) -> proxy_pb2.TransferProgress:
+    async def _watch(self, client: ProxyClient, transfer_id: str) -> proxy_pb2.TransferProgress:
         last: proxy_pb2.TransferProgress | None = None
         seen_progress = 0.0
         try:
-            async for p in client.stub.WatchTransfer(proxy_pb2.WatchTransferRequest(transfer_id=transfer_id)):
-                last = p
-                self.parts.live.update(self.sc.session_id, self.task_id, p)
-                if p.elapsed_seconds - seen_progress >= 2.0:  # progress figures, not a state change
-                    seen_progress = p.elapsed_seconds
-                    await self.parts.journal.note(
-                        Task, self.task_id, committed_offset=p.committed_offset, stats=progress_stats(p)
-                    )
+            async with contextlib.aclosing(client.watch(transfer_id)) as progresses:
+                async for p in progresses:
+                    last = p
+                    self.parts.live.update(self.sc.session_id, self.task_id, p)
+                    if p.elapsed_seconds - seen_progress >= 2.0:  # progress figures, not a state change
+                        seen_progress = p.elapsed_seconds
+                        await self.parts.journal.note(
+                            Task, self.task_id, committed_offset=p.committed_offset, stats=progress_stats(p)
+                        )
         except grpc.aio.AioRpcError as e:
             if e.code() is grpc.StatusCode.NOT_FOUND:
                 raise ProxyLost(transfer_id) from e
@@ -363,11 +362,11 @@ class TaskRunner:
             raise ProxyLost(transfer_id)  # the stream ended without a final state: the proxy went away
         return last
 
-    async def _cancel_on_stop(self, client: AgentClient, transfer_id: str) -> None:
+    async def _cancel_on_stop(self, client: ProxyClient, transfer_id: str) -> None:
         await self.sc.stopping.wait()
         self.log.info("task_cancelling", transfer_id=transfer_id)
         with contextlib.suppress(grpc.aio.AioRpcError):
-            await client.stub.CancelTransfer(proxy_pb2.CancelTransferRequest(transfer_id=transfer_id))
+            await client.cancel(transfer_id)
 
     async def _finish(self, final: proxy_pb2.TransferProgress) -> TaskState:
         stats = progress_stats(final)
@@ -378,7 +377,7 @@ class TaskRunner:
         else:
             end, error = TaskState.FAILED, f"{final.error_code}: {final.error_message}".strip(": ")
         await self._set(end, f"task {end}", committed_offset=final.committed_offset, stats=stats, error=error)
-        metrics.task_ended(end, final)
+        counters.task_ended(end, final)
         self.log.info("task_ended", state=end.value, committed_offset=final.committed_offset, error=error)
         return end
 
@@ -388,21 +387,19 @@ class TaskRunner:
 
     async def _proxy_knows(self, proxy: Proxy, transfer_id: str) -> bool | None:
         client = self.parts.agents.proxy(proxy.address, proxy.tls_server_name)
-        call = client.stub.WatchTransfer(proxy_pb2.WatchTransferRequest(transfer_id=transfer_id), timeout=10)
         try:
-            async for _ in call:
-                return True
+            async with contextlib.aclosing(client.watch(transfer_id, within=10)) as progresses:
+                async for _ in progresses:
+                    return True
             return True
         except grpc.aio.AioRpcError as e:
             return False if e.code() is grpc.StatusCode.NOT_FOUND else None
-        finally:
-            call.cancel()
 
     async def _proxy_slots(self) -> Sequence[ProxySlot]:
         async with self.parts.journal.read() as db:
             proxies = list(await db.scalars(select(Proxy).order_by(Proxy.name)))
         health = await asyncio.gather(
-            *(self.parts.agents.healthy(self.parts.agents.proxy(p.address, p.tls_server_name)) for p in proxies)
+            *(self.parts.agents.proxy(p.address, p.tls_server_name).healthy() for p in proxies)
         )
         return [
             ProxySlot(p.id, p.name, ok, p.max_tasks, 0, frozenset(str(h) for h in p.host_ids))

@@ -6,6 +6,7 @@ integration tests run it directly.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import time
 from collections.abc import Callable
@@ -13,7 +14,7 @@ from dataclasses import dataclass, field
 
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
-from controller.engine.agents import AgentClient
+from controller.engine.agents import ProxyClient, TargetClient
 from vmrepl.errors import FailedPrecondition, TransferError
 from vmrepl.security.ticket import sign_ticket
 from vmrepl.v1 import common_pb2, proxy_pb2, target_pb2
@@ -47,17 +48,15 @@ class DiskTaskSpec:
     ticket_expires: float = 0.0
 
 
-async def proxy_identity(proxy: AgentClient) -> str:
-    """The proxy's certificate name, which its tickets are bound to (asked once per client)."""
-    if not proxy.identity:
-        info = await proxy.stub.GetAgentInfo(proxy_pb2.GetAgentInfoRequest(), timeout=10)
-        if info.role != "proxy" or not info.certificate_name:
-            raise FailedPrecondition(
-                f"the agent at {proxy.address} presents certificate {info.certificate_name!r} with role "
-                f"{info.role!r}, not a proxy's"
-            )
-        proxy.identity = info.certificate_name
-    return proxy.identity
+async def proxy_identity(proxy: ProxyClient) -> str:
+    """The proxy's certificate name, which its tickets are bound to."""
+    info = await proxy.info()
+    if info.role != "proxy" or not info.certificate_name:
+        raise FailedPrecondition(
+            f"the agent at {proxy.address} presents certificate {info.certificate_name!r} with role "
+            f"{info.role!r}, not a proxy's"
+        )
+    return info.certificate_name
 
 
 COMPARE = proxy_pb2.ChangeSource(compare_digests=proxy_pb2.CompareDigests())
@@ -71,8 +70,8 @@ def trusted_change(change: proxy_pb2.ChangeSource, disk: target_pb2.ReplicaDisk)
     return change
 
 
-async def prepare(target: AgentClient, spec: DiskTaskSpec) -> target_pb2.ReplicaDisk:
-    disk: target_pb2.ReplicaDisk = await target.stub.PrepareReplicaDisk(
+async def prepare(target: TargetClient, spec: DiskTaskSpec) -> target_pb2.ReplicaDisk:
+    return await target.prepare(
         target_pb2.PrepareReplicaDiskRequest(
             replica_path=spec.replica_path,
             disk_id=spec.disk_id,
@@ -83,7 +82,6 @@ async def prepare(target: AgentClient, spec: DiskTaskSpec) -> target_pb2.Replica
             resume_session_id=spec.resume_session_id,
         )
     )
-    return disk
 
 
 def start_request(
@@ -121,8 +119,8 @@ def start_request(
 
 async def run_disk_task(
     *,
-    proxy: AgentClient,
-    target: AgentClient,
+    proxy: ProxyClient,
+    target: TargetClient,
     spec: DiskTaskSpec,
     signing_key: ed25519.Ed25519PrivateKey,
     on_progress: Callable[[proxy_pb2.TransferProgress], None] | None = None,
@@ -133,12 +131,13 @@ async def run_disk_task(
     request = start_request(
         spec, target_address=target.address, signing_key=signing_key, proxy=await proxy_identity(proxy)
     )
-    started = await proxy.stub.StartDiskTransfer(request)
+    started = await proxy.start(request)
     last: proxy_pb2.TransferProgress | None = None
-    async for progress in proxy.stub.WatchTransfer(proxy_pb2.WatchTransferRequest(transfer_id=started.transfer_id)):
-        last = progress
-        if on_progress is not None:
-            on_progress(progress)
+    async with contextlib.aclosing(proxy.watch(started.transfer_id)) as progresses:
+        async for progress in progresses:
+            last = progress
+            if on_progress is not None:
+                on_progress(progress)
     if last is None or last.state != proxy_pb2.TRANSFER_STATE_COMPLETED:
         state = proxy_pb2.TransferState.Name(last.state) if last else "unknown"
         detail = f"{last.error_code}: {last.error_message}" if last and last.error_message else ""

@@ -1,45 +1,25 @@
-"""The controller's Prometheus metrics (served by vmrepl.metrics)."""
+"""The controller's Prometheus gauges, refreshed from the database (served by vmrepl.metrics; the engine's
+counters of what it ended are in controller.engine.counters)."""
 
 from __future__ import annotations
 
 import functools
 from typing import NoReturn
 
-from prometheus_client import Counter, Gauge
+from prometheus_client import Gauge
 from sqlalchemy import func, select
 
 from controller.db.enums import SessionState, TaskState
 from controller.db.models import Session, Task
 from controller.engine.journal import Journal
 from controller.engine.states import ACTIVE_SESSION
-from vmrepl.metrics import count_transfer
 from vmrepl.supervise import every
-from vmrepl.v1 import proxy_pb2
 
 SESSIONS = Gauge("vmrepl_sessions", "Sessions in the database, by state", ["state"])
 TASKS = Gauge(
     "vmrepl_tasks", "Disk tasks of running sessions: running (on a proxy) and waiting (for a slot)", ["state"]
 )
-SESSIONS_ENDED = Counter("vmrepl_sessions_ended_total", "Sessions ended by this controller, by outcome", ["state"])
-TASKS_ENDED = Counter("vmrepl_tasks_ended_total", "Disk tasks ended, by outcome", ["state"])
-BYTES = Counter("vmrepl_bytes_total", "Bytes of ended disk tasks by kind (read, data, sent, skipped reasons)", ["kind"])
-STAGE_BUSY = Counter("vmrepl_stage_busy_seconds_total", "Busy seconds of ended disk tasks per stage", ["stage"])
-RESUMES = Counter("vmrepl_stream_resumes_total", "Stream resumes inside disk tasks")
-ERRORS = Counter("vmrepl_errors_total", "Failed disk tasks and sessions", ["what"])
 REFRESH_SECONDS = 2.0
-
-
-def task_ended(state: TaskState, p: proxy_pb2.TransferProgress) -> None:
-    TASKS_ENDED.labels(state.value).inc()
-    if state is TaskState.FAILED:
-        ERRORS.labels("task").inc()
-    count_transfer(p, bytes_total=BYTES, stage_busy=STAGE_BUSY, resumes=RESUMES)
-
-
-def session_ended(state: SessionState) -> None:
-    SESSIONS_ENDED.labels(state.value).inc()
-    if state is SessionState.FAILED:
-        ERRORS.labels("session").inc()
 
 
 async def refresh(journal: Journal) -> None:

@@ -12,13 +12,13 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable
 from typing import Any, NoReturn
+from urllib.parse import urlsplit
 
 import httpx
 from google.protobuf import json_format
 from sqlalchemy import select
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt, wait_exponential
 
-from controller.api.resources import redact_url
 from controller.db.enums import Notification, SessionState
 from controller.db.models import Job, Session
 from controller.db.secrets import SecretBox
@@ -29,6 +29,22 @@ from vmrepl.supervise import every
 
 log = get_logger("vmrepl.controller.observability.webhooks")
 POLL_SECONDS = 1.0
+
+
+def redact_url(url: str) -> str:
+    """Scheme, host and port only: a webhook's userinfo, path, query or fragment often carries a credential.
+    "/…" marks that something was left out."""
+    try:
+        parts = urlsplit(url)
+        host, port = parts.hostname or "", parts.port
+    except ValueError:  # never stored (the API refuses it), but never echoed either
+        return "(unreadable URL)"
+    netloc = f"[{host}]" if ":" in host else host
+    if port is not None:
+        netloc += f":{port}"
+    hidden = parts.username is not None or parts.password is not None
+    hidden = hidden or bool(parts.path.strip("/") or parts.query or parts.fragment)
+    return f"{parts.scheme}://{netloc}" + ("/…" if hidden else "")
 
 
 class DeliveryFailed(Exception):

@@ -14,6 +14,9 @@ When the permitted hours end, running sessions are stopped (resumable) unless `e
 Cron times are wall-clock times in the schedule's zone, as cron itself treats them: a time that does not
 exist (the spring-forward gap) runs when the clock jumps past it, a time that exists twice (fall-back)
 runs once, at its first occurrence. A run is never skipped or doubled by a DST change.
+
+The API carries a schedule as the typed `vmrepl.v1.Schedule`; the database keeps the JSON above (the CLI's
+`--schedule` grammar). `schedule_json` and `schedule_message` convert between them, here and only here.
 """
 
 from __future__ import annotations
@@ -25,8 +28,17 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 from croniter import croniter
 
 from vmrepl.errors import InvalidArgument
+from vmrepl.v1 import controller_pb2 as api
 
 KINDS = ("", "cron", "interval", "continuous", "after")
+# The API's kinds and their JSON names; SCHEDULE_KIND_UNSPECIFIED is manual.
+KIND_NAMES: dict[api.ScheduleKind.ValueType, str] = {
+    api.SCHEDULE_KIND_UNSPECIFIED: "",
+    api.SCHEDULE_KIND_CRON: "cron",
+    api.SCHEDULE_KIND_INTERVAL: "interval",
+    api.SCHEDULE_KIND_CONTINUOUS: "continuous",
+    api.SCHEDULE_KIND_AFTER_JOB: "after",
+}
 DAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
 _MAX_STEPS = 100_000  # slots looked at when searching (a year of every-5-minutes is 105 120)
 FIELD = "job.schedule"
@@ -118,8 +130,9 @@ def parse_schedule(raw: dict[str, object]) -> Schedule:
     )
     if kind == "cron" and not croniter.is_valid(s.cron):
         raise InvalidArgument(f"{FIELD}.cron", f"{s.cron!r} is not a cron expression")
-    if kind == "interval" and not 1 <= s.every_minutes <= 31 * 24 * 60:
-        raise InvalidArgument(f"{FIELD}.every_minutes", "must be from 1 to 44640 (31 days)")
+    lowest = 1 if kind == "interval" else 0
+    if not lowest <= s.every_minutes <= 31 * 24 * 60:
+        raise InvalidArgument(f"{FIELD}.every_minutes", f"must be from {lowest} to 44640 (31 days)")
     if not 0 <= s.pause_seconds <= 86400:
         raise InvalidArgument(f"{FIELD}.pause_seconds", "must be from 0 to 86400")
     if kind == "after" and not s.after_job:
@@ -209,3 +222,48 @@ def decide_after(
     if running or not s.permitted_at(now):
         return Decision(False, upstream_end, "already running" if running else "outside the permitted hours")
     return Decision(True, upstream_end, "after job")
+
+
+def schedule_json(msg: api.Schedule) -> dict[str, object]:
+    """The stored JSON of an API schedule; validated as parse_schedule does, errors naming the field."""
+    kind = KIND_NAMES.get(msg.kind)
+    if kind is None:  # a number from a newer client, or a name its library did not know
+        raise InvalidArgument(f"{FIELD}.kind", f"{msg.kind} is not a schedule kind")
+    set_fields = [f for f in ("cron", "every_minutes", "after_job") if getattr(msg, f)]
+    if not kind and set_fields:
+        # A kind the client misspelt arrives unspecified: refused, not a job silently made manual-only.
+        raise InvalidArgument(f"{FIELD}.kind", f"is unspecified (manual only), but {set_fields[0]} is set")
+    raw: dict[str, object] = {"kind": kind} if kind else {}
+    raw.update({f: getattr(msg, f) for f in set_fields})
+    if msg.timezone:
+        raw["timezone"] = msg.timezone
+    if msg.HasField("pause_seconds"):
+        raw["pause_seconds"] = msg.pause_seconds
+    if msg.HasField("permitted"):
+        days = {day: getattr(msg.permitted, day) for day in DAYS}
+        raw["permitted"] = {day: [[h.start_hour, h.end_hour] for h in spans] for day, spans in days.items() if spans}
+    if msg.HasField("enforce_window"):
+        raw["enforce_window"] = msg.enforce_window
+    parse_schedule(raw)
+    return raw
+
+
+def schedule_message(raw: dict[str, object]) -> api.Schedule:
+    """The API schedule of stored (or CLI) JSON; validated first, errors naming the field."""
+    s = parse_schedule(raw)
+    msg = api.Schedule(
+        kind=next(k for k, name in KIND_NAMES.items() if name == s.kind),
+        cron=s.cron,
+        every_minutes=s.every_minutes,
+        after_job=s.after_job,
+        timezone=str(raw.get("timezone", "")),
+    )
+    if "pause_seconds" in raw:
+        msg.pause_seconds = s.pause_seconds
+    if "enforce_window" in raw:
+        msg.enforce_window = s.enforce_window
+    if s.permitted is not None:
+        msg.permitted.SetInParent()  # present though empty: no hour is permitted
+        for day, spans in s.permitted.items():
+            getattr(msg.permitted, DAYS[day]).extend(api.HourSpan(start_hour=a, end_hour=b) for a, b in spans)
+    return msg

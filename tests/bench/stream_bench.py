@@ -25,6 +25,7 @@ import psutil
 from controller import lab
 from controller.engine.agents import proxy_client, target_client
 from controller.engine.transfer import DiskTaskSpec, run_disk_task
+from tests.support.certs import tls_settings
 from vmrepl.config import TlsSettings
 from vmrepl.extent import MiB
 from vmrepl.logs import configure_logging
@@ -118,7 +119,7 @@ async def run_agents(
     assert target.proc is not None and proxy.proc is not None
     profiler = start_profiler(work, {"target": target.proc.pid, "proxy": proxy.proc.pid})
     env: dict[str, object] = {
-        "tls": TlsSettings(**certs.tls("controller")),  # type: ignore[arg-type]
+        "tls": tls_settings(certs, "controller"),
         "proxy": proxy.address,
         "target": target.address,
         "key": load_signing_key(certs.signing_key),

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 import subprocess
-import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,76 +13,18 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from controller import lab
-from controller.engine.agents import AgentClient, proxy_client, target_client
+from controller.engine.agents import GrpcProxyClient, GrpcTargetClient, proxy_client, target_client
 from controller.engine.transfer import DiskTaskSpec, run_disk_task
 from tests.conftest import need_tool
 from tests.integration.controller_env import ControllerEnv, create_pg_database, drop_pg_database, make_env
-from vmrepl.batch import encode_open
+from tests.support.certs import tls_settings
+from tests.support.database import BACKENDS
 from vmrepl.config import TlsSettings
 from vmrepl.extent import MiB
-from vmrepl.security.ticket import load_signing_key, sign_ticket
+from vmrepl.security.ticket import load_signing_key
 from vmrepl.v1 import proxy_pb2, target_pb2
 
 IMAGE_SIZE = 256 * MiB
-
-
-def qemu_identical(a: Path, b: Path) -> bool:
-    need_tool("qemu-img")
-    out = subprocess.run(["qemu-img", "compare", "-q", "-f", "raw", "-F", "raw", str(a), str(b)], check=False)
-    return out.returncode == 0
-
-
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(4 * MiB):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def signed_open(
-    key: ed25519.Ed25519PrivateKey,
-    *,
-    session_id: str,
-    checkpoint_id: str,
-    replica_path: str,
-    disk_size: int,
-    block_size: int = MiB,
-    window: int = 4,
-    proxy: str = "proxy",
-    ticket_disk: str = "disk0",
-    ttl: float = 60.0,
-    pass_number: int = 0,
-) -> bytes:
-    """A Transfer open for disk0 with the ticket a controller would sign for `proxy` (`ticket_disk` to
-    make it name another disk)."""
-    ticket = sign_ticket(
-        key,
-        session_id=session_id,
-        disk_id=ticket_disk,
-        replica_path=replica_path,
-        checkpoint_id=checkpoint_id,
-        proxy=proxy,
-        expires_unix=time.time() + ttl,
-        audience="target",
-    )
-    opening = target_pb2.TransferOpen(
-        ticket=ticket,
-        session_id=session_id,
-        disk_id="disk0",
-        replica_path=replica_path,
-        disk_size=disk_size,
-        block_size=block_size,
-        window_batches=window,
-        checkpoint_id=checkpoint_id,
-        pass_number=pass_number,
-    )
-    return encode_open(opening)
-
-
-@pytest.fixture(scope="session")
-def lab_certs(tmp_path_factory: pytest.TempPathFactory) -> lab.LabCerts:
-    return lab.LabCerts.create(tmp_path_factory.mktemp("certs"))
 
 
 @pytest.fixture(scope="session")
@@ -102,24 +42,28 @@ class Lab:
     counts: dict[str, int]
     target: lab.AgentProcess
     proxy: lab.AgentProcess
-    clients: list[AgentClient] = field(default_factory=list)
+    clients: list[GrpcProxyClient | GrpcTargetClient] = field(default_factory=list)
 
     @property
     def signing_key(self) -> ed25519.Ed25519PrivateKey:
         return load_signing_key(self.certs.signing_key)
 
     def tls(self, name: str = "controller") -> TlsSettings:
-        return TlsSettings(**self.certs.tls(name))  # type: ignore[arg-type]
+        return tls_settings(self.certs, name)
 
-    def proxy_client(self) -> AgentClient:
+    def proxy_client(self) -> GrpcProxyClient:
         c = proxy_client(self.proxy.address, self.tls())
         self.clients.append(c)
         return c
 
-    def target_client(self, name: str = "controller", address: str | None = None) -> AgentClient:
+    def target_client(self, name: str = "controller", address: str | None = None) -> GrpcTargetClient:
         c = target_client(address or self.target.address, self.tls(name))
         self.clients.append(c)
         return c
+
+    async def replica_disk(self, replica_path: str = "jobs/vm1", disk_id: str = "disk0") -> target_pb2.ReplicaDisk:
+        """The target's view of a replica disk, asked on a new channel (the target may have restarted)."""
+        return await self.target_client().get_disk(replica_path, disk_id, within=2)
 
     def replica(self, replica_path: str = "jobs/vm1", disk_id: str = "disk0") -> Path:
         return self.work / "datastore" / replica_path / "disks" / disk_id / "data.raw"
@@ -209,10 +153,6 @@ def ctl_raw(tmp_path: Path, lab_certs: lab.LabCerts) -> Iterator[ControllerEnv]:
         yield env
     finally:
         env.stop()
-
-
-# The controller's own database: SQLite always, PostgreSQL too when a URL is given (CI gives one).
-BACKENDS = ["sqlite"] + (["postgresql"] if os.environ.get("VMREPL_TEST_DATABASE_URL") else [])
 
 
 @pytest.fixture(params=BACKENDS)

@@ -14,11 +14,11 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-from google.protobuf import json_format
+from google.protobuf import field_mask_pb2, json_format
 from sqlalchemy import make_url
 
 from controller import lab
-from vmrepl.config import TlsSettings
+from tests.support.certs import tls_settings
 from vmrepl.extent import MiB
 from vmrepl.providers.filehost import FileHostProvider
 from vmrepl.security.tls import channel_credentials
@@ -54,8 +54,7 @@ class ControllerEnv:
     # ---- API -----------------------------------------------------------------------------------------
 
     def client(self, identity: str = "operator") -> Any:
-        d = self.certs.directory
-        tls = TlsSettings(ca_file=d / "ca.pem", cert_file=d / f"{identity}.pem", key_file=d / f"{identity}.key")
+        tls = tls_settings(self.certs, identity)
         return controller_pb2_grpc.ControllerServiceStub(
             grpc.secure_channel(self.controller.address, channel_credentials(tls))
         )
@@ -114,13 +113,17 @@ class ControllerEnv:
             time.sleep(0.05)
         raise TimeoutError(f"condition on {name} not met within {timeout}s")
 
+    def unlimit(self, job: str = "job1") -> None:
+        """Lifts the job's bandwidth limit (set by tests that act while a session runs)."""
+        mask = field_mask_pb2.FieldMask(paths=["bandwidth_limit_mbps"])
+        self.client().UpdateJob(api.UpdateJobRequest(job=api.Job(name=f"jobs/{job}"), update_mask=mask))
+
     def run_job(self, job: str = "job1") -> api.Session:
         s = self.client().StartJob(api.StartJobRequest(name=f"jobs/{job}"))
         return self.wait_session(s.name)
 
     def target_stub(self) -> Any:
-        d = self.certs.directory
-        tls = TlsSettings(ca_file=d / "ca.pem", cert_file=d / "controller.pem", key_file=d / "controller.key")
+        tls = tls_settings(self.certs, "controller")
         return target_pb2_grpc.TargetAgentStub(grpc.secure_channel(self.target.address, channel_credentials(tls)))
 
     def points(self, job: str = "job1") -> list[api.JobRestorePoint]:
@@ -128,7 +131,7 @@ class ControllerEnv:
         stub, out, token = self.client(), [], ""
         while True:
             request = api.ListJobRestorePointsRequest(parent=f"jobs/{job}", page_size=1000, page_token=token)
-            page = stub.ListRestorePoints(request)
+            page = stub.ListJobRestorePoints(request)
             out += page.restore_points
             if not (token := page.next_page_token):
                 return out

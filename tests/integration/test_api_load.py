@@ -19,8 +19,8 @@ from sqlalchemy.orm import Session as OrmSession
 
 from controller.db.models import Job, Session, SessionVm, Task, now
 from tests.integration.controller_env import ControllerEnv
+from tests.support.certs import tls_settings
 from vmrepl.call_limits import RETRY_AFTER_KEY
-from vmrepl.config import TlsSettings
 from vmrepl.rpc import secure_channel
 from vmrepl.v1 import controller_pb2 as api
 from vmrepl.v1 import controller_pb2_grpc
@@ -47,9 +47,7 @@ def _seed_sessions(db: Path, job: str, n: int) -> None:
 
 
 def _stub(ctl: ControllerEnv, identity: str) -> tuple[grpc.aio.Channel, Any]:
-    d = ctl.certs.directory
-    tls = TlsSettings(ca_file=d / "ca.pem", cert_file=d / f"{identity}.pem", key_file=d / f"{identity}.key")
-    channel = secure_channel(ctl.controller.address, tls)
+    channel = secure_channel(ctl.controller.address, tls_settings(ctl.certs, identity))
     return channel, controller_pb2_grpc.ControllerServiceStub(channel)
 
 
@@ -99,9 +97,7 @@ async def test_per_client_limit_refuses_the_excess_with_a_retry_hint(ctl_raw: Co
 
 
 async def _flood(address: str, certs: str, n: int) -> dict[str, int]:
-    d = Path(certs)
-    tls = TlsSettings(ca_file=d / "ca.pem", cert_file=d / "reader.pem", key_file=d / "reader.key")
-    channel = secure_channel(address, tls, max_message_bytes=64 << 20)
+    channel = secure_channel(address, tls_settings(Path(certs), "reader"), max_message_bytes=64 << 20)
     stub = controller_pb2_grpc.ControllerServiceStub(channel)
     calls = [_outcome(stub.ListSessions(api.ListSessionsRequest(page_size=1000), timeout=60)) for _ in range(n)]
     outcomes = await asyncio.gather(*calls)
@@ -165,3 +161,29 @@ async def test_a_flood_of_reads_does_not_starve_the_session_engine(ctl_raw: Cont
             flood.kill()
             await flood.wait()
         await op_ch.close()
+
+
+def test_a_session_started_between_two_pages_is_neither_repeated_nor_makes_one_skipped(
+    ctl_raw: ControllerEnv,
+) -> None:
+    """Sessions list newest first, paged by key: the page after a token starts after that token's session,
+    so one started meanwhile (newer than all) shifts nothing. Paged by offset, it would push the first
+    page's last session onto the second page."""
+    ctl_raw.configure(vms=("vm2",))
+    ctl_raw.controller.stop()
+    _seed_sessions(ctl_raw.work / "controller" / "controller.db", "job1", 7)
+    ctl_raw.restart_controller()
+    stub = ctl_raw.client()
+    everything = [s.name for s in stub.ListSessions(api.ListSessionsRequest(page_size=100)).sessions]
+    assert len(everything) == 7
+    first = stub.ListSessions(api.ListSessionsRequest(page_size=3))
+    started = stub.StartJob(api.StartJobRequest(name="jobs/job1"))
+    seen, token = [s.name for s in first.sessions], first.next_page_token
+    while token:
+        page = stub.ListSessions(api.ListSessionsRequest(page_size=3, page_token=token))
+        seen, token = seen + [s.name for s in page.sessions], page.next_page_token
+    assert seen == everything, "each session once, in order, none left out"
+    assert started.name not in seen  # newer than the first page: the next listing's first
+    assert ctl_raw.wait_session(started.name).state == api.SESSION_STATE_SUCCEEDED
+    newest = stub.ListSessions(api.ListSessionsRequest(page_size=3)).sessions
+    assert [s.name for s in newest] == [started.name, *everything[:2]]

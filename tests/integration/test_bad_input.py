@@ -15,8 +15,12 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from controller.engine.transfer import prepare
-from tests.integration.conftest import Lab, sha256, signed_open
-from vmrepl.batch import DATA, LZ4, MAX_MESSAGE_BYTES, RAW, encode_batch
+from tests import frames
+from tests.frames import signed_open
+from tests.integration.conftest import Lab
+from tests.support.certs import tls_settings
+from tests.support.replicas import sha256
+from vmrepl.batch import LZ4, MAX_MESSAGE_BYTES, PROTOCOL_VERSIONS
 from vmrepl.block import digest
 from vmrepl.config import TlsSettings
 from vmrepl.extent import MiB
@@ -37,7 +41,7 @@ def tree_state(root: Path, skip: Path) -> dict[str, str]:
 async def transfer(
     lab_env: Lab, frames: list[bytes], tls_name: str = "proxy"
 ) -> tuple[list[Any], grpc.StatusCode, str]:
-    tls = TlsSettings(**lab_env.certs.tls(tls_name))  # type: ignore[arg-type]
+    tls = tls_settings(lab_env.certs, tls_name)
     ch = secure_channel(lab_env.target.address, tls, max_message_bytes=MAX_MESSAGE_BYTES)
     try:
         call = ch.stream_stream(
@@ -79,6 +83,7 @@ def open_frame(
     proxy: str = "proxy",
     checkpoint: str = CHECKPOINT,
     pass_number: int = 0,
+    protocol_versions: tuple[int, ...] = PROTOCOL_VERSIONS,
 ) -> bytes:
     return signed_open(
         key or lab_env.signing_key,
@@ -91,23 +96,19 @@ def open_frame(
         ticket_disk=ticket_disk,
         ttl=ttl,
         pass_number=pass_number,
+        protocol_versions=protocol_versions,
     )
 
 
 def batch(extents: list[target_pb2.Extent], parts: list[bytes], *, end: int = 2 * BS) -> bytes:
-    hdr = target_pb2.BatchHeader(
-        seq=0, start_offset=0, end_offset=end, extents=extents, payload_size=sum(len(p) for p in parts)
-    )
-    return encode_batch(hdr, parts)
+    return frames.raw_batch(extents, parts, end=end)
 
 
 GOOD = os.urandom(BS)
 
 
 def good_extent(offset: int = 0, data: bytes = GOOD) -> target_pb2.Extent:
-    return target_pb2.Extent(
-        offset=offset, length=len(data), kind=DATA, encoding=RAW, stored_size=len(data), digest=digest(data)
-    )
+    return frames.extent(offset, data)
 
 
 BOMB = lz4.block.compress(bytes(64 * MiB), store_size=False)
@@ -118,46 +119,26 @@ BATCH_CASES: dict[str, tuple[Callable[[], bytes], grpc.StatusCode]] = {
         grpc.StatusCode.INVALID_ARGUMENT,
     ),
     "huge length (negative as uint64)": (
-        lambda: batch(
-            [
-                target_pb2.Extent(
-                    offset=0, length=2**64 - BS, kind=DATA, encoding=RAW, stored_size=BS, digest=digest(GOOD)
-                )
-            ],
-            [GOOD],
-        ),
+        lambda: batch([frames.extent(0, GOOD, length=2**64 - BS)], [GOOD]),
         grpc.StatusCode.INVALID_ARGUMENT,
     ),
     "decompression bomb": (
-        lambda: batch(
-            [
-                target_pb2.Extent(
-                    offset=0, length=BS, kind=DATA, encoding=LZ4, stored_size=len(BOMB), digest=digest(GOOD)
-                )
-            ],
-            [BOMB],
-        ),
+        lambda: batch([frames.extent(0, GOOD, encoding=LZ4, stored_size=len(BOMB))], [BOMB]),
         grpc.StatusCode.INVALID_ARGUMENT,
     ),
     "bad checksum (second extent; the first must not be written either)": (
         lambda: batch(
-            [
-                good_extent(0),
-                target_pb2.Extent(offset=BS, length=BS, kind=DATA, encoding=RAW, stored_size=BS, digest=digest(b"x")),
-            ],
+            [good_extent(0), frames.extent(BS, GOOD, block_digest=digest(b"x"))],
             [GOOD, GOOD],
         ),
         grpc.StatusCode.DATA_LOSS,
     ),
     "payload shorter than the header says": (
-        lambda: encode_batch(
-            target_pb2.BatchHeader(seq=0, start_offset=0, end_offset=BS, extents=[good_extent()], payload_size=BS),
-            [GOOD[:100]],
-        ),
+        lambda: frames.raw_batch([good_extent()], [GOOD[:100]], end=BS, payload_size=BS),
         grpc.StatusCode.INVALID_ARGUMENT,
     ),
     "wrong sequence number": (
-        lambda: encode_batch(target_pb2.BatchHeader(seq=3, start_offset=0, end_offset=BS), []),
+        lambda: frames.raw_batch([], [], seq=3, end=BS),
         grpc.StatusCode.INVALID_ARGUMENT,
     ),
     "garbage frame": (lambda: b"\xff\xff\xff", grpc.StatusCode.INVALID_ARGUMENT),
@@ -179,10 +160,7 @@ async def prepare_with_data(lab_env: Lab) -> Lab:
     )
     await prepare(target, spec)
     # Some committed data, so "nothing changes" is checked against real content.
-    first = encode_batch(
-        target_pb2.BatchHeader(seq=0, start_offset=0, end_offset=BS, extents=[good_extent()], payload_size=BS),
-        [GOOD],
-    )
+    first = frames.data_batch(0, 0, [GOOD])
     _, code, details = await transfer(lab_env, [open_frame(lab_env), first])
     assert code == grpc.StatusCode.OK, details
     return lab_env
@@ -221,21 +199,7 @@ async def test_bad_batches_are_rejected_and_change_nothing(prepared: Lab, case: 
 
 def make_resumed(frame: bytes) -> bytes:
     """Shift a batch written from offset 0 so it starts at the resume offset (BS) the target will give."""
-    from vmrepl.batch import decode_frame
-
-    try:
-        f = decode_frame(frame)
-    except Exception:
-        return frame
-    if f.batch is None:
-        return frame
-    hdr = f.batch
-    if hdr.start_offset == 0 and hdr.seq == 0:
-        hdr.start_offset = BS
-        hdr.end_offset += BS
-        for e in hdr.extents:
-            e.offset += BS
-    return encode_batch(hdr, [bytes(f.payload)] if len(f.payload) else [])
+    return frames.shifted(frame, BS)
 
 
 OPEN_CASES: dict[str, tuple[Callable[[Lab], bytes], grpc.StatusCode, str]] = {
@@ -264,6 +228,16 @@ OPEN_CASES: dict[str, tuple[Callable[[Lab], bytes], grpc.StatusCode, str]] = {
         lambda e: open_frame(e, replica_path="jobs/vm2"),
         grpc.StatusCode.NOT_FOUND,
         "does not exist",
+    ),
+    "a proxy of another protocol version": (
+        lambda e: open_frame(e, protocol_versions=(7, 8)),
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "the proxy speaks Transfer protocol version(s) 7, 8, this target speaks 1",
+    ),
+    "an open without versions is version 1 (an older proxy), here refused for its size": (
+        lambda e: open_frame(e, protocol_versions=(), disk_size=4 * BS),
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "prepared with size",
     ),
     "size differs from the prepared disk": (
         lambda e: open_frame(e, disk_size=4 * BS),
@@ -359,7 +333,7 @@ async def test_proxy_refuses_bad_start_requests(lab_env: Lab, tmp_path: Path) ->
         await stub.StartDiskTransfer(req)
     assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION  # size differs from the source
     req = start_request(lab_env.spec("p5"), target_address="x", signing_key=lab_env.signing_key, proxy="proxy")
-    req.exclusions.skip_pagefile = True
+    req.exclusions.guest.skip_pagefile = True
     with pytest.raises(grpc.aio.AioRpcError) as err:
         await stub.StartDiskTransfer(req)
     assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION

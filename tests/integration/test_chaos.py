@@ -30,8 +30,8 @@ import grpc
 import pytest
 
 from controller import lab
-from tests.integration.conftest import qemu_identical
 from tests.integration.controller_env import ControllerEnv
+from tests.support.replicas import qemu_identical
 from vmrepl.disk import powercut
 from vmrepl.extent import MiB
 from vmrepl.v1 import controller_pb2 as api
@@ -215,7 +215,7 @@ def check_checkpoints(env: ControllerEnv, session: api.Session) -> None:
     """However a session ended, a VM has a checkpoint exactly when the session holds it for a resume."""
     for v in session.vms:
         has = _held_checkpoint(env, v.vm_name)
-        if v.state == "held":
+        if v.state == api.VM_STATE_HELD:
             assert has == v.checkpoint_id, f"{v.vm_name}: held {v.checkpoint_id}, the provider has {has}"
         else:
             assert has is None, f"{v.vm_name}: checkpoint {has} left behind by a VM that ended {v.state}"
@@ -226,7 +226,7 @@ def check_succeeded(env: ControllerEnv, session: api.Session, expected: Expected
     """Every replica equals its source at the session's checkpoint."""
     assert {v.vm_name for v in session.vms} == set(expected.held), "every VM of the job is in the session"
     for v in session.vms:
-        assert v.state == "done" and v.restore_point, f"{v.vm_name}: {v.state} {v.error}"
+        assert v.state == api.VM_STATE_DONE and v.restore_point, f"{v.vm_name}: {v.state} {v.error}"
         for d in v.disks:
             source = expected.at(v.vm_name, d.disk_id, v.checkpoint_id)
             replica = env.replica(v.vm_name, d.disk_id)

@@ -16,18 +16,13 @@ from google.protobuf import field_mask_pb2
 
 from controller import lab
 from controller.engine.journal import CRASH_EXIT_CODE
-from tests.integration.conftest import qemu_identical
 from tests.integration.controller_env import ControllerEnv, make_env
+from tests.support.replicas import assert_replicas_identical
 from vmrepl.extent import MiB
+from vmrepl.v1 import common_pb2, target_pb2
 from vmrepl.v1 import controller_pb2 as api
-from vmrepl.v1 import target_pb2
 
 pytestmark = pytest.mark.integration
-
-
-def _all_replicas_identical(ctl: ControllerEnv) -> None:
-    for vm, disk in ctl.disks():
-        assert qemu_identical(ctl.vm(vm).image(disk), ctl.replica(vm, disk)), f"{vm}/{disk} differs"
 
 
 def test_full_then_incremental_through_the_cli(ctl: ControllerEnv) -> None:
@@ -38,13 +33,13 @@ def test_full_then_incremental_through_the_cli(ctl: ControllerEnv) -> None:
     ctl.cli("job", "create", "job1", "--host", "lab", "--target", "target", "--vm", "vm1", "--vm", "vm2")
     full = ctl.cli("job", "start", "job1", "--wait")
     assert "succeeded" in full.stdout
-    _all_replicas_identical(ctl)
+    assert_replicas_identical(ctl)
 
     ctl.cli("lab", "write", str(ctl.host), "vm1", "--blocks", "6", "--seed", "3")
     incr = ctl.cli("job", "start", "job1", "--wait", "--json")
     session = json.loads(incr.stdout)
     assert session["state"] == "SESSION_STATE_SUCCEEDED"
-    _all_replicas_identical(ctl)
+    assert_replicas_identical(ctl)
     modes = {(v["vm_name"], d["disk_id"]): d["change_mode"] for v in session["vms"] for d in v["disks"]}
     assert set(modes.values()) == {"ranges"}, modes  # the file host's change tracking, since the last point
     sent = int(session["stats"]["bytes_sent"])
@@ -81,7 +76,14 @@ EARLIEST_IN_UTC = base64.urlsafe_b64encode(b'["sessions","0001-01-01T00:00:00+14
 LATEST_IN_UTC = base64.urlsafe_b64encode(b'["restorePoints","9999-12-31T23:59:59-14:00","x"]').decode()
 
 
-def _bad_calls(stub: Any, work: Path) -> list[tuple[str, Callable[[], Any]]]:
+def _hours(**days: list[tuple[int, int]]) -> api.PermittedHours:
+    hours = api.PermittedHours()
+    for day, spans in days.items():
+        getattr(hours, day).extend(api.HourSpan(start_hour=a, end_hour=b) for a, b in spans)
+    return hours
+
+
+def _bad_job_calls(stub: Any) -> list[tuple[str, Callable[[], Any]]]:
     job = api.Job(host="hosts/lab", target="targets/target", replica_root="r/j", vms=[api.JobVm(vm="vm1")])
 
     def job_with(**over: Any) -> Callable[[], Any]:
@@ -91,31 +93,83 @@ def _bad_calls(stub: Any, work: Path) -> list[tuple[str, Callable[[], Any]]]:
             if k == "vms":
                 del j.vms[:]
                 j.vms.extend(v)
-            elif k == "schedule":
-                j.schedule.update(v)
-            elif k == "webhook":
-                j.webhook.CopyFrom(v)
+            elif k in ("schedule", "webhook", "guest_processing", "exclusions"):
+                getattr(j, k).CopyFrom(v)
             else:
                 setattr(j, k, v)
         return lambda: stub.CreateJob(api.CreateJobRequest(job_id="jx", job=j))
 
+    return [
+        ("job.host", job_with(host="lab")),
+        ("job.target", job_with(target="nope/target")),
+        ("job.replica_root", job_with(replica_root="../escape")),
+        # job1's is replicas/job1 on the same target: neither the same, nor around it, nor inside it
+        ("job.replica_root", job_with(replica_root="replicas/job1")),
+        ("job.replica_root", job_with(replica_root="Replicas/JOB1")),
+        ("job.replica_root", job_with(replica_root="replicas")),
+        ("job.replica_root", job_with(replica_root="replicas/job1/more")),
+        ("job.vms[0].vm", job_with(vms=[api.JobVm(vm="vm1\x00")])),
+        ("job.vms", job_with(vms=[])),
+        ("job.vms[1].vm", job_with(vms=[api.JobVm(vm="vm1"), api.JobVm(vm="vm1")])),
+        ("job.restore_points_to_keep", job_with(restore_points_to_keep=-1)),
+        ("job.compression", job_with(compression="zstd")),
+        ("job.block_size", job_with(block_size=12345)),
+        ("job.bandwidth_limit_mbps", job_with(bandwidth_limit_mbps=-5)),
+        ("job.change_tracking", job_with(change_tracking="sometimes")),
+        ("job.checkpoint_hold_seconds", job_with(checkpoint_hold_seconds=5)),
+        ("job.retries", job_with(retries=11)),
+        ("job.retry_wait_seconds", job_with(retry_wait_seconds=100000)),
+        ("job.webhook.url", job_with(webhook=api.Webhook(url="ftp://hooks.example/x"))),
+        ("job.schedule.cron", job_with(schedule=api.Schedule(kind=api.SCHEDULE_KIND_CRON, cron="every night"))),
+        (
+            "job.schedule.timezone",
+            job_with(schedule=api.Schedule(kind=api.SCHEDULE_KIND_INTERVAL, every_minutes=5, timezone="CET+1")),
+        ),
+        ("job.schedule.after_job", job_with(schedule=api.Schedule(kind=api.SCHEDULE_KIND_AFTER_JOB, after_job="job1"))),
+        # A cron expression with no kind (a client's misspelt kind arrives so): not a silently manual job.
+        ("job.schedule.kind", job_with(schedule=api.Schedule(cron="0 22 * * *"))),
+        ("job.schedule.permitted.sat[0]", job_with(schedule=api.Schedule(permitted=_hours(sat=[(6, 30)])))),
+        ("job.guest_processing.credential", job_with(guest_processing=api.GuestProcessing(credential="guest"))),
+        ("job.exclusions.guest_paths[1]", job_with(exclusions=common_pb2.GuestExclusions(guest_paths=["/a", ""]))),
+    ]
+
+
+def _bad_name_and_page_calls(stub: Any) -> list[tuple[str, Callable[[], Any]]]:
+    return [
+        ("name", lambda: stub.GetJob(api.GetJobRequest(name="job1"))),
+        ("name", lambda: stub.GetHost(api.GetHostRequest(name=""))),
+        ("name", lambda: stub.StartJob(api.StartJobRequest(name="jobs/UPPER"))),
+        ("name", lambda: stub.StopJob(api.StopJobRequest(name="job1"))),
+        ("name", lambda: stub.DeleteTarget(api.DeleteTargetRequest(name="target"))),
+        ("name", lambda: stub.GetSession(api.GetSessionRequest(name="sessions/../x"))),
+        ("name", lambda: next(iter(stub.WatchSession(api.WatchSessionRequest(name="x"))))),
+        ("job", lambda: stub.ListSessions(api.ListSessionsRequest(job="job1"))),
+        ("page_size", lambda: stub.ListJobs(api.ListJobsRequest(page_size=-1))),
+        ("page_token", lambda: stub.ListHosts(api.ListHostsRequest(page_token="garbage"))),
+        ("page_token", lambda: stub.ListSessions(api.ListSessionsRequest(page_token=HUGE_OFFSET))),
+        ("page_token", lambda: stub.ListTargets(api.ListTargetsRequest(page_token=HUGE_OFFSET))),
+        ("page_token", lambda: stub.ListSessions(api.ListSessionsRequest(page_token=EARLIEST_IN_UTC))),
+        (
+            "page_token",
+            lambda: stub.ListJobRestorePoints(
+                api.ListJobRestorePointsRequest(parent="jobs/job1", page_token=LATEST_IN_UTC)
+            ),
+        ),
+        (
+            "page_token",
+            lambda: stub.ListJobs(api.ListJobsRequest(page_token=base64.urlsafe_b64encode(b"\xff").decode())),
+        ),
+        ("parent", lambda: stub.ListJobRestorePoints(api.ListJobRestorePointsRequest(parent="job1"))),
+    ]
+
+
+def _bad_host_calls(stub: Any, work: Path) -> list[tuple[str, Callable[[], Any]]]:
     def file_host(address: str) -> Callable[[], Any]:
         return lambda: stub.CreateHost(
             api.CreateHostRequest(host_id="h2", host=api.Host(provider="file", address=address))
         )
 
     return [
-        ("credential_id", lambda: stub.CreateCredential(api.CreateCredentialRequest(credential_id="Bad Id"))),
-        (
-            "secret",
-            lambda: stub.CreateCredential(
-                api.CreateCredentialRequest(credential_id="c1", credential=api.Credential(username="u"))
-            ),
-        ),
-        (
-            "credential.username",
-            lambda: stub.CreateCredential(api.CreateCredentialRequest(credential_id="c1", secret="x")),
-        ),
         ("host_id", lambda: stub.CreateHost(api.CreateHostRequest(host_id="", host=api.Host(provider="file")))),
         (
             "host.provider",
@@ -141,6 +195,23 @@ def _bad_calls(stub: Any, work: Path) -> list[tuple[str, Callable[[], Any]]]:
                 api.CreateHostRequest(host_id="h3", host=api.Host(provider="hyperv", address="hv\x00"))
             ),
         ),
+    ]
+
+
+def _bad_calls(stub: Any, work: Path) -> list[tuple[str, Callable[[], Any]]]:
+    return [
+        ("credential_id", lambda: stub.CreateCredential(api.CreateCredentialRequest(credential_id="Bad Id"))),
+        (
+            "secret",
+            lambda: stub.CreateCredential(
+                api.CreateCredentialRequest(credential_id="c1", credential=api.Credential(username="u"))
+            ),
+        ),
+        (
+            "credential.username",
+            lambda: stub.CreateCredential(api.CreateCredentialRequest(credential_id="c1", secret="x")),
+        ),
+        *_bad_host_calls(stub, work),
         (
             "proxy.address",
             lambda: stub.CreateProxy(api.CreateProxyRequest(proxy_id="p2", proxy=api.Proxy(address="nope"))),
@@ -158,29 +229,7 @@ def _bad_calls(stub: Any, work: Path) -> list[tuple[str, Callable[[], Any]]]:
             ),
         ),
         ("target.address", lambda: stub.CreateTarget(api.CreateTargetRequest(target_id="t2", target=api.Target()))),
-        ("job.host", job_with(host="lab")),
-        ("job.target", job_with(target="nope/target")),
-        ("job.replica_root", job_with(replica_root="../escape")),
-        # job1's is replicas/job1 on the same target: neither the same, nor around it, nor inside it
-        ("job.replica_root", job_with(replica_root="replicas/job1")),
-        ("job.replica_root", job_with(replica_root="Replicas/JOB1")),
-        ("job.replica_root", job_with(replica_root="replicas")),
-        ("job.replica_root", job_with(replica_root="replicas/job1/more")),
-        ("job.vms[0].vm", job_with(vms=[api.JobVm(vm="vm1\x00")])),
-        ("job.vms", job_with(vms=[])),
-        ("job.vms[1].vm", job_with(vms=[api.JobVm(vm="vm1"), api.JobVm(vm="vm1")])),
-        ("job.restore_points_to_keep", job_with(restore_points_to_keep=-1)),
-        ("job.compression", job_with(compression="zstd")),
-        ("job.block_size", job_with(block_size=12345)),
-        ("job.bandwidth_limit_mbps", job_with(bandwidth_limit_mbps=-5)),
-        ("job.change_tracking", job_with(change_tracking="sometimes")),
-        ("job.checkpoint_hold_seconds", job_with(checkpoint_hold_seconds=5)),
-        ("job.retries", job_with(retries=11)),
-        ("job.retry_wait_seconds", job_with(retry_wait_seconds=100000)),
-        ("job.webhook.url", job_with(webhook=api.Webhook(url="ftp://hooks.example/x"))),
-        ("job.schedule.cron", job_with(schedule={"kind": "cron", "cron": "every night"})),
-        ("job.schedule.timezone", job_with(schedule={"kind": "interval", "every_minutes": 5, "timezone": "CET+1"})),
-        ("job.schedule.after_job", job_with(schedule={"kind": "after", "after_job": "job1"})),
+        *_bad_job_calls(stub),
         (
             "update_mask",
             lambda: stub.UpdateJob(
@@ -189,30 +238,7 @@ def _bad_calls(stub: Any, work: Path) -> list[tuple[str, Callable[[], Any]]]:
                 )
             ),
         ),
-        ("name", lambda: stub.GetJob(api.GetJobRequest(name="job1"))),
-        ("name", lambda: stub.GetHost(api.GetHostRequest(name=""))),
-        ("name", lambda: stub.StartJob(api.StartJobRequest(name="jobs/UPPER"))),
-        ("name", lambda: stub.StopJob(api.StopJobRequest(name="job1"))),
-        ("name", lambda: stub.DeleteTarget(api.DeleteTargetRequest(name="target"))),
-        ("name", lambda: stub.GetSession(api.GetSessionRequest(name="sessions/../x"))),
-        ("name", lambda: next(iter(stub.WatchSession(api.WatchSessionRequest(name="x"))))),
-        ("job", lambda: stub.ListSessions(api.ListSessionsRequest(job="job1"))),
-        ("page_size", lambda: stub.ListJobs(api.ListJobsRequest(page_size=-1))),
-        ("page_token", lambda: stub.ListHosts(api.ListHostsRequest(page_token="garbage"))),
-        ("page_token", lambda: stub.ListSessions(api.ListSessionsRequest(page_token=HUGE_OFFSET))),
-        ("page_token", lambda: stub.ListTargets(api.ListTargetsRequest(page_token=HUGE_OFFSET))),
-        ("page_token", lambda: stub.ListSessions(api.ListSessionsRequest(page_token=EARLIEST_IN_UTC))),
-        (
-            "page_token",
-            lambda: stub.ListRestorePoints(
-                api.ListJobRestorePointsRequest(parent="jobs/job1", page_token=LATEST_IN_UTC)
-            ),
-        ),
-        (
-            "page_token",
-            lambda: stub.ListJobs(api.ListJobsRequest(page_token=base64.urlsafe_b64encode(b"\xff").decode())),
-        ),
-        ("parent", lambda: stub.ListRestorePoints(api.ListJobRestorePointsRequest(parent="job1"))),
+        *_bad_name_and_page_calls(stub),
     ]
 
 
@@ -280,6 +306,24 @@ def test_a_reader_certificate_reads_but_cannot_start_a_job(ctl_raw: ControllerEn
     with pytest.raises(grpc.RpcError) as err:
         proxy_cert.ListJobs(api.ListJobsRequest())
     assert err.value.code() is grpc.StatusCode.PERMISSION_DENIED
+
+
+def test_a_credential_a_jobs_guest_processing_names_is_not_deleted_under_it(ctl_raw: ControllerEnv) -> None:
+    ctl_raw.configure()
+    stub = ctl_raw.client()
+    stub.CreateCredential(
+        api.CreateCredentialRequest(credential_id="guest", credential=api.Credential(username="u"), secret="s")
+    )
+    guest = api.GuestProcessing(enabled=True, credential="credentials/guest")
+    job = api.Job(name="jobs/job1", guest_processing=guest)
+    mask = field_mask_pb2.FieldMask(paths=["guest_processing"])
+    assert stub.UpdateJob(api.UpdateJobRequest(job=job, update_mask=mask)).guest_processing == guest
+    with pytest.raises(grpc.RpcError) as refused:
+        stub.DeleteCredential(api.DeleteCredentialRequest(name="credentials/guest"))
+    assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "jobs/job1" in refused.value.details()
+    job.guest_processing.credential = ""
+    stub.UpdateJob(api.UpdateJobRequest(job=job, update_mask=mask))
+    stub.DeleteCredential(api.DeleteCredentialRequest(name="credentials/guest"))
 
 
 def test_credentials_never_appear_in_replies_logs_or_the_database(ctl_raw: ControllerEnv) -> None:
@@ -379,7 +423,8 @@ def test_cli_sets_schedule_webhook_and_retries(ctl_raw: ControllerEnv) -> None:
     args = ["job", "create", "nightly", "--host", "lab", "--target", "target", "--vm", "vm2", "--schedule", sched]
     ctl_raw.cli(*args, "--webhook", "https://hooks.example/T/abc", "--retries", "4", "--retry-wait", "30")
     shown = json.loads(ctl_raw.cli("job", "show", "nightly", "--json").stdout)
-    assert shown["schedule"] == {"kind": "cron", "cron": "30 22 * * 1-5", "timezone": "Europe/Berlin"}
+    assert shown["schedule"] == {"kind": "SCHEDULE_KIND_CRON", "cron": "30 22 * * 1-5", "timezone": "Europe/Berlin"}
+    assert '"timezone": "Europe/Berlin"' in ctl_raw.cli("job", "show", "nightly").stdout  # as --schedule takes it
     assert shown["webhook"] == {"url": "https://hooks.example/…"} and shown["retries"] == 4
     bad = ctl_raw.cli("job", "update", "nightly", "--schedule", '{"kind": "cron", "cron": "nope"}', check=False)
     assert bad.returncode == 1 and "INVALID_ARGUMENT: job.schedule.cron" in bad.stderr
@@ -447,7 +492,7 @@ def test_a_stop_recorded_after_every_disk_and_restore_point_is_done_leaves_the_s
     ctl_raw.restart_controller()  # continues the stopping session: nothing is left to do but close it
     final = ctl_raw.wait_session(session.name)
     assert final.state == api.SESSION_STATE_SUCCEEDED, (final.state, final.error)
-    assert len(ctl_raw.points()) == 2 and [v.state for v in final.vms] == ["done"]
+    assert len(ctl_raw.points()) == 2 and [v.state for v in final.vms] == [api.VM_STATE_DONE]
 
 
 def test_a_vm_whose_id_is_no_plain_name_fails_alone_and_nests_no_replica(ctl_raw: ControllerEnv) -> None:
@@ -461,8 +506,8 @@ def test_a_vm_whose_id_is_no_plain_name_fails_alone_and_nests_no_replica(ctl_raw
     session = ctl_raw.run_job()
     assert session.state == api.SESSION_STATE_FAILED
     vms = {v.vm_name: v for v in session.vms}
-    assert vms["vm2"].state == "done", vms["vm2"]
-    assert vms["odd"].state == "failed" and "cannot name a replica folder" in vms["odd"].error, vms["odd"]
+    assert vms["vm2"].state == api.VM_STATE_DONE, vms["vm2"]
+    assert vms["odd"].state == api.VM_STATE_FAILED and "cannot name a replica folder" in vms["odd"].error, vms["odd"]
     assert not (ctl_raw.work / "datastore" / "replicas" / "job1" / "evil").exists()
     assert len(ctl_raw.points()) == 1
 
@@ -476,11 +521,11 @@ def test_sessions_and_restore_points_page_by_key_newest_first(ctl_db: Controller
     assert [s.name for s in [*first.sessions, *rest.sessions]] == ran[::-1] and not rest.next_page_token
     one = stub.ListSessions(api.ListSessionsRequest(job="jobs/job1", page_size=1, page_token=first.next_page_token))
     assert [s.name for s in one.sessions] == ran[:1]
-    points = stub.ListRestorePoints(api.ListJobRestorePointsRequest(parent="jobs/job1", page_size=2))
-    more = stub.ListRestorePoints(
+    points = stub.ListJobRestorePoints(api.ListJobRestorePointsRequest(parent="jobs/job1", page_size=2))
+    more = stub.ListJobRestorePoints(
         api.ListJobRestorePointsRequest(parent="jobs/job1", page_size=2, page_token=points.next_page_token)
     )
     assert [p.session for p in [*points.restore_points, *more.restore_points]] == ran  # oldest first
     with pytest.raises(grpc.RpcError) as err:  # a token of another list
-        stub.ListRestorePoints(api.ListJobRestorePointsRequest(parent="jobs/job1", page_token=first.next_page_token))
+        stub.ListJobRestorePoints(api.ListJobRestorePointsRequest(parent="jobs/job1", page_token=first.next_page_token))
     assert err.value.code() is grpc.StatusCode.INVALID_ARGUMENT

@@ -17,9 +17,9 @@ from google.protobuf import field_mask_pb2
 
 from controller import lab
 from tests.conftest import need_tool
-from tests.integration.conftest import qemu_identical
 from tests.integration.controller_env import ControllerEnv
 from tests.powercut import Recorder
+from tests.support.replicas import assert_replicas_identical
 from vmrepl.extent import MiB
 from vmrepl.providers.filehost import load_manifest, write_manifest
 from vmrepl.v1 import controller_pb2 as api
@@ -39,11 +39,6 @@ def _cli(*args: str) -> subprocess.CompletedProcess[str]:
 
 def _digest(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()  # compared instead of megabytes, which pytest would diff
-
-
-def _same(ctl: ControllerEnv, vm: str, job: str = "job1") -> None:
-    for d in ctl.vm(vm).manifest.disks:
-        assert qemu_identical(ctl.vm(vm).image(d.id), ctl.replica(vm, d.id, job=job)), f"{vm}/{d.id} differs"
 
 
 def _copy_vm(host: Path, src: str, dst: str, *, name: str, disk_mib: int, fill: bytes) -> None:
@@ -81,12 +76,12 @@ def test_a_shared_vm_id_is_refused_and_fails_only_the_vms_sharing_it(ctl_raw: Co
 
     both = ctl_raw.run_job()
     vms = _by_name(both)
-    assert vms["vm1"].state == "done" and vms["vm1"].restore_point, both.error
+    assert vms["vm1"].state == api.VM_STATE_DONE and vms["vm1"].restore_point, both.error
     for name in ("vm0", "vm2"):
-        assert vms[name].state == "failed", (name, vms[name].state)
+        assert vms[name].state == api.VM_STATE_FAILED, (name, vms[name].state)
         assert "vm0" in vms[name].error and "vm2" in vms[name].error, vms[name].error
         assert "IntegrityError" not in vms[name].error and "internal" not in vms[name].error
-    _same(ctl_raw, "vm1")
+    assert_replicas_identical(ctl_raw, ["vm1"])
 
     alone = ctl_raw.run_job("job2")  # named by name: before, vm0's disk was replicated as vm2's
     assert alone.state == api.SESSION_STATE_FAILED, "a job must not replicate another folder's disk"
@@ -105,10 +100,12 @@ def test_references_resolve_by_id_then_by_a_unique_name(ctl_raw: ControllerEnv) 
     s = ctl_raw.run_job()
     assert [v.vm_id for v in s.vms].count(vm2_id) == 1 and "internal" not in s.error, s.error
     by_id = {v.vm_id: v for v in s.vms}
-    assert by_id[vm1_id].state == "done" and by_id[vm2_id].state == "done", s.error  # by id
-    assert by_id["3b3b3b3b-0000-4000-8000-000000000001"].state == "done", s.error  # by id, though its name is shared
+    assert by_id[vm1_id].state == api.VM_STATE_DONE and by_id[vm2_id].state == api.VM_STATE_DONE, s.error  # by id
+    assert by_id["3b3b3b3b-0000-4000-8000-000000000001"].state == api.VM_STATE_DONE, (
+        s.error
+    )  # by id, though its name is shared
     ambiguous = by_id["vm3"]  # by a name two folders carry
-    assert ambiguous.state == "failed" and "ambiguous" in ambiguous.error, ambiguous.error
+    assert ambiguous.state == api.VM_STATE_FAILED and "ambiguous" in ambiguous.error, ambiguous.error
     assert "vm3b" in ambiguous.error and load_manifest(twin).id in ambiguous.error
 
 
@@ -128,11 +125,11 @@ def test_a_disk_whose_size_changed_after_planning_fails(ctl_raw: ControllerEnv) 
     last = ctl_raw.client().ListSessions(api.ListSessionsRequest(page_size=1)).sessions[0]
     s = ctl_raw.wait_session(last.name)
     vms = _by_name(s)
-    assert vms["vm1"].state == "done", s.error
-    assert vms["vm2"].state == "failed" and "size" in vms["vm2"].error, vms["vm2"].error
+    assert vms["vm1"].state == api.VM_STATE_DONE, s.error
+    assert vms["vm2"].state == api.VM_STATE_FAILED and "size" in vms["vm2"].error, vms["vm2"].error
     assert str(8 * MiB) in vms["vm2"].error and str(9 * MiB) in vms["vm2"].error
     assert ctl_raw.run_job().state == api.SESSION_STATE_SUCCEEDED  # planned again with the new size
-    _same(ctl_raw, "vm2")
+    assert_replicas_identical(ctl_raw, ["vm2"])
 
 
 # ---- item 4: bad manifests ----------------------------------------------------------------------------
@@ -153,13 +150,12 @@ def test_a_bad_manifest_fails_only_its_own_vm(ctl_raw: ControllerEnv) -> None:
     ctl_raw.configure(vms=("vm1", "vm2", "bad1", "bad2", "bad3"), retries=0)
     s = ctl_raw.run_job()
     vms = _by_name(s)
-    assert vms["vm1"].state == "done" and vms["vm2"].state == "done", s.error
+    assert vms["vm1"].state == api.VM_STATE_DONE and vms["vm2"].state == api.VM_STATE_DONE, s.error
     assert "vm.toml" in vms["bad1"].error and "TOML" in vms["bad1"].error, vms["bad1"].error
     assert "colour" in vms["bad2"].error, vms["bad2"].error
     assert "disk0.raw" in vms["bad3"].error and "symbolic link" in vms["bad3"].error, vms["bad3"].error
-    assert all(vms[b].state == "failed" for b in ("bad1", "bad2", "bad3"))
-    _same(ctl_raw, "vm1")
-    _same(ctl_raw, "vm2")
+    assert all(vms[b].state == api.VM_STATE_FAILED for b in ("bad1", "bad2", "bad3"))
+    assert_replicas_identical(ctl_raw, ["vm1", "vm2"])
 
 
 # ---- item 5: planted files and symbolic links ------------------------------------------------------------
@@ -184,8 +180,8 @@ def test_a_planted_merge_record_is_refused_not_merged(ctl_raw: ControllerEnv) ->
     ctl_raw.configure(vms=("vm1", "vm2"), retries=0)
     s = ctl_raw.run_job()
     vms = _by_name(s)
-    assert vms["vm2"].state == "done", s.error
-    assert vms["vm1"].state == "failed", "a checkpoint record vmrepl did not write must not be merged"
+    assert vms["vm2"].state == api.VM_STATE_DONE, s.error
+    assert vms["vm1"].state == api.VM_STATE_FAILED, "a checkpoint record vmrepl did not write must not be merged"
     assert "checkpoint.json" in vms["vm1"].error and "not written by vmrepl" in vms["vm1"].error
     assert SECRET not in ctl_raw.vm("vm1").image("disk0").read_bytes()[: 2 * len(SECRET)]
     replica = ctl_raw.replica("vm1")
@@ -204,28 +200,23 @@ def test_scans_create_nothing_and_symlinked_folders_are_refused(ctl_raw: Control
     ctl_raw.configure(vms=("vm1", "vm2", "vm3"), retries=0)
     s = ctl_raw.run_job()
     vms = _by_name(s)
-    assert vms["vm1"].state == "done", s.error
-    assert vms["vm2"].state == "failed" and ".vmrepl" in vms["vm2"].error, vms["vm2"].error
+    assert vms["vm1"].state == api.VM_STATE_DONE, s.error
+    assert vms["vm2"].state == api.VM_STATE_FAILED and ".vmrepl" in vms["vm2"].error, vms["vm2"].error
     assert "symbolic link" in vms["vm2"].error
-    assert vms["vm3"].state == "failed" and "symbolic link" in vms["vm3"].error, vms["vm3"].error
+    assert vms["vm3"].state == api.VM_STATE_FAILED and "symbolic link" in vms["vm3"].error, vms["vm3"].error
     assert list(outside_state.iterdir()) == [], "nothing is written through a symlinked .vmrepl"
     assert not (elsewhere / "vm3" / ".vmrepl").exists(), "nothing is written through a symlinked VM folder"
     assert not (ctl_raw.host / "vm4" / ".vmrepl").exists(), "a scan creates nothing"
-    _same(ctl_raw, "vm1")
+    assert_replicas_identical(ctl_raw, ["vm1"])
 
 
 # ---- item 16: guest writes under a checkpoint are durable ------------------------------------------------
 
 
-def _unlimit(ctl: ControllerEnv) -> None:
-    mask = field_mask_pb2.FieldMask(paths=["bandwidth_limit_mbps"])
-    ctl.client().UpdateJob(api.UpdateJobRequest(job=api.Job(name="jobs/job1"), update_mask=mask))
-
-
 def _start_under_checkpoint(ctl: ControllerEnv) -> str:
     ctl.configure(vms=("vm1",), bandwidth_limit_mbps=1, retries=0)
     s = ctl.client().StartJob(api.StartJobRequest(name="jobs/job1"))
-    ctl.wait_until(s.name, lambda x: any(v.state == "transferring" for v in x.vms))
+    ctl.wait_until(s.name, lambda x: any(v.state == api.VM_STATE_TRANSFERRING for v in x.vms))
     return str(s.name)
 
 
@@ -237,7 +228,7 @@ def _recover(ctl: ControllerEnv, name: str) -> None:
     ctl.client().UpdateProxy(
         api.UpdateProxyRequest(proxy=api.Proxy(name="proxies/proxy1", address=ctl.proxy.address), update_mask=mask)
     )
-    _unlimit(ctl)
+    ctl.unlimit()
     final = ctl.wait_session(name)
     assert final.state in (api.SESSION_STATE_SUCCEEDED, api.SESSION_STATE_INCOMPLETE), final.error
     if final.state == api.SESSION_STATE_INCOMPLETE:  # the checkpoint was held: the next session releases it
@@ -265,7 +256,7 @@ def test_guest_writes_acknowledged_under_a_checkpoint_survive_a_power_cut(ctl_ra
     _recover(ctl_raw, name)
     assert _digest(vm.image("disk0").read_bytes()) == acknowledged, "the merge lost acknowledged writes"
     assert ctl_raw.run_job().state == api.SESSION_STATE_SUCCEEDED
-    _same(ctl_raw, "vm1")
+    assert_replicas_identical(ctl_raw, ["vm1"])
 
 
 def test_a_guest_writer_killed_mid_write_leaves_a_consistent_merge(ctl_raw: ControllerEnv) -> None:
@@ -288,4 +279,4 @@ def test_a_guest_writer_killed_mid_write_leaves_a_consistent_merge(ctl_raw: Cont
     assert _digest(vm.image("disk0").read_bytes()) == seen, "the merge must give exactly what the guest saw"
     assert not os.path.exists(vm.state / "checkpoint.json")
     assert ctl_raw.run_job().state == api.SESSION_STATE_SUCCEEDED
-    _same(ctl_raw, "vm1")
+    assert_replicas_identical(ctl_raw, ["vm1"])

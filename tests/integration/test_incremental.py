@@ -5,12 +5,12 @@ from __future__ import annotations
 import subprocess
 
 from controller import lab
+from controller.engine.transfer import COMPARE
 from tests.conftest import need_tool
-from tests.integration.conftest import Lab, qemu_identical
+from tests.integration.conftest import Lab
+from tests.support.replicas import qemu_identical
 from vmrepl.extent import MiB
 from vmrepl.v1 import common_pb2, proxy_pb2
-
-COMPARE = proxy_pb2.ChangeSource(compare_digests=proxy_pb2.CompareDigests())
 
 
 def ranges_source(offsets: list[int]) -> proxy_pb2.ChangeSource:

@@ -20,21 +20,13 @@ from pathlib import Path
 import pytest
 
 from controller import lab
-from controller.engine.transfer import DiskTaskSpec, prepare
-from tests.integration.conftest import Lab, qemu_identical
+from controller.engine.transfer import COMPARE, DiskTaskSpec, prepare
+from tests.integration.conftest import Lab
+from tests.support.replicas import qemu_identical
 from vmrepl.block import DIGEST_SIZE, digest, is_zero, zero_digest
 from vmrepl.disk import powercut
 from vmrepl.extent import MiB
-from vmrepl.v1 import proxy_pb2, target_pb2
-
-COMPARE = proxy_pb2.ChangeSource(compare_digests=proxy_pb2.CompareDigests())
-
-
-async def _committed(lab_env: Lab) -> int:
-    disk = await lab_env.target_client().stub.GetReplicaDisk(
-        target_pb2.GetReplicaDiskRequest(replica_path="jobs/vm1", disk_id="disk0"), timeout=2
-    )
-    return int(disk.committed_offset)
+from vmrepl.v1 import proxy_pb2
 
 
 def restart_target(lab_env: Lab, *, write_delay_ms: float = 0) -> None:
@@ -148,7 +140,7 @@ async def _until_committed(lab_env: Lab, offset: float, task: asyncio.Task[objec
         if task.done():
             return
         with contextlib.suppress(Exception):
-            if await _committed(lab_env) >= offset:
+            if (await lab_env.replica_disk()).committed_offset >= offset:
                 return
         await asyncio.sleep(0.05)
 

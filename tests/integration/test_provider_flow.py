@@ -7,7 +7,8 @@ import hashlib
 
 from controller import lab
 from tests.conftest import need_tool
-from tests.integration.conftest import Lab, qemu_identical
+from tests.integration.conftest import Lab
+from tests.support.replicas import qemu_identical
 from vmrepl.extent import MiB
 from vmrepl.providers.filehost import FileHostProvider
 from vmrepl.v1 import common_pb2, proxy_pb2

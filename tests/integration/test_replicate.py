@@ -6,7 +6,8 @@ import grpc
 import pytest
 
 from controller import lab
-from tests.integration.conftest import Lab, qemu_identical
+from tests.integration.conftest import Lab
+from tests.support.replicas import qemu_identical
 from vmrepl.extent import MiB
 from vmrepl.v1 import common_pb2, proxy_pb2, target_pb2
 

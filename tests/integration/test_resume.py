@@ -5,9 +5,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 
-from tests.integration.conftest import Lab, qemu_identical
+from tests.integration.conftest import Lab
+from tests.support.replicas import qemu_identical
 from vmrepl.extent import MiB
-from vmrepl.v1 import proxy_pb2, target_pb2
+from vmrepl.v1 import proxy_pb2
 
 WINDOW_BATCHES = 16  # the proxy's default
 BATCH_DATA = 4 * MiB  # the proxy's default batch size
@@ -19,13 +20,6 @@ def resent_bytes(lab_env: Lab, needed: int) -> int:
     return received - needed
 
 
-async def _committed(lab_env: Lab) -> int:
-    disk = await lab_env.target_client().stub.GetReplicaDisk(
-        target_pb2.GetReplicaDiskRequest(replica_path="jobs/vm1", disk_id="disk0"), timeout=2
-    )
-    return int(disk.committed_offset)
-
-
 async def test_target_killed_mid_stream_resumes(lab_env: Lab, data_bytes: int) -> None:
     size = lab_env.image.stat().st_size
     spec = lab_env.spec("s-kill", bandwidth_limit_mbps=50)
@@ -34,7 +28,7 @@ async def test_target_killed_mid_stream_resumes(lab_env: Lab, data_bytes: int) -
     for _ in range(600):
         await asyncio.sleep(0.05)
         with contextlib.suppress(Exception):
-            c = await _committed(lab_env)
+            c = (await lab_env.replica_disk()).committed_offset
             if size // 4 <= c <= size * 3 // 4:
                 lab_env.target.kill()
                 killed_at = c

@@ -14,8 +14,8 @@ from google.protobuf import field_mask_pb2
 
 from controller import lab
 from controller.engine.journal import CRASH_EXIT_CODE
-from tests.integration.conftest import qemu_identical
 from tests.integration.controller_env import ControllerEnv
+from tests.support.replicas import assert_replicas_identical, qemu_identical
 from vmrepl.extent import MiB
 from vmrepl.v1 import controller_pb2 as api
 from vmrepl.v1 import target_pb2
@@ -23,19 +23,8 @@ from vmrepl.v1 import target_pb2
 pytestmark = pytest.mark.integration
 
 
-def _identical(ctl: ControllerEnv, vms: tuple[str, ...] = ("vm1", "vm2")) -> None:
-    for vm, disk in ctl.disks():
-        if vm in vms:
-            assert qemu_identical(ctl.vm(vm).image(disk), ctl.replica(vm, disk)), f"{vm}/{disk} differs"
-
-
 def _disks(s: api.Session) -> dict[str, api.DiskTask]:
     return {f"{v.vm_name}/{d.disk_id}": d for v in s.vms for d in v.disks}
-
-
-def _unlimit(ctl: ControllerEnv) -> None:
-    mask = field_mask_pb2.FieldMask(paths=["bandwidth_limit_mbps"])
-    ctl.client().UpdateJob(api.UpdateJobRequest(job=api.Job(name="jobs/job1"), update_mask=mask))
 
 
 def _received_below(ctl: ControllerEnv, session: str, disk: str, offset: int) -> int:
@@ -53,7 +42,7 @@ def test_writes_during_a_session_wait_for_the_next(ctl_raw: ControllerEnv) -> No
     ctl_raw.configure(vms=("vm1",), bandwidth_limit_mbps=4)
     stub = ctl_raw.client()
     s = stub.StartJob(api.StartJobRequest(name="jobs/job1"))
-    ctl_raw.wait_until(s.name, lambda x: any(v.state == "transferring" for v in x.vms))
+    ctl_raw.wait_until(s.name, lambda x: any(v.state == api.VM_STATE_TRANSFERRING for v in x.vms))
     vm = ctl_raw.vm("vm1")
     before = vm.read_current("disk0", 7 * MiB, MiB)
     vm.write("disk0", 7 * MiB, b"\xa5" * MiB)  # after the checkpoint: goes to the overlay
@@ -62,11 +51,11 @@ def test_writes_during_a_session_wait_for_the_next(ctl_raw: ControllerEnv) -> No
         f.seek(7 * MiB)
         assert f.read(MiB) == before, "the session replicated the checkpoint, not the later write"
     assert not (vm.state / "checkpoint.json").exists()  # removed, the overlay merged
-    _unlimit(ctl_raw)
+    ctl_raw.unlimit()
     second = ctl_raw.run_job()
     assert second.state == api.SESSION_STATE_SUCCEEDED
     assert _disks(second)["vm1/disk0"].change_mode == "ranges"
-    _identical(ctl_raw, ("vm1",))
+    assert_replicas_identical(ctl_raw, ["vm1"])
 
 
 def test_stop_then_start_resumes_from_the_committed_offsets(ctl_db: ControllerEnv) -> None:
@@ -79,14 +68,14 @@ def test_stop_then_start_resumes_from_the_committed_offsets(ctl_db: ControllerEn
     stub.StopJob(api.StopJobRequest(name="jobs/job1"))
     stopped = ctl_db.wait_session(s.name)
     assert stopped.state == api.SESSION_STATE_INCOMPLETE
-    assert [v.state for v in stopped.vms] == ["held"]
+    assert [v.state for v in stopped.vms] == [api.VM_STATE_HELD]
     offsets = {k: d.committed_offset for k, d in _disks(stopped).items()}
-    assert all(d.state == "resumable" for d in _disks(stopped).values())
+    assert all(d.state == api.DISK_TASK_STATE_RESUMABLE for d in _disks(stopped).values())
     assert all(0 < o < 8 * MiB for o in offsets.values()), offsets
     assert (ctl_db.vm("vm1").state / "checkpoint.json").exists(), "the checkpoint is held for the resume"
     assert not ctl_db.points()
 
-    _unlimit(ctl_db)
+    ctl_db.unlimit()
     resumed = ctl_db.run_job()
     assert resumed.state == api.SESSION_STATE_SUCCEEDED, resumed.error
     for key, d in _disks(resumed).items():
@@ -103,7 +92,7 @@ def test_stop_then_start_resumes_from_the_committed_offsets(ctl_db: ControllerEn
     }
     assert len(ctl_db.points()) == 1
     assert not (ctl_db.vm("vm1").state / "checkpoint.json").exists()
-    _identical(ctl_db, ("vm1",))
+    assert_replicas_identical(ctl_db, ["vm1"])
 
 
 def test_sigterm_stops_cleanly_and_the_next_run_resumes(ctl_raw: ControllerEnv) -> None:
@@ -117,12 +106,12 @@ def test_sigterm_stops_cleanly_and_the_next_run_resumes(ctl_raw: ControllerEnv) 
     ctl_raw.restart_controller()
     stopped = ctl_raw.session(s.name)
     assert stopped.state == api.SESSION_STATE_INCOMPLETE
-    assert {d.state for d in _disks(stopped).values()} <= {"resumable", "succeeded"}
-    _unlimit(ctl_raw)
+    assert {d.state for d in _disks(stopped).values()} <= {api.DISK_TASK_STATE_RESUMABLE, api.DISK_TASK_STATE_SUCCEEDED}
+    ctl_raw.unlimit()
     resumed = ctl_raw.run_job()
     assert resumed.state == api.SESSION_STATE_SUCCEEDED, resumed.error
     assert "resume" in {d.start for d in _disks(resumed).values()}
-    _identical(ctl_raw, ("vm1",))
+    assert_replicas_identical(ctl_raw, ["vm1"])
 
 
 def _crash_and_recover(ctl: ControllerEnv, n: int) -> bool:
@@ -175,7 +164,7 @@ def test_controller_killed_at_every_state_transition_recovers(ctl_raw: Controlle
         crashed = _crash_and_recover(ctl_raw, n)
         sessions += 1
         _check_points(ctl_raw, sessions)
-        _identical(ctl_raw)
+        assert_replicas_identical(ctl_raw, ["vm1", "vm2"])
         if not crashed:
             break
         for i, (vm, disk) in enumerate(ctl_raw.disks()):  # something for the next incremental to carry
@@ -200,15 +189,15 @@ def test_a_held_checkpoint_past_its_deadline_is_released_and_the_disks_compared(
     db.close()
     ctl_raw.restart_controller()
     ctl_raw.vm("vm1").write("disk0", 5 * MiB, b"\x5a" * 8192)  # a change the old checkpoint never saw
-    _unlimit(ctl_raw)
+    ctl_raw.unlimit()
     after = ctl_raw.run_job()
     assert after.state == api.SESSION_STATE_SUCCEEDED, after.error
     assert after.vms[0].checkpoint_id != old_checkpoint
-    resumable = {k for k, d in _disks(held).items() if d.state == "resumable"}
+    resumable = {k for k, d in _disks(held).items() if d.state == api.DISK_TASK_STATE_RESUMABLE}
     for key, d in _disks(after).items():
         assert (d.start, d.change_mode) == (("compare", "compare") if key in resumable else ("fresh", "full")), key
     assert not (ctl_raw.vm("vm1").state / "checkpoint.json").exists()
-    _identical(ctl_raw, ("vm1",))
+    assert_replicas_identical(ctl_raw, ["vm1"])
 
 
 def test_a_proxy_killed_mid_transfer_leaves_the_disks_resumable(ctl_raw: ControllerEnv) -> None:
@@ -219,17 +208,17 @@ def test_a_proxy_killed_mid_transfer_leaves_the_disks_resumable(ctl_raw: Control
     ctl_raw.proxy.kill()
     lost = ctl_raw.wait_session(s.name, timeout=60)
     assert lost.state == api.SESSION_STATE_INCOMPLETE, lost.error
-    assert {d.state for d in _disks(lost).values()} == {"resumable"}
+    assert {d.state for d in _disks(lost).values()} == {api.DISK_TASK_STATE_RESUMABLE}
     ctl_raw.proxy.start()  # on a new port: tell the controller
     mask = field_mask_pb2.FieldMask(paths=["address"])
     ctl_raw.client().UpdateProxy(
         api.UpdateProxyRequest(proxy=api.Proxy(name="proxies/proxy1", address=ctl_raw.proxy.address), update_mask=mask)
     )
-    _unlimit(ctl_raw)
+    ctl_raw.unlimit()
     resumed = ctl_raw.run_job()
     assert resumed.state == api.SESSION_STATE_SUCCEEDED, resumed.error
     assert {d.start for d in _disks(resumed).values()} == {"resume"}
-    _identical(ctl_raw, ("vm1",))
+    assert_replicas_identical(ctl_raw, ["vm1"])
 
 
 def test_a_failing_vm_is_retried_without_holding_up_the_others(ctl_raw: ControllerEnv) -> None:
@@ -242,14 +231,14 @@ def test_a_failing_vm_is_retried_without_holding_up_the_others(ctl_raw: Controll
     ctl_raw.wait_until(s.name, lambda x: any(v.vm_name == "vm1" and v.attempt == 2 for v in x.vms), timeout=30)
     now = ctl_raw.session(s.name)
     vm2 = next(v for v in now.vms if v.vm_name == "vm2")
-    assert vm2.state == "done" and vm2.restore_point, "vm2 finished while vm1 waited to retry"
+    assert vm2.state == api.VM_STATE_DONE and vm2.restore_point, "vm2 finished while vm1 waited to retry"
     blocker.unlink()  # the cause goes away: the next attempt succeeds
     final = ctl_raw.wait_session(s.name, timeout=60)
     assert final.state == api.SESSION_STATE_SUCCEEDED, final.error
     vm1 = next(v for v in final.vms if v.vm_name == "vm1")
-    assert vm1.state == "done" and vm1.attempt >= 2 and "attempt 1:" in vm1.error
+    assert vm1.state == api.VM_STATE_DONE and vm1.attempt >= 2 and "attempt 1:" in vm1.error
     assert len(ctl_raw.points()) == 2
-    _identical(ctl_raw)
+    assert_replicas_identical(ctl_raw, ["vm1", "vm2"])
 
 
 def test_a_vm_that_keeps_failing_fails_the_session_after_its_retries(ctl_raw: ControllerEnv) -> None:
@@ -260,8 +249,8 @@ def test_a_vm_that_keeps_failing_fails_the_session_after_its_retries(ctl_raw: Co
     final = ctl_raw.run_job()
     assert final.state == api.SESSION_STATE_FAILED
     by_name = {v.vm_name: v for v in final.vms}
-    assert by_name["vm2"].state == "failed" and by_name["vm2"].attempt == 2
-    assert by_name["vm1"].state == "done"  # the healthy VM got its restore point
+    assert by_name["vm2"].state == api.VM_STATE_FAILED and by_name["vm2"].attempt == 2
+    assert by_name["vm1"].state == api.VM_STATE_DONE  # the healthy VM got its restore point
     assert [p.vm_id for p in ctl_raw.points()] == [ctl_raw.vm("vm1").manifest.id]
     assert not (ctl_raw.vm("vm2").state / "checkpoint.json").exists()
 
@@ -275,7 +264,7 @@ def test_two_jobs_sharing_one_proxy_slot_take_turns(ctl_raw: ControllerEnv) -> N
     mask = field_mask_pb2.FieldMask(paths=["max_tasks"])
     stub.UpdateProxy(api.UpdateProxyRequest(proxy=api.Proxy(name="proxies/proxy1", max_tasks=1), update_mask=mask))
     big = stub.StartJob(api.StartJobRequest(name="jobs/big"))
-    ctl_raw.wait_until(big.name, lambda x: any(d.state == "running" for d in _disks(x).values()))
+    ctl_raw.wait_until(big.name, lambda x: any(d.state == api.DISK_TASK_STATE_RUNNING for d in _disks(x).values()))
     small = stub.StartJob(api.StartJobRequest(name="jobs/small"))
     assert ctl_raw.wait_session(big.name).state == api.SESSION_STATE_SUCCEEDED
     assert ctl_raw.wait_session(small.name).state == api.SESSION_STATE_SUCCEEDED
@@ -315,7 +304,7 @@ def test_tasks_move_off_a_dead_proxy_to_another_and_resume(ctl_raw: ControllerEn
                 if e.get("event") == "stream_opened" and e.get("session_id") == sid and e.get("disk_id") == disk
             ]
             assert opens[0] == 0 and opens[-1] >= 2 * MiB, (disk, opens)  # resumed, not started over
-        _identical(ctl_raw, ("vm1",))
+        assert_replicas_identical(ctl_raw, ["vm1"])
     finally:
         proxy2.stop()
 
@@ -326,12 +315,14 @@ def test_the_backup_window_closing_stops_the_session_resumably(ctl_raw: Controll
     fake = now.replace(minute=59, second=56, microsecond=0)
     ctl_raw.restart_controller(test_clock_offset_seconds=(fake - now).total_seconds())
     day = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")[fake.weekday()]
-    window = {"permitted": {day: [[fake.hour, fake.hour + 1]]}}
+    window = api.Schedule(
+        permitted=api.PermittedHours(**{day: [api.HourSpan(start_hour=fake.hour, end_hour=fake.hour + 1)]})
+    )
     ctl_raw.configure(vms=("vm1",), bandwidth_limit_mbps=1, schedule=window)  # manual start, inside the window
     s = ctl_raw.client().StartJob(api.StartJobRequest(name="jobs/job1"))
     cut = ctl_raw.wait_session(s.name, timeout=30)
     assert cut.state == api.SESSION_STATE_INCOMPLETE, "the window's end stops it: incomplete, not failed"
-    assert {d.state for d in _disks(cut).values()} == {"resumable"}
+    assert {d.state for d in _disks(cut).values()} == {api.DISK_TASK_STATE_RESUMABLE}
     assert any(e.get("event") == "backup_window_closed" for e in ctl_raw.controller.events())
     ctl_raw.restart_controller()
     mask = field_mask_pb2.FieldMask(paths=["schedule", "bandwidth_limit_mbps"])
@@ -339,7 +330,7 @@ def test_the_backup_window_closing_stops_the_session_resumably(ctl_raw: Controll
     resumed = ctl_raw.run_job()
     assert resumed.state == api.SESSION_STATE_SUCCEEDED, resumed.error
     assert {d.start for d in _disks(resumed).values()} == {"resume"}
-    _identical(ctl_raw, ("vm1",))
+    assert_replicas_identical(ctl_raw, ["vm1"])
 
 
 def test_a_second_job_on_a_vm_never_removes_the_checkpoint_a_running_session_reads(ctl_raw: ControllerEnv) -> None:
@@ -355,7 +346,7 @@ def test_a_second_job_on_a_vm_never_removes_the_checkpoint_a_running_session_rea
     data = before.read_bytes()
     last_data = max(o for o in range(0, len(data), MiB) if data[o : o + MiB].count(0) < MiB // 2)  # read, not a hole
     first = stub.StartJob(api.StartJobRequest(name="jobs/job1"))
-    ctl_raw.wait_until(first.name, lambda s: bool(s.vms) and s.vms[0].state == "transferring")
+    ctl_raw.wait_until(first.name, lambda s: bool(s.vms) and s.vms[0].state == api.VM_STATE_TRANSFERRING)
     vm.write("disk0", last_data, b"\xee" * 4096)
     second = ctl_raw.wait_session(stub.StartJob(api.StartJobRequest(name="jobs/job2")).name)
     assert second.state == api.SESSION_STATE_FAILED and "job job1" in second.vms[0].error, second.vms[0].error

@@ -26,8 +26,8 @@ from tests.integration.test_transfer_admission import (  # noqa: F401  (start_ta
     open_stream,
     prepare_disks,
     start_target,
-    tls,
 )
+from tests.support.certs import tls_settings
 from vmrepl.block import DIGEST_SIZE, digest, is_zero, zero_digest
 from vmrepl.v1 import target_pb2
 
@@ -72,7 +72,7 @@ def vouching(disk: Path) -> list[int]:
 
 async def next_session_digests(target: lab.AgentProcess, lab_certs: lab.LabCerts, *, disk_size: int) -> bytes:
     """Prepare the disk for a next session and read its digests, as a digest comparison does."""
-    client = target_client(target.address, tls(lab_certs, "controller"))
+    client = target_client(target.address, tls_settings(lab_certs, "controller"))
     try:
         await client.stub.PrepareReplicaDisk(
             target_pb2.PrepareReplicaDiskRequest(
@@ -103,7 +103,7 @@ async def test_a_prepare_while_an_older_stream_still_writes_leaves_no_digest_to_
     await prepare_disks(target, lab_certs, [PATH], disk_size=disk_size)
     disk = disk_dir(target)
     blocks = [os.urandom(BS) for _ in range(BLOCKS)]
-    async with channel(target.address, tls(lab_certs, "proxy")) as ch:
+    async with channel(target.address, tls_settings(lab_certs, "proxy")) as ch:
         # A window of 64: the target commits every 32 batches, so nothing below is committed.
         call, answer = await open_stream(ch, open_frame(lab_certs, PATH, disk_size=disk_size, window=64))
         assert answer.HasField("accept"), answer

@@ -12,19 +12,19 @@ from collections.abc import Callable
 import grpc
 import pytest
 
-from tests.integration.conftest import Lab, sha256
+from tests import frames
+from tests.integration.conftest import Lab
 from tests.integration.test_bad_input import (
     BS,
     CHECKPOINT,
     GOOD,
     SESSION,
     assert_still_serving,
-    good_extent,
     open_frame,
     prepare_with_data,
     transfer,
 )
-from vmrepl.batch import encode_batch
+from tests.support.replicas import sha256
 from vmrepl.security import certs
 from vmrepl.v1 import proxy_pb2, target_pb2
 
@@ -69,15 +69,7 @@ async def test_a_ticket_is_worthless_to_another_proxy_certificate(prepared: Lab)
 
 
 def _final_batch() -> bytes:
-    hdr = target_pb2.BatchHeader(
-        seq=0,
-        start_offset=BS,
-        end_offset=8 * BS,
-        extents=[good_extent(BS)],
-        payload_size=BS,
-        final=True,
-    )
-    return encode_batch(hdr, [GOOD])
+    return frames.data_batch(0, BS, [GOOD], end=8 * BS, final=True)
 
 
 async def test_a_replayed_ticket_cannot_rewrite_a_committed_replica(prepared: Lab) -> None:

@@ -22,9 +22,10 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from controller import lab
 from controller.engine.agents import target_client
-from tests.integration.conftest import signed_open
-from vmrepl.batch import DATA, MAX_MESSAGE_BYTES, MAX_OPEN_BYTES, RAW, encode_batch, encode_open
-from vmrepl.block import digest
+from tests import frames
+from tests.frames import signed_open
+from tests.support.certs import tls_settings
+from vmrepl.batch import MAX_MESSAGE_BYTES, MAX_OPEN_BYTES, encode_open
 from vmrepl.config import TlsSettings
 from vmrepl.extent import MiB
 from vmrepl.rpc import message_options, secure_channel
@@ -60,10 +61,6 @@ def start_target(tmp_path: Path, lab_certs: lab.LabCerts) -> Iterator[StartTarge
             t.stop()
 
 
-def tls(lab_certs: lab.LabCerts, name: str) -> TlsSettings:
-    return TlsSettings(**lab_certs.tls(name))  # type: ignore[arg-type]
-
-
 def status_kib(pid: int) -> dict[str, int]:
     """VmRSS and VmHWM (peak RSS) of a process, in KiB."""
     out = {}
@@ -89,7 +86,7 @@ CHECKPOINT = "cp-admit"
 
 async def prepare_disks(target: lab.AgentProcess, lab_certs: lab.LabCerts, paths: list[str], *, disk_size: int) -> None:
     """Prepare disk0 of each replica path for SESSION, as the controller would."""
-    client = target_client(target.address, tls(lab_certs, "controller"))
+    client = target_client(target.address, tls_settings(lab_certs, "controller"))
     try:
         for p in paths:
             await client.stub.PrepareReplicaDisk(
@@ -126,16 +123,7 @@ def open_frame(
 
 def block_frame(seq: int, data: bytes, *, blocks: int) -> bytes:
     """Batch `seq` of a one-block-per-batch stream over `blocks` blocks: block `seq` holds `data`."""
-    ext = target_pb2.Extent(offset=seq * BS, length=BS, kind=DATA, encoding=RAW, stored_size=BS, digest=digest(data))
-    hdr = target_pb2.BatchHeader(
-        seq=seq,
-        start_offset=seq * BS,
-        end_offset=(seq + 1) * BS,
-        extents=[ext],
-        payload_size=BS,
-        final=seq == blocks - 1,
-    )
-    return encode_batch(hdr, [data])
+    return frames.block_frame(seq, data, blocks=blocks)
 
 
 async def open_stream(ch: grpc.aio.Channel, first: bytes) -> tuple[Any, target_pb2.TransferResponse]:
@@ -249,8 +237,8 @@ async def test_reader_streams_with_huge_first_messages_are_refused_before_readin
     before = status_kib(pid)
     huge = encode_open(target_pb2.TransferOpen(ticket=os.urandom(MAX_MESSAGE_BYTES - 1024), session_id="s"))
     assert len(huge) > 15 * MiB
-    attack = asyncio.to_thread(sync_refusals, target.address, tls(lab_certs, "reader"), huge, ATTACK_STREAMS)
-    codes, latencies = await while_checking_health(target.address, tls(lab_certs, "controller"), attack)
+    attack = asyncio.to_thread(sync_refusals, target.address, tls_settings(lab_certs, "reader"), huge, ATTACK_STREAMS)
+    codes, latencies = await while_checking_health(target.address, tls_settings(lab_certs, "controller"), attack)
     after = status_kib(pid)
     assert codes == [grpc.StatusCode.PERMISSION_DENIED] * ATTACK_STREAMS, Counter(codes)
     # Refused before the message is read: the peak grows by far less than the messages in flight (a target
@@ -301,7 +289,7 @@ async def test_every_method_refuses_a_reader_before_reading_its_request(
     await asyncio.sleep(0.5)
     before = status_kib(pid)["VmRSS"]
     body = os.urandom(MAX_MESSAGE_BYTES - 1024)  # gRPC's limit for every method of the target
-    codes = await asyncio.to_thread(sync_unary_refusals, target.address, tls(lab_certs, "reader"), body, 10)
+    codes = await asyncio.to_thread(sync_unary_refusals, target.address, tls_settings(lab_certs, "reader"), body, 10)
     assert len(codes) == 6 and all(c == {"PERMISSION_DENIED"} for c in codes.values()), codes
     # 60 requests of 16 MiB, 25 at a time: a target that reads a request before checking its caller holds
     # hundreds of MiB.
@@ -312,7 +300,7 @@ def second_proxy(lab_certs: lab.LabCerts) -> TlsSettings:
     """Another proxy's certificate (another peer identity), made once per test session."""
     if not (lab_certs.directory / "proxy2.pem").exists():
         certs.issue(lab_certs.directory, name="proxy2", role="proxy", hosts=list(certs.DEFAULT_HOSTS))
-    return tls(lab_certs, "proxy2")
+    return tls_settings(lab_certs, "proxy2")
 
 
 async def refused_at_once(ch: grpc.aio.Channel) -> tuple[grpc.StatusCode, str]:
@@ -331,7 +319,7 @@ async def test_streams_over_the_per_peer_and_total_limits_are_refused_at_once(
     await prepare_disks(target, lab_certs, paths, disk_size=disk_size)
     frames = [open_frame(lab_certs, p, disk_size=disk_size) for p in paths]
     async with (
-        channel(target.address, tls(lab_certs, "proxy")) as ch1,
+        channel(target.address, tls_settings(lab_certs, "proxy")) as ch1,
         channel(target.address, second_proxy(lab_certs)) as ch2,
     ):
         held = []
@@ -362,7 +350,7 @@ async def test_an_oversized_open_is_refused_as_soon_as_it_is_read(
 ) -> None:
     target = start_target()
     big = encode_open(target_pb2.TransferOpen(ticket=os.urandom(MAX_OPEN_BYTES + 1), session_id="s"))
-    async with channel(target.address, tls(lab_certs, "proxy")) as ch:
+    async with channel(target.address, tls_settings(lab_certs, "proxy")) as ch:
         call = open_call(ch)
         await call.write(big)
         # The proxy end stays open: the target must not wait for it (it drains a real proxy's stream).
@@ -383,23 +371,9 @@ def burst_batches() -> Iterator[bytes]:
     """A disk of BURST_BATCHES x 16 MiB of random data, in the largest batches a proxy may send."""
     data = os.urandom(BATCH_BLOCKS * BS)
     blocks = [data[i * BS : (i + 1) * BS] for i in range(BATCH_BLOCKS)]
-    digests = [digest(b) for b in blocks]
     size = BATCH_BLOCKS * BS
     for seq in range(BURST_BATCHES):
-        start = seq * size
-        extents = [
-            target_pb2.Extent(offset=start + i * BS, length=BS, kind=DATA, encoding=RAW, stored_size=BS, digest=d)
-            for i, d in enumerate(digests)
-        ]
-        hdr = target_pb2.BatchHeader(
-            seq=seq,
-            start_offset=start,
-            end_offset=start + size,
-            extents=extents,
-            payload_size=size,
-            final=seq == BURST_BATCHES - 1,
-        )
-        yield encode_batch(hdr, blocks)
+        yield frames.data_batch(seq, seq * size, blocks, final=seq == BURST_BATCHES - 1)
 
 
 async def replicate_burst_disk(ch: grpc.aio.Channel, first: bytes) -> bool:
@@ -425,7 +399,7 @@ async def test_memory_goes_back_after_a_burst_of_full_size_batches(
     await prepare_disks(target, lab_certs, paths, disk_size=disk_size)
     await asyncio.sleep(0.5)
     before = status_kib(pid)["VmRSS"]
-    async with channel(target.address, tls(lab_certs, "proxy")) as ch:
+    async with channel(target.address, tls_settings(lab_certs, "proxy")) as ch:
         done = await asyncio.gather(
             *(replicate_burst_disk(ch, open_frame(lab_certs, p, disk_size=disk_size, window=8)) for p in paths)
         )
@@ -465,7 +439,7 @@ async def test_streams_that_never_send_their_open_end_with_deadline_exceeded(
 ) -> None:
     target = start_target(open_timeout_seconds=1, max_streams_per_peer=32)
     pid = pid_of(target)
-    async with channel(target.address, tls(lab_certs, "proxy")) as ch:
+    async with channel(target.address, tls_settings(lab_certs, "proxy")) as ch:
         await health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=10)  # connected
         baseline = fd_count(pid)
         t0 = time.monotonic()
@@ -489,7 +463,7 @@ async def test_opened_streams_that_go_silent_are_ended_and_let_go_of_their_files
     disk_size = 4 * BS
     paths = [f"jobs/silent{i}" for i in range(SILENT)]
     await prepare_disks(target, lab_certs, paths, disk_size=disk_size)
-    async with channel(target.address, tls(lab_certs, "proxy")) as ch:
+    async with channel(target.address, tls_settings(lab_certs, "proxy")) as ch:
         await health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=10)  # connected
         baseline = fd_count(pid)
         calls = []
@@ -525,7 +499,7 @@ async def test_a_proxy_waiting_for_a_slow_target_is_not_silent(
         return block_frame(seq, data, blocks=blocks)
 
     window = 8
-    async with channel(target.address, tls(lab_certs, "proxy")) as ch:
+    async with channel(target.address, tls_settings(lab_certs, "proxy")) as ch:
         call, answer = await open_stream(ch, open_frame(lab_certs, "jobs/slow", disk_size=disk_size, window=window))
         assert answer.HasField("accept"), answer
         acked, sent, complete = -1, 0, False

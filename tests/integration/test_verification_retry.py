@@ -13,24 +13,17 @@ import dataclasses
 import os
 import subprocess
 
-from controller.engine.agents import AgentClient
 from proxy_agent.verify import choose_sample, unsent_blocks
-from tests.integration.conftest import Lab, qemu_identical
+from tests.integration.conftest import Lab
 from tests.integration.test_incremental import ranges_source
 from tests.integration.test_power_cut import restart_target
+from tests.support.replicas import qemu_identical
 from vmrepl.extent import Extent, MiB
-from vmrepl.v1 import proxy_pb2, target_pb2
+from vmrepl.v1 import proxy_pb2
 
 GiB = 1024 * MiB
 SIZE = 4 * GiB  # sparse: a disk larger than what a crash leaves uncertain (FRONTIER_STEP and a half)
 REPORTED = [100 * MiB]
-
-
-async def _replica_disk(target: AgentClient) -> target_pb2.ReplicaDisk:
-    disk: target_pb2.ReplicaDisk = await target.stub.GetReplicaDisk(
-        target_pb2.GetReplicaDiskRequest(replica_path="jobs/vm1", disk_id="disk0"), timeout=2
-    )
-    return disk
 
 
 def _retry_seed() -> tuple[str, int]:
@@ -65,7 +58,7 @@ async def test_a_retry_after_a_failed_verification_does_not_trust_the_change_tra
     first = asyncio.create_task(lab_env.replicate(spec))
     target = lab_env.target_client()
     for _ in range(3000):
-        disk = await _replica_disk(target)
+        disk = await target.get_disk("jobs/vm1", "disk0", within=2)
         if disk.pass_number == 1 and 3 * MiB <= disk.committed_offset < 512 * MiB:
             break
         assert not first.done(), "the comparison pass ended before the proxy could be lost"

@@ -106,6 +106,7 @@ class FakeContext:
         self.pem = pem
         self.written: list[Any] = []
         self.status: tuple[grpc.StatusCode, str] | None = None
+        self.trailing_metadata: tuple[tuple[str, bytes], ...] = ()
 
     def auth_context(self) -> dict[str, list[bytes]]:
         return {"x509_pem_cert": [self.pem]}
@@ -113,15 +114,17 @@ class FakeContext:
     async def write(self, message: Any) -> None:
         self.written.append(message)
 
-    async def abort(self, code: grpc.StatusCode, details: str) -> None:
+    async def abort(
+        self, code: grpc.StatusCode, details: str, trailing_metadata: tuple[tuple[str, bytes], ...] = ()
+    ) -> None:
         self.status = (code, details)
+        self.trailing_metadata = trailing_metadata
         raise Aborted
 
 
 @pytest.fixture(scope="module")
-def pems(tmp_path_factory: pytest.TempPathFactory) -> dict[str, bytes]:
-    certs = lab.LabCerts.create(tmp_path_factory.mktemp("certs"))
-    return {name: (certs.directory / f"{name}.pem").read_bytes() for name in ("controller", "proxy", "reader")}
+def pems(lab_certs: lab.LabCerts) -> dict[str, bytes]:
+    return {name: (lab_certs.directory / f"{name}.pem").read_bytes() for name in ("controller", "proxy", "reader")}
 
 
 def method(name: str) -> Any:

@@ -195,3 +195,56 @@ def test_incompressible_block_travels_raw() -> None:
     assert compress(TEXT, Compression.NONE) is None
     fast = compress(TEXT, Compression.FAST)
     assert fast is not None and decompress(fast, BS) == TEXT
+
+
+def test_encoder_and_decoder_agree_on_extents_data_and_pass_digest() -> None:
+    """What the proxy's encoder frames, the target's decoder hands back checked and decompressed."""
+    from tests import frames
+    from vmrepl.batch import BatchDecoder, PassDigest
+
+    zero = bytes(BS)
+    sent = frames.encoded(0, 0, [TEXT, zero, zero, RANDOM], final=False, compression=Compression.DEFAULT)
+    assert sent.data_bytes == 2 * BS and len(sent.frame) < 3 * BS  # TEXT compressed, the zeros merged
+    dec = BatchDecoder(disk_size=DISK, block_size=BS, start=0)
+    got = dec.receive(sent.frame)
+    assert (got.seq, got.start, got.end, got.final, got.data_bytes) == (0, 0, 4 * BS, False, 2 * BS)
+    out = got.decode()
+    assert [(e.offset, e.length, e.data is None) for e in out.extents] == [
+        (0, BS, False),
+        (BS, 2 * BS, True),
+        (3 * BS, BS, False),
+    ]
+    assert bytes(out.extents[0].data or b"") == TEXT and bytes(out.extents[2].data or b"") == RANDOM
+    expected = (
+        PassDigest().add(0, BS, DATA, digest(TEXT)).add(BS, 2 * BS, ZERO, b"").add(3 * BS, BS, DATA, digest(RANDOM))
+    )
+    assert out.digest == sent.digest == expected
+    nxt = dec.receive(frames.data_batch(1, 4 * BS, [RANDOM] * 6, final=True))  # the next batch follows on
+    assert nxt.final and nxt.decode().data_bytes == 6 * BS
+    with pytest.raises(BatchError, match="expected 2"):
+        dec.receive(frames.data_batch(1, 4 * BS, [RANDOM] * 6, final=True))
+
+
+def test_decode_refuses_data_that_does_not_match_its_digest() -> None:
+    from tests import frames
+    from vmrepl.batch import BatchDecoder
+
+    frame = frames.raw_batch([frames.extent(0, TEXT, block_digest=digest(RANDOM))], [TEXT], end=BS)
+    got = BatchDecoder(disk_size=DISK, block_size=BS, start=0).receive(frame)  # headers are fine
+    with pytest.raises(ChecksumMismatch):
+        got.decode()
+
+
+def test_protocol_version_negotiation() -> None:
+    from vmrepl.batch import check_chosen_version, choose_version
+    from vmrepl.errors import FailedPrecondition
+
+    assert choose_version([]) == 1  # a proxy from before versions
+    assert choose_version([1, 2], speaks=(1, 2, 3)) == 2
+    with pytest.raises(
+        FailedPrecondition, match=r"proxy speaks Transfer protocol version\(s\) 2, 3, this target speaks 1"
+    ):
+        choose_version([3, 2], speaks=(1,))
+    assert check_chosen_version(0) == 1  # a target from before versions answers nothing
+    with pytest.raises(FailedPrecondition, match="the target chose Transfer protocol version 4, this proxy speaks 1"):
+        check_chosen_version(4)

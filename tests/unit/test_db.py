@@ -13,12 +13,12 @@ import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from cryptography.fernet import Fernet
-from sqlalchemy import JSON, column, func, insert, inspect, select, table, text
+from sqlalchemy import JSON, Integer, column, func, insert, inspect, select, table, text
 from sqlalchemy.exc import IntegrityError, StatementError
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker
 
 from controller.api import paging
-from controller.api.service import BY_NAME, RESTORE_POINTS, SESSIONS
+from controller.api.base import BY_NAME, RESTORE_POINTS, SESSIONS
 from controller.db.connect import downgrade, make_engine, migrate, open_database, sqlite_url
 from controller.db.enums import Notification, SessionState, TaskState, VmState
 from controller.db.models import (
@@ -35,10 +35,8 @@ from controller.db.models import (
     Task,
 )
 from controller.db.secrets import SecretBox, create_key_file
+from tests.support.database import BACKENDS
 from vmrepl.errors import ConfigError, SecurityError
-
-# PostgreSQL joins when a URL is given (the scheduling issue runs it in CI); SQLite always runs.
-BACKENDS = ["sqlite"] + (["postgresql"] if os.environ.get("VMREPL_TEST_DATABASE_URL") else [])
 
 
 @pytest.fixture(params=BACKENDS)
@@ -157,6 +155,9 @@ async def test_migration_seals_stored_webhook_urls_and_needs_the_key(tmp_path: P
         assert set(stored) == {"sealed_url", "shown_url", "failures_only"} and stored["failures_only"] is True
         assert box.open(stored["sealed_url"].encode()) == HOOK_URL
         assert stored["shown_url"] == "https://hooks.example:8443/…"
+        async with engine.connect() as conn:  # 0008 renamed the hold's column and kept its value
+            hold = select(column("checkpoint_hold_seconds", Integer)).select_from(table("jobs"))
+            assert (await conn.execute(hold)).scalar_one() == 86400
         await downgrade(engine, "0005", secrets=box)  # and back, for an operator who must downgrade
         async with engine.connect() as conn:
             assert (await conn.execute(select(column("webhook", JSON)).select_from(table("jobs")))).scalar_one()[
@@ -342,7 +343,7 @@ async def _counts(engine: AsyncEngine) -> dict[str, int]:
         return {t: (await conn.execute(text(f"SELECT count(*) FROM {t}"))).scalar_one() for t in _CHILD_TABLES}
 
 
-async def test_the_state_checks_migration_keeps_the_rows_the_previous_head_wrote(db_url: str) -> None:
+async def test_the_state_checks_migration_keeps_the_rows_the_previous_heads_wrote(db_url: str) -> None:
     engine = make_engine(db_url)
     try:
         await migrate(engine, "0007")
@@ -352,7 +353,11 @@ async def test_the_state_checks_migration_keeps_the_rows_the_previous_head_wrote
                 await conn.execute(text(statement), {"t": written})
         before = await _counts(engine)
         assert before == {"sessions": 2, "session_vms": 1, "tasks": 1, "held_checkpoints": 1, "restore_points": 1}
-        await migrate(engine)  # the tables are copied on SQLite: no cascade may delete a child row
+        # Each migration that copies a table on SQLite (0008 copies jobs, 0009 sessions, session_vms and
+        # tasks): no cascade of the old copy's drop may delete a row that points at it.
+        await migrate(engine, "0008")
+        assert await _counts(engine) == before
+        await migrate(engine)
         assert await _counts(engine) == before
         sessions = async_sessionmaker(engine, expire_on_commit=False)
         async with sessions() as s:
@@ -365,7 +370,7 @@ async def test_the_state_checks_migration_keeps_the_rows_the_previous_head_wrote
         with pytest.raises(IntegrityError):
             async with engine.begin() as conn:
                 await conn.execute(text("UPDATE tasks SET state = 'lost'"))
-        await downgrade(engine, "0007")  # and back, with the rows
+        await downgrade(engine, "0008")  # and back, with the rows
         assert await _counts(engine) == before
         async with engine.begin() as conn:
             await conn.execute(text("UPDATE tasks SET state = 'lost'"))  # unchecked again

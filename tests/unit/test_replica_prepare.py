@@ -8,8 +8,9 @@ from pathlib import Path
 import pytest
 
 from target_agent import replica
-from vmrepl.batch import DATA, RAW, CheckedExtent
-from vmrepl.block import DIGEST_SIZE, UNKNOWN_DIGEST, digest
+from tests import frames
+from vmrepl.batch import PassDigest
+from vmrepl.block import DIGEST_SIZE, UNKNOWN_DIGEST
 from vmrepl.errors import FailedPrecondition, TransferCancelled
 from vmrepl.extent import MiB
 
@@ -27,7 +28,7 @@ def _prepare(disk_dir: Path, session_id: str, checkpoint_id: str = "cp1", **kw: 
 def _interrupted(disk_dir: Path, session_id: str, offset: int, *, frontier: int = -1, pass_number: int = 0) -> None:
     _prepare(disk_dir, session_id)
     st = replica.load_state(disk_dir)
-    st.state, st.committed_offset, st.session_digest = replica.RECEIVING, offset, "ab" * 16
+    st.state, st.committed_offset, st.session_digest = replica.RECEIVING, offset, PassDigest(0xAB)
     st.frontier, st.pass_number = frontier, pass_number
     replica.save_state(disk_dir, st)
 
@@ -51,7 +52,12 @@ def test_same_session_with_a_new_checkpoint_starts_a_new_pass_at_zero(tmp_path: 
     # A VM retried within its session takes a new checkpoint: the first attempt's offset is worthless.
     _interrupted(tmp_path, "s1", 3 * MiB)
     st = _prepare(tmp_path, "s1", "cp2")
-    assert (st.committed_offset, st.state, st.checkpoint_id, st.session_digest) == (0, replica.PREPARED, "cp2", "")
+    assert (st.committed_offset, st.state, st.checkpoint_id, st.session_digest) == (
+        0,
+        replica.PREPARED,
+        "cp2",
+        PassDigest(),
+    )
 
 
 def test_a_complete_disk_prepared_for_a_new_checkpoint_starts_over(tmp_path: Path) -> None:
@@ -72,7 +78,7 @@ def test_new_session_starts_at_zero(tmp_path: Path) -> None:
 def test_continuing_session_takes_over_offset_and_digest(tmp_path: Path) -> None:
     _interrupted(tmp_path, "s1", 3 * MiB)
     st = _prepare(tmp_path, "s2", resume_session_id="s1")
-    assert (st.session_id, st.committed_offset, st.session_digest) == ("s2", 3 * MiB, "ab" * 16)
+    assert (st.session_id, st.committed_offset, st.session_digest) == ("s2", 3 * MiB, PassDigest(0xAB))
     assert replica.load_state(tmp_path).session_id == "s2"  # durable, so a retried prepare of s2 keeps it too
     again = _prepare(tmp_path, "s2", resume_session_id="s1")
     assert again.committed_offset == 3 * MiB
@@ -180,10 +186,10 @@ def test_a_prepare_stops_a_stream_still_open_on_the_disk(tmp_path: Path) -> None
     )
     block = b"\x01" * MiB
     try:
-        stream.apply([CheckedExtent(0, MiB, DATA, RAW, digest(block), memoryview(block))])
+        stream.apply(frames.decoded(0, [block], disk_size=SIZE, block_size=MiB))
         _prepare(tmp_path, "s1", guard=guard)
         with pytest.raises(TransferCancelled):
-            stream.apply([CheckedExtent(MiB, MiB, DATA, RAW, digest(block), memoryview(block))])
+            stream.apply(frames.decoded(MiB, [block], disk_size=SIZE, block_size=MiB))
     finally:
         stream.close()
     assert _digests(tmp_path)[1] == UNKNOWN_DIGEST

@@ -10,11 +10,15 @@ from pathlib import Path
 import pytest
 from cryptography.fernet import Fernet
 
-from controller.api import paging
+from controller.api import paging, sessions_view
 from controller.api import resources as res
+from controller.api.resources import jobs as jobs_res
+from controller.db.enums import TaskState, VmState
 from controller.db.secrets import SecretBox
 from controller.engine.runtime import replica_folder
+from controller.observability.webhooks import redact_url
 from vmrepl.errors import FailedPrecondition, InvalidArgument
+from vmrepl.v1 import common_pb2
 from vmrepl.v1 import controller_pb2 as api
 
 HOOK_URL = "https://hookuser:hook-pw-1d7c@hooks.example:8443/notify/T0K-path?token=tok-q-5e2a"
@@ -31,24 +35,24 @@ def test_redacted_webhook_urls_show_scheme_host_and_port_only() -> None:
         "https://h:99999/": "(unreadable URL)",
     }
     for url, shown in cases.items():
-        assert res.redact_url(url) == shown, url
+        assert redact_url(url) == shown, url
 
 
 def test_a_webhook_is_stored_sealed_and_a_shown_url_sent_back_keeps_it() -> None:
     box = SecretBox([Fernet.generate_key()])
-    stored = res._webhook(api.Webhook(url=HOOK_URL), box, current=None)
+    stored = jobs_res._webhook(api.Webhook(url=HOOK_URL), box, current=None)
     assert box.open(stored["sealed_url"].encode()) == HOOK_URL and "tok-q" not in str(stored)
-    again = res._webhook(api.Webhook(url=stored["shown_url"], failures_only=True), box, current=stored)
+    again = jobs_res._webhook(api.Webhook(url=stored["shown_url"], failures_only=True), box, current=stored)
     assert again == {**stored, "failures_only": True}
-    other = res._webhook(api.Webhook(url="http://other.example/x"), box, current=stored)
+    other = jobs_res._webhook(api.Webhook(url="http://other.example/x"), box, current=stored)
     assert box.open(other["sealed_url"].encode()) == "http://other.example/x"
-    assert res._webhook(api.Webhook(), box, current=stored) == {}
+    assert jobs_res._webhook(api.Webhook(), box, current=stored) == {}
     for bad in ("ftp://h/x", "https://h:99999/", "https://h/\x00", "http:///nohost", "https://h/" + "x" * 2048):
         with pytest.raises(InvalidArgument, match=r"^job\.webhook\.url:"):
-            res._webhook(api.Webhook(url=bad), box, current=None)
+            jobs_res._webhook(api.Webhook(url=bad), box, current=None)
     # A shown URL copied into another job (found in review): it would lose the credentials silently.
     with pytest.raises(InvalidArgument, match="redacted URL"):
-        res._webhook(api.Webhook(url=stored["shown_url"]), box, current=None)
+        jobs_res._webhook(api.Webhook(url=stored["shown_url"]), box, current=None)
 
 
 def b64(raw: bytes) -> str:
@@ -56,7 +60,7 @@ def b64(raw: bytes) -> str:
 
 
 def test_page_tokens_round_trip_and_anything_else_is_invalid_argument() -> None:
-    from controller.api.service import BY_NAME, SESSIONS
+    from controller.api.base import BY_NAME, SESSIONS
     from controller.db.models import Job, Session
 
     t = dt.datetime(2026, 11, 30, 17, 1, 2, 345678, tzinfo=dt.UTC)  # as the database returns it: aware UTC
@@ -126,3 +130,25 @@ def test_a_replica_folder_is_the_vm_id_as_one_plain_name() -> None:
     for vm_id in ("evil/nested", "..", ".", "", "a\\b", "/abs", "x" * 129):
         with pytest.raises(FailedPrecondition, match="cannot name a replica folder"):
             replica_folder(vm_id)
+
+
+def test_every_vm_and_disk_state_of_the_engine_is_one_api_enum_value_and_back() -> None:
+    assert set(sessions_view.VM_STATES) == {s.value for s in VmState}
+    assert set(sessions_view.VM_STATES.values()) == set(api.VmState.values()) - {api.VM_STATE_UNSPECIFIED}
+    assert set(sessions_view.TASK_STATES) == {s.value for s in TaskState}
+    all_tasks = set(api.DiskTaskState.values()) - {api.DISK_TASK_STATE_UNSPECIFIED}
+    assert set(sessions_view.TASK_STATES.values()) == all_tasks
+
+
+def test_guest_processing_and_exclusions_are_stored_as_json_and_read_back_typed() -> None:
+    guest = api.GuestProcessing(enabled=True, credential="credentials/guest", ignore_failures=True)
+    exclusions = common_pb2.GuestExclusions(skip_swap=True, skip_deleted=True, guest_paths=["/tmp", "C:\\temp"])
+    for msg in (guest, exclusions):
+        stored = jobs_res.settings_json(msg)
+        assert json.loads(json.dumps(stored)) == stored  # a plain JSON object, by the proto field names
+        assert jobs_res.settings_message(type(msg), stored) == msg
+    assert jobs_res.settings_json(api.GuestProcessing()) == {}
+    # A row from when any JSON object was taken: what the message lacks was never read, and is left out.
+    old = jobs_res.settings_message(api.GuestProcessing, {"enabled": True, "vss_mode": "full"})
+    assert old == api.GuestProcessing(enabled=True)
+    assert jobs_res.settings_message(api.GuestProcessing, {"enabled": "sometimes"}) == api.GuestProcessing()

@@ -1,21 +1,44 @@
-"""The one mapping from exceptions to gRPC statuses: an internal error names the program whose log to read."""
+"""The one mapping from exceptions to gRPC statuses, and the roles tables enforced on real sockets.
+
+The servers run in this process (real mTLS sockets, real servicers over a SQLite database); the callers are
+ordinary gRPC clients holding the lab's certificates.
+"""
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
+import pytest
+from google.rpc.error_details_pb2 import BadRequest
+from grpc_status import rpc_status
 
 from controller import lab
+from controller.api.service import ControllerServicer, controller_service
+from controller.db.connect import open_database, sqlite_url
+from controller.db.secrets import SecretBox, create_key_file
+from controller.engine.agents import AgentPool
+from controller.engine.journal import Journal
+from controller.engine.runtime import EngineParts
+from controller.engine.sessions import Engine
+from controller.engine.slots import SlotBoard
+from proxy_agent.config import ProxySettings
+from proxy_agent.servicer import ROLES as PROXY_ROLES
+from proxy_agent.servicer import ProxyAgentServicer
+from tests.support.certs import tls_settings
 from vmrepl.config import TlsSettings
-from vmrepl.errors import NotFound
-from vmrepl.rpc import start_server, status_for
+from vmrepl.errors import InvalidArgument, NotFound
+from vmrepl.rpc import Service, secure_channel, start_server, status_for
+from vmrepl.security.ticket import load_signing_key
+from vmrepl.v1 import controller_pb2 as api
+from vmrepl.v1 import controller_pb2_grpc, proxy_pb2, proxy_pb2_grpc
 
 
-async def test_internal_errors_name_the_program_that_serves(tmp_path: Path) -> None:
-    certs = lab.LabCerts.create(tmp_path)
+async def test_internal_errors_name_the_program_that_serves(lab_certs: lab.LabCerts) -> None:
     for program in ("proxy", "target", "controller"):
-        tls = TlsSettings(**certs.tls(program))  # type: ignore[arg-type]
+        tls = tls_settings(lab_certs, program)
         server, _, _ = await start_server(
             listen="127.0.0.1:0", tls=tls, services=[], max_message_bytes=1 << 20, program=program
         )
@@ -27,3 +50,125 @@ async def test_internal_errors_name_the_program_that_serves(tmp_path: Path) -> N
             assert status_for(NotFound("no such disk")) == (grpc.StatusCode.NOT_FOUND, "no such disk")
         finally:
             await server.stop(None)
+
+
+@dataclass
+class Served:
+    address: str
+    certs: lab.LabCerts
+
+    def channel(self, identity: str) -> grpc.aio.Channel:
+        return secure_channel(self.address, TlsSettings.model_validate(self.certs.tls(identity)))
+
+
+@pytest.fixture
+async def controller(tmp_path: Path) -> AsyncIterator[Served]:
+    """The ControllerService as the daemon serves it (controller_service: the servicer and its roles)."""
+    certs = lab.LabCerts.create(tmp_path / "certs")
+    tls = TlsSettings.model_validate(certs.tls("controller"))
+    db, sessions = await open_database(sqlite_url(tmp_path / "controller.db"))
+    create_key_file(tmp_path / "secret.key")
+    journal = Journal(sessions)
+    pool = AgentPool(tls)
+    parts = EngineParts(
+        journal=journal, agents=pool, slots=SlotBoard(), signing_key=load_signing_key(certs.signing_key)
+    )
+    servicer = ControllerServicer(
+        journal=journal,
+        reads=sessions,
+        engine=Engine(parts),
+        secrets=SecretBox.from_file(tmp_path / "secret.key"),
+        live=parts.live,
+        session_logs=tmp_path / "sessions",
+    )
+    server, port, _ = await start_server(
+        listen="127.0.0.1:0", tls=tls, services=[controller_service(servicer)], max_message_bytes=1 << 20, program="c"
+    )
+    try:
+        yield Served(f"127.0.0.1:{port}", certs)
+    finally:
+        await server.stop(None)
+        await pool.close()
+        await db.dispose()
+
+
+async def test_a_reader_certificate_reads_but_is_refused_every_write(controller: Served) -> None:
+    create = api.CreateCredentialRequest(
+        credential_id="admin", credential=api.Credential(username="root"), secret="s3cret"
+    )
+    async with controller.channel("reader") as ch:
+        reader = controller_pb2_grpc.ControllerServiceStub(ch)
+        for call in (
+            reader.CreateCredential(create),
+            reader.DeleteJob(api.DeleteJobRequest(name="jobs/none")),
+            reader.StartJob(api.StartJobRequest(name="jobs/none")),
+        ):
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await call
+            assert err.value.code() is grpc.StatusCode.PERMISSION_DENIED, err.value
+            assert "has role 'reader'; this call needs operator" in str(err.value.details())
+        assert not (await reader.ListCredentials(api.ListCredentialsRequest())).credentials
+    async with controller.channel("operator") as ch:
+        operator = controller_pb2_grpc.ControllerServiceStub(ch)
+        assert (await operator.CreateCredential(create)).name == "credentials/admin"
+    async with controller.channel("reader") as ch:
+        listed = await controller_pb2_grpc.ControllerServiceStub(ch).ListCredentials(api.ListCredentialsRequest())
+        assert [c.name for c in listed.credentials] == ["credentials/admin"]
+
+
+async def test_invalid_argument_names_its_field_in_the_status_details(controller: Served) -> None:
+    async with controller.channel("operator") as ch:
+        stub = controller_pb2_grpc.ControllerServiceStub(ch)
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await stub.CreateHost(api.CreateHostRequest(host_id="Bad Id!", host=api.Host(provider="file")))
+    assert err.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+    status = rpc_status.from_call(err.value)  # the grpc-status-details-bin trailer, as any gRPC client reads it
+    assert status is not None and status.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+    assert status.message == err.value.details()
+    [detail] = status.details
+    bad = BadRequest()
+    assert detail.Unpack(bad)
+    [violation] = bad.field_violations
+    assert violation.field == "host_id"
+    assert "'Bad Id!' is not a valid id" in violation.description
+    assert err.value.details() == f"host_id: {violation.description}"
+
+
+async def test_only_invalid_argument_carries_details(controller: Served) -> None:
+    async with controller.channel("operator") as ch:
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await controller_pb2_grpc.ControllerServiceStub(ch).GetJob(api.GetJobRequest(name="jobs/none"))
+    assert err.value.code() is grpc.StatusCode.NOT_FOUND
+    assert rpc_status.from_call(err.value) is None
+    assert InvalidArgument("a.b", "is wrong").description == "is wrong"
+
+
+async def test_the_proxy_refuses_a_caller_without_the_controller_role(tmp_path: Path) -> None:
+    certs = lab.LabCerts.create(tmp_path / "certs")
+    settings = ProxySettings.model_validate({"source_roots": [tmp_path], "tls": certs.tls("proxy")})
+    servicer = ProxyAgentServicer(settings)
+    service = Service(proxy_pb2.DESCRIPTOR.services_by_name["ProxyAgent"], servicer, roles=PROXY_ROLES)
+    server, port, _ = await start_server(
+        listen="127.0.0.1:0", tls=settings.tls, services=[service], max_message_bytes=1 << 20, program="proxy"
+    )
+    served = Served(f"127.0.0.1:{port}", certs)
+    start = proxy_pb2.StartDiskTransferRequest(session_id="s", disk_id="d", replica_path="jobs/vm1")
+    try:
+        for identity in ("operator", "reader", "target"):
+            async with served.channel(identity) as ch:
+                stub = proxy_pb2_grpc.ProxyAgentStub(ch)
+                for call in (stub.StartDiskTransfer(start), stub.CancelTransfer(proxy_pb2.CancelTransferRequest())):
+                    with pytest.raises(grpc.aio.AioRpcError) as err:
+                        await call
+                    assert err.value.code() is grpc.StatusCode.PERMISSION_DENIED, (identity, err.value)
+                    assert "this call needs controller" in str(err.value.details())
+        assert not servicer.transfers  # nothing was started
+        async with served.channel("operator") as ch:  # people may still look
+            info = await proxy_pb2_grpc.ProxyAgentStub(ch).GetAgentInfo(proxy_pb2.GetAgentInfoRequest())
+            assert info.role == "proxy"
+        async with served.channel("controller") as ch:  # the controller is admitted (and told what is wrong)
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await proxy_pb2_grpc.ProxyAgentStub(ch).CancelTransfer(proxy_pb2.CancelTransferRequest(transfer_id="x"))
+            assert err.value.code() is grpc.StatusCode.NOT_FOUND
+    finally:
+        await server.stop(None)

@@ -13,19 +13,9 @@ from controller.db.models import Host, Job, JobVm, Session, Target
 from controller.engine.journal import Journal
 from controller.engine.states import ACTIVE_SESSION
 from controller.scheduling.scheduler import Scheduler
+from tests.support.clock import Clock
 
 T0 = dt.datetime(2026, 11, 23, 21, 0, tzinfo=dt.UTC)  # a Monday
-
-
-class Clock:
-    def __init__(self, now: dt.datetime) -> None:
-        self.now = now
-
-    def __call__(self) -> dt.datetime:
-        return self.now
-
-    def advance(self, **delta: float) -> None:
-        self.now += dt.timedelta(**delta)
 
 
 class RecordingEngine:

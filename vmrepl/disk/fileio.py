@@ -18,14 +18,12 @@ cannot be run on the Linux CI machines; see docs/architecture.md.
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import ctypes.util
 import errno
 import os
 import sys
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 
 from vmrepl.block import ZERO_CHUNK
@@ -243,21 +241,3 @@ def _win_allocated(fd: int, size: int) -> list[Extent]:
             break
         pos = last
     return merge(out)
-
-
-@contextlib.contextmanager
-def exclusive_lock(path: Path) -> Iterator[None]:
-    """Hold an exclusive advisory lock on `path` (created if missing), across processes."""
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | _O_BINARY, 0o640)
-    try:
-        if IS_WINDOWS:
-            import msvcrt  # Windows only
-
-            msvcrt.locking(fd, msvcrt.LK_LOCK, 1)  # type: ignore[attr-defined]
-        else:
-            import fcntl
-
-            fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)  # closing releases the lock on both systems

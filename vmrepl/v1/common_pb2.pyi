@@ -3,8 +3,10 @@
 isort:skip_file
 """
 
+from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
+from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 import builtins as _builtins
 import sys
@@ -102,3 +104,77 @@ class ByteRange(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ByteRange: _TypeAlias = ByteRange  # noqa: Y015
+
+@_typing.final
+class SkippedBytes(_message.Message):
+    """Bytes of a disk that did not travel, by reason (a proxy's progress, and the controller's session
+    figures built from it).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ZERO_FIELD_NUMBER: _builtins.int
+    UNALLOCATED_FIELD_NUMBER: _builtins.int
+    UNCHANGED_FIELD_NUMBER: _builtins.int
+    EXCLUDED_FIELD_NUMBER: _builtins.int
+    zero: _builtins.int
+    unallocated: _builtins.int
+    unchanged: _builtins.int
+    excluded: _builtins.int
+    def __init__(
+        self,
+        *,
+        zero: _builtins.int = ...,
+        unallocated: _builtins.int = ...,
+        unchanged: _builtins.int = ...,
+        excluded: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["excluded", b"excluded", "unallocated", b"unallocated", "unchanged", b"unchanged", "zero", b"zero"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SkippedBytes: _TypeAlias = SkippedBytes  # noqa: Y015
+
+@_typing.final
+class GuestExclusions(_message.Message):
+    """What of a guest's file systems is not replicated: a job's setting in the controller's API, and what a
+    proxy takes to resolve to blocks by reading the guest's file systems.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SKIP_SWAP_FIELD_NUMBER: _builtins.int
+    SKIP_PAGEFILE_FIELD_NUMBER: _builtins.int
+    SKIP_HIBERNATION_FIELD_NUMBER: _builtins.int
+    SKIP_DELETED_FIELD_NUMBER: _builtins.int
+    GUEST_PATHS_FIELD_NUMBER: _builtins.int
+    skip_swap: _builtins.bool
+    """The guest's swap partitions and swap files."""
+    skip_pagefile: _builtins.bool
+    """Windows' pagefile.sys and swapfile.sys."""
+    skip_hibernation: _builtins.bool
+    """Windows' hiberfil.sys."""
+    skip_deleted: _builtins.bool
+    """Blocks the guest's file systems hold free (deleted files)."""
+    @_builtins.property
+    def guest_paths(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Absolute paths in the guest (files, or folders with everything in them)."""
+
+    def __init__(
+        self,
+        *,
+        skip_swap: _builtins.bool = ...,
+        skip_pagefile: _builtins.bool = ...,
+        skip_hibernation: _builtins.bool = ...,
+        skip_deleted: _builtins.bool = ...,
+        guest_paths: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["guest_paths", b"guest_paths", "skip_deleted", b"skip_deleted", "skip_hibernation", b"skip_hibernation", "skip_pagefile", b"skip_pagefile", "skip_swap", b"skip_swap"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GuestExclusions: _TypeAlias = GuestExclusions  # noqa: Y015

@@ -11,7 +11,7 @@ from google.protobuf import struct_pb2 as _struct_pb2
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
-from vmrepl.v1 import proxy_pb2 as _proxy_pb2
+from vmrepl.v1 import common_pb2 as _common_pb2
 import builtins as _builtins
 import sys
 import typing as _typing
@@ -22,6 +22,29 @@ else:
     from typing_extensions import TypeAlias as _TypeAlias, Never as _Never
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+class _ScheduleKind:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _ScheduleKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ScheduleKind.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    SCHEDULE_KIND_UNSPECIFIED: _ScheduleKind.ValueType  # 0
+    """Manual: only StartJob runs the job (cron, every_minutes and after_job must then be empty)."""
+    SCHEDULE_KIND_CRON: _ScheduleKind.ValueType  # 1
+    SCHEDULE_KIND_INTERVAL: _ScheduleKind.ValueType  # 2
+    SCHEDULE_KIND_CONTINUOUS: _ScheduleKind.ValueType  # 3
+    SCHEDULE_KIND_AFTER_JOB: _ScheduleKind.ValueType  # 4
+
+class ScheduleKind(_ScheduleKind, metaclass=_ScheduleKindEnumTypeWrapper): ...
+
+SCHEDULE_KIND_UNSPECIFIED: ScheduleKind.ValueType  # 0
+"""Manual: only StartJob runs the job (cron, every_minutes and after_job must then be empty)."""
+SCHEDULE_KIND_CRON: ScheduleKind.ValueType  # 1
+SCHEDULE_KIND_INTERVAL: ScheduleKind.ValueType  # 2
+SCHEDULE_KIND_CONTINUOUS: ScheduleKind.ValueType  # 3
+SCHEDULE_KIND_AFTER_JOB: ScheduleKind.ValueType  # 4
+Global___ScheduleKind: _TypeAlias = ScheduleKind  # noqa: Y015
 
 class _SessionState:
     ValueType = _typing.NewType("ValueType", _builtins.int)
@@ -48,6 +71,78 @@ SESSION_STATE_INCOMPLETE: SessionState.ValueType  # 4
 """Some disks were left resumable (stopped); the next run continues them."""
 SESSION_STATE_FAILED: SessionState.ValueType  # 5
 Global___SessionState: _TypeAlias = SessionState  # noqa: Y015
+
+class _DiskTaskState:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _DiskTaskStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_DiskTaskState.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    DISK_TASK_STATE_UNSPECIFIED: _DiskTaskState.ValueType  # 0
+    DISK_TASK_STATE_PENDING: _DiskTaskState.ValueType  # 1
+    """Planned, no proxy yet."""
+    DISK_TASK_STATE_STARTING: _DiskTaskState.ValueType  # 2
+    """Being started on a proxy."""
+    DISK_TASK_STATE_RUNNING: _DiskTaskState.ValueType  # 3
+    DISK_TASK_STATE_SUCCEEDED: _DiskTaskState.ValueType  # 4
+    DISK_TASK_STATE_RESUMABLE: _DiskTaskState.ValueType  # 5
+    """Stopped with its checkpoint held: the next session resumes it."""
+    DISK_TASK_STATE_FAILED: _DiskTaskState.ValueType  # 6
+
+class DiskTaskState(_DiskTaskState, metaclass=_DiskTaskStateEnumTypeWrapper):
+    """A disk's task in a session (docs/controller.md, "Sessions")."""
+
+DISK_TASK_STATE_UNSPECIFIED: DiskTaskState.ValueType  # 0
+DISK_TASK_STATE_PENDING: DiskTaskState.ValueType  # 1
+"""Planned, no proxy yet."""
+DISK_TASK_STATE_STARTING: DiskTaskState.ValueType  # 2
+"""Being started on a proxy."""
+DISK_TASK_STATE_RUNNING: DiskTaskState.ValueType  # 3
+DISK_TASK_STATE_SUCCEEDED: DiskTaskState.ValueType  # 4
+DISK_TASK_STATE_RESUMABLE: DiskTaskState.ValueType  # 5
+"""Stopped with its checkpoint held: the next session resumes it."""
+DISK_TASK_STATE_FAILED: DiskTaskState.ValueType  # 6
+Global___DiskTaskState: _TypeAlias = DiskTaskState  # noqa: Y015
+
+class _VmState:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _VmStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_VmState.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    VM_STATE_UNSPECIFIED: _VmState.ValueType  # 0
+    VM_STATE_PLANNED: _VmState.ValueType  # 1
+    VM_STATE_CHECKPOINTING: _VmState.ValueType  # 2
+    VM_STATE_TRANSFERRING: _VmState.ValueType  # 3
+    VM_STATE_COMMITTING: _VmState.ValueType  # 4
+    VM_STATE_RELEASING: _VmState.ValueType  # 5
+    VM_STATE_HOLDING: _VmState.ValueType  # 6
+    VM_STATE_DONE: _VmState.ValueType  # 7
+    """Restore point committed, checkpoint removed."""
+    VM_STATE_HELD: _VmState.ValueType  # 8
+    """Disks left to resume, checkpoint kept."""
+    VM_STATE_STOPPED: _VmState.ValueType  # 9
+    """Stopped before a checkpoint existed."""
+    VM_STATE_FAILED: _VmState.ValueType  # 10
+
+class VmState(_VmState, metaclass=_VmStateEnumTypeWrapper):
+    """A VM in a session (docs/controller.md, "Sessions")."""
+
+VM_STATE_UNSPECIFIED: VmState.ValueType  # 0
+VM_STATE_PLANNED: VmState.ValueType  # 1
+VM_STATE_CHECKPOINTING: VmState.ValueType  # 2
+VM_STATE_TRANSFERRING: VmState.ValueType  # 3
+VM_STATE_COMMITTING: VmState.ValueType  # 4
+VM_STATE_RELEASING: VmState.ValueType  # 5
+VM_STATE_HOLDING: VmState.ValueType  # 6
+VM_STATE_DONE: VmState.ValueType  # 7
+"""Restore point committed, checkpoint removed."""
+VM_STATE_HELD: VmState.ValueType  # 8
+"""Disks left to resume, checkpoint kept."""
+VM_STATE_STOPPED: VmState.ValueType  # 9
+"""Stopped before a checkpoint existed."""
+VM_STATE_FAILED: VmState.ValueType  # 10
+Global___VmState: _TypeAlias = VmState  # noqa: Y015
 
 @_typing.final
 class Credential(_message.Message):
@@ -797,13 +892,17 @@ class Job(_message.Message):
     @_builtins.property
     def vms(self) -> _containers.RepeatedCompositeFieldContainer[Global___JobVm]: ...
     @_builtins.property
-    def guest_processing(self) -> _struct_pb2.Struct:
-        """Stored now; used by guest processing, guest exclusions and the scheduler."""
+    def guest_processing(self) -> Global___GuestProcessing:
+        """Stored now; used by the guest processing of the Hyper-V work."""
 
     @_builtins.property
-    def exclusions(self) -> _struct_pb2.Struct: ...
+    def exclusions(self) -> _common_pb2.GuestExclusions:
+        """Stored now; used once the proxies read guest file systems."""
+
     @_builtins.property
-    def schedule(self) -> _struct_pb2.Struct: ...
+    def schedule(self) -> Global___Schedule:
+        """When the scheduler starts the job; unset: only StartJob does."""
+
     @_builtins.property
     def create_time(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
@@ -823,9 +922,9 @@ class Job(_message.Message):
         block_size: _builtins.int = ...,
         bandwidth_limit_mbps: _builtins.float = ...,
         change_tracking: _builtins.str = ...,
-        guest_processing: _struct_pb2.Struct | None = ...,
-        exclusions: _struct_pb2.Struct | None = ...,
-        schedule: _struct_pb2.Struct | None = ...,
+        guest_processing: Global___GuestProcessing | None = ...,
+        exclusions: _common_pb2.GuestExclusions | None = ...,
+        schedule: Global___Schedule | None = ...,
         checkpoint_hold_seconds: _builtins.int = ...,
         disabled: _builtins.bool = ...,
         create_time: _timestamp_pb2.Timestamp | None = ...,
@@ -847,6 +946,168 @@ class Job(_message.Message):
     def WhichOneof(self, oneof_group: _WhichOneofArgType__retry_wait_seconds) -> _WhichOneofReturnType__retry_wait_seconds | None: ...
 
 Global___Job: _TypeAlias = Job  # noqa: Y015
+
+@_typing.final
+class Schedule(_message.Message):
+    """When the scheduler starts a job (docs/controller.md, "Scheduling"). The database keeps it as the JSON
+    object the CLI's --schedule takes, with the same field names.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KIND_FIELD_NUMBER: _builtins.int
+    CRON_FIELD_NUMBER: _builtins.int
+    EVERY_MINUTES_FIELD_NUMBER: _builtins.int
+    PAUSE_SECONDS_FIELD_NUMBER: _builtins.int
+    AFTER_JOB_FIELD_NUMBER: _builtins.int
+    TIMEZONE_FIELD_NUMBER: _builtins.int
+    PERMITTED_FIELD_NUMBER: _builtins.int
+    ENFORCE_WINDOW_FIELD_NUMBER: _builtins.int
+    kind: Global___ScheduleKind.ValueType
+    cron: _builtins.str
+    """kind CRON: five fields, wall-clock times in `timezone`."""
+    every_minutes: _builtins.int
+    """kind INTERVAL: 1 to 44640 (31 days); slots at whole multiples since the Unix epoch."""
+    pause_seconds: _builtins.int
+    """kind CONTINUOUS: seconds from a session's end to the next start, 0 to 86400. Unset: 10."""
+    after_job: _builtins.str
+    """kind AFTER_JOB: `jobs/{id}` whose sessions' ends start this job."""
+    timezone: _builtins.str
+    """IANA time zone of `cron` and `permitted`. Empty: UTC."""
+    enforce_window: _builtins.bool
+    """Whether running sessions are stopped (resumable) when the permitted hours end. Unset: true."""
+    @_builtins.property
+    def permitted(self) -> Global___PermittedHours:
+        """The backup window: the local hours a session may run. Unset: always."""
+
+    def __init__(
+        self,
+        *,
+        kind: Global___ScheduleKind.ValueType = ...,
+        cron: _builtins.str = ...,
+        every_minutes: _builtins.int = ...,
+        pause_seconds: _builtins.int | None = ...,
+        after_job: _builtins.str = ...,
+        timezone: _builtins.str = ...,
+        permitted: Global___PermittedHours | None = ...,
+        enforce_window: _builtins.bool | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_enforce_window", b"_enforce_window", "_pause_seconds", b"_pause_seconds", "enforce_window", b"enforce_window", "pause_seconds", b"pause_seconds", "permitted", b"permitted"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_enforce_window", b"_enforce_window", "_pause_seconds", b"_pause_seconds", "after_job", b"after_job", "cron", b"cron", "enforce_window", b"enforce_window", "every_minutes", b"every_minutes", "kind", b"kind", "pause_seconds", b"pause_seconds", "permitted", b"permitted", "timezone", b"timezone"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__enforce_window: _TypeAlias = _typing.Literal["enforce_window"]  # noqa: Y015
+    _WhichOneofArgType__enforce_window: _TypeAlias = _typing.Literal["_enforce_window", b"_enforce_window"]  # noqa: Y015
+    _WhichOneofReturnType__pause_seconds: _TypeAlias = _typing.Literal["pause_seconds"]  # noqa: Y015
+    _WhichOneofArgType__pause_seconds: _TypeAlias = _typing.Literal["_pause_seconds", b"_pause_seconds"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__enforce_window) -> _WhichOneofReturnType__enforce_window | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__pause_seconds) -> _WhichOneofReturnType__pause_seconds | None: ...
+
+Global___Schedule: _TypeAlias = Schedule  # noqa: Y015
+
+@_typing.final
+class PermittedHours(_message.Message):
+    """Local hours [start_hour, end_hour) per weekday; a day with none is not permitted."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MON_FIELD_NUMBER: _builtins.int
+    TUE_FIELD_NUMBER: _builtins.int
+    WED_FIELD_NUMBER: _builtins.int
+    THU_FIELD_NUMBER: _builtins.int
+    FRI_FIELD_NUMBER: _builtins.int
+    SAT_FIELD_NUMBER: _builtins.int
+    SUN_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def mon(self) -> _containers.RepeatedCompositeFieldContainer[Global___HourSpan]: ...
+    @_builtins.property
+    def tue(self) -> _containers.RepeatedCompositeFieldContainer[Global___HourSpan]: ...
+    @_builtins.property
+    def wed(self) -> _containers.RepeatedCompositeFieldContainer[Global___HourSpan]: ...
+    @_builtins.property
+    def thu(self) -> _containers.RepeatedCompositeFieldContainer[Global___HourSpan]: ...
+    @_builtins.property
+    def fri(self) -> _containers.RepeatedCompositeFieldContainer[Global___HourSpan]: ...
+    @_builtins.property
+    def sat(self) -> _containers.RepeatedCompositeFieldContainer[Global___HourSpan]: ...
+    @_builtins.property
+    def sun(self) -> _containers.RepeatedCompositeFieldContainer[Global___HourSpan]: ...
+    def __init__(
+        self,
+        *,
+        mon: _abc.Iterable[Global___HourSpan] | None = ...,
+        tue: _abc.Iterable[Global___HourSpan] | None = ...,
+        wed: _abc.Iterable[Global___HourSpan] | None = ...,
+        thu: _abc.Iterable[Global___HourSpan] | None = ...,
+        fri: _abc.Iterable[Global___HourSpan] | None = ...,
+        sat: _abc.Iterable[Global___HourSpan] | None = ...,
+        sun: _abc.Iterable[Global___HourSpan] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["fri", b"fri", "mon", b"mon", "sat", b"sat", "sun", b"sun", "thu", b"thu", "tue", b"tue", "wed", b"wed"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PermittedHours: _TypeAlias = PermittedHours  # noqa: Y015
+
+@_typing.final
+class HourSpan(_message.Message):
+    """0 <= start_hour < end_hour <= 24."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    START_HOUR_FIELD_NUMBER: _builtins.int
+    END_HOUR_FIELD_NUMBER: _builtins.int
+    start_hour: _builtins.int
+    end_hour: _builtins.int
+    def __init__(
+        self,
+        *,
+        start_hour: _builtins.int = ...,
+        end_hour: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["end_hour", b"end_hour", "start_hour", b"start_hour"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___HourSpan: _TypeAlias = HourSpan  # noqa: Y015
+
+@_typing.final
+class GuestProcessing(_message.Message):
+    """Application-aware processing around a VM's checkpoint (the Hyper-V work runs it; the file-backed
+    lab takes crash-consistent checkpoints only).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ENABLED_FIELD_NUMBER: _builtins.int
+    CREDENTIAL_FIELD_NUMBER: _builtins.int
+    IGNORE_FAILURES_FIELD_NUMBER: _builtins.int
+    enabled: _builtins.bool
+    """Quiesce the guest's applications (VSS in Windows guests) before the checkpoint."""
+    credential: _builtins.str
+    """`credentials/{id}` to log on to the guest with; empty: none."""
+    ignore_failures: _builtins.bool
+    """When quiescing fails: true takes a crash-consistent checkpoint instead; false fails the VM."""
+    def __init__(
+        self,
+        *,
+        enabled: _builtins.bool = ...,
+        credential: _builtins.str = ...,
+        ignore_failures: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["credential", b"credential", "enabled", b"enabled", "ignore_failures", b"ignore_failures"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GuestProcessing: _TypeAlias = GuestProcessing  # noqa: Y015
 
 @_typing.final
 class Webhook(_message.Message):
@@ -1098,8 +1359,7 @@ class DiskTask(_message.Message):
     BUSY_FIELD_NUMBER: _builtins.int
     BOTTLENECK_FIELD_NUMBER: _builtins.int
     disk_id: _builtins.str
-    state: _builtins.str
-    """pending, starting, running, succeeded, resumable, failed."""
+    state: Global___DiskTaskState.ValueType
     start: _builtins.str
     """fresh, resume, compare, done (see docs/controller.md)."""
     change_mode: _builtins.str
@@ -1122,21 +1382,21 @@ class DiskTask(_message.Message):
     bottleneck: _builtins.str
     """source, proxy, network or target: the stage with the largest busy share."""
     @_builtins.property
-    def skipped(self) -> _proxy_pb2.SkippedBytes: ...
+    def skipped(self) -> _common_pb2.SkippedBytes: ...
     @_builtins.property
     def busy(self) -> Global___StageShares: ...
     def __init__(
         self,
         *,
         disk_id: _builtins.str = ...,
-        state: _builtins.str = ...,
+        state: Global___DiskTaskState.ValueType = ...,
         start: _builtins.str = ...,
         change_mode: _builtins.str = ...,
         disk_size: _builtins.int = ...,
         committed_offset: _builtins.int = ...,
         bytes_read: _builtins.int = ...,
         bytes_sent: _builtins.int = ...,
-        skipped: _proxy_pb2.SkippedBytes | None = ...,
+        skipped: _common_pb2.SkippedBytes | None = ...,
         resumes: _builtins.int = ...,
         error: _builtins.str = ...,
         proxy: _builtins.str = ...,
@@ -1169,8 +1429,7 @@ class SessionVm(_message.Message):
     ATTEMPT_FIELD_NUMBER: _builtins.int
     vm_id: _builtins.str
     vm_name: _builtins.str
-    state: _builtins.str
-    """planned, checkpointing, transferring, committing, releasing, holding, done, held, stopped, failed."""
+    state: Global___VmState.ValueType
     checkpoint_id: _builtins.str
     restore_point: _builtins.str
     """`jobs/{id}/restorePoints/{id}` once committed."""
@@ -1184,7 +1443,7 @@ class SessionVm(_message.Message):
         *,
         vm_id: _builtins.str = ...,
         vm_name: _builtins.str = ...,
-        state: _builtins.str = ...,
+        state: Global___VmState.ValueType = ...,
         checkpoint_id: _builtins.str = ...,
         restore_point: _builtins.str = ...,
         error: _builtins.str = ...,
@@ -1227,7 +1486,7 @@ class SessionStats(_message.Message):
     compression_ratio: _builtins.float
     bottleneck: _builtins.str
     @_builtins.property
-    def skipped(self) -> _proxy_pb2.SkippedBytes: ...
+    def skipped(self) -> _common_pb2.SkippedBytes: ...
     @_builtins.property
     def busy(self) -> Global___StageShares: ...
     def __init__(
@@ -1236,7 +1495,7 @@ class SessionStats(_message.Message):
         disk_bytes: _builtins.int = ...,
         bytes_read: _builtins.int = ...,
         bytes_sent: _builtins.int = ...,
-        skipped: _proxy_pb2.SkippedBytes | None = ...,
+        skipped: _common_pb2.SkippedBytes | None = ...,
         restore_points: _builtins.int = ...,
         bytes_processed: _builtins.int = ...,
         bytes_data: _builtins.int = ...,

@@ -204,8 +204,8 @@ class ControllerServiceStub:
                 request_serializer=vmrepl_dot_v1_dot_controller__pb2.GetSessionLogRequest.SerializeToString,
                 response_deserializer=vmrepl_dot_v1_dot_controller__pb2.SessionLog.FromString,
                 _registered_method=True)
-        self.ListRestorePoints = channel.unary_unary(
-                '/vmrepl.v1.ControllerService/ListRestorePoints',
+        self.ListJobRestorePoints = channel.unary_unary(
+                '/vmrepl.v1.ControllerService/ListJobRestorePoints',
                 request_serializer=vmrepl_dot_v1_dot_controller__pb2.ListJobRestorePointsRequest.SerializeToString,
                 response_deserializer=vmrepl_dot_v1_dot_controller__pb2.ListJobRestorePointsResponse.FromString,
                 _registered_method=True)
@@ -419,7 +419,7 @@ class ControllerServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
-    def ListRestorePoints(self, request, context):
+    def ListJobRestorePoints(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -583,8 +583,8 @@ def add_ControllerServiceServicer_to_server(servicer, server):
                     request_deserializer=vmrepl_dot_v1_dot_controller__pb2.GetSessionLogRequest.FromString,
                     response_serializer=vmrepl_dot_v1_dot_controller__pb2.SessionLog.SerializeToString,
             ),
-            'ListRestorePoints': grpc.unary_unary_rpc_method_handler(
-                    servicer.ListRestorePoints,
+            'ListJobRestorePoints': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListJobRestorePoints,
                     request_deserializer=vmrepl_dot_v1_dot_controller__pb2.ListJobRestorePointsRequest.FromString,
                     response_serializer=vmrepl_dot_v1_dot_controller__pb2.ListJobRestorePointsResponse.SerializeToString,
             ),
@@ -1451,7 +1451,7 @@ class ControllerService:
             _registered_method=True)
 
     @staticmethod
-    def ListRestorePoints(request,
+    def ListJobRestorePoints(request,
             target,
             options=(),
             channel_credentials=None,
@@ -1464,7 +1464,7 @@ class ControllerService:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/vmrepl.v1.ControllerService/ListRestorePoints',
+            '/vmrepl.v1.ControllerService/ListJobRestorePoints',
             vmrepl_dot_v1_dot_controller__pb2.ListJobRestorePointsRequest.SerializeToString,
             vmrepl_dot_v1_dot_controller__pb2.ListJobRestorePointsResponse.FromString,
             options,

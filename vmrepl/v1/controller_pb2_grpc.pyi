@@ -84,7 +84,7 @@ class ControllerServiceStub:
     """The session now, then again on every change (at most twice a second) until it ends."""
     GetSessionLog: _grpc.UnaryUnaryMultiCallable[_controller_pb2.GetSessionLogRequest, _controller_pb2.SessionLog]
     """The controller's log lines of one session, oldest first."""
-    ListRestorePoints: _grpc.UnaryUnaryMultiCallable[_controller_pb2.ListJobRestorePointsRequest, _controller_pb2.ListJobRestorePointsResponse]
+    ListJobRestorePoints: _grpc.UnaryUnaryMultiCallable[_controller_pb2.ListJobRestorePointsRequest, _controller_pb2.ListJobRestorePointsResponse]
 
 @_typing.type_check_only
 class ControllerServiceAsyncStub(ControllerServiceStub):
@@ -141,7 +141,7 @@ class ControllerServiceAsyncStub(ControllerServiceStub):
     """The session now, then again on every change (at most twice a second) until it ends."""
     GetSessionLog: _aio.UnaryUnaryMultiCallable[_controller_pb2.GetSessionLogRequest, _controller_pb2.SessionLog]  # type: ignore[assignment]
     """The controller's log lines of one session, oldest first."""
-    ListRestorePoints: _aio.UnaryUnaryMultiCallable[_controller_pb2.ListJobRestorePointsRequest, _controller_pb2.ListJobRestorePointsResponse]  # type: ignore[assignment]
+    ListJobRestorePoints: _aio.UnaryUnaryMultiCallable[_controller_pb2.ListJobRestorePointsRequest, _controller_pb2.ListJobRestorePointsResponse]  # type: ignore[assignment]
 
 class ControllerServiceServicer(metaclass=_abc_1.ABCMeta):
     """The controller's API, for the `vmrepl` CLI and for engineers' own tooling.
@@ -383,7 +383,7 @@ class ControllerServiceServicer(metaclass=_abc_1.ABCMeta):
         """The controller's log lines of one session, oldest first."""
 
     @_abc_1.abstractmethod
-    def ListRestorePoints(
+    def ListJobRestorePoints(
         self,
         request: _controller_pb2.ListJobRestorePointsRequest,
         context: _ServicerContext,

@@ -238,37 +238,27 @@ class ExclusionSettings(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     RANGES_FIELD_NUMBER: _builtins.int
-    SKIP_SWAP_FIELD_NUMBER: _builtins.int
-    SKIP_PAGEFILE_FIELD_NUMBER: _builtins.int
-    SKIP_HIBERNATION_FIELD_NUMBER: _builtins.int
-    SKIP_DELETED_FIELD_NUMBER: _builtins.int
-    GUEST_PATHS_FIELD_NUMBER: _builtins.int
-    skip_swap: _builtins.bool
-    """Guest-level exclusions, resolved by reading the guest's file systems on the proxy.
-    A proxy that cannot resolve one refuses the transfer (FAILED_PRECONDITION).
-    """
-    skip_pagefile: _builtins.bool
-    skip_hibernation: _builtins.bool
-    skip_deleted: _builtins.bool
+    GUEST_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def ranges(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.ByteRange]:
         """Byte ranges never read (as resolved by the controller or the guest file-system reader)."""
 
     @_builtins.property
-    def guest_paths(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    def guest(self) -> _common_pb2.GuestExclusions:
+        """Guest-level exclusions (a job's own, as the controller's API takes them), resolved by reading the
+        guest's file systems on the proxy. A proxy that cannot resolve one refuses the transfer
+        (FAILED_PRECONDITION).
+        """
+
     def __init__(
         self,
         *,
         ranges: _abc.Iterable[_common_pb2.ByteRange] | None = ...,
-        skip_swap: _builtins.bool = ...,
-        skip_pagefile: _builtins.bool = ...,
-        skip_hibernation: _builtins.bool = ...,
-        skip_deleted: _builtins.bool = ...,
-        guest_paths: _abc.Iterable[_builtins.str] | None = ...,
+        guest: _common_pb2.GuestExclusions | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["guest", b"guest"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["guest_paths", b"guest_paths", "ranges", b"ranges", "skip_deleted", b"skip_deleted", "skip_hibernation", b"skip_hibernation", "skip_pagefile", b"skip_pagefile", "skip_swap", b"skip_swap"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["guest", b"guest", "ranges", b"ranges"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -409,36 +399,6 @@ class WatchTransferRequest(_message.Message):
 Global___WatchTransferRequest: _TypeAlias = WatchTransferRequest  # noqa: Y015
 
 @_typing.final
-class SkippedBytes(_message.Message):
-    """Bytes of the disk that did not travel, by reason."""
-
-    DESCRIPTOR: _descriptor.Descriptor
-
-    ZERO_FIELD_NUMBER: _builtins.int
-    UNALLOCATED_FIELD_NUMBER: _builtins.int
-    UNCHANGED_FIELD_NUMBER: _builtins.int
-    EXCLUDED_FIELD_NUMBER: _builtins.int
-    zero: _builtins.int
-    unallocated: _builtins.int
-    unchanged: _builtins.int
-    excluded: _builtins.int
-    def __init__(
-        self,
-        *,
-        zero: _builtins.int = ...,
-        unallocated: _builtins.int = ...,
-        unchanged: _builtins.int = ...,
-        excluded: _builtins.int = ...,
-    ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
-    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["excluded", b"excluded", "unallocated", b"unallocated", "unchanged", b"unchanged", "zero", b"zero"]  # noqa: Y015
-    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
-
-Global___SkippedBytes: _TypeAlias = SkippedBytes  # noqa: Y015
-
-@_typing.final
 class StageBusy(_message.Message):
     """Seconds each stage of the pipeline spent busy; the largest share is the bottleneck."""
 
@@ -525,7 +485,7 @@ class TransferProgress(_message.Message):
     ("passed: 16 blocks sampled", "failed: …"); empty when none ran.
     """
     @_builtins.property
-    def skipped(self) -> Global___SkippedBytes: ...
+    def skipped(self) -> _common_pb2.SkippedBytes: ...
     @_builtins.property
     def busy(self) -> Global___StageBusy: ...
     def __init__(
@@ -539,7 +499,7 @@ class TransferProgress(_message.Message):
         bytes_read: _builtins.int = ...,
         bytes_data: _builtins.int = ...,
         bytes_sent: _builtins.int = ...,
-        skipped: Global___SkippedBytes | None = ...,
+        skipped: _common_pb2.SkippedBytes | None = ...,
         busy: Global___StageBusy | None = ...,
         committed_offset: _builtins.int = ...,
         resumes: _builtins.int = ...,

@@ -363,6 +363,7 @@ class TransferOpen(_message.Message):
     WINDOW_BATCHES_FIELD_NUMBER: _builtins.int
     PASS_NUMBER_FIELD_NUMBER: _builtins.int
     CHECKPOINT_ID_FIELD_NUMBER: _builtins.int
+    PROTOCOL_VERSIONS_FIELD_NUMBER: _builtins.int
     ticket: _builtins.bytes
     """A serialised SignedTicket."""
     session_id: _builtins.str
@@ -382,6 +383,15 @@ class TransferOpen(_message.Message):
     """The checkpoint the disk is read from: must be the one the replica disk
     was prepared for, and the one the ticket names.
     """
+    @_builtins.property
+    def protocol_versions(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """The versions of the Transfer protocol (frames, batches, digests) the
+        proxy speaks. Empty: version 1 only (proxies from before versions were
+        negotiated). The target answers the highest version both speak in
+        TransferAccept.protocol_version, or refuses with FAILED_PRECONDITION
+        naming the versions of both.
+        """
+
     def __init__(
         self,
         *,
@@ -394,10 +404,11 @@ class TransferOpen(_message.Message):
         window_batches: _builtins.int = ...,
         pass_number: _builtins.int = ...,
         checkpoint_id: _builtins.str = ...,
+        protocol_versions: _abc.Iterable[_builtins.int] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["block_size", b"block_size", "checkpoint_id", b"checkpoint_id", "disk_id", b"disk_id", "disk_size", b"disk_size", "pass_number", b"pass_number", "replica_path", b"replica_path", "session_id", b"session_id", "ticket", b"ticket", "window_batches", b"window_batches"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["block_size", b"block_size", "checkpoint_id", b"checkpoint_id", "disk_id", b"disk_id", "disk_size", b"disk_size", "pass_number", b"pass_number", "protocol_versions", b"protocol_versions", "replica_path", b"replica_path", "session_id", b"session_id", "ticket", b"ticket", "window_batches", b"window_batches"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -522,26 +533,24 @@ class TransferAccept(_message.Message):
 
     RESUME_OFFSET_FIELD_NUMBER: _builtins.int
     SESSION_DIGEST_FIELD_NUMBER: _builtins.int
-    ACK_EVERY_BATCHES_FIELD_NUMBER: _builtins.int
-    MAX_MESSAGE_BYTES_FIELD_NUMBER: _builtins.int
+    PROTOCOL_VERSION_FIELD_NUMBER: _builtins.int
     resume_offset: _builtins.int
     session_digest: _builtins.bytes
     """The session digest (see TransferAck) over everything below resume_offset."""
-    ack_every_batches: _builtins.int
-    """The target acknowledges at least this often (in batches)."""
-    max_message_bytes: _builtins.int
-    """Largest message the target takes on this stream."""
+    protocol_version: _builtins.int
+    """The protocol version the stream speaks, one of TransferOpen.protocol_versions.
+    0: version 1 (a target from before versions were negotiated).
+    """
     def __init__(
         self,
         *,
         resume_offset: _builtins.int = ...,
         session_digest: _builtins.bytes = ...,
-        ack_every_batches: _builtins.int = ...,
-        max_message_bytes: _builtins.int = ...,
+        protocol_version: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["ack_every_batches", b"ack_every_batches", "max_message_bytes", b"max_message_bytes", "resume_offset", b"resume_offset", "session_digest", b"session_digest"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["protocol_version", b"protocol_version", "resume_offset", b"resume_offset", "session_digest", b"session_digest"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -555,7 +564,6 @@ class TransferAck(_message.Message):
     COMMITTED_OFFSET_FIELD_NUMBER: _builtins.int
     COMPLETE_FIELD_NUMBER: _builtins.int
     WRITE_BUSY_SECONDS_FIELD_NUMBER: _builtins.int
-    BYTES_RECEIVED_FIELD_NUMBER: _builtins.int
     SESSION_DIGEST_FIELD_NUMBER: _builtins.int
     seq: _builtins.int
     """Last batch made durable."""
@@ -564,8 +572,6 @@ class TransferAck(_message.Message):
     """The final batch is durable; the disk's transfer is complete."""
     write_busy_seconds: _builtins.float
     """Seconds the target spent decompressing, verifying, writing and flushing on this stream."""
-    bytes_received: _builtins.int
-    """Bytes received on this stream (for the statistics)."""
     session_digest: _builtins.bytes
     """Over every extent of this pass below committed_offset: the sum modulo 2^128
     of xxh3-128(offset, length, kind, digest) of each extent, 16 bytes big-endian.
@@ -578,12 +584,11 @@ class TransferAck(_message.Message):
         committed_offset: _builtins.int = ...,
         complete: _builtins.bool = ...,
         write_busy_seconds: _builtins.float = ...,
-        bytes_received: _builtins.int = ...,
         session_digest: _builtins.bytes = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["bytes_received", b"bytes_received", "committed_offset", b"committed_offset", "complete", b"complete", "seq", b"seq", "session_digest", b"session_digest", "write_busy_seconds", b"write_busy_seconds"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["committed_offset", b"committed_offset", "complete", b"complete", "seq", b"seq", "session_digest", b"session_digest", "write_busy_seconds", b"write_busy_seconds"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

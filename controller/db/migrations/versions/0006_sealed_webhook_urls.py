@@ -29,7 +29,7 @@ _jobs = sa.table("jobs", sa.column("id", sa.String), sa.column("webhook", sa.JSO
 
 
 def _shown(url: str) -> str:
-    """The redaction of controller.api.resources.redact_url as of this revision (a migration does not follow
+    """The redaction of controller.observability.webhooks.redact_url as of this revision (a migration does not follow
     later changes of the code)."""
     try:
         parts = urlsplit(url)

@@ -4,7 +4,7 @@ Revision ID: 0007
 Revises: 0006
 Create Date: 2026-11-30 17:30:00.000000
 
-ListSessions and ListRestorePoints page by key (controller.api.paging): each page is an indexed range read.
+ListSessions and ListJobRestorePoints page by key (controller.api.paging): each page is an indexed range read.
 """
 
 from __future__ import annotations

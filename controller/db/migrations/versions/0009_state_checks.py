@@ -1,8 +1,8 @@
 """state columns checked by the database
 
-Revision ID: 0008
-Revises: 0007
-Create Date: 2026-11-30 20:00:00.000000
+Revision ID: 0009
+Revises: 0008
+Create Date: 2026-11-30 20:30:00.000000
 
 The state columns (sessions.state, sessions.notification, session_vms.state, tasks.state) keep their type,
 a string of 16 characters, and their values; each gets a CHECK that it holds one of its enum's values
@@ -16,8 +16,8 @@ from __future__ import annotations
 
 from alembic import op
 
-revision = "0008"
-down_revision = "0007"
+revision = "0009"
+down_revision = "0008"
 branch_labels = None
 depends_on = None
 

@@ -1,0 +1,78 @@
+"""ControllerService, jobs: create, read, change and delete them; start and stop their sessions."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from google.protobuf import empty_pb2
+from sqlalchemy import select
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from controller.api import resources as res
+from controller.api.base import BY_NAME, ApiBase
+from controller.db.models import (
+    Job,
+    Session,
+)
+from controller.engine.states import ACTIVE_SESSION
+from vmrepl.errors import NotFound
+from vmrepl.rpc import handle_errors
+from vmrepl.v1 import controller_pb2 as api
+
+
+class JobsApi(ApiBase):
+    @handle_errors
+    async def CreateJob(self, request: api.CreateJobRequest, context: Any) -> Any:
+        async def fill(db: AsyncSession, row: Job) -> None:
+            await res.apply_job(db, request.job, row, res.JOB_FIELDS, secrets=self.secrets)
+
+        row = await self._create(Job, "job_id", request.job_id, "jobs", fill)
+        async with self.reads() as db:
+            job = await db.get(Job, row.id)
+            if job is None:
+                raise NotFound(f"jobs/{request.job_id} was deleted meanwhile")
+            return await res.job_msg(db, job)
+
+    @handle_errors
+    async def GetJob(self, request: api.GetJobRequest, context: Any) -> Any:
+        async with self.reads() as db:
+            return await res.job_msg(db, await res.by_name(db, Job, "name", request.name, "jobs"))
+
+    @handle_errors
+    async def ListJobs(self, request: api.ListJobsRequest, context: Any) -> Any:
+        async def convert(db: AsyncSession, rows: list[Job]) -> list[api.Job]:
+            return [await res.job_msg(db, r) for r in rows]
+
+        out, token = await self._list(request, BY_NAME[Job], convert)
+        return api.ListJobsResponse(jobs=out, next_page_token=token)
+
+    @handle_errors
+    async def UpdateJob(self, request: api.UpdateJobRequest, context: Any) -> Any:
+        paths = res.mask_paths("update_mask", request.update_mask.paths, res.JOB_FIELDS)
+        async with self.journal.write() as db:
+            row = await res.by_name(db, Job, "job.name", request.job.name, "jobs")
+            await res.apply_job(db, request.job, row, paths, secrets=self.secrets)
+        async with self.reads() as db:
+            job = await db.get(Job, row.id)
+            if job is None:
+                raise NotFound(f"{request.job.name} was deleted meanwhile")
+            return await res.job_msg(db, job)
+
+    @handle_errors
+    async def DeleteJob(self, request: api.DeleteJobRequest, context: Any) -> Any:
+        async def users(db: AsyncSession, row: Job) -> list[str]:
+            q = select(Session.id).where(Session.job_id == row.id, Session.state.in_(ACTIVE_SESSION))
+            return [f"sessions/{s} (running)" for s in await db.scalars(q)]
+
+        await self._delete(Job, "name", request.name, "jobs", in_use=users)
+        return empty_pb2.Empty()
+
+    @handle_errors
+    async def StartJob(self, request: api.StartJobRequest, context: Any) -> Any:
+        session = await self.engine.start_job(await self._job_id("name", request.name))
+        return await self._session(session.id)
+
+    @handle_errors
+    async def StopJob(self, request: api.StopJobRequest, context: Any) -> Any:
+        session = await self.engine.stop_job(await self._job_id("name", request.name))
+        return await self._session(session.id)

@@ -1,0 +1,79 @@
+"""Hosts: their messages, checks and changes (a file host's folder is never a system folder)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import Iterable
+from pathlib import Path
+
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from controller.api.resources.common import by_name, check_printable, timestamp
+from controller.db.models import Credential, Host
+from controller.engine.providers import PROVIDERS
+from vmrepl.errors import InvalidArgument
+from vmrepl.v1 import controller_pb2 as api
+
+HOST_FIELDS = ("provider", "address", "credential")
+
+
+async def host_msg(db: AsyncSession, row: Host) -> api.Host:
+    cred = await db.get(Credential, row.credential_id) if row.credential_id else None
+    return api.Host(
+        name=f"hosts/{row.name}",
+        provider=row.provider,
+        address=row.address,
+        credential=f"credentials/{cred.name}" if cred else "",
+        create_time=timestamp(row.created_at),
+    )
+
+
+async def apply_host(db: AsyncSession, msg: api.Host, row: Host, paths: Iterable[str]) -> None:
+    for path in paths:
+        if path == "provider":
+            if msg.provider not in PROVIDERS:
+                raise InvalidArgument("host.provider", f"must be one of {', '.join(PROVIDERS)}")
+            row.provider = msg.provider
+        elif path == "address":
+            if not msg.address or len(msg.address) > 1024:
+                raise InvalidArgument("host.address", "is required, up to 1024 characters")
+            row.address = check_printable("host.address", msg.address)
+        elif path == "credential":
+            cred = (
+                await by_name(db, Credential, "host.credential", msg.credential, "credentials")
+                if msg.credential
+                else None
+            )
+            row.credential_id = cred.id if cred else None
+    if row.provider == "file":
+        await asyncio.to_thread(check_host_folder, "host.address", row.address)
+
+
+# A file host's folder holds VM folders; the controller reads it and writes its state under it, and the
+# proxies read it: never the system's own folders. SYSTEM_TREES are refused with everything inside them;
+# SYSTEM_FOLDERS themselves only (a host folder may lie inside /var, /srv or /tmp).
+SYSTEM_TREES = frozenset(
+    ["/bin", "/boot", "/dev", "/etc", "/lib", "/lib32", "/lib64", "/libx32", "/proc", "/run", "/sbin", "/sys", "/usr"]
+)
+SYSTEM_FOLDERS = frozenset(["/home", "/media", "/mnt", "/opt", "/root", "/srv", "/tmp", "/var"])
+
+
+def check_host_folder(field: str, address: str) -> str:
+    """A file host's address: an absolute path to an existing folder the controller sees (the proxies see
+    it under the same path), not the file system's root nor a system folder. Symlinks are followed
+    before the checks."""
+    check_printable(field, address)
+    if not os.path.isabs(address):
+        raise InvalidArgument(field, f"{address!r}: a file host's address is an absolute folder path")
+    real = Path(os.path.realpath(address))
+    if not real.is_dir():
+        raise InvalidArgument(field, f"{address!r} is not a folder the controller can see")
+    if real == Path(real.anchor):
+        raise InvalidArgument(field, f"{address!r} is the root of the file system: give the folder of the VM folders")
+    if str(real) in SYSTEM_FOLDERS:
+        raise InvalidArgument(field, f"{address!r} is a system folder: give the folder of the VM folders")
+    for tree in sorted(SYSTEM_TREES):
+        if real == Path(tree) or Path(tree) in real.parents:
+            raise InvalidArgument(field, f"{address!r} lies in the system folder {tree}")
+    return address

@@ -1,0 +1,242 @@
+"""Jobs: their messages, checks and changes (schedule, VMs, policy, webhook)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any, TypeVar
+from urllib.parse import urlsplit
+
+from google.protobuf import json_format
+from google.protobuf.message import Message
+from sqlalchemy import select
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from controller.api.resources.common import COMPRESSIONS, TRACKING, by_name, check_printable, timestamp
+from controller.db.models import Credential, Host, Job, JobVm, Target
+from controller.db.secrets import SecretBox
+from controller.observability.webhooks import redact_url
+from controller.scheduling.schedule import parse_schedule, schedule_json, schedule_message
+from vmrepl.errors import InvalidArgument
+from vmrepl.extent import valid_block_size
+from vmrepl.names import check_relative
+from vmrepl.v1 import common_pb2
+from vmrepl.v1 import controller_pb2 as api
+
+JOB_FIELDS = (
+    "host",
+    "target",
+    "replica_root",
+    "vms",
+    "restore_points_to_keep",
+    "compression",
+    "block_size",
+    "bandwidth_limit_mbps",
+    "change_tracking",
+    "guest_processing",
+    "exclusions",
+    "schedule",
+    "checkpoint_hold_seconds",
+    "disabled",
+    "webhook",
+    "retries",
+    "retry_wait_seconds",
+)
+
+
+M = TypeVar("M", bound=Message)
+
+
+def settings_json(msg: Message) -> dict[str, Any]:
+    """The stored JSON of guest_processing or exclusions (the database keeps typed settings as JSON objects;
+    the schedule's conversions are scheduling.schedule's): the message's fields by their proto names."""
+    return json_format.MessageToDict(msg, preserving_proto_field_name=True)
+
+
+def settings_message(kind: type[M], raw: dict[str, Any]) -> M:
+    """A stored guest_processing or exclusions object as its message. A row from before the settings were
+    typed, when any JSON object was taken, may hold keys the message lacks or values of another type:
+    those are left out of the reply (the row keeps them; nothing ever read them)."""
+    try:
+        return json_format.ParseDict(raw, kind(), ignore_unknown_fields=True)
+    except json_format.ParseError:
+        return kind()
+
+
+async def job_msg(db: AsyncSession, row: Job) -> api.Job:
+    host, target = await db.get(Host, row.host_id), await db.get(Target, row.target_id)
+    return api.Job(
+        name=f"jobs/{row.name}",
+        host=f"hosts/{host.name}" if host else "",
+        target=f"targets/{target.name}" if target else "",
+        replica_root=row.replica_root,
+        vms=[api.JobVm(vm=v.vm_ref, excluded_disks=[str(d) for d in v.excluded_disks]) for v in row.vms],
+        restore_points_to_keep=row.restore_points_to_keep,
+        compression=row.compression,
+        block_size=row.block_size,
+        bandwidth_limit_mbps=row.bandwidth_limit_mbps,
+        change_tracking=row.change_tracking,
+        guest_processing=settings_message(api.GuestProcessing, row.guest_processing),
+        exclusions=settings_message(common_pb2.GuestExclusions, row.exclusions),
+        schedule=schedule_message(row.schedule) if row.schedule else None,
+        checkpoint_hold_seconds=row.checkpoint_hold_seconds,
+        disabled=not row.enabled,
+        create_time=timestamp(row.created_at),
+        webhook=api.Webhook(
+            url=str(row.webhook.get("shown_url", "")), failures_only=bool(row.webhook.get("failures_only"))
+        )
+        if row.has_webhook
+        else None,
+        retries=row.retries,
+        retry_wait_seconds=row.retry_wait_seconds,
+    )
+
+
+def _vms(msg: api.Job) -> list[JobVm]:
+    if not msg.vms:
+        raise InvalidArgument("job.vms", "lists no VM")
+    seen: set[str] = set()
+    out = []
+    for i, v in enumerate(msg.vms):
+        if not v.vm or len(v.vm) > 256:
+            raise InvalidArgument(f"job.vms[{i}].vm", "is required: a VM id or name, up to 256 characters")
+        check_printable(f"job.vms[{i}].vm", v.vm)
+        if v.vm in seen:
+            raise InvalidArgument(f"job.vms[{i}].vm", f"{v.vm!r} is listed twice")
+        seen.add(v.vm)
+        out.append(JobVm(vm_ref=v.vm, excluded_disks=list(v.excluded_disks)))
+    return out
+
+
+async def apply_job(db: AsyncSession, msg: api.Job, row: Job, paths: Iterable[str], *, secrets: SecretBox) -> None:
+    paths = list(paths)
+    for path in paths:
+        if path == "webhook":
+            row.webhook = _webhook(msg.webhook, secrets, current=row.webhook)
+        else:
+            await _apply_job_field(db, msg, row, path)
+    if "replica_root" in paths or "target" in paths:
+        others = await db.execute(
+            select(Job.name, Job.replica_root).where(Job.target_id == row.target_id, Job.id != row.id)
+        )
+        for name, root in others.tuples():
+            if roots_overlap(row.replica_root, root):
+                raise InvalidArgument(
+                    "job.replica_root",
+                    f"{row.replica_root!r} overlaps {root!r} of jobs/{name} on the same target: each job "
+                    "needs a folder of its own, neither inside the other",
+                )
+
+
+def roots_overlap(a: str, b: str) -> bool:
+    """Whether one replica root is the other or inside it, component by component and ignoring case (a
+    Windows target's folders do)."""
+    pa, pb = a.casefold().split("/"), b.casefold().split("/")
+    n = min(len(pa), len(pb))
+    return pa[:n] == pb[:n]
+
+
+async def _apply_job_field(db: AsyncSession, msg: api.Job, row: Job, path: str) -> None:  # noqa: PLR0912
+    if path == "host":
+        row.host_id = (await by_name(db, Host, "job.host", msg.host, "hosts")).id
+    elif path == "target":
+        row.target_id = (await by_name(db, Target, "job.target", msg.target, "targets")).id
+    elif path == "replica_root":
+        check_relative("job.replica_root", msg.replica_root)
+        row.replica_root = msg.replica_root
+    elif path == "vms":
+        row.vms = _vms(msg)
+    elif path == "restore_points_to_keep":
+        keep = msg.restore_points_to_keep or 7
+        if not 1 <= keep <= 1000:
+            raise InvalidArgument("job.restore_points_to_keep", "must be from 1 to 1000")
+        row.restore_points_to_keep = keep
+    elif path == "compression":
+        if (msg.compression or "default") not in COMPRESSIONS:
+            raise InvalidArgument("job.compression", f"must be one of {', '.join(COMPRESSIONS)}")
+        row.compression = msg.compression or "default"
+    elif path == "block_size":
+        if msg.block_size and not valid_block_size(msg.block_size):
+            raise InvalidArgument("job.block_size", "must be a power of two from 64 KiB to 16 MiB")
+        row.block_size = msg.block_size or 1 << 20
+    elif path == "bandwidth_limit_mbps":
+        if not 0 <= msg.bandwidth_limit_mbps <= 1e6:
+            raise InvalidArgument("job.bandwidth_limit_mbps", "must be from 0 (unlimited) to 1000000")
+        row.bandwidth_limit_mbps = msg.bandwidth_limit_mbps
+    elif path == "change_tracking":
+        if (msg.change_tracking or "auto") not in TRACKING:
+            raise InvalidArgument("job.change_tracking", f"must be one of {', '.join(TRACKING)}")
+        row.change_tracking = msg.change_tracking or "auto"
+    elif path == "disabled":
+        row.enabled = not msg.disabled
+    else:
+        await _apply_job_policy(db, msg, row, path)
+
+
+async def _apply_job_policy(db: AsyncSession, msg: api.Job, row: Job, path: str) -> None:
+    """Schedule, notification and retry settings."""
+    if path == "schedule":
+        raw = schedule_json(msg.schedule)
+        schedule = parse_schedule(raw)
+        if schedule.kind == "after":
+            upstream = await by_name(db, Job, "job.schedule.after_job", schedule.after_job, "jobs")
+            if upstream.id == row.id:
+                raise InvalidArgument("job.schedule.after_job", "a job cannot follow itself")
+        row.schedule = raw
+    elif path == "guest_processing":
+        await _check_guest_processing(db, msg.guest_processing)
+        row.guest_processing = settings_json(msg.guest_processing)
+    elif path == "exclusions":
+        _check_exclusions(msg.exclusions)
+        row.exclusions = settings_json(msg.exclusions)
+    elif path == "checkpoint_hold_seconds":
+        hold = msg.checkpoint_hold_seconds or 24 * 3600
+        if not 60 <= hold <= 30 * 24 * 3600:
+            raise InvalidArgument("job.checkpoint_hold_seconds", "must be from 60 to 2592000 (30 days)")
+        row.checkpoint_hold_seconds = hold
+    elif path == "retries":
+        row.retries = msg.retries if msg.HasField("retries") else 2
+        if row.retries > 10:
+            raise InvalidArgument("job.retries", "must be from 0 to 10")
+    elif path == "retry_wait_seconds":
+        row.retry_wait_seconds = msg.retry_wait_seconds if msg.HasField("retry_wait_seconds") else 60
+        if row.retry_wait_seconds > 24 * 3600:
+            raise InvalidArgument("job.retry_wait_seconds", "must be from 0 to 86400")
+
+
+async def _check_guest_processing(db: AsyncSession, g: api.GuestProcessing) -> None:
+    if g.credential:
+        await by_name(db, Credential, "job.guest_processing.credential", g.credential, "credentials")
+
+
+def _check_exclusions(ex: common_pb2.GuestExclusions) -> None:
+    if len(ex.guest_paths) > 256:
+        raise InvalidArgument("job.exclusions.guest_paths", "lists more than 256 paths")
+    for i, path in enumerate(ex.guest_paths):
+        if not path or len(path) > 1024:
+            raise InvalidArgument(f"job.exclusions.guest_paths[{i}]", "must be a path of 1 to 1024 characters")
+        check_printable(f"job.exclusions.guest_paths[{i}]", path)
+
+
+def _webhook(w: api.Webhook, secrets: SecretBox, *, current: dict[str, Any] | None) -> dict[str, Any]:
+    """The stored form: the URL sealed like a credential's secret, and the redacted form replies show."""
+    if not w.url:
+        return {}
+    if current and current.get("sealed_url") and w.url == current.get("shown_url"):
+        # What a reply showed, sent back (a read-modify-write): the stored URL stays.
+        return {**current, "failures_only": w.failures_only}
+    try:
+        parts = urlsplit(w.url)
+        valid = parts.scheme in ("http", "https") and bool(parts.hostname) and len(w.url) <= 2048
+        parts.port  # noqa: B018 - raises ValueError for a port that is not a number up to 65535
+    except ValueError:
+        valid = False
+    if not valid or any(ord(c) < 32 or ord(c) == 127 for c in w.url):
+        raise InvalidArgument("job.webhook.url", "must be an http or https URL, up to 2048 characters")
+    if w.url.endswith("/…"):
+        # A shown (redacted) URL copied from another job: storing it would drop the credentials silently.
+        raise InvalidArgument("job.webhook.url", "is a redacted URL as replies show it; give the full URL")
+    return {
+        "sealed_url": secrets.seal(w.url).decode("ascii"),
+        "shown_url": redact_url(w.url),
+        "failures_only": w.failures_only,
+    }

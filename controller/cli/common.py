@@ -1,0 +1,74 @@
+"""What every command group shares: the connection, one API call with its error handling, and output."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import grpc
+import typer
+from google.protobuf import json_format
+from google.protobuf.message import Message
+from rich.console import Console
+from rich.table import Table
+
+from vmrepl.config import TlsSettings
+from vmrepl.security.tls import channel_credentials
+from vmrepl.v1 import controller_pb2 as api
+from vmrepl.v1 import controller_pb2_grpc
+
+out = Console()
+err = Console(stderr=True)
+T = TypeVar("T")
+STATE_NAMES = {v: k.removeprefix("SESSION_STATE_").lower() for k, v in api.SessionState.items()}
+DISK_STATE_NAMES = {v: k.removeprefix("DISK_TASK_STATE_").lower() for k, v in api.DiskTaskState.items()}
+EXIT_FAILED, EXIT_INCOMPLETE = 1, 3
+
+
+class Conn:
+    controller: str = "127.0.0.1:7400"
+    certs_dir: Path = Path("certs")
+    identity: str = "operator"
+    _stub: Any = None
+
+    def stub(self) -> Any:
+        if self._stub is None:
+            d = self.certs_dir
+            tls = TlsSettings(
+                ca_file=d / "ca.pem", cert_file=d / f"{self.identity}.pem", key_file=d / f"{self.identity}.key"
+            )
+            channel = grpc.secure_channel(self.controller, channel_credentials(tls))
+            self._stub = controller_pb2_grpc.ControllerServiceStub(channel)
+        return self._stub
+
+
+conn = Conn()
+JsonOpt = Annotated[bool, typer.Option("--json", help="print the API's reply as JSON")]
+
+
+def call(fn: Callable[..., T], request: Message) -> T:
+    """One API call; a gRPC error becomes a one-line message and exit status 1."""
+    try:
+        return fn(request, timeout=60)
+    except grpc.RpcError as e:
+        err.print(f"[red]error[/red]: {e.code().name}: {e.details()}")  # type: ignore[attr-defined]
+        raise typer.Exit(EXIT_FAILED) from None
+
+
+def as_json(msg: Message) -> None:
+    print(json.dumps(json_format.MessageToDict(msg, preserving_proto_field_name=True), indent=2))
+
+
+def table(title: str, columns: list[str], rows: list[list[object]]) -> None:
+    t = Table(title=title)
+    for c in columns:
+        t.add_column(c)
+    for r in rows:
+        t.add_row(*(str(v) for v in r))
+    out.print(t)
+
+
+def mib(n: int) -> str:
+    return f"{n / (1 << 20):,.1f} MiB"

@@ -1,0 +1,116 @@
+"""`vmrepl infra`: Credentials, hosts, proxies and targets."""
+
+from __future__ import annotations
+
+import os
+from typing import Annotated
+
+import typer
+
+from controller.cli.common import JsonOpt, as_json, call, conn, err, out, table
+from vmrepl.v1 import controller_pb2 as api
+
+infra = typer.Typer(help="Credentials, hosts, proxies and targets.", no_args_is_help=True)
+
+
+@infra.command("credential-add")
+def credential_add(
+    cred_id: str,
+    username: Annotated[str, typer.Option(help="user name")],
+    secret_env: Annotated[str, typer.Option(help="read the secret from this environment variable (else prompt)")] = "",
+) -> None:
+    """Store a credential; the secret is encrypted by the controller and never shown again."""
+    secret = os.environ.get(secret_env, "") if secret_env else typer.prompt("secret", hide_input=True)
+    req = api.CreateCredentialRequest(
+        credential_id=cred_id, credential=api.Credential(username=username), secret=secret
+    )
+    c = call(conn.stub().CreateCredential, req)
+    out.print(f"created {c.name}")
+
+
+@infra.command("host-add")
+def host_add(
+    host_id: str,
+    address: Annotated[str, typer.Option(help="folder (file) or host name (hyperv)")],
+    provider: Annotated[str, typer.Option(help="file or hyperv")] = "file",
+    credential: Annotated[str, typer.Option(help="credential id")] = "",
+) -> None:
+    host = api.Host(provider=provider, address=address, credential=f"credentials/{credential}" if credential else "")
+    h = call(conn.stub().CreateHost, api.CreateHostRequest(host_id=host_id, host=host))
+    out.print(f"created {h.name}")
+
+
+@infra.command("proxy-add")
+def proxy_add(
+    proxy_id: str,
+    address: Annotated[str, typer.Option(help="host:port of the proxy agent")],
+    max_tasks: Annotated[int, typer.Option(help="disk tasks at once")] = 4,
+    host: Annotated[list[str] | None, typer.Option(help="host id it reads directly (repeat)")] = None,
+    tls_server_name: Annotated[str, typer.Option(help="name in its certificate, if not the address's")] = "",
+) -> None:
+    proxy = api.Proxy(
+        address=address,
+        max_tasks=max_tasks,
+        hosts=[f"hosts/{h}" for h in host or []],
+        tls_server_name=tls_server_name,
+    )
+    p = call(conn.stub().CreateProxy, api.CreateProxyRequest(proxy_id=proxy_id, proxy=proxy))
+    out.print(f"created {p.name}")
+
+
+@infra.command("target-add")
+def target_add(
+    target_id: Annotated[str, typer.Argument(help="the target agent's configured name")],
+    address: Annotated[str, typer.Option(help="host:port of the target agent")],
+    max_tasks: Annotated[int, typer.Option(help="disk tasks at once")] = 4,
+    tls_server_name: Annotated[str, typer.Option(help="name in its certificate, if not the address's")] = "",
+) -> None:
+    target = api.Target(address=address, max_tasks=max_tasks, tls_server_name=tls_server_name)
+    t = call(conn.stub().CreateTarget, api.CreateTargetRequest(target_id=target_id, target=target))
+    out.print(f"created {t.name}")
+
+
+@infra.command("list")
+def infra_list(as_json_: JsonOpt = False) -> None:
+    """Credentials (never their secrets), hosts, proxies and targets."""
+    s = conn.stub()
+    creds = call(s.ListCredentials, api.ListCredentialsRequest())
+    hosts = call(s.ListHosts, api.ListHostsRequest())
+    proxies = call(s.ListProxies, api.ListProxiesRequest())
+    targets = call(s.ListTargets, api.ListTargetsRequest())
+    if as_json_:
+        for m in (creds, hosts, proxies, targets):
+            as_json(m)
+        return
+    table("credentials", ["name", "username"], [[c.name, c.username] for c in creds.credentials])
+    table(
+        "hosts",
+        ["name", "provider", "address", "credential"],
+        [[h.name, h.provider, h.address, h.credential] for h in hosts.hosts],
+    )
+    table(
+        "proxies",
+        ["name", "address", "max tasks", "hosts"],
+        [[p.name, p.address, p.max_tasks, ", ".join(p.hosts)] for p in proxies.proxies],
+    )
+    table("targets", ["name", "address", "max tasks"], [[t.name, t.address, t.max_tasks] for t in targets.targets])
+
+
+@infra.command("delete")
+def infra_delete(
+    name: Annotated[str, typer.Argument(help="credentials/ID, hosts/ID, proxies/ID or targets/ID")],
+) -> None:
+    s = conn.stub()
+    kinds = {
+        "credentials": (s.DeleteCredential, api.DeleteCredentialRequest),
+        "hosts": (s.DeleteHost, api.DeleteHostRequest),
+        "proxies": (s.DeleteProxy, api.DeleteProxyRequest),
+        "targets": (s.DeleteTarget, api.DeleteTargetRequest),
+    }
+    kind = name.split("/", 1)[0]
+    if kind not in kinds:
+        err.print(f"[red]error[/red]: {name!r} names no credential, host, proxy or target")
+        raise typer.Exit(2)
+    fn, req = kinds[kind]
+    call(fn, req(name=name))
+    out.print(f"deleted {name}")

@@ -1,0 +1,166 @@
+"""`vmrepl jobs`: Replication jobs."""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated
+
+import typer
+from google.protobuf import field_mask_pb2, json_format
+
+from controller.cli.common import EXIT_FAILED, JsonOpt, as_json, call, conn, err, out, table
+from controller.cli.sessions import exit_code, follow
+from controller.scheduling.schedule import schedule_json, schedule_message
+from vmrepl.errors import InvalidArgument
+from vmrepl.v1 import controller_pb2 as api
+
+job_app = typer.Typer(help="Replication jobs.", no_args_is_help=True)
+
+
+def _job_vms(vm: list[str], exclude_disk: list[str]) -> list[api.JobVm]:
+    excluded: dict[str, list[str]] = {}
+    for item in exclude_disk:
+        name, _, disk = item.partition(":")
+        excluded.setdefault(name, []).append(disk)
+    return [api.JobVm(vm=v, excluded_disks=excluded.get(v, [])) for v in vm]
+
+
+@job_app.command("create")
+def job_create(
+    job_id: str,
+    host: Annotated[str, typer.Option(help="host id")],
+    target: Annotated[str, typer.Option(help="target id")],
+    vm: Annotated[list[str], typer.Option(help="VM id or name (repeat)")],
+    replica_root: Annotated[str, typer.Option(help="folder in the target's datastore")] = "",
+    keep: Annotated[int, typer.Option(help="restore points to keep")] = 7,
+    compression: Annotated[str, typer.Option(help="none, fast, default")] = "default",
+    block_size: Annotated[int, typer.Option(help="bytes, power of two 64 KiB..16 MiB")] = 1 << 20,
+    bandwidth_mbps: Annotated[float, typer.Option(help="0: unlimited")] = 0.0,
+    change_tracking: Annotated[str, typer.Option(help="auto, on, off")] = "auto",
+    exclude_disk: Annotated[list[str] | None, typer.Option(help="VM:DISK not replicated (repeat)")] = None,
+    schedule: Annotated[str, typer.Option(help='JSON, e.g. {"kind": "cron", "cron": "0 22 * * *"} (docs/cli.md)')] = "",
+    webhook: Annotated[str, typer.Option(help="URL POSTed a JSON summary when a session ends")] = "",
+    webhook_failures_only: Annotated[bool, typer.Option(help="notify failed sessions only")] = False,
+    retries: Annotated[int, typer.Option(help="times a failed VM is tried again in the session")] = 2,
+    retry_wait: Annotated[int, typer.Option(help="seconds before a retry")] = 60,
+    as_json_: JsonOpt = False,
+) -> None:
+    job = api.Job(
+        host=f"hosts/{host}",
+        target=f"targets/{target}",
+        replica_root=replica_root or f"replicas/{job_id}",
+        vms=_job_vms(vm, exclude_disk or []),
+        restore_points_to_keep=keep,
+        compression=compression,
+        block_size=block_size,
+        bandwidth_limit_mbps=bandwidth_mbps,
+        change_tracking=change_tracking,
+        retries=retries,
+        retry_wait_seconds=retry_wait,
+    )
+    if schedule:
+        job.schedule.CopyFrom(_schedule_option(schedule))
+    if webhook:
+        job.webhook.CopyFrom(api.Webhook(url=webhook, failures_only=webhook_failures_only))
+    j = call(conn.stub().CreateJob, api.CreateJobRequest(job_id=job_id, job=job))
+    if as_json_:
+        as_json(j)
+    else:
+        out.print(f"created {j.name}")
+
+
+def _schedule_option(text: str) -> api.Schedule:
+    """--schedule: the JSON grammar of docs/controller.md ("Scheduling"), as the API's typed Schedule."""
+    try:
+        value = json.loads(text)
+    except ValueError as e:
+        err.print(f"[red]error[/red]: --schedule is not JSON: {e}")
+        raise typer.Exit(2) from None
+    if not isinstance(value, dict):
+        err.print("[red]error[/red]: --schedule must be a JSON object")
+        raise typer.Exit(2)
+    try:
+        return schedule_message(value)
+    except InvalidArgument as e:
+        err.print(f"[red]error[/red]: INVALID_ARGUMENT: {e}")  # as the API would answer
+        raise typer.Exit(EXIT_FAILED) from None
+
+
+@job_app.command("list")
+def job_list(as_json_: JsonOpt = False) -> None:
+    r = call(conn.stub().ListJobs, api.ListJobsRequest())
+    if as_json_:
+        as_json(r)
+        return
+    rows = [[j.name, j.host, j.target, ", ".join(v.vm for v in j.vms), j.restore_points_to_keep] for j in r.jobs]
+    table("jobs", ["name", "host", "target", "vms", "keep"], rows)
+
+
+@job_app.command("show")
+def job_show(job_id: str, as_json_: JsonOpt = False) -> None:
+    j = call(conn.stub().GetJob, api.GetJobRequest(name=f"jobs/{job_id}"))
+    if as_json_:
+        as_json(j)
+        return
+    d = json_format.MessageToDict(j, preserving_proto_field_name=True)
+    if j.HasField("schedule"):
+        d["schedule"] = schedule_json(j.schedule)  # as --schedule takes it
+    table(
+        j.name, ["setting", "value"], [[k, json.dumps(v) if isinstance(v, (list, dict)) else v] for k, v in d.items()]
+    )
+
+
+@job_app.command("update")
+def job_update(
+    job_id: str,
+    keep: Annotated[int | None, typer.Option(help="restore points to keep")] = None,
+    change_tracking: Annotated[str | None, typer.Option(help="auto, on, off")] = None,
+    bandwidth_mbps: Annotated[float | None, typer.Option(help="0: unlimited")] = None,
+    disabled: Annotated[bool | None, typer.Option("--disabled/--enabled")] = None,
+    schedule: Annotated[str | None, typer.Option(help='JSON schedule; "{}" for manual only')] = None,
+) -> None:
+    job, paths = api.Job(name=f"jobs/{job_id}"), list[str]()
+    if keep is not None:
+        job.restore_points_to_keep, paths = keep, [*paths, "restore_points_to_keep"]
+    if change_tracking is not None:
+        job.change_tracking, paths = change_tracking, [*paths, "change_tracking"]
+    if bandwidth_mbps is not None:
+        job.bandwidth_limit_mbps, paths = bandwidth_mbps, [*paths, "bandwidth_limit_mbps"]
+    if disabled is not None:
+        job.disabled, paths = disabled, [*paths, "disabled"]
+    if schedule is not None:
+        job.schedule.CopyFrom(_schedule_option(schedule))
+        paths.append("schedule")
+    if not paths:
+        err.print("nothing to update")
+        raise typer.Exit(2)
+    req = api.UpdateJobRequest(job=job, update_mask=field_mask_pb2.FieldMask(paths=paths))
+    out.print(f"updated {call(conn.stub().UpdateJob, req).name}")
+
+
+@job_app.command("delete")
+def job_delete(job_id: str) -> None:
+    call(conn.stub().DeleteJob, api.DeleteJobRequest(name=f"jobs/{job_id}"))
+    out.print(f"deleted jobs/{job_id}")
+
+
+@job_app.command("start")
+def job_start(
+    job_id: str,
+    wait: Annotated[bool, typer.Option("--wait", help="follow the session; exit 0 only if it succeeded")] = False,
+    as_json_: JsonOpt = False,
+) -> None:
+    s = call(conn.stub().StartJob, api.StartJobRequest(name=f"jobs/{job_id}"))
+    if not wait:
+        as_json(s) if as_json_ else out.print(f"started {s.name}")
+        return
+    final = follow(s.name, quiet=as_json_)
+    if as_json_:
+        as_json(final)
+    raise typer.Exit(exit_code(final))
+
+
+@job_app.command("stop")
+def job_stop(job_id: str) -> None:
+    s = call(conn.stub().StopJob, api.StopJobRequest(name=f"jobs/{job_id}"))
+    out.print(f"stopping {s.name}; its disks stay resumable")

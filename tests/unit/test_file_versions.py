@@ -1,0 +1,105 @@
+"""The target's files carry a format version: files written before versions (tests/fixtures/formats_v1,
+written by the code of that time) still load, and a file from a newer vmrepl is refused, never misread."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from target_agent import replica, restore_points
+from vmrepl.batch import DATA, PassDigest
+from vmrepl.block import DIGEST_SIZE, digest
+from vmrepl.errors import FailedPrecondition
+from vmrepl.extent import MiB
+
+FIXTURES = Path(__file__).parent.parent / "fixtures" / "formats_v1" / "vm"
+BLOCK = bytes(range(256)) * (MiB // 256)  # block 0 of disk0 in the fixture
+
+
+@pytest.fixture
+def vm(tmp_path: Path) -> Path:
+    return Path(shutil.copytree(FIXTURES, tmp_path / "vm"))
+
+
+def test_format_1_disk_state_and_digests_load(vm: Path) -> None:
+    st = replica.load_state(vm / "disks" / "disk0")
+    assert (st.session_id, st.checkpoint_id, st.state, st.committed_offset) == ("s1", "cp1", "receiving", MiB)
+    assert st.session_digest == PassDigest().add(0, MiB, DATA, digest(BLOCK))
+    block_size, table = replica.read_digests(vm / "disks" / "disk0", 0, 0)
+    assert block_size == MiB and table[:DIGEST_SIZE] == digest(BLOCK) and len(table) == 4 * DIGEST_SIZE
+    fresh = replica.load_state(vm / "disks" / "disk1")  # a prepared disk: format 1 wrote "" as its digest
+    assert (fresh.state, fresh.session_digest) == ("prepared", PassDigest())
+
+
+def test_format_1_disk_resumes_and_is_rewritten_in_the_current_format(vm: Path) -> None:
+    disk = vm / "disks" / "disk0"
+    st = replica.prepare(
+        disk, guard=replica.DiskGuard(), disk_size=4 * MiB, block_size=MiB, session_id="s1", checkpoint_id="cp1"
+    )
+    assert st.committed_offset == MiB and st.session_digest == PassDigest().add(0, MiB, DATA, digest(BLOCK))
+    raw = json.loads((disk / replica.STATE_FILE).read_text())
+    assert raw["format"] == replica.STATE_FORMAT and raw["digests_format"] == replica.DIGESTS_FORMAT
+    assert replica.load_state(disk) == st
+    assert replica.read_digests(disk, 0, 1)[1] == digest(BLOCK)  # below the committed offset: still vouched for
+
+
+def test_format_1_restore_points_load_and_a_commit_rewrites_them(vm: Path) -> None:
+    (p,) = restore_points.list_points(vm)
+    assert (p.id, p.session_id, p.checkpoint_id, p.created_at) == ("0123456789abcdef" * 2, "s0", "cp0", 1700000000.5)
+    assert [(d.disk_id, d.disk_size) for d in p.disks] == [("disk1", 4 * MiB)]
+    st = replica.load_state(vm / "disks" / "disk1")
+    st.session_id, st.checkpoint_id, st.state = "s2", "cp2", replica.COMPLETE
+    replica.save_state(vm / "disks" / "disk1", st)
+    restore_points.commit(
+        vm, session_id="s2", checkpoint_id="cp2", disk_ids=["disk1"], guard=lambda _: replica.DiskGuard()
+    )
+    raw = json.loads((vm / restore_points.POINTS_FILE).read_text())
+    assert raw["format"] == restore_points.POINTS_FORMAT
+    assert [q.session_id for q in restore_points.list_points(vm)] == ["s0", "s2"]
+
+
+def _rewrite(path: Path, **changes: object) -> None:
+    raw = json.loads(path.read_text())
+    if isinstance(raw, list):
+        raw = {"restore_points": raw}
+    path.write_text(json.dumps(raw | changes))
+
+
+def test_a_disk_state_from_a_newer_vmrepl_is_refused(vm: Path) -> None:
+    disk = vm / "disks" / "disk0"
+    _rewrite(disk / replica.STATE_FILE, format=99)
+    with pytest.raises(FailedPrecondition, match=r"format 99.*newer"):
+        replica.load_state(disk)
+    with pytest.raises(FailedPrecondition, match="format 99"):
+        replica.prepare(
+            disk, guard=replica.DiskGuard(), disk_size=4 * MiB, block_size=MiB, session_id="s1", checkpoint_id="cp1"
+        )
+    assert json.loads((disk / replica.STATE_FILE).read_text())["format"] == 99  # left as it was
+
+
+def test_a_digest_store_from_a_newer_vmrepl_is_refused(vm: Path) -> None:
+    disk = vm / "disks" / "disk0"
+    _rewrite(disk / replica.STATE_FILE, format=replica.STATE_FORMAT, digests_format=7)
+    with pytest.raises(FailedPrecondition, match=r"digests\.bin has format 7"):
+        replica.read_digests(disk, 0, 0)
+    with pytest.raises(FailedPrecondition, match=r"digests\.bin has format 7"):
+        replica.ReplicaStream(
+            disk, replica.DiskGuard(), session_id="s1", checkpoint_id="cp1", disk_size=4 * MiB, block_size=MiB,
+            pass_number=0,
+        )  # fmt: skip
+
+
+def test_restore_points_from_a_newer_vmrepl_are_refused(vm: Path) -> None:
+    _rewrite(vm / restore_points.POINTS_FILE, format=3)
+    with pytest.raises(FailedPrecondition, match=r"format 3.*newer"):
+        restore_points.list_points(vm)
+
+
+@pytest.mark.parametrize("text", ['{"format": "2"}', '"a string"', '{"format": 2, "restore_points": [{"id": 1}]}'])
+def test_restore_points_that_are_not_a_list_of_points_are_refused(vm: Path, text: str) -> None:
+    (vm / restore_points.POINTS_FILE).write_text(text)
+    with pytest.raises(FailedPrecondition, match=r"restore-points\.json"):
+        restore_points.list_points(vm)

@@ -1,0 +1,287 @@
+"""TaskRunner in one process: the real database and Journal, fake proxy and target (tests.support.agents).
+
+The paths that otherwise only real processes show: a proxy lost mid-transfer, a target refusing,
+a pass re-run as a digest comparison, a controller restart finding its transfer, a stop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import datetime as dt
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import grpc
+import pytest
+
+from controller.db.enums import TaskState, VmState
+from controller.db.models import HeldCheckpoint, RestorePoint, SessionVm, Task
+from controller.engine.task import TaskRunner
+from tests.support.agents import (
+    COMPLETED,
+    RUNNING,
+    Crash,
+    FakeTransfer,
+    Script,
+    Step,
+    completes,
+    progress,
+    rpc_error,
+    unavailable,
+)
+from tests.support.engine import DISK_SIZE, World, make_world
+from vmrepl.extent import Extent, MiB
+from vmrepl.providers.base import Checkpoint
+from vmrepl.security.ticket import key_id, verify_ticket
+from vmrepl.v1 import proxy_pb2, target_pb2
+
+REPLICA = "jobs/job1/vm1"
+
+
+@pytest.fixture
+async def world(tmp_path: Path) -> AsyncIterator[World]:
+    w = await make_world(tmp_path)
+    yield w
+    await w.close()
+
+
+async def _transferring(w: World) -> tuple[Checkpoint, str]:
+    """The VM planned and its checkpoint taken: the checkpoint and the id of its one disk task."""
+    rows = await w.plan()
+    cp = await w.provider.create_checkpoint("vm1")
+    async with w.journal.change("checkpoint") as db:
+        row = await db.get(SessionVm, rows["vm1"])
+        assert row is not None
+        row.state, row.checkpoint_id, row.checkpoint_reference = VmState.TRANSFERRING, cp.checkpoint_id, cp.reference
+    (task,) = await w.tasks()
+    return cp, task.id
+
+
+async def _run(w: World, *, attempt: int = 1) -> tuple[TaskState, Task]:
+    cp, task_id = await _transferring(w)
+    end = await asyncio.wait_for(TaskRunner(w.parts, w.sc, cp, task_id, attempt=attempt).run(), 30)
+    return end, await w.journal.load(Task, task_id)
+
+
+def _per_start(*scripts: Script) -> Script:
+    """The first start runs the first script, the second the next, ...; the last one for every later start."""
+    started = [0]
+
+    def script(request: proxy_pb2.StartDiskTransferRequest) -> list[Step]:
+        i = min(started[0], len(scripts) - 1)
+        started[0] += 1
+        return scripts[i](request)
+
+    return script
+
+
+def _lost_after_half(loss: Step) -> Script:
+    def script(request: proxy_pb2.StartDiskTransferRequest) -> list[Step]:
+        return [progress(RUNNING, DISK_SIZE // 2), loss]
+
+    return script
+
+
+async def test_a_disk_replicates_with_a_ticket_for_the_proxy_that_reads_it(world: World) -> None:
+    end, task = await _run(world)
+    assert end is TaskState.SUCCEEDED and task.state == TaskState.SUCCEEDED
+    assert task.committed_offset == DISK_SIZE and task.stats["bytes_read"] == DISK_SIZE
+    assert task.change_mode == "full" and task.proxy_id == world.proxy_id
+    (request,) = world.proxy.started
+    assert request.transfer_id == task.id and request.change_source.WhichOneof("mode") == "full"
+    ticket = verify_ticket(
+        request.ticket,
+        {key_id(world.signing_key.public_key()): world.signing_key.public_key()},
+        session_id=world.sc.session_id,
+        disk_id="disk0",
+        replica_path=REPLICA,
+        audience="target",
+        peer="proxy1",
+    )
+    assert ticket.checkpoint_id == "cp1"
+    (prepared,) = world.target.prepared
+    assert (prepared.replica_path, prepared.disk_size, prepared.checkpoint_id) == (REPLICA, DISK_SIZE, "cp1")
+
+
+@pytest.mark.parametrize(
+    "loss",
+    [unavailable(), rpc_error(grpc.StatusCode.NOT_FOUND, "no such transfer"), None],
+    ids=["unreachable", "forgotten", "stream-ended"],
+)
+async def test_a_proxy_lost_mid_transfer_is_started_again_and_the_target_resumes(
+    world: World, loss: grpc.aio.AioRpcError | None
+) -> None:
+    first: Script = _lost_after_half(loss) if loss is not None else (lambda r: [progress(RUNNING, DISK_SIZE // 2)])
+    world.proxy.script = _per_start(first, completes)
+    end, task = await _run(world)
+    assert end is TaskState.SUCCEEDED and task.committed_offset == DISK_SIZE
+    # The same transfer again (the target resumes it from what it made durable), prepared again first.
+    assert [r.transfer_id for r in world.proxy.started] == [task.id, task.id]
+    assert len(world.target.prepared) == 2
+
+
+async def test_a_proxy_that_stays_down_leaves_a_started_disk_resumable(world: World) -> None:
+    world.proxy.script = _lost_after_half(Crash())
+    end, task = await _run(world)
+    assert end is TaskState.RESUMABLE and task.state == TaskState.RESUMABLE
+    assert "no proxy answered" in task.error and len(world.proxy.started) == 1
+
+
+@pytest.mark.parametrize(
+    ("refusal", "end"),
+    [
+        (rpc_error(grpc.StatusCode.FAILED_PRECONDITION, "replica committed by session s0"), TaskState.FAILED),
+        (unavailable(), TaskState.RESUMABLE),  # out of reach for now: the next session resumes it
+    ],
+    ids=["refused", "unreachable"],
+)
+async def test_a_target_refusing_prepare_starts_no_transfer(
+    world: World, refusal: grpc.aio.AioRpcError, end: TaskState
+) -> None:
+    world.target.prepare_faults.append(refusal)
+    state, task = await _run(world)
+    assert state is end and task.error == refusal.details()
+    assert not world.proxy.started
+
+
+async def _with_restore_point(w: World, reference: str) -> None:
+    async with w.journal.change("point") as db:
+        job_id, session_id = w.sc.job.job_id, w.sc.session_id
+        db.add(RestorePoint(id="rp0", job_id=job_id, vm_id="vm1", session_id=session_id, reference=reference))
+    w.provider.changes["disk0"] = [Extent(0, MiB)]
+
+
+async def test_changed_ranges_are_used_while_the_target_trusts_them(world: World) -> None:
+    await _with_restore_point(world, "ref0")
+    end, task = await _run(world)
+    assert end is TaskState.SUCCEEDED and (task.change_mode, task.since_reference) == ("ranges", "ref0")
+    ranges = world.proxy.started[0].change_source.changed_ranges
+    assert [(r.offset, r.length) for r in ranges.ranges] == [(0, MiB)] and ranges.reference_id == "ref0"
+
+
+async def test_a_pass_is_re_run_as_a_digest_comparison_once_the_target_reports_a_failed_sample(world: World) -> None:
+    """The proxy's sampled verification failed (the changed ranges lost writes) and the proxy was lost;
+    the target remembers: the transfer started again compares digests instead of trusting the ranges."""
+    await _with_restore_point(world, "ref0")
+    replica = (REPLICA, "disk0")
+
+    def failed_sample(request: proxy_pb2.StartDiskTransferRequest) -> list[Step]:
+        world.target.tracking_failed.add(replica)
+        return [progress(RUNNING, DISK_SIZE // 4, verification="sample failed: comparing digests"), unavailable()]
+
+    world.proxy.script = _per_start(failed_sample, completes)
+    end, task = await _run(world)
+    assert end is TaskState.SUCCEEDED
+    modes = [r.change_source.WhichOneof("mode") for r in world.proxy.started]
+    assert modes == ["changed_ranges", "compare_digests"]
+    assert (task.change_mode, task.since_reference) == ("compare", "")
+
+
+async def test_a_transfer_the_proxy_fails_fails_the_disk_with_its_reason(world: World) -> None:
+    world.proxy.script = lambda r: [
+        progress(proxy_pb2.TRANSFER_STATE_FAILED, 0, error_code="VERIFICATION", error_message="sample differs")
+    ]
+    end, task = await _run(world)
+    assert end is TaskState.FAILED and task.error == "VERIFICATION: sample differs"
+
+
+async def test_a_replica_committed_at_another_size_fails_the_disk(world: World) -> None:
+    world.target.sizes[(REPLICA, "disk0")] = DISK_SIZE + MiB
+    end, task = await _run(world)
+    assert end is TaskState.FAILED and "differs from the size planned" in task.error
+
+
+async def _running_before_a_crash(w: World) -> tuple[Checkpoint, str]:
+    cp, task_id = await _transferring(w)
+    async with w.journal.change("running") as db:
+        task = await db.get(Task, task_id)
+        assert task is not None
+        task.state, task.proxy_id, task.transfer_id, task.change_mode = TaskState.RUNNING, w.proxy_id, task_id, "full"
+    return cp, task_id
+
+
+async def test_after_a_controller_restart_a_transfer_the_proxy_still_runs_is_watched_again(world: World) -> None:
+    cp, task_id = await _running_before_a_crash(world)
+    request = proxy_pb2.StartDiskTransferRequest(transfer_id=task_id, source=proxy_pb2.SourceDisk(size=DISK_SIZE))
+    world.proxy.transfers[task_id] = FakeTransfer(request, completes(request))
+    await world.target.prepare(  # before the crash
+        target_pb2.PrepareReplicaDiskRequest(replica_path=REPLICA, disk_id="disk0", disk_size=DISK_SIZE)
+    )
+    world.target.prepared.clear()
+    assert await TaskRunner(world.parts, world.sc, cp, task_id).run() is TaskState.SUCCEEDED
+    assert not world.proxy.started and not world.target.prepared  # reattached, not started again
+
+
+async def test_after_a_controller_restart_a_transfer_the_proxy_forgot_is_started_again(world: World) -> None:
+    cp, task_id = await _running_before_a_crash(world)
+    assert await TaskRunner(world.parts, world.sc, cp, task_id).run() is TaskState.SUCCEEDED
+    assert [r.transfer_id for r in world.proxy.started] == [task_id]
+
+
+async def test_a_vm_retry_starts_its_disks_under_a_new_transfer_id(world: World) -> None:
+    end, task = await _run(world, attempt=2)
+    assert end is TaskState.SUCCEEDED and world.proxy.started[0].transfer_id == f"{task.id}-2"
+
+
+async def test_a_stop_cancels_the_transfer_and_leaves_the_disk_resumable(world: World) -> None:
+    started, busy = asyncio.Event(), asyncio.Event()
+
+    def script(request: proxy_pb2.StartDiskTransferRequest) -> list[Step]:
+        started.set()
+        return [progress(RUNNING, MiB), busy, progress(COMPLETED, DISK_SIZE)]
+
+    world.proxy.script = script
+    cp, task_id = await _transferring(world)
+    run = asyncio.create_task(TaskRunner(world.parts, world.sc, cp, task_id).run())
+    await asyncio.wait_for(started.wait(), 10)
+    world.sc.stopping.set()
+    assert await asyncio.wait_for(run, 10) is TaskState.RESUMABLE
+    task = await world.journal.load(Task, task_id)
+    assert world.proxy.cancelled == [task_id] and task.error == "stopped"
+
+
+async def test_tickets_expire_when_the_held_checkpoint_does(world: World) -> None:
+    # Sooner than a ticket's longest life (a day), which would cut it shorter.
+    deadline = (dt.datetime.now(dt.UTC) + dt.timedelta(hours=1)).replace(microsecond=0)
+    async with world.journal.change("held") as db:
+        db.add(
+            HeldCheckpoint(
+                job_id=world.sc.job.job_id,
+                vm_id="vm1",
+                checkpoint_id="cp1",
+                reference="ref1",
+                session_id=world.sc.session_id,
+                deadline=deadline,
+            )
+        )
+    assert (await _run(world))[0] is TaskState.SUCCEEDED
+    public = world.signing_key.public_key()
+    ticket = verify_ticket(
+        world.proxy.started[0].ticket,
+        {key_id(public): public},
+        session_id=world.sc.session_id,
+        disk_id="disk0",
+        replica_path=REPLICA,
+        audience="target",
+        peer="proxy1",
+    )
+    assert ticket.expires_unix == int(deadline.timestamp())
+
+
+async def test_a_checkpoint_not_held_bounds_tickets_by_the_jobs_deadline(world: World) -> None:
+    world.sc.job = dataclasses.replace(world.sc.job, checkpoint_hold_seconds=600)
+    assert (await _run(world))[0] is TaskState.SUCCEEDED
+    cp = world.provider.checkpoints["vm1"][0]
+    public = world.signing_key.public_key()
+    ticket = verify_ticket(
+        world.proxy.started[0].ticket,
+        {key_id(public): public},
+        session_id=world.sc.session_id,
+        disk_id="disk0",
+        replica_path=REPLICA,
+        audience="target",
+        peer="proxy1",
+        now=cp.created_at,
+    )
+    assert abs(ticket.expires_unix - (cp.created_at + 600)) <= 1
