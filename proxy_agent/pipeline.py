@@ -22,8 +22,9 @@ from dataclasses import dataclass
 
 from proxy_agent.plan import PlannedBatch
 from vmrepl.batch import DATA, LZ4, RAW, ZERO, SessionDigest, encode_batch
-from vmrepl.block import DIGEST_SIZE, Compression, compress, digest, is_zero, zero_digest
+from vmrepl.block import DIGEST_SIZE, compress, digest, is_zero, zero_digest
 from vmrepl.disk.base import DiskReader
+from vmrepl.domain import Compression
 from vmrepl.extent import Extent, split_blocks
 from vmrepl.v1 import target_pb2
 

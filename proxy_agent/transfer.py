@@ -31,8 +31,9 @@ from proxy_agent.plan import Plan, plan_batches
 from proxy_agent.throttle import TokenBucket
 from proxy_agent.verify import choose_sample, unsent_blocks
 from vmrepl.batch import MAX_EXTENTS, MAX_PASS, encode_open
-from vmrepl.block import DIGEST_SIZE, UNKNOWN_DIGEST, Compression, digest, is_zero, zero_digest
+from vmrepl.block import DIGEST_SIZE, UNKNOWN_DIGEST, digest, is_zero, zero_digest
 from vmrepl.disk.base import DiskReader
+from vmrepl.domain import ChangeMode, Compression, retryable
 from vmrepl.errors import ChecksumMismatch, TransferError, VmreplError
 from vmrepl.extent import Extent
 from vmrepl.logs import get_logger
@@ -43,22 +44,6 @@ TRANSFER_METHOD = "/vmrepl.v1.TargetAgent/Transfer"
 READ_DIGESTS_METHOD = "/vmrepl.v1.TargetAgent/ReadDigests"
 ACCEPT_TIMEOUT = 30.0
 _MOD = 1 << 128
-# Statuses after which another attempt cannot succeed.
-_PERMANENT = frozenset(
-    {
-        grpc.StatusCode.INVALID_ARGUMENT,
-        grpc.StatusCode.PERMISSION_DENIED,
-        grpc.StatusCode.UNAUTHENTICATED,
-        grpc.StatusCode.FAILED_PRECONDITION,
-        grpc.StatusCode.NOT_FOUND,
-        grpc.StatusCode.DATA_LOSS,
-        grpc.StatusCode.OUT_OF_RANGE,
-        grpc.StatusCode.UNIMPLEMENTED,
-        grpc.StatusCode.ALREADY_EXISTS,
-    }
-)
-
-FULL, RANGES, COMPARE = "full", "ranges", "compare"
 
 
 class StreamBroken(Exception):
@@ -72,9 +57,9 @@ class StreamBroken(Exception):
 
 def _transient(exc: BaseException) -> bool:
     if isinstance(exc, StreamBroken):
-        return exc.code not in _PERMANENT
+        return retryable(exc.code)
     if isinstance(exc, grpc.aio.AioRpcError):
-        return exc.code() not in _PERMANENT
+        return retryable(exc.code())
     return isinstance(exc, (TimeoutError, ConnectionError))
 
 
@@ -87,7 +72,7 @@ class TransferSpec:
     replica_path: str
     ticket: bytes
     block_size: int
-    mode: str
+    mode: ChangeMode
     compression: Compression
     bandwidth_bytes_per_s: float
     resume_timeout: float
@@ -178,8 +163,8 @@ class DiskTransfer:
                 await asyncio.to_thread(self._reader.close)
 
     async def _passes(self, executor: ThreadPoolExecutor, channel: Any) -> bool:
-        done = await self._pass(executor, channel, 0, self.plan, compare=self.spec.mode == COMPARE)
-        if not done or self.spec.mode != RANGES:
+        done = await self._pass(executor, channel, 0, self.plan, compare=self.spec.mode is ChangeMode.COMPARE)
+        if not done or self.spec.mode is not ChangeMode.RANGES:
             return done
         mismatched, sampled = await self._verify_sample(executor, channel)
         if not mismatched:

@@ -21,8 +21,9 @@ from dataclasses import dataclass
 import xxhash
 
 from vmrepl.block import DIGEST_SIZE
+from vmrepl.domain import MAX_BLOCK_SIZE
 from vmrepl.errors import BatchError
-from vmrepl.extent import MAX_BLOCK_SIZE, MiB
+from vmrepl.extent import MiB
 from vmrepl.v1 import common_pb2, target_pb2
 
 # A batch carries at most this many raw data bytes (and at least one block).

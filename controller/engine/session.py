@@ -444,7 +444,7 @@ class VmRun:
             )
         target = self.parts.agents.target(self.sc.target.address, self.sc.target.tls_server_name)
         await self._delete_orphans(target, replica_path, {p.id for p in points})
-        for point_id in points_to_delete([(p.id, p.created_at) for p in points], self.sc.job.keep):
+        for point_id in points_to_delete([(p.id, p.created_at) for p in points], self.sc.job.restore_points_to_keep):
             await _delete_point(target, replica_path, point_id)
             async with self.parts.journal.change("restore point deleted", vm=row.vm_id, point=point_id) as db:
                 await db.execute(delete(RestorePoint).where(RestorePoint.id == point_id))

@@ -8,7 +8,6 @@ from controller.engine.placement import ProxySlot, choose_proxy
 from controller.engine.retention import points_to_delete
 from controller.engine.states import (
     ChangeChoice,
-    ChangeMode,
     DiskStart,
     HeldCheckpointView,
     IllegalTransition,
@@ -24,6 +23,7 @@ from controller.engine.states import (
     vm_after_transfers,
     vm_restore_point_due,
 )
+from vmrepl.domain import ChangeMode, ChangeTracking
 
 T0 = dt.datetime(2026, 11, 25, 12, tzinfo=dt.UTC)
 
@@ -123,7 +123,9 @@ def test_vm_after_transfers() -> None:
     ],
 )
 def test_choose_change(start: DiskStart, tracking: str, last: str | None, expected: ChangeChoice) -> None:
-    got = choose_change(start, tracking=tracking, last_point_reference=last, checkpoint_reference="seq:9")
+    got = choose_change(
+        start, tracking=ChangeTracking(tracking), last_point_reference=last, checkpoint_reference="seq:9"
+    )
     assert got == expected
 
 
