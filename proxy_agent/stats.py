@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-from vmrepl.v1 import proxy_pb2
+from vmrepl.v1 import common_pb2, proxy_pb2
 
 RUNNING = proxy_pb2.TRANSFER_STATE_RUNNING
 RECONNECTING = proxy_pb2.TRANSFER_STATE_RECONNECTING
@@ -38,7 +38,9 @@ class TransferStats:
     error_code: str = ""
     error_message: str = ""
     passes: int = 1
-    verification: str = ""
+    # Sampled verification after a changed-range pass: blocks compared with the replica, and those that differed.
+    sampled_blocks: int = 0
+    mismatched_blocks: int = 0
     threads: int = 1
     started: float = field(default_factory=time.monotonic)
     ended: float | None = None
@@ -70,5 +72,7 @@ class TransferStats:
             error_code=self.error_code,
             error_message=self.error_message,
             passes=self.passes,
-            verification=self.verification,
+            sample=common_pb2.SampledVerification(
+                sampled_blocks=self.sampled_blocks, mismatched_blocks=self.mismatched_blocks
+            ),
         )

@@ -37,6 +37,7 @@ from vmrepl.domain import ChangeMode, Compression, retryable
 from vmrepl.errors import ChecksumMismatch, TransferError, VmreplError
 from vmrepl.extent import Extent
 from vmrepl.logs import get_logger
+from vmrepl.progress import Sample
 from vmrepl.v1 import proxy_pb2, target_pb2
 
 log = get_logger("vmrepl.proxy.transfer")
@@ -167,14 +168,11 @@ class DiskTransfer:
         if not done or self.spec.mode is not ChangeMode.RANGES:
             return done
         mismatched, sampled = await self._verify_sample(executor, channel)
+        self.stats.sampled_blocks, self.stats.mismatched_blocks = sampled, mismatched
         if not mismatched:
-            self.stats.verification = f"passed: {sampled} unsent blocks sampled, all match the replica"
             log.info("sampled_verification_passed", sampled=sampled)
             return True
-        self.stats.verification = (
-            f"failed: {mismatched} of {sampled} sampled unsent blocks differ from the replica, so the change "
-            "tracking cannot be trusted; the disk was re-run as a full digest comparison"
-        )
+        # The change tracking lost writes: the disk is re-run as a full digest comparison (pass 2).
         log.warning("sampled_verification_failed", mismatched=mismatched, sampled=sampled)
         return await self._pass(executor, channel, MAX_PASS, self._full_plan(), compare=True)
 
@@ -280,7 +278,8 @@ class DiskTransfer:
             bytes_data=s.bytes_data,
             resumes=s.resumes,
             passes=s.passes,
-            verification=s.verification or None,
+            verification=Sample(sampled_blocks=s.sampled_blocks, mismatched_blocks=s.mismatched_blocks).words(s.passes)
+            or None,
             elapsed=round(s.ended - s.started, 3),
         )
 

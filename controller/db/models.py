@@ -137,7 +137,6 @@ class Session(Base):
     started_at: Mapped[dt.datetime] = mapped_column(default=now)
     ended_at: Mapped[dt.datetime | None]
     error: Mapped[str] = mapped_column(Text, default="")
-    stats: Mapped[dict[str, Any]] = mapped_column(default=dict)
     # The job's webhook for this session: "" none, "pending" (set with the end state), "sent", "failed".
     notification: Mapped[str] = mapped_column(String(16), default="")
 
@@ -178,6 +177,7 @@ class Task(Base):
     checkpoint_id: Mapped[str] = mapped_column(String(128), default="")
     committed_offset: Mapped[int] = mapped_column(BigInteger, default=0)
     disk_size: Mapped[int] = mapped_column(BigInteger, default=0)
+    # The transfer's figures as the proxy last reported them: vmrepl.progress.TransferFigures, in its JSON form.
     stats: Mapped[dict[str, Any]] = mapped_column(default=dict)
     error: Mapped[str] = mapped_column(Text, default="")
     started_at: Mapped[dt.datetime | None]

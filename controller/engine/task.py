@@ -40,7 +40,7 @@ from controller.observability import metrics
 from vmrepl.domain import TRANSFER_ENDED, ChangeMode, ChangeTracking, compare_digests, full_read, unreachable
 from vmrepl.errors import FailedPrecondition, VmreplError
 from vmrepl.logs import get_logger
-from vmrepl.progress import busy
+from vmrepl.progress import TransferFigures
 from vmrepl.providers.base import Checkpoint
 from vmrepl.v1 import common_pb2, proxy_pb2, target_pb2
 
@@ -54,21 +54,6 @@ class ProxyLost(Exception):
 def transient(e: BaseException) -> bool:
     """An agent call that failed because the agent is (for now) out of reach: worth asking again."""
     return isinstance(e, grpc.aio.AioRpcError) and unreachable(e.code())
-
-
-def progress_stats(p: proxy_pb2.TransferProgress) -> dict[str, object]:
-    s = p.skipped
-    return {
-        "bytes_read": p.bytes_read,
-        "bytes_data": p.bytes_data,
-        "bytes_sent": p.bytes_sent,
-        "skipped": {"zero": s.zero, "unallocated": s.unallocated, "unchanged": s.unchanged, "excluded": s.excluded},
-        "resumes": p.resumes,
-        "passes": p.passes,
-        "elapsed_seconds": round(p.elapsed_seconds, 3),
-        "busy": busy(p),
-        "verification": p.verification,
-    }
 
 
 class TaskRunner:
@@ -337,7 +322,10 @@ class TaskRunner:
                 if p.elapsed_seconds - seen_progress >= 2.0:  # progress figures, not a state change
                     seen_progress = p.elapsed_seconds
                     await self.parts.journal.note(
-                        Task, self.task_id, committed_offset=p.committed_offset, stats=progress_stats(p)
+                        Task,
+                        self.task_id,
+                        committed_offset=p.committed_offset,
+                        stats=TransferFigures.from_progress(p).to_json(),
                     )
         except grpc.aio.AioRpcError as e:
             if e.code() is grpc.StatusCode.NOT_FOUND:
@@ -354,16 +342,25 @@ class TaskRunner:
             await client.stub.CancelTransfer(proxy_pb2.CancelTransferRequest(transfer_id=transfer_id))
 
     async def _finish(self, final: proxy_pb2.TransferProgress) -> TaskState:
-        stats = progress_stats(final)
+        figures = TransferFigures.from_progress(final)
         if final.state == proxy_pb2.TRANSFER_STATE_COMPLETED:
             end, error = TaskState.SUCCEEDED, ""
         elif final.state == proxy_pb2.TRANSFER_STATE_CANCELLED:
             end, error = TaskState.RESUMABLE, "stopped"
         else:
             end, error = TaskState.FAILED, f"{final.error_code}: {final.error_message}".strip(": ")
-        await self._set(end, f"task {end}", committed_offset=final.committed_offset, stats=stats, error=error)
+        await self._set(
+            end, f"task {end}", committed_offset=final.committed_offset, stats=figures.to_json(), error=error
+        )
         metrics.task_ended(end, final)
-        self.log.info("task_ended", state=end.value, committed_offset=final.committed_offset, error=error)
+        self.log.info(
+            "task_ended",
+            state=end.value,
+            committed_offset=final.committed_offset,
+            passes=figures.passes,
+            verification=figures.verification or None,
+            error=error,
+        )
         return end
 
     async def _proxy_row(self, proxy_id: str) -> Proxy | None:

@@ -78,5 +78,5 @@ async def test_a_retry_after_a_failed_verification_does_not_trust_the_change_tra
     assert result.state == proxy_pb2.TRANSFER_STATE_COMPLETED
     replica = lab_env.replica()
     assert qemu_identical(image, replica), (
-        f"the retry succeeded (verification: {result.verification}) with block {late // MiB} never repaired"
+        f"the retry succeeded (sample: {result.sample}) with block {late // MiB} never repaired"
     )

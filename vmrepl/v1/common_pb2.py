@@ -24,19 +24,21 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16vmrepl/v1/common.proto\x12\tvmrepl.v1\"+\n\tByteRange\x12\x0e\n\x06offset\x18\x01 \x01(\x04\x12\x0e\n\x06length\x18\x02 \x01(\x04*i\n\nDiskFormat\x12\x1b\n\x17\x44ISK_FORMAT_UNSPECIFIED\x10\x00\x12\x13\n\x0f\x44ISK_FORMAT_RAW\x10\x01\x12\x14\n\x10\x44ISK_FORMAT_VHDX\x10\x02\x12\x13\n\x0f\x44ISK_FORMAT_VHD\x10\x03*U\n\nExtentKind\x12\x1b\n\x17\x45XTENT_KIND_UNSPECIFIED\x10\x00\x12\x14\n\x10\x45XTENT_KIND_DATA\x10\x01\x12\x14\n\x10\x45XTENT_KIND_ZERO\x10\x02*H\n\x08\x45ncoding\x12\x18\n\x14\x45NCODING_UNSPECIFIED\x10\x00\x12\x10\n\x0c\x45NCODING_RAW\x10\x01\x12\x10\n\x0c\x45NCODING_LZ4\x10\x02\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16vmrepl/v1/common.proto\x12\tvmrepl.v1\"+\n\tByteRange\x12\x0e\n\x06offset\x18\x01 \x01(\x04\x12\x0e\n\x06length\x18\x02 \x01(\x04\"H\n\x13SampledVerification\x12\x16\n\x0esampled_blocks\x18\x01 \x01(\r\x12\x19\n\x11mismatched_blocks\x18\x02 \x01(\r*i\n\nDiskFormat\x12\x1b\n\x17\x44ISK_FORMAT_UNSPECIFIED\x10\x00\x12\x13\n\x0f\x44ISK_FORMAT_RAW\x10\x01\x12\x14\n\x10\x44ISK_FORMAT_VHDX\x10\x02\x12\x13\n\x0f\x44ISK_FORMAT_VHD\x10\x03*U\n\nExtentKind\x12\x1b\n\x17\x45XTENT_KIND_UNSPECIFIED\x10\x00\x12\x14\n\x10\x45XTENT_KIND_DATA\x10\x01\x12\x14\n\x10\x45XTENT_KIND_ZERO\x10\x02*H\n\x08\x45ncoding\x12\x18\n\x14\x45NCODING_UNSPECIFIED\x10\x00\x12\x10\n\x0c\x45NCODING_RAW\x10\x01\x12\x10\n\x0c\x45NCODING_LZ4\x10\x02\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'vmrepl.v1.common_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_DISKFORMAT']._serialized_start=82
-  _globals['_DISKFORMAT']._serialized_end=187
-  _globals['_EXTENTKIND']._serialized_start=189
-  _globals['_EXTENTKIND']._serialized_end=274
-  _globals['_ENCODING']._serialized_start=276
-  _globals['_ENCODING']._serialized_end=348
+  _globals['_DISKFORMAT']._serialized_start=156
+  _globals['_DISKFORMAT']._serialized_end=261
+  _globals['_EXTENTKIND']._serialized_start=263
+  _globals['_EXTENTKIND']._serialized_end=348
+  _globals['_ENCODING']._serialized_start=350
+  _globals['_ENCODING']._serialized_end=422
   _globals['_BYTERANGE']._serialized_start=37
   _globals['_BYTERANGE']._serialized_end=80
+  _globals['_SAMPLEDVERIFICATION']._serialized_start=82
+  _globals['_SAMPLEDVERIFICATION']._serialized_end=154
 # @@protoc_insertion_point(module_scope)
