@@ -11,7 +11,7 @@ from google.protobuf import field_mask_pb2, json_format
 
 from controller.cli.common import JsonOpt, as_json, call, conn, err, out, table
 from controller.cli.sessions import exit_code, follow
-from vmrepl.domain import JOB_DEFAULTS, ChangeTracking, Compression
+from vmrepl.domain import BLOCK_SIZE_RULE, JOB_DEFAULTS, ChangeTracking, Compression
 from vmrepl.v1 import controller_pb2 as api
 
 job_app = typer.Typer(help="Replication jobs.", no_args_is_help=True)
@@ -40,7 +40,7 @@ def job_create(
     replica_root: Annotated[str, typer.Option(help="folder in the target's datastore")] = "",
     restore_points_to_keep: Annotated[int, _KEEP] = JOB_DEFAULTS.restore_points_to_keep,
     compression: Annotated[str, typer.Option(help=_choices(Compression))] = JOB_DEFAULTS.compression.value,
-    block_size: Annotated[int, typer.Option(help="bytes, power of two 64 KiB..16 MiB")] = JOB_DEFAULTS.block_size,
+    block_size: Annotated[int, typer.Option(help=f"bytes; {BLOCK_SIZE_RULE}")] = JOB_DEFAULTS.block_size,
     bandwidth_mbps: Annotated[float, typer.Option(help="0: unlimited")] = 0.0,
     change_tracking: Annotated[str, typer.Option(help=_choices(ChangeTracking))] = JOB_DEFAULTS.change_tracking.value,
     exclude_disk: Annotated[list[str] | None, typer.Option(help="VM:DISK not replicated (repeat)")] = None,
