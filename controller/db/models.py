@@ -96,6 +96,7 @@ class Job(Base):
     guest_processing: Mapped[dict[str, Any]] = mapped_column(default=dict)
     exclusions: Mapped[dict[str, Any]] = mapped_column(default=dict)
     schedule: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    # The API's checkpoint_hold_seconds (the column keeps its first name: renaming it needs a migration).
     checkpoint_deadline_seconds: Mapped[int] = mapped_column(Integer, default=JOB_DEFAULTS.checkpoint_hold_seconds)
     # A VM that fails is tried again this many times in the same session, after a wait.
     retries: Mapped[int] = mapped_column(Integer, default=JOB_DEFAULTS.retries)

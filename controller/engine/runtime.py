@@ -107,7 +107,7 @@ class JobView:
     bandwidth_limit_mbps: float
     change_tracking: ChangeTracking
     guest_processing: dict[str, object]
-    checkpoint_deadline_seconds: int
+    checkpoint_hold_seconds: int
     retries: int = 0
     retry_wait_seconds: int = 0
 

@@ -467,7 +467,7 @@ class VmRun:
                 vm.state, vm.error = final.value, error
 
     async def _hold(self, row: SessionVm) -> None:
-        deadline = now() + dt.timedelta(seconds=self.sc.job.checkpoint_deadline_seconds)
+        deadline = now() + dt.timedelta(seconds=self.sc.job.checkpoint_hold_seconds)
         async with self.parts.journal.change("vm held", vm=row.vm_id) as db:
             held: HeldCheckpoint | None = await db.scalar(held_checkpoint(self.sc.job.job_id, row.vm_id))
             if held is None:

@@ -38,7 +38,7 @@ def job_view(job: Job) -> JobView:
         bandwidth_limit_mbps=job.bandwidth_limit_mbps,
         change_tracking=ChangeTracking(job.change_tracking),
         guest_processing=dict(job.guest_processing),
-        checkpoint_deadline_seconds=job.checkpoint_deadline_seconds,
+        checkpoint_hold_seconds=job.checkpoint_deadline_seconds,
         retries=job.retries,
         retry_wait_seconds=job.retry_wait_seconds,
     )

@@ -212,7 +212,7 @@ class TaskRunner:
         if held is not None:
             deadline = held.deadline if held.deadline.tzinfo else held.deadline.replace(tzinfo=dt.UTC)
             return deadline.timestamp()
-        return self.checkpoint.created_at + self.sc.job.checkpoint_deadline_seconds
+        return self.checkpoint.created_at + self.sc.job.checkpoint_hold_seconds
 
     def _spec(self, task: Task, change: proxy_pb2.ChangeSource, *, ticket_expires: float) -> DiskTaskSpec:
         disk = self.checkpoint.disk(task.disk_id)

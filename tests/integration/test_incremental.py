@@ -7,6 +7,7 @@ import subprocess
 from controller import lab
 from tests.conftest import need_tool
 from tests.integration.conftest import Lab, qemu_identical
+from vmrepl.domain import DiskFormat
 from vmrepl.extent import MiB
 from vmrepl.v1 import common_pb2, proxy_pb2
 
@@ -100,7 +101,7 @@ async def test_vhdx_source_replicates_to_an_identical_raw_replica(lab_env: Lab) 
         ],
         check=True,
     )
-    spec = lab_env.spec("s-vhdx", source_locator=str(vhdx), source_format=common_pb2.DISK_FORMAT_VHDX)
+    spec = lab_env.spec("s-vhdx", source_locator=str(vhdx), source_format=DiskFormat.VHDX)
     await lab_env.replicate(spec)
     out = subprocess.run(
         ["qemu-img", "compare", "-q", "-f", "vhdx", "-F", "raw", str(vhdx), str(lab_env.replica())], check=False
