@@ -341,8 +341,8 @@ class VmRun:
         )
         held = select(HeldCheckpoint.checkpoint_id, Job.name).join(Job, Job.id == HeldCheckpoint.job_id)
         async with self.parts.journal.read() as db:
-            out = {cp: f"a running session of job {name}" for cp, name in (await db.execute(reading)).tuples()}
-            rows = (await db.execute(held.where(HeldCheckpoint.vm_id == row.vm_id))).tuples()
+            out = {cp: f"a running session of job {name}" for cp, name in (await db.execute(reading)).all()}
+            rows = (await db.execute(held.where(HeldCheckpoint.vm_id == row.vm_id))).all()
             out.update({cp: f"job {name} (held for a resume)" for cp, name in rows})
         return out
 

@@ -127,7 +127,7 @@ async def apply_job(db: AsyncSession, msg: api.Job, row: Job, paths: Iterable[st
         others = await db.execute(
             select(Job.name, Job.replica_root).where(Job.target_id == row.target_id, Job.id != row.id)
         )
-        for name, root in others.tuples():
+        for name, root in others.all():
             if roots_overlap(row.replica_root, root):
                 raise InvalidArgument(
                     "job.replica_root",
