@@ -8,6 +8,7 @@ from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
 from vmrepl.config import LogSettings, ProgramSettings, TlsSettings
+from vmrepl.domain import DEFAULT_SLOTS, SLOTS_LIMIT
 from vmrepl.extent import MiB
 
 
@@ -23,7 +24,9 @@ class ProxySettings(ProgramSettings):
     log: LogSettings = LogSettings()
     metrics_listen: str = Field("", description="host:port of the Prometheus /metrics endpoint (mTLS); empty: off")
     metrics_plain_http: bool = Field(False, description="serve /metrics over plain HTTP instead of mTLS")
-    max_tasks: int = Field(4, ge=1, le=64, description="disk transfers run at once")
+    max_tasks: int = Field(
+        DEFAULT_SLOTS, ge=SLOTS_LIMIT.low, le=SLOTS_LIMIT.high, description="disk transfers run at once"
+    )
     batch_bytes: int = Field(4 * MiB, ge=MiB, le=16 * MiB, description="raw data bytes per batch")
     window_batches: int = Field(16, ge=2, le=64, description="batches in flight without an ack")
     compress_threads: int = Field(2, ge=1, le=32, description="threads reading and compressing batches")

@@ -22,8 +22,9 @@ from dataclasses import dataclass, field
 
 from proxy_agent.plan import PlannedBatch
 from vmrepl.batch import BatchEncoder, PassDigest
-from vmrepl.block import DIGEST_SIZE, Compression, digest, is_zero, zero_digest
+from vmrepl.block import DIGEST_SIZE, digest, is_zero, zero_digest
 from vmrepl.disk.base import DiskReader
+from vmrepl.domain import Compression
 from vmrepl.extent import Extent, split_blocks
 
 

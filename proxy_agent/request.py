@@ -10,26 +10,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from proxy_agent.plan import Plan, make_plan
-from proxy_agent.transfer import COMPARE, FULL, RANGES
-from vmrepl.block import Compression
+from vmrepl.domain import DEFAULT_BLOCK_SIZE, ChangeMode, Compression, DiskFormat, check_block_size
 from vmrepl.errors import FailedPrecondition, InvalidArgument, PathError
-from vmrepl.extent import DEFAULT_BLOCK_SIZE, Extent, valid_block_size
+from vmrepl.extent import Extent
 from vmrepl.names import check_name, check_relative
 from vmrepl.security.ticket import MAX_TICKET_BYTES
 from vmrepl.v1 import common_pb2, proxy_pb2
 
 MAX_RANGES = 1_000_000
-_FORMATS = {
-    common_pb2.DISK_FORMAT_RAW: "raw",
-    common_pb2.DISK_FORMAT_VHDX: "vhdx",
-    common_pb2.DISK_FORMAT_VHD: "vhd",
-}
-_COMPRESSION = {
-    proxy_pb2.COMPRESSION_LEVEL_UNSPECIFIED: Compression.DEFAULT,
-    proxy_pb2.COMPRESSION_LEVEL_DEFAULT: Compression.DEFAULT,
-    proxy_pb2.COMPRESSION_LEVEL_FAST: Compression.FAST,
-    proxy_pb2.COMPRESSION_LEVEL_NONE: Compression.NONE,
-}
 
 
 def source_path(locator: str, roots: list[Path]) -> Path:
@@ -65,25 +53,16 @@ def _no_links_below(base: Path, path: Path) -> None:
         raise PathError("source.locator", f"{path} is not a regular file")
 
 
-def disk_format(req: proxy_pb2.StartDiskTransferRequest) -> str:
-    fmt = _FORMATS.get(req.source.format)
-    if fmt is None:
-        raise InvalidArgument("source.format", "is required")
-    return fmt
+def disk_format(req: proxy_pb2.StartDiskTransferRequest) -> DiskFormat:
+    return DiskFormat.from_proto("source.format", req.source.format)
 
 
 def block_size(req: proxy_pb2.StartDiskTransferRequest) -> int:
-    bs = req.block_size or DEFAULT_BLOCK_SIZE
-    if not valid_block_size(bs):
-        raise InvalidArgument("block_size", "must be a power of two from 64 KiB to 16 MiB")
-    return bs
+    return check_block_size("block_size", req.block_size or DEFAULT_BLOCK_SIZE)
 
 
 def compression(req: proxy_pb2.StartDiskTransferRequest) -> Compression:
-    level = _COMPRESSION.get(req.compression)
-    if level is None:
-        raise InvalidArgument("compression", f"unknown level {req.compression}")
-    return level
+    return Compression.from_proto("compression", req.compression)
 
 
 def bandwidth(req: proxy_pb2.StartDiskTransferRequest) -> float:
@@ -116,16 +95,16 @@ def check_exclusions(ex: proxy_pb2.ExclusionSettings) -> None:
 
 @dataclass(frozen=True, slots=True)
 class Plans:
-    mode: str
+    mode: ChangeMode
     first: Plan
     # Every allocated block, for a digest-comparison re-run after a failed sampled verification.
     full: Callable[[], Plan]
 
 
 def plans_for(req: proxy_pb2.StartDiskTransferRequest, *, disk_size: int, allocated: list[Extent]) -> Plans:
-    mode = req.change_source.WhichOneof("mode") or "full"
+    mode = ChangeMode.of(req.change_source)
     changed = None
-    if mode == "changed_ranges":
+    if mode is ChangeMode.RANGES:
         changed = _ranges(
             "change_source.changed_ranges.ranges", list(req.change_source.changed_ranges.ranges), disk_size
         )
@@ -136,8 +115,7 @@ def plans_for(req: proxy_pb2.StartDiskTransferRequest, *, disk_size: int, alloca
     def plan(ranges: list[Extent] | None) -> Plan:
         return make_plan(disk_size=disk_size, block_size=bs, allocated=allocated, changed=ranges, excluded=excluded)
 
-    kind = {"full": FULL, "changed_ranges": RANGES, "compare_digests": COMPARE}[mode]
-    return Plans(mode=kind, first=plan(changed), full=lambda: plan(None))
+    return Plans(mode=mode, first=plan(changed), full=lambda: plan(None))
 
 
 def check_identity(req: proxy_pb2.StartDiskTransferRequest) -> None:

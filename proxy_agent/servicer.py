@@ -12,13 +12,13 @@ import grpc
 
 from proxy_agent import metrics
 from proxy_agent import request as rq
-from proxy_agent import stats as st
 from proxy_agent.config import ProxySettings
 from proxy_agent.target_link import GrpcTargetLink, TargetLink
 from proxy_agent.transfer import DiskTransfer, TransferSpec
 from vmrepl import __version__
 from vmrepl.batch import MAX_MESSAGE_BYTES
 from vmrepl.disk import open_reader
+from vmrepl.domain import TRANSFER_ENDED
 from vmrepl.errors import AlreadyExists, FailedPrecondition, NotFound, ResourceExhausted
 from vmrepl.logs import get_logger
 from vmrepl.names import check_name
@@ -48,7 +48,7 @@ class ProxyAgentServicer(proxy_pb2_grpc.ProxyAgentServicer):
         self.transfers: OrderedDict[str, DiskTransfer] = OrderedDict()
 
     def _running(self) -> list[DiskTransfer]:
-        return [t for t in self.transfers.values() if t.stats.state not in st.TERMINAL]
+        return [t for t in self.transfers.values() if t.stats.state not in TRANSFER_ENDED]
 
     def _get(self, transfer_id: str) -> DiskTransfer:
         t = self.transfers.get(transfer_id)
@@ -121,7 +121,7 @@ class ProxyAgentServicer(proxy_pb2_grpc.ProxyAgentServicer):
         self.transfers[transfer.spec.transfer_id] = transfer
         while len(self.transfers) > KEEP_FINISHED + self.settings.max_tasks:
             oldest = next(iter(self.transfers))
-            if self.transfers[oldest].stats.state not in st.TERMINAL:
+            if self.transfers[oldest].stats.state not in TRANSFER_ENDED:
                 break
             del self.transfers[oldest]
         transfer.start()
@@ -148,7 +148,7 @@ class ProxyAgentServicer(proxy_pb2_grpc.ProxyAgentServicer):
         last: bytes | None = None
         while True:
             msg = transfer.stats.to_proto()
-            terminal = msg.state in st.TERMINAL
+            terminal = msg.state in TRANSFER_ENDED
             msg_cmp = msg.SerializeToString()
             # elapsed_seconds always moves: compare without it so idle transfers stay quiet.
             key = msg_cmp if terminal else _without_elapsed(msg)

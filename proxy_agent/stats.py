@@ -12,7 +12,6 @@ RECONNECTING = proxy_pb2.TRANSFER_STATE_RECONNECTING
 COMPLETED = proxy_pb2.TRANSFER_STATE_COMPLETED
 FAILED = proxy_pb2.TRANSFER_STATE_FAILED
 CANCELLED = proxy_pb2.TRANSFER_STATE_CANCELLED
-TERMINAL = frozenset({COMPLETED, FAILED, CANCELLED})
 
 
 @dataclass
@@ -39,7 +38,9 @@ class TransferStats:
     error_code: str = ""
     error_message: str = ""
     passes: int = 1
-    verification: str = ""
+    # Sampled verification after a changed-range pass: blocks compared with the replica, and those that differed.
+    sampled_blocks: int = 0
+    mismatched_blocks: int = 0
     threads: int = 1
     started: float = field(default_factory=time.monotonic)
     ended: float | None = None
@@ -71,5 +72,7 @@ class TransferStats:
             error_code=self.error_code,
             error_message=self.error_message,
             passes=self.passes,
-            verification=self.verification,
+            sample=common_pb2.SampledVerification(
+                sampled_blocks=self.sampled_blocks, mismatched_blocks=self.mismatched_blocks
+            ),
         )

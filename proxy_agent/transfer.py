@@ -36,40 +36,25 @@ from proxy_agent.sampled import SampledVerification
 from proxy_agent.target_link import StreamBroken, TargetLink, read_digest_table
 from proxy_agent.throttle import TokenBucket
 from vmrepl.batch import MAX_PASS
-from vmrepl.block import Compression
 from vmrepl.disk.base import DiskReader
+from vmrepl.domain import ChangeMode, Compression, retryable
 from vmrepl.errors import VmreplError
 from vmrepl.logs import get_logger
+from vmrepl.progress import Sample
 from vmrepl.v1 import proxy_pb2, target_pb2
 
-__all__ = ["COMPARE", "FULL", "RANGES", "DiskTransfer", "StreamBroken", "TransferSpec"]
+__all__ = ["DiskTransfer", "StreamBroken", "TransferSpec"]
 
 log = get_logger("vmrepl.proxy.transfer")
-# Statuses after which another attempt cannot succeed.
-_PERMANENT = frozenset(
-    {
-        grpc.StatusCode.INVALID_ARGUMENT,
-        grpc.StatusCode.PERMISSION_DENIED,
-        grpc.StatusCode.UNAUTHENTICATED,
-        grpc.StatusCode.FAILED_PRECONDITION,
-        grpc.StatusCode.NOT_FOUND,
-        grpc.StatusCode.DATA_LOSS,
-        grpc.StatusCode.OUT_OF_RANGE,
-        grpc.StatusCode.UNIMPLEMENTED,
-        grpc.StatusCode.ALREADY_EXISTS,
-    }
-)
-
-FULL, RANGES, COMPARE = "full", "ranges", "compare"
 # Between stream attempts: 0.2 s doubling to 10 s, with jitter so proxies that lost one target spread out.
 RETRY_WAIT: wait_base = wait_exponential_jitter(initial=0.2, max=10)
 
 
 def _transient(exc: BaseException) -> bool:
     if isinstance(exc, StreamBroken):
-        return exc.code not in _PERMANENT
+        return retryable(exc.code)
     if isinstance(exc, grpc.aio.AioRpcError):  # ReadDigests
-        return exc.code() not in _PERMANENT
+        return retryable(exc.code())
     return isinstance(exc, (TimeoutError, ConnectionError))
 
 
@@ -82,7 +67,7 @@ class TransferSpec:
     replica_path: str
     ticket: bytes
     block_size: int
-    mode: str
+    mode: ChangeMode
     compression: Compression
     bandwidth_bytes_per_s: float
     resume_timeout: float
@@ -164,8 +149,8 @@ class DiskTransfer:
                 await asyncio.to_thread(self._reader.close)
 
     async def _passes(self, executor: ThreadPoolExecutor, link: TargetLink) -> bool:
-        done = await self._pass(executor, link, 0, self.plan, compare=self.spec.mode == COMPARE)
-        if not done or self.spec.mode != RANGES:
+        done = await self._pass(executor, link, 0, self.plan, compare=self.spec.mode is ChangeMode.COMPARE)
+        if not done or self.spec.mode is not ChangeMode.RANGES:
             return done
         outcome = await SampledVerification(
             reader=self._reader,
@@ -175,7 +160,7 @@ class DiskTransfer:
             replica_digests=lambda: self._replica_digests(link),
         ).run(executor)
         self.stats.bytes_read += outcome.read_bytes  # counters change on the event loop only
-        self.stats.verification = outcome.describe()
+        self.stats.sampled_blocks, self.stats.mismatched_blocks = outcome.sampled, outcome.mismatched
         if outcome.passed:
             log.info("sampled_verification_passed", sampled=outcome.sampled)
             return True
@@ -278,7 +263,8 @@ class DiskTransfer:
             bytes_data=s.bytes_data,
             resumes=s.resumes,
             passes=s.passes,
-            verification=s.verification or None,
+            verification=Sample(sampled_blocks=s.sampled_blocks, mismatched_blocks=s.mismatched_blocks).words(s.passes)
+            or None,
             elapsed=round(s.ended - s.started, 3),
         )
 

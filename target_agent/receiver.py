@@ -35,8 +35,8 @@ from vmrepl.batch import (
     decode_open,
 )
 from vmrepl.call_limits import Slots
+from vmrepl.domain import check_block_size, check_disk_size
 from vmrepl.errors import BatchError, DeadlineExceeded, InvalidArgument
-from vmrepl.extent import valid_block_size
 from vmrepl.logs import get_logger
 from vmrepl.names import check_name
 from vmrepl.rpc import status_for
@@ -46,7 +46,6 @@ from vmrepl.v1 import target_pb2, ticket_pb2
 
 log = get_logger("vmrepl.target.transfer")
 DRAIN_TIMEOUT = 10.0
-MAX_DISK_SIZE = 1 << 50  # 1 PiB: far beyond any VHDX (64 TB), small enough that offsets stay sane
 
 
 class TransferContext(Protocol):
@@ -60,10 +59,8 @@ class TransferContext(Protocol):
 def check_open(o: target_pb2.TransferOpen, max_window: int) -> None:
     for field in ("session_id", "disk_id", "checkpoint_id"):
         check_name(f"open.{field}", getattr(o, field))
-    if not 0 < o.disk_size <= MAX_DISK_SIZE:
-        raise InvalidArgument("open.disk_size", f"must be between 1 and {MAX_DISK_SIZE}")
-    if not valid_block_size(o.block_size):
-        raise InvalidArgument("open.block_size", "must be a power of two from 64 KiB to 16 MiB")
+    check_disk_size("open.disk_size", o.disk_size)
+    check_block_size("open.block_size", o.block_size)
     if not 2 <= o.window_batches <= max_window:
         raise InvalidArgument("open.window_batches", f"must be between 2 and {max_window}")
 

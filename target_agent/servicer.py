@@ -11,11 +11,11 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from target_agent import replica, restore_points
 from target_agent.config import TargetSettings
 from target_agent.datastore import Datastore
-from target_agent.receiver import MAX_DISK_SIZE, Receiver
+from target_agent.receiver import Receiver
 from vmrepl.block import DIGEST_SIZE
 from vmrepl.call_limits import Slots
+from vmrepl.domain import check_block_size, check_disk_size
 from vmrepl.errors import InvalidArgument, TicketError
-from vmrepl.extent import valid_block_size
 from vmrepl.names import check_name
 from vmrepl.rpc import handle_errors
 from vmrepl.security.ticket import load_public_keys
@@ -101,10 +101,8 @@ class TargetAgentServicer(target_pb2_grpc.TargetAgentServicer):
         check_name("checkpoint_id", request.checkpoint_id)
         if request.resume_session_id:
             check_name("resume_session_id", request.resume_session_id)
-        if not 0 < request.disk_size <= MAX_DISK_SIZE:
-            raise InvalidArgument("disk_size", f"must be between 1 and {MAX_DISK_SIZE}")
-        if not valid_block_size(request.block_size):
-            raise InvalidArgument("block_size", "must be a power of two from 64 KiB to 16 MiB")
+        check_disk_size("disk_size", request.disk_size)
+        check_block_size("block_size", request.block_size)
         disk_dir = self.datastore.disk_dir(request.replica_path, request.disk_id)
         st = await asyncio.to_thread(
             replica.prepare,

@@ -22,7 +22,8 @@ from vmrepl.batch import (
     encode_batch,
     encode_open,
 )
-from vmrepl.block import Compression, digest, is_zero
+from vmrepl.block import digest, is_zero
+from vmrepl.domain import Compression
 from vmrepl.errors import BatchError
 from vmrepl.extent import MiB
 from vmrepl.security.ticket import sign_ticket

@@ -28,9 +28,10 @@ from dataclasses import dataclass
 
 import xxhash
 
-from vmrepl.block import DIGEST_SIZE, Compression, compress, decompress, verify
+from vmrepl.block import DIGEST_SIZE, compress, decompress, verify
+from vmrepl.domain import MAX_BLOCK_SIZE, Compression
 from vmrepl.errors import BatchError, FailedPrecondition, InvalidArgument
-from vmrepl.extent import MAX_BLOCK_SIZE, MiB
+from vmrepl.extent import MiB
 from vmrepl.v1 import common_pb2, target_pb2
 
 # A batch carries at most this many raw data bytes (and at least one block).

@@ -7,23 +7,17 @@ format per block so a block that does not compress travels raw.
 
 from __future__ import annotations
 
-import enum
 from functools import lru_cache
 
 import lz4.block
 import xxhash
 
+from vmrepl.domain import Compression
 from vmrepl.errors import ChecksumMismatch, InvalidArgument
 
 DIGEST_SIZE = 16
 # A digest slot that was never written, or whose block an interrupted session left uncertain.
 UNKNOWN_DIGEST = bytes(DIGEST_SIZE)
-
-
-class Compression(enum.Enum):
-    NONE = "none"
-    FAST = "fast"
-    DEFAULT = "default"
 
 
 # lz4 acceleration per level: 1 is lz4's default; 8 measured 16% faster at a 9% worse ratio.

@@ -12,9 +12,6 @@ from dataclasses import dataclass
 
 KiB = 1024
 MiB = 1024 * KiB
-MIN_BLOCK_SIZE = 64 * KiB
-MAX_BLOCK_SIZE = 16 * MiB
-DEFAULT_BLOCK_SIZE = 1 * MiB
 
 
 @dataclass(frozen=True, slots=True)
@@ -29,10 +26,6 @@ class Extent:
     def __post_init__(self) -> None:
         if self.offset < 0 or self.length <= 0:
             raise ValueError(f"invalid extent offset={self.offset} length={self.length}")
-
-
-def valid_block_size(block_size: int) -> bool:
-    return MIN_BLOCK_SIZE <= block_size <= MAX_BLOCK_SIZE and block_size & (block_size - 1) == 0
 
 
 def merge(extents: Iterable[Extent]) -> list[Extent]:

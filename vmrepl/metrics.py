@@ -13,7 +13,7 @@ from prometheus_client import Counter, start_http_server
 from vmrepl.config import TlsSettings
 from vmrepl.errors import ConfigError
 from vmrepl.logs import get_logger
-from vmrepl.progress import byte_counts, stage_seconds
+from vmrepl.progress import TransferFigures
 from vmrepl.v1 import proxy_pb2
 
 log = get_logger("vmrepl.metrics")
@@ -23,11 +23,12 @@ def count_transfer(
     p: proxy_pb2.TransferProgress, *, bytes_total: Counter, stage_busy: Counter, resumes: Counter
 ) -> None:
     """Add an ended transfer's figures to a program's counters (labels `kind` and `stage`)."""
-    for kind, value in byte_counts(p):
+    figures = TransferFigures.from_progress(p)
+    for kind, value in figures.byte_counts():
         bytes_total.labels(kind).inc(value)
-    for stage, seconds in stage_seconds(p).items():
+    for stage, seconds in figures.stage_seconds().items():
         stage_busy.labels(stage).inc(seconds)
-    resumes.inc(p.resumes)
+    resumes.inc(figures.resumes)
 
 
 def serve_metrics(listen: str, tls: TlsSettings, *, plain_http: bool = False) -> int | None:

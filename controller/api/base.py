@@ -134,8 +134,8 @@ class ApiBase:
         for t in await db.scalars(select(Task).where(Task.session_id.in_(ids)).order_by(Task.disk_id)):
             tasks[t.session_id].append(t)
         job_ids = {r.job_id for r in rows}
-        jobs = {j: n for j, n in (await db.execute(select(Job.id, Job.name).where(Job.id.in_(job_ids)))).tuples()}
-        proxies = {p: n for p, n in (await db.execute(select(Proxy.id, Proxy.name))).tuples()}
+        jobs = {j: n for j, n in (await db.execute(select(Job.id, Job.name).where(Job.id.in_(job_ids)))).all()}
+        proxies = {p: n for p, n in (await db.execute(select(Proxy.id, Proxy.name))).all()}
         out = []
         for i, r in enumerate(rows, 1):
             out.append(

@@ -22,7 +22,7 @@ from vmrepl.v1 import controller_pb2 as api
 
 class JobsApi(ApiBase):
     @handle_errors
-    async def CreateJob(self, request: api.CreateJobRequest, context: Any) -> Any:
+    async def CreateJob(self, request: api.CreateJobRequest, context: Any) -> api.Job:
         async def fill(db: AsyncSession, row: Job) -> None:
             await res.apply_job(db, request.job, row, res.JOB_FIELDS, secrets=self.secrets)
 
@@ -34,12 +34,12 @@ class JobsApi(ApiBase):
             return await res.job_msg(db, job)
 
     @handle_errors
-    async def GetJob(self, request: api.GetJobRequest, context: Any) -> Any:
+    async def GetJob(self, request: api.GetJobRequest, context: Any) -> api.Job:
         async with self.reads() as db:
             return await res.job_msg(db, await res.by_name(db, Job, "name", request.name, "jobs"))
 
     @handle_errors
-    async def ListJobs(self, request: api.ListJobsRequest, context: Any) -> Any:
+    async def ListJobs(self, request: api.ListJobsRequest, context: Any) -> api.ListJobsResponse:
         async def convert(db: AsyncSession, rows: list[Job]) -> list[api.Job]:
             return [await res.job_msg(db, r) for r in rows]
 
@@ -47,7 +47,7 @@ class JobsApi(ApiBase):
         return api.ListJobsResponse(jobs=out, next_page_token=token)
 
     @handle_errors
-    async def UpdateJob(self, request: api.UpdateJobRequest, context: Any) -> Any:
+    async def UpdateJob(self, request: api.UpdateJobRequest, context: Any) -> api.Job:
         paths = res.mask_paths("update_mask", request.update_mask.paths, res.JOB_FIELDS)
         async with self.journal.write() as db:
             row = await res.by_name(db, Job, "job.name", request.job.name, "jobs")
@@ -59,7 +59,7 @@ class JobsApi(ApiBase):
             return await res.job_msg(db, job)
 
     @handle_errors
-    async def DeleteJob(self, request: api.DeleteJobRequest, context: Any) -> Any:
+    async def DeleteJob(self, request: api.DeleteJobRequest, context: Any) -> empty_pb2.Empty:
         async def users(db: AsyncSession, row: Job) -> list[str]:
             q = select(Session.id).where(Session.job_id == row.id, Session.state.in_(ACTIVE_SESSION))
             return [f"sessions/{s} (running)" for s in await db.scalars(q)]
@@ -68,11 +68,11 @@ class JobsApi(ApiBase):
         return empty_pb2.Empty()
 
     @handle_errors
-    async def StartJob(self, request: api.StartJobRequest, context: Any) -> Any:
+    async def StartJob(self, request: api.StartJobRequest, context: Any) -> api.Session:
         session = await self.engine.start_job(await self._job_id("name", request.name))
         return await self._session(session.id)
 
     @handle_errors
-    async def StopJob(self, request: api.StopJobRequest, context: Any) -> Any:
+    async def StopJob(self, request: api.StopJobRequest, context: Any) -> api.Session:
         session = await self.engine.stop_job(await self._job_id("name", request.name))
         return await self._session(session.id)

@@ -25,11 +25,11 @@ from vmrepl.v1 import controller_pb2 as api
 
 class SessionsApi(ApiBase):
     @handle_errors
-    async def GetSession(self, request: api.GetSessionRequest, context: Any) -> Any:
+    async def GetSession(self, request: api.GetSessionRequest, context: Any) -> api.Session:
         return await self._session(self._session_id("name", request.name))
 
     @handle_errors
-    async def ListSessions(self, request: api.ListSessionsRequest, context: Any) -> Any:
+    async def ListSessions(self, request: api.ListSessionsRequest, context: Any) -> api.ListSessionsResponse:
         where = Session.job_id == await self._job_id("job", request.job) if request.job else None
         out, token = await self._list(
             request, SESSIONS, self._session_msgs, where=where, maximum=paging.MAX_SESSION_PAGE
@@ -52,7 +52,7 @@ class SessionsApi(ApiBase):
             await asyncio.sleep(WATCH_INTERVAL)  # at most two updates a second
 
     @handle_errors
-    async def GetSessionLog(self, request: api.GetSessionLogRequest, context: Any) -> Any:
+    async def GetSessionLog(self, request: api.GetSessionLogRequest, context: Any) -> api.SessionLog:
         session_id = self._session_id("name", request.name)
         async with self.reads() as db:
             if await db.scalar(select(Session.id).where(Session.id == session_id)) is None:
@@ -65,7 +65,9 @@ class SessionsApi(ApiBase):
         return api.SessionLog(entries=entries, next_page_token=paging.line_token(offset + limit) if more else "")
 
     @handle_errors
-    async def ListJobRestorePoints(self, request: api.ListJobRestorePointsRequest, context: Any) -> Any:
+    async def ListJobRestorePoints(
+        self, request: api.ListJobRestorePointsRequest, context: Any
+    ) -> api.ListJobRestorePointsResponse:
         job_id = await self._job_id("parent", request.parent)
         job_name = request.parent.removeprefix("jobs/")
 

@@ -11,7 +11,7 @@ from controller.api.resources import timestamp
 from controller.db.enums import SessionState, TaskState, VmState
 from controller.db.models import Session, SessionVm, Task
 from controller.observability.statistics import Shares, compression_ratio, rate, shares
-from vmrepl.progress import busy as progress_busy
+from vmrepl.progress import StageBusy, TransferFigures
 from vmrepl.v1 import common_pb2, proxy_pb2
 from vmrepl.v1 import controller_pb2 as api
 
@@ -36,12 +36,19 @@ def _shares_msg(s: Shares) -> api.StageShares:
     return api.StageShares(source=s.source, proxy=s.proxy, network=s.network, target=s.target)
 
 
-def _figures(msg: api.DiskTask, busy: dict[str, object], elapsed: float) -> None:
-    """Rate, ratio, stage shares and bottleneck of one disk, from its counters."""
-    msg.duration_seconds = elapsed
-    msg.rate_bytes_per_second = rate(msg.committed_offset, elapsed)
-    msg.compression_ratio = compression_ratio(msg.bytes_data, msg.bytes_sent)
-    s = shares([(busy, elapsed)])
+def figures_msg(msg: api.DiskTask, f: TransferFigures) -> None:
+    """A disk's figures into its message: the counters, the passes and what was verified, and the rate,
+    ratio, stage shares and bottleneck computed from them (msg.committed_offset is set first)."""
+    msg.bytes_read, msg.bytes_data, msg.bytes_sent = f.bytes_read, f.bytes_data, f.bytes_sent
+    msg.skipped.CopyFrom(f.skipped.to_proto())
+    msg.resumes, msg.passes = f.resumes, f.passes
+    if f.sample.sampled_blocks:
+        msg.sample.CopyFrom(f.sample.to_proto())
+    msg.verification = f.verification
+    msg.duration_seconds = f.elapsed_seconds
+    msg.rate_bytes_per_second = rate(msg.committed_offset, f.elapsed_seconds)
+    msg.compression_ratio = compression_ratio(f.bytes_data, f.bytes_sent)
+    s = shares([(f.busy, f.elapsed_seconds)])
     msg.busy.CopyFrom(_shares_msg(s))
     msg.bottleneck = s.bottleneck()
 
@@ -54,23 +61,13 @@ def disk_msg(t: Task, proxies: dict[str, str], live: proxy_pb2.TransferProgress 
         change_mode=t.change_mode,
         disk_size=t.disk_size,
         committed_offset=t.committed_offset,
-        bytes_read=int(t.stats.get("bytes_read", 0) or 0),
-        bytes_sent=int(t.stats.get("bytes_sent", 0) or 0),
-        bytes_data=int(t.stats.get("bytes_data", 0) or 0),
-        skipped=_skipped(t.stats.get("skipped")),
-        resumes=int(t.stats.get("resumes", 0) or 0),
         error=t.error,
         proxy=f"proxies/{proxies[t.proxy_id]}" if t.proxy_id in proxies else "",
     )
-    busy = t.stats.get("busy")
-    elapsed = float(t.stats.get("elapsed_seconds", 0) or 0)
-    if live is not None and t.state in (TaskState.STARTING, TaskState.RUNNING):  # fresher than the last figures written
-        msg.committed_offset, msg.bytes_read, msg.bytes_sent = live.committed_offset, live.bytes_read, live.bytes_sent
-        msg.bytes_data = live.bytes_data
-        msg.skipped.CopyFrom(live.skipped)
-        msg.resumes = live.resumes
-        busy, elapsed = dict(progress_busy(live)), live.elapsed_seconds
-    _figures(msg, busy if isinstance(busy, dict) else {}, elapsed)
+    figures = TransferFigures.from_json(t.stats)
+    if live is not None and t.state in (TaskState.STARTING, TaskState.RUNNING):  # fresher than the row's figures
+        msg.committed_offset, figures = live.committed_offset, TransferFigures.from_progress(live)
+    figures_msg(msg, figures)
     return msg
 
 
@@ -146,8 +143,8 @@ def session_stats(disks: list[api.DiskTask], *, restore_points: int) -> api.Sess
             setattr(stats.skipped, k, getattr(stats.skipped, k) + getattr(d.skipped, k))
     # Each disk's shares weighted by its duration: the stage that was busy longest overall.
     weighted = [
-        ({"source_read": d.busy.source * d.duration_seconds, "compress": d.busy.proxy * d.duration_seconds,
-          "network_wait": d.busy.network * d.duration_seconds, "target_write": d.busy.target * d.duration_seconds},
+        (StageBusy(source_read=d.busy.source * d.duration_seconds, compress=d.busy.proxy * d.duration_seconds,
+                   network_wait=d.busy.network * d.duration_seconds, target_write=d.busy.target * d.duration_seconds),
          d.duration_seconds)
         for d in disks
     ]  # fmt: skip

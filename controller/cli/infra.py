@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 
 from controller.cli.common import JsonOpt, as_json, call, conn, err, out, table
+from vmrepl.domain import DEFAULT_SLOTS
 from vmrepl.v1 import controller_pb2 as api
 
 infra = typer.Typer(help="Credentials, hosts, proxies and targets.", no_args_is_help=True)
@@ -44,7 +45,7 @@ def host_add(
 def proxy_add(
     proxy_id: str,
     address: Annotated[str, typer.Option(help="host:port of the proxy agent")],
-    max_tasks: Annotated[int, typer.Option(help="disk tasks at once")] = 4,
+    max_tasks: Annotated[int, typer.Option(help="disk tasks at once")] = DEFAULT_SLOTS,
     host: Annotated[list[str] | None, typer.Option(help="host id it reads directly (repeat)")] = None,
     tls_server_name: Annotated[str, typer.Option(help="name in its certificate, if not the address's")] = "",
 ) -> None:
@@ -62,7 +63,7 @@ def proxy_add(
 def target_add(
     target_id: Annotated[str, typer.Argument(help="the target agent's configured name")],
     address: Annotated[str, typer.Option(help="host:port of the target agent")],
-    max_tasks: Annotated[int, typer.Option(help="disk tasks at once")] = 4,
+    max_tasks: Annotated[int, typer.Option(help="disk tasks at once")] = DEFAULT_SLOTS,
     tls_server_name: Annotated[str, typer.Option(help="name in its certificate, if not the address's")] = "",
 ) -> None:
     target = api.Target(address=address, max_tasks=max_tasks, tls_server_name=tls_server_name)

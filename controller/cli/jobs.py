@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import enum
 import json
 from typing import Annotated
 
@@ -11,10 +12,17 @@ from google.protobuf import field_mask_pb2, json_format
 from controller.cli.common import EXIT_FAILED, JsonOpt, as_json, call, conn, err, out, table
 from controller.cli.sessions import exit_code, follow
 from controller.scheduling.schedule import schedule_json, schedule_message
+from vmrepl.domain import BLOCK_SIZE_RULE, JOB_DEFAULTS, ChangeTracking, Compression
 from vmrepl.errors import InvalidArgument
 from vmrepl.v1 import controller_pb2 as api
 
 job_app = typer.Typer(help="Replication jobs.", no_args_is_help=True)
+# The API's name; `--keep` stays as the short spelling scripts and docs already use.
+_KEEP = typer.Option("--restore-points-to-keep", "--keep", help="restore points to keep")
+
+
+def _choices(kind: type[enum.StrEnum]) -> str:
+    return ", ".join(e.value for e in kind)
 
 
 def _job_vms(vm: list[str], exclude_disk: list[str]) -> list[api.JobVm]:
@@ -32,17 +40,19 @@ def job_create(
     target: Annotated[str, typer.Option(help="target id")],
     vm: Annotated[list[str], typer.Option(help="VM id or name (repeat)")],
     replica_root: Annotated[str, typer.Option(help="folder in the target's datastore")] = "",
-    keep: Annotated[int, typer.Option(help="restore points to keep")] = 7,
-    compression: Annotated[str, typer.Option(help="none, fast, default")] = "default",
-    block_size: Annotated[int, typer.Option(help="bytes, power of two 64 KiB..16 MiB")] = 1 << 20,
+    restore_points_to_keep: Annotated[int, _KEEP] = JOB_DEFAULTS.restore_points_to_keep,
+    compression: Annotated[str, typer.Option(help=_choices(Compression))] = JOB_DEFAULTS.compression.value,
+    block_size: Annotated[int, typer.Option(help=f"bytes; {BLOCK_SIZE_RULE}")] = JOB_DEFAULTS.block_size,
     bandwidth_mbps: Annotated[float, typer.Option(help="0: unlimited")] = 0.0,
-    change_tracking: Annotated[str, typer.Option(help="auto, on, off")] = "auto",
+    change_tracking: Annotated[str, typer.Option(help=_choices(ChangeTracking))] = JOB_DEFAULTS.change_tracking.value,
     exclude_disk: Annotated[list[str] | None, typer.Option(help="VM:DISK not replicated (repeat)")] = None,
     schedule: Annotated[str, typer.Option(help='JSON, e.g. {"kind": "cron", "cron": "0 22 * * *"} (docs/cli.md)')] = "",
     webhook: Annotated[str, typer.Option(help="URL POSTed a JSON summary when a session ends")] = "",
     webhook_failures_only: Annotated[bool, typer.Option(help="notify failed sessions only")] = False,
-    retries: Annotated[int, typer.Option(help="times a failed VM is tried again in the session")] = 2,
-    retry_wait: Annotated[int, typer.Option(help="seconds before a retry")] = 60,
+    retries: Annotated[
+        int, typer.Option(help="times a failed VM is tried again in the session")
+    ] = JOB_DEFAULTS.retries,
+    retry_wait: Annotated[int, typer.Option(help="seconds before a retry")] = JOB_DEFAULTS.retry_wait_seconds,
     as_json_: JsonOpt = False,
 ) -> None:
     job = api.Job(
@@ -50,7 +60,7 @@ def job_create(
         target=f"targets/{target}",
         replica_root=replica_root or f"replicas/{job_id}",
         vms=_job_vms(vm, exclude_disk or []),
-        restore_points_to_keep=keep,
+        restore_points_to_keep=restore_points_to_keep,
         compression=compression,
         block_size=block_size,
         bandwidth_limit_mbps=bandwidth_mbps,
@@ -113,15 +123,15 @@ def job_show(job_id: str, as_json_: JsonOpt = False) -> None:
 @job_app.command("update")
 def job_update(
     job_id: str,
-    keep: Annotated[int | None, typer.Option(help="restore points to keep")] = None,
-    change_tracking: Annotated[str | None, typer.Option(help="auto, on, off")] = None,
+    restore_points_to_keep: Annotated[int | None, _KEEP] = None,
+    change_tracking: Annotated[str | None, typer.Option(help=_choices(ChangeTracking))] = None,
     bandwidth_mbps: Annotated[float | None, typer.Option(help="0: unlimited")] = None,
     disabled: Annotated[bool | None, typer.Option("--disabled/--enabled")] = None,
     schedule: Annotated[str | None, typer.Option(help='JSON schedule; "{}" for manual only')] = None,
 ) -> None:
     job, paths = api.Job(name=f"jobs/{job_id}"), list[str]()
-    if keep is not None:
-        job.restore_points_to_keep, paths = keep, [*paths, "restore_points_to_keep"]
+    if restore_points_to_keep is not None:
+        job.restore_points_to_keep, paths = restore_points_to_keep, [*paths, "restore_points_to_keep"]
     if change_tracking is not None:
         job.change_tracking, paths = change_tracking, [*paths, "change_tracking"]
     if bandwidth_mbps is not None:

@@ -130,13 +130,15 @@ def session_show(session_id: str, as_json_: JsonOpt = False) -> None:
             f"{mib(int(d.rate_bytes_per_second))}/s",
             f"{d.compression_ratio:.2f}x",
             d.bottleneck,
+            d.passes or "",
+            d.verification,
             d.error or v.error,
         ]
         for v in s.vms
         for d in v.disks
     ]
     cols = ["vm", "disk", "state", "change", "size", "read", "sent", "zero", "unchanged", "rate", "ratio", "bottleneck"]
-    cols.append("error")
+    cols += ["passes", "verified", "error"]
     table(f"{s.name} ({s.job})", cols, rows)
 
 

@@ -21,6 +21,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 from controller.db.enums import Notification, SessionState, TaskState, VmState
 from controller.db.types import UtcDateTime, state_type
+from vmrepl.domain import DEFAULT_SLOTS, JOB_DEFAULTS
 
 
 def new_id() -> str:
@@ -65,7 +66,7 @@ class Proxy(Base):
     address: Mapped[str] = mapped_column(String(256))
     # The name in the agent's certificate, when it differs from the host in address.
     tls_server_name: Mapped[str] = mapped_column(String(256), default="")
-    max_tasks: Mapped[int] = mapped_column(Integer, default=4)
+    max_tasks: Mapped[int] = mapped_column(Integer, default=DEFAULT_SLOTS)
     # Host ids this proxy reads from directly (preferred for their VMs); empty: any host.
     host_ids: Mapped[list[Any]] = mapped_column(default=list)
 
@@ -76,7 +77,7 @@ class Target(Base):
     name: Mapped[str] = mapped_column(String(128), unique=True)
     address: Mapped[str] = mapped_column(String(256))
     tls_server_name: Mapped[str] = mapped_column(String(256), default="")
-    max_tasks: Mapped[int] = mapped_column(Integer, default=4)
+    max_tasks: Mapped[int] = mapped_column(Integer, default=DEFAULT_SLOTS)
 
 
 class Job(Base):
@@ -87,21 +88,21 @@ class Job(Base):
     target_id: Mapped[str] = mapped_column(ForeignKey("targets.id", ondelete="RESTRICT"))
     # Replica folder on the target, relative to its datastore; each VM gets a subfolder.
     replica_root: Mapped[str] = mapped_column(String(512))
-    restore_points_to_keep: Mapped[int] = mapped_column(Integer, default=7)
-    compression: Mapped[str] = mapped_column(String(16), default="default")
-    block_size: Mapped[int] = mapped_column(Integer, default=1 << 20)
+    restore_points_to_keep: Mapped[int] = mapped_column(Integer, default=JOB_DEFAULTS.restore_points_to_keep)
+    compression: Mapped[str] = mapped_column(String(16), default=JOB_DEFAULTS.compression.value)  # domain.Compression
+    block_size: Mapped[int] = mapped_column(Integer, default=JOB_DEFAULTS.block_size)
     bandwidth_limit_mbps: Mapped[float] = mapped_column(default=0.0)
-    change_tracking: Mapped[str] = mapped_column(String(8), default="auto")  # on, off, auto
+    change_tracking: Mapped[str] = mapped_column(String(8), default=JOB_DEFAULTS.change_tracking.value)  # on, off, auto
     # guest_processing goes to the guest hook (engine/runtime.py); exclusions are stored and shown but not
     # applied until the guest file-system reader exists (protocol.md); schedule drives the scheduler.
     guest_processing: Mapped[dict[str, Any]] = mapped_column(default=dict)
     exclusions: Mapped[dict[str, Any]] = mapped_column(default=dict)
     schedule: Mapped[dict[str, Any]] = mapped_column(default=dict)
     # How long a checkpoint is held for disks left to resume (HeldCheckpoint.deadline is when that ends).
-    checkpoint_hold_seconds: Mapped[int] = mapped_column(Integer, default=24 * 3600)
+    checkpoint_hold_seconds: Mapped[int] = mapped_column(Integer, default=JOB_DEFAULTS.checkpoint_hold_seconds)
     # A VM that fails is tried again this many times in the same session, after a wait.
-    retries: Mapped[int] = mapped_column(Integer, default=2)
-    retry_wait_seconds: Mapped[int] = mapped_column(Integer, default=60)
+    retries: Mapped[int] = mapped_column(Integer, default=JOB_DEFAULTS.retries)
+    retry_wait_seconds: Mapped[int] = mapped_column(Integer, default=JOB_DEFAULTS.retry_wait_seconds)
     # The scheduler's bookmark: slots (or upstream runs) up to here are handled; later ones are due.
     schedule_handled_until: Mapped[dt.datetime | None]
     # POSTed a JSON summary when a session ends: {"sealed_url": the URL sealed like a credential's secret
@@ -139,7 +140,6 @@ class Session(Base):
     started_at: Mapped[dt.datetime] = mapped_column(default=now)
     ended_at: Mapped[dt.datetime | None]
     error: Mapped[str] = mapped_column(Text, default="")
-    stats: Mapped[dict[str, Any]] = mapped_column(default=dict)
     # The job's webhook for this session (NONE when the job has none).
     notification: Mapped[Notification] = mapped_column(
         state_type(Notification, constraint="ck_sessions_notification"), default=Notification.NONE
@@ -180,6 +180,7 @@ class Task(Base):
     checkpoint_id: Mapped[str] = mapped_column(String(128), default="")
     committed_offset: Mapped[int] = mapped_column(BigInteger, default=0)
     disk_size: Mapped[int] = mapped_column(BigInteger, default=0)
+    # The transfer's figures as the proxy last reported them: vmrepl.progress.TransferFigures, in its JSON form.
     stats: Mapped[dict[str, Any]] = mapped_column(default=dict)
     error: Mapped[str] = mapped_column(Text, default="")
     started_at: Mapped[dt.datetime | None]

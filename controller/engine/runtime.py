@@ -12,6 +12,7 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 from controller.engine.agents import Agents
 from controller.engine.journal import Journal
 from controller.engine.slots import SlotBoard
+from vmrepl.domain import ChangeTracking, Compression
 from vmrepl.errors import FailedPrecondition, PathError
 from vmrepl.names import check_name
 from vmrepl.providers.base import Provider, VmInfo
@@ -100,11 +101,11 @@ class JobView:
     name: str
     host_id: str
     replica_root: str
-    keep: int
-    compression: str
+    restore_points_to_keep: int
+    compression: Compression
     block_size: int
     bandwidth_limit_mbps: float
-    change_tracking: str
+    change_tracking: ChangeTracking
     guest_processing: dict[str, object]
     checkpoint_hold_seconds: int
     retries: int = 0

@@ -154,19 +154,23 @@ class SessionRun:
             if any(v.state in (VmState.HELD, VmState.STOPPED) for v in vms):
                 state = SessionState.INCOMPLETE
         errors = [f"{v.vm_name}: {v.error}" for v in vms if v.error]
-        stats = session_stats(tasks, vms)
         async with self.parts.journal.change("session ended", session_id=self.sc.session_id) as db:
             row = await db.get(Session, self.sc.session_id)
             job = await db.get(Job, self.sc.job.job_id)
             if row is not None:
-                row.state, row.ended_at, row.stats = state, now(), stats
+                row.state, row.ended_at = state, now()
                 row.error = error or "; ".join(errors)
                 # Recorded with the end state, so a crash before delivery still delivers it after restart.
                 webhook = job is not None and job.has_webhook
                 row.notification = Notification.PENDING if webhook else Notification.NONE
         self.parts.live.forget(self.sc.session_id)
         counters.session_ended(state)
-        self.log.info("session_ended", state=state.value, **stats)
+        self.log.info(
+            "session_ended",
+            state=state.value,
+            tasks={s.value: n for s in TaskState if (n := sum(1 for t in tasks if t.state is s))},
+            restore_points=sum(1 for v in vms if v.restore_point_id),
+        )
         return state
 
 
@@ -181,25 +185,6 @@ async def _delete_point(target: TargetClient, replica_path: str, point_id: str) 
 def held_checkpoint(job_id: str, vm_id: str) -> Select[Any]:
     """The checkpoint of a VM the job holds for disks left to resume (at most one: unique per job and VM)."""
     return select(HeldCheckpoint).where(HeldCheckpoint.job_id == job_id, HeldCheckpoint.vm_id == vm_id)
-
-
-def session_stats(tasks: list[Task], vms: list[SessionVm]) -> dict[str, object]:
-    totals: dict[str, int] = {"bytes_read": 0, "bytes_data": 0, "bytes_sent": 0, "disk_bytes": 0}
-    skipped: dict[str, int] = {"zero": 0, "unallocated": 0, "unchanged": 0, "excluded": 0}
-    for t in tasks:
-        totals["disk_bytes"] += t.disk_size
-        for k in ("bytes_read", "bytes_data", "bytes_sent"):
-            totals[k] += int(t.stats.get(k, 0) or 0)
-        for k, v in (t.stats.get("skipped") or {}).items():
-            skipped[k] = skipped.get(k, 0) + int(v)
-    return {
-        **totals,
-        "skipped": skipped,
-        "vms": len(vms),
-        "disks": len(tasks),
-        "tasks": {s.value: sum(1 for t in tasks if t.state is s) for s in TaskState},
-        "restore_points": sum(1 for v in vms if v.restore_point_id),
-    }
 
 
 class VmRun:
@@ -354,8 +339,8 @@ class VmRun:
         )
         held = select(HeldCheckpoint.checkpoint_id, Job.name).join(Job, Job.id == HeldCheckpoint.job_id)
         async with self.parts.journal.read() as db:
-            out = {cp: f"a running session of job {name}" for cp, name in (await db.execute(reading)).tuples()}
-            rows = (await db.execute(held.where(HeldCheckpoint.vm_id == row.vm_id))).tuples()
+            out = {cp: f"a running session of job {name}" for cp, name in (await db.execute(reading)).all()}
+            rows = (await db.execute(held.where(HeldCheckpoint.vm_id == row.vm_id))).all()
             out.update({cp: f"job {name} (held for a resume)" for cp, name in rows})
         return out
 
@@ -436,7 +421,7 @@ class VmRun:
             )
         target = self.parts.agents.target(self.sc.target.address, self.sc.target.tls_server_name)
         await self._delete_orphans(target, replica_path, {p.id for p in points})
-        for point_id in points_to_delete([(p.id, p.created_at) for p in points], self.sc.job.keep):
+        for point_id in points_to_delete([(p.id, p.created_at) for p in points], self.sc.job.restore_points_to_keep):
             await _delete_point(target, replica_path, point_id)
             async with self.parts.journal.change("restore point deleted", vm=row.vm_id, point=point_id) as db:
                 await db.execute(delete(RestorePoint).where(RestorePoint.id == point_id))

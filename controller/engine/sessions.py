@@ -19,6 +19,7 @@ from controller.engine.providers import provider_for
 from controller.engine.runtime import EngineParts, JobView, SessionContext, TargetView
 from controller.engine.session import SessionRun, describe
 from controller.engine.states import ACTIVE_SESSION
+from vmrepl.domain import ChangeTracking, Compression
 from vmrepl.errors import FailedPrecondition, NotFound, VmreplError
 from vmrepl.logs import get_logger
 
@@ -31,11 +32,11 @@ def job_view(job: Job) -> JobView:
         name=job.name,
         host_id=job.host_id,
         replica_root=job.replica_root,
-        keep=job.restore_points_to_keep,
-        compression=job.compression,
+        restore_points_to_keep=job.restore_points_to_keep,
+        compression=Compression(job.compression),
         block_size=job.block_size,
         bandwidth_limit_mbps=job.bandwidth_limit_mbps,
-        change_tracking=job.change_tracking,
+        change_tracking=ChangeTracking(job.change_tracking),
         guest_processing=dict(job.guest_processing),
         checkpoint_hold_seconds=job.checkpoint_hold_seconds,
         retries=job.retries,

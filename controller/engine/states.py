@@ -14,6 +14,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from controller.db.enums import SessionState, TaskState, VmState
+from vmrepl.domain import ChangeMode, ChangeTracking
 
 TASK_TRANSITIONS: dict[TaskState, frozenset[TaskState]] = {
     TaskState.PENDING: frozenset({TaskState.STARTING, TaskState.FAILED, TaskState.RESUMABLE}),
@@ -126,12 +127,6 @@ def vm_after_transfers(tasks: Iterable[TaskState]) -> VmState:
     return VmState.RELEASING
 
 
-class ChangeMode(enum.StrEnum):
-    FULL = "full"
-    RANGES = "ranges"  # changed ranges since a reference, from the provider's change tracking
-    COMPARE = "compare"  # digest comparison with the replica
-
-
 @dataclass(frozen=True, slots=True)
 class ChangeChoice:
     mode: ChangeMode
@@ -139,14 +134,14 @@ class ChangeChoice:
 
 
 def choose_change(
-    start: DiskStart, *, tracking: str, last_point_reference: str | None, checkpoint_reference: str
+    start: DiskStart, *, tracking: ChangeTracking, last_point_reference: str | None, checkpoint_reference: str
 ) -> ChangeChoice:
     """The change source of a disk starting afresh (a resumed one reuses its earlier choice).
 
     `tracking` is the job's setting (on, off, auto); `last_point_reference` the change-tracking
     reference of the VM's newest restore point, None without one. A RANGES choice can still fall
     back to COMPARE when the provider cannot report changes since that reference."""
-    if start is DiskStart.COMPARE or (tracking == "off" and last_point_reference is not None):
+    if start is DiskStart.COMPARE or (tracking is ChangeTracking.OFF and last_point_reference is not None):
         return ChangeChoice(ChangeMode.COMPARE)
     if start is DiskStart.DONE:
         return ChangeChoice(ChangeMode.RANGES, checkpoint_reference)

@@ -29,32 +29,21 @@ from controller.engine.slots import NoProxy
 from controller.engine.states import (
     TERMINAL_TASK,
     ChangeChoice,
-    ChangeMode,
     DiskStart,
     Recovery,
     check_task_transition,
     choose_change,
     reconcile_task,
 )
-from controller.engine.transfer import COMPARE, DiskTaskSpec, prepare, proxy_identity, start_request, trusted_change
+from controller.engine.transfer import DiskTaskSpec, prepare, proxy_identity, start_request, trusted_change
+from vmrepl.domain import TRANSFER_ENDED, ChangeMode, ChangeTracking, compare_digests, full_read, unreachable
 from vmrepl.errors import FailedPrecondition, VmreplError
 from vmrepl.logs import get_logger
-from vmrepl.progress import busy
+from vmrepl.progress import TransferFigures
 from vmrepl.providers.base import Checkpoint
 from vmrepl.v1 import common_pb2, proxy_pb2
 
 log = get_logger("vmrepl.controller.engine.task")
-
-FORMATS = {
-    "raw": common_pb2.DISK_FORMAT_RAW,
-    "vhdx": common_pb2.DISK_FORMAT_VHDX,
-    "vhd": common_pb2.DISK_FORMAT_VHD,
-}
-COMPRESSION = {
-    "none": proxy_pb2.COMPRESSION_LEVEL_NONE,
-    "fast": proxy_pb2.COMPRESSION_LEVEL_FAST,
-    "default": proxy_pb2.COMPRESSION_LEVEL_DEFAULT,
-}
 
 
 class ProxyLost(Exception):
@@ -63,25 +52,7 @@ class ProxyLost(Exception):
 
 def transient(e: BaseException) -> bool:
     """An agent call that failed because the agent is (for now) out of reach: worth asking again."""
-    return isinstance(e, grpc.aio.AioRpcError) and e.code() in (
-        grpc.StatusCode.UNAVAILABLE,
-        grpc.StatusCode.DEADLINE_EXCEEDED,
-    )
-
-
-def progress_stats(p: proxy_pb2.TransferProgress) -> dict[str, object]:
-    s = p.skipped
-    return {
-        "bytes_read": p.bytes_read,
-        "bytes_data": p.bytes_data,
-        "bytes_sent": p.bytes_sent,
-        "skipped": {"zero": s.zero, "unallocated": s.unallocated, "unchanged": s.unchanged, "excluded": s.excluded},
-        "resumes": p.resumes,
-        "passes": p.passes,
-        "elapsed_seconds": round(p.elapsed_seconds, 3),
-        "busy": busy(p),
-        "verification": p.verification,
-    }
+    return isinstance(e, grpc.aio.AioRpcError) and unreachable(e.code())
 
 
 class TaskRunner:
@@ -188,7 +159,7 @@ class TaskRunner:
         change = await self._change_source(task, choice)
         if change is None:  # the tracker cannot say: compare digests, and record it
             choice = ChangeChoice(ChangeMode.COMPARE)
-            change = proxy_pb2.ChangeSource(compare_digests=proxy_pb2.CompareDigests())
+            change = compare_digests()
         task = await self._set(
             TaskState.STARTING,
             "task starting",
@@ -202,9 +173,9 @@ class TaskRunner:
         disk = await prepare(self.parts.agents.target(self.sc.target.address, self.sc.target.tls_server_name), spec)
         if trusted_change(change, disk) is not change:
             # A transfer from this checkpoint failed sampled verification: its changed ranges lost writes.
-            self.log.warning("change_tracking_failed_before", since=choice.since, fallback="compare")
+            self.log.warning("change_tracking_failed_before", since=choice.since, fallback=ChangeMode.COMPARE.value)
             choice = ChangeChoice(ChangeMode.COMPARE)
-            spec = dataclasses.replace(spec, change_source=COMPARE)
+            spec = dataclasses.replace(spec, change_source=compare_digests())
             await self.parts.journal.note(Task, self.task_id, change_mode=choice.mode.value, since_reference="")
         self.log.info(
             "task_starting",
@@ -248,12 +219,12 @@ class TaskRunner:
             ticket_expires=ticket_expires,
             disk_id=task.disk_id,
             source_locator=disk.locator,
-            source_format=FORMATS[disk.format],
+            source_format=disk.format,
             disk_size=disk.size,
             replica_path=self.sc.replica_path(task.vm_id),
             block_size=job.block_size,
             change_source=change,
-            compression=COMPRESSION.get(job.compression, proxy_pb2.COMPRESSION_LEVEL_DEFAULT),
+            compression=job.compression,
             bandwidth_limit_mbps=job.bandwidth_limit_mbps,
             target_name=self.sc.target.name,
             transfer_id=self.transfer_id,
@@ -294,17 +265,17 @@ class TaskRunner:
 
     async def _change_source(self, task: Task, choice: ChangeChoice) -> proxy_pb2.ChangeSource | None:
         if choice.mode is ChangeMode.FULL:
-            return proxy_pb2.ChangeSource(full=proxy_pb2.FullRead())
+            return full_read()
         if choice.mode is ChangeMode.COMPARE:
-            return proxy_pb2.ChangeSource(compare_digests=proxy_pb2.CompareDigests())
+            return compare_digests()
         ranges = await self.sc.provider.changed_ranges(self.checkpoint, task.disk_id, choice.since)
         if ranges is None:
-            if self.sc.job.change_tracking == "on":
+            if self.sc.job.change_tracking is ChangeTracking.ON:
                 raise FailedPrecondition(
                     f"change tracking is required by the job but the host cannot report changes of disk "
                     f"{task.disk_id} since {choice.since}"
                 )
-            self.log.info("change_tracking_unavailable", since=choice.since, fallback="compare")
+            self.log.info("change_tracking_unavailable", since=choice.since, fallback=ChangeMode.COMPARE.value)
             return None
         byte_ranges = [common_pb2.ByteRange(offset=e.offset, length=e.length) for e in ranges]
         return proxy_pb2.ChangeSource(
@@ -348,17 +319,16 @@ class TaskRunner:
                     if p.elapsed_seconds - seen_progress >= 2.0:  # progress figures, not a state change
                         seen_progress = p.elapsed_seconds
                         await self.parts.journal.note(
-                            Task, self.task_id, committed_offset=p.committed_offset, stats=progress_stats(p)
+                            Task,
+                            self.task_id,
+                            committed_offset=p.committed_offset,
+                            stats=TransferFigures.from_progress(p).to_json(),
                         )
         except grpc.aio.AioRpcError as e:
             if e.code() is grpc.StatusCode.NOT_FOUND:
                 raise ProxyLost(transfer_id) from e
             raise
-        if last is None or last.state not in (
-            proxy_pb2.TRANSFER_STATE_COMPLETED,
-            proxy_pb2.TRANSFER_STATE_FAILED,
-            proxy_pb2.TRANSFER_STATE_CANCELLED,
-        ):
+        if last is None or last.state not in TRANSFER_ENDED:
             raise ProxyLost(transfer_id)  # the stream ended without a final state: the proxy went away
         return last
 
@@ -369,16 +339,25 @@ class TaskRunner:
             await client.cancel(transfer_id)
 
     async def _finish(self, final: proxy_pb2.TransferProgress) -> TaskState:
-        stats = progress_stats(final)
+        figures = TransferFigures.from_progress(final)
         if final.state == proxy_pb2.TRANSFER_STATE_COMPLETED:
             end, error = TaskState.SUCCEEDED, ""
         elif final.state == proxy_pb2.TRANSFER_STATE_CANCELLED:
             end, error = TaskState.RESUMABLE, "stopped"
         else:
             end, error = TaskState.FAILED, f"{final.error_code}: {final.error_message}".strip(": ")
-        await self._set(end, f"task {end}", committed_offset=final.committed_offset, stats=stats, error=error)
+        await self._set(
+            end, f"task {end}", committed_offset=final.committed_offset, stats=figures.to_json(), error=error
+        )
         counters.task_ended(end, final)
-        self.log.info("task_ended", state=end.value, committed_offset=final.committed_offset, error=error)
+        self.log.info(
+            "task_ended",
+            state=end.value,
+            committed_offset=final.committed_offset,
+            passes=figures.passes,
+            verification=figures.verification or None,
+            error=error,
+        )
         return end
 
     async def _proxy_row(self, proxy_id: str) -> Proxy | None:

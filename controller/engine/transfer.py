@@ -15,9 +15,10 @@ from dataclasses import dataclass, field
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from controller.engine.agents import ProxyClient, TargetClient
+from vmrepl.domain import DEFAULT_BLOCK_SIZE, ChangeMode, Compression, DiskFormat, compare_digests, full_read
 from vmrepl.errors import FailedPrecondition, TransferError
 from vmrepl.security.ticket import sign_ticket
-from vmrepl.v1 import common_pb2, proxy_pb2, target_pb2
+from vmrepl.v1 import proxy_pb2, target_pb2
 
 TICKET_TTL = 24 * 3600.0  # the longest a ticket lives; a checkpoint's hold deadline cuts it shorter
 
@@ -29,15 +30,13 @@ class DiskTaskSpec:
     checkpoint_id: str
     disk_id: str
     source_locator: str
-    source_format: common_pb2.DiskFormat.ValueType = common_pb2.DISK_FORMAT_RAW
+    source_format: DiskFormat = DiskFormat.RAW
     disk_size: int
     replica_path: str
-    block_size: int = 1 << 20
-    change_source: proxy_pb2.ChangeSource = field(
-        default_factory=lambda: proxy_pb2.ChangeSource(full=proxy_pb2.FullRead())
-    )
+    block_size: int = DEFAULT_BLOCK_SIZE
+    change_source: proxy_pb2.ChangeSource = field(default_factory=full_read)
     exclusions: proxy_pb2.ExclusionSettings = field(default_factory=proxy_pb2.ExclusionSettings)
-    compression: proxy_pb2.CompressionLevel.ValueType = proxy_pb2.COMPRESSION_LEVEL_DEFAULT
+    compression: Compression = Compression.DEFAULT
     bandwidth_limit_mbps: float = 0.0
     resume_timeout_seconds: int = 0
     target_name: str = "target"
@@ -59,14 +58,11 @@ async def proxy_identity(proxy: ProxyClient) -> str:
     return info.certificate_name
 
 
-COMPARE = proxy_pb2.ChangeSource(compare_digests=proxy_pb2.CompareDigests())
-
-
 def trusted_change(change: proxy_pb2.ChangeSource, disk: target_pb2.ReplicaDisk) -> proxy_pb2.ChangeSource:
     """The change source to use on a prepared disk: changed ranges only while no transfer from this
     checkpoint has failed sampled verification (the target remembers, see ReplicaDisk)."""
-    if disk.change_tracking_failed and change.WhichOneof("mode") == "changed_ranges":
-        return COMPARE
+    if disk.change_tracking_failed and ChangeMode.of(change) is ChangeMode.RANGES:
+        return compare_digests()
     return change
 
 
@@ -102,11 +98,13 @@ def start_request(
     return proxy_pb2.StartDiskTransferRequest(
         session_id=spec.session_id,
         disk_id=spec.disk_id,
-        source=proxy_pb2.SourceDisk(locator=spec.source_locator, format=spec.source_format, size=spec.disk_size),
+        source=proxy_pb2.SourceDisk(
+            locator=spec.source_locator, format=spec.source_format.to_proto(), size=spec.disk_size
+        ),
         block_size=spec.block_size,
         change_source=spec.change_source,
         exclusions=spec.exclusions,
-        compression=spec.compression,
+        compression=spec.compression.to_proto(),
         bandwidth_limit_mbps=spec.bandwidth_limit_mbps,
         target=proxy_pb2.TargetEndpoint(address=target_address),
         ticket=ticket,

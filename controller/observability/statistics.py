@@ -8,8 +8,10 @@ for the threaded stages); the bottleneck is the stage with the largest share, as
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from dataclasses import dataclass
+
+from vmrepl.progress import StageBusy
 
 STAGES = ("source", "proxy", "network", "target")
 
@@ -27,28 +29,12 @@ class Shares:
         return stage if values[stage] > 0 else ""
 
 
-def _num(m: Mapping[str, object], key: str) -> float:
-    v = m.get(key, 0)
-    return float(v) if isinstance(v, int | float) else 0.0
-
-
-def busy_seconds(busy: Mapping[str, object]) -> dict[str, float]:
-    """Busy seconds per stage, the threaded stages divided by their thread count."""
-    threads = max(1.0, _num(busy, "threads"))
-    return {
-        "source": _num(busy, "source_read") / threads,
-        "proxy": _num(busy, "compress") / threads,
-        "network": _num(busy, "network_wait"),
-        "target": _num(busy, "target_write"),
-    }
-
-
-def shares(busy: Iterable[tuple[Mapping[str, object], float]]) -> Shares:
+def shares(busy: Iterable[tuple[StageBusy, float]]) -> Shares:
     """Stage shares over one or more transfers: each given as (busy figures, elapsed seconds)."""
     total = dict.fromkeys(STAGES, 0.0)
     elapsed = 0.0
     for figures, seconds in busy:
-        for stage, value in busy_seconds(figures).items():
+        for stage, value in figures.seconds().items():
             total[stage] += value
         elapsed += seconds
     if elapsed <= 0:

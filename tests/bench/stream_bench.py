@@ -29,6 +29,7 @@ from tests.support.certs import tls_settings
 from vmrepl.config import TlsSettings
 from vmrepl.extent import MiB
 from vmrepl.logs import configure_logging
+from vmrepl.progress import TransferFigures
 from vmrepl.security.ticket import load_signing_key
 from vmrepl.v1 import common_pb2, proxy_pb2
 
@@ -152,7 +153,7 @@ async def run_agents(
             cs = proxy_pb2.ChangeSource(changed_ranges=proxy_pb2.ChangedRanges(ranges=ranges))
             dt, rr = await replicate(env, spec("ranges", cs))
             out["ranges_incr_s"] = round(dt, 3)
-            out["ranges_verification"] = rr.verification
+            out["ranges_verification"] = TransferFigures.from_progress(rr).verification
         out["peak_rss_mib"] = round(rss.peak / MiB, 1)
         if profiler is not None:
             out["profile"] = stop_profiler(*profiler)

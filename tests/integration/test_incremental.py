@@ -5,10 +5,10 @@ from __future__ import annotations
 import subprocess
 
 from controller import lab
-from controller.engine.transfer import COMPARE
 from tests.conftest import need_tool
 from tests.integration.conftest import Lab
 from tests.support.replicas import qemu_identical
+from vmrepl.domain import DiskFormat, compare_digests
 from vmrepl.extent import MiB
 from vmrepl.v1 import common_pb2, proxy_pb2
 
@@ -21,7 +21,7 @@ def ranges_source(offsets: list[int]) -> proxy_pb2.ChangeSource:
 async def test_digest_incremental_sends_the_changed_blocks_and_no_others(lab_env: Lab) -> None:
     await lab_env.replicate(lab_env.spec("s1"))
     changed = lab.change_blocks(lab_env.image, fraction=0.05, seed=21)
-    result = await lab_env.replicate(lab_env.spec("s2", change_source=COMPARE))
+    result = await lab_env.replicate(lab_env.spec("s2", change_source=compare_digests()))
     assert qemu_identical(lab_env.image, lab_env.replica())
     assert result.bytes_data == len(changed) * MiB
     received = [e for e in lab_env.target_events("batch_received") if e["session_id"] == "s2"]
@@ -30,7 +30,7 @@ async def test_digest_incremental_sends_the_changed_blocks_and_no_others(lab_env
     s = result.skipped
     assert s.unchanged + s.zero + s.unallocated + result.bytes_data == size
     # Nothing changed: a third run sends no data at all.
-    again = await lab_env.replicate(lab_env.spec("s3", change_source=COMPARE))
+    again = await lab_env.replicate(lab_env.spec("s3", change_source=compare_digests()))
     assert again.bytes_data == 0
 
 
@@ -47,7 +47,7 @@ async def test_incomplete_changed_ranges_are_caught_and_repaired(lab_env: Lab) -
             f.write(bytes([7]) * MiB)
     result = await lab_env.replicate(lab_env.spec("s2", change_source=ranges_source(reported)))
     assert result.passes == 2
-    assert result.verification.startswith("failed: ")
+    assert result.sample.mismatched_blocks > 0
     assert qemu_identical(lab_env.image, lab_env.replica())
     proxy_log = [e for e in lab_env.proxy.events() if e.get("event") == "sampled_verification_failed"]
     assert proxy_log and proxy_log[0]["session_id"] == "s2"
@@ -100,7 +100,7 @@ async def test_vhdx_source_replicates_to_an_identical_raw_replica(lab_env: Lab) 
         ],
         check=True,
     )
-    spec = lab_env.spec("s-vhdx", source_locator=str(vhdx), source_format=common_pb2.DISK_FORMAT_VHDX)
+    spec = lab_env.spec("s-vhdx", source_locator=str(vhdx), source_format=DiskFormat.VHDX)
     await lab_env.replicate(spec)
     out = subprocess.run(
         ["qemu-img", "compare", "-q", "-f", "vhdx", "-F", "raw", str(vhdx), str(lab_env.replica())], check=False

@@ -20,11 +20,12 @@ from pathlib import Path
 import pytest
 
 from controller import lab
-from controller.engine.transfer import COMPARE, DiskTaskSpec, prepare
+from controller.engine.transfer import DiskTaskSpec, prepare
 from tests.integration.conftest import Lab
 from tests.support.replicas import qemu_identical
 from vmrepl.block import DIGEST_SIZE, digest, is_zero, zero_digest
 from vmrepl.disk import powercut
+from vmrepl.domain import compare_digests
 from vmrepl.extent import MiB
 from vmrepl.v1 import proxy_pb2
 
@@ -71,7 +72,7 @@ async def test_a_comparison_resumed_after_a_power_cut_sends_what_the_cut_lost(la
     # Slow writes, and a commit only every 32 batches of one block: plenty written past the committed offset.
     restart_target(lab_env, write_delay_ms=40)
     lab_env.restart_proxy(batch_bytes=MiB, window_batches=64)
-    spec = lab_env.spec("s2", change_source=COMPARE)
+    spec = lab_env.spec("s2", change_source=compare_digests())
     task = asyncio.create_task(lab_env.replicate(spec))
     for _ in range(1200):
         await asyncio.sleep(0.05)
@@ -131,7 +132,7 @@ async def test_a_session_that_never_wrote_leaves_nothing_to_send_again(lab_env: 
     await lab_env.replicate(lab_env.spec("s1"))
     target = lab_env.target_client()
     await prepare(target, lab_env.spec("s-never"))  # a session that never sends leaves nothing uncertain
-    result = await lab_env.replicate(lab_env.spec("s2", change_source=COMPARE))
+    result = await lab_env.replicate(lab_env.spec("s2", change_source=compare_digests()))
     assert result.bytes_data == 0 and qemu_identical(lab_env.image, lab_env.replica())
 
 
@@ -185,7 +186,7 @@ async def test_random_power_cuts_of_the_target_never_leave_a_wrong_replica(lab_e
     if mode == "compare":
         await lab_env.replicate(lab_env.spec("s0"))
         lab.change_blocks(lab_env.image, fraction=0.5, seed=seed)
-    spec = lab_env.spec("s1", **({"change_source": COMPARE} if mode == "compare" else {}))
+    spec = lab_env.spec("s1", **({"change_source": compare_digests()} if mode == "compare" else {}))
     steps = [await _run_and_cut(lab_env, spec, rng, journal, f"cut {i + 1}") for i in range(4)]
     result = await asyncio.wait_for(lab_env.replicate(spec), 180)
     assert result.state == proxy_pb2.TRANSFER_STATE_COMPLETED, (seed, steps)

@@ -19,6 +19,7 @@ from controller.engine.runtime import EngineParts, SessionContext, TargetView
 from controller.engine.sessions import job_view
 from controller.engine.slots import SlotBoard
 from tests.support.agents import FakeAgents, FakeProxy, FakeTarget
+from vmrepl.domain import DiskFormat
 from vmrepl.errors import NotFound
 from vmrepl.extent import Extent, MiB
 from vmrepl.providers.base import Checkpoint, DiskInCheckpoint, DiskInfo, Provider, VmInfo
@@ -33,7 +34,7 @@ class FakeProvider(Provider):
     def __init__(self, vms: dict[str, tuple[str, ...]]) -> None:
         self.vms = {
             vm_id: VmInfo(
-                vm_id, vm_id, "host", tuple(DiskInfo(d, f"/src/{vm_id}/{d}", "raw", DISK_SIZE) for d in disks)
+                vm_id, vm_id, "host", tuple(DiskInfo(d, f"/src/{vm_id}/{d}", DiskFormat.RAW, DISK_SIZE) for d in disks)
             )
             for vm_id, disks in vms.items()
         }

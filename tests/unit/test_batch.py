@@ -16,7 +16,8 @@ from vmrepl.batch import (
     encode_open,
     varint,
 )
-from vmrepl.block import Compression, compress, decompress, digest, verify
+from vmrepl.block import compress, decompress, digest, verify
+from vmrepl.domain import Compression
 from vmrepl.errors import BatchError, ChecksumMismatch, InvalidArgument
 from vmrepl.v1 import target_pb2
 

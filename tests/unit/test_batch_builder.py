@@ -10,7 +10,8 @@ from proxy_agent.pipeline import BatchBuilder, built_batches
 from proxy_agent.plan import make_plan, plan_batches
 from tests.datapath_fakes import MemoryReader, block_digests
 from vmrepl.batch import MAX_EXTENTS, BatchDecoder, PassDigest
-from vmrepl.block import UNKNOWN_DIGEST, Compression
+from vmrepl.block import UNKNOWN_DIGEST
+from vmrepl.domain import Compression
 from vmrepl.extent import Extent
 
 BS = 64 * 1024

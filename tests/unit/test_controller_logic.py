@@ -9,7 +9,6 @@ from controller.engine.placement import ProxySlot, choose_proxy
 from controller.engine.retention import points_to_delete
 from controller.engine.states import (
     ChangeChoice,
-    ChangeMode,
     DiskStart,
     HeldCheckpointView,
     IllegalTransition,
@@ -22,6 +21,7 @@ from controller.engine.states import (
     vm_after_transfers,
     vm_restore_point_due,
 )
+from vmrepl.domain import ChangeMode, ChangeTracking
 
 T0 = dt.datetime(2026, 11, 25, 12, tzinfo=dt.UTC)
 
@@ -121,7 +121,9 @@ def test_vm_after_transfers() -> None:
     ],
 )
 def test_choose_change(start: DiskStart, tracking: str, last: str | None, expected: ChangeChoice) -> None:
-    got = choose_change(start, tracking=tracking, last_point_reference=last, checkpoint_reference="seq:9")
+    got = choose_change(
+        start, tracking=ChangeTracking(tracking), last_point_reference=last, checkpoint_reference="seq:9"
+    )
     assert got == expected
 
 
@@ -144,14 +146,15 @@ def test_recovery_after_a_controller_restart(state: TaskState, knows: bool | Non
 
 def test_bottleneck_is_the_stage_with_the_largest_share() -> None:
     from controller.observability.statistics import Shares, compression_ratio, rate, shares
+    from vmrepl.progress import StageBusy
 
     # 10 s transfer, 2 threads: source 12 s summed = 0.6 per thread; target 8 s = 0.8.
-    s = shares([({"source_read": 12.0, "compress": 4.0, "network_wait": 1.0, "target_write": 8.0, "threads": 2}, 10.0)])
+    s = shares([(StageBusy(source_read=12.0, compress=4.0, network_wait=1.0, target_write=8.0, threads=2), 10.0)])
     assert s == Shares(source=0.6, proxy=0.2, network=0.1, target=0.8)
     assert s.bottleneck() == "target"
-    slow_source = shares([({"source_read": 19.0, "compress": 2.0, "target_write": 3.0, "threads": 2}, 10.0)])
+    slow_source = shares([(StageBusy(source_read=19.0, compress=2.0, target_write=3.0, threads=2), 10.0)])
     assert slow_source.bottleneck() == "source"
-    two = shares([({"network_wait": 9.0}, 10.0), ({"compress": 1.0, "threads": 1}, 10.0)])
+    two = shares([(StageBusy(network_wait=9.0), 10.0), (StageBusy(compress=1.0, threads=1), 10.0)])
     assert two.bottleneck() == "network" and two.network == 0.45
     assert shares([]).bottleneck() == "" and Shares().bottleneck() == ""
     assert rate(100, 4.0) == 25.0 and rate(1, 0) == 0.0

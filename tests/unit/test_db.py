@@ -353,10 +353,11 @@ async def test_the_state_checks_migration_keeps_the_rows_the_previous_heads_wrot
                 await conn.execute(text(statement), {"t": written})
         before = await _counts(engine)
         assert before == {"sessions": 2, "session_vms": 1, "tasks": 1, "held_checkpoints": 1, "restore_points": 1}
-        # Each migration that copies a table on SQLite (0008 copies jobs, 0009 sessions, session_vms and
-        # tasks): no cascade of the old copy's drop may delete a row that points at it.
-        await migrate(engine, "0008")
-        assert await _counts(engine) == before
+        # Each migration that copies a table on SQLite (0008 jobs and session_vms, 0009 sessions, 0010
+        # sessions, session_vms and tasks): no cascade of the old copy's drop may delete a row pointing at it.
+        for revision in ("0008", "0009"):
+            await migrate(engine, revision)
+            assert await _counts(engine) == before, revision
         await migrate(engine)
         assert await _counts(engine) == before
         sessions = async_sessionmaker(engine, expire_on_commit=False)
@@ -370,7 +371,7 @@ async def test_the_state_checks_migration_keeps_the_rows_the_previous_heads_wrot
         with pytest.raises(IntegrityError):
             async with engine.begin() as conn:
                 await conn.execute(text("UPDATE tasks SET state = 'lost'"))
-        await downgrade(engine, "0008")  # and back, with the rows
+        await downgrade(engine, "0009")  # and back, with the rows
         assert await _counts(engine) == before
         async with engine.begin() as conn:
             await conn.execute(text("UPDATE tasks SET state = 'lost'"))  # unchecked again

@@ -13,6 +13,7 @@ import pytest
 from controller import lab
 from tests.conftest import need_tool
 from vmrepl.disk import open_reader
+from vmrepl.domain import DiskFormat
 from vmrepl.errors import UnsupportedDisk
 from vmrepl.extent import MiB
 
@@ -40,8 +41,8 @@ def raw_image(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-def reader_fmt(fmt: str) -> str:
-    return "vhd" if fmt == "vpc" else fmt
+def reader_fmt(fmt: str) -> DiskFormat:
+    return DiskFormat.VHD if fmt == "vpc" else DiskFormat(fmt)
 
 
 @pytest.mark.parametrize(("fmt", "options"), CASES)
@@ -76,7 +77,7 @@ def test_vhdx_over_4gib_interleaves_sector_bitmaps(tmp_path: Path) -> None:
             f.seek(off)
             f.write(data)
     image = convert(raw, "vhdx", "subformat=dynamic,block_size=1M", tmp_path / "big.vhdx")
-    with open_reader("vhdx", image) as r:
+    with open_reader(DiskFormat.VHDX, image) as r:
         assert r.size == size
         assert [(e.offset, e.length) for e in r.allocated_extents()] == [
             (0, MiB),
@@ -112,7 +113,7 @@ def test_vhdx_with_corrupt_header_crc_is_refused(raw_image: Path, tmp_path: Path
             f.seek(off)
             f.write(b"\x55")
     with pytest.raises(UnsupportedDisk, match="CRC-32C"):
-        open_reader("vhdx", image)
+        open_reader(DiskFormat.VHDX, image)
 
 
 def test_vhdx_with_a_log_to_replay_is_refused(raw_image: Path, tmp_path: Path) -> None:
@@ -123,7 +124,7 @@ def test_vhdx_with_a_log_to_replay_is_refused(raw_image: Path, tmp_path: Path) -
 
     _rewrite_headers(image, set_log_guid)
     with pytest.raises(UnsupportedDisk, match="log has entries to replay"):
-        open_reader("vhdx", image)
+        open_reader(DiskFormat.VHDX, image)
 
 
 def test_differencing_vhdx_is_refused(raw_image: Path, tmp_path: Path) -> None:
@@ -138,7 +139,7 @@ def test_differencing_vhdx_is_refused(raw_image: Path, tmp_path: Path) -> None:
         f.seek(meta + item_off + 4)
         f.write(struct.pack("<I", 2))
     with pytest.raises(UnsupportedDisk, match="differencing"):
-        open_reader("vhdx", image)
+        open_reader(DiskFormat.VHDX, image)
 
 
 def test_vhd_with_bad_footer_checksum_is_refused(raw_image: Path, tmp_path: Path) -> None:
@@ -148,9 +149,9 @@ def test_vhd_with_bad_footer_checksum_is_refused(raw_image: Path, tmp_path: Path
         f.seek(size - 512 + 70)
         f.write(b"\x01\x02")
     with pytest.raises(UnsupportedDisk, match="checksum"):
-        open_reader("vhd", image)
+        open_reader(DiskFormat.VHD, image)
 
 
 def test_not_a_vhdx_is_refused(raw_image: Path) -> None:
     with pytest.raises(UnsupportedDisk, match="not a VHDX"):
-        open_reader("vhdx", raw_image)
+        open_reader(DiskFormat.VHDX, raw_image)

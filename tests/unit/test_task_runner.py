@@ -34,7 +34,7 @@ from tests.support.engine import DISK_SIZE, World, make_world
 from vmrepl.extent import Extent, MiB
 from vmrepl.providers.base import Checkpoint
 from vmrepl.security.ticket import key_id, verify_ticket
-from vmrepl.v1 import proxy_pb2, target_pb2
+from vmrepl.v1 import common_pb2, proxy_pb2, target_pb2
 
 REPLICA = "jobs/job1/vm1"
 
@@ -168,7 +168,15 @@ async def test_a_pass_is_re_run_as_a_digest_comparison_once_the_target_reports_a
 
     def failed_sample(request: proxy_pb2.StartDiskTransferRequest) -> list[Step]:
         world.target.tracking_failed.add(replica)
-        return [progress(RUNNING, DISK_SIZE // 4, verification="sample failed: comparing digests"), unavailable()]
+        return [
+            progress(
+                RUNNING,
+                DISK_SIZE // 4,
+                passes=2,
+                sample=common_pb2.SampledVerification(sampled_blocks=16, mismatched_blocks=3),
+            ),
+            unavailable(),
+        ]
 
     world.proxy.script = _per_start(failed_sample, completes)
     end, task = await _run(world)

@@ -154,7 +154,7 @@ def _point(point_id: str, session_id: str) -> target_pb2.RestorePoint:
 
 
 async def test_retention_keeps_the_newest_points_and_orphans_on_the_target_go(world: World) -> None:
-    world.sc.job = dataclasses.replace(world.sc.job, keep=1)
+    world.sc.job = dataclasses.replace(world.sc.job, restore_points_to_keep=1)
     old = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
     async with world.journal.change("older point") as db:
         job_id, session_id = world.sc.job.job_id, world.sc.session_id

@@ -10,6 +10,7 @@ import abc
 from collections.abc import Callable
 from pathlib import Path
 
+from vmrepl.domain import DiskFormat
 from vmrepl.errors import UnsupportedDisk
 from vmrepl.extent import Extent
 
@@ -66,14 +67,14 @@ class DiskWriter(abc.ABC):
 
 
 ReaderFactory = Callable[[Path], DiskReader]
-_READERS: dict[str, ReaderFactory] = {}
+_READERS: dict[DiskFormat, ReaderFactory] = {}
 
 
-def register_reader(fmt: str, factory: ReaderFactory) -> None:
+def register_reader(fmt: DiskFormat, factory: ReaderFactory) -> None:
     _READERS[fmt] = factory
 
 
-def open_reader(fmt: str, path: Path) -> DiskReader:
+def open_reader(fmt: DiskFormat, path: Path) -> DiskReader:
     factory = _READERS.get(fmt)
     if factory is None:
         known = ", ".join(sorted(_READERS)) or "none"

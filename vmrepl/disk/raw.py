@@ -6,6 +6,7 @@ from pathlib import Path
 
 from vmrepl.disk.base import DiskReader, DiskWriter, register_reader
 from vmrepl.disk.fileio import PositionalFile
+from vmrepl.domain import DiskFormat
 from vmrepl.errors import DiskError
 from vmrepl.extent import Extent
 
@@ -57,4 +58,4 @@ class RawWriter(DiskWriter):
         self._file.close()
 
 
-register_reader("raw", RawReader)
+register_reader(DiskFormat.RAW, RawReader)

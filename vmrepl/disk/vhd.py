@@ -16,6 +16,7 @@ from pathlib import Path
 from vmrepl.block import fill_zero
 from vmrepl.disk.base import DiskReader, register_reader
 from vmrepl.disk.fileio import PositionalFile
+from vmrepl.domain import DiskFormat
 from vmrepl.errors import DiskError, UnsupportedDisk
 from vmrepl.extent import Extent, clip, merge
 
@@ -146,4 +147,4 @@ class VhdReader(DiskReader):
         self._file.close()
 
 
-register_reader("vhd", VhdReader)
+register_reader(DiskFormat.VHD, VhdReader)

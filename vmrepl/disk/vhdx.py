@@ -25,6 +25,7 @@ import crc32c
 from vmrepl.block import fill_zero
 from vmrepl.disk.base import DiskReader, register_reader
 from vmrepl.disk.fileio import PositionalFile
+from vmrepl.domain import DiskFormat
 from vmrepl.errors import DiskError, UnsupportedDisk
 from vmrepl.extent import Extent, MiB, merge
 
@@ -224,4 +225,4 @@ class VhdxReader(DiskReader):
         self._file.close()
 
 
-register_reader("vhdx", VhdxReader)
+register_reader(DiskFormat.VHDX, VhdxReader)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import abc
 from dataclasses import dataclass, field
 
+from vmrepl.domain import DiskFormat
 from vmrepl.extent import Extent
 
 
@@ -22,7 +23,7 @@ class DiskInfo:
     disk_id: str
     # Where the proxy reads the disk *outside* a checkpoint (for inventory and sizing).
     locator: str
-    format: str  # "raw", "vhdx", "vhd"
+    format: DiskFormat
     size: int
 
 
@@ -39,7 +40,7 @@ class DiskInCheckpoint:
     disk_id: str
     # Where the proxy reads this disk as it was when the checkpoint was taken.
     locator: str
-    format: str
+    format: DiskFormat
     size: int
 
 

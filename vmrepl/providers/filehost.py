@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from vmrepl.disk import open_reader
+from vmrepl.domain import DiskFormat
 from vmrepl.errors import DiskError, FailedPrecondition, InvalidArgument, NotFound, VmreplError
 from vmrepl.extent import Extent, merge
 from vmrepl.providers.base import Checkpoint, DiskInCheckpoint, DiskInfo, Provider, VmInfo
@@ -309,7 +310,7 @@ class FileVm:
     def write(self, disk_id: str, offset: int, data: bytes) -> None:
         """Write as the guest would: into the overlay while a checkpoint exists, else into the disk. Durable
         when it returns, as a guest's flushed write is."""
-        if self._disk(disk_id).format != "raw":
+        if self._disk(disk_id).format is not DiskFormat.RAW:
             raise FailedPrecondition(f"disk {disk_id} is {self._disk(disk_id).format}; the lab writes raw disks only")
         size = self.size(disk_id)
         if offset < 0 or offset + len(data) > size:

@@ -18,11 +18,11 @@ import tomllib
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from vmrepl.disk.fileio import atomic_write
+from vmrepl.domain import DiskFormat
 from vmrepl.errors import FailedPrecondition, InvalidArgument, NotFound, VmreplError
 from vmrepl.names import check_name, check_relative
 from vmrepl.providers.safefs import Folder
@@ -36,7 +36,7 @@ class DiskManifest(BaseModel):
 
     id: str
     path: str = Field(description="image path relative to the VM folder")
-    format: Literal["raw", "vhdx", "vhd"] = "raw"
+    format: DiskFormat = DiskFormat.RAW
 
     @field_validator("id")
     @classmethod

@@ -106,6 +106,36 @@ class ByteRange(_message.Message):
 Global___ByteRange: _TypeAlias = ByteRange  # noqa: Y015
 
 @_typing.final
+class SampledVerification(_message.Message):
+    """Sampled verification after a changed-range pass: blocks the pass did not send, read at the source and
+    compared with the replica's digests. Shared by the proxy's progress and the controller's API.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SAMPLED_BLOCKS_FIELD_NUMBER: _builtins.int
+    MISMATCHED_BLOCKS_FIELD_NUMBER: _builtins.int
+    sampled_blocks: _builtins.int
+    """Blocks compared; 0: no sample was taken (a full read sends every block, a digest comparison checks every one)."""
+    mismatched_blocks: _builtins.int
+    """Of those, the blocks that differed. Any means the change tracking lost writes: the disk was re-run as a
+    full digest comparison (a second pass).
+    """
+    def __init__(
+        self,
+        *,
+        sampled_blocks: _builtins.int = ...,
+        mismatched_blocks: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["mismatched_blocks", b"mismatched_blocks", "sampled_blocks", b"sampled_blocks"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SampledVerification: _TypeAlias = SampledVerification  # noqa: Y015
+
+@_typing.final
 class SkippedBytes(_message.Message):
     """Bytes of a disk that did not travel, by reason (a proxy's progress, and the controller's session
     figures built from it).

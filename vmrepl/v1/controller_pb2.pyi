@@ -1358,6 +1358,9 @@ class DiskTask(_message.Message):
     COMPRESSION_RATIO_FIELD_NUMBER: _builtins.int
     BUSY_FIELD_NUMBER: _builtins.int
     BOTTLENECK_FIELD_NUMBER: _builtins.int
+    PASSES_FIELD_NUMBER: _builtins.int
+    SAMPLE_FIELD_NUMBER: _builtins.int
+    VERIFICATION_FIELD_NUMBER: _builtins.int
     disk_id: _builtins.str
     state: Global___DiskTaskState.ValueType
     start: _builtins.str
@@ -1381,10 +1384,22 @@ class DiskTask(_message.Message):
     """bytes_data / bytes_sent."""
     bottleneck: _builtins.str
     """source, proxy, network or target: the stage with the largest busy share."""
+    passes: _builtins.int
+    """Passes over the disk: 1, or 2 when the sample after a changed-range pass differed and the disk was
+    re-run as a full digest comparison; 0 until the proxy reports.
+    """
+    verification: _builtins.str
+    """What was verified, in words: "sampled 16 unsent blocks: equal", or "sample differed (2 of 16 unsent
+    blocks): re-run as digest comparison, pass 2"; empty when no sample was taken.
+    """
     @_builtins.property
     def skipped(self) -> _common_pb2.SkippedBytes: ...
     @_builtins.property
     def busy(self) -> Global___StageShares: ...
+    @_builtins.property
+    def sample(self) -> _common_pb2.SampledVerification:
+        """The sample checked after a changed-range pass; unset (zero blocks) when none was taken."""
+
     def __init__(
         self,
         *,
@@ -1406,10 +1421,13 @@ class DiskTask(_message.Message):
         compression_ratio: _builtins.float = ...,
         busy: Global___StageShares | None = ...,
         bottleneck: _builtins.str = ...,
+        passes: _builtins.int = ...,
+        sample: _common_pb2.SampledVerification | None = ...,
+        verification: _builtins.str = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["busy", b"busy", "skipped", b"skipped"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["busy", b"busy", "sample", b"sample", "skipped", b"skipped"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["bottleneck", b"bottleneck", "busy", b"busy", "bytes_data", b"bytes_data", "bytes_read", b"bytes_read", "bytes_sent", b"bytes_sent", "change_mode", b"change_mode", "committed_offset", b"committed_offset", "compression_ratio", b"compression_ratio", "disk_id", b"disk_id", "disk_size", b"disk_size", "duration_seconds", b"duration_seconds", "error", b"error", "proxy", b"proxy", "rate_bytes_per_second", b"rate_bytes_per_second", "resumes", b"resumes", "skipped", b"skipped", "start", b"start", "state", b"state"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bottleneck", b"bottleneck", "busy", b"busy", "bytes_data", b"bytes_data", "bytes_read", b"bytes_read", "bytes_sent", b"bytes_sent", "change_mode", b"change_mode", "committed_offset", b"committed_offset", "compression_ratio", b"compression_ratio", "disk_id", b"disk_id", "disk_size", b"disk_size", "duration_seconds", b"duration_seconds", "error", b"error", "passes", b"passes", "proxy", b"proxy", "rate_bytes_per_second", b"rate_bytes_per_second", "resumes", b"resumes", "sample", b"sample", "skipped", b"skipped", "start", b"start", "state", b"state", "verification", b"verification"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

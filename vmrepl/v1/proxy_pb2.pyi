@@ -457,7 +457,7 @@ class TransferProgress(_message.Message):
     ERROR_CODE_FIELD_NUMBER: _builtins.int
     ERROR_MESSAGE_FIELD_NUMBER: _builtins.int
     PASSES_FIELD_NUMBER: _builtins.int
-    VERIFICATION_FIELD_NUMBER: _builtins.int
+    SAMPLE_FIELD_NUMBER: _builtins.int
     transfer_id: _builtins.str
     session_id: _builtins.str
     disk_id: _builtins.str
@@ -480,14 +480,14 @@ class TransferProgress(_message.Message):
     """Passes over the disk: 1, or 2 when sampled verification failed and the disk was
     re-run as a full digest comparison.
     """
-    verification: _builtins.str
-    """Outcome of the sampled verification after a changed-range pass, in words
-    ("passed: 16 blocks sampled", "failed: …"); empty when none ran.
-    """
     @_builtins.property
     def skipped(self) -> _common_pb2.SkippedBytes: ...
     @_builtins.property
     def busy(self) -> Global___StageBusy: ...
+    @_builtins.property
+    def sample(self) -> _common_pb2.SampledVerification:
+        """The sample checked after a changed-range pass; unset (zero blocks) when none was taken."""
+
     def __init__(
         self,
         *,
@@ -507,11 +507,11 @@ class TransferProgress(_message.Message):
         error_code: _builtins.str = ...,
         error_message: _builtins.str = ...,
         passes: _builtins.int = ...,
-        verification: _builtins.str = ...,
+        sample: _common_pb2.SampledVerification | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["busy", b"busy", "skipped", b"skipped"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["busy", b"busy", "sample", b"sample", "skipped", b"skipped"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["busy", b"busy", "bytes_data", b"bytes_data", "bytes_read", b"bytes_read", "bytes_sent", b"bytes_sent", "committed_offset", b"committed_offset", "disk_id", b"disk_id", "disk_size", b"disk_size", "elapsed_seconds", b"elapsed_seconds", "error_code", b"error_code", "error_message", b"error_message", "passes", b"passes", "resumes", b"resumes", "session_id", b"session_id", "skipped", b"skipped", "state", b"state", "transfer_id", b"transfer_id", "verification", b"verification"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["busy", b"busy", "bytes_data", b"bytes_data", "bytes_read", b"bytes_read", "bytes_sent", b"bytes_sent", "committed_offset", b"committed_offset", "disk_id", b"disk_id", "disk_size", b"disk_size", "elapsed_seconds", b"elapsed_seconds", "error_code", b"error_code", "error_message", b"error_message", "passes", b"passes", "resumes", b"resumes", "sample", b"sample", "session_id", b"session_id", "skipped", b"skipped", "state", b"state", "transfer_id", b"transfer_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

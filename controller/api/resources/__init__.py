@@ -6,8 +6,6 @@ this package names what the API uses.
 
 from controller.api.resources.agents import PROXY_FIELDS, TARGET_FIELDS, apply_agent, proxy_msg, target_msg
 from controller.api.resources.common import (
-    COMPRESSIONS,
-    TRACKING,
     by_name,
     check_address,
     check_id,
@@ -28,14 +26,12 @@ from controller.api.resources.hosts import (
 from controller.api.resources.jobs import JOB_FIELDS, apply_job, job_msg, roots_overlap
 
 __all__ = [
-    "COMPRESSIONS",
     "HOST_FIELDS",
     "JOB_FIELDS",
     "PROXY_FIELDS",
     "SYSTEM_FOLDERS",
     "SYSTEM_TREES",
     "TARGET_FIELDS",
-    "TRACKING",
     "apply_agent",
     "apply_host",
     "apply_job",

@@ -8,6 +8,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from controller.api.resources.common import by_name, check_address
 from controller.db.models import Host, Proxy, Target
+from vmrepl.domain import DEFAULT_SLOTS, SLOTS_LIMIT
 from vmrepl.errors import InvalidArgument
 from vmrepl.v1 import controller_pb2 as api
 
@@ -47,9 +48,7 @@ async def apply_agent(
                 raise InvalidArgument(f"{kind}.tls_server_name", "is longer than 256 characters")
             row.tls_server_name = msg.tls_server_name
         elif path == "max_tasks":
-            if not 1 <= (msg.max_tasks or 4) <= 64:
-                raise InvalidArgument(f"{kind}.max_tasks", "must be from 1 to 64")
-            row.max_tasks = msg.max_tasks or 4
+            row.max_tasks = SLOTS_LIMIT.check(f"{kind}.max_tasks", msg.max_tasks or DEFAULT_SLOTS)
         elif path == "hosts" and isinstance(msg, api.Proxy) and isinstance(row, Proxy):
             ids = []
             for i, h in enumerate(msg.hosts):

@@ -17,8 +17,6 @@ M = TypeVar("M")
 
 _ID = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
 _ADDRESS = re.compile(r"^[A-Za-z0-9._\-\[\]:]+:\d{1,5}$")
-COMPRESSIONS = ("none", "fast", "default")
-TRACKING = ("auto", "on", "off")
 
 
 def check_id(field: str, value: str) -> str:

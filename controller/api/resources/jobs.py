@@ -11,13 +11,22 @@ from google.protobuf.message import Message
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from controller.api.resources.common import COMPRESSIONS, TRACKING, by_name, check_printable, timestamp
+from controller.api.resources.common import by_name, check_printable, timestamp
 from controller.db.models import Credential, Host, Job, JobVm, Target
 from controller.db.secrets import SecretBox
 from controller.observability.webhooks import redact_url
 from controller.scheduling.schedule import parse_schedule, schedule_json, schedule_message
+from vmrepl.domain import (
+    CHECKPOINT_HOLD_LIMIT,
+    JOB_DEFAULTS,
+    KEEP_LIMIT,
+    RETRIES_LIMIT,
+    RETRY_WAIT_LIMIT,
+    ChangeTracking,
+    Compression,
+    check_block_size,
+)
 from vmrepl.errors import InvalidArgument
-from vmrepl.extent import valid_block_size
 from vmrepl.names import check_relative
 from vmrepl.v1 import common_pb2
 from vmrepl.v1 import controller_pb2 as api
@@ -118,7 +127,7 @@ async def apply_job(db: AsyncSession, msg: api.Job, row: Job, paths: Iterable[st
         others = await db.execute(
             select(Job.name, Job.replica_root).where(Job.target_id == row.target_id, Job.id != row.id)
         )
-        for name, root in others.tuples():
+        for name, root in others.all():
             if roots_overlap(row.replica_root, root):
                 raise InvalidArgument(
                     "job.replica_root",
@@ -135,7 +144,7 @@ def roots_overlap(a: str, b: str) -> bool:
     return pa[:n] == pb[:n]
 
 
-async def _apply_job_field(db: AsyncSession, msg: api.Job, row: Job, path: str) -> None:  # noqa: PLR0912
+async def _apply_job_field(db: AsyncSession, msg: api.Job, row: Job, path: str) -> None:
     if path == "host":
         row.host_id = (await by_name(db, Host, "job.host", msg.host, "hosts")).id
     elif path == "target":
@@ -146,26 +155,18 @@ async def _apply_job_field(db: AsyncSession, msg: api.Job, row: Job, path: str) 
     elif path == "vms":
         row.vms = _vms(msg)
     elif path == "restore_points_to_keep":
-        keep = msg.restore_points_to_keep or 7
-        if not 1 <= keep <= 1000:
-            raise InvalidArgument("job.restore_points_to_keep", "must be from 1 to 1000")
-        row.restore_points_to_keep = keep
+        keep = msg.restore_points_to_keep or JOB_DEFAULTS.restore_points_to_keep
+        row.restore_points_to_keep = KEEP_LIMIT.check("job.restore_points_to_keep", keep)
     elif path == "compression":
-        if (msg.compression or "default") not in COMPRESSIONS:
-            raise InvalidArgument("job.compression", f"must be one of {', '.join(COMPRESSIONS)}")
-        row.compression = msg.compression or "default"
+        row.compression = Compression.parse("job.compression", msg.compression)
     elif path == "block_size":
-        if msg.block_size and not valid_block_size(msg.block_size):
-            raise InvalidArgument("job.block_size", "must be a power of two from 64 KiB to 16 MiB")
-        row.block_size = msg.block_size or 1 << 20
+        row.block_size = check_block_size("job.block_size", msg.block_size or JOB_DEFAULTS.block_size)
     elif path == "bandwidth_limit_mbps":
         if not 0 <= msg.bandwidth_limit_mbps <= 1e6:
             raise InvalidArgument("job.bandwidth_limit_mbps", "must be from 0 (unlimited) to 1000000")
         row.bandwidth_limit_mbps = msg.bandwidth_limit_mbps
     elif path == "change_tracking":
-        if (msg.change_tracking or "auto") not in TRACKING:
-            raise InvalidArgument("job.change_tracking", f"must be one of {', '.join(TRACKING)}")
-        row.change_tracking = msg.change_tracking or "auto"
+        row.change_tracking = ChangeTracking.parse("job.change_tracking", msg.change_tracking)
     elif path == "disabled":
         row.enabled = not msg.disabled
     else:
@@ -189,18 +190,14 @@ async def _apply_job_policy(db: AsyncSession, msg: api.Job, row: Job, path: str)
         _check_exclusions(msg.exclusions)
         row.exclusions = settings_json(msg.exclusions)
     elif path == "checkpoint_hold_seconds":
-        hold = msg.checkpoint_hold_seconds or 24 * 3600
-        if not 60 <= hold <= 30 * 24 * 3600:
-            raise InvalidArgument("job.checkpoint_hold_seconds", "must be from 60 to 2592000 (30 days)")
-        row.checkpoint_hold_seconds = hold
+        hold = msg.checkpoint_hold_seconds or JOB_DEFAULTS.checkpoint_hold_seconds
+        row.checkpoint_hold_seconds = CHECKPOINT_HOLD_LIMIT.check("job.checkpoint_hold_seconds", hold)
     elif path == "retries":
-        row.retries = msg.retries if msg.HasField("retries") else 2
-        if row.retries > 10:
-            raise InvalidArgument("job.retries", "must be from 0 to 10")
+        retries = msg.retries if msg.HasField("retries") else JOB_DEFAULTS.retries
+        row.retries = RETRIES_LIMIT.check("job.retries", retries)
     elif path == "retry_wait_seconds":
-        row.retry_wait_seconds = msg.retry_wait_seconds if msg.HasField("retry_wait_seconds") else 60
-        if row.retry_wait_seconds > 24 * 3600:
-            raise InvalidArgument("job.retry_wait_seconds", "must be from 0 to 86400")
+        wait = msg.retry_wait_seconds if msg.HasField("retry_wait_seconds") else JOB_DEFAULTS.retry_wait_seconds
+        row.retry_wait_seconds = RETRY_WAIT_LIMIT.check("job.retry_wait_seconds", wait)
 
 
 async def _check_guest_processing(db: AsyncSession, g: api.GuestProcessing) -> None:

@@ -1,7 +1,7 @@
 """state columns checked by the database
 
-Revision ID: 0009
-Revises: 0008
+Revision ID: 0010
+Revises: 0009
 Create Date: 2026-11-30 20:30:00.000000
 
 The state columns (sessions.state, sessions.notification, session_vms.state, tasks.state) keep their type,
@@ -16,8 +16,8 @@ from __future__ import annotations
 
 from alembic import op
 
-revision = "0009"
-down_revision = "0008"
+revision = "0010"
+down_revision = "0009"
 branch_labels = None
 depends_on = None
 
