@@ -54,8 +54,11 @@ PROTOCOL_VERSIONS: tuple[int, ...] = (1,)
 UNVERSIONED = 1
 
 
-def _names(versions: Sequence[int]) -> str:
-    return ", ".join(str(v) for v in versions)
+def _names(versions: Sequence[int], *, most: int = 8) -> str:
+    """At most `most` distinct versions: an open may list thousands, and the refusal is one line."""
+    distinct = sorted(set(versions))
+    shown = ", ".join(str(v) for v in distinct[:most])
+    return shown if len(distinct) <= most else f"{shown} and {len(distinct) - most} more"
 
 
 def choose_version(offered: Sequence[int], *, speaks: Sequence[int] = PROTOCOL_VERSIONS) -> int:
@@ -64,7 +67,7 @@ def choose_version(offered: Sequence[int], *, speaks: Sequence[int] = PROTOCOL_V
     common = set(theirs) & set(speaks)
     if not common:
         raise FailedPrecondition(
-            f"the proxy speaks Transfer protocol version(s) {_names(sorted(theirs))}, this target speaks "
+            f"the proxy speaks Transfer protocol version(s) {_names(theirs)}, this target speaks "
             f"{_names(speaks)}: upgrade the older of the two agents"
         )
     return max(common)
