@@ -25,7 +25,7 @@ import datetime as dt
 from dataclasses import dataclass, field
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from croniter import croniter
+from croniter import CroniterBadDateError, croniter
 
 from vmrepl.errors import InvalidArgument
 from vmrepl.v1 import controller_pb2 as api
@@ -39,6 +39,8 @@ KIND_NAMES: dict[api.ScheduleKind.ValueType, str] = {
     api.SCHEDULE_KIND_CONTINUOUS: "continuous",
     api.SCHEDULE_KIND_AFTER_JOB: "after",
 }
+# The field only its kind reads (the API refuses it with another kind).
+_OWN_KIND = {"cron": "cron", "every_minutes": "interval", "after_job": "after"}
 DAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
 _MAX_STEPS = 100_000  # slots looked at when searching (a year of every-5-minutes is 105 120)
 FIELD = "job.schedule"
@@ -128,8 +130,8 @@ def parse_schedule(raw: dict[str, object]) -> Schedule:
         enforce_window=bool(raw.get("enforce_window", True)),
         zone=zone,
     )
-    if kind == "cron" and not croniter.is_valid(s.cron):
-        raise InvalidArgument(f"{FIELD}.cron", f"{s.cron!r} is not a cron expression")
+    if kind == "cron":
+        _check_cron(s.cron)
     lowest = 1 if kind == "interval" else 0
     if not lowest <= s.every_minutes <= 31 * 24 * 60:
         raise InvalidArgument(f"{FIELD}.every_minutes", f"must be from {lowest} to 44640 (31 days)")
@@ -138,6 +140,15 @@ def parse_schedule(raw: dict[str, object]) -> Schedule:
     if kind == "after" and not s.after_job:
         raise InvalidArgument(f"{FIELD}.after_job", "names the job this one follows (jobs/ID)")
     return s
+
+
+def _check_cron(cron: str) -> None:
+    if not croniter.is_valid(cron):
+        raise InvalidArgument(f"{FIELD}.cron", f"{cron!r} is not a cron expression")
+    try:  # valid, yet naming no date that exists (30 February): the job would never run, and say nothing
+        croniter(cron, dt.datetime(2000, 1, 1)).get_next(dt.datetime)
+    except CroniterBadDateError as e:
+        raise InvalidArgument(f"{FIELD}.cron", f"{cron!r} never fires: it names no date that exists") from e
 
 
 def _int(raw: dict[str, object], key: str, default: int) -> int:
@@ -233,6 +244,10 @@ def schedule_json(msg: api.Schedule) -> dict[str, object]:
     if not kind and set_fields:
         # A kind the client misspelt arrives unspecified: refused, not a job silently made manual-only.
         raise InvalidArgument(f"{FIELD}.kind", f"is unspecified (manual only), but {set_fields[0]} is set")
+    stray = [f for f in set_fields if _OWN_KIND[f] != kind]
+    if kind and stray:
+        # A cron on an interval job, say: stored, shown, and never used; the operator meant another kind.
+        raise InvalidArgument(f"{FIELD}.{stray[0]}", f"is set, but the kind is {kind}, which does not use it")
     raw: dict[str, object] = {"kind": kind} if kind else {}
     raw.update({f: getattr(msg, f) for f in set_fields})
     if msg.timezone:

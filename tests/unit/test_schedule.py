@@ -132,6 +132,9 @@ def test_continuous_and_after_job() -> None:
         ({"permitted": {"mon": "all"}}, "job.schedule.permitted.mon"),
         ({"every": 5}, "job.schedule"),
         ({"kind": "cron", "cron": "0 2 * * *", "every_minutes": -5}, "job.schedule.every_minutes"),
+        # Valid cron expressions naming no date that exists: the job would never run (found by trying them).
+        ({"kind": "cron", "cron": "0 0 30 2 *"}, "job.schedule.cron"),
+        ({"kind": "cron", "cron": "0 0 31 4,6,9,11 *"}, "job.schedule.cron"),
     ],
 )
 def test_bad_schedules_name_the_field(raw: dict[str, object], field: str) -> None:
@@ -172,6 +175,15 @@ def test_every_api_schedule_kind_has_its_json_name() -> None:
         (api.Schedule(kind=99), "job.schedule.kind"),  # type: ignore[arg-type]
         (api.Schedule(kind=api.SCHEDULE_KIND_CRON, cron="every night"), "job.schedule.cron"),
         (api.Schedule(kind=api.SCHEDULE_KIND_CONTINUOUS, pause_seconds=86401), "job.schedule.pause_seconds"),
+        (api.Schedule(kind=api.SCHEDULE_KIND_INTERVAL, every_minutes=2**31), "job.schedule.every_minutes"),
+        (api.Schedule(kind=api.SCHEDULE_KIND_CRON, cron="0 0 30 2 *"), "job.schedule.cron"),
+        # A field its kind never reads (found by sending them): stored and shown, silently unused.
+        (api.Schedule(kind=api.SCHEDULE_KIND_INTERVAL, every_minutes=5, cron="0 2 * * *"), "job.schedule.cron"),
+        (api.Schedule(kind=api.SCHEDULE_KIND_CONTINUOUS, after_job="jobs/first"), "job.schedule.after_job"),
+        (
+            api.Schedule(kind=api.SCHEDULE_KIND_AFTER_JOB, after_job="jobs/a", every_minutes=5),
+            "job.schedule.every_minutes",
+        ),
         (
             api.Schedule(
                 permitted=api.PermittedHours(
