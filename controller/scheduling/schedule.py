@@ -22,6 +22,7 @@ The API carries a schedule as the typed `vmrepl.v1.Schedule`; the database keeps
 from __future__ import annotations
 
 import datetime as dt
+import math
 from dataclasses import dataclass, field
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
@@ -75,7 +76,7 @@ def _hours(where: str, spans: object) -> tuple[tuple[int, int], ...]:
         raise InvalidArgument(where, "must be a list of [start hour, end hour] pairs")
     out = []
     for i, span in enumerate(spans):
-        if not (isinstance(span, list) and len(span) == 2 and all(isinstance(h, int | float) for h in span)):
+        if not (isinstance(span, list) and len(span) == 2 and all(_whole(h) for h in span)):
             raise InvalidArgument(f"{where}[{i}]", "must be [start hour, end hour]")
         start, end = int(span[0]), int(span[1])
         if not 0 <= start < end <= 24:
@@ -151,9 +152,17 @@ def _check_cron(cron: str) -> None:
         raise InvalidArgument(f"{FIELD}.cron", f"{cron!r} never fires: it names no date that exists") from e
 
 
+def _whole(value: object) -> bool:
+    """A JSON number that is a whole number: not a bool, not NaN or infinity (JSON from the CLI may hold
+    1e999, and int() of it raised OverflowError past the error root: a traceback)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return False
+    return isinstance(value, int) or (math.isfinite(value) and value == int(value))
+
+
 def _int(raw: dict[str, object], key: str, default: int) -> int:
     value = raw.get(key, default)
-    if not isinstance(value, int | float) or value != int(value):
+    if not _whole(value):
         raise InvalidArgument(f"{FIELD}.{key}", "must be a whole number")
     return int(value)
 

@@ -135,6 +135,14 @@ def test_continuous_and_after_job() -> None:
         # Valid cron expressions naming no date that exists: the job would never run (found by trying them).
         ({"kind": "cron", "cron": "0 0 30 2 *"}, "job.schedule.cron"),
         ({"kind": "cron", "cron": "0 0 31 4,6,9,11 *"}, "job.schedule.cron"),
+        # What json.loads makes of the CLI's 1e999 and NaN: int() of them raised past the error root.
+        ({"kind": "continuous", "pause_seconds": float("inf")}, "job.schedule.pause_seconds"),
+        ({"kind": "interval", "every_minutes": float("nan")}, "job.schedule.every_minutes"),
+        ({"permitted": {"mon": [[0, float("inf")]]}}, "job.schedule.permitted.mon[0]"),
+        # Silently truncated or read as 1 before.
+        ({"permitted": {"mon": [[0.5, 2]]}}, "job.schedule.permitted.mon[0]"),
+        ({"permitted": {"mon": [[True, 2]]}}, "job.schedule.permitted.mon[0]"),
+        ({"kind": "interval", "every_minutes": True}, "job.schedule.every_minutes"),
     ],
 )
 def test_bad_schedules_name_the_field(raw: dict[str, object], field: str) -> None:
