@@ -64,7 +64,8 @@ def as_json(msg: Message) -> None:
 def table(title: str, columns: list[str], rows: list[list[object]]) -> None:
     t = Table(title=title)
     for c in columns:
-        t.add_column(c)
+        # fold, never "…": a cut name cannot be copied into the next command, a cut outcome says nothing
+        t.add_column(c, overflow="fold")
     for r in rows:
         t.add_row(*(str(v) for v in r))
     out.print(t)

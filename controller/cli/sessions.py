@@ -130,16 +130,17 @@ def session_show(session_id: str, as_json_: JsonOpt = False) -> None:
             f"{mib(int(d.rate_bytes_per_second))}/s",
             f"{d.compression_ratio:.2f}x",
             d.bottleneck,
-            d.passes or "",
-            d.verification,
-            d.error or v.error,
         ]
         for v in s.vms
         for d in v.disks
     ]
     cols = ["vm", "disk", "state", "change", "size", "read", "sent", "zero", "unchanged", "rate", "ratio", "bottleneck"]
-    cols += ["passes", "verified", "error"]
     table(f"{s.name} ({s.job})", cols, rows)
+    # A table of its own: as three more columns of the one above, a 120-column terminal showed "veri…".
+    checks = [
+        [v.vm_name, d.disk_id, d.passes or "", d.verification, d.error or v.error] for v in s.vms for d in v.disks
+    ]
+    table("passes and verification", ["vm", "disk", "passes", "verified", "error"], checks)
 
 
 @session_app.command("log")
