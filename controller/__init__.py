@@ -26,7 +26,7 @@ def require_extra(program: str, modules: tuple[str, ...]) -> None:
 def daemon() -> None:
     """`vmrepl-controller`."""
     require_extra("vmrepl-controller", DAEMON_NEEDS)
-    from controller.__main__ import main
+    from controller.serve import main
 
     main()
 
