@@ -24,6 +24,7 @@ from __future__ import annotations
 import datetime as dt
 import math
 from dataclasses import dataclass, field
+from typing import TypeGuard
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from croniter import CroniterBadDateError, croniter
@@ -152,7 +153,7 @@ def _check_cron(cron: str) -> None:
         raise InvalidArgument(f"{FIELD}.cron", f"{cron!r} never fires: it names no date that exists") from e
 
 
-def _whole(value: object) -> bool:
+def _whole(value: object) -> TypeGuard[int | float]:
     """A JSON number that is a whole number: not a bool, not NaN or infinity (JSON from the CLI may hold
     1e999, and int() of it raised OverflowError past the error root: a traceback)."""
     if isinstance(value, bool) or not isinstance(value, int | float):

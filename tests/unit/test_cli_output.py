@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+from pathlib import Path
 
 import pytest
 from rich.console import Console
@@ -62,3 +63,14 @@ def test_session_list_shows_whole_names_to_copy(terminal: Console) -> None:
     """Found with `make demo`: the name column ended `…705…`; `session show` of that copy is refused."""
     shown = _run(terminal, "session", "list")
     assert "…" not in shown and "5449ecca085b44499a4b155054705" in shown.replace(" ", "")
+
+
+def test_a_command_run_where_no_certificates_are_says_so_in_one_line(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """Found as a new user: `vmrepl job list` outside the folder holding certs/ printed a traceback."""
+    monkeypatch.setattr(common.conn, "_stub", None)
+    result = CliRunner().invoke(app, ["--certs-dir", str(tmp_path), "job", "list"])
+    assert result.exit_code == 2, result.output
+    assert isinstance(result.exception, SystemExit)  # typer's Exit, not the ConfigError
+    assert "cannot read tls.ca_file" in result.output and "--certs-dir" in result.output
