@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import io
 from pathlib import Path
+from typing import Any
 
 import pytest
+import typer.main
 from rich.console import Console
 from typer.testing import CliRunner
 
@@ -74,3 +76,15 @@ def test_a_command_run_where_no_certificates_are_says_so_in_one_line(
     assert result.exit_code == 2, result.output
     assert isinstance(result.exception, SystemExit)  # typer's Exit, not the ConfigError
     assert "cannot read tls.ca_file" in result.output and "--certs-dir" in result.output
+
+
+def test_every_command_says_what_it_does_in_its_groups_help() -> None:
+    """Found as a new user: `vmrepl job --help` listed create, list, show ... with no word about any."""
+    groups: dict[str, Any] = getattr(typer.main.get_command(app), "commands", {})
+    assert set(groups) >= {"infra", "job", "session", "restore-points"}
+    for name, sub in groups.items():
+        assert (sub.help or "").strip(), name
+        commands: dict[str, Any] = getattr(sub, "commands", {})
+        assert commands, name
+        for command, c in commands.items():
+            assert (c.help or "").strip(), f"vmrepl {name} {command}"
