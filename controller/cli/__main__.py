@@ -1,7 +1,7 @@
 """`python -m controller.cli`: as `vmrepl`, the extra checked first. (Not through `controller.cli()`: once
 this package is imported, `controller.cli` names the package, not that function.)"""
 
-from controller import CLI_NEEDS, require_extra
+from controller.extras import CLI_NEEDS, require_extra
 
 require_extra("vmrepl", CLI_NEEDS)
 
