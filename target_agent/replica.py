@@ -156,14 +156,23 @@ def load_state(disk_dir: Path) -> DiskState:
     values = {k: v for k, v in raw.items() if k in known}
     _check_values(f"replica disk {name}: {STATE_FILE}", values)
     try:
-        values["session_digest"] = PassDigest.from_state(values.get("session_digest", ""))
+        values["session_digest"] = PassDigest.from_state(str(values.get("session_digest", "")))
+    except ValueError as e:
+        raise FailedPrecondition(f"replica disk {name}: {STATE_FILE}: session_digest: {e}") from e
+    try:
         return DiskState(**values)
     except (TypeError, AttributeError, ValueError) as e:
         raise FailedPrecondition(f"replica disk {disk_dir.name}: {STATE_FILE} is not a disk state") from e
 
 
 # The JSON types of DiskState's plain fields (the dataclass itself checks none).
-_JSON_TYPES: dict[str, type | tuple[type, ...]] = {"int": int, "str": str, "float": (int, float), "bool": bool}
+_JSON_TYPES: dict[str, type | tuple[type, ...]] = {
+    "int": int,
+    "str": str,
+    "float": (int, float),
+    "bool": bool,
+    "PassDigest": str,  # stored as hex (a null read as a zero digest, a wrong one for a resumed pass)
+}
 
 
 def _check_values(what: str, values: dict[str, object]) -> None:

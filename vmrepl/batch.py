@@ -83,6 +83,7 @@ def check_chosen_version(chosen: int, *, speaks: Sequence[int] = PROTOCOL_VERSIO
     return version
 
 
+_HEX = frozenset("0123456789abcdefABCDEF")
 _TAG_OPEN = (1 << 3) | 2
 _TAG_BATCH = (2 << 3) | 2
 _TAG_PAYLOAD = (15 << 3) | 2
@@ -319,7 +320,8 @@ class PassDigest:
         """The state.json form; "" (a pass that committed nothing yet, as format 1 wrote it) is zero."""
         if not text:
             return cls()
-        if len(text) != 2 * PASS_DIGEST_SIZE:
+        # int(..., 16) also takes "_", spaces and non-ASCII digits: a planted state must not parse as a digest
+        if len(text) != 2 * PASS_DIGEST_SIZE or not all(c in _HEX for c in text):
             raise ValueError(f"a pass digest is {2 * PASS_DIGEST_SIZE} hex digits, not {text!r}")
         return cls(int(text, 16))
 

@@ -118,6 +118,11 @@ def test_restore_points_that_are_not_a_list_of_points_are_refused(vm: Path, text
         ({"block_size": 0}, "block_size is 0, out of range"),
         ({"disk_size": -1}, "disk_size is -1, out of range"),
         ({"frontier": 1.5}, "frontier is 1.5"),
+        ({"session_digest": None}, "session_digest is None"),  # read as a zero digest before
+        ({"session_digest": "zz"}, "session_digest: a pass digest is 32 hex digits"),
+        # int(.., 16) took these as digests
+        ({"session_digest": "0_" * 15 + "00"}, "session_digest: a pass digest is 32 hex digits"),
+        ({"session_digest": " " + "f" * 30 + " "}, "session_digest: a pass digest is 32 hex digits"),
         ({"format": 10**400}, r"no valid format version|format 1000000000000000000000000000000000000\.\.\."),
     ],
 )
