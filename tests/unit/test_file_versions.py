@@ -163,3 +163,14 @@ def test_restore_points_with_values_of_the_wrong_type_are_refused_and_left_alone
     with pytest.raises(FailedPrecondition, match=r"restore-points\.json"):
         restore_points.commit(vm, session_id="s9", checkpoint_id="c9", disk_ids=[], guard=lambda _: replica.DiskGuard())
     assert path.read_bytes() == before
+
+
+@pytest.mark.parametrize("key", ["disk_size", "block_size", "session_id", "state"])
+def test_a_disk_state_missing_a_key_is_refused_naming_it(vm: Path, key: str) -> None:
+    path = vm / "disks" / "disk0" / replica.STATE_FILE
+    raw = json.loads(path.read_text())
+    del raw[key]
+    path.write_text(json.dumps(raw))
+    with pytest.raises(FailedPrecondition, match=rf"replica disk disk0: state\.json: {key} is missing"):
+        replica.load_state(vm / "disks" / "disk0")
+    assert json.loads(path.read_text()) == raw
