@@ -7,26 +7,15 @@ one line naming it rather than a traceback.
 
 from __future__ import annotations
 
-import importlib.util
+from controller.extras import CLI_NEEDS, DAEMON_NEEDS, require_extra
 
-# The modules of the `controller` extra (pyproject.toml) each program imports; tzdata is data only.
-DAEMON_NEEDS = ("sqlalchemy", "alembic", "aiosqlite", "croniter", "httpx")
-CLI_NEEDS = ("typer", "rich")
-
-
-def require_extra(program: str, modules: tuple[str, ...]) -> None:
-    """Exit with a message naming the extra when one of `modules` is not installed."""
-    missing = [m for m in modules if importlib.util.find_spec(m) is None]
-    if missing:
-        raise SystemExit(
-            f"{program} needs the controller extra: pip install 'vmrepl[controller]' (missing: {', '.join(missing)})"
-        )
+__all__ = ["CLI_NEEDS", "DAEMON_NEEDS", "cli", "daemon", "require_extra"]
 
 
 def daemon() -> None:
     """`vmrepl-controller`."""
     require_extra("vmrepl-controller", DAEMON_NEEDS)
-    from controller.__main__ import main
+    from controller.serve import main
 
     main()
 

@@ -4,6 +4,8 @@ entry points check it. (.ci/check-wheel installs the wheel without extras and ru
 from __future__ import annotations
 
 import re
+import subprocess
+import sys
 import tomllib
 from pathlib import Path
 
@@ -62,3 +64,35 @@ def test_a_missing_extra_is_named_in_one_line() -> None:
         "vmrepl-controller needs the controller extra: pip install 'vmrepl[controller]' "
         "(missing: no_such_module_for_vmrepl)"
     )
+
+
+# Runs a module as `python -m` does, on a host where the controller extra's modules are not installed.
+_WITHOUT_EXTRA = """
+import importlib.abc, runpy, sys
+class NotInstalled(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        return None if name.split(".")[0] not in BLOCKED else self.missing(name)
+    def missing(self, name):
+        raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+BLOCKED = {"sqlalchemy", "alembic", "aiosqlite", "croniter", "httpx", "typer", "rich"}
+for name in [m for m in sys.modules if m.split(".")[0] in BLOCKED]:
+    del sys.modules[name]
+import importlib.util
+real_find_spec = importlib.util.find_spec
+importlib.util.find_spec = lambda name, *a: None if name.split(".")[0] in BLOCKED else real_find_spec(name, *a)
+sys.meta_path.insert(0, NotInstalled())
+sys.argv = [sys.argv[1], "--help"]
+runpy.run_module(sys.argv[0], run_name="__main__", alter_sys=True)
+"""
+
+
+@pytest.mark.parametrize(("module", "program"), [("controller", "vmrepl-controller"), ("controller.cli", "vmrepl")])
+def test_python_m_without_the_controller_extra_names_it_in_one_line(module: str, program: str) -> None:
+    """Found on an agent-only install: `python -m controller` (as the lab starts the daemon) and `python -m
+    controller.cli` imported SQLAlchemy or typer first and printed a ModuleNotFoundError traceback."""
+    ran = subprocess.run(
+        [sys.executable, "-c", _WITHOUT_EXTRA, module], check=False, capture_output=True, text=True, timeout=60
+    )
+    assert ran.returncode != 0
+    assert "Traceback" not in ran.stderr, ran.stderr
+    assert f"{program} needs the controller extra: pip install 'vmrepl[controller]'" in ran.stderr, ran.stderr
