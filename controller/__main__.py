@@ -1,6 +1,5 @@
-"""`python -m controller`: as `vmrepl-controller`. Through `controller.daemon`, so a host without the
-controller extra gets the one line naming it rather than a traceback (found on an agent-only install)."""
+"""`python -m controller`: as `vmrepl-controller` (the extra checked first: one line naming it, not a traceback)."""
 
-from controller import daemon
+from controller.entry import daemon
 
 daemon()

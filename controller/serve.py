@@ -1,6 +1,6 @@
 """`vmrepl-controller`: the controller daemon (foreground; systemd runs it, SIGTERM stops it cleanly).
 
-Started through `controller.daemon` (the entry point, or `python -m controller`), which checks the
+Started through `controller.entry.daemon` (the entry point, or `python -m controller`), which checks the
 controller extra is installed before this module imports it."""
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
-"""`python -m controller.cli`: as `vmrepl`, the extra checked first. (Not through `controller.cli()`: once
-this package is imported, `controller.cli` names the package, not that function.)"""
+"""`python -m controller.cli`: as `vmrepl`, the extra checked first (one line naming it, not a traceback).
+Not through controller.entry, which also reaches the daemon: the CLI imports none of the daemon's layers."""
 
 from controller.extras import CLI_NEEDS, require_extra
 

@@ -13,7 +13,7 @@ import pytest
 from packaging.requirements import Requirement
 from packaging.version import Version
 
-import controller
+from controller import extras as controller_extras
 
 ROOT = Path(__file__).resolve().parents[2]
 PROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
@@ -47,7 +47,7 @@ def test_grpc_and_protobuf_bounds_admit_no_version_older_than_the_generated_code
 def test_the_controller_extra_is_what_the_entry_points_check_for() -> None:
     extras = PROJECT["optional-dependencies"]
     controller_extra = set(requirements(extras["controller"]))
-    checked = {m.replace("_", "-") for m in controller.DAEMON_NEEDS + controller.CLI_NEEDS}
+    checked = {m.replace("_", "-") for m in controller_extras.DAEMON_NEEDS + controller_extras.CLI_NEEDS}
     assert controller_extra - {"tzdata"} == checked  # tzdata is data for zoneinfo, not a module
     core = set(requirements(PROJECT["dependencies"]))
     assert not core & (controller_extra | {"asyncpg", "pywinrm"}), "an agent host would install them"
@@ -57,9 +57,9 @@ def test_the_controller_extra_is_what_the_entry_points_check_for() -> None:
 
 
 def test_a_missing_extra_is_named_in_one_line() -> None:
-    controller.require_extra("vmrepl", ("pytest",))  # present: nothing happens
+    controller_extras.require_extra("vmrepl", ("pytest",))  # present: nothing happens
     with pytest.raises(SystemExit) as stop:
-        controller.require_extra("vmrepl-controller", ("pytest", "no_such_module_for_vmrepl"))
+        controller_extras.require_extra("vmrepl-controller", ("pytest", "no_such_module_for_vmrepl"))
     assert str(stop.value) == (
         "vmrepl-controller needs the controller extra: pip install 'vmrepl[controller]' "
         "(missing: no_such_module_for_vmrepl)"
