@@ -23,6 +23,8 @@ proto: $(STAMP)
 	  --python_out=. --grpc_python_out=. --mypy_out=. --mypy_grpc_out=. $(PROTO_SRC)
 
 test: $(STAMP)
+	@if command -v npm >/dev/null; then $(MAKE) --no-print-directory node; \
+	  else echo "npm not found: the Node.js API client test will be skipped (CI installs it)"; fi
 	$(BIN)/python -m pytest -q
 
 test-unit: $(STAMP)

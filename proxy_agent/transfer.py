@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import grpc
 import structlog
-from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, wait_exponential_jitter
+from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, wait_exponential, wait_random
 from tenacity.wait import wait_base
 
 from proxy_agent import stats as st
@@ -46,8 +46,10 @@ from vmrepl.v1 import proxy_pb2, target_pb2
 __all__ = ["DiskTransfer", "StreamBroken", "TransferSpec"]
 
 log = get_logger("vmrepl.proxy.transfer")
-# Between stream attempts: 0.2 s doubling to 10 s, with jitter so proxies that lost one target spread out.
-RETRY_WAIT: wait_base = wait_exponential_jitter(initial=0.2, max=10)
+# Between stream attempts: 0.2 s doubling to 10 s, plus up to 1 s of jitter so proxies that lost one target
+# spread out. (wait_exponential_jitter's `initial` is deprecated, and its replacement is newer than the
+# tenacity versions this project supports.)
+RETRY_WAIT: wait_base = wait_exponential(multiplier=0.2, max=10) + wait_random(0, 1)
 
 
 def _transient(exc: BaseException) -> bool:

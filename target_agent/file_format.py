@@ -14,10 +14,11 @@ UNVERSIONED = 1
 
 def check_format(what: str, found: object, *, reads: int) -> int:
     """The format `found` in the file `what`, if this code reads it (formats 1 to `reads`)."""
+    shown = repr(found) if len(repr(found)) <= 40 else repr(found)[:37] + "..."  # a planted 10**400 stays one line
     if isinstance(found, bool) or not isinstance(found, int) or found < 1:
-        raise FailedPrecondition(f"{what} has no valid format version ({found!r})")
+        raise FailedPrecondition(f"{what} has no valid format version ({shown})")
     if found > reads:
         raise FailedPrecondition(
-            f"{what} has format {found}, written by a newer vmrepl; this one reads formats 1 to {reads}"
+            f"{what} has format {shown}, written by a newer vmrepl; this one reads formats 1 to {reads}"
         )
     return found

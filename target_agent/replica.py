@@ -153,12 +153,58 @@ def load_state(disk_dir: Path) -> DiskState:
     # Checked here too, so nothing opens a digest file it cannot read.
     check_format(f"replica disk {name}: {DIGESTS_FILE}", raw.get("digests_format", UNVERSIONED), reads=DIGESTS_FORMAT)
     known = {f.name for f in fields(DiskState)}
+    values = {k: v for k, v in raw.items() if k in known}
+    _check_values(f"replica disk {name}: {STATE_FILE}", values)
     try:
-        values = {k: v for k, v in raw.items() if k in known}
-        values["session_digest"] = PassDigest.from_state(values.get("session_digest", ""))
+        values["session_digest"] = PassDigest.from_state(str(values.get("session_digest", "")))
+    except ValueError as e:
+        raise FailedPrecondition(f"replica disk {name}: {STATE_FILE}: session_digest: {e}") from e
+    try:
         return DiskState(**values)
     except (TypeError, AttributeError, ValueError) as e:
         raise FailedPrecondition(f"replica disk {disk_dir.name}: {STATE_FILE} is not a disk state") from e
+
+
+# The JSON types of DiskState's plain fields (the dataclass itself checks none).
+_JSON_TYPES: dict[str, type | tuple[type, ...]] = {
+    "int": int,
+    "str": str,
+    "float": (int, float),
+    "bool": bool,
+    "PassDigest": str,  # stored as hex (a null read as a zero digest, a wrong one for a resumed pass)
+}
+
+
+def _check_values(what: str, values: dict[str, object]) -> None:
+    """Refuse a state whose values have the wrong type or range: loaded as they are, a string offset fails
+    the next prepare with an internal error and a wrong state or size has it silently start afresh."""
+    for f in fields(DiskState):
+        kind = _JSON_TYPES.get(str(f.type))
+        value = values.get(f.name)
+        if kind is None or f.name not in values:
+            continue
+        if not isinstance(value, kind) or (isinstance(value, bool) and f.type != "bool"):
+            raise FailedPrecondition(f"{what}: {f.name} is {_short(value)}, not a valid {f.type}")
+    for key in ("disk_size", "block_size", "session_id", "state"):
+        if key not in values:
+            raise FailedPrecondition(f"{what}: {key} is missing")
+    number = {k: v for k, v in values.items() if isinstance(v, int)}  # every int field, after the check above
+    fine = {
+        "disk_size": number["disk_size"] > 0,
+        "block_size": number["block_size"] > 0,
+        "committed_offset": 0 <= number.get("committed_offset", 0) <= number["disk_size"],
+        "frontier": number.get("frontier", -1) >= -1,
+        "pass_number": 0 <= number.get("pass_number", 0) <= MAX_PASS,
+        "state": values["state"] in (PREPARED, RECEIVING, COMPLETE, COMMITTED),
+    }
+    for key, ok in fine.items():
+        if not ok:
+            raise FailedPrecondition(f"{what}: {key} is {_short(values.get(key))}, out of range")
+
+
+def _short(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def save_state(disk_dir: Path, st: DiskState) -> None:

@@ -12,6 +12,7 @@ then a point marks the state the replica reached.
 from __future__ import annotations
 
 import json
+import math
 import time
 import uuid
 from collections.abc import Callable
@@ -73,6 +74,14 @@ def _point(p: dict[str, Any]) -> Point:
     )
     if not all(isinstance(v, str) for v in (p["id"], point.session_id, point.checkpoint_id)):
         raise ValueError("id, session_id and checkpoint_id are strings")
+    if not math.isfinite(point.created_at):
+        raise ValueError("created_at is a time")
+    for d in point.disks:
+        # disk_size must be a plain whole number: a string or null here reaches GetRestorePoint's reply.
+        if not isinstance(d.disk_id, str) or isinstance(d.disk_size, bool) or not isinstance(d.disk_size, int):
+            raise ValueError("a disk is a disk_id string and a disk_size number")
+        if d.disk_size < 0:
+            raise ValueError("a disk's disk_size is not negative")
     return point
 
 

@@ -54,8 +54,11 @@ PROTOCOL_VERSIONS: tuple[int, ...] = (1,)
 UNVERSIONED = 1
 
 
-def _names(versions: Sequence[int]) -> str:
-    return ", ".join(str(v) for v in versions)
+def _names(versions: Sequence[int], *, most: int = 8) -> str:
+    """At most `most` distinct versions: an open may list thousands, and the refusal is one line."""
+    distinct = sorted(set(versions))
+    shown = ", ".join(str(v) for v in distinct[:most])
+    return shown if len(distinct) <= most else f"{shown} and {len(distinct) - most} more"
 
 
 def choose_version(offered: Sequence[int], *, speaks: Sequence[int] = PROTOCOL_VERSIONS) -> int:
@@ -64,7 +67,7 @@ def choose_version(offered: Sequence[int], *, speaks: Sequence[int] = PROTOCOL_V
     common = set(theirs) & set(speaks)
     if not common:
         raise FailedPrecondition(
-            f"the proxy speaks Transfer protocol version(s) {_names(sorted(theirs))}, this target speaks "
+            f"the proxy speaks Transfer protocol version(s) {_names(theirs)}, this target speaks "
             f"{_names(speaks)}: upgrade the older of the two agents"
         )
     return max(common)
@@ -80,6 +83,7 @@ def check_chosen_version(chosen: int, *, speaks: Sequence[int] = PROTOCOL_VERSIO
     return version
 
 
+_HEX = frozenset("0123456789abcdefABCDEF")
 _TAG_OPEN = (1 << 3) | 2
 _TAG_BATCH = (2 << 3) | 2
 _TAG_PAYLOAD = (15 << 3) | 2
@@ -316,7 +320,8 @@ class PassDigest:
         """The state.json form; "" (a pass that committed nothing yet, as format 1 wrote it) is zero."""
         if not text:
             return cls()
-        if len(text) != 2 * PASS_DIGEST_SIZE:
+        # int(..., 16) also takes "_", spaces and non-ASCII digits: a planted state must not parse as a digest
+        if len(text) != 2 * PASS_DIGEST_SIZE or not all(c in _HEX for c in text):
             raise ValueError(f"a pass digest is {2 * PASS_DIGEST_SIZE} hex digits, not {text!r}")
         return cls(int(text, 16))
 

@@ -15,6 +15,7 @@ from rich.console import Console
 from rich.table import Table
 
 from vmrepl.config import TlsSettings
+from vmrepl.errors import VmreplError
 from vmrepl.security.tls import channel_credentials
 from vmrepl.v1 import controller_pb2 as api
 from vmrepl.v1 import controller_pb2_grpc
@@ -24,7 +25,7 @@ err = Console(stderr=True)
 T = TypeVar("T")
 STATE_NAMES = {v: k.removeprefix("SESSION_STATE_").lower() for k, v in api.SessionState.items()}
 DISK_STATE_NAMES = {v: k.removeprefix("DISK_TASK_STATE_").lower() for k, v in api.DiskTaskState.items()}
-EXIT_FAILED, EXIT_INCOMPLETE = 1, 3
+EXIT_FAILED, EXIT_USAGE, EXIT_INCOMPLETE = 1, 2, 3
 
 
 class Conn:
@@ -39,7 +40,12 @@ class Conn:
             tls = TlsSettings(
                 ca_file=d / "ca.pem", cert_file=d / f"{self.identity}.pem", key_file=d / f"{self.identity}.key"
             )
-            channel = grpc.secure_channel(self.controller, channel_credentials(tls))
+            try:
+                credentials = channel_credentials(tls)
+            except VmreplError as e:  # a new user's first command, run where no certs/ folder is: one line
+                err.print(f"[red]error[/red]: {e} (--certs-dir names the folder with ca.pem and IDENTITY.pem/.key)")
+                raise typer.Exit(EXIT_USAGE) from None
+            channel = grpc.secure_channel(self.controller, credentials)
             self._stub = controller_pb2_grpc.ControllerServiceStub(channel)
         return self._stub
 
@@ -64,7 +70,8 @@ def as_json(msg: Message) -> None:
 def table(title: str, columns: list[str], rows: list[list[object]]) -> None:
     t = Table(title=title)
     for c in columns:
-        t.add_column(c)
+        # fold, never "…": a cut name cannot be copied into the next command, a cut outcome says nothing
+        t.add_column(c, overflow="fold")
     for r in rows:
         t.add_row(*(str(v) for v in r))
     out.print(t)

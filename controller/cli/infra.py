@@ -29,7 +29,7 @@ def credential_add(
     out.print(f"created {c.name}")
 
 
-@infra.command("host-add")
+@infra.command("host-add", help="Add a hypervisor host.")
 def host_add(
     host_id: str,
     address: Annotated[str, typer.Option(help="folder (file) or host name (hyperv)")],
@@ -41,7 +41,7 @@ def host_add(
     out.print(f"created {h.name}")
 
 
-@infra.command("proxy-add")
+@infra.command("proxy-add", help="Add a source proxy agent.")
 def proxy_add(
     proxy_id: str,
     address: Annotated[str, typer.Option(help="host:port of the proxy agent")],
@@ -59,7 +59,7 @@ def proxy_add(
     out.print(f"created {p.name}")
 
 
-@infra.command("target-add")
+@infra.command("target-add", help="Add a target agent.")
 def target_add(
     target_id: Annotated[str, typer.Argument(help="the target agent's configured name")],
     address: Annotated[str, typer.Option(help="host:port of the target agent")],
@@ -97,7 +97,7 @@ def infra_list(as_json_: JsonOpt = False) -> None:
     table("targets", ["name", "address", "max tasks"], [[t.name, t.address, t.max_tasks] for t in targets.targets])
 
 
-@infra.command("delete")
+@infra.command("delete", help="Delete a credential, host, proxy or target (refused while in use).")
 def infra_delete(
     name: Annotated[str, typer.Argument(help="credentials/ID, hosts/ID, proxies/ID or targets/ID")],
 ) -> None:

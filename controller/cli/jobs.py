@@ -33,7 +33,7 @@ def _job_vms(vm: list[str], exclude_disk: list[str]) -> list[api.JobVm]:
     return [api.JobVm(vm=v, excluded_disks=excluded.get(v, [])) for v in vm]
 
 
-@job_app.command("create")
+@job_app.command("create", help="Create a replication job (manual unless --schedule).")
 def job_create(
     job_id: str,
     host: Annotated[str, typer.Option(help="host id")],
@@ -96,7 +96,7 @@ def _schedule_option(text: str) -> api.Schedule:
         raise typer.Exit(EXIT_FAILED) from None
 
 
-@job_app.command("list")
+@job_app.command("list", help="List the jobs.")
 def job_list(as_json_: JsonOpt = False) -> None:
     r = call(conn.stub().ListJobs, api.ListJobsRequest())
     if as_json_:
@@ -106,7 +106,7 @@ def job_list(as_json_: JsonOpt = False) -> None:
     table("jobs", ["name", "host", "target", "vms", "keep"], rows)
 
 
-@job_app.command("show")
+@job_app.command("show", help="Show one job's settings.")
 def job_show(job_id: str, as_json_: JsonOpt = False) -> None:
     j = call(conn.stub().GetJob, api.GetJobRequest(name=f"jobs/{job_id}"))
     if as_json_:
@@ -120,7 +120,7 @@ def job_show(job_id: str, as_json_: JsonOpt = False) -> None:
     )
 
 
-@job_app.command("update")
+@job_app.command("update", help="Change the settings given; the others stay.")
 def job_update(
     job_id: str,
     restore_points_to_keep: Annotated[int | None, _KEEP] = None,
@@ -148,13 +148,13 @@ def job_update(
     out.print(f"updated {call(conn.stub().UpdateJob, req).name}")
 
 
-@job_app.command("delete")
+@job_app.command("delete", help="Delete a job (refused while its session runs; the replicas on the target are left).")
 def job_delete(job_id: str) -> None:
     call(conn.stub().DeleteJob, api.DeleteJobRequest(name=f"jobs/{job_id}"))
     out.print(f"deleted jobs/{job_id}")
 
 
-@job_app.command("start")
+@job_app.command("start", help="Start a session of the job now (--wait: follow it to its end).")
 def job_start(
     job_id: str,
     wait: Annotated[bool, typer.Option("--wait", help="follow the session; exit 0 only if it succeeded")] = False,
@@ -170,7 +170,7 @@ def job_start(
     raise typer.Exit(exit_code(final))
 
 
-@job_app.command("stop")
+@job_app.command("stop", help="Stop the job's running session (its disks stay resumable).")
 def job_stop(job_id: str) -> None:
     s = call(conn.stub().StopJob, api.StopJobRequest(name=f"jobs/{job_id}"))
     out.print(f"stopping {s.name}; its disks stay resumable")

@@ -88,7 +88,7 @@ def _duration(s: api.Session) -> str:
     return f"{s.end_time.ToDatetime().timestamp() - s.start_time.ToDatetime().timestamp():.1f} s"
 
 
-@session_app.command("list")
+@session_app.command("list", help="List sessions, newest first.")
 def session_list(job: Annotated[str, typer.Option(help="only this job's")] = "", as_json_: JsonOpt = False) -> None:
     r = call(conn.stub().ListSessions, api.ListSessionsRequest(job=f"jobs/{job}" if job else ""))
     if as_json_:
@@ -109,7 +109,7 @@ def session_list(job: Annotated[str, typer.Option(help="only this job's")] = "",
     table("sessions", ["name", "job", "state", "started (UTC)", "duration", "sent", "points"], rows)
 
 
-@session_app.command("show")
+@session_app.command("show", help="Show one session: per disk its figures, passes and verification.")
 def session_show(session_id: str, as_json_: JsonOpt = False) -> None:
     s = call(conn.stub().GetSession, api.GetSessionRequest(name=_session_name(session_id)))
     if as_json_:
@@ -130,16 +130,17 @@ def session_show(session_id: str, as_json_: JsonOpt = False) -> None:
             f"{mib(int(d.rate_bytes_per_second))}/s",
             f"{d.compression_ratio:.2f}x",
             d.bottleneck,
-            d.passes or "",
-            d.verification,
-            d.error or v.error,
         ]
         for v in s.vms
         for d in v.disks
     ]
     cols = ["vm", "disk", "state", "change", "size", "read", "sent", "zero", "unchanged", "rate", "ratio", "bottleneck"]
-    cols += ["passes", "verified", "error"]
     table(f"{s.name} ({s.job})", cols, rows)
+    # A table of its own: as three more columns of the one above, a 120-column terminal showed "veri…".
+    checks = [
+        [v.vm_name, d.disk_id, d.passes or "", d.verification, d.error or v.error] for v in s.vms for d in v.disks
+    ]
+    table("passes and verification", ["vm", "disk", "passes", "verified", "error"], checks)
 
 
 @session_app.command("log")
@@ -159,7 +160,7 @@ def session_log(session_id: str, as_json_: JsonOpt = False) -> None:
             return
 
 
-@session_app.command("watch")
+@session_app.command("watch", help="Follow a running session to its end.")
 def session_watch(session_id: str) -> None:
     raise typer.Exit(exit_code(follow(_session_name(session_id))))
 
@@ -168,7 +169,7 @@ def _session_name(session_id: str) -> str:
     return session_id if session_id.startswith("sessions/") else f"sessions/{session_id}"
 
 
-@points_app.command("list")
+@points_app.command("list", help="List a job's restore points.")
 def points_list(job: str, as_json_: JsonOpt = False) -> None:
     r = call(conn.stub().ListJobRestorePoints, api.ListJobRestorePointsRequest(parent=f"jobs/{job}"))
     if as_json_:

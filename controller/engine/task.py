@@ -1,4 +1,5 @@
-"""One disk task inside a session: decide its change source, take slots, start and follow the transfer.
+"""One disk task inside a session (its states in the database): decide its change source, take slots,
+start the transfer (engine.transfer) and follow it.
 
 Every state is written before the call it announces: STARTING (with the
 proxy, the transfer id and the change source) before StartDiskTransfer,

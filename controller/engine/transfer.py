@@ -1,4 +1,4 @@
-"""One disk task: prepare the replica disk, sign a ticket, start the transfer on a proxy, follow it.
+"""One disk's transfer on the agents: prepare the replica disk, sign a ticket, start the transfer on a proxy.
 
 The session engine runs one of these per VM disk; the demo and the
 integration tests run it directly.

@@ -22,10 +22,12 @@ The API carries a schedule as the typed `vmrepl.v1.Schedule`; the database keeps
 from __future__ import annotations
 
 import datetime as dt
+import math
 from dataclasses import dataclass, field
+from typing import TypeGuard
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from croniter import croniter
+from croniter import CroniterBadDateError, croniter
 
 from vmrepl.errors import InvalidArgument
 from vmrepl.v1 import controller_pb2 as api
@@ -39,6 +41,8 @@ KIND_NAMES: dict[api.ScheduleKind.ValueType, str] = {
     api.SCHEDULE_KIND_CONTINUOUS: "continuous",
     api.SCHEDULE_KIND_AFTER_JOB: "after",
 }
+# The field only its kind reads (the API refuses it with another kind).
+_OWN_KIND = {"cron": "cron", "every_minutes": "interval", "after_job": "after"}
 DAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
 _MAX_STEPS = 100_000  # slots looked at when searching (a year of every-5-minutes is 105 120)
 FIELD = "job.schedule"
@@ -73,7 +77,7 @@ def _hours(where: str, spans: object) -> tuple[tuple[int, int], ...]:
         raise InvalidArgument(where, "must be a list of [start hour, end hour] pairs")
     out = []
     for i, span in enumerate(spans):
-        if not (isinstance(span, list) and len(span) == 2 and all(isinstance(h, int | float) for h in span)):
+        if not (isinstance(span, list) and len(span) == 2 and all(_whole(h) for h in span)):
             raise InvalidArgument(f"{where}[{i}]", "must be [start hour, end hour]")
         start, end = int(span[0]), int(span[1])
         if not 0 <= start < end <= 24:
@@ -128,8 +132,8 @@ def parse_schedule(raw: dict[str, object]) -> Schedule:
         enforce_window=bool(raw.get("enforce_window", True)),
         zone=zone,
     )
-    if kind == "cron" and not croniter.is_valid(s.cron):
-        raise InvalidArgument(f"{FIELD}.cron", f"{s.cron!r} is not a cron expression")
+    if kind == "cron":
+        _check_cron(s.cron)
     lowest = 1 if kind == "interval" else 0
     if not lowest <= s.every_minutes <= 31 * 24 * 60:
         raise InvalidArgument(f"{FIELD}.every_minutes", f"must be from {lowest} to 44640 (31 days)")
@@ -140,9 +144,26 @@ def parse_schedule(raw: dict[str, object]) -> Schedule:
     return s
 
 
+def _check_cron(cron: str) -> None:
+    if not croniter.is_valid(cron):
+        raise InvalidArgument(f"{FIELD}.cron", f"{cron!r} is not a cron expression")
+    try:  # valid, yet naming no date that exists (30 February): the job would never run, and say nothing
+        croniter(cron, dt.datetime(2000, 1, 1)).get_next(dt.datetime)
+    except CroniterBadDateError as e:
+        raise InvalidArgument(f"{FIELD}.cron", f"{cron!r} never fires: it names no date that exists") from e
+
+
+def _whole(value: object) -> TypeGuard[int | float]:
+    """A JSON number that is a whole number: not a bool, not NaN or infinity (JSON from the CLI may hold
+    1e999, and int() of it raised OverflowError past the error root: a traceback)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return False
+    return isinstance(value, int) or (math.isfinite(value) and value == int(value))
+
+
 def _int(raw: dict[str, object], key: str, default: int) -> int:
     value = raw.get(key, default)
-    if not isinstance(value, int | float) or value != int(value):
+    if not _whole(value):
         raise InvalidArgument(f"{FIELD}.{key}", "must be a whole number")
     return int(value)
 
@@ -233,6 +254,10 @@ def schedule_json(msg: api.Schedule) -> dict[str, object]:
     if not kind and set_fields:
         # A kind the client misspelt arrives unspecified: refused, not a job silently made manual-only.
         raise InvalidArgument(f"{FIELD}.kind", f"is unspecified (manual only), but {set_fields[0]} is set")
+    stray = [f for f in set_fields if _OWN_KIND[f] != kind]
+    if kind and stray:
+        # A cron on an interval job, say: stored, shown, and never used; the operator meant another kind.
+        raise InvalidArgument(f"{FIELD}.{stray[0]}", f"is set, but the kind is {kind}, which does not use it")
     raw: dict[str, object] = {"kind": kind} if kind else {}
     raw.update({f: getattr(msg, f) for f in set_fields})
     if msg.timezone:

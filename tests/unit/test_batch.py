@@ -249,3 +249,18 @@ def test_protocol_version_negotiation() -> None:
     assert check_chosen_version(0) == 1  # a target from before versions answers nothing
     with pytest.raises(FailedPrecondition, match="the target chose Transfer protocol version 4, this proxy speaks 1"):
         check_chosen_version(4)
+
+
+def test_an_absurd_version_offer_is_refused_in_one_short_line_or_answered_by_the_common_version() -> None:
+    """Found by offering every version a 64 KiB open holds: the refusal listed all of them (a status
+    message of hundreds of KiB, copied into the target's log)."""
+    from vmrepl.batch import MAX_OPEN_BYTES, choose_version
+    from vmrepl.errors import FailedPrecondition
+
+    huge = list(range(2, MAX_OPEN_BYTES))
+    with pytest.raises(FailedPrecondition) as refused:
+        choose_version(huge + huge + [0, 2**32 - 1])
+    message = str(refused.value)
+    assert len(message) < 300, len(message)
+    assert "version(s) 0, 2, 3, 4, 5, 6, 7, 8 and 65528 more, this target speaks 1" in message
+    assert choose_version([1] * 100_000 + [0, 2**32 - 1]) == 1  # repeats and strangers around the common one

@@ -103,3 +103,74 @@ def test_restore_points_that_are_not_a_list_of_points_are_refused(vm: Path, text
     (vm / restore_points.POINTS_FILE).write_text(text)
     with pytest.raises(FailedPrecondition, match=r"restore-points\.json"):
         restore_points.list_points(vm)
+
+
+@pytest.mark.parametrize(
+    ("changes", "named"),
+    [
+        ({"committed_offset": "abc"}, "committed_offset is 'abc'"),
+        ({"disk_size": None}, "disk_size is None"),
+        ({"state": 5}, "state is 5"),
+        ({"state": "exploded"}, "state is 'exploded', out of range"),
+        ({"pass_number": "0"}, "pass_number is '0'"),
+        ({"tracking_failed": "yes"}, "tracking_failed is 'yes'"),
+        ({"committed_offset": 10**30}, "committed_offset is 1000000000000000000000000000000, out of range"),
+        ({"block_size": 0}, "block_size is 0, out of range"),
+        ({"disk_size": -1}, "disk_size is -1, out of range"),
+        ({"frontier": 1.5}, "frontier is 1.5"),
+        ({"session_digest": None}, "session_digest is None"),  # read as a zero digest before
+        ({"session_digest": "zz"}, "session_digest: a pass digest is 32 hex digits"),
+        # int(.., 16) took these as digests
+        ({"session_digest": "0_" * 15 + "00"}, "session_digest: a pass digest is 32 hex digits"),
+        ({"session_digest": " " + "f" * 30 + " "}, "session_digest: a pass digest is 32 hex digits"),
+        ({"format": 10**400}, r"no valid format version|format 1000000000000000000000000000000000000\.\.\."),
+    ],
+)
+def test_a_disk_state_of_wrong_types_or_ranges_is_refused_naming_the_file_and_left_alone(
+    vm: Path, changes: dict[str, object], named: str
+) -> None:
+    """Found by planting such files: they loaded as they were, so a prepare then failed with a TypeError
+    (an internal error) or, for a wrong size or state, silently started the disk afresh over them."""
+    disk = vm / "disks" / "disk0"
+    _rewrite(disk / replica.STATE_FILE, **changes)
+    before = (disk / replica.STATE_FILE).read_bytes()
+    with pytest.raises(FailedPrecondition, match=rf"replica disk disk0: state\.json.*({named})"):
+        replica.load_state(disk)
+    with pytest.raises(FailedPrecondition, match=r"state\.json"):
+        replica.prepare(
+            disk, guard=replica.DiskGuard(), disk_size=4 * MiB, block_size=MiB, session_id="s2", checkpoint_id="cp2"
+        )
+    assert (disk / replica.STATE_FILE).read_bytes() == before
+
+
+@pytest.mark.parametrize(
+    "point",
+    [
+        {"id": "p1", "session_id": "s", "created_at": 1, "disks": [{"disk_id": "d", "disk_size": "big"}]},
+        {"id": "p1", "session_id": "s", "created_at": 1, "disks": [{"disk_id": 5, "disk_size": 1}]},
+        {"id": "p1", "session_id": "s", "created_at": 1, "disks": [{"disk_id": "d", "disk_size": -1}]},
+        {"id": "p1", "session_id": "s", "created_at": "nan", "disks": []},
+    ],
+)
+def test_restore_points_with_values_of_the_wrong_type_are_refused_and_left_alone(
+    vm: Path, point: dict[str, object]
+) -> None:
+    path = vm / restore_points.POINTS_FILE
+    path.write_text(json.dumps({"format": restore_points.POINTS_FORMAT, "restore_points": [point]}))
+    before = path.read_bytes()
+    with pytest.raises(FailedPrecondition, match=r"restore-points\.json of vm holds something that is not a restore"):
+        restore_points.list_points(vm)
+    with pytest.raises(FailedPrecondition, match=r"restore-points\.json"):
+        restore_points.commit(vm, session_id="s9", checkpoint_id="c9", disk_ids=[], guard=lambda _: replica.DiskGuard())
+    assert path.read_bytes() == before
+
+
+@pytest.mark.parametrize("key", ["disk_size", "block_size", "session_id", "state"])
+def test_a_disk_state_missing_a_key_is_refused_naming_it(vm: Path, key: str) -> None:
+    path = vm / "disks" / "disk0" / replica.STATE_FILE
+    raw = json.loads(path.read_text())
+    del raw[key]
+    path.write_text(json.dumps(raw))
+    with pytest.raises(FailedPrecondition, match=rf"replica disk disk0: state\.json: {key} is missing"):
+        replica.load_state(vm / "disks" / "disk0")
+    assert json.loads(path.read_text()) == raw

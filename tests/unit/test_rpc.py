@@ -6,9 +6,11 @@ ordinary gRPC clients holding the lab's certificates.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -16,6 +18,7 @@ from google.rpc.error_details_pb2 import BadRequest
 from grpc_status import rpc_status
 
 from controller import lab
+from controller.api.service import ROLES as CONTROLLER_ROLES
 from controller.api.service import ControllerServicer, controller_service
 from controller.db.connect import open_database, sqlite_url
 from controller.db.secrets import SecretBox, create_key_file
@@ -27,13 +30,17 @@ from controller.engine.slots import SlotBoard
 from proxy_agent.config import ProxySettings
 from proxy_agent.servicer import ROLES as PROXY_ROLES
 from proxy_agent.servicer import ProxyAgentServicer
+from target_agent.config import TargetSettings
+from target_agent.receiver import failure_response
+from target_agent.servicer import ROLES as TARGET_ROLES
+from target_agent.servicer import TargetAgentServicer
 from tests.support.certs import tls_settings
 from vmrepl.config import TlsSettings
 from vmrepl.errors import InvalidArgument, NotFound
 from vmrepl.rpc import Service, secure_channel, start_server, status_for
 from vmrepl.security.ticket import load_signing_key
 from vmrepl.v1 import controller_pb2 as api
-from vmrepl.v1 import controller_pb2_grpc, proxy_pb2, proxy_pb2_grpc
+from vmrepl.v1 import controller_pb2_grpc, proxy_pb2, proxy_pb2_grpc, target_pb2
 
 
 async def test_internal_errors_name_the_program_that_serves(lab_certs: lab.LabCerts) -> None:
@@ -170,5 +177,98 @@ async def test_the_proxy_refuses_a_caller_without_the_controller_role(tmp_path: 
             with pytest.raises(grpc.aio.AioRpcError) as err:
                 await proxy_pb2_grpc.ProxyAgentStub(ch).CancelTransfer(proxy_pb2.CancelTransferRequest(transfer_id="x"))
             assert err.value.code() is grpc.StatusCode.NOT_FOUND
+    finally:
+        await server.stop(None)
+
+
+def _raw_call(ch: grpc.aio.Channel, method: Any) -> Any:
+    """An empty request to `method` whatever its types: the role check runs before the request is read."""
+    path = f"/{method.containing_service.full_name}/{method.name}"
+    if method.client_streaming:
+        return ch.stream_stream(path)(iter([b""]), timeout=10)
+    if method.server_streaming:
+        return ch.unary_stream(path)(b"", timeout=10)
+    return ch.unary_unary(path)(b"", timeout=10)
+
+
+async def _code(ch: grpc.aio.Channel, method: Any) -> grpc.StatusCode:
+    call = _raw_call(ch, method)
+    try:
+        if method.server_streaming:
+            async for _ in call:  # to the end: a refused Transfer answers in band, then with the status
+                pass
+            return grpc.StatusCode.OK
+        await call
+    except grpc.aio.AioRpcError as e:
+        return e.code()
+    return grpc.StatusCode.OK
+
+
+async def test_every_controller_method_admits_exactly_the_roles_its_table_names(
+    controller: Served, tmp_path: Path
+) -> None:
+    """Every method with every lab certificate (reader, operator, the agents' and the controller's own):
+    refused with PERMISSION_DENIED exactly when the roles table leaves the certificate's role out; a
+    certificate of another CA never gets a call through at all."""
+    methods = api.DESCRIPTOR.services_by_name["ControllerService"].methods
+    for identity in ("reader", "operator", "target", "proxy", "controller"):
+        async with controller.channel(identity) as ch:
+            for m in methods:
+                code = await _code(ch, m)
+                denied = code is grpc.StatusCode.PERMISSION_DENIED
+                assert denied == (identity not in CONTROLLER_ROLES[m.name]), (identity, m.name, code)
+    foreign = lab.LabCerts.create(tmp_path / "foreign")
+    async with secure_channel(controller.address, TlsSettings.model_validate(foreign.tls("operator"))) as ch:
+        for m in methods:
+            assert await _code(ch, m) is grpc.StatusCode.UNAVAILABLE, m.name
+
+
+async def test_a_flood_of_refused_calls_is_refused_and_the_service_still_answers(controller: Served) -> None:
+    create = api.CreateJobRequest(job_id="j", job=api.Job())
+    async with controller.channel("reader") as ch:
+        stub = controller_pb2_grpc.ControllerServiceStub(ch)
+        outcomes = await asyncio.gather(
+            *(stub.CreateJob(create, timeout=30) for _ in range(300)), return_exceptions=True
+        )
+        assert {e.code() for e in outcomes if isinstance(e, grpc.aio.AioRpcError)} == {
+            grpc.StatusCode.PERMISSION_DENIED
+        }
+        assert all(isinstance(e, grpc.aio.AioRpcError) for e in outcomes)
+        assert not (await stub.ListJobs(api.ListJobsRequest(), timeout=10)).jobs
+
+
+async def test_every_agent_method_admits_exactly_the_roles_its_table_names(tmp_path: Path) -> None:
+    """The target's and the proxy's services as their daemons serve them, with every lab certificate."""
+    certs = lab.LabCerts.create(tmp_path / "certs")
+    target = TargetSettings.model_validate(
+        {
+            "name": "target",
+            "datastore_root": str(tmp_path / "datastore"),
+            "controller_public_keys": [str(certs.signing_pub)],
+            "tls": certs.tls("target"),
+        }
+    )
+    proxy = ProxySettings.model_validate({"source_roots": [tmp_path], "tls": certs.tls("proxy")})
+    services = [
+        Service(
+            target_pb2.DESCRIPTOR.services_by_name["TargetAgent"],
+            TargetAgentServicer(target),
+            raw_requests=frozenset({"Transfer"}),
+            roles=TARGET_ROLES,
+            in_band_failures={"Transfer": failure_response},
+        ),
+        Service(proxy_pb2.DESCRIPTOR.services_by_name["ProxyAgent"], ProxyAgentServicer(proxy), roles=PROXY_ROLES),
+    ]
+    server, port, _ = await start_server(
+        listen="127.0.0.1:0", tls=target.tls, services=services, max_message_bytes=1 << 20, program="agent"
+    )
+    served = Served(f"127.0.0.1:{port}", certs)
+    try:
+        for identity in ("reader", "operator", "target", "proxy", "controller"):
+            async with served.channel(identity) as ch:
+                for svc in services:
+                    for m in svc.descriptor.methods:
+                        denied = await _code(ch, m) is grpc.StatusCode.PERMISSION_DENIED
+                        assert denied == (identity not in svc.roles[m.name]), (identity, m.full_name)
     finally:
         await server.stop(None)

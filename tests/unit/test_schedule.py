@@ -132,6 +132,17 @@ def test_continuous_and_after_job() -> None:
         ({"permitted": {"mon": "all"}}, "job.schedule.permitted.mon"),
         ({"every": 5}, "job.schedule"),
         ({"kind": "cron", "cron": "0 2 * * *", "every_minutes": -5}, "job.schedule.every_minutes"),
+        # Valid cron expressions naming no date that exists: the job would never run (found by trying them).
+        ({"kind": "cron", "cron": "0 0 30 2 *"}, "job.schedule.cron"),
+        ({"kind": "cron", "cron": "0 0 31 4,6,9,11 *"}, "job.schedule.cron"),
+        # What json.loads makes of the CLI's 1e999 and NaN: int() of them raised past the error root.
+        ({"kind": "continuous", "pause_seconds": float("inf")}, "job.schedule.pause_seconds"),
+        ({"kind": "interval", "every_minutes": float("nan")}, "job.schedule.every_minutes"),
+        ({"permitted": {"mon": [[0, float("inf")]]}}, "job.schedule.permitted.mon[0]"),
+        # Silently truncated or read as 1 before.
+        ({"permitted": {"mon": [[0.5, 2]]}}, "job.schedule.permitted.mon[0]"),
+        ({"permitted": {"mon": [[True, 2]]}}, "job.schedule.permitted.mon[0]"),
+        ({"kind": "interval", "every_minutes": True}, "job.schedule.every_minutes"),
     ],
 )
 def test_bad_schedules_name_the_field(raw: dict[str, object], field: str) -> None:
@@ -172,6 +183,15 @@ def test_every_api_schedule_kind_has_its_json_name() -> None:
         (api.Schedule(kind=99), "job.schedule.kind"),  # type: ignore[arg-type]
         (api.Schedule(kind=api.SCHEDULE_KIND_CRON, cron="every night"), "job.schedule.cron"),
         (api.Schedule(kind=api.SCHEDULE_KIND_CONTINUOUS, pause_seconds=86401), "job.schedule.pause_seconds"),
+        (api.Schedule(kind=api.SCHEDULE_KIND_INTERVAL, every_minutes=2**31), "job.schedule.every_minutes"),
+        (api.Schedule(kind=api.SCHEDULE_KIND_CRON, cron="0 0 30 2 *"), "job.schedule.cron"),
+        # A field its kind never reads (found by sending them): stored and shown, silently unused.
+        (api.Schedule(kind=api.SCHEDULE_KIND_INTERVAL, every_minutes=5, cron="0 2 * * *"), "job.schedule.cron"),
+        (api.Schedule(kind=api.SCHEDULE_KIND_CONTINUOUS, after_job="jobs/first"), "job.schedule.after_job"),
+        (
+            api.Schedule(kind=api.SCHEDULE_KIND_AFTER_JOB, after_job="jobs/a", every_minutes=5),
+            "job.schedule.every_minutes",
+        ),
         (
             api.Schedule(
                 permitted=api.PermittedHours(

@@ -11,10 +11,10 @@ import pytest
 from sqlalchemy.ext.asyncio import async_sessionmaker
 from structlog.testing import capture_logs
 
-from controller.__main__ import shut_down
 from controller.db.connect import make_engine, sqlite_url
 from controller.engine.journal import Journal
 from controller.observability import metrics
+from controller.serve import shut_down
 from vmrepl.supervise import Backoff, every, stop_all
 
 

@@ -11,7 +11,7 @@ from google.protobuf.message import Message
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from controller.api.resources.common import by_name, check_printable, timestamp
+from controller.api.resources.common import by_name, check_printable, parse_name, timestamp
 from controller.db.models import Credential, Host, Job, JobVm, Target
 from controller.db.secrets import SecretBox
 from controller.observability.webhooks import redact_url
@@ -26,7 +26,7 @@ from vmrepl.domain import (
     Compression,
     check_block_size,
 )
-from vmrepl.errors import InvalidArgument
+from vmrepl.errors import InvalidArgument, NotFound
 from vmrepl.names import check_relative
 from vmrepl.v1 import common_pb2
 from vmrepl.v1 import controller_pb2 as api
@@ -179,9 +179,7 @@ async def _apply_job_policy(db: AsyncSession, msg: api.Job, row: Job, path: str)
         raw = schedule_json(msg.schedule)
         schedule = parse_schedule(raw)
         if schedule.kind == "after":
-            upstream = await by_name(db, Job, "job.schedule.after_job", schedule.after_job, "jobs")
-            if upstream.id == row.id:
-                raise InvalidArgument("job.schedule.after_job", "a job cannot follow itself")
+            await _check_follows(db, row, schedule.after_job)
         row.schedule = raw
     elif path == "guest_processing":
         await _check_guest_processing(db, msg.guest_processing)
@@ -198,6 +196,28 @@ async def _apply_job_policy(db: AsyncSession, msg: api.Job, row: Job, path: str)
     elif path == "retry_wait_seconds":
         wait = msg.retry_wait_seconds if msg.HasField("retry_wait_seconds") else JOB_DEFAULTS.retry_wait_seconds
         row.retry_wait_seconds = RETRY_WAIT_LIMIT.check("job.retry_wait_seconds", wait)
+
+
+async def _check_follows(db: AsyncSession, row: Job, after_job: str) -> None:
+    """The job `after_job` names exists, and neither it nor a job it follows in turn follows `row`: such a
+    chain never runs (each waits for the other's session). Compared by name, so a job being created that
+    names itself is refused as such, not as a job that does not exist yet."""
+    field = "job.schedule.after_job"
+    name, chain = parse_name(field, after_job, "jobs"), [row.name]
+    while name not in chain:
+        upstream = await db.scalar(select(Job).where(Job.name == name))
+        if upstream is None:
+            if len(chain) == 1:
+                raise NotFound(f"{field}: jobs/{name} does not exist")
+            return  # further up, a job deleted since: the chain ends there
+        chain.append(name)
+        follows = upstream.schedule or {}
+        if follows.get("kind") != "after":
+            return
+        name = str(follows.get("after_job", "")).removeprefix("jobs/")
+    if name == row.name:
+        cycle = " -> ".join(f"jobs/{n}" for n in [*chain, name])
+        raise InvalidArgument(field, f"a job cannot follow itself ({cycle}): none of them would ever run")
 
 
 async def _check_guest_processing(db: AsyncSession, g: api.GuestProcessing) -> None:
