@@ -62,17 +62,13 @@ class FakeTransfer:
     last: proxy_pb2.TransferProgress | None = None
 
 
-class FakeProxy:
-    """A source proxy: each start runs `script` (default: `completes`); `up` is its health check."""
+class FakeAgent:
+    """What both fake agents share: an address, and `up` as their health check (calls fail UNAVAILABLE
+    while it is false)."""
 
-    def __init__(self, address: str, *, name: str = "proxy", role: str = "proxy", script: Script = completes) -> None:
+    def __init__(self, address: str) -> None:
         self._address = address
-        self.name, self.role, self.script = name, role, script
         self.up = True
-        self.transfers: dict[str, FakeTransfer] = {}
-        self.started: list[proxy_pb2.StartDiskTransferRequest] = []
-        self.cancelled: list[str] = []
-        self.info_asked = 0
 
     @property
     def address(self) -> str:
@@ -84,6 +80,18 @@ class FakeProxy:
     def _check_up(self) -> None:
         if not self.up:
             raise unavailable()
+
+
+class FakeProxy(FakeAgent):
+    """A source proxy: each start runs `script` (default: `completes`); `up` is its health check."""
+
+    def __init__(self, address: str, *, name: str = "proxy", role: str = "proxy", script: Script = completes) -> None:
+        super().__init__(address)
+        self.name, self.role, self.script = name, role, script
+        self.transfers: dict[str, FakeTransfer] = {}
+        self.started: list[proxy_pb2.StartDiskTransferRequest] = []
+        self.cancelled: list[str] = []
+        self.info_asked = 0
 
     async def start(self, request: proxy_pb2.StartDiskTransferRequest) -> proxy_pb2.StartDiskTransferResponse:
         self._check_up()
@@ -143,15 +151,14 @@ class CommitFault:
     committed: bool = False
 
 
-class FakeTarget:
+class FakeTarget(FakeAgent):
     """A target agent keeping replica disks and restore points in memory.
 
     `prepare_faults` and `commit_faults` are raised by the next calls, one each; `tracking_failed`
     names the disks (replica path, disk id) whose earlier transfer failed sampled verification."""
 
     def __init__(self, address: str) -> None:
-        self._address = address
-        self.up = True
+        super().__init__(address)
         self.disks: dict[tuple[str, str], target_pb2.ReplicaDisk] = {}
         self.points: dict[str, list[target_pb2.RestorePoint]] = {}
         self.prepared: list[target_pb2.PrepareReplicaDiskRequest] = []
@@ -162,17 +169,6 @@ class FakeTarget:
         self.deleted: list[tuple[str, str]] = []
         # The size GetReplicaDisk reports for a disk; by default the size it was prepared with.
         self.sizes: dict[tuple[str, str], int] = {}
-
-    @property
-    def address(self) -> str:
-        return self._address
-
-    async def healthy(self, *, within: float = 5.0, wait_for_ready: bool = False) -> bool:
-        return self.up
-
-    def _check_up(self) -> None:
-        if not self.up:
-            raise unavailable()
 
     async def prepare(self, request: target_pb2.PrepareReplicaDiskRequest) -> target_pb2.ReplicaDisk:
         self._check_up()

@@ -34,7 +34,7 @@ from tests.support.engine import DISK_SIZE, World, make_world
 from vmrepl.extent import Extent, MiB
 from vmrepl.providers.base import Checkpoint
 from vmrepl.security.ticket import key_id, verify_ticket
-from vmrepl.v1 import common_pb2, proxy_pb2, target_pb2
+from vmrepl.v1 import common_pb2, proxy_pb2, target_pb2, ticket_pb2
 
 REPLICA = "jobs/job1/vm1"
 
@@ -264,8 +264,13 @@ async def test_tickets_expire_when_the_held_checkpoint_does(world: World) -> Non
             )
         )
     assert (await _run(world))[0] is TaskState.SUCCEEDED
+    assert _first_ticket(world).expires_unix == int(deadline.timestamp())
+
+
+def _first_ticket(world: World, *, now: float | None = None) -> ticket_pb2.TransferTicket:
+    """The ticket of the first transfer started, verified as the target would (at `now`)."""
     public = world.signing_key.public_key()
-    ticket = verify_ticket(
+    return verify_ticket(
         world.proxy.started[0].ticket,
         {key_id(public): public},
         session_id=world.sc.session_id,
@@ -273,23 +278,12 @@ async def test_tickets_expire_when_the_held_checkpoint_does(world: World) -> Non
         replica_path=REPLICA,
         audience="target",
         peer="proxy1",
+        now=now,
     )
-    assert ticket.expires_unix == int(deadline.timestamp())
 
 
 async def test_a_checkpoint_not_held_bounds_tickets_by_the_jobs_deadline(world: World) -> None:
     world.sc.job = dataclasses.replace(world.sc.job, checkpoint_hold_seconds=600)
     assert (await _run(world))[0] is TaskState.SUCCEEDED
     cp = world.provider.checkpoints["vm1"][0]
-    public = world.signing_key.public_key()
-    ticket = verify_ticket(
-        world.proxy.started[0].ticket,
-        {key_id(public): public},
-        session_id=world.sc.session_id,
-        disk_id="disk0",
-        replica_path=REPLICA,
-        audience="target",
-        peer="proxy1",
-        now=cp.created_at,
-    )
-    assert abs(ticket.expires_unix - (cp.created_at + 600)) <= 1
+    assert abs(_first_ticket(world, now=cp.created_at).expires_unix - (cp.created_at + 600)) <= 1
