@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-import time
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -23,13 +22,13 @@ from typing import Any
 import grpc
 
 from vmrepl.errors import PeerNotAllowed, ResourceExhausted
+from vmrepl.log_limit import refused
 from vmrepl.logs import get_logger
 from vmrepl.security.tls import peer_identity
 
 log = get_logger("vmrepl.call_limits")
 RETRY_AFTER_KEY = "retry-after-ms"
 UNCOUNTED_PREFIXES = ("/grpc.health.", "/grpc.reflection.")
-_LOG_EVERY_SECONDS = 10.0
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -86,7 +85,6 @@ class CallLimits(grpc.aio.ServerInterceptor):  # type: ignore[misc]
     def __init__(self, limits: Limits) -> None:
         self.limits = limits
         self.slots = Slots(per_peer=limits.per_client, total=limits.total, what="calls")
-        self._logged: dict[str, float] = {}
 
     async def intercept_service(
         self, continuation: Callable[[Any], Awaitable[Any]], details: grpc.HandlerCallDetails
@@ -146,10 +144,8 @@ class CallLimits(grpc.aio.ServerInterceptor):  # type: ignore[misc]
 
     async def _refuse(self, context: Any, client: str, method: str, why: str) -> None:
         wait = self.limits.retry_after_seconds
-        now = time.monotonic()
-        if now - self._logged.get(client, -_LOG_EVERY_SECONDS) >= _LOG_EVERY_SECONDS:  # one line, not a flood
-            self._logged[client] = now
-            log.warning("calls_refused", client=client, method=method, reason=why)
+        # A client past its limit may retry in a tight loop: rate-limited and counted, see vmrepl.log_limit.
+        refused(log, "calls_refused", peer=client, method=method, code="RESOURCE_EXHAUSTED", reason=why)
         await context.abort(
             grpc.StatusCode.RESOURCE_EXHAUSTED,
             f"too many calls at once: {why}; retry in {wait:g} s",

@@ -33,6 +33,7 @@ from grpc_status import rpc_status
 
 from vmrepl.config import TlsSettings
 from vmrepl.errors import InvalidArgument, VmreplError
+from vmrepl.log_limit import peer_of, refused
 from vmrepl.logs import get_logger
 from vmrepl.memory import ReleaseWhenIdle
 from vmrepl.security.tls import channel_credentials, require_role, server_credentials
@@ -68,10 +69,11 @@ def status_details(exc: BaseException) -> tuple[tuple[str, bytes], ...]:
 
 async def _abort(context: Any, exc: Exception, method: str) -> None:
     code, message = status_for(exc)
+    # Rate-limited and counted (see vmrepl.log_limit): a caller can make these as fast as it likes.
     if isinstance(exc, VmreplError):
-        log.warning("rpc_failed", method=method, code=code.name, error=message)
+        refused(log, "rpc_failed", peer=peer_of(context), method=method, code=code.name, error=message)
     else:
-        log.exception("rpc_internal_error", method=method)
+        refused(log, "rpc_internal_error", peer=peer_of(context), method=method, code=code.name, exc_info=True)
     await context.abort(code, message, trailing_metadata=status_details(exc))
 
 

@@ -14,8 +14,11 @@ from typing import Any
 
 import grpc
 import pytest
+import structlog
+from prometheus_client import REGISTRY
 from google.rpc.error_details_pb2 import BadRequest
 from grpc_status import rpc_status
+from structlog.testing import capture_logs
 
 from controller import lab
 from controller.api.service import ROLES as CONTROLLER_ROLES
@@ -37,6 +40,7 @@ from target_agent.servicer import TargetAgentServicer
 from tests.support.certs import tls_settings
 from vmrepl.config import TlsSettings
 from vmrepl.errors import InvalidArgument, NotFound
+from vmrepl import log_limit, rpc
 from vmrepl.rpc import Service, secure_channel, start_server, status_for
 from vmrepl.security.ticket import load_signing_key
 from vmrepl.v1 import controller_pb2 as api
@@ -235,6 +239,35 @@ async def test_a_flood_of_refused_calls_is_refused_and_the_service_still_answers
         }
         assert all(isinstance(e, grpc.aio.AioRpcError) for e in outcomes)
         assert not (await stub.ListJobs(api.ListJobsRequest(), timeout=10)).jobs
+
+
+async def test_a_flood_of_refused_calls_writes_a_few_lines_and_a_summary_but_counts_every_one(
+    controller: Served, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    clock = {"now": 0.0}
+    limiter = log_limit.LogLimiter(burst=5, window_seconds=60, clock=lambda: clock["now"])
+    monkeypatch.setattr(log_limit, "REFUSALS", limiter)
+    # A fresh logger, so it binds to the capturing configuration even if vmrepl.rpc's was cached already.
+    monkeypatch.setattr(rpc, "log", structlog.stdlib.get_logger("vmrepl.rpc"))
+    labels = {"method": "ControllerService.CreateJob", "code": "PERMISSION_DENIED"}
+    before = REGISTRY.get_sample_value("vmrepl_rpc_refused_total", labels) or 0.0
+    create = api.CreateJobRequest(job_id="j", job=api.Job())
+    with capture_logs() as logs:
+        async with controller.channel("reader") as ch:
+            stub = controller_pb2_grpc.ControllerServiceStub(ch)
+            outcomes = await asyncio.gather(
+                *(stub.CreateJob(create, timeout=30) for _ in range(300)), return_exceptions=True
+            )
+        assert all(isinstance(e, grpc.aio.AioRpcError) for e in outcomes)
+        lines = [e for e in logs if e["event"] == "rpc_failed"]
+        assert len(lines) == 5
+        assert all(e["peer"] == "reader" and e["code"] == "PERMISSION_DENIED" for e in lines)
+        clock["now"] += 60
+        limiter.flush()
+    summaries = [e for e in logs if "suppressed" in e]
+    assert [e["suppressed"] for e in summaries] == [295]
+    assert summaries[0]["event"] == "rpc_failed" and summaries[0]["method"] == "ControllerService.CreateJob"
+    assert REGISTRY.get_sample_value("vmrepl_rpc_refused_total", labels) == before + 300
 
 
 async def test_every_agent_method_admits_exactly_the_roles_its_table_names(tmp_path: Path) -> None:
