@@ -15,9 +15,9 @@ from typing import Any
 import grpc
 import pytest
 import structlog
-from prometheus_client import REGISTRY
 from google.rpc.error_details_pb2 import BadRequest
 from grpc_status import rpc_status
+from prometheus_client import REGISTRY
 from structlog.testing import capture_logs
 
 from controller import lab
@@ -38,9 +38,9 @@ from target_agent.receiver import failure_response
 from target_agent.servicer import ROLES as TARGET_ROLES
 from target_agent.servicer import TargetAgentServicer
 from tests.support.certs import tls_settings
+from vmrepl import log_limit, rpc
 from vmrepl.config import TlsSettings
 from vmrepl.errors import InvalidArgument, NotFound
-from vmrepl import log_limit, rpc
 from vmrepl.rpc import Service, secure_channel, start_server, status_for
 from vmrepl.security.ticket import load_signing_key
 from vmrepl.v1 import controller_pb2 as api
