@@ -109,7 +109,10 @@ class LogLimiter:
             return
         if self._timer is not None and self._timer[0] is loop and not self._timer[1].cancelled():
             return
-        self._timer = (loop, loop.call_later(self.window_seconds, self._on_timer))
+        # The earliest window still holding suppressed lines ends first (windows are in start order).
+        start = next(w.start for w in self._windows.values() if w.suppressed)
+        delay = min(max(start + self.window_seconds - self.clock(), 0.0), self.window_seconds)
+        self._timer = (loop, loop.call_later(delay, self._on_timer))
 
     def _on_timer(self) -> None:
         self._timer = None
