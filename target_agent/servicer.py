@@ -198,6 +198,7 @@ class TargetAgentServicer(target_pb2_grpc.TargetAgentServicer):
     ) -> AsyncIterator[target_pb2.DigestChunk]:
         peer, role = peer_identity(context)
         check_digest_count("block_count", request.block_count)
+        disk_dir = self.datastore.disk_dir(request.replica_path, request.disk_id)  # checks the names first
         checkpoint = None
         if role == "proxy":  # a proxy reads only the disk its ticket names, as prepared for its checkpoint
             checkpoint = self.receiver.check_ticket(
@@ -209,7 +210,6 @@ class TargetAgentServicer(target_pb2_grpc.TargetAgentServicer):
             ).checkpoint_id
         self.digest_slots.take(peer)  # before anything is read; RESOURCE_EXHAUSTED past either bound
         try:
-            disk_dir = self.datastore.disk_dir(request.replica_path, request.disk_id)
             st = await asyncio.to_thread(replica.load_state, disk_dir)
             if checkpoint is not None and st.checkpoint_id != checkpoint:
                 raise TicketError("ticket is for another checkpoint than the replica disk is prepared for")
