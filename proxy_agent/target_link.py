@@ -13,7 +13,8 @@ from typing import Protocol
 
 import grpc
 
-from vmrepl.block import UNKNOWN_DIGEST
+from vmrepl.block import DIGEST_SIZE, UNKNOWN_DIGEST
+from vmrepl.domain import MAX_DIGESTS_PER_CALL
 from vmrepl.v1 import target_pb2
 
 TRANSFER_METHOD = "/vmrepl.v1.TargetAgent/Transfer"
@@ -128,12 +129,24 @@ class GrpcTargetLink:
 async def read_digest_table(
     link: TargetLink, request: target_pb2.ReadDigestsRequest, *, block_size: int, blocks: int
 ) -> bytes:
-    """The replica's digests of `request`'s blocks (`blocks`: how many that is), one table of 16-byte slots.
+    """The replica's digests of `blocks` blocks from `request.first_block`, one table of 16-byte slots.
 
-    Digests kept at another block size vouch for nothing here: every slot is then unknown (zero bytes)."""
+    Read in pages of at most MAX_DIGESTS_PER_CALL blocks (the target refuses a larger call); a page that
+    ends short (the replica has fewer blocks) ends the table. Digests kept at another block size vouch for
+    nothing here: every slot is then unknown (zero bytes)."""
     parts = []
-    async for chunk in link.read_digests(request):
-        if chunk.block_size != block_size:
-            return UNKNOWN_DIGEST * blocks
-        parts.append(chunk.digests)
+    first, end = request.first_block, request.first_block + blocks
+    while first < end:
+        page = target_pb2.ReadDigestsRequest()
+        page.CopyFrom(request)
+        page.first_block, page.block_count = first, min(MAX_DIGESTS_PER_CALL, end - first)
+        got = 0
+        async for chunk in link.read_digests(page):
+            if chunk.block_size != block_size:
+                return UNKNOWN_DIGEST * blocks
+            parts.append(chunk.digests)
+            got += len(chunk.digests) // DIGEST_SIZE
+        if got < page.block_count:
+            break
+        first += got
     return b"".join(parts)

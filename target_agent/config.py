@@ -26,6 +26,11 @@ class TargetSettings(ProgramSettings):
         16, ge=1, le=1024, description="Transfer streams one proxy certificate may hold open at once"
     )
     max_streams: int = Field(64, ge=1, le=4096, description="Transfer streams open at once, from all proxies")
+    # The same defaults as Transfer: every stream the Transfer bounds admit may read its digests alongside.
+    max_digest_reads_per_peer: int = Field(
+        16, ge=1, le=1024, description="ReadDigests calls one certificate (proxy or controller) may hold open at once"
+    )
+    max_digest_reads: int = Field(64, ge=1, le=4096, description="ReadDigests calls open at once, from all callers")
     open_timeout_seconds: float = Field(
         30.0, gt=0, le=3600, description="a stream that sends no open message within this is ended"
     )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -14,8 +15,8 @@ from target_agent.datastore import Datastore
 from target_agent.receiver import Receiver
 from vmrepl.block import DIGEST_SIZE
 from vmrepl.call_limits import Slots
-from vmrepl.domain import check_block_size, check_disk_size
-from vmrepl.errors import InvalidArgument, TicketError
+from vmrepl.domain import check_block_size, check_digest_count, check_disk_size
+from vmrepl.errors import FailedPrecondition, InvalidArgument, TicketError
 from vmrepl.names import check_name
 from vmrepl.rpc import handle_errors
 from vmrepl.security.ticket import load_public_keys
@@ -40,6 +41,20 @@ ROLES: dict[str, tuple[str, ...]] = {
     "Transfer": ("proxy",),
 }
 DIGESTS_PER_CHUNK = 65536  # 1 MiB of digests per message
+
+
+async def _digest_chunks(disk_dir: Path, first: int, count: int) -> AsyncIterator[target_pb2.DigestChunk]:
+    """Digests of blocks [first, first+count) in messages of DIGESTS_PER_CHUNK, fewer where the disk ends."""
+    while count > 0:
+        n = min(DIGESTS_PER_CHUNK, count)
+        block_size, digests = await asyncio.to_thread(replica.read_digests, disk_dir, first, n)
+        if digests:
+            yield target_pb2.DigestChunk(first_block=first, block_size=block_size, digests=digests)
+        got = len(digests) // DIGEST_SIZE
+        if got < n:
+            return
+        first += got
+        count -= got
 
 
 def _ts(seconds: float) -> Timestamp:
@@ -89,6 +104,9 @@ class TargetAgentServicer(target_pb2_grpc.TargetAgentServicer):
             open_timeout=settings.open_timeout_seconds,
             idle_timeout=settings.idle_timeout_seconds,
             write_delay=settings.test_write_delay_ms / 1000,
+        )
+        self.digest_slots = Slots(
+            per_peer=settings.max_digest_reads_per_peer, total=settings.max_digest_reads, what="ReadDigests calls"
         )
 
     @handle_errors
@@ -179,30 +197,31 @@ class TargetAgentServicer(target_pb2_grpc.TargetAgentServicer):
         context: grpc.aio.ServicerContext[target_pb2.ReadDigestsRequest, target_pb2.DigestChunk],
     ) -> AsyncIterator[target_pb2.DigestChunk]:
         peer, role = peer_identity(context)
-        disk_dir = self.datastore.disk_dir(request.replica_path, request.disk_id)
+        check_digest_count("block_count", request.block_count)
+        disk_dir = self.datastore.disk_dir(request.replica_path, request.disk_id)  # checks the names first
+        checkpoint = None
         if role == "proxy":  # a proxy reads only the disk its ticket names, as prepared for its checkpoint
-            ticket = self.receiver.check_ticket(
+            checkpoint = self.receiver.check_ticket(
                 request.ticket,
                 peer=peer,
                 session_id=request.session_id,
                 disk_id=request.disk_id,
                 replica_path=request.replica_path,
-            )
+            ).checkpoint_id
+        self.digest_slots.take(peer)  # before anything is read; RESOURCE_EXHAUSTED past either bound
+        try:
             st = await asyncio.to_thread(replica.load_state, disk_dir)
-            if st.checkpoint_id != ticket.checkpoint_id:
+            if checkpoint is not None and st.checkpoint_id != checkpoint:
                 raise TicketError("ticket is for another checkpoint than the replica disk is prepared for")
-        first, remaining = request.first_block, request.block_count
-        while True:
-            count = DIGESTS_PER_CHUNK if remaining == 0 else min(DIGESTS_PER_CHUNK, remaining)
-            block_size, digests = await asyncio.to_thread(replica.read_digests, disk_dir, first, count)
-            if digests:
-                yield target_pb2.DigestChunk(first_block=first, block_size=block_size, digests=digests)
-            n = len(digests) // DIGEST_SIZE
-            first += n
-            if remaining:
-                remaining -= n
-            if n < count or (request.block_count and remaining == 0):
-                return
+            first, count, blocks = request.first_block, request.block_count, -(-st.disk_size // st.block_size)
+            if first > blocks:
+                raise FailedPrecondition(f"block {first} is past the disk's {blocks} blocks")
+            if count == 0:  # to the end of the disk, which must be within one call's bound too
+                count = check_digest_count("block_count", blocks - first)
+            async for chunk in _digest_chunks(disk_dir, first, count):
+                yield chunk
+        finally:
+            self.digest_slots.give(peer)
 
     # Registered with raw-bytes requests (see vmrepl.batch), hence the signature differs from the stub's.
     @handle_errors

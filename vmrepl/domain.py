@@ -170,6 +170,18 @@ def check_block_size(field: str, block_size: int) -> int:
     return block_size
 
 
+# One ReadDigests call answers at most this many blocks: 16 MiB of digests, 1 TiB of disk at 1 MiB blocks. It bounds
+# the target's work per call (a 1 PiB disk of 64 KiB blocks would otherwise be 256 GiB of digests in one call);
+# a caller pages through a larger disk with first_block.
+MAX_DIGESTS_PER_CALL = 1 << 20
+
+
+def check_digest_count(field: str, count: int) -> int:
+    if count > MAX_DIGESTS_PER_CALL:
+        raise InvalidArgument(field, f"must be at most {MAX_DIGESTS_PER_CALL} blocks per call; page with first_block")
+    return count
+
+
 # 1 PiB: far beyond any VHDX (64 TB), small enough that offsets stay sane.
 MAX_DISK_SIZE = 1 << 50
 

@@ -85,8 +85,11 @@ def handle_errors(fn: F) -> F:
         @functools.wraps(fn)
         async def gen_wrapper(self: Any, request: Any, context: Any) -> AsyncIterator[Any]:
             try:
-                async for item in fn(self, request, context):
-                    yield item
+                # Closed here, not left to the garbage collector: when the caller goes away the servicer's own
+                # `finally` (a slot given back, a file closed) runs at once.
+                async with contextlib.aclosing(fn(self, request, context)) as items:
+                    async for item in items:
+                        yield item
             except (asyncio.CancelledError, grpc.aio.AbortError):
                 raise
             except Exception as e:

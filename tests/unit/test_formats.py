@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import re
 import struct
 import subprocess
 from pathlib import Path
@@ -155,3 +156,34 @@ def test_vhd_with_bad_footer_checksum_is_refused(raw_image: Path, tmp_path: Path
 def test_not_a_vhdx_is_refused(raw_image: Path) -> None:
     with pytest.raises(UnsupportedDisk, match="not a VHDX"):
         open_reader(DiskFormat.VHDX, raw_image)
+
+
+def _create_vhdx(path: Path) -> Path:
+    need_tool("qemu-img")
+    subprocess.run(["qemu-img", "create", "-q", "-f", "vhdx", str(path), "64M"], check=True)
+    return path
+
+
+@pytest.mark.parametrize("version", [0, 2])
+def test_vhdx_with_a_header_version_other_than_1_is_refused(tmp_path: Path, version: int) -> None:
+    # [MS-VHDX] 2.2.2.1: Version MUST be 1. Both header copies patched, CRC-32C fixed: only the version is wrong.
+    image = _create_vhdx(tmp_path / "v.vhdx")
+
+    def set_version(hdr: bytearray) -> None:
+        struct.pack_into("<H", hdr, 66, version)
+
+    _rewrite_headers(image, set_version)
+    with pytest.raises(UnsupportedDisk, match=rf"{re.escape(str(image))}: VHDX header version {version} "):
+        open_reader(DiskFormat.VHDX, image)
+
+
+def test_vhdx_made_by_qemu_img_create_opens(tmp_path: Path) -> None:
+    image = _create_vhdx(tmp_path / "new.vhdx")
+    with image.open("rb") as f:
+        f.seek(64 * 1024 + 66)
+        assert struct.unpack("<H", f.read(2))[0] == 1
+    reader = open_reader(DiskFormat.VHDX, image)
+    try:
+        assert reader.size == 64 * MiB
+    finally:
+        reader.close()

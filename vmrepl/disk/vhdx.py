@@ -1,7 +1,7 @@
 """VHDX images (MS-VHDX): headers, region table, metadata and BAT parsed here; payload read positionally.
 
 Only what a replica needs is parsed: the current header (CRC-32C checked,
-highest sequence number of the two), the region table (CRC-32C checked),
+highest sequence number of the two, version 1 as MS-VHDX requires), the region table (CRC-32C checked),
 the metadata items for block size, virtual size, logical sector size and
 the parent flag, and the BAT. A header whose log GUID is set means the log
 holds entries to replay: the image is refused (the hypervisor replays logs;
@@ -38,6 +38,8 @@ _FILE_PARAMETERS = uuid.UUID("CAA16737-FA36-4D43-B3B6-33F0AA44E76B")
 _VIRTUAL_DISK_SIZE = uuid.UUID("2FA54224-CD1B-4876-B211-5DBED83BF4B8")
 _LOGICAL_SECTOR_SIZE = uuid.UUID("8141BF1D-A96F-4709-BA47-F233A8FAAB5F")
 _PARENT_LOCATOR = uuid.UUID("A8D35F2D-B30B-454D-ABF7-D3D84834AB0C")
+
+VHDX_VERSION = 1  # MS-VHDX 2.2.2.1: a header's Version MUST be 1
 
 # Payload block states (MS-VHDX 2.5.1.1). Only these two hold data in a non-differencing image.
 PAYLOAD_FULLY_PRESENT = 6
@@ -88,7 +90,12 @@ def _current_header(f: PositionalFile) -> Header:
         found.append(Header(seq, log_guid, version))
     if not found:
         raise UnsupportedDisk(f"{f.path}: no VHDX header has a valid signature and CRC-32C checksum")
-    return max(found, key=lambda h: h.sequence)
+    current = max(found, key=lambda h: h.sequence)
+    if current.version != VHDX_VERSION:  # a later layout could place the region table or BAT differently
+        raise UnsupportedDisk(
+            f"{f.path}: VHDX header version {current.version} is not supported (MS-VHDX requires {VHDX_VERSION})"
+        )
+    return current
 
 
 def _regions(f: PositionalFile) -> dict[uuid.UUID, tuple[int, int]]:

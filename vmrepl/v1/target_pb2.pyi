@@ -673,7 +673,9 @@ class ReadDigestsRequest(_message.Message):
     ticket: _builtins.bytes
     """The serialised SignedTicket for this session and disk (required from a proxy)."""
     first_block: _builtins.int
-    """First block and number of blocks; block_count 0 means to the end of the disk."""
+    """First block and number of blocks; block_count 0 means to the end of the disk. At most
+    MAX_DIGESTS_PER_CALL (vmrepl/domain.py, 2^20) blocks per call, 0 included: page with first_block.
+    """
     block_count: _builtins.int
     def __init__(
         self,
