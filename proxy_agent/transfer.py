@@ -159,7 +159,7 @@ class DiskTransfer:
             plan=self.plan,
             block_size=self.spec.block_size,
             seed=self.spec.transfer_id,
-            replica_digests=lambda: self._replica_digests(link),
+            replica_digests=lambda: self._replica_digests_retried(link),
         ).run(executor)
         self.stats.bytes_read += outcome.read_bytes  # counters change on the event loop only
         self.stats.sampled_blocks, self.stats.mismatched_blocks = outcome.sampled, outcome.mismatched
@@ -184,11 +184,7 @@ class DiskTransfer:
         s = self.stats
         s.passes = number + 1
         s.unallocated, s.excluded, s.unchanged = plan.unallocated, plan.excluded, plan.unchanged
-        table = None
-        if compare:
-            async for attempt in self._retrying():
-                with attempt:
-                    table = await self._replica_digests(link)
+        table = await self._replica_digests_retried(link) if compare else None
         builder = BatchBuilder(
             self._reader,
             block_size=self.spec.block_size,
@@ -201,6 +197,14 @@ class DiskTransfer:
             with attempt:
                 done = await self._attempt(executor, link, p)
         return done
+
+    async def _replica_digests_retried(self, link: TargetLink) -> bytes:
+        """The replica's digest table, asked again after a transient failure (a target restarting, or busy
+        with as many digest reads as it takes: RESOURCE_EXHAUSTED), as the stream attempts are."""
+        async for attempt in self._retrying():
+            with attempt:
+                return await self._replica_digests(link)
+        raise AssertionError("unreachable: AsyncRetrying re-raises the last error")
 
     async def _replica_digests(self, link: TargetLink) -> bytes:
         request = target_pb2.ReadDigestsRequest(

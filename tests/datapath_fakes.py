@@ -67,6 +67,8 @@ class FakeTarget:
     break_after: list[int] = field(default_factory=list)  # per stream, in order: batches before a cut
     corrupt_digest: bool = False
     answer_version: int | None = None  # answer this version whatever the proxy offered
+    digest_faults: list[grpc.StatusCode] = field(default_factory=list)  # raised by the next digest reads, one each
+    digest_reads: int = 0
     committed: int = 0
     pass_number: int = 0
     digest: PassDigest = field(default_factory=PassDigest)
@@ -83,6 +85,9 @@ class FakeTarget:
         return FakeCall(self, self.break_after.pop(0) if self.break_after else None)
 
     async def read_digests(self, request: target_pb2.ReadDigestsRequest) -> AsyncIterator[target_pb2.DigestChunk]:
+        self.digest_reads += 1
+        if self.digest_faults:
+            raise StreamBroken(self.digest_faults.pop(0), "busy")
         yield target_pb2.DigestChunk(first_block=0, block_size=self.block_size, digests=bytes(self.table))
 
     async def close(self) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 
+import grpc
 from tenacity import wait_none
 
 from proxy_agent import stats as st
@@ -133,6 +134,19 @@ async def test_a_passing_sample_keeps_one_pass() -> None:
     stats = await run(transfer(source, target, mode=ChangeMode.RANGES, changed=[Extent(0, BS)]))
     assert (stats.state, stats.passes) == (st.COMPLETED, 1), stats.error_message
     assert (stats.sampled_blocks > 0, stats.mismatched_blocks) == (True, 0) and target.replica == source
+
+
+async def test_a_sample_whose_digest_read_is_refused_for_a_moment_asks_again() -> None:
+    """A target busy with as many digest reads as it takes (RESOURCE_EXHAUSTED), or restarting
+    (UNAVAILABLE), is asked again for the sample's digests, as stream attempts are; the sample then runs."""
+    source = source_bytes()
+    replica = bytearray(source)
+    replica[0:BS] = b"x" * BS
+    target = FakeTarget(replica, BS)
+    target.digest_faults = [grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.UNAVAILABLE]
+    stats = await run(transfer(source, target, mode=ChangeMode.RANGES, changed=[Extent(0, BS)]))
+    assert (stats.state, stats.passes, target.digest_reads) == (st.COMPLETED, 1, 3), stats.error_message
+    assert stats.sampled_blocks > 0 and target.replica == source
 
 
 async def test_a_digest_comparison_sends_only_what_differs() -> None:
