@@ -12,8 +12,8 @@ from controller.db.enums import SessionState, TaskState, VmState
 from controller.db.models import Session, SessionVm, Task
 from controller.observability.statistics import Shares, compression_ratio, rate, shares
 from vmrepl.progress import StageBusy, TransferFigures
-from vmrepl.v1 import common_pb2, proxy_pb2
 from vmrepl.v1 import controller_pb2 as api
+from vmrepl.v1 import proxy_pb2
 
 # The database's session, VM and task states as the API's enums, name for name (a test checks none is left out).
 SESSION_STATES: dict[SessionState, api.SessionState.ValueType] = {
@@ -23,13 +23,6 @@ VM_STATES: dict[VmState, api.VmState.ValueType] = {s: api.VmState.Value(f"VM_STA
 TASK_STATES: dict[TaskState, api.DiskTaskState.ValueType] = {
     s: api.DiskTaskState.Value(f"DISK_TASK_STATE_{s.name}") for s in TaskState
 }
-
-
-def _skipped(raw: object) -> common_pb2.SkippedBytes:
-    d = raw if isinstance(raw, dict) else {}
-    return common_pb2.SkippedBytes(
-        **{k: int(d.get(k, 0) or 0) for k in ("zero", "unallocated", "unchanged", "excluded")}
-    )
 
 
 def _shares_msg(s: Shares) -> api.StageShares:
