@@ -201,10 +201,7 @@ class DiskTransfer:
     async def _replica_digests_retried(self, link: TargetLink) -> bytes:
         """The replica's digest table, asked again after a transient failure (a target restarting, or busy
         with as many digest reads as it takes: RESOURCE_EXHAUSTED), as the stream attempts are."""
-        async for attempt in self._retrying():
-            with attempt:
-                return await self._replica_digests(link)
-        raise AssertionError("unreachable: AsyncRetrying re-raises the last error")
+        return await self._retrying()(self._replica_digests, link)
 
     async def _replica_digests(self, link: TargetLink) -> bytes:
         request = target_pb2.ReadDigestsRequest(
