@@ -1,1 +1,1 @@
-"""The controller daemon and the operator CLI (entry points in controller.entry)."""
+"""The controller daemon (entry point in controller.entry) and the operator CLI (controller.cli.run)."""
