@@ -14,7 +14,7 @@ from collections.abc import Iterator
 
 from vmrepl.extent import Extent, align_in, complement, merge, split_blocks
 
-SAMPLE_FRACTION = 0.001
+SAMPLE_ONE_IN = 1000  # the sample takes one block in this many (at least MIN_SAMPLE)
 MIN_SAMPLE = 16
 
 
@@ -25,7 +25,7 @@ def unsent_blocks(sent: list[Extent], *, disk_size: int, block_size: int) -> Ite
 
 def choose_sample(candidates: list[Extent], *, disk_blocks: int, seed: str) -> list[Extent]:
     """The blocks to check: the first half of the sample from the start, the rest at random."""
-    want = min(len(candidates), max(MIN_SAMPLE, -(-disk_blocks * 1 // 1000)))
+    want = min(len(candidates), max(MIN_SAMPLE, -(-disk_blocks // SAMPLE_ONE_IN)))
     head = candidates[: want // 2]
     rest = candidates[want // 2 :]
     tail = random.Random(seed).sample(rest, want - len(head))

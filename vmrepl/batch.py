@@ -84,9 +84,10 @@ def check_chosen_version(chosen: int, *, speaks: Sequence[int] = PROTOCOL_VERSIO
 
 
 _HEX = frozenset("0123456789abcdefABCDEF")
-_TAG_OPEN = (1 << 3) | 2
-_TAG_BATCH = (2 << 3) | 2
-_TAG_PAYLOAD = (15 << 3) | 2
+# TransferRequest's fields, all length-delimited (wire type 2): open, batch (its header) and payload.
+_OPEN, _BATCH, _PAYLOAD = 1, 2, 15
+_TAG_BATCH = (_BATCH << 3) | 2
+_TAG_PAYLOAD = (_PAYLOAD << 3) | 2
 
 DATA = common_pb2.EXTENT_KIND_DATA
 ZERO = common_pb2.EXTENT_KIND_ZERO
@@ -164,15 +165,15 @@ def decode_frame(data: bytes) -> Frame:
         pos += length
     if pos != len(view):
         raise BatchError("frame", "message ends inside a field")
-    if (1 in fields) == (2 in fields):
+    if (_OPEN in fields) == (_BATCH in fields):
         raise BatchError("frame", "a frame carries exactly one of open and batch")
-    payload = fields.get(15, memoryview(b""))
+    payload = fields.get(_PAYLOAD, memoryview(b""))
     try:
-        if 1 in fields:
-            return Frame(target_pb2.TransferOpen.FromString(fields[1].tobytes()), None, payload)
-        if len(fields[2]) > MAX_HEADER_BYTES:
-            raise BatchError("batch", f"header of {len(fields[2])} bytes exceeds {MAX_HEADER_BYTES}")
-        return Frame(None, target_pb2.BatchHeader.FromString(fields[2].tobytes()), payload)
+        if _OPEN in fields:
+            return Frame(target_pb2.TransferOpen.FromString(fields[_OPEN].tobytes()), None, payload)
+        if len(fields[_BATCH]) > MAX_HEADER_BYTES:
+            raise BatchError("batch", f"header of {len(fields[_BATCH])} bytes exceeds {MAX_HEADER_BYTES}")
+        return Frame(None, target_pb2.BatchHeader.FromString(fields[_BATCH].tobytes()), payload)
     except BatchError:
         raise
     except Exception as e:  # protobuf's DecodeError and friends
