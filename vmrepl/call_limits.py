@@ -21,10 +21,9 @@ from typing import Any
 
 import grpc
 
-from vmrepl.errors import PeerNotAllowed, ResourceExhausted
-from vmrepl.log_limit import refused
+from vmrepl.errors import ResourceExhausted
+from vmrepl.log_limit import peer_of, refused
 from vmrepl.logs import get_logger
-from vmrepl.security.tls import peer_identity
 
 log = get_logger("vmrepl.call_limits")
 RETRY_AFTER_KEY = "retry-after-ms"
@@ -71,14 +70,6 @@ class Slots:
 
     def held_by(self, peer: str) -> int:
         return self._held[peer]
-
-
-def _client(context: Any) -> str:
-    """The certificate's name; the peer address if the call carries none (it is refused later anyway)."""
-    try:
-        return peer_identity(context)[0]
-    except PeerNotAllowed:
-        return str(context.peer())
 
 
 class CallLimits(grpc.aio.ServerInterceptor):  # type: ignore[misc]
@@ -132,7 +123,7 @@ class CallLimits(grpc.aio.ServerInterceptor):  # type: ignore[misc]
 
     @contextlib.asynccontextmanager
     async def _slot(self, context: Any, method: str) -> AsyncIterator[None]:
-        client = _client(context)
+        client = peer_of(context)  # a call without a name is refused later anyway
         try:
             self.slots.take(client)
         except ResourceExhausted as e:
