@@ -21,7 +21,7 @@ from vmrepl.names import check_name
 from vmrepl.rpc import handle_errors
 from vmrepl.security.ticket import load_public_keys
 from vmrepl.security.tls import peer_identity
-from vmrepl.v1 import target_pb2, target_pb2_grpc
+from vmrepl.v1 import common_pb2, target_pb2, target_pb2_grpc
 
 _STATES = {
     replica.PREPARED: target_pb2.REPLICA_DISK_STATE_PREPARED,
@@ -37,6 +37,11 @@ ROLES: dict[str, tuple[str, ...]] = {
     "CommitRestorePoint": CONTROLLER,
     "ListRestorePoints": CONTROLLER,
     "DeleteRestorePoint": CONTROLLER,
+    "GetReplica": CONTROLLER,
+    "EndReplicaSession": CONTROLLER,
+    "RollbackReplica": CONTROLLER,
+    "VerifyReplica": CONTROLLER,
+    "ReadReplicaDisk": CONTROLLER,
     "ReadDigests": ("controller", "proxy"),  # a proxy only for the disk its ticket names (checked in the call)
     "Transfer": ("proxy",),
 }
@@ -86,7 +91,7 @@ def _point_message(replica_path: str, p: restore_points.Point) -> target_pb2.Res
         replica_path=replica_path,
         session_id=p.session_id,
         created_at=_ts(p.created_at),
-        disks=[target_pb2.RestorePointDisk(disk_id=d.disk_id, disk_size=d.disk_size) for d in p.disks],
+        disks=[common_pb2.RestorePointDisk(disk_id=d.disk_id, disk_size=d.disk_size) for d in p.disks],
         checkpoint_id=p.checkpoint_id,
     )
 

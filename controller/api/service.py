@@ -48,6 +48,12 @@ ROLES: dict[str, tuple[str, ...]] = {
     "WatchSession": READ,
     "GetSessionLog": READ,
     "ListJobRestorePoints": READ,
+    "ListJobReplicas": READ,
+    "RollbackJobReplica": WRITE,
+    # Both read every block on the target: an operator's call, not a reader's (a flood of them is a load
+    # on the target's disks, and an export hands out the VM's data).
+    "VerifyJobReplica": WRITE,
+    "ExportRestorePoint": WRITE,
 }
 
 

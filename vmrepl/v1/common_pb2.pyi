@@ -39,6 +39,68 @@ DISK_FORMAT_VHDX: DiskFormat.ValueType  # 2
 DISK_FORMAT_VHD: DiskFormat.ValueType  # 3
 Global___DiskFormat: _TypeAlias = DiskFormat  # noqa: Y015
 
+class _ReplicaState:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _ReplicaStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ReplicaState.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    REPLICA_STATE_UNSPECIFIED: _ReplicaState.ValueType  # 0
+    REPLICA_STATE_EMPTY: _ReplicaState.ValueType  # 1
+    """No restore point yet and no session's writes kept (a first full that failed leaves nothing to restore)."""
+    REPLICA_STATE_AT_POINT: _ReplicaState.ValueType  # 2
+    """The replica's disks equal its newest restore point."""
+    REPLICA_STATE_WRITING: _ReplicaState.ValueType  # 3
+    """A session is writing, or stopped without saying how it ended: the replica is between points. The
+    next session that does not continue it rolls it back first.
+    """
+    REPLICA_STATE_RESUMABLE: _ReplicaState.ValueType  # 4
+    """A session stopped and its progress is kept for a session that continues it from the same checkpoint;
+    any other session (or a rollback on request) returns the replica to its newest point first.
+    """
+
+class ReplicaState(_ReplicaState, metaclass=_ReplicaStateEnumTypeWrapper):
+    """Where a VM replica stands between restore points: the one state the target keeps and the controller's
+    API and CLI show. See docs/target-agent.md, "Restore points".
+    """
+
+REPLICA_STATE_UNSPECIFIED: ReplicaState.ValueType  # 0
+REPLICA_STATE_EMPTY: ReplicaState.ValueType  # 1
+"""No restore point yet and no session's writes kept (a first full that failed leaves nothing to restore)."""
+REPLICA_STATE_AT_POINT: ReplicaState.ValueType  # 2
+"""The replica's disks equal its newest restore point."""
+REPLICA_STATE_WRITING: ReplicaState.ValueType  # 3
+"""A session is writing, or stopped without saying how it ended: the replica is between points. The
+next session that does not continue it rolls it back first.
+"""
+REPLICA_STATE_RESUMABLE: ReplicaState.ValueType  # 4
+"""A session stopped and its progress is kept for a session that continues it from the same checkpoint;
+any other session (or a rollback on request) returns the replica to its newest point first.
+"""
+Global___ReplicaState: _TypeAlias = ReplicaState  # noqa: Y015
+
+class _Consistency:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _ConsistencyEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Consistency.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    CONSISTENCY_UNSPECIFIED: _Consistency.ValueType  # 0
+    CONSISTENCY_CRASH: _Consistency.ValueType  # 1
+    """As after a power cut: what the disks held at the checkpoint."""
+    CONSISTENCY_APPLICATION: _Consistency.ValueType  # 2
+    """The guest's applications were quiesced (VSS) for the checkpoint."""
+
+class Consistency(_Consistency, metaclass=_ConsistencyEnumTypeWrapper):
+    """How consistent a restore point's disks are."""
+
+CONSISTENCY_UNSPECIFIED: Consistency.ValueType  # 0
+CONSISTENCY_CRASH: Consistency.ValueType  # 1
+"""As after a power cut: what the disks held at the checkpoint."""
+CONSISTENCY_APPLICATION: Consistency.ValueType  # 2
+"""The guest's applications were quiesced (VSS) for the checkpoint."""
+Global___Consistency: _TypeAlias = Consistency  # noqa: Y015
+
 class _ExtentKind:
     ValueType = _typing.NewType("ValueType", _builtins.int)
     V: _TypeAlias = ValueType  # noqa: Y015
@@ -134,6 +196,121 @@ class SampledVerification(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___SampledVerification: _TypeAlias = SampledVerification  # noqa: Y015
+
+@_typing.final
+class VerifyProgress(_message.Message):
+    """Progress of a replica verification: one message per disk every few seconds and when the disk is done."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DISK_ID_FIELD_NUMBER: _builtins.int
+    BLOCKS_TOTAL_FIELD_NUMBER: _builtins.int
+    BLOCKS_CHECKED_FIELD_NUMBER: _builtins.int
+    BLOCKS_UNKNOWN_FIELD_NUMBER: _builtins.int
+    MISMATCHES_FIELD_NUMBER: _builtins.int
+    DONE_FIELD_NUMBER: _builtins.int
+    MISMATCH_COUNT_FIELD_NUMBER: _builtins.int
+    BLOCK_SIZE_FIELD_NUMBER: _builtins.int
+    disk_id: _builtins.str
+    blocks_total: _builtins.int
+    """Blocks to check on this disk (all of them, or the sample)."""
+    blocks_checked: _builtins.int
+    blocks_unknown: _builtins.int
+    """Checked blocks whose digest the replica does not know (written before a crash, never re-sent): they
+    cannot be vouched for; a digest-comparison session sends them again.
+    """
+    done: _builtins.bool
+    """This disk is finished; mismatch_count is its total."""
+    mismatch_count: _builtins.int
+    block_size: _builtins.int
+    @_builtins.property
+    def mismatches(self) -> _containers.RepeatedCompositeFieldContainer[Global___ByteRange]:
+        """Blocks whose bytes differ from their digest, found since this disk's previous message."""
+
+    def __init__(
+        self,
+        *,
+        disk_id: _builtins.str = ...,
+        blocks_total: _builtins.int = ...,
+        blocks_checked: _builtins.int = ...,
+        blocks_unknown: _builtins.int = ...,
+        mismatches: _abc.Iterable[Global___ByteRange] | None = ...,
+        done: _builtins.bool = ...,
+        mismatch_count: _builtins.int = ...,
+        block_size: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["block_size", b"block_size", "blocks_checked", b"blocks_checked", "blocks_total", b"blocks_total", "blocks_unknown", b"blocks_unknown", "disk_id", b"disk_id", "done", b"done", "mismatch_count", b"mismatch_count", "mismatches", b"mismatches"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___VerifyProgress: _TypeAlias = VerifyProgress  # noqa: Y015
+
+@_typing.final
+class DiskChunk(_message.Message):
+    """A piece of a replica disk at a restore point, in offset order. Ranges between chunks read as zeros."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DISK_SIZE_FIELD_NUMBER: _builtins.int
+    OFFSET_FIELD_NUMBER: _builtins.int
+    DATA_FIELD_NUMBER: _builtins.int
+    DONE_FIELD_NUMBER: _builtins.int
+    disk_size: _builtins.int
+    """The disk's virtual size (every message)."""
+    offset: _builtins.int
+    data: _builtins.bytes
+    """At most 4 MiB; empty in the last message, which only says the disk is done."""
+    done: _builtins.bool
+    def __init__(
+        self,
+        *,
+        disk_size: _builtins.int = ...,
+        offset: _builtins.int = ...,
+        data: _builtins.bytes = ...,
+        done: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "disk_size", b"disk_size", "done", b"done", "offset", b"offset"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DiskChunk: _TypeAlias = DiskChunk  # noqa: Y015
+
+@_typing.final
+class RestorePointDisk(_message.Message):
+    """One disk of a restore point (the target's and the controller's API)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DISK_ID_FIELD_NUMBER: _builtins.int
+    DISK_SIZE_FIELD_NUMBER: _builtins.int
+    FORMAT_FIELD_NUMBER: _builtins.int
+    ROLLBACK_BYTES_FIELD_NUMBER: _builtins.int
+    disk_id: _builtins.str
+    disk_size: _builtins.int
+    format: Global___DiskFormat.ValueType
+    rollback_bytes: _builtins.int
+    """Bytes of rollback data kept for this disk to return it from the next point to this one (0 for the
+    newest point, whose data is the replica disk itself).
+    """
+    def __init__(
+        self,
+        *,
+        disk_id: _builtins.str = ...,
+        disk_size: _builtins.int = ...,
+        format: Global___DiskFormat.ValueType = ...,
+        rollback_bytes: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["disk_id", b"disk_id", "disk_size", b"disk_size", "format", b"format", "rollback_bytes", b"rollback_bytes"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RestorePointDisk: _TypeAlias = RestorePointDisk  # noqa: Y015
 
 @_typing.final
 class SkippedBytes(_message.Message):

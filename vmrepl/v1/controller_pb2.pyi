@@ -861,6 +861,8 @@ class Job(_message.Message):
     WEBHOOK_FIELD_NUMBER: _builtins.int
     RETRIES_FIELD_NUMBER: _builtins.int
     RETRY_WAIT_SECONDS_FIELD_NUMBER: _builtins.int
+    FULL_CHECK_EVERY_FIELD_NUMBER: _builtins.int
+    REPLICA_FORMAT_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """`jobs/{id}`."""
     host: _builtins.str
@@ -889,6 +891,14 @@ class Job(_message.Message):
     session, after retry_wait_seconds; other VMs go on meanwhile. Defaults 2 and 60.
     """
     retry_wait_seconds: _builtins.int
+    full_check_every: _builtins.int
+    """Every this many sessions, an incremental that would use the host's changed ranges compares every
+    block's digest instead, catching writes the change tracking missed. Unset: 10; 0: never.
+    """
+    replica_format: _common_pb2.DiskFormat.ValueType
+    """The replica disks' file format: VHDX or RAW. Unspecified: VHDX for Hyper-V hosts, RAW for
+    file-backed ones.
+    """
     @_builtins.property
     def vms(self) -> _containers.RepeatedCompositeFieldContainer[Global___JobVm]: ...
     @_builtins.property
@@ -931,15 +941,21 @@ class Job(_message.Message):
         webhook: Global___Webhook | None = ...,
         retries: _builtins.int | None = ...,
         retry_wait_seconds: _builtins.int | None = ...,
+        full_check_every: _builtins.int | None = ...,
+        replica_format: _common_pb2.DiskFormat.ValueType = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_retries", b"_retries", "_retry_wait_seconds", b"_retry_wait_seconds", "create_time", b"create_time", "exclusions", b"exclusions", "guest_processing", b"guest_processing", "retries", b"retries", "retry_wait_seconds", b"retry_wait_seconds", "schedule", b"schedule", "webhook", b"webhook"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_full_check_every", b"_full_check_every", "_retries", b"_retries", "_retry_wait_seconds", b"_retry_wait_seconds", "create_time", b"create_time", "exclusions", b"exclusions", "full_check_every", b"full_check_every", "guest_processing", b"guest_processing", "retries", b"retries", "retry_wait_seconds", b"retry_wait_seconds", "schedule", b"schedule", "webhook", b"webhook"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_retries", b"_retries", "_retry_wait_seconds", b"_retry_wait_seconds", "bandwidth_limit_mbps", b"bandwidth_limit_mbps", "block_size", b"block_size", "change_tracking", b"change_tracking", "checkpoint_hold_seconds", b"checkpoint_hold_seconds", "compression", b"compression", "create_time", b"create_time", "disabled", b"disabled", "exclusions", b"exclusions", "guest_processing", b"guest_processing", "host", b"host", "name", b"name", "replica_root", b"replica_root", "restore_points_to_keep", b"restore_points_to_keep", "retries", b"retries", "retry_wait_seconds", b"retry_wait_seconds", "schedule", b"schedule", "target", b"target", "vms", b"vms", "webhook", b"webhook"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_full_check_every", b"_full_check_every", "_retries", b"_retries", "_retry_wait_seconds", b"_retry_wait_seconds", "bandwidth_limit_mbps", b"bandwidth_limit_mbps", "block_size", b"block_size", "change_tracking", b"change_tracking", "checkpoint_hold_seconds", b"checkpoint_hold_seconds", "compression", b"compression", "create_time", b"create_time", "disabled", b"disabled", "exclusions", b"exclusions", "full_check_every", b"full_check_every", "guest_processing", b"guest_processing", "host", b"host", "name", b"name", "replica_format", b"replica_format", "replica_root", b"replica_root", "restore_points_to_keep", b"restore_points_to_keep", "retries", b"retries", "retry_wait_seconds", b"retry_wait_seconds", "schedule", b"schedule", "target", b"target", "vms", b"vms", "webhook", b"webhook"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__full_check_every: _TypeAlias = _typing.Literal["full_check_every"]  # noqa: Y015
+    _WhichOneofArgType__full_check_every: _TypeAlias = _typing.Literal["_full_check_every", b"_full_check_every"]  # noqa: Y015
     _WhichOneofReturnType__retries: _TypeAlias = _typing.Literal["retries"]  # noqa: Y015
     _WhichOneofArgType__retries: _TypeAlias = _typing.Literal["_retries", b"_retries"]  # noqa: Y015
     _WhichOneofReturnType__retry_wait_seconds: _TypeAlias = _typing.Literal["retry_wait_seconds"]  # noqa: Y015
     _WhichOneofArgType__retry_wait_seconds: _TypeAlias = _typing.Literal["_retry_wait_seconds", b"_retry_wait_seconds"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__full_check_every) -> _WhichOneofReturnType__full_check_every | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__retries) -> _WhichOneofReturnType__retries | None: ...
     @_typing.overload
@@ -1268,16 +1284,22 @@ class StartJobRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     NAME_FIELD_NUMBER: _builtins.int
+    FULL_CHECK_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """`jobs/{id}`."""
+    full_check: _builtins.bool
+    """This session compares every block's digest instead of trusting the host's changed ranges (see
+    Job.full_check_every).
+    """
     def __init__(
         self,
         *,
         name: _builtins.str = ...,
+        full_check: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["full_check", b"full_check", "name", b"name"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1754,13 +1776,28 @@ class JobRestorePoint(_message.Message):
     VM_ID_FIELD_NUMBER: _builtins.int
     SESSION_FIELD_NUMBER: _builtins.int
     CREATE_TIME_FIELD_NUMBER: _builtins.int
+    VM_NAME_FIELD_NUMBER: _builtins.int
+    SIZE_BYTES_FIELD_NUMBER: _builtins.int
+    CONSISTENCY_FIELD_NUMBER: _builtins.int
+    RESTORABLE_FIELD_NUMBER: _builtins.int
+    DISKS_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """`jobs/{id}/restorePoints/{id}`."""
     vm_id: _builtins.str
     session: _builtins.str
     """`sessions/{id}` that made it."""
+    vm_name: _builtins.str
+    size_bytes: _builtins.int
+    """The sum of its disks' virtual sizes."""
+    consistency: _common_pb2.Consistency.ValueType
+    restorable: _builtins.bool
+    """The target holds every disk's data for this point (ListJobReplicas asks it; ListJobRestorePoints,
+    which reads only the controller's database, leaves it false).
+    """
     @_builtins.property
     def create_time(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def disks(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.RestorePointDisk]: ...
     def __init__(
         self,
         *,
@@ -1768,10 +1805,15 @@ class JobRestorePoint(_message.Message):
         vm_id: _builtins.str = ...,
         session: _builtins.str = ...,
         create_time: _timestamp_pb2.Timestamp | None = ...,
+        vm_name: _builtins.str = ...,
+        size_bytes: _builtins.int = ...,
+        consistency: _common_pb2.Consistency.ValueType = ...,
+        restorable: _builtins.bool = ...,
+        disks: _abc.Iterable[_common_pb2.RestorePointDisk] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "name", b"name", "session", b"session", "vm_id", b"vm_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["consistency", b"consistency", "create_time", b"create_time", "disks", b"disks", "name", b"name", "restorable", b"restorable", "session", b"session", "size_bytes", b"size_bytes", "vm_id", b"vm_id", "vm_name", b"vm_name"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1825,3 +1867,181 @@ class ListJobRestorePointsResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ListJobRestorePointsResponse: _TypeAlias = ListJobRestorePointsResponse  # noqa: Y015
+
+@_typing.final
+class JobReplica(_message.Message):
+    """---- replicas -----------------------------------------------------------------------------------"""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VM_ID_FIELD_NUMBER: _builtins.int
+    VM_NAME_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    SESSION_FIELD_NUMBER: _builtins.int
+    BASE_POINT_FIELD_NUMBER: _builtins.int
+    ROLLED_BACK_SESSION_FIELD_NUMBER: _builtins.int
+    ROLLED_BACK_TIME_FIELD_NUMBER: _builtins.int
+    RESTORE_POINTS_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
+    vm_id: _builtins.str
+    vm_name: _builtins.str
+    state: _common_pb2.ReplicaState.ValueType
+    session: _builtins.str
+    """`sessions/{id}` writing or stopped (WRITING, RESUMABLE)."""
+    base_point: _builtins.str
+    """`jobs/{id}/restorePoints/{id}`: the point the replica equals or returns to."""
+    rolled_back_session: _builtins.str
+    """`sessions/{id}` whose writes were last rolled back, and when."""
+    error: _builtins.str
+    """The target could not be asked (state UNSPECIFIED then): why."""
+    @_builtins.property
+    def rolled_back_time(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def restore_points(self) -> _containers.RepeatedCompositeFieldContainer[Global___JobRestorePoint]:
+        """Oldest first, as the target holds them."""
+
+    def __init__(
+        self,
+        *,
+        vm_id: _builtins.str = ...,
+        vm_name: _builtins.str = ...,
+        state: _common_pb2.ReplicaState.ValueType = ...,
+        session: _builtins.str = ...,
+        base_point: _builtins.str = ...,
+        rolled_back_session: _builtins.str = ...,
+        rolled_back_time: _timestamp_pb2.Timestamp | None = ...,
+        restore_points: _abc.Iterable[Global___JobRestorePoint] | None = ...,
+        error: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["rolled_back_time", b"rolled_back_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["base_point", b"base_point", "error", b"error", "restore_points", b"restore_points", "rolled_back_session", b"rolled_back_session", "rolled_back_time", b"rolled_back_time", "session", b"session", "state", b"state", "vm_id", b"vm_id", "vm_name", b"vm_name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___JobReplica: _TypeAlias = JobReplica  # noqa: Y015
+
+@_typing.final
+class ListJobReplicasRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PARENT_FIELD_NUMBER: _builtins.int
+    parent: _builtins.str
+    """`jobs/{id}`."""
+    def __init__(
+        self,
+        *,
+        parent: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["parent", b"parent"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListJobReplicasRequest: _TypeAlias = ListJobReplicasRequest  # noqa: Y015
+
+@_typing.final
+class ListJobReplicasResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REPLICAS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def replicas(self) -> _containers.RepeatedCompositeFieldContainer[Global___JobReplica]: ...
+    def __init__(
+        self,
+        *,
+        replicas: _abc.Iterable[Global___JobReplica] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["replicas", b"replicas"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListJobReplicasResponse: _TypeAlias = ListJobReplicasResponse  # noqa: Y015
+
+@_typing.final
+class RollbackJobReplicaRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    JOB_FIELD_NUMBER: _builtins.int
+    VM_FIELD_NUMBER: _builtins.int
+    job: _builtins.str
+    """`jobs/{id}`."""
+    vm: _builtins.str
+    """The VM's id or name as the job lists it."""
+    def __init__(
+        self,
+        *,
+        job: _builtins.str = ...,
+        vm: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["job", b"job", "vm", b"vm"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RollbackJobReplicaRequest: _TypeAlias = RollbackJobReplicaRequest  # noqa: Y015
+
+@_typing.final
+class VerifyJobReplicaRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    JOB_FIELD_NUMBER: _builtins.int
+    VM_FIELD_NUMBER: _builtins.int
+    RESTORE_POINT_FIELD_NUMBER: _builtins.int
+    SAMPLE_PERCENT_FIELD_NUMBER: _builtins.int
+    job: _builtins.str
+    """`jobs/{id}`."""
+    vm: _builtins.str
+    """The VM's id or name; may be empty when the job has one VM."""
+    restore_point: _builtins.str
+    """`jobs/{id}/restorePoints/{id}` or the bare id; empty: the newest."""
+    sample_percent: _builtins.int
+    """1 to 100: the percentage of blocks checked, chosen at random; 0 means 100."""
+    def __init__(
+        self,
+        *,
+        job: _builtins.str = ...,
+        vm: _builtins.str = ...,
+        restore_point: _builtins.str = ...,
+        sample_percent: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["job", b"job", "restore_point", b"restore_point", "sample_percent", b"sample_percent", "vm", b"vm"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___VerifyJobReplicaRequest: _TypeAlias = VerifyJobReplicaRequest  # noqa: Y015
+
+@_typing.final
+class ExportRestorePointRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RESTORE_POINT_FIELD_NUMBER: _builtins.int
+    JOB_FIELD_NUMBER: _builtins.int
+    VM_FIELD_NUMBER: _builtins.int
+    DISK_FIELD_NUMBER: _builtins.int
+    restore_point: _builtins.str
+    """`jobs/{id}/restorePoints/{id}`, or the bare id as `restore-points list` prints it with `job` set."""
+    job: _builtins.str
+    vm: _builtins.str
+    disk: _builtins.str
+    def __init__(
+        self,
+        *,
+        restore_point: _builtins.str = ...,
+        job: _builtins.str = ...,
+        vm: _builtins.str = ...,
+        disk: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["disk", b"disk", "job", b"job", "restore_point", b"restore_point", "vm", b"vm"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ExportRestorePointRequest: _TypeAlias = ExportRestorePointRequest  # noqa: Y015

@@ -4,6 +4,7 @@ import grpc
 import warnings
 
 from google.protobuf import empty_pb2 as google_dot_protobuf_dot_empty__pb2
+from vmrepl.v1 import common_pb2 as vmrepl_dot_v1_dot_common__pb2
 from vmrepl.v1 import controller_pb2 as vmrepl_dot_v1_dot_controller__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
@@ -208,6 +209,26 @@ class ControllerServiceStub:
                 '/vmrepl.v1.ControllerService/ListJobRestorePoints',
                 request_serializer=vmrepl_dot_v1_dot_controller__pb2.ListJobRestorePointsRequest.SerializeToString,
                 response_deserializer=vmrepl_dot_v1_dot_controller__pb2.ListJobRestorePointsResponse.FromString,
+                _registered_method=True)
+        self.ListJobReplicas = channel.unary_unary(
+                '/vmrepl.v1.ControllerService/ListJobReplicas',
+                request_serializer=vmrepl_dot_v1_dot_controller__pb2.ListJobReplicasRequest.SerializeToString,
+                response_deserializer=vmrepl_dot_v1_dot_controller__pb2.ListJobReplicasResponse.FromString,
+                _registered_method=True)
+        self.RollbackJobReplica = channel.unary_unary(
+                '/vmrepl.v1.ControllerService/RollbackJobReplica',
+                request_serializer=vmrepl_dot_v1_dot_controller__pb2.RollbackJobReplicaRequest.SerializeToString,
+                response_deserializer=vmrepl_dot_v1_dot_controller__pb2.JobReplica.FromString,
+                _registered_method=True)
+        self.VerifyJobReplica = channel.unary_stream(
+                '/vmrepl.v1.ControllerService/VerifyJobReplica',
+                request_serializer=vmrepl_dot_v1_dot_controller__pb2.VerifyJobReplicaRequest.SerializeToString,
+                response_deserializer=vmrepl_dot_v1_dot_common__pb2.VerifyProgress.FromString,
+                _registered_method=True)
+        self.ExportRestorePoint = channel.unary_stream(
+                '/vmrepl.v1.ControllerService/ExportRestorePoint',
+                request_serializer=vmrepl_dot_v1_dot_controller__pb2.ExportRestorePointRequest.SerializeToString,
+                response_deserializer=vmrepl_dot_v1_dot_common__pb2.DiskChunk.FromString,
                 _registered_method=True)
 
 
@@ -425,6 +446,37 @@ class ControllerServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListJobReplicas(self, request, context):
+        """Each VM replica of the job, as its target reports it now: its state between restore points and its
+        points (vmrepl restore-points list).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RollbackJobReplica(self, request, context):
+        """Returns a VM's replica that is between points (a session writing, stopped or failed) to its newest
+        restore point. Refused while a session of the job runs.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def VerifyJobReplica(self, request, context):
+        """Re-reads a VM's replica at a restore point on its target and checks the blocks' digests
+        (vmrepl replica verify).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ExportRestorePoint(self, request, context):
+        """One disk of a restore point, for writing to a file (vmrepl restore-points export).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ControllerServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -587,6 +639,26 @@ def add_ControllerServiceServicer_to_server(servicer, server):
                     servicer.ListJobRestorePoints,
                     request_deserializer=vmrepl_dot_v1_dot_controller__pb2.ListJobRestorePointsRequest.FromString,
                     response_serializer=vmrepl_dot_v1_dot_controller__pb2.ListJobRestorePointsResponse.SerializeToString,
+            ),
+            'ListJobReplicas': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListJobReplicas,
+                    request_deserializer=vmrepl_dot_v1_dot_controller__pb2.ListJobReplicasRequest.FromString,
+                    response_serializer=vmrepl_dot_v1_dot_controller__pb2.ListJobReplicasResponse.SerializeToString,
+            ),
+            'RollbackJobReplica': grpc.unary_unary_rpc_method_handler(
+                    servicer.RollbackJobReplica,
+                    request_deserializer=vmrepl_dot_v1_dot_controller__pb2.RollbackJobReplicaRequest.FromString,
+                    response_serializer=vmrepl_dot_v1_dot_controller__pb2.JobReplica.SerializeToString,
+            ),
+            'VerifyJobReplica': grpc.unary_stream_rpc_method_handler(
+                    servicer.VerifyJobReplica,
+                    request_deserializer=vmrepl_dot_v1_dot_controller__pb2.VerifyJobReplicaRequest.FromString,
+                    response_serializer=vmrepl_dot_v1_dot_common__pb2.VerifyProgress.SerializeToString,
+            ),
+            'ExportRestorePoint': grpc.unary_stream_rpc_method_handler(
+                    servicer.ExportRestorePoint,
+                    request_deserializer=vmrepl_dot_v1_dot_controller__pb2.ExportRestorePointRequest.FromString,
+                    response_serializer=vmrepl_dot_v1_dot_common__pb2.DiskChunk.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -1467,6 +1539,114 @@ class ControllerService:
             '/vmrepl.v1.ControllerService/ListJobRestorePoints',
             vmrepl_dot_v1_dot_controller__pb2.ListJobRestorePointsRequest.SerializeToString,
             vmrepl_dot_v1_dot_controller__pb2.ListJobRestorePointsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListJobReplicas(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/vmrepl.v1.ControllerService/ListJobReplicas',
+            vmrepl_dot_v1_dot_controller__pb2.ListJobReplicasRequest.SerializeToString,
+            vmrepl_dot_v1_dot_controller__pb2.ListJobReplicasResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RollbackJobReplica(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/vmrepl.v1.ControllerService/RollbackJobReplica',
+            vmrepl_dot_v1_dot_controller__pb2.RollbackJobReplicaRequest.SerializeToString,
+            vmrepl_dot_v1_dot_controller__pb2.JobReplica.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def VerifyJobReplica(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/vmrepl.v1.ControllerService/VerifyJobReplica',
+            vmrepl_dot_v1_dot_controller__pb2.VerifyJobReplicaRequest.SerializeToString,
+            vmrepl_dot_v1_dot_common__pb2.VerifyProgress.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ExportRestorePoint(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/vmrepl.v1.ControllerService/ExportRestorePoint',
+            vmrepl_dot_v1_dot_controller__pb2.ExportRestorePointRequest.SerializeToString,
+            vmrepl_dot_v1_dot_common__pb2.DiskChunk.FromString,
             options,
             channel_credentials,
             insecure,

@@ -6,6 +6,7 @@ isort:skip_file
 from collections import abc as _abc
 from google.protobuf import empty_pb2 as _empty_pb2
 from grpc import aio as _aio
+from vmrepl.v1 import common_pb2 as _common_pb2
 from vmrepl.v1 import controller_pb2 as _controller_pb2
 import abc as _abc_1
 import grpc as _grpc
@@ -85,6 +86,20 @@ class ControllerServiceStub:
     GetSessionLog: _grpc.UnaryUnaryMultiCallable[_controller_pb2.GetSessionLogRequest, _controller_pb2.SessionLog]
     """The controller's log lines of one session, oldest first."""
     ListJobRestorePoints: _grpc.UnaryUnaryMultiCallable[_controller_pb2.ListJobRestorePointsRequest, _controller_pb2.ListJobRestorePointsResponse]
+    ListJobReplicas: _grpc.UnaryUnaryMultiCallable[_controller_pb2.ListJobReplicasRequest, _controller_pb2.ListJobReplicasResponse]
+    """Each VM replica of the job, as its target reports it now: its state between restore points and its
+    points (vmrepl restore-points list).
+    """
+    RollbackJobReplica: _grpc.UnaryUnaryMultiCallable[_controller_pb2.RollbackJobReplicaRequest, _controller_pb2.JobReplica]
+    """Returns a VM's replica that is between points (a session writing, stopped or failed) to its newest
+    restore point. Refused while a session of the job runs.
+    """
+    VerifyJobReplica: _grpc.UnaryStreamMultiCallable[_controller_pb2.VerifyJobReplicaRequest, _common_pb2.VerifyProgress]
+    """Re-reads a VM's replica at a restore point on its target and checks the blocks' digests
+    (vmrepl replica verify).
+    """
+    ExportRestorePoint: _grpc.UnaryStreamMultiCallable[_controller_pb2.ExportRestorePointRequest, _common_pb2.DiskChunk]
+    """One disk of a restore point, for writing to a file (vmrepl restore-points export)."""
 
 @_typing.type_check_only
 class ControllerServiceAsyncStub(ControllerServiceStub):
@@ -142,6 +157,20 @@ class ControllerServiceAsyncStub(ControllerServiceStub):
     GetSessionLog: _aio.UnaryUnaryMultiCallable[_controller_pb2.GetSessionLogRequest, _controller_pb2.SessionLog]  # type: ignore[assignment]
     """The controller's log lines of one session, oldest first."""
     ListJobRestorePoints: _aio.UnaryUnaryMultiCallable[_controller_pb2.ListJobRestorePointsRequest, _controller_pb2.ListJobRestorePointsResponse]  # type: ignore[assignment]
+    ListJobReplicas: _aio.UnaryUnaryMultiCallable[_controller_pb2.ListJobReplicasRequest, _controller_pb2.ListJobReplicasResponse]  # type: ignore[assignment]
+    """Each VM replica of the job, as its target reports it now: its state between restore points and its
+    points (vmrepl restore-points list).
+    """
+    RollbackJobReplica: _aio.UnaryUnaryMultiCallable[_controller_pb2.RollbackJobReplicaRequest, _controller_pb2.JobReplica]  # type: ignore[assignment]
+    """Returns a VM's replica that is between points (a session writing, stopped or failed) to its newest
+    restore point. Refused while a session of the job runs.
+    """
+    VerifyJobReplica: _aio.UnaryStreamMultiCallable[_controller_pb2.VerifyJobReplicaRequest, _common_pb2.VerifyProgress]  # type: ignore[assignment]
+    """Re-reads a VM's replica at a restore point on its target and checks the blocks' digests
+    (vmrepl replica verify).
+    """
+    ExportRestorePoint: _aio.UnaryStreamMultiCallable[_controller_pb2.ExportRestorePointRequest, _common_pb2.DiskChunk]  # type: ignore[assignment]
+    """One disk of a restore point, for writing to a file (vmrepl restore-points export)."""
 
 class ControllerServiceServicer(metaclass=_abc_1.ABCMeta):
     """The controller's API, for the `vmrepl` CLI and for engineers' own tooling.
@@ -388,5 +417,43 @@ class ControllerServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _controller_pb2.ListJobRestorePointsRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_controller_pb2.ListJobRestorePointsResponse, _abc.Awaitable[_controller_pb2.ListJobRestorePointsResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def ListJobReplicas(
+        self,
+        request: _controller_pb2.ListJobReplicasRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_controller_pb2.ListJobReplicasResponse, _abc.Awaitable[_controller_pb2.ListJobReplicasResponse]]:
+        """Each VM replica of the job, as its target reports it now: its state between restore points and its
+        points (vmrepl restore-points list).
+        """
+
+    @_abc_1.abstractmethod
+    def RollbackJobReplica(
+        self,
+        request: _controller_pb2.RollbackJobReplicaRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_controller_pb2.JobReplica, _abc.Awaitable[_controller_pb2.JobReplica]]:
+        """Returns a VM's replica that is between points (a session writing, stopped or failed) to its newest
+        restore point. Refused while a session of the job runs.
+        """
+
+    @_abc_1.abstractmethod
+    def VerifyJobReplica(
+        self,
+        request: _controller_pb2.VerifyJobReplicaRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_common_pb2.VerifyProgress], _abc.AsyncIterator[_common_pb2.VerifyProgress]]:
+        """Re-reads a VM's replica at a restore point on its target and checks the blocks' digests
+        (vmrepl replica verify).
+        """
+
+    @_abc_1.abstractmethod
+    def ExportRestorePoint(
+        self,
+        request: _controller_pb2.ExportRestorePointRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_common_pb2.DiskChunk], _abc.AsyncIterator[_common_pb2.DiskChunk]]:
+        """One disk of a restore point, for writing to a file (vmrepl restore-points export)."""
 
 def add_ControllerServiceServicer_to_server(servicer: ControllerServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -70,6 +70,7 @@ class ReplicaDisk(_message.Message):
     CHECKPOINT_ID_FIELD_NUMBER: _builtins.int
     PASS_NUMBER_FIELD_NUMBER: _builtins.int
     CHANGE_TRACKING_FAILED_FIELD_NUMBER: _builtins.int
+    REPLICA_FORMAT_FIELD_NUMBER: _builtins.int
     replica_path: _builtins.str
     disk_id: _builtins.str
     disk_size: _builtins.int
@@ -89,6 +90,8 @@ class ReplicaDisk(_message.Message):
     from the checkpoint must compare digests instead of trusting changed
     ranges. Kept until the disk is prepared for another checkpoint.
     """
+    replica_format: _common_pb2.DiskFormat.ValueType
+    """The replica disk's file format (RAW or VHDX)."""
     @_builtins.property
     def updated_at(self) -> _timestamp_pb2.Timestamp: ...
     def __init__(
@@ -106,10 +109,11 @@ class ReplicaDisk(_message.Message):
         checkpoint_id: _builtins.str = ...,
         pass_number: _builtins.int = ...,
         change_tracking_failed: _builtins.bool = ...,
+        replica_format: _common_pb2.DiskFormat.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["updated_at", b"updated_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["block_size", b"block_size", "bytes_written", b"bytes_written", "change_tracking_failed", b"change_tracking_failed", "checkpoint_id", b"checkpoint_id", "committed_offset", b"committed_offset", "disk_id", b"disk_id", "disk_size", b"disk_size", "pass_number", b"pass_number", "replica_path", b"replica_path", "session_id", b"session_id", "state", b"state", "updated_at", b"updated_at"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["block_size", b"block_size", "bytes_written", b"bytes_written", "change_tracking_failed", b"change_tracking_failed", "checkpoint_id", b"checkpoint_id", "committed_offset", b"committed_offset", "disk_id", b"disk_id", "disk_size", b"disk_size", "pass_number", b"pass_number", "replica_format", b"replica_format", "replica_path", b"replica_path", "session_id", b"session_id", "state", b"state", "updated_at", b"updated_at"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -126,6 +130,7 @@ class PrepareReplicaDiskRequest(_message.Message):
     SESSION_ID_FIELD_NUMBER: _builtins.int
     RESUME_SESSION_ID_FIELD_NUMBER: _builtins.int
     CHECKPOINT_ID_FIELD_NUMBER: _builtins.int
+    REPLICA_FORMAT_FIELD_NUMBER: _builtins.int
     replica_path: _builtins.str
     """VM replica directory, relative to the datastore root."""
     disk_id: _builtins.str
@@ -141,6 +146,10 @@ class PrepareReplicaDiskRequest(_message.Message):
     """The checkpoint this session's transfer of the disk reads from. Required.
     A transfer resumes only from the checkpoint it started from.
     """
+    replica_format: _common_pb2.DiskFormat.ValueType
+    """The format of the replica disk's file: RAW (the default when unspecified) or VHDX. A disk that
+    exists in another format is refused (FAILED_PRECONDITION): formats are not converted.
+    """
     def __init__(
         self,
         *,
@@ -151,10 +160,11 @@ class PrepareReplicaDiskRequest(_message.Message):
         session_id: _builtins.str = ...,
         resume_session_id: _builtins.str = ...,
         checkpoint_id: _builtins.str = ...,
+        replica_format: _common_pb2.DiskFormat.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["block_size", b"block_size", "checkpoint_id", b"checkpoint_id", "disk_id", b"disk_id", "disk_size", b"disk_size", "replica_path", b"replica_path", "resume_session_id", b"resume_session_id", "session_id", b"session_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["block_size", b"block_size", "checkpoint_id", b"checkpoint_id", "disk_id", b"disk_id", "disk_size", b"disk_size", "replica_format", b"replica_format", "replica_path", b"replica_path", "resume_session_id", b"resume_session_id", "session_id", b"session_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -183,28 +193,6 @@ class GetReplicaDiskRequest(_message.Message):
 Global___GetReplicaDiskRequest: _TypeAlias = GetReplicaDiskRequest  # noqa: Y015
 
 @_typing.final
-class RestorePointDisk(_message.Message):
-    DESCRIPTOR: _descriptor.Descriptor
-
-    DISK_ID_FIELD_NUMBER: _builtins.int
-    DISK_SIZE_FIELD_NUMBER: _builtins.int
-    disk_id: _builtins.str
-    disk_size: _builtins.int
-    def __init__(
-        self,
-        *,
-        disk_id: _builtins.str = ...,
-        disk_size: _builtins.int = ...,
-    ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
-    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["disk_id", b"disk_id", "disk_size", b"disk_size"]  # noqa: Y015
-    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
-
-Global___RestorePointDisk: _TypeAlias = RestorePointDisk  # noqa: Y015
-
-@_typing.final
 class RestorePoint(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -214,14 +202,26 @@ class RestorePoint(_message.Message):
     CREATED_AT_FIELD_NUMBER: _builtins.int
     DISKS_FIELD_NUMBER: _builtins.int
     CHECKPOINT_ID_FIELD_NUMBER: _builtins.int
+    CHANGE_REFERENCE_FIELD_NUMBER: _builtins.int
+    CONSISTENCY_FIELD_NUMBER: _builtins.int
+    RESTORABLE_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     replica_path: _builtins.str
     session_id: _builtins.str
     checkpoint_id: _builtins.str
+    change_reference: _builtins.str
+    """The host's change-tracking reference the point's checkpoint was taken with (RCT ids on Hyper-V):
+    after this point, the next incremental asks for the changes since it. Empty: none.
+    """
+    consistency: _common_pb2.Consistency.ValueType
+    restorable: _builtins.bool
+    """Every disk's data for this point is on the target: the replica can be returned to it, exported and
+    verified.
+    """
     @_builtins.property
     def created_at(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
-    def disks(self) -> _containers.RepeatedCompositeFieldContainer[Global___RestorePointDisk]: ...
+    def disks(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.RestorePointDisk]: ...
     def __init__(
         self,
         *,
@@ -229,12 +229,15 @@ class RestorePoint(_message.Message):
         replica_path: _builtins.str = ...,
         session_id: _builtins.str = ...,
         created_at: _timestamp_pb2.Timestamp | None = ...,
-        disks: _abc.Iterable[Global___RestorePointDisk] | None = ...,
+        disks: _abc.Iterable[_common_pb2.RestorePointDisk] | None = ...,
         checkpoint_id: _builtins.str = ...,
+        change_reference: _builtins.str = ...,
+        consistency: _common_pb2.Consistency.ValueType = ...,
+        restorable: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["checkpoint_id", b"checkpoint_id", "created_at", b"created_at", "disks", b"disks", "id", b"id", "replica_path", b"replica_path", "session_id", b"session_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["change_reference", b"change_reference", "checkpoint_id", b"checkpoint_id", "consistency", b"consistency", "created_at", b"created_at", "disks", b"disks", "id", b"id", "replica_path", b"replica_path", "restorable", b"restorable", "session_id", b"session_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -248,10 +251,15 @@ class CommitRestorePointRequest(_message.Message):
     SESSION_ID_FIELD_NUMBER: _builtins.int
     DISK_IDS_FIELD_NUMBER: _builtins.int
     CHECKPOINT_ID_FIELD_NUMBER: _builtins.int
+    CHANGE_REFERENCE_FIELD_NUMBER: _builtins.int
+    CONSISTENCY_FIELD_NUMBER: _builtins.int
     replica_path: _builtins.str
     session_id: _builtins.str
     checkpoint_id: _builtins.str
     """Every disk must have completed its transfer from this checkpoint. Required."""
+    change_reference: _builtins.str
+    """Kept with the point (see RestorePoint)."""
+    consistency: _common_pb2.Consistency.ValueType
     @_builtins.property
     def disk_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     def __init__(
@@ -261,10 +269,12 @@ class CommitRestorePointRequest(_message.Message):
         session_id: _builtins.str = ...,
         disk_ids: _abc.Iterable[_builtins.str] | None = ...,
         checkpoint_id: _builtins.str = ...,
+        change_reference: _builtins.str = ...,
+        consistency: _common_pb2.Consistency.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["checkpoint_id", b"checkpoint_id", "disk_ids", b"disk_ids", "replica_path", b"replica_path", "session_id", b"session_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["change_reference", b"change_reference", "checkpoint_id", b"checkpoint_id", "consistency", b"consistency", "disk_ids", b"disk_ids", "replica_path", b"replica_path", "session_id", b"session_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -347,6 +357,172 @@ class DeleteRestorePointResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___DeleteRestorePointResponse: _TypeAlias = DeleteRestorePointResponse  # noqa: Y015
+
+@_typing.final
+class Replica(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REPLICA_PATH_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    SESSION_ID_FIELD_NUMBER: _builtins.int
+    BASE_POINT_ID_FIELD_NUMBER: _builtins.int
+    ROLLED_BACK_SESSION_ID_FIELD_NUMBER: _builtins.int
+    ROLLED_BACK_AT_FIELD_NUMBER: _builtins.int
+    RESTORE_POINTS_FIELD_NUMBER: _builtins.int
+    replica_path: _builtins.str
+    state: _common_pb2.ReplicaState.ValueType
+    session_id: _builtins.str
+    """The session writing or stopped (WRITING, RESUMABLE)."""
+    base_point_id: _builtins.str
+    """The newest restore point: the one the replica equals (AT_POINT) or returns to on a rollback."""
+    rolled_back_session_id: _builtins.str
+    """The last session whose writes were rolled back, and when."""
+    @_builtins.property
+    def rolled_back_at(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def restore_points(self) -> _containers.RepeatedCompositeFieldContainer[Global___RestorePoint]:
+        """Oldest first."""
+
+    def __init__(
+        self,
+        *,
+        replica_path: _builtins.str = ...,
+        state: _common_pb2.ReplicaState.ValueType = ...,
+        session_id: _builtins.str = ...,
+        base_point_id: _builtins.str = ...,
+        rolled_back_session_id: _builtins.str = ...,
+        rolled_back_at: _timestamp_pb2.Timestamp | None = ...,
+        restore_points: _abc.Iterable[Global___RestorePoint] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["rolled_back_at", b"rolled_back_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["base_point_id", b"base_point_id", "replica_path", b"replica_path", "restore_points", b"restore_points", "rolled_back_at", b"rolled_back_at", "rolled_back_session_id", b"rolled_back_session_id", "session_id", b"session_id", "state", b"state"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Replica: _TypeAlias = Replica  # noqa: Y015
+
+@_typing.final
+class GetReplicaRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REPLICA_PATH_FIELD_NUMBER: _builtins.int
+    replica_path: _builtins.str
+    def __init__(
+        self,
+        *,
+        replica_path: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["replica_path", b"replica_path"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetReplicaRequest: _TypeAlias = GetReplicaRequest  # noqa: Y015
+
+@_typing.final
+class EndReplicaSessionRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REPLICA_PATH_FIELD_NUMBER: _builtins.int
+    SESSION_ID_FIELD_NUMBER: _builtins.int
+    KEEP_FOR_RESUME_FIELD_NUMBER: _builtins.int
+    replica_path: _builtins.str
+    session_id: _builtins.str
+    keep_for_resume: _builtins.bool
+    def __init__(
+        self,
+        *,
+        replica_path: _builtins.str = ...,
+        session_id: _builtins.str = ...,
+        keep_for_resume: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["keep_for_resume", b"keep_for_resume", "replica_path", b"replica_path", "session_id", b"session_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EndReplicaSessionRequest: _TypeAlias = EndReplicaSessionRequest  # noqa: Y015
+
+@_typing.final
+class RollbackReplicaRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REPLICA_PATH_FIELD_NUMBER: _builtins.int
+    replica_path: _builtins.str
+    def __init__(
+        self,
+        *,
+        replica_path: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["replica_path", b"replica_path"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RollbackReplicaRequest: _TypeAlias = RollbackReplicaRequest  # noqa: Y015
+
+@_typing.final
+class VerifyReplicaRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REPLICA_PATH_FIELD_NUMBER: _builtins.int
+    RESTORE_POINT_ID_FIELD_NUMBER: _builtins.int
+    DISK_IDS_FIELD_NUMBER: _builtins.int
+    SAMPLE_PERCENT_FIELD_NUMBER: _builtins.int
+    replica_path: _builtins.str
+    restore_point_id: _builtins.str
+    """Empty: the newest restore point."""
+    sample_percent: _builtins.int
+    """1 to 100: the percentage of blocks checked, chosen at random; 0 means 100."""
+    @_builtins.property
+    def disk_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Empty: every disk of the point."""
+
+    def __init__(
+        self,
+        *,
+        replica_path: _builtins.str = ...,
+        restore_point_id: _builtins.str = ...,
+        disk_ids: _abc.Iterable[_builtins.str] | None = ...,
+        sample_percent: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["disk_ids", b"disk_ids", "replica_path", b"replica_path", "restore_point_id", b"restore_point_id", "sample_percent", b"sample_percent"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___VerifyReplicaRequest: _TypeAlias = VerifyReplicaRequest  # noqa: Y015
+
+@_typing.final
+class ReadReplicaDiskRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REPLICA_PATH_FIELD_NUMBER: _builtins.int
+    RESTORE_POINT_ID_FIELD_NUMBER: _builtins.int
+    DISK_ID_FIELD_NUMBER: _builtins.int
+    replica_path: _builtins.str
+    restore_point_id: _builtins.str
+    """Required."""
+    disk_id: _builtins.str
+    def __init__(
+        self,
+        *,
+        replica_path: _builtins.str = ...,
+        restore_point_id: _builtins.str = ...,
+        disk_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["disk_id", b"disk_id", "replica_path", b"replica_path", "restore_point_id", b"restore_point_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReadReplicaDiskRequest: _TypeAlias = ReadReplicaDiskRequest  # noqa: Y015
 
 @_typing.final
 class TransferOpen(_message.Message):

@@ -3,6 +3,7 @@
 import grpc
 import warnings
 
+from vmrepl.v1 import common_pb2 as vmrepl_dot_v1_dot_common__pb2
 from vmrepl.v1 import target_pb2 as vmrepl_dot_v1_dot_target__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
@@ -63,6 +64,31 @@ class TargetAgentStub:
                 request_serializer=vmrepl_dot_v1_dot_target__pb2.DeleteRestorePointRequest.SerializeToString,
                 response_deserializer=vmrepl_dot_v1_dot_target__pb2.DeleteRestorePointResponse.FromString,
                 _registered_method=True)
+        self.GetReplica = channel.unary_unary(
+                '/vmrepl.v1.TargetAgent/GetReplica',
+                request_serializer=vmrepl_dot_v1_dot_target__pb2.GetReplicaRequest.SerializeToString,
+                response_deserializer=vmrepl_dot_v1_dot_target__pb2.Replica.FromString,
+                _registered_method=True)
+        self.EndReplicaSession = channel.unary_unary(
+                '/vmrepl.v1.TargetAgent/EndReplicaSession',
+                request_serializer=vmrepl_dot_v1_dot_target__pb2.EndReplicaSessionRequest.SerializeToString,
+                response_deserializer=vmrepl_dot_v1_dot_target__pb2.Replica.FromString,
+                _registered_method=True)
+        self.RollbackReplica = channel.unary_unary(
+                '/vmrepl.v1.TargetAgent/RollbackReplica',
+                request_serializer=vmrepl_dot_v1_dot_target__pb2.RollbackReplicaRequest.SerializeToString,
+                response_deserializer=vmrepl_dot_v1_dot_target__pb2.Replica.FromString,
+                _registered_method=True)
+        self.VerifyReplica = channel.unary_stream(
+                '/vmrepl.v1.TargetAgent/VerifyReplica',
+                request_serializer=vmrepl_dot_v1_dot_target__pb2.VerifyReplicaRequest.SerializeToString,
+                response_deserializer=vmrepl_dot_v1_dot_common__pb2.VerifyProgress.FromString,
+                _registered_method=True)
+        self.ReadReplicaDisk = channel.unary_stream(
+                '/vmrepl.v1.TargetAgent/ReadReplicaDisk',
+                request_serializer=vmrepl_dot_v1_dot_target__pb2.ReadReplicaDiskRequest.SerializeToString,
+                response_deserializer=vmrepl_dot_v1_dot_common__pb2.DiskChunk.FromString,
+                _registered_method=True)
         self.Transfer = channel.stream_stream(
                 '/vmrepl.v1.TargetAgent/Transfer',
                 request_serializer=vmrepl_dot_v1_dot_target__pb2.TransferRequest.SerializeToString,
@@ -118,7 +144,49 @@ class TargetAgentServicer:
         raise NotImplementedError('Method not implemented!')
 
     def DeleteRestorePoint(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """Deletes a point. The oldest point's rollback data is deleted; a point between others has its
+        rollback data folded into the older neighbour's; the newest point is refused while older points
+        exist (FAILED_PRECONDITION: the replica holds its data). The replica's disks are never rewritten.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetReplica(self, request, context):
+        """A VM replica's state between restore points, and its points.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def EndReplicaSession(self, request, context):
+        """A session that made no restore point ends its writes: keep_for_resume keeps its progress for a
+        session that continues it from the same checkpoint (RESUMABLE); otherwise the replica is rolled back
+        to its newest restore point now. Idempotent; a session that is not the replica's is refused.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RollbackReplica(self, request, context):
+        """Returns a replica that is between points (WRITING or RESUMABLE) to its newest restore point. A
+        replica at a point is left as it is.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def VerifyReplica(self, request, context):
+        """Re-reads replica disks at a restore point and checks every block (or a sample) against the
+        point's digests.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ReadReplicaDisk(self, request, context):
+        """One disk of a restore point, its allocated ranges in offset order (for export).
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -169,6 +237,31 @@ def add_TargetAgentServicer_to_server(servicer, server):
                     servicer.DeleteRestorePoint,
                     request_deserializer=vmrepl_dot_v1_dot_target__pb2.DeleteRestorePointRequest.FromString,
                     response_serializer=vmrepl_dot_v1_dot_target__pb2.DeleteRestorePointResponse.SerializeToString,
+            ),
+            'GetReplica': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetReplica,
+                    request_deserializer=vmrepl_dot_v1_dot_target__pb2.GetReplicaRequest.FromString,
+                    response_serializer=vmrepl_dot_v1_dot_target__pb2.Replica.SerializeToString,
+            ),
+            'EndReplicaSession': grpc.unary_unary_rpc_method_handler(
+                    servicer.EndReplicaSession,
+                    request_deserializer=vmrepl_dot_v1_dot_target__pb2.EndReplicaSessionRequest.FromString,
+                    response_serializer=vmrepl_dot_v1_dot_target__pb2.Replica.SerializeToString,
+            ),
+            'RollbackReplica': grpc.unary_unary_rpc_method_handler(
+                    servicer.RollbackReplica,
+                    request_deserializer=vmrepl_dot_v1_dot_target__pb2.RollbackReplicaRequest.FromString,
+                    response_serializer=vmrepl_dot_v1_dot_target__pb2.Replica.SerializeToString,
+            ),
+            'VerifyReplica': grpc.unary_stream_rpc_method_handler(
+                    servicer.VerifyReplica,
+                    request_deserializer=vmrepl_dot_v1_dot_target__pb2.VerifyReplicaRequest.FromString,
+                    response_serializer=vmrepl_dot_v1_dot_common__pb2.VerifyProgress.SerializeToString,
+            ),
+            'ReadReplicaDisk': grpc.unary_stream_rpc_method_handler(
+                    servicer.ReadReplicaDisk,
+                    request_deserializer=vmrepl_dot_v1_dot_target__pb2.ReadReplicaDiskRequest.FromString,
+                    response_serializer=vmrepl_dot_v1_dot_common__pb2.DiskChunk.SerializeToString,
             ),
             'Transfer': grpc.stream_stream_rpc_method_handler(
                     servicer.Transfer,
@@ -320,6 +413,141 @@ class TargetAgent:
             '/vmrepl.v1.TargetAgent/DeleteRestorePoint',
             vmrepl_dot_v1_dot_target__pb2.DeleteRestorePointRequest.SerializeToString,
             vmrepl_dot_v1_dot_target__pb2.DeleteRestorePointResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetReplica(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/vmrepl.v1.TargetAgent/GetReplica',
+            vmrepl_dot_v1_dot_target__pb2.GetReplicaRequest.SerializeToString,
+            vmrepl_dot_v1_dot_target__pb2.Replica.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def EndReplicaSession(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/vmrepl.v1.TargetAgent/EndReplicaSession',
+            vmrepl_dot_v1_dot_target__pb2.EndReplicaSessionRequest.SerializeToString,
+            vmrepl_dot_v1_dot_target__pb2.Replica.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RollbackReplica(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/vmrepl.v1.TargetAgent/RollbackReplica',
+            vmrepl_dot_v1_dot_target__pb2.RollbackReplicaRequest.SerializeToString,
+            vmrepl_dot_v1_dot_target__pb2.Replica.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def VerifyReplica(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/vmrepl.v1.TargetAgent/VerifyReplica',
+            vmrepl_dot_v1_dot_target__pb2.VerifyReplicaRequest.SerializeToString,
+            vmrepl_dot_v1_dot_common__pb2.VerifyProgress.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReadReplicaDisk(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/vmrepl.v1.TargetAgent/ReadReplicaDisk',
+            vmrepl_dot_v1_dot_target__pb2.ReadReplicaDiskRequest.SerializeToString,
+            vmrepl_dot_v1_dot_common__pb2.DiskChunk.FromString,
             options,
             channel_credentials,
             insecure,

@@ -5,6 +5,7 @@ isort:skip_file
 
 from collections import abc as _abc
 from grpc import aio as _aio
+from vmrepl.v1 import common_pb2 as _common_pb2
 from vmrepl.v1 import target_pb2 as _target_pb2
 import abc as _abc_1
 import grpc as _grpc
@@ -55,6 +56,27 @@ class TargetAgentStub:
     """
     ListRestorePoints: _grpc.UnaryUnaryMultiCallable[_target_pb2.ListRestorePointsRequest, _target_pb2.ListRestorePointsResponse]
     DeleteRestorePoint: _grpc.UnaryUnaryMultiCallable[_target_pb2.DeleteRestorePointRequest, _target_pb2.DeleteRestorePointResponse]
+    """Deletes a point. The oldest point's rollback data is deleted; a point between others has its
+    rollback data folded into the older neighbour's; the newest point is refused while older points
+    exist (FAILED_PRECONDITION: the replica holds its data). The replica's disks are never rewritten.
+    """
+    GetReplica: _grpc.UnaryUnaryMultiCallable[_target_pb2.GetReplicaRequest, _target_pb2.Replica]
+    """A VM replica's state between restore points, and its points."""
+    EndReplicaSession: _grpc.UnaryUnaryMultiCallable[_target_pb2.EndReplicaSessionRequest, _target_pb2.Replica]
+    """A session that made no restore point ends its writes: keep_for_resume keeps its progress for a
+    session that continues it from the same checkpoint (RESUMABLE); otherwise the replica is rolled back
+    to its newest restore point now. Idempotent; a session that is not the replica's is refused.
+    """
+    RollbackReplica: _grpc.UnaryUnaryMultiCallable[_target_pb2.RollbackReplicaRequest, _target_pb2.Replica]
+    """Returns a replica that is between points (WRITING or RESUMABLE) to its newest restore point. A
+    replica at a point is left as it is.
+    """
+    VerifyReplica: _grpc.UnaryStreamMultiCallable[_target_pb2.VerifyReplicaRequest, _common_pb2.VerifyProgress]
+    """Re-reads replica disks at a restore point and checks every block (or a sample) against the
+    point's digests.
+    """
+    ReadReplicaDisk: _grpc.UnaryStreamMultiCallable[_target_pb2.ReadReplicaDiskRequest, _common_pb2.DiskChunk]
+    """One disk of a restore point, its allocated ranges in offset order (for export)."""
     Transfer: _grpc.StreamStreamMultiCallable[_target_pb2.TransferRequest, _target_pb2.TransferResponse]
     """The disk stream. The proxy sends `open` first, the target answers
     `accept` with the offset to resume from; then the proxy sends batches in
@@ -94,6 +116,27 @@ class TargetAgentAsyncStub(TargetAgentStub):
     """
     ListRestorePoints: _aio.UnaryUnaryMultiCallable[_target_pb2.ListRestorePointsRequest, _target_pb2.ListRestorePointsResponse]  # type: ignore[assignment]
     DeleteRestorePoint: _aio.UnaryUnaryMultiCallable[_target_pb2.DeleteRestorePointRequest, _target_pb2.DeleteRestorePointResponse]  # type: ignore[assignment]
+    """Deletes a point. The oldest point's rollback data is deleted; a point between others has its
+    rollback data folded into the older neighbour's; the newest point is refused while older points
+    exist (FAILED_PRECONDITION: the replica holds its data). The replica's disks are never rewritten.
+    """
+    GetReplica: _aio.UnaryUnaryMultiCallable[_target_pb2.GetReplicaRequest, _target_pb2.Replica]  # type: ignore[assignment]
+    """A VM replica's state between restore points, and its points."""
+    EndReplicaSession: _aio.UnaryUnaryMultiCallable[_target_pb2.EndReplicaSessionRequest, _target_pb2.Replica]  # type: ignore[assignment]
+    """A session that made no restore point ends its writes: keep_for_resume keeps its progress for a
+    session that continues it from the same checkpoint (RESUMABLE); otherwise the replica is rolled back
+    to its newest restore point now. Idempotent; a session that is not the replica's is refused.
+    """
+    RollbackReplica: _aio.UnaryUnaryMultiCallable[_target_pb2.RollbackReplicaRequest, _target_pb2.Replica]  # type: ignore[assignment]
+    """Returns a replica that is between points (WRITING or RESUMABLE) to its newest restore point. A
+    replica at a point is left as it is.
+    """
+    VerifyReplica: _aio.UnaryStreamMultiCallable[_target_pb2.VerifyReplicaRequest, _common_pb2.VerifyProgress]  # type: ignore[assignment]
+    """Re-reads replica disks at a restore point and checks every block (or a sample) against the
+    point's digests.
+    """
+    ReadReplicaDisk: _aio.UnaryStreamMultiCallable[_target_pb2.ReadReplicaDiskRequest, _common_pb2.DiskChunk]  # type: ignore[assignment]
+    """One disk of a restore point, its allocated ranges in offset order (for export)."""
     Transfer: _aio.StreamStreamMultiCallable[_target_pb2.TransferRequest, _target_pb2.TransferResponse]  # type: ignore[assignment]
     """The disk stream. The proxy sends `open` first, the target answers
     `accept` with the offset to resume from; then the proxy sends batches in
@@ -159,7 +202,58 @@ class TargetAgentServicer(metaclass=_abc_1.ABCMeta):
         self,
         request: _target_pb2.DeleteRestorePointRequest,
         context: _ServicerContext,
-    ) -> _typing.Union[_target_pb2.DeleteRestorePointResponse, _abc.Awaitable[_target_pb2.DeleteRestorePointResponse]]: ...
+    ) -> _typing.Union[_target_pb2.DeleteRestorePointResponse, _abc.Awaitable[_target_pb2.DeleteRestorePointResponse]]:
+        """Deletes a point. The oldest point's rollback data is deleted; a point between others has its
+        rollback data folded into the older neighbour's; the newest point is refused while older points
+        exist (FAILED_PRECONDITION: the replica holds its data). The replica's disks are never rewritten.
+        """
+
+    @_abc_1.abstractmethod
+    def GetReplica(
+        self,
+        request: _target_pb2.GetReplicaRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_target_pb2.Replica, _abc.Awaitable[_target_pb2.Replica]]:
+        """A VM replica's state between restore points, and its points."""
+
+    @_abc_1.abstractmethod
+    def EndReplicaSession(
+        self,
+        request: _target_pb2.EndReplicaSessionRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_target_pb2.Replica, _abc.Awaitable[_target_pb2.Replica]]:
+        """A session that made no restore point ends its writes: keep_for_resume keeps its progress for a
+        session that continues it from the same checkpoint (RESUMABLE); otherwise the replica is rolled back
+        to its newest restore point now. Idempotent; a session that is not the replica's is refused.
+        """
+
+    @_abc_1.abstractmethod
+    def RollbackReplica(
+        self,
+        request: _target_pb2.RollbackReplicaRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_target_pb2.Replica, _abc.Awaitable[_target_pb2.Replica]]:
+        """Returns a replica that is between points (WRITING or RESUMABLE) to its newest restore point. A
+        replica at a point is left as it is.
+        """
+
+    @_abc_1.abstractmethod
+    def VerifyReplica(
+        self,
+        request: _target_pb2.VerifyReplicaRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_common_pb2.VerifyProgress], _abc.AsyncIterator[_common_pb2.VerifyProgress]]:
+        """Re-reads replica disks at a restore point and checks every block (or a sample) against the
+        point's digests.
+        """
+
+    @_abc_1.abstractmethod
+    def ReadReplicaDisk(
+        self,
+        request: _target_pb2.ReadReplicaDiskRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_common_pb2.DiskChunk], _abc.AsyncIterator[_common_pb2.DiskChunk]]:
+        """One disk of a restore point, its allocated ranges in offset order (for export)."""
 
     @_abc_1.abstractmethod
     def Transfer(
