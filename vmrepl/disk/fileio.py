@@ -241,3 +241,30 @@ def _win_allocated(fd: int, size: int) -> list[Extent]:
             break
         pos = last
     return merge(out)
+
+
+def make_dirs(path: Path) -> None:
+    """Create `path` and its missing parents, each durable in its parent directory."""
+    missing = []
+    p = path
+    while not p.exists():
+        missing.append(p)
+        p = p.parent
+    for d in reversed(missing):
+        d.mkdir(exist_ok=True)
+        sync_dir(d.parent)
+
+
+def rename(src: Path, dst: Path) -> None:
+    """Replace `dst` with `src`, durable when this returns."""
+    os.replace(src, dst)
+    sync_dir(dst.parent)
+
+
+def remove(path: Path) -> None:
+    """Remove the file `path` (gone already is fine), durable when this returns."""
+    try:
+        path.unlink()
+    except FileNotFoundError:
+        return
+    sync_dir(path.parent)
