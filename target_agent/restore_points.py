@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import math
+import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -35,7 +36,8 @@ from target_agent.replica import (
 )
 from target_agent.rollback import SUFFIX, fold
 from vmrepl.disk.fileio import atomic_write, remove
-from vmrepl.errors import FailedPrecondition, NotFound
+from vmrepl.errors import FailedPrecondition, NotFound, PathError
+from vmrepl.names import check_name
 
 POINTS_FILE = "restore-points.json"
 # 1: a bare JSON list of points; 2: {"format": 2, "restore_points": [...]}.
@@ -43,6 +45,16 @@ POINTS_FORMAT = 2
 
 
 CONSISTENCIES = ("", "crash", "application")
+_vm_locks: dict[Path, threading.RLock] = {}
+_vm_locks_guard = threading.Lock()
+
+
+def vm_lock(vm_dir: Path) -> threading.RLock:
+    """One per VM replica in the process: restore-points.json is read, changed and saved under it, and a
+    VM-wide step (a commit, a deletion, a rollback, a prepare that rolls other disks back) runs alone.
+    Taken before any disk's guard, never after one."""
+    with _vm_locks_guard:
+        return _vm_locks.setdefault(vm_dir, threading.RLock())
 
 
 @dataclass
@@ -79,8 +91,8 @@ def list_points(vm_dir: Path) -> list[Point]:
         raise FailedPrecondition(f"{what} is not a list of restore points")
     try:
         return [_point(p) for p in raw]
-    except (KeyError, TypeError, ValueError) as e:
-        raise FailedPrecondition(f"{what} holds something that is not a restore point: {e!r}") from e
+    except (KeyError, TypeError, ValueError, PathError) as e:
+        raise FailedPrecondition(f"{what} holds something that is not a restore point: {e}") from e
 
 
 def _point(p: dict[str, Any]) -> Point:
@@ -96,6 +108,9 @@ def _point(p: dict[str, Any]) -> Point:
     texts = (p["id"], point.session_id, point.checkpoint_id, point.change_reference, point.consistency)
     if not all(isinstance(v, str) for v in texts):
         raise ValueError("id, session_id, checkpoint_id, change_reference and consistency are strings")
+    # Ids name files (rollback/<id>.undo) and directories (disks/<id>): a planted "../x" must not.
+    for name in (point.id, *(d.disk_id for d in point.disks)):
+        check_name("restore point", name)
     if point.consistency not in CONSISTENCIES:
         raise ValueError(f"consistency is one of {CONSISTENCIES}")
     if not math.isfinite(point.created_at):
@@ -127,6 +142,28 @@ def commit(
     guard: Callable[[Path], DiskGuard],
     change_reference: str = "",
     consistency: str = "",
+) -> Point:
+    with vm_lock(vm_dir):
+        return _commit(
+            vm_dir,
+            session_id=session_id,
+            checkpoint_id=checkpoint_id,
+            disk_ids=disk_ids,
+            guard=guard,
+            change_reference=change_reference,
+            consistency=consistency,
+        )
+
+
+def _commit(
+    vm_dir: Path,
+    *,
+    session_id: str,
+    checkpoint_id: str,
+    disk_ids: list[str],
+    guard: Callable[[Path], DiskGuard],
+    change_reference: str,
+    consistency: str,
 ) -> Point:
     points = list_points(vm_dir)
     for p in points:

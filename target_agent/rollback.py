@@ -32,7 +32,8 @@ import crc32c
 
 from target_agent.file_format import check_format
 from vmrepl.disk.fileio import PositionalFile, atomic_write, rename
-from vmrepl.errors import FailedPrecondition
+from vmrepl.errors import FailedPrecondition, PathError
+from vmrepl.names import check_name
 
 UNDO_FORMAT = 1
 HEADER_SIZE = 4096
@@ -75,6 +76,10 @@ class UndoHeader:
             raise FailedPrecondition(f"{what}: the header is not a rollback header: {e}") from e
         if not all(isinstance(v, str) for v in (header.session_id, header.base_point_id)):
             raise FailedPrecondition(f"{what}: the header's ids are not strings")
+        try:  # the base point's id names the file this one becomes: never a path
+            check_name("base_point_id", header.base_point_id)
+        except PathError as e:
+            raise FailedPrecondition(f"{what}: {e}") from e
         if not (isinstance(header.block_size, int) and header.block_size > 0 and isinstance(header.disk_size, int)):
             raise FailedPrecondition(f"{what}: the header's sizes are not sizes")
         return header

@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Concatenate, ParamSpec, TypeVar
 
 from target_agent import replica, restore_points
 from target_agent.replica import COMMITTED, IDLE, Base, DiskGuard, DiskState
@@ -40,6 +41,21 @@ class Status:
     points: list[PointView] = field(default_factory=list)
 
 
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def _alone(fn: Callable[Concatenate[Path, P], R]) -> Callable[Concatenate[Path, P], R]:
+    """Run a VM-wide step under the VM replica's lock (restore_points.vm_lock)."""
+
+    def run(vm_dir: Path, /, *args: P.args, **kwargs: P.kwargs) -> R:
+        with restore_points.vm_lock(vm_dir):
+            return fn(vm_dir, *args, **kwargs)
+
+    run.__name__, run.__doc__ = fn.__name__, fn.__doc__
+    return run
+
+
 def disk_dirs(vm_dir: Path) -> list[Path]:
     root = vm_dir / "disks"
     return sorted(d for d in root.iterdir() if (d / replica.STATE_FILE).exists()) if root.is_dir() else []
@@ -50,6 +66,7 @@ def _between(st: DiskState, point_sessions: frozenset[str]) -> bool:
     return st.state != IDLE and not (st.state == COMMITTED and st.session_id in point_sessions)
 
 
+@_alone
 def prepare_disk(
     vm_dir: Path,
     disk_dir: Path,
@@ -102,6 +119,7 @@ def _roll_back_locked(disk_dir: Path, guards: Guards, sessions: frozenset[str]) 
         replica.roll_back_locked(disk_dir, st)
 
 
+@_alone
 def status(vm_dir: Path, *, guards: Guards) -> Status:
     points = restore_points.list_points(vm_dir)
     sessions = frozenset(p.session_id for p in points)
@@ -145,6 +163,7 @@ def _views(vm_dir: Path, points: list[Point]) -> list[PointView]:
     return out
 
 
+@_alone
 def end_session(vm_dir: Path, session_id: str, *, keep_for_resume: bool, guards: Guards) -> Status:
     """The controller ends a session that made no restore point: kept for a resume, or rolled back now."""
     points = restore_points.list_points(vm_dir)
@@ -169,6 +188,7 @@ def end_session(vm_dir: Path, session_id: str, *, keep_for_resume: bool, guards:
     return status(vm_dir, guards=guards)
 
 
+@_alone
 def roll_back(vm_dir: Path, *, guards: Guards) -> Status:
     """Return every disk that is between points to the newest restore point."""
     if not vm_dir.is_dir():

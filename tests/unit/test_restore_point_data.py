@@ -4,6 +4,7 @@ target's own code on real files)."""
 
 from __future__ import annotations
 
+import json
 import os
 import random
 from pathlib import Path
@@ -259,3 +260,31 @@ def test_a_block_size_change_under_restore_points_is_refused_with_a_clear_error(
         vm_replica.prepare_disk(
             rep.vm, rep.disk, guards=rep.guard, disk_size=SIZE, block_size=MiB, session_id="s1", checkpoint_id="c"
         )
+
+
+def test_a_planted_point_id_that_is_a_path_is_refused_before_any_file_is_touched(rep: Replica) -> None:
+    image = bytearray(SIZE)
+    rep.write("s0", image, _random_blocks(random.Random(12), 64))
+    rep.commit("s0", image)
+    doc = json.loads((rep.vm / restore_points.POINTS_FILE).read_text())
+    doc["restore_points"][0]["id"] = "../../../victim"
+    (rep.vm / restore_points.POINTS_FILE).write_text(json.dumps(doc))
+    (rep.vm.parent / "victim.undo").write_bytes(b"precious")
+    with pytest.raises(FailedPrecondition, match="not a plain name"):
+        restore_points.delete(rep.vm, "../../../victim", guard=rep.guard)
+    assert (rep.vm.parent / "victim.undo").read_bytes() == b"precious"
+
+
+def test_a_planted_or_foreign_rollback_file_is_refused_with_its_name(rep: Replica) -> None:
+    image = bytearray(SIZE)
+    rep.write("s0", image, _random_blocks(random.Random(13), 64))
+    rep.commit("s0", image)
+    rep.write("s1", bytearray(image), _random_blocks(random.Random(14), 4))
+    pending = rep.disk / replica.ROLLBACK_DIR / rollback.PENDING
+    pending.write_bytes(b"not an undo file" * 300)
+    with pytest.raises(FailedPrecondition, match=r"pending\.undo is not a vmrepl rollback file"):
+        vm_replica.roll_back(rep.vm, guards=rep.guard)
+    header = rollback.UndoHeader("s1", "../escape", BS, SIZE)
+    pending.write_bytes(header.encode())
+    with pytest.raises(FailedPrecondition, match="base_point_id"):
+        vm_replica.roll_back(rep.vm, guards=rep.guard)
