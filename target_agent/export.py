@@ -8,7 +8,7 @@ ZERO_GRAIN bytes inside an allocated range that reads as zeros. The receiver lea
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncGenerator, Iterator, Sequence
 from concurrent.futures import Executor
 from pathlib import Path
 
@@ -51,7 +51,7 @@ def read_piece(disk: PointDisk, buf: bytearray, piece: Extent) -> list[tuple[int
     return runs
 
 
-async def disk_chunks(reads: PointReads) -> AsyncIterator[common_pb2.DiskChunk]:
+async def disk_chunks(reads: PointReads) -> AsyncGenerator[common_pb2.DiskChunk, None]:
     """The disk's data in offset order, without the final done message."""
     disk = reads.disk
     allocated = await asyncio.to_thread(disk.allocated_extents)
@@ -62,7 +62,7 @@ async def disk_chunks(reads: PointReads) -> AsyncIterator[common_pb2.DiskChunk]:
 
 async def export_disk(
     vm_dir: Path, *, point_id: str, disk_id: str, executor: Executor
-) -> AsyncIterator[common_pb2.DiskChunk]:
+) -> AsyncGenerator[common_pb2.DiskChunk, None]:
     """Disk `disk_id` of restore point `point_id`, then done (only if no session prepared it meanwhile)."""
     before = await asyncio.to_thread(point_reads.snapshot, vm_dir, disk_id)
     disk = await asyncio.to_thread(open_point_disk, vm_dir, point_id, disk_id)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncGenerator, Callable, Iterable
 from concurrent.futures import Executor
 from pathlib import Path
 from typing import TypeVar
@@ -40,7 +40,9 @@ class PointReads:
         self._running = 0
         self._closing = False
 
-    async def ordered(self, items: Iterable[Item], work: Callable[[PointDisk, bytearray, Item], T]) -> AsyncIterator[T]:
+    async def ordered(
+        self, items: Iterable[Item], work: Callable[[PointDisk, bytearray, Item], T]
+    ) -> AsyncGenerator[T, None]:
         """`work(disk, buffer, item)` for each item in the pool, its results in the items' order."""
         loop = asyncio.get_running_loop()
         free: list[bytearray] = []

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
@@ -255,15 +256,18 @@ class TargetAgentServicer(target_pb2_grpc.TargetAgentServicer):
         percent = check_sample_percent("sample_percent", request.sample_percent)
         self.disk_read_slots.take(peer)  # before anything is read; RESOURCE_EXHAUSTED past either bound
         try:
-            async for progress in verify.verify_point(
+            progress = verify.verify_point(
                 vm_dir,
                 point_id=request.restore_point_id,
                 disk_ids=disk_ids,
                 percent=percent,
                 executor=self.disk_reads,
                 rng=self.rng,
-            ):
-                yield progress
+            )
+            # Closed here when the caller goes away, not by the garbage collector: the disk is let go at once.
+            async with contextlib.aclosing(progress):
+                async for message in progress:
+                    yield message
         finally:
             self.disk_read_slots.give(peer)
 
@@ -281,10 +285,12 @@ class TargetAgentServicer(target_pb2_grpc.TargetAgentServicer):
         self.datastore.disk_dir(request.replica_path, request.disk_id)  # checks disk_id
         self.disk_read_slots.take(peer)
         try:
-            async for chunk in export.export_disk(
+            chunks = export.export_disk(
                 vm_dir, point_id=request.restore_point_id, disk_id=request.disk_id, executor=self.disk_reads
-            ):
-                yield chunk
+            )
+            async with contextlib.aclosing(chunks):
+                async for chunk in chunks:
+                    yield chunk
         finally:
             self.disk_read_slots.give(peer)
 

@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+import contextlib
 import itertools
 import random
 import time
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import AsyncGenerator, Callable, Iterator, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -168,7 +169,7 @@ async def verify_disk(
     rng: random.Random,
     every: float = PROGRESS_SECONDS,
     clock: Callable[[], float] = time.monotonic,
-) -> AsyncIterator[common_pb2.VerifyProgress]:
+) -> AsyncGenerator[common_pb2.VerifyProgress, None]:
     """Check one open disk; progress every `every` seconds, the last message done=True."""
     disk = reads.disk
     holes = Holes(await asyncio.to_thread(disk.allocated_extents))
@@ -200,7 +201,7 @@ async def verify_point(
     executor: Executor,
     rng: random.Random,
     every: float = PROGRESS_SECONDS,
-) -> AsyncIterator[common_pb2.VerifyProgress]:
+) -> AsyncGenerator[common_pb2.VerifyProgress, None]:
     """Check the disks `disk_ids` (empty: all) of restore point `point_id` ("" the newest), one after another."""
     point = await asyncio.to_thread(find_point, vm_dir, point_id)  # "" resolved once, for every disk
     for disk_id in disk_ids or [d.disk_id for d in point.disks]:
@@ -208,9 +209,11 @@ async def verify_point(
         disk = await asyncio.to_thread(open_point_disk, vm_dir, point.id, disk_id)
         reads = PointReads(disk, executor, buffer_bytes=max(1, READ_BYTES // disk.block_size) * disk.block_size)
         try:
-            async for msg in verify_disk(reads, disk_id=disk_id, percent=percent, rng=rng, every=every):
-                if msg.done:  # a disk a session prepared meanwhile gets no verdict (see point_reads)
-                    await asyncio.to_thread(point_reads.check_unchanged, vm_dir, disk_id, before)
-                yield msg
+            messages = verify_disk(reads, disk_id=disk_id, percent=percent, rng=rng, every=every)
+            async with contextlib.aclosing(messages):
+                async for msg in messages:
+                    if msg.done:  # a disk a session prepared meanwhile gets no verdict (see point_reads)
+                        await asyncio.to_thread(point_reads.check_unchanged, vm_dir, disk_id, before)
+                    yield msg
         finally:
             reads.close()

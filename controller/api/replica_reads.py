@@ -12,7 +12,8 @@ the call began is caught by the target, which fails the call when the disk was p
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator, AsyncIterator
+import contextlib
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -61,7 +62,7 @@ def point_ref(field: str, value: str, job: str) -> tuple[str, str]:
     return named, check_name(field, parts[3])
 
 
-async def _relay(stream: AsyncGenerator[M, None], target: str) -> AsyncIterator[M]:
+async def _relay(stream: AsyncGenerator[M, None], target: str) -> AsyncGenerator[M, None]:
     """The target's stream, its errors as the controller's (named after the target); closed when the
     caller goes away, which cancels the target's call."""
     try:
@@ -77,20 +78,22 @@ class ReplicaReadsApi(ApiBase):
     @handle_errors
     async def VerifyJobReplica(
         self, request: api.VerifyJobReplicaRequest, context: Any
-    ) -> AsyncIterator[common_pb2.VerifyProgress]:
+    ) -> AsyncGenerator[common_pb2.VerifyProgress, None]:
         check_sample_percent("sample_percent", request.sample_percent)
         job, point_id = point_ref("restore_point", request.restore_point, request.job)
         at = await self._point_on_target(job, request.vm, point_id)
         verify = target_pb2.VerifyReplicaRequest(
             replica_path=at.replica_path, restore_point_id=at.point_id, sample_percent=request.sample_percent
         )
-        async for progress in _relay(at.target.verify(verify), at.target_name):
-            yield progress
+        # Closed here when the caller goes away, not by the garbage collector: the target's call ends at once.
+        async with contextlib.aclosing(_relay(at.target.verify(verify), at.target_name)) as relay:
+            async for progress in relay:
+                yield progress
 
     @handle_errors
     async def ExportRestorePoint(
         self, request: api.ExportRestorePointRequest, context: Any
-    ) -> AsyncIterator[common_pb2.DiskChunk]:
+    ) -> AsyncGenerator[common_pb2.DiskChunk, None]:
         if not request.restore_point:
             raise InvalidArgument("restore_point", "is required (jobs/JOB/restorePoints/ID, or the ID with job)")
         check_name("disk", request.disk)
@@ -99,8 +102,9 @@ class ReplicaReadsApi(ApiBase):
         read = target_pb2.ReadReplicaDiskRequest(
             replica_path=at.replica_path, restore_point_id=at.point_id, disk_id=request.disk
         )
-        async for chunk in _relay(at.target.read_disk(read), at.target_name):
-            yield chunk
+        async with contextlib.aclosing(_relay(at.target.read_disk(read), at.target_name)) as relay:
+            async for chunk in relay:
+                yield chunk
 
     async def _point_on_target(self, job_name: str, vm: str, point_id: str) -> PointOnTarget:
         async with self.reads() as db:
