@@ -78,9 +78,10 @@ def commit_disk(
     disk_id: str = "disk0",
     session: str = "s1",
     replica_path: str = REPLICA_PATH,
+    zeros_written: bool = False,
 ) -> restore_points.Point:
-    """A replica disk holding `data` as a completed transfer (zero blocks left as holes, every block's
-    digest recorded), committed as a restore point of `session`."""
+    """A replica disk holding `data` as a completed transfer (zero blocks left as holes, or written as
+    zeros with `zeros_written`; every block's digest recorded), committed as a restore point of `session`."""
     disk = s.datastore.disk_dir(replica_path, disk_id)
     replica.prepare(
         disk,
@@ -94,7 +95,7 @@ def commit_disk(
     with open(disk / replica.DATA_FILE, "r+b") as f:
         for off in range(0, len(data), BS):
             block = data[off : off + BS]
-            if not is_zero(block):
+            if zeros_written or not is_zero(block):
                 f.seek(off)
                 f.write(block)
             digests.put(off, digest(block))

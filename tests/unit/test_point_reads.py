@@ -32,6 +32,7 @@ from tests.support.points import (
     servicer,
 )
 from tests.support.replicas import qemu_identical
+from vmrepl.disk.raw import RawReader
 from vmrepl.errors import FailedPrecondition
 from vmrepl.extent import MiB
 from vmrepl.security import certs
@@ -171,6 +172,22 @@ async def test_the_export_is_the_replica_byte_for_byte_and_sparse(tmp_path: Path
     assert out.read_bytes() == data
     assert qemu_identical(out, data_file(s))
     assert out.stat().st_blocks * 512 < len(data), "the export is sparse"
+
+
+async def test_zeros_written_inside_allocated_ranges_are_not_sent_either(
+    tmp_path: Path, pems: dict[str, bytes]
+) -> None:
+    s = servicer(tmp_path)
+    data = disk_bytes(100, zero_every=4)
+    point = commit_disk(s, data, zeros_written=True)  # one allocated range: the zero blocks are written zeros
+    with RawReader(data_file(s)) as r:
+        assert [(e.offset, e.length) for e in r.allocated_extents()] == [(0, len(data))]
+    request = target_pb2.ReadReplicaDiskRequest(replica_path=REPLICA_PATH, restore_point_id=point.id, disk_id="disk0")
+    chunks = [c async for c in s.ReadReplicaDisk(request, FakeContext(pems["ctl-a"]))]
+    assert sum(len(c.data) for c in chunks) == 75 * BS
+    out = tmp_path / "export.raw"
+    write_export(iter(chunks), out)
+    assert out.read_bytes() == data
 
 
 async def test_a_point_without_data_exports_as_only_a_done_message(tmp_path: Path, pems: dict[str, bytes]) -> None:
