@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import subprocess
+from collections.abc import Callable
+from typing import Any
 
 import grpc
 import pytest
@@ -138,11 +140,12 @@ def test_what_must_be_refused_is(ctl_raw: ControllerEnv) -> None:
 
     # The target itself: a proxy's certificate reads no replica back, whatever it asks for.
     tls = tls_settings(ctl.certs, "proxy")
-    target = target_pb2_grpc.TargetAgentStub(grpc.secure_channel(ctl.target.address, channel_credentials(tls)))
-    for call in (
+    target: Any = target_pb2_grpc.TargetAgentStub(grpc.secure_channel(ctl.target.address, channel_credentials(tls)))
+    calls: list[Callable[[], Any]] = [
         lambda: list(target.VerifyReplica(target_pb2.VerifyReplicaRequest(replica_path="replicas/job1"))),
         lambda: list(target.ReadReplicaDisk(target_pb2.ReadReplicaDiskRequest(replica_path="replicas/job1"))),
-    ):
+    ]
+    for call in calls:
         with pytest.raises(grpc.RpcError) as denied:
             call()
         assert denied.value.code() is grpc.StatusCode.PERMISSION_DENIED
