@@ -25,7 +25,7 @@ from target_agent import point_reads
 from target_agent.point_reads import PointReads
 from target_agent.points import PointDisk, find_point, open_point_disk
 from vmrepl.block import DIGEST_SIZE, UNKNOWN_DIGEST, digest, zero_digest
-from vmrepl.errors import InvalidArgument
+from vmrepl.errors import InvalidArgument, NotFound
 from vmrepl.extent import Extent, MiB
 from vmrepl.names import check_name
 from vmrepl.v1 import common_pb2
@@ -204,7 +204,11 @@ async def verify_point(
 ) -> AsyncGenerator[common_pb2.VerifyProgress, None]:
     """Check the disks `disk_ids` (empty: all) of restore point `point_id` ("" the newest), one after another."""
     point = await asyncio.to_thread(find_point, vm_dir, point_id)  # "" resolved once, for every disk
-    for disk_id in disk_ids or [d.disk_id for d in point.disks]:
+    held = [d.disk_id for d in point.disks]
+    missing = [d for d in disk_ids if d not in held]
+    if missing:  # before any disk is read, not after the others were
+        raise NotFound(f"restore point {point.id} has no disk {', '.join(missing)}")
+    for disk_id in disk_ids or held:
         before = await asyncio.to_thread(point_reads.snapshot, vm_dir, disk_id)
         disk = await asyncio.to_thread(open_point_disk, vm_dir, point.id, disk_id)
         reads = PointReads(disk, executor, buffer_bytes=max(1, READ_BYTES // disk.block_size) * disk.block_size)

@@ -242,7 +242,7 @@ async def test_an_unknown_point_or_disk_is_not_found(tmp_path: Path, pems: dict[
     ctx = FakeContext(pems["ctl-a"])
     calls = [
         s.VerifyReplica(verify_request(point="nope"), ctx),
-        s.VerifyReplica(verify_request(disks=("disk9",)), ctx),
+        s.VerifyReplica(verify_request(disks=("disk0", "disk9")), ctx),  # refused before disk0 is read
         s.VerifyReplica(target_pb2.VerifyReplicaRequest(replica_path="jobs/vm2"), ctx),
         s.ReadReplicaDisk(
             target_pb2.ReadReplicaDiskRequest(replica_path=REPLICA_PATH, restore_point_id="nope", disk_id="disk0"), ctx
@@ -253,8 +253,8 @@ async def test_an_unknown_point_or_disk_is_not_found(tmp_path: Path, pems: dict[
     ]
     for call in calls:
         with pytest.raises(Aborted) as e:
-            async for _ in call:
-                pass
+            async for m in call:
+                raise AssertionError(f"answered {m} before refusing")
         assert e.value.code == grpc.StatusCode.NOT_FOUND, e.value.details
     assert s.disk_read_slots.in_use == 0
 
