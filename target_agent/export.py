@@ -14,7 +14,7 @@ from pathlib import Path
 
 from target_agent import point_reads
 from target_agent.point_reads import PointReads
-from target_agent.points import PointDisk, open_point_disk
+from target_agent.points import PointDisk
 from vmrepl.block import is_zero
 from vmrepl.extent import Extent, KiB, MiB
 from vmrepl.v1 import common_pb2
@@ -54,7 +54,7 @@ def read_piece(disk: PointDisk, buf: bytearray, piece: Extent) -> list[tuple[int
 async def disk_chunks(reads: PointReads) -> AsyncGenerator[common_pb2.DiskChunk, None]:
     """The disk's data in offset order, without the final done message."""
     disk = reads.disk
-    allocated = await asyncio.to_thread(disk.allocated_extents)
+    allocated = await reads.extents()
     async for runs in reads.ordered(pieces(allocated, disk.size), read_piece):
         for offset, data in runs:
             yield common_pb2.DiskChunk(disk_size=disk.size, offset=offset, data=data)
@@ -65,8 +65,8 @@ async def export_disk(
 ) -> AsyncGenerator[common_pb2.DiskChunk, None]:
     """Disk `disk_id` of restore point `point_id`, then done (only if no session prepared it meanwhile)."""
     before = await asyncio.to_thread(point_reads.snapshot, vm_dir, disk_id)
-    disk = await asyncio.to_thread(open_point_disk, vm_dir, point_id, disk_id)
-    reads = PointReads(disk, executor, buffer_bytes=CHUNK_BYTES)
+    reads = await point_reads.open_reads(vm_dir, point_id, disk_id, executor, buffer_bytes=lambda _disk: CHUNK_BYTES)
+    disk = reads.disk
     try:
         async for chunk in disk_chunks(reads):
             yield chunk

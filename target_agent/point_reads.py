@@ -20,8 +20,9 @@ from pathlib import Path
 from typing import TypeVar
 
 from target_agent import replica
-from target_agent.points import PointDisk
+from target_agent.points import PointDisk, open_point_disk
 from vmrepl.errors import FailedPrecondition, NotFound
+from vmrepl.extent import Extent
 
 Item = TypeVar("Item")
 T = TypeVar("T")
@@ -40,13 +41,16 @@ class PointReads:
         self._running = 0
         self._closing = False
 
+    async def extents(self) -> list[Extent]:
+        """The disk's allocated extents, found in the pool (counted as a read: the disk stays open for it)."""
+        return await self._submit(asyncio.get_running_loop(), _extents, bytearray(), None)
+
     async def ordered(
         self, items: Iterable[Item], work: Callable[[PointDisk, bytearray, Item], T]
     ) -> AsyncGenerator[T, None]:
         """`work(disk, buffer, item)` for each item in the pool, its results in the items' order."""
         loop = asyncio.get_running_loop()
         free: list[bytearray] = []
-        allocated = 0
         inflight: deque[tuple[asyncio.Future[T], bytearray]] = deque()
         pending = iter(items)
         done = False
@@ -56,10 +60,8 @@ class PointReads:
                 if item is _END:
                     done = True
                     break
-                if not free:  # buffers made as needed: a disk of one small piece needs one small buffer
-                    free.append(bytearray(self._buffer_bytes))
-                    allocated += 1
-                buf = free.pop()
+                # Buffers are made as needed (a disk of one small piece needs one), then reused.
+                buf = free.pop() if free else bytearray(self._buffer_bytes)
                 inflight.append((self._submit(loop, work, buf, item), buf))  # type: ignore[arg-type]
             if not inflight:
                 return
@@ -100,6 +102,29 @@ class PointReads:
             now = self._running == 0
         if now:
             self.disk.close()
+
+
+def _extents(disk: PointDisk, _buf: bytearray, _item: None) -> list[Extent]:
+    return disk.allocated_extents()
+
+
+async def open_reads(
+    vm_dir: Path, point_id: str, disk_id: str, executor: Executor, *, buffer_bytes: Callable[[PointDisk], int]
+) -> PointReads:
+    """Disk `disk_id` of the point opened (in a thread) for reads; a caller gone while it opens leaves
+    nothing open (the open finishes in its thread, and what it opened is closed there)."""
+    opening = asyncio.get_running_loop().run_in_executor(executor, open_point_disk, vm_dir, point_id, disk_id)
+    try:
+        disk = await asyncio.shield(opening)
+    except asyncio.CancelledError:
+        opening.add_done_callback(_close_opened)
+        raise
+    return PointReads(disk, executor, buffer_bytes=buffer_bytes(disk))
+
+
+def _close_opened(opening: asyncio.Future[PointDisk]) -> None:
+    if not opening.cancelled() and opening.exception() is None:
+        opening.result().close()
 
 
 _END: object = object()

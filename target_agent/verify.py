@@ -23,7 +23,7 @@ from pathlib import Path
 
 from target_agent import point_reads
 from target_agent.point_reads import PointReads
-from target_agent.points import PointDisk, find_point, open_point_disk
+from target_agent.points import PointDisk, find_point
 from vmrepl.block import DIGEST_SIZE, UNKNOWN_DIGEST, digest, zero_digest
 from vmrepl.errors import InvalidArgument, NotFound
 from vmrepl.extent import Extent, MiB
@@ -172,7 +172,7 @@ async def verify_disk(
 ) -> AsyncGenerator[common_pb2.VerifyProgress, None]:
     """Check one open disk; progress every `every` seconds, the last message done=True."""
     disk = reads.disk
-    holes = Holes(await asyncio.to_thread(disk.allocated_extents))
+    holes = Holes(await reads.extents())
     per_read = max(1, READ_BYTES // disk.block_size)
     k = sample_size(disk.blocks, percent)
     chosen = None if k == disk.blocks else selection(disk.blocks, k, rng)
@@ -190,6 +190,10 @@ async def verify_disk(
         yield msg
         if msg.done:
             return
+
+
+def _read_bytes(disk: PointDisk) -> int:
+    return max(1, READ_BYTES // disk.block_size) * disk.block_size
 
 
 async def verify_point(
@@ -210,8 +214,7 @@ async def verify_point(
         raise NotFound(f"restore point {point.id} has no disk {', '.join(missing)}")
     for disk_id in disk_ids or held:
         before = await asyncio.to_thread(point_reads.snapshot, vm_dir, disk_id)
-        disk = await asyncio.to_thread(open_point_disk, vm_dir, point.id, disk_id)
-        reads = PointReads(disk, executor, buffer_bytes=max(1, READ_BYTES // disk.block_size) * disk.block_size)
+        reads = await point_reads.open_reads(vm_dir, point.id, disk_id, executor, buffer_bytes=_read_bytes)
         try:
             messages = verify_disk(reads, disk_id=disk_id, percent=percent, rng=rng, every=every)
             async with contextlib.aclosing(messages):

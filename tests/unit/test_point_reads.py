@@ -17,7 +17,7 @@ import grpc
 import pytest
 
 from controller.cli.export_file import write_export
-from target_agent import export, replica, verify
+from target_agent import export, point_reads, replica, verify
 from target_agent.point_reads import PointReads
 from target_agent.servicer import TargetAgentServicer
 from tests.support.points import (
@@ -361,3 +361,27 @@ async def test_a_caller_gone_mid_read_closes_the_disk_once_its_reads_end(tmp_pat
     disk.release.set()
     assert await asyncio.to_thread(disk.closed_event.wait, 10)
     assert disk.closed == 1
+
+
+async def test_a_caller_gone_while_the_disk_opens_leaves_nothing_open(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    s = servicer(tmp_path)
+    disk = SlowDisk()
+
+    def slow_open(*_args: Any) -> SlowDisk:
+        disk.started.set()
+        disk.release.wait(10)
+        return disk
+
+    monkeypatch.setattr(point_reads, "open_point_disk", slow_open)
+    opening = asyncio.ensure_future(
+        point_reads.open_reads(tmp_path, "p", "disk0", s.disk_reads, buffer_bytes=lambda _d: 16)
+    )
+    await asyncio.to_thread(disk.started.wait, 10)
+    opening.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await opening
+    assert disk.closed == 0
+    disk.release.set()  # the open ends in its thread after the caller left: what it opened is closed
+    assert await asyncio.to_thread(disk.closed_event.wait, 10)
