@@ -91,47 +91,48 @@ def test_what_must_be_refused_is(ctl_raw: ControllerEnv) -> None:
     ctl.configure(job="job2", vms=("vm2",))
     for job in ("job1", "job2"):
         assert ctl.run_job(job).state == api.SESSION_STATE_SUCCEEDED
-    other = _point_of(ctl, "vm2", job="job2")
     mine = _point_of(ctl, "vm1")
-    export = ["restore-points", "export", "job1"]
+    _refused_names(ctl, mine, other=_point_of(ctl, "vm2", job="job2"))
+    _refused_outputs(ctl, mine)
+    _refused_callers(ctl, mine)
 
-    refused = ctl.cli(*export, other, "--vm", "vm2", "--disk", "disk0", "--output", str(ctl.work / "x"), check=False)
+
+def _export(ctl: ControllerEnv, point: str, *more: str, vm: str = "vm1", disk: str = "disk0") -> Any:
+    args = ["restore-points", "export", "job1", point, "--vm", vm, "--disk", disk, *more]
+    return ctl.cli(*args, check=False)
+
+
+def _refused_names(ctl: ControllerEnv, mine: str, *, other: str) -> None:
+    out = ["--output", str(ctl.work / "x")]
+    refused = _export(ctl, other, *out, vm="vm2")
     assert refused.returncode == 1 and "NOT_FOUND" in refused.stderr  # another job's point
-    wrong_vm = ctl.cli(*export, mine, "--vm", "vm2", "--disk", "disk0", "--output", str(ctl.work / "x"), check=False)
+    wrong_vm = _export(ctl, mine, *out, vm="vm2")
     assert wrong_vm.returncode == 1 and "INVALID_ARGUMENT" in wrong_vm.stderr
     for bad in ("../../etc/passwd", "jobs/job1/restorePoints/../x", "/etc"):
-        r = ctl.cli(*export, bad, "--vm", "vm1", "--disk", "disk0", "--output", str(ctl.work / "x"), check=False)
+        r = _export(ctl, bad, *out)
         assert r.returncode == 1 and "INVALID_ARGUMENT" in r.stderr, r.stderr
-    r = ctl.cli(*export, mine, "--vm", "vm1", "--disk", "../disk0", "--output", str(ctl.work / "x"), check=False)
+    r = _export(ctl, mine, *out, disk="../disk0")
     assert r.returncode == 1 and "INVALID_ARGUMENT" in r.stderr
     assert not (ctl.work / "x").exists()
 
+
+def _refused_outputs(ctl: ControllerEnv, mine: str) -> None:
     victim = ctl.work / "victim"
     victim.write_bytes(b"keep")
     link = ctl.work / "link.raw"
     link.symlink_to(victim)
     cases = [(link, "--force", "symbolic link"), (ctl.work, "--force", "directory"), (victim, "", "--force replaces")]
     for output, force, words in cases:
-        args = [*export, mine, "--vm", "vm1", "--disk", "disk0", "--output", str(output), *([force] if force else [])]
-        r = ctl.cli(*args, check=False)
+        r = _export(ctl, mine, "--output", str(output), *([force] if force else []))
         assert r.returncode == 1 and words in r.stderr, r.stderr
     assert victim.read_bytes() == b"keep" and link.is_symlink()
 
+
+def _refused_callers(ctl: ControllerEnv, mine: str) -> None:
     reader = ctl.cli("--identity", "reader", "replica", "verify", "job1", "--vm", "vm1", check=False)
     assert reader.returncode == 1 and "PERMISSION_DENIED" in reader.stderr
-    as_reader = [
-        "--identity",
-        "reader",
-        *export,
-        mine,
-        "--vm",
-        "vm1",
-        "--disk",
-        "disk0",
-        "--output",
-        str(ctl.work / "r"),
-    ]
-    reader_export = ctl.cli(*as_reader, check=False)
+    as_reader = ["--identity", "reader", "restore-points", "export", "job1", mine, "--vm", "vm1", "--disk", "disk0"]
+    reader_export = ctl.cli(*as_reader, "--output", str(ctl.work / "r"), check=False)
     assert reader_export.returncode == 1 and "PERMISSION_DENIED" in reader_export.stderr
     assert ctl.cli("replica", "verify", "job1", "--vm", "vm1", "--sample", "1000", check=False).returncode == 2
     with pytest.raises(grpc.RpcError) as huge:
