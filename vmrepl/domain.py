@@ -182,6 +182,13 @@ def check_digest_count(field: str, count: int) -> int:
     return count
 
 
+def check_sample_percent(field: str, percent: int) -> int:
+    """A verification's share of blocks: 1 to 100, 0 meaning 100 (every block)."""
+    if not 0 <= percent <= 100:
+        raise InvalidArgument(field, f"{percent} is not a percentage of blocks (1 to 100; 0 means 100)")
+    return percent or 100
+
+
 # 1 PiB: far beyond any VHDX (64 TB), small enough that offsets stay sane.
 MAX_DISK_SIZE = 1 << 50
 
