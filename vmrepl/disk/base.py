@@ -76,6 +76,12 @@ class DiskWriter(abc.ABC):
     @abc.abstractmethod
     def close(self) -> None: ...
 
+    def __enter__(self) -> DiskWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
 
 ReaderFactory = Callable[[Path], DiskReader]
 _READERS: dict[DiskFormat, ReaderFactory] = {}
