@@ -160,6 +160,7 @@ class VhdxWriter(DiskWriter):
         used = [(0, HEADER_AREA), (layout.header.log_offset, layout.header.log_length)]
         used += [layout.regions[BAT_GUID], layout.regions[METADATA_GUID]]
         used += [(off, self._block_size) for off in offsets if off >= 0]
+        used += self._bitmap_blocks(layout)
         used.sort()
         free: list[int] = []
         pos = 0
@@ -172,6 +173,15 @@ class VhdxWriter(DiskWriter):
         free += range(_round_up(pos, MiB), end - self._block_size + 1, self._block_size)
         heapq.heapify(free)
         return free, end
+
+    def _bitmap_blocks(self, layout: Layout) -> list[tuple[int, int]]:
+        """Sector-bitmap blocks a (dynamic) image should not have but might: never allocated over."""
+        out = []
+        for pos in range(self._ratio, len(layout.bat) // 8, self._ratio + 1):
+            value = int(_ENTRY.unpack_from(layout.bat, 8 * pos)[0])
+            if entry_state(value) == PAYLOAD_FULLY_PRESENT:  # SB_BLOCK_PRESENT has the same value, 6
+                out.append((entry_offset(value), MiB))
+        return out
 
     @property
     def size(self) -> int:
