@@ -383,6 +383,8 @@ def test_create_refuses_existing_files_and_bad_geometry(tmp_path: Path) -> None:
     for size in (0, MiB + 1, 65 * 1024**4):
         with pytest.raises(InvalidArgument, match="disk size"):
             create_writer(DiskFormat.VHDX, tmp_path / "s.vhdx", size=size)
+    with pytest.raises(DiskError, match="cannot"):
+        create_writer(DiskFormat.VHDX, tmp_path / "missing" / "x.vhdx", size=MiB)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["d.raw", "d.vhdx"]  # nothing made, nothing left
 
 

@@ -148,6 +148,9 @@ class VhdxWriter(DiskWriter):
         self._header_slot, self._header = layout.header_slot, layout.header
         self._bat_offset, self._bat_length = layout.regions[BAT_GUID]
         self._size_item = layout.items[VIRTUAL_DISK_SIZE][0]
+        meta_off, meta_len = layout.regions[METADATA_GUID]
+        if not meta_off <= self._size_item <= meta_off + meta_len - 8:  # `resize` writes it in place
+            raise UnsupportedDisk(f"{self._file.path}: the VHDX virtual disk size item lies outside the metadata")
         self._bat = bytearray(layout.bat)  # the BAT as durable in the file
         self._pending: dict[int, int] = {}  # block -> entry written to the file at the next flush
         self._limbo: list[int] = []  # slots the durable BAT still points at, free after the next flush
@@ -373,17 +376,19 @@ def create_vhdx(path: Path, *, size: int, block_size: int = MiB) -> VhdxWriter:
         raise AlreadyExists(f"{path} exists; a new replica disk is never written over an old one")
     tmp = path.with_name(f".{path.name}.creating")
     tmp.unlink(missing_ok=True)  # left by a crash during an earlier create: never published
-    f = PositionalFile(tmp, writable=True, create=True)
     try:
-        _format(f, size=size, block_size=block_size)
-    finally:
-        f.close()
-    try:
+        f = PositionalFile(tmp, writable=True, create=True)
+        try:
+            _format(f, size=size, block_size=block_size)
+        finally:
+            f.close()
         os.link(tmp, path)  # fails if `path` appeared meanwhile: never replaces a file
     except FileExistsError as e:
         raise AlreadyExists(f"{path} exists; a new replica disk is never written over an old one") from e
+    except OSError as e:
+        raise DiskError(f"cannot create {path}: {e.strerror}") from e
     finally:
-        tmp.unlink()
+        tmp.unlink(missing_ok=True)
     sync_dir(path.parent)
     return VhdxWriter(path)
 
