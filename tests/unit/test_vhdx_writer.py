@@ -3,6 +3,7 @@ our own reader, and a simulated power cut at every kind of point."""
 
 from __future__ import annotations
 
+import dataclasses
 import random
 import struct
 import subprocess
@@ -636,3 +637,34 @@ def test_first_change_after_open_rewrites_the_headers_one_durable_step_at_a_time
     other = HEADER_OFFSETS[1 - current]
     assert steps[:4] == [("write", other), ("sync", 0), ("write", HEADER_OFFSETS[current]), ("sync", 0)]
     assert all(op.offset not in HEADER_OFFSETS for op in ops[4:] if op.kind == "write")  # once per open
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"log_guid": uuid.UUID(int=1)}, "log has entries to replay"),
+        ({"version": 2}, "header version 2 is not supported"),
+        ({"sequence": None}, "no VHDX header has a valid signature and CRC-32C"),
+    ],
+)
+def test_open_writer_refuses_what_the_reader_refuses_and_changes_nothing(
+    tmp_path: Path, change: dict[str, object], message: str
+) -> None:
+    image = tmp_path / "x.vhdx"
+    create_writer(DiskFormat.VHDX, image, size=8 * MiB).close()
+    with image.open("r+b") as f:
+        for slot, off in enumerate(HEADER_OFFSETS):
+            h = _header(image, slot)
+            if change.get("sequence", 0) is None:
+                raw = bytearray(h.pack())
+                raw[100] ^= 0xFF  # a torn header: its CRC-32C no longer matches
+            else:
+                raw = bytearray(dataclasses.replace(h, **change).pack())  # type: ignore[arg-type]
+            f.seek(off)
+            f.write(raw)
+    before = image.read_bytes()
+    with pytest.raises(UnsupportedDisk, match=message):
+        open_writer(DiskFormat.VHDX, image)
+    with pytest.raises(UnsupportedDisk, match=message):
+        open_reader(DiskFormat.VHDX, image)
+    assert image.read_bytes() == before
