@@ -97,6 +97,14 @@ def _round_up(value: int, unit: int) -> int:
     return -(-value // unit) * unit
 
 
+def _is_zero(view: memoryview) -> bool:
+    # Data seldom starts with a zero sector: a look at the first one spares copying the rest to compare it.
+    head = view[:LOGICAL_SECTOR].tobytes()
+    if not is_zero(head):
+        return False
+    return len(view) <= LOGICAL_SECTOR or is_zero(view.tobytes())
+
+
 def _check_geometry(size: int, block_size: int) -> None:
     if not (MIN_BLOCK_SIZE <= block_size <= MAX_BLOCK_SIZE and block_size & (block_size - 1) == 0):
         raise InvalidArgument("block_size", f"a VHDX block size is a power of two from 1 to 256 MiB, not {block_size}")
@@ -247,7 +255,7 @@ class VhdxWriter(DiskWriter):
                 piece = view[done : done + n]
                 slot = self._slot(block)
                 if slot < 0:
-                    if is_zero(piece.tobytes()):
+                    if _is_zero(piece):
                         continue  # zeros into a block that reads as zeros: nothing to allocate
                     slot = self._allocate()
                     self._pending[block] = entry(PAYLOAD_FULLY_PRESENT, slot)
