@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import pytest
+
 from proxy_agent.full_check import FullCheckFindings
+from proxy_agent.request import plans_for
+from vmrepl.errors import InvalidArgument
 from vmrepl.extent import Extent
+from vmrepl.v1 import common_pb2, proxy_pb2
 
 BS = 1024
 
@@ -40,3 +45,24 @@ def test_nothing_differed_nothing_repaired() -> None:
     f = FullCheckFindings([Extent(0, 4 * BS)])
     f.record(blocks(0, 3))
     assert (f.differed, f.repaired, f.ranges) == (2, 0, [])
+
+
+def _request(full_check: list[tuple[int, int]] | None) -> proxy_pb2.StartDiskTransferRequest:
+    compare = proxy_pb2.CompareDigests()
+    if full_check is not None:
+        compare.full_check.CopyFrom(
+            proxy_pb2.ChangedRanges(ranges=[common_pb2.ByteRange(offset=o, length=n) for o, n in full_check])
+        )
+    return proxy_pb2.StartDiskTransferRequest(
+        block_size=64 * 1024, change_source=proxy_pb2.ChangeSource(compare_digests=compare)
+    )
+
+
+def test_the_request_carries_the_changed_ranges_of_a_full_check_only() -> None:
+    size = 1 << 20
+    assert plans_for(_request(None), disk_size=size, allocated=[]).full_check is None
+    assert plans_for(_request([]), disk_size=size, allocated=[]).full_check == []
+    plans = plans_for(_request([(4096, 10)]), disk_size=size, allocated=[Extent(0, size)])
+    assert plans.full_check == [Extent(4096, 10)] and plans.first.read == [Extent(0, size)]
+    with pytest.raises(InvalidArgument, match=r"full_check\.ranges\[0\]"):
+        plans_for(_request([(size - 1, 2)]), disk_size=size, allocated=[])
