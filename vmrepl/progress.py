@@ -111,8 +111,13 @@ class FullCheckFigures(BaseModel):
         """For people: only blocks the change tracking missed are called repaired (the others are changes a
         changed-range incremental would have sent as well)."""
         blocks = "1 block" if self.differed_blocks == 1 else f"{self.differed_blocks} blocks"
+        if not self.differed_blocks:
+            return "full check: every block equals the replica"
         if not self.repaired_blocks:
-            return f"full check: {blocks} differed from the replica, all reported by the host's change tracking"
+            return (
+                f"full check: {blocks} differed from the replica, all reported by the host's change tracking; "
+                "none repaired"
+            )
         n = self.repaired_blocks
         missed = (
             f"{'1 block' if n == 1 else f'{n} blocks'} differed from the replica although the host's change "
