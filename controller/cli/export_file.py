@@ -4,8 +4,8 @@ The disk is written to FILE.partial (created here, exclusively, readable by its 
 VM's data) and renamed to FILE only after the stream said the disk is done and the file is flushed. A
 stream that breaks, or an export that is interrupted, removes the partial file.
 
-Raw: what the stream does not send stays a hole. VHDX: through the shared library's disk writers
-(`vmrepl.disk.base.create_writer`), where this build has them.
+Raw: what the stream does not send stays a hole. VHDX: through the shared library's VHDX writer
+(`vmrepl.disk.base.create_writer`), dynamic, where unsent blocks stay unallocated.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from vmrepl.disk.base import DiskWriter
 from vmrepl.disk.fileio import sync_dir
 from vmrepl.disk.raw import RawWriter
 from vmrepl.domain import DiskFormat, check_disk_size
-from vmrepl.errors import DiskError, FailedPrecondition, InvalidArgument, UnsupportedDisk
+from vmrepl.errors import DiskError, FailedPrecondition, InvalidArgument
 from vmrepl.extent import MiB
 from vmrepl.v1 import common_pb2
 
@@ -50,17 +50,14 @@ def raw_writer(path: Path, size: int) -> DiskWriter:
 
 
 def writer_factory(fmt: ExportFormat) -> WriterFactory:
-    """The writer of `fmt`, or UnsupportedDisk at once when this build cannot write it."""
+    """The writer of `fmt`."""
     if fmt is ExportFormat.RAW:
         return raw_writer
-    create: Callable[..., DiskWriter] | None = getattr(disk_base, "create_writer", None)
-    if create is None:
-        raise UnsupportedDisk(f"this build of vmrepl cannot write {fmt.value.upper()} files; export as raw")
 
     def writer(path: Path, size: int) -> DiskWriter:
         if os.path.lexists(path):
             raise FailedPrecondition(f"{path} appeared while the export started")
-        return create(DiskFormat(fmt.value), path, size=size)
+        return disk_base.create_writer(DiskFormat(fmt.value), path, size=size)
 
     return writer
 
