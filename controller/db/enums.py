@@ -58,4 +58,4 @@ class ReplicaEnd(enum.StrEnum):
     KEPT = "kept"  # the target keeps the session's writes for the session that resumes the held checkpoint
     ROLLED_BACK = "rolled_back"  # the target returned the replica to its newest restore point
     NOTHING = "nothing"  # the target holds no writes of this session (none made, or another's kept)
-    UNREACHABLE = "unreachable"  # the target stayed down: it rolls back at the next prepare that does not resume
+    NOT_TOLD = "not_told"  # the call failed (target down, or refused): it rolls back at the next prepare not resuming

@@ -72,6 +72,16 @@ class TargetClient(AgentHealth, Protocol):
 
     async def delete_point(self, replica_path: str, point_id: str) -> None: ...
 
+    async def get_replica(self, replica_path: str, *, within: float | None = None) -> target_pb2.Replica: ...
+
+    async def end_session(
+        self, request: target_pb2.EndReplicaSessionRequest, *, within: float | None = None
+    ) -> target_pb2.Replica:
+        """Tells the target how a session that made no restore point ended (idempotent)."""
+        ...
+
+    async def rollback(self, replica_path: str, *, within: float | None = None) -> target_pb2.Replica: ...
+
 
 class Agents(Protocol):
     """The clients of the agents the engine talks to, one per address."""
@@ -185,6 +195,22 @@ class GrpcTargetClient(_GrpcAgent):
         await self.stub.DeleteRestorePoint(
             target_pb2.DeleteRestorePointRequest(replica_path=replica_path, restore_point_id=point_id)
         )
+
+    async def get_replica(self, replica_path: str, *, within: float | None = None) -> target_pb2.Replica:
+        request = target_pb2.GetReplicaRequest(replica_path=replica_path)
+        replica: target_pb2.Replica = await self.stub.GetReplica(request, timeout=within)
+        return replica
+
+    async def end_session(
+        self, request: target_pb2.EndReplicaSessionRequest, *, within: float | None = None
+    ) -> target_pb2.Replica:
+        replica: target_pb2.Replica = await self.stub.EndReplicaSession(request, timeout=within)
+        return replica
+
+    async def rollback(self, replica_path: str, *, within: float | None = None) -> target_pb2.Replica:
+        request = target_pb2.RollbackReplicaRequest(replica_path=replica_path)
+        replica: target_pb2.Replica = await self.stub.RollbackReplica(request, timeout=within)
+        return replica
 
 
 def proxy_client(address: str, tls: TlsSettings, *, server_name: str = "") -> GrpcProxyClient:

@@ -19,14 +19,14 @@ from controller.engine.providers import provider_for
 from controller.engine.runtime import EngineParts, JobView, SessionContext, TargetView
 from controller.engine.session import SessionRun, describe
 from controller.engine.states import ACTIVE_SESSION
-from vmrepl.domain import ChangeTracking, Compression
+from vmrepl.domain import ChangeTracking, Compression, replica_format
 from vmrepl.errors import FailedPrecondition, NotFound, VmreplError
 from vmrepl.logs import get_logger
 
 log = get_logger("vmrepl.controller.engine.sessions")
 
 
-def job_view(job: Job) -> JobView:
+def job_view(job: Job, *, host_provider: str = "file") -> JobView:
     return JobView(
         job_id=job.id,
         name=job.name,
@@ -41,6 +41,7 @@ def job_view(job: Job) -> JobView:
         checkpoint_hold_seconds=job.checkpoint_hold_seconds,
         retries=job.retries,
         retry_wait_seconds=job.retry_wait_seconds,
+        replica_format=replica_format(job.replica_format, host_provider=host_provider),
     )
 
 
@@ -109,7 +110,7 @@ class Engine:
                 raise NotFound(f"job {job.name}: its target or host no longer exists")
         return SessionContext(
             session_id=session_id,
-            job=job_view(job),
+            job=job_view(job, host_provider=host.provider),
             target=TargetView(
                 target_id=target.id,
                 name=target.name,

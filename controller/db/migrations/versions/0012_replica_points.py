@@ -24,7 +24,7 @@ down_revision = "0010"
 branch_labels = None
 depends_on = None
 
-_REPLICA_END = ("", "kept", "rolled_back", "nothing", "unreachable")
+_REPLICA_END = ("", "kept", "rolled_back", "nothing", "not_told")
 
 
 def upgrade() -> None:
