@@ -48,6 +48,12 @@ class FailedPrecondition(VmreplError):
     grpc_code = "FAILED_PRECONDITION"
 
 
+class Unavailable(VmreplError):
+    """A service this call needs (another agent) cannot be reached now; asking again later may work."""
+
+    grpc_code = "UNAVAILABLE"
+
+
 class DeadlineExceeded(VmreplError):
     """A peer stayed silent for longer than it may (a stream that never opens, or stops sending)."""
 

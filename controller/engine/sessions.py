@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import AsyncIterator
 
 from sqlalchemy import select
 
@@ -49,6 +50,33 @@ class Engine:
     def __init__(self, parts: EngineParts) -> None:
         self.parts = parts
         self._runs: dict[str, tuple[SessionContext, asyncio.Task[SessionState]]] = {}
+        # Jobs whose replicas an operator's call is changing on the target (a rollback): no session starts.
+        self._maintenance: dict[str, str] = {}
+
+    @contextlib.asynccontextmanager
+    async def replica_maintenance(self, job_id: str, what: str) -> AsyncIterator[None]:
+        """Work on a job's replicas that no session of the job may run under (a rollback under a session's
+        writes would undo what its restore point then claims). Refused with FailedPrecondition while a
+        session of the job runs; start_job refuses the job meanwhile. The job is marked before the check,
+        and the check reads under the journal's lock, which start_job's insert holds: a start either
+        committed before the check (and is seen) or comes after the mark (and is refused)."""
+        if job_id in self._maintenance:
+            raise FailedPrecondition(f"the job's replicas are busy: {self._maintenance[job_id]}")
+        self._maintenance[job_id] = what
+        try:
+            async with self.parts.journal.write() as db:
+                running = await db.scalar(
+                    select(Session).where(Session.job_id == job_id, Session.state.in_(ACTIVE_SESSION))
+                )
+                job = await db.get(Job, job_id)
+            if running is not None:
+                name = job.name if job else job_id
+                raise FailedPrecondition(
+                    f"job {name} has a running session ({running.id}): its replicas change only between sessions"
+                )
+            yield
+        finally:
+            self._maintenance.pop(job_id, None)
 
     async def recover(self) -> None:
         """Continue every session a previous run of the controller left running or stopping."""
@@ -67,6 +95,10 @@ class Engine:
                 raise NotFound(f"job {job_id} does not exist")
             if not job.enabled:
                 raise FailedPrecondition(f"job {job.name} is disabled")
+            if job_id in self._maintenance:
+                raise FailedPrecondition(
+                    f"job {job.name} cannot start now: {self._maintenance[job_id]}; start it when that has ended"
+                )
             running = await db.scalar(
                 select(Session).where(Session.job_id == job_id, Session.state.in_(ACTIVE_SESSION))
             )

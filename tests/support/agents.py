@@ -181,6 +181,10 @@ class FakeTarget(FakeAgent):
         self.ended: list[target_pb2.EndReplicaSessionRequest] = []
         self.end_faults: list[BaseException] = []
         self.rollbacks: list[tuple[str, str]] = []
+        # GetReplica and RollbackReplica wait for this while it is set and not yet released.
+        self.replica_gate: asyncio.Event | None = None
+        self.in_flight = self.most_in_flight = 0
+        self.entered = asyncio.Event()  # set each time a call reaches the gate
         self.prepared: list[target_pb2.PrepareReplicaDiskRequest] = []
         self.prepare_faults: list[grpc.aio.AioRpcError] = []
         self.tracking_failed: set[tuple[str, str]] = set()
@@ -304,8 +308,25 @@ class FakeTarget(FakeAgent):
         state = common_pb2.REPLICA_STATE_AT_POINT if at_point else common_pb2.REPLICA_STATE_EMPTY
         self.replicas[replica_path] = FakeReplica(state, "", r.session_id, at)
 
+    async def _gate(self) -> None:
+        self.in_flight += 1
+        self.most_in_flight = max(self.most_in_flight, self.in_flight)
+        self.entered.set()
+        try:
+            if self.replica_gate is not None:
+                await self.replica_gate.wait()
+        finally:
+            self.in_flight -= 1
+
+    async def at_gate(self, calls: int) -> None:
+        """Until `calls` calls wait at the replica gate."""
+        while self.in_flight < calls:
+            self.entered.clear()
+            await self.entered.wait()
+
     async def get_replica(self, replica_path: str, *, within: float | None = None) -> target_pb2.Replica:
         self._check_up()
+        await self._gate()
         return self.replica(replica_path)
 
     async def end_session(
@@ -332,6 +353,7 @@ class FakeTarget(FakeAgent):
 
     async def rollback(self, replica_path: str, *, within: float | None = None) -> target_pb2.Replica:
         self._check_up()
+        await self._gate()
         r = self.replicas.get(replica_path)
         if r is None:
             raise rpc_error(grpc.StatusCode.NOT_FOUND, f"no replica {replica_path}")
