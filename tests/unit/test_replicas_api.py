@@ -167,7 +167,7 @@ async def test_a_target_answering_an_id_that_is_no_plain_name_is_refused_for_tha
 
 
 async def test_many_vms_are_asked_a_few_at_a_time(tmp_path: Path) -> None:
-    vms = {f"vm{i:02}": ("disk0",) for i in range(REPLICA_CALLS * 2 + 1)}
+    vms: dict[str, tuple[str, ...]] = {f"vm{i:02}": ("disk0",) for i in range(REPLICA_CALLS * 2 + 1)}
     w = await make_world(tmp_path, vms=vms)
     try:
         rows = await w.plan()
