@@ -139,7 +139,7 @@ class SessionRun:
                     disk_size=d.size,
                     state=TaskState.PENDING,
                     start=start.value,
-                    resume_session_id=held.session_id if start is DiskStart.RESUME and held is not None else "",
+                    resume_session_id=held.session_id if start in _CONTINUES and held is not None else "",
                 )
             )
         return tasks
@@ -197,6 +197,14 @@ def _format_name(wire: common_pb2.DiskFormat.ValueType | None, asked: DiskFormat
         if wire == fmt.to_proto():
             return fmt.value
     return asked.value
+
+
+# Disks whose prepare names the held session (resume_session_id): a resumed one continues its transfer; a
+# done one (completed under the held checkpoint) is at its end already, and naming the session tells the
+# target this session continues that session's replica, whose writes it must keep (a prepare that names no
+# session it continues lets the target roll the replica back, and a done disk sends nothing to redo it).
+# A disk that failed under the held checkpoint names none: its transfer is never continued.
+_CONTINUES = (DiskStart.RESUME, DiskStart.DONE)
 
 
 def held_checkpoint(job_id: str, vm_id: str) -> Select[Any]:
@@ -552,6 +560,7 @@ class VmRun:
 
     async def _hold(self, row: SessionVm) -> None:
         deadline = now() + dt.timedelta(seconds=self.sc.job.checkpoint_hold_seconds)
+        started = any(t.transfer_id for t in await self._tasks(row))
         async with self.parts.journal.change("vm held", vm=row.vm_id) as db:
             held: HeldCheckpoint | None = await db.scalar(held_checkpoint(self.sc.job.job_id, row.vm_id))
             if held is None:
@@ -569,8 +578,10 @@ class VmRun:
             elif held.checkpoint_id != row.checkpoint_id:
                 held.checkpoint_id, held.reference = row.checkpoint_id, row.checkpoint_reference
                 held.session_id, held.deadline, held.consistency = self.sc.session_id, deadline, row.consistency
-            else:  # the same checkpoint held again: the deadline runs from when it was first held
+            elif started:  # the same checkpoint held again: the deadline runs from when it was first held
                 held.session_id = self.sc.session_id
+            # else: this session started no disk of it (stopped first), so the target keeps the writes of the
+            # session that did: the next one resumes that one (resume_session_id), or the target rolls back.
             vm = await db.get(SessionVm, row.id)
             if vm is not None:
                 vm.state = VmState.HELD

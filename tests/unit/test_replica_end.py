@@ -12,11 +12,12 @@ from pathlib import Path
 
 import grpc
 import pytest
-from sqlalchemy import select
+from sqlalchemy import select, update
 
-from controller.db.enums import ReplicaEnd, TaskState, VmState
-from controller.db.models import RestorePoint, SessionVm
-from controller.engine.session import VmRun
+from controller.db.enums import ReplicaEnd, SessionState, TaskState, VmState
+from controller.db.models import HeldCheckpoint, RestorePoint, Session, SessionVm
+from controller.engine.runtime import SessionContext
+from controller.engine.session import SessionRun, VmRun
 from controller.engine.states import IllegalTransition, replica_session_end
 from tests.support.agents import RUNNING, Crash, FakeReplica, Step, completes, progress, rpc_error
 from tests.support.engine import DISK_SIZE, World, make_world
@@ -236,3 +237,67 @@ async def test_the_jobs_replica_format_is_asked_for_in_every_prepare_and_kept_wi
     assert {p.replica_format for p in world.target.prepared} == {common_pb2.DISK_FORMAT_VHDX}
     assert {d["format"] for d in (await _point(world)).disks} == {"vhdx"}
     assert {t.state for t in await world.tasks()} == {TaskState.SUCCEEDED}
+
+
+# ---- sessions that continue a held checkpoint ---------------------------------------------------------
+
+
+async def _next_session(w: World, *, stopping: bool = False) -> SessionContext:
+    async with w.journal.change("next session") as db:
+        await db.execute(update(Session).where(Session.id == w.sc.session_id).values(state=SessionState.INCOMPLETE))
+        session = Session(job_id=w.sc.job.job_id, state=SessionState.RUNNING)
+        db.add(session)
+        await db.flush()
+        session_id = session.id
+    sc = SessionContext(session_id=session_id, job=w.sc.job, target=w.sc.target, provider=w.provider)
+    if stopping:
+        sc.stopping.set()
+    w.sc = sc
+    return sc
+
+
+async def _held(w: World) -> HeldCheckpoint:
+    async with w.journal.read() as db:
+        held: HeldCheckpoint | None = await db.scalar(select(HeldCheckpoint))
+    assert held is not None
+    return held
+
+
+def _done_and_resumable(request: proxy_pb2.StartDiskTransferRequest) -> list[Step]:
+    """disk0 completes; disk1 is cut off halfway (its proxy goes down): the VM is held."""
+    if request.disk_id == "disk0":
+        return completes(request)
+    return [progress(RUNNING, DISK_SIZE // 2), Crash()]
+
+
+async def test_a_session_continuing_a_held_checkpoint_keeps_the_replica_it_continues(world: World) -> None:
+    """Its done disk (completed under the checkpoint, nothing to send) names the held session too: a
+    prepare naming none would have the target roll the replica back, and the done disk would then send
+    nothing to redo what the rollback undid."""
+    world.proxy.script = _done_and_resumable
+    assert await asyncio.wait_for(SessionRun(world.parts, world.sc).run(), 30) is SessionState.INCOMPLETE
+    first = world.sc.session_id
+    assert world.target.replica(REPLICA).state == RESUMABLE and (await _held(world)).session_id == first
+    world.proxy.up, world.proxy.script = True, completes
+    world.target.prepared.clear()
+    await _next_session(world)
+    assert await asyncio.wait_for(SessionRun(world.parts, world.sc).run(), 30) is SessionState.SUCCEEDED
+    assert {(p.disk_id, p.resume_session_id) for p in world.target.prepared} == {("disk0", first), ("disk1", first)}
+    assert not world.target.rollbacks and world.target.replica(REPLICA).state == AT_POINT
+
+
+async def test_a_session_stopped_before_any_disk_started_leaves_the_hold_with_the_one_that_wrote(
+    world: World,
+) -> None:
+    world.proxy.script = _done_and_resumable
+    await asyncio.wait_for(SessionRun(world.parts, world.sc).run(), 30)
+    first = world.sc.session_id
+    world.proxy.up = True
+    await _next_session(world, stopping=True)  # stopped before its transfers started
+    assert await asyncio.wait_for(SessionRun(world.parts, world.sc).run(), 30) is SessionState.INCOMPLETE
+    # The target keeps the first session's writes: the hold stays with it, so the next session resumes it.
+    assert (await _held(world)).session_id == first and [e.session_id for e in world.target.ended] == [first]
+    world.proxy.script = completes
+    await _next_session(world)
+    assert await asyncio.wait_for(SessionRun(world.parts, world.sc).run(), 30) is SessionState.SUCCEEDED
+    assert {p.resume_session_id for p in world.target.prepared[-2:]} == {first} and not world.target.rollbacks
