@@ -36,7 +36,7 @@ ASK_SECONDS = 10.0
 ROLLBACK_SECONDS = 120.0  # writes the rollback data back: a large session's takes a while
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, kw_only=True)
 class ReplicaVm:
     vm_id: str
     vm_name: str
@@ -108,9 +108,9 @@ async def replica_vms(db: AsyncSession, job: Job) -> list[ReplicaVm]:
     points = select(RestorePoint.vm_id, RestorePoint.vm_name).where(RestorePoint.job_id == job.id)
     for vm_id, vm_name in (await db.execute(points)).all():
         names.setdefault(vm_id, vm_name or vm_id)
-    out = [ReplicaVm(i, n, True) for i, n in names.items()]
+    out = [ReplicaVm(vm_id=i, vm_name=n, planned=True) for i, n in names.items()]
     known = set(names) | set(names.values())
-    out += [ReplicaVm(v.vm_ref, v.vm_ref, False) for v in job.vms if v.vm_ref not in known]
+    out += [ReplicaVm(vm_id=v.vm_ref, vm_name=v.vm_ref, planned=False) for v in job.vms if v.vm_ref not in known]
     return sorted(out, key=lambda v: (v.vm_name, v.vm_id))
 
 

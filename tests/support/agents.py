@@ -151,7 +151,7 @@ class CommitFault:
     committed: bool = False
 
 
-@dataclass
+@dataclass(kw_only=True)
 class FakeReplica:
     """A VM replica's state between restore points, as the target keeps it (common.proto ReplicaState):
     a prepare makes it WRITING for its session (rolling back first a session it does not continue), a
@@ -269,7 +269,12 @@ class FakeTarget(FakeAgent):
             ],
         )
         points.append(point)
-        self.replicas[request.replica_path] = FakeReplica(common_pb2.REPLICA_STATE_AT_POINT)
+        earlier = self.replicas.get(request.replica_path) or FakeReplica()
+        self.replicas[request.replica_path] = FakeReplica(
+            state=common_pb2.REPLICA_STATE_AT_POINT,
+            rolled_back_session_id=earlier.rolled_back_session_id,  # the last rollback stays on record
+            rolled_back_at=earlier.rolled_back_at,
+        )
         return point
 
     async def list_points(self, replica_path: str) -> list[target_pb2.RestorePoint]:
@@ -306,7 +311,7 @@ class FakeTarget(FakeAgent):
         at.GetCurrentTime()
         at_point = bool(self.points.get(replica_path))
         state = common_pb2.REPLICA_STATE_AT_POINT if at_point else common_pb2.REPLICA_STATE_EMPTY
-        self.replicas[replica_path] = FakeReplica(state, "", r.session_id, at)
+        self.replicas[replica_path] = FakeReplica(state=state, rolled_back_session_id=r.session_id, rolled_back_at=at)
 
     async def _gate(self) -> None:
         self.in_flight += 1

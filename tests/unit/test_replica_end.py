@@ -152,7 +152,7 @@ async def test_a_target_holding_no_writes_of_the_session_is_nothing_to_end(world
     # earlier session: FAILED_PRECONDITION, and kept it stays).
     world.target.prepare_faults.extend([rpc_error(grpc.StatusCode.FAILED_PRECONDITION, "no")] * 2)
     if earlier:
-        world.target.replicas[REPLICA] = FakeReplica(RESUMABLE, "s-earlier")
+        world.target.replicas[REPLICA] = FakeReplica(state=RESUMABLE, session_id="s-earlier")
     row = await _run(world)
     assert row.state is VmState.FAILED and row.replica_end is ReplicaEnd.NOTHING and len(world.target.ended) == 1
     assert not world.target.rollbacks
