@@ -263,22 +263,37 @@ async def _held(w: World) -> HeldCheckpoint:
     return held
 
 
-def _done_and_resumable(request: proxy_pb2.StartDiskTransferRequest) -> list[Step]:
-    """disk0 completes; disk1 is cut off halfway (its proxy goes down): the VM is held."""
-    if request.disk_id == "disk0":
-        return completes(request)
-    return [progress(RUNNING, DISK_SIZE // 2), Crash()]
+async def _held_with_disk0_done(w: World) -> str:
+    """A session in which disk0 completes and disk1 is stopped halfway (or before it started): the VM is
+    held. The stop comes once disk0 is done (its size checked on the target), whatever the order the two
+    disks ran in. Returns the session's id."""
+    done = asyncio.Event()
+    get_disk = w.target.get_disk
+
+    async def noting(replica_path: str, disk_id: str, *, within: float | None = None) -> target_pb2.ReplicaDisk:
+        disk = await get_disk(replica_path, disk_id, within=within)
+        done.set()
+        return disk
+
+    w.target.get_disk = noting  # type: ignore[method-assign]
+    w.proxy.script = lambda r: (
+        completes(r) if r.disk_id == "disk0" else [progress(RUNNING, DISK_SIZE // 2), asyncio.Event()]
+    )
+    run = asyncio.create_task(SessionRun(w.parts, w.sc).run())
+    await asyncio.wait_for(done.wait(), 30)
+    w.sc.stopping.set()
+    assert await asyncio.wait_for(run, 30) is SessionState.INCOMPLETE
+    w.target.get_disk = get_disk  # type: ignore[method-assign]
+    return w.sc.session_id
 
 
 async def test_a_session_continuing_a_held_checkpoint_keeps_the_replica_it_continues(world: World) -> None:
     """Its done disk (completed under the checkpoint, nothing to send) names the held session too: a
     prepare naming none would have the target roll the replica back, and the done disk would then send
     nothing to redo what the rollback undid."""
-    world.proxy.script = _done_and_resumable
-    assert await asyncio.wait_for(SessionRun(world.parts, world.sc).run(), 30) is SessionState.INCOMPLETE
-    first = world.sc.session_id
+    first = await _held_with_disk0_done(world)
     assert world.target.replica(REPLICA).state == RESUMABLE and (await _held(world)).session_id == first
-    world.proxy.up, world.proxy.script = True, completes
+    world.proxy.script = completes
     world.target.prepared.clear()
     await _next_session(world)
     assert await asyncio.wait_for(SessionRun(world.parts, world.sc).run(), 30) is SessionState.SUCCEEDED
@@ -289,10 +304,7 @@ async def test_a_session_continuing_a_held_checkpoint_keeps_the_replica_it_conti
 async def test_a_session_stopped_before_any_disk_started_leaves_the_hold_with_the_one_that_wrote(
     world: World,
 ) -> None:
-    world.proxy.script = _done_and_resumable
-    await asyncio.wait_for(SessionRun(world.parts, world.sc).run(), 30)
-    first = world.sc.session_id
-    world.proxy.up = True
+    first = await _held_with_disk0_done(world)
     await _next_session(world, stopping=True)  # stopped before its transfers started
     assert await asyncio.wait_for(SessionRun(world.parts, world.sc).run(), 30) is SessionState.INCOMPLETE
     # The target keeps the first session's writes: the hold stays with it, so the next session resumes it.
