@@ -80,8 +80,8 @@ def prepare_disk(
     replica_format: str = "raw",
 ) -> DiskState:
     """`replica.prepare` with what the VM's restore points say: the base point the session's overwrites are
-    saved against. Other disks of the VM still holding writes of a session this one does not continue are
-    rolled back first, so the replica never mixes two sessions."""
+    saved against. Other disks of the VM still holding writes of a session this one does not continue (nor
+    from the same checkpoint) are rolled back first, so the replica never mixes two sessions."""
     points = restore_points.list_points(vm_dir)
     sessions = frozenset(p.session_id for p in points)
     keep = {session_id, resume_session_id}
@@ -89,7 +89,10 @@ def prepare_disk(
         if other != disk_dir:
             with guards(other).lock:
                 st = replica.load_state(other)
-                if _between(st, sessions) and st.session_id not in keep:
+                # A disk written from this checkpoint belongs to the held transfer this session continues,
+                # even when this disk restarts without naming the session it continues (a disk that failed
+                # is never continued): rolling it back would leave a disk the controller counts as done.
+                if _between(st, sessions) and st.session_id not in keep and st.checkpoint_id != checkpoint_id:
                     _roll_back_locked(other, guards, sessions)
     holding = [p for p in points if disk_dir.name in {d.disk_id for d in p.disks}]
     base = None

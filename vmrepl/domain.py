@@ -46,6 +46,41 @@ _FORMAT_TO_PROTO = {
 }
 
 
+# The formats a replica disk is written in (a VHD replica is never made: its 2 TiB limit and its lack of
+# checksums make it no place to keep a copy).
+REPLICA_FORMATS = (DiskFormat.RAW, DiskFormat.VHDX)
+
+
+def replica_format(setting: str, *, host_provider: str) -> DiskFormat:
+    """A job's replica format: its setting ("raw", "vhdx"), or when unset the host's own: VHDX for Hyper-V
+    hosts (their VMs can be started from the replica as it is), raw for file-backed ones."""
+    if setting:
+        return DiskFormat(setting)
+    return DiskFormat.VHDX if host_provider == "hyperv" else DiskFormat.RAW
+
+
+class Consistency(enum.StrEnum):
+    """How consistent a restore point's disks are: as after a power cut, or with the guest's applications
+    quiesced (VSS) for the checkpoint."""
+
+    CRASH = "crash"
+    APPLICATION = "application"
+
+    def to_proto(self) -> common_pb2.Consistency.ValueType:
+        return _CONSISTENCY_TO_PROTO[self]
+
+    @classmethod
+    def from_stored(cls, value: str) -> common_pb2.Consistency.ValueType:
+        """The wire value of a stored consistency; a row from before points kept one: unspecified."""
+        return cls(value).to_proto() if value in cls._value2member_map_ else common_pb2.CONSISTENCY_UNSPECIFIED
+
+
+_CONSISTENCY_TO_PROTO = {
+    Consistency.CRASH: common_pb2.CONSISTENCY_CRASH,
+    Consistency.APPLICATION: common_pb2.CONSISTENCY_APPLICATION,
+}
+
+
 class Compression(enum.StrEnum):
     """How the proxy compresses data blocks: off, lz4 with a high acceleration, or lz4's default."""
 

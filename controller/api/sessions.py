@@ -10,8 +10,8 @@ from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from controller.api import paging
-from controller.api import resources as res
 from controller.api.base import RESTORE_POINTS, SESSIONS, WATCH_INTERVAL, ApiBase
+from controller.api.resources.replicas import point_msg
 from controller.api.sessions_view import log_entry
 from controller.db.models import (
     RestorePoint,
@@ -72,15 +72,7 @@ class SessionsApi(ApiBase):
         job_name = request.parent.removeprefix("jobs/")
 
         async def convert(_db: AsyncSession, rows: list[RestorePoint]) -> list[api.JobRestorePoint]:
-            return [
-                api.JobRestorePoint(
-                    name=f"jobs/{job_name}/restorePoints/{p.id}",
-                    vm_id=p.vm_id,
-                    session=f"sessions/{p.session_id}",
-                    create_time=res.timestamp(p.created_at),
-                )
-                for p in rows
-            ]
+            return [point_msg(job_name, p) for p in rows]
 
         points, token = await self._list(request, RESTORE_POINTS, convert, where=RestorePoint.job_id == job_id)
         return api.ListJobRestorePointsResponse(restore_points=points, next_page_token=token)

@@ -14,6 +14,7 @@ from controller.cli.sessions import exit_code, follow
 from controller.scheduling.schedule import schedule_json, schedule_message
 from vmrepl.domain import BLOCK_SIZE_RULE, JOB_DEFAULTS, ChangeTracking, Compression
 from vmrepl.errors import InvalidArgument
+from vmrepl.v1 import common_pb2
 from vmrepl.v1 import controller_pb2 as api
 
 job_app = typer.Typer(help="Replication jobs.", no_args_is_help=True)
@@ -22,6 +23,23 @@ _KEEP = typer.Option("--restore-points-to-keep", "--keep", help="restore points 
 _FULL_CHECK_EVERY = typer.Option(
     help="every N sessions compare every block's digest instead of trusting the host's changed ranges; 0: never"
 )
+
+
+_FORMAT = typer.Option(
+    "--replica-format",
+    help="raw or vhdx (default: the host's own, vhdx on Hyper-V, raw on a file host); fixed once the job has "
+    "restore points",
+)
+
+
+def _replica_format(text: str) -> common_pb2.DiskFormat.ValueType:
+    """--replica-format as the API's enum: raw or vhdx; empty for the host's own."""
+    formats = {"": common_pb2.DISK_FORMAT_UNSPECIFIED, "raw": common_pb2.DISK_FORMAT_RAW}
+    formats["vhdx"] = common_pb2.DISK_FORMAT_VHDX
+    if text.lower() not in formats:
+        err.print(f"[red]error[/red]: --replica-format must be raw or vhdx, not {text!r}")
+        raise typer.Exit(2)
+    return formats[text.lower()]
 
 
 def _choices(kind: type[enum.StrEnum]) -> str:
@@ -57,6 +75,7 @@ def job_create(
     ] = JOB_DEFAULTS.retries,
     retry_wait: Annotated[int, typer.Option(help="seconds before a retry")] = JOB_DEFAULTS.retry_wait_seconds,
     full_check_every: Annotated[int, _FULL_CHECK_EVERY] = JOB_DEFAULTS.full_check_every,
+    replica_format: Annotated[str, _FORMAT] = "",
     as_json_: JsonOpt = False,
 ) -> None:
     job = api.Job(
@@ -72,6 +91,7 @@ def job_create(
         retries=retries,
         retry_wait_seconds=retry_wait,
         full_check_every=full_check_every,
+        replica_format=_replica_format(replica_format),
     )
     if schedule:
         job.schedule.CopyFrom(_schedule_option(schedule))
@@ -134,8 +154,11 @@ def job_update(
     disabled: Annotated[bool | None, typer.Option("--disabled/--enabled")] = None,
     schedule: Annotated[str | None, typer.Option(help='JSON schedule; "{}" for manual only')] = None,
     full_check_every: Annotated[int | None, _FULL_CHECK_EVERY] = None,
+    replica_format: Annotated[str | None, _FORMAT] = None,
 ) -> None:
     job, paths = api.Job(name=f"jobs/{job_id}"), list[str]()
+    if replica_format is not None:
+        job.replica_format, paths = _replica_format(replica_format), [*paths, "replica_format"]
     if restore_points_to_keep is not None:
         job.restore_points_to_keep, paths = restore_points_to_keep, [*paths, "restore_points_to_keep"]
     if change_tracking is not None:

@@ -12,11 +12,12 @@ from typing import Annotated
 
 import typer
 
+from controller.cli import replica_reads  # noqa: F401  (adds `replica verify` and `restore-points export`)
 from controller.cli.common import conn
 from controller.cli.infra import infra
 from controller.cli.jobs import job_app
 from controller.cli.lab import lab_app
-from controller.cli.replicas import replica_app  # also adds `restore-points export` to points_app
+from controller.cli.replicas import replica_app
 from controller.cli.sessions import points_app, session_app
 
 app = typer.Typer(help="vmrepl: VM replication. Talks to vmrepl-controller over mTLS.", no_args_is_help=True)

@@ -1,156 +1,132 @@
-"""`vmrepl replica verify` and `vmrepl restore-points export`: reading a replica back from its target."""
+"""`vmrepl restore-points list` and `vmrepl replica`: each VM replica of a job as its target reports it, its
+restore points, and a rollback on request."""
 
 from __future__ import annotations
 
-import json
-from collections.abc import Iterator
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Annotated, TypeVar
+import datetime as dt
+from typing import Annotated
 
 import grpc
 import typer
-from rich.progress import BarColumn, DownloadColumn, MofNCompleteColumn, Progress, TaskID, TextColumn
+from google.protobuf import timestamp_pb2
 
-from controller.cli.common import EXIT_FAILED, EXIT_INCOMPLETE, EXIT_USAGE, JsonOpt, conn, err, out
-from controller.cli.export_file import ExportFormat, write_export, writer_factory
-from controller.cli.sessions import points_app
-from vmrepl.errors import VmreplError
+from controller.cli.common import JsonOpt, as_json, call, conn, err, mib, out, table
 from vmrepl.v1 import common_pb2
 from vmrepl.v1 import controller_pb2 as api
 
-T = TypeVar("T")
 replica_app = typer.Typer(help="VM replicas on their targets.", no_args_is_help=True)
-EXIT_MISMATCH = 4  # the verification ran and found blocks that differ from their digests
-SHOWN_MISMATCHES = 50  # per disk in the report; --json lists every one
+CONSISTENCY_WORDS = {
+    common_pb2.CONSISTENCY_CRASH: "crash",
+    common_pb2.CONSISTENCY_APPLICATION: "application",
+}
+COLUMNS = ["restore point", "created (UTC)", "size", "consistency", "restorable"]
 
 
-@dataclass
-class DiskReport:
-    last: common_pb2.VerifyProgress
-    mismatches: list[common_pb2.ByteRange] = field(default_factory=list)
+def bare(name: str) -> str:
+    """The id at the end of a resource name (`jobs/J/restorePoints/ID` -> ID), as other commands take it."""
+    return name.rsplit("/", 1)[-1]
 
 
-def _stream_errors(items: Iterator[T]) -> Iterator[T]:
-    """A server stream; a gRPC error becomes a one-line message and exit status 1."""
+def _time(ts: timestamp_pb2.Timestamp) -> str:
+    return ts.ToDatetime().isoformat(timespec="seconds") if ts.seconds or ts.nanos else ""
+
+
+def replica_words(r: api.JobReplica) -> str:
+    """A replica's state as a sentence: where it stands between restore points, and its newest rollback when
+    that came after its newest point."""
+    session = bare(r.session)
+    words = {
+        common_pb2.REPLICA_STATE_EMPTY: "no restore point yet",
+        common_pb2.REPLICA_STATE_AT_POINT: f"at restore point {bare(r.base_point)}",
+        common_pb2.REPLICA_STATE_WRITING: f"session {session} writing: between points",
+        common_pb2.REPLICA_STATE_RESUMABLE: f"session {session} stopped; resumable from the same checkpoint",
+    }.get(r.state, "state unknown")
+    newest = max((p.create_time.ToDatetime(dt.UTC) for p in r.restore_points), default=None)
+    if r.rolled_back_session and r.HasField("rolled_back_time"):
+        at = r.rolled_back_time.ToDatetime(dt.UTC)
+        if newest is None or at >= newest:
+            words = f"rolled back session {bare(r.rolled_back_session)} at {_time(r.rolled_back_time)}; {words}"
+    return words
+
+
+def point_row(p: api.JobRestorePoint, *, restorable: str) -> list[object]:
+    consistency = CONSISTENCY_WORDS.get(p.consistency, "unknown")
+    return [
+        bare(p.name),
+        _time(p.create_time),
+        mib(p.size_bytes) if p.size_bytes else "unknown",
+        consistency,
+        restorable,
+    ]
+
+
+def _recorded(job: str) -> list[api.JobRestorePoint]:
+    """The job's points as the controller's database records them (every page)."""
+    points: list[api.JobRestorePoint] = []
+    token = ""
+    while True:
+        request = api.ListJobRestorePointsRequest(parent=f"jobs/{job}", page_size=1000, page_token=token)
+        page = call(conn.stub().ListJobRestorePoints, request)
+        points += page.restore_points
+        token = page.next_page_token
+        if not token:
+            return points
+
+
+def _ask_replicas(job: str) -> api.ListJobReplicasResponse | None:
+    """The target's view, or None when the controller cannot give it (a controller without the call)."""
     try:
-        yield from items
+        reply: api.ListJobReplicasResponse = conn.stub().ListJobReplicas(
+            api.ListJobReplicasRequest(parent=f"jobs/{job}"), timeout=60
+        )
+        return reply
     except grpc.RpcError as e:
-        err.print(f"[red]error[/red]: {e.code().name}: {e.details()}")  # type: ignore[attr-defined]
-        raise typer.Exit(EXIT_FAILED) from None
+        if e.code() in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.INVALID_ARGUMENT):  # type: ignore[attr-defined]
+            err.print(f"[red]error[/red]: {e.code().name}: {e.details()}")  # type: ignore[attr-defined]
+            raise typer.Exit(1) from None
+        err.print(f"replicas cannot be listed ({e.code().name}): the controller's records follow")  # type: ignore[attr-defined]
+        return None
 
 
-def collect_verification(stream: Iterator[common_pb2.VerifyProgress], *, quiet: bool) -> dict[str, DiskReport]:
-    """Follow a verification with a bar per disk; every disk's last message and all its mismatches."""
-    disks: dict[str, DiskReport] = {}
-    bars_of: dict[str, TaskID] = {}
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("blocks"))
-    with Progress(*columns, console=err, disable=quiet) as bars:
-        for m in stream:
-            report = disks.setdefault(m.disk_id, DiskReport(m))
-            report.last = m
-            report.mismatches.extend(m.mismatches)
-            if m.disk_id not in bars_of:
-                bars_of[m.disk_id] = bars.add_task(m.disk_id, total=m.blocks_total or 1)
-            bars.update(
-                bars_of[m.disk_id],
-                completed=m.blocks_checked,
-                description=f"{m.disk_id} mismatches {m.mismatch_count}",
-            )
-    return disks
-
-
-def report_verification(disks: dict[str, DiskReport], *, as_json_: bool) -> int:
-    """Print the report; the exit status: 0 all vouched for, 4 mismatches, 3 blocks unknown, 1 unfinished."""
+def list_points(job: str, *, as_json_: bool) -> None:
+    """`restore-points list JOB`: per VM its replica's state and points; where the target cannot be asked,
+    the points the controller recorded, marked so."""
+    reply = _ask_replicas(job)
+    if as_json_ and reply is not None:
+        as_json(reply)
+        return
+    recorded = _recorded(job) if reply is None or any(r.error for r in reply.replicas) else []
     if as_json_:
-        print(json.dumps({"disks": [_disk_json(r) for r in disks.values()]}, indent=2))
-    for disk_id, r in disks.items():
-        m = r.last
-        if not as_json_:
-            out.print(
-                f"{disk_id}: {m.blocks_checked} of {m.blocks_total} blocks checked ({m.block_size} bytes each), "
-                f"{m.blocks_unknown} with unknown digests, {m.mismatch_count} mismatched"
-                + ("" if m.done else " [red](not finished)[/red]")
-            )
-            for b in r.mismatches[:SHOWN_MISMATCHES]:
-                out.print(f"  mismatch at offset {b.offset} ({b.offset:#x}), {b.length} bytes")
-            if len(r.mismatches) > SHOWN_MISMATCHES:
-                out.print(f"  ... and {len(r.mismatches) - SHOWN_MISMATCHES} more (--json lists them all)")
-    if not disks or not all(r.last.done for r in disks.values()):
-        err.print("[red]error[/red]: the verification ended before every disk was done")
-        return EXIT_FAILED
-    if any(r.last.mismatch_count for r in disks.values()):
-        return EXIT_MISMATCH
-    return EXIT_INCOMPLETE if any(r.last.blocks_unknown for r in disks.values()) else 0
+        as_json(api.ListJobRestorePointsResponse(restore_points=recorded))
+        return
+    replicas = list(reply.replicas) if reply is not None else _from_records(recorded)
+    for r in replicas:
+        title = f"{r.vm_name or r.vm_id} ({r.vm_id})" if r.vm_name != r.vm_id else r.vm_id
+        if r.error or reply is None:
+            rows = [point_row(p, restorable="unknown") for p in recorded if p.vm_id == r.vm_id]
+            table(f"{title}: target unreachable ({r.error or 'not asked'}); as the controller recorded", COLUMNS, rows)
+            continue
+        rows = [point_row(p, restorable="yes" if p.restorable else "no") for p in r.restore_points]
+        table(f"{title}: {replica_words(r)}", COLUMNS, rows)
+    if not replicas:
+        out.print(f"jobs/{job} has no VM replicas")
 
 
-def _disk_json(r: DiskReport) -> dict[str, object]:
-    m = r.last
-    return {
-        "disk_id": m.disk_id,
-        "block_size": m.block_size,
-        "blocks_total": m.blocks_total,
-        "blocks_checked": m.blocks_checked,
-        "blocks_unknown": m.blocks_unknown,
-        "mismatch_count": m.mismatch_count,
-        "done": m.done,
-        "mismatches": [{"offset": b.offset, "length": b.length} for b in r.mismatches],
-    }
+def _from_records(points: list[api.JobRestorePoint]) -> list[api.JobReplica]:
+    vms: dict[str, str] = {}
+    for p in points:
+        vms.setdefault(p.vm_id, p.vm_name or p.vm_id)
+    return [api.JobReplica(vm_id=i, vm_name=n) for i, n in sorted(vms.items(), key=lambda v: v[1])]
 
 
-@replica_app.command("verify")
-def replica_verify(
+@replica_app.command("rollback", help="Return a VM's replica that is between points to its newest restore point.")
+def replica_rollback(
     job: str,
-    vm: Annotated[str, typer.Option(help="the VM's id or name (not needed when the job has one VM)")] = "",
-    point: Annotated[
-        str, typer.Option(help="restore point id, as `restore-points list` shows it; default newest")
-    ] = "",
-    sample: Annotated[
-        int, typer.Option(min=0, max=100, help="percent of blocks to check, chosen at random; 0: every block")
-    ] = 0,
+    vm: Annotated[str, typer.Option(help="the VM's id or name as the job lists it")],
     as_json_: JsonOpt = False,
 ) -> None:
-    """Re-read a VM's replica at a restore point on its target and check every block's (or a sample's)
-    digest; lists mismatches by offset. Exit status: 0 all checked blocks match, 4 mismatches found, 3 some
-    blocks' digests are unknown (cannot be vouched for), 1 the check failed or did not finish."""
-    request = api.VerifyJobReplicaRequest(job=f"jobs/{job}", vm=vm, restore_point=point, sample_percent=sample)
-    stream = _stream_errors(conn.stub().VerifyJobReplica(request))  # no deadline: a large disk takes long
-    raise typer.Exit(report_verification(collect_verification(stream, quiet=as_json_), as_json_=as_json_))
-
-
-@points_app.command("export")
-def points_export(
-    job: str,
-    point_id: str,
-    vm: Annotated[str, typer.Option(help="the VM's id or name")],
-    disk: Annotated[str, typer.Option(help="the disk's id")],
-    output: Annotated[Path, typer.Option(help="the file to write (refused if it exists, unless --force)")],
-    fmt: Annotated[ExportFormat, typer.Option("--format", help="raw (sparse) or vhdx")] = ExportFormat.RAW,
-    force: Annotated[bool, typer.Option(help="replace an existing output file")] = False,
-) -> None:
-    """Write one disk of a restore point to a file (sparse), to restore a VM by hand. The file appears only
-    once complete (it is written as FILE.partial first)."""
-    try:
-        writer = writer_factory(fmt)
-    except VmreplError as e:
-        err.print(f"[red]error[/red]: --format {fmt.value}: {e}")
-        raise typer.Exit(EXIT_USAGE) from None
-    request = api.ExportRestorePointRequest(job=f"jobs/{job}", restore_point=point_id, vm=vm, disk=disk)
-    columns = (TextColumn(f"{disk}"), BarColumn(), DownloadColumn(binary_units=True))
-    with Progress(*columns, console=err) as bars:
-        bar = bars.add_task(disk, total=None)
-        try:
-            size = write_export(
-                _stream_errors(conn.stub().ExportRestorePoint(request)),
-                output,
-                writer=writer,
-                force=force,
-                progress=lambda done, total: bars.update(bar, completed=done, total=total),
-            )
-        except VmreplError as e:
-            err.print(f"[red]error[/red]: {e}")
-            raise typer.Exit(EXIT_FAILED) from None
-        except OSError as e:
-            err.print(f"[red]error[/red]: {output}: {e.strerror or e}")
-            raise typer.Exit(EXIT_FAILED) from None
-    out.print(f"wrote {output} ({size} bytes, {fmt.value})")
+    r = call(conn.stub().RollbackJobReplica, api.RollbackJobReplicaRequest(job=f"jobs/{job}", vm=vm))
+    if as_json_:
+        as_json(r)
+        return
+    out.print(f"{r.vm_name or r.vm_id}: {replica_words(r)}")

@@ -25,6 +25,7 @@ from controller.cli.common import (
     out,
     table,
 )
+from controller.cli.replicas import list_points
 from vmrepl.v1 import controller_pb2 as api
 
 session_app = typer.Typer(help="Sessions (runs of a job).", no_args_is_help=True)
@@ -178,16 +179,9 @@ def _session_name(session_id: str) -> str:
     return session_id if session_id.startswith("sessions/") else f"sessions/{session_id}"
 
 
-@points_app.command("list", help="List a job's restore points.")
+@points_app.command("list", help="List a job's restore points per VM, with each replica's state on its target.")
 def points_list(job: str, as_json_: JsonOpt = False) -> None:
-    r = call(conn.stub().ListJobRestorePoints, api.ListJobRestorePointsRequest(parent=f"jobs/{job}"))
-    if as_json_:
-        as_json(r)
-        return
-    rows = [
-        [p.name, p.vm_id, p.session, p.create_time.ToDatetime().isoformat(timespec="seconds")] for p in r.restore_points
-    ]
-    table(f"restore points of jobs/{job}", ["name", "vm", "session", "created (UTC)"], rows)
+    list_points(job, as_json_=as_json_)
 
 
 def exit_code(s: api.Session) -> int:

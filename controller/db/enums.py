@@ -48,3 +48,14 @@ class Notification(enum.StrEnum):
     SENT = "sent"
     FAILED = "failed"  # the retries were spent, or the URL could not be opened
     SKIPPED = "skipped"  # failures only, and the session did not fail
+
+
+class ReplicaEnd(enum.StrEnum):
+    """What the target was told when a VM's session ended without a restore point (EndReplicaSession),
+    written after the call: a VM ended without it being set is told again after a crash."""
+
+    UNTOLD = ""  # not yet (or the VM made a restore point: nothing to tell)
+    KEPT = "kept"  # the target keeps the session's writes for the session that resumes the held checkpoint
+    ROLLED_BACK = "rolled_back"  # the target returned the replica to its newest restore point
+    NOTHING = "nothing"  # the target holds no writes of this session (none made, or another's kept)
+    NOT_TOLD = "not_told"  # the call failed (target down, or refused): it rolls back at the next prepare not resuming

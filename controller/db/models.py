@@ -19,9 +19,9 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
-from controller.db.enums import Notification, SessionState, TaskState, VmState
+from controller.db.enums import Notification, ReplicaEnd, SessionState, TaskState, VmState
 from controller.db.types import UtcDateTime, state_type
-from vmrepl.domain import DEFAULT_SLOTS, JOB_DEFAULTS
+from vmrepl.domain import DEFAULT_SLOTS, JOB_DEFAULTS, Consistency
 
 
 def new_id() -> str:
@@ -113,6 +113,8 @@ class Job(Base):
     webhook: Mapped[dict[str, Any]] = mapped_column(default=dict)
     enabled: Mapped[bool] = mapped_column(default=True)
     created_at: Mapped[dt.datetime] = mapped_column(default=now)
+    # The replica disks' file format ("raw", "vhdx"); "": the host's own (vmrepl.domain.replica_format).
+    replica_format: Mapped[str] = mapped_column(String(8), default="")
     vms: Mapped[list[JobVm]] = relationship(back_populates="job", cascade="all, delete-orphan", lazy="selectin")
 
     @property
@@ -167,6 +169,12 @@ class SessionVm(Base):
     error: Mapped[str] = mapped_column(Text, default="")
     # 1 for the first try; a retry after a failure takes a new checkpoint and runs every disk again.
     attempt: Mapped[int] = mapped_column(Integer, default=1)
+    # The checkpoint's consistency (vmrepl.domain.Consistency), known when it is taken.
+    consistency: Mapped[str] = mapped_column(String(16), default=Consistency.CRASH.value)
+    # What the target was told when the VM ended without a restore point (EndReplicaSession).
+    replica_end: Mapped[ReplicaEnd] = mapped_column(
+        state_type(ReplicaEnd, constraint="ck_session_vms_replica_end"), default=ReplicaEnd.UNTOLD
+    )
 
 
 class Task(Base):
@@ -214,6 +222,7 @@ class HeldCheckpoint(Base):
     reference: Mapped[str] = mapped_column(String(256))
     session_id: Mapped[str] = mapped_column(ForeignKey("sessions.id", ondelete="CASCADE"))
     deadline: Mapped[dt.datetime]
+    consistency: Mapped[str] = mapped_column(String(16), default=Consistency.CRASH.value)
 
 
 class RestorePoint(Base):
@@ -226,3 +235,10 @@ class RestorePoint(Base):
     created_at: Mapped[dt.datetime] = mapped_column(default=now)
     # The change-tracking reference of the checkpoint this point was taken from: the next incremental's "since".
     reference: Mapped[str] = mapped_column(String(256), default="")
+    vm_name: Mapped[str] = mapped_column(String(256), default="")
+    # The sum of its disks' virtual sizes.
+    size_bytes: Mapped[int] = mapped_column(BigInteger, default=0)
+    # vmrepl.domain.Consistency; "" for a point recorded before points kept it.
+    consistency: Mapped[str] = mapped_column(String(16), default="")
+    # [{"disk_id": str, "disk_size": int, "format": "raw" | "vhdx"}] as the target committed them.
+    disks: Mapped[list[Any]] = mapped_column(default=list)

@@ -81,6 +81,16 @@ class TargetClient(AgentHealth, Protocol):
         """One disk of a restore point in offset order, then a done chunk (close it to stop reading)."""
         ...
 
+    async def get_replica(self, replica_path: str, *, within: float | None = None) -> target_pb2.Replica: ...
+
+    async def end_session(
+        self, request: target_pb2.EndReplicaSessionRequest, *, within: float | None = None
+    ) -> target_pb2.Replica:
+        """Tells the target how a session that made no restore point ended (idempotent)."""
+        ...
+
+    async def rollback(self, replica_path: str, *, within: float | None = None) -> target_pb2.Replica: ...
+
 
 class Agents(Protocol):
     """The clients of the agents the engine talks to, one per address."""
@@ -230,6 +240,22 @@ class GrpcTargetClient(_GrpcAgent):
                 yield chunk
         finally:
             call.cancel()
+
+    async def get_replica(self, replica_path: str, *, within: float | None = None) -> target_pb2.Replica:
+        request = target_pb2.GetReplicaRequest(replica_path=replica_path)
+        replica: target_pb2.Replica = await self.stub.GetReplica(request, timeout=within)
+        return replica
+
+    async def end_session(
+        self, request: target_pb2.EndReplicaSessionRequest, *, within: float | None = None
+    ) -> target_pb2.Replica:
+        replica: target_pb2.Replica = await self.stub.EndReplicaSession(request, timeout=within)
+        return replica
+
+    async def rollback(self, replica_path: str, *, within: float | None = None) -> target_pb2.Replica:
+        request = target_pb2.RollbackReplicaRequest(replica_path=replica_path)
+        replica: target_pb2.Replica = await self.stub.RollbackReplica(request, timeout=within)
+        return replica
 
 
 def proxy_client(address: str, tls: TlsSettings, *, server_name: str = "") -> GrpcProxyClient:

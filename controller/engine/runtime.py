@@ -9,10 +9,10 @@ from typing import Protocol
 
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
-from controller.engine.agents import Agents
+from controller.engine.agents import READY_WITHIN_SECONDS, Agents
 from controller.engine.journal import Journal
 from controller.engine.slots import SlotBoard
-from vmrepl.domain import ChangeTracking, Compression
+from vmrepl.domain import ChangeTracking, Compression, DiskFormat
 from vmrepl.errors import FailedPrecondition, PathError
 from vmrepl.names import check_name
 from vmrepl.providers.base import Provider, VmInfo
@@ -23,7 +23,10 @@ class GuestProcessing(Protocol):
     """Application-aware processing around the checkpoint (the Hyper-V work fills it: WinRM to the guest,
     runtime components, VSS). Called with the job's guest_processing settings."""
 
-    async def before_checkpoint(self, vm: VmInfo, settings: dict[str, object]) -> None: ...
+    async def before_checkpoint(self, vm: VmInfo, settings: dict[str, object]) -> bool:
+        """Whether the guest's applications are quiesced for the checkpoint taken next: the restore
+        point is then application-consistent, otherwise crash-consistent."""
+        ...
 
     async def after_checkpoint(self, vm: VmInfo, settings: dict[str, object]) -> None: ...
 
@@ -31,8 +34,8 @@ class GuestProcessing(Protocol):
 class NoGuestProcessing:
     """Crash-consistent checkpoints only: what the file-backed provider offers."""
 
-    async def before_checkpoint(self, vm: VmInfo, settings: dict[str, object]) -> None:
-        return None
+    async def before_checkpoint(self, vm: VmInfo, settings: dict[str, object]) -> bool:
+        return False
 
     async def after_checkpoint(self, vm: VmInfo, settings: dict[str, object]) -> None:
         return None
@@ -76,6 +79,8 @@ class EngineParts:
     live: LiveProgress = field(default_factory=LiveProgress)
     # How long an unreachable proxy's transfer is waited for before the task is left resumable.
     proxy_lost_after: float = 60.0
+    # How long a target call that finds the target out of reach (restarting) is asked again.
+    target_retry_seconds: float = READY_WITHIN_SECONDS
     guest: GuestProcessing = field(default_factory=NoGuestProcessing)
     _checkpoint_locks: dict[str, asyncio.Lock] = field(default_factory=dict)
 
@@ -112,6 +117,8 @@ class JobView:
     retry_wait_seconds: int = 0
     # Every this many sessions of a VM, a full check (states.full_check_due); 0: never.
     full_check_every: int = 0
+    # The replica disks' format, the job's setting resolved for its host (vmrepl.domain.replica_format).
+    replica_format: DiskFormat = DiskFormat.RAW
 
 
 @dataclass(kw_only=True)

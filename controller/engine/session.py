@@ -22,10 +22,10 @@ import grpc
 from sqlalchemy import Select, delete, select
 from tenacity import AsyncRetrying, retry_if_exception, stop_after_delay, wait_exponential
 
-from controller.db.enums import Notification, SessionState, TaskState, VmState
+from controller.db.enums import Notification, ReplicaEnd, SessionState, TaskState, VmState
 from controller.db.models import HeldCheckpoint, Job, JobVm, RestorePoint, Session, SessionVm, Task, now
 from controller.engine import counters
-from controller.engine.agents import READY_WITHIN_SECONDS, TargetClient, ready
+from controller.engine.agents import TargetClient, ready
 from controller.engine.retention import points_to_delete
 from controller.engine.runtime import EngineParts, SessionContext
 from controller.engine.states import (
@@ -34,14 +34,16 @@ from controller.engine.states import (
     DiskStart,
     HeldCheckpointView,
     plan_vm,
+    replica_session_end,
     session_outcome,
     vm_after_transfers,
 )
 from controller.engine.task import TaskRunner, transient
+from vmrepl.domain import REPLICA_FORMATS, Consistency, DiskFormat
 from vmrepl.errors import FailedPrecondition, NotFound, VmreplError
 from vmrepl.logs import get_logger
 from vmrepl.providers.base import Checkpoint, VmInfo
-from vmrepl.v1 import target_pb2
+from vmrepl.v1 import common_pb2, target_pb2
 
 log = get_logger("vmrepl.controller.engine.session")
 ERRORS = (VmreplError, grpc.aio.AioRpcError)
@@ -124,7 +126,7 @@ class SessionRun:
         row = SessionVm(session_id=self.sc.session_id, vm_id=vm.vm_id, vm_name=vm.name, state=VmState.PLANNED)
         if plan.reuse_checkpoint is not None and held is not None:
             row.state, row.checkpoint_id = VmState.TRANSFERRING, held.checkpoint_id
-            row.checkpoint_reference = held.reference
+            row.checkpoint_reference, row.consistency = held.reference, held.consistency
         tasks: list[SessionVm | Task] = [row]
         for d in disks:
             start = plan.disks[d.disk_id]
@@ -137,7 +139,7 @@ class SessionRun:
                     disk_size=d.size,
                     state=TaskState.PENDING,
                     start=start.value,
-                    resume_session_id=held.session_id if start is DiskStart.RESUME and held is not None else "",
+                    resume_session_id=held.session_id if start in _CONTINUES and held is not None else "",
                 )
             )
         return tasks
@@ -180,6 +182,29 @@ async def _delete_point(target: TargetClient, replica_path: str, point_id: str) 
     except grpc.aio.AioRpcError as e:
         if e.code() is not grpc.StatusCode.NOT_FOUND:  # NOT_FOUND: deleted before a crash
             raise
+
+
+# What a target that could not be told does with the session's writes (the log line says it).
+_NOT_TOLD = {
+    True: "the replica stays between points; the session that resumes the held checkpoint continues it, any "
+    "other session rolls it back first",
+    False: "the replica stays between points until the next session's prepare rolls it back (no session resumes it)",
+}
+
+
+def _format_name(wire: common_pb2.DiskFormat.ValueType | None, asked: DiskFormat) -> str:
+    for fmt in REPLICA_FORMATS:
+        if wire == fmt.to_proto():
+            return fmt.value
+    return asked.value
+
+
+# Disks whose prepare names the held session (resume_session_id): a resumed one continues its transfer; a
+# done one (completed under the held checkpoint) is at its end already, and naming the session tells the
+# target this session continues that session's replica, whose writes it must keep (a prepare that names no
+# session it continues lets the target roll the replica back, and a done disk sends nothing to redo it).
+# A disk that failed under the held checkpoint names none: its transfer is never continued.
+_CONTINUES = (DiskStart.RESUME, DiskStart.DONE)
 
 
 def held_checkpoint(job_id: str, vm_id: str) -> Select[Any]:
@@ -234,6 +259,7 @@ class VmRun:
                     await self._failed(row, state, describe(e))
                 row = await self._row()
             if not await self._retry(row):
+                await self._end_replica_session(row)
                 return row.state
             row = await self._row()
 
@@ -264,6 +290,49 @@ class VmRun:
                 vm.checkpoint_id, vm.checkpoint_reference = "", ""
                 vm.error = f"attempt {row.attempt}: {row.error}"
         return True
+
+    async def _end_replica_session(self, row: SessionVm) -> None:
+        """Tells the target how the VM's session ended when it made no restore point: keep its writes for the
+        session that resumes the held checkpoint, or roll the replica back to its newest point now
+        (states.replica_session_end). Called once the VM is final and will not be retried, and recorded
+        after the call (idempotent on the target), so a controller killed before the record makes it again
+        when it continues the session. A retry within the session tells nothing in between: its prepares
+        are of the same session (a new checkpoint restarts each disk at offset 0), and the target's pending
+        rollback data keeps each overwritten block as it was at the newest point, whichever attempt
+        overwrote it; rolling back between attempts would only throw away what a digest comparison could
+        have kept. A target that stays down is not waited for: the session still ends, and the target rolls
+        the replica back at the next prepare that does not resume this session."""
+        if row.replica_end is not ReplicaEnd.UNTOLD:
+            return
+        wrote = row.attempt > 1 or any(t.transfer_id for t in await self._tasks(row))
+        keep = replica_session_end(row.state, wrote=wrote)
+        if keep is None:
+            return
+        target = self.parts.agents.target(self.sc.target.address, self.sc.target.tls_server_name)
+        request = target_pb2.EndReplicaSessionRequest(
+            replica_path=self.sc.replica_path(row.vm_id), session_id=self.sc.session_id, keep_for_resume=keep
+        )
+        try:
+            await self._retrying()(target.end_session, request, within=30)
+            end = ReplicaEnd.KEPT if keep else ReplicaEnd.ROLLED_BACK
+            self.log.info("replica_session_ended", keep_for_resume=keep)
+        except grpc.aio.AioRpcError as e:
+            if e.code() in (grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.NOT_FOUND):
+                # No writes of this session there (another session's kept, or no replica yet): none to end.
+                end = ReplicaEnd.NOTHING
+                self.log.info("replica_session_not_the_replicas", keep_for_resume=keep, reason=describe(e))
+            else:
+                end = ReplicaEnd.NOT_TOLD
+                self.log.warning(
+                    "replica_session_end_not_told",
+                    keep_for_resume=keep,
+                    error=describe(e),
+                    consequence=_NOT_TOLD[keep],
+                )
+        async with self.parts.journal.change("replica session ended", vm=row.vm_id, end=end.value) as db:
+            vm = await db.get(SessionVm, row.id)
+            if vm is not None:
+                vm.replica_end = end
 
     async def _failed(self, row: SessionVm, state: VmState, error: str) -> None:
         self.log.warning("vm_step_failed", step=state.value, error=error)
@@ -317,12 +386,20 @@ class VmRun:
                 self.log.info("orphan_checkpoint_removed", checkpoint_id=orphan.checkpoint_id)
                 await self.sc.provider.remove_checkpoint(row.vm_id, orphan.checkpoint_id)
             vm = await self.sc.provider.get_vm(row.vm_id)
-            await self.parts.guest.before_checkpoint(vm, self.sc.job.guest_processing)
+            quiesced = await self.parts.guest.before_checkpoint(vm, self.sc.job.guest_processing)
             cp = await self.sc.provider.create_checkpoint(row.vm_id)
             await self.parts.guest.after_checkpoint(vm, self.sc.job.guest_processing)
             self.checkpoint = cp
-            await self._set(VmState.TRANSFERRING, checkpoint_id=cp.checkpoint_id, checkpoint_reference=cp.reference)
-        self.log.info("checkpoint_created", checkpoint_id=cp.checkpoint_id, reference=cp.reference)
+            consistency = Consistency.APPLICATION if quiesced else Consistency.CRASH
+            await self._set(
+                VmState.TRANSFERRING,
+                checkpoint_id=cp.checkpoint_id,
+                checkpoint_reference=cp.reference,
+                consistency=consistency.value,
+            )
+        self.log.info(
+            "checkpoint_created", checkpoint_id=cp.checkpoint_id, reference=cp.reference, consistency=consistency.value
+        )
 
     async def _checkpoints_in_use(self, row: SessionVm) -> dict[str, str]:
         """The VM's checkpoints held for a resume or being read by a session that runs: id -> by whom."""
@@ -365,42 +442,66 @@ class VmRun:
         ends = await asyncio.gather(*runners)
         await self._set(vm_after_transfers(ends))
 
-    async def _commit(self, row: SessionVm) -> None:
-        target = self.parts.agents.target(self.sc.target.address, self.sc.target.tls_server_name)
-        replica_path = self.sc.replica_path(row.vm_id)
-        disk_ids = [t.disk_id for t in await self._tasks(row)]
-        await self._check_checkpoint_kept(row)
-        request = target_pb2.CommitRestorePointRequest(
-            replica_path=replica_path, session_id=self.sc.session_id, checkpoint_id=row.checkpoint_id, disk_ids=disk_ids
-        )
-        # A target restarting under the call may have committed the point before it went: asked again, it
-        # answers with the same point (idempotent per session and checkpoint), so none is left unrecorded.
-        retrying = AsyncRetrying(
+    def _retrying(self) -> AsyncRetrying:
+        """Target calls that find the target out of reach (restarting) are asked again for a while."""
+        return AsyncRetrying(
             retry=retry_if_exception(transient),
-            stop=stop_after_delay(READY_WITHIN_SECONDS),
+            stop=stop_after_delay(self.parts.target_retry_seconds),
             wait=wait_exponential(multiplier=0.2, max=2.0),
             reraise=True,
         )
 
-        point: target_pb2.RestorePoint = await retrying(target.commit, request, within=30)
+    async def _commit(self, row: SessionVm) -> None:
+        target = self.parts.agents.target(self.sc.target.address, self.sc.target.tls_server_name)
+        replica_path = self.sc.replica_path(row.vm_id)
+        tasks = await self._tasks(row)
+        await self._check_checkpoint_kept(row)
+        request = target_pb2.CommitRestorePointRequest(
+            replica_path=replica_path,
+            session_id=self.sc.session_id,
+            checkpoint_id=row.checkpoint_id,
+            disk_ids=[t.disk_id for t in tasks],
+            change_reference=row.checkpoint_reference,
+            consistency=Consistency(row.consistency).to_proto(),
+        )
+        # A target restarting under the call may have committed the point before it went: asked again, it
+        # answers with the same point (idempotent per session and checkpoint), so none is left unrecorded.
+        point: target_pb2.RestorePoint = await self._retrying()(target.commit, request, within=30)
         async with self.parts.journal.change("restore point committed", vm=row.vm_id, point=point.id) as db:
             if await db.get(RestorePoint, point.id) is None:  # a retried commit returns the same point
-                db.add(
-                    RestorePoint(
-                        id=point.id,
-                        job_id=self.sc.job.job_id,
-                        vm_id=row.vm_id,
-                        session_id=self.sc.session_id,
-                        created_at=point.created_at.ToDatetime(dt.UTC),
-                        reference=row.checkpoint_reference,
-                    )
-                )
+                db.add(self._point_row(row, point, tasks))
             vm = await db.get(SessionVm, row.id)
             if vm is not None:
                 vm.restore_point_id = point.id
         self.log.info("restore_point_committed", restore_point_id=point.id)
         await self._apply_retention(row, replica_path)
         await self._set(VmState.RELEASING)
+
+    def _point_row(self, row: SessionVm, point: target_pb2.RestorePoint, tasks: list[Task]) -> RestorePoint:
+        """The point as the database keeps it: its disks are the VM's tasks (sizes checked against the
+        target's replica when each completed), in the format the target reports (the one asked for when
+        it reports none)."""
+        formats = {d.disk_id: d.format for d in point.disks}
+        disks = [
+            {
+                "disk_id": t.disk_id,
+                "disk_size": t.disk_size,
+                "format": _format_name(formats.get(t.disk_id), self.sc.job.replica_format),
+            }
+            for t in tasks
+        ]
+        return RestorePoint(
+            id=point.id,
+            job_id=self.sc.job.job_id,
+            vm_id=row.vm_id,
+            vm_name=row.vm_name,
+            session_id=self.sc.session_id,
+            created_at=point.created_at.ToDatetime(dt.UTC),
+            reference=row.checkpoint_reference,
+            size_bytes=sum(t.disk_size for t in tasks),
+            consistency=row.consistency,
+            disks=disks,
+        )
 
     async def _check_checkpoint_kept(self, row: SessionVm) -> None:
         # The disks were read from the checkpoint: if it is gone (removed by someone else meanwhile, its
@@ -460,6 +561,7 @@ class VmRun:
 
     async def _hold(self, row: SessionVm) -> None:
         deadline = now() + dt.timedelta(seconds=self.sc.job.checkpoint_hold_seconds)
+        started = any(t.transfer_id for t in await self._tasks(row))
         async with self.parts.journal.change("vm held", vm=row.vm_id) as db:
             held: HeldCheckpoint | None = await db.scalar(held_checkpoint(self.sc.job.job_id, row.vm_id))
             if held is None:
@@ -471,13 +573,16 @@ class VmRun:
                         reference=row.checkpoint_reference,
                         session_id=self.sc.session_id,
                         deadline=deadline,
+                        consistency=row.consistency,
                     )
                 )
             elif held.checkpoint_id != row.checkpoint_id:
                 held.checkpoint_id, held.reference = row.checkpoint_id, row.checkpoint_reference
-                held.session_id, held.deadline = self.sc.session_id, deadline
-            else:  # the same checkpoint held again: the deadline runs from when it was first held
+                held.session_id, held.deadline, held.consistency = self.sc.session_id, deadline, row.consistency
+            elif started:  # the same checkpoint held again: the deadline runs from when it was first held
                 held.session_id = self.sc.session_id
+            # else: this session started no disk of it (stopped first), so the target keeps the writes of the
+            # session that did: the next one resumes that one (resume_session_id), or the target rolls back.
             vm = await db.get(SessionVm, row.id)
             if vm is not None:
                 vm.state = VmState.HELD

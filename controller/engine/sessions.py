@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import AsyncIterator
 
 from sqlalchemy import select
 
@@ -19,14 +20,14 @@ from controller.engine.providers import provider_for
 from controller.engine.runtime import EngineParts, JobView, SessionContext, TargetView
 from controller.engine.session import SessionRun, describe
 from controller.engine.states import ACTIVE_SESSION
-from vmrepl.domain import ChangeTracking, Compression
+from vmrepl.domain import ChangeTracking, Compression, replica_format
 from vmrepl.errors import FailedPrecondition, NotFound, VmreplError
 from vmrepl.logs import get_logger
 
 log = get_logger("vmrepl.controller.engine.sessions")
 
 
-def job_view(job: Job) -> JobView:
+def job_view(job: Job, *, host_provider: str = "file") -> JobView:
     return JobView(
         job_id=job.id,
         name=job.name,
@@ -42,6 +43,7 @@ def job_view(job: Job) -> JobView:
         retries=job.retries,
         retry_wait_seconds=job.retry_wait_seconds,
         full_check_every=job.full_check_every,
+        replica_format=replica_format(job.replica_format, host_provider=host_provider),
     )
 
 
@@ -49,6 +51,33 @@ class Engine:
     def __init__(self, parts: EngineParts) -> None:
         self.parts = parts
         self._runs: dict[str, tuple[SessionContext, asyncio.Task[SessionState]]] = {}
+        # Jobs whose replicas an operator's call is changing on the target (a rollback): no session starts.
+        self._maintenance: dict[str, str] = {}
+
+    @contextlib.asynccontextmanager
+    async def replica_maintenance(self, job_id: str, what: str) -> AsyncIterator[None]:
+        """Work on a job's replicas that no session of the job may run under (a rollback under a session's
+        writes would undo what its restore point then claims). Refused with FailedPrecondition while a
+        session of the job runs; start_job refuses the job meanwhile. The job is marked before the check,
+        and the check reads under the journal's lock, which start_job's insert holds: a start either
+        committed before the check (and is seen) or comes after the mark (and is refused)."""
+        if job_id in self._maintenance:
+            raise FailedPrecondition(f"the job's replicas are busy: {self._maintenance[job_id]}")
+        self._maintenance[job_id] = what
+        try:
+            async with self.parts.journal.write() as db:
+                running = await db.scalar(
+                    select(Session).where(Session.job_id == job_id, Session.state.in_(ACTIVE_SESSION))
+                )
+                job = await db.get(Job, job_id)
+            if running is not None:
+                name = job.name if job else job_id
+                raise FailedPrecondition(
+                    f"job {name} has a running session ({running.id}): its replicas change only between sessions"
+                )
+            yield
+        finally:
+            self._maintenance.pop(job_id, None)
 
     async def recover(self) -> None:
         """Continue every session a previous run of the controller left running or stopping."""
@@ -68,6 +97,10 @@ class Engine:
                 raise NotFound(f"job {job_id} does not exist")
             if not job.enabled:
                 raise FailedPrecondition(f"job {job.name} is disabled")
+            if job_id in self._maintenance:
+                raise FailedPrecondition(
+                    f"job {job.name} cannot start now: {self._maintenance[job_id]}; start it when that has ended"
+                )
             running = await db.scalar(
                 select(Session).where(Session.job_id == job_id, Session.state.in_(ACTIVE_SESSION))
             )
@@ -111,7 +144,7 @@ class Engine:
                 raise NotFound(f"job {job.name}: its target or host no longer exists")
         return SessionContext(
             session_id=session_id,
-            job=job_view(job),
+            job=job_view(job, host_provider=host.provider),
             target=TargetView(
                 target_id=target.id,
                 name=target.name,

@@ -127,6 +127,22 @@ def vm_after_transfers(tasks: Iterable[TaskState]) -> VmState:
     return VmState.RELEASING
 
 
+def replica_session_end(state: VmState, *, wrote: bool) -> bool | None:
+    """How a VM's session ended, as the target is told (EndReplicaSession's keep_for_resume), once the VM
+    is final and will not be retried; None when there is nothing to tell.
+
+    DONE: the commit told it (the replica is at the new point). A session that never prepared a disk of
+    the VM (`wrote` false) has no writes there, and may find the replica kept for an earlier session whose
+    checkpoint is still held: nothing of its own to end. HELD: the controller holds the checkpoint and the
+    next session continues the writes from it, so the target keeps them (True). FAILED or STOPPED: no
+    session continues them, so the target rolls the replica back to its newest point now (False)."""
+    if state not in FINAL_VM:
+        raise IllegalTransition(f"a VM in {state} has not ended")
+    if state is VmState.DONE or not wrote:
+        return None
+    return state is VmState.HELD
+
+
 @dataclass(frozen=True, slots=True)
 class ChangeChoice:
     mode: ChangeMode

@@ -240,6 +240,7 @@ class TaskRunner:
             target_name=self.sc.target.name,
             transfer_id=self.transfer_id,
             resume_session_id=task.resume_session_id,
+            replica_format=job.replica_format,
         )
 
     async def _change_choice(self, task: Task) -> ChangeChoice:

@@ -45,6 +45,8 @@ class DiskTaskSpec:
     resume_session_id: str = ""
     # When the ticket expires (Unix seconds): the checkpoint's hold deadline. 0: TICKET_TTL from signing.
     ticket_expires: float = 0.0
+    # The replica disk's file format on the target (the job's, see vmrepl.domain.replica_format).
+    replica_format: DiskFormat = DiskFormat.RAW
 
 
 async def proxy_identity(proxy: ProxyClient) -> str:
@@ -76,6 +78,7 @@ async def prepare(target: TargetClient, spec: DiskTaskSpec) -> target_pb2.Replic
             session_id=spec.session_id,
             checkpoint_id=spec.checkpoint_id,
             resume_session_id=spec.resume_session_id,
+            replica_format=spec.replica_format.to_proto(),
         )
     )
 

@@ -120,6 +120,7 @@ def _bad_job_calls(stub: Any) -> list[tuple[str, Callable[[], Any]]]:
         ("job.retries", job_with(retries=11)),
         ("job.retry_wait_seconds", job_with(retry_wait_seconds=100000)),
         ("job.full_check_every", job_with(full_check_every=1001)),
+        ("job.replica_format", job_with(replica_format=common_pb2.DISK_FORMAT_VHD)),
         ("job.webhook.url", job_with(webhook=api.Webhook(url="ftp://hooks.example/x"))),
         ("job.schedule.cron", job_with(schedule=api.Schedule(kind=api.SCHEDULE_KIND_CRON, cron="every night"))),
         (
@@ -161,6 +162,9 @@ def _bad_name_and_page_calls(stub: Any) -> list[tuple[str, Callable[[], Any]]]:
             lambda: stub.ListJobs(api.ListJobsRequest(page_token=base64.urlsafe_b64encode(b"\xff").decode())),
         ),
         ("parent", lambda: stub.ListJobRestorePoints(api.ListJobRestorePointsRequest(parent="job1"))),
+        ("parent", lambda: stub.ListJobReplicas(api.ListJobReplicasRequest(parent="job1"))),
+        ("job", lambda: stub.RollbackJobReplica(api.RollbackJobReplicaRequest(job="job1", vm="vm1"))),
+        ("vm", lambda: stub.RollbackJobReplica(api.RollbackJobReplicaRequest(job="jobs/job1", vm=""))),
     ]
 
 

@@ -151,16 +151,40 @@ class CommitFault:
     committed: bool = False
 
 
-class FakeTarget(FakeAgent):
-    """A target agent keeping replica disks and restore points in memory.
+@dataclass(kw_only=True)
+class FakeReplica:
+    """A VM replica's state between restore points, as the target keeps it (common.proto ReplicaState):
+    a prepare makes it WRITING for its session (rolling back first a session it does not continue), a
+    commit AT_POINT, EndReplicaSession RESUMABLE or rolled back."""
 
-    `prepare_faults` and `commit_faults` are raised by the next calls, one each; `tracking_failed`
-    names the disks (replica path, disk id) whose earlier transfer failed sampled verification."""
+    state: common_pb2.ReplicaState.ValueType = common_pb2.REPLICA_STATE_EMPTY
+    session_id: str = ""
+    rolled_back_session_id: str = ""
+    rolled_back_at: timestamp_pb2.Timestamp | None = None
+
+
+WRITING, RESUMABLE = common_pb2.REPLICA_STATE_WRITING, common_pb2.REPLICA_STATE_RESUMABLE
+
+
+class FakeTarget(FakeAgent):
+    """A target agent keeping replica disks, restore points and replica states in memory.
+
+    `prepare_faults`, `commit_faults` and `end_faults` are raised by the next calls, one each;
+    `tracking_failed` names the disks (replica path, disk id) whose earlier transfer failed sampled
+    verification; `rollbacks` records each rollback as (replica path, session id)."""
 
     def __init__(self, address: str) -> None:
         super().__init__(address)
         self.disks: dict[tuple[str, str], target_pb2.ReplicaDisk] = {}
         self.points: dict[str, list[target_pb2.RestorePoint]] = {}
+        self.replicas: dict[str, FakeReplica] = {}
+        self.ended: list[target_pb2.EndReplicaSessionRequest] = []
+        self.end_faults: list[BaseException] = []
+        self.rollbacks: list[tuple[str, str]] = []
+        # GetReplica and RollbackReplica wait for this while it is set and not yet released.
+        self.replica_gate: asyncio.Event | None = None
+        self.in_flight = self.most_in_flight = 0
+        self.entered = asyncio.Event()  # set each time a call reaches the gate
         self.prepared: list[target_pb2.PrepareReplicaDiskRequest] = []
         self.prepare_faults: list[grpc.aio.AioRpcError] = []
         self.tracking_failed: set[tuple[str, str]] = set()
@@ -183,7 +207,18 @@ class FakeTarget(FakeAgent):
         if self.prepare_faults:
             raise self.prepare_faults.pop(0)
         key = (request.replica_path, request.disk_id)
+        fmt = request.replica_format or common_pb2.DISK_FORMAT_RAW
+        if key in self.disks and self.disks[key].replica_format != fmt:
+            raise rpc_error(grpc.StatusCode.FAILED_PRECONDITION, f"replica disk {request.disk_id} is in another format")
+        replica = self.replicas.setdefault(request.replica_path, FakeReplica())
+        if replica.state in (WRITING, RESUMABLE) and replica.session_id not in (
+            request.session_id,
+            request.resume_session_id,
+        ):
+            self._roll_back(request.replica_path)  # a session that does not continue it: back to the point first
+        replica.state, replica.session_id = WRITING, request.session_id
         disk = target_pb2.ReplicaDisk(
+            replica_format=fmt,
             replica_path=request.replica_path,
             disk_id=request.disk_id,
             disk_size=request.disk_size,
@@ -225,14 +260,28 @@ class FakeTarget(FakeAgent):
                 return p
         created = timestamp_pb2.Timestamp()
         created.GetCurrentTime()
+        disks = [self.disks[(request.replica_path, d)] for d in request.disk_ids]
         point = target_pb2.RestorePoint(
             id=f"rp-{request.session_id}-{len(points)}",
             replica_path=request.replica_path,
             session_id=request.session_id,
             checkpoint_id=request.checkpoint_id,
             created_at=created,
+            change_reference=request.change_reference,
+            consistency=request.consistency,
+            restorable=True,
+            disks=[
+                common_pb2.RestorePointDisk(disk_id=d.disk_id, disk_size=d.disk_size, format=d.replica_format)
+                for d in disks
+            ],
         )
         points.append(point)
+        earlier = self.replicas.get(request.replica_path) or FakeReplica()
+        self.replicas[request.replica_path] = FakeReplica(
+            state=common_pb2.REPLICA_STATE_AT_POINT,
+            rolled_back_session_id=earlier.rolled_back_session_id,  # the last rollback stays on record
+            rolled_back_at=earlier.rolled_back_at,
+        )
         return point
 
     async def list_points(self, replica_path: str) -> list[target_pb2.RestorePoint]:
@@ -279,6 +328,83 @@ class FakeTarget(FakeAgent):
     def _check_point(self, replica_path: str, point_id: str) -> None:
         if not any(p.id == point_id for p in self.points.get(replica_path, [])):
             raise rpc_error(grpc.StatusCode.NOT_FOUND, f"restore point {point_id} of {replica_path} does not exist")
+
+    def replica(self, replica_path: str) -> target_pb2.Replica:
+        r = self.replicas.get(replica_path)
+        if r is None:
+            raise rpc_error(grpc.StatusCode.NOT_FOUND, f"no replica {replica_path}")
+        points = self.points.get(replica_path, [])
+        return target_pb2.Replica(
+            replica_path=replica_path,
+            state=r.state,
+            session_id=r.session_id,
+            base_point_id=points[-1].id if points else "",
+            rolled_back_session_id=r.rolled_back_session_id,
+            rolled_back_at=r.rolled_back_at,
+            restore_points=points,
+        )
+
+    def _roll_back(self, replica_path: str) -> None:
+        r = self.replicas[replica_path]
+        self.rollbacks.append((replica_path, r.session_id))
+        at = timestamp_pb2.Timestamp()
+        at.GetCurrentTime()
+        at_point = bool(self.points.get(replica_path))
+        state = common_pb2.REPLICA_STATE_AT_POINT if at_point else common_pb2.REPLICA_STATE_EMPTY
+        self.replicas[replica_path] = FakeReplica(state=state, rolled_back_session_id=r.session_id, rolled_back_at=at)
+
+    async def _gate(self) -> None:
+        self.in_flight += 1
+        self.most_in_flight = max(self.most_in_flight, self.in_flight)
+        self.entered.set()
+        try:
+            if self.replica_gate is not None:
+                await self.replica_gate.wait()
+        finally:
+            self.in_flight -= 1
+
+    async def at_gate(self, calls: int) -> None:
+        """Until `calls` calls wait at the replica gate."""
+        while self.in_flight < calls:
+            self.entered.clear()
+            await self.entered.wait()
+
+    async def get_replica(self, replica_path: str, *, within: float | None = None) -> target_pb2.Replica:
+        self._check_up()
+        await self._gate()
+        return self.replica(replica_path)
+
+    async def end_session(
+        self, request: target_pb2.EndReplicaSessionRequest, *, within: float | None = None
+    ) -> target_pb2.Replica:
+        """As the target: idempotent; a session that is not the replica's (nor the one it last rolled
+        back) is refused with FAILED_PRECONDITION."""
+        self._check_up()
+        self.ended.append(request)
+        if self.end_faults:
+            raise self.end_faults.pop(0)
+        r = self.replicas.get(request.replica_path)
+        if r is None:
+            raise rpc_error(grpc.StatusCode.NOT_FOUND, f"no replica {request.replica_path}")
+        if r.state not in (WRITING, RESUMABLE) or r.session_id != request.session_id:
+            if not request.keep_for_resume and r.rolled_back_session_id == request.session_id:
+                return self.replica(request.replica_path)  # rolled back already: asked again
+            raise rpc_error(grpc.StatusCode.FAILED_PRECONDITION, f"session {request.session_id} is not the replica's")
+        if request.keep_for_resume:
+            r.state = RESUMABLE
+        else:
+            self._roll_back(request.replica_path)
+        return self.replica(request.replica_path)
+
+    async def rollback(self, replica_path: str, *, within: float | None = None) -> target_pb2.Replica:
+        self._check_up()
+        await self._gate()
+        r = self.replicas.get(replica_path)
+        if r is None:
+            raise rpc_error(grpc.StatusCode.NOT_FOUND, f"no replica {replica_path}")
+        if r.state in (WRITING, RESUMABLE):
+            self._roll_back(replica_path)
+        return self.replica(replica_path)
 
 
 class FakeAgents:

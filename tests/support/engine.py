@@ -130,10 +130,12 @@ async def make_world(
     vms: dict[str, tuple[str, ...]] | None = None,
     proxy_lost_after: float = 0.0,
     no_proxy_grace: float = 0.2,
+    target_retry_seconds: float = 2.0,
     **job_settings: object,
 ) -> World:
     """One job on one host, one proxy, one target and a running session of the job, in a fresh database.
-    `proxy_lost_after` 0: an unreachable proxy is given up on at once (tests need no waiting)."""
+    `proxy_lost_after` 0: an unreachable proxy is given up on at once (tests need no waiting);
+    `target_retry_seconds`: how long a target out of reach is asked again."""
     engine, sessions = await open_database(sqlite_url(tmp_path / "controller.db"))
     journal = Journal(sessions)
     async with journal.write() as db:
@@ -163,6 +165,7 @@ async def make_world(
         slots=SlotBoard(no_proxy_grace=no_proxy_grace),
         signing_key=key,
         proxy_lost_after=proxy_lost_after,
+        target_retry_seconds=target_retry_seconds,
     )
     sc = SessionContext(session_id=ids[0], job=ids[1], target=target_view, provider=provider)
     return World(engine, journal, parts, sc, fake_proxy, fake_target, provider, key, ids[2])

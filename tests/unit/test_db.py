@@ -20,7 +20,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker
 from controller.api import paging
 from controller.api.base import BY_NAME, RESTORE_POINTS, SESSIONS
 from controller.db.connect import downgrade, make_engine, migrate, open_database, sqlite_url
-from controller.db.enums import Notification, SessionState, TaskState, VmState
+from controller.db.enums import Notification, ReplicaEnd, SessionState, TaskState, VmState
 from controller.db.models import (
     Base,
     Credential,
@@ -375,5 +375,42 @@ async def test_the_state_checks_migration_keeps_the_rows_the_previous_heads_wrot
         assert await _counts(engine) == before
         async with engine.begin() as conn:
             await conn.execute(text("UPDATE tasks SET state = 'lost'"))  # unchecked again
+    finally:
+        await engine.dispose()
+
+
+async def test_the_replica_points_migration_gives_earlier_rows_their_defaults_and_checks_replica_end(
+    db_url: str,
+) -> None:
+    engine = make_engine(db_url)
+    try:
+        await migrate(engine, "0007")
+        written = dt.datetime(2026, 11, 30, 19, 0, tzinfo=dt.UTC)
+        async with engine.begin() as conn:
+            for statement in _PREVIOUS_HEAD_ROWS.strip().split(";\n"):
+                await conn.execute(text(statement), {"t": written})
+        await migrate(engine, "0010")
+        before = await _counts(engine)
+        await migrate(engine)
+        assert await _counts(engine) == before
+        sessions = async_sessionmaker(engine, expire_on_commit=False)
+        async with sessions() as s:
+            point, vm = await s.get(RestorePoint, "p1"), await s.get(SessionVm, "v1")
+            held, job = await s.scalar(select(HeldCheckpoint)), await s.get(Job, "j")
+        assert point is not None and (point.vm_name, point.size_bytes, point.consistency, point.disks) == (
+            "",
+            0,
+            "",
+            [],
+        )
+        assert vm is not None and (vm.consistency, vm.replica_end) == ("crash", ReplicaEnd.UNTOLD)
+        assert held is not None and held.consistency == "crash" and job is not None and job.replica_format == ""
+        async with engine.begin() as conn:
+            await conn.execute(text("UPDATE session_vms SET replica_end = 'rolled_back'"))
+        with pytest.raises(IntegrityError):
+            async with engine.begin() as conn:
+                await conn.execute(text("UPDATE session_vms SET replica_end = 'maybe'"))
+        await downgrade(engine, "0010")  # and back, with the rows
+        assert await _counts(engine) == before
     finally:
         await engine.dispose()

@@ -12,7 +12,7 @@ from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from controller.api.resources.common import by_name, check_printable, parse_name, timestamp
-from controller.db.models import Credential, Host, Job, JobVm, Target
+from controller.db.models import Credential, Host, Job, JobVm, RestorePoint, Target
 from controller.db.secrets import SecretBox
 from controller.observability.webhooks import redact_url
 from controller.scheduling.schedule import parse_schedule, schedule_json, schedule_message
@@ -21,13 +21,16 @@ from vmrepl.domain import (
     FULL_CHECK_EVERY_LIMIT,
     JOB_DEFAULTS,
     KEEP_LIMIT,
+    REPLICA_FORMATS,
     RETRIES_LIMIT,
     RETRY_WAIT_LIMIT,
     ChangeTracking,
     Compression,
+    DiskFormat,
     check_block_size,
+    replica_format,
 )
-from vmrepl.errors import InvalidArgument, NotFound
+from vmrepl.errors import FailedPrecondition, InvalidArgument, NotFound
 from vmrepl.names import check_relative
 from vmrepl.v1 import common_pb2
 from vmrepl.v1 import controller_pb2 as api
@@ -51,6 +54,7 @@ JOB_FIELDS = (
     "retries",
     "retry_wait_seconds",
     "full_check_every",
+    "replica_format",
 )
 
 
@@ -100,6 +104,9 @@ async def job_msg(db: AsyncSession, row: Job) -> api.Job:
         retries=row.retries,
         retry_wait_seconds=row.retry_wait_seconds,
         full_check_every=row.full_check_every,
+        replica_format=DiskFormat(row.replica_format).to_proto()
+        if row.replica_format
+        else common_pb2.DISK_FORMAT_UNSPECIFIED,
     )
 
 
@@ -121,6 +128,7 @@ def _vms(msg: api.Job) -> list[JobVm]:
 
 async def apply_job(db: AsyncSession, msg: api.Job, row: Job, paths: Iterable[str], *, secrets: SecretBox) -> None:
     paths = list(paths)
+    before = (row.replica_format, row.host_id)
     for path in paths:
         if path == "webhook":
             row.webhook = _webhook(msg.webhook, secrets, current=row.webhook)
@@ -137,6 +145,36 @@ async def apply_job(db: AsyncSession, msg: api.Job, row: Job, paths: Iterable[st
                     f"{row.replica_root!r} overlaps {root!r} of jobs/{name} on the same target: each job "
                     "needs a folder of its own, neither inside the other",
                 )
+    if row.id is not None and (row.replica_format, row.host_id) != before:
+        await _check_format_kept(db, row)
+
+
+def replica_format_setting(value: common_pb2.DiskFormat.ValueType) -> str:
+    """Job.replica_format as the database keeps it: "raw" or "vhdx", "" when unspecified (the host's own)."""
+    if value == common_pb2.DISK_FORMAT_UNSPECIFIED:
+        return ""
+    for fmt in REPLICA_FORMATS:
+        if fmt.to_proto() == value:
+            return fmt.value
+    if value == common_pb2.DISK_FORMAT_VHD:
+        raise InvalidArgument("job.replica_format", "VHD is not written as a replica: RAW or VHDX")
+    raise InvalidArgument("job.replica_format", f"{value} is not a format: RAW or VHDX (unspecified: the host's own)")
+
+
+async def _check_format_kept(db: AsyncSession, row: Job) -> None:
+    """A job whose replicas have restore points keeps their format: the target never converts a replica disk
+    (it refuses a prepare in another format), so every later session would fail."""
+    host = await db.get(Host, row.host_id)
+    new = replica_format(row.replica_format, host_provider=host.provider if host else "")
+    points = list(await db.scalars(select(RestorePoint.disks).where(RestorePoint.job_id == row.id)))
+    kept = {str(d.get("format", "")) for disks in points for d in disks if isinstance(d, dict)}
+    if not points or kept <= {new.value}:
+        return
+    raise FailedPrecondition(
+        f"job.replica_format: jobs/{row.name} has restore points whose replica disks are "
+        f"{', '.join(sorted(kept))}; formats are not converted, so it cannot become {new.value}: replicate "
+        "to another job (another replica_root) in the new format"
+    )
 
 
 def roots_overlap(a: str, b: str) -> bool:
@@ -172,6 +210,8 @@ async def _apply_job_field(db: AsyncSession, msg: api.Job, row: Job, path: str) 
         row.change_tracking = ChangeTracking.parse("job.change_tracking", msg.change_tracking)
     elif path == "disabled":
         row.enabled = not msg.disabled
+    elif path == "replica_format":
+        row.replica_format = replica_format_setting(msg.replica_format)
     else:
         await _apply_job_policy(db, msg, row, path)
 
