@@ -34,7 +34,7 @@ from pathlib import Path
 from target_agent.file_format import UNVERSIONED, check_format
 from vmrepl.batch import MAX_PASS, DecodedBatch, PassDigest
 from vmrepl.block import DIGEST_SIZE, zero_digest
-from vmrepl.disk.fileio import PositionalFile, atomic_write
+from vmrepl.disk.fileio import PositionalFile, atomic_write, make_dirs
 from vmrepl.disk.raw import RawWriter
 from vmrepl.errors import FailedPrecondition, NotFound, TransferCancelled
 from vmrepl.extent import MiB
@@ -249,7 +249,7 @@ def prepare(
     Under the disk's guard, which it takes over: a stream still open on the disk (an earlier attempt's,
     whose proxy the controller gave up on) writes nothing after this. Its writes past the frontier this
     records would otherwise outlive a power cut in the digest file only, vouching for lost data."""
-    disk_dir.mkdir(parents=True, exist_ok=True)
+    make_dirs(disk_dir)
     with guard.lock:
         guard.claim_locked()
         try:
