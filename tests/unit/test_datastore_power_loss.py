@@ -1,0 +1,101 @@
+"""Power cuts of the target's datastore, in process: the target's own code (prepare, ReplicaStream's
+apply/mark/commit, restore_points.commit) runs two sessions under the recorder of vmrepl.disk.powercut; at
+every fsync and at random ops a power cut is rebuilt (vmrepl.disk.powercut's model) and the datastore opened
+as a restarted target would (tests/support/powerloss.py says what is checked).
+
+Replay a run with VMREPL_POWERLOSS_SEED=<the printed seed>."""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+from pathlib import Path
+
+import pytest
+
+from tests.support import powerloss
+from tests.support.powerloss import Run, Session
+from vmrepl.disk import powercut
+from vmrepl.disk.raw import RawWriter
+
+BS = 32 * 1024
+BLOCKS = 48
+SIZE = BLOCKS * BS - 4096  # a short last block too
+CUTS = 240
+
+
+def _seed() -> int:
+    return int(os.environ.get("VMREPL_POWERLOSS_SEED") or random.SystemRandom().randrange(1, 1 << 31))
+
+
+def images(rng: random.Random) -> tuple[bytes, bytes]:
+    """The source at the first and the second checkpoint: zero blocks, data blocks, and between the two a
+    third of the blocks changed (data to data, data to zeros, zeros to data)."""
+    first = bytearray()
+    for i in range(BLOCKS):
+        first += bytes(BS) if i % 5 == 2 else rng.randbytes(BS)
+    second = bytearray(first)
+    for i in rng.sample(range(BLOCKS), BLOCKS // 3):
+        second[i * BS : (i + 1) * BS] = bytes(BS) if rng.random() < 0.3 else rng.randbytes(BS)
+    return bytes(first[:SIZE]), bytes(second[:SIZE])
+
+
+def record_two_sessions(root: Path, rng: random.Random) -> tuple[powercut.OpLog, Run]:
+    one, two = images(rng)
+    s1, s2 = Session("s1", "cp1", one), Session("s2", "cp2", two)
+    with powercut.recording(root) as rec:
+        run = Run(root, rec, disk_size=SIZE, block_size=BS)
+        run.prepare(s1)
+        run.transfer(s1, base=None, batch_blocks=2, commit_every=3)
+        run.commit_point(s1)
+        run.prepare(s2)
+        run.transfer(s2, base=one, batch_blocks=3, commit_every=2)  # the changed blocks only
+        run.commit_point(s2)
+    return rec.log(), run
+
+
+def test_power_cuts_across_two_sessions_leave_a_datastore_at_a_point(tmp_path: Path) -> None:
+    seed = _seed()
+    print(f"power-loss seed {seed} (replay: VMREPL_POWERLOSS_SEED={seed})")
+    rng = random.Random(seed)
+    root = tmp_path / "datastore"
+    root.mkdir()
+    log, run = record_two_sessions(root, rng)
+    cuts = powercut.cut_points(log, rng, CUTS)
+    assert len(cuts) >= CUTS
+    problems: list[str] = []
+    awaiting: dict[int, list[str]] = {}
+    for upto in cuts:
+        dest = tmp_path / "cut"
+        state = powercut.crash_state(log, upto, random.Random(f"{seed}-{upto}"))
+        state.materialise(dest)
+        found = powerloss.check_datastore(dest, run.expected(upto))
+        report = state.report
+        problems += [f"cut after op {upto} ({report.lost}/{report.pending} pending lost): {p}" for p in found.problems]
+        if found.awaiting_rollback:
+            awaiting[upto] = found.awaiting_rollback
+        shutil.rmtree(dest)
+    assert not problems, f"seed {seed} (VMREPL_POWERLOSS_SEED={seed}):\n" + "\n".join(problems[:30])
+    if not powerloss.ROLLBACK_DATA_ON_TARGET:
+        # The gap the rollback data closes shows today; when it no longer does, turn the switch on.
+        assert awaiting, "every point read back and every crashed session rolled back: set ROLLBACK_DATA_ON_TARGET"
+        print(f"{len(awaiting)} of {len(cuts)} cuts await rollback data, e.g. {next(iter(awaiting.values()))[0]}")
+
+
+def test_the_checks_catch_a_commit_that_does_not_flush_the_data(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The harness can fail: the same two sessions with the data file's flush skipped (the digests and the
+    state still flushed) leave committed offsets whose data a power cut lost."""
+    monkeypatch.setattr(RawWriter, "flush", lambda self: None)
+    seed = _seed()
+    rng = random.Random(seed)
+    root = tmp_path / "datastore"
+    root.mkdir()
+    log, run = record_two_sessions(root, rng)
+    problems = []
+    for upto in powercut.cut_points(log, rng, 60):
+        dest = tmp_path / "cut"
+        powercut.crash_state(log, upto, random.Random(f"{seed}-{upto}")).materialise(dest)
+        problems += powerloss.check_datastore(dest, run.expected(upto)).problems
+        shutil.rmtree(dest)
+    assert any("below the committed offset" in p for p in problems), f"seed {seed}: {problems[:5]}"
