@@ -182,7 +182,11 @@ def check_digests(
 
 
 def differing_blocks(got: bytes, want: bytes, block_size: int) -> list[int]:
-    return [i for i in range(-(-len(want) // block_size)) if got[i * block_size : (i + 1) * block_size] != want[i * block_size : (i + 1) * block_size]]
+    return [
+        i
+        for i in range(-(-len(want) // block_size))
+        if got[i * block_size : (i + 1) * block_size] != want[i * block_size : (i + 1) * block_size]
+    ]
 
 
 def check_datastore(root: Path, exp: Expected) -> Found:
@@ -245,7 +249,9 @@ def _check_committed(found: Found, exp: Expected, st: replica.DiskState, data: b
     end = st.committed_offset
     bad = differing_blocks(data[:end], session.image[:end], st.block_size)
     if bad:
-        found.problems.append(f"session {st.session_id}: blocks {bad} below the committed offset {end} are not its data")
+        found.problems.append(
+            f"session {st.session_id}: blocks {bad} below the committed offset {end} are not its data"
+        )
 
 
 def _check_point_disk(found: Found, exp: Expected, vm_dir: Path, p: restore_points.Point) -> None:

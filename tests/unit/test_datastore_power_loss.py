@@ -83,7 +83,9 @@ def test_power_cuts_across_two_sessions_leave_a_datastore_at_a_point(tmp_path: P
         print(f"{len(awaiting)} of {len(cuts)} cuts await rollback data, e.g. {next(iter(awaiting.values()))[0]}")
 
 
-def test_the_checks_catch_a_commit_that_does_not_flush_the_data(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_checks_catch_a_commit_that_does_not_flush_the_data(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The harness can fail: the same two sessions with the data file's flush skipped (the digests and the
     state still flushed) leave committed offsets whose data a power cut lost."""
     monkeypatch.setattr(RawWriter, "flush", lambda self: None)

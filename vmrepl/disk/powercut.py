@@ -55,7 +55,7 @@ import struct
 import threading
 import time
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -100,7 +100,9 @@ _BODY = struct.Struct("<B6QHH")  # kind, ino, offset, length, parent, parent2, c
 def encode(op: Op) -> bytes:
     name, name2 = op.name.encode(), op.name2.encode()
     body = (
-        _BODY.pack(KINDS.index(op.kind), op.ino, op.offset, op.length, op.parent, op.parent2, op.covers, len(name), len(name2))
+        _BODY.pack(
+            KINDS.index(op.kind), op.ino, op.offset, op.length, op.parent, op.parent2, op.covers, len(name), len(name2)
+        )
         + name
         + name2
         + bytes(op.data)
@@ -126,7 +128,18 @@ def decode_all(raw: memoryview, *, base: int = 0, what: str = "log") -> list[Op]
         data = body[at + n1 + n2 :]
         kind_name = KINDS[kind]
         out.append(
-            Op(kind_name, ino, offset, length, data, parent, name, parent2, name2, base + covers if kind_name in SYNCS else 0)
+            Op(
+                kind_name,
+                ino,
+                offset,
+                length,
+                data,
+                parent,
+                name,
+                parent2,
+                name2,
+                base + covers if kind_name in SYNCS else 0,
+            )
         )
         pos += _FRAME.size + size
     return out
@@ -238,15 +251,20 @@ class Recorder:
         self._emit(Op(REMOVE, ino, parent=_parent_ino(path), name=os.path.basename(path)))
 
 
-_installed: Recorder | None = None
+class _Installed:
+    """The recorder `recording` installed in this process, if any."""
+
+    recorder: Recorder | None = None
+
+
 _from_env: dict[str, Recorder] = {}
 _env_lock = threading.Lock()
 
 
 def active() -> Recorder | None:
     """The recorder of this process: the one `recording` installed, else the environment's, else None."""
-    if _installed is not None:
-        return _installed
+    if _Installed.recorder is not None:
+        return _Installed.recorder
     directory = os.environ.get(ENV)
     if not directory:
         return None
@@ -347,15 +365,14 @@ class Recording:
 @contextmanager
 def recording(root: Path) -> Iterator[Recording]:
     """Record this process's file-system operations (every thread's) until the block ends."""
-    global _installed
-    if _installed is not None:
+    if _Installed.recorder is not None:
         raise RuntimeError("a recording is already running in this process")
     rec = Recording(root)
-    _installed = rec.recorder
+    _Installed.recorder = rec.recorder
     try:
         yield rec
     finally:
-        _installed = None
+        _Installed.recorder = None
 
 
 # ---- reconstruction
@@ -393,7 +410,9 @@ def _resolve(log: OpLog) -> tuple[list[_Nodes], dict[int, bool]]:
             bind.pop(op.ino, None)
             out.append(_Nodes(lookup(op.ino, op.kind == MKDIR), parent))
         elif op.kind in (RENAME, REMOVE):
-            out.append(_Nodes(lookup(op.ino), lookup(op.parent, True), lookup(op.parent2, True) if op.kind == RENAME else -1))
+            out.append(
+                _Nodes(lookup(op.ino), lookup(op.parent, True), lookup(op.parent2, True) if op.kind == RENAME else -1)
+            )
         else:
             out.append(_Nodes(lookup(op.ino, op.kind == SYNC_DIR)))
     return out, is_dir
@@ -600,9 +619,10 @@ class CrashState:
         self._model.build(self._model.root, dest)
 
 
-def crash_state(log: OpLog, upto: int, rng: random.Random) -> CrashState:
+def crash_state(log: OpLog, upto: int, rng: random.Random, *, keep: Callable[[Op], bool] | None = None) -> CrashState:
     """A state a power cut just after op `upto` (-1: before the first) may leave: the durable ops, and a
-    random subset of the others, applied in order to the snapshot (see the module's docstring)."""
+    random subset of the others, applied in order to the snapshot (see the module's docstring). `keep`
+    chooses the subset instead (called with each piece not yet durable), for a chosen worst case."""
     if not -1 <= upto < len(log.ops):
         raise IndexError(f"cut point {upto} is outside the log's {len(log.ops)} ops")
     nodes, is_dir = _resolve(log)
@@ -618,7 +638,7 @@ def crash_state(log: OpLog, upto: int, rng: random.Random) -> CrashState:
             continue
         for piece in _pieces(op):
             report.pending += 1
-            if rng.random() < report.keep_chance:
+            if keep(piece) if keep is not None else rng.random() < report.keep_chance:
                 model.apply(piece, nodes[i])
             else:
                 report.lost += 1
@@ -669,11 +689,11 @@ def read_log(directory: Path) -> OpLog:
     return OpLog(snap, ops)
 
 
-def cut(directory: Path, rng: random.Random) -> CutReport:
+def cut(directory: Path, rng: random.Random, *, keep: Callable[[Op], bool] | None = None) -> CutReport:
     """After every recording process was killed: rebuild the root `start` named as a power cut at the
-    end of the log may have left it, and start recording afresh from there."""
+    end of the log may have left it (`keep` as for `crash_state`), and start recording afresh from there."""
     log = read_log(directory)
-    state = crash_state(log, len(log.ops) - 1, rng)
+    state = crash_state(log, len(log.ops) - 1, rng, keep=keep)
     root = log.snapshot.root
     for child in list(root.iterdir()):
         if child.is_dir() and not child.is_symlink():
