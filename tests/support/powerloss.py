@@ -16,6 +16,7 @@ after a simulated power cut the way a restarted target would open it.
 
 from __future__ import annotations
 
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -226,6 +227,7 @@ def check_datastore(root: Path, exp: Expected) -> Found:
             found.problems.append(f"the replica is at point {newest.session_id} but blocks {bad} differ from it")
     for p in listed:
         _check_point_disk(found, exp, vm_dir, p)
+    _check_resumed(found, exp, disk_dir, st, root.parent / f"{root.name}-resumed")
     _check_restarted(found, exp, disk_dir, newest)
     return found
 
@@ -273,6 +275,34 @@ def _check_point_disk(found: Found, exp: Expected, vm_dir: Path, p: restore_poin
     if bad:
         found.problems.append(f"point {p.session_id} reads blocks {bad} that are not its data")
     found.problems += check_digests(bytes(buf), table, disk.block_size, f"point {p.session_id}")
+
+
+def _check_resumed(found: Found, exp: Expected, disk_dir: Path, st: replica.DiskState, scratch: Path) -> None:
+    """On a copy: a restarted target resuming the crashed session (the controller retries it) resumes
+    from the committed offset, and leaves no digest that does not match its data."""
+    if st.state == COMMITTED:
+        return
+    copy = scratch / disk_dir.name
+    shutil.copytree(disk_dir, copy)
+    try:
+        again = replica.prepare(
+            copy,
+            guard=DiskGuard(),
+            disk_size=exp.disk_size,
+            block_size=exp.block_size,
+            session_id=st.session_id,
+            checkpoint_id=st.checkpoint_id,
+        )
+        if again.committed_offset != st.committed_offset:
+            found.problems.append(
+                f"resuming {st.session_id} starts at {again.committed_offset}, not {st.committed_offset}"
+            )
+        _, table = replica.read_digests(copy, 0, 0)
+        found.problems += check_digests((copy / DATA_FILE).read_bytes(), table, st.block_size, "after a resume")
+    except VmreplError as e:
+        found.problems.append(f"resuming session {st.session_id} fails: {e}")
+    finally:
+        shutil.rmtree(scratch)
 
 
 def _check_restarted(found: Found, exp: Expected, disk_dir: Path, newest: restore_points.Point | None) -> None:

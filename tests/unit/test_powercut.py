@@ -305,3 +305,19 @@ def test_without_the_recorder_nothing_is_logged(tmp_path: Path, monkeypatch: pyt
     assert powercut.active() is None
     fileio.atomic_write(tmp_path / "x", b"1")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["x"]
+
+
+def test_a_removal_without_a_directory_sync_may_be_undone(tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    (root / "tree" / "sub").mkdir(parents=True)
+    (root / "tree" / "sub" / "f").write_bytes(b"F")
+    (root / "g").write_bytes(b"G")
+    with powercut.recording(root) as rec:
+        fileio.remove(root / "g")
+        fileio.remove_tree(root / "tree")
+        unsynced = rec.position() - 1
+        fileio.sync_dir(root)
+    log = rec.log()
+    outcomes = {(read(t / "g"), (t / "tree").exists()) for t in crashes(log, unsynced, tmp_path / "u")}
+    assert {(b"G", True), (None, False)} <= outcomes
+    assert {(read(t / "g"), (t / "tree").exists()) for t in crashes(log, len(log) - 1, tmp_path / "s")} == {(None, False)}
