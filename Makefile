@@ -51,6 +51,7 @@ buf-lint: $(NODE_STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python -m tests.bench.stream_bench
+	$(BIN)/python -m tests.bench.rollback_bench
 
 demo: $(STAMP)
 	$(BIN)/python -m controller.lab.demo

@@ -8,24 +8,43 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from target_agent import replica, restore_points
+from target_agent import replica, restore_points, rollback
 from target_agent.replica import DATA_FILE, DIGESTS_FILE, DigestStore
+from vmrepl.block import DIGEST_SIZE, fill_zero
 from vmrepl.disk.base import DiskReader
 from vmrepl.disk.raw import RawReader
-from vmrepl.errors import FailedPrecondition, NotFound
-from vmrepl.extent import Extent
+from vmrepl.errors import DiskError, FailedPrecondition, NotFound
+from vmrepl.extent import Extent, merge
 
 
 class PointDisk(DiskReader):
-    """One disk of one restore point, read-only."""
+    """One disk of one restore point, read-only: the replica file overlaid with the rollback files from the
+    point on (the point's own first: for a block several saved, the oldest saved bytes are the point's).
 
-    def __init__(self, disk_dir: Path, st: replica.DiskState) -> None:
+    Safe while a session writes the disk: a session appends a block's old bytes to the pending rollback file
+    (durably) before it overwrites the block, so every read takes the replica's bytes first and then looks
+    for newly saved blocks; a block overwritten meanwhile is found there. A pending file that replaced the
+    one seen (a rollback, then another session) is added to the overlay too."""
+
+    def __init__(self, disk_dir: Path, st: replica.DiskState, *, size: int, chain: list[str]) -> None:
         self.block_size = st.block_size
-        self._data = RawReader(disk_dir / DATA_FILE)
-        self._digests = DigestStore(
-            disk_dir / DIGESTS_FILE, block_size=st.block_size, disk_size=st.disk_size, digests_format=st.digests_format
-        )
-        self._size = st.disk_size
+        self._size = size
+        self._dir = disk_dir / replica.ROLLBACK_DIR
+        self._undo: list[rollback.UndoFile] = []
+        self._pending: set[int] = set()  # inode numbers of the pending files in the overlay
+        try:
+            self._undo = [rollback.UndoFile(self._dir / f"{point_id}{rollback.SUFFIX}") for point_id in chain]
+            self._data = RawReader(disk_dir / DATA_FILE)
+            self._digests = DigestStore(
+                disk_dir / DIGESTS_FILE,
+                block_size=st.block_size,
+                disk_size=st.disk_size,
+                digests_format=st.digests_format,
+            )
+        except BaseException:
+            self.close()
+            raise
+        self._look_for_pending()
 
     @property
     def size(self) -> int:
@@ -36,18 +55,70 @@ class PointDisk(DiskReader):
         return -(-self._size // self.block_size)
 
     def allocated_extents(self) -> list[Extent]:
-        return self._data.allocated_extents()
+        self._look_for_pending()
+        saved = [Extent(b * self.block_size, s.length) for u in self._undo for b, s in u.index.items() if s.offset >= 0]
+        inside = [e for e in self._data.allocated_extents() + saved if e.offset < self._size]
+        return merge([Extent(e.offset, min(e.end, self._size) - e.offset) for e in inside])
 
     def read_into(self, buf: memoryview, offset: int) -> None:
-        self._data.read_into(buf, offset)
+        if offset + len(buf) > self._size:
+            raise DiskError(f"read past the end of the point's disk ({offset + len(buf)} > {self._size})")
+        n = min(len(buf), max(0, self._data.size - offset))
+        if n:
+            self._data.read_into(buf[:n], offset)
+        fill_zero(buf[n:])
+        self._look_for_pending()  # after the read: a block overwritten under it was saved before
+        bs = self.block_size
+        for block in range(offset // bs, -(-(offset + len(buf)) // bs)):
+            saved = self._saved(block)
+            if saved is None:
+                continue
+            undo, s = saved
+            whole = bytearray(bs)
+            undo.read_block(s, memoryview(whole))
+            lo, hi = max(offset, block * bs), min(offset + len(buf), (block + 1) * bs)
+            buf[lo - offset : hi - offset] = whole[lo - block * bs : hi - block * bs]
 
     def digests(self, first: int, count: int) -> bytes:
         """The point's digests of blocks [first, first+count): 16 bytes each, all zero = unknown."""
-        return self._digests.read(first, count)
+        count = max(0, min(count, self.blocks - first))
+        out = bytearray(self._digests.read(first, count))
+        self._look_for_pending()
+        for block in range(first, first + count):
+            saved = self._saved(block)
+            if saved is not None:
+                at = (block - first) * DIGEST_SIZE
+                out[at : at + DIGEST_SIZE] = saved[1].digest
+        return bytes(out)
+
+    def _saved(self, block: int) -> tuple[rollback.UndoFile, rollback.Saved] | None:
+        for undo in self._undo:
+            s = undo.index.get(block)
+            if s is not None:
+                return undo, s
+        return None
+
+    def _look_for_pending(self) -> None:
+        for undo in self._undo:
+            undo.refresh()
+        path = self._dir / rollback.PENDING
+        try:
+            inode = path.stat().st_ino
+        except FileNotFoundError:
+            return
+        if inode not in self._pending:
+            try:
+                self._undo.append(rollback.UndoFile(path))
+            except (FileNotFoundError, NotFound):
+                return  # committed or rolled back between the look and the open: its bytes are the replica's
+            self._pending.add(inode)
 
     def close(self) -> None:
-        self._data.close()
-        self._digests.close()
+        for undo in self._undo:
+            undo.close()
+        for f in ("_data", "_digests"):
+            if hasattr(self, f):
+                getattr(self, f).close()
 
 
 def find_point(vm_dir: Path, point_id: str) -> restore_points.Point:
@@ -66,11 +137,19 @@ def find_point(vm_dir: Path, point_id: str) -> restore_points.Point:
 def open_point_disk(vm_dir: Path, point_id: str, disk_id: str) -> PointDisk:
     """Disk `disk_id` as restore point `point_id` ("" for the newest) holds it."""
     point = find_point(vm_dir, point_id)
-    if disk_id not in {d.disk_id for d in point.disks}:
+    disk = next((d for d in point.disks if d.disk_id == disk_id), None)
+    if disk is None:
         raise NotFound(f"restore point {point.id} has no disk {disk_id}")
     points = restore_points.list_points(vm_dir)
+    at = next(i for i, p in enumerate(points) if p.id == point.id)
+    holding = [p.id for p in points[at:] if disk_id in {d.disk_id for d in p.disks}]
     disk_dir = vm_dir / "disks" / disk_id
+    chain = holding[:-1]
+    missing = [p for p in chain if not (disk_dir / replica.ROLLBACK_DIR / f"{p}{rollback.SUFFIX}").exists()]
+    if missing:
+        raise FailedPrecondition(
+            f"restore point {point.id} cannot be read: disk {disk_id} lacks the rollback data of point(s) "
+            f"{', '.join(missing)} (a point from before rollback data, or files removed by hand)"
+        )
     st = replica.load_state(disk_dir)
-    if point.id != points[-1].id or st.session_id != point.session_id:
-        raise FailedPrecondition(f"restore point {point.id}'s data is not on the target")
-    return PointDisk(disk_dir, st)
+    return PointDisk(disk_dir, st, size=disk.disk_size, chain=chain)

@@ -28,19 +28,27 @@ from __future__ import annotations
 import json
 import threading
 import time
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
+from target_agent import rollback
 from target_agent.file_format import UNVERSIONED, check_format
 from vmrepl.batch import MAX_PASS, DecodedBatch, PassDigest
-from vmrepl.block import DIGEST_SIZE, zero_digest
-from vmrepl.disk.fileio import PositionalFile, atomic_write, make_dirs
+from vmrepl.block import DIGEST_SIZE, is_zero, zero_digest
+from vmrepl.disk.base import DiskWriter
+from vmrepl.disk.fileio import PositionalFile, atomic_write, make_dirs, remove, rename
 from vmrepl.disk.raw import RawWriter
 from vmrepl.errors import FailedPrecondition, NotFound, TransferCancelled
 from vmrepl.extent import MiB
 
 PREPARED, RECEIVING, COMPLETE, COMMITTED = "prepared", "receiving", "complete", "committed"
-DURABLE_STATES = frozenset({COMPLETE, COMMITTED})  # every byte of the pass was flushed
+# No session's writes are kept: the disk equals its newest restore point (or has none), e.g. after a rollback.
+IDLE = "idle"
+STATES = (PREPARED, RECEIVING, COMPLETE, COMMITTED, IDLE)
+DURABLE_STATES = frozenset({COMPLETE, COMMITTED, IDLE})  # every byte of the pass was flushed
+ROLLBACK_DIR = "rollback"
+REPLICA_FORMATS = ("raw", "vhdx")
 DATA_FILE = "data.raw"
 STATE_FILE = "state.json"
 DIGESTS_FILE = "digests.bin"
@@ -50,6 +58,7 @@ STATE_FORMAT = 2
 # digests.bin's format, recorded in state.json: 1 = one xxh3-128 per block, 16 bytes, all zero = unknown.
 DIGESTS_FORMAT = 1
 _DIGEST_CHUNK = 65536  # digests per write when a zero extent covers many blocks
+_SAVE_CHUNK = 64 * MiB  # old bytes held before they are appended to the rollback file
 # How far past the committed offset a commit lets the stream write before the next state save: the most
 # a crash makes the next run send again, and how rarely the writer stops to move the frontier itself.
 FRONTIER_STEP = 256 * MiB
@@ -73,6 +82,13 @@ class DiskState:
     tracking_failed: bool = False
     # The format of the disk's digests.bin (see DIGESTS_FORMAT).
     digests_format: int = UNVERSIONED
+    # The replica file's format: "raw" (data.raw) or "vhdx" (data.vhdx).
+    replica_format: str = "raw"
+    # The session's controller said it will continue this transfer (EndReplicaSession keep_for_resume).
+    resumable: bool = False
+    # The last session whose writes were rolled back, and when (time.time()).
+    rolled_back_session: str = ""
+    rolled_back_at: float = 0.0
 
     def cover(self, end: int) -> bool:
         """Move the frontier to cover writes up to `end`, a step past the committed offset so few writes
@@ -93,9 +109,17 @@ class DiskState:
 class DigestStore:
     """One 16-byte xxh3-128 digest per block, at index offset // block_size."""
 
-    def __init__(self, path: Path, *, block_size: int, disk_size: int, digests_format: int = DIGESTS_FORMAT) -> None:
+    def __init__(
+        self,
+        path: Path,
+        *,
+        block_size: int,
+        disk_size: int,
+        digests_format: int = DIGESTS_FORMAT,
+        writable: bool = True,
+    ) -> None:
         check_format(f"replica disk {path.parent.name}: {path.name}", digests_format, reads=DIGESTS_FORMAT)
-        self._file = PositionalFile(path, writable=True, create=True)
+        self._file = PositionalFile(path, writable=writable, create=writable)
         self.block_size = block_size
         self.disk_size = disk_size
         self.blocks = -(-disk_size // block_size)
@@ -195,7 +219,8 @@ def _check_values(what: str, values: dict[str, object]) -> None:
         "committed_offset": 0 <= number.get("committed_offset", 0) <= number["disk_size"],
         "frontier": number.get("frontier", -1) >= -1,
         "pass_number": 0 <= number.get("pass_number", 0) <= MAX_PASS,
-        "state": values["state"] in (PREPARED, RECEIVING, COMPLETE, COMMITTED),
+        "state": values["state"] in STATES,
+        "replica_format": values.get("replica_format", "raw") in REPLICA_FORMATS,
     }
     for key, ok in fine.items():
         if not ok:
@@ -213,6 +238,15 @@ def save_state(disk_dir: Path, st: DiskState) -> None:
     atomic_write(disk_dir / STATE_FILE, json.dumps(raw, sort_keys=True).encode())
 
 
+@dataclass(frozen=True, slots=True)
+class Base:
+    """The restore point a session's writes are saved against: the newest point holding the disk."""
+
+    point_id: str
+    disk_size: int
+    block_size: int
+
+
 def _resumable(
     old: DiskState | None,
     *,
@@ -225,7 +259,7 @@ def _resumable(
     """An earlier transfer this prepare continues: same geometry, same checkpoint, first pass, and the same
     session or the one it continues. A second pass (a failed verification) is never continued: its
     change source is not the one a new proxy transfer would use."""
-    if old is None or old.state == COMMITTED or old.pass_number != 0:
+    if old is None or old.state in (COMMITTED, IDLE) or old.pass_number != 0:
         return False
     if (old.disk_size, old.block_size, old.checkpoint_id) != (disk_size, block_size, checkpoint_id):
         return False
@@ -241,22 +275,27 @@ def prepare(
     session_id: str,
     checkpoint_id: str,
     resume_session_id: str = "",
+    base: Base | None = None,
+    point_sessions: frozenset[str] = frozenset(),
+    replica_format: str = "raw",
 ) -> DiskState:
     """Create the disk or ready it for `session_id` reading `checkpoint_id`. The same session and
     checkpoint keeps the committed offset; so does an unfinished transfer of `resume_session_id` from the
-    same checkpoint, which `session_id` continues. Anything else starts a new pass at offset 0.
+    same checkpoint, which `session_id` continues. Anything else first rolls back what an earlier session
+    that made no restore point wrote, then starts a new pass at offset 0 whose overwrites are saved against
+    `base` (the newest restore point holding the disk; None: there is none). `point_sessions` are the
+    sessions that made restore points of the VM.
 
     Under the disk's guard, which it takes over: a stream still open on the disk (an earlier attempt's,
     whose proxy the controller gave up on) writes nothing after this. Its writes past the frontier this
     records would otherwise outlive a power cut in the digest file only, vouching for lost data."""
-    make_dirs(disk_dir)
+    make_dirs(disk_dir / ROLLBACK_DIR)
     with guard.lock:
         guard.claim_locked()
-        try:
-            old: DiskState | None = load_state(disk_dir)
-        except NotFound:
-            old = None
+        old = _load_or_none(disk_dir)
+        settle_locked(disk_dir, point_sessions)
         _refuse_committed(old, disk_dir.name, session_id=session_id, checkpoint_id=checkpoint_id)
+        _refuse_format_change(old, disk_dir.name, replica_format)
         resumable = _resumable(
             old,
             disk_size=disk_size,
@@ -265,15 +304,129 @@ def prepare(
             checkpoint_id=checkpoint_id,
             resume_session_id=resume_session_id,
         )
-        st = old if resumable and old is not None else DiskState(disk_size, block_size, session_id, PREPARED)
         # A failed verification condemns the checkpoint's change tracking, not one pass: a new pass from the
         # same checkpoint must compare digests (the controller reads it from the prepare's answer).
-        st.tracking_failed = old is not None and old.checkpoint_id == checkpoint_id and old.tracking_failed
+        distrusted = old is not None and old.checkpoint_id == checkpoint_id and old.tracking_failed
+        if not resumable and old is not None:
+            old = roll_back_locked(disk_dir, old)
+        if resumable and old is not None:
+            st = old
+        else:
+            st = DiskState(disk_size, block_size, session_id, PREPARED, replica_format=replica_format)
+            if old is not None:
+                st.rolled_back_session, st.rolled_back_at = old.rolled_back_session, old.rolled_back_at
+            if base is not None:
+                _start_rollback_file(disk_dir, base, session_id=session_id, block_size=block_size)
+        st.tracking_failed = distrusted
         st.session_id, st.checkpoint_id = session_id, checkpoint_id  # a continued transfer now belongs to this one
+        st.resumable = False
         _ready_files(disk_dir, old, disk_size=disk_size, block_size=block_size)
         st.frontier = st.committed_offset
         save_state(disk_dir, st)
     return st
+
+
+def _load_or_none(disk_dir: Path) -> DiskState | None:
+    try:
+        return load_state(disk_dir)
+    except NotFound:
+        return None
+
+
+def _refuse_format_change(old: DiskState | None, name: str, replica_format: str) -> None:
+    if replica_format not in REPLICA_FORMATS:
+        raise FailedPrecondition(f"replica disk {name}: format {replica_format!r} is not one of {REPLICA_FORMATS}")
+    if old is not None and old.replica_format != replica_format:
+        raise FailedPrecondition(
+            f"replica disk {name} is kept as {old.replica_format}, the session asks for {replica_format}: "
+            "formats are not converted (replicate to a new replica path)"
+        )
+
+
+def _start_rollback_file(disk_dir: Path, base: Base, *, session_id: str, block_size: int) -> None:
+    """A new session's overwrites are saved against `base` from its first write on."""
+    if base.block_size != block_size:
+        raise FailedPrecondition(
+            f"replica disk {disk_dir.name}: its restore points have {base.block_size}-byte blocks, the session "
+            f"{block_size}: a block size change needs a new replica path"
+        )
+    header = rollback.UndoHeader(session_id, base.point_id, block_size, base.disk_size)
+    rollback.create(disk_dir / ROLLBACK_DIR / rollback.PENDING, header)
+
+
+def pending_header(disk_dir: Path) -> rollback.UndoHeader | None:
+    path = disk_dir / ROLLBACK_DIR / rollback.PENDING
+    if not path.exists():
+        return None
+    undo = rollback.UndoFile(path)
+    try:
+        return undo.header
+    finally:
+        undo.close()
+
+
+def settle_locked(disk_dir: Path, point_sessions: frozenset[str]) -> None:
+    """Finish a restore point commit a crash cut short: the pending rollback file of a session that made a
+    restore point becomes the rollback data of the point before (call under the disk's guard)."""
+    header = pending_header(disk_dir)
+    if header is not None and header.session_id in point_sessions:
+        folder = disk_dir / ROLLBACK_DIR
+        rename(folder / rollback.PENDING, folder / f"{header.base_point_id}{rollback.SUFFIX}")
+
+
+def roll_back_locked(disk_dir: Path, st: DiskState) -> DiskState:
+    """Return the disk to its newest restore point: write back every block the pending rollback file saved,
+    then forget the session (call under the disk's guard). A crash in the middle repeats it (the saved
+    bytes are absolute). Returns the disk's state after; a disk at a point is returned as it is."""
+    path = disk_dir / ROLLBACK_DIR / rollback.PENDING
+    if st.state in (COMMITTED, IDLE) and not path.exists():
+        return st
+    if path.exists():
+        undo = rollback.UndoFile(path)
+        try:
+            _write_back(disk_dir, st, undo)
+        finally:
+            undo.close()
+    else:  # no restore point to return to: keep what is durable, forget what a crash may have torn
+        _ready_files(disk_dir, st, disk_size=st.disk_size, block_size=st.block_size)
+    after = DiskState(st.disk_size, st.block_size, "", IDLE, replica_format=st.replica_format)
+    after.committed_offset = after.frontier = st.disk_size
+    after.rolled_back_session, after.rolled_back_at = st.session_id, time.time()
+    after.digests_format = st.digests_format
+    save_state(disk_dir, after)
+    if path.exists():
+        remove(path)
+    return after
+
+
+def _write_back(disk_dir: Path, st: DiskState, undo: rollback.UndoFile) -> None:
+    writer = RawWriter(disk_dir / DATA_FILE)
+    digests = DigestStore(
+        disk_dir / DIGESTS_FILE,
+        block_size=undo.header.block_size,
+        disk_size=undo.header.disk_size,
+        digests_format=st.digests_format,
+    )
+    try:
+        bs = undo.header.block_size
+        buf = bytearray(bs)
+        for block, saved in undo.records():
+            if block * bs >= undo.header.disk_size:
+                continue  # past the point's end: the truncation below drops it
+            if saved.offset < 0:
+                writer.write_zeros(block * bs, min(bs, undo.header.disk_size - block * bs))
+            else:
+                undo.read_block(saved, memoryview(buf)[: saved.length])
+                writer.write(memoryview(buf)[: saved.length], block * bs)
+            digests.put(block * bs, saved.digest)
+        if writer.size != undo.header.disk_size:
+            writer.resize(undo.header.disk_size)
+        digests.resize()
+        writer.flush()
+        digests.flush()
+    finally:
+        writer.close()
+        digests.close()
 
 
 def _refuse_committed(old: DiskState | None, name: str, *, session_id: str, checkpoint_id: str) -> None:
@@ -289,6 +442,7 @@ def _refuse_committed(old: DiskState | None, name: str, *, session_id: str, chec
 
 def _ready_files(disk_dir: Path, old: DiskState | None, *, disk_size: int, block_size: int) -> None:
     """Size the data and digest files, forget what an interrupted pass may have torn, and flush both."""
+    undo = _open_pending(disk_dir)
     writer = RawWriter(disk_dir / DATA_FILE, create=True)
     digests = DigestStore(
         disk_dir / DIGESTS_FILE,
@@ -297,25 +451,70 @@ def _ready_files(disk_dir: Path, old: DiskState | None, *, disk_size: int, block
         digests_format=old.digests_format if old is not None else DIGESTS_FORMAT,
     )
     try:
+        if writer.size > disk_size and undo is not None:  # a smaller disk: save the tail before cutting it
+            _save_old(writer, digests, undo, range(disk_size // block_size, -(-writer.size // block_size)))
         if writer.size != disk_size:
             writer.resize(disk_size)
         if old is not None and old.block_size != block_size:
             digests.forget_all()
         elif old is not None:
-            digests.forget(*old.uncertain())
+            _forget(digests, undo, *old.uncertain())
         digests.resize()
         writer.flush()
         digests.flush()
     finally:
         writer.close()
         digests.close()
+        if undo is not None:
+            undo.close()
+
+
+def _open_pending(disk_dir: Path) -> rollback.UndoFile | None:
+    path = disk_dir / ROLLBACK_DIR / rollback.PENDING
+    return rollback.UndoFile(path, writable=True) if path.exists() else None
+
+
+def _forget(digests: DigestStore, undo: rollback.UndoFile | None, lo: int, hi: int) -> None:
+    """Mark the digests in [lo, hi) unknown: a crash may have left their blocks' data and digests apart.
+    With a rollback file only the blocks it saved can have been written by the session; the others still
+    hold the restore point's data and digests, which stay known."""
+    if undo is None:
+        digests.forget(lo, hi)
+        return
+    bs = digests.block_size
+    for block in undo.index:
+        if lo <= block * bs < hi or lo < (block + 1) * bs <= hi:
+            digests.forget(block * bs, bs)
+
+
+def _save_old(writer: DiskWriter, digests: DigestStore, undo: rollback.UndoFile, blocks: Iterable[int]) -> None:
+    """Save the old bytes and digests of `blocks` not saved yet, durably, before they are overwritten."""
+    bs = digests.block_size
+    pending: list[tuple[int, bytes | None, bytes]] = []
+    size = 0
+    for block in blocks:
+        if block in undo.index:
+            continue
+        buf = bytearray(bs)
+        writer.read_into(memoryview(buf), block * bs)
+        data = None if is_zero(buf) else bytes(buf)
+        pending.append((block, data, digests.read(block, 1)))
+        size += bs if data is not None else 0
+        if size >= _SAVE_CHUNK:  # a long zero extent overwrites many blocks: bound the memory held
+            undo.append(pending)
+            pending, size = [], 0
+    undo.append(pending)
 
 
 def read_digests(disk_dir: Path, first: int, count: int) -> tuple[int, bytes]:
     """(block size, digests of blocks [first, first+count)), count 0 meaning to the end."""
     st = load_state(disk_dir)
     store = DigestStore(
-        disk_dir / DIGESTS_FILE, block_size=st.block_size, disk_size=st.disk_size, digests_format=st.digests_format
+        disk_dir / DIGESTS_FILE,
+        block_size=st.block_size,
+        disk_size=st.disk_size,
+        digests_format=st.digests_format,
+        writable=False,
     )
     try:
         if first > store.blocks:
@@ -419,11 +618,12 @@ class ReplicaStream:
             self._digests = DigestStore(
                 disk_dir / DIGESTS_FILE, block_size=block_size, disk_size=disk_size, digests_format=st.digests_format
             )
+            self._undo: rollback.UndoFile | None = None
             try:
+                self._undo = _open_pending(disk_dir)  # None: no restore point to save the old bytes for
                 self._open_pass(st, pass_number, fresh=guard.fresh)
             except BaseException:
-                self._writer.close()
-                self._digests.close()
+                self._close_files()
                 raise
             self._generation = guard.claim_locked()
         self.state = st
@@ -441,7 +641,7 @@ class ReplicaStream:
         lo, hi = st.uncertain()
         if fresh and hi > lo:
             # An earlier process may have died with writes past the committed offset unflushed.
-            self._digests.forget(lo, hi)
+            _forget(self._digests, self._undo, lo, hi)
             self._digests.flush()
             st.frontier = lo
             save_state(self.disk_dir, st)
@@ -460,6 +660,10 @@ class ReplicaStream:
             self._check_current()
             if batch.extents:
                 self._cover(max(e.offset + e.length for e in batch.extents))
+            if self._undo is not None:  # the old bytes are durable before any of the batch is written
+                bs = self.state.block_size
+                blocks = (b for e in batch.extents for b in range(e.offset // bs, -(-(e.offset + e.length) // bs)))
+                _save_old(self._writer, self._digests, self._undo, blocks)
             for e in batch.extents:
                 if e.data is None:
                     self._writer.write_zeros(e.offset, e.length)
@@ -504,5 +708,10 @@ class ReplicaStream:
         # descriptor under it could let a reused descriptor number receive its bytes.
         with self._guard.lock:
             self._closed = True
-            self._writer.close()
-            self._digests.close()
+            self._close_files()
+
+    def _close_files(self) -> None:
+        self._writer.close()
+        self._digests.close()
+        if self._undo is not None:
+            self._undo.close()

@@ -1,18 +1,21 @@
 """Restore points of a VM replica: a durable list in `restore-points.json` of the VM directory.
 
-A point records which session's disks it holds, and from which checkpoint.
-Committing is idempotent per session and checkpoint so a controller that
-retries after a crash never counts a point twice. Committing marks each disk
-`committed` first (under the disk's guard, so no stream can be writing it):
-from then on no stream of that session and checkpoint writes the disk again.
-The rollback data behind each point comes with VHDX replica disks; until
-then a point marks the state the replica reached.
+A point records which session's disks it holds, from which checkpoint, and the change-tracking reference
+the next incremental starts from. Committing is idempotent per session and checkpoint so a controller that
+retries after a crash never counts a point twice. Committing marks each disk `committed` first (under the
+disk's guard, so no stream can be writing it): from then on no stream of that session and checkpoint writes
+the disk again. Then the list is saved, and only then does each disk's pending rollback file become the
+rollback data of the point before (`replica.settle_locked`; a crash between is settled by the next call
+that touches the disk). The data behind an older point is the replica overlaid with the rollback files from
+that point on (target_agent.points); deleting a point deletes or folds its rollback file, never rewriting
+the replica.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -21,19 +24,45 @@ from pathlib import Path
 from typing import Any
 
 from target_agent.file_format import check_format
-from target_agent.replica import COMMITTED, COMPLETE, DiskGuard, load_state, save_state
-from vmrepl.disk.fileio import atomic_write
-from vmrepl.errors import FailedPrecondition, NotFound
+from target_agent.replica import (
+    COMMITTED,
+    COMPLETE,
+    REPLICA_FORMATS,
+    ROLLBACK_DIR,
+    DiskGuard,
+    load_state,
+    save_state,
+    settle_locked,
+)
+from target_agent.rollback import SUFFIX, fold
+from vmrepl.disk.fileio import atomic_write, remove
+from vmrepl.errors import FailedPrecondition, NotFound, PathError
+from vmrepl.names import check_name
 
 POINTS_FILE = "restore-points.json"
 # 1: a bare JSON list of points; 2: {"format": 2, "restore_points": [...]}.
 POINTS_FORMAT = 2
 
 
+CONSISTENCIES = ("", "crash", "application")
+_vm_locks: dict[Path, threading.RLock] = {}
+_vm_locks_guard = threading.Lock()
+
+
+def vm_lock(vm_dir: Path) -> threading.RLock:
+    """One per VM replica in the process: restore-points.json is read, changed and saved under it, and a
+    VM-wide step (a commit, a deletion, a rollback, a prepare that rolls other disks back) runs alone.
+    Taken before any disk's guard, never after one."""
+    with _vm_locks_guard:
+        return _vm_locks.setdefault(vm_dir, threading.RLock())
+
+
 @dataclass
 class PointDisk:
     disk_id: str
     disk_size: int
+    block_size: int = 0  # 0: a point from before rollback data (its disks' block size was not recorded)
+    replica_format: str = "raw"
 
 
 @dataclass
@@ -43,6 +72,8 @@ class Point:
     created_at: float
     disks: list[PointDisk] = field(default_factory=list)
     checkpoint_id: str = ""
+    change_reference: str = ""
+    consistency: str = ""
 
 
 def list_points(vm_dir: Path) -> list[Point]:
@@ -60,8 +91,8 @@ def list_points(vm_dir: Path) -> list[Point]:
         raise FailedPrecondition(f"{what} is not a list of restore points")
     try:
         return [_point(p) for p in raw]
-    except (KeyError, TypeError, ValueError) as e:
-        raise FailedPrecondition(f"{what} holds something that is not a restore point: {e!r}") from e
+    except (KeyError, TypeError, ValueError, PathError) as e:
+        raise FailedPrecondition(f"{what} holds something that is not a restore point: {e}") from e
 
 
 def _point(p: dict[str, Any]) -> Point:
@@ -71,9 +102,17 @@ def _point(p: dict[str, Any]) -> Point:
         float(p["created_at"]),
         [PointDisk(**d) for d in p["disks"]],
         p.get("checkpoint_id", ""),
+        p.get("change_reference", ""),
+        p.get("consistency", ""),
     )
-    if not all(isinstance(v, str) for v in (p["id"], point.session_id, point.checkpoint_id)):
-        raise ValueError("id, session_id and checkpoint_id are strings")
+    texts = (p["id"], point.session_id, point.checkpoint_id, point.change_reference, point.consistency)
+    if not all(isinstance(v, str) for v in texts):
+        raise ValueError("id, session_id, checkpoint_id, change_reference and consistency are strings")
+    # Ids name files (rollback/<id>.undo) and directories (disks/<id>): a planted "../x" must not.
+    for name in (point.id, *(d.disk_id for d in point.disks)):
+        check_name("restore point", name)
+    if point.consistency not in CONSISTENCIES:
+        raise ValueError(f"consistency is one of {CONSISTENCIES}")
     if not math.isfinite(point.created_at):
         raise ValueError("created_at is a time")
     for d in point.disks:
@@ -82,6 +121,10 @@ def _point(p: dict[str, Any]) -> Point:
             raise ValueError("a disk is a disk_id string and a disk_size number")
         if d.disk_size < 0:
             raise ValueError("a disk's disk_size is not negative")
+        if isinstance(d.block_size, bool) or not isinstance(d.block_size, int) or d.block_size < 0:
+            raise ValueError("a disk's block_size is a whole number")
+        if d.replica_format not in REPLICA_FORMATS:
+            raise ValueError(f"a disk's replica_format is one of {REPLICA_FORMATS}")
     return point
 
 
@@ -91,18 +134,64 @@ def _save(vm_dir: Path, points: list[Point]) -> None:
 
 
 def commit(
-    vm_dir: Path, *, session_id: str, checkpoint_id: str, disk_ids: list[str], guard: Callable[[Path], DiskGuard]
+    vm_dir: Path,
+    *,
+    session_id: str,
+    checkpoint_id: str,
+    disk_ids: list[str],
+    guard: Callable[[Path], DiskGuard],
+    change_reference: str = "",
+    consistency: str = "",
+) -> Point:
+    with vm_lock(vm_dir):
+        return _commit(
+            vm_dir,
+            session_id=session_id,
+            checkpoint_id=checkpoint_id,
+            disk_ids=disk_ids,
+            guard=guard,
+            change_reference=change_reference,
+            consistency=consistency,
+        )
+
+
+def _commit(
+    vm_dir: Path,
+    *,
+    session_id: str,
+    checkpoint_id: str,
+    disk_ids: list[str],
+    guard: Callable[[Path], DiskGuard],
+    change_reference: str,
+    consistency: str,
 ) -> Point:
     points = list_points(vm_dir)
     for p in points:
         if (p.session_id, p.checkpoint_id) == (session_id, checkpoint_id):
+            _settle(vm_dir, p.disks, points, guard)  # a crash may have cut the commit short after the list
             return p
     disks = [_seal(vm_dir / "disks" / disk_id, guard, session_id, checkpoint_id) for disk_id in disk_ids]
     point = Point(
-        id=uuid.uuid4().hex, session_id=session_id, created_at=time.time(), disks=disks, checkpoint_id=checkpoint_id
+        id=uuid.uuid4().hex,
+        session_id=session_id,
+        created_at=time.time(),
+        disks=disks,
+        checkpoint_id=checkpoint_id,
+        change_reference=change_reference,
+        consistency=consistency,
     )
-    _save(vm_dir, [*points, point])
+    points.append(point)
+    _save(vm_dir, points)
+    _settle(vm_dir, disks, points, guard)
     return point
+
+
+def _settle(vm_dir: Path, disks: list[PointDisk], points: list[Point], guard: Callable[[Path], DiskGuard]) -> None:
+    sessions = frozenset(p.session_id for p in points)
+    for d in disks:
+        disk_dir = vm_dir / "disks" / d.disk_id
+        with guard(disk_dir).lock:
+            settle_locked(disk_dir, sessions)
 
 
 def _seal(disk_dir: Path, guard: Callable[[Path], DiskGuard], session_id: str, checkpoint_id: str) -> PointDisk:
@@ -119,12 +208,30 @@ def _seal(disk_dir: Path, guard: Callable[[Path], DiskGuard], session_id: str, c
             g.claim_locked()  # a stream still open on the disk stops touching it
             st.state = COMMITTED
             save_state(disk_dir, st)
-    return PointDisk(disk_dir.name, st.disk_size)
+    return PointDisk(disk_dir.name, st.disk_size, st.block_size, st.replica_format)
 
 
-def delete(vm_dir: Path, point_id: str) -> None:
+def delete(vm_dir: Path, point_id: str, *, guard: Callable[[Path], DiskGuard]) -> None:
+    """Delete a point without rewriting the replica: the oldest point's rollback files go; a point between
+    others has its rollback data folded into the older neighbour's; the newest point, which the replica
+    itself holds, only when it is the last one."""
     points = list_points(vm_dir)
-    kept = [p for p in points if p.id != point_id]
-    if len(kept) == len(points):
+    at = next((i for i, p in enumerate(points) if p.id == point_id), None)
+    if at is None:
         raise NotFound(f"restore point {point_id} does not exist")
-    _save(vm_dir, kept)
+    point = points[at]
+    if at == len(points) - 1 and at > 0:
+        raise FailedPrecondition(
+            f"restore point {point_id} is the replica's newest: its data is the replica itself (delete older points, "
+            "or let the next session's point take its place)"
+        )
+    _settle(vm_dir, point.disks, points, guard)
+    for d in point.disks:
+        older = next((p for p in reversed(points[:at]) if d.disk_id in {x.disk_id for x in p.disks}), None)
+        if older is not None:
+            disk_dir = vm_dir / "disks" / d.disk_id
+            with guard(disk_dir).lock:
+                fold(disk_dir / ROLLBACK_DIR, newer=point.id, older=older.id)
+    _save(vm_dir, points[:at] + points[at + 1 :])
+    for d in point.disks:
+        remove(vm_dir / "disks" / d.disk_id / ROLLBACK_DIR / f"{point.id}{SUFFIX}")

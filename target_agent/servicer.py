@@ -9,7 +9,7 @@ from pathlib import Path
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from target_agent import replica, restore_points
+from target_agent import replica, restore_points, vm_replica
 from target_agent.config import TargetSettings
 from target_agent.datastore import Datastore
 from target_agent.receiver import Receiver
@@ -28,7 +28,20 @@ _STATES = {
     replica.RECEIVING: target_pb2.REPLICA_DISK_STATE_RECEIVING,
     replica.COMPLETE: target_pb2.REPLICA_DISK_STATE_COMPLETE,
     replica.COMMITTED: target_pb2.REPLICA_DISK_STATE_COMMITTED,
+    replica.IDLE: target_pb2.REPLICA_DISK_STATE_IDLE,
 }
+_REPLICA_STATES = {
+    vm_replica.EMPTY: common_pb2.REPLICA_STATE_EMPTY,
+    vm_replica.AT_POINT: common_pb2.REPLICA_STATE_AT_POINT,
+    vm_replica.WRITING: common_pb2.REPLICA_STATE_WRITING,
+    vm_replica.RESUMABLE: common_pb2.REPLICA_STATE_RESUMABLE,
+}
+_CONSISTENCY = {
+    "": common_pb2.CONSISTENCY_UNSPECIFIED,
+    "crash": common_pb2.CONSISTENCY_CRASH,
+    "application": common_pb2.CONSISTENCY_APPLICATION,
+}
+_FORMATS = {"raw": common_pb2.DISK_FORMAT_RAW, "vhdx": common_pb2.DISK_FORMAT_VHDX}
 CONTROLLER = ("controller",)
 # Who may call what: the role in the caller's certificate, checked by vmrepl.rpc before a request is read.
 ROLES: dict[str, tuple[str, ...]] = {
@@ -82,18 +95,60 @@ def _disk_message(replica_path: str, disk_id: str, st: replica.DiskState) -> tar
         checkpoint_id=st.checkpoint_id,
         pass_number=st.pass_number,
         change_tracking_failed=st.tracking_failed,
+        replica_format=_FORMATS[st.replica_format],
     )
 
 
-def _point_message(replica_path: str, p: restore_points.Point) -> target_pb2.RestorePoint:
+def _point_message(replica_path: str, view: vm_replica.PointView) -> target_pb2.RestorePoint:
+    p = view.point
+    disks = [
+        common_pb2.RestorePointDisk(
+            disk_id=d.disk_id,
+            disk_size=d.disk_size,
+            format=_FORMATS[d.replica_format],
+            rollback_bytes=view.rollback_bytes.get(d.disk_id, 0),
+        )
+        for d in p.disks
+    ]
     return target_pb2.RestorePoint(
         id=p.id,
         replica_path=replica_path,
         session_id=p.session_id,
         created_at=_ts(p.created_at),
-        disks=[common_pb2.RestorePointDisk(disk_id=d.disk_id, disk_size=d.disk_size) for d in p.disks],
+        disks=disks,
         checkpoint_id=p.checkpoint_id,
+        change_reference=p.change_reference,
+        consistency=_CONSISTENCY[p.consistency],
+        restorable=view.restorable,
     )
+
+
+def _replica_message(replica_path: str, s: vm_replica.Status) -> target_pb2.Replica:
+    out = target_pb2.Replica(
+        replica_path=replica_path,
+        state=_REPLICA_STATES[s.state],
+        session_id=s.session_id,
+        base_point_id=s.base_point_id,
+        rolled_back_session_id=s.rolled_back_session,
+        restore_points=[_point_message(replica_path, v) for v in s.points],
+    )
+    if s.rolled_back_at:
+        out.rolled_back_at.CopyFrom(_ts(s.rolled_back_at))
+    return out
+
+
+def _format_name(value: common_pb2.DiskFormat.ValueType) -> str:
+    names = {common_pb2.DISK_FORMAT_UNSPECIFIED: "raw", **{v: k for k, v in _FORMATS.items()}}
+    if value not in names:
+        raise InvalidArgument("replica_format", "RAW or VHDX")
+    return names[value]
+
+
+def _consistency_name(value: common_pb2.Consistency.ValueType) -> str:
+    names = {v: k for k, v in _CONSISTENCY.items()}
+    if value not in names:
+        raise InvalidArgument("consistency", "CRASH, APPLICATION or unspecified")
+    return names[value]
 
 
 class TargetAgentServicer(target_pb2_grpc.TargetAgentServicer):
@@ -126,16 +181,20 @@ class TargetAgentServicer(target_pb2_grpc.TargetAgentServicer):
             check_name("resume_session_id", request.resume_session_id)
         check_disk_size("disk_size", request.disk_size)
         check_block_size("block_size", request.block_size)
+        replica_format = _format_name(request.replica_format)
+        vm_dir = self.datastore.vm_dir(request.replica_path)
         disk_dir = self.datastore.disk_dir(request.replica_path, request.disk_id)
         st = await asyncio.to_thread(
-            replica.prepare,
+            vm_replica.prepare_disk,
+            vm_dir,
             disk_dir,
-            guard=self.receiver.guard(disk_dir),
+            guards=self.receiver.guard,
             disk_size=request.disk_size,
             block_size=request.block_size,
             session_id=request.session_id,
             checkpoint_id=request.checkpoint_id,
             resume_session_id=request.resume_session_id,
+            replica_format=replica_format,
         )
         return _disk_message(request.replica_path, request.disk_id, st)
 
@@ -161,6 +220,9 @@ class TargetAgentServicer(target_pb2_grpc.TargetAgentServicer):
             raise InvalidArgument("disk_ids", "name at least one disk")
         for d in request.disk_ids:
             check_name("disk_ids", d)
+        if len(request.change_reference) > 4096:
+            raise InvalidArgument("change_reference", "at most 4096 characters")
+        consistency = _consistency_name(request.consistency)
         vm_dir = self.datastore.vm_dir(request.replica_path)
         p = await asyncio.to_thread(
             restore_points.commit,
@@ -169,8 +231,12 @@ class TargetAgentServicer(target_pb2_grpc.TargetAgentServicer):
             checkpoint_id=request.checkpoint_id,
             disk_ids=list(request.disk_ids),
             guard=self.receiver.guard,
+            change_reference=request.change_reference,
+            consistency=consistency,
         )
-        return _point_message(request.replica_path, p)
+        status = await asyncio.to_thread(vm_replica.status, vm_dir, guards=self.receiver.guard)
+        view = next(v for v in status.points if v.point.id == p.id)
+        return _point_message(request.replica_path, view)
 
     @handle_errors
     async def ListRestorePoints(
@@ -179,9 +245,9 @@ class TargetAgentServicer(target_pb2_grpc.TargetAgentServicer):
         context: grpc.aio.ServicerContext[target_pb2.ListRestorePointsRequest, target_pb2.ListRestorePointsResponse],
     ) -> target_pb2.ListRestorePointsResponse:
         vm_dir = self.datastore.vm_dir(request.replica_path)
-        points = await asyncio.to_thread(restore_points.list_points, vm_dir)
+        status = await asyncio.to_thread(vm_replica.status, vm_dir, guards=self.receiver.guard)
         return target_pb2.ListRestorePointsResponse(
-            restore_points=[_point_message(request.replica_path, p) for p in points]
+            restore_points=[_point_message(request.replica_path, v) for v in status.points]
         )
 
     @handle_errors
@@ -192,8 +258,45 @@ class TargetAgentServicer(target_pb2_grpc.TargetAgentServicer):
     ) -> target_pb2.DeleteRestorePointResponse:
         check_name("restore_point_id", request.restore_point_id)
         vm_dir = self.datastore.vm_dir(request.replica_path)
-        await asyncio.to_thread(restore_points.delete, vm_dir, request.restore_point_id)
+        await asyncio.to_thread(restore_points.delete, vm_dir, request.restore_point_id, guard=self.receiver.guard)
         return target_pb2.DeleteRestorePointResponse()
+
+    @handle_errors
+    async def GetReplica(
+        self,
+        request: target_pb2.GetReplicaRequest,
+        context: grpc.aio.ServicerContext[target_pb2.GetReplicaRequest, target_pb2.Replica],
+    ) -> target_pb2.Replica:
+        vm_dir = self.datastore.vm_dir(request.replica_path)
+        status = await asyncio.to_thread(vm_replica.status, vm_dir, guards=self.receiver.guard)
+        return _replica_message(request.replica_path, status)
+
+    @handle_errors
+    async def EndReplicaSession(
+        self,
+        request: target_pb2.EndReplicaSessionRequest,
+        context: grpc.aio.ServicerContext[target_pb2.EndReplicaSessionRequest, target_pb2.Replica],
+    ) -> target_pb2.Replica:
+        check_name("session_id", request.session_id)
+        vm_dir = self.datastore.vm_dir(request.replica_path)
+        status = await asyncio.to_thread(
+            vm_replica.end_session,
+            vm_dir,
+            request.session_id,
+            keep_for_resume=request.keep_for_resume,
+            guards=self.receiver.guard,
+        )
+        return _replica_message(request.replica_path, status)
+
+    @handle_errors
+    async def RollbackReplica(
+        self,
+        request: target_pb2.RollbackReplicaRequest,
+        context: grpc.aio.ServicerContext[target_pb2.RollbackReplicaRequest, target_pb2.Replica],
+    ) -> target_pb2.Replica:
+        vm_dir = self.datastore.vm_dir(request.replica_path)
+        status = await asyncio.to_thread(vm_replica.roll_back, vm_dir, guards=self.receiver.guard)
+        return _replica_message(request.replica_path, status)
 
     @handle_errors
     async def ReadDigests(  # type: ignore[override]

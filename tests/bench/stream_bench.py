@@ -31,7 +31,7 @@ from vmrepl.extent import MiB
 from vmrepl.logs import configure_logging
 from vmrepl.progress import TransferFigures
 from vmrepl.security.ticket import load_signing_key
-from vmrepl.v1 import common_pb2, proxy_pb2
+from vmrepl.v1 import common_pb2, proxy_pb2, target_pb2
 
 
 def drop_caches_hint() -> None:
@@ -71,12 +71,22 @@ class RssSampler:
 
 
 async def replicate(env: dict[str, object], spec: DiskTaskSpec) -> tuple[float, proxy_pb2.TransferProgress]:
+    """One session's transfer of the disk, then its restore point (so the next session saves the old bytes of
+    every block it overwrites, as every incremental of a real job does); the time includes the commit."""
     tls: TlsSettings = env["tls"]  # type: ignore[assignment]
     p = proxy_client(str(env["proxy"]), tls)
     t = target_client(str(env["target"]), tls)
     try:
         t0 = time.perf_counter()
         result = await run_disk_task(proxy=p, target=t, spec=spec, signing_key=env["key"])  # type: ignore[arg-type]
+        await t.commit(
+            target_pb2.CommitRestorePointRequest(
+                replica_path=spec.replica_path,
+                session_id=spec.session_id,
+                checkpoint_id=spec.checkpoint_id,
+                disk_ids=[spec.disk_id],
+            )
+        )
         return time.perf_counter() - t0, result
     finally:
         await p.close()
@@ -154,6 +164,8 @@ async def run_agents(
             dt, rr = await replicate(env, spec("ranges", cs))
             out["ranges_incr_s"] = round(dt, 3)
             out["ranges_verification"] = TransferFigures.from_progress(rr).verification
+            rollback_dir = work / "datastore" / "bench" / "vm1" / "disks" / "disk0" / "rollback"
+            out["rollback_data_mib"] = round(sum(f.stat().st_size for f in rollback_dir.iterdir()) / MiB, 1)
         out["peak_rss_mib"] = round(rss.peak / MiB, 1)
         if profiler is not None:
             out["profile"] = stop_profiler(*profiler)

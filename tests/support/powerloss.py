@@ -20,7 +20,7 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from target_agent import points, replica, restore_points
+from target_agent import points, replica, restore_points, vm_replica
 from target_agent.datastore import Datastore
 from target_agent.replica import COMMITTED, DATA_FILE, DiskGuard
 from vmrepl.batch import BatchDecoder, BatchEncoder
@@ -29,12 +29,12 @@ from vmrepl.disk.powercut import Recording
 from vmrepl.domain import Compression
 from vmrepl.errors import FailedPrecondition, NotFound, VmreplError
 
-# The one switch of the expectations that wait for the coordinator's rollback data (issue 11, "Restore
-# points that hold data"): every listed point readable through points.open_point_disk, and a session that
-# crashed before its point rolled back to the last point when the next session is prepared. False until
-# then: those checks are collected in `Found.awaiting_rollback` instead of `Found.problems`, and the test
-# asserts that they do fail, so the day they pass it says to turn this on. Never weaken them otherwise.
-ROLLBACK_DATA_ON_TARGET = False
+# The one switch of the expectations that need the rollback data of issue 11 ("Restore points that hold
+# data"): every listed point readable through points.open_point_disk, and a session that crashed before its
+# point rolled back to the last point when the next session is prepared. Off, those checks are collected in
+# `Found.awaiting_rollback` instead of `Found.problems` (and the test asserts they do fail, so it says when
+# to turn this on). On since the rollback data landed (main a438687). Never weaken them otherwise.
+ROLLBACK_DATA_ON_TARGET = True
 
 REPLICA_PATH, DISK_ID = "jobs/vm1", "disk0"
 
@@ -84,9 +84,10 @@ class Run:
 
     def prepare(self, s: Session) -> replica.DiskState:
         self.sessions[s.session_id] = s
-        st = replica.prepare(
+        st = vm_replica.prepare_disk(
+            self.vm_dir,
             self.disk_dir,
-            guard=self.guard,
+            guards=lambda _: self.guard,
             disk_size=self.disk_size,
             block_size=self.block_size,
             session_id=s.session_id,
@@ -196,40 +197,53 @@ def check_datastore(root: Path, exp: Expected) -> Found:
     store = Datastore(root)
     vm_dir, disk_dir = store.vm_dir(REPLICA_PATH), store.disk_dir(REPLICA_PATH, DISK_ID)
     try:
+        st = _check_as_found(found, exp, vm_dir, disk_dir)
+        if st is not None:
+            _check_resumed(found, exp, disk_dir, st, root.parent / f"{root.name}-resumed")
+        if st is not None or not exp.prepared:
+            listed = restore_points.list_points(vm_dir)
+            _check_restarted(found, exp, disk_dir, listed[-1] if listed else None)
+    except VmreplError as e:
+        found.problems.append(f"the target's code fails on the datastore: {type(e).__name__}: {e}")
+    return found
+
+
+def _check_as_found(found: Found, exp: Expected, vm_dir: Path, disk_dir: Path) -> replica.DiskState | None:
+    """The datastore as the cut left it, before anything repairs it. Returns the disk's state, None when
+    there is none yet (or only the files of a first prepare that had not returned)."""
+    try:
         listed = restore_points.list_points(vm_dir)
         st = replica.load_state(disk_dir) if (disk_dir / replica.STATE_FILE).exists() or exp.prepared else None
     except (FailedPrecondition, NotFound) as e:
         found.problems.append(f"a state file does not open: {e}")
-        return found
+        return None
     _check_points_listed(found, exp, [p.session_id for p in listed])
     if st is None:
         if listed:
             found.problems.append("restore points are listed but the replica disk has no state")
-        return found
-    if not (disk_dir / DATA_FILE).exists() and not exp.prepared:
-        # The first prepare's state file may outlive the data file it created before the directory sync
-        # that makes both durable: nothing was vouched for, the next prepare must cope.
-        _check_restarted(found, exp, disk_dir, None)
-        return found
-    data = (disk_dir / DATA_FILE).read_bytes() if (disk_dir / DATA_FILE).exists() else b""
+        return None
+    files = [disk_dir / DATA_FILE, disk_dir / replica.DIGESTS_FILE]
+    if not exp.prepared and not all(f.exists() for f in files):
+        # The first prepare's state file may outlive the files it created before the directory sync that
+        # makes them all durable: nothing was vouched for yet, the next prepare must cope.
+        return None
+    data = (disk_dir / DATA_FILE).read_bytes() if files[0].exists() else b""
     if len(data) != st.disk_size:
         found.problems.append(f"{DATA_FILE} is {len(data)} bytes, the disk {st.disk_size}")
-        return found
+        return None
     _, table = replica.read_digests(disk_dir, 0, 0)
     # [committed offset, frontier) is what the target itself distrusts until its next prepare or stream
-    # forgets it (replica.DiskState.uncertain); checked in full after the next prepare below.
+    # forgets it (replica.DiskState.uncertain); checked in full after a resume and the next prepare.
     found.problems += check_digests(data, table, st.block_size, "as found", st.uncertain())
     _check_committed(found, exp, st, data)
     newest = listed[-1] if listed else None
-    if newest is not None and st.session_id == newest.session_id:
+    if newest is not None and (st.session_id == newest.session_id or st.state == replica.IDLE):
         bad = differing_blocks(data, exp.sessions[newest.session_id].image, st.block_size)
         if bad:
             found.problems.append(f"the replica is at point {newest.session_id} but blocks {bad} differ from it")
     for p in listed:
         _check_point_disk(found, exp, vm_dir, p)
-    _check_resumed(found, exp, disk_dir, st, root.parent / f"{root.name}-resumed")
-    _check_restarted(found, exp, disk_dir, newest)
-    return found
+    return st
 
 
 def _check_points_listed(found: Found, exp: Expected, sessions: list[str]) -> None:
@@ -241,6 +255,8 @@ def _check_points_listed(found: Found, exp: Expected, sessions: list[str]) -> No
 
 
 def _check_committed(found: Found, exp: Expected, st: replica.DiskState, data: bytes) -> None:
+    if st.state == replica.IDLE:
+        return  # rolled back to its newest point: checked against it
     acked = exp.acked_offset.get(st.session_id, 0)
     if st.state != COMMITTED and st.committed_offset < acked:
         found.problems.append(f"committed offset {st.committed_offset} is behind {acked}, which a commit returned")
@@ -280,14 +296,15 @@ def _check_point_disk(found: Found, exp: Expected, vm_dir: Path, p: restore_poin
 def _check_resumed(found: Found, exp: Expected, disk_dir: Path, st: replica.DiskState, scratch: Path) -> None:
     """On a copy: a restarted target resuming the crashed session (the controller retries it) resumes
     from the committed offset, and leaves no digest that does not match its data."""
-    if st.state == COMMITTED:
+    if st.state in (COMMITTED, replica.IDLE):
         return
-    copy = scratch / disk_dir.name
-    shutil.copytree(disk_dir, copy)
+    copy = scratch / disk_dir.parent.parent.name
+    shutil.copytree(disk_dir.parent.parent, copy)
     try:
-        again = replica.prepare(
+        again = vm_replica.prepare_disk(
             copy,
-            guard=DiskGuard(),
+            copy / "disks" / disk_dir.name,
+            guards=_fresh_guards(),
             disk_size=exp.disk_size,
             block_size=exp.block_size,
             session_id=st.session_id,
@@ -297,8 +314,9 @@ def _check_resumed(found: Found, exp: Expected, disk_dir: Path, st: replica.Disk
             found.problems.append(
                 f"resuming {st.session_id} starts at {again.committed_offset}, not {st.committed_offset}"
             )
-        _, table = replica.read_digests(copy, 0, 0)
-        found.problems += check_digests((copy / DATA_FILE).read_bytes(), table, st.block_size, "after a resume")
+        copied = copy / "disks" / disk_dir.name
+        _, table = replica.read_digests(copied, 0, 0)
+        found.problems += check_digests((copied / DATA_FILE).read_bytes(), table, st.block_size, "after a resume")
     except VmreplError as e:
         found.problems.append(f"resuming session {st.session_id} fails: {e}")
     finally:
@@ -309,9 +327,10 @@ def _check_restarted(found: Found, exp: Expected, disk_dir: Path, newest: restor
     """Prepare the next session as a restarted target would (a new checkpoint, not resuming): it must
     succeed, leave digests that match the data, and (with rollback data) the replica at the newest point."""
     try:
-        st = replica.prepare(
+        st = vm_replica.prepare_disk(
+            disk_dir.parent.parent,
             disk_dir,
-            guard=DiskGuard(),
+            guards=_fresh_guards(),
             disk_size=exp.disk_size,
             block_size=exp.block_size,
             session_id="s-next",
@@ -327,6 +346,12 @@ def _check_restarted(found: Found, exp: Expected, disk_dir: Path, newest: restor
         bad = differing_blocks(data, exp.sessions[newest.session_id].image, st.block_size)
         if bad:
             _awaiting(found, f"the next session starts from blocks {bad} that are not point {newest.session_id}'s")
+
+
+def _fresh_guards() -> vm_replica.Guards:
+    """A restarted target's guards: one new DiskGuard per disk."""
+    guards: dict[Path, DiskGuard] = {}
+    return lambda d: guards.setdefault(d, DiskGuard())
 
 
 def _awaiting(found: Found, problem: str) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import random
+import re
 import shutil
 from pathlib import Path
 
@@ -55,6 +56,14 @@ def record_two_sessions(root: Path, rng: random.Random) -> tuple[powercut.OpLog,
     return rec.log(), run
 
 
+def summary(problems: list[str]) -> str:
+    """Each kind of problem once (numbers masked), with how often it was found and its first occurrence."""
+    kinds: dict[str, list[str]] = {}
+    for p in problems:
+        kinds.setdefault(re.sub(r"\b[0-9a-f]{32}\b|\d+", "#", p.split(": ", 1)[1]), []).append(p)
+    return "\n".join(f"{len(v)} x {v[0]}" for v in kinds.values())
+
+
 def test_power_cuts_across_two_sessions_leave_a_datastore_at_a_point(tmp_path: Path) -> None:
     seed = _seed()
     print(f"power-loss seed {seed} (replay: VMREPL_POWERLOSS_SEED={seed})")
@@ -76,7 +85,7 @@ def test_power_cuts_across_two_sessions_leave_a_datastore_at_a_point(tmp_path: P
         if found.awaiting_rollback:
             awaiting[upto] = found.awaiting_rollback
         shutil.rmtree(dest)
-    assert not problems, f"seed {seed} (VMREPL_POWERLOSS_SEED={seed}):\n" + "\n".join(problems[:30])
+    assert not problems, f"seed {seed} (VMREPL_POWERLOSS_SEED={seed}):\n" + summary(problems)
     if not powerloss.ROLLBACK_DATA_ON_TARGET:
         # The gap the rollback data closes shows today; when it no longer does, turn the switch on.
         assert awaiting, "every point read back and every crashed session rolled back: set ROLLBACK_DATA_ON_TARGET"

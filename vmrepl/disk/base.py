@@ -52,6 +52,11 @@ class DiskWriter(abc.ABC):
     def write(self, data: bytes | bytearray | memoryview, offset: int) -> None: ...
 
     @abc.abstractmethod
+    def read_into(self, buf: memoryview, offset: int) -> None:
+        """Fill `buf` with the disk's bytes at `offset` (unwritten ranges and the space past the end read as
+        zeros): the target saves a block's old bytes before it overwrites them."""
+
+    @abc.abstractmethod
     def write_zeros(self, offset: int, length: int) -> None:
         """Make the range read as zeros, as a hole where the format and file system allow."""
 

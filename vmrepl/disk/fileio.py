@@ -225,7 +225,7 @@ def atomic_write(path: Path, data: bytes) -> None:
             rec.synced(fd, covers)
     finally:
         os.close(fd)
-    rename(tmp, path)
+    _rename(tmp, path)
     sync_dir(path.parent)
 
 
@@ -250,7 +250,14 @@ def make_dirs(path: Path) -> None:
 
 
 def rename(src: Path, dst: Path) -> None:
-    """os.replace: `dst` now names what `src` named (not durable until the directories are synced)."""
+    """os.replace: `dst` now names what `src` named, durable when this returns (the directories synced)."""
+    _rename(src, dst)
+    sync_dir(dst.parent)
+    if os.path.realpath(src.parent) != os.path.realpath(dst.parent):
+        sync_dir(src.parent)
+
+
+def _rename(src: Path, dst: Path) -> None:
     rec = powercut.active()
     ino = os.lstat(src).st_ino if rec is not None else 0
     os.replace(src, dst)
@@ -258,28 +265,38 @@ def rename(src: Path, dst: Path) -> None:
         rec.renamed(ino, src, dst)
 
 
-def remove(path: Path, *, missing_ok: bool = False) -> None:
-    """Unlink a file (not durable until its directory is synced)."""
+def remove(path: Path) -> None:
+    """Remove the file `path` (gone already is fine), durable when this returns."""
+    if _remove(path):
+        sync_dir(path.parent)
+
+
+def _remove(path: Path) -> bool:
     rec = powercut.active()
     try:
         ino = os.lstat(path).st_ino if rec is not None else 0
         os.unlink(path)
     except FileNotFoundError:
-        if not missing_ok:
-            raise
-        return
+        return False
     if rec is not None:
         rec.removed(ino, path)
+    return True
 
 
 def remove_tree(path: Path) -> None:
-    """Remove a directory and everything under it, each removal through the seam."""
+    """Remove a directory and everything under it (each removal through the seam), durable when this
+    returns: the directory's entry in its parent is synced (what was inside goes with it)."""
+    _remove_tree(path)
+    sync_dir(path.parent)
+
+
+def _remove_tree(path: Path) -> None:
     for entry in os.scandir(path):
         child = Path(entry.path)
         if entry.is_dir(follow_symlinks=False):
-            remove_tree(child)
+            _remove_tree(child)
         else:
-            remove(child)
+            _remove(child)
     rec = powercut.active()
     ino = os.lstat(path).st_ino if rec is not None else 0
     os.rmdir(path)
@@ -329,3 +346,4 @@ def _win_allocated(fd: int, size: int) -> list[Extent]:
             break
         pos = last
     return merge(out)
+

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from vmrepl.block import fill_zero
 from vmrepl.disk.base import DiskReader, DiskWriter, register_reader
 from vmrepl.disk.fileio import PositionalFile
 from vmrepl.domain import DiskFormat
@@ -44,6 +45,11 @@ class RawWriter(DiskWriter):
 
     def write(self, data: bytes | bytearray | memoryview, offset: int) -> None:
         self._file.write(data, offset)
+
+    def read_into(self, buf: memoryview, offset: int) -> None:
+        n = self._file.read_into(buf, offset)
+        if n < len(buf):
+            fill_zero(buf[n:])
 
     def write_zeros(self, offset: int, length: int) -> None:
         self._file.punch_hole(offset, length)

@@ -38,6 +38,10 @@ class _ReplicaDiskStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Repl
     """A restore point holds the session's transfer: no stream of that session
     and checkpoint may write the disk again.
     """
+    REPLICA_DISK_STATE_IDLE: _ReplicaDiskState.ValueType  # 5
+    """No session's writes are kept: the disk equals its newest restore point (or the replica has none),
+    e.g. after a session was rolled back.
+    """
 
 class ReplicaDiskState(_ReplicaDiskState, metaclass=_ReplicaDiskStateEnumTypeWrapper): ...
 
@@ -51,6 +55,10 @@ REPLICA_DISK_STATE_COMPLETE: ReplicaDiskState.ValueType  # 3
 REPLICA_DISK_STATE_COMMITTED: ReplicaDiskState.ValueType  # 4
 """A restore point holds the session's transfer: no stream of that session
 and checkpoint may write the disk again.
+"""
+REPLICA_DISK_STATE_IDLE: ReplicaDiskState.ValueType  # 5
+"""No session's writes are kept: the disk equals its newest restore point (or the replica has none),
+e.g. after a session was rolled back.
 """
 Global___ReplicaDiskState: _TypeAlias = ReplicaDiskState  # noqa: Y015
 
