@@ -346,4 +346,3 @@ def _win_allocated(fd: int, size: int) -> list[Extent]:
             break
         pos = last
     return merge(out)
-
