@@ -57,6 +57,9 @@ class Expected:
     acked_points: list[str]  # sessions whose restore point commit returned
     started_points: list[str]  # sessions whose restore point commit began (it may be listed)
     acked_offset: dict[str, int]  # session -> the last committed offset a stream commit returned
+    abandoned: set[str] = field(default_factory=set)  # sessions whose end without resume began
+    deleting: set[str] = field(default_factory=set)  # sessions whose point's deletion began
+    deleted: set[str] = field(default_factory=set)  # ... and returned
 
 
 @dataclass
@@ -96,9 +99,12 @@ class Run:
         self._note("prepared", s)
         return st
 
-    def transfer(self, s: Session, *, base: bytes | None, batch_blocks: int, commit_every: int) -> None:
+    def transfer(
+        self, s: Session, *, base: bytes | None, batch_blocks: int, commit_every: int, stop_after: int = 0
+    ) -> None:
         """Stream the blocks of `s.image` that differ from `base` (all, when None) in batches of
-        `batch_blocks` blocks' range, committing every `commit_every` batches and at the end."""
+        `batch_blocks` blocks' range, committing every `commit_every` batches and at the end; with
+        `stop_after`, the stream breaks after that many batches (a failed session)."""
         stream = replica.ReplicaStream(
             self.disk_dir,
             self.guard,
@@ -118,6 +124,8 @@ class Run:
                 if batch.final or (seq + 1) % commit_every == 0:
                     stream.commit(stream.mark(end, final=batch.final))
                     self._note("committed", s, end)
+                if seq + 1 == stop_after:
+                    break
         finally:
             stream.close()
 
@@ -144,10 +152,28 @@ class Run:
         )
         self._note("point", s)
 
+    def end_without_resume(self, s: Session) -> None:
+        """The controller ends a failed session for good: the target rolls it back to the newest point."""
+        self._note("ending", s)
+        vm_replica.end_session(self.vm_dir, s.session_id, keep_for_resume=False, guards=lambda _: self.guard)
+        self._note("ended", s)
+
+    def delete_point(self, s: Session) -> None:
+        """Retention: delete the restore point of session `s` (folding its rollback data away)."""
+        point = next(p for p in restore_points.list_points(self.vm_dir) if p.session_id == s.session_id)
+        self._note("deleting", s)
+        restore_points.delete(self.vm_dir, point.id, guard=lambda _: self.guard)
+        self._note("deleted", s)
+
+    def continue_with(self, rec: Recording) -> None:
+        """Go on under a new recording (started from the datastore as it is): all so far came before it."""
+        self.rec = rec
+        self.events = [(0, what, sid, off) for _, what, sid, off in self.events]
+
     def expected(self, upto: int) -> Expected:
-        """What had been vouched for by a cut just after op `upto`: a call whose ops all came before."""
+        """What had been vouched for by a cut just after op `upto`: a call whose ops all came before; and
+        what had begun (a call whose first op may be in)."""
         done = [(what, sid, off) for pos, what, sid, off in self.events if pos - 1 <= upto]
-        began = [(what, sid) for pos, what, sid, _ in self.events if pos - 1 <= upto and what == "point started"]
         acked: dict[str, int] = {}
         for what, sid, off in done:
             if what == "committed":
@@ -158,8 +184,11 @@ class Run:
             sessions=dict(self.sessions),
             prepared=[sid for what, sid, _ in done if what == "prepared"],
             acked_points=[sid for what, sid, _ in done if what == "point"],
-            started_points=[sid for _, sid in began],
+            started_points=[sid for what, sid, _ in done if what == "point started"],
             acked_offset=acked,
+            abandoned={sid for what, sid, _ in done if what == "ending"},
+            deleting={sid for what, sid, _ in done if what == "deleting"},
+            deleted={sid for what, sid, _ in done if what == "deleted"},
         )
 
 
@@ -249,15 +278,19 @@ def _check_as_found(found: Found, exp: Expected, vm_dir: Path, disk_dir: Path) -
 def _check_points_listed(found: Found, exp: Expected, sessions: list[str]) -> None:
     if sessions != [s for s in exp.started_points if s in sessions]:
         found.problems.append(f"restore points listed {sessions}, but only {exp.started_points} were being committed")
-    missing = [s for s in exp.acked_points if s not in sessions]
+    missing = [s for s in exp.acked_points if s not in sessions and s not in exp.deleting]
     if missing:
         found.problems.append(f"restore points of {missing} were committed (the call returned) but are not listed")
+    back = [s for s in sessions if s in exp.deleted]
+    if back:
+        found.problems.append(f"restore points of {back} were deleted (the call returned) but are listed")
 
 
 def _check_committed(found: Found, exp: Expected, st: replica.DiskState, data: bytes) -> None:
     if st.state == replica.IDLE:
         return  # rolled back to its newest point: checked against it
-    acked = exp.acked_offset.get(st.session_id, 0)
+    # Progress a commit vouched for stays, until the session is ended without resume (then it is dropped).
+    acked = 0 if st.session_id in exp.abandoned else exp.acked_offset.get(st.session_id, 0)
     if st.state != COMMITTED and st.committed_offset < acked:
         found.problems.append(f"committed offset {st.committed_offset} is behind {acked}, which a commit returned")
     session = exp.sessions.get(st.session_id)
