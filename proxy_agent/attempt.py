@@ -136,6 +136,8 @@ class StreamAttempt:
         s.compress += b.compress_seconds
         s.zero += b.zero_bytes
         s.unchanged += b.unchanged_bytes
+        if s.full_check is not None:
+            s.full_check.record(b.differed)
 
     async def _read_acks(self, p: PassRun, window: asyncio.Semaphore) -> bool:
         last_seq = -1

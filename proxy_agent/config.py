@@ -32,3 +32,6 @@ class ProxySettings(ProgramSettings):
     compress_threads: int = Field(2, ge=1, le=32, description="threads reading and compressing batches")
     # Test only: slows every block read, so tests can check the bottleneck is named.
     test_read_delay_ms: float = Field(0.0, ge=0, le=1000, description="test only: added to each block read")
+    test_sample_seed: str = Field(
+        "", max_length=128, description="test only: seeds the sample's random half instead of the transfer id"
+    )

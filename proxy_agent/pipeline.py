@@ -43,6 +43,8 @@ class BuiltBatch:
     unchanged_bytes: int = 0
     read_seconds: float = 0.0
     compress_seconds: float = 0.0
+    # In a digest comparison: the blocks sent because they differ from the replica (proxy_agent/full_check.py).
+    differed: list[Extent] = field(default_factory=list)
 
 
 class BatchBuilder:
@@ -77,6 +79,10 @@ class BatchBuilder:
         at = offset // self._block_size * DIGEST_SIZE
         return self._replica[at : at + DIGEST_SIZE] == block_digest
 
+    def _differed(self, out: BuiltBatch, offset: int, length: int) -> None:
+        if self._replica is not None:  # without a replica table every block is sent, none "differs"
+            out.differed.append(Extent(offset, length))
+
     def build(self, planned: PlannedBatch, seq: int) -> BuiltBatch:
         out = BuiltBatch(seq=seq, start=planned.start, end=planned.end, final=planned.final, frame=b"")
         enc = BatchEncoder(
@@ -92,6 +98,7 @@ class BatchBuilder:
                 for b in split_blocks([Extent(item.offset, item.length)], self._block_size):
                     if not self.replica_has(b.offset, zero_digest(b.length)):
                         enc.add_zero(b.offset, b.length)
+                        out.differed.append(b)
         encoded = enc.finish()
         out.frame, out.digest = encoded.frame, encoded.digest
         return out
@@ -109,6 +116,7 @@ class BatchBuilder:
             out.zero_bytes += length
             if not self.replica_has(offset, zero_digest(length)):
                 enc.add_zero(offset, length)
+                self._differed(out, offset, length)
         else:
             d = digest(buf)
             if self.replica_has(offset, d):
@@ -116,6 +124,7 @@ class BatchBuilder:
             else:
                 enc.add_data(offset, buf, d)
                 out.data_bytes += length
+                self._differed(out, offset, length)
         out.compress_seconds += time.perf_counter() - t1
 
 

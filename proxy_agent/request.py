@@ -99,6 +99,8 @@ class Plans:
     first: Plan
     # Every allocated block, for a digest-comparison re-run after a failed sampled verification.
     full: Callable[[], Plan]
+    # A full check (a comparison with CompareDigests.full_check): the host's changed ranges; None otherwise.
+    full_check: list[Extent] | None = None
 
 
 def plans_for(req: proxy_pb2.StartDiskTransferRequest, *, disk_size: int, allocated: list[Extent]) -> Plans:
@@ -108,6 +110,13 @@ def plans_for(req: proxy_pb2.StartDiskTransferRequest, *, disk_size: int, alloca
         changed = _ranges(
             "change_source.changed_ranges.ranges", list(req.change_source.changed_ranges.ranges), disk_size
         )
+    full_check = None
+    if mode is ChangeMode.COMPARE and req.change_source.compare_digests.HasField("full_check"):
+        full_check = _ranges(
+            "change_source.compare_digests.full_check.ranges",
+            list(req.change_source.compare_digests.full_check.ranges),
+            disk_size,
+        )
     check_exclusions(req.exclusions)
     excluded = _ranges("exclusions.ranges", list(req.exclusions.ranges), disk_size)
     bs = block_size(req)
@@ -115,7 +124,7 @@ def plans_for(req: proxy_pb2.StartDiskTransferRequest, *, disk_size: int, alloca
     def plan(ranges: list[Extent] | None) -> Plan:
         return make_plan(disk_size=disk_size, block_size=bs, allocated=allocated, changed=ranges, excluded=excluded)
 
-    return Plans(mode=mode, first=plan(changed), full=lambda: plan(None))
+    return Plans(mode=mode, first=plan(changed), full=lambda: plan(None), full_check=full_check)
 
 
 def check_identity(req: proxy_pb2.StartDiskTransferRequest) -> None:

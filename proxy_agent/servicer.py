@@ -81,6 +81,8 @@ class ProxyAgentServicer(proxy_pb2_grpc.ProxyAgentServicer):
                 window=self.settings.window_batches,
                 threads=self.settings.compress_threads,
                 read_delay=self.settings.test_read_delay_ms / 1000,
+                full_check=tuple(plans.full_check) if plans.full_check is not None else None,
+                sample_seed=self.settings.test_sample_seed,
             )
         except BaseException:
             reader.close()

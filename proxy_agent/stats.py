@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
+from proxy_agent.full_check import FullCheckFindings
 from vmrepl.v1 import common_pb2, proxy_pb2
 
 RUNNING = proxy_pb2.TRANSFER_STATE_RUNNING
@@ -42,6 +43,8 @@ class TransferStats:
     sampled_blocks: int = 0
     mismatched_blocks: int = 0
     threads: int = 1
+    # Set when the transfer's comparison is a full check (CompareDigests.full_check).
+    full_check: FullCheckFindings | None = None
     started: float = field(default_factory=time.monotonic)
     ended: float | None = None
 
@@ -75,4 +78,5 @@ class TransferStats:
             sample=common_pb2.SampledVerification(
                 sampled_blocks=self.sampled_blocks, mismatched_blocks=self.mismatched_blocks
             ),
+            full_check=self.full_check.to_proto() if self.full_check is not None else None,
         )

@@ -29,6 +29,7 @@ from tenacity.wait import wait_base
 
 from proxy_agent import stats as st
 from proxy_agent.attempt import PassRun, StreamAttempt, StreamSettings
+from proxy_agent.full_check import FullCheckFindings
 from proxy_agent.pass_digest import PassDigestTracker
 from proxy_agent.pipeline import BatchBuilder
 from proxy_agent.plan import Plan
@@ -39,6 +40,7 @@ from vmrepl.batch import MAX_PASS
 from vmrepl.disk.base import DiskReader
 from vmrepl.domain import ChangeMode, Compression, retryable
 from vmrepl.errors import VmreplError
+from vmrepl.extent import Extent
 from vmrepl.logs import get_logger
 from vmrepl.progress import Sample
 from vmrepl.v1 import proxy_pb2, target_pb2
@@ -77,6 +79,10 @@ class TransferSpec:
     window: int
     threads: int
     read_delay: float = 0.0  # test only: seconds added to each block read (to make the source the bottleneck)
+    # A full check (CompareDigests.full_check): the host's changed ranges, to tell repaired blocks from changes.
+    full_check: tuple[Extent, ...] | None = None
+    # Test only: the seed of the sample's random half instead of the transfer id (tests choose a block it misses).
+    sample_seed: str = ""
 
 
 class _Progress:
@@ -110,6 +116,8 @@ class DiskTransfer:
         self._full_plan = full_plan
         self.stats = st.TransferStats(spec.transfer_id, spec.session_id, spec.disk_id, plan.disk_size)
         self.stats.threads = spec.threads
+        if spec.full_check is not None:
+            self.stats.full_check = FullCheckFindings(spec.full_check)
         self._reader = reader
         self._link_factory = link_factory
         self._stopping = asyncio.Event()
@@ -158,7 +166,7 @@ class DiskTransfer:
             reader=self._reader,
             plan=self.plan,
             block_size=self.spec.block_size,
-            seed=self.spec.transfer_id,
+            seed=self.spec.sample_seed or self.spec.transfer_id,
             replica_digests=lambda: self._replica_digests_retried(link),
         ).run(executor)
         self.stats.bytes_read += outcome.read_bytes  # counters change on the event loop only
@@ -268,6 +276,8 @@ class DiskTransfer:
             passes=s.passes,
             verification=Sample(sampled_blocks=s.sampled_blocks, mismatched_blocks=s.mismatched_blocks).words(s.passes)
             or None,
+            full_check_differed=s.full_check.differed if s.full_check is not None else None,
+            blocks_repaired=s.full_check.repaired if s.full_check is not None else None,
             elapsed=round(s.ended - s.started, 3),
         )
 

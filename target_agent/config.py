@@ -31,6 +31,13 @@ class TargetSettings(ProgramSettings):
         16, ge=1, le=1024, description="ReadDigests calls one certificate (proxy or controller) may hold open at once"
     )
     max_digest_reads: int = Field(64, ge=1, le=4096, description="ReadDigests calls open at once, from all callers")
+    # Verification and export read whole disks: few at once, so they cannot pin the disks sessions write.
+    max_disk_reads_per_peer: int = Field(
+        2, ge=1, le=64, description="VerifyReplica and ReadReplicaDisk calls one certificate may hold open at once"
+    )
+    max_disk_reads: int = Field(
+        4, ge=1, le=64, description="VerifyReplica and ReadReplicaDisk calls open at once, from all callers"
+    )
     open_timeout_seconds: float = Field(
         30.0, gt=0, le=3600, description="a stream that sends no open message within this is ended"
     )

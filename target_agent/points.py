@@ -9,10 +9,10 @@ from __future__ import annotations
 from pathlib import Path
 
 from target_agent import replica, restore_points, rollback
-from target_agent.replica import DATA_FILE, DIGESTS_FILE, DigestStore
+from target_agent.replica import DIGESTS_FILE, DigestStore
 from vmrepl.block import DIGEST_SIZE, fill_zero
-from vmrepl.disk.base import DiskReader
-from vmrepl.disk.raw import RawReader
+from vmrepl.disk.base import DiskReader, open_reader
+from vmrepl.domain import DiskFormat
 from vmrepl.errors import DiskError, FailedPrecondition, NotFound
 from vmrepl.extent import Extent, merge
 
@@ -34,7 +34,7 @@ class PointDisk(DiskReader):
         self._pending: set[int] = set()  # inode numbers of the pending files in the overlay
         try:
             self._undo = [rollback.UndoFile(self._dir / f"{point_id}{rollback.SUFFIX}") for point_id in chain]
-            self._data = RawReader(disk_dir / DATA_FILE)
+            self._data = open_reader(DiskFormat(st.replica_format), replica.data_file(disk_dir, st.replica_format))
             self._digests = DigestStore(
                 disk_dir / DIGESTS_FILE,
                 block_size=st.block_size,

@@ -36,9 +36,9 @@ from target_agent import rollback
 from target_agent.file_format import UNVERSIONED, check_format
 from vmrepl.batch import MAX_PASS, DecodedBatch, PassDigest
 from vmrepl.block import DIGEST_SIZE, is_zero, zero_digest
-from vmrepl.disk.base import DiskWriter
+from vmrepl.disk.base import DiskWriter, create_writer, open_writer
 from vmrepl.disk.fileio import PositionalFile, atomic_write, make_dirs, remove, rename
-from vmrepl.disk.raw import RawWriter
+from vmrepl.domain import DiskFormat
 from vmrepl.errors import FailedPrecondition, NotFound, TransferCancelled
 from vmrepl.extent import MiB
 
@@ -49,7 +49,7 @@ STATES = (PREPARED, RECEIVING, COMPLETE, COMMITTED, IDLE)
 DURABLE_STATES = frozenset({COMPLETE, COMMITTED, IDLE})  # every byte of the pass was flushed
 ROLLBACK_DIR = "rollback"
 REPLICA_FORMATS = ("raw", "vhdx")
-DATA_FILE = "data.raw"
+DATA_FILE = "data.raw"  # the raw replica file; a VHDX replica is data.vhdx (data_file)
 STATE_FILE = "state.json"
 DIGESTS_FILE = "digests.bin"
 # state.json's format: 1 had no "format" key (and "" as the digest of a pass that committed nothing);
@@ -320,10 +320,25 @@ def prepare(
         st.tracking_failed = distrusted
         st.session_id, st.checkpoint_id = session_id, checkpoint_id  # a continued transfer now belongs to this one
         st.resumable = False
-        _ready_files(disk_dir, old, disk_size=disk_size, block_size=block_size)
+        _ready_files(disk_dir, old, disk_size=disk_size, block_size=block_size, replica_format=replica_format)
         st.frontier = st.committed_offset
         save_state(disk_dir, st)
     return st
+
+
+def data_file(disk_dir: Path, replica_format: str) -> Path:
+    """The replica file: data.raw or data.vhdx."""
+    return disk_dir / f"data.{DiskFormat(replica_format).value}"
+
+
+def open_data(disk_dir: Path, replica_format: str, *, size: int = 0, block_size: int = 0) -> DiskWriter:
+    """The replica file for writing; created (sparse) with `size` when it does not exist yet."""
+    fmt = DiskFormat(replica_format)
+    path = data_file(disk_dir, replica_format)
+    if size and not path.exists():
+        # VHDX blocks are 1 to 256 MiB: the replica's block size when it is one of those, else 1 MiB.
+        return create_writer(fmt, path, size=size, block_size=max(block_size, MiB))
+    return open_writer(fmt, path)
 
 
 def _load_or_none(disk_dir: Path) -> DiskState | None:
@@ -388,7 +403,7 @@ def roll_back_locked(disk_dir: Path, st: DiskState) -> DiskState:
         finally:
             undo.close()
     else:  # no restore point to return to: keep what is durable, forget what a crash may have torn
-        _ready_files(disk_dir, st, disk_size=st.disk_size, block_size=st.block_size)
+        _ready_files(disk_dir, st, disk_size=st.disk_size, block_size=st.block_size, replica_format=st.replica_format)
     after = DiskState(st.disk_size, st.block_size, "", IDLE, replica_format=st.replica_format)
     after.committed_offset = after.frontier = st.disk_size
     after.rolled_back_session, after.rolled_back_at = st.session_id, time.time()
@@ -400,7 +415,7 @@ def roll_back_locked(disk_dir: Path, st: DiskState) -> DiskState:
 
 
 def _write_back(disk_dir: Path, st: DiskState, undo: rollback.UndoFile) -> None:
-    writer = RawWriter(disk_dir / DATA_FILE)
+    writer = open_data(disk_dir, st.replica_format)
     digests = DigestStore(
         disk_dir / DIGESTS_FILE,
         block_size=undo.header.block_size,
@@ -440,10 +455,12 @@ def _refuse_committed(old: DiskState | None, name: str, *, session_id: str, chec
         )
 
 
-def _ready_files(disk_dir: Path, old: DiskState | None, *, disk_size: int, block_size: int) -> None:
+def _ready_files(
+    disk_dir: Path, old: DiskState | None, *, disk_size: int, block_size: int, replica_format: str
+) -> None:
     """Size the data and digest files, forget what an interrupted pass may have torn, and flush both."""
     undo = _open_pending(disk_dir)
-    writer = RawWriter(disk_dir / DATA_FILE, create=True)
+    writer = open_data(disk_dir, replica_format, size=disk_size, block_size=block_size)
     digests = DigestStore(
         disk_dir / DIGESTS_FILE,
         block_size=block_size,
@@ -496,8 +513,10 @@ def _save_old(writer: DiskWriter, digests: DigestStore, undo: rollback.UndoFile,
         if block in undo.index:
             continue
         buf = bytearray(bs)
-        writer.read_into(memoryview(buf), block * bs)
-        data = None if is_zero(buf) else bytes(buf)
+        inside = max(0, min(bs, writer.size - block * bs))  # a short last block, or past a grown disk's old end
+        if inside:
+            writer.read_into(memoryview(buf)[:inside], block * bs)
+        data = None if is_zero(buf) else bytes(buf[:inside])
         pending.append((block, data, digests.read(block, 1)))
         size += bs if data is not None else 0
         if size >= _SAVE_CHUNK:  # a long zero extent overwrites many blocks: bound the memory held
@@ -614,7 +633,7 @@ class ReplicaStream:
                 block_size=block_size,
                 pass_number=pass_number,
             )
-            self._writer = RawWriter(disk_dir / DATA_FILE)
+            self._writer = open_data(disk_dir, st.replica_format)
             self._digests = DigestStore(
                 disk_dir / DIGESTS_FILE, block_size=block_size, disk_size=disk_size, digests_format=st.digests_format
             )

@@ -3,19 +3,23 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import random
 from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from target_agent import replica, restore_points, vm_replica
+from target_agent import export, replica, restore_points, verify, vm_replica
 from target_agent.config import TargetSettings
 from target_agent.datastore import Datastore
+from target_agent.point_reads import READS_IN_FLIGHT
 from target_agent.receiver import Receiver
 from vmrepl.block import DIGEST_SIZE
 from vmrepl.call_limits import Slots
-from vmrepl.domain import check_block_size, check_digest_count, check_disk_size
+from vmrepl.domain import check_block_size, check_digest_count, check_disk_size, check_sample_percent
 from vmrepl.errors import FailedPrecondition, InvalidArgument, TicketError
 from vmrepl.names import check_name
 from vmrepl.rpc import handle_errors
@@ -168,6 +172,16 @@ class TargetAgentServicer(target_pb2_grpc.TargetAgentServicer):
         self.digest_slots = Slots(
             per_peer=settings.max_digest_reads_per_peer, total=settings.max_digest_reads, what="ReadDigests calls"
         )
+        self.disk_read_slots = Slots(
+            per_peer=settings.max_disk_reads_per_peer,
+            total=settings.max_disk_reads,
+            what="VerifyReplica and ReadReplicaDisk calls",
+        )
+        # The disks see at most this many reads for verification and export, however many calls run.
+        self.disk_reads = ThreadPoolExecutor(
+            max_workers=settings.max_disk_reads * READS_IN_FLIGHT, thread_name_prefix="point-read"
+        )
+        self.rng = random.Random()  # which blocks a sampled verification checks
 
     @handle_errors
     async def PrepareReplicaDisk(
@@ -330,6 +344,58 @@ class TargetAgentServicer(target_pb2_grpc.TargetAgentServicer):
                 yield chunk
         finally:
             self.digest_slots.give(peer)
+
+    @handle_errors
+    async def VerifyReplica(  # type: ignore[override]
+        self,
+        request: target_pb2.VerifyReplicaRequest,
+        context: grpc.aio.ServicerContext[target_pb2.VerifyReplicaRequest, common_pb2.VerifyProgress],
+    ) -> AsyncIterator[common_pb2.VerifyProgress]:
+        peer, _ = peer_identity(context)
+        vm_dir = self.datastore.vm_dir(request.replica_path)  # checks the names first
+        if request.restore_point_id:
+            check_name("restore_point_id", request.restore_point_id)
+        disk_ids = verify.check_disk_ids("disk_ids", request.disk_ids)
+        percent = check_sample_percent("sample_percent", request.sample_percent)
+        self.disk_read_slots.take(peer)  # before anything is read; RESOURCE_EXHAUSTED past either bound
+        try:
+            progress = verify.verify_point(
+                vm_dir,
+                point_id=request.restore_point_id,
+                disk_ids=disk_ids,
+                percent=percent,
+                executor=self.disk_reads,
+                rng=self.rng,
+            )
+            # Closed here when the caller goes away, not by the garbage collector: the disk is let go at once.
+            async with contextlib.aclosing(progress):
+                async for message in progress:
+                    yield message
+        finally:
+            self.disk_read_slots.give(peer)
+
+    @handle_errors
+    async def ReadReplicaDisk(  # type: ignore[override]
+        self,
+        request: target_pb2.ReadReplicaDiskRequest,
+        context: grpc.aio.ServicerContext[target_pb2.ReadReplicaDiskRequest, common_pb2.DiskChunk],
+    ) -> AsyncIterator[common_pb2.DiskChunk]:
+        peer, _ = peer_identity(context)
+        vm_dir = self.datastore.vm_dir(request.replica_path)
+        if not request.restore_point_id:
+            raise InvalidArgument("restore_point_id", "is required (a restore point's id)")
+        check_name("restore_point_id", request.restore_point_id)
+        self.datastore.disk_dir(request.replica_path, request.disk_id)  # checks disk_id
+        self.disk_read_slots.take(peer)
+        try:
+            chunks = export.export_disk(
+                vm_dir, point_id=request.restore_point_id, disk_id=request.disk_id, executor=self.disk_reads
+            )
+            async with contextlib.aclosing(chunks):
+                async for chunk in chunks:
+                    yield chunk
+        finally:
+            self.disk_read_slots.give(peer)
 
     # Registered with raw-bytes requests (see vmrepl.batch), hence the signature differs from the stub's.
     @handle_errors

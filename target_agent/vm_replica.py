@@ -157,7 +157,7 @@ def _views(vm_dir: Path, points: list[Point]) -> list[PointView]:
                     restorable = False
                 elif q is p:
                     sizes[d.disk_id] = f.stat().st_size
-            if not (vm_dir / "disks" / d.disk_id / replica.DATA_FILE).exists():
+            if not replica.data_file(vm_dir / "disks" / d.disk_id, d.replica_format).exists():
                 restorable = False
         out.append(PointView(p, restorable, sizes))
     return out

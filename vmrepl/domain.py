@@ -182,6 +182,13 @@ def check_digest_count(field: str, count: int) -> int:
     return count
 
 
+def check_sample_percent(field: str, percent: int) -> int:
+    """A verification's share of blocks: 1 to 100, 0 meaning 100 (every block)."""
+    if not 0 <= percent <= 100:
+        raise InvalidArgument(field, f"{percent} is not a percentage of blocks (1 to 100; 0 means 100)")
+    return percent or 100
+
+
 # 1 PiB: far beyond any VHDX (64 TB), small enough that offsets stay sane.
 MAX_DISK_SIZE = 1 << 50
 
@@ -217,6 +224,9 @@ class JobDefaults:
     checkpoint_hold_seconds: int = 24 * 3600
     retries: int = 2
     retry_wait_seconds: int = 60
+    # Every this many sessions an incremental compares every block's digest instead of trusting the host's
+    # changed ranges (a periodic full check); 0: never.
+    full_check_every: int = 10
 
 
 JOB_DEFAULTS = JobDefaults()
@@ -224,6 +234,7 @@ KEEP_LIMIT = Limit(1, 1000, "1 to 1000")
 CHECKPOINT_HOLD_LIMIT = Limit(60, 30 * 24 * 3600, "60 to 2592000 (30 days)")
 RETRIES_LIMIT = Limit(0, 10, "0 to 10")
 RETRY_WAIT_LIMIT = Limit(0, 24 * 3600, "0 to 86400")
+FULL_CHECK_EVERY_LIMIT = Limit(0, 1000, "0 (never) to 1000")
 
 # Disk tasks an agent (proxy or target) runs at once: its slots.
 DEFAULT_SLOTS = 4

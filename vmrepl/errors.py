@@ -48,6 +48,12 @@ class FailedPrecondition(VmreplError):
     grpc_code = "FAILED_PRECONDITION"
 
 
+class Unavailable(VmreplError):
+    """Something the call needs (an agent the controller relays to) cannot be reached now; try again later."""
+
+    grpc_code = "UNAVAILABLE"
+
+
 class DeadlineExceeded(VmreplError):
     """A peer stayed silent for longer than it may (a stream that never opens, or stops sending)."""
 

@@ -83,6 +83,52 @@ class Sample(BaseModel):
         )
 
 
+class FullCheckFigures(BaseModel):
+    """What a periodic full check found (FullCheck on the wire): blocks that differed from the replica, and
+    those of them the host's change tracking had not reported (repaired), with their byte ranges."""
+
+    model_config = _MODEL
+    differed_blocks: Count = 0
+    repaired_blocks: Count = 0
+    # (offset, length) in bytes, merged, in offset order; the proxy reports the first 1000 only.
+    repaired_ranges: list[tuple[Count, Count]] = []
+
+    @classmethod
+    def from_proto(cls, m: common_pb2.FullCheck) -> FullCheckFigures:
+        return cls(
+            differed_blocks=m.differed_blocks,
+            repaired_blocks=m.repaired_blocks,
+            repaired_ranges=[(r.offset, r.length) for r in m.repaired_ranges],
+        )
+
+    def to_proto(self) -> common_pb2.FullCheck:
+        ranges = [common_pb2.ByteRange(offset=o, length=n) for o, n in self.repaired_ranges]
+        return common_pb2.FullCheck(
+            differed_blocks=self.differed_blocks, repaired_blocks=self.repaired_blocks, repaired_ranges=ranges
+        )
+
+    def words(self, shown: int = 10) -> str:
+        """For people: only blocks the change tracking missed are called repaired (the others are changes a
+        changed-range incremental would have sent as well)."""
+        blocks = "1 block" if self.differed_blocks == 1 else f"{self.differed_blocks} blocks"
+        if not self.differed_blocks:
+            return "full check: every block equals the replica"
+        if not self.repaired_blocks:
+            return (
+                f"full check: {blocks} differed from the replica, all reported by the host's change tracking; "
+                "none repaired"
+            )
+        n = self.repaired_blocks
+        missed = (
+            f"{'1 block' if n == 1 else f'{n} blocks'} differed from the replica although the host's change "
+            f"tracking did not report {'it' if n == 1 else 'them'}"
+        )
+        ranges = ", ".join(f"{o}+{length}" for o, length in self.repaired_ranges[:shown])
+        rest = len(self.repaired_ranges) - shown
+        more = f" and {rest} more range{'s' if rest > 1 else ''}" if rest > 0 else ""
+        return f"full check: {missed}; repaired at byte offset+length {ranges}{more}"
+
+
 class TransferFigures(BaseModel):
     """A transfer's counters as the proxy last reported them."""
 
@@ -95,6 +141,8 @@ class TransferFigures(BaseModel):
     resumes: Count = 0
     passes: Count = 0
     sample: Sample = Sample()
+    # Set when the transfer was a periodic full check (a digest comparison standing in for changed ranges).
+    full_check: FullCheckFigures | None = None
     elapsed_seconds: Seconds = 0.0
 
     @classmethod
@@ -115,6 +163,7 @@ class TransferFigures(BaseModel):
             resumes=p.resumes,
             passes=p.passes,
             sample=Sample(sampled_blocks=p.sample.sampled_blocks, mismatched_blocks=p.sample.mismatched_blocks),
+            full_check=FullCheckFigures.from_proto(p.full_check) if p.HasField("full_check") else None,
             elapsed_seconds=max(0.0, round(p.elapsed_seconds, 3)),
         )
 
@@ -132,6 +181,9 @@ class TransferFigures(BaseModel):
 
     @property
     def verification(self) -> str:
+        """What was verified, in words: a full check's findings, else the sample's; empty for neither."""
+        if self.full_check is not None:
+            return self.full_check.words()
         return self.sample.words(self.passes)
 
     def byte_counts(self) -> list[tuple[str, int]]:

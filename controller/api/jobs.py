@@ -69,7 +69,7 @@ class JobsApi(ApiBase):
 
     @handle_errors
     async def StartJob(self, request: api.StartJobRequest, context: Any) -> api.Session:
-        session = await self.engine.start_job(await self._job_id("name", request.name))
+        session = await self.engine.start_job(await self._job_id("name", request.name), full_check=request.full_check)
         return await self._session(session.id)
 
     @handle_errors

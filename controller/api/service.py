@@ -8,6 +8,7 @@ stored; no reply or log line carries one.
 
 from controller.api.inventory import InventoryApi
 from controller.api.jobs import JobsApi
+from controller.api.replica_reads import ReplicaReadsApi
 from controller.api.sessions import SessionsApi
 from vmrepl.rpc import Service
 from vmrepl.v1 import controller_pb2, controller_pb2_grpc
@@ -57,8 +58,11 @@ ROLES: dict[str, tuple[str, ...]] = {
 }
 
 
-class ControllerServicer(InventoryApi, JobsApi, SessionsApi, controller_pb2_grpc.ControllerServiceServicer):
-    """The whole service: each section (inventory, jobs, sessions) in its own module over controller.api.base."""
+class ControllerServicer(
+    InventoryApi, JobsApi, SessionsApi, ReplicaReadsApi, controller_pb2_grpc.ControllerServiceServicer
+):
+    """The whole service: each section (inventory, jobs, sessions, replica reads) in its own module over
+    controller.api.base."""
 
 
 def controller_service(servicer: ControllerServicer) -> Service:

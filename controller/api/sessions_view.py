@@ -37,6 +37,8 @@ def figures_msg(msg: api.DiskTask, f: TransferFigures) -> None:
     msg.resumes, msg.passes = f.resumes, f.passes
     if f.sample.sampled_blocks:
         msg.sample.CopyFrom(f.sample.to_proto())
+    if f.full_check is not None:
+        msg.full_check.CopyFrom(f.full_check.to_proto())
     msg.verification = f.verification
     msg.duration_seconds = f.elapsed_seconds
     msg.rate_bytes_per_second = rate(msg.committed_offset, f.elapsed_seconds)
@@ -130,6 +132,7 @@ def session_stats(disks: list[api.DiskTask], *, restore_points: int) -> api.Sess
         bytes_data=sum(d.bytes_data for d in disks),
         bytes_processed=sum(d.committed_offset for d in disks),
         restore_points=restore_points,
+        blocks_repaired=sum(d.full_check.repaired_blocks for d in disks),
     )
     for d in disks:
         for k in ("zero", "unallocated", "unchanged", "excluded"):

@@ -19,6 +19,9 @@ from vmrepl.v1 import controller_pb2 as api
 job_app = typer.Typer(help="Replication jobs.", no_args_is_help=True)
 # The API's name; `--keep` stays as the short spelling scripts and docs already use.
 _KEEP = typer.Option("--restore-points-to-keep", "--keep", help="restore points to keep")
+_FULL_CHECK_EVERY = typer.Option(
+    help="every N sessions compare every block's digest instead of trusting the host's changed ranges; 0: never"
+)
 
 
 def _choices(kind: type[enum.StrEnum]) -> str:
@@ -53,6 +56,7 @@ def job_create(
         int, typer.Option(help="times a failed VM is tried again in the session")
     ] = JOB_DEFAULTS.retries,
     retry_wait: Annotated[int, typer.Option(help="seconds before a retry")] = JOB_DEFAULTS.retry_wait_seconds,
+    full_check_every: Annotated[int, _FULL_CHECK_EVERY] = JOB_DEFAULTS.full_check_every,
     as_json_: JsonOpt = False,
 ) -> None:
     job = api.Job(
@@ -67,6 +71,7 @@ def job_create(
         change_tracking=change_tracking,
         retries=retries,
         retry_wait_seconds=retry_wait,
+        full_check_every=full_check_every,
     )
     if schedule:
         job.schedule.CopyFrom(_schedule_option(schedule))
@@ -128,6 +133,7 @@ def job_update(
     bandwidth_mbps: Annotated[float | None, typer.Option(help="0: unlimited")] = None,
     disabled: Annotated[bool | None, typer.Option("--disabled/--enabled")] = None,
     schedule: Annotated[str | None, typer.Option(help='JSON schedule; "{}" for manual only')] = None,
+    full_check_every: Annotated[int | None, _FULL_CHECK_EVERY] = None,
 ) -> None:
     job, paths = api.Job(name=f"jobs/{job_id}"), list[str]()
     if restore_points_to_keep is not None:
@@ -141,6 +147,8 @@ def job_update(
     if schedule is not None:
         job.schedule.CopyFrom(_schedule_option(schedule))
         paths.append("schedule")
+    if full_check_every is not None:
+        job.full_check_every, paths = full_check_every, [*paths, "full_check_every"]
     if not paths:
         err.print("nothing to update")
         raise typer.Exit(2)
@@ -158,9 +166,12 @@ def job_delete(job_id: str) -> None:
 def job_start(
     job_id: str,
     wait: Annotated[bool, typer.Option("--wait", help="follow the session; exit 0 only if it succeeded")] = False,
+    full_check: Annotated[
+        bool, typer.Option("--full-check", help="compare every block's digest instead of trusting changed ranges")
+    ] = False,
     as_json_: JsonOpt = False,
 ) -> None:
-    s = call(conn.stub().StartJob, api.StartJobRequest(name=f"jobs/{job_id}"))
+    s = call(conn.stub().StartJob, api.StartJobRequest(name=f"jobs/{job_id}", full_check=full_check))
     if not wait:
         as_json(s) if as_json_ else out.print(f"started {s.name}")
         return

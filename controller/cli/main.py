@@ -16,6 +16,7 @@ from controller.cli.common import conn
 from controller.cli.infra import infra
 from controller.cli.jobs import job_app
 from controller.cli.lab import lab_app
+from controller.cli.replicas import replica_app  # also adds `restore-points export` to points_app
 from controller.cli.sessions import points_app, session_app
 
 app = typer.Typer(help="vmrepl: VM replication. Talks to vmrepl-controller over mTLS.", no_args_is_help=True)
@@ -23,6 +24,7 @@ app.add_typer(infra, name="infra")
 app.add_typer(job_app, name="job")
 app.add_typer(session_app, name="session")
 app.add_typer(points_app, name="restore-points")
+app.add_typer(replica_app, name="replica")
 app.add_typer(lab_app, name="lab")
 
 

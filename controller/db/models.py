@@ -103,6 +103,9 @@ class Job(Base):
     # A VM that fails is tried again this many times in the same session, after a wait.
     retries: Mapped[int] = mapped_column(Integer, default=JOB_DEFAULTS.retries)
     retry_wait_seconds: Mapped[int] = mapped_column(Integer, default=JOB_DEFAULTS.retry_wait_seconds)
+    # Every this many sessions of a VM, an incremental that would use changed ranges compares every block's
+    # digest instead (a full check, engine.states.full_check_due); 0: never.
+    full_check_every: Mapped[int] = mapped_column(Integer, default=JOB_DEFAULTS.full_check_every)
     # The scheduler's bookmark: slots (or upstream runs) up to here are handled; later ones are due.
     schedule_handled_until: Mapped[dt.datetime | None]
     # POSTed a JSON summary when a session ends: {"sealed_url": the URL sealed like a credential's secret
@@ -144,6 +147,8 @@ class Session(Base):
     notification: Mapped[Notification] = mapped_column(
         state_type(Notification, constraint="ck_sessions_notification"), default=Notification.NONE
     )
+    # Started with StartJob's full_check: every VM's incremental is a full check, whatever the count says.
+    full_check: Mapped[bool] = mapped_column(default=False)
 
 
 class SessionVm(Base):
@@ -190,6 +195,9 @@ class Task(Base):
     start: Mapped[str] = mapped_column(String(16), default="fresh")
     change_mode: Mapped[str] = mapped_column(String(16), default="")  # full, ranges, compare; "" undecided
     since_reference: Mapped[str] = mapped_column(String(256), default="")
+    # The digest comparison (change_mode compare) is a full check standing in for changed ranges since
+    # since_reference: the blocks it finds differing outside those ranges are reported as repaired.
+    full_check: Mapped[bool] = mapped_column(default=False)
     # The earlier session whose transfer of this disk this task continues (DiskStart.RESUME).
     resume_session_id: Mapped[str] = mapped_column(String(32), default="")
 

@@ -17,8 +17,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from tenacity import AsyncRetrying, retry_if_result, stop_after_delay, wait_exponential
 
 from vmrepl.config import TlsSettings
+from vmrepl.errors import FailedPrecondition, NotFound, ResourceExhausted, Unavailable, VmreplError
 from vmrepl.rpc import secure_channel
-from vmrepl.v1 import proxy_pb2, proxy_pb2_grpc, target_pb2, target_pb2_grpc
+from vmrepl.v1 import common_pb2, proxy_pb2, proxy_pb2_grpc, target_pb2, target_pb2_grpc
 
 if TYPE_CHECKING:  # the async stubs' types exist only in the generated .pyi files
     from vmrepl.v1.proxy_pb2_grpc import ProxyAgentAsyncStub
@@ -72,6 +73,14 @@ class TargetClient(AgentHealth, Protocol):
 
     async def delete_point(self, replica_path: str, point_id: str) -> None: ...
 
+    def verify(self, request: target_pb2.VerifyReplicaRequest) -> AsyncGenerator[common_pb2.VerifyProgress, None]:
+        """The verification's progress until its last disk is done (close it to stop the verification)."""
+        ...
+
+    def read_disk(self, request: target_pb2.ReadReplicaDiskRequest) -> AsyncGenerator[common_pb2.DiskChunk, None]:
+        """One disk of a restore point in offset order, then a done chunk (close it to stop reading)."""
+        ...
+
 
 class Agents(Protocol):
     """The clients of the agents the engine talks to, one per address."""
@@ -79,6 +88,26 @@ class Agents(Protocol):
     def proxy(self, address: str, server_name: str = "") -> ProxyClient: ...
 
     def target(self, address: str, server_name: str = "") -> TargetClient: ...
+
+
+# What an agent's refusal becomes when the controller relays it to its own caller: the caller's request was
+# checked by the controller, so an agent's INVALID_ARGUMENT or PERMISSION_DENIED is no fault of the caller's.
+_RELAYED: dict[grpc.StatusCode, type[VmreplError]] = {
+    grpc.StatusCode.NOT_FOUND: NotFound,
+    grpc.StatusCode.FAILED_PRECONDITION: FailedPrecondition,
+    grpc.StatusCode.INVALID_ARGUMENT: FailedPrecondition,
+    grpc.StatusCode.PERMISSION_DENIED: FailedPrecondition,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: ResourceExhausted,
+    grpc.StatusCode.UNAVAILABLE: Unavailable,
+    grpc.StatusCode.DEADLINE_EXCEEDED: Unavailable,
+}
+
+
+def relayed(error: grpc.aio.AioRpcError, agent: str) -> VmreplError:
+    """An agent's error as the controller's caller gets it: the agent named, its code kept where it fits."""
+    code = error.code()
+    kind = _RELAYED.get(code, VmreplError)  # anything else: INTERNAL, with the agent's words
+    return kind(f"{agent} answered {code.name}: {error.details()}")
 
 
 async def ready(client: AgentHealth, *, within: float = READY_WITHIN_SECONDS) -> bool:
@@ -185,6 +214,22 @@ class GrpcTargetClient(_GrpcAgent):
         await self.stub.DeleteRestorePoint(
             target_pb2.DeleteRestorePointRequest(replica_path=replica_path, restore_point_id=point_id)
         )
+
+    async def verify(self, request: target_pb2.VerifyReplicaRequest) -> AsyncGenerator[common_pb2.VerifyProgress, None]:
+        call = self.stub.VerifyReplica(request)  # no deadline: a whole disk's check takes as long as its reads
+        try:
+            async for progress in call:
+                yield progress
+        finally:
+            call.cancel()
+
+    async def read_disk(self, request: target_pb2.ReadReplicaDiskRequest) -> AsyncGenerator[common_pb2.DiskChunk, None]:
+        call = self.stub.ReadReplicaDisk(request)
+        try:
+            async for chunk in call:
+                yield chunk
+        finally:
+            call.cancel()
 
 
 def proxy_client(address: str, tls: TlsSettings, *, server_name: str = "") -> GrpcProxyClient:

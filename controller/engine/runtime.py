@@ -110,6 +110,8 @@ class JobView:
     checkpoint_hold_seconds: int
     retries: int = 0
     retry_wait_seconds: int = 0
+    # Every this many sessions of a VM, a full check (states.full_check_due); 0: never.
+    full_check_every: int = 0
 
 
 @dataclass(kw_only=True)
@@ -119,6 +121,8 @@ class SessionContext:
     target: TargetView
     provider: Provider
     stopping: asyncio.Event = field(default_factory=asyncio.Event)
+    # Started with StartJob's full_check: every VM's incremental is a full check.
+    full_check: bool = False
 
     def replica_path(self, vm_id: str) -> str:
         return f"{self.job.replica_root}/{replica_folder(vm_id)}"

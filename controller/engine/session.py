@@ -256,6 +256,7 @@ class VmRun:
             ):
                 t.state, t.proxy_id, t.transfer_id, t.error = TaskState.PENDING, None, "", ""
                 t.change_mode, t.since_reference, t.committed_offset, t.stats = "", "", 0, {}
+                t.full_check = False
                 t.start, t.resume_session_id, t.ended_at = DiskStart.FRESH.value, "", None
             vm = await db.get(SessionVm, row.id)
             if vm is not None:

@@ -41,6 +41,7 @@ def job_view(job: Job) -> JobView:
         checkpoint_hold_seconds=job.checkpoint_hold_seconds,
         retries=job.retries,
         retry_wait_seconds=job.retry_wait_seconds,
+        full_check_every=job.full_check_every,
     )
 
 
@@ -59,7 +60,8 @@ class Engine:
             log.info("session_continued", session_id=s.id, state=s.state)
             await self._launch(s.id, stopping=s.state is SessionState.STOPPING)
 
-    async def start_job(self, job_id: str) -> Session:
+    async def start_job(self, job_id: str, *, full_check: bool = False) -> Session:
+        """A new session of the job; `full_check`: every VM's incremental compares every block (a full check)."""
         async with self.parts.journal.change("session created", job_id=job_id) as db:
             job = await db.get(Job, job_id)
             if job is None:
@@ -71,7 +73,7 @@ class Engine:
             )
             if running is not None:
                 raise FailedPrecondition(f"job {job.name} is already running (session {running.id})")
-            session = Session(job_id=job_id, state=SessionState.RUNNING, started_at=now())
+            session = Session(job_id=job_id, state=SessionState.RUNNING, started_at=now(), full_check=full_check)
             db.add(session)
         await self._launch(session.id, stopping=False)
         return session
@@ -118,6 +120,7 @@ class Engine:
                 max_tasks=target.max_tasks,
             ),
             provider=provider_for(host),
+            full_check=session.full_check,
         )
 
     async def _launch(self, session_id: str, *, stopping: bool) -> None:

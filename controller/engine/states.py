@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import datetime as dt
 import enum
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from controller.db.enums import SessionState, TaskState, VmState
@@ -131,16 +131,44 @@ def vm_after_transfers(tasks: Iterable[TaskState]) -> VmState:
 class ChangeChoice:
     mode: ChangeMode
     since: str = ""
+    # A COMPARE standing in for RANGES since `since`: a periodic full check (see full_check_due).
+    full_check: bool = False
+
+
+def full_check_due(*, every: int, requested: bool, recent: Sequence[bool]) -> bool:
+    """Whether a VM's incremental in this session is a full check: every block's digest compared instead of
+    trusting the host's changed ranges, so writes the change tracking missed are found within `every`
+    sessions.
+
+    `recent` holds the VM's latest earlier sessions of the job that made a restore point, newest first (at
+    least `every` - 1 of them when it has that many): for each, whether it compared every block of every
+    disk (a full read, a digest comparison, or a re-run after a failed sample). Sessions that made no restore
+    point do not count: they left the replica at the last point. `every` 0 never checks; 1 checks every
+    session; otherwise a check comes when the last `every` - 1 sessions compared nothing. A session asked
+    for one (`requested`, StartJob's full_check) is a check whatever the count."""
+    if requested:
+        return True
+    if every <= 0:
+        return False
+    since = next((i for i, compared in enumerate(recent) if compared), len(recent))
+    return since >= every - 1
 
 
 def choose_change(
-    start: DiskStart, *, tracking: ChangeTracking, last_point_reference: str | None, checkpoint_reference: str
+    start: DiskStart,
+    *,
+    tracking: ChangeTracking,
+    last_point_reference: str | None,
+    checkpoint_reference: str,
+    full_check: bool = False,
 ) -> ChangeChoice:
     """The change source of a disk starting afresh (a resumed one reuses its earlier choice).
 
     `tracking` is the job's setting (on, off, auto); `last_point_reference` the change-tracking
     reference of the VM's newest restore point, None without one. A RANGES choice can still fall
-    back to COMPARE when the provider cannot report changes since that reference."""
+    back to COMPARE when the provider cannot report changes since that reference. `full_check`
+    (full_check_due): a disk that would use RANGES compares digests instead, remembering the reference
+    so the host's ranges can still tell repaired blocks from changes."""
     if start is DiskStart.COMPARE or (tracking is ChangeTracking.OFF and last_point_reference is not None):
         return ChangeChoice(ChangeMode.COMPARE)
     if start is DiskStart.DONE:
@@ -149,6 +177,8 @@ def choose_change(
         return ChangeChoice(ChangeMode.FULL)
     if not last_point_reference:
         return ChangeChoice(ChangeMode.COMPARE)
+    if full_check:
+        return ChangeChoice(ChangeMode.COMPARE, last_point_reference, full_check=True)
     return ChangeChoice(ChangeMode.RANGES, last_point_reference)
 
 

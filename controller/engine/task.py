@@ -21,7 +21,7 @@ from sqlalchemy import select
 from tenacity import AsyncRetrying, retry_if_exception, stop_after_delay, wait_exponential
 
 from controller.db.enums import TaskState
-from controller.db.models import HeldCheckpoint, Proxy, RestorePoint, Task, now
+from controller.db.models import HeldCheckpoint, Proxy, RestorePoint, Session, SessionVm, Task, now
 from controller.engine import counters
 from controller.engine.agents import ProxyClient
 from controller.engine.placement import ProxySlot
@@ -34,6 +34,7 @@ from controller.engine.states import (
     Recovery,
     check_task_transition,
     choose_change,
+    full_check_due,
     reconcile_task,
 )
 from controller.engine.transfer import DiskTaskSpec, prepare, proxy_identity, start_request, trusted_change
@@ -54,6 +55,13 @@ class ProxyLost(Exception):
 def transient(e: BaseException) -> bool:
     """An agent call that failed because the agent is (for now) out of reach: worth asking again."""
     return isinstance(e, grpc.aio.AioRpcError) and unreachable(e.code())
+
+
+def compared_every_block(tasks: Sequence[Task]) -> bool:
+    """Whether a VM's session read or compared every block of every disk (a full read, a digest comparison, or
+    a changed-range pass re-run as one after its sample differed): what a full check would have done."""
+    whole = (ChangeMode.FULL.value, ChangeMode.COMPARE.value)
+    return bool(tasks) and all(t.change_mode in whole or TransferFigures.from_json(t.stats).passes >= 2 for t in tasks)
 
 
 class TaskRunner:
@@ -158,7 +166,7 @@ class TaskRunner:
         task = await self._task()
         choice = await self._change_choice(task)
         change = await self._change_source(task, choice)
-        if change is None:  # the tracker cannot say: compare digests, and record it
+        if change is None:  # the tracker cannot say: compare digests (no full check then), and record it
             choice = ChangeChoice(ChangeMode.COMPARE)
             change = compare_digests()
         task = await self._set(
@@ -168,6 +176,7 @@ class TaskRunner:
             transfer_id=self.transfer_id,
             change_mode=choice.mode.value,
             since_reference=choice.since,
+            full_check=choice.full_check,
             started_at=task.started_at or now(),
         )
         spec = self._spec(task, change, ticket_expires=await self._checkpoint_deadline(task.vm_id))
@@ -184,6 +193,7 @@ class TaskRunner:
             change=choice.mode.value,
             since=choice.since,
             resume_offset=disk.committed_offset,
+            full_check=choice.full_check or None,
         )
         client = self.parts.agents.proxy(proxy.address, proxy.tls_server_name)
         request = start_request(
@@ -234,7 +244,7 @@ class TaskRunner:
 
     async def _change_choice(self, task: Task) -> ChangeChoice:
         if task.change_mode:  # decided before a crash or a lost proxy: the very same source again
-            return ChangeChoice(ChangeMode(task.change_mode), task.since_reference)
+            return ChangeChoice(ChangeMode(task.change_mode), task.since_reference, full_check=task.full_check)
         if task.start == DiskStart.RESUME and task.resume_session_id:
             async with self.parts.journal.read() as db:
                 earlier = await db.scalar(
@@ -245,13 +255,41 @@ class TaskRunner:
                     )
                 )
             if earlier is not None and earlier.change_mode:
-                return ChangeChoice(ChangeMode(earlier.change_mode), earlier.since_reference)
+                mode = ChangeMode(earlier.change_mode)
+                return ChangeChoice(mode, earlier.since_reference, full_check=earlier.full_check)
         return choose_change(
             DiskStart(task.start),
             tracking=self.sc.job.change_tracking,
             last_point_reference=await self._last_point_reference(task.vm_id),
             checkpoint_reference=self.checkpoint.reference,
+            full_check=await self._full_check_due(task.vm_id),
         )
+
+    async def _full_check_due(self, vm_id: str) -> bool:
+        """Whether this session's incremental of the VM is a full check: asked for, or due by the count of the
+        VM's sessions (of this job, with a restore point) since one compared every block. The history only
+        changes when this VM commits a point, after all its tasks, so each of its disks gets the same answer."""
+        every, requested = self.sc.job.full_check_every, self.sc.full_check
+        if requested or every <= 1:
+            return full_check_due(every=every, requested=requested, recent=[])
+        async with self.parts.journal.read() as db:
+            sessions = list(
+                await db.scalars(
+                    select(SessionVm.session_id)
+                    .join(Session, Session.id == SessionVm.session_id)
+                    .where(
+                        Session.job_id == self.sc.job.job_id,
+                        Session.id != self.sc.session_id,
+                        SessionVm.vm_id == vm_id,
+                        SessionVm.restore_point_id != "",
+                    )
+                    .order_by(Session.started_at.desc(), Session.id.desc())
+                    .limit(every - 1)
+                )
+            )
+            tasks = list(await db.scalars(select(Task).where(Task.session_id.in_(sessions), Task.vm_id == vm_id)))
+        recent = [compared_every_block([t for t in tasks if t.session_id == s]) for s in sessions]
+        return full_check_due(every=every, requested=False, recent=recent)
 
     async def _last_point_reference(self, vm_id: str) -> str | None:
         """The change-tracking reference of the VM's newest restore point in this job; None without one."""
@@ -265,9 +303,14 @@ class TaskRunner:
         return None if point is None else point.reference
 
     async def _change_source(self, task: Task, choice: ChangeChoice) -> proxy_pb2.ChangeSource | None:
+        """The ChangeSource of the choice; None when the host cannot report the changed ranges it needs.
+
+        A full check asks the host for the changed ranges all the same (the call a changed-range incremental
+        makes) and hands them to the proxy, which compares every block and reports the differing blocks those
+        ranges do not name: the writes the change tracking missed, repaired by this check."""
         if choice.mode is ChangeMode.FULL:
             return full_read()
-        if choice.mode is ChangeMode.COMPARE:
+        if choice.mode is ChangeMode.COMPARE and not choice.full_check:
             return compare_digests()
         ranges = await self.sc.provider.changed_ranges(self.checkpoint, task.disk_id, choice.since)
         if ranges is None:
@@ -279,9 +322,10 @@ class TaskRunner:
             self.log.info("change_tracking_unavailable", since=choice.since, fallback=ChangeMode.COMPARE.value)
             return None
         byte_ranges = [common_pb2.ByteRange(offset=e.offset, length=e.length) for e in ranges]
-        return proxy_pb2.ChangeSource(
-            changed_ranges=proxy_pb2.ChangedRanges(ranges=byte_ranges, reference_id=choice.since)
-        )
+        changed = proxy_pb2.ChangedRanges(ranges=byte_ranges, reference_id=choice.since)
+        if choice.full_check:
+            return proxy_pb2.ChangeSource(compare_digests=proxy_pb2.CompareDigests(full_check=changed))
+        return proxy_pb2.ChangeSource(changed_ranges=changed)
 
     async def _follow(self, proxy: Proxy, transfer_id: str) -> proxy_pb2.TransferProgress:
         """Watch the transfer to its end, cancelling it if the session stops; retries a broken watch."""
@@ -357,6 +401,8 @@ class TaskRunner:
             committed_offset=final.committed_offset,
             passes=figures.passes,
             verification=figures.verification or None,
+            blocks_repaired=figures.full_check.repaired_blocks if figures.full_check else None,
+            repaired_ranges=figures.full_check.repaired_ranges if figures.full_check else None,
             error=error,
         )
         return end

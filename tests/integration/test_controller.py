@@ -119,6 +119,7 @@ def _bad_job_calls(stub: Any) -> list[tuple[str, Callable[[], Any]]]:
         ("job.checkpoint_hold_seconds", job_with(checkpoint_hold_seconds=5)),
         ("job.retries", job_with(retries=11)),
         ("job.retry_wait_seconds", job_with(retry_wait_seconds=100000)),
+        ("job.full_check_every", job_with(full_check_every=1001)),
         ("job.webhook.url", job_with(webhook=api.Webhook(url="ftp://hooks.example/x"))),
         ("job.schedule.cron", job_with(schedule=api.Schedule(kind=api.SCHEDULE_KIND_CRON, cron="every night"))),
         (
@@ -255,6 +256,7 @@ def test_every_bad_argument_is_invalid_argument_naming_the_field(ctl_raw: Contro
     # A root beside job1's is fine, as is the same root on another target.
     ok = api.Job(host="hosts/lab", target="targets/target", replica_root="replicas/job10", vms=[api.JobVm(vm="vm1")])
     stub.CreateJob(api.CreateJobRequest(job_id="job10", job=ok))
+    assert stub.GetJob(api.GetJobRequest(name="jobs/job10")).full_check_every == 10  # unset: the default
     stub.CreateTarget(api.CreateTargetRequest(target_id="t2", target=api.Target(address="h:1")))
     ok.replica_root, ok.target = "replicas/job1", "targets/t2"
     stub.CreateJob(api.CreateJobRequest(job_id="job11", job=ok))

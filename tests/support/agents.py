@@ -15,7 +15,7 @@ import grpc
 from google.protobuf import timestamp_pb2
 
 from controller.engine.agents import ProxyClient, TargetClient
-from vmrepl.v1 import proxy_pb2, target_pb2
+from vmrepl.v1 import common_pb2, proxy_pb2, target_pb2
 
 COMPLETED = proxy_pb2.TRANSFER_STATE_COMPLETED
 RUNNING = proxy_pb2.TRANSFER_STATE_RUNNING
@@ -169,6 +169,13 @@ class FakeTarget(FakeAgent):
         self.deleted: list[tuple[str, str]] = []
         # The size GetReplicaDisk reports for a disk; by default the size it was prepared with.
         self.sizes: dict[tuple[str, str], int] = {}
+        # Restore points' disks by (replica path, point id, disk id), as ReadReplicaDisk streams them.
+        self.point_disks: dict[tuple[str, str, str], bytes] = {}
+        # What VerifyReplica answers per replica path, in order (an error ends the stream); none: nothing.
+        self.verify_answers: dict[str, list[common_pb2.VerifyProgress | grpc.aio.AioRpcError]] = {}
+        self.verified: list[target_pb2.VerifyReplicaRequest] = []
+        self.read_disks: list[target_pb2.ReadReplicaDiskRequest] = []
+        self.reads_closed = 0  # verify and read_disk streams closed, whether read to the end or not
 
     async def prepare(self, request: target_pb2.PrepareReplicaDiskRequest) -> target_pb2.ReplicaDisk:
         self._check_up()
@@ -239,6 +246,39 @@ class FakeTarget(FakeAgent):
             raise rpc_error(grpc.StatusCode.NOT_FOUND, f"no restore point {point_id}")
         self.points[replica_path] = [p for p in points if p.id != point_id]
         self.deleted.append((replica_path, point_id))
+
+    async def verify(self, request: target_pb2.VerifyReplicaRequest) -> AsyncGenerator[common_pb2.VerifyProgress, None]:
+        self._check_up()
+        self.verified.append(request)
+        try:
+            self._check_point(request.replica_path, request.restore_point_id)
+            for answer in self.verify_answers.get(request.replica_path, []):
+                if isinstance(answer, grpc.aio.AioRpcError):
+                    raise answer
+                yield answer
+        finally:
+            self.reads_closed += 1
+
+    async def read_disk(self, request: target_pb2.ReadReplicaDiskRequest) -> AsyncGenerator[common_pb2.DiskChunk, None]:
+        """The disk's non-zero 1 MiB pieces, then done."""
+        self._check_up()
+        self.read_disks.append(request)
+        try:
+            self._check_point(request.replica_path, request.restore_point_id)
+            data = self.point_disks.get((request.replica_path, request.restore_point_id, request.disk_id))
+            if data is None:
+                raise rpc_error(grpc.StatusCode.NOT_FOUND, f"restore point has no disk {request.disk_id}")
+            for offset in range(0, len(data), 1 << 20):
+                piece = data[offset : offset + (1 << 20)]
+                if any(piece):
+                    yield common_pb2.DiskChunk(disk_size=len(data), offset=offset, data=piece)
+            yield common_pb2.DiskChunk(disk_size=len(data), done=True)
+        finally:
+            self.reads_closed += 1
+
+    def _check_point(self, replica_path: str, point_id: str) -> None:
+        if not any(p.id == point_id for p in self.points.get(replica_path, [])):
+            raise rpc_error(grpc.StatusCode.NOT_FOUND, f"restore point {point_id} of {replica_path} does not exist")
 
 
 class FakeAgents:

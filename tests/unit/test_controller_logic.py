@@ -15,6 +15,7 @@ from controller.engine.states import (
     Recovery,
     check_task_transition,
     choose_change,
+    full_check_due,
     plan_vm,
     reconcile_task,
     session_outcome,
@@ -125,6 +126,58 @@ def test_choose_change(start: DiskStart, tracking: str, last: str | None, expect
         start, tracking=ChangeTracking(tracking), last_point_reference=last, checkpoint_reference="seq:9"
     )
     assert got == expected
+
+
+@pytest.mark.parametrize(
+    ("start", "tracking", "last", "expected"),
+    [
+        # Would use changed ranges: a full check compares digests, keeping the reference (for the repaired count).
+        (DiskStart.FRESH, "auto", "seq:3", ChangeChoice(ChangeMode.COMPARE, "seq:3", full_check=True)),
+        (DiskStart.FRESH, "on", "seq:3", ChangeChoice(ChangeMode.COMPARE, "seq:3", full_check=True)),
+        # Every other choice stays: a first full, a comparison anyway, a disk completed from a held checkpoint.
+        (DiskStart.FRESH, "auto", None, ChangeChoice(ChangeMode.FULL)),
+        (DiskStart.FRESH, "off", "seq:3", ChangeChoice(ChangeMode.COMPARE)),
+        (DiskStart.FRESH, "auto", "", ChangeChoice(ChangeMode.COMPARE)),
+        (DiskStart.COMPARE, "auto", "seq:3", ChangeChoice(ChangeMode.COMPARE)),
+        (DiskStart.DONE, "auto", "seq:3", ChangeChoice(ChangeMode.RANGES, "seq:9")),
+    ],
+)
+def test_a_full_check_compares_digests_where_changed_ranges_would_be_trusted(
+    start: DiskStart, tracking: str, last: str | None, expected: ChangeChoice
+) -> None:
+    got = choose_change(
+        start,
+        tracking=ChangeTracking(tracking),
+        last_point_reference=last,
+        checkpoint_reference="seq:9",
+        full_check=True,
+    )
+    assert got == expected
+
+
+@pytest.mark.parametrize(
+    ("every", "recent", "due"),
+    [
+        (0, [False] * 50, False),  # never
+        (1, [], True),  # every session
+        (1, [True], True),
+        (2, [True], False),  # the first full, then one changed-range session
+        (2, [False, True], True),  # ... then the check
+        (2, [True, False], False),
+        (10, [False] * 8 + [True], False),
+        (10, [False] * 9, True),
+        (10, [False] * 9 + [True], True),
+        (10, [False] * 3, False),  # fewer sessions than the period, none compared: not yet
+        (3, [False, True, False], False),
+    ],
+)
+def test_a_full_check_is_due_every_n_sessions(every: int, recent: list[bool], due: bool) -> None:
+    assert full_check_due(every=every, requested=False, recent=recent) is due
+
+
+def test_a_full_check_asked_for_is_due_even_when_the_job_never_checks() -> None:
+    assert full_check_due(every=0, requested=True, recent=[]) is True
+    assert full_check_due(every=10, requested=True, recent=[True]) is True
 
 
 @pytest.mark.parametrize(

@@ -86,5 +86,9 @@ def test_disk_size_and_limits() -> None:
     assert domain.KEEP_LIMIT.check("k", domain.JOB_DEFAULTS.restore_points_to_keep) == 7
     with pytest.raises(InvalidArgument, match=r"job\.retries: must be from 0 to 10"):
         domain.RETRIES_LIMIT.check("job.retries", 11)
+    assert domain.FULL_CHECK_EVERY_LIMIT.check("job.full_check_every", domain.JOB_DEFAULTS.full_check_every) == 10
+    assert domain.FULL_CHECK_EVERY_LIMIT.check("job.full_check_every", 0) == 0  # never
+    with pytest.raises(InvalidArgument, match=r"job\.full_check_every: must be from 0 \(never\) to 1000"):
+        domain.FULL_CHECK_EVERY_LIMIT.check("job.full_check_every", 1001)
     assert domain.SLOTS_LIMIT.check("proxy.max_tasks", domain.DEFAULT_SLOTS) == 4
     assert domain.valid_block_size(domain.JOB_DEFAULTS.block_size)

@@ -7,10 +7,10 @@ from pathlib import Path
 from google.protobuf import json_format
 from sqlalchemy import select
 
-from controller.api.sessions_view import disk_msg, session_msg
+from controller.api.sessions_view import disk_msg, session_msg, session_stats
 from controller.db.connect import open_database, sqlite_url
 from controller.db.models import Host, Job, Session, SessionVm, Target, Task
-from vmrepl.progress import Sample, TransferFigures
+from vmrepl.progress import FullCheckFigures, Sample, TransferFigures
 from vmrepl.v1 import common_pb2, proxy_pb2
 from vmrepl.v1 import controller_pb2 as api
 
@@ -143,3 +143,41 @@ def test_verification_words() -> None:
     assert Sample(sampled_blocks=16, mismatched_blocks=1).words(2) == (
         "sample differed (1 of 16 unsent blocks): re-run as digest comparison, pass 2"
     )
+
+
+def test_a_full_checks_findings_travel_to_the_api_and_say_what_was_repaired() -> None:
+    found = common_pb2.FullCheck(
+        differed_blocks=5,
+        repaired_blocks=3,
+        repaired_ranges=[
+            common_pb2.ByteRange(offset=0, length=2 * MiB),
+            common_pb2.ByteRange(offset=9 * MiB, length=MiB),
+        ],
+    )
+    p = proxy_pb2.TransferProgress(passes=1, full_check=found)
+    f = TransferFigures.from_json(TransferFigures.from_progress(p).to_json())
+    assert f.full_check is not None and f.full_check.to_proto() == found
+    assert f.verification == (
+        "full check: 3 blocks differed from the replica although the host's change tracking did not report them; "
+        f"repaired at byte offset+length 0+{2 * MiB}, {9 * MiB}+{MiB}"
+    )
+    task = Task(
+        vm_id="vm1", disk_id="disk0", state="succeeded", start="fresh", change_mode="compare", stats=f.to_json()
+    )
+    disk = disk_msg(task, {}, None)
+    assert disk.full_check == found and disk.verification == f.verification
+    other = api.DiskTask(full_check=common_pb2.FullCheck(differed_blocks=1))
+    assert session_stats([disk, other, api.DiskTask()], restore_points=1).blocks_repaired == 3
+
+
+def test_full_check_words() -> None:
+    assert FullCheckFigures().words() == "full check: every block equals the replica"
+    assert FullCheckFigures(differed_blocks=1).words() == (
+        "full check: 1 block differed from the replica, all reported by the host's change tracking; none repaired"
+    )
+    many = FullCheckFigures(differed_blocks=20, repaired_blocks=20, repaired_ranges=[(i * 10, 1) for i in range(13)])
+    assert many.words(shown=2) == (
+        "full check: 20 blocks differed from the replica although the host's change tracking did not report them; "
+        "repaired at byte offset+length 0+1, 10+1 and 11 more ranges"
+    )
+    assert TransferFigures().full_check is None and TransferFigures().verification == ""

@@ -14,9 +14,10 @@ from pathlib import Path
 
 import grpc
 import pytest
+from sqlalchemy import select
 
-from controller.db.enums import TaskState, VmState
-from controller.db.models import HeldCheckpoint, RestorePoint, SessionVm, Task
+from controller.db.enums import SessionState, TaskState, VmState
+from controller.db.models import HeldCheckpoint, RestorePoint, Session, SessionVm, Task
 from controller.engine.task import TaskRunner
 from tests.support.agents import (
     COMPLETED,
@@ -32,6 +33,7 @@ from tests.support.agents import (
 )
 from tests.support.engine import DISK_SIZE, World, make_world
 from vmrepl.extent import Extent, MiB
+from vmrepl.progress import TransferFigures
 from vmrepl.providers.base import Checkpoint
 from vmrepl.security.ticket import key_id, verify_ticket
 from vmrepl.v1 import common_pb2, proxy_pb2, target_pb2, ticket_pb2
@@ -287,3 +289,105 @@ async def test_a_checkpoint_not_held_bounds_tickets_by_the_jobs_deadline(world: 
     assert (await _run(world))[0] is TaskState.SUCCEEDED
     cp = world.provider.checkpoints["vm1"][0]
     assert abs(_first_ticket(world, now=cp.created_at).expires_unix - (cp.created_at + 600)) <= 1
+
+
+async def _earlier_session(w: World, *, change_mode: str, point: str = "rp0") -> None:
+    """A session of the job before this one that made a restore point of vm1, its disk read as `change_mode`."""
+    async with w.journal.change("earlier session") as db:
+        earlier = Session(
+            job_id=w.sc.job.job_id,
+            state=SessionState.SUCCEEDED,
+            started_at=dt.datetime.now(dt.UTC) - dt.timedelta(hours=1),
+        )
+        db.add(earlier)
+        await db.flush()
+        db.add(SessionVm(session_id=earlier.id, vm_id="vm1", vm_name="vm1", state=VmState.DONE, restore_point_id=point))
+        db.add(
+            Task(
+                session_id=earlier.id,
+                vm_id="vm1",
+                vm_name="vm1",
+                disk_id="disk0",
+                state=TaskState.SUCCEEDED,
+                change_mode=change_mode,
+            )
+        )
+        db.add(RestorePoint(id=point, job_id=w.sc.job.job_id, vm_id="vm1", session_id=earlier.id, reference="ref0"))
+    w.provider.changes["disk0"] = [Extent(0, MiB)]
+
+
+def _repairs(request: proxy_pb2.StartDiskTransferRequest) -> list[Step]:
+    size = request.source.size
+    found = common_pb2.FullCheck(
+        differed_blocks=2, repaired_blocks=1, repaired_ranges=[common_pb2.ByteRange(offset=5 * MiB, length=MiB)]
+    )
+    return [progress(COMPLETED, size, bytes_read=size, passes=1, elapsed_seconds=1.0, full_check=found)]
+
+
+@pytest.mark.parametrize("every", [1, 2])
+async def test_a_due_full_check_compares_digests_with_the_hosts_changed_ranges(tmp_path: Path, every: int) -> None:
+    """The last session read changed ranges; with a full check every 1 or 2 sessions this one is due: the
+    disk compares every digest, the proxy gets the host's ranges to tell repaired blocks from changes, and
+    the task keeps what the check repaired."""
+    w = await make_world(tmp_path, full_check_every=every)
+    try:
+        await _earlier_session(w, change_mode="ranges")
+        w.proxy.script = _repairs
+        end, task = await _run(w)
+        assert end is TaskState.SUCCEEDED
+        (request,) = w.proxy.started
+        compare = request.change_source.compare_digests
+        assert request.change_source.WhichOneof("mode") == "compare_digests" and compare.HasField("full_check")
+        assert [(r.offset, r.length) for r in compare.full_check.ranges] == [(0, MiB)]
+        assert (task.change_mode, task.since_reference, task.full_check) == ("compare", "ref0", True)
+        figures = TransferFigures.from_json(task.stats)
+        assert figures.full_check is not None and figures.full_check.repaired_ranges == [(5 * MiB, MiB)]
+        assert figures.verification.startswith("full check: 1 block differed from the replica although")
+    finally:
+        await w.close()
+
+
+@pytest.mark.parametrize(("every", "earlier_mode"), [(2, "full"), (2, "compare"), (0, "ranges"), (3, "ranges")])
+async def test_no_full_check_before_it_is_due(tmp_path: Path, every: int, earlier_mode: str) -> None:
+    w = await make_world(tmp_path, full_check_every=every)
+    try:
+        await _earlier_session(w, change_mode=earlier_mode)
+        end, task = await _run(w)
+        assert end is TaskState.SUCCEEDED
+        assert w.proxy.started[0].change_source.WhichOneof("mode") == "changed_ranges"
+        assert (task.change_mode, task.full_check) == ("ranges", False)
+    finally:
+        await w.close()
+
+
+async def test_a_full_check_asked_for_runs_even_when_the_job_never_checks(tmp_path: Path) -> None:
+    w = await make_world(tmp_path, full_check_every=0)
+    try:
+        await _earlier_session(w, change_mode="ranges")
+        w.sc.full_check = True
+        end, task = await _run(w)
+        assert end is TaskState.SUCCEEDED and w.proxy.started[0].change_source.compare_digests.HasField("full_check")
+        assert (task.change_mode, task.full_check) == ("compare", True)
+    finally:
+        await w.close()
+
+
+async def test_a_full_check_resumed_in_a_later_session_stays_one(world: World) -> None:
+    """A disk resumed from a held checkpoint keeps the change source it started with, full check included."""
+    await _earlier_session(world, change_mode="ranges")
+    async with world.journal.change("earlier full check") as db:
+        earlier_id = (await db.scalars(select(Session.id).where(Session.id != world.sc.session_id))).one()
+        earlier = (await db.scalars(select(Task).where(Task.session_id == earlier_id))).one()
+        earlier.change_mode, earlier.since_reference, earlier.full_check = "compare", "ref0", True
+    rows = await world.plan()
+    cp = await world.provider.create_checkpoint("vm1")
+    async with world.journal.change("resume") as db:
+        row = await db.get(SessionVm, rows["vm1"])
+        assert row is not None
+        row.state, row.checkpoint_id = VmState.TRANSFERRING, cp.checkpoint_id
+        (task,) = await db.scalars(select(Task).where(Task.session_id == world.sc.session_id))
+        task.start, task.resume_session_id = "resume", earlier_id
+    end = await TaskRunner(world.parts, world.sc, cp, task.id).run()
+    assert end is TaskState.SUCCEEDED
+    assert world.proxy.started[0].change_source.compare_digests.HasField("full_check")
+    assert (await world.journal.load(Task, task.id)).full_check is True

@@ -34,7 +34,12 @@ def plan_of(size: int, changed: list[Extent] | None = None) -> Plan:
 
 
 def transfer(
-    source: bytearray, target: FakeTarget, *, mode: ChangeMode = ChangeMode.FULL, changed: list[Extent] | None = None
+    source: bytearray,
+    target: FakeTarget,
+    *,
+    mode: ChangeMode = ChangeMode.FULL,
+    changed: list[Extent] | None = None,
+    full_check: list[Extent] | None = None,
 ) -> DiskTransfer:
     spec = TransferSpec(
         transfer_id="t1",
@@ -51,6 +56,7 @@ def transfer(
         batch_bytes=2 * BS,  # several batches per disk
         window=4,
         threads=2,
+        full_check=tuple(full_check) if full_check is not None else None,
     )
     return DiskTransfer(
         spec=spec,
@@ -174,3 +180,29 @@ async def test_a_stop_before_the_first_stream_ends_cancelled() -> None:
     t.stop()
     stats = await run(t)
     assert (stats.state, stats.error_code, target.batches) == (st.CANCELLED, "CANCELLED", 0)
+
+
+async def test_a_full_check_names_the_blocks_the_change_tracking_missed() -> None:
+    """A full check compares every block; of those that differ, the ones outside the host's changed ranges
+    (blocks 7 and 8, 19) were missed by the change tracking and are reported as repaired, by offset; the
+    tracked one (block 1) is an ordinary change. Broken streams resume without counting a block twice."""
+    source = source_bytes()
+    replica = bytearray(source)
+    for block in (1, 7, 8, 19):
+        replica[block * BS : (block + 1) * BS] = os.urandom(BS)
+    target = FakeTarget(replica, BS, break_after=[2, 3])
+    stats = await run(transfer(source, target, mode=ChangeMode.COMPARE, full_check=[Extent(BS + 10, 100)]))
+    assert (stats.state, stats.resumes) == (st.COMPLETED, 2), stats.error_message
+    assert target.replica == source
+    found = stats.to_proto().full_check
+    assert (found.differed_blocks, found.repaired_blocks) == (4, 3)
+    assert [(r.offset, r.length) for r in found.repaired_ranges] == [(7 * BS, 2 * BS), (19 * BS, BS)]
+
+
+async def test_an_ordinary_comparison_reports_no_full_check() -> None:
+    source = source_bytes()
+    replica = bytearray(source)
+    replica[7 * BS : 8 * BS] = os.urandom(BS)
+    target = FakeTarget(replica, BS)
+    stats = await run(transfer(source, target, mode=ChangeMode.COMPARE))
+    assert stats.state == st.COMPLETED and not stats.to_proto().HasField("full_check")

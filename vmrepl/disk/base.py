@@ -1,7 +1,7 @@
-"""The two interfaces every disk format implements, and the reader factory.
+"""The two interfaces every disk format implements, and the reader and writer factories.
 
-Readers are looked up by format name in a registry; a new format registers
-itself and nothing else changes (as benji's io/base.py does).
+Readers and writers are looked up by format name in registries; a new format
+registers itself and nothing else changes (as benji's io/base.py does).
 """
 
 from __future__ import annotations
@@ -9,10 +9,11 @@ from __future__ import annotations
 import abc
 from collections.abc import Callable
 from pathlib import Path
+from typing import Protocol
 
 from vmrepl.domain import DiskFormat
 from vmrepl.errors import UnsupportedDisk
-from vmrepl.extent import Extent
+from vmrepl.extent import Extent, MiB
 
 
 class DiskReader(abc.ABC):
@@ -52,13 +53,18 @@ class DiskWriter(abc.ABC):
     def write(self, data: bytes | bytearray | memoryview, offset: int) -> None: ...
 
     @abc.abstractmethod
-    def read_into(self, buf: memoryview, offset: int) -> None:
-        """Fill `buf` with the disk's bytes at `offset` (unwritten ranges and the space past the end read as
-        zeros): the target saves a block's old bytes before it overwrites them."""
-
-    @abc.abstractmethod
     def write_zeros(self, offset: int, length: int) -> None:
         """Make the range read as zeros, as a hole where the format and file system allow."""
+
+    @abc.abstractmethod
+    def read_into(self, buf: memoryview, offset: int) -> None:
+        """Fill `buf` with the disk's bytes at `offset` as written so far (flushed or not); holes read as zeros.
+
+        What the target reads to keep a block's old bytes before it overwrites them."""
+
+    @abc.abstractmethod
+    def allocated_extents(self) -> list[Extent]:
+        """Normal extent list of the ranges that may hold data as written so far; the rest reads as zeros."""
 
     @abc.abstractmethod
     def resize(self, size: int) -> None: ...
@@ -69,6 +75,12 @@ class DiskWriter(abc.ABC):
 
     @abc.abstractmethod
     def close(self) -> None: ...
+
+    def __enter__(self) -> DiskWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 ReaderFactory = Callable[[Path], DiskReader]
@@ -85,3 +97,35 @@ def open_reader(fmt: DiskFormat, path: Path) -> DiskReader:
         known = ", ".join(sorted(_READERS)) or "none"
         raise UnsupportedDisk(f"no reader for disk format {fmt!r} (this build reads: {known})")
     return factory(path)
+
+
+class CreateWriter(Protocol):
+    def __call__(self, path: Path, *, size: int, block_size: int) -> DiskWriter: ...
+
+
+OpenWriter = Callable[[Path], DiskWriter]
+_WRITERS: dict[DiskFormat, tuple[CreateWriter, OpenWriter]] = {}
+
+
+def register_writer(fmt: DiskFormat, *, create: CreateWriter, open_existing: OpenWriter) -> None:
+    _WRITERS[fmt] = (create, open_existing)
+
+
+def _writer_factories(fmt: DiskFormat) -> tuple[CreateWriter, OpenWriter]:
+    factories = _WRITERS.get(fmt)
+    if factories is None:
+        known = ", ".join(sorted(_WRITERS)) or "none"
+        raise UnsupportedDisk(f"no writer for disk format {fmt!r} (this build writes: {known})")
+    return factories
+
+
+def create_writer(fmt: DiskFormat, path: Path, *, size: int, block_size: int = MiB) -> DiskWriter:
+    """A new, empty disk of `size` bytes at `path`, durable when this returns; refuses an existing file.
+
+    `block_size` is the format's allocation unit where it has one (VHDX); raw ignores it."""
+    return _writer_factories(fmt)[0](path, size=size, block_size=block_size)
+
+
+def open_writer(fmt: DiskFormat, path: Path) -> DiskWriter:
+    """An existing disk opened for writing, validated as its reader validates it."""
+    return _writer_factories(fmt)[1](path)

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from vmrepl.block import fill_zero
-from vmrepl.disk.base import DiskReader, DiskWriter, register_reader
-from vmrepl.disk.fileio import PositionalFile
+from vmrepl.disk.base import DiskReader, DiskWriter, register_reader, register_writer
+from vmrepl.disk.fileio import PositionalFile, sync_dir
 from vmrepl.domain import DiskFormat
-from vmrepl.errors import DiskError
+from vmrepl.errors import AlreadyExists, DiskError, InvalidArgument
 from vmrepl.extent import Extent
 
 
@@ -46,13 +45,16 @@ class RawWriter(DiskWriter):
     def write(self, data: bytes | bytearray | memoryview, offset: int) -> None:
         self._file.write(data, offset)
 
-    def read_into(self, buf: memoryview, offset: int) -> None:
-        n = self._file.read_into(buf, offset)
-        if n < len(buf):
-            fill_zero(buf[n:])
-
     def write_zeros(self, offset: int, length: int) -> None:
         self._file.punch_hole(offset, length)
+
+    def read_into(self, buf: memoryview, offset: int) -> None:
+        n = self._file.read_into(buf, offset)
+        if n != len(buf):
+            raise DiskError(f"{self._file.path}: short read at {offset} ({n} of {len(buf)} bytes)")
+
+    def allocated_extents(self) -> list[Extent]:
+        return self._file.allocated_extents()
 
     def resize(self, size: int) -> None:
         self._file.truncate(size)
@@ -64,4 +66,25 @@ class RawWriter(DiskWriter):
         self._file.close()
 
 
+def create_raw(path: Path, *, size: int, block_size: int = 0) -> RawWriter:
+    """A new sparse raw file of `size` bytes, durable with its folder entry; refuses an existing file.
+
+    `block_size` is accepted for the factory's sake: a raw file has no allocation unit of its own."""
+    del block_size
+    if size < 0:
+        raise InvalidArgument("size", f"a disk size cannot be negative ({size})")
+    if path.exists():
+        raise AlreadyExists(f"{path} exists; a new replica disk is never written over an old one")
+    writer = RawWriter(path, create=True)
+    try:
+        writer.resize(size)
+        writer.flush()
+        sync_dir(path.parent)
+    except BaseException:
+        writer.close()
+        raise
+    return writer
+
+
 register_reader(DiskFormat.RAW, RawReader)
+register_writer(DiskFormat.RAW, create=create_raw, open_existing=RawWriter)

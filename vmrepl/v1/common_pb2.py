@@ -24,35 +24,37 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16vmrepl/v1/common.proto\x12\tvmrepl.v1\"+\n\tByteRange\x12\x0e\n\x06offset\x18\x01 \x01(\x04\x12\x0e\n\x06length\x18\x02 \x01(\x04\"H\n\x13SampledVerification\x12\x16\n\x0esampled_blocks\x18\x01 \x01(\r\x12\x19\n\x11mismatched_blocks\x18\x02 \x01(\r\"\xcb\x01\n\x0eVerifyProgress\x12\x0f\n\x07\x64isk_id\x18\x01 \x01(\t\x12\x14\n\x0c\x62locks_total\x18\x02 \x01(\x04\x12\x16\n\x0e\x62locks_checked\x18\x03 \x01(\x04\x12\x16\n\x0e\x62locks_unknown\x18\x04 \x01(\x04\x12(\n\nmismatches\x18\x05 \x03(\x0b\x32\x14.vmrepl.v1.ByteRange\x12\x0c\n\x04\x64one\x18\x06 \x01(\x08\x12\x16\n\x0emismatch_count\x18\x07 \x01(\x04\x12\x12\n\nblock_size\x18\x08 \x01(\r\"J\n\tDiskChunk\x12\x11\n\tdisk_size\x18\x01 \x01(\x04\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x12\x0c\n\x04\x64one\x18\x04 \x01(\x08\"u\n\x10RestorePointDisk\x12\x0f\n\x07\x64isk_id\x18\x01 \x01(\t\x12\x11\n\tdisk_size\x18\x02 \x01(\x04\x12%\n\x06\x66ormat\x18\x03 \x01(\x0e\x32\x15.vmrepl.v1.DiskFormat\x12\x16\n\x0erollback_bytes\x18\x04 \x01(\x04\"V\n\x0cSkippedBytes\x12\x0c\n\x04zero\x18\x01 \x01(\x04\x12\x13\n\x0bunallocated\x18\x02 \x01(\x04\x12\x11\n\tunchanged\x18\x03 \x01(\x04\x12\x10\n\x08\x65xcluded\x18\x04 \x01(\x04\"\x80\x01\n\x0fGuestExclusions\x12\x11\n\tskip_swap\x18\x01 \x01(\x08\x12\x15\n\rskip_pagefile\x18\x02 \x01(\x08\x12\x18\n\x10skip_hibernation\x18\x03 \x01(\x08\x12\x14\n\x0cskip_deleted\x18\x04 \x01(\x08\x12\x13\n\x0bguest_paths\x18\x05 \x03(\t*i\n\nDiskFormat\x12\x1b\n\x17\x44ISK_FORMAT_UNSPECIFIED\x10\x00\x12\x13\n\x0f\x44ISK_FORMAT_RAW\x10\x01\x12\x14\n\x10\x44ISK_FORMAT_VHDX\x10\x02\x12\x13\n\x0f\x44ISK_FORMAT_VHD\x10\x03*\x9a\x01\n\x0cReplicaState\x12\x1d\n\x19REPLICA_STATE_UNSPECIFIED\x10\x00\x12\x17\n\x13REPLICA_STATE_EMPTY\x10\x01\x12\x1a\n\x16REPLICA_STATE_AT_POINT\x10\x02\x12\x19\n\x15REPLICA_STATE_WRITING\x10\x03\x12\x1b\n\x17REPLICA_STATE_RESUMABLE\x10\x04*^\n\x0b\x43onsistency\x12\x1b\n\x17\x43ONSISTENCY_UNSPECIFIED\x10\x00\x12\x15\n\x11\x43ONSISTENCY_CRASH\x10\x01\x12\x1b\n\x17\x43ONSISTENCY_APPLICATION\x10\x02*U\n\nExtentKind\x12\x1b\n\x17\x45XTENT_KIND_UNSPECIFIED\x10\x00\x12\x14\n\x10\x45XTENT_KIND_DATA\x10\x01\x12\x14\n\x10\x45XTENT_KIND_ZERO\x10\x02*H\n\x08\x45ncoding\x12\x18\n\x14\x45NCODING_UNSPECIFIED\x10\x00\x12\x10\n\x0c\x45NCODING_RAW\x10\x01\x12\x10\n\x0c\x45NCODING_LZ4\x10\x02\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16vmrepl/v1/common.proto\x12\tvmrepl.v1\"+\n\tByteRange\x12\x0e\n\x06offset\x18\x01 \x01(\x04\x12\x0e\n\x06length\x18\x02 \x01(\x04\"H\n\x13SampledVerification\x12\x16\n\x0esampled_blocks\x18\x01 \x01(\r\x12\x19\n\x11mismatched_blocks\x18\x02 \x01(\r\"l\n\tFullCheck\x12\x17\n\x0f\x64iffered_blocks\x18\x01 \x01(\x04\x12\x17\n\x0frepaired_blocks\x18\x02 \x01(\x04\x12-\n\x0frepaired_ranges\x18\x03 \x03(\x0b\x32\x14.vmrepl.v1.ByteRange\"\xcb\x01\n\x0eVerifyProgress\x12\x0f\n\x07\x64isk_id\x18\x01 \x01(\t\x12\x14\n\x0c\x62locks_total\x18\x02 \x01(\x04\x12\x16\n\x0e\x62locks_checked\x18\x03 \x01(\x04\x12\x16\n\x0e\x62locks_unknown\x18\x04 \x01(\x04\x12(\n\nmismatches\x18\x05 \x03(\x0b\x32\x14.vmrepl.v1.ByteRange\x12\x0c\n\x04\x64one\x18\x06 \x01(\x08\x12\x16\n\x0emismatch_count\x18\x07 \x01(\x04\x12\x12\n\nblock_size\x18\x08 \x01(\r\"J\n\tDiskChunk\x12\x11\n\tdisk_size\x18\x01 \x01(\x04\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x12\x0c\n\x04\x64one\x18\x04 \x01(\x08\"u\n\x10RestorePointDisk\x12\x0f\n\x07\x64isk_id\x18\x01 \x01(\t\x12\x11\n\tdisk_size\x18\x02 \x01(\x04\x12%\n\x06\x66ormat\x18\x03 \x01(\x0e\x32\x15.vmrepl.v1.DiskFormat\x12\x16\n\x0erollback_bytes\x18\x04 \x01(\x04\"V\n\x0cSkippedBytes\x12\x0c\n\x04zero\x18\x01 \x01(\x04\x12\x13\n\x0bunallocated\x18\x02 \x01(\x04\x12\x11\n\tunchanged\x18\x03 \x01(\x04\x12\x10\n\x08\x65xcluded\x18\x04 \x01(\x04\"\x80\x01\n\x0fGuestExclusions\x12\x11\n\tskip_swap\x18\x01 \x01(\x08\x12\x15\n\rskip_pagefile\x18\x02 \x01(\x08\x12\x18\n\x10skip_hibernation\x18\x03 \x01(\x08\x12\x14\n\x0cskip_deleted\x18\x04 \x01(\x08\x12\x13\n\x0bguest_paths\x18\x05 \x03(\t*i\n\nDiskFormat\x12\x1b\n\x17\x44ISK_FORMAT_UNSPECIFIED\x10\x00\x12\x13\n\x0f\x44ISK_FORMAT_RAW\x10\x01\x12\x14\n\x10\x44ISK_FORMAT_VHDX\x10\x02\x12\x13\n\x0f\x44ISK_FORMAT_VHD\x10\x03*\x9a\x01\n\x0cReplicaState\x12\x1d\n\x19REPLICA_STATE_UNSPECIFIED\x10\x00\x12\x17\n\x13REPLICA_STATE_EMPTY\x10\x01\x12\x1a\n\x16REPLICA_STATE_AT_POINT\x10\x02\x12\x19\n\x15REPLICA_STATE_WRITING\x10\x03\x12\x1b\n\x17REPLICA_STATE_RESUMABLE\x10\x04*^\n\x0b\x43onsistency\x12\x1b\n\x17\x43ONSISTENCY_UNSPECIFIED\x10\x00\x12\x15\n\x11\x43ONSISTENCY_CRASH\x10\x01\x12\x1b\n\x17\x43ONSISTENCY_APPLICATION\x10\x02*U\n\nExtentKind\x12\x1b\n\x17\x45XTENT_KIND_UNSPECIFIED\x10\x00\x12\x14\n\x10\x45XTENT_KIND_DATA\x10\x01\x12\x14\n\x10\x45XTENT_KIND_ZERO\x10\x02*H\n\x08\x45ncoding\x12\x18\n\x14\x45NCODING_UNSPECIFIED\x10\x00\x12\x10\n\x0c\x45NCODING_RAW\x10\x01\x12\x10\n\x0c\x45NCODING_LZ4\x10\x02\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'vmrepl.v1.common_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_DISKFORMAT']._serialized_start=776
-  _globals['_DISKFORMAT']._serialized_end=881
-  _globals['_REPLICASTATE']._serialized_start=884
-  _globals['_REPLICASTATE']._serialized_end=1038
-  _globals['_CONSISTENCY']._serialized_start=1040
-  _globals['_CONSISTENCY']._serialized_end=1134
-  _globals['_EXTENTKIND']._serialized_start=1136
-  _globals['_EXTENTKIND']._serialized_end=1221
-  _globals['_ENCODING']._serialized_start=1223
-  _globals['_ENCODING']._serialized_end=1295
+  _globals['_DISKFORMAT']._serialized_start=886
+  _globals['_DISKFORMAT']._serialized_end=991
+  _globals['_REPLICASTATE']._serialized_start=994
+  _globals['_REPLICASTATE']._serialized_end=1148
+  _globals['_CONSISTENCY']._serialized_start=1150
+  _globals['_CONSISTENCY']._serialized_end=1244
+  _globals['_EXTENTKIND']._serialized_start=1246
+  _globals['_EXTENTKIND']._serialized_end=1331
+  _globals['_ENCODING']._serialized_start=1333
+  _globals['_ENCODING']._serialized_end=1405
   _globals['_BYTERANGE']._serialized_start=37
   _globals['_BYTERANGE']._serialized_end=80
   _globals['_SAMPLEDVERIFICATION']._serialized_start=82
   _globals['_SAMPLEDVERIFICATION']._serialized_end=154
-  _globals['_VERIFYPROGRESS']._serialized_start=157
-  _globals['_VERIFYPROGRESS']._serialized_end=360
-  _globals['_DISKCHUNK']._serialized_start=362
-  _globals['_DISKCHUNK']._serialized_end=436
-  _globals['_RESTOREPOINTDISK']._serialized_start=438
-  _globals['_RESTOREPOINTDISK']._serialized_end=555
-  _globals['_SKIPPEDBYTES']._serialized_start=557
-  _globals['_SKIPPEDBYTES']._serialized_end=643
-  _globals['_GUESTEXCLUSIONS']._serialized_start=646
-  _globals['_GUESTEXCLUSIONS']._serialized_end=774
+  _globals['_FULLCHECK']._serialized_start=156
+  _globals['_FULLCHECK']._serialized_end=264
+  _globals['_VERIFYPROGRESS']._serialized_start=267
+  _globals['_VERIFYPROGRESS']._serialized_end=470
+  _globals['_DISKCHUNK']._serialized_start=472
+  _globals['_DISKCHUNK']._serialized_end=546
+  _globals['_RESTOREPOINTDISK']._serialized_start=548
+  _globals['_RESTOREPOINTDISK']._serialized_end=665
+  _globals['_SKIPPEDBYTES']._serialized_start=667
+  _globals['_SKIPPEDBYTES']._serialized_end=753
+  _globals['_GUESTEXCLUSIONS']._serialized_start=756
+  _globals['_GUESTEXCLUSIONS']._serialized_end=884
 # @@protoc_insertion_point(module_scope)

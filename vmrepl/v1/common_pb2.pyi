@@ -198,6 +198,43 @@ class SampledVerification(_message.Message):
 Global___SampledVerification: _TypeAlias = SampledVerification  # noqa: Y015
 
 @_typing.final
+class FullCheck(_message.Message):
+    """What a periodic full check found (controller Job.full_check_every, StartJobRequest.full_check): a digest
+    comparison of every block standing in for a changed-range incremental. Shared by the proxy's progress and
+    the controller's API.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DIFFERED_BLOCKS_FIELD_NUMBER: _builtins.int
+    REPAIRED_BLOCKS_FIELD_NUMBER: _builtins.int
+    REPAIRED_RANGES_FIELD_NUMBER: _builtins.int
+    differed_blocks: _builtins.int
+    """Blocks whose digest differed from the replica's; all of them were sent."""
+    repaired_blocks: _builtins.int
+    """Of those, the blocks the host's changed ranges since the replica's restore point did not name: writes
+    its change tracking missed, which a changed-range incremental would have left wrong. Now repaired.
+    """
+    @_builtins.property
+    def repaired_ranges(self) -> _containers.RepeatedCompositeFieldContainer[Global___ByteRange]:
+        """The repaired blocks as merged byte ranges in offset order; only the first 1000 ranges."""
+
+    def __init__(
+        self,
+        *,
+        differed_blocks: _builtins.int = ...,
+        repaired_blocks: _builtins.int = ...,
+        repaired_ranges: _abc.Iterable[Global___ByteRange] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["differed_blocks", b"differed_blocks", "repaired_blocks", b"repaired_blocks", "repaired_ranges", b"repaired_ranges"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FullCheck: _TypeAlias = FullCheck  # noqa: Y015
+
+@_typing.final
 class VerifyProgress(_message.Message):
     """Progress of a replica verification: one message per disk every few seconds and when the disk is done."""
 

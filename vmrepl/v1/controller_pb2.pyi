@@ -1383,6 +1383,7 @@ class DiskTask(_message.Message):
     PASSES_FIELD_NUMBER: _builtins.int
     SAMPLE_FIELD_NUMBER: _builtins.int
     VERIFICATION_FIELD_NUMBER: _builtins.int
+    FULL_CHECK_FIELD_NUMBER: _builtins.int
     disk_id: _builtins.str
     state: Global___DiskTaskState.ValueType
     start: _builtins.str
@@ -1422,6 +1423,13 @@ class DiskTask(_message.Message):
     def sample(self) -> _common_pb2.SampledVerification:
         """The sample checked after a changed-range pass; unset (zero blocks) when none was taken."""
 
+    @_builtins.property
+    def full_check(self) -> _common_pb2.FullCheck:
+        """Set when this disk's digest comparison was a periodic full check (Job.full_check_every, or
+        StartJobRequest.full_check) standing in for a changed-range incremental: how many blocks differed, and
+        which of them the host's change tracking had not reported (repaired). `verification` says it in words.
+        """
+
     def __init__(
         self,
         *,
@@ -1446,10 +1454,11 @@ class DiskTask(_message.Message):
         passes: _builtins.int = ...,
         sample: _common_pb2.SampledVerification | None = ...,
         verification: _builtins.str = ...,
+        full_check: _common_pb2.FullCheck | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["busy", b"busy", "sample", b"sample", "skipped", b"skipped"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["busy", b"busy", "full_check", b"full_check", "sample", b"sample", "skipped", b"skipped"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["bottleneck", b"bottleneck", "busy", b"busy", "bytes_data", b"bytes_data", "bytes_read", b"bytes_read", "bytes_sent", b"bytes_sent", "change_mode", b"change_mode", "committed_offset", b"committed_offset", "compression_ratio", b"compression_ratio", "disk_id", b"disk_id", "disk_size", b"disk_size", "duration_seconds", b"duration_seconds", "error", b"error", "passes", b"passes", "proxy", b"proxy", "rate_bytes_per_second", b"rate_bytes_per_second", "resumes", b"resumes", "sample", b"sample", "skipped", b"skipped", "start", b"start", "state", b"state", "verification", b"verification"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bottleneck", b"bottleneck", "busy", b"busy", "bytes_data", b"bytes_data", "bytes_read", b"bytes_read", "bytes_sent", b"bytes_sent", "change_mode", b"change_mode", "committed_offset", b"committed_offset", "compression_ratio", b"compression_ratio", "disk_id", b"disk_id", "disk_size", b"disk_size", "duration_seconds", b"duration_seconds", "error", b"error", "full_check", b"full_check", "passes", b"passes", "proxy", b"proxy", "rate_bytes_per_second", b"rate_bytes_per_second", "resumes", b"resumes", "sample", b"sample", "skipped", b"skipped", "start", b"start", "state", b"state", "verification", b"verification"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1514,6 +1523,7 @@ class SessionStats(_message.Message):
     COMPRESSION_RATIO_FIELD_NUMBER: _builtins.int
     BUSY_FIELD_NUMBER: _builtins.int
     BOTTLENECK_FIELD_NUMBER: _builtins.int
+    BLOCKS_REPAIRED_FIELD_NUMBER: _builtins.int
     disk_bytes: _builtins.int
     bytes_read: _builtins.int
     bytes_sent: _builtins.int
@@ -1525,6 +1535,10 @@ class SessionStats(_message.Message):
     rate_bytes_per_second: _builtins.float
     compression_ratio: _builtins.float
     bottleneck: _builtins.str
+    blocks_repaired: _builtins.int
+    """Blocks full checks found differing from the replica although the host's change tracking did not report
+    them, repaired in this session (the sum of the disks' full_check.repaired_blocks).
+    """
     @_builtins.property
     def skipped(self) -> _common_pb2.SkippedBytes: ...
     @_builtins.property
@@ -1544,10 +1558,11 @@ class SessionStats(_message.Message):
         compression_ratio: _builtins.float = ...,
         busy: Global___StageShares | None = ...,
         bottleneck: _builtins.str = ...,
+        blocks_repaired: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["busy", b"busy", "skipped", b"skipped"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["bottleneck", b"bottleneck", "busy", b"busy", "bytes_data", b"bytes_data", "bytes_processed", b"bytes_processed", "bytes_read", b"bytes_read", "bytes_sent", b"bytes_sent", "compression_ratio", b"compression_ratio", "disk_bytes", b"disk_bytes", "duration_seconds", b"duration_seconds", "rate_bytes_per_second", b"rate_bytes_per_second", "restore_points", b"restore_points", "skipped", b"skipped"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["blocks_repaired", b"blocks_repaired", "bottleneck", b"bottleneck", "busy", b"busy", "bytes_data", b"bytes_data", "bytes_processed", b"bytes_processed", "bytes_read", b"bytes_read", "bytes_sent", b"bytes_sent", "compression_ratio", b"compression_ratio", "disk_bytes", b"disk_bytes", "duration_seconds", b"duration_seconds", "rate_bytes_per_second", b"rate_bytes_per_second", "restore_points", b"restore_points", "skipped", b"skipped"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -25,17 +25,17 @@ _sym_db = _symbol_database.Default()
 from vmrepl.v1 import common_pb2 as vmrepl_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15vmrepl/v1/proxy.proto\x12\tvmrepl.v1\x1a\x16vmrepl/v1/common.proto\"\x15\n\x13GetAgentInfoRequest\"D\n\tAgentInfo\x12\x18\n\x10\x63\x65rtificate_name\x18\x01 \x01(\t\x12\x0c\n\x04role\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\t\"R\n\nSourceDisk\x12\x0f\n\x07locator\x18\x01 \x01(\t\x12%\n\x06\x66ormat\x18\x02 \x01(\x0e\x32\x15.vmrepl.v1.DiskFormat\x12\x0c\n\x04size\x18\x03 \x01(\x04\"\xa5\x01\n\x0c\x43hangeSource\x12#\n\x04\x66ull\x18\x01 \x01(\x0b\x32\x13.vmrepl.v1.FullReadH\x00\x12\x32\n\x0e\x63hanged_ranges\x18\x02 \x01(\x0b\x32\x18.vmrepl.v1.ChangedRangesH\x00\x12\x34\n\x0f\x63ompare_digests\x18\x03 \x01(\x0b\x32\x19.vmrepl.v1.CompareDigestsH\x00\x42\x06\n\x04mode\"\n\n\x08\x46ullRead\"K\n\rChangedRanges\x12$\n\x06ranges\x18\x01 \x03(\x0b\x32\x14.vmrepl.v1.ByteRange\x12\x14\n\x0creference_id\x18\x02 \x01(\t\"\x10\n\x0e\x43ompareDigests\"\xb1\x01\n\x11\x45xclusionSettings\x12$\n\x06ranges\x18\x01 \x03(\x0b\x32\x14.vmrepl.v1.ByteRange\x12)\n\x05guest\x18\x07 \x01(\x0b\x32\x1a.vmrepl.v1.GuestExclusionsJ\x04\x08\x02\x10\x07R\tskip_swapR\rskip_pagefileR\x10skip_hibernationR\x0cskip_deletedR\x0bguest_paths\":\n\x0eTargetEndpoint\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\t\x12\x17\n\x0ftls_server_name\x18\x02 \x01(\t\"\xc9\x03\n\x18StartDiskTransferRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0f\n\x07\x64isk_id\x18\x02 \x01(\t\x12%\n\x06source\x18\x03 \x01(\x0b\x32\x15.vmrepl.v1.SourceDisk\x12\x12\n\nblock_size\x18\x04 \x01(\r\x12.\n\rchange_source\x18\x05 \x01(\x0b\x32\x17.vmrepl.v1.ChangeSource\x12\x30\n\nexclusions\x18\x06 \x01(\x0b\x32\x1c.vmrepl.v1.ExclusionSettings\x12\x30\n\x0b\x63ompression\x18\x07 \x01(\x0e\x32\x1b.vmrepl.v1.CompressionLevel\x12\x1c\n\x14\x62\x61ndwidth_limit_mbps\x18\x08 \x01(\x01\x12)\n\x06target\x18\t \x01(\x0b\x32\x19.vmrepl.v1.TargetEndpoint\x12\x0e\n\x06ticket\x18\n \x01(\x0c\x12\x1e\n\x16resume_timeout_seconds\x18\x0b \x01(\r\x12\x14\n\x0creplica_path\x18\x0c \x01(\t\x12\x13\n\x0btransfer_id\x18\r \x01(\t\x12\x15\n\rcheckpoint_id\x18\x0e \x01(\t\"0\n\x19StartDiskTransferResponse\x12\x13\n\x0btransfer_id\x18\x01 \x01(\t\"+\n\x14WatchTransferRequest\x12\x13\n\x0btransfer_id\x18\x01 \x01(\t\"o\n\tStageBusy\x12\x13\n\x0bsource_read\x18\x01 \x01(\x01\x12\x10\n\x08\x63ompress\x18\x02 \x01(\x01\x12\x14\n\x0cnetwork_wait\x18\x03 \x01(\x01\x12\x14\n\x0ctarget_write\x18\x04 \x01(\x01\x12\x0f\n\x07threads\x18\x05 \x01(\r\"\xd5\x03\n\x10TransferProgress\x12\x13\n\x0btransfer_id\x18\x01 \x01(\t\x12\x12\n\nsession_id\x18\x02 \x01(\t\x12\x0f\n\x07\x64isk_id\x18\x03 \x01(\t\x12\'\n\x05state\x18\x04 \x01(\x0e\x32\x18.vmrepl.v1.TransferState\x12\x11\n\tdisk_size\x18\x05 \x01(\x04\x12\x12\n\nbytes_read\x18\x06 \x01(\x04\x12\x12\n\nbytes_data\x18\x07 \x01(\x04\x12\x12\n\nbytes_sent\x18\x08 \x01(\x04\x12(\n\x07skipped\x18\t \x01(\x0b\x32\x17.vmrepl.v1.SkippedBytes\x12\"\n\x04\x62usy\x18\n \x01(\x0b\x32\x14.vmrepl.v1.StageBusy\x12\x18\n\x10\x63ommitted_offset\x18\x0b \x01(\x04\x12\x0f\n\x07resumes\x18\x0c \x01(\r\x12\x17\n\x0f\x65lapsed_seconds\x18\r \x01(\x01\x12\x12\n\nerror_code\x18\x0e \x01(\t\x12\x15\n\rerror_message\x18\x0f \x01(\t\x12\x0e\n\x06passes\x18\x10 \x01(\r\x12.\n\x06sample\x18\x12 \x01(\x0b\x32\x1e.vmrepl.v1.SampledVerificationJ\x04\x08\x11\x10\x12R\x0cverification\",\n\x15\x43\x61ncelTransferRequest\x12\x13\n\x0btransfer_id\x18\x01 \x01(\t\"\x18\n\x16\x43\x61ncelTransferResponse*\x8c\x01\n\x10\x43ompressionLevel\x12!\n\x1d\x43OMPRESSION_LEVEL_UNSPECIFIED\x10\x00\x12\x1a\n\x16\x43OMPRESSION_LEVEL_NONE\x10\x01\x12\x1a\n\x16\x43OMPRESSION_LEVEL_FAST\x10\x02\x12\x1d\n\x19\x43OMPRESSION_LEVEL_DEFAULT\x10\x03*\xc3\x01\n\rTransferState\x12\x1e\n\x1aTRANSFER_STATE_UNSPECIFIED\x10\x00\x12\x1a\n\x16TRANSFER_STATE_RUNNING\x10\x01\x12\x1f\n\x1bTRANSFER_STATE_RECONNECTING\x10\x02\x12\x1c\n\x18TRANSFER_STATE_COMPLETED\x10\x03\x12\x19\n\x15TRANSFER_STATE_FAILED\x10\x04\x12\x1c\n\x18TRANSFER_STATE_CANCELLED\x10\x05\x32\xda\x02\n\nProxyAgent\x12^\n\x11StartDiskTransfer\x12#.vmrepl.v1.StartDiskTransferRequest\x1a$.vmrepl.v1.StartDiskTransferResponse\x12O\n\rWatchTransfer\x12\x1f.vmrepl.v1.WatchTransferRequest\x1a\x1b.vmrepl.v1.TransferProgress0\x01\x12U\n\x0e\x43\x61ncelTransfer\x12 .vmrepl.v1.CancelTransferRequest\x1a!.vmrepl.v1.CancelTransferResponse\x12\x44\n\x0cGetAgentInfo\x12\x1e.vmrepl.v1.GetAgentInfoRequest\x1a\x14.vmrepl.v1.AgentInfob\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15vmrepl/v1/proxy.proto\x12\tvmrepl.v1\x1a\x16vmrepl/v1/common.proto\"\x15\n\x13GetAgentInfoRequest\"D\n\tAgentInfo\x12\x18\n\x10\x63\x65rtificate_name\x18\x01 \x01(\t\x12\x0c\n\x04role\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\t\"R\n\nSourceDisk\x12\x0f\n\x07locator\x18\x01 \x01(\t\x12%\n\x06\x66ormat\x18\x02 \x01(\x0e\x32\x15.vmrepl.v1.DiskFormat\x12\x0c\n\x04size\x18\x03 \x01(\x04\"\xa5\x01\n\x0c\x43hangeSource\x12#\n\x04\x66ull\x18\x01 \x01(\x0b\x32\x13.vmrepl.v1.FullReadH\x00\x12\x32\n\x0e\x63hanged_ranges\x18\x02 \x01(\x0b\x32\x18.vmrepl.v1.ChangedRangesH\x00\x12\x34\n\x0f\x63ompare_digests\x18\x03 \x01(\x0b\x32\x19.vmrepl.v1.CompareDigestsH\x00\x42\x06\n\x04mode\"\n\n\x08\x46ullRead\"K\n\rChangedRanges\x12$\n\x06ranges\x18\x01 \x03(\x0b\x32\x14.vmrepl.v1.ByteRange\x12\x14\n\x0creference_id\x18\x02 \x01(\t\">\n\x0e\x43ompareDigests\x12,\n\nfull_check\x18\x01 \x01(\x0b\x32\x18.vmrepl.v1.ChangedRanges\"\xb1\x01\n\x11\x45xclusionSettings\x12$\n\x06ranges\x18\x01 \x03(\x0b\x32\x14.vmrepl.v1.ByteRange\x12)\n\x05guest\x18\x07 \x01(\x0b\x32\x1a.vmrepl.v1.GuestExclusionsJ\x04\x08\x02\x10\x07R\tskip_swapR\rskip_pagefileR\x10skip_hibernationR\x0cskip_deletedR\x0bguest_paths\":\n\x0eTargetEndpoint\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\t\x12\x17\n\x0ftls_server_name\x18\x02 \x01(\t\"\xc9\x03\n\x18StartDiskTransferRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0f\n\x07\x64isk_id\x18\x02 \x01(\t\x12%\n\x06source\x18\x03 \x01(\x0b\x32\x15.vmrepl.v1.SourceDisk\x12\x12\n\nblock_size\x18\x04 \x01(\r\x12.\n\rchange_source\x18\x05 \x01(\x0b\x32\x17.vmrepl.v1.ChangeSource\x12\x30\n\nexclusions\x18\x06 \x01(\x0b\x32\x1c.vmrepl.v1.ExclusionSettings\x12\x30\n\x0b\x63ompression\x18\x07 \x01(\x0e\x32\x1b.vmrepl.v1.CompressionLevel\x12\x1c\n\x14\x62\x61ndwidth_limit_mbps\x18\x08 \x01(\x01\x12)\n\x06target\x18\t \x01(\x0b\x32\x19.vmrepl.v1.TargetEndpoint\x12\x0e\n\x06ticket\x18\n \x01(\x0c\x12\x1e\n\x16resume_timeout_seconds\x18\x0b \x01(\r\x12\x14\n\x0creplica_path\x18\x0c \x01(\t\x12\x13\n\x0btransfer_id\x18\r \x01(\t\x12\x15\n\rcheckpoint_id\x18\x0e \x01(\t\"0\n\x19StartDiskTransferResponse\x12\x13\n\x0btransfer_id\x18\x01 \x01(\t\"+\n\x14WatchTransferRequest\x12\x13\n\x0btransfer_id\x18\x01 \x01(\t\"o\n\tStageBusy\x12\x13\n\x0bsource_read\x18\x01 \x01(\x01\x12\x10\n\x08\x63ompress\x18\x02 \x01(\x01\x12\x14\n\x0cnetwork_wait\x18\x03 \x01(\x01\x12\x14\n\x0ctarget_write\x18\x04 \x01(\x01\x12\x0f\n\x07threads\x18\x05 \x01(\r\"\xff\x03\n\x10TransferProgress\x12\x13\n\x0btransfer_id\x18\x01 \x01(\t\x12\x12\n\nsession_id\x18\x02 \x01(\t\x12\x0f\n\x07\x64isk_id\x18\x03 \x01(\t\x12\'\n\x05state\x18\x04 \x01(\x0e\x32\x18.vmrepl.v1.TransferState\x12\x11\n\tdisk_size\x18\x05 \x01(\x04\x12\x12\n\nbytes_read\x18\x06 \x01(\x04\x12\x12\n\nbytes_data\x18\x07 \x01(\x04\x12\x12\n\nbytes_sent\x18\x08 \x01(\x04\x12(\n\x07skipped\x18\t \x01(\x0b\x32\x17.vmrepl.v1.SkippedBytes\x12\"\n\x04\x62usy\x18\n \x01(\x0b\x32\x14.vmrepl.v1.StageBusy\x12\x18\n\x10\x63ommitted_offset\x18\x0b \x01(\x04\x12\x0f\n\x07resumes\x18\x0c \x01(\r\x12\x17\n\x0f\x65lapsed_seconds\x18\r \x01(\x01\x12\x12\n\nerror_code\x18\x0e \x01(\t\x12\x15\n\rerror_message\x18\x0f \x01(\t\x12\x0e\n\x06passes\x18\x10 \x01(\r\x12.\n\x06sample\x18\x12 \x01(\x0b\x32\x1e.vmrepl.v1.SampledVerification\x12(\n\nfull_check\x18\x13 \x01(\x0b\x32\x14.vmrepl.v1.FullCheckJ\x04\x08\x11\x10\x12R\x0cverification\",\n\x15\x43\x61ncelTransferRequest\x12\x13\n\x0btransfer_id\x18\x01 \x01(\t\"\x18\n\x16\x43\x61ncelTransferResponse*\x8c\x01\n\x10\x43ompressionLevel\x12!\n\x1d\x43OMPRESSION_LEVEL_UNSPECIFIED\x10\x00\x12\x1a\n\x16\x43OMPRESSION_LEVEL_NONE\x10\x01\x12\x1a\n\x16\x43OMPRESSION_LEVEL_FAST\x10\x02\x12\x1d\n\x19\x43OMPRESSION_LEVEL_DEFAULT\x10\x03*\xc3\x01\n\rTransferState\x12\x1e\n\x1aTRANSFER_STATE_UNSPECIFIED\x10\x00\x12\x1a\n\x16TRANSFER_STATE_RUNNING\x10\x01\x12\x1f\n\x1bTRANSFER_STATE_RECONNECTING\x10\x02\x12\x1c\n\x18TRANSFER_STATE_COMPLETED\x10\x03\x12\x19\n\x15TRANSFER_STATE_FAILED\x10\x04\x12\x1c\n\x18TRANSFER_STATE_CANCELLED\x10\x05\x32\xda\x02\n\nProxyAgent\x12^\n\x11StartDiskTransfer\x12#.vmrepl.v1.StartDiskTransferRequest\x1a$.vmrepl.v1.StartDiskTransferResponse\x12O\n\rWatchTransfer\x12\x1f.vmrepl.v1.WatchTransferRequest\x1a\x1b.vmrepl.v1.TransferProgress0\x01\x12U\n\x0e\x43\x61ncelTransfer\x12 .vmrepl.v1.CancelTransferRequest\x1a!.vmrepl.v1.CancelTransferResponse\x12\x44\n\x0cGetAgentInfo\x12\x1e.vmrepl.v1.GetAgentInfoRequest\x1a\x14.vmrepl.v1.AgentInfob\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'vmrepl.v1.proxy_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_COMPRESSIONLEVEL']._serialized_start=1965
-  _globals['_COMPRESSIONLEVEL']._serialized_end=2105
-  _globals['_TRANSFERSTATE']._serialized_start=2108
-  _globals['_TRANSFERSTATE']._serialized_end=2303
+  _globals['_COMPRESSIONLEVEL']._serialized_start=2053
+  _globals['_COMPRESSIONLEVEL']._serialized_end=2193
+  _globals['_TRANSFERSTATE']._serialized_start=2196
+  _globals['_TRANSFERSTATE']._serialized_end=2391
   _globals['_GETAGENTINFOREQUEST']._serialized_start=60
   _globals['_GETAGENTINFOREQUEST']._serialized_end=81
   _globals['_AGENTINFO']._serialized_start=83
@@ -49,25 +49,25 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CHANGEDRANGES']._serialized_start=417
   _globals['_CHANGEDRANGES']._serialized_end=492
   _globals['_COMPAREDIGESTS']._serialized_start=494
-  _globals['_COMPAREDIGESTS']._serialized_end=510
-  _globals['_EXCLUSIONSETTINGS']._serialized_start=513
-  _globals['_EXCLUSIONSETTINGS']._serialized_end=690
-  _globals['_TARGETENDPOINT']._serialized_start=692
-  _globals['_TARGETENDPOINT']._serialized_end=750
-  _globals['_STARTDISKTRANSFERREQUEST']._serialized_start=753
-  _globals['_STARTDISKTRANSFERREQUEST']._serialized_end=1210
-  _globals['_STARTDISKTRANSFERRESPONSE']._serialized_start=1212
-  _globals['_STARTDISKTRANSFERRESPONSE']._serialized_end=1260
-  _globals['_WATCHTRANSFERREQUEST']._serialized_start=1262
-  _globals['_WATCHTRANSFERREQUEST']._serialized_end=1305
-  _globals['_STAGEBUSY']._serialized_start=1307
-  _globals['_STAGEBUSY']._serialized_end=1418
-  _globals['_TRANSFERPROGRESS']._serialized_start=1421
-  _globals['_TRANSFERPROGRESS']._serialized_end=1890
-  _globals['_CANCELTRANSFERREQUEST']._serialized_start=1892
-  _globals['_CANCELTRANSFERREQUEST']._serialized_end=1936
-  _globals['_CANCELTRANSFERRESPONSE']._serialized_start=1938
-  _globals['_CANCELTRANSFERRESPONSE']._serialized_end=1962
-  _globals['_PROXYAGENT']._serialized_start=2306
-  _globals['_PROXYAGENT']._serialized_end=2652
+  _globals['_COMPAREDIGESTS']._serialized_end=556
+  _globals['_EXCLUSIONSETTINGS']._serialized_start=559
+  _globals['_EXCLUSIONSETTINGS']._serialized_end=736
+  _globals['_TARGETENDPOINT']._serialized_start=738
+  _globals['_TARGETENDPOINT']._serialized_end=796
+  _globals['_STARTDISKTRANSFERREQUEST']._serialized_start=799
+  _globals['_STARTDISKTRANSFERREQUEST']._serialized_end=1256
+  _globals['_STARTDISKTRANSFERRESPONSE']._serialized_start=1258
+  _globals['_STARTDISKTRANSFERRESPONSE']._serialized_end=1306
+  _globals['_WATCHTRANSFERREQUEST']._serialized_start=1308
+  _globals['_WATCHTRANSFERREQUEST']._serialized_end=1351
+  _globals['_STAGEBUSY']._serialized_start=1353
+  _globals['_STAGEBUSY']._serialized_end=1464
+  _globals['_TRANSFERPROGRESS']._serialized_start=1467
+  _globals['_TRANSFERPROGRESS']._serialized_end=1978
+  _globals['_CANCELTRANSFERREQUEST']._serialized_start=1980
+  _globals['_CANCELTRANSFERREQUEST']._serialized_end=2024
+  _globals['_CANCELTRANSFERRESPONSE']._serialized_start=2026
+  _globals['_CANCELTRANSFERRESPONSE']._serialized_end=2050
+  _globals['_PROXYAGENT']._serialized_start=2394
+  _globals['_PROXYAGENT']._serialized_end=2740
 # @@protoc_insertion_point(module_scope)

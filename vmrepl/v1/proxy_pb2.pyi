@@ -222,12 +222,22 @@ class CompareDigests(_message.Message):
 
     DESCRIPTOR: _descriptor.Descriptor
 
+    FULL_CHECK_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def full_check(self) -> Global___ChangedRanges:
+        """Set when this comparison is a periodic full check standing in for a changed-range incremental: the
+        ranges the host's change tracking reports since the replica's restore point (possibly none). Blocks
+        that differ outside them are the writes the tracking missed: TransferProgress.full_check reports them.
+        """
+
     def __init__(
         self,
+        *,
+        full_check: Global___ChangedRanges | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["full_check", b"full_check"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["full_check", b"full_check"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -458,6 +468,7 @@ class TransferProgress(_message.Message):
     ERROR_MESSAGE_FIELD_NUMBER: _builtins.int
     PASSES_FIELD_NUMBER: _builtins.int
     SAMPLE_FIELD_NUMBER: _builtins.int
+    FULL_CHECK_FIELD_NUMBER: _builtins.int
     transfer_id: _builtins.str
     session_id: _builtins.str
     disk_id: _builtins.str
@@ -488,6 +499,10 @@ class TransferProgress(_message.Message):
     def sample(self) -> _common_pb2.SampledVerification:
         """The sample checked after a changed-range pass; unset (zero blocks) when none was taken."""
 
+    @_builtins.property
+    def full_check(self) -> _common_pb2.FullCheck:
+        """A full check's findings (CompareDigests.full_check was set); unset otherwise."""
+
     def __init__(
         self,
         *,
@@ -508,10 +523,11 @@ class TransferProgress(_message.Message):
         error_message: _builtins.str = ...,
         passes: _builtins.int = ...,
         sample: _common_pb2.SampledVerification | None = ...,
+        full_check: _common_pb2.FullCheck | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["busy", b"busy", "sample", b"sample", "skipped", b"skipped"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["busy", b"busy", "full_check", b"full_check", "sample", b"sample", "skipped", b"skipped"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["busy", b"busy", "bytes_data", b"bytes_data", "bytes_read", b"bytes_read", "bytes_sent", b"bytes_sent", "committed_offset", b"committed_offset", "disk_id", b"disk_id", "disk_size", b"disk_size", "elapsed_seconds", b"elapsed_seconds", "error_code", b"error_code", "error_message", b"error_message", "passes", b"passes", "resumes", b"resumes", "sample", b"sample", "session_id", b"session_id", "skipped", b"skipped", "state", b"state", "transfer_id", b"transfer_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["busy", b"busy", "bytes_data", b"bytes_data", "bytes_read", b"bytes_read", "bytes_sent", b"bytes_sent", "committed_offset", b"committed_offset", "disk_id", b"disk_id", "disk_size", b"disk_size", "elapsed_seconds", b"elapsed_seconds", "error_code", b"error_code", "error_message", b"error_message", "full_check", b"full_check", "passes", b"passes", "resumes", b"resumes", "sample", b"sample", "session_id", b"session_id", "skipped", b"skipped", "state", b"state", "transfer_id", b"transfer_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -18,6 +18,7 @@ from controller.observability.webhooks import redact_url
 from controller.scheduling.schedule import parse_schedule, schedule_json, schedule_message
 from vmrepl.domain import (
     CHECKPOINT_HOLD_LIMIT,
+    FULL_CHECK_EVERY_LIMIT,
     JOB_DEFAULTS,
     KEEP_LIMIT,
     RETRIES_LIMIT,
@@ -49,6 +50,7 @@ JOB_FIELDS = (
     "webhook",
     "retries",
     "retry_wait_seconds",
+    "full_check_every",
 )
 
 
@@ -97,6 +99,7 @@ async def job_msg(db: AsyncSession, row: Job) -> api.Job:
         else None,
         retries=row.retries,
         retry_wait_seconds=row.retry_wait_seconds,
+        full_check_every=row.full_check_every,
     )
 
 
@@ -196,6 +199,9 @@ async def _apply_job_policy(db: AsyncSession, msg: api.Job, row: Job, path: str)
     elif path == "retry_wait_seconds":
         wait = msg.retry_wait_seconds if msg.HasField("retry_wait_seconds") else JOB_DEFAULTS.retry_wait_seconds
         row.retry_wait_seconds = RETRY_WAIT_LIMIT.check("job.retry_wait_seconds", wait)
+    elif path == "full_check_every":
+        every = msg.full_check_every if msg.HasField("full_check_every") else JOB_DEFAULTS.full_check_every
+        row.full_check_every = FULL_CHECK_EVERY_LIMIT.check("job.full_check_every", every)
 
 
 async def _check_follows(db: AsyncSession, row: Job, after_job: str) -> None:
