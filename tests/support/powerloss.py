@@ -22,11 +22,12 @@ from pathlib import Path
 
 from target_agent import points, replica, restore_points, vm_replica
 from target_agent.datastore import Datastore
-from target_agent.replica import COMMITTED, DATA_FILE, DiskGuard
+from target_agent.replica import COMMITTED, DiskGuard, data_file
 from vmrepl.batch import BatchDecoder, BatchEncoder
 from vmrepl.block import DIGEST_SIZE, digest, is_zero, zero_digest
+from vmrepl.disk.base import open_reader
 from vmrepl.disk.powercut import Recording
-from vmrepl.domain import Compression
+from vmrepl.domain import Compression, DiskFormat
 from vmrepl.errors import FailedPrecondition, NotFound, VmreplError
 
 # The one switch of the expectations that need the rollback data of issue 11 ("Restore points that hold
@@ -52,6 +53,7 @@ class Expected:
 
     disk_size: int
     block_size: int
+    replica_format: str
     sessions: dict[str, Session]
     prepared: list[str]  # sessions whose prepare returned
     acked_points: list[str]  # sessions whose restore point commit returned
@@ -73,8 +75,11 @@ class Run:
     """The target's own code on one replica disk, under a recording: each call notes the log position
     when it returned (the ops it made are before it)."""
 
-    def __init__(self, root: Path, rec: Recording, *, disk_size: int, block_size: int) -> None:
+    def __init__(
+        self, root: Path, rec: Recording, *, disk_size: int, block_size: int, replica_format: str = "raw"
+    ) -> None:
         self.rec = rec
+        self.replica_format = replica_format
         self.disk_size, self.block_size = disk_size, block_size
         self.vm_dir = Datastore(root).vm_dir(REPLICA_PATH)
         self.disk_dir = Datastore(root).disk_dir(REPLICA_PATH, DISK_ID)
@@ -95,6 +100,7 @@ class Run:
             block_size=self.block_size,
             session_id=s.session_id,
             checkpoint_id=s.checkpoint_id,
+            replica_format=self.replica_format,
         )
         self._note("prepared", s)
         return st
@@ -181,6 +187,7 @@ class Run:
         return Expected(
             disk_size=self.disk_size,
             block_size=self.block_size,
+            replica_format=self.replica_format,
             sessions=dict(self.sessions),
             prepared=[sid for what, sid, _ in done if what == "prepared"],
             acked_points=[sid for what, sid, _ in done if what == "point"],
@@ -190,6 +197,20 @@ class Run:
             deleting={sid for what, sid, _ in done if what == "deleting"},
             deleted={sid for what, sid, _ in done if what == "deleted"},
         )
+
+
+def read_replica(disk_dir: Path, replica_format: str) -> bytes:
+    """The replica disk's bytes as the target's reader for its format sees them (b"" with no file)."""
+    path = data_file(disk_dir, replica_format)
+    if not path.exists():
+        return b""
+    reader = open_reader(DiskFormat(replica_format), path)
+    try:
+        buf = bytearray(reader.size)
+        reader.read_into(memoryview(buf), 0)
+        return bytes(buf)
+    finally:
+        reader.close()
 
 
 def block_digest(block: bytes) -> bytes:
@@ -251,14 +272,14 @@ def _check_as_found(found: Found, exp: Expected, vm_dir: Path, disk_dir: Path) -
         if listed:
             found.problems.append("restore points are listed but the replica disk has no state")
         return None
-    files = [disk_dir / DATA_FILE, disk_dir / replica.DIGESTS_FILE]
+    files = [data_file(disk_dir, st.replica_format), disk_dir / replica.DIGESTS_FILE]
     if not exp.prepared and not all(f.exists() for f in files):
         # The first prepare's state file may outlive the files it created before the directory sync that
         # makes them all durable: nothing was vouched for yet, the next prepare must cope.
         return None
-    data = (disk_dir / DATA_FILE).read_bytes() if files[0].exists() else b""
+    data = read_replica(disk_dir, st.replica_format)
     if len(data) != st.disk_size:
-        found.problems.append(f"{DATA_FILE} is {len(data)} bytes, the disk {st.disk_size}")
+        found.problems.append(f"{files[0].name} holds {len(data)} bytes, the disk {st.disk_size}")
         return None
     _, table = replica.read_digests(disk_dir, 0, 0)
     # [committed offset, frontier) is what the target itself distrusts until its next prepare or stream
@@ -342,6 +363,7 @@ def _check_resumed(found: Found, exp: Expected, disk_dir: Path, st: replica.Disk
             block_size=exp.block_size,
             session_id=st.session_id,
             checkpoint_id=st.checkpoint_id,
+            replica_format=st.replica_format,
         )
         if again.committed_offset != st.committed_offset:
             found.problems.append(
@@ -349,7 +371,8 @@ def _check_resumed(found: Found, exp: Expected, disk_dir: Path, st: replica.Disk
             )
         copied = copy / "disks" / disk_dir.name
         _, table = replica.read_digests(copied, 0, 0)
-        found.problems += check_digests((copied / DATA_FILE).read_bytes(), table, st.block_size, "after a resume")
+        data = read_replica(copied, st.replica_format)
+        found.problems += check_digests(data, table, st.block_size, "after a resume")
     except VmreplError as e:
         found.problems.append(f"resuming session {st.session_id} fails: {e}")
     finally:
@@ -368,11 +391,12 @@ def _check_restarted(found: Found, exp: Expected, disk_dir: Path, newest: restor
             block_size=exp.block_size,
             session_id="s-next",
             checkpoint_id="cp-next",
+            replica_format=exp.replica_format,
         )
     except VmreplError as e:
         found.problems.append(f"preparing the next session fails: {e}")
         return
-    data = (disk_dir / DATA_FILE).read_bytes()
+    data = read_replica(disk_dir, st.replica_format)
     _, table = replica.read_digests(disk_dir, 0, 0)
     found.problems += check_digests(data, table, st.block_size, "after the next prepare")
     if newest is not None:

@@ -55,12 +55,16 @@ def two_sessions(run: Run, one: bytes, two: bytes) -> None:
     run.commit_point(s2)
 
 
-def record_two_sessions(root: Path, rng: random.Random) -> tuple[powercut.OpLog, Run]:
+def record_two_sessions(root: Path, rng: random.Random, replica_format: str = "raw") -> tuple[powercut.OpLog, Run]:
     one, two = images(rng)
     with powercut.recording(root) as rec:
-        run = Run(root, rec, disk_size=SIZE, block_size=BS)
+        run = Run(root, rec, disk_size=SIZE, block_size=BS, replica_format=replica_format)
         two_sessions(run, one, two)
     return rec.log(), run
+
+
+def record_two_sessions_as_vhdx(root: Path, rng: random.Random) -> tuple[powercut.OpLog, Run]:
+    return record_two_sessions(root, rng, "vhdx")
 
 
 def record_a_failed_session_and_retention(root: Path, rng: random.Random) -> tuple[powercut.OpLog, Run]:
@@ -112,8 +116,8 @@ def summary(problems: list[str]) -> str:
 
 @pytest.mark.parametrize(
     "scenario",
-    [record_two_sessions, record_a_failed_session_and_retention],
-    ids=["two sessions", "rollback, retention"],
+    [record_two_sessions, record_two_sessions_as_vhdx, record_a_failed_session_and_retention],
+    ids=["two sessions", "two sessions, VHDX", "rollback, retention"],
 )
 def test_power_cuts_leave_a_datastore_at_a_point(
     tmp_path: Path, scenario: Callable[[Path, random.Random], tuple[powercut.OpLog, Run]]

@@ -343,3 +343,21 @@ def test_a_removal_without_a_directory_sync_may_be_undone(tmp_path: Path) -> Non
     log = rec.log()
     assert {read(t / "g") for t in crashes(log, unsynced, tmp_path / "u")} == {b"G", None}
     assert {read(t / "g") for t in crashes(log, len(log) - 1, tmp_path / "s")} == {None}
+
+
+def test_a_hard_link_needs_its_directory_synced_and_keeps_one_file(tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    root.mkdir()
+    with powercut.recording(root) as rec:
+        f = PositionalFile(root / "tmp", writable=True, create=True)
+        f.write(b"image", 0)
+        f.sync()
+        f.close()
+        fileio.sync_dir(root)
+        fileio.link(root / "tmp", root / "image")
+        fileio.remove(root / "tmp")
+    log = rec.log()
+    linked = next(i for i, op in enumerate(log.ops) if op.kind == powercut.LINK)
+    assert {read(t / "image") for t in crashes(log, linked, tmp_path / "l")} == {b"image", None}
+    assert all(sorted(p.name for p in t.iterdir()) == ["image"] for t in crashes(log, len(log) - 1, tmp_path / "e"))
+    assert all(read(t / "image") == b"image" for t in crashes(log, len(log) - 1, tmp_path / "e2"))

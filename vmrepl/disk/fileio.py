@@ -14,7 +14,7 @@ agents run unchanged as Windows services:
 * durability: `fdatasync`/`fsync` of the file and, on POSIX, of its directory.
 
 Every other change the target makes to its datastore goes through the small
-functions here too (`atomic_write`, `sync_dir`, `make_dirs`, `rename`,
+functions here too (`atomic_write`, `sync_dir`, `make_dirs`, `rename`, `link`,
 `remove`, `remove_tree`; reads through `read_bytes`), so the test-only
 recorder of `vmrepl.disk.powercut` sees each one and a simulated power cut
 can be rebuilt from its log. Without the recorder each costs one check.
@@ -263,6 +263,14 @@ def _rename(src: Path, dst: Path) -> None:
     os.replace(src, dst)
     if rec is not None:
         rec.renamed(ino, src, dst)
+
+
+def link(src: Path, dst: Path) -> None:
+    """A hard link `dst` to the file `src` (FileExistsError if `dst` exists), durable when this returns."""
+    os.link(src, dst)
+    if (rec := powercut.active()) is not None:
+        rec.linked(os.lstat(dst).st_ino, dst)
+    sync_dir(dst.parent)
 
 
 def remove(path: Path) -> None:

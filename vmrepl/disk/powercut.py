@@ -24,7 +24,7 @@ not covered).
 **The model** (`crash_state`), the weakest one POSIX allows, applied to the snapshot in log order:
 
 * a file's data operation (write, truncate, punch) is durable once a later fsync/fdatasync of that file
-  covers it; a directory entry operation (create, mkdir, rename, remove) once a later fsync of its
+  covers it; a directory entry operation (create, mkdir, rename, link, remove) once a later fsync of its
   directory covers it (a rename between two directories: of both);
 * every operation not yet durable survives or not, independently of the others; a write or a punch is
   split into its 4 KiB pages (aligned on the file), each kept or lost on its own; each is kept with one
@@ -40,7 +40,8 @@ Limits (what the model assumes or leaves out):
   inode was lost (a rename keeps a file whose create was lost; a remove removes only the entry still
   naming the inode it removed): orderings a journaling file system would not produce, kept because a
   program must not depend on them;
-* symbolic links and hard links inside the root are not modelled (`Snapshot.take` refuses symlinks);
+* symbolic links are not modelled (`Snapshot.take` refuses them); a file with two names when recording
+  began is rebuilt as two files (a link made while recording is one file under two names);
 * everything outside the root the recording began with is ignored.
 """
 
@@ -64,10 +65,10 @@ ENV = "VMREPL_TEST_POWERCUT_JOURNAL"
 PAGE = 4096
 
 CREATE, MKDIR, WRITE, TRUNCATE, PUNCH = "create", "mkdir", "write", "truncate", "punch"
-SYNC, RENAME, REMOVE, SYNC_DIR = "sync", "rename", "remove", "sync-dir"
-KINDS = (CREATE, MKDIR, WRITE, TRUNCATE, PUNCH, SYNC, RENAME, REMOVE, SYNC_DIR)
+SYNC, RENAME, REMOVE, SYNC_DIR, LINK = "sync", "rename", "remove", "sync-dir", "link"
+KINDS = (CREATE, MKDIR, WRITE, TRUNCATE, PUNCH, SYNC, RENAME, REMOVE, SYNC_DIR, LINK)  # append only: the log's codes
 DATA_OPS = frozenset({WRITE, TRUNCATE, PUNCH})
-ENTRY_OPS = frozenset({CREATE, MKDIR, RENAME, REMOVE})
+ENTRY_OPS = frozenset({CREATE, MKDIR, RENAME, REMOVE, LINK})
 SYNCS = frozenset({SYNC, SYNC_DIR})
 KEEP_CHANCES = (0.1, 0.5, 0.9)
 
@@ -75,9 +76,9 @@ KEEP_CHANCES = (0.1, 0.5, 0.9)
 @dataclass(frozen=True, slots=True)
 class Op:
     """One completed operation. `ino` is the file or directory it is about (written, synced, created,
-    renamed, removed); an entry operation also names its directory (`parent`) and entry (`name`), a
-    rename the destination (`parent2`, `name2`). A truncate's size is `offset`. A sync covers the ops of
-    the log before index `covers`."""
+    renamed, linked, removed); an entry operation also names its directory (`parent`) and entry (`name`),
+    a rename the destination (`parent2`, `name2`), a hard link only the new entry (`parent2`, `name2`).
+    A truncate's size is `offset`. A sync covers the ops of the log before index `covers`."""
 
     kind: str
     ino: int
@@ -247,6 +248,9 @@ class Recorder:
             )
         )
 
+    def linked(self, ino: int, dst: str | os.PathLike[str]) -> None:
+        self._emit(Op(LINK, ino, parent2=_parent_ino(dst), name2=os.path.basename(dst)))
+
     def removed(self, ino: int, path: str | os.PathLike[str]) -> None:
         self._emit(Op(REMOVE, ino, parent=_parent_ino(path), name=os.path.basename(path)))
 
@@ -413,6 +417,8 @@ def _resolve(log: OpLog) -> tuple[list[_Nodes], dict[int, bool]]:
             out.append(
                 _Nodes(lookup(op.ino), lookup(op.parent, True), lookup(op.parent2, True) if op.kind == RENAME else -1)
             )
+        elif op.kind == LINK:
+            out.append(_Nodes(lookup(op.ino), -1, lookup(op.parent2, True)))
         else:
             out.append(_Nodes(lookup(op.ino, op.kind == SYNC_DIR)))
     return out, is_dir
@@ -589,6 +595,8 @@ class _Model:
             src = self._dir(n.parent)
             if src.get(op.name) == n.node:
                 del src[op.name]
+            self._dir(n.parent2)[op.name2] = n.node
+        elif op.kind == LINK:
             self._dir(n.parent2)[op.name2] = n.node
         elif op.kind == REMOVE:
             d = self._dir(n.parent)
