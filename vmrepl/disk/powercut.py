@@ -17,7 +17,7 @@ environment lookup when off). Two ways to enable it:
 
 Each operation is logged once it completed, with file identity by inode (a name may be renamed over or
 unlinked; an inode number reused by a later create is a new file): create, write (offset and bytes),
-truncate, punch, fsync/fdatasync of a file, mkdir, rename, remove, fsync of a directory. A sync also
+truncate, punch, fsync/fdatasync of a file, mkdir, rename, hard link, remove, fsync of a directory. A sync also
 records which operations it covers: those logged before it *started* (a write racing with the sync is
 not covered).
 
@@ -42,6 +42,8 @@ Limits (what the model assumes or leaves out):
   program must not depend on them;
 * symbolic links are not modelled (`Snapshot.take` refuses them); a file with two names when recording
   began is rebuilt as two files (a link made while recording is one file under two names);
+* an operation whose record a kill -9 tore is taken as never made, even if a later process's fsync
+  made it durable (at most one operation per killed process);
 * everything outside the root the recording began with is ignored.
 """
 
