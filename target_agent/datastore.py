@@ -10,12 +10,13 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from vmrepl.disk.fileio import make_dirs
 from vmrepl.names import check_name, check_relative, resolve_inside
 
 
 class Datastore:
     def __init__(self, root: Path) -> None:
-        root.mkdir(parents=True, exist_ok=True)
+        make_dirs(root)
         self.root = Path(os.path.realpath(root))
 
     def vm_dir(self, replica_path: str) -> Path:

@@ -60,8 +60,8 @@ def kill_and_restart(which: str) -> Fault:
 
 
 def power_cut_target(env: ControllerEnv, rng: random.Random) -> None:
-    """kill -9 keeps the page cache; a power cut also loses a random subset of what the target wrote since
-    each file's last flush (vmrepl.disk.powercut)."""
+    """kill -9 keeps the page cache; a power cut also loses a random subset of what the target had not made
+    durable: file pages, creates, renames (vmrepl.disk.powercut)."""
     env.target.kill()
     powercut.cut(env.work / "powercut", rng)
     time.sleep(rng.uniform(0, 0.5))
@@ -288,7 +288,8 @@ def _pin_port(agent: lab.AgentProcess) -> None:
 def _setup(env: ControllerEnv) -> list[tuple[str, str, int]]:
     env.restart_controller(proxy_lost_seconds=5)  # a killed proxy is noticed within seconds, not a minute
     env.target.stop()
-    env.target.env[powercut.ENV] = str(env.work / "powercut")  # the target journals for power cuts
+    powercut.start(env.work / "powercut", env.work / "datastore")  # the target records for power cuts
+    env.target.env[powercut.ENV] = str(env.work / "powercut")
     env.target.start()
     for agent in (env.controller, env.proxy, env.target):
         _pin_port(agent)

@@ -1,4 +1,5 @@
-"""Positional file I/O that works on Linux and on Windows.
+"""Positional file I/O that works on Linux and on Windows, and the one seam for the target's
+file-system changes.
 
 Everything that touches image bytes goes through `PositionalFile`, so the
 agents run unchanged as Windows services:
@@ -11,6 +12,12 @@ agents run unchanged as Windows services:
 * allocated ranges: `SEEK_DATA`/`SEEK_HOLE` on Linux,
   `FSCTL_QUERY_ALLOCATED_RANGES` on Windows, else the whole file;
 * durability: `fdatasync`/`fsync` of the file and, on POSIX, of its directory.
+
+Every other change the target makes to its datastore goes through the small
+functions here too (`atomic_write`, `sync_dir`, `make_dirs`, `rename`, `link`,
+`remove`, `remove_tree`; reads through `read_bytes`), so the test-only
+recorder of `vmrepl.disk.powercut` sees each one and a simulated power cut
+can be rebuilt from its log. Without the recorder each costs one check.
 
 The Windows branches are written against the documented Win32 ioctls but
 cannot be run on the Linux CI machines; see docs/architecture.md.
@@ -68,14 +75,11 @@ class PositionalFile:
         if create:
             flags |= os.O_CREAT
         try:
-            self.fd = os.open(path, flags, 0o640)
+            self.fd = _open(path, flags)
         except OSError as e:
             raise DiskError(f"cannot open {path}: {e.strerror}") from e
         self.path = path
         self._lock = threading.Lock()  # only for the seek-based fallback
-        # Test only (vmrepl.disk.powercut): None unless a simulated power cut is being prepared for.
-        self._journal = powercut.journal() if writable else None
-        self._name = os.path.realpath(path) if self._journal is not None else ""
         if writable and IS_WINDOWS:
             _win_ioctl(self.fd, _FSCTL_SET_SPARSE, b"")
 
@@ -102,8 +106,6 @@ class PositionalFile:
 
     def write(self, data: bytes | bytearray | memoryview, offset: int) -> None:
         view = memoryview(data)
-        if self._journal is not None:
-            self._journal.before_write(self.fd, self._name, offset, len(view))
         done = 0
         while done < len(view):
             if hasattr(os, "pwrite"):
@@ -113,30 +115,36 @@ class PositionalFile:
                     os.lseek(self.fd, offset + done, os.SEEK_SET)
                     n = os.write(self.fd, view[done:])
             done += n
+        if (rec := powercut.active()) is not None:
+            rec.write(self.fd, offset, view)
 
     def truncate(self, size: int) -> None:
-        if self._journal is not None:
-            self._journal.before_write(self.fd, self._name, size, max(0, self.size() - size))
         os.ftruncate(self.fd, size)
+        if (rec := powercut.active()) is not None:
+            rec.truncate(self.fd, size)
 
     def punch_hole(self, offset: int, length: int) -> None:
         """Make [offset, offset+length) read as zeros, freeing the space where the file system can."""
         end = min(offset + length, self.size())
         if end <= offset:
             return
-        if self._journal is not None:
-            self._journal.before_write(self.fd, self._name, offset, end - offset)
         if _fallocate is not None:
             rc = _fallocate(self.fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, offset, end - offset)  # type: ignore[operator]
             if rc == 0:
+                self._punched(offset, end)
                 return
             err = ctypes.get_errno()
             if err not in (errno.EOPNOTSUPP, errno.ENOSYS):
                 raise DiskError(f"punching a hole in {self.path} failed: {os.strerror(err)}")
         elif IS_WINDOWS:
             _win_ioctl(self.fd, _FSCTL_SET_ZERO_DATA, _pack_i64(offset, end))
+            self._punched(offset, end)
             return
-        self._write_zeros(offset, end)
+        self._write_zeros(offset, end)  # recorded as the writes it is
+
+    def _punched(self, offset: int, end: int) -> None:
+        if (rec := powercut.active()) is not None:
+            rec.punch(self.fd, offset, end - offset)
 
     def _write_zeros(self, offset: int, end: int) -> None:
         while offset < end:
@@ -168,14 +176,21 @@ class PositionalFile:
         return merge(out)
 
     def sync(self) -> None:
+        rec = powercut.active()
+        covers = rec.mark() if rec is not None else 0  # what the sync covers: all written before it began
         (os.fdatasync if hasattr(os, "fdatasync") else os.fsync)(self.fd)
-        if self._journal is not None:
-            self._journal.synced(self._name)
+        if rec is not None:
+            rec.synced(self.fd, covers)
 
     def close(self) -> None:
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
+
+
+def _open(path: Path, flags: int) -> int:
+    rec = powercut.active()
+    return os.open(path, flags, 0o640) if rec is None else rec.open(path, flags, 0o640)
 
 
 def sync_dir(path: Path) -> None:
@@ -184,7 +199,11 @@ def sync_dir(path: Path) -> None:
         return
     fd = os.open(path, os.O_RDONLY)
     try:
+        rec = powercut.active()
+        covers = rec.mark() if rec is not None else 0
         os.fsync(fd)
+        if rec is not None:
+            rec.synced_dir(fd, covers)
     finally:
         os.close(fd)
 
@@ -192,16 +211,110 @@ def sync_dir(path: Path) -> None:
 def atomic_write(path: Path, data: bytes) -> None:
     """Replace `path` with `data` so a crash leaves the old or the new content, never a mix."""
     tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | _O_BINARY, 0o640)
+    fd = _open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | _O_BINARY)
     try:
         view = memoryview(data)
         while view:
             view = view[os.write(fd, view) :]
+        rec = powercut.active()
+        if rec is not None:
+            rec.write(fd, 0, data)
+        covers = rec.mark() if rec is not None else 0
         os.fsync(fd)
+        if rec is not None:
+            rec.synced(fd, covers)
     finally:
         os.close(fd)
-    os.replace(tmp, path)
+    _rename(tmp, path)
     sync_dir(path.parent)
+
+
+def make_dirs(path: Path) -> None:
+    """`mkdir -p`, durably: create `path` and its missing parents, and sync the directory each was made in
+    (a power cut may otherwise lose a new directory's entry, and everything later written under it)."""
+    missing: list[Path] = []
+    p = path
+    while not p.exists() and p != p.parent:
+        missing.append(p)
+        p = p.parent
+    for d in reversed(missing):
+        try:
+            os.mkdir(d)
+        except FileExistsError:
+            continue  # made by someone else meanwhile
+        if (rec := powercut.active()) is not None:
+            rec.made_dir(d)
+        sync_dir(d.parent)
+    if not path.is_dir():
+        raise FileExistsError(f"{path} exists and is not a directory")
+
+
+def rename(src: Path, dst: Path) -> None:
+    """os.replace: `dst` now names what `src` named, durable when this returns (the directories synced)."""
+    _rename(src, dst)
+    sync_dir(dst.parent)
+    if os.path.realpath(src.parent) != os.path.realpath(dst.parent):
+        sync_dir(src.parent)
+
+
+def _rename(src: Path, dst: Path) -> None:
+    rec = powercut.active()
+    ino = os.lstat(src).st_ino if rec is not None else 0
+    os.replace(src, dst)
+    if rec is not None:
+        rec.renamed(ino, src, dst)
+
+
+def link(src: Path, dst: Path) -> None:
+    """A hard link `dst` to the file `src` (FileExistsError if `dst` exists), durable when this returns."""
+    os.link(src, dst)
+    if (rec := powercut.active()) is not None:
+        rec.linked(os.lstat(dst).st_ino, dst)
+    sync_dir(dst.parent)
+
+
+def remove(path: Path) -> None:
+    """Remove the file `path` (gone already is fine), durable when this returns."""
+    if _remove(path):
+        sync_dir(path.parent)
+
+
+def _remove(path: Path) -> bool:
+    rec = powercut.active()
+    try:
+        ino = os.lstat(path).st_ino if rec is not None else 0
+        os.unlink(path)
+    except FileNotFoundError:
+        return False
+    if rec is not None:
+        rec.removed(ino, path)
+    return True
+
+
+def remove_tree(path: Path) -> None:
+    """Remove a directory and everything under it (each removal through the seam), durable when this
+    returns: the directory's entry in its parent is synced (what was inside goes with it)."""
+    _remove_tree(path)
+    sync_dir(path.parent)
+
+
+def _remove_tree(path: Path) -> None:
+    for entry in os.scandir(path):
+        child = Path(entry.path)
+        if entry.is_dir(follow_symlinks=False):
+            _remove_tree(child)
+        else:
+            _remove(child)
+    rec = powercut.active()
+    ino = os.lstat(path).st_ino if rec is not None else 0
+    os.rmdir(path)
+    if rec is not None:
+        rec.removed(ino, path)
+
+
+def read_bytes(path: Path) -> bytes:
+    """A whole file's bytes (reads are not recorded: through here for symmetry with the writes)."""
+    return path.read_bytes()
 
 
 def _pack_i64(*values: int) -> bytes:
@@ -241,30 +354,3 @@ def _win_allocated(fd: int, size: int) -> list[Extent]:
             break
         pos = last
     return merge(out)
-
-
-def make_dirs(path: Path) -> None:
-    """Create `path` and its missing parents, each durable in its parent directory."""
-    missing = []
-    p = path
-    while not p.exists():
-        missing.append(p)
-        p = p.parent
-    for d in reversed(missing):
-        d.mkdir(exist_ok=True)
-        sync_dir(d.parent)
-
-
-def rename(src: Path, dst: Path) -> None:
-    """Replace `dst` with `src`, durable when this returns."""
-    os.replace(src, dst)
-    sync_dir(dst.parent)
-
-
-def remove(path: Path) -> None:
-    """Remove the file `path` (gone already is fine), durable when this returns."""
-    try:
-        path.unlink()
-    except FileNotFoundError:
-        return
-    sync_dir(path.parent)

@@ -42,7 +42,6 @@ the file never shrinks.
 from __future__ import annotations
 
 import heapq
-import os
 import struct
 import threading
 import uuid
@@ -50,7 +49,7 @@ from pathlib import Path
 
 from vmrepl.block import fill_zero, is_zero
 from vmrepl.disk.base import DiskWriter, register_writer
-from vmrepl.disk.fileio import PositionalFile, sync_dir
+from vmrepl.disk.fileio import PositionalFile, link, remove, sync_dir
 from vmrepl.disk.vhdx_format import (
     BAT_GUID,
     HEADER_AREA,
@@ -383,20 +382,20 @@ def create_vhdx(path: Path, *, size: int, block_size: int = MiB) -> VhdxWriter:
     if path.exists():
         raise AlreadyExists(f"{path} exists; a new replica disk is never written over an old one")
     tmp = path.with_name(f".{path.name}.creating")
-    tmp.unlink(missing_ok=True)  # left by a crash during an earlier create: never published
+    remove(tmp)  # left by a crash during an earlier create: never published
     try:
         f = PositionalFile(tmp, writable=True, create=True)
         try:
             _format(f, size=size, block_size=block_size)
         finally:
             f.close()
-        os.link(tmp, path)  # fails if `path` appeared meanwhile: never replaces a file
+        link(tmp, path)  # fails if `path` appeared meanwhile: never replaces a file
     except FileExistsError as e:
         raise AlreadyExists(f"{path} exists; a new replica disk is never written over an old one") from e
     except OSError as e:
         raise DiskError(f"cannot create {path}: {e.strerror}") from e
     finally:
-        tmp.unlink(missing_ok=True)
+        remove(tmp)
     sync_dir(path.parent)
     return VhdxWriter(path)
 
