@@ -6,6 +6,7 @@ positional reads) plus the point's block digests, whatever the replica's state a
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from target_agent import replica, restore_points, rollback
@@ -26,14 +27,19 @@ class PointDisk(DiskReader):
     for newly saved blocks; a block overwritten meanwhile is found there. A pending file that replaced the
     one seen (a rollback, then another session) is added to the overlay too."""
 
-    def __init__(self, disk_dir: Path, st: replica.DiskState, *, size: int, chain: list[str]) -> None:
+    def __init__(
+        self, disk_dir: Path, st: replica.DiskState, *, size: int, chain: list[str], point_sessions: frozenset[str]
+    ) -> None:
         self.block_size = st.block_size
         self._size = size
         self._dir = disk_dir / replica.ROLLBACK_DIR
+        self._sessions = point_sessions
         self._undo: list[rollback.UndoFile] = []
-        self._pending: set[int] = set()  # inode numbers of the pending files in the overlay
+        self._pending: set[int] = set()  # inode numbers of the pending files looked at
         try:
-            self._undo = [rollback.UndoFile(self._dir / f"{point_id}{rollback.SUFFIX}") for point_id in chain]
+            for point_id in chain:
+                self._undo.append(_chain_file(self._dir, point_id, point_sessions))
+            self._pending.update(os.fstat(u.fileno()).st_ino for u in self._undo)
             self._data = open_reader(DiskFormat(st.replica_format), replica.data_file(disk_dir, st.replica_format))
             self._digests = DigestStore(
                 disk_dir / DIGESTS_FILE,
@@ -107,11 +113,14 @@ class PointDisk(DiskReader):
         except FileNotFoundError:
             return
         if inode not in self._pending:
-            try:
-                self._undo.append(rollback.UndoFile(path))
-            except (FileNotFoundError, NotFound):
-                return  # committed or rolled back between the look and the open: its bytes are the replica's
             self._pending.add(inode)
+            pending = _open_existing(path)
+            if pending is None:
+                return  # committed or rolled back between the look and the open: its bytes are the replica's
+            if pending.header.session_id in self._sessions:
+                pending.close()  # a committed point's rollback data not yet renamed (a crash cut the commit short)
+                return
+            self._undo.append(pending)
 
     def close(self) -> None:
         for undo in self._undo:
@@ -119,6 +128,37 @@ class PointDisk(DiskReader):
         for f in ("_data", "_digests"):
             if hasattr(self, f):
                 getattr(self, f).close()
+
+
+def _chain_file(folder: Path, point_id: str, sessions: frozenset[str]) -> rollback.UndoFile:
+    """The rollback file of `point_id`: `<id>.undo`, or the pending file a crash left unrenamed after the
+    next point's commit (its session made a point and it goes back to `point_id`); the next call that
+    settles the disk renames it, and an open descriptor reads on across the rename."""
+    named = folder / f"{point_id}{rollback.SUFFIX}"
+    for _ in range(2):
+        found = _open_existing(named)
+        if found is not None:
+            return found
+        pending = _open_existing(folder / rollback.PENDING)
+        if pending is None:
+            continue  # renamed between the two looks: the named file is there now
+        if pending.header.base_point_id == point_id and pending.header.session_id in sessions:
+            return pending
+        pending.close()
+        break
+    raise FailedPrecondition(
+        f"restore point {point_id}'s rollback data is missing on disk {folder.parent.name} (a point from before "
+        "rollback data, or files removed by hand)"
+    )
+
+
+def _open_existing(path: Path) -> rollback.UndoFile | None:
+    try:
+        return rollback.UndoFile(path)
+    except DiskError as e:
+        if isinstance(e.__cause__, FileNotFoundError):
+            return None
+        raise
 
 
 def find_point(vm_dir: Path, point_id: str) -> restore_points.Point:
@@ -144,12 +184,6 @@ def open_point_disk(vm_dir: Path, point_id: str, disk_id: str) -> PointDisk:
     at = next(i for i, p in enumerate(points) if p.id == point.id)
     holding = [p.id for p in points[at:] if disk_id in {d.disk_id for d in p.disks}]
     disk_dir = vm_dir / "disks" / disk_id
-    chain = holding[:-1]
-    missing = [p for p in chain if not (disk_dir / replica.ROLLBACK_DIR / f"{p}{rollback.SUFFIX}").exists()]
-    if missing:
-        raise FailedPrecondition(
-            f"restore point {point.id} cannot be read: disk {disk_id} lacks the rollback data of point(s) "
-            f"{', '.join(missing)} (a point from before rollback data, or files removed by hand)"
-        )
     st = replica.load_state(disk_dir)
-    return PointDisk(disk_dir, st, size=disk.disk_size, chain=chain)
+    sessions = frozenset(p.session_id for p in points)
+    return PointDisk(disk_dir, st, size=disk.disk_size, chain=holding[:-1], point_sessions=sessions)

@@ -89,6 +89,10 @@ class DiskState:
     # The last session whose writes were rolled back, and when (time.time()).
     rolled_back_session: str = ""
     rolled_back_at: float = 0.0
+    # A rollback began writing the saved blocks back: until it ends, neither the session's data nor its
+    # digests hold (a cut leaves blocks half restored), so nothing resumes the session and the next call
+    # that touches the disk finishes the rollback.
+    rolling_back: bool = False
 
     def cover(self, end: int) -> bool:
         """Move the frontier to cover writes up to `end`, a step past the committed offset so few writes
@@ -259,7 +263,7 @@ def _resumable(
     """An earlier transfer this prepare continues: same geometry, same checkpoint, first pass, and the same
     session or the one it continues. A second pass (a failed verification) is never continued: its
     change source is not the one a new proxy transfer would use."""
-    if old is None or old.state in (COMMITTED, IDLE) or old.pass_number != 0:
+    if old is None or old.state in (COMMITTED, IDLE) or old.pass_number != 0 or old.rolling_back:
         return False
     if (old.disk_size, old.block_size, old.checkpoint_id) != (disk_size, block_size, checkpoint_id):
         return False
@@ -399,6 +403,9 @@ def roll_back_locked(disk_dir: Path, st: DiskState) -> DiskState:
     if path.exists():
         undo = rollback.UndoFile(path)
         try:
+            if not st.rolling_back:
+                st.rolling_back = True
+                save_state(disk_dir, st)  # durable before the first block is written back
             _write_back(disk_dir, st, undo)
         finally:
             undo.close()
@@ -500,8 +507,8 @@ def _forget(digests: DigestStore, undo: rollback.UndoFile | None, lo: int, hi: i
         return
     bs = digests.block_size
     for block in undo.index:
-        if lo <= block * bs < hi or lo < (block + 1) * bs <= hi:
-            digests.forget(block * bs, bs)
+        if block * bs < hi and (block + 1) * bs > lo:  # the block overlaps [lo, hi)
+            digests.forget(block * bs, (block + 1) * bs)
 
 
 def _save_old(writer: DiskWriter, digests: DigestStore, undo: rollback.UndoFile, blocks: Iterable[int]) -> None:
@@ -595,6 +602,8 @@ def check_stream(
             f"{st.block_size}, the stream says {disk_size} and {block_size}"
         )
     _refuse_committed(st, name, session_id=session_id, checkpoint_id=checkpoint_id)
+    if st.rolling_back:
+        raise FailedPrecondition(f"replica disk {name} is being rolled back to its newest restore point")
     if pass_number > MAX_PASS:
         raise FailedPrecondition(f"pass {pass_number} is past the last pass ({MAX_PASS})")
     if pass_number < st.pass_number:

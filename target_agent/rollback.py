@@ -177,6 +177,9 @@ class UndoFile:
     def records(self) -> Iterator[tuple[int, Saved]]:
         return iter(sorted(self.index.items()))
 
+    def fileno(self) -> int:
+        return self._file.fd
+
     def close(self) -> None:
         self._file.close()
 
