@@ -15,6 +15,7 @@ VMREPL_CHAOS_SECONDS (how long to start new steps, default 80) and VMREPL_CHAOS_
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import os
 import random
 import shutil
@@ -31,7 +32,7 @@ import pytest
 
 from controller import lab
 from tests.integration.controller_env import ControllerEnv
-from tests.support.replicas import qemu_identical
+from tests.support.replicas import qemu_identical, sha256
 from vmrepl.disk import powercut
 from vmrepl.extent import MiB
 from vmrepl.v1 import controller_pb2 as api
@@ -211,6 +212,36 @@ def check_restore_points(env: ControllerEnv) -> None:
             )
 
 
+# What each restore point must read back as: its disks' sha256 at the point's checkpoint, by point id.
+PointImages = dict[str, dict[str, str]]
+
+
+def check_oldest_points(env: ControllerEnv, images: PointImages) -> None:
+    """Every point is restorable on the target, and each VM's oldest point (read through its rollback data,
+    after any kill or power cut) is byte for byte its source at that point's checkpoint."""
+    target = env.target_stub()
+    for name in env.vm_names():
+        vm_id = env.vm(name).manifest.id
+        path = f"replicas/job1/{vm_id}"
+        listed = target.GetReplica(target_pb2.GetReplicaRequest(replica_path=path), timeout=10).restore_points
+        assert all(p.restorable for p in listed), f"{name}: a point that cannot be restored"
+        known = [p for p in listed if p.id in images]
+        if not known:
+            continue
+        oldest = known[0]
+        for disk, want in images[oldest.id].items():
+            read = target.ReadReplicaDisk(
+                target_pb2.ReadReplicaDiskRequest(replica_path=path, restore_point_id=oldest.id, disk_id=disk),
+                timeout=60,
+            )
+            got = bytearray()
+            for chunk in read:
+                if len(got) < chunk.disk_size:  # what no chunk sends reads as zeros
+                    got.extend(bytes(chunk.disk_size - len(got)))
+                got[chunk.offset : chunk.offset + len(chunk.data)] = chunk.data
+            assert hashlib.sha256(got).hexdigest() == want, f"{name}/{disk}: point {oldest.id} reads wrong"
+
+
 def check_checkpoints(env: ControllerEnv, session: api.Session) -> None:
     """However a session ended, a VM has a checkpoint exactly when the session holds it for a resume."""
     for v in session.vms:
@@ -222,14 +253,15 @@ def check_checkpoints(env: ControllerEnv, session: api.Session) -> None:
             assert not (env.vm(v.vm_name).state / "checkpoint.json").exists(), f"{v.vm_name}: checkpoint left"
 
 
-def check_succeeded(env: ControllerEnv, session: api.Session, expected: Expected) -> None:
-    """Every replica equals its source at the session's checkpoint."""
+def check_succeeded(env: ControllerEnv, session: api.Session, expected: Expected, images: PointImages) -> None:
+    """Every replica equals its source at the session's checkpoint (remembered for its restore point)."""
     assert {v.vm_name for v in session.vms} == set(expected.held), "every VM of the job is in the session"
     for v in session.vms:
         assert v.state == api.VM_STATE_DONE and v.restore_point, f"{v.vm_name}: {v.state} {v.error}"
         for d in v.disks:
             source = expected.at(v.vm_name, d.disk_id, v.checkpoint_id)
             replica = env.replica(v.vm_name, d.disk_id)
+            images.setdefault(v.restore_point.rsplit("/", 1)[1], {})[d.disk_id] = sha256(source)
             assert qemu_identical(source, replica), (
                 f"{v.vm_name}/{d.disk_id}: the replica differs from the source at checkpoint {v.checkpoint_id} "
                 f"({'held from before' if source == expected.frozen[v.vm_name, d.disk_id] else 'new'}); "
@@ -237,7 +269,7 @@ def check_succeeded(env: ControllerEnv, session: api.Session, expected: Expected
             )
 
 
-def run_step(env: ControllerEnv, step: Step, scratch: Path, pace: Pace) -> api.Session:
+def run_step(env: ControllerEnv, step: Step, scratch: Path, pace: Pace, images: PointImages) -> api.Session:
     apply_writes(env, step)
     expected = snapshot(env, scratch)
     started = time.monotonic()
@@ -262,7 +294,8 @@ def run_step(env: ControllerEnv, step: Step, scratch: Path, pace: Pace) -> api.S
     check_restore_points(env)
     check_checkpoints(env, session)
     if session.state == api.SESSION_STATE_SUCCEEDED:
-        check_succeeded(env, session, expected)
+        check_succeeded(env, session, expected, images)
+    check_oldest_points(env, images)
     return session
 
 
@@ -304,15 +337,16 @@ def test_random_kills_during_sessions_never_yield_a_wrong_replica(ctl_raw: Contr
     disks = _setup(ctl_raw)
     ends: Counter[str] = Counter()
     pace = Pace()
+    images: PointImages = {}
     deadline, number = time.monotonic() + CHAOS_SECONDS, 0
     while time.monotonic() < deadline:
         number += 1
         step = plan_step(seed, number, disks)
         with labelled(seed, step, ctl_raw):
-            session = run_step(ctl_raw, step, ctl_raw.work / "expected", pace)
+            session = run_step(ctl_raw, step, ctl_raw.work / "expected", pace, images)
         ends[step.outcome(session)] += 1
     final = plan_step(seed, number + 1, disks, faults=False)
     with labelled(seed, final, ctl_raw):
-        session = run_step(ctl_raw, final, ctl_raw.work / "expected", pace)
+        session = run_step(ctl_raw, final, ctl_raw.work / "expected", pace, images)
         assert session.state == api.SESSION_STATE_SUCCEEDED, f"after the chaos: {session.error}"
     print(f"chaos seed {seed}: {number} steps, {dict(sorted(ends.items()))}")
