@@ -300,6 +300,7 @@ def prepare(
         settle_locked(disk_dir, point_sessions)
         _refuse_committed(old, disk_dir.name, session_id=session_id, checkpoint_id=checkpoint_id)
         _refuse_format_change(old, disk_dir.name, replica_format)
+        _refuse_rolled_back(old, disk_dir.name, resume_session_id)
         resumable = _resumable(
             old,
             disk_size=disk_size,
@@ -350,6 +351,16 @@ def _load_or_none(disk_dir: Path) -> DiskState | None:
         return load_state(disk_dir)
     except NotFound:
         return None
+
+
+def _refuse_rolled_back(old: DiskState | None, name: str, resume_session_id: str) -> None:
+    """A session whose writes were rolled back cannot be continued: a disk its controller counts as done
+    would send nothing and keep the restore point's data under the new point."""
+    if resume_session_id and old is not None and old.rolled_back_session == resume_session_id:
+        raise FailedPrecondition(
+            f"replica disk {name}: session {resume_session_id}'s writes were rolled back; a session cannot "
+            "continue it (start from a new checkpoint)"
+        )
 
 
 def _refuse_format_change(old: DiskState | None, name: str, replica_format: str) -> None:

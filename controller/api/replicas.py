@@ -13,13 +13,13 @@ from dataclasses import dataclass
 from typing import Any
 
 import grpc
-from sqlalchemy import exists, select
+from sqlalchemy import delete, exists, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from controller.api import resources as res
 from controller.api.base import ApiBase
 from controller.api.resources.replicas import replica_msg
-from controller.db.models import Job, RestorePoint, Session, SessionVm, Target, Task
+from controller.db.models import HeldCheckpoint, Job, RestorePoint, Session, SessionVm, Target, Task
 from controller.engine.agents import TargetClient
 from controller.engine.runtime import replica_folder
 from vmrepl.domain import unreachable
@@ -73,6 +73,13 @@ class ReplicasApi(ApiBase):
                 replica = await client.rollback(path, within=ROLLBACK_SECONDS)
             except grpc.aio.AioRpcError as e:
                 raise _target_error(target.name, e) from None
+            # The progress kept for a resume is gone: the held checkpoint would only lead a session to "continue"
+            # a transfer the target no longer has (a disk done in it would send nothing). Released here, the
+            # checkpoint is an orphan the next session removes before it takes a new one.
+            async with self.journal.change("held checkpoint released", vm=vm.vm_id) as db:
+                await db.execute(
+                    delete(HeldCheckpoint).where(HeldCheckpoint.job_id == job.id, HeldCheckpoint.vm_id == vm.vm_id)
+                )
         log.info("replica_rolled_back", job=job.name, vm_id=vm.vm_id, state=common_pb2.ReplicaState.Name(replica.state))
         async with self.reads() as db:
             rows = {p.id: p for p in await db.scalars(select(RestorePoint).where(RestorePoint.job_id == job.id))}

@@ -19,7 +19,7 @@ from controller.api.replicas import REPLICA_CALLS, ReplicasApi
 from controller.api.resources import jobs as jobs_res
 from controller.api.sessions import SessionsApi
 from controller.db.enums import SessionState, VmState
-from controller.db.models import Job, Session, SessionVm
+from controller.db.models import HeldCheckpoint, Job, Session, SessionVm
 from controller.db.secrets import SecretBox
 from controller.engine.session import VmRun
 from controller.engine.sessions import Engine
@@ -114,6 +114,9 @@ async def test_a_held_session_shows_its_replica_resumable_and_a_rollback_returns
     back = await a.RollbackJobReplica(api.RollbackJobReplicaRequest(job="jobs/job1", vm="vm1"), Context())
     assert back.state == EMPTY and back.rolled_back_session == f"sessions/{world.sc.session_id}"
     assert back.HasField("rolled_back_time") and world.target.rollbacks == [("jobs/job1/vm1", world.sc.session_id)]
+    # The progress kept for the resume is gone, so is the hold: no session "continues" what was rolled back.
+    async with world.journal.read() as db:
+        assert await db.scalar(select(HeldCheckpoint)) is None
 
 
 async def test_a_rollback_is_refused_while_a_session_of_the_job_runs(world: World, tmp_path: Path) -> None:

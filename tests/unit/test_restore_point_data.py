@@ -324,3 +324,19 @@ def test_a_disk_restarting_under_a_held_checkpoint_leaves_the_vms_done_disk_as_i
         rep.vm, d1, guards=rep.guard, disk_size=SIZE, block_size=BS, session_id="s3", checkpoint_id="cp-s3"
     )
     assert differing(rep.data(), rep.images[p0]) == []
+
+
+def test_a_session_rolled_back_cannot_be_continued(rep: Replica) -> None:
+    """A held checkpoint's session rolled back on request: a later session naming it as the one it continues
+    is refused, not started quietly at offset 0 (a disk the controller counts as done would send nothing)."""
+    image = bytearray(SIZE)
+    rep.write("s0", image, _random_blocks(random.Random(17), 64))
+    rep.commit("s0", image)
+    rep.write("s1", bytearray(image), _random_blocks(random.Random(18), 6))
+    vm_replica.end_session(rep.vm, "s1", keep_for_resume=True, guards=rep.guard)
+    vm_replica.roll_back(rep.vm, guards=rep.guard)
+    with pytest.raises(FailedPrecondition, match="rolled back"):
+        vm_replica.prepare_disk(
+            rep.vm, rep.disk, guards=rep.guard, disk_size=SIZE, block_size=BS, session_id="s2",
+            checkpoint_id="cp-s1", resume_session_id="s1",
+        )  # fmt: skip
