@@ -69,12 +69,18 @@ def as_json(msg: Message) -> None:
 
 def table(title: str, columns: list[str], rows: list[list[object]]) -> None:
     t = Table(title=title)
-    for c in columns:
-        # fold, never "…": a cut name cannot be copied into the next command, a cut outcome says nothing
-        t.add_column(c, overflow="fold")
+    for i, c in enumerate(columns):
+        # fold, never "…": a cut outcome says nothing. The first column names the row (a session, a restore
+        # point, a job): never folded either, since a name over two lines cannot be copied into the next
+        # command; the other columns give way in a narrow terminal.
+        t.add_column(c, overflow="fold", no_wrap=i == 0, min_width=_longest(rows, 0) if i == 0 else None)
     for r in rows:
         t.add_row(*(str(v) for v in r))
     out.print(t)
+
+
+def _longest(rows: list[list[object]], column: int) -> int:
+    return max((len(str(r[column])) for r in rows if r), default=0)
 
 
 def mib(n: int) -> str:

@@ -19,7 +19,8 @@ CONSISTENCY_WORDS = {
     common_pb2.CONSISTENCY_CRASH: "crash",
     common_pb2.CONSISTENCY_APPLICATION: "application",
 }
-COLUMNS = ["restore point", "created (UTC)", "size", "consistency", "restorable"]
+# `disks`: the ids `restore-points export --disk` takes.
+COLUMNS = ["restore point", "created (UTC)", "size", "consistency", "restorable", "disks"]
 
 
 def bare(name: str) -> str:
@@ -57,6 +58,7 @@ def point_row(p: api.JobRestorePoint, *, restorable: str) -> list[object]:
         mib(p.size_bytes) if p.size_bytes else "unknown",
         consistency,
         restorable,
+        ", ".join(d.disk_id for d in p.disks),
     ]
 
 

@@ -88,3 +88,15 @@ def test_every_command_says_what_it_does_in_its_groups_help() -> None:
         assert commands, name
         for command, c in commands.items():
             assert (c.help or "").strip(), f"vmrepl {name} {command}"
+
+
+@pytest.mark.parametrize("width", [120, 80])
+def test_session_list_keeps_each_name_on_one_line(monkeypatch: pytest.MonkeyPatch, width: int) -> None:
+    """Found with `make demo` and a lab: a folded name (`…4ad39abd7c26f16c3854` on a second line) copied
+    with the mouse is two lines, and `session show` of it is refused."""
+    console = Console(width=width, record=True, file=io.StringIO())
+    monkeypatch.setattr(common, "out", console)
+    monkeypatch.setattr(common.conn, "_stub", FakeApi())
+    assert CliRunner().invoke(app, ["session", "list"]).exit_code == 0
+    text = console.export_text()
+    assert any(SESSION in line for line in text.splitlines()), text

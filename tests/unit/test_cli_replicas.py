@@ -39,6 +39,10 @@ def _point(point_id: str, hour: int, *, restorable: bool = True, vm: str = "vm-1
         size_bytes=3 << 30,
         consistency=common_pb2.CONSISTENCY_APPLICATION,
         restorable=restorable,
+        disks=[
+            common_pb2.RestorePointDisk(disk_id="disk0", disk_size=1 << 30),
+            common_pb2.RestorePointDisk(disk_id="data1"),
+        ],
     )
 
 
@@ -146,7 +150,7 @@ def test_restore_points_list_shows_each_vm_its_state_and_points(monkeypatch: pyt
     )
     shown = _run(_terminal(monkeypatch, FakeApi([replica])), "restore-points", "list", "web")
     assert f"web-01 (vm-1): session {S2} writing: between points" in shown
-    assert "rp-1 2026-11-30T01:00:00 3,072.0 MiB application yes" in shown
+    assert "rp-1 2026-11-30T01:00:00 3,072.0 MiB application yes disk0, data1" in shown
     assert "rp-2 2026-11-30T02:00:00" in shown and "…" not in shown
 
 
@@ -195,3 +199,21 @@ def test_replica_format_is_raw_or_vhdx_on_create_and_update(monkeypatch: pytest.
     assert updated.job.replica_format == common_pb2.DISK_FORMAT_RAW
     shown = _run(console, *create[:-1], "vhd", code=2)
     assert "--replica-format must be raw or vhdx" in shown and len(fake.requests) == 2
+
+
+def test_restore_points_list_keeps_ids_whole_and_names_each_points_disks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Found as a new user in an 80-column terminal: the point id was folded over two lines (a copy of it is
+    refused by `export`), and nothing said which `--disk` export takes."""
+    point = "d4cd8759a2004031bf1b6f0f09760cd2"
+    replica = api.JobReplica(
+        vm_id="vm-1", vm_name="web-01", state=common_pb2.REPLICA_STATE_AT_POINT,
+        base_point=f"{JOB}/restorePoints/{point}", restore_points=[_point(point, 1)],
+    )  # fmt: skip
+    console = Console(width=80, record=True, file=io.StringIO())
+    monkeypatch.setattr(common, "out", console)
+    monkeypatch.setattr(replicas, "out", console)
+    monkeypatch.setattr(common.conn, "_stub", FakeApi([replica]))
+    assert CliRunner().invoke(app, ["restore-points", "list", "web"]).exit_code == 0
+    text = console.export_text()
+    assert any(point in line for line in text.splitlines()), text
+    assert "disks" in text  # which --disk export takes (the 120-column test reads them)
