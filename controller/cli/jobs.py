@@ -25,6 +25,8 @@ _FULL_CHECK_EVERY = typer.Option(
 )
 
 
+# The API's unit (the field's name says mbps): megabytes, not megabits, a factor of 8 an operator must not guess.
+_BANDWIDTH = typer.Option(help="MB/s (10^6 bytes per second, not megabits) on the wire; 0: unlimited")
 _FORMAT = typer.Option(
     "--replica-format",
     help="raw or vhdx (default: the host's own, vhdx on Hyper-V, raw on a file host); fixed once the job has "
@@ -40,6 +42,13 @@ def _replica_format(text: str) -> common_pb2.DiskFormat.ValueType:
         err.print(f"[red]error[/red]: --replica-format must be raw or vhdx, not {text!r}")
         raise typer.Exit(2)
     return formats[text.lower()]
+
+
+_FORMAT_WORDS = {
+    common_pb2.DISK_FORMAT_UNSPECIFIED: "the host's own (raw on a file host, vhdx on Hyper-V)",
+    common_pb2.DISK_FORMAT_RAW: "raw",
+    common_pb2.DISK_FORMAT_VHDX: "vhdx",
+}
 
 
 def _choices(kind: type[enum.StrEnum]) -> str:
@@ -64,7 +73,7 @@ def job_create(
     restore_points_to_keep: Annotated[int, _KEEP] = JOB_DEFAULTS.restore_points_to_keep,
     compression: Annotated[str, typer.Option(help=_choices(Compression))] = JOB_DEFAULTS.compression.value,
     block_size: Annotated[int, typer.Option(help=f"bytes; {BLOCK_SIZE_RULE}")] = JOB_DEFAULTS.block_size,
-    bandwidth_mbps: Annotated[float, typer.Option(help="0: unlimited")] = 0.0,
+    bandwidth_mbps: Annotated[float, _BANDWIDTH] = 0.0,
     change_tracking: Annotated[str, typer.Option(help=_choices(ChangeTracking))] = JOB_DEFAULTS.change_tracking.value,
     exclude_disk: Annotated[list[str] | None, typer.Option(help="VM:DISK not replicated (repeat)")] = None,
     schedule: Annotated[str, typer.Option(help='JSON, e.g. {"kind": "cron", "cron": "0 22 * * *"} (docs/cli.md)')] = "",
@@ -140,6 +149,8 @@ def job_show(job_id: str, as_json_: JsonOpt = False) -> None:
     d = json_format.MessageToDict(j, preserving_proto_field_name=True)
     if j.HasField("schedule"):
         d["schedule"] = schedule_json(j.schedule)  # as --schedule takes it
+    # As --replica-format takes it; unset (the API's default) is a choice too, so it is shown.
+    d["replica_format"] = _FORMAT_WORDS.get(j.replica_format, str(d.get("replica_format", "")))
     table(
         j.name, ["setting", "value"], [[k, json.dumps(v) if isinstance(v, (list, dict)) else v] for k, v in d.items()]
     )
@@ -150,7 +161,7 @@ def job_update(
     job_id: str,
     restore_points_to_keep: Annotated[int | None, _KEEP] = None,
     change_tracking: Annotated[str | None, typer.Option(help=_choices(ChangeTracking))] = None,
-    bandwidth_mbps: Annotated[float | None, typer.Option(help="0: unlimited")] = None,
+    bandwidth_mbps: Annotated[float | None, _BANDWIDTH] = None,
     disabled: Annotated[bool | None, typer.Option("--disabled/--enabled")] = None,
     schedule: Annotated[str | None, typer.Option(help='JSON schedule; "{}" for manual only')] = None,
     full_check_every: Annotated[int | None, _FULL_CHECK_EVERY] = None,

@@ -217,3 +217,31 @@ def test_restore_points_list_keeps_ids_whole_and_names_each_points_disks(monkeyp
     text = console.export_text()
     assert any(point in line for line in text.splitlines()), text
     assert "disks" in text  # which --disk export takes (the 120-column test reads them)
+
+
+@pytest.mark.parametrize(
+    ("fmt", "words"),
+    [
+        (common_pb2.DISK_FORMAT_VHDX, "replica_format vhdx"),
+        (common_pb2.DISK_FORMAT_UNSPECIFIED, "replica_format the host's own (raw on a file host, vhdx on Hyper-V)"),
+    ],
+)
+def test_job_show_prints_the_replica_format_as_the_option_takes_it(
+    monkeypatch: pytest.MonkeyPatch, fmt: common_pb2.DiskFormat.ValueType, words: str
+) -> None:
+    """Found as a new user: `--replica-format vhdx` came back as `DISK_FORMAT_VHDX`, and a job left to the
+    host's format showed no line at all."""
+
+    class Jobs(FakeApi):
+        def GetJob(self, request: api.GetJobRequest, timeout: float) -> api.Job:
+            return api.Job(name=request.name, replica_format=fmt)
+
+    shown = _run(_terminal(monkeypatch, Jobs([])), "job", "show", "web")
+    assert words in shown and "DISK_FORMAT" not in shown
+
+
+def test_the_bandwidth_option_says_its_unit() -> None:
+    """Found as a new user: `--bandwidth-mbps 16` moved 15 MiB/s, megabytes where mbps reads as megabits."""
+    for command in ("create", "update"):
+        result = CliRunner().invoke(app, ["job", command, "--help"], env={"COLUMNS": "200"})
+        assert "MB/s (10^6 bytes per second, not megabits)" in result.output, result.output
