@@ -90,7 +90,7 @@ def test_every_command_says_what_it_does_in_its_groups_help() -> None:
             assert (c.help or "").strip(), f"vmrepl {name} {command}"
 
 
-@pytest.mark.parametrize("width", [120, 80])
+@pytest.mark.parametrize("width", [120, 100])
 def test_session_list_keeps_each_name_on_one_line(monkeypatch: pytest.MonkeyPatch, width: int) -> None:
     """Found with `make demo` and a lab: a folded name (`…4ad39abd7c26f16c3854` on a second line) copied
     with the mouse is two lines, and `session show` of it is refused."""
@@ -100,3 +100,12 @@ def test_session_list_keeps_each_name_on_one_line(monkeypatch: pytest.MonkeyPatc
     assert CliRunner().invoke(app, ["session", "list"]).exit_code == 0
     text = console.export_text()
     assert any(SESSION in line for line in text.splitlines()), text
+
+
+def test_in_a_narrow_terminal_the_name_folds_rather_than_squeeze_the_state(monkeypatch: pytest.MonkeyPatch) -> None:
+    console = Console(width=80, record=True, file=io.StringIO())
+    monkeypatch.setattr(common, "out", console)
+    monkeypatch.setattr(common.conn, "_stub", FakeApi())
+    assert CliRunner().invoke(app, ["session", "list"]).exit_code == 0
+    text = console.export_text()
+    assert any(" state " in line for line in text.splitlines()) and "succeeded" in text, text

@@ -202,14 +202,14 @@ def test_replica_format_is_raw_or_vhdx_on_create_and_update(monkeypatch: pytest.
 
 
 def test_restore_points_list_keeps_ids_whole_and_names_each_points_disks(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Found as a new user in an 80-column terminal: the point id was folded over two lines (a copy of it is
-    refused by `export`), and nothing said which `--disk` export takes."""
+    """Found as a new user: nothing but --json said which `--disk` export takes; and the id, copied into
+    `export`, must stay on one line where the terminal has room for it (the session list test shows the fold)."""
     point = "d4cd8759a2004031bf1b6f0f09760cd2"
     replica = api.JobReplica(
         vm_id="vm-1", vm_name="web-01", state=common_pb2.REPLICA_STATE_AT_POINT,
         base_point=f"{JOB}/restorePoints/{point}", restore_points=[_point(point, 1)],
     )  # fmt: skip
-    console = Console(width=80, record=True, file=io.StringIO())
+    console = Console(width=100, record=True, file=io.StringIO())
     monkeypatch.setattr(common, "out", console)
     monkeypatch.setattr(replicas, "out", console)
     monkeypatch.setattr(common.conn, "_stub", FakeApi([replica]))
