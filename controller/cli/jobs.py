@@ -19,9 +19,11 @@ from vmrepl.v1 import controller_pb2 as api
 
 job_app = typer.Typer(help="Replication jobs.", no_args_is_help=True)
 # The API's name; `--keep` stays as the short spelling scripts and docs already use.
-_KEEP = typer.Option("--restore-points-to-keep", "--keep", help="restore points to keep")
+# Bounds on the numbers the API keeps unsigned: a negative one stopped the CLI with a traceback (protobuf's
+# ValueError) instead of a usage line; 0 kept points would be taken as unset (the default, 7) without a word.
+_KEEP = typer.Option("--restore-points-to-keep", "--keep", min=1, help="restore points to keep (at least 1)")
 _FULL_CHECK_EVERY = typer.Option(
-    help="every N sessions compare every block's digest instead of trusting the host's changed ranges; 0: never"
+    min=0, help="every N sessions compare every block's digest instead of trusting the host's changed ranges; 0: never"
 )
 
 
@@ -72,7 +74,7 @@ def job_create(
     replica_root: Annotated[str, typer.Option(help="folder in the target's datastore")] = "",
     restore_points_to_keep: Annotated[int, _KEEP] = JOB_DEFAULTS.restore_points_to_keep,
     compression: Annotated[str, typer.Option(help=_choices(Compression))] = JOB_DEFAULTS.compression.value,
-    block_size: Annotated[int, typer.Option(help=f"bytes; {BLOCK_SIZE_RULE}")] = JOB_DEFAULTS.block_size,
+    block_size: Annotated[int, typer.Option(min=0, help=f"bytes; {BLOCK_SIZE_RULE}")] = JOB_DEFAULTS.block_size,
     bandwidth_mbps: Annotated[float, _BANDWIDTH] = 0.0,
     change_tracking: Annotated[str, typer.Option(help=_choices(ChangeTracking))] = JOB_DEFAULTS.change_tracking.value,
     exclude_disk: Annotated[list[str] | None, typer.Option(help="VM:DISK not replicated (repeat)")] = None,
@@ -80,9 +82,9 @@ def job_create(
     webhook: Annotated[str, typer.Option(help="URL POSTed a JSON summary when a session ends")] = "",
     webhook_failures_only: Annotated[bool, typer.Option(help="notify failed sessions only")] = False,
     retries: Annotated[
-        int, typer.Option(help="times a failed VM is tried again in the session")
+        int, typer.Option(min=0, help="times a failed VM is tried again in the session")
     ] = JOB_DEFAULTS.retries,
-    retry_wait: Annotated[int, typer.Option(help="seconds before a retry")] = JOB_DEFAULTS.retry_wait_seconds,
+    retry_wait: Annotated[int, typer.Option(min=0, help="seconds before a retry")] = JOB_DEFAULTS.retry_wait_seconds,
     full_check_every: Annotated[int, _FULL_CHECK_EVERY] = JOB_DEFAULTS.full_check_every,
     replica_format: Annotated[str, _FORMAT] = "",
     as_json_: JsonOpt = False,

@@ -245,3 +245,28 @@ def test_the_bandwidth_option_says_its_unit() -> None:
     for command in ("create", "update"):
         result = CliRunner().invoke(app, ["job", command, "--help"], env={"COLUMNS": "200"})
         assert "MB/s (10^6 bytes per second, not megabits)" in result.output, result.output
+
+
+@pytest.mark.parametrize(
+    "option",
+    [
+        ["job", "create", "web", "--host", "h", "--target", "t", "--vm", "v", "--full-check-every", "-1"],
+        ["job", "create", "web", "--host", "h", "--target", "t", "--vm", "v", "--retries", "-1"],
+        ["job", "create", "web", "--host", "h", "--target", "t", "--vm", "v", "--retry-wait", "-1"],
+        ["job", "create", "web", "--host", "h", "--target", "t", "--vm", "v", "--block-size", "-1"],
+        ["job", "create", "web", "--host", "h", "--target", "t", "--vm", "v", "--keep", "0"],
+        ["job", "update", "web", "--full-check-every", "-1"],
+        ["job", "update", "web", "--keep", "0"],
+        ["lab", "write", "host", "vm", "--blocks", "-1"],
+    ],
+)
+def test_a_number_out_of_range_is_a_usage_error_before_any_call(
+    monkeypatch: pytest.MonkeyPatch, option: list[str]
+) -> None:
+    """Found as a new user: `--full-check-every -1` printed protobuf's traceback (ValueError: Value out of
+    range), and `job update --keep 0` said `updated` while the job kept 7 points."""
+    fake = FakeApi([])
+    _terminal(monkeypatch, fake)
+    result = CliRunner().invoke(app, option)
+    assert result.exit_code == 2 and isinstance(result.exception, SystemExit), result.output
+    assert "Invalid value" in result.output and fake.requests == []
