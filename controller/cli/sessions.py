@@ -143,10 +143,13 @@ def session_show(session_id: str, as_json_: JsonOpt = False) -> None:
     cols = ["vm", "disk", "state", "change", "size", "read", "sent", "zero", "unchanged", "rate", "ratio", "bottleneck"]
     table(f"{s.name} ({s.job})", cols, rows)
     # A table of its own: as three more columns of the one above, a 120-column terminal showed "veri…".
+    # `started`: fresh, resume (a stopped session's disk continued), compare or done, as operations.md says.
     checks = [
-        [v.vm_name, d.disk_id, d.passes or "", d.verification, d.error or v.error] for v in s.vms for d in v.disks
+        [v.vm_name, d.disk_id, d.start, d.passes or "", d.verification, d.error or v.error]
+        for v in s.vms
+        for d in v.disks
     ]
-    table("passes and verification", ["vm", "disk", "passes", "verified", "error"], checks)
+    table("start, passes and verification", ["vm", "disk", "started", "passes", "verified", "error"], checks)
     for v in s.vms:  # in full: a table cell cuts the repaired offsets short
         for d in v.disks:
             if d.HasField("full_check") and d.full_check.repaired_blocks:

@@ -109,3 +109,19 @@ def test_in_a_narrow_terminal_the_name_folds_rather_than_squeeze_the_state(monke
     assert CliRunner().invoke(app, ["session", "list"]).exit_code == 0
     text = console.export_text()
     assert any(" state " in line for line in text.splitlines()) and "succeeded" in text, text
+
+
+def test_session_show_says_a_disk_was_resumed(terminal: Console, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Found in a lab after `job stop` and `job start`: the resumed disk read `ranges` like any other;
+    operations.md promises how each disk started (`resume`), which only --json had. In the second table:
+    the first has no room left at 120 columns."""
+
+    class Resumed(FakeApi):
+        def GetSession(self, request: api.GetSessionRequest, timeout: float) -> api.Session:
+            disk = api.DiskTask(disk_id="disk0", state=api.DISK_TASK_STATE_SUCCEEDED, change_mode="ranges")
+            disk.start = "resume"
+            vm = api.SessionVm(vm_name="demo-vm", disks=[disk])
+            return api.Session(name=request.name, job="jobs/demo", state=api.SESSION_STATE_SUCCEEDED, vms=[vm])
+
+    monkeypatch.setattr(common.conn, "_stub", Resumed())
+    assert "demo-vm disk0 resume" in " ".join(_run(terminal, "session", "show", SESSION).split())
