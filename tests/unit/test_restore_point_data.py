@@ -366,7 +366,7 @@ def test_a_point_committed_by_a_resumed_session_keeps_the_previous_point_and_its
     rep.write("s0", image, _random_blocks(rng, 64))
     p0 = rep.commit("s0", image)
     first = {b: rng.randbytes(BS) for b in range(0, 8)}
-    rep.write("s1", bytearray(image), first)  # stopped before its restore point...
+    rep.write("s1", bytearray(image), dict[int, bytes | None](first))  # stopped before its restore point...
     vm_replica.end_session(rep.vm, "s1", keep_for_resume=True, guards=rep.guard)
     p1 = _continue(rep, "s2", "s1", image, first | {b: rng.randbytes(BS) for b in range(8, 16)})  # ...resumed
     status = vm_replica.status(rep.vm, guards=rep.guard)
