@@ -109,7 +109,10 @@ def list_points(job: str, *, as_json_: bool) -> None:
             table(f"{title}: target unreachable ({r.error or 'not asked'}); as the controller recorded", COLUMNS, rows)
             continue
         rows = [point_row(p, restorable="yes" if p.restorable else "no") for p in r.restore_points]
-        table(f"{title}: {replica_words(r)}", COLUMNS, rows)
+        if rows:
+            table(f"{title}: {replica_words(r)}", COLUMNS, rows)
+        else:  # a line, not the headings of an empty table
+            out.print(f"{title}: {replica_words(r)}")
     if not replicas:
         out.print(f"jobs/{job} has no VM replicas")
 

@@ -270,3 +270,10 @@ def test_a_number_out_of_range_is_a_usage_error_before_any_call(
     result = CliRunner().invoke(app, option)
     assert result.exit_code == 2 and isinstance(result.exception, SystemExit), result.output
     assert "Invalid value" in result.output and fake.requests == []
+
+
+def test_a_replica_without_points_is_one_line_not_an_empty_table(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Found as a new user: a job that never ran printed a table of headings with no row under them."""
+    empty = api.JobReplica(vm_id="vm-1", vm_name="web-01", state=common_pb2.REPLICA_STATE_EMPTY)
+    shown = _run(_terminal(monkeypatch, FakeApi([empty])), "restore-points", "list", "web")
+    assert shown.strip() == "web-01 (vm-1): no restore point yet" and "restorable" not in shown
