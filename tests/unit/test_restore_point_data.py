@@ -373,6 +373,7 @@ def test_a_point_committed_by_a_resumed_session_keeps_the_previous_point_and_its
     assert [v.restorable for v in status.points] == [True, True]
     assert not (rep.disk / replica.ROLLBACK_DIR / rollback.PENDING).exists()
     assert differing(rep.read_point(p0), rep.images[p0]) == []
+    assert differing(rep.read_point(p1), rep.images[p1]) == []  # the newest point, as a failover reads it
     rep.write("s3", image, {b: rng.randbytes(BS) for b in range(40, 42)})
     assert differing(rep.data(), bytes(image)) == []  # the next session never reverts p1's blocks
     p3 = rep.commit("s3", image)
