@@ -156,6 +156,12 @@ def session_show(session_id: str, as_json_: JsonOpt = False) -> None:
                 out.print(f"{v.vm_name}/{d.disk_id}: {d.verification}")
 
 
+def _value(v: object) -> object:
+    """A log field as it was logged: a Struct keeps every number as a double, so `resume_offset=12582912.0`
+    and `vms=1.0` read as fractions; whole numbers are printed whole."""
+    return int(v) if isinstance(v, float) and v.is_integer() and abs(v) < 2**53 else v
+
+
 @session_app.command("log")
 def session_log(session_id: str, as_json_: JsonOpt = False) -> None:
     """The controller's log of one session."""
@@ -166,7 +172,7 @@ def session_log(session_id: str, as_json_: JsonOpt = False) -> None:
             if as_json_:
                 print(json.dumps(json_format.MessageToDict(e, preserving_proto_field_name=True)))
                 continue
-            fields = " ".join(f"{k}={v}" for k, v in json_format.MessageToDict(e.fields).items())
+            fields = " ".join(f"{k}={_value(v)}" for k, v in json_format.MessageToDict(e.fields).items())
             out.print(f"{e.time.ToJsonString()} {e.level:7} {e.event} {fields}", highlight=False, markup=False)
         token = page.next_page_token
         if not token:

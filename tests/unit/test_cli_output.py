@@ -125,3 +125,19 @@ def test_session_show_says_a_disk_was_resumed(terminal: Console, monkeypatch: py
 
     monkeypatch.setattr(common.conn, "_stub", Resumed())
     assert "demo-vm disk0 resume" in " ".join(_run(terminal, "session", "show", SESSION).split())
+
+
+def test_session_log_prints_whole_numbers_whole(terminal: Console, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Found in a lab: `task_starting ... resume_offset=12582912.0`, `session_planned vms=1.0` (a Struct keeps
+    every number as a double)."""
+
+    class Log(FakeApi):
+        def GetSessionLog(self, request: api.GetSessionLogRequest, timeout: float) -> api.SessionLog:
+            entry = api.SessionLogEntry(level="info", event="task_starting")
+            entry.fields.update({"resume_offset": 12582912, "vms": 1, "ratio": 1.5, "disk_id": "disk0"})
+            return api.SessionLog(entries=[entry])
+
+    monkeypatch.setattr(common.conn, "_stub", Log())
+    monkeypatch.setattr(sessions, "out", terminal)
+    words = _run(terminal, "session", "log", SESSION).split()
+    assert {"resume_offset=12582912", "vms=1", "ratio=1.5", "disk_id=disk0"} <= set(words), words
