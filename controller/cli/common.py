@@ -9,7 +9,7 @@ from typing import Annotated, Any, TypeVar
 
 import grpc
 import typer
-from google.protobuf import json_format
+from google.protobuf import json_format, timestamp_pb2
 from google.protobuf.message import Message
 from rich.console import Console
 from rich.table import Table
@@ -91,6 +91,12 @@ def _first_fits(columns: list[str], rows: list[list[object]], width: int) -> boo
     columns would be squeezed to fragments, and the first one folds as the others do."""
     others = sum(max((len(w) for w in c.split()), default=1) for c in columns[1:])
     return _longest(rows, 0) + others + 3 * len(columns) + 1 <= width
+
+
+def cell_time(ts: timestamp_pb2.Timestamp) -> str:
+    """A time in a table cell, UTC to the second: a space, not ISO's `T`, between date and time, so a
+    narrow column folds there (`2026-11-30` over `23:06:01`) rather than cutting the seconds off."""
+    return ts.ToDatetime().isoformat(sep=" ", timespec="seconds") if ts.seconds or ts.nanos else ""
 
 
 def mib(n: int) -> str:

@@ -10,7 +10,7 @@ import grpc
 import typer
 from google.protobuf import timestamp_pb2
 
-from controller.cli.common import JsonOpt, as_json, call, conn, err, mib, out, table
+from controller.cli.common import JsonOpt, as_json, call, cell_time, conn, err, mib, out, table
 from vmrepl.v1 import common_pb2
 from vmrepl.v1 import controller_pb2 as api
 
@@ -54,7 +54,7 @@ def point_row(p: api.JobRestorePoint, *, restorable: str) -> list[object]:
     consistency = CONSISTENCY_WORDS.get(p.consistency, "unknown")
     return [
         bare(p.name),
-        _time(p.create_time),
+        cell_time(p.create_time),
         mib(p.size_bytes) if p.size_bytes else "unknown",
         consistency,
         restorable,

@@ -141,3 +141,21 @@ def test_session_log_prints_whole_numbers_whole(terminal: Console, monkeypatch: 
     monkeypatch.setattr(sessions, "out", terminal)
     words = _run(terminal, "session", "log", SESSION).split()
     assert {"resume_offset=12582912", "vms=1", "ratio=1.5", "disk_id=disk0"} <= set(words), words
+
+
+def test_a_folded_start_time_folds_between_date_and_time(terminal: Console, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Found with `make demo` at 120 columns: the start column read `2026-11-30T23:06:` over `01`."""
+
+    class Started(FakeApi):
+        def ListSessions(self, request: api.ListSessionsRequest, timeout: float) -> api.ListSessionsResponse:
+            s = api.Session(name=SESSION, job="jobs/demo", state=api.SESSION_STATE_SUCCEEDED)
+            s.start_time.FromJsonString("2026-11-30T23:06:01Z")
+            s.end_time.FromJsonString("2026-11-30T23:06:02Z")
+            s.stats.bytes_sent = 29 << 20
+            return api.ListSessionsResponse(sessions=[s, s])
+
+    monkeypatch.setattr(common.conn, "_stub", Started())
+    assert CliRunner().invoke(app, ["session", "list"]).exit_code == 0
+    lines = terminal.export_text().splitlines()
+    assert any("2026-11-30" in line for line in lines) and any("23:06:01" in line for line in lines), lines
+    assert any(SESSION in line for line in lines), lines

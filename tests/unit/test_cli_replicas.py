@@ -150,8 +150,8 @@ def test_restore_points_list_shows_each_vm_its_state_and_points(monkeypatch: pyt
     )
     shown = _run(_terminal(monkeypatch, FakeApi([replica])), "restore-points", "list", "web")
     assert f"web-01 (vm-1): session {S2} writing: between points" in shown
-    assert "rp-1 2026-11-30T01:00:00 3,072.0 MiB application yes disk0, data1" in shown
-    assert "rp-2 2026-11-30T02:00:00" in shown and "…" not in shown
+    assert "rp-1 2026-11-30 01:00:00 3,072.0 MiB application yes disk0, data1" in shown
+    assert "rp-2 2026-11-30 02:00:00" in shown and "…" not in shown
 
 
 def test_a_vm_whose_target_cannot_be_asked_shows_the_points_the_controller_recorded(
@@ -161,7 +161,7 @@ def test_a_vm_whose_target_cannot_be_asked_shows_the_points_the_controller_recor
     fake = FakeApi([down])
     shown = _run(_terminal(monkeypatch, fake), "restore-points", "list", "web")
     assert "target unreachable (target t1 cannot be asked now (UNAVAILABLE))" in shown
-    assert "rp-old 2026-11-30T01:00:00 3,072.0 MiB application unknown" in shown
+    assert "rp-old 2026-11-30 01:00:00 3,072.0 MiB application unknown" in shown
     assert [type(r).__name__ for r in fake.requests] == ["ListJobReplicasRequest", "ListJobRestorePointsRequest"]
 
 
