@@ -395,11 +395,21 @@ def pending_header(disk_dir: Path) -> rollback.UndoHeader | None:
         undo.close()
 
 
+def pending_committed(disk_dir: Path, header: rollback.UndoHeader, point_sessions: frozenset[str]) -> bool:
+    """Whether the pending rollback file belongs to a session that made a restore point. The file is the
+    disk's current session's: its header names the session that started it, and a session continuing that
+    one (a resume from the same checkpoint) takes the file over, so the disk's state says it too."""
+    if header.session_id in point_sessions:
+        return True
+    st = _load_or_none(disk_dir)
+    return st is not None and st.state == COMMITTED and st.session_id in point_sessions
+
+
 def settle_locked(disk_dir: Path, point_sessions: frozenset[str]) -> None:
     """Finish a restore point commit a crash cut short: the pending rollback file of a session that made a
     restore point becomes the rollback data of the point before (call under the disk's guard)."""
     header = pending_header(disk_dir)
-    if header is not None and header.session_id in point_sessions:
+    if header is not None and pending_committed(disk_dir, header, point_sessions):
         folder = disk_dir / ROLLBACK_DIR
         rename(folder / rollback.PENDING, folder / f"{header.base_point_id}{rollback.SUFFIX}")
 

@@ -9,7 +9,7 @@ from typing import Annotated, Any, TypeVar
 
 import grpc
 import typer
-from google.protobuf import json_format
+from google.protobuf import json_format, timestamp_pb2
 from google.protobuf.message import Message
 from rich.console import Console
 from rich.table import Table
@@ -69,12 +69,34 @@ def as_json(msg: Message) -> None:
 
 def table(title: str, columns: list[str], rows: list[list[object]]) -> None:
     t = Table(title=title)
-    for c in columns:
-        # fold, never "…": a cut name cannot be copied into the next command, a cut outcome says nothing
-        t.add_column(c, overflow="fold")
+    whole = _first_fits(columns, rows, out.width)
+    for i, c in enumerate(columns):
+        # fold, never "…": a cut name cannot be copied, a cut outcome says nothing. The first column names
+        # the row (a session, a restore point): kept on one line wherever the others can still show their
+        # headings' words, since a name folded over two lines is copied as two and refused by the next command.
+        first = i == 0 and whole
+        t.add_column(c, overflow="fold", no_wrap=first, min_width=_longest(rows, 0) if first else None)
     for r in rows:
         t.add_row(*(str(v) for v in r))
     out.print(t)
+
+
+def _longest(rows: list[list[object]], column: int) -> int:
+    return max((len(str(r[column])) for r in rows if r), default=0)
+
+
+def _first_fits(columns: list[str], rows: list[list[object]], width: int) -> bool:
+    """Whether the first column's longest value fits on one line with every other column still as wide as
+    its heading's longest word (and the borders, 3 characters a column): in a narrower terminal the other
+    columns would be squeezed to fragments, and the first one folds as the others do."""
+    others = sum(max((len(w) for w in c.split()), default=1) for c in columns[1:])
+    return _longest(rows, 0) + others + 3 * len(columns) + 1 <= width
+
+
+def cell_time(ts: timestamp_pb2.Timestamp) -> str:
+    """A time in a table cell, UTC to the second: a space, not ISO's `T`, between date and time, so a
+    narrow column folds there (`2026-11-30` over `23:06:01`) rather than cutting the seconds off."""
+    return ts.ToDatetime().isoformat(sep=" ", timespec="seconds") if ts.seconds or ts.nanos else ""
 
 
 def mib(n: int) -> str:

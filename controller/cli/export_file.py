@@ -57,7 +57,15 @@ def writer_factory(fmt: ExportFormat) -> WriterFactory:
     def writer(path: Path, size: int) -> DiskWriter:
         if os.path.lexists(path):
             raise FailedPrecondition(f"{path} appeared while the export started")
-        return disk_base.create_writer(DiskFormat(fmt.value), path, size=size)
+        # The shared writer creates files group-readable (a replica's mode on the target); an export is the
+        # VM's data on an operator's machine: its owner's only from its creation, so no one can open it
+        # early and read the data as it arrives. The umask is the process's, and this CLI process creates
+        # no other file meanwhile.
+        old_mask = os.umask(0o077)
+        try:
+            return disk_base.create_writer(DiskFormat(fmt.value), path, size=size)
+        finally:
+            os.umask(old_mask)
 
     return writer
 

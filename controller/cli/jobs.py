@@ -19,12 +19,16 @@ from vmrepl.v1 import controller_pb2 as api
 
 job_app = typer.Typer(help="Replication jobs.", no_args_is_help=True)
 # The API's name; `--keep` stays as the short spelling scripts and docs already use.
-_KEEP = typer.Option("--restore-points-to-keep", "--keep", help="restore points to keep")
+# Bounds on the numbers the API keeps unsigned: a negative one stopped the CLI with a traceback (protobuf's
+# ValueError) instead of a usage line; 0 kept points would be taken as unset (the default, 7) without a word.
+_KEEP = typer.Option("--restore-points-to-keep", "--keep", min=1, help="restore points to keep (at least 1)")
 _FULL_CHECK_EVERY = typer.Option(
-    help="every N sessions compare every block's digest instead of trusting the host's changed ranges; 0: never"
+    min=0, help="every N sessions compare every block's digest instead of trusting the host's changed ranges; 0: never"
 )
 
 
+# The API's unit (the field's name says mbps): megabytes, not megabits, a factor of 8 an operator must not guess.
+_BANDWIDTH = typer.Option(help="MB/s (10^6 bytes per second, not megabits) on the wire; 0: unlimited")
 _FORMAT = typer.Option(
     "--replica-format",
     help="raw or vhdx (default: the host's own, vhdx on Hyper-V, raw on a file host); fixed once the job has "
@@ -40,6 +44,13 @@ def _replica_format(text: str) -> common_pb2.DiskFormat.ValueType:
         err.print(f"[red]error[/red]: --replica-format must be raw or vhdx, not {text!r}")
         raise typer.Exit(2)
     return formats[text.lower()]
+
+
+_FORMAT_WORDS = {
+    common_pb2.DISK_FORMAT_UNSPECIFIED: "the host's own (raw on a file host, vhdx on Hyper-V)",
+    common_pb2.DISK_FORMAT_RAW: "raw",
+    common_pb2.DISK_FORMAT_VHDX: "vhdx",
+}
 
 
 def _choices(kind: type[enum.StrEnum]) -> str:
@@ -63,17 +74,17 @@ def job_create(
     replica_root: Annotated[str, typer.Option(help="folder in the target's datastore")] = "",
     restore_points_to_keep: Annotated[int, _KEEP] = JOB_DEFAULTS.restore_points_to_keep,
     compression: Annotated[str, typer.Option(help=_choices(Compression))] = JOB_DEFAULTS.compression.value,
-    block_size: Annotated[int, typer.Option(help=f"bytes; {BLOCK_SIZE_RULE}")] = JOB_DEFAULTS.block_size,
-    bandwidth_mbps: Annotated[float, typer.Option(help="0: unlimited")] = 0.0,
+    block_size: Annotated[int, typer.Option(min=0, help=f"bytes; {BLOCK_SIZE_RULE}")] = JOB_DEFAULTS.block_size,
+    bandwidth_mbps: Annotated[float, _BANDWIDTH] = 0.0,
     change_tracking: Annotated[str, typer.Option(help=_choices(ChangeTracking))] = JOB_DEFAULTS.change_tracking.value,
     exclude_disk: Annotated[list[str] | None, typer.Option(help="VM:DISK not replicated (repeat)")] = None,
     schedule: Annotated[str, typer.Option(help='JSON, e.g. {"kind": "cron", "cron": "0 22 * * *"} (docs/cli.md)')] = "",
     webhook: Annotated[str, typer.Option(help="URL POSTed a JSON summary when a session ends")] = "",
     webhook_failures_only: Annotated[bool, typer.Option(help="notify failed sessions only")] = False,
     retries: Annotated[
-        int, typer.Option(help="times a failed VM is tried again in the session")
+        int, typer.Option(min=0, help="times a failed VM is tried again in the session")
     ] = JOB_DEFAULTS.retries,
-    retry_wait: Annotated[int, typer.Option(help="seconds before a retry")] = JOB_DEFAULTS.retry_wait_seconds,
+    retry_wait: Annotated[int, typer.Option(min=0, help="seconds before a retry")] = JOB_DEFAULTS.retry_wait_seconds,
     full_check_every: Annotated[int, _FULL_CHECK_EVERY] = JOB_DEFAULTS.full_check_every,
     replica_format: Annotated[str, _FORMAT] = "",
     as_json_: JsonOpt = False,
@@ -140,6 +151,8 @@ def job_show(job_id: str, as_json_: JsonOpt = False) -> None:
     d = json_format.MessageToDict(j, preserving_proto_field_name=True)
     if j.HasField("schedule"):
         d["schedule"] = schedule_json(j.schedule)  # as --schedule takes it
+    # As --replica-format takes it; unset (the API's default) is a choice too, so it is shown.
+    d["replica_format"] = _FORMAT_WORDS.get(j.replica_format, str(d.get("replica_format", "")))
     table(
         j.name, ["setting", "value"], [[k, json.dumps(v) if isinstance(v, (list, dict)) else v] for k, v in d.items()]
     )
@@ -150,7 +163,7 @@ def job_update(
     job_id: str,
     restore_points_to_keep: Annotated[int | None, _KEEP] = None,
     change_tracking: Annotated[str | None, typer.Option(help=_choices(ChangeTracking))] = None,
-    bandwidth_mbps: Annotated[float | None, typer.Option(help="0: unlimited")] = None,
+    bandwidth_mbps: Annotated[float | None, _BANDWIDTH] = None,
     disabled: Annotated[bool | None, typer.Option("--disabled/--enabled")] = None,
     schedule: Annotated[str | None, typer.Option(help='JSON schedule; "{}" for manual only')] = None,
     full_check_every: Annotated[int | None, _FULL_CHECK_EVERY] = None,

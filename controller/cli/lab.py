@@ -20,7 +20,7 @@ lab_app = typer.Typer(
 def lab_create_vm(
     host_dir: Annotated[Path, typer.Argument(help="the file host's folder")],
     name: str,
-    size_mib: Annotated[int, typer.Option(help="disk size")] = 256,
+    size_mib: Annotated[int, typer.Option(min=1, help="disk size")] = 256,
     seed: Annotated[int, typer.Option(help="content seed (the VM's id is random whatever the seed)")] = 1,
 ) -> None:
     """A sample VM: a GPT disk with an NTFS partition (mkntfs, ntfscp) and a swap partition (mkswap)."""
@@ -36,8 +36,8 @@ def lab_write(
     host_dir: Annotated[Path, typer.Argument(help="the file host's folder")],
     vm: Annotated[str, typer.Argument(help="VM id or name")],
     disk: Annotated[str, typer.Option(help="disk id")] = "disk0",
-    blocks: Annotated[int, typer.Option(help="how many 1 MiB-aligned ranges to change")] = 8,
-    length: Annotated[int, typer.Option(help="bytes written in each")] = 64 << 10,
+    blocks: Annotated[int, typer.Option(min=1, help="how many 1 MiB-aligned ranges to change")] = 8,
+    length: Annotated[int, typer.Option(min=1, help="bytes written in each")] = 64 << 10,
     seed: Annotated[int, typer.Option(help="random seed (offsets and data)")] = 0,
 ) -> None:
     """Write random data as the guest would (into the checkpoint overlay while one exists)."""

@@ -60,15 +60,21 @@ def collect_verification(stream: Iterator[common_pb2.VerifyProgress], *, quiet: 
     return disks
 
 
-def report_verification(disks: dict[str, DiskReport], *, as_json_: bool) -> int:
+def report_verification(disks: dict[str, DiskReport], *, as_json_: bool, sample: int = 0) -> int:
     """Print the report; the exit status: 0 all vouched for, 4 mismatches, 3 blocks unknown, 1 unfinished."""
     if as_json_:
         print(json.dumps({"disks": [_disk_json(r) for r in disks.values()]}, indent=2))
     for disk_id, r in disks.items():
         m = r.last
         if not as_json_:
+            # A sample's total is the sample's size: "7 of 7" would read as the whole disk.
+            checked = (
+                f"{m.blocks_checked} blocks checked (a random {sample}% sample)"
+                if 0 < sample < 100
+                else f"{m.blocks_checked} of {m.blocks_total} blocks checked"
+            )
             out.print(
-                f"{disk_id}: {m.blocks_checked} of {m.blocks_total} blocks checked ({m.block_size} bytes each), "
+                f"{disk_id}: {checked}, {m.block_size} bytes each; "
                 f"{m.blocks_unknown} with unknown digests, {m.mismatch_count} mismatched"
                 + ("" if m.done else " [red](not finished)[/red]")
             )
@@ -115,18 +121,19 @@ def replica_verify(
     blocks' digests are unknown (cannot be vouched for), 1 the check failed or did not finish."""
     request = api.VerifyJobReplicaRequest(job=f"jobs/{job}", vm=vm, restore_point=point, sample_percent=sample)
     stream = _stream_errors(conn.stub().VerifyJobReplica(request))  # no deadline: a large disk takes long
-    raise typer.Exit(report_verification(collect_verification(stream, quiet=as_json_), as_json_=as_json_))
+    disks = collect_verification(stream, quiet=as_json_)
+    raise typer.Exit(report_verification(disks, as_json_=as_json_, sample=sample))
 
 
 @points_app.command("export")
 def points_export(
     job: str,
     point_id: str,
-    vm: Annotated[str, typer.Option(help="the VM's id or name")],
-    disk: Annotated[str, typer.Option(help="the disk's id")],
+    disk: Annotated[str, typer.Option(help="the disk's id (`restore-points list` shows each point's disks)")],
     output: Annotated[Path, typer.Option(help="the file to write (refused if it exists, unless --force)")],
     fmt: Annotated[ExportFormat, typer.Option("--format", help="raw (sparse) or vhdx")] = ExportFormat.RAW,
     force: Annotated[bool, typer.Option(help="replace an existing output file")] = False,
+    vm: Annotated[str, typer.Option(help="the VM's id or name (not needed: the point is one VM's)")] = "",
 ) -> None:
     """Write one disk of a restore point to a file (sparse), to restore a VM by hand. The file appears only
     once complete (it is written as FILE.partial first)."""

@@ -10,7 +10,7 @@ import grpc
 import typer
 from google.protobuf import timestamp_pb2
 
-from controller.cli.common import JsonOpt, as_json, call, conn, err, mib, out, table
+from controller.cli.common import JsonOpt, as_json, call, cell_time, conn, err, mib, out, table
 from vmrepl.v1 import common_pb2
 from vmrepl.v1 import controller_pb2 as api
 
@@ -19,7 +19,8 @@ CONSISTENCY_WORDS = {
     common_pb2.CONSISTENCY_CRASH: "crash",
     common_pb2.CONSISTENCY_APPLICATION: "application",
 }
-COLUMNS = ["restore point", "created (UTC)", "size", "consistency", "restorable"]
+# `disks`: the ids `restore-points export --disk` takes.
+COLUMNS = ["restore point", "created (UTC)", "size", "consistency", "restorable", "disks"]
 
 
 def bare(name: str) -> str:
@@ -53,10 +54,11 @@ def point_row(p: api.JobRestorePoint, *, restorable: str) -> list[object]:
     consistency = CONSISTENCY_WORDS.get(p.consistency, "unknown")
     return [
         bare(p.name),
-        _time(p.create_time),
+        cell_time(p.create_time),
         mib(p.size_bytes) if p.size_bytes else "unknown",
         consistency,
         restorable,
+        ", ".join(d.disk_id for d in p.disks),
     ]
 
 
@@ -107,7 +109,10 @@ def list_points(job: str, *, as_json_: bool) -> None:
             table(f"{title}: target unreachable ({r.error or 'not asked'}); as the controller recorded", COLUMNS, rows)
             continue
         rows = [point_row(p, restorable="yes" if p.restorable else "no") for p in r.restore_points]
-        table(f"{title}: {replica_words(r)}", COLUMNS, rows)
+        if rows:
+            table(f"{title}: {replica_words(r)}", COLUMNS, rows)
+        else:  # a line, not the headings of an empty table
+            out.print(f"{title}: {replica_words(r)}")
     if not replicas:
         out.print(f"jobs/{job} has no VM replicas")
 

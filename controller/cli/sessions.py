@@ -19,6 +19,7 @@ from controller.cli.common import (
     JsonOpt,
     as_json,
     call,
+    cell_time,
     conn,
     err,
     mib,
@@ -105,7 +106,7 @@ def session_list(job: Annotated[str, typer.Option(help="only this job's")] = "",
             s.name,
             s.job,
             STATE_NAMES.get(s.state, "?"),
-            s.start_time.ToDatetime().isoformat(timespec="seconds"),
+            cell_time(s.start_time),
             _duration(s),
             mib(s.stats.bytes_sent),
             s.stats.restore_points,
@@ -143,14 +144,23 @@ def session_show(session_id: str, as_json_: JsonOpt = False) -> None:
     cols = ["vm", "disk", "state", "change", "size", "read", "sent", "zero", "unchanged", "rate", "ratio", "bottleneck"]
     table(f"{s.name} ({s.job})", cols, rows)
     # A table of its own: as three more columns of the one above, a 120-column terminal showed "veri…".
+    # `started`: fresh, resume (a stopped session's disk continued), compare or done, as operations.md says.
     checks = [
-        [v.vm_name, d.disk_id, d.passes or "", d.verification, d.error or v.error] for v in s.vms for d in v.disks
+        [v.vm_name, d.disk_id, d.start, d.passes or "", d.verification, d.error or v.error]
+        for v in s.vms
+        for d in v.disks
     ]
-    table("passes and verification", ["vm", "disk", "passes", "verified", "error"], checks)
+    table("start, passes and verification", ["vm", "disk", "started", "passes", "verified", "error"], checks)
     for v in s.vms:  # in full: a table cell cuts the repaired offsets short
         for d in v.disks:
             if d.HasField("full_check") and d.full_check.repaired_blocks:
                 out.print(f"{v.vm_name}/{d.disk_id}: {d.verification}")
+
+
+def _value(v: object) -> object:
+    """A log field as it was logged: a Struct keeps every number as a double, so `resume_offset=12582912.0`
+    and `vms=1.0` read as fractions; whole numbers are printed whole."""
+    return int(v) if isinstance(v, float) and v.is_integer() and abs(v) < 2**53 else v
 
 
 @session_app.command("log")
@@ -163,7 +173,7 @@ def session_log(session_id: str, as_json_: JsonOpt = False) -> None:
             if as_json_:
                 print(json.dumps(json_format.MessageToDict(e, preserving_proto_field_name=True)))
                 continue
-            fields = " ".join(f"{k}={v}" for k, v in json_format.MessageToDict(e.fields).items())
+            fields = " ".join(f"{k}={_value(v)}" for k, v in json_format.MessageToDict(e.fields).items())
             out.print(f"{e.time.ToJsonString()} {e.level:7} {e.event} {fields}", highlight=False, markup=False)
         token = page.next_page_token
         if not token:

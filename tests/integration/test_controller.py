@@ -49,8 +49,10 @@ def test_full_then_incremental_through_the_cli(ctl: ControllerEnv) -> None:
     assert [s["state"] for s in sessions] == ["SESSION_STATE_SUCCEEDED"] * 2
     shown = ctl.cli("session", "show", sessions[0]["name"].removeprefix("sessions/")).stdout
     assert "disk1" in shown and "ranges" in shown
-    points = json.loads(ctl.cli("restore-points", "list", "job1", "--json").stdout)["restore_points"]
-    assert len(points) == 4  # two VMs, two sessions
+    # --json is ListJobReplicas' reply: per VM replica, its points as the target holds them.
+    replicas = json.loads(ctl.cli("restore-points", "list", "job1", "--json").stdout)["replicas"]
+    points = [p for r in replicas for p in r["restore_points"]]
+    assert len(points) == 4 and all(p["restorable"] for p in points)  # two VMs, two sessions
     assert "job1" in ctl.cli("job", "list").stdout
 
 

@@ -88,3 +88,74 @@ def test_every_command_says_what_it_does_in_its_groups_help() -> None:
         assert commands, name
         for command, c in commands.items():
             assert (c.help or "").strip(), f"vmrepl {name} {command}"
+
+
+@pytest.mark.parametrize("width", [120, 100])
+def test_session_list_keeps_each_name_on_one_line(monkeypatch: pytest.MonkeyPatch, width: int) -> None:
+    """Found with `make demo` and a lab: a folded name (`…4ad39abd7c26f16c3854` on a second line) copied
+    with the mouse is two lines, and `session show` of it is refused."""
+    console = Console(width=width, record=True, file=io.StringIO())
+    monkeypatch.setattr(common, "out", console)
+    monkeypatch.setattr(common.conn, "_stub", FakeApi())
+    assert CliRunner().invoke(app, ["session", "list"]).exit_code == 0
+    text = console.export_text()
+    assert any(SESSION in line for line in text.splitlines()), text
+
+
+def test_in_a_narrow_terminal_the_name_folds_rather_than_squeeze_the_state(monkeypatch: pytest.MonkeyPatch) -> None:
+    console = Console(width=80, record=True, file=io.StringIO())
+    monkeypatch.setattr(common, "out", console)
+    monkeypatch.setattr(common.conn, "_stub", FakeApi())
+    assert CliRunner().invoke(app, ["session", "list"]).exit_code == 0
+    text = console.export_text()
+    assert any(" state " in line for line in text.splitlines()) and "succeeded" in text, text
+
+
+def test_session_show_says_a_disk_was_resumed(terminal: Console, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Found in a lab after `job stop` and `job start`: the resumed disk read `ranges` like any other;
+    operations.md promises how each disk started (`resume`), which only --json had. In the second table:
+    the first has no room left at 120 columns."""
+
+    class Resumed(FakeApi):
+        def GetSession(self, request: api.GetSessionRequest, timeout: float) -> api.Session:
+            disk = api.DiskTask(disk_id="disk0", state=api.DISK_TASK_STATE_SUCCEEDED, change_mode="ranges")
+            disk.start = "resume"
+            vm = api.SessionVm(vm_name="demo-vm", disks=[disk])
+            return api.Session(name=request.name, job="jobs/demo", state=api.SESSION_STATE_SUCCEEDED, vms=[vm])
+
+    monkeypatch.setattr(common.conn, "_stub", Resumed())
+    assert "demo-vm disk0 resume" in " ".join(_run(terminal, "session", "show", SESSION).split())
+
+
+def test_session_log_prints_whole_numbers_whole(terminal: Console, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Found in a lab: `task_starting ... resume_offset=12582912.0`, `session_planned vms=1.0` (a Struct keeps
+    every number as a double)."""
+
+    class Log(FakeApi):
+        def GetSessionLog(self, request: api.GetSessionLogRequest, timeout: float) -> api.SessionLog:
+            entry = api.SessionLogEntry(level="info", event="task_starting")
+            entry.fields.update({"resume_offset": 12582912, "vms": 1, "ratio": 1.5, "disk_id": "disk0"})
+            return api.SessionLog(entries=[entry])
+
+    monkeypatch.setattr(common.conn, "_stub", Log())
+    monkeypatch.setattr(sessions, "out", terminal)
+    words = _run(terminal, "session", "log", SESSION).split()
+    assert {"resume_offset=12582912", "vms=1", "ratio=1.5", "disk_id=disk0"} <= set(words), words
+
+
+def test_a_folded_start_time_folds_between_date_and_time(terminal: Console, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Found with `make demo` at 120 columns: the start column read `2026-11-30T23:06:` over `01`."""
+
+    class Started(FakeApi):
+        def ListSessions(self, request: api.ListSessionsRequest, timeout: float) -> api.ListSessionsResponse:
+            s = api.Session(name=SESSION, job="jobs/demo", state=api.SESSION_STATE_SUCCEEDED)
+            s.start_time.FromJsonString("2026-11-30T23:06:01Z")
+            s.end_time.FromJsonString("2026-11-30T23:06:02Z")
+            s.stats.bytes_sent = 29 << 20
+            return api.ListSessionsResponse(sessions=[s, s])
+
+    monkeypatch.setattr(common.conn, "_stub", Started())
+    assert CliRunner().invoke(app, ["session", "list"]).exit_code == 0
+    lines = terminal.export_text().splitlines()
+    assert any("2026-11-30" in line for line in lines) and any("23:06:01" in line for line in lines), lines
+    assert any(SESSION in line for line in lines), lines

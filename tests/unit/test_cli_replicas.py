@@ -39,6 +39,10 @@ def _point(point_id: str, hour: int, *, restorable: bool = True, vm: str = "vm-1
         size_bytes=3 << 30,
         consistency=common_pb2.CONSISTENCY_APPLICATION,
         restorable=restorable,
+        disks=[
+            common_pb2.RestorePointDisk(disk_id="disk0", disk_size=1 << 30),
+            common_pb2.RestorePointDisk(disk_id="data1"),
+        ],
     )
 
 
@@ -146,8 +150,8 @@ def test_restore_points_list_shows_each_vm_its_state_and_points(monkeypatch: pyt
     )
     shown = _run(_terminal(monkeypatch, FakeApi([replica])), "restore-points", "list", "web")
     assert f"web-01 (vm-1): session {S2} writing: between points" in shown
-    assert "rp-1 2026-11-30T01:00:00 3,072.0 MiB application yes" in shown
-    assert "rp-2 2026-11-30T02:00:00" in shown and "…" not in shown
+    assert "rp-1 2026-11-30 01:00:00 3,072.0 MiB application yes disk0, data1" in shown
+    assert "rp-2 2026-11-30 02:00:00" in shown and "…" not in shown
 
 
 def test_a_vm_whose_target_cannot_be_asked_shows_the_points_the_controller_recorded(
@@ -157,7 +161,7 @@ def test_a_vm_whose_target_cannot_be_asked_shows_the_points_the_controller_recor
     fake = FakeApi([down])
     shown = _run(_terminal(monkeypatch, fake), "restore-points", "list", "web")
     assert "target unreachable (target t1 cannot be asked now (UNAVAILABLE))" in shown
-    assert "rp-old 2026-11-30T01:00:00 3,072.0 MiB application unknown" in shown
+    assert "rp-old 2026-11-30 01:00:00 3,072.0 MiB application unknown" in shown
     assert [type(r).__name__ for r in fake.requests] == ["ListJobReplicasRequest", "ListJobRestorePointsRequest"]
 
 
@@ -195,3 +199,81 @@ def test_replica_format_is_raw_or_vhdx_on_create_and_update(monkeypatch: pytest.
     assert updated.job.replica_format == common_pb2.DISK_FORMAT_RAW
     shown = _run(console, *create[:-1], "vhd", code=2)
     assert "--replica-format must be raw or vhdx" in shown and len(fake.requests) == 2
+
+
+def test_restore_points_list_keeps_ids_whole_and_names_each_points_disks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Found as a new user: nothing but --json said which `--disk` export takes; and the id, copied into
+    `export`, must stay on one line where the terminal has room for it (the session list test shows the fold)."""
+    point = "d4cd8759a2004031bf1b6f0f09760cd2"
+    replica = api.JobReplica(
+        vm_id="vm-1", vm_name="web-01", state=common_pb2.REPLICA_STATE_AT_POINT,
+        base_point=f"{JOB}/restorePoints/{point}", restore_points=[_point(point, 1)],
+    )  # fmt: skip
+    console = Console(width=100, record=True, file=io.StringIO())
+    monkeypatch.setattr(common, "out", console)
+    monkeypatch.setattr(replicas, "out", console)
+    monkeypatch.setattr(common.conn, "_stub", FakeApi([replica]))
+    assert CliRunner().invoke(app, ["restore-points", "list", "web"]).exit_code == 0
+    text = console.export_text()
+    assert any(point in line for line in text.splitlines()), text
+    assert "disks" in text  # which --disk export takes (the 120-column test reads them)
+
+
+@pytest.mark.parametrize(
+    ("fmt", "words"),
+    [
+        (common_pb2.DISK_FORMAT_VHDX, "replica_format vhdx"),
+        (common_pb2.DISK_FORMAT_UNSPECIFIED, "replica_format the host's own (raw on a file host, vhdx on Hyper-V)"),
+    ],
+)
+def test_job_show_prints_the_replica_format_as_the_option_takes_it(
+    monkeypatch: pytest.MonkeyPatch, fmt: common_pb2.DiskFormat.ValueType, words: str
+) -> None:
+    """Found as a new user: `--replica-format vhdx` came back as `DISK_FORMAT_VHDX`, and a job left to the
+    host's format showed no line at all."""
+
+    class Jobs(FakeApi):
+        def GetJob(self, request: api.GetJobRequest, timeout: float) -> api.Job:
+            return api.Job(name=request.name, replica_format=fmt)
+
+    shown = _run(_terminal(monkeypatch, Jobs([])), "job", "show", "web")
+    assert words in shown and "DISK_FORMAT" not in shown
+
+
+def test_the_bandwidth_option_says_its_unit() -> None:
+    """Found as a new user: `--bandwidth-mbps 16` moved 15 MiB/s, megabytes where mbps reads as megabits."""
+    for command in ("create", "update"):
+        result = CliRunner().invoke(app, ["job", command, "--help"], env={"COLUMNS": "200"})
+        assert "MB/s (10^6 bytes per second, not megabits)" in result.output, result.output
+
+
+@pytest.mark.parametrize(
+    "option",
+    [
+        ["job", "create", "web", "--host", "h", "--target", "t", "--vm", "v", "--full-check-every", "-1"],
+        ["job", "create", "web", "--host", "h", "--target", "t", "--vm", "v", "--retries", "-1"],
+        ["job", "create", "web", "--host", "h", "--target", "t", "--vm", "v", "--retry-wait", "-1"],
+        ["job", "create", "web", "--host", "h", "--target", "t", "--vm", "v", "--block-size", "-1"],
+        ["job", "create", "web", "--host", "h", "--target", "t", "--vm", "v", "--keep", "0"],
+        ["job", "update", "web", "--full-check-every", "-1"],
+        ["job", "update", "web", "--keep", "0"],
+        ["lab", "write", "host", "vm", "--blocks", "-1"],
+    ],
+)
+def test_a_number_out_of_range_is_a_usage_error_before_any_call(
+    monkeypatch: pytest.MonkeyPatch, option: list[str]
+) -> None:
+    """Found as a new user: `--full-check-every -1` printed protobuf's traceback (ValueError: Value out of
+    range), and `job update --keep 0` said `updated` while the job kept 7 points."""
+    fake = FakeApi([])
+    _terminal(monkeypatch, fake)
+    result = CliRunner().invoke(app, option)
+    assert result.exit_code == 2 and isinstance(result.exception, SystemExit), result.output
+    assert "Invalid value" in result.output and fake.requests == []
+
+
+def test_a_replica_without_points_is_one_line_not_an_empty_table(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Found as a new user: a job that never ran printed a table of headings with no row under them."""
+    empty = api.JobReplica(vm_id="vm-1", vm_name="web-01", state=common_pb2.REPLICA_STATE_EMPTY)
+    shown = _run(_terminal(monkeypatch, FakeApi([empty])), "restore-points", "list", "web")
+    assert shown.strip() == "web-01 (vm-1): no restore point yet" and "restorable" not in shown

@@ -133,7 +133,13 @@ def test_an_interrupted_exports_partial_file_is_replaced_only_with_force(tmp_pat
 
 def test_a_vhdx_export_reads_back_as_the_disk_and_qemu_img_checks_it(tmp_path: Path) -> None:
     out = tmp_path / "disk.vhdx"
-    write_export(chunks(*PIECES), out, writer=writer_factory(ExportFormat.VHDX))
+    old_mask = os.umask(0o022)  # a usual umask: a file made with the default mode would be world-readable
+    try:
+        write_export(chunks(*PIECES), out, writer=writer_factory(ExportFormat.VHDX))
+    finally:
+        os.umask(old_mask)
+    assert stat.S_IMODE(out.stat().st_mode) == 0o600, "a VM's data: its owner's only, in either format"
+    assert not any(p.name.startswith(".") for p in tmp_path.iterdir()), "no temporary left beside it"
     reader = open_reader(DiskFormat.VHDX, out)
     try:
         buf = bytearray(reader.size)

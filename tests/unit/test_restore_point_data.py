@@ -340,3 +340,53 @@ def test_a_session_rolled_back_cannot_be_continued(rep: Replica) -> None:
             rep.vm, rep.disk, guards=rep.guard, disk_size=SIZE, block_size=BS, session_id="s2",
             checkpoint_id="cp-s1", resume_session_id="s1",
         )  # fmt: skip
+
+
+def _continue(rep: Replica, session: str, resumed: str, image: bytearray, blocks: dict[int, bytes]) -> str:
+    """`session` continues `resumed`'s stopped transfer (same checkpoint), writes `blocks`, and commits."""
+    checkpoint = f"cp-{resumed}"
+    vm_replica.prepare_disk(
+        rep.vm, rep.disk, guards=rep.guard, disk_size=SIZE, block_size=BS, session_id=session,
+        checkpoint_id=checkpoint, resume_session_id=resumed,
+    )  # fmt: skip
+    stream = replica.ReplicaStream(
+        rep.disk, rep.guard(rep.disk), session_id=session, checkpoint_id=checkpoint, disk_size=SIZE,
+        block_size=BS, pass_number=0,
+    )  # fmt: skip
+    try:
+        for b, data in sorted(blocks.items()):
+            image[b * BS : (b + 1) * BS] = data
+            ext = DecodedExtent(b * BS, BS, digest(data), data)
+            stream.apply(DecodedBatch(b, (b + 1) * BS, False, [ext], PassDigest(), BS))
+        stream.commit(stream.mark(SIZE, final=True))
+    finally:
+        stream.close()
+    p = restore_points.commit(
+        rep.vm, session_id=session, checkpoint_id=checkpoint, disk_ids=["d0"], guard=rep.guard,
+        change_reference=f"rct-{session}", consistency="crash",
+    )  # fmt: skip
+    rep.images[p.id] = bytes(image)
+    return p.id
+
+
+def test_a_point_committed_by_a_resumed_session_keeps_the_previous_point_and_its_own(rep: Replica) -> None:
+    """vmrepl job stop mid-session, job start (a new session continues the same checkpoint), then one more
+    session: every point stays restorable and reads back as it was."""
+    rng = random.Random(11)
+    image = bytearray(SIZE)
+    rep.write("s0", image, _random_blocks(rng, 64))
+    p0 = rep.commit("s0", image)
+    first = {b: rng.randbytes(BS) for b in range(0, 8)}
+    rep.write("s1", bytearray(image), dict[int, bytes | None](first))  # stopped before its restore point...
+    vm_replica.end_session(rep.vm, "s1", keep_for_resume=True, guards=rep.guard)
+    p1 = _continue(rep, "s2", "s1", image, first | {b: rng.randbytes(BS) for b in range(8, 16)})  # ...resumed
+    status = vm_replica.status(rep.vm, guards=rep.guard)
+    assert [v.restorable for v in status.points] == [True, True]
+    assert not (rep.disk / replica.ROLLBACK_DIR / rollback.PENDING).exists()
+    assert differing(rep.read_point(p0), rep.images[p0]) == []
+    assert differing(rep.read_point(p1), rep.images[p1]) == []  # the newest point, as a failover reads it
+    rep.write("s3", image, {b: rng.randbytes(BS) for b in range(40, 42)})
+    assert differing(rep.data(), bytes(image)) == []  # the next session never reverts p1's blocks
+    p3 = rep.commit("s3", image)
+    for point_id in (p0, p1, p3):
+        assert differing(rep.read_point(point_id), rep.images[point_id]) == []
