@@ -90,7 +90,8 @@ class Run:
     def _note(self, what: str, session: Session, offset: int = 0) -> None:
         self.events.append((self.rec.position(), what, session.session_id, offset))
 
-    def prepare(self, s: Session) -> replica.DiskState:
+    def prepare(self, s: Session, *, resume_session_id: str = "") -> replica.DiskState:
+        """Prepare `s`; with `resume_session_id`, `s` continues that session's transfer (same checkpoint)."""
         self.sessions[s.session_id] = s
         st = vm_replica.prepare_disk(
             self.vm_dir,
@@ -100,6 +101,7 @@ class Run:
             block_size=self.block_size,
             session_id=s.session_id,
             checkpoint_id=s.checkpoint_id,
+            resume_session_id=resume_session_id,
             replica_format=self.replica_format,
         )
         self._note("prepared", s)

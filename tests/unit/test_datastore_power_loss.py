@@ -87,6 +87,28 @@ def record_a_failed_session_and_retention(root: Path, rng: random.Random) -> tup
     return rec.log(), run
 
 
+def record_a_stopped_session_resumed_by_the_next(root: Path, rng: random.Random) -> tuple[powercut.OpLog, Run]:
+    """After two sessions (not recorded): a third stopped midway (a backup window closing), a fourth that
+    continues its transfer from the same checkpoint and commits, and a fifth on top."""
+    one, two = images(rng)
+    three = changed(two, rng)
+    s3, s4, s5 = Session("s3", "cp3", three), Session("s4", "cp3", three), Session("s5", "cp5", changed(three, rng))
+    with powercut.recording(root) as before:
+        run = Run(root, before, disk_size=SIZE, block_size=BS)
+        two_sessions(run, one, two)
+    with powercut.recording(root) as rec:
+        run.continue_with(rec)
+        run.prepare(s3)
+        run.transfer(s3, base=two, batch_blocks=2, commit_every=2, stop_after=10)
+        run.prepare(s4, resume_session_id="s3")
+        run.transfer(s4, base=two, batch_blocks=2, commit_every=2)
+        run.commit_point(s4)
+        run.prepare(s5)
+        run.transfer(s5, base=three, batch_blocks=2, commit_every=2)
+        run.commit_point(s5)
+    return rec.log(), run
+
+
 def check_cuts(
     tmp: Path, log: powercut.OpLog, run: Run, seed: int, cuts: list[int]
 ) -> tuple[list[str], dict[int, list[str]]]:
@@ -116,8 +138,13 @@ def summary(problems: list[str]) -> str:
 
 @pytest.mark.parametrize(
     "scenario",
-    [record_two_sessions, record_two_sessions_as_vhdx, record_a_failed_session_and_retention],
-    ids=["two sessions", "two sessions, VHDX", "rollback, retention"],
+    [
+        record_two_sessions,
+        record_two_sessions_as_vhdx,
+        record_a_failed_session_and_retention,
+        record_a_stopped_session_resumed_by_the_next,
+    ],
+    ids=["two sessions", "two sessions, VHDX", "rollback, retention", "stopped, resumed by the next"],
 )
 def test_power_cuts_leave_a_datastore_at_a_point(
     tmp_path: Path, scenario: Callable[[Path, random.Random], tuple[powercut.OpLog, Run]]
