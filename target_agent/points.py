@@ -28,8 +28,15 @@ class PointDisk(DiskReader):
     one seen (a rollback, then another session) is added to the overlay too."""
 
     def __init__(
-        self, disk_dir: Path, st: replica.DiskState, *, size: int, chain: list[str], point_sessions: frozenset[str]
+        self,
+        disk_dir: Path,
+        st: replica.DiskState,
+        *,
+        size: int,
+        chain: list[tuple[str, int]],
+        point_sessions: frozenset[str],
     ) -> None:
+        """`chain`: (point id, the disk's size at it) of each point whose rollback data the read overlays."""
         self.block_size = st.block_size
         self._size = size
         self._dir = disk_dir / replica.ROLLBACK_DIR
@@ -37,10 +44,12 @@ class PointDisk(DiskReader):
         self._undo: list[rollback.UndoFile] = []
         self._pending: set[int] = set()  # inode numbers of the pending files looked at
         try:
-            for point_id in chain:
+            for point_id, point_size in chain:
                 self._undo.append(_chain_file(self._dir, point_id, point_sessions))
+                _check_header(self._undo[-1], point_id=point_id, disk_size=point_size, block_size=st.block_size)
             self._pending.update(os.fstat(u.fileno()).st_ino for u in self._undo)
-            self._data = open_reader(DiskFormat(st.replica_format), replica.data_file(disk_dir, st.replica_format))
+            data = replica.data_file(disk_dir, st.replica_format)
+            self._data = open_reader(DiskFormat(st.replica_format), data, follow_links=False)
             self._digests = DigestStore(
                 disk_dir / DIGESTS_FILE,
                 block_size=st.block_size,
@@ -152,6 +161,18 @@ def _chain_file(folder: Path, point_id: str, sessions: frozenset[str]) -> rollba
     )
 
 
+def _check_header(undo: rollback.UndoFile, *, point_id: str, disk_size: int, block_size: int) -> None:
+    """A rollback file read for `point_id` must describe that point's disk: one of another block size or disk
+    size (planted, or another replica's) would put its saved bytes on other blocks, an export that looks right."""
+    h = undo.header
+    if (h.base_point_id, h.block_size, h.disk_size) != (point_id, block_size, disk_size):
+        raise FailedPrecondition(
+            f"rollback file {undo.path.parent.parent.name}/{undo.path.name} does not match restore point {point_id}: "
+            f"it is for point {h.base_point_id} with {h.block_size}-byte blocks and disk size {h.disk_size}, the "
+            f"point has {block_size}-byte blocks and disk size {disk_size}"
+        )
+
+
 def _open_existing(path: Path) -> rollback.UndoFile | None:
     try:
         return rollback.UndoFile(path)
@@ -182,7 +203,7 @@ def open_point_disk(vm_dir: Path, point_id: str, disk_id: str) -> PointDisk:
         raise NotFound(f"restore point {point.id} has no disk {disk_id}")
     points = restore_points.list_points(vm_dir)
     at = next(i for i, p in enumerate(points) if p.id == point.id)
-    holding = [p.id for p in points[at:] if disk_id in {d.disk_id for d in p.disks}]
+    holding = [(p.id, d.disk_size) for p in points[at:] for d in p.disks if d.disk_id == disk_id]
     disk_dir = vm_dir / "disks" / disk_id
     st = replica.load_state(disk_dir)
     sessions = frozenset(p.session_id for p in points)

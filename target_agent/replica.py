@@ -26,6 +26,7 @@ All methods block; the servicer calls them with `asyncio.to_thread`.
 from __future__ import annotations
 
 import json
+import os
 import threading
 import time
 from collections.abc import Iterable
@@ -37,7 +38,7 @@ from target_agent.file_format import UNVERSIONED, check_format
 from vmrepl.batch import MAX_PASS, DecodedBatch, PassDigest
 from vmrepl.block import DIGEST_SIZE, is_zero, zero_digest
 from vmrepl.disk.base import DiskWriter, create_writer, open_writer
-from vmrepl.disk.fileio import PositionalFile, atomic_write, make_dirs, remove, rename
+from vmrepl.disk.fileio import PositionalFile, atomic_write, make_dirs, read_bytes, remove, rename
 from vmrepl.domain import DiskFormat
 from vmrepl.errors import FailedPrecondition, NotFound, TransferCancelled
 from vmrepl.extent import MiB
@@ -123,7 +124,7 @@ class DigestStore:
         writable: bool = True,
     ) -> None:
         check_format(f"replica disk {path.parent.name}: {path.name}", digests_format, reads=DIGESTS_FORMAT)
-        self._file = PositionalFile(path, writable=writable, create=writable)
+        self._file = PositionalFile(path, writable=writable, create=writable, follow_links=False)
         self.block_size = block_size
         self.disk_size = disk_size
         self.blocks = -(-disk_size // block_size)
@@ -167,9 +168,33 @@ class DigestStore:
         self._file.close()
 
 
+def check_folders(vm_dir: Path) -> None:
+    """Refuse a replica whose own folders (`disks`, each disk's, each `rollback`) are symbolic links: the
+    target follows none below a VM's folder, so a planted one cannot have it write, rename, remove or read
+    outside the datastore root (nor roll another replica's disk back). Files are opened without following
+    links (vmrepl.disk.fileio); this covers the folders above them, checked when a call first looks at the
+    replica (restore_points.list_points)."""
+    disks = vm_dir / "disks"
+    _not_a_link(disks)
+    if not disks.is_dir():
+        return
+    for entry in os.scandir(disks):
+        _not_a_link(Path(entry.path))
+        if entry.is_dir(follow_symlinks=False):
+            _not_a_link(Path(entry.path) / ROLLBACK_DIR)
+
+
+def _not_a_link(path: Path) -> None:
+    if path.is_symlink():
+        raise FailedPrecondition(
+            f"{path.parent.name}/{path.name} is a symbolic link: the target reads and writes a replica's folders "
+            "only where they are (move the folder itself back in place)"
+        )
+
+
 def load_state(disk_dir: Path) -> DiskState:
     try:
-        raw = json.loads((disk_dir / STATE_FILE).read_text(encoding="utf-8"))
+        raw = json.loads(read_bytes(disk_dir / STATE_FILE, follow_links=False).decode("utf-8"))
     except FileNotFoundError as e:
         raise NotFound(f"replica disk {disk_dir.name} does not exist") from e
     except (OSError, ValueError) as e:

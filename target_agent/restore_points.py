@@ -30,12 +30,13 @@ from target_agent.replica import (
     REPLICA_FORMATS,
     ROLLBACK_DIR,
     DiskGuard,
+    check_folders,
     load_state,
     save_state,
     settle_locked,
 )
 from target_agent.rollback import SUFFIX, fold
-from vmrepl.disk.fileio import atomic_write, remove
+from vmrepl.disk.fileio import atomic_write, read_bytes, remove
 from vmrepl.errors import FailedPrecondition, NotFound, PathError
 from vmrepl.names import check_name
 
@@ -77,8 +78,11 @@ class Point:
 
 
 def list_points(vm_dir: Path) -> list[Point]:
+    """The VM replica's points, oldest first; first of all its folders are checked (replica.check_folders):
+    every VM-wide call starts here."""
+    check_folders(vm_dir)
     try:
-        raw = json.loads((vm_dir / POINTS_FILE).read_text(encoding="utf-8"))
+        raw = json.loads(read_bytes(vm_dir / POINTS_FILE, follow_links=False).decode("utf-8"))
     except FileNotFoundError:
         return []
     except (OSError, ValueError) as e:

@@ -104,7 +104,7 @@ class UndoFile:
 
     def __init__(self, path: Path, *, writable: bool = False) -> None:
         self.path = path
-        self._file = PositionalFile(path, writable=writable)
+        self._file = PositionalFile(path, writable=writable, follow_links=False)
         try:
             head = bytearray(HEADER_SIZE)
             n = self._file.read_into(memoryview(head), 0)

@@ -1,0 +1,226 @@
+"""Planted files and links inside a target's datastore (in-process, the target's own code on real files).
+
+Whoever can write the datastore (a restore by hand gone wrong, a second tool, an attacker with the
+service's group) can leave symbolic links and odd files there. The target must never write, truncate,
+rename or remove anything outside its datastore root through them, never read from outside through them,
+refuse with FAILED_PRECONDITION naming what it found, and lose nothing the replica holds.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import random
+import shutil
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from target_agent import replica, restore_points, rollback, vm_replica
+from target_agent.points import open_point_disk
+from tests.unit.test_restore_point_data import BS, SIZE, Replica, _random_blocks, differing
+from vmrepl.errors import VmreplError
+
+pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="POSIX symbolic links")
+VICTIM = b"precious bytes outside the datastore\n" * 8
+
+
+@contextlib.contextmanager
+def refused(match: str) -> Iterator[None]:
+    """The call fails with FAILED_PRECONDITION, its message matching `match`."""
+    with pytest.raises(VmreplError, match=match) as err:
+        yield
+    assert err.value.grpc_code == "FAILED_PRECONDITION", err.value
+
+
+class Planted:
+    """A replica at a restore point (`p0`) with a session's writes on top (`s1`, between points), and a
+    victim file and folder outside the replica whose bytes must not change."""
+
+    def __init__(self, tmp_path: Path) -> None:
+        self.rep = Replica(tmp_path / "root")
+        self.outside = tmp_path / "outside"
+        self.outside.mkdir()
+        self.victim = self.outside / "victim"
+        self.victim.write_bytes(VICTIM)
+        rng = random.Random(41)
+        self.image = bytearray(SIZE)
+        self.rep.write("s0", self.image, _random_blocks(rng, 64))
+        self.p0 = self.rep.commit("s0", self.image)
+        self.rep.write("s1", bytearray(self.image), _random_blocks(rng, 12))
+
+    @property
+    def disk(self) -> Path:
+        return self.rep.disk
+
+    def outside_untouched(self) -> bool:
+        return self.victim.read_bytes() == VICTIM and sorted(os.listdir(self.outside)) == ["victim"]
+
+    def link(self, name: str, to: Path) -> None:
+        path = self.disk / name
+        path.unlink()
+        path.symlink_to(to)
+
+
+@pytest.fixture
+def planted(tmp_path: Path) -> Planted:
+    return Planted(tmp_path)
+
+
+def _prepare(p: Planted, session: str) -> replica.DiskState:
+    return vm_replica.prepare_disk(
+        p.rep.vm, p.disk, guards=p.rep.guard, disk_size=SIZE, block_size=BS, session_id=session,
+        checkpoint_id=f"cp-{session}",
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("name", [replica.DATA_FILE, replica.DIGESTS_FILE])
+def test_a_replica_file_linked_outside_the_root_is_never_written_through(planted: Planted, name: str) -> None:
+    copy = planted.outside / "copy"
+    shutil.copyfile(planted.disk / name, copy)
+    before = copy.read_bytes()
+    planted.link(name, copy)
+    with refused(f"{name} is a symbolic link"):
+        vm_replica.roll_back(planted.rep.vm, guards=planted.rep.guard)  # would write s1's blocks back into it
+    with refused(f"{name} is a symbolic link"):
+        _prepare(planted, "s2")
+    assert copy.read_bytes() == before
+    assert planted.victim.read_bytes() == VICTIM
+
+
+def test_a_replica_file_linked_outside_is_never_read_for_a_restore_point(planted: Planted) -> None:
+    vm_replica.roll_back(planted.rep.vm, guards=planted.rep.guard)
+    planted.link(replica.DATA_FILE, planted.victim)
+    with refused(f"{replica.DATA_FILE} is a symbolic link"):
+        open_point_disk(planted.rep.vm, planted.p0, "d0")
+
+
+def test_a_pending_rollback_file_linked_outside_is_refused_by_its_name(planted: Planted) -> None:
+    folder = planted.disk / replica.ROLLBACK_DIR
+    (folder / rollback.PENDING).replace(planted.outside / "undo")
+    (folder / rollback.PENDING).symlink_to(planted.outside / "undo")
+    before = (planted.outside / "undo").read_bytes()
+    with refused(f"{rollback.PENDING} is a symbolic link"):
+        vm_replica.roll_back(planted.rep.vm, guards=planted.rep.guard)
+    with refused(f"{rollback.PENDING} is a symbolic link"):
+        open_point_disk(planted.rep.vm, planted.p0, "d0")
+    assert (planted.outside / "undo").read_bytes() == before
+
+
+@pytest.mark.parametrize("name", [replica.STATE_FILE, restore_points.POINTS_FILE])
+def test_a_planted_temporary_file_linked_outside_is_replaced_not_written_through(planted: Planted, name: str) -> None:
+    """atomic_write writes NAME.tmp and renames it: a planted NAME.tmp link must not truncate its target."""
+    at = planted.rep.vm if name == restore_points.POINTS_FILE else planted.disk
+    (at / f"{name}.tmp").symlink_to(planted.victim)
+    vm_replica.end_session(planted.rep.vm, "s1", keep_for_resume=False, guards=planted.rep.guard)
+    planted.rep.write("s2", bytearray(planted.image), {3: bytes(range(256)) * (BS // 256)})
+    restore_points.commit(
+        planted.rep.vm, session_id="s2", checkpoint_id="cp-s2", disk_ids=["d0"], guard=planted.rep.guard
+    )
+    assert planted.outside_untouched()
+    assert not (at / f"{name}.tmp").is_symlink()
+
+
+def test_a_rollback_folder_linked_outside_the_root_is_refused_and_nothing_is_written_there(planted: Planted) -> None:
+    vm_replica.roll_back(planted.rep.vm, guards=planted.rep.guard)
+    folder = planted.disk / replica.ROLLBACK_DIR
+    shutil.rmtree(folder)
+    folder.symlink_to(planted.outside, target_is_directory=True)
+    with refused(f"{replica.ROLLBACK_DIR} is a symbolic link"):
+        _prepare(planted, "s2")  # would create the new session's pending.undo outside the root
+    with refused(f"{replica.ROLLBACK_DIR} is a symbolic link"):
+        vm_replica.status(planted.rep.vm, guards=planted.rep.guard)
+    assert planted.outside_untouched()
+
+
+def test_a_disks_folder_linked_outside_the_root_is_refused_and_nothing_is_written_there(planted: Planted) -> None:
+    """The disks of a replica moved outside the root and linked back: a rollback would write them there."""
+    disks = planted.rep.vm / "disks"
+    moved = planted.outside / "disks"
+    disks.replace(moved)
+    disks.symlink_to(moved, target_is_directory=True)
+    data = (moved / "d0" / replica.DATA_FILE).read_bytes()
+    for call in (vm_replica.roll_back, vm_replica.status):
+        with refused("disks is a symbolic link"):
+            call(planted.rep.vm, guards=planted.rep.guard)
+    with refused("disks is a symbolic link"):
+        open_point_disk(planted.rep.vm, planted.p0, "d0")
+    assert (moved / "d0" / replica.DATA_FILE).read_bytes() == data
+
+
+def test_a_disk_folder_linked_to_another_replicas_disk_is_refused(planted: Planted, tmp_path: Path) -> None:
+    """A disk folder of this VM linked to another VM's disk (inside the root): rolling this VM back must not
+    roll the other's disk back."""
+    other = Replica(tmp_path / "root2")
+    image = bytearray(SIZE)
+    other.write("t0", image, _random_blocks(random.Random(42), 64))
+    other.commit("t0", image)
+    other.write("t1", image, _random_blocks(random.Random(43), 5))
+    held = other.data()
+    (planted.rep.vm / "disks" / "d1").symlink_to(other.disk, target_is_directory=True)
+    with refused("d1 is a symbolic link"):
+        vm_replica.roll_back(planted.rep.vm, guards=planted.rep.guard)
+    assert differing(other.data(), held) == []
+
+
+def test_a_rollback_file_of_another_block_size_is_refused_not_misread(planted: Planted) -> None:
+    """A point's rollback file whose header's block size is not the disk's: its records would land on other
+    blocks (an export of wrong bytes that looks right)."""
+    rng = random.Random(44)
+    vm_replica.roll_back(planted.rep.vm, guards=planted.rep.guard)
+    planted.rep.write("s2", bytearray(planted.image), _random_blocks(rng, 6))
+    planted.rep.commit("s2", bytearray(planted.image))
+    path = planted.disk / replica.ROLLBACK_DIR / f"{planted.p0}{rollback.SUFFIX}"
+    good = rollback.UndoFile(path)
+    header, records = good.header, []
+    for block, saved in good.records():
+        buf = bytearray(saved.length)
+        good.read_block(saved, memoryview(buf))
+        records.append((block * 2, bytes(buf[: BS // 2]) if saved.offset >= 0 else None, saved.digest))
+    good.close()
+    path.unlink()
+    rollback.create(path, rollback.UndoHeader(header.session_id, header.base_point_id, BS // 2, header.disk_size))
+    forged = rollback.UndoFile(path, writable=True)
+    forged.append(records)
+    forged.close()
+    with refused(rf"{planted.p0}\.undo does not match.* {BS // 2}-byte blocks"):
+        open_point_disk(planted.rep.vm, planted.p0, "d0")
+
+
+def test_a_rollback_file_for_another_disk_size_is_refused_not_misread(planted: Planted) -> None:
+    rng = random.Random(45)
+    vm_replica.roll_back(planted.rep.vm, guards=planted.rep.guard)
+    planted.rep.write("s2", bytearray(planted.image), _random_blocks(rng, 6))
+    planted.rep.commit("s2", bytearray(planted.image))
+    points = json.loads((planted.rep.vm / restore_points.POINTS_FILE).read_text())
+    points["restore_points"][0]["disks"][0]["disk_size"] = 10**15  # a verification would run for ever
+    (planted.rep.vm / restore_points.POINTS_FILE).write_text(json.dumps(points))
+    with refused(r"\.undo does not match.*disk size 4194304, the point has .* disk size 1000000000000000"):
+        open_point_disk(planted.rep.vm, planted.p0, "d0")
+
+
+@pytest.mark.parametrize("content", [b"", b"\0" * 512, b'{"format": 2, "disk_size": 4'])
+def test_a_torn_or_zeroed_state_file_is_refused_by_name_and_loses_nothing(planted: Planted, content: bytes) -> None:
+    """A power cut on a file system without ordered data can leave state.json empty or zero-filled."""
+    vm_replica.roll_back(planted.rep.vm, guards=planted.rep.guard)
+    data = planted.rep.data()
+    (planted.disk / replica.STATE_FILE).write_bytes(content)
+    for call in (vm_replica.status, vm_replica.roll_back):
+        with refused(f"d0: {replica.STATE_FILE}"):
+            call(planted.rep.vm, guards=planted.rep.guard)
+    with refused(f"d0: {replica.STATE_FILE}"):
+        _prepare(planted, "s2")
+    assert planted.rep.data() == data
+    assert differing(planted.rep.data(), planted.rep.images[planted.p0]) == []
+
+
+@pytest.mark.parametrize("content", [b"", b"\0" * 300, b'{"format": 2, "restore_points": [{"id": "a'])
+def test_a_torn_or_zeroed_points_file_is_refused_by_name(planted: Planted, content: bytes) -> None:
+    (planted.rep.vm / restore_points.POINTS_FILE).write_bytes(content)
+    with refused(restore_points.POINTS_FILE):
+        vm_replica.status(planted.rep.vm, guards=planted.rep.guard)
+    with refused(restore_points.POINTS_FILE):
+        _prepare(planted, "s2")
