@@ -425,6 +425,7 @@ def roll_back_locked(disk_dir: Path, st: DiskState) -> DiskState:
     path = disk_dir / ROLLBACK_DIR / rollback.PENDING
     if st.state in (COMMITTED, IDLE) and not path.exists():
         return st
+    size = st.disk_size
     if path.exists():
         undo = rollback.UndoFile(path)
         try:
@@ -432,12 +433,13 @@ def roll_back_locked(disk_dir: Path, st: DiskState) -> DiskState:
                 st.rolling_back = True
                 save_state(disk_dir, st)  # durable before the first block is written back
             _write_back(disk_dir, st, undo)
+            size = undo.header.disk_size  # the point's: a session that resized the disk is undone entirely
         finally:
             undo.close()
     else:  # no restore point to return to: keep what is durable, forget what a crash may have torn
         _ready_files(disk_dir, st, disk_size=st.disk_size, block_size=st.block_size, replica_format=st.replica_format)
-    after = DiskState(st.disk_size, st.block_size, "", IDLE, replica_format=st.replica_format)
-    after.committed_offset = after.frontier = st.disk_size
+    after = DiskState(size, st.block_size, "", IDLE, replica_format=st.replica_format)
+    after.committed_offset = after.frontier = size
     after.rolled_back_session, after.rolled_back_at = st.session_id, time.time()
     after.digests_format = st.digests_format
     save_state(disk_dir, after)
