@@ -22,6 +22,10 @@ import pytest
 from target_agent import replica, restore_points, rollback, vm_replica
 from target_agent.points import open_point_disk
 from tests.unit.test_restore_point_data import BS, SIZE, Replica, _random_blocks, differing
+from vmrepl.batch import DecodedBatch, DecodedExtent, PassDigest
+from vmrepl.block import digest
+from vmrepl.disk import open_reader
+from vmrepl.domain import DiskFormat
 from vmrepl.errors import VmreplError
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="POSIX symbolic links")
@@ -224,3 +228,76 @@ def test_a_torn_or_zeroed_points_file_is_refused_by_name(planted: Planted, conte
         vm_replica.status(planted.rep.vm, guards=planted.rep.guard)
     with refused(restore_points.POINTS_FILE):
         _prepare(planted, "s2")
+
+
+@pytest.mark.parametrize("factor", [2, 0.5])
+def test_a_rolled_back_session_that_resized_the_disk_leaves_the_points_size_in_the_state(
+    tmp_path: Path, factor: float
+) -> None:
+    """A session that grew (or shrank) the disk and is rolled back: the data file returns to the point's
+    size, and so must the state every reader sizes the disk by (GetReplicaDisk, ReadDigests, the next
+    prepare's resize)."""
+    rep = Replica(tmp_path)
+    image = bytearray(SIZE)
+    rep.write("s0", image, _random_blocks(random.Random(46), 64))
+    p0 = rep.commit("s0", image)
+    size = int(SIZE * factor)
+    rep.write("s1", bytearray(size), {1: b"\1" * BS, size // BS - 1: b"\2" * BS}, size=size)
+    after = vm_replica.end_session(rep.vm, "s1", keep_for_resume=False, guards=rep.guard)
+    assert after.state == vm_replica.AT_POINT
+    assert differing(rep.data(), rep.images[p0]) == []
+    st = replica.load_state(rep.disk)
+    assert (st.disk_size, st.block_size) == (SIZE, BS)
+    block_size, digests = replica.read_digests(rep.disk, 0, 0)
+    assert (block_size, len(digests)) == (BS, SIZE // BS * 16)
+    assert differing(rep.read_point(p0), rep.images[p0]) == []
+
+
+def _vhdx_session(rep: Replica, session: str, blocks: dict[int, bytes], *, size: int) -> None:
+    vm_replica.prepare_disk(
+        rep.vm, rep.disk, guards=rep.guard, disk_size=size, block_size=BS, session_id=session,
+        checkpoint_id=f"cp-{session}", replica_format="vhdx",
+    )  # fmt: skip
+    stream = replica.ReplicaStream(
+        rep.disk, rep.guard(rep.disk), session_id=session, checkpoint_id=f"cp-{session}", disk_size=size,
+        block_size=BS, pass_number=0,
+    )  # fmt: skip
+    try:
+        for b, data in sorted(blocks.items()):
+            ext = DecodedExtent(b * BS, BS, digest(data), data)
+            stream.apply(DecodedBatch(b, (b + 1) * BS, False, [ext], PassDigest(), BS))
+        stream.commit(stream.mark(size, final=True))
+    finally:
+        stream.close()
+
+
+def _vhdx_image(rep: Replica, size: int) -> bytes:
+    with open_reader(DiskFormat.VHDX, replica.data_file(rep.disk, "vhdx")) as r:
+        buf = bytearray(r.size)
+        r.read_into(memoryview(buf), 0)
+    assert len(buf) == size
+    return bytes(buf)
+
+
+def test_a_vhdx_replica_grown_by_a_failed_session_is_rolled_back_to_the_points_size(tmp_path: Path) -> None:
+    """The source disk grew, the session failed and is not resumed: the rollback must take the VHDX back to
+    the point's size, not leave the replica stuck half rolled back (every later session refused)."""
+    rep = Replica(tmp_path)
+    rng = random.Random(47)
+    first = {b: rng.randbytes(BS) for b in range(0, SIZE // BS, 3)}
+    _vhdx_session(rep, "s0", first, size=SIZE)
+    p0 = restore_points.commit(rep.vm, session_id="s0", checkpoint_id="cp-s0", disk_ids=["d0"], guard=rep.guard).id
+    at_p0 = _vhdx_image(rep, SIZE)
+    _vhdx_session(rep, "s1", {1: b"\1" * BS, 2 * SIZE // BS - 1: b"\2" * BS}, size=2 * SIZE)
+    after = vm_replica.end_session(rep.vm, "s1", keep_for_resume=False, guards=rep.guard)
+    assert after.state == vm_replica.AT_POINT
+    assert _vhdx_image(rep, SIZE) == at_p0
+    assert replica.load_state(rep.disk).disk_size == SIZE
+    disk = open_point_disk(rep.vm, p0, "d0")
+    try:
+        buf = bytearray(disk.size)
+        disk.read_into(memoryview(buf), 0)
+    finally:
+        disk.close()
+    assert bytes(buf) == at_p0
+    _vhdx_session(rep, "s2", {0: b"\3" * BS}, size=SIZE)  # the replica takes sessions again
