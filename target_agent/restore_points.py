@@ -218,7 +218,13 @@ def _seal(disk_dir: Path, guard: Callable[[Path], DiskGuard], session_id: str, c
 def delete(vm_dir: Path, point_id: str, *, guard: Callable[[Path], DiskGuard]) -> None:
     """Delete a point without rewriting the replica: the oldest point's rollback files go; a point between
     others has its rollback data folded into the older neighbour's; the newest point, which the replica
-    itself holds, only when it is the last one."""
+    itself holds, only when it is the last one. Under the VM's lock: a commit, a rollback or another
+    deletion saving the list meanwhile would lose a point or bring a deleted one back."""
+    with vm_lock(vm_dir):
+        _delete(vm_dir, point_id, guard=guard)
+
+
+def _delete(vm_dir: Path, point_id: str, *, guard: Callable[[Path], DiskGuard]) -> None:
     points = list_points(vm_dir)
     at = next((i for i, p in enumerate(points) if p.id == point_id), None)
     if at is None:

@@ -14,6 +14,7 @@ import os
 import random
 import shutil
 import sys
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -72,6 +73,11 @@ class Planted:
 @pytest.fixture
 def planted(tmp_path: Path) -> Planted:
     return Planted(tmp_path)
+
+
+@pytest.fixture
+def rep(tmp_path: Path) -> Replica:
+    return Replica(tmp_path)
 
 
 def _prepare(p: Planted, session: str) -> replica.DiskState:
@@ -301,3 +307,37 @@ def test_a_vhdx_replica_grown_by_a_failed_session_is_rolled_back_to_the_points_s
         disk.close()
     assert bytes(buf) == at_p0
     _vhdx_session(rep, "s2", {0: b"\3" * BS}, size=SIZE)  # the replica takes sessions again
+
+
+def test_a_point_deleted_while_another_sessions_point_is_committed_loses_neither(
+    rep: Replica, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Retention (DeleteRestorePoint) and a commit (CommitRestorePoint) on the same replica at once: each
+    reads, changes and saves restore-points.json, so they must not interleave (restore_points.vm_lock). A
+    delete that saved the list it read before the commit would drop the new point: the replica file (the new
+    point's data) would then be read as the older point."""
+    rng = random.Random(48)
+    image = bytearray(SIZE)
+    ids = []
+    for i in range(3):
+        rep.write(f"s{i}", image, _random_blocks(rng, 64 if i == 0 else 8))
+        ids.append(rep.commit(f"s{i}", image))
+    rep.write("s3", image, _random_blocks(rng, 8))
+    committed: list[str] = []
+    real_fold = rollback.fold
+
+    def fold_meanwhile(folder: Path, *, newer: str, older: str) -> None:
+        other = threading.Thread(target=lambda: committed.append(rep.commit("s3", image)))
+        other.start()
+        other.join(timeout=1.0)  # the commit runs now unless the delete holds the replica
+        real_fold(folder, newer=newer, older=older)
+        threads.append(other)
+
+    threads: list[threading.Thread] = []
+    monkeypatch.setattr(restore_points, "fold", fold_meanwhile)
+    restore_points.delete(rep.vm, ids[1], guard=rep.guard)
+    for t in threads:
+        t.join(timeout=30)
+    assert [p.id for p in restore_points.list_points(rep.vm)] == [ids[0], ids[2], *committed]
+    for p in (ids[0], ids[2], *committed):
+        assert differing(rep.read_point(p), rep.images[p]) == []
