@@ -184,7 +184,10 @@ def _open_existing(path: Path) -> rollback.UndoFile | None:
 
 def find_point(vm_dir: Path, point_id: str) -> restore_points.Point:
     """The point `point_id` of the replica, or its newest with "" (NotFound when there is none)."""
-    points = restore_points.list_points(vm_dir)
+    return _find(vm_dir, restore_points.list_points(vm_dir), point_id)
+
+
+def _find(vm_dir: Path, points: list[restore_points.Point], point_id: str) -> restore_points.Point:
     if not points:
         raise NotFound(f"replica {vm_dir.name} has no restore point")
     if not point_id:
@@ -197,14 +200,21 @@ def find_point(vm_dir: Path, point_id: str) -> restore_points.Point:
 
 def open_point_disk(vm_dir: Path, point_id: str, disk_id: str) -> PointDisk:
     """Disk `disk_id` as restore point `point_id` ("" for the newest) holds it."""
-    point = find_point(vm_dir, point_id)
+    points = restore_points.list_points(vm_dir)  # read once: a deletion meanwhile changes nothing here
+    point = _find(vm_dir, points, point_id)
     disk = next((d for d in point.disks if d.disk_id == disk_id), None)
     if disk is None:
         raise NotFound(f"restore point {point.id} has no disk {disk_id}")
-    points = restore_points.list_points(vm_dir)
-    at = next(i for i, p in enumerate(points) if p.id == point.id)
+    at = points.index(point)
     holding = [(p.id, d.disk_size) for p in points[at:] for d in p.disks if d.disk_id == disk_id]
     disk_dir = vm_dir / "disks" / disk_id
     st = replica.load_state(disk_dir)
     sessions = frozenset(p.session_id for p in points)
+    at_rest = st.state == replica.IDLE or (st.state == replica.COMMITTED and st.session_id in sessions)
+    if len(holding) == 1 and at_rest and st.disk_size != disk.disk_size:
+        # The newest point's data is the replica file itself, whose size its state records.
+        raise FailedPrecondition(
+            f"restore point {point.id} says disk {disk_id} has {disk.disk_size} bytes, the replica disk "
+            f"{st.disk_size}: {restore_points.POINTS_FILE} or {replica.STATE_FILE} was changed by hand"
+        )
     return PointDisk(disk_dir, st, size=disk.disk_size, chain=holding[:-1], point_sessions=sessions)

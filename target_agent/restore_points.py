@@ -94,9 +94,15 @@ def list_points(vm_dir: Path) -> list[Point]:
     if not isinstance(raw, list):  # format 1 was the bare list
         raise FailedPrecondition(f"{what} is not a list of restore points")
     try:
-        return [_point(p) for p in raw]
+        points = [_point(p) for p in raw]
     except (KeyError, TypeError, ValueError, PathError) as e:
         raise FailedPrecondition(f"{what} holds something that is not a restore point: {e}") from e
+    # Ids name rollback files: two points of one id would share (and a deletion remove) one point's data.
+    if len({p.id for p in points}) != len(points):
+        raise FailedPrecondition(f"{what} lists a restore point id twice")
+    if any(len({d.disk_id for d in p.disks}) != len(p.disks) for p in points):
+        raise FailedPrecondition(f"{what} lists a disk twice in one restore point")
+    return points
 
 
 def _point(p: dict[str, Any]) -> Point:

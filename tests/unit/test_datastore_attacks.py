@@ -341,3 +341,34 @@ def test_a_point_deleted_while_another_sessions_point_is_committed_loses_neither
     assert [p.id for p in restore_points.list_points(rep.vm)] == [ids[0], ids[2], *committed]
     for p in (ids[0], ids[2], *committed):
         assert differing(rep.read_point(p), rep.images[p]) == []
+
+
+def test_a_newest_point_whose_size_is_not_the_replicas_is_refused(planted: Planted) -> None:
+    vm_replica.roll_back(planted.rep.vm, guards=planted.rep.guard)
+    points = json.loads((planted.rep.vm / restore_points.POINTS_FILE).read_text())
+    points["restore_points"][-1]["disks"][0]["disk_size"] = 10**15  # a verification would run for ever
+    (planted.rep.vm / restore_points.POINTS_FILE).write_text(json.dumps(points))
+    with refused(r"says disk d0 has 1000000000000000 bytes, the replica disk 4194304"):
+        open_point_disk(planted.rep.vm, "", "d0")
+
+
+@pytest.mark.parametrize("twice", ["point", "disk"])
+def test_a_points_file_naming_a_point_or_a_disk_twice_is_refused_before_anything_is_removed(
+    planted: Planted, twice: str
+) -> None:
+    rng = random.Random(49)
+    vm_replica.roll_back(planted.rep.vm, guards=planted.rep.guard)
+    planted.rep.write("s2", bytearray(planted.image), _random_blocks(rng, 6))
+    planted.rep.commit("s2", bytearray(planted.image))
+    path = planted.rep.vm / restore_points.POINTS_FILE
+    doc = json.loads(path.read_text())
+    first = doc["restore_points"][0]
+    if twice == "point":
+        doc["restore_points"].insert(1, dict(first, session_id="forged"))
+    else:
+        first["disks"].append(first["disks"][0])
+    path.write_text(json.dumps(doc))
+    undo = planted.disk / replica.ROLLBACK_DIR / f"{planted.p0}{rollback.SUFFIX}"
+    with refused("lists a restore point id twice" if twice == "point" else "lists a disk twice"):
+        restore_points.delete(planted.rep.vm, planted.p0, guard=planted.rep.guard)
+    assert undo.exists()
