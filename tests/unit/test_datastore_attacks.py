@@ -15,7 +15,7 @@ import random
 import shutil
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -372,3 +372,42 @@ def test_a_points_file_naming_a_point_or_a_disk_twice_is_refused_before_anything
     with refused("lists a restore point id twice" if twice == "point" else "lists a disk twice"):
         restore_points.delete(planted.rep.vm, planted.p0, guard=planted.rep.guard)
     assert undo.exists()
+
+
+def _returns_within(seconds: float, call: Callable[[], object], fifo: Path) -> BaseException | None:
+    """Run `call` in a thread; it must end (raising or not) within `seconds`. A call blocked opening the FIFO
+    is released afterwards (a writer opens and closes it) so the test leaves no thread behind."""
+    outcome: list[BaseException | None] = []
+
+    def run() -> None:
+        try:
+            call()
+            outcome.append(None)
+        except BaseException as e:
+            outcome.append(e)
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    t.join(timeout=seconds)
+    hung = t.is_alive()
+    while t.is_alive():
+        with contextlib.suppress(OSError):  # ENXIO until the reader is inside its open
+            os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+        t.join(timeout=0.05)
+    assert not hung, f"the call hung on the FIFO at {fifo.name}"
+    return outcome[0]
+
+
+@pytest.mark.parametrize(
+    "name",
+    [restore_points.POINTS_FILE, replica.STATE_FILE, f"{replica.ROLLBACK_DIR}/{rollback.PENDING}", replica.DATA_FILE],
+)
+def test_a_fifo_planted_in_place_of_a_file_is_refused_not_waited_on(planted: Planted, name: str) -> None:
+    """A read-only open of a FIFO waits for a writer: one planted as the points file would have every call on
+    the replica hang in a worker thread under the VM's lock, until the agent's threads are all used up."""
+    at = planted.rep.vm / name if name == restore_points.POINTS_FILE else planted.disk / name
+    at.unlink()
+    os.mkfifo(at)
+    error = _returns_within(5, lambda: open_point_disk(planted.rep.vm, planted.p0, "d0"), at)
+    assert isinstance(error, VmreplError) and error.grpc_code == "FAILED_PRECONDITION", error
+    assert "not a regular file" in str(error) and at.name in str(error), error

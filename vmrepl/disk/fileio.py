@@ -29,6 +29,7 @@ import ctypes
 import ctypes.util
 import errno
 import os
+import stat
 import sys
 import threading
 from pathlib import Path
@@ -43,6 +44,9 @@ _O_BINARY = getattr(os, "O_BINARY", 0)
 # A file opened for writing, or read with follow_links=False, is never opened through a symbolic link
 # planted in its place (POSIX; Windows has no such flag and its links need a privilege to make).
 _O_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+# With it, such an open of a FIFO planted in the file's place returns at once (instead of waiting for a
+# writer, a worker thread hung for good) and is then refused as not a regular file; regular files ignore it.
+_O_NONBLOCK = getattr(os, "O_NONBLOCK", 0)
 _HAS_PREADV = hasattr(os, "preadv")
 
 # Linux fallocate(2) modes.
@@ -81,14 +85,17 @@ class PositionalFile:
         flags = (os.O_RDWR if writable else os.O_RDONLY) | _O_BINARY
         if create:
             flags |= os.O_CREAT
-        if writable or not follow_links:
-            flags |= _O_NOFOLLOW
+        strict = writable or not follow_links
+        if strict:
+            flags |= _O_NOFOLLOW | _O_NONBLOCK
         try:
             self.fd = _open(path, flags)
         except OSError as e:
-            if flags & _O_NOFOLLOW and e.errno == errno.ELOOP:
+            if strict and e.errno == errno.ELOOP:
                 raise UnsupportedDisk(f"{path} is a symbolic link: vmrepl does not open this file through one") from e
             raise DiskError(f"cannot open {path}: {e.strerror}") from e
+        if strict:
+            _only_regular(self.fd, path)
         self.path = path
         self._lock = threading.Lock()  # only for the seek-based fallback
         if writable and IS_WINDOWS:
@@ -197,6 +204,14 @@ class PositionalFile:
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
+
+
+def _only_regular(fd: int, path: Path) -> None:
+    """Close `fd` and refuse it unless it is a regular file (a FIFO, a device or a socket planted in a
+    datastore file's place)."""
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise UnsupportedDisk(f"{path} is not a regular file: vmrepl does not read or write it")
 
 
 def _open(path: Path, flags: int) -> int:
@@ -332,11 +347,12 @@ def read_bytes(path: Path, *, follow_links: bool = True) -> bytes:
     if follow_links:
         return path.read_bytes()
     try:
-        fd = os.open(path, os.O_RDONLY | _O_BINARY | _O_NOFOLLOW)
+        fd = os.open(path, os.O_RDONLY | _O_BINARY | _O_NOFOLLOW | _O_NONBLOCK)
     except OSError as e:
         if e.errno == errno.ELOOP:
             raise UnsupportedDisk(f"{path} is a symbolic link: vmrepl does not open this file through one") from e
         raise
+    _only_regular(fd, path)
     with os.fdopen(fd, "rb") as f:
         return f.read()
 
