@@ -57,7 +57,14 @@ def writer_factory(fmt: ExportFormat) -> WriterFactory:
     def writer(path: Path, size: int) -> DiskWriter:
         if os.path.lexists(path):
             raise FailedPrecondition(f"{path} appeared while the export started")
-        return disk_base.create_writer(DiskFormat(fmt.value), path, size=size)
+        out = disk_base.create_writer(DiskFormat(fmt.value), path, size=size)
+        try:  # the shared writer makes files group-readable (the target's): the VM's data is its owner's only
+            os.chmod(path, 0o600)  # before any of the disk's data is written
+        except BaseException:
+            out.close()
+            path.unlink()
+            raise
+        return out
 
     return writer
 

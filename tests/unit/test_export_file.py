@@ -133,7 +133,12 @@ def test_an_interrupted_exports_partial_file_is_replaced_only_with_force(tmp_pat
 
 def test_a_vhdx_export_reads_back_as_the_disk_and_qemu_img_checks_it(tmp_path: Path) -> None:
     out = tmp_path / "disk.vhdx"
-    write_export(chunks(*PIECES), out, writer=writer_factory(ExportFormat.VHDX))
+    old = os.umask(0o022)  # the usual umask: group and others may read what it does not restrict
+    try:
+        write_export(chunks(*PIECES), out, writer=writer_factory(ExportFormat.VHDX))
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(out.stat().st_mode) == 0o600, "a VM's data: its owner's only, as a raw export"
     reader = open_reader(DiskFormat.VHDX, out)
     try:
         buf = bytearray(reader.size)
