@@ -94,6 +94,11 @@ class DiskState:
     # digests hold (a cut leaves blocks half restored), so nothing resumes the session and the next call
     # that touches the disk finishes the rollback.
     rolling_back: bool = False
+    # The restore point this pass's overwrites are saved against (in rollback/pending.undo); "" for none. A
+    # pass with one never writes, nor is rolled back, without that file: its loss (removed by hand) would
+    # otherwise leave the newest point's blocks overwritten with no way back, while the replica says it is
+    # at that point.
+    base_point_id: str = ""
 
     def cover(self, end: int) -> bool:
         """Move the frontier to cover writes up to `end`, a step past the committed offset so few writes
@@ -346,6 +351,7 @@ def prepare(
                 st.rolled_back_session, st.rolled_back_at = old.rolled_back_session, old.rolled_back_at
             if base is not None:
                 _start_rollback_file(disk_dir, base, session_id=session_id, block_size=block_size)
+                st.base_point_id = base.point_id
         st.tracking_failed = distrusted
         st.session_id, st.checkpoint_id = session_id, checkpoint_id  # a continued transfer now belongs to this one
         st.resumable = False
@@ -437,6 +443,7 @@ def roll_back_locked(disk_dir: Path, st: DiskState) -> DiskState:
         finally:
             undo.close()
     else:  # no restore point to return to: keep what is durable, forget what a crash may have torn
+        _refuse_lost_rollback_file(disk_dir, st)
         _ready_files(disk_dir, st, disk_size=st.disk_size, block_size=st.block_size, replica_format=st.replica_format)
     after = DiskState(size, st.block_size, "", IDLE, replica_format=st.replica_format)
     after.committed_offset = after.frontier = size
@@ -446,6 +453,15 @@ def roll_back_locked(disk_dir: Path, st: DiskState) -> DiskState:
     if path.exists():
         remove(path)
     return after
+
+
+def _refuse_lost_rollback_file(disk_dir: Path, st: DiskState) -> None:
+    if st.base_point_id and st.state != IDLE:
+        raise FailedPrecondition(
+            f"replica disk {disk_dir.name}: {ROLLBACK_DIR}/{rollback.PENDING} is missing, yet session "
+            f"{st.session_id} writes over restore point {st.base_point_id}: the blocks it overwrote cannot be "
+            "restored, so the replica is not at that point (put the file back, or replicate to a new replica path)"
+        )
 
 
 def _write_back(disk_dir: Path, st: DiskState, undo: rollback.UndoFile) -> None:
@@ -676,6 +692,8 @@ class ReplicaStream:
             self._undo: rollback.UndoFile | None = None
             try:
                 self._undo = _open_pending(disk_dir)  # None: no restore point to save the old bytes for
+                if self._undo is None:
+                    _refuse_lost_rollback_file(disk_dir, st)
                 self._open_pass(st, pass_number, fresh=guard.fresh)
             except BaseException:
                 self._close_files()

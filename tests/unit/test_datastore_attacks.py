@@ -411,3 +411,19 @@ def test_a_fifo_planted_in_place_of_a_file_is_refused_not_waited_on(planted: Pla
     error = _returns_within(5, lambda: open_point_disk(planted.rep.vm, planted.p0, "d0"), at)
     assert isinstance(error, VmreplError) and error.grpc_code == "FAILED_PRECONDITION", error
     assert "not a regular file" in str(error) and at.name in str(error), error
+
+
+def test_a_lost_pending_rollback_file_stops_the_session_before_it_overwrites_the_point(planted: Planted) -> None:
+    """pending.undo removed by hand (a clean-up of "pending" files) under a session that writes over the
+    newest point: the stream must not overwrite the point's blocks with nothing saved, and a rollback must
+    not call the replica "at the point" when it cannot restore it."""
+    before = planted.rep.data()
+    (planted.disk / replica.ROLLBACK_DIR / rollback.PENDING).unlink()
+    with refused(r"rollback/pending\.undo is missing, yet session s1 writes over restore point"):
+        replica.ReplicaStream(
+            planted.disk, planted.rep.guard(planted.disk), session_id="s1", checkpoint_id="cp-s1",
+            disk_size=SIZE, block_size=BS, pass_number=0,
+        )  # fmt: skip
+    with refused(r"pending\.undo is missing"):
+        vm_replica.end_session(planted.rep.vm, "s1", keep_for_resume=False, guards=planted.rep.guard)
+    assert planted.rep.data() == before
