@@ -248,8 +248,8 @@ def _check_values(what: str, values: dict[str, object]) -> None:
             raise FailedPrecondition(f"{what}: {key} is missing")
     number = {k: v for k, v in values.items() if isinstance(v, int)}  # every int field, after the check above
     fine = {
-        "disk_size": number["disk_size"] > 0,
-        "block_size": number["block_size"] > 0,
+        "disk_size": rollback.disk_size_ok(number["disk_size"]),
+        "block_size": rollback.block_size_ok(number["block_size"]),
         "committed_offset": 0 <= number.get("committed_offset", 0) <= number["disk_size"],
         "frontier": number.get("frontier", -1) >= -1,
         "pass_number": 0 <= number.get("pass_number", 0) <= MAX_PASS,

@@ -35,8 +35,9 @@ from target_agent.replica import (
     save_state,
     settle_locked,
 )
-from target_agent.rollback import SUFFIX, fold
+from target_agent.rollback import SUFFIX, block_size_ok, disk_size_ok, fold
 from vmrepl.disk.fileio import atomic_write, read_bytes, remove
+from vmrepl.domain import MAX_DISK_SIZE
 from vmrepl.errors import FailedPrecondition, NotFound, PathError
 from vmrepl.names import check_name
 
@@ -129,10 +130,10 @@ def _point(p: dict[str, Any]) -> Point:
         # disk_size must be a plain whole number: a string or null here reaches GetRestorePoint's reply.
         if not isinstance(d.disk_id, str) or isinstance(d.disk_size, bool) or not isinstance(d.disk_size, int):
             raise ValueError("a disk is a disk_id string and a disk_size number")
-        if d.disk_size < 0:
-            raise ValueError("a disk's disk_size is not negative")
-        if isinstance(d.block_size, bool) or not isinstance(d.block_size, int) or d.block_size < 0:
-            raise ValueError("a disk's block_size is a whole number")
+        if not disk_size_ok(d.disk_size, empty=True):
+            raise ValueError(f"a disk's disk_size is from 0 to {MAX_DISK_SIZE}")
+        if not (block_size_ok(d.block_size) or (type(d.block_size) is int and d.block_size == 0)):
+            raise ValueError("a disk's block_size is 0 (not recorded) or a power of two from 512 bytes")
         if d.replica_format not in REPLICA_FORMATS:
             raise ValueError(f"a disk's replica_format is one of {REPLICA_FORMATS}")
     return point

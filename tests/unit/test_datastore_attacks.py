@@ -9,6 +9,7 @@ refuse with FAILED_PRECONDITION naming what it found, and lose nothing the repli
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import random
@@ -427,3 +428,44 @@ def test_a_lost_pending_rollback_file_stops_the_session_before_it_overwrites_the
     with refused(r"pending\.undo is missing"):
         vm_replica.end_session(planted.rep.vm, "s1", keep_for_resume=False, guards=planted.rep.guard)
     assert planted.rep.data() == before
+
+
+@pytest.mark.parametrize(("key", "value"), [("block_size", 1), ("block_size", 3 * BS), ("disk_size", 1 << 60)])
+def test_a_state_with_a_size_no_prepare_accepts_is_refused(planted: Planted, key: str, value: int) -> None:
+    """block_size 1 would size the digest file at 16 bytes per byte of disk; 2**60 bytes is past any disk."""
+    vm_replica.roll_back(planted.rep.vm, guards=planted.rep.guard)
+    path = planted.disk / replica.STATE_FILE
+    doc = json.loads(path.read_text())
+    doc[key] = value
+    path.write_text(json.dumps(doc))
+    with refused(rf"d0: {replica.STATE_FILE}: {key} is {value}, out of range"):
+        vm_replica.status(planted.rep.vm, guards=planted.rep.guard)
+
+
+@pytest.mark.parametrize(("key", "value"), [("disk_size", 1 << 60), ("block_size", 7), ("block_size", True)])
+def test_a_points_file_with_sizes_no_disk_has_is_refused(planted: Planted, key: str, value: int) -> None:
+    path = planted.rep.vm / restore_points.POINTS_FILE
+    doc = json.loads(path.read_text())
+    doc["restore_points"][0]["disks"][0][key] = value
+    path.write_text(json.dumps(doc))
+    with refused(f"{restore_points.POINTS_FILE} .*{key}"):
+        vm_replica.status(planted.rep.vm, guards=planted.rep.guard)
+
+
+@pytest.mark.parametrize(("key", "value"), [("block_size", 1 << 40), ("block_size", True), ("disk_size", -1)])
+def test_a_rollback_header_with_sizes_no_disk_has_is_refused_before_any_block_is_written_back(
+    planted: Planted, key: str, value: int
+) -> None:
+    """A planted pending.undo claiming 2**40-byte blocks: the rollback would allocate a 1 TiB buffer."""
+    path = planted.disk / replica.ROLLBACK_DIR / rollback.PENDING
+    undo = rollback.UndoFile(path)
+    h = undo.header
+    header = (
+        dataclasses.replace(h, block_size=value) if key == "block_size" else dataclasses.replace(h, disk_size=value)
+    )
+    undo.close()
+    path.write_bytes(header.encode())
+    data = planted.rep.data()
+    with refused(r"pending\.undo: the header's sizes are not sizes"):
+        vm_replica.roll_back(planted.rep.vm, guards=planted.rep.guard)
+    assert planted.rep.data() == data
