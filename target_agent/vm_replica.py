@@ -18,7 +18,9 @@ from target_agent import replica, restore_points
 from target_agent.replica import COMMITTED, IDLE, Base, DiskGuard, DiskState
 from target_agent.restore_points import Point
 from target_agent.rollback import SUFFIX
-from vmrepl.errors import FailedPrecondition, NotFound
+from vmrepl.disk.vhdx_format import MAX_VIRTUAL_SIZE
+from vmrepl.disk.vhdx_writer import LOGICAL_SECTOR
+from vmrepl.errors import FailedPrecondition, InvalidArgument, NotFound
 
 EMPTY, AT_POINT, WRITING, RESUMABLE = "empty", "at_point", "writing", "resumable"
 Guards = Callable[[Path], DiskGuard]
@@ -82,6 +84,7 @@ def prepare_disk(
     """`replica.prepare` with what the VM's restore points say: the base point the session's overwrites are
     saved against. Other disks of the VM still holding writes of a session this one does not continue (nor
     from the same checkpoint) are rolled back first, so the replica never mixes two sessions."""
+    _check_format_size(replica_format, disk_size)  # before anything changes
     points = restore_points.list_points(vm_dir)
     sessions = frozenset(p.session_id for p in points)
     keep = {session_id, resume_session_id}
@@ -111,6 +114,14 @@ def prepare_disk(
         point_sessions=sessions,
         replica_format=replica_format,
     )
+
+
+def _check_format_size(replica_format: str, disk_size: int) -> None:
+    if replica_format == "vhdx" and (disk_size % LOGICAL_SECTOR or disk_size > MAX_VIRTUAL_SIZE):
+        raise InvalidArgument(
+            "disk_size",
+            f"a VHDX replica's disk size is a multiple of {LOGICAL_SECTOR} bytes up to 64 TiB, not {disk_size}",
+        )
 
 
 def _roll_back_locked(disk_dir: Path, guards: Guards, sessions: frozenset[str]) -> None:

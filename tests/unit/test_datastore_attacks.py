@@ -28,7 +28,7 @@ from vmrepl.batch import DecodedBatch, DecodedExtent, PassDigest
 from vmrepl.block import digest
 from vmrepl.disk import open_reader
 from vmrepl.domain import DiskFormat
-from vmrepl.errors import VmreplError
+from vmrepl.errors import InvalidArgument, VmreplError
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="POSIX symbolic links")
 VICTIM = b"precious bytes outside the datastore\n" * 8
@@ -514,3 +514,25 @@ def test_many_ends_rollbacks_prepares_and_streams_at_once_leave_the_replica_at_i
     assert (after.state, after.base_point_id) == (vm_replica.AT_POINT, p1)
     assert differing(rep.data(), rep.images[p1]) == []
     assert [differing(rep.read_point(p), rep.images[p]) for p in (p0, p1)] == [[], []]
+
+
+@pytest.mark.parametrize("size", [1000, 64 * 1024**4 + 512])
+def test_a_vhdx_prepare_of_a_size_vhdx_cannot_hold_is_refused_before_anything_changes(
+    tmp_path: Path, size: int
+) -> None:
+    """The disk size is checked against the replica format before the prepare rolls other disks back or
+    creates any file: a bad request changes nothing."""
+    rep = Replica(tmp_path)
+    image = bytearray(SIZE)
+    rep.write("s0", image, _random_blocks(random.Random(51), 64))
+    rep.commit("s0", image)
+    rep.write("s1", bytearray(image), _random_blocks(random.Random(52), 5))
+    held = rep.data()
+    d1 = rep.vm / "disks" / "d1"
+    with pytest.raises(InvalidArgument, match="disk_size"):
+        vm_replica.prepare_disk(
+            rep.vm, d1, guards=rep.guard, disk_size=size, block_size=BS, session_id="s2", checkpoint_id="cp-s2",
+            replica_format="vhdx",
+        )  # fmt: skip
+    assert rep.data() == held and replica.load_state(rep.disk).session_id == "s1"
+    assert not d1.exists()
