@@ -9,6 +9,8 @@ A session that made no restore point is rolled back when its controller says it 
 
 from __future__ import annotations
 
+import os
+import stat
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -166,15 +168,24 @@ def _views(vm_dir: Path, points: list[Point]) -> list[PointView]:
             folder = vm_dir / "disks" / d.disk_id / replica.ROLLBACK_DIR
             chain = [q for q in points[i:] if d.disk_id in {x.disk_id for x in q.disks}]
             for q in chain[:-1]:  # each needs its own rollback file to step back from its successor
-                f = folder / f"{q.id}{SUFFIX}"
-                if not f.exists():
+                size = _file_size(folder / f"{q.id}{SUFFIX}")
+                if size is None:
                     restorable = False
                 elif q is p:
-                    sizes[d.disk_id] = f.stat().st_size
-            if not replica.data_file(vm_dir / "disks" / d.disk_id, d.replica_format).exists():
+                    sizes[d.disk_id] = size
+            if _file_size(replica.data_file(vm_dir / "disks" / d.disk_id, d.replica_format)) is None:
                 restorable = False
         out.append(PointView(p, restorable, sizes))
     return out
+
+
+def _file_size(path: Path) -> int | None:
+    """The size of a regular file at `path` (a link is not followed: a planted one is no rollback data)."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return None
+    return st.st_size if stat.S_ISREG(st.st_mode) else None
 
 
 @_alone

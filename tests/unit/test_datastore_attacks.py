@@ -536,3 +536,18 @@ def test_a_vhdx_prepare_of_a_size_vhdx_cannot_hold_is_refused_before_anything_ch
         )  # fmt: skip
     assert rep.data() == held and replica.load_state(rep.disk).session_id == "s1"
     assert not d1.exists()
+
+
+def test_a_points_rollback_file_linked_outside_is_neither_read_nor_measured(planted: Planted) -> None:
+    rng = random.Random(53)
+    vm_replica.roll_back(planted.rep.vm, guards=planted.rep.guard)
+    planted.rep.write("s2", bytearray(planted.image), _random_blocks(rng, 6))
+    planted.rep.commit("s2", bytearray(planted.image))
+    undo = planted.disk / replica.ROLLBACK_DIR / f"{planted.p0}{rollback.SUFFIX}"
+    undo.replace(planted.outside / "moved.undo")
+    undo.symlink_to(planted.outside / "moved.undo")
+    with refused(rf"{planted.p0}\.undo is a symbolic link"):
+        open_point_disk(planted.rep.vm, planted.p0, "d0")
+    view = vm_replica.status(planted.rep.vm, guards=planted.rep.guard).points[0]
+    assert view.point.id == planted.p0
+    assert (view.restorable, view.rollback_bytes) == (False, {})  # the outside file's size is not told
