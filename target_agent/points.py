@@ -126,7 +126,7 @@ class PointDisk(DiskReader):
             pending = _open_existing(path)
             if pending is None:
                 return  # committed or rolled back between the look and the open: its bytes are the replica's
-            if pending.header.session_id in self._sessions:
+            if replica.committed_pending(self._dir.parent, pending.header, self._sessions):
                 pending.close()  # a committed point's rollback data not yet renamed (a crash cut the commit short)
                 return
             self._undo.append(pending)
@@ -151,7 +151,9 @@ def _chain_file(folder: Path, point_id: str, sessions: frozenset[str]) -> rollba
         pending = _open_existing(folder / rollback.PENDING)
         if pending is None:
             continue  # renamed between the two looks: the named file is there now
-        if pending.header.base_point_id == point_id and pending.header.session_id in sessions:
+        if pending.header.base_point_id == point_id and replica.committed_pending(
+            folder.parent, pending.header, sessions
+        ):
             return pending
         pending.close()
         break

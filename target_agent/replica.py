@@ -415,11 +415,27 @@ def pending_header(disk_dir: Path) -> rollback.UndoHeader | None:
         undo.close()
 
 
+def committed_pending(disk_dir: Path, header: rollback.UndoHeader, point_sessions: frozenset[str]) -> bool:
+    """Is the disk's pending rollback file (with `header`) the rollback data of a committed point, to be
+    renamed `<base point>.undo`? Yes when its session made a point, and when the session that made the
+    point continued the transfer it was begun for (resume_session_id): the header names the session that
+    began it, the disk's state the one that committed it, and both go back to the same base point."""
+    if header.session_id in point_sessions:
+        return True
+    st = _load_or_none(disk_dir)
+    return (
+        st is not None
+        and st.state == COMMITTED
+        and st.session_id in point_sessions
+        and st.base_point_id == header.base_point_id != ""
+    )
+
+
 def settle_locked(disk_dir: Path, point_sessions: frozenset[str]) -> None:
     """Finish a restore point commit a crash cut short: the pending rollback file of a session that made a
     restore point becomes the rollback data of the point before (call under the disk's guard)."""
     header = pending_header(disk_dir)
-    if header is not None and header.session_id in point_sessions:
+    if header is not None and committed_pending(disk_dir, header, point_sessions):
         folder = disk_dir / ROLLBACK_DIR
         rename(folder / rollback.PENDING, folder / f"{header.base_point_id}{rollback.SUFFIX}")
 

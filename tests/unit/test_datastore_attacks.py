@@ -551,3 +551,47 @@ def test_a_points_rollback_file_linked_outside_is_neither_read_nor_measured(plan
     view = vm_replica.status(planted.rep.vm, guards=planted.rep.guard).points[0]
     assert view.point.id == planted.p0
     assert (view.restorable, view.rollback_bytes) == (False, {})  # the outside file's size is not told
+
+
+def _stream_blocks(rep: Replica, session: str, checkpoint: str, image: bytearray, blocks: dict[int, bytes]) -> None:
+    """Session `session` writes `blocks` from `checkpoint` to the end of the disk (prepared already)."""
+    stream = replica.ReplicaStream(
+        rep.disk, rep.guard(rep.disk), session_id=session, checkpoint_id=checkpoint, disk_size=SIZE,
+        block_size=BS, pass_number=0,
+    )  # fmt: skip
+    try:
+        for b, data in sorted(blocks.items()):
+            image[b * BS : (b + 1) * BS] = data
+            ext = DecodedExtent(b * BS, BS, digest(data), data)
+            stream.apply(DecodedBatch(b, (b + 1) * BS, False, [ext], PassDigest(), BS))
+        stream.commit(stream.mark(SIZE, final=True))
+    finally:
+        stream.close()
+
+
+def test_a_session_that_continues_a_held_transfer_and_commits_keeps_every_point(rep: Replica) -> None:
+    """s1 fails and is kept for a resume; s2 continues it (resume_session_id) and commits a point. The
+    rollback data s1 began saving belongs to s2's point now: the point before stays restorable, and the next
+    session must not take the replica back past s2's point."""
+    rng = random.Random(54)
+    image = bytearray(SIZE)
+    rep.write("s0", image, _random_blocks(rng, 64))
+    p0 = rep.commit("s0", image)
+    vm_replica.prepare_disk(
+        rep.vm, rep.disk, guards=rep.guard, disk_size=SIZE, block_size=BS, session_id="s1", checkpoint_id="cp-1"
+    )
+    _stream_blocks(rep, "s1", "cp-1", image, {b: rng.randbytes(BS) for b in (3, 9, 20)})
+    vm_replica.end_session(rep.vm, "s1", keep_for_resume=True, guards=rep.guard)
+    vm_replica.prepare_disk(
+        rep.vm, rep.disk, guards=rep.guard, disk_size=SIZE, block_size=BS, session_id="s2", checkpoint_id="cp-1",
+        resume_session_id="s1",
+    )  # fmt: skip
+    p2 = restore_points.commit(rep.vm, session_id="s2", checkpoint_id="cp-1", disk_ids=["d0"], guard=rep.guard).id
+    rep.images[p2] = bytes(image)
+    assert [v.restorable for v in vm_replica.status(rep.vm, guards=rep.guard).points] == [True, True]
+    assert differing(rep.read_point(p0), rep.images[p0]) == []
+    vm_replica.prepare_disk(
+        rep.vm, rep.disk, guards=rep.guard, disk_size=SIZE, block_size=BS, session_id="s3", checkpoint_id="cp-3"
+    )
+    assert differing(rep.data(), rep.images[p2]) == []
+    assert [differing(rep.read_point(p), rep.images[p]) for p in (p0, p2)] == [[], []]
