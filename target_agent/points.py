@@ -28,8 +28,15 @@ class PointDisk(DiskReader):
     one seen (a rollback, then another session) is added to the overlay too."""
 
     def __init__(
-        self, disk_dir: Path, st: replica.DiskState, *, size: int, chain: list[str], point_sessions: frozenset[str]
+        self,
+        disk_dir: Path,
+        st: replica.DiskState,
+        *,
+        size: int,
+        chain: list[tuple[str, int]],
+        point_sessions: frozenset[str],
     ) -> None:
+        """`chain`: (point id, the disk's size at it) of each point whose rollback data the read overlays."""
         self.block_size = st.block_size
         self._size = size
         self._dir = disk_dir / replica.ROLLBACK_DIR
@@ -37,10 +44,12 @@ class PointDisk(DiskReader):
         self._undo: list[rollback.UndoFile] = []
         self._pending: set[int] = set()  # inode numbers of the pending files looked at
         try:
-            for point_id in chain:
+            for point_id, point_size in chain:
                 self._undo.append(_chain_file(self._dir, point_id, point_sessions))
+                _check_header(self._undo[-1], point_id=point_id, disk_size=point_size, block_size=st.block_size)
             self._pending.update(os.fstat(u.fileno()).st_ino for u in self._undo)
-            self._data = open_reader(DiskFormat(st.replica_format), replica.data_file(disk_dir, st.replica_format))
+            data = replica.data_file(disk_dir, st.replica_format)
+            self._data = open_reader(DiskFormat(st.replica_format), data, follow_links=False)
             self._digests = DigestStore(
                 disk_dir / DIGESTS_FILE,
                 block_size=st.block_size,
@@ -117,7 +126,7 @@ class PointDisk(DiskReader):
             pending = _open_existing(path)
             if pending is None:
                 return  # committed or rolled back between the look and the open: its bytes are the replica's
-            if replica.pending_committed(self._dir.parent, pending.header, self._sessions):
+            if replica.committed_pending(self._dir.parent, pending.header, self._sessions):
                 pending.close()  # a committed point's rollback data not yet renamed (a crash cut the commit short)
                 return
             self._undo.append(pending)
@@ -142,7 +151,7 @@ def _chain_file(folder: Path, point_id: str, sessions: frozenset[str]) -> rollba
         pending = _open_existing(folder / rollback.PENDING)
         if pending is None:
             continue  # renamed between the two looks: the named file is there now
-        if pending.header.base_point_id == point_id and replica.pending_committed(
+        if pending.header.base_point_id == point_id and replica.committed_pending(
             folder.parent, pending.header, sessions
         ):
             return pending
@@ -152,6 +161,18 @@ def _chain_file(folder: Path, point_id: str, sessions: frozenset[str]) -> rollba
         f"restore point {point_id}'s rollback data is missing on disk {folder.parent.name} (a point from before "
         "rollback data, or files removed by hand)"
     )
+
+
+def _check_header(undo: rollback.UndoFile, *, point_id: str, disk_size: int, block_size: int) -> None:
+    """A rollback file read for `point_id` must describe that point's disk: one of another block size or disk
+    size (planted, or another replica's) would put its saved bytes on other blocks, an export that looks right."""
+    h = undo.header
+    if (h.base_point_id, h.block_size, h.disk_size) != (point_id, block_size, disk_size):
+        raise FailedPrecondition(
+            f"rollback file {undo.path.parent.parent.name}/{undo.path.name} does not match restore point {point_id}: "
+            f"it is for point {h.base_point_id} with {h.block_size}-byte blocks and disk size {h.disk_size}, the "
+            f"point has {block_size}-byte blocks and disk size {disk_size}"
+        )
 
 
 def _open_existing(path: Path) -> rollback.UndoFile | None:
@@ -165,7 +186,10 @@ def _open_existing(path: Path) -> rollback.UndoFile | None:
 
 def find_point(vm_dir: Path, point_id: str) -> restore_points.Point:
     """The point `point_id` of the replica, or its newest with "" (NotFound when there is none)."""
-    points = restore_points.list_points(vm_dir)
+    return _find(vm_dir, restore_points.list_points(vm_dir), point_id)
+
+
+def _find(vm_dir: Path, points: list[restore_points.Point], point_id: str) -> restore_points.Point:
     if not points:
         raise NotFound(f"replica {vm_dir.name} has no restore point")
     if not point_id:
@@ -178,14 +202,21 @@ def find_point(vm_dir: Path, point_id: str) -> restore_points.Point:
 
 def open_point_disk(vm_dir: Path, point_id: str, disk_id: str) -> PointDisk:
     """Disk `disk_id` as restore point `point_id` ("" for the newest) holds it."""
-    point = find_point(vm_dir, point_id)
+    points = restore_points.list_points(vm_dir)  # read once: a deletion meanwhile changes nothing here
+    point = _find(vm_dir, points, point_id)
     disk = next((d for d in point.disks if d.disk_id == disk_id), None)
     if disk is None:
         raise NotFound(f"restore point {point.id} has no disk {disk_id}")
-    points = restore_points.list_points(vm_dir)
-    at = next(i for i, p in enumerate(points) if p.id == point.id)
-    holding = [p.id for p in points[at:] if disk_id in {d.disk_id for d in p.disks}]
+    at = points.index(point)
+    holding = [(p.id, d.disk_size) for p in points[at:] for d in p.disks if d.disk_id == disk_id]
     disk_dir = vm_dir / "disks" / disk_id
     st = replica.load_state(disk_dir)
     sessions = frozenset(p.session_id for p in points)
+    at_rest = st.state == replica.IDLE or (st.state == replica.COMMITTED and st.session_id in sessions)
+    if len(holding) == 1 and at_rest and st.disk_size != disk.disk_size:
+        # The newest point's data is the replica file itself, whose size its state records.
+        raise FailedPrecondition(
+            f"restore point {point.id} says disk {disk_id} has {disk.disk_size} bytes, the replica disk "
+            f"{st.disk_size}: {restore_points.POINTS_FILE} or {replica.STATE_FILE} was changed by hand"
+        )
     return PointDisk(disk_dir, st, size=disk.disk_size, chain=holding[:-1], point_sessions=sessions)

@@ -26,6 +26,7 @@ All methods block; the servicer calls them with `asyncio.to_thread`.
 from __future__ import annotations
 
 import json
+import os
 import threading
 import time
 from collections.abc import Iterable
@@ -37,7 +38,7 @@ from target_agent.file_format import UNVERSIONED, check_format
 from vmrepl.batch import MAX_PASS, DecodedBatch, PassDigest
 from vmrepl.block import DIGEST_SIZE, is_zero, zero_digest
 from vmrepl.disk.base import DiskWriter, create_writer, open_writer
-from vmrepl.disk.fileio import PositionalFile, atomic_write, make_dirs, remove, rename
+from vmrepl.disk.fileio import PositionalFile, atomic_write, make_dirs, read_bytes, remove, rename
 from vmrepl.domain import DiskFormat
 from vmrepl.errors import FailedPrecondition, NotFound, TransferCancelled
 from vmrepl.extent import MiB
@@ -93,6 +94,11 @@ class DiskState:
     # digests hold (a cut leaves blocks half restored), so nothing resumes the session and the next call
     # that touches the disk finishes the rollback.
     rolling_back: bool = False
+    # The restore point this pass's overwrites are saved against (in rollback/pending.undo); "" for none. A
+    # pass with one never writes, nor is rolled back, without that file: its loss (removed by hand) would
+    # otherwise leave the newest point's blocks overwritten with no way back, while the replica says it is
+    # at that point.
+    base_point_id: str = ""
 
     def cover(self, end: int) -> bool:
         """Move the frontier to cover writes up to `end`, a step past the committed offset so few writes
@@ -123,7 +129,7 @@ class DigestStore:
         writable: bool = True,
     ) -> None:
         check_format(f"replica disk {path.parent.name}: {path.name}", digests_format, reads=DIGESTS_FORMAT)
-        self._file = PositionalFile(path, writable=writable, create=writable)
+        self._file = PositionalFile(path, writable=writable, create=writable, follow_links=False)
         self.block_size = block_size
         self.disk_size = disk_size
         self.blocks = -(-disk_size // block_size)
@@ -167,9 +173,33 @@ class DigestStore:
         self._file.close()
 
 
+def check_folders(vm_dir: Path) -> None:
+    """Refuse a replica whose own folders (`disks`, each disk's, each `rollback`) are symbolic links: the
+    target follows none below a VM's folder, so a planted one cannot have it write, rename, remove or read
+    outside the datastore root (nor roll another replica's disk back). Files are opened without following
+    links (vmrepl.disk.fileio); this covers the folders above them, checked when a call first looks at the
+    replica (restore_points.list_points)."""
+    disks = vm_dir / "disks"
+    _not_a_link(disks)
+    if not disks.is_dir():
+        return
+    for entry in os.scandir(disks):
+        _not_a_link(Path(entry.path))
+        if entry.is_dir(follow_symlinks=False):
+            _not_a_link(Path(entry.path) / ROLLBACK_DIR)
+
+
+def _not_a_link(path: Path) -> None:
+    if path.is_symlink():
+        raise FailedPrecondition(
+            f"{path.parent.name}/{path.name} is a symbolic link: the target reads and writes a replica's folders "
+            "only where they are (move the folder itself back in place)"
+        )
+
+
 def load_state(disk_dir: Path) -> DiskState:
     try:
-        raw = json.loads((disk_dir / STATE_FILE).read_text(encoding="utf-8"))
+        raw = json.loads(read_bytes(disk_dir / STATE_FILE, follow_links=False).decode("utf-8"))
     except FileNotFoundError as e:
         raise NotFound(f"replica disk {disk_dir.name} does not exist") from e
     except (OSError, ValueError) as e:
@@ -218,8 +248,8 @@ def _check_values(what: str, values: dict[str, object]) -> None:
             raise FailedPrecondition(f"{what}: {key} is missing")
     number = {k: v for k, v in values.items() if isinstance(v, int)}  # every int field, after the check above
     fine = {
-        "disk_size": number["disk_size"] > 0,
-        "block_size": number["block_size"] > 0,
+        "disk_size": rollback.disk_size_ok(number["disk_size"]),
+        "block_size": rollback.block_size_ok(number["block_size"]),
         "committed_offset": 0 <= number.get("committed_offset", 0) <= number["disk_size"],
         "frontier": number.get("frontier", -1) >= -1,
         "pass_number": 0 <= number.get("pass_number", 0) <= MAX_PASS,
@@ -322,6 +352,7 @@ def prepare(
                 st.rolled_back_session, st.rolled_back_at = old.rolled_back_session, old.rolled_back_at
             if base is not None:
                 _start_rollback_file(disk_dir, base, session_id=session_id, block_size=block_size)
+                st.base_point_id = base.point_id
         st.tracking_failed = distrusted
         st.session_id, st.checkpoint_id = session_id, checkpoint_id  # a continued transfer now belongs to this one
         st.resumable = False
@@ -356,7 +387,12 @@ def _load_or_none(disk_dir: Path) -> DiskState | None:
 def _refuse_rolled_back(old: DiskState | None, name: str, resume_session_id: str) -> None:
     """A session whose writes were rolled back cannot be continued: a disk its controller counts as done
     would send nothing and keep the restore point's data under the new point."""
-    if resume_session_id and old is not None and old.rolled_back_session == resume_session_id:
+    if (
+        resume_session_id
+        and old is not None
+        and old.session_id != resume_session_id  # a retry of that session within itself still holds its disks
+        and old.rolled_back_session == resume_session_id
+    ):
         raise FailedPrecondition(
             f"replica disk {name}: session {resume_session_id}'s writes were rolled back; a session cannot "
             "continue it (start from a new checkpoint)"
@@ -395,21 +431,27 @@ def pending_header(disk_dir: Path) -> rollback.UndoHeader | None:
         undo.close()
 
 
-def pending_committed(disk_dir: Path, header: rollback.UndoHeader, point_sessions: frozenset[str]) -> bool:
-    """Whether the pending rollback file belongs to a session that made a restore point. The file is the
-    disk's current session's: its header names the session that started it, and a session continuing that
-    one (a resume from the same checkpoint) takes the file over, so the disk's state says it too."""
+def committed_pending(disk_dir: Path, header: rollback.UndoHeader, point_sessions: frozenset[str]) -> bool:
+    """Is the disk's pending rollback file (with `header`) the rollback data of a committed point, to be
+    renamed `<base point>.undo`? Yes when its session made a point, and when the session that made the
+    point continued the transfer it was begun for (resume_session_id): the header names the session that
+    began it, the disk's state the one that committed it, and both go back to the same base point."""
     if header.session_id in point_sessions:
         return True
     st = _load_or_none(disk_dir)
-    return st is not None and st.state == COMMITTED and st.session_id in point_sessions
+    return (
+        st is not None
+        and st.state == COMMITTED
+        and st.session_id in point_sessions
+        and st.base_point_id == header.base_point_id != ""
+    )
 
 
 def settle_locked(disk_dir: Path, point_sessions: frozenset[str]) -> None:
     """Finish a restore point commit a crash cut short: the pending rollback file of a session that made a
     restore point becomes the rollback data of the point before (call under the disk's guard)."""
     header = pending_header(disk_dir)
-    if header is not None and pending_committed(disk_dir, header, point_sessions):
+    if header is not None and committed_pending(disk_dir, header, point_sessions):
         folder = disk_dir / ROLLBACK_DIR
         rename(folder / rollback.PENDING, folder / f"{header.base_point_id}{rollback.SUFFIX}")
 
@@ -421,6 +463,7 @@ def roll_back_locked(disk_dir: Path, st: DiskState) -> DiskState:
     path = disk_dir / ROLLBACK_DIR / rollback.PENDING
     if st.state in (COMMITTED, IDLE) and not path.exists():
         return st
+    size = st.disk_size
     if path.exists():
         undo = rollback.UndoFile(path)
         try:
@@ -428,18 +471,29 @@ def roll_back_locked(disk_dir: Path, st: DiskState) -> DiskState:
                 st.rolling_back = True
                 save_state(disk_dir, st)  # durable before the first block is written back
             _write_back(disk_dir, st, undo)
+            size = undo.header.disk_size  # the point's: a session that resized the disk is undone entirely
         finally:
             undo.close()
     else:  # no restore point to return to: keep what is durable, forget what a crash may have torn
+        _refuse_lost_rollback_file(disk_dir, st)
         _ready_files(disk_dir, st, disk_size=st.disk_size, block_size=st.block_size, replica_format=st.replica_format)
-    after = DiskState(st.disk_size, st.block_size, "", IDLE, replica_format=st.replica_format)
-    after.committed_offset = after.frontier = st.disk_size
+    after = DiskState(size, st.block_size, "", IDLE, replica_format=st.replica_format)
+    after.committed_offset = after.frontier = size
     after.rolled_back_session, after.rolled_back_at = st.session_id, time.time()
     after.digests_format = st.digests_format
     save_state(disk_dir, after)
     if path.exists():
         remove(path)
     return after
+
+
+def _refuse_lost_rollback_file(disk_dir: Path, st: DiskState) -> None:
+    if st.base_point_id and st.state != IDLE:
+        raise FailedPrecondition(
+            f"replica disk {disk_dir.name}: {ROLLBACK_DIR}/{rollback.PENDING} is missing, yet session "
+            f"{st.session_id} writes over restore point {st.base_point_id}: the blocks it overwrote cannot be "
+            "restored, so the replica is not at that point (put the file back, or replicate to a new replica path)"
+        )
 
 
 def _write_back(disk_dir: Path, st: DiskState, undo: rollback.UndoFile) -> None:
@@ -670,6 +724,8 @@ class ReplicaStream:
             self._undo: rollback.UndoFile | None = None
             try:
                 self._undo = _open_pending(disk_dir)  # None: no restore point to save the old bytes for
+                if self._undo is None:
+                    _refuse_lost_rollback_file(disk_dir, st)
                 self._open_pass(st, pass_number, fresh=guard.fresh)
             except BaseException:
                 self._close_files()

@@ -30,12 +30,14 @@ from target_agent.replica import (
     REPLICA_FORMATS,
     ROLLBACK_DIR,
     DiskGuard,
+    check_folders,
     load_state,
     save_state,
     settle_locked,
 )
-from target_agent.rollback import SUFFIX, fold
-from vmrepl.disk.fileio import atomic_write, remove
+from target_agent.rollback import SUFFIX, block_size_ok, disk_size_ok, fold
+from vmrepl.disk.fileio import atomic_write, read_bytes, remove
+from vmrepl.domain import MAX_DISK_SIZE
 from vmrepl.errors import FailedPrecondition, NotFound, PathError
 from vmrepl.names import check_name
 
@@ -77,8 +79,11 @@ class Point:
 
 
 def list_points(vm_dir: Path) -> list[Point]:
+    """The VM replica's points, oldest first; first of all its folders are checked (replica.check_folders):
+    every VM-wide call starts here."""
+    check_folders(vm_dir)
     try:
-        raw = json.loads((vm_dir / POINTS_FILE).read_text(encoding="utf-8"))
+        raw = json.loads(read_bytes(vm_dir / POINTS_FILE, follow_links=False).decode("utf-8"))
     except FileNotFoundError:
         return []
     except (OSError, ValueError) as e:
@@ -90,9 +95,15 @@ def list_points(vm_dir: Path) -> list[Point]:
     if not isinstance(raw, list):  # format 1 was the bare list
         raise FailedPrecondition(f"{what} is not a list of restore points")
     try:
-        return [_point(p) for p in raw]
+        points = [_point(p) for p in raw]
     except (KeyError, TypeError, ValueError, PathError) as e:
         raise FailedPrecondition(f"{what} holds something that is not a restore point: {e}") from e
+    # Ids name rollback files: two points of one id would share (and a deletion remove) one point's data.
+    if len({p.id for p in points}) != len(points):
+        raise FailedPrecondition(f"{what} lists a restore point id twice")
+    if any(len({d.disk_id for d in p.disks}) != len(p.disks) for p in points):
+        raise FailedPrecondition(f"{what} lists a disk twice in one restore point")
+    return points
 
 
 def _point(p: dict[str, Any]) -> Point:
@@ -119,10 +130,10 @@ def _point(p: dict[str, Any]) -> Point:
         # disk_size must be a plain whole number: a string or null here reaches GetRestorePoint's reply.
         if not isinstance(d.disk_id, str) or isinstance(d.disk_size, bool) or not isinstance(d.disk_size, int):
             raise ValueError("a disk is a disk_id string and a disk_size number")
-        if d.disk_size < 0:
-            raise ValueError("a disk's disk_size is not negative")
-        if isinstance(d.block_size, bool) or not isinstance(d.block_size, int) or d.block_size < 0:
-            raise ValueError("a disk's block_size is a whole number")
+        if not disk_size_ok(d.disk_size, empty=True):
+            raise ValueError(f"a disk's disk_size is from 0 to {MAX_DISK_SIZE}")
+        if not (block_size_ok(d.block_size) or (type(d.block_size) is int and d.block_size == 0)):
+            raise ValueError("a disk's block_size is 0 (not recorded) or a power of two from 512 bytes")
         if d.replica_format not in REPLICA_FORMATS:
             raise ValueError(f"a disk's replica_format is one of {REPLICA_FORMATS}")
     return point
@@ -214,7 +225,13 @@ def _seal(disk_dir: Path, guard: Callable[[Path], DiskGuard], session_id: str, c
 def delete(vm_dir: Path, point_id: str, *, guard: Callable[[Path], DiskGuard]) -> None:
     """Delete a point without rewriting the replica: the oldest point's rollback files go; a point between
     others has its rollback data folded into the older neighbour's; the newest point, which the replica
-    itself holds, only when it is the last one."""
+    itself holds, only when it is the last one. Under the VM's lock: a commit, a rollback or another
+    deletion saving the list meanwhile would lose a point or bring a deleted one back."""
+    with vm_lock(vm_dir):
+        _delete(vm_dir, point_id, guard=guard)
+
+
+def _delete(vm_dir: Path, point_id: str, *, guard: Callable[[Path], DiskGuard]) -> None:
     points = list_points(vm_dir)
     at = next((i for i, p in enumerate(points) if p.id == point_id), None)
     if at is None:

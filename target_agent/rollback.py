@@ -32,6 +32,7 @@ import crc32c
 
 from target_agent.file_format import check_format
 from vmrepl.disk.fileio import PositionalFile, atomic_write, rename
+from vmrepl.domain import MAX_BLOCK_SIZE, MAX_DISK_SIZE
 from vmrepl.errors import FailedPrecondition, PathError
 from vmrepl.names import check_name
 
@@ -43,6 +44,24 @@ _RECORD_MAGIC = b"UNDR"
 _ZERO = 1  # flags: the block read as zeros; no data stored
 PENDING = "pending.undo"
 SUFFIX = ".undo"
+
+
+def block_size_ok(value: object) -> bool:
+    """A block size a file the target did not write may claim: a power of two from 512 bytes (in-process
+    tests use blocks below the API's 64 KiB) to the API's largest. 1 would size a digest file at 16 bytes per
+    byte of disk; 2**40 would have a rollback allocate a 1 TiB buffer."""
+    return (
+        isinstance(value, int)
+        and not isinstance(value, bool)
+        and 512 <= value <= MAX_BLOCK_SIZE
+        and value & (value - 1) == 0
+    )
+
+
+def disk_size_ok(value: object, *, empty: bool = False) -> bool:
+    """A disk size a file the target did not write may claim: up to the API's largest (0 only if `empty`)."""
+    low = 0 if empty else 1
+    return isinstance(value, int) and not isinstance(value, bool) and low <= value <= MAX_DISK_SIZE
 
 
 @dataclass(frozen=True)
@@ -80,7 +99,7 @@ class UndoHeader:
             check_name("base_point_id", header.base_point_id)
         except PathError as e:
             raise FailedPrecondition(f"{what}: {e}") from e
-        if not (isinstance(header.block_size, int) and header.block_size > 0 and isinstance(header.disk_size, int)):
+        if not (block_size_ok(header.block_size) and disk_size_ok(header.disk_size, empty=True)):
             raise FailedPrecondition(f"{what}: the header's sizes are not sizes")
         return header
 
@@ -104,7 +123,7 @@ class UndoFile:
 
     def __init__(self, path: Path, *, writable: bool = False) -> None:
         self.path = path
-        self._file = PositionalFile(path, writable=writable)
+        self._file = PositionalFile(path, writable=writable, follow_links=False)
         try:
             head = bytearray(HEADER_SIZE)
             n = self._file.read_into(memoryview(head), 0)

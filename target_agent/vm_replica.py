@@ -9,6 +9,8 @@ A session that made no restore point is rolled back when its controller says it 
 
 from __future__ import annotations
 
+import os
+import stat
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,7 +20,9 @@ from target_agent import replica, restore_points
 from target_agent.replica import COMMITTED, IDLE, Base, DiskGuard, DiskState
 from target_agent.restore_points import Point
 from target_agent.rollback import SUFFIX
-from vmrepl.errors import FailedPrecondition, NotFound
+from vmrepl.disk.vhdx_format import MAX_VIRTUAL_SIZE
+from vmrepl.disk.vhdx_writer import LOGICAL_SECTOR
+from vmrepl.errors import FailedPrecondition, InvalidArgument, NotFound
 
 EMPTY, AT_POINT, WRITING, RESUMABLE = "empty", "at_point", "writing", "resumable"
 Guards = Callable[[Path], DiskGuard]
@@ -82,6 +86,7 @@ def prepare_disk(
     """`replica.prepare` with what the VM's restore points say: the base point the session's overwrites are
     saved against. Other disks of the VM still holding writes of a session this one does not continue (nor
     from the same checkpoint) are rolled back first, so the replica never mixes two sessions."""
+    _check_format_size(replica_format, disk_size)  # before anything changes
     points = restore_points.list_points(vm_dir)
     sessions = frozenset(p.session_id for p in points)
     keep = {session_id, resume_session_id}
@@ -111,6 +116,14 @@ def prepare_disk(
         point_sessions=sessions,
         replica_format=replica_format,
     )
+
+
+def _check_format_size(replica_format: str, disk_size: int) -> None:
+    if replica_format == "vhdx" and (disk_size % LOGICAL_SECTOR or disk_size > MAX_VIRTUAL_SIZE):
+        raise InvalidArgument(
+            "disk_size",
+            f"a VHDX replica's disk size is a multiple of {LOGICAL_SECTOR} bytes up to 64 TiB, not {disk_size}",
+        )
 
 
 def _roll_back_locked(disk_dir: Path, guards: Guards, sessions: frozenset[str]) -> None:
@@ -155,15 +168,24 @@ def _views(vm_dir: Path, points: list[Point]) -> list[PointView]:
             folder = vm_dir / "disks" / d.disk_id / replica.ROLLBACK_DIR
             chain = [q for q in points[i:] if d.disk_id in {x.disk_id for x in q.disks}]
             for q in chain[:-1]:  # each needs its own rollback file to step back from its successor
-                f = folder / f"{q.id}{SUFFIX}"
-                if not f.exists():
+                size = _file_size(folder / f"{q.id}{SUFFIX}")
+                if size is None:
                     restorable = False
                 elif q is p:
-                    sizes[d.disk_id] = f.stat().st_size
-            if not replica.data_file(vm_dir / "disks" / d.disk_id, d.replica_format).exists():
+                    sizes[d.disk_id] = size
+            if _file_size(replica.data_file(vm_dir / "disks" / d.disk_id, d.replica_format)) is None:
                 restorable = False
         out.append(PointView(p, restorable, sizes))
     return out
+
+
+def _file_size(path: Path) -> int | None:
+    """The size of a regular file at `path` (a link is not followed: a planted one is no rollback data)."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return None
+    return st.st_size if stat.S_ISREG(st.st_mode) else None
 
 
 @_alone

@@ -150,3 +150,19 @@ def test_a_vhdx_export_reads_back_as_the_disk_and_qemu_img_checks_it(tmp_path: P
     need_tool("qemu-img")
     assert subprocess.run(["qemu-img", "check", "-q", "-f", "vhdx", str(out)], check=False).returncode == 0
     assert export_file.writer_factory(ExportFormat.RAW) is export_file.raw_writer
+
+
+def test_a_fifo_or_a_device_is_never_written_or_opened(tmp_path: Path) -> None:
+    """--output naming a FIFO (opening it would wait for a reader) or a device (/dev/null, a real disk!):
+    refused before anything is opened, with or without --force; the same for the partial file's place."""
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    for output in (fifo, Path("/dev/null")):
+        for force in (False, True):
+            with pytest.raises(InvalidArgument, match="not a regular file"):
+                write_export(chunks(*PIECES), output, force=force)
+    os.mkfifo(tmp_path / "disk.raw.partial")
+    for force in (False, True):
+        with pytest.raises(FailedPrecondition, match="interrupted"):
+            write_export(chunks(*PIECES), tmp_path / "disk.raw", force=force)
+    assert stat.S_ISFIFO((tmp_path / "disk.raw.partial").lstat().st_mode) and not (tmp_path / "disk.raw").exists()

@@ -83,7 +83,10 @@ class DiskWriter(abc.ABC):
         self.close()
 
 
-ReaderFactory = Callable[[Path], DiskReader]
+class ReaderFactory(Protocol):
+    def __call__(self, path: Path, *, follow_links: bool = True) -> DiskReader: ...
+
+
 _READERS: dict[DiskFormat, ReaderFactory] = {}
 
 
@@ -91,12 +94,14 @@ def register_reader(fmt: DiskFormat, factory: ReaderFactory) -> None:
     _READERS[fmt] = factory
 
 
-def open_reader(fmt: DiskFormat, path: Path) -> DiskReader:
+def open_reader(fmt: DiskFormat, path: Path, *, follow_links: bool = True) -> DiskReader:
+    """The disk at `path`; with `follow_links=False` a symbolic link in its place is refused (the target
+    reads its replicas so: a link planted in the datastore must not have it read outside)."""
     factory = _READERS.get(fmt)
     if factory is None:
         known = ", ".join(sorted(_READERS)) or "none"
         raise UnsupportedDisk(f"no reader for disk format {fmt!r} (this build reads: {known})")
-    return factory(path)
+    return factory(path, follow_links=follow_links)
 
 
 class CreateWriter(Protocol):

@@ -29,17 +29,24 @@ import ctypes
 import ctypes.util
 import errno
 import os
+import stat
 import sys
 import threading
 from pathlib import Path
 
 from vmrepl.block import ZERO_CHUNK
 from vmrepl.disk import powercut
-from vmrepl.errors import DiskError
+from vmrepl.errors import DiskError, UnsupportedDisk
 from vmrepl.extent import Extent, merge
 
 IS_WINDOWS = sys.platform == "win32"
 _O_BINARY = getattr(os, "O_BINARY", 0)
+# A file opened for writing, or read with follow_links=False, is never opened through a symbolic link
+# planted in its place (POSIX; Windows has no such flag and its links need a privilege to make).
+_O_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+# With it, such an open of a FIFO planted in the file's place returns at once (instead of waiting for a
+# writer, a worker thread hung for good) and is then refused as not a regular file; regular files ignore it.
+_O_NONBLOCK = getattr(os, "O_NONBLOCK", 0)
 _HAS_PREADV = hasattr(os, "preadv")
 
 # Linux fallocate(2) modes.
@@ -68,16 +75,27 @@ _fallocate = _libc_fallocate()
 
 
 class PositionalFile:
-    """A file opened for positional I/O. Thread-safe for reads and writes at distinct offsets."""
+    """A file opened for positional I/O. Thread-safe for reads and writes at distinct offsets.
 
-    def __init__(self, path: Path, *, writable: bool = False, create: bool = False) -> None:
+    Opened for writing, or with `follow_links=False`, a symbolic link in the file's place is refused
+    (UnsupportedDisk): a link planted in the target's datastore must not let it write or read outside.
+    Reads of source disks follow links (a VM's disk may be one; the file provider reads /dev/fd/N)."""
+
+    def __init__(self, path: Path, *, writable: bool = False, create: bool = False, follow_links: bool = True) -> None:
         flags = (os.O_RDWR if writable else os.O_RDONLY) | _O_BINARY
         if create:
             flags |= os.O_CREAT
+        strict = writable or not follow_links
+        if strict:
+            flags |= _O_NOFOLLOW | _O_NONBLOCK
         try:
             self.fd = _open(path, flags)
         except OSError as e:
+            if strict and e.errno == errno.ELOOP:
+                raise UnsupportedDisk(f"{path} is a symbolic link: vmrepl does not open this file through one") from e
             raise DiskError(f"cannot open {path}: {e.strerror}") from e
+        if strict:
+            _only_regular(self.fd, path)
         self.path = path
         self._lock = threading.Lock()  # only for the seek-based fallback
         if writable and IS_WINDOWS:
@@ -188,6 +206,14 @@ class PositionalFile:
             self.fd = -1
 
 
+def _only_regular(fd: int, path: Path) -> None:
+    """Close `fd` and refuse it unless it is a regular file (a FIFO, a device or a socket planted in a
+    datastore file's place)."""
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise UnsupportedDisk(f"{path} is not a regular file: vmrepl does not read or write it")
+
+
 def _open(path: Path, flags: int) -> int:
     rec = powercut.active()
     return os.open(path, flags, 0o640) if rec is None else rec.open(path, flags, 0o640)
@@ -211,7 +237,10 @@ def sync_dir(path: Path) -> None:
 def atomic_write(path: Path, data: bytes) -> None:
     """Replace `path` with `data` so a crash leaves the old or the new content, never a mix."""
     tmp = path.with_name(path.name + ".tmp")
-    fd = _open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | _O_BINARY)
+    # A temporary left by a crash is dropped, not reopened: one planted as a symbolic or hard link would
+    # have this write (and truncate) whatever it points at. A link planted again meanwhile fails the open.
+    _remove(tmp)
+    fd = _open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | _O_BINARY | _O_NOFOLLOW)
     try:
         view = memoryview(data)
         while view:
@@ -312,9 +341,20 @@ def _remove_tree(path: Path) -> None:
         rec.removed(ino, path)
 
 
-def read_bytes(path: Path) -> bytes:
-    """A whole file's bytes (reads are not recorded: through here for symmetry with the writes)."""
-    return path.read_bytes()
+def read_bytes(path: Path, *, follow_links: bool = True) -> bytes:
+    """A whole file's bytes (reads are not recorded: through here for symmetry with the writes);
+    with `follow_links=False` a symbolic link in its place is refused (UnsupportedDisk)."""
+    if follow_links:
+        return path.read_bytes()
+    try:
+        fd = os.open(path, os.O_RDONLY | _O_BINARY | _O_NOFOLLOW | _O_NONBLOCK)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise UnsupportedDisk(f"{path} is a symbolic link: vmrepl does not open this file through one") from e
+        raise
+    _only_regular(fd, path)
+    with os.fdopen(fd, "rb") as f:
+        return f.read()
 
 
 def _pack_i64(*values: int) -> bytes:

@@ -12,8 +12,8 @@ from vmrepl.extent import Extent
 
 
 class RawReader(DiskReader):
-    def __init__(self, path: Path) -> None:
-        self._file = PositionalFile(path)
+    def __init__(self, path: Path, *, follow_links: bool = True) -> None:
+        self._file = PositionalFile(path, follow_links=follow_links)
         self._size = self._file.size()
 
     @property

@@ -32,8 +32,8 @@ def _checksum_ok(raw: bytes, at: int) -> bool:
 
 
 class VhdReader(DiskReader):
-    def __init__(self, path: Path) -> None:
-        self._file = PositionalFile(path)
+    def __init__(self, path: Path, *, follow_links: bool = True) -> None:
+        self._file = PositionalFile(path, follow_links=follow_links)
         self._bitmaps: dict[int, bytes] = {}
         self._lock = threading.Lock()
         try:

@@ -18,8 +18,8 @@ from vmrepl.extent import Extent, merge
 
 
 class VhdxReader(DiskReader):
-    def __init__(self, path: Path) -> None:
-        self._file = PositionalFile(path)
+    def __init__(self, path: Path, *, follow_links: bool = True) -> None:
+        self._file = PositionalFile(path, follow_links=follow_links)
         try:
             layout = read_layout(self._file)
             self.geometry: Geometry = layout.geometry

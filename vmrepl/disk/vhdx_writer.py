@@ -32,8 +32,10 @@ block reads its content as of the last flush or something written after it, beca
    the old bytes or zeros, both allowed. The slot is reused only after the flush that makes the new
    entry durable, so no durable entry ever points at another block's data. Partial ranges are
    punched within the block (they read as zeros).
-5. `resize` (growing only, within the BAT region's capacity) flushes, zeroes the new BAT entries and
-   fsyncs, then writes the 8-byte virtual size item in place and fsyncs.
+5. `resize` growing (within the BAT region's capacity) flushes, zeroes the new BAT entries and
+   fsyncs, then writes the 8-byte virtual size item in place and fsyncs. Shrinking zeroes everything
+   past the new size (4.) and flushes, then writes the size item and fsyncs: a cut before leaves the
+   old size, reading zeros past the new one.
 
 Free slots (holes between allocated blocks, found when the file is opened) are reused lowest first;
 the file never shrinks.
@@ -274,22 +276,25 @@ class VhdxWriter(DiskWriter):
     def write_zeros(self, offset: int, length: int) -> None:
         self._check_range(offset, length, "zero write")
         with self._lock:
-            self._begin_change()
-            for block, within, _done, n in self._pieces(offset, length):
-                slot = self._slot(block)
-                if slot < 0:
-                    continue
-                whole = within == 0 and (n == self._block_size or block * self._block_size + n == self._size)
-                if not whole:
-                    self._file.punch_hole(slot + within, n)
-                    continue
-                self._pending[block] = entry(PAYLOAD_ZERO, 0)
-                self._file.punch_hole(slot, self._block_size)
-                durable = int(_ENTRY.unpack_from(self._bat, 8 * bat_index(block, self._ratio))[0])
-                if entry_state(durable) == PAYLOAD_FULLY_PRESENT and entry_offset(durable) == slot:
-                    self._limbo.append(slot)  # the durable BAT points here until the next flush
-                else:
-                    heapq.heappush(self._free, slot)  # allocated since the last flush: no durable entry
+            self._zero_locked(offset, length)
+
+    def _zero_locked(self, offset: int, length: int) -> None:
+        self._begin_change()
+        for block, within, _done, n in self._pieces(offset, length):
+            slot = self._slot(block)
+            if slot < 0:
+                continue
+            whole = within == 0 and (n == self._block_size or block * self._block_size + n == self._size)
+            if not whole:
+                self._file.punch_hole(slot + within, n)
+                continue
+            self._pending[block] = entry(PAYLOAD_ZERO, 0)
+            self._file.punch_hole(slot, self._block_size)
+            durable = int(_ENTRY.unpack_from(self._bat, 8 * bat_index(block, self._ratio))[0])
+            if entry_state(durable) == PAYLOAD_FULLY_PRESENT and entry_offset(durable) == slot:
+                self._limbo.append(slot)  # the durable BAT points here until the next flush
+            else:
+                heapq.heappush(self._free, slot)  # allocated since the last flush: no durable entry
 
     def flush(self) -> None:
         with self._lock:
@@ -333,11 +338,10 @@ class VhdxWriter(DiskWriter):
         with self._lock:
             if size == self._size:
                 return
-            if size < self._size:
-                raise UnsupportedDisk(
-                    f"{self._file.path}: shrinking a VHDX replica ({self._size} to {size} bytes) is refused"
-                )
             _check_geometry(size, self._block_size)
+            if size < self._size:
+                self._shrink_locked(size)
+                return
             old_count = len(self._bat) // 8
             count = bat_entries(-(-size // self._block_size), self._ratio)
             if count * 8 > self._bat_length:
@@ -354,6 +358,19 @@ class VhdxWriter(DiskWriter):
             self._file.write(struct.pack("<Q", size), self._size_item)
             self._file.sync()
             self._size = size
+
+    def _shrink_locked(self, size: int) -> None:
+        """Shrink to `size` (a rollback of a session that grew the disk, a source disk that shrank): blocks past
+        it are zeroed first (entries durable as ZERO, slots freed and punched), only then is the smaller size
+        written. A cut before that leaves the old size reading zeros past `size`, which the rollback or the
+        session that shrinks repeats; entries past the new size are never read (a grow writes them NOT_PRESENT
+        before it writes the size)."""
+        self._zero_locked(size, self._size - size)
+        self._flush_locked()
+        self._file.write(struct.pack("<Q", size), self._size_item)
+        self._file.sync()
+        self._size = size
+        del self._bat[8 * bat_entries(-(-size // self._block_size), self._ratio) :]
 
     def _zero_tail(self) -> None:
         """The last block's bytes past the old size will be inside the disk: make sure they read zeros."""
