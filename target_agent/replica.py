@@ -291,13 +291,17 @@ def _resumable(
     resume_session_id: str,
 ) -> bool:
     """An earlier transfer this prepare continues: same geometry, same checkpoint, first pass, and the same
-    session or the one it continues. A second pass (a failed verification) is never continued: its
-    change source is not the one a new proxy transfer would use."""
+    session or one that says it continues a held transfer. The checkpoint names the transfer, not the
+    session id the controller passes: a session holding the checkpoint whose prepares never reached this
+    target (it was down) hands the hold on, so the id can name a session this target never saw, and
+    starting over there would leave a disk the controller counts as done with the point's old bytes. A
+    second pass (a failed verification) is never continued: its change source is not the one a new proxy
+    transfer would use."""
     if old is None or old.state in (COMMITTED, IDLE) or old.pass_number != 0 or old.rolling_back:
         return False
     if (old.disk_size, old.block_size, old.checkpoint_id) != (disk_size, block_size, checkpoint_id):
         return False
-    return old.session_id == session_id or (bool(resume_session_id) and old.session_id == resume_session_id)
+    return old.session_id == session_id or bool(resume_session_id)
 
 
 def prepare(
@@ -330,7 +334,7 @@ def prepare(
         settle_locked(disk_dir, point_sessions)
         _refuse_committed(old, disk_dir.name, session_id=session_id, checkpoint_id=checkpoint_id)
         _refuse_format_change(old, disk_dir.name, replica_format)
-        _refuse_rolled_back(old, disk_dir.name, resume_session_id)
+        _refuse_rolled_back(old, disk_dir.name, resume_session_id=resume_session_id, checkpoint_id=checkpoint_id)
         resumable = _resumable(
             old,
             disk_size=disk_size,
@@ -384,18 +388,13 @@ def _load_or_none(disk_dir: Path) -> DiskState | None:
         return None
 
 
-def _refuse_rolled_back(old: DiskState | None, name: str, resume_session_id: str) -> None:
-    """A session whose writes were rolled back cannot be continued: a disk its controller counts as done
+def _refuse_rolled_back(old: DiskState | None, name: str, *, resume_session_id: str, checkpoint_id: str) -> None:
+    """A transfer whose writes were rolled back cannot be continued: a disk its controller counts as done
     would send nothing and keep the restore point's data under the new point."""
-    if (
-        resume_session_id
-        and old is not None
-        and old.session_id != resume_session_id  # a retry of that session within itself still holds its disks
-        and old.rolled_back_session == resume_session_id
-    ):
+    if resume_session_id and old is not None and old.state == IDLE and old.checkpoint_id == checkpoint_id:
         raise FailedPrecondition(
-            f"replica disk {name}: session {resume_session_id}'s writes were rolled back; a session cannot "
-            "continue it (start from a new checkpoint)"
+            f"replica disk {name}: the transfer from checkpoint {checkpoint_id} was rolled back "
+            f"(session {old.rolled_back_session}); a session cannot continue it (start from a new checkpoint)"
         )
 
 
@@ -481,6 +480,7 @@ def roll_back_locked(disk_dir: Path, st: DiskState) -> DiskState:
     after.committed_offset = after.frontier = size
     after.rolled_back_session, after.rolled_back_at = st.session_id, time.time()
     after.digests_format = st.digests_format
+    after.checkpoint_id = st.checkpoint_id  # the transfer rolled back: never continued (_refuse_rolled_back)
     save_state(disk_dir, after)
     if path.exists():
         remove(path)

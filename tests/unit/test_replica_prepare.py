@@ -90,10 +90,16 @@ def test_continuing_from_another_checkpoint_starts_over(tmp_path: Path) -> None:
     assert st.committed_offset == 0
 
 
-def test_continuing_another_session_or_geometry_starts_over(tmp_path: Path) -> None:
+def test_a_held_checkpoint_is_continued_whichever_session_held_it_last_but_not_another_geometry(
+    tmp_path: Path,
+) -> None:
+    """The checkpoint names the transfer: a session holding it whose prepares never reached the target (it
+    was down) hands the hold on, so the session id a continuing prepare names may be one the target never
+    saw. Starting over there would leave a disk the controller counts as done with the point's bytes."""
     _interrupted(tmp_path, "s1", 3 * MiB)
-    st = _prepare(tmp_path, "s3", resume_session_id="s0")
-    assert st.committed_offset == 0
+    st = _prepare(tmp_path, "s3", resume_session_id="s2")  # s2 held cp1 but never reached the target
+    assert (st.session_id, st.committed_offset) == ("s3", 3 * MiB)
+    assert _prepare(tmp_path, "s4", "cp1").committed_offset == 0  # naming no held session: a restart
     _interrupted(tmp_path, "s4", 3 * MiB)
     st = _prepare(tmp_path, "s5", resume_session_id="s4", disk_size=16 * MiB)
     assert st.committed_offset == 0
