@@ -208,6 +208,10 @@ def check_block_size(field: str, block_size: int) -> int:
 # One ReadDigests call answers at most this many blocks: 16 MiB of digests, 1 TiB of disk at 1 MiB blocks. It bounds
 # the target's work per call (a 1 PiB disk of 64 KiB blocks would otherwise be 256 GiB of digests in one call);
 # a caller pages through a larger disk with first_block.
+# Replica reads relayed by the controller (VerifyJobReplica, ExportRestorePoint) open at once, per caller
+# (certificate name) and in total: each holds a target's read slot and its disks' time.
+MAX_REPLICA_READS_PER_CALLER = 2
+MAX_REPLICA_READS = 8
 MAX_DIGESTS_PER_CALL = 1 << 20
 
 

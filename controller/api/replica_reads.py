@@ -13,7 +13,7 @@ the call began is caught by the target, which fails the call when the disk was p
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Iterator
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -27,8 +27,10 @@ from controller.db.models import Job, RestorePoint, Session, SessionVm, Target
 from controller.engine.agents import TargetClient, relayed
 from controller.engine.runtime import replica_folder
 from controller.engine.states import ACTIVE_SESSION
-from vmrepl.domain import check_sample_percent
+from vmrepl.call_limits import Slots
+from vmrepl.domain import MAX_REPLICA_READS, MAX_REPLICA_READS_PER_CALLER, check_sample_percent
 from vmrepl.errors import FailedPrecondition, InvalidArgument, NotFound
+from vmrepl.log_limit import peer_of
 from vmrepl.names import check_name
 from vmrepl.rpc import handle_errors
 from vmrepl.v1 import common_pb2, target_pb2
@@ -74,11 +76,39 @@ async def _relay(stream: AsyncGenerator[M, None], target: str) -> AsyncGenerator
         await stream.aclose()
 
 
+@contextlib.contextmanager
+def _read_slot(slots: Slots, context: Any) -> Iterator[None]:
+    """One of the caller's replica-read slots for the call's length (RESOURCE_EXHAUSTED past a bound): one
+    operator's flood of verifications cannot take every read slot of the targets."""
+    peer = peer_of(context)
+    slots.take(peer)
+    try:
+        yield
+    finally:
+        slots.give(peer)
+
+
 class ReplicaReadsApi(ApiBase):
+    _read_slots: Slots | None = None
+
+    def _slots(self) -> Slots:
+        if self._read_slots is None:
+            self._read_slots = Slots(
+                per_peer=MAX_REPLICA_READS_PER_CALLER, total=MAX_REPLICA_READS, what="replica reads (verify, export)"
+            )
+        return self._read_slots
+
     @handle_errors
     async def VerifyJobReplica(
         self, request: api.VerifyJobReplicaRequest, context: Any
     ) -> AsyncGenerator[common_pb2.VerifyProgress, None]:
+        # Closed here, not by the garbage collector, when the caller goes away: the target's call ends at once.
+        with _read_slot(self._slots(), context):
+            async with contextlib.aclosing(self._verify(request)) as verify:
+                async for progress in verify:
+                    yield progress
+
+    async def _verify(self, request: api.VerifyJobReplicaRequest) -> AsyncGenerator[common_pb2.VerifyProgress, None]:
         check_sample_percent("sample_percent", request.sample_percent)
         job, point_id = point_ref("restore_point", request.restore_point, request.job)
         at = await self._point_on_target(job, request.vm, point_id)
@@ -94,6 +124,12 @@ class ReplicaReadsApi(ApiBase):
     async def ExportRestorePoint(
         self, request: api.ExportRestorePointRequest, context: Any
     ) -> AsyncGenerator[common_pb2.DiskChunk, None]:
+        with _read_slot(self._slots(), context):
+            async with contextlib.aclosing(self._export(request)) as export:
+                async for chunk in export:
+                    yield chunk
+
+    async def _export(self, request: api.ExportRestorePointRequest) -> AsyncGenerator[common_pb2.DiskChunk, None]:
         if not request.restore_point:
             raise InvalidArgument("restore_point", "is required (jobs/JOB/restorePoints/ID, or the ID with job)")
         check_name("disk", request.disk)

@@ -224,3 +224,21 @@ async def test_a_caller_gone_mid_stream_closes_the_targets_stream(world: tuple[W
     await anext(call)
     await call.aclose()  # type: ignore[attr-defined]
     assert w.target.reads_closed == 1
+
+
+async def test_one_caller_holds_at_most_two_replica_reads_at_once(world: tuple[World, ReplicaReadsApi]) -> None:
+    """A third verification or export from the same operator, while two are open, is refused at once; when
+    one ends, its slot is the caller's again."""
+    w, service = world
+    first = common_pb2.VerifyProgress(disk_id="disk0", blocks_total=3)
+    w.target.verify_answers[REPLICA] = [first, common_pb2.VerifyProgress(disk_id="disk0", blocks_total=3, done=True)]
+    request = api.VerifyJobReplicaRequest(job="jobs/job1")
+    open_calls = [service.VerifyJobReplica(request, FakeContext()) for _ in range(2)]
+    for call in open_calls:
+        assert await anext(call) == first  # suspended mid-stream: each holds its slot
+    third = service.VerifyJobReplica(request, FakeContext())
+    e = await refused(anext(third))
+    assert e.code == grpc.StatusCode.RESOURCE_EXHAUSTED and "replica reads" in e.details
+    await open_calls[0].aclose()
+    assert (await verify(service))[-1].done  # the slot given back
+    await open_calls[1].aclose()
