@@ -107,10 +107,12 @@ def _decode(stdout: bytes | str) -> str:
 
 
 def _reject_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    keys = [k for k, _ in pairs]
-    for k in keys:
-        if keys.count(k) > 1:
+    # json keeps the last of two equal keys silently; which one the script meant is unknowable.
+    seen: set[str] = set()
+    for k, _ in pairs:
+        if k in seen:
             raise HostOutputError(f"script output has the key {k!r} twice in one object")
+        seen.add(k)
     return dict(pairs)
 
 
