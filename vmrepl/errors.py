@@ -106,3 +106,31 @@ class TransferError(VmreplError):
 
 class TransferCancelled(TransferError):
     grpc_code = "CANCELLED"
+
+
+class HostError(VmreplError):
+    """A hypervisor host refused or failed an operation and said why (a cmdlet's error, a WMI return code).
+
+    FAILED_PRECONDITION: the host's state (access, a busy VM, a missing checkpoint) must change before the
+    same call can succeed; retrying blindly does not help.
+    """
+
+    grpc_code = "FAILED_PRECONDITION"
+
+    def __init__(self, *, host: str, operation: str, message: str, code: int | None) -> None:
+        where = f"{host}: {operation}"
+        super().__init__(f"{where}: {message}" + (f" (return code {code})" if code is not None else ""))
+        self.host = host
+        self.operation = operation
+        self.description = message
+        self.code = code
+
+
+class HostOutputError(VmreplError):
+    """A host script printed something other than exactly one valid envelope.
+
+    INTERNAL: the shipped script and this reader disagree (a bug, or a host that is not what it claims);
+    the output is refused rather than guessed at.
+    """
+
+    grpc_code = "INTERNAL"
