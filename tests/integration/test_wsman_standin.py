@@ -42,6 +42,7 @@ def server(lab_certs: lab.LabCerts, registry: ScriptRegistry) -> Iterator[WsmanS
         streams_per_receive=2,
     ) as srv:
         yield srv
+    assert srv.handler_errors == []
 
 
 def client(server: WsmanServer, lab_certs: lab.LabCerts, *, password: str = PASSWORD, op_timeout: int = 5) -> Protocol:

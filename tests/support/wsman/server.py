@@ -19,7 +19,7 @@ from pathlib import Path
 from types import TracebackType
 
 from tests.support.wsman import soap
-from tests.support.wsman.runner import CommandRunner, ScriptRegistry, ScriptResult
+from tests.support.wsman.runner import CommandRunner, ScriptRegistry, ScriptResult, clixml_error
 
 MAX_BODY = 512 * 1024  # well above pywinrm's MaxEnvelopeSize of 153600
 
@@ -80,6 +80,7 @@ class WsmanServer:
         self.streams_per_receive = streams_per_receive
         self.shells: dict[str, Shell] = {}
         self.timeout_faults = 0
+        self.handler_errors: list[Exception] = []  # exceptions raised by registered handlers
         self.actions: list[str] = []  # every authenticated request's action, in order
         self._cond = threading.Condition()
         self._httpd: ThreadingHTTPServer | None = None
@@ -94,7 +95,8 @@ class WsmanServer:
         handler = type("Handler", (_Handler,), {"standin": self})
         httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
         httpd.daemon_threads = True
-        httpd.socket = self._tls.wrap_socket(httpd.socket, server_side=True)
+        # The handshake happens on the handler's thread, so a stalled client cannot block accept().
+        httpd.socket = self._tls.wrap_socket(httpd.socket, server_side=True, do_handshake_on_connect=False)
         self._httpd = httpd
         self._thread = threading.Thread(target=httpd.serve_forever, name="wsman-standin", daemon=True)
         self._thread.start()
@@ -214,7 +216,11 @@ class WsmanServer:
         return soap.envelope(action=soap.SEND + "Response", relates_to=req.message_id, body="<rsp:SendResponse/>")
 
     def _run(self, command: Command, script: str) -> None:
-        result = self.runner.run_script(script)
+        try:
+            result = self.runner.run_script(script)
+        except Exception as e:  # a test's handler failed: end the command visibly instead of hanging Receive
+            self.handler_errors.append(e)
+            result = ScriptResult(stderr=clixml_error(f"stand-in handler failed: {e!r}"), exit_code=1)
         with self._cond:
             command.result = result
             self._cond.notify_all()

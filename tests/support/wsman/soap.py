@@ -6,6 +6,8 @@ Requests are parsed with ElementTree by namespace, never by prefix: pywinrm's pr
 from __future__ import annotations
 
 import base64
+import contextlib
+import math
 import uuid
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
@@ -69,14 +71,13 @@ def _text(root: ET.Element, path: str) -> str:
 
 def parse_timeout(value: str) -> float:
     """An xs:duration of the form PTnS / PTn.nnnS (what pywinrm sends) in seconds."""
-    if not (value.startswith("PT") and value.endswith("S")):
+    seconds = math.nan
+    if value.startswith("PT") and value.endswith("S"):
+        with contextlib.suppress(ValueError):  # refused below with the other malformed durations
+            seconds = float(value[2:-1])
+    if not (math.isfinite(seconds) and seconds >= 0):
         raise BadRequest(code=CODE_SCHEMA, subcode="w:SchemaValidationError", reason=f"bad duration {value!r}")
-    try:
-        return float(value[2:-1])
-    except ValueError:
-        raise BadRequest(
-            code=CODE_SCHEMA, subcode="w:SchemaValidationError", reason=f"bad duration {value!r}"
-        ) from None
+    return seconds
 
 
 def parse_request(data: bytes) -> Request:
