@@ -11,7 +11,8 @@ import time
 from collections.abc import Iterator
 
 import pytest
-from winrm.exceptions import InvalidCredentialsError, WSManFaultError
+import requests
+from winrm.exceptions import InvalidCredentialsError, WinRMTransportError, WSManFaultError
 from winrm.protocol import Protocol
 
 from controller import lab
@@ -158,3 +159,84 @@ def test_unknown_shell_id_fault(server: WsmanServer, lab_certs: lab.LabCerts) ->
     assert raised.value.wsman_fault_code == 2150858843
     assert raised.value.fault_subcode == "w:InvalidSelectors"
     assert raised.value.code == 500
+
+
+# --- NTLM with message encryption over plain HTTP ------------------------------------------------------------
+
+
+@pytest.fixture
+def ntlm_server(registry: ScriptRegistry) -> Iterator[WsmanServer]:
+    with WsmanServer(
+        auth="ntlm", username=USER, password=PASSWORD, registry=registry, stream_chunk=100, streams_per_receive=2
+    ) as srv:
+        yield srv
+    assert srv.handler_errors == []
+
+
+def ntlm_client(server: WsmanServer, *, password: str = PASSWORD) -> Protocol:
+    assert server.url.startswith("http://")
+    return Protocol(
+        endpoint=server.url,
+        transport="ntlm",
+        username=USER,
+        password=password,
+        message_encryption="always",
+        operation_timeout_sec=5,
+        read_timeout_sec=10,
+    )
+
+
+class _Wire:
+    """Every request and response body pywinrm's session sent and received, as bytes on the wire."""
+
+    def __init__(self, p: Protocol) -> None:
+        self.requests: list[tuple[str, bytes]] = []
+        self.responses: list[tuple[str, bytes]] = []
+        session = p.transport.build_session()
+        session.hooks["response"].insert(0, self._record)
+
+    def _record(self, response: requests.Response, *args: object, **kwargs: object) -> None:
+        body = response.request.body
+        sent = body if isinstance(body, bytes) else str(body or "").encode()  # pywinrm always sends bytes
+        self.requests.append((str(response.request.headers.get("Content-Type", "")), sent))
+        self.responses.append((response.headers.get("Content-Type", ""), response.content))
+
+
+def test_ntlm_encrypted_stdin_script_split_output(ntlm_server: WsmanServer, registry: ScriptRegistry) -> None:
+    script = "$ProgressPreference = 'SilentlyContinue'\r\n# ntlm " + "y" * 9_000
+    stdout = bytes(range(256)) * 4  # 11 Stream elements of 100 bytes, 2 per Receive, each reply sealed
+    stderr = clixml_error("warning: stand-in")
+    registry.register(script, lambda _: ScriptResult(stdout=stdout, stderr=stderr, exit_code=3))
+    p = ntlm_client(ntlm_server)
+    wire = _Wire(p)
+
+    out, err, rc = run_script(p, script)
+
+    assert (out, err, rc) == (stdout, stderr, 3)
+    assert ntlm_server.actions.count("http://schemas.microsoft.com/wbem/wsman/1/windows/shell/Receive") == 7
+    assert ntlm_server.shells == {} and ntlm_server.refused_unencrypted == 0
+    soap_requests = [(ct, body) for ct, body in wire.requests if body]
+    assert len(soap_requests) == len(ntlm_server.actions) and soap_requests
+    for content_type, body in soap_requests + [r for r in wire.responses if r[1]]:
+        assert 'protocol="application/HTTP-SPNEGO-session-encrypted"' in content_type
+        assert body.startswith(b"--Encrypted Boundary\r\n") and body.endswith(b"--Encrypted Boundary--\r\n")
+        assert b"Envelope" not in body and b"ntlm yyyy" not in body and b"CLIXML" not in body  # sealed, not signed
+
+
+def test_ntlm_wrong_password_refused(ntlm_server: WsmanServer) -> None:
+    with pytest.raises(InvalidCredentialsError):
+        ntlm_client(ntlm_server, password="wrong").open_shell()
+    assert ntlm_server.shells == {} and ntlm_server.actions == []
+
+
+def test_ntlm_unencrypted_request_after_auth_refused(ntlm_server: WsmanServer) -> None:
+    p = ntlm_client(ntlm_server)
+    shell_id = p.open_shell()  # authenticated, encrypted: works
+    assert list(ntlm_server.shells) == [shell_id]
+
+    p.transport.encryption = None  # same authenticated session, SOAP now sent in clear
+    with pytest.raises(WinRMTransportError) as raised:
+        p.run_command(shell_id, "powershell.exe", PS_ARGS)
+    assert raised.value.code == 500
+    assert ntlm_server.refused_unencrypted == 1
+    assert ntlm_server.actions == ["http://schemas.xmlsoap.org/ws/2004/09/transfer/Create"]  # never handled

@@ -1,6 +1,7 @@
-"""The stand-in's HTTPS endpoint at /wsman: Basic auth over TLS, shells and commands as Windows keeps them.
+"""The stand-in's endpoint at /wsman, shells and commands as Windows keeps them.
 
-NTLM with message encryption over HTTP is not here yet (docs/hyperv.md, "The WS-Management stand-in (tests)").
+Two modes, one per server: Basic auth over HTTPS, or NTLM over plain HTTP with every message encrypted
+(tests/support/wsman/ntlm.py), as on a host with AllowUnencrypted=false (docs/hyperv.md).
 """
 
 from __future__ import annotations
@@ -13,12 +14,14 @@ import threading
 import time
 import uuid
 import xml.etree.ElementTree as ET
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from types import TracebackType
+from typing import Literal
 
-from tests.support.wsman import soap
+from tests.support.wsman import ntlm, soap
 from tests.support.wsman.runner import CommandRunner, ScriptRegistry, ScriptResult, clixml_error
 
 MAX_BODY = 512 * 1024  # well above pywinrm's MaxEnvelopeSize of 153600
@@ -58,13 +61,18 @@ def _codepage(value: str) -> str:
 
 
 class WsmanServer:
-    """A WS-Man endpoint on 127.0.0.1 (TLS with the given certificate); use as a context manager."""
+    """A WS-Man endpoint on 127.0.0.1; use as a context manager.
+
+    auth="basic": HTTPS with the given certificate and Basic auth. auth="ntlm": plain HTTP, NTLM with message
+    encryption; unencrypted messages are refused. The NTLM mode sets NTLM_USER_FILE while it runs.
+    """
 
     def __init__(
         self,
         *,
-        certfile: Path,
-        keyfile: Path,
+        auth: Literal["basic", "ntlm"] = "basic",
+        certfile: Path | None = None,
+        keyfile: Path | None = None,
         username: str,
         password: str,
         registry: ScriptRegistry,
@@ -73,9 +81,19 @@ class WsmanServer:
     ) -> None:
         self.registry = registry
         self.runner = CommandRunner(registry)
+        self.auth = auth
+        self._username, self._password = username, password
         self._credentials = f"{username}:{password}".encode()
-        self._tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-        self._tls.load_cert_chain(certfile, keyfile)
+        self._tls: ssl.SSLContext | None = None
+        if auth == "basic":
+            if certfile is None or keyfile is None:
+                raise ValueError("Basic auth is served only over HTTPS: certfile and keyfile are required")
+            self._tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+            self._tls.load_cert_chain(certfile, keyfile)
+        elif certfile is not None:
+            raise ValueError("the NTLM mode is plain HTTP with message encryption: no certificate")
+        self.refused_unencrypted = 0  # authenticated NTLM requests refused for not being encrypted
+        self._stack = ExitStack()
         self.stream_chunk = stream_chunk
         self.streams_per_receive = streams_per_receive
         self.shells: dict[str, Shell] = {}
@@ -89,14 +107,18 @@ class WsmanServer:
     @property
     def url(self) -> str:
         assert self._httpd is not None, "server not started"
-        return f"https://localhost:{self._httpd.server_address[1]}/wsman"
+        scheme = "https" if self._tls is not None else "http"
+        return f"{scheme}://localhost:{self._httpd.server_address[1]}/wsman"
 
     def __enter__(self) -> WsmanServer:
+        if self.auth == "ntlm":
+            self._stack.enter_context(ntlm.user_file(self._username, self._password))
         handler = type("Handler", (_Handler,), {"standin": self})
         httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
         httpd.daemon_threads = True
-        # The handshake happens on the handler's thread, so a stalled client cannot block accept().
-        httpd.socket = self._tls.wrap_socket(httpd.socket, server_side=True, do_handshake_on_connect=False)
+        if self._tls is not None:
+            # The handshake happens on the handler's thread, so a stalled client cannot block accept().
+            httpd.socket = self._tls.wrap_socket(httpd.socket, server_side=True, do_handshake_on_connect=False)
         self._httpd = httpd
         self._thread = threading.Thread(target=httpd.serve_forever, name="wsman-standin", daemon=True)
         self._thread.start()
@@ -110,6 +132,7 @@ class WsmanServer:
             self._httpd.server_close()
         if self._thread is not None:
             self._thread.join(timeout=10)
+        self._stack.close()
 
     def authorized(self, header: str | None) -> bool:
         if header is None or not header.startswith("Basic "):
@@ -279,14 +302,17 @@ class WsmanServer:
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     standin: WsmanServer
+    _ntlm: ntlm.Acceptor | None = None  # per TCP connection: one handler instance serves one connection
 
     def log_message(self, format: str, *args: object) -> None:
         pass  # tests read the server's state, not its access log
 
-    def _reply(self, status: int, body: bytes, extra: dict[str, str] | None = None) -> None:
+    def _reply(
+        self, status: int, body: bytes, extra: dict[str, str] | None = None, *, content_type: str | None = None
+    ) -> None:
         self.send_response(status)
         if body:
-            self.send_header("Content-Type", "application/soap+xml;charset=UTF-8")
+            self.send_header("Content-Type", content_type or "application/soap+xml;charset=UTF-8")
         for name, value in (extra or {}).items():
             self.send_header(name, value)
         self.send_header("Content-Length", str(len(body)))
@@ -301,14 +327,45 @@ class _Handler(BaseHTTPRequestHandler):
             self._reply(404 if 0 <= length <= MAX_BODY else 413, b"")
             return
         data = self.rfile.read(length)
+        if self.standin.auth == "ntlm":
+            self._ntlm_post(data)
+            return
         if not self.standin.authorized(self.headers.get("Authorization")):
             # What Windows offers when Basic is enabled; the body is empty as on Windows.
             self._reply(401, b"", {"WWW-Authenticate": 'Basic realm="WSMAN"'})
             return
+        self._reply(*self._soap(data))
+
+    def _soap(self, data: bytes) -> tuple[int, bytes]:
         message_id = ""
         try:
             req = soap.parse_request(data)
             message_id = req.message_id
-            self._reply(200, self.standin.handle(req))
+            return 200, self.standin.handle(req)
         except soap.BadRequest as e:
-            self._reply(500, soap.fault(relates_to=message_id, error=e))
+            return 500, soap.fault(relates_to=message_id, error=e)
+
+    def _ntlm_post(self, data: bytes) -> None:
+        acceptor = self._ntlm
+        header = self.headers.get("Authorization")
+        if acceptor is None or not acceptor.complete or header is not None:
+            # requests-ntlm authenticates once per connection, then sends no Authorization header.
+            acceptor = self._ntlm = acceptor or ntlm.Acceptor()
+            done, challenge = acceptor.step(header)
+            if not done:
+                self._reply(401, b"", {"WWW-Authenticate": challenge})
+                return
+        if not data:
+            self._reply(200, b"")  # pywinrm's empty POST that completes the handshake (setup_encryption)
+            return
+        try:
+            plain = acceptor.unwrap(self.headers.get("Content-Type") or "", data)
+        except ntlm.EncryptionError:
+            # AllowUnencrypted=false: Windows answers HTTP 500 (pywinrm#129, #208); the empty body is our choice.
+            with self.standin._cond:
+                self.standin.refused_unencrypted += 1
+            self.close_connection = True
+            self._reply(500, b"")
+            return
+        status, body = self._soap(plain)
+        self._reply(status, acceptor.wrap(body), content_type=ntlm.CONTENT_TYPE)
