@@ -285,3 +285,15 @@ def test_absolute_win32_path_is_mapped_under_a_root(tmp_path: Path) -> None:
 def test_writer_refuses_a_differencing_image(chain: tuple[Path, bytes]) -> None:
     with pytest.raises(UnsupportedDisk, match="differencing"):
         open_writer(DiskFormat.VHDX, chain[0])
+
+
+def test_a_malformed_parent_locator_is_refused() -> None:
+    raw = bytearray(ParentLocator({"parent_linkage": "{" + str(uuid.uuid4()) + "}"}).pack())
+    assert ParentLocator.parse(bytes(raw), "x").linkage  # the codec round-trips
+    struct.pack_into("<I", raw, 20 + 4, 5000)  # the value's offset points past the item
+    with pytest.raises(UnsupportedDisk, match="outside the item"):
+        ParentLocator.parse(bytes(raw), "x")
+    with pytest.raises(UnsupportedDisk, match="not the VHDX one"):
+        ParentLocator.parse(bytes(16) + bytes(raw[16:]), "x")
+    with pytest.raises(UnsupportedDisk, match="parent_linkage"):
+        _ = ParentLocator({"relative_path": "a.vhdx"}).linkage
