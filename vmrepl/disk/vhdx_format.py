@@ -4,9 +4,9 @@ The reader (`vhdx.py`) and the writer (`vhdx_writer.py`) both open a file throug
 image the writer accepts is one the reader accepts, and the other way round. Only what a replica needs
 is parsed: the current header (CRC-32C checked, highest sequence number of the two, version 1 as MS-VHDX
 requires), the region table (CRC-32C checked), the metadata items for block size, virtual size, logical
-sector size and the parent flag, and the BAT. A header whose log GUID is set means the log holds entries
-to replay: the image is refused (the hypervisor replays logs; we never guess). Differencing images (a
-parent) are refused until AVHDX chains are supported.
+sector size, the parent flag and the parent locator (MS-VHDX 2.6.2.6), and the BAT. A header whose log
+GUID is set means the log holds entries to replay: the image is refused (the hypervisor replays logs; we
+never guess). Differencing images (AVHDX) are parsed here; following their parents is the reader's job.
 
 BAT entries of payload blocks interleave with sector-bitmap entries: after every `chunk_ratio` payload
 entries comes one bitmap entry, where chunk_ratio = 2^23 * logical_sector_size / block_size.
@@ -42,6 +42,8 @@ PAGE83_DATA = uuid.UUID("BECA12AB-B2E6-4523-93EF-C309E000C746")
 LOGICAL_SECTOR_SIZE = uuid.UUID("8141BF1D-A96F-4709-BA47-F233A8FAAB5F")
 PHYSICAL_SECTOR_SIZE = uuid.UUID("CDA348C7-445D-4471-9CC9-E9885251C556")
 PARENT_LOCATOR = uuid.UUID("A8D35F2D-B30B-454D-ABF7-D3D84834AB0C")
+VHDX_PARENT_LOCATOR_TYPE = uuid.UUID("B04AEFB7-D19E-4A81-B789-25B8E9445913")  # MS-VHDX 2.6.2.6
+MAX_LOCATOR_ENTRIES = 64  # far more than the five keys MS-VHDX defines; a bound on what we parse
 
 VHDX_VERSION = 1  # MS-VHDX 2.2.2.1: a header's Version MUST be 1
 MIN_BLOCK_SIZE = MiB
@@ -51,9 +53,12 @@ MAX_VIRTUAL_SIZE = 64 * 1024**4  # MS-VHDX 2.6.2.2: at most 64 TB
 # Payload block states (MS-VHDX 2.5.1.1). Only FULLY/PARTIALLY_PRESENT hold data in a non-differencing
 # image; every other state reads as zeros.
 PAYLOAD_NOT_PRESENT = 0
+PAYLOAD_UNDEFINED = 1
 PAYLOAD_ZERO = 2
+PAYLOAD_UNMAPPED = 3
 PAYLOAD_FULLY_PRESENT = 6
 PAYLOAD_PARTIALLY_PRESENT = 7
+SB_BLOCK_PRESENT = 6  # sector bitmap entry state (MS-VHDX 2.5.1.2)
 
 # Metadata entry flags (MS-VHDX 2.6.1.2).
 META_IS_VIRTUAL_DISK = 2
@@ -62,6 +67,8 @@ META_IS_REQUIRED = 4
 _HEADER = struct.Struct("<4sIQ16s16s16sHHIQ")  # signature .. LogOffset, then 4016 reserved bytes
 _REGION_ENTRY = struct.Struct("<16sQII")
 _META_ENTRY = struct.Struct("<16sIIII")
+_LOCATOR_HEADER = struct.Struct("<16sHH")
+_LOCATOR_ENTRY = struct.Struct("<IIHH")
 
 
 def guid(raw: bytes) -> uuid.UUID:
@@ -88,6 +95,17 @@ def chunk_ratio(logical_sector_size: int, block_size: int) -> int:
 def bat_entries(blocks: int, ratio: int) -> int:
     """Entries a dynamic disk's BAT holds: every payload entry and the bitmap entries between them."""
     return blocks + (blocks - 1) // ratio if blocks else 0
+
+
+def differencing_bat_entries(blocks: int, ratio: int) -> int:
+    """Entries a differencing disk's BAT holds: every chunk with its sector bitmap entry (MS-VHDX 2.5)."""
+    return -(-blocks // ratio) * (ratio + 1)
+
+
+def bitmap_index(block: int, ratio: int) -> int:
+    """Index in the BAT of the sector bitmap entry of the chunk holding payload block `block`."""
+    chunk = block // ratio
+    return (chunk + 1) * ratio + chunk
 
 
 def bat_index(block: int, ratio: int) -> int:
@@ -154,6 +172,52 @@ class Geometry:
 
 
 @dataclass(frozen=True, slots=True)
+class ParentLocator:
+    """The parent locator of a differencing image: its key-value pairs (MS-VHDX 2.6.2.6)."""
+
+    entries: dict[str, str]
+
+    @property
+    def linkage(self) -> uuid.UUID:
+        """The DataWriteGuid the parent must have (`parent_linkage`)."""
+        try:
+            return uuid.UUID(self.entries["parent_linkage"])
+        except (KeyError, ValueError) as e:
+            raise UnsupportedDisk(f"the VHDX parent locator has no valid parent_linkage ({e})") from e
+
+    def pack(self) -> bytes:
+        table = _LOCATOR_HEADER.size + _LOCATOR_ENTRY.size * len(self.entries)
+        head = bytearray(_LOCATOR_HEADER.pack(VHDX_PARENT_LOCATOR_TYPE.bytes_le, 0, len(self.entries)))
+        body = bytearray()
+        for key, value in self.entries.items():
+            k, v = key.encode("utf-16-le"), value.encode("utf-16-le")
+            head += _LOCATOR_ENTRY.pack(table + len(body), table + len(body) + len(k), len(k), len(v))
+            body += k + v
+        return bytes(head + body)
+
+    @classmethod
+    def parse(cls, raw: bytes, path: object) -> ParentLocator:
+        if len(raw) < _LOCATOR_HEADER.size:
+            raise UnsupportedDisk(f"{path}: VHDX parent locator is too short")
+        kind, _reserved, count = _LOCATOR_HEADER.unpack_from(raw)
+        if guid(kind) != VHDX_PARENT_LOCATOR_TYPE:
+            raise UnsupportedDisk(f"{path}: VHDX parent locator type {guid(kind)} is not the VHDX one")
+        if count > MAX_LOCATOR_ENTRIES or _LOCATOR_HEADER.size + count * _LOCATOR_ENTRY.size > len(raw):
+            raise UnsupportedDisk(f"{path}: VHDX parent locator has an invalid entry count {count}")
+        entries: dict[str, str] = {}
+        for i in range(count):
+            k_off, v_off, k_len, v_len = _LOCATOR_ENTRY.unpack_from(raw, _LOCATOR_HEADER.size + i * _LOCATOR_ENTRY.size)
+            if k_off + k_len > len(raw) or v_off + v_len > len(raw) or k_len % 2 or v_len % 2:
+                raise UnsupportedDisk(f"{path}: VHDX parent locator entry {i} lies outside the item")
+            try:
+                key = raw[k_off : k_off + k_len].decode("utf-16-le")
+                entries[key] = raw[v_off : v_off + v_len].decode("utf-16-le")
+            except UnicodeDecodeError as e:
+                raise UnsupportedDisk(f"{path}: VHDX parent locator entry {i} is not UTF-16") from e
+        return cls(entries)
+
+
+@dataclass(frozen=True, slots=True)
 class Layout:
     """Where everything is in an opened image, as `read_layout` validated it."""
 
@@ -163,6 +227,7 @@ class Layout:
     items: dict[uuid.UUID, tuple[int, int]]  # metadata item GUID -> (file offset, length)
     geometry: Geometry
     bat: bytes  # the BAT entries in use (payload and bitmap), 8 bytes each
+    parent: ParentLocator | None  # set exactly for a differencing image
 
     @property
     def blocks(self) -> int:
@@ -257,15 +322,25 @@ def geometry(f: PositionalFile, items: dict[uuid.UUID, tuple[int, int]]) -> Geom
     return Geometry(block_size, virtual_size, sector, has_parent)
 
 
-def pack_metadata(*, block_size: int, virtual_size: int, page83: uuid.UUID, physical_sector_size: int) -> bytes:
-    """The metadata region's table and items (the rest of the region is zeros), laid out as qemu-img does."""
+def pack_metadata(
+    *,
+    block_size: int,
+    virtual_size: int,
+    page83: uuid.UUID,
+    physical_sector_size: int,
+    parent: ParentLocator | None = None,
+) -> bytes:
+    """The metadata region's table and items (the rest of the region is zeros), laid out as qemu-img does;
+    with `parent`, a differencing image's (HasParent set, the parent locator item last)."""
     items = [
-        (FILE_PARAMETERS, struct.pack("<II", block_size, 0), META_IS_REQUIRED),
+        (FILE_PARAMETERS, struct.pack("<II", block_size, 2 if parent else 0), META_IS_REQUIRED),
         (VIRTUAL_DISK_SIZE, struct.pack("<Q", virtual_size), META_IS_REQUIRED | META_IS_VIRTUAL_DISK),
         (PAGE83_DATA, page83.bytes_le, META_IS_REQUIRED | META_IS_VIRTUAL_DISK),
         (LOGICAL_SECTOR_SIZE, struct.pack("<I", 512), META_IS_REQUIRED | META_IS_VIRTUAL_DISK),
         (PHYSICAL_SECTOR_SIZE, struct.pack("<I", physical_sector_size), META_IS_REQUIRED | META_IS_VIRTUAL_DISK),
     ]
+    if parent is not None:
+        items.append((PARENT_LOCATOR, parent.pack(), META_IS_REQUIRED))
     raw = bytearray(METADATA_TABLE_SIZE + sum(len(data) for _, data, _ in items))
     struct.pack_into("<8sHH", raw, 0, b"metadata", 0, len(items))
     pos = METADATA_TABLE_SIZE
@@ -296,32 +371,59 @@ def read_layout(f: PositionalFile) -> Layout:
         raise UnsupportedDisk(f"{f.path}: VHDX region table lacks the BAT or the metadata region")
     items = metadata_items(f, *found[METADATA_GUID])
     g = geometry(f, items)
+    parent = None
     if g.has_parent:
-        raise UnsupportedDisk(f"{f.path}: differencing VHDX (it has a parent); AVHDX chains are not supported yet")
+        if PARENT_LOCATOR not in items:
+            raise UnsupportedDisk(f"{f.path}: differencing VHDX without a parent locator")
+        loc_off, loc_len = items[PARENT_LOCATOR]
+        parent = ParentLocator.parse(
+            read_exact(f, loc_off, min(loc_len, METADATA_TABLE_SIZE), "parent locator"), f.path
+        )
     blocks = -(-g.virtual_size // g.block_size)
-    count = bat_entries(blocks, chunk_ratio(g.logical_sector_size, g.block_size))
+    ratio = chunk_ratio(g.logical_sector_size, g.block_size)
+    count = differencing_bat_entries(blocks, ratio) if g.has_parent else bat_entries(blocks, ratio)
     bat_off, bat_len = found[BAT_GUID]
     if count * 8 > bat_len:
         raise UnsupportedDisk(f"{f.path}: VHDX BAT region is too small for the disk")
     bat = read_exact(f, bat_off, count * 8, "BAT")
-    return Layout(slot, header, found, items, g, bat)
+    return Layout(slot, header, found, items, g, bat, parent)
 
 
 def payload_offsets(layout: Layout, file_size: int, path: object) -> list[int]:
-    """File offset of each payload block, or -1 where it reads as zeros."""
+    """File offset of each payload block, or -1 where it reads as zeros (a non-differencing image)."""
     offsets = []
+    for i, (state, off) in enumerate(block_entries(layout, file_size, path)):
+        if state == PAYLOAD_PARTIALLY_PRESENT:
+            raise UnsupportedDisk(f"{path}: block {i} is partially present (a differencing disk)")
+        offsets.append(off if state == PAYLOAD_FULLY_PRESENT else -1)  # others are never read
+    return offsets
+
+
+def block_entries(layout: Layout, file_size: int, path: object) -> list[tuple[int, int]]:
+    """(state, file offset) of each payload block; the offset is checked where the state has data."""
+    out = []
     bs = layout.geometry.block_size
     ratio = layout.chunk_ratio
     for i in range(layout.blocks):
         value = struct.unpack_from("<Q", layout.bat, 8 * bat_index(i, ratio))[0]
-        state = entry_state(value)
-        if state == PAYLOAD_PARTIALLY_PRESENT:
-            raise UnsupportedDisk(f"{path}: block {i} is partially present (a differencing disk)")
-        if state != PAYLOAD_FULLY_PRESENT:
-            offsets.append(-1)  # not present, undefined, zero, unmapped: never read
-            continue
-        off = entry_offset(value)
-        if off < HEADER_AREA or off + bs > file_size:
+        state, off = entry_state(value), entry_offset(value)
+        if state in (PAYLOAD_FULLY_PRESENT, PAYLOAD_PARTIALLY_PRESENT) and (off < HEADER_AREA or off + bs > file_size):
             raise DiskError(f"{path}: block {i} points outside the file ({off})")
-        offsets.append(off)
-    return offsets
+        out.append((state, off))
+    return out
+
+
+def bitmap_offsets(layout: Layout, file_size: int, path: object) -> list[int]:
+    """File offset of each chunk's sector bitmap block (1 MiB), or -1 where none is present."""
+    ratio = layout.chunk_ratio
+    out = []
+    for chunk in range(-(-layout.blocks // ratio) if layout.geometry.has_parent else 0):
+        value = struct.unpack_from("<Q", layout.bat, 8 * bitmap_index(chunk * ratio, ratio))[0]
+        off = entry_offset(value)
+        if entry_state(value) != SB_BLOCK_PRESENT:
+            out.append(-1)
+        elif off < HEADER_AREA or off + MiB > file_size:
+            raise DiskError(f"{path}: sector bitmap {chunk} points outside the file ({off})")
+        else:
+            out.append(off)
+    return out

@@ -151,6 +151,8 @@ class VhdxWriter(DiskWriter):
 
     def _load(self, layout: Layout) -> None:
         g = layout.geometry
+        if g.has_parent:  # replicas are always whole images; a differencing one is only ever read
+            raise UnsupportedDisk(f"{self._file.path}: differencing VHDX; replica disks are never differencing")
         self._block_size = g.block_size
         self._size = g.virtual_size
         self._ratio = layout.chunk_ratio
