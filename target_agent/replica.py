@@ -29,7 +29,7 @@ import json
 import os
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -59,7 +59,6 @@ STATE_FORMAT = 2
 # digests.bin's format, recorded in state.json: 1 = one xxh3-128 per block, 16 bytes, all zero = unknown.
 DIGESTS_FORMAT = 1
 _DIGEST_CHUNK = 65536  # digests per write when a zero extent covers many blocks
-_SAVE_CHUNK = 64 * MiB  # old bytes held before they are appended to the rollback file
 # How far past the committed offset a commit lets the stream write before the next state save: the most
 # a crash makes the next run send again, and how rarely the writer stops to move the frontier itself.
 FRONTIER_STEP = 256 * MiB
@@ -421,13 +420,7 @@ def _start_rollback_file(disk_dir: Path, base: Base, *, session_id: str, block_s
 
 def pending_header(disk_dir: Path) -> rollback.UndoHeader | None:
     path = disk_dir / ROLLBACK_DIR / rollback.PENDING
-    if not path.exists():
-        return None
-    undo = rollback.UndoFile(path)
-    try:
-        return undo.header
-    finally:
-        undo.close()
+    return rollback.read_header(path) if path.exists() else None
 
 
 def committed_pending(disk_dir: Path, header: rollback.UndoHeader, point_sessions: frozenset[str]) -> bool:
@@ -588,23 +581,18 @@ def _forget(digests: DigestStore, undo: rollback.UndoFile | None, lo: int, hi: i
 
 def _save_old(writer: DiskWriter, digests: DigestStore, undo: rollback.UndoFile, blocks: Iterable[int]) -> None:
     """Save the old bytes and digests of `blocks` not saved yet, durably, before they are overwritten."""
+    undo.append_all(_old_blocks(writer, digests, [b for b in blocks if b not in undo.index]))
+
+
+def _old_blocks(writer: DiskWriter, digests: DigestStore, blocks: list[int]) -> Iterator[rollback.Record]:
+    """Each block's old bytes (None for zeros) and digest, read as they are asked for."""
     bs = digests.block_size
-    pending: list[tuple[int, bytes | None, bytes]] = []
-    size = 0
     for block in blocks:
-        if block in undo.index:
-            continue
         buf = bytearray(bs)
         inside = max(0, min(bs, writer.size - block * bs))  # a short last block, or past a grown disk's old end
         if inside:
             writer.read_into(memoryview(buf)[:inside], block * bs)
-        data = None if is_zero(buf) else bytes(buf[:inside])
-        pending.append((block, data, digests.read(block, 1)))
-        size += bs if data is not None else 0
-        if size >= _SAVE_CHUNK:  # a long zero extent overwrites many blocks: bound the memory held
-            undo.append(pending)
-            pending, size = [], 0
-    undo.append(pending)
+        yield block, None if is_zero(buf) else bytes(buf[:inside]), digests.read(block, 1)
 
 
 def read_digests(disk_dir: Path, first: int, count: int) -> tuple[int, bytes]:

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import json
 import struct
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -118,6 +118,28 @@ def create(path: Path, header: UndoHeader) -> None:
     atomic_write(path, header.encode())
 
 
+# Old bytes gathered before they are appended (and fdatasync'ed): a long zero extent or a fold saves many
+# blocks, and only this much of them is held in memory at once.
+APPEND_CHUNK = 64 * 1024 * 1024
+Record = tuple[int, bytes | None, bytes]  # block index, old bytes (None: zeros), old digest
+
+
+def _read_header(f: PositionalFile, path: Path) -> UndoHeader:
+    head = bytearray(HEADER_SIZE)
+    n = f.read_into(memoryview(head), 0)
+    return UndoHeader.decode(bytes(head[:n]), f"rollback file {path.parent.parent.name}/{path.name}")
+
+
+def read_header(path: Path) -> UndoHeader:
+    """A rollback file's header alone: its records are neither read nor checked (opening an UndoFile reads
+    and checks them all)."""
+    f = PositionalFile(path, follow_links=False)
+    try:
+        return _read_header(f, path)
+    finally:
+        f.close()
+
+
 class UndoFile:
     """One rollback file: its header, the index of its valid records, appends and reads."""
 
@@ -125,9 +147,7 @@ class UndoFile:
         self.path = path
         self._file = PositionalFile(path, writable=writable, follow_links=False)
         try:
-            head = bytearray(HEADER_SIZE)
-            n = self._file.read_into(memoryview(head), 0)
-            self.header = UndoHeader.decode(bytes(head[:n]), f"rollback file {path.parent.parent.name}/{path.name}")
+            self.header = _read_header(self._file, path)
             self.index: dict[int, Saved] = {}
             self.end = HEADER_SIZE
             self.refresh()
@@ -163,7 +183,20 @@ class UndoFile:
             pos += _RECORD.size + length
         self.end = pos
 
-    def append(self, records: list[tuple[int, bytes | None, bytes]]) -> None:
+    def append_all(self, records: Iterable[Record]) -> None:
+        """`append` for records made on the way (old bytes read as they go), APPEND_CHUNK bytes at a time;
+        each chunk is durable before the next is gathered, all of them when this returns."""
+        batch: list[Record] = []
+        size = 0
+        for record in records:
+            batch.append(record)
+            size += len(record[1] or b"")
+            if size >= APPEND_CHUNK:
+                self.append(batch)
+                batch, size = [], 0
+        self.append(batch)
+
+    def append(self, records: list[Record]) -> None:
         """Save (block index, old bytes or None for zeros, old digest) for blocks not saved yet; durable
         when this returns."""
         out = bytearray()
@@ -218,8 +251,8 @@ def fold(folder: Path, *, newer: str, older: str) -> None:
         create(tmp, header)
         out = UndoFile(tmp, writable=True)
         try:
-            _copy_records(old, out, skip=set())
-            _copy_records(new, out, skip=set(old.index))
+            out.append_all(_records(old, skip=set()))
+            out.append_all(_records(new, skip=set(old.index)))
         finally:
             out.close()
     finally:
@@ -228,9 +261,8 @@ def fold(folder: Path, *, newer: str, older: str) -> None:
     rename(tmp, older_path)
 
 
-def _copy_records(src: UndoFile, out: UndoFile, *, skip: set[int]) -> None:
-    batch: list[tuple[int, bytes | None, bytes]] = []
-    size = 0
+def _records(src: UndoFile, *, skip: set[int]) -> Iterator[Record]:
+    """`src`'s records but those of `skip`, their old bytes read as they are asked for."""
     for block, saved in src.records():
         if block in skip:
             continue
@@ -239,9 +271,4 @@ def _copy_records(src: UndoFile, out: UndoFile, *, skip: set[int]) -> None:
             buf = bytearray(saved.length)
             src.read_block(saved, memoryview(buf))
             data = bytes(buf)
-        batch.append((block, data, saved.digest))
-        size += saved.length
-        if size >= 64 << 20:
-            out.append(batch)
-            batch, size = [], 0
-    out.append(batch)
+        yield block, data, saved.digest
