@@ -42,7 +42,7 @@ from vmrepl.domain import TRANSFER_ENDED, ChangeMode, ChangeTracking, compare_di
 from vmrepl.errors import FailedPrecondition, VmreplError
 from vmrepl.logs import get_logger
 from vmrepl.progress import TransferFigures
-from vmrepl.providers.base import Checkpoint
+from vmrepl.providers.base import Checkpoint, Untracked
 from vmrepl.v1 import common_pb2, proxy_pb2
 
 log = get_logger("vmrepl.controller.engine.task")
@@ -314,13 +314,14 @@ class TaskRunner:
         if choice.mode is ChangeMode.COMPARE and not choice.full_check:
             return compare_digests()
         ranges = await self.sc.provider.changed_ranges(self.checkpoint, task.disk_id, choice.since)
-        if ranges is None:
+        if isinstance(ranges, Untracked):
             if self.sc.job.change_tracking is ChangeTracking.ON:
                 raise FailedPrecondition(
                     f"change tracking is required by the job but the host cannot report changes of disk "
-                    f"{task.disk_id} since {choice.since}"
+                    f"{task.disk_id}: {ranges.reason}"
                 )
-            self.log.info("change_tracking_unavailable", since=choice.since, fallback=ChangeMode.COMPARE.value)
+            self.log.info("change_tracking_unavailable", reason=ranges.reason, fallback=ChangeMode.COMPARE.value)
+            await self.parts.journal.note(Task, self.task_id, fallback_reason=ranges.reason)
             return None
         byte_ranges = [common_pb2.ByteRange(offset=e.offset, length=e.length) for e in ranges]
         changed = proxy_pb2.ChangedRanges(ranges=byte_ranges, reference_id=choice.since)

@@ -17,7 +17,7 @@ from winrm.protocol import Protocol
 
 from controller import lab
 from tests.support.certs import tls_settings
-from tests.support.wsman import CMD_LINE_LIMIT, ScriptRegistry, ScriptResult, WsmanServer, clixml_error
+from tests.support.wsman import CMD_LINE_LIMIT, ScriptCall, ScriptRegistry, ScriptResult, WsmanServer, clixml_error
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(20)]
 
@@ -77,7 +77,8 @@ def test_stdin_script_output_split_over_streams_and_receives(
     stdout = bytes(range(256)) * 4  # 1,024 bytes: 11 Stream elements of 100 bytes, 2 per Receive
     seen: list[str] = []
 
-    def handler(text: str) -> ScriptResult:
+    def handler(call: ScriptCall) -> ScriptResult:
+        text = call.script
         seen.append(text)
         return ScriptResult(stdout=stdout, exit_code=0)
 
@@ -97,7 +98,7 @@ def test_operation_timeout_fault_is_retried_by_pywinrm(
     script = "Get-VM | ConvertTo-Json -Compress"
     released = threading.Event()
 
-    def slow(_: str) -> ScriptResult:
+    def slow(_: ScriptCall) -> ScriptResult:
         # Output becomes ready only after the server has answered two Receives with the timeout fault.
         deadline = time.monotonic() + 15
         while server.timeout_faults < 2 and time.monotonic() < deadline:

@@ -22,7 +22,15 @@ from tests.support.agents import FakeAgents, FakeProxy, FakeTarget
 from vmrepl.domain import DiskFormat
 from vmrepl.errors import NotFound
 from vmrepl.extent import Extent, MiB
-from vmrepl.providers.base import Checkpoint, DiskInCheckpoint, DiskInfo, Provider, VmInfo
+from vmrepl.providers.base import (
+    Checkpoint,
+    CheckpointRequest,
+    DiskInCheckpoint,
+    DiskInfo,
+    Provider,
+    Untracked,
+    VmInfo,
+)
 
 DISK_SIZE = 8 * MiB
 
@@ -55,7 +63,7 @@ class FakeProvider(Provider):
     async def vm_configuration(self, vm_id: str) -> bytes:
         return b"{}"
 
-    async def create_checkpoint(self, vm_id: str) -> Checkpoint:
+    async def create_checkpoint(self, vm_id: str, request: CheckpointRequest = CheckpointRequest()) -> Checkpoint:
         self.created += 1
         n = self.created
         disks = tuple(
@@ -68,8 +76,9 @@ class FakeProvider(Provider):
     async def list_checkpoints(self, vm_id: str) -> list[Checkpoint]:
         return list(self.checkpoints.get(vm_id, []))
 
-    async def changed_ranges(self, checkpoint: Checkpoint, disk_id: str, since: str) -> list[Extent] | None:
-        return self.changes.get(disk_id)
+    async def changed_ranges(self, checkpoint: Checkpoint, disk_id: str, since: str) -> list[Extent] | Untracked:
+        changes = self.changes.get(disk_id)
+        return Untracked("the fake host tracks no changes of this disk") if changes is None else changes
 
     async def remove_checkpoint(self, vm_id: str, checkpoint_id: str) -> None:
         kept = [c for c in self.checkpoints.get(vm_id, []) if c.checkpoint_id != checkpoint_id]

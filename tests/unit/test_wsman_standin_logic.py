@@ -25,7 +25,7 @@ def test_command_line_rules() -> None:
 
 def test_scripts_dispatch_on_exact_text() -> None:
     registry = ScriptRegistry()
-    registry.register("Get-VM", lambda s: ScriptResult(stdout=s.encode()))
+    registry.register("Get-VM", lambda c: ScriptResult(stdout=c.script.encode()))
     runner = CommandRunner(registry)
     assert runner.run_script("Get-VM") == ScriptResult(stdout=b"Get-VM")
     refused = runner.run_script("Get-VM ")  # not the registered text

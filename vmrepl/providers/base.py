@@ -14,7 +14,7 @@ from __future__ import annotations
 import abc
 from dataclasses import dataclass, field
 
-from vmrepl.domain import DiskFormat
+from vmrepl.domain import Consistency, DiskFormat
 from vmrepl.extent import Extent
 
 
@@ -33,6 +33,23 @@ class VmInfo:
     name: str
     host: str
     disks: tuple[DiskInfo, ...]
+    # What `vmrepl infra vms` shows besides the disks (Hyper-V: state, generation, configuration
+    # version); empty where the provider has none. The whole configuration is `vm_configuration`.
+    state: str = ""
+    details: tuple[tuple[str, str], ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class CheckpointRequest:
+    """The consistency a session asks of a checkpoint: application-consistent (Hyper-V: the guest's VSS
+    through the integration services) or crash-consistent; `required` refuses a crash-consistent fallback
+    when the application-consistent attempt fails."""
+
+    application: bool = False
+    required: bool = False
+    # Hyper-V GuestBackupType: a VSS copy backup (the guest's own backup history untouched) unless the
+    # job wants the guest's logs truncated (a full VSS backup).
+    truncate_logs: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,12 +69,33 @@ class Checkpoint:
     # Change-tracking reference of this checkpoint: a later session asks for changes since it.
     reference: str
     disks: tuple[DiskInCheckpoint, ...] = field(default_factory=tuple)
+    consistency: Consistency = Consistency.CRASH
+    # Why it is crash-consistent when application consistency was asked (empty otherwise).
+    fallback_reason: str = ""
 
     def disk(self, disk_id: str) -> DiskInCheckpoint:
         for d in self.disks:
             if d.disk_id == disk_id:
                 return d
         raise KeyError(disk_id)
+
+
+@dataclass(frozen=True, slots=True)
+class Untracked:
+    """The host cannot say which ranges changed since a reference: the session compares digests instead,
+    and shows `reason` (in its log, its statistics and the CLI)."""
+
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class KeptReference:
+    """What `keep_reference` made of a checkpoint whose disks were all read."""
+
+    # The change-tracking reference kept with the restore point: later sessions ask changes since it.
+    reference: str
+    # True when keeping the reference removed the checkpoint (Hyper-V's ConvertToReferencePoint merges it).
+    checkpoint_removed: bool
 
 
 class Provider(abc.ABC):
@@ -75,17 +113,36 @@ class Provider(abc.ABC):
         """The VM's configuration as the host stores it, kept with each restore point."""
 
     @abc.abstractmethod
-    async def create_checkpoint(self, vm_id: str) -> Checkpoint: ...
+    async def create_checkpoint(self, vm_id: str, request: CheckpointRequest = CheckpointRequest()) -> Checkpoint:
+        """A consistent point in time of the VM's disks, marked as vmrepl's (so `list_checkpoints` finds it
+        after a crash and never returns another tool's)."""
 
     @abc.abstractmethod
     async def list_checkpoints(self, vm_id: str) -> list[Checkpoint]:
         """Checkpoints that exist now (after a controller crash, to reconcile)."""
 
     @abc.abstractmethod
-    async def changed_ranges(self, checkpoint: Checkpoint, disk_id: str, since: str) -> list[Extent] | None:
-        """Ranges of the disk written between reference `since` and the checkpoint; None when the host
-        cannot say (no change tracking, or the reference is unknown): the caller compares digests."""
+    async def changed_ranges(self, checkpoint: Checkpoint, disk_id: str, since: str) -> list[Extent] | Untracked:
+        """Ranges of the disk written between reference `since` and the checkpoint; Untracked, with the
+        reason, when the host cannot say (no change tracking, the reference is gone, the disk set changed,
+        the method failed): the caller compares digests. Never raises for a host that cannot say."""
 
     @abc.abstractmethod
     async def remove_checkpoint(self, vm_id: str, checkpoint_id: str) -> None:
         """Remove the checkpoint, merging what was written meanwhile back into the disks. Idempotent."""
+
+    async def keep_reference(self, checkpoint: Checkpoint) -> KeptReference:
+        """Every disk of the checkpoint was read: keep what later sessions ask changes against, before the
+        restore point is committed. Hyper-V converts the recovery checkpoint into a reference point, which
+        removes the checkpoint; here the checkpoint's own reference serves and it stays until released."""
+        return KeptReference(checkpoint.reference, checkpoint_removed=False)
+
+    async def drop_reference(self, vm_id: str, reference: str) -> None:
+        """Forget a reference `keep_reference` made, once no restore point needs it (Hyper-V:
+        DestroyReferencePoint). Idempotent; references are never dropped before the newer point is
+        committed. Nothing to do where references are only sequence numbers."""
+        return None
+
+    async def check_host(self) -> None:
+        """Refuse a host sessions cannot replicate from, with the reason (Hyper-V: older than 2016)."""
+        return None

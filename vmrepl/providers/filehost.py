@@ -42,7 +42,15 @@ from vmrepl.disk import open_reader
 from vmrepl.domain import DiskFormat
 from vmrepl.errors import DiskError, FailedPrecondition, InvalidArgument, NotFound, VmreplError
 from vmrepl.extent import Extent, merge
-from vmrepl.providers.base import Checkpoint, DiskInCheckpoint, DiskInfo, Provider, VmInfo
+from vmrepl.providers.base import (
+    Checkpoint,
+    CheckpointRequest,
+    DiskInCheckpoint,
+    DiskInfo,
+    Provider,
+    Untracked,
+    VmInfo,
+)
 from vmrepl.providers.filejournal import CheckpointRecord, HostKey
 from vmrepl.providers.filevms import (
     MANIFEST,
@@ -386,14 +394,14 @@ class FileVm:
         finally:
             os.close(fd)
 
-    def changed_ranges(self, checkpoint: Checkpoint, disk_id: str, since: str) -> list[Extent] | None:
+    def changed_ranges(self, checkpoint: Checkpoint, disk_id: str, since: str) -> list[Extent] | Untracked:
         try:
             lo = int(since.removeprefix("seq:"))
             hi = int(checkpoint.reference.removeprefix("seq:"))
         except ValueError:
-            return None
+            return Untracked(f"reference {since!r} is not one of this host's change-log positions")
         if not since.startswith("seq:") or lo > hi:
-            return None
+            return Untracked(f"reference {since!r} is not before the checkpoint's")
         with self._state_if_any() as s:
             lines = s.lines(CHANGES, limit=_LOG_LIMIT) if s is not None else None
         out = []
@@ -402,7 +410,8 @@ class FileVm:
                 e = json.loads(line)
                 seq, disk, start, length = int(e["seq"]), e["disk"], int(e["offset"]), int(e["length"])
             except (ValueError, KeyError, TypeError):
-                return None  # a damaged log cannot say what changed: the caller compares digests
+                # A damaged log cannot say what changed: the caller compares digests.
+                return Untracked("the VM's change log is damaged")
             if lo < seq <= hi and disk == disk_id:
                 out.append(Extent(start, length))
         return merge(out)
@@ -460,13 +469,15 @@ class FileHostProvider(Provider):
     async def vm_configuration(self, vm_id: str) -> bytes:
         return await self._run(lambda: self.vm(vm_id).configuration())
 
-    async def create_checkpoint(self, vm_id: str) -> Checkpoint:
+    async def create_checkpoint(self, vm_id: str, request: CheckpointRequest = CheckpointRequest()) -> Checkpoint:
+        # Always crash-consistent: a folder has no guest to quiesce (the guest-processing hook may, for
+        # the session, before the checkpoint; see controller/engine/runtime.py).
         return await self._run(lambda: self.vm(vm_id).create_checkpoint())
 
     async def list_checkpoints(self, vm_id: str) -> list[Checkpoint]:
         return await self._run(lambda: self.vm(vm_id).list_checkpoints())
 
-    async def changed_ranges(self, checkpoint: Checkpoint, disk_id: str, since: str) -> list[Extent] | None:
+    async def changed_ranges(self, checkpoint: Checkpoint, disk_id: str, since: str) -> list[Extent] | Untracked:
         return await self._run(lambda: self.vm(checkpoint.vm_id).changed_ranges(checkpoint, disk_id, since))
 
     async def remove_checkpoint(self, vm_id: str, checkpoint_id: str) -> None:

@@ -323,6 +323,7 @@ class Host(_message.Message):
     ADDRESS_FIELD_NUMBER: _builtins.int
     CREDENTIAL_FIELD_NUMBER: _builtins.int
     CREATE_TIME_FIELD_NUMBER: _builtins.int
+    WINRM_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """`hosts/{id}`."""
     provider: _builtins.str
@@ -330,9 +331,13 @@ class Host(_message.Message):
     address: _builtins.str
     """The folder for `file`, the host name for `hyperv`."""
     credential: _builtins.str
-    """`credentials/{id}`, or empty."""
+    """`credentials/{id}`, or empty. Required for `hyperv`: the account WinRM logs on with."""
     @_builtins.property
     def create_time(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def winrm(self) -> Global___WinRmSettings:
+        """How the controller reaches a `hyperv` host over WinRM; unset: the defaults below."""
+
     def __init__(
         self,
         *,
@@ -341,14 +346,185 @@ class Host(_message.Message):
         address: _builtins.str = ...,
         credential: _builtins.str = ...,
         create_time: _timestamp_pb2.Timestamp | None = ...,
+        winrm: Global___WinRmSettings | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "winrm", b"winrm"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "create_time", b"create_time", "credential", b"credential", "name", b"name", "provider", b"provider"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "create_time", b"create_time", "credential", b"credential", "name", b"name", "provider", b"provider", "winrm", b"winrm"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Host: _TypeAlias = Host  # noqa: Y015
+
+@_typing.final
+class WinRmSettings(_message.Message):
+    """WinRM to a Hyper-V host (docs/hyperv.md). The defaults are the secure ones: HTTPS on 5986 with the
+    host's certificate validated, NTLM.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SCHEME_FIELD_NUMBER: _builtins.int
+    PORT_FIELD_NUMBER: _builtins.int
+    AUTH_FIELD_NUMBER: _builtins.int
+    CA_BUNDLE_FIELD_NUMBER: _builtins.int
+    SCRIPT_TIMEOUT_SECONDS_FIELD_NUMBER: _builtins.int
+    scheme: _builtins.str
+    """`https` (default) or `http`. Over `http` only `ntlm` and `kerberos` are allowed, and only with
+    message encryption, which is always on.
+    """
+    port: _builtins.int
+    """0: 5986 for https, 5985 for http."""
+    auth: _builtins.str
+    """`ntlm` (default), `kerberos`, `credssp`, or `basic` (https only)."""
+    ca_bundle: _builtins.str
+    """A PEM file on the controller's machine with the CA certificates the host's WinRM certificate is
+    checked against; empty: the system's trust store. Validation is never turned off.
+    """
+    script_timeout_seconds: _builtins.int
+    """Seconds a script may run before the call is abandoned; 0: 600."""
+    def __init__(
+        self,
+        *,
+        scheme: _builtins.str = ...,
+        port: _builtins.int = ...,
+        auth: _builtins.str = ...,
+        ca_bundle: _builtins.str = ...,
+        script_timeout_seconds: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["auth", b"auth", "ca_bundle", b"ca_bundle", "port", b"port", "scheme", b"scheme", "script_timeout_seconds", b"script_timeout_seconds"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WinRmSettings: _TypeAlias = WinRmSettings  # noqa: Y015
+
+@_typing.final
+class ListHostVmsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    HOST_FIELD_NUMBER: _builtins.int
+    host: _builtins.str
+    """`hosts/{id}`."""
+    def __init__(
+        self,
+        *,
+        host: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["host", b"host"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListHostVmsRequest: _TypeAlias = ListHostVmsRequest  # noqa: Y015
+
+@_typing.final
+class ListHostVmsResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VMS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def vms(self) -> _containers.RepeatedCompositeFieldContainer[Global___HostVm]: ...
+    def __init__(
+        self,
+        *,
+        vms: _abc.Iterable[Global___HostVm] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["vms", b"vms"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListHostVmsResponse: _TypeAlias = ListHostVmsResponse  # noqa: Y015
+
+@_typing.final
+class HostVm(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class DetailsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    ID_FIELD_NUMBER: _builtins.int
+    NAME_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    DISKS_FIELD_NUMBER: _builtins.int
+    DETAILS_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    name: _builtins.str
+    state: _builtins.str
+    """As the host names it: `Running`, `Off`, `Saved`, ...; empty where the host has no states."""
+    @_builtins.property
+    def disks(self) -> _containers.RepeatedCompositeFieldContainer[Global___HostVmDisk]: ...
+    @_builtins.property
+    def details(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """Further facts, by name (Hyper-V: generation, version, secure_boot, processors, memory, nics, rct)."""
+
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+        name: _builtins.str = ...,
+        state: _builtins.str = ...,
+        disks: _abc.Iterable[Global___HostVmDisk] | None = ...,
+        details: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["details", b"details", "disks", b"disks", "id", b"id", "name", b"name", "state", b"state"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___HostVm: _TypeAlias = HostVm  # noqa: Y015
+
+@_typing.final
+class HostVmDisk(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    PATH_FIELD_NUMBER: _builtins.int
+    FORMAT_FIELD_NUMBER: _builtins.int
+    SIZE_BYTES_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    """The id jobs exclude a disk by (Hyper-V: controller type, number and location, `scsi0-1`)."""
+    path: _builtins.str
+    """The path on the host."""
+    format: _common_pb2.DiskFormat.ValueType
+    size_bytes: _builtins.int
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+        path: _builtins.str = ...,
+        format: _common_pb2.DiskFormat.ValueType = ...,
+        size_bytes: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["format", b"format", "id", b"id", "path", b"path", "size_bytes", b"size_bytes"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___HostVmDisk: _TypeAlias = HostVmDisk  # noqa: Y015
 
 @_typing.final
 class CreateHostRequest(_message.Message):
@@ -1384,6 +1560,7 @@ class DiskTask(_message.Message):
     SAMPLE_FIELD_NUMBER: _builtins.int
     VERIFICATION_FIELD_NUMBER: _builtins.int
     FULL_CHECK_FIELD_NUMBER: _builtins.int
+    CHANGE_FALLBACK_FIELD_NUMBER: _builtins.int
     disk_id: _builtins.str
     state: Global___DiskTaskState.ValueType
     start: _builtins.str
@@ -1414,6 +1591,10 @@ class DiskTask(_message.Message):
     verification: _builtins.str
     """What was verified, in words: "sampled 16 unsent blocks: equal", or "sample differed (2 of 16 unsent
     blocks): re-run as digest comparison, pass 2"; empty when no sample was taken.
+    """
+    change_fallback: _builtins.str
+    """Why this disk compared digests where the job would use the host's change tracking (Hyper-V RCT): the
+    reference point is gone, the disk set changed, the method failed, ...; empty when it did not fall back.
     """
     @_builtins.property
     def skipped(self) -> _common_pb2.SkippedBytes: ...
@@ -1455,10 +1636,11 @@ class DiskTask(_message.Message):
         sample: _common_pb2.SampledVerification | None = ...,
         verification: _builtins.str = ...,
         full_check: _common_pb2.FullCheck | None = ...,
+        change_fallback: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["busy", b"busy", "full_check", b"full_check", "sample", b"sample", "skipped", b"skipped"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["bottleneck", b"bottleneck", "busy", b"busy", "bytes_data", b"bytes_data", "bytes_read", b"bytes_read", "bytes_sent", b"bytes_sent", "change_mode", b"change_mode", "committed_offset", b"committed_offset", "compression_ratio", b"compression_ratio", "disk_id", b"disk_id", "disk_size", b"disk_size", "duration_seconds", b"duration_seconds", "error", b"error", "full_check", b"full_check", "passes", b"passes", "proxy", b"proxy", "rate_bytes_per_second", b"rate_bytes_per_second", "resumes", b"resumes", "sample", b"sample", "skipped", b"skipped", "start", b"start", "state", b"state", "verification", b"verification"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bottleneck", b"bottleneck", "busy", b"busy", "bytes_data", b"bytes_data", "bytes_read", b"bytes_read", "bytes_sent", b"bytes_sent", "change_fallback", b"change_fallback", "change_mode", b"change_mode", "committed_offset", b"committed_offset", "compression_ratio", b"compression_ratio", "disk_id", b"disk_id", "disk_size", b"disk_size", "duration_seconds", b"duration_seconds", "error", b"error", "full_check", b"full_check", "passes", b"passes", "proxy", b"proxy", "rate_bytes_per_second", b"rate_bytes_per_second", "resumes", b"resumes", "sample", b"sample", "skipped", b"skipped", "start", b"start", "state", b"state", "verification", b"verification"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1476,6 +1658,8 @@ class SessionVm(_message.Message):
     ERROR_FIELD_NUMBER: _builtins.int
     DISKS_FIELD_NUMBER: _builtins.int
     ATTEMPT_FIELD_NUMBER: _builtins.int
+    CONSISTENCY_FIELD_NUMBER: _builtins.int
+    CONSISTENCY_FALLBACK_FIELD_NUMBER: _builtins.int
     vm_id: _builtins.str
     vm_name: _builtins.str
     state: Global___VmState.ValueType
@@ -1485,6 +1669,10 @@ class SessionVm(_message.Message):
     error: _builtins.str
     attempt: _builtins.int
     """1, or more after retries."""
+    consistency: _common_pb2.Consistency.ValueType
+    """How consistent the checkpoint is (unspecified before one is taken)."""
+    consistency_fallback: _builtins.str
+    """Why the checkpoint is crash-consistent where application consistency was asked; empty otherwise."""
     @_builtins.property
     def disks(self) -> _containers.RepeatedCompositeFieldContainer[Global___DiskTask]: ...
     def __init__(
@@ -1498,10 +1686,12 @@ class SessionVm(_message.Message):
         error: _builtins.str = ...,
         disks: _abc.Iterable[Global___DiskTask] | None = ...,
         attempt: _builtins.int = ...,
+        consistency: _common_pb2.Consistency.ValueType = ...,
+        consistency_fallback: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "checkpoint_id", b"checkpoint_id", "disks", b"disks", "error", b"error", "restore_point", b"restore_point", "state", b"state", "vm_id", b"vm_id", "vm_name", b"vm_name"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "checkpoint_id", b"checkpoint_id", "consistency", b"consistency", "consistency_fallback", b"consistency_fallback", "disks", b"disks", "error", b"error", "restore_point", b"restore_point", "state", b"state", "vm_id", b"vm_id", "vm_name", b"vm_name"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1796,6 +1986,7 @@ class JobRestorePoint(_message.Message):
     CONSISTENCY_FIELD_NUMBER: _builtins.int
     RESTORABLE_FIELD_NUMBER: _builtins.int
     DISKS_FIELD_NUMBER: _builtins.int
+    VM_CONFIGURATION_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """`jobs/{id}/restorePoints/{id}`."""
     vm_id: _builtins.str
@@ -1809,6 +2000,8 @@ class JobRestorePoint(_message.Message):
     """The target holds every disk's data for this point (ListJobReplicas asks it; ListJobRestorePoints,
     which reads only the controller's database, leaves it false).
     """
+    vm_configuration: _builtins.bytes
+    """The VM's configuration kept with the point (see target.proto RestorePoint.vm_configuration)."""
     @_builtins.property
     def create_time(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
@@ -1825,10 +2018,11 @@ class JobRestorePoint(_message.Message):
         consistency: _common_pb2.Consistency.ValueType = ...,
         restorable: _builtins.bool = ...,
         disks: _abc.Iterable[_common_pb2.RestorePointDisk] | None = ...,
+        vm_configuration: _builtins.bytes = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["consistency", b"consistency", "create_time", b"create_time", "disks", b"disks", "name", b"name", "restorable", b"restorable", "session", b"session", "size_bytes", b"size_bytes", "vm_id", b"vm_id", "vm_name", b"vm_name"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["consistency", b"consistency", "create_time", b"create_time", "disks", b"disks", "name", b"name", "restorable", b"restorable", "session", b"session", "size_bytes", b"size_bytes", "vm_configuration", b"vm_configuration", "vm_id", b"vm_id", "vm_name", b"vm_name"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

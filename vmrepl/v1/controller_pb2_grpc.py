@@ -100,6 +100,11 @@ class ControllerServiceStub:
                 request_serializer=vmrepl_dot_v1_dot_controller__pb2.DeleteHostRequest.SerializeToString,
                 response_deserializer=google_dot_protobuf_dot_empty__pb2.Empty.FromString,
                 _registered_method=True)
+        self.ListHostVms = channel.unary_unary(
+                '/vmrepl.v1.ControllerService/ListHostVms',
+                request_serializer=vmrepl_dot_v1_dot_controller__pb2.ListHostVmsRequest.SerializeToString,
+                response_deserializer=vmrepl_dot_v1_dot_controller__pb2.ListHostVmsResponse.FromString,
+                _registered_method=True)
         self.CreateProxy = channel.unary_unary(
                 '/vmrepl.v1.ControllerService/CreateProxy',
                 request_serializer=vmrepl_dot_v1_dot_controller__pb2.CreateProxyRequest.SerializeToString,
@@ -306,6 +311,13 @@ class ControllerServiceServicer:
 
     def DeleteHost(self, request, context):
         """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListHostVms(self, request, context):
+        """The VMs a host has now, as its hypervisor reports them (Hyper-V: over WinRM).
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -529,6 +541,11 @@ def add_ControllerServiceServicer_to_server(servicer, server):
                     servicer.DeleteHost,
                     request_deserializer=vmrepl_dot_v1_dot_controller__pb2.DeleteHostRequest.FromString,
                     response_serializer=google_dot_protobuf_dot_empty__pb2.Empty.SerializeToString,
+            ),
+            'ListHostVms': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListHostVms,
+                    request_deserializer=vmrepl_dot_v1_dot_controller__pb2.ListHostVmsRequest.FromString,
+                    response_serializer=vmrepl_dot_v1_dot_controller__pb2.ListHostVmsResponse.SerializeToString,
             ),
             'CreateProxy': grpc.unary_unary_rpc_method_handler(
                     servicer.CreateProxy,
@@ -945,6 +962,33 @@ class ControllerService:
             '/vmrepl.v1.ControllerService/DeleteHost',
             vmrepl_dot_v1_dot_controller__pb2.DeleteHostRequest.SerializeToString,
             google_dot_protobuf_dot_empty__pb2.Empty.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListHostVms(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/vmrepl.v1.ControllerService/ListHostVms',
+            vmrepl_dot_v1_dot_controller__pb2.ListHostVmsRequest.SerializeToString,
+            vmrepl_dot_v1_dot_controller__pb2.ListHostVmsResponse.FromString,
             options,
             channel_credentials,
             insecure,

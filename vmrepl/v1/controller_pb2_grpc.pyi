@@ -60,6 +60,8 @@ class ControllerServiceStub:
     ListHosts: _grpc.UnaryUnaryMultiCallable[_controller_pb2.ListHostsRequest, _controller_pb2.ListHostsResponse]
     UpdateHost: _grpc.UnaryUnaryMultiCallable[_controller_pb2.UpdateHostRequest, _controller_pb2.Host]
     DeleteHost: _grpc.UnaryUnaryMultiCallable[_controller_pb2.DeleteHostRequest, _empty_pb2.Empty]
+    ListHostVms: _grpc.UnaryUnaryMultiCallable[_controller_pb2.ListHostVmsRequest, _controller_pb2.ListHostVmsResponse]
+    """The VMs a host has now, as its hypervisor reports them (Hyper-V: over WinRM)."""
     CreateProxy: _grpc.UnaryUnaryMultiCallable[_controller_pb2.CreateProxyRequest, _controller_pb2.Proxy]
     GetProxy: _grpc.UnaryUnaryMultiCallable[_controller_pb2.GetProxyRequest, _controller_pb2.Proxy]
     ListProxies: _grpc.UnaryUnaryMultiCallable[_controller_pb2.ListProxiesRequest, _controller_pb2.ListProxiesResponse]
@@ -131,6 +133,8 @@ class ControllerServiceAsyncStub(ControllerServiceStub):
     ListHosts: _aio.UnaryUnaryMultiCallable[_controller_pb2.ListHostsRequest, _controller_pb2.ListHostsResponse]  # type: ignore[assignment]
     UpdateHost: _aio.UnaryUnaryMultiCallable[_controller_pb2.UpdateHostRequest, _controller_pb2.Host]  # type: ignore[assignment]
     DeleteHost: _aio.UnaryUnaryMultiCallable[_controller_pb2.DeleteHostRequest, _empty_pb2.Empty]  # type: ignore[assignment]
+    ListHostVms: _aio.UnaryUnaryMultiCallable[_controller_pb2.ListHostVmsRequest, _controller_pb2.ListHostVmsResponse]  # type: ignore[assignment]
+    """The VMs a host has now, as its hypervisor reports them (Hyper-V: over WinRM)."""
     CreateProxy: _aio.UnaryUnaryMultiCallable[_controller_pb2.CreateProxyRequest, _controller_pb2.Proxy]  # type: ignore[assignment]
     GetProxy: _aio.UnaryUnaryMultiCallable[_controller_pb2.GetProxyRequest, _controller_pb2.Proxy]  # type: ignore[assignment]
     ListProxies: _aio.UnaryUnaryMultiCallable[_controller_pb2.ListProxiesRequest, _controller_pb2.ListProxiesResponse]  # type: ignore[assignment]
@@ -259,6 +263,14 @@ class ControllerServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _controller_pb2.DeleteHostRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_empty_pb2.Empty, _abc.Awaitable[_empty_pb2.Empty]]: ...
+
+    @_abc_1.abstractmethod
+    def ListHostVms(
+        self,
+        request: _controller_pb2.ListHostVmsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_controller_pb2.ListHostVmsResponse, _abc.Awaitable[_controller_pb2.ListHostVmsResponse]]:
+        """The VMs a host has now, as its hypervisor reports them (Hyper-V: over WinRM)."""
 
     @_abc_1.abstractmethod
     def CreateProxy(

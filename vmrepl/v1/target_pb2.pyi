@@ -213,6 +213,7 @@ class RestorePoint(_message.Message):
     CHANGE_REFERENCE_FIELD_NUMBER: _builtins.int
     CONSISTENCY_FIELD_NUMBER: _builtins.int
     RESTORABLE_FIELD_NUMBER: _builtins.int
+    VM_CONFIGURATION_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     replica_path: _builtins.str
     session_id: _builtins.str
@@ -225,6 +226,11 @@ class RestorePoint(_message.Message):
     restorable: _builtins.bool
     """Every disk's data for this point is on the target: the replica can be returned to it, exported and
     verified.
+    """
+    vm_configuration: _builtins.bytes
+    """The VM's configuration when the point's checkpoint was taken, as the provider captured it (Hyper-V:
+    JSON of generation, firmware, processors, memory, NICs, disk layout; docs/hyperv.md): what failover
+    registers the replica VM with. Empty: none captured.
     """
     @_builtins.property
     def created_at(self) -> _timestamp_pb2.Timestamp: ...
@@ -242,10 +248,11 @@ class RestorePoint(_message.Message):
         change_reference: _builtins.str = ...,
         consistency: _common_pb2.Consistency.ValueType = ...,
         restorable: _builtins.bool = ...,
+        vm_configuration: _builtins.bytes = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["change_reference", b"change_reference", "checkpoint_id", b"checkpoint_id", "consistency", b"consistency", "created_at", b"created_at", "disks", b"disks", "id", b"id", "replica_path", b"replica_path", "restorable", b"restorable", "session_id", b"session_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["change_reference", b"change_reference", "checkpoint_id", b"checkpoint_id", "consistency", b"consistency", "created_at", b"created_at", "disks", b"disks", "id", b"id", "replica_path", b"replica_path", "restorable", b"restorable", "session_id", b"session_id", "vm_configuration", b"vm_configuration"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -261,6 +268,7 @@ class CommitRestorePointRequest(_message.Message):
     CHECKPOINT_ID_FIELD_NUMBER: _builtins.int
     CHANGE_REFERENCE_FIELD_NUMBER: _builtins.int
     CONSISTENCY_FIELD_NUMBER: _builtins.int
+    VM_CONFIGURATION_FIELD_NUMBER: _builtins.int
     replica_path: _builtins.str
     session_id: _builtins.str
     checkpoint_id: _builtins.str
@@ -268,6 +276,8 @@ class CommitRestorePointRequest(_message.Message):
     change_reference: _builtins.str
     """Kept with the point (see RestorePoint)."""
     consistency: _common_pb2.Consistency.ValueType
+    vm_configuration: _builtins.bytes
+    """Kept with the point (see RestorePoint.vm_configuration); at most 1 MiB."""
     @_builtins.property
     def disk_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     def __init__(
@@ -279,10 +289,11 @@ class CommitRestorePointRequest(_message.Message):
         checkpoint_id: _builtins.str = ...,
         change_reference: _builtins.str = ...,
         consistency: _common_pb2.Consistency.ValueType = ...,
+        vm_configuration: _builtins.bytes = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["change_reference", b"change_reference", "checkpoint_id", b"checkpoint_id", "consistency", b"consistency", "disk_ids", b"disk_ids", "replica_path", b"replica_path", "session_id", b"session_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["change_reference", b"change_reference", "checkpoint_id", b"checkpoint_id", "consistency", b"consistency", "disk_ids", b"disk_ids", "replica_path", b"replica_path", "session_id", b"session_id", "vm_configuration", b"vm_configuration"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

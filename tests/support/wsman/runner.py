@@ -33,7 +33,16 @@ class ScriptResult:
     exit_code: int = 0
 
 
-ScriptHandler = Callable[[str], ScriptResult]
+@dataclass(frozen=True)
+class ScriptCall:
+    """One run of a script: its exact text, and the shell's environment (rsp:Environment in the Create
+    message), where the package's scripts find their parameters."""
+
+    script: str
+    env: dict[str, str]
+
+
+ScriptHandler = Callable[[ScriptCall], ScriptResult]
 
 
 class ScriptRegistry:
@@ -74,10 +83,10 @@ class CommandRunner:
             return _not_recognized(program)
         return None
 
-    def run_script(self, script: str) -> ScriptResult:
+    def run_script(self, script: str, env: dict[str, str] | None = None) -> ScriptResult:
         handler = self.registry.lookup(script)
         if handler is None:
             return ScriptResult(
                 stderr=clixml_error("The WS-Management stand-in has no handler for this script."), exit_code=1
             )
-        return handler(script)
+        return handler(ScriptCall(script, dict(env or {})))

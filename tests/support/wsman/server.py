@@ -41,6 +41,7 @@ class Shell:
     shell_id: str
     codepage: str
     commands: dict[str, Command] = field(default_factory=dict)
+    env: dict[str, str] = field(default_factory=dict)
 
 
 def _shell_not_found(shell_id: str) -> soap.BadRequest:
@@ -58,6 +59,17 @@ def _shell_not_found(shell_id: str) -> soap.BadRequest:
 def _codepage(value: str) -> str:
     # WINRS_CODEPAGE: 65001 is UTF-8; anything else is taken as a Windows "cpNNN" code page (437 by default).
     return "utf-8" if value == "65001" else f"cp{value or '437'}"
+
+
+def _environment(req: soap.Request) -> dict[str, str]:
+    """The shell's variables: `rsp:Shell/rsp:Environment/rsp:Variable Name=...` of the Create message."""
+    out: dict[str, str] = {}
+    for var in req.body.findall(f"{{{soap.RSP}}}Shell/{{{soap.RSP}}}Environment/{{{soap.RSP}}}Variable"):
+        name = var.get("Name")
+        if not name:
+            raise soap.BadRequest(code=soap.CODE_SCHEMA, subcode="w:SchemaValidationError", reason="unnamed variable")
+        out[name] = var.text or ""
+    return out
 
 
 class WsmanServer:
@@ -192,7 +204,9 @@ class WsmanServer:
     def _create(self, req: soap.Request) -> bytes:
         shell_id = str(uuid.uuid4()).upper()
         with self._cond:
-            self.shells[shell_id] = Shell(shell_id, _codepage(req.options.get("WINRS_CODEPAGE", "")))
+            self.shells[shell_id] = Shell(
+                shell_id, _codepage(req.options.get("WINRS_CODEPAGE", "")), env=_environment(req)
+            )
         body = (
             f"<x:ResourceCreated><a:Address>{soap.ANONYMOUS}</a:Address><a:ReferenceParameters>"
             f"<w:ResourceURI>{soap.SHELL_URI}</w:ResourceURI><w:SelectorSet>"
@@ -235,12 +249,12 @@ class WsmanServer:
         if stream.get("End", "false").lower() == "true" and not command.started:
             command.started = True
             script = bytes(command.stdin).decode(shell.codepage, "replace")
-            threading.Thread(target=self._run, args=(command, script), daemon=True).start()
+            threading.Thread(target=self._run, args=(command, script, shell.env), daemon=True).start()
         return soap.envelope(action=soap.SEND + "Response", relates_to=req.message_id, body="<rsp:SendResponse/>")
 
-    def _run(self, command: Command, script: str) -> None:
+    def _run(self, command: Command, script: str, env: dict[str, str]) -> None:
         try:
-            result = self.runner.run_script(script)
+            result = self.runner.run_script(script, env)
         except Exception as e:  # a test's handler failed: end the command visibly instead of hanging Receive
             self.handler_errors.append(e)
             result = ScriptResult(stderr=clixml_error(f"stand-in handler failed: {e!r}"), exit_code=1)
