@@ -23,6 +23,7 @@ from vmrepl.domain import DiskFormat
 from vmrepl.errors import NotFound
 from vmrepl.extent import Extent, MiB
 from vmrepl.providers.base import (
+    CRASH_CONSISTENT,
     Checkpoint,
     CheckpointRequest,
     DiskInCheckpoint,
@@ -63,7 +64,7 @@ class FakeProvider(Provider):
     async def vm_configuration(self, vm_id: str) -> bytes:
         return b"{}"
 
-    async def create_checkpoint(self, vm_id: str, request: CheckpointRequest = CheckpointRequest()) -> Checkpoint:
+    async def create_checkpoint(self, vm_id: str, request: CheckpointRequest = CRASH_CONSISTENT) -> Checkpoint:
         self.created += 1
         n = self.created
         disks = tuple(

@@ -52,6 +52,9 @@ class CheckpointRequest:
     truncate_logs: bool = False
 
 
+CRASH_CONSISTENT = CheckpointRequest()
+
+
 @dataclass(frozen=True, slots=True)
 class DiskInCheckpoint:
     disk_id: str
@@ -113,7 +116,7 @@ class Provider(abc.ABC):
         """The VM's configuration as the host stores it, kept with each restore point."""
 
     @abc.abstractmethod
-    async def create_checkpoint(self, vm_id: str, request: CheckpointRequest = CheckpointRequest()) -> Checkpoint:
+    async def create_checkpoint(self, vm_id: str, request: CheckpointRequest = CRASH_CONSISTENT) -> Checkpoint:
         """A consistent point in time of the VM's disks, marked as vmrepl's (so `list_checkpoints` finds it
         after a crash and never returns another tool's)."""
 

@@ -43,6 +43,7 @@ from vmrepl.domain import DiskFormat
 from vmrepl.errors import DiskError, FailedPrecondition, InvalidArgument, NotFound, VmreplError
 from vmrepl.extent import Extent, merge
 from vmrepl.providers.base import (
+    CRASH_CONSISTENT,
     Checkpoint,
     CheckpointRequest,
     DiskInCheckpoint,
@@ -469,7 +470,7 @@ class FileHostProvider(Provider):
     async def vm_configuration(self, vm_id: str) -> bytes:
         return await self._run(lambda: self.vm(vm_id).configuration())
 
-    async def create_checkpoint(self, vm_id: str, request: CheckpointRequest = CheckpointRequest()) -> Checkpoint:
+    async def create_checkpoint(self, vm_id: str, request: CheckpointRequest = CRASH_CONSISTENT) -> Checkpoint:
         # Always crash-consistent: a folder has no guest to quiesce (the guest-processing hook may, for
         # the session, before the checkpoint; see controller/engine/runtime.py).
         return await self._run(lambda: self.vm(vm_id).create_checkpoint())
