@@ -32,8 +32,8 @@ SCRIPTS: dict[str, Script] = {
     for s in (
         Script("host_info", m.NoParams, m.HostInfo),
         Script("list_vms", m.NoParams, PsList[m.Vm]),
-        # One VM by id or by name; an error envelope (code null) when there is none.
-        Script("get_vm", m.VmParams, m.Vm),
+        # The VMs whose id or name is `vm`: none, one, or several (Hyper-V allows two VMs one name).
+        Script("get_vm", m.VmParams, PsList[m.Vm]),
         Script("create_checkpoint", m.CreateCheckpointParams, m.Snapshot),
         # Every snapshot of the VM (recovery or not): the provider keeps vmrepl's and reports the others.
         Script("list_checkpoints", m.VmParams, PsList[m.Snapshot]),
