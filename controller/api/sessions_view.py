@@ -13,8 +13,8 @@ from controller.db.models import Session, SessionVm, Task
 from controller.observability.statistics import Shares, compression_ratio, rate, shares
 from vmrepl.domain import Consistency
 from vmrepl.progress import StageBusy, TransferFigures
-from vmrepl.v1 import controller_pb2 as api
 from vmrepl.v1 import common_pb2, proxy_pb2
+from vmrepl.v1 import controller_pb2 as api
 
 # The database's session, VM and task states as the API's enums, name for name (a test checks none is left out).
 SESSION_STATES: dict[SessionState, api.SessionState.ValueType] = {
