@@ -3,6 +3,7 @@ its result model, records every call, and can be scripted to fail. No sockets, n
 
 from __future__ import annotations
 
+import itertools
 import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -558,7 +559,7 @@ async def test_changed_ranges_stall_is_untracked_not_a_spin() -> None:
 
 
 async def test_changed_ranges_zero_progress_without_the_flag_is_a_stall() -> None:
-    step = iter([MiB, 0])
+    step = itertools.chain([MiB], itertools.repeat(0))
     host = FakeHost(changes=lambda p: m.DiskChanges(processed=next(step), ranges=[], stalled=False))
     p, cp, reference = await session(host)
     result = await p.changed_ranges(cp, "scsi0-0", reference)
