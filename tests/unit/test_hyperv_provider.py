@@ -324,7 +324,9 @@ async def test_application_checkpoint_and_log_truncation() -> None:
 async def test_application_checkpoint_falls_back_to_crash_with_the_hosts_reason() -> None:
     host = FakeHost(fail={"create_checkpoint": [host_error("The guest's VSS writer failed.", 32768)]})
     cp = await provider(host).create_checkpoint(VM_ID, CheckpointRequest(application=True))
-    assert [p.consistency_level for p in host.called("create_checkpoint")] == [1, 2]
+    attempts = host.called("create_checkpoint")
+    assert [p.consistency_level for p in attempts] == [1, 2]
+    assert attempts[0].name != attempts[1].name and attempts[1].name.startswith("vmrepl-")
     assert cp.consistency is Consistency.CRASH
     assert "The guest's VSS writer failed." in cp.fallback_reason and "32768" in cp.fallback_reason
 
@@ -475,6 +477,20 @@ async def test_reference_for_eight_disks_is_well_under_the_limit() -> None:
     _, reference = await kept(host, provider(host))
     assert len(rf.parse(reference).disks) == 8
     assert len(reference.encode()) < 1024
+
+
+async def test_reference_too_long_for_the_limit_keeps_the_disks_that_fit() -> None:
+    drives = [disk("SCSI", c, loc) for c in range(4) for loc in range(16)]
+    host = FakeHost(vms=[vm(disks=drives)])
+    convert = host._convert_checkpoint
+    host._convert_checkpoint = lambda p: convert(p).model_copy(  # type: ignore[method-assign]
+        update={"rct_ids": [f"rctX:{'0' * 60}:{i:08x}" for i in range(64)]}
+    )
+    with capture_logs() as logs:
+        _, reference = await kept(host, provider(host))
+    kept_disks = rf.parse(reference).disks
+    assert len(reference.encode()) <= rf.REFERENCE_LIMIT and 10 < len(kept_disks) < 64
+    assert len([e for e in logs if e["event"] == "rct_id_not_kept"]) == 64 - len(kept_disks)
 
 
 async def test_drop_reference_destroys_the_point_idempotently() -> None:

@@ -156,12 +156,11 @@ class HyperVProvider(Provider):
         await self.check_host()
         vm = await self._vm_by_id(vm_id)
         self._refuse_uncheckpointable(vm)
-        name = f"{self._prefix}{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}-{uuid.uuid4().hex[:8]}"
         guest = m.GUEST_BACKUP_FULL if request.truncate_logs else m.GUEST_BACKUP_COPY
         fallback = ""
         if request.application:
             try:
-                snap = await self._create(vm.id, name, m.APPLICATION_CONSISTENT, guest)
+                snap = await self._create(vm.id, self._checkpoint_name(), m.APPLICATION_CONSISTENT, guest)
                 return await self._checkpoint_of(vm, snap, Consistency.APPLICATION, "")
             except HostError as e:
                 if request.required:
@@ -173,8 +172,13 @@ class HyperVProvider(Provider):
                     ) from e
                 fallback = _host_reason(e)
                 log.warning("application_checkpoint_failed", host=self._host, vm_id=vm.id, reason=fallback)
-        snap = await self._create(vm.id, name, m.CRASH_CONSISTENT, guest)
+        snap = await self._create(vm.id, self._checkpoint_name(), m.CRASH_CONSISTENT, guest)
         return await self._checkpoint_of(vm, snap, Consistency.CRASH, fallback)
+
+    def _checkpoint_name(self) -> str:
+        # A new name per attempt: a failed attempt the host completes later (a WMI job past our timeout) is a
+        # separate leftover, found and removed by the next session like any other.
+        return f"{self._prefix}{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}-{uuid.uuid4().hex[:8]}"
 
     def _refuse_uncheckpointable(self, vm: m.Vm) -> None:
         """Refuse, before the host is asked, a VM whose checkpoint would leave disks out or unreadable."""
