@@ -15,7 +15,7 @@ from pydantic import BaseModel
 from structlog.testing import capture_logs
 
 from vmrepl.domain import Consistency, DiskFormat
-from vmrepl.errors import FailedPrecondition, HostError, HostOutputError, NotFound
+from vmrepl.errors import FailedPrecondition, HostError, HostOutputError, InvalidArgument, NotFound
 from vmrepl.extent import Extent
 from vmrepl.names import check_name
 from vmrepl.providers.base import Checkpoint, CheckpointRequest, DiskInCheckpoint, Untracked
@@ -246,6 +246,13 @@ async def test_get_vm_by_id_or_name() -> None:
     assert (await p.get_vm("db")).vm_id == OTHER_ID
     with pytest.raises(NotFound, match="no VM with id or name 'mail'"):
         await p.get_vm("mail")
+
+
+async def test_get_vm_out_of_bounds_ref_is_an_invalid_argument() -> None:
+    host = FakeHost()
+    with pytest.raises(InvalidArgument, match="vm: String should have at most 256 characters"):
+        await provider(host).get_vm("x" * 300)
+    assert host.calls == []
 
 
 async def test_get_vm_ambiguous_name_refused_naming_both_ids() -> None:

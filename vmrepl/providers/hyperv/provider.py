@@ -16,10 +16,18 @@ import uuid
 from collections.abc import Sequence
 from typing import Any, Protocol, TypeVar
 
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
 
 from vmrepl.domain import Consistency, DiskFormat
-from vmrepl.errors import FailedPrecondition, HostError, HostOutputError, NotFound, PathError, VmreplError
+from vmrepl.errors import (
+    FailedPrecondition,
+    HostError,
+    HostOutputError,
+    InvalidArgument,
+    NotFound,
+    PathError,
+    VmreplError,
+)
 from vmrepl.extent import Extent
 from vmrepl.logs import get_logger
 from vmrepl.names import check_name
@@ -110,7 +118,7 @@ class HyperVProvider(Provider):
 
     async def _find_vm(self, ref: str) -> m.Vm:
         """The one VM whose id (without case) or name is `ref`; NotFound, or refused when a name is ambiguous."""
-        raw = await self._runner.run("get_vm", m.VmParams(vm=ref))
+        raw = await self._runner.run("get_vm", _params(m.VmParams, vm=ref))
         found = _expect_list(raw, m.Vm, self._host, "get_vm")
         by_id = [vm for vm in found if vm.id.lower() == ref.lower()]
         by_name = [vm for vm in found if vm.name.casefold() == ref.casefold()]
@@ -195,7 +203,8 @@ class HyperVProvider(Provider):
             )
 
     async def _create(self, vm_id: str, name: str, level: int, guest: int) -> m.Snapshot:
-        params = m.CreateCheckpointParams(
+        params = _params(
+            m.CreateCheckpointParams,
             vm_id=vm_id,
             name=name,
             consistency_level=1 if level == m.APPLICATION_CONSISTENT else 2,
@@ -237,11 +246,11 @@ class HyperVProvider(Provider):
             )
 
     def _snapshot_params(self, vm_id: str, snapshot_id: str) -> m.SnapshotParams:
-        return m.SnapshotParams(vm_id=vm_id, snapshot_id=snapshot_id, timeout_seconds=self._timeout)
+        return _params(m.SnapshotParams, vm_id=vm_id, snapshot_id=snapshot_id, timeout_seconds=self._timeout)
 
     async def _snapshots(self, vm_id: str) -> tuple[list[m.Snapshot], list[m.Snapshot]]:
         """The VM's snapshots: vmrepl's recovery checkpoints, and the others (logged once, never touched)."""
-        raw = await self._runner.run("list_checkpoints", m.VmParams(vm=vm_id))
+        raw = await self._runner.run("list_checkpoints", _params(m.VmParams, vm=vm_id))
         ours: list[m.Snapshot] = []
         others: list[m.Snapshot] = []
         for snap in _expect_list(raw, m.Snapshot, self._host, "list_checkpoints"):
@@ -322,8 +331,11 @@ class HyperVProvider(Provider):
         if ref.vm_id.lower() != vm_id.lower():
             log.warning("reference_not_dropped", host=self._host, vm_id=vm_id, reason=f"it is VM {ref.vm_id}'s")
             return
-        params = m.ReferencePointParams(
-            vm_id=vm_id, reference_point_id=ref.reference_point_id, timeout_seconds=self._timeout
+        params = _params(
+            m.ReferencePointParams,
+            vm_id=vm_id,
+            reference_point_id=ref.reference_point_id,
+            timeout_seconds=self._timeout,
         )
         _expect(
             await self._runner.run("destroy_reference_point", params), m.Removed, self._host, "destroy_reference_point"
@@ -359,7 +371,7 @@ class HyperVProvider(Provider):
             )
         if tracked.size != disk.size:
             return Untracked(f"disk {disk_id} changed size since the reference ({tracked.size} -> {disk.size} bytes)")
-        points = await self._runner.run("list_reference_points", m.VmParams(vm=cp.vm_id))
+        points = await self._runner.run("list_reference_points", _params(m.VmParams, vm=cp.vm_id))
         if not any(
             p.id == ref.reference_point_id
             for p in _expect_list(points, m.ReferencePoint, self._host, "list_reference_points")
@@ -371,6 +383,18 @@ class HyperVProvider(Provider):
 
 
 # ---- pure helpers ------------------------------------------------------------------------------------
+
+
+P = TypeVar("P", bound=BaseModel)
+
+
+def _params(model: type[P], **values: Any) -> P:
+    """A script's parameters; a value out of the script's bounds (an id too long) is refused as an argument."""
+    try:
+        return model(**values)
+    except ValidationError as e:
+        err = e.errors()[0]
+        raise InvalidArgument(".".join(str(p) for p in err["loc"]) or model.__name__, err["msg"]) from None
 
 
 def _expect(value: object, kind: type[T], host: str, script: str) -> T:
