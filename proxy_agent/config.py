@@ -12,6 +12,7 @@ from pydantic_settings import SettingsConfigDict
 from proxy_agent.host_paths import check_prefix, fold
 from vmrepl.config import LogSettings, ProgramSettings, TlsSettings
 from vmrepl.domain import DEFAULT_SLOTS, SLOTS_LIMIT
+from vmrepl.errors import PathError
 from vmrepl.extent import MiB
 
 
@@ -28,7 +29,10 @@ class HostPathMapping(BaseModel):
     @field_validator("host_prefix")
     @classmethod
     def _prefix(cls, value: str) -> str:
-        return check_prefix(value)
+        try:
+            return check_prefix(value)
+        except PathError as e:
+            raise ValueError(e.description) from e
 
     @field_validator("local")
     @classmethod

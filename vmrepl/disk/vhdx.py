@@ -121,6 +121,8 @@ def _find_parent(
         except PathError as e:
             raise UnsupportedDisk(f"{child}: parent {candidate} resolves outside the allowed roots") from e
     shown = ", ".join(str(p) for p in tried[:4]) or "no path in the locator"
+    if resolve_win32 is not None and (value := locator.entries.get("absolute_win32_path")):
+        shown += f"; its absolute path {value!r} maps to no file here"
     raise UnsupportedDisk(f"{child}: the parent of this differencing VHDX is missing (tried {shown})")
 
 
