@@ -80,6 +80,7 @@ class SessionRun:
         target = self.parts.agents.target(self.sc.target.address, self.sc.target.tls_server_name)
         if not await ready(target):
             raise FailedPrecondition(f"target {self.sc.target.name} does not answer its health check")
+        await self.sc.provider.check_host()  # a host sessions cannot replicate from (Hyper-V before 2016)
         entries: list[SessionVm | Task] = []
         named: dict[str, str] = {}  # VM id -> the reference that planned it
         for jv in job_vms:
