@@ -316,7 +316,7 @@ class HostClient:
         host, user = self.settings.address, self.settings.username
         if isinstance(e, InvalidCredentialsError):
             return HostAuthError(
-                f"{host}: WinRM refused the credentials of {user!r} ({self.settings.auth}); check the host's "
+                f"{host}: WinRM refused the credentials of the user {user} ({self.settings.auth}); check the host's "
                 "credential, and that the account may use WinRM on the host"
             )
         if isinstance(e, requests.exceptions.SSLError):
