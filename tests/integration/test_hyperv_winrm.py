@@ -204,8 +204,8 @@ async def test_error_envelope_is_host_error_with_code(
     params = m.CreateCheckpointParams(
         vm_id="4f27bc34-0000-4000-8000-000000000001",
         name="vmrepl-s1",
-        consistency_level=m.APPLICATION_CONSISTENT,
-        guest_backup_type=m.GUEST_BACKUP_COPY,
+        consistency_level=1,  # application consistent
+        guest_backup_type=2,  # copy
         timeout_seconds=60,
     )
 

@@ -98,7 +98,7 @@ def test_credssp_selects_pywinrm_credssp_over_https_only() -> None:
 
 
 def test_ca_bundle_that_is_not_a_file_is_a_config_error(tmp_path: Any) -> None:
-    with pytest.raises(ConfigError, match="winrm.ca_bundle"):
+    with pytest.raises(ConfigError, match=r"winrm\.ca_bundle"):
         settings(ca_bundle=str(tmp_path / "missing.pem")).protocol()
 
 

@@ -186,6 +186,10 @@ def _system_trust() -> str | None:
     return None
 
 
+class _Abandoned(Exception):
+    """The caller was cancelled: the worker stops receiving, terminates the command and closes the shell."""
+
+
 @dataclass(frozen=True, slots=True)
 class _Output:
     stdout: bytes
@@ -258,7 +262,7 @@ class HostClient:
     def _call(self, name: str, stdin: bytes, env: dict[str, str], stop: threading.Event) -> _Output:
         try:
             return self._shell_call(name, stdin, env, stop)
-        except (HostError, HostOutputError, DeadlineExceeded, ConfigError, asyncio.CancelledError):
+        except (HostError, HostOutputError, DeadlineExceeded, ConfigError, _Abandoned):
             raise
         except Exception as e:
             raise self._transport_error(e) from e
@@ -284,7 +288,7 @@ class HostClient:
         stdout, stderr = bytearray(), bytearray()
         while True:
             if stop.is_set():
-                raise asyncio.CancelledError()
+                raise _Abandoned()
             if time.monotonic() >= deadline:
                 raise DeadlineExceeded(
                     f"{self.settings.address}: script {name} did not finish within "
