@@ -213,6 +213,9 @@ def check_block_size(field: str, block_size: int) -> int:
 MAX_REPLICA_READS_PER_CALLER = 2
 MAX_REPLICA_READS = 8
 MAX_DIGESTS_PER_CALL = 1 << 20
+# A VM's configuration kept with each restore point (Provider.vm_configuration): the controller refuses a larger
+# one before taking the checkpoint, the target at commit. A Hyper-V VM's is a few KiB of JSON.
+MAX_VM_CONFIGURATION = 1 << 20
 
 
 def check_digest_count(field: str, count: int) -> int:

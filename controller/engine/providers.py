@@ -5,7 +5,10 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
-from controller.db.models import Host
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from controller.db.models import Credential, Host
+from controller.db.secrets import SecretBox
 from vmrepl.errors import FailedPrecondition
 from vmrepl.providers.base import Provider
 from vmrepl.providers.filehost import FileHostProvider
@@ -13,12 +16,28 @@ from vmrepl.providers.filehost import FileHostProvider
 PROVIDERS = ("file", "hyperv")
 
 
-def provider_for(host: Host) -> Provider:
-    """A provider for the host. File hosts are folders the controller and the proxies both see under the
-    same path; Hyper-V hosts are reached over WinRM with the host's credential (the Hyper-V work)."""
-    if host.provider == "file":
-        return FileHostProvider(Path(host.address), host=host.name)
-    raise FailedPrecondition(f"host {host.name}: provider {host.provider!r} is not available in this version")
+class Providers:
+    """Builds the provider of a host: a file host is a folder the controller and the proxies both see under
+    the same path; a Hyper-V host is reached over WinRM with the host's credential, unsealed here and handed
+    to the client alone (never logged, never in a reply)."""
+
+    def __init__(self, secrets: SecretBox | None) -> None:
+        self._secrets = secrets
+
+    async def for_host(self, db: AsyncSession, host: Host) -> Provider:
+        if host.provider == "file":
+            return FileHostProvider(Path(host.address), host=host.name)
+        if host.provider == "hyperv":
+            return await self._hyperv(db, host)
+        raise FailedPrecondition(f"host {host.name}: provider {host.provider!r} is not available in this version")
+
+    async def _hyperv(self, db: AsyncSession, host: Host) -> Provider:
+        cred = await db.get(Credential, host.credential_id) if host.credential_id else None
+        if cred is None:
+            raise FailedPrecondition(f"host {host.name}: a Hyper-V host needs a credential (hosts update --credential)")
+        if self._secrets is None:
+            raise FailedPrecondition("this controller has no secret keys to unseal host credentials with")
+        raise FailedPrecondition(f"host {host.name}: provider 'hyperv' is not available in this version")
 
 
 async def check_host(host: Host) -> None:

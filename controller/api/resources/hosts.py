@@ -13,6 +13,7 @@ from controller.api.resources.common import by_name, check_printable, timestamp
 from controller.db.models import Credential, Host
 from controller.engine.providers import PROVIDERS
 from vmrepl.errors import InvalidArgument
+from vmrepl.providers.base import VmInfo
 from vmrepl.v1 import controller_pb2 as api
 
 HOST_FIELDS = ("provider", "address", "credential")
@@ -77,3 +78,16 @@ def check_host_folder(field: str, address: str) -> str:
         if real == Path(tree) or Path(tree) in real.parents:
             raise InvalidArgument(field, f"{address!r} lies in the system folder {tree}")
     return address
+
+
+def host_vm_msg(vm: VmInfo) -> api.HostVm:
+    return api.HostVm(
+        id=vm.vm_id,
+        name=vm.name,
+        state=vm.state,
+        disks=[
+            api.HostVmDisk(id=d.disk_id, path=d.locator, format=d.format.to_proto(), size_bytes=d.size)
+            for d in vm.disks
+        ],
+        details=dict(vm.details),
+    )
