@@ -316,3 +316,32 @@ async def test_wrong_params_type_is_refused_before_connecting() -> None:
         await HostClient(settings).run("get_vm", m.NoParams())
     with pytest.raises(Exception, match="not a script"):
         await asyncio.wait_for(HostClient(settings).run("format_c", m.NoParams()), 5)
+
+
+async def test_cancelled_call_terminates_the_command_and_closes_the_shell(
+    https_server: WsmanServer, registry: ScriptRegistry, lab_certs: lab.LabCerts
+) -> None:
+    started, release = threading.Event(), threading.Event()
+
+    def hangs(_: ScriptCall) -> ScriptResult:
+        started.set()
+        release.wait(20)
+        return ScriptResult(stdout=ok("host_info", HOST_INFO))
+
+    registry.register(scripts.text("host_info"), hangs)
+    client = https_client(https_server, lab_certs, operation_timeout_seconds=1, read_timeout_seconds=5)
+    call = asyncio.create_task(client.run("host_info", m.NoParams()))
+    try:
+        assert await asyncio.to_thread(started.wait, 10)
+        call.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await call
+        # The worker notices at its next Receive (OperationTimeout 1 s), then signals and deletes the shell.
+        for _ in range(100):
+            if not https_server.shells:
+                break
+            await asyncio.sleep(0.1)
+        assert https_server.shells == {}
+        assert "http://schemas.microsoft.com/wbem/wsman/1/windows/shell/Signal" in https_server.actions
+    finally:
+        release.set()
