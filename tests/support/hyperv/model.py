@@ -151,6 +151,8 @@ class HyperVHost:
         self._faults: list[list[Any]] = []  # [fault, remaining or None]
         self._jobs: dict[str, _Job] = {}
         self.calls: list[str] = []  # every WMI method called, in order
+        # Cmdlet scripts write 5.1's "Preparing modules for first use." progress CLIXML on stderr (rc 0).
+        self.progress_noise = True
 
     # ---- state ----------------------------------------------------------------------------------------
 
