@@ -10,9 +10,11 @@ import random
 from pathlib import Path
 
 import pytest
+
 from tests.support.hyperv import faults, handlers
 from tests.support.hyperv.model import HyperVHost, JobPolicy, parse_rct_id
 from tests.support.hyperv.state import windows_to_local
+from tests.support.wsman import ScriptResult
 from vmrepl.disk.vhdx import VhdxReader
 from vmrepl.errors import HostError
 from vmrepl.extent import MiB
@@ -136,11 +138,9 @@ def test_rct_ranges_since_reference_point_paired_by_disk_id(host: HyperVHost) ->
     path, limit = s2.disks[0].path, rct_for(host, rp, ids[0])
     r = host.get_virtual_disk_changes(path, limit, 0, SIZES[0])
     assert r.return_value == 0 and r.processed == SIZES[0]
-    assert [(e.offset, e.length) for e in r.ranges] == [(3 * MiB, 4096)] + [
-        (4 * MiB + k * 8192, 512) for k in range(6)
-    ]
+    assert [(e.offset, e.length) for e in r.ranges] == [(3 * MiB, 4096)] + [(4 * MiB + k * 8192, 512) for k in range(6)]
     clipped = host.get_virtual_disk_changes(path, limit, 3 * MiB + 1024, MiB)
-    assert [(e.offset, e.length) for e in clipped.ranges][0] == (3 * MiB + 1024, 3072)
+    assert next((e.offset, e.length) for e in clipped.ranges) == (3 * MiB + 1024, 3072)
     assert host.get_virtual_disk_changes(s2.disks[1].path, rct_for(host, rp, ids[1]), 0, SIZES[1]).ranges == []
     host.ranges_per_call = 4  # the internal buffer: ProcessedByteLength stops at the 4th range
     part = host.get_virtual_disk_changes(path, limit, 0, SIZES[0])
@@ -216,7 +216,7 @@ def test_jobs_async_sync_and_faults(host: HyperVHost) -> None:
     assert {host.poll_job(hung.job or "").state for _ in range(5)} == {4} and host.state.snapshots == []
 
 
-def run(host: HyperVHost, name: str, params: dict[str, object]) -> handlers.ScriptResult:
+def run(host: HyperVHost, name: str, params: dict[str, object]) -> ScriptResult:
     env = {"VMREPL_PARAMS": base64.b64encode(json.dumps(params).encode()).decode()}
     return handlers.run(host, name, env)
 
@@ -255,7 +255,9 @@ def test_every_script_answer_validates_with_read_envelope(host: HyperVHost) -> N
     assert results["get_vm"][0].name == "wéb01 测试"  # type: ignore[index]
     assert "测试".encode() in run(host, "list_vms", {}).stdout  # UTF-8, not \u escapes
     assert run(host, "host_info", {}).stderr.startswith(b"#< CLIXML\r\n")  # progress noise with rc 0
-    assert results["disk_changes"] == m.DiskChanges(processed=SIZES[0], ranges=[m.ChangedRange(offset=0, length=4096)], stalled=False)
+    assert results["disk_changes"] == m.DiskChanges(
+        processed=SIZES[0], ranges=[m.ChangedRange(offset=0, length=4096)], stalled=False
+    )
     assert results["remove_checkpoint"] == m.Removed(removed=True)
     assert results["destroy_reference_point"] == m.Removed(removed=True)
     again = run(host, "destroy_reference_point", calls["destroy_reference_point"])
@@ -264,7 +266,7 @@ def test_every_script_answer_validates_with_read_envelope(host: HyperVHost) -> N
     assert set(calls) | {"create_checkpoint", "convert_checkpoint"} == set(SCRIPTS)
 
 
-def expect_error(out: handlers.ScriptResult, result: object) -> HostError:
+def expect_error(out: ScriptResult, result: object) -> HostError:
     assert out.exit_code == 1
     with pytest.raises(HostError) as raised:
         read_envelope(out.stdout, result)
@@ -284,7 +286,10 @@ def test_script_error_envelopes(host: HyperVHost) -> None:
     host.add_fault(faults.JobHangs("CreateSnapshot"))
     e = expect_error(run(host, "create_checkpoint", cp), m.Snapshot)
     assert (e.operation, e.code) == ("Msvm_ConcreteJob", None) and "within 1 seconds" in str(e)
-    e = expect_error(run(host, "list_checkpoints", {"vm": "9D2E0000-0000-0000-0000-000000000000"}), SCRIPTS["list_checkpoints"].result)
+    e = expect_error(
+        run(host, "list_checkpoints", {"vm": "9D2E0000-0000-0000-0000-000000000000"}),
+        SCRIPTS["list_checkpoints"].result,
+    )
     assert e.code is None
     e = expect_error(handlers.run(host, "host_info", {"VMREPL_PARAMS": "not base64!"}), m.HostInfo)
     assert e.operation == "ConvertFrom-Json"

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from vmrepl.disk.fileio import PositionalFile
 from vmrepl.disk.vhdx_format import (
+    BAT_GUID,
     HEADER_OFFSETS,
     METADATA_GUID,
     PAGE83_DATA,
@@ -26,7 +27,6 @@ from vmrepl.disk.vhdx_format import (
     PAYLOAD_PARTIALLY_PRESENT,
     REGION_OFFSETS,
     SB_BLOCK_PRESENT,
-    BAT_GUID,
     Header,
     ParentLocator,
     bat_index,
@@ -86,7 +86,11 @@ def create(path: Path, *, size: int, block_size: int, parent: ParentLocator) -> 
     bat_length = _round_up(differencing_bat_entries(-(-size // block_size), ratio) * 8, MiB)
     meta_at = _BAT_OFFSET + bat_length
     meta = pack_metadata(
-        block_size=block_size, virtual_size=size, page83=uuid.uuid4(), physical_sector_size=PHYSICAL_SECTOR, parent=parent
+        block_size=block_size,
+        virtual_size=size,
+        page83=uuid.uuid4(),
+        physical_sector_size=PHYSICAL_SECTOR,
+        parent=parent,
     )
     header_guids = (uuid.uuid4(), uuid.uuid4())
     with open(path, "xb") as out:

@@ -80,7 +80,7 @@ def access_denied(method: Method, times: int | None = 1) -> ReturnCode:
     return ReturnCode(method, ACCESS_DENIED, times)
 
 
-def vm_busy(method: Method, code: Literal[32774, 32775] = INVALID_STATE, times: int | None = 1) -> ReturnCode:
+def vm_busy(method: Method, code: Literal[32774, 32775] = 32775, times: int | None = 1) -> ReturnCode:
     return ReturnCode(method, code, times)
 
 

@@ -22,11 +22,11 @@ from typing import Any, TypeVar
 
 from pydantic import BaseModel, ValidationError
 
-from vmrepl.providers.hyperv import models as m
-from vmrepl.providers.hyperv import scripts
 from tests.support.hyperv.model import IN_PROGRESS, JOB_STARTED, HyperVHost, MethodResult
 from tests.support.hyperv.state import SnapshotState, VmState
 from tests.support.wsman import ScriptCall, ScriptRegistry, ScriptResult
+from vmrepl.providers.hyperv import models as m
+from vmrepl.providers.hyperv import scripts
 
 PARAMS_VARIABLE = "VMREPL_PARAMS"
 SNAPSHOT_SERVICE = "Msvm_VirtualSystemSnapshotService"
@@ -38,7 +38,7 @@ PROGRESS_CLIXML = (
     b"#< CLIXML\r\n"
     b'<Objs Version="1.1.0.1" xmlns="http://schemas.microsoft.com/powershell/2004/04">'
     b'<Obj S="progress" RefId="0"><TN RefId="0"><T>System.Management.Automation.PSCustomObject</T>'
-    b"<T>System.Object</T></TN><MS><I64 N=\"SourceId\">1</I64><PR N=\"Record\"><AV>Preparing modules for first "
+    b'<T>System.Object</T></TN><MS><I64 N="SourceId">1</I64><PR N="Record"><AV>Preparing modules for first '
     b"use.</AV><AI>0</AI><Nil /><PI>-1</PI><PC>-1</PC><T>Completed</T><SR>-1</SR><SD> </SD></PR></MS></Obj></Objs>"
 )
 
@@ -88,7 +88,9 @@ def vm_result(host: HyperVHost, vm: VmState) -> m.Vm:
         )
         for d in vm.disks
     ]
-    nics = [m.Nic(name=n.name, switch=n.switch, mac=n.mac, dynamic_mac=n.dynamic_mac, vlan_id=n.vlan_id) for n in vm.nics]
+    nics = [
+        m.Nic(name=n.name, switch=n.switch, mac=n.mac, dynamic_mac=n.dynamic_mac, vlan_id=n.vlan_id) for n in vm.nics
+    ]
     gen2 = vm.generation == 2
     return m.Vm(
         id=vm.id.lower(),
@@ -148,7 +150,9 @@ def _one_vm(host: HyperVHost, vm_id: str) -> VmState:
 def _needs_2016(host: HyperVHost, what: str) -> None:
     if host.state.os_build < WINDOWS_2016:
         # On 2012 R2 the class or method does not exist: Invoke-CimMethod fails as a cmdlet (no WMI code).
-        raise ScriptError("Invoke-CimMethod", f"{what}: Method not found (Windows Server 2016 or later is required).", None)
+        raise ScriptError(
+            "Invoke-CimMethod", f"{what}: Method not found (Windows Server 2016 or later is required).", None
+        )
 
 
 def wait_job(host: HyperVHost, method: str, result: MethodResult, timeout: int) -> str | None:
@@ -194,7 +198,9 @@ def _create_checkpoint(host: HyperVHost, p: BaseModel) -> Any:
     method = f"{SNAPSHOT_SERVICE}.CreateSnapshot"
     if host.state.os_build < WINDOWS_2016:
         raise ScriptError(method, "Recovery checkpoints need Windows Server 2016 or later.", 1)
-    sid = wait_job(host, method, host.create_snapshot(vm.id, name=p.name, consistency_level=p.consistency_level), p.timeout_seconds)
+    sid = wait_job(
+        host, method, host.create_snapshot(vm.id, name=p.name, consistency_level=p.consistency_level), p.timeout_seconds
+    )
     snap = host.snapshot(sid or "")
     if snap is None:
         raise ScriptError("Get-CimAssociatedInstance", "The checkpoint job completed without a snapshot.", None)
@@ -324,7 +330,7 @@ def run(host: HyperVHost, name: str, env: dict[str, str]) -> ScriptResult:
         payload: Any = [r.model_dump(mode="json") for r in result]
     else:
         payload = result.model_dump(mode="json")
-    if name == "create_checkpoint" or name == "list_checkpoints":
+    if name in {"create_checkpoint", "list_checkpoints"}:
         payload = _keep_dates(payload, result)
     doc = {"ok": True, "host": host.state.name, "operation": operation, "result": payload}
     return ScriptResult(stdout=_ps_json(doc), stderr=stderr, exit_code=0)

@@ -31,10 +31,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from vmrepl.disk.vhdx import VhdxReader
-from vmrepl.disk.vhdx_writer import VhdxWriter
-from vmrepl.extent import Extent, MiB, merge
-from vmrepl.providers.hyperv.models import CRASH_CONSISTENT, RCT_REFERENCE_POINT, RECOVERY_SNAPSHOT
 from tests.support.hyperv import avhdx
 from tests.support.hyperv import faults as f
 from tests.support.hyperv.state import (
@@ -49,6 +45,10 @@ from tests.support.hyperv.state import (
     same_windows_path,
     windows_to_local,
 )
+from vmrepl.disk.vhdx import VhdxReader
+from vmrepl.disk.vhdx_writer import VhdxWriter
+from vmrepl.extent import Extent, MiB, merge
+from vmrepl.providers.hyperv.models import CRASH_CONSISTENT, RCT_REFERENCE_POINT, RECOVERY_SNAPSHOT
 
 JOB_STARTED = 4096
 FAILED = 32768
@@ -216,7 +216,10 @@ class HyperVHost:
             states = []
             for i, (win_path, size) in enumerate(disks):
                 number, location = (i // 2, i % 2) if controller == "IDE" else (0, i)
-                states.append(self._new_disk(vid, ctrl_guid, controller, number, location, win_path, size))
+                where = f"{ctrl_guid}\\{number}\\{location}"
+                states.append(
+                    self._new_disk(f"Microsoft:{vid}\\{where}\\D", controller, (number, location), win_path, size)
+                )
             default_nic = NicState(name="Network Adapter", switch="vSwitch", mac=_mac(vid))
             vm = VmState(id=vid, name=name, nics=[default_nic] if nics is None else nics, disks=states, **settings)
             self.state.vms.append(vm)
@@ -224,7 +227,7 @@ class HyperVHost:
             return vm
 
     def _new_disk(
-        self, vid: str, ctrl_guid: str, controller: str, number: int, location: int, win_path: str, size: int
+        self, instance_id: str, controller: str, slot: tuple[int, int], win_path: str, size: int
     ) -> DiskState:
         local = self.local(win_path)
         if local.exists():
@@ -238,10 +241,10 @@ class HyperVHost:
         with VhdxReader(local, follow_links=False) as r:
             block_size = r.geometry.block_size
         return DiskState(
-            instance_id=f"Microsoft:{vid}\\{ctrl_guid}\\{number}\\{location}\\D",
+            instance_id=instance_id,
             controller_type="IDE" if controller == "IDE" else "SCSI",
-            controller_number=number,
-            controller_location=location,
+            controller_number=slot[0],
+            controller_location=slot[1],
             chain=[win_path],
             size=size,
             block_size=block_size,
@@ -320,7 +323,9 @@ class HyperVHost:
             return MethodResult(fault.code)
         if fault is None and not self.job_policy.asynchronous:
             return MethodResult(0, out=action())
-        job = _Job(id=f"Microsoft:{str(uuid.uuid4()).upper()}", method=method, action=action, polls_left=self.job_policy.polls)
+        job = _Job(
+            id=f"Microsoft:{str(uuid.uuid4()).upper()}", method=method, action=action, polls_left=self.job_policy.polls
+        )
         if isinstance(fault, f.JobFails):
             job.fail = fault
         elif isinstance(fault, f.JobHangs):
@@ -507,7 +512,9 @@ class HyperVHost:
         if i + 1 < len(d.chain):
             name = frozen.rpartition("\\")[2]
             loc = avhdx.locator(
-                parent_linkage=avhdx.data_write_guid(parent_local), relative_path=f".\\{name}", absolute_win32_path=frozen
+                parent_linkage=avhdx.data_write_guid(parent_local),
+                relative_path=f".\\{name}",
+                absolute_win32_path=frozen,
             )
             with avhdx.Avhdx(self.local(d.chain[i + 1])) as grandchild:
                 grandchild.set_parent(loc)
