@@ -85,6 +85,11 @@ def summary(s: api.Session) -> None:
             f"  [yellow]full check repaired {st.blocks_repaired} block(s)[/yellow] that differed from the replica "
             "although the host's change tracking did not report them"
         )
+    if st.change_tracking_fallbacks:
+        out.print(
+            f"  [yellow]{st.change_tracking_fallbacks} disk(s) compared digests[/yellow]: the host's change tracking "
+            "could not say what changed (reasons below)"
+        )
     if s.error:
         out.print(f"  error: {s.error}")
 
@@ -151,10 +156,16 @@ def session_show(session_id: str, as_json_: JsonOpt = False) -> None:
         for d in v.disks
     ]
     table("start, passes and verification", ["vm", "disk", "started", "passes", "verified", "error"], checks)
-    for v in s.vms:  # in full: a table cell cuts the repaired offsets short
+    for v in s.vms:  # in full: a table cell cuts the repaired offsets short, and the reasons
+        if v.consistency_fallback:
+            out.print(f"{v.vm_name}: crash-consistent, application consistency failed: {v.consistency_fallback}")
         for d in v.disks:
             if d.HasField("full_check") and d.full_check.repaired_blocks:
                 out.print(f"{v.vm_name}/{d.disk_id}: {d.verification}")
+            if d.change_fallback:
+                out.print(
+                    f"{v.vm_name}/{d.disk_id}: compared digests, change tracking unavailable: {d.change_fallback}"
+                )
 
 
 def _value(v: object) -> object:

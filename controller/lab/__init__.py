@@ -108,10 +108,14 @@ class LabCerts:
         return self.directory / "controller-signing.pub"
 
 
-def _toml(value: object) -> str:
+def _toml(value: object, *, inline: bool = False) -> str:
     if isinstance(value, dict):
-        raise TypeError("nested tables are written by write_toml")
-    return json.dumps(value)  # JSON strings, numbers, booleans and lists are valid TOML
+        if not inline:
+            raise TypeError("nested tables are written by write_toml")
+        return "{" + ", ".join(f"{json.dumps(str(k))} = {_toml(v, inline=True)}" for k, v in value.items()) + "}"
+    if isinstance(value, list):  # a list of tables (host_paths) as inline tables
+        return "[" + ", ".join(_toml(v, inline=True) for v in value) + "]"
+    return json.dumps(value)  # JSON strings, numbers and booleans are valid TOML
 
 
 def write_toml(path: Path, data: dict[str, object]) -> Path:

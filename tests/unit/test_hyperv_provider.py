@@ -22,7 +22,7 @@ from vmrepl.providers.base import Checkpoint, CheckpointRequest, DiskInCheckpoin
 from vmrepl.providers.hyperv import models as m
 from vmrepl.providers.hyperv import reference as rf
 from vmrepl.providers.hyperv.changes import ChangeLimits
-from vmrepl.providers.hyperv.provider import HyperVProvider
+from vmrepl.providers.hyperv.provider import HyperVProvider, checkpoint_name, snapshot_instance
 from vmrepl.providers.hyperv.scripts import SCRIPTS
 
 MiB = 1024**2
@@ -313,7 +313,8 @@ async def test_crash_checkpoint_pairs_frozen_disks_by_instance_id() -> None:
     (params,) = host.called("create_checkpoint")
     assert params.name.startswith("vmrepl-") and params.consistency_level == 2 and params.guest_backup_type == 2
     assert cp.consistency is Consistency.CRASH and cp.fallback_reason == "" and cp.reference == ""
-    assert cp.checkpoint_id == f"Microsoft:{SNAP_GUID}" and cp.vm_id == VM_ID
+    # The InstanceID's GUID: sessions, tickets and the target carry checkpoint ids as plain names.
+    assert cp.checkpoint_id == SNAP_GUID.upper() and cp.vm_id == VM_ID
     assert [(d.disk_id, d.locator, d.format) for d in cp.disks] == [
         ("scsi0-0", "D:\\VMs\\web\\scsi00_5F4C_frozen.vhdx", DiskFormat.VHDX),
         ("scsi0-1", "D:\\VMs\\web\\scsi01_5F4C_frozen.vhdx", DiskFormat.VHDX),
@@ -393,6 +394,15 @@ def snapshot(name: str, type_: str = m.RECOVERY_SNAPSHOT, sid: str = "Microsoft:
     return m.Snapshot(id=sid, vm_id=VM_ID, name=name, type=type_, created=datetime(2026, 1, 1, tzinfo=UTC), disks=[])
 
 
+def test_a_checkpoint_id_is_the_snapshots_guid_and_nothing_else_is_taken() -> None:
+    guid = "5E07933D-A1DB-45B5-85EA-636912D2BDC3"
+    assert checkpoint_name(f"Microsoft:{guid.lower()}", "hv") == guid
+    assert snapshot_instance(guid) == f"Microsoft:{guid}"
+    for bad in ("Microsoft:../x", guid, f"Microsoft:{guid}\\x", "Other:" + guid, ""):
+        with pytest.raises(HostOutputError):
+            checkpoint_name(bad, "hv")
+
+
 async def test_list_checkpoints_returns_only_vmreplS_and_logs_the_others_once() -> None:
     host = FakeHost()
     p = provider(host)
@@ -418,9 +428,10 @@ async def test_remove_checkpoint_is_idempotent_and_leaves_others_alone() -> None
     await p.remove_checkpoint(VM_ID, cp.checkpoint_id)
     await p.remove_checkpoint(VM_ID, cp.checkpoint_id)
     assert host.snapshots == [] and len(host.called("remove_checkpoint")) == 1
-    host.snapshots.append(snapshot("nightly", "Microsoft:Hyper-V:Snapshot:Realized", "Microsoft:U1"))
+    user = "0E0E0E0E-1111-2222-3333-444444444444"
+    host.snapshots.append(snapshot("nightly", "Microsoft:Hyper-V:Snapshot:Realized", f"Microsoft:{user}"))
     with pytest.raises(FailedPrecondition, match="not vmrepl's"):
-        await p.remove_checkpoint(VM_ID, "Microsoft:U1")
+        await p.remove_checkpoint(VM_ID, user)
     assert len(host.snapshots) == 1
 
 

@@ -11,6 +11,7 @@ be trusted (docs/hyperv.md, "The provider").
 from __future__ import annotations
 
 import json
+import re
 import time
 import uuid
 from collections.abc import Sequence
@@ -228,7 +229,7 @@ class HyperVProvider(Provider):
             await self._remove_quietly(vm.id, snap.id)
             raise
         return Checkpoint(
-            checkpoint_id=snap.id,
+            checkpoint_id=checkpoint_name(snap.id, self._host),
             vm_id=vm.id,
             created_at=snap.created.timestamp(),
             reference="",
@@ -237,7 +238,7 @@ class HyperVProvider(Provider):
             fallback_reason=reason,
         )
 
-    async def _remove_quietly(self, vm_id: str, snapshot_id: str) -> None:
+    async def _remove_quietly(self, vm_id: str, snapshot_id: str) -> None:  # an InstanceID
         try:
             await self._runner.run("remove_checkpoint", self._snapshot_params(vm_id, snapshot_id))
         except VmreplError as e:
@@ -279,7 +280,7 @@ class HyperVProvider(Provider):
         # took it. A disk the VM no longer has is left out (logged) so that the checkpoint can still be removed.
         return [
             Checkpoint(
-                checkpoint_id=snap.id,
+                checkpoint_id=checkpoint_name(snap.id, self._host),
                 vm_id=vm.id,
                 created_at=snap.created.timestamp(),
                 reference="",
@@ -293,13 +294,14 @@ class HyperVProvider(Provider):
         # nxmBackup's convert-then-destroy would create a reference point first (an extra object a crash in
         # between leaves behind) and gains nothing here, since recovery snapshots destroy normally.
         ours, others = await self._snapshots(vm_id)
-        if any(s.id == checkpoint_id for s in others):
+        instance = snapshot_instance(checkpoint_id)
+        if any(s.id.casefold() == instance.casefold() for s in others):
             raise FailedPrecondition(
                 f"checkpoint {checkpoint_id} of VM {vm_id} on host {self._host} is not vmrepl's: left alone"
             )
-        if not any(s.id == checkpoint_id for s in ours):
+        if not any(s.id.casefold() == instance.casefold() for s in ours):
             return
-        removed = await self._runner.run("remove_checkpoint", self._snapshot_params(vm_id, checkpoint_id))
+        removed = await self._runner.run("remove_checkpoint", self._snapshot_params(vm_id, instance))
         _expect(removed, m.Removed, self._host, "remove_checkpoint")
 
     # ---- reference points and changes --------------------------------------------------------------
@@ -308,7 +310,7 @@ class HyperVProvider(Provider):
         # The VM's drives are read before the conversion: once converted, a failure here would leave a
         # reference point no restore point names, and nothing would ever destroy it.
         vm = await self._vm_by_id(checkpoint.vm_id)
-        params = self._snapshot_params(checkpoint.vm_id, checkpoint.checkpoint_id)
+        params = self._snapshot_params(checkpoint.vm_id, snapshot_instance(checkpoint.checkpoint_id))
         rp = _expect(
             await self._runner.run("convert_checkpoint", params), m.ReferencePoint, self._host, "convert_checkpoint"
         )
@@ -617,3 +619,22 @@ def _configuration(vm: m.Vm, info: m.HostInfo, ids: dict[str, str]) -> dict[str,
             "supported_versions": sorted(info.supported_versions),
         },
     }
+
+
+_SNAPSHOT_INSTANCE = re.compile(
+    r"Microsoft:([0-9A-Fa-f]{8}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{12})"
+)
+
+
+def checkpoint_name(instance_id: str, host: str) -> str:
+    """A snapshot's InstanceID (`Microsoft:<GUID>`) as the checkpoint id sessions, tickets and the target
+    carry, which must be a plain name: the GUID. Anything else from the host is refused, not guessed at."""
+    match = _SNAPSHOT_INSTANCE.fullmatch(instance_id)
+    if match is None:
+        raise HostOutputError(f"{host}: snapshot InstanceID {instance_id!r} is not Microsoft:<GUID>")
+    return match.group(1).upper()
+
+
+def snapshot_instance(checkpoint_id: str) -> str:
+    """The snapshot's InstanceID for a checkpoint id `checkpoint_name` made."""
+    return f"Microsoft:{checkpoint_id}"
