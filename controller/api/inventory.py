@@ -120,9 +120,12 @@ class InventoryApi(ApiBase):
         async with self.reads() as db:
             host = await res.by_name(db, Host, "host", request.host, "hosts")
             provider = await self.providers.for_host(db, host)
+        details = dict(await provider.describe_host())
         await provider.check_host()
         vms = await provider.list_vms()
-        return api.ListHostVmsResponse(vms=[res.host_vm_msg(vm) for vm in sorted(vms, key=lambda v: v.name)])
+        return api.ListHostVmsResponse(
+            vms=[res.host_vm_msg(vm) for vm in sorted(vms, key=lambda v: v.name)], host_details=details
+        )
 
     # ---- proxies --------------------------------------------------------------------------------------
 

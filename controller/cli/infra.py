@@ -56,6 +56,8 @@ def host_vms(host_id: str, as_json_: JsonOpt = False) -> None:
     if as_json_:
         as_json(reply)
         return
+    if reply.host_details:
+        table(f"hosts/{host_id}", ["fact", "value"], [[k, v] for k, v in sorted(reply.host_details.items())])
     rows: list[list[object]] = []
     for vm in reply.vms:
         facts = ", ".join(f"{k} {v}" for k, v in sorted(vm.details.items()))

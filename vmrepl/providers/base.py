@@ -149,3 +149,8 @@ class Provider(abc.ABC):
     async def check_host(self) -> None:
         """Refuse a host sessions cannot replicate from, with the reason (Hyper-V: older than 2016)."""
         return None
+
+    async def describe_host(self) -> tuple[tuple[str, str], ...]:
+        """Facts about the host for `vmrepl infra vms` (Hyper-V: its Windows version and build, whether RCT
+        is available); none where the provider has none."""
+        return ()

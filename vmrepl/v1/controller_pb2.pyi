@@ -424,17 +424,43 @@ Global___ListHostVmsRequest: _TypeAlias = ListHostVmsRequest  # noqa: Y015
 class ListHostVmsResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
+    @_typing.final
+    class HostDetailsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     VMS_FIELD_NUMBER: _builtins.int
+    HOST_DETAILS_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def vms(self) -> _containers.RepeatedCompositeFieldContainer[Global___HostVm]: ...
+    @_builtins.property
+    def host_details(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """Facts about the host, by name (Hyper-V: name, windows, hyperv, vm_versions, rct)."""
+
     def __init__(
         self,
         *,
         vms: _abc.Iterable[Global___HostVm] | None = ...,
+        host_details: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["vms", b"vms"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["host_details", b"host_details", "vms", b"vms"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -108,6 +108,17 @@ class HyperVProvider(Provider):
                 f" Windows Server 2016 (build {MIN_OS_BUILD}) or later for recovery checkpoints and RCT"
             )
 
+    async def describe_host(self) -> tuple[tuple[str, str], ...]:
+        info = await self.host_info()
+        old = info.os_build < MIN_OS_BUILD
+        return (
+            ("name", info.name),
+            ("windows", f"{info.os_caption} ({info.os_version}, build {info.os_build})"),
+            ("hyperv", info.hyperv_version),
+            ("vm_versions", ", ".join(info.supported_versions)),
+            ("rct", "no: older than Windows Server 2016 (refused)" if old else "yes (for VHDX disks of VMs at 6.2+)"),
+        )
+
     async def list_vms(self) -> list[VmInfo]:
         vms = _expect_list(await self._runner.run("list_vms", m.NoParams()), m.Vm, self._host, "list_vms")
         info = await self.host_info()
