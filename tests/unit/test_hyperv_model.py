@@ -7,9 +7,11 @@ from __future__ import annotations
 import base64
 import json
 import random
+import subprocess
 from pathlib import Path
 
 import pytest
+from dissect.hypervisor.disk.vhdx import VHDX
 
 from tests.support.hyperv import faults, handlers
 from tests.support.hyperv.model import HyperVHost, JobPolicy, parse_rct_id
@@ -24,6 +26,13 @@ from vmrepl.providers.hyperv.scripts import SCRIPTS
 
 DIR = "C:\\Hyper-V\\Virtual Hard Disks"
 SIZES = (16 * MiB, 8 * MiB)
+
+
+def same(got: bytes, want: bytes) -> None:
+    """Byte-exact, reporting the first differing offset (not a diff of megabytes)."""
+    if got != want:
+        at = next((i for i, (a, b) in enumerate(zip(got, want, strict=False)) if a != b), min(len(got), len(want)))
+        pytest.fail(f"differs at byte {at} (lengths {len(got)} and {len(want)})")
 
 
 class Guest:
@@ -42,7 +51,7 @@ class Guest:
 
     def check(self) -> None:
         for i in range(len(SIZES)):
-            assert self.host.read(self.vm.id, i) == bytes(self.flat[i])
+            same(self.host.read(self.vm.id, i), bytes(self.flat[i]))
 
 
 @pytest.fixture
@@ -79,8 +88,12 @@ def test_checkpoint_freezes_disks_and_chain_reads_through_vmrepl_reader(host: Hy
     assert second is not None
     g.write(1, 0, 512)
     g.check()
+    current = host.local(host.vm(g.vm.id).disks[0].chain[-1])
+    theirs = VHDX(current)  # an independent reader (dissect.hypervisor) follows the same chain
+    theirs.seek(0)
+    same(theirs.read(SIZES[0]), bytes(g.flat[0]))
     for i, d in enumerate(first.disks):
-        assert host.read_file(d.path, 0, SIZES[i]) == frozen[i]  # untouched since the first freeze
+        same(host.read_file(d.path, 0, SIZES[i]), frozen[i])  # untouched since the first freeze
     disk0 = host.vm(g.vm.id).disks[0]
     assert len(disk0.chain) == 3 and disk0.chain[1].endswith(".avhdx") and second.disks[0].path == disk0.chain[1]
     assert disk0.chain[1].rpartition("\\")[2].startswith(f"{g.vm.name}-0_")
@@ -88,7 +101,7 @@ def test_checkpoint_freezes_disks_and_chain_reads_through_vmrepl_reader(host: Hy
         assert [p.name for p in r.chain] == [host.local(p).name for p in reversed(disk0.chain[:2])]
         buf = bytearray(SIZES[0])
         r.read_into(memoryview(buf), 0)
-        assert bytes(buf) == mid[0]
+        same(bytes(buf), mid[0])
 
 
 def test_merges_are_byte_exact_against_flat_reference(host: HyperVHost) -> None:
@@ -105,11 +118,15 @@ def test_merges_are_byte_exact_against_flat_reference(host: HyperVHost) -> None:
     g.check()
     snap_b = host.snapshot(b)
     assert snap_b is not None and snap_b.disks[0].path == host.vm(g.vm.id).disks[0].chain[0]
-    assert host.read_file(snap_b.disks[0].path, 0, SIZES[0]) == b_view
+    same(host.read_file(snap_b.disks[0].path, 0, SIZES[0]), b_view)
     assert host.destroy_snapshot(b).return_value == 0
     g.check()
     assert [len(d.chain) for d in host.vm(g.vm.id).disks] == [1, 1]
     assert local_files(host) == sorted(f"{g.vm.name}-{i}.vhdx" for i in range(2))  # AVHDX files deleted
+    for d in host.vm(g.vm.id).disks:  # qemu-img still finds the merged base disks sound
+        subprocess.run(
+            ["qemu-img", "check", "-f", "vhdx", str(host.local(d.chain[0]))], check=True, capture_output=True
+        )
     assert HyperVHost(host.root).state == host.state  # persisted in host.json
 
 
