@@ -8,6 +8,7 @@ import base64
 import json
 import random
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -231,6 +232,11 @@ def test_jobs_async_sync_and_faults(host: HyperVHost) -> None:
     host.add_fault(faults.JobHangs("CreateSnapshot"))
     hung = host.create_snapshot(g.vm.id, name="vmrepl-3")
     assert {host.poll_job(hung.job or "").state for _ in range(5)} == {4} and host.state.snapshots == []
+    host.add_fault(faults.SlowJob("CreateSnapshot", seconds=0.5))
+    slow = host.create_snapshot(g.vm.id, name="vmrepl-4")
+    assert [host.poll_job(slow.job or "").state for _ in range(5)] == [4] * 5  # microseconds, well within 0.5 s
+    time.sleep(0.5)
+    assert host.poll_job(slow.job or "").state == 7 and host.state.snapshots[-1].name == "vmrepl-4"
 
 
 def run(host: HyperVHost, name: str, params: dict[str, object]) -> ScriptResult:

@@ -201,10 +201,11 @@ def _create_checkpoint(host: HyperVHost, p: BaseModel) -> Any:
     sid = wait_job(
         host, method, host.create_snapshot(vm.id, name=p.name, consistency_level=p.consistency_level), p.timeout_seconds
     )
-    snap = host.snapshot(sid or "")
-    if snap is None:
-        raise ScriptError("Get-CimAssociatedInstance", "The checkpoint job completed without a snapshot.", None)
-    return snapshot_result(host, snap)
+    with host.lock:
+        snap = host.snapshot(sid or "")
+        if snap is None:
+            raise ScriptError("Get-CimAssociatedInstance", "The checkpoint job completed without a snapshot.", None)
+        return snapshot_result(host, snap)
 
 
 def _list_checkpoints(host: HyperVHost, p: BaseModel) -> Any:
@@ -303,6 +304,10 @@ _SCRIPTS: dict[str, tuple[str, Runner, bool]] = {
 }
 
 
+# The scripts that wait for a WMI job (never under the model's lock while they sleep).
+_WAITING = frozenset({"create_checkpoint", "remove_checkpoint", "convert_checkpoint", "destroy_reference_point"})
+
+
 def _params(name: str, env: dict[str, str]) -> BaseModel:
     raw = env.get(PARAMS_VARIABLE)
     if raw is None:
@@ -322,7 +327,12 @@ def run(host: HyperVHost, name: str, env: dict[str, str]) -> ScriptResult:
     operation, runner, loads_module = _SCRIPTS[name]
     stderr = PROGRESS_CLIXML if loads_module and host.progress_noise else b""
     try:
-        result = runner(host, _params(name, env))
+        params = _params(name, env)
+        if name in _WAITING:
+            result = runner(host, params)  # the job loop sleeps: the model locks each step itself
+        else:
+            with host.lock:  # a listing sees one consistent state
+                result = runner(host, params)
     except ScriptError as e:
         doc = {"ok": False, "host": host.state.name, "operation": e.operation, "message": e.message, "code": e.code}
         return ScriptResult(stdout=_ps_json(doc), stderr=stderr, exit_code=1)

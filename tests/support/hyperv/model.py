@@ -138,6 +138,7 @@ class HyperVHost:
         self.drives.mkdir(parents=True, exist_ok=True)
         self._file = root / "host.json"
         self._lock = threading.RLock()
+        self.lock = self._lock  # held by readers that must see one consistent state (handlers.py)
         if self._file.exists():
             self.state = HostState.model_validate_json(self._file.read_text(encoding="utf-8"))
         else:
@@ -332,6 +333,7 @@ class HyperVHost:
             job.hang = True
         elif isinstance(fault, f.SlowJob):
             job.until = time.monotonic() + fault.seconds
+            job.polls_left = 1  # completes on the first poll after its time
         self._jobs[job.id] = job
         return MethodResult(JOB_STARTED, job=job.id)
 
