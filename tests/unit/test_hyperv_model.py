@@ -8,12 +8,12 @@ import base64
 import json
 import random
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
 from dissect.hypervisor.disk.vhdx import VHDX
 
+from tests.support.clock import Clock
 from tests.support.hyperv import faults, handlers
 from tests.support.hyperv.model import HyperVHost, JobPolicy, parse_rct_id
 from tests.support.hyperv.state import windows_to_local
@@ -56,8 +56,14 @@ class Guest:
 
 
 @pytest.fixture
-def host(tmp_path: Path) -> HyperVHost:
-    h = HyperVHost(tmp_path / "host", poll_interval=0.0)
+def clock() -> Clock:
+    return Clock()
+
+
+@pytest.fixture
+def host(tmp_path: Path, clock: Clock) -> HyperVHost:
+    # Fake time: the scripts' job loop "sleeps" by moving the clock on, so timeouts cost no real time.
+    h = HyperVHost(tmp_path / "host", poll_interval=0.1, monotonic=clock.seconds, sleep=clock.advance)
     h.job_policy = JobPolicy(asynchronous=False)
     return h
 
@@ -213,7 +219,7 @@ def test_vanished_reference_point_and_rct_disabled(host: HyperVHost) -> None:
     assert rp2 is not None and rp2.rct_ids == [] and len(rp2.disk_ids) == 2
 
 
-def test_jobs_async_sync_and_faults(host: HyperVHost) -> None:
+def test_jobs_async_sync_and_faults(host: HyperVHost, clock: Clock) -> None:
     g = Guest(host)
     host.job_policy = JobPolicy(asynchronous=True, polls=3)
     started = host.create_snapshot(g.vm.id, name="vmrepl-1")
@@ -234,8 +240,8 @@ def test_jobs_async_sync_and_faults(host: HyperVHost) -> None:
     assert {host.poll_job(hung.job or "").state for _ in range(5)} == {4} and host.state.snapshots == []
     host.add_fault(faults.SlowJob("CreateSnapshot", seconds=0.5))
     slow = host.create_snapshot(g.vm.id, name="vmrepl-4")
-    assert [host.poll_job(slow.job or "").state for _ in range(5)] == [4] * 5  # microseconds, well within 0.5 s
-    time.sleep(0.5)
+    assert [host.poll_job(slow.job or "").state for _ in range(5)] == [4] * 5  # the fake clock has not moved
+    clock.advance(0.5)
     assert host.poll_job(slow.job or "").state == 7 and host.state.snapshots[-1].name == "vmrepl-4"
 
 
@@ -276,6 +282,7 @@ def test_every_script_answer_validates_with_read_envelope(host: HyperVHost) -> N
         assert out.exit_code == 0 and out.stdout.endswith(b"}\r\n") and out.stdout.count(b"\n") == 1
         results[name] = read_envelope(out.stdout, SCRIPTS[name].result)
     assert results["get_vm"][0].name == "wéb01 测试"  # type: ignore[index]
+    assert read_envelope(run(host, "get_vm", {"vm": "WÉB01 测试"}).stdout, SCRIPTS["get_vm"].result)[0].id == vid
     assert "测试".encode() in run(host, "list_vms", {}).stdout  # UTF-8, not \u escapes
     assert run(host, "host_info", {}).stderr.startswith(b"#< CLIXML\r\n")  # progress noise with rc 0
     assert results["disk_changes"] == m.DiskChanges(
@@ -296,7 +303,7 @@ def expect_error(out: ScriptResult, result: object) -> HostError:
     return raised.value
 
 
-def test_script_error_envelopes(host: HyperVHost) -> None:
+def test_script_error_envelopes(host: HyperVHost, clock: Clock) -> None:
     g = Guest(host)
     vid = g.vm.id
     cp = {"vm_id": vid, "name": "vmrepl-x", "consistency_level": 2, "guest_backup_type": 2, "timeout_seconds": 1}
@@ -314,6 +321,12 @@ def test_script_error_envelopes(host: HyperVHost) -> None:
         SCRIPTS["list_checkpoints"].result,
     )
     assert e.code is None
+    host.add_fault(faults.SlowJob("CreateSnapshot", seconds=3.0))  # the script gives up; the host carries on
+    e = expect_error(run(host, "create_checkpoint", cp), m.Snapshot)
+    assert e.code is None and "within 1 seconds" in str(e) and host.state.snapshots == []
+    clock.advance(2.1)  # past the job's 3 s (the script gave up at 1 s)
+    listed = read_envelope(run(host, "list_checkpoints", {"vm": vid}).stdout, SCRIPTS["list_checkpoints"].result)
+    assert [s.name for s in listed] == ["vmrepl-x"]  # a stale recovery checkpoint, for the next run to clean
     e = expect_error(handlers.run(host, "host_info", {"VMREPL_PARAMS": "not base64!"}), m.HostInfo)
     assert e.operation == "ConvertFrom-Json"
     e = expect_error(run(host, "get_vm", {"vm": ""}), SCRIPTS["get_vm"].result)  # fails the params model

@@ -15,7 +15,6 @@ from __future__ import annotations
 import base64
 import binascii
 import json
-import time
 from collections.abc import Callable
 from datetime import datetime
 from typing import Any, TypeVar
@@ -161,7 +160,7 @@ def wait_job(host: HyperVHost, method: str, result: MethodResult, timeout: int) 
         return result.out
     if result.return_value != JOB_STARTED or result.job is None:
         raise ScriptError(method, f"{method} failed with return value {result.return_value}.", result.return_value)
-    deadline = time.monotonic() + timeout
+    deadline = host.monotonic() + timeout
     while True:
         view = host.poll_job(result.job)
         if view.state in (7, 32768):
@@ -169,9 +168,9 @@ def wait_job(host: HyperVHost, method: str, result: MethodResult, timeout: int) 
         if view.state not in IN_PROGRESS:
             text = view.error_description or f"The job of {method} ended in state {view.state}."
             raise ScriptError("Msvm_ConcreteJob", text, view.error_code)
-        if time.monotonic() >= deadline:
+        if host.monotonic() >= deadline:
             raise ScriptError("Msvm_ConcreteJob", f"The job of {method} did not finish within {timeout} seconds.", None)
-        time.sleep(host.poll_interval)
+        host.sleep(host.poll_interval)
 
 
 P = TypeVar("P", bound=BaseModel)
@@ -326,6 +325,7 @@ def run(host: HyperVHost, name: str, env: dict[str, str]) -> ScriptResult:
     """What `powershell.exe` prints for the script `name` with this shell environment."""
     operation, runner, loads_module = _SCRIPTS[name]
     stderr = PROGRESS_CLIXML if loads_module and host.progress_noise else b""
+    host.settle_jobs()
     try:
         params = _params(name, env)
         if name in _WAITING:
