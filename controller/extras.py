@@ -8,7 +8,7 @@ from __future__ import annotations
 import importlib.util
 
 # The modules of the `controller` extra (pyproject.toml) each program imports; tzdata is data only.
-DAEMON_NEEDS = ("sqlalchemy", "alembic", "aiosqlite", "croniter", "httpx")
+DAEMON_NEEDS = ("sqlalchemy", "alembic", "aiosqlite", "croniter", "httpx", "winrm")
 CLI_NEEDS = ("typer", "rich")
 
 

@@ -19,6 +19,7 @@ from controller.db.connect import make_engine, open_database
 from controller.db.secrets import SecretBox, create_key_file
 from controller.engine.agents import READY_WITHIN_SECONDS, AgentPool
 from controller.engine.journal import Journal
+from controller.engine.providers import Providers
 from controller.engine.runtime import EngineParts
 from controller.engine.sessions import Engine
 from controller.engine.slots import SlotBoard
@@ -80,6 +81,7 @@ async def serve(settings: ControllerSettings) -> None:
         slots=SlotBoard(no_proxy_grace=min(settings.proxy_lost_seconds, READY_WITHIN_SECONDS)),
         signing_key=load_signing_key(settings.signing_key),
         proxy_lost_after=settings.proxy_lost_seconds,
+        providers=Providers(secrets),
     )
     engine = Engine(parts)
     await engine.recover()  # sessions a previous run left: continued before anything new starts

@@ -2,14 +2,44 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
+from typing import Self
 
-from pydantic import Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_settings import SettingsConfigDict
 
+from proxy_agent.host_paths import check_prefix, fold
 from vmrepl.config import LogSettings, ProgramSettings, TlsSettings
 from vmrepl.domain import DEFAULT_SLOTS, SLOTS_LIMIT
+from vmrepl.errors import PathError
 from vmrepl.extent import MiB
+
+
+class HostPathMapping(BaseModel):
+    """Disks the Hyper-V host names under `host_prefix` are read under `local` here (docs/proxy-agent.md)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    host_prefix: str = Field(
+        min_length=3, max_length=1024, description=r"a Windows folder: C:\ClusterStorage\Volume1 or \\fs01\vms"
+    )
+    local: Path = Field(description="the absolute local folder holding what the host has under host_prefix")
+
+    @field_validator("host_prefix")
+    @classmethod
+    def _prefix(cls, value: str) -> str:
+        try:
+            return check_prefix(value)
+        except PathError as e:
+            raise ValueError(e.description) from e
+
+    @field_validator("local")
+    @classmethod
+    def _local(cls, value: Path) -> Path:
+        if not value.is_absolute():
+            raise ValueError("must be an absolute path")
+        return Path(os.path.normpath(value))
 
 
 class ProxySettings(ProgramSettings):
@@ -18,7 +48,14 @@ class ProxySettings(ProgramSettings):
     listen: str = Field("127.0.0.1:7401", description="host:port of the gRPC server")
     name: str = Field("proxy", description="this proxy's name, for logs")
     source_roots: list[Path] = Field(
-        min_length=1, description="directories the proxy may read source disks from; anything else is refused"
+        default_factory=list,
+        description="directories the proxy may read source disks from; anything else is refused "
+        "(with host_paths: empty, or narrowing what the mappings reach)",
+    )
+    host_paths: list[HostPathMapping] = Field(
+        default_factory=list,
+        max_length=256,
+        description="Hyper-V host folders and where this proxy reads them (an off-host proxy: its SMB mounts)",
     )
     tls: TlsSettings
     log: LogSettings = LogSettings()
@@ -35,3 +72,12 @@ class ProxySettings(ProgramSettings):
     test_sample_seed: str = Field(
         "", max_length=128, description="test only: seeds the sample's random half instead of the transfer id"
     )
+
+    @model_validator(mode="after")
+    def _somewhere_to_read(self) -> Self:
+        if not self.source_roots and not self.host_paths:
+            raise ValueError("set source_roots, host_paths or both: this proxy may read no disk otherwise")
+        prefixes = [fold(m.host_prefix) for m in self.host_paths]
+        if len(set(prefixes)) != len(prefixes):
+            raise ValueError("host_paths names one host_prefix twice (prefixes compare case-insensitively)")
+        return self

@@ -5,11 +5,15 @@ from __future__ import annotations
 import math
 import os
 import stat
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from proxy_agent.host_paths import Mapping, chain_roots, is_host_path, map_host_path
 from proxy_agent.plan import Plan, make_plan
+from vmrepl.disk import DiskReader, open_reader
+from vmrepl.disk.fileio import IS_WINDOWS
+from vmrepl.disk.vhdx import VhdxReader
 from vmrepl.domain import DEFAULT_BLOCK_SIZE, ChangeMode, Compression, DiskFormat, check_block_size
 from vmrepl.errors import FailedPrecondition, InvalidArgument, PathError
 from vmrepl.extent import Extent
@@ -20,23 +24,65 @@ from vmrepl.v1 import common_pb2, proxy_pb2
 MAX_RANGES = 1_000_000
 
 
-def source_path(locator: str, roots: list[Path]) -> Path:
-    """The locator, if it names a regular file inside one of the proxy's source roots through no symbolic
-    link. A link below a root is refused even when it points inside one: whoever can write a VM folder could
-    otherwise swap a disk image for a link to another VM's disk, or to the file provider's sealing key,
+def source_path(locator: str, roots: Sequence[Path], host_paths: Sequence[Mapping] = ()) -> Path:
+    r"""Where the proxy reads the disk a locator names. A Hyper-V host path (`C:\...`, `\\server\share\...`)
+    goes through the `host_paths` mapping whose prefix is its longest (proxy_agent.host_paths) and must then
+    name a regular file below that mapping's local folder, and inside a source root if any is set; with no
+    mapping it is refused, except on Windows, where it is a local path like any other. A local path must name
+    a regular file inside a source root.
+
+    Either way no symbolic link is passed below the folder (local or root): whoever can write a VM folder
+    could otherwise swap a disk image for a link to another VM's disk, or to the file provider's sealing key,
     after the provider checked it and before the proxy reads it (a held checkpoint is read hours later)."""
     if not locator:
         raise InvalidArgument("source.locator", "is required")
+    if is_host_path(locator):
+        mapped = map_host_path(locator, host_paths, field="source.locator")
+        if mapped is not None:
+            path, mapping = mapped
+            _no_links_below(mapping.local, path)
+            if roots:
+                _inside_roots(path, roots)
+            return path
+        if not IS_WINDOWS:
+            raise FailedPrecondition(
+                f"source disk {locator!r} is a path on the Hyper-V host and no entry of this proxy's "
+                "`host_paths` configuration (host_prefix -> local) maps it: add the folder it is in "
+                "(an off-host proxy: where it mounts the host's share)"
+            )
     path = Path(locator)
     if not path.is_absolute():
         raise PathError("source.locator", "must be an absolute path")
-    path = Path(os.path.normpath(path))
+    return _inside_roots(Path(os.path.normpath(path)), roots)
+
+
+def _inside_roots(path: Path, roots: Sequence[Path]) -> Path:
     for root in roots:
         for base in dict.fromkeys((Path(os.path.normpath(root)), Path(os.path.realpath(root)))):
             if base in path.parents:
                 _no_links_below(base, path)
                 return path
     raise PathError("source.locator", "is outside the proxy's source roots")
+
+
+def open_source(
+    fmt: DiskFormat, locator: str, path: Path, *, host_paths: Sequence[Mapping], roots: Sequence[Path]
+) -> DiskReader:
+    """The disk reader. A VHDX named by a host path may be a checkpoint's differencing disk: its parents are
+    looked for inside the mapped folders only (narrowed to the source roots), the relative locator first,
+    then the absolute one through the same mappings."""
+    if fmt is not DiskFormat.VHDX or not is_host_path(locator):
+        return open_reader(fmt, path)
+
+    def parent(value: str) -> Path | None:
+        if not is_host_path(value):
+            return None
+        mapped = map_host_path(value, host_paths, field="parent locator")
+        if mapped is not None:
+            return mapped[0]
+        return Path(value) if IS_WINDOWS else None
+
+    return VhdxReader(path, follow_links=True, roots=chain_roots(host_paths, roots), resolve_win32=parent)
 
 
 def _no_links_below(base: Path, path: Path) -> None:

@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import uuid
 from collections import OrderedDict
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 import grpc
 
@@ -17,7 +17,6 @@ from proxy_agent.target_link import GrpcTargetLink, TargetLink
 from proxy_agent.transfer import DiskTransfer, TransferSpec
 from vmrepl import __version__
 from vmrepl.batch import MAX_MESSAGE_BYTES
-from vmrepl.disk import open_reader
 from vmrepl.domain import TRANSFER_ENDED
 from vmrepl.errors import AlreadyExists, FailedPrecondition, NotFound, ResourceExhausted
 from vmrepl.logs import get_logger
@@ -41,9 +40,14 @@ ROLES: dict[str, tuple[str, ...]] = {
 }
 
 
+TargetLinkFactory = Callable[[proxy_pb2.TargetEndpoint], TargetLink]
+
+
 class ProxyAgentServicer(proxy_pb2_grpc.ProxyAgentServicer):
-    def __init__(self, settings: ProxySettings) -> None:
+    def __init__(self, settings: ProxySettings, *, target_link: TargetLinkFactory | None = None) -> None:
         self.settings = settings
+        # How a transfer reaches its target: gRPC over mTLS; in-process tests give a fake.
+        self._target_link = target_link or self._grpc_link
         # Finished transfers stay readable until KEEP_FINISHED newer ones push them out.
         self.transfers: OrderedDict[str, DiskTransfer] = OrderedDict()
 
@@ -58,8 +62,12 @@ class ProxyAgentServicer(proxy_pb2_grpc.ProxyAgentServicer):
 
     async def _open(self, req: proxy_pb2.StartDiskTransferRequest) -> DiskTransfer:
         rq.check_identity(req)
-        path = rq.source_path(req.source.locator, self.settings.source_roots)
-        reader = await asyncio.to_thread(open_reader, rq.disk_format(req), path)
+        s = self.settings
+        path = rq.source_path(req.source.locator, s.source_roots, s.host_paths)
+        fmt = rq.disk_format(req)
+        reader = await asyncio.to_thread(
+            rq.open_source, fmt, req.source.locator, path, host_paths=s.host_paths, roots=s.source_roots
+        )
         try:
             if reader.size != req.source.size:
                 raise FailedPrecondition(f"source disk is {reader.size} bytes, the request says {req.source.size}")
@@ -88,17 +96,22 @@ class ProxyAgentServicer(proxy_pb2_grpc.ProxyAgentServicer):
             reader.close()
             raise
         target = req.target
+        return DiskTransfer(
+            spec=spec,
+            plan=plans.first,
+            full_plan=plans.full,
+            reader=reader,
+            link_factory=lambda: self._target_link(target),
+        )
 
-        def link() -> TargetLink:
-            channel = secure_channel(
-                target.address,
-                self.settings.tls,
-                max_message_bytes=MAX_MESSAGE_BYTES,
-                server_name=target.tls_server_name,
-            )
-            return GrpcTargetLink(channel)
-
-        return DiskTransfer(spec=spec, plan=plans.first, full_plan=plans.full, reader=reader, link_factory=link)
+    def _grpc_link(self, target: proxy_pb2.TargetEndpoint) -> TargetLink:
+        channel = secure_channel(
+            target.address,
+            self.settings.tls,
+            max_message_bytes=MAX_MESSAGE_BYTES,
+            server_name=target.tls_server_name,
+        )
+        return GrpcTargetLink(channel)
 
     @handle_errors
     async def StartDiskTransfer(

@@ -9,12 +9,22 @@ rollback data of the point before (`replica.settle_locked`; a crash between is s
 that touches the disk). The data behind an older point is the replica overlaid with the rollback files from
 that point on (target_agent.points); deleting a point deletes or folds its rollback file, never rewriting
 the replica.
+
+A point may keep the VM's configuration (the provider's capture at the checkpoint: what failover registers
+the replica VM with) in `configurations/<point id>.bin` beside the list, never inline: the list is
+rewritten and parsed whole on every VM-wide call, and 1 MiB per point would make that tens of MiB. The file
+is written and fsynced (file and folder) before the list that names it, so a point whose record is durable
+has its configuration; the record carries its size and SHA-256, checked on every read. A file no point
+names (a crash between the two writes, or a deletion cut short) is removed by the next commit.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
+import os
+import re
 import threading
 import time
 import uuid
@@ -36,14 +46,17 @@ from target_agent.replica import (
     settle_locked,
 )
 from target_agent.rollback import SUFFIX, block_size_ok, disk_size_ok, fold
-from vmrepl.disk.fileio import atomic_write, read_bytes, remove
-from vmrepl.domain import MAX_DISK_SIZE
-from vmrepl.errors import FailedPrecondition, NotFound, PathError
+from vmrepl.disk.fileio import atomic_write, make_dirs, read_bytes, remove
+from vmrepl.domain import MAX_DISK_SIZE, MAX_VM_CONFIGURATION
+from vmrepl.errors import FailedPrecondition, InvalidArgument, NotFound, PathError
 from vmrepl.names import check_name
 
 POINTS_FILE = "restore-points.json"
 # 1: a bare JSON list of points; 2: {"format": 2, "restore_points": [...]}.
 POINTS_FORMAT = 2
+CONFIG_DIR = "configurations"
+CONFIG_SUFFIX = ".bin"
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
 
 CONSISTENCIES = ("", "crash", "application")
@@ -76,12 +89,17 @@ class Point:
     checkpoint_id: str = ""
     change_reference: str = ""
     consistency: str = ""
+    # The VM's configuration kept with the point (configurations/<id>.bin): its size and SHA-256; "" none.
+    configuration_size: int = 0
+    configuration_sha256: str = ""
 
 
 def list_points(vm_dir: Path) -> list[Point]:
     """The VM replica's points, oldest first; first of all its folders are checked (replica.check_folders):
     every VM-wide call starts here."""
     check_folders(vm_dir)
+    if (vm_dir / CONFIG_DIR).is_symlink():
+        raise FailedPrecondition(f"{vm_dir.name}/{CONFIG_DIR} is a symbolic link: move the folder itself back in place")
     try:
         raw = json.loads(read_bytes(vm_dir / POINTS_FILE, follow_links=False).decode("utf-8"))
     except FileNotFoundError:
@@ -115,6 +133,8 @@ def _point(p: dict[str, Any]) -> Point:
         p.get("checkpoint_id", ""),
         p.get("change_reference", ""),
         p.get("consistency", ""),
+        p.get("configuration_size", 0),
+        p.get("configuration_sha256", ""),
     )
     texts = (p["id"], point.session_id, point.checkpoint_id, point.change_reference, point.consistency)
     if not all(isinstance(v, str) for v in texts):
@@ -126,6 +146,11 @@ def _point(p: dict[str, Any]) -> Point:
         raise ValueError(f"consistency is one of {CONSISTENCIES}")
     if not math.isfinite(point.created_at):
         raise ValueError("created_at is a time")
+    size, sha = point.configuration_size, point.configuration_sha256
+    if type(size) is not int or not 0 <= size <= MAX_VM_CONFIGURATION or not isinstance(sha, str):
+        raise ValueError(f"configuration_size is a number from 0 to {MAX_VM_CONFIGURATION}")
+    if not (_SHA256.fullmatch(sha) or (sha == "" and size == 0)):
+        raise ValueError("configuration_sha256 is 64 hex digits, or empty with configuration_size 0")
     for d in point.disks:
         # disk_size must be a plain whole number: a string or null here reaches GetRestorePoint's reply.
         if not isinstance(d.disk_id, str) or isinstance(d.disk_size, bool) or not isinstance(d.disk_size, int):
@@ -153,7 +178,12 @@ def commit(
     guard: Callable[[Path], DiskGuard],
     change_reference: str = "",
     consistency: str = "",
+    vm_configuration: bytes = b"",
 ) -> Point:
+    """The point of this session and checkpoint: made now, or the one an earlier call made (a retry is
+    answered with that point as it was committed, its configuration included)."""
+    if len(vm_configuration) > MAX_VM_CONFIGURATION:
+        raise InvalidArgument("vm_configuration", f"at most {MAX_VM_CONFIGURATION} bytes")
     with vm_lock(vm_dir):
         return _commit(
             vm_dir,
@@ -163,6 +193,7 @@ def commit(
             guard=guard,
             change_reference=change_reference,
             consistency=consistency,
+            vm_configuration=vm_configuration,
         )
 
 
@@ -175,6 +206,7 @@ def _commit(
     guard: Callable[[Path], DiskGuard],
     change_reference: str,
     consistency: str,
+    vm_configuration: bytes,
 ) -> Point:
     points = list_points(vm_dir)
     for p in points:
@@ -191,10 +223,49 @@ def _commit(
         change_reference=change_reference,
         consistency=consistency,
     )
+    _drop_unlisted_configurations(vm_dir, points)
+    if vm_configuration:
+        make_dirs(vm_dir / CONFIG_DIR)
+        atomic_write(configuration_file(vm_dir, point.id), vm_configuration)  # durable before the list names it
+        point.configuration_size = len(vm_configuration)
+        point.configuration_sha256 = hashlib.sha256(vm_configuration).hexdigest()
     points.append(point)
     _save(vm_dir, points)
     _settle(vm_dir, disks, points, guard)
     return point
+
+
+def configuration_file(vm_dir: Path, point_id: str) -> Path:
+    return vm_dir / CONFIG_DIR / f"{point_id}{CONFIG_SUFFIX}"
+
+
+def read_configuration(vm_dir: Path, point: Point) -> bytes:
+    """The VM configuration kept with `point` (b"" when none was), checked against its record."""
+    if not point.configuration_sha256:
+        return b""
+    path = configuration_file(vm_dir, point.id)
+    what = f"{vm_dir.name}/{CONFIG_DIR}/{path.name}, the VM configuration of restore point {point.id},"
+    try:
+        data = read_bytes(path, follow_links=False)
+    except FileNotFoundError as e:
+        raise FailedPrecondition(f"{what} is missing") from e
+    except OSError as e:
+        raise FailedPrecondition(f"{what} cannot be read: {e}") from e
+    if len(data) != point.configuration_size or hashlib.sha256(data).hexdigest() != point.configuration_sha256:
+        raise FailedPrecondition(f"{what} is not the one committed (its size or SHA-256 differs)")
+    return data
+
+
+def _drop_unlisted_configurations(vm_dir: Path, points: list[Point]) -> None:
+    """Remove the configuration files no listed point names (and temporaries a crash left): a commit cut
+    short after writing its file, a deletion cut short before removing one. Under the VM's lock."""
+    folder = vm_dir / CONFIG_DIR
+    if not folder.is_dir():
+        return
+    named = {configuration_file(vm_dir, p.id).name for p in points if p.configuration_sha256}
+    for entry in os.scandir(folder):
+        if entry.name not in named and not entry.is_dir(follow_symlinks=False):
+            remove(Path(entry.path))
 
 
 def _settle(vm_dir: Path, disks: list[PointDisk], points: list[Point], guard: Callable[[Path], DiskGuard]) -> None:
@@ -252,3 +323,4 @@ def _delete(vm_dir: Path, point_id: str, *, guard: Callable[[Path], DiskGuard]) 
     _save(vm_dir, points[:at] + points[at + 1 :])
     for d in point.disks:
         remove(vm_dir / "disks" / d.disk_id / ROLLBACK_DIR / f"{point.id}{SUFFIX}")
+    remove(configuration_file(vm_dir, point.id))

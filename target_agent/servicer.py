@@ -103,7 +103,9 @@ def _disk_message(replica_path: str, disk_id: str, st: replica.DiskState) -> tar
     )
 
 
-def _point_message(replica_path: str, view: vm_replica.PointView) -> target_pb2.RestorePoint:
+def _point_message(
+    replica_path: str, view: vm_replica.PointView, configuration: bytes = b""
+) -> target_pb2.RestorePoint:
     p = view.point
     disks = [
         common_pb2.RestorePointDisk(
@@ -124,7 +126,17 @@ def _point_message(replica_path: str, view: vm_replica.PointView) -> target_pb2.
         change_reference=p.change_reference,
         consistency=_CONSISTENCY[p.consistency],
         restorable=view.restorable,
+        vm_configuration=configuration,
     )
+
+
+def _points_with_configurations(vm_dir: Path, guards: vm_replica.Guards) -> list[tuple[vm_replica.PointView, bytes]]:
+    """The points and the VM configuration each keeps, read under the VM's lock: a deletion meanwhile would
+    remove a configuration file between the list and its read. Only ListRestorePoints and the commit's reply
+    carry configurations (up to 1 MiB each); the Replica replies, asked for far more often, do not."""
+    with restore_points.vm_lock(vm_dir):
+        status = vm_replica.status(vm_dir, guards=guards)
+        return [(v, restore_points.read_configuration(vm_dir, v.point)) for v in status.points]
 
 
 def _replica_message(replica_path: str, s: vm_replica.Status) -> target_pb2.Replica:
@@ -247,10 +259,11 @@ class TargetAgentServicer(target_pb2_grpc.TargetAgentServicer):
             guard=self.receiver.guard,
             change_reference=request.change_reference,
             consistency=consistency,
+            vm_configuration=request.vm_configuration,
         )
-        status = await asyncio.to_thread(vm_replica.status, vm_dir, guards=self.receiver.guard)
-        view = next(v for v in status.points if v.point.id == p.id)
-        return _point_message(request.replica_path, view)
+        views = await asyncio.to_thread(_points_with_configurations, vm_dir, self.receiver.guard)
+        view, configuration = next((v, c) for v, c in views if v.point.id == p.id)
+        return _point_message(request.replica_path, view, configuration)
 
     @handle_errors
     async def ListRestorePoints(
@@ -259,9 +272,9 @@ class TargetAgentServicer(target_pb2_grpc.TargetAgentServicer):
         context: grpc.aio.ServicerContext[target_pb2.ListRestorePointsRequest, target_pb2.ListRestorePointsResponse],
     ) -> target_pb2.ListRestorePointsResponse:
         vm_dir = self.datastore.vm_dir(request.replica_path)
-        status = await asyncio.to_thread(vm_replica.status, vm_dir, guards=self.receiver.guard)
+        views = await asyncio.to_thread(_points_with_configurations, vm_dir, self.receiver.guard)
         return target_pb2.ListRestorePointsResponse(
-            restore_points=[_point_message(request.replica_path, v) for v in status.points]
+            restore_points=[_point_message(request.replica_path, v, c) for v, c in views]
         )
 
     @handle_errors

@@ -189,6 +189,10 @@ def unreachable(code: grpc.StatusCode) -> bool:
     return code in UNREACHABLE_STATUSES
 
 
+# A VM's configuration as its provider captured it, kept with each restore point (target.proto
+# CommitRestorePointRequest.vm_configuration): the target refuses more, a provider must not capture more.
+MAX_VM_CONFIGURATION = 1 * MiB
+
 MIN_BLOCK_SIZE = 64 * KiB
 MAX_BLOCK_SIZE = 16 * MiB
 DEFAULT_BLOCK_SIZE = 1 * MiB

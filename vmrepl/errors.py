@@ -134,3 +134,29 @@ class HostOutputError(VmreplError):
     """
 
     grpc_code = "INTERNAL"
+
+
+class HostUnreachable(Unavailable):
+    """A hypervisor host could not be reached (connection refused, no route, a timeout, a broken reply).
+
+    UNAVAILABLE: the host or the network may come back; the same call may succeed later.
+    """
+
+
+class HostTrustError(VmreplError):
+    """A hypervisor host's TLS certificate is not trusted by the configured CA bundle (or the system's).
+
+    FAILED_PRECONDITION: the host's settings (its CA bundle) or its certificate must change first.
+    """
+
+    grpc_code = "FAILED_PRECONDITION"
+
+
+class HostAuthError(VmreplError):
+    """A hypervisor host refused the credentials it was given (WinRM answered 401).
+
+    FAILED_PRECONDITION: the host's credential (or the account's rights on the host) must change first;
+    the caller's own permissions are not in question, so not PERMISSION_DENIED.
+    """
+
+    grpc_code = "FAILED_PRECONDITION"

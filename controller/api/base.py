@@ -63,6 +63,8 @@ class ApiBase:
         self.engine = engine
         self.secrets = secrets
         self.live = live
+        # The engine's, so the API reaches hosts exactly as sessions do (and tests put fakes in one place).
+        self.providers = engine.parts.providers
 
     async def _create(
         self,

@@ -115,6 +115,15 @@ class InventoryApi(ApiBase):
         await self._delete(Host, "name", request.name, "hosts", in_use=users)
         return empty_pb2.Empty()
 
+    @handle_errors
+    async def ListHostVms(self, request: api.ListHostVmsRequest, context: Any) -> api.ListHostVmsResponse:
+        async with self.reads() as db:
+            host = await res.by_name(db, Host, "host", request.host, "hosts")
+            provider = await self.providers.for_host(db, host)
+        await provider.check_host()
+        vms = await provider.list_vms()
+        return api.ListHostVmsResponse(vms=[res.host_vm_msg(vm) for vm in sorted(vms, key=lambda v: v.name)])
+
     # ---- proxies --------------------------------------------------------------------------------------
 
     @handle_errors

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+from pathlib import Path
 from typing import Any
 
 from google.protobuf import empty_pb2
@@ -11,11 +13,12 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from controller.api import resources as res
 from controller.api.base import BY_NAME, ApiBase
 from controller.db.models import (
+    Host,
     Job,
     Session,
 )
 from controller.engine.states import ACTIVE_SESSION
-from vmrepl.errors import NotFound
+from vmrepl.errors import InvalidArgument, NotFound
 from vmrepl.rpc import handle_errors
 from vmrepl.v1 import controller_pb2 as api
 
@@ -25,6 +28,8 @@ class JobsApi(ApiBase):
     async def CreateJob(self, request: api.CreateJobRequest, context: Any) -> api.Job:
         async def fill(db: AsyncSession, row: Job) -> None:
             await res.apply_job(db, request.job, row, res.JOB_FIELDS, secrets=self.secrets)
+
+        await self._check_vms(request.job.host, [(v.vm, list(v.excluded_disks)) for v in request.job.vms])
 
         row = await self._create(Job, "job_id", request.job_id, "jobs", fill)
         async with self.reads() as db:
@@ -49,6 +54,14 @@ class JobsApi(ApiBase):
     @handle_errors
     async def UpdateJob(self, request: api.UpdateJobRequest, context: Any) -> api.Job:
         paths = res.mask_paths("update_mask", request.update_mask.paths, res.JOB_FIELDS)
+        if "vms" in paths or "host" in paths:
+            async with self.reads() as db:
+                row = await res.by_name(db, Job, "job.name", request.job.name, "jobs")
+                host = await db.get(Host, row.host_id)
+            vms = [(v.vm, list(v.excluded_disks)) for v in request.job.vms]
+            if "vms" not in paths:
+                vms = [(jv.vm_ref, [str(d) for d in jv.excluded_disks]) for jv in row.vms]
+            await self._check_vms(request.job.host if "host" in paths else f"hosts/{host.name if host else ''}", vms)
         async with self.journal.write() as db:
             row = await res.by_name(db, Job, "job.name", request.job.name, "jobs")
             await res.apply_job(db, request.job, row, paths, secrets=self.secrets)
@@ -57,6 +70,30 @@ class JobsApi(ApiBase):
             if job is None:
                 raise NotFound(f"{request.job.name} was deleted meanwhile")
             return await res.job_msg(db, job)
+
+    async def _check_vms(self, host_name: str, vms: list[tuple[str, list[str]]]) -> None:
+        """A job names VMs its host has, and disks those VMs have: refused when made, not at the session.
+        A file host whose folder is not there yet is checked at the session (its VM folders come later)."""
+        async with self.reads() as db:
+            host = await res.by_name(db, Host, "job.host", host_name, "hosts")
+            provider = await self.providers.for_host(db, host)
+        if host.provider == "file" and not await asyncio.to_thread(Path(host.address).is_dir):
+            return
+        for i, (ref, excluded) in enumerate(vms):
+            try:
+                vm = await provider.get_vm(ref)
+            except NotFound:
+                raise InvalidArgument(
+                    f"job.vms[{i}].vm",
+                    f"host {host.name} has no VM {ref!r} (`vmrepl infra vms {host.name}` lists them)",
+                ) from None
+            disks = {d.disk_id for d in vm.disks}
+            for d in excluded:
+                if d not in disks:
+                    raise InvalidArgument(
+                        f"job.vms[{i}].excluded_disks",
+                        f"VM {ref!r} has no disk {d!r} (it has {', '.join(sorted(disks))})",
+                    )
 
     @handle_errors
     async def DeleteJob(self, request: api.DeleteJobRequest, context: Any) -> empty_pb2.Empty:

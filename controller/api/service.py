@@ -26,6 +26,7 @@ ROLES: dict[str, tuple[str, ...]] = {
     "CreateHost": WRITE,
     "GetHost": READ,
     "ListHosts": READ,
+    "ListHostVms": READ,
     "UpdateHost": WRITE,
     "DeleteHost": WRITE,
     "CreateProxy": WRITE,

@@ -11,9 +11,10 @@ from controller.api.resources import timestamp
 from controller.db.enums import SessionState, TaskState, VmState
 from controller.db.models import Session, SessionVm, Task
 from controller.observability.statistics import Shares, compression_ratio, rate, shares
+from vmrepl.domain import Consistency
 from vmrepl.progress import StageBusy, TransferFigures
+from vmrepl.v1 import common_pb2, proxy_pb2
 from vmrepl.v1 import controller_pb2 as api
-from vmrepl.v1 import proxy_pb2
 
 # The database's session, VM and task states as the API's enums, name for name (a test checks none is left out).
 SESSION_STATES: dict[SessionState, api.SessionState.ValueType] = {
@@ -54,6 +55,7 @@ def disk_msg(t: Task, proxies: dict[str, str], live: proxy_pb2.TransferProgress 
         state=TASK_STATES[t.state],
         start=t.start,
         change_mode=t.change_mode,
+        change_fallback=t.fallback_reason,
         disk_size=t.disk_size,
         committed_offset=t.committed_offset,
         error=t.error,
@@ -88,6 +90,8 @@ def session_msg(
                 error=v.error,
                 disks=disks,
                 attempt=v.attempt,
+                consistency=_consistency(v),
+                consistency_fallback=v.consistency_fallback,
             )
         )
     stats = session_stats(
@@ -116,6 +120,12 @@ def log_entry(line: dict[str, Any]) -> api.SessionLogEntry:
     return entry
 
 
+def _consistency(v: SessionVm) -> common_pb2.Consistency.ValueType:
+    """The checkpoint's consistency once one was taken (the row's default means nothing before)."""
+    taken = v.checkpoint_id or v.restore_point_id or v.reference_kept
+    return Consistency.from_stored(v.consistency) if taken else common_pb2.CONSISTENCY_UNSPECIFIED
+
+
 def _duration(row: Session) -> float:
     if row.started_at is None:
         return 0.0
@@ -133,6 +143,7 @@ def session_stats(disks: list[api.DiskTask], *, restore_points: int) -> api.Sess
         bytes_processed=sum(d.committed_offset for d in disks),
         restore_points=restore_points,
         blocks_repaired=sum(d.full_check.repaired_blocks for d in disks),
+        change_tracking_fallbacks=sum(1 for d in disks if d.change_fallback),
     )
     for d in disks:
         for k in ("zero", "unallocated", "unchanged", "excluded"):

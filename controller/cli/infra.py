@@ -7,8 +7,9 @@ from typing import Annotated
 
 import typer
 
-from controller.cli.common import JsonOpt, as_json, call, conn, err, out, table
+from controller.cli.common import JsonOpt, as_json, call, conn, err, mib, out, table
 from vmrepl.domain import DEFAULT_SLOTS
+from vmrepl.v1 import common_pb2
 from vmrepl.v1 import controller_pb2 as api
 
 infra = typer.Typer(help="Credentials, hosts, proxies and targets.", no_args_is_help=True)
@@ -34,11 +35,43 @@ def host_add(
     host_id: str,
     address: Annotated[str, typer.Option(help="folder (file) or host name (hyperv)")],
     provider: Annotated[str, typer.Option(help="file or hyperv")] = "file",
-    credential: Annotated[str, typer.Option(help="credential id")] = "",
+    credential: Annotated[str, typer.Option(help="credential id (hyperv: the WinRM account)")] = "",
+    winrm_scheme: Annotated[str, typer.Option(help="hyperv: https (default) or http (message-encrypted)")] = "",
+    winrm_port: Annotated[int, typer.Option(help="hyperv: WinRM port (0: 5986 https, 5985 http)")] = 0,
+    winrm_auth: Annotated[str, typer.Option(help="hyperv: ntlm (default), kerberos, credssp or basic")] = "",
+    winrm_ca_bundle: Annotated[str, typer.Option(help="hyperv: PEM file of the CAs of the host's certificate")] = "",
 ) -> None:
     host = api.Host(provider=provider, address=address, credential=f"credentials/{credential}" if credential else "")
+    if provider == "hyperv":
+        host.winrm.CopyFrom(
+            api.WinRmSettings(scheme=winrm_scheme, port=winrm_port, auth=winrm_auth, ca_bundle=winrm_ca_bundle)
+        )
     h = call(conn.stub().CreateHost, api.CreateHostRequest(host_id=host_id, host=host))
     out.print(f"created {h.name}")
+
+
+@infra.command("vms", help="The VMs a host has now, as its hypervisor reports them.")
+def host_vms(host_id: str, as_json_: JsonOpt = False) -> None:
+    reply = call(conn.stub().ListHostVms, api.ListHostVmsRequest(host=f"hosts/{host_id}"))
+    if as_json_:
+        as_json(reply)
+        return
+    rows: list[list[object]] = []
+    for vm in reply.vms:
+        facts = ", ".join(f"{k} {v}" for k, v in sorted(vm.details.items()))
+        rows.append([vm.name, vm.id, vm.state, len(vm.disks), mib(sum(d.size_bytes for d in vm.disks)), facts])
+    table(f"VMs of hosts/{host_id}", ["name", "id", "state", "disks", "size", "details"], rows)
+    for vm in reply.vms:
+        table(
+            f"{vm.name}: disks",
+            ["id", "format", "size", "path"],
+            [[d.id, _format(d.format), mib(d.size_bytes), d.path] for d in vm.disks],
+        )
+
+
+def _format(value: common_pb2.DiskFormat.ValueType) -> str:
+    name: str = common_pb2.DiskFormat.Name(value)
+    return name.removeprefix("DISK_FORMAT_").lower()
 
 
 @infra.command("proxy-add", help="Add a source proxy agent.")

@@ -57,6 +57,8 @@ class Host(Base):
     address: Mapped[str] = mapped_column(String(1024))
     credential_id: Mapped[str | None] = mapped_column(ForeignKey("credentials.id", ondelete="RESTRICT"))
     created_at: Mapped[dt.datetime] = mapped_column(default=now)
+    # How a `hyperv` host is reached (controller/engine/providers.py WinRm fields); {}: the defaults.
+    winrm: Mapped[dict[str, Any]] = mapped_column(default=dict)
 
 
 class Proxy(Base):
@@ -164,7 +166,7 @@ class SessionVm(Base):
     vm_name: Mapped[str] = mapped_column(String(256))
     state: Mapped[VmState] = mapped_column(state_type(VmState, constraint="ck_session_vms_state"))
     checkpoint_id: Mapped[str] = mapped_column(String(128), default="")
-    checkpoint_reference: Mapped[str] = mapped_column(String(256), default="")
+    checkpoint_reference: Mapped[str] = mapped_column(Text, default="")
     restore_point_id: Mapped[str] = mapped_column(String(64), default="")
     error: Mapped[str] = mapped_column(Text, default="")
     # 1 for the first try; a retry after a failure takes a new checkpoint and runs every disk again.
@@ -175,6 +177,15 @@ class SessionVm(Base):
     replica_end: Mapped[ReplicaEnd] = mapped_column(
         state_type(ReplicaEnd, constraint="ck_session_vms_replica_end"), default=ReplicaEnd.UNTOLD
     )
+    # The VM's configuration as the provider captured it at the checkpoint, kept with the restore point.
+    vm_configuration: Mapped[bytes | None] = mapped_column(LargeBinary, default=None)
+    # Why the checkpoint is crash-consistent where application consistency was asked ("" otherwise).
+    consistency_fallback: Mapped[str] = mapped_column(Text, default="")
+    # The provider has made the checkpoint the reference later sessions ask changes against
+    # (Provider.keep_reference); on Hyper-V that removed the checkpoint.
+    reference_kept: Mapped[bool] = mapped_column(default=False)
+    # That reference is gone: dropped once a newer point of the job was committed, or its own point never was.
+    reference_dropped: Mapped[bool] = mapped_column(default=False)
 
 
 class Task(Base):
@@ -202,10 +213,12 @@ class Task(Base):
     # must recompute exactly the same one, so the mode and the reference are kept, not the ranges.
     start: Mapped[str] = mapped_column(String(16), default="fresh")
     change_mode: Mapped[str] = mapped_column(String(16), default="")  # full, ranges, compare; "" undecided
-    since_reference: Mapped[str] = mapped_column(String(256), default="")
+    since_reference: Mapped[str] = mapped_column(Text, default="")
     # The digest comparison (change_mode compare) is a full check standing in for changed ranges since
     # since_reference: the blocks it finds differing outside those ranges are reported as repaired.
     full_check: Mapped[bool] = mapped_column(default=False)
+    # Why this disk compared digests where the job would use the host's change tracking ("" otherwise).
+    fallback_reason: Mapped[str] = mapped_column(Text, default="")
     # The earlier session whose transfer of this disk this task continues (DiskStart.RESUME).
     resume_session_id: Mapped[str] = mapped_column(String(32), default="")
 
@@ -219,7 +232,7 @@ class HeldCheckpoint(Base):
     job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"))
     vm_id: Mapped[str] = mapped_column(String(256))
     checkpoint_id: Mapped[str] = mapped_column(String(128))
-    reference: Mapped[str] = mapped_column(String(256))
+    reference: Mapped[str] = mapped_column(Text)
     session_id: Mapped[str] = mapped_column(ForeignKey("sessions.id", ondelete="CASCADE"))
     deadline: Mapped[dt.datetime]
     consistency: Mapped[str] = mapped_column(String(16), default=Consistency.CRASH.value)
@@ -234,7 +247,7 @@ class RestorePoint(Base):
     session_id: Mapped[str] = mapped_column(ForeignKey("sessions.id", ondelete="CASCADE"))
     created_at: Mapped[dt.datetime] = mapped_column(default=now)
     # The change-tracking reference of the checkpoint this point was taken from: the next incremental's "since".
-    reference: Mapped[str] = mapped_column(String(256), default="")
+    reference: Mapped[str] = mapped_column(Text, default="")
     vm_name: Mapped[str] = mapped_column(String(256), default="")
     # The sum of its disks' virtual sizes.
     size_bytes: Mapped[int] = mapped_column(BigInteger, default=0)
@@ -242,3 +255,5 @@ class RestorePoint(Base):
     consistency: Mapped[str] = mapped_column(String(16), default="")
     # [{"disk_id": str, "disk_size": int, "format": "raw" | "vhdx"}] as the target committed them.
     disks: Mapped[list[Any]] = mapped_column(default=list)
+    # The VM's configuration at the point's checkpoint (also kept on the target with the point).
+    vm_configuration: Mapped[bytes | None] = mapped_column(LargeBinary, default=None)

@@ -11,6 +11,7 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from controller.engine.agents import READY_WITHIN_SECONDS, Agents
 from controller.engine.journal import Journal
+from controller.engine.providers import Providers
 from controller.engine.slots import SlotBoard
 from vmrepl.domain import ChangeTracking, Compression, DiskFormat
 from vmrepl.errors import FailedPrecondition, PathError
@@ -82,6 +83,8 @@ class EngineParts:
     # How long a target call that finds the target out of reach (restarting) is asked again.
     target_retry_seconds: float = READY_WITHIN_SECONDS
     guest: GuestProcessing = field(default_factory=NoGuestProcessing)
+    # The provider of each host (credentials unsealed with the controller's keys).
+    providers: Providers = field(default_factory=lambda: Providers(None))
     _checkpoint_locks: dict[str, asyncio.Lock] = field(default_factory=dict)
 
     def checkpoint_lock(self, vm_id: str) -> asyncio.Lock:

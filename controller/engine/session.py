@@ -33,13 +33,14 @@ from controller.engine.states import (
     FINAL_VM,
     DiskStart,
     HeldCheckpointView,
+    checkpoint_request,
     plan_vm,
     replica_session_end,
     session_outcome,
     vm_after_transfers,
 )
 from controller.engine.task import TaskRunner, transient
-from vmrepl.domain import REPLICA_FORMATS, Consistency, DiskFormat
+from vmrepl.domain import MAX_VM_CONFIGURATION, REPLICA_FORMATS, Consistency, DiskFormat
 from vmrepl.errors import FailedPrecondition, NotFound, VmreplError
 from vmrepl.logs import get_logger
 from vmrepl.providers.base import Checkpoint, VmInfo
@@ -79,6 +80,7 @@ class SessionRun:
         target = self.parts.agents.target(self.sc.target.address, self.sc.target.tls_server_name)
         if not await ready(target):
             raise FailedPrecondition(f"target {self.sc.target.name} does not answer its health check")
+        await self.sc.provider.check_host()  # a host sessions cannot replicate from (Hyper-V before 2016)
         entries: list[SessionVm | Task] = []
         named: dict[str, str] = {}  # VM id -> the reference that planned it
         for jv in job_vms:
@@ -288,6 +290,8 @@ class VmRun:
             if vm is not None:
                 vm.state, vm.attempt = VmState.PLANNED, row.attempt + 1
                 vm.checkpoint_id, vm.checkpoint_reference = "", ""
+                # The attempt's reference, if it kept one, was dropped when it was released.
+                vm.reference_kept, vm.reference_dropped = False, False
                 vm.error = f"attempt {row.attempt}: {row.error}"
         return True
 
@@ -386,20 +390,38 @@ class VmRun:
                 self.log.info("orphan_checkpoint_removed", checkpoint_id=orphan.checkpoint_id)
                 await self.sc.provider.remove_checkpoint(row.vm_id, orphan.checkpoint_id)
             vm = await self.sc.provider.get_vm(row.vm_id)
+            # Captured just before the checkpoint, so a failure here leaves no checkpoint behind.
+            config = await self._configuration(row)
             quiesced = await self.parts.guest.before_checkpoint(vm, self.sc.job.guest_processing)
-            cp = await self.sc.provider.create_checkpoint(row.vm_id)
+            cp = await self.sc.provider.create_checkpoint(row.vm_id, checkpoint_request(self.sc.job.guest_processing))
             await self.parts.guest.after_checkpoint(vm, self.sc.job.guest_processing)
             self.checkpoint = cp
-            consistency = Consistency.APPLICATION if quiesced else Consistency.CRASH
+            consistency = Consistency.APPLICATION if quiesced else cp.consistency
             await self._set(
                 VmState.TRANSFERRING,
                 checkpoint_id=cp.checkpoint_id,
                 checkpoint_reference=cp.reference,
                 consistency=consistency.value,
+                consistency_fallback="" if quiesced else cp.fallback_reason,
+                vm_configuration=config,
             )
         self.log.info(
-            "checkpoint_created", checkpoint_id=cp.checkpoint_id, reference=cp.reference, consistency=consistency.value
+            "checkpoint_created",
+            checkpoint_id=cp.checkpoint_id,
+            reference=cp.reference,
+            consistency=consistency.value,
+            consistency_fallback=cp.fallback_reason or None,
         )
+
+    async def _configuration(self, row: SessionVm) -> bytes:
+        """The VM's configuration, kept with the restore point (what failover registers the replica VM with)."""
+        config = await self.sc.provider.vm_configuration(row.vm_id)
+        if len(config) > MAX_VM_CONFIGURATION:
+            raise FailedPrecondition(
+                f"VM {row.vm_name}: its configuration is {len(config)} bytes, over the {MAX_VM_CONFIGURATION} kept "
+                "with a restore point"
+            )
+        return config
 
     async def _checkpoints_in_use(self, row: SessionVm) -> dict[str, str]:
         """The VM's checkpoints held for a resume or being read by a session that runs: id -> by whom."""
@@ -455,7 +477,8 @@ class VmRun:
         target = self.parts.agents.target(self.sc.target.address, self.sc.target.tls_server_name)
         replica_path = self.sc.replica_path(row.vm_id)
         tasks = await self._tasks(row)
-        await self._check_checkpoint_kept(row)
+        if not row.reference_kept:
+            row = await self._keep_reference(row)
         request = target_pb2.CommitRestorePointRequest(
             replica_path=replica_path,
             session_id=self.sc.session_id,
@@ -463,6 +486,7 @@ class VmRun:
             disk_ids=[t.disk_id for t in tasks],
             change_reference=row.checkpoint_reference,
             consistency=Consistency(row.consistency).to_proto(),
+            vm_configuration=row.vm_configuration or b"",
         )
         # A target restarting under the call may have committed the point before it went: asked again, it
         # answers with the same point (idempotent per session and checkpoint), so none is left unrecorded.
@@ -475,7 +499,46 @@ class VmRun:
                 vm.restore_point_id = point.id
         self.log.info("restore_point_committed", restore_point_id=point.id)
         await self._apply_retention(row, replica_path)
+        await self._drop_references(row.vm_id, keep=row.checkpoint_reference)
         await self._set(VmState.RELEASING)
+
+    async def _drop_references(self, vm_id: str, *, keep: str) -> None:
+        """The change-tracking references this job kept for the VM, but `keep`: dropped once the point naming
+        `keep` is committed, never before (an older one is what the next incremental would need otherwise).
+        Only references this job made are dropped (another tool's reference points are never touched); a
+        rollback to an older point then compares digests, with the reason shown."""
+        mine = (
+            select(SessionVm)
+            .join(Session, Session.id == SessionVm.session_id)
+            .where(
+                Session.job_id == self.sc.job.job_id,
+                SessionVm.vm_id == vm_id,
+                SessionVm.reference_kept.is_(True),
+                SessionVm.reference_dropped.is_(False),
+                SessionVm.checkpoint_reference != keep,
+            )
+        )
+        async with self.parts.journal.read() as db:
+            rows = list(await db.scalars(mine))
+        for old in rows:
+            await self.sc.provider.drop_reference(vm_id, old.checkpoint_reference)
+            async with self.parts.journal.change("change reference dropped", vm=vm_id) as db:
+                found = await db.get(SessionVm, old.id)
+                if found is not None:
+                    found.reference_dropped = True
+            self.log.info("change_reference_dropped", reference=old.checkpoint_reference, session=old.session_id)
+
+    async def _keep_reference(self, row: SessionVm) -> SessionVm:
+        """Every disk was read from the checkpoint: the provider keeps the reference later sessions ask changes
+        against, before the point that names it is committed (Hyper-V: ConvertToReferencePoint, which removes
+        the checkpoint, so this runs once, recorded). A controller killed inside the call finds the checkpoint
+        gone when it continues: the VM fails and its retry takes a new one; the reference the lost call made is
+        not the job's to find (Hyper-V reference points carry no name), and holds no data."""
+        await self._check_checkpoint_kept(row)
+        kept = await self.sc.provider.keep_reference(await self._find_checkpoint(row))
+        await self._set(VmState.COMMITTING, checkpoint_reference=kept.reference, reference_kept=True)
+        self.log.info("change_reference_kept", reference=kept.reference, checkpoint_removed=kept.checkpoint_removed)
+        return await self._row()
 
     def _point_row(self, row: SessionVm, point: target_pb2.RestorePoint, tasks: list[Task]) -> RestorePoint:
         """The point as the database keeps it: its disks are the VM's tasks (sizes checked against the
@@ -501,6 +564,7 @@ class VmRun:
             size_bytes=sum(t.disk_size for t in tasks),
             consistency=row.consistency,
             disks=disks,
+            vm_configuration=row.vm_configuration,
         )
 
     async def _check_checkpoint_kept(self, row: SessionVm) -> None:
@@ -539,10 +603,14 @@ class VmRun:
             self.log.info("restore_point_deleted", restore_point_id=p.id, session=p.session_id, reason="orphan")
 
     async def _release(self, row: SessionVm) -> None:
-        if row.checkpoint_id:
+        if row.checkpoint_id:  # idempotent: also after keep_reference removed it
             await self.sc.provider.remove_checkpoint(row.vm_id, row.checkpoint_id)
             self.log.info("checkpoint_removed", checkpoint_id=row.checkpoint_id)
         final = VmState.DONE if row.restore_point_id else VmState.FAILED
+        if final is VmState.FAILED and row.reference_kept and not row.reference_dropped:
+            # Kept for a point that was never committed: no session will ask changes against it.
+            await self.sc.provider.drop_reference(row.vm_id, row.checkpoint_reference)
+            await self._set(VmState.RELEASING, reference_dropped=True)
         error = row.error
         if final is VmState.FAILED and not error:
             failed = [t for t in await self._tasks(row) if t.state is TaskState.FAILED]

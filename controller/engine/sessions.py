@@ -16,7 +16,6 @@ from sqlalchemy import select
 
 from controller.db.enums import SessionState
 from controller.db.models import Host, Job, Session, Target, now
-from controller.engine.providers import provider_for
 from controller.engine.runtime import EngineParts, JobView, SessionContext, TargetView
 from controller.engine.session import SessionRun, describe
 from controller.engine.states import ACTIVE_SESSION
@@ -142,6 +141,7 @@ class Engine:
             host = await db.get(Host, job.host_id)
             if target is None or host is None:
                 raise NotFound(f"job {job.name}: its target or host no longer exists")
+            provider = await self.parts.providers.for_host(db, host)
         return SessionContext(
             session_id=session_id,
             job=job_view(job, host_provider=host.provider),
@@ -152,7 +152,7 @@ class Engine:
                 tls_server_name=target.tls_server_name,
                 max_tasks=target.max_tasks,
             ),
-            provider=provider_for(host),
+            provider=provider,
             full_check=session.full_check,
         )
 

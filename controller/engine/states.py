@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import datetime as dt
 import enum
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from controller.db.enums import SessionState, TaskState, VmState
 from vmrepl.domain import ChangeMode, ChangeTracking
+from vmrepl.providers.base import CheckpointRequest
 
 TASK_TRANSITIONS: dict[TaskState, frozenset[TaskState]] = {
     TaskState.PENDING: frozenset({TaskState.STARTING, TaskState.FAILED, TaskState.RESUMABLE}),
@@ -217,3 +218,12 @@ def reconcile_task(state: TaskState, *, proxy_knows_transfer: bool | None) -> Re
     # starting again is safe because the target resumes from what it made durable, and a start that
     # did arrive is recognised by its controller-chosen transfer id.
     return Recovery.RESUME
+
+
+def checkpoint_request(guest_processing: Mapping[str, object]) -> CheckpointRequest:
+    """The checkpoint a job's guest-processing settings ask for: application-consistent when enabled, with a
+    crash-consistent fallback only when failures are to be ignored (GuestProcessing in controller.proto)."""
+    enabled = guest_processing.get("enabled") is True
+    return CheckpointRequest(
+        application=enabled, required=enabled and guest_processing.get("ignore_failures") is not True
+    )

@@ -37,7 +37,7 @@ async def test_checkpoint_holds_during_a_session_and_changes_reach_the_next(lab_
 
     cp2 = await provider.create_checkpoint("web01")
     changed = await provider.changed_ranges(cp2, "disk0", cp1.reference)
-    assert changed is not None and len(changed) == 8
+    assert isinstance(changed, list) and len(changed) == 8
     ranges = [common_pb2.ByteRange(offset=e.offset, length=e.length) for e in changed]
     source = proxy_pb2.ChangeSource(changed_ranges=proxy_pb2.ChangedRanges(ranges=ranges, reference_id=cp1.reference))
     spec2 = lab_env.spec("s2", source_locator=d.locator, disk_size=d.size, replica_path="jobs/web01",

@@ -8,9 +8,10 @@ A Hyper-V checkpoint freezes a disk as a chain: the newest `.avhdx` whose parent
 "VHDX differencing chains"):
 
 * The parent is found by the locator's `relative_path` (from the child's directory) first, then its
-  `absolute_win32_path`: as is on Windows; elsewhere its drive is dropped and each of its suffixes
-  (longest first) is tried under each allowed root, so a root that mirrors any folder of the Windows
-  path finds it. `volume_path` is used as is on Windows only, last.
+  `absolute_win32_path`: through `resolve_win32` when given (the proxy's host path mappings); else as is
+  on Windows, and elsewhere its drive is dropped and each of its suffixes (longest first) is tried under
+  each allowed root, so a root that mirrors any folder of the Windows path finds it. `volume_path` is
+  used as is on Windows only, last.
 * Every parent must resolve (symlinks followed) strictly inside one of `roots` (default: the folder of
   the file opened) and is opened without following a link in its place; its DataWriteGuid must equal
   the child's `parent_linkage` (else the parent changed after the checkpoint: the chain is broken); it
@@ -26,7 +27,7 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path, PureWindowsPath
 
 from vmrepl.block import fill_zero
@@ -44,11 +45,14 @@ from vmrepl.disk.vhdx_format import (
     read_layout,
 )
 from vmrepl.domain import DiskFormat
-from vmrepl.errors import DiskError, PathError, UnsupportedDisk
+from vmrepl.errors import DiskError, PathError, UnsupportedDisk, VmreplError
 from vmrepl.extent import Extent, intersect, merge
 from vmrepl.names import resolve_inside
 
 MAX_CHAIN = 64  # files in a chain; Hyper-V allows 50 checkpoints per VM
+# Where a parent locator's absolute_win32_path is read here (None: nowhere); a VmreplError refuses it. Given,
+# it replaces the suffix search under the roots (the proxy maps host paths through its configuration).
+Win32Resolver = Callable[[str], Path | None]
 
 
 class _Image:
@@ -83,21 +87,33 @@ def _win32_candidates(value: str, roots: Sequence[Path]) -> list[Path]:
     return [root.joinpath(*parts[i:]) for i in range(len(parts)) for root in roots if parts[i:]]
 
 
-def _parent_candidates(child: Path, locator: ParentLocator, roots: Sequence[Path]) -> list[Path]:
+def _parent_candidates(
+    child: Path, locator: ParentLocator, roots: Sequence[Path], resolve_win32: Win32Resolver | None
+) -> Iterator[Path]:
+    """Lazily: the absolute path is resolved only when the relative one did not lead to a file."""
     entries = locator.entries
-    out = []
     if entries.get("relative_path"):
-        out.append(child.parent / entries["relative_path"].replace("\\", "/"))
-    if entries.get("absolute_win32_path"):
-        out.extend(_win32_candidates(entries["absolute_win32_path"], roots))
+        yield child.parent / entries["relative_path"].replace("\\", "/")
+    if value := entries.get("absolute_win32_path"):
+        if resolve_win32 is None:
+            yield from _win32_candidates(value, roots)
+        else:
+            try:
+                mapped = resolve_win32(value)
+            except VmreplError as e:
+                raise UnsupportedDisk(f"{child}: the parent's absolute path {value!r} is refused: {e}") from e
+            if mapped is not None:
+                yield mapped
     if IS_WINDOWS and entries.get("volume_path"):
-        out.append(Path(entries["volume_path"]))
-    return out
+        yield Path(entries["volume_path"])
 
 
-def _find_parent(child: Path, locator: ParentLocator, roots: Sequence[Path]) -> Path:
-    tried = _parent_candidates(child, locator, roots)
-    for candidate in tried:
+def _find_parent(
+    child: Path, locator: ParentLocator, roots: Sequence[Path], resolve_win32: Win32Resolver | None
+) -> Path:
+    tried = []
+    for candidate in _parent_candidates(child, locator, roots, resolve_win32):
+        tried.append(candidate)
         if not os.path.lexists(candidate):
             continue
         try:
@@ -105,6 +121,8 @@ def _find_parent(child: Path, locator: ParentLocator, roots: Sequence[Path]) -> 
         except PathError as e:
             raise UnsupportedDisk(f"{child}: parent {candidate} resolves outside the allowed roots") from e
     shown = ", ".join(str(p) for p in tried[:4]) or "no path in the locator"
+    if resolve_win32 is not None and (value := locator.entries.get("absolute_win32_path")):
+        shown += f"; its absolute path {value!r} maps to no file here"
     raise UnsupportedDisk(f"{child}: the parent of this differencing VHDX is missing (tried {shown})")
 
 
@@ -116,8 +134,10 @@ class VhdxReader(DiskReader):
         follow_links: bool = True,
         roots: Sequence[Path] | None = None,
         max_chain: int = MAX_CHAIN,
+        resolve_win32: Win32Resolver | None = None,
     ) -> None:
         self._chain: list[_Image] = []
+        self._resolve_win32 = resolve_win32
         try:
             self._open_chain(path, follow_links, roots, max_chain)
         except BaseException:
@@ -145,7 +165,9 @@ class VhdxReader(DiskReader):
             child = self._chain[-1]
             if len(self._chain) >= max_chain:
                 raise UnsupportedDisk(f"{path}: the differencing chain is longer than {max_chain} files")
-            parent = self._open(_find_parent(child.file.path, locator, allowed), follow_links=False)
+            parent = self._open(
+                _find_parent(child.file.path, locator, allowed, self._resolve_win32), follow_links=False
+            )
             self._chain.append(parent)
             st = os.fstat(parent.file.fd)
             if (st.st_dev, st.st_ino) in seen:

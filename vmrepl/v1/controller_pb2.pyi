@@ -1714,6 +1714,7 @@ class SessionStats(_message.Message):
     BUSY_FIELD_NUMBER: _builtins.int
     BOTTLENECK_FIELD_NUMBER: _builtins.int
     BLOCKS_REPAIRED_FIELD_NUMBER: _builtins.int
+    CHANGE_TRACKING_FALLBACKS_FIELD_NUMBER: _builtins.int
     disk_bytes: _builtins.int
     bytes_read: _builtins.int
     bytes_sent: _builtins.int
@@ -1728,6 +1729,10 @@ class SessionStats(_message.Message):
     blocks_repaired: _builtins.int
     """Blocks full checks found differing from the replica although the host's change tracking did not report
     them, repaired in this session (the sum of the disks' full_check.repaired_blocks).
+    """
+    change_tracking_fallbacks: _builtins.int
+    """Disks that compared digests because the host's change tracking could not say what changed (each
+    disk's DiskTask.change_fallback says why).
     """
     @_builtins.property
     def skipped(self) -> _common_pb2.SkippedBytes: ...
@@ -1749,10 +1754,11 @@ class SessionStats(_message.Message):
         busy: Global___StageShares | None = ...,
         bottleneck: _builtins.str = ...,
         blocks_repaired: _builtins.int = ...,
+        change_tracking_fallbacks: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["busy", b"busy", "skipped", b"skipped"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["blocks_repaired", b"blocks_repaired", "bottleneck", b"bottleneck", "busy", b"busy", "bytes_data", b"bytes_data", "bytes_processed", b"bytes_processed", "bytes_read", b"bytes_read", "bytes_sent", b"bytes_sent", "compression_ratio", b"compression_ratio", "disk_bytes", b"disk_bytes", "duration_seconds", b"duration_seconds", "rate_bytes_per_second", b"rate_bytes_per_second", "restore_points", b"restore_points", "skipped", b"skipped"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["blocks_repaired", b"blocks_repaired", "bottleneck", b"bottleneck", "busy", b"busy", "bytes_data", b"bytes_data", "bytes_processed", b"bytes_processed", "bytes_read", b"bytes_read", "bytes_sent", b"bytes_sent", "change_tracking_fallbacks", b"change_tracking_fallbacks", "compression_ratio", b"compression_ratio", "disk_bytes", b"disk_bytes", "duration_seconds", b"duration_seconds", "rate_bytes_per_second", b"rate_bytes_per_second", "restore_points", b"restore_points", "skipped", b"skipped"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -22,6 +22,7 @@ from controller.api.resources.hosts import (
     apply_host,
     check_host_folder,
     host_msg,
+    host_vm_msg,
 )
 from controller.api.resources.jobs import JOB_FIELDS, apply_job, job_msg, roots_overlap
 
@@ -44,6 +45,7 @@ __all__ = [
     "check_username",
     "credential_msg",
     "host_msg",
+    "host_vm_msg",
     "job_msg",
     "mask_paths",
     "parse_name",

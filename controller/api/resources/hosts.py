@@ -7,15 +7,17 @@ import os
 from collections.abc import Iterable
 from pathlib import Path
 
+from pydantic import SecretStr
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from controller.api.resources.common import by_name, check_printable, timestamp
 from controller.db.models import Credential, Host
-from controller.engine.providers import PROVIDERS
+from controller.engine.providers import PROVIDERS, winrm_settings
 from vmrepl.errors import InvalidArgument
+from vmrepl.providers.base import VmInfo
 from vmrepl.v1 import controller_pb2 as api
 
-HOST_FIELDS = ("provider", "address", "credential")
+HOST_FIELDS = ("provider", "address", "credential", "winrm")
 
 
 async def host_msg(db: AsyncSession, row: Host) -> api.Host:
@@ -26,6 +28,7 @@ async def host_msg(db: AsyncSession, row: Host) -> api.Host:
         address=row.address,
         credential=f"credentials/{cred.name}" if cred else "",
         create_time=timestamp(row.created_at),
+        winrm=api.WinRmSettings(**row.winrm) if row.provider == "hyperv" and row.winrm else None,
     )
 
 
@@ -46,8 +49,37 @@ async def apply_host(db: AsyncSession, msg: api.Host, row: Host, paths: Iterable
                 else None
             )
             row.credential_id = cred.id if cred else None
+        elif path == "winrm":
+            w = msg.winrm
+            row.winrm = {
+                k: v
+                for k, v in (
+                    ("scheme", w.scheme),
+                    ("port", w.port),
+                    ("auth", w.auth),
+                    ("ca_bundle", w.ca_bundle),
+                    ("script_timeout_seconds", w.script_timeout_seconds),
+                )
+                if v
+            }
     if row.provider == "file":
         await asyncio.to_thread(check_host_folder, "host.address", row.address)
+    elif row.provider == "hyperv":
+        await _check_hyperv(db, row)
+
+
+async def _check_hyperv(db: AsyncSession, row: Host) -> None:
+    """A Hyper-V host: a credential to log on with, and WinRM settings the client accepts (the client's own
+    rules, so what is stored is what a session can use); the CA bundle is a file the controller can read."""
+    cred = await db.get(Credential, row.credential_id) if row.credential_id else None
+    if cred is None:
+        raise InvalidArgument("host.credential", "a Hyper-V host needs the credential WinRM logs on with")
+    try:
+        settings = winrm_settings(row, cred.username, SecretStr("unused"))
+    except InvalidArgument as e:
+        raise InvalidArgument(f"host.winrm.{e.field}" if e.field != "address" else "host.address", e.description) from e
+    if settings.ca_bundle and not await asyncio.to_thread(os.path.isfile, settings.ca_bundle):
+        raise InvalidArgument("host.winrm.ca_bundle", f"{settings.ca_bundle} is not a file the controller can read")
 
 
 # A file host's folder holds VM folders; the controller reads it and writes its state under it, and the
@@ -77,3 +109,16 @@ def check_host_folder(field: str, address: str) -> str:
         if real == Path(tree) or Path(tree) in real.parents:
             raise InvalidArgument(field, f"{address!r} lies in the system folder {tree}")
     return address
+
+
+def host_vm_msg(vm: VmInfo) -> api.HostVm:
+    return api.HostVm(
+        id=vm.vm_id,
+        name=vm.name,
+        state=vm.state,
+        disks=[
+            api.HostVmDisk(id=d.disk_id, path=d.locator, format=d.format.to_proto(), size_bytes=d.size)
+            for d in vm.disks
+        ],
+        details=dict(vm.details),
+    )

@@ -44,6 +44,7 @@ def point_msg(job_name: str, row: RestorePoint) -> api.JobRestorePoint:
         size_bytes=row.size_bytes,
         consistency=Consistency.from_stored(row.consistency),
         disks=[_disk(d) for d in row.disks],
+        vm_configuration=row.vm_configuration or b"",
     )
 
 
@@ -67,6 +68,8 @@ def target_point_msg(
         consistency=consistency,
         restorable=p.restorable,
         disks=list(p.disks),
+        # The target leaves it out of Replica replies (its list does not need it); the database keeps a copy.
+        vm_configuration=p.vm_configuration or (row.vm_configuration or b"" if row is not None else b""),
     )
 
 

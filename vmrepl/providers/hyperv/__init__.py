@@ -1,7 +1,7 @@
-"""The Hyper-V provider (issue 12), reached over WinRM: not built yet.
+"""The Hyper-V provider (issue 12), reached over WinRM (docs/hyperv.md).
 
-What exists now is the reading side of the host's PowerShell scripts: `envelope` turns the one JSON
-envelope a script prints on stdout into a typed result or a `vmrepl.errors.HostError`, and `clixml`
-turns the CLIXML a script leaves on stderr into message lines. The WinRM client, the shipped scripts and
-the provider itself (inventory, recovery checkpoints, RCT) will live in this package too.
+`winrm` runs the PowerShell scripts shipped in `ps/` (named in `scripts`, their parameters and results in
+`models`) on a host; `envelope` reads the one JSON envelope a script prints on stdout into a typed result or
+a `vmrepl.errors.HostError`, and `clixml` turns the CLIXML a script leaves on stderr into message lines;
+`provider` implements vmrepl's provider interface on top of them.
 """
