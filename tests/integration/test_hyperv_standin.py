@@ -20,6 +20,7 @@ from winrm.protocol import Protocol
 from controller import lab
 from tests.support.hyperv import faults
 from tests.support.hyperv.lab import HyperVLab, hyperv_lab
+from tests.support.hyperv.model import JobPolicy
 from tests.support.hyperv.serve import ControlClient
 from vmrepl.disk.vhdx import VhdxReader
 from vmrepl.errors import HostError
@@ -97,9 +98,12 @@ def test_checkpoint_reference_point_and_changes_over_https(standin: HyperVLab) -
     [now] = result(p, "get_vm", m.VmParams(vm=found.id))
     assert now.disks[0].type == "Differencing" and now.disks[0].parent_chain == [DISK]
 
+    host.job_policy = JobPolicy(asynchronous=False)  # ConvertToReferencePoint answers 0 with the out reference
     rp = result(p, "convert_checkpoint", m.SnapshotParams(vm_id=found.id, snapshot_id=snap.id, timeout_seconds=10))
     assert result(p, "list_checkpoints", m.VmParams(vm=found.id)) == []
     assert [r.id for r in result(p, "list_reference_points", m.VmParams(vm=found.id))] == [rp.id]
+    assert host.calls == ["CreateSnapshot", "ConvertToReferencePoint"]
+    host.job_policy = JobPolicy(asynchronous=True, polls=3)
     host.write(vm.id, 0, 8 * MiB, b"C" * 512)
     snap2 = result(p, "create_checkpoint", cp.model_copy(update={"name": "vmrepl-2"}))
     changes = result(

@@ -7,10 +7,13 @@ from __future__ import annotations
 import base64
 import json
 import random
+import subprocess
 from pathlib import Path
 
 import pytest
+from dissect.hypervisor.disk.vhdx import VHDX
 
+from tests.support.clock import Clock
 from tests.support.hyperv import faults, handlers
 from tests.support.hyperv.model import HyperVHost, JobPolicy, parse_rct_id
 from tests.support.hyperv.state import windows_to_local
@@ -24,6 +27,13 @@ from vmrepl.providers.hyperv.scripts import SCRIPTS
 
 DIR = "C:\\Hyper-V\\Virtual Hard Disks"
 SIZES = (16 * MiB, 8 * MiB)
+
+
+def same(got: bytes, want: bytes) -> None:
+    """Byte-exact, reporting the first differing offset (not a diff of megabytes)."""
+    if got != want:
+        at = next((i for i, (a, b) in enumerate(zip(got, want, strict=False)) if a != b), min(len(got), len(want)))
+        pytest.fail(f"differs at byte {at} (lengths {len(got)} and {len(want)})")
 
 
 class Guest:
@@ -42,12 +52,18 @@ class Guest:
 
     def check(self) -> None:
         for i in range(len(SIZES)):
-            assert self.host.read(self.vm.id, i) == bytes(self.flat[i])
+            same(self.host.read(self.vm.id, i), bytes(self.flat[i]))
 
 
 @pytest.fixture
-def host(tmp_path: Path) -> HyperVHost:
-    h = HyperVHost(tmp_path / "host", poll_interval=0.0)
+def clock() -> Clock:
+    return Clock()
+
+
+@pytest.fixture
+def host(tmp_path: Path, clock: Clock) -> HyperVHost:
+    # Fake time: the scripts' job loop "sleeps" by moving the clock on, so timeouts cost no real time.
+    h = HyperVHost(tmp_path / "host", poll_interval=0.1, monotonic=clock.seconds, sleep=clock.advance)
     h.job_policy = JobPolicy(asynchronous=False)
     return h
 
@@ -79,8 +95,12 @@ def test_checkpoint_freezes_disks_and_chain_reads_through_vmrepl_reader(host: Hy
     assert second is not None
     g.write(1, 0, 512)
     g.check()
+    current = host.local(host.vm(g.vm.id).disks[0].chain[-1])
+    theirs = VHDX(current)  # an independent reader (dissect.hypervisor) follows the same chain
+    theirs.seek(0)
+    same(theirs.read(SIZES[0]), bytes(g.flat[0]))
     for i, d in enumerate(first.disks):
-        assert host.read_file(d.path, 0, SIZES[i]) == frozen[i]  # untouched since the first freeze
+        same(host.read_file(d.path, 0, SIZES[i]), frozen[i])  # untouched since the first freeze
     disk0 = host.vm(g.vm.id).disks[0]
     assert len(disk0.chain) == 3 and disk0.chain[1].endswith(".avhdx") and second.disks[0].path == disk0.chain[1]
     assert disk0.chain[1].rpartition("\\")[2].startswith(f"{g.vm.name}-0_")
@@ -88,7 +108,7 @@ def test_checkpoint_freezes_disks_and_chain_reads_through_vmrepl_reader(host: Hy
         assert [p.name for p in r.chain] == [host.local(p).name for p in reversed(disk0.chain[:2])]
         buf = bytearray(SIZES[0])
         r.read_into(memoryview(buf), 0)
-        assert bytes(buf) == mid[0]
+        same(bytes(buf), mid[0])
 
 
 def test_merges_are_byte_exact_against_flat_reference(host: HyperVHost) -> None:
@@ -105,11 +125,15 @@ def test_merges_are_byte_exact_against_flat_reference(host: HyperVHost) -> None:
     g.check()
     snap_b = host.snapshot(b)
     assert snap_b is not None and snap_b.disks[0].path == host.vm(g.vm.id).disks[0].chain[0]
-    assert host.read_file(snap_b.disks[0].path, 0, SIZES[0]) == b_view
+    same(host.read_file(snap_b.disks[0].path, 0, SIZES[0]), b_view)
     assert host.destroy_snapshot(b).return_value == 0
     g.check()
     assert [len(d.chain) for d in host.vm(g.vm.id).disks] == [1, 1]
     assert local_files(host) == sorted(f"{g.vm.name}-{i}.vhdx" for i in range(2))  # AVHDX files deleted
+    for d in host.vm(g.vm.id).disks:  # qemu-img still finds the merged base disks sound
+        subprocess.run(
+            ["qemu-img", "check", "-f", "vhdx", str(host.local(d.chain[0]))], check=True, capture_output=True
+        )
     assert HyperVHost(host.root).state == host.state  # persisted in host.json
 
 
@@ -195,7 +219,7 @@ def test_vanished_reference_point_and_rct_disabled(host: HyperVHost) -> None:
     assert rp2 is not None and rp2.rct_ids == [] and len(rp2.disk_ids) == 2
 
 
-def test_jobs_async_sync_and_faults(host: HyperVHost) -> None:
+def test_jobs_async_sync_and_faults(host: HyperVHost, clock: Clock) -> None:
     g = Guest(host)
     host.job_policy = JobPolicy(asynchronous=True, polls=3)
     started = host.create_snapshot(g.vm.id, name="vmrepl-1")
@@ -214,6 +238,11 @@ def test_jobs_async_sync_and_faults(host: HyperVHost) -> None:
     host.add_fault(faults.JobHangs("CreateSnapshot"))
     hung = host.create_snapshot(g.vm.id, name="vmrepl-3")
     assert {host.poll_job(hung.job or "").state for _ in range(5)} == {4} and host.state.snapshots == []
+    host.add_fault(faults.SlowJob("CreateSnapshot", seconds=0.5))
+    slow = host.create_snapshot(g.vm.id, name="vmrepl-4")
+    assert [host.poll_job(slow.job or "").state for _ in range(5)] == [4] * 5  # the fake clock has not moved
+    clock.advance(0.5)
+    assert host.poll_job(slow.job or "").state == 7 and host.state.snapshots[-1].name == "vmrepl-4"
 
 
 def run(host: HyperVHost, name: str, params: dict[str, object]) -> ScriptResult:
@@ -253,6 +282,7 @@ def test_every_script_answer_validates_with_read_envelope(host: HyperVHost) -> N
         assert out.exit_code == 0 and out.stdout.endswith(b"}\r\n") and out.stdout.count(b"\n") == 1
         results[name] = read_envelope(out.stdout, SCRIPTS[name].result)
     assert results["get_vm"][0].name == "wéb01 测试"  # type: ignore[index]
+    assert read_envelope(run(host, "get_vm", {"vm": "WÉB01 测试"}).stdout, SCRIPTS["get_vm"].result)[0].id == vid
     assert "测试".encode() in run(host, "list_vms", {}).stdout  # UTF-8, not \u escapes
     assert run(host, "host_info", {}).stderr.startswith(b"#< CLIXML\r\n")  # progress noise with rc 0
     assert results["disk_changes"] == m.DiskChanges(
@@ -273,7 +303,7 @@ def expect_error(out: ScriptResult, result: object) -> HostError:
     return raised.value
 
 
-def test_script_error_envelopes(host: HyperVHost) -> None:
+def test_script_error_envelopes(host: HyperVHost, clock: Clock) -> None:
     g = Guest(host)
     vid = g.vm.id
     cp = {"vm_id": vid, "name": "vmrepl-x", "consistency_level": 2, "guest_backup_type": 2, "timeout_seconds": 1}
@@ -291,6 +321,12 @@ def test_script_error_envelopes(host: HyperVHost) -> None:
         SCRIPTS["list_checkpoints"].result,
     )
     assert e.code is None
+    host.add_fault(faults.SlowJob("CreateSnapshot", seconds=3.0))  # the script gives up; the host carries on
+    e = expect_error(run(host, "create_checkpoint", cp), m.Snapshot)
+    assert e.code is None and "within 1 seconds" in str(e) and host.state.snapshots == []
+    clock.advance(2.1)  # past the job's 3 s (the script gave up at 1 s)
+    listed = read_envelope(run(host, "list_checkpoints", {"vm": vid}).stdout, SCRIPTS["list_checkpoints"].result)
+    assert [s.name for s in listed] == ["vmrepl-x"]  # a stale recovery checkpoint, for the next run to clean
     e = expect_error(handlers.run(host, "host_info", {"VMREPL_PARAMS": "not base64!"}), m.HostInfo)
     assert e.operation == "ConvertFrom-Json"
     e = expect_error(run(host, "get_vm", {"vm": ""}), SCRIPTS["get_vm"].result)  # fails the params model

@@ -15,7 +15,6 @@ from __future__ import annotations
 import base64
 import binascii
 import json
-import time
 from collections.abc import Callable
 from datetime import datetime
 from typing import Any, TypeVar
@@ -161,7 +160,7 @@ def wait_job(host: HyperVHost, method: str, result: MethodResult, timeout: int) 
         return result.out
     if result.return_value != JOB_STARTED or result.job is None:
         raise ScriptError(method, f"{method} failed with return value {result.return_value}.", result.return_value)
-    deadline = time.monotonic() + timeout
+    deadline = host.monotonic() + timeout
     while True:
         view = host.poll_job(result.job)
         if view.state in (7, 32768):
@@ -169,9 +168,9 @@ def wait_job(host: HyperVHost, method: str, result: MethodResult, timeout: int) 
         if view.state not in IN_PROGRESS:
             text = view.error_description or f"The job of {method} ended in state {view.state}."
             raise ScriptError("Msvm_ConcreteJob", text, view.error_code)
-        if time.monotonic() >= deadline:
+        if host.monotonic() >= deadline:
             raise ScriptError("Msvm_ConcreteJob", f"The job of {method} did not finish within {timeout} seconds.", None)
-        time.sleep(host.poll_interval)
+        host.sleep(host.poll_interval)
 
 
 P = TypeVar("P", bound=BaseModel)
@@ -201,10 +200,11 @@ def _create_checkpoint(host: HyperVHost, p: BaseModel) -> Any:
     sid = wait_job(
         host, method, host.create_snapshot(vm.id, name=p.name, consistency_level=p.consistency_level), p.timeout_seconds
     )
-    snap = host.snapshot(sid or "")
-    if snap is None:
-        raise ScriptError("Get-CimAssociatedInstance", "The checkpoint job completed without a snapshot.", None)
-    return snapshot_result(host, snap)
+    with host.lock:
+        snap = host.snapshot(sid or "")
+        if snap is None:
+            raise ScriptError("Get-CimAssociatedInstance", "The checkpoint job completed without a snapshot.", None)
+        return snapshot_result(host, snap)
 
 
 def _list_checkpoints(host: HyperVHost, p: BaseModel) -> Any:
@@ -303,6 +303,10 @@ _SCRIPTS: dict[str, tuple[str, Runner, bool]] = {
 }
 
 
+# The scripts that wait for a WMI job (never under the model's lock while they sleep).
+_WAITING = frozenset({"create_checkpoint", "remove_checkpoint", "convert_checkpoint", "destroy_reference_point"})
+
+
 def _params(name: str, env: dict[str, str]) -> BaseModel:
     raw = env.get(PARAMS_VARIABLE)
     if raw is None:
@@ -321,8 +325,14 @@ def run(host: HyperVHost, name: str, env: dict[str, str]) -> ScriptResult:
     """What `powershell.exe` prints for the script `name` with this shell environment."""
     operation, runner, loads_module = _SCRIPTS[name]
     stderr = PROGRESS_CLIXML if loads_module and host.progress_noise else b""
+    host.settle_jobs()
     try:
-        result = runner(host, _params(name, env))
+        params = _params(name, env)
+        if name in _WAITING:
+            result = runner(host, params)  # the job loop sleeps: the model locks each step itself
+        else:
+            with host.lock:  # a listing sees one consistent state
+                result = runner(host, params)
     except ScriptError as e:
         doc = {"ok": False, "host": host.state.name, "operation": e.operation, "message": e.message, "code": e.code}
         return ScriptResult(stdout=_ps_json(doc), stderr=stderr, exit_code=1)

@@ -26,6 +26,7 @@ import subprocess
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -132,12 +133,15 @@ class HyperVHost:
         ranges_per_call: int = 64,
         rct_granularity: int = 512,
         poll_interval: float = 0.01,
+        monotonic: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], None] = time.sleep,
     ) -> None:
         self.root = root
         self.drives = root / "drives"
         self.drives.mkdir(parents=True, exist_ok=True)
         self._file = root / "host.json"
         self._lock = threading.RLock()
+        self.lock = self._lock  # held by readers that must see one consistent state (handlers.py)
         if self._file.exists():
             self.state = HostState.model_validate_json(self._file.read_text(encoding="utf-8"))
         else:
@@ -147,6 +151,8 @@ class HyperVHost:
         self.ranges_per_call = ranges_per_call
         self.rct_granularity = rct_granularity  # changed ranges are rounded out to this
         self.poll_interval = poll_interval  # how long the scripts' job loop sleeps between polls
+        # Time for jobs and the scripts' job loop (a fake clock in unit tests: no real waiting).
+        self.monotonic, self.sleep = monotonic, sleep
         self.job_policy = JobPolicy()
         self._faults: list[list[Any]] = []  # [fault, remaining or None]
         self._jobs: dict[str, _Job] = {}
@@ -186,7 +192,8 @@ class HyperVHost:
 
     def find_vms(self, vm: str) -> list[VmState]:
         with self._lock:
-            return [v for v in self.state.vms if v.id.casefold() == vm.casefold() or v.name == vm]
+            # Get-VM -Name matches names case-insensitively, as Windows does.
+            return [v for v in self.state.vms if vm.casefold() in (v.id.casefold(), v.name.casefold())]
 
     def snapshot(self, snapshot_id: str) -> SnapshotState | None:
         with self._lock:
@@ -331,15 +338,24 @@ class HyperVHost:
         elif isinstance(fault, f.JobHangs):
             job.hang = True
         elif isinstance(fault, f.SlowJob):
-            job.until = time.monotonic() + fault.seconds
+            job.until = self.monotonic() + fault.seconds
+            job.polls_left = 1  # completes on the first poll after its time
         self._jobs[job.id] = job
         return MethodResult(JOB_STARTED, job=job.id)
+
+    def settle_jobs(self) -> None:
+        """A SlowJob past its time completes whether or not anyone polls it, as a host's jobs run on after
+        the script that started them gave up (a checkpoint made after the client's timeout)."""
+        with self._lock:
+            for job in self._jobs.values():
+                if job.until and job.state in IN_PROGRESS and self.monotonic() >= job.until:
+                    self.poll_job(job.id)
 
     def poll_job(self, job_id: str) -> JobView:
         """Msvm_ConcreteJob as a new Get() shows it: advances the job by one poll."""
         with self._lock:
             job = self._jobs[job_id]
-            if job.state in IN_PROGRESS and not job.hang and time.monotonic() >= job.until:
+            if job.state in IN_PROGRESS and not job.hang and self.monotonic() >= job.until:
                 job.polls_left -= 1
                 if job.polls_left > 0:
                     job.state = JOB_RUNNING
