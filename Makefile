@@ -7,7 +7,7 @@ PROTO_SRC := $(wildcard protos/vmrepl/v1/*.proto)
 NODE_DIR  := tests/node
 NODE_STAMP := $(NODE_DIR)/node_modules/.package-lock.json
 
-.PHONY: install proto test test-unit test-integration lint buf-lint node bench demo certs clean
+.PHONY: install proto test test-unit test-integration lint buf-lint node bench demo demo-hyperv certs clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -55,6 +55,10 @@ bench: $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/python -m controller.lab.demo
+
+# The same from the Hyper-V host stand-in (tests/support/hyperv: controller/ never imports tests/).
+demo-hyperv: $(STAMP)
+	$(BIN)/python -m tests.support.hyperv.demo
 
 certs: $(STAMP)
 	$(BIN)/vmrepl-certs init --dir certs
