@@ -40,6 +40,7 @@ from controller.engine.states import (
 from controller.engine.transfer import DiskTaskSpec, prepare, proxy_identity, start_request, trusted_change
 from vmrepl.domain import TRANSFER_ENDED, ChangeMode, ChangeTracking, compare_digests, full_read, unreachable
 from vmrepl.errors import FailedPrecondition, VmreplError
+from vmrepl.extent import Extent
 from vmrepl.logs import get_logger
 from vmrepl.progress import TransferFigures
 from vmrepl.providers.base import Checkpoint, Untracked
@@ -313,7 +314,12 @@ class TaskRunner:
             return full_read()
         if choice.mode is ChangeMode.COMPARE and not choice.full_check:
             return compare_digests()
-        ranges = await self.sc.provider.changed_ranges(self.checkpoint, task.disk_id, choice.since)
+        if choice.since == self.checkpoint.reference:
+            # A disk done under this very checkpoint (DiskStart.DONE): nothing changed since it, by definition.
+            # Hyper-V has no reference for a checkpoint until it is converted, so the host is not asked.
+            ranges: list[Extent] | Untracked = []
+        else:
+            ranges = await self.sc.provider.changed_ranges(self.checkpoint, task.disk_id, choice.since)
         if isinstance(ranges, Untracked):
             if self.sc.job.change_tracking is ChangeTracking.ON:
                 raise FailedPrecondition(

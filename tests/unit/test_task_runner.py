@@ -391,3 +391,24 @@ async def test_a_full_check_resumed_in_a_later_session_stays_one(world: World) -
     assert end is TaskState.SUCCEEDED
     assert world.proxy.started[0].change_source.compare_digests.HasField("full_check")
     assert (await world.journal.load(Task, task.id)).full_check is True
+
+
+async def test_a_disk_done_under_a_checkpoint_without_a_reference_sends_nothing_and_asks_no_host(
+    world: World,
+) -> None:
+    """Hyper-V: a checkpoint has no reference until it is converted; a disk already done under the held
+    checkpoint continues with no changed range, without asking the host (which would fall back to a
+    digest comparison of the whole disk, with a misleading reason)."""
+    rows = await world.plan()
+    cp = dataclasses.replace(await world.provider.create_checkpoint("vm1"), reference="")
+    async with world.journal.change("checkpoint") as db:
+        row = await db.get(SessionVm, rows["vm1"])
+        assert row is not None
+        row.state, row.checkpoint_id = VmState.TRANSFERRING, cp.checkpoint_id
+        (task,) = list(await db.scalars(select(Task)))
+        task.start = "done"
+    world.provider.changes = {}  # asked, the host would say it cannot
+    end = await asyncio.wait_for(TaskRunner(world.parts, world.sc, cp, task.id).run(), 30)
+    done = await world.journal.load(Task, task.id)
+    assert end is TaskState.SUCCEEDED and done.change_mode == "ranges" and done.fallback_reason == ""
+    assert list(world.proxy.started[0].change_source.changed_ranges.ranges) == []
