@@ -26,18 +26,9 @@ import ssl
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-import requests
 from pydantic import BaseModel, SecretStr
-from winrm.exceptions import (
-    InvalidCredentialsError,
-    WinRMError,
-    WinRMOperationTimeoutError,
-    WinRMTransportError,
-    WSManFaultError,
-)
-from winrm.protocol import Protocol
 
 from vmrepl.errors import (
     ConfigError,
@@ -53,6 +44,11 @@ from vmrepl.logs import get_logger
 from vmrepl.providers.hyperv import scripts
 from vmrepl.providers.hyperv.clixml import MAX_STDERR, stderr_message
 from vmrepl.providers.hyperv.envelope import read_envelope
+
+# pywinrm (and requests under it) is the controller's (its extra): imported where a host is called, so the
+# agents, which import all of vmrepl, run without it (.ci/check-wheel).
+if TYPE_CHECKING:
+    from winrm.protocol import Protocol
 
 log = get_logger("vmrepl.providers.hyperv.winrm")
 
@@ -171,6 +167,8 @@ class WinRmSettings:
 
     def protocol(self) -> Protocol:
         """A new pywinrm Protocol (no connection is made until the first message)."""
+        from winrm.protocol import Protocol
+
         if self.ca_bundle and not os.path.isfile(self.ca_bundle):
             raise ConfigError(f"winrm.ca_bundle: {self.ca_bundle} is not a readable file")
         return Protocol(**self.protocol_arguments())
@@ -284,6 +282,8 @@ class HostClient:
             protocol.transport.close_session()
 
     def _receive(self, protocol: Protocol, shell_id: str, command_id: str, name: str, stop: threading.Event) -> _Output:
+        from winrm.exceptions import WinRMOperationTimeoutError
+
         deadline = time.monotonic() + self.settings.script_timeout_seconds
         stdout, stderr = bytearray(), bytearray()
         while True:
@@ -317,6 +317,14 @@ class HostClient:
             self._log.warning(event, error=f"{type(e).__name__}: {e}")
 
     def _transport_error(self, e: Exception) -> Exception:
+        import requests
+        from winrm.exceptions import (
+            InvalidCredentialsError,
+            WinRMError,
+            WinRMTransportError,
+            WSManFaultError,
+        )
+
         host, user = self.settings.address, self.settings.username
         if isinstance(e, InvalidCredentialsError):
             return HostAuthError(
