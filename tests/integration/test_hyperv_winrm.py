@@ -18,6 +18,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import pytest
+from prometheus_client import REGISTRY
 from pydantic import SecretStr
 
 from controller import lab
@@ -124,6 +125,12 @@ def ntlm_client(server: WsmanServer, *, password: str = PASSWORD) -> HostClient:
     return HostClient(settings)
 
 
+def _runs(script: str, outcome: str) -> float:
+    """How many runs of `script` ended with `outcome`, as Prometheus counts them."""
+    value = REGISTRY.get_sample_value("vmrepl_host_script_seconds_count", {"script": script, "outcome": outcome})
+    return value or 0.0
+
+
 async def test_host_info_over_https_basic(
     https_server: WsmanServer, registry: ScriptRegistry, lab_certs: lab.LabCerts
 ) -> None:
@@ -134,11 +141,13 @@ async def test_host_info_over_https_basic(
         return ScriptResult(stdout=ok("host_info", HOST_INFO))
 
     registry.register(scripts.text("host_info"), host_info)
+    before = _runs("host_info", "ok")
 
     info = await https_client(https_server, lab_certs).run("host_info", m.NoParams())
 
     assert info == m.HostInfo.model_validate(HOST_INFO)
     assert seen == [{}]
+    assert _runs("host_info", "ok") == before + 1  # vmrepl_host_script_seconds
     assert https_server.shells == {}  # the shell was deleted after the call
 
 
@@ -209,9 +218,11 @@ async def test_error_envelope_is_host_error_with_code(
         timeout_seconds=60,
     )
 
+    before = _runs("create_checkpoint", "HostError")
     with pytest.raises(HostError) as raised:
         await https_client(https_server, lab_certs).run("create_checkpoint", params)
 
+    assert _runs("create_checkpoint", "HostError") == before + 1
     assert raised.value.code == 32775
     assert raised.value.operation == "Msvm_VirtualSystemSnapshotService.CreateSnapshot"
     assert raised.value.host == "HV01"

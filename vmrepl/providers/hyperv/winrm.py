@@ -28,6 +28,7 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
+from prometheus_client import Histogram
 from pydantic import BaseModel, SecretStr
 
 from vmrepl.errors import (
@@ -44,6 +45,14 @@ from vmrepl.logs import get_logger
 from vmrepl.providers.hyperv import scripts
 from vmrepl.providers.hyperv.clixml import MAX_STDERR, stderr_message
 from vmrepl.providers.hyperv.envelope import read_envelope
+
+# Every script run against a host, by script and outcome ("ok", or the vmrepl error's class name).
+SCRIPT_SECONDS = Histogram(
+    "vmrepl_host_script_seconds",
+    "Seconds a script took on a Hyper-V host over WinRM",
+    ["script", "outcome"],
+    buckets=(0.25, 0.5, 1, 2, 5, 10, 30, 60, 300, 900),
+)
 
 # pywinrm (and requests under it) is the controller's (its extra): imported where a host is called, so the
 # agents, which import all of vmrepl, run without it (.ci/check-wheel).
@@ -221,16 +230,22 @@ class HostClient:
         stdin = scripts.text(name).encode("utf-8")
         env = {PARAMS_VARIABLE: encode_params(params)}
         stop = threading.Event()
+        started, outcome = time.monotonic(), "ok"
         task = asyncio.ensure_future(asyncio.to_thread(self._call, name, stdin, env, stop))
         try:
-            output = await asyncio.shield(task)
+            return self._result(name, await asyncio.shield(task))
         except asyncio.CancelledError:
             # The thread cannot be interrupted mid-request: tell it to stop at its next Receive, and let
             # it terminate the command and close the shell on its own.
             stop.set()
             task.add_done_callback(_drain)
+            outcome = "cancelled"
             raise
-        return self._result(name, output)
+        except Exception as e:
+            outcome = type(e).__name__
+            raise
+        finally:
+            SCRIPT_SECONDS.labels(name, outcome).observe(time.monotonic() - started)
 
     def _result(self, name: str, output: _Output) -> Any:
         logger = self._log.bind(script=name, exit_code=output.exit_code)
