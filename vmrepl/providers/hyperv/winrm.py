@@ -20,11 +20,15 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextvars
+import functools
 import ipaddress
 import os
 import ssl
 import threading
 import time
+import weakref
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -39,6 +43,7 @@ from winrm.exceptions import (
 )
 from winrm.protocol import Protocol
 
+from vmrepl.domain import MAX_WINRM_CALLS, MAX_WINRM_CALLS_PER_HOST
 from vmrepl.errors import (
     ConfigError,
     DeadlineExceeded,
@@ -186,6 +191,19 @@ def _system_trust() -> str | None:
     return None
 
 
+# The WinRM calls' own threads: a flood against slow hosts waits here, never in the default pool the rest of the
+# controller's `asyncio.to_thread` calls use.
+_WORKERS = ThreadPoolExecutor(max_workers=MAX_WINRM_CALLS, thread_name_prefix="vmrepl-winrm")
+_SLOTS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[str, asyncio.Semaphore]] = weakref.WeakKeyDictionary()
+
+
+def _host_slots(address: str) -> asyncio.Semaphore:
+    """The bound on calls open at once to `address`, shared by every client of this event loop (one per
+    process in the controller; tests run several loops)."""
+    per_loop = _SLOTS.setdefault(asyncio.get_running_loop(), {})
+    return per_loop.setdefault(address.casefold(), asyncio.Semaphore(MAX_WINRM_CALLS_PER_HOST))
+
+
 class _Abandoned(Exception):
     """The caller was cancelled: the worker stops receiving, terminates the command and closes the shell."""
 
@@ -223,7 +241,16 @@ class HostClient:
         stdin = scripts.text(name).encode("utf-8")
         env = {PARAMS_VARIABLE: encode_params(params)}
         stop = threading.Event()
-        task = asyncio.ensure_future(asyncio.to_thread(self._call, name, stdin, env, stop))
+        slots = _host_slots(self.settings.address)
+        await slots.acquire()
+        try:
+            call = functools.partial(contextvars.copy_context().run, self._call, name, stdin, env, stop)
+            task = asyncio.get_running_loop().run_in_executor(_WORKERS, call)
+        except BaseException:
+            slots.release()
+            raise
+        # The slot is free when the thread ends, not when a cancelled caller stops waiting for it.
+        task.add_done_callback(lambda _: slots.release())
         try:
             output = await asyncio.shield(task)
         except asyncio.CancelledError:
