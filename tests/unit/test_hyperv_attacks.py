@@ -8,15 +8,22 @@ and as an unlucky operator would.
 from __future__ import annotations
 
 import asyncio
+import io
 import threading
 from typing import Any
 
+import pytest
 from pydantic import SecretStr
+from rich.console import Console
+from typer.testing import CliRunner
 
+from controller.cli import common, sessions
+from controller.cli.main import app
 from vmrepl.domain import MAX_WINRM_CALLS_PER_HOST
 from vmrepl.errors import HostOutputError
 from vmrepl.providers.hyperv import models as m
 from vmrepl.providers.hyperv.winrm import HostClient, WinRmSettings
+from vmrepl.v1 import controller_pb2 as api
 
 SECRET = "Hv-attack-5b1e 'pw' \"x\""
 
@@ -104,3 +111,66 @@ async def test_a_cancelled_call_keeps_its_slot_until_its_thread_has_ended() -> N
     assert blocking.peak["hv03.example.com"] == MAX_WINRM_CALLS_PER_HOST
     blocking.release.set()
     assert all(isinstance(r, HostOutputError) for r in await asyncio.gather(*more, return_exceptions=True))
+
+
+# ---- what a host says, as the CLI prints it ------------------------------------------------------------
+
+# Legal Hyper-V VM names (anyone who may create VMs on the host chooses them) and host messages.
+HOSTILE_NAMES = ["web [prod]", "db[/]", "evil\x1b]0;pwned\x07\x1b[2Jname", "fake\rsucceeded"]
+
+
+class _HostileApi:
+    def ListHostVms(self, request: api.ListHostVmsRequest, timeout: float) -> api.ListHostVmsResponse:
+        vms = [
+            api.HostVm(
+                id=f"id-{i}",
+                name=name,
+                state="Running",
+                disks=[api.HostVmDisk(id="scsi0-0", path=f"D:\\VMs\\{name}\\d.vhdx", size_bytes=1 << 20)],
+                details={"notes": name},
+            )
+            for i, name in enumerate(HOSTILE_NAMES)
+        ]
+        return api.ListHostVmsResponse(vms=vms)
+
+    def GetSession(self, request: api.GetSessionRequest, timeout: float) -> api.Session:
+        disk = api.DiskTask(disk_id="scsi0-0", state=api.DISK_TASK_STATE_FAILED, error="host said [/] \x1b[31m")
+        vm = api.SessionVm(
+            vm_name=HOSTILE_NAMES[1],
+            disks=[disk],
+            error="Get-VM : [/bold] denied",
+            consistency_fallback="VSS [red]writer[/red] failed \x1b[2J",
+        )
+        return api.Session(name=request.name, job="jobs/j", state=api.SESSION_STATE_FAILED, vms=[vm], error="[/]")
+
+
+@pytest.fixture
+def hostile_terminal(monkeypatch: pytest.MonkeyPatch) -> Console:
+    console = Console(width=200, record=True, file=io.StringIO())
+    for module in (common, sessions):
+        monkeypatch.setattr(module, "out", console)
+    monkeypatch.setattr(common.conn, "_stub", _HostileApi())
+    return console
+
+
+@pytest.mark.parametrize("command", [["infra", "vms", "hv01"], ["session", "show", "sessions/abc"]])
+def test_names_and_messages_from_a_host_are_printed_as_text(hostile_terminal: Console, command: list[str]) -> None:
+    # Finding: the CLI's tables and lines took a host's VM names and messages as Rich markup. A VM named
+    # `db[/]` made `vmrepl infra vms` fail with a MarkupError traceback, `web [prod]` was shown as `web `
+    # (a name the operator then cannot copy), and escape sequences in a name reached the terminal (retitle,
+    # clear the screen, overwrite a line with a carriage return).
+    result = CliRunner().invoke(app, command)
+    assert result.exit_code in (0, 1), result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit), result.exception
+    text = hostile_terminal.export_text()
+    assert "\x1b" not in text and "\r" not in text and "\x07" not in text, repr(text)
+    flat = " ".join(text.replace("│", " ").split())
+    if command[0] == "infra":
+        assert "web [prod]" in flat and "db[/]" in flat and "evil\\x1b]0;pwned" in flat, flat
+    else:
+        assert (
+            "db[/]" in flat
+            and "host said [/]" in flat
+            and "error: [/]" in flat
+            and "VSS [red]writer[/red] failed" in flat
+        ), flat
