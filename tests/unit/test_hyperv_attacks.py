@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import io
+import ssl
 import threading
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -17,12 +19,14 @@ from pydantic import SecretStr
 from rich.console import Console
 from typer.testing import CliRunner
 
+from controller.api.resources.hosts import check_ca_bundle
 from controller.cli import common, sessions
 from controller.cli.main import app
 from vmrepl.domain import MAX_WINRM_CALLS_PER_HOST
-from vmrepl.errors import HostOutputError
+from vmrepl.errors import HostOutputError, InvalidArgument
 from vmrepl.providers.hyperv import models as m
 from vmrepl.providers.hyperv.winrm import HostClient, WinRmSettings
+from vmrepl.security.certs import create_ca
 from vmrepl.v1 import controller_pb2 as api
 
 SECRET = "Hv-attack-5b1e 'pw' \"x\""
@@ -174,3 +178,30 @@ def test_names_and_messages_from_a_host_are_printed_as_text(hostile_terminal: Co
             and "error: [/]" in flat
             and "VSS [red]writer[/red] failed" in flat
         ), flat
+
+
+# ---- a host's WinRM CA bundle, as the API takes it ---------------------------------------------------------
+
+
+def test_a_ca_bundle_that_holds_no_ca_certificate_is_refused_when_the_host_is_saved(tmp_path: Path) -> None:
+    # Finding: the API took any file the controller could stat as winrm.ca_bundle (a private key, a DER
+    # certificate, /etc/shadow); the mistake showed only at the first session, as "TLS with the WinRM service
+    # failed". Now refused when the host is created or updated, without quoting the file.
+    create_ca(tmp_path / "ca")
+    check_ca_bundle("host.winrm.ca_bundle", str(tmp_path / "ca" / "ca.pem"))
+    secret_line = "root:$6$Hv-attack-5b1e:19000:0:99999:7:::\n"
+    wrong = {
+        "shadow": secret_line.encode(),
+        "key.pem": (tmp_path / "ca" / "ca.key").read_bytes(),
+        "cert.der": ssl.PEM_cert_to_DER_cert((tmp_path / "ca" / "ca.pem").read_text()),
+        "empty.pem": b"",
+    }
+    for name, content in wrong.items():
+        path = tmp_path / name
+        path.write_bytes(content)
+        with pytest.raises(InvalidArgument) as raised:
+            check_ca_bundle("host.winrm.ca_bundle", str(path))
+        assert raised.value.field == "host.winrm.ca_bundle" and "PEM" in str(raised.value), raised.value
+        assert "Hv-attack" not in str(raised.value) and "PRIVATE" not in str(raised.value)
+    with pytest.raises(InvalidArgument, match="not a file"):
+        check_ca_bundle("host.winrm.ca_bundle", str(tmp_path))
