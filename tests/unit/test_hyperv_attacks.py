@@ -22,13 +22,20 @@ from typer.testing import CliRunner
 from controller.api.resources.hosts import check_ca_bundle
 from controller.cli import common, sessions
 from controller.cli.main import app
-from vmrepl.domain import MAX_WINRM_CALLS_PER_HOST
+from vmrepl.domain import MAX_WINRM_CALLS_PER_HOST, DiskFormat
 from vmrepl.errors import HostOutputError, InvalidArgument
+from vmrepl.extent import Extent
+from vmrepl.providers.base import DiskInCheckpoint, Untracked
 from vmrepl.providers.hyperv import models as m
-from vmrepl.providers.hyperv.winrm import HostClient, WinRmSettings
+from vmrepl.providers.hyperv import winrm
+from vmrepl.providers.hyperv.changes import ChangeLimits, read_changes
+from vmrepl.providers.hyperv.envelope import read_envelope
+from vmrepl.providers.hyperv.winrm import HostClient, WinRmSettings, _Output
 from vmrepl.security.certs import create_ca
 from vmrepl.v1 import controller_pb2 as api
 
+MiB = 1024**2
+GiB = 1024**3
 SECRET = "Hv-attack-5b1e 'pw' \"x\""
 
 
@@ -205,3 +212,79 @@ def test_a_ca_bundle_that_holds_no_ca_certificate_is_refused_when_the_host_is_sa
         assert "Hv-attack" not in str(raised.value) and "PRIVATE" not in str(raised.value)
     with pytest.raises(InvalidArgument, match="not a file"):
         check_ca_bundle("host.winrm.ca_bundle", str(tmp_path))
+
+
+# ---- a host's change lists -------------------------------------------------------------------------------
+
+
+class _RepeatingHost:
+    """A lying host: every disk_changes call says it processed one byte and lists the same ranges again."""
+
+    def __init__(self, ranges: int) -> None:
+        self.calls = 0
+        self.answer = m.DiskChanges(
+            processed=1,
+            ranges=[m.ChangedRange(offset=i * 2 * MiB, length=4096) for i in range(ranges)],
+            stalled=False,
+        )
+
+    async def run(self, name: str, params: Any) -> Any:
+        assert name == "disk_changes"
+        self.calls += 1
+        return self.answer
+
+
+async def test_a_host_repeating_the_same_ranges_is_not_asked_again_and_again() -> None:
+    # Finding: only the merged list counted against max_total_ranges, so a host answering every call with the
+    # same ranges and one byte processed kept the list short and was asked again up to max_calls (100,000)
+    # times, each answer merged (sorted) with everything so far on the controller's event loop: with 20,000
+    # ranges an answer, 0.7 s of a blocked loop per call, for hours. Every range a host sends counts now.
+    host = _RepeatingHost(ranges=100)
+    disk = DiskInCheckpoint(disk_id="scsi0-0", locator="D:\\VMs\\a.avhdx", format=DiskFormat.VHDX, size=1 << 40)
+    limits = ChangeLimits(chunk=GiB, window=GiB, max_ranges=100, max_total_ranges=1000, max_calls=5000)
+    got = await read_changes(host, disk=disk, limit_id="rctX:1", limits=limits, timeout_seconds=60)
+    assert isinstance(got, Untracked) and "more than 1000 changed ranges" in got.reason, got
+    assert host.calls == 11
+
+
+async def test_an_honest_hosts_ranges_are_merged_once_across_windows() -> None:
+    # The other side of the limit: ranges split at window boundaries are one range in the answer.
+    class Honest:
+        calls = 0
+
+        async def run(self, name: str, params: Any) -> Any:
+            self.calls += 1
+            p: m.DiskChangesParams = params
+            return m.DiskChanges(
+                processed=p.length, ranges=[m.ChangedRange(offset=p.offset, length=p.length)], stalled=False
+            )
+
+    disk = DiskInCheckpoint(disk_id="scsi0-0", locator="D:\\VMs\\a.avhdx", format=DiskFormat.VHDX, size=8 * MiB)
+    limits = ChangeLimits(chunk=MiB, window=MiB, max_ranges=10, max_total_ranges=8, max_calls=100)
+    got = await read_changes(Honest(), disk=disk, limit_id="rctX:1", limits=limits, timeout_seconds=60)
+    assert got == [Extent(0, 8 * MiB)]
+
+
+async def test_a_hosts_output_is_parsed_in_the_worker_thread(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Finding: up to MAX_STDOUT (64 MiB) of a host's JSON was parsed and validated (pydantic, millions of
+    # items) on the controller's event loop once the worker thread returned it: seconds with every session
+    # and API call of the controller stopped, at a lying host's choosing. Parsed in the worker thread now.
+    c = client("hv04.example.com")
+    envelope = (
+        '{"ok":true,"host":"hv04","operation":"GetVirtualDiskChanges","result":'
+        '{"processed":4096,"ranges":[{"offset":0,"length":4096}],"stalled":false}}'
+    )
+    monkeypatch.setattr(c, "_shell_call", lambda *a: _Output(envelope.encode(), b"", 0))
+    threads: list[threading.Thread] = []
+
+    def recording(stdout: bytes, kind: Any) -> Any:
+        threads.append(threading.current_thread())
+        return read_envelope(stdout, kind)
+
+    monkeypatch.setattr(winrm, "read_envelope", recording)
+    params = m.DiskChangesParams(
+        path="D:\\a.avhdx", limit_id="rctX:1", offset=0, length=4096, chunk=4096, max_ranges=10, timeout_seconds=60
+    )
+    got = await c.run("disk_changes", params)
+    assert isinstance(got, m.DiskChanges) and got.processed == 4096
+    assert threads and threads[0] is not threading.main_thread()

@@ -252,14 +252,13 @@ class HostClient:
         # The slot is free when the thread ends, not when a cancelled caller stops waiting for it.
         task.add_done_callback(lambda _: slots.release())
         try:
-            output = await asyncio.shield(task)
+            return await asyncio.shield(task)
         except asyncio.CancelledError:
             # The thread cannot be interrupted mid-request: tell it to stop at its next Receive, and let
             # it terminate the command and close the shell on its own.
             stop.set()
             task.add_done_callback(_drain)
             raise
-        return self._result(name, output)
 
     def _result(self, name: str, output: _Output) -> Any:
         logger = self._log.bind(script=name, exit_code=output.exit_code)
@@ -286,13 +285,16 @@ class HostClient:
 
     # ---- the worker thread ---------------------------------------------------------------------------
 
-    def _call(self, name: str, stdin: bytes, env: dict[str, str], stop: threading.Event) -> _Output:
+    def _call(self, name: str, stdin: bytes, env: dict[str, str], stop: threading.Event) -> Any:
         try:
-            return self._shell_call(name, stdin, env, stop)
+            output = self._shell_call(name, stdin, env, stop)
         except (HostError, HostOutputError, DeadlineExceeded, ConfigError, _Abandoned):
             raise
         except Exception as e:
             raise self._transport_error(e) from e
+        # Parsed and validated here, in the worker thread: up to MAX_STDOUT of a host's JSON never holds the
+        # controller's event loop.
+        return self._result(name, output)
 
     def _shell_call(self, name: str, stdin: bytes, env: dict[str, str], stop: threading.Event) -> _Output:
         protocol = self.settings.protocol()
