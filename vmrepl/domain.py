@@ -225,6 +225,13 @@ def check_digest_count(field: str, count: int) -> int:
     return count
 
 
+# WinRM script calls (one shell each) open at once against one Hyper-V host, and in total: a flood of ListHostVms or
+# sessions queues here instead of opening shells past the host's MaxShellsPerUser (30 by default) or holding every
+# thread of the controller. The calls run in their own thread pool of MAX_WINRM_CALLS threads.
+MAX_WINRM_CALLS_PER_HOST = 4
+MAX_WINRM_CALLS = 32
+
+
 def check_sample_percent(field: str, percent: int) -> int:
     """A verification's share of blocks: 1 to 100, 0 meaning 100 (every block)."""
     if not 0 <= percent <= 100:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
@@ -12,7 +13,9 @@ import typer
 from google.protobuf import json_format, timestamp_pb2
 from google.protobuf.message import Message
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 
 from vmrepl.config import TlsSettings
 from vmrepl.errors import VmreplError
@@ -59,7 +62,7 @@ def call(fn: Callable[..., T], request: Message) -> T:
     try:
         return fn(request, timeout=60)
     except grpc.RpcError as e:
-        err.print(f"[red]error[/red]: {e.code().name}: {e.details()}")  # type: ignore[attr-defined]
+        err.print(f"[red]error[/red]: {e.code().name}: {shown(e.details())}")  # type: ignore[attr-defined]
         raise typer.Exit(EXIT_FAILED) from None
 
 
@@ -67,8 +70,26 @@ def as_json(msg: Message) -> None:
     print(json.dumps(json_format.MessageToDict(msg, preserving_proto_field_name=True), indent=2))
 
 
+# Control characters but tab and newline: an escape sequence or a carriage return in a host's VM name or
+# message would otherwise reach the terminal (retitle it, clear it, overwrite a line).
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
+def plain(value: object) -> str:
+    """A value from outside (a host's VM names and messages, errors) with its control characters shown as
+    `\\x1b`, never acted on."""
+    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", str(value))
+
+
+def shown(value: object) -> str:
+    """A value from outside, for an f-string printed with markup: `plain`, and `[...]` is text, not a style
+    (a VM named `db[/]` would fail the print, `web [prod]` would print as `web `)."""
+    return escape(plain(value))
+
+
 def table(title: str, columns: list[str], rows: list[list[object]]) -> None:
-    t = Table(title=title)
+    # Cells and titles are Text: never markup, whatever a host named its VMs.
+    t = Table(title=Text(plain(title)))
     whole = _first_fits(columns, rows, out.width)
     for i, c in enumerate(columns):
         # fold, never "…": a cut name cannot be copied, a cut outcome says nothing. The first column names
@@ -77,7 +98,7 @@ def table(title: str, columns: list[str], rows: list[list[object]]) -> None:
         first = i == 0 and whole
         t.add_column(c, overflow="fold", no_wrap=first, min_width=_longest(rows, 0) if first else None)
     for r in rows:
-        t.add_row(*(str(v) for v in r))
+        t.add_row(*(Text(plain(v)) for v in r))
     out.print(t)
 
 

@@ -12,7 +12,7 @@ import grpc
 import typer
 from rich.progress import BarColumn, DownloadColumn, MofNCompleteColumn, Progress, TaskID, TextColumn
 
-from controller.cli.common import EXIT_FAILED, EXIT_INCOMPLETE, EXIT_USAGE, JsonOpt, conn, err, out
+from controller.cli.common import EXIT_FAILED, EXIT_INCOMPLETE, EXIT_USAGE, JsonOpt, conn, err, out, shown
 from controller.cli.export_file import ExportFormat, write_export, writer_factory
 from controller.cli.replicas import replica_app
 from controller.cli.sessions import points_app
@@ -36,7 +36,7 @@ def _stream_errors(items: Iterator[T]) -> Iterator[T]:
     try:
         yield from items
     except grpc.RpcError as e:
-        err.print(f"[red]error[/red]: {e.code().name}: {e.details()}")  # type: ignore[attr-defined]
+        err.print(f"[red]error[/red]: {e.code().name}: {shown(e.details())}")  # type: ignore[attr-defined]
         raise typer.Exit(EXIT_FAILED) from None
 
 

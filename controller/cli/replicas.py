@@ -10,7 +10,7 @@ import grpc
 import typer
 from google.protobuf import timestamp_pb2
 
-from controller.cli.common import JsonOpt, as_json, call, cell_time, conn, err, mib, out, table
+from controller.cli.common import JsonOpt, as_json, call, cell_time, conn, err, mib, out, shown, table
 from vmrepl.v1 import common_pb2
 from vmrepl.v1 import controller_pb2 as api
 
@@ -84,7 +84,7 @@ def _ask_replicas(job: str) -> api.ListJobReplicasResponse | None:
         return reply
     except grpc.RpcError as e:
         if e.code() in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.INVALID_ARGUMENT):  # type: ignore[attr-defined]
-            err.print(f"[red]error[/red]: {e.code().name}: {e.details()}")  # type: ignore[attr-defined]
+            err.print(f"[red]error[/red]: {e.code().name}: {shown(e.details())}")  # type: ignore[attr-defined]
             raise typer.Exit(1) from None
         err.print(f"replicas cannot be listed ({e.code().name}): the controller's records follow")  # type: ignore[attr-defined]
         return None
@@ -112,7 +112,7 @@ def list_points(job: str, *, as_json_: bool) -> None:
         if rows:
             table(f"{title}: {replica_words(r)}", COLUMNS, rows)
         else:  # a line, not the headings of an empty table
-            out.print(f"{title}: {replica_words(r)}")
+            out.print(f"{shown(title)}: {shown(replica_words(r))}")
     if not replicas:
         out.print(f"jobs/{job} has no VM replicas")
 
@@ -134,4 +134,4 @@ def replica_rollback(
     if as_json_:
         as_json(r)
         return
-    out.print(f"{r.vm_name or r.vm_id}: {replica_words(r)}")
+    out.print(f"{shown(r.vm_name or r.vm_id)}: {shown(replica_words(r))}")

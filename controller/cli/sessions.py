@@ -24,6 +24,7 @@ from controller.cli.common import (
     err,
     mib,
     out,
+    shown,
     table,
 )
 from controller.cli.replicas import list_points
@@ -37,7 +38,7 @@ def _watch(name: str) -> Iterator[api.Session]:
     try:
         yield from conn.stub().WatchSession(api.WatchSessionRequest(name=name))
     except grpc.RpcError as e:
-        err.print(f"[red]error[/red]: {e.code().name}: {e.details()}")  # type: ignore[attr-defined]
+        err.print(f"[red]error[/red]: {e.code().name}: {shown(e.details())}")  # type: ignore[attr-defined]
         raise typer.Exit(EXIT_FAILED) from None
 
 
@@ -91,7 +92,7 @@ def summary(s: api.Session) -> None:
             "could not say what changed (reasons below)"
         )
     if s.error:
-        out.print(f"  error: {s.error}")
+        out.print(f"  error: {shown(s.error)}")
 
 
 def _duration(s: api.Session) -> str:
@@ -158,13 +159,16 @@ def session_show(session_id: str, as_json_: JsonOpt = False) -> None:
     table("start, passes and verification", ["vm", "disk", "started", "passes", "verified", "error"], checks)
     for v in s.vms:  # in full: a table cell cuts the repaired offsets short, and the reasons
         if v.consistency_fallback:
-            out.print(f"{v.vm_name}: crash-consistent, application consistency failed: {v.consistency_fallback}")
+            out.print(
+                f"{shown(v.vm_name)}: crash-consistent, application consistency failed: {shown(v.consistency_fallback)}"
+            )
         for d in v.disks:
             if d.HasField("full_check") and d.full_check.repaired_blocks:
-                out.print(f"{v.vm_name}/{d.disk_id}: {d.verification}")
+                out.print(f"{shown(v.vm_name)}/{d.disk_id}: {shown(d.verification)}")
             if d.change_fallback:
                 out.print(
-                    f"{v.vm_name}/{d.disk_id}: compared digests, change tracking unavailable: {d.change_fallback}"
+                    f"{shown(v.vm_name)}/{d.disk_id}: compared digests, change tracking unavailable: "
+                    f"{shown(d.change_fallback)}"
                 )
 
 

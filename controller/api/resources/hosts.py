@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import ssl
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -78,8 +79,22 @@ async def _check_hyperv(db: AsyncSession, row: Host) -> None:
         settings = winrm_settings(row, cred.username, SecretStr("unused"))
     except InvalidArgument as e:
         raise InvalidArgument(f"host.winrm.{e.field}" if e.field != "address" else "host.address", e.description) from e
-    if settings.ca_bundle and not await asyncio.to_thread(os.path.isfile, settings.ca_bundle):
-        raise InvalidArgument("host.winrm.ca_bundle", f"{settings.ca_bundle} is not a file the controller can read")
+    if settings.ca_bundle:
+        await asyncio.to_thread(check_ca_bundle, "host.winrm.ca_bundle", settings.ca_bundle)
+
+
+def check_ca_bundle(field: str, path: str) -> str:
+    """A WinRM CA bundle: a file of PEM CA certificates the controller can load, checked when the host is saved
+    rather than at its first session. The error names the path and OpenSSL's reason, never the file's text."""
+    if not os.path.isfile(path):
+        raise InvalidArgument(field, f"{path} is not a file the controller can read")
+    try:
+        ssl.create_default_context(cafile=path)
+    except ssl.SSLError as e:
+        raise InvalidArgument(field, f"{path} holds no PEM CA certificate ({e.reason or 'unreadable'})") from None
+    except OSError as e:
+        raise InvalidArgument(field, f"{path} is not a PEM file the controller can read ({e.strerror})") from None
+    return path
 
 
 # A file host's folder holds VM folders; the controller reads it and writes its state under it, and the

@@ -20,17 +20,22 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextvars
+import functools
 import ipaddress
 import os
 import ssl
 import threading
 import time
+import weakref
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
 from prometheus_client import Histogram
 from pydantic import BaseModel, SecretStr
 
+from vmrepl.domain import MAX_WINRM_CALLS, MAX_WINRM_CALLS_PER_HOST
 from vmrepl.errors import (
     ConfigError,
     DeadlineExceeded,
@@ -193,6 +198,19 @@ def _system_trust() -> str | None:
     return None
 
 
+# The WinRM calls' own threads: a flood against slow hosts waits here, never in the default pool the rest of the
+# controller's `asyncio.to_thread` calls use.
+_WORKERS = ThreadPoolExecutor(max_workers=MAX_WINRM_CALLS, thread_name_prefix="vmrepl-winrm")
+_SLOTS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[str, asyncio.Semaphore]] = weakref.WeakKeyDictionary()
+
+
+def _host_slots(address: str) -> asyncio.Semaphore:
+    """The bound on calls open at once to `address`, shared by every client of this event loop (one per
+    process in the controller; tests run several loops)."""
+    per_loop = _SLOTS.setdefault(asyncio.get_running_loop(), {})
+    return per_loop.setdefault(address.casefold(), asyncio.Semaphore(MAX_WINRM_CALLS_PER_HOST))
+
+
 class _Abandoned(Exception):
     """The caller was cancelled: the worker stops receiving, terminates the command and closes the shell."""
 
@@ -230,10 +248,19 @@ class HostClient:
         stdin = scripts.text(name).encode("utf-8")
         env = {PARAMS_VARIABLE: encode_params(params)}
         stop = threading.Event()
+        slots = _host_slots(self.settings.address)
+        await slots.acquire()
         started, outcome = time.monotonic(), "ok"
-        task = asyncio.ensure_future(asyncio.to_thread(self._call, name, stdin, env, stop))
         try:
-            return self._result(name, await asyncio.shield(task))
+            call = functools.partial(contextvars.copy_context().run, self._call, name, stdin, env, stop)
+            task = asyncio.get_running_loop().run_in_executor(_WORKERS, call)
+        except BaseException:
+            slots.release()
+            raise
+        # The slot is free when the thread ends, not when a cancelled caller stops waiting for it.
+        task.add_done_callback(lambda _: slots.release())
+        try:
+            return await asyncio.shield(task)
         except asyncio.CancelledError:
             # The thread cannot be interrupted mid-request: tell it to stop at its next Receive, and let
             # it terminate the command and close the shell on its own.
@@ -272,13 +299,16 @@ class HostClient:
 
     # ---- the worker thread ---------------------------------------------------------------------------
 
-    def _call(self, name: str, stdin: bytes, env: dict[str, str], stop: threading.Event) -> _Output:
+    def _call(self, name: str, stdin: bytes, env: dict[str, str], stop: threading.Event) -> Any:
         try:
-            return self._shell_call(name, stdin, env, stop)
+            output = self._shell_call(name, stdin, env, stop)
         except (HostError, HostOutputError, DeadlineExceeded, ConfigError, _Abandoned):
             raise
         except Exception as e:
             raise self._transport_error(e) from e
+        # Parsed and validated here, in the worker thread: up to MAX_STDOUT of a host's JSON never holds the
+        # controller's event loop.
+        return self._result(name, output)
 
     def _shell_call(self, name: str, stdin: bytes, env: dict[str, str], stop: threading.Event) -> _Output:
         protocol = self.settings.protocol()
