@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
-from pathlib import Path
 from typing import Any
 
 from google.protobuf import empty_pb2
@@ -72,13 +70,14 @@ class JobsApi(ApiBase):
             return await res.job_msg(db, job)
 
     async def _check_vms(self, host_name: str, vms: list[tuple[str, list[str]]]) -> None:
-        """A job names VMs its host has, and disks those VMs have: refused when made, not at the session.
-        A file host whose folder is not there yet is checked at the session (its VM folders come later)."""
+        """A job names VMs its Hyper-V host has, and disks those VMs have: refused when made, not at the
+        session. A file host is a folder the lab fills, often after the job is made (its tests make VM folders
+        a job already names, shared ids included): its VMs are checked at the session."""
         async with self.reads() as db:
             host = await res.by_name(db, Host, "job.host", host_name, "hosts")
+            if host.provider == "file":
+                return
             provider = await self.providers.for_host(db, host)
-        if host.provider == "file" and not await asyncio.to_thread(Path(host.address).is_dir):
-            return
         for i, (ref, excluded) in enumerate(vms):
             try:
                 vm = await provider.get_vm(ref)
