@@ -42,6 +42,9 @@ def host_add(
     winrm_ca_bundle: Annotated[str, typer.Option(help="hyperv: PEM file of the CAs of the host's certificate")] = "",
 ) -> None:
     host = api.Host(provider=provider, address=address, credential=f"credentials/{credential}" if credential else "")
+    if provider != "hyperv" and (winrm_scheme or winrm_port or winrm_auth or winrm_ca_bundle):
+        # A forgotten --provider made a file host and dropped the WinRM settings without a word.
+        raise typer.BadParameter("the --winrm-* options are for a Hyper-V host: add --provider hyperv")
     if provider == "hyperv":
         host.winrm.CopyFrom(
             api.WinRmSettings(scheme=winrm_scheme, port=winrm_port, auth=winrm_auth, ca_bundle=winrm_ca_bundle)

@@ -58,9 +58,18 @@ def _choices(kind: type[enum.StrEnum]) -> str:
 
 
 def _job_vms(vm: list[str], exclude_disk: list[str]) -> list[api.JobVm]:
+    """The job's VMs with their excluded disks. An exclusion whose VM is not one of --vm would be dropped
+    without a word (and the disk replicated after all), so it is a usage error, as is one without VM:."""
     excluded: dict[str, list[str]] = {}
     for item in exclude_disk:
-        name, _, disk = item.partition(":")
+        name, colon, disk = item.partition(":")
+        if not (name and colon and disk):
+            raise typer.BadParameter(f"{item!r} is not VM:DISK (e.g. web01:scsi0-1)", param_hint="--exclude-disk")
+        if name not in vm:
+            raise typer.BadParameter(
+                f"{item!r}: {name!r} is not one of the job's --vm ({', '.join(vm)}); name the VM as --vm does",
+                param_hint="--exclude-disk",
+            )
         excluded.setdefault(name, []).append(disk)
     return [api.JobVm(vm=v, excluded_disks=excluded.get(v, [])) for v in vm]
 

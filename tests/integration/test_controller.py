@@ -272,6 +272,28 @@ def test_every_bad_argument_is_invalid_argument_naming_the_field(ctl_raw: Contro
     assert err.value.code() is grpc.StatusCode.INVALID_ARGUMENT and "jobs/job1 " in err.value.details()
 
 
+def test_a_hyperv_hosts_bad_winrm_setting_is_named_as_the_api_names_it(ctl_raw: ControllerEnv) -> None:
+    # The client's own field names ("winrm.auth") were prefixed once more: "host.winrm.winrm.auth".
+    stub = ctl_raw.client()
+    cred = api.Credential(username="CORP\\svc")
+    stub.CreateCredential(api.CreateCredentialRequest(credential_id="hv", credential=cred, secret="s"))
+    bad = [
+        ("host.winrm.auth", api.WinRmSettings(scheme="http", auth="basic")),
+        ("host.winrm.auth", api.WinRmSettings(auth="NTLM")),
+        ("host.winrm.scheme", api.WinRmSettings(scheme="HTTPS")),
+        ("host.winrm.port", api.WinRmSettings(port=70000)),
+        ("host.winrm.ca_bundle", api.WinRmSettings(scheme="http", ca_bundle=str(ctl_raw.work / "controller.toml"))),
+        ("host.winrm.ca_bundle", api.WinRmSettings(ca_bundle=str(ctl_raw.work / "no-such.pem"))),
+    ]
+    for field, winrm in bad:
+        host = api.Host(provider="hyperv", address="hv1.corp", credential="credentials/hv", winrm=winrm)
+        with pytest.raises(grpc.RpcError) as err:
+            stub.CreateHost(api.CreateHostRequest(host_id="hv1", host=host))
+        assert err.value.code() is grpc.StatusCode.INVALID_ARGUMENT, (field, err.value.details())
+        assert err.value.details().startswith(f"{field}: "), (field, err.value.details())
+    assert not list(stub.ListHosts(api.ListHostsRequest()).hosts)
+
+
 def test_pages_and_updates(ctl_raw: ControllerEnv) -> None:
     ctl_raw.configure()
     stub = ctl_raw.client()

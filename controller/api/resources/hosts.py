@@ -78,7 +78,10 @@ async def _check_hyperv(db: AsyncSession, row: Host) -> None:
     try:
         settings = winrm_settings(row, cred.username, SecretStr("unused"))
     except InvalidArgument as e:
-        raise InvalidArgument(f"host.winrm.{e.field}" if e.field != "address" else "host.address", e.description) from e
+        # The client names its fields "winrm.<setting>" or "address": under the API's Host they are "host.<that>",
+        # except the user name, which comes from the credential.
+        field = "host.credential" if e.field == "winrm.username" else f"host.{e.field}"
+        raise InvalidArgument(field, e.description) from e
     if settings.ca_bundle:
         await asyncio.to_thread(check_ca_bundle, "host.winrm.ca_bundle", settings.ca_bundle)
 
