@@ -6,6 +6,7 @@ import os
 from typing import Annotated
 
 import typer
+from google.protobuf import field_mask_pb2
 
 from controller.cli.common import JsonOpt, as_json, call, conn, err, mib, out, table
 from vmrepl.domain import DEFAULT_SLOTS
@@ -15,6 +16,19 @@ from vmrepl.v1 import controller_pb2 as api
 infra = typer.Typer(help="Credentials, hosts, proxies and targets.", no_args_is_help=True)
 
 
+def _secret(secret_env: str) -> str:
+    """The secret from the named environment variable, else prompted (hidden). A variable that is not set
+    is a usage error: sent empty, the API's "secret: is required" did not say that the export was missing."""
+    if not secret_env:
+        return str(typer.prompt("secret", hide_input=True))
+    secret = os.environ.get(secret_env, "")
+    if not secret:
+        raise typer.BadParameter(
+            f"the environment variable {secret_env} is not set or empty", param_hint="--secret-env"
+        )
+    return secret
+
+
 @infra.command("credential-add")
 def credential_add(
     cred_id: str,
@@ -22,7 +36,7 @@ def credential_add(
     secret_env: Annotated[str, typer.Option(help="read the secret from this environment variable (else prompt)")] = "",
 ) -> None:
     """Store a credential; the secret is encrypted by the controller and never shown again."""
-    secret = os.environ.get(secret_env, "") if secret_env else typer.prompt("secret", hide_input=True)
+    secret = _secret(secret_env)
     req = api.CreateCredentialRequest(
         credential_id=cred_id, credential=api.Credential(username=username), secret=secret
     )
@@ -30,16 +44,45 @@ def credential_add(
     out.print(f"created {c.name}")
 
 
-@infra.command("host-add", help="Add a hypervisor host.")
+@infra.command("credential-update")
+def credential_update(
+    cred_id: str,
+    username: Annotated[str, typer.Option(help="a new user name")] = "",
+    secret_env: Annotated[str, typer.Option(help="a new secret from this environment variable")] = "",
+    new_secret: Annotated[bool, typer.Option("--new-secret", help="prompt (hidden) for a new secret")] = False,
+) -> None:
+    """Change a credential's user name or secret (a rotated password); the hosts using it use the new one."""
+    if not (username or secret_env or new_secret):
+        raise typer.BadParameter("give --username, --secret-env VAR or --new-secret")
+    paths = ["username"] if username else []
+    secret = ""
+    if secret_env or new_secret:
+        secret, paths = _secret(secret_env), [*paths, "secret"]
+    req = api.UpdateCredentialRequest(
+        credential=api.Credential(name=f"credentials/{cred_id}", username=username),
+        update_mask=field_mask_pb2.FieldMask(paths=paths),
+        secret=secret,
+    )
+    c = call(conn.stub().UpdateCredential, req)
+    out.print(f"updated {c.name}")
+
+
+_SCHEME = typer.Option(help="hyperv: https (default) or http (message-encrypted)")
+_PORT = typer.Option(help="hyperv: WinRM port (0: 5986 https, 5985 http)")
+_AUTH = typer.Option(help="hyperv: ntlm (default), kerberos, credssp or basic")
+_CA = typer.Option(help="hyperv: PEM file of the CAs of the host's certificate, an absolute path on the controller")
+
+
+@infra.command("host-add", help="Add a hypervisor host (nothing connects to it yet: `infra vms ID` does).")
 def host_add(
     host_id: str,
     address: Annotated[str, typer.Option(help="folder (file) or host name (hyperv)")],
     provider: Annotated[str, typer.Option(help="file or hyperv")] = "file",
     credential: Annotated[str, typer.Option(help="credential id (hyperv: the WinRM account)")] = "",
-    winrm_scheme: Annotated[str, typer.Option(help="hyperv: https (default) or http (message-encrypted)")] = "",
-    winrm_port: Annotated[int, typer.Option(help="hyperv: WinRM port (0: 5986 https, 5985 http)")] = 0,
-    winrm_auth: Annotated[str, typer.Option(help="hyperv: ntlm (default), kerberos, credssp or basic")] = "",
-    winrm_ca_bundle: Annotated[str, typer.Option(help="hyperv: PEM file of the CAs of the host's certificate")] = "",
+    winrm_scheme: Annotated[str, _SCHEME] = "",
+    winrm_port: Annotated[int, _PORT] = 0,
+    winrm_auth: Annotated[str, _AUTH] = "",
+    winrm_ca_bundle: Annotated[str, _CA] = "",
 ) -> None:
     host = api.Host(provider=provider, address=address, credential=f"credentials/{credential}" if credential else "")
     if provider != "hyperv" and (winrm_scheme or winrm_port or winrm_auth or winrm_ca_bundle):
@@ -51,6 +94,38 @@ def host_add(
         )
     h = call(conn.stub().CreateHost, api.CreateHostRequest(host_id=host_id, host=host))
     out.print(f"created {h.name}")
+
+
+@infra.command("host-update", help="Change a host's address, credential or WinRM settings (the others are kept).")
+def host_update(
+    host_id: str,
+    address: Annotated[str, typer.Option(help="folder (file) or host name (hyperv)")] = "",
+    credential: Annotated[str, typer.Option(help="credential id (hyperv: the WinRM account)")] = "",
+    winrm_scheme: Annotated[str | None, _SCHEME] = None,
+    winrm_port: Annotated[int | None, _PORT] = None,
+    winrm_auth: Annotated[str | None, _AUTH] = None,
+    winrm_ca_bundle: Annotated[str | None, typer.Option(help='as host-add; "" for the system\'s trust store')] = None,
+) -> None:
+    """Only the options given change; a --winrm-* option given "" (or port 0) returns it to its default. The
+    API replaces the WinRM settings as a whole, so the host's current ones are read and the given ones merged."""
+    s = conn.stub()
+    host = call(s.GetHost, api.GetHostRequest(name=f"hosts/{host_id}"))
+    paths = [p for p, v in (("address", address), ("credential", credential)) if v]
+    host.address = address or host.address
+    host.credential = f"credentials/{credential}" if credential else host.credential
+    winrm = {"scheme": winrm_scheme, "port": winrm_port, "auth": winrm_auth, "ca_bundle": winrm_ca_bundle}
+    given = {k: v for k, v in winrm.items() if v is not None}
+    if given and host.provider != "hyperv":
+        raise typer.BadParameter(f"hosts/{host_id} is a {host.provider} host: the --winrm-* options are for hyperv")
+    if given:
+        for k, v in given.items():
+            setattr(host.winrm, k, v)
+        paths.append("winrm")
+    if not paths:
+        raise typer.BadParameter("give at least one option to change (--help lists them)")
+    mask = field_mask_pb2.FieldMask(paths=paths)
+    h = call(s.UpdateHost, api.UpdateHostRequest(host=host, update_mask=mask))
+    out.print(f"updated {h.name}")
 
 
 @infra.command("vms", help="The VMs a host has now, as its hypervisor reports them.")

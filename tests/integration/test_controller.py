@@ -277,20 +277,23 @@ def test_a_hyperv_hosts_bad_winrm_setting_is_named_as_the_api_names_it(ctl_raw: 
     stub = ctl_raw.client()
     cred = api.Credential(username="CORP\\svc")
     stub.CreateCredential(api.CreateCredentialRequest(credential_id="hv", credential=cred, secret="s"))
+    toml = str(ctl_raw.work / "controller.toml")
     bad = [
-        ("host.winrm.auth", api.WinRmSettings(scheme="http", auth="basic")),
-        ("host.winrm.auth", api.WinRmSettings(auth="NTLM")),
-        ("host.winrm.scheme", api.WinRmSettings(scheme="HTTPS")),
-        ("host.winrm.port", api.WinRmSettings(port=70000)),
-        ("host.winrm.ca_bundle", api.WinRmSettings(scheme="http", ca_bundle=str(ctl_raw.work / "controller.toml"))),
-        ("host.winrm.ca_bundle", api.WinRmSettings(ca_bundle=str(ctl_raw.work / "no-such.pem"))),
+        ("host.winrm.auth", "only over https", api.WinRmSettings(scheme="http", auth="basic")),
+        ("host.winrm.auth", "'NTLM'", api.WinRmSettings(auth="NTLM")),
+        ("host.winrm.scheme", "'HTTPS'", api.WinRmSettings(scheme="HTTPS")),
+        ("host.winrm.port", "70000", api.WinRmSettings(port=70000)),
+        ("host.winrm.ca_bundle", "https only", api.WinRmSettings(scheme="http", ca_bundle=toml)),
+        ("host.winrm.ca_bundle", "not a file", api.WinRmSettings(ca_bundle=str(ctl_raw.work / "no-such.pem"))),
+        # Relative to the controller's folder, not the operator's: refused, not guessed.
+        ("host.winrm.ca_bundle", "absolute path", api.WinRmSettings(ca_bundle="ca.pem")),
     ]
-    for field, winrm in bad:
+    for field, words, winrm in bad:
         host = api.Host(provider="hyperv", address="hv1.corp", credential="credentials/hv", winrm=winrm)
         with pytest.raises(grpc.RpcError) as err:
             stub.CreateHost(api.CreateHostRequest(host_id="hv1", host=host))
         assert err.value.code() is grpc.StatusCode.INVALID_ARGUMENT, (field, err.value.details())
-        assert err.value.details().startswith(f"{field}: "), (field, err.value.details())
+        assert err.value.details().startswith(f"{field}: ") and words in err.value.details(), err.value.details()
     assert not list(stub.ListHosts(api.ListHostsRequest()).hosts)
 
 

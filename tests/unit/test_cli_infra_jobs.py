@@ -1,4 +1,5 @@
-"""`vmrepl infra host-add` and `vmrepl job create`: options that would be silently dropped are usage errors."""
+"""`vmrepl infra` and `vmrepl job create`: options that would be silently dropped are usage errors; a host's
+and a credential's settings can be changed in place (a rotated password, a CA bundle forgotten at host-add)."""
 
 from __future__ import annotations
 
@@ -26,12 +27,30 @@ class FakeApi:
         self.sent.append(request)
         return api.Host(name=f"hosts/{request.host_id}")
 
+    def GetHost(self, request: api.GetHostRequest, timeout: float) -> api.Host:
+        winrm = api.WinRmSettings(auth="basic", port=38109, ca_bundle="/etc/vmrepl/hv-ca.pem")
+        provider = "file" if request.name == "hosts/lab" else "hyperv"
+        return api.Host(name=request.name, provider=provider, address="hv01", credential="credentials/c", winrm=winrm)
+
+    def UpdateHost(self, request: api.UpdateHostRequest, timeout: float) -> api.Host:
+        self.sent.append(request)
+        return request.host
+
+    def UpdateCredential(self, request: api.UpdateCredentialRequest, timeout: float) -> api.Credential:
+        self.sent.append(request)
+        return request.credential
+
 
 @pytest.fixture
 def fake(monkeypatch: pytest.MonkeyPatch) -> FakeApi:
     stub = FakeApi()
     monkeypatch.setattr(common.conn, "_stub", stub)
     return stub
+
+
+def _flat(output: str) -> str:
+    """The output as one line: rich folds an error box at the terminal's width."""
+    return " ".join(output.replace("│", " ").split())
 
 
 JOB = ["job", "create", "web", "--host", "hv01", "--target", "t", "--vm", "web01", "--vm", "db01"]
@@ -49,7 +68,7 @@ def test_an_exclusion_that_names_no_vm_of_the_job_is_a_usage_error(fake: FakeApi
     # It was dropped without a word: the job then replicated the disk the operator meant to leave out.
     result = CliRunner().invoke(app, [*JOB, "--exclude-disk", item])
     assert result.exit_code == 2, result.output
-    assert words in " ".join(result.output.replace("│", " ").split()), result.output
+    assert words in _flat(result.output), result.output
     assert fake.sent == []
 
 
@@ -66,7 +85,7 @@ def test_winrm_options_on_a_file_host_are_a_usage_error(fake: FakeApi, option: l
     # Forgetting --provider hyperv made a file host and dropped the WinRM settings without a word.
     result = CliRunner().invoke(app, ["infra", "host-add", "hv01", "--address", "hv01.corp", *option])
     assert result.exit_code == 2, result.output
-    assert "--provider hyperv" in " ".join(result.output.replace("│", " ").split()), result.output
+    assert "--provider hyperv" in _flat(result.output), result.output
     assert fake.sent == []
 
 
@@ -76,3 +95,53 @@ def test_winrm_options_reach_the_api_for_a_hyperv_host(fake: FakeApi) -> None:
     assert result.exit_code == 0, result.output
     (req,) = fake.sent
     assert (req.host.winrm.scheme, req.host.winrm.port, req.host.credential) == ("http", 5985, "credentials/c")
+
+
+def test_credential_add_with_an_unset_variable_says_so(fake: FakeApi, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Sent empty, the API answered "secret: is required", which did not say the export was missing.
+    monkeypatch.delenv("HV01_SECRET", raising=False)
+    result = CliRunner().invoke(app, ["infra", "credential-add", "c", "--username", "u", "--secret-env", "HV01_SECRET"])
+    assert result.exit_code == 2 and "HV01_SECRET is not set" in _flat(result.output), result.output
+    assert fake.sent == []
+
+
+def test_credential_update_rotates_the_secret_only(fake: FakeApi, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HV01_SECRET", "new-password")
+    result = CliRunner().invoke(app, ["infra", "credential-update", "c", "--secret-env", "HV01_SECRET"])
+    assert result.exit_code == 0 and "updated credentials/c" in _flat(result.output), result.output
+    (req,) = fake.sent
+    assert (list(req.update_mask.paths), req.secret, req.credential.name) == (
+        ["secret"],
+        "new-password",
+        "credentials/c",
+    )
+    assert CliRunner().invoke(app, ["infra", "credential-update", "c"]).exit_code == 2  # nothing to change
+
+
+def test_host_update_merges_the_winrm_options_given_into_the_hosts_own(fake: FakeApi) -> None:
+    # The API replaces Host.winrm as a whole: sending only the new port would have reset auth and the CA bundle.
+    result = CliRunner().invoke(app, ["infra", "host-update", "hv01", "--winrm-port", "5986"])
+    assert result.exit_code == 0 and "updated hosts/hv01" in _flat(result.output), result.output
+    (req,) = fake.sent
+    assert list(req.update_mask.paths) == ["winrm"]
+    w = req.host.winrm
+    assert (w.auth, w.port, w.ca_bundle, req.host.address) == ("basic", 5986, "/etc/vmrepl/hv-ca.pem", "hv01")
+
+
+def test_host_update_clears_a_setting_given_empty_and_changes_the_credential(fake: FakeApi) -> None:
+    args = ["infra", "host-update", "hv01", "--winrm-ca-bundle", "", "--credential", "c2", "--address", "hv01.corp"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    (req,) = fake.sent
+    assert list(req.update_mask.paths) == ["address", "credential", "winrm"]
+    assert (req.host.winrm.ca_bundle, req.host.winrm.port, req.host.credential) == ("", 38109, "credentials/c2")
+    assert req.host.address == "hv01.corp"
+
+
+@pytest.mark.parametrize(("args", "words"), [([], "at least one option"), (["--winrm-port", "1"], "a file host")])
+def test_host_update_with_nothing_to_change_or_winrm_on_a_file_host_is_a_usage_error(
+    fake: FakeApi, args: list[str], words: str
+) -> None:
+    result = CliRunner().invoke(app, ["infra", "host-update", "lab", *args])
+    assert result.exit_code == 2 and words in _flat(result.output), result.output
+    assert fake.sent == []

@@ -89,6 +89,9 @@ async def _check_hyperv(db: AsyncSession, row: Host) -> None:
 def check_ca_bundle(field: str, path: str) -> str:
     """A WinRM CA bundle: a file of PEM CA certificates the controller can load, checked when the host is saved
     rather than at its first session. The error names the path and OpenSSL's reason, never the file's text."""
+    if not os.path.isabs(path):
+        # Relative to the controller's working folder, not the operator's: refused rather than guessed.
+        raise InvalidArgument(field, f"{path!r}: give the absolute path of the PEM file on the controller")
     if not os.path.isfile(path):
         raise InvalidArgument(field, f"{path} is not a file the controller can read")
     try:
