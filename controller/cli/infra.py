@@ -199,8 +199,8 @@ def infra_list(as_json_: JsonOpt = False) -> None:
     table("credentials", ["name", "username"], [[c.name, c.username] for c in creds.credentials])
     table(
         "hosts",
-        ["name", "provider", "address", "credential"],
-        [[h.name, h.provider, h.address, h.credential] for h in hosts.hosts],
+        ["name", "provider", "address", "credential", "winrm"],
+        [[h.name, h.provider, h.address, h.credential, _winrm(h)] for h in hosts.hosts],
     )
     table(
         "proxies",
@@ -208,6 +208,20 @@ def infra_list(as_json_: JsonOpt = False) -> None:
         [[p.name, p.address, p.max_tasks, ", ".join(p.hosts)] for p in proxies.proxies],
     )
     table("targets", ["name", "address", "max tasks"], [[t.name, t.address, t.max_tasks] for t in targets.targets])
+
+
+def _winrm(host: api.Host) -> str:
+    """A Hyper-V host's WinRM settings with the defaults filled in, so that what host-add or host-update
+    stored can be checked without --json: `basic over https:15986, CA /etc/vmrepl/ca.pem`."""
+    if host.provider != "hyperv":
+        return ""
+    w = host.winrm
+    scheme = w.scheme or "https"
+    port = w.port or (5985 if scheme == "http" else 5986)
+    text = f"{w.auth or 'ntlm'} over {scheme}:{port}"
+    if scheme == "https":
+        text += f", CA {w.ca_bundle}" if w.ca_bundle else ", the system's CAs"
+    return text
 
 
 @infra.command("delete", help="Delete a credential, host, proxy or target (refused while in use).")

@@ -3,9 +3,11 @@ and a credential's settings can be changed in place (a rotated password, a CA bu
 
 from __future__ import annotations
 
+import io
 from typing import Any
 
 import pytest
+from rich.console import Console
 from typer.testing import CliRunner
 
 from controller.cli import common
@@ -35,6 +37,24 @@ class FakeApi:
     def UpdateHost(self, request: api.UpdateHostRequest, timeout: float) -> api.Host:
         self.sent.append(request)
         return request.host
+
+    def ListCredentials(self, request: Any, timeout: float) -> api.ListCredentialsResponse:
+        return api.ListCredentialsResponse()
+
+    def ListHosts(self, request: Any, timeout: float) -> api.ListHostsResponse:
+        hv = api.Host(name="hosts/hv01", provider="hyperv", address="hv01", credential="credentials/c")
+        ca = api.WinRmSettings(auth="basic", port=15986, ca_bundle="/etc/vmrepl/ca.pem")
+        hv2 = api.Host(name="hosts/hv02", provider="hyperv", address="hv02", credential="credentials/c", winrm=ca)
+        http = api.Host(name="hosts/hv03", provider="hyperv", address="hv03", winrm=api.WinRmSettings(scheme="http"))
+        return api.ListHostsResponse(
+            hosts=[api.Host(name="hosts/lab", provider="file", address="/srv/lab"), hv, hv2, http]
+        )
+
+    def ListProxies(self, request: Any, timeout: float) -> api.ListProxiesResponse:
+        return api.ListProxiesResponse()
+
+    def ListTargets(self, request: Any, timeout: float) -> api.ListTargetsResponse:
+        return api.ListTargetsResponse()
 
     def UpdateCredential(self, request: api.UpdateCredentialRequest, timeout: float) -> api.Credential:
         self.sent.append(request)
@@ -145,3 +165,18 @@ def test_host_update_with_nothing_to_change_or_winrm_on_a_file_host_is_a_usage_e
     result = CliRunner().invoke(app, ["infra", "host-update", "lab", *args])
     assert result.exit_code == 2 and words in _flat(result.output), result.output
     assert fake.sent == []
+
+
+def test_infra_list_shows_each_hyperv_hosts_winrm_settings_with_the_defaults(
+    fake: FakeApi, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Only --json showed them: what host-add or host-update stored (a port, a CA bundle) could not be checked.
+    console = Console(width=200, record=True, file=io.StringIO())
+    monkeypatch.setattr(common, "out", console)
+    result = CliRunner().invoke(app, ["infra", "list"])
+    assert result.exit_code == 0, result.output
+    text = _flat(console.export_text())
+    assert "hosts/hv01 hyperv hv01 credentials/c ntlm over https:5986, the system's CAs" in text
+    assert "basic over https:15986, CA /etc/vmrepl/ca.pem" in text
+    assert "ntlm over http:5985 " in text + " "
+    assert "hosts/lab file /srv/lab" in text
