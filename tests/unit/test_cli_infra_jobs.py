@@ -180,3 +180,10 @@ def test_infra_list_shows_each_hyperv_hosts_winrm_settings_with_the_defaults(
     assert "basic over https:15986, CA /etc/vmrepl/ca.pem" in text
     assert "ntlm over http:5985 " in text + " "
     assert "hosts/lab file /srv/lab" in text
+
+
+def test_credential_update_new_secret_prompts_hidden(fake: FakeApi) -> None:
+    result = CliRunner().invoke(app, ["infra", "credential-update", "c", "--new-secret"], input="rotated\n")
+    assert result.exit_code == 0 and "rotated" not in result.output, result.output  # not echoed
+    (req,) = fake.sent
+    assert (list(req.update_mask.paths), req.secret) == (["secret"], "rotated")
