@@ -147,6 +147,8 @@ def session_show(session_id: str, as_json_: JsonOpt = False) -> None:
         for v in s.vms
         for d in v.disks
     ]
+    if not s.vms:  # a session that ended before planning (a host it could not reach): the summary's error says why
+        return
     cols = ["vm", "disk", "state", "change", "size", "read", "sent", "zero", "unchanged", "rate", "ratio", "bottleneck"]
     table(f"{s.name} ({s.job})", cols, rows)
     # A table of its own: as three more columns of the one above, a 120-column terminal showed "veri…".

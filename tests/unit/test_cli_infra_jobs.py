@@ -10,7 +10,7 @@ import pytest
 from rich.console import Console
 from typer.testing import CliRunner
 
-from controller.cli import common
+from controller.cli import common, sessions
 from controller.cli.main import app
 from vmrepl.v1 import controller_pb2 as api
 
@@ -37,6 +37,10 @@ class FakeApi:
     def UpdateHost(self, request: api.UpdateHostRequest, timeout: float) -> api.Host:
         self.sent.append(request)
         return request.host
+
+    def GetSession(self, request: api.GetSessionRequest, timeout: float) -> api.Session:
+        error = "localhost: WinRM refused the credentials of the user HV01\\r (basic); check the host's credential"
+        return api.Session(name=request.name, job="jobs/hv", state=api.SESSION_STATE_FAILED, error=error)
 
     def ListCredentials(self, request: Any, timeout: float) -> api.ListCredentialsResponse:
         return api.ListCredentialsResponse()
@@ -187,3 +191,17 @@ def test_credential_update_new_secret_prompts_hidden(fake: FakeApi) -> None:
     assert result.exit_code == 0 and "rotated" not in result.output, result.output  # not echoed
     (req,) = fake.sent
     assert (list(req.update_mask.paths), req.secret) == (["secret"], "rotated")
+
+
+def test_session_show_of_a_session_that_never_planned_shows_its_error_without_empty_tables(
+    fake: FakeApi, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A wrong WinRM password ends the session before it has VMs: two tables of headings only followed the error.
+    console = Console(width=120, record=True, file=io.StringIO())
+    monkeypatch.setattr(common, "out", console)
+    monkeypatch.setattr(sessions, "out", console)
+    result = CliRunner().invoke(app, ["session", "show", "5449ecca085b44499a4b155054705cfc"])
+    assert result.exit_code == 0, result.output
+    text = console.export_text()
+    assert "WinRM refused the credentials" in _flat(text) and "failed" in text
+    assert "bottleneck" not in text and "passes" not in text
