@@ -37,7 +37,10 @@ class Providers:
     async def _hyperv(self, db: AsyncSession, host: Host) -> Provider:
         cred = await db.get(Credential, host.credential_id) if host.credential_id else None
         if cred is None:
-            raise FailedPrecondition(f"host {host.name}: a Hyper-V host needs a credential (hosts update --credential)")
+            raise FailedPrecondition(
+                f"host {host.name}: a Hyper-V host needs a credential "
+                f"(vmrepl infra host-update {host.name} --credential C)"
+            )
         if self._secrets is None:
             raise FailedPrecondition("this controller has no secret keys to unseal host credentials with")
         settings = winrm_settings(host, cred.username, SecretStr(self._secrets.open(cred.secret)))

@@ -282,7 +282,7 @@ async def test_untrusted_certificate_is_a_trust_error_naming_ca_bundle(https_ser
     with pytest.raises(HostTrustError) as raised:
         await https_client(https_server, None).run("host_info", m.NoParams())  # system trust: no lab CA
 
-    assert "not trusted" in str(raised.value) and "winrm.ca_bundle" in str(raised.value)
+    assert "not trusted" in str(raised.value) and "--winrm-ca-bundle" in str(raised.value)
     assert https_server.shells == {}
 
 

@@ -12,9 +12,9 @@ from typing import Any
 import pytest
 from pydantic import SecretStr
 
-from vmrepl.errors import ConfigError, InvalidArgument
+from vmrepl.errors import ConfigError, HostTrustError, InvalidArgument
 from vmrepl.providers.hyperv import models as m
-from vmrepl.providers.hyperv.winrm import WinRmSettings, encode_params
+from vmrepl.providers.hyperv.winrm import HostClient, WinRmSettings, encode_params
 
 SECRET = "pa$$ 'word' \"x\""
 
@@ -107,3 +107,23 @@ def test_params_travel_as_base64_of_utf8_json() -> None:
     encoded = encode_params(params)
     assert encoded.isascii()
     assert json.loads(base64.b64decode(encoded).decode("utf-8")) == {"vm": params.vm}
+
+
+def _cert_error(text: str) -> Exception:
+    import ssl
+
+    import requests
+
+    return requests.exceptions.SSLError(ssl.SSLCertVerificationError(1, f"[SSL: CERTIFICATE_VERIFY_FAILED] {text}"))
+
+
+def test_a_certificate_for_another_name_says_to_use_the_name_not_a_ca_bundle() -> None:
+    client = HostClient(settings(ca_bundle="/etc/vmrepl/hv-ca.pem"))
+    mismatch = client._transport_error(
+        _cert_error("certificate verify failed: Hostname mismatch, certificate is not valid for 'hv01'.")
+    )
+    assert isinstance(mismatch, HostTrustError)
+    assert "not issued for" in str(mismatch) and "--address" in str(mismatch) and "ca-bundle" not in str(mismatch)
+    unknown = client._transport_error(_cert_error("certificate verify failed: unable to get local issuer certificate"))
+    assert isinstance(unknown, HostTrustError)
+    assert "not trusted by the CA bundle /etc/vmrepl/hv-ca.pem" in str(unknown) and "--winrm-ca-bundle" in str(unknown)

@@ -361,6 +361,21 @@ class HostClient:
         except Exception as e:  # pywinrm asserts RelatesTo, so AssertionError too
             self._log.warning(event, error=f"{type(e).__name__}: {e}")
 
+    def _untrusted(self, e: BaseException) -> str:
+        """Why the host's certificate was refused, with the fix: another name than the address, or a CA the
+        trust store does not hold."""
+        host = self.settings.address
+        if _name_mismatch(e):
+            return (
+                f"{host}: the WinRM certificate is not issued for {host!r}: give the host the address its "
+                f"certificate names (vmrepl infra host-update --address) ({_reason(e)})"
+            )
+        where = f"the CA bundle {self.settings.ca_bundle}" if self.settings.ca_bundle else "the system's trust store"
+        return (
+            f"{host}: the WinRM certificate is not trusted by {where}: set the host's CA bundle to the CA that "
+            f"issued it (vmrepl infra host-update --winrm-ca-bundle) ({_reason(e)})"
+        )
+
     def _transport_error(self, e: Exception) -> Exception:
         import requests
         from winrm.exceptions import (
@@ -378,11 +393,7 @@ class HostClient:
             )
         if isinstance(e, requests.exceptions.SSLError):
             if _certificate_rejected(e):
-                where = f"the CA bundle {self.settings.ca_bundle}" if self.settings.ca_bundle else "the system's"
-                return HostTrustError(
-                    f"{host}: the WinRM certificate was not trusted by {where} trust store: set the host's "
-                    f"winrm.ca_bundle to the CA that issued it ({_reason(e)})"
-                )
+                return HostTrustError(self._untrusted(e))
             return HostUnreachable(f"{host}: TLS with the WinRM service failed: {_reason(e)}")
         if isinstance(e, requests.exceptions.Timeout):
             return HostUnreachable(f"{host}: WinRM did not answer in time ({type(e).__name__})")
@@ -396,6 +407,11 @@ class HostClient:
         if isinstance(e, WinRMError):
             return HostError(host=host, operation="WinRM", message=str(e), code=None)
         return HostOutputError(f"{host}: unexpected WinRM failure: {type(e).__name__}: {e}")
+
+
+def _name_mismatch(e: BaseException) -> bool:
+    text = repr(e)
+    return "Hostname mismatch" in text or "doesn't match" in text or "IP address mismatch" in text
 
 
 def _certificate_rejected(e: BaseException) -> bool:
