@@ -321,7 +321,10 @@ class TaskRunner:
         else:
             ranges = await self.sc.provider.changed_ranges(self.checkpoint, task.disk_id, choice.since)
         if isinstance(ranges, Untracked):
-            if self.sc.job.change_tracking is ChangeTracking.ON:
+            # A full check compares every block anyway (the host's ranges only tell repairs from changes): it
+            # goes on without them, so `job start --full-check` brings a job that requires change tracking
+            # back to a replica with a fresh reference after the host lost its reference.
+            if self.sc.job.change_tracking is ChangeTracking.ON and not choice.full_check:
                 raise FailedPrecondition(
                     f"change tracking is required by the job but the host cannot report changes of disk "
                     f"{task.disk_id}: {ranges.reason}"

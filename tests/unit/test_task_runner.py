@@ -32,6 +32,7 @@ from tests.support.agents import (
     unavailable,
 )
 from tests.support.engine import DISK_SIZE, World, make_world
+from vmrepl.domain import ChangeTracking
 from vmrepl.extent import Extent, MiB
 from vmrepl.progress import TransferFigures
 from vmrepl.providers.base import Checkpoint
@@ -412,3 +413,32 @@ async def test_a_disk_done_under_a_checkpoint_without_a_reference_sends_nothing_
     done = await world.journal.load(Task, task.id)
     assert end is TaskState.SUCCEEDED and done.change_mode == "ranges" and done.fallback_reason == ""
     assert list(world.proxy.started[0].change_source.changed_ranges.ranges) == []
+
+
+async def test_a_full_check_goes_on_without_the_hosts_ranges_even_when_the_job_requires_them(tmp_path: Path) -> None:
+    """A job requiring change tracking fails a disk whose changes the host cannot report, but a full check
+    compares every block anyway: it runs, without the ranges, which is how such a job recovers after the
+    host lost its reference (`job start --full-check`)."""
+    w = await make_world(tmp_path, full_check_every=1, change_tracking=ChangeTracking.ON)
+    try:
+        await _earlier_session(w, change_mode="ranges")
+        w.provider.changes = {}  # the host cannot say
+        end, task = await _run(w)
+        assert end is TaskState.SUCCEEDED, task.error
+        (request,) = w.proxy.started
+        assert request.change_source.WhichOneof("mode") == "compare_digests"
+        assert not request.change_source.compare_digests.HasField("full_check")
+        assert task.change_mode == "compare" and "tracks no changes" in task.fallback_reason
+    finally:
+        await w.close()
+
+
+async def test_without_a_full_check_a_job_requiring_change_tracking_fails_the_disk(tmp_path: Path) -> None:
+    w = await make_world(tmp_path, full_check_every=0, change_tracking=ChangeTracking.ON)
+    try:
+        await _earlier_session(w, change_mode="ranges")
+        w.provider.changes = {}
+        end, task = await _run(w)
+        assert end is TaskState.FAILED and "change tracking is required by the job" in task.error
+    finally:
+        await w.close()
