@@ -277,8 +277,11 @@ async def test_two_drives_in_one_slot_refused() -> None:
 
 
 async def test_vm_configuration_is_canonical_json_of_what_failover_needs() -> None:
-    host = FakeHost(vms=[vm(disks=[disk("SCSI", 0, 1), disk("IDE", 0, 0)])])
+    host = FakeHost(
+        vms=[vm(disks=[disk("SCSI", 0, 1), disk("IDE", 0, 0)]).model_copy(update={"notes": "sa pw: hunter2"})]
+    )
     raw = await provider(host).vm_configuration(VM_ID)
+    assert b"hunter2" not in raw  # notes stay out: restore points, configuration included, are shown to readers
     doc = json.loads(raw)
     assert raw == json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
     cfg = doc["vm"]

@@ -599,7 +599,7 @@ def _configuration(vm: m.Vm, info: m.HostInfo, ids: dict[str, str]) -> dict[str,
                 "maximum": vm.memory_maximum,
             },
             "checkpoint_type": vm.checkpoint_type,
-            "notes": vm.notes,
+            # No notes: administrators keep passwords there, and restore points are shown to readers.
             "nics": [
                 {"name": n.name, "switch": n.switch, "mac": n.mac, "dynamic_mac": n.dynamic_mac, "vlan_id": n.vlan_id}
                 for n in sorted(vm.nics, key=lambda n: (n.name, n.mac))
