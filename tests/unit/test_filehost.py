@@ -17,6 +17,7 @@ from tests.conftest import need_tool
 from tests.powercut import Recorder
 from vmrepl.errors import DiskError, FailedPrecondition, InvalidArgument, NotFound
 from vmrepl.extent import Extent, MiB
+from vmrepl.providers.base import Untracked
 from vmrepl.providers.filehost import DiskManifest, FileHostProvider, VmManifest, load_manifest, write_manifest
 
 SECTOR = 512
@@ -99,7 +100,7 @@ async def test_changed_ranges_since_a_reference(host: Path) -> None:
     vm.write("disk0", 20 * MiB, b"c" * 100)  # after cp2: not in its changes
     assert await p.changed_ranges(cp2, "disk0", cp1.reference) == [Extent(0, 4096), Extent(10 * MiB, MiB)]
     assert await p.changed_ranges(cp2, "disk0", cp2.reference) == []
-    assert await p.changed_ranges(cp2, "disk0", "rct:unknown") is None
+    assert isinstance(await p.changed_ranges(cp2, "disk0", "rct:unknown"), Untracked)
     await p.remove_checkpoint("web01", cp2.checkpoint_id)
     cp3 = await p.create_checkpoint("web01")
     assert await p.changed_ranges(cp3, "disk0", cp2.reference) == [Extent(20 * MiB, 100)]
