@@ -18,7 +18,8 @@ from controller.db.enums import SessionState, TaskState, VmState
 from controller.db.models import HeldCheckpoint, RestorePoint, Session, SessionVm
 from controller.engine.session import VmRun
 from tests.support.agents import RUNNING, CommitFault, Crash, Step, completes, progress, rpc_error, unavailable
-from tests.support.engine import DISK_SIZE, World, make_world
+from tests.support.engine import DISK_SIZE, FakeProvider, World, make_world
+from vmrepl.providers.base import Checkpoint, KeptReference
 from vmrepl.v1 import proxy_pb2, target_pb2
 
 REPLICA = "jobs/job1/vm1"
@@ -173,3 +174,80 @@ async def test_a_vm_of_a_stopped_session_takes_no_checkpoint(world: World) -> No
     row = await _run(world)
     assert row.state == VmState.STOPPED and world.provider.created == 0
     assert {t.state for t in await world.tasks()} == {TaskState.RESUMABLE}
+
+
+class Converted(BaseException):
+    """The controller killed inside keep_reference, after the host converted the checkpoint."""
+
+
+class ConvertingProvider(FakeProvider):
+    """A host whose checkpoints become reference points (Hyper-V's ConvertToReferencePoint): the checkpoint
+    goes, a new reference appears; `crash_after_convert` kills the caller right after the host converted."""
+
+    def __init__(self, vms: dict[str, tuple[str, ...]]) -> None:
+        super().__init__(vms)
+        self.kept: list[str] = []
+        self.dropped: list[str] = []
+        self.crash_after_convert = False
+
+    async def keep_reference(self, checkpoint: Checkpoint) -> KeptReference:
+        await self.remove_checkpoint(checkpoint.vm_id, checkpoint.checkpoint_id)
+        self.kept.append(f"rp-{checkpoint.checkpoint_id}")
+        if self.crash_after_convert:
+            self.crash_after_convert = False
+            raise Converted()
+        return KeptReference(self.kept[-1], checkpoint_removed=True)
+
+    async def drop_reference(self, vm_id: str, reference: str) -> None:
+        self.dropped.append(reference)
+
+
+def _converting(w: World) -> ConvertingProvider:
+    provider = ConvertingProvider({"vm1": ("disk0", "disk1")})
+    w.provider = w.sc.provider = provider
+    return provider
+
+
+async def _next_session(w: World) -> None:
+    """The job's next session: the VM runs again under a new session id."""
+    async with w.journal.change("next session") as db:
+        session = Session(job_id=w.sc.job.job_id, state=SessionState.RUNNING)
+        db.add(session)
+        await db.flush()
+        w.sc.session_id = session.id
+
+
+async def test_an_older_reference_is_dropped_only_once_the_newer_point_is_committed(world: World) -> None:
+    host = _converting(world)
+    first = await _run(world)
+    assert first.state == VmState.DONE and host.kept == ["rp-cp1"] and host.dropped == []
+    await _next_session(world)
+    second = await _run(world)
+    assert second.state == VmState.DONE and host.kept == ["rp-cp1", "rp-cp2"]
+    assert host.dropped == ["rp-cp1"]  # after rp-cp2's point was committed
+    assert [p.reference for p in await _points(world)] == ["rp-cp1", "rp-cp2"]
+    assert [c.change_reference for c in world.target.commits] == ["rp-cp1", "rp-cp2"]
+    await _next_session(world)
+    await _run(world)
+    assert host.dropped == ["rp-cp1", "rp-cp2"]  # each dropped once, never the newest
+
+
+async def test_a_reference_kept_for_a_point_never_committed_is_dropped(world: World) -> None:
+    host = _converting(world)
+    world.target.commit_faults.append(CommitFault(rpc_error(grpc.StatusCode.FAILED_PRECONDITION, "refused")))
+    row = await _run(world)
+    assert row.state == VmState.FAILED and not await _points(world)
+    assert host.kept == ["rp-cp1"] and host.dropped == ["rp-cp1"]
+
+
+async def test_a_controller_killed_inside_the_conversion_makes_no_point_from_a_lost_checkpoint(world: World) -> None:
+    host = _converting(world)
+    host.crash_after_convert = True
+    rows = await world.plan()
+    with pytest.raises(Converted):
+        await asyncio.wait_for(VmRun(world.parts, world.sc, rows["vm1"]).run(), 30)
+    # The controller starts again and continues the VM: its checkpoint is gone, so no point is made from it.
+    await asyncio.wait_for(VmRun(world.parts, world.sc, rows["vm1"]).run(), 30)
+    row = await world.vm_row(rows["vm1"])
+    assert row.state == VmState.FAILED and "was removed while its disks were read" in row.error
+    assert not world.target.commits and not await _points(world)
