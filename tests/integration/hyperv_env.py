@@ -11,7 +11,7 @@ from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from controller import lab
 from tests.integration.controller_env import ControllerEnv
@@ -46,7 +46,10 @@ class HyperVStack:
                 credential_id="hvadmin", credential=api.Credential(username=self.hv.username), secret=PASSWORD
             )
         )
-        winrm = api.WinRmSettings(port=self.hv.port, auth="basic", ca_bundle=str(self.hv.ca_bundle))
+        if self.hv.auth == "ntlm":  # plain HTTP, every message sealed (what a host without HTTPS serves)
+            winrm = api.WinRmSettings(scheme="http", port=self.hv.port, auth="ntlm")
+        else:
+            winrm = api.WinRmSettings(port=self.hv.port, auth="basic", ca_bundle=str(self.hv.ca_bundle))
         host = api.Host(provider="hyperv", address="localhost", credential="credentials/hvadmin", winrm=winrm)
         stub.CreateHost(api.CreateHostRequest(host_id="hv01", host=host))
         spec = api.Job(host="hosts/hv01", target="targets/target", replica_root=job, vms=[api.JobVm(vm="web01")])
@@ -82,9 +85,12 @@ def _mapping(drives: Path) -> dict[str, Any]:
 
 
 @contextmanager
-def hyperv_stack(work: Path, certs: lab.LabCerts, **controller_settings: Any) -> Iterator[HyperVStack]:
+def hyperv_stack(
+    work: Path, certs: lab.LabCerts, *, auth: Literal["basic", "ntlm"] = "basic", **controller_settings: Any
+) -> Iterator[HyperVStack]:
     with ExitStack() as stack:
-        hv = stack.enter_context(hyperv_lab(work / "hvhost", certs=certs.directory, password=PASSWORD))
+        served = certs.directory if auth == "basic" else None  # NTLM is served over plain HTTP
+        hv = stack.enter_context(hyperv_lab(work / "hvhost", certs=served, auth=auth, password=PASSWORD))
         vm = hv.host.add_vm("web01", disks=DISKS, generation=2, processors=2)
         rng = random.Random(5)
         for i, (_, size) in enumerate(DISKS):  # incompressible data in every other MiB, the rest zero

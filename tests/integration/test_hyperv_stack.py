@@ -34,6 +34,18 @@ def _disks(s: api.Session) -> dict[str, api.DiskTask]:
 
 
 def test_full_then_rct_incremental_reads_only_the_changed_ranges(hv: HyperVStack) -> None:
+    _full_then_incremental(hv)
+
+
+def test_a_controller_over_http_with_ntlm_message_encryption(tmp_path: Path, lab_certs: lab.LabCerts) -> None:
+    """The controller process's pywinrm over plain HTTP, NTLM-authenticated and every message sealed: the
+    stand-in refuses anything unencrypted (HTTP 500, as Windows with AllowUnencrypted=false)."""
+    with hyperv_stack(tmp_path, lab_certs, auth="ntlm") as hv:
+        _full_then_incremental(hv)
+        assert hv.hv.server.refused_unencrypted == 0
+
+
+def _full_then_incremental(hv: HyperVStack) -> None:
     hv.configure()
     full = hv.ctl.run_job()
     assert full.state == api.SESSION_STATE_SUCCEEDED, full.error
