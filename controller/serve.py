@@ -15,7 +15,7 @@ from sqlalchemy.ext.asyncio import async_sessionmaker
 
 from controller.api.service import ControllerServicer, controller_service
 from controller.config import ControllerSettings
-from controller.db.connect import make_engine, open_database
+from controller.db.connect import installation_id, make_engine, open_database
 from controller.db.secrets import SecretBox, create_key_file
 from controller.engine.agents import READY_WITHIN_SECONDS, AgentPool
 from controller.engine.journal import Journal
@@ -81,7 +81,7 @@ async def serve(settings: ControllerSettings) -> None:
         slots=SlotBoard(no_proxy_grace=min(settings.proxy_lost_seconds, READY_WITHIN_SECONDS)),
         signing_key=load_signing_key(settings.signing_key),
         proxy_lost_after=settings.proxy_lost_seconds,
-        providers=Providers(secrets),
+        providers=Providers(secrets, installation=await installation_id(sessions)),
     )
     engine = Engine(parts)
     await engine.recover()  # sessions a previous run left: continued before anything new starts

@@ -8,10 +8,11 @@ from typing import Any
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import event
+from sqlalchemy import event, select
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker, create_async_engine
 
+from controller.db.models import Installation
 from controller.db.secrets import SecretBox
 from vmrepl.errors import ConfigError
 
@@ -86,3 +87,12 @@ async def open_database(url: str, *, secrets: SecretBox | None = None) -> tuple[
     engine = make_engine(url)
     await migrate(engine, secrets=secrets)
     return engine, async_sessionmaker(engine, expire_on_commit=False)
+
+
+async def installation_id(sessions: async_sessionmaker[Any]) -> str:
+    """This installation's id (models.Installation), made by the migration that created its table."""
+    async with sessions() as db:
+        row: Installation | None = await db.scalar(select(Installation).limit(1))
+    if row is None:
+        raise ConfigError("the database holds no installation id (table installation is empty): restore it")
+    return row.id

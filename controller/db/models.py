@@ -47,6 +47,15 @@ class Credential(Base):
     created_at: Mapped[dt.datetime] = mapped_column(default=now)
 
 
+class Installation(Base):
+    """The one row naming this controller installation (every controller of one database: HA peers share
+    it). Hyper-V recovery checkpoints are named `vmrepl-<id>-...`, so an installation removes its own
+    leftovers and never another installation's checkpoints of the same VM."""
+
+    __tablename__ = "installation"
+    id: Mapped[str] = mapped_column(String(16), primary_key=True)
+
+
 class Host(Base):
     """A hypervisor host: provider "file" (address is a folder) or "hyperv" (address is a host name)."""
 

@@ -13,7 +13,7 @@ from controller.db.secrets import SecretBox
 from vmrepl.errors import FailedPrecondition
 from vmrepl.providers.base import Provider
 from vmrepl.providers.filehost import FileHostProvider
-from vmrepl.providers.hyperv.provider import HyperVProvider
+from vmrepl.providers.hyperv.provider import CHECKPOINT_PREFIX, HyperVProvider
 from vmrepl.providers.hyperv.winrm import HostClient, WinRmSettings
 
 PROVIDERS = ("file", "hyperv")
@@ -24,8 +24,11 @@ class Providers:
     the same path; a Hyper-V host is reached over WinRM with the host's credential, unsealed here and handed
     to the client alone (never logged, never in a reply)."""
 
-    def __init__(self, secrets: SecretBox | None) -> None:
+    def __init__(self, secrets: SecretBox | None, *, installation: str = "") -> None:
         self._secrets = secrets
+        # Hyper-V checkpoints are named `vmrepl-<installation>-...`: this installation's leftovers are removed,
+        # another's (a second controller replicating the same VM) are reported and left alone.
+        self._checkpoint_prefix = f"{CHECKPOINT_PREFIX}{installation}-" if installation else CHECKPOINT_PREFIX
 
     async def for_host(self, db: AsyncSession, host: Host) -> Provider:
         if host.provider == "file":
@@ -44,7 +47,7 @@ class Providers:
         if self._secrets is None:
             raise FailedPrecondition("this controller has no secret keys to unseal host credentials with")
         settings = winrm_settings(host, cred.username, SecretStr(self._secrets.open(cred.secret)))
-        return HyperVProvider(runner=HostClient(settings), host=host.name)
+        return HyperVProvider(runner=HostClient(settings), host=host.name, checkpoint_prefix=self._checkpoint_prefix)
 
 
 def winrm_settings(host: Host, username: str, password: SecretStr) -> WinRmSettings:

@@ -77,7 +77,12 @@ class HyperVStack:
                 raise AssertionError(f"{disk_id}: replica differs from the VM's disk, first at offset {first}")
 
     def vmrepl_snapshots(self) -> list[str]:
-        return [s.name for s in self.hv.host.state.snapshots if s.name.startswith("vmrepl-")]
+        """This lab's vmrepl recovery checkpoints (a test may plant another installation's: vmrepl-0a0b0c0d-)."""
+        return [
+            s.name
+            for s in self.hv.host.state.snapshots
+            if s.name.startswith("vmrepl-") and not s.name.startswith("vmrepl-0a0b0c0d-")
+        ]
 
 
 def _mapping(drives: Path) -> dict[str, Any]:

@@ -6,6 +6,7 @@ What the stand-in cannot prove (a real host's WMI behaviour) is listed in docs/h
 from __future__ import annotations
 
 import json
+import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -112,16 +113,25 @@ def _recovery_snapshot(hv: HyperVStack, vm_id: str, name: str) -> None:
     assert any(x.name == name for x in hv.hv.host.state.snapshots)
 
 
-def test_a_stale_recovery_snapshot_is_removed_and_a_users_checkpoint_left_alone(hv: HyperVStack) -> None:
+def _installation(hv: HyperVStack) -> str:
+    with sqlite3.connect(hv.ctl.work / "controller" / "controller.db") as db:
+        (row,) = db.execute("SELECT id FROM installation").fetchall()
+    return str(row[0])
+
+
+def test_a_stale_recovery_snapshot_is_removed_and_others_are_left_alone(hv: HyperVStack) -> None:
+    """This installation's leftover goes; a user's checkpoint and another vmrepl installation's recovery
+    checkpoint (a second controller replicating the same VM) are left alone."""
     vm = hv.hv.host.vm("web01")
-    _recovery_snapshot(hv, vm.id, "vmrepl-left-by-a-crash")
-    hv.hv.host.user_checkpoint(vm.id, "before the upgrade")
-    hv.hv.host.write("web01", 0, 2 * MiB, b"\x42" * 4096)  # after both: in the newest AVHDX of the chain
     hv.configure()
+    _recovery_snapshot(hv, vm.id, f"vmrepl-{_installation(hv)}-left-by-a-crash")
+    _recovery_snapshot(hv, vm.id, "vmrepl-0a0b0c0d-another-installations")
+    hv.hv.host.user_checkpoint(vm.id, "before the upgrade")
+    hv.hv.host.write("web01", 0, 2 * MiB, b"\x42" * 4096)  # after all: in the newest AVHDX of the chain
     s = hv.ctl.run_job()
     assert s.state == api.SESSION_STATE_SUCCEEDED, s.error
-    names = [x.name for x in hv.hv.host.state.snapshots]
-    assert names == ["before the upgrade"], names
+    names = sorted(x.name for x in hv.hv.host.state.snapshots)
+    assert names == ["before the upgrade", "vmrepl-0a0b0c0d-another-installations"], names
     hv.assert_replica_is_the_vm()  # read through the user's checkpoint chain
     log = hv.ctl.client().GetSessionLog(api.GetSessionLogRequest(name=s.name))
     assert any(e.event == "orphan_checkpoint_removed" for e in log.entries)

@@ -137,6 +137,25 @@ def test_merges_are_byte_exact_against_flat_reference(host: HyperVHost) -> None:
     assert HyperVHost(host.root).state == host.state  # persisted in host.json
 
 
+def test_removing_the_oldest_of_three_checkpoints_keeps_every_later_view_readable(host: HyperVHost) -> None:
+    """The oldest checkpoint's child merges into the base and its own child is re-linked to the base: the
+    re-linked file's data is unchanged, so its DataWriteGuid (what its own child links to) must stay."""
+    g = Guest(host)
+    g.write(0, 0, MiB)
+    a = host.create_snapshot(g.vm.id, name="vmrepl-a").out or ""
+    g.write(0, MiB, 4096)
+    b = host.create_snapshot(g.vm.id, name="vmrepl-b").out or ""
+    g.write(0, 2 * MiB, 4096)
+    c = host.create_snapshot(g.vm.id, name="vmrepl-c").out or ""
+    g.write(0, 3 * MiB, 4096)
+    views = {s: host.read_file(host.snapshot(s).disks[0].path, 0, SIZES[0]) for s in (b, c)}  # type: ignore[union-attr]
+
+    assert host.destroy_snapshot(a).return_value == 0
+    g.check()  # the VM's own view, through the whole re-linked chain
+    for s, view in views.items():
+        same(host.read_file(host.snapshot(s).disks[0].path, 0, SIZES[0]), view)  # type: ignore[union-attr]
+
+
 def rct_for(host: HyperVHost, rp: m.ReferencePoint | object, disk_instance: str) -> str:
     assert isinstance(rp, m.ReferencePoint)
     return rp.rct_ids[rp.disk_ids.index(disk_instance)]

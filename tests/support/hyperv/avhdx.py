@@ -226,11 +226,15 @@ class Avhdx:
         )
         self._file.write(meta + bytes(MiB - len(meta)), self._meta_at)
         self.parent = parent
-        self.new_data_write_guid()
+        # The data the guest sees is unchanged (the new parent holds the merged view): a new FileWriteGuid
+        # only. A new DataWriteGuid would break this file's own child, linked to it by that guid.
+        self.new_data_write_guid(data=False)
 
-    def new_data_write_guid(self) -> None:
-        """A new DataWriteGuid in both headers, one at a time (MS-VHDX 2.2.2.1), after a change to the data."""
-        file_guid, data_guid = uuid.uuid4(), uuid.uuid4()
+    def new_data_write_guid(self, *, data: bool = True) -> None:
+        """A new FileWriteGuid, and DataWriteGuid unless `data` is False, in both headers, one at a time
+        (MS-VHDX 2.2.2.1): DataWriteGuid changes with the user-visible data, FileWriteGuid with any write."""
+        file_guid = uuid.uuid4()
+        data_guid = uuid.uuid4() if data else self._header.data_write_guid
         for _ in range(2):
             slot = 1 - self._header_slot
             h = self._header

@@ -266,7 +266,7 @@ class HyperVProvider(Provider):
         ours: list[m.Snapshot] = []
         others: list[m.Snapshot] = []
         for snap in _expect_list(raw, m.Snapshot, self._host, "list_checkpoints"):
-            if snap.type == m.RECOVERY_SNAPSHOT and snap.name.startswith(CHECKPOINT_PREFIX):
+            if snap.type == m.RECOVERY_SNAPSHOT and snap.name.startswith(self._prefix):
                 ours.append(snap)
                 continue
             others.append(snap)

@@ -12,10 +12,13 @@ the restore point, restore_points.vm_configuration), why the checkpoint is crash
 consistency was asked, whether the checkpoint was turned into the reference later sessions ask changes
 against (Provider.keep_reference; Hyper-V's ConvertToReferencePoint removes the checkpoint), and whether that
 reference was dropped since. tasks gain why the disk compared
-digests instead of using the host's change tracking.
+digests instead of using the host's change tracking. `installation` holds one random id naming this
+installation (its Hyper-V checkpoints are `vmrepl-<id>-...`), made here once.
 """
 
 from __future__ import annotations
+
+import secrets
 
 import sqlalchemy as sa
 from alembic import op
@@ -34,6 +37,8 @@ _REFERENCES = (
 
 
 def upgrade() -> None:
+    installation = op.create_table("installation", sa.Column("id", sa.String(16), primary_key=True))
+    op.bulk_insert(installation, [{"id": secrets.token_hex(4)}])
     with op.batch_alter_table("hosts", schema=None) as batch_op:
         batch_op.add_column(sa.Column("winrm", sa.JSON(), nullable=False, server_default="{}"))
     for table, column in _REFERENCES:
@@ -51,6 +56,7 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
+    op.drop_table("installation")
     with op.batch_alter_table("restore_points", schema=None) as batch_op:
         batch_op.drop_column("vm_configuration")
     with op.batch_alter_table("tasks", schema=None) as batch_op:
