@@ -170,21 +170,8 @@ def main() -> None:
                 "--winrm-ca-bundle", str(certs.directory / "ca.pem"),
             )  # fmt: skip
             run("infra", "vms", "hv01")
-            run(
-                "job",
-                "create",
-                "hv",
-                "--host",
-                "hv01",
-                "--target",
-                "target",
-                "--vm",
-                VM,
-                "--keep",
-                "3",
-                "--retries",
-                "0",
-            )
+            run("job", "create", "hv", "--host", "hv01", "--target", "target", "--vm", VM, "--keep", "3",
+                "--retries", "0")  # fmt: skip
             run("job", "start", "hv", "--wait")
             _guest_writes(control, CHANGES)
             run("job", "start", "hv", "--wait")
