@@ -23,7 +23,15 @@ from pydantic import SecretStr
 
 from controller import lab
 from tests.support.certs import tls_settings
-from tests.support.wsman import CMD_LINE_LIMIT, ScriptCall, ScriptRegistry, ScriptResult, WsmanServer, clixml_error
+from tests.support.wsman import (
+    CMD_LINE_LIMIT,
+    ScriptCall,
+    ScriptRegistry,
+    ScriptResult,
+    WsmanServer,
+    clixml_error,
+    https_standin,
+)
 from vmrepl.errors import DeadlineExceeded, HostAuthError, HostError, HostOutputError, HostTrustError, HostUnreachable
 from vmrepl.providers.hyperv import models as m
 from vmrepl.providers.hyperv import scripts
@@ -66,16 +74,8 @@ def registry() -> ScriptRegistry:
 
 @pytest.fixture
 def https_server(lab_certs: lab.LabCerts, registry: ScriptRegistry) -> Iterator[WsmanServer]:
-    tls = tls_settings(lab_certs, "target")  # issued for localhost by the lab CA
-    with WsmanServer(
-        certfile=tls.cert_file,
-        keyfile=tls.key_file,
-        username=USER,
-        password=PASSWORD,
-        registry=registry,
-        stream_chunk=100,
-        streams_per_receive=2,
-    ) as srv:
+    tls = tls_settings(lab_certs, "target")  # issued for localhost, signed by the lab CA
+    with https_standin(tls.cert_file, tls.key_file, registry, username=USER, password=PASSWORD) as srv:
         yield srv
     assert srv.handler_errors == []
 

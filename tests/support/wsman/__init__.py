@@ -9,7 +9,7 @@ from tests.support.wsman.runner import (
     ScriptResult,
     clixml_error,
 )
-from tests.support.wsman.server import WsmanServer
+from tests.support.wsman.server import WsmanServer, https_standin
 
 __all__ = [
     "CMD_LINE_LIMIT",
@@ -20,4 +20,5 @@ __all__ = [
     "ScriptResult",
     "WsmanServer",
     "clixml_error",
+    "https_standin",
 ]

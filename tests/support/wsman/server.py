@@ -383,3 +383,19 @@ class _Handler(BaseHTTPRequestHandler):
             return
         status, body = self._soap(plain)
         self._reply(status, acceptor.wrap(body), content_type=ntlm.CONTENT_TYPE)
+
+
+def https_standin(
+    certfile: Path, keyfile: Path, registry: ScriptRegistry, *, username: str, password: str
+) -> WsmanServer:
+    """A Basic-over-HTTPS stand-in that splits output finely (100-byte Streams, two per Receive), so clients
+    meet output spread over many Streams and Receive calls; use as a context manager."""
+    return WsmanServer(
+        certfile=certfile,
+        keyfile=keyfile,
+        username=username,
+        password=password,
+        registry=registry,
+        stream_chunk=100,
+        streams_per_receive=2,
+    )
