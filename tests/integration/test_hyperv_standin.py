@@ -60,7 +60,9 @@ def client(lab_: HyperVLab) -> Protocol:
         username=lab_.username,
         password=lab_.password,
         server_cert_validation="validate",
-        ca_trust_path=str(lab_.ca_bundle) if lab_.ca_bundle else "legacy_requests",
+        # Plain HTTP for NTLM: no CA at all, as vmrepl's client passes (pywinrm's "legacy_requests" default reads
+        # REQUESTS_CA_BUNDLE and warns that it will stop doing so; its annotation omits None, which it accepts).
+        ca_trust_path=str(lab_.ca_bundle) if lab_.ca_bundle else None,  # type: ignore[arg-type]
         message_encryption="auto" if lab_.auth == "basic" else "always",
         operation_timeout_sec=5,
         read_timeout_sec=10,
