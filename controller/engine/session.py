@@ -534,8 +534,7 @@ class VmRun:
         the checkpoint, so this runs once, recorded). A controller killed inside the call finds the checkpoint
         gone when it continues: the VM fails and its retry takes a new one; the reference the lost call made is
         not the job's to find (Hyper-V reference points carry no name), and holds no data."""
-        await self._check_checkpoint_kept(row)
-        kept = await self.sc.provider.keep_reference(await self._find_checkpoint(row))
+        kept = await self.sc.provider.keep_reference(await self._checkpoint_kept(row))
         await self._set(VmState.COMMITTING, checkpoint_reference=kept.reference, reference_kept=True)
         self.log.info("change_reference_kept", reference=kept.reference, checkpoint_removed=kept.checkpoint_removed)
         return await self._row()
@@ -567,14 +566,17 @@ class VmRun:
             vm_configuration=row.vm_configuration,
         )
 
-    async def _check_checkpoint_kept(self, row: SessionVm) -> None:
-        # The disks were read from the checkpoint: if it is gone (removed by someone else meanwhile, its
-        # overlay merged into the disks under the transfer), what was read is no consistent image.
-        if row.checkpoint_id not in {cp.checkpoint_id for cp in await self.sc.provider.list_checkpoints(row.vm_id)}:
-            raise FailedPrecondition(
-                f"checkpoint {row.checkpoint_id} of VM {row.vm_name} was removed while its disks were read: "
-                "no restore point is made from them"
-            )
+    async def _checkpoint_kept(self, row: SessionVm) -> Checkpoint:
+        """The checkpoint the disks were read from, as the host lists it now. If it is gone (removed by someone
+        else meanwhile, its overlay merged into the disks under the transfer), what was read is no consistent
+        image. Always asked of the host: a cached one says nothing about now."""
+        for cp in await self.sc.provider.list_checkpoints(row.vm_id):
+            if cp.checkpoint_id == row.checkpoint_id:
+                return cp
+        raise FailedPrecondition(
+            f"checkpoint {row.checkpoint_id} of VM {row.vm_name} was removed while its disks were read: "
+            "no restore point is made from them"
+        )
 
     async def _apply_retention(self, row: SessionVm, replica_path: str) -> None:
         async with self.parts.journal.read() as db:
