@@ -27,6 +27,9 @@ class DiskFormat(enum.StrEnum):
     RAW = "raw"
     VHDX = "vhdx"
     VHD = "vhd"
+    # vmrepl's differencing layer over a base image (vmrepl/disk/layer.py): a failed-over VM's disks on a
+    # file host, written after failover without touching the point under them.
+    LAYER = "layer"
 
     def to_proto(self) -> common_pb2.DiskFormat.ValueType:
         return _FORMAT_TO_PROTO[self]
@@ -43,7 +46,18 @@ _FORMAT_TO_PROTO = {
     DiskFormat.RAW: common_pb2.DISK_FORMAT_RAW,
     DiskFormat.VHDX: common_pb2.DISK_FORMAT_VHDX,
     DiskFormat.VHD: common_pb2.DISK_FORMAT_VHD,
+    DiskFormat.LAYER: common_pb2.DISK_FORMAT_LAYER,
 }
+
+
+class PowerState(enum.StrEnum):
+    """Whether a VM runs, as providers report it (VmInfo.power): failover starts and stops VMs, planned
+    failover and failback need the source or original VM off."""
+
+    RUNNING = "running"
+    OFF = "off"
+    # Saved, paused, starting, stopping, or a state the host did not name: neither running nor safely off.
+    OTHER = "other"
 
 
 # The formats a replica disk is written in (a VHD replica is never made: its 2 TiB limit and its lack of

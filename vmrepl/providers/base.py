@@ -14,7 +14,8 @@ from __future__ import annotations
 import abc
 from dataclasses import dataclass, field
 
-from vmrepl.domain import Consistency, DiskFormat
+from vmrepl.domain import Consistency, DiskFormat, PowerState
+from vmrepl.errors import FailedPrecondition
 from vmrepl.extent import Extent
 
 
@@ -37,6 +38,8 @@ class VmInfo:
     # version); empty where the provider has none. The whole configuration is `vm_configuration`.
     state: str = ""
     details: tuple[tuple[str, str], ...] = ()
+    # What failover, planned failover and failback decide by (`state` is the host's own word for it).
+    power: PowerState = PowerState.OTHER
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,6 +104,43 @@ class KeptReference:
     checkpoint_removed: bool
 
 
+@dataclass(frozen=True, slots=True)
+class VmDiskSpec:
+    """One disk of a VM to register: the captured disk id names its slot (Hyper-V: `scsi0-1`, the controller
+    and location it is attached at), `path` where the host finds the image."""
+
+    disk_id: str
+    # File host: relative to the VM's folder. Hyper-V: the host's path of the image the VM's own differencing
+    # disk is made over (the provider creates that differencing disk in the VM's folder).
+    path: str
+    format: DiskFormat
+    size: int
+
+
+@dataclass(frozen=True, slots=True)
+class NetworkMap:
+    source_switch: str
+    target_switch: str
+
+
+@dataclass(frozen=True, slots=True)
+class VmSpec:
+    """A VM to register on a host from a restore point (failover, test failover, failback to a new place)."""
+
+    name: str
+    # Where the VM lives on the host. File host: the VM folder's name under the host folder (made by the
+    # target agent's MountPoint, holding the disks). Hyper-V: the folder (host's path) for its configuration
+    # and differencing disks.
+    folder: str
+    # The configuration captured with the point (Provider.vm_configuration of the source's provider; the
+    # same provider kind reads it back). Empty: the provider's defaults (file host).
+    configuration: bytes
+    disks: tuple[VmDiskSpec, ...]
+    networks: tuple[NetworkMap, ...] = ()
+    # Test failover: every NIC on a private switch made for this VM alone (removed with it).
+    isolated: bool = False
+
+
 class Provider(abc.ABC):
     """One hypervisor host (or cluster) as the controller sees it."""
 
@@ -154,3 +194,36 @@ class Provider(abc.ABC):
         """Facts about the host for `vmrepl infra vms` (Hyper-V: its Windows version and build, whether RCT
         is available); none where the provider has none."""
         return ()
+
+    # ---- failover: VMs made, started and stopped (docs/failover.md) ----
+    # Defaults refuse: a provider that cannot do a step says so, and the operation fails before any change.
+
+    async def register_vm(self, spec: VmSpec) -> VmInfo:
+        """Create the VM `spec` describes, powered off, and return it. Idempotent by `spec.folder`: a VM
+        already registered there is returned as it is."""
+        raise FailedPrecondition(f"{type(self).__name__} cannot register VMs")
+
+    async def unregister_vm(self, vm_id: str) -> None:
+        """Remove the VM (off) from the host, its disk images left to whoever made them (the target agent's
+        mount). Idempotent: an unknown VM is gone already. Hyper-V also removes the VM's differencing disks
+        and private switches it made."""
+        raise FailedPrecondition(f"{type(self).__name__} cannot unregister VMs")
+
+    async def start_vm(self, vm_id: str) -> None:
+        """Power the VM on. Idempotent."""
+        raise FailedPrecondition(f"{type(self).__name__} cannot start VMs")
+
+    async def shutdown_vm(self, vm_id: str, *, wait_seconds: float) -> None:
+        """Shut the guest down cleanly (Hyper-V: the shutdown integration service) and wait until it is off;
+        DeadlineExceeded after `wait_seconds` (the VM left running). Idempotent."""
+        raise FailedPrecondition(f"{type(self).__name__} cannot shut VMs down")
+
+    async def stop_vm(self, vm_id: str) -> None:
+        """Turn the VM off at once (as pulling the plug). Idempotent."""
+        raise FailedPrecondition(f"{type(self).__name__} cannot stop VMs")
+
+    async def merge_vm_disks(self, vm_id: str) -> None:
+        """Permanent failover: merge the VM's differencing disks into their parents so the VM stands alone
+        (Hyper-V: Msvm_ImageManagementService.MergeVirtualHardDisk; file host: the target agent's
+        FlattenMount does it, nothing here). Idempotent."""
+        return None

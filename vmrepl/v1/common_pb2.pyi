@@ -29,6 +29,10 @@ class _DiskFormatEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_DiskFormat
     DISK_FORMAT_RAW: _DiskFormat.ValueType  # 1
     DISK_FORMAT_VHDX: _DiskFormat.ValueType  # 2
     DISK_FORMAT_VHD: _DiskFormat.ValueType  # 3
+    DISK_FORMAT_LAYER: _DiskFormat.ValueType  # 4
+    """A vmrepl differencing layer over a base image (vmrepl/disk/layer.py): a failed-over VM's disks on a
+    file host. Never a replica's format.
+    """
 
 class DiskFormat(_DiskFormat, metaclass=_DiskFormatEnumTypeWrapper):
     """Container format of a disk image as the source proxy reads it."""
@@ -37,6 +41,10 @@ DISK_FORMAT_UNSPECIFIED: DiskFormat.ValueType  # 0
 DISK_FORMAT_RAW: DiskFormat.ValueType  # 1
 DISK_FORMAT_VHDX: DiskFormat.ValueType  # 2
 DISK_FORMAT_VHD: DiskFormat.ValueType  # 3
+DISK_FORMAT_LAYER: DiskFormat.ValueType  # 4
+"""A vmrepl differencing layer over a base image (vmrepl/disk/layer.py): a failed-over VM's disks on a
+file host. Never a replica's format.
+"""
 Global___DiskFormat: _TypeAlias = DiskFormat  # noqa: Y015
 
 class _ReplicaState:

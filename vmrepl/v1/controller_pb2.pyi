@@ -144,6 +144,154 @@ VM_STATE_STOPPED: VmState.ValueType  # 9
 VM_STATE_FAILED: VmState.ValueType  # 10
 Global___VmState: _TypeAlias = VmState  # noqa: Y015
 
+class _ReplicaOperation:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _ReplicaOperationEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ReplicaOperation.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    REPLICA_OPERATION_UNSPECIFIED: _ReplicaOperation.ValueType  # 0
+    REPLICA_OPERATION_FAILOVER: _ReplicaOperation.ValueType  # 1
+    """To the newest or a kept point: the point's disks as a differencing layer, the VM registered and
+    started on the failover host; replication of the VM pauses.
+    """
+    REPLICA_OPERATION_PLANNED_FAILOVER: _ReplicaOperation.ValueType  # 2
+    """The source VM shut down cleanly, a last incremental, then failover: nothing lost."""
+    REPLICA_OPERATION_UNDO_FAILOVER: _ReplicaOperation.ValueType  # 3
+    """The failed-over VM stopped and removed, its writes discarded; replication resumes."""
+    REPLICA_OPERATION_PERMANENT_FAILOVER: _ReplicaOperation.ValueType  # 4
+    """The failed-over VM becomes the production VM: layers merged, the replica and its points removed, the
+    VM leaves the job.
+    """
+    REPLICA_OPERATION_FAILBACK: _ReplicaOperation.ValueType  # 5
+    """The failed-over VM's disks written back to the original VM (powered off), only blocks whose digests
+    differ; the original VM started.
+    """
+    REPLICA_OPERATION_COMMIT_FAILBACK: _ReplicaOperation.ValueType  # 6
+    """After failback: the failed-over VM removed, replication resumes from the original VM."""
+    REPLICA_OPERATION_UNDO_FAILBACK: _ReplicaOperation.ValueType  # 7
+    """After failback: the original VM stopped, the failed-over VM started again."""
+    REPLICA_OPERATION_TEST_FAILOVER: _ReplicaOperation.ValueType  # 8
+    """The point started as an isolated copy while replication goes on."""
+    REPLICA_OPERATION_STOP_TEST: _ReplicaOperation.ValueType  # 9
+
+class ReplicaOperation(_ReplicaOperation, metaclass=_ReplicaOperationEnumTypeWrapper):
+    """---- failover (docs/failover.md) --------------------------------------------------------------------"""
+
+REPLICA_OPERATION_UNSPECIFIED: ReplicaOperation.ValueType  # 0
+REPLICA_OPERATION_FAILOVER: ReplicaOperation.ValueType  # 1
+"""To the newest or a kept point: the point's disks as a differencing layer, the VM registered and
+started on the failover host; replication of the VM pauses.
+"""
+REPLICA_OPERATION_PLANNED_FAILOVER: ReplicaOperation.ValueType  # 2
+"""The source VM shut down cleanly, a last incremental, then failover: nothing lost."""
+REPLICA_OPERATION_UNDO_FAILOVER: ReplicaOperation.ValueType  # 3
+"""The failed-over VM stopped and removed, its writes discarded; replication resumes."""
+REPLICA_OPERATION_PERMANENT_FAILOVER: ReplicaOperation.ValueType  # 4
+"""The failed-over VM becomes the production VM: layers merged, the replica and its points removed, the
+VM leaves the job.
+"""
+REPLICA_OPERATION_FAILBACK: ReplicaOperation.ValueType  # 5
+"""The failed-over VM's disks written back to the original VM (powered off), only blocks whose digests
+differ; the original VM started.
+"""
+REPLICA_OPERATION_COMMIT_FAILBACK: ReplicaOperation.ValueType  # 6
+"""After failback: the failed-over VM removed, replication resumes from the original VM."""
+REPLICA_OPERATION_UNDO_FAILBACK: ReplicaOperation.ValueType  # 7
+"""After failback: the original VM stopped, the failed-over VM started again."""
+REPLICA_OPERATION_TEST_FAILOVER: ReplicaOperation.ValueType  # 8
+"""The point started as an isolated copy while replication goes on."""
+REPLICA_OPERATION_STOP_TEST: ReplicaOperation.ValueType  # 9
+Global___ReplicaOperation: _TypeAlias = ReplicaOperation  # noqa: Y015
+
+class _SessionKind:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _SessionKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_SessionKind.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    SESSION_KIND_UNSPECIFIED: _SessionKind.ValueType  # 0
+    """Replication (StartJob and the scheduler)."""
+    SESSION_KIND_REPLICATION: _SessionKind.ValueType  # 1
+    SESSION_KIND_OPERATION: _SessionKind.ValueType  # 2
+    """One of the replica operations (Session.operation says which)."""
+
+class SessionKind(_SessionKind, metaclass=_SessionKindEnumTypeWrapper): ...
+
+SESSION_KIND_UNSPECIFIED: SessionKind.ValueType  # 0
+"""Replication (StartJob and the scheduler)."""
+SESSION_KIND_REPLICATION: SessionKind.ValueType  # 1
+SESSION_KIND_OPERATION: SessionKind.ValueType  # 2
+"""One of the replica operations (Session.operation says which)."""
+Global___SessionKind: _TypeAlias = SessionKind  # noqa: Y015
+
+class _ReplicaVmState:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _ReplicaVmStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ReplicaVmState.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    REPLICA_VM_STATE_UNSPECIFIED: _ReplicaVmState.ValueType  # 0
+    REPLICA_VM_STATE_REPLICATING: _ReplicaVmState.ValueType  # 1
+    """Replication runs as scheduled."""
+    REPLICA_VM_STATE_FAILING_OVER: _ReplicaVmState.ValueType  # 2
+    """An operation is moving the VM (ReplicaVm.session says which)."""
+    REPLICA_VM_STATE_FAILED_OVER: _ReplicaVmState.ValueType  # 3
+    """The replica VM runs on the failover host; replication paused."""
+    REPLICA_VM_STATE_FAILING_BACK: _ReplicaVmState.ValueType  # 4
+    REPLICA_VM_STATE_FAILED_BACK: _ReplicaVmState.ValueType  # 5
+    """The original VM runs with the failed-over VM's data; commit or undo the failback."""
+    REPLICA_VM_STATE_PERMANENT: _ReplicaVmState.ValueType  # 6
+    """Permanent failover: the VM left the job."""
+
+class ReplicaVmState(_ReplicaVmState, metaclass=_ReplicaVmStateEnumTypeWrapper): ...
+
+REPLICA_VM_STATE_UNSPECIFIED: ReplicaVmState.ValueType  # 0
+REPLICA_VM_STATE_REPLICATING: ReplicaVmState.ValueType  # 1
+"""Replication runs as scheduled."""
+REPLICA_VM_STATE_FAILING_OVER: ReplicaVmState.ValueType  # 2
+"""An operation is moving the VM (ReplicaVm.session says which)."""
+REPLICA_VM_STATE_FAILED_OVER: ReplicaVmState.ValueType  # 3
+"""The replica VM runs on the failover host; replication paused."""
+REPLICA_VM_STATE_FAILING_BACK: ReplicaVmState.ValueType  # 4
+REPLICA_VM_STATE_FAILED_BACK: ReplicaVmState.ValueType  # 5
+"""The original VM runs with the failed-over VM's data; commit or undo the failback."""
+REPLICA_VM_STATE_PERMANENT: ReplicaVmState.ValueType  # 6
+"""Permanent failover: the VM left the job."""
+Global___ReplicaVmState: _TypeAlias = ReplicaVmState  # noqa: Y015
+
+class _OperationStep:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _OperationStepEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_OperationStep.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    OPERATION_STEP_UNSPECIFIED: _OperationStep.ValueType  # 0
+    OPERATION_STEP_PLANNED: _OperationStep.ValueType  # 1
+    OPERATION_STEP_RUNNING: _OperationStep.ValueType  # 2
+    """The step under way (OperationVm.step_name says which: "shutdown-source", "last-incremental",
+    "mount", "register", "start", "stop", "transfer", "flatten", "delete-replica", ...).
+    """
+    OPERATION_STEP_DONE: _OperationStep.ValueType  # 3
+    OPERATION_STEP_FAILED: _OperationStep.ValueType  # 4
+    OPERATION_STEP_ROLLED_BACK: _OperationStep.ValueType  # 5
+    """A failure undone: the VM is where it was before the operation."""
+
+class OperationStep(_OperationStep, metaclass=_OperationStepEnumTypeWrapper):
+    """One VM in an operation session."""
+
+OPERATION_STEP_UNSPECIFIED: OperationStep.ValueType  # 0
+OPERATION_STEP_PLANNED: OperationStep.ValueType  # 1
+OPERATION_STEP_RUNNING: OperationStep.ValueType  # 2
+"""The step under way (OperationVm.step_name says which: "shutdown-source", "last-incremental",
+"mount", "register", "start", "stop", "transfer", "flatten", "delete-replica", ...).
+"""
+OPERATION_STEP_DONE: OperationStep.ValueType  # 3
+OPERATION_STEP_FAILED: OperationStep.ValueType  # 4
+OPERATION_STEP_ROLLED_BACK: OperationStep.ValueType  # 5
+"""A failure undone: the VM is where it was before the operation."""
+Global___OperationStep: _TypeAlias = OperationStep  # noqa: Y015
+
 @_typing.final
 class Credential(_message.Message):
     """---- credentials -------------------------------------------------------------------------------"""
@@ -1065,6 +1213,9 @@ class Job(_message.Message):
     RETRY_WAIT_SECONDS_FIELD_NUMBER: _builtins.int
     FULL_CHECK_EVERY_FIELD_NUMBER: _builtins.int
     REPLICA_FORMAT_FIELD_NUMBER: _builtins.int
+    FAILOVER_HOST_FIELD_NUMBER: _builtins.int
+    NETWORK_MAPPING_FIELD_NUMBER: _builtins.int
+    FAILBACK_TARGET_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """`jobs/{id}`."""
     host: _builtins.str
@@ -1101,6 +1252,14 @@ class Job(_message.Message):
     """The replica disks' file format: VHDX or RAW. Unspecified: VHDX for Hyper-V hosts, RAW for
     file-backed ones.
     """
+    failover_host: _builtins.str
+    """`hosts/{id}` where failed-over and test VMs are registered and run: a file host whose folder is the
+    target agent's vm_root, or the Hyper-V host that sees it. Unset: failover is refused, naming it.
+    """
+    failback_target: _builtins.str
+    """`targets/{id}` next to the original host, which writes the original VM's disks in a failback (its
+    failback_roots hold them). Unset: the job's target.
+    """
     @_builtins.property
     def vms(self) -> _containers.RepeatedCompositeFieldContainer[Global___JobVm]: ...
     @_builtins.property
@@ -1120,6 +1279,12 @@ class Job(_message.Message):
     @_builtins.property
     def webhook(self) -> Global___Webhook:
         """POSTed a JSON summary when a session of the job ends."""
+
+    @_builtins.property
+    def network_mapping(self) -> _containers.RepeatedCompositeFieldContainer[Global___NetworkMapping]:
+        """Hyper-V: each source virtual switch's counterpart on the failover host. A NIC whose switch is not
+        mapped is left disconnected on the failed-over VM (and said so in the operation's log).
+        """
 
     def __init__(
         self,
@@ -1145,10 +1310,13 @@ class Job(_message.Message):
         retry_wait_seconds: _builtins.int | None = ...,
         full_check_every: _builtins.int | None = ...,
         replica_format: _common_pb2.DiskFormat.ValueType = ...,
+        failover_host: _builtins.str = ...,
+        network_mapping: _abc.Iterable[Global___NetworkMapping] | None = ...,
+        failback_target: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_full_check_every", b"_full_check_every", "_retries", b"_retries", "_retry_wait_seconds", b"_retry_wait_seconds", "create_time", b"create_time", "exclusions", b"exclusions", "full_check_every", b"full_check_every", "guest_processing", b"guest_processing", "retries", b"retries", "retry_wait_seconds", b"retry_wait_seconds", "schedule", b"schedule", "webhook", b"webhook"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_full_check_every", b"_full_check_every", "_retries", b"_retries", "_retry_wait_seconds", b"_retry_wait_seconds", "bandwidth_limit_mbps", b"bandwidth_limit_mbps", "block_size", b"block_size", "change_tracking", b"change_tracking", "checkpoint_hold_seconds", b"checkpoint_hold_seconds", "compression", b"compression", "create_time", b"create_time", "disabled", b"disabled", "exclusions", b"exclusions", "full_check_every", b"full_check_every", "guest_processing", b"guest_processing", "host", b"host", "name", b"name", "replica_format", b"replica_format", "replica_root", b"replica_root", "restore_points_to_keep", b"restore_points_to_keep", "retries", b"retries", "retry_wait_seconds", b"retry_wait_seconds", "schedule", b"schedule", "target", b"target", "vms", b"vms", "webhook", b"webhook"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_full_check_every", b"_full_check_every", "_retries", b"_retries", "_retry_wait_seconds", b"_retry_wait_seconds", "bandwidth_limit_mbps", b"bandwidth_limit_mbps", "block_size", b"block_size", "change_tracking", b"change_tracking", "checkpoint_hold_seconds", b"checkpoint_hold_seconds", "compression", b"compression", "create_time", b"create_time", "disabled", b"disabled", "exclusions", b"exclusions", "failback_target", b"failback_target", "failover_host", b"failover_host", "full_check_every", b"full_check_every", "guest_processing", b"guest_processing", "host", b"host", "name", b"name", "network_mapping", b"network_mapping", "replica_format", b"replica_format", "replica_root", b"replica_root", "restore_points_to_keep", b"restore_points_to_keep", "retries", b"retries", "retry_wait_seconds", b"retry_wait_seconds", "schedule", b"schedule", "target", b"target", "vms", b"vms", "webhook", b"webhook"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__full_check_every: _TypeAlias = _typing.Literal["full_check_every"]  # noqa: Y015
     _WhichOneofArgType__full_check_every: _TypeAlias = _typing.Literal["_full_check_every", b"_full_check_every"]  # noqa: Y015
@@ -1164,6 +1332,28 @@ class Job(_message.Message):
     def WhichOneof(self, oneof_group: _WhichOneofArgType__retry_wait_seconds) -> _WhichOneofReturnType__retry_wait_seconds | None: ...
 
 Global___Job: _TypeAlias = Job  # noqa: Y015
+
+@_typing.final
+class NetworkMapping(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SOURCE_SWITCH_FIELD_NUMBER: _builtins.int
+    TARGET_SWITCH_FIELD_NUMBER: _builtins.int
+    source_switch: _builtins.str
+    target_switch: _builtins.str
+    def __init__(
+        self,
+        *,
+        source_switch: _builtins.str = ...,
+        target_switch: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["source_switch", b"source_switch", "target_switch", b"target_switch"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___NetworkMapping: _TypeAlias = NetworkMapping  # noqa: Y015
 
 @_typing.final
 class Schedule(_message.Message):
@@ -1802,12 +1992,18 @@ class Session(_message.Message):
     ERROR_FIELD_NUMBER: _builtins.int
     VMS_FIELD_NUMBER: _builtins.int
     STATS_FIELD_NUMBER: _builtins.int
+    KIND_FIELD_NUMBER: _builtins.int
+    OPERATION_FIELD_NUMBER: _builtins.int
+    OPERATION_VMS_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """`sessions/{id}`."""
     job: _builtins.str
     """`jobs/{id}`."""
     state: Global___SessionState.ValueType
     error: _builtins.str
+    kind: Global___SessionKind.ValueType
+    operation: Global___ReplicaOperation.ValueType
+    """SESSION_KIND_OPERATION: which, and each VM's steps."""
     @_builtins.property
     def start_time(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
@@ -1816,6 +2012,8 @@ class Session(_message.Message):
     def vms(self) -> _containers.RepeatedCompositeFieldContainer[Global___SessionVm]: ...
     @_builtins.property
     def stats(self) -> Global___SessionStats: ...
+    @_builtins.property
+    def operation_vms(self) -> _containers.RepeatedCompositeFieldContainer[Global___OperationVm]: ...
     def __init__(
         self,
         *,
@@ -1827,10 +2025,13 @@ class Session(_message.Message):
         error: _builtins.str = ...,
         vms: _abc.Iterable[Global___SessionVm] | None = ...,
         stats: Global___SessionStats | None = ...,
+        kind: Global___SessionKind.ValueType = ...,
+        operation: Global___ReplicaOperation.ValueType = ...,
+        operation_vms: _abc.Iterable[Global___OperationVm] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["end_time", b"end_time", "start_time", b"start_time", "stats", b"stats"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["end_time", b"end_time", "error", b"error", "job", b"job", "name", b"name", "start_time", b"start_time", "state", b"state", "stats", b"stats", "vms", b"vms"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["end_time", b"end_time", "error", b"error", "job", b"job", "kind", b"kind", "name", b"name", "operation", b"operation", "operation_vms", b"operation_vms", "start_time", b"start_time", "state", b"state", "stats", b"stats", "vms", b"vms"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -2286,3 +2487,304 @@ class ExportRestorePointRequest(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ExportRestorePointRequest: _TypeAlias = ExportRestorePointRequest  # noqa: Y015
+
+@_typing.final
+class VmGroup(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VMS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def vms(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """VM ids or names as the job lists them; run in parallel."""
+
+    def __init__(
+        self,
+        *,
+        vms: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["vms", b"vms"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___VmGroup: _TypeAlias = VmGroup  # noqa: Y015
+
+@_typing.final
+class StartReplicaOperationRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    JOB_FIELD_NUMBER: _builtins.int
+    OPERATION_FIELD_NUMBER: _builtins.int
+    GROUPS_FIELD_NUMBER: _builtins.int
+    POINT_FIELD_NUMBER: _builtins.int
+    TIME_LIMIT_SECONDS_FIELD_NUMBER: _builtins.int
+    TEST_ID_FIELD_NUMBER: _builtins.int
+    REPLICATE_BACK_JOB_FIELD_NUMBER: _builtins.int
+    FAILBACK_HOST_FIELD_NUMBER: _builtins.int
+    job: _builtins.str
+    """`jobs/{id}` or its name."""
+    operation: Global___ReplicaOperation.ValueType
+    point: _builtins.str
+    """FAILOVER, TEST_FAILOVER: `jobs/{id}/restorePoints/{id}` or the bare id; empty: the newest. Only with one VM."""
+    time_limit_seconds: _builtins.int
+    """TEST_FAILOVER: stopped and discarded after this long; 0: the default (24 h)."""
+    test_id: _builtins.str
+    """STOP_TEST: the test to stop (ReplicaVm.tests[].test_id); empty: every test of the VMs named."""
+    replicate_back_job: _builtins.str
+    """PERMANENT_FAILOVER: also create a job of this name replicating the VM back to the job's target."""
+    failback_host: _builtins.str
+    """FAILBACK: `hosts/{id}` of a new location (a file host or Hyper-V host); empty: the original VM."""
+    @_builtins.property
+    def groups(self) -> _containers.RepeatedCompositeFieldContainer[Global___VmGroup]:
+        """Groups run one after another, in order; the VMs of a group in parallel. A group with a VM that fails
+        stops the groups after it.
+        """
+
+    def __init__(
+        self,
+        *,
+        job: _builtins.str = ...,
+        operation: Global___ReplicaOperation.ValueType = ...,
+        groups: _abc.Iterable[Global___VmGroup] | None = ...,
+        point: _builtins.str = ...,
+        time_limit_seconds: _builtins.int = ...,
+        test_id: _builtins.str = ...,
+        replicate_back_job: _builtins.str = ...,
+        failback_host: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["failback_host", b"failback_host", "groups", b"groups", "job", b"job", "operation", b"operation", "point", b"point", "replicate_back_job", b"replicate_back_job", "test_id", b"test_id", "time_limit_seconds", b"time_limit_seconds"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StartReplicaOperationRequest: _TypeAlias = StartReplicaOperationRequest  # noqa: Y015
+
+@_typing.final
+class TestFailover(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TEST_ID_FIELD_NUMBER: _builtins.int
+    RESTORE_POINT_FIELD_NUMBER: _builtins.int
+    HOST_FIELD_NUMBER: _builtins.int
+    VM_ID_FIELD_NUMBER: _builtins.int
+    VM_NAME_FIELD_NUMBER: _builtins.int
+    START_TIME_FIELD_NUMBER: _builtins.int
+    DEADLINE_FIELD_NUMBER: _builtins.int
+    SESSION_FIELD_NUMBER: _builtins.int
+    test_id: _builtins.str
+    restore_point: _builtins.str
+    """`jobs/{id}/restorePoints/{id}`."""
+    host: _builtins.str
+    """`hosts/{id}` and the VM there."""
+    vm_id: _builtins.str
+    vm_name: _builtins.str
+    session: _builtins.str
+    """`sessions/{id}` that started it."""
+    @_builtins.property
+    def start_time(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def deadline(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        test_id: _builtins.str = ...,
+        restore_point: _builtins.str = ...,
+        host: _builtins.str = ...,
+        vm_id: _builtins.str = ...,
+        vm_name: _builtins.str = ...,
+        start_time: _timestamp_pb2.Timestamp | None = ...,
+        deadline: _timestamp_pb2.Timestamp | None = ...,
+        session: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["deadline", b"deadline", "start_time", b"start_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["deadline", b"deadline", "host", b"host", "restore_point", b"restore_point", "session", b"session", "start_time", b"start_time", "test_id", b"test_id", "vm_id", b"vm_id", "vm_name", b"vm_name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TestFailover: _TypeAlias = TestFailover  # noqa: Y015
+
+@_typing.final
+class ReplicaVm(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    JOB_FIELD_NUMBER: _builtins.int
+    VM_ID_FIELD_NUMBER: _builtins.int
+    VM_NAME_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    RESTORE_POINT_FIELD_NUMBER: _builtins.int
+    HOST_FIELD_NUMBER: _builtins.int
+    RUNNING_VM_ID_FIELD_NUMBER: _builtins.int
+    RUNNING_VM_NAME_FIELD_NUMBER: _builtins.int
+    FOLDER_FIELD_NUMBER: _builtins.int
+    SESSION_FIELD_NUMBER: _builtins.int
+    STATE_TIME_FIELD_NUMBER: _builtins.int
+    TESTS_FIELD_NUMBER: _builtins.int
+    job: _builtins.str
+    """`jobs/{id}`."""
+    vm_id: _builtins.str
+    vm_name: _builtins.str
+    state: Global___ReplicaVmState.ValueType
+    restore_point: _builtins.str
+    """`jobs/{id}/restorePoints/{id}` failed over to (FAILED_OVER and after); held from retention."""
+    host: _builtins.str
+    """Where the failed-over VM runs: `hosts/{id}`, its id and name there, its folder (host's view)."""
+    running_vm_id: _builtins.str
+    running_vm_name: _builtins.str
+    folder: _builtins.str
+    session: _builtins.str
+    """`sessions/{id}` of the last operation on the VM."""
+    @_builtins.property
+    def state_time(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def tests(self) -> _containers.RepeatedCompositeFieldContainer[Global___TestFailover]: ...
+    def __init__(
+        self,
+        *,
+        job: _builtins.str = ...,
+        vm_id: _builtins.str = ...,
+        vm_name: _builtins.str = ...,
+        state: Global___ReplicaVmState.ValueType = ...,
+        restore_point: _builtins.str = ...,
+        host: _builtins.str = ...,
+        running_vm_id: _builtins.str = ...,
+        running_vm_name: _builtins.str = ...,
+        folder: _builtins.str = ...,
+        session: _builtins.str = ...,
+        state_time: _timestamp_pb2.Timestamp | None = ...,
+        tests: _abc.Iterable[Global___TestFailover] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["state_time", b"state_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["folder", b"folder", "host", b"host", "job", b"job", "restore_point", b"restore_point", "running_vm_id", b"running_vm_id", "running_vm_name", b"running_vm_name", "session", b"session", "state", b"state", "state_time", b"state_time", "tests", b"tests", "vm_id", b"vm_id", "vm_name", b"vm_name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReplicaVm: _TypeAlias = ReplicaVm  # noqa: Y015
+
+@_typing.final
+class GetReplicaVmRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    JOB_FIELD_NUMBER: _builtins.int
+    VM_FIELD_NUMBER: _builtins.int
+    job: _builtins.str
+    """`jobs/{id}` or its name."""
+    vm: _builtins.str
+    """The VM's id or name as the job lists it; may be empty when the job has one VM."""
+    def __init__(
+        self,
+        *,
+        job: _builtins.str = ...,
+        vm: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["job", b"job", "vm", b"vm"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetReplicaVmRequest: _TypeAlias = GetReplicaVmRequest  # noqa: Y015
+
+@_typing.final
+class ListReplicaVmsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PARENT_FIELD_NUMBER: _builtins.int
+    parent: _builtins.str
+    """`jobs/{id}`."""
+    def __init__(
+        self,
+        *,
+        parent: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["parent", b"parent"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListReplicaVmsRequest: _TypeAlias = ListReplicaVmsRequest  # noqa: Y015
+
+@_typing.final
+class ListReplicaVmsResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VMS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def vms(self) -> _containers.RepeatedCompositeFieldContainer[Global___ReplicaVm]: ...
+    def __init__(
+        self,
+        *,
+        vms: _abc.Iterable[Global___ReplicaVm] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["vms", b"vms"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListReplicaVmsResponse: _TypeAlias = ListReplicaVmsResponse  # noqa: Y015
+
+@_typing.final
+class OperationVm(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VM_ID_FIELD_NUMBER: _builtins.int
+    VM_NAME_FIELD_NUMBER: _builtins.int
+    GROUP_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    STEP_NAME_FIELD_NUMBER: _builtins.int
+    RESTORE_POINT_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
+    BYTES_COPIED_FIELD_NUMBER: _builtins.int
+    BYTES_READ_FIELD_NUMBER: _builtins.int
+    BYTES_SENT_FIELD_NUMBER: _builtins.int
+    BLOCKS_DIFFERING_FIELD_NUMBER: _builtins.int
+    DURATION_SECONDS_FIELD_NUMBER: _builtins.int
+    DISKS_FIELD_NUMBER: _builtins.int
+    vm_id: _builtins.str
+    vm_name: _builtins.str
+    group: _builtins.int
+    """Index into the request's groups."""
+    state: Global___OperationStep.ValueType
+    step_name: _builtins.str
+    restore_point: _builtins.str
+    """`jobs/{id}/restorePoints/{id}` used."""
+    error: _builtins.str
+    bytes_copied: _builtins.int
+    """Bytes copied on the target to materialise the point (an older point), and for failback: bytes read,
+    sent and blocks that differed.
+    """
+    bytes_read: _builtins.int
+    bytes_sent: _builtins.int
+    blocks_differing: _builtins.int
+    duration_seconds: _builtins.float
+    @_builtins.property
+    def disks(self) -> _containers.RepeatedCompositeFieldContainer[Global___DiskTask]: ...
+    def __init__(
+        self,
+        *,
+        vm_id: _builtins.str = ...,
+        vm_name: _builtins.str = ...,
+        group: _builtins.int = ...,
+        state: Global___OperationStep.ValueType = ...,
+        step_name: _builtins.str = ...,
+        restore_point: _builtins.str = ...,
+        error: _builtins.str = ...,
+        bytes_copied: _builtins.int = ...,
+        bytes_read: _builtins.int = ...,
+        bytes_sent: _builtins.int = ...,
+        blocks_differing: _builtins.int = ...,
+        duration_seconds: _builtins.float = ...,
+        disks: _abc.Iterable[Global___DiskTask] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["blocks_differing", b"blocks_differing", "bytes_copied", b"bytes_copied", "bytes_read", b"bytes_read", "bytes_sent", b"bytes_sent", "disks", b"disks", "duration_seconds", b"duration_seconds", "error", b"error", "group", b"group", "restore_point", b"restore_point", "state", b"state", "step_name", b"step_name", "vm_id", b"vm_id", "vm_name", b"vm_name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___OperationVm: _TypeAlias = OperationVm  # noqa: Y015

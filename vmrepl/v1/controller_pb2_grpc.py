@@ -235,6 +235,21 @@ class ControllerServiceStub:
                 request_serializer=vmrepl_dot_v1_dot_controller__pb2.ExportRestorePointRequest.SerializeToString,
                 response_deserializer=vmrepl_dot_v1_dot_common__pb2.DiskChunk.FromString,
                 _registered_method=True)
+        self.StartReplicaOperation = channel.unary_unary(
+                '/vmrepl.v1.ControllerService/StartReplicaOperation',
+                request_serializer=vmrepl_dot_v1_dot_controller__pb2.StartReplicaOperationRequest.SerializeToString,
+                response_deserializer=vmrepl_dot_v1_dot_controller__pb2.Session.FromString,
+                _registered_method=True)
+        self.GetReplicaVm = channel.unary_unary(
+                '/vmrepl.v1.ControllerService/GetReplicaVm',
+                request_serializer=vmrepl_dot_v1_dot_controller__pb2.GetReplicaVmRequest.SerializeToString,
+                response_deserializer=vmrepl_dot_v1_dot_controller__pb2.ReplicaVm.FromString,
+                _registered_method=True)
+        self.ListReplicaVms = channel.unary_unary(
+                '/vmrepl.v1.ControllerService/ListReplicaVms',
+                request_serializer=vmrepl_dot_v1_dot_controller__pb2.ListReplicaVmsRequest.SerializeToString,
+                response_deserializer=vmrepl_dot_v1_dot_controller__pb2.ListReplicaVmsResponse.FromString,
+                _registered_method=True)
 
 
 class ControllerServiceServicer:
@@ -489,6 +504,29 @@ class ControllerServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def StartReplicaOperation(self, request, context):
+        """Failover, planned failover, undo, permanent failover, failback and its commit or undo, test failover
+        and its stop (docs/failover.md). Role operator. Runs as a session of the operation's kind (watched with
+        WatchSession, logged with GetSessionLog); returns it at once, running.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetReplicaVm(self, request, context):
+        """Where a VM stands: replicating, failed over (and where the failed-over copy runs), failed back, and
+        its test failovers (vmrepl replica show). Role reader.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListReplicaVms(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ControllerServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -676,6 +714,21 @@ def add_ControllerServiceServicer_to_server(servicer, server):
                     servicer.ExportRestorePoint,
                     request_deserializer=vmrepl_dot_v1_dot_controller__pb2.ExportRestorePointRequest.FromString,
                     response_serializer=vmrepl_dot_v1_dot_common__pb2.DiskChunk.SerializeToString,
+            ),
+            'StartReplicaOperation': grpc.unary_unary_rpc_method_handler(
+                    servicer.StartReplicaOperation,
+                    request_deserializer=vmrepl_dot_v1_dot_controller__pb2.StartReplicaOperationRequest.FromString,
+                    response_serializer=vmrepl_dot_v1_dot_controller__pb2.Session.SerializeToString,
+            ),
+            'GetReplicaVm': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetReplicaVm,
+                    request_deserializer=vmrepl_dot_v1_dot_controller__pb2.GetReplicaVmRequest.FromString,
+                    response_serializer=vmrepl_dot_v1_dot_controller__pb2.ReplicaVm.SerializeToString,
+            ),
+            'ListReplicaVms': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListReplicaVms,
+                    request_deserializer=vmrepl_dot_v1_dot_controller__pb2.ListReplicaVmsRequest.FromString,
+                    response_serializer=vmrepl_dot_v1_dot_controller__pb2.ListReplicaVmsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -1691,6 +1744,87 @@ class ControllerService:
             '/vmrepl.v1.ControllerService/ExportRestorePoint',
             vmrepl_dot_v1_dot_controller__pb2.ExportRestorePointRequest.SerializeToString,
             vmrepl_dot_v1_dot_common__pb2.DiskChunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StartReplicaOperation(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/vmrepl.v1.ControllerService/StartReplicaOperation',
+            vmrepl_dot_v1_dot_controller__pb2.StartReplicaOperationRequest.SerializeToString,
+            vmrepl_dot_v1_dot_controller__pb2.Session.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetReplicaVm(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/vmrepl.v1.ControllerService/GetReplicaVm',
+            vmrepl_dot_v1_dot_controller__pb2.GetReplicaVmRequest.SerializeToString,
+            vmrepl_dot_v1_dot_controller__pb2.ReplicaVm.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListReplicaVms(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/vmrepl.v1.ControllerService/ListReplicaVms',
+            vmrepl_dot_v1_dot_controller__pb2.ListReplicaVmsRequest.SerializeToString,
+            vmrepl_dot_v1_dot_controller__pb2.ListReplicaVmsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -102,6 +102,16 @@ class ControllerServiceStub:
     """
     ExportRestorePoint: _grpc.UnaryStreamMultiCallable[_controller_pb2.ExportRestorePointRequest, _common_pb2.DiskChunk]
     """One disk of a restore point, for writing to a file (vmrepl restore-points export)."""
+    StartReplicaOperation: _grpc.UnaryUnaryMultiCallable[_controller_pb2.StartReplicaOperationRequest, _controller_pb2.Session]
+    """Failover, planned failover, undo, permanent failover, failback and its commit or undo, test failover
+    and its stop (docs/failover.md). Role operator. Runs as a session of the operation's kind (watched with
+    WatchSession, logged with GetSessionLog); returns it at once, running.
+    """
+    GetReplicaVm: _grpc.UnaryUnaryMultiCallable[_controller_pb2.GetReplicaVmRequest, _controller_pb2.ReplicaVm]
+    """Where a VM stands: replicating, failed over (and where the failed-over copy runs), failed back, and
+    its test failovers (vmrepl replica show). Role reader.
+    """
+    ListReplicaVms: _grpc.UnaryUnaryMultiCallable[_controller_pb2.ListReplicaVmsRequest, _controller_pb2.ListReplicaVmsResponse]
 
 @_typing.type_check_only
 class ControllerServiceAsyncStub(ControllerServiceStub):
@@ -175,6 +185,16 @@ class ControllerServiceAsyncStub(ControllerServiceStub):
     """
     ExportRestorePoint: _aio.UnaryStreamMultiCallable[_controller_pb2.ExportRestorePointRequest, _common_pb2.DiskChunk]  # type: ignore[assignment]
     """One disk of a restore point, for writing to a file (vmrepl restore-points export)."""
+    StartReplicaOperation: _aio.UnaryUnaryMultiCallable[_controller_pb2.StartReplicaOperationRequest, _controller_pb2.Session]  # type: ignore[assignment]
+    """Failover, planned failover, undo, permanent failover, failback and its commit or undo, test failover
+    and its stop (docs/failover.md). Role operator. Runs as a session of the operation's kind (watched with
+    WatchSession, logged with GetSessionLog); returns it at once, running.
+    """
+    GetReplicaVm: _aio.UnaryUnaryMultiCallable[_controller_pb2.GetReplicaVmRequest, _controller_pb2.ReplicaVm]  # type: ignore[assignment]
+    """Where a VM stands: replicating, failed over (and where the failed-over copy runs), failed back, and
+    its test failovers (vmrepl replica show). Role reader.
+    """
+    ListReplicaVms: _aio.UnaryUnaryMultiCallable[_controller_pb2.ListReplicaVmsRequest, _controller_pb2.ListReplicaVmsResponse]  # type: ignore[assignment]
 
 class ControllerServiceServicer(metaclass=_abc_1.ABCMeta):
     """The controller's API, for the `vmrepl` CLI and for engineers' own tooling.
@@ -467,5 +487,33 @@ class ControllerServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_common_pb2.DiskChunk], _abc.AsyncIterator[_common_pb2.DiskChunk]]:
         """One disk of a restore point, for writing to a file (vmrepl restore-points export)."""
+
+    @_abc_1.abstractmethod
+    def StartReplicaOperation(
+        self,
+        request: _controller_pb2.StartReplicaOperationRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_controller_pb2.Session, _abc.Awaitable[_controller_pb2.Session]]:
+        """Failover, planned failover, undo, permanent failover, failback and its commit or undo, test failover
+        and its stop (docs/failover.md). Role operator. Runs as a session of the operation's kind (watched with
+        WatchSession, logged with GetSessionLog); returns it at once, running.
+        """
+
+    @_abc_1.abstractmethod
+    def GetReplicaVm(
+        self,
+        request: _controller_pb2.GetReplicaVmRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_controller_pb2.ReplicaVm, _abc.Awaitable[_controller_pb2.ReplicaVm]]:
+        """Where a VM stands: replicating, failed over (and where the failed-over copy runs), failed back, and
+        its test failovers (vmrepl replica show). Role reader.
+        """
+
+    @_abc_1.abstractmethod
+    def ListReplicaVms(
+        self,
+        request: _controller_pb2.ListReplicaVmsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_controller_pb2.ListReplicaVmsResponse, _abc.Awaitable[_controller_pb2.ListReplicaVmsResponse]]: ...
 
 def add_ControllerServiceServicer_to_server(servicer: ControllerServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -62,6 +62,77 @@ e.g. after a session was rolled back.
 """
 Global___ReplicaDiskState: _TypeAlias = ReplicaDiskState  # noqa: Y015
 
+class _MountKind:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _MountKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_MountKind.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    MOUNT_KIND_UNSPECIFIED: _MountKind.ValueType  # 0
+    MOUNT_KIND_FAILOVER: _MountKind.ValueType  # 1
+    """Failover: replication of the VM is paused while it exists."""
+    MOUNT_KIND_TEST: _MountKind.ValueType  # 2
+    """Test failover: the replica goes on being written; the mount keeps its point's bytes."""
+
+class MountKind(_MountKind, metaclass=_MountKindEnumTypeWrapper):
+    """---- failover ---------------------------------------------------------------------------------"""
+
+MOUNT_KIND_UNSPECIFIED: MountKind.ValueType  # 0
+MOUNT_KIND_FAILOVER: MountKind.ValueType  # 1
+"""Failover: replication of the VM is paused while it exists."""
+MOUNT_KIND_TEST: MountKind.ValueType  # 2
+"""Test failover: the replica goes on being written; the mount keeps its point's bytes."""
+Global___MountKind: _TypeAlias = MountKind  # noqa: Y015
+
+class _MountLayout:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _MountLayoutEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_MountLayout.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    MOUNT_LAYOUT_UNSPECIFIED: _MountLayout.ValueType  # 0
+    MOUNT_LAYOUT_LAYER: _MountLayout.ValueType  # 1
+    """vmrepl layer disks (vmrepl/disk/layer.py) that the file provider opens."""
+    MOUNT_LAYOUT_VHDX: _MountLayout.ValueType  # 2
+    """VHDX images a Hyper-V host opens: the newest point's replica VHDX as is (the host makes a
+    differencing disk over it), an older point copied to a dynamic VHDX (only its allocated blocks).
+    """
+
+class MountLayout(_MountLayout, metaclass=_MountLayoutEnumTypeWrapper):
+    """How the mount's disks are laid out for the host that runs the VM."""
+
+MOUNT_LAYOUT_UNSPECIFIED: MountLayout.ValueType  # 0
+MOUNT_LAYOUT_LAYER: MountLayout.ValueType  # 1
+"""vmrepl layer disks (vmrepl/disk/layer.py) that the file provider opens."""
+MOUNT_LAYOUT_VHDX: MountLayout.ValueType  # 2
+"""VHDX images a Hyper-V host opens: the newest point's replica VHDX as is (the host makes a
+differencing disk over it), an older point copied to a dynamic VHDX (only its allocated blocks).
+"""
+Global___MountLayout: _TypeAlias = MountLayout  # noqa: Y015
+
+class _MountState:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _MountStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_MountState.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    MOUNT_STATE_UNSPECIFIED: _MountState.ValueType  # 0
+    MOUNT_STATE_MOUNTED: _MountState.ValueType  # 1
+    MOUNT_STATE_FLATTENED: _MountState.ValueType  # 2
+    """FlattenMount ended: the disks no longer depend on the replica."""
+    MOUNT_STATE_GONE: _MountState.ValueType  # 3
+    """UnmountPoint ended (or the mount never existed)."""
+
+class MountState(_MountState, metaclass=_MountStateEnumTypeWrapper): ...
+
+MOUNT_STATE_UNSPECIFIED: MountState.ValueType  # 0
+MOUNT_STATE_MOUNTED: MountState.ValueType  # 1
+MOUNT_STATE_FLATTENED: MountState.ValueType  # 2
+"""FlattenMount ended: the disks no longer depend on the replica."""
+MOUNT_STATE_GONE: MountState.ValueType  # 3
+"""UnmountPoint ended (or the mount never existed)."""
+Global___MountState: _TypeAlias = MountState  # noqa: Y015
+
 @_typing.final
 class ReplicaDisk(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
@@ -918,3 +989,288 @@ class DigestChunk(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___DigestChunk: _TypeAlias = DigestChunk  # noqa: Y015
+
+@_typing.final
+class MountPointRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REPLICA_PATH_FIELD_NUMBER: _builtins.int
+    POINT_ID_FIELD_NUMBER: _builtins.int
+    MOUNT_ID_FIELD_NUMBER: _builtins.int
+    KIND_FIELD_NUMBER: _builtins.int
+    LAYOUT_FIELD_NUMBER: _builtins.int
+    replica_path: _builtins.str
+    point_id: _builtins.str
+    """Empty: the newest point."""
+    mount_id: _builtins.str
+    """Chosen by the controller (letters, digits, '-', '_'): names the mount's folder under vm_root."""
+    kind: Global___MountKind.ValueType
+    layout: Global___MountLayout.ValueType
+    def __init__(
+        self,
+        *,
+        replica_path: _builtins.str = ...,
+        point_id: _builtins.str = ...,
+        mount_id: _builtins.str = ...,
+        kind: Global___MountKind.ValueType = ...,
+        layout: Global___MountLayout.ValueType = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["kind", b"kind", "layout", b"layout", "mount_id", b"mount_id", "point_id", b"point_id", "replica_path", b"replica_path"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___MountPointRequest: _TypeAlias = MountPointRequest  # noqa: Y015
+
+@_typing.final
+class MountDisk(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DISK_ID_FIELD_NUMBER: _builtins.int
+    PATH_FIELD_NUMBER: _builtins.int
+    FORMAT_FIELD_NUMBER: _builtins.int
+    SIZE_FIELD_NUMBER: _builtins.int
+    disk_id: _builtins.str
+    path: _builtins.str
+    """Relative to the mount's folder."""
+    format: _common_pb2.DiskFormat.ValueType
+    size: _builtins.int
+    def __init__(
+        self,
+        *,
+        disk_id: _builtins.str = ...,
+        path: _builtins.str = ...,
+        format: _common_pb2.DiskFormat.ValueType = ...,
+        size: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["disk_id", b"disk_id", "format", b"format", "path", b"path", "size", b"size"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___MountDisk: _TypeAlias = MountDisk  # noqa: Y015
+
+@_typing.final
+class Mount(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MOUNT_ID_FIELD_NUMBER: _builtins.int
+    REPLICA_PATH_FIELD_NUMBER: _builtins.int
+    POINT_ID_FIELD_NUMBER: _builtins.int
+    KIND_FIELD_NUMBER: _builtins.int
+    LAYOUT_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    FOLDER_FIELD_NUMBER: _builtins.int
+    HOST_FOLDER_FIELD_NUMBER: _builtins.int
+    DISKS_FIELD_NUMBER: _builtins.int
+    CREATE_TIME_FIELD_NUMBER: _builtins.int
+    BYTES_COPIED_FIELD_NUMBER: _builtins.int
+    mount_id: _builtins.str
+    replica_path: _builtins.str
+    point_id: _builtins.str
+    kind: Global___MountKind.ValueType
+    layout: Global___MountLayout.ValueType
+    state: Global___MountState.ValueType
+    folder: _builtins.str
+    """The mount's folder, relative to vm_root (the folder name)."""
+    host_folder: _builtins.str
+    """The same folder as the VM's host names it (vm_root_host_path joined with folder; empty when unset)."""
+    bytes_copied: _builtins.int
+    """Bytes copied to materialise an older point, and by copy-on-write since (TEST)."""
+    @_builtins.property
+    def disks(self) -> _containers.RepeatedCompositeFieldContainer[Global___MountDisk]: ...
+    @_builtins.property
+    def create_time(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        mount_id: _builtins.str = ...,
+        replica_path: _builtins.str = ...,
+        point_id: _builtins.str = ...,
+        kind: Global___MountKind.ValueType = ...,
+        layout: Global___MountLayout.ValueType = ...,
+        state: Global___MountState.ValueType = ...,
+        folder: _builtins.str = ...,
+        host_folder: _builtins.str = ...,
+        disks: _abc.Iterable[Global___MountDisk] | None = ...,
+        create_time: _timestamp_pb2.Timestamp | None = ...,
+        bytes_copied: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bytes_copied", b"bytes_copied", "create_time", b"create_time", "disks", b"disks", "folder", b"folder", "host_folder", b"host_folder", "kind", b"kind", "layout", b"layout", "mount_id", b"mount_id", "point_id", b"point_id", "replica_path", b"replica_path", "state", b"state"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Mount: _TypeAlias = Mount  # noqa: Y015
+
+@_typing.final
+class GetMountRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MOUNT_ID_FIELD_NUMBER: _builtins.int
+    mount_id: _builtins.str
+    def __init__(
+        self,
+        *,
+        mount_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["mount_id", b"mount_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetMountRequest: _TypeAlias = GetMountRequest  # noqa: Y015
+
+@_typing.final
+class ListMountsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REPLICA_PATH_FIELD_NUMBER: _builtins.int
+    replica_path: _builtins.str
+    """Empty: every mount."""
+    def __init__(
+        self,
+        *,
+        replica_path: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["replica_path", b"replica_path"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListMountsRequest: _TypeAlias = ListMountsRequest  # noqa: Y015
+
+@_typing.final
+class ListMountsResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MOUNTS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def mounts(self) -> _containers.RepeatedCompositeFieldContainer[Global___Mount]: ...
+    def __init__(
+        self,
+        *,
+        mounts: _abc.Iterable[Global___Mount] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["mounts", b"mounts"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListMountsResponse: _TypeAlias = ListMountsResponse  # noqa: Y015
+
+@_typing.final
+class UnmountPointRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MOUNT_ID_FIELD_NUMBER: _builtins.int
+    mount_id: _builtins.str
+    def __init__(
+        self,
+        *,
+        mount_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["mount_id", b"mount_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UnmountPointRequest: _TypeAlias = UnmountPointRequest  # noqa: Y015
+
+@_typing.final
+class FlattenMountRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MOUNT_ID_FIELD_NUMBER: _builtins.int
+    mount_id: _builtins.str
+    def __init__(
+        self,
+        *,
+        mount_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["mount_id", b"mount_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FlattenMountRequest: _TypeAlias = FlattenMountRequest  # noqa: Y015
+
+@_typing.final
+class DeleteReplicaRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REPLICA_PATH_FIELD_NUMBER: _builtins.int
+    replica_path: _builtins.str
+    def __init__(
+        self,
+        *,
+        replica_path: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["replica_path", b"replica_path"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeleteReplicaRequest: _TypeAlias = DeleteReplicaRequest  # noqa: Y015
+
+@_typing.final
+class DeleteReplicaResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DELETED_FIELD_NUMBER: _builtins.int
+    deleted: _builtins.bool
+    """False when there was nothing to delete."""
+    def __init__(
+        self,
+        *,
+        deleted: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["deleted", b"deleted"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeleteReplicaResponse: _TypeAlias = DeleteReplicaResponse  # noqa: Y015
+
+@_typing.final
+class PrepareFailbackDiskRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REPLICA_PATH_FIELD_NUMBER: _builtins.int
+    DISK_ID_FIELD_NUMBER: _builtins.int
+    ORIGINAL_PATH_FIELD_NUMBER: _builtins.int
+    FORMAT_FIELD_NUMBER: _builtins.int
+    BLOCK_SIZE_FIELD_NUMBER: _builtins.int
+    replica_path: _builtins.str
+    """Where the failback disk is kept in the datastore (like a replica's)."""
+    disk_id: _builtins.str
+    original_path: _builtins.str
+    """The original VM's disk image, absolute, under one of the agent's failback_roots."""
+    format: _common_pb2.DiskFormat.ValueType
+    block_size: _builtins.int
+    def __init__(
+        self,
+        *,
+        replica_path: _builtins.str = ...,
+        disk_id: _builtins.str = ...,
+        original_path: _builtins.str = ...,
+        format: _common_pb2.DiskFormat.ValueType = ...,
+        block_size: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["block_size", b"block_size", "disk_id", b"disk_id", "format", b"format", "original_path", b"original_path", "replica_path", b"replica_path"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PrepareFailbackDiskRequest: _TypeAlias = PrepareFailbackDiskRequest  # noqa: Y015

@@ -99,6 +99,41 @@ class TargetAgentStub:
                 request_serializer=vmrepl_dot_v1_dot_target__pb2.ReadDigestsRequest.SerializeToString,
                 response_deserializer=vmrepl_dot_v1_dot_target__pb2.DigestChunk.FromString,
                 _registered_method=True)
+        self.MountPoint = channel.unary_unary(
+                '/vmrepl.v1.TargetAgent/MountPoint',
+                request_serializer=vmrepl_dot_v1_dot_target__pb2.MountPointRequest.SerializeToString,
+                response_deserializer=vmrepl_dot_v1_dot_target__pb2.Mount.FromString,
+                _registered_method=True)
+        self.GetMount = channel.unary_unary(
+                '/vmrepl.v1.TargetAgent/GetMount',
+                request_serializer=vmrepl_dot_v1_dot_target__pb2.GetMountRequest.SerializeToString,
+                response_deserializer=vmrepl_dot_v1_dot_target__pb2.Mount.FromString,
+                _registered_method=True)
+        self.ListMounts = channel.unary_unary(
+                '/vmrepl.v1.TargetAgent/ListMounts',
+                request_serializer=vmrepl_dot_v1_dot_target__pb2.ListMountsRequest.SerializeToString,
+                response_deserializer=vmrepl_dot_v1_dot_target__pb2.ListMountsResponse.FromString,
+                _registered_method=True)
+        self.UnmountPoint = channel.unary_unary(
+                '/vmrepl.v1.TargetAgent/UnmountPoint',
+                request_serializer=vmrepl_dot_v1_dot_target__pb2.UnmountPointRequest.SerializeToString,
+                response_deserializer=vmrepl_dot_v1_dot_target__pb2.Mount.FromString,
+                _registered_method=True)
+        self.FlattenMount = channel.unary_unary(
+                '/vmrepl.v1.TargetAgent/FlattenMount',
+                request_serializer=vmrepl_dot_v1_dot_target__pb2.FlattenMountRequest.SerializeToString,
+                response_deserializer=vmrepl_dot_v1_dot_target__pb2.Mount.FromString,
+                _registered_method=True)
+        self.DeleteReplica = channel.unary_unary(
+                '/vmrepl.v1.TargetAgent/DeleteReplica',
+                request_serializer=vmrepl_dot_v1_dot_target__pb2.DeleteReplicaRequest.SerializeToString,
+                response_deserializer=vmrepl_dot_v1_dot_target__pb2.DeleteReplicaResponse.FromString,
+                _registered_method=True)
+        self.PrepareFailbackDisk = channel.unary_unary(
+                '/vmrepl.v1.TargetAgent/PrepareFailbackDisk',
+                request_serializer=vmrepl_dot_v1_dot_target__pb2.PrepareFailbackDiskRequest.SerializeToString,
+                response_deserializer=vmrepl_dot_v1_dot_target__pb2.ReplicaDisk.FromString,
+                _registered_method=True)
 
 
 class TargetAgentServicer:
@@ -210,6 +245,65 @@ class TargetAgentServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def MountPoint(self, request, context):
+        """---- failover (docs/failover.md) ----
+        A restore point's disks as a VM folder under the agent's `vm_root`, for a VM the controller then
+        registers on the host that sees that folder: each disk a differencing layer over the point (writes
+        after failover never touch the point or the replica). The newest point mounts at once; an older one
+        copies only the blocks its rollback data holds. Idempotent by mount_id. A TEST mount keeps its point's
+        bytes while sessions go on writing the replica (copy-on-write before each overwrite).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetMount(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListMounts(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UnmountPoint(self, request, context):
+        """Discards a mount and everything written to it. Idempotent (NOT_FOUND never: a missing mount is gone).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def FlattenMount(self, request, context):
+        """Permanent failover: the mount's disks become standalone images (the layers merged into their base)
+        that no longer depend on the replica; then DeleteReplica may remove the replica. Idempotent.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteReplica(self, request, context):
+        """Removes a VM replica: its disks, restore points and metadata. Refused while a mount depends on it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PrepareFailbackDisk(self, request, context):
+        """---- failback ----
+        Readies a failback disk: a replica disk (under `replica_path`) whose data file IS the original VM's
+        disk (a hard link; the original must lie under one of the agent's `failback_roots`, on the datastore's
+        file system), with digests computed from its current content. The usual PrepareReplicaDisk / Transfer
+        (digest comparison: only differing blocks travel) / CommitRestorePoint then write it, with the
+        original blocks saved before each overwrite, so a failback cut short resumes or rolls back
+        (RollbackReplica) and never leaves the original half written. Idempotent.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_TargetAgentServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -272,6 +366,41 @@ def add_TargetAgentServicer_to_server(servicer, server):
                     servicer.ReadDigests,
                     request_deserializer=vmrepl_dot_v1_dot_target__pb2.ReadDigestsRequest.FromString,
                     response_serializer=vmrepl_dot_v1_dot_target__pb2.DigestChunk.SerializeToString,
+            ),
+            'MountPoint': grpc.unary_unary_rpc_method_handler(
+                    servicer.MountPoint,
+                    request_deserializer=vmrepl_dot_v1_dot_target__pb2.MountPointRequest.FromString,
+                    response_serializer=vmrepl_dot_v1_dot_target__pb2.Mount.SerializeToString,
+            ),
+            'GetMount': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetMount,
+                    request_deserializer=vmrepl_dot_v1_dot_target__pb2.GetMountRequest.FromString,
+                    response_serializer=vmrepl_dot_v1_dot_target__pb2.Mount.SerializeToString,
+            ),
+            'ListMounts': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListMounts,
+                    request_deserializer=vmrepl_dot_v1_dot_target__pb2.ListMountsRequest.FromString,
+                    response_serializer=vmrepl_dot_v1_dot_target__pb2.ListMountsResponse.SerializeToString,
+            ),
+            'UnmountPoint': grpc.unary_unary_rpc_method_handler(
+                    servicer.UnmountPoint,
+                    request_deserializer=vmrepl_dot_v1_dot_target__pb2.UnmountPointRequest.FromString,
+                    response_serializer=vmrepl_dot_v1_dot_target__pb2.Mount.SerializeToString,
+            ),
+            'FlattenMount': grpc.unary_unary_rpc_method_handler(
+                    servicer.FlattenMount,
+                    request_deserializer=vmrepl_dot_v1_dot_target__pb2.FlattenMountRequest.FromString,
+                    response_serializer=vmrepl_dot_v1_dot_target__pb2.Mount.SerializeToString,
+            ),
+            'DeleteReplica': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteReplica,
+                    request_deserializer=vmrepl_dot_v1_dot_target__pb2.DeleteReplicaRequest.FromString,
+                    response_serializer=vmrepl_dot_v1_dot_target__pb2.DeleteReplicaResponse.SerializeToString,
+            ),
+            'PrepareFailbackDisk': grpc.unary_unary_rpc_method_handler(
+                    servicer.PrepareFailbackDisk,
+                    request_deserializer=vmrepl_dot_v1_dot_target__pb2.PrepareFailbackDiskRequest.FromString,
+                    response_serializer=vmrepl_dot_v1_dot_target__pb2.ReplicaDisk.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -602,6 +731,195 @@ class TargetAgent:
             '/vmrepl.v1.TargetAgent/ReadDigests',
             vmrepl_dot_v1_dot_target__pb2.ReadDigestsRequest.SerializeToString,
             vmrepl_dot_v1_dot_target__pb2.DigestChunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def MountPoint(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/vmrepl.v1.TargetAgent/MountPoint',
+            vmrepl_dot_v1_dot_target__pb2.MountPointRequest.SerializeToString,
+            vmrepl_dot_v1_dot_target__pb2.Mount.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetMount(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/vmrepl.v1.TargetAgent/GetMount',
+            vmrepl_dot_v1_dot_target__pb2.GetMountRequest.SerializeToString,
+            vmrepl_dot_v1_dot_target__pb2.Mount.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListMounts(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/vmrepl.v1.TargetAgent/ListMounts',
+            vmrepl_dot_v1_dot_target__pb2.ListMountsRequest.SerializeToString,
+            vmrepl_dot_v1_dot_target__pb2.ListMountsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UnmountPoint(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/vmrepl.v1.TargetAgent/UnmountPoint',
+            vmrepl_dot_v1_dot_target__pb2.UnmountPointRequest.SerializeToString,
+            vmrepl_dot_v1_dot_target__pb2.Mount.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def FlattenMount(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/vmrepl.v1.TargetAgent/FlattenMount',
+            vmrepl_dot_v1_dot_target__pb2.FlattenMountRequest.SerializeToString,
+            vmrepl_dot_v1_dot_target__pb2.Mount.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteReplica(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/vmrepl.v1.TargetAgent/DeleteReplica',
+            vmrepl_dot_v1_dot_target__pb2.DeleteReplicaRequest.SerializeToString,
+            vmrepl_dot_v1_dot_target__pb2.DeleteReplicaResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PrepareFailbackDisk(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/vmrepl.v1.TargetAgent/PrepareFailbackDisk',
+            vmrepl_dot_v1_dot_target__pb2.PrepareFailbackDiskRequest.SerializeToString,
+            vmrepl_dot_v1_dot_target__pb2.ReplicaDisk.FromString,
             options,
             channel_credentials,
             insecure,

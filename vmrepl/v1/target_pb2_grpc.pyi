@@ -88,6 +88,33 @@ class TargetAgentStub:
     """The replica's per-block digests (xxh3-128 of each block's bytes), for
     digest-comparison incrementals and sampled verification.
     """
+    MountPoint: _grpc.UnaryUnaryMultiCallable[_target_pb2.MountPointRequest, _target_pb2.Mount]
+    """---- failover (docs/failover.md) ----
+    A restore point's disks as a VM folder under the agent's `vm_root`, for a VM the controller then
+    registers on the host that sees that folder: each disk a differencing layer over the point (writes
+    after failover never touch the point or the replica). The newest point mounts at once; an older one
+    copies only the blocks its rollback data holds. Idempotent by mount_id. A TEST mount keeps its point's
+    bytes while sessions go on writing the replica (copy-on-write before each overwrite).
+    """
+    GetMount: _grpc.UnaryUnaryMultiCallable[_target_pb2.GetMountRequest, _target_pb2.Mount]
+    ListMounts: _grpc.UnaryUnaryMultiCallable[_target_pb2.ListMountsRequest, _target_pb2.ListMountsResponse]
+    UnmountPoint: _grpc.UnaryUnaryMultiCallable[_target_pb2.UnmountPointRequest, _target_pb2.Mount]
+    """Discards a mount and everything written to it. Idempotent (NOT_FOUND never: a missing mount is gone)."""
+    FlattenMount: _grpc.UnaryUnaryMultiCallable[_target_pb2.FlattenMountRequest, _target_pb2.Mount]
+    """Permanent failover: the mount's disks become standalone images (the layers merged into their base)
+    that no longer depend on the replica; then DeleteReplica may remove the replica. Idempotent.
+    """
+    DeleteReplica: _grpc.UnaryUnaryMultiCallable[_target_pb2.DeleteReplicaRequest, _target_pb2.DeleteReplicaResponse]
+    """Removes a VM replica: its disks, restore points and metadata. Refused while a mount depends on it."""
+    PrepareFailbackDisk: _grpc.UnaryUnaryMultiCallable[_target_pb2.PrepareFailbackDiskRequest, _target_pb2.ReplicaDisk]
+    """---- failback ----
+    Readies a failback disk: a replica disk (under `replica_path`) whose data file IS the original VM's
+    disk (a hard link; the original must lie under one of the agent's `failback_roots`, on the datastore's
+    file system), with digests computed from its current content. The usual PrepareReplicaDisk / Transfer
+    (digest comparison: only differing blocks travel) / CommitRestorePoint then write it, with the
+    original blocks saved before each overwrite, so a failback cut short resumes or rolls back
+    (RollbackReplica) and never leaves the original half written. Idempotent.
+    """
 
 @_typing.type_check_only
 class TargetAgentAsyncStub(TargetAgentStub):
@@ -147,6 +174,33 @@ class TargetAgentAsyncStub(TargetAgentStub):
     ReadDigests: _aio.UnaryStreamMultiCallable[_target_pb2.ReadDigestsRequest, _target_pb2.DigestChunk]  # type: ignore[assignment]
     """The replica's per-block digests (xxh3-128 of each block's bytes), for
     digest-comparison incrementals and sampled verification.
+    """
+    MountPoint: _aio.UnaryUnaryMultiCallable[_target_pb2.MountPointRequest, _target_pb2.Mount]  # type: ignore[assignment]
+    """---- failover (docs/failover.md) ----
+    A restore point's disks as a VM folder under the agent's `vm_root`, for a VM the controller then
+    registers on the host that sees that folder: each disk a differencing layer over the point (writes
+    after failover never touch the point or the replica). The newest point mounts at once; an older one
+    copies only the blocks its rollback data holds. Idempotent by mount_id. A TEST mount keeps its point's
+    bytes while sessions go on writing the replica (copy-on-write before each overwrite).
+    """
+    GetMount: _aio.UnaryUnaryMultiCallable[_target_pb2.GetMountRequest, _target_pb2.Mount]  # type: ignore[assignment]
+    ListMounts: _aio.UnaryUnaryMultiCallable[_target_pb2.ListMountsRequest, _target_pb2.ListMountsResponse]  # type: ignore[assignment]
+    UnmountPoint: _aio.UnaryUnaryMultiCallable[_target_pb2.UnmountPointRequest, _target_pb2.Mount]  # type: ignore[assignment]
+    """Discards a mount and everything written to it. Idempotent (NOT_FOUND never: a missing mount is gone)."""
+    FlattenMount: _aio.UnaryUnaryMultiCallable[_target_pb2.FlattenMountRequest, _target_pb2.Mount]  # type: ignore[assignment]
+    """Permanent failover: the mount's disks become standalone images (the layers merged into their base)
+    that no longer depend on the replica; then DeleteReplica may remove the replica. Idempotent.
+    """
+    DeleteReplica: _aio.UnaryUnaryMultiCallable[_target_pb2.DeleteReplicaRequest, _target_pb2.DeleteReplicaResponse]  # type: ignore[assignment]
+    """Removes a VM replica: its disks, restore points and metadata. Refused while a mount depends on it."""
+    PrepareFailbackDisk: _aio.UnaryUnaryMultiCallable[_target_pb2.PrepareFailbackDiskRequest, _target_pb2.ReplicaDisk]  # type: ignore[assignment]
+    """---- failback ----
+    Readies a failback disk: a replica disk (under `replica_path`) whose data file IS the original VM's
+    disk (a hard link; the original must lie under one of the agent's `failback_roots`, on the datastore's
+    file system), with digests computed from its current content. The usual PrepareReplicaDisk / Transfer
+    (digest comparison: only differing blocks travel) / CommitRestorePoint then write it, with the
+    original blocks saved before each overwrite, so a failback cut short resumes or rolls back
+    (RollbackReplica) and never leaves the original half written. Idempotent.
     """
 
 class TargetAgentServicer(metaclass=_abc_1.ABCMeta):
@@ -276,6 +330,75 @@ class TargetAgentServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_abc.Iterator[_target_pb2.DigestChunk], _abc.AsyncIterator[_target_pb2.DigestChunk]]:
         """The replica's per-block digests (xxh3-128 of each block's bytes), for
         digest-comparison incrementals and sampled verification.
+        """
+
+    @_abc_1.abstractmethod
+    def MountPoint(
+        self,
+        request: _target_pb2.MountPointRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_target_pb2.Mount, _abc.Awaitable[_target_pb2.Mount]]:
+        """---- failover (docs/failover.md) ----
+        A restore point's disks as a VM folder under the agent's `vm_root`, for a VM the controller then
+        registers on the host that sees that folder: each disk a differencing layer over the point (writes
+        after failover never touch the point or the replica). The newest point mounts at once; an older one
+        copies only the blocks its rollback data holds. Idempotent by mount_id. A TEST mount keeps its point's
+        bytes while sessions go on writing the replica (copy-on-write before each overwrite).
+        """
+
+    @_abc_1.abstractmethod
+    def GetMount(
+        self,
+        request: _target_pb2.GetMountRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_target_pb2.Mount, _abc.Awaitable[_target_pb2.Mount]]: ...
+
+    @_abc_1.abstractmethod
+    def ListMounts(
+        self,
+        request: _target_pb2.ListMountsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_target_pb2.ListMountsResponse, _abc.Awaitable[_target_pb2.ListMountsResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def UnmountPoint(
+        self,
+        request: _target_pb2.UnmountPointRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_target_pb2.Mount, _abc.Awaitable[_target_pb2.Mount]]:
+        """Discards a mount and everything written to it. Idempotent (NOT_FOUND never: a missing mount is gone)."""
+
+    @_abc_1.abstractmethod
+    def FlattenMount(
+        self,
+        request: _target_pb2.FlattenMountRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_target_pb2.Mount, _abc.Awaitable[_target_pb2.Mount]]:
+        """Permanent failover: the mount's disks become standalone images (the layers merged into their base)
+        that no longer depend on the replica; then DeleteReplica may remove the replica. Idempotent.
+        """
+
+    @_abc_1.abstractmethod
+    def DeleteReplica(
+        self,
+        request: _target_pb2.DeleteReplicaRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_target_pb2.DeleteReplicaResponse, _abc.Awaitable[_target_pb2.DeleteReplicaResponse]]:
+        """Removes a VM replica: its disks, restore points and metadata. Refused while a mount depends on it."""
+
+    @_abc_1.abstractmethod
+    def PrepareFailbackDisk(
+        self,
+        request: _target_pb2.PrepareFailbackDiskRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_target_pb2.ReplicaDisk, _abc.Awaitable[_target_pb2.ReplicaDisk]]:
+        """---- failback ----
+        Readies a failback disk: a replica disk (under `replica_path`) whose data file IS the original VM's
+        disk (a hard link; the original must lie under one of the agent's `failback_roots`, on the datastore's
+        file system), with digests computed from its current content. The usual PrepareReplicaDisk / Transfer
+        (digest comparison: only differing blocks travel) / CommitRestorePoint then write it, with the
+        original blocks saved before each overwrite, so a failback cut short resumes or rolls back
+        (RollbackReplica) and never leaves the original half written. Idempotent.
         """
 
 def add_TargetAgentServicer_to_server(servicer: TargetAgentServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
