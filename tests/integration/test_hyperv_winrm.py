@@ -164,6 +164,7 @@ async def test_params_with_non_ascii_and_quotes_round_trip_over_ntlm(
         "id": "4f27bc34-0000-4000-8000-000000000001",
         "name": name,
         "state": "Off",
+        "enabled_state": 3,
         "generation": 2,
         "version": "9.0",
         "secure_boot": True,

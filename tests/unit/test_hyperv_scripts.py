@@ -38,7 +38,24 @@ LEARN = "https://learn.microsoft.com/en-us/windows/win32/hyperv_v2/"
 
 # class -> (documentation page, properties, {method: parameters}); only what the scripts may use, as documented.
 WMI: dict[str, tuple[str, set[str], dict[str, set[str]]]] = {
-    "Msvm_ComputerSystem": (LEARN + "msvm-computersystem", {"Name", "ElementName", "EnabledState"}, {}),
+    "Msvm_ComputerSystem": (
+        LEARN + "msvm-computersystem",
+        {"Name", "ElementName", "EnabledState"},
+        # requeststatechange-msvm-computersystem
+        {"RequestStateChange": {"RequestedState", "Job", "TimeoutPeriod"}},
+    ),
+    "Msvm_ShutdownComponent": (
+        LEARN + "msvm-shutdowncomponent",
+        set(),
+        # msvm-shutdowncomponent-initiateshutdown
+        {"InitiateShutdown": {"Force", "Reason"}},
+    ),
+    "Msvm_VirtualHardDiskSettingData": (
+        LEARN + "msvm-virtualharddisksettingdata",
+        # Type 4 = Differencing, Format 3 = VHDX (the page's value lists)
+        {"Type", "Format", "Path", "ParentPath"},
+        {},
+    ),
     "Msvm_VirtualSystemSettingData": (
         LEARN + "msvm-virtualsystemsettingdata",
         {"InstanceID", "ElementName", "VirtualSystemIdentifier", "VirtualSystemType", "CreationTime", "Parent"},
@@ -105,14 +122,22 @@ WMI: dict[str, tuple[str, set[str], dict[str, set[str]]]] = {
                 "ChangedByteOffsets",
                 "ChangedByteLengths",
                 "Job",
-            }
+            },
+            # createvirtualharddisk-msvm-imagemanagementservice
+            "CreateVirtualHardDisk": {"VirtualDiskSettingData", "Job"},
+            # mergevirtualharddisk-msvm-imagemanagementservice
+            "MergeVirtualHardDisk": {"SourcePath", "DestinationPath", "Job"},
         },
     ),
     "Msvm_VirtualSystemManagementService": (
         LEARN + "msvm-virtualsystemmanagementservice",
         set(),
-        # modifysystemsettings-msvm-virtualsystemmanagementservice
-        {"ModifySystemSettings": {"SystemSettings", "Job"}},
+        {
+            # modifysystemsettings-msvm-virtualsystemmanagementservice
+            "ModifySystemSettings": {"SystemSettings", "Job"},
+            # destroysystem-msvm-virtualsystemmanagementservice
+            "DestroySystem": {"AffectedSystem", "Job"},
+        },
     ),
     # Associations (Antecedent/Dependent or GroupComponent/PartComponent references only).
     "Msvm_SnapshotOfVirtualSystem": (LEARN + "msvm-snapshotofvirtualsystem", set(), {}),
@@ -120,6 +145,15 @@ WMI: dict[str, tuple[str, set[str], dict[str, set[str]]]] = {
     "Msvm_SettingsDefineState": (LEARN + "msvm-settingsdefinestate", set(), {}),
     "Msvm_VirtualSystemSettingDataComponent": (LEARN + "msvm-virtualsystemsettingdatacomponent", set(), {}),
     "Msvm_AffectedJobElement": (LEARN + "msvm-affectedjobelement", set(), {}),
+    "Msvm_SystemDevice": (LEARN + "msvm-systemdevice", set(), {}),
+}
+
+# common.ps1's functions that return one WMI instance, by class: what `Invoke-VmreplMethod -Target $x` may
+# call a method on when $x came from one of them.
+INSTANCE_GETTERS = {
+    "Get-VmreplComputerSystem": "Msvm_ComputerSystem",
+    "Find-VmreplComputerSystem": "Msvm_ComputerSystem",
+    "Get-VmreplShutdownComponent": "Msvm_ShutdownComponent",
 }
 
 # Members the scripts use that are not WMI's: Hyper-V cmdlets' output objects (learn.microsoft.com/powershell/
@@ -153,6 +187,10 @@ OTHER_MEMBERS: dict[str, set[str]] = {
     "Get-VMFirmware (VMFirmware)": {"SecureBoot", "SecureBootTemplate"},
     "Get-VMSecurity (VMSecurity)": {"TpmEnabled"},
     "Get-VMFibreChannelHba (VMFibreChannelHba)": {"SanName"},
+    "Get-VMSwitch (VMSwitch)": {"Name", "SwitchType"},
+    "Get-VM (VirtualMachine), for Add-VMHardDiskDrive / Get-VM -Id": {"Id"},
+    # register_vm and merge_vm_disks read their list items' fields (the params models) like $Params'.
+    "models.NewDisk, NewNic, MergeDisk": set(m.NewDisk.model_fields) | set(m.NewNic.model_fields) | set(m.MergeDisk.model_fields),
     "Get-VMHostSupportedVersion (VMHostSupportedVersion)": {"Version"},
     "Win32_OperatingSystem, Get-Item (FileInfo.VersionInfo)": {"Caption", "VersionInfo", "ProductVersion"},
     "CimInstance / CimClass / CimMethodResult": {"CimClass", "CimClassName", "CimClassProperties", "ReturnValue"},
@@ -282,6 +320,9 @@ def test_every_wmi_method_and_its_arguments_are_documented() -> None:
     seen: set[str] = set()
     for name, source in all_sources().items():
         services = dict(re.findall(r"\$(\w+) = Get-VmreplService -ClassName (Msvm_\w+)", source))
+        for var, getter in re.findall(r"\$(\w+) = ([\w-]+) ", source):
+            if getter in INSTANCE_GETTERS:
+                services[var] = INSTANCE_GETTERS[getter]
         tree = parse(source)
         hashes = {var: keys for var, keys in hash_assignments(tree)}
         for target, method, args in re.findall(

@@ -95,6 +95,7 @@ def vm_result(host: HyperVHost, vm: VmState) -> m.Vm:
         id=vm.id.lower(),
         name=vm.name,
         state=vm.state,
+        enabled_state=enabled_state(vm.state),
         generation=vm.generation,
         version=vm.version,
         secure_boot=vm.secure_boot if gen2 else None,

@@ -28,6 +28,9 @@ CRASH_CONSISTENT = 2
 # Msvm_VirtualSystemSnapshotSettingData.GuestBackupType.
 GUEST_BACKUP_FULL = 1
 GUEST_BACKUP_COPY = 2
+# Msvm_ComputerSystem.EnabledState (and RequestStateChange's RequestedState): Enabled = running, Disabled = off.
+ENABLED_STATE_RUNNING = 2
+ENABLED_STATE_OFF = 3
 
 
 class _Model(BaseModel):
@@ -64,6 +67,81 @@ class SnapshotParams(_Model):
 class ReferencePointParams(_Model):
     vm_id: str = Field(min_length=1, max_length=64)
     reference_point_id: str = Field(min_length=1, max_length=256)  # Msvm_VirtualSystemReferencePoint.InstanceID
+    timeout_seconds: int = Field(ge=1, le=86400)
+
+
+class VmTimeoutParams(_Model):
+    vm_id: str = Field(min_length=1, max_length=64)
+    timeout_seconds: int = Field(ge=1, le=86400)
+
+
+class VmStateParams(_Model):
+    vm_id: str = Field(min_length=1, max_length=64)
+    # Msvm_ComputerSystem.RequestStateChange: 2 start (Enabled), 3 turn off (Disabled).
+    requested_state: Literal[2, 3]
+    timeout_seconds: int = Field(ge=1, le=86400)
+
+
+class NewDisk(_Model):
+    """A differencing VHDX the host makes over `parent`, attached at the slot the captured disk id names."""
+
+    controller_type: Literal["SCSI", "IDE"]
+    controller_number: int = Field(ge=0, le=3)
+    controller_location: int = Field(ge=0, le=63)
+    path: str = Field(min_length=4, max_length=32767)  # the differencing disk (in the VM's folder)
+    parent: str = Field(min_length=4, max_length=32767)  # the image it is made over (VmDiskSpec.path)
+
+
+class NewNic(_Model):
+    name: str = Field(min_length=1, max_length=256)
+    switch: str | None = Field(default=None, max_length=256)  # None: left disconnected
+    mac: str | None = Field(default=None, pattern=r"^[0-9A-F]{12}$")  # None: a dynamic MAC
+    vlan_id: int | None = Field(default=None, ge=1, le=4094)
+
+
+class RegisterVmParams(_Model):
+    name: str = Field(min_length=1, max_length=100)
+    folder: str = Field(min_length=4, max_length=32767)  # where the configuration and differencing disks go
+    # The VM's Notes while it is being made (`creating`), then once it is complete (`registered`): how
+    # vmrepl finds its own VMs again, and tells a half-made one from a finished one.
+    creating: str = Field(min_length=1, max_length=4000)
+    registered: str = Field(min_length=1, max_length=4000)
+    generation: Literal[1, 2]
+    version: str = Field(max_length=16)  # configuration version; "" for the host's default
+    secure_boot: bool
+    secure_boot_template: str = Field(max_length=256)  # "" for the host's default
+    tpm: bool
+    processors: int = Field(ge=1, le=2048)
+    memory_startup: int = Field(ge=1)
+    dynamic_memory: bool
+    memory_minimum: int = Field(ge=0)
+    memory_maximum: int = Field(ge=0)
+    private_switch: str | None = Field(default=None, min_length=1, max_length=256)  # made (isolated)
+    nics: list[NewNic] = Field(max_length=64)
+    disks: list[NewDisk] = Field(max_length=256)
+    timeout_seconds: int = Field(ge=1, le=86400)
+
+
+class UnregisterVmParams(_Model):
+    vm_id: str = Field(min_length=1, max_length=64)
+    # The differencing disks the provider made for the VM, deleted after the VM is gone.
+    delete_files: list[str] = Field(max_length=256)
+    # The private switch it made (isolated), removed when no adapter uses it any more.
+    private_switch: str | None = Field(default=None, min_length=1, max_length=256)
+    timeout_seconds: int = Field(ge=1, le=86400)
+
+
+class MergeDisk(_Model):
+    controller_type: Literal["SCSI", "IDE"]
+    controller_number: int = Field(ge=0, le=3)
+    controller_location: int = Field(ge=0, le=63)
+    path: str = Field(min_length=4, max_length=32767)  # the differencing disk, merged then deleted
+    parent: str = Field(min_length=4, max_length=32767)  # the drive points here afterwards
+
+
+class MergeDisksParams(_Model):
+    vm_id: str = Field(min_length=1, max_length=64)
+    disks: list[MergeDisk] = Field(max_length=256)
     timeout_seconds: int = Field(ge=1, le=86400)
 
 
@@ -117,6 +195,9 @@ class Vm(_Model):
     id: str  # Msvm_ComputerSystem.Name: a GUID
     name: str
     state: str  # VMState.ToString(): Running, Off, Saved, Paused, ...
+    # Msvm_ComputerSystem.EnabledState: what power decisions go by (2 running, 3 off; numbers WMI documents,
+    # unlike the cmdlet's enum).
+    enabled_state: int
     generation: int = Field(ge=1, le=2)
     version: str  # configuration version, "9.0"
     secure_boot: bool | None  # generation 2 only
@@ -163,6 +244,16 @@ class ReferencePoint(_Model):
 class Removed(_Model):
     # False when there was nothing to remove (already gone): removal is idempotent.
     removed: bool
+
+
+class Power(_Model):
+    vm_id: str
+    enabled_state: int  # Msvm_ComputerSystem.EnabledState after the call
+
+
+class Merged(_Model):
+    # The differencing disks merged into their parents by this call (those already merged are not listed).
+    merged: PsList[str]
 
 
 class ChangedRange(_Model):

@@ -10,17 +10,19 @@ be trusted (docs/hyperv.md, "The provider").
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Protocol, TypeVar
 
 from pydantic import BaseModel, ValidationError
 
 from vmrepl.domain import Consistency, DiskFormat
 from vmrepl.errors import (
+    DeadlineExceeded,
     FailedPrecondition,
     HostError,
     HostOutputError,
@@ -42,7 +44,9 @@ from vmrepl.providers.base import (
     Provider,
     Untracked,
     VmInfo,
+    VmSpec,
 )
+from vmrepl.providers.hyperv import failover as fo
 from vmrepl.providers.hyperv import models as m
 from vmrepl.providers.hyperv import reference as rf
 from vmrepl.providers.hyperv.changes import ChangeLimits, read_changes
@@ -78,6 +82,9 @@ class HyperVProvider(Provider):
         checkpoint_prefix: str = CHECKPOINT_PREFIX,
         timeout_seconds: int = 3600,
         change_limits: ChangeLimits | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        power_poll_seconds: float = 2.0,
     ) -> None:
         # Every vmrepl checkpoint starts with "vmrepl-", whatever the prefix adds: that is how a later run
         # (after a crash) tells its own recovery snapshots from another tool's.
@@ -91,6 +98,8 @@ class HyperVProvider(Provider):
         self._limits = change_limits or ChangeLimits()
         self._host_info: m.HostInfo | None = None
         self._left_alone: set[str] = set()
+        # How shutdown_vm waits for the guest (a fake clock in tests).
+        self._clock, self._sleep, self._poll = clock, sleep, power_poll_seconds
 
     # ---- host and inventory ------------------------------------------------------------------------
 
@@ -163,7 +172,15 @@ class HyperVProvider(Provider):
             if d.format in _FORMATS
         )
         details = _details(vm, info, ids)
-        return VmInfo(vm_id=vm.id, name=vm.name, host=self._host, disks=disks, state=vm.state, details=details)
+        return VmInfo(
+            vm_id=vm.id,
+            name=vm.name,
+            host=self._host,
+            disks=disks,
+            state=vm.state,
+            details=details,
+            power=fo.power_of(vm.enabled_state),
+        )
 
     async def vm_configuration(self, vm_id: str) -> bytes:
         vm = await self._vm_by_id(vm_id)
@@ -394,6 +411,131 @@ class HyperVProvider(Provider):
             self._runner, disk=disk, limit_id=tracked.rct_id, limits=self._limits, timeout_seconds=self._timeout
         )
 
+    # ---- failover: VMs made, started and stopped (docs/hyperv.md, "Failover on Hyper-V") ------------
+
+    async def register_vm(self, spec: VmSpec) -> VmInfo:
+        await self.check_host()
+        info = await self.host_info()
+        plan = fo.plan(spec, info, timeout_seconds=self._timeout)
+        for vm, note in await self._own_vms(spec.name, plan.note.folder):
+            if note.state == "registered":
+                return self._registered(vm, info, plan)
+            # A call cut short left it half made: removed, with what was made for it, then made again.
+            log.warning("half_registered_vm_removed", host=self._host, vm_id=vm.id, name=vm.name)
+            await self._remove_vm(vm.id, fo.Note(note.folder, note.state, plan.note.disks, note.switch))
+        made = _expect(await self._runner.run("register_vm", plan.params), m.Vm, self._host, "register_vm")
+        if made.name != spec.name or fo.parse_note(made.notes) != plan.note:
+            raise HostOutputError(
+                f"{self._host}: register_vm returned VM {made.id} ({made.name!r}), not the one asked for"
+            )
+        if plan.disconnected:
+            log.warning("failover_nics_disconnected", host=self._host, vm_id=made.id, nics=list(plan.disconnected))
+        return self._registered(made, info, plan)
+
+    def _registered(self, vm: m.Vm, info: m.HostInfo, plan: fo.Plan) -> VmInfo:
+        base = self._vm_info(vm, info)
+        return VmInfo(
+            vm_id=base.vm_id,
+            name=base.name,
+            host=base.host,
+            disks=base.disks,
+            state=base.state,
+            details=base.details + fo.details(plan),
+            power=base.power,
+        )
+
+    async def _own_vms(self, name: str, folder: str) -> list[tuple[m.Vm, fo.Note]]:
+        """The VMs named `name` that vmrepl made for `folder` (any other VM of that name is not vmrepl's)."""
+        found = _expect_list(await self._runner.run("get_vm", _params(m.VmParams, vm=name)), m.Vm, self._host, "get_vm")
+        out = []
+        for vm in found:
+            note = fo.parse_note(vm.notes)
+            if vm.name.casefold() == name.casefold() and note is not None and fo.same_path(note.folder, folder):
+                out.append((vm, note))
+        return out
+
+    async def _vm_or_none(self, vm_id: str) -> m.Vm | None:
+        try:
+            return await self._vm_by_id(vm_id)
+        except NotFound:
+            return None
+
+    async def _own_vm(self, vm_id: str, what: str) -> tuple[m.Vm, fo.Note] | None:
+        vm = await self._vm_or_none(vm_id)
+        if vm is None:
+            return None
+        note = fo.parse_note(vm.notes)
+        if note is None:
+            raise FailedPrecondition(
+                f"VM {vm.name} ({vm.id}) on host {self._host} was not registered by vmrepl: {what} left it alone"
+            )
+        return vm, note
+
+    async def unregister_vm(self, vm_id: str) -> None:
+        own = await self._own_vm(vm_id, "unregister_vm")
+        if own is not None:
+            await self._remove_vm(own[0].id, own[1])
+
+    async def _remove_vm(self, vm_id: str, note: fo.Note) -> None:
+        params = _params(
+            m.UnregisterVmParams,
+            vm_id=vm_id,
+            delete_files=list(note.disks),
+            private_switch=note.switch,
+            timeout_seconds=self._timeout,
+        )
+        _expect(await self._runner.run("unregister_vm", params), m.Removed, self._host, "unregister_vm")
+
+    async def _change_state(self, vm_id: str, state: int) -> m.Power:
+        params = _params(m.VmStateParams, vm_id=vm_id, requested_state=state, timeout_seconds=self._timeout)
+        return _expect(await self._runner.run("change_vm_state", params), m.Power, self._host, "change_vm_state")
+
+    async def start_vm(self, vm_id: str) -> None:
+        power = await self._change_state(vm_id, m.ENABLED_STATE_RUNNING)
+        if power.enabled_state != m.ENABLED_STATE_RUNNING:
+            raise HostOutputError(f"{self._host}: VM {vm_id} is in EnabledState {power.enabled_state} after starting")
+
+    async def stop_vm(self, vm_id: str) -> None:
+        power = await self._change_state(vm_id, m.ENABLED_STATE_OFF)
+        if power.enabled_state != m.ENABLED_STATE_OFF:
+            raise HostOutputError(
+                f"{self._host}: VM {vm_id} is in EnabledState {power.enabled_state} after turning off"
+            )
+
+    async def shutdown_vm(self, vm_id: str, *, wait_seconds: float) -> None:
+        """InitiateShutdown through the guest's shutdown integration service, then EnabledState polled until
+        off; DeadlineExceeded after `wait_seconds` with the VM left as it is."""
+        deadline = self._clock() + wait_seconds
+        params = _params(m.VmTimeoutParams, vm_id=vm_id, timeout_seconds=self._timeout)
+        power = _expect(await self._runner.run("shutdown_vm", params), m.Power, self._host, "shutdown_vm")
+        while power.enabled_state != m.ENABLED_STATE_OFF:
+            left = deadline - self._clock()
+            if left <= 0:
+                raise DeadlineExceeded(
+                    f"VM {vm_id} on host {self._host} was asked to shut down but is not off after {wait_seconds:g} s"
+                    f" (EnabledState {power.enabled_state}): the guest did not shut down in time"
+                )
+            await self._sleep(min(self._poll, left))
+            raw = await self._runner.run("vm_power", _params(m.VmParams, vm=vm_id))
+            power = _expect(raw, m.Power, self._host, "vm_power")
+
+    async def merge_vm_disks(self, vm_id: str) -> None:
+        own = await self._own_vm(vm_id, "merge_vm_disks")
+        if own is None:
+            raise NotFound(f"host {self._host} has no VM with id {vm_id!r}")
+        vm, note = own
+        disks = [_merge_disk(d) for d in vm.disks if any(fo.same_path(d.path, p) for p in note.disks)]
+        if not disks:
+            return
+        if vm.enabled_state != m.ENABLED_STATE_OFF:
+            raise FailedPrecondition(
+                f"VM {vm.name} ({vm.id}) on host {self._host} is {vm.state}: Hyper-V merges a differencing disk only"
+                " while its VM is off (stop or shut it down first)"
+            )
+        params = _params(m.MergeDisksParams, vm_id=vm.id, disks=disks, timeout_seconds=self._timeout)
+        merged = _expect(await self._runner.run("merge_vm_disks", params), m.Merged, self._host, "merge_vm_disks")
+        log.info("failover_disks_merged", host=self._host, vm_id=vm.id, merged=list(merged.merged))
+
 
 # ---- pure helpers ------------------------------------------------------------------------------------
 
@@ -408,6 +550,18 @@ def _params(model: type[P], **values: Any) -> P:
     except ValidationError as e:
         err = e.errors()[0]
         raise InvalidArgument(".".join(str(p) for p in err["loc"]) or model.__name__, err["msg"]) from None
+
+
+def _merge_disk(d: m.Disk) -> m.MergeDisk:
+    if d.type != "Differencing" or not d.parent_chain:
+        raise HostOutputError(f"the drive {d.path} vmrepl made as a differencing disk is {d.type} without a parent")
+    return m.MergeDisk(
+        controller_type=d.controller_type,
+        controller_number=d.controller_number,
+        controller_location=d.controller_location,
+        path=d.path,
+        parent=d.parent_chain[0],
+    )
 
 
 def _expect(value: object, kind: type[T], host: str, script: str) -> T:

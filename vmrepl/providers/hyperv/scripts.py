@@ -42,6 +42,13 @@ SCRIPTS: dict[str, Script] = {
         Script("list_reference_points", m.VmParams, PsList[m.ReferencePoint]),
         Script("destroy_reference_point", m.ReferencePointParams, m.Removed),
         Script("disk_changes", m.DiskChangesParams, m.DiskChanges),
+        # Failover (docs/hyperv.md, "Failover on Hyper-V").
+        Script("register_vm", m.RegisterVmParams, m.Vm),
+        Script("unregister_vm", m.UnregisterVmParams, m.Removed),
+        Script("change_vm_state", m.VmStateParams, m.Power),
+        Script("shutdown_vm", m.VmTimeoutParams, m.Power),
+        Script("vm_power", m.VmParams, m.Power),
+        Script("merge_vm_disks", m.MergeDisksParams, m.Merged),
     )
 }
 

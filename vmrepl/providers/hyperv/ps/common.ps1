@@ -19,6 +19,10 @@ Remove-TypeData -TypeName System.Array -ErrorAction SilentlyContinue
 $VmreplNamespace = 'root/virtualization/v2'
 $VmreplOperation = 'powershell.exe'
 $VmreplUndo = $null
+# What register_vm made so far, removed again if it fails (Undo-VmreplRegister).
+$VmreplMadeVm = $null
+$VmreplMadeSwitch = $null
+$VmreplMadeFiles = New-Object 'System.Collections.Generic.List[string]'
 
 function Write-VmreplEnvelope {
     param(
@@ -406,6 +410,7 @@ function ConvertTo-VmreplVm {
         id = $Vm.Id.ToString()
         name = [string]$Vm.Name
         state = $Vm.State.ToString()
+        enabled_state = [int]$System.EnabledState
         generation = [int]$Vm.Generation
         version = [string]$Vm.Version
         secure_boot = $secureBoot
@@ -469,4 +474,155 @@ function Find-VmreplReferencePoint {
         }
     }
     return $null
+}
+
+function ConvertTo-VmreplPower {
+    param(
+        [Microsoft.Management.Infrastructure.CimInstance]$System
+    )
+    [pscustomobject]@{
+        vm_id = ConvertTo-VmreplGuid -Value ([string]$System.Name)
+        enabled_state = [int]$System.EnabledState
+    }
+}
+
+function Get-VmreplShutdownComponent {
+    param(
+        [Microsoft.Management.Infrastructure.CimInstance]$System
+    )
+    # The guest's shutdown integration service (Msvm_ShutdownComponent, a device of the VM through
+    # Msvm_SystemDevice); without it a clean shutdown cannot be asked for.
+    $script:VmreplOperation = 'Msvm_ShutdownComponent'
+    $found = @(Get-CimAssociatedInstance -InputObject $System -Association Msvm_SystemDevice -ResultClassName Msvm_ShutdownComponent)
+    if ($found.Length -eq 0) {
+        Exit-VmreplError -Operation 'Msvm_ShutdownComponent' -Message "the VM $($System.ElementName) has no shutdown integration service: its guest cannot be shut down cleanly" -Code $null
+    }
+    return $found[0]
+}
+
+function Undo-VmreplRegister {
+    # What register_vm made before it failed: the VM (off: it was never started), the differencing disks,
+    # the private switch. The parents of the differencing disks are never touched.
+    if ($null -ne $script:VmreplMadeVm) {
+        Remove-VM -VM $script:VmreplMadeVm -Force
+    }
+    foreach ($file in $script:VmreplMadeFiles) {
+        if (Test-Path -LiteralPath $file) {
+            Remove-Item -LiteralPath $file -Force
+        }
+    }
+    if ($null -ne $script:VmreplMadeSwitch) {
+        Remove-VmreplPrivateSwitch -Name $script:VmreplMadeSwitch
+    }
+}
+
+function Remove-VmreplPrivateSwitch {
+    param(
+        [string]$Name
+    )
+    # Only a private switch of exactly that name (Get-VMSwitch -Name takes wildcards), once no adapter uses it.
+    $script:VmreplOperation = 'Remove-VMSwitch'
+    foreach ($switch in @(Get-VMSwitch | Where-Object { $_.Name -eq $Name })) {
+        if ($switch.SwitchType.ToString() -ne 'Private') {
+            continue
+        }
+        $users = @(Get-VMNetworkAdapter -All | Where-Object { $_.SwitchName -eq $Name })
+        if ($users.Length -eq 0) {
+            Remove-VMSwitch -VMSwitch $switch -Force
+        }
+    }
+}
+
+function New-VmreplPrivateSwitch {
+    param(
+        [string]$Name
+    )
+    # The isolated network of a test failover: a private switch (no host or physical network), made once.
+    $script:VmreplOperation = 'New-VMSwitch'
+    $existing = @(Get-VMSwitch | Where-Object { $_.Name -eq $Name })
+    if ($existing.Length -gt 0) {
+        if ($existing[0].SwitchType.ToString() -ne 'Private') {
+            throw "the switch $Name exists and is not private: an isolated VM cannot use it"
+        }
+        return
+    }
+    $null = New-VMSwitch -Name $Name -SwitchType Private
+    $script:VmreplMadeSwitch = $Name
+}
+
+function Set-VmreplFirmware {
+    param(
+        $Vm,
+        [bool]$SecureBoot,
+        [string]$Template,
+        [bool]$Tpm
+    )
+    # Generation 2 only. A vTPM gets a new local key protector: the source's guest state cannot follow it.
+    $script:VmreplOperation = 'Set-VMFirmware'
+    if (-not $SecureBoot) {
+        Set-VMFirmware -VM $Vm -EnableSecureBoot Off
+    }
+    elseif ($Template) {
+        Set-VMFirmware -VM $Vm -EnableSecureBoot On -SecureBootTemplate $Template
+    }
+    else {
+        Set-VMFirmware -VM $Vm -EnableSecureBoot On
+    }
+    if ($Tpm) {
+        $script:VmreplOperation = 'Enable-VMTPM'
+        Set-VMKeyProtector -VM $Vm -NewLocalKeyProtector
+        Enable-VMTPM -VM $Vm
+    }
+}
+
+function Add-VmreplDisk {
+    param(
+        $Vm,
+        $Disk,
+        [int]$TimeoutSeconds
+    )
+    # The host makes the differencing VHDX over the parent (Msvm_VirtualHardDiskSettingData Type 4
+    # Differencing, Format 3 VHDX), then it is attached at the slot the captured disk id names.
+    $path = [string]$Disk.path
+    if (Test-Path -LiteralPath $path) {
+        throw "$path exists already: vmrepl makes a VM's differencing disks itself and never reuses a file it finds"
+    }
+    $service = Get-VmreplService -ClassName Msvm_ImageManagementService
+    $script:VmreplOperation = 'Msvm_VirtualHardDiskSettingData'
+    $class = Get-CimClass -Namespace $VmreplNamespace -ClassName Msvm_VirtualHardDiskSettingData
+    $properties = @{ Type = [uint16]4; Format = [uint16]3; Path = $path; ParentPath = [string]$Disk.parent }
+    $settings = New-CimInstance -CimClass $class -ClientOnly -Property $properties
+    $create = @{ VirtualDiskSettingData = (ConvertTo-VmreplEmbeddedInstance -Instance $settings) }
+    $script:VmreplMadeFiles.Add($path)
+    $null = Invoke-VmreplMethod -Target $service -MethodName CreateVirtualHardDisk -Arguments $create -TimeoutSeconds $TimeoutSeconds
+    $script:VmreplOperation = 'Add-VMHardDiskDrive'
+    $type = [string]$Disk.controller_type
+    $number = [int]$Disk.controller_number
+    if ($type -eq 'SCSI') {
+        for ($i = @(Get-VMScsiController -VM $Vm).Length; $i -le $number; $i++) {
+            Add-VMScsiController -VM $Vm
+        }
+    }
+    Add-VMHardDiskDrive -VM $Vm -ControllerType $type -ControllerNumber $number -ControllerLocation ([int]$Disk.controller_location) -Path $path
+}
+
+function Add-VmreplNic {
+    param(
+        $Vm,
+        $Nic
+    )
+    # Connected to the switch the network mapping gave, or to none; the captured static MAC and access VLAN kept.
+    $script:VmreplOperation = 'Add-VMNetworkAdapter'
+    if ($null -ne $Nic.switch) {
+        $adapter = Add-VMNetworkAdapter -VM $Vm -Name ([string]$Nic.name) -SwitchName ([string]$Nic.switch) -Passthru
+    }
+    else {
+        $adapter = Add-VMNetworkAdapter -VM $Vm -Name ([string]$Nic.name) -Passthru
+    }
+    if ($null -ne $Nic.mac) {
+        Set-VMNetworkAdapter -VMNetworkAdapter $adapter -StaticMacAddress ([string]$Nic.mac)
+    }
+    if ($null -ne $Nic.vlan_id) {
+        Set-VMNetworkAdapterVlan -VMNetworkAdapter $adapter -Access -VlanId ([int]$Nic.vlan_id)
+    }
 }
