@@ -2,7 +2,9 @@
 
 Method names are the WMI methods the scripts call: "CreateSnapshot", "DestroySnapshot",
 "ConvertToReferencePoint" (Msvm_VirtualSystemSnapshotService), "DestroyReferencePoint"
-(Msvm_VirtualSystemReferencePointService), "GetVirtualDiskChanges" (Msvm_ImageManagementService).
+(Msvm_VirtualSystemReferencePointService), "GetVirtualDiskChanges", "CreateVirtualHardDisk",
+"MergeVirtualHardDisk" (Msvm_ImageManagementService), "RequestStateChange" (Msvm_ComputerSystem),
+"InitiateShutdown" (Msvm_ShutdownComponent), "DestroySystem" (Msvm_VirtualSystemManagementService).
 `times` is how many calls the fault applies to; None is every call until `HyperVHost.clear_faults`.
 """
 
@@ -12,7 +14,16 @@ from dataclasses import dataclass
 from typing import Literal
 
 Method = Literal[
-    "CreateSnapshot", "DestroySnapshot", "ConvertToReferencePoint", "DestroyReferencePoint", "GetVirtualDiskChanges"
+    "CreateSnapshot",
+    "DestroySnapshot",
+    "ConvertToReferencePoint",
+    "DestroyReferencePoint",
+    "GetVirtualDiskChanges",
+    "CreateVirtualHardDisk",
+    "MergeVirtualHardDisk",
+    "RequestStateChange",
+    "InitiateShutdown",
+    "DestroySystem",
 ]
 METHODS: tuple[Method, ...] = (
     "CreateSnapshot",
@@ -20,6 +31,11 @@ METHODS: tuple[Method, ...] = (
     "ConvertToReferencePoint",
     "DestroyReferencePoint",
     "GetVirtualDiskChanges",
+    "CreateVirtualHardDisk",
+    "MergeVirtualHardDisk",
+    "RequestStateChange",
+    "InitiateShutdown",
+    "DestroySystem",
 )
 
 ACCESS_DENIED = 32769

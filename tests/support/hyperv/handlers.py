@@ -21,7 +21,8 @@ from typing import Any, TypeVar
 
 from pydantic import BaseModel, ValidationError
 
-from tests.support.hyperv.model import IN_PROGRESS, JOB_STARTED, HyperVHost, MethodResult
+from tests.support.hyperv import model as hv
+from tests.support.hyperv.model import ENABLED_STATES, IN_PROGRESS, JOB_STARTED, HyperVHost, MethodResult
 from tests.support.hyperv.state import SnapshotState, VmState
 from tests.support.wsman import ScriptCall, ScriptRegistry, ScriptResult
 from vmrepl.providers.hyperv import models as m
@@ -68,6 +69,11 @@ def _ps_json(doc: dict[str, Any]) -> bytes:
 
 
 # ---- what the scripts print -------------------------------------------------------------------------
+
+
+def enabled_state(state: str) -> int:
+    """Msvm_ComputerSystem.EnabledState for the cmdlet's VMState name (1 Other for one the model lacks)."""
+    return ENABLED_STATES.get(state, 1)
 
 
 def vm_result(host: HyperVHost, vm: VmState) -> m.Vm:
@@ -288,6 +294,150 @@ def _disk_changes(host: HyperVHost, p: BaseModel) -> Any:
     return m.DiskChanges(processed=pos - p.offset, ranges=ranges, stalled=stalled)
 
 
+# ---- failover scripts -----------------------------------------------------------------------------------
+
+COMPUTER_SYSTEM = "Msvm_ComputerSystem"
+
+
+def _power(host: HyperVHost, vm: VmState) -> m.Power:
+    return m.Power(vm_id=vm.id.lower(), enabled_state=hv.power(host, vm.id))
+
+
+def _register_vm(host: HyperVHost, p: BaseModel) -> Any:
+    """The script's steps, in its order; on any failure what it made is removed (Undo-VmreplRegister)."""
+    p = _p(p, m.RegisterVmParams)
+    made: dict[str, Any] = {"vm": None, "switch": None, "files": []}
+    try:
+        return _register_steps(host, p, made)
+    except (ScriptError, hv.CmdletError) as e:
+        _undo_register(host, made)
+        if isinstance(e, hv.CmdletError):
+            raise ScriptError(e.cmdlet, f"{e} (what the script had created was removed)", None) from e
+        e.message += " (what the script had created was removed)"
+        raise
+
+
+def _register_steps(host: HyperVHost, p: m.RegisterVmParams, made: dict[str, Any]) -> m.Vm:
+    if p.private_switch is not None:
+        found = next((w for w in host.state.switches if w.name.casefold() == p.private_switch.casefold()), None)
+        if found is None:
+            hv.add_switch(host, p.private_switch, "Private")
+            made["switch"] = p.private_switch
+        elif found.type != "Private":
+            raise ScriptError("New-VMSwitch", f"the switch {p.private_switch} exists and is not private", None)
+    vm = hv.new_vm(
+        host, name=p.name, folder=p.folder, generation=p.generation, memory=p.memory_startup, version=p.version
+    )
+    made["vm"] = vm.id
+    with host.lock:
+        vm.notes, vm.processors = p.creating, p.processors
+        vm.dynamic_memory, vm.memory_minimum, vm.memory_maximum = p.dynamic_memory, p.memory_minimum, p.memory_maximum
+        if p.generation == 2:
+            vm.secure_boot = p.secure_boot
+            vm.secure_boot_template = (p.secure_boot_template or "MicrosoftWindows") if p.secure_boot else None
+            vm.tpm = vm.key_protector = p.tpm
+        host.save()
+    for d in p.disks:
+        if host.local(d.path).exists():
+            raise ScriptError(
+                "Add-VmreplDisk", f"{d.path} exists already: vmrepl makes a VM's differencing disks itself", None
+            )
+        made["files"].append(d.path)
+        method = f"{IMAGE_SERVICE}.CreateVirtualHardDisk"
+        wait_job(host, method, hv.create_differencing(host, d.path, d.parent), p.timeout_seconds)
+        hv.attach_disk(host, vm, (d.controller_type, d.controller_number, d.controller_location), d.path, d.parent)
+    with host.lock:
+        vm.nics = []
+    for n in p.nics:
+        hv.add_nic(host, vm, name=n.name, switch=n.switch, mac=n.mac, vlan=n.vlan_id)
+    with host.lock:
+        vm.notes = p.registered
+        host.save()
+        return vm_result(host, vm)
+
+
+def _undo_register(host: HyperVHost, made: dict[str, Any]) -> None:
+    if made["vm"] is not None:
+        hv.remove_vm(host, made["vm"])
+    for path in made["files"]:
+        host.local(path).unlink(missing_ok=True)
+    if made["switch"] is not None:
+        hv.remove_switch(host, made["switch"])
+
+
+def _unregister_vm(host: HyperVHost, p: BaseModel) -> Any:
+    p = _p(p, m.UnregisterVmParams)
+    found = [v for v in host.find_vms(p.vm_id) if v.id.casefold() == p.vm_id.casefold()]
+    if found:
+        vm = found[0]
+        if hv.power(host, vm.id) != 3:
+            wait_job(
+                host,
+                f"{COMPUTER_SYSTEM}.RequestStateChange",
+                hv.request_state_change(host, vm.id, 3),
+                p.timeout_seconds,
+            )
+        method = "Msvm_VirtualSystemManagementService.DestroySystem"
+        wait_job(host, method, hv.destroy_system(host, vm.id), p.timeout_seconds)
+    for path in p.delete_files:
+        host.local(path).unlink(missing_ok=True)
+    if p.private_switch is not None:
+        hv.remove_switch(host, p.private_switch)
+    return m.Removed(removed=bool(found))
+
+
+def _change_vm_state(host: HyperVHost, p: BaseModel) -> Any:
+    p = _p(p, m.VmStateParams)
+    vm = _one_vm(host, p.vm_id)
+    if hv.power(host, vm.id) != p.requested_state:
+        method = f"{COMPUTER_SYSTEM}.RequestStateChange"
+        wait_job(host, method, hv.request_state_change(host, vm.id, p.requested_state), p.timeout_seconds)
+    return _power(host, vm)
+
+
+def _shutdown_vm(host: HyperVHost, p: BaseModel) -> Any:
+    p = _p(p, m.VmTimeoutParams)
+    vm = _one_vm(host, p.vm_id)
+    if hv.power(host, vm.id) != 3:
+        if vm.guest_shutdown == "none":
+            raise ScriptError(
+                "Msvm_ShutdownComponent",
+                f"the VM {vm.name} has no shutdown integration service: its guest cannot be shut down cleanly",
+                None,
+            )
+        method = "Msvm_ShutdownComponent.InitiateShutdown"
+        wait_job(host, method, hv.initiate_shutdown(host, vm.id), p.timeout_seconds)
+    return _power(host, vm)
+
+
+def _vm_power(host: HyperVHost, p: BaseModel) -> Any:
+    p = _p(p, m.VmParams)
+    return _power(host, _one_vm(host, p.vm))
+
+
+def _merge_vm_disks(host: HyperVHost, p: BaseModel) -> Any:
+    p = _p(p, m.MergeDisksParams)
+    vm = _one_vm(host, p.vm_id)
+    if hv.power(host, vm.id) != 3:
+        raise ScriptError(
+            COMPUTER_SYSTEM,
+            f"the VM {vm.name} is not off: its differencing disks are merged only while it is off",
+            32775,
+        )
+    merged = []
+    for d in p.disks:
+        if host.local(d.path).exists():
+            method = f"{IMAGE_SERVICE}.MergeVirtualHardDisk"
+            wait_job(host, method, hv.merge_disk(host, d.path, d.parent), p.timeout_seconds)
+            host.local(d.path).unlink(missing_ok=True)
+            merged.append(d.path)
+        try:
+            hv.set_drive(host, vm, (d.controller_type, d.controller_number, d.controller_location), d.parent)
+        except hv.CmdletError as e:
+            raise ScriptError(e.cmdlet, str(e), None) from e
+    return m.Merged(merged=merged)
+
+
 Runner = Callable[[HyperVHost, BaseModel], Any]
 # name -> (the operation an ok envelope names, what runs, whether it loads the Hyper-V module)
 _SCRIPTS: dict[str, tuple[str, Runner, bool]] = {
@@ -301,11 +451,29 @@ _SCRIPTS: dict[str, tuple[str, Runner, bool]] = {
     "list_reference_points": ("Msvm_ReferencePointOfVirtualSystem", _list_reference_points, False),
     "destroy_reference_point": (f"{RP_SERVICE}.DestroyReferencePoint", _destroy_reference_point, False),
     "disk_changes": (f"{IMAGE_SERVICE}.GetVirtualDiskChanges", _disk_changes, False),
+    "register_vm": ("New-VM", _register_vm, True),
+    "unregister_vm": ("Msvm_VirtualSystemManagementService.DestroySystem", _unregister_vm, False),
+    "change_vm_state": (f"{COMPUTER_SYSTEM}.RequestStateChange", _change_vm_state, False),
+    "shutdown_vm": ("Msvm_ShutdownComponent.InitiateShutdown", _shutdown_vm, False),
+    "vm_power": (COMPUTER_SYSTEM, _vm_power, False),
+    "merge_vm_disks": (f"{IMAGE_SERVICE}.MergeVirtualHardDisk", _merge_vm_disks, False),
 }
 
 
 # The scripts that wait for a WMI job (never under the model's lock while they sleep).
-_WAITING = frozenset({"create_checkpoint", "remove_checkpoint", "convert_checkpoint", "destroy_reference_point"})
+_WAITING = frozenset(
+    {
+        "create_checkpoint",
+        "remove_checkpoint",
+        "convert_checkpoint",
+        "destroy_reference_point",
+        "register_vm",
+        "unregister_vm",
+        "change_vm_state",
+        "shutdown_vm",
+        "merge_vm_disks",
+    }
+)
 
 
 def _params(name: str, env: dict[str, str]) -> BaseModel:

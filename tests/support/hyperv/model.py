@@ -42,6 +42,7 @@ from tests.support.hyperv.state import (
     ReferencePointState,
     SnapshotDiskState,
     SnapshotState,
+    SwitchState,
     VmState,
     same_windows_path,
     windows_to_local,
@@ -55,6 +56,10 @@ JOB_STARTED = 4096
 FAILED = 32768
 INVALID_PARAMETER = 32773
 FILE_NOT_FOUND = 32779
+SYSTEM_IN_USE = 32774
+INVALID_STATE = 32775
+# Msvm_ComputerSystem.EnabledState by the cmdlet's VMState name (what VmState.state holds).
+ENABLED_STATES = {"Running": 2, "Off": 3, "Stopping": 4, "Saved": 6, "Paused": 32768, "Starting": 10}
 # Msvm_ConcreteJob.JobState
 JOB_STARTING, JOB_RUNNING, JOB_COMPLETED, JOB_EXCEPTION = 3, 4, 7, 10
 IN_PROGRESS = frozenset({2, 3, 4, 5, 6})
@@ -161,6 +166,17 @@ class HyperVHost:
         self.progress_noise = True
 
     # ---- state ----------------------------------------------------------------------------------------
+
+    def save(self) -> None:
+        with self._lock:
+            self._save()
+
+    def invoke(self, method: str, action: Any) -> MethodResult:
+        with self._lock:
+            return self._invoke(method, action)
+
+    def merge_file(self, child_local: Path, parent_local: Path, *, parent_is_base: bool) -> None:
+        self._merge_file(child_local, parent_local, parent_is_base=parent_is_base)
 
     def _save(self) -> None:
         tmp = self._file.with_suffix(".tmp")
@@ -273,6 +289,8 @@ class HyperVHost:
     def write(self, vm: str, disk: int | str, offset: int, data: bytes) -> None:
         """The guest writes whole sectors: into the file the VM writes now, recorded for RCT."""
         with self._lock:
+            if self.vm(vm).state != "Running":
+                raise ValueError(f"VM {vm} is {self.vm(vm).state}: its guest writes nothing")
             d = self.disk(vm, disk)
             if offset % 512 or len(data) % 512 or not data or offset + len(data) > d.size:
                 raise ValueError(f"a guest write is whole sectors inside the disk, not {len(data)} at {offset}")
@@ -511,19 +529,7 @@ class HyperVHost:
         i = next(k for k, p in enumerate(d.chain) if same_windows_path(p, frozen))
         parent_local, child = self.local(d.chain[i]), d.chain[i + 1]
         child_local = self.local(child)
-        with avhdx.Avhdx(child_local) as c, VhdxReader(child_local, roots=[self.drives]) as r:
-            present = c.present()
-            writer: VhdxWriter | avhdx.Avhdx = VhdxWriter(parent_local) if i == 0 else avhdx.Avhdx(parent_local)
-            try:
-                for e in present:
-                    for at in range(e.offset, e.end, 4 * MiB):
-                        buf = bytearray(min(4 * MiB, e.end - at))
-                        r.read_into(memoryview(buf), at)
-                        writer.write(bytes(buf), at)
-                if isinstance(writer, avhdx.Avhdx) and present:
-                    writer.new_data_write_guid()
-            finally:
-                writer.close()
+        self._merge_file(child_local, parent_local, parent_is_base=i == 0)
         del d.chain[i + 1]
         if i + 1 < len(d.chain):
             name = frozen.rpartition("\\")[2]
@@ -539,6 +545,22 @@ class HyperVHost:
                 if same_windows_path(sd.path, child):
                     sd.path = frozen
         child_local.unlink()
+
+    def _merge_file(self, child_local: Path, parent_local: Path, *, parent_is_base: bool) -> None:
+        """The sectors the differencing file holds written into its parent (the child is left in place)."""
+        with avhdx.Avhdx(child_local) as c, VhdxReader(child_local, roots=[self.drives]) as r:
+            present = c.present()
+            writer: VhdxWriter | avhdx.Avhdx = VhdxWriter(parent_local) if parent_is_base else avhdx.Avhdx(parent_local)
+            try:
+                for e in present:
+                    for at in range(e.offset, e.end, 4 * MiB):
+                        buf = bytearray(min(4 * MiB, e.end - at))
+                        r.read_into(memoryview(buf), at)
+                        writer.write(bytes(buf), at)
+                if isinstance(writer, avhdx.Avhdx) and present:
+                    writer.new_data_write_guid()
+            finally:
+                writer.close()
 
     # ---- RCT ------------------------------------------------------------------------------------------
 
@@ -598,3 +620,214 @@ class HyperVHost:
 
 def _mac(vm_id: str) -> str:
     return "00155D" + vm_id.replace("-", "")[:6].upper()
+
+
+# ---- failover: VMs made from a configuration, switches, power, merges ---------------------------------------
+# What register_vm, unregister_vm, change_vm_state, shutdown_vm, vm_power and merge_vm_disks do to the host. The
+# cmdlet steps (New-VM, Set-VMMemory, Add-VMHardDiskDrive, ...) act at once; the WMI methods
+# (CreateVirtualHardDisk, RequestStateChange, InitiateShutdown, DestroySystem, MergeVirtualHardDisk) go through
+# `_invoke`, so they answer 0 or a job and take the scripted faults.
+
+
+class CmdletError(Exception):
+    """A cmdlet's terminating error (its text as Windows prints it)."""
+
+    def __init__(self, cmdlet: str, message: str) -> None:
+        super().__init__(message)
+        self.cmdlet = cmdlet
+
+
+def _switch(host: HyperVHost, name: str) -> SwitchState | None:
+    return next((w for w in host.state.switches if w.name.casefold() == name.casefold()), None)
+
+
+def new_vm(host: HyperVHost, *, name: str, folder: str, generation: int, memory: int, version: str) -> VmState:
+    """New-VM -NoVHD: off, no disk, one unconnected adapter; `version` "" is the host's default (its newest)."""
+    with host.lock:
+        supported = host.state.supported_versions
+        if version and version not in supported:
+            raise CmdletError("New-VM", f"The virtual machine configuration version {version} is not supported.")
+        vid = str(uuid.uuid4()).upper()
+        vm = VmState(
+            id=vid,
+            name=name,
+            state="Off",
+            generation=generation,
+            version=version or supported[-1],
+            secure_boot=generation == 2,
+            secure_boot_template="MicrosoftWindows" if generation == 2 else None,
+            tpm=False if generation == 2 else None,
+            processors=1,
+            memory_startup=memory,
+            nics=[NicState(name="Network Adapter", switch=None, mac="000000000000", dynamic_mac=True)],
+            folder=f"{folder}\\{name}",
+        )
+        host.state.vms.append(vm)
+        host.save()
+        return vm
+
+
+def add_switch(host: HyperVHost, name: str, kind: str = "Private") -> None:
+    with host.lock:
+        if _switch(host, name) is not None:
+            raise CmdletError("New-VMSwitch", f"A switch named '{name}' already exists.")
+        host.state.switches.append(SwitchState(name=name, type=kind))  # type: ignore[arg-type]
+        host.save()
+
+
+def remove_switch(host: HyperVHost, name: str) -> None:
+    """Remove-VmreplPrivateSwitch: only a private switch of that name that no adapter uses."""
+    with host.lock:
+        w = _switch(host, name)
+        used = any(n.switch and n.switch.casefold() == name.casefold() for v in host.state.vms for n in v.nics)
+        if w is not None and w.type == "Private" and not used:
+            host.state.switches.remove(w)
+            host.save()
+
+
+def add_nic(host: HyperVHost, vm: VmState, *, name: str, switch: str | None, mac: str | None, vlan: int | None) -> None:
+    with host.lock:
+        if switch is not None and _switch(host, switch) is None:
+            raise CmdletError("Add-VMNetworkAdapter", f"Could not find Ethernet switch '{switch}'.")
+        nic = NicState(name=name, switch=switch, mac=mac or "000000000000", dynamic_mac=mac is None, vlan_id=vlan)
+        vm.nics.append(nic)
+        host.save()
+
+
+def create_differencing(host: HyperVHost, path: str, parent: str) -> MethodResult:
+    """Msvm_ImageManagementService.CreateVirtualHardDisk (Type 4, Format 3): a differencing VHDX over `parent`."""
+    with host.lock:
+        parent_local = host.local(parent)
+        if not parent_local.is_file():
+            return MethodResult(FILE_NOT_FOUND)
+        if host.local(path).exists():
+            return MethodResult(INVALID_PARAMETER)
+
+        def make() -> None:
+            with VhdxReader(parent_local, follow_links=False) as r:
+                size, block = r.size, r.geometry.block_size
+            folder = path.rpartition("\\")[0]
+            rel = (
+                ".\\" + parent.rpartition("\\")[2] if same_windows_path(parent.rpartition("\\")[0], folder) else parent
+            )
+            loc = avhdx.locator(
+                parent_linkage=avhdx.data_write_guid(parent_local), relative_path=rel, absolute_win32_path=parent
+            )
+            host.local(path).parent.mkdir(parents=True, exist_ok=True)
+            avhdx.create(host.local(path), size=size, block_size=block, parent=loc)
+
+        return host.invoke("CreateVirtualHardDisk", make)
+
+
+def attach_disk(host: HyperVHost, vm: VmState, slot: tuple[str, int, int], path: str, parent: str) -> None:
+    """Add-VMHardDiskDrive at a slot (a generation 2 VM has no IDE; a slot holds one drive)."""
+    kind, number, location = slot
+    with host.lock:
+        if kind == "IDE" and vm.generation == 2:
+            raise CmdletError("Add-VMHardDiskDrive", "Generation 2 virtual machines do not support IDE controllers.")
+        if any((d.controller_type, d.controller_number, d.controller_location) == slot for d in vm.disks):
+            raise CmdletError("Add-VMHardDiskDrive", f"The {kind} slot {number}:{location} is in use.")
+        with VhdxReader(host.local(path), roots=[host.drives]) as r:
+            size, block = r.size, r.geometry.block_size
+        where = f"{str(uuid.uuid4()).upper()}\\{number}\\{location}"
+        vm.disks.append(
+            DiskState(
+                instance_id=f"Microsoft:{vm.id}\\{where}\\D",
+                controller_type="IDE" if kind == "IDE" else "SCSI",
+                controller_number=number,
+                controller_location=location,
+                chain=[parent, path],
+                size=size,
+                block_size=block,
+                rct_guid=str(uuid.uuid4()),
+            )
+        )
+        host.save()
+
+
+def remove_vm(host: HyperVHost, vm_id: str) -> None:
+    """Remove-VM (the script's undo): the VM's configuration gone, its files left."""
+    with host.lock:
+        host.state.vms = [v for v in host.state.vms if v.id.casefold() != vm_id.casefold()]
+        host.save()
+
+
+def request_state_change(host: HyperVHost, vm_id: str, wanted: int) -> MethodResult:
+    """RequestStateChange: 2 starts (every disk file of the chain must exist), 3 turns off at once."""
+    with host.lock:
+        vm = host.vm(vm_id)
+        missing = [p for d in vm.disks for p in d.chain if not host.local(p).is_file()]
+
+        def change() -> None:
+            vm.state = "Running" if wanted == 2 else "Off"
+            vm.shutdown_left = None
+            host.save()
+
+        if wanted == 2 and missing:
+            return MethodResult(FILE_NOT_FOUND)
+        return host.invoke("RequestStateChange", change)
+
+
+def initiate_shutdown(host: HyperVHost, vm_id: str) -> MethodResult:
+    """InitiateShutdown: a clean guest is off after `shutdown_polls` power polls; one that ignores it runs on."""
+    with host.lock:
+        vm = host.vm(vm_id)
+        if vm.state != "Running":
+            return MethodResult(INVALID_STATE)
+
+        def ask() -> None:
+            if vm.guest_shutdown == "clean":
+                vm.state, vm.shutdown_left = "Stopping", vm.shutdown_polls
+                host.save()
+
+        return host.invoke("InitiateShutdown", ask)
+
+
+def power(host: HyperVHost, vm_id: str) -> int:
+    """EnabledState as a new Get() shows it: a shutdown under way advances one step."""
+    with host.lock:
+        vm = host.vm(vm_id)
+        if vm.state == "Stopping" and vm.shutdown_left is not None:
+            vm.shutdown_left -= 1
+            if vm.shutdown_left <= 0:
+                vm.state, vm.shutdown_left = "Off", None
+            host.save()
+        return ENABLED_STATES.get(vm.state, 1)
+
+
+def destroy_system(host: HyperVHost, vm_id: str) -> MethodResult:
+    """DestroySystem: the VM must be off; its disk files are left."""
+    with host.lock:
+        vm = host.vm(vm_id)
+        if vm.state != "Off":
+            return MethodResult(INVALID_STATE)
+        return host.invoke("DestroySystem", lambda: remove_vm(host, vm.id))
+
+
+def merge_disk(host: HyperVHost, source: str, destination: str) -> MethodResult:
+    """MergeVirtualHardDisk: the differencing file written into its parent, then deleted (as Merge-VHD does);
+    refused (32774) while a VM that is not off uses it. The VM's drive still names the deleted file until
+    Set-VMHardDiskDrive points it at the parent (`set_drive`)."""
+    with host.lock:
+        users = [v for v in host.state.vms for d in v.disks if any(same_windows_path(p, source) for p in d.chain)]
+        if any(v.state != "Off" for v in users):
+            return MethodResult(SYSTEM_IN_USE)
+        if not host.local(source).is_file() or not host.local(destination).is_file():
+            return MethodResult(FILE_NOT_FOUND)
+
+        def merge() -> None:
+            host.merge_file(host.local(source), host.local(destination), parent_is_base=True)
+            host.local(source).unlink()
+
+        return host.invoke("MergeVirtualHardDisk", merge)
+
+
+def set_drive(host: HyperVHost, vm: VmState, slot: tuple[str, int, int], path: str) -> None:
+    """Set-VMHardDiskDrive -Path: the drive now opens `path` (after a merge: the parent, alone)."""
+    with host.lock:
+        d = next(d for d in vm.disks if (d.controller_type, d.controller_number, d.controller_location) == slot)
+        if not host.local(path).is_file():
+            raise CmdletError("Set-VMHardDiskDrive", f"The system cannot find the file '{path}'.")
+        i = next((k for k, p in enumerate(d.chain) if same_windows_path(p, path)), None)
+        d.chain = d.chain[: i + 1] if i is not None else [path]
+        host.save()

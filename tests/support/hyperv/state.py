@@ -61,6 +61,14 @@ class VmState(_State):
     disks: list[DiskState] = Field(default_factory=list)
     unsupported_disks: list[str] = Field(default_factory=list)
     rct_enabled: bool = True
+    # Failover: where New-VM -Path put it (None for a seeded VM), whether a vTPM key protector was made, how
+    # the guest answers InitiateShutdown ("clean": off after `shutdown_polls` power polls; "ignores": stays
+    # running; "none": no shutdown integration service), and how many polls a shutdown under way has left.
+    folder: str | None = None
+    key_protector: bool = False
+    guest_shutdown: Literal["clean", "ignores", "none"] = "clean"
+    shutdown_polls: int = 2
+    shutdown_left: int | None = None
 
 
 class SnapshotDiskState(_State):
@@ -90,6 +98,11 @@ class ReferencePointState(_State):
     rct_ids: list[str]
 
 
+class SwitchState(_State):
+    name: str
+    type: Literal["External", "Internal", "Private"]
+
+
 class HostState(_State):
     name: str = "HV01"
     os_build: int = 17763
@@ -99,6 +112,7 @@ class HostState(_State):
     vms: list[VmState] = Field(default_factory=list)
     snapshots: list[SnapshotState] = Field(default_factory=list)
     reference_points: list[ReferencePointState] = Field(default_factory=list)
+    switches: list[SwitchState] = Field(default_factory=lambda: [SwitchState(name="vSwitch", type="External")])
 
 
 def windows_to_local(drives: Path, win_path: str) -> Path:
