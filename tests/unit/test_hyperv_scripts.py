@@ -190,7 +190,9 @@ OTHER_MEMBERS: dict[str, set[str]] = {
     "Get-VMSwitch (VMSwitch)": {"Name", "SwitchType"},
     "Get-VM (VirtualMachine), for Add-VMHardDiskDrive / Get-VM -Id": {"Id"},
     # register_vm and merge_vm_disks read their list items' fields (the params models) like $Params'.
-    "models.NewDisk, NewNic, MergeDisk": set(m.NewDisk.model_fields) | set(m.NewNic.model_fields) | set(m.MergeDisk.model_fields),
+    "models.NewDisk, NewNic, MergeDisk": (
+        set(m.NewDisk.model_fields) | set(m.NewNic.model_fields) | set(m.MergeDisk.model_fields)
+    ),
     "Get-VMHostSupportedVersion (VMHostSupportedVersion)": {"Version"},
     "Win32_OperatingSystem, Get-Item (FileInfo.VersionInfo)": {"Caption", "VersionInfo", "ProductVersion"},
     "CimInstance / CimClass / CimMethodResult": {"CimClass", "CimClassName", "CimClassProperties", "ReturnValue"},

@@ -22,6 +22,7 @@ done when the job reaches 7, so a failed or hung job changes nothing). `job_poli
 
 from __future__ import annotations
 
+import ntpath
 import subprocess
 import threading
 import time
@@ -706,10 +707,9 @@ def create_differencing(host: HyperVHost, path: str, parent: str) -> MethodResul
         def make() -> None:
             with VhdxReader(parent_local, follow_links=False) as r:
                 size, block = r.size, r.geometry.block_size
-            folder = path.rpartition("\\")[0]
-            rel = (
-                ".\\" + parent.rpartition("\\")[2] if same_windows_path(parent.rpartition("\\")[0], folder) else parent
-            )
+            # The relative locator as Hyper-V writes it (`.\\name`, or `..\\m1\\name` for another folder).
+            rel = ntpath.relpath(parent, path.rpartition("\\")[0])
+            rel = rel if rel.startswith("..") else ".\\" + rel
             loc = avhdx.locator(
                 parent_linkage=avhdx.data_write_guid(parent_local), relative_path=rel, absolute_win32_path=parent
             )
