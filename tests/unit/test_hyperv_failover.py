@@ -351,7 +351,14 @@ def test_plan_version_is_the_captured_one_or_the_hosts_default_never_older_host(
             {"disks": (VmDiskSpec("scsi0-0", "D:\\vms\\web-dr\\vmrepl-scsi0-0.vhdx", DiskFormat.VHDX, 1),)},
             "not a host path",
         ),
-        ({"name": ""}, "at least 1"),
+        ({"name": ""}, "cannot name a Hyper-V VM"),
+        ({"name": "..\\..\\Windows"}, "cannot name a Hyper-V VM"),
+        ({"name": "web."}, "cannot name a Hyper-V VM"),
+        ({"name": "a" * 101}, "cannot name a Hyper-V VM"),
+        (
+            {"configuration": configuration(memory={"startup": 4, "dynamic": True, "minimum": 8, "maximum": 16})},
+            "minimum <= startup <= maximum",
+        ),
     ],
 )
 def test_plan_refuses_what_cannot_be_made(kw: dict[str, Any], why: str) -> None:

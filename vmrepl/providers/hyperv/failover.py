@@ -33,6 +33,8 @@ DIFF_PREFIX = "vmrepl-"
 _SLOT = re.compile(r"^(scsi|ide)(\d{1,2})-(\d{1,2})$")
 _ABSOLUTE = re.compile(r"^(?:[A-Za-z]:\\|\\\\[^\\]+\\[^\\]+)")
 _MAC = re.compile(r"^[0-9A-F]{12}$")
+# New-VM -Path makes a folder named after the VM: a name must be a plain Windows file name.
+_BAD_NAME = re.compile(r'[\\/:*?"<>|\x00-\x1f]')
 
 
 def power_of(enabled_state: int) -> PowerState:
@@ -278,9 +280,28 @@ def _numbers(text: str) -> tuple[int, ...] | None:
         return None
 
 
+def check_vm_name(name: str) -> str:
+    if not name or _BAD_NAME.search(name) or name.strip(" .") != name or len(name) > 100:
+        raise InvalidArgument(
+            "spec.name",
+            f"{name!r} cannot name a Hyper-V VM's folder (no \\ / : * ? \" < > |, no leading or trailing dot or space)",
+        )
+    return name
+
+
+def _check_memory(mem: _Memory) -> None:
+    if mem.dynamic and not (mem.minimum <= mem.startup <= mem.maximum):
+        raise InvalidArgument(
+            "configuration.vm.memory",
+            f"dynamic memory needs minimum <= startup <= maximum ({mem.minimum}, {mem.startup}, {mem.maximum})",
+        )
+
+
 def plan(spec: VmSpec, info: m.HostInfo, *, timeout_seconds: int) -> Plan:
     cfg = parse_configuration(spec.configuration)
     vm = cfg.vm
+    check_vm_name(spec.name)
+    _check_memory(vm.memory)
     folder = check_folder(spec.folder)
     switch = f"{ISOLATED_SWITCH_PREFIX}{spec.name}" if spec.isolated else None
     disks = _disks(spec, folder, vm.generation)
