@@ -166,7 +166,7 @@ async def test_isolated_test_failover_and_a_guest_that_does_not_shut_down(hv: Hy
     assert {n.switch for n in hv.host.vm("web01-test-1").nics} == {switch}
     assert any(w.name == switch and w.type == "Private" for w in hv.host.state.switches)
     await p.start_vm(info.vm_id)
-    hv.host.vm("web01-test-1").guest_shutdown = "ignores"
+    hv.host.set_guest_shutdown("web01-test-1", "ignores")
     with pytest.raises(DeadlineExceeded, match="did not shut down in time"):
         await p.shutdown_vm(info.vm_id, wait_seconds=0.5)
     assert (await p.get_vm(info.vm_id)).power is PowerState.RUNNING

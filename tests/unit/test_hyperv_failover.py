@@ -17,7 +17,7 @@ import pytest
 from pydantic import BaseModel
 
 from tests.support.clock import Clock
-from tests.support.hyperv import faults, handlers
+from tests.support.hyperv import faults, handlers, serve
 from tests.support.hyperv.model import HyperVHost, JobPolicy
 from tests.support.hyperv.state import NicState, SwitchState
 from vmrepl.domain import DiskFormat, PowerState
@@ -195,12 +195,12 @@ async def test_an_isolated_vm_gets_a_private_switch_of_its_own_removed_with_it(l
 async def test_a_guest_that_does_not_shut_down_in_time_is_a_deadline_left_running(lab: Lab) -> None:
     info = await lab.provider.register_vm(await lab.spec())
     await lab.provider.start_vm(info.vm_id)
-    lab.host.vm("web01-dr").guest_shutdown = "ignores"
+    lab.host.set_guest_shutdown("web01-dr", "ignores")
     with pytest.raises(DeadlineExceeded, match="did not shut down in time"):
         await lab.provider.shutdown_vm(info.vm_id, wait_seconds=10)
     assert lab.clock.seconds() >= 10
     assert (await lab.provider.get_vm(info.vm_id)).power is PowerState.RUNNING
-    lab.host.vm("web01-dr").guest_shutdown = "none"
+    lab.host.set_guest_shutdown("web01-dr", "none")
     with pytest.raises(HostError, match="no shutdown integration service"):
         await lab.provider.shutdown_vm(info.vm_id, wait_seconds=10)
     await lab.provider.stop_vm(info.vm_id)
@@ -384,3 +384,21 @@ def test_power_of_enabled_state() -> None:
     assert [fo.power_of(s) for s in (2, 3, 4, 6, 10, 32768)] == [PowerState.RUNNING, PowerState.OFF] + [
         PowerState.OTHER
     ] * 4
+
+
+async def test_the_serve_control_endpoint_sets_guest_shutdown_and_switches(lab: Lab) -> None:
+    serve.control(lab.host, {"op": "add_switch", "name": "DR-LAN"})
+    assert SwitchState(name="DR-LAN", type="External") in lab.host.state.switches
+    serve.control(lab.host, {"op": "guest_shutdown", "vm": "web01", "behaviour": "ignores"})
+    assert lab.host.vm("web01").guest_shutdown == "ignores"
+    with pytest.raises(ValueError):
+        serve.control(lab.host, {"op": "guest_shutdown", "vm": "web01", "behaviour": "maybe"})
+    with pytest.raises(DeadlineExceeded):
+        await lab.provider.shutdown_vm(lab.source.id, wait_seconds=1)
+    info = await lab.provider.register_vm(await lab.spec())
+    fault = {"kind": "ReturnCode", "method": "MergeVirtualHardDisk", "code": 32774}
+    assert serve.control(lab.host, {"op": "fault", "fault": fault}) == {}
+    with pytest.raises(HostError, match="32774"):
+        await lab.provider.merge_vm_disks(info.vm_id)
+    await lab.provider.merge_vm_disks(info.vm_id)  # the next call finishes the work
+    assert [len(d.chain) for d in lab.host.vm("web01-dr").disks] == [1, 1]

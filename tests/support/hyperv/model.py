@@ -504,6 +504,15 @@ class HyperVHost:
                 d.rct_guid = str(uuid.uuid4())
             self._save()
 
+    def set_guest_shutdown(self, vm: str, behaviour: str, polls: int = 2) -> None:
+        """How the VM's guest answers InitiateShutdown: "clean" (off after `polls` power polls), "ignores" (runs
+        on: the caller's wait ends), "none" (no shutdown integration service)."""
+        with self._lock:
+            v = self.vm(vm)
+            v.guest_shutdown = behaviour  # type: ignore[assignment]  # validated by the state model
+            v.shutdown_polls = polls
+            self._save()
+
     def set_rct_enabled(self, vm: str, enabled: bool) -> None:
         """RCT off for a VM: reference points get no RCT ids and GetVirtualDiskChanges answers 32770."""
         with self._lock:

@@ -37,7 +37,7 @@ from typing import Any
 
 from tests.support.hyperv import faults
 from tests.support.hyperv.lab import PASSWORD, hyperv_lab
-from tests.support.hyperv.model import HyperVHost, JobPolicy
+from tests.support.hyperv.model import HyperVHost, JobPolicy, add_switch
 from tests.support.hyperv.state import NicState
 
 MAX_CONTROL_BODY = 64 * 1024 * 1024
@@ -90,6 +90,12 @@ def control(host: HyperVHost, req: dict[str, Any]) -> dict[str, Any]:
         return {}
     if op == "user_checkpoint":  # vm, name
         return {"id": host.user_checkpoint(req["vm"], req["name"]).id}
+    if op == "guest_shutdown":  # vm, behaviour ("clean" | "ignores" | "none"), polls (clean: polls until off)
+        host.set_guest_shutdown(req["vm"], req["behaviour"], int(req.get("polls", 2)))
+        return {}
+    if op == "add_switch":  # name, type ("External" | "Internal" | "Private"): a failover host's network
+        add_switch(host, req["name"], req.get("type", "External"))
+        return {}
     if op == "state":
         return {"state": host.state.model_dump(mode="json"), "calls": list(host.calls)}
     raise ValueError(f"unknown control operation {op!r}")
