@@ -21,7 +21,7 @@ from tests.support.hyperv import faults, handlers, serve
 from tests.support.hyperv.model import HyperVHost, JobPolicy
 from tests.support.hyperv.state import NicState, SwitchState
 from vmrepl.domain import DiskFormat, PowerState
-from vmrepl.errors import DeadlineExceeded, FailedPrecondition, HostError, InvalidArgument
+from vmrepl.errors import DeadlineExceeded, FailedPrecondition, HostError, HostOutputError, InvalidArgument
 from vmrepl.extent import MiB
 from vmrepl.providers.base import NetworkMap, VmDiskSpec, VmSpec
 from vmrepl.providers.hyperv import failover as fo
@@ -402,3 +402,44 @@ async def test_the_serve_control_endpoint_sets_guest_shutdown_and_switches(lab: 
         await lab.provider.merge_vm_disks(info.vm_id)
     await lab.provider.merge_vm_disks(info.vm_id)  # the next call finishes the work
     assert [len(d.chain) for d in lab.host.vm("web01-dr").disks] == [1, 1]
+
+
+class TamperingRunner(ModelRunner):
+    """The model's answers, one script's result replaced: host output the provider must not trust."""
+
+    def __init__(self, host: HyperVHost, name: str, change: Any) -> None:
+        super().__init__(host)
+        self.name, self.change = name, change
+
+    async def run(self, name: str, params: BaseModel) -> Any:
+        result = await super().run(name, params)
+        return self.change(result) if name == self.name else result
+
+
+@pytest.mark.parametrize(
+    ("script", "change", "why"),
+    [
+        ("register_vm", lambda vm: vm.model_copy(update={"notes": ""}), "not the one asked for"),
+        ("register_vm", lambda vm: vm.model_copy(update={"name": "other"}), "not the one asked for"),
+        ("change_vm_state", lambda p: p.model_copy(update={"enabled_state": 4}), "EnabledState 4 after starting"),
+        ("register_vm", lambda vm: m.Removed(removed=True), "not Vm"),
+    ],
+)
+async def test_host_output_that_does_not_match_the_call_is_refused(
+    lab: Lab, script: str, change: Any, why: str
+) -> None:
+    spec = await lab.spec()
+    p = HyperVProvider(runner=TamperingRunner(lab.host, script, change), host="hv01", timeout_seconds=30)
+    with pytest.raises(HostOutputError, match=why):
+        info = await p.register_vm(spec)
+        await p.start_vm(info.vm_id)
+
+
+async def test_shutdown_polls_power_until_off(lab: Lab) -> None:
+    info = await lab.provider.register_vm(await lab.spec())
+    await lab.provider.start_vm(info.vm_id)
+    lab.host.set_guest_shutdown("web01-dr", "clean", polls=4)
+    lab.runner.calls.clear()
+    await lab.provider.shutdown_vm(info.vm_id, wait_seconds=60)
+    assert lab.runner.calls[0] == "shutdown_vm" and set(lab.runner.calls[1:]) == {"vm_power"}
+    assert 1 <= len(lab.runner.calls) - 1 <= 4 and lab.clock.seconds() <= 4 * 2.0
