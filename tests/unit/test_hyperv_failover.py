@@ -443,3 +443,13 @@ async def test_shutdown_polls_power_until_off(lab: Lab) -> None:
     await lab.provider.shutdown_vm(info.vm_id, wait_seconds=60)
     assert lab.runner.calls[0] == "shutdown_vm" and set(lab.runner.calls[1:]) == {"vm_power"}
     assert 1 <= len(lab.runner.calls) - 1 <= 4 and lab.clock.seconds() <= 4 * 2.0
+
+
+async def test_a_planted_differencing_file_is_refused_and_left_as_it_was(lab: Lab) -> None:
+    spec = await lab.spec()
+    planted = lab.host.local(f"{MOUNT}\\vmrepl-scsi0-1.vhdx")
+    planted.write_bytes(b"not ours")
+    with pytest.raises(HostError, match=r"exists already.*removed"):
+        await lab.provider.register_vm(spec)
+    assert planted.read_bytes() == b"not ours"
+    assert lab.host.find_vms("web01-dr") == [] and not lab.host.local(f"{MOUNT}\\vmrepl-scsi0-0.vhdx").exists()
