@@ -79,12 +79,17 @@ def load_manifest(vm_dir: Path) -> VmManifest:
     return parse_manifest(data, vm_dir / MANIFEST)
 
 
-def write_manifest(vm_dir: Path, manifest: VmManifest) -> None:
+def manifest_text(manifest: VmManifest) -> bytes:
+    """The manifest as `vm.toml` (TOML strings are JSON strings for what a manifest holds)."""
     lines = [f"name = {json.dumps(manifest.name)}", f"id = {json.dumps(manifest.id)}"]
     for d in manifest.disks:
         lines += ["", "[[disks]]", f"id = {json.dumps(d.id)}", f"path = {json.dumps(d.path)}"]
         lines.append(f"format = {json.dumps(d.format)}")
-    atomic_write(vm_dir / MANIFEST, ("\n".join(lines) + "\n").encode())
+    return ("\n".join(lines) + "\n").encode()
+
+
+def write_manifest(vm_dir: Path, manifest: VmManifest) -> None:
+    atomic_write(vm_dir / MANIFEST, manifest_text(manifest))
 
 
 @dataclass(frozen=True, slots=True)
