@@ -372,6 +372,10 @@ def test_a_descriptor_that_is_not_one_is_refused(tmp_path: Path, content: bytes,
         ({"base_format": "layer"}, "base_format 'layer'"),
         ({"size": -5}, "not a disk size"),
         ({"size": True}, "not a disk size"),
+        ({"size": 1 << 60}, "not a disk size"),
+        ({"size": "5"}, "not a disk size"),
+        ({"base": "disk0.layer"}, "another part of the layer"),
+        ({"stores": ["disk0.top", "disk0.top"]}, "distinct names"),
         ({"state": "odd"}, "state 'odd'"),
         ({"vmrepl_layer": 2}, "layer version 2"),
     ],
@@ -576,3 +580,17 @@ def test_create_cut_by_power_leaves_no_layer_or_a_whole_one(tmp_path: Path) -> N
                 )
                 assert _read(path) == base
             shutil.rmtree(dest)
+
+
+def test_a_flattened_base_still_linked_to_its_replica_is_not_written(tmp_path: Path) -> None:
+    folder = tmp_path / "vm"
+    path = _layer(folder)
+    view = _written(folder, path)
+    os.link(folder / "disk0.base", tmp_path / "replica-data")  # as the mount made it
+    flatten_layer(path)
+    with open_layer(path, writable=True) as disk, pytest.raises(FailedPrecondition, match="1 other hard link"):
+        disk.write(0, b"x")
+    (tmp_path / "replica-data").unlink()  # DeleteReplica
+    with open_layer(path, writable=True) as disk:
+        disk.write(0, b"x")
+    assert _read(path) == b"x" + view[1:]
