@@ -10,6 +10,7 @@ import os
 import random
 import shutil
 from collections.abc import Callable, Coroutine
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -162,6 +163,11 @@ def test_register_refuses_a_linked_folder_and_bad_disks(root: Path, tmp_path: Pa
         run(p.register_vm(_spec(size=4096)))
     with pytest.raises(InvalidArgument, match=r"'\.\.' component"):
         run(p.register_vm(_spec(path="../m1/disk0.layer")))
+    twice = VmDiskSpec(disk_id="disk1", path="disk0.layer", format=DiskFormat.LAYER, size=SIZE)
+    with pytest.raises(InvalidArgument, match=r"path disk0\.layer is used by more than one disk"):
+        run(p.register_vm(replace(_spec(), disks=(*_spec().disks, twice))))
+    with pytest.raises(InvalidArgument, match="id disk0 is used by more than one disk"):
+        run(p.register_vm(replace(_spec(), disks=(*_spec().disks, replace(twice, disk_id="disk0", path="x")))))
     with pytest.raises(InvalidArgument, match="at least 1"):
         run(p.register_vm(VmSpec(name="x", folder="m1", configuration=b"", disks=())))
     assert not (root / "m1" / "vm.toml").exists() and not (root / "m1" / ".vmrepl").exists()

@@ -19,7 +19,7 @@ from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from vmrepl.disk.fileio import atomic_write
 from vmrepl.domain import DiskFormat
@@ -56,6 +56,15 @@ class VmManifest(BaseModel):
     name: str
     id: str
     disks: list[DiskManifest] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _distinct(self) -> VmManifest:
+        # A disk is found by its id; two disks over one image would write each other's bytes.
+        for what, values in (("id", [d.id for d in self.disks]), ("path", [d.path for d in self.disks])):
+            twice = sorted({v for v in values if values.count(v) > 1})
+            if twice:
+                raise ValueError(f"disks: {what} {', '.join(twice)} is used by more than one disk")
+        return self
 
 
 def parse_manifest(data: bytes, where: Path) -> VmManifest:
