@@ -184,6 +184,9 @@ def test_references_resolve_by_id_first_then_by_a_unique_name(small: Path) -> No
         p.vm("c")
 
 
+_TWO_DISKS = 'name = "bad"\nid = "x"\n[[disks]]\nid = "{}"\npath = "{}"\n[[disks]]\nid = "{}"\npath = "{}"\n'
+
+
 @pytest.mark.parametrize(
     ("text", "reason"),
     [
