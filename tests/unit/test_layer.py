@@ -64,6 +64,16 @@ def test_a_store_holds_what_was_written_and_reads_only_that(tmp_path: Path) -> N
     assert other.extents() == s.extents()
 
 
+def test_a_map_replaced_by_another_file_is_read_again_whole(tmp_path: Path) -> None:
+    s = ExtentStore(tmp_path, "d", size=SIZE)
+    s.write(0, b"a" * 10)
+    assert s.extents() == [Extent(0, 10)]
+    other = tmp_path / "other.map"
+    other.write_bytes(b"[100, 5]\n[200, 5]\n")
+    os.replace(other, s.map_path)
+    assert s.extents() == [Extent(100, 5), Extent(200, 5)]
+
+
 def test_write_missing_keeps_the_first_writer_s_bytes(tmp_path: Path) -> None:
     s = ExtentStore(tmp_path, "d", size=SIZE)
     assert s.write_missing(1000, b"1" * 1000) == 1000

@@ -92,6 +92,7 @@ class ExtentStore:
         self._parsed_end = 0  # the map's bytes parsed so far (complete lines only)
         self._lines = 0
         self._extents: list[Extent] = []
+        self._map_id = (0, 0)  # the map file parsed (device, inode)
 
     @property
     def data_path(self) -> Path:
@@ -154,11 +155,13 @@ class ExtentStore:
             self._parsed_end, self._lines, self._extents = 0, 0, []
             return self._extents
         try:
-            size = f.size()
+            st = os.fstat(f.fd)
+            size = st.st_size
             if size > _MAP_LIMIT:
                 raise FailedPrecondition(f"{self._shown_path('.map')} is larger than {_MAP_LIMIT} bytes: refused")
-            if size < self._parsed_end:  # cut (a torn tail) or replaced: read it all again
+            if size < self._parsed_end or (st.st_dev, st.st_ino) != self._map_id:  # replaced: read it all again
                 self._parsed_end, self._lines, self._extents = 0, 0, []
+                self._map_id = (st.st_dev, st.st_ino)
             if size > self._parsed_end:
                 tail = bytearray(size - self._parsed_end)
                 got = f.read_into(memoryview(tail), self._parsed_end)
