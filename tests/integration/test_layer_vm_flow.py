@@ -12,12 +12,11 @@ from vmrepl.disk.layer import create_layer
 from vmrepl.domain import DiskFormat, PowerState
 from vmrepl.extent import MiB
 from vmrepl.providers.base import VmDiskSpec, VmSpec
+from vmrepl.providers.filehost import FileHostProvider
 from vmrepl.v1 import common_pb2, proxy_pb2
 
 
 async def test_a_layer_vm_replicates_from_its_checkpoint_and_its_changes_reach_the_next(lab_env: Lab) -> None:
-    from vmrepl.providers.filehost import FileHostProvider
-
     host = lab_env.image.parent / "host"
     folder = host / "m1"
     folder.mkdir(parents=True)
