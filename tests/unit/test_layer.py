@@ -604,3 +604,19 @@ def test_a_flattened_base_still_linked_to_its_replica_is_not_written(tmp_path: P
     with open_layer(path, writable=True) as disk:
         disk.write(0, b"x")
     assert _read(path) == b"x" + view[1:]
+
+
+@pytest.mark.parametrize("name", ["disk0.base", "disk0.top.map", "disk0.top.raw", "disk0.layer"])
+def test_a_fifo_or_folder_planted_for_a_layer_file_is_refused_without_blocking(tmp_path: Path, name: str) -> None:
+    path = _layer(tmp_path / "vm")
+    with open_layer(path, writable=True) as disk:
+        disk.write(0, b"t" * 10)  # so the top store's data file is read
+    f = tmp_path / "vm" / name
+    f.unlink()
+    os.mkfifo(f)
+    with pytest.raises(FailedPrecondition, match="not a regular file"):
+        _read(path)
+    f.unlink()
+    f.mkdir()
+    with pytest.raises(FailedPrecondition):
+        _read(path)
