@@ -369,3 +369,11 @@ def test_a_shorter_base_reads_through_the_point_store(tmp_path: Path) -> None:
     p = FileHostProvider(root)
     vm_id = run(p.register_vm(_spec())).vm_id
     assert p.vm(vm_id).read_current("disk0", SIZE - 64 * KiB - 4, 8) == _base()[-64 * KiB - 4 : -64 * KiB] + b"pppp"
+
+
+def test_any_vm_name_is_written_as_toml_that_reads_back(root: Path) -> None:
+    name = 'web 😀 "quoted" back\\slash\ttab\nnewline\x7fdel é'
+    p = FileHostProvider(root)
+    info = run(p.register_vm(_spec(name=name)))
+    assert info.name == name and run(p.get_vm(info.vm_id)).name == name
+    assert FileHostProvider(root).problems() == {}
