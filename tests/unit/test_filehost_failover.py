@@ -377,3 +377,14 @@ def test_any_vm_name_is_written_as_toml_that_reads_back(root: Path) -> None:
     info = run(p.register_vm(_spec(name=name)))
     assert info.name == name and run(p.get_vm(info.vm_id)).name == name
     assert FileHostProvider(root).problems() == {}
+
+
+def test_registers_of_one_folder_at_once_make_one_vm(root: Path) -> None:
+    p = FileHostProvider(root)
+
+    async def both() -> list[str]:
+        infos = await asyncio.gather(*(p.register_vm(_spec()) for _ in range(8)))
+        return [i.vm_id for i in infos]
+
+    ids = run(both())
+    assert len(set(ids)) == 1 and [v.vm_id for v in run(p.list_vms())] == ids[:1]

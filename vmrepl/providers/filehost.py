@@ -33,6 +33,7 @@ import asyncio
 import contextlib
 import json
 import os
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -92,6 +93,7 @@ _COPY_CHUNK = 4 << 20
 _RECORD_LIMIT = 64 << 10
 _LOG_LIMIT = 1 << 30
 T = TypeVar("T")
+_REGISTERING = threading.Lock()
 
 
 def _datasync(fd: int) -> None:
@@ -525,7 +527,8 @@ class FileHostProvider(Provider):
 
     def _register(self, spec: VmSpec) -> VmInfo:
         folder = check_name("folder", spec.folder)  # a plain name, not hidden (.vmrepl-host is the host's)
-        with Folder.open(self.root) as top, top.child(folder) as d:
+        # One at a time in this process (the controller registers): two calls for one folder give one VM.
+        with _REGISTERING, Folder.open(self.root) as top, top.child(folder) as d:
             existing = d.read(MANIFEST, limit=MANIFEST_LIMIT)
             if existing is not None:  # registered already: idempotent by folder
                 return self.vm(parse_manifest(existing, self.root / folder / MANIFEST).id).info()
