@@ -13,6 +13,10 @@ It behaves like Hyper-V where replication can see it:
   `GetVirtualDiskChanges`. Writes made to the images by other means are not
   tracked — the situation sampled verification exists for.
 
+* Failover: a disk may be a layer disk (vmrepl/disk/layer.py: a restore point's image with stores on
+  top), written in its top store; `register_vm` makes a VM of a folder the target agent filled, power
+  is `.vmrepl/power` (running | off), and a VM that is off writes nothing.
+
 VM folders may be written by others than the operator, so every file in one is opened without following
 symbolic links, inside the host folder (safefs), a checkpoint record is used only with the provider's
 seal (filejournal), and looking VMs up creates nothing.
