@@ -11,7 +11,6 @@ checkpoints and replicas are keyed by id.
 
 from __future__ import annotations
 
-import json
 import os
 import threading
 import tomllib
@@ -19,7 +18,7 @@ from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from vmrepl.disk.fileio import atomic_write
 from vmrepl.domain import DiskFormat
@@ -57,6 +56,15 @@ class VmManifest(BaseModel):
     id: str
     disks: list[DiskManifest] = Field(min_length=1)
 
+    @model_validator(mode="after")
+    def _distinct(self) -> VmManifest:
+        # A disk is found by its id; two disks over one image would write each other's bytes.
+        for what, values in (("id", [d.id for d in self.disks]), ("path", [d.path for d in self.disks])):
+            twice = sorted({v for v in values if values.count(v) > 1})
+            if twice:
+                raise ValueError(f"disks: {what} {', '.join(twice)} is used by more than one disk")
+        return self
+
 
 def parse_manifest(data: bytes, where: Path) -> VmManifest:
     try:
@@ -79,12 +87,31 @@ def load_manifest(vm_dir: Path) -> VmManifest:
     return parse_manifest(data, vm_dir / MANIFEST)
 
 
-def write_manifest(vm_dir: Path, manifest: VmManifest) -> None:
-    lines = [f"name = {json.dumps(manifest.name)}", f"id = {json.dumps(manifest.id)}"]
+def _toml_string(value: str) -> str:
+    """A TOML basic string. Not json.dumps: its surrogate-pair escapes of characters past U+FFFF, and a raw
+    U+007F, are not TOML (a VM named with an emoji would get a vm.toml nothing can read)."""
+    out = []
+    for c in value:
+        if c in ('"', "\\"):
+            out.append("\\" + c)
+        elif ord(c) < 0x20 or ord(c) == 0x7F:
+            out.append(f"\\u{ord(c):04x}")
+        else:
+            out.append(c)
+    return '"' + "".join(out) + '"'
+
+
+def manifest_text(manifest: VmManifest) -> bytes:
+    """The manifest as `vm.toml`."""
+    lines = [f"name = {_toml_string(manifest.name)}", f"id = {_toml_string(manifest.id)}"]
     for d in manifest.disks:
-        lines += ["", "[[disks]]", f"id = {json.dumps(d.id)}", f"path = {json.dumps(d.path)}"]
-        lines.append(f"format = {json.dumps(d.format)}")
-    atomic_write(vm_dir / MANIFEST, ("\n".join(lines) + "\n").encode())
+        lines += ["", "[[disks]]", f"id = {_toml_string(d.id)}", f"path = {_toml_string(d.path)}"]
+        lines.append(f"format = {_toml_string(d.format)}")
+    return ("\n".join(lines) + "\n").encode()
+
+
+def write_manifest(vm_dir: Path, manifest: VmManifest) -> None:
+    atomic_write(vm_dir / MANIFEST, manifest_text(manifest))
 
 
 @dataclass(frozen=True, slots=True)
