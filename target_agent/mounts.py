@@ -37,7 +37,7 @@ from target_agent.replica import DiskGuard
 from vmrepl.block import is_zero
 from vmrepl.disk.base import create_writer
 from vmrepl.disk.fileio import atomic_write, link, make_dirs, read_bytes, remove, remove_tree, rename
-from vmrepl.disk.layer import ExtentStore, create_layer, flatten_layer, read_descriptor
+from vmrepl.disk.layer import ExtentStore, create_layer, flatten_layer
 from vmrepl.disk.vhdx_writer import LOGICAL_SECTOR
 from vmrepl.domain import DiskFormat
 from vmrepl.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, PathError
@@ -341,33 +341,21 @@ def _layer_disk(folder: Path, disk_dir: Path, d: MountDisk, pd: PointDisk) -> se
     data = replica.data_file(disk_dir, st.replica_format)
     base = f"{d.disk_id}.base"
     _link_base(data, folder / base)
-    descriptor = folder / d.path
-    if not _layer_made(descriptor, d, base):
-        for name in (d.path, f"{d.disk_id}.point.raw", f"{d.disk_id}.point.map", f"{d.disk_id}.top.raw"):
-            remove(folder / name)
-        remove(folder / f"{d.disk_id}.top.map")
-        create_layer(
-            folder,
-            d.disk_id,
-            size=d.size,
-            base=base,
-            base_format=DiskFormat(d.base_format or st.replica_format),
-            stores=[f"{d.disk_id}.point", f"{d.disk_id}.top"],
-        )
+    if not os.path.lexists(folder / d.path):  # no layer yet: what is there is a cut attempt's, or planted
+        for store in ("point", "top"):
+            for suffix in (".raw", ".map"):
+                remove(folder / f"{d.disk_id}.{store}{suffix}")  # a link goes, never what it points at
+    create_layer(  # an earlier attempt's layer is answered as it is (its point store keeps what it copied)
+        folder,
+        d.disk_id,
+        size=d.size,
+        base=base,
+        base_format=DiskFormat(d.base_format or st.replica_format),
+        stores=[f"{d.disk_id}.point", f"{d.disk_id}.top"],
+    )
     blocks = pd.saved_blocks()
     _copy_blocks(pd, _point_store(folder, d), blocks)
     return set(blocks)
-
-
-def _layer_made(descriptor: Path, d: MountDisk, base: str) -> bool:
-    """The descriptor an earlier attempt wrote (last of the layer's files), as this mount wants it."""
-    if not os.path.lexists(descriptor):
-        return False
-    try:
-        found = read_descriptor(descriptor)
-    except FailedPrecondition:
-        return False
-    return (found.size, found.base, found.stores) == (d.size, base, (f"{d.disk_id}.point", f"{d.disk_id}.top"))
 
 
 def _link_base(data: Path, base: Path) -> None:

@@ -12,7 +12,7 @@ from pathlib import Path
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from target_agent import export, failback, mounts, removal, replica, restore_points, verify, vm_replica
+from target_agent import export, failback, mount_registry, mounts, removal, replica, restore_points, verify, vm_replica
 from target_agent.config import TargetSettings
 from target_agent.datastore import Datastore
 from target_agent.point_reads import READS_IN_FLIGHT
@@ -69,7 +69,7 @@ ROLES: dict[str, tuple[str, ...]] = {
     "DeleteReplica": CONTROLLER,
     "PrepareFailbackDisk": CONTROLLER,
 }
-_KINDS = {target_pb2.MOUNT_KIND_FAILOVER: mounts.FAILOVER, target_pb2.MOUNT_KIND_TEST: mounts.TEST}
+_KINDS = {target_pb2.MOUNT_KIND_FAILOVER: mount_registry.FAILOVER, target_pb2.MOUNT_KIND_TEST: mount_registry.TEST}
 _LAYOUTS = {target_pb2.MOUNT_LAYOUT_LAYER: mounts.LAYER, target_pb2.MOUNT_LAYOUT_VHDX: mounts.VHDX}
 _MOUNT_STATES = {
     mounts.MOUNTED: target_pb2.MOUNT_STATE_MOUNTED,
