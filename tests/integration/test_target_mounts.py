@@ -130,7 +130,10 @@ async def test_a_test_mount_keeps_its_point_while_the_target_replicates(mount_en
     assert denied.value.code() is grpc.StatusCode.PERMISSION_DENIED
     # A failover of the newest point pauses replication of the VM.
     failover = target_pb2.MountPointRequest(
-        replica_path="jobs/vm1", mount_id="fo-1", kind=target_pb2.MOUNT_KIND_FAILOVER, layout=1
+        replica_path="jobs/vm1",
+        mount_id="fo-1",
+        kind=target_pb2.MOUNT_KIND_FAILOVER,
+        layout=target_pb2.MOUNT_LAYOUT_LAYER,
     )
     fo = target.MountPoint(failover)
     assert fo.point_id not in (p1, p2)
