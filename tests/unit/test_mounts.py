@@ -375,3 +375,16 @@ async def test_the_api_checks_names_kinds_and_settings(tmp_path: Path) -> None:
     with pytest.raises(Aborted) as unset:
         await s2.MountPoint(req(), ctx)  # type: ignore[arg-type]
     assert unset.value.code == grpc.StatusCode.FAILED_PRECONDITION and "vm_root" in unset.value.details
+
+
+def test_a_layer_mount_over_a_vhdx_replica_keeps_its_point(tmp_path: Path) -> None:
+    r = Replica(tmp_path / "store", replica_format="vhdx")
+    ids, imgs = three_points(r, tail=0)
+    m = mount(r, tmp_path / "vms", "t1", ids[0], TEST)
+    assert m.disks[0].base_format == "vhdx" and mount_bytes(m) == imgs[0]
+    r.session("s4", changed(imgs[2], 4, share=0.9), base=imgs[2])
+    r.prepare("s5", len(imgs[2]))
+    r.stream("s5", changed(imgs[2], 5, share=0.9), base=None, stop_after=4)
+    assert mount_bytes(m) == imgs[0]
+    vm_replica.roll_back(r.vm_dir, guards=r.guard)
+    assert mount_bytes(m) == imgs[0]
