@@ -6,12 +6,14 @@ before; planted links and bad ids are refused."""
 from __future__ import annotations
 
 import os
+import threading
+import time
 from pathlib import Path
 
 import grpc
 import pytest
 
-from target_agent import mount_registry, mounts, removal, restore_points, vm_replica
+from target_agent import mount_registry, mounts, removal, replica, restore_points, vm_replica
 from target_agent.servicer import TargetAgentServicer
 from tests.support.mounting import BS, Replica, changed, image, mount_bytes, read_all, sha
 from tests.support.points import Aborted, FakeContext, servicer
@@ -388,3 +390,38 @@ def test_a_layer_mount_over_a_vhdx_replica_keeps_its_point(tmp_path: Path) -> No
     assert mount_bytes(m) == imgs[0]
     vm_replica.roll_back(r.vm_dir, guards=r.guard)
     assert mount_bytes(m) == imgs[0]
+
+
+@pytest.mark.parametrize("delay", [0.0, 0.002, 0.01])
+def test_a_test_mount_made_while_a_session_writes_keeps_its_point(r: Replica, tmp_path: Path, delay: float) -> None:
+    """The session's stream runs in another thread, batch after batch, while MountPoint copies the chain,
+    switches copy-on-write on and copies the pending file: whichever batch lands where, the mount reads as
+    its point (and a second mount made after the session as well)."""
+    ids, imgs = three_points(r)
+    want = {p: r.point_bytes(p) for p in ids}
+    nxt = changed(imgs[2], 40, share=0.95)
+    r.prepare("s4", len(nxt))
+    real_apply = replica.ReplicaStream.apply
+
+    def slow_apply(self: replica.ReplicaStream, batch: object) -> int:
+        time.sleep(delay)
+        return real_apply(self, batch)  # type: ignore[arg-type]
+
+    errors: list[BaseException] = []
+
+    def session() -> None:
+        try:
+            r.stream("s4", nxt, base=None)
+        except BaseException as e:
+            errors.append(e)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(replica.ReplicaStream, "apply", slow_apply)
+        writer = threading.Thread(target=session)
+        writer.start()
+        old, new = mount(r, tmp_path / "vms", "t-old", ids[0], TEST), mount(r, tmp_path / "vms", "t-new", "", TEST)
+        writer.join()
+    assert not errors
+    r.commit("s4")
+    assert mount_bytes(old) == want[ids[0]]
+    assert mount_bytes(new) == want[ids[2]]
