@@ -29,7 +29,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from target_agent import mount_registry, replica, restore_points
+from target_agent import mount_registry, replica, restore_points, rollback
 from target_agent.datastore import Datastore
 from target_agent.mount_registry import FAILOVER, TEST, Registration
 from target_agent.points import PointDisk, find_point, open_point_disk
@@ -403,7 +403,8 @@ def _vhdx_disk(folder: Path, disk_dir: Path, d: MountDisk, pd: PointDisk, *, rec
     newest = restore_points.list_points(disk_dir.parent.parent)[-1].id == rec.point_id
     if rec.kind == FAILOVER and newest and st.replica_format == VHDX:
         with guard.lock:  # the FAILOVER registration stops writers; one already inside a batch ends first
-            at_rest = not pd.saved_blocks()
+            # No session over the point at all (a prepared one may have resized the file already).
+            at_rest = not os.path.lexists(disk_dir / replica.ROLLBACK_DIR / rollback.PENDING) and st.disk_size == d.size
         if at_rest:  # Hyper-V makes its own differencing disk over it; no session writes it meanwhile
             _link_base(replica.data_file(disk_dir, VHDX), final)
             return 0

@@ -216,8 +216,15 @@ def test_vhdx_layout(tmp_path: Path) -> None:
     assert os.stat(vms / "h-old" / "disk0.vhdx").st_nlink == 1  # a copy: sessions go on writing the replica
     assert mount_bytes(older) == imgs[0]
     assert 0 < older.bytes_copied <= len(imgs[0])
-    r.session("s4", changed(imgs[2], 4, share=0.8), base=imgs[2])
+    four = changed(imgs[2], 4, share=0.8)
+    r.session("s4", four, base=imgs[2])
     assert mount_bytes(older) == imgs[0]
+    # A session stopped between points: the newest point is copied, not the replica's file linked.
+    r.prepare("s5", len(four))
+    r.stream("s5", changed(four, 5, share=0.9), base=four, stop_after=3)
+    between = mount(r, vms, "h-between", "", FAILOVER, layout=VHDX)
+    assert os.stat(vms / "h-between" / "disk0.vhdx").st_nlink == 1
+    assert mount_bytes(between) == four
 
 
 def test_mount_point_is_idempotent_and_refuses_another_mount_under_its_id(r: Replica, tmp_path: Path) -> None:
