@@ -22,9 +22,10 @@ from pathlib import Path
 
 import pytest
 
-from target_agent import mount_registry, mounts, replica
-from tests.support.mounting import Replica, changed, image, mount_bytes
+from target_agent import mount_registry, mounts, removal, replica
+from tests.support.mounting import BS, Replica, changed, image, mount_bytes, read_all
 from vmrepl.disk import powercut
+from vmrepl.disk.layer import open_layer
 
 CUTS = 260
 
@@ -130,3 +131,67 @@ def test_the_check_catches_copy_on_write_left_out(tmp_path: Path, monkeypatch: p
     assert rec is not None
     with pytest.raises(Exception):  # noqa: B017 the layer refuses or reads other bytes
         assert mount_bytes(rec) == one
+
+
+def _check_teardown(r: Replica, vms: Path, want_flat: bytes) -> None:
+    """After a cut of unmount, flatten and DeleteReplica: each finishes when asked again, and the failed-over
+    VM's disk reads as it did (layered or flattened)."""
+    settings = mounts.MountSettings(vms)
+    t1 = mounts.load_record(r.store, "t1")
+    if t1 is None:
+        assert not os.path.lexists(vms / "t1"), "an unmounted mount's folder is left"
+    mounts.unmount(r.store, settings, r.guard, "t1")
+    assert not os.path.lexists(vms / "t1") and mounts.load_record(r.store, "t1") is None
+    f1 = mounts.load_record(r.store, "f1")
+    assert f1 is not None and f1.state in (mounts.MOUNTED, mounts.FLATTENING, mounts.FLATTENED)
+    if f1.state == mounts.MOUNTED:
+        _relink(f1, r)
+        assert mount_bytes(f1) == want_flat
+    f1 = mounts.flatten(r.store, r.guard, "f1")
+    assert f1.state == mounts.FLATTENED and mount_bytes(f1) == want_flat
+    removal.empty_trash(r.store)  # as a restarted target does
+    if r.vm_dir.exists():
+        removal.delete_replica(r.store, r.guard, r.replica_path)
+    assert not r.vm_dir.exists() and not any(r.store.trash_dir.iterdir())
+    assert mount_bytes(f1) == want_flat
+
+
+def test_power_cuts_of_unmount_flatten_and_delete_replica(tmp_path: Path) -> None:
+    seed = _seed()
+    print(f"power-loss seed {seed} (replay: VMREPL_POWERLOSS_SEED={seed})")
+    rng = random.Random(seed)
+    fs = tmp_path / "fs"
+    vms = fs / "vms"
+    r = Replica(fs / "store")
+    vms.mkdir(parents=True)
+    one = image(12, 1, tail=3000)
+    p1 = r.session("s1", one)
+    two = changed(one, 2)
+    r.session("s2", two, base=one)
+    settings = mounts.MountSettings(vms)
+
+    def make(mount_id: str, point: str, kind: str) -> mounts.MountRecord:
+        return mounts.mount(
+            r.store, settings, r.guard, replica_path=r.replica_path, point_id=point, mount_id=mount_id, kind=kind,
+            layout=mounts.LAYER,
+        )  # fmt: skip
+
+    make("t1", p1.id, mount_registry.TEST)
+    f1 = make("f1", p1.id, mount_registry.FAILOVER)
+    with open_layer(Path(f1.folder) / "disk0.layer", writable=True) as vm_disk:  # what the failed-over VM wrote
+        vm_disk.write(2 * BS + 100, b"\x77" * (BS + 5))
+        want_flat = read_all(vm_disk)
+    with powercut.recording(fs) as rec:
+        mounts.unmount(r.store, settings, r.guard, "t1")
+        mounts.flatten(r.store, r.guard, "f1")
+        removal.delete_replica(r.store, r.guard, r.replica_path)
+    log = rec.log()
+    cuts = powercut.cut_points(log, rng, CUTS)
+    assert len(cuts) >= min(CUTS, len(log.ops) + 1)
+    for upto in cuts:
+        shutil.rmtree(fs)
+        powercut.crash_state(log, upto, random.Random(f"{seed}-{upto}")).materialise(fs)
+        try:
+            _check_teardown(Replica(fs / "store"), vms, want_flat)
+        except Exception as e:
+            pytest.fail(f"seed {seed} (VMREPL_POWERLOSS_SEED={seed}), cut after op {upto} of {len(log)}: {e!r}")
