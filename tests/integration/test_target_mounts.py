@@ -117,6 +117,9 @@ async def test_a_test_mount_keeps_its_point_while_the_target_replicates(mount_en
     assert 0 < mounted.bytes_copied <= 0.06 * env.image.stat().st_size  # only the chain's blocks
     layer = env.work / "vms" / "test-1" / mounted.disks[0].path
     assert sha_of_layer(layer) == at_p1
+    env.target.stop()  # a restarted target finds the mount from its files
+    env.target.start()
+    target = stub(env)
     changed = lab.change_blocks(env.image, fraction=0.2, seed=4)
     await session(env, "s3")  # the target process saves each overwritten block's old bytes into the mount
     assert sha_of_layer(layer) == at_p1
