@@ -432,3 +432,32 @@ def test_a_test_mount_made_while_a_session_writes_keeps_its_point(r: Replica, tm
     r.commit("s4")
     assert mount_bytes(old) == want[ids[0]]
     assert mount_bytes(new) == want[ids[2]]
+
+
+def test_planted_records_and_folders_of_the_target_are_refused(r: Replica, tmp_path: Path) -> None:
+    vms, elsewhere = tmp_path / "vms", tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    ids, imgs = three_points(r)
+    # A record (of a mount "cut short") naming a folder outside vm_root: nothing is made there.
+    rec = mounts.MountRecord("t1", r.replica_path, ids[0], ids[0], TEST, LAYER, mounts.CREATING, 0.0, str(elsewhere))
+    rec.folder = str(elsewhere / "t1")
+    mounts.save_record(r.store, rec)
+    with pytest.raises(FailedPrecondition, match="not in vm_root"):
+        mount(r, vms, "t1", ids[0], TEST)
+    with pytest.raises(FailedPrecondition, match="not under vm_root"):
+        mounts.unmount(r.store, mounts.MountSettings(vms), r.guard, "t1")
+    assert not (elsewhere / "t1").exists()
+    mounts._record_path(r.store, "t1").write_text("{not json")
+    with pytest.raises(FailedPrecondition, match="damaged"):
+        mounts.list_records(r.store)
+    mounts._record_path(r.store, "t1").unlink()
+    # The records' folder and the trash replaced by links: refused, nothing written through them.
+    os.rename(r.store.mounts_dir, tmp_path / "old-mounts")
+    r.store.mounts_dir.symlink_to(elsewhere)
+    with pytest.raises(FailedPrecondition, match="symbolic link"):
+        mount(r, vms, "t2", ids[0], TEST)
+    r.store.mounts_dir.unlink()
+    r.store.trash_dir.symlink_to(elsewhere)
+    with pytest.raises(FailedPrecondition, match="symbolic link"):
+        removal.delete_replica(r.store, r.guard, r.replica_path)
+    assert os.listdir(elsewhere) == [] and r.point_bytes(ids[0]) == imgs[0]
