@@ -6,6 +6,7 @@ before; planted links and bad ids are refused."""
 from __future__ import annotations
 
 import os
+import subprocess
 import threading
 import time
 from pathlib import Path
@@ -15,6 +16,7 @@ import pytest
 
 from target_agent import mount_registry, mounts, removal, replica, restore_points, vm_replica
 from target_agent.servicer import TargetAgentServicer
+from tests.conftest import need_tool
 from tests.support.mounting import BS, Replica, changed, image, mount_bytes, read_all, sha
 from tests.support.points import Aborted, FakeContext, servicer
 from vmrepl.disk.base import open_reader
@@ -216,6 +218,9 @@ def test_vhdx_layout(tmp_path: Path) -> None:
     assert os.stat(vms / "h-old" / "disk0.vhdx").st_nlink == 1  # a copy: sessions go on writing the replica
     assert mount_bytes(older) == imgs[0]
     assert 0 < older.bytes_copied <= len(imgs[0])
+    copy = vms / "h-old" / "disk0.vhdx"
+    check = subprocess.run([need_tool("qemu-img"), "check", "-q", "-f", "vhdx", str(copy)], check=False)
+    assert check.returncode == 0  # a VHDX other readers (Hyper-V's) open
     four = changed(imgs[2], 4, share=0.8)
     r.session("s4", four, base=imgs[2])
     assert mount_bytes(older) == imgs[0]
