@@ -14,13 +14,13 @@ from pathlib import Path
 import grpc
 import pytest
 
-from target_agent import mount_registry, mounts, removal, replica, restore_points, vm_replica
+from target_agent import mount_registry, mounts, points, removal, replica, restore_points, vm_replica
 from target_agent.servicer import TargetAgentServicer
 from tests.conftest import need_tool
 from tests.support.mounting import BS, Replica, changed, image, mount_bytes, read_all, sha
 from tests.support.points import Aborted, FakeContext, servicer
 from vmrepl.disk.base import open_reader
-from vmrepl.disk.layer import open_layer
+from vmrepl.disk.layer import ExtentStore, open_layer
 from vmrepl.domain import DiskFormat
 from vmrepl.errors import AlreadyExists, FailedPrecondition
 from vmrepl.v1 import target_pb2
@@ -466,3 +466,52 @@ def test_planted_records_and_folders_of_the_target_are_refused(r: Replica, tmp_p
     with pytest.raises(FailedPrecondition, match="symbolic link"):
         removal.delete_replica(r.store, r.guard, r.replica_path)
     assert os.listdir(elsewhere) == [] and r.point_bytes(ids[0]) == imgs[0]
+
+
+def test_blocks_overwritten_before_copy_on_write_starts_come_from_the_pending_file(
+    r: Replica, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A session writing between the chain's copy and the switch to copy-on-write: its blocks reach the mount
+    through the pending rollback file (the last step of MountPoint), never as the session's bytes."""
+    ids, imgs = three_points(r)
+    want = r.point_bytes(ids[0])
+    nxt = changed(imgs[2], 50, share=1.0)
+    r.prepare("s4", len(nxt))
+    real = mount_registry.register
+
+    def session_first(vm_dir: Path, reg: mount_registry.Registration) -> None:
+        if reg.cow:
+            r.stream("s4", nxt, base=None)
+        real(vm_dir, reg)
+
+    monkeypatch.setattr(mount_registry, "register", session_first)
+    m = mount(r, tmp_path / "vms", "t1", ids[0], TEST)
+    assert r.data_bytes() == nxt  # the session did overwrite the replica meanwhile
+    assert mount_bytes(m) == want
+    r.commit("s4")
+    assert mount_bytes(m) == want
+
+
+def test_a_session_writing_before_the_chain_is_copied_never_reaches_the_point_store(
+    r: Replica, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Copy-on-write starts only once the chain is copied: earlier it would keep the newest point's bytes
+    of a block the older point held otherwise (first writer wins)."""
+    ids, imgs = three_points(r)
+    want = r.point_bytes(ids[0])
+    nxt = changed(imgs[2], 51, share=1.0)
+    r.prepare("s4", len(nxt))
+    real = mounts._copy_blocks
+    calls = {"n": 0}
+
+    def session_first(pd: points.PointDisk, store: ExtentStore, blocks: list[int]) -> None:
+        calls["n"] += 1
+        if calls["n"] == 1:
+            r.stream("s4", nxt, base=None)
+        real(pd, store, blocks)
+
+    monkeypatch.setattr(mounts, "_copy_blocks", session_first)
+    m = mount(r, tmp_path / "vms", "t1", ids[0], TEST)
+    assert mount_bytes(m) == want
+    r.commit("s4")
+    assert mount_bytes(m) == want
