@@ -49,6 +49,21 @@ def mount(r: Replica, vms: Path, mount_id: str, point: str, kind: str, *, layout
     )
 
 
+def record(r: Replica, point: str, folder: str) -> mounts.MountRecord:
+    """A mount record as a crash in MountPoint leaves it (creating), for the attacks to plant."""
+    return mounts.MountRecord(
+        mount_id="t1",
+        replica_path=r.replica_path,
+        point_id=point,
+        requested_point_id=point,
+        kind=TEST,
+        layout=LAYER,
+        state=mounts.CREATING,
+        create_time=0.0,
+        folder=folder,
+    )
+
+
 @pytest.fixture
 def r(tmp_path: Path) -> Replica:
     return Replica(tmp_path / "store")
@@ -309,8 +324,10 @@ def test_links_planted_in_a_mount_folder_are_not_followed(r: Replica, tmp_path: 
     folder = vms / "t1"
     folder.mkdir(parents=True)
     # A crash left a record; someone planted a link where the base goes.
-    rec = mounts.MountRecord("t1", r.replica_path, ids[0], ids[0], TEST, LAYER, mounts.CREATING, 0.0, str(folder))
-    rec.disks = [mounts.MountDisk("disk0", "disk0.layer", "layer", len(imgs[0]), "raw")]
+    rec = record(r, ids[0], str(folder))
+    rec.disks = [
+        mounts.MountDisk(disk_id="disk0", path="disk0.layer", format="layer", size=len(imgs[0]), base_format="raw")
+    ]
     mounts.save_record(r.store, rec)
     (folder / "disk0.base").symlink_to(victim)
     (folder / "disk0.point.raw").symlink_to(victim)
@@ -444,7 +461,7 @@ def test_planted_records_and_folders_of_the_target_are_refused(r: Replica, tmp_p
     elsewhere.mkdir()
     ids, imgs = three_points(r)
     # A record (of a mount "cut short") naming a folder outside vm_root: nothing is made there.
-    rec = mounts.MountRecord("t1", r.replica_path, ids[0], ids[0], TEST, LAYER, mounts.CREATING, 0.0, str(elsewhere))
+    rec = record(r, ids[0], str(elsewhere))
     rec.folder = str(elsewhere / "t1")
     mounts.save_record(r.store, rec)
     with pytest.raises(FailedPrecondition, match="not in vm_root"):
