@@ -39,6 +39,19 @@ def check_relative(field: str, value: str) -> list[str]:
     return parts
 
 
+# The one folder name starting with '.' a replica path may begin with: failback disks are kept there on the
+# target next to the original VM (target_agent.failback), apart from every job's replicas, whose paths are
+# plain names that cannot start with a dot.
+FAILBACK_ROOT = ".failback"
+
+
+def check_replica_path(field: str, value: str) -> list[str]:
+    """A replica path's components: a relative path (check_relative), or one under `.failback/`."""
+    if value.startswith(FAILBACK_ROOT + "/"):
+        return [FAILBACK_ROOT, *check_relative(field, value[len(FAILBACK_ROOT) + 1 :])]
+    return check_relative(field, value)
+
+
 def resolve_inside(field: str, path: Path, roots: Iterable[Path], *, what: str) -> Path:
     """`path` with every symlink resolved, if that lies strictly inside one of `roots` (resolved too)."""
     real = Path(os.path.realpath(path))
