@@ -425,9 +425,8 @@ class FakeTarget(FakeAgent):
         if request.mount_id in self.mounts and self.mounts[request.mount_id].state != target_pb2.MOUNT_STATE_GONE:
             return self.mounts[request.mount_id]
         points = self.points.get(request.replica_path, [])
-        point = (
-            next((p for p in points if p.id == request.point_id), None) if request.point_id else (points or [None])[-1]
-        )
+        wanted = request.point_id or (points[-1].id if points else "")
+        point = next((p for p in points if p.id == wanted), None)
         if point is None:
             raise rpc_error(
                 grpc.StatusCode.NOT_FOUND, f"no restore point {request.point_id!r} of {request.replica_path}"
