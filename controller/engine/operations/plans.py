@@ -60,6 +60,8 @@ class Step(enum.StrEnum):
     SHUTDOWN_FAILED_OVER = "shutdown-failed-over"
     TRANSFER = "transfer"
     ROLLBACK_TRANSFER = "rollback-transfer"
+    # The failback folder deleted on the failback target (the original disks stay as they are now).
+    FINISH_TRANSFER = "delete-failback-replica"
     START_ORIGINAL = "start-original"
     STOP_ORIGINAL = "stop-original"
     DROP_REFERENCE = "drop-reference"
@@ -138,11 +140,16 @@ PLANS: dict[Operation, Plan] = {
         ),
         _plan(
             Operation.COMMIT_FAILBACK,
-            (_S.UNREGISTER, _S.UNMOUNT, _S.DROP_REFERENCE),
+            (_S.FINISH_TRANSFER, _S.UNREGISTER, _S.UNMOUNT, _S.DROP_REFERENCE),
             frozenset({ReplicaVmState.FAILED_BACK}),
             None,
         ),
-        _plan(Operation.UNDO_FAILBACK, (_S.STOP_ORIGINAL, _S.START), frozenset({ReplicaVmState.FAILED_BACK}), None),
+        _plan(
+            Operation.UNDO_FAILBACK,
+            (_S.STOP_ORIGINAL, _S.FINISH_TRANSFER, _S.START),
+            frozenset({ReplicaVmState.FAILED_BACK}),
+            None,
+        ),
         _plan(
             Operation.TEST_FAILOVER,
             (_S.MOUNT, _S.REGISTER, _S.START),
