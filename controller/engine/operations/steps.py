@@ -156,7 +156,8 @@ class Steps:
         mount: target_pb2.Mount = await self._target("MountPoint", self.ctx.target_client.mount_point(request))
         if hyperv and not mount.host_folder:
             raise FailedPrecondition(
-                f"target {self.ctx.target.name} has no vm_root_host_path: the Hyper-V host cannot name the mount's folder"
+                f"target {self.ctx.target.name} has no vm_root_host_path: "
+                "the Hyper-V host cannot name the mount's folder"
             )
         return {
             "mount_id": mount.mount_id,
@@ -164,7 +165,12 @@ class Steps:
             "folder": mount.folder,
             "host_folder": mount.host_folder,
             "disks": [
-                {"disk_id": d.disk_id, "path": d.path, "format": DiskFormat.from_proto("target mount disk format", d.format).value, "size": d.size}
+                {
+                    "disk_id": d.disk_id,
+                    "path": d.path,
+                    "format": DiskFormat.from_proto("target mount disk format", d.format).value,
+                    "size": d.size,
+                }
                 for d in mount.disks
             ],
             "bytes_copied": mount.bytes_copied,
