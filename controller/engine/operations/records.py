@@ -113,11 +113,30 @@ async def record_failed(db: AsyncSession, ctx: OperationContext, row: OperationV
         rv.state = ReplicaVmState.FAILED_BACK if failed is Step.FINISH_TRANSFER else ReplicaVmState.FAILED_OVER
     elif op is Operation.TEST_FAILOVER and row.data.get("mount_id"):
         _add_test(db, ctx, row)
+    elif op is Operation.STOP_TEST:
+        await _test_not_stopping(db, row)
 
 
 async def record_rolled_back(db: AsyncSession, ctx: OperationContext, row: OperationVm) -> None:
     """Undone: the VM's state as before the operation."""
     rv = await _settle(db, ctx, row)
     rv.state = ReplicaVmState(str(row.data.get("from_state", rv.state.value)))
-    if ctx.operation is Operation.STOP_TEST:  # nothing changed on the test: it is still there
+    if ctx.operation is Operation.STOP_TEST:  # the test is still there: the deadline loop may stop it again
+        await _test_not_stopping(db, row)
+
+
+async def _test_not_stopping(db: AsyncSession, row: OperationVm) -> None:
+    test = await db.get(TestFailover, str(row.data.get("test_id", "")))
+    if test is not None:
+        test.stop_session_id = ""
+
+
+async def release(db: AsyncSession, session_id: str, row: OperationVm) -> None:
+    """A row ended without its run (the session could not start): the VM's claim lifted; a VM never begun is
+    as it was."""
+    rv = await db.scalar(select(ReplicaVm).where(ReplicaVm.busy_session_id == session_id, ReplicaVm.vm_id == row.vm_id))
+    if rv is None:
         return
+    rv.busy_session_id = ""
+    if row.started_at is None:
+        rv.state = ReplicaVmState(str(row.data.get("from_state", rv.state.value)))
