@@ -62,6 +62,11 @@ def _request(request: api.StartReplicaOperationRequest) -> OperationRequest:
     )
 
 
+def _job_ref(value: str) -> str:
+    """`jobs/NAME` or the bare name, as the request's comment allows."""
+    return value if value.startswith("jobs/") or not value else f"jobs/{value}"
+
+
 class OperationsApi(ApiBase):
     @handle_errors
     async def StartReplicaOperation(self, request: api.StartReplicaOperationRequest, context: Any) -> api.Session:
@@ -70,14 +75,14 @@ class OperationsApi(ApiBase):
         except ValueError as e:
             raise InvalidArgument("operation", "is required: one of the REPLICA_OPERATION_ values") from e
         groups, settings = _groups(request), _request(request)
-        job_id = await self._job_id("job", request.job)
+        job_id = await self._job_id("job", _job_ref(request.job))
         session = await self.engine.operations.start(job_id, operation, groups, settings)
         return await self._session(session.id)
 
     @handle_errors
     async def GetReplicaVm(self, request: api.GetReplicaVmRequest, context: Any) -> api.ReplicaVm:
         async with self.reads() as db:
-            job = await res.by_name(db, Job, "job", request.job, "jobs")
+            job = await res.by_name(db, Job, "job", _job_ref(request.job), "jobs")
             ref = request.vm or await _only_vm(db, job)
             res.check_printable("vm", ref)
             vm = await resolve_vm(db, job, ref)
