@@ -226,9 +226,9 @@ async def test_planned_failover_shuts_the_source_down_replicates_once_more_and_f
 
 
 async def test_a_planned_failover_whose_mount_fails_starts_the_source_again(ow: OpsWorld) -> None:
-    from tests.support.agents import rpc_error
-
     import grpc
+
+    from tests.support.agents import rpc_error
 
     ow.w.target.mount_faults["mount_point"] = [rpc_error(grpc.StatusCode.FAILED_PRECONDITION, "vm_root is not set")]
     session = await run(ow, Operation.PLANNED_FAILOVER)

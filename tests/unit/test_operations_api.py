@@ -67,7 +67,7 @@ def _api(ow: OpsWorld, tmp_path: Path) -> Api:
     )
 
 
-def _start(op: int, *vms: str, **fields: Any) -> api.StartReplicaOperationRequest:
+def _start(op: api.ReplicaOperation.ValueType, *vms: str, **fields: Any) -> api.StartReplicaOperationRequest:
     return api.StartReplicaOperationRequest(
         job="jobs/job1", operation=op, groups=[api.VmGroup(vms=list(vms))], **fields
     )
@@ -110,17 +110,31 @@ async def test_a_test_failover_shows_in_the_vm_and_replication_state_stays(ow: O
 @pytest.mark.parametrize(
     ("request_", "code", "words"),
     [
-        (_start(0, "vm1"), grpc.StatusCode.INVALID_ARGUMENT, "operation: is required"),
-        (api.StartReplicaOperationRequest(job="job1", operation=1), grpc.StatusCode.INVALID_ARGUMENT, "groups"),
-        (_start(1, ""), grpc.StatusCode.INVALID_ARGUMENT, "groups[0].vms[0]"),
-        (_start(1, "vm\x00"), grpc.StatusCode.INVALID_ARGUMENT, "control character"),
-        (_start(1, "vm1", point="p\n"), grpc.StatusCode.INVALID_ARGUMENT, "point"),
-        (_start(8, "vm1", time_limit_seconds=10**8), grpc.StatusCode.INVALID_ARGUMENT, "time_limit_seconds"),
-        (_start(3, "vm1"), grpc.StatusCode.FAILED_PRECONDITION, "is not failed over: no undo failover"),
-        (_start(1, "ghost"), grpc.StatusCode.NOT_FOUND, "ghost"),
-        (_start(6, "vm1"), grpc.StatusCode.FAILED_PRECONDITION, "commit failback"),
+        (_start(api.REPLICA_OPERATION_UNSPECIFIED, "vm1"), grpc.StatusCode.INVALID_ARGUMENT, "operation: is required"),
         (
-            api.StartReplicaOperationRequest(job="nope", operation=1, groups=[api.VmGroup(vms=["vm1"])]),
+            api.StartReplicaOperationRequest(job="job1", operation=api.REPLICA_OPERATION_FAILOVER),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "groups",
+        ),
+        (_start(api.REPLICA_OPERATION_FAILOVER, ""), grpc.StatusCode.INVALID_ARGUMENT, "groups[0].vms[0]"),
+        (_start(api.REPLICA_OPERATION_FAILOVER, "vm\x00"), grpc.StatusCode.INVALID_ARGUMENT, "control character"),
+        (_start(api.REPLICA_OPERATION_FAILOVER, "vm1", point="p\n"), grpc.StatusCode.INVALID_ARGUMENT, "point"),
+        (
+            _start(api.REPLICA_OPERATION_TEST_FAILOVER, "vm1", time_limit_seconds=10**8),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "time_limit_seconds",
+        ),
+        (
+            _start(api.REPLICA_OPERATION_UNDO_FAILOVER, "vm1"),
+            grpc.StatusCode.FAILED_PRECONDITION,
+            "is not failed over: no undo failover",
+        ),
+        (_start(api.REPLICA_OPERATION_FAILOVER, "ghost"), grpc.StatusCode.NOT_FOUND, "ghost"),
+        (_start(api.REPLICA_OPERATION_COMMIT_FAILBACK, "vm1"), grpc.StatusCode.FAILED_PRECONDITION, "commit failback"),
+        (
+            api.StartReplicaOperationRequest(
+                job="nope", operation=api.REPLICA_OPERATION_FAILOVER, groups=[api.VmGroup(vms=["vm1"])]
+            ),
             grpc.StatusCode.NOT_FOUND,
             "jobs/nope",
         ),
