@@ -22,7 +22,7 @@ def _vm(state: int, step: str, **fields: object) -> api.OperationVm:
 
 
 class FakeApi:
-    def __init__(self, *, ends: int = api.SESSION_STATE_SUCCEEDED) -> None:
+    def __init__(self, *, ends: api.SessionState.ValueType = api.SESSION_STATE_SUCCEEDED) -> None:
         self.ends = ends
         self.requests: list[object] = []
 
