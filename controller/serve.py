@@ -70,6 +70,22 @@ async def shut_down(
         await close()
 
 
+def _background(
+    journal: Journal, engine: Engine, notifier: Notifier, clock: Callable[[], dt.datetime]
+) -> list[asyncio.Task[Any]]:
+    """Each supervised (vmrepl.supervise): a failure is logged and retried, never the end of the loop."""
+    return [
+        asyncio.create_task(Scheduler(journal=journal, engine=engine, clock=clock).run(), name="scheduler"),
+        asyncio.create_task(metrics.keep_fresh(journal), name="metrics"),
+        asyncio.create_task(notifier.run(), name="webhooks"),
+        # Test failovers past their deadline are stopped (a STOP_TEST session each).
+        asyncio.create_task(
+            every(TEST_DEADLINE_SECONDS, engine.operations.expire_tests, name="test_failover_deadlines"),
+            name="test_failover_deadlines",
+        ),
+    ]
+
+
 async def serve(settings: ControllerSettings) -> None:
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     secrets = secret_box(settings)
@@ -107,17 +123,7 @@ async def serve(settings: ControllerSettings) -> None:
     notifier = Notifier(
         journal=journal, secrets=secrets, render=servicer.session, backoff_seconds=settings.webhook_backoff_seconds
     )
-    # Each supervised (vmrepl.supervise): a failure is logged and retried, never the end of the loop.
-    background = [
-        asyncio.create_task(Scheduler(journal=journal, engine=engine, clock=clock).run(), name="scheduler"),
-        asyncio.create_task(metrics.keep_fresh(journal), name="metrics"),
-        asyncio.create_task(notifier.run(), name="webhooks"),
-        # Test failovers past their deadline are stopped (a STOP_TEST session each).
-        asyncio.create_task(
-            every(TEST_DEADLINE_SECONDS, engine.operations.expire_tests, name="test_failover_deadlines"),
-            name="test_failover_deadlines",
-        ),
-    ]
+    background = _background(journal, engine, notifier, clock)
 
     async def stop() -> None:
         closers = (agents.close, api_db.dispose, engine_db.dispose)
