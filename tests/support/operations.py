@@ -24,7 +24,7 @@ from tests.support.engine import FakeProvider, World, make_world
 from vmrepl.domain import PowerState
 from vmrepl.errors import FailedPrecondition, VmreplError
 from vmrepl.providers.base import Provider, VmInfo, VmSpec
-from vmrepl.v1 import target_pb2
+from vmrepl.v1 import common_pb2, target_pb2
 
 REPLICA = "jobs/job1/vm1"
 
@@ -191,7 +191,7 @@ class OpsWorld:
         self.w.target.points.setdefault(replica, []).append(target_pb2.RestorePoint(id=point_id, replica_path=replica))
         for d in self.source.vms[vm_id].disks:
             self.w.target.disks[(replica, d.disk_id)] = target_pb2.ReplicaDisk(
-                replica_path=replica, disk_id=d.disk_id, disk_size=d.size
+                replica_path=replica, disk_id=d.disk_id, disk_size=d.size, replica_format=common_pb2.DISK_FORMAT_RAW
             )
         async with self.w.journal.write() as db:
             db.add(

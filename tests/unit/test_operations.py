@@ -339,3 +339,34 @@ async def test_groups_run_in_order_and_a_failed_group_stops_the_rest(tmp_path: P
             assert rv.state is ReplicaVmState.REPLICATING and not rv.busy_session_id
     finally:
         await ow.w.close()
+
+
+# ---- replication around operations ----
+
+
+async def test_a_replication_session_skips_a_failed_over_vm(ow: OpsWorld) -> None:
+    from controller.engine.session import SessionRun
+
+    await run(ow, Operation.FAILOVER)
+    async with ow.w.journal.write() as db:
+        s = await db.get(Session, ow.w.sc.session_id)
+        assert s is not None
+        s.state = SessionState.RUNNING
+    await SessionRun(ow.w.parts, ow.w.sc).run()
+    async with ow.w.journal.read() as db:
+        assert not list(await db.scalars(select(SessionVm).where(SessionVm.session_id == ow.w.sc.session_id)))
+    assert not ow.w.target.prepared  # nothing of the VM was written
+
+
+async def test_retention_keeps_a_point_a_test_failover_holds(ow: OpsWorld) -> None:
+    import asyncio
+
+    from controller.engine.session import VmRun
+
+    await run(ow, Operation.TEST_FAILOVER, point=ow.points[0])
+    rows = await ow.w.plan()
+    await asyncio.wait_for(VmRun(ow.w.parts, ow.w.sc, rows["vm1"]).run(), 30)
+    async with ow.w.journal.read() as db:
+        kept = {p.id for p in await db.scalars(select(RestorePoint))}
+    # Three kept (keep = 3) besides the held one, which retention would have deleted now.
+    assert ow.points[0] in kept and len(kept) == 4 and not ow.w.target.deleted
