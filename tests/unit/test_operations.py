@@ -17,7 +17,7 @@ from controller.engine.operations.context import OperationRequest
 from controller.engine.operations.plans import PLANS, Operation, Step, check_start, plan_for
 from tests.support.operations import REPLICA, OpsWorld, make_ops_world, settle
 from vmrepl.domain import DiskFormat, PowerState
-from vmrepl.errors import FailedPrecondition, InvalidArgument, NotFound
+from vmrepl.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from vmrepl.v1 import target_pb2
 
 
@@ -416,3 +416,23 @@ async def test_a_hyperv_failover_host_needs_the_targets_host_path(ow: OpsWorld) 
     session = await run(ow, Operation.FAILOVER)
     assert session.state is SessionState.FAILED and "no vm_root_host_path" in session.error
     assert not live_mounts(ow) and (await replica_vm(ow)).state is ReplicaVmState.REPLICATING
+
+
+async def test_permanent_failover_can_make_a_job_replicating_the_vm_back(ow: OpsWorld) -> None:
+    from controller.db.models import Job
+
+    await run(ow, Operation.FAILOVER)
+    (vm_id,) = ow.failover.running()
+    with pytest.raises(AlreadyExists, match="jobs/job1 exists already"):
+        await ow.ops.start(
+            ow.job_id, Operation.PERMANENT_FAILOVER, [["vm1"]], OperationRequest(replicate_back_job="job1")
+        )
+    session = await run(ow, Operation.PERMANENT_FAILOVER, replicate_back_job="web-back")
+    assert session.state is SessionState.SUCCEEDED, session.error
+    async with ow.w.journal.read() as db:
+        back = await db.scalar(select(Job).where(Job.name == "web-back"))
+        job = await db.get(Job, ow.job_id)
+    assert back is not None and job is not None
+    assert back.host_id == ow.failover_host_id and back.target_id == job.target_id
+    assert back.replica_root == "jobs/web-back" and [v.vm_ref for v in back.vms] == [vm_id]
+    assert back.restore_points_to_keep == job.restore_points_to_keep and back.schedule == {}
