@@ -436,3 +436,15 @@ async def test_permanent_failover_can_make_a_job_replicating_the_vm_back(ow: Ops
     assert back.host_id == ow.failover_host_id and back.target_id == job.target_id
     assert back.replica_root == "jobs/web-back" and [v.vm_ref for v in back.vms] == [vm_id]
     assert back.restore_points_to_keep == job.restore_points_to_keep and back.schedule == {}
+
+
+async def test_an_operation_session_notifies_the_jobs_webhook(ow: OpsWorld) -> None:
+    from controller.db.enums import Notification
+    from controller.db.models import Job
+
+    async with ow.w.journal.write() as db:
+        job = await db.get(Job, ow.job_id)
+        assert job is not None
+        job.webhook = {"sealed_url": "sealed", "shown_url": "https://hooks.example/…", "failures_only": False}
+    session = await run(ow, Operation.TEST_FAILOVER)
+    assert session.notification is Notification.PENDING
