@@ -175,13 +175,23 @@ def test_a_test_failover_keeps_its_point_while_a_session_writes_the_replica(env:
     source, dr = FileHostProvider(env.host), FileHostProvider(tmp_path / "vm_root")
     assert env.run_job().state == api.SESSION_STATE_SUCCEEDED
     at_point = _disks(env, source, "vm1")
+    _write(source, "vm1", 66, (0, 4 * MiB, 6 * MiB))
+    stub = env.client()
+    mask = field_mask_pb2.FieldMask(paths=["bandwidth_limit_mbps"])
+    slow = api.Job(name="jobs/job1", bandwidth_limit_mbps=1.0)
+    stub.UpdateJob(api.UpdateJobRequest(job=slow, update_mask=mask))
+    running = stub.StartJob(api.StartJobRequest(name="jobs/job1"))
+    env.wait_until(running.name, lambda s: any(d.committed_offset > 0 for v in s.vms for d in v.disks))
+    # Started while the session writes the replica: the test VM runs the point as it was.
     _operate(env, api.REPLICA_OPERATION_TEST_FAILOVER, time_limit_seconds=3600)
     (test,) = _where(env).tests
     assert dr.vm(test.vm_id).info().power is PowerState.RUNNING
-    _write(source, "vm1", 66, (0, 4 * MiB, 6 * MiB))
-    session = env.run_job()  # replication goes on under the test
+    assert env.session(running.name).state == api.SESSION_STATE_RUNNING
+    env.unlimit()
+    session = env.wait_session(running.name)
     assert session.state == api.SESSION_STATE_SUCCEEDED and _where(env).state == api.REPLICA_VM_STATE_REPLICATING
-    assert _disks(env, dr, test.vm_id) == at_point  # the test still sees its point
+    assert _disks(env, dr, test.vm_id) == at_point  # the session's overwrites were copied to the test first
+    assert env.replica("vm1", "disk0").read_bytes()[:SIZE] == _disks(env, source, "vm1")["disk0"]
     _operate(env, api.REPLICA_OPERATION_STOP_TEST)
     assert not _where(env).tests
     assert not [p for p in (tmp_path / "vm_root").iterdir() if not p.name.startswith(".")]
