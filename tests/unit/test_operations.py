@@ -448,3 +448,12 @@ async def test_an_operation_session_notifies_the_jobs_webhook(ow: OpsWorld) -> N
         job.webhook = {"sealed_url": "sealed", "shown_url": "https://hooks.example/…", "failures_only": False}
     session = await run(ow, Operation.TEST_FAILOVER)
     assert session.notification is Notification.PENDING
+
+
+async def test_a_permanent_failover_waits_for_the_vms_test_failover_to_stop(ow: OpsWorld) -> None:
+    await run(ow, Operation.FAILOVER)
+    await run(ow, Operation.TEST_FAILOVER, point=ow.points[0])
+    with pytest.raises(FailedPrecondition, match="has a test failover running"):
+        await ow.ops.start(ow.job_id, Operation.PERMANENT_FAILOVER, [["vm1"]], OperationRequest())
+    await run(ow, Operation.STOP_TEST)
+    assert (await run(ow, Operation.PERMANENT_FAILOVER)).state is SessionState.SUCCEEDED

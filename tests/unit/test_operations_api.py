@@ -203,3 +203,32 @@ async def test_a_job_whose_vm_runs_from_its_replica_is_not_deleted(ow: OpsWorld,
     with pytest.raises(Aborted) as e:
         await a.DeleteJob(api.DeleteJobRequest(name="jobs/job1"), Context())
     assert "VM vm1 (failed over; undo or commit it first)" in e.value.message
+
+
+async def test_a_failover_host_or_failback_target_a_job_names_is_not_deleted(ow: OpsWorld, tmp_path: Path) -> None:
+    from controller.api.inventory import InventoryApi
+    from controller.db.models import Target
+
+    class WithInventory(InventoryApi, Api):
+        pass
+
+    async with ow.w.journal.write() as db:
+        db.add(Target(name="near", address="near:1"))
+        await db.flush()
+        job = await db.get(Job, ow.job_id)
+        assert job is not None
+        await jobs_res.apply_job(db, api.Job(failback_target="targets/near"), job, ["failback_target"], secrets=None)  # type: ignore[arg-type]
+    a = WithInventory(
+        journal=ow.w.journal,
+        reads=async_sessionmaker(ow.w.db, expire_on_commit=False),
+        engine=_api(ow, tmp_path).engine,
+        secrets=SecretBox([Fernet.generate_key()]),
+        live=ow.w.parts.live,
+        session_logs=tmp_path,
+    )
+    with pytest.raises(Aborted) as e:
+        await a.DeleteHost(api.DeleteHostRequest(name="hosts/failover"), Context())
+    assert e.value.code == grpc.StatusCode.FAILED_PRECONDITION and "jobs/job1" in e.value.message
+    with pytest.raises(Aborted) as e:
+        await a.DeleteTarget(api.DeleteTargetRequest(name="targets/near"), Context())
+    assert e.value.code == grpc.StatusCode.FAILED_PRECONDITION and "jobs/job1" in e.value.message

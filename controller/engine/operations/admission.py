@@ -184,13 +184,16 @@ async def _vm_row(db: AsyncSession, a: Admission, session_id: str, group: int, v
     point = rv.point_id
     if a.operation in _NEEDS_POINT:
         point = await choose_point(db, a.job, vm, a.request.point)
-    if a.operation is Operation.TEST_FAILOVER:
-        await _no_test(db, a.job, vm)
+    if a.operation in (Operation.TEST_FAILOVER, Operation.PERMANENT_FAILOVER):
+        await _no_test(db, a.job, vm)  # a second test; or a replica deleted under a test's mount
+    if a.operation is Operation.TEST_FAILOVER:  # the test's own mount and VM, not the failed-over VM's
         data.update(test_id=uuid.uuid4().hex, mount_id="", running_vm_id="", running_vm_name="", folder="")
     if a.operation is Operation.STOP_TEST:
         test = await _the_test(db, a.job, vm, a.request.test_id)
         point = test.point_id
-        data.update(test_id=test.id, mount_id=test.mount_id, running_vm_id=test.test_vm_id)
+        data.update(
+            test_id=test.id, mount_id=test.mount_id, running_vm_id=test.test_vm_id, running_vm_name=test.test_vm_name
+        )
     rv.busy_session_id = session_id
     if a.plan.running_state is not None:
         rv.state = a.plan.running_state
