@@ -10,7 +10,7 @@ import pytest
 from rich.console import Console
 from typer.testing import CliRunner
 
-from controller.cli import common, operations
+from controller.cli import common, operations, sessions
 from controller.cli.main import app
 from vmrepl.v1 import controller_pb2 as api
 
@@ -125,3 +125,21 @@ def test_job_update_sets_and_clears_the_failover_settings(monkeypatch: pytest.Mo
     assert request.job.failover_host == "hosts/dr" and request.job.failback_target == ""
     assert [(m.source_switch, m.target_switch) for m in request.job.network_mapping] == [("LAN", "DR-LAN")]
     assert "is not SRC=DST" in _run(console, "job", "update", "web", "--network-map", "LAN", code=2)
+
+
+def test_session_show_of_an_operation_lists_its_vms_steps(monkeypatch: pytest.MonkeyPatch) -> None:
+    class Show(FakeApi):
+        def GetSession(self, request: api.GetSessionRequest, timeout: float) -> api.Session:
+            vm = _vm(4, "delete-replica", error="target answered FAILED_PRECONDITION: replica has mounts")
+            return api.Session(
+                name=request.name,
+                state=api.SESSION_STATE_FAILED,
+                kind=api.SESSION_KIND_OPERATION,
+                operation=api.REPLICA_OPERATION_PERMANENT_FAILOVER,
+                operation_vms=[vm],
+            )
+
+    console = _terminal(monkeypatch, Show())
+    monkeypatch.setattr(sessions, "out", console)
+    text = _run(console, "session", "show", S1)
+    assert "web-01" in text and "delete-replica" in text and "replica has mounts" in text
