@@ -281,7 +281,15 @@ async def test_a_test_failover_is_stopped_at_its_deadline(ow: OpsWorld) -> None:
 
 async def test_failback_needs_the_original_off_then_commit_resumes_replication(ow: OpsWorld) -> None:
     await run(ow, Operation.FAILOVER)
-    session = await run(ow, Operation.FAILBACK)
+    with pytest.raises(FailedPrecondition, match="the original VM vm1 is running"):
+        await ow.ops.start(ow.job_id, Operation.FAILBACK, [["vm1"]], OperationRequest())
+    assert (await replica_vm(ow)).state is ReplicaVmState.FAILED_OVER and ow.failover.running()
+    # Started between the call's check and the step's: the step refuses it, and nothing changed.
+    ow.source.power["vm1"] = PowerState.OFF
+    session = await ow.ops.start(ow.job_id, Operation.FAILBACK, [["vm1"]], OperationRequest())
+    ow.source.power["vm1"] = PowerState.RUNNING
+    await settle(ow.ops, session.id)
+    session = await ow.w.journal.load(Session, session.id)
     assert session.state is SessionState.FAILED and "the original VM vm1 is running" in session.error
     assert (await replica_vm(ow)).state is ReplicaVmState.FAILED_OVER and ow.failover.running()
     ow.source.power["vm1"] = PowerState.OFF

@@ -14,7 +14,7 @@ from sqlalchemy import select
 from controller.db.enums import Notification, OperationStepState, SessionKind, SessionState
 from controller.db.models import Host, Job, OperationVm, Session, Target, TestFailover, now
 from controller.engine.operations import records
-from controller.engine.operations.admission import Admission, admit
+from controller.engine.operations.admission import Admission, admit, resolve_vm
 from controller.engine.operations.context import (
     NoReverseTransfer,
     OperationContext,
@@ -26,7 +26,8 @@ from controller.engine.operations.plans import FINAL, Operation, outcome, plan_f
 from controller.engine.operations.runner import VmOperation, describe
 from controller.engine.runtime import EngineParts, TargetView
 from controller.engine.states import ACTIVE_SESSION
-from vmrepl.errors import NotFound, VmreplError
+from vmrepl.domain import PowerState
+from vmrepl.errors import FailedPrecondition, NotFound, VmreplError
 from vmrepl.logs import get_logger
 from vmrepl.providers.base import NetworkMap
 
@@ -59,6 +60,8 @@ class Operations:
     async def start(
         self, job_id: str, operation: Operation, groups: Sequence[Sequence[str]], request: OperationRequest
     ) -> Session:
+        if operation is Operation.FAILBACK:
+            await self._originals_off(job_id, [ref for group in groups for ref in group])
         async with self.parts.journal.change("operation session created", job_id=job_id) as db:
             job = await db.get(Job, job_id)
             if job is None:
@@ -71,6 +74,24 @@ class Operations:
         log.info("operation_started", session_id=session.id, operation=operation.value, job=job.name)
         self._launch(session.id)
         return session
+
+    async def _originals_off(self, job_id: str, refs: list[str]) -> None:
+        """A failback is refused at once while an original VM runs (its first step checks again: the host is
+        asked here outside the journal's transaction, and the VM could be started in between)."""
+        async with self.parts.journal.read() as db:
+            job = await db.get(Job, job_id)
+            host = await db.get(Host, job.host_id) if job is not None else None
+            if job is None or host is None:
+                return  # the admission says what is missing
+            provider = await self.parts.providers.for_host(db, host)
+            vms = [await resolve_vm(db, job, ref) for ref in refs]
+        for vm in vms:
+            info = await provider.get_vm(vm.vm_id)
+            if info.power is not PowerState.OFF:
+                raise FailedPrecondition(
+                    f"the original VM {info.name} is {info.power.value}: "
+                    "shut it down before failing back onto its disks"
+                )
 
     async def recover(self) -> None:
         """Continue every operation session a previous run left running (its VMs resume or roll back)."""
