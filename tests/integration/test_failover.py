@@ -114,8 +114,12 @@ def test_failover_undo_failback_and_commit_with_real_agents(env: ControllerEnv, 
     assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
     assert env.run_job().state == api.SESSION_STATE_SUCCEEDED and _replica_hash(env) == before
 
-    # Undo: the replica is as it was; the failed-over VM's folder is gone.
-    _operate(env, api.REPLICA_OPERATION_UNDO_FAILOVER)
+    shown = env.cli("replica", "show", "job1", "--vm", "vm1").stdout
+    assert "failed over" in shown and "hosts/dr" in shown and where.running_vm_name in shown
+
+    # Undo (through the CLI, followed to its end): the replica is as it was; the failed-over VM's folder is gone.
+    undo = env.cli("replica", "undo-failover", "job1", "--vm", "vm1")
+    assert "succeeded" in undo.stdout and "vm1" in undo.stdout, undo.stdout + undo.stderr
     assert _replica_hash(env) == before and _where(env).state == api.REPLICA_VM_STATE_REPLICATING
     assert not [p for p in (tmp_path / "vm_root").iterdir() if not p.name.startswith(".")]
 
