@@ -18,8 +18,6 @@ from __future__ import annotations
 import sqlalchemy as sa
 from alembic import op
 
-from controller.db.types import UtcDateTime
-
 revision = "0014"
 down_revision = "0013"
 branch_labels = None
@@ -77,8 +75,8 @@ def _operation_vms() -> None:
         sa.Column("bytes_read", sa.BigInteger(), nullable=False),
         sa.Column("bytes_sent", sa.BigInteger(), nullable=False),
         sa.Column("blocks_differing", sa.BigInteger(), nullable=False),
-        sa.Column("started_at", UtcDateTime(), nullable=True),
-        sa.Column("ended_at", UtcDateTime(), nullable=True),
+        sa.Column("started_at", sa.DateTime(timezone=True), nullable=True),
+        sa.Column("ended_at", sa.DateTime(timezone=True), nullable=True),
         sa.UniqueConstraint("session_id", "vm_id"),
         sa.CheckConstraint(_check("state", _STEP), name="ck_operation_vms_state"),
     )
@@ -101,7 +99,7 @@ def _replica_vms() -> None:
         sa.Column("running_vm_id", sa.String(256), nullable=False),
         sa.Column("running_vm_name", sa.String(256), nullable=False),
         sa.Column("folder", sa.Text(), nullable=False),
-        sa.Column("since", UtcDateTime(), nullable=False),
+        sa.Column("since", sa.DateTime(timezone=True), nullable=False),
         sa.UniqueConstraint("job_id", "vm_id"),
         sa.CheckConstraint(_check("state", _REPLICA), name="ck_replica_vms_state"),
     )
@@ -119,8 +117,8 @@ def _test_failovers() -> None:
         sa.Column("host_id", sa.String(32), nullable=False),
         sa.Column("test_vm_id", sa.String(256), nullable=False),
         sa.Column("test_vm_name", sa.String(256), nullable=False),
-        sa.Column("started_at", UtcDateTime(), nullable=False),
-        sa.Column("deadline", UtcDateTime(), nullable=False),
+        sa.Column("started_at", sa.DateTime(timezone=True), nullable=False),
+        sa.Column("deadline", sa.DateTime(timezone=True), nullable=False),
         sa.Column("session_id", sa.String(32), nullable=False),
         sa.Column("stop_session_id", sa.String(32), nullable=False),
     )
