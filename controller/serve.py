@@ -120,6 +120,7 @@ async def serve(settings: ControllerSettings) -> None:
     offset = dt.timedelta(seconds=settings.test_clock_offset_seconds)
     clock = (lambda: utc_now() + offset) if offset else utc_now
     engine.operations.clock = clock
+    engine.operations.shutdown_seconds = settings.shutdown_vm_seconds
     notifier = Notifier(
         journal=journal, secrets=secrets, render=servicer.session, backoff_seconds=settings.webhook_backoff_seconds
     )
