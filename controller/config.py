@@ -37,6 +37,12 @@ class ControllerSettings(ProgramSettings):
         2.0, gt=0, le=300, description="first wait between webhook attempts; doubles up to 5 min, 8 attempts"
     )
     stop_timeout_seconds: float = Field(30.0, gt=0, description="how long SIGTERM waits for transfers to stop")
+    shutdown_vm_seconds: float = Field(
+        300.0,
+        gt=0,
+        le=86400,
+        description="how long a clean guest shutdown may take (a planned failover's source, a failback's VM)",
+    )
     # API load must not starve the session engine: these bound it (docs/controller.md, "Limits").
     api_calls_per_client: int = Field(
         8, ge=1, le=1000, description="API calls (streams included) one client certificate may have open at once"

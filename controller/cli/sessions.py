@@ -129,6 +129,10 @@ def session_show(session_id: str, as_json_: JsonOpt = False) -> None:
         as_json(s)
         return
     summary(s)
+    if s.kind == api.SESSION_KIND_OPERATION:
+        from controller.cli.operations import operation_summary  # it imports this module
+
+        operation_summary(s)  # each VM's steps; a failback's disks follow in the tables below
     rows = [
         [
             v.vm_name,

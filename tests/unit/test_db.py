@@ -20,7 +20,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker
 from controller.api import paging
 from controller.api.base import BY_NAME, RESTORE_POINTS, SESSIONS
 from controller.db.connect import downgrade, make_engine, migrate, open_database, sqlite_url
-from controller.db.enums import Notification, ReplicaEnd, SessionState, TaskState, VmState
+from controller.db.enums import Notification, ReplicaEnd, SessionKind, SessionState, TaskState, VmState
 from controller.db.models import (
     Base,
     Credential,
@@ -412,5 +412,59 @@ async def test_the_replica_points_migration_gives_earlier_rows_their_defaults_an
                 await conn.execute(text("UPDATE session_vms SET replica_end = 'maybe'"))
         await downgrade(engine, "0010")  # and back, with the rows
         assert await _counts(engine) == before
+    finally:
+        await engine.dispose()
+
+
+_OPERATIONS_ROWS = """
+INSERT INTO hosts (id, name, provider, address, created_at, winrm) VALUES ('h', 'h', 'file', '/x', :t, '{}');
+INSERT INTO targets (id, name, address, tls_server_name, max_tasks) VALUES ('t', 't', 'a:1', '', 4);
+INSERT INTO jobs (id, name, host_id, target_id, replica_root, restore_points_to_keep, compression, block_size,
+  bandwidth_limit_mbps, change_tracking, guest_processing, exclusions, schedule, checkpoint_hold_seconds, retries,
+  retry_wait_seconds, full_check_every, webhook, enabled, created_at, replica_format)
+  VALUES ('j', 'j', 'h', 't', 'r/j', 7, 'default', 1048576, 0, 'auto', '{}', '{}', '{}', 86400, 2, 60, 10, '{}', 1,
+  :t, '');
+INSERT INTO sessions (id, job_id, state, started_at, error, notification, full_check)
+  VALUES ('s', 'j', 'succeeded', :t, '', '', 0)
+"""
+
+
+async def test_the_operations_migration_reads_earlier_sessions_as_replication_and_checks_states(db_url: str) -> None:
+    engine = make_engine(db_url)
+    try:
+        await migrate(engine, "0013")
+        async with engine.begin() as conn:
+            for statement in _OPERATIONS_ROWS.strip().split(";\n"):
+                await conn.execute(text(statement), {"t": dt.datetime(2026, 12, 1, tzinfo=dt.UTC)})
+        await migrate(engine)
+        sessions = async_sessionmaker(engine, expire_on_commit=False)
+        async with sessions() as s:
+            session, job = await s.get(Session, "s"), await s.get(Job, "j")
+        assert session is not None and (session.kind, session.operation, session.only_vms) == (
+            SessionKind.REPLICATION,
+            "",
+            [],
+        )
+        assert job is not None and (job.failover_host_id, job.network_mapping, job.failback_target_id) == (
+            None,
+            [],
+            None,
+        )
+        with pytest.raises(IntegrityError):
+            async with engine.begin() as conn:
+                await conn.execute(text("UPDATE sessions SET kind = 'backup'"))
+        with pytest.raises(IntegrityError):
+            async with engine.begin() as conn:
+                await conn.execute(
+                    text(
+                        "INSERT INTO replica_vms (id, job_id, vm_id, vm_name, state, busy_session_id, session_id, "
+                        "point_id, mount_id, host_id, running_vm_id, running_vm_name, folder, since) VALUES "
+                        "('r', 'j', 'v', 'v', 'lost', '', '', '', '', '', '', '', '', :t)"
+                    ),
+                    {"t": dt.datetime(2026, 12, 1, tzinfo=dt.UTC)},
+                )
+        await downgrade(engine, "0013")  # and back, with the rows
+        async with engine.begin() as conn:
+            assert (await conn.execute(text("SELECT count(*) FROM sessions"))).scalar() == 1
     finally:
         await engine.dispose()
