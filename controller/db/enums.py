@@ -59,3 +59,32 @@ class ReplicaEnd(enum.StrEnum):
     ROLLED_BACK = "rolled_back"  # the target returned the replica to its newest restore point
     NOTHING = "nothing"  # the target holds no writes of this session (none made, or another's kept)
     NOT_TOLD = "not_told"  # the call failed (target down, or refused): it rolls back at the next prepare not resuming
+
+
+class SessionKind(enum.StrEnum):
+    """What a session does: replicate the job's VMs, or one of the replica operations (docs/failover.md)."""
+
+    REPLICATION = "replication"
+    OPERATION = "operation"
+
+
+class OperationStepState(enum.StrEnum):
+    """One VM in an operation session (operation_vms.state); `step` names the step under way."""
+
+    PLANNED = "planned"  # its group has not started
+    RUNNING = "running"  # next: act on `step` (written before acting: a crash re-runs it, each step idempotent)
+    ROLLING_BACK = "rolling_back"  # next: undo `step` (the undo steps are idempotent too)
+    DONE = "done"
+    FAILED = "failed"  # failed where no undo was possible: the VM's state says where it stands
+    ROLLED_BACK = "rolled_back"  # failed and undone: the VM is where it was before the operation
+
+
+class ReplicaVmState(enum.StrEnum):
+    """Where a VM of a job stands (replica_vms.state); no row reads as REPLICATING."""
+
+    REPLICATING = "replicating"
+    FAILING_OVER = "failing_over"
+    FAILED_OVER = "failed_over"
+    FAILING_BACK = "failing_back"
+    FAILED_BACK = "failed_back"
+    PERMANENT = "permanent"

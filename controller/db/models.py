@@ -19,7 +19,16 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
-from controller.db.enums import Notification, ReplicaEnd, SessionState, TaskState, VmState
+from controller.db.enums import (
+    Notification,
+    OperationStepState,
+    ReplicaEnd,
+    ReplicaVmState,
+    SessionKind,
+    SessionState,
+    TaskState,
+    VmState,
+)
 from controller.db.types import UtcDateTime, state_type
 from vmrepl.domain import DEFAULT_SLOTS, JOB_DEFAULTS, Consistency
 
@@ -126,6 +135,12 @@ class Job(Base):
     created_at: Mapped[dt.datetime] = mapped_column(default=now)
     # The replica disks' file format ("raw", "vhdx"); "": the host's own (vmrepl.domain.replica_format).
     replica_format: Mapped[str] = mapped_column(String(8), default="")
+    # Failover (docs/failover.md): the host failed-over and test VMs run on (None: failover is refused), each
+    # source switch's counterpart there ([{"source_switch": str, "target_switch": str}]), and the target next
+    # to the original host that writes the original disks in a failback (None: the job's target).
+    failover_host_id: Mapped[str | None] = mapped_column(ForeignKey("hosts.id", ondelete="RESTRICT"), default=None)
+    network_mapping: Mapped[list[Any]] = mapped_column(default=list)
+    failback_target_id: Mapped[str | None] = mapped_column(ForeignKey("targets.id", ondelete="RESTRICT"), default=None)
     vms: Mapped[list[JobVm]] = relationship(back_populates="job", cascade="all, delete-orphan", lazy="selectin")
 
     @property
@@ -162,6 +177,89 @@ class Session(Base):
     )
     # Started with StartJob's full_check: every VM's incremental is a full check, whatever the count says.
     full_check: Mapped[bool] = mapped_column(default=False)
+    kind: Mapped[SessionKind] = mapped_column(
+        state_type(SessionKind, constraint="ck_sessions_kind"), default=SessionKind.REPLICATION
+    )
+    # OPERATION: controller.engine.operations.plans.Operation's value, and the request's settings as JSON
+    # (point, time limit, test id, replicate-back job, failback host), read again when a crash resumes it.
+    operation: Mapped[str] = mapped_column(String(32), default="")
+    request: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    # REPLICATION limited to these VM ids (a planned failover's last incremental); empty: every VM of the job.
+    only_vms: Mapped[list[Any]] = mapped_column(default=list)
+
+
+class OperationVm(Base):
+    """One VM in an operation session: its group, the step under way (written before it acts) and figures."""
+
+    __tablename__ = "operation_vms"
+    __table_args__ = (UniqueConstraint("session_id", "vm_id"),)
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
+    session_id: Mapped[str] = mapped_column(ForeignKey("sessions.id", ondelete="CASCADE"), index=True)
+    vm_id: Mapped[str] = mapped_column(String(256))
+    vm_name: Mapped[str] = mapped_column(String(256))
+    group: Mapped[int] = mapped_column("group_index", Integer, default=0)
+    state: Mapped[OperationStepState] = mapped_column(
+        state_type(OperationStepState, constraint="ck_operation_vms_state"), default=OperationStepState.PLANNED
+    )
+    step: Mapped[str] = mapped_column(String(32), default="")
+    point_id: Mapped[str] = mapped_column(String(64), default="")
+    error: Mapped[str] = mapped_column(Text, default="")
+    # What the steps found and the next ones need (mount id, the registered VM's id, ...), and for a rollback
+    # the steps left to undo: controller.engine.operations.runner keeps it.
+    data: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    bytes_copied: Mapped[int] = mapped_column(BigInteger, default=0)
+    bytes_read: Mapped[int] = mapped_column(BigInteger, default=0)
+    bytes_sent: Mapped[int] = mapped_column(BigInteger, default=0)
+    blocks_differing: Mapped[int] = mapped_column(BigInteger, default=0)
+    started_at: Mapped[dt.datetime | None]
+    ended_at: Mapped[dt.datetime | None]
+
+
+class ReplicaVm(Base):
+    """Where one VM of a job stands (no row: replicating, as before any operation)."""
+
+    __tablename__ = "replica_vms"
+    __table_args__ = (UniqueConstraint("job_id", "vm_id"),)
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
+    vm_id: Mapped[str] = mapped_column(String(256))
+    vm_name: Mapped[str] = mapped_column(String(256), default="")
+    state: Mapped[ReplicaVmState] = mapped_column(
+        state_type(ReplicaVmState, constraint="ck_replica_vms_state"), default=ReplicaVmState.REPLICATING
+    )
+    # The operation session working on the VM now ("" none): a second operation is refused meanwhile.
+    busy_session_id: Mapped[str] = mapped_column(String(32), default="")
+    # The last operation's session.
+    session_id: Mapped[str] = mapped_column(String(32), default="")
+    # FAILED_OVER and after: the point failed over to (held from retention), the target's mount, where the
+    # failed-over VM runs.
+    point_id: Mapped[str] = mapped_column(String(64), default="")
+    mount_id: Mapped[str] = mapped_column(String(64), default="")
+    host_id: Mapped[str] = mapped_column(String(32), default="")
+    running_vm_id: Mapped[str] = mapped_column(String(256), default="")
+    running_vm_name: Mapped[str] = mapped_column(String(256), default="")
+    folder: Mapped[str] = mapped_column(Text, default="")
+    since: Mapped[dt.datetime] = mapped_column(default=now)
+
+
+class TestFailover(Base):
+    """A running test failover: a point started as an isolated copy while replication goes on."""
+
+    __tablename__ = "test_failovers"
+    __test__ = False  # not a pytest class
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
+    vm_id: Mapped[str] = mapped_column(String(256))
+    point_id: Mapped[str] = mapped_column(String(64))
+    mount_id: Mapped[str] = mapped_column(String(64))
+    host_id: Mapped[str] = mapped_column(String(32))
+    test_vm_id: Mapped[str] = mapped_column(String(256), default="")
+    test_vm_name: Mapped[str] = mapped_column(String(256), default="")
+    started_at: Mapped[dt.datetime] = mapped_column(default=now)
+    deadline: Mapped[dt.datetime]
+    session_id: Mapped[str] = mapped_column(String(32))
+    # The STOP_TEST session removing it ("" none yet): the deadline loop starts one only once.
+    stop_session_id: Mapped[str] = mapped_column(String(32), default="")
 
 
 class SessionVm(Base):

@@ -91,6 +91,24 @@ class TargetClient(AgentHealth, Protocol):
 
     async def rollback(self, replica_path: str, *, within: float | None = None) -> target_pb2.Replica: ...
 
+    # ---- failover and failback (docs/failover.md); each idempotent on the target ----
+
+    async def mount_point(self, request: target_pb2.MountPointRequest) -> target_pb2.Mount: ...
+
+    async def get_mount(self, mount_id: str) -> target_pb2.Mount: ...
+
+    async def list_mounts(self, replica_path: str = "") -> list[target_pb2.Mount]: ...
+
+    async def unmount_point(self, mount_id: str) -> target_pb2.Mount: ...
+
+    async def flatten_mount(self, mount_id: str) -> target_pb2.Mount: ...
+
+    async def delete_replica(self, replica_path: str) -> bool:
+        """Whether there was a replica to delete (refused while a mount depends on it)."""
+        ...
+
+    async def prepare_failback_disk(self, request: target_pb2.PrepareFailbackDiskRequest) -> target_pb2.ReplicaDisk: ...
+
 
 class Agents(Protocol):
     """The clients of the agents the engine talks to, one per address."""
@@ -256,6 +274,37 @@ class GrpcTargetClient(_GrpcAgent):
         request = target_pb2.RollbackReplicaRequest(replica_path=replica_path)
         replica: target_pb2.Replica = await self.stub.RollbackReplica(request, timeout=within)
         return replica
+
+    async def mount_point(self, request: target_pb2.MountPointRequest) -> target_pb2.Mount:
+        # No deadline: an older point copies the blocks its rollback data holds, as long as that takes.
+        mount: target_pb2.Mount = await self.stub.MountPoint(request)
+        return mount
+
+    async def get_mount(self, mount_id: str) -> target_pb2.Mount:
+        mount: target_pb2.Mount = await self.stub.GetMount(target_pb2.GetMountRequest(mount_id=mount_id), timeout=30)
+        return mount
+
+    async def list_mounts(self, replica_path: str = "") -> list[target_pb2.Mount]:
+        listed = await self.stub.ListMounts(target_pb2.ListMountsRequest(replica_path=replica_path), timeout=30)
+        return list(listed.mounts)
+
+    async def unmount_point(self, mount_id: str) -> target_pb2.Mount:
+        request = target_pb2.UnmountPointRequest(mount_id=mount_id)
+        mount: target_pb2.Mount = await self.stub.UnmountPoint(request)
+        return mount
+
+    async def flatten_mount(self, mount_id: str) -> target_pb2.Mount:
+        request = target_pb2.FlattenMountRequest(mount_id=mount_id)
+        mount: target_pb2.Mount = await self.stub.FlattenMount(request)  # merges whole disks: no deadline
+        return mount
+
+    async def delete_replica(self, replica_path: str) -> bool:
+        reply = await self.stub.DeleteReplica(target_pb2.DeleteReplicaRequest(replica_path=replica_path))
+        return bool(reply.deleted)
+
+    async def prepare_failback_disk(self, request: target_pb2.PrepareFailbackDiskRequest) -> target_pb2.ReplicaDisk:
+        disk: target_pb2.ReplicaDisk = await self.stub.PrepareFailbackDisk(request)  # digests every block
+        return disk
 
 
 def proxy_client(address: str, tls: TlsSettings, *, server_name: str = "") -> GrpcProxyClient:

@@ -26,6 +26,7 @@ from controller.db.enums import Notification, ReplicaEnd, SessionState, TaskStat
 from controller.db.models import HeldCheckpoint, Job, JobVm, RestorePoint, Session, SessionVm, Task, now
 from controller.engine import counters
 from controller.engine.agents import TargetClient, ready
+from controller.engine.operations.holds import held_points, paused_vms
 from controller.engine.retention import points_to_delete
 from controller.engine.runtime import EngineParts, SessionContext
 from controller.engine.states import (
@@ -104,7 +105,12 @@ class SessionRun:
             named[vm.vm_id] = jv.vm_ref
             entries += await self._plan_vm(vm, frozenset(str(d) for d in jv.excluded_disks))
         async with self.parts.journal.change("session planned", session_id=self.sc.session_id) as db:
-            db.add_all(entries)
+            # Read in this transaction: an operation that claims a VM either committed before (and the VM is
+            # skipped) or sees this plan (and refuses a failover of a VM being replicated).
+            pause = await paused_vms(db, self.sc.session_id, self.sc.job.job_id)
+            db.add_all([e for e in entries if not pause.skips(e.vm_id)])
+        for vm_id, why in pause.paused.items():
+            self.log.info("vm_skipped", vm_id=vm_id, reason=why)
         self.log.info("session_planned", vms=len(job_vms))
 
     async def _plan_vm(self, vm: VmInfo, excluded: frozenset[str]) -> list[SessionVm | Task]:
@@ -590,9 +596,11 @@ class VmRun:
                     )
                 )
             )
+            held = await held_points(db, self.sc.job.job_id, row.vm_id)  # failed over to, or under a test failover
         target = self.parts.agents.target(self.sc.target.address, self.sc.target.tls_server_name)
         await self._delete_orphans(target, replica_path, {p.id for p in points})
-        for point_id in points_to_delete([(p.id, p.created_at) for p in points], self.sc.job.restore_points_to_keep):
+        kept = self.sc.job.restore_points_to_keep
+        for point_id in points_to_delete([(p.id, p.created_at) for p in points if p.id not in held], kept):
             await _delete_point(target, replica_path, point_id)
             async with self.parts.journal.change("restore point deleted", vm=row.vm_id, point=point_id) as db:
                 await db.execute(delete(RestorePoint).where(RestorePoint.id == point_id))

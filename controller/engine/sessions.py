@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 
 from sqlalchemy import select
 
-from controller.db.enums import SessionState
+from controller.db.enums import SessionKind, SessionState
 from controller.db.models import Host, Job, Session, Target, now
+from controller.engine.operations.context import ReverseTransfer
+from controller.engine.operations.service import Operations
 from controller.engine.runtime import EngineParts, JobView, SessionContext, TargetView
 from controller.engine.session import SessionRun, describe
 from controller.engine.states import ACTIVE_SESSION
@@ -46,9 +48,15 @@ def job_view(job: Job, *, host_provider: str = "file") -> JobView:
     )
 
 
+# Replication sessions: a job runs one at a time; operation sessions (controller.engine.operations) run beside.
+_REPLICATION = Session.kind == SessionKind.REPLICATION
+
+
 class Engine:
-    def __init__(self, parts: EngineParts) -> None:
+    def __init__(self, parts: EngineParts, *, reverse: ReverseTransfer | None = None) -> None:
         self.parts = parts
+        # Failover, failback, test failover: their sessions, continued by recover() too.
+        self.operations = Operations(parts, replicator=self, reverse=reverse)
         self._runs: dict[str, tuple[SessionContext, asyncio.Task[SessionState]]] = {}
         # Jobs whose replicas an operator's call is changing on the target (a rollback): no session starts.
         self._maintenance: dict[str, str] = {}
@@ -82,13 +90,20 @@ class Engine:
         """Continue every session a previous run of the controller left running or stopping."""
         async with self.parts.journal.read() as db:
             left = list(
-                await db.scalars(select(Session).where(Session.state.in_(ACTIVE_SESSION)).order_by(Session.started_at))
+                await db.scalars(
+                    select(Session).where(_REPLICATION, Session.state.in_(ACTIVE_SESSION)).order_by(Session.started_at)
+                )
             )
         for s in left:
             log.info("session_continued", session_id=s.id, state=s.state)
             await self._launch(s.id, stopping=s.state is SessionState.STOPPING)
+        await self.operations.recover()
 
-    async def start_job(self, job_id: str, *, full_check: bool = False) -> Session:
+    async def start_replication(self, job_id: str, *, only_vms: Sequence[str]) -> str:
+        """A session replicating these VMs of the job only (a planned failover's last incremental)."""
+        return (await self.start_job(job_id, only_vms=only_vms)).id
+
+    async def start_job(self, job_id: str, *, full_check: bool = False, only_vms: Sequence[str] = ()) -> Session:
         """A new session of the job; `full_check`: every VM's incremental compares every block (a full check)."""
         async with self.parts.journal.change("session created", job_id=job_id) as db:
             job = await db.get(Job, job_id)
@@ -101,11 +116,17 @@ class Engine:
                     f"job {job.name} cannot start now: {self._maintenance[job_id]}; start it when that has ended"
                 )
             running = await db.scalar(
-                select(Session).where(Session.job_id == job_id, Session.state.in_(ACTIVE_SESSION))
+                select(Session).where(Session.job_id == job_id, _REPLICATION, Session.state.in_(ACTIVE_SESSION))
             )
             if running is not None:
                 raise FailedPrecondition(f"job {job.name} is already running (session {running.id})")
-            session = Session(job_id=job_id, state=SessionState.RUNNING, started_at=now(), full_check=full_check)
+            session = Session(
+                job_id=job_id,
+                state=SessionState.RUNNING,
+                started_at=now(),
+                full_check=full_check,
+                only_vms=list(only_vms),
+            )
             db.add(session)
         await self._launch(session.id, stopping=False)
         return session
@@ -113,7 +134,7 @@ class Engine:
     async def stop_job(self, job_id: str) -> Session:
         async with self.parts.journal.read() as db:
             session = await db.scalar(
-                select(Session).where(Session.job_id == job_id, Session.state.in_(ACTIVE_SESSION))
+                select(Session).where(Session.job_id == job_id, _REPLICATION, Session.state.in_(ACTIVE_SESSION))
             )
             job = await db.get(Job, job_id)
         if session is None:
@@ -187,6 +208,7 @@ class Engine:
 
     async def shutdown(self, grace: float) -> None:
         """SIGTERM: stop every session cleanly (disks stay resumable), waiting at most `grace` seconds."""
+        await self.operations.shutdown(grace)
         for session_id in list(self._runs):
             await self._stop(session_id)
         tasks = [t for _, t in self._runs.values()]

@@ -200,6 +200,13 @@ class FakeTarget(FakeAgent):
         self.verified: list[target_pb2.VerifyReplicaRequest] = []
         self.read_disks: list[target_pb2.ReadReplicaDiskRequest] = []
         self.reads_closed = 0  # verify and read_disk streams closed, whether read to the end or not
+        # Failover: mounts by id as MountPoint made them; `mount_faults` raised by the next call of a method
+        # (by name: "mount_point", "unmount_point", ...), one each; `calls` every mount call in order.
+        self.mounts: dict[str, target_pb2.Mount] = {}
+        self.mount_faults: dict[str, list[grpc.aio.AioRpcError]] = {}
+        self.mount_calls: list[tuple[str, str]] = []
+        self.deleted_replicas: list[str] = []
+        self.failback_disks: list[target_pb2.PrepareFailbackDiskRequest] = []
 
     async def prepare(self, request: target_pb2.PrepareReplicaDiskRequest) -> target_pb2.ReplicaDisk:
         self._check_up()
@@ -405,6 +412,97 @@ class FakeTarget(FakeAgent):
         if r.state in (WRITING, RESUMABLE):
             self._roll_back(replica_path)
         return self.replica(replica_path)
+
+    def _mount_call(self, method: str, key: str) -> None:
+        self._check_up()
+        self.mount_calls.append((method, key))
+        faults = self.mount_faults.get(method)
+        if faults:
+            raise faults.pop(0)
+
+    async def mount_point(self, request: target_pb2.MountPointRequest) -> target_pb2.Mount:
+        self._mount_call("mount_point", request.mount_id)
+        if request.mount_id in self.mounts and self.mounts[request.mount_id].state != target_pb2.MOUNT_STATE_GONE:
+            return self.mounts[request.mount_id]
+        points = self.points.get(request.replica_path, [])
+        wanted = request.point_id or (points[-1].id if points else "")
+        point = next((p for p in points if p.id == wanted), None)
+        if point is None:
+            raise rpc_error(
+                grpc.StatusCode.NOT_FOUND, f"no restore point {request.point_id!r} of {request.replica_path}"
+            )
+        layer = request.layout == target_pb2.MOUNT_LAYOUT_LAYER
+        own = sorted(
+            (d for (path, _), d in self.disks.items() if path == request.replica_path), key=lambda d: d.disk_id
+        )
+        disks = [
+            target_pb2.MountDisk(
+                disk_id=d.disk_id,
+                path=f"{d.disk_id}.layer" if layer else f"{d.disk_id}.vhdx",
+                format=common_pb2.DISK_FORMAT_LAYER if layer else common_pb2.DISK_FORMAT_VHDX,
+                size=d.disk_size,
+            )
+            for d in own
+        ]
+        mount = target_pb2.Mount(
+            mount_id=request.mount_id,
+            replica_path=request.replica_path,
+            point_id=point.id,
+            kind=request.kind,
+            layout=request.layout,
+            state=target_pb2.MOUNT_STATE_MOUNTED,
+            folder=request.mount_id,
+            host_folder=f"D:\\vms\\{request.mount_id}",
+            disks=disks,
+            bytes_copied=0 if point is points[-1] else 4096,
+        )
+        self.mounts[request.mount_id] = mount
+        return mount
+
+    async def get_mount(self, mount_id: str) -> target_pb2.Mount:
+        self._mount_call("get_mount", mount_id)
+        return self.mounts.get(mount_id, target_pb2.Mount(mount_id=mount_id, state=target_pb2.MOUNT_STATE_GONE))
+
+    async def list_mounts(self, replica_path: str = "") -> list[target_pb2.Mount]:
+        self._mount_call("list_mounts", replica_path)
+        live = [m for m in self.mounts.values() if m.state != target_pb2.MOUNT_STATE_GONE]
+        return [m for m in live if not replica_path or m.replica_path == replica_path]
+
+    async def unmount_point(self, mount_id: str) -> target_pb2.Mount:
+        self._mount_call("unmount_point", mount_id)
+        mount = self.mounts.get(mount_id, target_pb2.Mount(mount_id=mount_id))
+        mount.state = target_pb2.MOUNT_STATE_GONE
+        self.mounts[mount_id] = mount
+        return mount
+
+    async def flatten_mount(self, mount_id: str) -> target_pb2.Mount:
+        self._mount_call("flatten_mount", mount_id)
+        mount = self.mounts.get(mount_id)
+        if mount is None or mount.state == target_pb2.MOUNT_STATE_GONE:
+            raise rpc_error(grpc.StatusCode.NOT_FOUND, f"no mount {mount_id}")
+        mount.state = target_pb2.MOUNT_STATE_FLATTENED
+        return mount
+
+    async def delete_replica(self, replica_path: str) -> bool:
+        self._mount_call("delete_replica", replica_path)
+        if any(
+            m.replica_path == replica_path and m.state == target_pb2.MOUNT_STATE_MOUNTED for m in self.mounts.values()
+        ):
+            raise rpc_error(grpc.StatusCode.FAILED_PRECONDITION, f"replica {replica_path} has mounts")
+        existed = replica_path in self.points or any(k[0] == replica_path for k in self.disks)
+        self.points.pop(replica_path, None)
+        self.replicas.pop(replica_path, None)
+        for key in [k for k in self.disks if k[0] == replica_path]:
+            del self.disks[key]
+        self.deleted_replicas.append(replica_path)
+        return existed
+
+    async def prepare_failback_disk(self, request: target_pb2.PrepareFailbackDiskRequest) -> target_pb2.ReplicaDisk:
+        self._mount_call("prepare_failback_disk", request.replica_path)
+        self.failback_disks.append(request)
+        disk = target_pb2.ReplicaDisk(replica_path=request.replica_path, disk_id=request.disk_id)
+        self.disks[(request.replica_path, request.disk_id)] = disk
+        return disk
 
 
 class FakeAgents:

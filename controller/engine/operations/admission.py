@@ -1,0 +1,198 @@
+"""StartReplicaOperation's checks and the rows it writes, in the one transaction that claims the VMs: a second
+operation on a VM, a session planning it, and retention all see the claim or come before it."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from controller.db.enums import OperationStepState, SessionKind, SessionState
+from controller.db.models import Host, Job, OperationVm, ReplicaVm, RestorePoint, Session, SessionVm, TestFailover, now
+from controller.engine.operations.context import OperationRequest
+from controller.engine.operations.holds import held_points
+from controller.engine.operations.plans import Operation, Plan, check_start
+from controller.engine.operations.records import replica_vm
+from controller.engine.retention import points_to_delete
+from controller.engine.states import ACTIVE_SESSION
+from vmrepl.errors import FailedPrecondition, InvalidArgument, NotFound
+
+# Providers whose hosts can register VMs (vmrepl.providers.base.Provider.register_vm).
+REGISTERING_PROVIDERS = ("file", "hyperv")
+_NEEDS_HOST = (Operation.FAILOVER, Operation.PLANNED_FAILOVER, Operation.TEST_FAILOVER)
+_NEEDS_POINT = (Operation.FAILOVER, Operation.TEST_FAILOVER)
+
+
+@dataclass(frozen=True, slots=True)
+class VmRef:
+    vm_id: str
+    vm_name: str
+
+
+async def resolve_vm(db: AsyncSession, job: Job, ref: str) -> VmRef:
+    """A VM of the job by id or name, as its restore points or its replica state know it (the source host may
+    be lost: failover never asks it)."""
+    rv = await db.scalar(
+        select(ReplicaVm).where(ReplicaVm.job_id == job.id, (ReplicaVm.vm_id == ref) | (ReplicaVm.vm_name == ref))
+    )
+    if rv is not None:
+        return VmRef(rv.vm_id, rv.vm_name or rv.vm_id)
+    point = await db.scalar(
+        select(RestorePoint)
+        .where(RestorePoint.job_id == job.id, (RestorePoint.vm_id == ref) | (RestorePoint.vm_name == ref))
+        .order_by(RestorePoint.created_at.desc())
+        .limit(1)
+    )
+    if point is None:
+        raise NotFound(f"job {job.name} has no replica of a VM {ref!r} (no restore point names it)")
+    return VmRef(point.vm_id, point.vm_name or point.vm_id)
+
+
+def point_id(ref: str) -> str:
+    """A restore point's id from `jobs/{id}/restorePoints/{id}` or the bare id."""
+    return ref.rsplit("/", 1)[-1] if "/restorePoints/" in ref else ref
+
+
+async def choose_point(db: AsyncSession, job: Job, vm: VmRef, asked: str) -> str:
+    """The point to fail over to: the one asked, or the newest. Refused when retention is about to delete it
+    (past the job's restore_points_to_keep and held by nothing)."""
+    points = list(
+        await db.scalars(select(RestorePoint).where(RestorePoint.job_id == job.id, RestorePoint.vm_id == vm.vm_id))
+    )
+    if not points:
+        raise FailedPrecondition(f"VM {vm.vm_name} has no restore point to fail over to")
+    wanted = point_id(asked) if asked else max(points, key=lambda p: (p.created_at, p.id)).id
+    if wanted not in {p.id for p in points}:
+        raise NotFound(f"VM {vm.vm_name} has no restore point {wanted} in job {job.name}")
+    held = await held_points(db, job.id, vm.vm_id)
+    doomed = points_to_delete([(p.id, p.created_at) for p in points if p.id not in held], job.restore_points_to_keep)
+    if wanted in doomed:
+        raise FailedPrecondition(
+            f"restore point {wanted} of VM {vm.vm_name} is past the job's {job.restore_points_to_keep} points to keep: "
+            "retention deletes it at the next session; choose a newer one"
+        )
+    return wanted
+
+
+async def check_failover_host(db: AsyncSession, job: Job) -> Host:
+    if not job.failover_host_id:
+        raise FailedPrecondition(f"job {job.name} has no failover_host: set one (vmrepl job update --failover-host)")
+    host = await db.get(Host, job.failover_host_id)
+    if host is None or host.provider not in REGISTERING_PROVIDERS:
+        raise FailedPrecondition(f"job {job.name}: its failover host cannot register VMs")
+    return host
+
+
+async def check_not_replicating(db: AsyncSession, job: Job, vm: VmRef) -> None:
+    """Refused while a replication session of the job reads the VM (or has yet to plan it)."""
+    running = list(
+        await db.scalars(
+            select(Session).where(
+                Session.job_id == job.id, Session.kind == SessionKind.REPLICATION, Session.state.in_(ACTIVE_SESSION)
+            )
+        )
+    )
+    for s in running:
+        planned = await db.scalar(select(SessionVm.id).where(SessionVm.session_id == s.id).limit(1))
+        named = await db.scalar(select(SessionVm.id).where(SessionVm.session_id == s.id, SessionVm.vm_id == vm.vm_id))
+        if named is not None or planned is None:
+            raise FailedPrecondition(
+                f"VM {vm.vm_name} is being replicated now (session {s.id}): wait for it or `vmrepl job stop {job.name}`"
+            )
+
+
+@dataclass(frozen=True, kw_only=True)
+class Admission:
+    job: Job
+    operation: Operation
+    plan: Plan
+    groups: Sequence[Sequence[str]]
+    request: OperationRequest
+
+
+async def admit(db: AsyncSession, a: Admission) -> Session:
+    """Every check, then the session, one row per VM and the VMs claimed, in the caller's transaction."""
+    refs = [ref for group in a.groups for ref in group]
+    if not refs:
+        raise InvalidArgument("groups", "name at least one VM")
+    if a.request.point and len(refs) > 1:
+        raise InvalidArgument("point", "is for one VM only")
+    if a.operation is Operation.FAILBACK and a.request.failback_host:
+        raise FailedPrecondition("failback to a new location is not built yet: fail back to the original VM")
+    if a.operation in _NEEDS_HOST:
+        await check_failover_host(db, a.job)
+    session = Session(
+        job_id=a.job.id,
+        state=SessionState.RUNNING,
+        started_at=now(),
+        kind=SessionKind.OPERATION,
+        operation=a.operation.value,
+        request=a.request.json(),
+    )
+    db.add(session)
+    await db.flush()
+    seen: set[str] = set()
+    for index, group in enumerate(a.groups):
+        for ref in group:
+            vm = await resolve_vm(db, a.job, ref)
+            if vm.vm_id in seen:
+                raise InvalidArgument("groups", f"names VM {vm.vm_name} twice")
+            seen.add(vm.vm_id)
+            db.add(await _vm_row(db, a, session.id, index, vm))
+    return session
+
+
+async def _vm_row(db: AsyncSession, a: Admission, session_id: str, group: int, vm: VmRef) -> OperationVm:
+    rv = await replica_vm(db, a.job.id, vm.vm_id, vm.vm_name)
+    check_start(a.plan, rv.state, vm=vm.vm_name, busy_session=rv.busy_session_id)
+    if a.operation in (Operation.FAILOVER, Operation.PLANNED_FAILOVER):
+        await check_not_replicating(db, a.job, vm)
+    data: dict[str, Any] = {
+        "from_state": rv.state.value,
+        "mount_id": rv.mount_id,
+        "running_vm_id": rv.running_vm_id,
+        "running_vm_name": rv.running_vm_name,
+        "folder": rv.folder,
+    }
+    point = rv.point_id
+    if a.operation in _NEEDS_POINT:
+        point = await choose_point(db, a.job, vm, a.request.point)
+    if a.operation is Operation.TEST_FAILOVER:
+        await _no_test(db, a.job, vm)
+        data.update(test_id=uuid.uuid4().hex, mount_id="", running_vm_id="", running_vm_name="", folder="")
+    if a.operation is Operation.STOP_TEST:
+        test = await _the_test(db, a.job, vm, a.request.test_id)
+        point = test.point_id
+        data.update(test_id=test.id, mount_id=test.mount_id, running_vm_id=test.test_vm_id)
+    rv.busy_session_id = session_id
+    if a.plan.running_state is not None:
+        rv.state = a.plan.running_state
+    return OperationVm(
+        session_id=session_id,
+        vm_id=vm.vm_id,
+        vm_name=vm.vm_name,
+        group=group,
+        state=OperationStepState.PLANNED,
+        point_id=point,
+        data=data,
+    )
+
+
+async def _no_test(db: AsyncSession, job: Job, vm: VmRef) -> None:
+    test = await db.scalar(select(TestFailover).where(TestFailover.job_id == job.id, TestFailover.vm_id == vm.vm_id))
+    if test is not None:
+        raise FailedPrecondition(f"VM {vm.vm_name} has a test failover running ({test.id}): stop it first")
+
+
+async def _the_test(db: AsyncSession, job: Job, vm: VmRef, test_id: str) -> TestFailover:
+    q = select(TestFailover).where(TestFailover.job_id == job.id, TestFailover.vm_id == vm.vm_id)
+    if test_id:
+        q = q.where(TestFailover.id == test_id)
+    test = await db.scalar(q)
+    if test is None:
+        raise FailedPrecondition(f"VM {vm.vm_name} has no test failover {test_id or 'running'}: nothing to stop")
+    return test
