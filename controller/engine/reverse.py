@@ -1,36 +1,38 @@
-"""The transfer in reverse, for failback: one VM's disks from the failover host back to a failback target.
+"""The transfer in reverse, for failback: one VM's disks from the failover host back onto the original's.
 
 A failback writes the failed-over VM's data back onto the original VM's disks. The target agent next to the
 original host readies each original disk first (PrepareFailbackDisk: a replica disk under `replica_path`,
 `.failback/<job id>/<vm id>`, whose data file is a hard link of the original image, its digests computed
 from the original's content, with a restore point standing for "the original as it was"). This module then
-runs the session machinery of a replication unchanged, only pointed the other way:
+runs the session machinery of a replication (VmRun, TaskRunner) unchanged, only pointed the other way:
 
-* the source is the failed-over VM on the failover host (`ReverseTransfer.provider`, `.vm_id`): a checkpoint
-  of it is taken and each disk is read from it by a proxy (those naming the failover host preferred);
-* the target is the failback target, the replica path the failback folder, each disk in the format and
-  block size its failback disk has (the original's; formats are never converted);
+* the source is the failed-over VM on the failover host: a checkpoint of it is taken and each disk is read
+  from it by a proxy (those naming the failover host preferred), through the disk-reader factory (a file
+  host's failed-over disks are `layer` disks);
+* the target is the failback target, the replica path the failback folder, each disk in the format its
+  failback disk has (the original's; formats are never converted);
 * the change mode is always a digest comparison: only blocks whose digests differ from the original's
   travel, whatever the job's change tracking says (the failed-over VM was written outside it);
-* the VM's row and its disk tasks are recorded under the given session (the operation's), so its
-  statistics and log show what travelled; the restore point is committed on the failback folder only: no
-  restore point row of the job, no retention, no change-tracking reference kept or dropped.
+* the VM's row and its disk tasks are recorded under the operation's session, so its statistics and log show
+  what travelled; the restore point is committed on the failback folder only: no restore point row of the
+  job, no retention, no change-tracking reference kept or dropped.
 
-The target saves each original block before overwriting it, so a failback cut short is continued (the
-controller restarted: `run_reverse` called again with the same session continues from the recorded states,
-as a session does) or rolled back: a VM that ends without a point has its writes rolled back by the target
-(EndReplicaSession), and disks left resumable are not held for a later session (none would continue them).
+The target saves each original block before overwriting it, so a failback cut short is continued (after a
+controller restart the same call continues from the recorded states, as a session does) or rolled back: a
+VM that ends without a point has its writes rolled back by the target (EndReplicaSession), and disks left
+resumable are not held for a later session (none would continue them).
 
-The signature the failback step calls (controller/engine/operations):
+Two levels:
 
-    result = await run_reverse(parts, ReverseTransfer(session_id=..., job=job_view, host_id=failover_host_id,
-                               provider=failover_provider, vm_id=failed_over_vm_id, target=failback_target,
-                               replica_path=f".failback/{job_id}/{vm_id}", disk_ids=frozenset(prepared)))
-    result.succeeded, result.restore_point_id, result.disks[i].bytes_read / bytes_sent / blocks_differing
-
-Refusals before anything is recorded (a disk not readied, a disk set or size that differs) raise
-FailedPrecondition; an agent that cannot be asked raises the relayed error (controller.engine.agents.relayed).
-Once the VM's row is written, the outcome is in the result.
+* `run_reverse(parts, ReverseRun(...)) -> ReverseResult`: the transfer itself, on failback disks already
+  readied. Refusals before anything is recorded (a disk not readied, a disk set, size or block size that
+  differs) raise FailedPrecondition; an agent that cannot be asked, the relayed error
+  (controller.engine.agents.relayed). Once the VM's row is written, the outcome is in the result: its state,
+  the point committed, per disk bytes read, sent and the blocks that differed.
+* `FailbackTransfers(parts)`: what the failback step calls (controller.engine.operations.context's
+  ReverseTransfer protocol): `transfer` readies the disks (PrepareFailbackDisk), runs the transfer and
+  commits it, raising unless it succeeded; `roll_back` ends a transfer still under way (its proxies
+  cancelled, its checkpoint removed), RollbackReplica, DeleteReplica; `finish` DeleteReplica.
 """
 
 from __future__ import annotations
@@ -45,15 +47,17 @@ from sqlalchemy import select
 from tenacity import AsyncRetrying, retry_if_exception, stop_after_delay, wait_exponential
 
 from controller.db.enums import TaskState, VmState
-from controller.db.models import SessionVm, Task
-from controller.engine.agents import relayed
+from controller.db.models import Job, SessionVm, Task
+from controller.engine.agents import TargetClient, relayed
+from controller.engine.operations.context import ReverseFigures, ReverseRequest
 from controller.engine.runtime import EngineParts, JobView, SessionContext, TargetView
 from controller.engine.session import VmRun
+from controller.engine.sessions import job_view
 from controller.engine.states import FINAL_VM, ChangeChoice
 from controller.engine.task import TaskRunner, transient
 from controller.engine.transfer import DiskTaskSpec
 from vmrepl.domain import ChangeMode, ChangeTracking, Consistency, DiskFormat
-from vmrepl.errors import FailedPrecondition
+from vmrepl.errors import FailedPrecondition, NotFound
 from vmrepl.logs import get_logger
 from vmrepl.progress import TransferFigures
 from vmrepl.providers.base import Provider, VmInfo
@@ -63,7 +67,7 @@ log = get_logger("vmrepl.controller.engine.reverse")
 
 
 @dataclass(frozen=True, kw_only=True)
-class ReverseTransfer:
+class ReverseRun:
     """What the failback step asks for."""
 
     # The operation's session: the VM's row and its disk tasks are recorded under it.
@@ -153,6 +157,9 @@ class ReverseVmRun(VmRun):
     task_runner = ReverseTaskRunner
 
     async def _commit(self, row: SessionVm) -> None:
+        if self.sc.stopping.is_set():  # undone before its commit: the target rolls the original back instead
+            await self._set(VmState.RELEASING, error="stopped before the commit")
+            return
         # The checkpoint must still be the one read: a VM started meanwhile with its checkpoint removed has
         # disks that are no consistent image (the same check a replication makes before its commit).
         await self._checkpoint_kept(row)
@@ -180,7 +187,7 @@ class ReverseVmRun(VmRun):
         await self._set(VmState.RELEASING, error=error)
 
 
-async def run_reverse(parts: EngineParts, request: ReverseTransfer) -> ReverseResult:
+async def run_reverse(parts: EngineParts, request: ReverseRun) -> ReverseResult:
     """Run (or continue) the reverse transfer of `request` to its end; see the module's words."""
     row = await _planned_row(parts, request)
     if row is None:
@@ -197,7 +204,7 @@ async def run_reverse(parts: EngineParts, request: ReverseTransfer) -> ReverseRe
     return await _result(parts, request, row.id)
 
 
-def _context(request: ReverseTransfer, disks: dict[str, FailbackDisk]) -> ReverseContext:
+def _context(request: ReverseRun, disks: dict[str, FailbackDisk]) -> ReverseContext:
     # The job's settings but for what a failback decides itself: no guest processing (the VM is off), no
     # change tracking (digests are compared), no full checks; proxies are placed by the failover host.
     job = dataclasses.replace(
@@ -219,7 +226,7 @@ def _context(request: ReverseTransfer, disks: dict[str, FailbackDisk]) -> Revers
     )
 
 
-async def _planned_row(parts: EngineParts, request: ReverseTransfer) -> SessionVm | None:
+async def _planned_row(parts: EngineParts, request: ReverseRun) -> SessionVm | None:
     async with parts.journal.read() as db:
         row: SessionVm | None = await db.scalar(
             select(SessionVm).where(SessionVm.session_id == request.session_id, SessionVm.vm_id == request.vm_id)
@@ -227,7 +234,7 @@ async def _planned_row(parts: EngineParts, request: ReverseTransfer) -> SessionV
     return row
 
 
-async def _failback_disks(parts: EngineParts, request: ReverseTransfer, vm: VmInfo | None) -> dict[str, FailbackDisk]:
+async def _failback_disks(parts: EngineParts, request: ReverseRun, vm: VmInfo | None) -> dict[str, FailbackDisk]:
     """Each readied disk as the target has it; with `vm` (before planning), checked against the VM's disks:
     the same set, the same sizes. A disk not readied would otherwise be made afresh by the transfer's
     PrepareReplicaDisk, and the original VM's disk never written."""
@@ -290,7 +297,7 @@ def _check_disks(vm: VmInfo, disks: dict[str, FailbackDisk], *, block_size: int)
             )
 
 
-async def _plan(parts: EngineParts, request: ReverseTransfer, vm: VmInfo) -> SessionVm:
+async def _plan(parts: EngineParts, request: ReverseRun, vm: VmInfo) -> SessionVm:
     """The VM's row and a task per disk under the operation's session, written before any checkpoint."""
     row = SessionVm(session_id=request.session_id, vm_id=vm.vm_id, vm_name=vm.name, state=VmState.PLANNED)
     tasks = [
@@ -311,7 +318,7 @@ async def _plan(parts: EngineParts, request: ReverseTransfer, vm: VmInfo) -> Ses
     return row
 
 
-async def _result(parts: EngineParts, request: ReverseTransfer, row_id: str) -> ReverseResult:
+async def _result(parts: EngineParts, request: ReverseRun, row_id: str) -> ReverseResult:
     async with parts.journal.read() as db:
         row = await db.get(SessionVm, row_id)
         q = select(Task).where(Task.session_id == request.session_id, Task.vm_id == request.vm_id)
@@ -340,3 +347,90 @@ async def _result(parts: EngineParts, request: ReverseTransfer, row_id: str) -> 
         error=row.error,
         disks=tuple(disks),
     )
+
+
+class FailbackTransfers:
+    """The failback step's transfer, its undo and its end (controller.engine.operations.context.ReverseTransfer).
+    Every call is idempotent: after a controller crash the same request continues or undoes."""
+
+    def __init__(self, parts: EngineParts) -> None:
+        self.parts = parts
+
+    async def transfer(self, request: ReverseRequest) -> ReverseFigures:
+        """Readies the failback disks (only before the transfer is recorded: a disk under way is never readied
+        again), runs the transfer and commits it; FailedPrecondition, with the reason, unless it succeeded."""
+        run = await self._run(request)
+        if await _planned_row(self.parts, run) is None:
+            await self._ready(request)
+        result = await run_reverse(self.parts, run)
+        if not result.succeeded:
+            why = result.error or "no restore point"
+            raise FailedPrecondition(f"the failback transfer of VM {request.vm_name} ended {result.state.value}: {why}")
+        return ReverseFigures(
+            bytes_read=sum(d.bytes_read for d in result.disks),
+            bytes_sent=sum(d.bytes_sent for d in result.disks),
+            blocks_differing=sum(d.blocks_differing for d in result.disks),
+        )
+
+    async def roll_back(self, request: ReverseRequest) -> None:
+        """The original disks back as they were, then the failback folder removed. A transfer still under way
+        is ended first (its proxies cancelled, the checkpoint removed, the target told to roll back), so no
+        stream writes under the rollback. Once the transfer is committed the original holds the failed-over
+        VM's data as of its checkpoint (a whole image, not a half-written one): RollbackReplica returns a
+        replica to its newest point, which is then that one."""
+        run = await self._run(request)
+        row = await _planned_row(self.parts, run)
+        if row is not None and row.state not in FINAL_VM:
+            run.stopping.set()
+            await run_reverse(self.parts, run)
+        target = self._target(request)
+        try:
+            replica = await target.rollback(request.replica_path, within=60)
+            log.info("failback_rolled_back", replica_path=request.replica_path, state=replica.state)
+        except grpc.aio.AioRpcError as e:
+            if e.code() is not grpc.StatusCode.NOT_FOUND:  # NOT_FOUND: nothing readied, or deleted already
+                raise relayed(e, f"target {request.target.name}") from e
+        await self.finish(request)
+
+    async def finish(self, request: ReverseRequest) -> None:
+        """The failback folder removed from the target (the original disks stay as they are). Idempotent."""
+        try:
+            deleted = await self._target(request).delete_replica(request.replica_path)
+        except grpc.aio.AioRpcError as e:
+            raise relayed(e, f"target {request.target.name}") from e
+        log.info("failback_folder_deleted", replica_path=request.replica_path, deleted=deleted)
+
+    def _target(self, request: ReverseRequest) -> TargetClient:
+        return self.parts.agents.target(request.target.address, request.target.tls_server_name)
+
+    async def _ready(self, request: ReverseRequest) -> None:
+        target = self._target(request)
+        for disk_id, original, fmt in request.original_disks:
+            ask = target_pb2.PrepareFailbackDiskRequest(
+                replica_path=request.replica_path,
+                disk_id=disk_id,
+                original_path=original,
+                format=fmt.to_proto(),
+                block_size=request.block_size,
+            )
+            try:
+                await target.prepare_failback_disk(ask)
+            except grpc.aio.AioRpcError as e:
+                raise relayed(e, f"target {request.target.name}") from e
+        log.info("failback_disks_ready", replica_path=request.replica_path, disks=len(request.original_disks))
+
+    async def _run(self, request: ReverseRequest) -> ReverseRun:
+        async with self.parts.journal.read() as db:
+            job = await db.get(Job, request.job_id)
+        if job is None:
+            raise NotFound(f"job {request.job_id} no longer exists")
+        return ReverseRun(
+            session_id=request.session_id,
+            job=dataclasses.replace(job_view(job), block_size=request.block_size),
+            host_id=request.source_host_id,
+            provider=request.source,
+            vm_id=request.source_vm_id,
+            target=request.target,
+            replica_path=request.replica_path,
+            disk_ids=frozenset(d for d, _, _ in request.original_disks),
+        )

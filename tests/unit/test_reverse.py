@@ -15,7 +15,8 @@ from sqlalchemy import select
 
 from controller.db.enums import TaskState, VmState
 from controller.db.models import HeldCheckpoint, RestorePoint, SessionVm, Task
-from controller.engine.reverse import ReverseResult, ReverseTransfer, run_reverse
+from controller.engine.operations.context import ReverseFigures, ReverseRequest
+from controller.engine.reverse import FailbackTransfers, ReverseResult, ReverseRun, run_reverse
 from tests.support.agents import (
     COMPLETED,
     RUNNING,
@@ -29,7 +30,7 @@ from tests.support.agents import (
     unavailable,
 )
 from tests.support.engine import DISK_SIZE, FakeProvider, World, make_world
-from vmrepl.domain import ChangeMode
+from vmrepl.domain import ChangeMode, DiskFormat
 from vmrepl.errors import FailedPrecondition
 from vmrepl.v1 import common_pb2, proxy_pb2, target_pb2
 
@@ -66,7 +67,7 @@ def ready(
     target.replicas[path] = FakeReplica(state=common_pb2.REPLICA_STATE_AT_POINT)
 
 
-def _request(w: World, host: FakeProvider, **over: object) -> ReverseTransfer:
+def _request(w: World, host: FakeProvider, **over: object) -> ReverseRun:
     args: dict[str, object] = {
         "session_id": w.sc.session_id,
         "job": w.sc.job,
@@ -78,7 +79,7 @@ def _request(w: World, host: FakeProvider, **over: object) -> ReverseTransfer:
         "disk_ids": frozenset({"disk0", "disk1"}),
     }
     args.update(over)
-    return ReverseTransfer(**args)  # type: ignore[arg-type]
+    return ReverseRun(**args)  # type: ignore[arg-type]
 
 
 def _differing(blocks: int, block_size: int) -> proxy_pb2.TransferProgress:
@@ -88,7 +89,7 @@ def _differing(blocks: int, block_size: int) -> proxy_pb2.TransferProgress:
     )
 
 
-async def _go(w: World, request: ReverseTransfer) -> ReverseResult:
+async def _go(w: World, request: ReverseRun) -> ReverseResult:
     return await asyncio.wait_for(run_reverse(w.parts, request), 30)
 
 
@@ -256,3 +257,125 @@ async def test_a_commit_refused_fails_the_failback_and_rolls_back(world: World, 
     result = await _go(world, _request(world, host))
     assert result.state is VmState.FAILED and result.error == "the failback disk is no longer the original's"
     assert world.target.rollbacks == [(_path(world), world.sc.session_id)]
+
+
+# ---- FailbackTransfers: what the failback step calls ----
+
+
+class FailbackTarget(FakeTarget):
+    """PrepareFailbackDisk as the target does it: a disk of the original's size at a point for the original."""
+
+    def __init__(self, address: str, *, block_size: int) -> None:
+        super().__init__(address)
+        self.block_size = block_size
+
+    async def prepare_failback_disk(self, request: target_pb2.PrepareFailbackDiskRequest) -> target_pb2.ReplicaDisk:
+        await super().prepare_failback_disk(request)
+        if request.block_size != self.block_size:
+            raise rpc_error(grpc.StatusCode.INVALID_ARGUMENT, "block_size differs")
+        ready(self, request.replica_path, {request.disk_id: request.format}, block_size=request.block_size)
+        return self.disks[(request.replica_path, request.disk_id)]
+
+
+@pytest.fixture
+def failback(world: World) -> FailbackTarget:
+    target = FailbackTarget(world.target.address, block_size=world.sc.job.block_size)
+    world.parts.agents.targets[target.address] = target  # type: ignore[attr-defined]
+    world.target = target
+    block = world.sc.job.block_size
+    world.proxy.script = lambda r: [_differing(4 if r.disk_id == "disk1" else 1, block)]
+    return target
+
+
+def _failback_request(w: World, host: FakeProvider) -> ReverseRequest:
+    return ReverseRequest(
+        session_id=w.sc.session_id,
+        job_id=w.sc.job.job_id,
+        vm_id="vm1",
+        vm_name="vm1",
+        source_host_id="failover-host",
+        source=host,
+        source_vm_id=FAILED_OVER,
+        target=w.sc.target,
+        replica_path=_path(w),
+        original_disks=(("disk0", "/src/vm1/disk0", DiskFormat.RAW), ("disk1", "/src/vm1/disk1", DiskFormat.VHDX)),
+        block_size=w.sc.job.block_size,
+    )
+
+
+async def test_a_failback_transfer_readies_the_originals_then_sends_what_differs(
+    world: World, failback: FailbackTarget
+) -> None:
+    host = FakeProvider({FAILED_OVER: ("disk0", "disk1")})
+    transfers, request = FailbackTransfers(world.parts), _failback_request(world, host)
+    figures = await asyncio.wait_for(transfers.transfer(request), 30)
+    assert figures == ReverseFigures(bytes_read=2 * DISK_SIZE, bytes_sent=5 * world.sc.job.block_size // 2,
+                                     blocks_differing=5)  # fmt: skip
+    readied = [(r.replica_path, r.disk_id, r.original_path, r.format) for r in failback.failback_disks]
+    assert readied == [
+        (_path(world), "disk0", "/src/vm1/disk0", common_pb2.DISK_FORMAT_RAW),
+        (_path(world), "disk1", "/src/vm1/disk1", common_pb2.DISK_FORMAT_VHDX),
+    ]
+    assert [c.replica_path for c in failback.commits] == [_path(world)]
+    # Asked again (a controller restart after the step): the same figures, nothing readied or sent again.
+    assert await transfers.transfer(request) == figures
+    assert len(failback.failback_disks) == 2 and len(world.proxy.started) == 2 and len(failback.commits) == 1
+    await transfers.finish(request)
+    await transfers.finish(request)
+    assert failback.deleted_replicas == [_path(world)] * 2 and (_path(world), "disk0") not in failback.disks
+
+
+async def test_a_failback_transfer_that_fails_says_why_and_its_undo_leaves_the_original_as_it_was(
+    world: World, failback: FailbackTarget
+) -> None:
+    world.proxy.script = lambda r: [progress(proxy_pb2.TRANSFER_STATE_FAILED, 0, error_message="source unreadable")]
+    transfers = FailbackTransfers(world.parts)
+    request = _failback_request(world, FakeProvider({FAILED_OVER: ("disk0", "disk1")}))
+    with pytest.raises(FailedPrecondition, match=r"failback transfer of VM vm1 ended failed: .*source unreadable"):
+        await transfers.transfer(request)
+    assert failback.rollbacks == [(_path(world), world.sc.session_id)]  # told at the VM's end already
+    await transfers.roll_back(request)
+    assert failback.deleted_replicas == [_path(world)] and not failback.commits
+
+
+async def test_undoing_a_failback_transfer_cut_by_a_crash_cancels_its_streams_before_the_rollback(
+    world: World, failback: FailbackTarget
+) -> None:
+    started, busy = asyncio.Event(), asyncio.Event()
+
+    def script(request: proxy_pb2.StartDiskTransferRequest) -> list[Step]:
+        if request.disk_id == "disk1":
+            started.set()
+        # Busy until cancelled (twice: the watch the crash cut consumed one wait).
+        return [progress(RUNNING, DISK_SIZE // 4), busy, busy, _differing(2, world.sc.job.block_size)]
+
+    world.proxy.script = script
+    host = FakeProvider({FAILED_OVER: ("disk0", "disk1")})
+    transfers, request = FailbackTransfers(world.parts), _failback_request(world, host)
+    run = asyncio.create_task(transfers.transfer(request))
+    await asyncio.wait_for(started.wait(), 10)
+    await asyncio.sleep(0.1)
+    run.cancel()  # the controller dies mid-transfer; after its restart the operation undoes the step
+    with pytest.raises(asyncio.CancelledError):
+        await run
+    await asyncio.wait_for(transfers.roll_back(request), 30)
+    assert sorted(world.proxy.cancelled) == sorted(r.transfer_id for r in world.proxy.started)
+    assert host.removed == ["cp1"] and not failback.commits
+    assert failback.rollbacks == [(_path(world), world.sc.session_id)]
+    assert failback.deleted_replicas == [_path(world)]
+
+
+async def test_a_failback_disk_the_target_refuses_to_ready_records_nothing(
+    world: World, failback: FailbackTarget
+) -> None:
+    failback.mount_faults["prepare_failback_disk"] = [
+        rpc_error(grpc.StatusCode.FAILED_PRECONDITION, "/src/vm1/disk0 is outside the failback roots")
+    ]
+    host = FakeProvider({FAILED_OVER: ("disk0", "disk1")})
+    with pytest.raises(FailedPrecondition, match=r"target target answered FAILED_PRECONDITION: .*failback roots"):
+        await FailbackTransfers(world.parts).transfer(_failback_request(world, host))
+    assert host.created == 0 and not world.proxy.started
+    async with world.journal.read() as db:
+        assert not list(await db.scalars(select(SessionVm)))
+    await FailbackTransfers(world.parts).roll_back(_failback_request(world, host))  # nothing to roll back
+    assert failback.deleted_replicas == [_path(world)]
