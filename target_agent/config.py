@@ -44,5 +44,18 @@ class TargetSettings(ProgramSettings):
     idle_timeout_seconds: float = Field(
         120.0, gt=0, le=86400, description="an opened stream silent this long (target idle too) is ended"
     )
+    # Failover (docs/target-agent.md, "Mounts"): where restore points are mounted as VM folders.
+    vm_root: Path | None = Field(
+        None,
+        description="folder of failed-over VMs' folders, on the datastore's file system (mounts hard-link replica "
+        "files); unset: MountPoint is refused",
+    )
+    vm_root_host_path: str = Field(
+        "", max_length=1024, description="how the failover host names vm_root (e.g. D:\\vmrepl\\vms); empty: not said"
+    )
+    failback_roots: list[Path] = Field(
+        default_factory=list,
+        description="folders holding original VM disks a failback may write (PrepareFailbackDisk); empty: none",
+    )
     # Test only: slows every batch write, so tests can check the bottleneck is named.
     test_write_delay_ms: float = Field(0.0, ge=0, le=1000, description="test only: added to each batch write")

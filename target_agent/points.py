@@ -106,6 +106,13 @@ class PointDisk(DiskReader):
                 out[at : at + DIGEST_SIZE] = saved[1].digest
         return bytes(out)
 
+    def saved_blocks(self) -> list[int]:
+        """The blocks inside the point's disk whose bytes the overlay takes from rollback data (the point's
+        chain and any pending file seen so far): where the replica's bytes may differ from the point's.
+        Every other block reads as the replica file holds it."""
+        self._look_for_pending()
+        return sorted({b for u in self._undo for b in u.index if b < self.blocks})
+
     def _saved(self, block: int) -> tuple[rollback.UndoFile, rollback.Saved] | None:
         for undo in self._undo:
             s = undo.index.get(block)

@@ -33,7 +33,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
-from target_agent import rollback
+from target_agent import mount_registry, rollback
 from target_agent.file_format import UNVERSIONED, check_format
 from vmrepl.batch import MAX_PASS, DecodedBatch, PassDigest
 from vmrepl.block import DIGEST_SIZE, is_zero, zero_digest
@@ -180,6 +180,7 @@ def check_folders(vm_dir: Path) -> None:
     replica (restore_points.list_points)."""
     disks = vm_dir / "disks"
     _not_a_link(disks)
+    _not_a_link(vm_dir / mount_registry.REGISTRY_DIR)
     if not disks.is_dir():
         return
     for entry in os.scandir(disks):
@@ -544,7 +545,7 @@ def _ready_files(
     )
     try:
         if writer.size > disk_size and undo is not None:  # a smaller disk: save the tail before cutting it
-            _save_old(writer, digests, undo, range(disk_size // block_size, -(-writer.size // block_size)))
+            _save_old(disk_dir, writer, digests, undo, range(disk_size // block_size, -(-writer.size // block_size)))
         if writer.size != disk_size:
             writer.resize(disk_size)
         if old is not None and old.block_size != block_size:
@@ -579,9 +580,17 @@ def _forget(digests: DigestStore, undo: rollback.UndoFile | None, lo: int, hi: i
             digests.forget(block * bs, (block + 1) * bs)
 
 
-def _save_old(writer: DiskWriter, digests: DigestStore, undo: rollback.UndoFile, blocks: Iterable[int]) -> None:
-    """Save the old bytes and digests of `blocks` not saved yet, durably, before they are overwritten."""
-    undo.append_all(_old_blocks(writer, digests, [b for b in blocks if b not in undo.index]))
+def _save_old(
+    disk_dir: Path, writer: DiskWriter, digests: DigestStore, undo: rollback.UndoFile, blocks: Iterable[int]
+) -> None:
+    """Save the old bytes and digests of `blocks` not saved yet, durably, before they are overwritten: first
+    into the point stores of the disk's TEST mounts (target_agent.mount_registry), then into the pending
+    rollback file. In that order: a block the pending file holds is left out of the copy, so a cut between
+    the two must leave it out of the pending file too (the next attempt copies it again, a no-op where the
+    store holds it); a mount made later copies what the pending file holds itself."""
+    fresh = sorted({b for b in blocks if b not in undo.index})
+    mount_registry.before_overwrite(disk_dir, writer, fresh, digests.block_size)
+    undo.append_all(_old_blocks(writer, digests, fresh))
 
 
 def _old_blocks(writer: DiskWriter, digests: DigestStore, blocks: list[int]) -> Iterator[rollback.Record]:
@@ -705,6 +714,7 @@ class ReplicaStream:
                 block_size=block_size,
                 pass_number=pass_number,
             )
+            mount_registry.refuse_failover(disk_dir.parent.parent)  # replication is paused under a failover
             self._writer = open_data(disk_dir, st.replica_format)
             self._digests = DigestStore(
                 disk_dir / DIGESTS_FILE, block_size=block_size, disk_size=disk_size, digests_format=st.digests_format
@@ -756,7 +766,7 @@ class ReplicaStream:
             if self._undo is not None:  # the old bytes are durable before any of the batch is written
                 bs = self.state.block_size
                 blocks = (b for e in batch.extents for b in range(e.offset // bs, -(-(e.offset + e.length) // bs)))
-                _save_old(self._writer, self._digests, self._undo, blocks)
+                _save_old(self.disk_dir, self._writer, self._digests, self._undo, blocks)
             for e in batch.extents:
                 if e.data is None:
                     self._writer.write_zeros(e.offset, e.length)

@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from target_agent.file_format import check_format
+from target_agent.mount_registry import refuse_protected
 from target_agent.replica import (
     COMMITTED,
     COMPLETE,
@@ -56,6 +57,8 @@ POINTS_FILE = "restore-points.json"
 POINTS_FORMAT = 2
 CONFIG_DIR = "configurations"
 CONFIG_SUFFIX = ".bin"
+# Written by FlattenMount (target_agent.mounts): the replica's data became a VM's disks.
+GIVEN_AWAY_FILE = "given-away.json"
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
 
@@ -98,6 +101,7 @@ def list_points(vm_dir: Path) -> list[Point]:
     """The VM replica's points, oldest first; first of all its folders are checked (replica.check_folders):
     every VM-wide call starts here."""
     check_folders(vm_dir)
+    refuse_given_away(vm_dir)
     if (vm_dir / CONFIG_DIR).is_symlink():
         raise FailedPrecondition(f"{vm_dir.name}/{CONFIG_DIR} is a symbolic link: move the folder itself back in place")
     try:
@@ -122,6 +126,20 @@ def list_points(vm_dir: Path) -> list[Point]:
     if any(len({d.disk_id for d in p.disks}) != len(p.disks) for p in points):
         raise FailedPrecondition(f"{what} lists a disk twice in one restore point")
     return points
+
+
+def give_away(vm_dir: Path, mount_id: str) -> None:
+    """Mark the replica as no longer holding its points, durably: a permanent failover is merging the mount's
+    layers into the base, which is the replica's data file (FlattenMount). Only DeleteReplica remains."""
+    atomic_write(vm_dir / GIVEN_AWAY_FILE, json.dumps({"mount_id": mount_id}).encode())
+
+
+def refuse_given_away(vm_dir: Path) -> None:
+    if os.path.lexists(vm_dir / GIVEN_AWAY_FILE):
+        raise FailedPrecondition(
+            f"replica {vm_dir.name} was made a failed-over VM's disks for good (permanent failover: "
+            f"{GIVEN_AWAY_FILE}): its data no longer holds its restore points; only DeleteReplica remains"
+        )
 
 
 def _point(p: dict[str, Any]) -> Point:
@@ -162,6 +180,11 @@ def _point(p: dict[str, Any]) -> Point:
         if d.replica_format not in REPLICA_FORMATS:
             raise ValueError(f"a disk's replica_format is one of {REPLICA_FORMATS}")
     return point
+
+
+def save_points(vm_dir: Path, points: list[Point]) -> None:
+    """Replace the list, durably (call under the VM's lock): a failback disk's point of the original."""
+    _save(vm_dir, points)
 
 
 def _save(vm_dir: Path, points: list[Point]) -> None:
@@ -308,6 +331,7 @@ def _delete(vm_dir: Path, point_id: str, *, guard: Callable[[Path], DiskGuard]) 
     if at is None:
         raise NotFound(f"restore point {point_id} does not exist")
     point = points[at]
+    refuse_protected(vm_dir, point_id)
     if at == len(points) - 1 and at > 0:
         raise FailedPrecondition(
             f"restore point {point_id} is the replica's newest: its data is the replica itself (delete older points, "

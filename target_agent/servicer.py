@@ -12,15 +12,15 @@ from pathlib import Path
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from target_agent import export, replica, restore_points, verify, vm_replica
+from target_agent import export, failback, mount_registry, mounts, removal, replica, restore_points, verify, vm_replica
 from target_agent.config import TargetSettings
 from target_agent.datastore import Datastore
 from target_agent.point_reads import READS_IN_FLIGHT
 from target_agent.receiver import Receiver
 from vmrepl.block import DIGEST_SIZE
 from vmrepl.call_limits import Slots
-from vmrepl.domain import check_block_size, check_digest_count, check_disk_size, check_sample_percent
-from vmrepl.errors import FailedPrecondition, InvalidArgument, TicketError
+from vmrepl.domain import DiskFormat, check_block_size, check_digest_count, check_disk_size, check_sample_percent
+from vmrepl.errors import FailedPrecondition, InvalidArgument, NotFound, TicketError
 from vmrepl.names import check_name
 from vmrepl.rpc import handle_errors
 from vmrepl.security.ticket import load_public_keys
@@ -61,6 +61,23 @@ ROLES: dict[str, tuple[str, ...]] = {
     "ReadReplicaDisk": CONTROLLER,
     "ReadDigests": ("controller", "proxy"),  # a proxy only for the disk its ticket names (checked in the call)
     "Transfer": ("proxy",),
+    "MountPoint": CONTROLLER,
+    "GetMount": CONTROLLER,
+    "ListMounts": CONTROLLER,
+    "UnmountPoint": CONTROLLER,
+    "FlattenMount": CONTROLLER,
+    "DeleteReplica": CONTROLLER,
+    "PrepareFailbackDisk": CONTROLLER,
+}
+_KINDS = {target_pb2.MOUNT_KIND_FAILOVER: mount_registry.FAILOVER, target_pb2.MOUNT_KIND_TEST: mount_registry.TEST}
+_LAYOUTS = {target_pb2.MOUNT_LAYOUT_LAYER: mounts.LAYER, target_pb2.MOUNT_LAYOUT_VHDX: mounts.VHDX}
+_MOUNT_STATES = {
+    mounts.MOUNTED: target_pb2.MOUNT_STATE_MOUNTED,
+    mounts.FLATTENED: target_pb2.MOUNT_STATE_FLATTENED,
+    # A mount a crash cut short is neither: MountPoint finishes it (creating) or UnmountPoint removes it.
+    mounts.CREATING: target_pb2.MOUNT_STATE_UNSPECIFIED,
+    mounts.FLATTENING: target_pb2.MOUNT_STATE_MOUNTED,
+    mounts.REMOVING: target_pb2.MOUNT_STATE_UNSPECIFIED,
 }
 DIGESTS_PER_CHUNK = 65536  # 1 MiB of digests per message
 
@@ -153,6 +170,28 @@ def _replica_message(replica_path: str, s: vm_replica.Status) -> target_pb2.Repl
     return out
 
 
+def _mount_message(settings: mounts.MountSettings, rec: mounts.MountRecord, *, gone: bool = False) -> target_pb2.Mount:
+    kinds = {v: k for k, v in _KINDS.items()}
+    layouts = {v: k for k, v in _LAYOUTS.items()}
+    out = target_pb2.Mount(
+        mount_id=rec.mount_id,
+        replica_path=rec.replica_path,
+        point_id=rec.point_id,
+        kind=kinds[rec.kind],
+        layout=layouts[rec.layout],
+        state=target_pb2.MOUNT_STATE_GONE if gone else _MOUNT_STATES[rec.state],
+        folder=rec.mount_id,
+        host_folder=mounts.host_folder(settings, rec),
+        disks=[
+            target_pb2.MountDisk(disk_id=d.disk_id, path=d.path, format=DiskFormat(d.format).to_proto(), size=d.size)
+            for d in rec.disks
+        ],
+        create_time=_ts(rec.create_time),
+        bytes_copied=rec.bytes_copied if gone else mounts.bytes_copied(rec),
+    )
+    return out
+
+
 def _format_name(value: common_pb2.DiskFormat.ValueType) -> str:
     names = {common_pb2.DISK_FORMAT_UNSPECIFIED: "raw", **{v: k for k, v in _FORMATS.items()}}
     if value not in names:
@@ -194,6 +233,9 @@ class TargetAgentServicer(target_pb2_grpc.TargetAgentServicer):
             max_workers=settings.max_disk_reads * READS_IN_FLIGHT, thread_name_prefix="point-read"
         )
         self.rng = random.Random()  # which blocks a sampled verification checks
+        self.mount_settings = mounts.MountSettings(settings.vm_root, settings.vm_root_host_path)
+        self.failback_roots = list(settings.failback_roots)
+        removal.empty_trash(self.datastore)  # deletions a crash cut short
 
     @handle_errors
     async def PrepareReplicaDisk(
@@ -210,6 +252,7 @@ class TargetAgentServicer(target_pb2_grpc.TargetAgentServicer):
         replica_format = _format_name(request.replica_format)
         vm_dir = self.datastore.vm_dir(request.replica_path)
         disk_dir = self.datastore.disk_dir(request.replica_path, request.disk_id)
+        await asyncio.to_thread(failback.check_originals, vm_dir, [request.disk_id])
         st = await asyncio.to_thread(
             vm_replica.prepare_disk,
             vm_dir,
@@ -231,6 +274,7 @@ class TargetAgentServicer(target_pb2_grpc.TargetAgentServicer):
         context: grpc.aio.ServicerContext[target_pb2.GetReplicaDiskRequest, target_pb2.ReplicaDisk],
     ) -> target_pb2.ReplicaDisk:
         disk_dir = self.datastore.disk_dir(request.replica_path, request.disk_id)
+        await asyncio.to_thread(failback.check_originals, disk_dir.parent.parent, [request.disk_id])
         st = await asyncio.to_thread(replica.load_state, disk_dir)
         return _disk_message(request.replica_path, request.disk_id, st)
 
@@ -250,6 +294,7 @@ class TargetAgentServicer(target_pb2_grpc.TargetAgentServicer):
             raise InvalidArgument("change_reference", "at most 4096 characters")
         consistency = _consistency_name(request.consistency)
         vm_dir = self.datastore.vm_dir(request.replica_path)
+        await asyncio.to_thread(failback.check_originals, vm_dir)  # a failback writes the originals themselves
         p = await asyncio.to_thread(
             restore_points.commit,
             vm_dir,
@@ -418,3 +463,116 @@ class TargetAgentServicer(target_pb2_grpc.TargetAgentServicer):
         context: grpc.aio.ServicerContext[bytes, target_pb2.TransferResponse],
     ) -> None:
         await self.receiver.run(request_iterator, context)
+
+    # ---- failover: mounts (docs/target-agent.md, "Mounts") ----
+
+    @handle_errors
+    async def MountPoint(
+        self,
+        request: target_pb2.MountPointRequest,
+        context: grpc.aio.ServicerContext[target_pb2.MountPointRequest, target_pb2.Mount],
+    ) -> target_pb2.Mount:
+        mount_id = mounts.check_mount_id(request.mount_id)
+        if request.point_id:
+            check_name("point_id", request.point_id)
+        if request.kind not in _KINDS:
+            raise InvalidArgument("kind", "FAILOVER or TEST")
+        if request.layout not in _LAYOUTS:
+            raise InvalidArgument("layout", "LAYER or VHDX")
+        self.datastore.vm_dir(request.replica_path)  # checks the path before anything else
+        rec = await asyncio.to_thread(
+            mounts.mount,
+            self.datastore,
+            self.mount_settings,
+            self.receiver.guard,
+            replica_path=request.replica_path,
+            point_id=request.point_id,
+            mount_id=mount_id,
+            kind=_KINDS[request.kind],
+            layout=_LAYOUTS[request.layout],
+        )
+        return await asyncio.to_thread(_mount_message, self.mount_settings, rec)
+
+    @handle_errors
+    async def GetMount(
+        self,
+        request: target_pb2.GetMountRequest,
+        context: grpc.aio.ServicerContext[target_pb2.GetMountRequest, target_pb2.Mount],
+    ) -> target_pb2.Mount:
+        mount_id = mounts.check_mount_id(request.mount_id)
+        rec = await asyncio.to_thread(mounts.load_record, self.datastore, mount_id)
+        if rec is None:
+            raise NotFound(f"mount {mount_id} does not exist")
+        return await asyncio.to_thread(_mount_message, self.mount_settings, rec)
+
+    @handle_errors
+    async def ListMounts(
+        self,
+        request: target_pb2.ListMountsRequest,
+        context: grpc.aio.ServicerContext[target_pb2.ListMountsRequest, target_pb2.ListMountsResponse],
+    ) -> target_pb2.ListMountsResponse:
+        if request.replica_path:
+            self.datastore.vm_dir(request.replica_path)
+        records = await asyncio.to_thread(mounts.list_records, self.datastore, request.replica_path)
+        messages = [await asyncio.to_thread(_mount_message, self.mount_settings, r) for r in records]
+        return target_pb2.ListMountsResponse(mounts=messages)
+
+    @handle_errors
+    async def UnmountPoint(
+        self,
+        request: target_pb2.UnmountPointRequest,
+        context: grpc.aio.ServicerContext[target_pb2.UnmountPointRequest, target_pb2.Mount],
+    ) -> target_pb2.Mount:
+        mount_id = mounts.check_mount_id(request.mount_id)
+        rec = await asyncio.to_thread(
+            mounts.unmount, self.datastore, self.mount_settings, self.receiver.guard, mount_id
+        )
+        if rec is None:
+            return target_pb2.Mount(mount_id=mount_id, state=target_pb2.MOUNT_STATE_GONE)
+        return _mount_message(self.mount_settings, rec, gone=True)
+
+    @handle_errors
+    async def FlattenMount(
+        self,
+        request: target_pb2.FlattenMountRequest,
+        context: grpc.aio.ServicerContext[target_pb2.FlattenMountRequest, target_pb2.Mount],
+    ) -> target_pb2.Mount:
+        mount_id = mounts.check_mount_id(request.mount_id)
+        rec = await asyncio.to_thread(mounts.flatten, self.datastore, self.receiver.guard, mount_id)
+        return await asyncio.to_thread(_mount_message, self.mount_settings, rec)
+
+    @handle_errors
+    async def DeleteReplica(
+        self,
+        request: target_pb2.DeleteReplicaRequest,
+        context: grpc.aio.ServicerContext[target_pb2.DeleteReplicaRequest, target_pb2.DeleteReplicaResponse],
+    ) -> target_pb2.DeleteReplicaResponse:
+        self.datastore.vm_dir(request.replica_path)
+        deleted = await asyncio.to_thread(
+            removal.delete_replica, self.datastore, self.receiver.guard, request.replica_path
+        )
+        return target_pb2.DeleteReplicaResponse(deleted=deleted)
+
+    # ---- failback ----
+
+    @handle_errors
+    async def PrepareFailbackDisk(
+        self,
+        request: target_pb2.PrepareFailbackDiskRequest,
+        context: grpc.aio.ServicerContext[target_pb2.PrepareFailbackDiskRequest, target_pb2.ReplicaDisk],
+    ) -> target_pb2.ReplicaDisk:
+        check_block_size("block_size", request.block_size)
+        replica_format = _format_name(request.format)
+        vm_dir = self.datastore.vm_dir(request.replica_path)
+        disk_dir = self.datastore.disk_dir(request.replica_path, request.disk_id)
+        original = failback.check_original_path(self.failback_roots, request.original_path)
+        st = await asyncio.to_thread(
+            failback.prepare,
+            vm_dir,
+            disk_dir,
+            guards=self.receiver.guard,
+            original=original,
+            replica_format=replica_format,
+            block_size=request.block_size,
+        )
+        return _disk_message(request.replica_path, request.disk_id, st)

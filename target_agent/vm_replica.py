@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Concatenate, ParamSpec, TypeVar
 
-from target_agent import replica, restore_points
+from target_agent import mount_registry, replica, restore_points
 from target_agent.replica import COMMITTED, IDLE, Base, DiskGuard, DiskState
 from target_agent.restore_points import Point
 from target_agent.rollback import SUFFIX
@@ -88,6 +88,7 @@ def prepare_disk(
     from the same checkpoint) are rolled back first, so the replica never mixes two sessions."""
     _check_format_size(replica_format, disk_size)  # before anything changes
     points = restore_points.list_points(vm_dir)
+    mount_registry.refuse_failover(vm_dir)
     sessions = frozenset(p.session_id for p in points)
     keep = {session_id, resume_session_id}
     for other in disk_dirs(vm_dir):

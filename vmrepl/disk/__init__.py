@@ -21,6 +21,7 @@ __all__ = [
 ]
 
 # Formats register themselves on import.
+from vmrepl.disk import layer as _layer  # noqa: F401
 from vmrepl.disk import raw as _raw  # noqa: F401
 from vmrepl.disk import vhd as _vhd  # noqa: F401
 from vmrepl.disk import vhdx as _vhdx  # noqa: F401

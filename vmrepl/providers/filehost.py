@@ -23,7 +23,8 @@ Layout of a VM folder (docs/file-provider.md):
     .vmrepl/lock             serialises writers across processes
     .vmrepl/changes.log      one JSON line per write: seq, disk, offset, length
     .vmrepl/checkpoint.json  the sealed checkpoint record: id, created_at, reference, state (active | merging)
-    .vmrepl/overlay/<disk>.raw and .map   bytes written under the checkpoint, and where
+    .vmrepl/overlay/<disk>.raw and .map   bytes written under the checkpoint, and where (an ExtentStore)
+    .vmrepl/power            running | off (absent: running)
 """
 
 from __future__ import annotations
@@ -39,7 +40,8 @@ from pathlib import Path
 from typing import TypeVar
 
 from vmrepl.disk import open_reader
-from vmrepl.domain import DiskFormat
+from vmrepl.disk.layer import ExtentStore, LayerDisk, open_layer
+from vmrepl.domain import DiskFormat, PowerState
 from vmrepl.errors import DiskError, FailedPrecondition, InvalidArgument, NotFound, VmreplError
 from vmrepl.extent import Extent, merge
 from vmrepl.providers.base import (
@@ -80,6 +82,7 @@ OVERLAY_DIR = "overlay"
 CHECKPOINT = "checkpoint.json"
 CHANGES = "changes.log"
 LOCK = "lock"
+POWER = "power"
 _COPY_CHUNK = 4 << 20
 _RECORD_LIMIT = 64 << 10
 _LOG_LIMIT = 1 << 30
@@ -90,13 +93,25 @@ def _datasync(fd: int) -> None:
     getattr(os, "fdatasync", os.fsync)(fd)
 
 
-def _pread_exact(fd: int, buf: memoryview, offset: int, where: str) -> None:
-    done = 0
-    while done < len(buf):
-        n = os.preadv(fd, [buf[done:]], offset + done)
-        if n == 0:
-            raise FailedPrecondition(f"{where} is shorter than its map says: refused")
-        done += n
+@contextlib.contextmanager
+def _shown(fd_path: Path, real: Path) -> Iterator[None]:
+    """Errors raised inside name `real` where they say `fd_path` (a folder opened as /dev/fd/N)."""
+    try:
+        yield
+    except VmreplError as e:
+        text = str(e)
+        if str(fd_path) not in text:
+            raise
+        raise _renamed(e, str(fd_path), str(real)) from e
+
+
+def _renamed(e: VmreplError, old: str, new: str) -> VmreplError:
+    if isinstance(e, InvalidArgument):
+        return type(e)(e.field, e.description.replace(old, new))
+    try:
+        return type(e)(str(e).replace(old, new))
+    except TypeError:  # an error class with other arguments: as it was
+        return e
 
 
 def _pwrite_all(fd: int, data: bytes | memoryview, offset: int) -> None:
@@ -163,7 +178,22 @@ class FileVm:
             os.close(self._open_image(d, disk_id))
         return self.dir / self._disk(disk_id).path
 
+    @contextlib.contextmanager
+    def _layer(self, d: Folder, disk_id: str, *, writable: bool = False) -> Iterator[LayerDisk]:
+        """A layer disk, its folder reached without following symbolic links (its files are opened by
+        name in that folder's descriptor, /dev/fd/N; errors name the real folder)."""
+        parts = self._disk(disk_id).path.split("/")
+        with d.descend(parts[:-1]) as where, _shown(Path(f"/dev/fd/{where.fd}"), where.path):
+            disk = open_layer(Path(f"/dev/fd/{where.fd}") / parts[-1], writable=writable)
+            try:
+                yield disk
+            finally:
+                disk.close()
+
     def _size(self, d: Folder, disk_id: str) -> int:
+        if self._disk(disk_id).format is DiskFormat.LAYER:
+            with self._layer(d, disk_id) as layer:
+                return layer.size
         fd = self._open_image(d, disk_id)
         try:
             fmt = self._disk(disk_id).format
@@ -183,7 +213,8 @@ class FileVm:
             disks = tuple(
                 DiskInfo(d_.id, str(self.dir / d_.path), d_.format, self._size(d, d_.id)) for d_ in self.manifest.disks
             )
-        return VmInfo(self.manifest.id, self.manifest.name, self.host, disks)
+        power = self.power()
+        return VmInfo(self.manifest.id, self.manifest.name, self.host, disks, state=power.value, power=power)
 
     def configuration(self) -> bytes:
         with self._vm_dir() as d:
@@ -261,49 +292,45 @@ class FileVm:
         s.unlink(CHECKPOINT)
         s.sync()
 
+    def _overlay(self, overlay: Folder, disk_id: str, size: int) -> ExtentStore:
+        """The disk's overlay: the bytes written under the checkpoint and their map (a shared ExtentStore:
+        vmrepl/disk/layer.py has its durability order and its torn-line rule), opened in the overlay
+        folder's descriptor."""
+        return ExtentStore(Path(f"/dev/fd/{overlay.fd}"), disk_id, size=size, shown=overlay.path)
+
     def _merge_disk(self, d: Folder, overlay: Folder, disk_id: str) -> None:
-        extents = self._overlay_extents(overlay, disk_id, self._size(d, disk_id))
+        store = self._overlay(overlay, disk_id, self._size(d, disk_id))
+        extents = store.extents()
         if not extents:
             return
-        src = overlay.open_file(f"{disk_id}.raw", own=True)
+        with self._image_writer(d, disk_id) as write:
+            buf = bytearray(_COPY_CHUNK)
+            for e in extents:
+                for pos in range(e.offset, e.end, _COPY_CHUNK):
+                    view = memoryview(buf)[: min(_COPY_CHUNK, e.end - pos)]
+                    store.read_into(view, pos)
+                    write(pos, view)
+
+    @contextlib.contextmanager
+    def _image_writer(self, d: Folder, disk_id: str) -> Iterator[Callable[[int, memoryview | bytes], None]]:
+        """A function writing the disk as the guest does; everything it wrote is durable once the block
+        ends (a layer disk's writes, into its top store, are each durable at once)."""
+        if self._disk(disk_id).format is DiskFormat.LAYER:
+            with self._layer(d, disk_id, writable=True) as layer:
+                yield layer.write
+            return
+        fd = self._open_image(d, disk_id, writable=True)
         try:
-            dst = self._open_image(d, disk_id, writable=True)
-            try:
-                buf = bytearray(_COPY_CHUNK)
-                for e in extents:
-                    for pos in range(e.offset, e.end, _COPY_CHUNK):
-                        view = memoryview(buf)[: min(_COPY_CHUNK, e.end - pos)]
-                        _pread_exact(src, view, pos, str(overlay.path / f"{disk_id}.raw"))
-                        _pwrite_all(dst, view, pos)
-                _datasync(dst)
-            finally:
-                os.close(dst)
+            yield lambda offset, data: _pwrite_all(fd, data, offset)
+            _datasync(fd)
         finally:
-            os.close(src)
+            os.close(fd)
 
     def _drop_overlays(self, overlay: Folder) -> None:
         for disk in self.manifest.disks:
             for suffix in (".raw", ".map"):
                 overlay.unlink(f"{disk.id}{suffix}")
         overlay.sync()
-
-    def _overlay_extents(self, overlay: Folder, disk_id: str, size: int) -> list[Extent]:
-        """The ranges the overlay holds: its map's complete lines (a line torn by a crash in the middle of
-        an append was never acknowledged, and is left out); any other damage is refused."""
-        name = f"{disk_id}.map"
-        lines = overlay.lines(name, limit=_LOG_LIMIT)
-        out = []
-        for n, line in enumerate(lines or [], 1):
-            try:
-                offset, length = json.loads(line)
-                if not (isinstance(offset, int) and isinstance(length, int)):
-                    raise ValueError(line)
-            except ValueError as e:
-                raise FailedPrecondition(f"{overlay.path / name} line {n} is damaged: refused") from e
-            if offset < 0 or length <= 0 or offset + length > size:
-                raise FailedPrecondition(f"{overlay.path / name} line {n} lies outside disk {disk_id}: refused")
-            out.append(Extent(offset, length))
-        return merge(out)
 
     # -- writes and change tracking ------------------------------------------------------------
 
@@ -318,13 +345,17 @@ class FileVm:
 
     def write(self, disk_id: str, offset: int, data: bytes) -> None:
         """Write as the guest would: into the overlay while a checkpoint exists, else into the disk. Durable
-        when it returns, as a guest's flushed write is."""
-        if self._disk(disk_id).format is not DiskFormat.RAW:
-            raise FailedPrecondition(f"disk {disk_id} is {self._disk(disk_id).format}; the lab writes raw disks only")
+        when it returns, as a guest's flushed write is. A VM that is off writes nothing."""
+        if self._disk(disk_id).format not in (DiskFormat.RAW, DiskFormat.LAYER):
+            raise FailedPrecondition(
+                f"disk {disk_id} is {self._disk(disk_id).format}; the lab writes raw and layer disks only"
+            )
         size = self.size(disk_id)
         if offset < 0 or offset + len(data) > size:
             raise InvalidArgument("offset", f"[{offset}, +{len(data)}) is outside disk {disk_id}")
         with self._state() as s, s.lock(LOCK):
+            if self._power(s) is not PowerState.RUNNING:
+                raise FailedPrecondition(f"VM {self.manifest.name} is off: start it first")
             record = self._record(s)
             if record is not None and record.state == "merging":
                 self._merge(s)
@@ -334,66 +365,54 @@ class FileVm:
             entry = {"seq": self._last_seq(s) + 1, "disk": disk_id, "offset": offset, "length": len(data)}
             s.append_line(CHANGES, json.dumps(entry).encode())
             if record is None:
-                with self._vm_dir() as d:
-                    fd = self._open_image(d, disk_id, writable=True)
-                    try:
-                        _pwrite_all(fd, data, offset)
-                        _datasync(fd)
-                    finally:
-                        os.close(fd)
+                with self._vm_dir() as d, self._image_writer(d, disk_id) as write:
+                    write(offset, data)
                 return
+            # Under a checkpoint the write goes to the overlay; the disk stays as the checkpoint froze it.
             with s.child(OVERLAY_DIR, create=True) as overlay:
-                self._write_overlay(overlay, disk_id, offset, data, size)
-
-    def _write_overlay(self, overlay: Folder, disk_id: str, offset: int, data: bytes, size: int) -> None:
-        # Under a checkpoint the write goes to the overlay; the base stays as the checkpoint froze it.
-        # Order: the data (and the file's name) durable first, then the map entry, appended and fsynced.
-        # The merge copies only what the map lists, so it never copies bytes that were not written, and
-        # a write that returned is in the map, so the merge never loses it.
-        name = f"{disk_id}.raw"
-        created = not overlay.exists(name)
-        fd = overlay.open_file(name, writable=True, create=True, own=True)
-        try:
-            if os.fstat(fd).st_size < size:
-                os.ftruncate(fd, size)
-            _pwrite_all(fd, data, offset)
-            _datasync(fd)
-        finally:
-            os.close(fd)
-        if created:
-            overlay.sync()
-        overlay.append_line(f"{disk_id}.map", json.dumps([offset, len(data)]).encode())
+                self._overlay(overlay, disk_id, size).write(offset, data)
 
     def read_current(self, disk_id: str, offset: int, length: int) -> bytes:
-        """The disk as the guest sees it now: the base, with the overlay on top."""
+        """The disk as the guest sees it now: the disk, with the overlay on top."""
         buf = bytearray(length)
         with self._vm_dir() as d:
             size = self._size(d, disk_id)
-            fd = self._open_image(d, disk_id)
-            try:
-                with open_reader(self._disk(disk_id).format, Path(f"/dev/fd/{fd}")) as r:
-                    r.read_into(memoryview(buf), offset)
-            finally:
-                os.close(fd)
+            if self._disk(disk_id).format is DiskFormat.LAYER:
+                with self._layer(d, disk_id) as layer:
+                    layer.read_into(memoryview(buf), offset)
+            else:
+                fd = self._open_image(d, disk_id)
+                try:
+                    with open_reader(self._disk(disk_id).format, Path(f"/dev/fd/{fd}")) as r:
+                        r.read_into(memoryview(buf), offset)
+                finally:
+                    os.close(fd)
         with self._state_if_any() as s:
             overlay = s.maybe_child(OVERLAY_DIR) if s is not None else None
             if overlay is not None:
                 with overlay:
-                    self._read_overlay(overlay, disk_id, size, buf, offset)
+                    self._overlay(overlay, disk_id, size).read_into(memoryview(buf), offset)
         return bytes(buf)
 
-    def _read_overlay(self, overlay: Folder, disk_id: str, size: int, buf: bytearray, offset: int) -> None:
-        extents = self._overlay_extents(overlay, disk_id, size)
-        if not extents:
-            return
-        fd = overlay.open_file(f"{disk_id}.raw", own=True)
-        try:
-            for e in extents:
-                lo, hi = max(e.offset, offset), min(e.end, offset + len(buf))
-                if lo < hi:
-                    _pread_exact(fd, memoryview(buf)[lo - offset : hi - offset], lo, str(overlay.path))
-        finally:
-            os.close(fd)
+    # -- power -----------------------------------------------------------------------------------
+
+    def _power(self, s: Folder | None) -> PowerState:
+        data = s.read(POWER, limit=64, own=True) if s is not None else None
+        if data is None:
+            return PowerState.RUNNING  # as before power existed: a VM folder is a running VM
+        word = data.decode("utf-8", errors="replace").strip()
+        if word not in (PowerState.RUNNING, PowerState.OFF):
+            raise FailedPrecondition(f"{self.state / POWER} says {word!r}, neither running nor off: refused")
+        return PowerState(word)
+
+    def power(self) -> PowerState:
+        with self._state_if_any() as s:
+            return self._power(s)
+
+    def set_power(self, power: PowerState) -> None:
+        """Durable when it returns; taken under the VM's lock, so no write is under way once it is off."""
+        with self._state() as s, s.lock(LOCK):
+            s.replace(POWER, f"{power.value}\n".encode())
 
     def changed_ranges(self, checkpoint: Checkpoint, disk_id: str, since: str) -> list[Extent] | Untracked:
         try:

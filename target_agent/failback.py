@@ -1,0 +1,226 @@
+"""Failback disks: the original VM's disk written in place, with a way back.
+
+`PrepareFailbackDisk` makes a replica disk (under a replica path like `.failback/<job>/<vm>`) whose data
+file is a hard link of the original disk, its digests computed from the original's content, and one
+restore point standing for "the original as it was" (session `ORIGINAL_SESSION`). A following normal session
+(PrepareReplicaDisk, Transfer comparing digests, CommitRestorePoint) then overwrites only the blocks that
+differ, each original block saved in the pending rollback file before it is overwritten, as for any
+replica with a point: a failback cut short resumes, or RollbackReplica writes the original blocks back.
+
+`failback.json` in the replica folder records each disk's original (path, device and inode); the data file
+must still be that inode (`check_originals`) before a prepare, a commit and in GetReplicaDisk: an original
+replaced meanwhile (copied over, restored from a backup) would have the failback write a file no VM uses.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import stat
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from target_agent import replica, restore_points, vm_replica
+from target_agent.replica import DIGESTS_FILE, IDLE, ROLLBACK_DIR, DigestStore, DiskState
+from vmrepl.block import digest
+from vmrepl.disk.base import open_reader, open_writer
+from vmrepl.disk.fileio import atomic_write, link, make_dirs, read_bytes, remove
+from vmrepl.domain import DiskFormat, check_disk_size
+from vmrepl.errors import FailedPrecondition, InvalidArgument, NotFound, PathError
+from vmrepl.extent import MiB
+from vmrepl.names import check_name
+
+FAILBACK_FILE = "failback.json"
+ORIGINAL_SESSION = "failback-original"
+_FORMAT = 1
+_READ = 4 * MiB
+
+
+@dataclass
+class Original:
+    path: str
+    dev: int
+    ino: int
+
+
+def check_original_path(roots: Sequence[Path], original_path: str) -> Path:
+    """The original disk's path: absolute, inside one of `roots`, no symbolic link on the way, a file."""
+    if not roots:
+        raise FailedPrecondition("this target has no failback_roots setting: it writes no original disk")
+    path = Path(original_path)
+    if not original_path or not path.is_absolute() or ".." in path.parts or "\x00" in original_path:
+        raise InvalidArgument("original_path", "must be an absolute path without '..'")
+    if os.path.realpath(path) != os.path.normpath(path):
+        raise PathError("original_path", f"{original_path} goes through a symbolic link: refused")
+    if not any(Path(os.path.realpath(r)) in path.parents for r in roots):
+        raise PathError("original_path", f"{original_path} is not under any of the target's failback_roots")
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError as e:
+        raise FailedPrecondition(f"original disk {original_path} does not exist") from e
+    if not stat.S_ISREG(st.st_mode):
+        raise FailedPrecondition(f"original disk {original_path} is not a regular file")
+    return path
+
+
+def _originals(vm_dir: Path) -> dict[str, Original] | None:
+    path = vm_dir / FAILBACK_FILE
+    if not os.path.lexists(path):
+        return None
+    try:
+        raw = json.loads(read_bytes(path, follow_links=False).decode("utf-8"))
+        if not isinstance(raw, dict) or raw.get("format") != _FORMAT or not isinstance(raw.get("disks"), dict):
+            raise ValueError("not a failback record")
+        out = {check_name("disk_id", k): Original(**v) for k, v in raw["disks"].items()}
+        for o in out.values():
+            if not isinstance(o.path, str) or type(o.dev) is not int or type(o.ino) is not int:
+                raise ValueError("an original is not a path, a device and an inode")
+    except (OSError, ValueError, TypeError, PathError) as e:
+        raise FailedPrecondition(f"{vm_dir.name}/{FAILBACK_FILE} is damaged: {e}") from e
+    return out
+
+
+def _save_originals(vm_dir: Path, originals: dict[str, Original]) -> None:
+    doc = {"format": _FORMAT, "disks": {k: asdict(v) for k, v in originals.items()}}
+    atomic_write(vm_dir / FAILBACK_FILE, json.dumps(doc, indent=1).encode())
+
+
+def check_originals(vm_dir: Path, disk_ids: Sequence[str] | None = None) -> None:
+    """Each failback disk's data file is still its original's inode (no-op for a replica that is none)."""
+    originals = _originals(vm_dir) if vm_dir.is_dir() else None
+    if originals is None:
+        return
+    for disk_id, o in originals.items():
+        if disk_ids is not None and disk_id not in disk_ids:
+            continue
+        disk_dir = vm_dir / "disks" / disk_id
+        try:
+            st = replica.load_state(disk_dir)
+            data = os.lstat(replica.data_file(disk_dir, st.replica_format))
+            orig = os.lstat(o.path)
+        except (FileNotFoundError, NotFound) as e:
+            raise FailedPrecondition(f"failback disk {disk_id}: its original {o.path} or its link is gone") from e
+        ids = {(data.st_dev, data.st_ino), (orig.st_dev, orig.st_ino), (o.dev, o.ino)}
+        if len(ids) != 1 or not stat.S_ISREG(orig.st_mode):
+            raise FailedPrecondition(
+                f"failback disk {disk_id} is no longer the original {o.path} (another file is there now): the "
+                "failback would not write the VM's disk; DeleteReplica the failback folder and prepare it again"
+            )
+
+
+def prepare(
+    vm_dir: Path,
+    disk_dir: Path,
+    *,
+    guards: vm_replica.Guards,
+    original: Path,
+    replica_format: str,
+    block_size: int,
+) -> DiskState:
+    """Make the failback disk, or answer it as it is (idempotent)."""
+    with restore_points.vm_lock(vm_dir):
+        make_dirs(vm_dir)
+        points = restore_points.list_points(vm_dir)
+        originals = _originals(vm_dir)
+        if points and originals is None:
+            raise FailedPrecondition(f"{vm_dir.name} holds a replica, not failback disks: choose another replica_path")
+        originals = originals or {}
+        known = originals.get(disk_dir.name)
+        if known is not None and known.path != str(original):
+            raise FailedPrecondition(f"failback disk {disk_dir.name} was prepared for {known.path}, not {original}")
+        if known is not None and points and disk_dir.name in {d.disk_id for d in points[0].disks}:
+            check_originals(vm_dir, [disk_dir.name])
+            return replica.load_state(disk_dir)  # made already (and maybe written since)
+        if len(points) > 1 or any(replica.load_state(d).state != IDLE for d in vm_replica.disk_dirs(vm_dir)):
+            raise FailedPrecondition(
+                f"a failback session already wrote {vm_dir.name}: prepare every failback disk before the session"
+            )
+        st = os.lstat(original)
+        originals[disk_dir.name] = Original(str(original), st.st_dev, st.st_ino)
+        _save_originals(vm_dir, originals)  # before the link: a crash leaves a known original
+        with guards(disk_dir).lock:
+            state = _make_disk(disk_dir, original, replica_format, block_size)
+        _add_to_original_point(vm_dir, points, disk_dir.name, state)
+        return state
+
+
+def _make_disk(disk_dir: Path, original: Path, replica_format: str, block_size: int) -> DiskState:
+    make_dirs(disk_dir / ROLLBACK_DIR)
+    data = replica.data_file(disk_dir, replica_format)
+    _link_original(original, data)
+    open_writer(DiskFormat(replica_format), data).close()  # a session could write it: refused now if not
+    size = _compute_digests(disk_dir, data, replica_format, block_size)
+    st = DiskState(size, block_size, "", IDLE, replica_format=replica_format)
+    st.committed_offset = st.frontier = size
+    replica.save_state(disk_dir, st)
+    return st
+
+
+def _link_original(original: Path, data: Path) -> None:
+    want = os.lstat(original)
+    try:
+        have = os.lstat(data)
+        if (have.st_dev, have.st_ino) == (want.st_dev, want.st_ino):
+            return
+        remove(data)  # an earlier attempt's link to a file since replaced, or one planted: never followed
+    except FileNotFoundError:
+        pass
+    try:
+        link(original, data)
+    except OSError as e:
+        if e.errno == errno.EXDEV:
+            raise FailedPrecondition(
+                f"original disk {original} is on another file system than the datastore: a failback disk is a hard "
+                "link of it (put the datastore on the original's file system)"
+            ) from e
+        raise
+
+
+def _compute_digests(disk_dir: Path, data: Path, replica_format: str, block_size: int) -> int:
+    """The original's digests, one per block (unallocated ranges: the zero digest), flushed; its size."""
+    reader = open_reader(DiskFormat(replica_format), data, follow_links=False)
+    try:
+        size = check_disk_size("original disk size", reader.size)
+        store = DigestStore(disk_dir / DIGESTS_FILE, block_size=block_size, disk_size=size)
+        try:
+            store.forget_all()
+            done = 0
+            buf = bytearray(block_size)
+            for e in reader.allocated_extents():
+                first = e.offset // block_size
+                if first * block_size > done:
+                    store.put_zero(done, first * block_size - done)
+                for b in range(max(first, done // block_size), -(-min(e.end, size) // block_size)):
+                    n = min(block_size, size - b * block_size)
+                    reader.read_into(memoryview(buf)[:n], b * block_size)
+                    store.put(b * block_size, digest(memoryview(buf)[:n]))
+                    done = b * block_size + n
+            if done < size:
+                store.put_zero(done, size - done)
+            store.flush()
+        finally:
+            store.close()
+    finally:
+        reader.close()
+    return size
+
+
+def _add_to_original_point(
+    vm_dir: Path, points: list[restore_points.Point], disk_id: str, state: DiskState
+) -> restore_points.Point:
+    """The point standing for the originals as they were, with this disk in it."""
+    disk = restore_points.PointDisk(disk_id, state.disk_size, state.block_size, state.replica_format)
+    if points:
+        point = points[0]
+        point.disks = [d for d in point.disks if d.disk_id != disk_id] + [disk]
+    else:
+        point = restore_points.Point(
+            id=uuid.uuid4().hex, session_id=ORIGINAL_SESSION, created_at=time.time(), disks=[disk]
+        )
+        points = [point]
+    restore_points.save_points(vm_dir, points)
+    return point
