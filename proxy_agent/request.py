@@ -17,7 +17,7 @@ from vmrepl.disk.vhdx import VhdxReader
 from vmrepl.domain import DEFAULT_BLOCK_SIZE, ChangeMode, Compression, DiskFormat, check_block_size
 from vmrepl.errors import FailedPrecondition, InvalidArgument, PathError
 from vmrepl.extent import Extent
-from vmrepl.names import check_name, check_relative
+from vmrepl.names import check_name, check_replica_path
 from vmrepl.security.ticket import MAX_TICKET_BYTES
 from vmrepl.v1 import common_pb2, proxy_pb2
 
@@ -176,7 +176,7 @@ def plans_for(req: proxy_pb2.StartDiskTransferRequest, *, disk_size: int, alloca
 def check_identity(req: proxy_pb2.StartDiskTransferRequest) -> None:
     for field in ("session_id", "disk_id", "checkpoint_id"):
         check_name(field, getattr(req, field))
-    check_relative("replica_path", req.replica_path)
+    check_replica_path("replica_path", req.replica_path)
     if not req.target.address:
         raise InvalidArgument("target.address", "is required")
     if not req.ticket or len(req.ticket) > MAX_TICKET_BYTES:

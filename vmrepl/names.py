@@ -39,6 +39,20 @@ def check_relative(field: str, value: str) -> list[str]:
     return parts
 
 
+# The one first component of a replica path that is not a plain name: the target's failback folders
+# (`.failback/<job id>/<vm id>`, made by PrepareFailbackDisk), apart from every job's replica root, which a
+# plain name can never be.
+FAILBACK_ROOT = ".failback"
+
+
+def check_replica_path(field: str, value: str) -> list[str]:
+    """A replica path as the agents accept it: a relative path of plain names, or one under FAILBACK_ROOT
+    (the failback transfer's, which the proxy streams like any other)."""
+    if value.startswith(FAILBACK_ROOT + "/"):
+        return [FAILBACK_ROOT, *check_relative(field, value[len(FAILBACK_ROOT) + 1 :])]
+    return check_relative(field, value)
+
+
 def resolve_inside(field: str, path: Path, roots: Iterable[Path], *, what: str) -> Path:
     """`path` with every symlink resolved, if that lies strictly inside one of `roots` (resolved too)."""
     real = Path(os.path.realpath(path))
