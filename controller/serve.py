@@ -32,9 +32,13 @@ from vmrepl.daemon import run_daemon, serve_services
 from vmrepl.logs import get_logger
 from vmrepl.metrics import serve_metrics
 from vmrepl.security.ticket import load_signing_key
-from vmrepl.supervise import stop_all
+from vmrepl.supervise import every, stop_all
 
 log = get_logger("vmrepl.controller")
+
+
+# How often test failovers' deadlines are looked at.
+TEST_DEADLINE_SECONDS = 10.0
 
 
 def secret_box(settings: ControllerSettings) -> SecretBox:
@@ -64,6 +68,22 @@ async def shut_down(
     await engine.shutdown(grace)
     for close in then:
         await close()
+
+
+def _background(
+    journal: Journal, engine: Engine, notifier: Notifier, clock: Callable[[], dt.datetime]
+) -> list[asyncio.Task[Any]]:
+    """Each supervised (vmrepl.supervise): a failure is logged and retried, never the end of the loop."""
+    return [
+        asyncio.create_task(Scheduler(journal=journal, engine=engine, clock=clock).run(), name="scheduler"),
+        asyncio.create_task(metrics.keep_fresh(journal), name="metrics"),
+        asyncio.create_task(notifier.run(), name="webhooks"),
+        # Test failovers past their deadline are stopped (a STOP_TEST session each).
+        asyncio.create_task(
+            every(TEST_DEADLINE_SECONDS, engine.operations.expire_tests, name="test_failover_deadlines"),
+            name="test_failover_deadlines",
+        ),
+    ]
 
 
 async def serve(settings: ControllerSettings) -> None:
@@ -99,15 +119,11 @@ async def serve(settings: ControllerSettings) -> None:
     serve_metrics(settings.metrics_listen, settings.tls, plain_http=settings.metrics_plain_http)
     offset = dt.timedelta(seconds=settings.test_clock_offset_seconds)
     clock = (lambda: utc_now() + offset) if offset else utc_now
+    engine.operations.clock = clock
     notifier = Notifier(
         journal=journal, secrets=secrets, render=servicer.session, backoff_seconds=settings.webhook_backoff_seconds
     )
-    # Each supervised (vmrepl.supervise): a failure is logged and retried, never the end of the loop.
-    background = [
-        asyncio.create_task(Scheduler(journal=journal, engine=engine, clock=clock).run(), name="scheduler"),
-        asyncio.create_task(metrics.keep_fresh(journal), name="metrics"),
-        asyncio.create_task(notifier.run(), name="webhooks"),
-    ]
+    background = _background(journal, engine, notifier, clock)
 
     async def stop() -> None:
         closers = (agents.close, api_db.dispose, engine_db.dispose)

@@ -18,6 +18,7 @@ from controller.db.models import (
     Credential,
     Host,
     Job,
+    OperationVm,
     Proxy,
     RestorePoint,
     Session,
@@ -132,6 +133,10 @@ class ApiBase:
         vms: dict[str, list[SessionVm]] = {i: [] for i in ids}
         for v in await db.scalars(select(SessionVm).where(SessionVm.session_id.in_(ids)).order_by(SessionVm.vm_name)):
             vms[v.session_id].append(v)
+        ops: dict[str, list[OperationVm]] = {i: [] for i in ids}
+        q = select(OperationVm).where(OperationVm.session_id.in_(ids)).order_by(OperationVm.group, OperationVm.vm_name)
+        for o in await db.scalars(q):
+            ops[o.session_id].append(o)
         tasks: dict[str, list[Task]] = {i: [] for i in ids}
         for t in await db.scalars(select(Task).where(Task.session_id.in_(ids)).order_by(Task.disk_id)):
             tasks[t.session_id].append(t)
@@ -142,7 +147,13 @@ class ApiBase:
         for i, r in enumerate(rows, 1):
             out.append(
                 session_msg(
-                    r, jobs.get(r.job_id, ""), vms[r.id], tasks[r.id], proxies=proxies, live=self.live.get(r.id)
+                    r,
+                    jobs.get(r.job_id, ""),
+                    vms[r.id],
+                    tasks[r.id],
+                    proxies=proxies,
+                    live=self.live.get(r.id),
+                    operation_vms=ops[r.id],
                 )
             )
             if i % 10 == 0:  # a large page gives the event loop (the engine, other callers) a turn now and then

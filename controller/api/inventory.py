@@ -110,7 +110,8 @@ class InventoryApi(ApiBase):
     @handle_errors
     async def DeleteHost(self, request: api.DeleteHostRequest, context: Any) -> empty_pb2.Empty:
         async def users(db: AsyncSession, row: Host) -> list[str]:
-            return [f"jobs/{j}" for j in await db.scalars(select(Job.name).where(Job.host_id == row.id))]
+            uses = (Job.host_id == row.id) | (Job.failover_host_id == row.id)  # a failover host too
+            return [f"jobs/{j}" for j in await db.scalars(select(Job.name).where(uses))]
 
         await self._delete(Host, "name", request.name, "hosts", in_use=users)
         return empty_pb2.Empty()
@@ -198,7 +199,8 @@ class InventoryApi(ApiBase):
     @handle_errors
     async def DeleteTarget(self, request: api.DeleteTargetRequest, context: Any) -> empty_pb2.Empty:
         async def users(db: AsyncSession, row: Target) -> list[str]:
-            return [f"jobs/{j}" for j in await db.scalars(select(Job.name).where(Job.target_id == row.id))]
+            uses = (Job.target_id == row.id) | (Job.failback_target_id == row.id)  # a failback target too
+            return [f"jobs/{j}" for j in await db.scalars(select(Job.name).where(uses))]
 
         await self._delete(Target, "name", request.name, "targets", in_use=users)
         return empty_pb2.Empty()

@@ -8,6 +8,7 @@ stored; no reply or log line carries one.
 
 from controller.api.inventory import InventoryApi
 from controller.api.jobs import JobsApi
+from controller.api.operations import OperationsApi
 from controller.api.replica_reads import ReplicaReadsApi
 from controller.api.replicas import ReplicasApi
 from controller.api.sessions import SessionsApi
@@ -57,11 +58,21 @@ ROLES: dict[str, tuple[str, ...]] = {
     # on the target's disks, and an export hands out the VM's data).
     "VerifyJobReplica": WRITE,
     "ExportRestorePoint": WRITE,
+    # Failover and the rest change where VMs run: an operator's; where a VM stands is anyone's to read.
+    "StartReplicaOperation": WRITE,
+    "GetReplicaVm": READ,
+    "ListReplicaVms": READ,
 }
 
 
 class ControllerServicer(
-    InventoryApi, JobsApi, SessionsApi, ReplicasApi, ReplicaReadsApi, controller_pb2_grpc.ControllerServiceServicer
+    InventoryApi,
+    JobsApi,
+    SessionsApi,
+    ReplicasApi,
+    ReplicaReadsApi,
+    OperationsApi,
+    controller_pb2_grpc.ControllerServiceServicer,
 ):
     """The whole service: each section (inventory, jobs, sessions, replicas, replica reads) in its own module over
     controller.api.base."""

@@ -8,8 +8,8 @@ import json
 from typing import Any
 
 from controller.api.resources import timestamp
-from controller.db.enums import SessionState, TaskState, VmState
-from controller.db.models import Session, SessionVm, Task
+from controller.db.enums import OperationStepState, SessionKind, SessionState, TaskState, VmState
+from controller.db.models import OperationVm, Session, SessionVm, Task
 from controller.observability.statistics import Shares, compression_ratio, rate, shares
 from vmrepl.domain import Consistency
 from vmrepl.progress import StageBusy, TransferFigures
@@ -23,6 +23,18 @@ SESSION_STATES: dict[SessionState, api.SessionState.ValueType] = {
 VM_STATES: dict[VmState, api.VmState.ValueType] = {s: api.VmState.Value(f"VM_STATE_{s.name}") for s in VmState}
 TASK_STATES: dict[TaskState, api.DiskTaskState.ValueType] = {
     s: api.DiskTaskState.Value(f"DISK_TASK_STATE_{s.name}") for s in TaskState
+}
+SESSION_KINDS: dict[SessionKind, api.SessionKind.ValueType] = {
+    s: api.SessionKind.Value(f"SESSION_KIND_{s.name}") for s in SessionKind
+}
+# An operation VM's state: rolling back is a step under way, as running.
+STEP_STATES: dict[OperationStepState, api.OperationStep.ValueType] = {
+    OperationStepState.PLANNED: api.OPERATION_STEP_PLANNED,
+    OperationStepState.RUNNING: api.OPERATION_STEP_RUNNING,
+    OperationStepState.ROLLING_BACK: api.OPERATION_STEP_RUNNING,
+    OperationStepState.DONE: api.OPERATION_STEP_DONE,
+    OperationStepState.FAILED: api.OPERATION_STEP_FAILED,
+    OperationStepState.ROLLED_BACK: api.OPERATION_STEP_ROLLED_BACK,
 }
 
 
@@ -76,6 +88,7 @@ def session_msg(
     *,
     proxies: dict[str, str],
     live: dict[str, proxy_pb2.TransferProgress],
+    operation_vms: list[OperationVm] | None = None,
 ) -> api.Session:
     out_vms = []
     for v in vms:
@@ -99,7 +112,7 @@ def session_msg(
     )
     stats.duration_seconds = _duration(row)
     stats.rate_bytes_per_second = rate(stats.bytes_processed, stats.duration_seconds)
-    return api.Session(
+    msg = api.Session(
         name=f"sessions/{row.id}",
         job=f"jobs/{job_name}",
         state=SESSION_STATES[row.state],
@@ -108,6 +121,38 @@ def session_msg(
         error=row.error,
         vms=out_vms,
         stats=stats,
+        kind=SESSION_KINDS[row.kind],
+    )
+    if row.kind is SessionKind.OPERATION:
+        msg.operation = api.ReplicaOperation.Value(f"REPLICA_OPERATION_{row.operation.upper()}")
+        msg.operation_vms.extend(operation_vm_msg(v, job_name, tasks, proxies, live) for v in operation_vms or [])
+    return msg
+
+
+def operation_vm_msg(
+    v: OperationVm,
+    job_name: str,
+    tasks: list[Task],
+    proxies: dict[str, str],
+    live: dict[str, proxy_pb2.TransferProgress],
+) -> api.OperationVm:
+    """One VM of an operation session; `disks` are a failback's transfer tasks (recorded under the session)."""
+    end = v.ended_at or dt.datetime.now(dt.UTC)
+    step = v.step if v.state is not OperationStepState.ROLLING_BACK else f"undo: {v.step}"
+    return api.OperationVm(
+        vm_id=v.vm_id,
+        vm_name=v.vm_name,
+        group=v.group,
+        state=STEP_STATES[v.state],
+        step_name=step,
+        restore_point=f"jobs/{job_name}/restorePoints/{v.point_id}" if v.point_id else "",
+        error=v.error,
+        bytes_copied=v.bytes_copied,
+        bytes_read=v.bytes_read,
+        bytes_sent=v.bytes_sent,
+        blocks_differing=v.blocks_differing,
+        duration_seconds=max(0.0, (end - v.started_at).total_seconds()) if v.started_at else 0.0,
+        disks=[disk_msg(t, proxies, live.get(t.id)) for t in tasks if t.vm_id == v.vm_id],
     )
 
 

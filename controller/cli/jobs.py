@@ -53,6 +53,34 @@ _FORMAT_WORDS = {
 }
 
 
+_FAILOVER_HOST = typer.Option("--failover-host", help="host id where failed-over and test VMs run")
+_NETWORK_MAP = typer.Option("--network-map", help="SRC=DST: a source switch's counterpart there (repeat)")
+_FAILBACK_TARGET = typer.Option("--failback-target", help="target id that writes the original disks in a failback")
+
+
+def _network_map(items: list[str]) -> list[api.NetworkMapping]:
+    out_: list[api.NetworkMapping] = []
+    for item in items:
+        src, eq, dst = item.partition("=")
+        if not (src and eq and dst):
+            raise typer.BadParameter(f"{item!r} is not SRC=DST (e.g. LAN=DR-LAN)", param_hint="--network-map")
+        out_.append(api.NetworkMapping(source_switch=src, target_switch=dst))
+    return out_
+
+
+def _failover_settings(job: api.Job, host: str | None, network_map: list[str] | None, back: str | None) -> list[str]:
+    """The failover flags into the job; the update mask's paths they set ("" unsets a host or target)."""
+    paths: list[str] = []
+    if host is not None:
+        job.failover_host, paths = f"hosts/{host}" if host else "", [*paths, "failover_host"]
+    if network_map is not None:
+        job.network_mapping.extend(_network_map(network_map))
+        paths.append("network_mapping")
+    if back is not None:
+        job.failback_target, paths = f"targets/{back}" if back else "", [*paths, "failback_target"]
+    return paths
+
+
 def _choices(kind: type[enum.StrEnum]) -> str:
     return ", ".join(e.value for e in kind)
 
@@ -96,6 +124,9 @@ def job_create(
     retry_wait: Annotated[int, typer.Option(min=0, help="seconds before a retry")] = JOB_DEFAULTS.retry_wait_seconds,
     full_check_every: Annotated[int, _FULL_CHECK_EVERY] = JOB_DEFAULTS.full_check_every,
     replica_format: Annotated[str, _FORMAT] = "",
+    failover_host: Annotated[str, _FAILOVER_HOST] = "",
+    network_map: Annotated[list[str] | None, _NETWORK_MAP] = None,
+    failback_target: Annotated[str, _FAILBACK_TARGET] = "",
     as_json_: JsonOpt = False,
 ) -> None:
     job = api.Job(
@@ -113,6 +144,7 @@ def job_create(
         full_check_every=full_check_every,
         replica_format=_replica_format(replica_format),
     )
+    _failover_settings(job, failover_host, network_map or [], failback_target)
     if schedule:
         job.schedule.CopyFrom(_schedule_option(schedule))
     if webhook:
@@ -177,8 +209,12 @@ def job_update(
     schedule: Annotated[str | None, typer.Option(help='JSON schedule; "{}" for manual only')] = None,
     full_check_every: Annotated[int | None, _FULL_CHECK_EVERY] = None,
     replica_format: Annotated[str | None, _FORMAT] = None,
+    failover_host: Annotated[str | None, _FAILOVER_HOST] = None,
+    network_map: Annotated[list[str] | None, _NETWORK_MAP] = None,
+    failback_target: Annotated[str | None, _FAILBACK_TARGET] = None,
 ) -> None:
-    job, paths = api.Job(name=f"jobs/{job_id}"), list[str]()
+    job = api.Job(name=f"jobs/{job_id}")
+    paths = _failover_settings(job, failover_host, network_map, failback_target)
     if replica_format is not None:
         job.replica_format, paths = _replica_format(replica_format), [*paths, "replica_format"]
     if restore_points_to_keep is not None:

@@ -12,7 +12,7 @@ from typing import Annotated
 
 import typer
 
-from controller.cli import replica_reads  # noqa: F401  (adds `replica verify` and `restore-points export`)
+from controller.cli import operations, replica_reads  # noqa: F401  (add `replica failover ...`, `replica verify`, `restore-points export`)
 from controller.cli.common import conn
 from controller.cli.infra import infra
 from controller.cli.jobs import job_app

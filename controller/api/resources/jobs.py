@@ -55,7 +55,12 @@ JOB_FIELDS = (
     "retry_wait_seconds",
     "full_check_every",
     "replica_format",
+    "failover_host",
+    "network_mapping",
+    "failback_target",
 )
+# A job's network mapping: at most this many switches, each name as Hyper-V allows (1 to 100 characters).
+MAX_NETWORK_MAPPINGS = 64
 
 
 M = TypeVar("M", bound=Message)
@@ -107,7 +112,21 @@ async def job_msg(db: AsyncSession, row: Job) -> api.Job:
         replica_format=DiskFormat(row.replica_format).to_proto()
         if row.replica_format
         else common_pb2.DISK_FORMAT_UNSPECIFIED,
+        **await _failover_fields(db, row),
     )
+
+
+async def _failover_fields(db: AsyncSession, row: Job) -> dict[str, Any]:
+    host = await db.get(Host, row.failover_host_id) if row.failover_host_id else None
+    back = await db.get(Target, row.failback_target_id) if row.failback_target_id else None
+    return {
+        "failover_host": f"hosts/{host.name}" if host else "",
+        "failback_target": f"targets/{back.name}" if back else "",
+        "network_mapping": [
+            api.NetworkMapping(source_switch=str(m["source_switch"]), target_switch=str(m["target_switch"]))
+            for m in row.network_mapping
+        ],
+    }
 
 
 def _vms(msg: api.Job) -> list[JobVm]:
@@ -242,6 +261,47 @@ async def _apply_job_policy(db: AsyncSession, msg: api.Job, row: Job, path: str)
     elif path == "full_check_every":
         every = msg.full_check_every if msg.HasField("full_check_every") else JOB_DEFAULTS.full_check_every
         row.full_check_every = FULL_CHECK_EVERY_LIMIT.check("job.full_check_every", every)
+    else:
+        await _apply_failover_field(db, msg, row, path)
+
+
+# Providers whose hosts can register, start and stop VMs (vmrepl.providers.base.Provider.register_vm).
+REGISTERING_PROVIDERS = ("file", "hyperv")
+
+
+async def _apply_failover_field(db: AsyncSession, msg: api.Job, row: Job, path: str) -> None:
+    """Where failed-over VMs run, how their NICs connect there, and which target writes a failback."""
+    if path == "failover_host":
+        row.failover_host_id = None
+        if msg.failover_host:
+            host = await by_name(db, Host, "job.failover_host", msg.failover_host, "hosts")
+            if host.provider not in REGISTERING_PROVIDERS:
+                raise InvalidArgument("job.failover_host", f"host {host.name} ({host.provider}) cannot register VMs")
+            row.failover_host_id = host.id
+    elif path == "failback_target":
+        row.failback_target_id = None
+        if msg.failback_target:
+            target = await by_name(db, Target, "job.failback_target", msg.failback_target, "targets")
+            row.failback_target_id = target.id
+    elif path == "network_mapping":
+        row.network_mapping = _network_mapping(msg)
+
+
+def _network_mapping(msg: api.Job) -> list[dict[str, str]]:
+    if len(msg.network_mapping) > MAX_NETWORK_MAPPINGS:
+        raise InvalidArgument("job.network_mapping", f"lists more than {MAX_NETWORK_MAPPINGS} switches")
+    out: list[dict[str, str]] = []
+    for i, m in enumerate(msg.network_mapping):
+        for name, value in (("source_switch", m.source_switch), ("target_switch", m.target_switch)):
+            if not 1 <= len(value) <= 100:
+                raise InvalidArgument(
+                    f"job.network_mapping[{i}].{name}", "must be a switch name of 1 to 100 characters"
+                )
+            check_printable(f"job.network_mapping[{i}].{name}", value)
+        if any(o["source_switch"] == m.source_switch for o in out):
+            raise InvalidArgument(f"job.network_mapping[{i}].source_switch", f"{m.source_switch!r} is mapped twice")
+        out.append({"source_switch": m.source_switch, "target_switch": m.target_switch})
+    return out
 
 
 async def _check_follows(db: AsyncSession, row: Job, after_job: str) -> None:

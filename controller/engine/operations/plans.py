@@ -134,7 +134,7 @@ PLANS: dict[Operation, Plan] = {
         _plan(Operation.UNDO_FAILOVER, (_S.STOP, _S.UNREGISTER, _S.UNMOUNT), _FAILED_OVER, None),
         _plan(
             Operation.FAILBACK,
-            (_S.CHECK_ORIGINAL_OFF, _S.SHUTDOWN_FAILED_OVER, _S.TRANSFER, _S.START_ORIGINAL),
+            (_S.CHECK_ORIGINAL_OFF, _S.SHUTDOWN_FAILED_OVER, _S.TRANSFER, _S.START_ORIGINAL, _S.FINISH_TRANSFER),
             _FAILED_OVER,
             ReplicaVmState.FAILING_BACK,
         ),

@@ -1,0 +1,372 @@
+"""Replica operations in one process (controller.engine.operations): the real database and Journal, the fake
+target's mounts, hosts that register and power VMs in memory, a fake reverse transfer. Each operation's happy
+path, each refusal, a failing step undone, and the plans (pure)."""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+from sqlalchemy import select
+
+from controller.db.enums import OperationStepState, ReplicaVmState, SessionKind, SessionState
+from controller.db.models import JobVm, OperationVm, ReplicaVm, RestorePoint, Session, SessionVm, TestFailover, now
+from controller.engine.operations.context import OperationRequest
+from controller.engine.operations.plans import PLANS, Operation, Step, check_start, plan_for
+from tests.support.operations import REPLICA, OpsWorld, make_ops_world, settle
+from vmrepl.domain import DiskFormat, PowerState
+from vmrepl.errors import FailedPrecondition, InvalidArgument, NotFound
+from vmrepl.v1 import target_pb2
+
+
+@pytest.fixture
+async def ow(tmp_path: Path) -> AsyncIterator[OpsWorld]:
+    world = await make_ops_world(tmp_path)
+    await world.add_point(age_seconds=30)
+    await world.add_point(age_seconds=20)
+    await world.add_point(age_seconds=10)
+    yield world
+    await world.w.close()
+
+
+async def run(ow: OpsWorld, op: Operation, *, vms: tuple[str, ...] = ("vm1",), **request: object) -> Session:
+    session = await ow.ops.start(ow.job_id, op, [list(vms)], OperationRequest(**request))  # type: ignore[arg-type]
+    await settle(ow.ops, session.id)
+    return await ow.w.journal.load(Session, session.id)
+
+
+async def replica_vm(ow: OpsWorld, vm_id: str = "vm1") -> ReplicaVm:
+    async with ow.w.journal.read() as db:
+        row = await db.scalar(select(ReplicaVm).where(ReplicaVm.vm_id == vm_id))
+    assert row is not None
+    return row
+
+
+async def op_rows(ow: OpsWorld, session_id: str) -> list[OperationVm]:
+    async with ow.w.journal.read() as db:
+        return list(await db.scalars(select(OperationVm).where(OperationVm.session_id == session_id)))
+
+
+def live_mounts(ow: OpsWorld) -> list[target_pb2.Mount]:
+    return [m for m in ow.w.target.mounts.values() if m.state != target_pb2.MOUNT_STATE_GONE]
+
+
+# ---- the plans (pure) ----
+
+
+def test_every_plan_ends_recording_and_undoes_what_it_did_last_first() -> None:
+    for plan in PLANS.values():
+        assert plan.steps[-1] is Step.RECORD
+    failover = plan_for(Operation.FAILOVER)
+    assert failover.undo_steps(Step.START) == (Step.STOP, Step.UNREGISTER, Step.UNMOUNT)
+    assert failover.undo_steps(Step.MOUNT) == (Step.UNMOUNT,)
+    planned = plan_for(Operation.PLANNED_FAILOVER)
+    assert planned.undo_steps(Step.MOUNT) == (Step.UNMOUNT, Step.START_SOURCE)
+    failback = plan_for(Operation.FAILBACK)
+    assert failback.undo_steps(Step.START_ORIGINAL) == (Step.STOP_ORIGINAL, Step.ROLLBACK_TRANSFER, Step.START)
+    # After the layers are merged there is no way back: a failure is left to a second run.
+    assert plan_for(Operation.PERMANENT_FAILOVER).undo_steps(Step.FLATTEN) is None
+    assert plan_for(Operation.PERMANENT_FAILOVER, host_provider="hyperv").steps[0] is Step.MERGE
+
+
+def test_refusals_name_the_vm_and_why() -> None:
+    with pytest.raises(FailedPrecondition, match="VM web01 is not failed over: no undo failover"):
+        check_start(PLANS[Operation.UNDO_FAILOVER], ReplicaVmState.REPLICATING, vm="web01", busy_session="")
+    with pytest.raises(FailedPrecondition, match="is failed over already: no failover"):
+        check_start(PLANS[Operation.FAILOVER], ReplicaVmState.FAILED_OVER, vm="web01", busy_session="")
+    with pytest.raises(FailedPrecondition, match="operation session s1 is working on it"):
+        check_start(PLANS[Operation.FAILOVER], ReplicaVmState.REPLICATING, vm="web01", busy_session="s1")
+    assert Operation.from_proto(Operation.STOP_TEST.to_proto()) is Operation.STOP_TEST
+
+
+# ---- failover ----
+
+
+async def test_failover_mounts_registers_and_starts_the_newest_point(ow: OpsWorld) -> None:
+    session = await run(ow, Operation.FAILOVER)
+    assert session.state is SessionState.SUCCEEDED and session.kind is SessionKind.OPERATION
+    (mount,) = live_mounts(ow)
+    assert mount.point_id == ow.points[-1] and mount.kind == target_pb2.MOUNT_KIND_FAILOVER
+    assert mount.layout == target_pb2.MOUNT_LAYOUT_LAYER and mount.replica_path == REPLICA
+    (vm_id,) = ow.failover.running()
+    spec = ow.failover.specs[vm_id]
+    assert spec.name == "vm1_replica" and spec.folder == mount.folder and not spec.isolated
+    assert [(d.disk_id, d.path, d.format) for d in spec.disks] == [
+        ("disk0", "disk0.layer", DiskFormat.LAYER),
+        ("disk1", "disk1.layer", DiskFormat.LAYER),
+    ]
+    assert spec.configuration == b'{"generation": 2}'
+    assert [(n.source_switch, n.target_switch) for n in spec.networks] == [("LAN", "DR-LAN")]
+    rv = await replica_vm(ow)
+    assert rv.state is ReplicaVmState.FAILED_OVER and rv.point_id == ow.points[-1] and rv.mount_id == mount.mount_id
+    assert rv.running_vm_id == vm_id and rv.host_id == ow.failover_host_id and rv.busy_session_id == ""
+    (row,) = await op_rows(ow, session.id)
+    assert row.state is OperationStepState.DONE and row.step == "record" and row.point_id == ow.points[-1]
+
+
+async def test_failover_to_an_older_point_mounts_that_point(ow: OpsWorld) -> None:
+    session = await run(ow, Operation.FAILOVER, point=f"jobs/{ow.job_id}/restorePoints/{ow.points[0]}")
+    (mount,) = live_mounts(ow)
+    assert mount.point_id == ow.points[0]
+    (row,) = await op_rows(ow, session.id)
+    assert row.point_id == ow.points[0] and row.bytes_copied == 4096
+
+
+async def test_a_second_failover_and_an_undo_without_failover_are_refused(ow: OpsWorld) -> None:
+    with pytest.raises(FailedPrecondition, match="is not failed over: no undo failover"):
+        await ow.ops.start(ow.job_id, Operation.UNDO_FAILOVER, [["vm1"]], OperationRequest())
+    await run(ow, Operation.FAILOVER)
+    with pytest.raises(FailedPrecondition, match="is failed over already"):
+        await ow.ops.start(ow.job_id, Operation.FAILOVER, [["vm1"]], OperationRequest())
+    assert len(live_mounts(ow)) == 1
+
+
+async def test_failover_of_a_vm_a_session_is_replicating_is_refused(ow: OpsWorld) -> None:
+    async with ow.w.journal.write() as db:
+        s = Session(job_id=ow.job_id, state=SessionState.RUNNING)
+        db.add(s)
+        await db.flush()
+        db.add(SessionVm(session_id=s.id, vm_id="vm1", vm_name="vm1", state="transferring"))
+    with pytest.raises(FailedPrecondition, match=r"being replicated now .*vmrepl job stop job1"):
+        await ow.ops.start(ow.job_id, Operation.FAILOVER, [["vm1"]], OperationRequest())
+    # A test failover runs while the session goes on.
+    session = await run(ow, Operation.TEST_FAILOVER)
+    assert session.state is SessionState.SUCCEEDED
+
+
+async def test_failover_without_a_failover_host_is_refused_naming_the_setting(ow: OpsWorld) -> None:
+    from controller.db.models import Job
+
+    async with ow.w.journal.write() as db:
+        job = await db.get(Job, ow.job_id)
+        assert job is not None
+        job.failover_host_id = None
+    with pytest.raises(FailedPrecondition, match="no failover_host"):
+        await ow.ops.start(ow.job_id, Operation.FAILOVER, [["vm1"]], OperationRequest())
+
+
+async def test_a_point_retention_is_about_to_delete_is_refused_and_bad_requests_too(ow: OpsWorld) -> None:
+    await ow.add_point()  # four points, three kept: the oldest goes at the next session
+    with pytest.raises(FailedPrecondition, match="retention deletes it"):
+        await ow.ops.start(ow.job_id, Operation.FAILOVER, [["vm1"]], OperationRequest(point=ow.points[0]))
+    with pytest.raises(NotFound, match="no restore point nope"):
+        await ow.ops.start(ow.job_id, Operation.FAILOVER, [["vm1"]], OperationRequest(point="nope"))
+    with pytest.raises(NotFound, match="no replica of a VM 'ghost'"):
+        await ow.ops.start(ow.job_id, Operation.FAILOVER, [["ghost"]], OperationRequest())
+    with pytest.raises(InvalidArgument, match="name at least one VM"):
+        await ow.ops.start(ow.job_id, Operation.FAILOVER, [[]], OperationRequest())
+    async with ow.w.journal.read() as db:  # nothing was claimed by the refused calls
+        assert await db.scalar(select(Session).where(Session.kind == SessionKind.OPERATION)) is None
+        rv = await db.scalar(select(ReplicaVm))
+        assert rv is None or (rv.state is ReplicaVmState.REPLICATING and not rv.busy_session_id)
+
+
+async def test_a_failover_whose_start_fails_is_undone(ow: OpsWorld) -> None:
+    ow.failover.faults.fail("start_vm")
+    session = await run(ow, Operation.FAILOVER)
+    assert session.state is SessionState.FAILED and "start: start_vm failed" in session.error
+    (row,) = await op_rows(ow, session.id)
+    assert row.state is OperationStepState.ROLLED_BACK
+    assert not live_mounts(ow) and not ow.failover.specs
+    rv = await replica_vm(ow)
+    assert rv.state is ReplicaVmState.REPLICATING and rv.busy_session_id == ""
+
+
+async def test_retention_and_sessions_leave_a_failed_over_vm_alone(ow: OpsWorld) -> None:
+    from controller.engine.operations.holds import held_points, paused_vms
+
+    await run(ow, Operation.FAILOVER, point=ow.points[0])
+    async with ow.w.journal.read() as db:
+        assert await held_points(db, ow.job_id, "vm1") == {ow.points[0]}
+        pause = await paused_vms(db, ow.w.sc.session_id, ow.job_id)
+    assert pause.skips("vm1") and "failed over: replication paused" in pause.paused["vm1"]
+
+
+# ---- undo, permanent ----
+
+
+async def test_undo_failover_stops_unregisters_and_unmounts(ow: OpsWorld) -> None:
+    await run(ow, Operation.FAILOVER)
+    session = await run(ow, Operation.UNDO_FAILOVER)
+    assert session.state is SessionState.SUCCEEDED
+    assert not live_mounts(ow) and not ow.failover.specs
+    rv = await replica_vm(ow)
+    assert rv.state is ReplicaVmState.REPLICATING and rv.mount_id == "" and rv.running_vm_id == ""
+    assert ow.w.target.points[REPLICA] and not ow.w.target.deleted_replicas  # the replica is untouched
+
+
+async def test_permanent_failover_flattens_deletes_the_replica_and_leaves_the_job(ow: OpsWorld) -> None:
+    await run(ow, Operation.FAILOVER)
+    (vm_id,) = ow.failover.running()
+    session = await run(ow, Operation.PERMANENT_FAILOVER)
+    assert session.state is SessionState.SUCCEEDED, session.error
+    calls = [c for c, _ in ow.w.target.mount_calls]
+    assert calls[-2:] == ["flatten_mount", "delete_replica"]
+    assert ow.failover.running() == [vm_id]  # stopped for the flatten, running again
+    assert ("stop_vm", vm_id) in ow.failover.faults.calls
+    async with ow.w.journal.read() as db:
+        assert not list(await db.scalars(select(RestorePoint).where(RestorePoint.vm_id == "vm1")))
+        assert not list(await db.scalars(select(JobVm).where(JobVm.job_id == ow.job_id)))
+    assert (await replica_vm(ow)).state is ReplicaVmState.PERMANENT
+
+
+# ---- planned failover ----
+
+
+async def test_planned_failover_shuts_the_source_down_replicates_once_more_and_fails_over_to_that_point(
+    ow: OpsWorld,
+) -> None:
+    session = await run(ow, Operation.PLANNED_FAILOVER)
+    assert session.state is SessionState.SUCCEEDED, session.error
+    assert ow.source.power["vm1"] is PowerState.OFF
+    (mount,) = live_mounts(ow)
+    assert mount.point_id == ow.points[-1] == (await replica_vm(ow)).point_id  # the last incremental's point
+
+
+async def test_a_planned_failover_whose_mount_fails_starts_the_source_again(ow: OpsWorld) -> None:
+    import grpc
+
+    from tests.support.agents import rpc_error
+
+    ow.w.target.mount_faults["mount_point"] = [rpc_error(grpc.StatusCode.FAILED_PRECONDITION, "vm_root is not set")]
+    session = await run(ow, Operation.PLANNED_FAILOVER)
+    assert session.state is SessionState.FAILED and "vm_root is not set" in session.error
+    assert ow.source.power["vm1"] is PowerState.RUNNING
+    assert (await replica_vm(ow)).state is ReplicaVmState.REPLICATING
+
+
+# ---- test failover ----
+
+
+async def test_test_failover_runs_isolated_and_stop_test_removes_it(ow: OpsWorld) -> None:
+    session = await run(ow, Operation.TEST_FAILOVER, time_limit_seconds=600)
+    assert session.state is SessionState.SUCCEEDED
+    (mount,) = live_mounts(ow)
+    assert mount.kind == target_pb2.MOUNT_KIND_TEST
+    (vm_id,) = ow.failover.running()
+    assert ow.failover.specs[vm_id].isolated and not ow.failover.specs[vm_id].networks
+    assert (await replica_vm(ow)).state is ReplicaVmState.REPLICATING  # replication goes on
+    async with ow.w.journal.read() as db:
+        (test,) = list(await db.scalars(select(TestFailover)))
+    assert dt.timedelta(seconds=590) < test.deadline - now() <= dt.timedelta(seconds=600)
+    with pytest.raises(FailedPrecondition, match="has a test failover running"):
+        await ow.ops.start(ow.job_id, Operation.TEST_FAILOVER, [["vm1"]], OperationRequest())
+    stop = await run(ow, Operation.STOP_TEST)
+    assert stop.state is SessionState.SUCCEEDED and not live_mounts(ow) and not ow.failover.specs
+    async with ow.w.journal.read() as db:
+        assert not list(await db.scalars(select(TestFailover)))
+    with pytest.raises(FailedPrecondition, match="no test failover"):
+        await ow.ops.start(ow.job_id, Operation.STOP_TEST, [["vm1"]], OperationRequest())
+
+
+async def test_a_test_failover_is_stopped_at_its_deadline(ow: OpsWorld) -> None:
+    await run(ow, Operation.TEST_FAILOVER, time_limit_seconds=60)
+    await ow.ops.expire_tests()  # not yet
+    assert live_mounts(ow)
+    ow.ops.clock = lambda: now() + dt.timedelta(seconds=61)
+    await ow.ops.expire_tests()
+    async with ow.w.journal.read() as db:
+        (stop,) = list(await db.scalars(select(Session).where(Session.operation == "stop_test")))
+    await settle(ow.ops, stop.id)
+    assert not live_mounts(ow) and not ow.failover.specs
+    await ow.ops.expire_tests()  # nothing left to stop
+    async with ow.w.journal.read() as db:
+        assert len(list(await db.scalars(select(Session).where(Session.operation == "stop_test")))) == 1
+
+
+# ---- failback ----
+
+
+async def test_failback_needs_the_original_off_then_commit_resumes_replication(ow: OpsWorld) -> None:
+    await run(ow, Operation.FAILOVER)
+    session = await run(ow, Operation.FAILBACK)
+    assert session.state is SessionState.FAILED and "the original VM vm1 is running" in session.error
+    assert (await replica_vm(ow)).state is ReplicaVmState.FAILED_OVER and ow.failover.running()
+    ow.source.power["vm1"] = PowerState.OFF
+    session = await run(ow, Operation.FAILBACK)
+    assert session.state is SessionState.SUCCEEDED, session.error
+    assert ow.source.power["vm1"] is PowerState.RUNNING and not ow.failover.running()
+    (row,) = await op_rows(ow, session.id)
+    assert (row.bytes_read, row.bytes_sent, row.blocks_differing) == (8 << 20, 1 << 20, 1)
+    assert (await replica_vm(ow)).state is ReplicaVmState.FAILED_BACK and ow.reverse.state == "finished"
+    session = await run(ow, Operation.COMMIT_FAILBACK)
+    assert session.state is SessionState.SUCCEEDED, session.error
+    assert not live_mounts(ow) and not ow.failover.specs
+    assert (await replica_vm(ow)).state is ReplicaVmState.REPLICATING
+    async with ow.w.journal.read() as db:  # the next session compares digests
+        assert {p.reference for p in await db.scalars(select(RestorePoint))} == {""}
+
+
+async def test_a_failback_whose_transfer_fails_rolls_the_original_back_and_restarts_the_replica_vm(
+    ow: OpsWorld,
+) -> None:
+    await run(ow, Operation.FAILOVER)
+    ow.source.power["vm1"] = PowerState.OFF
+    ow.reverse.faults.fail("transfer")
+    session = await run(ow, Operation.FAILBACK)
+    assert session.state is SessionState.FAILED
+    (row,) = await op_rows(ow, session.id)
+    assert row.state is OperationStepState.ROLLED_BACK
+    assert ow.reverse.state == "rolled back" and ow.failover.running()
+    assert (await replica_vm(ow)).state is ReplicaVmState.FAILED_OVER
+
+
+async def test_undo_failback_stops_the_original_and_starts_the_replica_vm(ow: OpsWorld) -> None:
+    await run(ow, Operation.FAILOVER)
+    ow.source.power["vm1"] = PowerState.OFF
+    await run(ow, Operation.FAILBACK)
+    session = await run(ow, Operation.UNDO_FAILBACK)
+    assert session.state is SessionState.SUCCEEDED, session.error
+    assert ow.source.power["vm1"] is PowerState.OFF and ow.failover.running()
+    assert (await replica_vm(ow)).state is ReplicaVmState.FAILED_OVER
+
+
+async def test_groups_run_in_order_and_a_failed_group_stops_the_rest(tmp_path: Path) -> None:
+    ow = await make_ops_world(tmp_path, vms={"vm1": ("disk0",), "vm2": ("disk0",), "vm3": ("disk0",)})
+    try:
+        for vm in ("vm1", "vm2", "vm3"):
+            await ow.add_point(vm)
+        ow.failover.faults.fail("register_vm")
+        session = await ow.ops.start(ow.job_id, Operation.FAILOVER, [["vm1"], ["vm2", "vm3"]], OperationRequest())
+        await settle(ow.ops, session.id)
+        rows = {r.vm_id: r for r in await op_rows(ow, session.id)}
+        assert rows["vm1"].state is OperationStepState.ROLLED_BACK and "register" in rows["vm1"].error
+        assert rows["vm2"].state is OperationStepState.ROLLED_BACK and rows["vm2"].error.startswith("not run")
+        for vm in ("vm1", "vm2", "vm3"):
+            rv = await replica_vm(ow, vm)
+            assert rv.state is ReplicaVmState.REPLICATING and not rv.busy_session_id
+    finally:
+        await ow.w.close()
+
+
+# ---- replication around operations ----
+
+
+async def test_a_replication_session_skips_a_failed_over_vm(ow: OpsWorld) -> None:
+    from controller.engine.session import SessionRun
+
+    await run(ow, Operation.FAILOVER)
+    async with ow.w.journal.write() as db:
+        s = await db.get(Session, ow.w.sc.session_id)
+        assert s is not None
+        s.state = SessionState.RUNNING
+    await SessionRun(ow.w.parts, ow.w.sc).run()
+    async with ow.w.journal.read() as db:
+        assert not list(await db.scalars(select(SessionVm).where(SessionVm.session_id == ow.w.sc.session_id)))
+    assert not ow.w.target.prepared  # nothing of the VM was written
+
+
+async def test_retention_keeps_a_point_a_test_failover_holds(ow: OpsWorld) -> None:
+    import asyncio
+
+    from controller.engine.session import VmRun
+
+    await run(ow, Operation.TEST_FAILOVER, point=ow.points[0])
+    rows = await ow.w.plan()
+    await asyncio.wait_for(VmRun(ow.w.parts, ow.w.sc, rows["vm1"]).run(), 30)
+    async with ow.w.journal.read() as db:
+        kept = {p.id for p in await db.scalars(select(RestorePoint))}
+    # Three kept (keep = 3) besides the held one, which retention would have deleted now.
+    assert ow.points[0] in kept and len(kept) == 4 and not ow.w.target.deleted
