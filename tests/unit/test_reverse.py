@@ -6,15 +6,20 @@ a failback cut short is rolled back, not held; a controller restart continues it
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
 from sqlalchemy import select
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from controller.db.enums import TaskState, VmState
 from controller.db.models import HeldCheckpoint, RestorePoint, SessionVm, Task
+from controller.engine.journal import Journal
 from controller.engine.operations.context import ReverseFigures, ReverseRequest
 from controller.engine.reverse import FailbackTransfers, ReverseResult, ReverseRun, run_reverse
 from tests.support.agents import (
@@ -379,3 +384,84 @@ async def test_a_failback_disk_the_target_refuses_to_ready_records_nothing(
         assert not list(await db.scalars(select(SessionVm)))
     await FailbackTransfers(world.parts).roll_back(_failback_request(world, host))  # nothing to roll back
     assert failback.deleted_replicas == [_path(world)]
+
+
+# ---- a controller killed after every committed change ----
+
+
+class Killed(BaseException):
+    """The controller dies (nothing of this process runs on; the agents and the host go on)."""
+
+
+class KillingJournal(Journal):
+    """The journal with the crash hook's effect in one process: after the `kill_at`th committed change the
+    caller never gets control back."""
+
+    def __init__(self, sessions: async_sessionmaker[AsyncSession], *, kill_at: int) -> None:
+        super().__init__(sessions)
+        self.kill_at = kill_at
+
+    @asynccontextmanager
+    async def change(self, what: str, **ids: Any) -> AsyncIterator[AsyncSession]:
+        async with super().change(what, **ids) as db:
+            yield db
+        if self.changes == self.kill_at:
+            raise Killed(what)
+
+
+async def _killed_world(tmp_path: Path, kill_at: int) -> tuple[World, FailbackTarget, FakeProvider]:
+    tmp_path.mkdir()
+    w = await make_world(tmp_path, vms={"vm1": ("disk0",)})
+    target = FailbackTarget(w.target.address, block_size=w.sc.job.block_size)
+    w.parts.agents.targets[target.address] = target  # type: ignore[attr-defined]
+    w.target = target
+    w.proxy.script = lambda r: [progress(RUNNING, DISK_SIZE // 2), _differing(2, w.sc.job.block_size)]
+    w.parts.journal = KillingJournal(w.journal._sessions, kill_at=kill_at)
+    return w, target, FakeProvider({FAILED_OVER: ("disk0",)})
+
+
+def _one_disk(w: World, host: FakeProvider) -> ReverseRequest:
+    r = _failback_request(w, host)
+    return dataclasses.replace(r, original_disks=r.original_disks[:1])
+
+
+async def _changes_of_a_whole_failback(tmp_path: Path) -> int:
+    w, _, host = await _killed_world(tmp_path / "count", 0)
+    try:
+        await FailbackTransfers(w.parts).transfer(_one_disk(w, host))
+        return w.parts.journal.changes
+    finally:
+        await w.close()
+
+
+@pytest.mark.parametrize("then", ["continue", "undo"])
+async def test_a_controller_killed_after_any_change_continues_or_undoes_the_failback(tmp_path: Path, then: str) -> None:
+    total = await _changes_of_a_whole_failback(tmp_path)
+    assert total >= 8
+    for n in range(1, total + 1):
+        w, target, host = await _killed_world(tmp_path / f"kill{n}", n)
+        try:
+            with pytest.raises(Killed):
+                await FailbackTransfers(w.parts).transfer(_one_disk(w, host))
+            w.parts.journal = Journal(w.journal._sessions)  # restarted
+            transfers = FailbackTransfers(w.parts)
+            if then == "continue":
+                figures = await asyncio.wait_for(transfers.transfer(_one_disk(w, host)), 30)
+                assert figures.blocks_differing == 2, n
+                new = [p.id for p in target.points[_path(w)] if p.id != "rp-original"]
+                assert len(new) == 1 and {c.checkpoint_id for c in target.commits} == {"cp1"}, n
+            else:
+                await asyncio.wait_for(transfers.roll_back(_one_disk(w, host)), 30)
+                assert target.deleted_replicas == [_path(w)], n
+                committed = bool(target.commits)
+                # Undone before its commit, the target rolled the original back, if the transfer had begun to
+                # write it (once the point is committed the original is the failed-over VM's image, whole:
+                # nothing is half written either way).
+                began = bool(target.prepared)
+                assert committed or target.rollbacks == ([(_path(w), w.sc.session_id)] if began else []), n
+            assert not host.checkpoints.get(FAILED_OVER), n  # no checkpoint left on the failed-over VM
+            assert len(target.failback_disks) <= 2 and len(w.proxy.started) <= 2, n
+            async with w.journal.read() as db:
+                assert not list(await db.scalars(select(HeldCheckpoint))), n
+        finally:
+            await w.close()
