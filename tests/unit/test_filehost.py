@@ -184,12 +184,23 @@ def test_references_resolve_by_id_first_then_by_a_unique_name(small: Path) -> No
         p.vm("c")
 
 
+_TWO_DISKS = 'name = "bad"\nid = "x"\n[[disks]]\nid = "{}"\npath = "{}"\n[[disks]]\nid = "{}"\npath = "{}"\n'
+
+
 @pytest.mark.parametrize(
     ("text", "reason"),
     [
         ('name = "bad"\nid = \n', "not valid TOML"),
         ('name = "bad"\nid = "x"\ncolour = "blue"\n[[disks]]\nid = "d"\npath = "d.raw"\n', "colour"),
         ('name = "bad"\nid = "x"\n[[disks]]\nid = "d"\npath = "../../etc/passwd"\n', "path"),
+        (
+            'name = "bad"\nid = "x"\n[[disks]]\nid = "d"\npath = "a.raw"\n[[disks]]\nid = "d"\npath = "b.raw"\n',
+            "id d is",
+        ),
+        (
+            'name = "bad"\nid = "x"\n[[disks]]\nid = "d"\npath = "a.raw"\n[[disks]]\nid = "e"\npath = "a.raw"\n',
+            "a.raw is",
+        ),
     ],
 )
 def test_a_bad_manifest_fails_only_its_own_vm(small: Path, text: str, reason: str) -> None:

@@ -64,6 +64,16 @@ def test_a_store_holds_what_was_written_and_reads_only_that(tmp_path: Path) -> N
     assert other.extents() == s.extents()
 
 
+def test_a_map_replaced_by_another_file_is_read_again_whole(tmp_path: Path) -> None:
+    s = ExtentStore(tmp_path, "d", size=SIZE)
+    s.write(0, b"a" * 10)
+    assert s.extents() == [Extent(0, 10)]
+    other = tmp_path / "other.map"
+    other.write_bytes(b"[100, 5]\n[200, 5]\n")
+    os.replace(other, s.map_path)
+    assert s.extents() == [Extent(100, 5), Extent(200, 5)]
+
+
 def test_write_missing_keeps_the_first_writer_s_bytes(tmp_path: Path) -> None:
     s = ExtentStore(tmp_path, "d", size=SIZE)
     assert s.write_missing(1000, b"1" * 1000) == 1000
@@ -372,6 +382,10 @@ def test_a_descriptor_that_is_not_one_is_refused(tmp_path: Path, content: bytes,
         ({"base_format": "layer"}, "base_format 'layer'"),
         ({"size": -5}, "not a disk size"),
         ({"size": True}, "not a disk size"),
+        ({"size": 1 << 60}, "not a disk size"),
+        ({"size": "5"}, "not a disk size"),
+        ({"base": "disk0.layer"}, "another part of the layer"),
+        ({"stores": ["disk0.top", "disk0.top"]}, "distinct names"),
         ({"state": "odd"}, "state 'odd'"),
         ({"vmrepl_layer": 2}, "layer version 2"),
     ],
@@ -576,3 +590,33 @@ def test_create_cut_by_power_leaves_no_layer_or_a_whole_one(tmp_path: Path) -> N
                 )
                 assert _read(path) == base
             shutil.rmtree(dest)
+
+
+def test_a_flattened_base_still_linked_to_its_replica_is_not_written(tmp_path: Path) -> None:
+    folder = tmp_path / "vm"
+    path = _layer(folder)
+    view = _written(folder, path)
+    os.link(folder / "disk0.base", tmp_path / "replica-data")  # as the mount made it
+    flatten_layer(path)
+    with open_layer(path, writable=True) as disk, pytest.raises(FailedPrecondition, match="1 other hard link"):
+        disk.write(0, b"x")
+    (tmp_path / "replica-data").unlink()  # DeleteReplica
+    with open_layer(path, writable=True) as disk:
+        disk.write(0, b"x")
+    assert _read(path) == b"x" + view[1:]
+
+
+@pytest.mark.parametrize("name", ["disk0.base", "disk0.top.map", "disk0.top.raw", "disk0.layer"])
+def test_a_fifo_or_folder_planted_for_a_layer_file_is_refused_without_blocking(tmp_path: Path, name: str) -> None:
+    path = _layer(tmp_path / "vm")
+    with open_layer(path, writable=True) as disk:
+        disk.write(0, b"t" * 10)  # so the top store's data file is read
+    f = tmp_path / "vm" / name
+    f.unlink()
+    os.mkfifo(f)
+    with pytest.raises(FailedPrecondition, match="not a regular file"):
+        _read(path)
+    f.unlink()
+    f.mkdir()
+    with pytest.raises(FailedPrecondition):
+        _read(path)

@@ -40,7 +40,7 @@ from pathlib import Path
 from vmrepl.disk import fileio
 from vmrepl.disk.base import DiskReader, DiskWriter, open_reader, open_writer, register_reader, register_writer
 from vmrepl.disk.fileio import PositionalFile
-from vmrepl.domain import DiskFormat
+from vmrepl.domain import MAX_DISK_SIZE, DiskFormat
 from vmrepl.errors import AlreadyExists, DiskError, FailedPrecondition, InvalidArgument, UnsupportedDisk
 from vmrepl.extent import Extent, clip, complement, merge, subtract
 
@@ -92,6 +92,7 @@ class ExtentStore:
         self._parsed_end = 0  # the map's bytes parsed so far (complete lines only)
         self._lines = 0
         self._extents: list[Extent] = []
+        self._map_id = (0, 0)  # the map file parsed (device, inode)
 
     @property
     def data_path(self) -> Path:
@@ -154,11 +155,13 @@ class ExtentStore:
             self._parsed_end, self._lines, self._extents = 0, 0, []
             return self._extents
         try:
-            size = f.size()
+            st = os.fstat(f.fd)
+            size = st.st_size
             if size > _MAP_LIMIT:
                 raise FailedPrecondition(f"{self._shown_path('.map')} is larger than {_MAP_LIMIT} bytes: refused")
-            if size < self._parsed_end:  # cut (a torn tail) or replaced: read it all again
+            if size < self._parsed_end or (st.st_dev, st.st_ino) != self._map_id:  # replaced: read it all again
                 self._parsed_end, self._lines, self._extents = 0, 0, []
+                self._map_id = (st.st_dev, st.st_ino)
             if size > self._parsed_end:
                 tail = bytearray(size - self._parsed_end)
                 got = f.read_into(memoryview(tail), self._parsed_end)
@@ -330,6 +333,8 @@ class LayerDescriptor:
 
 def _check_names(descriptor: str, base: str, stores: Sequence[str]) -> None:
     _plain("base", base)
+    if base == descriptor:
+        raise InvalidArgument("base", f"{base!r} is the descriptor itself, another part of the layer")
     files = {descriptor, base}
     for s in stores:
         _plain("stores", s)
@@ -351,8 +356,8 @@ def parse_descriptor(data: bytes, *, where: Path) -> LayerDescriptor:
     if doc["vmrepl_layer"] != VERSION:
         raise FailedPrecondition(f"{where} is layer version {doc['vmrepl_layer']!r}; this build reads {VERSION}")
     size, stores, state = doc["size"], doc["stores"], doc["state"]
-    if not isinstance(size, int) or isinstance(size, bool) or size < 0:
-        raise FailedPrecondition(f"{where}: size {size!r} is not a disk size: refused")
+    if not isinstance(size, int) or isinstance(size, bool) or not 0 <= size <= MAX_DISK_SIZE:
+        raise FailedPrecondition(f"{where}: size {size!r} is not a disk size (0 to {MAX_DISK_SIZE}): refused")
     if doc["base_format"] not in [f.value for f in _BASE_FORMATS]:
         raise FailedPrecondition(f"{where}: base_format {doc['base_format']!r} is not one of raw, vhdx, vhd: refused")
     if not isinstance(stores, list) or not stores or len(set(map(str, stores))) != len(stores):
@@ -461,6 +466,9 @@ class LayerDisk(DiskReader):
     def read_into(self, buf: memoryview, offset: int) -> None:
         if offset < 0 or offset + len(buf) > self.size:
             raise InvalidArgument("offset", f"[{offset}, +{len(buf)}) is outside layer {self.path} ({self.size} bytes)")
+        # The base first, then the stores: under a test failover the target saves a base block into the
+        # point store (durably) before it overwrites it, so a base read that saw the new bytes is followed
+        # by a store read that sees the saved ones.
         from_base = max(0, min(len(buf), self._base.size - offset))
         if from_base:
             self._base.read_into(buf[:from_base], offset)
@@ -479,6 +487,13 @@ class LayerDisk(DiskReader):
             self.stores[-1].write(offset, data)
             return
         with self._lock, open_writer(self.descriptor.base_format, self._base_path) as w:
+            links = os.stat(self._base_path, follow_symlinks=False).st_nlink
+            if links != 1:
+                # Still the replica's data file too (its DeleteReplica not done): writing would change it.
+                raise FailedPrecondition(
+                    f"layer {self.path} is flattened into {self._base_path}, which has {links - 1} other hard "
+                    "link(s) (the replica it came from?): refused until it stands alone"
+                )
             w.write(data, offset)
             w.flush()
 
@@ -512,8 +527,8 @@ def create_layer(
     the same settings it returns the existing layer untouched (its stores may hold data by then); with
     other settings it is refused."""
     path = descriptor_path(folder, name)
-    if isinstance(size, bool) or size < 0:
-        raise InvalidArgument("size", f"{size!r} is not a disk size")
+    if isinstance(size, bool) or not 0 <= size <= MAX_DISK_SIZE:
+        raise InvalidArgument("size", f"{size!r} is not a disk size (0 to {MAX_DISK_SIZE})")
     if base_format not in _BASE_FORMATS:
         raise InvalidArgument("base_format", f"{base_format!r} cannot be a layer's base (raw, vhdx or vhd)")
     if not stores:

@@ -39,11 +39,14 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TypeVar
 
+from pydantic import ValidationError
+
 from vmrepl.disk import open_reader
 from vmrepl.disk.layer import ExtentStore, LayerDisk, open_layer
 from vmrepl.domain import DiskFormat, PowerState
 from vmrepl.errors import DiskError, FailedPrecondition, InvalidArgument, NotFound, VmreplError
 from vmrepl.extent import Extent, merge
+from vmrepl.names import check_name
 from vmrepl.providers.base import (
     CRASH_CONSISTENT,
     Checkpoint,
@@ -53,6 +56,7 @@ from vmrepl.providers.base import (
     Provider,
     Untracked,
     VmInfo,
+    VmSpec,
 )
 from vmrepl.providers.filejournal import CheckpointRecord, HostKey
 from vmrepl.providers.filevms import (
@@ -62,6 +66,7 @@ from vmrepl.providers.filevms import (
     VmIndex,
     VmManifest,
     load_manifest,
+    manifest_text,
     parse_manifest,
     write_manifest,
 )
@@ -394,7 +399,7 @@ class FileVm:
                     self._overlay(overlay, disk_id, size).read_into(memoryview(buf), offset)
         return bytes(buf)
 
-    # -- power -----------------------------------------------------------------------------------
+    # -- power and unregistering -------------------------------------------------------------------
 
     def _power(self, s: Folder | None) -> PowerState:
         data = s.read(POWER, limit=64, own=True) if s is not None else None
@@ -413,6 +418,19 @@ class FileVm:
         """Durable when it returns; taken under the VM's lock, so no write is under way once it is off."""
         with self._state() as s, s.lock(LOCK):
             s.replace(POWER, f"{power.value}\n".encode())
+
+    def unregister(self) -> None:
+        """The folder stops being a VM: writes made under a checkpoint merged into the disks first, then
+        vm.toml removed (durably), then the state folder. The disk files stay (the target's to remove)."""
+        with self._state() as s, s.lock(LOCK):
+            if self._power(s) is not PowerState.OFF:
+                raise FailedPrecondition(f"VM {self.manifest.name} is running: stop it before unregistering it")
+            if self._record(s) is not None:
+                self._merge(s)
+        with self._vm_dir() as d:
+            d.unlink(MANIFEST)
+            d.sync()
+            d.remove_tree(STATE_DIR)
 
     def changed_ranges(self, checkpoint: Checkpoint, disk_id: str, since: str) -> list[Extent] | Untracked:
         try:
@@ -502,3 +520,52 @@ class FileHostProvider(Provider):
 
     async def remove_checkpoint(self, vm_id: str, checkpoint_id: str) -> None:
         await self._run(lambda: self.vm(vm_id).remove_checkpoint(checkpoint_id))
+
+    # -- failover: VMs registered in folders the target agent made, started and stopped --------------
+
+    def _register(self, spec: VmSpec) -> VmInfo:
+        folder = check_name("folder", spec.folder)  # a plain name, not hidden (.vmrepl-host is the host's)
+        with Folder.open(self.root) as top, top.child(folder) as d:
+            existing = d.read(MANIFEST, limit=MANIFEST_LIMIT)
+            if existing is not None:  # registered already: idempotent by folder
+                return self.vm(parse_manifest(existing, self.root / folder / MANIFEST).id).info()
+            try:
+                disks = [DiskManifest(id=x.disk_id, path=x.path, format=x.format) for x in spec.disks]
+                manifest = VmManifest(name=spec.name, id=str(uuid.uuid4()), disks=disks)
+            except ValidationError as e:
+                raise InvalidArgument("spec", str(e)) from e
+            d.remove_tree(STATE_DIR)  # left by a VM unregistered halfway in this folder: never this one's
+            vm = FileVm(root=self.root, folder=folder, manifest=manifest, host=self.host, key=self._key)
+            for x in spec.disks:
+                if (size := vm.size(x.disk_id)) != x.size:
+                    raise FailedPrecondition(
+                        f"disk {x.disk_id} of {self.root / folder} is {size} bytes, not the {x.size} of its spec"
+                    )
+            vm.set_power(PowerState.OFF)  # before vm.toml: the VM is never seen running before it is started
+            d.replace(MANIFEST, manifest_text(manifest))
+        return self.vm(manifest.id).info()
+
+    def _unregister(self, vm_id: str) -> None:
+        try:
+            vm = self.vm(vm_id)
+        except NotFound:
+            return  # gone already: idempotent
+        vm.unregister()
+
+    async def register_vm(self, spec: VmSpec) -> VmInfo:
+        """A `vm.toml` in the folder `spec.folder` (made by the target agent with the disks): the VM, off."""
+        return await self._run(lambda: self._register(spec))
+
+    async def unregister_vm(self, vm_id: str) -> None:
+        await self._run(lambda: self._unregister(vm_id))
+
+    async def start_vm(self, vm_id: str) -> None:
+        await self._run(lambda: self.vm(vm_id).set_power(PowerState.RUNNING))
+
+    async def stop_vm(self, vm_id: str) -> None:
+        await self._run(lambda: self.vm(vm_id).set_power(PowerState.OFF))
+
+    async def shutdown_vm(self, vm_id: str, *, wait_seconds: float) -> None:
+        # A folder has no guest to ask: it is off at once (nothing it wrote is unflushed: writes are durable).
+        del wait_seconds
+        await self._run(lambda: self.vm(vm_id).set_power(PowerState.OFF))

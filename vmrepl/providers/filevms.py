@@ -19,7 +19,7 @@ from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from vmrepl.disk.fileio import atomic_write
 from vmrepl.domain import DiskFormat
@@ -57,6 +57,15 @@ class VmManifest(BaseModel):
     id: str
     disks: list[DiskManifest] = Field(min_length=1)
 
+    @model_validator(mode="after")
+    def _distinct(self) -> VmManifest:
+        # A disk is found by its id; two disks over one image would write each other's bytes.
+        for what, values in (("id", [d.id for d in self.disks]), ("path", [d.path for d in self.disks])):
+            twice = sorted({v for v in values if values.count(v) > 1})
+            if twice:
+                raise ValueError(f"disks: {what} {', '.join(twice)} is used by more than one disk")
+        return self
+
 
 def parse_manifest(data: bytes, where: Path) -> VmManifest:
     try:
@@ -79,12 +88,17 @@ def load_manifest(vm_dir: Path) -> VmManifest:
     return parse_manifest(data, vm_dir / MANIFEST)
 
 
-def write_manifest(vm_dir: Path, manifest: VmManifest) -> None:
+def manifest_text(manifest: VmManifest) -> bytes:
+    """The manifest as `vm.toml` (TOML strings are JSON strings for what a manifest holds)."""
     lines = [f"name = {json.dumps(manifest.name)}", f"id = {json.dumps(manifest.id)}"]
     for d in manifest.disks:
         lines += ["", "[[disks]]", f"id = {json.dumps(d.id)}", f"path = {json.dumps(d.path)}"]
         lines.append(f"format = {json.dumps(d.format)}")
-    atomic_write(vm_dir / MANIFEST, ("\n".join(lines) + "\n").encode())
+    return ("\n".join(lines) + "\n").encode()
+
+
+def write_manifest(vm_dir: Path, manifest: VmManifest) -> None:
+    atomic_write(vm_dir / MANIFEST, manifest_text(manifest))
 
 
 @dataclass(frozen=True, slots=True)

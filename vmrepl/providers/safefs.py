@@ -176,6 +176,22 @@ class Folder:
     def sync(self) -> None:
         os.fsync(self.fd)
 
+    def remove_tree(self, name: str) -> bool:
+        """Remove the subfolder `name` and everything under it, never following a symbolic link (a link
+        inside is removed itself), durably (this folder synced); False if nothing had that name."""
+        sub = self.maybe_child(name)
+        if sub is None:
+            return False
+        with sub:
+            for entry in sub.names():
+                if entry.is_dir(follow_symlinks=False):
+                    sub.remove_tree(entry.name)
+                else:
+                    sub.unlink(entry.name)
+        os.rmdir(_plain(name), dir_fd=self.fd)
+        self.sync()
+        return True
+
     def names(self) -> list[os.DirEntry[str]]:
         with os.scandir(self.fd) as it:
             return list(it)
