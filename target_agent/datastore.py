@@ -17,9 +17,9 @@ import os
 from pathlib import Path
 
 from vmrepl.disk.fileio import make_dirs
-from vmrepl.names import check_name, check_relative, resolve_inside
+from vmrepl.names import FAILBACK_ROOT, check_name, check_replica_path, resolve_inside
 
-FAILBACK_ROOT = ".failback"
+__all__ = ["FAILBACK_ROOT", "Datastore"]
 MOUNTS_DIR = ".mounts"
 TRASH_DIR = ".trash"
 
@@ -30,10 +30,7 @@ class Datastore:
         self.root = Path(os.path.realpath(root))
 
     def vm_dir(self, replica_path: str) -> Path:
-        failback = replica_path.startswith(FAILBACK_ROOT + "/")
-        parts = check_relative("replica_path", replica_path[len(FAILBACK_ROOT) + 1 :] if failback else replica_path)
-        if failback:
-            parts = [FAILBACK_ROOT, *parts]
+        parts = check_replica_path("replica_path", replica_path)
         return resolve_inside("replica_path", self.root.joinpath(*parts), [self.root], what="the datastore root")
 
     def disk_dir(self, replica_path: str, disk_id: str) -> Path:

@@ -29,7 +29,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from target_agent import mount_registry, replica, restore_points
+from target_agent import mount_registry, replica, restore_points, rollback
 from target_agent.datastore import Datastore
 from target_agent.mount_registry import FAILOVER, TEST, Registration
 from target_agent.points import PointDisk, find_point, open_point_disk
@@ -113,13 +113,21 @@ def _record_path(ds: Datastore, mount_id: str) -> Path:
     return ds.mounts_dir / f"{mount_id}.json"
 
 
+def _records_dir(ds: Datastore) -> Path:
+    """`.mounts/` of the datastore root, never through a link planted in its place."""
+    if ds.mounts_dir.is_symlink():
+        raise FailedPrecondition(f"{ds.mounts_dir} is a symbolic link: move the folder itself back in place")
+    return ds.mounts_dir
+
+
 def save_record(ds: Datastore, rec: MountRecord) -> None:
-    make_dirs(ds.mounts_dir)
+    make_dirs(_records_dir(ds))
     doc = asdict(rec) | {"format": RECORD_FORMAT}
     atomic_write(_record_path(ds, rec.mount_id), json.dumps(doc, indent=1).encode())
 
 
 def load_record(ds: Datastore, mount_id: str) -> MountRecord | None:
+    _records_dir(ds)
     path = _record_path(ds, mount_id)
     if not os.path.lexists(path):
         return None
@@ -153,9 +161,7 @@ def _check_record(rec: MountRecord, mount_id: str) -> None:
 
 
 def list_records(ds: Datastore, replica_path: str = "") -> list[MountRecord]:
-    folder = ds.mounts_dir
-    if folder.is_symlink():
-        raise FailedPrecondition(f"{folder} is a symbolic link: move the folder itself back in place")
+    folder = _records_dir(ds)
     if not folder.is_dir():
         return []
     out = []
@@ -207,6 +213,8 @@ def mount(
         rec = load_record(ds, mount_id)
         if rec is not None:
             _check_same(rec, replica_path=replica_path, point_id=point_id, kind=kind, layout=layout)
+            if Path(rec.folder).parent != vm_root:
+                raise FailedPrecondition(f"mount {mount_id}'s record names {rec.folder}, which is not in vm_root")
             if rec.state != CREATING:
                 return rec
         vm_dir = ds.vm_dir(replica_path)
@@ -403,7 +411,8 @@ def _vhdx_disk(folder: Path, disk_dir: Path, d: MountDisk, pd: PointDisk, *, rec
     newest = restore_points.list_points(disk_dir.parent.parent)[-1].id == rec.point_id
     if rec.kind == FAILOVER and newest and st.replica_format == VHDX:
         with guard.lock:  # the FAILOVER registration stops writers; one already inside a batch ends first
-            at_rest = not pd.saved_blocks()
+            # No session over the point at all (a prepared one may have resized the file already).
+            at_rest = not os.path.lexists(disk_dir / replica.ROLLBACK_DIR / rollback.PENDING) and st.disk_size == d.size
         if at_rest:  # Hyper-V makes its own differencing disk over it; no session writes it meanwhile
             _link_base(replica.data_file(disk_dir, VHDX), final)
             return 0

@@ -53,6 +53,8 @@ def delete_replica(ds: Datastore, guards: vm_replica.Guards, replica_path: str) 
         for d in vm_replica.disk_dirs(vm_dir):  # a stream still open on a disk stops touching it
             with guards(d).lock:
                 guards(d).claim_locked()
+        if ds.trash_dir.is_symlink():
+            raise FailedPrecondition(f"{ds.trash_dir} is a symbolic link: move the folder itself back in place")
         make_dirs(ds.trash_dir)
         doomed = ds.trash_dir / uuid.uuid4().hex
         rename(vm_dir, doomed)

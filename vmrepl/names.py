@@ -39,15 +39,14 @@ def check_relative(field: str, value: str) -> list[str]:
     return parts
 
 
-# The one first component of a replica path that is not a plain name: the target's failback folders
-# (`.failback/<job id>/<vm id>`, made by PrepareFailbackDisk), apart from every job's replica root, which a
-# plain name can never be.
+# The one folder name starting with '.' a replica path may begin with: failback disks are kept there on the
+# target next to the original VM (target_agent.failback), apart from every job's replicas, whose paths are
+# plain names that cannot start with a dot.
 FAILBACK_ROOT = ".failback"
 
 
 def check_replica_path(field: str, value: str) -> list[str]:
-    """A replica path as the agents accept it: a relative path of plain names, or one under FAILBACK_ROOT
-    (the failback transfer's, which the proxy streams like any other)."""
+    """A replica path's components: a relative path (check_relative), or one under `.failback/`."""
     if value.startswith(FAILBACK_ROOT + "/"):
         return [FAILBACK_ROOT, *check_relative(field, value[len(FAILBACK_ROOT) + 1 :])]
     return check_relative(field, value)

@@ -18,7 +18,7 @@ from vmrepl.disk.base import DiskReader, open_reader
 from vmrepl.disk.layer import open_layer
 from vmrepl.domain import Compression, DiskFormat
 
-BS = 32 * 1024
+BS = 64 * 1024  # the API's smallest block size: PrepareFailbackDisk takes no less
 
 
 def image(blocks: int, seed: int, *, tail: int = 0) -> bytes:

@@ -6,12 +6,14 @@ before; planted links and bad ids are refused."""
 from __future__ import annotations
 
 import os
+import threading
+import time
 from pathlib import Path
 
 import grpc
 import pytest
 
-from target_agent import mount_registry, mounts, removal, restore_points, vm_replica
+from target_agent import mount_registry, mounts, removal, replica, restore_points, vm_replica
 from target_agent.servicer import TargetAgentServicer
 from tests.support.mounting import BS, Replica, changed, image, mount_bytes, read_all, sha
 from tests.support.points import Aborted, FakeContext, servicer
@@ -214,8 +216,15 @@ def test_vhdx_layout(tmp_path: Path) -> None:
     assert os.stat(vms / "h-old" / "disk0.vhdx").st_nlink == 1  # a copy: sessions go on writing the replica
     assert mount_bytes(older) == imgs[0]
     assert 0 < older.bytes_copied <= len(imgs[0])
-    r.session("s4", changed(imgs[2], 4, share=0.8), base=imgs[2])
+    four = changed(imgs[2], 4, share=0.8)
+    r.session("s4", four, base=imgs[2])
     assert mount_bytes(older) == imgs[0]
+    # A session stopped between points: the newest point is copied, not the replica's file linked.
+    r.prepare("s5", len(four))
+    r.stream("s5", changed(four, 5, share=0.9), base=four, stop_after=3)
+    between = mount(r, vms, "h-between", "", FAILOVER, layout=VHDX)
+    assert os.stat(vms / "h-between" / "disk0.vhdx").st_nlink == 1
+    assert mount_bytes(between) == four
 
 
 def test_mount_point_is_idempotent_and_refuses_another_mount_under_its_id(r: Replica, tmp_path: Path) -> None:
@@ -375,3 +384,80 @@ async def test_the_api_checks_names_kinds_and_settings(tmp_path: Path) -> None:
     with pytest.raises(Aborted) as unset:
         await s2.MountPoint(req(), ctx)  # type: ignore[arg-type]
     assert unset.value.code == grpc.StatusCode.FAILED_PRECONDITION and "vm_root" in unset.value.details
+
+
+def test_a_layer_mount_over_a_vhdx_replica_keeps_its_point(tmp_path: Path) -> None:
+    r = Replica(tmp_path / "store", replica_format="vhdx")
+    ids, imgs = three_points(r, tail=0)
+    m = mount(r, tmp_path / "vms", "t1", ids[0], TEST)
+    assert m.disks[0].base_format == "vhdx" and mount_bytes(m) == imgs[0]
+    r.session("s4", changed(imgs[2], 4, share=0.9), base=imgs[2])
+    r.prepare("s5", len(imgs[2]))
+    r.stream("s5", changed(imgs[2], 5, share=0.9), base=None, stop_after=4)
+    assert mount_bytes(m) == imgs[0]
+    vm_replica.roll_back(r.vm_dir, guards=r.guard)
+    assert mount_bytes(m) == imgs[0]
+
+
+@pytest.mark.parametrize("delay", [0.0, 0.002, 0.01])
+def test_a_test_mount_made_while_a_session_writes_keeps_its_point(r: Replica, tmp_path: Path, delay: float) -> None:
+    """The session's stream runs in another thread, batch after batch, while MountPoint copies the chain,
+    switches copy-on-write on and copies the pending file: whichever batch lands where, the mount reads as
+    its point (and a second mount made after the session as well)."""
+    ids, imgs = three_points(r)
+    want = {p: r.point_bytes(p) for p in ids}
+    nxt = changed(imgs[2], 40, share=0.95)
+    r.prepare("s4", len(nxt))
+    real_apply = replica.ReplicaStream.apply
+
+    def slow_apply(self: replica.ReplicaStream, batch: object) -> int:
+        time.sleep(delay)
+        return real_apply(self, batch)  # type: ignore[arg-type]
+
+    errors: list[BaseException] = []
+
+    def session() -> None:
+        try:
+            r.stream("s4", nxt, base=None)
+        except BaseException as e:
+            errors.append(e)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(replica.ReplicaStream, "apply", slow_apply)
+        writer = threading.Thread(target=session)
+        writer.start()
+        old, new = mount(r, tmp_path / "vms", "t-old", ids[0], TEST), mount(r, tmp_path / "vms", "t-new", "", TEST)
+        writer.join()
+    assert not errors
+    r.commit("s4")
+    assert mount_bytes(old) == want[ids[0]]
+    assert mount_bytes(new) == want[ids[2]]
+
+
+def test_planted_records_and_folders_of_the_target_are_refused(r: Replica, tmp_path: Path) -> None:
+    vms, elsewhere = tmp_path / "vms", tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    ids, imgs = three_points(r)
+    # A record (of a mount "cut short") naming a folder outside vm_root: nothing is made there.
+    rec = mounts.MountRecord("t1", r.replica_path, ids[0], ids[0], TEST, LAYER, mounts.CREATING, 0.0, str(elsewhere))
+    rec.folder = str(elsewhere / "t1")
+    mounts.save_record(r.store, rec)
+    with pytest.raises(FailedPrecondition, match="not in vm_root"):
+        mount(r, vms, "t1", ids[0], TEST)
+    with pytest.raises(FailedPrecondition, match="not under vm_root"):
+        mounts.unmount(r.store, mounts.MountSettings(vms), r.guard, "t1")
+    assert not (elsewhere / "t1").exists()
+    mounts._record_path(r.store, "t1").write_text("{not json")
+    with pytest.raises(FailedPrecondition, match="damaged"):
+        mounts.list_records(r.store)
+    mounts._record_path(r.store, "t1").unlink()
+    # The records' folder and the trash replaced by links: refused, nothing written through them.
+    os.rename(r.store.mounts_dir, tmp_path / "old-mounts")
+    r.store.mounts_dir.symlink_to(elsewhere)
+    with pytest.raises(FailedPrecondition, match="symbolic link"):
+        mount(r, vms, "t2", ids[0], TEST)
+    r.store.mounts_dir.unlink()
+    r.store.trash_dir.symlink_to(elsewhere)
+    with pytest.raises(FailedPrecondition, match="symbolic link"):
+        removal.delete_replica(r.store, r.guard, r.replica_path)
+    assert os.listdir(elsewhere) == [] and r.point_bytes(ids[0]) == imgs[0]

@@ -1,0 +1,206 @@
+"""PrepareFailbackDisk: a failback disk is the original VM's disk (a hard link), its digests computed from it,
+with a restore point standing for the original, so the session that writes it saves each original block
+first. In process with the real servicer and the target's own session code: a transfer overwriting some
+blocks is rolled back to the original byte for byte; a committed one leaves the original equal to the new
+image; paths outside failback_roots, through links, and an original replaced under the disk are refused."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import grpc
+import pytest
+
+from target_agent import failback, replica, rollback, vm_replica
+from target_agent.servicer import TargetAgentServicer
+from tests.support.mounting import BS, Replica, changed, image
+from tests.support.points import Aborted, FakeContext, servicer
+from vmrepl.block import DIGEST_SIZE, digest, is_zero, zero_digest
+from vmrepl.errors import FailedPrecondition
+from vmrepl.v1 import common_pb2, target_pb2
+
+FB_PATH = ".failback/job1/vm1"
+
+
+def file_sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def block_digests(data: bytes) -> bytes:
+    out = b""
+    for at in range(0, len(data), BS):
+        block = data[at : at + BS]
+        out += zero_digest(len(block)) if is_zero(block) else digest(block)
+    return out
+
+
+@pytest.fixture
+def env(tmp_path: Path) -> tuple[TargetAgentServicer, Path, bytes]:
+    originals = tmp_path / "hyperv" / "vm1"
+    originals.mkdir(parents=True)
+    data = image(30, 11, tail=777)
+    disk = originals / "disk0.raw"
+    disk.write_bytes(data)
+    s = servicer(tmp_path, failback_roots=[tmp_path / "hyperv"])
+    return s, disk, data
+
+
+def request(original: Path | str, **change: object) -> target_pb2.PrepareFailbackDiskRequest:
+    out = target_pb2.PrepareFailbackDiskRequest(
+        replica_path=FB_PATH,
+        disk_id="disk0",
+        original_path=str(original),
+        format=common_pb2.DISK_FORMAT_RAW,
+        block_size=BS,
+    )
+    for k, v in change.items():
+        setattr(out, k, v)
+    return out
+
+
+async def prepare(s: TargetAgentServicer, original: Path | str, **change: object) -> target_pb2.ReplicaDisk:
+    return await s.PrepareFailbackDisk(request(original, **change), FakeContext())  # type: ignore[arg-type]
+
+
+async def refused(s: TargetAgentServicer, original: Path | str, **change: object) -> Aborted:
+    with pytest.raises(Aborted) as e:
+        await prepare(s, original, **change)
+    return e.value
+
+
+def failback_replica(s: TargetAgentServicer) -> Replica:
+    return Replica(s.datastore.root, replica_path=FB_PATH)
+
+
+async def test_a_failback_cut_short_is_rolled_back_to_the_original_byte_for_byte(
+    env: tuple[TargetAgentServicer, Path, bytes],
+) -> None:
+    s, disk, data = env
+    before = file_sha(disk)
+    got = await prepare(s, disk)
+    assert got.state == target_pb2.REPLICA_DISK_STATE_IDLE and got.disk_size == len(data)
+    r = failback_replica(s)
+    assert os.stat(r.disk_dir / "data.raw").st_ino == os.stat(disk).st_ino
+    assert replica.read_digests(r.disk_dir, 0, 0)[1] == block_digests(data)
+    assert (await prepare(s, disk)) == got  # idempotent
+    # The failed-over VM's disk: only the blocks whose digests differ are sent, each original saved first.
+    new = changed(data, 12, share=0.5)
+    ours, theirs = block_digests(new), block_digests(data)
+    differ = [i for i in range(len(ours) // DIGEST_SIZE) if ours[i * 16 : i * 16 + 16] != theirs[i * 16 : i * 16 + 16]]
+    assert differ
+    r.prepare("fb1", len(new))
+    r.stream("fb1", new, base=data)
+    pending = rollback.UndoFile(r.disk_dir / "rollback" / rollback.PENDING)
+    assert sorted(pending.index) == differ
+    pending.close()
+    assert disk.read_bytes() == new
+    vm_replica.roll_back(r.vm_dir, guards=r.guard)  # the failback failed after its transfer
+    assert file_sha(disk) == before
+    r.prepare("fb2", len(new))
+    r.stream("fb2", new, base=data, stop_after=6)  # cut short midway
+    assert file_sha(disk) != before
+    vm_replica.roll_back(r.vm_dir, guards=r.guard)
+    assert file_sha(disk) == before  # the original, byte for byte (its file: the VM's disk itself)
+
+
+async def test_a_committed_failback_leaves_the_original_equal_to_the_new_image(
+    env: tuple[TargetAgentServicer, Path, bytes],
+) -> None:
+    s, disk, data = env
+    await prepare(s, disk)
+    r = failback_replica(s)
+    new = changed(data, 13, share=0.3)
+    r.prepare("fb1", len(new))
+    r.stream("fb1", new, base=data)
+    r.commit("fb1")
+    assert disk.read_bytes() == new
+    assert replica.read_digests(r.disk_dir, 0, 0)[1] == block_digests(new)
+
+
+async def test_an_original_replaced_under_the_failback_disk_is_refused(
+    env: tuple[TargetAgentServicer, Path, bytes],
+) -> None:
+    s, disk, data = env
+    await prepare(s, disk)
+    r = failback_replica(s)
+    r.prepare("fb1", len(data))
+    r.stream("fb1", changed(data, 14), base=data)
+    copy = disk.with_name("copy.raw")
+    copy.write_bytes(disk.read_bytes())
+    os.replace(copy, disk)  # the hypervisor (or someone) put another file at the original's path
+    ctx = FakeContext()
+    with pytest.raises(Aborted) as e:
+        await s.GetReplicaDisk(target_pb2.GetReplicaDiskRequest(replica_path=FB_PATH, disk_id="disk0"), ctx)  # type: ignore[arg-type]
+    assert e.value.code == grpc.StatusCode.FAILED_PRECONDITION and "no longer the original" in e.value.details
+    commit = target_pb2.CommitRestorePointRequest(
+        replica_path=FB_PATH, session_id="fb1", checkpoint_id="cp-fb1", disk_ids=["disk0"]
+    )
+    with pytest.raises(Aborted) as e:
+        await s.CommitRestorePoint(commit, ctx)  # type: ignore[arg-type]
+    assert e.value.code == grpc.StatusCode.FAILED_PRECONDITION
+    with pytest.raises(FailedPrecondition):
+        failback.check_originals(r.vm_dir)
+
+
+async def test_original_paths_outside_the_roots_or_through_links_are_refused(
+    env: tuple[TargetAgentServicer, Path, bytes], tmp_path: Path
+) -> None:
+    s, disk, _ = env
+    outside = tmp_path / "outside.raw"
+    outside.write_bytes(b"x" * BS)
+    assert (await refused(s, outside)).code == grpc.StatusCode.INVALID_ARGUMENT
+    assert (await refused(s, "relative/disk0.raw")).code == grpc.StatusCode.INVALID_ARGUMENT
+    assert (await refused(s, f"{disk.parent}/../vm1/disk0.raw")).code == grpc.StatusCode.INVALID_ARGUMENT
+    linked_dir = tmp_path / "hyperv" / "linked"
+    linked_dir.symlink_to(disk.parent)
+    e = await refused(s, linked_dir / "disk0.raw")
+    assert e.code == grpc.StatusCode.INVALID_ARGUMENT and "symbolic link" in e.details
+    (tmp_path / "hyperv" / "vm1" / "link.raw").symlink_to(outside)
+    e = await refused(s, tmp_path / "hyperv" / "vm1" / "link.raw")
+    assert e.code == grpc.StatusCode.INVALID_ARGUMENT and "symbolic link" in e.details
+    (tmp_path / "hyperv" / "vm1" / "folder.raw").mkdir()
+    assert (await refused(s, tmp_path / "hyperv" / "vm1" / "folder.raw")).code == grpc.StatusCode.FAILED_PRECONDITION
+    assert (await refused(s, disk, replica_path="../x")).code == grpc.StatusCode.INVALID_ARGUMENT
+    assert (await refused(s, disk, replica_path=".other/x")).code == grpc.StatusCode.INVALID_ARGUMENT
+    assert (await refused(s, disk, block_size=1000)).code == grpc.StatusCode.INVALID_ARGUMENT
+    assert (await refused(s, disk, format=common_pb2.DISK_FORMAT_LAYER)).code == grpc.StatusCode.INVALID_ARGUMENT
+    assert outside.read_bytes() == b"x" * BS
+    assert not (s.datastore.root / ".failback").exists()
+    bare = servicer(tmp_path / "bare")
+    e = await refused(bare, disk)
+    assert e.code == grpc.StatusCode.FAILED_PRECONDITION and "failback_roots" in e.details
+
+
+async def test_a_replica_is_never_made_a_failback_disk(env: tuple[TargetAgentServicer, Path, bytes]) -> None:
+    s, disk, data = env
+    job = Replica(s.datastore.root, replica_path="jobs/vm1")
+    job.session("s1", data)
+    e = await refused(s, disk, replica_path="jobs/vm1")
+    assert e.code == grpc.StatusCode.FAILED_PRECONDITION and "holds a replica" in e.details
+    await prepare(s, disk)
+    other = disk.with_name("disk1.raw")
+    other.write_bytes(data)
+    e = await refused(s, other)  # the same disk id for another original
+    assert e.code == grpc.StatusCode.FAILED_PRECONDITION
+    r = failback_replica(s)
+    r.prepare("fb1", len(data))
+    e = await refused(s, other, disk_id="disk1")  # a disk added once the session began
+    assert e.code == grpc.StatusCode.FAILED_PRECONDITION and "prepare every failback disk" in e.details
+
+
+async def test_every_disk_of_the_vm_is_in_the_original_point(env: tuple[TargetAgentServicer, Path, bytes]) -> None:
+    s, disk, data = env
+    second = disk.with_name("disk1.raw")
+    second.write_bytes(image(8, 3))
+    await prepare(s, disk)
+    await prepare(s, second, disk_id="disk1")
+    listed = await s.ListRestorePoints(
+        target_pb2.ListRestorePointsRequest(replica_path=FB_PATH),
+        FakeContext(),  # type: ignore[arg-type]
+    )
+    assert len(listed.restore_points) == 1
+    assert sorted(d.disk_id for d in listed.restore_points[0].disks) == ["disk0", "disk1"]
+    assert listed.restore_points[0].restorable
+    del data
