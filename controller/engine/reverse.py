@@ -189,7 +189,7 @@ class ReverseVmRun(VmRun):
 
 async def run_reverse(parts: EngineParts, request: ReverseRun) -> ReverseResult:
     """Run (or continue) the reverse transfer of `request` to its end; see the module's words."""
-    row = await _planned_row(parts, request)
+    row = await _planned_row(parts, request.session_id, request.vm_id)
     if row is None:
         vm = await request.provider.get_vm(request.vm_id)
         disks = await _failback_disks(parts, request, vm)
@@ -226,10 +226,10 @@ def _context(request: ReverseRun, disks: dict[str, FailbackDisk]) -> ReverseCont
     )
 
 
-async def _planned_row(parts: EngineParts, request: ReverseRun) -> SessionVm | None:
+async def _planned_row(parts: EngineParts, session_id: str, vm_id: str) -> SessionVm | None:
     async with parts.journal.read() as db:
         row: SessionVm | None = await db.scalar(
-            select(SessionVm).where(SessionVm.session_id == request.session_id, SessionVm.vm_id == request.vm_id)
+            select(SessionVm).where(SessionVm.session_id == session_id, SessionVm.vm_id == vm_id)
         )
     return row
 
@@ -358,11 +358,16 @@ class FailbackTransfers:
 
     async def transfer(self, request: ReverseRequest) -> ReverseFigures:
         """Readies the failback disks (only before the transfer is recorded: a disk under way is never readied
-        again), runs the transfer and commits it; FailedPrecondition, with the reason, unless it succeeded."""
-        run = await self._run(request)
-        if await _planned_row(self.parts, run) is None:
-            await self._ready(request)
-        result = await run_reverse(self.parts, run)
+        again), runs the transfer and commits it; FailedPrecondition, with the reason, unless it succeeded.
+        An original disk the failed-over VM has none of (excluded from replication, so never in its points)
+        is left as it is, and the log says so."""
+        row = await _planned_row(self.parts, request.session_id, request.source_vm_id)
+        if row is None:
+            disks = await self._disks_to_fail_back(request)
+            await self._ready(request, disks)
+        else:
+            disks = await self._planned_disks(request)
+        result = await run_reverse(self.parts, await self._run(request, disks))
         if not result.succeeded:
             why = result.error or "no restore point"
             raise FailedPrecondition(f"the failback transfer of VM {request.vm_name} ended {result.state.value}: {why}")
@@ -378,9 +383,9 @@ class FailbackTransfers:
         stream writes under the rollback. Once the transfer is committed the original holds the failed-over
         VM's data as of its checkpoint (a whole image, not a half-written one): RollbackReplica returns a
         replica to its newest point, which is then that one."""
-        run = await self._run(request)
-        row = await _planned_row(self.parts, run)
+        row = await _planned_row(self.parts, request.session_id, request.source_vm_id)
         if row is not None and row.state not in FINAL_VM:
+            run = await self._run(request, await self._planned_disks(request))
             run.stopping.set()
             await run_reverse(self.parts, run)
         target = self._target(request)
@@ -403,9 +408,32 @@ class FailbackTransfers:
     def _target(self, request: ReverseRequest) -> TargetClient:
         return self.parts.agents.target(request.target.address, request.target.tls_server_name)
 
-    async def _ready(self, request: ReverseRequest) -> None:
+    async def _disks_to_fail_back(self, request: ReverseRequest) -> frozenset[str]:
+        vm = await request.source.get_vm(request.source_vm_id)
+        have = {d.disk_id for d in vm.disks}
+        originals = {d for d, _, _ in request.original_disks}
+        if left := sorted(originals - have):
+            log.info(
+                "failback_disks_left_as_they_are",
+                session_id=request.session_id,
+                vm=request.vm_name,
+                disks=left,
+                reason="the failed-over VM has no such disk (excluded from replication?)",
+            )
+        disks = frozenset(originals & have)
+        _check_disk_set(vm, disks)  # before anything is readied: a disk added after failover is refused
+        return disks
+
+    async def _planned_disks(self, request: ReverseRequest) -> frozenset[str]:
+        async with self.parts.journal.read() as db:
+            q = select(Task.disk_id).where(Task.session_id == request.session_id, Task.vm_id == request.source_vm_id)
+            return frozenset(await db.scalars(q))
+
+    async def _ready(self, request: ReverseRequest, disks: frozenset[str]) -> None:
         target = self._target(request)
         for disk_id, original, fmt in request.original_disks:
+            if disk_id not in disks:
+                continue
             ask = target_pb2.PrepareFailbackDiskRequest(
                 replica_path=request.replica_path,
                 disk_id=disk_id,
@@ -417,9 +445,9 @@ class FailbackTransfers:
                 await target.prepare_failback_disk(ask)
             except grpc.aio.AioRpcError as e:
                 raise relayed(e, f"target {request.target.name}") from e
-        log.info("failback_disks_ready", replica_path=request.replica_path, disks=len(request.original_disks))
+        log.info("failback_disks_ready", replica_path=request.replica_path, disks=len(disks))
 
-    async def _run(self, request: ReverseRequest) -> ReverseRun:
+    async def _run(self, request: ReverseRequest, disks: frozenset[str]) -> ReverseRun:
         async with self.parts.journal.read() as db:
             job = await db.get(Job, request.job_id)
         if job is None:
@@ -432,5 +460,5 @@ class FailbackTransfers:
             vm_id=request.source_vm_id,
             target=request.target,
             replica_path=request.replica_path,
-            disk_ids=frozenset(d for d, _, _ in request.original_disks),
+            disk_ids=disks,
         )

@@ -386,6 +386,23 @@ async def test_a_failback_disk_the_target_refuses_to_ready_records_nothing(
     assert failback.deleted_replicas == [_path(world)]
 
 
+async def test_an_original_disk_the_failed_over_vm_lacks_is_left_as_it_is(
+    world: World, failback: FailbackTarget
+) -> None:
+    # disk1 was excluded from replication: no point holds it, so the failed-over VM has none.
+    host = FakeProvider({FAILED_OVER: ("disk0",)})
+    figures = await asyncio.wait_for(FailbackTransfers(world.parts).transfer(_failback_request(world, host)), 30)
+    assert figures.blocks_differing == 1 and [r.disk_id for r in failback.failback_disks] == ["disk0"]
+    assert [r.disk_id for r in world.proxy.started] == ["disk0"] and list(failback.commits[0].disk_ids) == ["disk0"]
+
+
+async def test_a_disk_added_to_the_failed_over_vm_refuses_the_failback(world: World, failback: FailbackTarget) -> None:
+    host = FakeProvider({FAILED_OVER: ("disk0", "disk1", "disk2")})
+    with pytest.raises(FailedPrecondition, match="no failback disk for: disk2"):
+        await FailbackTransfers(world.parts).transfer(_failback_request(world, host))
+    assert not world.proxy.started and host.created == 0 and not failback.failback_disks
+
+
 # ---- a controller killed after every committed change ----
 
 
