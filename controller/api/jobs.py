@@ -10,15 +10,21 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from controller.api import resources as res
 from controller.api.base import BY_NAME, ApiBase
+from controller.db.enums import ReplicaVmState
 from controller.db.models import (
     Host,
     Job,
+    ReplicaVm,
     Session,
+    TestFailover,
 )
 from controller.engine.states import ACTIVE_SESSION
 from vmrepl.errors import InvalidArgument, NotFound
 from vmrepl.rpc import handle_errors
 from vmrepl.v1 import controller_pb2 as api
+
+# The VM states that leave nothing of a job's replica in use: a job may be deleted.
+_AT_REST = (ReplicaVmState.REPLICATING, ReplicaVmState.PERMANENT)
 
 
 class JobsApi(ApiBase):
@@ -98,7 +104,17 @@ class JobsApi(ApiBase):
     async def DeleteJob(self, request: api.DeleteJobRequest, context: Any) -> empty_pb2.Empty:
         async def users(db: AsyncSession, row: Job) -> list[str]:
             q = select(Session.id).where(Session.job_id == row.id, Session.state.in_(ACTIVE_SESSION))
-            return [f"sessions/{s} (running)" for s in await db.scalars(q)]
+            running = [f"sessions/{s} (running)" for s in await db.scalars(q)]
+            # A VM running from the job's replica (failed over, failed back, under test) would lose its records.
+            moved = select(ReplicaVm.vm_name, ReplicaVm.state).where(
+                ReplicaVm.job_id == row.id, ReplicaVm.state.not_in(_AT_REST)
+            )
+            vms = [
+                f"VM {n} ({st.value.replace('_', ' ')}; undo or commit it first)" for n, st in await db.execute(moved)
+            ]
+            tests = select(TestFailover.vm_id).where(TestFailover.job_id == row.id)
+            vms += [f"a test failover of VM {v} (stop-test it first)" for v in await db.scalars(tests)]
+            return running + vms
 
         await self._delete(Job, "name", request.name, "jobs", in_use=users)
         return empty_pb2.Empty()

@@ -52,7 +52,9 @@ def _request(request: api.StartReplicaOperationRequest) -> OperationRequest:
     if request.time_limit_seconds > MAX_TEST_SECONDS:
         raise InvalidArgument("time_limit_seconds", f"must be at most {MAX_TEST_SECONDS} (30 days)")
     if request.replicate_back_job:
-        raise InvalidArgument("replicate_back_job", "is not built yet: create the job with `vmrepl job create`")
+        if request.operation != api.REPLICA_OPERATION_PERMANENT_FAILOVER:
+            raise InvalidArgument("replicate_back_job", "is for a permanent failover only")
+        res.check_id("replicate_back_job", request.replicate_back_job)
     return OperationRequest(
         point=request.point,
         time_limit_seconds=request.time_limit_seconds,

@@ -141,9 +141,18 @@ def undo_failover(
     "permanent-failover", help="Keep the failed-over VM for good: the replica goes, the VM leaves the job."
 )
 def permanent_failover(
-    job: str, vm: VmOpt = None, group: GroupOpt = None, wait: WaitOpt = True, as_json_: JsonOpt = False
+    job: str,
+    vm: VmOpt = None,
+    group: GroupOpt = None,
+    replicate_back_job: Annotated[
+        str, typer.Option("--replicate-back-job", help="also create this job replicating the VM to the job's target")
+    ] = "",
+    wait: WaitOpt = True,
+    as_json_: JsonOpt = False,
 ) -> None:
-    _start(job, api.REPLICA_OPERATION_PERMANENT_FAILOVER, groups_of(vm, group), wait=wait, as_json_=as_json_)
+    groups = groups_of(vm, group)
+    op = api.REPLICA_OPERATION_PERMANENT_FAILOVER
+    _start(job, op, groups, replicate_back_job=replicate_back_job, wait=wait, as_json_=as_json_)
 
 
 @replica_app.command("failback", help="Write the failed-over VM's disks back onto the original VM (powered off).")

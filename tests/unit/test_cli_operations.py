@@ -99,9 +99,13 @@ def test_a_vm_is_required_and_test_failover_takes_its_time_limit(monkeypatch: py
     console = _terminal(monkeypatch, fake)
     assert "name a VM" in _run(console, "replica", "failback", "web", code=2)
     _run(console, "replica", "test-failover", "web", "--vm", "web-01", "--time-limit", "600", "--no-wait")
-    (request,) = fake.requests
-    assert isinstance(request, api.StartReplicaOperationRequest)
-    assert (request.operation, request.time_limit_seconds) == (api.REPLICA_OPERATION_TEST_FAILOVER, 600)
+    _run(console, "replica", "permanent-failover", "web", "--vm", "web-01", "--replicate-back-job", "web-back")
+    test, permanent = fake.requests
+    assert isinstance(test, api.StartReplicaOperationRequest) and isinstance(
+        permanent, api.StartReplicaOperationRequest
+    )
+    assert (test.operation, test.time_limit_seconds) == (api.REPLICA_OPERATION_TEST_FAILOVER, 600)
+    assert permanent.replicate_back_job == "web-back"
 
 
 def test_replica_show_says_where_the_vm_runs_and_its_tests(monkeypatch: pytest.MonkeyPatch) -> None:

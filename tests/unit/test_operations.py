@@ -17,7 +17,7 @@ from controller.engine.operations.context import OperationRequest
 from controller.engine.operations.plans import PLANS, Operation, Step, check_start, plan_for
 from tests.support.operations import REPLICA, OpsWorld, make_ops_world, settle
 from vmrepl.domain import DiskFormat, PowerState
-from vmrepl.errors import FailedPrecondition, InvalidArgument, NotFound
+from vmrepl.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from vmrepl.v1 import target_pb2
 
 
@@ -370,3 +370,81 @@ async def test_retention_keeps_a_point_a_test_failover_holds(ow: OpsWorld) -> No
         kept = {p.id for p in await db.scalars(select(RestorePoint))}
     # Three kept (keep = 3) besides the held one, which retention would have deleted now.
     assert ow.points[0] in kept and len(kept) == 4 and not ow.w.target.deleted
+
+
+async def test_a_hyperv_failover_host_gets_vhdx_disks_by_their_host_paths_and_merges_when_permanent(
+    ow: OpsWorld,
+) -> None:
+    from controller.db.models import Host
+
+    async with ow.w.journal.write() as db:
+        host = await db.get(Host, ow.failover_host_id)
+        assert host is not None
+        host.provider = "hyperv"
+    await run(ow, Operation.FAILOVER)
+    (mount,) = live_mounts(ow)
+    assert mount.layout == target_pb2.MOUNT_LAYOUT_VHDX
+    (vm_id,) = ow.failover.running()
+    spec = ow.failover.specs[vm_id]
+    assert spec.folder == mount.host_folder and spec.folder.startswith("D:\\vms\\")
+    assert [(d.path, d.format) for d in spec.disks] == [
+        (f"{mount.host_folder}\\disk0.vhdx", DiskFormat.VHDX),
+        (f"{mount.host_folder}\\disk1.vhdx", DiskFormat.VHDX),
+    ]
+    assert (await replica_vm(ow)).folder == mount.host_folder
+    session = await run(ow, Operation.PERMANENT_FAILOVER)
+    assert session.state is SessionState.SUCCEEDED, session.error
+    assert ("merge_vm_disks", vm_id) in ow.failover.faults.calls and ("stop_vm", vm_id) not in ow.failover.faults.calls
+    assert ow.failover.running() == [vm_id]  # never stopped
+
+
+async def test_a_hyperv_failover_host_needs_the_targets_host_path(ow: OpsWorld) -> None:
+    from controller.db.models import Host
+
+    async with ow.w.journal.write() as db:
+        host = await db.get(Host, ow.failover_host_id)
+        assert host is not None
+        host.provider = "hyperv"
+    real = ow.w.target.mount_point
+
+    async def no_host_path(request: target_pb2.MountPointRequest) -> target_pb2.Mount:
+        mount = await real(request)
+        mount.host_folder = ""
+        return mount
+
+    ow.w.target.mount_point = no_host_path  # type: ignore[method-assign]
+    session = await run(ow, Operation.FAILOVER)
+    assert session.state is SessionState.FAILED and "no vm_root_host_path" in session.error
+    assert not live_mounts(ow) and (await replica_vm(ow)).state is ReplicaVmState.REPLICATING
+
+
+async def test_permanent_failover_can_make_a_job_replicating_the_vm_back(ow: OpsWorld) -> None:
+    from controller.db.models import Job
+
+    await run(ow, Operation.FAILOVER)
+    (vm_id,) = ow.failover.running()
+    with pytest.raises(AlreadyExists, match="jobs/job1 exists already"):
+        await ow.ops.start(
+            ow.job_id, Operation.PERMANENT_FAILOVER, [["vm1"]], OperationRequest(replicate_back_job="job1")
+        )
+    session = await run(ow, Operation.PERMANENT_FAILOVER, replicate_back_job="web-back")
+    assert session.state is SessionState.SUCCEEDED, session.error
+    async with ow.w.journal.read() as db:
+        back = await db.scalar(select(Job).where(Job.name == "web-back"))
+        job = await db.get(Job, ow.job_id)
+    assert back is not None and job is not None
+    assert back.host_id == ow.failover_host_id and back.target_id == job.target_id
+    assert back.replica_root == "jobs/web-back" and [v.vm_ref for v in back.vms] == [vm_id]
+    assert back.restore_points_to_keep == job.restore_points_to_keep and back.schedule == {}
+
+
+async def test_an_operation_session_notifies_the_jobs_webhook(ow: OpsWorld) -> None:
+    from controller.db.enums import Notification
+    from controller.db.models import Job
+
+    async with ow.w.journal.write() as db:
+        job = await db.get(Job, ow.job_id)
+        assert job is not None
+        job.webhook = {"sealed_url": "sealed", "shown_url": "https://hooks.example/…", "failures_only": False}
+    session = await run(ow, Operation.TEST_FAILOVER)
+    assert session.notification is Notification.PENDING

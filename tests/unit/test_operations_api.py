@@ -175,3 +175,31 @@ async def test_the_job_keeps_its_failover_settings_and_checks_them(ow: OpsWorld)
             await jobs_res.apply_job(db, empty, job, ["network_mapping"], secrets=None)  # type: ignore[arg-type]
         await jobs_res.apply_job(db, api.Job(), job, ["failover_host"], secrets=None)  # type: ignore[arg-type]
         assert job.failover_host_id is None  # unset again
+
+
+async def test_a_job_whose_vm_runs_from_its_replica_is_not_deleted(ow: OpsWorld, tmp_path: Path) -> None:
+    from controller.api.jobs import JobsApi
+
+    class WithJobs(JobsApi, Api):
+        pass
+
+    a = WithJobs(
+        journal=ow.w.journal,
+        reads=async_sessionmaker(ow.w.db, expire_on_commit=False),
+        engine=_api(ow, tmp_path).engine,
+        secrets=SecretBox([Fernet.generate_key()]),
+        live=ow.w.parts.live,
+        session_logs=tmp_path,
+    )
+    started = await a.StartReplicaOperation(_start(api.REPLICA_OPERATION_TEST_FAILOVER, "vm1"), Context())
+    await settle(ow.ops, started.name.removeprefix("sessions/"))
+    with pytest.raises(Aborted) as e:
+        await a.DeleteJob(api.DeleteJobRequest(name="jobs/job1"), Context())
+    assert e.value.code == grpc.StatusCode.FAILED_PRECONDITION and "a test failover of VM vm1" in e.value.message
+    stop = await a.StartReplicaOperation(_start(api.REPLICA_OPERATION_STOP_TEST, "vm1"), Context())
+    await settle(ow.ops, stop.name.removeprefix("sessions/"))
+    failover = await a.StartReplicaOperation(_start(api.REPLICA_OPERATION_FAILOVER, "vm1"), Context())
+    await settle(ow.ops, failover.name.removeprefix("sessions/"))
+    with pytest.raises(Aborted) as e:
+        await a.DeleteJob(api.DeleteJobRequest(name="jobs/job1"), Context())
+    assert "VM vm1 (failed over; undo or commit it first)" in e.value.message

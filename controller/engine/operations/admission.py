@@ -16,10 +16,10 @@ from controller.db.models import Host, Job, OperationVm, ReplicaVm, RestorePoint
 from controller.engine.operations.context import OperationRequest
 from controller.engine.operations.holds import held_points
 from controller.engine.operations.plans import Operation, Plan, check_start
-from controller.engine.operations.records import replica_vm
+from controller.engine.operations.records import back_job_root, replica_vm
 from controller.engine.retention import points_to_delete
 from controller.engine.states import ACTIVE_SESSION
-from vmrepl.errors import FailedPrecondition, InvalidArgument, NotFound
+from vmrepl.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 
 # Providers whose hosts can register VMs (vmrepl.providers.base.Provider.register_vm).
 REGISTERING_PROVIDERS = ("file", "hyperv")
@@ -87,6 +87,27 @@ async def check_failover_host(db: AsyncSession, job: Job) -> Host:
     return host
 
 
+def _overlap(a: str, b: str) -> bool:
+    pa, pb = a.casefold().split("/"), b.casefold().split("/")
+    n = min(len(pa), len(pb))
+    return pa[:n] == pb[:n]
+
+
+async def check_back_job(db: AsyncSession, job: Job, name: str, vms: int) -> None:
+    """A permanent failover's `replicate_back_job`: one VM, a free name, a replica root no other job's overlaps
+    (refused before anything happens)."""
+    if vms != 1:
+        raise InvalidArgument("replicate_back_job", "is for one VM only")
+    if await db.scalar(select(Job.id).where(Job.name == name)) is not None:
+        raise AlreadyExists(f"jobs/{name} exists already: choose another replicate_back_job")
+    root = back_job_root(job, name)
+    for other, other_root in (
+        await db.execute(select(Job.name, Job.replica_root).where(Job.target_id == job.target_id))
+    ).all():
+        if _overlap(root, other_root):
+            raise FailedPrecondition(f"the new job's replica root {root!r} overlaps {other_root!r} of jobs/{other}")
+
+
 async def check_not_replicating(db: AsyncSession, job: Job, vm: VmRef) -> None:
     """Refused while a replication session of the job reads the VM (or has yet to plan it)."""
     running = list(
@@ -125,6 +146,8 @@ async def admit(db: AsyncSession, a: Admission) -> Session:
         raise FailedPrecondition("failback to a new location is not built yet: fail back to the original VM")
     if a.operation in _NEEDS_HOST:
         await check_failover_host(db, a.job)
+    if a.request.replicate_back_job:
+        await check_back_job(db, a.job, a.request.replicate_back_job, len(refs))
     session = Session(
         job_id=a.job.id,
         state=SessionState.RUNNING,

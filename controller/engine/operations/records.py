@@ -10,7 +10,7 @@ from sqlalchemy import delete, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from controller.db.enums import ReplicaVmState
-from controller.db.models import JobVm, OperationVm, ReplicaVm, RestorePoint, TestFailover, now
+from controller.db.models import Job, JobVm, OperationVm, ReplicaVm, RestorePoint, TestFailover, now
 from controller.engine.operations.context import OperationContext
 from controller.engine.operations.plans import Operation, Step
 
@@ -77,6 +77,46 @@ async def _leave_job(db: AsyncSession, ctx: OperationContext, row: OperationVm, 
     rv.mount_id = rv.point_id = ""
     await db.execute(delete(RestorePoint).where(RestorePoint.job_id == ctx.job_id, RestorePoint.vm_id == row.vm_id))
     await db.execute(delete(JobVm).where(JobVm.job_id == ctx.job_id, JobVm.vm_ref.in_([row.vm_id, row.vm_name])))
+    if ctx.request.replicate_back_job:
+        await _back_job(db, ctx, row)
+
+
+def back_job_root(job: Job, name: str) -> str:
+    """The replica root of the job a permanent failover makes to replicate the VM back: next to the job's."""
+    parent = job.replica_root.rsplit("/", 1)[0] if "/" in job.replica_root else "replicas"
+    return f"{parent}/{name}"
+
+
+# The settings a job replicating a VM back takes from the job it left (no schedule: started by hand first).
+_COPIED = (
+    "restore_points_to_keep",
+    "compression",
+    "block_size",
+    "bandwidth_limit_mbps",
+    "change_tracking",
+    "checkpoint_hold_seconds",
+    "retries",
+    "retry_wait_seconds",
+    "full_check_every",
+)
+
+
+async def _back_job(db: AsyncSession, ctx: OperationContext, row: OperationVm) -> None:
+    """The job replicating the (now production) VM from the failover host to the job's target."""
+    name = ctx.request.replicate_back_job
+    job = await db.get(Job, ctx.job_id)
+    if job is None or await db.scalar(select(Job.id).where(Job.name == name)) is not None:
+        row.error = f"jobs/{name} was not created: the name was taken meanwhile"
+        return
+    back = Job(
+        name=name,
+        host_id=ctx.failover_host_id,
+        target_id=job.target_id,
+        replica_root=back_job_root(job, name),
+        **{k: getattr(job, k) for k in _COPIED},
+    )
+    back.vms = [JobVm(vm_ref=str(row.data.get("running_vm_id", "")))]
+    db.add(back)
 
 
 def _add_test(db: AsyncSession, ctx: OperationContext, row: OperationVm) -> None:

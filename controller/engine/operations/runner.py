@@ -9,6 +9,7 @@ ROLLING_BACK with the step it was in, and does that step again (each is idempote
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from typing import Any
 
 import grpc
@@ -44,8 +45,18 @@ async def _own(db: AsyncSession, row_id: str) -> OperationVm:
 
 
 class VmOperation:
-    def __init__(self, ctx: OperationContext, journal: Journal, plan: Plan, row_id: str) -> None:
+    def __init__(
+        self,
+        ctx: OperationContext,
+        journal: Journal,
+        plan: Plan,
+        row_id: str,
+        *,
+        on_change: Callable[[str], None] = lambda _session_id: None,
+    ) -> None:
         self.ctx = ctx
+        # Told the session's id after each step written (WatchSession's watchers wake up).
+        self.on_change = on_change
         self.journal = journal
         self.plan = plan
         self.row_id = row_id
@@ -68,6 +79,7 @@ class VmOperation:
                 setattr(r, k, v)
             if r.started_at is None:
                 r.started_at = now()
+        self.on_change(self.ctx.session_id)
         return await self.journal.load(OperationVm, row.id)
 
     async def _one(self, row: OperationVm) -> OperationVm:

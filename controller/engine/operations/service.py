@@ -11,7 +11,7 @@ from collections.abc import Callable, Sequence
 
 from sqlalchemy import select
 
-from controller.db.enums import OperationStepState, SessionKind, SessionState
+from controller.db.enums import Notification, OperationStepState, SessionKind, SessionState
 from controller.db.models import Host, Job, OperationVm, Session, Target, TestFailover, now
 from controller.engine.operations import records
 from controller.engine.operations.admission import Admission, admit
@@ -159,7 +159,12 @@ class Operations:
         plan = plan_for(ctx.operation, host_provider=ctx.failover_provider_kind or "file")
         for group in sorted({r.group for r in rows}):
             members = [r for r in rows if r.group == group]
-            ended = await asyncio.gather(*(VmOperation(ctx, self.parts.journal, plan, r.id).run() for r in members))
+            ended = await asyncio.gather(
+                *(
+                    VmOperation(ctx, self.parts.journal, plan, r.id, on_change=self.parts.live.poke).run()
+                    for r in members
+                )
+            )
             if any(s is not OperationStepState.DONE for s in ended):
                 await self._skip_rest(ctx, group)
                 break
@@ -186,11 +191,16 @@ class Operations:
                     await records.release(db, session_id, r)
             state = SessionState(outcome([r.state for r in rows])) if not error else SessionState.FAILED
             session = await db.get(Session, session_id)
+            job = await db.get(Job, session.job_id) if session is not None else None
             if session is not None:
                 session.state, session.ended_at = state, now()
+                # Recorded with the end state, as a replication session's: delivered after a crash too.
+                webhook = job is not None and job.has_webhook
+                session.notification = Notification.PENDING if webhook else Notification.NONE
                 session.error = error or next(
                     (f"{r.vm_name}: {r.error}" for r in rows if r.error and r.state is not OperationStepState.DONE), ""
                 )
+        self.parts.live.forget(session_id)  # a watcher sees the end at once
         log.info("operation_ended", session_id=session_id, state=state.value, error=error or None)
         return state
 
