@@ -40,7 +40,7 @@ _FORMAT = 1
 _READ = 4 * MiB
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Original:
     path: str
     dev: int
@@ -140,7 +140,7 @@ def prepare(
                 f"a failback session already wrote {vm_dir.name}: prepare every failback disk before the session"
             )
         st = os.lstat(original)
-        originals[disk_dir.name] = Original(str(original), st.st_dev, st.st_ino)
+        originals[disk_dir.name] = Original(path=str(original), dev=st.st_dev, ino=st.st_ino)
         _save_originals(vm_dir, originals)  # before the link: a crash leaves a known original
         with guards(disk_dir).lock:
             state = _make_disk(disk_dir, original, replica_format, block_size)

@@ -39,7 +39,7 @@ REGISTRATION_FORMAT = 1
 _COPY_RUN = 16 * MiB
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Registration:
     mount_id: str
     point_id: str

@@ -53,7 +53,7 @@ _COPY_RUN = 16 * MiB
 Guards = Callable[[Path], DiskGuard]
 
 
-@dataclass
+@dataclass(kw_only=True)
 class MountDisk:
     disk_id: str
     path: str  # relative to the mount's folder
@@ -62,7 +62,7 @@ class MountDisk:
     base_format: str = ""  # the base's (the replica file's) format: a flattened LAYER disk's format
 
 
-@dataclass
+@dataclass(kw_only=True)
 class MountRecord:
     mount_id: str
     replica_path: str
@@ -275,7 +275,9 @@ def _begin(
             )
         path = f"{d.disk_id}.layer" if layout == LAYER else f"{d.disk_id}.vhdx"
         fmt = DiskFormat.LAYER.value if layout == LAYER else VHDX
-        disks.append(MountDisk(d.disk_id, path, fmt, d.disk_size, d.replica_format))
+        disks.append(
+            MountDisk(disk_id=d.disk_id, path=path, format=fmt, size=d.disk_size, base_format=d.replica_format)
+        )
     rec = MountRecord(
         mount_id=mount_id,
         replica_path=replica_path,
@@ -296,7 +298,15 @@ def _begin(
 def _registration(rec: MountRecord, *, cow: bool) -> Registration:
     stores = {d.disk_id: f"{d.disk_id}.point" for d in rec.disks} if rec.layout == LAYER else {}
     sizes = {d.disk_id: d.size for d in rec.disks} if rec.layout == LAYER else {}
-    return Registration(rec.mount_id, rec.point_id, rec.kind, cow, rec.folder, stores, sizes)
+    return Registration(
+        mount_id=rec.mount_id,
+        point_id=rec.point_id,
+        kind=rec.kind,
+        cow=cow,
+        folder=rec.folder,
+        stores=stores,
+        sizes=sizes,
+    )
 
 
 def _folder(rec: MountRecord) -> Path:

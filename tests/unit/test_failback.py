@@ -18,7 +18,8 @@ from target_agent.servicer import TargetAgentServicer
 from tests.support.mounting import BS, Replica, changed, image
 from tests.support.points import Aborted, FakeContext, servicer
 from vmrepl.block import DIGEST_SIZE, digest, is_zero, zero_digest
-from vmrepl.errors import FailedPrecondition
+from vmrepl.errors import FailedPrecondition, PathError
+from vmrepl.names import check_replica_path
 from vmrepl.v1 import common_pb2, target_pb2
 
 FB_PATH = ".failback/job1/vm1"
@@ -204,3 +205,11 @@ async def test_every_disk_of_the_vm_is_in_the_original_point(env: tuple[TargetAg
     assert sorted(d.disk_id for d in listed.restore_points[0].disks) == ["disk0", "disk1"]
     assert listed.restore_points[0].restorable
     del data
+
+
+def test_only_failback_folders_may_start_with_a_dot() -> None:
+    assert check_replica_path("replica_path", ".failback/job1/vm1") == [".failback", "job1", "vm1"]
+    assert check_replica_path("replica_path", "jobs/vm1") == ["jobs", "vm1"]
+    for bad in (".failback", ".failback/", ".failback/../x", ".mounts/x", ".trash/x", "a/.failback/x", "./x"):
+        with pytest.raises(PathError):
+            check_replica_path("replica_path", bad)

@@ -6,6 +6,7 @@ before; planted links and bad ids are refused."""
 from __future__ import annotations
 
 import os
+import subprocess
 import threading
 import time
 from pathlib import Path
@@ -13,12 +14,13 @@ from pathlib import Path
 import grpc
 import pytest
 
-from target_agent import mount_registry, mounts, removal, replica, restore_points, vm_replica
+from target_agent import mount_registry, mounts, points, removal, replica, restore_points, vm_replica
 from target_agent.servicer import TargetAgentServicer
+from tests.conftest import need_tool
 from tests.support.mounting import BS, Replica, changed, image, mount_bytes, read_all, sha
 from tests.support.points import Aborted, FakeContext, servicer
 from vmrepl.disk.base import open_reader
-from vmrepl.disk.layer import open_layer
+from vmrepl.disk.layer import ExtentStore, open_layer
 from vmrepl.domain import DiskFormat
 from vmrepl.errors import AlreadyExists, FailedPrecondition
 from vmrepl.v1 import target_pb2
@@ -44,6 +46,21 @@ def mount(r: Replica, vms: Path, mount_id: str, point: str, kind: str, *, layout
         mount_id=mount_id,
         kind=kind,
         layout=layout,
+    )
+
+
+def record(r: Replica, point: str, folder: str) -> mounts.MountRecord:
+    """A mount record as a crash in MountPoint leaves it (creating), for the attacks to plant."""
+    return mounts.MountRecord(
+        mount_id="t1",
+        replica_path=r.replica_path,
+        point_id=point,
+        requested_point_id=point,
+        kind=TEST,
+        layout=LAYER,
+        state=mounts.CREATING,
+        create_time=0.0,
+        folder=folder,
     )
 
 
@@ -216,6 +233,9 @@ def test_vhdx_layout(tmp_path: Path) -> None:
     assert os.stat(vms / "h-old" / "disk0.vhdx").st_nlink == 1  # a copy: sessions go on writing the replica
     assert mount_bytes(older) == imgs[0]
     assert 0 < older.bytes_copied <= len(imgs[0])
+    copy = vms / "h-old" / "disk0.vhdx"
+    check = subprocess.run([need_tool("qemu-img"), "check", "-q", "-f", "vhdx", str(copy)], check=False)
+    assert check.returncode == 0  # a VHDX other readers (Hyper-V's) open
     four = changed(imgs[2], 4, share=0.8)
     r.session("s4", four, base=imgs[2])
     assert mount_bytes(older) == imgs[0]
@@ -304,8 +324,10 @@ def test_links_planted_in_a_mount_folder_are_not_followed(r: Replica, tmp_path: 
     folder = vms / "t1"
     folder.mkdir(parents=True)
     # A crash left a record; someone planted a link where the base goes.
-    rec = mounts.MountRecord("t1", r.replica_path, ids[0], ids[0], TEST, LAYER, mounts.CREATING, 0.0, str(folder))
-    rec.disks = [mounts.MountDisk("disk0", "disk0.layer", "layer", len(imgs[0]), "raw")]
+    rec = record(r, ids[0], str(folder))
+    rec.disks = [
+        mounts.MountDisk(disk_id="disk0", path="disk0.layer", format="layer", size=len(imgs[0]), base_format="raw")
+    ]
     mounts.save_record(r.store, rec)
     (folder / "disk0.base").symlink_to(victim)
     (folder / "disk0.point.raw").symlink_to(victim)
@@ -439,7 +461,7 @@ def test_planted_records_and_folders_of_the_target_are_refused(r: Replica, tmp_p
     elsewhere.mkdir()
     ids, imgs = three_points(r)
     # A record (of a mount "cut short") naming a folder outside vm_root: nothing is made there.
-    rec = mounts.MountRecord("t1", r.replica_path, ids[0], ids[0], TEST, LAYER, mounts.CREATING, 0.0, str(elsewhere))
+    rec = record(r, ids[0], str(elsewhere))
     rec.folder = str(elsewhere / "t1")
     mounts.save_record(r.store, rec)
     with pytest.raises(FailedPrecondition, match="not in vm_root"):
@@ -461,3 +483,52 @@ def test_planted_records_and_folders_of_the_target_are_refused(r: Replica, tmp_p
     with pytest.raises(FailedPrecondition, match="symbolic link"):
         removal.delete_replica(r.store, r.guard, r.replica_path)
     assert os.listdir(elsewhere) == [] and r.point_bytes(ids[0]) == imgs[0]
+
+
+def test_blocks_overwritten_before_copy_on_write_starts_come_from_the_pending_file(
+    r: Replica, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A session writing between the chain's copy and the switch to copy-on-write: its blocks reach the mount
+    through the pending rollback file (the last step of MountPoint), never as the session's bytes."""
+    ids, imgs = three_points(r)
+    want = r.point_bytes(ids[0])
+    nxt = changed(imgs[2], 50, share=1.0)
+    r.prepare("s4", len(nxt))
+    real = mount_registry.register
+
+    def session_first(vm_dir: Path, reg: mount_registry.Registration) -> None:
+        if reg.cow:
+            r.stream("s4", nxt, base=None)
+        real(vm_dir, reg)
+
+    monkeypatch.setattr(mount_registry, "register", session_first)
+    m = mount(r, tmp_path / "vms", "t1", ids[0], TEST)
+    assert r.data_bytes() == nxt  # the session did overwrite the replica meanwhile
+    assert mount_bytes(m) == want
+    r.commit("s4")
+    assert mount_bytes(m) == want
+
+
+def test_a_session_writing_before_the_chain_is_copied_never_reaches_the_point_store(
+    r: Replica, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Copy-on-write starts only once the chain is copied: earlier it would keep the newest point's bytes
+    of a block the older point held otherwise (first writer wins)."""
+    ids, imgs = three_points(r)
+    want = r.point_bytes(ids[0])
+    nxt = changed(imgs[2], 51, share=1.0)
+    r.prepare("s4", len(nxt))
+    real = mounts._copy_blocks
+    calls = {"n": 0}
+
+    def session_first(pd: points.PointDisk, store: ExtentStore, blocks: list[int]) -> None:
+        calls["n"] += 1
+        if calls["n"] == 1:
+            r.stream("s4", nxt, base=None)
+        real(pd, store, blocks)
+
+    monkeypatch.setattr(mounts, "_copy_blocks", session_first)
+    m = mount(r, tmp_path / "vms", "t1", ids[0], TEST)
+    assert mount_bytes(m) == want
+    r.commit("s4")
+    assert mount_bytes(m) == want
