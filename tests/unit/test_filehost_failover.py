@@ -369,3 +369,22 @@ def test_a_shorter_base_reads_through_the_point_store(tmp_path: Path) -> None:
     p = FileHostProvider(root)
     vm_id = run(p.register_vm(_spec())).vm_id
     assert p.vm(vm_id).read_current("disk0", SIZE - 64 * KiB - 4, 8) == _base()[-64 * KiB - 4 : -64 * KiB] + b"pppp"
+
+
+def test_any_vm_name_is_written_as_toml_that_reads_back(root: Path) -> None:
+    name = 'web 😀 "quoted" back\\slash\ttab\nnewline\x7fdel é'
+    p = FileHostProvider(root)
+    info = run(p.register_vm(_spec(name=name)))
+    assert info.name == name and run(p.get_vm(info.vm_id)).name == name
+    assert FileHostProvider(root).problems() == {}
+
+
+def test_registers_of_one_folder_at_once_make_one_vm(root: Path) -> None:
+    p = FileHostProvider(root)
+
+    async def both() -> list[str]:
+        infos = await asyncio.gather(*(p.register_vm(_spec()) for _ in range(8)))
+        return [i.vm_id for i in infos]
+
+    ids = run(both())
+    assert len(set(ids)) == 1 and [v.vm_id for v in run(p.list_vms())] == ids[:1]

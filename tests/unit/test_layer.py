@@ -620,3 +620,29 @@ def test_a_fifo_or_folder_planted_for_a_layer_file_is_refused_without_blocking(t
     f.mkdir()
     with pytest.raises(FailedPrecondition):
         _read(path)
+
+
+def test_a_layer_over_a_vhdx_base_reads_and_flattens(tmp_path: Path) -> None:
+    folder = tmp_path / "vm"
+    folder.mkdir()
+    size = 8 * 1024 * KiB
+    content = _pattern(size, 12)
+    with create_writer(DiskFormat.VHDX, folder / "disk0.vhdx", size=size, block_size=1024 * KiB) as w:
+        w.write(content[: 3 * 1024 * KiB], 0)  # the rest unallocated: zeros
+        w.flush()
+    path = create_layer(
+        folder, "disk0", size=size, base="disk0.vhdx", base_format=DiskFormat.VHDX, stores=["disk0.top"]
+    )
+    with open_layer(path, writable=True) as disk:
+        disk.write(1024 * KiB - 10, b"x" * 20)
+        disk.write(6 * 1024 * KiB, b"y" * 4096)
+    view = _read(path)
+    want = bytearray(content[: 3 * 1024 * KiB] + bytes(size - 3 * 1024 * KiB))
+    want[1024 * KiB - 10 : 1024 * KiB + 10] = b"x" * 20
+    want[6 * 1024 * KiB : 6 * 1024 * KiB + 4096] = b"y" * 4096
+    assert view == want
+    base = flatten_layer(path)
+    with open_reader(DiskFormat.VHDX, base) as r:
+        got = bytearray(size)
+        r.read_into(memoryview(got), 0)
+    assert got == want and _read(path) == want

@@ -13,6 +13,10 @@ It behaves like Hyper-V where replication can see it:
   `GetVirtualDiskChanges`. Writes made to the images by other means are not
   tracked — the situation sampled verification exists for.
 
+* Failover: a disk may be a layer disk (vmrepl/disk/layer.py: a restore point's image with stores on
+  top), written in its top store; `register_vm` makes a VM of a folder the target agent filled, power
+  is `.vmrepl/power` (running | off), and a VM that is off writes nothing.
+
 VM folders may be written by others than the operator, so every file in one is opened without following
 symbolic links, inside the host folder (safefs), a checkpoint record is used only with the provider's
 seal (filejournal), and looking VMs up creates nothing.
@@ -33,6 +37,7 @@ import asyncio
 import contextlib
 import json
 import os
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -92,6 +97,7 @@ _COPY_CHUNK = 4 << 20
 _RECORD_LIMIT = 64 << 10
 _LOG_LIMIT = 1 << 30
 T = TypeVar("T")
+_REGISTERING = threading.Lock()
 
 
 def _datasync(fd: int) -> None:
@@ -525,7 +531,8 @@ class FileHostProvider(Provider):
 
     def _register(self, spec: VmSpec) -> VmInfo:
         folder = check_name("folder", spec.folder)  # a plain name, not hidden (.vmrepl-host is the host's)
-        with Folder.open(self.root) as top, top.child(folder) as d:
+        # One at a time in this process (the controller registers): two calls for one folder give one VM.
+        with _REGISTERING, Folder.open(self.root) as top, top.child(folder) as d:
             existing = d.read(MANIFEST, limit=MANIFEST_LIMIT)
             if existing is not None:  # registered already: idempotent by folder
                 return self.vm(parse_manifest(existing, self.root / folder / MANIFEST).id).info()

@@ -11,7 +11,6 @@ checkpoints and replicas are keyed by id.
 
 from __future__ import annotations
 
-import json
 import os
 import threading
 import tomllib
@@ -88,12 +87,26 @@ def load_manifest(vm_dir: Path) -> VmManifest:
     return parse_manifest(data, vm_dir / MANIFEST)
 
 
+def _toml_string(value: str) -> str:
+    """A TOML basic string. Not json.dumps: its surrogate-pair escapes of characters past U+FFFF, and a raw
+    U+007F, are not TOML (a VM named with an emoji would get a vm.toml nothing can read)."""
+    out = []
+    for c in value:
+        if c in ('"', "\\"):
+            out.append("\\" + c)
+        elif ord(c) < 0x20 or ord(c) == 0x7F:
+            out.append(f"\\u{ord(c):04x}")
+        else:
+            out.append(c)
+    return '"' + "".join(out) + '"'
+
+
 def manifest_text(manifest: VmManifest) -> bytes:
-    """The manifest as `vm.toml` (TOML strings are JSON strings for what a manifest holds)."""
-    lines = [f"name = {json.dumps(manifest.name)}", f"id = {json.dumps(manifest.id)}"]
+    """The manifest as `vm.toml`."""
+    lines = [f"name = {_toml_string(manifest.name)}", f"id = {_toml_string(manifest.id)}"]
     for d in manifest.disks:
-        lines += ["", "[[disks]]", f"id = {json.dumps(d.id)}", f"path = {json.dumps(d.path)}"]
-        lines.append(f"format = {json.dumps(d.format)}")
+        lines += ["", "[[disks]]", f"id = {_toml_string(d.id)}", f"path = {_toml_string(d.path)}"]
+        lines.append(f"format = {_toml_string(d.format)}")
     return ("\n".join(lines) + "\n").encode()
 
 
