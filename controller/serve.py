@@ -20,6 +20,7 @@ from controller.db.secrets import SecretBox, create_key_file
 from controller.engine.agents import READY_WITHIN_SECONDS, AgentPool
 from controller.engine.journal import Journal
 from controller.engine.providers import Providers
+from controller.engine.reverse import FailbackTransfers
 from controller.engine.runtime import EngineParts
 from controller.engine.sessions import Engine
 from controller.engine.slots import SlotBoard
@@ -103,7 +104,7 @@ async def serve(settings: ControllerSettings) -> None:
         proxy_lost_after=settings.proxy_lost_seconds,
         providers=Providers(secrets, installation=await installation_id(sessions)),
     )
-    engine = Engine(parts)
+    engine = Engine(parts, reverse=FailbackTransfers(parts))  # failback's transfer (engine/reverse.py)
     await engine.recover()  # sessions a previous run left: continued before anything new starts
     session_logs = settings.data_dir / "sessions"
     logging.getLogger().addHandler(SessionLogHandler(session_logs))

@@ -223,6 +223,9 @@ def held_checkpoint(job_id: str, vm_id: str) -> Select[Any]:
 class VmRun:
     """One VM of the session, driven state by state (see states.VmState)."""
 
+    # What runs each disk task; the reverse transfer of a failback (engine.reverse) runs its own.
+    task_runner: type[TaskRunner] = TaskRunner
+
     def __init__(self, parts: EngineParts, sc: SessionContext, row_id: str) -> None:
         self.parts = parts
         self.sc = sc
@@ -466,7 +469,7 @@ class VmRun:
             await self._end_tasks(row, TaskState.FAILED, str(e))
             raise
         tasks = await self._tasks(row)
-        runners = (TaskRunner(self.parts, self.sc, cp, t.id, attempt=row.attempt).run() for t in tasks)
+        runners = (self.task_runner(self.parts, self.sc, cp, t.id, attempt=row.attempt).run() for t in tasks)
         ends = await asyncio.gather(*runners)
         await self._set(vm_after_transfers(ends))
 

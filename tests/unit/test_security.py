@@ -6,7 +6,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from vmrepl.errors import PathError, TicketError
-from vmrepl.names import check_name, check_relative
+from vmrepl.names import check_name, check_relative, check_replica_path
 from vmrepl.security.ticket import key_id, sign_ticket, verify_ticket
 
 KEY = ed25519.Ed25519PrivateKey.generate()
@@ -89,6 +89,14 @@ def test_bad_names(bad: str) -> None:
 def test_bad_relative_paths(bad: str) -> None:
     with pytest.raises(PathError):
         check_relative("f", bad)
+
+
+def test_a_replica_path_may_start_with_the_failback_folder_and_nothing_else_hidden() -> None:
+    assert check_replica_path("f", ".failback/job1/vm1") == [".failback", "job1", "vm1"]
+    assert check_replica_path("f", "jobs/vm1") == ["jobs", "vm1"]
+    for bad in (".failback", ".failback/", ".failback/../x", ".failback/.mounts/x", ".mounts/x", "a/.failback/b"):
+        with pytest.raises(PathError):
+            check_replica_path("f", bad)
 
 
 def test_datastore_refuses_symlink_escape(tmp_path: Path) -> None:
