@@ -14,7 +14,7 @@ from typing import NoReturn, Protocol
 
 from sqlalchemy import func, select
 
-from controller.db.enums import SessionState
+from controller.db.enums import SessionKind, SessionState
 from controller.db.models import Job, Session
 from controller.engine.journal import Journal
 from controller.engine.states import ACTIVE_SESSION
@@ -29,6 +29,10 @@ from controller.scheduling.schedule import (
 from vmrepl.errors import VmreplError
 from vmrepl.logs import get_logger
 from vmrepl.supervise import every
+
+# Operation sessions (a failover, a test failover) neither take a schedule's slot nor end a window: only
+# replication sessions are the job's runs.
+_REPLICATION = Session.kind == SessionKind.REPLICATION
 
 log = get_logger("vmrepl.controller.scheduling.scheduler")
 
@@ -91,14 +95,16 @@ class Scheduler:
         async with self.journal.read() as db:
             row = (
                 await db.execute(
-                    select(Session.id, Session.state).where(Session.job_id == job_id, Session.state.in_(ACTIVE_SESSION))
+                    select(Session.id, Session.state).where(
+                        Session.job_id == job_id, _REPLICATION, Session.state.in_(ACTIVE_SESSION)
+                    )
                 )
             ).first()
         return None if row is None else (row[0], row[1])
 
     async def _last_end(self, job_id: str) -> dt.datetime | None:
         async with self.journal.read() as db:
-            return await db.scalar(select(func.max(Session.ended_at)).where(Session.job_id == job_id))
+            return await db.scalar(select(func.max(Session.ended_at)).where(Session.job_id == job_id, _REPLICATION))
 
     async def _decide(self, job: Job, s: Schedule, *, now: dt.datetime, running: bool) -> Decision:
         handled = job.schedule_handled_until or job.created_at or now

@@ -8,7 +8,7 @@ from pathlib import Path
 from sqlalchemy import select
 
 from controller.db.connect import open_database, sqlite_url
-from controller.db.enums import SessionState
+from controller.db.enums import SessionKind, SessionState
 from controller.db.models import Host, Job, JobVm, Session, Target
 from controller.engine.journal import Journal
 from controller.engine.states import ACTIVE_SESSION
@@ -49,7 +49,9 @@ class RecordingEngine:
 
     async def end(self, job_id: str, state: SessionState) -> Session:
         async with self.journal.write() as db:
-            q = select(Session).where(Session.job_id == job_id, Session.state.in_(ACTIVE_SESSION))
+            q = select(Session).where(
+                Session.job_id == job_id, Session.kind == SessionKind.REPLICATION, Session.state.in_(ACTIVE_SESSION)
+            )
             s = await db.scalar(q)
             assert s is not None
             s.state, s.ended_at = state, self.clock()
@@ -164,3 +166,22 @@ async def test_continuous_and_after_another_job(tmp_path: Path) -> None:
     assert engine.started[-1] == ("first", clock.now)
     await sched.tick_once()
     assert len(engine.started) == 3  # second runs once per run of first
+
+
+async def test_an_operation_session_neither_takes_a_slot_nor_is_stopped_by_the_window(tmp_path: Path) -> None:
+    """A failover or a long failback of one VM runs as a session of the job: the schedule's runs go on, and a
+    closing window stops replication sessions only."""
+    window = {"kind": "interval", "every_minutes": 15, "permitted": {"mon": [[21, 22]]}}  # Monday 21:00-22:00
+    journal, ids = await _setup(tmp_path, {"every15": window})
+    async with journal.write() as db:
+        db.add(Session(job_id=ids["every15"], state=SessionState.RUNNING, kind=SessionKind.OPERATION, started_at=T0))
+    clock = Clock(T0)
+    engine = RecordingEngine(journal, clock)
+    sched = Scheduler(journal=journal, engine=engine, clock=clock)
+    for _ in range(50):
+        await sched.tick_once()
+        clock.advance(minutes=1)
+        if engine.started and clock.now - engine.started[-1][1] == dt.timedelta(minutes=2):
+            await engine.end(ids["every15"], SessionState.SUCCEEDED)
+    assert [t for _, t in engine.started] == [T0 + dt.timedelta(minutes=m) for m in (15, 30, 45)]
+    assert not engine.stopped  # the operation session was never asked to stop
