@@ -14,6 +14,7 @@ replaced meanwhile (copied over, restored from a backup) would have the failback
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
@@ -139,13 +140,30 @@ def prepare(
             raise FailedPrecondition(
                 f"a failback session already wrote {vm_dir.name}: prepare every failback disk before the session"
             )
-        st = os.lstat(original)
+        st = _single_link(original, replica.data_file(disk_dir, replica_format))
         originals[disk_dir.name] = Original(path=str(original), dev=st.st_dev, ino=st.st_ino)
         _save_originals(vm_dir, originals)  # before the link: a crash leaves a known original
         with guards(disk_dir).lock:
             state = _make_disk(disk_dir, original, replica_format, block_size)
         _add_to_original_point(vm_dir, points, disk_dir.name, state)
         return state
+
+
+def _single_link(original: Path, data: Path) -> os.stat_result:
+    """The original's status, refused when it has a hard link other than this failback disk's: the file
+    would then be someone else's too (a replica on the datastore's file system, a system file), and the
+    failback would write it."""
+    st = os.lstat(original)
+    ours = 0
+    with contextlib.suppress(FileNotFoundError):
+        have = os.lstat(data)
+        ours = int((have.st_dev, have.st_ino) == (st.st_dev, st.st_ino))
+    if st.st_nlink - ours != 1:
+        raise FailedPrecondition(
+            f"original disk {original} has {st.st_nlink - ours - 1} other hard link(s): it may be another "
+            "file's too, and a failback writes it in place (copy it to a file of its own)"
+        )
+    return st
 
 
 def _make_disk(disk_dir: Path, original: Path, replica_format: str, block_size: int) -> DiskState:

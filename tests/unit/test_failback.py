@@ -213,3 +213,21 @@ def test_only_failback_folders_may_start_with_a_dot() -> None:
     for bad in (".failback", ".failback/", ".failback/../x", ".mounts/x", ".trash/x", "a/.failback/x", "./x"):
         with pytest.raises(PathError):
             check_replica_path("replica_path", bad)
+
+
+async def test_an_original_hard_linked_to_another_file_is_refused(
+    env: tuple[TargetAgentServicer, Path, bytes], tmp_path: Path
+) -> None:
+    # Whoever may write the original VM's folder plants, as the original, a hard link of a file the target
+    # must not write (another VM's replica, say: it is on the same file system). The failback would write it.
+    s, disk, _ = env
+    victim = s.datastore.root / "victim.raw"
+    victim.write_bytes(b"v" * (3 * BS))
+    planted = disk.with_name("disk1.raw")
+    os.link(victim, planted)
+    e = await refused(s, planted, disk_id="disk1")
+    assert e.code == grpc.StatusCode.FAILED_PRECONDITION and "hard link" in e.details
+    assert not (s.datastore.root / FB_PATH / "disks" / "disk1").exists()
+    assert victim.read_bytes() == b"v" * (3 * BS)
+    got = await prepare(s, disk)  # the original itself (a single link) is readied, and again once linked
+    assert (await prepare(s, disk)) == got and os.stat(disk).st_nlink == 2
