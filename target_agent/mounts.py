@@ -37,7 +37,7 @@ from target_agent.replica import DiskGuard
 from vmrepl.block import is_zero
 from vmrepl.disk.base import create_writer
 from vmrepl.disk.fileio import atomic_write, link, make_dirs, read_bytes, remove, remove_tree, rename
-from vmrepl.disk.layer import ExtentStore, create_layer, flatten_layer
+from vmrepl.disk.layer import ExtentStore, create_layer, flatten_layer, read_descriptor
 from vmrepl.disk.vhdx_writer import LOGICAL_SECTOR
 from vmrepl.domain import DiskFormat
 from vmrepl.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, PathError
@@ -527,10 +527,35 @@ def flatten(ds: Datastore, guards: Guards, mount_id: str) -> MountRecord:
                 restore_points.give_away(vm_dir, mount_id)
         if rec.layout == LAYER:
             for d in rec.disks:
+                _check_base(Path(rec.folder), vm_dir / "disks" / d.disk_id, d)
                 _flatten_disk(Path(rec.folder), d)
         rec.state = FLATTENED
         save_record(ds, rec)
         return rec
+
+
+def _check_base(folder: Path, disk_dir: Path, d: MountDisk) -> None:
+    """The layer merges into the base the mount linked: the replica's data file. The folder is a file host's
+    VM folder, which others may write: a descriptor naming another file, or a base swapped for a hard link of
+    another file (another replica's data, on the same file system), would have the merge write that file."""
+    if d.format != DiskFormat.LAYER.value:
+        return  # flattened by an earlier attempt
+    base = read_descriptor(folder / d.path).base
+    if base != f"{d.disk_id}.base":
+        raise FailedPrecondition(f"{folder / d.path} names {base} as its base, not the mount's: refused")
+    data = replica.data_file(disk_dir, replica.load_state(disk_dir).replica_format)
+    want, have = os.lstat(data), _lstat(folder / base)
+    if have is None or not stat.S_ISREG(have.st_mode) or (have.st_dev, have.st_ino) != (want.st_dev, want.st_ino):
+        raise FailedPrecondition(
+            f"{folder / base} is not the replica's data file the mount linked (replaced in the VM folder): refused"
+        )
+
+
+def _lstat(path: Path) -> os.stat_result | None:
+    try:
+        return os.lstat(path)
+    except FileNotFoundError:
+        return None
 
 
 def _flatten_disk(folder: Path, d: MountDisk) -> None:

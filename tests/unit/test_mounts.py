@@ -532,3 +532,32 @@ def test_a_session_writing_before_the_chain_is_copied_never_reaches_the_point_st
     assert mount_bytes(m) == want
     r.commit("s4")
     assert mount_bytes(m) == want
+
+
+def test_flatten_never_writes_a_base_or_descriptor_planted_in_the_mount_folder(r: Replica, tmp_path: Path) -> None:
+    # The failed-over VM's folder is a file host's VM folder: whoever may write it swaps the base for a hard
+    # link of another replica's data file (same file system), or points the descriptor at one. A permanent
+    # failover would merge the VM's writes into that replica.
+    vms = tmp_path / "vms"
+    ids, _ = three_points(r)
+    other = Replica(r.store.root, replica_path="jobs/vm2")
+    other.session("o1", image(24, 9, tail=1000))
+    victim = other.disk_dir / "data.raw"
+    before = sha(victim.read_bytes())
+    m = mount(r, vms, "f1", ids[0], FAILOVER)
+    folder = Path(m.folder)
+    with open_layer(folder / "disk0.layer", writable=True) as disk:
+        disk.write(0, b"\x5a" * (4 * BS))
+    (folder / "disk0.base").unlink()
+    os.link(victim, folder / "disk0.base")
+    with pytest.raises(FailedPrecondition, match="not the replica's data file"):
+        mounts.flatten(r.store, r.guard, "f1")
+    os.unlink(folder / "disk0.base")
+    os.link(r.disk_dir / "data.raw", folder / "disk0.base")
+    os.link(victim, folder / "evil.raw")
+    layer = folder / "disk0.layer"
+    layer.write_bytes(layer.read_bytes().replace(b'"disk0.base"', b'"evil.raw"'))
+    with pytest.raises(FailedPrecondition, match=r"names evil\.raw"):
+        mounts.flatten(r.store, r.guard, "f1")
+    assert sha(victim.read_bytes()) == before
+    assert other.point_bytes(restore_points.list_points(other.vm_dir)[-1].id) == victim.read_bytes()
