@@ -231,3 +231,43 @@ async def test_an_original_hard_linked_to_another_file_is_refused(
     assert victim.read_bytes() == b"v" * (3 * BS)
     got = await prepare(s, disk)  # the original itself (a single link) is readied, and again once linked
     assert (await prepare(s, disk)) == got and os.stat(disk).st_nlink == 2
+
+
+async def test_a_folder_swapped_for_a_link_after_the_path_check_is_not_followed(
+    env: tuple[TargetAgentServicer, Path, bytes], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # PrepareFailbackDisk checks the path, then readies the disk in a worker thread: whoever may write the
+    # roots swaps the VM's folder for a link to a folder holding a file the target must not write meanwhile.
+    s, disk, _ = env
+    victim_dir = s.datastore.root / "jobs" / "vm9"
+    victim_dir.mkdir(parents=True)
+    victim = victim_dir / "disk0.raw"
+    victim.write_bytes(b"v" * (3 * BS))
+    original = failback.check_original_path(s.failback_roots, str(disk))
+    disk.parent.rename(disk.parent.with_name("moved"))
+    disk.parent.symlink_to(victim_dir)
+    vm_dir = s.datastore.vm_dir(FB_PATH)
+    disk_dir = s.datastore.disk_dir(FB_PATH, "disk0")
+    with pytest.raises(FailedPrecondition, match="symbolic link"):
+        failback.prepare(
+            vm_dir, disk_dir, guards=s.receiver.guard, original=original, replica_format="raw", block_size=BS
+        )
+    assert os.stat(victim).st_nlink == 1 and victim.read_bytes() == b"v" * (3 * BS)
+    assert not (disk_dir / "data.raw").exists()
+    # The same swap at the very moment of the link.
+    disk.parent.unlink()
+    disk.parent.with_name("moved").rename(disk.parent)
+    real_link = failback.link
+
+    def swap_then_link(src: Path, dst: Path) -> None:
+        disk.parent.rename(disk.parent.with_name("moved"))
+        disk.parent.symlink_to(victim_dir)
+        real_link(src, dst)
+
+    monkeypatch.setattr(failback, "link", swap_then_link)
+    with pytest.raises(FailedPrecondition, match="changed while it was linked"):
+        failback.prepare(
+            vm_dir, disk_dir, guards=s.receiver.guard, original=original, replica_format="raw", block_size=BS
+        )
+    assert os.stat(victim).st_nlink == 1 and victim.read_bytes() == b"v" * (3 * BS)
+    assert not (disk_dir / "data.raw").exists()
