@@ -179,7 +179,9 @@ class FileVm:
         parts = self._disk(disk_id).path.split("/")
         with d.descend(parts[:-1]) as where:
             try:
-                return where.open_file(parts[-1], writable=writable)
+                # A written image must have one link: another would make it another file's too (a failed-over
+                # VM's base is the replica's data file; vm.toml could name it as a raw disk).
+                return where.open_file(parts[-1], writable=writable, own=writable)
             except FileNotFoundError as e:
                 raise FailedPrecondition(f"disk {disk_id}: {where.path / parts[-1]} does not exist") from e
 
