@@ -48,8 +48,9 @@ class Original:
     ino: int
 
 
-def check_original_path(roots: Sequence[Path], original_path: str) -> Path:
-    """The original disk's path: absolute, inside one of `roots`, no symbolic link on the way, a file."""
+def check_original_path(roots: Sequence[Path], original_path: str, *, datastore: Path | None = None) -> Path:
+    """The original disk's path: absolute, inside one of `roots` and not in `datastore` (a failback_roots
+    folder may hold it: one file system), no symbolic link on the way, a file."""
     if not roots:
         raise FailedPrecondition("this target has no failback_roots setting: it writes no original disk")
     path = Path(original_path)
@@ -59,6 +60,8 @@ def check_original_path(roots: Sequence[Path], original_path: str) -> Path:
         raise PathError("original_path", f"{original_path} goes through a symbolic link: refused")
     if not any(Path(os.path.realpath(r)) in path.parents for r in roots):
         raise PathError("original_path", f"{original_path} is not under any of the target's failback_roots")
+    if datastore is not None and Path(os.path.realpath(datastore)) in path.parents:
+        raise PathError("original_path", f"{original_path} is in the target's datastore: no VM's disk is there")
     try:
         st = os.lstat(path)
     except FileNotFoundError as e:

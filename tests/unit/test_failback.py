@@ -271,3 +271,17 @@ async def test_a_folder_swapped_for_a_link_after_the_path_check_is_not_followed(
         )
     assert os.stat(victim).st_nlink == 1 and victim.read_bytes() == b"v" * (3 * BS)
     assert not (disk_dir / "data.raw").exists()
+
+
+async def test_an_original_in_the_targets_own_folders_is_refused(tmp_path: Path) -> None:
+    # failback_roots set to a folder holding the datastore too (both must be on one file system): a failback
+    # must never write a replica's data file as if it were a VM's disk.
+    s = servicer(tmp_path, failback_roots=[tmp_path])
+    job = Replica(s.datastore.root, replica_path="jobs/vm1")
+    data = image(8, 4)
+    job.session("s1", data)
+    victim = job.disk_dir / "data.raw"
+    assert os.stat(victim).st_nlink == 1
+    e = await refused(s, victim)
+    assert e.code == grpc.StatusCode.INVALID_ARGUMENT and "datastore" in e.details
+    assert victim.read_bytes() == data and not (s.datastore.root / ".failback").exists()
