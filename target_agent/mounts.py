@@ -371,9 +371,29 @@ def _layer_disk(folder: Path, disk_dir: Path, d: MountDisk, pd: PointDisk) -> se
         base_format=DiskFormat(d.base_format or st.replica_format),
         stores=[f"{d.disk_id}.point", f"{d.disk_id}.top"],
     )
+    _check_stores(folder, d, pd)
     blocks = pd.saved_blocks()
     _copy_blocks(pd, _point_store(folder, d), blocks)
     return set(blocks)
+
+
+def _check_stores(folder: Path, d: MountDisk, pd: PointDisk) -> None:
+    """An earlier attempt's stores hold the point's bytes and nothing else: no VM writes a mount before it is
+    mounted. Bytes written into them meanwhile (the folder is on the failover host) are refused, never booted."""
+    top = ExtentStore(folder, f"{d.disk_id}.top", size=d.size)
+    if top.extents():
+        raise FailedPrecondition(f"{top.map_path} holds writes, but no VM ran on the mount yet: UnmountPoint it")
+    store = _point_store(folder, d)
+    for e in store.extents():
+        for pos in range(e.offset, e.end, _COPY_RUN):
+            n = min(_COPY_RUN, e.end - pos)
+            held, point = bytearray(n), bytearray(n)
+            store.read_into(memoryview(held), pos)
+            pd.read_into(memoryview(point), pos)
+            if held != point:
+                raise FailedPrecondition(
+                    f"{store.map_path} holds bytes at {pos} that are not the point's: UnmountPoint the mount"
+                )
 
 
 def _link_base(data: Path, base: Path) -> None:

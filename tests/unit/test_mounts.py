@@ -561,3 +561,23 @@ def test_flatten_never_writes_a_base_or_descriptor_planted_in_the_mount_folder(r
         mounts.flatten(r.store, r.guard, "f1")
     assert sha(victim.read_bytes()) == before
     assert other.point_bytes(restore_points.list_points(other.vm_dir)[-1].id) == victim.read_bytes()
+
+
+@pytest.mark.parametrize("store", ["top", "point"])
+def test_a_mount_cut_short_is_not_finished_over_bytes_planted_in_its_stores(
+    r: Replica, tmp_path: Path, store: str
+) -> None:
+    # A crash left the mount `creating`, its folder whole; someone writes the failed-over VM's disk through
+    # its stores before MountPoint is asked again. Finished as it is, the VM would boot those bytes.
+    vms = tmp_path / "vms"
+    ids, imgs = three_points(r)
+    rec = mount(r, vms, "f1", ids[0], FAILOVER)
+    rec.state = mounts.CREATING
+    mounts.save_record(r.store, rec)
+    planted = ExtentStore(Path(rec.folder), f"disk0.{store}", size=len(imgs[0]))
+    planted.write(2 * BS, b"\xee" * BS)
+    with pytest.raises(FailedPrecondition, match=f"disk0.{store}"):
+        mount(r, vms, "f1", ids[0], FAILOVER)
+    assert mounts.load_record(r.store, "f1").state == mounts.CREATING  # type: ignore[union-attr]
+    mounts.unmount(r.store, mounts.MountSettings(vms), r.guard, "f1")
+    assert mount_bytes(mount(r, vms, "f2", ids[0], FAILOVER)) == imgs[0]
