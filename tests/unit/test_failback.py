@@ -18,6 +18,7 @@ from target_agent.servicer import TargetAgentServicer
 from tests.support.mounting import BS, Replica, changed, image
 from tests.support.points import Aborted, FakeContext, servicer
 from vmrepl.block import DIGEST_SIZE, digest, is_zero, zero_digest
+from vmrepl.disk import fileio
 from vmrepl.errors import FailedPrecondition, PathError
 from vmrepl.names import check_replica_path
 from vmrepl.v1 import common_pb2, target_pb2
@@ -257,7 +258,7 @@ async def test_a_folder_swapped_for_a_link_after_the_path_check_is_not_followed(
     # The same swap at the very moment of the link.
     disk.parent.unlink()
     disk.parent.with_name("moved").rename(disk.parent)
-    real_link = failback.link
+    real_link = fileio.link
 
     def swap_then_link(src: Path, dst: Path) -> None:
         disk.parent.rename(disk.parent.with_name("moved"))
