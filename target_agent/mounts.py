@@ -60,6 +60,7 @@ class MountDisk:
     format: str  # a DiskFormat value
     size: int
     base_format: str = ""  # the base's (the replica file's) format: a flattened LAYER disk's format
+    copy_ino: int = 0  # VHDX layout: the inode of the point's copy once whole (what a later attempt keeps)
 
 
 @dataclass(kw_only=True)
@@ -156,8 +157,8 @@ def _check_record(rec: MountRecord, mount_id: str) -> None:
         check_name("disk_id", d.disk_id)
         check_name("path", d.path)
         DiskFormat(d.format)
-        if type(d.size) is not int or d.size < 0:
-            raise ValueError(f"disk {d.disk_id}'s size is not a size")
+        if type(d.size) is not int or d.size < 0 or type(d.copy_ino) is not int:
+            raise ValueError(f"disk {d.disk_id}'s size or copy is not a number")
 
 
 def list_records(ds: Datastore, replica_path: str = "") -> list[MountRecord]:
@@ -337,6 +338,7 @@ def _build(ds: Datastore, vm_dir: Path, rec: MountRecord, guards: Guards) -> Non
                 copied.append(_layer_disk(folder, disk_dir, d, pd))
             else:
                 rec.bytes_copied += _vhdx_disk(folder, disk_dir, d, pd, rec=rec, guard=guards(disk_dir))
+                save_record(ds, rec)  # the copy's inode: a later attempt keeps that file only
         if rec.layout == LAYER:
             if rec.kind == TEST:  # from now on every overwrite of a block saves its old bytes here first
                 mount_registry.register(vm_dir, _registration(rec, cow=True))
@@ -446,11 +448,14 @@ def _vhdx_disk(folder: Path, disk_dir: Path, d: MountDisk, pd: PointDisk, *, rec
         if at_rest:  # Hyper-V makes its own differencing disk over it; no session writes it meanwhile
             _link_base(replica.data_file(disk_dir, VHDX), final)
             return 0
-    if os.path.lexists(final):
-        if stat.S_ISREG(os.lstat(final).st_mode) and os.lstat(final).st_nlink == 1:
-            return 0  # an earlier attempt's copy: renamed into place only once complete
+    have = _lstat(final)
+    if have is not None:
+        if stat.S_ISREG(have.st_mode) and have.st_nlink == 1 and have.st_ino == d.copy_ino:
+            return 0  # an earlier attempt's copy (renamed into place once complete), not one planted there
         remove(final)
-    return _copy_to_vhdx(pd, final)
+    copied = _copy_to_vhdx(pd, final)
+    d.copy_ino = os.lstat(final).st_ino
+    return copied
 
 
 def _copy_to_vhdx(pd: PointDisk, final: Path) -> int:

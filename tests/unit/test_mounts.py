@@ -19,10 +19,11 @@ from target_agent.servicer import TargetAgentServicer
 from tests.conftest import need_tool
 from tests.support.mounting import BS, Replica, changed, image, mount_bytes, read_all, sha
 from tests.support.points import Aborted, FakeContext, servicer
-from vmrepl.disk.base import open_reader
+from vmrepl.disk.base import create_writer, open_reader
 from vmrepl.disk.layer import ExtentStore, open_layer
 from vmrepl.domain import DiskFormat
 from vmrepl.errors import AlreadyExists, FailedPrecondition
+from vmrepl.extent import MiB
 from vmrepl.v1 import target_pb2
 
 TEST, FAILOVER, LAYER, VHDX = mount_registry.TEST, mount_registry.FAILOVER, mounts.LAYER, mounts.VHDX
@@ -581,3 +582,23 @@ def test_a_mount_cut_short_is_not_finished_over_bytes_planted_in_its_stores(
     assert mounts.load_record(r.store, "f1").state == mounts.CREATING  # type: ignore[union-attr]
     mounts.unmount(r.store, mounts.MountSettings(vms), r.guard, "f1")
     assert mount_bytes(mount(r, vms, "f2", ids[0], FAILOVER)) == imgs[0]
+
+
+def test_a_vhdx_mount_cut_short_is_not_finished_with_a_planted_image(tmp_path: Path) -> None:
+    # A crash left a VHDX mount `creating`; someone put an image of their own where its copy goes (a single
+    # link, a valid VHDX). Taken for the earlier attempt's copy, the failed-over VM would boot it.
+    r = Replica(tmp_path / "store", replica_format="vhdx")
+    vms = tmp_path / "vms"
+    ids, imgs = three_points(r, tail=0)
+    rec = mount(r, vms, "h1", ids[0], FAILOVER, layout=VHDX)
+    assert mount_bytes(rec) == imgs[0]
+    rec.state = mounts.CREATING
+    mounts.save_record(r.store, rec)
+    copy = Path(rec.folder) / "disk0.vhdx"
+    copy.unlink()
+    with create_writer(DiskFormat.VHDX, copy, size=len(imgs[0]), block_size=MiB) as w:
+        w.write(b"\xee" * BS, 0)
+        w.flush()
+    again = mount(r, vms, "h1", ids[0], FAILOVER, layout=VHDX)
+    assert again.state == mounts.MOUNTED and mount_bytes(again) == imgs[0]
+    assert mount(r, vms, "h1", ids[0], FAILOVER, layout=VHDX) == again  # idempotent once mounted
