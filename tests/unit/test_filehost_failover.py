@@ -414,3 +414,16 @@ def test_a_disk_image_with_another_hard_link_is_never_written(tmp_path: Path) ->
     run(p.remove_checkpoint(vm_id, cp.checkpoint_id))
     vm.write("disk0", 4096, b"z" * 4096)
     assert (folder / "disk0.base").read_bytes()[:8192] == b"y" * 4096 + b"z" * 4096
+
+
+def test_register_does_not_take_a_planted_manifest_for_the_vm(root: Path) -> None:
+    # A vm.toml found in the folder is taken as an earlier register's: one naming other disks (an image of
+    # someone's own beside the layer) would have the failed-over VM boot it.
+    (root / "m1" / "evil.raw").write_bytes(b"\xee" * SIZE)
+    (root / "m1" / "vm.toml").write_text(
+        'name = "web01"\nid = "6f1c8d5e-3a8b-4e57-9a51-4bd2d1b1e0aa"\n\n'
+        '[[disks]]\nid = "disk0"\npath = "evil.raw"\nformat = "raw"\n'
+    )
+    p = FileHostProvider(root)
+    with pytest.raises(FailedPrecondition, match="other disks"):
+        run(p.register_vm(_spec()))
