@@ -18,7 +18,7 @@ S1 = "5449ecca085b44499a4b155054705cfc"
 
 
 def _vm(state: int, step: str, **fields: object) -> api.OperationVm:
-    return api.OperationVm(vm_id="vm-1", vm_name="web-01", state=state, step_name=step, **fields)  # type: ignore[arg-type]
+    return api.OperationVm(**({"vm_id": "vm-1", "vm_name": "web-01"} | fields), state=state, step_name=step)  # type: ignore[arg-type]
 
 
 class FakeApi:
@@ -152,7 +152,7 @@ def test_a_vm_name_from_a_host_is_printed_as_text_while_following(monkeypatch: p
     named = ["db[/]", "[red]x\x1b[2J"]
 
     def watch(request: api.WatchSessionRequest) -> Iterator[api.Session]:
-        vms = [api.OperationVm(vm_id=f"vm-{i}", vm_name=n, state=2, step_name="mount") for i, n in enumerate(named)]
+        vms = [_vm(2, "mount", vm_id=f"vm-{i}", vm_name=n) for i, n in enumerate(named)]
         yield api.Session(name=request.name, state=api.SESSION_STATE_SUCCEEDED, operation_vms=vms)
 
     monkeypatch.setattr(fake, "WatchSession", watch)
