@@ -14,6 +14,7 @@ replaced meanwhile (copied over, restored from a backup) would have the failback
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
@@ -47,8 +48,9 @@ class Original:
     ino: int
 
 
-def check_original_path(roots: Sequence[Path], original_path: str) -> Path:
-    """The original disk's path: absolute, inside one of `roots`, no symbolic link on the way, a file."""
+def check_original_path(roots: Sequence[Path], original_path: str, *, datastore: Path | None = None) -> Path:
+    """The original disk's path: absolute, inside one of `roots` and not in `datastore` (a failback_roots
+    folder may hold it: one file system), no symbolic link on the way, a file."""
     if not roots:
         raise FailedPrecondition("this target has no failback_roots setting: it writes no original disk")
     path = Path(original_path)
@@ -58,6 +60,8 @@ def check_original_path(roots: Sequence[Path], original_path: str) -> Path:
         raise PathError("original_path", f"{original_path} goes through a symbolic link: refused")
     if not any(Path(os.path.realpath(r)) in path.parents for r in roots):
         raise PathError("original_path", f"{original_path} is not under any of the target's failback_roots")
+    if datastore is not None and Path(os.path.realpath(datastore)) in path.parents:
+        raise PathError("original_path", f"{original_path} is in the target's datastore: no VM's disk is there")
     try:
         st = os.lstat(path)
     except FileNotFoundError as e:
@@ -101,7 +105,7 @@ def check_originals(vm_dir: Path, disk_ids: Sequence[str] | None = None) -> None
         try:
             st = replica.load_state(disk_dir)
             data = os.lstat(replica.data_file(disk_dir, st.replica_format))
-            orig = os.lstat(o.path)
+            orig = stat_no_links(Path(o.path))
         except (FileNotFoundError, NotFound) as e:
             raise FailedPrecondition(f"failback disk {disk_id}: its original {o.path} or its link is gone") from e
         ids = {(data.st_dev, data.st_ino), (orig.st_dev, orig.st_ino), (o.dev, o.ino)}
@@ -139,7 +143,7 @@ def prepare(
             raise FailedPrecondition(
                 f"a failback session already wrote {vm_dir.name}: prepare every failback disk before the session"
             )
-        st = os.lstat(original)
+        st = _single_link(original, replica.data_file(disk_dir, replica_format))
         originals[disk_dir.name] = Original(path=str(original), dev=st.st_dev, ino=st.st_ino)
         _save_originals(vm_dir, originals)  # before the link: a crash leaves a known original
         with guards(disk_dir).lock:
@@ -148,10 +152,58 @@ def prepare(
         return state
 
 
+def _single_link(original: Path, data: Path) -> os.stat_result:
+    """The original's status, refused when it has a hard link other than this failback disk's: the file
+    would then be someone else's too (a replica on the datastore's file system, a system file), and the
+    failback would write it."""
+    st = stat_no_links(original)
+    ours = 0
+    with contextlib.suppress(FileNotFoundError):
+        have = os.lstat(data)
+        ours = int((have.st_dev, have.st_ino) == (st.st_dev, st.st_ino))
+    if st.st_nlink - ours != 1:
+        raise FailedPrecondition(
+            f"original disk {original} has {st.st_nlink - ours - 1} other hard link(s): it may be another "
+            "file's too, and a failback writes it in place (copy it to a file of its own)"
+        )
+    return st
+
+
+def stat_no_links(path: Path) -> os.stat_result:
+    """`path`'s status, reached from `/` one folder at a time without following a symbolic link: the path was
+    checked before, but whoever may write the roots can swap a folder for a link since."""
+    fd = os.open("/", os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        for part in path.parts[1:-1]:
+            try:
+                child = os.open(part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=fd)
+            except OSError as e:
+                if e.errno not in (errno.ELOOP, errno.ENOTDIR):
+                    raise
+                raise FailedPrecondition(f"{path} goes through a symbolic link or a file ({part}): refused") from e
+            os.close(fd)
+            fd = child
+        return os.stat(path.name, dir_fd=fd, follow_symlinks=False)
+    finally:
+        os.close(fd)
+
+
+def _same_file(data: Path, original: Path) -> bool:
+    have = os.lstat(data)
+    try:
+        real = stat_no_links(original)
+    except (FailedPrecondition, FileNotFoundError):
+        return False
+    return stat.S_ISREG(have.st_mode) and (have.st_dev, have.st_ino) == (real.st_dev, real.st_ino)
+
+
 def _make_disk(disk_dir: Path, original: Path, replica_format: str, block_size: int) -> DiskState:
     make_dirs(disk_dir / ROLLBACK_DIR)
     data = replica.data_file(disk_dir, replica_format)
     _link_original(original, data)
+    if not _same_file(data, original):
+        remove(data)  # linked through a folder swapped for a link meanwhile: another file, never written
+        raise FailedPrecondition(f"original disk {original} changed while it was linked (a folder swapped?): refused")
     open_writer(DiskFormat(replica_format), data).close()  # a session could write it: refused now if not
     size = _compute_digests(disk_dir, data, replica_format, block_size)
     st = DiskState(size, block_size, "", IDLE, replica_format=replica_format)

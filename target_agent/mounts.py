@@ -37,7 +37,7 @@ from target_agent.replica import DiskGuard
 from vmrepl.block import is_zero
 from vmrepl.disk.base import create_writer
 from vmrepl.disk.fileio import atomic_write, link, make_dirs, read_bytes, remove, remove_tree, rename
-from vmrepl.disk.layer import ExtentStore, create_layer, flatten_layer
+from vmrepl.disk.layer import ExtentStore, create_layer, flatten_layer, read_descriptor
 from vmrepl.disk.vhdx_writer import LOGICAL_SECTOR
 from vmrepl.domain import DiskFormat
 from vmrepl.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, PathError
@@ -60,6 +60,7 @@ class MountDisk:
     format: str  # a DiskFormat value
     size: int
     base_format: str = ""  # the base's (the replica file's) format: a flattened LAYER disk's format
+    copy_ino: int = 0  # VHDX layout: the inode of the point's copy once whole (what a later attempt keeps)
 
 
 @dataclass(kw_only=True)
@@ -156,8 +157,8 @@ def _check_record(rec: MountRecord, mount_id: str) -> None:
         check_name("disk_id", d.disk_id)
         check_name("path", d.path)
         DiskFormat(d.format)
-        if type(d.size) is not int or d.size < 0:
-            raise ValueError(f"disk {d.disk_id}'s size is not a size")
+        if type(d.size) is not int or d.size < 0 or type(d.copy_ino) is not int:
+            raise ValueError(f"disk {d.disk_id}'s size or copy is not a number")
 
 
 def list_records(ds: Datastore, replica_path: str = "") -> list[MountRecord]:
@@ -337,6 +338,7 @@ def _build(ds: Datastore, vm_dir: Path, rec: MountRecord, guards: Guards) -> Non
                 copied.append(_layer_disk(folder, disk_dir, d, pd))
             else:
                 rec.bytes_copied += _vhdx_disk(folder, disk_dir, d, pd, rec=rec, guard=guards(disk_dir))
+                save_record(ds, rec)  # the copy's inode: a later attempt keeps that file only
         if rec.layout == LAYER:
             if rec.kind == TEST:  # from now on every overwrite of a block saves its old bytes here first
                 mount_registry.register(vm_dir, _registration(rec, cow=True))
@@ -371,9 +373,29 @@ def _layer_disk(folder: Path, disk_dir: Path, d: MountDisk, pd: PointDisk) -> se
         base_format=DiskFormat(d.base_format or st.replica_format),
         stores=[f"{d.disk_id}.point", f"{d.disk_id}.top"],
     )
+    _check_stores(folder, d, pd)
     blocks = pd.saved_blocks()
     _copy_blocks(pd, _point_store(folder, d), blocks)
     return set(blocks)
+
+
+def _check_stores(folder: Path, d: MountDisk, pd: PointDisk) -> None:
+    """An earlier attempt's stores hold the point's bytes and nothing else: no VM writes a mount before it is
+    mounted. Bytes written into them meanwhile (the folder is on the failover host) are refused, never booted."""
+    top = ExtentStore(folder, f"{d.disk_id}.top", size=d.size)
+    if top.extents():
+        raise FailedPrecondition(f"{top.map_path} holds writes, but no VM ran on the mount yet: UnmountPoint it")
+    store = _point_store(folder, d)
+    for e in store.extents():
+        for pos in range(e.offset, e.end, _COPY_RUN):
+            n = min(_COPY_RUN, e.end - pos)
+            held, point = bytearray(n), bytearray(n)
+            store.read_into(memoryview(held), pos)
+            pd.read_into(memoryview(point), pos)
+            if held != point:
+                raise FailedPrecondition(
+                    f"{store.map_path} holds bytes at {pos} that are not the point's: UnmountPoint the mount"
+                )
 
 
 def _link_base(data: Path, base: Path) -> None:
@@ -426,11 +448,14 @@ def _vhdx_disk(folder: Path, disk_dir: Path, d: MountDisk, pd: PointDisk, *, rec
         if at_rest:  # Hyper-V makes its own differencing disk over it; no session writes it meanwhile
             _link_base(replica.data_file(disk_dir, VHDX), final)
             return 0
-    if os.path.lexists(final):
-        if stat.S_ISREG(os.lstat(final).st_mode) and os.lstat(final).st_nlink == 1:
-            return 0  # an earlier attempt's copy: renamed into place only once complete
+    have = _lstat(final)
+    if have is not None:
+        if stat.S_ISREG(have.st_mode) and have.st_nlink == 1 and have.st_ino == d.copy_ino:
+            return 0  # an earlier attempt's copy (renamed into place once complete), not one planted there
         remove(final)
-    return _copy_to_vhdx(pd, final)
+    copied = _copy_to_vhdx(pd, final)
+    d.copy_ino = os.lstat(final).st_ino
+    return copied
 
 
 def _copy_to_vhdx(pd: PointDisk, final: Path) -> int:
@@ -527,10 +552,35 @@ def flatten(ds: Datastore, guards: Guards, mount_id: str) -> MountRecord:
                 restore_points.give_away(vm_dir, mount_id)
         if rec.layout == LAYER:
             for d in rec.disks:
+                _check_base(Path(rec.folder), vm_dir / "disks" / d.disk_id, d)
                 _flatten_disk(Path(rec.folder), d)
         rec.state = FLATTENED
         save_record(ds, rec)
         return rec
+
+
+def _check_base(folder: Path, disk_dir: Path, d: MountDisk) -> None:
+    """The layer merges into the base the mount linked: the replica's data file. The folder is a file host's
+    VM folder, which others may write: a descriptor naming another file, or a base swapped for a hard link of
+    another file (another replica's data, on the same file system), would have the merge write that file."""
+    if d.format != DiskFormat.LAYER.value:
+        return  # flattened by an earlier attempt
+    base = read_descriptor(folder / d.path).base
+    if base != f"{d.disk_id}.base":
+        raise FailedPrecondition(f"{folder / d.path} names {base} as its base, not the mount's: refused")
+    data = replica.data_file(disk_dir, replica.load_state(disk_dir).replica_format)
+    want, have = os.lstat(data), _lstat(folder / base)
+    if have is None or not stat.S_ISREG(have.st_mode) or (have.st_dev, have.st_ino) != (want.st_dev, want.st_ino):
+        raise FailedPrecondition(
+            f"{folder / base} is not the replica's data file the mount linked (replaced in the VM folder): refused"
+        )
+
+
+def _lstat(path: Path) -> os.stat_result | None:
+    try:
+        return os.lstat(path)
+    except FileNotFoundError:
+        return None
 
 
 def _flatten_disk(folder: Path, d: MountDisk) -> None:

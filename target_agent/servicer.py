@@ -565,7 +565,9 @@ class TargetAgentServicer(target_pb2_grpc.TargetAgentServicer):
         replica_format = _format_name(request.format)
         vm_dir = self.datastore.vm_dir(request.replica_path)
         disk_dir = self.datastore.disk_dir(request.replica_path, request.disk_id)
-        original = failback.check_original_path(self.failback_roots, request.original_path)
+        original = failback.check_original_path(
+            self.failback_roots, request.original_path, datastore=self.datastore.root
+        )
         st = await asyncio.to_thread(
             failback.prepare,
             vm_dir,

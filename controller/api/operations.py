@@ -23,6 +23,7 @@ REPLICA_STATES: dict[ReplicaVmState, api.ReplicaVmState.ValueType] = {
     s: api.ReplicaVmState.Value(f"REPLICA_VM_STATE_{s.name}") for s in ReplicaVmState
 }
 MAX_VMS = 256
+MAX_REF = 256
 MAX_TEST_SECONDS = 30 * 24 * 3600
 
 
@@ -37,7 +38,7 @@ def _groups(request: api.StartReplicaOperationRequest) -> list[list[str]]:
         if not g:
             raise InvalidArgument(f"groups[{i}].vms", "is empty")
         for j, v in enumerate(g):
-            if not 1 <= len(v) <= 256:
+            if not 1 <= len(v) <= MAX_REF:
                 raise InvalidArgument(f"groups[{i}].vms[{j}]", "must be a VM id or name of 1 to 256 characters")
             res.check_printable(f"groups[{i}].vms[{j}]", v)
     return groups
@@ -85,6 +86,8 @@ class OperationsApi(ApiBase):
     async def GetReplicaVm(self, request: api.GetReplicaVmRequest, context: Any) -> api.ReplicaVm:
         async with self.reads() as db:
             job = await res.by_name(db, Job, "job", _job_ref(request.job), "jobs")
+            if len(request.vm) > MAX_REF:  # as a group's VM; a longer one went whole into the NOT_FOUND and the log
+                raise InvalidArgument("vm", f"must be a VM id or name of at most {MAX_REF} characters")
             ref = request.vm or await _only_vm(db, job)
             res.check_printable("vm", ref)
             vm = await resolve_vm(db, job, ref)

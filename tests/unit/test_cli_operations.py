@@ -18,7 +18,7 @@ S1 = "5449ecca085b44499a4b155054705cfc"
 
 
 def _vm(state: int, step: str, **fields: object) -> api.OperationVm:
-    return api.OperationVm(vm_id="vm-1", vm_name="web-01", state=state, step_name=step, **fields)  # type: ignore[arg-type]
+    return api.OperationVm(**({"vm_id": "vm-1", "vm_name": "web-01"} | fields), state=state, step_name=step)  # type: ignore[arg-type]
 
 
 class FakeApi:
@@ -143,3 +143,20 @@ def test_session_show_of_an_operation_lists_its_vms_steps(monkeypatch: pytest.Mo
     monkeypatch.setattr(sessions, "out", console)
     text = _run(console, "session", "show", S1)
     assert "web-01" in text and "delete-replica" in text and "replica has mounts" in text
+
+
+def test_a_vm_name_from_a_host_is_printed_as_text_while_following(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Whoever may create VMs on the host names one `db[/]` (a Rich closing tag: the print failed and the
+    # CLI stopped following the failover) or `[red]x` with an escape sequence.
+    fake = FakeApi()
+    named = ["db[/]", "[red]x\x1b[2J"]
+
+    def watch(request: api.WatchSessionRequest) -> Iterator[api.Session]:
+        vms = [_vm(2, "mount", vm_id=f"vm-{i}", vm_name=n) for i, n in enumerate(named)]
+        yield api.Session(name=request.name, state=api.SESSION_STATE_SUCCEEDED, operation_vms=vms)
+
+    monkeypatch.setattr(fake, "WatchSession", watch)
+    console = _terminal(monkeypatch, fake)
+    text = _run(console, "replica", "failover", "web", "--vm", "db", "--vm", "x")
+    assert "db[/]: running mount" in text and "[red]x\\x1b[2J: running mount" in text
+    assert "\x1b" not in console.export_text()

@@ -18,6 +18,7 @@ from target_agent.servicer import TargetAgentServicer
 from tests.support.mounting import BS, Replica, changed, image
 from tests.support.points import Aborted, FakeContext, servicer
 from vmrepl.block import DIGEST_SIZE, digest, is_zero, zero_digest
+from vmrepl.disk import fileio
 from vmrepl.errors import FailedPrecondition, PathError
 from vmrepl.names import check_replica_path
 from vmrepl.v1 import common_pb2, target_pb2
@@ -213,3 +214,75 @@ def test_only_failback_folders_may_start_with_a_dot() -> None:
     for bad in (".failback", ".failback/", ".failback/../x", ".mounts/x", ".trash/x", "a/.failback/x", "./x"):
         with pytest.raises(PathError):
             check_replica_path("replica_path", bad)
+
+
+async def test_an_original_hard_linked_to_another_file_is_refused(
+    env: tuple[TargetAgentServicer, Path, bytes], tmp_path: Path
+) -> None:
+    # Whoever may write the original VM's folder plants, as the original, a hard link of a file the target
+    # must not write (another VM's replica, say: it is on the same file system). The failback would write it.
+    s, disk, _ = env
+    victim = s.datastore.root / "victim.raw"
+    victim.write_bytes(b"v" * (3 * BS))
+    planted = disk.with_name("disk1.raw")
+    os.link(victim, planted)
+    e = await refused(s, planted, disk_id="disk1")
+    assert e.code == grpc.StatusCode.FAILED_PRECONDITION and "hard link" in e.details
+    assert not (s.datastore.root / FB_PATH / "disks" / "disk1").exists()
+    assert victim.read_bytes() == b"v" * (3 * BS)
+    got = await prepare(s, disk)  # the original itself (a single link) is readied, and again once linked
+    assert (await prepare(s, disk)) == got and os.stat(disk).st_nlink == 2
+
+
+async def test_a_folder_swapped_for_a_link_after_the_path_check_is_not_followed(
+    env: tuple[TargetAgentServicer, Path, bytes], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # PrepareFailbackDisk checks the path, then readies the disk in a worker thread: whoever may write the
+    # roots swaps the VM's folder for a link to a folder holding a file the target must not write meanwhile.
+    s, disk, _ = env
+    victim_dir = s.datastore.root / "jobs" / "vm9"
+    victim_dir.mkdir(parents=True)
+    victim = victim_dir / "disk0.raw"
+    victim.write_bytes(b"v" * (3 * BS))
+    original = failback.check_original_path(s.failback_roots, str(disk))
+    disk.parent.rename(disk.parent.with_name("moved"))
+    disk.parent.symlink_to(victim_dir)
+    vm_dir = s.datastore.vm_dir(FB_PATH)
+    disk_dir = s.datastore.disk_dir(FB_PATH, "disk0")
+    with pytest.raises(FailedPrecondition, match="symbolic link"):
+        failback.prepare(
+            vm_dir, disk_dir, guards=s.receiver.guard, original=original, replica_format="raw", block_size=BS
+        )
+    assert os.stat(victim).st_nlink == 1 and victim.read_bytes() == b"v" * (3 * BS)
+    assert not (disk_dir / "data.raw").exists()
+    # The same swap at the very moment of the link.
+    disk.parent.unlink()
+    disk.parent.with_name("moved").rename(disk.parent)
+    real_link = fileio.link
+
+    def swap_then_link(src: Path, dst: Path) -> None:
+        disk.parent.rename(disk.parent.with_name("moved"))
+        disk.parent.symlink_to(victim_dir)
+        real_link(src, dst)
+
+    monkeypatch.setattr(failback, "link", swap_then_link)
+    with pytest.raises(FailedPrecondition, match="changed while it was linked"):
+        failback.prepare(
+            vm_dir, disk_dir, guards=s.receiver.guard, original=original, replica_format="raw", block_size=BS
+        )
+    assert os.stat(victim).st_nlink == 1 and victim.read_bytes() == b"v" * (3 * BS)
+    assert not (disk_dir / "data.raw").exists()
+
+
+async def test_an_original_in_the_targets_own_folders_is_refused(tmp_path: Path) -> None:
+    # failback_roots set to a folder holding the datastore too (both must be on one file system): a failback
+    # must never write a replica's data file as if it were a VM's disk.
+    s = servicer(tmp_path, failback_roots=[tmp_path])
+    job = Replica(s.datastore.root, replica_path="jobs/vm1")
+    data = image(8, 4)
+    job.session("s1", data)
+    victim = job.disk_dir / "data.raw"
+    assert os.stat(victim).st_nlink == 1
+    e = await refused(s, victim)
+    assert e.code == grpc.StatusCode.INVALID_ARGUMENT and "datastore" in e.details
+    assert victim.read_bytes() == data and not (s.datastore.root / ".failback").exists()

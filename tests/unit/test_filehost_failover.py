@@ -388,3 +388,42 @@ def test_registers_of_one_folder_at_once_make_one_vm(root: Path) -> None:
 
     ids = run(both())
     assert len(set(ids)) == 1 and [v.vm_id for v in run(p.list_vms())] == ids[:1]
+
+
+def test_a_disk_image_with_another_hard_link_is_never_written(tmp_path: Path) -> None:
+    # A failed-over VM's base is a hard link of the replica's data file. Whoever may write the VM folder
+    # edits vm.toml to name the base itself as a raw disk: the provider would write the replica (its newest
+    # point) for the guest. An image with another link may be another file's too: refused, never written.
+    root = tmp_path / "host"
+    folder = _mount(root)
+    replica = tmp_path / "replica-data.raw"
+    os.link(folder / "disk0.base", replica)
+    p, vm_id = _registered(root)
+    manifest = folder / "vm.toml"
+    text = manifest.read_text()
+    manifest.write_text(text.replace('"disk0.layer"', '"disk0.base"').replace('"layer"', '"raw"'))
+    vm = p.vm(vm_id)
+    with pytest.raises(FailedPrecondition, match="other hard links"):
+        vm.write("disk0", 0, b"x" * 4096)
+    cp = run(p.create_checkpoint(vm_id))
+    vm.write("disk0", 0, b"y" * 4096)  # into the overlay: the image is not written
+    with pytest.raises(FailedPrecondition, match="other hard links"):
+        run(p.remove_checkpoint(vm_id, cp.checkpoint_id))
+    assert replica.read_bytes() == _base()
+    os.unlink(replica)  # once it stands alone (a permanent failover's DeleteReplica), the VM's own disk
+    run(p.remove_checkpoint(vm_id, cp.checkpoint_id))
+    vm.write("disk0", 4096, b"z" * 4096)
+    assert (folder / "disk0.base").read_bytes()[:8192] == b"y" * 4096 + b"z" * 4096
+
+
+def test_register_does_not_take_a_planted_manifest_for_the_vm(root: Path) -> None:
+    # A vm.toml found in the folder is taken as an earlier register's: one naming other disks (an image of
+    # someone's own beside the layer) would have the failed-over VM boot it.
+    (root / "m1" / "evil.raw").write_bytes(b"\xee" * SIZE)
+    (root / "m1" / "vm.toml").write_text(
+        'name = "web01"\nid = "6f1c8d5e-3a8b-4e57-9a51-4bd2d1b1e0aa"\n\n'
+        '[[disks]]\nid = "disk0"\npath = "evil.raw"\nformat = "raw"\n'
+    )
+    p = FileHostProvider(root)
+    with pytest.raises(FailedPrecondition, match="other disks"):
+        run(p.register_vm(_spec()))

@@ -19,10 +19,11 @@ from target_agent.servicer import TargetAgentServicer
 from tests.conftest import need_tool
 from tests.support.mounting import BS, Replica, changed, image, mount_bytes, read_all, sha
 from tests.support.points import Aborted, FakeContext, servicer
-from vmrepl.disk.base import open_reader
+from vmrepl.disk.base import create_writer, open_reader
 from vmrepl.disk.layer import ExtentStore, open_layer
 from vmrepl.domain import DiskFormat
 from vmrepl.errors import AlreadyExists, FailedPrecondition
+from vmrepl.extent import MiB
 from vmrepl.v1 import target_pb2
 
 TEST, FAILOVER, LAYER, VHDX = mount_registry.TEST, mount_registry.FAILOVER, mounts.LAYER, mounts.VHDX
@@ -532,3 +533,72 @@ def test_a_session_writing_before_the_chain_is_copied_never_reaches_the_point_st
     assert mount_bytes(m) == want
     r.commit("s4")
     assert mount_bytes(m) == want
+
+
+def test_flatten_never_writes_a_base_or_descriptor_planted_in_the_mount_folder(r: Replica, tmp_path: Path) -> None:
+    # The failed-over VM's folder is a file host's VM folder: whoever may write it swaps the base for a hard
+    # link of another replica's data file (same file system), or points the descriptor at one. A permanent
+    # failover would merge the VM's writes into that replica.
+    vms = tmp_path / "vms"
+    ids, _ = three_points(r)
+    other = Replica(r.store.root, replica_path="jobs/vm2")
+    other.session("o1", image(24, 9, tail=1000))
+    victim = other.disk_dir / "data.raw"
+    before = sha(victim.read_bytes())
+    m = mount(r, vms, "f1", ids[0], FAILOVER)
+    folder = Path(m.folder)
+    with open_layer(folder / "disk0.layer", writable=True) as disk:
+        disk.write(0, b"\x5a" * (4 * BS))
+    (folder / "disk0.base").unlink()
+    os.link(victim, folder / "disk0.base")
+    with pytest.raises(FailedPrecondition, match="not the replica's data file"):
+        mounts.flatten(r.store, r.guard, "f1")
+    os.unlink(folder / "disk0.base")
+    os.link(r.disk_dir / "data.raw", folder / "disk0.base")
+    os.link(victim, folder / "evil.raw")
+    layer = folder / "disk0.layer"
+    layer.write_bytes(layer.read_bytes().replace(b'"disk0.base"', b'"evil.raw"'))
+    with pytest.raises(FailedPrecondition, match=r"names evil\.raw"):
+        mounts.flatten(r.store, r.guard, "f1")
+    assert sha(victim.read_bytes()) == before
+    assert other.point_bytes(restore_points.list_points(other.vm_dir)[-1].id) == victim.read_bytes()
+
+
+@pytest.mark.parametrize("store", ["top", "point"])
+def test_a_mount_cut_short_is_not_finished_over_bytes_planted_in_its_stores(
+    r: Replica, tmp_path: Path, store: str
+) -> None:
+    # A crash left the mount `creating`, its folder whole; someone writes the failed-over VM's disk through
+    # its stores before MountPoint is asked again. Finished as it is, the VM would boot those bytes.
+    vms = tmp_path / "vms"
+    ids, imgs = three_points(r)
+    rec = mount(r, vms, "f1", ids[0], FAILOVER)
+    rec.state = mounts.CREATING
+    mounts.save_record(r.store, rec)
+    planted = ExtentStore(Path(rec.folder), f"disk0.{store}", size=len(imgs[0]))
+    planted.write(2 * BS, b"\xee" * BS)
+    with pytest.raises(FailedPrecondition, match=f"disk0.{store}"):
+        mount(r, vms, "f1", ids[0], FAILOVER)
+    assert mounts.load_record(r.store, "f1").state == mounts.CREATING  # type: ignore[union-attr]
+    mounts.unmount(r.store, mounts.MountSettings(vms), r.guard, "f1")
+    assert mount_bytes(mount(r, vms, "f2", ids[0], FAILOVER)) == imgs[0]
+
+
+def test_a_vhdx_mount_cut_short_is_not_finished_with_a_planted_image(tmp_path: Path) -> None:
+    # A crash left a VHDX mount `creating`; someone put an image of their own where its copy goes (a single
+    # link, a valid VHDX). Taken for the earlier attempt's copy, the failed-over VM would boot it.
+    r = Replica(tmp_path / "store", replica_format="vhdx")
+    vms = tmp_path / "vms"
+    ids, imgs = three_points(r, tail=0)
+    rec = mount(r, vms, "h1", ids[0], FAILOVER, layout=VHDX)
+    assert mount_bytes(rec) == imgs[0]
+    rec.state = mounts.CREATING
+    mounts.save_record(r.store, rec)
+    copy = Path(rec.folder) / "disk0.vhdx"
+    copy.unlink()
+    with create_writer(DiskFormat.VHDX, copy, size=len(imgs[0]), block_size=MiB) as w:
+        w.write(b"\xee" * BS, 0)
+        w.flush()
+    again = mount(r, vms, "h1", ids[0], FAILOVER, layout=VHDX)
+    assert again.state == mounts.MOUNTED and mount_bytes(again) == imgs[0]
+    assert mount(r, vms, "h1", ids[0], FAILOVER, layout=VHDX) == again  # idempotent once mounted

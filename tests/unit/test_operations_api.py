@@ -232,3 +232,10 @@ async def test_a_failover_host_or_failback_target_a_job_names_is_not_deleted(ow:
     with pytest.raises(Aborted) as e:
         await a.DeleteTarget(api.DeleteTargetRequest(name="targets/near"), Context())
     assert e.value.code == grpc.StatusCode.FAILED_PRECONDITION and "jobs/job1" in e.value.message
+
+
+async def test_a_huge_vm_reference_is_refused_without_being_echoed(ow: OpsWorld, tmp_path: Path) -> None:
+    # A reader may ask GetReplicaVm in a loop: a 1 MiB `vm` came back (and went to the log) in a NOT_FOUND.
+    with pytest.raises(Aborted) as e:
+        await _api(ow, tmp_path).GetReplicaVm(api.GetReplicaVmRequest(job="job1", vm="v" * (1 << 20)), Context())
+    assert e.value.code == grpc.StatusCode.INVALID_ARGUMENT and len(e.value.message) < 300

@@ -40,8 +40,8 @@ Limits (what the model assumes or leaves out):
   inode was lost (a rename keeps a file whose create was lost; a remove removes only the entry still
   naming the inode it removed): orderings a journaling file system would not produce, kept because a
   program must not depend on them;
-* symbolic links are not modelled (`Snapshot.take` refuses them); a file with two names when recording
-  began is rebuilt as two files (a link made while recording is one file under two names);
+* symbolic links are not modelled (`Snapshot.take` refuses them); a file with two names (hard links, made
+  before or while recording) is rebuilt as one file under both names;
 * an operation whose record a kill -9 tore is taken as never made, even if a later process's fsync
   made it durable (at most one operation per killed process);
 * everything outside the root the recording began with is ignored.
@@ -605,13 +605,19 @@ class _Model:
             if d.get(op.name) == n.node:
                 del d[op.name]
 
-    def build(self, node: int, path: Path) -> None:
+    def build(self, node: int, path: Path, made: dict[int, Path] | None = None) -> None:
+        # A file under two names is one file (a hard link survives a power cut as a link): code that checks
+        # two names are one inode (a mount's base, a failback disk) sees what a real file system leaves.
+        made = {} if made is None else made
         for name, child in sorted(self._dir(node).items()):
             if self.is_dir.get(child, False):
                 (path / name).mkdir()
-                self.build(child, path / name)
+                self.build(child, path / name, made)
+            elif child in made:
+                os.link(made[child], path / name)
             else:
                 self._file(child).materialise(path / name)
+                made[child] = path / name
 
 
 @dataclass

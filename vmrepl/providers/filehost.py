@@ -179,7 +179,9 @@ class FileVm:
         parts = self._disk(disk_id).path.split("/")
         with d.descend(parts[:-1]) as where:
             try:
-                return where.open_file(parts[-1], writable=writable)
+                # A written image must have one link: another would make it another file's too (a failed-over
+                # VM's base is the replica's data file; vm.toml could name it as a raw disk).
+                return where.open_file(parts[-1], writable=writable, own=writable)
             except FileNotFoundError as e:
                 raise FailedPrecondition(f"disk {disk_id}: {where.path / parts[-1]} does not exist") from e
 
@@ -535,7 +537,7 @@ class FileHostProvider(Provider):
         with _REGISTERING, Folder.open(self.root) as top, top.child(folder) as d:
             existing = d.read(MANIFEST, limit=MANIFEST_LIMIT)
             if existing is not None:  # registered already: idempotent by folder
-                return self.vm(parse_manifest(existing, self.root / folder / MANIFEST).id).info()
+                return self._registered(spec, parse_manifest(existing, self.root / folder / MANIFEST))
             try:
                 disks = [DiskManifest(id=x.disk_id, path=x.path, format=x.format) for x in spec.disks]
                 manifest = VmManifest(name=spec.name, id=str(uuid.uuid4()), disks=disks)
@@ -550,6 +552,17 @@ class FileHostProvider(Provider):
                     )
             vm.set_power(PowerState.OFF)  # before vm.toml: the VM is never seen running before it is started
             d.replace(MANIFEST, manifest_text(manifest))
+        return self.vm(manifest.id).info()
+
+    def _registered(self, spec: VmSpec, manifest: VmManifest) -> VmInfo:
+        """An earlier register's VM: its disks must be the spec's (a manifest someone else wrote there, naming
+        an image of their own, would be booted as the failed-over VM)."""
+        have = [(x.id, x.path, x.format) for x in manifest.disks]
+        if have != [(x.disk_id, x.path, x.format) for x in spec.disks]:
+            raise FailedPrecondition(
+                f"{self.root / spec.folder / MANIFEST} names other disks than the VM to register: not written by "
+                "vmrepl for it; refused"
+            )
         return self.vm(manifest.id).info()
 
     def _unregister(self, vm_id: str) -> None:
