@@ -552,19 +552,19 @@ def flatten(ds: Datastore, guards: Guards, mount_id: str) -> MountRecord:
                 restore_points.give_away(vm_dir, mount_id)
         if rec.layout == LAYER:
             for d in rec.disks:
-                _check_base(Path(rec.folder), vm_dir / "disks" / d.disk_id, d)
-                _flatten_disk(Path(rec.folder), d)
+                identity = _check_base(Path(rec.folder), vm_dir / "disks" / d.disk_id, d)
+                _flatten_disk(Path(rec.folder), d, identity)
         rec.state = FLATTENED
         save_record(ds, rec)
         return rec
 
 
-def _check_base(folder: Path, disk_dir: Path, d: MountDisk) -> None:
+def _check_base(folder: Path, disk_dir: Path, d: MountDisk) -> tuple[int, int] | None:
     """The layer merges into the base the mount linked: the replica's data file. The folder is a file host's
     VM folder, which others may write: a descriptor naming another file, or a base swapped for a hard link of
     another file (another replica's data, on the same file system), would have the merge write that file."""
     if d.format != DiskFormat.LAYER.value:
-        return  # flattened by an earlier attempt
+        return None  # flattened by an earlier attempt
     base = read_descriptor(folder / d.path).base
     if base != f"{d.disk_id}.base":
         raise FailedPrecondition(f"{folder / d.path} names {base} as its base, not the mount's: refused")
@@ -574,6 +574,7 @@ def _check_base(folder: Path, disk_dir: Path, d: MountDisk) -> None:
         raise FailedPrecondition(
             f"{folder / base} is not the replica's data file the mount linked (replaced in the VM folder): refused"
         )
+    return want.st_dev, want.st_ino
 
 
 def _lstat(path: Path) -> os.stat_result | None:
@@ -583,9 +584,9 @@ def _lstat(path: Path) -> os.stat_result | None:
         return None
 
 
-def _flatten_disk(folder: Path, d: MountDisk) -> None:
+def _flatten_disk(folder: Path, d: MountDisk, identity: tuple[int, int] | None) -> None:
     if d.format != DiskFormat.LAYER.value:
         return  # flattened by an earlier attempt
-    plain = flatten_layer(folder / d.path)
+    plain = flatten_layer(folder / d.path, base_identity=identity)
     d.path = plain.name
     d.format = DiskFormat(d.base_format or DiskFormat.RAW.value).value

@@ -493,6 +493,27 @@ def test_flatten_merges_into_the_base_and_is_idempotent(tmp_path: Path) -> None:
     assert base.read_bytes()[5:10] == b"after"
 
 
+def test_flatten_writes_only_the_base_it_was_told_of_checked_on_the_file_it_opens(tmp_path: Path) -> None:
+    """A caller checks the base is the replica's data file, then flattens: a base swapped in the folder
+    between the two (a VM folder others may write) must not be merged into."""
+    folder = tmp_path / "vm"
+    path = _layer(folder)
+    view = _written(folder, path)
+    base = folder / "disk0.base"
+    st = os.stat(base)
+    other = tmp_path / "other.raw"
+    other.write_bytes(b"o" * SIZE)
+    os.rename(base, tmp_path / "kept.raw")
+    os.link(other, base)  # swapped after the caller's check
+    with pytest.raises(FailedPrecondition, match="not the base image"):
+        flatten_layer(path, base_identity=(st.st_dev, st.st_ino))
+    assert other.read_bytes() == b"o" * SIZE
+    os.remove(base)
+    os.link(tmp_path / "kept.raw", base)  # the right file back: flattened, through the file opened
+    assert flatten_layer(path, base_identity=(st.st_dev, st.st_ino)) == base
+    assert (tmp_path / "kept.raw").read_bytes() == view
+
+
 def test_flatten_grows_a_short_base_from_the_stores(tmp_path: Path) -> None:
     folder = tmp_path / "vm"
     path = _layer(folder, base=_pattern(SIZE - 4096, 6))

@@ -76,6 +76,11 @@ class DiskWriter(abc.ABC):
     @abc.abstractmethod
     def close(self) -> None: ...
 
+    def identity(self) -> tuple[int, int]:
+        """(device, inode) of the file this writer has open: a caller that checked a file by name checks it is
+        the one being written (a name swapped between the two would otherwise be written)."""
+        raise UnsupportedDisk(f"{type(self).__name__} cannot say which file it writes")
+
     def __enter__(self) -> DiskWriter:
         return self
 

@@ -561,10 +561,13 @@ def _lstat(path: Path) -> os.stat_result | None:
 # ---- flattening -------------------------------------------------------------------------------------
 
 
-def flatten_layer(path: Path) -> Path:
+def flatten_layer(path: Path, *, base_identity: tuple[int, int] | None = None) -> Path:
     """Merge the stores into the base (bottom to top), mark the descriptor flattened, remove the stores;
     returns the base, the plain image. A crash at any step leaves the layer reading as before (the base
-    only gains bytes the stores above it hold, which still win), and flattening again finishes it."""
+    only gains bytes the stores above it hold, which still win), and flattening again finishes it.
+
+    `base_identity` (device, inode): the file the merge may write. It is checked on the file the merge opens,
+    not by name before, so a base swapped in the folder between a caller's check and the merge is refused."""
     desc = read_descriptor(path)
     folder = path.parent
     base = folder / desc.base
@@ -572,7 +575,7 @@ def flatten_layer(path: Path) -> Path:
     if desc.state == LAYERED:
         with LayerDisk(path):  # checked as a reader would, before anything is written
             pass
-        _merge_into_base(desc, base, stores)
+        _merge_into_base(desc, base, stores, base_identity)
         flat = LayerDescriptor(
             size=desc.size, base=desc.base, base_format=desc.base_format, stores=desc.stores, state=FLATTENED
         )
@@ -582,11 +585,16 @@ def flatten_layer(path: Path) -> Path:
     return base
 
 
-def _merge_into_base(desc: LayerDescriptor, base: Path, stores: list[ExtentStore]) -> None:
+def _merge_into_base(
+    desc: LayerDescriptor, base: Path, stores: list[ExtentStore], identity: tuple[int, int] | None
+) -> None:
     try:
         writer = open_writer(desc.base_format, base)
     except UnsupportedDisk as e:
         raise FailedPrecondition(f"cannot flatten into {base}: {e}") from e
+    if identity is not None and writer.identity() != identity:  # the file opened, not the name checked before
+        writer.close()
+        raise FailedPrecondition(f"{base} is not the base image this layer may be merged into: refused")
     with writer:
         if writer.size != desc.size:
             writer.resize(desc.size)  # grown: the stores hold what is past the old end (checked)

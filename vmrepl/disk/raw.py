@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from vmrepl.disk.base import DiskReader, DiskWriter, register_reader, register_writer
@@ -61,6 +62,10 @@ class RawWriter(DiskWriter):
 
     def flush(self) -> None:
         self._file.sync()
+
+    def identity(self) -> tuple[int, int]:
+        st = os.fstat(self._file.fd)
+        return st.st_dev, st.st_ino
 
     def close(self) -> None:
         self._file.close()

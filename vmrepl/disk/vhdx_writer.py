@@ -44,6 +44,7 @@ the file never shrinks.
 from __future__ import annotations
 
 import heapq
+import os
 import struct
 import threading
 import uuid
@@ -379,6 +380,10 @@ class VhdxWriter(DiskWriter):
         block, within = divmod(self._size, self._block_size)
         if within and (slot := self._slot(block)) >= 0:
             self._file.punch_hole(slot + within, self._block_size - within)
+
+    def identity(self) -> tuple[int, int]:
+        st = os.fstat(self._file.fd)
+        return st.st_dev, st.st_ino
 
     def close(self) -> None:
         """Flush what is pending (so nothing written is forgotten) and close the file."""
