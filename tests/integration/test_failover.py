@@ -179,10 +179,12 @@ def test_a_test_failover_keeps_its_point_while_a_session_writes_the_replica(env:
     source, dr = FileHostProvider(env.host), FileHostProvider(tmp_path / "vm_root")
     assert env.run_job().state == api.SESSION_STATE_SUCCEEDED
     at_point = _disks(env, source, "vm1")
-    _write(source, "vm1", 66, (0, 4 * MiB, 6 * MiB))
+    # Every block changes, at 0.5 MB/s: the session writes for well over the test failover's few seconds, even
+    # on a loaded machine (it is unlimited once the test runs).
+    _write(source, "vm1", 66, tuple(i * MiB for i in range(7)))
     stub = env.client()
     mask = field_mask_pb2.FieldMask(paths=["bandwidth_limit_mbps"])
-    slow = api.Job(name="jobs/job1", bandwidth_limit_mbps=1.0)
+    slow = api.Job(name="jobs/job1", bandwidth_limit_mbps=0.5)
     stub.UpdateJob(api.UpdateJobRequest(job=slow, update_mask=mask))
     running = stub.StartJob(api.StartJobRequest(name="jobs/job1"))
     env.wait_until(running.name, lambda s: any(d.committed_offset > 0 for v in s.vms for d in v.disks))
