@@ -8,6 +8,7 @@ from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
 from vmrepl.config import LogSettings, ProgramSettings, TlsSettings
+from vmrepl.host_paths import HostPathMapping
 
 
 class TargetSettings(ProgramSettings):
@@ -56,6 +57,12 @@ class TargetSettings(ProgramSettings):
     failback_roots: list[Path] = Field(
         default_factory=list,
         description="folders holding original VM disks a failback may write (PrepareFailbackDisk); empty: none",
+    )
+    host_paths: list[HostPathMapping] = Field(
+        default_factory=list,
+        max_length=256,
+        description="Hyper-V host folders and where this target has them (a failback names an original disk "
+        "by its host path: C:\\Hyper-V\\web01.vhdx)",
     )
     # Test only: slows every batch write, so tests can check the bottleneck is named.
     test_write_delay_ms: float = Field(0.0, ge=0, le=1000, description="test only: added to each batch write")

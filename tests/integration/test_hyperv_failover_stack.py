@@ -148,6 +148,7 @@ def failover_stack(work: Path, certs: lab.LabCerts) -> Iterator[FailoverStack]:
             vm_root=str(vm_root),
             vm_root_host_path=VM_ROOT_HOST,
             failback_roots=[str(src.drives / "C")],
+            host_paths=[{"host_prefix": "C:\\", "local": str(src.drives / "C")}],  # hv01's disks, by host path
         )
         target = lab.AgentProcess("target_agent", target_cfg, work / "target.log")
         mapping = [
@@ -155,7 +156,7 @@ def failover_stack(work: Path, certs: lab.LabCerts) -> Iterator[FailoverStack]:
             {"host_prefix": "D:\\", "local": str(dr.drives / "D")},
         ]
         proxy_cfg = lab.proxy_config(
-            work, certs, sources=src.drives, batch_bytes=MiB, window_batches=4, host_paths=mapping
+            work, certs, sources=src.drives, batch_bytes=MiB, window_batches=4, host_paths=mapping, source_roots=[]
         )
         proxy = lab.AgentProcess("proxy_agent", proxy_cfg, work / "proxy.log")
         controller = lab.AgentProcess(
