@@ -208,7 +208,7 @@ def _replicate(hv: FailoverStack) -> api.Session:
     return s
 
 
-def test_failover_undo_failback_commit_and_replicate_again(hv: FailoverStack) -> None:
+def test_failover_to_an_older_point_and_the_newest_with_undo_between(hv: FailoverStack) -> None:
     copies = []
     for i in range(3):
         _write(hv.src, "web01", 10 + i, (i * 2 * MiB + MiB,))
@@ -239,10 +239,21 @@ def test_failover_undo_failback_commit_and_replicate_again(hv: FailoverStack) ->
     assert hv.dr.host.find_vms(REPLICA_NAME) == [] and hv.mount_folders() == []
 
     # Failover to the newest: the replica's data file (hard-linked) is the differencing disk's parent.
-    hv.operate(api.REPLICA_OPERATION_FAILOVER)
+    op = hv.operate(api.REPLICA_OPERATION_FAILOVER)
+    assert op.bytes_copied == 0, op
+    (folder,) = hv.mount_folders()
+    _assert_made_like_the_source(hv, REPLICA_NAME, f"{VM_ROOT_HOST}\\{folder}")
     assert hv.vm_disks(REPLICA_NAME) == copies[2]
     _write(hv.dr, REPLICA_NAME, 77, (3 * MiB,))
     assert hv.replica_hash() == before, "the VM's writes never reach the replica"
+    hv.operate(api.REPLICA_OPERATION_UNDO_FAILOVER)
+    assert hv.replica_hash() == before and hv.mount_folders() == []
+
+
+def test_failback_onto_the_original_vhdx_commit_and_replicate_again(hv: FailoverStack) -> None:
+    _replicate(hv)
+    hv.operate(api.REPLICA_OPERATION_FAILOVER)
+    _write(hv.dr, REPLICA_NAME, 77, (3 * MiB,))
     _failback_and_commit(hv)
 
 
