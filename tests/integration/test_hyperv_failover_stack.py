@@ -280,3 +280,46 @@ def _failback_and_commit(hv: FailoverStack) -> None:
     _write(hv.src, "web01", 5, (MiB,))
     again = _replicate(hv)
     assert {d.change_mode for v in again.vms for d in v.disks} == {"ranges"}
+
+
+def test_an_isolated_test_failover_while_replication_goes_on(hv: FailoverStack) -> None:
+    _replicate(hv)
+    at_point = hv.source_disks()
+    op = hv.operate(api.REPLICA_OPERATION_TEST_FAILOVER, limit=3600)
+    (test,) = hv.where().tests
+    assert hv.where().state == api.REPLICA_VM_STATE_REPLICATING and test.host == "hosts/hv02"
+    made = hv.dr.host.vm(test.vm_name)
+    switch = f"vmrepl-isolated-{test.vm_name}"
+    assert {n.switch for n in made.nics} == {switch}, "every NIC on the test's private switch, none on LAN-DR"
+    assert any(w.name == switch and w.type == "Private" for w in hv.dr.host.state.switches)
+    assert made.state == "Running" and op.restore_point == test.restore_point
+    assert hv.vm_disks(test.vm_name) == at_point
+    _write(hv.dr, test.vm_name, 55, (0,))
+
+    # Replication goes on under the test; the test VM keeps its point, the replica gets the new data.
+    _write(hv.src, "web01", 21, (MiB, 6 * MiB))
+    s = _replicate(hv)
+    assert {d.change_mode for v in s.vms for d in v.disks} == {"ranges"}
+    seen = hv.vm_disks(test.vm_name)
+    assert [x[MiB:] for x in seen] == [x[MiB:] for x in at_point], "the test VM reads its point, not the replica"
+
+    hv.operate(api.REPLICA_OPERATION_STOP_TEST)
+    assert not hv.where().tests and hv.dr.host.find_vms(test.vm_name) == []
+    assert switch not in {w.name for w in hv.dr.host.state.switches}
+    assert hv.mount_folders() == []
+
+
+def test_planned_failover_shuts_the_source_down_cleanly_and_loses_nothing(hv: FailoverStack) -> None:
+    _replicate(hv)
+    _write(hv.src, "web01", 42, (MiB, 6 * MiB))  # after the last session, before the shutdown
+    at_shutdown = hv.source_disks()
+    hv.src.host.set_guest_shutdown("web01", "clean", polls=3)
+    op = hv.operate(api.REPLICA_OPERATION_PLANNED_FAILOVER)
+    assert hv.src.host.vm("web01").state == "Off", "shut down through the guest (InitiateShutdown)"
+    assert "InitiateShutdown" in hv.src.host.calls and "RequestStateChange" not in hv.src.host.calls
+    where = hv.where()
+    assert where.state == api.REPLICA_VM_STATE_FAILED_OVER and where.restore_point == op.restore_point
+    newest = sorted(hv.ctl.points(), key=lambda p: p.create_time.ToDatetime())[-1]
+    assert op.restore_point == newest.name, "the last incremental's point"
+    assert hv.vm_disks(REPLICA_NAME) == at_shutdown
+    assert hv.dr.host.vm(REPLICA_NAME).state == "Running"
