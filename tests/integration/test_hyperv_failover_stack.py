@@ -17,6 +17,7 @@ from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+import grpc
 import pytest
 
 from controller import lab
@@ -178,10 +179,25 @@ def hv(tmp_path: Path, lab_certs: lab.LabCerts) -> Iterator[FailoverStack]:
         yield stack
 
 
-def _write(hv: HyperVLab, vm: str, seed: int, offsets: tuple[int, ...]) -> None:
+def _writes(seed: int, offsets: tuple[int, ...]) -> list[tuple[int, int, bytes]]:
+    """(disk, offset, data): 64 KiB per disk per offset, disk 1's moved inside its smaller size."""
+    out = []
     for off in offsets:
-        hv.host.write(vm, 0, off, bytes([seed]) * 65536)
-        hv.host.write(vm, 1, off % SIZES[1] + 512 * 1024, bytes([seed + 1]) * 65536)
+        out += [(0, off, bytes([seed]) * 65536), (1, off % SIZES[1] + 512 * 1024, bytes([seed + 1]) * 65536)]
+    return out
+
+
+def _write(hv: HyperVLab, vm: str, seed: int, offsets: tuple[int, ...]) -> None:
+    for disk, off, data in _writes(seed, offsets):
+        hv.host.write(vm, disk, off, data)
+
+
+def _patched(disks: list[bytes], seed: int, offsets: tuple[int, ...]) -> list[bytes]:
+    """`disks` as they read after `_write(..., seed, offsets)`."""
+    out = [bytearray(d) for d in disks]
+    for disk, off, data in _writes(seed, offsets):
+        out[disk][off : off + len(data)] = data
+    return [bytes(d) for d in out]
 
 
 def _assert_made_like_the_source(hv: FailoverStack, name: str, folder: str) -> None:
@@ -253,16 +269,24 @@ def test_failover_to_an_older_point_and_the_newest_with_undo_between(hv: Failove
 def test_failback_onto_the_original_vhdx_commit_and_replicate_again(hv: FailoverStack) -> None:
     _replicate(hv)
     hv.operate(api.REPLICA_OPERATION_FAILOVER)
+    at_point = hv.vm_disks(REPLICA_NAME)
     _write(hv.dr, REPLICA_NAME, 77, (3 * MiB,))
+    assert hv.vm_disks(REPLICA_NAME) == _patched(at_point, 77, (3 * MiB,))
     _failback_and_commit(hv)
 
 
 def _failback_and_commit(hv: FailoverStack) -> None:
     failed_over = hv.vm_disks(REPLICA_NAME)
+    with pytest.raises(grpc.RpcError) as refused:  # the original runs: its disks are not written
+        hv.operate(api.REPLICA_OPERATION_FAILBACK)
+    assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "web01" in str(refused.value.details())
+    originals = [hv.src.host.local(d.chain[0]) for d in hv.src.host.vm("web01").disks]
+    inodes = [p.stat().st_ino for p in originals]
     asyncio.run(provider_for(hv.src).stop_vm(hv.src.host.vm("web01").id))  # the original off for the failback
     op = hv.operate(api.REPLICA_OPERATION_FAILBACK)
     assert op.blocks_differing == 2, op  # one 64 KiB write per disk, each in one block
     assert hv.source_disks() == failed_over
+    assert [p.stat().st_ino for p in originals] == inodes, "written in place: the original VHDX files"
     assert hv.src.host.vm("web01").state == "Running"
     assert hv.dr.host.vm(REPLICA_NAME).state == "Off"
     assert hv.where().state == api.REPLICA_VM_STATE_FAILED_BACK
@@ -300,8 +324,7 @@ def test_an_isolated_test_failover_while_replication_goes_on(hv: FailoverStack) 
     _write(hv.src, "web01", 21, (MiB, 6 * MiB))
     s = _replicate(hv)
     assert {d.change_mode for v in s.vms for d in v.disks} == {"ranges"}
-    seen = hv.vm_disks(test.vm_name)
-    assert [x[MiB:] for x in seen] == [x[MiB:] for x in at_point], "the test VM reads its point, not the replica"
+    assert hv.vm_disks(test.vm_name) == _patched(at_point, 55, (0,)), "the test VM reads its point and its writes"
 
     hv.operate(api.REPLICA_OPERATION_STOP_TEST)
     assert not hv.where().tests and hv.dr.host.find_vms(test.vm_name) == []
