@@ -19,11 +19,13 @@ from pathlib import Path
 
 import grpc
 import pytest
+from google.protobuf import field_mask_pb2
 
 from controller import lab
 from tests.integration.controller_env import ControllerEnv
 from tests.integration.hyperv_env import PASSWORD
 from tests.integration.test_hyperv_failover import provider_for
+from tests.support.hyperv import faults
 from tests.support.hyperv.lab import HyperVLab, hyperv_lab
 from tests.support.hyperv.state import NicState, SwitchState
 from vmrepl.extent import MiB
@@ -346,3 +348,27 @@ def test_planned_failover_shuts_the_source_down_cleanly_and_loses_nothing(hv: Fa
     assert op.restore_point == newest.name, "the last incremental's point"
     assert hv.vm_disks(REPLICA_NAME) == at_shutdown
     assert hv.dr.host.vm(REPLICA_NAME).state == "Running"
+
+
+def test_a_failback_that_fails_leaves_the_original_as_it_was(hv: FailoverStack) -> None:
+    _replicate(hv)
+    hv.operate(api.REPLICA_OPERATION_FAILOVER)
+    _write(hv.dr, REPLICA_NAME, 77, (3 * MiB,))
+    asyncio.run(provider_for(hv.src).stop_vm(hv.src.host.vm("web01").id))
+    original = hv.source_disks()
+    mask = field_mask_pb2.FieldMask(paths=["retries"])
+    hv.ctl.client().UpdateJob(api.UpdateJobRequest(job=api.Job(name="jobs/job1", retries=0), update_mask=mask))
+    hv.dr.host.add_fault(faults.JobFails("CreateSnapshot", description="The VSS writer failed in the guest."))
+    request = api.StartReplicaOperationRequest(
+        job="jobs/job1", operation=api.REPLICA_OPERATION_FAILBACK, groups=[api.VmGroup(vms=["web01"])]
+    )
+    s = hv.ctl.wait_session(hv.ctl.client().StartReplicaOperation(request).name)
+    assert s.state != api.SESSION_STATE_SUCCEEDED and "VSS writer failed" in s.error, s
+    (vm,) = s.operation_vms
+    assert vm.state == api.OPERATION_STEP_ROLLED_BACK, vm
+    assert hv.where().state == api.REPLICA_VM_STATE_FAILED_OVER
+    assert hv.source_disks() == original and hv.src.host.vm("web01").state == "Off"
+    assert hv.dr.host.vm(REPLICA_NAME).state == "Running", "the failed-over VM runs again"
+    assert not (hv.ctl.work / "datastore" / ".failback" / "job1").exists() or not any(
+        (hv.ctl.work / "datastore" / ".failback" / "job1").iterdir()
+    ), "the failback folder is removed"
