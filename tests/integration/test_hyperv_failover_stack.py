@@ -334,7 +334,7 @@ def test_an_isolated_test_failover_while_replication_goes_on(hv: FailoverStack) 
     assert hv.mount_folders() == []
 
 
-def test_planned_failover_shuts_the_source_down_cleanly_and_loses_nothing(hv: FailoverStack) -> None:
+def test_planned_failover_loses_nothing_then_permanent_failover_merges_on_the_host(hv: FailoverStack) -> None:
     _replicate(hv)
     _write(hv.src, "web01", 42, (MiB, 6 * MiB))  # after the last session, before the shutdown
     at_shutdown = hv.source_disks()
@@ -348,6 +348,18 @@ def test_planned_failover_shuts_the_source_down_cleanly_and_loses_nothing(hv: Fa
     assert op.restore_point == newest.name, "the last incremental's point"
     assert hv.vm_disks(REPLICA_NAME) == at_shutdown
     assert hv.dr.host.vm(REPLICA_NAME).state == "Running"
+
+    # Permanent: hv02 merges the differencing disks into the mount's files with the VM running; the replica
+    # and its points go, the VM leaves the job.
+    _write(hv.dr, REPLICA_NAME, 5, (2 * MiB,))
+    written = hv.vm_disks(REPLICA_NAME)
+    hv.operate(api.REPLICA_OPERATION_PERMANENT_FAILOVER)
+    assert hv.where().state == api.REPLICA_VM_STATE_PERMANENT
+    assert not hv.ctl.points() and not hv.ctl.client().GetJob(api.GetJobRequest(name="jobs/job1")).vms
+    assert not hv.replica(DISK_IDS[0]).exists()
+    made = hv.dr.host.vm(REPLICA_NAME)
+    assert made.state == "Running" and all(len(d.chain) == 1 for d in made.disks), [d.chain for d in made.disks]
+    assert hv.vm_disks(REPLICA_NAME) == written
 
 
 def test_a_failback_that_fails_leaves_the_original_as_it_was(hv: FailoverStack) -> None:
