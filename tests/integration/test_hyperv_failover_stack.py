@@ -289,6 +289,8 @@ def _failback_and_commit(hv: FailoverStack) -> None:
     assert op.blocks_differing == 2, op  # one 64 KiB write per disk, each in one block
     assert hv.source_disks() == failed_over
     assert [p.stat().st_ino for p in originals] == inodes, "written in place: the original VHDX files"
+    # The failback's checkpoint of the failed-over VM is gone, and no reference point was kept for it.
+    assert hv.dr.host.state.snapshots == [] and hv.dr.host.state.reference_points == []
     assert hv.src.host.vm("web01").state == "Running"
     assert hv.dr.host.vm(REPLICA_NAME).state == "Off"
     assert hv.where().state == api.REPLICA_VM_STATE_FAILED_BACK
