@@ -12,6 +12,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+from pydantic import ValidationError
 
 from target_agent import failback, replica, rollback, vm_replica
 from target_agent.servicer import TargetAgentServicer
@@ -199,6 +200,13 @@ async def test_an_original_named_by_its_hyperv_host_path_is_mapped_by_host_paths
     )
     e = await refused(elsewhere, "C:\\VMs\\vm1\\disk0.raw")  # mapped, but outside the failback roots
     assert e.code == grpc.StatusCode.INVALID_ARGUMENT and "failback_roots" in e.details
+    for bad in (
+        [{"host_prefix": "C:\\VMs", "local": hyperv}, {"host_prefix": "c:\\vms\\", "local": tmp_path}],
+        [{"host_prefix": "VMs", "local": hyperv}],
+        [{"host_prefix": "C:\\VMs", "local": "relative"}],
+    ):
+        with pytest.raises(ValidationError):
+            servicer(tmp_path / "bad", failback_roots=[hyperv], host_paths=bad)
 
 
 async def test_a_replica_is_never_made_a_failback_disk(env: tuple[TargetAgentServicer, Path, bytes]) -> None:
