@@ -2,44 +2,16 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Self
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, model_validator
 from pydantic_settings import SettingsConfigDict
 
-from proxy_agent.host_paths import check_prefix, fold
 from vmrepl.config import LogSettings, ProgramSettings, TlsSettings
 from vmrepl.domain import DEFAULT_SLOTS, SLOTS_LIMIT
-from vmrepl.errors import PathError
 from vmrepl.extent import MiB
-
-
-class HostPathMapping(BaseModel):
-    """Disks the Hyper-V host names under `host_prefix` are read under `local` here (docs/proxy-agent.md)."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    host_prefix: str = Field(
-        min_length=3, max_length=1024, description=r"a Windows folder: C:\ClusterStorage\Volume1 or \\fs01\vms"
-    )
-    local: Path = Field(description="the absolute local folder holding what the host has under host_prefix")
-
-    @field_validator("host_prefix")
-    @classmethod
-    def _prefix(cls, value: str) -> str:
-        try:
-            return check_prefix(value)
-        except PathError as e:
-            raise ValueError(e.description) from e
-
-    @field_validator("local")
-    @classmethod
-    def _local(cls, value: Path) -> Path:
-        if not value.is_absolute():
-            raise ValueError("must be an absolute path")
-        return Path(os.path.normpath(value))
+from vmrepl.host_paths import HostPathMapping, fold
 
 
 class ProxySettings(ProgramSettings):

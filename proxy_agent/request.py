@@ -9,7 +9,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from proxy_agent.host_paths import Mapping, chain_roots, is_host_path, map_host_path
 from proxy_agent.plan import Plan, make_plan
 from vmrepl.disk import DiskReader, open_reader
 from vmrepl.disk.fileio import IS_WINDOWS
@@ -17,6 +16,7 @@ from vmrepl.disk.vhdx import VhdxReader
 from vmrepl.domain import DEFAULT_BLOCK_SIZE, ChangeMode, Compression, DiskFormat, check_block_size
 from vmrepl.errors import FailedPrecondition, InvalidArgument, PathError
 from vmrepl.extent import Extent
+from vmrepl.host_paths import Mapping, chain_roots, is_host_path, map_host_path
 from vmrepl.names import check_name, check_replica_path
 from vmrepl.security.ticket import MAX_TICKET_BYTES
 from vmrepl.v1 import common_pb2, proxy_pb2
@@ -26,7 +26,7 @@ MAX_RANGES = 1_000_000
 
 def source_path(locator: str, roots: Sequence[Path], host_paths: Sequence[Mapping] = ()) -> Path:
     r"""Where the proxy reads the disk a locator names. A Hyper-V host path (`C:\...`, `\\server\share\...`)
-    goes through the `host_paths` mapping whose prefix is its longest (proxy_agent.host_paths) and must then
+    goes through the `host_paths` mapping whose prefix is its longest (vmrepl.host_paths) and must then
     name a regular file below that mapping's local folder, and inside a source root if any is set; with no
     mapping it is refused, except on Windows, where it is a local path like any other. A local path must name
     a regular file inside a source root.

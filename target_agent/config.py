@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import Field, field_validator
 from pydantic_settings import SettingsConfigDict
 
 from vmrepl.config import LogSettings, ProgramSettings, TlsSettings
+from vmrepl.host_paths import HostPathMapping, fold
 
 
 class TargetSettings(ProgramSettings):
@@ -57,5 +58,20 @@ class TargetSettings(ProgramSettings):
         default_factory=list,
         description="folders holding original VM disks a failback may write (PrepareFailbackDisk); empty: none",
     )
+    host_paths: list[HostPathMapping] = Field(
+        default_factory=list,
+        max_length=256,
+        description="Hyper-V host folders and where this target has them (a failback names an original disk "
+        "by its host path: C:\\Hyper-V\\web01.vhdx)",
+    )
+
+    @field_validator("host_paths")
+    @classmethod
+    def _one_mapping_per_prefix(cls, value: list[HostPathMapping]) -> list[HostPathMapping]:
+        prefixes = [fold(m.host_prefix) for m in value]
+        if len(set(prefixes)) != len(prefixes):
+            raise ValueError("host_paths names one host_prefix twice (prefixes compare case-insensitively)")
+        return value
+
     # Test only: slows every batch write, so tests can check the bottleneck is named.
     test_write_delay_ms: float = Field(0.0, ge=0, le=1000, description="test only: added to each batch write")

@@ -33,6 +33,7 @@ from vmrepl.disk.fileio import atomic_write, link, make_dirs, read_bytes, remove
 from vmrepl.domain import DiskFormat, check_disk_size
 from vmrepl.errors import FailedPrecondition, InvalidArgument, NotFound, PathError
 from vmrepl.extent import MiB
+from vmrepl.host_paths import Mapping, is_host_path, map_host_path
 from vmrepl.names import check_name
 
 FAILBACK_FILE = "failback.json"
@@ -48,11 +49,27 @@ class Original:
     ino: int
 
 
-def check_original_path(roots: Sequence[Path], original_path: str, *, datastore: Path | None = None) -> Path:
+def check_original_path(
+    roots: Sequence[Path],
+    original_path: str,
+    *,
+    host_paths: Sequence[Mapping] = (),
+    datastore: Path | None = None,
+) -> Path:
     """The original disk's path: absolute, inside one of `roots` and not in `datastore` (a failback_roots
-    folder may hold it: one file system), no symbolic link on the way, a file."""
+    folder may hold it: one file system), no symbolic link on the way, a file. A Hyper-V host's path
+    (`C:\\Hyper-V\\web01.vhdx`, as its provider names the original) is first mapped to this target's folder
+    by the `host_paths` setting; the checks are then the same on the mapped path."""
     if not roots:
         raise FailedPrecondition("this target has no failback_roots setting: it writes no original disk")
+    if is_host_path(original_path):
+        mapped = map_host_path(original_path, host_paths, field="original_path")
+        if mapped is None:
+            raise FailedPrecondition(
+                f"original disk {original_path} is a Hyper-V host's path and no host_paths mapping of this "
+                "target maps it (host_prefix -> the local folder holding it)"
+            )
+        original_path = str(mapped[0])
     path = Path(original_path)
     if not original_path or not path.is_absolute() or ".." in path.parts or "\x00" in original_path:
         raise InvalidArgument("original_path", "must be an absolute path without '..'")

@@ -235,6 +235,7 @@ class TargetAgentServicer(target_pb2_grpc.TargetAgentServicer):
         self.rng = random.Random()  # which blocks a sampled verification checks
         self.mount_settings = mounts.MountSettings(settings.vm_root, settings.vm_root_host_path)
         self.failback_roots = list(settings.failback_roots)
+        self.host_paths = list(settings.host_paths)
         removal.empty_trash(self.datastore)  # deletions a crash cut short
 
     @handle_errors
@@ -566,7 +567,7 @@ class TargetAgentServicer(target_pb2_grpc.TargetAgentServicer):
         vm_dir = self.datastore.vm_dir(request.replica_path)
         disk_dir = self.datastore.disk_dir(request.replica_path, request.disk_id)
         original = failback.check_original_path(
-            self.failback_roots, request.original_path, datastore=self.datastore.root
+            self.failback_roots, request.original_path, host_paths=self.host_paths, datastore=self.datastore.root
         )
         st = await asyncio.to_thread(
             failback.prepare,

@@ -111,6 +111,8 @@ class PowerHost(FakeProvider):
 
     async def merge_vm_disks(self, vm_id: str) -> None:
         self.faults.hit("merge_vm_disks", vm_id)
+        if self.power.get(vm_id) is PowerState.RUNNING:  # as HyperVProvider: Hyper-V merges only while off
+            raise FailedPrecondition(f"VM {vm_id} is running: a differencing disk is merged only while it is off")
 
     def _known(self, vm_id: str) -> None:
         if vm_id not in self.power:

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+from pydantic import ValidationError
 
 from target_agent import failback, replica, rollback, vm_replica
 from target_agent.servicer import TargetAgentServicer
@@ -173,6 +174,40 @@ async def test_original_paths_outside_the_roots_or_through_links_are_refused(
     bare = servicer(tmp_path / "bare")
     e = await refused(bare, disk)
     assert e.code == grpc.StatusCode.FAILED_PRECONDITION and "failback_roots" in e.details
+
+
+async def test_an_original_named_by_its_hyperv_host_path_is_mapped_by_host_paths(
+    env: tuple[TargetAgentServicer, Path, bytes], tmp_path: Path
+) -> None:
+    """A Hyper-V source provider names the original by the host's path: the target's host_paths mapping says
+    where it has it; then the same checks as for a local path (inside failback_roots, no link, no '..')."""
+    _, disk, data = env
+    hyperv = tmp_path / "hyperv"
+    s = servicer(tmp_path / "mapped", failback_roots=[hyperv], host_paths=[{"host_prefix": "C:\\VMs", "local": hyperv}])
+    got = await prepare(s, "c:\\vms\\vm1\\disk0.raw")  # the prefix compares case-insensitively
+    assert got.disk_size == len(data)
+    linked = failback_replica(s).disk_dir / "data.raw"
+    assert os.stat(linked).st_ino == os.stat(disk).st_ino, "the data file is a hard link of the mapped original"
+    e = await refused(s, "D:\\VMs\\vm1\\disk0.raw")
+    assert e.code == grpc.StatusCode.FAILED_PRECONDITION and "host_paths" in e.details, e.details
+    assert (await refused(s, "C:\\VMs\\..\\outside.raw")).code == grpc.StatusCode.INVALID_ARGUMENT
+    (hyperv / "linked").symlink_to(disk.parent)
+    e = await refused(s, "C:\\VMs\\linked\\disk0.raw")
+    assert e.code == grpc.StatusCode.INVALID_ARGUMENT and "symbolic link" in e.details
+    elsewhere = servicer(
+        tmp_path / "elsewhere",
+        failback_roots=[tmp_path / "other"],
+        host_paths=[{"host_prefix": "C:\\VMs", "local": hyperv}],
+    )
+    e = await refused(elsewhere, "C:\\VMs\\vm1\\disk0.raw")  # mapped, but outside the failback roots
+    assert e.code == grpc.StatusCode.INVALID_ARGUMENT and "failback_roots" in e.details
+    for bad in (
+        [{"host_prefix": "C:\\VMs", "local": hyperv}, {"host_prefix": "c:\\vms\\", "local": tmp_path}],
+        [{"host_prefix": "VMs", "local": hyperv}],
+        [{"host_prefix": "C:\\VMs", "local": "relative"}],
+    ):
+        with pytest.raises(ValidationError):
+            servicer(tmp_path / "bad", failback_roots=[hyperv], host_paths=bad)
 
 
 async def test_a_replica_is_never_made_a_failback_disk(env: tuple[TargetAgentServicer, Path, bytes]) -> None:

@@ -15,8 +15,7 @@ from pydantic import ValidationError
 
 from proxy_agent import request as rq
 from proxy_agent import stats as st
-from proxy_agent.config import HostPathMapping, ProxySettings
-from proxy_agent.host_paths import chain_roots, map_host_path
+from proxy_agent.config import ProxySettings
 from proxy_agent.servicer import ProxyAgentServicer
 from tests.datapath_fakes import FakeTarget
 from tests.support.points import Aborted, FakeContext
@@ -25,6 +24,7 @@ from vmrepl.disk import create_writer
 from vmrepl.disk.vhdx import VhdxReader
 from vmrepl.domain import DiskFormat
 from vmrepl.errors import FailedPrecondition, PathError, UnsupportedDisk
+from vmrepl.host_paths import HostPathMapping, chain_roots, map_host_path
 from vmrepl.v1 import common_pb2, proxy_pb2
 
 CSV1 = "C:\\ClusterStorage\\Volume1\\"

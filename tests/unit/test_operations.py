@@ -68,7 +68,9 @@ def test_every_plan_ends_recording_and_undoes_what_it_did_last_first() -> None:
     assert failback.undo_steps(Step.START_ORIGINAL) == (Step.STOP_ORIGINAL, Step.ROLLBACK_TRANSFER, Step.START)
     # After the layers are merged there is no way back: a failure is left to a second run.
     assert plan_for(Operation.PERMANENT_FAILOVER).undo_steps(Step.FLATTEN) is None
-    assert plan_for(Operation.PERMANENT_FAILOVER, host_provider="hyperv").steps[0] is Step.MERGE
+    hyperv = plan_for(Operation.PERMANENT_FAILOVER, host_provider="hyperv")
+    assert hyperv.steps[:2] == (Step.SHUTDOWN_FAILED_OVER, Step.MERGE)  # Hyper-V merges only while the VM is off
+    assert hyperv.undo_steps(Step.SHUTDOWN_FAILED_OVER) == (Step.START,) and hyperv.undo_steps(Step.MERGE) is None
 
 
 def test_refusals_name_the_vm_and_why() -> None:
@@ -402,8 +404,10 @@ async def test_a_hyperv_failover_host_gets_vhdx_disks_by_their_host_paths_and_me
     assert (await replica_vm(ow)).folder == mount.host_folder
     session = await run(ow, Operation.PERMANENT_FAILOVER)
     assert session.state is SessionState.SUCCEEDED, session.error
-    assert ("merge_vm_disks", vm_id) in ow.failover.faults.calls and ("stop_vm", vm_id) not in ow.failover.faults.calls
-    assert ow.failover.running() == [vm_id]  # never stopped
+    calls = ow.failover.faults.calls
+    assert calls.index(("shutdown_vm", vm_id)) < calls.index(("merge_vm_disks", vm_id)), calls  # off to merge
+    assert ("stop_vm", vm_id) not in calls, "shut down cleanly, never powered off"
+    assert ow.failover.running() == [vm_id]  # started again
 
 
 async def test_a_hyperv_failover_host_needs_the_targets_host_path(ow: OpsWorld) -> None:

@@ -1255,7 +1255,9 @@ class PrepareFailbackDiskRequest(_message.Message):
     """Where the failback disk is kept in the datastore (like a replica's)."""
     disk_id: _builtins.str
     original_path: _builtins.str
-    """The original VM's disk image, absolute, under one of the agent's failback_roots."""
+    """The original VM's disk image, absolute, under one of the agent's failback_roots: a local path, or a Hyper-V
+    host's (C:\\Hyper-V\\web01.vhdx) that the agent's host_paths setting maps to its own folder.
+    """
     format: _common_pb2.DiskFormat.ValueType
     block_size: _builtins.int
     def __init__(

@@ -163,12 +163,14 @@ PLANS: dict[Operation, Plan] = {
 
 def permanent_plan(*, flatten_on_target: bool) -> Plan:
     """Permanent failover. A file host's VM is stopped while the target merges its layers (FlattenMount), then
-    started again; Hyper-V merges its own differencing disks with the VM running, then the target makes the
-    base stand alone. After the flatten nothing goes back: the replica is deleted next."""
+    started again. A Hyper-V VM is shut down cleanly (it is the production VM now; Hyper-V merges a
+    differencing disk only while its VM is off, docs/hyperv.md), the host merges its differencing disks, the
+    target makes the base stand alone, and the VM is started again. After the merge nothing goes back: the
+    replica is deleted next."""
     steps = (
         (_S.STOP, _S.FLATTEN, _S.START, _S.DELETE_REPLICA)
         if flatten_on_target
-        else (_S.MERGE, _S.FLATTEN, _S.DELETE_REPLICA)
+        else (_S.SHUTDOWN_FAILED_OVER, _S.MERGE, _S.FLATTEN, _S.START, _S.DELETE_REPLICA)
     )
     return _plan(Operation.PERMANENT_FAILOVER, steps, _FAILED_OVER, None)
 

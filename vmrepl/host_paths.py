@@ -1,20 +1,25 @@
-r"""Paths on a Hyper-V host (`C:\ClusterStorage\Volume1\vm\disk.vhdx`, `\\fs01\vms\disk.vhdx`) and where this
-proxy reads them: the `host_paths` mappings of its configuration (docs/proxy-agent.md, "Disks at Hyper-V host
-paths").
+r"""Paths on a Hyper-V host (`C:\ClusterStorage\Volume1\vm\disk.vhdx`, `\\fs01\vms\disk.vhdx`) and where an
+agent finds them: the `host_paths` mappings of its configuration. A proxy reads a host's disks through them
+(docs/proxy-agent.md, "Disks at Hyper-V host paths"); a target writes an original disk a failback names by its
+host path through them (docs/target-agent.md, "Failback disks").
 
 Windows paths compare case-insensitively with `\` and `/` equivalent; the longest matching prefix wins. What
 follows the prefix is taken only as plain names: never `..` or `.`, an empty component, a drive letter or an
 alternate data stream (`:`), a wildcard, a DOS device name (`NUL`, `COM1.txt`), or a name ending in a dot or a
 space (Windows drops those, so the name would mean another file here). The file system checks (no symbolic
-link below the local folder, a regular file, inside the source roots) are the caller's: proxy_agent.request.
+link below the local folder, a regular file, inside the source roots or failback roots) are the caller's:
+proxy_agent.request, target_agent.failback.
 """
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Protocol, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from vmrepl.errors import PathError
 
@@ -29,7 +34,7 @@ MAX_NAME = 255
 
 
 class Mapping(Protocol):
-    """`host_prefix` (canonical, see check_prefix) is read at the proxy's folder `local` (proxy_agent.config)."""
+    """`host_prefix` (canonical, see check_prefix) is found at the agent's folder `local` (HostPathMapping)."""
 
     @property
     def host_prefix(self) -> str: ...
@@ -123,3 +128,29 @@ def chain_roots(mappings: Sequence[Mapping], source_roots: Sequence[Path]) -> li
             elif root in m.local.parents:
                 out[m.local] = None
     return list(out)
+
+
+class HostPathMapping(BaseModel):
+    """What the Hyper-V host names under `host_prefix` is under `local` here (docs/proxy-agent.md)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    host_prefix: str = Field(
+        min_length=3, max_length=1024, description=r"a Windows folder: C:\ClusterStorage\Volume1 or \\fs01\vms"
+    )
+    local: Path = Field(description="the absolute local folder holding what the host has under host_prefix")
+
+    @field_validator("host_prefix")
+    @classmethod
+    def _prefix(cls, value: str) -> str:
+        try:
+            return check_prefix(value)
+        except PathError as e:
+            raise ValueError(e.description) from e
+
+    @field_validator("local")
+    @classmethod
+    def _local(cls, value: Path) -> Path:
+        if not value.is_absolute():
+            raise ValueError("must be an absolute path")
+        return Path(os.path.normpath(value))
