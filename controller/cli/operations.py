@@ -68,7 +68,7 @@ def follow_operation(name: str, *, quiet: bool = False) -> api.Session:
         for v in s.operation_vms:
             now_at = (v.state, v.step_name)
             if seen.get(v.vm_id) != now_at and not quiet:
-                err.print(f"{v.vm_name}: {STEP_WORDS.get(v.state, '?')} {v.step_name}")
+                err.print(f"{v.vm_name}: {STEP_WORDS.get(v.state, '?')} {v.step_name}".rstrip())
             seen[v.vm_id] = now_at
     if not quiet:
         operation_summary(last)
