@@ -50,14 +50,20 @@ class Original:
 def check_original_path(roots: Sequence[Path], original_path: str) -> Path:
     """The original disk's path: absolute, inside one of `roots`, no symbolic link on the way, a file."""
     if not roots:
-        raise FailedPrecondition("this target has no failback_roots setting: it writes no original disk")
+        raise FailedPrecondition(
+            "this target has no failback_roots setting: it writes no original disk (set failback_roots to the "
+            "folders holding the original VMs' disks, or make the job's failback_target a target that has them)"
+        )
     path = Path(original_path)
     if not original_path or not path.is_absolute() or ".." in path.parts or "\x00" in original_path:
         raise InvalidArgument("original_path", "must be an absolute path without '..'")
     if os.path.realpath(path) != os.path.normpath(path):
         raise PathError("original_path", f"{original_path} goes through a symbolic link: refused")
     if not any(Path(os.path.realpath(r)) in path.parents for r in roots):
-        raise PathError("original_path", f"{original_path} is not under any of the target's failback_roots")
+        raise PathError(
+            "original_path",
+            f"{original_path} is not under any of the target's failback_roots: add the folder holding it",
+        )
     try:
         st = os.lstat(path)
     except FileNotFoundError as e:
