@@ -143,3 +143,4 @@ def test_session_show_of_an_operation_lists_its_vms_steps(monkeypatch: pytest.Mo
     monkeypatch.setattr(sessions, "out", console)
     text = _run(console, "session", "show", S1)
     assert "web-01" in text and "delete-replica" in text and "replica has mounts" in text
+    assert "restore point(s)" not in text  # no transfer: no replication summary of nothing
