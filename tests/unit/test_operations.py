@@ -258,7 +258,7 @@ async def test_test_failover_runs_isolated_and_stop_test_removes_it(ow: OpsWorld
     async with ow.w.journal.read() as db:
         (test,) = list(await db.scalars(select(TestFailover)))
     assert dt.timedelta(seconds=590) < test.deadline - now() <= dt.timedelta(seconds=600)
-    with pytest.raises(FailedPrecondition, match="has a test failover running .*`vmrepl replica stop-test job1 --vm"):
+    with pytest.raises(FailedPrecondition, match=r"has a test failover running .*`vmrepl replica stop-test job1 --vm"):
         await ow.ops.start(ow.job_id, Operation.TEST_FAILOVER, [["vm1"]], OperationRequest())
     stop = await run(ow, Operation.STOP_TEST)
     assert stop.state is SessionState.SUCCEEDED and not live_mounts(ow) and not ow.failover.specs
