@@ -229,7 +229,9 @@ def replica_show(
         ["folder", r.folder],
         ["last operation", r.session],
     ]
-    table(f"{r.vm_name} ({r.vm_id}) in {r.job}", ["", ""], [row for row in rows if row[1]])
+    # The VM as the heading of its column, not the table's title: a title is folded to the table's width, and a
+    # VM that is replicating makes a narrow table (found in a lab: its id over three lines).
+    table("replica", ["vm", f"{r.vm_name} ({r.vm_id}) in {r.job}"], [row for row in rows if row[1]])
     if r.tests:
         tests = [
             [t.test_id, bare(t.restore_point), t.host, t.vm_name, cell_time(t.start_time), cell_time(t.deadline)]
