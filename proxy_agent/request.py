@@ -62,7 +62,11 @@ def _inside_roots(path: Path, roots: Sequence[Path]) -> Path:
             if base in path.parents:
                 _no_links_below(base, path)
                 return path
-    raise PathError("source.locator", "is outside the proxy's source roots")
+    raise PathError(
+        "source.locator",
+        f"{str(path)!r} is outside the proxy's source roots: add the folder holding it to this proxy's "
+        "`source_roots` (a failback reads the failed-over VM in the failover host's folder, the target's vm_root)",
+    )
 
 
 def open_source(

@@ -61,7 +61,10 @@ def check_original_path(
     (`C:\\Hyper-V\\web01.vhdx`, as its provider names the original) is first mapped to this target's folder
     by the `host_paths` setting; the checks are then the same on the mapped path."""
     if not roots:
-        raise FailedPrecondition("this target has no failback_roots setting: it writes no original disk")
+        raise FailedPrecondition(
+            "this target has no failback_roots setting: it writes no original disk (set failback_roots to the "
+            "folders holding the original VMs' disks, or make the job's failback_target a target that has them)"
+        )
     if is_host_path(original_path):
         mapped = map_host_path(original_path, host_paths, field="original_path")
         if mapped is None:
@@ -76,7 +79,10 @@ def check_original_path(
     if os.path.realpath(path) != os.path.normpath(path):
         raise PathError("original_path", f"{original_path} goes through a symbolic link: refused")
     if not any(Path(os.path.realpath(r)) in path.parents for r in roots):
-        raise PathError("original_path", f"{original_path} is not under any of the target's failback_roots")
+        raise PathError(
+            "original_path",
+            f"{original_path} is not under any of the target's failback_roots: add the folder holding it",
+        )
     if datastore is not None and Path(os.path.realpath(datastore)) in path.parents:
         raise PathError("original_path", f"{original_path} is in the target's datastore: no VM's disk is there")
     try:

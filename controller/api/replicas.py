@@ -19,7 +19,9 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from controller.api import resources as res
 from controller.api.base import ApiBase
 from controller.api.resources.replicas import replica_msg
+from controller.db.enums import ReplicaVmState, SessionKind
 from controller.db.models import HeldCheckpoint, Job, RestorePoint, Session, SessionVm, Target, Task
+from controller.db.models import ReplicaVm as ReplicaVmRow
 from controller.engine.agents import TargetClient
 from controller.engine.runtime import replica_folder
 from vmrepl.domain import unreachable
@@ -97,21 +99,33 @@ class ReplicasApi(ApiBase):
 
 
 async def replica_vms(db: AsyncSession, job: Job) -> list[ReplicaVm]:
-    """The job's VM replicas, by VM id, each with its newest name: the VMs a session of the job planned
-    (with disks), those with restore points recorded, and the VMs the job names that no session planned
-    yet (no replica: their reference stands in for the id)."""
+    """The job's VM replicas, by VM id, each with its newest name: the VMs a replication session of the
+    job planned (with disks), those with restore points recorded, and the VMs the job names that no session
+    planned yet (no replica: their reference stands in for the id). A failback's transfer (an operation
+    session's VM: the failed-over VM, written onto the original) is no replica of the job; nor is a VM failed
+    over permanently, whose replica was deleted, unless the job names it again."""
     names: dict[str, str] = {}
     planned = (
         select(SessionVm.vm_id, SessionVm.vm_name)
         .join(Session, Session.id == SessionVm.session_id)
         .where(
             Session.job_id == job.id,
+            Session.kind == SessionKind.REPLICATION,
             exists().where(Task.session_id == SessionVm.session_id, Task.vm_id == SessionVm.vm_id),
         )
         .order_by(Session.started_at)
     )
+    gone = set(
+        await db.scalars(
+            select(ReplicaVmRow.vm_id).where(
+                ReplicaVmRow.job_id == job.id, ReplicaVmRow.state == ReplicaVmState.PERMANENT
+            )
+        )
+    )
+    named = {v.vm_ref for v in job.vms}
     for vm_id, vm_name in (await db.execute(planned)).all():
-        names[vm_id] = vm_name  # the newest session's name wins
+        if vm_id not in gone or vm_id in named or vm_name in named:
+            names[vm_id] = vm_name  # the newest session's name wins
     points = select(RestorePoint.vm_id, RestorePoint.vm_name).where(RestorePoint.job_id == job.id)
     for vm_id, vm_name in (await db.execute(points)).all():
         names.setdefault(vm_id, vm_name or vm_id)

@@ -91,6 +91,8 @@ def session_msg(
     operation_vms: list[OperationVm] | None = None,
 ) -> api.Session:
     out_vms = []
+    # A failback's transfer commits a point on its failback folder only: no restore point of the job to name.
+    job_points = row.kind is SessionKind.REPLICATION
     for v in vms:
         disks = [disk_msg(t, proxies, live.get(t.id)) for t in tasks if t.vm_id == v.vm_id]
         out_vms.append(
@@ -99,7 +101,9 @@ def session_msg(
                 vm_name=v.vm_name,
                 state=VM_STATES[v.state],
                 checkpoint_id=v.checkpoint_id,
-                restore_point=f"jobs/{job_name}/restorePoints/{v.restore_point_id}" if v.restore_point_id else "",
+                restore_point=f"jobs/{job_name}/restorePoints/{v.restore_point_id}"
+                if v.restore_point_id and job_points
+                else "",
                 error=v.error,
                 disks=disks,
                 attempt=v.attempt,
@@ -108,7 +112,7 @@ def session_msg(
             )
         )
     stats = session_stats(
-        [d for v in out_vms for d in v.disks], restore_points=sum(1 for v in vms if v.restore_point_id)
+        [d for v in out_vms for d in v.disks], restore_points=sum(1 for v in vms if v.restore_point_id and job_points)
     )
     stats.duration_seconds = _duration(row)
     stats.rate_bytes_per_second = rate(stats.bytes_processed, stats.duration_seconds)

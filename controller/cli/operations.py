@@ -68,7 +68,7 @@ def follow_operation(name: str, *, quiet: bool = False) -> api.Session:
         for v in s.operation_vms:
             now_at = (v.state, v.step_name)
             if seen.get(v.vm_id) != now_at and not quiet:
-                err.print(f"{shown(v.vm_name)}: {STEP_WORDS.get(v.state, '?')} {shown(v.step_name)}")
+                err.print(f"{shown(v.vm_name)}: {STEP_WORDS.get(v.state, '?')} {shown(v.step_name)}".rstrip())
             seen[v.vm_id] = now_at
     if not quiet:
         operation_summary(last)
@@ -229,7 +229,9 @@ def replica_show(
         ["folder", r.folder],
         ["last operation", r.session],
     ]
-    table(f"{r.vm_name} ({r.vm_id}) in {r.job}", ["", ""], [row for row in rows if row[1]])
+    # The VM as the heading of its column, not the table's title: a title is folded to the table's width, and a
+    # VM that is replicating makes a narrow table (found in a lab: its id over three lines).
+    table("replica", ["vm", f"{r.vm_name} ({r.vm_id}) in {r.job}"], [row for row in rows if row[1]])
     if r.tests:
         tests = [
             [t.test_id, bare(t.restore_point), t.host, t.vm_name, cell_time(t.start_time), cell_time(t.deadline)]

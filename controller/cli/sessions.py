@@ -115,11 +115,19 @@ def session_list(job: Annotated[str, typer.Option(help="only this job's")] = "",
             cell_time(s.start_time),
             _duration(s),
             mib(s.stats.bytes_sent),
-            s.stats.restore_points,
+            operation_word(s) or s.stats.restore_points,  # an operation makes no restore point: say which it was
         ]
         for s in r.sessions
     ]
     table("sessions", ["name", "job", "state", "started (UTC)", "duration", "sent", "points"], rows)
+
+
+def operation_word(s: api.Session) -> str:
+    """An operation session's operation in words (`undo failover`: a narrow column folds between them); ""
+    for a replication."""
+    if s.kind != api.SESSION_KIND_OPERATION:
+        return ""
+    return api.ReplicaOperation.Name(s.operation).removeprefix("REPLICA_OPERATION_").lower().replace("_", " ")
 
 
 @session_app.command("show", help="Show one session: per disk its figures, passes and verification.")
@@ -128,7 +136,8 @@ def session_show(session_id: str, as_json_: JsonOpt = False) -> None:
     if as_json_:
         as_json(s)
         return
-    summary(s)
+    if s.kind != api.SESSION_KIND_OPERATION or s.vms:  # an operation moving no data has no transfer figures
+        summary(s)
     if s.kind == api.SESSION_KIND_OPERATION:
         from controller.cli.operations import operation_summary  # it imports this module
 

@@ -110,6 +110,7 @@ def test_a_vm_is_required_and_test_failover_takes_its_time_limit(monkeypatch: py
 
 def test_replica_show_says_where_the_vm_runs_and_its_tests(monkeypatch: pytest.MonkeyPatch) -> None:
     text = _run(_terminal(monkeypatch, FakeApi()), "replica", "show", "web", "--vm", "web-01")
+    assert "web-01 (vm-1) in jobs/web" in text  # on one line
     assert "failed over" in text and "hosts/dr" in text and "web-01_replica (reg-1)" in text
     assert "test failovers" in text and "t1" in text and "web-01_test" in text
 
@@ -143,6 +144,7 @@ def test_session_show_of_an_operation_lists_its_vms_steps(monkeypatch: pytest.Mo
     monkeypatch.setattr(sessions, "out", console)
     text = _run(console, "session", "show", S1)
     assert "web-01" in text and "delete-replica" in text and "replica has mounts" in text
+    assert "restore point(s)" not in text  # no transfer: no replication summary of nothing
 
 
 def test_a_vm_name_from_a_host_is_printed_as_text_while_following(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -160,3 +162,21 @@ def test_a_vm_name_from_a_host_is_printed_as_text_while_following(monkeypatch: p
     text = _run(console, "replica", "failover", "web", "--vm", "db", "--vm", "x")
     assert "db[/]: running mount" in text and "[red]x\\x1b[2J: running mount" in text
     assert "\x1b" not in console.export_text()
+
+
+def test_replica_show_of_a_replicating_vm_keeps_its_name_and_id_on_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Found in a lab: the title over a two-row table was folded to its width, the VM's id over three lines."""
+
+    class Replicating(FakeApi):
+        def GetReplicaVm(self, request: api.GetReplicaVmRequest, timeout: float) -> api.ReplicaVm:
+            return api.ReplicaVm(
+                job="jobs/web",
+                vm_id="ced47fc4-f5a8-4f2a-a4f7-553317545df8",
+                vm_name="web01",
+                state=api.REPLICA_VM_STATE_REPLICATING,
+            )
+
+    console = _terminal(monkeypatch, Replicating())
+    assert CliRunner().invoke(app, ["replica", "show", "web"]).exit_code == 0
+    lines = console.export_text().splitlines()
+    assert any("web01 (ced47fc4-f5a8-4f2a-a4f7-553317545df8) in jobs/web" in line for line in lines), lines

@@ -67,6 +67,31 @@ def test_session_list_shows_whole_names_to_copy(terminal: Console) -> None:
     assert "…" not in shown and "5449ecca085b44499a4b155054705" in shown.replace(" ", "")
 
 
+def test_session_list_says_which_sessions_are_replica_operations(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Found as a new user: a failover's session read like a replication that made no point."""
+
+    class WithOperation(FakeApi):
+        def ListSessions(self, request: api.ListSessionsRequest, timeout: float) -> api.ListSessionsResponse:
+            op = api.Session(
+                name=SESSION.replace("5449", "6666"),
+                job="jobs/demo",
+                state=api.SESSION_STATE_SUCCEEDED,
+                kind=api.SESSION_KIND_OPERATION,
+                operation=api.REPLICA_OPERATION_UNDO_FAILOVER,
+            )
+            return api.ListSessionsResponse(sessions=[op, *super().ListSessions(request, timeout).sessions])
+
+    console = Console(width=120, record=True, file=io.StringIO())
+    monkeypatch.setattr(common, "out", console)
+    monkeypatch.setattr(common.conn, "_stub", WithOperation())
+    assert CliRunner().invoke(app, ["session", "list"]).exit_code == 0
+    lines = console.export_text().splitlines()
+    op = next(i for i, line in enumerate(lines) if SESSION.replace("5449", "6666") in line)
+    replication = next(i for i, line in enumerate(lines) if SESSION in line)
+    assert "undo" in lines[op] and "failover" in lines[op] + lines[op + 1]  # the points column: no point, the operation
+    assert "failover" not in lines[replication] and " 0 " in lines[replication]
+
+
 def test_a_command_run_where_no_certificates_are_says_so_in_one_line(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:

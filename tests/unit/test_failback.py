@@ -153,7 +153,8 @@ async def test_original_paths_outside_the_roots_or_through_links_are_refused(
     s, disk, _ = env
     outside = tmp_path / "outside.raw"
     outside.write_bytes(b"x" * BS)
-    assert (await refused(s, outside)).code == grpc.StatusCode.INVALID_ARGUMENT
+    e = await refused(s, outside)
+    assert e.code == grpc.StatusCode.INVALID_ARGUMENT and "failback_roots: add the folder holding it" in e.details
     assert (await refused(s, "relative/disk0.raw")).code == grpc.StatusCode.INVALID_ARGUMENT
     assert (await refused(s, f"{disk.parent}/../vm1/disk0.raw")).code == grpc.StatusCode.INVALID_ARGUMENT
     linked_dir = tmp_path / "hyperv" / "linked"
@@ -173,7 +174,7 @@ async def test_original_paths_outside_the_roots_or_through_links_are_refused(
     assert not (s.datastore.root / ".failback").exists()
     bare = servicer(tmp_path / "bare")
     e = await refused(bare, disk)
-    assert e.code == grpc.StatusCode.FAILED_PRECONDITION and "failback_roots" in e.details
+    assert e.code == grpc.StatusCode.FAILED_PRECONDITION and "set failback_roots to the folders" in e.details
 
 
 async def test_an_original_named_by_its_hyperv_host_path_is_mapped_by_host_paths(

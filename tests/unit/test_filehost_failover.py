@@ -146,7 +146,7 @@ def test_a_register_after_an_unregister_cut_halfway_starts_clean(root: Path) -> 
         ("../outside", PathError, "not a plain name"),
         ("a/b", PathError, "not a plain name"),
         (".vmrepl-host", PathError, "not a plain name"),
-        ("missing", FailedPrecondition, "missing does not exist"),
+        ("missing", FailedPrecondition, r"missing does not exist: the target agent makes .* in its vm_root"),
     ],
 )
 def test_register_refuses_a_folder_it_should_not_use(root: Path, folder: str, error: type, match: str) -> None:

@@ -202,8 +202,11 @@ def test_an_unmapped_host_path_names_the_path_and_the_setting(share: Path) -> No
 def test_a_posix_locator_is_read_as_before(share: Path) -> None:
     disk = share / "web01" / "Virtual Hard Disks" / "web01.vhdx"
     assert rq.source_path(str(disk), [share], [mapping(CSV1, share)]) == disk
-    with pytest.raises(PathError, match="outside the proxy's source roots"):
+    with pytest.raises(PathError, match="outside the proxy's source roots") as e:
         rq.source_path(str(disk), [], [mapping(CSV1, share)])  # a mapping is no source root
+    assert f"{str(disk)!r}" in str(e.value) and "add the folder holding it to this proxy's `source_roots`" in str(
+        e.value
+    )
     with pytest.raises(PathError, match="absolute"):
         rq.source_path("web01.vhdx", [share])
 

@@ -80,6 +80,13 @@ def test_refusals_name_the_vm_and_why() -> None:
         check_start(PLANS[Operation.FAILOVER], ReplicaVmState.FAILED_OVER, vm="web01", busy_session="")
     with pytest.raises(FailedPrecondition, match="operation session s1 is working on it"):
         check_start(PLANS[Operation.FAILOVER], ReplicaVmState.REPLICATING, vm="web01", busy_session="s1")
+    # ... and what can be run on it instead.
+    with pytest.raises(FailedPrecondition, match="no commit failback; next: undo-failover, failback or permanent-fa"):
+        check_start(PLANS[Operation.COMMIT_FAILBACK], ReplicaVmState.FAILED_OVER, vm="web01", busy_session="")
+    with pytest.raises(FailedPrecondition, match=r"no failback; it can be failed over \(failover, planned-failover\)"):
+        check_start(PLANS[Operation.FAILBACK], ReplicaVmState.REPLICATING, vm="web01", busy_session="")
+    with pytest.raises(FailedPrecondition, match="no failover; next: commit-failback or undo-failback"):
+        check_start(PLANS[Operation.FAILOVER], ReplicaVmState.FAILED_BACK, vm="web01", busy_session="")
     assert Operation.from_proto(Operation.STOP_TEST.to_proto()) is Operation.STOP_TEST
 
 
@@ -253,7 +260,7 @@ async def test_test_failover_runs_isolated_and_stop_test_removes_it(ow: OpsWorld
     async with ow.w.journal.read() as db:
         (test,) = list(await db.scalars(select(TestFailover)))
     assert dt.timedelta(seconds=590) < test.deadline - now() <= dt.timedelta(seconds=600)
-    with pytest.raises(FailedPrecondition, match="has a test failover running"):
+    with pytest.raises(FailedPrecondition, match=r"has a test failover running .*`vmrepl replica stop-test job1 --vm"):
         await ow.ops.start(ow.job_id, Operation.TEST_FAILOVER, [["vm1"]], OperationRequest())
     stop = await run(ow, Operation.STOP_TEST)
     assert stop.state is SessionState.SUCCEEDED and not live_mounts(ow) and not ow.failover.specs

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 from pathlib import Path
 
 from google.protobuf import json_format
@@ -9,6 +10,7 @@ from sqlalchemy import select
 
 from controller.api.sessions_view import disk_msg, session_msg, session_stats
 from controller.db.connect import open_database, sqlite_url
+from controller.db.enums import SessionKind
 from controller.db.models import Host, Job, Session, SessionVm, Target, Task
 from vmrepl.progress import FullCheckFigures, Sample, TransferFigures
 from vmrepl.v1 import common_pb2, proxy_pb2
@@ -181,3 +183,15 @@ def test_full_check_words() -> None:
         "repaired at byte offset+length 0+1, 10+1 and 11 more ranges"
     )
     assert TransferFigures().full_check is None and TransferFigures().verification == ""
+
+
+def test_a_failback_transfers_point_is_no_restore_point_of_the_job() -> None:
+    """The failback's VM in its operation session carries the point committed on the failback folder: the
+    session names no restore point of the job and counts none (`session list`'s points column)."""
+    started = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
+    vm = SessionVm(session_id="s1", vm_id="fo-vm", vm_name="web01_replica", state="done", restore_point_id="p9")
+    for kind, points, name in ((SessionKind.OPERATION, 0, ""), (SessionKind.REPLICATION, 1, "jobs/j/restorePoints/p9")):
+        row = Session(id="s1", job_id="j1", state="succeeded", started_at=started, ended_at=started, kind=kind)
+        row.operation, row.error = "failback", ""
+        msg = session_msg(row, "j", [vm], [], proxies={}, live={})
+        assert (msg.stats.restore_points, msg.vms[0].restore_point) == (points, name)

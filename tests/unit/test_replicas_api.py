@@ -12,14 +12,14 @@ from typing import Any
 import grpc
 import pytest
 from cryptography.fernet import Fernet
-from sqlalchemy import select, update
+from sqlalchemy import delete, select, update
 from sqlalchemy.ext.asyncio import async_sessionmaker
 
 from controller.api.replicas import REPLICA_CALLS, ReplicasApi
 from controller.api.resources import jobs as jobs_res
 from controller.api.sessions import SessionsApi
-from controller.db.enums import SessionState, VmState
-from controller.db.models import HeldCheckpoint, Job, Session, SessionVm
+from controller.db.enums import ReplicaVmState, SessionKind, SessionState, TaskState, VmState
+from controller.db.models import HeldCheckpoint, Job, JobVm, ReplicaVm, RestorePoint, Session, SessionVm, Task
 from controller.db.secrets import SecretBox
 from controller.engine.session import VmRun
 from controller.engine.sessions import Engine
@@ -100,6 +100,28 @@ async def test_a_replica_at_its_point_lists_the_points_as_the_target_holds_them(
         ("disk0", DISK_SIZE, common_pb2.DISK_FORMAT_RAW),
         ("disk1", DISK_SIZE, common_pb2.DISK_FORMAT_RAW),
     ]
+
+
+async def test_a_failback_transfer_and_a_vm_failed_over_permanently_are_no_replicas_of_the_job(
+    world: World, tmp_path: Path
+) -> None:
+    await _session(world)
+    async with world.journal.change("a failback's transfer, recorded under its operation session") as db:
+        op = Session(job_id=world.sc.job.job_id, state=SessionState.SUCCEEDED, kind=SessionKind.OPERATION)
+        db.add(op)
+        await db.flush()
+        db.add(SessionVm(session_id=op.id, vm_id="fo-vm", vm_name="vm1_replica", state=VmState.DONE))
+        db.add(Task(session_id=op.id, vm_id="fo-vm", vm_name="vm1_replica", disk_id="disk0", state=TaskState.SUCCEEDED))
+    a = _api(world, tmp_path)
+    assert [r.vm_id for r in await _replicas(a)] == ["vm1"]
+    async with world.journal.change("vm1 failed over permanently: its points gone, the VM out of the job") as db:
+        db.add(ReplicaVm(job_id=world.sc.job.job_id, vm_id="vm1", vm_name="vm1", state=ReplicaVmState.PERMANENT))
+        await db.execute(delete(RestorePoint).where(RestorePoint.job_id == world.sc.job.job_id))
+        await db.execute(delete(JobVm).where(JobVm.job_id == world.sc.job.job_id))
+    assert await _replicas(a) == []
+    async with world.journal.change("the job names it again") as db:
+        db.add(JobVm(job_id=world.sc.job.job_id, vm_ref="vm1"))
+    assert [(r.vm_id, r.state) for r in await _replicas(a)] == [("vm1", AT_POINT)]
 
 
 async def test_a_held_session_shows_its_replica_resumable_and_a_rollback_returns_it(

@@ -533,6 +533,11 @@ class FileHostProvider(Provider):
 
     def _register(self, spec: VmSpec) -> VmInfo:
         folder = check_name("folder", spec.folder)  # a plain name, not hidden (.vmrepl-host is the host's)
+        if not os.path.lexists(self.root / folder):  # the usual mistake: a failover host that is not vm_root
+            raise FailedPrecondition(
+                f"{self.root / folder} does not exist: the target agent makes a failed-over VM's folder in its "
+                "vm_root, so the failover host's folder must be that vm_root"
+            )
         # One at a time in this process (the controller registers): two calls for one folder give one VM.
         with _REGISTERING, Folder.open(self.root) as top, top.child(folder) as d:
             existing = d.read(MANIFEST, limit=MANIFEST_LIMIT)

@@ -211,7 +211,10 @@ async def _vm_row(db: AsyncSession, a: Admission, session_id: str, group: int, v
 async def _no_test(db: AsyncSession, job: Job, vm: VmRef) -> None:
     test = await db.scalar(select(TestFailover).where(TestFailover.job_id == job.id, TestFailover.vm_id == vm.vm_id))
     if test is not None:
-        raise FailedPrecondition(f"VM {vm.vm_name} has a test failover running ({test.id}): stop it first")
+        raise FailedPrecondition(
+            f"VM {vm.vm_name} has a test failover running ({test.id}): stop it first "
+            f"(`vmrepl replica stop-test {job.name} --vm {vm.vm_name}`)"
+        )
 
 
 async def _the_test(db: AsyncSession, job: Job, vm: VmRef, test_id: str) -> TestFailover:

@@ -187,8 +187,14 @@ _STATE_WORDS = {
     ReplicaVmState.FAILING_OVER: "is failing over",
     ReplicaVmState.FAILED_OVER: "is failed over already",
     ReplicaVmState.FAILING_BACK: "is failing back",
-    ReplicaVmState.FAILED_BACK: "is failed back (commit or undo the failback first)",
+    ReplicaVmState.FAILED_BACK: "is failed back",
     ReplicaVmState.PERMANENT: "was failed over permanently and left the job",
+}
+# What the operator can run on a VM in that state instead (the `vmrepl replica` commands).
+_NEXT = {
+    ReplicaVmState.REPLICATING: "it can be failed over (failover, planned-failover) or tested (test-failover)",
+    ReplicaVmState.FAILED_OVER: "next: undo-failover, failback or permanent-failover (see vmrepl replica show)",
+    ReplicaVmState.FAILED_BACK: "next: commit-failback or undo-failback",
 }
 
 
@@ -198,7 +204,8 @@ def check_start(plan: Plan, state: ReplicaVmState, *, vm: str, busy_session: str
         raise FailedPrecondition(f"VM {vm}: operation session {busy_session} is working on it; wait for it to end")
     if state not in plan.allowed_from:
         verb = plan.operation.value.replace("_", " ")
-        raise FailedPrecondition(f"VM {vm} {_STATE_WORDS[state]}: no {verb}")
+        hint = f"; {_NEXT[state]}" if state in _NEXT else ""
+        raise FailedPrecondition(f"VM {vm} {_STATE_WORDS[state]}: no {verb}{hint}")
 
 
 def outcome(states: Sequence[OperationStepState]) -> str:
