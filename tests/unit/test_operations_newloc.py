@@ -190,7 +190,12 @@ SCENARIOS = {
         Operation.FAILBACK, (Operation.FAILOVER,), ReplicaVmState.FAILED_OVER, 0, 1, "rolled back", fault="start_vm"
     ),
     "commit": Scenario(
-        Operation.COMMIT_FAILBACK, (Operation.FAILOVER, Operation.FAILBACK), ReplicaVmState.REPLICATING, 1, 0, "finished"
+        Operation.COMMIT_FAILBACK,
+        (Operation.FAILOVER, Operation.FAILBACK),
+        ReplicaVmState.REPLICATING,
+        1,
+        0,
+        "finished",
     ),
     "undo": Scenario(
         Operation.UNDO_FAILBACK, (Operation.FAILOVER, Operation.FAILBACK), ReplicaVmState.FAILED_OVER, 0, 1, "discarded"
