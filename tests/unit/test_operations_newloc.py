@@ -161,7 +161,6 @@ async def test_refused_at_the_call(tmp_path: Path) -> None:
             job = await db.get(Job, w.ow.job_id)
         assert job is not None
         w.ow.w.parts.providers.by_host[job.host_id] = w.ow.source  # type: ignore[attr-defined]
-        w.ow.source.power["vm1"] = w.ow.source.power.get("vm1")  # the original is never asked
         same = OperationRequest(failback_host=job.host_id)
         session = await ops.start(w.ow.job_id, Operation.FAILBACK, [["vm1"]], same)
         await settle(ops, session.id)
