@@ -270,10 +270,10 @@ def remove_created(vm_dir: Path) -> list[str]:
             continue
         path = Path(o.path)
         try:
-            st = os.lstat(path)
+            st: os.stat_result | None = os.lstat(path)
         except (FileNotFoundError, NotADirectoryError):
-            continue
-        if stat.S_ISREG(st.st_mode) and (st.st_dev, st.st_ino) == (o.dev, o.ino):
+            st = None  # never linked (a crash before it), or removed already: its folder may be left
+        if st is not None and stat.S_ISREG(st.st_mode) and (st.st_dev, st.st_ino) == (o.dev, o.ino):
             remove(path)
             removed.append(o.path)
         _remove_if_empty(path.parent)
