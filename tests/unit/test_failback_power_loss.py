@@ -97,7 +97,7 @@ def _check_created(fs: Path, new: bytes) -> None:
         failback.remove_created(r.vm_dir)
         assert not path.parent.exists(), "remove_created left the folder it made"
         return
-    record = failback._originals(r.vm_dir)  # noqa: SLF001 (what DeleteReplica reads)
+    record = failback._originals(r.vm_dir)  # what DeleteReplica reads
     assert record is not None and record["disk0"].created and record["disk0"].path == str(path), record
     assert path.read_bytes() == replica.data_file(r.disk_dir, "raw").read_bytes(), "the image and its link differ"
     listed = restore_points.list_points(r.vm_dir)
