@@ -243,6 +243,8 @@ def _create_disk(
 def _link_new(data: Path, new: Path, have: os.stat_result) -> None:
     """`new` a hard link of the image made; a file already there that is not it is never replaced."""
     make_dirs(new.parent)
+    if os.path.realpath(new.parent) != os.path.normpath(new.parent):  # a link planted since the path was checked
+        raise PathError("original_path", f"{new.parent} goes through a symbolic link: refused")
     try:
         link(data, new)
     except FileExistsError:

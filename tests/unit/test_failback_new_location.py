@@ -16,6 +16,7 @@ from target_agent.servicer import TargetAgentServicer
 from tests.support.mounting import BS, Replica, changed, image
 from tests.support.points import Aborted, FakeContext, servicer
 from vmrepl.block import zero_digest
+from vmrepl.errors import PathError
 from vmrepl.v1 import common_pb2, target_pb2
 
 FB_PATH = ".failback/job1/vm1"
@@ -168,3 +169,23 @@ async def test_a_file_there_already_and_bad_paths_are_refused_and_untouched(
     bare = servicer(tmp_path / "bare")
     e = await refused(bare, root / "x" / "disk0.raw")
     assert e.code == grpc.StatusCode.FAILED_PRECONDITION and "failback_roots" in e.details
+
+
+async def test_a_link_planted_after_the_path_was_checked_is_not_followed(
+    env: tuple[TargetAgentServicer, Path], tmp_path: Path
+) -> None:
+    s, root = env
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (root / "web01-fb").symlink_to(elsewhere)  # as if planted between the servicer's check and the link
+    with pytest.raises(PathError):
+        failback.prepare(
+            fb(s).vm_dir,
+            fb(s).disk_dir,
+            guards=fb(s).guard,
+            original=root / "web01-fb" / "disk0.raw",
+            replica_format="raw",
+            block_size=BS,
+            create_size=SIZE,
+        )
+    assert list(elsewhere.iterdir()) == []
