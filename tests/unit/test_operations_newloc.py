@@ -271,3 +271,24 @@ async def test_a_crash_after_every_committed_change_resumes_or_rolls_back(tmp_pa
             await _check(w, s, f"killed after change {n} of {total}")
         finally:
             await w.ow.w.close()
+
+
+async def test_a_commit_on_the_jobs_own_host_changes_the_vm_reference_only(tmp_path: Path) -> None:
+    w = await make(tmp_path, vms={"vm1": ("disk0",), "vm2": ("disk0",)})
+    try:
+        await failed_over(w)
+        async with w.ow.w.journal.read() as db:
+            job = await db.get(Job, w.ow.job_id)
+        assert job is not None
+        home = job.host_id
+        await run(w.ow.ops, w, Operation.FAILBACK, OperationRequest(failback_host=home))
+        await run(w.ow.ops, w, Operation.COMMIT_FAILBACK)
+        new_vm = next(v for v in w.ow.source.specs)
+        async with w.ow.w.journal.read() as db:
+            job = await db.get(Job, w.ow.job_id)
+            refs = sorted(await db.scalars(select(JobVm.vm_ref).where(JobVm.job_id == w.ow.job_id)))
+        assert job is not None and job.host_id == home
+        assert refs == sorted([new_vm, "vm2"])
+        assert (await rv(w)).state is ReplicaVmState.REPLICATING
+    finally:
+        await w.ow.w.close()
