@@ -130,7 +130,7 @@ def test_failback_to_a_new_file_host_undo_then_commit_and_replicate_it(env: Cont
     s_vm = _fail_back_to_new(env, new, failed_over, cli=False)
     assert s_vm != new_vm
     _operate(env, api.REPLICA_OPERATION_COMMIT_FAILBACK)
-    assert _where(env).state == api.REPLICA_VM_STATE_REPLICATING
+    assert _where(env).state == api.REPLICA_VM_STATE_PERMANENT  # the original left the job
     job = env.client().GetJob(api.GetJobRequest(name="jobs/job1"))
     assert job.host == "hosts/newhost" and [v.vm for v in job.vms] == [s_vm], job
     assert not [p for p in (tmp_path / "vm_root").iterdir() if not p.name.startswith(".")]
@@ -141,6 +141,8 @@ def test_failback_to_a_new_file_host_undo_then_commit_and_replicate_it(env: Cont
     assert first.state == api.SESSION_STATE_SUCCEEDED, first.error
     replica = env.work / "datastore" / "replicas" / "job1" / s_vm / "disks"
     assert {d: (replica / d / "data.raw").read_bytes()[:SIZE] for d in DISKS} == _disks(new, s_vm)
+    where = _where(env)  # the name is the new VM's now
+    assert (where.vm_id, where.state) == (s_vm, api.REPLICA_VM_STATE_REPLICATING), where
     _write(new, s_vm, 33, (1 * MiB,))
     second = env.run_job()
     assert second.state == api.SESSION_STATE_SUCCEEDED, second.error

@@ -105,7 +105,10 @@ async def test_commit_makes_the_new_vm_the_jobs_vm_on_its_host(tmp_path: Path) -
             job = await db.get(Job, w.ow.job_id)
             refs = list(await db.scalars(select(JobVm.vm_ref).where(JobVm.job_id == w.ow.job_id)))
         assert job is not None and job.host_id == w.new_host_id and refs == [new_vm]
-        assert (await rv(w)).state is ReplicaVmState.REPLICATING
+        assert (await rv(w)).state is ReplicaVmState.PERMANENT  # the original left the job
+        # Its name now means the new VM: the original's old points are never failed over by that name.
+        with pytest.raises(FailedPrecondition, match="left the job"):
+            await w.ow.ops.start(w.ow.job_id, Operation.FAILOVER, [["vm1"]], OperationRequest())
         assert w.ow.reverse.state == "finished" and w.ow.failover.specs == {}
         assert all(m.state == target_pb2.MOUNT_STATE_GONE for m in w.ow.w.target.mounts.values())
         assert w.new.running() == [new_vm]
@@ -191,7 +194,7 @@ SCENARIOS = {
     "commit": Scenario(
         Operation.COMMIT_FAILBACK,
         (Operation.FAILOVER, Operation.FAILBACK),
-        ReplicaVmState.REPLICATING,
+        ReplicaVmState.PERMANENT,
         1,
         0,
         "finished",
@@ -289,6 +292,6 @@ async def test_a_commit_on_the_jobs_own_host_changes_the_vm_reference_only(tmp_p
             refs = sorted(await db.scalars(select(JobVm.vm_ref).where(JobVm.job_id == w.ow.job_id)))
         assert job is not None and job.host_id == home
         assert refs == sorted([new_vm, "vm2"])
-        assert (await rv(w)).state is ReplicaVmState.REPLICATING
+        assert (await rv(w)).state is ReplicaVmState.PERMANENT
     finally:
         await w.ow.w.close()

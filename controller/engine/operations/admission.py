@@ -11,7 +11,7 @@ from typing import Any
 from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from controller.db.enums import OperationStepState, SessionKind, SessionState
+from controller.db.enums import OperationStepState, ReplicaVmState, SessionKind, SessionState
 from controller.db.models import (
     Host,
     Job,
@@ -48,20 +48,32 @@ class VmRef:
 async def resolve_vm(db: AsyncSession, job: Job, ref: str) -> VmRef:
     """A VM of the job by id or name, as its restore points or its replica state know it (the source host may
     be lost: failover never asks it)."""
-    rv = await db.scalar(
-        select(ReplicaVm).where(ReplicaVm.job_id == job.id, (ReplicaVm.vm_id == ref) | (ReplicaVm.vm_name == ref))
+    rows = list(
+        await db.scalars(
+            select(ReplicaVm).where(ReplicaVm.job_id == job.id, (ReplicaVm.vm_id == ref) | (ReplicaVm.vm_name == ref))
+        )
     )
-    if rv is not None:
-        return VmRef(rv.vm_id, rv.vm_name or rv.vm_id)
+    # By name, a VM that left the job (permanent failover; the original of a failback committed to a new
+    # location, whose new VM may carry its name) comes last: the name is the VM the job replicates now.
+    gone = {r.vm_id for r in rows if r.state is ReplicaVmState.PERMANENT}
+    chosen = [r for r in rows if r.vm_id == ref] or [r for r in rows if r.vm_id not in gone]
+    if chosen:
+        return VmRef(chosen[0].vm_id, chosen[0].vm_name or chosen[0].vm_id)
     point = await db.scalar(
         select(RestorePoint)
-        .where(RestorePoint.job_id == job.id, (RestorePoint.vm_id == ref) | (RestorePoint.vm_name == ref))
+        .where(
+            RestorePoint.job_id == job.id,
+            (RestorePoint.vm_id == ref) | (RestorePoint.vm_name == ref),
+            RestorePoint.vm_id.not_in(gone),
+        )
         .order_by(RestorePoint.created_at.desc())
         .limit(1)
     )
-    if point is None:
-        raise NotFound(f"job {job.name} has no replica of a VM {ref!r} (no restore point names it)")
-    return VmRef(point.vm_id, point.vm_name or point.vm_id)
+    if point is not None:
+        return VmRef(point.vm_id, point.vm_name or point.vm_id)
+    if rows:  # only a VM that left the job: its refusal says so
+        return VmRef(rows[0].vm_id, rows[0].vm_name or rows[0].vm_id)
+    raise NotFound(f"job {job.name} has no replica of a VM {ref!r} (no restore point names it)")
 
 
 def point_id(ref: str) -> str:
