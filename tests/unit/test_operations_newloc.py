@@ -88,7 +88,8 @@ async def test_failback_to_a_new_location_makes_writes_registers_and_starts_a_ne
             ["disk0", f"{w.folder}/{row.data['new_folder']}/disk0.raw", "raw"],
             ["disk1", f"{w.folder}/{row.data['new_folder']}/disk1.raw", "raw"],
         ]
-        assert [c[0] for c in w.ow.reverse.faults.calls] == ["transfer"]  # the failback folder kept until commit
+        assert row.data["failback_path"] == f".failback/{w.ow.job_id}/vm1-{row.id[:12]}"  # one per attempt
+        assert w.ow.reverse.faults.calls == [("transfer", row.data["failback_path"])]  # kept until commit
         assert w.ow.reverse.state == "transferred"
     finally:
         await w.ow.w.close()

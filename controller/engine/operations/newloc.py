@@ -28,6 +28,7 @@ from sqlalchemy import select
 from controller.db.models import Job, JobVm, OperationVm, RestorePoint
 from controller.engine.operations.context import HostView
 from controller.engine.operations.plans import Step
+from controller.engine.runtime import replica_folder
 from vmrepl.domain import DiskFormat
 from vmrepl.errors import FailedPrecondition
 from vmrepl.names import check_name
@@ -38,7 +39,15 @@ if TYPE_CHECKING:
 
 Found = dict[str, Any]
 # What a failback to a new location keeps in its operation row, and what its commit or undo takes over.
-NEW_KEYS = ("new_host_id", "new_folder", "new_folder_path", "new_vm_id", "new_vm_name", "original_disks")
+NEW_KEYS = (
+    "new_host_id",
+    "new_folder",
+    "new_folder_path",
+    "new_vm_id",
+    "new_vm_name",
+    "original_disks",
+    "failback_path",
+)
 # The providers a new location may be on: the target writes the images into the host's folder.
 NEW_LOCATION_PROVIDERS = ("file",)
 
@@ -87,7 +96,8 @@ class NewLocation:
         disks = [[check_name("disk_id", d.disk_id), f"{path}/{d.disk_id}.raw", DiskFormat.RAW.value] for d in vm.disks]
         if not disks:
             raise FailedPrecondition(f"the failed-over VM {vm.name} has no disk to fail back")
-        return {"new_folder": folder, "new_folder_path": path, "original_disks": disks}
+        failback_path = f".failback/{self.ctx.job_id}/{replica_folder(row.vm_id)}-{row.id[:12]}"
+        return {"new_folder": folder, "new_folder_path": path, "original_disks": disks, "failback_path": failback_path}
 
     async def _spec(self, row: OperationVm) -> VmSpec:
         async with self.steps.journal.read() as db:

@@ -267,7 +267,11 @@ class Steps:
             source=self._host(),
             source_vm_id=self._running_vm(row),
             target=target,
-            replica_path=f".failback/{self.ctx.job_id}/{replica_folder(row.vm_id)}",
+            # A failback to a new location has a folder per attempt (place-new names it): what a failed one
+            # left never stands in the way of the next, which makes other images.
+            replica_path=str(
+                row.data.get("failback_path") or f".failback/{self.ctx.job_id}/{replica_folder(row.vm_id)}"
+            ),
             original_disks=tuple(
                 (str(d), str(p), DiskFormat(str(f))) for d, p, f in row.data.get("original_disks", [])
             ),
