@@ -28,8 +28,8 @@ from pathlib import Path
 from target_agent import replica, restore_points, vm_replica
 from target_agent.replica import DIGESTS_FILE, IDLE, ROLLBACK_DIR, DigestStore, DiskState
 from vmrepl.block import digest
-from vmrepl.disk.base import open_reader, open_writer
-from vmrepl.disk.fileio import atomic_write, link, make_dirs, read_bytes, remove
+from vmrepl.disk.base import create_writer, open_reader, open_writer
+from vmrepl.disk.fileio import atomic_write, link, make_dirs, read_bytes, remove, sync_dir
 from vmrepl.domain import DiskFormat, check_disk_size
 from vmrepl.errors import FailedPrecondition, InvalidArgument, NotFound, PathError
 from vmrepl.extent import MiB
@@ -47,6 +47,8 @@ class Original:
     path: str
     dev: int
     ino: int
+    # Made by this failback folder (a failback to a new location): DeleteReplica with remove_created removes it.
+    created: bool = False
 
 
 def check_original_path(
@@ -94,6 +96,26 @@ def check_original_path(
     return path
 
 
+def check_new_path(roots: Sequence[Path], new_path: str, *, datastore: Path | None = None) -> Path:
+    """A disk image to create (failback to a new location): absolute, no '..', no symbolic link on the part of
+    the way that exists, strictly inside one of `roots` and not in `datastore` (the file itself may not exist
+    yet)."""
+    if not roots:
+        raise FailedPrecondition("this target has no failback_roots setting: it writes no original disk")
+    path = Path(new_path)
+    if not new_path or not path.is_absolute() or ".." in path.parts or "\x00" in new_path:
+        raise InvalidArgument("original_path", "must be an absolute path without '..'")
+    if os.path.realpath(path) != os.path.normpath(path):
+        raise PathError("original_path", f"{new_path} goes through a symbolic link: refused")
+    if not any(Path(os.path.realpath(r)) in path.parent.parents for r in roots):
+        raise PathError(
+            "original_path", f"{new_path} is not in a folder under one of the target's failback_roots (a VM folder)"
+        )
+    if datastore is not None and Path(os.path.realpath(datastore)) in path.parents:
+        raise PathError("original_path", f"{new_path} is in the target's datastore: no VM's disk is made there")
+    return path
+
+
 def _originals(vm_dir: Path) -> dict[str, Original] | None:
     path = vm_dir / FAILBACK_FILE
     if not os.path.lexists(path):
@@ -106,6 +128,8 @@ def _originals(vm_dir: Path) -> dict[str, Original] | None:
         for o in out.values():
             if not isinstance(o.path, str) or type(o.dev) is not int or type(o.ino) is not int:
                 raise ValueError("an original is not a path, a device and an inode")
+            if type(o.created) is not bool:
+                raise ValueError("an original's 'created' is not true or false")
     except (OSError, ValueError, TypeError, PathError) as e:
         raise FailedPrecondition(f"{vm_dir.name}/{FAILBACK_FILE} is damaged: {e}") from e
     return out
@@ -147,8 +171,10 @@ def prepare(
     original: Path,
     replica_format: str,
     block_size: int,
+    create_size: int | None = None,
 ) -> DiskState:
-    """Make the failback disk, or answer it as it is (idempotent)."""
+    """Make the failback disk, or answer it as it is (idempotent). With `create_size`, `original` is a new,
+    empty image of that size made for it (a failback to a new location), not an existing disk."""
     with restore_points.vm_lock(vm_dir):
         make_dirs(vm_dir)
         points = restore_points.list_points(vm_dir)
@@ -166,6 +192,19 @@ def prepare(
             raise FailedPrecondition(
                 f"a failback session already wrote {vm_dir.name}: prepare every failback disk before the session"
             )
+        if create_size is not None:
+            with guards(disk_dir).lock:
+                state = _create_disk(
+                    vm_dir,
+                    disk_dir,
+                    originals=originals,
+                    new=original,
+                    replica_format=replica_format,
+                    block_size=block_size,
+                    size=create_size,
+                )
+            _add_to_original_point(vm_dir, points, disk_dir.name, state)
+            return state
         st = _single_link(original, replica.data_file(disk_dir, replica_format))
         originals[disk_dir.name] = Original(path=str(original), dev=st.st_dev, ino=st.st_ino)
         _save_originals(vm_dir, originals)  # before the link: a crash leaves a known original
@@ -233,6 +272,102 @@ def _make_disk(disk_dir: Path, original: Path, replica_format: str, block_size: 
     st.committed_offset = st.frontier = size
     replica.save_state(disk_dir, st)
     return st
+
+
+def _create_disk(
+    vm_dir: Path,
+    disk_dir: Path,
+    *,
+    originals: dict[str, Original],
+    new: Path,
+    replica_format: str,
+    block_size: int,
+    size: int,
+) -> DiskState:
+    """A new, empty image made in the disk's folder, recorded (`created`, with its inode) and only then linked
+    at `new`: whatever a crash leaves at `new` is named by the record, so DeleteReplica's remove_created finds
+    it. Its digests are the zero block's."""
+    check_disk_size("size", size)
+    make_dirs(disk_dir / ROLLBACK_DIR)
+    data = replica.data_file(disk_dir, replica_format)
+    fmt = DiskFormat(replica_format)
+    if not os.path.lexists(data):
+        create_writer(fmt, data, size=size, block_size=block_size).close()
+    have = os.lstat(data)
+    writer = open_writer(fmt, data)  # a regular file of that format (never through a link)
+    made = writer.size
+    writer.close()
+    if not stat.S_ISREG(have.st_mode) or made != size:
+        raise FailedPrecondition(
+            f"failback disk {disk_dir.name}: an earlier attempt made a {made}-byte image, not {size}: "
+            "DeleteReplica the failback folder and prepare it again"
+        )
+    originals[disk_dir.name] = Original(path=str(new), dev=have.st_dev, ino=have.st_ino, created=True)
+    _save_originals(vm_dir, originals)
+    _link_new(data, new, have)
+    store = DigestStore(disk_dir / DIGESTS_FILE, block_size=block_size, disk_size=size)
+    try:
+        store.forget_all()
+        store.put_zero(0, size)
+        store.flush()
+    finally:
+        store.close()
+    st = DiskState(size, block_size, "", IDLE, replica_format=replica_format)
+    st.committed_offset = st.frontier = size
+    replica.save_state(disk_dir, st)
+    return st
+
+
+def _link_new(data: Path, new: Path, have: os.stat_result) -> None:
+    """`new` a hard link of the image made; a file already there that is not it is never replaced."""
+    make_dirs(new.parent)
+    if os.path.realpath(new.parent) != os.path.normpath(new.parent):  # a link planted since the path was checked
+        raise PathError("original_path", f"{new.parent} goes through a symbolic link: refused")
+    try:
+        link(data, new)
+    except FileExistsError:
+        there = os.lstat(new)
+        if (there.st_dev, there.st_ino) != (have.st_dev, have.st_ino):
+            raise FailedPrecondition(
+                f"{new} exists already: a failback to a new location never overwrites a file (choose another folder)"
+            ) from None
+    except OSError as e:
+        if e.errno == errno.EXDEV:
+            raise FailedPrecondition(
+                f"{new.parent} is on another file system than the datastore: a failback disk is a hard link of "
+                "the new image (put the datastore on its file system)"
+            ) from e
+        raise
+
+
+def remove_created(vm_dir: Path) -> list[str]:
+    """The images this failback folder created (`created` originals), each removed while it is still the
+    file it made (another file there now is left alone), and its folder when that is left empty."""
+    originals = _originals(vm_dir) if vm_dir.is_dir() else None
+    removed: list[str] = []
+    for o in (originals or {}).values():
+        if not o.created:
+            continue
+        path = Path(o.path)
+        try:
+            st: os.stat_result | None = os.lstat(path)
+        except (FileNotFoundError, NotADirectoryError):
+            st = None  # never linked (a crash before it), or removed already: its folder may be left
+        if st is not None and stat.S_ISREG(st.st_mode) and (st.st_dev, st.st_ino) == (o.dev, o.ino):
+            remove(path)
+            removed.append(o.path)
+        _remove_if_empty(path.parent)
+    return removed
+
+
+def _remove_if_empty(folder: Path) -> None:
+    try:
+        if stat.S_ISDIR(os.lstat(folder).st_mode):
+            os.rmdir(folder)
+            sync_dir(folder.parent)
+    except OSError as e:
+        if e.errno not in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOENT):
+            raise
 
 
 def _link_original(original: Path, data: Path) -> None:

@@ -21,11 +21,14 @@ from vmrepl.block import DIGEST_SIZE
 from vmrepl.call_limits import Slots
 from vmrepl.domain import DiskFormat, check_block_size, check_digest_count, check_disk_size, check_sample_percent
 from vmrepl.errors import FailedPrecondition, InvalidArgument, NotFound, TicketError
+from vmrepl.logs import get_logger
 from vmrepl.names import check_name
 from vmrepl.rpc import handle_errors
 from vmrepl.security.ticket import load_public_keys
 from vmrepl.security.tls import peer_identity
 from vmrepl.v1 import common_pb2, target_pb2, target_pb2_grpc
+
+log = get_logger("vmrepl.target.servicer")
 
 _STATES = {
     replica.PREPARED: target_pb2.REPLICA_DISK_STATE_PREPARED,
@@ -548,7 +551,10 @@ class TargetAgentServicer(target_pb2_grpc.TargetAgentServicer):
         request: target_pb2.DeleteReplicaRequest,
         context: grpc.aio.ServicerContext[target_pb2.DeleteReplicaRequest, target_pb2.DeleteReplicaResponse],
     ) -> target_pb2.DeleteReplicaResponse:
-        self.datastore.vm_dir(request.replica_path)
+        vm_dir = self.datastore.vm_dir(request.replica_path)
+        if request.remove_created:  # first: the record naming them goes with the folder
+            removed = await asyncio.to_thread(failback.remove_created, vm_dir)
+            log.info("failback_created_disks_removed", replica_path=request.replica_path, removed=removed)
         deleted = await asyncio.to_thread(
             removal.delete_replica, self.datastore, self.receiver.guard, request.replica_path
         )
@@ -566,9 +572,15 @@ class TargetAgentServicer(target_pb2_grpc.TargetAgentServicer):
         replica_format = _format_name(request.format)
         vm_dir = self.datastore.vm_dir(request.replica_path)
         disk_dir = self.datastore.disk_dir(request.replica_path, request.disk_id)
-        original = failback.check_original_path(
-            self.failback_roots, request.original_path, host_paths=self.host_paths, datastore=self.datastore.root
-        )
+        if request.create:
+            check_disk_size("size", request.size)
+            original = failback.check_new_path(
+                self.failback_roots, request.original_path, datastore=self.datastore.root
+            )
+        else:
+            original = failback.check_original_path(
+                self.failback_roots, request.original_path, host_paths=self.host_paths, datastore=self.datastore.root
+            )
         st = await asyncio.to_thread(
             failback.prepare,
             vm_dir,
@@ -577,5 +589,6 @@ class TargetAgentServicer(target_pb2_grpc.TargetAgentServicer):
             original=original,
             replica_format=replica_format,
             block_size=request.block_size,
+            create_size=request.size if request.create else None,
         )
         return _disk_message(request.replica_path, request.disk_id, st)

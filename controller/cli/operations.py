@@ -155,11 +155,25 @@ def permanent_failover(
     _start(job, op, groups, replicate_back_job=replicate_back_job, wait=wait, as_json_=as_json_)
 
 
-@replica_app.command("failback", help="Write the failed-over VM's disks back onto the original VM (powered off).")
+@replica_app.command(
+    "failback",
+    help="Write the failed-over VM's disks back onto the original VM (powered off), or with --to into a new VM "
+    "on another (file) host.",
+)
 def failback(
-    job: str, vm: VmOpt = None, group: GroupOpt = None, wait: WaitOpt = True, as_json_: JsonOpt = False
+    job: str,
+    vm: VmOpt = None,
+    group: GroupOpt = None,
+    to: Annotated[
+        str,
+        typer.Option("--to", help="host id or name of a new location: a new VM is made there from the failed-over VM"),
+    ] = "",
+    wait: WaitOpt = True,
+    as_json_: JsonOpt = False,
 ) -> None:
-    _start(job, api.REPLICA_OPERATION_FAILBACK, groups_of(vm, group), wait=wait, as_json_=as_json_)
+    groups = groups_of(vm, group)
+    fields = {"failback_host": to if not to or to.startswith("hosts/") else f"hosts/{to}"}
+    _start(job, api.REPLICA_OPERATION_FAILBACK, groups, wait=wait, as_json_=as_json_, **fields)
 
 
 @replica_app.command(

@@ -103,8 +103,9 @@ class TargetClient(AgentHealth, Protocol):
 
     async def flatten_mount(self, mount_id: str) -> target_pb2.Mount: ...
 
-    async def delete_replica(self, replica_path: str) -> bool:
-        """Whether there was a replica to delete (refused while a mount depends on it)."""
+    async def delete_replica(self, replica_path: str, *, remove_created: bool = False) -> bool:
+        """Whether there was a replica to delete (refused while a mount depends on it). `remove_created`: a
+        failback folder's images PrepareFailbackDisk created are removed too."""
         ...
 
     async def prepare_failback_disk(self, request: target_pb2.PrepareFailbackDiskRequest) -> target_pb2.ReplicaDisk: ...
@@ -298,8 +299,9 @@ class GrpcTargetClient(_GrpcAgent):
         mount: target_pb2.Mount = await self.stub.FlattenMount(request)  # merges whole disks: no deadline
         return mount
 
-    async def delete_replica(self, replica_path: str) -> bool:
-        reply = await self.stub.DeleteReplica(target_pb2.DeleteReplicaRequest(replica_path=replica_path))
+    async def delete_replica(self, replica_path: str, *, remove_created: bool = False) -> bool:
+        ask = target_pb2.DeleteReplicaRequest(replica_path=replica_path, remove_created=remove_created)
+        reply = await self.stub.DeleteReplica(ask)
         return bool(reply.deleted)
 
     async def prepare_failback_disk(self, request: target_pb2.PrepareFailbackDiskRequest) -> target_pb2.ReplicaDisk:

@@ -363,8 +363,8 @@ class FailbackTransfers:
         is left as it is, and the log says so."""
         row = await _planned_row(self.parts, request.session_id, request.source_vm_id)
         if row is None:
-            disks = await self._disks_to_fail_back(request)
-            await self._ready(request, disks)
+            disks, sizes = await self._disks_to_fail_back(request)
+            await self._ready(request, disks, sizes)
         else:
             disks = await self._planned_disks(request)
         result = await run_reverse(self.parts, await self._run(request, disks))
@@ -395,20 +395,30 @@ class FailbackTransfers:
         except grpc.aio.AioRpcError as e:
             if e.code() is not grpc.StatusCode.NOT_FOUND:  # NOT_FOUND: nothing readied, or deleted already
                 raise relayed(e, f"target {request.target.name}") from e
-        await self.finish(request)
+        await self._delete(request, remove_created=request.create)
 
     async def finish(self, request: ReverseRequest) -> None:
         """The failback folder removed from the target (the original disks stay as they are). Idempotent."""
+        await self._delete(request, remove_created=False)
+
+    async def discard(self, request: ReverseRequest) -> None:
+        """A failback to a new location undone: the failback folder removed with the images the target created
+        for it (each only while it is still the file it made). Idempotent."""
+        await self._delete(request, remove_created=True)
+
+    async def _delete(self, request: ReverseRequest, *, remove_created: bool) -> None:
         try:
-            deleted = await self._target(request).delete_replica(request.replica_path)
+            deleted = await self._target(request).delete_replica(request.replica_path, remove_created=remove_created)
         except grpc.aio.AioRpcError as e:
             raise relayed(e, f"target {request.target.name}") from e
-        log.info("failback_folder_deleted", replica_path=request.replica_path, deleted=deleted)
+        log.info(
+            "failback_folder_deleted", replica_path=request.replica_path, deleted=deleted, images_removed=remove_created
+        )
 
     def _target(self, request: ReverseRequest) -> TargetClient:
         return self.parts.agents.target(request.target.address, request.target.tls_server_name)
 
-    async def _disks_to_fail_back(self, request: ReverseRequest) -> frozenset[str]:
+    async def _disks_to_fail_back(self, request: ReverseRequest) -> tuple[frozenset[str], dict[str, int]]:
         vm = await request.source.get_vm(request.source_vm_id)
         have = {d.disk_id for d in vm.disks}
         originals = {d for d, _, _ in request.original_disks}
@@ -422,14 +432,15 @@ class FailbackTransfers:
             )
         disks = frozenset(originals & have)
         _check_disk_set(vm, disks)  # before anything is readied: a disk added after failover is refused
-        return disks
+        return disks, {d.disk_id: d.size for d in vm.disks}
 
     async def _planned_disks(self, request: ReverseRequest) -> frozenset[str]:
         async with self.parts.journal.read() as db:
             q = select(Task.disk_id).where(Task.session_id == request.session_id, Task.vm_id == request.source_vm_id)
             return frozenset(await db.scalars(q))
 
-    async def _ready(self, request: ReverseRequest, disks: frozenset[str]) -> None:
+    async def _ready(self, request: ReverseRequest, disks: frozenset[str], sizes: dict[str, int]) -> None:
+        """Each failback disk readied; for a new location (`create`) a new image of the failed-over disk's size."""
         target = self._target(request)
         for disk_id, original, fmt in request.original_disks:
             if disk_id not in disks:
@@ -440,6 +451,8 @@ class FailbackTransfers:
                 original_path=original,
                 format=fmt.to_proto(),
                 block_size=request.block_size,
+                create=request.create,
+                size=sizes[disk_id] if request.create else 0,
             )
             try:
                 await target.prepare_failback_disk(ask)

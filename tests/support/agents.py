@@ -206,6 +206,7 @@ class FakeTarget(FakeAgent):
         self.mount_faults: dict[str, list[grpc.aio.AioRpcError]] = {}
         self.mount_calls: list[tuple[str, str]] = []
         self.deleted_replicas: list[str] = []
+        self.removed_created: list[str] = []  # DeleteReplica calls that removed the images a failback made
         self.failback_disks: list[target_pb2.PrepareFailbackDiskRequest] = []
 
     async def prepare(self, request: target_pb2.PrepareReplicaDiskRequest) -> target_pb2.ReplicaDisk:
@@ -483,8 +484,10 @@ class FakeTarget(FakeAgent):
         mount.state = target_pb2.MOUNT_STATE_FLATTENED
         return mount
 
-    async def delete_replica(self, replica_path: str) -> bool:
+    async def delete_replica(self, replica_path: str, *, remove_created: bool = False) -> bool:
         self._mount_call("delete_replica", replica_path)
+        if remove_created:
+            self.removed_created.append(replica_path)
         if any(
             m.replica_path == replica_path and m.state == target_pb2.MOUNT_STATE_MOUNTED for m in self.mounts.values()
         ):

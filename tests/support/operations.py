@@ -23,7 +23,7 @@ from controller.engine.providers import Providers
 from tests.support.engine import FakeProvider, World, make_world
 from vmrepl.domain import PowerState
 from vmrepl.errors import FailedPrecondition, VmreplError
-from vmrepl.providers.base import Provider, VmInfo, VmSpec
+from vmrepl.providers.base import DiskInfo, Provider, VmInfo, VmSpec
 from vmrepl.v1 import common_pb2, target_pb2
 
 REPLICA = "jobs/job1/vm1"
@@ -85,6 +85,9 @@ class PowerHost(FakeProvider):
                 return VmInfo(vm_id, known.name, "failover", (), power=self.power[vm_id])
         vm_id = f"reg-{len(self.specs) + 1}"
         self.specs[vm_id], self.power[vm_id] = spec, PowerState.OFF
+        # Found by get_vm from then on, with the spec's disks (a failback reads the failed-over VM's).
+        disks = tuple(DiskInfo(d.disk_id, d.path, d.format, d.size) for d in spec.disks)
+        self.vms[vm_id] = VmInfo(vm_id, spec.name, "failover", disks)
         return VmInfo(vm_id, spec.name, "failover", (), power=PowerState.OFF)
 
     async def unregister_vm(self, vm_id: str) -> None:
@@ -93,6 +96,7 @@ class PowerHost(FakeProvider):
             raise FailedPrecondition(f"VM {vm_id} is running")
         self.specs.pop(vm_id, None)
         self.power.pop(vm_id, None)
+        self.vms.pop(vm_id, None)
 
     async def start_vm(self, vm_id: str) -> None:
         self.faults.hit("start_vm", vm_id)
@@ -153,6 +157,10 @@ class FakeReverse:
     async def finish(self, request: ReverseRequest) -> None:
         self.faults.hit("finish", request.replica_path)
         self.state = "finished"
+
+    async def discard(self, request: ReverseRequest) -> None:
+        self.faults.hit("discard", request.replica_path)
+        self.state = "discarded"
 
 
 class FakeReplicator:

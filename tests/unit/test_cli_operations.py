@@ -108,6 +108,17 @@ def test_a_vm_is_required_and_test_failover_takes_its_time_limit(monkeypatch: py
     assert permanent.replicate_back_job == "web-back"
 
 
+def test_failback_to_takes_a_host(monkeypatch: pytest.MonkeyPatch) -> None:
+    fake = FakeApi()
+    console = _terminal(monkeypatch, fake)
+    _run(console, "replica", "failback", "web", "--vm", "web-01", "--to", "dr2")
+    _run(console, "replica", "failback", "web", "--vm", "web-01", "--to", "hosts/dr3")
+    _run(console, "replica", "failback", "web", "--vm", "web-01")
+    sent = [r for r in fake.requests if isinstance(r, api.StartReplicaOperationRequest)]
+    assert [r.operation for r in sent] == [api.REPLICA_OPERATION_FAILBACK] * 3
+    assert [r.failback_host for r in sent] == ["hosts/dr2", "hosts/dr3", ""]
+
+
 def test_replica_show_says_where_the_vm_runs_and_its_tests(monkeypatch: pytest.MonkeyPatch) -> None:
     text = _run(_terminal(monkeypatch, FakeApi()), "replica", "show", "web", "--vm", "web-01")
     assert "web-01 (vm-1) in jobs/web" in text  # on one line

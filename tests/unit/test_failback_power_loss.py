@@ -80,3 +80,61 @@ def test_power_cuts_of_a_failback_leave_the_original_or_the_new_disk(tmp_path: P
             _check(fs, original, new)
         except (AssertionError, NotFound, Exception) as e:
             pytest.fail(f"seed {seed} (VMREPL_POWERLOSS_SEED={seed}), cut after op {upto} of {len(log)}: {e!r}")
+
+
+def _check_created(fs: Path, new: bytes) -> None:
+    """A failback to a new location cut anywhere: an image at the new path is one the failback folder's
+    record names (so DeleteReplica's remove_created finds it) and holds what the failback disk holds; once the
+    commit's point is listed it is the new disk. Cut before the link, remove_created leaves no folder behind.
+    (The model rebuilds the image's two names as two files with new inodes, so the inode check that
+    remove_created makes before removing one is tested without cuts, in test_failback_new_location.py.)"""
+    r = Replica(fs / "store", replica_path=FB)
+    path = fs / "newhost" / "vm1-fb" / "disk0.raw"
+    if not r.vm_dir.is_dir():
+        assert not path.exists(), "an image with no failback folder to remove it"
+        return
+    if not path.exists():
+        failback.remove_created(r.vm_dir)
+        assert not path.parent.exists(), "remove_created left the folder it made"
+        return
+    record = failback._originals(r.vm_dir)  # what DeleteReplica reads
+    assert record is not None and record["disk0"].created and record["disk0"].path == str(path), record
+    assert path.read_bytes() == replica.data_file(r.disk_dir, "raw").read_bytes(), "the image and its link differ"
+    listed = restore_points.list_points(r.vm_dir)
+    if any(p.session_id == "fb1" for p in listed):
+        assert sha(path.read_bytes()) == sha(new), "a committed failback does not hold the new disk"
+
+
+def test_power_cuts_of_a_failback_to_a_new_location_leave_nothing_unnamed(tmp_path: Path) -> None:
+    seed = _seed()
+    print(f"power-loss seed {seed} (replay: VMREPL_POWERLOSS_SEED={seed})")
+    rng = random.Random(seed)
+    fs = tmp_path / "fs"
+    (fs / "newhost").mkdir(parents=True)
+    (fs / "store").mkdir()
+    new = image(20, 41, tail=2000)
+    path = fs / "newhost" / "vm1-fb" / "disk0.raw"
+    r = Replica(fs / "store", replica_path=FB)
+    with powercut.recording(fs) as rec:
+        failback.prepare(
+            r.vm_dir,
+            r.disk_dir,
+            guards=r.guard,
+            original=path,
+            replica_format="raw",
+            block_size=BS,
+            create_size=len(new),
+        )
+        r.prepare("fb1", len(new))
+        r.stream("fb1", new, base=bytes(len(new)))
+        r.commit("fb1")
+    assert path.read_bytes() == new
+    log = rec.log()
+    cuts = powercut.cut_points(log, rng, CUTS)
+    for upto in cuts:
+        shutil.rmtree(fs)
+        powercut.crash_state(log, upto, random.Random(f"{seed}-{upto}")).materialise(fs)
+        try:
+            _check_created(fs, new)
+        except (AssertionError, NotFound, Exception) as e:
+            pytest.fail(f"seed {seed} (VMREPL_POWERLOSS_SEED={seed}), cut after op {upto} of {len(log)}: {e!r}")

@@ -1208,15 +1208,22 @@ class DeleteReplicaRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     REPLICA_PATH_FIELD_NUMBER: _builtins.int
+    REMOVE_CREATED_FIELD_NUMBER: _builtins.int
     replica_path: _builtins.str
+    remove_created: _builtins.bool
+    """A failback folder: also remove the disk images PrepareFailbackDisk created for it (`create`), each only
+    while it is still the file it created, and their folder when that is left empty (a failback to a new
+    location undone). The images of originals it did not create are never removed.
+    """
     def __init__(
         self,
         *,
         replica_path: _builtins.str = ...,
+        remove_created: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["replica_path", b"replica_path"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["remove_created", b"remove_created", "replica_path", b"replica_path"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1251,6 +1258,8 @@ class PrepareFailbackDiskRequest(_message.Message):
     ORIGINAL_PATH_FIELD_NUMBER: _builtins.int
     FORMAT_FIELD_NUMBER: _builtins.int
     BLOCK_SIZE_FIELD_NUMBER: _builtins.int
+    CREATE_FIELD_NUMBER: _builtins.int
+    SIZE_FIELD_NUMBER: _builtins.int
     replica_path: _builtins.str
     """Where the failback disk is kept in the datastore (like a replica's)."""
     disk_id: _builtins.str
@@ -1260,6 +1269,12 @@ class PrepareFailbackDiskRequest(_message.Message):
     """
     format: _common_pb2.DiskFormat.ValueType
     block_size: _builtins.int
+    create: _builtins.bool
+    """A failback to a new location: create `original_path` as a new, empty image of `size` bytes (its folder
+    made when missing, under a failback_roots folder); refused when a file is there already that this
+    failback folder did not create. Its digests are the zero block's: every non-zero block then differs.
+    """
+    size: _builtins.int
     def __init__(
         self,
         *,
@@ -1268,10 +1283,12 @@ class PrepareFailbackDiskRequest(_message.Message):
         original_path: _builtins.str = ...,
         format: _common_pb2.DiskFormat.ValueType = ...,
         block_size: _builtins.int = ...,
+        create: _builtins.bool = ...,
+        size: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["block_size", b"block_size", "disk_id", b"disk_id", "format", b"format", "original_path", b"original_path", "replica_path", b"replica_path"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["block_size", b"block_size", "create", b"create", "disk_id", b"disk_id", "format", b"format", "original_path", b"original_path", "replica_path", b"replica_path", "size", b"size"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -8,13 +8,25 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from controller.db.enums import OperationStepState, SessionKind, SessionState
-from controller.db.models import Host, Job, OperationVm, ReplicaVm, RestorePoint, Session, SessionVm, TestFailover, now
+from controller.db.enums import OperationStepState, ReplicaVmState, SessionKind, SessionState
+from controller.db.models import (
+    Host,
+    Job,
+    JobVm,
+    OperationVm,
+    ReplicaVm,
+    RestorePoint,
+    Session,
+    SessionVm,
+    TestFailover,
+    now,
+)
 from controller.engine.operations.context import OperationRequest
 from controller.engine.operations.holds import held_points
+from controller.engine.operations.newloc import NEW_KEYS, NEW_LOCATION_PROVIDERS
 from controller.engine.operations.plans import Operation, Plan, check_start
 from controller.engine.operations.records import back_job_root, replica_vm
 from controller.engine.retention import points_to_delete
@@ -36,20 +48,32 @@ class VmRef:
 async def resolve_vm(db: AsyncSession, job: Job, ref: str) -> VmRef:
     """A VM of the job by id or name, as its restore points or its replica state know it (the source host may
     be lost: failover never asks it)."""
-    rv = await db.scalar(
-        select(ReplicaVm).where(ReplicaVm.job_id == job.id, (ReplicaVm.vm_id == ref) | (ReplicaVm.vm_name == ref))
+    rows = list(
+        await db.scalars(
+            select(ReplicaVm).where(ReplicaVm.job_id == job.id, (ReplicaVm.vm_id == ref) | (ReplicaVm.vm_name == ref))
+        )
     )
-    if rv is not None:
-        return VmRef(rv.vm_id, rv.vm_name or rv.vm_id)
+    # By name, a VM that left the job (permanent failover; the original of a failback committed to a new
+    # location, whose new VM may carry its name) comes last: the name is the VM the job replicates now.
+    gone = {r.vm_id for r in rows if r.state is ReplicaVmState.PERMANENT}
+    chosen = [r for r in rows if r.vm_id == ref] or [r for r in rows if r.vm_id not in gone]
+    if chosen:
+        return VmRef(chosen[0].vm_id, chosen[0].vm_name or chosen[0].vm_id)
     point = await db.scalar(
         select(RestorePoint)
-        .where(RestorePoint.job_id == job.id, (RestorePoint.vm_id == ref) | (RestorePoint.vm_name == ref))
+        .where(
+            RestorePoint.job_id == job.id,
+            (RestorePoint.vm_id == ref) | (RestorePoint.vm_name == ref),
+            RestorePoint.vm_id.not_in(gone),
+        )
         .order_by(RestorePoint.created_at.desc())
         .limit(1)
     )
-    if point is None:
-        raise NotFound(f"job {job.name} has no replica of a VM {ref!r} (no restore point names it)")
-    return VmRef(point.vm_id, point.vm_name or point.vm_id)
+    if point is not None:
+        return VmRef(point.vm_id, point.vm_name or point.vm_id)
+    if rows:  # only a VM that left the job: its refusal says so
+        return VmRef(rows[0].vm_id, rows[0].vm_name or rows[0].vm_id)
+    raise NotFound(f"job {job.name} has no replica of a VM {ref!r} (no restore point names it)")
 
 
 def point_id(ref: str) -> str:
@@ -142,8 +166,11 @@ async def admit(db: AsyncSession, a: Admission) -> Session:
         raise InvalidArgument("groups", "name at least one VM")
     if a.request.point and len(refs) > 1:
         raise InvalidArgument("point", "is for one VM only")
+    new_host = ""
     if a.operation is Operation.FAILBACK and a.request.failback_host:
-        raise FailedPrecondition("failback to a new location is not built yet: fail back to the original VM")
+        new_host = await check_new_location(db, a.job, a.request.failback_host, refs)
+    elif a.request.failback_host:
+        raise InvalidArgument("failback_host", "is for a failback only")
     if a.operation in _NEEDS_HOST:
         await check_failover_host(db, a.job)
     if a.request.replicate_back_job:
@@ -165,8 +192,46 @@ async def admit(db: AsyncSession, a: Admission) -> Session:
             if vm.vm_id in seen:
                 raise InvalidArgument("groups", f"names VM {vm.vm_name} twice")
             seen.add(vm.vm_id)
-            db.add(await _vm_row(db, a, session.id, index, vm))
+            row = await _vm_row(db, a, session.id, index, vm)
+            if new_host:
+                row.data = {**row.data, "new_host_id": new_host}
+            db.add(row)
     return session
+
+
+async def check_new_location(db: AsyncSession, job: Job, ref: str, refs: Sequence[str]) -> str:
+    """A failback's new location (`hosts/{id}`, an id or a name): a file host. The committed failback makes
+    the new VM the job's VM; on another host than the job's, the job's host changes, so the job must hold
+    that VM alone. Its id."""
+    bare = ref.removeprefix("hosts/")
+    host = await db.scalar(select(Host).where((Host.id == bare) | (Host.name == bare)))
+    if host is None:
+        raise NotFound(f"failback_host: no host {ref!r}")
+    if host.provider not in NEW_LOCATION_PROVIDERS:
+        raise FailedPrecondition(
+            f"host {host.name} is a {host.provider} host: a failback to a new location is built for file hosts only"
+        )
+    if host.id != job.host_id:
+        count = await db.scalar(select(func.count()).select_from(JobVm).where(JobVm.job_id == job.id))
+        if len(refs) > 1 or (count or 0) > 1:
+            raise FailedPrecondition(
+                f"job {job.name} has other VMs: a VM failed back to host {host.name} (not the job's host) becomes "
+                "a VM of that host and needs a job of its own (fail back to the job's host, or move the other "
+                "VMs to another job first)"
+            )
+    return host.id
+
+
+async def _last_failback(db: AsyncSession, rv: ReplicaVm) -> dict[str, Any]:
+    """What a failback to a new location recorded (its new VM, folder, host), for its commit or undo."""
+    if not rv.session_id:
+        return {}
+    last = await db.scalar(
+        select(OperationVm).where(OperationVm.session_id == rv.session_id, OperationVm.vm_id == rv.vm_id)
+    )
+    if last is None or not last.data.get("new_host_id"):
+        return {}
+    return {k: last.data[k] for k in NEW_KEYS if k in last.data}
 
 
 async def _vm_row(db: AsyncSession, a: Admission, session_id: str, group: int, vm: VmRef) -> OperationVm:
@@ -194,6 +259,8 @@ async def _vm_row(db: AsyncSession, a: Admission, session_id: str, group: int, v
         data.update(
             test_id=test.id, mount_id=test.mount_id, running_vm_id=test.test_vm_id, running_vm_name=test.test_vm_name
         )
+    if a.operation in (Operation.COMMIT_FAILBACK, Operation.UNDO_FAILBACK):
+        data.update(await _last_failback(db, rv))
     rv.busy_session_id = session_id
     if a.plan.running_state is not None:
         rv.state = a.plan.running_state

@@ -5,7 +5,7 @@ each behind a small typed interface so tests put fakes in their place."""
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -42,6 +42,9 @@ class ReverseRequest:
     # (disk id, the original disk's path as the failback target sees it, its format) per disk.
     original_disks: tuple[tuple[str, str, DiskFormat], ...]
     block_size: int
+    # A failback to a new location: each `original_disks` path is a new, empty image the failback target
+    # creates (PrepareFailbackDisk create, of the failed-over VM's disk size); undone, it removes them.
+    create: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,6 +71,10 @@ class ReverseTransfer(Protocol):
         """DeleteReplica of the failback folder once the failback is kept (the original disks stay)."""
         ...
 
+    async def discard(self, request: ReverseRequest) -> None:
+        """A failback to a new location undone: the failback folder deleted with the images it created."""
+        ...
+
 
 class NoReverseTransfer:
     """Until a reverse transfer is wired in: failback refused before any change."""
@@ -82,6 +89,24 @@ class NoReverseTransfer:
 
     async def finish(self, request: ReverseRequest) -> None:
         return None
+
+    async def discard(self, request: ReverseRequest) -> None:
+        return None
+
+
+@dataclass(frozen=True, kw_only=True)
+class HostView:
+    """A host an operation works on besides the job's own (a failback's new location)."""
+
+    host_id: str
+    name: str
+    provider_kind: str
+    # A file host's folder (as the host, the proxies and the failback target name it).
+    address: str
+    provider: Provider
+
+
+HostLookup = Callable[[str], Awaitable[HostView]]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -137,6 +162,8 @@ class OperationContext:
     failback_target: TargetView | None = None
     replicator: Replicator | None = None
     reverse: ReverseTransfer = field(default_factory=NoReverseTransfer)
+    # Any host by id (a failback's new location); None: no such host can be asked.
+    hosts: HostLookup | None = None
     # How long a source VM's clean shutdown may take (planned failover, failback's failed-over VM).
     shutdown_seconds: float = 300.0
     # How often a planned failover's last incremental is looked at.

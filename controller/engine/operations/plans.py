@@ -65,6 +65,14 @@ class Step(enum.StrEnum):
     START_ORIGINAL = "start-original"
     STOP_ORIGINAL = "stop-original"
     DROP_REFERENCE = "drop-reference"
+    # A failback to a new location (controller/engine/operations/newloc.py).
+    PLACE_NEW = "place-new"
+    REGISTER_NEW = "register-new"
+    UNREGISTER_NEW = "unregister-new"
+    START_NEW = "start-new"
+    STOP_NEW = "stop-new"
+    DISCARD_NEW = "discard-new"
+    ADOPT_NEW = "adopt-new"
     # The last step of every operation: the VM's new state and the operation's records, in one transaction.
     RECORD = "record"
 
@@ -80,9 +88,12 @@ INVERSE: dict[Step, Step] = {
     Step.TRANSFER: Step.ROLLBACK_TRANSFER,
     Step.START_ORIGINAL: Step.STOP_ORIGINAL,
     Step.STOP_ORIGINAL: Step.START_ORIGINAL,
+    Step.REGISTER_NEW: Step.UNREGISTER_NEW,
+    Step.START_NEW: Step.STOP_NEW,
+    Step.STOP_NEW: Step.START_NEW,
 }
 # Steps that change nothing to undo: a check, a replication session (its restore point is kept like any).
-_NOTHING_TO_UNDO = frozenset({Step.CHECK_ORIGINAL_OFF, Step.LAST_INCREMENTAL, Step.RECORD})
+_NOTHING_TO_UNDO = frozenset({Step.CHECK_ORIGINAL_OFF, Step.LAST_INCREMENTAL, Step.PLACE_NEW, Step.RECORD})
 
 
 @dataclass(frozen=True, slots=True)
@@ -175,9 +186,41 @@ def permanent_plan(*, flatten_on_target: bool) -> Plan:
     return _plan(Operation.PERMANENT_FAILOVER, steps, _FAILED_OVER, None)
 
 
-def plan_for(op: Operation, *, host_provider: str = "file") -> Plan:
+# A failback to a new location: the new VM's images are made and written by the transfer (undone: the target
+# removes them), the VM registered and started there. The failback folder stays until the failback is
+# committed (it is deleted, the images kept, the job's VM becomes the new VM) or undone (the new VM and its
+# images removed, the failed-over VM started again). The original VM is never touched.
+NEW_LOCATION_PLANS: dict[Operation, Plan] = {
+    p.operation: p
+    for p in (
+        _plan(
+            Operation.FAILBACK,
+            (_S.PLACE_NEW, _S.SHUTDOWN_FAILED_OVER, _S.TRANSFER, _S.REGISTER_NEW, _S.START_NEW),
+            _FAILED_OVER,
+            ReplicaVmState.FAILING_BACK,
+        ),
+        _plan(
+            Operation.COMMIT_FAILBACK,
+            (_S.FINISH_TRANSFER, _S.UNREGISTER, _S.UNMOUNT, _S.ADOPT_NEW),
+            frozenset({ReplicaVmState.FAILED_BACK}),
+            None,
+        ),
+        _plan(
+            Operation.UNDO_FAILBACK,
+            (_S.STOP_NEW, _S.UNREGISTER_NEW, _S.DISCARD_NEW, _S.START),
+            frozenset({ReplicaVmState.FAILED_BACK}),
+            None,
+        ),
+    )
+}
+
+
+def plan_for(op: Operation, *, host_provider: str = "file", new_location: bool = False) -> Plan:
+    """The operation's plan; `new_location`: a VM whose failback goes (or went) to a new location."""
     if op is Operation.PERMANENT_FAILOVER:
         return permanent_plan(flatten_on_target=host_provider != "hyperv")
+    if new_location and op in NEW_LOCATION_PLANS:
+        return NEW_LOCATION_PLANS[op]
     return PLANS[op]
 
 

@@ -56,6 +56,9 @@ async def record_done(db: AsyncSession, ctx: OperationContext, row: OperationVm)
     op = ctx.operation
     if op in _FAILING_OVER:
         _failed_over(rv, ctx, row.data, row.point_id)
+    elif op is Operation.COMMIT_FAILBACK and row.data.get("new_host_id"):
+        _replicating(rv)  # the original left the job: the new VM (a VM of its own) is replicated instead
+        rv.state = ReplicaVmState.PERMANENT
     elif op in (Operation.UNDO_FAILOVER, Operation.COMMIT_FAILBACK):
         _replicating(rv)
     elif op is Operation.FAILBACK:

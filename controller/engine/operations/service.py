@@ -16,6 +16,7 @@ from controller.db.models import Host, Job, OperationVm, Session, Target, TestFa
 from controller.engine.operations import records
 from controller.engine.operations.admission import Admission, admit, resolve_vm
 from controller.engine.operations.context import (
+    HostView,
     NoReverseTransfer,
     OperationContext,
     OperationRequest,
@@ -60,7 +61,7 @@ class Operations:
     async def start(
         self, job_id: str, operation: Operation, groups: Sequence[Sequence[str]], request: OperationRequest
     ) -> Session:
-        if operation is Operation.FAILBACK:
+        if operation is Operation.FAILBACK and not request.failback_host:  # a new location leaves the original be
             await self._originals_off(job_id, [ref for group in groups for ref in group])
         async with self.parts.journal.change("operation session created", job_id=job_id) as db:
             job = await db.get(Job, job_id)
@@ -163,7 +164,18 @@ class Operations:
             failback_target=target_view(failback) if failback else None,
             replicator=self.replicator,
             reverse=self.reverse,
+            hosts=self._host_view,
             shutdown_seconds=self.shutdown_seconds,
+        )
+
+    async def _host_view(self, host_id: str) -> HostView:
+        async with self.parts.journal.read() as db:
+            host = await db.get(Host, host_id)
+            if host is None:
+                raise NotFound(f"host {host_id} no longer exists")
+            provider = await self.parts.providers.for_host(db, host)
+        return HostView(
+            host_id=host.id, name=host.name, provider_kind=host.provider, address=host.address, provider=provider
         )
 
     async def _rows(self, session_id: str) -> list[OperationVm]:
@@ -177,12 +189,19 @@ class Operations:
 
     async def _groups(self, ctx: OperationContext) -> SessionState:
         rows = await self._rows(ctx.session_id)
-        plan = plan_for(ctx.operation, host_provider=ctx.failover_provider_kind or "file")
+        kind = ctx.failover_provider_kind or "file"
         for group in sorted({r.group for r in rows}):
             members = [r for r in rows if r.group == group]
             ended = await asyncio.gather(
                 *(
-                    VmOperation(ctx, self.parts.journal, plan, r.id, on_change=self.parts.live.poke).run()
+                    VmOperation(
+                        ctx,
+                        self.parts.journal,
+                        # A failback to a new location, its commit and its undo have steps of their own.
+                        plan_for(ctx.operation, host_provider=kind, new_location=bool(r.data.get("new_host_id"))),
+                        r.id,
+                        on_change=self.parts.live.poke,
+                    ).run()
                     for r in members
                 )
             )

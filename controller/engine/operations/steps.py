@@ -16,6 +16,7 @@ from controller.db.models import OperationVm, RestorePoint, Session, SessionVm
 from controller.engine.agents import relayed
 from controller.engine.journal import Journal
 from controller.engine.operations.context import OperationContext, ReverseRequest
+from controller.engine.operations.newloc import NewLocation
 from controller.engine.operations.plans import Operation, Step
 from controller.engine.runtime import replica_folder
 from controller.engine.states import ACTIVE_SESSION
@@ -61,6 +62,7 @@ class Steps:
             Step.STOP_ORIGINAL: self._stop_original,
             Step.DROP_REFERENCE: self._drop_reference,
         }
+        self._acts.update(NewLocation(self).acts())
 
     async def act(self, step: Step, row: OperationVm) -> Found:
         return await self._acts[step](row)
@@ -243,8 +245,6 @@ class Steps:
     # ---- failback ----
 
     async def _check_original_off(self, row: OperationVm) -> Found:
-        if self.ctx.request.failback_host:
-            raise FailedPrecondition("failback to a new location is not built yet: fail back to the original VM")
         vm = await self.ctx.source.get_vm(row.vm_id)
         if vm.power is not PowerState.OFF:
             raise FailedPrecondition(
@@ -267,11 +267,16 @@ class Steps:
             source=self._host(),
             source_vm_id=self._running_vm(row),
             target=target,
-            replica_path=f".failback/{self.ctx.job_id}/{replica_folder(row.vm_id)}",
+            # A failback to a new location has a folder per attempt (place-new names it): what a failed one
+            # left never stands in the way of the next, which makes other images.
+            replica_path=str(
+                row.data.get("failback_path") or f".failback/{self.ctx.job_id}/{replica_folder(row.vm_id)}"
+            ),
             original_disks=tuple(
                 (str(d), str(p), DiskFormat(str(f))) for d, p, f in row.data.get("original_disks", [])
             ),
             block_size=self.ctx.block_size,
+            create=bool(row.data.get("new_host_id")),
         )
 
     async def _transfer(self, row: OperationVm) -> Found:
