@@ -136,6 +136,38 @@ class ControllerEnv:
             if not (token := page.next_page_token):
                 return out
 
+    def operate_crashing_at(
+        self, n: int, op: api.ReplicaOperation.ValueType, *, failback_host: str = "", vm: str = "vm1"
+    ) -> bool:
+        """A replica operation with the controller set to exit after its nth state change, then the controller
+        again without the hook: the operation ends, succeeded. Whether the hook fired."""
+        self.restart_controller(test_crash_at_transition=n)
+        proc = self.controller.proc
+        assert proc is not None
+        request = api.StartReplicaOperationRequest(
+            job="jobs/job1", operation=op, groups=[api.VmGroup(vms=[vm])], failback_host=failback_host
+        )
+        try:
+            self.client().StartReplicaOperation(request, timeout=10)
+        except grpc.RpcError as e:
+            assert e.code() is grpc.StatusCode.UNAVAILABLE, e  # the hook fired inside the call itself
+        deadline = time.monotonic() + 60
+        while proc.poll() is None and time.monotonic() < deadline:
+            try:
+                sessions = self.client().ListSessions(api.ListSessionsRequest(page_size=1)).sessions
+            except grpc.RpcError:
+                sessions = []  # the controller is exiting
+            if sessions and sessions[0].state not in (api.SESSION_STATE_RUNNING, api.SESSION_STATE_STOPPING):
+                break
+            time.sleep(0.05)
+        time.sleep(0.3)  # the hook may fire at the session's last change, right after it shows as ended
+        crashed = proc.poll() is not None
+        self.restart_controller()
+        last = self.client().ListSessions(api.ListSessionsRequest(page_size=1)).sessions[0]
+        final = self.wait_session(last.name)
+        assert final.state == api.SESSION_STATE_SUCCEEDED, (n, final.error)
+        return crashed
+
     # ---- VMs and replicas -------------------------------------------------------------------------------
 
     def vm(self, name: str) -> Any:

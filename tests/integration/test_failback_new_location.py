@@ -9,11 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import grpc
 import pytest
 from google.protobuf import field_mask_pb2
 
@@ -152,37 +150,6 @@ def test_failback_to_a_new_file_host_undo_then_commit_and_replicate_it(env: Cont
     assert {d: (replica / d / "data.raw").read_bytes()[:SIZE] for d in DISKS} == _disks(new, s_vm)
 
 
-def _crash_during(env: ControllerEnv, n: int, op: api.ReplicaOperation.ValueType, failback_host: str = "") -> bool:
-    """The operation with the controller set to exit after its nth state change, then the controller again
-    without the hook: the operation ends, succeeded. Whether the hook fired."""
-    env.restart_controller(test_crash_at_transition=n)
-    proc = env.controller.proc
-    assert proc is not None
-    request = api.StartReplicaOperationRequest(
-        job="jobs/job1", operation=op, groups=[api.VmGroup(vms=["vm1"])], failback_host=failback_host
-    )
-    try:
-        env.client().StartReplicaOperation(request, timeout=10)
-    except grpc.RpcError as e:
-        assert e.code() is grpc.StatusCode.UNAVAILABLE, e  # the hook fired inside the call itself
-    deadline = time.monotonic() + 60
-    while proc.poll() is None and time.monotonic() < deadline:
-        try:
-            sessions = env.client().ListSessions(api.ListSessionsRequest(page_size=1)).sessions
-        except grpc.RpcError:
-            sessions = []  # the controller is exiting
-        if sessions and sessions[0].state not in (api.SESSION_STATE_RUNNING, api.SESSION_STATE_STOPPING):
-            break
-        time.sleep(0.05)
-    time.sleep(0.3)  # the hook may fire at the session's last change, right after it shows as ended
-    crashed = proc.poll() is not None
-    env.restart_controller()
-    last = env.client().ListSessions(api.ListSessionsRequest(page_size=1)).sessions[0]
-    final = env.wait_session(last.name)
-    assert final.state == api.SESSION_STATE_SUCCEEDED, (n, final.error)
-    return crashed
-
-
 @pytest.mark.timeout(1500)  # a controller restarted four times for each of the failback's changes
 def test_a_controller_killed_at_every_step_of_a_failback_to_a_new_location_and_its_undo(
     env: ControllerEnv, tmp_path: Path
@@ -195,11 +162,13 @@ def test_a_controller_killed_at_every_step_of_a_failback_to_a_new_location_and_i
     _write(dr, running, 77, (3 * MiB,))
     failed_over = _disks(dr, running)
     n = 1
-    while _crash_during(env, n, api.REPLICA_OPERATION_FAILBACK, "hosts/newhost"):
+    while env.operate_crashing_at(n, api.REPLICA_OPERATION_FAILBACK, failback_host="hosts/newhost"):
         assert _where(env).state == api.REPLICA_VM_STATE_FAILED_BACK, n
         (vm,) = asyncio.run(new.list_vms())
         assert vm.power is PowerState.RUNNING and _disks(new, vm.vm_id) == failed_over, n
-        _crash_during(env, n, api.REPLICA_OPERATION_UNDO_FAILBACK)  # killed at its nth change too, while it has one
+        env.operate_crashing_at(
+            n, api.REPLICA_OPERATION_UNDO_FAILBACK
+        )  # killed at its nth change too, while it has one
         assert _where(env).state == api.REPLICA_VM_STATE_FAILED_OVER, n
         assert not [p for p in (tmp_path / "newhost").iterdir() if not p.name.startswith(".")], n
         assert dr.vm(running).info().power is PowerState.RUNNING and _disks(dr, running) == failed_over

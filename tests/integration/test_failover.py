@@ -203,35 +203,6 @@ def test_a_test_failover_keeps_its_point_while_a_session_writes_the_replica(env:
     assert not [p for p in (tmp_path / "vm_root").iterdir() if not p.name.startswith(".")]
 
 
-def _crash_during(env: ControllerEnv, n: int, op: api.ReplicaOperation.ValueType) -> bool:
-    """The operation with the controller set to exit after its nth state change, then the controller again
-    without the hook: the operation ends. Whether the hook fired."""
-    env.restart_controller(test_crash_at_transition=n)
-    proc = env.controller.proc
-    assert proc is not None
-    request = api.StartReplicaOperationRequest(job="jobs/job1", operation=op, groups=[api.VmGroup(vms=["vm1"])])
-    try:
-        env.client().StartReplicaOperation(request, timeout=10)
-    except grpc.RpcError as e:
-        assert e.code() is grpc.StatusCode.UNAVAILABLE, e  # the hook fired inside the call itself
-    deadline = time.monotonic() + 30
-    while proc.poll() is None and time.monotonic() < deadline:
-        try:
-            sessions = env.client().ListSessions(api.ListSessionsRequest(page_size=1)).sessions
-        except grpc.RpcError:
-            sessions = []  # the controller is exiting
-        if sessions and sessions[0].state not in (api.SESSION_STATE_RUNNING, api.SESSION_STATE_STOPPING):
-            break
-        time.sleep(0.05)
-    time.sleep(0.3)  # the hook may fire at the session's last change, right after it shows as ended
-    crashed = proc.poll() is not None
-    env.restart_controller()
-    last = env.client().ListSessions(api.ListSessionsRequest(page_size=1)).sessions[0]
-    final = env.wait_session(last.name)
-    assert final.state == api.SESSION_STATE_SUCCEEDED, (n, final.error)
-    return crashed
-
-
 def test_a_controller_killed_at_every_step_of_a_failover_and_its_undo_finishes_them(
     env: ControllerEnv, tmp_path: Path
 ) -> None:
@@ -239,14 +210,16 @@ def test_a_controller_killed_at_every_step_of_a_failover_and_its_undo_finishes_t
     assert env.run_job().state == api.SESSION_STATE_SUCCEEDED
     before = _replica_hash(env)
     n = 1
-    while _crash_during(env, n, api.REPLICA_OPERATION_FAILOVER):
+    while env.operate_crashing_at(n, api.REPLICA_OPERATION_FAILOVER):
         where = _where(env)
         assert where.state == api.REPLICA_VM_STATE_FAILED_OVER, n
         folders = [p for p in dr_root.iterdir() if not p.name.startswith(".")]
         assert (
             len(folders) == 1 and FileHostProvider(dr_root).vm(where.running_vm_id).info().power is PowerState.RUNNING
         )
-        _crash_during(env, n, api.REPLICA_OPERATION_UNDO_FAILOVER)  # killed at its nth change too, while it has one
+        env.operate_crashing_at(
+            n, api.REPLICA_OPERATION_UNDO_FAILOVER
+        )  # killed at its nth change too, while it has one
         assert _where(env).state == api.REPLICA_VM_STATE_REPLICATING
         assert not [p for p in dr_root.iterdir() if not p.name.startswith(".")]
         assert _replica_hash(env) == before
