@@ -33,6 +33,8 @@ DIFF_PREFIX = "vmrepl-"
 _SLOT = re.compile(r"^(scsi|ide)(\d{1,2})-(\d{1,2})$")
 _ABSOLUTE = re.compile(r"^(?:[A-Za-z]:\\|\\\\[^\\]+\\[^\\]+)")
 _MAC = re.compile(r"^[0-9A-F]{12}$")
+# The only file names `register_vm` gives the differencing disks it makes (`_disks`).
+_DIFF = re.compile(r"vmrepl-(?:scsi|ide)\d{1,2}-\d{1,2}\.vhdx")
 # New-VM -Path makes a folder named after the VM: a name must be a plain Windows file name.
 _BAD_NAME = re.compile(r'[\\/:*?"<>|\x00-\x1f]')
 
@@ -146,8 +148,11 @@ def parse_note(notes: str) -> Note | None:
         or not (switch is None or isinstance(switch, str))
     ):
         return None
-    # Only files vmrepl names itself, in the VM's folder, are ever deleted on the note's word.
-    owned = tuple(d for d in disks if same_path(parent_of(d), folder) and leaf(d).startswith(DIFF_PREFIX))
+    # Only files vmrepl names itself, in the VM's folder, are ever deleted on the note's word: anyone who may
+    # edit a VM's notes on the host could otherwise name any file (`vmrepl-x/../..`, `:stream`, a dot Windows drops).
+    owned = tuple(
+        d for d in disks if _plain_folder(folder) and same_path(parent_of(d), folder) and _DIFF.fullmatch(leaf(d))
+    )
     if switch is not None and not switch.startswith(ISOLATED_SWITCH_PREFIX):
         switch = None
     return Note(folder=folder, state=state, disks=owned, switch=switch)
@@ -167,6 +172,13 @@ def parent_of(path: str) -> str:
 
 def leaf(path: str) -> str:
     return path.rpartition("\\")[2]
+
+
+def _plain_folder(folder: str) -> bool:
+    try:
+        return check_folder(folder) == folder
+    except InvalidArgument:
+        return False
 
 
 def check_folder(folder: str) -> str:

