@@ -10,7 +10,11 @@ from typing import Any
 
 import pytest
 
-from tests.unit.test_hyperv_failover import Lab, configuration
+from tests.unit.test_hyperv_failover import INFO, Lab, configuration, spec
+from vmrepl.domain import DiskFormat
+from vmrepl.errors import InvalidArgument
+from vmrepl.extent import MiB
+from vmrepl.providers.base import VmDiskSpec
 from vmrepl.providers.hyperv import failover as fo
 
 MOUNT = "D:\\vmrepl\\vms\\m1"
@@ -40,6 +44,12 @@ def test_a_note_names_only_the_differencing_disks_vmrepl_names(disk: str) -> Non
     assert note is not None and note.disks == (f"{MOUNT}\\vmrepl-scsi0-1.vhdx",)
 
 
+@pytest.mark.parametrize("folder", ["D:\\vms\\a:b", "\\\\?\\D:\\vms\\a", "D:\\vms\\a/../../Windows", "D:\\vms\\a."])
+def test_a_note_whose_folder_is_no_plain_folder_owns_no_disk(folder: str) -> None:
+    note = fo.parse_note(_note([f"{folder}\\vmrepl-scsi0-0.vhdx"], folder=folder))
+    assert note is not None and note.disks == ()
+
+
 async def test_an_edited_note_does_not_make_unregister_delete_another_file(lab: Lab) -> None:
     info = await lab.provider.register_vm(await lab.spec())
     victim = lab.host.local("D:\\vmrepl\\vms\\keep.txt")
@@ -49,6 +59,24 @@ async def test_an_edited_note_does_not_make_unregister_delete_another_file(lab: 
     lab.host.save()
     await lab.provider.unregister_vm(info.vm_id)
     assert victim.read_bytes() == b"not vmrepl's"
+
+
+@pytest.mark.parametrize(
+    "folder",
+    [
+        "\\\\?\\D:\\vms\\web-dr",  # a device-namespace path: not normalised by Windows
+        "\\\\.\\D:\\vms\\web-dr",
+        "D:\\vms\\web-dr:stream",
+        "D:\\vms\\web-dr.",
+        "D:\\vms \\web-dr",
+        "D:\\vms\\web*",
+        "D:\\vms\\CON\\web-dr",
+    ],
+)
+def test_a_folder_windows_reads_otherwise_is_refused(folder: str) -> None:
+    disks = (VmDiskSpec("scsi0-0", "D:\\base\\base0.vhdx", DiskFormat.VHDX, MiB),)
+    with pytest.raises(InvalidArgument, match="absolute Windows folder"):
+        fo.plan(spec(configuration(), folder=folder, disks=disks), INFO, timeout_seconds=1)
 
 
 def _huge(**kw: Any) -> bytes:

@@ -20,7 +20,8 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from vmrepl.domain import DiskFormat, PowerState
-from vmrepl.errors import FailedPrecondition, InvalidArgument
+from vmrepl.errors import FailedPrecondition, InvalidArgument, PathError
+from vmrepl.host_paths import check_name as check_path_name
 from vmrepl.providers.base import VmSpec
 from vmrepl.providers.hyperv import models as m
 
@@ -182,7 +183,9 @@ def _plain_folder(folder: str) -> bool:
 
 
 def check_folder(folder: str) -> str:
-    """An absolute Windows folder (`D:\\vms\\web01` or `\\\\server\\share\\web01`), without its trailing separator."""
+    """An absolute Windows folder (`D:\\vms\\web01` or `\\\\server\\share\\web01`), without its trailing separator,
+    of plain names only (host_paths.check_name: no `\\\\?\\` or `\\\\.\\` form, stream, wildcard, DOS device, or
+    name ending in a dot or space, which Windows would read as another folder)."""
     body = folder.rstrip("\\")
     if re.match(r"^[A-Za-z]:\\", folder):
         parts = body[3:].split("\\") if len(body) > 2 else []
@@ -191,7 +194,12 @@ def check_folder(folder: str) -> str:
         parts = parts if len(parts) >= 3 else []
     else:
         parts = []
-    if not parts or "/" in folder or "\0" in folder or any(p in ("", ".", "..") for p in parts):
+    try:
+        for part in parts:
+            check_path_name("spec.folder", part, folder)
+    except PathError:
+        parts = []
+    if not parts or "/" in folder:
         raise InvalidArgument(
             "spec.folder", f"{folder!r} is not an absolute Windows folder (D:\\... or \\\\server\\share\\...)"
         )
