@@ -10,12 +10,13 @@ from typing import Any
 
 import pytest
 
-from tests.unit.test_hyperv_failover import INFO, Lab, configuration, spec
+from tests.unit.test_hyperv_failover import INFO, Lab, TamperingRunner, configuration, spec
 from vmrepl.domain import DiskFormat
-from vmrepl.errors import InvalidArgument
+from vmrepl.errors import HostOutputError, InvalidArgument
 from vmrepl.extent import MiB
 from vmrepl.providers.base import VmDiskSpec
 from vmrepl.providers.hyperv import failover as fo
+from vmrepl.providers.hyperv.provider import HyperVProvider
 
 MOUNT = "D:\\vmrepl\\vms\\m1"
 
@@ -59,6 +60,30 @@ async def test_an_edited_note_does_not_make_unregister_delete_another_file(lab: 
     lab.host.save()
     await lab.provider.unregister_vm(info.vm_id)
     assert victim.read_bytes() == b"not vmrepl's"
+
+
+@pytest.mark.parametrize("script", ["change_vm_state", "shutdown_vm"])
+async def test_a_power_answer_about_another_vm_is_refused(lab: Lab, script: str) -> None:
+    info = await lab.provider.register_vm(await lab.spec())
+    other = lab.source.id.lower()
+    runner = TamperingRunner(lab.host, script, lambda p: p.model_copy(update={"vm_id": other}))
+    p = HyperVProvider(runner=runner, host="hv01", timeout_seconds=30)
+    with pytest.raises(HostOutputError, match="another VM"):
+        if script == "shutdown_vm":
+            await p.shutdown_vm(info.vm_id, wait_seconds=1)
+        else:
+            await p.start_vm(info.vm_id)
+
+
+async def test_a_power_poll_about_another_vm_is_refused(lab: Lab) -> None:
+    info = await lab.provider.register_vm(await lab.spec())
+    await lab.provider.start_vm(info.vm_id)
+    lab.host.set_guest_shutdown("web01-dr", "clean", polls=3)
+    other = lab.source.id.lower()
+    runner = TamperingRunner(lab.host, "vm_power", lambda p: p.model_copy(update={"vm_id": other}))
+    p = HyperVProvider(runner=runner, host="hv01", timeout_seconds=30)
+    with pytest.raises(HostOutputError, match="another VM"):
+        await p.shutdown_vm(info.vm_id, wait_seconds=30)
 
 
 @pytest.mark.parametrize(

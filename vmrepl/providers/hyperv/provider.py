@@ -488,7 +488,15 @@ class HyperVProvider(Provider):
 
     async def _change_state(self, vm_id: str, state: int) -> m.Power:
         params = _params(m.VmStateParams, vm_id=vm_id, requested_state=state, timeout_seconds=self._timeout)
-        return _expect(await self._runner.run("change_vm_state", params), m.Power, self._host, "change_vm_state")
+        return self._power_of(vm_id, await self._runner.run("change_vm_state", params), "change_vm_state")
+
+    def _power_of(self, vm_id: str, value: object, script: str) -> m.Power:
+        """The script's power answer, refused when it is about another VM (a power decision on its word would
+        be about the wrong VM)."""
+        power = _expect(value, m.Power, self._host, script)
+        if power.vm_id.lower() != vm_id.lower():
+            raise HostOutputError(f"{self._host}: {script} for VM {vm_id} answered about another VM ({power.vm_id})")
+        return power
 
     async def start_vm(self, vm_id: str) -> None:
         power = await self._change_state(vm_id, m.ENABLED_STATE_RUNNING)
@@ -507,7 +515,7 @@ class HyperVProvider(Provider):
         off; DeadlineExceeded after `wait_seconds` with the VM left as it is."""
         deadline = self._clock() + wait_seconds
         params = _params(m.VmTimeoutParams, vm_id=vm_id, timeout_seconds=self._timeout)
-        power = _expect(await self._runner.run("shutdown_vm", params), m.Power, self._host, "shutdown_vm")
+        power = self._power_of(vm_id, await self._runner.run("shutdown_vm", params), "shutdown_vm")
         while power.enabled_state != m.ENABLED_STATE_OFF:
             left = deadline - self._clock()
             if left <= 0:
@@ -517,7 +525,7 @@ class HyperVProvider(Provider):
                 )
             await self._sleep(min(self._poll, left))
             raw = await self._runner.run("vm_power", _params(m.VmParams, vm=vm_id))
-            power = _expect(raw, m.Power, self._host, "vm_power")
+            power = self._power_of(vm_id, raw, "vm_power")
 
     async def merge_vm_disks(self, vm_id: str) -> None:
         own = await self._own_vm(vm_id, "merge_vm_disks")
