@@ -87,6 +87,18 @@ async def test_a_power_poll_about_another_vm_is_refused(lab: Lab) -> None:
 
 
 @pytest.mark.parametrize(
+    ("first", "second"), [("scsi0-1", "scsi0-01"), ("scsi1-0", "scsi01-00"), ("ide0-1", "ide00-1")]
+)
+def test_one_slot_spelled_twice_is_refused(first: str, second: str) -> None:
+    disks = (
+        VmDiskSpec(first, "D:\\vms\\web-dr\\base0.vhdx", DiskFormat.VHDX, MiB),
+        VmDiskSpec(second, "D:\\vms\\web-dr\\base1.vhdx", DiskFormat.VHDX, MiB),
+    )
+    with pytest.raises(InvalidArgument, match="slot"):
+        fo.plan(spec(configuration(generation=1), disks=disks), INFO, timeout_seconds=1)
+
+
+@pytest.mark.parametrize(
     "folder",
     [
         "\\\\?\\D:\\vms\\web-dr",  # a device-namespace path: not normalised by Windows

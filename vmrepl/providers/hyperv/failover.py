@@ -236,12 +236,15 @@ def slot_of(disk_id: str) -> tuple[Literal["SCSI", "IDE"], int, int]:
 
 def _disks(spec: VmSpec, folder: str, generation: int) -> list[m.NewDisk]:
     out: list[m.NewDisk] = []
-    seen: set[str] = set()
+    seen: dict[tuple[str, int, int], str] = {}
     for d in spec.disks:
-        kind, number, location = slot_of(d.disk_id)
-        if d.disk_id in seen:
-            raise InvalidArgument("spec.disks", f"disk {d.disk_id} is given twice")
-        seen.add(d.disk_id)
+        kind, number, location = slot = slot_of(d.disk_id)
+        # By slot, not by id: `scsi0-1` and `scsi0-01` are one slot.
+        if slot in seen:
+            raise InvalidArgument(
+                "spec.disks", f"disks {seen[slot]} and {d.disk_id} name one slot ({kind} {number}:{location})"
+            )
+        seen[slot] = d.disk_id
         if kind == "IDE" and generation == 2:
             raise InvalidArgument("spec.disks", f"disk {d.disk_id}: a generation 2 VM has no IDE controller")
         if d.format is not DiskFormat.VHDX:
