@@ -98,6 +98,12 @@ def test_one_slot_spelled_twice_is_refused(first: str, second: str) -> None:
         fo.plan(spec(configuration(generation=1), disks=disks), INFO, timeout_seconds=1)
 
 
+@pytest.mark.parametrize("name", ["CON", "nul", "COM1", "LPT9.web", "AUX .x", "CONIN$"])
+def test_a_dos_device_name_cannot_name_a_vm(name: str) -> None:
+    with pytest.raises(InvalidArgument, match="cannot name a Hyper-V VM"):
+        fo.plan(spec(configuration(), name=name), INFO, timeout_seconds=1)
+
+
 @pytest.mark.parametrize(
     "folder",
     [
@@ -114,6 +120,12 @@ def test_a_folder_windows_reads_otherwise_is_refused(folder: str) -> None:
     disks = (VmDiskSpec("scsi0-0", "D:\\base\\base0.vhdx", DiskFormat.VHDX, MiB),)
     with pytest.raises(InvalidArgument, match="absolute Windows folder"):
         fo.plan(spec(configuration(), folder=folder, disks=disks), INFO, timeout_seconds=1)
+
+
+def test_plain_names_with_quotes_and_dollars_are_kept_as_data() -> None:
+    name = "web `$(calc)' ${x}; x$()"
+    p = fo.plan(spec(configuration(), name=name), INFO, timeout_seconds=1)
+    assert p.params.name == name
 
 
 def _huge(**kw: Any) -> bytes:

@@ -303,11 +303,22 @@ def _numbers(text: str) -> tuple[int, ...] | None:
         return None
 
 
+def _device_free(name: str) -> bool:
+    """Not a DOS device name (`CON`, `nul.x`, `COM1`): a VM folder of that name would open the device."""
+    try:
+        check_path_name("spec.name", name, name)
+    except PathError:
+        return False
+    return True
+
+
 def check_vm_name(name: str) -> str:
-    if not name or _BAD_NAME.search(name) or name.strip(" .") != name or len(name) > 100:
+    bad = not name or _BAD_NAME.search(name) or name.strip(" .") != name or len(name) > 100
+    if bad or not _device_free(name):
         raise InvalidArgument(
             "spec.name",
-            f"{name!r} cannot name a Hyper-V VM's folder (no \\ / : * ? \" < > |, no leading or trailing dot or space)",
+            f"{name!r} cannot name a Hyper-V VM's folder (no \\ / : * ? \" < > |, no leading or trailing dot or space,"
+            " no DOS device name such as CON or COM1)",
         )
     return name
 
