@@ -128,5 +128,18 @@ def test_plain_names_with_quotes_and_dollars_are_kept_as_data() -> None:
     assert p.params.name == name
 
 
-def _huge(**kw: Any) -> bytes:
-    return configuration(**kw)
+@pytest.mark.parametrize(
+    "vm",
+    [
+        {"processors": 0},
+        {"processors": 10**6},
+        {"memory": {"startup": 0, "dynamic": False, "minimum": 0, "maximum": 0}},
+        {"memory": {"startup": 2**80, "dynamic": False, "minimum": 0, "maximum": 0}},
+        {"nics": [{"name": "n" * 300, "switch": None, "mac": "", "dynamic_mac": True, "vlan_id": None}]},
+        {"nics": [{"name": "n", "switch": None, "mac": "", "dynamic_mac": True, "vlan_id": None}] * 65},
+        {"generation": 3},
+    ],
+)
+def test_a_configuration_out_of_range_is_refused_before_the_host(vm: dict[str, Any]) -> None:
+    with pytest.raises(InvalidArgument):
+        fo.plan(spec(configuration(**vm)), INFO, timeout_seconds=1)

@@ -58,10 +58,10 @@ class _Cfg(BaseModel):
 
 
 class _Memory(_Cfg):
-    startup: int = Field(ge=1)
+    startup: int = Field(ge=1, le=m.MAX_VM_MEMORY)
     dynamic: bool
-    minimum: int = Field(ge=0)
-    maximum: int = Field(ge=0)
+    minimum: int = Field(ge=0, le=m.MAX_VM_MEMORY)
+    maximum: int = Field(ge=0, le=m.MAX_VM_MEMORY)
 
 
 class _Firmware(_Cfg):
