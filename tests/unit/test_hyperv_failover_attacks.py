@@ -14,7 +14,7 @@ from tests.unit.test_hyperv_failover import INFO, Lab, TamperingRunner, configur
 from vmrepl.domain import DiskFormat
 from vmrepl.errors import HostOutputError, InvalidArgument
 from vmrepl.extent import MiB
-from vmrepl.providers.base import VmDiskSpec
+from vmrepl.providers.base import NetworkMap, VmDiskSpec
 from vmrepl.providers.hyperv import failover as fo
 from vmrepl.providers.hyperv.provider import HyperVProvider
 
@@ -143,3 +143,11 @@ def test_plain_names_with_quotes_and_dollars_are_kept_as_data() -> None:
 def test_a_configuration_out_of_range_is_refused_before_the_host(vm: dict[str, Any]) -> None:
     with pytest.raises(InvalidArgument):
         fo.plan(spec(configuration(**vm)), INFO, timeout_seconds=1)
+
+
+def test_one_switch_mapped_twice_without_case_is_refused_not_one_taken() -> None:
+    nets = (NetworkMap("LAN", "LAN-A"), NetworkMap("lan", "LAN-B"))
+    with pytest.raises(InvalidArgument, match="mapped to both"):
+        fo.plan(spec(configuration(), networks=nets), INFO, timeout_seconds=1)
+    same = (NetworkMap("LAN", "LAN-A"), NetworkMap("lan", "LAN-A"))
+    assert fo.plan(spec(configuration(), networks=same), INFO, timeout_seconds=1).params.nics[0].switch == "LAN-A"

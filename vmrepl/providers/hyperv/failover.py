@@ -264,8 +264,24 @@ def _disks(spec: VmSpec, folder: str, generation: int) -> list[m.NewDisk]:
     return out
 
 
+def _mapping(spec: VmSpec) -> dict[str, str]:
+    """Source switch (without case, as Hyper-V names switches) -> target switch; one source switch mapped to
+    two targets (`LAN` and `lan`) is refused rather than one of them taken."""
+    out: dict[str, str] = {}
+    for n in spec.networks:
+        key = n.source_switch.casefold()
+        if out.get(key, n.target_switch) != n.target_switch:
+            raise InvalidArgument(
+                "spec.networks",
+                f"switch {n.source_switch!r} is mapped to both {out[key]!r} and {n.target_switch!r}"
+                " (Hyper-V switch names compare without case)",
+            )
+        out[key] = n.target_switch
+    return out
+
+
 def _nics(spec: VmSpec, vm: _Vm, switch: str | None) -> tuple[list[m.NewNic], list[str]]:
-    mapping = {n.source_switch.casefold(): n.target_switch for n in spec.networks}
+    mapping = _mapping(spec)
     nics: list[m.NewNic] = []
     disconnected: list[str] = []
     for nic in vm.nics:
