@@ -12,7 +12,7 @@ import pytest
 
 from tests.unit.test_hyperv_failover import INFO, Lab, TamperingRunner, configuration, spec
 from vmrepl.domain import DiskFormat
-from vmrepl.errors import HostOutputError, InvalidArgument
+from vmrepl.errors import FailedPrecondition, HostError, HostOutputError, InvalidArgument
 from vmrepl.extent import MiB
 from vmrepl.providers.base import NetworkMap, VmDiskSpec
 from vmrepl.providers.hyperv import failover as fo
@@ -126,6 +126,25 @@ def test_plain_names_with_quotes_and_dollars_are_kept_as_data() -> None:
     name = "web `$(calc)' ${x}; x$()"
     p = fo.plan(spec(configuration(), name=name), INFO, timeout_seconds=1)
     assert p.params.name == name
+
+
+async def test_a_mapping_to_a_switch_the_host_has_not_leaves_nothing_behind(lab: Lab) -> None:
+    spec_ = await lab.spec(networks=(NetworkMap("LAN", "No-Such-Switch"),))
+    with pytest.raises(HostError, match=r"No-Such-Switch.*removed"):
+        await lab.provider.register_vm(spec_)
+    assert lab.host.find_vms("web01-dr") == []
+    assert not lab.host.local(f"{MOUNT}\\vmrepl-scsi0-0.vhdx").exists()
+
+
+async def test_a_vm_of_the_same_name_with_another_folder_is_never_unregistered_for_it(lab: Lab) -> None:
+    mine = await lab.provider.register_vm(await lab.spec())
+    theirs = lab.host.add_vm("web01-dr", disks=[("E:\\other\\d.vhdx", MiB)])
+    theirs.notes = "vmrepl-vm: looks like ours but is not JSON"
+    lab.host.save()
+    with pytest.raises(FailedPrecondition, match="not registered by vmrepl"):
+        await lab.provider.merge_vm_disks(theirs.id)
+    await lab.provider.unregister_vm(mine.vm_id)
+    assert [v.id for v in lab.host.find_vms("web01-dr")] == [theirs.id]
 
 
 @pytest.mark.parametrize(
