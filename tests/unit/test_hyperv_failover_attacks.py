@@ -9,8 +9,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from sqlalchemy import update
 
+from controller.db.enums import SessionState
+from controller.db.models import RestorePoint
+from controller.engine.operations.plans import Operation
+from tests.support.operations import make_ops_world
 from tests.unit.test_hyperv_failover import INFO, Lab, TamperingRunner, configuration, spec
+from tests.unit.test_operations import run
 from vmrepl.domain import DiskFormat
 from vmrepl.errors import FailedPrecondition, HostError, HostOutputError, InvalidArgument
 from vmrepl.extent import MiB
@@ -170,3 +176,23 @@ def test_one_switch_mapped_twice_without_case_is_refused_not_one_taken() -> None
         fo.plan(spec(configuration(), networks=nets), INFO, timeout_seconds=1)
     same = (NetworkMap("LAN", "LAN-A"), NetworkMap("lan", "LAN-A"))
     assert fo.plan(spec(configuration(), networks=same), INFO, timeout_seconds=1).params.nics[0].switch == "LAN-A"
+
+
+@pytest.mark.parametrize("op", [Operation.FAILOVER, Operation.TEST_FAILOVER])
+async def test_a_long_or_windows_unsafe_source_name_still_names_a_failover_vm(tmp_path: Path, op: Operation) -> None:
+    """The engine names the VM `<source name>_replica` or `<source name>_test_<id>`: a source VM named up to
+    Hyper-V's 100 characters, or with characters New-VM cannot make a folder of, must still fail over."""
+    ow = await make_ops_world(tmp_path)
+    try:
+        await ow.add_point()
+        source = "SQL: prod/" + "x" * 90
+        async with ow.w.journal.write() as db:
+            await db.execute(update(RestorePoint).values(vm_name=source))
+        session = await run(ow, op)
+        assert session.state is SessionState.SUCCEEDED
+        (vm_id,) = ow.failover.running()
+        name = ow.failover.specs[vm_id].name
+        assert fo.check_vm_name(name) == name and name.startswith("SQL_ prod_xxx")
+        assert ("_replica" if op is Operation.FAILOVER else "_test_") in name[-14:], "the suffix is kept whole"
+    finally:
+        await ow.w.close()
