@@ -196,3 +196,19 @@ async def test_a_long_or_windows_unsafe_source_name_still_names_a_failover_vm(tm
         assert ("_replica" if op is Operation.FAILOVER else "_test_") in name[-14:], "the suffix is kept whole"
     finally:
         await ow.w.close()
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        lambda vm: vm.model_copy(update={"disks": []}),
+        lambda vm: vm.model_copy(update={"disks": vm.disks[:1]}),
+        lambda vm: vm.model_copy(update={"id": "x" * 10_000}),
+        lambda vm: vm.model_copy(update={"id": "web01"}),
+    ],
+)
+async def test_a_registered_vm_said_to_lack_its_disks_or_id_is_refused(lab: Lab, change: Any) -> None:
+    spec_ = await lab.spec()
+    p = HyperVProvider(runner=TamperingRunner(lab.host, "register_vm", change), host="hv01", timeout_seconds=30)
+    with pytest.raises(HostOutputError, match="not the one asked for"):
+        await p.register_vm(spec_)

@@ -424,10 +424,7 @@ class HyperVProvider(Provider):
             log.warning("half_registered_vm_removed", host=self._host, vm_id=vm.id, name=vm.name)
             await self._remove_vm(vm.id, fo.Note(note.folder, note.state, plan.note.disks, note.switch))
         made = _expect(await self._runner.run("register_vm", plan.params), m.Vm, self._host, "register_vm")
-        if made.name != spec.name or fo.parse_note(made.notes) != plan.note:
-            raise HostOutputError(
-                f"{self._host}: register_vm returned VM {made.id} ({made.name!r}), not the one asked for"
-            )
+        _check_made(made, spec.name, plan, self._host)
         if plan.disconnected:
             log.warning("failover_nics_disconnected", host=self._host, vm_id=made.id, nics=list(plan.disconnected))
         return self._registered(made, info, plan)
@@ -558,6 +555,23 @@ def _params(model: type[P], **values: Any) -> P:
     except ValidationError as e:
         err = e.errors()[0]
         raise InvalidArgument(".".join(str(p) for p in err["loc"]) or model.__name__, err["msg"]) from None
+
+
+_GUID = re.compile(r"[0-9A-Fa-f]{8}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{12}")
+
+
+def _check_made(made: m.Vm, name: str, plan: fo.Plan, host: str) -> None:
+    """register_vm's answer is the VM asked for: a VM id, the name, the note, and each differencing disk at
+    its slot (a VM said to be made without its disks would be started as the failed-over VM)."""
+    slots = {(d.controller_type, d.controller_number, d.controller_location): d.path for d in made.disks}
+    disks_ok = all(
+        fo.same_path(slots.get((d.controller_type, d.controller_number, d.controller_location), ""), d.path)
+        for d in plan.params.disks
+    )
+    if not _GUID.fullmatch(made.id) or made.name != name or fo.parse_note(made.notes) != plan.note or not disks_ok:
+        raise HostOutputError(
+            f"{host}: register_vm returned VM {made.id[:64]!r} ({made.name[:100]!r}), not the one asked for"
+        )
 
 
 def _merge_disk(d: m.Disk) -> m.MergeDisk:
