@@ -212,3 +212,19 @@ async def test_a_registered_vm_said_to_lack_its_disks_or_id_is_refused(lab: Lab,
     p = HyperVProvider(runner=TamperingRunner(lab.host, "register_vm", change), host="hv01", timeout_seconds=30)
     with pytest.raises(HostOutputError, match="not the one asked for"):
         await p.register_vm(spec_)
+
+
+@pytest.mark.parametrize(
+    "parent",
+    [
+        "D:\\vms\\web-dr\\..\\..\\Hyper-V\\other-vm.vhdx",
+        "D:\\vms\\web-dr/../../Hyper-V/other-vm.vhdx",
+        "D:\\vms\\web-dr\\base0.vhdx:stream",
+        "D:\\vms\\web-dr\\base0.vhdx.",
+        "\\\\?\\D:\\Hyper-V\\other-vm.vhdx",
+    ],
+)
+def test_a_parent_that_is_not_plain_names_is_refused(parent: str) -> None:
+    disks = (VmDiskSpec("scsi0-0", parent, DiskFormat.VHDX, MiB),)
+    with pytest.raises(InvalidArgument, match="not a host path vmrepl can put a differencing disk over"):
+        fo.plan(spec(configuration(), disks=disks), INFO, timeout_seconds=1)

@@ -252,7 +252,9 @@ def _disks(spec: VmSpec, folder: str, generation: int) -> list[m.NewDisk]:
                 "spec.disks", f"disk {d.disk_id} is {d.format.value}: Hyper-V differencing disks need a VHDX parent"
             )
         path = f"{folder}\\{DIFF_PREFIX}{d.disk_id}.vhdx"
-        if same_path(path, d.path) or not _ABSOLUTE.match(d.path):
+        # The parent (the target's mount, as the failover host names it) is plain names too: a `..`, `/` or a
+        # stream would make the VM over another VHDX on the host.
+        if same_path(path, d.path) or not _ABSOLUTE.match(d.path) or not _plain_folder(d.path):
             raise InvalidArgument(
                 "spec.disks", f"disk {d.disk_id}: {d.path!r} is not a host path vmrepl can put a differencing disk over"
             )
