@@ -170,6 +170,14 @@ async def test_the_job_keeps_its_failover_settings_and_checks_them(ow: OpsWorld)
         twice = api.Job(network_mapping=[api.NetworkMapping(source_switch="A", target_switch="B")] * 2)
         with pytest.raises(InvalidArgument, match=r"network_mapping\[1\].source_switch: 'A' is mapped twice"):
             await jobs_res.apply_job(db, twice, job, ["network_mapping"], secrets=None)  # type: ignore[arg-type]
+        cased = api.Job(
+            network_mapping=[
+                api.NetworkMapping(source_switch="LAN", target_switch="B"),
+                api.NetworkMapping(source_switch="lan", target_switch="C"),
+            ]
+        )
+        with pytest.raises(InvalidArgument, match=r"network_mapping\[1\].source_switch: 'lan' is mapped twice"):
+            await jobs_res.apply_job(db, cased, job, ["network_mapping"], secrets=None)  # type: ignore[arg-type]
         empty = api.Job(network_mapping=[api.NetworkMapping(source_switch="A", target_switch="")])
         with pytest.raises(InvalidArgument, match="target_switch"):
             await jobs_res.apply_job(db, empty, job, ["network_mapping"], secrets=None)  # type: ignore[arg-type]

@@ -298,7 +298,8 @@ def _network_mapping(msg: api.Job) -> list[dict[str, str]]:
                     f"job.network_mapping[{i}].{name}", "must be a switch name of 1 to 100 characters"
                 )
             check_printable(f"job.network_mapping[{i}].{name}", value)
-        if any(o["source_switch"] == m.source_switch for o in out):
+        # Without case: Hyper-V names switches so, and the provider looks them up so (one of two would be taken).
+        if any(o["source_switch"].casefold() == m.source_switch.casefold() for o in out):
             raise InvalidArgument(f"job.network_mapping[{i}].source_switch", f"{m.source_switch!r} is mapped twice")
         out.append({"source_switch": m.source_switch, "target_switch": m.target_switch})
     return out

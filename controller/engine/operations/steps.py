@@ -5,6 +5,7 @@ state. A step returns what it found for the steps after it (kept in operation_vm
 from __future__ import annotations
 
 import asyncio
+import re
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -26,6 +27,16 @@ from vmrepl.providers.base import Provider, VmDiskSpec, VmSpec
 from vmrepl.v1 import target_pb2
 
 Found = dict[str, Any]
+# Hyper-V names a VM in at most 100 characters, and New-VM makes a folder of its name.
+MAX_VM_NAME = 100
+_NOT_IN_A_NAME = re.compile(r'[\\/:*?"<>|\x00-\x1f]')
+
+
+def failover_vm_name(vm_name: str, suffix: str) -> str:
+    """The failed-over (or test) VM's name: the source's, made a plain Windows name (its forbidden characters
+    as `_`) and shortened so the suffix, which tells a replica or one test's VM from another, stays whole."""
+    plain = _NOT_IN_A_NAME.sub("_", vm_name).strip(" .") or "vm"
+    return plain[: MAX_VM_NAME - len(suffix)] + suffix
 
 
 def mount_id_for(ctx: OperationContext, row: OperationVm) -> str:
@@ -200,7 +211,7 @@ class Steps:
         test = self.ctx.operation is Operation.TEST_FAILOVER
         suffix = f"_test_{str(row.data.get('test_id', ''))[:8]}" if test else "_replica"
         return VmSpec(
-            name=f"{row.vm_name}{suffix}",
+            name=failover_vm_name(row.vm_name, suffix),
             folder=folder,
             configuration=(point.vm_configuration or b"") if point is not None else b"",
             disks=disks,

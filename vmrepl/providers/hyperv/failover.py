@@ -20,7 +20,8 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from vmrepl.domain import DiskFormat, PowerState
-from vmrepl.errors import FailedPrecondition, InvalidArgument
+from vmrepl.errors import FailedPrecondition, InvalidArgument, PathError
+from vmrepl.host_paths import check_name as check_path_name
 from vmrepl.providers.base import VmSpec
 from vmrepl.providers.hyperv import models as m
 
@@ -33,6 +34,8 @@ DIFF_PREFIX = "vmrepl-"
 _SLOT = re.compile(r"^(scsi|ide)(\d{1,2})-(\d{1,2})$")
 _ABSOLUTE = re.compile(r"^(?:[A-Za-z]:\\|\\\\[^\\]+\\[^\\]+)")
 _MAC = re.compile(r"^[0-9A-F]{12}$")
+# The only file names `register_vm` gives the differencing disks it makes (`_disks`).
+_DIFF = re.compile(r"vmrepl-(?:scsi|ide)\d{1,2}-\d{1,2}\.vhdx")
 # New-VM -Path makes a folder named after the VM: a name must be a plain Windows file name.
 _BAD_NAME = re.compile(r'[\\/:*?"<>|\x00-\x1f]')
 
@@ -55,10 +58,10 @@ class _Cfg(BaseModel):
 
 
 class _Memory(_Cfg):
-    startup: int = Field(ge=1)
+    startup: int = Field(ge=1, le=m.MAX_VM_MEMORY)
     dynamic: bool
-    minimum: int = Field(ge=0)
-    maximum: int = Field(ge=0)
+    minimum: int = Field(ge=0, le=m.MAX_VM_MEMORY)
+    maximum: int = Field(ge=0, le=m.MAX_VM_MEMORY)
 
 
 class _Firmware(_Cfg):
@@ -146,8 +149,11 @@ def parse_note(notes: str) -> Note | None:
         or not (switch is None or isinstance(switch, str))
     ):
         return None
-    # Only files vmrepl names itself, in the VM's folder, are ever deleted on the note's word.
-    owned = tuple(d for d in disks if same_path(parent_of(d), folder) and leaf(d).startswith(DIFF_PREFIX))
+    # Only files vmrepl names itself, in the VM's folder, are ever deleted on the note's word: anyone who may
+    # edit a VM's notes on the host could otherwise name any file (`vmrepl-x/../..`, `:stream`, a dot Windows drops).
+    owned = tuple(
+        d for d in disks if _plain_folder(folder) and same_path(parent_of(d), folder) and _DIFF.fullmatch(leaf(d))
+    )
     if switch is not None and not switch.startswith(ISOLATED_SWITCH_PREFIX):
         switch = None
     return Note(folder=folder, state=state, disks=owned, switch=switch)
@@ -169,8 +175,17 @@ def leaf(path: str) -> str:
     return path.rpartition("\\")[2]
 
 
+def _plain_folder(folder: str) -> bool:
+    try:
+        return check_folder(folder) == folder
+    except InvalidArgument:
+        return False
+
+
 def check_folder(folder: str) -> str:
-    """An absolute Windows folder (`D:\\vms\\web01` or `\\\\server\\share\\web01`), without its trailing separator."""
+    """An absolute Windows folder (`D:\\vms\\web01` or `\\\\server\\share\\web01`), without its trailing separator,
+    of plain names only (host_paths.check_name: no `\\\\?\\` or `\\\\.\\` form, stream, wildcard, DOS device, or
+    name ending in a dot or space, which Windows would read as another folder)."""
     body = folder.rstrip("\\")
     if re.match(r"^[A-Za-z]:\\", folder):
         parts = body[3:].split("\\") if len(body) > 2 else []
@@ -179,7 +194,12 @@ def check_folder(folder: str) -> str:
         parts = parts if len(parts) >= 3 else []
     else:
         parts = []
-    if not parts or "/" in folder or "\0" in folder or any(p in ("", ".", "..") for p in parts):
+    try:
+        for part in parts:
+            check_path_name("spec.folder", part, folder)
+    except PathError:
+        parts = []
+    if not parts or "/" in folder:
         raise InvalidArgument(
             "spec.folder", f"{folder!r} is not an absolute Windows folder (D:\\... or \\\\server\\share\\...)"
         )
@@ -216,12 +236,15 @@ def slot_of(disk_id: str) -> tuple[Literal["SCSI", "IDE"], int, int]:
 
 def _disks(spec: VmSpec, folder: str, generation: int) -> list[m.NewDisk]:
     out: list[m.NewDisk] = []
-    seen: set[str] = set()
+    seen: dict[tuple[str, int, int], str] = {}
     for d in spec.disks:
-        kind, number, location = slot_of(d.disk_id)
-        if d.disk_id in seen:
-            raise InvalidArgument("spec.disks", f"disk {d.disk_id} is given twice")
-        seen.add(d.disk_id)
+        kind, number, location = slot = slot_of(d.disk_id)
+        # By slot, not by id: `scsi0-1` and `scsi0-01` are one slot.
+        if slot in seen:
+            raise InvalidArgument(
+                "spec.disks", f"disks {seen[slot]} and {d.disk_id} name one slot ({kind} {number}:{location})"
+            )
+        seen[slot] = d.disk_id
         if kind == "IDE" and generation == 2:
             raise InvalidArgument("spec.disks", f"disk {d.disk_id}: a generation 2 VM has no IDE controller")
         if d.format is not DiskFormat.VHDX:
@@ -229,7 +252,9 @@ def _disks(spec: VmSpec, folder: str, generation: int) -> list[m.NewDisk]:
                 "spec.disks", f"disk {d.disk_id} is {d.format.value}: Hyper-V differencing disks need a VHDX parent"
             )
         path = f"{folder}\\{DIFF_PREFIX}{d.disk_id}.vhdx"
-        if same_path(path, d.path) or not _ABSOLUTE.match(d.path):
+        # The parent (the target's mount, as the failover host names it) is plain names too: a `..`, `/` or a
+        # stream would make the VM over another VHDX on the host.
+        if same_path(path, d.path) or not _ABSOLUTE.match(d.path) or not _plain_folder(d.path):
             raise InvalidArgument(
                 "spec.disks", f"disk {d.disk_id}: {d.path!r} is not a host path vmrepl can put a differencing disk over"
             )
@@ -241,8 +266,24 @@ def _disks(spec: VmSpec, folder: str, generation: int) -> list[m.NewDisk]:
     return out
 
 
+def _mapping(spec: VmSpec) -> dict[str, str]:
+    """Source switch (without case, as Hyper-V names switches) -> target switch; one source switch mapped to
+    two targets (`LAN` and `lan`) is refused rather than one of them taken."""
+    out: dict[str, str] = {}
+    for n in spec.networks:
+        key = n.source_switch.casefold()
+        if out.get(key, n.target_switch) != n.target_switch:
+            raise InvalidArgument(
+                "spec.networks",
+                f"switch {n.source_switch!r} is mapped to both {out[key]!r} and {n.target_switch!r}"
+                " (Hyper-V switch names compare without case)",
+            )
+        out[key] = n.target_switch
+    return out
+
+
 def _nics(spec: VmSpec, vm: _Vm, switch: str | None) -> tuple[list[m.NewNic], list[str]]:
-    mapping = {n.source_switch.casefold(): n.target_switch for n in spec.networks}
+    mapping = _mapping(spec)
     nics: list[m.NewNic] = []
     disconnected: list[str] = []
     for nic in vm.nics:
@@ -280,11 +321,22 @@ def _numbers(text: str) -> tuple[int, ...] | None:
         return None
 
 
+def _device_free(name: str) -> bool:
+    """Not a DOS device name (`CON`, `nul.x`, `COM1`): a VM folder of that name would open the device."""
+    try:
+        check_path_name("spec.name", name, name)
+    except PathError:
+        return False
+    return True
+
+
 def check_vm_name(name: str) -> str:
-    if not name or _BAD_NAME.search(name) or name.strip(" .") != name or len(name) > 100:
+    bad = not name or _BAD_NAME.search(name) or name.strip(" .") != name or len(name) > 100
+    if bad or not _device_free(name):
         raise InvalidArgument(
             "spec.name",
-            f"{name!r} cannot name a Hyper-V VM's folder (no \\ / : * ? \" < > |, no leading or trailing dot or space)",
+            f"{name!r} cannot name a Hyper-V VM's folder (no \\ / : * ? \" < > |, no leading or trailing dot or space,"
+            " no DOS device name such as CON or COM1)",
         )
     return name
 

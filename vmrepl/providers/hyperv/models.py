@@ -31,6 +31,9 @@ GUEST_BACKUP_COPY = 2
 # Msvm_ComputerSystem.EnabledState (and RequestStateChange's RequestedState): Enabled = running, Disabled = off.
 ENABLED_STATE_RUNNING = 2
 ENABLED_STATE_OFF = 3
+# Past any VM's memory (Hyper-V's largest is 240 TB, Windows Server 2022 generation 2) and within the [int64]
+# the scripts cast to: a larger captured value is refused here, not by a cast on the host.
+MAX_VM_MEMORY = 256 * 1024**4
 
 
 class _Model(BaseModel):
@@ -112,10 +115,10 @@ class RegisterVmParams(_Model):
     secure_boot_template: str = Field(max_length=256)  # "" for the host's default
     tpm: bool
     processors: int = Field(ge=1, le=2048)
-    memory_startup: int = Field(ge=1)
+    memory_startup: int = Field(ge=1, le=MAX_VM_MEMORY)
     dynamic_memory: bool
-    memory_minimum: int = Field(ge=0)
-    memory_maximum: int = Field(ge=0)
+    memory_minimum: int = Field(ge=0, le=MAX_VM_MEMORY)
+    memory_maximum: int = Field(ge=0, le=MAX_VM_MEMORY)
     private_switch: str | None = Field(default=None, min_length=1, max_length=256)  # made (isolated)
     nics: list[NewNic] = Field(max_length=64)
     disks: list[NewDisk] = Field(max_length=256)

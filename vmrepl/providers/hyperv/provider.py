@@ -424,10 +424,7 @@ class HyperVProvider(Provider):
             log.warning("half_registered_vm_removed", host=self._host, vm_id=vm.id, name=vm.name)
             await self._remove_vm(vm.id, fo.Note(note.folder, note.state, plan.note.disks, note.switch))
         made = _expect(await self._runner.run("register_vm", plan.params), m.Vm, self._host, "register_vm")
-        if made.name != spec.name or fo.parse_note(made.notes) != plan.note:
-            raise HostOutputError(
-                f"{self._host}: register_vm returned VM {made.id} ({made.name!r}), not the one asked for"
-            )
+        _check_made(made, spec.name, plan, self._host)
         if plan.disconnected:
             log.warning("failover_nics_disconnected", host=self._host, vm_id=made.id, nics=list(plan.disconnected))
         return self._registered(made, info, plan)
@@ -488,7 +485,15 @@ class HyperVProvider(Provider):
 
     async def _change_state(self, vm_id: str, state: int) -> m.Power:
         params = _params(m.VmStateParams, vm_id=vm_id, requested_state=state, timeout_seconds=self._timeout)
-        return _expect(await self._runner.run("change_vm_state", params), m.Power, self._host, "change_vm_state")
+        return self._power_of(vm_id, await self._runner.run("change_vm_state", params), "change_vm_state")
+
+    def _power_of(self, vm_id: str, value: object, script: str) -> m.Power:
+        """The script's power answer, refused when it is about another VM (a power decision on its word would
+        be about the wrong VM)."""
+        power = _expect(value, m.Power, self._host, script)
+        if power.vm_id.lower() != vm_id.lower():
+            raise HostOutputError(f"{self._host}: {script} for VM {vm_id} answered about another VM ({power.vm_id})")
+        return power
 
     async def start_vm(self, vm_id: str) -> None:
         power = await self._change_state(vm_id, m.ENABLED_STATE_RUNNING)
@@ -507,7 +512,7 @@ class HyperVProvider(Provider):
         off; DeadlineExceeded after `wait_seconds` with the VM left as it is."""
         deadline = self._clock() + wait_seconds
         params = _params(m.VmTimeoutParams, vm_id=vm_id, timeout_seconds=self._timeout)
-        power = _expect(await self._runner.run("shutdown_vm", params), m.Power, self._host, "shutdown_vm")
+        power = self._power_of(vm_id, await self._runner.run("shutdown_vm", params), "shutdown_vm")
         while power.enabled_state != m.ENABLED_STATE_OFF:
             left = deadline - self._clock()
             if left <= 0:
@@ -517,7 +522,7 @@ class HyperVProvider(Provider):
                 )
             await self._sleep(min(self._poll, left))
             raw = await self._runner.run("vm_power", _params(m.VmParams, vm=vm_id))
-            power = _expect(raw, m.Power, self._host, "vm_power")
+            power = self._power_of(vm_id, raw, "vm_power")
 
     async def merge_vm_disks(self, vm_id: str) -> None:
         own = await self._own_vm(vm_id, "merge_vm_disks")
@@ -550,6 +555,23 @@ def _params(model: type[P], **values: Any) -> P:
     except ValidationError as e:
         err = e.errors()[0]
         raise InvalidArgument(".".join(str(p) for p in err["loc"]) or model.__name__, err["msg"]) from None
+
+
+_GUID = re.compile(r"[0-9A-Fa-f]{8}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{12}")
+
+
+def _check_made(made: m.Vm, name: str, plan: fo.Plan, host: str) -> None:
+    """register_vm's answer is the VM asked for: a VM id, the name, the note, and each differencing disk at
+    its slot (a VM said to be made without its disks would be started as the failed-over VM)."""
+    slots = {(d.controller_type, d.controller_number, d.controller_location): d.path for d in made.disks}
+    disks_ok = all(
+        fo.same_path(slots.get((d.controller_type, d.controller_number, d.controller_location), ""), d.path)
+        for d in plan.params.disks
+    )
+    if not _GUID.fullmatch(made.id) or made.name != name or fo.parse_note(made.notes) != plan.note or not disks_ok:
+        raise HostOutputError(
+            f"{host}: register_vm returned VM {made.id[:64]!r} ({made.name[:100]!r}), not the one asked for"
+        )
 
 
 def _merge_disk(d: m.Disk) -> m.MergeDisk:
