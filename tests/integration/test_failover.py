@@ -135,6 +135,8 @@ def test_failover_undo_failback_and_commit_with_real_agents(env: ControllerEnv, 
     assert _disks(env, source, "vm1") == _disks(env, dr, running)
     assert source.vm("vm1").info().power is PowerState.RUNNING
     assert _where(env).state == api.REPLICA_VM_STATE_FAILED_BACK
+    # The failback folder went, and with it the job's `.failback/<job id>/` it was the last in.
+    assert not [p for p in (env.work / "datastore" / ".failback").iterdir()]
 
     # Commit: replication resumes from the original, comparing digests first.
     _operate(env, api.REPLICA_OPERATION_COMMIT_FAILBACK)
