@@ -22,8 +22,8 @@ from tests.integration.controller_env import ControllerEnv, make_env
 from vmrepl.domain import DiskFormat, PowerState
 from vmrepl.extent import MiB
 from vmrepl.providers.filehost import FileHostProvider, load_manifest
-from vmrepl.v1 import target_pb2
 from vmrepl.v1 import controller_pb2 as api
+from vmrepl.v1 import target_pb2
 
 DISKS = ("disk0", "disk1")
 SIZE = 8 * MiB

@@ -355,14 +355,14 @@ async def test_the_job_folder_goes_with_its_last_vms_failback_folder(
 
 
 async def test_a_job_folder_is_never_removed_while_a_prepare_makes_a_vms_folder_in_it(
-    env: tuple[TargetAgentServicer, Path, bytes],
+    env: tuple[TargetAgentServicer, Path, bytes], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The window the lock closes: a prepare has made `.failback/job1/` but not yet `vm1/` in it when another
     VM's DeleteReplica finds the job folder empty; the removal waits for the prepare (without the lock it
     removes the folder and the prepare's mkdir of `vm1/` fails)."""
     s, disk, _ = env
     job_dir = s.datastore.root / ".failback" / "job1"
-    real = failback.make_dirs
+    real = fileio.make_dirs
     loop = asyncio.get_running_loop()
     removal: list[concurrent.futures.Future[bool]] = []
 
@@ -374,10 +374,7 @@ async def test_a_job_folder_is_never_removed_while_a_prepare_makes_a_vms_folder_
         time.sleep(0.3)  # the removal runs meanwhile, in its own thread
         os.mkdir(path)
 
-    failback.make_dirs = make_dirs_slowly  # type: ignore[assignment]
-    try:
-        await prepare(s, disk)
-    finally:
-        failback.make_dirs = real  # type: ignore[assignment]
+    monkeypatch.setattr(failback, "make_dirs", make_dirs_slowly)
+    await prepare(s, disk)
     assert removal and not await asyncio.wrap_future(removal[0])
     assert (job_dir / "vm1" / failback.FAILBACK_FILE).is_file()

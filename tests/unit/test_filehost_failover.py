@@ -465,24 +465,23 @@ def test_after_a_flatten_merge_vm_disks_puts_the_vm_on_its_plain_image_and_drops
     assert (root / "m1" / "disk0.base").read_bytes()[:512] == b"z" * 512
 
 
-def test_a_crash_between_the_manifest_and_the_descriptor_is_finished_by_the_next_merge(root: Path) -> None:
+def test_a_crash_between_the_manifest_and_the_descriptor_is_finished_by_the_next_merge(
+    root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from vmrepl.disk.layer import flatten_layer
     from vmrepl.providers import filehost
 
     p, vm_id = _registered(root)
     run(p.stop_vm(vm_id))
     flatten_layer(root / "m1" / "disk0.layer")
-    real = filehost.FileVm._drop_flattened_descriptors
 
     def crash(*_args: object) -> None:
         raise OSError("power cut")
 
-    filehost.FileVm._drop_flattened_descriptors = crash  # type: ignore[method-assign]
-    try:
+    with monkeypatch.context() as m:
+        m.setattr(filehost.FileVm, "_drop_flattened_descriptors", crash)
         with pytest.raises(Exception, match="power cut"):
             run(p.merge_vm_disks(vm_id))
-    finally:
-        filehost.FileVm._drop_flattened_descriptors = real  # type: ignore[method-assign]
     assert (root / "m1" / "disk0.layer").exists()  # left behind, the VM already on its base
     assert run(p.get_vm(vm_id)).disks[0].format is DiskFormat.RAW
     run(p.merge_vm_disks(vm_id))
