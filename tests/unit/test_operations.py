@@ -8,6 +8,7 @@ import datetime as dt
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import grpc
 import pytest
 from sqlalchemy import select
 
@@ -230,6 +231,31 @@ async def test_permanent_failover_flattens_deletes_the_replica_and_leaves_the_jo
         assert not list(await db.scalars(select(RestorePoint).where(RestorePoint.vm_id == "vm1")))
         assert not list(await db.scalars(select(JobVm).where(JobVm.job_id == ow.job_id)))
     assert (await replica_vm(ow)).state is ReplicaVmState.PERMANENT
+
+
+async def test_a_permanent_failover_run_again_after_its_unmount_answer_was_lost_finishes(ow: OpsWorld) -> None:
+    """The target dropped the flattened mount's record but its answer was lost: the VM is left FAILED, and
+    running the operation again finds the mount and the replica gone and finishes (not stuck at flatten)."""
+    from tests.support.agents import rpc_error
+
+    await run(ow, Operation.FAILOVER)
+    ow.w.target.mount_faults["unmount_point"] = [rpc_error(grpc.StatusCode.UNAVAILABLE, "connection reset")]
+    assert (await run(ow, Operation.PERMANENT_FAILOVER)).state is SessionState.FAILED
+    assert (await replica_vm(ow)).state is ReplicaVmState.FAILED_OVER
+    for mount in ow.w.target.mounts.values():  # what the target did before its answer was lost
+        mount.state = target_pb2.MOUNT_STATE_GONE
+    session = await run(ow, Operation.PERMANENT_FAILOVER)
+    assert session.state is SessionState.SUCCEEDED, session.error
+    assert (await replica_vm(ow)).state is ReplicaVmState.PERMANENT and ow.failover.running()
+
+
+async def test_a_permanent_failover_refuses_a_vanished_mount_while_the_replica_has_points(ow: OpsWorld) -> None:
+    await run(ow, Operation.FAILOVER)
+    for mount in ow.w.target.mounts.values():  # removed by hand: the layers were never merged
+        mount.state = target_pb2.MOUNT_STATE_GONE
+    session = await run(ow, Operation.PERMANENT_FAILOVER)
+    assert session.state is SessionState.FAILED and "NOT_FOUND" in session.error, session.error
+    assert not ow.w.target.deleted_replicas
 
 
 # ---- planned failover ----
