@@ -497,3 +497,36 @@ def test_merge_vm_disks_refuses_a_vm_with_a_checkpoint(root: Path) -> None:
     flatten_layer(root / "m1" / "disk0.layer")
     with pytest.raises(FailedPrecondition, match="has a checkpoint"):
         run(p.merge_vm_disks(vm_id))
+
+
+def test_merge_vm_disks_cut_by_a_power_cut_at_every_sync_reads_the_same_and_finishes(tmp_path: Path) -> None:
+    from vmrepl.disk.layer import flatten_layer
+    from vmrepl.providers.filevms import load_manifest
+
+    template = tmp_path / "template"
+    _mount(template)
+    p = FileHostProvider(template)
+    vm_id = run(p.register_vm(_spec())).vm_id
+    run(p.start_vm(vm_id))
+    p.vm(vm_id).write("disk0", 8192, b"q" * 4096)
+    run(p.stop_vm(vm_id))
+    flatten_layer(template / "m1" / "disk0.layer")
+    want = p.vm(vm_id).read_current("disk0", 0, SIZE)
+    work, n = tmp_path / "run", 0
+    while True:
+        n += 1
+        shutil.rmtree(work, ignore_errors=True)
+        shutil.copytree(template, work)
+        with Recorder(work, stop_at=n) as rec:
+            run(FileHostProvider(work).merge_vm_disks(vm_id))
+        if rec.syncs < n:
+            break  # ran to the end without reaching sync n: every cut point was tried
+        rec.cut()
+        after = FileHostProvider(work)  # after the restart: the VM as it was or on its base, same bytes
+        assert after.vm(vm_id).read_current("disk0", 0, SIZE) == want, f"cut at sync {n}"
+        run(after.merge_vm_disks(vm_id))
+        (disk,) = load_manifest(work / "m1").disks
+        assert (disk.path, disk.format) == ("disk0.base", DiskFormat.RAW), f"cut at sync {n}"
+        assert not list((work / "m1").glob("*.layer")), f"cut at sync {n}"
+        assert after.vm(vm_id).read_current("disk0", 0, SIZE) == want, f"cut at sync {n}"
+    assert n > 2
