@@ -19,6 +19,7 @@ import errno
 import json
 import os
 import stat
+import threading
 import time
 import uuid
 from collections.abc import Sequence
@@ -34,12 +35,38 @@ from vmrepl.domain import DiskFormat, check_disk_size
 from vmrepl.errors import FailedPrecondition, InvalidArgument, NotFound, PathError
 from vmrepl.extent import MiB
 from vmrepl.host_paths import Mapping, is_host_path, map_host_path
-from vmrepl.names import check_name
+from vmrepl.names import FAILBACK_ROOT, check_name
 
 FAILBACK_FILE = "failback.json"
 ORIGINAL_SESSION = "failback-original"
 _FORMAT = 1
 _READ = 4 * MiB
+# Held while a failback folder is made with its parents (prepare) and while an emptied parent is removed
+# (DeleteReplica): a job's `.failback/<job>/` removed between a prepare making it and making `<vm>` inside it
+# would fail that prepare. One agent process serves a datastore, so a lock of the process is enough; and
+# os.rmdir removes only an empty folder, so a parent holding another VM's failback folder always stays.
+_PARENTS = threading.Lock()
+
+
+def _make_folder(vm_dir: Path) -> None:
+    with _PARENTS:
+        make_dirs(vm_dir)
+
+
+def drop_empty_parents(root: Path, vm_dir: Path) -> None:
+    """After a failback folder `<root>/.failback/<job>/<vm>` is deleted: its job folder (and any folder between)
+    removed if nothing else is left in it, never `.failback` itself. Nothing for a replica elsewhere. A crash
+    before this leaves an empty job folder, which the next DeleteReplica of a VM of that job removes."""
+    top = Path(os.path.realpath(root / FAILBACK_ROOT))
+    with _PARENTS:
+        for folder in vm_dir.parents:
+            if top not in folder.parents:
+                return
+            try:
+                os.rmdir(folder)
+            except OSError:  # not empty (another VM's failback folder), gone already, or not a folder
+                return
+            sync_dir(folder.parent)
 
 
 @dataclass(kw_only=True)
@@ -176,7 +203,7 @@ def prepare(
     """Make the failback disk, or answer it as it is (idempotent). With `create_size`, `original` is a new,
     empty image of that size made for it (a failback to a new location), not an existing disk."""
     with restore_points.vm_lock(vm_dir):
-        make_dirs(vm_dir)
+        _make_folder(vm_dir)
         points = restore_points.list_points(vm_dir)
         originals = _originals(vm_dir)
         if points and originals is None:

@@ -3,7 +3,8 @@
 Refused while a mount that is not flattened names the replica (its VM would lose its base). The replica's
 folder is first renamed into `<datastore_root>/.trash/` (one durable rename: a crash leaves the replica
 whole or gone, never half), then removed from there; what a crash leaves in the trash is removed when the
-target starts (`empty_trash`).
+target starts (`empty_trash`). A failback folder's parent `.failback/<job>/` goes with its last VM's folder
+(target_agent.failback.drop_empty_parents).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from pathlib import Path
 
 from target_agent import mounts, restore_points, vm_replica
 from target_agent.datastore import Datastore
-from target_agent.failback import FAILBACK_FILE
+from target_agent.failback import FAILBACK_FILE, drop_empty_parents
 from target_agent.mount_registry import REGISTRY_DIR
 from vmrepl.disk.fileio import make_dirs, remove, remove_tree, rename
 from vmrepl.errors import FailedPrecondition
@@ -40,6 +41,7 @@ def delete_replica(ds: Datastore, guards: vm_replica.Guards, replica_path: str) 
     try:
         st = os.lstat(vm_dir)
     except FileNotFoundError:
+        drop_empty_parents(ds.root, vm_dir)  # a deletion cut short after its rename: its parents still go
         return False
     if not stat.S_ISDIR(st.st_mode):
         raise FailedPrecondition(f"replica {replica_path} is not a folder: refused")
@@ -58,6 +60,7 @@ def delete_replica(ds: Datastore, guards: vm_replica.Guards, replica_path: str) 
         make_dirs(ds.trash_dir)
         doomed = ds.trash_dir / uuid.uuid4().hex
         rename(vm_dir, doomed)
+    drop_empty_parents(ds.root, vm_dir)  # a failback folder's `.failback/<job>/`, once no VM's is in it
     remove_tree(doomed)
     return True
 

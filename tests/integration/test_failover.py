@@ -19,11 +19,11 @@ from google.protobuf import field_mask_pb2
 
 from controller import lab
 from tests.integration.controller_env import ControllerEnv, make_env
-from vmrepl.domain import PowerState
+from vmrepl.domain import DiskFormat, PowerState
 from vmrepl.extent import MiB
-from vmrepl.providers.filehost import FileHostProvider
-from vmrepl.v1 import common_pb2, target_pb2
+from vmrepl.providers.filehost import FileHostProvider, load_manifest
 from vmrepl.v1 import controller_pb2 as api
+from vmrepl.v1 import target_pb2
 
 DISKS = ("disk0", "disk1")
 SIZE = 8 * MiB
@@ -135,6 +135,8 @@ def test_failover_undo_failback_and_commit_with_real_agents(env: ControllerEnv, 
     assert _disks(env, source, "vm1") == _disks(env, dr, running)
     assert source.vm("vm1").info().power is PowerState.RUNNING
     assert _where(env).state == api.REPLICA_VM_STATE_FAILED_BACK
+    # The failback folder went, and with it the job's `.failback/<job id>/` it was the last in.
+    assert not [p for p in (env.work / "datastore" / ".failback").iterdir()]
 
     # Commit: replication resumes from the original, comparing digests first.
     _operate(env, api.REPLICA_OPERATION_COMMIT_FAILBACK)
@@ -168,11 +170,16 @@ def test_planned_failover_loses_nothing_and_permanent_failover_leaves_the_job(
     assert not env.replica("vm1", "disk0").exists()  # the replica is gone from the target
     vm = dr.vm(where.running_vm_id)
     assert vm.info().power is PowerState.RUNNING and _disks(env, dr, where.running_vm_id) == written
-    # The layers merged into the base images: the mount stands alone (the VM reads its flattened disks, whose
-    # descriptors name the base alone; the replica's data files live on as those bases).
-    (mount,) = env.target_stub().ListMounts(target_pb2.ListMountsRequest()).mounts
-    assert mount.state == target_pb2.MOUNT_STATE_FLATTENED
-    assert all(d.format != common_pb2.DISK_FORMAT_LAYER for d in mount.disks)
+    # The layers merged into the base images, and the VM stands on them: vm.toml names each plain raw image
+    # (the replica's data file lived on as it), no layer descriptor is left, and the target keeps no mount.
+    assert not env.target_stub().ListMounts(target_pb2.ListMountsRequest()).mounts
+    folder = tmp_path / "vm_root" / where.folder
+    manifest = load_manifest(folder)
+    assert [(d.id, d.path, d.format) for d in manifest.disks] == [(d, f"{d}.base", DiskFormat.RAW) for d in DISKS]
+    assert not list(folder.glob("*.layer"))
+    assert all((folder / f"{d}.base").stat().st_nlink == 1 for d in DISKS)
+    _write(dr, where.running_vm_id, 6, (3 * MiB,))  # the production VM writes its own image now
+    assert _disks(env, dr, where.running_vm_id)["disk0"] == (folder / "disk0.base").read_bytes()
 
 
 def test_a_test_failover_keeps_its_point_while_a_session_writes_the_replica(env: ControllerEnv, tmp_path: Path) -> None:

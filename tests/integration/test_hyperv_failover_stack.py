@@ -30,6 +30,7 @@ from tests.support.hyperv.lab import HyperVLab, hyperv_lab
 from tests.support.hyperv.state import NicState, SwitchState
 from vmrepl.extent import MiB
 from vmrepl.v1 import controller_pb2 as api
+from vmrepl.v1 import target_pb2
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
 
@@ -362,6 +363,7 @@ def test_planned_failover_loses_nothing_then_permanent_failover_merges_on_the_ho
     made = hv.dr.host.vm(REPLICA_NAME)
     assert made.state == "Running" and all(len(d.chain) == 1 for d in made.disks), [d.chain for d in made.disks]
     assert hv.vm_disks(REPLICA_NAME) == written
+    assert not hv.ctl.target_stub().ListMounts(target_pb2.ListMountsRequest()).mounts  # the record went last
 
 
 def test_a_failback_that_fails_leaves_the_original_as_it_was(hv: FailoverStack) -> None:

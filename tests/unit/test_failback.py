@@ -6,8 +6,11 @@ image; paths outside failback_roots, through links, and an original replaced und
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import hashlib
 import os
+import time
 from pathlib import Path
 
 import grpc
@@ -322,3 +325,56 @@ async def test_an_original_in_the_targets_own_folders_is_refused(tmp_path: Path)
     e = await refused(s, victim)
     assert e.code == grpc.StatusCode.INVALID_ARGUMENT and "datastore" in e.details
     assert victim.read_bytes() == data and not (s.datastore.root / ".failback").exists()
+
+
+async def _delete(s: TargetAgentServicer, replica_path: str) -> bool:
+    request = target_pb2.DeleteReplicaRequest(replica_path=replica_path)
+    return (await s.DeleteReplica(request, FakeContext())).deleted  # type: ignore[arg-type]
+
+
+async def test_the_job_folder_goes_with_its_last_vms_failback_folder(
+    env: tuple[TargetAgentServicer, Path, bytes],
+) -> None:
+    s, disk, _ = env
+    other = disk.parent / "disk1.raw"
+    other.write_bytes(image(30, 12))
+    await prepare(s, disk)
+    await prepare(s, other, replica_path=".failback/job1/vm2")
+    job_dir = s.datastore.root / ".failback" / "job1"
+    assert await _delete(s, FB_PATH)
+    assert sorted(p.name for p in job_dir.iterdir()) == ["vm2"]  # another VM's failback: the folder stays
+    assert await _delete(s, ".failback/job1/vm2")
+    assert not job_dir.exists() and (s.datastore.root / ".failback").is_dir()
+    assert disk.exists() and other.exists()  # the originals: never removed with their failback folders
+    # A deletion cut short after its rename left the job folder empty: deleting again removes it.
+    job_dir.mkdir()
+    assert not await _delete(s, FB_PATH) and not job_dir.exists()
+    # A replica outside .failback/ keeps its parent folder (a job's replica root) even when empty.
+    (s.datastore.root / "jobs" / "j").mkdir(parents=True)
+    assert not await _delete(s, "jobs/j/vm1") and (s.datastore.root / "jobs" / "j").is_dir()
+
+
+async def test_a_job_folder_is_never_removed_while_a_prepare_makes_a_vms_folder_in_it(
+    env: tuple[TargetAgentServicer, Path, bytes], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The window the lock closes: a prepare has made `.failback/job1/` but not yet `vm1/` in it when another
+    VM's DeleteReplica finds the job folder empty; the removal waits for the prepare (without the lock it
+    removes the folder and the prepare's mkdir of `vm1/` fails)."""
+    s, disk, _ = env
+    job_dir = s.datastore.root / ".failback" / "job1"
+    real = fileio.make_dirs
+    loop = asyncio.get_running_loop()
+    removal: list[concurrent.futures.Future[bool]] = []
+
+    def make_dirs_slowly(path: Path) -> None:
+        if path.parent != job_dir or removal:
+            return real(path)
+        job_dir.mkdir(parents=True, exist_ok=True)  # the parent made, the VM's folder not yet
+        removal.append(asyncio.run_coroutine_threadsafe(_delete(s, ".failback/job1/vm9"), loop))
+        time.sleep(0.3)  # the removal runs meanwhile, in its own thread
+        os.mkdir(path)
+
+    monkeypatch.setattr(failback, "make_dirs", make_dirs_slowly)
+    await prepare(s, disk)
+    assert removal and not await asyncio.wrap_future(removal[0])
+    assert (job_dir / "vm1" / failback.FAILBACK_FILE).is_file()

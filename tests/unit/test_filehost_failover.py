@@ -427,3 +427,106 @@ def test_register_does_not_take_a_planted_manifest_for_the_vm(root: Path) -> Non
     p = FileHostProvider(root)
     with pytest.raises(FailedPrecondition, match="other disks"):
         run(p.register_vm(_spec()))
+
+
+# ---- permanent failover: the VM on its plain image ----------------------------------------------------
+
+
+def test_after_a_flatten_merge_vm_disks_puts_the_vm_on_its_plain_image_and_drops_the_descriptor(root: Path) -> None:
+    from vmrepl.disk.layer import flatten_layer
+    from vmrepl.providers.filevms import load_manifest
+
+    p, vm_id = _registered(root)
+    run(p.start_vm(vm_id))
+    p.vm(vm_id).write("disk0", 4096, b"w" * 8192)
+    run(p.stop_vm(vm_id))
+    with pytest.raises(FailedPrecondition, match="not flattened"):  # the target merges first
+        run(p.merge_vm_disks(vm_id))
+    assert load_manifest(root / "m1").disks[0].path == "disk0.layer"  # refused: nothing changed
+    flatten_layer(root / "m1" / "disk0.layer")
+    (root / "m1" / "other.layer").write_text("not a descriptor")  # someone else's: left as it is
+    run(p.merge_vm_disks(vm_id))
+    (disk,) = load_manifest(root / "m1").disks
+    assert (disk.id, disk.path, disk.format) == ("disk0", "disk0.base", DiskFormat.RAW)
+    assert sorted(x.name for x in (root / "m1").iterdir() if not x.name.startswith(".")) == [
+        "disk0.base",
+        "other.layer",
+        "vm.toml",
+    ]
+    want = bytearray(_base())
+    want[4096 : 4096 + 8192] = b"w" * 8192
+    info = run(p.get_vm(vm_id))
+    assert info.vm_id == vm_id and [(d.format, d.size) for d in info.disks] == [(DiskFormat.RAW, SIZE)]
+    assert p.vm(vm_id).read_current("disk0", 0, SIZE) == bytes(want)
+    run(p.merge_vm_disks(vm_id))  # idempotent
+    assert load_manifest(root / "m1").disks == [disk]
+    run(p.start_vm(vm_id))
+    p.vm(vm_id).write("disk0", 0, b"z" * 512)  # the plain image, one link: written as any raw disk
+    assert (root / "m1" / "disk0.base").read_bytes()[:512] == b"z" * 512
+
+
+def test_a_crash_between_the_manifest_and_the_descriptor_is_finished_by_the_next_merge(
+    root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from vmrepl.disk.layer import flatten_layer
+    from vmrepl.providers import filehost
+
+    p, vm_id = _registered(root)
+    run(p.stop_vm(vm_id))
+    flatten_layer(root / "m1" / "disk0.layer")
+
+    def crash(*_args: object) -> None:
+        raise OSError("power cut")
+
+    with monkeypatch.context() as m:
+        m.setattr(filehost.FileVm, "_drop_flattened_descriptors", crash)
+        with pytest.raises(Exception, match="power cut"):
+            run(p.merge_vm_disks(vm_id))
+    assert (root / "m1" / "disk0.layer").exists()  # left behind, the VM already on its base
+    assert run(p.get_vm(vm_id)).disks[0].format is DiskFormat.RAW
+    run(p.merge_vm_disks(vm_id))
+    assert not (root / "m1" / "disk0.layer").exists()
+
+
+def test_merge_vm_disks_refuses_a_vm_with_a_checkpoint(root: Path) -> None:
+    from vmrepl.disk.layer import flatten_layer
+
+    p, vm_id = _registered(root)
+    run(p.create_checkpoint(vm_id))
+    run(p.stop_vm(vm_id))
+    flatten_layer(root / "m1" / "disk0.layer")
+    with pytest.raises(FailedPrecondition, match="has a checkpoint"):
+        run(p.merge_vm_disks(vm_id))
+
+
+def test_merge_vm_disks_cut_by_a_power_cut_at_every_sync_reads_the_same_and_finishes(tmp_path: Path) -> None:
+    from vmrepl.disk.layer import flatten_layer
+    from vmrepl.providers.filevms import load_manifest
+
+    template = tmp_path / "template"
+    _mount(template)
+    p = FileHostProvider(template)
+    vm_id = run(p.register_vm(_spec())).vm_id
+    run(p.start_vm(vm_id))
+    p.vm(vm_id).write("disk0", 8192, b"q" * 4096)
+    run(p.stop_vm(vm_id))
+    flatten_layer(template / "m1" / "disk0.layer")
+    want = p.vm(vm_id).read_current("disk0", 0, SIZE)
+    work, n = tmp_path / "run", 0
+    while True:
+        n += 1
+        shutil.rmtree(work, ignore_errors=True)
+        shutil.copytree(template, work)
+        with Recorder(work, stop_at=n) as rec:
+            run(FileHostProvider(work).merge_vm_disks(vm_id))
+        if rec.syncs < n:
+            break  # ran to the end without reaching sync n: every cut point was tried
+        rec.cut()
+        after = FileHostProvider(work)  # after the restart: the VM as it was or on its base, same bytes
+        assert after.vm(vm_id).read_current("disk0", 0, SIZE) == want, f"cut at sync {n}"
+        run(after.merge_vm_disks(vm_id))
+        (disk,) = load_manifest(work / "m1").disks
+        assert (disk.path, disk.format) == ("disk0.base", DiskFormat.RAW), f"cut at sync {n}"
+        assert not list((work / "m1").glob("*.layer")), f"cut at sync {n}"
+        assert after.vm(vm_id).read_current("disk0", 0, SIZE) == want, f"cut at sync {n}"
+    assert n > 2

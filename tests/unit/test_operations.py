@@ -8,6 +8,7 @@ import datetime as dt
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import grpc
 import pytest
 from sqlalchemy import select
 
@@ -67,9 +68,16 @@ def test_every_plan_ends_recording_and_undoes_what_it_did_last_first() -> None:
     failback = plan_for(Operation.FAILBACK)
     assert failback.undo_steps(Step.START_ORIGINAL) == (Step.STOP_ORIGINAL, Step.ROLLBACK_TRANSFER, Step.START)
     # After the layers are merged there is no way back: a failure is left to a second run.
-    assert plan_for(Operation.PERMANENT_FAILOVER).undo_steps(Step.FLATTEN) is None
+    permanent = plan_for(Operation.PERMANENT_FAILOVER)
+    assert permanent.undo_steps(Step.FLATTEN) is None
+    # The file host's provider names the merged images once the target flattened them; the mount's record
+    # (flattened: the folder is the VM's) goes last, after the replica.
+    assert permanent.steps == (
+        Step.STOP, Step.FLATTEN, Step.MERGE, Step.START, Step.DELETE_REPLICA, Step.UNMOUNT, Step.RECORD
+    )  # fmt: skip
     hyperv = plan_for(Operation.PERMANENT_FAILOVER, host_provider="hyperv")
     assert hyperv.steps[:2] == (Step.SHUTDOWN_FAILED_OVER, Step.MERGE)  # Hyper-V merges only while the VM is off
+    assert hyperv.steps[-3:] == (Step.DELETE_REPLICA, Step.UNMOUNT, Step.RECORD)
     assert hyperv.undo_steps(Step.SHUTDOWN_FAILED_OVER) == (Step.START,) and hyperv.undo_steps(Step.MERGE) is None
 
 
@@ -209,16 +217,45 @@ async def test_undo_failover_stops_unregisters_and_unmounts(ow: OpsWorld) -> Non
 async def test_permanent_failover_flattens_deletes_the_replica_and_leaves_the_job(ow: OpsWorld) -> None:
     await run(ow, Operation.FAILOVER)
     (vm_id,) = ow.failover.running()
+    before = len(ow.failover.faults.calls)
     session = await run(ow, Operation.PERMANENT_FAILOVER)
     assert session.state is SessionState.SUCCEEDED, session.error
     calls = [c for c, _ in ow.w.target.mount_calls]
-    assert calls[-2:] == ["flatten_mount", "delete_replica"]
+    assert calls[-3:] == ["flatten_mount", "delete_replica", "unmount_point"]
+    assert not live_mounts(ow)  # the flattened mount's record dropped last: the folder is the VM's now
     assert ow.failover.running() == [vm_id]  # stopped for the flatten, running again
-    assert ("stop_vm", vm_id) in ow.failover.faults.calls
+    host = ow.failover.faults.calls[before:]
+    # The file host's merge comes after the flatten (its vm.toml then names the plain images), with the VM off.
+    assert host.index(("stop_vm", vm_id)) < host.index(("merge_vm_disks", vm_id)) < host.index(("start_vm", vm_id))
     async with ow.w.journal.read() as db:
         assert not list(await db.scalars(select(RestorePoint).where(RestorePoint.vm_id == "vm1")))
         assert not list(await db.scalars(select(JobVm).where(JobVm.job_id == ow.job_id)))
     assert (await replica_vm(ow)).state is ReplicaVmState.PERMANENT
+
+
+async def test_a_permanent_failover_run_again_after_its_unmount_answer_was_lost_finishes(ow: OpsWorld) -> None:
+    """The target dropped the flattened mount's record but its answer was lost: the VM is left FAILED, and
+    running the operation again finds the mount and the replica gone and finishes (not stuck at flatten)."""
+    from tests.support.agents import rpc_error
+
+    await run(ow, Operation.FAILOVER)
+    ow.w.target.mount_faults["unmount_point"] = [rpc_error(grpc.StatusCode.UNAVAILABLE, "connection reset")]
+    assert (await run(ow, Operation.PERMANENT_FAILOVER)).state is SessionState.FAILED
+    assert (await replica_vm(ow)).state is ReplicaVmState.FAILED_OVER
+    for mount in ow.w.target.mounts.values():  # what the target did before its answer was lost
+        mount.state = target_pb2.MOUNT_STATE_GONE
+    session = await run(ow, Operation.PERMANENT_FAILOVER)
+    assert session.state is SessionState.SUCCEEDED, session.error
+    assert (await replica_vm(ow)).state is ReplicaVmState.PERMANENT and ow.failover.running()
+
+
+async def test_a_permanent_failover_refuses_a_vanished_mount_while_the_replica_has_points(ow: OpsWorld) -> None:
+    await run(ow, Operation.FAILOVER)
+    for mount in ow.w.target.mounts.values():  # removed by hand: the layers were never merged
+        mount.state = target_pb2.MOUNT_STATE_GONE
+    session = await run(ow, Operation.PERMANENT_FAILOVER)
+    assert session.state is SessionState.FAILED and "NOT_FOUND" in session.error, session.error
+    assert not ow.w.target.deleted_replicas
 
 
 # ---- planned failover ----
@@ -415,6 +452,8 @@ async def test_a_hyperv_failover_host_gets_vhdx_disks_by_their_host_paths_and_me
     assert calls.index(("shutdown_vm", vm_id)) < calls.index(("merge_vm_disks", vm_id)), calls  # off to merge
     assert ("stop_vm", vm_id) not in calls, "shut down cleanly, never powered off"
     assert ow.failover.running() == [vm_id]  # started again
+    assert [c for c, _ in ow.w.target.mount_calls][-3:] == ["flatten_mount", "delete_replica", "unmount_point"]
+    assert not live_mounts(ow)
 
 
 async def test_a_hyperv_failover_host_needs_the_targets_host_path(ow: OpsWorld) -> None:

@@ -224,6 +224,7 @@ class Provider(abc.ABC):
 
     async def merge_vm_disks(self, vm_id: str) -> None:
         """Permanent failover: merge the VM's differencing disks into their parents so the VM stands alone
-        (Hyper-V: Msvm_ImageManagementService.MergeVirtualHardDisk; file host: the target agent's
-        FlattenMount does it, nothing here). Idempotent."""
+        (Hyper-V: Msvm_ImageManagementService.MergeVirtualHardDisk, before the target's FlattenMount; file
+        host: after FlattenMount, which merges the layers, the VM's manifest names each merged base, the plain
+        image, instead of the layer descriptor). Idempotent."""
         return None

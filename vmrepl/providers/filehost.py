@@ -15,7 +15,8 @@ It behaves like Hyper-V where replication can see it:
 
 * Failover: a disk may be a layer disk (vmrepl/disk/layer.py: a restore point's image with stores on
   top), written in its top store; `register_vm` makes a VM of a folder the target agent filled, power
-  is `.vmrepl/power` (running | off), and a VM that is off writes nothing.
+  is `.vmrepl/power` (running | off), and a VM that is off writes nothing. A permanent failover's
+  `merge_vm_disks`, once the target flattened the layers, has vm.toml name the plain images.
 
 VM folders may be written by others than the operator, so every file in one is opened without following
 symbolic links, inside the host folder (safefs), a checkpoint record is used only with the provider's
@@ -47,7 +48,7 @@ from typing import TypeVar
 from pydantic import ValidationError
 
 from vmrepl.disk import open_reader
-from vmrepl.disk.layer import ExtentStore, LayerDisk, open_layer
+from vmrepl.disk.layer import FLATTENED, ExtentStore, LayerDisk, open_layer, read_descriptor
 from vmrepl.domain import DiskFormat, PowerState
 from vmrepl.errors import DiskError, FailedPrecondition, InvalidArgument, NotFound, VmreplError
 from vmrepl.extent import Extent, merge
@@ -440,6 +441,54 @@ class FileVm:
             d.sync()
             d.remove_tree(STATE_DIR)
 
+    # -- permanent failover: the VM on its plain images -------------------------------------------------
+
+    def stand_alone(self) -> None:
+        """After the target's FlattenMount merged each layer disk into its base: vm.toml names each base (the
+        plain image, in its format) instead of the layer's descriptor, durably, then the flattened descriptors
+        go. Idempotent: a crash between the two leaves vm.toml naming the bases, and descriptors that read
+        those bases alone, which the next call removes. A layer not flattened yet is refused, unchanged."""
+        with self._state() as s, s.lock(LOCK):
+            if self._record(s) is not None:
+                raise FailedPrecondition(
+                    f"VM {self.manifest.name} has a checkpoint: remove it before the VM stands on its own images"
+                )
+            with self._vm_dir() as d:
+                disks = [self._plain_disk(d, x) for x in self.manifest.disks]
+                if disks != self.manifest.disks:
+                    self.manifest = self.manifest.model_copy(update={"disks": disks})
+                    d.replace(MANIFEST, manifest_text(self.manifest))  # durable (file, then folder)
+                for x in disks:
+                    self._drop_flattened_descriptors(d, x.path)
+
+    def _plain_disk(self, d: Folder, disk: DiskManifest) -> DiskManifest:
+        if disk.format is not DiskFormat.LAYER:
+            return disk
+        with self._layer(d, disk.id) as layer:
+            if not layer.flattened:
+                raise FailedPrecondition(
+                    f"disk {disk.id}: the layer {self.dir / disk.path} is not flattened (the target agent's "
+                    "FlattenMount merges it first): the VM still needs it"
+                )
+            base, base_format = layer.descriptor.base, layer.descriptor.base_format
+        return DiskManifest(id=disk.id, path="/".join([*disk.path.split("/")[:-1], base]), format=base_format)
+
+    def _drop_flattened_descriptors(self, d: Folder, image: str) -> None:
+        """Layer descriptors beside `image` that are flattened into it: they read it alone, nothing needs
+        them. Any other file is left as it is."""
+        parts = image.split("/")
+        with d.descend(parts[:-1]) as where:
+            for entry in where.names():
+                if not entry.name.endswith(".layer") or not entry.is_file(follow_symlinks=False):
+                    continue
+                try:
+                    desc = read_descriptor(Path(f"/dev/fd/{where.fd}") / entry.name)
+                except FailedPrecondition:
+                    continue  # not a descriptor of ours: not ours to remove
+                if desc.state == FLATTENED and desc.base == parts[-1]:
+                    where.unlink(entry.name)
+            where.sync()
+
     def changed_ranges(self, checkpoint: Checkpoint, disk_id: str, since: str) -> list[Extent] | Untracked:
         try:
             lo = int(since.removeprefix("seq:"))
@@ -589,6 +638,11 @@ class FileHostProvider(Provider):
 
     async def stop_vm(self, vm_id: str) -> None:
         await self._run(lambda: self.vm(vm_id).set_power(PowerState.OFF))
+
+    async def merge_vm_disks(self, vm_id: str) -> None:
+        """Permanent failover, after the target agent's FlattenMount: the VM stands on its plain images
+        (FileVm.stand_alone). The merge itself is the target's: it holds the replica the base came from."""
+        await self._run(lambda: self.vm(vm_id).stand_alone())
 
     async def shutdown_vm(self, vm_id: str, *, wait_seconds: float) -> None:
         # A folder has no guest to ask: it is off at once (nothing it wrote is unflushed: writes are durable).

@@ -177,11 +177,13 @@ def permanent_plan(*, flatten_on_target: bool) -> Plan:
     started again. A Hyper-V VM is shut down cleanly (it is the production VM now; Hyper-V merges a
     differencing disk only while its VM is off, docs/hyperv.md), the host merges its differencing disks, the
     target makes the base stand alone, and the VM is started again. After the merge nothing goes back: the
-    replica is deleted next."""
+    replica is deleted next, then the mount's record (UnmountPoint of a flattened mount drops the record only:
+    the folder is the VM's). A file host's MERGE comes after the flatten: the provider then makes vm.toml name
+    each merged base, the plain image, instead of the layer's descriptor (FileHostProvider.merge_vm_disks)."""
     steps = (
-        (_S.STOP, _S.FLATTEN, _S.START, _S.DELETE_REPLICA)
+        (_S.STOP, _S.FLATTEN, _S.MERGE, _S.START, _S.DELETE_REPLICA, _S.UNMOUNT)
         if flatten_on_target
-        else (_S.SHUTDOWN_FAILED_OVER, _S.MERGE, _S.FLATTEN, _S.START, _S.DELETE_REPLICA)
+        else (_S.SHUTDOWN_FAILED_OVER, _S.MERGE, _S.FLATTEN, _S.START, _S.DELETE_REPLICA, _S.UNMOUNT)
     )
     return _plan(Operation.PERMANENT_FAILOVER, steps, _FAILED_OVER, None)
 

@@ -246,8 +246,19 @@ class Steps:
         return {}
 
     async def _flatten(self, row: OperationVm) -> Found:
-        await self._target("FlattenMount", self.ctx.target_client.flatten_mount(str(row.data["mount_id"])))
+        try:
+            await self.ctx.target_client.flatten_mount(str(row.data["mount_id"]))
+        except grpc.aio.AioRpcError as e:
+            if e.code() != grpc.StatusCode.NOT_FOUND or not await self._replica_gone(row.vm_id):
+                raise relayed(e, f"target {self.ctx.target.name} (FlattenMount)") from e
         return {}
+
+    async def _replica_gone(self, vm_id: str) -> bool:
+        """The mount gone and the replica too: an earlier run of this permanent failover flattened it, deleted
+        the replica and dropped the mount's record (its UnmountPoint answer lost, say), so it is run again: the
+        steps after go on (a file host's merge still refuses a layer that is not flattened)."""
+        points = await self._target("ListRestorePoints", self.ctx.target_client.list_points(self.replica_path(vm_id)))
+        return not points  # a deleted replica's folder lists no point (a given-away one is refused)
 
     async def _delete_replica(self, row: OperationVm) -> Found:
         await self._target("DeleteReplica", self.ctx.target_client.delete_replica(self.replica_path(row.vm_id)))
