@@ -5,15 +5,13 @@ stands and where its failed-over copy runs. docs/failover.md says what each oper
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Annotated
 
-import grpc
 import typer
 
-from controller.cli.common import EXIT_FAILED, JsonOpt, as_json, call, cell_time, conn, err, mib, out, shown, table
+from controller.cli.common import JsonOpt, as_json, call, cell_time, conn, err, mib, out, shown, table
 from controller.cli.replicas import bare, replica_app
-from controller.cli.sessions import exit_code
+from controller.cli.sessions import exit_code, watch
 from vmrepl.v1 import controller_pb2 as api
 
 VmOpt = Annotated[list[str] | None, typer.Option("--vm", help="VM id or name (repeat: run in parallel)")]
@@ -52,18 +50,10 @@ def groups_of(vm: list[str] | None, group: list[str] | None) -> list[api.VmGroup
     return groups
 
 
-def _watch(name: str) -> Iterator[api.Session]:
-    try:
-        yield from conn.stub().WatchSession(api.WatchSessionRequest(name=name))
-    except grpc.RpcError as e:
-        err.print(f"[red]error[/red]: {e.code().name}: {shown(e.details())}")  # type: ignore[attr-defined]
-        raise typer.Exit(EXIT_FAILED) from None
-
-
 def follow_operation(name: str, *, quiet: bool = False) -> api.Session:
     """Each VM's step as it changes, then the outcome per VM; returns the final session."""
     last, seen = api.Session(), dict[str, tuple[int, str]]()
-    for s in _watch(name):
+    for s in watch(name):
         last = s
         for v in s.operation_vms:
             now_at = (v.state, v.step_name)

@@ -34,7 +34,8 @@ session_app = typer.Typer(help="Sessions (runs of a job).", no_args_is_help=True
 points_app = typer.Typer(help="Restore points.", no_args_is_help=True)
 
 
-def _watch(name: str) -> Iterator[api.Session]:
+def watch(name: str) -> Iterator[api.Session]:
+    """The session now and at each change until it ends; a refused call is one error line and exit 1."""
     try:
         yield from conn.stub().WatchSession(api.WatchSessionRequest(name=name))
     except grpc.RpcError as e:
@@ -48,7 +49,7 @@ def follow(name: str, *, quiet: bool = False) -> api.Session:
     columns = (TextColumn("{task.description}"), BarColumn(), DownloadColumn(binary_units=True))
     with Progress(*columns, console=err, disable=quiet, transient=False) as bars:
         ids: dict[str, TaskID] = {}
-        for s in _watch(name):
+        for s in watch(name):
             last = s
             for vm in s.vms:
                 for d in vm.disks:
@@ -211,7 +212,7 @@ def session_log(session_id: str, as_json_: JsonOpt = False) -> None:
 
 
 @session_app.command("watch", help="Follow a running session to its end.")
-def session_watch(session_id: str) -> None:
+def sessionwatch(session_id: str) -> None:
     raise typer.Exit(exit_code(follow(_session_name(session_id))))
 
 
