@@ -422,10 +422,10 @@ INSERT INTO targets (id, name, address, tls_server_name, max_tasks) VALUES ('t',
 INSERT INTO jobs (id, name, host_id, target_id, replica_root, restore_points_to_keep, compression, block_size,
   bandwidth_limit_mbps, change_tracking, guest_processing, exclusions, schedule, checkpoint_hold_seconds, retries,
   retry_wait_seconds, full_check_every, webhook, enabled, created_at, replica_format)
-  VALUES ('j', 'j', 'h', 't', 'r/j', 7, 'default', 1048576, 0, 'auto', '{}', '{}', '{}', 86400, 2, 60, 10, '{}', 1,
+  VALUES ('j', 'j', 'h', 't', 'r/j', 7, 'default', 1048576, 0, 'auto', '{}', '{}', '{}', 86400, 2, 60, 10, '{}', true,
   :t, '');
 INSERT INTO sessions (id, job_id, state, started_at, error, notification, full_check)
-  VALUES ('s', 'j', 'succeeded', :t, '', '', 0)
+  VALUES ('s', 'j', 'succeeded', :t, '', '', false)
 """
 
 
