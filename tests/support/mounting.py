@@ -45,6 +45,17 @@ def read_all(reader: DiskReader) -> bytes:
     return bytes(buf)
 
 
+def differ(got: bytes | bytearray | memoryview, want: bytes | bytearray | memoryview) -> str:
+    """ "" when equal, else where they first differ. Tests assert `not differ(a, b)` rather than `a == b`:
+    with CI set, pytest diffs unequal bytes in full (difflib over every line of their repr), which takes
+    hours for a disk image, so a failure would show as a timeout instead of this line."""
+    if got == want:
+        return ""
+    a, b = bytes(got), bytes(want)
+    at = next((i for i in range(min(len(a), len(b))) if a[i] != b[i]), min(len(a), len(b)))
+    return f"{len(a)} bytes, {len(b)} wanted; first difference at offset {at}"
+
+
 def sha(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
