@@ -18,6 +18,7 @@ import sys
 import sysconfig
 import time
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -186,6 +187,20 @@ def running_agents() -> list[AgentProcess]:
     return [p for p in list(_RUNNING) if p.running]
 
 
+def start_all(processes: Sequence[AgentProcess], timeout: float = 30.0) -> None:
+    """Launch every process, then wait for each to listen: their start-ups overlap. If one fails, those
+    started are stopped and the error is raised."""
+    try:
+        for p in processes:
+            p.launch()
+        for p in processes:
+            p.wait_started(timeout)
+    except BaseException:
+        for p in processes:
+            p.stop()
+        raise
+
+
 def stop_all(timeout: float = 10.0) -> list[AgentProcess]:
     """Stop every agent process this program started and has not stopped yet; returns those it stopped."""
     left = running_agents()
@@ -212,12 +227,19 @@ class AgentProcess:
     env: dict[str, str] = field(default_factory=dict)
     proc: subprocess.Popen[bytes] | None = None
     port: int = 0
+    _seen: int = 0  # the log's size at launch: "listening" is looked for after it
 
     def start(self, timeout: float = 30.0) -> int:
+        self.launch()
+        return self.wait_started(timeout)
+
+    def launch(self) -> None:
+        """Start the process without waiting for it to listen (`wait_started` does): start_all launches
+        several this way, so their start-ups (imports, migrations) overlap."""
         if self.running:
             raise RuntimeError(f"{self.module} is already running (pid {self.pid}); stop or kill it first")
         env = {**os.environ, **self.env}
-        seen = self.log_path.stat().st_size if self.log_path.exists() else 0
+        self._seen = self.log_path.stat().st_size if self.log_path.exists() else 0
         with open(self.log_path, "ab") as log:  # the child keeps its own descriptor
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", self.module, "--config", str(self.config)],
@@ -227,8 +249,12 @@ class AgentProcess:
                 start_new_session=True,
             )
         _RUNNING.add(self)
+
+    def wait_started(self, timeout: float = 30.0) -> int:
+        """The port the launched process listens on, once it says so; a process that fails to start is
+        killed (with anything it started) and the error names its log."""
         try:
-            self.port = self._wait_listening(seen, timeout)
+            self.port = self._wait_listening(self._seen, timeout)
         except BaseException:
             self.kill()  # never leave a process that failed to start behind
             raise

@@ -67,8 +67,7 @@ def main() -> None:
     proxy = lab.AgentProcess("proxy_agent", lab.proxy_config(work, certs, sources=host), work / "proxy.log")
     controller = lab.AgentProcess("controller", lab.controller_config(work, certs), work / "controller.log")
     try:
-        for p in (target, proxy, controller):
-            p.start()
+        lab.start_all([target, proxy, controller])
         print(f"target {target.address}, proxy {proxy.address}, controller {controller.address} (mTLS, SQLite)")
 
         def run(*args: str) -> None:

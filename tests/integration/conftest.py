@@ -16,9 +16,9 @@ from controller import lab
 from controller.engine.agents import GrpcProxyClient, GrpcTargetClient, proxy_client, target_client
 from controller.engine.transfer import DiskTaskSpec, run_disk_task
 from tests.conftest import need_tool
-from tests.integration.controller_env import ControllerEnv, create_pg_database, drop_pg_database, make_env
+from tests.integration.controller_env import ControllerEnv, make_env
 from tests.support.certs import tls_settings
-from tests.support.database import BACKENDS
+from tests.support.database import BACKENDS, create_pg_database, drop_pg_database
 from vmrepl.config import TlsSettings
 from vmrepl.extent import MiB
 from vmrepl.security.ticket import load_signing_key

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import asyncio
 import os
 import subprocess
 import sys
 import time
-import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,10 +13,10 @@ from typing import Any
 
 import grpc
 from google.protobuf import field_mask_pb2, json_format
-from sqlalchemy import make_url
 
 from controller import lab
 from tests.support.certs import tls_settings
+from tests.support.controller_db import seed_controller_database
 from vmrepl.extent import MiB
 from vmrepl.providers.filehost import FileHostProvider
 from vmrepl.security.tls import channel_credentials
@@ -187,28 +185,6 @@ class ControllerEnv:
                 yield name, d.id
 
 
-async def _pg(base_url: str, sql: str) -> None:
-    import asyncpg
-
-    url = make_url(base_url).set(drivername="postgresql")
-    conn = await asyncpg.connect(url.render_as_string(hide_password=False))
-    try:
-        await conn.execute(sql)
-    finally:
-        await conn.close()
-
-
-def create_pg_database(base_url: str) -> tuple[str, str]:
-    """A new, empty PostgreSQL database next to the one in `base_url`: (its URL, its name)."""
-    name = f"vmrepl_t_{uuid.uuid4().hex[:12]}"
-    asyncio.run(_pg(base_url, f'CREATE DATABASE "{name}"'))
-    return make_url(base_url).set(database=name).render_as_string(hide_password=False), name
-
-
-def drop_pg_database(base_url: str, name: str) -> None:
-    asyncio.run(_pg(base_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-
-
 def make_env(
     work: Path,
     certs: lab.LabCerts,
@@ -235,13 +211,10 @@ def make_env(
         work, certs, sources=host, batch_bytes=MiB, window_batches=4, **(proxy_settings or {})
     )
     proxy = lab.AgentProcess("proxy_agent", proxy_config, work / "proxy.log")
+    if not database_url:
+        seed_controller_database(work / "controller")
     controller_config = lab.controller_config(work, certs, database_url=database_url)
     controller = lab.AgentProcess("controller", controller_config, work / "controller.log")
     env = ControllerEnv(work, certs, host, target, proxy, controller, database_url)
-    try:
-        for p in (target, proxy, controller):
-            p.start()
-    except BaseException:
-        env.stop()
-        raise
+    lab.start_all([target, proxy, controller])
     return env

@@ -15,6 +15,7 @@ from typing import Any, Literal
 
 from controller import lab
 from tests.integration.controller_env import ControllerEnv
+from tests.support.controller_db import seed_controller_database
 from tests.support.hyperv.lab import HyperVLab, hyperv_lab
 from vmrepl.disk import open_reader
 from vmrepl.domain import DiskFormat
@@ -107,12 +108,12 @@ def hyperv_stack(
             work, certs, sources=hv.drives, batch_bytes=MiB, window_batches=4, **_mapping(hv.drives)
         )
         proxy = lab.AgentProcess("proxy_agent", proxy_cfg, work / "proxy.log")
+        seed_controller_database(work / "controller")
         ctl_cfg = lab.controller_config(work, certs, **controller_settings)
         controller = lab.AgentProcess("controller", ctl_cfg, work / "controller.log")
         env = ControllerEnv(work, certs, hv.drives, target, proxy, controller)
         stack.callback(env.stop)
-        for p in (target, proxy, controller):
-            p.start()
+        lab.start_all([target, proxy, controller])
         yield HyperVStack(env, hv, vm.id.lower())
 
 

@@ -25,6 +25,7 @@ from controller import lab
 from tests.integration.controller_env import ControllerEnv
 from tests.integration.hyperv_env import PASSWORD
 from tests.integration.test_hyperv_failover import provider_for
+from tests.support.controller_db import seed_controller_database
 from tests.support.hyperv import faults
 from tests.support.hyperv.lab import HyperVLab, hyperv_lab
 from tests.support.hyperv.state import NicState, SwitchState
@@ -163,13 +164,13 @@ def failover_stack(work: Path, certs: lab.LabCerts) -> Iterator[FailoverStack]:
             work, certs, sources=src.drives, batch_bytes=MiB, window_batches=4, host_paths=mapping, source_roots=[]
         )
         proxy = lab.AgentProcess("proxy_agent", proxy_cfg, work / "proxy.log")
+        seed_controller_database(work / "controller")
         controller = lab.AgentProcess(
             "controller", lab.controller_config(work, certs, shutdown_vm_seconds=30), work / "controller.log"
         )
         env = ControllerEnv(work, certs, src.drives, target, proxy, controller)
         stack.callback(env.stop)
-        for p in (target, proxy, controller):
-            p.start()
+        lab.start_all([target, proxy, controller])
         fs = FailoverStack(env, src, dr, vm_id, vm_root)
         fs.configure()
         yield fs

@@ -6,6 +6,7 @@ import datetime as dt
 import os
 import subprocess
 import sys
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -35,21 +36,21 @@ from controller.db.models import (
     Task,
 )
 from controller.db.secrets import SecretBox, create_key_file
-from tests.support.database import BACKENDS
+from tests.support.database import BACKENDS, new_pg_database, remove_pg_database
 from vmrepl.errors import ConfigError, SecurityError
 
 
 @pytest.fixture(params=BACKENDS)
-async def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+async def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[str]:
     if request.param == "sqlite":
-        return sqlite_url(tmp_path / "c.db")
-    url = os.environ["VMREPL_TEST_DATABASE_URL"]
-    engine = make_engine(url)
-    async with engine.begin() as conn:  # a fresh, empty schema for every test
-        await conn.execute(text("DROP SCHEMA public CASCADE"))
-        await conn.execute(text("CREATE SCHEMA public"))
-    await engine.dispose()
-    return url
+        yield sqlite_url(tmp_path / "c.db")
+        return
+    base = os.environ["VMREPL_TEST_DATABASE_URL"]
+    url, name = await new_pg_database(base)  # a fresh, empty database for every test
+    try:
+        yield url
+    finally:
+        await remove_pg_database(base, name)
 
 
 async def test_migrations_build_exactly_the_models(db_url: str) -> None:
