@@ -25,21 +25,39 @@ async def _migrate(path: Path) -> None:
     await engine.dispose()  # the last connection's close checkpoints the WAL into the file
 
 
+def _new_template_path() -> Path:
+    folder = Path(tempfile.mkdtemp(prefix="vmrepl-migrated-"))
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    return folder / "controller.db"
+
+
 def _template() -> Path:
     if not _TEMPLATE:
-        folder = Path(tempfile.mkdtemp(prefix="vmrepl-migrated-"))
-        atexit.register(shutil.rmtree, folder, ignore_errors=True)
-        path = folder / "controller.db"
+        path = _new_template_path()
         asyncio.run(_migrate(path))
         _TEMPLATE.append(path)
     return _TEMPLATE[0]
 
 
-def seed_controller_database(data_dir: Path) -> None:
-    """Put a migrated, empty controller database (SQLite) in `data_dir`, where the controller looks for it."""
-    data_dir.mkdir(parents=True, exist_ok=True)
-    db_path = data_dir / "controller.db"
-    shutil.copyfile(_template(), db_path)
+def _copy(template: Path, db_path: Path) -> None:
+    db_path.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(template, db_path)
     with sqlite3.connect(db_path) as db:
         db.execute("UPDATE installation SET id = ?", (secrets.token_hex(4),))  # as migration 0013 makes it
     db.close()
+
+
+async def seeded_sqlite_url(db_path: Path) -> str:
+    """The URL of a migrated, empty controller database at `db_path` (for tests running in an event loop,
+    which open it with open_database: at the head already, that only checks)."""
+    if not _TEMPLATE:
+        path = _new_template_path()
+        await _migrate(path)
+        _TEMPLATE.append(path)
+    _copy(_TEMPLATE[0], db_path)
+    return sqlite_url(db_path)
+
+
+def seed_controller_database(data_dir: Path) -> None:
+    """Put a migrated, empty controller database (SQLite) in `data_dir`, where the controller looks for it."""
+    _copy(_template(), data_dir / "controller.db")

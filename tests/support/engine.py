@@ -11,7 +11,7 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from controller.db.connect import open_database, sqlite_url
+from controller.db.connect import open_database
 from controller.db.enums import SessionState, TaskState, VmState
 from controller.db.models import Host, Job, JobVm, Proxy, Session, SessionVm, Target, Task
 from controller.engine.journal import Journal
@@ -19,6 +19,7 @@ from controller.engine.runtime import EngineParts, SessionContext, TargetView
 from controller.engine.sessions import job_view
 from controller.engine.slots import SlotBoard
 from tests.support.agents import FakeAgents, FakeProxy, FakeTarget
+from tests.support.controller_db import seeded_sqlite_url
 from vmrepl.domain import DiskFormat
 from vmrepl.errors import NotFound
 from vmrepl.extent import Extent, MiB
@@ -146,7 +147,7 @@ async def make_world(
     """One job on one host, one proxy, one target and a running session of the job, in a fresh database.
     `proxy_lost_after` 0: an unreachable proxy is given up on at once (tests need no waiting);
     `target_retry_seconds`: how long a target out of reach is asked again."""
-    engine, sessions = await open_database(sqlite_url(tmp_path / "controller.db"))
+    engine, sessions = await open_database(await seeded_sqlite_url(tmp_path / "controller.db"))
     journal = Journal(sessions)
     async with journal.write() as db:
         host = Host(name="host", provider="file", address=str(tmp_path))

@@ -9,9 +9,10 @@ from cryptography.fernet import Fernet
 from sqlalchemy import select
 
 from controller.api.resources import jobs as jobs_res
-from controller.db.connect import open_database, sqlite_url
+from controller.db.connect import open_database
 from controller.db.models import Host, Job, Target
 from controller.db.secrets import SecretBox
+from tests.support.controller_db import seeded_sqlite_url
 from vmrepl.errors import InvalidArgument, NotFound
 from vmrepl.v1 import controller_pb2 as api
 
@@ -25,7 +26,7 @@ def _after(name: str) -> api.Job:
 async def test_a_job_following_itself_directly_or_through_others_is_refused_naming_the_chain(tmp_path: Path) -> None:
     """Found by trying: a job created to follow itself was refused as NOT_FOUND (it did not exist yet), and
     a -> b -> a was stored; neither job would ever run, and nothing said so."""
-    engine, sessions = await open_database(sqlite_url(tmp_path / "c.db"))
+    engine, sessions = await open_database(await seeded_sqlite_url(tmp_path / "c.db"))
     try:
         async with sessions() as db, db.begin():
             host, target = Host(name="h", provider="file", address="/x"), Target(name="t", address="t:1")

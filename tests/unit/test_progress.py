@@ -9,9 +9,10 @@ from google.protobuf import json_format
 from sqlalchemy import select
 
 from controller.api.sessions_view import disk_msg, session_msg, session_stats
-from controller.db.connect import open_database, sqlite_url
+from controller.db.connect import open_database
 from controller.db.enums import SessionKind
 from controller.db.models import Host, Job, Session, SessionVm, Target, Task
+from tests.support.controller_db import seeded_sqlite_url
 from vmrepl.progress import FullCheckFigures, Sample, TransferFigures
 from vmrepl.v1 import common_pb2, proxy_pb2
 from vmrepl.v1 import controller_pb2 as api
@@ -59,7 +60,7 @@ def test_every_progress_field_is_a_figure_or_stored_elsewhere() -> None:
 
 async def test_figures_round_trip_from_the_progress_message_through_the_database_to_the_api(tmp_path: Path) -> None:
     p = _progress()
-    engine, sessions = await open_database(sqlite_url(tmp_path / "c.db"))
+    engine, sessions = await open_database(await seeded_sqlite_url(tmp_path / "c.db"))
     try:
         async with sessions() as db, db.begin():
             host, target = Host(name="h", provider="file", address="/h"), Target(name="t", address="t:1")

@@ -23,7 +23,7 @@ from structlog.testing import capture_logs
 from controller import lab
 from controller.api.service import ROLES as CONTROLLER_ROLES
 from controller.api.service import ControllerServicer, controller_service
-from controller.db.connect import open_database, sqlite_url
+from controller.db.connect import open_database
 from controller.db.secrets import SecretBox, create_key_file
 from controller.engine.agents import AgentPool
 from controller.engine.journal import Journal
@@ -38,6 +38,7 @@ from target_agent.receiver import failure_response
 from target_agent.servicer import ROLES as TARGET_ROLES
 from target_agent.servicer import TargetAgentServicer
 from tests.support.certs import tls_settings
+from tests.support.controller_db import seeded_sqlite_url
 from vmrepl import log_limit, rpc
 from vmrepl.config import TlsSettings
 from vmrepl.errors import InvalidArgument, NotFound
@@ -77,7 +78,7 @@ async def controller(tmp_path: Path) -> AsyncIterator[Served]:
     """The ControllerService as the daemon serves it (controller_service: the servicer and its roles)."""
     certs = lab.LabCerts.create(tmp_path / "certs")
     tls = TlsSettings.model_validate(certs.tls("controller"))
-    db, sessions = await open_database(sqlite_url(tmp_path / "controller.db"))
+    db, sessions = await open_database(await seeded_sqlite_url(tmp_path / "controller.db"))
     create_key_file(tmp_path / "secret.key")
     journal = Journal(sessions)
     pool = AgentPool(tls)

@@ -7,13 +7,14 @@ from pathlib import Path
 
 from sqlalchemy import select
 
-from controller.db.connect import open_database, sqlite_url
+from controller.db.connect import open_database
 from controller.db.enums import SessionKind, SessionState
 from controller.db.models import Host, Job, JobVm, Session, Target
 from controller.engine.journal import Journal
 from controller.engine.states import ACTIVE_SESSION
 from controller.scheduling.scheduler import Scheduler
 from tests.support.clock import Clock
+from tests.support.controller_db import seeded_sqlite_url
 
 T0 = dt.datetime(2026, 11, 23, 21, 0, tzinfo=dt.UTC)  # a Monday
 
@@ -59,7 +60,7 @@ class RecordingEngine:
 
 
 async def _setup(tmp_path: Path, schedules: dict[str, dict[str, object]]) -> tuple[Journal, dict[str, str]]:
-    _, sessions = await open_database(sqlite_url(tmp_path / "c.db"))
+    _, sessions = await open_database(await seeded_sqlite_url(tmp_path / "c.db"))
     journal = Journal(sessions)
     ids = {}
     async with journal.write() as db:
